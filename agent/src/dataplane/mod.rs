@@ -1,0 +1,57 @@
+//! The datapath as the agent's sync code sees it: a small trait over the BPF maps, with the aya
+//! implementation ([`bpf`]) and an in-memory one ([`mem`]) for unit tests (Katran's
+//! `BaseBpfAdapter` pattern).
+use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value};
+
+pub mod mem;
+
+/// A failed datapath write or read. Messages name the map and the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The map has no room for a new entry.
+    #[error("map {map} is full (max_entries {capacity}) writing {key}")]
+    Full {
+        /// Map name.
+        map: &'static str,
+        /// Its capacity.
+        capacity: u32,
+        /// The key that did not fit, formatted.
+        key: String,
+    },
+    /// Any other failure of the underlying map operation.
+    #[error("map {map}: {op} {key}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// Operation (`update`, `delete`, `lookup`, `iterate`).
+        op: &'static str,
+        /// Key, formatted.
+        key: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes and reads of the service and backend maps. Implementations do exactly what they are
+/// told: ordering (backends, then slots, then the service entry) is the caller's job.
+pub trait Dataplane {
+    /// Writes the node configuration.
+    fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DataplaneError>;
+    /// Inserts or replaces a backend.
+    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), DataplaneError>;
+    /// Removes a backend; removing an absent one is not an error.
+    fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Inserts or replaces a service entry or backend slot.
+    fn put_service(
+        &mut self,
+        key: &Service4Key,
+        value: &Service4Value,
+    ) -> Result<(), DataplaneError>;
+    /// Removes a service entry or backend slot; removing an absent one is not an error.
+    fn delete_service(&mut self, key: &Service4Key) -> Result<(), DataplaneError>;
+    /// Everything in the services map (to reconcile after a restart).
+    fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError>;
+    /// Everything in the backends map.
+    fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError>;
+}

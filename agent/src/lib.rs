@@ -1,0 +1,7 @@
+//! The kproxy node agent: turns Services and EndpointSlices into datapath state.
+
+/// The eBPF object built from `ebpf/` (with BTF), embedded at compile time.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy-ebpf"));
+
+pub mod dataplane;

@@ -1,0 +1,455 @@
+//! The map ABI of kproxy: the one place where the eBPF programs and the agent meet.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and a size assertion. Addresses
+//! and ports are stored in network byte order (big endian) exactly as they appear in packets;
+//! each field's doc comment says so ("be"). Everything else is host byte order.
+//!
+//! The layout is versioned: maps are pinned under `<pin-path>/v<ABI_VERSION>/`. A change to any
+//! type in this crate gets a new version and a migration, never a silent reinterpretation of old
+//! pinned bytes.
+//!
+//! IPv4 maps carry a `4` suffix; IPv6 gets its own maps (`...6`) later, leaving this ABI intact.
+#![no_std]
+
+/// Version of the map layout; pins live under `<pin-path>/v{ABI_VERSION}`.
+pub const ABI_VERSION: u32 = 1;
+
+/// Names of the maps and programs as they appear in the object, in the kernel and as pin files.
+/// BPF object names are limited to 15 characters.
+pub mod names {
+    /// Frontend (+ backend slot) → service entry. See [`crate::Service4Key`].
+    pub const SERVICES4: &str = "kp_svc4";
+    /// Backend id → backend address. See [`crate::Backend4`].
+    pub const BACKENDS4: &str = "kp_be4";
+    /// Original (client-side) tuple → connection state. See [`crate::Ct4Value`].
+    pub const CT4: &str = "kp_ct4";
+    /// Reply tuple → original addresses (reverse NAT, also the SNAT port table).
+    pub const REVNAT4: &str = "kp_rnat4";
+    /// Client address + service → chosen backend (sessionAffinity: ClientIP).
+    pub const AFFINITY4: &str = "kp_aff4";
+    /// Per-CPU packet counters indexed by [`crate::Reason`].
+    pub const COUNTERS: &str = "kp_stats";
+    /// Node configuration written by the agent (one entry). See [`crate::NodeConfig`].
+    pub const CONFIG: &str = "kp_config";
+
+    /// XDP program for the node's external devices (NodePort, LoadBalancer, externalIPs).
+    pub const PROG_XDP_EXT: &str = "kp_xdp_ext";
+    /// TC ingress program for the node's external devices (complete path, XDP fallback).
+    pub const PROG_TC_EXT: &str = "kp_tc_ext";
+    /// TC ingress program on the host side of pod interfaces (traffic leaving a pod).
+    pub const PROG_TC_FROM_POD: &str = "kp_tc_from_pod";
+    /// TC egress program on the host side of pod interfaces (traffic entering a pod).
+    pub const PROG_TC_TO_POD: &str = "kp_tc_to_pod";
+
+    /// Every map, in the order the agent checks them on start.
+    pub const ALL_MAPS: [&str; 7] =
+        [SERVICES4, BACKENDS4, CT4, REVNAT4, AFFINITY4, COUNTERS, CONFIG];
+}
+
+/// Default capacities; the agent may override each at load time.
+pub mod defaults {
+    /// Frontend entries plus backend slots in [`super::names::SERVICES4`].
+    pub const SERVICES4_MAX: u32 = 65_536 * 4;
+    /// Backends.
+    pub const BACKENDS4_MAX: u32 = 262_144;
+    /// Connection-tracking entries (and as many reverse-NAT entries).
+    pub const CT4_MAX: u32 = 524_288;
+    /// Session-affinity entries.
+    pub const AFFINITY4_MAX: u32 = 65_536;
+    /// First port used for NodePort source NAT (outside Linux's default ephemeral range).
+    pub const SNAT_PORT_MIN: u16 = 61_000;
+    /// Last port used for NodePort source NAT.
+    pub const SNAT_PORT_MAX: u16 = 65_535;
+}
+
+/// IP protocol numbers used in keys.
+pub mod proto {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// SCTP (accepted by Services; kproxy passes it untouched for now).
+    pub const SCTP: u8 = 132;
+}
+
+/// Where a packet entered the node; part of the service key so that one frontend can have a
+/// different backend set for traffic from outside and from the node's pods (traffic policies).
+pub mod scope {
+    /// Traffic that arrived on an external (NodePort) device.
+    pub const EXTERNAL: u8 = 0;
+    /// Traffic from a pod on this node.
+    pub const INTERNAL: u8 = 1;
+}
+
+/// Frontend key of [`names::SERVICES4`]. `slot == 0` is the service entry itself; slots
+/// `1..=count` hold the backend ids, so the datapath picks slot `1 + hash % count`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Service4Key {
+    /// Frontend address (ClusterIP, node IP, external or load-balancer IP), be.
+    pub addr: u32,
+    /// Frontend port, be.
+    pub port: u16,
+    /// IP protocol ([`proto`]).
+    pub proto: u8,
+    /// [`scope::EXTERNAL`] or [`scope::INTERNAL`].
+    pub scope: u8,
+    /// 0 for the service entry, `1..=count` for backend slots.
+    pub slot: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
+
+/// Value of [`names::SERVICES4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Service4Value {
+    /// In a backend slot: the backend id (key of [`names::BACKENDS4`]). 0 in the service entry.
+    pub backend_id: u32,
+    /// Service id, shared by all frontends of one Service (affinity key, CT display).
+    pub svc_id: u32,
+    /// In the service entry: number of backend slots. 0 means "no usable backend".
+    pub count: u16,
+    /// In the service entry: `svc_flags::*`.
+    pub flags: u16,
+    /// In the service entry: sessionAffinity ClientIP timeout in seconds, 0 when off.
+    pub affinity_timeout: u32,
+}
+const _: () = assert!(core::mem::size_of::<Service4Value>() == 16);
+
+/// Flags of a service entry ([`Service4Value::flags`]).
+pub mod svc_flags {
+    /// The frontend is a ClusterIP.
+    pub const CLUSTER_IP: u16 = 1 << 0;
+    /// The frontend is a node address + NodePort.
+    pub const NODE_PORT: u16 = 1 << 1;
+    /// The frontend is an externalIP.
+    pub const EXTERNAL_IP: u16 = 1 << 2;
+    /// The frontend is a LoadBalancer ingress IP.
+    pub const LOAD_BALANCER: u16 = 1 << 3;
+    /// Backends are node-local only (externalTrafficPolicy or internalTrafficPolicy Local): never
+    /// source-NAT, the client address is preserved.
+    pub const LOCAL_ONLY: u16 = 1 << 4;
+    /// With `count == 0`, drop instead of rejecting (kube-proxy drops traffic for a Local policy
+    /// service that has endpoints, but none on this node; it rejects when there are none at all).
+    pub const DROP_IF_EMPTY: u16 = 1 << 5;
+    /// sessionAffinity: ClientIP.
+    pub const AFFINITY: u16 = 1 << 6;
+}
+
+/// Value of [`names::BACKENDS4`] (key: backend id, u32, host order, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Backend4 {
+    /// Backend (pod) address, be.
+    pub addr: u32,
+    /// Backend (target) port, be.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
+
+/// Flags of a backend ([`Backend4::flags`]).
+pub mod backend_flags {
+    /// The backend runs on this node (reached without source NAT from external devices).
+    pub const LOCAL: u8 = 1 << 0;
+    /// The endpoint is terminating (informational: the agent keeps such backends out of the
+    /// slots unless kube-proxy's fallback applies).
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// A 5-tuple as seen in a packet: key of [`names::CT4`] (original direction, before any
+/// translation) and of [`names::REVNAT4`] (reply direction, as the reply arrives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Tuple4 {
+    /// Source address, be.
+    pub saddr: u32,
+    /// Destination address, be.
+    pub daddr: u32,
+    /// Source port, be (ICMP: the echo identifier).
+    pub sport: u16,
+    /// Destination port, be.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Tuple4>() == 16);
+
+/// Value of [`names::CT4`]: one translated connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Value {
+    /// Backend id the connection is bound to.
+    pub backend_id: u32,
+    /// Service id of the frontend it was balanced from.
+    pub svc_id: u32,
+    /// Backend address the destination was rewritten to, be.
+    pub backend_addr: u32,
+    /// Source address after source NAT, be; 0 when the source is preserved.
+    pub snat_addr: u32,
+    /// Backend port, be.
+    pub backend_port: u16,
+    /// Source port after source NAT, be; 0 when the source is preserved.
+    pub snat_port: u16,
+    /// `ct_state::*`.
+    pub state: u8,
+    /// `ct_flags::*`.
+    pub flags: u8,
+    /// Always zero.
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` when the entry was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet in either direction.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Ct4Value>() == 40);
+
+/// Connection states ([`Ct4Value::state`]).
+pub mod ct_state {
+    /// TCP SYN seen, no reply yet; UDP/ICMP before the first reply.
+    pub const NEW: u8 = 0;
+    /// A reply was seen.
+    pub const ESTABLISHED: u8 = 1;
+    /// A FIN was seen in either direction.
+    pub const CLOSING: u8 = 2;
+    /// An RST was seen.
+    pub const CLOSED: u8 = 3;
+}
+
+/// Connection flags ([`Ct4Value::flags`]).
+pub mod ct_flags {
+    /// Source NAT applied (NodePort to a remote backend).
+    pub const SNAT: u8 = 1 << 0;
+    /// Entered through an external device.
+    pub const EXTERNAL: u8 = 1 << 1;
+    /// Hairpin: the client is its own backend.
+    pub const HAIRPIN: u8 = 1 << 2;
+}
+
+/// Idle timeouts by protocol and state, after kube-proxy's conntrack settings and the kernel's
+/// netfilter defaults. Nanoseconds.
+pub mod timeouts {
+    const S: u64 = 1_000_000_000;
+    /// TCP before the handshake completes (nf_conntrack_tcp_timeout_syn_sent).
+    pub const TCP_NEW: u64 = 120 * S;
+    /// Established TCP (kube-proxy's conntrack.tcpEstablishedTimeout, 24h).
+    pub const TCP_ESTABLISHED: u64 = 86_400 * S;
+    /// After a FIN (kube-proxy's conntrack.tcpCloseWaitTimeout is 1h; fin_wait/time_wait 120 s).
+    pub const TCP_CLOSING: u64 = 120 * S;
+    /// After an RST (nf_conntrack_tcp_timeout_close).
+    pub const TCP_CLOSED: u64 = 10 * S;
+    /// UDP with no reply yet (nf_conntrack_udp_timeout).
+    pub const UDP_NEW: u64 = 30 * S;
+    /// UDP after a reply (nf_conntrack_udp_timeout_stream).
+    pub const UDP_ESTABLISHED: u64 = 120 * S;
+
+    /// Idle timeout of a connection entry.
+    pub const fn for_state(proto: u8, state: u8) -> u64 {
+        match (proto, state) {
+            (super::proto::TCP, super::ct_state::ESTABLISHED) => TCP_ESTABLISHED,
+            (super::proto::TCP, super::ct_state::CLOSING) => TCP_CLOSING,
+            (super::proto::TCP, super::ct_state::CLOSED) => TCP_CLOSED,
+            (super::proto::TCP, _) => TCP_NEW,
+            (_, super::ct_state::NEW) => UDP_NEW,
+            _ => UDP_ESTABLISHED,
+        }
+    }
+}
+
+/// Value of [`names::REVNAT4`]: how to restore a reply (key: the reply's [`Tuple4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNat4Value {
+    /// The client's original source address, be (the reply's new destination).
+    pub client_addr: u32,
+    /// The frontend address the client used, be (the reply's new source).
+    pub frontend_addr: u32,
+    /// The client's original source port, be.
+    pub client_port: u16,
+    /// The frontend port the client used, be.
+    pub frontend_port: u16,
+    /// Always zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last reply.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 24);
+
+/// Key of [`names::AFFINITY4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Affinity4Key {
+    /// Client address, be.
+    pub client_addr: u32,
+    /// Service id.
+    pub svc_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Affinity4Key>() == 8);
+
+/// Value of [`names::AFFINITY4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Affinity4Value {
+    /// Backend chosen for this client.
+    pub backend_id: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last new connection that used it.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Affinity4Value>() == 16);
+
+/// Value of [`names::CONFIG`] (an array with one entry, key 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeConfig {
+    /// The node address used as source for NodePort source NAT, be. 0: never source-NAT (remote
+    /// backends of external traffic are then dropped and counted).
+    pub snat_addr: u32,
+    /// First source-NAT port (host order).
+    pub snat_port_min: u16,
+    /// Last source-NAT port (host order).
+    pub snat_port_max: u16,
+    /// `cfg_flags::*`.
+    pub flags: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+
+/// Node configuration flags ([`NodeConfig::flags`]).
+pub mod cfg_flags {
+    /// The agent has written the configuration; until then the programs pass everything.
+    pub const READY: u32 = 1 << 0;
+}
+
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $name:ident = $val:literal, $metric:literal, $drop:literal;)*) => {
+        /// Why a packet got its verdict: the index of [`names::COUNTERS`]. Every path through the
+        /// programs counts exactly one reason per packet per hook.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $($(#[$doc])* $name = $val,)*
+        }
+
+        impl Reason {
+            /// All reasons, in index order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+
+            /// Stable snake_case name, used as the metric label.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$name => $metric,)* }
+            }
+
+            /// Whether the packet was dropped (or answered with a rejection instead of delivered).
+            pub const fn is_drop(self) -> bool {
+                match self { $(Reason::$name => $drop,)* }
+            }
+
+            /// The reason with this index.
+            pub const fn from_index(i: u32) -> Option<Reason> {
+                match i { $($val => Some(Reason::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    PassNotIpv4 = 0, "pass_not_ipv4", false;
+    /// Not for a service and not a reply of a translated flow: passed untouched.
+    PassNoService = 1, "pass_no_service", false;
+    /// First packet of a connection: a backend was chosen and the packet translated.
+    TranslatedNew = 2, "translated_new", false;
+    /// Packet of a tracked connection, translated to its backend.
+    TranslatedEstablished = 3, "translated_established", false;
+    /// Reply of a translated connection, translated back.
+    ReplyTranslated = 4, "reply_translated", false;
+    /// A tracked connection's backend was removed: its next packet was balanced anew (UDP, TCP SYN).
+    Rebalanced = 5, "rebalanced", false;
+    /// ICMP error about a translated connection, translated back.
+    IcmpErrorTranslated = 6, "icmp_error_translated", false;
+    /// XDP left the packet to the TC program (needs a helper XDP does not have).
+    XdpPassToTc = 7, "xdp_pass_to_tc", false;
+    /// Configuration not written yet: passed untouched.
+    PassNotReady = 8, "pass_not_ready", false;
+    /// Protocol a service cannot be for (ICMP echo to a frontend, SCTP): passed untouched.
+    PassUnsupportedProto = 9, "pass_unsupported_proto", false;
+    /// Truncated or malformed header.
+    DropMalformed = 16, "drop_malformed", true;
+    /// IP fragment addressed to a service frontend (no L4 header to balance on).
+    DropFragment = 17, "drop_fragment", true;
+    /// Service with no usable backend, rejected (TCP RST / ICMP port unreachable).
+    RejectNoBackend = 18, "reject_no_backend", true;
+    /// Service with backends, none of them local under a Local policy: dropped (as kube-proxy).
+    DropNoLocalBackend = 19, "drop_no_local_backend", true;
+    /// A backend slot named a backend id that does not exist (agent mid-update).
+    DropBackendMissing = 20, "drop_backend_missing", true;
+    /// A tracked TCP connection's backend was removed: the connection was reset.
+    ResetBackendGone = 21, "reset_backend_gone", true;
+    /// No free source-NAT port.
+    DropSnatExhausted = 22, "drop_snat_exhausted", true;
+    /// Could not insert a connection entry.
+    DropCtInsert = 23, "drop_ct_insert", true;
+    /// No route or neighbour to forward a translated packet.
+    DropFib = 24, "drop_fib", true;
+    /// A helper failed while rewriting the packet.
+    DropRewrite = 25, "drop_rewrite", true;
+    /// External traffic to a remote backend, but no source-NAT address is configured.
+    DropNoSnatAddr = 26, "drop_no_snat_addr", true;
+}
+
+/// Number of slots in [`names::COUNTERS`].
+pub const REASON_MAX: u32 = 32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), without implicit padding, and valid for any bit pattern.
+    unsafe impl aya::Pod for super::Service4Key {}
+    unsafe impl aya::Pod for super::Service4Value {}
+    unsafe impl aya::Pod for super::Backend4 {}
+    unsafe impl aya::Pod for super::Tuple4 {}
+    unsafe impl aya::Pod for super::Ct4Value {}
+    unsafe impl aya::Pod for super::RevNat4Value {}
+    unsafe impl aya::Pod for super::Affinity4Key {}
+    unsafe impl aya::Pod for super::Affinity4Value {}
+    unsafe impl aya::Pod for super::NodeConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_fit_the_counter_array_and_round_trip() {
+        for r in Reason::ALL {
+            assert!((*r as u32) < REASON_MAX, "{r:?}");
+            assert_eq!(Reason::from_index(*r as u32), Some(*r));
+        }
+        assert_eq!(Reason::from_index(REASON_MAX), None);
+    }
+
+    #[test]
+    fn timeouts_follow_state() {
+        assert_eq!(timeouts::for_state(proto::TCP, ct_state::NEW), timeouts::TCP_NEW);
+        assert_eq!(
+            timeouts::for_state(proto::TCP, ct_state::ESTABLISHED),
+            timeouts::TCP_ESTABLISHED
+        );
+        assert_eq!(timeouts::for_state(proto::UDP, ct_state::NEW), timeouts::UDP_NEW);
+        assert_eq!(
+            timeouts::for_state(proto::UDP, ct_state::ESTABLISHED),
+            timeouts::UDP_ESTABLISHED
+        );
+    }
+}
