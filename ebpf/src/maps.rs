@@ -1,6 +1,6 @@
 //! Every map of the datapath, with its purpose. Types come from `kproxy_common`; capacities are
-#![allow(non_upper_case_globals)] // map statics are named as the kernel objects they become
 //! defaults the agent overrides at load time.
+#![allow(non_upper_case_globals)] // map statics are named as the kernel objects they become
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
