@@ -3,6 +3,8 @@
 //! `BaseBpfAdapter` pattern).
 use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value};
 
+pub mod bpf;
+pub mod loader;
 pub mod mem;
 
 /// A failed datapath write or read. Messages name the map and the key at fault.
