@@ -1,0 +1,43 @@
+# kproxy — the two commands a newcomer needs are `make demo` and `make test`; both run `make setup`
+# first, which installs everything on a fresh Debian machine (idempotent, seconds when done).
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all setup build demo demo-down test lint unit bench clean lab-up lab-down
+
+all: build
+
+setup:
+	@bash xtask/setup.sh
+
+build: setup
+	@echo "[make] building kproxy (the first build compiles the eBPF object and all crates: a few minutes)"
+	$(CARGO) build --workspace --all-targets
+
+demo: build
+	$(CARGO) xtask demo $(if $(KEEP),--keep,)
+
+demo-down: setup
+	$(CARGO) xtask demo-down
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Host unit tests, BPF_PROG_TEST_RUN packet tests and namespace end-to-end tests (root).
+test: build lint
+	@set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; rc=$$?; \
+	  bash xtask/summary.sh target/test.log; exit $$rc
+
+bench: build
+	$(CARGO) xtask bench $(if $(QUICK),--quick,)
+
+lab-up: build
+	$(CARGO) xtask lab up
+
+lab-down:
+	$(CARGO) xtask lab down
+
+clean:
+	$(CARGO) clean
