@@ -1,0 +1,221 @@
+//! kproxy's load generator for the benchmarks: drives TCP or UDP request/response traffic at one
+//! address and reports latency percentiles (HDR histogram), rate and CPU time as one JSON line.
+//!
+//! Modes:
+//! - `connect`: each transaction opens a TCP connection, sends one request line, reads the reply
+//!   line and closes (new-connection latency and rate);
+//! - `rr`: request/response on connections kept open (per-packet translation cost);
+//! - `udp`: one datagram out, one back.
+//!
+//! The peer is the lab's test server (`kproxy-netexec`), which answers each request with one line.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpStream, UdpSocket},
+    sync::Mutex,
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Mode {
+    Connect,
+    Rr,
+    Udp,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "kproxy benchmark load generator")]
+struct Args {
+    /// Address to load, IP:PORT.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Traffic pattern.
+    #[arg(long, value_enum, default_value = "connect")]
+    mode: Mode,
+    /// Parallel clients.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Measured duration.
+    #[arg(long, default_value_t = 2000)]
+    duration_ms: u64,
+    /// Stop after this many transactions (0: only the duration limits).
+    #[arg(long, default_value_t = 0)]
+    requests: u64,
+    /// Unmeasured warm-up before the measured part.
+    #[arg(long, default_value_t = 200)]
+    warmup_ms: u64,
+    /// Per-transaction timeout.
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+struct Shared {
+    hist: Mutex<Histogram<u64>>,
+    done: AtomicU64,
+    errors: AtomicU64,
+    measuring: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// Busy and total jiffies of all CPUs, from /proc/stat.
+fn cpu_jiffies() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+async fn one(
+    mode: Mode,
+    target: SocketAddr,
+    conn: &mut Option<BufReader<TcpStream>>,
+    udp: &Option<UdpSocket>,
+) -> Result<()> {
+    let mut line = String::new();
+    match mode {
+        Mode::Connect => {
+            let mut s = BufReader::new(TcpStream::connect(target).await?);
+            s.get_mut().set_nodelay(true)?;
+            s.get_mut().write_all(b"bench\n").await?;
+            s.read_line(&mut line).await?;
+        }
+        Mode::Rr => {
+            if conn.is_none() {
+                let s = TcpStream::connect(target).await?;
+                s.set_nodelay(true)?;
+                *conn = Some(BufReader::new(s));
+            }
+            let s = conn.as_mut().expect("connected above");
+            s.get_mut().write_all(b"bench keep\n").await?;
+            s.read_line(&mut line).await?;
+        }
+        Mode::Udp => {
+            let sock = udp.as_ref().context("no UDP socket")?;
+            sock.send(b"bench\n").await?;
+            let mut buf = [0u8; 512];
+            let n = sock.recv(&mut buf).await?;
+            line = String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    if line.is_empty() {
+        bail!("empty reply");
+    }
+    Ok(())
+}
+
+async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
+    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut conn = None;
+    let udp = if args.mode == Mode::Udp {
+        match UdpSocket::bind("0.0.0.0:0").await {
+            Ok(s) if s.connect(args.target).await.is_ok() => Some(s),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let timeout = Duration::from_millis(args.timeout_ms);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(timeout, one(args.mode, args.target, &mut conn, &udp)).await;
+        let us = t0.elapsed().as_micros() as u64;
+        if !shared.measuring.load(Ordering::Relaxed) {
+            if !matches!(r, Ok(Ok(()))) {
+                conn = None;
+            }
+            continue;
+        }
+        match r {
+            Ok(Ok(())) => {
+                let _ = local.record(us.max(1));
+                let n = shared.done.fetch_add(1, Ordering::Relaxed) + 1;
+                if args.requests > 0 && n >= args.requests {
+                    shared.stop.store(true, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                conn = None;
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = shared.hist.lock().await.add(&local);
+}
+
+fn rusage_s() -> (f64, f64) {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (s(ru.ru_utime), s(ru.ru_stime))
+}
+
+fn main() -> Result<()> {
+    let args = Arc::new(Args::parse());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async {
+        let shared = Arc::new(Shared {
+            hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            done: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            measuring: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let tasks: Vec<_> = (0..args.concurrency.max(1))
+            .map(|_| tokio::spawn(worker(args.clone(), shared.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(args.warmup_ms)).await;
+        let (busy0, total0) = cpu_jiffies()?;
+        let (u0, s0) = rusage_s();
+        let t0 = Instant::now();
+        shared.measuring.store(true, Ordering::Relaxed);
+        let deadline = t0 + Duration::from_millis(args.duration_ms);
+        while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shared.measuring.store(false, Ordering::Relaxed);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (busy1, total1) = cpu_jiffies()?;
+        let (u1, s1) = rusage_s();
+        shared.stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let h = shared.hist.lock().await;
+        let done = shared.done.load(Ordering::Relaxed);
+        // Jiffies are USER_HZ (100/s on Linux).
+        let system_cpu_s = (busy1 - busy0) as f64 / 100.0;
+        let _ = total1 - total0;
+        let out = serde_json::json!({
+            "mode": format!("{:?}", args.mode).to_lowercase(),
+            "target": args.target.to_string(),
+            "concurrency": args.concurrency,
+            "transactions": done,
+            "errors": shared.errors.load(Ordering::Relaxed),
+            "duration_s": elapsed,
+            "rate_per_s": done as f64 / elapsed,
+            "p50_us": h.value_at_quantile(0.50),
+            "p90_us": h.value_at_quantile(0.90),
+            "p99_us": h.value_at_quantile(0.99),
+            "p999_us": h.value_at_quantile(0.999),
+            "max_us": h.max(),
+            "loadgen_cpu_s": (u1 - u0) + (s1 - s0),
+            "system_cpu_s": system_cpu_s,
+            "system_cpu_us_per_transaction": if done > 0 { system_cpu_s * 1e6 / done as f64 } else { 0.0 },
+        });
+        println!("{out}");
+        anyhow::Ok(())
+    })
+}
