@@ -10,8 +10,12 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 PREFIX="${KPROXY_TOOLS:-/opt/kproxy-tools}"
 BPF_LINKER_VERSION=0.13.0
 
+# --build-only: just what compiling needs (toolchains, bpf-linker): for image builds.
+BUILD_ONLY=0
+[ "${1:-}" = "--build-only" ] && BUILD_ONLY=1
+
 [ "$(id -u)" -eq 0 ] || die "kproxy loads BPF programs and creates network namespaces: run as root (sudo make ...)."
-[ -r /sys/kernel/btf/vmlinux ] || die "the kernel has no BTF (/sys/kernel/btf/vmlinux missing): use a kernel built with CONFIG_DEBUG_INFO_BTF=y."
+[ "$BUILD_ONLY" = 1 ] || [ -r /sys/kernel/btf/vmlinux ] || die "the kernel has no BTF (/sys/kernel/btf/vmlinux missing): use a kernel built with CONFIG_DEBUG_INFO_BTF=y."
 command -v rustup >/dev/null 2>&1 || die "rustup not found: install it from the rustup project (curl ... | sh) and re-run."
 
 # 1. Debian packages.
@@ -21,6 +25,9 @@ missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+if [ "$BUILD_ONLY" = 1 ]; then
+  missing=()
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -55,9 +62,10 @@ if [ ! -x "$PREFIX/bin/bpf-linker" ] || [ ! -e "$STAMP" ]; then
   rm -f "$PREFIX"/.bpf-linker-*
   touch "$STAMP"
 fi
-ln -sf "$PREFIX/bin/bpf-linker" "$HOME/.cargo/bin/bpf-linker"
+mkdir -p "${CARGO_HOME:-$HOME/.cargo}/bin"
+ln -sf "$PREFIX/bin/bpf-linker" "${CARGO_HOME:-$HOME/.cargo}/bin/bpf-linker"
 
 # 4. bpffs.
-mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+[ "$BUILD_ONLY" = 1 ] || mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
 say "ready (bpf-linker: $("$PREFIX/bin/bpf-linker" --version 2>/dev/null | head -n1))"

@@ -1,0 +1,96 @@
+//! The deployment manifests in `deploy/` against the Kubernetes schemas: every document must
+//! deserialize into its k8s-openapi type and serialize back to the same JSON, so a misspelled or
+//! misplaced field (which the typed decoding would drop) fails the test.
+use std::path::Path;
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::ServiceAccount,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Value {
+    let typed: T = serde_json::from_value(doc.clone()).expect("document matches its schema type");
+    serde_json::to_value(&typed).expect("serializes")
+}
+
+/// Removes nulls and empty objects the typed form may add or drop, so only real fields compare.
+fn normalize(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), normalize(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(normalize).collect()),
+        other => other.clone(),
+    }
+}
+
+fn documents() -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kproxy.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/kproxy.yaml");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            serde_json::to_value(serde_yaml::Value::deserialize(d).expect("YAML")).expect("JSON")
+        })
+        .collect()
+}
+
+use serde::Deserialize as _;
+
+#[test]
+fn deploy_manifests_match_kubernetes_schemas() {
+    let docs = documents();
+    let mut kinds = Vec::new();
+    for doc in &docs {
+        let kind = doc["kind"].as_str().expect("kind").to_string();
+        let back = match kind.as_str() {
+            "ServiceAccount" => round_trip::<ServiceAccount>(doc),
+            "ClusterRole" => round_trip::<ClusterRole>(doc),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(doc),
+            "DaemonSet" => round_trip::<DaemonSet>(doc),
+            other => panic!("unexpected kind {other} in deploy/kproxy.yaml"),
+        };
+        assert_eq!(normalize(doc), normalize(&back), "{kind}: a field is not part of the schema");
+        kinds.push(kind);
+    }
+    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"]);
+}
+
+#[test]
+fn rbac_is_read_only_on_what_the_agent_watches() {
+    let docs = documents();
+    let role: ClusterRole = serde_json::from_value(docs[1].clone()).unwrap();
+    for rule in role.rules.unwrap() {
+        let resources = rule.resources.unwrap_or_default();
+        let writes = rule
+            .verbs
+            .iter()
+            .any(|v| ["create", "update", "patch", "delete"].contains(&v.as_str()));
+        if writes {
+            assert_eq!(resources, ["events"], "only events may be written");
+        } else {
+            assert!(rule.verbs.iter().all(|v| ["get", "list", "watch"].contains(&v.as_str())));
+        }
+    }
+}
+
+#[test]
+fn daemonset_runs_the_agent_with_the_fixed_interface() {
+    let docs = documents();
+    let ds: DaemonSet = serde_json::from_value(docs[3].clone()).unwrap();
+    let pod = ds.spec.template.spec.expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    assert_eq!(args[0], "agent");
+    for flag in ["--node-name=", "--nodeport-devices=", "--pod-devices=", "--pin-path="] {
+        assert!(args.iter().any(|a| a.starts_with(flag)), "missing {flag}");
+    }
+    let mounts = c.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"), "bpffs must be mounted");
+}
