@@ -1,0 +1,685 @@
+//! The Service conformance suite: one test per data-plane behaviour of the upstream Kubernetes
+//! `[sig-network] Services` end-to-end tests, named after the upstream test (`upstream_*`).
+//! Each runs in a fresh lab (2 nodes, 3 pods each, an external client) with one `kproxy agent`
+//! per node on a manifest directory, real servers in the pods and real clients, in both pod
+//! wirings (routed and bridged). A behaviour kproxy does not support yet is present, `#[ignore]`d
+//! with the reason, and counted as not passing by the test summary.
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use kproxy_tests::{
+    client::{DnsAnswer, DnsTransport, DnsType, Reply, RequestError, TcpSession, dns_query, tcp_request, udp_request},
+    lab::{self, Agent, AgentOpts, CLIENT_IP, DNS_NAME, DNS_PORT, Lab, LabSpec, SERVER_PORT, Wiring},
+    manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
+};
+
+/// Per-request time limit.
+const T: Duration = Duration::from_secs(2);
+/// How long a change may take to show in the datapath (agent polls manifests every second).
+const CONVERGE: Duration = Duration::from_secs(15);
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 20);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 10);
+
+/// A lab with an agent per node watching one manifest directory.
+struct Cluster {
+    agents: Vec<Option<Agent>>,
+    dir: ManifestDir,
+    lab: Lab,
+}
+
+impl Cluster {
+    fn new(wiring: Wiring, label: &str) -> Cluster {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "conformance tests need root");
+        let mut lab = Lab::up(LabSpec::with_wiring(wiring)).expect("lab up");
+        lab.start_servers().expect("servers");
+        let dir = ManifestDir::new(&format!("{label}-{}", lab.prefix())).expect("manifest dir");
+        let mut c = Cluster { agents: Vec::new(), dir, lab };
+        for i in 0..c.lab.nodes().len() {
+            let a = c.start_agent(i);
+            c.agents.push(Some(a));
+        }
+        c
+    }
+
+    fn start_agent(&self, node: usize) -> Agent {
+        let opts = AgentOpts { manifests_dir: self.dir.path().to_path_buf(), extra_args: vec![] };
+        self.lab.spawn_agent(node, &opts).expect("agent starts")
+    }
+
+    fn pod_ns(&self, i: usize, j: usize) -> String {
+        self.lab.pod(i, j).expect("pod").ns.clone()
+    }
+
+    fn pod_ip(&self, i: usize, j: usize) -> Ipv4Addr {
+        self.lab.pod(i, j).expect("pod").ip
+    }
+
+    fn ep(&self, i: usize, j: usize) -> Endpoint {
+        let p = self.lab.pod(i, j).expect("pod");
+        Endpoint::ready(p.ip, &lab::node_name(i), &p.name)
+    }
+
+    fn node_ip(&self, i: usize) -> Ipv4Addr {
+        self.lab.node(i).ip
+    }
+
+    fn client(&self) -> String {
+        self.lab.client_ns()
+    }
+
+    fn put(&self, svc: &Service, eps: Vec<Endpoint>) {
+        self.dir.put(svc, &[Slice::for_service(svc, eps)]).expect("write manifests");
+    }
+
+    fn agent_logs(&self) -> String {
+        self.agents.iter().flatten().map(|a| format!("--- node {} ---\n{}", a.node, a.log_text())).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.agent_logs());
+        }
+        self.agents.clear();
+        for i in 0..self.lab.nodes().len() {
+            let _ = self.lab.cleanup(i);
+        }
+    }
+}
+
+/// Runs `scenario` on both wirings.
+fn both(label: &str, scenario: impl Fn(&mut Cluster)) {
+    for wiring in [Wiring::Routed, Wiring::Bridged] {
+        let mut c = Cluster::new(wiring, label);
+        scenario(&mut c);
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after [`CONVERGE`] naming `what`.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+fn request(ns: &str, addr: Ipv4Addr, port: u16, proto: Proto) -> Result<Reply, RequestError> {
+    match proto {
+        Proto::Tcp => tcp_request(ns, addr, port, T),
+        Proto::Udp => udp_request(ns, addr, port, T),
+    }
+}
+
+/// Backends that answered `n` requests (errors are not counted).
+fn backends(ns: &str, addr: Ipv4Addr, port: u16, proto: Proto, n: usize) -> BTreeSet<String> {
+    (0..n).filter_map(|_| request(ns, addr, port, proto).ok()).map(|r| r.server_pod).collect()
+}
+
+/// Waits until `n` consecutive requests are all answered by exactly the pods in `want`
+/// (each of them at least once when `all` is set).
+fn converge_to(ns: &str, addr: Ipv4Addr, port: u16, proto: Proto, want: &[&str]) {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    eventually(&format!("{addr}:{port}/{proto:?} served by exactly {want:?}"), || {
+        let mut seen = BTreeSet::new();
+        for _ in 0..(8 * want.len()).max(6) {
+            match request(ns, addr, port, proto) {
+                Ok(r) if want.contains(&r.server_pod) => {
+                    seen.insert(r.server_pod);
+                }
+                _ => return None,
+            }
+        }
+        (seen == want).then_some(())
+    });
+}
+
+/// Waits until requests get no answer at all (timeout or refusal).
+fn converge_dead(ns: &str, addr: Ipv4Addr, port: u16, proto: Proto) -> RequestError {
+    eventually(&format!("{addr}:{port}/{proto:?} not answering"), || {
+        let errs: Vec<RequestError> = (0..3).filter_map(|_| request(ns, addr, port, proto).err()).collect();
+        (errs.len() == 3).then(|| errs.into_iter().next().expect("three errors"))
+    })
+}
+
+fn web(ip: Ipv4Addr) -> Service {
+    Service::cluster_ip("web", ip, vec![Port::tcp("http", 80, SERVER_PORT)])
+}
+
+#[test]
+fn upstream_should_serve_a_basic_endpoint_from_pods() {
+    both("basic", |c| {
+        let client = c.pod_ns(1, 1);
+        let svc = web(VIP);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&client, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+        c.put(&svc, vec![c.ep(0, 0), c.ep(1, 0)]);
+        converge_to(&client, VIP, 80, Proto::Tcp, &["node-0-pod-0", "node-1-pod-0"]);
+        c.put(&svc, vec![c.ep(1, 0)]);
+        converge_to(&client, VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_serve_multiport_endpoints_from_pods() {
+    both("multiport", |c| {
+        let client = c.pod_ns(0, 2);
+        let svc = Service::cluster_ip(
+            "multi",
+            VIP,
+            vec![Port::tcp("portname1", 80, SERVER_PORT), Port::tcp("portname2", 81, DNS_PORT)],
+        );
+        c.put(&svc, vec![c.ep(0, 0), c.ep(1, 1)]);
+        converge_to(&client, VIP, 80, Proto::Tcp, &["node-0-pod-0", "node-1-pod-1"]);
+        // Port 81 leads to the pods' DNS server over TCP.
+        let got = eventually("dns over port 81", || {
+            dns_query(&client, VIP, 81, DNS_NAME, DnsType::Txt, DnsTransport::Tcp, T).ok()
+        });
+        assert!(
+            got == vec![DnsAnswer::Txt("node-0-pod-0".into())] || got == vec![DnsAnswer::Txt("node-1-pod-1".into())],
+            "{got:?}"
+        );
+    });
+}
+
+#[test]
+fn upstream_should_serve_endpoints_on_same_port_and_different_protocols() {
+    both("sameport", |c| {
+        let client = c.pod_ns(1, 2);
+        let svc = Service::cluster_ip(
+            "dns",
+            VIP,
+            vec![Port::tcp("dns-tcp", 53, DNS_PORT), Port::udp("dns-udp", 53, DNS_PORT)],
+        );
+        c.put(&svc, vec![c.ep(0, 1)]);
+        for t in [DnsTransport::Udp, DnsTransport::Tcp] {
+            let got = eventually(&format!("dns {t:?}"), || {
+                dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, t, T).ok()
+            });
+            assert_eq!(got, vec![DnsAnswer::A(c.pod_ip(0, 1))], "{t:?}");
+        }
+        // Only UDP: TCP to the same port stops being served.
+        let udp_only = Service::cluster_ip("dns", VIP, vec![Port::udp("dns-udp", 53, DNS_PORT)]);
+        c.put(&udp_only, vec![c.ep(0, 1)]);
+        eventually("tcp/53 gone", || {
+            dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Tcp, T).is_err().then_some(())
+        });
+        let got = dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Udp, T).expect("udp still served");
+        assert_eq!(got, vec![DnsAnswer::A(c.pod_ip(0, 1))]);
+    });
+}
+
+#[test]
+fn upstream_should_be_updated_after_adding_or_deleting_ports() {
+    both("ports", |c| {
+        let client = c.pod_ns(0, 1);
+        let mut svc = web(VIP);
+        c.put(&svc, vec![c.ep(1, 0)]);
+        converge_to(&client, VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
+        svc.ports.push(Port::udp("udp", 81, SERVER_PORT));
+        c.put(&svc, vec![c.ep(1, 0)]);
+        converge_to(&client, VIP, 81, Proto::Udp, &["node-1-pod-0"]);
+        svc.ports.remove(0);
+        c.put(&svc, vec![c.ep(1, 0)]);
+        converge_dead(&client, VIP, 80, Proto::Tcp);
+        converge_to(&client, VIP, 81, Proto::Udp, &["node-1-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_create_a_functioning_nodeport_service() {
+    both("nodeport", |c| {
+        let client = c.client();
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.ports[0] = svc.ports[0].clone().node_port(30080);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        // Local backend on node 0: the client's address is preserved.
+        let r = eventually("nodeport on node 0", || tcp_request(&client, c.node_ip(0), 30080, T).ok());
+        assert_eq!(r.server_pod, "node-0-pod-0");
+        assert_eq!(*r.client_addr.ip(), CLIENT_IP);
+        // Remote backend through node 1 (externalTrafficPolicy Cluster): source NAT to node 1.
+        let r = eventually("nodeport on node 1", || tcp_request(&client, c.node_ip(1), 30080, T).ok());
+        assert_eq!(r.server_pod, "node-0-pod-0");
+        assert_eq!(*r.client_addr.ip(), c.node_ip(1), "remote backend sees the node's address");
+        // Pods reach the NodePort too.
+        let r = eventually("nodeport from a pod", || tcp_request(&c.pod_ns(1, 2), c.node_ip(1), 30080, T).ok());
+        assert_eq!(r.server_pod, "node-0-pod-0");
+    });
+}
+
+#[test]
+fn upstream_should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols() {
+    both("np-protocols", |c| {
+        let client = c.client();
+        let mut svc = Service::cluster_ip("web", VIP, vec![Port::tcp("tcp", 80, SERVER_PORT)]);
+        c.put(&svc, vec![c.ep(0, 0), c.ep(1, 0)]);
+        converge_to(&c.pod_ns(0, 1), VIP, 80, Proto::Tcp, &["node-0-pod-0", "node-1-pod-0"]);
+        svc.svc_type = SvcType::NodePort;
+        svc.ports = vec![Port::tcp("tcp", 80, SERVER_PORT).node_port(30090), Port::udp("udp", 80, SERVER_PORT).node_port(30090)];
+        c.put(&svc, vec![c.ep(0, 0), c.ep(1, 0)]);
+        for node in 0..2 {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                converge_to(&client, c.node_ip(node), 30090, proto, &["node-0-pod-0", "node-1-pod-0"]);
+            }
+        }
+    });
+}
+
+#[test]
+fn upstream_should_be_able_to_change_the_type_from_externalname_to_clusterip_to_nodeport_and_back() {
+    both("types", |c| {
+        let pod = c.pod_ns(1, 1);
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::ExternalName;
+        svc.external_name = Some("example.invalid".into());
+        svc.cluster_ip = None;
+        c.put(&svc, vec![c.ep(0, 0)]);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(tcp_request(&pod, VIP, 80, T).is_err(), "ExternalName must program nothing");
+        // ExternalName → ClusterIP.
+        let mut svc = web(VIP);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+        // ClusterIP → NodePort.
+        svc.svc_type = SvcType::NodePort;
+        svc.ports[0] = svc.ports[0].clone().node_port(30100);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&c.client(), c.node_ip(1), 30100, Proto::Tcp, &["node-0-pod-0"]);
+        // NodePort → ExternalName: both the ClusterIP and the NodePort go away.
+        let mut en = web(VIP);
+        en.svc_type = SvcType::ExternalName;
+        en.external_name = Some("example.invalid".into());
+        en.cluster_ip = None;
+        c.put(&en, vec![c.ep(0, 0)]);
+        converge_dead(&c.client(), c.node_ip(1), 30100, Proto::Tcp);
+        converge_dead(&pod, VIP, 80, Proto::Tcp);
+    });
+}
+
+#[test]
+fn upstream_should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() {
+    both("srcip", |c| {
+        let mut svc = web(VIP);
+        svc.ports.push(Port::udp("udp", 81, SERVER_PORT));
+        c.put(&svc, vec![c.ep(0, 0)]);
+        for (i, j) in [(1, 1), (0, 2)] {
+            let r = eventually("answer", || tcp_request(&c.pod_ns(i, j), VIP, 80, T).ok());
+            assert_eq!(r.server_pod, "node-0-pod-0");
+            assert_eq!(*r.client_addr.ip(), c.pod_ip(i, j), "source address of pod ({i},{j}) preserved");
+            let r = eventually("udp answer", || udp_request(&c.pod_ns(i, j), VIP, 81, T).ok());
+            assert_eq!(*r.client_addr.ip(), c.pod_ip(i, j), "UDP source of pod ({i},{j}) preserved");
+        }
+    });
+}
+
+#[test]
+#[ignore = "hairpin (a pod reaching itself through its service) needs source NAT on the pod path, not implemented yet"]
+fn upstream_should_allow_pods_to_hairpin_back_to_themselves_through_services() {
+    both("hairpin", |c| {
+        let svc = web(VIP);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        let r = eventually("hairpin", || tcp_request(&c.pod_ns(0, 0), VIP, 80, T).ok());
+        assert_eq!(r.server_pod, "node-0-pod-0");
+    });
+}
+
+#[test]
+fn upstream_should_be_able_to_up_and_down_services() {
+    both("updown", |c| {
+        let pod = c.pod_ns(0, 1);
+        let a = web(VIP);
+        let mut b = web(VIP2);
+        b.name = "web2".into();
+        c.put(&a, vec![c.ep(0, 0)]);
+        c.put(&b, vec![c.ep(1, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+        converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-1-pod-0"]);
+        c.dir.remove("web.yaml").unwrap();
+        converge_dead(&pod, VIP, 80, Proto::Tcp);
+        converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-1-pod-0"]);
+        c.put(&a, vec![c.ep(0, 2)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-2"]);
+        converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-1-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_work_after_the_service_has_been_recreated() {
+    both("recreate", |c| {
+        let pod = c.pod_ns(1, 2);
+        let svc = web(VIP);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+        c.dir.remove("web.yaml").unwrap();
+        converge_dead(&pod, VIP, 80, Proto::Tcp);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_work_after_restarting_kube_proxy() {
+    both("restart", |c| {
+        let pod = c.pod_ns(0, 1);
+        let svc = web(VIP);
+        c.put(&svc, vec![c.ep(1, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
+        let (mut session, first) = TcpSession::connect(&pod, VIP, 80, T).expect("long-lived connection");
+        // Stop node 0's agent: the datapath keeps serving existing and new connections.
+        let agent = c.agents[0].take().expect("agent 0");
+        agent.stop(Duration::from_secs(5)).expect("agent stops on SIGTERM");
+        assert_eq!(session.request().expect("established connection survives the stop"), first);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
+        // A change made while it is down is applied when it is back.
+        c.put(&svc, vec![c.ep(1, 0), c.ep(0, 2)]);
+        c.agents[0] = Some(c.start_agent(0));
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-0", "node-0-pod-2"]);
+        assert_eq!(session.request().expect("established connection survives the restart"), first);
+    });
+}
+
+#[test]
+#[ignore = "the Kubernetes API source (--kubeconfig) is not wired into the lab suite yet"]
+fn upstream_should_work_after_restarting_apiserver() {}
+
+#[test]
+fn upstream_should_be_possible_to_connect_to_a_service_via_externalip_when_the_external_ip_is_not_assigned_to_a_node() {
+    both("externalip", |c| {
+        let mut svc = web(VIP);
+        svc.external_ips = vec![EXTERNAL_IP];
+        c.put(&svc, vec![c.ep(0, 1), c.ep(1, 1)]);
+        converge_to(&c.client(), EXTERNAL_IP, 80, Proto::Tcp, &["node-0-pod-1", "node-1-pod-1"]);
+    });
+}
+
+#[test]
+fn upstream_should_serve_loadbalancer_ingress_ips() {
+    both("lb", |c| {
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::LoadBalancer;
+        svc.ports[0] = svc.ports[0].clone().node_port(30110);
+        svc.lb_ips = vec![LB_IP];
+        c.put(&svc, vec![c.ep(0, 1), c.ep(1, 1)]);
+        converge_to(&c.client(), LB_IP, 80, Proto::Tcp, &["node-0-pod-1", "node-1-pod-1"]);
+        // Pods reach the load-balancer IP too (it is routed to the node, then translated).
+        converge_to(&c.pod_ns(1, 2), LB_IP, 80, Proto::Tcp, &["node-0-pod-1", "node-1-pod-1"]);
+    });
+}
+
+fn all_endpoints(c: &Cluster) -> Vec<Endpoint> {
+    (0..2).flat_map(|i| (0..3).map(move |j| (i, j))).map(|(i, j)| c.ep(i, j)).collect()
+}
+
+fn sticky(ns: &str, addr: Ipv4Addr, port: u16, n: usize) -> BTreeSet<String> {
+    backends(ns, addr, port, Proto::Tcp, n)
+}
+
+#[test]
+fn upstream_should_have_session_affinity_work_for_service_with_type_clusterip() {
+    both("affinity", |c| {
+        let pod = c.pod_ns(1, 2);
+        let mut svc = web(VIP);
+        svc.affinity_timeout = Some(10800);
+        c.put(&svc, all_endpoints(c));
+        eventually("served", || tcp_request(&pod, VIP, 80, T).ok());
+        assert_eq!(sticky(&pod, VIP, 80, 20).len(), 1, "one client, one backend");
+    });
+}
+
+#[test]
+fn upstream_should_have_session_affinity_work_for_nodeport_service() {
+    both("affinity-np", |c| {
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.ports[0] = svc.ports[0].clone().node_port(30120);
+        svc.affinity_timeout = Some(10800);
+        c.put(&svc, all_endpoints(c));
+        let client = c.client();
+        eventually("served", || tcp_request(&client, c.node_ip(0), 30120, T).ok());
+        assert_eq!(sticky(&client, c.node_ip(0), 30120, 20).len(), 1, "one client, one backend");
+    });
+}
+
+#[test]
+fn upstream_should_be_able_to_switch_session_affinity_for_service_with_type_clusterip() {
+    both("affinity-switch", |c| {
+        let pod = c.pod_ns(0, 1);
+        let mut svc = web(VIP);
+        c.put(&svc, all_endpoints(c));
+        eventually("spread without affinity", || (sticky(&pod, VIP, 80, 30).len() > 1).then_some(()));
+        svc.affinity_timeout = Some(10800);
+        c.put(&svc, all_endpoints(c));
+        eventually("sticky with affinity", || (sticky(&pod, VIP, 80, 20).len() == 1).then_some(()));
+        svc.affinity_timeout = None;
+        c.put(&svc, all_endpoints(c));
+        eventually("spread again", || (sticky(&pod, VIP, 80, 30).len() > 1).then_some(()));
+    });
+}
+
+#[test]
+fn upstream_should_have_session_affinity_timeout_work_for_service_with_type_clusterip() {
+    both("affinity-timeout", |c| {
+        let pod = c.pod_ns(1, 0);
+        let mut svc = web(VIP);
+        svc.affinity_timeout = Some(2);
+        c.put(&svc, all_endpoints(c));
+        let first = eventually("served", || tcp_request(&pod, VIP, 80, T).ok()).server_pod;
+        assert_eq!(sticky(&pod, VIP, 80, 10), BTreeSet::from([first.clone()]), "sticky within the timeout");
+        // After the timeout, the client is balanced anew: with 6 backends a different one shows
+        // up within a few rounds (chance of a false failure: 6^-8).
+        let mut changed = false;
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(2500));
+            if tcp_request(&pod, VIP, 80, T).map(|r| r.server_pod != first).unwrap_or(false) {
+                changed = true;
+                break;
+            }
+        }
+        assert!(changed, "affinity never expired");
+    });
+}
+
+#[test]
+fn upstream_should_be_rejected_when_no_endpoints_exist() {
+    both("reject", |c| {
+        let pod = c.pod_ns(0, 0);
+        let mut svc = web(VIP);
+        svc.ports.push(Port::udp("udp", 80, SERVER_PORT));
+        c.put(&svc, vec![]);
+        let e = eventually("tcp refused", || tcp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused));
+        assert!(e.is_refused());
+        let e = eventually("udp refused", || udp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused));
+        assert!(e.is_refused(), "UDP gets an ICMP port unreachable, not a timeout");
+        // From outside through a NodePort too.
+        svc.svc_type = SvcType::NodePort;
+        svc.ports[0] = svc.ports[0].clone().node_port(30130);
+        svc.ports[1] = svc.ports[1].clone().node_port(30130);
+        c.put(&svc, vec![]);
+        let client = c.client();
+        eventually("nodeport tcp refused", || {
+            tcp_request(&client, c.node_ip(1), 30130, T).err().filter(RequestError::is_refused)
+        });
+    });
+}
+
+#[test]
+fn upstream_should_create_endpoints_for_unready_pods() {
+    both("unready", |c| {
+        let pod = c.pod_ns(0, 1);
+        // publishNotReadyAddresses: the EndpointSlice controller marks every address ready.
+        let mut svc = web(VIP);
+        svc.publish_not_ready = true;
+        let mut e = c.ep(1, 2);
+        e.serving = false;
+        c.put(&svc, vec![e]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-2"]);
+        // Without it, an unready (not serving) endpoint is not used: the service has no backend.
+        svc.publish_not_ready = false;
+        c.put(&svc, vec![c.ep(1, 2).not_ready()]);
+        eventually("unready endpoint unused", || tcp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused));
+    });
+}
+
+#[test]
+fn upstream_should_implement_service_kubernetes_io_service_proxy_name() {
+    both("proxyname", |c| {
+        let pod = c.pod_ns(1, 1);
+        let mut svc = web(VIP);
+        svc.labels = vec![("service.kubernetes.io/service-proxy-name".into(), "foo-bar".into())];
+        let mut plain = web(VIP2);
+        plain.name = "web2".into();
+        c.put(&plain, vec![c.ep(0, 0)]);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-0-pod-0"]);
+        assert!(tcp_request(&pod, VIP, 80, T).is_err(), "a service for another proxy is not served");
+        svc.labels.clear();
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_implement_service_kubernetes_io_headless() {
+    both("headless", |c| {
+        let pod = c.pod_ns(1, 1);
+        let mut svc = web(VIP);
+        svc.labels = vec![("service.kubernetes.io/headless".into(), "".into())];
+        let mut plain = web(VIP2);
+        plain.name = "web2".into();
+        c.put(&plain, vec![c.ep(0, 0)]);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-0-pod-0"]);
+        assert!(tcp_request(&pod, VIP, 80, T).is_err(), "a headless-labelled service is not served");
+        svc.labels.clear();
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_respect_internal_traffic_policy_local() {
+    both("itp", |c| {
+        let mut svc = web(VIP);
+        svc.internal_local = true;
+        c.put(&svc, vec![c.ep(0, 0), c.ep(1, 0)]);
+        converge_to(&c.pod_ns(0, 2), VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+        converge_to(&c.pod_ns(1, 2), VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
+        // A node without a local endpoint drops (kube-proxy: no fallback to remote ones).
+        c.put(&svc, vec![c.ep(0, 0)]);
+        let e = converge_dead(&c.pod_ns(1, 2), VIP, 80, Proto::Tcp);
+        assert!(e.is_timeout(), "dropped, not rejected: {e:?}");
+    });
+}
+
+#[test]
+fn upstream_should_work_for_type_nodeport_with_externaltrafficpolicy_local() {
+    both("etp", |c| {
+        let client = c.client();
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.external_local = true;
+        svc.ports[0] = svc.ports[0].clone().node_port(30140);
+        c.put(&svc, vec![c.ep(0, 0), c.ep(0, 1)]);
+        converge_to(&client, c.node_ip(0), 30140, Proto::Tcp, &["node-0-pod-0", "node-0-pod-1"]);
+        let r = tcp_request(&client, c.node_ip(0), 30140, T).unwrap();
+        assert_eq!(*r.client_addr.ip(), CLIENT_IP, "client address preserved");
+        // Node 1 has no local endpoint: dropped, like kube-proxy.
+        let e = converge_dead(&client, c.node_ip(1), 30140, Proto::Tcp);
+        assert!(e.is_timeout(), "{e:?}");
+        // Pods on node 1 still reach the service through the NodePort (cluster-wide endpoints).
+        converge_to(&c.pod_ns(1, 1), c.node_ip(1), 30140, Proto::Tcp, &["node-0-pod-0", "node-0-pod-1"]);
+    });
+}
+
+#[test]
+#[ignore = "the healthCheckNodePort server is not implemented in the agent yet"]
+fn upstream_should_serve_health_check_node_port_for_externaltrafficpolicy_local() {}
+
+fn terminating(c: &Cluster, i: usize, j: usize) -> Endpoint {
+    c.ep(i, j).terminating()
+}
+
+#[test]
+fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internaltrafficpolicy_cluster() {
+    both("fallback-itp-cluster", |c| {
+        let svc = web(VIP);
+        c.put(&svc, vec![terminating(c, 0, 0), terminating(c, 1, 0)]);
+        converge_to(&c.pod_ns(0, 2), VIP, 80, Proto::Tcp, &["node-0-pod-0", "node-1-pod-0"]);
+        // With a ready endpoint, terminating ones get no new connections.
+        c.put(&svc, vec![terminating(c, 0, 0), c.ep(1, 1)]);
+        converge_to(&c.pod_ns(0, 2), VIP, 80, Proto::Tcp, &["node-1-pod-1"]);
+    });
+}
+
+#[test]
+fn upstream_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internaltrafficpolicy_local() {
+    both("fallback-itp-local", |c| {
+        let mut svc = web(VIP);
+        svc.internal_local = true;
+        c.put(&svc, vec![terminating(c, 0, 0), c.ep(1, 0)]);
+        converge_to(&c.pod_ns(0, 2), VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_externaltrafficpolicy_cluster() {
+    both("fallback-etp-cluster", |c| {
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.ports[0] = svc.ports[0].clone().node_port(30150);
+        c.put(&svc, vec![terminating(c, 0, 0)]);
+        converge_to(&c.client(), c.node_ip(1), 30150, Proto::Tcp, &["node-0-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_externaltrafficpolicy_local() {
+    both("fallback-etp-local", |c| {
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.external_local = true;
+        svc.ports[0] = svc.ports[0].clone().node_port(30160);
+        c.put(&svc, vec![terminating(c, 0, 0), c.ep(1, 0)]);
+        converge_to(&c.client(), c.node_ip(0), 30160, Proto::Tcp, &["node-0-pod-0"]);
+        converge_to(&c.client(), c.node_ip(1), 30160, Proto::Tcp, &["node-1-pod-0"]);
+    });
+}
+
+#[test]
+fn upstream_should_release_nodeports_on_delete() {
+    both("release", |c| {
+        let client = c.client();
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.ports[0] = svc.ports[0].clone().node_port(30170);
+        c.put(&svc, vec![c.ep(0, 0)]);
+        converge_to(&client, c.node_ip(0), 30170, Proto::Tcp, &["node-0-pod-0"]);
+        c.dir.remove("web.yaml").unwrap();
+        converge_dead(&client, c.node_ip(0), 30170, Proto::Tcp);
+        // The port can be used by another service at once.
+        let mut other = web(VIP2);
+        other.name = "other".into();
+        other.svc_type = SvcType::NodePort;
+        other.ports[0] = other.ports[0].clone().node_port(30170);
+        c.put(&other, vec![c.ep(1, 2)]);
+        converge_to(&client, c.node_ip(0), 30170, Proto::Tcp, &["node-1-pod-2"]);
+    });
+}
