@@ -1,1 +1,6 @@
+//! kproxy's test support: the lab (a virtual cluster in network namespaces), the
+//! `kproxy-netexec` test server and the clients that talk to it.
 
+pub mod client;
+pub mod lab;
+pub mod netexec;

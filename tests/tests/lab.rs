@@ -1,0 +1,251 @@
+//! Lab tests (root required): the virtual cluster carries pod↔pod and client↔node traffic in both
+//! wirings, pods come and go, and nothing is left behind — also after a panic. No kproxy agent
+//! is involved: this is the plain network the datapath tests build on.
+
+use std::{
+    net::Ipv4Addr,
+    panic::{AssertUnwindSafe, catch_unwind},
+    path::Path,
+    time::Duration,
+};
+
+use kproxy_tests::{
+    client::{
+        DnsAnswer, DnsTransport, DnsType, RequestError, TcpSession, dns_query, tcp_request,
+        udp_request,
+    },
+    lab::{
+        self, CLIENT_IP, DNS_NAME, DNS_PORT, Lab, LabSpec, Pod, SERVER_PORT, Wiring, exec,
+        lab_namespaces, list_netns,
+    },
+};
+
+const T: Duration = Duration::from_secs(5);
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "lab tests need root (network namespaces)");
+}
+
+/// `from` reaches `to`'s netexec over TCP and UDP; the answer names `to` and shows `from`'s
+/// own address (no NAT on the plain network).
+fn assert_reaches(from: &Pod, to: &Pod) {
+    let r = tcp_request(&from.ns, to.ip, SERVER_PORT, T)
+        .unwrap_or_else(|e| panic!("tcp {} -> {}: {e}", from.name, to.name));
+    assert_eq!(r.server_pod, to.name);
+    assert_eq!(*r.client_addr.ip(), from.ip, "tcp {} -> {}", from.name, to.name);
+    let r = udp_request(&from.ns, to.ip, SERVER_PORT, T)
+        .unwrap_or_else(|e| panic!("udp {} -> {}: {e}", from.name, to.name));
+    assert_eq!(r.server_pod, to.name);
+    assert_eq!(*r.client_addr.ip(), from.ip, "udp {} -> {}", from.name, to.name);
+}
+
+fn assert_gone(prefix: &str) {
+    let left = lab_namespaces(prefix).unwrap();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    assert!(!lab::pin_root(prefix).exists(), "pin dir left behind");
+    assert!(!lab::log_root(prefix).exists(), "log dir left behind");
+}
+
+fn pod_to_pod(wiring: Wiring) {
+    require_root();
+    let mut lab = Lab::up(LabSpec::with_wiring(wiring)).expect("lab up");
+    lab.start_servers().expect("servers");
+    let a = lab.pod(0, 0).unwrap().clone();
+    assert_reaches(&a, lab.pod(0, 1).unwrap()); // same node
+    assert_reaches(&a, lab.pod(1, 2).unwrap()); // cross node
+    assert_reaches(lab.pod(1, 0).unwrap(), &a); // and back
+    // A port nobody listens on is refused (RST), not timed out.
+    let e = tcp_request(&a.ns, lab.pod(1, 1).unwrap().ip, 9, T).unwrap_err();
+    assert!(e.is_refused(), "{e:?}");
+    let e = udp_request(&a.ns, lab.pod(1, 1).unwrap().ip, 9, T).unwrap_err();
+    assert!(e.is_refused(), "{e:?}");
+    // A persistent connection keeps answering from the same pod.
+    let b = lab.pod(1, 1).unwrap();
+    let (mut s, first) = TcpSession::connect(&a.ns, b.ip, SERVER_PORT, T).unwrap();
+    assert_eq!(first.server_pod, b.name);
+    assert_eq!(s.request().unwrap(), first);
+    // Every pod's DNS server answers with its own records, over UDP and TCP.
+    for (transport, qtype, want) in [
+        (DnsTransport::Udp, DnsType::Txt, DnsAnswer::Txt(b.name.clone())),
+        (DnsTransport::Tcp, DnsType::A, DnsAnswer::A(b.ip)),
+    ] {
+        let got = dns_query(&a.ns, b.ip, DNS_PORT, DNS_NAME, qtype, transport, T).unwrap();
+        assert_eq!(got, vec![want]);
+    }
+    let prefix = lab.prefix().to_owned();
+    lab.down().expect("down");
+    assert_gone(&prefix);
+}
+
+#[test]
+fn routed_pod_to_pod() {
+    pod_to_pod(Wiring::Routed);
+}
+
+#[test]
+fn bridged_pod_to_pod() {
+    pod_to_pod(Wiring::Bridged);
+}
+
+fn underlay(wiring: Wiring) {
+    require_root();
+    let lab = Lab::up(LabSpec { wiring, nodes: 3, pods_per_node: 1, ..LabSpec::default() })
+        .expect("lab up");
+    let netexec = lab::find_bin("kproxy-netexec").unwrap();
+    let netexec = netexec.to_str().unwrap();
+    let mut guards = Vec::new();
+    for n in lab.nodes() {
+        let argv = [netexec, "--name", &n.name, "--tcp", "8080", "--udp", "8080"];
+        guards.push(lab.spawn(&n.ns, &format!("{}-netexec", n.name), &argv).unwrap());
+    }
+    let mut ready = false;
+    for _ in 0..100 {
+        if tcp_request(&lab.client_ns(), lab.node(2).ip, 8080, T).is_ok() {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ready, "node netexec did not start: {}", guards[2].log_text());
+    for n in lab.nodes() {
+        let r = tcp_request(&lab.client_ns(), n.ip, 8080, T).unwrap();
+        assert_eq!((r.server_pod.as_str(), *r.client_addr.ip()), (n.name.as_str(), CLIENT_IP));
+        let r = udp_request(&lab.client_ns(), n.ip, 8080, T).unwrap();
+        assert_eq!((r.server_pod.as_str(), *r.client_addr.ip()), (n.name.as_str(), CLIENT_IP));
+    }
+    // Node to node, and pod to a remote node.
+    let r = tcp_request(&lab.node(0).ns, lab.node(1).ip, 8080, T).unwrap();
+    assert_eq!((r.server_pod.as_str(), *r.client_addr.ip()), ("node-1", lab.node(0).ip));
+    let p = lab.pod(0, 0).unwrap();
+    let r = tcp_request(&p.ns, lab.node(1).ip, 8080, T).unwrap();
+    assert_eq!((r.server_pod.as_str(), *r.client_addr.ip()), ("node-1", p.ip));
+    // The client has no route to pods (only to the external range via node 0).
+    let e = tcp_request(&lab.client_ns(), p.ip, SERVER_PORT, T).unwrap_err();
+    assert!(matches!(e, RequestError::NetUnreachable), "{e:?}");
+    // The client routes 198.18.200.0/24 to node 0: prove it with an address added there.
+    exec(&lab.node(0).ns, &["ip", "addr", "add", "198.18.200.7/32", "dev", "lo"]).unwrap();
+    let r = tcp_request(&lab.client_ns(), Ipv4Addr::new(198, 18, 200, 7), 8080, T).unwrap();
+    assert_eq!(r.server_pod, "node-0");
+}
+
+#[test]
+fn routed_underlay() {
+    underlay(Wiring::Routed);
+}
+
+#[test]
+fn bridged_underlay() {
+    underlay(Wiring::Bridged);
+}
+
+/// Refused, unreachable and timed-out requests are told apart.
+#[test]
+fn client_errors_are_classified() {
+    require_root();
+    let lab = Lab::up(LabSpec { nodes: 1, pods_per_node: 0, ..LabSpec::default() }).unwrap();
+    let n0 = &lab.node(0).ns;
+    exec(n0, &["ip", "route", "add", "unreachable", "198.18.200.250/32"]).unwrap();
+    exec(n0, &["ip", "route", "add", "blackhole", "198.18.200.251/32"]).unwrap();
+    let client = lab.client_ns();
+    let e = tcp_request(&client, Ipv4Addr::new(198, 18, 200, 250), 80, T).unwrap_err();
+    assert!(matches!(e, RequestError::HostUnreachable), "{e:?}");
+    let e = udp_request(&client, Ipv4Addr::new(198, 18, 200, 250), 80, T).unwrap_err();
+    assert!(matches!(e, RequestError::HostUnreachable), "{e:?}");
+    let short = Duration::from_millis(300);
+    let e = tcp_request(&client, Ipv4Addr::new(198, 18, 200, 251), 80, short).unwrap_err();
+    assert!(
+        matches!(e, RequestError::Timeout { stage: kproxy_tests::client::Stage::Connect, .. }),
+        "{e:?}"
+    );
+    let e = udp_request(&client, Ipv4Addr::new(198, 18, 200, 251), 80, short).unwrap_err();
+    assert!(e.is_timeout(), "{e:?}");
+    // Node 0 itself, nothing listening on the port: RST.
+    let e = tcp_request(&client, lab.node(0).ip, 81, T).unwrap_err();
+    assert!(e.is_refused(), "{e:?}");
+}
+
+fn add_remove(wiring: Wiring) {
+    require_root();
+    let mut lab = Lab::up(LabSpec { wiring, nodes: 2, pods_per_node: 1, ..LabSpec::default() })
+        .expect("lab up");
+    lab.start_servers().unwrap();
+    let new = lab.add_pod(1).unwrap();
+    assert_eq!((new.name.as_str(), new.ip), ("node-1-pod-1", lab::pod_ip(1, 1)));
+    lab.start_pod_servers(&new).unwrap();
+    let a = lab.pod(0, 0).unwrap().clone();
+    assert_reaches(&a, &new);
+    assert_reaches(&new, &a);
+    lab.remove_pod(&new).unwrap();
+    assert!(!lab::netns_exists(&new.ns));
+    assert!(lab.pod(1, 1).is_none());
+    let e = tcp_request(&a.ns, new.ip, SERVER_PORT, Duration::from_millis(500)).unwrap_err();
+    assert!(!matches!(e, RequestError::BadReply(_)), "{e:?}");
+    let link = exec(&lab.node(1).ns, &["ip", "-br", "link"]).unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("vp1"), "host veth left");
+    // Indexes are not reused; the remaining pod still works.
+    let again = lab.add_pod(1).unwrap();
+    assert_eq!(again.name, "node-1-pod-2");
+    lab.start_pod_servers(&again).unwrap();
+    assert_reaches(&a, &again);
+    assert_reaches(&a, &lab.pod(1, 0).unwrap().clone());
+}
+
+#[test]
+fn routed_add_remove_pod() {
+    add_remove(Wiring::Routed);
+}
+
+#[test]
+fn bridged_add_remove_pod() {
+    add_remove(Wiring::Bridged);
+}
+
+#[test]
+fn drop_removes_everything_also_on_panic() {
+    require_root();
+    // Plain drop, with servers running and a pin dir in use.
+    let mut lab = Lab::up(LabSpec { nodes: 2, pods_per_node: 1, ..LabSpec::default() }).unwrap();
+    lab.start_servers().unwrap();
+    let prefix = lab.prefix().to_owned();
+    assert_eq!(lab_namespaces(&prefix).unwrap().len(), 2 + 2 + 2);
+    if Path::new(lab::BPFFS).exists() && lab::is_bpffs(Path::new(lab::BPFFS)) {
+        assert!(lab.pin_path(1).is_dir());
+        std::fs::create_dir_all(lab.pin_path(1).join("v1")).unwrap();
+    }
+    drop(lab);
+    assert_gone(&prefix);
+
+    // A panic while the lab is alive.
+    let mut seen = String::new();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let mut lab = Lab::up(LabSpec::with_wiring(Wiring::Bridged)).unwrap();
+        lab.start_servers().unwrap();
+        seen = lab.prefix().to_owned();
+        panic!("test failure inside a lab");
+    }));
+    assert!(result.is_err());
+    assert!(!seen.is_empty());
+    // Logs are kept on panic for debugging; remove them here.
+    let _ = std::fs::remove_dir_all(lab::log_root(&seen));
+    assert_gone(&seen);
+}
+
+#[test]
+fn sweep_removes_only_its_prefix() {
+    require_root();
+    let keep = Lab::up(LabSpec { nodes: 1, pods_per_node: 1, ..LabSpec::default() }).unwrap();
+    let gone = Lab::up(LabSpec { nodes: 1, pods_per_node: 2, ..LabSpec::default() }).unwrap();
+    let gone_prefix = gone.persist();
+    assert_eq!(lab_namespaces(&gone_prefix).unwrap().len(), 2 + 1 + 2);
+    let removed = lab::sweep(&gone_prefix).unwrap();
+    assert_eq!(removed.iter().filter(|r| r.starts_with("netns")).count(), 5, "{removed:?}");
+    let _ = std::fs::remove_dir_all(lab::log_root(&gone_prefix));
+    assert_gone(&gone_prefix);
+    for ns in keep.namespaces() {
+        assert!(list_netns().unwrap().contains(ns), "{ns} was swept");
+    }
+    // The other lab still works.
+    let r = tcp_request(&keep.client_ns(), keep.node(0).ip, 1, T).unwrap_err();
+    assert!(r.is_refused(), "{r:?}");
+}
