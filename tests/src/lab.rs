@@ -298,7 +298,7 @@ pub fn log_root(prefix: &str) -> PathBuf {
 }
 
 /// Removes everything the lab with `prefix` left: kills processes inside its namespaces,
-/// deletes the namespaces (pods first) and its pin directory. Returns what was removed. Touches
+/// deletes the namespaces (pods first), its pin directory and its log directory. Returns what was removed. Touches
 /// nothing whose name does not start with the prefix.
 pub fn sweep(prefix: &str) -> Result<Vec<String>> {
     let mut names = lab_namespaces(prefix)?;
@@ -319,13 +319,21 @@ pub fn sweep(prefix: &str) -> Result<Vec<String>> {
             Err(e) => errors.push(format!("removing {}: {e}", pins.display())),
         }
     }
+    let logs = log_root(prefix);
+    if logs.exists() {
+        match std::fs::remove_dir_all(&logs) {
+            Ok(()) => removed.push(format!("logs {}", logs.display())),
+            Err(e) => errors.push(format!("removing {}: {e}", logs.display())),
+        }
+    }
     if !errors.is_empty() {
         bail!("sweep of lab {prefix} incomplete: {}", errors.join("; "));
     }
     Ok(removed)
 }
 
-/// Sweeps labs with automatic prefixes (`kpl<pid>x<n>`) whose creating process is gone.
+/// Sweeps labs with automatic prefixes (`kpl<pid>x<n>`) whose creating process is gone
+/// (namespaces, pin directories and log directories).
 pub fn sweep_orphans() -> Result<Vec<String>> {
     let mut prefixes = std::collections::BTreeSet::new();
     let auto_prefix = |name: &str| -> Option<(String, u32)> {
@@ -351,6 +359,18 @@ pub fn sweep_orphans() -> Result<Vec<String>> {
         for e in dir.flatten() {
             let name = e.file_name();
             if let Some(name) = name.to_str()
+                && let Some((prefix, pid)) = auto_prefix(name)
+                && name == prefix
+                && dead(pid)
+            {
+                prefixes.insert(prefix);
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in dir.flatten() {
+            let name = e.file_name();
+            if let Some(name) = name.to_str().and_then(|n| n.strip_suffix("-logs"))
                 && let Some((prefix, pid)) = auto_prefix(name)
                 && name == prefix
                 && dead(pid)
