@@ -213,6 +213,8 @@ pub struct AgentOpts {
     pub manifests_dir: PathBuf,
     /// Further arguments appended to the command line.
     pub extra_args: Vec<String>,
+    /// The kproxy binary to run; `None` means [`find_bin`]`("kproxy")` (`target/<profile>/kproxy`).
+    pub binary: Option<PathBuf>,
 }
 
 /// A running agent; dropping it stops the agent (SIGTERM, then SIGKILL after 3 s).
@@ -234,6 +236,11 @@ impl Agent {
     /// The agent's log so far.
     pub fn log_text(&self) -> String {
         self.proc.log_text()
+    }
+
+    /// Process id of the agent.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid().expect("agent guards own their process")
     }
 
     /// The process guard.
@@ -714,7 +721,9 @@ impl Lab {
     }
 
     /// Starts `argv` in namespace `ns`, logging to `<log dir>/<label>.log`. The guard is the
-    /// caller's (it kills the process on drop).
+    /// caller's (it kills the process on drop). Unless [`Lab::set_outlive_parent`] was called,
+    /// the process is also killed when the calling thread exits: spawn from the thread that
+    /// owns the lab, not from a short-lived helper thread.
     pub fn spawn(&self, ns: &str, label: &str, argv: &[&str]) -> Result<Proc> {
         let log = self.log_dir.join(format!("{label}.log"));
         spawn_with(ns, argv, &SpawnOpts { log: Some(log), outlive_parent: self.outlive_parent })
@@ -780,7 +789,10 @@ impl Lab {
             is_bpffs(Path::new(BPFFS)),
             "{BPFFS} is not a bpffs: mount it (mount -t bpf bpf {BPFFS}) or run xtask/setup.sh"
         );
-        let kproxy = find_bin("kproxy")?;
+        let kproxy = match &opts.binary {
+            Some(b) => b.clone(),
+            None => find_bin("kproxy")?,
+        };
         let n = &self.nodes[node];
         std::fs::create_dir_all(&n.pin_path)
             .with_context(|| format!("creating {}", n.pin_path.display()))?;

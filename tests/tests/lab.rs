@@ -249,3 +249,47 @@ fn sweep_removes_only_its_prefix() {
     let r = tcp_request(&keep.client_ns(), keep.node(0).ip, 1, T).unwrap_err();
     assert!(r.is_refused(), "{r:?}");
 }
+
+/// The agent launcher runs the given binary in the node's namespace with the agreed flags and
+/// stops it when the guard goes. A stand-in script plays the agent (the agent is tested
+/// elsewhere).
+#[test]
+fn agent_launcher_runs_in_node_namespace() {
+    require_root();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let lab = Lab::up(LabSpec { nodes: 2, pods_per_node: 0, ..LabSpec::default() }).unwrap();
+    let fake = lab.log_dir().join("fake-kproxy");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"args: $*\"\necho \"netns: $(stat -L -c %i /proc/self/ns/net)\"\n\
+         exec sleep 60\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opts = lab::AgentOpts {
+        manifests_dir: "/tmp/manifests-x".into(),
+        extra_args: vec!["--log-level".into(), "debug".into()],
+        binary: Some(fake),
+    };
+    let agent = lab.spawn_agent(1, &opts).unwrap();
+    let pid = agent.pid();
+    let mut log = String::new();
+    for _ in 0..250 {
+        log = agent.log_text();
+        if log.contains("netns:") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pin = lab.pin_path(1).display().to_string();
+    let want = format!(
+        "args: agent --node-name node-1 --manifests /tmp/manifests-x --nodeport-devices eth0 \
+         --pod-devices vp* --pin-path {pin} --log-level debug\n"
+    );
+    assert!(log.starts_with(&want), "{log}");
+    let ino = std::fs::metadata(lab::netns_path(&lab.node(1).ns)).unwrap().ino();
+    assert!(log.contains(&format!("netns: {ino}\n")), "{log} (want {ino})");
+    assert!(lab.pin_path(1).is_dir());
+    drop(agent);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "agent {pid} still running");
+}
