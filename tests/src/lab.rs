@@ -29,10 +29,11 @@
 //!   only a partial (pseudo-header) checksum and `CHECKSUM_PARTIAL` metadata that XDP cannot see;
 //!   a program that rewrites ports and then redirects or XDP_TXes the frame would emit a packet
 //!   with a wrong checksum. With it off, every packet carries a full checksum, as on a real wire.
-//! - GRO is on for the underlay bridge ports and the pods' `eth0`: a veth only accepts frames
-//!   sent by XDP_TX / XDP_REDIRECT from its peer when it runs NAPI, which GRO (or an XDP program)
-//!   turns on. The kernel segments GRO'd packets again before they reach a veth that has a
-//!   non-frags XDP program, so XDP still sees MTU-sized frames.
+//! - An `XDP_PASS` program is attached to the underlay ports facing the nodes (`n{i}`) and to
+//!   the pods' `eth0`: a veth processes frames its peer sends with XDP_TX / XDP_REDIRECT only
+//!   if it has an XDP program itself (see [`xdp`]). So the datapath's XDP_TX out of a node's
+//!   `eth0` reaches the underlay, and an XDP_REDIRECT into a pod's host veth reaches the pod.
+//!   The links are pinned under `/sys/fs/bpf/<prefix>/lab/` (so a persisted lab keeps them).
 //! - IPv6 is disabled in lab namespaces (no router solicitations or DAD noise in the counters).
 //! - Nodes: ip_forward=1, rp_filter=0, send_redirects=0 (the datapath may forward a frame back
 //!   out the device it came in on), default route via the client (198.18.0.2), which plays the
@@ -40,11 +41,13 @@
 //!   default route is also what lets proxy ARP answer for 169.254.1.1 (Calico requires one).
 
 mod ns;
+pub mod xdp;
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     thread,
@@ -435,6 +438,9 @@ pub struct Lab {
     procs: Vec<Proc>,
     log_dir: PathBuf,
     pins_created: bool,
+    /// The lab's `XDP_PASS` program and its links, keyed by (namespace, device).
+    xdp_pass: Option<OwnedFd>,
+    xdp_links: BTreeMap<(String, String), OwnedFd>,
     persistent: bool,
     outlive_parent: bool,
     torn_down: bool,
@@ -483,6 +489,8 @@ impl Lab {
             procs: Vec::new(),
             log_dir,
             pins_created: false,
+            xdp_pass: None,
+            xdp_links: BTreeMap::new(),
             persistent: false,
             outlive_parent: false,
             torn_down: false,
@@ -516,16 +524,44 @@ impl Lab {
         Ok(ns)
     }
 
-    /// `ethtool -K dev tx off [gro on]` inside `ns` (see the module doc for why).
-    fn offloads(ns: &str, dev: &str, gro: bool) -> Result<()> {
-        let mut argv = vec!["ethtool", "-K", dev, "tx", "off"];
-        if gro {
-            argv.extend(["gro", "on"]);
+    /// `ethtool -K dev tx off` inside `ns` (see the module doc for why).
+    fn offloads(ns: &str, dev: &str) -> Result<()> {
+        exec(ns, &["ethtool", "-K", dev, "tx", "off"])
+            .map(drop)
+            .with_context(|| format!("turning TX checksum offload off on {dev} in {ns}"))
+    }
+
+    /// Attaches the lab's `XDP_PASS` program to `dev` in `ns` (see the module doc for why),
+    /// pinning the link under `/sys/fs/bpf/<prefix>/lab/` when bpffs is mounted.
+    fn attach_xdp_pass(&mut self, ns: &str, dev: &str) -> Result<()> {
+        if self.xdp_pass.is_none() {
+            self.xdp_pass = Some(xdp::load_xdp(&xdp::XDP_PASS_PROGRAM)?);
         }
-        exec(ns, &argv).map(drop).with_context(|| format!("setting offloads of {dev} in {ns}"))
+        let prog = self.xdp_pass.as_ref().expect("loaded above");
+        let link = in_netns(ns, || xdp::attach_xdp(prog, dev))??;
+        if self.pins_created {
+            let dir = pin_root(&self.prefix).join("lab");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            xdp::pin(&link, &dir.join(format!("xdp-{ns}-{dev}")))?;
+        }
+        self.xdp_links.insert((ns.to_owned(), dev.to_owned()), link);
+        Ok(())
+    }
+
+    fn detach_xdp_pass(&mut self, ns: &str, dev: &str) {
+        self.xdp_links.remove(&(ns.to_owned(), dev.to_owned()));
+        let _ = std::fs::remove_file(
+            pin_root(&self.prefix).join("lab").join(format!("xdp-{ns}-{dev}")),
+        );
     }
 
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
+        if is_bpffs(Path::new(BPFFS)) {
+            let root = pin_root(&self.prefix);
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating {}", root.display()))?;
+            self.pins_created = true;
+        }
         let underlay = self.new_ns("underlay", false)?;
         ip(Some(&underlay), &["link", "add", "br0", "type", "bridge"])?;
         ip(Some(&underlay), &["link", "set", "br0", "up"])?;
@@ -567,8 +603,10 @@ impl Lab {
             for node in &self.nodes {
                 std::fs::create_dir_all(&node.pin_path)
                     .with_context(|| format!("creating {}", node.pin_path.display()))?;
-                self.pins_created = true;
             }
+        }
+        for i in 0..spec.nodes {
+            self.attach_xdp_pass(&self.underlay_ns(), &format!("n{i}"))?;
         }
         for i in 0..spec.nodes {
             for _ in 0..spec.pods_per_node {
@@ -587,11 +625,11 @@ impl Lab {
             &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns],
         )?;
         ip(Some(&underlay), &["link", "set", port, "master", "br0", "up"])?;
-        Self::offloads(&underlay, port, true)?;
+        Self::offloads(&underlay, port)?;
         let cidr = format!("{addr}/{UNDERLAY_PREFIX_LEN}");
         ip(Some(ns), &["addr", "add", &cidr, "dev", "eth0"])?;
         ip(Some(ns), &["link", "set", "eth0", "up"])?;
-        Self::offloads(ns, "eth0", false)
+        Self::offloads(ns, "eth0")
     }
 
     /// Adds a pod to node `node` (the next unused index) and returns it.
@@ -613,8 +651,9 @@ impl Lab {
             Some(&node_ns),
             &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns],
         )?;
-        Self::offloads(&node_ns, &veth, false)?;
-        Self::offloads(&pod_ns, "eth0", true)?;
+        Self::offloads(&node_ns, &veth)?;
+        Self::offloads(&pod_ns, "eth0")?;
+        self.attach_xdp_pass(&pod_ns, "eth0")?;
         match self.wiring {
             Wiring::Routed => {
                 sysctls(
@@ -655,6 +694,7 @@ impl Lab {
             self.prefix
         );
         self.procs.retain(|p| p.ns() != pod.ns);
+        self.detach_xdp_pass(&pod.ns, "eth0");
         let node_ns = &self.nodes[pod.node].ns;
         if ip(Some(node_ns), &["link", "show", "dev", &pod.host_veth]).is_ok() {
             ip(Some(node_ns), &["link", "del", "dev", &pod.host_veth])?;
@@ -892,6 +932,8 @@ impl Lab {
         self.torn_down = true;
         let mut errors = Vec::new();
         self.procs.clear();
+        self.xdp_links.clear();
+        self.xdp_pass = None;
         // Reverse creation order: pods, nodes, client, underlay.
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = del_netns(&ns) {
