@@ -535,7 +535,7 @@ impl Lab {
     /// pinning the link under `/sys/fs/bpf/<prefix>/lab/` when bpffs is mounted.
     fn attach_xdp_pass(&mut self, ns: &str, dev: &str) -> Result<()> {
         if self.xdp_pass.is_none() {
-            self.xdp_pass = Some(xdp::load_xdp(&xdp::XDP_PASS_PROGRAM)?);
+            self.xdp_pass = Some(xdp::load_xdp(xdp::XDP_PASS_NAME, &xdp::XDP_PASS_PROGRAM)?);
         }
         let prog = self.xdp_pass.as_ref().expect("loaded above");
         let link = in_netns(ns, || xdp::attach_xdp(prog, dev))??;
@@ -962,6 +962,26 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for e in self.teardown() {
             eprintln!("lab {}: cleanup failed: {e}", self.prefix);
+        }
+    }
+}
+
+/// Calls `f` every `interval` until it succeeds or `timeout` has passed; returns the first
+/// success or the last error (with the time waited). For "eventually" checks, e.g. until an
+/// agent has programmed a service.
+pub fn eventually<T, E: std::fmt::Display>(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> std::result::Result<T, E>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() >= timeout => {
+                bail!("still failing after {:?}: {e}", start.elapsed())
+            }
+            Err(_) => thread::sleep(interval),
         }
     }
 }

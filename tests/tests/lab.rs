@@ -100,15 +100,10 @@ fn underlay(wiring: Wiring) {
         let argv = [netexec, "--name", &n.name, "--tcp", "8080", "--udp", "8080"];
         guards.push(lab.spawn(&n.ns, &format!("{}-netexec", n.name), &argv).unwrap());
     }
-    let mut ready = false;
-    for _ in 0..100 {
-        if tcp_request(&lab.client_ns(), lab.node(2).ip, 8080, T).is_ok() {
-            ready = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(ready, "node netexec did not start: {}", guards[2].log_text());
+    let ready = lab::eventually(T, Duration::from_millis(20), || {
+        tcp_request(&lab.client_ns(), lab.node(2).ip, 8080, T)
+    });
+    assert!(ready.is_ok(), "node netexec did not start: {ready:?} {}", guards[2].log_text());
     for n in lab.nodes() {
         let r = tcp_request(&lab.client_ns(), n.ip, 8080, T).unwrap();
         assert_eq!((r.server_pod.as_str(), *r.client_addr.ip()), (n.name.as_str(), CLIENT_IP));
@@ -352,7 +347,7 @@ const REFLECT_PORT: u16 = 9999;
 fn xdp_tx_from_node_reaches_client() {
     require_root();
     let lab = Lab::up(LabSpec { nodes: 2, pods_per_node: 0, ..LabSpec::default() }).unwrap();
-    let prog = xdp::load_xdp(&reflector()).expect("loading the reflector");
+    let prog = xdp::load_xdp("kpl_reflect", &reflector()).expect("loading the reflector");
     let node = lab.node(1).clone();
     let link = lab::in_netns(&node.ns, || xdp::attach_xdp(&prog, "eth0")).unwrap().unwrap();
     let reflected = lab::in_netns(&lab.client_ns(), || {

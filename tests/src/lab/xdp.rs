@@ -54,9 +54,21 @@ fn bpf(cmd: i64, attr: &mut [u64; 16]) -> io::Result<RawFd> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as RawFd) }
 }
 
-/// Loads `insns` as an XDP program (license GPL, expected attach type BPF_XDP). A verifier
-/// rejection is an error carrying the verifier log.
-pub fn load_xdp(insns: &[Insn]) -> io::Result<OwnedFd> {
+/// Name of the lab's `XDP_PASS` program as `bpftool prog` shows it.
+pub const XDP_PASS_NAME: &str = "kpl_xdp_pass";
+
+/// Loads `insns` as an XDP program named `name` (at most 15 characters: letters, digits, `_`,
+/// `.`; license GPL, expected attach type BPF_XDP). A verifier rejection is an error carrying
+/// the verifier log.
+pub fn load_xdp(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
+    if name.len() > 15 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad BPF program name {name:?}"),
+        ));
+    }
+    let mut prog_name = [0u8; 16];
+    prog_name[..name.len()].copy_from_slice(name.as_bytes());
     let license = c"GPL";
     let mut log = vec![0u8; 16 * 1024];
     let mut attr = [0u64; 16];
@@ -65,7 +77,10 @@ pub fn load_xdp(insns: &[Insn]) -> io::Result<OwnedFd> {
     attr[2] = license.as_ptr() as u64;
     attr[3] = 1 | ((log.len() as u64) << 32); // log_level, log_size
     attr[4] = log.as_mut_ptr() as u64;
-    attr[8] = BPF_XDP << 32; // expected_attach_type (byte offset 68)
+    // prog_name at byte offset 48, expected_attach_type at 68.
+    attr[6] = u64::from_ne_bytes(prog_name[..8].try_into().expect("8 bytes"));
+    attr[7] = u64::from_ne_bytes(prog_name[8..].try_into().expect("8 bytes"));
+    attr[8] = BPF_XDP << 32;
     match bpf(BPF_PROG_LOAD, &mut attr) {
         // SAFETY: a fresh fd returned by the kernel.
         Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
