@@ -13,7 +13,7 @@ setup:
 
 build: setup
 	@echo "[make] building kproxy (the first build compiles the eBPF object and all crates: a few minutes)"
-	$(CARGO) build --workspace --all-targets
+	$(CARGO) build --all-targets
 
 demo: build
 	$(CARGO) xtask demo $(if $(KEEP),--keep,)
@@ -23,11 +23,11 @@ demo-down: setup
 
 lint: setup
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets -- -D warnings
 
 # Host unit tests, BPF_PROG_TEST_RUN packet tests and namespace end-to-end tests (root).
 test: build lint
-	@set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; rc=$$?; \
+	@set -o pipefail; $(CARGO) test --no-fail-fast 2>&1 | tee target/test.log; rc=$$?; \
 	  bash xtask/summary.sh target/test.log; exit $$rc
 
 bench: build

@@ -16,7 +16,7 @@ fn main() {
             proto: Proto::Tcp,
             cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i + 1),
             port: 80,
-            node_port: (i % 2 == 0).then_some(30000 + (i % 2000) as u16),
+            node_port: (i % 2 == 0 && i < 5000).then_some(30000 + (i / 2) as u16),
             external_ips: vec![],
             lb_ips: vec![],
             external_local: i % 4 == 0,

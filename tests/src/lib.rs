@@ -1,6 +1,12 @@
-//! kproxy's test support: the lab (a virtual cluster in network namespaces), test servers,
-//! clients, and the kube-proxy-equivalent baselines of the benchmarks.
+//! kproxy's test support: the lab (a virtual cluster in network namespaces), the
+//! `kproxy-netexec` test server and the clients that talk to it, manifests for the lab, the
+//! Kubernetes API test server, the demo, and the kube-proxy-equivalent baselines of the
+//! benchmarks.
 
 pub mod apiserver;
 pub mod baseline;
+pub mod client;
+pub mod demo;
+pub mod lab;
 pub mod manifests;
+pub mod netexec;

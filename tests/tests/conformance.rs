@@ -11,8 +11,13 @@ use std::{
 };
 
 use kproxy_tests::{
-    client::{DnsAnswer, DnsTransport, DnsType, Reply, RequestError, TcpSession, dns_query, tcp_request, udp_request},
-    lab::{self, Agent, AgentOpts, CLIENT_IP, DNS_NAME, DNS_PORT, Lab, LabSpec, SERVER_PORT, Wiring},
+    client::{
+        DnsAnswer, DnsTransport, DnsType, Reply, RequestError, TcpSession, dns_query, tcp_request,
+        udp_request,
+    },
+    lab::{
+        self, Agent, AgentOpts, CLIENT_IP, DNS_NAME, DNS_PORT, Lab, LabSpec, SERVER_PORT, Wiring,
+    },
     manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
 };
 
@@ -49,7 +54,7 @@ impl Cluster {
     }
 
     fn start_agent(&self, node: usize) -> Agent {
-        let opts = AgentOpts { manifests_dir: self.dir.path().to_path_buf(), extra_args: vec![] };
+        let opts = AgentOpts { manifests_dir: self.dir.path().to_path_buf(), ..Default::default() };
         self.lab.spawn_agent(node, &opts).expect("agent starts")
     }
 
@@ -79,7 +84,11 @@ impl Cluster {
     }
 
     fn agent_logs(&self) -> String {
-        self.agents.iter().flatten().map(|a| format!("--- node {} ---\n{}", a.node, a.log_text())).collect()
+        self.agents
+            .iter()
+            .flatten()
+            .map(|a| format!("--- node {} ---\n{}", a.node, a.log_text()))
+            .collect()
     }
 }
 
@@ -154,7 +163,8 @@ fn converge_to(ns: &str, addr: Ipv4Addr, port: u16, proto: Proto, want: &[&str])
 /// Waits until requests get no answer at all (timeout or refusal).
 fn converge_dead(ns: &str, addr: Ipv4Addr, port: u16, proto: Proto) -> RequestError {
     eventually(&format!("{addr}:{port}/{proto:?} not answering"), || {
-        let errs: Vec<RequestError> = (0..3).filter_map(|_| request(ns, addr, port, proto).err()).collect();
+        let errs: Vec<RequestError> =
+            (0..3).filter_map(|_| request(ns, addr, port, proto).err()).collect();
         (errs.len() == 3).then(|| errs.into_iter().next().expect("three errors"))
     })
 }
@@ -193,7 +203,8 @@ fn upstream_should_serve_multiport_endpoints_from_pods() {
             dns_query(&client, VIP, 81, DNS_NAME, DnsType::Txt, DnsTransport::Tcp, T).ok()
         });
         assert!(
-            got == vec![DnsAnswer::Txt("node-0-pod-0".into())] || got == vec![DnsAnswer::Txt("node-1-pod-1".into())],
+            got == vec![DnsAnswer::Txt("node-0-pod-0".into())]
+                || got == vec![DnsAnswer::Txt("node-1-pod-1".into())],
             "{got:?}"
         );
     });
@@ -219,9 +230,12 @@ fn upstream_should_serve_endpoints_on_same_port_and_different_protocols() {
         let udp_only = Service::cluster_ip("dns", VIP, vec![Port::udp("dns-udp", 53, DNS_PORT)]);
         c.put(&udp_only, vec![c.ep(0, 1)]);
         eventually("tcp/53 gone", || {
-            dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Tcp, T).is_err().then_some(())
+            dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Tcp, T)
+                .is_err()
+                .then_some(())
         });
-        let got = dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Udp, T).expect("udp still served");
+        let got = dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Udp, T)
+            .expect("udp still served");
         assert_eq!(got, vec![DnsAnswer::A(c.pod_ip(0, 1))]);
     });
 }
@@ -252,39 +266,54 @@ fn upstream_should_create_a_functioning_nodeport_service() {
         svc.ports[0] = svc.ports[0].clone().node_port(30080);
         c.put(&svc, vec![c.ep(0, 0)]);
         // Local backend on node 0: the client's address is preserved.
-        let r = eventually("nodeport on node 0", || tcp_request(&client, c.node_ip(0), 30080, T).ok());
+        let r =
+            eventually("nodeport on node 0", || tcp_request(&client, c.node_ip(0), 30080, T).ok());
         assert_eq!(r.server_pod, "node-0-pod-0");
         assert_eq!(*r.client_addr.ip(), CLIENT_IP);
         // Remote backend through node 1 (externalTrafficPolicy Cluster): source NAT to node 1.
-        let r = eventually("nodeport on node 1", || tcp_request(&client, c.node_ip(1), 30080, T).ok());
+        let r =
+            eventually("nodeport on node 1", || tcp_request(&client, c.node_ip(1), 30080, T).ok());
         assert_eq!(r.server_pod, "node-0-pod-0");
         assert_eq!(*r.client_addr.ip(), c.node_ip(1), "remote backend sees the node's address");
         // Pods reach the NodePort too.
-        let r = eventually("nodeport from a pod", || tcp_request(&c.pod_ns(1, 2), c.node_ip(1), 30080, T).ok());
+        let r = eventually("nodeport from a pod", || {
+            tcp_request(&c.pod_ns(1, 2), c.node_ip(1), 30080, T).ok()
+        });
         assert_eq!(r.server_pod, "node-0-pod-0");
     });
 }
 
 #[test]
-fn upstream_should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols() {
+fn upstream_should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols()
+ {
     both("np-protocols", |c| {
         let client = c.client();
         let mut svc = Service::cluster_ip("web", VIP, vec![Port::tcp("tcp", 80, SERVER_PORT)]);
         c.put(&svc, vec![c.ep(0, 0), c.ep(1, 0)]);
         converge_to(&c.pod_ns(0, 1), VIP, 80, Proto::Tcp, &["node-0-pod-0", "node-1-pod-0"]);
         svc.svc_type = SvcType::NodePort;
-        svc.ports = vec![Port::tcp("tcp", 80, SERVER_PORT).node_port(30090), Port::udp("udp", 80, SERVER_PORT).node_port(30090)];
+        svc.ports = vec![
+            Port::tcp("tcp", 80, SERVER_PORT).node_port(30090),
+            Port::udp("udp", 80, SERVER_PORT).node_port(30090),
+        ];
         c.put(&svc, vec![c.ep(0, 0), c.ep(1, 0)]);
         for node in 0..2 {
             for proto in [Proto::Tcp, Proto::Udp] {
-                converge_to(&client, c.node_ip(node), 30090, proto, &["node-0-pod-0", "node-1-pod-0"]);
+                converge_to(
+                    &client,
+                    c.node_ip(node),
+                    30090,
+                    proto,
+                    &["node-0-pod-0", "node-1-pod-0"],
+                );
             }
         }
     });
 }
 
 #[test]
-fn upstream_should_be_able_to_change_the_type_from_externalname_to_clusterip_to_nodeport_and_back() {
+fn upstream_should_be_able_to_change_the_type_from_externalname_to_clusterip_to_nodeport_and_back()
+{
     both("types", |c| {
         let pod = c.pod_ns(1, 1);
         let mut svc = web(VIP);
@@ -323,9 +352,17 @@ fn upstream_should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() 
         for (i, j) in [(1, 1), (0, 2)] {
             let r = eventually("answer", || tcp_request(&c.pod_ns(i, j), VIP, 80, T).ok());
             assert_eq!(r.server_pod, "node-0-pod-0");
-            assert_eq!(*r.client_addr.ip(), c.pod_ip(i, j), "source address of pod ({i},{j}) preserved");
+            assert_eq!(
+                *r.client_addr.ip(),
+                c.pod_ip(i, j),
+                "source address of pod ({i},{j}) preserved"
+            );
             let r = eventually("udp answer", || udp_request(&c.pod_ns(i, j), VIP, 81, T).ok());
-            assert_eq!(*r.client_addr.ip(), c.pod_ip(i, j), "UDP source of pod ({i},{j}) preserved");
+            assert_eq!(
+                *r.client_addr.ip(),
+                c.pod_ip(i, j),
+                "UDP source of pod ({i},{j}) preserved"
+            );
         }
     });
 }
@@ -382,7 +419,8 @@ fn upstream_should_work_after_restarting_kube_proxy() {
         let svc = web(VIP);
         c.put(&svc, vec![c.ep(1, 0)]);
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
-        let (mut session, first) = TcpSession::connect(&pod, VIP, 80, T).expect("long-lived connection");
+        let (mut session, first) =
+            TcpSession::connect(&pod, VIP, 80, T).expect("long-lived connection");
         // Stop node 0's agent: the datapath keeps serving existing and new connections.
         let agent = c.agents[0].take().expect("agent 0");
         agent.stop(Duration::from_secs(5)).expect("agent stops on SIGTERM");
@@ -401,7 +439,8 @@ fn upstream_should_work_after_restarting_kube_proxy() {
 fn upstream_should_work_after_restarting_apiserver() {}
 
 #[test]
-fn upstream_should_be_possible_to_connect_to_a_service_via_externalip_when_the_external_ip_is_not_assigned_to_a_node() {
+fn upstream_should_be_possible_to_connect_to_a_service_via_externalip_when_the_external_ip_is_not_assigned_to_a_node()
+ {
     both("externalip", |c| {
         let mut svc = web(VIP);
         svc.external_ips = vec![EXTERNAL_IP];
@@ -464,7 +503,9 @@ fn upstream_should_be_able_to_switch_session_affinity_for_service_with_type_clus
         let pod = c.pod_ns(0, 1);
         let mut svc = web(VIP);
         c.put(&svc, all_endpoints(c));
-        eventually("spread without affinity", || (sticky(&pod, VIP, 80, 30).len() > 1).then_some(()));
+        eventually("spread without affinity", || {
+            (sticky(&pod, VIP, 80, 30).len() > 1).then_some(())
+        });
         svc.affinity_timeout = Some(10800);
         c.put(&svc, all_endpoints(c));
         eventually("sticky with affinity", || (sticky(&pod, VIP, 80, 20).len() == 1).then_some(()));
@@ -482,7 +523,11 @@ fn upstream_should_have_session_affinity_timeout_work_for_service_with_type_clus
         svc.affinity_timeout = Some(2);
         c.put(&svc, all_endpoints(c));
         let first = eventually("served", || tcp_request(&pod, VIP, 80, T).ok()).server_pod;
-        assert_eq!(sticky(&pod, VIP, 80, 10), BTreeSet::from([first.clone()]), "sticky within the timeout");
+        assert_eq!(
+            sticky(&pod, VIP, 80, 10),
+            BTreeSet::from([first.clone()]),
+            "sticky within the timeout"
+        );
         // After the timeout, the client is balanced anew: with 6 backends a different one shows
         // up within a few rounds (chance of a false failure: 6^-8).
         let mut changed = false;
@@ -504,9 +549,13 @@ fn upstream_should_be_rejected_when_no_endpoints_exist() {
         let mut svc = web(VIP);
         svc.ports.push(Port::udp("udp", 80, SERVER_PORT));
         c.put(&svc, vec![]);
-        let e = eventually("tcp refused", || tcp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused));
+        let e = eventually("tcp refused", || {
+            tcp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused)
+        });
         assert!(e.is_refused());
-        let e = eventually("udp refused", || udp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused));
+        let e = eventually("udp refused", || {
+            udp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused)
+        });
         assert!(e.is_refused(), "UDP gets an ICMP port unreachable, not a timeout");
         // From outside through a NodePort too.
         svc.svc_type = SvcType::NodePort;
@@ -534,7 +583,9 @@ fn upstream_should_create_endpoints_for_unready_pods() {
         // Without it, an unready (not serving) endpoint is not used: the service has no backend.
         svc.publish_not_ready = false;
         c.put(&svc, vec![c.ep(1, 2).not_ready()]);
-        eventually("unready endpoint unused", || tcp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused));
+        eventually("unready endpoint unused", || {
+            tcp_request(&pod, VIP, 80, T).err().filter(RequestError::is_refused)
+        });
     });
 }
 
@@ -549,7 +600,10 @@ fn upstream_should_implement_service_kubernetes_io_service_proxy_name() {
         c.put(&plain, vec![c.ep(0, 0)]);
         c.put(&svc, vec![c.ep(0, 0)]);
         converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-0-pod-0"]);
-        assert!(tcp_request(&pod, VIP, 80, T).is_err(), "a service for another proxy is not served");
+        assert!(
+            tcp_request(&pod, VIP, 80, T).is_err(),
+            "a service for another proxy is not served"
+        );
         svc.labels.clear();
         c.put(&svc, vec![c.ep(0, 0)]);
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
@@ -567,7 +621,10 @@ fn upstream_should_implement_service_kubernetes_io_headless() {
         c.put(&plain, vec![c.ep(0, 0)]);
         c.put(&svc, vec![c.ep(0, 0)]);
         converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-0-pod-0"]);
-        assert!(tcp_request(&pod, VIP, 80, T).is_err(), "a headless-labelled service is not served");
+        assert!(
+            tcp_request(&pod, VIP, 80, T).is_err(),
+            "a headless-labelled service is not served"
+        );
         svc.labels.clear();
         c.put(&svc, vec![c.ep(0, 0)]);
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
@@ -605,7 +662,13 @@ fn upstream_should_work_for_type_nodeport_with_externaltrafficpolicy_local() {
         let e = converge_dead(&client, c.node_ip(1), 30140, Proto::Tcp);
         assert!(e.is_timeout(), "{e:?}");
         // Pods on node 1 still reach the service through the NodePort (cluster-wide endpoints).
-        converge_to(&c.pod_ns(1, 1), c.node_ip(1), 30140, Proto::Tcp, &["node-0-pod-0", "node-0-pod-1"]);
+        converge_to(
+            &c.pod_ns(1, 1),
+            c.node_ip(1),
+            30140,
+            Proto::Tcp,
+            &["node-0-pod-0", "node-0-pod-1"],
+        );
     });
 }
 
@@ -618,7 +681,8 @@ fn terminating(c: &Cluster, i: usize, j: usize) -> Endpoint {
 }
 
 #[test]
-fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internaltrafficpolicy_cluster() {
+fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internaltrafficpolicy_cluster()
+ {
     both("fallback-itp-cluster", |c| {
         let svc = web(VIP);
         c.put(&svc, vec![terminating(c, 0, 0), terminating(c, 1, 0)]);
@@ -630,7 +694,8 @@ fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_end
 }
 
 #[test]
-fn upstream_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internaltrafficpolicy_local() {
+fn upstream_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internaltrafficpolicy_local()
+ {
     both("fallback-itp-local", |c| {
         let mut svc = web(VIP);
         svc.internal_local = true;
@@ -640,7 +705,8 @@ fn upstream_should_fallback_to_local_terminating_endpoints_when_there_are_no_rea
 }
 
 #[test]
-fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_externaltrafficpolicy_cluster() {
+fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_externaltrafficpolicy_cluster()
+ {
     both("fallback-etp-cluster", |c| {
         let mut svc = web(VIP);
         svc.svc_type = SvcType::NodePort;
@@ -651,7 +717,8 @@ fn upstream_should_fallback_to_terminating_endpoints_when_there_are_no_ready_end
 }
 
 #[test]
-fn upstream_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_externaltrafficpolicy_local() {
+fn upstream_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_externaltrafficpolicy_local()
+ {
     both("fallback-etp-local", |c| {
         let mut svc = web(VIP);
         svc.svc_type = SvcType::NodePort;

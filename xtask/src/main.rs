@@ -1,1 +1,186 @@
-fn main() {}
+//! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
+//! `cargo xtask lab up|down|status|sweep`.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+use kproxy_tests::lab::{self, Lab, LabSpec, Wiring};
+
+/// Prefix of the lab `cargo xtask lab` manages when none is given.
+const DEFAULT_PREFIX: &str = "kplab";
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "kproxy build and lab automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the whole workspace (the agent's build script builds the eBPF object).
+    Build {
+        /// Release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// The demo: a 2-node lab, one agent per node on `examples/`, traffic, and what happened.
+    Demo {
+        /// Keep the lab running afterwards (remove it with `cargo xtask demo-down`).
+        #[arg(long)]
+        keep: bool,
+        /// Manifest directory.
+        #[arg(long, default_value = "examples")]
+        manifests: PathBuf,
+    },
+    /// Remove the lab a `demo --keep` left running.
+    DemoDown,
+    /// Manage a long-lived lab (a virtual cluster in network namespaces).
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCmd {
+    /// Build a lab and leave it running; prints its map.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = 3)]
+        pods: usize,
+        /// Pod wiring: routed (Calico-like) or bridged (Flannel-like).
+        #[arg(long, default_value = "routed")]
+        wiring: Wiring,
+        /// Name prefix of the lab's namespaces and pins.
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+        /// Also start kproxy-netexec (8080 TCP/UDP) and dnsmasq (5353) in every pod.
+        #[arg(long)]
+        servers: bool,
+    },
+    /// Remove a lab: processes inside it, its namespaces and its pins.
+    Down {
+        /// Name prefix of the lab.
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Show a lab's namespaces, addresses and processes.
+    Status {
+        /// Name prefix of the lab.
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Remove labs left by test runs that died (automatic `kpl<pid>x<n>` prefixes whose
+    /// process is gone).
+    Sweep,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Build { release } => build(release),
+        Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
+        Cmd::DemoDown => kproxy_tests::demo::down(),
+        Cmd::Lab { cmd } => match cmd {
+            LabCmd::Up { nodes, pods, wiring, prefix, servers } => {
+                lab_up(nodes, pods, wiring, prefix, servers)
+            }
+            LabCmd::Down { prefix } => {
+                let removed = lab::sweep(&prefix)?;
+                let _ = std::fs::remove_dir_all(lab::log_root(&prefix));
+                if removed.is_empty() {
+                    println!("no lab with prefix {prefix}");
+                }
+                for r in removed {
+                    println!("removed {r}");
+                }
+                Ok(())
+            }
+            LabCmd::Status { prefix } => lab_status(&prefix),
+            LabCmd::Sweep => {
+                let removed = lab::sweep_orphans()?;
+                if removed.is_empty() {
+                    println!("nothing to sweep");
+                }
+                for r in removed {
+                    println!("removed {r}");
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
+}
+
+fn build(release: bool) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build")?;
+    ensure!(status.success(), "cargo build failed ({status})");
+    Ok(())
+}
+
+fn lab_up(nodes: usize, pods: usize, wiring: Wiring, prefix: String, servers: bool) -> Result<()> {
+    let spec = LabSpec { prefix: Some(prefix), nodes, pods_per_node: pods, wiring };
+    let mut lab = Lab::up(spec)?;
+    if servers {
+        lab.set_outlive_parent(true);
+        lab.start_servers().context("starting pod servers (build them: cargo xtask build)")?;
+    }
+    print!("{}", lab.describe());
+    if servers {
+        println!("servers: kproxy-netexec on TCP/UDP {}, dnsmasq on {}", lab::SERVER_PORT, {
+            lab::DNS_PORT
+        });
+    }
+    let prefix = lab.persist();
+    println!("remove it with: cargo xtask lab down --prefix {prefix}");
+    Ok(())
+}
+
+fn lab_status(prefix: &str) -> Result<()> {
+    let namespaces = lab::lab_namespaces(prefix)?;
+    if namespaces.is_empty() {
+        bail!("no lab with prefix {prefix} (cargo xtask lab up --prefix {prefix})");
+    }
+    println!("lab {prefix}: {} namespaces", namespaces.len());
+    for ns in &namespaces {
+        let out = lab::exec(ns, &["ip", "-br", "-4", "addr", "show"])?;
+        let addrs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("lo "))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        println!("  {ns:<28} {}", addrs.join(" | "));
+        for pid in processes_in(ns) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            println!("      pid {pid} {}", comm.trim());
+        }
+    }
+    let pins = lab::pin_root(prefix);
+    if pins.exists() {
+        println!("  pins under {}", pins.display());
+    }
+    println!("enter one: nsenter --net=/run/netns/<ns> bash");
+    Ok(())
+}
+
+/// Pids whose network namespace is `ns` (what `ip netns pids` prints).
+fn processes_in(ns: &str) -> Vec<u32> {
+    let out = Command::new("ip").args(["netns", "pids", ns]).output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+    })
+    .unwrap_or_default()
+}

@@ -1,0 +1,1008 @@
+//! The lab: a virtual kproxy cluster made of network namespaces on this machine.
+//!
+//! ```text
+//!  client ns (198.18.0.2) ── eth0 ─┐
+//!                                  │   underlay ns: bridge br0 (198.18.0.0/24, no address)
+//!  node-i ns (198.18.0.(10+i)) ─ eth0 ─┘
+//!      ├─ vp{j} ── eth0  pod ns node-i-pod-j (198.18.(100+i).(10+j))
+//!      └─ routes to the other nodes' pod CIDRs via their underlay address (host-gw)
+//! ```
+//!
+//! Addressing follows the shared design: pod CIDR of node i is 198.18.(100+i).0/24, ClusterIPs
+//! are in 198.19.0.0/16 (nothing routes them; only the datapath can make them work), external /
+//! LoadBalancer IPs are in 198.18.200.0/24 and the client routes them to node 0.
+//!
+//! Two pod wirings: [`Wiring::Routed`] (Calico-like: pod /32, default route via 169.254.1.1
+//! onlink, proxy ARP on the host veth, one /32 route per pod on the node) and
+//! [`Wiring::Bridged`] (Flannel-like: host veths enslaved to bridge `cni0` holding
+//! 198.18.(100+i).1/24, pods route via it).
+//!
+//! Every namespace name starts with the lab prefix followed by `-` (`kpl<pid>x<n>-node-0`, ...),
+//! so concurrent labs (parallel tests, several engineers) never collide and a sweep by prefix
+//! removes only that lab. All links live inside lab namespaces; nothing is created in the host
+//! namespace except the per-node pin directories `/sys/fs/bpf/<prefix>/node-<i>` and a log
+//! directory under the system temp dir. [`Lab`]'s `Drop` (which also runs while a panic unwinds)
+//! removes all of it; [`sweep`] removes what a killed run left.
+//!
+//! Device settings, and why:
+//! - TX checksum offload is off on every lab veth. With it on, locally generated packets carry
+//!   only a partial (pseudo-header) checksum and `CHECKSUM_PARTIAL` metadata that XDP cannot see;
+//!   a program that rewrites ports and then redirects or XDP_TXes the frame would emit a packet
+//!   with a wrong checksum. With it off, every packet carries a full checksum, as on a real wire.
+//! - An `XDP_PASS` program is attached to the underlay ports facing the nodes (`n{i}`) and to
+//!   the pods' `eth0`: a veth processes frames its peer sends with XDP_TX / XDP_REDIRECT only
+//!   if it has an XDP program itself (see [`xdp`]). So the datapath's XDP_TX out of a node's
+//!   `eth0` reaches the underlay, and an XDP_REDIRECT into a pod's host veth reaches the pod.
+//!   The links are pinned under `/sys/fs/bpf/<prefix>/lab/` (so a persisted lab keeps them).
+//! - IPv6 is disabled in lab namespaces (no router solicitations or DAD noise in the counters).
+//! - Nodes: ip_forward=1, rp_filter=0, send_redirects=0 (the datapath may forward a frame back
+//!   out the device it came in on), default route via the client (198.18.0.2), which plays the
+//!   router but does not forward: unknown destinations are dropped there, inside the lab. The
+//!   default route is also what lets proxy ARP answer for 169.254.1.1 (Calico requires one).
+
+mod ns;
+pub mod xdp;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+pub use self::ns::{
+    DEFAULT_EXEC_TIMEOUT, NETNS_DIR, Proc, SpawnOpts, exec, exec_timeout, in_netns,
+    kill_netns_processes, list_netns, netns_exists, netns_path, ns_command, run, run_ok, spawn,
+    spawn_with, sysctls,
+};
+use self::ns::{add_netns, del_netns, ip};
+
+/// The external client's underlay address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Prefix length of the underlay segment 198.18.0.0/24.
+pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// Start of the ClusterIP range 198.19.0.0/16.
+pub const CLUSTER_IP_NET: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+/// Start of the externalIP / LoadBalancer range 198.18.200.0/24 (the client routes it to node 0).
+pub const EXTERNAL_IP_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 0);
+/// The routed wiring's pod gateway (answered by proxy ARP on the host veth).
+pub const ROUTED_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// TCP and UDP port of the `kproxy-netexec` server [`Lab::start_servers`] runs in every pod.
+pub const SERVER_PORT: u16 = 8080;
+/// UDP and TCP port of the DNS server (dnsmasq) [`Lab::start_servers`] runs in every pod.
+pub const DNS_PORT: u16 = 5353;
+/// Name every pod's DNS server answers: an A record with the pod's address and a TXT record
+/// with the pod's name.
+pub const DNS_NAME: &str = "web.demo.";
+/// Most nodes a lab can have (pod CIDRs 198.18.100.0/24 .. 198.18.149.0/24).
+pub const MAX_NODES: usize = 50;
+/// Highest pod index on a node (198.18.(100+i).(10+j) must stay below .255).
+pub const MAX_POD_INDEX: usize = 244;
+/// Root of the bpffs.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Underlay address of node `i`: 198.18.0.(10+i).
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 10 + i as u8)
+}
+
+/// Pod CIDR (network address; the prefix length is 24) of node `i`: 198.18.(100+i).0.
+pub fn pod_cidr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 100 + i as u8, 0)
+}
+
+/// Address of pod `j` on node `i`: 198.18.(100+i).(10+j).
+pub fn pod_ip(i: usize, j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 100 + i as u8, 10 + j as u8)
+}
+
+/// Bridged wiring: address of `cni0` on node `i`, the pods' gateway: 198.18.(100+i).1.
+pub fn bridge_gateway(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 100 + i as u8, 1)
+}
+
+/// Node name of node `i`: `node-i`.
+pub fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+/// Pod name of pod `j` on node `i`: `node-i-pod-j`.
+pub fn pod_name(i: usize, j: usize) -> String {
+    format!("node-{i}-pod-{j}")
+}
+
+/// How pods are attached to their node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wiring {
+    /// Calico-like: pod /32, default via 169.254.1.1 onlink, proxy ARP, a /32 route per pod.
+    #[default]
+    Routed,
+    /// Flannel-like: host veths on bridge `cni0` (198.18.(100+i).1/24), pods route via it.
+    Bridged,
+}
+
+impl std::str::FromStr for Wiring {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "routed" => Ok(Self::Routed),
+            "bridged" => Ok(Self::Bridged),
+            other => bail!("unknown wiring {other:?}: expected routed or bridged"),
+        }
+    }
+}
+
+impl std::fmt::Display for Wiring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Routed => "routed",
+            Self::Bridged => "bridged",
+        })
+    }
+}
+
+/// What lab to build.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// Name prefix of everything the lab creates; `None` picks a unique `kpl<pid>x<n>`.
+    /// Lowercase letters and digits, starting with a letter, at most 16 characters.
+    pub prefix: Option<String>,
+    /// Number of nodes (1..=[`MAX_NODES`]).
+    pub nodes: usize,
+    /// Pods created on each node at start.
+    pub pods_per_node: usize,
+    /// Pod wiring.
+    pub wiring: Wiring,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        Self { prefix: None, nodes: 2, pods_per_node: 3, wiring: Wiring::Routed }
+    }
+}
+
+impl LabSpec {
+    /// The default lab (2 nodes, 3 pods each) with the given wiring.
+    pub fn with_wiring(wiring: Wiring) -> Self {
+        Self { wiring, ..Self::default() }
+    }
+}
+
+/// A virtual node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Index i.
+    pub index: usize,
+    /// `node-i`.
+    pub name: String,
+    /// Namespace name.
+    pub ns: String,
+    /// Underlay address (device `eth0`).
+    pub ip: Ipv4Addr,
+    /// Network address of the pod CIDR (/24).
+    pub pod_cidr: Ipv4Addr,
+    /// The agent's pin path `/sys/fs/bpf/<prefix>/node-i`.
+    pub pin_path: PathBuf,
+}
+
+/// A pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// Index of its node.
+    pub node: usize,
+    /// Index j on the node (never reused within a lab).
+    pub index: usize,
+    /// `node-i-pod-j`.
+    pub name: String,
+    /// Namespace name.
+    pub ns: String,
+    /// Pod address (device `eth0` in the pod).
+    pub ip: Ipv4Addr,
+    /// Host-side veth in the node namespace: `vp{j}`.
+    pub host_veth: String,
+}
+
+/// Options of [`Lab::spawn_agent`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentOpts {
+    /// Directory of Service / EndpointSlice manifests the agent watches (`--manifests`).
+    pub manifests_dir: PathBuf,
+    /// Further arguments appended to the command line.
+    pub extra_args: Vec<String>,
+    /// The kproxy binary to run; `None` means [`find_bin`]`("kproxy")` (`target/<profile>/kproxy`).
+    pub binary: Option<PathBuf>,
+}
+
+/// A running agent; dropping it stops the agent (SIGTERM, then SIGKILL after 3 s).
+#[derive(Debug)]
+pub struct Agent {
+    proc: Proc,
+    /// Node index.
+    pub node: usize,
+    /// Pin path given to the agent.
+    pub pin_path: PathBuf,
+}
+
+impl Agent {
+    /// The agent's log file (stdout and stderr).
+    pub fn log(&self) -> &Path {
+        self.proc.log().expect("agents always log to a file")
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// Process id of the agent.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid().expect("agent guards own their process")
+    }
+
+    /// The process guard.
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// Stops the agent gracefully (SIGTERM, up to `grace`, then SIGKILL).
+    pub fn stop(mut self, grace: Duration) -> Result<std::process::ExitStatus> {
+        self.proc.stop(grace)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.proc.stop(Duration::from_secs(3));
+    }
+}
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Checks a lab prefix: a lowercase letter, then lowercase letters / digits, at most 16 chars.
+pub fn validate_prefix(prefix: &str) -> Result<()> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 16
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    ensure!(
+        ok,
+        "invalid lab prefix {prefix:?}: use a lowercase letter then letters/digits, at most 16"
+    );
+    Ok(())
+}
+
+/// Namespaces belonging to the lab with `prefix` (names starting with `<prefix>-`).
+pub fn lab_namespaces(prefix: &str) -> Result<Vec<String>> {
+    validate_prefix(prefix)?;
+    let start = format!("{prefix}-");
+    Ok(list_netns()?.into_iter().filter(|n| n.starts_with(&start)).collect())
+}
+
+/// Whether `path` is on a bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Pin directory of the lab with `prefix`: `/sys/fs/bpf/<prefix>`.
+pub fn pin_root(prefix: &str) -> PathBuf {
+    Path::new(BPFFS).join(prefix)
+}
+
+/// Log directory of the lab with `prefix`: `<tmp>/<prefix>-logs`.
+pub fn log_root(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{prefix}-logs"))
+}
+
+/// Removes everything the lab with `prefix` left: kills processes inside its namespaces,
+/// deletes the namespaces (pods first), its pin directory and its log directory. Returns what was removed. Touches
+/// nothing whose name does not start with the prefix.
+pub fn sweep(prefix: &str) -> Result<Vec<String>> {
+    let mut names = lab_namespaces(prefix)?;
+    // Pods before nodes before the underlay: fewer dangling peers while deleting.
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    for ns in names {
+        match del_netns(&ns) {
+            Ok(()) => removed.push(format!("netns {ns}")),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    let pins = pin_root(prefix);
+    if pins.exists() && is_bpffs(&pins) {
+        match std::fs::remove_dir_all(&pins) {
+            Ok(()) => removed.push(format!("pins {}", pins.display())),
+            Err(e) => errors.push(format!("removing {}: {e}", pins.display())),
+        }
+    }
+    let logs = log_root(prefix);
+    if logs.exists() {
+        match std::fs::remove_dir_all(&logs) {
+            Ok(()) => removed.push(format!("logs {}", logs.display())),
+            Err(e) => errors.push(format!("removing {}: {e}", logs.display())),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("sweep of lab {prefix} incomplete: {}", errors.join("; "));
+    }
+    Ok(removed)
+}
+
+/// Sweeps labs with automatic prefixes (`kpl<pid>x<n>`) whose creating process is gone
+/// (namespaces, pin directories and log directories).
+pub fn sweep_orphans() -> Result<Vec<String>> {
+    let mut prefixes = std::collections::BTreeSet::new();
+    let auto_prefix = |name: &str| -> Option<(String, u32)> {
+        let rest = name.strip_prefix("kpl")?;
+        let (pid, rest) = rest.split_once('x')?;
+        let n: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let pid: u32 = pid.parse().ok()?;
+        if n.is_empty() {
+            return None;
+        }
+        Some((format!("kpl{pid}x{n}"), pid))
+    };
+    let dead = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists();
+    for ns in list_netns()? {
+        if let Some((prefix, pid)) = auto_prefix(&ns)
+            && ns.starts_with(&format!("{prefix}-"))
+            && dead(pid)
+        {
+            prefixes.insert(prefix);
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(BPFFS) {
+        for e in dir.flatten() {
+            let name = e.file_name();
+            if let Some(name) = name.to_str()
+                && let Some((prefix, pid)) = auto_prefix(name)
+                && name == prefix
+                && dead(pid)
+            {
+                prefixes.insert(prefix);
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in dir.flatten() {
+            let name = e.file_name();
+            if let Some(name) = name.to_str().and_then(|n| n.strip_suffix("-logs"))
+                && let Some((prefix, pid)) = auto_prefix(name)
+                && name == prefix
+                && dead(pid)
+            {
+                prefixes.insert(prefix);
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for p in prefixes {
+        removed.extend(sweep(&p)?);
+    }
+    Ok(removed)
+}
+
+/// Directory holding the lab's helper binaries (`kproxy`, `kproxy-netexec`): `$KPROXY_BIN_DIR`
+/// if set, otherwise the cargo profile directory of the running executable (`target/<profile>`,
+/// also when running from `target/<profile>/deps`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("KPROXY_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().context("executable has no parent directory")?.to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Path of the helper binary `name` in [`bin_dir`], or a clear error saying how to build it.
+pub fn find_bin(name: &str) -> Result<PathBuf> {
+    let dir = bin_dir()?;
+    let path = dir.join(name);
+    ensure!(
+        path.is_file(),
+        "{name} not found in {}: build it first (`cargo build --workspace`, same profile), \
+         or point KPROXY_BIN_DIR at the directory holding it",
+        dir.display()
+    );
+    Ok(path)
+}
+
+/// A running lab. Dropping it removes everything it created (see the module doc).
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    wiring: Wiring,
+    nodes: Vec<Node>,
+    pods: BTreeMap<(usize, usize), Pod>,
+    next_pod: Vec<usize>,
+    /// Namespaces created, in creation order.
+    namespaces: Vec<String>,
+    /// Servers started by the lab, with the namespace each runs in.
+    procs: Vec<Proc>,
+    log_dir: PathBuf,
+    pins_created: bool,
+    /// The lab's `XDP_PASS` program and its links, keyed by (namespace, device).
+    xdp_pass: Option<OwnedFd>,
+    xdp_links: BTreeMap<(String, String), OwnedFd>,
+    persistent: bool,
+    outlive_parent: bool,
+    torn_down: bool,
+}
+
+impl Lab {
+    /// Builds the lab described by `spec`. On error, whatever was built is removed again.
+    pub fn up(spec: LabSpec) -> Result<Lab> {
+        ensure!(
+            (1..=MAX_NODES).contains(&spec.nodes),
+            "nodes must be in 1..={MAX_NODES}, got {}",
+            spec.nodes
+        );
+        ensure!(
+            spec.pods_per_node <= MAX_POD_INDEX + 1,
+            "pods_per_node must be at most {}, got {}",
+            MAX_POD_INDEX + 1,
+            spec.pods_per_node
+        );
+        // SAFETY: geteuid has no preconditions.
+        ensure!(unsafe { libc::geteuid() } == 0, "the lab needs root (network namespaces)");
+        let prefix = match spec.prefix.clone() {
+            Some(p) => p,
+            None => {
+                format!("kpl{}x{}", std::process::id(), LAB_COUNTER.fetch_add(1, Ordering::Relaxed))
+            }
+        };
+        validate_prefix(&prefix)?;
+        let existing = lab_namespaces(&prefix)?;
+        ensure!(
+            existing.is_empty(),
+            "a lab with prefix {prefix} already exists ({}); remove it with \
+             `cargo xtask lab down --prefix {prefix}`",
+            existing.join(", ")
+        );
+        let log_dir = log_root(&prefix);
+        std::fs::create_dir_all(&log_dir)
+            .with_context(|| format!("creating log directory {}", log_dir.display()))?;
+        let mut lab = Lab {
+            prefix,
+            wiring: spec.wiring,
+            nodes: Vec::new(),
+            pods: BTreeMap::new(),
+            next_pod: vec![0; spec.nodes],
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            log_dir,
+            pins_created: false,
+            xdp_pass: None,
+            xdp_links: BTreeMap::new(),
+            persistent: false,
+            outlive_parent: false,
+            torn_down: false,
+        };
+        lab.build(&spec).with_context(|| format!("building lab {}", lab.prefix))?;
+        Ok(lab)
+    }
+
+    fn ns_name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    fn new_ns(&mut self, suffix: &str, forwarding: bool) -> Result<String> {
+        let ns = self.ns_name(suffix);
+        add_netns(&ns)?;
+        self.namespaces.push(ns.clone());
+        let fwd = if forwarding { "1" } else { "0" };
+        let mut settings = vec![
+            ("net/ipv6/conf/all/disable_ipv6", "1"),
+            ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ("net/ipv4/conf/all/rp_filter", "0"),
+            ("net/ipv4/conf/default/rp_filter", "0"),
+            ("net/ipv4/ip_forward", fwd),
+        ];
+        if forwarding {
+            settings.push(("net/ipv4/conf/all/send_redirects", "0"));
+            settings.push(("net/ipv4/conf/default/send_redirects", "0"));
+        }
+        sysctls(&ns, &settings)?;
+        ip(Some(&ns), &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ethtool -K dev tx off` inside `ns` (see the module doc for why).
+    fn offloads(ns: &str, dev: &str) -> Result<()> {
+        exec(ns, &["ethtool", "-K", dev, "tx", "off"])
+            .map(drop)
+            .with_context(|| format!("turning TX checksum offload off on {dev} in {ns}"))
+    }
+
+    /// Attaches the lab's `XDP_PASS` program to `dev` in `ns` (see the module doc for why),
+    /// pinning the link under `/sys/fs/bpf/<prefix>/lab/` when bpffs is mounted.
+    fn attach_xdp_pass(&mut self, ns: &str, dev: &str) -> Result<()> {
+        if self.xdp_pass.is_none() {
+            self.xdp_pass = Some(xdp::load_xdp(xdp::XDP_PASS_NAME, &xdp::XDP_PASS_PROGRAM)?);
+        }
+        let prog = self.xdp_pass.as_ref().expect("loaded above");
+        let link = in_netns(ns, || xdp::attach_xdp(prog, dev))??;
+        if self.pins_created {
+            let dir = pin_root(&self.prefix).join("lab");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            xdp::pin(&link, &dir.join(format!("xdp-{ns}-{dev}")))?;
+        }
+        self.xdp_links.insert((ns.to_owned(), dev.to_owned()), link);
+        Ok(())
+    }
+
+    fn detach_xdp_pass(&mut self, ns: &str, dev: &str) {
+        self.xdp_links.remove(&(ns.to_owned(), dev.to_owned()));
+        let _ = std::fs::remove_file(
+            pin_root(&self.prefix).join("lab").join(format!("xdp-{ns}-{dev}")),
+        );
+    }
+
+    fn build(&mut self, spec: &LabSpec) -> Result<()> {
+        if is_bpffs(Path::new(BPFFS)) {
+            let root = pin_root(&self.prefix);
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating {}", root.display()))?;
+            self.pins_created = true;
+        }
+        let underlay = self.new_ns("underlay", false)?;
+        ip(Some(&underlay), &["link", "add", "br0", "type", "bridge"])?;
+        ip(Some(&underlay), &["link", "set", "br0", "up"])?;
+
+        let client = self.new_ns("client", false)?;
+        self.attach_underlay("cl", &client, CLIENT_IP)?;
+        let via0 = node_ip(0).to_string();
+        ip(Some(&client), &["route", "add", &format!("{EXTERNAL_IP_NET}/24"), "via", &via0])?;
+
+        for i in 0..spec.nodes {
+            let ns = self.new_ns(&node_name(i), true)?;
+            self.attach_underlay(&format!("n{i}"), &ns, node_ip(i))?;
+            ip(Some(&ns), &["route", "add", "default", "via", &CLIENT_IP.to_string()])?;
+            if self.wiring == Wiring::Bridged {
+                ip(Some(&ns), &["link", "add", "cni0", "type", "bridge"])?;
+                let gw = format!("{}/24", bridge_gateway(i));
+                ip(Some(&ns), &["addr", "add", &gw, "dev", "cni0"])?;
+                ip(Some(&ns), &["link", "set", "cni0", "up"])?;
+            }
+            let pin_path = pin_root(&self.prefix).join(node_name(i));
+            self.nodes.push(Node {
+                index: i,
+                name: node_name(i),
+                ns,
+                ip: node_ip(i),
+                pod_cidr: pod_cidr(i),
+                pin_path,
+            });
+        }
+        // host-gw: every node routes every other node's pod CIDR via that node's address.
+        for a in 0..spec.nodes {
+            for b in (0..spec.nodes).filter(|&b| b != a) {
+                let dst = format!("{}/24", pod_cidr(b));
+                let via = node_ip(b).to_string();
+                ip(Some(&self.nodes[a].ns), &["route", "add", &dst, "via", &via, "dev", "eth0"])?;
+            }
+        }
+        if is_bpffs(Path::new(BPFFS)) {
+            for node in &self.nodes {
+                std::fs::create_dir_all(&node.pin_path)
+                    .with_context(|| format!("creating {}", node.pin_path.display()))?;
+            }
+        }
+        for i in 0..spec.nodes {
+            self.attach_xdp_pass(&self.underlay_ns(), &format!("n{i}"))?;
+        }
+        for i in 0..spec.nodes {
+            for _ in 0..spec.pods_per_node {
+                self.add_pod(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects namespace `ns` to the underlay bridge: `eth0` in `ns` with `addr/24`, its peer
+    /// `port` on `br0`.
+    fn attach_underlay(&self, port: &str, ns: &str, addr: Ipv4Addr) -> Result<()> {
+        let underlay = self.underlay_ns();
+        ip(
+            Some(&underlay),
+            &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns],
+        )?;
+        ip(Some(&underlay), &["link", "set", port, "master", "br0", "up"])?;
+        Self::offloads(&underlay, port)?;
+        let cidr = format!("{addr}/{UNDERLAY_PREFIX_LEN}");
+        ip(Some(ns), &["addr", "add", &cidr, "dev", "eth0"])?;
+        ip(Some(ns), &["link", "set", "eth0", "up"])?;
+        Self::offloads(ns, "eth0")
+    }
+
+    /// Adds a pod to node `node` (the next unused index) and returns it.
+    pub fn add_pod(&mut self, node: usize) -> Result<Pod> {
+        ensure!(node < self.nodes.len(), "no node {node} (lab has {})", self.nodes.len());
+        let j = self.next_pod[node];
+        ensure!(j <= MAX_POD_INDEX, "node {node} has used all {MAX_POD_INDEX} pod indexes");
+        self.next_pod[node] += 1;
+        let name = pod_name(node, j);
+        let pod_ns = self.new_ns(&name, false)?;
+        let node_ns = self.nodes[node].ns.clone();
+        let veth = format!("vp{j}");
+        let addr = pod_ip(node, j);
+        let pod =
+            Pod { node, index: j, name, ns: pod_ns.clone(), ip: addr, host_veth: veth.clone() };
+        // Registered before wiring so a failure below still removes the namespace.
+        self.pods.insert((node, j), pod.clone());
+        ip(
+            Some(&node_ns),
+            &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns],
+        )?;
+        Self::offloads(&node_ns, &veth)?;
+        Self::offloads(&pod_ns, "eth0")?;
+        self.attach_xdp_pass(&pod_ns, "eth0")?;
+        match self.wiring {
+            Wiring::Routed => {
+                sysctls(
+                    &node_ns,
+                    &[
+                        (&format!("net/ipv4/conf/{veth}/proxy_arp"), "1"),
+                        (&format!("net/ipv4/neigh/{veth}/proxy_delay"), "0"),
+                        (&format!("net/ipv4/conf/{veth}/rp_filter"), "0"),
+                    ],
+                )?;
+                ip(Some(&node_ns), &["link", "set", &veth, "up"])?;
+                ip(Some(&node_ns), &["route", "add", &format!("{addr}/32"), "dev", &veth])?;
+                ip(Some(&pod_ns), &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+                ip(Some(&pod_ns), &["link", "set", "eth0", "up"])?;
+                let gw = ROUTED_POD_GATEWAY.to_string();
+                ip(
+                    Some(&pod_ns),
+                    &["route", "add", "default", "via", &gw, "dev", "eth0", "onlink"],
+                )?;
+            }
+            Wiring::Bridged => {
+                ip(Some(&node_ns), &["link", "set", &veth, "master", "cni0", "up"])?;
+                ip(Some(&pod_ns), &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+                ip(Some(&pod_ns), &["link", "set", "eth0", "up"])?;
+                let gw = bridge_gateway(node).to_string();
+                ip(Some(&pod_ns), &["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+            }
+        }
+        Ok(pod)
+    }
+
+    /// Removes a pod: stops its servers, deletes its host veth and its namespace.
+    pub fn remove_pod(&mut self, pod: &Pod) -> Result<()> {
+        ensure!(
+            self.pods.get(&(pod.node, pod.index)) == Some(pod),
+            "pod {} is not part of lab {}",
+            pod.name,
+            self.prefix
+        );
+        self.procs.retain(|p| p.ns() != pod.ns);
+        self.detach_xdp_pass(&pod.ns, "eth0");
+        let node_ns = &self.nodes[pod.node].ns;
+        if ip(Some(node_ns), &["link", "show", "dev", &pod.host_veth]).is_ok() {
+            ip(Some(node_ns), &["link", "del", "dev", &pod.host_veth])?;
+        }
+        del_netns(&pod.ns)?;
+        self.namespaces.retain(|n| n != &pod.ns);
+        self.pods.remove(&(pod.node, pod.index));
+        Ok(())
+    }
+
+    /// The lab prefix (every namespace name starts with `<prefix>-`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Pod wiring.
+    pub fn wiring(&self) -> Wiring {
+        self.wiring
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Node `i`; panics if there is none (a test bug).
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// All pods, ordered by node then index.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.pods.values().cloned().collect()
+    }
+
+    /// Pods of node `i`, by index.
+    pub fn pods_on(&self, i: usize) -> Vec<Pod> {
+        self.pods.values().filter(|p| p.node == i).cloned().collect()
+    }
+
+    /// Pod `j` of node `i`, if it exists.
+    pub fn pod(&self, i: usize, j: usize) -> Option<&Pod> {
+        self.pods.get(&(i, j))
+    }
+
+    /// Namespace of the external client (198.18.0.2).
+    pub fn client_ns(&self) -> String {
+        self.ns_name("client")
+    }
+
+    /// Namespace holding the underlay bridge.
+    pub fn underlay_ns(&self) -> String {
+        self.ns_name("underlay")
+    }
+
+    /// Every namespace of the lab, in creation order.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// Directory holding the logs of processes the lab started.
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    /// Starts `argv` in namespace `ns`, logging to `<log dir>/<label>.log`. The guard is the
+    /// caller's (it kills the process on drop). Unless [`Lab::set_outlive_parent`] was called,
+    /// the process is also killed when the calling thread exits: spawn from the thread that
+    /// owns the lab, not from a short-lived helper thread.
+    pub fn spawn(&self, ns: &str, label: &str, argv: &[&str]) -> Result<Proc> {
+        let log = self.log_dir.join(format!("{label}.log"));
+        spawn_with(ns, argv, &SpawnOpts { log: Some(log), outlive_parent: self.outlive_parent })
+    }
+
+    /// Starts `kproxy-netexec` (TCP and UDP [`SERVER_PORT`]) and dnsmasq ([`DNS_PORT`]) in every
+    /// pod and waits until they accept connections.
+    pub fn start_servers(&mut self) -> Result<()> {
+        for pod in self.pods() {
+            self.start_pod_servers_nowait(&pod)?;
+        }
+        for pod in self.pods() {
+            wait_listening(&pod, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the servers of one pod (e.g. one added with [`Lab::add_pod`]) and waits for them.
+    pub fn start_pod_servers(&mut self, pod: &Pod) -> Result<()> {
+        self.start_pod_servers_nowait(pod)?;
+        wait_listening(pod, Duration::from_secs(10))
+    }
+
+    fn start_pod_servers_nowait(&mut self, pod: &Pod) -> Result<()> {
+        let netexec = find_bin("kproxy-netexec")?;
+        let netexec = netexec.to_string_lossy();
+        let port = SERVER_PORT.to_string();
+        let argv = [&*netexec, "--name", &pod.name, "--tcp", &port, "--udp", &port];
+        let p = self.spawn(&pod.ns, &format!("{}-netexec", pod.name), &argv)?;
+        self.procs.push(p);
+        let host = DNS_NAME.trim_end_matches('.');
+        let argv = [
+            "dnsmasq".to_string(),
+            "--no-daemon".into(),
+            "--conf-file=/dev/null".into(),
+            "--pid-file=".into(),
+            "--log-facility=-".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--no-poll".into(),
+            format!("--port={DNS_PORT}"),
+            format!("--host-record={host},{}", pod.ip),
+            format!("--txt-record={host},{}", pod.name),
+        ];
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let p = self.spawn(&pod.ns, &format!("{}-dnsmasq", pod.name), &argv)?;
+        self.procs.push(p);
+        Ok(())
+    }
+
+    /// Pin path of node `i`'s agent: `/sys/fs/bpf/<prefix>/node-i`.
+    pub fn pin_path(&self, i: usize) -> &Path {
+        &self.nodes[i].pin_path
+    }
+
+    /// Starts the kproxy agent of node `node` in its namespace:
+    /// `kproxy agent --node-name node-i --manifests DIR --nodeport-devices eth0
+    /// --pod-devices 'vp*' --pin-path /sys/fs/bpf/<prefix>/node-i [extra args]`, logging to
+    /// `<log dir>/node-i-agent.log`. The binary is `target/<profile>/kproxy`.
+    pub fn spawn_agent(&self, node: usize, opts: &AgentOpts) -> Result<Agent> {
+        ensure!(node < self.nodes.len(), "no node {node} (lab has {})", self.nodes.len());
+        ensure!(
+            is_bpffs(Path::new(BPFFS)),
+            "{BPFFS} is not a bpffs: mount it (mount -t bpf bpf {BPFFS}) or run xtask/setup.sh"
+        );
+        let kproxy = match &opts.binary {
+            Some(b) => b.clone(),
+            None => find_bin("kproxy")?,
+        };
+        let n = &self.nodes[node];
+        std::fs::create_dir_all(&n.pin_path)
+            .with_context(|| format!("creating {}", n.pin_path.display()))?;
+        let mut argv: Vec<String> = vec![
+            kproxy.to_string_lossy().into_owned(),
+            "agent".into(),
+            "--node-name".into(),
+            n.name.clone(),
+            "--manifests".into(),
+            opts.manifests_dir.to_string_lossy().into_owned(),
+            "--nodeport-devices".into(),
+            "eth0".into(),
+            "--pod-devices".into(),
+            "vp*".into(),
+            "--pin-path".into(),
+            n.pin_path.to_string_lossy().into_owned(),
+        ];
+        argv.extend(opts.extra_args.iter().cloned());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let proc = self.spawn(&n.ns, &format!("{}-agent", n.name), &argv)?;
+        Ok(Agent { proc, node, pin_path: n.pin_path.clone() })
+    }
+
+    /// Runs `kproxy cleanup --pin-path <pin path>` in node `node`'s namespace (30 s limit);
+    /// fails with its stderr if it exits non-zero.
+    pub fn cleanup(&self, node: usize) -> Result<std::process::Output> {
+        ensure!(node < self.nodes.len(), "no node {node} (lab has {})", self.nodes.len());
+        let kproxy = find_bin("kproxy")?;
+        let n = &self.nodes[node];
+        let pin = n.pin_path.to_string_lossy();
+        exec(&n.ns, &[&*kproxy.to_string_lossy(), "cleanup", "--pin-path", &pin])
+    }
+
+    /// Keeps the lab after this value is gone (no teardown on drop); processes it started keep
+    /// running. Returns the prefix to pass to [`sweep`] later.
+    pub fn persist(mut self) -> String {
+        self.persistent = true;
+        for p in self.procs.drain(..) {
+            p.detach();
+        }
+        self.prefix.clone()
+    }
+
+    /// Makes processes started from now on outlive this process (for `cargo xtask lab up`).
+    pub fn set_outlive_parent(&mut self, yes: bool) {
+        self.outlive_parent = yes;
+    }
+
+    /// A human-readable map of the lab: nodes, pods, addresses and how to enter them.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "lab {} ({} wiring)", self.prefix, self.wiring);
+        let _ = writeln!(
+            s,
+            "  client    {:<16} ns {}  (routes {EXTERNAL_IP_NET}/24 via node-0)",
+            CLIENT_IP,
+            self.client_ns()
+        );
+        for n in &self.nodes {
+            let _ = writeln!(
+                s,
+                "  {:<9} {:<16} ns {}  pods {}/24  pins {}",
+                n.name,
+                n.ip,
+                n.ns,
+                n.pod_cidr,
+                n.pin_path.display()
+            );
+            for p in self.pods_on(n.index) {
+                let _ = writeln!(
+                    s,
+                    "    {:<15} {:<16} ns {}  host veth {}",
+                    p.name, p.ip, p.ns, p.host_veth
+                );
+            }
+        }
+        let _ = writeln!(s, "  underlay bridge br0 in ns {}", self.underlay_ns());
+        let _ = writeln!(s, "enter one: nsenter --net=/run/netns/<ns> bash");
+        let _ = writeln!(s, "logs: {}", self.log_dir.display());
+        s
+    }
+
+    /// Removes the lab now, reporting failures (drop does the same but can only print them).
+    pub fn down(mut self) -> Result<()> {
+        let errors = self.teardown();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("tearing down lab {}: {}", self.prefix, errors.join("; "))
+        }
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        if self.torn_down || self.persistent {
+            return Vec::new();
+        }
+        self.torn_down = true;
+        let mut errors = Vec::new();
+        self.procs.clear();
+        self.xdp_links.clear();
+        self.xdp_pass = None;
+        // Reverse creation order: pods, nodes, client, underlay.
+        for ns in self.namespaces.drain(..).rev() {
+            if let Err(e) = del_netns(&ns) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        let pins = pin_root(&self.prefix);
+        if self.pins_created
+            && pins.exists()
+            && is_bpffs(&pins)
+            && let Err(e) = std::fs::remove_dir_all(&pins)
+        {
+            errors.push(format!("removing {}: {e}", pins.display()));
+        }
+        let keep_logs = thread::panicking() || std::env::var_os("KPROXY_KEEP_LOGS").is_some();
+        if keep_logs {
+            eprintln!("lab {}: logs kept in {}", self.prefix, self.log_dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.log_dir);
+        }
+        errors
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for e in self.teardown() {
+            eprintln!("lab {}: cleanup failed: {e}", self.prefix);
+        }
+    }
+}
+
+/// Calls `f` every `interval` until it succeeds or `timeout` has passed; returns the first
+/// success or the last error (with the time waited). For "eventually" checks, e.g. until an
+/// agent has programmed a service.
+pub fn eventually<T, E: std::fmt::Display>(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> std::result::Result<T, E>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() >= timeout => {
+                bail!("still failing after {:?}: {e}", start.elapsed())
+            }
+            Err(_) => thread::sleep(interval),
+        }
+    }
+}
+
+/// Waits until the pod's netexec (TCP [`SERVER_PORT`]) and dnsmasq (TCP [`DNS_PORT`]) accept
+/// connections on the pod's loopback.
+fn wait_listening(pod: &Pod, timeout: Duration) -> Result<()> {
+    in_netns(&pod.ns, || -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for port in [SERVER_PORT, DNS_PORT] {
+            let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into();
+            loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() >= deadline => {
+                        bail!("server on port {port} in pod {} not listening: {e}", pod.name)
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        Ok(())
+    })?
+}
