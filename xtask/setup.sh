@@ -20,7 +20,7 @@ command -v rustup >/dev/null 2>&1 || die "rustup not found: install it from the 
 
 # 1. Debian packages.
 PKGS=(bpftool iproute2 iptables nftables conntrack iperf3 wrk hping3 iputils-ping socat tcpdump
-      dnsmasq-base bind9-dnsutils prometheus python3-scapy curl ethtool)
+      dnsmasq-base bind9-dnsutils prometheus python3-scapy python3-matplotlib curl ethtool)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
