@@ -101,7 +101,7 @@ pub fn alloc_snat_port(
     let mut h = hash;
     let mut i = 0;
     while i < 8 {
-        let port = ((min + h % range) as u16).to_be();
+        let port = ((min + h.checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
         if kp_rnat4.insert(&key, v, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);

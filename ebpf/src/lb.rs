@@ -59,7 +59,7 @@ pub fn pick(
             return Ok((a.backend_id, be));
         }
     }
-    let slot = 1 + (hash(t) % svc.count as u32) as u16;
+    let slot = 1 + hash(t).checked_rem(svc.count as u32).unwrap_or(0) as u16;
     let skey = Service4Key { slot, ..*key };
     // SAFETY: map values are only read by copy.
     let id = unsafe { kp_svc4.get(&skey) }.ok_or(Reason::DropBackendMissing)?.backend_id;
