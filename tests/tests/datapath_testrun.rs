@@ -775,7 +775,9 @@ fn malformed_frames_are_counted() {
     udp_short_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
 
     let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
-        ("truncated ethernet", good[..10].to_vec(), Reason::DropMalformed),
+        // (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header, so the shortest
+        // case is a bare IPv4 Ethernet header.)
+        ("ethernet header only", good[..14].to_vec(), Reason::DropMalformed),
         ("truncated ip", good[..14 + 12].to_vec(), Reason::DropMalformed),
         ("truncated tcp", good[..14 + 20 + 10].to_vec(), Reason::DropMalformed),
         ("truncated udp", udp.build()[..14 + 20 + 4].to_vec(), Reason::DropMalformed),
@@ -791,6 +793,9 @@ fn malformed_frames_are_counted() {
     ];
     for (name, frame, reason) in &cases {
         for hook in ["tc", "xdp"] {
+            if hook == "tc" && frame.len() < 34 {
+                continue; // TEST_RUN builds no skb from an IPv4 frame without an IP header
+            }
             let before = env.counters().get(reason).copied().unwrap_or(0);
             let (v, _) = if hook == "tc" {
                 env.tc(names::PROG_TC_FROM_POD, frame)
