@@ -828,3 +828,76 @@ fn malformed_frames_are_counted() {
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &v6);
     assert_eq!((v, out), (TC_ACT_OK, v6));
 }
+
+fn sh_out(cmd: &str) -> String {
+    let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// (number of kproxy filters, their program ids) on one TC hook.
+fn tc_filters(dev: &str, dir: &str, name: &str) -> (usize, Vec<String>) {
+    let out = sh_out(&format!("tc filter show dev {dev} {dir}"));
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains(name)).collect();
+    let ids = lines
+        .iter()
+        .filter_map(|l| l.split(" id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned()))
+        .collect();
+    (lines.len(), ids)
+}
+
+fn xdp_prog(dev: &str) -> Option<String> {
+    let out = sh_out(&format!("ip -d link show dev {dev}"));
+    out.split("prog/xdp id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned())
+}
+
+#[test]
+fn attachments_outlive_the_agent_and_are_replaced_in_place() {
+    use kproxy::dataplane::loader::{ExternalMode, cleanup};
+    in_test_netns(true, || {
+        let env = Env::new();
+        {
+            let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+            dp.attach_pod("kpt1").unwrap();
+            dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        } // the "agent" exits
+        let (n_in, ids_in) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
+        let (n_eg, _) = tc_filters("kpt1", "egress", names::PROG_TC_TO_POD);
+        let (n_ext, _) = tc_filters("kpt0", "ingress", names::PROG_TC_EXT);
+        assert_eq!((n_in, n_eg, n_ext), (1, 1, 1), "TC filters survive the loader");
+        let xdp1 = xdp_prog("kpt0").expect("XDP survives the loader");
+        assert!(env.dir.join("v1/links/xdp-kpt0").exists());
+
+        // A restarted agent replaces the programs in place: still one of each, new program ids.
+        let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+        dp.attach_pod("kpt1").unwrap();
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        let (n_in2, ids_in2) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
+        assert_eq!(n_in2, 1, "no duplicate filter");
+        assert_ne!(ids_in, ids_in2, "program replaced");
+        assert_eq!(tc_filters("kpt1", "egress", names::PROG_TC_TO_POD).0, 1);
+        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1);
+        let xdp2 = xdp_prog("kpt0").expect("XDP attached");
+        assert_ne!(xdp1, xdp2, "XDP program swapped inside the pinned link");
+
+        // TC-only mode removes the XDP attachment.
+        dp.attach_external("kpt0", ExternalMode::TcOnly).unwrap();
+        assert_eq!(xdp_prog("kpt0"), None);
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+
+        // detach removes exactly kproxy's filters on that device.
+        sh_out("tc filter add dev kpt1 ingress prio 100 protocol ip u32 match u32 0 0 classid 1:1");
+        dp.detach("kpt1").unwrap();
+        assert_eq!(tc_filters("kpt1", "ingress", "kp_").0, 0);
+        assert_eq!(tc_filters("kpt1", "egress", "kp_").0, 0);
+        assert!(sh_out("tc filter show dev kpt1 ingress").contains("u32"), "foreign filter kept");
+        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1);
+
+        // cleanup removes everything else, pins included.
+        drop(dp);
+        cleanup(&env.dir).unwrap();
+        assert_eq!(tc_filters("kpt0", "ingress", "kp_").0, 0);
+        assert_eq!(xdp_prog("kpt0"), None);
+        assert!(!env.dir.exists(), "pin directory removed");
+    });
+}
