@@ -9,7 +9,7 @@ use kproxy_common::{
 
 use crate::{
     ct, lb, maps,
-    nat::{self, Nat, Route, Verdict},
+    nat::{self, Nat, Verdict},
     parse::{self, Frag, Ip4, tcp_flags},
     pkt::Packet,
 };
@@ -45,7 +45,7 @@ type Out = Result<(Verdict, Reason), Reason>;
 pub fn handle<P: Packet>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
     match run(c, hook) {
         Ok(v) => v,
-        Err(r) => (Verdict::Drop, r),
+        Err(r) => (Verdict::DROP, r),
     }
 }
 
@@ -53,39 +53,43 @@ pub fn handle<P: Packet>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
 fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     let cfg = match maps::config() {
         Some(cfg) if cfg.flags & cfg_flags::READY != 0 => cfg,
-        _ => return Ok((Verdict::Pass, Reason::PassNotReady)),
+        _ => return Ok((Verdict::PASS, Reason::PassNotReady)),
     };
     let Some(p) = parse::ipv4(c)? else {
-        return Ok((Verdict::Pass, Reason::PassNotIpv4));
+        return Ok((Verdict::PASS, Reason::PassNotIpv4));
     };
     if p.proto != proto::TCP && p.proto != proto::UDP {
-        return Ok((Verdict::Pass, Reason::PassUnsupportedProto));
+        return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
     }
     if p.frag == Frag::Later {
         // No ports to look up; see docs/datapath.md.
-        return Ok((Verdict::Pass, Reason::PassNoService));
+        return Ok((Verdict::PASS, Reason::PassNoService));
     }
     let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if hook != Hook::ToPod {
-        if let Some(v) = established(c, &p, &t, &cfg, hook, now)? {
-            return Ok(v);
-        }
-        if let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope()) {
-            if p.frag != Frag::None {
-                return Err(Reason::DropFragment);
-            }
-            return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, Reason::TranslatedNew);
-        }
+    if hook != Hook::ToPod
+        && let Some(v) = established(c, &p, &t, &cfg, hook, now)?
+    {
+        return Ok(v);
     }
+    // Replies before new connections: a reply tuple is exact, so it must win over a frontend
+    // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
     if let Some(rn) = ct::revnat(&t) {
         if p.frag != Frag::None {
             return Err(Reason::DropFragment);
         }
         return reply(c, &p, &t, &rn, &cfg, hook, now);
     }
-    Ok((Verdict::Pass, Reason::PassNoService))
+    if hook != Hook::ToPod
+        && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
+    {
+        if p.frag != Frag::None {
+            return Err(Reason::DropFragment);
+        }
+        return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, Reason::TranslatedNew);
+    }
+    Ok((Verdict::PASS, Reason::PassNoService))
 }
 
 /// A packet of a tracked connection. `Ok(None)`: not tracked (or a new connection reusing a
@@ -133,8 +137,14 @@ fn established<P: Packet>(
         daddr: e.backend_addr,
         dport: e.backend_port,
     };
-    let fwd = hook.external() && be.flags & backend_flags::LOCAL == 0;
-    deliver(c, p, &n, fwd, Reason::TranslatedEstablished).map(Some)
+    let to = if e.flags & ct_flags::HAIRPIN != 0 {
+        To::Bounce
+    } else if hook.external() && be.flags & backend_flags::LOCAL == 0 {
+        To::Fib
+    } else {
+        To::Stack
+    };
+    deliver(c, p, &n, to, Reason::TranslatedEstablished).map(Some)
 }
 
 /// First packet of a connection to a service frontend.
@@ -164,7 +174,12 @@ fn new_conn<P: Packet>(
     }
     let (id, be) = lb::pick(key, svc, t, now)?;
     let local = be.flags & backend_flags::LOCAL != 0;
-    let snat = hook.external() && !local && svc.flags & svc_flags::LOCAL_ONLY == 0;
+    // Hairpin: a pod balanced to itself. Its kernel would drop a packet carrying its own
+    // address as source, so the source becomes the frontend (with a SNAT port) and the packet
+    // is bounced straight back into the pod.
+    let hairpin = hook == Hook::FromPod && be.addr == p.saddr;
+    let snat = hairpin || (hook.external() && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
+    let snat_addr = if hairpin { p.daddr } else { cfg.snat_addr };
     let rn = RevNat4Value {
         client_addr: p.saddr,
         frontend_addr: p.daddr,
@@ -176,13 +191,16 @@ fn new_conn<P: Packet>(
     let mut n = Nat { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
     let mut flags = if hook.external() { ct_flags::EXTERNAL } else { 0 };
     if snat {
-        if cfg.snat_addr == 0 {
+        if snat_addr == 0 {
             return Err(Reason::DropNoSnatAddr);
         }
-        let reply = ct::tuple(be.addr, cfg.snat_addr, be.port, 0, p.proto);
+        let reply = ct::tuple(be.addr, snat_addr, be.port, 0, p.proto);
         n.sport = ct::alloc_snat_port(cfg, &reply, &rn, lb::hash(t))?;
-        n.saddr = cfg.snat_addr;
+        n.saddr = snat_addr;
         flags |= ct_flags::SNAT;
+        if hairpin {
+            flags |= ct_flags::HAIRPIN;
+        }
     } else {
         ct::create_revnat(&ct::tuple(be.addr, p.saddr, be.port, p.sport, p.proto), &rn)?;
     }
@@ -200,7 +218,14 @@ fn new_conn<P: Packet>(
         last_seen_ns: now,
     };
     ct::create(t, &e)?;
-    deliver(c, p, &n, hook.external() && !local, reason)
+    let to = if hairpin {
+        To::Bounce
+    } else if hook.external() && !local {
+        To::Fib
+    } else {
+        To::Stack
+    };
+    deliver(c, p, &n, to, reason)
 }
 
 /// A reply of a translated connection: restore the frontend as source and the client as
@@ -225,22 +250,43 @@ fn reply<P: Packet>(
         daddr: rn.client_addr,
         dport: rn.client_port,
     };
-    // Replies to the source-NAT address go back out to an external client.
-    let fwd = hook.external() && cfg.snat_addr != 0 && t.daddr == cfg.snat_addr;
-    deliver(c, p, &n, fwd, Reason::ReplyTranslated)
+    let to = if rn.client_addr == p.saddr && hook == Hook::FromPod {
+        // Hairpin reply: back into the pod it came from.
+        To::Bounce
+    } else if hook.external() && cfg.snat_addr != 0 && t.daddr == cfg.snat_addr {
+        // Replies to the node's source-NAT address go back out to an external client.
+        To::Fib
+    } else {
+        To::Stack
+    };
+    deliver(c, p, &n, to, Reason::ReplyTranslated)
 }
 
-/// Translates and delivers: to the stack (`fwd == false`) or straight out through the FIB.
-/// XDP leaves packets whose neighbour is unresolved to TC, untouched.
+/// Where a translated packet goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum To {
+    /// The kernel stack routes it (local backend, or a reply to a local client).
+    Stack,
+    /// Straight out through the FIB (remote backend, reply to an external client).
+    Fib,
+    /// Back out of the interface it came in on (hairpin).
+    Bounce,
+}
+
+/// Translates and delivers. XDP leaves packets whose neighbour is unresolved to TC, untouched.
 #[inline(always)]
-fn deliver<P: Packet>(c: &mut P, p: &Ip4, n: &Nat, fwd: bool, reason: Reason) -> Out {
-    if !fwd {
+fn deliver<P: Packet>(c: &mut P, p: &Ip4, n: &Nat, to: To, reason: Reason) -> Out {
+    if to == To::Stack {
         nat::apply(c, p, n)?;
-        return Ok((Verdict::Pass, reason));
+        return Ok((Verdict::PASS, reason));
+    }
+    if to == To::Bounce {
+        nat::apply(c, p, n)?;
+        return Ok((nat::bounce(c)?, reason));
     }
     let r = nat::route(c, p, n.saddr, n.daddr)?;
-    if P::XDP && matches!(r, Route::NoNeigh { .. }) {
-        return Ok((Verdict::Pass, Reason::XdpPassToTc));
+    if P::XDP && !r.resolved {
+        return Ok((Verdict::PASS, Reason::XdpPassToTc));
     }
     nat::apply(c, p, n)?;
     Ok((nat::forward(c, p, &r)?, reason))

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use flow::Hook;
-use nat::Verdict;
+use nat::Action;
 use pkt::Packet as _;
 
 /// NodePort / LoadBalancer / externalIP entry on the node's external devices.
@@ -28,12 +28,12 @@ pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
     let mut c = pkt::Xdp(&ctx);
     let (v, reason) = flow::handle(&mut c, Hook::XdpExt);
     maps::count(reason);
-    match v {
-        Verdict::Pass | Verdict::RedirectNeigh(_) => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Tx => xdp_action::XDP_TX,
+    match v.action {
+        Action::Pass | Action::RedirectNeigh => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Tx => xdp_action::XDP_TX,
         // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
-        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        Action::Redirect => unsafe { bpf_redirect(v.ifindex, 0) as u32 },
     }
 }
 
@@ -68,14 +68,14 @@ fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     let mut c = pkt::Tc(ctx);
     let (v, reason) = flow::handle(&mut c, hook);
     maps::count(reason);
-    match v {
-        Verdict::Pass => TC_ACT_OK as i32,
-        Verdict::Drop => TC_ACT_SHOT as i32,
+    match v.action {
+        Action::Pass => TC_ACT_OK as i32,
+        Action::Drop => TC_ACT_SHOT as i32,
         // SAFETY: plain helper calls; they return TC_ACT_REDIRECT or TC_ACT_SHOT.
-        Verdict::Tx => unsafe { bpf_redirect(c.ifindex(), 0) as i32 },
-        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
-        Verdict::RedirectNeigh(ifindex) => unsafe {
-            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        Action::Tx => unsafe { bpf_redirect(c.ifindex(), 0) as i32 },
+        Action::Redirect => unsafe { bpf_redirect(v.ifindex, 0) as i32 },
+        Action::RedirectNeigh => unsafe {
+            bpf_redirect_neigh(v.ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
     }
 }

@@ -15,17 +15,47 @@ const AF_INET: u8 = 2;
 
 /// What to do with the packet after the program.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+#[repr(u8)]
+pub enum Action {
     /// Hand it to the kernel stack.
     Pass,
     /// Drop it.
     Drop,
     /// Send it back out of the device it came in on.
     Tx,
-    /// Transmit on this device (Ethernet header already written).
-    Redirect(u32),
-    /// Transmit on this device, letting the kernel resolve the neighbour (TC only).
-    RedirectNeigh(u32),
+    /// Transmit on `ifindex` (Ethernet header already written).
+    Redirect,
+    /// Transmit on `ifindex`, letting the kernel resolve the neighbour (TC only).
+    RedirectNeigh,
+}
+
+/// An action and its device. A plain struct rather than an enum with payloads: every byte is
+/// always initialised, which keeps the verifier from seeing reads of undefined registers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// What to do.
+    pub action: Action,
+    /// Target device of `Redirect*`, else 0.
+    pub ifindex: u32,
+}
+
+impl Verdict {
+    /// To the kernel stack.
+    pub const PASS: Verdict = Verdict { action: Action::Pass, ifindex: 0 };
+    /// Dropped.
+    pub const DROP: Verdict = Verdict { action: Action::Drop, ifindex: 0 };
+    /// Back out of the ingress device.
+    pub const TX: Verdict = Verdict { action: Action::Tx, ifindex: 0 };
+    /// Out of `ifindex`.
+    #[inline(always)]
+    pub const fn redirect(ifindex: u32) -> Verdict {
+        Verdict { action: Action::Redirect, ifindex }
+    }
+    /// Out of `ifindex`, neighbour resolved by the kernel.
+    #[inline(always)]
+    pub const fn redirect_neigh(ifindex: u32) -> Verdict {
+        Verdict { action: Action::RedirectNeigh, ifindex }
+    }
 }
 
 /// New addresses and ports (be) for a packet.
@@ -59,12 +89,18 @@ pub fn apply<P: Packet>(c: &mut P, p: &Ip4, n: &Nat) -> Result<(), Reason> {
     Ok(())
 }
 
-/// Result of a route lookup for a translated packet.
-pub enum Route {
-    /// Next hop resolved: egress device and Ethernet addresses.
-    Resolved { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
-    /// Route found, neighbour unknown.
-    NoNeigh { ifindex: u32 },
+/// Result of a route lookup for a translated packet (a struct for the same reason as
+/// [`Verdict`]).
+#[derive(Clone, Copy)]
+pub struct Route {
+    /// The neighbour is known (`smac`/`dmac` valid).
+    pub resolved: bool,
+    /// Egress device.
+    pub ifindex: u32,
+    /// Source MAC of the egress device.
+    pub smac: [u8; 6],
+    /// Next hop MAC.
+    pub dmac: [u8; 6],
 }
 
 /// Looks up the route of a packet that will carry `saddr → daddr`.
@@ -84,10 +120,13 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Ro
     f.__bindgen_anon_3.ipv4_src = saddr;
     f.__bindgen_anon_4.ipv4_dst = daddr;
     let r = c.fib_lookup(&mut f);
-    if r == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        Ok(Route::Resolved { ifindex: f.ifindex, smac: f.smac, dmac: f.dmac })
-    } else if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        Ok(Route::NoNeigh { ifindex: f.ifindex })
+    if r == BPF_FIB_LKUP_RET_SUCCESS as i64 || r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        Ok(Route {
+            resolved: r == BPF_FIB_LKUP_RET_SUCCESS as i64,
+            ifindex: f.ifindex,
+            smac: f.smac,
+            dmac: f.dmac,
+        })
     } else {
         Err(Reason::DropFib)
     }
@@ -99,17 +138,25 @@ pub fn forward<P: Packet>(c: &mut P, p: &Ip4, r: &Route) -> Result<Verdict, Reas
     let old = u16::from_ne_bytes([p.ttl, p.proto]);
     let new = u16::from_ne_bytes([p.ttl - 1, p.proto]);
     c.set_ttl_word(old, new)?;
-    match *r {
-        Route::Resolved { ifindex, smac, dmac } => {
-            c.set_macs(&dmac, &smac)?;
-            if P::XDP && ifindex == c.ifindex() {
-                Ok(Verdict::Tx)
-            } else {
-                Ok(Verdict::Redirect(ifindex))
-            }
-        }
-        Route::NoNeigh { ifindex } => Ok(Verdict::RedirectNeigh(ifindex)),
+    if !r.resolved {
+        return Ok(Verdict::redirect_neigh(r.ifindex));
     }
+    c.set_macs(&r.dmac, &r.smac)?;
+    if P::XDP && r.ifindex == c.ifindex() { Ok(Verdict::TX) } else { Ok(Verdict::redirect(r.ifindex)) }
+}
+
+/// Sends the packet back where it came from, Ethernet addresses swapped.
+#[inline(always)]
+pub fn bounce<P: Packet>(c: &mut P) -> Result<Verdict, Reason> {
+    let e: *const [u8; 12] = ptr_at(c, 0)?;
+    // SAFETY: bounds checked by ptr_at; copied before any write.
+    let e = unsafe { *e };
+    let mut dst = [0u8; 6];
+    let mut src = [0u8; 6];
+    dst.copy_from_slice(&e[6..12]);
+    src.copy_from_slice(&e[0..6]);
+    c.set_macs(&dst, &src)?;
+    Ok(Verdict::TX)
 }
 
 #[inline(always)]
@@ -171,7 +218,7 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
     let cs = !csum::fold(csum::add(&seg, pseudo));
     b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;
-    Ok(Verdict::Tx)
+    Ok(Verdict::TX)
 }
 
 /// Replaces a UDP datagram by an ICMP port unreachable from the frontend address to the
@@ -180,7 +227,7 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
 pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
     if p.ihl != 5 {
         // Quoting options is not implemented; such datagrams are dropped (still counted).
-        return Ok(Verdict::Drop);
+        return Ok(Verdict::DROP);
     }
     let q: *const [u8; 28] = ptr_at(c, L3)?;
     let mut b = [0u8; 70];
@@ -196,7 +243,7 @@ pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason
     let cs = !csum::fold(csum::add(&msg, 0));
     b[i + 2..i + 4].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;
-    Ok(Verdict::Tx)
+    Ok(Verdict::TX)
 }
 
 #[inline(always)]

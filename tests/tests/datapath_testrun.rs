@@ -901,3 +901,48 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         assert!(!env.dir.exists(), "pin directory removed");
     });
 }
+
+#[test]
+fn hairpin_pod_reaches_itself_through_its_service() {
+    let mut env = Env::new();
+    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    // The backend pod itself connects to the ClusterIP.
+    let me = "198.18.100.11:41000";
+    let syn = Frame::tcp(sa(me), sa(CIP), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "bounced back into the pod");
+    let got = frames::decode(&out).unwrap();
+    let L4::Tcp { sport: hp, .. } = got.l4 else { panic!() };
+    assert!((61000..=65535).contains(&hp));
+    let want = syn
+        .clone()
+        .with_src(SocketAddrV4::new(*sa(CIP).ip(), hp))
+        .with_dst(sa(BE1))
+        .with_macs(syn.smac, syn.dmac);
+    assert_frame(&out, &want);
+
+    // The pod answers the ClusterIP's port; the answer is restored and bounced back too.
+    let synack = Frame::tcp(sa(BE1), SocketAddrV4::new(*sa(CIP).ip(), hp), SYN | ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let want = synack.clone().with_src(sa(CIP)).with_dst(sa(me)).with_macs(synack.smac, synack.dmac);
+    assert_frame(&out, &want);
+
+    // Established packets keep the same translation.
+    let ack = Frame::tcp(sa(me), sa(CIP), ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let want = ack
+        .clone()
+        .with_src(SocketAddrV4::new(*sa(CIP).ip(), hp))
+        .with_dst(sa(BE1))
+        .with_macs(ack.smac, ack.dmac);
+    assert_frame(&out, &want);
+    let ct = env.maps.conntrack().unwrap();
+    assert_eq!(ct[0].1.flags & kproxy_common::ct_flags::HAIRPIN, kproxy_common::ct_flags::HAIRPIN);
+    assert_counts(
+        &env,
+        &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 1), (Reason::ReplyTranslated, 1)],
+    );
+}
