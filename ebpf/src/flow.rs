@@ -3,8 +3,8 @@
 //! before a verdict, whatever the number of services.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use kproxy_common::{
-    Ct4Value, NodeConfig, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4,
-    backend_flags, cfg_flags, ct_flags, ct_state, proto, scope, svc_flags,
+    Ct4Value, NodeConfig, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, backend_flags,
+    cfg_flags, ct_flags, ct_state, proto, scope, svc_flags,
 };
 
 use crate::{
@@ -240,7 +240,8 @@ fn reply<P: Packet>(
     hook: Hook,
     now: u64,
 ) -> Out {
-    let orig = ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
+    let orig =
+        ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
     if let Some(ctp) = ct::lookup(&orig, now) {
         ct::touch(ctp, p.proto, p.tcp_flags, true, now);
     }

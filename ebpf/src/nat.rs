@@ -142,7 +142,11 @@ pub fn forward<P: Packet>(c: &mut P, p: &Ip4, r: &Route) -> Result<Verdict, Reas
         return Ok(Verdict::redirect_neigh(r.ifindex));
     }
     c.set_macs(&r.dmac, &r.smac)?;
-    if P::XDP && r.ifindex == c.ifindex() { Ok(Verdict::TX) } else { Ok(Verdict::redirect(r.ifindex)) }
+    if P::XDP && r.ifindex == c.ifindex() {
+        Ok(Verdict::TX)
+    } else {
+        Ok(Verdict::redirect(r.ifindex))
+    }
 }
 
 /// Sends the packet back where it came from, Ethernet addresses swapped.

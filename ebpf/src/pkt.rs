@@ -172,9 +172,7 @@ impl Packet for Xdp<'_> {
     #[inline(always)]
     fn fib_lookup(&mut self, params: &mut FibParams) -> i64 {
         // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
-        unsafe {
-            bpf_fib_lookup(self.0.ctx as *mut _, params, size_of::<FibParams>() as i32, 0)
-        }
+        unsafe { bpf_fib_lookup(self.0.ctx as *mut _, params, size_of::<FibParams>() as i32, 0) }
     }
 }
 

@@ -184,8 +184,7 @@ impl Frame {
     /// The L4 bytes with a correct checksum.
     pub fn l4_bytes(&self) -> Vec<u8> {
         let mut b = Vec::new();
-        let csum_at;
-        match &self.l4 {
+        let csum_at = match &self.l4 {
             L4::Tcp { sport, dport, seq, ack, flags, window, options, payload } => {
                 assert_eq!(options.len() % 4, 0);
                 b.extend_from_slice(&sport.to_be_bytes());
@@ -198,7 +197,7 @@ impl Frame {
                 b.extend_from_slice(&[0, 0, 0, 0]);
                 b.extend_from_slice(options);
                 b.extend_from_slice(payload);
-                csum_at = Some(16);
+                Some(16)
             }
             L4::Udp { sport, dport, payload, no_checksum } => {
                 b.extend_from_slice(&sport.to_be_bytes());
@@ -206,7 +205,7 @@ impl Frame {
                 b.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
                 b.extend_from_slice(&[0, 0]);
                 b.extend_from_slice(payload);
-                csum_at = if *no_checksum { None } else { Some(6) };
+                if *no_checksum { None } else { Some(6) }
             }
             L4::Icmp { typ, code, rest, payload } => {
                 b.extend_from_slice(&[*typ, *code, 0, 0]);
@@ -216,9 +215,10 @@ impl Frame {
                 b[2..4].copy_from_slice(&c.to_be_bytes());
                 return b;
             }
-        }
+        };
         if let Some(at) = csum_at {
-            let mut c = checksum(&[&pseudo_header(self.saddr, self.daddr, self.proto(), b.len()), &b]);
+            let mut c =
+                checksum(&[&pseudo_header(self.saddr, self.daddr, self.proto(), b.len()), &b]);
             if c == 0 && self.proto() == 17 {
                 c = 0xffff;
             }
@@ -291,7 +291,10 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let hlen = ((frame[14] & 0x0f) as usize) * 4;
     let ip = &frame[14..14 + hlen];
     if checksum(&[ip]) != 0 {
-        return Err(format!("bad IPv4 header checksum {:#06x}", u16::from_be_bytes([ip[10], ip[11]])));
+        return Err(format!(
+            "bad IPv4 header checksum {:#06x}",
+            u16::from_be_bytes([ip[10], ip[11]])
+        ));
     }
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let l4 = &frame[14 + hlen..14 + tot];

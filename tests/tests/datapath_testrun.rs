@@ -54,7 +54,12 @@ struct Env {
 
 impl Env {
     fn new() -> Self {
-        Self::with_sizes(&MapSizes { services: 1024, backends: 1024, conntrack: 4096, affinity: 1024 })
+        Self::with_sizes(&MapSizes {
+            services: 1024,
+            backends: 1024,
+            conntrack: 4096,
+            affinity: 1024,
+        })
     }
 
     fn with_sizes(sizes: &MapSizes) -> Self {
@@ -276,7 +281,8 @@ fn pinned_map_with_wrong_layout_is_refused() {
 
 #[test]
 fn full_map_reports_full() {
-    let mut env = Env::with_sizes(&MapSizes { services: 4, backends: 2, conntrack: 64, affinity: 8 });
+    let mut env =
+        Env::with_sizes(&MapSizes { services: 4, backends: 2, conntrack: 64, affinity: 8 });
     env.backend(1, BE1, 0, proto::TCP);
     env.backend(2, BE2, 0, proto::TCP);
     let err = env.maps.put_backend(3, &Backend4::default()).unwrap_err();
@@ -311,7 +317,8 @@ fn clusterip_tcp_forward_and_reply() {
     assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
 
     // Second packet of the connection.
-    let data = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
+    let data =
+        Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &data.clone().with_dst(sa(BE1)));
@@ -528,8 +535,10 @@ fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
         assert_eq!(v, TC_ACT_REDIRECT);
         let got = frames::decode(&out).unwrap();
         let L4::Udp { sport, .. } = got.l4 else { panic!() };
-        let mut want =
-            q.clone().with_src(SocketAddrV4::new(NODE_IP.parse().unwrap(), sport)).with_dst(sa(BE_REMOTE));
+        let mut want = q
+            .clone()
+            .with_src(SocketAddrV4::new(NODE_IP.parse().unwrap(), sport))
+            .with_dst(sa(BE_REMOTE));
         want.ttl = 63;
         assert_frame(&out, &want);
         let c = env.counters();
@@ -545,18 +554,35 @@ fn local_only_keeps_client_address_and_drop_if_empty() {
         // LOCAL_ONLY with a backend that is not flagged local (defensive): forwarded, no SNAT.
         env.backend(1, BE_REMOTE, 0, proto::TCP);
         let lb = "198.18.200.1:80";
-        env.service(lb, proto::TCP, scope::EXTERNAL, svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY, &[1], 1);
+        env.service(
+            lb,
+            proto::TCP,
+            scope::EXTERNAL,
+            svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY,
+            &[1],
+            1,
+        );
         let syn = Frame::tcp(sa(CLIENT), sa(lb), SYN);
         let (v, out) = env.xdp(&syn.build());
         assert_eq!(v, XDP_REDIRECT);
-        let mut want = syn.clone().with_dst(sa(BE_REMOTE)).with_macs([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x10]);
+        let mut want = syn
+            .clone()
+            .with_dst(sa(BE_REMOTE))
+            .with_macs([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x10]);
         want.ttl = 63;
         assert_frame(&out, &want);
 
         // LOCAL_ONLY with a local backend: DNAT only, to the stack.
         env.backend(2, BE1, backend_flags::LOCAL, proto::TCP);
         let lb2 = "198.18.200.2:80";
-        env.service(lb2, proto::TCP, scope::EXTERNAL, svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY, &[2], 2);
+        env.service(
+            lb2,
+            proto::TCP,
+            scope::EXTERNAL,
+            svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY,
+            &[2],
+            2,
+        );
         let syn2 = Frame::tcp(sa(CLIENT), sa(lb2), SYN);
         let (v, out) = env.xdp(&syn2.build());
         assert_eq!(v, XDP_PASS);
@@ -564,7 +590,14 @@ fn local_only_keeps_client_address_and_drop_if_empty() {
 
         // No local endpoint under a Local policy: dropped, not rejected.
         let lb3 = "198.18.200.3:80";
-        env.service(lb3, proto::TCP, scope::EXTERNAL, svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY | svc_flags::DROP_IF_EMPTY, &[], 3);
+        env.service(
+            lb3,
+            proto::TCP,
+            scope::EXTERNAL,
+            svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY | svc_flags::DROP_IF_EMPTY,
+            &[],
+            3,
+        );
         let (v, _) = env.xdp(&Frame::tcp(sa(CLIENT), sa(lb3), SYN).build());
         assert_eq!(v, XDP_DROP);
         let (v, _) = env.tc(names::PROG_TC_EXT, &Frame::tcp(sa(CLIENT), sa(lb3), SYN).build());
@@ -639,7 +672,15 @@ fn session_affinity_pins_client_to_backend() {
     let mut env = Env::new();
     env.backend(1, BE1, 0, proto::TCP);
     env.backend(2, BE2, 0, proto::TCP);
-    env.service_aff(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP | svc_flags::AFFINITY, &[1, 2], 9, 3600);
+    env.service_aff(
+        CIP,
+        proto::TCP,
+        scope::INTERNAL,
+        svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
+        &[1, 2],
+        9,
+        3600,
+    );
     let mut seen = std::collections::BTreeSet::new();
     for port in 41000..41016 {
         let syn = Frame::tcp(sa(&format!("198.18.100.10:{port}")), sa(CIP), SYN);
@@ -712,11 +753,7 @@ fn backend_removed_udp_rebalances_tcp_resets() {
     assert_frame(&out, &syn.clone().with_dst(sa(BE2)));
     assert_counts(
         &env,
-        &[
-            (Reason::TranslatedNew, 3),
-            (Reason::Rebalanced, 1),
-            (Reason::ResetBackendGone, 1),
-        ],
+        &[(Reason::TranslatedNew, 3), (Reason::Rebalanced, 1), (Reason::ResetBackendGone, 1)],
     );
 }
 
@@ -782,7 +819,11 @@ fn malformed_frames_are_counted() {
         ("truncated tcp", good[..14 + 20 + 10].to_vec(), Reason::DropMalformed),
         ("truncated udp", udp.build()[..14 + 20 + 4].to_vec(), Reason::DropMalformed),
         ("tcp header cut, ip length consistent", cut_l3(&good, 20 + 10), Reason::DropMalformed),
-        ("udp header cut, ip length consistent", cut_l3(&udp.build(), 20 + 4), Reason::DropMalformed),
+        (
+            "udp header cut, ip length consistent",
+            cut_l3(&udp.build(), 20 + 4),
+            Reason::DropMalformed,
+        ),
         ("bad ihl", bad_ihl, Reason::DropMalformed),
         ("bad version", bad_version, Reason::DropMalformed),
         ("total length beyond frame", tot_too_long, Reason::DropMalformed),
@@ -797,11 +838,8 @@ fn malformed_frames_are_counted() {
                 continue; // TEST_RUN builds no skb from an IPv4 frame without an IP header
             }
             let before = env.counters().get(reason).copied().unwrap_or(0);
-            let (v, _) = if hook == "tc" {
-                env.tc(names::PROG_TC_FROM_POD, frame)
-            } else {
-                env.xdp(frame)
-            };
+            let (v, _) =
+                if hook == "tc" { env.tc(names::PROG_TC_FROM_POD, frame) } else { env.xdp(frame) };
             let dropped = if hook == "tc" { TC_ACT_SHOT } else { XDP_DROP };
             // XDP has only the EXTERNAL TCP frontend: the UDP fragment is not for a service there.
             if hook == "xdp" && *name == "first fragment to udp frontend" {
@@ -841,7 +879,9 @@ fn tc_filters(dev: &str, dir: &str, name: &str) -> (usize, Vec<String>) {
     let lines: Vec<&str> = out.lines().filter(|l| l.contains(name)).collect();
     let ids = lines
         .iter()
-        .filter_map(|l| l.split(" id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned()))
+        .filter_map(|l| {
+            l.split(" id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned())
+        })
         .collect();
     (lines.len(), ids)
 }
@@ -926,7 +966,8 @@ fn hairpin_pod_reaches_itself_through_its_service() {
     let synack = Frame::tcp(sa(BE1), SocketAddrV4::new(*sa(CIP).ip(), hp), SYN | ACK);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
     assert_eq!(v, TC_ACT_REDIRECT);
-    let want = synack.clone().with_src(sa(CIP)).with_dst(sa(me)).with_macs(synack.smac, synack.dmac);
+    let want =
+        synack.clone().with_src(sa(CIP)).with_dst(sa(me)).with_macs(synack.smac, synack.dmac);
     assert_frame(&out, &want);
 
     // Established packets keep the same translation.
@@ -943,6 +984,10 @@ fn hairpin_pod_reaches_itself_through_its_service() {
     assert_eq!(ct[0].1.flags & kproxy_common::ct_flags::HAIRPIN, kproxy_common::ct_flags::HAIRPIN);
     assert_counts(
         &env,
-        &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 1), (Reason::ReplyTranslated, 1)],
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ReplyTranslated, 1),
+        ],
     );
 }

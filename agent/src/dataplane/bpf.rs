@@ -31,12 +31,7 @@ pub struct MapSpec {
 }
 
 const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
-    MapSpec {
-        name,
-        map_type,
-        key_size: size_of::<K>() as u32,
-        value_size: size_of::<V>() as u32,
-    }
+    MapSpec { name, map_type, key_size: size_of::<K>() as u32, value_size: size_of::<V>() as u32 }
 }
 
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.

@@ -137,8 +137,12 @@ impl Datapath {
                 if let Some(want) = sizes.of(name)
                     && want != max
                 {
-                    warn!(map = name, pinned = max, requested = want,
-                        "reusing pinned map with its existing capacity (cleanup to resize)");
+                    warn!(
+                        map = name,
+                        pinned = max,
+                        requested = want,
+                        "reusing pinned map with its existing capacity (cleanup to resize)"
+                    );
                 }
                 debug!(map = name, "reusing pinned map");
             } else if let Some(want) = sizes.of(name) {
@@ -300,7 +304,8 @@ fn detach_device(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
             Ok(()) => {}
             Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
             Err(TcError::NetlinkError(e))
-                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {}
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {
+            }
             Err(e) => {
                 return Err(e).with_context(|| format!("detaching {name} from {ifname} {ty:?}"));
             }
