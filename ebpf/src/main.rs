@@ -1,18 +1,83 @@
-//! kproxy's XDP and TC entry points. Entry points are thin: each calls a fallible body and
-//! counts the reason of every verdict.
+//! kproxy's XDP and TC entry points. Entry points are thin: each runs the shared pipeline
+//! ([`flow`]), counts the reason of its verdict and turns the verdict into a return code.
 #![no_std]
 #![no_main]
 
+mod csum;
+mod ct;
+mod flow;
+mod lb;
 mod maps;
+mod nat;
+mod parse;
+mod pkt;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use kproxy_common::Reason;
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use flow::Hook;
+use nat::Action;
+use pkt::Packet as _;
 
 /// NodePort / LoadBalancer / externalIP entry on the node's external devices.
 #[xdp]
-pub fn kp_xdp_ext(_ctx: XdpContext) -> u32 {
-    maps::count(Reason::PassNoService);
-    xdp_action::XDP_PASS
+pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
+    let mut c = pkt::Xdp(&ctx);
+    let (v, reason) = flow::handle(&mut c, Hook::XdpExt);
+    maps::count(reason);
+    match v.action {
+        Action::Pass | Action::RedirectNeigh => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Tx => xdp_action::XDP_TX,
+        // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
+        Action::Redirect => unsafe { bpf_redirect(v.ifindex, 0) as u32 },
+    }
+}
+
+/// External devices, TC ingress: everything XDP passed on, or everything in TC-only mode.
+#[classifier]
+pub fn kp_tc_ext(ctx: TcContext) -> i32 {
+    tc(&ctx, Hook::TcExt)
+}
+
+/// Host side of pod interfaces, TC ingress: traffic leaving a pod.
+#[classifier]
+pub fn kp_tc_from_pod(ctx: TcContext) -> i32 {
+    tc(&ctx, Hook::FromPod)
+}
+
+/// Host side of pod interfaces, TC egress: replies entering a pod not translated earlier.
+#[classifier]
+pub fn kp_tc_to_pod(ctx: TcContext) -> i32 {
+    tc(&ctx, Hook::ToPod)
+}
+
+/// Headers the pipeline reads: Ethernet, IPv4 with options, the fixed TCP header.
+const HEADERS: u32 = 14 + 60 + 20;
+
+#[inline(always)]
+fn tc(ctx: &TcContext, hook: Hook) -> i32 {
+    let need = if ctx.len() < HEADERS { ctx.len() } else { HEADERS };
+    if ((ctx.data_end() - ctx.data()) as u32) < need {
+        // Non-linear skb: make the headers directly readable (failure shows as truncation).
+        let _ = ctx.pull_data(need);
+    }
+    let mut c = pkt::Tc(ctx);
+    let (v, reason) = flow::handle(&mut c, hook);
+    maps::count(reason);
+    match v.action {
+        Action::Pass => TC_ACT_OK as i32,
+        Action::Drop => TC_ACT_SHOT as i32,
+        // SAFETY: plain helper calls; they return TC_ACT_REDIRECT or TC_ACT_SHOT.
+        Action::Tx => unsafe { bpf_redirect(c.ifindex(), 0) as i32 },
+        Action::Redirect => unsafe { bpf_redirect(v.ifindex, 0) as i32 },
+        Action::RedirectNeigh => unsafe {
+            bpf_redirect_neigh(v.ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+    }
 }
 
 #[cfg(not(test))]

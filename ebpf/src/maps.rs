@@ -49,3 +49,9 @@ pub fn count(reason: Reason) {
         unsafe { *c += 1 };
     }
 }
+
+/// The node configuration (all zero, i.e. not READY, until the agent writes it).
+#[inline(always)]
+pub fn config() -> Option<NodeConfig> {
+    kp_config.get(0).copied()
+}

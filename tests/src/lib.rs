@@ -1,12 +1,13 @@
 //! kproxy's test support: the lab (a virtual cluster in network namespaces), the
-//! `kproxy-netexec` test server and the clients that talk to it, manifests for the lab, the
-//! Kubernetes API test server, the demo, and the kube-proxy-equivalent baselines of the
-//! benchmarks.
+//! `kproxy-netexec` test server and the clients that talk to it, frames and checksums for packet
+//! tests, manifests for the lab, the Kubernetes API test server, the demo, and the
+//! kube-proxy-equivalent baselines of the benchmarks.
 
 pub mod apiserver;
 pub mod baseline;
 pub mod client;
 pub mod demo;
+pub mod frames;
 pub mod lab;
 pub mod manifests;
 pub mod netexec;

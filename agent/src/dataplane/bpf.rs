@@ -1,67 +1,261 @@
 //! The aya implementation of [`Dataplane`](super::Dataplane): the pinned BPF maps of one node.
 //!
-//! API CONTRACT (bodies are being written on the `datapath` branch).
-use std::path::Path;
+//! Every map is opened from its pin under `<pin-path>/v1/<name>` and checked against the ABI
+//! ([`MAP_SPECS`]) before use, so a stale pin from another layout is refused with a clear error
+//! instead of being reinterpreted.
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use kproxy_common::{
-    Backend4, Ct4Value, NodeConfig, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4,
+    ABI_VERSION, Affinity4Key, Affinity4Value, Backend4, Ct4Value, NodeConfig, REASON_MAX, Reason,
+    RevNat4Value, Service4Key, Service4Value, Tuple4, names,
 };
 
 use super::{Dataplane, DataplaneError};
 
+/// What the ABI says one pinned map must look like.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapSpec {
+    /// Map name (also the pin file name).
+    pub name: &'static str,
+    /// Kernel map type.
+    pub map_type: MapType,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes (per CPU for per-CPU maps).
+    pub value_size: u32,
+}
+
+const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
+    MapSpec { name, map_type, key_size: size_of::<K>() as u32, value_size: size_of::<V>() as u32 }
+}
+
+/// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
+pub const MAP_SPECS: [MapSpec; 7] = [
+    spec::<Service4Key, Service4Value>(names::SERVICES4, MapType::Hash),
+    spec::<u32, Backend4>(names::BACKENDS4, MapType::Hash),
+    spec::<Tuple4, Ct4Value>(names::CT4, MapType::LruHash),
+    spec::<Tuple4, RevNat4Value>(names::REVNAT4, MapType::LruHash),
+    spec::<Affinity4Key, Affinity4Value>(names::AFFINITY4, MapType::LruHash),
+    spec::<u32, u64>(names::COUNTERS, MapType::PerCpuArray),
+    spec::<u32, NodeConfig>(names::CONFIG, MapType::Array),
+];
+
+/// The versioned directory holding the map pins: `<pin_path>/v1`.
+pub fn maps_dir(pin_path: &Path) -> PathBuf {
+    pin_path.join(format!("v{ABI_VERSION}"))
+}
+
+/// Checks the map pinned at `path` against `spec`; returns its `max_entries`.
+pub(crate) fn check_pinned(path: &Path, spec: &MapSpec) -> anyhow::Result<(MapData, u32)> {
+    let data = MapData::from_pin(path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let info = data.info().with_context(|| format!("reading info of {}", path.display()))?;
+    let map_type = info.map_type().with_context(|| format!("map type of {}", path.display()))?;
+    if map_type != spec.map_type
+        || info.key_size() != spec.key_size
+        || info.value_size() != spec.value_size
+    {
+        bail!(
+            "pinned map {} does not match ABI v{ABI_VERSION}: found {:?} key {} value {} bytes, \
+             expected {:?} key {} value {} bytes (remove it with `kproxy cleanup` or use another \
+             --pin-path)",
+            path.display(),
+            map_type,
+            info.key_size(),
+            info.value_size(),
+            spec.map_type,
+            spec.key_size,
+            spec.value_size
+        );
+    }
+    Ok((data, info.max_entries()))
+}
+
 /// The pinned maps under `<pin-path>/v1/`, opened for reading and writing. Works whether or not
 /// an agent is running (the CLI uses it too).
 pub struct BpfDataplane {
-    _private: (),
+    services: HashMap<MapData, Service4Key, Service4Value>,
+    services_cap: u32,
+    backends: HashMap<MapData, u32, Backend4>,
+    backends_cap: u32,
+    ct: HashMap<MapData, Tuple4, Ct4Value>,
+    revnat: HashMap<MapData, Tuple4, RevNat4Value>,
+    affinity: HashMap<MapData, Affinity4Key, Affinity4Value>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, NodeConfig>,
+}
+
+fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<(Map, u32)> {
+    let (data, max) = check_pinned(&dir.join(spec.name), spec)?;
+    let map = Map::from_map_data(data).with_context(|| format!("map {}", spec.name))?;
+    Ok((map, max))
 }
 
 impl BpfDataplane {
     /// Opens the pinned maps under `pin_path` (the directory given as `--pin-path`), checking type,
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
-        anyhow::bail!("BpfDataplane::open({}) is not implemented yet", pin_path.display())
+        let dir = maps_dir(pin_path);
+        let [svc, be, ct, rnat, aff, stats, cfg] = &MAP_SPECS;
+        let (services, services_cap) = open_map(&dir, svc)?;
+        let (backends, backends_cap) = open_map(&dir, be)?;
+        Ok(Self {
+            services: services.try_into()?,
+            services_cap,
+            backends: backends.try_into()?,
+            backends_cap,
+            ct: open_map(&dir, ct)?.0.try_into()?,
+            revnat: open_map(&dir, rnat)?.0.try_into()?,
+            affinity: open_map(&dir, aff)?.0.try_into()?,
+            counters: open_map(&dir, stats)?.0.try_into()?,
+            config: open_map(&dir, cfg)?.0.try_into()?,
+        })
     }
 
     /// Every connection-tracking entry.
     pub fn conntrack(&self) -> Result<Vec<(Tuple4, Ct4Value)>, DataplaneError> {
-        Ok(Vec::new())
+        collect(&self.ct, names::CT4)
     }
 
     /// Every reverse-NAT entry.
     pub fn revnat(&self) -> Result<Vec<(Tuple4, RevNat4Value)>, DataplaneError> {
-        Ok(Vec::new())
+        collect(&self.revnat, names::REVNAT4)
+    }
+
+    /// Every session-affinity entry.
+    pub fn affinity(&self) -> Result<Vec<(Affinity4Key, Affinity4Value)>, DataplaneError> {
+        collect(&self.affinity, names::AFFINITY4)
+    }
+
+    /// The node configuration as programmed (zero before the first `set_config`).
+    pub fn config(&self) -> Result<NodeConfig, DataplaneError> {
+        self.config.get(&0, 0).map_err(|e| map_err(names::CONFIG, "lookup", "0", e))
     }
 
     /// Packet counters by reason, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
-        Ok(Vec::new())
+        let mut out = Vec::with_capacity(Reason::ALL.len());
+        for r in Reason::ALL {
+            let idx = *r as u32;
+            debug_assert!(idx < REASON_MAX);
+            let per_cpu = self
+                .counters
+                .get(&idx, 0)
+                .map_err(|e| map_err(names::COUNTERS, "lookup", &idx.to_string(), e))?;
+            out.push((*r, per_cpu.iter().copied().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Removes a connection-tracking entry (and nothing else); absent is not an error.
+    pub fn delete_conntrack(&mut self, key: &Tuple4) -> Result<(), DataplaneError> {
+        ignore_absent(self.ct.remove(key), names::CT4, key)
+    }
+
+    /// Removes a reverse-NAT entry; absent is not an error.
+    pub fn delete_revnat(&mut self, key: &Tuple4) -> Result<(), DataplaneError> {
+        ignore_absent(self.revnat.remove(key), names::REVNAT4, key)
+    }
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, DataplaneError> {
+    // A concurrent delete by the datapath (LRU eviction) can make one step fail with ENOENT;
+    // such entries are simply skipped.
+    let mut out = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok(kv) => out.push(kv),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name, "iterate", "", e)),
+        }
+    }
+    Ok(out)
+}
+
+fn syscall_errno(e: &MapError) -> Option<i32> {
+    match e {
+        MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn map_err(map: &'static str, op: &'static str, key: &str, e: MapError) -> DataplaneError {
+    let source = match e {
+        MapError::SyscallError(s) => s.io_error,
+        other => io::Error::other(other.to_string()),
+    };
+    DataplaneError::Map { map, op, key: key.to_owned(), source }
+}
+
+fn ignore_absent<K: std::fmt::Debug>(
+    r: Result<(), MapError>,
+    map: &'static str,
+    key: &K,
+) -> Result<(), DataplaneError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) if syscall_errno(&e) == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err(map, "delete", &format!("{key:?}"), e)),
+    }
+}
+
+fn update_err<K: std::fmt::Debug>(
+    map: &'static str,
+    capacity: u32,
+    key: &K,
+    e: MapError,
+) -> DataplaneError {
+    match syscall_errno(&e) {
+        Some(libc::E2BIG) | Some(libc::ENOSPC) => {
+            DataplaneError::Full { map, capacity, key: format!("{key:?}") }
+        }
+        _ => map_err(map, "update", &format!("{key:?}"), e),
     }
 }
 
 impl Dataplane for BpfDataplane {
-    fn set_config(&mut self, _cfg: &NodeConfig) -> Result<(), DataplaneError> {
-        unimplemented!()
+    fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DataplaneError> {
+        self.config.set(0, cfg, 0).map_err(|e| map_err(names::CONFIG, "update", "0", e))
     }
-    fn put_backend(&mut self, _id: u32, _backend: &Backend4) -> Result<(), DataplaneError> {
-        unimplemented!()
+
+    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), DataplaneError> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(|e| update_err(names::BACKENDS4, self.backends_cap, &id, e))
     }
-    fn delete_backend(&mut self, _id: u32) -> Result<(), DataplaneError> {
-        unimplemented!()
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        ignore_absent(self.backends.remove(&id), names::BACKENDS4, &id)
     }
+
     fn put_service(
         &mut self,
-        _key: &Service4Key,
-        _value: &Service4Value,
+        key: &Service4Key,
+        value: &Service4Value,
     ) -> Result<(), DataplaneError> {
-        unimplemented!()
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| update_err(names::SERVICES4, self.services_cap, key, e))
     }
-    fn delete_service(&mut self, _key: &Service4Key) -> Result<(), DataplaneError> {
-        unimplemented!()
+
+    fn delete_service(&mut self, key: &Service4Key) -> Result<(), DataplaneError> {
+        ignore_absent(self.services.remove(key), names::SERVICES4, key)
     }
+
     fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError> {
-        unimplemented!()
+        collect(&self.services, names::SERVICES4)
     }
+
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
-        unimplemented!()
+        collect(&self.backends, names::BACKENDS4)
     }
 }

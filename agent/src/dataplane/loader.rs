@@ -1,9 +1,42 @@
 //! Loading the embedded eBPF object, pinning its maps, attaching its programs to devices.
 //!
-//! API CONTRACT (bodies are being written on the `datapath` branch).
-use std::path::{Path, PathBuf};
+//! Layout under the pin path (`--pin-path`, on bpffs):
+//! - `v1/<map>`: every map of the ABI, reused by the next agent (checked against the ABI first);
+//! - `v1/links/xdp-<ifname>`: the XDP `bpf_link` of each external device.
+//!
+//! Attachments outlive the agent, as kube-proxy's rules outlive kube-proxy:
+//! - XDP uses a pinned `bpf_link` (Linux 5.9+); a restarted agent swaps the program inside the
+//!   link with `BPF_LINK_UPDATE`, atomically.
+//! - TC uses classic `cls_bpf` filters on the `clsact` qdisc (netlink, works on 5.15; TCX links
+//!   would need 6.6), always at priority [`TC_PRIORITY`] and handle [`TC_HANDLE`]. Netlink filters
+//!   are not removed when the agent exits; a restarted agent replaces the filter at that
+//!   priority/handle in place (one `RTM_NEWTFILTER` without `NLM_F_EXCL`), so there is neither a
+//!   gap nor a duplicate.
+use std::{
+    ffi::CString,
+    io,
+    path::{Path, PathBuf},
+};
 
-use super::bpf::BpfDataplane;
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+        xdp::XdpLink,
+    },
+};
+use kproxy_common::names;
+use tracing::{debug, info, warn};
+
+use super::bpf::{BpfDataplane, MAP_SPECS, check_pinned, maps_dir};
+
+/// Priority of kproxy's TC filters (lower runs first).
+pub const TC_PRIORITY: u16 = 1;
+/// Handle of kproxy's TC filters ("KP").
+pub const TC_HANDLE: u32 = 0x4b50;
 
 /// Map capacities chosen at load time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +63,18 @@ impl Default for MapSizes {
     }
 }
 
+impl MapSizes {
+    fn of(&self, map: &str) -> Option<u32> {
+        match map {
+            names::SERVICES4 => Some(self.services),
+            names::BACKENDS4 => Some(self.backends),
+            names::CT4 | names::REVNAT4 => Some(self.conntrack),
+            names::AFFINITY4 => Some(self.affinity),
+            _ => None,
+        }
+    }
+}
+
 /// How the external (NodePort) devices are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExternalMode {
@@ -44,38 +89,284 @@ pub enum ExternalMode {
 /// `Datapath` (or the agent dying) leaves the datapath serving; only [`cleanup`] removes it.
 pub struct Datapath {
     pin_path: PathBuf,
+    ebpf: Ebpf,
+}
+
+fn links_dir(pin_path: &Path) -> PathBuf {
+    maps_dir(pin_path).join("links")
+}
+
+fn xdp_link_pin(pin_path: &Path, ifname: &str) -> PathBuf {
+    links_dir(pin_path).join(format!("xdp-{ifname}"))
+}
+
+fn ifindex(ifname: &str) -> Option<u32> {
+    let c = CString::new(ifname).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC }
 }
 
 impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
     /// match the ABI (type, key and value size), creating and pinning them otherwise.
     pub fn load(pin_path: &Path, sizes: &MapSizes) -> anyhow::Result<Self> {
-        let _ = sizes;
-        anyhow::bail!("Datapath::load({}) is not implemented yet", pin_path.display())
+        let dir = maps_dir(pin_path);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating pin directory {}", dir.display()))?;
+        if !is_bpffs(&dir) {
+            bail!(
+                "pin path {} is not on a BPF filesystem (mount -t bpf bpf /sys/fs/bpf)",
+                dir.display()
+            );
+        }
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&'static str, PathBuf)> =
+            MAP_SPECS.iter().map(|s| (s.name, dir.join(s.name))).collect();
+        for (spec, (name, pin)) in MAP_SPECS.iter().zip(&pins) {
+            if pin.exists() {
+                let (_, max) = check_pinned(pin, spec)?;
+                if let Some(want) = sizes.of(name)
+                    && want != max
+                {
+                    warn!(
+                        map = name,
+                        pinned = max,
+                        requested = want,
+                        "reusing pinned map with its existing capacity (cleanup to resize)"
+                    );
+                }
+                debug!(map = name, "reusing pinned map");
+            } else if let Some(want) = sizes.of(name) {
+                loader.map_max_entries(name, want);
+            }
+            loader.map_pin_path(name, pin.as_path());
+        }
+        let mut ebpf = loader.load(crate::EBPF_OBJECT).context("loading the eBPF object")?;
+        for name in [names::PROG_TC_EXT, names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
+            let p: &mut SchedClassifier = prog(&mut ebpf, name)?.try_into()?;
+            p.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        let p: &mut Xdp = prog(&mut ebpf, names::PROG_XDP_EXT)?.try_into()?;
+        p.load().with_context(|| format!("loading program {} (verifier)", names::PROG_XDP_EXT))?;
+        info!(pin_path = %pin_path.display(), "datapath loaded");
+        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf })
+    }
+
+    /// The pin path this datapath lives under.
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
+    }
+
+    /// A loaded program by name (tests run them with `BPF_PROG_TEST_RUN`).
+    pub fn program_mut(&mut self, name: &str) -> Option<&mut Program> {
+        self.ebpf.program_mut(name)
     }
 
     /// Attaches the external-device programs to `ifname` (replacing an earlier attachment).
     pub fn attach_external(&mut self, ifname: &str, mode: ExternalMode) -> anyhow::Result<()> {
-        anyhow::bail!("attach_external({ifname}, {mode:?}) is not implemented yet")
+        ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
+        self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT)?;
+        match mode {
+            ExternalMode::Xdp => self.attach_xdp(ifname)?,
+            ExternalMode::TcOnly => detach_xdp(&self.pin_path, ifname)?,
+        }
+        info!(ifname, ?mode, "external device attached");
+        Ok(())
     }
 
     /// Attaches the pod-interface programs (TC ingress and egress) to `ifname`.
     pub fn attach_pod(&mut self, ifname: &str) -> anyhow::Result<()> {
-        anyhow::bail!("attach_pod({ifname}) is not implemented yet")
+        ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
+        self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_FROM_POD)?;
+        self.attach_tc(ifname, TcAttachType::Egress, names::PROG_TC_TO_POD)?;
+        debug!(ifname, "pod interface attached");
+        Ok(())
     }
 
     /// Detaches whatever kproxy attached to `ifname`; a device that is gone is not an error.
     pub fn detach(&mut self, ifname: &str) -> anyhow::Result<()> {
-        anyhow::bail!("detach({ifname}) is not implemented yet")
+        detach_device(&self.pin_path, ifname)
     }
 
     /// The maps, for the sync code.
     pub fn dataplane(&self) -> anyhow::Result<BpfDataplane> {
         BpfDataplane::open(&self.pin_path)
     }
+
+    fn attach_tc(&mut self, ifname: &str, ty: TcAttachType, name: &str) -> anyhow::Result<()> {
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("adding clsact qdisc to {ifname}")),
+        }
+        let p: &mut SchedClassifier = prog(&mut self.ebpf, name)?.try_into()?;
+        // Replace our filter in place if it exists (no gap, no duplicate)...
+        let existing = SchedClassifierLink::attached(
+            ifname,
+            ty,
+            TC_PRIORITY,
+            TcHandle::from(TC_HANDLE),
+            None,
+        )?;
+        let id = match p.attach_to_link(existing) {
+            Ok(id) => id,
+            // ...or create it.
+            Err(_) => p
+                .attach_with_options(
+                    ifname,
+                    ty,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: TC_PRIORITY,
+                        handle: TcHandle::from(TC_HANDLE),
+                        classid: None,
+                    }),
+                )
+                .with_context(|| format!("attaching {name} to {ifname} {ty:?}"))?,
+        };
+        // The filter must outlive this process: take the link and never run its detaching Drop.
+        std::mem::forget(p.take_link(id)?);
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, ifname: &str) -> anyhow::Result<()> {
+        let pin = xdp_link_pin(&self.pin_path, ifname);
+        std::fs::create_dir_all(links_dir(&self.pin_path))?;
+        let p: &mut Xdp = prog(&mut self.ebpf, names::PROG_XDP_EXT)?.try_into()?;
+        if pin.exists() {
+            // A link from an earlier run: swap the program inside it (atomic).
+            let updated = PinnedLink::from_pin(&pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(XdpLink::try_from(FdLink::from(l))?))
+                .and_then(|l| Ok(p.attach_to_link(l)?));
+            match updated {
+                Ok(id) => {
+                    drop(p.take_link(id)?); // closes our fd; the pin keeps the link
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Device recreated (link defunct) or not an XDP link: start over.
+                    warn!(ifname, error = %e, "replacing stale XDP link pin");
+                    std::fs::remove_file(&pin)?;
+                }
+            }
+        }
+        let id = p
+            .attach(ifname, XdpMode::default())
+            .with_context(|| format!("attaching {} to {ifname}", names::PROG_XDP_EXT))?;
+        let link = p.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                fd.pin(&pin).with_context(|| format!("pinning XDP link at {}", pin.display()))?;
+            }
+            Err(_) => {
+                // Kernel without XDP links: a netlink attachment, which persists by itself.
+                warn!(ifname, "XDP attached through netlink (no bpf_link support)");
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Removes every program attachment, link and pin kproxy made under `pin_path`.
+fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
+    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+}
+
+fn detach_xdp(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
+    let pin = xdp_link_pin(pin_path, ifname);
+    match std::fs::remove_file(&pin) {
+        // The last reference to the link is gone: the kernel detaches it.
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
+    }
+}
+
+fn detach_device(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
+    detach_xdp(pin_path, ifname)?;
+    if ifindex(ifname).is_none() {
+        return Ok(());
+    }
+    for (ty, name) in [
+        (TcAttachType::Ingress, names::PROG_TC_EXT),
+        (TcAttachType::Ingress, names::PROG_TC_FROM_POD),
+        (TcAttachType::Egress, names::PROG_TC_TO_POD),
+    ] {
+        match tc::qdisc_detach_program(ifname, ty, name) {
+            Ok(()) => {}
+            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(TcError::NetlinkError(e))
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("detaching {name} from {ifname} {ty:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names of the network devices of the current network namespace.
+fn devices() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns a list terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Removes every program attachment, link and pin kproxy made under `pin_path`: kproxy's TC
+/// filters (found by program name) on every device of the current network namespace, the XDP
+/// links pinned under `v1/links/`, and the map pins.
 pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("cleanup({}) is not implemented yet", pin_path.display())
+    for dev in devices() {
+        detach_device(pin_path, &dev)?;
+    }
+    let links = links_dir(pin_path);
+    if let Ok(rd) = std::fs::read_dir(&links) {
+        for e in rd {
+            let e = e?;
+            if e.file_name().to_string_lossy().starts_with("xdp-") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    let dir = maps_dir(pin_path);
+    for spec in &MAP_SPECS {
+        match std::fs::remove_file(dir.join(spec.name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing pin {}", spec.name)),
+        }
+    }
+    for d in [&dir, &pin_path.to_path_buf()] {
+        match std::fs::remove_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(dir = %d.display(), error = %e, "pin directory not removed (not empty?)")
+            }
+        }
+    }
+    info!(pin_path = %pin_path.display(), "datapath removed");
+    Ok(())
 }

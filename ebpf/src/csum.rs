@@ -1,0 +1,42 @@
+//! The one checksum helper: Internet checksum arithmetic (RFC 1071) and incremental updates
+//! (RFC 1624, `HC' = ~(~HC + ~m + m')`). Values are 16-bit words exactly as they sit in memory;
+//! one's-complement sums do not depend on byte order, so no swapping is needed.
+
+/// Folds a 64-bit accumulator into 16 bits (not complemented).
+#[inline(always)]
+pub fn fold(mut s: u64) -> u16 {
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// Checksum field after a 32-bit word of the covered data changed from `old` to `new`.
+#[inline(always)]
+pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let s = (!check) as u64
+        + ((!old) & 0xffff) as u64
+        + ((!old) >> 16) as u64
+        + (new & 0xffff) as u64
+        + (new >> 16) as u64;
+    !fold(s)
+}
+
+/// Checksum field after a 16-bit word of the covered data changed from `old` to `new`.
+#[inline(always)]
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    let s = (!check) as u64 + (!old) as u64 + new as u64;
+    !fold(s)
+}
+
+/// Adds the 16-bit words of `buf` (even length) to the accumulator `acc`.
+#[inline(always)]
+pub fn add<const N: usize>(buf: &[u8; N], mut acc: u64) -> u64 {
+    let mut i = 0;
+    while i + 1 < N {
+        acc += u16::from_ne_bytes([buf[i], buf[i + 1]]) as u64;
+        i += 2;
+    }
+    acc
+}

@@ -1,0 +1,113 @@
+//! Connection tracking: `kp_ct4` (original tuple → translation) and `kp_rnat4` (reply tuple →
+//! original addresses, also the table of allocated source-NAT ports).
+use aya_ebpf::bindings::BPF_NOEXIST;
+use kproxy_common::{
+    Ct4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_state, proto, timeouts,
+};
+
+use crate::{
+    maps::{kp_ct4, kp_rnat4},
+    parse::tcp_flags,
+};
+
+/// Refresh `last_seen_ns` at most this often (saves a cache-line write per packet).
+const TOUCH_NS: u64 = 1_000_000_000;
+
+/// A tuple from its parts.
+#[inline(always)]
+pub fn tuple(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Tuple4 {
+    Tuple4 { saddr, daddr, sport, dport, proto, _pad: [0; 3] }
+}
+
+/// The live connection entry of an original tuple (expired entries count as absent).
+#[inline(always)]
+pub fn lookup(t: &Tuple4, now: u64) -> Option<*mut Ct4Value> {
+    let v = kp_ct4.get_ptr_mut(t)?;
+    // SAFETY: valid map value pointer.
+    let c = unsafe { &*v };
+    if now.wrapping_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
+        return None;
+    }
+    Some(v)
+}
+
+/// Records a packet of a tracked connection; `reply` says which direction it went.
+#[inline(always)]
+pub fn touch(c: *mut Ct4Value, proto_: u8, flags: u8, reply: bool, now: u64) {
+    // SAFETY: valid map value pointer; racing writers only store equivalent values.
+    let c = unsafe { &mut *c };
+    let mut state = c.state;
+    if proto_ == proto::TCP {
+        if flags & tcp_flags::RST != 0 {
+            state = ct_state::CLOSED;
+        } else if flags & tcp_flags::FIN != 0 && state != ct_state::CLOSED {
+            state = ct_state::CLOSING;
+        } else if reply && state == ct_state::NEW {
+            state = ct_state::ESTABLISHED;
+        }
+    } else if reply && state == ct_state::NEW {
+        state = ct_state::ESTABLISHED;
+    }
+    if state != c.state {
+        c.state = state;
+        c.last_seen_ns = now;
+    } else if now.wrapping_sub(c.last_seen_ns) > TOUCH_NS {
+        c.last_seen_ns = now;
+    }
+}
+
+/// Creates (or replaces) the connection entry of `t`.
+#[inline(always)]
+pub fn create(t: &Tuple4, v: &Ct4Value) -> Result<(), Reason> {
+    kp_ct4.insert(t, v, 0).map_err(|_| Reason::DropCtInsert)
+}
+
+/// Removes the connection entry of `t`.
+#[inline(always)]
+pub fn delete(t: &Tuple4) {
+    let _ = kp_ct4.remove(t);
+}
+
+/// The reverse-NAT entry of a reply tuple.
+#[inline(always)]
+pub fn revnat(t: &Tuple4) -> Option<RevNat4Value> {
+    // SAFETY: map values are only read by copy.
+    unsafe { kp_rnat4.get(t) }.copied()
+}
+
+/// Installs the reverse-NAT entry for replies arriving with tuple `reply`.
+#[inline(always)]
+pub fn create_revnat(reply: &Tuple4, v: &RevNat4Value) -> Result<(), Reason> {
+    kp_rnat4.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)
+}
+
+/// Allocates a source-NAT port for replies `backend → cfg.snat_addr`, claiming the reverse-NAT
+/// entry with `BPF_NOEXIST` so that two connections never share a reply tuple. Returns the
+/// port (be).
+#[inline(always)]
+pub fn alloc_snat_port(
+    cfg: &NodeConfig,
+    reply: &Tuple4,
+    v: &RevNat4Value,
+    hash: u32,
+) -> Result<u16, Reason> {
+    let min = cfg.snat_port_min as u32;
+    let max = cfg.snat_port_max as u32;
+    if min == 0 || max < min {
+        return Err(Reason::DropSnatExhausted);
+    }
+    let range = max - min + 1;
+    let mut key = *reply;
+    let mut h = hash;
+    let mut i = 0;
+    while i < 8 {
+        let port = ((min + h.checked_rem(range).unwrap_or(0)) as u16).to_be();
+        key.dport = port;
+        if kp_rnat4.insert(&key, v, BPF_NOEXIST as u64).is_ok() {
+            return Ok(port);
+        }
+        h = h.wrapping_mul(0x9e37_79b1).wrapping_add(0x7f4a_7c15);
+        i += 1;
+    }
+    Err(Reason::DropSnatExhausted)
+}

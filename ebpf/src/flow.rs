@@ -1,0 +1,294 @@
+//! The per-packet pipeline shared by all hooks: established connection → new connection to a
+//! service → reply of a translated connection → untouched. At most three O(1) map lookups
+//! before a verdict, whatever the number of services.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use kproxy_common::{
+    Ct4Value, NodeConfig, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, backend_flags,
+    cfg_flags, ct_flags, ct_state, proto, scope, svc_flags,
+};
+
+use crate::{
+    ct, lb, maps,
+    nat::{self, Nat, Verdict},
+    parse::{self, Frag, Ip4, tcp_flags},
+    pkt::Packet,
+};
+
+/// Where the program runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress of a host-side pod interface (traffic leaving a pod).
+    FromPod,
+    /// TC egress of a host-side pod interface (traffic entering a pod).
+    ToPod,
+    /// XDP on an external device.
+    XdpExt,
+    /// TC ingress on an external device.
+    TcExt,
+}
+
+impl Hook {
+    #[inline(always)]
+    fn external(self) -> bool {
+        matches!(self, Hook::XdpExt | Hook::TcExt)
+    }
+    #[inline(always)]
+    fn scope(self) -> u8 {
+        if self.external() { scope::EXTERNAL } else { scope::INTERNAL }
+    }
+}
+
+type Out = Result<(Verdict, Reason), Reason>;
+
+/// Runs the pipeline; the caller counts the reason and turns the verdict into a return code.
+#[inline(always)]
+pub fn handle<P: Packet>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
+    match run(c, hook) {
+        Ok(v) => v,
+        Err(r) => (Verdict::DROP, r),
+    }
+}
+
+#[inline(always)]
+fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
+    let cfg = match maps::config() {
+        Some(cfg) if cfg.flags & cfg_flags::READY != 0 => cfg,
+        _ => return Ok((Verdict::PASS, Reason::PassNotReady)),
+    };
+    let Some(p) = parse::ipv4(c)? else {
+        return Ok((Verdict::PASS, Reason::PassNotIpv4));
+    };
+    if p.proto != proto::TCP && p.proto != proto::UDP {
+        return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
+    }
+    if p.frag == Frag::Later {
+        // No ports to look up; see docs/datapath.md.
+        return Ok((Verdict::PASS, Reason::PassNoService));
+    }
+    let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if hook != Hook::ToPod
+        && let Some(v) = established(c, &p, &t, &cfg, hook, now)?
+    {
+        return Ok(v);
+    }
+    // Replies before new connections: a reply tuple is exact, so it must win over a frontend
+    // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
+    if let Some(rn) = ct::revnat(&t) {
+        if p.frag != Frag::None {
+            return Err(Reason::DropFragment);
+        }
+        return reply(c, &p, &t, &rn, &cfg, hook, now);
+    }
+    if hook != Hook::ToPod
+        && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
+    {
+        if p.frag != Frag::None {
+            return Err(Reason::DropFragment);
+        }
+        return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, Reason::TranslatedNew);
+    }
+    Ok((Verdict::PASS, Reason::PassNoService))
+}
+
+/// A packet of a tracked connection. `Ok(None)`: not tracked (or a new connection reusing a
+/// closed tuple), continue with the service lookup.
+#[inline(always)]
+fn established<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    t: &Tuple4,
+    cfg: &NodeConfig,
+    hook: Hook,
+    now: u64,
+) -> Result<Option<(Verdict, Reason)>, Reason> {
+    let Some(ctp) = ct::lookup(t, now) else { return Ok(None) };
+    if p.frag != Frag::None {
+        return Err(Reason::DropFragment);
+    }
+    // SAFETY: valid map value pointer, copied out.
+    let e: Ct4Value = unsafe { *ctp };
+    let syn_only =
+        p.proto == proto::TCP && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    if syn_only && e.state >= ct_state::CLOSING {
+        return Ok(None);
+    }
+    let be = match lb::backend(e.backend_id) {
+        Some(be) if be.addr == e.backend_addr && be.port == e.backend_port => be,
+        _ => {
+            // The backend was removed (or its id reused for another address).
+            ct::delete(t);
+            if p.proto == proto::UDP || syn_only {
+                return match lb::service(p.daddr, p.dport, p.proto, hook.scope()) {
+                    Some((key, svc)) => {
+                        new_conn(c, p, t, cfg, hook, &key, &svc, now, Reason::Rebalanced).map(Some)
+                    }
+                    None => Ok(None),
+                };
+            }
+            return Ok(Some((nat::tcp_reset(c, p)?, Reason::ResetBackendGone)));
+        }
+    };
+    ct::touch(ctp, p.proto, p.tcp_flags, false, now);
+    let n = Nat {
+        saddr: if e.flags & ct_flags::SNAT != 0 { e.snat_addr } else { p.saddr },
+        sport: if e.flags & ct_flags::SNAT != 0 { e.snat_port } else { p.sport },
+        daddr: e.backend_addr,
+        dport: e.backend_port,
+    };
+    let to = if e.flags & ct_flags::HAIRPIN != 0 {
+        To::Bounce
+    } else if hook.external() && be.flags & backend_flags::LOCAL == 0 {
+        To::Fib
+    } else {
+        To::Stack
+    };
+    deliver(c, p, &n, to, Reason::TranslatedEstablished).map(Some)
+}
+
+/// First packet of a connection to a service frontend.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn new_conn<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    t: &Tuple4,
+    cfg: &NodeConfig,
+    hook: Hook,
+    key: &Service4Key,
+    svc: &Service4Value,
+    now: u64,
+    reason: Reason,
+) -> Out {
+    if svc.count == 0 {
+        if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
+            return Err(Reason::DropNoLocalBackend);
+        }
+        let v = if p.proto == proto::TCP {
+            nat::tcp_reset(c, p)?
+        } else {
+            nat::icmp_unreachable(c, p)?
+        };
+        return Ok((v, Reason::RejectNoBackend));
+    }
+    let (id, be) = lb::pick(key, svc, t, now)?;
+    let local = be.flags & backend_flags::LOCAL != 0;
+    // Hairpin: a pod balanced to itself. Its kernel would drop a packet carrying its own
+    // address as source, so the source becomes the frontend (with a SNAT port) and the packet
+    // is bounced straight back into the pod.
+    let hairpin = hook == Hook::FromPod && be.addr == p.saddr;
+    let snat = hairpin || (hook.external() && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
+    let snat_addr = if hairpin { p.daddr } else { cfg.snat_addr };
+    let rn = RevNat4Value {
+        client_addr: p.saddr,
+        frontend_addr: p.daddr,
+        client_port: p.sport,
+        frontend_port: p.dport,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let mut n = Nat { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
+    let mut flags = if hook.external() { ct_flags::EXTERNAL } else { 0 };
+    if snat {
+        if snat_addr == 0 {
+            return Err(Reason::DropNoSnatAddr);
+        }
+        let reply = ct::tuple(be.addr, snat_addr, be.port, 0, p.proto);
+        n.sport = ct::alloc_snat_port(cfg, &reply, &rn, lb::hash(t))?;
+        n.saddr = snat_addr;
+        flags |= ct_flags::SNAT;
+        if hairpin {
+            flags |= ct_flags::HAIRPIN;
+        }
+    } else {
+        ct::create_revnat(&ct::tuple(be.addr, p.saddr, be.port, p.sport, p.proto), &rn)?;
+    }
+    let e = Ct4Value {
+        backend_id: id,
+        svc_id: svc.svc_id,
+        backend_addr: be.addr,
+        snat_addr: if snat { n.saddr } else { 0 },
+        backend_port: be.port,
+        snat_port: if snat { n.sport } else { 0 },
+        state: ct_state::NEW,
+        flags,
+        _pad: 0,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    ct::create(t, &e)?;
+    let to = if hairpin {
+        To::Bounce
+    } else if hook.external() && !local {
+        To::Fib
+    } else {
+        To::Stack
+    };
+    deliver(c, p, &n, to, reason)
+}
+
+/// A reply of a translated connection: restore the frontend as source and the client as
+/// destination.
+#[inline(always)]
+fn reply<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    t: &Tuple4,
+    rn: &RevNat4Value,
+    cfg: &NodeConfig,
+    hook: Hook,
+    now: u64,
+) -> Out {
+    let orig =
+        ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
+    if let Some(ctp) = ct::lookup(&orig, now) {
+        ct::touch(ctp, p.proto, p.tcp_flags, true, now);
+    }
+    let n = Nat {
+        saddr: rn.frontend_addr,
+        sport: rn.frontend_port,
+        daddr: rn.client_addr,
+        dport: rn.client_port,
+    };
+    let to = if rn.client_addr == p.saddr && hook == Hook::FromPod {
+        // Hairpin reply: back into the pod it came from.
+        To::Bounce
+    } else if hook.external() && cfg.snat_addr != 0 && t.daddr == cfg.snat_addr {
+        // Replies to the node's source-NAT address go back out to an external client.
+        To::Fib
+    } else {
+        To::Stack
+    };
+    deliver(c, p, &n, to, Reason::ReplyTranslated)
+}
+
+/// Where a translated packet goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum To {
+    /// The kernel stack routes it (local backend, or a reply to a local client).
+    Stack,
+    /// Straight out through the FIB (remote backend, reply to an external client).
+    Fib,
+    /// Back out of the interface it came in on (hairpin).
+    Bounce,
+}
+
+/// Translates and delivers. XDP leaves packets whose neighbour is unresolved to TC, untouched.
+#[inline(always)]
+fn deliver<P: Packet>(c: &mut P, p: &Ip4, n: &Nat, to: To, reason: Reason) -> Out {
+    if to == To::Stack {
+        nat::apply(c, p, n)?;
+        return Ok((Verdict::PASS, reason));
+    }
+    if to == To::Bounce {
+        nat::apply(c, p, n)?;
+        return Ok((nat::bounce(c)?, reason));
+    }
+    let r = nat::route(c, p, n.saddr, n.daddr)?;
+    if P::XDP && !r.resolved {
+        return Ok((Verdict::PASS, Reason::XdpPassToTc));
+    }
+    nat::apply(c, p, n)?;
+    Ok((nat::forward(c, p, &r)?, reason))
+}

@@ -1,0 +1,261 @@
+//! Packet rewriting: address/port translation, forwarding through the FIB, and the rejection
+//! frames (TCP RST, ICMP port unreachable) built in place of the offending packet.
+use aya_ebpf::bindings::{
+    BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+};
+use kproxy_common::{Reason, proto};
+
+use crate::{
+    csum,
+    parse::{Ip4, tcp_flags},
+    pkt::{IP_DADDR, IP_SADDR, L3, Packet, ptr_at},
+};
+
+const AF_INET: u8 = 2;
+
+/// What to do with the packet after the program.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Action {
+    /// Hand it to the kernel stack.
+    Pass,
+    /// Drop it.
+    Drop,
+    /// Send it back out of the device it came in on.
+    Tx,
+    /// Transmit on `ifindex` (Ethernet header already written).
+    Redirect,
+    /// Transmit on `ifindex`, letting the kernel resolve the neighbour (TC only).
+    RedirectNeigh,
+}
+
+/// An action and its device. A plain struct rather than an enum with payloads: every byte is
+/// always initialised, which keeps the verifier from seeing reads of undefined registers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// What to do.
+    pub action: Action,
+    /// Target device of `Redirect*`, else 0.
+    pub ifindex: u32,
+}
+
+impl Verdict {
+    /// To the kernel stack.
+    pub const PASS: Verdict = Verdict { action: Action::Pass, ifindex: 0 };
+    /// Dropped.
+    pub const DROP: Verdict = Verdict { action: Action::Drop, ifindex: 0 };
+    /// Back out of the ingress device.
+    pub const TX: Verdict = Verdict { action: Action::Tx, ifindex: 0 };
+    /// Out of `ifindex`.
+    #[inline(always)]
+    pub const fn redirect(ifindex: u32) -> Verdict {
+        Verdict { action: Action::Redirect, ifindex }
+    }
+    /// Out of `ifindex`, neighbour resolved by the kernel.
+    #[inline(always)]
+    pub const fn redirect_neigh(ifindex: u32) -> Verdict {
+        Verdict { action: Action::RedirectNeigh, ifindex }
+    }
+}
+
+/// New addresses and ports (be) for a packet.
+#[derive(Clone, Copy)]
+pub struct Nat {
+    /// Source address.
+    pub saddr: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination address.
+    pub daddr: u32,
+    /// Destination port.
+    pub dport: u16,
+}
+
+/// Rewrites `p` to `n`, touching only the fields that change.
+#[inline(always)]
+pub fn apply<P: Packet>(c: &mut P, p: &Ip4, n: &Nat) -> Result<(), Reason> {
+    if n.daddr != p.daddr {
+        c.set_addr(p, IP_DADDR, p.daddr, n.daddr)?;
+    }
+    if n.saddr != p.saddr {
+        c.set_addr(p, IP_SADDR, p.saddr, n.saddr)?;
+    }
+    if n.dport != p.dport {
+        c.set_port(p, p.l4 + 2, p.dport, n.dport)?;
+    }
+    if n.sport != p.sport {
+        c.set_port(p, p.l4, p.sport, n.sport)?;
+    }
+    Ok(())
+}
+
+/// Result of a route lookup for a translated packet (a struct for the same reason as
+/// [`Verdict`]).
+#[derive(Clone, Copy)]
+pub struct Route {
+    /// The neighbour is known (`smac`/`dmac` valid).
+    pub resolved: bool,
+    /// Egress device.
+    pub ifindex: u32,
+    /// Source MAC of the egress device.
+    pub smac: [u8; 6],
+    /// Next hop MAC.
+    pub dmac: [u8; 6],
+}
+
+/// Looks up the route of a packet that will carry `saddr → daddr`.
+#[inline(always)]
+pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Route, Reason> {
+    if p.ttl <= 1 {
+        return Err(Reason::DropFib);
+    }
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut f: FibParams = unsafe { core::mem::zeroed() };
+    f.family = AF_INET;
+    f.l4_protocol = p.proto;
+    f.sport = p.sport;
+    f.dport = p.dport;
+    f.__bindgen_anon_1.tot_len = p.tot_len;
+    f.ifindex = c.ifindex();
+    f.__bindgen_anon_3.ipv4_src = saddr;
+    f.__bindgen_anon_4.ipv4_dst = daddr;
+    let r = c.fib_lookup(&mut f);
+    if r == BPF_FIB_LKUP_RET_SUCCESS as i64 || r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        Ok(Route {
+            resolved: r == BPF_FIB_LKUP_RET_SUCCESS as i64,
+            ifindex: f.ifindex,
+            smac: f.smac,
+            dmac: f.dmac,
+        })
+    } else {
+        Err(Reason::DropFib)
+    }
+}
+
+/// Forwards an already translated packet along `r`: TTL decrement, Ethernet addresses, verdict.
+#[inline(always)]
+pub fn forward<P: Packet>(c: &mut P, p: &Ip4, r: &Route) -> Result<Verdict, Reason> {
+    let old = u16::from_ne_bytes([p.ttl, p.proto]);
+    let new = u16::from_ne_bytes([p.ttl - 1, p.proto]);
+    c.set_ttl_word(old, new)?;
+    if !r.resolved {
+        return Ok(Verdict::redirect_neigh(r.ifindex));
+    }
+    c.set_macs(&r.dmac, &r.smac)?;
+    if P::XDP && r.ifindex == c.ifindex() {
+        Ok(Verdict::TX)
+    } else {
+        Ok(Verdict::redirect(r.ifindex))
+    }
+}
+
+/// Sends the packet back where it came from, Ethernet addresses swapped.
+#[inline(always)]
+pub fn bounce<P: Packet>(c: &mut P) -> Result<Verdict, Reason> {
+    let e: *const [u8; 12] = ptr_at(c, 0)?;
+    // SAFETY: bounds checked by ptr_at; copied before any write.
+    let e = unsafe { *e };
+    let mut dst = [0u8; 6];
+    let mut src = [0u8; 6];
+    dst.copy_from_slice(&e[6..12]);
+    src.copy_from_slice(&e[0..6]);
+    c.set_macs(&dst, &src)?;
+    Ok(Verdict::TX)
+}
+
+#[inline(always)]
+fn eth_reply(c: &impl Packet, b: &mut [u8]) -> Result<(), Reason> {
+    let e: *const [u8; 12] = ptr_at(c, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let e = unsafe { &*e };
+    b[0..6].copy_from_slice(&e[6..12]);
+    b[6..12].copy_from_slice(&e[0..6]);
+    b[12] = 0x08;
+    b[13] = 0x00;
+    Ok(())
+}
+
+#[inline(always)]
+fn ip_header(b: &mut [u8], tot_len: u16, proto_: u8, saddr: u32, daddr: u32) {
+    b[L3] = 0x45;
+    b[L3 + 2..L3 + 4].copy_from_slice(&tot_len.to_be_bytes());
+    b[L3 + 6] = 0x40; // DF
+    b[L3 + 8] = 64;
+    b[L3 + 9] = proto_;
+    b[L3 + 12..L3 + 16].copy_from_slice(&saddr.to_ne_bytes());
+    b[L3 + 16..L3 + 20].copy_from_slice(&daddr.to_ne_bytes());
+    let mut h = [0u8; 20];
+    h.copy_from_slice(&b[L3..L3 + 20]);
+    let c = !csum::fold(csum::add(&h, 0));
+    b[L3 + 10..L3 + 12].copy_from_slice(&c.to_ne_bytes());
+}
+
+/// Replaces a TCP segment by the RST the frontend would send (RFC 9293 3.10.7.1): from the
+/// frontend address to the client, sent back where the segment came from.
+#[inline(always)]
+pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
+    let mut b = [0u8; 54];
+    eth_reply(c, &mut b)?;
+    ip_header(&mut b, 40, proto::TCP, p.daddr, p.saddr);
+    let t = L3 + 20;
+    b[t..t + 2].copy_from_slice(&p.dport.to_ne_bytes());
+    b[t + 2..t + 4].copy_from_slice(&p.sport.to_ne_bytes());
+    if p.tcp_flags & tcp_flags::ACK != 0 {
+        b[t + 4..t + 8].copy_from_slice(&p.ack.to_ne_bytes());
+        b[t + 13] = tcp_flags::RST;
+    } else {
+        let payload = p.tot_len as u32 - p.ihl as u32 * 4 - p.tcp_hlen as u32;
+        let mut ack = u32::from_be(p.seq).wrapping_add(payload);
+        if p.tcp_flags & tcp_flags::SYN != 0 {
+            ack = ack.wrapping_add(1);
+        }
+        if p.tcp_flags & tcp_flags::FIN != 0 {
+            ack = ack.wrapping_add(1);
+        }
+        b[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
+        b[t + 13] = tcp_flags::RST | tcp_flags::ACK;
+    }
+    b[t + 12] = 0x50;
+    let mut seg = [0u8; 20];
+    seg.copy_from_slice(&b[t..t + 20]);
+    let pseudo = pseudo_sum(p.daddr, p.saddr, proto::TCP, 20);
+    let cs = !csum::fold(csum::add(&seg, pseudo));
+    b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
+    c.emit(&b)?;
+    Ok(Verdict::TX)
+}
+
+/// Replaces a UDP datagram by an ICMP port unreachable from the frontend address to the
+/// client, quoting the datagram's IP header and first 8 bytes (RFC 792).
+#[inline(always)]
+pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
+    if p.ihl != 5 {
+        // Quoting options is not implemented; such datagrams are dropped (still counted).
+        return Ok(Verdict::DROP);
+    }
+    let q: *const [u8; 28] = ptr_at(c, L3)?;
+    let mut b = [0u8; 70];
+    eth_reply(c, &mut b)?;
+    ip_header(&mut b, 56, proto::ICMP, p.daddr, p.saddr);
+    let i = L3 + 20;
+    b[i] = 3; // destination unreachable
+    b[i + 1] = 3; // port unreachable
+    // SAFETY: bounds checked by ptr_at.
+    b[i + 8..i + 36].copy_from_slice(unsafe { &*q });
+    let mut msg = [0u8; 36];
+    msg.copy_from_slice(&b[i..i + 36]);
+    let cs = !csum::fold(csum::add(&msg, 0));
+    b[i + 2..i + 4].copy_from_slice(&cs.to_ne_bytes());
+    c.emit(&b)?;
+    Ok(Verdict::TX)
+}
+
+#[inline(always)]
+fn pseudo_sum(saddr: u32, daddr: u32, proto_: u8, len: u16) -> u64 {
+    let mut ph = [0u8; 12];
+    ph[0..4].copy_from_slice(&saddr.to_ne_bytes());
+    ph[4..8].copy_from_slice(&daddr.to_ne_bytes());
+    ph[9] = proto_;
+    ph[10..12].copy_from_slice(&len.to_be_bytes());
+    csum::add(&ph, 0)
+}

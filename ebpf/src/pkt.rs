@@ -1,0 +1,283 @@
+//! The packet as both program types see it: one bounds-checked accessor, and the operations
+//! whose implementation differs between XDP (direct writes, incremental checksums) and TC
+//! (skb helpers, which also keep CHECKSUM_PARTIAL skbs from local sockets correct).
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_fib_lookup as FibParams},
+    helpers::generated::{
+        bpf_fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail,
+        bpf_skb_store_bytes, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
+};
+use kproxy_common::{Reason, proto};
+
+use crate::{csum, parse::Ip4};
+
+/// Offset of the IPv4 header (Ethernet without VLAN tags).
+pub const L3: usize = 14;
+/// Offset of the IPv4 header checksum.
+pub const IP_CSUM: usize = L3 + 10;
+/// Offset of the TTL + protocol word.
+pub const IP_TTL: usize = L3 + 8;
+/// Offset of the IPv4 source address.
+pub const IP_SADDR: usize = L3 + 12;
+/// Offset of the IPv4 destination address.
+pub const IP_DADDR: usize = L3 + 16;
+
+/// Where a packet's bytes are, and how to change them.
+pub trait Packet {
+    /// True for XDP (decides the verdict encoding and what helpers exist).
+    const XDP: bool;
+    /// Start of the packet data.
+    fn data(&self) -> usize;
+    /// End of the linear packet data.
+    fn data_end(&self) -> usize;
+    /// Length of the whole frame (an skb may hold more than its linear part).
+    fn len(&self) -> usize;
+    /// Interface the packet arrived on (TC: the device the program is attached to).
+    fn ifindex(&self) -> u32;
+    /// Replaces the 32-bit address at `off` (`old` → `new`), fixing IP and L4 checksums.
+    fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason>;
+    /// Replaces the 16-bit L4 port at `off`, fixing the L4 checksum.
+    fn set_port(&mut self, p: &Ip4, off: usize, old: u16, new: u16) -> Result<(), Reason>;
+    /// Replaces the TTL + protocol word, fixing the IP checksum.
+    fn set_ttl_word(&mut self, old: u16, new: u16) -> Result<(), Reason>;
+    /// Overwrites the Ethernet addresses.
+    fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason>;
+    /// Replaces the whole frame by `buf` (resizing the packet).
+    fn emit<const N: usize>(&mut self, buf: &[u8; N]) -> Result<(), Reason>;
+    /// `bpf_fib_lookup` on this context.
+    fn fib_lookup(&mut self, params: &mut FibParams) -> i64;
+}
+
+/// The one bounds-checked packet accessor: a pointer to a `T` at `off`, or `DropMalformed`.
+#[inline(always)]
+pub fn ptr_at<P: Packet, T>(p: &P, off: usize) -> Result<*mut T, Reason> {
+    let start = p.data();
+    let end = p.data_end();
+    if start + off + size_of::<T>() > end {
+        return Err(Reason::DropMalformed);
+    }
+    Ok((start + off) as *mut T)
+}
+
+/// Offset of the L4 checksum of `p` (None for protocols without one we maintain).
+#[inline(always)]
+pub fn l4_csum_off(p: &Ip4) -> Option<usize> {
+    match p.proto {
+        proto::TCP => Some(p.l4 + 16),
+        proto::UDP => Some(p.l4 + 6),
+        _ => None,
+    }
+}
+
+/// XDP: direct packet writes with RFC 1624 incremental checksum updates.
+pub struct Xdp<'a>(pub &'a XdpContext);
+
+impl Xdp<'_> {
+    #[inline(always)]
+    fn fix_l4(&self, p: &Ip4, old: u32, new: u32, two: bool) -> Result<(), Reason> {
+        let Some(off) = l4_csum_off(p) else { return Ok(()) };
+        let c: *mut u16 = ptr_at(self, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            let cur = *c;
+            if p.proto == proto::UDP && cur == 0 {
+                return Ok(()); // UDP without checksum stays without
+            }
+            let mut v = if two {
+                csum::replace2(cur, old as u16, new as u16)
+            } else {
+                csum::replace4(cur, old, new)
+            };
+            if p.proto == proto::UDP && v == 0 {
+                v = 0xffff;
+            }
+            *c = v;
+        }
+        Ok(())
+    }
+}
+
+impl Packet for Xdp<'_> {
+    const XDP: bool = true;
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.data_end() - self.0.data()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason> {
+        let a: *mut u32 = ptr_at(self, off)?;
+        let c: *mut u16 = ptr_at(self, IP_CSUM)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            *a = new;
+            *c = csum::replace4(*c, old, new);
+        }
+        self.fix_l4(p, old, new, false)
+    }
+    #[inline(always)]
+    fn set_port(&mut self, p: &Ip4, off: usize, old: u16, new: u16) -> Result<(), Reason> {
+        let a: *mut u16 = ptr_at(self, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *a = new };
+        self.fix_l4(p, old as u32, new as u32, true)
+    }
+    #[inline(always)]
+    fn set_ttl_word(&mut self, old: u16, new: u16) -> Result<(), Reason> {
+        let a: *mut u16 = ptr_at(self, IP_TTL)?;
+        let c: *mut u16 = ptr_at(self, IP_CSUM)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            *a = new;
+            *c = csum::replace2(*c, old, new);
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
+        let e: *mut [u8; 12] = ptr_at(self, 0)?;
+        // SAFETY: bounds checked by ptr_at.
+        let e = unsafe { &mut *e };
+        e[..6].copy_from_slice(dst);
+        e[6..].copy_from_slice(src);
+        Ok(())
+    }
+    #[inline(always)]
+    fn emit<const N: usize>(&mut self, buf: &[u8; N]) -> Result<(), Reason> {
+        let delta = N as i32 - self.len() as i32;
+        // SAFETY: plain helper call on our own context.
+        if unsafe { bpf_xdp_adjust_tail(self.0.ctx, delta) } != 0 {
+            return Err(Reason::DropRewrite);
+        }
+        let d: *mut [u8; N] = ptr_at(self, 0).map_err(|_| Reason::DropRewrite)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *d = *buf };
+        Ok(())
+    }
+    #[inline(always)]
+    fn fib_lookup(&mut self, params: &mut FibParams) -> i64 {
+        // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
+        unsafe { bpf_fib_lookup(self.0.ctx as *mut _, params, size_of::<FibParams>() as i32, 0) }
+    }
+}
+
+/// TC: skb helpers (`bpf_l3/l4_csum_replace` understand CHECKSUM_PARTIAL).
+pub struct Tc<'a>(pub &'a TcContext);
+
+impl Tc<'_> {
+    #[inline(always)]
+    fn store<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
+        // SAFETY: helper bounds-checks against the skb.
+        let r = unsafe {
+            bpf_skb_store_bytes(
+                self.0.skb.skb as *mut _,
+                off as u32,
+                v as *const T as *const _,
+                size_of::<T>() as u32,
+                0,
+            )
+        };
+        if r != 0 { Err(Reason::DropRewrite) } else { Ok(()) }
+    }
+    #[inline(always)]
+    fn l4(&self, p: &Ip4, old: u32, new: u32, flags: u64) -> Result<(), Reason> {
+        let Some(off) = l4_csum_off(p) else { return Ok(()) };
+        let mut f = flags;
+        if p.proto == proto::UDP {
+            f |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        // SAFETY: helper bounds-checks against the skb.
+        let r = unsafe {
+            bpf_l4_csum_replace(self.0.skb.skb as *mut _, off as u32, old as u64, new as u64, f)
+        };
+        if r != 0 { Err(Reason::DropRewrite) } else { Ok(()) }
+    }
+    #[inline(always)]
+    fn l3(&self, old: u32, new: u32, size: u64) -> Result<(), Reason> {
+        // SAFETY: helper bounds-checks against the skb.
+        let r = unsafe {
+            bpf_l3_csum_replace(
+                self.0.skb.skb as *mut _,
+                IP_CSUM as u32,
+                old as u64,
+                new as u64,
+                size,
+            )
+        };
+        if r != 0 { Err(Reason::DropRewrite) } else { Ok(()) }
+    }
+}
+
+impl Packet for Tc<'_> {
+    const XDP: bool = false;
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.0.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason> {
+        self.l4(p, old, new, BPF_F_PSEUDO_HDR as u64 | 4)?;
+        self.l3(old, new, 4)?;
+        self.store(off, &new)
+    }
+    #[inline(always)]
+    fn set_port(&mut self, p: &Ip4, off: usize, old: u16, new: u16) -> Result<(), Reason> {
+        self.l4(p, old as u32, new as u32, 2)?;
+        self.store(off, &new)
+    }
+    #[inline(always)]
+    fn set_ttl_word(&mut self, old: u16, new: u16) -> Result<(), Reason> {
+        self.l3(old as u32, new as u32, 2)?;
+        self.store(IP_TTL, &new)
+    }
+    #[inline(always)]
+    fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
+        let mut m = [0u8; 12];
+        m[..6].copy_from_slice(dst);
+        m[6..].copy_from_slice(src);
+        self.store(0, &m)
+    }
+    #[inline(always)]
+    fn emit<const N: usize>(&mut self, buf: &[u8; N]) -> Result<(), Reason> {
+        // SAFETY: helper on our own context.
+        if unsafe { bpf_skb_change_tail(self.0.skb.skb, N as u32, 0) } != 0 {
+            return Err(Reason::DropRewrite);
+        }
+        self.store(0, buf)
+    }
+    #[inline(always)]
+    fn fib_lookup(&mut self, params: &mut FibParams) -> i64 {
+        // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
+        unsafe {
+            bpf_fib_lookup(self.0.skb.skb as *mut _, params, size_of::<FibParams>() as i32, 0)
+        }
+    }
+}

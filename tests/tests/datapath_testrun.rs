@@ -1,0 +1,993 @@
+//! The eBPF programs under BPF_PROG_TEST_RUN: loaded by the real loader into a throw-away pin
+//! directory, maps filled only through the agent's `Dataplane` trait, crafted frames in, verdict
+//! and the complete output frame checked (checksums by the independent code in
+//! `kproxy_tests::frames`), and the per-reason counters.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN) and bpffs on /sys/fs/bpf.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use kproxy::dataplane::{
+    Dataplane,
+    bpf::BpfDataplane,
+    loader::{Datapath, MapSizes},
+};
+use kproxy_common::{
+    Backend4, NodeConfig, Reason, Service4Key, Service4Value, backend_flags, cfg_flags, names,
+    proto, scope, svc_flags,
+};
+use kproxy_tests::frames::{self, ACK, Frame, L4, PSH, RST, SYN};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE_IP: &str = "198.18.0.10";
+const CLIENT: &str = "198.18.0.2:40000";
+const POD_CLIENT: &str = "198.18.100.10:41000";
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+fn be_addr(a: Ipv4Addr) -> u32 {
+    u32::from(a).to_be()
+}
+
+/// A loaded datapath in its own pin directory, removed on drop (also on panic).
+struct Env {
+    dir: PathBuf,
+    dp: Datapath,
+    maps: BpfDataplane,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self::with_sizes(&MapSizes {
+            services: 1024,
+            backends: 1024,
+            conntrack: 4096,
+            affinity: 1024,
+        })
+    }
+
+    fn with_sizes(sizes: &MapSizes) -> Self {
+        let _ = Command::new("sh")
+            .args(["-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"])
+            .status();
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/kproxy-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let guard = DirGuard(dir.clone());
+        let dp = Datapath::load(&dir, sizes).expect("load datapath");
+        let mut maps = dp.dataplane().expect("open maps");
+        maps.set_config(&NodeConfig {
+            snat_addr: be_addr(NODE_IP.parse().unwrap()),
+            snat_port_min: 61000,
+            snat_port_max: 65535,
+            flags: cfg_flags::READY,
+            _pad: 0,
+        })
+        .unwrap();
+        std::mem::forget(guard);
+        Env { dir, dp, maps }
+    }
+
+    fn backend(&mut self, id: u32, addr: &str, flags: u8, p: u8) {
+        let a = sa(addr);
+        self.maps
+            .put_backend(
+                id,
+                &Backend4 { addr: be_addr(*a.ip()), port: a.port().to_be(), proto: p, flags },
+            )
+            .unwrap();
+    }
+
+    /// Writes a service the way the agent does: slots first, the service entry last.
+    fn service(&mut self, fe: &str, p: u8, sc: u8, flags: u16, backends: &[u32], svc_id: u32) {
+        self.service_aff(fe, p, sc, flags, backends, svc_id, 0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn service_aff(
+        &mut self,
+        fe: &str,
+        p: u8,
+        sc: u8,
+        flags: u16,
+        backends: &[u32],
+        svc_id: u32,
+        affinity_timeout: u32,
+    ) {
+        let a = sa(fe);
+        let key = Service4Key {
+            addr: be_addr(*a.ip()),
+            port: a.port().to_be(),
+            proto: p,
+            scope: sc,
+            slot: 0,
+            _pad: 0,
+        };
+        for (i, id) in backends.iter().enumerate() {
+            let k = Service4Key { slot: i as u16 + 1, ..key };
+            self.maps
+                .put_service(&k, &Service4Value { backend_id: *id, svc_id, ..Default::default() })
+                .unwrap();
+        }
+        self.maps
+            .put_service(
+                &key,
+                &Service4Value {
+                    backend_id: 0,
+                    svc_id,
+                    count: backends.len() as u16,
+                    flags,
+                    affinity_timeout,
+                },
+            )
+            .unwrap();
+    }
+
+    fn counters(&self) -> BTreeMap<Reason, u64> {
+        self.maps.counters().unwrap().into_iter().filter(|(_, n)| *n > 0).collect()
+    }
+
+    fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let p: &mut Xdp = self.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; 2048];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test_run xdp");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn tc(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let p: &mut SchedClassifier = self.dp.program_mut(name).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; 2048];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test_run tc");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct DirGuard(PathBuf);
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Asserts the output frame equals `want` byte for byte and has valid checksums.
+#[track_caller]
+fn assert_frame(got: &[u8], want: &Frame) {
+    if let Err(e) = frames::verify_checksums(got) {
+        panic!("{e}: {:?}", frames::decode(got));
+    }
+    assert_eq!(frames::decode(got).as_ref(), Some(want), "decoded frame");
+    assert_eq!(got, &want.build()[..], "frame bytes");
+}
+
+#[track_caller]
+fn assert_counts(env: &Env, want: &[(Reason, u64)]) {
+    let want: BTreeMap<Reason, u64> = want.iter().copied().collect();
+    assert_eq!(env.counters(), want);
+}
+
+const CIP: &str = "198.19.0.10:80";
+const BE1: &str = "198.18.100.11:8080";
+const BE2: &str = "198.18.100.12:8080";
+const BE_REMOTE: &str = "198.18.101.10:8080";
+
+/// Runs `f` on a thread in a fresh, unnamed network namespace set up for FIB lookups: a veth
+/// pair inside it, the node address, a route to node 1's pod CIDR and permanent neighbours.
+/// The namespace (and everything in it) disappears when the thread ends, also on panic.
+fn in_test_netns<F: FnOnce() + Send + 'static>(with_neighbours: bool, f: F) {
+    let h = std::thread::spawn(move || {
+        // SAFETY: unshare on this thread only.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+        let sh = |cmd: &str| {
+            let st = Command::new("sh").args(["-c", cmd]).status().unwrap();
+            assert!(st.success(), "{cmd}");
+        };
+        sh("ip link set lo up");
+        sh("ip link add kpt0 address 02:00:00:00:00:10 type veth peer name kpt1");
+        sh("ip link set kpt0 up && ip link set kpt1 up");
+        sh(&format!("ip addr add {NODE_IP}/24 dev kpt0"));
+        sh("ip route add 198.18.101.0/24 via 198.18.0.11 dev kpt0");
+        if with_neighbours {
+            sh("ip neigh add 198.18.0.11 lladdr 02:00:00:00:00:11 dev kpt0 nud permanent");
+            sh("ip neigh add 198.18.0.2 lladdr 02:00:00:00:00:02 dev kpt0 nud permanent");
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        std::fs::write("/proc/sys/net/ipv4/conf/lo/forwarding", "1").unwrap();
+        f();
+    });
+    if let Err(e) = h.join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn programs_pass_verifier_and_pinned_maps_are_reused() {
+    let mut env = Env::new();
+    env.backend(7, BE1, 0, proto::TCP);
+    // A second load reuses the pinned maps: the backend written through the first is visible.
+    let dp2 = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+    let maps2 = dp2.dataplane().unwrap();
+    assert_eq!(maps2.backends().unwrap().len(), 1);
+    assert_eq!(maps2.config().unwrap().flags, cfg_flags::READY);
+    for m in names::ALL_MAPS {
+        assert!(env.dir.join("v1").join(m).exists(), "{m} pinned");
+    }
+    env.dp.detach("kproxy-no-such-dev").unwrap();
+}
+
+#[test]
+fn pinned_map_with_wrong_layout_is_refused() {
+    let env = Env::new();
+    // Replace the backends pin by a map with another value size.
+    let pin = env.dir.join("v1").join(names::BACKENDS4);
+    std::fs::remove_file(&pin).unwrap();
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "hash", "key", "4", "value", "12", "entries", "16", "name", "kp_be4"])
+        .status()
+        .expect("bpftool");
+    assert!(st.success());
+    let err = Datapath::load(&env.dir, &MapSizes::default()).err().expect("must refuse");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("does not match ABI") && msg.contains("kp_be4"), "{msg}");
+    assert!(BpfDataplane::open(&env.dir).is_err());
+}
+
+#[test]
+fn full_map_reports_full() {
+    let mut env =
+        Env::with_sizes(&MapSizes { services: 4, backends: 2, conntrack: 64, affinity: 8 });
+    env.backend(1, BE1, 0, proto::TCP);
+    env.backend(2, BE2, 0, proto::TCP);
+    let err = env.maps.put_backend(3, &Backend4::default()).unwrap_err();
+    assert!(matches!(err, kproxy::dataplane::DataplaneError::Full { capacity: 2, .. }), "{err}");
+    // Replacing an existing entry still works, deleting an absent one is fine.
+    env.backend(2, BE1, 0, proto::TCP);
+    env.maps.delete_backend(99).unwrap();
+}
+
+#[test]
+fn not_ready_passes_everything() {
+    let mut env = Env::new();
+    env.maps.set_config(&NodeConfig::default()).unwrap();
+    env.backend(1, BE1, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let f = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN).build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &f);
+    assert_eq!((v, out), (TC_ACT_OK, f));
+    assert_counts(&env, &[(Reason::PassNotReady, 1)]);
+}
+
+#[test]
+fn clusterip_tcp_forward_and_reply() {
+    let mut env = Env::new();
+    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+
+    // SYN from a pod: destination becomes the backend, source is kept.
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+
+    // Second packet of the connection.
+    let data =
+        Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &data.clone().with_dst(sa(BE1)));
+
+    // The reply from the (local) backend leaves its pod: source becomes the ClusterIP.
+    let synack = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+
+    // The same reply seen on the client pod's interface (to_pod) and on the external device
+    // (remote backend) is translated as well.
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+    let (v, out) = env.xdp(&synack.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+
+    let ct = env.maps.conntrack().unwrap();
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct[0].1.state, kproxy_common::ct_state::ESTABLISHED);
+    assert_counts(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ReplyTranslated, 3),
+        ],
+    );
+}
+
+#[test]
+fn clusterip_udp_forward_and_reply_with_and_without_checksum() {
+    let mut env = Env::new();
+    env.backend(1, "198.18.100.11:53", backend_flags::LOCAL, proto::UDP);
+    env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let q = Frame::udp(sa(POD_CLIENT), sa("198.19.0.53:53"), b"query");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &q.clone().with_dst(sa("198.18.100.11:53")));
+    let r = Frame::udp(sa("198.18.100.11:53"), sa(POD_CLIENT), b"answer");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &r.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &r.clone().with_src(sa("198.19.0.53:53")));
+
+    // UDP without checksum stays without (XDP path: reply from a remote backend).
+    let mut r0 = r.clone();
+    if let L4::Udp { no_checksum, .. } = &mut r0.l4 {
+        *no_checksum = true;
+    }
+    let (v, out) = env.xdp(&r0.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame(&out, &r0.clone().with_src(sa("198.19.0.53:53")));
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &r0.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &r0.clone().with_src(sa("198.19.0.53:53")));
+    assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 3)]);
+}
+
+#[test]
+fn same_port_different_protocol() {
+    let mut env = Env::new();
+    env.backend(1, "198.18.100.11:5353", 0, proto::TCP);
+    env.backend(2, "198.18.100.12:5300", 0, proto::UDP);
+    env.service("198.19.0.53:53", proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
+    let t = Frame::tcp(sa(POD_CLIENT), sa("198.19.0.53:53"), SYN);
+    let u = Frame::udp(sa(POD_CLIENT), sa("198.19.0.53:53"), b"q");
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &t.build());
+    assert_frame(&out, &t.clone().with_dst(sa("198.18.100.11:5353")));
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &u.build());
+    assert_frame(&out, &u.clone().with_dst(sa("198.18.100.12:5300")));
+}
+
+#[test]
+fn not_for_service_passes_byte_identical() {
+    let mut env = Env::new();
+    env.backend(1, BE1, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let frames_in = [
+        Frame::tcp(sa(POD_CLIENT), sa("198.19.0.10:81"), SYN).build(), // other port
+        Frame::udp(sa(POD_CLIENT), sa("198.19.0.10:80"), b"x").build(), // other protocol
+        Frame::tcp(sa(POD_CLIENT), sa("198.18.0.99:80"), SYN).build(), // other address
+    ];
+    for f in &frames_in {
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, f);
+        assert_eq!((v, &out), (TC_ACT_OK, f));
+        let (v, out) = env.xdp(f);
+        assert_eq!((v, &out), (XDP_PASS, f));
+    }
+    // ARP and ICMP echo.
+    let mut arp = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN).build();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &arp);
+    assert_eq!((v, &out), (TC_ACT_OK, &arp));
+    let mut ping = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    ping.l4 = L4::Icmp { typ: 8, code: 0, rest: [0, 1, 0, 1], payload: vec![1, 2, 3, 4] };
+    let ping = ping.build();
+    let (v, out) = env.xdp(&ping);
+    assert_eq!((v, &out), (XDP_PASS, &ping));
+    assert_counts(
+        &env,
+        &[(Reason::PassNotIpv4, 1), (Reason::PassNoService, 6), (Reason::PassUnsupportedProto, 1)],
+    );
+}
+
+#[test]
+fn nodeport_local_backend_no_snat() {
+    let mut env = Env::new();
+    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+    let np = format!("{NODE_IP}:30080");
+    env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+    let syn = Frame::tcp(sa(CLIENT), sa(&np), SYN);
+    let (v, out) = env.xdp(&syn.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+    // The same in TC-only mode, for another client port.
+    let syn2 = syn.clone().with_src(sa("198.18.0.2:40001"));
+    let (v, out) = env.tc(names::PROG_TC_EXT, &syn2.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &syn2.clone().with_dst(sa(BE1)));
+    // Reply leaves the backend pod: source becomes node IP:NodePort, client address preserved.
+    let synack = Frame::tcp(sa(BE1), sa(CLIENT), SYN | ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &synack.clone().with_src(sa(&np)));
+    // A pod reaching the NodePort uses the INTERNAL scope entry only: none here, untouched.
+    let from_pod = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN).build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &from_pod);
+    assert_eq!((v, out), (TC_ACT_OK, from_pod));
+}
+
+#[test]
+fn nodeport_remote_backend_snat_fib_forward_and_reply() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        env.backend(1, BE_REMOTE, 0, proto::TCP);
+        let np = format!("{NODE_IP}:30080");
+        env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let kpt0 = ifindex("kpt0");
+        assert_ne!(kpt0, 0);
+
+        let syn = Frame::tcp(sa(CLIENT), sa(&np), SYN);
+        let (v, out) = env.xdp(&syn.build());
+        assert_eq!(v, XDP_REDIRECT, "redirected to kpt0");
+        let got = frames::decode(&out).unwrap();
+        let L4::Tcp { sport: snat_port, .. } = got.l4 else { panic!() };
+        assert!((61000..=65535).contains(&snat_port), "{snat_port}");
+        let mut want = syn
+            .clone()
+            .with_src(SocketAddrV4::new(NODE_IP.parse().unwrap(), snat_port))
+            .with_dst(sa(BE_REMOTE))
+            .with_macs([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x10]);
+        want.ttl = 63;
+        assert_frame(&out, &want);
+
+        let ct = env.maps.conntrack().unwrap();
+        assert_eq!(ct.len(), 1);
+        assert_eq!(ct[0].1.snat_port, snat_port.to_be());
+
+        // TC-only mode takes the same decision for the established connection.
+        let ack = Frame::tcp(sa(CLIENT), sa(&np), ACK);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let mut want_ack = ack
+            .clone()
+            .with_src(SocketAddrV4::new(NODE_IP.parse().unwrap(), snat_port))
+            .with_dst(sa(BE_REMOTE))
+            .with_macs([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x10]);
+        want_ack.ttl = 63;
+        assert_frame(&out, &want_ack);
+
+        // The backend's reply comes back to the node's SNAT port and is sent to the client.
+        let synack = Frame::tcp(
+            sa(BE_REMOTE),
+            SocketAddrV4::new(NODE_IP.parse().unwrap(), snat_port),
+            SYN | ACK,
+        )
+        .with_macs([2, 0, 0, 0, 0, 0x10], [2, 0, 0, 0, 0, 0x11]);
+        let (v, out) = env.xdp(&synack.build());
+        assert_eq!(v, XDP_REDIRECT, "to kpt0 (test runs on lo)");
+        let mut want = synack
+            .clone()
+            .with_src(sa(&np))
+            .with_dst(sa(CLIENT))
+            .with_macs([2, 0, 0, 0, 0, 0x02], [2, 0, 0, 0, 0, 0x10]);
+        want.ttl = 63;
+        assert_frame(&out, &want);
+        assert_counts(
+            &env,
+            &[
+                (Reason::TranslatedNew, 1),
+                (Reason::TranslatedEstablished, 1),
+                (Reason::ReplyTranslated, 1),
+            ],
+        );
+    });
+}
+
+#[test]
+fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
+    in_test_netns(false, || {
+        let mut env = Env::new();
+        env.backend(1, BE_REMOTE, 0, proto::UDP);
+        let np = format!("{NODE_IP}:30053");
+        env.service(&np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let q = Frame::udp(sa(CLIENT), sa(&np), b"q");
+        // XDP cannot resolve the neighbour: the packet goes up untouched...
+        let (v, out) = env.xdp(&q.build());
+        assert_eq!((v, &out), (XDP_PASS, &q.build()));
+        // ...and TC translates it and hands it to bpf_redirect_neigh.
+        let (v, out) = env.tc(names::PROG_TC_EXT, &q.build());
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let got = frames::decode(&out).unwrap();
+        let L4::Udp { sport, .. } = got.l4 else { panic!() };
+        let mut want = q
+            .clone()
+            .with_src(SocketAddrV4::new(NODE_IP.parse().unwrap(), sport))
+            .with_dst(sa(BE_REMOTE));
+        want.ttl = 63;
+        assert_frame(&out, &want);
+        let c = env.counters();
+        assert_eq!(c.get(&Reason::XdpPassToTc), Some(&1));
+        assert_eq!(c.values().sum::<u64>(), 2);
+    });
+}
+
+#[test]
+fn local_only_keeps_client_address_and_drop_if_empty() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        // LOCAL_ONLY with a backend that is not flagged local (defensive): forwarded, no SNAT.
+        env.backend(1, BE_REMOTE, 0, proto::TCP);
+        let lb = "198.18.200.1:80";
+        env.service(
+            lb,
+            proto::TCP,
+            scope::EXTERNAL,
+            svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY,
+            &[1],
+            1,
+        );
+        let syn = Frame::tcp(sa(CLIENT), sa(lb), SYN);
+        let (v, out) = env.xdp(&syn.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let mut want = syn
+            .clone()
+            .with_dst(sa(BE_REMOTE))
+            .with_macs([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x10]);
+        want.ttl = 63;
+        assert_frame(&out, &want);
+
+        // LOCAL_ONLY with a local backend: DNAT only, to the stack.
+        env.backend(2, BE1, backend_flags::LOCAL, proto::TCP);
+        let lb2 = "198.18.200.2:80";
+        env.service(
+            lb2,
+            proto::TCP,
+            scope::EXTERNAL,
+            svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY,
+            &[2],
+            2,
+        );
+        let syn2 = Frame::tcp(sa(CLIENT), sa(lb2), SYN);
+        let (v, out) = env.xdp(&syn2.build());
+        assert_eq!(v, XDP_PASS);
+        assert_frame(&out, &syn2.clone().with_dst(sa(BE1)));
+
+        // No local endpoint under a Local policy: dropped, not rejected.
+        let lb3 = "198.18.200.3:80";
+        env.service(
+            lb3,
+            proto::TCP,
+            scope::EXTERNAL,
+            svc_flags::LOAD_BALANCER | svc_flags::LOCAL_ONLY | svc_flags::DROP_IF_EMPTY,
+            &[],
+            3,
+        );
+        let (v, _) = env.xdp(&Frame::tcp(sa(CLIENT), sa(lb3), SYN).build());
+        assert_eq!(v, XDP_DROP);
+        let (v, _) = env.tc(names::PROG_TC_EXT, &Frame::tcp(sa(CLIENT), sa(lb3), SYN).build());
+        assert_eq!(v, TC_ACT_SHOT);
+        assert_counts(&env, &[(Reason::TranslatedNew, 2), (Reason::DropNoLocalBackend, 2)]);
+    });
+}
+
+#[test]
+fn reject_without_backends_tcp_rst_and_icmp_unreachable() {
+    let mut env = Env::new();
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+    env.service("198.19.0.10:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+
+    // SYN (with options and payload-less): RST|ACK, ack = seq + 1, from the ClusterIP.
+    let mut syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    if let L4::Tcp { options, .. } = &mut syn.l4 {
+        *options = vec![2, 4, 5, 0xb4, 1, 1, 4, 2];
+    }
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "sent back to the pod");
+    let mut rst = Frame::tcp(sa(CIP), sa(POD_CLIENT), RST | ACK).with_macs(syn.smac, syn.dmac);
+    rst.ttl = 64;
+    rst.id = 0;
+    rst.frag = 0x4000;
+    if let L4::Tcp { seq, ack, window, .. } = &mut rst.l4 {
+        *seq = 0;
+        *ack = 1001;
+        *window = 0;
+    }
+    assert_frame(&out, &rst);
+
+    // A segment with ACK and payload from XDP: RST with seq = its ack.
+    let data = Frame::tcp(sa(CLIENT), sa(CIP), ACK | PSH).with_payload(b"hello");
+    env.service(CIP, proto::TCP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+    let (v, out) = env.xdp(&data.build());
+    assert_eq!(v, XDP_TX);
+    let mut rst2 = Frame::tcp(sa(CIP), sa(CLIENT), RST).with_macs(data.smac, data.dmac);
+    rst2.id = 0;
+    if let L4::Tcp { seq, ack, window, .. } = &mut rst2.l4 {
+        *seq = 5000;
+        *ack = 0;
+        *window = 0;
+    }
+    assert_frame(&out, &rst2);
+
+    // UDP: ICMP port unreachable quoting the IP header and 8 bytes.
+    let q = Frame::udp(sa(POD_CLIENT), sa("198.19.0.10:53"), b"a longer query payload");
+    let qb = q.build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &qb);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let mut icmp = Frame::udp(sa("198.19.0.10:53"), sa(POD_CLIENT), b"").with_macs(q.smac, q.dmac);
+    icmp.id = 0;
+    icmp.l4 = L4::Icmp { typ: 3, code: 3, rest: [0; 4], payload: qb[14..14 + 28].to_vec() };
+    assert_frame(&out, &icmp);
+    // Short datagram (frame grows) through XDP.
+    env.service("198.19.0.10:53", proto::UDP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+    let q2 = Frame::udp(sa(CLIENT), sa("198.19.0.10:53"), b"");
+    let q2b = q2.build();
+    let (v, out) = env.xdp(&q2b);
+    assert_eq!(v, XDP_TX);
+    let mut icmp2 = Frame::udp(sa("198.19.0.10:53"), sa(CLIENT), b"").with_macs(q2.smac, q2.dmac);
+    icmp2.id = 0;
+    icmp2.l4 = L4::Icmp { typ: 3, code: 3, rest: [0; 4], payload: q2b[14..14 + 28].to_vec() };
+    assert_frame(&out, &icmp2);
+    assert_counts(&env, &[(Reason::RejectNoBackend, 4)]);
+    assert!(env.maps.conntrack().unwrap().is_empty());
+}
+
+#[test]
+fn session_affinity_pins_client_to_backend() {
+    let mut env = Env::new();
+    env.backend(1, BE1, 0, proto::TCP);
+    env.backend(2, BE2, 0, proto::TCP);
+    env.service_aff(
+        CIP,
+        proto::TCP,
+        scope::INTERNAL,
+        svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
+        &[1, 2],
+        9,
+        3600,
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41000..41016 {
+        let syn = Frame::tcp(sa(&format!("198.18.100.10:{port}")), sa(CIP), SYN);
+        let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        seen.insert(frames::decode(&out).unwrap().daddr);
+    }
+    assert_eq!(seen.len(), 1, "one backend for one client: {seen:?}");
+    let aff = env.maps.affinity().unwrap();
+    assert_eq!(aff.len(), 1);
+    assert_eq!(aff[0].0.svc_id, 9);
+
+    // Without affinity, 16 connections spread over both backends.
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1, 2], 9);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 42000..42016 {
+        let syn = Frame::tcp(sa(&format!("198.18.100.10:{port}")), sa(CIP), SYN);
+        let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        seen.insert(frames::decode(&out).unwrap().daddr);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
+fn backend_removed_udp_rebalances_tcp_resets() {
+    let mut env = Env::new();
+    env.backend(1, "198.18.100.11:53", 0, proto::UDP);
+    env.backend(2, "198.18.100.12:53", 0, proto::UDP);
+    let svc = "198.19.0.53:53";
+    env.service(svc, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1, 2], 1);
+    let q = Frame::udp(sa(POD_CLIENT), sa(svc), b"q");
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+    let first = frames::decode(&out).unwrap().daddr;
+    let (gone, stay, stay_addr) = if first == "198.18.100.11".parse::<Ipv4Addr>().unwrap() {
+        (1, 2, "198.18.100.12:53")
+    } else {
+        (2, 1, "198.18.100.11:53")
+    };
+    // The agent removes the backend: slots rewritten, backend deleted.
+    env.service(svc, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[stay], 1);
+    env.maps.delete_backend(gone).unwrap();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &q.clone().with_dst(sa(stay_addr)));
+    let ct = env.maps.conntrack().unwrap();
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct[0].1.backend_id, stay);
+
+    // TCP: established connection whose backend goes away gets a RST; a new SYN rebalances.
+    env.backend(11, BE1, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[11], 2);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    env.backend(12, BE2, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[12], 2);
+    env.maps.delete_backend(11).unwrap();
+    let ack = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let mut rst = Frame::tcp(sa(CIP), sa(POD_CLIENT), RST).with_macs(ack.smac, ack.dmac);
+    rst.id = 0;
+    if let L4::Tcp { seq, ack: a, window, .. } = &mut rst.l4 {
+        *seq = 5000;
+        *a = 0;
+        *window = 0;
+    }
+    assert_frame(&out, &rst);
+    // The entry is gone: the client's next SYN on the same tuple goes to the new backend.
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &syn.clone().with_dst(sa(BE2)));
+    assert_counts(
+        &env,
+        &[(Reason::TranslatedNew, 3), (Reason::Rebalanced, 1), (Reason::ResetBackendGone, 1)],
+    );
+}
+
+#[test]
+fn backend_removed_tcp_syn_rebalances() {
+    let mut env = Env::new();
+    env.backend(11, BE1, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[11], 2);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    env.backend(12, BE2, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[12], 2);
+    env.maps.delete_backend(11).unwrap();
+    // A retransmitted SYN of the tracked connection: balanced anew.
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &syn.clone().with_dst(sa(BE2)));
+    assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::Rebalanced, 1)]);
+}
+
+/// `frame` cut to an IP datagram of `len` bytes, with total length and checksum fixed.
+fn cut_l3(frame: &[u8], len: usize) -> Vec<u8> {
+    let mut f = frame[..14 + len].to_vec();
+    f[16..18].copy_from_slice(&(len as u16).to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = frames::checksum(&[&f[14..34]]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn malformed_frames_are_counted() {
+    let mut env = Env::new();
+    env.backend(1, BE1, 0, proto::TCP);
+    env.backend(2, "198.18.100.11:53", 0, proto::UDP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    env.service("198.19.0.10:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
+    env.service(CIP, proto::TCP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let tcp = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let udp = Frame::udp(sa(POD_CLIENT), sa("198.19.0.10:53"), b"data");
+    let good = tcp.build();
+
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x44;
+    let mut bad_version = good.clone();
+    bad_version[14] = 0x65;
+    let mut tot_too_long = good.clone();
+    tot_too_long[16..18].copy_from_slice(&200u16.to_be_bytes());
+    let mut bad_doff = good.clone();
+    bad_doff[14 + 20 + 12] = 0x40;
+    let mut frag_first = tcp.clone();
+    frag_first.frag = 0x2000; // MF
+    let mut frag_first_udp = udp.clone();
+    frag_first_udp.frag = 0x2000;
+    let mut udp_short_len = udp.build();
+    udp_short_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+
+    let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
+        // (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header, so the shortest
+        // case is a bare IPv4 Ethernet header.)
+        ("ethernet header only", good[..14].to_vec(), Reason::DropMalformed),
+        ("truncated ip", good[..14 + 12].to_vec(), Reason::DropMalformed),
+        ("truncated tcp", good[..14 + 20 + 10].to_vec(), Reason::DropMalformed),
+        ("truncated udp", udp.build()[..14 + 20 + 4].to_vec(), Reason::DropMalformed),
+        ("tcp header cut, ip length consistent", cut_l3(&good, 20 + 10), Reason::DropMalformed),
+        (
+            "udp header cut, ip length consistent",
+            cut_l3(&udp.build(), 20 + 4),
+            Reason::DropMalformed,
+        ),
+        ("bad ihl", bad_ihl, Reason::DropMalformed),
+        ("bad version", bad_version, Reason::DropMalformed),
+        ("total length beyond frame", tot_too_long, Reason::DropMalformed),
+        ("tcp data offset < 5", bad_doff, Reason::DropMalformed),
+        ("udp length < 8", udp_short_len, Reason::DropMalformed),
+        ("first fragment to tcp frontend", frag_first.build(), Reason::DropFragment),
+        ("first fragment to udp frontend", frag_first_udp.build(), Reason::DropFragment),
+    ];
+    for (name, frame, reason) in &cases {
+        for hook in ["tc", "xdp"] {
+            if hook == "tc" && frame.len() < 34 {
+                continue; // TEST_RUN builds no skb from an IPv4 frame without an IP header
+            }
+            let before = env.counters().get(reason).copied().unwrap_or(0);
+            let (v, _) =
+                if hook == "tc" { env.tc(names::PROG_TC_FROM_POD, frame) } else { env.xdp(frame) };
+            let dropped = if hook == "tc" { TC_ACT_SHOT } else { XDP_DROP };
+            // XDP has only the EXTERNAL TCP frontend: the UDP fragment is not for a service there.
+            if hook == "xdp" && *name == "first fragment to udp frontend" {
+                assert_eq!(v, XDP_PASS, "{name}");
+                continue;
+            }
+            assert_eq!(v, dropped, "{name} via {hook}");
+            assert_eq!(env.counters().get(reason).copied().unwrap_or(0), before + 1, "{name}");
+        }
+    }
+
+    // Frames that are fine: IP options are parsed past, later fragments and non-IPv4 pass.
+    let mut opts = tcp.clone();
+    opts.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &opts.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &opts.clone().with_dst(sa(BE1)));
+    let mut later = tcp.build();
+    later[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 16 * 8
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &later);
+    assert_eq!((v, out), (TC_ACT_OK, later));
+    let mut v6 = good.clone();
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &v6);
+    assert_eq!((v, out), (TC_ACT_OK, v6));
+}
+
+fn sh_out(cmd: &str) -> String {
+    let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// (number of kproxy filters, their program ids) on one TC hook.
+fn tc_filters(dev: &str, dir: &str, name: &str) -> (usize, Vec<String>) {
+    let out = sh_out(&format!("tc filter show dev {dev} {dir}"));
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains(name)).collect();
+    let ids = lines
+        .iter()
+        .filter_map(|l| {
+            l.split(" id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned())
+        })
+        .collect();
+    (lines.len(), ids)
+}
+
+fn xdp_prog(dev: &str) -> Option<String> {
+    let out = sh_out(&format!("ip -d link show dev {dev}"));
+    out.split("prog/xdp id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned())
+}
+
+#[test]
+fn attachments_outlive_the_agent_and_are_replaced_in_place() {
+    use kproxy::dataplane::loader::{ExternalMode, cleanup};
+    in_test_netns(true, || {
+        let env = Env::new();
+        {
+            let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+            dp.attach_pod("kpt1").unwrap();
+            dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        } // the "agent" exits
+        let (n_in, ids_in) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
+        let (n_eg, _) = tc_filters("kpt1", "egress", names::PROG_TC_TO_POD);
+        let (n_ext, _) = tc_filters("kpt0", "ingress", names::PROG_TC_EXT);
+        assert_eq!((n_in, n_eg, n_ext), (1, 1, 1), "TC filters survive the loader");
+        let xdp1 = xdp_prog("kpt0").expect("XDP survives the loader");
+        assert!(env.dir.join("v1/links/xdp-kpt0").exists());
+
+        // A restarted agent replaces the programs in place: still one of each, new program ids.
+        let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+        dp.attach_pod("kpt1").unwrap();
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        let (n_in2, ids_in2) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
+        assert_eq!(n_in2, 1, "no duplicate filter");
+        assert_ne!(ids_in, ids_in2, "program replaced");
+        assert_eq!(tc_filters("kpt1", "egress", names::PROG_TC_TO_POD).0, 1);
+        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1);
+        let xdp2 = xdp_prog("kpt0").expect("XDP attached");
+        assert_ne!(xdp1, xdp2, "XDP program swapped inside the pinned link");
+
+        // TC-only mode removes the XDP attachment.
+        dp.attach_external("kpt0", ExternalMode::TcOnly).unwrap();
+        assert_eq!(xdp_prog("kpt0"), None);
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+
+        // detach removes exactly kproxy's filters on that device.
+        sh_out("tc filter add dev kpt1 ingress prio 100 protocol ip u32 match u32 0 0 classid 1:1");
+        dp.detach("kpt1").unwrap();
+        assert_eq!(tc_filters("kpt1", "ingress", "kp_").0, 0);
+        assert_eq!(tc_filters("kpt1", "egress", "kp_").0, 0);
+        assert!(sh_out("tc filter show dev kpt1 ingress").contains("u32"), "foreign filter kept");
+        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1);
+
+        // cleanup removes everything else, pins included.
+        drop(dp);
+        cleanup(&env.dir).unwrap();
+        assert_eq!(tc_filters("kpt0", "ingress", "kp_").0, 0);
+        assert_eq!(xdp_prog("kpt0"), None);
+        assert!(!env.dir.exists(), "pin directory removed");
+    });
+}
+
+#[test]
+fn hairpin_pod_reaches_itself_through_its_service() {
+    let mut env = Env::new();
+    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    // The backend pod itself connects to the ClusterIP.
+    let me = "198.18.100.11:41000";
+    let syn = Frame::tcp(sa(me), sa(CIP), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "bounced back into the pod");
+    let got = frames::decode(&out).unwrap();
+    let L4::Tcp { sport: hp, .. } = got.l4 else { panic!() };
+    assert!((61000..=65535).contains(&hp));
+    let want = syn
+        .clone()
+        .with_src(SocketAddrV4::new(*sa(CIP).ip(), hp))
+        .with_dst(sa(BE1))
+        .with_macs(syn.smac, syn.dmac);
+    assert_frame(&out, &want);
+
+    // The pod answers the ClusterIP's port; the answer is restored and bounced back too.
+    let synack = Frame::tcp(sa(BE1), SocketAddrV4::new(*sa(CIP).ip(), hp), SYN | ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let want =
+        synack.clone().with_src(sa(CIP)).with_dst(sa(me)).with_macs(synack.smac, synack.dmac);
+    assert_frame(&out, &want);
+
+    // Established packets keep the same translation.
+    let ack = Frame::tcp(sa(me), sa(CIP), ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let want = ack
+        .clone()
+        .with_src(SocketAddrV4::new(*sa(CIP).ip(), hp))
+        .with_dst(sa(BE1))
+        .with_macs(ack.smac, ack.dmac);
+    assert_frame(&out, &want);
+    let ct = env.maps.conntrack().unwrap();
+    assert_eq!(ct[0].1.flags & kproxy_common::ct_flags::HAIRPIN, kproxy_common::ct_flags::HAIRPIN);
+    assert_counts(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ReplyTranslated, 1),
+        ],
+    );
+}
