@@ -5,3 +5,4 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy-ebpf"));
 
 pub mod dataplane;
+pub mod model;
