@@ -6,3 +6,4 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub mod dataplane;
 pub mod model;
+pub mod sync;
