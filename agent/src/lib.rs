@@ -6,4 +6,5 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub mod dataplane;
 pub mod model;
+pub mod source;
 pub mod sync;

@@ -1,0 +1,3 @@
+//! Where Services, EndpointSlices and Nodes come from: a manifest directory (the lab) or the
+//! Kubernetes API.
+pub mod manifests;
