@@ -5,6 +5,7 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy-ebpf"));
 
 pub mod dataplane;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod sync;
