@@ -520,3 +520,44 @@ spec:
     assert_eq!(out.state.health_checks[&32000].local_endpoints, 2);
     assert_eq!(out.state.health_checks[&32000].service.to_string(), "default/web");
 }
+
+/// The demo manifests in `examples/demo` load without errors and give the frontends the demo
+/// relies on.
+#[test]
+fn demo_manifests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+    let mut m = crate::source::manifests::ManifestDir::new(&dir);
+    let r = m.poll();
+    assert!(r.errors.is_empty() && r.ignored.is_empty(), "{:?} {:?}", r.errors, r.ignored);
+    let o = m.objects();
+    assert_eq!((o.services.len(), o.slices.len(), o.nodes.len()), (5, 10, 2));
+    let out = build(&o.services, &o.slices, &node());
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+    let all: Vec<String> = (0..2)
+        .flat_map(|i| (0..3).map(move |j| format!("198.18.{}.{}:8080", 100 + i, 10 + j)))
+        .collect();
+    let local: Vec<String> = all[..3].to_vec();
+    let (t, u, e, i) = (proto::TCP, proto::UDP, scope::EXTERNAL, scope::INTERNAL);
+    let cases: Vec<(Frontend, Vec<String>, u16)> = vec![
+        (fe([198, 19, 0, 10], 80, t, i), all.clone(), svc_flags::CLUSTER_IP),
+        (fe([198, 19, 0, 11], 80, t, i), all.clone(), svc_flags::CLUSTER_IP),
+        (fe([198, 18, 0, 10], 30080, t, e), all.clone(), svc_flags::NODE_PORT),
+        (fe([198, 18, 0, 10], 30080, t, i), all.clone(), svc_flags::NODE_PORT),
+        (fe([198, 18, 0, 10], 30081, t, e), local, svc_flags::NODE_PORT | svc_flags::LOCAL_ONLY),
+        (fe([198, 18, 0, 10], 30081, t, i), all.clone(), svc_flags::NODE_PORT),
+        (fe([198, 18, 200, 10], 80, t, e), all.clone(), svc_flags::LOAD_BALANCER),
+        (fe([198, 18, 200, 10], 80, t, i), all.clone(), svc_flags::LOAD_BALANCER),
+        (fe([198, 18, 0, 10], 30082, t, e), all.clone(), svc_flags::NODE_PORT),
+    ];
+    for (f, want, want_flags) in cases {
+        assert_eq!(bes(&out.state, &f), want, "{f}");
+        assert_eq!(flags(&out.state, &f), want_flags, "{f}");
+    }
+    let dns: Vec<String> = all.iter().map(|a| a.replace(":8080", ":5353")).collect();
+    assert_eq!(bes(&out.state, &fe([198, 19, 0, 53], 53, u, i)), dns);
+    assert_eq!(bes(&out.state, &fe([198, 19, 0, 53], 53, t, i)), dns);
+    // web, web-nodeport, web-local, web-lb (1 port each) + dns (2 ports).
+    assert_eq!(out.state.services.len(), 6);
+    assert_eq!(out.state.frontend_count(), 1 + 2 + 3 + 3 + 5);
+}
