@@ -239,6 +239,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the loop remembers between syncs.
 #[derive(Default)]
 struct LoopState {
     generation: u64,
@@ -252,13 +253,15 @@ struct LoopState {
 }
 
 impl LoopState {
+    /// One sync: model from `objects`, differences written to `dp`, node configuration (once
+    /// and whenever the addresses changed), metrics.
     fn sync(
         &mut self,
         args: &AgentArgs,
         objects: &Objects,
         addrs: &[Ipv4Addr],
         syncer: &mut Syncer,
-        dp: &mut BpfDataplane,
+        dp: &mut dyn Dataplane,
         metrics: &Metrics,
     ) {
         let started = Instant::now();
@@ -364,5 +367,137 @@ impl LoopState {
             seen.insert(key, t.clone());
         }
         self.triggers = seen;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use kproxy_common::{Service4Key, proto, scope};
+
+    use super::*;
+    use crate::{
+        cli::{Cli, Command},
+        dataplane::mem::{MemDataplane, MemOp},
+    };
+
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn args(dir: &std::path::Path) -> AgentArgs {
+        let cli = Cli::try_parse_from([
+            "kproxy",
+            "agent",
+            "--node-name",
+            "node-0",
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--nodeport-devices",
+            "eth0",
+            "--pod-devices",
+            "vp*",
+            "--pin-path",
+            "/unused",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Agent(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    fn key(addr: [u8; 4], port: u16, p: u8, s: u8) -> Service4Key {
+        Service4Key {
+            addr: u32::from(Ipv4Addr::from(addr)).to_be(),
+            port: port.to_be(),
+            proto: p,
+            scope: s,
+            slot: 0,
+            _pad: 0,
+        }
+    }
+
+    /// Manifests on disk → model → sync → maps, as the agent loop runs them, with a changed
+    /// endpoint, a broken file and a trigger-time annotation.
+    #[test]
+    fn manifests_to_maps_pipeline() {
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("kproxy-agent-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        for f in ["services.yaml", "endpointslices.yaml", "nodes.yaml"] {
+            std::fs::copy(demo.join(f), dir.0.join(f)).unwrap();
+        }
+        let args = args(&dir.0);
+        let metrics = Metrics::default();
+        let mut source = Source::Manifests(ManifestDir::new(&dir.0));
+        let mut state = LoopState::default();
+        let mut syncer = Syncer::new();
+        let mut dp = MemDataplane::default();
+        let addrs = [Ipv4Addr::new(198, 18, 0, 10)];
+
+        assert!(source.poll(&metrics));
+        let objects = source.objects();
+        state.sync(&args, &objects, &addrs, &mut syncer, &mut dp, &metrics);
+        assert_eq!(dp.config.flags, cfg_flags::READY);
+        assert_eq!(dp.config.snat_addr, u32::from(addrs[0]).to_be());
+        let web = key([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL);
+        assert_eq!(dp.services[&web].count, 6);
+        let local = key([198, 18, 0, 10], 30081, proto::TCP, scope::EXTERNAL);
+        assert_eq!(dp.services[&local].count, 3);
+        assert!(metrics.render().contains("kproxy_services_programmed 14\n"));
+        assert_eq!(metrics.healthz(SystemTime::now()).0, 200);
+
+        // Nothing changed: no poll change, a resync writes nothing.
+        assert!(!source.poll(&metrics));
+        dp.ops.clear();
+        state.sync(&args, &source.objects(), &addrs, &mut syncer, &mut dp, &metrics);
+        assert!(dp.ops.is_empty(), "{:?}", dp.ops);
+
+        // node-1-pod-2 leaves the web slice; its change is annotated with a trigger time.
+        let path = dir.0.join("endpointslices.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (head, rest) = text.split_once("  name: web-node-1\n").unwrap();
+        let trigger = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(2);
+        let rest = rest.replacen(
+            "- addresses: [198.18.101.12]\n  conditions: {ready: true, serving: true, terminating: false}\n  nodeName: node-1\n  targetRef: {kind: Pod, namespace: default, name: node-1-pod-2}\n",
+            "",
+            1,
+        );
+        let annotated = format!(
+            "{head}  name: web-node-1\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}\n{rest}"
+        );
+        std::fs::write(&path, annotated).unwrap();
+        assert!(source.poll(&metrics));
+        dp.ops.clear();
+        state.sync(&args, &source.objects(), &addrs, &mut syncer, &mut dp, &metrics);
+        assert_eq!(dp.services[&web].count, 5);
+        // Slot 6 held the removed backend: count shrinks, the slot goes; the backend stays, the
+        // other web services still use the same pod and port.
+        assert_eq!(
+            dp.ops,
+            [MemOp::PutService(web), MemOp::DeleteService(Service4Key { slot: 6, ..web })]
+        );
+        let rendered = metrics.render();
+        assert!(
+            rendered.contains("kubeproxy_network_programming_duration_seconds_count 1\n"),
+            "{rendered}"
+        );
+        assert!(
+            rendered
+                .contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0\n")
+        );
+
+        // A broken file keeps its objects and is counted.
+        std::fs::write(dir.0.join("services.yaml"), "apiVersion: v1\nkind: Service\nspec: [\n")
+            .unwrap();
+        assert!(!source.poll(&metrics));
+        assert!(metrics.render().contains("kproxy_manifest_errors_total 1\n"));
+        state.sync(&args, &source.objects(), &addrs, &mut syncer, &mut dp, &metrics);
+        assert_eq!(dp.services[&web].count, 5);
     }
 }
