@@ -4,4 +4,12 @@
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kproxy-ebpf"));
 
+pub mod agent;
+pub mod cli;
 pub mod dataplane;
+pub mod healthcheck;
+pub mod metrics;
+pub mod model;
+pub mod netdev;
+pub mod source;
+pub mod sync;

@@ -1,6 +1,91 @@
-fn main() {
-    let ebpf = aya::EbpfLoader::new().load(kproxy::EBPF_OBJECT).expect("load");
-    for (name, _) in ebpf.maps() {
-        println!("{name}");
+//! The `kproxy` binary: the node agent and the operator commands.
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kproxy::{
+    agent,
+    cli::{Cli, Command, ConntrackAction, ListAction, ListArgs, Output, show},
+    dataplane::{Dataplane as _, bpf::BpfDataplane, loader},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open(args: &ListArgs) -> anyhow::Result<BpfDataplane> {
+    BpfDataplane::open(&args.pin.pin_path)
+        .with_context(|| format!("opening the maps pinned under {}", args.pin.pin_path.display()))
+}
+
+fn print(output: Output, table: impl FnOnce() -> String, json: impl FnOnce() -> serde_json::Value) {
+    match output {
+        Output::Table => print!("{}", table()),
+        Output::Json => println!("{:#}", json()),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(agent::run(*args))
+        }
+        Command::Service { action: ListAction::List(args) } => {
+            let dp = open(&args)?;
+            let services = dp.services()?;
+            let backends = dp.backends()?;
+            print(
+                args.output,
+                || show::services_table(&services, &backends),
+                || show::services_json(&services, &backends),
+            );
+            Ok(())
+        }
+        Command::Conntrack { action: ConntrackAction::List(args) } => {
+            let dp = open(&args.list)?;
+            let now = show::monotonic_ns();
+            if args.revnat {
+                let entries = dp.revnat()?;
+                print(
+                    args.list.output,
+                    || show::revnat_table(&entries, now),
+                    || show::revnat_json(&entries, now),
+                );
+            } else {
+                let entries = dp.conntrack()?;
+                print(
+                    args.list.output,
+                    || show::conntrack_table(&entries, now),
+                    || show::conntrack_json(&entries, now),
+                );
+            }
+            Ok(())
+        }
+        Command::Stats(args) => {
+            let dp = open(&args)?;
+            let counters = dp.counters()?;
+            print(args.output, || show::stats_table(&counters), || show::stats_json(&counters));
+            Ok(())
+        }
+        Command::Cleanup(args) => loader::cleanup(&args.pin_path),
     }
 }

@@ -1,0 +1,222 @@
+//! Command line of the `kproxy` binary (the interface is fixed; see the README) and the
+//! operator views of the pinned maps.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub mod show;
+
+/// kproxy: an eBPF replacement for kube-proxy.
+#[derive(Debug, Parser)]
+#[command(name = "kproxy", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent.
+    Agent(Box<AgentArgs>),
+    /// Inspect the programmed services.
+    Service {
+        /// Action.
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Inspect tracked connections.
+    Conntrack {
+        /// Action.
+        #[command(subcommand)]
+        action: ConntrackAction,
+    },
+    /// Print the datapath's packet counters.
+    Stats(ListArgs),
+    /// Detach every program and remove every pin kproxy made under the pin path.
+    Cleanup(PinArgs),
+}
+
+/// `service` actions.
+#[derive(Debug, Subcommand)]
+pub enum ListAction {
+    /// List service entries with their backends.
+    List(ListArgs),
+}
+
+/// `conntrack` actions.
+#[derive(Debug, Subcommand)]
+pub enum ConntrackAction {
+    /// List connection-tracking entries.
+    List(ConntrackArgs),
+}
+
+/// The pin directory.
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// Directory of the node's pins (maps under `<DIR>/v1/`).
+    #[arg(long, value_name = "DIR")]
+    pub pin_path: PathBuf,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// A table for people.
+    #[default]
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// Arguments of the list commands.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Pin directory.
+    #[command(flatten)]
+    pub pin: PinArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// Arguments of `conntrack list`.
+#[derive(Debug, Args)]
+pub struct ConntrackArgs {
+    /// Pin directory and format.
+    #[command(flatten)]
+    pub list: ListArgs,
+    /// List the reverse-NAT entries instead.
+    #[arg(long)]
+    pub revnat: bool,
+}
+
+/// Arguments of `kproxy agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This node's name (endpoints with this nodeName are local).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Read Services, EndpointSlices and Nodes from this directory of YAML manifests.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API with this kubeconfig (default: in-cluster or $KUBECONFIG).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// External devices: NodePort frontends are their IPv4 addresses; XDP/TC programs attach here.
+    #[arg(long, value_name = "DEV[,DEV]", value_delimiter = ',', required = true)]
+    pub nodeport_devices: Vec<String>,
+    /// Globs of the host-side pod interfaces (e.g. `vp*`); matching interfaces that appear later
+    /// are attached too.
+    #[arg(long, value_name = "GLOB[,GLOB]", value_delimiter = ',', required = true)]
+    pub pod_devices: Vec<String>,
+    /// Directory for the node's pins.
+    #[arg(long, value_name = "DIR")]
+    pub pin_path: PathBuf,
+    /// Prometheus metrics listen address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249")]
+    pub metrics_addr: SocketAddr,
+    /// Health check (`/healthz`) listen address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
+    pub healthz_addr: SocketAddr,
+    /// Address the healthCheckNodePort servers of externalTrafficPolicy=Local services bind to;
+    /// `none` disables them.
+    #[arg(long, value_name = "ADDR|none", default_value = "0.0.0.0")]
+    pub health_check_bind: String,
+    /// Serve external devices with TC only (no XDP).
+    #[arg(long)]
+    pub no_xdp: bool,
+    /// Capacity of the services map (service entries plus backend slots).
+    #[arg(long, default_value_t = kproxy_common::defaults::SERVICES4_MAX)]
+    pub max_services: u32,
+    /// Capacity of the backends map.
+    #[arg(long, default_value_t = kproxy_common::defaults::BACKENDS4_MAX)]
+    pub max_backends: u32,
+    /// Capacity of the connection-tracking map.
+    #[arg(long, default_value_t = kproxy_common::defaults::CT4_MAX)]
+    pub max_conntrack: u32,
+    /// Capacity of the session-affinity map.
+    #[arg(long, default_value_t = kproxy_common::defaults::AFFINITY4_MAX)]
+    pub max_affinity: u32,
+    /// First source-NAT port.
+    #[arg(long, default_value_t = kproxy_common::defaults::SNAT_PORT_MIN)]
+    pub snat_port_min: u16,
+    /// Last source-NAT port.
+    #[arg(long, default_value_t = kproxy_common::defaults::SNAT_PORT_MAX)]
+    pub snat_port_max: u16,
+    /// How often sources, devices and addresses are checked, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub poll_interval_ms: u64,
+    /// Full resync period in seconds (rewrites whatever differs from the shadow state).
+    #[arg(long, default_value_t = 30)]
+    pub sync_period_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn fixed_interface_parses() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "kproxy",
+            "agent",
+            "--node-name",
+            "node-0",
+            "--manifests",
+            "/m",
+            "--nodeport-devices",
+            "eth0,eth1",
+            "--pod-devices",
+            "vp*,lxc*",
+            "--pin-path",
+            "/p",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else { panic!() };
+        assert_eq!(a.nodeport_devices, ["eth0", "eth1"]);
+        assert_eq!(a.pod_devices, ["vp*", "lxc*"]);
+        assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:10249");
+        assert_eq!(a.healthz_addr.to_string(), "0.0.0.0:10256");
+        assert!(!a.no_xdp);
+
+        let cli =
+            Cli::try_parse_from(["kproxy", "service", "list", "--pin-path", "/p", "-o", "json"])
+                .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Service { action: ListAction::List(ListArgs { output: Output::Json, .. }) }
+        ));
+        let cli = Cli::try_parse_from(["kproxy", "conntrack", "list", "--pin-path", "/p"]).unwrap();
+        assert!(matches!(cli.command, Command::Conntrack { .. }));
+        assert!(Cli::try_parse_from(["kproxy", "cleanup", "--pin-path", "/p"]).is_ok());
+        // --manifests and --kubeconfig exclude each other; devices are required.
+        assert!(
+            Cli::try_parse_from([
+                "kproxy",
+                "agent",
+                "--node-name",
+                "n",
+                "--manifests",
+                "/m",
+                "--kubeconfig",
+                "/k",
+                "--nodeport-devices",
+                "eth0",
+                "--pod-devices",
+                "vp*",
+                "--pin-path",
+                "/p",
+            ])
+            .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["kproxy", "agent", "--node-name", "n", "--pin-path", "/p"])
+                .is_err()
+        );
+    }
+}

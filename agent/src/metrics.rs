@@ -1,0 +1,409 @@
+//! Prometheus metrics (text format) and the kube-proxy style `/healthz`, served by a small
+//! hand-written HTTP/1.1 server on tokio.
+//!
+//! Names follow kube-proxy where the meaning is the same (`kubeproxy_sync_proxy_rules_*`,
+//! `kubeproxy_network_programming_duration_seconds`); kproxy's own are prefixed `kproxy_`.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use kproxy_common::Reason;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+/// A cumulative histogram.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: Vec<f64>,
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    /// A histogram with these upper bounds (ascending); `+Inf` is implicit.
+    pub fn new(bounds: Vec<f64>) -> Self {
+        let n = bounds.len();
+        Self { bounds, counts: vec![0; n], sum: 0.0, count: 0 }
+    }
+
+    /// Records one value.
+    pub fn observe(&mut self, v: f64) {
+        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// kube-proxy's buckets for sync durations: 1 ms doubling to about 16 s.
+fn sync_buckets() -> Vec<f64> {
+    (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
+}
+
+/// kube-proxy's buckets for network programming latency (0.25 s to 410 s).
+fn programming_buckets() -> Vec<f64> {
+    let mut v = vec![0.25, 0.5];
+    v.extend((1..=59).map(f64::from));
+    v.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    v.extend((0..12).map(|i| 300.0 + 10.0 * f64::from(i)));
+    v
+}
+
+/// How long a queued change may wait for a sync before `/healthz` turns unhealthy
+/// (kube-proxy: twice the sync period).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Health {
+    last_updated: Option<SystemTime>,
+    oldest_pending: Option<SystemTime>,
+}
+
+/// All metrics of the agent. Shared (`Arc`) between the sync loop and the HTTP servers.
+#[derive(Debug)]
+pub struct Metrics {
+    sync_duration: Mutex<Histogram>,
+    programming: Mutex<Histogram>,
+    last_sync: AtomicU64,
+    services: AtomicU64,
+    backends: AtomicU64,
+    manifest_errors: AtomicU64,
+    sync_errors: Mutex<BTreeMap<&'static str, u64>>,
+    packets: Mutex<Vec<(Reason, u64)>>,
+    health: Mutex<Health>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            sync_duration: Mutex::new(Histogram::new(sync_buckets())),
+            programming: Mutex::new(Histogram::new(programming_buckets())),
+            last_sync: AtomicU64::new(0),
+            services: AtomicU64::new(0),
+            backends: AtomicU64::new(0),
+            manifest_errors: AtomicU64::new(0),
+            sync_errors: Mutex::new(BTreeMap::new()),
+            packets: Mutex::new(Vec::new()),
+            health: Mutex::new(Health::default()),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Metrics {
+    /// Records a completed sync.
+    pub fn sync_done(&self, took: Duration, at: SystemTime, frontends: usize, backends: usize) {
+        lock(&self.sync_duration).observe(took.as_secs_f64());
+        let ts = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        self.last_sync.store(ts.to_bits(), Ordering::Relaxed);
+        self.services.store(frontends as u64, Ordering::Relaxed);
+        self.backends.store(backends as u64, Ordering::Relaxed);
+        let mut h = lock(&self.health);
+        h.last_updated = Some(at);
+        h.oldest_pending = None;
+    }
+
+    /// Notes that a change is waiting for a sync (for `/healthz`).
+    pub fn change_queued(&self, at: SystemTime) {
+        lock(&self.health).oldest_pending.get_or_insert(at);
+    }
+
+    /// Records one network programming latency (seconds from the trigger to programmed).
+    pub fn observe_programming(&self, secs: f64) {
+        lock(&self.programming).observe(secs);
+    }
+
+    /// Counts a sync error by kind.
+    pub fn sync_error(&self, kind: &'static str) {
+        *lock(&self.sync_errors).entry(kind).or_default() += 1;
+    }
+
+    /// Counts manifest files that failed to parse.
+    pub fn manifest_errors(&self, n: u64) {
+        self.manifest_errors.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Replaces the packet counters (summed over CPUs, read from the datapath).
+    pub fn set_packets(&self, counters: Vec<(Reason, u64)>) {
+        *lock(&self.packets) = counters;
+    }
+
+    /// The `/healthz` answer at `now`: status code and JSON body, like kube-proxy's.
+    pub fn healthz(&self, now: SystemTime) -> (u16, String) {
+        let h = lock(&self.health);
+        let healthy = h.last_updated.is_some()
+            && h.oldest_pending
+                .is_none_or(|p| now.duration_since(p).unwrap_or_default() < HEALTH_TIMEOUT);
+        let ts = |t: Option<SystemTime>| {
+            t.and_then(|t| jiff::Timestamp::try_from(t).ok())
+                .map(|t| format!("\"{t}\""))
+                .unwrap_or_else(|| "null".into())
+        };
+        let body = format!(
+            "{{\"lastUpdated\": {}, \"currentTime\": {}, \"nodeEligible\": true}}",
+            ts(h.last_updated),
+            ts(Some(now))
+        );
+        (if healthy { 200 } else { 503 }, body)
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        lock(&self.sync_duration).render(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Duration of one sync of the datapath, in seconds.",
+        );
+        let last = f64::from_bits(self.last_sync.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time the datapath was synced.\n# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_timestamp_seconds {last}"
+        );
+        lock(&self.programming).render(
+            &mut out,
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from an EndpointSlice change (last-change-trigger-time) to the datapath holding it.",
+        );
+        for (name, help, v) in [
+            (
+                "kproxy_services_programmed",
+                "Service entries (frontends) in the datapath.",
+                &self.services,
+            ),
+            ("kproxy_backends_programmed", "Backends in the datapath.", &self.backends),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP kproxy_manifest_errors_total Manifest files that failed to read or parse.\n# TYPE kproxy_manifest_errors_total counter\nkproxy_manifest_errors_total {}",
+            self.manifest_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kproxy_sync_errors_total Failed parts of syncs, by kind.\n# TYPE kproxy_sync_errors_total counter"
+        );
+        for (kind, n) in lock(&self.sync_errors).iter() {
+            let _ = writeln!(out, "kproxy_sync_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP kproxy_packets_total Packets by the reason of their verdict, summed over hooks and CPUs.\n# TYPE kproxy_packets_total counter"
+        );
+        for (reason, n) in lock(&self.packets).iter() {
+            let _ = writeln!(out, "kproxy_packets_total{{reason=\"{}\"}} {n}", reason.name());
+        }
+        out
+    }
+}
+
+/// Which endpoints a server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `/metrics`.
+    Metrics,
+    /// `/healthz` and `/livez`.
+    Healthz,
+}
+
+/// The answer to one request path: status, content type, body.
+pub fn respond(metrics: &Metrics, role: Role, path: &str) -> (u16, &'static str, String) {
+    let path = path.split('?').next().unwrap_or("");
+    match (role, path) {
+        (Role::Metrics, "/metrics") => (200, "text/plain; version=0.0.4", metrics.render()),
+        (Role::Healthz, "/healthz") | (Role::Healthz, "/livez") => {
+            let (code, body) = metrics.healthz(SystemTime::now());
+            (code, "application/json", body)
+        }
+        _ => (404, "text/plain", "404 page not found\n".into()),
+    }
+}
+
+/// Serves `role` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, role: Role) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    serve_listener(listener, move |path| {
+        let (code, ctype, body) = respond(&metrics, role, path);
+        (code, ctype, body)
+    })
+    .await
+}
+
+/// Accepts connections on `listener` and answers each GET with `handler(path)`.
+pub async fn serve_listener<F>(listener: TcpListener, handler: F) -> std::io::Result<()>
+where
+    F: Fn(&str) -> (u16, &'static str, String) + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head (bounded in size and time).
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = sock.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (code, ctype, body) = if method == "GET" || method == "HEAD" {
+                handler(path)
+            } else {
+                (405, "text/plain", "method not allowed\n".into())
+            };
+            let reason = match code {
+                200 => "OK",
+                404 => "Not Found",
+                405 => "Method Not Allowed",
+                503 => "Service Unavailable",
+                _ => "",
+            };
+            let body = if method == "HEAD" { String::new() } else { body };
+            let resp = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::new(vec![0.1, 1.0]);
+        h.observe(0.05);
+        h.observe(0.5);
+        h.observe(5.0);
+        let mut s = String::new();
+        h.render(&mut s, "x", "help");
+        assert!(s.contains("x_bucket{le=\"0.1\"} 1\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"1\"} 2\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 3\n"), "{s}");
+        assert!(s.contains("x_sum 5.55\n"), "{s}");
+        assert!(s.contains("x_count 3\n"), "{s}");
+    }
+
+    #[test]
+    fn render_has_every_metric() {
+        let m = Metrics::default();
+        m.sync_done(Duration::from_millis(3), UNIX_EPOCH + Duration::from_secs(1000), 7, 5);
+        m.sync_error("map_full");
+        m.manifest_errors(2);
+        m.observe_programming(1.5);
+        m.set_packets(vec![(Reason::TranslatedNew, 42)]);
+        let s = m.render();
+        for want in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1\n",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds 1000\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 1\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0\n",
+            "kproxy_services_programmed 7\n",
+            "kproxy_backends_programmed 5\n",
+            "kproxy_sync_errors_total{kind=\"map_full\"} 1\n",
+            "kproxy_manifest_errors_total 2\n",
+            "kproxy_packets_total{reason=\"translated_new\"} 42\n",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in\n{s}");
+        }
+    }
+
+    #[test]
+    fn healthz_follows_kube_proxy() {
+        let m = Metrics::default();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // Never synced.
+        assert_eq!(m.healthz(t0).0, 503);
+        m.sync_done(Duration::from_millis(1), t0, 0, 0);
+        let (code, body) = m.healthz(t0 + Duration::from_secs(1));
+        assert_eq!(code, 200);
+        assert!(body.contains("\"lastUpdated\": \"2023-11-14T22:13:20Z\""), "{body}");
+        assert!(body.contains("\"currentTime\": \"2023-11-14T22:13:21Z\""), "{body}");
+        // No change pending: healthy however long ago the last sync was.
+        assert_eq!(m.healthz(t0 + Duration::from_secs(3600)).0, 200);
+        // A change pending for longer than the timeout: unhealthy until the next sync.
+        m.change_queued(t0 + Duration::from_secs(10));
+        assert_eq!(m.healthz(t0 + Duration::from_secs(20)).0, 200);
+        assert_eq!(m.healthz(t0 + Duration::from_secs(10) + HEALTH_TIMEOUT).0, 503);
+        m.sync_done(Duration::from_millis(1), t0 + Duration::from_secs(80), 0, 0);
+        assert_eq!(m.healthz(t0 + Duration::from_secs(81)).0, 200);
+    }
+
+    #[tokio::test]
+    async fn http_server_answers_on_loopback() {
+        let m = Arc::new(Metrics::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mm = m.clone();
+        let server =
+            tokio::spawn(serve_listener(listener, move |p| respond(&mm, Role::Healthz, p)));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 503 "));
+        m.sync_done(Duration::from_millis(1), SystemTime::now(), 0, 0);
+        let r = get("/healthz").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(r.contains("lastUpdated"), "{r}");
+        assert!(get("/metrics").await.starts_with("HTTP/1.1 404 "));
+        server.abort();
+    }
+}

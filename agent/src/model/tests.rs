@@ -1,0 +1,563 @@
+//! Table-driven tests of the translation, on objects written as YAML.
+use super::*;
+
+fn svc(yaml: &str) -> Service {
+    serde_yaml::from_str(yaml).expect("service yaml")
+}
+
+fn slice(yaml: &str) -> EndpointSlice {
+    serde_yaml::from_str(yaml).expect("slice yaml")
+}
+
+fn node() -> NodeInfo {
+    NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None }
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: ClusterIP
+  clusterIP: 198.19.0.10
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+"#;
+
+/// Slice with endpoints given as (last octet of 198.18.(100+node).x, node, ready, serving,
+/// terminating).
+fn web_slice(
+    name: &str,
+    port_name: &str,
+    port: i32,
+    eps: &[(u8, u8, bool, bool, bool)],
+) -> EndpointSlice {
+    let mut y = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: {port_name}, port: {port}, protocol: TCP}}]\nendpoints:\n"
+    );
+    for (host, node, ready, serving, terminating) in eps {
+        y += &format!(
+            "- addresses: [198.18.{}.{host}]\n  nodeName: node-{node}\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n",
+            100 + node
+        );
+    }
+    slice(&y)
+}
+
+fn fe(addr: [u8; 4], port: u16, p: u8, s: u8) -> Frontend {
+    Frontend { addr: Ipv4Addr::from(addr), port, proto: p, scope: s }
+}
+
+/// Backends of a frontend as "a.b.c.d:port".
+fn bes(state: &DesiredState, f: &Frontend) -> Vec<String> {
+    let entry = state
+        .services
+        .values()
+        .find_map(|s| s.frontends.get(f))
+        .unwrap_or_else(|| panic!("no frontend {f}"));
+    entry.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect()
+}
+
+fn flags(state: &DesiredState, f: &Frontend) -> u16 {
+    state.services.values().find_map(|s| s.frontends.get(f)).expect("frontend").flags
+}
+
+#[test]
+fn cluster_ip_service_with_two_slices_and_duplicates() {
+    let s = svc(WEB);
+    let a =
+        web_slice("web-a", "http", 8080, &[(10, 0, true, true, false), (11, 0, true, true, false)]);
+    // Same endpoint again in a second slice, plus a remote one.
+    let b =
+        web_slice("web-b", "http", 8080, &[(11, 0, true, true, false), (10, 1, true, true, false)]);
+    let out = build(&[s], &[a, b], &node());
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let f = fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL);
+    assert_eq!(
+        bes(&out.state, &f),
+        ["198.18.100.10:8080", "198.18.100.11:8080", "198.18.101.10:8080"]
+    );
+    assert_eq!(flags(&out.state, &f), svc_flags::CLUSTER_IP);
+    // Only the ClusterIP frontend, internal scope.
+    assert_eq!(out.state.frontend_count(), 1);
+    let local = out
+        .state
+        .services
+        .values()
+        .next()
+        .unwrap()
+        .endpoints
+        .iter()
+        .filter(|b| b.flags & backend_flags::LOCAL != 0)
+        .count();
+    assert_eq!(local, 2);
+}
+
+#[test]
+fn slice_ports_matched_by_name_and_protocol() {
+    let s = svc(r#"
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 198.19.0.10
+  ports:
+  - {name: http, port: 80, targetPort: web}
+  - {name: metrics, port: 9090, targetPort: 9100}
+"#);
+    // Named target port resolved differently per slice.
+    let a = web_slice("web-a", "http", 8080, &[(10, 0, true, true, false)]);
+    let b = web_slice("web-b", "http", 8081, &[(11, 0, true, true, false)]);
+    let c = web_slice("web-c", "metrics", 9100, &[(10, 0, true, true, false)]);
+    let out = build(&[s], &[a, b, c], &node());
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(
+        bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
+        ["198.18.100.10:8080", "198.18.100.11:8081"]
+    );
+    assert_eq!(
+        bes(&out.state, &fe([198, 19, 0, 10], 9090, proto::TCP, scope::INTERNAL)),
+        ["198.18.100.10:9100"]
+    );
+}
+
+#[test]
+fn udp_and_tcp_ports_of_one_service_are_separate() {
+    let s = svc(r#"
+metadata: {name: dns, namespace: default}
+spec:
+  clusterIP: 198.19.0.53
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+"#);
+    let sl = slice(
+        r#"
+metadata: {name: dns-1, namespace: default, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports:
+- {name: dns, port: 5353, protocol: UDP}
+- {name: dns-tcp, port: 5353, protocol: TCP}
+endpoints:
+- addresses: [198.18.100.10]
+  nodeName: node-0
+"#,
+    );
+    let out = build(&[s], &[sl], &node());
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(out.state.services.len(), 2);
+    for p in [proto::UDP, proto::TCP] {
+        let f = fe([198, 19, 0, 53], 53, p, scope::INTERNAL);
+        assert_eq!(bes(&out.state, &f), ["198.18.100.10:5353"]);
+        let b = out.state.services.values().find_map(|s| s.frontends.get(&f)).unwrap().backends[0];
+        assert_eq!(b.proto, p);
+    }
+}
+
+/// The fallback and policy cases, on a NodePort service with one node address:
+/// (name, eTP, iTP, endpoints, clusterIP backends+flags, nodeport external, nodeport internal).
+#[test]
+fn traffic_policy_table() {
+    type Eps = Vec<(u8, u8, bool, bool, bool)>;
+    struct Case {
+        name: &'static str,
+        etp: &'static str,
+        itp: &'static str,
+        eps: Eps,
+        cluster_ip: (Vec<&'static str>, u16),
+        np_ext: (Vec<&'static str>, u16),
+        np_int: (Vec<&'static str>, u16),
+    }
+    const L0: &str = "198.18.100.10:8080";
+    const R0: &str = "198.18.101.10:8080";
+    const CIP: u16 = svc_flags::CLUSTER_IP;
+    const NP: u16 = svc_flags::NODE_PORT;
+    const LO: u16 = svc_flags::LOCAL_ONLY;
+    const DROP: u16 = svc_flags::DROP_IF_EMPTY;
+    let cases = vec![
+        Case {
+            name: "cluster policies, ready endpoints",
+            etp: "Cluster",
+            itp: "Cluster",
+            eps: vec![(10, 0, true, true, false), (10, 1, true, true, false)],
+            cluster_ip: (vec![L0, R0], CIP),
+            np_ext: (vec![L0, R0], NP),
+            np_int: (vec![L0, R0], NP),
+        },
+        Case {
+            name: "no endpoints at all: reject everywhere",
+            etp: "Local",
+            itp: "Local",
+            eps: vec![],
+            cluster_ip: (vec![], CIP | LO),
+            np_ext: (vec![], NP | LO),
+            np_int: (vec![], NP),
+        },
+        Case {
+            name: "eTP local, remote only: external dropped, pods get the cluster set",
+            etp: "Local",
+            itp: "Cluster",
+            eps: vec![(10, 1, true, true, false)],
+            cluster_ip: (vec![R0], CIP),
+            np_ext: (vec![], NP | LO | DROP),
+            np_int: (vec![R0], NP),
+        },
+        Case {
+            name: "eTP local, local and remote",
+            etp: "Local",
+            itp: "Cluster",
+            eps: vec![(10, 0, true, true, false), (10, 1, true, true, false)],
+            cluster_ip: (vec![L0, R0], CIP),
+            np_ext: (vec![L0], NP | LO),
+            np_int: (vec![L0, R0], NP),
+        },
+        Case {
+            name: "iTP local, remote only: clusterIP dropped, external still served",
+            etp: "Cluster",
+            itp: "Local",
+            eps: vec![(10, 1, true, true, false)],
+            cluster_ip: (vec![], CIP | LO | DROP),
+            np_ext: (vec![R0], NP),
+            np_int: (vec![R0], NP),
+        },
+        Case {
+            name: "only terminating endpoints: serving ones are used",
+            etp: "Cluster",
+            itp: "Cluster",
+            eps: vec![(10, 0, false, true, true), (10, 1, false, false, true)],
+            cluster_ip: (vec![L0], CIP),
+            np_ext: (vec![L0], NP),
+            np_int: (vec![L0], NP),
+        },
+        Case {
+            name: "eTP local: local terminating used while remote ready ones serve the cluster",
+            etp: "Local",
+            itp: "Cluster",
+            eps: vec![(10, 0, false, true, true), (10, 1, true, true, false)],
+            cluster_ip: (vec![R0], CIP),
+            np_ext: (vec![L0], NP | LO),
+            np_int: (vec![R0], NP),
+        },
+        Case {
+            name: "not ready, not serving: reject (no DROP flag)",
+            etp: "Local",
+            itp: "Cluster",
+            eps: vec![(10, 0, false, false, false), (10, 1, false, false, true)],
+            cluster_ip: (vec![], CIP),
+            np_ext: (vec![], NP | LO),
+            np_int: (vec![], NP),
+        },
+    ];
+    for c in cases {
+        let s = svc(&format!(
+            r#"
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.10
+  externalTrafficPolicy: {}
+  internalTrafficPolicy: {}
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+"#,
+            c.etp, c.itp
+        ));
+        let sl = web_slice("web-a", "http", 8080, &c.eps);
+        let out = build(&[s], &[sl], &node());
+        assert!(out.errors.is_empty(), "{}: {:?}", c.name, out.errors);
+        for (f, (want, want_flags)) in [
+            (fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL), &c.cluster_ip),
+            (fe([198, 18, 0, 10], 30080, proto::TCP, scope::EXTERNAL), &c.np_ext),
+            (fe([198, 18, 0, 10], 30080, proto::TCP, scope::INTERNAL), &c.np_int),
+        ] {
+            assert_eq!(&bes(&out.state, &f), want, "{}: {f}", c.name);
+            assert_eq!(flags(&out.state, &f), *want_flags, "{}: {f} flags", c.name);
+        }
+        assert_eq!(out.state.frontend_count(), 3, "{}", c.name);
+    }
+}
+
+#[test]
+fn load_balancer_and_external_ips_get_both_scopes() {
+    let s = svc(r#"
+metadata: {name: web-lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.12
+  externalIPs: [198.18.200.20, "2001:db8::1"]
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, nodePort: 30082}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.18.200.10}, {ip: 198.18.200.11, ipMode: Proxy}, {hostname: lb.example}]
+"#);
+    let sl = slice(
+        r#"
+metadata: {name: web-lb-1, namespace: default, labels: {kubernetes.io/service-name: web-lb}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [198.18.101.11], nodeName: node-1}]
+"#,
+    );
+    let mut n = node();
+    n.addrs.push(Ipv4Addr::new(198, 18, 1, 10));
+    let out = build(&[s], &[sl], &n);
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let st = &out.state.services.values().next().unwrap().frontends;
+    let keys: Vec<String> = st.keys().map(|f| f.to_string()).collect();
+    assert_eq!(
+        keys,
+        [
+            "198.18.0.10:30082/TCP (external)",
+            "198.18.0.10:30082/TCP (internal)",
+            "198.18.1.10:30082/TCP (external)",
+            "198.18.1.10:30082/TCP (internal)",
+            "198.18.200.10:80/TCP (external)",
+            "198.18.200.10:80/TCP (internal)",
+            "198.18.200.20:80/TCP (external)",
+            "198.18.200.20:80/TCP (internal)",
+            "198.19.0.12:80/TCP (internal)",
+        ]
+    );
+    let lb = &st[&fe([198, 18, 200, 10], 80, proto::TCP, scope::EXTERNAL)];
+    assert_eq!(lb.flags, svc_flags::LOAD_BALANCER | svc_flags::AFFINITY);
+    assert_eq!(lb.affinity_timeout, DEFAULT_AFFINITY_TIMEOUT);
+    assert_eq!(
+        st[&fe([198, 18, 200, 20], 80, proto::TCP, scope::INTERNAL)].flags & svc_flags::EXTERNAL_IP,
+        svc_flags::EXTERNAL_IP
+    );
+}
+
+#[test]
+fn skipped_services() {
+    let cases = [
+        ("headless", "spec: {clusterIP: None, ports: [{port: 80}]}"),
+        ("external name", "spec: {type: ExternalName, externalName: example.org}"),
+        (
+            "proxy name label",
+            "metadata: {name: x, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 198.19.0.1, ports: [{port: 80}]}",
+        ),
+        (
+            "headless label",
+            "metadata: {name: x, labels: {service.kubernetes.io/headless: \"\"}}\nspec: {clusterIP: 198.19.0.1, ports: [{port: 80}]}",
+        ),
+        ("ipv6 only", "spec: {clusterIP: \"fd00::1\", ports: [{port: 80}]}"),
+        ("sctp", "spec: {clusterIP: 198.19.0.1, ports: [{port: 80, protocol: SCTP}]}"),
+    ];
+    for (name, y) in cases {
+        let y = if y.starts_with("metadata") {
+            y.to_string()
+        } else {
+            format!("metadata: {{name: x}}\n{y}")
+        };
+        let out = build(&[svc(&y)], &[], &node());
+        assert!(out.errors.is_empty(), "{name}: {:?}", out.errors);
+        assert_eq!(out.state.frontend_count(), 0, "{name}");
+        assert_eq!(out.skipped.len(), 1, "{name}: {:?}", out.skipped);
+    }
+}
+
+#[test]
+fn validation_errors_skip_only_the_bad_part_and_name_it() {
+    // (yaml spec, expected field, expected value, frontends left)
+    let cases = [
+        (
+            "{clusterIP: 198.19.0.1, ports: [{name: a, port: 70000}, {name: b, port: 81}]}",
+            "spec.ports[a].port",
+            "70000",
+            1,
+        ),
+        (
+            "{clusterIP: 198.19.0.1, ports: [{name: a, port: 80, protocol: QUIC}]}",
+            "spec.ports[a].protocol",
+            "QUIC",
+            0,
+        ),
+        ("{clusterIP: 198.19.0.300, ports: [{port: 80}]}", "spec.clusterIP", "198.19.0.300", 0),
+        (
+            "{clusterIP: 198.19.0.1, externalIPs: [nope], ports: [{port: 80}]}",
+            "spec.externalIPs[0]",
+            "nope",
+            0,
+        ),
+        (
+            "{type: NodePort, clusterIP: 198.19.0.1, ports: [{port: 80, nodePort: -1}]}",
+            "spec.ports[0].nodePort",
+            "-1",
+            0,
+        ),
+        (
+            "{clusterIP: 198.19.0.1, externalTrafficPolicy: Sometimes, ports: [{port: 80}]}",
+            "spec.externalTrafficPolicy",
+            "Sometimes",
+            0,
+        ),
+        (
+            "{clusterIP: 198.19.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            "0",
+            0,
+        ),
+        ("{type: Magic, clusterIP: 198.19.0.1, ports: [{port: 80}]}", "spec.type", "Magic", 0),
+    ];
+    for (spec, field, value, left) in cases {
+        let bad = svc(&format!("metadata: {{name: bad, namespace: ns1}}\nspec: {spec}"));
+        let good = svc(WEB);
+        let out = build(&[bad, good], &[], &node());
+        assert_eq!(out.errors.len(), 1, "{spec}: {:?}", out.errors);
+        let e = &out.errors[0];
+        assert_eq!(
+            (e.object.as_str(), e.field.as_str(), e.value.as_str()),
+            ("ns1/bad", field, value),
+            "{spec}"
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("ns1/bad") && msg.contains(field) && msg.contains(value), "{msg}");
+        // The good service is unaffected.
+        assert!(out.state.services.keys().any(|k| k.service.name == "web"), "{spec}");
+        let bad_frontends: usize = out
+            .state
+            .services
+            .iter()
+            .filter(|(k, _)| k.service.name == "bad")
+            .map(|(_, s)| s.frontends.len())
+            .sum();
+        assert_eq!(bad_frontends, left, "{spec}");
+    }
+}
+
+#[test]
+fn bad_endpoints_are_skipped_with_an_error() {
+    let sl = slice(
+        r#"
+metadata: {name: web-x, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [198.18.100.10]
+- addresses: [198.18.100.999]
+"#,
+    );
+    let out = build(&[svc(WEB)], &[sl], &node());
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert_eq!(out.errors[0].object, "default/web-x");
+    assert_eq!(out.errors[0].field, "endpoints[1].addresses[0]");
+    assert_eq!(
+        bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
+        ["198.18.100.10:8080"]
+    );
+
+    let bad_port = web_slice("web-y", "http", 0, &[(10, 0, true, true, false)]);
+    let out = build(&[svc(WEB)], &[bad_port], &node());
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert_eq!(out.errors[0].field, "ports[0].port");
+    assert!(bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)).is_empty());
+
+    let v6 = slice(
+        r#"
+metadata: {name: web-v6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ["fd00::1"]}]
+"#,
+    );
+    let out = build(&[svc(WEB)], &[v6], &node());
+    assert!(out.errors.is_empty());
+}
+
+#[test]
+fn publish_not_ready_addresses_uses_unready_endpoints() {
+    let s = svc(r#"
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 198.19.0.10, publishNotReadyAddresses: true, ports: [{name: http, port: 80}]}
+"#);
+    let sl = web_slice(
+        "web-a",
+        "http",
+        8080,
+        &[(10, 0, false, false, false), (11, 0, true, true, false)],
+    );
+    let out = build(&[s], std::slice::from_ref(&sl), &node());
+    assert_eq!(
+        bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
+        ["198.18.100.10:8080", "198.18.100.11:8080"]
+    );
+    let out = build(&[svc(WEB)], &[sl], &node());
+    assert_eq!(
+        bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
+        ["198.18.100.11:8080"]
+    );
+}
+
+#[test]
+fn conflicting_frontend_keeps_first_owner() {
+    let a = svc(
+        "metadata: {name: a}\nspec: {clusterIP: 198.19.0.1, externalIPs: [198.18.200.1], ports: [{port: 80}]}",
+    );
+    let b = svc(
+        "metadata: {name: b}\nspec: {clusterIP: 198.19.0.2, externalIPs: [198.18.200.1], ports: [{port: 80}]}",
+    );
+    let out = build(&[b, a], &[], &node());
+    assert_eq!(out.errors.len(), 2, "{:?}", out.errors); // both scopes
+    assert!(out.errors.iter().all(|e| e.object == "default/b"));
+    assert_eq!(out.state.frontend_count(), 3 + 1);
+}
+
+#[test]
+fn health_check_counts_local_endpoints() {
+    let s = svc(r#"
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.10
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{name: http, port: 80, nodePort: 30081}]
+"#);
+    let sl = web_slice(
+        "web-a",
+        "http",
+        8080,
+        &[(10, 0, true, true, false), (11, 0, true, true, false), (10, 1, true, true, false)],
+    );
+    let out = build(&[s], &[sl], &node());
+    assert_eq!(out.state.health_checks[&32000].local_endpoints, 2);
+    assert_eq!(out.state.health_checks[&32000].service.to_string(), "default/web");
+}
+
+/// The demo manifests in `examples/demo` load without errors and give the frontends the demo
+/// relies on.
+#[test]
+fn demo_manifests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+    let mut m = crate::source::manifests::ManifestDir::new(&dir);
+    let r = m.poll();
+    assert!(r.errors.is_empty() && r.ignored.is_empty(), "{:?} {:?}", r.errors, r.ignored);
+    let o = m.objects();
+    assert_eq!((o.services.len(), o.slices.len(), o.nodes.len()), (5, 10, 2));
+    let out = build(&o.services, &o.slices, &node());
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+    let all: Vec<String> = (0..2)
+        .flat_map(|i| (0..3).map(move |j| format!("198.18.{}.{}:8080", 100 + i, 10 + j)))
+        .collect();
+    let local: Vec<String> = all[..3].to_vec();
+    let (t, u, e, i) = (proto::TCP, proto::UDP, scope::EXTERNAL, scope::INTERNAL);
+    let cases: Vec<(Frontend, Vec<String>, u16)> = vec![
+        (fe([198, 19, 0, 10], 80, t, i), all.clone(), svc_flags::CLUSTER_IP),
+        (fe([198, 19, 0, 11], 80, t, i), all.clone(), svc_flags::CLUSTER_IP),
+        (fe([198, 18, 0, 10], 30080, t, e), all.clone(), svc_flags::NODE_PORT),
+        (fe([198, 18, 0, 10], 30080, t, i), all.clone(), svc_flags::NODE_PORT),
+        (fe([198, 18, 0, 10], 30081, t, e), local, svc_flags::NODE_PORT | svc_flags::LOCAL_ONLY),
+        (fe([198, 18, 0, 10], 30081, t, i), all.clone(), svc_flags::NODE_PORT),
+        (fe([198, 18, 200, 10], 80, t, e), all.clone(), svc_flags::LOAD_BALANCER),
+        (fe([198, 18, 200, 10], 80, t, i), all.clone(), svc_flags::LOAD_BALANCER),
+        (fe([198, 18, 0, 10], 30082, t, e), all.clone(), svc_flags::NODE_PORT),
+    ];
+    for (f, want, want_flags) in cases {
+        assert_eq!(bes(&out.state, &f), want, "{f}");
+        assert_eq!(flags(&out.state, &f), want_flags, "{f}");
+    }
+    let dns: Vec<String> = all.iter().map(|a| a.replace(":8080", ":5353")).collect();
+    assert_eq!(bes(&out.state, &fe([198, 19, 0, 53], 53, u, i)), dns);
+    assert_eq!(bes(&out.state, &fe([198, 19, 0, 53], 53, t, i)), dns);
+    // web, web-nodeport, web-local, web-lb (1 port each) + dns (2 ports).
+    assert_eq!(out.state.services.len(), 6);
+    assert_eq!(out.state.frontend_count(), 1 + 2 + 3 + 3 + 5);
+}

@@ -1,0 +1,567 @@
+//! Applies the desired state to a [`Dataplane`], writing only differences.
+//!
+//! The syncer keeps a shadow copy of exactly what is programmed (Katran's shadow state). For each
+//! service port whose rendering differs from the shadow it runs one transaction, in the order that
+//! never shows the datapath a half-written service:
+//!
+//! 1. backends it needs that are missing or changed,
+//! 2. backend slots at new keys (invisible: above the programmed count),
+//! 3. changed slots at existing keys (each still names a live backend),
+//! 4. the service entry (slot 0) with the new count and flags,
+//! 5. slots above the new count.
+//!
+//! If a write fails (map full), the writes of that transaction are undone in reverse order, the
+//! service port keeps its previous state (or stays absent), the error names it and the sync goes
+//! on. Then frontends that are no longer wanted are removed (slot 0 first, then its slots), and
+//! last backends that nothing references any more.
+//!
+//! Ids: service ids are per service port and stable while it exists; backend ids are per backend
+//! (address, port, protocol) and come from a counter that only moves forward, so a freed id is
+//! not handed out again until the counter wraps around `u32`: a tracked connection to a removed
+//! backend sees it gone. Slot order is kept stable across syncs (a removed backend's slot is
+//! refilled by a new one or by the last slot) so one changed endpoint costs a few writes.
+//!
+//! After a restart, [`Syncer::adopt`] loads the programmed maps as the shadow and the ids found
+//! there are reused, so unchanged services see no writes.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    model::{Backend, DesiredState, Frontend, ServicePortName},
+};
+
+/// A failed part of a sync; the rest of the sync went on.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A service port could not be written; it keeps its previous programmed state.
+    #[error("service {service}: {source}; kept its previous state")]
+    Service {
+        /// `namespace/name:port/PROTO`.
+        service: String,
+        /// The failed write.
+        #[source]
+        source: DataplaneError,
+    },
+    /// A service port has more backends than a service entry can count.
+    #[error(
+        "service {service}: {count} backends exceed the limit of {max}; kept its previous state"
+    )]
+    TooManyBackends {
+        /// `namespace/name:port/PROTO`.
+        service: String,
+        /// Number of backends wanted.
+        count: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Removing a stale frontend or backend failed (retried on the next sync).
+    #[error("removing {what}: {source}")]
+    Remove {
+        /// What was being removed.
+        what: String,
+        /// The failed write.
+        #[source]
+        source: DataplaneError,
+    },
+    /// Reading the programmed state failed.
+    #[error("reading the programmed state: {0}")]
+    Read(#[source] DataplaneError),
+}
+
+impl SyncError {
+    /// Short label for metrics (`kproxy_sync_errors_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SyncError::Service { source: DataplaneError::Full { .. }, .. } => "map_full",
+            SyncError::Service { .. } => "write",
+            SyncError::TooManyBackends { .. } => "too_many_backends",
+            SyncError::Remove { .. } => "remove",
+            SyncError::Read(_) => "read",
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Map writes (puts and deletes), including undone ones.
+    pub writes: usize,
+    /// Service ports whose entries were (re)written.
+    pub services_changed: usize,
+    /// Frontends removed.
+    pub frontends_removed: usize,
+    /// Backends removed.
+    pub backends_removed: usize,
+    /// Failures; each left the affected service as it was.
+    pub errors: Vec<SyncError>,
+}
+
+/// Identity of a backend in the datapath: address (be), port (be), protocol.
+type BackendKey = (u32, u16, u8);
+
+fn backend_key(b: &Backend4) -> BackendKey {
+    (b.addr, b.port, b.proto)
+}
+
+/// Frontend part of a key (slot cleared).
+fn frontend_of(k: &Service4Key) -> Service4Key {
+    Service4Key { slot: 0, ..*k }
+}
+
+fn key_of(f: &Frontend, slot: u16) -> Service4Key {
+    Service4Key {
+        addr: u32::from(f.addr).to_be(),
+        port: f.port.to_be(),
+        proto: f.proto,
+        scope: f.scope,
+        slot,
+        _pad: 0,
+    }
+}
+
+/// The shadow copy: exactly what the maps hold, as far as this process knows.
+#[derive(Debug, Default, Clone)]
+struct Shadow {
+    services: BTreeMap<Service4Key, Service4Value>,
+    backends: BTreeMap<u32, Backend4>,
+}
+
+/// Keeps the datapath equal to the desired state. See the module documentation.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    shadow: Shadow,
+    /// Backend key → the id programmed for it.
+    backend_ids: HashMap<BackendKey, u32>,
+    /// Service port → service id.
+    svc_ids: BTreeMap<ServicePortName, u32>,
+    next_backend_id: u32,
+    next_svc_id: u32,
+}
+
+impl Syncer {
+    /// A syncer for empty maps.
+    pub fn new() -> Self {
+        Self { next_backend_id: 1, next_svc_id: 1, ..Default::default() }
+    }
+
+    /// A syncer that adopts what `dp` already holds (after a restart): the maps become the shadow
+    /// and their ids are reused.
+    pub fn adopt(dp: &dyn Dataplane) -> Result<Self, SyncError> {
+        let mut s = Self::new();
+        s.shadow.services = dp.services().map_err(SyncError::Read)?.into_iter().collect();
+        s.shadow.backends = dp.backends().map_err(SyncError::Read)?.into_iter().collect();
+        for (id, b) in &s.shadow.backends {
+            s.backend_ids.entry(backend_key(b)).or_insert(*id);
+        }
+        s.next_backend_id = s.shadow.backends.keys().max().map_or(1, |m| m.wrapping_add(1).max(1));
+        s.next_svc_id = s.shadow.services.values().map(|v| v.svc_id).max().map_or(1, |m| m + 1);
+        Ok(s)
+    }
+
+    /// Number of programmed frontends (service entries).
+    pub fn programmed_frontends(&self) -> usize {
+        self.shadow.services.keys().filter(|k| k.slot == 0).count()
+    }
+
+    /// Number of programmed backends.
+    pub fn programmed_backends(&self) -> usize {
+        self.shadow.backends.len()
+    }
+
+    /// The service id of a service port, if it has one.
+    pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
+        self.svc_ids.get(name).copied()
+    }
+
+    /// Brings `dp` to `desired`, writing only differences. Never fails as a whole: failures are
+    /// in the report, and the affected services keep their previous state.
+    pub fn sync(&mut self, desired: &DesiredState, dp: &mut dyn Dataplane) -> SyncReport {
+        let mut report = SyncReport::default();
+        let wanted_backends = merged_backends(desired);
+
+        for (name, port_state) in &desired.services {
+            let svc_id = self.svc_id_for(name, port_state.frontends.keys());
+            // Resolve backend ids (fresh ones are only kept if the transaction succeeds).
+            let mut fresh: Vec<(BackendKey, u32)> = Vec::new();
+            let mut id_of = |b: &Backend, this: &mut Self| -> u32 {
+                let k = backend_key(&b.to_map());
+                if let Some(id) = this.backend_ids.get(&k) {
+                    return *id;
+                }
+                if let Some((_, id)) = fresh.iter().find(|(fk, _)| *fk == k) {
+                    return *id;
+                }
+                let id = this.alloc_backend_id();
+                fresh.push((k, id));
+                id
+            };
+            // The wanted entries of this service port.
+            let mut want: BTreeMap<Service4Key, Service4Value> = BTreeMap::new();
+            let mut needed_backends: BTreeMap<u32, Backend4> = BTreeMap::new();
+            let mut too_many = None;
+            for (f, entry) in &port_state.frontends {
+                let ids: Vec<u32> = entry.backends.iter().map(|b| id_of(b, self)).collect();
+                let Ok(count) = u16::try_from(ids.len()) else {
+                    too_many = Some(ids.len());
+                    break;
+                };
+                let old = self.programmed_slots(&key_of(f, 0));
+                let slots = stable_layout(&old, &ids);
+                want.insert(
+                    key_of(f, 0),
+                    Service4Value {
+                        backend_id: 0,
+                        svc_id,
+                        count,
+                        flags: entry.flags,
+                        affinity_timeout: entry.affinity_timeout,
+                    },
+                );
+                for (i, id) in slots.iter().enumerate() {
+                    want.insert(
+                        key_of(f, i as u16 + 1),
+                        Service4Value { backend_id: *id, svc_id, ..Default::default() },
+                    );
+                }
+            }
+            if let Some(count) = too_many {
+                report.errors.push(SyncError::TooManyBackends {
+                    service: name.to_string(),
+                    count,
+                    max: u16::MAX as usize,
+                });
+                continue;
+            }
+            for b in port_state
+                .endpoints
+                .iter()
+                .chain(port_state.frontends.values().flat_map(|e| e.backends.iter()))
+            {
+                let id = id_of(b, self);
+                let mut v = b.to_map();
+                if let Some(w) = wanted_backends.get(&backend_key(&v)) {
+                    v.flags = w.flags;
+                }
+                needed_backends.insert(id, v);
+            }
+            // Programmed keys of these frontends (including slots beyond the wanted count).
+            let frontends: BTreeSet<Service4Key> =
+                port_state.frontends.keys().map(|f| key_of(f, 0)).collect();
+            let have: Vec<(Service4Key, Service4Value)> =
+                frontends.iter().flat_map(|f| self.shadow_range(f)).collect();
+            let backends_ok =
+                needed_backends.iter().all(|(id, v)| self.shadow.backends.get(id) == Some(v));
+            let same = backends_ok
+                && have.len() == want.len()
+                && have.iter().all(|(k, v)| want.get(k) == Some(v));
+            if same {
+                continue;
+            }
+            let mut txn =
+                Txn { dp: &mut *dp, shadow: &mut self.shadow, undo: Vec::new(), writes: 0 };
+            let result = txn.apply(&needed_backends, &want, &have);
+            report.writes += txn.writes;
+            match result {
+                Ok(()) => {
+                    report.services_changed += 1;
+                    for (k, id) in fresh {
+                        if txn.shadow.backends.contains_key(&id) {
+                            self.backend_ids.insert(k, id);
+                        }
+                    }
+                }
+                Err(source) => {
+                    report.writes += txn.rollback();
+                    report.errors.push(SyncError::Service { service: name.to_string(), source });
+                }
+            }
+        }
+
+        // Frontends nobody wants any more: slot 0 first, then the slots.
+        let wanted_frontends: BTreeSet<Service4Key> = desired
+            .services
+            .values()
+            .flat_map(|s| s.frontends.keys().map(|f| key_of(f, 0)))
+            .collect();
+        let stale: BTreeSet<Service4Key> = self
+            .shadow
+            .services
+            .keys()
+            .map(frontend_of)
+            .filter(|f| !wanted_frontends.contains(f))
+            .collect();
+        for f in stale {
+            let mut keys: Vec<Service4Key> =
+                self.shadow_range(&f).into_iter().map(|(k, _)| k).collect();
+            // Slot 0 first, then the others from the highest down.
+            keys.sort_by_key(|k| if k.slot == 0 { 0 } else { u32::MAX - k.slot as u32 });
+            for k in keys {
+                report.writes += 1;
+                match dp.delete_service(&k) {
+                    Ok(()) => {
+                        self.shadow.services.remove(&k);
+                    }
+                    Err(source) => {
+                        report.errors.push(SyncError::Remove { what: describe_key(&k), source });
+                        break;
+                    }
+                }
+            }
+            report.frontends_removed += 1;
+        }
+
+        // Backends that nothing references and nothing wants.
+        let referenced: HashSet<u32> = self
+            .shadow
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        let gc: Vec<u32> = self
+            .shadow
+            .backends
+            .iter()
+            .filter(|(id, b)| {
+                !referenced.contains(id)
+                    && (!wanted_backends.contains_key(&backend_key(b))
+                        || self.backend_ids.get(&backend_key(b)) != Some(id))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gc {
+            report.writes += 1;
+            match dp.delete_backend(id) {
+                Ok(()) => {
+                    if let Some(b) = self.shadow.backends.remove(&id)
+                        && self.backend_ids.get(&backend_key(&b)) == Some(&id)
+                    {
+                        self.backend_ids.remove(&backend_key(&b));
+                    }
+                    report.backends_removed += 1;
+                }
+                Err(source) => {
+                    report.errors.push(SyncError::Remove { what: format!("backend {id}"), source })
+                }
+            }
+        }
+        self.svc_ids.retain(|name, _| desired.services.contains_key(name));
+        report
+    }
+
+    /// The service id of `name`: known, adopted from a programmed frontend, or new.
+    fn svc_id_for<'a>(
+        &mut self,
+        name: &ServicePortName,
+        frontends: impl Iterator<Item = &'a Frontend>,
+    ) -> u32 {
+        if let Some(id) = self.svc_ids.get(name) {
+            return *id;
+        }
+        let taken: HashSet<u32> = self.svc_ids.values().copied().collect();
+        let adopted = frontends
+            .filter_map(|f| self.shadow.services.get(&key_of(f, 0)))
+            .map(|v| v.svc_id)
+            .find(|id| *id != 0 && !taken.contains(id));
+        let id = adopted.unwrap_or_else(|| {
+            let mut id = self.next_svc_id.max(1);
+            while taken.contains(&id) || id == 0 {
+                id = id.wrapping_add(1);
+            }
+            self.next_svc_id = id.wrapping_add(1);
+            id
+        });
+        self.svc_ids.insert(name.clone(), id);
+        id
+    }
+
+    fn alloc_backend_id(&mut self) -> u32 {
+        let mut id = self.next_backend_id;
+        while id == 0 || self.shadow.backends.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_backend_id = id.wrapping_add(1);
+        id
+    }
+
+    /// Backend ids in slots `1..=count` of a programmed frontend.
+    fn programmed_slots(&self, entry: &Service4Key) -> Vec<u32> {
+        let Some(v) = self.shadow.services.get(entry) else { return Vec::new() };
+        (1..=v.count)
+            .filter_map(|slot| {
+                self.shadow.services.get(&Service4Key { slot, ..*entry }).map(|s| s.backend_id)
+            })
+            .collect()
+    }
+
+    /// Every programmed key of one frontend.
+    fn shadow_range(&self, entry: &Service4Key) -> Vec<(Service4Key, Service4Value)> {
+        let lo = Service4Key { slot: 0, ..*entry };
+        let hi = Service4Key { slot: u16::MAX, _pad: u16::MAX, ..*entry };
+        self.shadow.services.range(lo..=hi).map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
+/// One backend value per backend key over all services: LOCAL if any says so, TERMINATING only
+/// if all do.
+fn merged_backends(desired: &DesiredState) -> HashMap<BackendKey, Backend4> {
+    let mut out: HashMap<BackendKey, Backend4> = HashMap::new();
+    let all = desired.services.values().flat_map(|s| {
+        s.endpoints.iter().chain(s.frontends.values().flat_map(|e| e.backends.iter()))
+    });
+    for b in all {
+        let v = b.to_map();
+        out.entry(backend_key(&v))
+            .and_modify(|e| {
+                let local = (e.flags | v.flags) & backend_flags::LOCAL;
+                let term = e.flags & v.flags & backend_flags::TERMINATING;
+                e.flags = local | term;
+            })
+            .or_insert(v);
+    }
+    out
+}
+
+/// New slot order: backends that stay keep their slot, holes are refilled with new backends, then
+/// with the last slots; remaining new backends are appended. With nothing programmed it is the
+/// wanted order.
+fn stable_layout(old: &[u32], want: &[u32]) -> Vec<u32> {
+    let want_set: HashSet<u32> = want.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let mut slots: Vec<Option<u32>> =
+        old.iter().map(|id| (want_set.contains(id) && seen.insert(*id)).then_some(*id)).collect();
+    let mut additions: VecDeque<u32> =
+        want.iter().copied().filter(|id| !seen.contains(id)).collect();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match additions.pop_front() {
+            Some(a) => *slot = Some(a),
+            None => break,
+        }
+    }
+    loop {
+        while slots.last() == Some(&None) {
+            slots.pop();
+        }
+        let Some(hole) = slots.iter().position(Option::is_none) else { break };
+        slots[hole] = slots.pop().flatten();
+    }
+    slots.into_iter().flatten().chain(additions).collect()
+}
+
+fn describe_key(k: &Service4Key) -> String {
+    format!(
+        "frontend {}:{}/{} scope {} slot {}",
+        std::net::Ipv4Addr::from(u32::from_be(k.addr)),
+        u16::from_be(k.port),
+        crate::model::proto_name(k.proto),
+        k.scope,
+        k.slot
+    )
+}
+
+enum Undo {
+    Service(Service4Key, Option<Service4Value>),
+    Backend(u32, Option<Backend4>),
+}
+
+/// The writes of one service port, with what is needed to undo them.
+struct Txn<'a> {
+    dp: &'a mut dyn Dataplane,
+    shadow: &'a mut Shadow,
+    undo: Vec<Undo>,
+    writes: usize,
+}
+
+impl Txn<'_> {
+    fn apply(
+        &mut self,
+        backends: &BTreeMap<u32, Backend4>,
+        want: &BTreeMap<Service4Key, Service4Value>,
+        have: &[(Service4Key, Service4Value)],
+    ) -> Result<(), DataplaneError> {
+        // 1. Backends: new ones, then changed ones.
+        let (new_be, changed_be): (Vec<_>, Vec<_>) = backends
+            .iter()
+            .filter(|(id, v)| self.shadow.backends.get(id) != Some(v))
+            .partition(|(id, _)| !self.shadow.backends.contains_key(id));
+        for (id, v) in new_be.into_iter().chain(changed_be) {
+            self.put_backend(*id, v)?;
+        }
+        // 2. Slots at new keys, 3. changed slots at existing keys.
+        let slots = want.iter().filter(|(k, _)| k.slot != 0);
+        let (new_slots, changed_slots): (Vec<_>, Vec<_>) = slots
+            .filter(|(k, v)| self.shadow.services.get(k) != Some(v))
+            .partition(|(k, _)| !self.shadow.services.contains_key(k));
+        for (k, v) in new_slots.into_iter().chain(changed_slots) {
+            self.put_service(k, v)?;
+        }
+        // 4. Service entries.
+        for (k, v) in want.iter().filter(|(k, _)| k.slot == 0) {
+            if self.shadow.services.get(k) != Some(v) {
+                self.put_service(k, v)?;
+            }
+        }
+        // 5. Slots above the new count, highest first.
+        for (k, _) in have.iter().rev().filter(|(k, _)| !want.contains_key(k)) {
+            self.delete_service(k)?;
+        }
+        Ok(())
+    }
+
+    fn put_backend(&mut self, id: u32, v: &Backend4) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.dp.put_backend(id, v)?;
+        let old = self.shadow.backends.insert(id, *v);
+        self.undo.push(Undo::Backend(id, old));
+        Ok(())
+    }
+
+    fn put_service(&mut self, k: &Service4Key, v: &Service4Value) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.dp.put_service(k, v)?;
+        let old = self.shadow.services.insert(*k, *v);
+        self.undo.push(Undo::Service(*k, old));
+        Ok(())
+    }
+
+    fn delete_service(&mut self, k: &Service4Key) -> Result<(), DataplaneError> {
+        self.writes += 1;
+        self.dp.delete_service(k)?;
+        if let Some(old) = self.shadow.services.remove(k) {
+            self.undo.push(Undo::Service(*k, Some(old)));
+        }
+        Ok(())
+    }
+
+    /// Undoes every write in reverse order; returns the number of writes made. A failed undo is
+    /// logged and leaves the shadow describing what the map really holds.
+    fn rollback(&mut self) -> usize {
+        let mut writes = 0;
+        while let Some(u) = self.undo.pop() {
+            writes += 1;
+            let r = match &u {
+                Undo::Service(k, None) => self.dp.delete_service(k).map(|()| {
+                    self.shadow.services.remove(k);
+                }),
+                Undo::Service(k, Some(v)) => self.dp.put_service(k, v).map(|()| {
+                    self.shadow.services.insert(*k, *v);
+                }),
+                Undo::Backend(id, None) => self.dp.delete_backend(*id).map(|()| {
+                    self.shadow.backends.remove(id);
+                }),
+                Undo::Backend(id, Some(v)) => self.dp.put_backend(*id, v).map(|()| {
+                    self.shadow.backends.insert(*id, *v);
+                }),
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "undoing a failed service update");
+            }
+        }
+        writes
+    }
+}
+
+#[cfg(test)]
+mod tests;

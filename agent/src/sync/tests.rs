@@ -1,0 +1,422 @@
+//! Sync tests against [`MemDataplane`], with a wrapper that checks after every single write that
+//! the datapath never sees a half-written service.
+use std::net::Ipv4Addr;
+
+use kproxy_common::{proto, scope, svc_flags};
+
+use super::*;
+use crate::{
+    dataplane::mem::{MemDataplane, MemOp},
+    model::{FrontendEntry, ServiceName, ServicePortState},
+};
+
+/// A dataplane that checks, after each write, that every service entry's slots exist and name
+/// existing backends: what a packet could observe at that moment.
+#[derive(Default)]
+struct Checked {
+    mem: MemDataplane,
+    violations: Vec<String>,
+}
+
+impl Checked {
+    fn check(&mut self, after: &str) {
+        for (k, v) in self.mem.services.iter().filter(|(k, _)| k.slot == 0) {
+            for slot in 1..=v.count {
+                match self.mem.services.get(&Service4Key { slot, ..*k }) {
+                    None => {
+                        self.violations.push(format!("after {after}: {k:?} slot {slot} missing"))
+                    }
+                    Some(s) if !self.mem.backends.contains_key(&s.backend_id) => {
+                        self.violations.push(format!(
+                            "after {after}: {k:?} slot {slot} names missing backend {}",
+                            s.backend_id
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl Dataplane for Checked {
+    fn set_config(&mut self, cfg: &kproxy_common::NodeConfig) -> Result<(), DataplaneError> {
+        self.mem.set_config(cfg)
+    }
+    fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), DataplaneError> {
+        let r = self.mem.put_backend(id, b);
+        self.check("put_backend");
+        r
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let r = self.mem.delete_backend(id);
+        self.check("delete_backend");
+        r
+    }
+    fn put_service(&mut self, k: &Service4Key, v: &Service4Value) -> Result<(), DataplaneError> {
+        let r = self.mem.put_service(k, v);
+        self.check("put_service");
+        r
+    }
+    fn delete_service(&mut self, k: &Service4Key) -> Result<(), DataplaneError> {
+        let r = self.mem.delete_service(k);
+        self.check("delete_service");
+        r
+    }
+    fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError> {
+        self.mem.services()
+    }
+    fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
+        self.mem.backends()
+    }
+}
+
+fn spn(name: &str) -> ServicePortName {
+    ServicePortName {
+        service: ServiceName { namespace: "default".into(), name: name.into() },
+        port: "http".into(),
+        proto: proto::TCP,
+    }
+}
+
+fn be(host: u8) -> Backend {
+    Backend { addr: Ipv4Addr::new(198, 18, 100, host), port: 8080, proto: proto::TCP, flags: 0 }
+}
+
+fn cip(n: u8) -> Frontend {
+    Frontend {
+        addr: Ipv4Addr::new(198, 19, 0, n),
+        port: 80,
+        proto: proto::TCP,
+        scope: scope::INTERNAL,
+    }
+}
+
+/// A desired state: services named `svc{n}` with ClusterIP 198.19.0.n and the given backends.
+fn desired(services: &[(u8, &[u8])]) -> DesiredState {
+    let mut d = DesiredState::default();
+    for (n, hosts) in services {
+        let backends: Vec<Backend> = hosts.iter().map(|h| be(*h)).collect();
+        let mut s = ServicePortState::default();
+        s.endpoints.extend(backends.iter().copied());
+        s.frontends.insert(
+            cip(*n),
+            FrontendEntry { flags: svc_flags::CLUSTER_IP, affinity_timeout: 0, backends },
+        );
+        d.services.insert(spn(&format!("svc{n}")), s);
+    }
+    d
+}
+
+/// Backend hosts (last octet) of a programmed frontend, in slot order.
+fn programmed(mem: &MemDataplane, f: &Frontend) -> Option<Vec<u8>> {
+    let entry = mem.services.get(&key_of(f, 0))?;
+    Some(
+        (1..=entry.count)
+            .map(|slot| {
+                let s = mem.services[&key_of(f, slot)];
+                Ipv4Addr::from(u32::from_be(mem.backends[&s.backend_id].addr)).octets()[3]
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn first_sync_writes_backends_then_slots_then_entry() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let r = s.sync(&desired(&[(1, &[10, 11, 12]), (2, &[11, 13])]), &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 11, 12]));
+    assert_eq!(programmed(&dp.mem, &cip(2)), Some(vec![11, 13]));
+    // Backend 198.18.100.11:8080 is shared: 4 distinct backends.
+    assert_eq!(dp.mem.backends.len(), 4);
+    // For svc1: 3 backends, 3 slots, then slot 0 last.
+    let ops = &dp.mem.ops;
+    assert!(matches!(
+        ops[0..3],
+        [MemOp::PutBackend(_), MemOp::PutBackend(_), MemOp::PutBackend(_)]
+    ));
+    assert!(ops[3..6].iter().all(|o| matches!(o, MemOp::PutService(k) if k.slot != 0)));
+    assert_eq!(ops[6], MemOp::PutService(key_of(&cip(1), 0)));
+    assert_eq!(*ops.last().unwrap(), MemOp::PutService(key_of(&cip(2), 0)));
+    // Same service id on the entry and its slots, different between services.
+    let id1 = dp.mem.services[&key_of(&cip(1), 0)].svc_id;
+    let id2 = dp.mem.services[&key_of(&cip(2), 0)].svc_id;
+    assert_ne!(id1, id2);
+    assert_eq!(dp.mem.services[&key_of(&cip(1), 2)].svc_id, id1);
+    assert_eq!(s.programmed_frontends(), 2);
+    assert_eq!(s.programmed_backends(), 4);
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let d = desired(&[(1, &[10, 11]), (2, &[12])]);
+    s.sync(&d, &mut dp);
+    dp.mem.ops.clear();
+    let r = s.sync(&d, &mut dp);
+    assert_eq!(r.writes, 0);
+    assert!(dp.mem.ops.is_empty(), "{:?}", dp.mem.ops);
+}
+
+#[test]
+fn one_added_endpoint_costs_three_writes() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 12, 13]), (2, &[12])]), &mut dp);
+    dp.mem.ops.clear();
+    // 11 sorts before 12 and 13 in the model's order: the slots must not shift.
+    let r = s.sync(&desired(&[(1, &[10, 11, 12, 13]), (2, &[12])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    let new_id = match dp.mem.ops[0] {
+        MemOp::PutBackend(id) => id,
+        ref o => panic!("first op {o:?}"),
+    };
+    assert_eq!(
+        dp.mem.ops,
+        [
+            MemOp::PutBackend(new_id),
+            MemOp::PutService(key_of(&cip(1), 4)),
+            MemOp::PutService(key_of(&cip(1), 0)),
+        ]
+    );
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 12, 13, 11]));
+}
+
+#[test]
+fn one_removed_endpoint_shrinks_entry_before_deleting() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 11, 12, 13])]), &mut dp);
+    let removed_id = dp.mem.services[&key_of(&cip(1), 2)].backend_id;
+    dp.mem.ops.clear();
+    let r = s.sync(&desired(&[(1, &[10, 12, 13])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    // Slot 2 gets the last backend, count shrinks, slot 4 goes, then the backend.
+    assert_eq!(
+        dp.mem.ops,
+        [
+            MemOp::PutService(key_of(&cip(1), 2)),
+            MemOp::PutService(key_of(&cip(1), 0)),
+            MemOp::DeleteService(key_of(&cip(1), 4)),
+            MemOp::DeleteBackend(removed_id),
+        ]
+    );
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 13, 12]));
+    // The same endpoint coming back gets a new id: connections to the old one see it gone.
+    s.sync(&desired(&[(1, &[10, 11, 12, 13])]), &mut dp);
+    assert!(!dp.mem.backends.contains_key(&removed_id));
+    assert!(dp.mem.backends.keys().all(|id| *id != removed_id));
+}
+
+#[test]
+fn freed_backend_ids_are_not_reused() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..20u8 {
+        // Replace all backends every round.
+        let hosts = [round * 2 + 10, round * 2 + 11];
+        s.sync(&desired(&[(1, &hosts)]), &mut dp);
+        for id in dp.mem.backends.keys() {
+            let b = dp.mem.backends[id];
+            seen.insert((*id, b.addr));
+        }
+    }
+    let ids: std::collections::HashSet<u32> = seen.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), seen.len(), "an id was used for two different backends");
+    assert_eq!(ids.len(), 40);
+}
+
+#[test]
+fn removed_service_goes_entry_first_then_slots_then_backends() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 11]), (2, &[11, 12])]), &mut dp);
+    dp.mem.ops.clear();
+    let r = s.sync(&desired(&[(2, &[11, 12])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(r.frontends_removed, 1);
+    assert_eq!(r.backends_removed, 1, "only .10 is unused; .11 is shared");
+    let ops = &dp.mem.ops;
+    assert_eq!(ops[0], MemOp::DeleteService(key_of(&cip(1), 0)));
+    assert_eq!(ops[1], MemOp::DeleteService(key_of(&cip(1), 2)));
+    assert_eq!(ops[2], MemOp::DeleteService(key_of(&cip(1), 1)));
+    assert!(matches!(ops[3], MemOp::DeleteBackend(_)));
+    assert_eq!(ops.len(), 4);
+    assert_eq!(programmed(&dp.mem, &cip(1)), None);
+    assert_eq!(dp.mem.services.len(), 3);
+}
+
+#[test]
+fn terminating_endpoints_keep_their_backend_outside_the_slots() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 11])]), &mut dp);
+    // .11 still listed as an endpoint (terminating) but no longer balanced to.
+    let mut d = desired(&[(1, &[10])]);
+    d.services.values_mut().next().unwrap().endpoints.insert(be(11));
+    s.sync(&d, &mut dp);
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10]));
+    assert_eq!(dp.mem.backends.len(), 2);
+    // Once gone from the slice, the backend goes.
+    s.sync(&desired(&[(1, &[10])]), &mut dp);
+    assert_eq!(dp.mem.backends.len(), 1);
+}
+
+#[test]
+fn map_full_keeps_the_previous_state_and_names_the_service() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 11]), (2, &[12])]), &mut dp);
+    // 3 + 2 entries programmed; room for 2 more.
+    dp.mem.services_capacity = Some(7);
+    let before = dp.mem.clone();
+    // svc1 grows by 3 (does not fit), svc3 is new with one backend (fits: 2 entries).
+    let r = s.sync(&desired(&[(1, &[10, 11, 13, 14, 15]), (2, &[12]), (3, &[16])]), &mut dp);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    let msg = r.errors[0].to_string();
+    assert!(msg.contains("default/svc1:http/TCP") && msg.contains("full"), "{msg}");
+    assert_eq!(r.errors[0].kind(), "map_full");
+    // svc1 exactly as before, its would-be backends gone again.
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 11]));
+    for slot in 0..=2 {
+        let k = key_of(&cip(1), slot);
+        assert_eq!(dp.mem.services.get(&k), before.services.get(&k));
+    }
+    assert_eq!(programmed(&dp.mem, &cip(3)), Some(vec![16]));
+    assert_eq!(dp.mem.backends.len(), 4);
+    // A new service that does not fit is not added at all.
+    let r =
+        s.sync(&desired(&[(1, &[10, 11]), (2, &[12]), (3, &[16]), (4, &[17, 18, 19])]), &mut dp);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(r.errors[0].to_string().contains("svc4"));
+    assert_eq!(programmed(&dp.mem, &cip(4)), None);
+    assert!(!dp.mem.services.keys().any(|k| k.addr == key_of(&cip(4), 0).addr));
+    // The shadow agrees with the map: when room appears, the next sync completes it.
+    dp.mem.services_capacity = None;
+    let r =
+        s.sync(&desired(&[(1, &[10, 11]), (2, &[12]), (3, &[16]), (4, &[17, 18, 19])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert_eq!(programmed(&dp.mem, &cip(4)), Some(vec![17, 18, 19]));
+}
+
+#[test]
+fn backends_map_full_rolls_back() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10])]), &mut dp);
+    dp.mem.backends_capacity = Some(2);
+    let r = s.sync(&desired(&[(1, &[10, 11, 12])]), &mut dp);
+    assert_eq!(r.errors.len(), 1);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10]));
+    assert_eq!(dp.mem.backends.len(), 1);
+}
+
+#[test]
+fn restart_adopts_programmed_state_without_writes() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    // History that makes the slot order differ from the model order.
+    s.sync(&desired(&[(1, &[10, 12]), (2, &[13])]), &mut dp);
+    s.sync(&desired(&[(1, &[10, 11, 12]), (2, &[13])]), &mut dp);
+    let d = desired(&[(1, &[10, 11, 12]), (2, &[13])]);
+    let before = dp.mem.clone();
+    let ids = (s.service_id(&spn("svc1")), s.service_id(&spn("svc2")));
+
+    let mut restarted = Syncer::adopt(&dp).expect("adopt");
+    dp.mem.ops.clear();
+    let r = restarted.sync(&d, &mut dp);
+    assert!(r.errors.is_empty());
+    assert!(dp.mem.ops.is_empty(), "{:?}", dp.mem.ops);
+    assert_eq!(dp.mem.services, before.services);
+    assert_eq!((restarted.service_id(&spn("svc1")), restarted.service_id(&spn("svc2"))), ids);
+
+    // A change after the restart reuses the adopted ids and allocates above them.
+    let r = restarted.sync(&desired(&[(1, &[10, 11, 12, 14]), (2, &[13])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert_eq!(restarted.service_id(&spn("svc1")), ids.0);
+    let max_before = *before.backends.keys().max().unwrap();
+    let added: Vec<u32> =
+        dp.mem.backends.keys().filter(|id| !before.backends.contains_key(id)).copied().collect();
+    assert_eq!(added.len(), 1);
+    assert!(added[0] > max_before);
+    // Service removed by a restarted agent is cleaned up.
+    let r = restarted.sync(&desired(&[(2, &[13])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert_eq!(programmed(&dp.mem, &cip(1)), None);
+    assert_eq!(dp.mem.backends.len(), 1);
+}
+
+#[test]
+fn restart_removes_orphans_left_by_a_crash() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 11])]), &mut dp);
+    // A crash mid-update left a slot above the count and a backend nothing uses.
+    let orphan_slot = key_of(&cip(1), 3);
+    dp.mem
+        .services
+        .insert(orphan_slot, Service4Value { backend_id: 99, svc_id: 1, ..Default::default() });
+    dp.mem.backends.insert(99, be(99).to_map());
+    let mut restarted = Syncer::adopt(&dp).expect("adopt");
+    let r = restarted.sync(&desired(&[(1, &[10, 11])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert!(!dp.mem.services.contains_key(&orphan_slot));
+    assert!(!dp.mem.backends.contains_key(&99));
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 11]));
+}
+
+#[test]
+fn flag_changes_update_in_place() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10])]), &mut dp);
+    let id = *dp.mem.backends.keys().next().unwrap();
+    let mut d = desired(&[(1, &[10])]);
+    let st = d.services.values_mut().next().unwrap();
+    let e = st.frontends.values_mut().next().unwrap();
+    e.flags |= svc_flags::AFFINITY;
+    e.affinity_timeout = 30;
+    e.backends[0].flags = backend_flags::TERMINATING;
+    st.endpoints = e.backends.iter().copied().collect();
+    dp.mem.ops.clear();
+    s.sync(&d, &mut dp);
+    assert_eq!(dp.mem.ops, [MemOp::PutBackend(id), MemOp::PutService(key_of(&cip(1), 0))]);
+    assert_eq!(dp.mem.backends[&id].flags, backend_flags::TERMINATING);
+    assert_eq!(dp.mem.services[&key_of(&cip(1), 0)].affinity_timeout, 30);
+}
+
+#[test]
+fn empty_service_has_entry_with_zero_count() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 11])]), &mut dp);
+    let r = s.sync(&desired(&[(1, &[])]), &mut dp);
+    assert!(r.errors.is_empty());
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![]));
+    assert!(dp.mem.backends.is_empty());
+    assert_eq!(dp.mem.services.len(), 1);
+}
+
+#[test]
+fn stable_layout_cases() {
+    assert_eq!(stable_layout(&[], &[3, 1, 2]), [3, 1, 2]);
+    assert_eq!(stable_layout(&[1, 2, 3], &[1, 2, 3]), [1, 2, 3]);
+    assert_eq!(stable_layout(&[1, 2, 3], &[1, 3]), [1, 3]);
+    assert_eq!(stable_layout(&[1, 2, 3, 4], &[1, 3, 4]), [1, 4, 3]);
+    assert_eq!(stable_layout(&[1, 2, 3], &[1, 3, 5]), [1, 5, 3]);
+    assert_eq!(stable_layout(&[1, 2, 3], &[5, 6]), [5, 6]);
+    assert_eq!(stable_layout(&[1, 2], &[]), Vec::<u32>::new());
+    assert_eq!(stable_layout(&[1, 2, 3, 4, 5], &[5]), [5]);
+    assert_eq!(stable_layout(&[1, 1, 2], &[1, 2]), [1, 2]);
+}
