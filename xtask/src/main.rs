@@ -31,7 +31,7 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
         /// Manifest directory.
-        #[arg(long, default_value = "examples")]
+        #[arg(long, default_value = "examples/demo")]
         manifests: PathBuf,
     },
     /// Remove the lab a `demo --keep` left running.
