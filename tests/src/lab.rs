@@ -417,7 +417,7 @@ pub fn find_bin(name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     ensure!(
         path.is_file(),
-        "{name} not found in {}: build it first (`cargo build --workspace`, same profile), \
+        "{name} not found in {}: build it first (`cargo xtask build` or `cargo build --bins`, same profile), \
          or point KPROXY_BIN_DIR at the directory holding it",
         dir.display()
     );
