@@ -740,6 +740,11 @@ impl Lab {
         self.pods.get(&(i, j))
     }
 
+    /// The pod named `name` (`node-i-pod-j`), if it exists.
+    pub fn pod_by_name(&self, name: &str) -> Option<&Pod> {
+        self.pods.values().find(|p| p.name == name)
+    }
+
     /// Namespace of the external client (198.18.0.2).
     pub fn client_ns(&self) -> String {
         self.ns_name("client")
@@ -854,6 +859,11 @@ impl Lab {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = self.spawn(&n.ns, &format!("{}-agent", n.name), &argv)?;
         Ok(Agent { proc, node, pin_path: n.pin_path.clone() })
+    }
+
+    /// Starts an agent on every node ([`Lab::spawn_agent`]); the guards are in node order.
+    pub fn spawn_agents(&self, opts: &AgentOpts) -> Result<Vec<Agent>> {
+        (0..self.nodes.len()).map(|i| self.spawn_agent(i, opts)).collect()
     }
 
     /// Runs `kproxy cleanup --pin-path <pin path>` in node `node`'s namespace (30 s limit);
