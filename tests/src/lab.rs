@@ -476,6 +476,12 @@ impl Lab {
              `cargo xtask lab down --prefix {prefix}`",
             existing.join(", ")
         );
+        ensure!(
+            !pin_root(&prefix).exists(),
+            "{} is left from an earlier lab with prefix {prefix}; remove it with \
+             `cargo xtask lab down --prefix {prefix}`",
+            pin_root(&prefix).display()
+        );
         let log_dir = log_root(&prefix);
         std::fs::create_dir_all(&log_dir)
             .with_context(|| format!("creating log directory {}", log_dir.display()))?;
@@ -767,8 +773,7 @@ impl Lab {
 
     /// Starts `argv` in namespace `ns`, logging to `<log dir>/<label>.log`. The guard is the
     /// caller's (it kills the process on drop). Unless [`Lab::set_outlive_parent`] was called,
-    /// the process is also killed when the calling thread exits: spawn from the thread that
-    /// owns the lab, not from a short-lived helper thread.
+    /// the process is also killed when this process exits, however it exits.
     pub fn spawn(&self, ns: &str, label: &str, argv: &[&str]) -> Result<Proc> {
         let log = self.log_dir.join(format!("{label}.log"));
         spawn_with(ns, argv, &SpawnOpts { log: Some(log), outlive_parent: self.outlive_parent })

@@ -372,3 +372,21 @@ fn xdp_tx_from_node_reaches_client() {
     assert!(e.is_refused(), "{e:?}");
     drop(link);
 }
+
+/// Servers started from a thread that ends (a shared lab set up by the first test that needs
+/// it) keep running: only the process's end or the guards stop them.
+#[test]
+fn servers_outlive_the_spawning_thread() {
+    require_root();
+    let lab = Lab::up(LabSpec { nodes: 1, pods_per_node: 2, ..LabSpec::default() }).unwrap();
+    let lab = std::thread::spawn(move || {
+        let mut lab = lab;
+        lab.start_servers().unwrap();
+        lab
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (a, b) = (lab.pod(0, 0).unwrap(), lab.pod(0, 1).unwrap());
+    assert_reaches(a, b);
+}
