@@ -100,10 +100,12 @@ fn underlay(wiring: Wiring) {
         let argv = [netexec, "--name", &n.name, "--tcp", "8080", "--udp", "8080"];
         guards.push(lab.spawn(&n.ns, &format!("{}-netexec", n.name), &argv).unwrap());
     }
-    let ready = lab::eventually(T, Duration::from_millis(20), || {
-        tcp_request(&lab.client_ns(), lab.node(2).ip, 8080, T)
-    });
-    assert!(ready.is_ok(), "node netexec did not start: {ready:?} {}", guards[2].log_text());
+    for (n, guard) in lab.nodes().iter().zip(&guards) {
+        let ready = lab::eventually(T, Duration::from_millis(20), || {
+            tcp_request(&lab.client_ns(), n.ip, 8080, T)
+        });
+        assert!(ready.is_ok(), "{} netexec did not start: {ready:?} {}", n.name, guard.log_text());
+    }
     for n in lab.nodes() {
         let r = tcp_request(&lab.client_ns(), n.ip, 8080, T).unwrap();
         assert_eq!((r.server_pod.as_str(), *r.client_addr.ip()), (n.name.as_str(), CLIENT_IP));
