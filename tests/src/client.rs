@@ -400,6 +400,7 @@ pub fn dns_query(
         let msg = match transport {
             DnsTransport::Udp => {
                 let sock = UdpSocket::bind("0.0.0.0:0").map_err(RequestError::Io)?;
+                set_recverr(&sock).map_err(RequestError::Io)?;
                 sock.connect(SocketAddrV4::new(server, port)).map_err(RequestError::Io)?;
                 sock.set_read_timeout(Some(timeout)).map_err(RequestError::Io)?;
                 sock.send(&query).map_err(fail)?;

@@ -417,7 +417,7 @@ pub fn find_bin(name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     ensure!(
         path.is_file(),
-        "{name} not found in {}: build it first (`cargo build --workspace`, same profile), \
+        "{name} not found in {}: build it first (`cargo xtask build` or `cargo build --bins`, same profile), \
          or point KPROXY_BIN_DIR at the directory holding it",
         dir.display()
     );
@@ -475,6 +475,12 @@ impl Lab {
             "a lab with prefix {prefix} already exists ({}); remove it with \
              `cargo xtask lab down --prefix {prefix}`",
             existing.join(", ")
+        );
+        ensure!(
+            !pin_root(&prefix).exists(),
+            "{} is left from an earlier lab with prefix {prefix}; remove it with \
+             `cargo xtask lab down --prefix {prefix}`",
+            pin_root(&prefix).display()
         );
         let log_dir = log_root(&prefix);
         std::fs::create_dir_all(&log_dir)
@@ -740,6 +746,11 @@ impl Lab {
         self.pods.get(&(i, j))
     }
 
+    /// The pod named `name` (`node-i-pod-j`), if it exists.
+    pub fn pod_by_name(&self, name: &str) -> Option<&Pod> {
+        self.pods.values().find(|p| p.name == name)
+    }
+
     /// Namespace of the external client (198.18.0.2).
     pub fn client_ns(&self) -> String {
         self.ns_name("client")
@@ -762,8 +773,7 @@ impl Lab {
 
     /// Starts `argv` in namespace `ns`, logging to `<log dir>/<label>.log`. The guard is the
     /// caller's (it kills the process on drop). Unless [`Lab::set_outlive_parent`] was called,
-    /// the process is also killed when the calling thread exits: spawn from the thread that
-    /// owns the lab, not from a short-lived helper thread.
+    /// the process is also killed when this process exits, however it exits.
     pub fn spawn(&self, ns: &str, label: &str, argv: &[&str]) -> Result<Proc> {
         let log = self.log_dir.join(format!("{label}.log"));
         spawn_with(ns, argv, &SpawnOpts { log: Some(log), outlive_parent: self.outlive_parent })
@@ -854,6 +864,11 @@ impl Lab {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = self.spawn(&n.ns, &format!("{}-agent", n.name), &argv)?;
         Ok(Agent { proc, node, pin_path: n.pin_path.clone() })
+    }
+
+    /// Starts an agent on every node ([`Lab::spawn_agent`]); the guards are in node order.
+    pub fn spawn_agents(&self, opts: &AgentOpts) -> Result<Vec<Agent>> {
+        (0..self.nodes.len()).map(|i| self.spawn_agent(i, opts)).collect()
     }
 
     /// Runs `kproxy cleanup --pin-path <pin path>` in node `node`'s namespace (30 s limit);

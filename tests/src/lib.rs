@@ -2,6 +2,7 @@
 //! `kproxy-netexec` test server and the clients that talk to it, frames and checksums for packet
 //! tests, manifests for the lab, the Kubernetes API test server, the demo, and the
 //! kube-proxy-equivalent baselines of the benchmarks.
+#![warn(missing_docs)]
 
 pub mod apiserver;
 pub mod baseline;

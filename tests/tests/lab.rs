@@ -100,10 +100,12 @@ fn underlay(wiring: Wiring) {
         let argv = [netexec, "--name", &n.name, "--tcp", "8080", "--udp", "8080"];
         guards.push(lab.spawn(&n.ns, &format!("{}-netexec", n.name), &argv).unwrap());
     }
-    let ready = lab::eventually(T, Duration::from_millis(20), || {
-        tcp_request(&lab.client_ns(), lab.node(2).ip, 8080, T)
-    });
-    assert!(ready.is_ok(), "node netexec did not start: {ready:?} {}", guards[2].log_text());
+    for (n, guard) in lab.nodes().iter().zip(&guards) {
+        let ready = lab::eventually(T, Duration::from_millis(20), || {
+            tcp_request(&lab.client_ns(), n.ip, 8080, T)
+        });
+        assert!(ready.is_ok(), "{} netexec did not start: {ready:?} {}", n.name, guard.log_text());
+    }
     for n in lab.nodes() {
         let r = tcp_request(&lab.client_ns(), n.ip, 8080, T).unwrap();
         assert_eq!((r.server_pod.as_str(), *r.client_addr.ip()), (n.name.as_str(), CLIENT_IP));
@@ -371,4 +373,22 @@ fn xdp_tx_from_node_reaches_client() {
     let e = udp_request(&lab.client_ns(), node.ip, REFLECT_PORT + 1, T).unwrap_err();
     assert!(e.is_refused(), "{e:?}");
     drop(link);
+}
+
+/// Servers started from a thread that ends (a shared lab set up by the first test that needs
+/// it) keep running: only the process's end or the guards stop them.
+#[test]
+fn servers_outlive_the_spawning_thread() {
+    require_root();
+    let lab = Lab::up(LabSpec { nodes: 1, pods_per_node: 2, ..LabSpec::default() }).unwrap();
+    let lab = std::thread::spawn(move || {
+        let mut lab = lab;
+        lab.start_servers().unwrap();
+        lab
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (a, b) = (lab.pod(0, 0).unwrap(), lab.pod(0, 1).unwrap());
+    assert_reaches(a, b);
 }

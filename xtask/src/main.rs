@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Build the whole workspace (the agent's build script builds the eBPF object).
+    /// Build the binaries of the default members: kproxy (its build script builds the eBPF
+    /// object), kproxy-netexec, xtask. `--workspace` would also try the eBPF crate for the host.
     Build {
         /// Release profile.
         #[arg(long)]
@@ -122,7 +123,7 @@ fn workspace_root() -> PathBuf {
 fn build(release: bool) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]);
+    cmd.current_dir(workspace_root()).args(["build", "--bins"]);
     if release {
         cmd.arg("--release");
     }

@@ -13,6 +13,7 @@ use std::{
     os::{fd::AsRawFd, unix::fs::MetadataExt, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Mutex, OnceLock, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -153,7 +154,7 @@ pub struct SpawnOpts {
 }
 
 /// Starts `argv` in namespace `ns`, output discarded. The returned guard kills it on drop; it
-/// is also killed (SIGKILL) if the thread that spawned it exits first.
+/// is also killed (SIGKILL) when this process exits, however it exits.
 pub fn spawn<S: AsRef<OsStr>>(ns: &str, argv: &[S]) -> Result<Proc> {
     spawn_with(ns, argv, &SpawnOpts::default())
 }
@@ -188,8 +189,40 @@ pub fn spawn_with<S: AsRef<OsStr>>(ns: &str, argv: &[S], opts: &SpawnOpts) -> Re
             });
         }
     }
-    let child = cmd.spawn().with_context(|| format!("starting `{label}`"))?;
+    let child = if opts.outlive_parent { cmd.spawn() } else { spawn_from_keeper(cmd) }
+        .with_context(|| format!("starting `{label}`"))?;
     Ok(Proc { child: Some(child), label, log: opts.log.clone(), ns: ns.to_owned() })
+}
+
+type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `cmd` from one thread that lives as long as the process. `PR_SET_PDEATHSIG` fires
+/// when the *thread* that forked the child exits, so children forked by a test's own thread
+/// would die with that test even if a shared lab outlives it; forking from this keeper thread
+/// ties them to the process instead.
+fn spawn_from_keeper(cmd: Command) -> io::Result<Child> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        thread::Builder::new()
+            .name("lab-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("starting the lab's spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    keeper
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply_tx))
+        .map_err(|_| io::Error::other("the lab's spawner thread is gone"))?;
+    reply_rx
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| io::Error::other("the lab's spawner thread did not answer within 30 s"))?
 }
 
 /// A process started in a namespace. Dropping the guard kills it (SIGKILL) and reaps it.
