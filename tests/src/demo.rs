@@ -22,6 +22,8 @@ use crate::{
     lab::{self, AgentOpts, CLIENT_IP, Lab, LabSpec, exec},
 };
 
+/// Name prefix of the demo's lab.
+const PREFIX: &str = "kpdemo";
 /// Requests per frontend.
 const REQUESTS: usize = 30;
 const T: Duration = Duration::from_secs(2);
@@ -62,7 +64,9 @@ struct Target {
     from_ip: Ipv4Addr,
     addr: Ipv4Addr,
     port: u16,
+    /// Port 53: queried with `dig` (over TCP when `tcp`).
     dns: bool,
+    tcp: bool,
 }
 
 /// Results of one frontend: backend → answers, errors, and the client addresses servers saw.
@@ -80,6 +84,7 @@ fn drive(t: &Target) -> Tally {
         if t.dns {
             let port = t.port.to_string();
             let server = format!("@{}", t.addr);
+            let transport = if t.tcp { "+tcp" } else { "+notcp" };
             let out = exec(
                 &t.from_ns,
                 &[
@@ -87,6 +92,7 @@ fn drive(t: &Target) -> Tally {
                     "+short",
                     "+tries=1",
                     "+time=2",
+                    transport,
                     &server,
                     "-p",
                     &port,
@@ -132,11 +138,16 @@ fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
         for p in spec.ports.iter().flatten() {
             let proto = p.protocol.as_deref().unwrap_or("TCP");
             let port = p.port as u16;
-            let dns = proto == "UDP" && port == 53;
-            if proto != "TCP" && !dns {
+            let dns = port == 53;
+            let tcp = proto == "TCP";
+            if !tcp && !dns {
                 continue;
             }
-            let kind = if dns { "UDP/dig" } else { "TCP" };
+            let kind = match (dns, tcp) {
+                (true, true) => "DNS over TCP, dig",
+                (true, false) => "DNS over UDP, dig",
+                _ => "TCP",
+            };
             // ClusterIP, from a pod on node 1.
             out.push(Target {
                 label: format!("{name} ClusterIP {cip}:{port} {kind} (from {})", pod.name),
@@ -145,6 +156,7 @@ fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
                 addr: cip,
                 port,
                 dns,
+                tcp,
             });
             if dns {
                 continue;
@@ -158,6 +170,7 @@ fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
                         addr: n.ip,
                         port: np as u16,
                         dns: false,
+                        tcp: true,
                     });
                 }
             }
@@ -183,6 +196,7 @@ fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
                     addr: ip,
                     port,
                     dns: false,
+                    tcp: true,
                 });
             }
         }
@@ -228,7 +242,7 @@ pub fn run(examples: &Path, keep: bool) -> Result<()> {
         STEPS,
         "starting the lab: 2 nodes × 3 pods and an external client, in network namespaces",
     );
-    let mut lab = Lab::up(LabSpec { prefix: Some("kpdemo".into()), ..LabSpec::default() })?;
+    let mut lab = Lab::up(LabSpec { prefix: Some(PREFIX.into()), ..LabSpec::default() })?;
     if keep {
         lab.set_outlive_parent(true);
     }
@@ -319,7 +333,7 @@ pub fn down() -> Result<()> {
             );
         }
     }
-    let removed = lab::sweep("kpdemo")?;
+    let removed = lab::sweep(PREFIX)?;
     println!("removed {} namespaces of the demo lab", removed.len());
     Ok(())
 }
