@@ -80,23 +80,43 @@ struct Inner {
     close: broadcast::Sender<()>,
 }
 
+/// Opens the server's listening socket (again, on restart).
+pub type Binder = Arc<dyn Fn() -> std::io::Result<std::net::TcpListener> + Send + Sync>;
+
 /// The running test server.
 pub struct ApiServer {
     inner: Arc<Inner>,
     addr: SocketAddr,
     task: Option<JoinHandle<()>>,
+    bind: Binder,
 }
 
 impl ApiServer {
     /// Starts a server on a free loopback port.
     pub async fn start() -> Result<ApiServer> {
+        let first = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = first.local_addr()?;
+        let first = std::sync::Mutex::new(Some(first));
+        let bind: Binder = Arc::new(move || match first.lock().expect("binder lock").take() {
+            Some(l) => Ok(l),
+            None => std::net::TcpListener::bind(addr),
+        });
+        Self::start_with(bind).await
+    }
+
+    /// Starts a server on the socket `bind` opens, e.g. one bound inside a lab namespace
+    /// (a socket keeps the network namespace it was created in). `bind` is called again, for the
+    /// same address, by [`ApiServer::restart`].
+    pub async fn start_with(bind: Binder) -> Result<ApiServer> {
         let (events, _) = broadcast::channel(4096);
         let (close, _) = broadcast::channel(16);
         let inner = Arc::new(Inner { store: Mutex::new(Store::default()), events, close });
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let std_listener = bind()?;
+        std_listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(std_listener)?;
         let addr = listener.local_addr()?;
         let task = Some(tokio::spawn(serve(listener, inner.clone())));
-        Ok(ApiServer { inner, addr, task })
+        Ok(ApiServer { inner, addr, task, bind })
     }
 
     /// The server's URL, for a kubeconfig or `kube::Config::new`.
@@ -179,7 +199,10 @@ impl ApiServer {
         self.stop();
         let mut last = None;
         for _ in 0..50 {
-            match TcpListener::bind(self.addr).await {
+            match (self.bind)().and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            }) {
                 Ok(l) => {
                     self.task = Some(tokio::spawn(serve(l, self.inner.clone())));
                     return Ok(());

@@ -212,7 +212,8 @@ pub struct Pod {
 /// Options of [`Lab::spawn_agent`].
 #[derive(Debug, Clone, Default)]
 pub struct AgentOpts {
-    /// Directory of Service / EndpointSlice manifests the agent watches (`--manifests`).
+    /// Directory of Service / EndpointSlice manifests the agent watches (`--manifests`); empty:
+    /// no `--manifests` (e.g. a `--kubeconfig` in `extra_args` instead).
     pub manifests_dir: PathBuf,
     /// Further arguments appended to the command line.
     pub extra_args: Vec<String>,
@@ -851,8 +852,6 @@ impl Lab {
             "agent".into(),
             "--node-name".into(),
             n.name.clone(),
-            "--manifests".into(),
-            opts.manifests_dir.to_string_lossy().into_owned(),
             "--nodeport-devices".into(),
             "eth0".into(),
             "--pod-devices".into(),
@@ -860,6 +859,10 @@ impl Lab {
             "--pin-path".into(),
             n.pin_path.to_string_lossy().into_owned(),
         ];
+        if !opts.manifests_dir.as_os_str().is_empty() {
+            argv.push("--manifests".into());
+            argv.push(opts.manifests_dir.to_string_lossy().into_owned());
+        }
         argv.extend(opts.extra_args.iter().cloned());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = self.spawn(&n.ns, &format!("{}-agent", n.name), &argv)?;

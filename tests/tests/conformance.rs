@@ -7,10 +7,12 @@
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use kproxy_tests::{
+    apiserver::{ApiServer, Binder},
     client::{
         DnsAnswer, DnsTransport, DnsType, Reply, RequestError, TcpSession, dns_query, tcp_request,
         udp_request,
@@ -368,13 +370,18 @@ fn upstream_should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() 
 }
 
 #[test]
-#[ignore = "hairpin (a pod reaching itself through its service) needs source NAT on the pod path, not implemented yet"]
 fn upstream_should_allow_pods_to_hairpin_back_to_themselves_through_services() {
     both("hairpin", |c| {
-        let svc = web(VIP);
+        let mut svc = web(VIP);
+        svc.ports.push(Port::udp("udp", 81, SERVER_PORT));
         c.put(&svc, vec![c.ep(0, 0)]);
         let r = eventually("hairpin", || tcp_request(&c.pod_ns(0, 0), VIP, 80, T).ok());
         assert_eq!(r.server_pod, "node-0-pod-0");
+        let r = eventually("hairpin udp", || udp_request(&c.pod_ns(0, 0), VIP, 81, T).ok());
+        assert_eq!(r.server_pod, "node-0-pod-0");
+        // Other pods are not affected by the hairpin translation.
+        let r = tcp_request(&c.pod_ns(0, 1), VIP, 80, T).expect("another pod");
+        assert_eq!(*r.client_addr.ip(), c.pod_ip(0, 1));
     });
 }
 
@@ -435,8 +442,59 @@ fn upstream_should_work_after_restarting_kube_proxy() {
 }
 
 #[test]
-#[ignore = "the Kubernetes API source (--kubeconfig) is not wired into the lab suite yet"]
-fn upstream_should_work_after_restarting_apiserver() {}
+fn upstream_should_work_after_restarting_apiserver() {
+    for wiring in [Wiring::Routed, Wiring::Bridged] {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "conformance tests need root");
+        let mut lab = Lab::up(LabSpec::with_wiring(wiring)).expect("lab up");
+        lab.start_servers().expect("servers");
+        // The API server runs in the client namespace, where the nodes reach it on the underlay.
+        let client_ns = lab.client_ns();
+        let bind: Binder = Arc::new(move || {
+            lab::in_netns(&client_ns, || std::net::TcpListener::bind((CLIENT_IP, 16443)))
+                .map_err(std::io::Error::other)?
+        });
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut api = rt.block_on(ApiServer::start_with(bind)).expect("api server");
+        let kubeconfig = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", lab.prefix()));
+        std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+        let ep = |i: usize, j: usize| {
+            let p = lab.pod(i, j).unwrap();
+            Endpoint::ready(p.ip, &lab::node_name(i), &p.name)
+        };
+        let apply = |api: &ApiServer, svc: &Service, eps: Vec<Endpoint>| {
+            for y in [svc.to_yaml(), Slice::for_service(svc, eps).to_yaml()] {
+                let v: serde_json::Value = serde_yaml::from_str(&y).unwrap();
+                api.apply(v).unwrap();
+            }
+        };
+        let svc = web(VIP);
+        apply(&api, &svc, vec![ep(0, 0)]);
+        let opts = AgentOpts {
+            extra_args: vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()],
+            ..Default::default()
+        };
+        let agents = lab.spawn_agents(&opts).expect("agents");
+        let pod = lab.pod(1, 1).unwrap().ns.clone();
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+        // API server down: the datapath keeps serving.
+        api.stop();
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
+        // Changes while it was down, history compacted: the agents reconnect, relist, apply.
+        apply(&api, &svc, vec![ep(0, 0), ep(1, 0)]);
+        api.compact();
+        rt.block_on(api.restart()).expect("api server restarts");
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0", "node-1-pod-0"]);
+        // And it keeps watching.
+        apply(&api, &svc, vec![ep(1, 0)]);
+        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
+        drop(agents);
+        for i in 0..lab.nodes().len() {
+            let _ = lab.cleanup(i);
+        }
+        let _ = std::fs::remove_file(&kubeconfig);
+    }
+}
 
 #[test]
 fn upstream_should_be_possible_to_connect_to_a_service_via_externalip_when_the_external_ip_is_not_assigned_to_a_node()
@@ -672,9 +730,52 @@ fn upstream_should_work_for_type_nodeport_with_externaltrafficpolicy_local() {
     });
 }
 
+/// `GET /` on `addr:port` from namespace `ns`: status code and body.
+fn http_get(ns: &str, addr: Ipv4Addr, port: u16) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    lab::in_netns(ns, || {
+        let mut s = std::net::TcpStream::connect_timeout(&(addr, port).into(), T).ok()?;
+        s.set_read_timeout(Some(T)).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        Some((code, body))
+    })
+    .ok()
+    .flatten()
+}
+
 #[test]
-#[ignore = "the healthCheckNodePort server is not implemented in the agent yet"]
-fn upstream_should_serve_health_check_node_port_for_externaltrafficpolicy_local() {}
+fn upstream_should_serve_health_check_node_port_for_externaltrafficpolicy_local() {
+    both("healthcheck", |c| {
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.external_local = true;
+        svc.health_check_node_port = Some(32000);
+        svc.ports[0] = svc.ports[0].clone().node_port(30180);
+        c.put(&svc, vec![c.ep(0, 0), c.ep(0, 1)]);
+        let client = c.client();
+        let (code, body) = eventually("health check on node 0", || {
+            http_get(&client, c.node_ip(0), 32000).filter(|(code, _)| *code == 200)
+        });
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(v["localEndpoints"], 2, "{body}");
+        let (code, _) =
+            eventually("health check on node 1", || http_get(&client, c.node_ip(1), 32000));
+        assert_eq!(code, 503, "no local endpoint on node 1");
+        // Endpoints move: the answers follow.
+        c.put(&svc, vec![c.ep(1, 0)]);
+        eventually("node 0 now 503", || {
+            http_get(&client, c.node_ip(0), 32000).filter(|(c, _)| *c == 503)
+        });
+        eventually("node 1 now 200", || {
+            http_get(&client, c.node_ip(1), 32000).filter(|(c, _)| *c == 200)
+        });
+    });
+}
 
 fn terminating(c: &Cluster, i: usize, j: usize) -> Endpoint {
     c.ep(i, j).terminating()
