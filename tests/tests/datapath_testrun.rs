@@ -991,3 +991,152 @@ fn hairpin_pod_reaches_itself_through_its_service() {
         ],
     );
 }
+
+fn show_ct(env: &Env) -> String {
+    let a = |x: u32| Ipv4Addr::from(u32::from_be(x));
+    let mut out = String::new();
+    for (k, v) in env.maps.conntrack().unwrap() {
+        out += &format!(
+            "ct {}:{} -> {}:{} p{} => be {}:{} snat {}:{} st {} fl {}\n",
+            a(k.saddr),
+            u16::from_be(k.sport),
+            a(k.daddr),
+            u16::from_be(k.dport),
+            k.proto,
+            a(v.backend_addr),
+            u16::from_be(v.backend_port),
+            a(v.snat_addr),
+            u16::from_be(v.snat_port),
+            v.state,
+            v.flags
+        );
+    }
+    for (k, v) in env.maps.revnat().unwrap() {
+        out += &format!(
+            "rn {}:{} -> {}:{} p{} => client {}:{} fe {}:{}\n",
+            a(k.saddr),
+            u16::from_be(k.sport),
+            a(k.daddr),
+            u16::from_be(k.dport),
+            k.proto,
+            a(v.client_addr),
+            u16::from_be(v.client_port),
+            a(v.frontend_addr),
+            u16::from_be(v.frontend_port)
+        );
+    }
+    out
+}
+
+/// A named network namespace created by this test, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Self {
+        sh_out(&format!("ip netns add {name}"));
+        Netns(name)
+    }
+    fn sh(&self, cmd: &str) -> String {
+        sh_out(&format!("ip netns exec {} sh -c '{}'", self.0, cmd.replace('\'', "'\\''")))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A child process started by this test, killed (by its own pid) on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &Netns, cmd: &str) -> Child {
+    Child(Command::new("ip").args(["netns", "exec", &ns.0, "sh", "-c", cmd]).spawn().unwrap())
+}
+
+/// Real sockets through the TC programs: two pods on one node, a ClusterIP for TCP and UDP
+/// whose backend is pod 2; pod 1 and pod 2 (hairpin) connect through it. Exercises what
+/// TEST_RUN cannot: skbs from local sockets (CHECKSUM_PARTIAL), real redirects and routing.
+#[test]
+fn real_sockets_pod_to_clusterip_and_hairpin() {
+    let tag = format!("kpdp{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let node = Netns::new(format!("{tag}-node"));
+    let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
+    for (i, pod) in pods.iter().enumerate() {
+        let j = i + 1;
+        let ip = format!("198.18.100.{}", 9 + j);
+        sh_out(&format!(
+            "ip -n {} link add vp{j} type veth peer name eth0 netns {}",
+            node.0, pod.0
+        ));
+        node.sh(&format!(
+            "ip link set vp{j} up && ip addr add 198.18.100.1/32 dev vp{j} && \
+             ip route add {ip}/32 dev vp{j}"
+        ));
+        pod.sh(&format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {ip}/32 dev eth0 && \
+             ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1"
+        ));
+    }
+    node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
+    let _tcp = spawn_in(&pods[1], "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello'");
+    // One socket answering every datagram (socat's UDP fork mode loses datagrams between forks).
+    let _udp = spawn_in(
+        &pods[1],
+        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
+         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
+    );
+
+    let node_path = format!("/run/netns/{}", node.0);
+    let h = std::thread::spawn(move || {
+        let f = std::fs::File::open(&node_path).unwrap();
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut env = Env::new();
+        env.dp.attach_pod("vp1").unwrap();
+        env.dp.attach_pod("vp2").unwrap();
+        env.backend(1, "198.18.100.11:8080", backend_flags::LOCAL, proto::TCP);
+        env.backend(2, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+        env
+    });
+    let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let tcp_client = "import socket; s=socket.create_connection((\"198.19.0.10\",80),timeout=3); \
+                      print(s.recv(100).decode().strip())";
+    let udp_client = "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+                      s.settimeout(3); s.sendto(b\"ping\",(\"198.19.0.53\",53)); \
+                      d,a=s.recvfrom(100); print(d.decode().strip(), a[0], a[1])";
+    for (who, pod) in [("pod 1", &pods[0]), ("pod 2 (hairpin)", &pods[1])] {
+        assert_eq!(pod.sh(&format!("python3 -c '{tcp_client}'")).trim(), "hello", "{who} TCP");
+        for attempt in 0..3 {
+            let o = Command::new("ip")
+                .args(["netns", "exec", &pod.0, "python3", "-c", udp_client])
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).trim(),
+                "pong 198.19.0.53 53",
+                "{who} UDP reply comes from the ClusterIP (attempt {attempt}); {}\n{:?}\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                env.counters(),
+                show_ct(&env),
+            );
+        }
+    }
+    let c = env.counters();
+    assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 4, "{c:?}");
+    assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 4, "{c:?}");
+    assert!(!c.contains_key(&Reason::DropRewrite), "{c:?}");
+    drop(env);
+}
