@@ -8,8 +8,8 @@ use kproxy_common::{
 };
 
 use crate::{
-    ct, lb, maps,
-    nat::{self, Nat, Verdict},
+    ct, icmp, lb, maps,
+    nat::{self, Nat, To, Verdict},
     parse::{self, Frag, Ip4, tcp_flags},
     pkt::Packet,
 };
@@ -58,6 +58,15 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     let Some(p) = parse::ipv4(c)? else {
         return Ok((Verdict::PASS, Reason::PassNotIpv4));
     };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if p.proto == proto::ICMP
+        && let Some(i) = icmp::parse(c, &p)
+        && let Some(plan) = icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, now)
+    {
+        let inner = Some((&i, &plan.inner));
+        return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
+    }
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
     }
@@ -66,8 +75,6 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         return Ok((Verdict::PASS, Reason::PassNoService));
     }
     let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     if hook != Hook::ToPod
         && let Some(v) = established(c, &p, &t, &cfg, hook, now)?
     {
@@ -263,32 +270,38 @@ fn reply<P: Packet>(
     deliver(c, p, &n, to, Reason::ReplyTranslated)
 }
 
-/// Where a translated packet goes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum To {
-    /// The kernel stack routes it (local backend, or a reply to a local client).
-    Stack,
-    /// Straight out through the FIB (remote backend, reply to an external client).
-    Fib,
-    /// Back out of the interface it came in on (hairpin).
-    Bounce,
-}
-
 /// Translates and delivers. XDP leaves packets whose neighbour is unresolved to TC, untouched.
 #[inline(always)]
 fn deliver<P: Packet>(c: &mut P, p: &Ip4, n: &Nat, to: To, reason: Reason) -> Out {
-    if to == To::Stack {
-        nat::apply(c, p, n)?;
-        return Ok((Verdict::PASS, reason));
-    }
-    if to == To::Bounce {
-        nat::apply(c, p, n)?;
-        return Ok((nat::bounce(c)?, reason));
-    }
-    let r = nat::route(c, p, n.saddr, n.daddr)?;
-    if P::XDP && !r.resolved {
-        return Ok((Verdict::PASS, Reason::XdpPassToTc));
-    }
+    deliver_with(c, p, n, None, to, reason)
+}
+
+/// [`deliver`], also rewriting the packet quoted by an ICMP error.
+#[inline(always)]
+fn deliver_with<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    n: &Nat,
+    inner: Option<(&icmp::Inner, &Nat)>,
+    to: To,
+    reason: Reason,
+) -> Out {
+    let route = if to == To::Fib {
+        let r = nat::route(c, p, n.saddr, n.daddr)?;
+        if P::XDP && !r.resolved {
+            return Ok((Verdict::PASS, Reason::XdpPassToTc));
+        }
+        Some(r)
+    } else {
+        None
+    };
     nat::apply(c, p, n)?;
-    Ok((nat::forward(c, p, &r)?, reason))
+    if let Some((i, inn)) = inner {
+        icmp::apply_inner(c, i, inn)?;
+    }
+    match route {
+        Some(r) => Ok((nat::forward(c, p, &r)?, reason)),
+        None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
+        None => Ok((Verdict::PASS, reason)),
+    }
 }

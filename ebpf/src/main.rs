@@ -6,6 +6,7 @@
 mod csum;
 mod ct;
 mod flow;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

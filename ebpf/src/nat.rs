@@ -8,7 +8,7 @@ use kproxy_common::{Reason, proto};
 use crate::{
     csum,
     parse::{Ip4, tcp_flags},
-    pkt::{IP_DADDR, IP_SADDR, L3, Packet, ptr_at},
+    pkt::{IP_CSUM, IP_DADDR, IP_SADDR, IP_TTL, L3, Packet, ptr_at},
 };
 
 const AF_INET: u8 = 2;
@@ -56,6 +56,17 @@ impl Verdict {
     pub const fn redirect_neigh(ifindex: u32) -> Verdict {
         Verdict { action: Action::RedirectNeigh, ifindex }
     }
+}
+
+/// Where a translated packet goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum To {
+    /// The kernel stack routes it (local backend, or a reply to a local client).
+    Stack,
+    /// Straight out through the FIB (remote backend, reply to an external client).
+    Fib,
+    /// Back out of the interface it came in on (hairpin).
+    Bounce,
 }
 
 /// New addresses and ports (be) for a packet.
@@ -137,7 +148,7 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Ro
 pub fn forward<P: Packet>(c: &mut P, p: &Ip4, r: &Route) -> Result<Verdict, Reason> {
     let old = u16::from_ne_bytes([p.ttl, p.proto]);
     let new = u16::from_ne_bytes([p.ttl - 1, p.proto]);
-    c.set_ttl_word(old, new)?;
+    c.set_word2::<20>(L3, IP_TTL - L3, IP_CSUM - L3, old, new)?;
     if !r.resolved {
         return Ok(Verdict::redirect_neigh(r.ifindex));
     }
