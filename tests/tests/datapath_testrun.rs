@@ -1140,3 +1140,94 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
     assert!(!c.contains_key(&Reason::DropRewrite), "{c:?}");
     drop(env);
 }
+
+/// An ICMP error frame from `src` to `dst` quoting `quote` (IP header + 8 bytes).
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, code: u8, quote: &[u8]) -> Frame {
+    let mut f = Frame::udp(SocketAddrV4::new(src, 1), SocketAddrV4::new(dst, 1), b"");
+    f.l4 = L4::Icmp { typ: 3, code, rest: [0; 4], payload: quote.to_vec() };
+    f
+}
+
+#[test]
+fn icmp_errors_about_translated_connections_are_translated() {
+    let mut env = Env::new();
+    let svc = "198.19.0.53:53";
+    let be = "198.18.100.11:5353";
+    env.backend(1, be, backend_flags::LOCAL, proto::UDP);
+    env.service(svc, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let q = Frame::udp(sa(POD_CLIENT), sa(svc), b"query");
+    let qb = q.build();
+    let (_, dnat) = env.tc(names::PROG_TC_FROM_POD, &qb);
+
+    // The backend answers "port unreachable", quoting the query as it received it.
+    let err = icmp_error(*sa(be).ip(), *sa(POD_CLIENT).ip(), 3, &dnat[14..42]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    assert_eq!(v, TC_ACT_OK);
+    // The client sees it from the ClusterIP, about the query it sent (the quoted UDP checksum
+    // is left as the backend saw it).
+    let mut quote = qb[14..42].to_vec();
+    quote[26..28].copy_from_slice(&dnat[14 + 26..14 + 28]);
+    assert_frame(&out, &icmp_error(*sa(svc).ip(), *sa(POD_CLIENT).ip(), 3, &quote));
+
+    // A reply reaches a client whose socket is gone: its "port unreachable" about the reply
+    // goes to the backend, quoting the reply as the backend sent it.
+    let r = Frame::udp(sa(be), sa(POD_CLIENT), b"answer");
+    let (_, restored) = env.tc(names::PROG_TC_FROM_POD, &r.build());
+    let err = icmp_error(*sa(POD_CLIENT).ip(), *sa(svc).ip(), 3, &restored[14..42]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    assert_eq!(v, TC_ACT_OK);
+    let rb = r.build();
+    let mut quote = rb[14..42].to_vec();
+    quote[26..28].copy_from_slice(&restored[14 + 26..14 + 28]);
+    assert_frame(&out, &icmp_error(*sa(POD_CLIENT).ip(), *sa(be).ip(), 3, &quote));
+
+    // An ICMP error about something else passes untouched.
+    let other = Frame::udp(sa(POD_CLIENT), sa("198.18.0.99:53"), b"x").build();
+    let err = icmp_error(*sa("198.18.0.99:1").ip(), *sa(POD_CLIENT).ip(), 3, &other[14..42]).build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
+    assert_eq!((v, out), (TC_ACT_OK, err));
+    assert_counts(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::ReplyTranslated, 1),
+            (Reason::IcmpErrorTranslated, 2),
+            (Reason::PassUnsupportedProto, 1),
+        ],
+    );
+}
+
+#[test]
+fn icmp_error_from_remote_backend_reaches_external_client() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        env.backend(1, BE_REMOTE, 0, proto::UDP);
+        let np = format!("{NODE_IP}:30053");
+        env.service(&np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let q = Frame::udp(sa(CLIENT), sa(&np), b"query");
+        let qb = q.build();
+        let (v, fwd) = env.xdp(&qb);
+        assert_eq!(v, XDP_REDIRECT);
+        let fwd_ip = frames::decode(&fwd).unwrap();
+        // Fragmentation needed from the backend's node, quoting the SNATed query.
+        let err = icmp_error(*sa(BE_REMOTE).ip(), fwd_ip.saddr, 4, &fwd[14..42])
+            .with_macs([2, 0, 0, 0, 0, 0x10], [2, 0, 0, 0, 0, 0x11]);
+        let (v, out) = env.xdp(&err.build());
+        assert_eq!(v, XDP_REDIRECT, "sent on to the client");
+        let mut quote = qb[14..42].to_vec();
+        quote[26..28].copy_from_slice(&fwd[14 + 26..14 + 28]); // quoted UDP checksum untouched
+        quote[8] = fwd[14 + 8]; // and the TTL the backend saw
+        let c = frames::checksum(&[&{
+            let mut h = quote[..20].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        }]);
+        quote[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut want = icmp_error(NODE_IP.parse().unwrap(), *sa(CLIENT).ip(), 4, &quote)
+            .with_macs([2, 0, 0, 0, 0, 0x02], [2, 0, 0, 0, 0, 0x10]);
+        want.ttl = 63;
+        assert_frame(&out, &want);
+        assert_eq!(env.counters().get(&Reason::IcmpErrorTranslated), Some(&1));
+    });
+}
