@@ -233,6 +233,10 @@ pub mod ct_flags {
     pub const EXTERNAL: u8 = 1 << 1;
     /// Hairpin: the client is its own backend.
     pub const HAIRPIN: u8 = 1 << 2;
+    /// The frontend is a node address (NodePort, or any flow from an external device): replies
+    /// restored on a pod interface carry a node-local source, which the stack would drop as a
+    /// martian, so they are forwarded through the FIB.
+    pub const REPLY_FIB: u8 = 1 << 3;
 }
 
 /// Idle timeouts by protocol and state, after kube-proxy's conntrack settings and the kernel's
@@ -385,6 +389,8 @@ reasons! {
     PassNotReady = 8, "pass_not_ready", false;
     /// Protocol a service cannot be for (ICMP echo to a frontend, SCTP): passed untouched.
     PassUnsupportedProto = 9, "pass_unsupported_proto", false;
+    /// TC on an external device: XDP already handled this packet (XDP metadata mark).
+    PassHandledByXdp = 10, "pass_handled_by_xdp", false;
     /// Truncated or malformed header.
     DropMalformed = 16, "drop_malformed", true;
     /// IP fragment addressed to a service frontend (no L4 header to balance on).

@@ -196,7 +196,10 @@ fn new_conn<P: Packet>(
         last_seen_ns: now,
     };
     let mut n = Nat { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
-    let mut flags = if hook.external() { ct_flags::EXTERNAL } else { 0 };
+    let mut flags = if hook.external() { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
+    if svc.flags & svc_flags::NODE_PORT != 0 {
+        flags |= ct_flags::REPLY_FIB;
+    }
     if snat {
         if snat_addr == 0 {
             return Err(Reason::DropNoSnatAddr);
@@ -249,8 +252,11 @@ fn reply<P: Packet>(
 ) -> Out {
     let orig =
         ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
+    let mut ct_fl = 0;
     if let Some(ctp) = ct::lookup(&orig, now) {
         ct::touch(ctp, p.proto, p.tcp_flags, true, now);
+        // SAFETY: valid map value pointer.
+        ct_fl = unsafe { (*ctp).flags };
     }
     let n = Nat {
         saddr: rn.frontend_addr,
@@ -263,6 +269,9 @@ fn reply<P: Packet>(
         To::Bounce
     } else if hook.external() && cfg.snat_addr != 0 && t.daddr == cfg.snat_addr {
         // Replies to the node's source-NAT address go back out to an external client.
+        To::Fib
+    } else if hook == Hook::FromPod && ct_fl & ct_flags::REPLY_FIB != 0 {
+        // Source restored to a node address: straight to the client (see REPLY_FIB).
         To::Fib
     } else {
         To::Stack

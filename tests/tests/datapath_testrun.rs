@@ -146,6 +146,13 @@ impl Env {
     }
 
     fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (v, out, _) = self.xdp_meta(frame);
+        (v, out)
+    }
+
+    /// Runs the XDP program; also says whether it left the "handled" metadata mark for TC
+    /// (TEST_RUN returns the metadata in front of the frame; it is split off here).
+    fn xdp_meta(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
         let p: &mut Xdp = self.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
         let mut out = vec![0u8; 2048];
         let r = p
@@ -156,7 +163,11 @@ impl Env {
             })
             .expect("test_run xdp");
         out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        if out.starts_with(b"KPX1") {
+            (r.return_value, out.split_off(4), true)
+        } else {
+            (r.return_value, out, false)
+        }
     }
 
     fn tc(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -428,28 +439,38 @@ fn not_for_service_passes_byte_identical() {
 
 #[test]
 fn nodeport_local_backend_no_snat() {
-    let mut env = Env::new();
-    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
-    let np = format!("{NODE_IP}:30080");
-    env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
-    let syn = Frame::tcp(sa(CLIENT), sa(&np), SYN);
-    let (v, out) = env.xdp(&syn.build());
-    assert_eq!(v, XDP_PASS);
-    assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
-    // The same in TC-only mode, for another client port.
-    let syn2 = syn.clone().with_src(sa("198.18.0.2:40001"));
-    let (v, out) = env.tc(names::PROG_TC_EXT, &syn2.build());
-    assert_eq!(v, TC_ACT_OK);
-    assert_frame(&out, &syn2.clone().with_dst(sa(BE1)));
-    // Reply leaves the backend pod: source becomes node IP:NodePort, client address preserved.
-    let synack = Frame::tcp(sa(BE1), sa(CLIENT), SYN | ACK);
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
-    assert_eq!(v, TC_ACT_OK);
-    assert_frame(&out, &synack.clone().with_src(sa(&np)));
-    // A pod reaching the NodePort uses the INTERNAL scope entry only: none here, untouched.
-    let from_pod = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN).build();
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &from_pod);
-    assert_eq!((v, out), (TC_ACT_OK, from_pod));
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+        let np = format!("{NODE_IP}:30080");
+        env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let syn = Frame::tcp(sa(CLIENT), sa(&np), SYN);
+        let (v, out, marked) = env.xdp_meta(&syn.build());
+        assert_eq!(v, XDP_PASS);
+        assert!(marked, "XDP tells TC it is done");
+        assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+        // The same in TC-only mode, for another client port.
+        let syn2 = syn.clone().with_src(sa("198.18.0.2:40001"));
+        let (v, out) = env.tc(names::PROG_TC_EXT, &syn2.build());
+        assert_eq!(v, TC_ACT_OK);
+        assert_frame(&out, &syn2.clone().with_dst(sa(BE1)));
+        // The reply leaves the backend pod: source becomes node IP:NodePort (client address
+        // preserved), and since the stack would drop a packet from its own address arriving
+        // on a pod interface, it goes straight out through the FIB.
+        let synack = Frame::tcp(sa(BE1), sa(CLIENT), SYN | ACK);
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let mut want = synack
+            .clone()
+            .with_src(sa(&np))
+            .with_macs([2, 0, 0, 0, 0, 0x02], [2, 0, 0, 0, 0, 0x10]);
+        want.ttl = 63;
+        assert_frame(&out, &want);
+        // A pod reaching the NodePort uses the INTERNAL scope entry only: none here, untouched.
+        let from_pod = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN).build();
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &from_pod);
+        assert_eq!((v, out), (TC_ACT_OK, from_pod));
+    });
 }
 
 #[test]
@@ -527,9 +548,9 @@ fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
         let np = format!("{NODE_IP}:30053");
         env.service(&np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
         let q = Frame::udp(sa(CLIENT), sa(&np), b"q");
-        // XDP cannot resolve the neighbour: the packet goes up untouched...
-        let (v, out) = env.xdp(&q.build());
-        assert_eq!((v, &out), (XDP_PASS, &q.build()));
+        // XDP cannot resolve the neighbour: the packet goes up untouched, unmarked...
+        let (v, out, marked) = env.xdp_meta(&q.build());
+        assert_eq!((v, &out, marked), (XDP_PASS, &q.build(), false));
         // ...and TC translates it and hands it to bpf_redirect_neigh.
         let (v, out) = env.tc(names::PROG_TC_EXT, &q.build());
         assert_eq!(v, TC_ACT_REDIRECT);
@@ -1183,7 +1204,8 @@ fn icmp_errors_about_translated_connections_are_translated() {
 
     // An ICMP error about something else passes untouched.
     let other = Frame::udp(sa(POD_CLIENT), sa("198.18.0.99:53"), b"x").build();
-    let err = icmp_error(*sa("198.18.0.99:1").ip(), *sa(POD_CLIENT).ip(), 3, &other[14..42]).build();
+    let err =
+        icmp_error(*sa("198.18.0.99:1").ip(), *sa(POD_CLIENT).ip(), 3, &other[14..42]).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
     assert_eq!((v, out), (TC_ACT_OK, err));
     assert_counts(
@@ -1230,4 +1252,86 @@ fn icmp_error_from_remote_backend_reaches_external_client() {
         assert_frame(&out, &want);
         assert_eq!(env.counters().get(&Reason::IcmpErrorTranslated), Some(&1));
     });
+}
+
+/// Real sockets through XDP and TC on an external device: a client namespace reaches a
+/// NodePort whose backend is a pod on the node. XDP translates and marks the packets, TC on the
+/// same device skips them (`PassHandledByXdp`), the pod's replies are restored on its veth.
+#[test]
+fn real_sockets_nodeport_through_xdp() {
+    real_sockets_nodeport(kproxy::dataplane::loader::ExternalMode::Xdp);
+}
+
+/// The same in TC-only mode.
+#[test]
+fn real_sockets_nodeport_tc_only() {
+    real_sockets_nodeport(kproxy::dataplane::loader::ExternalMode::TcOnly);
+}
+
+fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
+    let tag = format!("kpdp{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let node = Netns::new(format!("{tag}-node"));
+    let client = Netns::new(format!("{tag}-client"));
+    let pod = Netns::new(format!("{tag}-p1"));
+    sh_out(&format!("ip -n {} link add eth0 type veth peer name eth0 netns {}", node.0, client.0));
+    sh_out(&format!("ip -n {} link add vp1 type veth peer name eth0 netns {}", node.0, pod.0));
+    node.sh(&format!(
+        "ip link set lo up && ip link set eth0 up && ip addr add {NODE_IP}/24 dev eth0 && \
+         ip link set vp1 up && ip addr add 198.18.100.1/32 dev vp1 && \
+         ip route add 198.18.100.10/32 dev vp1 && sysctl -qw net.ipv4.ip_forward=1"
+    ));
+    client.sh("ip link set lo up && ip link set eth0 up && ip addr add 198.18.0.2/24 dev eth0");
+    pod.sh("ip link set lo up && ip link set eth0 up && ip addr add 198.18.100.10/32 dev eth0 && \
+         ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1");
+    let _tcp = spawn_in(&pod, "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello'");
+    let _udp = spawn_in(
+        &pod,
+        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
+         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
+    );
+    let node_path = format!("/run/netns/{}", node.0);
+    let h = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(&node_path).unwrap();
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut env = Env::new();
+        env.dp.attach_external("eth0", mode).unwrap();
+        env.dp.attach_pod("vp1").unwrap();
+        env.backend(1, "198.18.100.10:8080", backend_flags::LOCAL, proto::TCP);
+        env.backend(2, "198.18.100.10:5353", backend_flags::LOCAL, proto::UDP);
+        let np = |p: u16| format!("{NODE_IP}:{p}");
+        env.service(&np(30080), proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        env.service(&np(30053), proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[2], 2);
+        env
+    });
+    let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let tcp_client = format!(
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=3); \
+         print(s.recv(100).decode().strip())"
+    );
+    let udp_client = format!(
+        "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(3); \
+         s.sendto(b\"ping\",(\"{NODE_IP}\",30053)); d,a=s.recvfrom(100); \
+         print(d.decode().strip(), a[0], a[1])"
+    );
+    let run = |code: &str| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &client.0, "python3", "-c", code])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    assert_eq!(run(&tcp_client), "hello", "{:?}\n{}", env.counters(), show_ct(&env));
+    assert_eq!(run(&udp_client), format!("pong {NODE_IP} 30053"), "{:?}", env.counters());
+    let c = env.counters();
+    assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 2, "{c:?}\n{}", show_ct(&env));
+    assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 2, "{c:?}");
+    let skipped = c.get(&Reason::PassHandledByXdp).copied().unwrap_or(0);
+    if mode == kproxy::dataplane::loader::ExternalMode::Xdp {
+        assert!(skipped >= 2, "{c:?}");
+    } else {
+        assert_eq!(skipped, 0, "{c:?}");
+    }
 }
