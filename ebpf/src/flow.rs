@@ -270,7 +270,7 @@ fn reply<P: Packet>(
     } else if hook.external() && cfg.snat_addr != 0 && t.daddr == cfg.snat_addr {
         // Replies to the node's source-NAT address go back out to an external client.
         To::Fib
-    } else if hook == Hook::FromPod && ct_fl & ct_flags::REPLY_FIB != 0 {
+    } else if hook != Hook::ToPod && ct_fl & ct_flags::REPLY_FIB != 0 {
         // Source restored to a node address: straight to the client (see REPLY_FIB).
         To::Fib
     } else {

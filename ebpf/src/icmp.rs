@@ -96,9 +96,15 @@ pub fn plan(
     // About a packet the client sent (quoted: client/SNAT → backend); the error travels to
     // the client.
     if let Some(rn) = ct::revnat(&rev) {
+        let orig =
+            ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, i.proto);
+        // SAFETY: valid map value pointer.
+        let fl = ct::lookup(&orig, now).map(|c| unsafe { (*c).flags }).unwrap_or(0);
         let to = if from_pod && rn.client_addr == p.saddr {
             To::Bounce
         } else if external && cfg.snat_addr != 0 && p.daddr == cfg.snat_addr {
+            To::Fib
+        } else if (external || from_pod) && fl & ct_flags::REPLY_FIB != 0 {
             To::Fib
         } else {
             To::Stack

@@ -231,13 +231,18 @@ fn in_test_netns<F: FnOnce() + Send + 'static>(with_neighbours: bool, f: F) {
             assert!(st.success(), "{cmd}");
         };
         sh("ip link set lo up");
-        sh("ip link add kpt0 address 02:00:00:00:00:10 type veth peer name kpt1");
+        sh(
+            "ip link add kpt0 address 02:00:00:00:00:10 type veth peer name kpt1 address 02:00:00:00:00:01",
+        );
         sh("ip link set kpt0 up && ip link set kpt1 up");
         sh(&format!("ip addr add {NODE_IP}/24 dev kpt0"));
         sh("ip route add 198.18.101.0/24 via 198.18.0.11 dev kpt0");
         if with_neighbours {
             sh("ip neigh add 198.18.0.11 lladdr 02:00:00:00:00:11 dev kpt0 nud permanent");
             sh("ip neigh add 198.18.0.2 lladdr 02:00:00:00:00:02 dev kpt0 nud permanent");
+            // kpt1 plays a pod interface: pod 198.18.100.10 behind it.
+            sh("ip route add 198.18.100.10/32 dev kpt1");
+            sh("ip neigh add 198.18.100.10 lladdr 02:00:00:00:00:a0 dev kpt1 nud permanent");
         }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
         std::fs::write("/proc/sys/net/ipv4/conf/lo/forwarding", "1").unwrap();
@@ -1334,4 +1339,30 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
     } else {
         assert_eq!(skipped, 0, "{c:?}");
     }
+}
+
+#[test]
+fn pod_to_own_node_nodeport_remote_backend_reply_is_forwarded() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        env.backend(1, BE_REMOTE, 0, proto::TCP);
+        let np = format!("{NODE_IP}:30080");
+        env.service(&np, proto::TCP, scope::INTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let syn = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN);
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        assert_eq!(v, TC_ACT_OK, "pods keep their address; the stack routes to node 1");
+        assert_frame(&out, &syn.clone().with_dst(sa(BE_REMOTE)));
+        // The reply comes back over the external device; its restored source is the node's
+        // own address, so it must not go up the stack (martian) but straight to the pod.
+        let synack = Frame::tcp(sa(BE_REMOTE), sa(POD_CLIENT), SYN | ACK);
+        let (v, out, marked) = env.xdp_meta(&synack.build());
+        assert_eq!((v, marked), (XDP_REDIRECT, false));
+        let mut want = synack
+            .clone()
+            .with_src(sa(&np))
+            .with_macs([2, 0, 0, 0, 0, 0xa0], [2, 0, 0, 0, 0, 0x01]);
+        want.ttl = 63;
+        assert_frame(&out, &want);
+        assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 1)]);
+    });
 }
