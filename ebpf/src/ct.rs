@@ -103,7 +103,7 @@ pub fn alloc_snat_port(
     while i < 8 {
         let port = ((min + h.checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
-        if kp_rnat4.insert(&key, v, BPF_NOEXIST as u64).is_ok() {
+        if kp_rnat4.insert(key, v, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);
         }
         h = h.wrapping_mul(0x9e37_79b1).wrapping_add(0x7f4a_7c15);

@@ -102,9 +102,11 @@ pub fn plan(
         let fl = ct::lookup(&orig, now).map(|c| unsafe { (*c).flags }).unwrap_or(0);
         let to = if from_pod && rn.client_addr == p.saddr {
             To::Bounce
-        } else if external && cfg.snat_addr != 0 && p.daddr == cfg.snat_addr {
-            To::Fib
-        } else if (external || from_pod) && fl & ct_flags::REPLY_FIB != 0 {
+        } else if (external && cfg.snat_addr != 0 && p.daddr == cfg.snat_addr)
+            || ((external || from_pod) && fl & ct_flags::REPLY_FIB != 0)
+        {
+            // To an external client through the node's SNAT address, or a restored node
+            // address as source (see `ct_flags::REPLY_FIB`).
             To::Fib
         } else {
             To::Stack

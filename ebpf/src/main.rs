@@ -47,7 +47,7 @@ pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
     if handled_by_xdp(&ctx) {
         maps::count(Reason::PassHandledByXdp);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     tc(&ctx, Hook::TcExt)
 }
@@ -114,8 +114,8 @@ fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     let (v, reason) = flow::handle(&mut c, hook);
     maps::count(reason);
     match v.action {
-        Action::Pass => TC_ACT_OK as i32,
-        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
         // SAFETY: plain helper calls; they return TC_ACT_REDIRECT or TC_ACT_SHOT.
         Action::Tx => unsafe { bpf_redirect(c.ifindex(), 0) as i32 },
         Action::Redirect => unsafe { bpf_redirect(v.ifindex, 0) as i32 },
