@@ -9,7 +9,7 @@ use kproxy_common::{
 
 use crate::{
     ct, icmp, lb, maps,
-    nat::{self, Nat, To, Verdict},
+    nat::{self, Nat, Route, To, Verdict},
     parse::{self, Frag, Ip4, tcp_flags},
     pkt::Packet,
 };
@@ -296,11 +296,12 @@ fn deliver_with<P: Packet>(
     reason: Reason,
 ) -> Out {
     let route = if to == To::Fib {
-        let r = nat::route(c, p, n.saddr, n.daddr)?;
-        if P::XDP && !r.resolved {
+        let r = nat::route(c, p, n.saddr, n.daddr);
+        if P::XDP && !matches!(r, Ok(Route { resolved: true, .. })) {
+            // No neighbour, too big, no route...: TC does it completely (or counts the drop).
             return Ok((Verdict::PASS, Reason::XdpPassToTc));
         }
-        Some(r)
+        Some(r?)
     } else {
         None
     };

@@ -126,7 +126,9 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Ro
     f.l4_protocol = p.proto;
     f.sport = p.sport;
     f.dport = p.dport;
-    f.__bindgen_anon_1.tot_len = p.tot_len;
+    // TC: no length, so the kernel checks forwardability itself, which understands GSO skbs
+    // (whose IP total length is that of the whole super-packet). XDP frames are real frames.
+    f.__bindgen_anon_1.tot_len = if P::XDP { p.tot_len } else { 0 };
     f.ifindex = c.ifindex();
     f.__bindgen_anon_3.ipv4_src = saddr;
     f.__bindgen_anon_4.ipv4_dst = daddr;

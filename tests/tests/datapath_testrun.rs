@@ -1289,6 +1289,11 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
     pod.sh("ip link set lo up && ip link set eth0 up && ip addr add 198.18.100.10/32 dev eth0 && \
          ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1");
     let _tcp = spawn_in(&pod, "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello'");
+    // Bulk data from the backend: large (GSO) segments on the reply path.
+    let _bulk = spawn_in(
+        &pod,
+        "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
+    );
     let _udp = spawn_in(
         &pod,
         "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
@@ -1307,6 +1312,8 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
         env.backend(2, "198.18.100.10:5353", backend_flags::LOCAL, proto::UDP);
         let np = |p: u16| format!("{NODE_IP}:{p}");
         env.service(&np(30080), proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        env.backend(3, "198.18.100.10:8081", backend_flags::LOCAL, proto::TCP);
+        env.service(&np(30081), proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[3], 3);
         env.service(&np(30053), proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[2], 2);
         env
     });
@@ -1330,6 +1337,11 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
     };
     assert_eq!(run(&tcp_client), "hello", "{:?}\n{}", env.counters(), show_ct(&env));
     assert_eq!(run(&udp_client), format!("pong {NODE_IP} 30053"), "{:?}", env.counters());
+    let bulk_client = format!(
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30081),timeout=5); n=0\n\
+         while True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)"
+    );
+    assert_eq!(run(&bulk_client), "4000000", "{:?}", env.counters());
     let c = env.counters();
     assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 2, "{c:?}\n{}", show_ct(&env));
     assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 2, "{c:?}");
