@@ -1113,6 +1113,10 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
     }
     node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
     let _tcp = spawn_in(&pods[1], "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello'");
+    let _bulk = spawn_in(
+        &pods[1],
+        "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
+    );
     // One socket answering every datagram (socat's UDP fork mode loses datagrams between forks).
     let _udp = spawn_in(
         &pods[1],
@@ -1132,6 +1136,8 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
         env.backend(1, "198.18.100.11:8080", backend_flags::LOCAL, proto::TCP);
         env.backend(2, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);
         env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        env.backend(3, "198.18.100.11:8081", backend_flags::LOCAL, proto::TCP);
+        env.service("198.19.0.10:81", proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[3], 3);
         env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
         env
     });
@@ -1145,6 +1151,9 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
                       d,a=s.recvfrom(100); print(d.decode().strip(), a[0], a[1])";
     for (who, pod) in [("pod 1", &pods[0]), ("pod 2 (hairpin)", &pods[1])] {
         assert_eq!(pod.sh(&format!("python3 -c '{tcp_client}'")).trim(), "hello", "{who} TCP");
+        let bulk = "import socket; s=socket.create_connection((\"198.19.0.10\",81),timeout=5); \
+                    n=0\nwhile True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)";
+        assert_eq!(pod.sh(&format!("python3 -c '{bulk}'")).trim(), "4000000", "{who} bulk");
         for attempt in 0..3 {
             let o = Command::new("ip")
                 .args(["netns", "exec", &pod.0, "python3", "-c", udp_client])
