@@ -1433,3 +1433,86 @@ fn per_packet_cost_is_flat_in_the_number_of_services() {
     );
     assert!(miss2 < miss1 * 3.0 + 50.0 && hit2 < hit1 * 3.0 + 50.0);
 }
+
+/// Real sockets, two nodes on a bridged underlay: a client reaches node 0's NodePort whose
+/// only backend is a pod on node 1. Node 0 source-NATs and forwards (XDP_TX / TC redirect);
+/// the pod's replies come back to node 0 and are sent on to the client.
+fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
+    let tag = format!("kpdp{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let under = Netns::new(format!("{tag}-under"));
+    let client = Netns::new(format!("{tag}-client"));
+    let n0 = Netns::new(format!("{tag}-n0"));
+    let n1 = Netns::new(format!("{tag}-n1"));
+    let pod = Netns::new(format!("{tag}-p"));
+    under.sh("ip link set lo up && ip link add br0 type bridge && ip link set br0 up");
+    for (i, ns, addr) in
+        [(0, &client, "198.18.0.2"), (1, &n0, "198.18.0.10"), (2, &n1, "198.18.0.11")]
+    {
+        sh_out(&format!("ip -n {} link add u{i} type veth peer name eth0 netns {}", under.0, ns.0));
+        under.sh(&format!("ip link set u{i} master br0 && ip link set u{i} up"));
+        ns.sh(&format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {addr}/24 dev eth0"
+        ));
+    }
+    sh_out(&format!("ip -n {} link add vp1 type veth peer name eth0 netns {}", n1.0, pod.0));
+    n1.sh("ip link set vp1 up && ip addr add 198.18.101.1/32 dev vp1 && \
+         ip route add 198.18.101.10/32 dev vp1 && sysctl -qw net.ipv4.ip_forward=1");
+    n0.sh("ip route add 198.18.101.0/24 via 198.18.0.11 && sysctl -qw net.ipv4.ip_forward=1");
+    pod.sh("ip link set lo up && ip link set eth0 up && ip addr add 198.18.101.10/32 dev eth0 && \
+         ip route add 198.18.101.1 dev eth0 && ip route add default via 198.18.101.1");
+    let _tcp = spawn_in(&pod, "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello'");
+    let _bulk = spawn_in(
+        &pod,
+        "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
+    );
+    let node_path = format!("/run/netns/{}", n0.0);
+    let h = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(&node_path).unwrap();
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut env = Env::new();
+        env.dp.attach_external("eth0", mode).unwrap();
+        env.backend(1, "198.18.101.10:8080", 0, proto::TCP);
+        env.backend(2, "198.18.101.10:8081", 0, proto::TCP);
+        let np = |p: u16| format!("{NODE_IP}:{p}");
+        env.service(&np(30080), proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        env.service(&np(30081), proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[2], 2);
+        env
+    });
+    let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let run = |code: &str| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &client.0, "python3", "-c", code])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    let tcp_client = format!(
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=3); \
+         print(s.recv(100).decode().strip())"
+    );
+    assert_eq!(run(&tcp_client), "hello", "{:?}\n{}", env.counters(), show_ct(&env));
+    let bulk_client = format!(
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30081),timeout=5); n=0\n\
+         while True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)"
+    );
+    assert_eq!(run(&bulk_client), "4000000", "{:?}", env.counters());
+    let ct = env.maps.conntrack().unwrap();
+    assert!(
+        ct.iter().all(|(_, v)| v.flags & kproxy_common::ct_flags::SNAT != 0),
+        "{}",
+        show_ct(&env)
+    );
+}
+
+#[test]
+fn real_sockets_nodeport_remote_xdp() {
+    real_sockets_nodeport_remote(kproxy::dataplane::loader::ExternalMode::Xdp);
+}
+
+#[test]
+fn real_sockets_nodeport_remote_tc_only() {
+    real_sockets_nodeport_remote(kproxy::dataplane::loader::ExternalMode::TcOnly);
+}

@@ -259,9 +259,11 @@ impl Datapath {
                 }
             }
         }
+        let mode = xdp_mode_for(ifname);
         let id = p
-            .attach(ifname, XdpMode::default())
+            .attach(ifname, mode)
             .with_context(|| format!("attaching {} to {ifname}", names::PROG_XDP_EXT))?;
+        debug!(ifname, ?mode, "XDP attached");
         let link = p.take_link(id)?;
         match FdLink::try_from(link) {
             Ok(fd) => {
@@ -274,6 +276,49 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// The kernel driver of a device (`ETHTOOL_GDRVINFO`), e.g. "veth".
+fn driver(ifname: &str) -> Option<String> {
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160] };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
+    let n = ifname.len().min(libc::IFNAMSIZ - 1);
+    req.name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+    // SAFETY: a datagram socket for the ioctl, closed below; req and info outlive the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return None;
+        }
+        let r = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        libc::close(fd);
+        if r != 0 {
+            return None;
+        }
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// XDP mode for a device. veth gets generic (skb) mode: native veth XDP can only transmit
+/// (`XDP_TX`, redirect) when the peer runs XDP or GRO, which kproxy does not control (the peer
+/// is usually in another namespace). Real NICs get the kernel's choice (native when supported).
+fn xdp_mode_for(ifname: &str) -> XdpMode {
+    if driver(ifname).as_deref() == Some("veth") { XdpMode::Skb } else { XdpMode::default() }
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
