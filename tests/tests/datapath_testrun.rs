@@ -1139,6 +1139,9 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
         env.backend(3, "198.18.100.11:8081", backend_flags::LOCAL, proto::TCP);
         env.service("198.19.0.10:81", proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[3], 3);
         env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+        // No endpoints: rejected.
+        env.service("198.19.0.99:80", proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 9);
+        env.service("198.19.0.99:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 9);
         env
     });
     let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
@@ -1169,8 +1172,21 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
             );
         }
     }
+    // The client's own stack accepts the rejections: connection refused at once, for TCP
+    // (RST) and for connected UDP (ICMP port unreachable).
+    let refused = "import socket, time\nt=time.time()\ntry:\n  socket.create_connection(\
+                   (\"198.19.0.99\",80),timeout=3)\nexcept ConnectionRefusedError:\n  \
+                   print(\"tcp refused\", time.time()-t < 1)\n\
+                   s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\n\
+                   s.connect((\"198.19.0.99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
+                   except ConnectionRefusedError:\n  print(\"udp refused\")";
+    assert_eq!(
+        pods[0].sh(&format!("python3 -c '{refused}'")).trim(),
+        "tcp refused True\nudp refused"
+    );
     let c = env.counters();
     assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 4, "{c:?}");
+    assert_eq!(c.get(&Reason::RejectNoBackend), Some(&2), "{c:?}");
     assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 4, "{c:?}");
     assert!(!c.contains_key(&Reason::DropRewrite), "{c:?}");
     drop(env);
