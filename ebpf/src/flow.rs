@@ -205,7 +205,7 @@ fn new_conn<P: Packet>(
             return Err(Reason::DropNoSnatAddr);
         }
         let reply = ct::tuple(be.addr, snat_addr, be.port, 0, p.proto);
-        n.sport = ct::alloc_snat_port(cfg, &reply, &rn, lb::hash(t))?;
+        n.sport = ct::alloc_snat_port(cfg, &reply, &rn, lb::hash(t), now)?;
         n.saddr = snat_addr;
         flags |= ct_flags::SNAT;
         if hairpin {

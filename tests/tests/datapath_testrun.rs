@@ -1532,3 +1532,42 @@ fn real_sockets_nodeport_remote_xdp() {
 fn real_sockets_nodeport_remote_tc_only() {
     real_sockets_nodeport_remote(kproxy::dataplane::loader::ExternalMode::TcOnly);
 }
+
+#[test]
+fn snat_ports_run_out_and_are_reclaimed_from_closed_connections() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        env.maps
+            .set_config(&NodeConfig {
+                snat_addr: be_addr(NODE_IP.parse().unwrap()),
+                snat_port_min: 61000,
+                snat_port_max: 61001,
+                flags: cfg_flags::READY,
+                _pad: 0,
+            })
+            .unwrap();
+        env.backend(1, BE_REMOTE, 0, proto::TCP);
+        let np = format!("{NODE_IP}:30080");
+        env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let syn = |port: u16| Frame::tcp(SocketAddrV4::new(*sa(CLIENT).ip(), port), sa(&np), SYN);
+        let mut ports = std::collections::BTreeSet::new();
+        for cport in [40001, 40002] {
+            let (v, out) = env.xdp(&syn(cport).build());
+            assert_eq!(v, XDP_REDIRECT);
+            let L4::Tcp { sport, .. } = frames::decode(&out).unwrap().l4 else { panic!() };
+            ports.insert(sport);
+        }
+        assert_eq!(ports, [61000, 61001].into(), "both ports used, once each");
+        // Range exhausted: the third connection is dropped and counted.
+        let (v, _) = env.xdp(&syn(40003).build());
+        assert_eq!(v, XDP_DROP);
+        assert_eq!(env.counters().get(&Reason::DropSnatExhausted), Some(&1));
+        // The first client resets its connection; its port is reclaimed by the next one.
+        let rst = Frame::tcp(SocketAddrV4::new(*sa(CLIENT).ip(), 40001), sa(&np), RST);
+        let (v, _) = env.xdp(&rst.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let (v, _) = env.xdp(&syn(40003).build());
+        assert_eq!(v, XDP_REDIRECT, "{:?}", env.counters());
+        assert_eq!(env.counters().get(&Reason::DropSnatExhausted), Some(&1));
+    });
+}
