@@ -270,6 +270,11 @@ fn programs_pass_verifier_and_pinned_maps_are_reused() {
     let maps2 = dp2.dataplane().unwrap();
     assert_eq!(maps2.backends().unwrap().len(), 1);
     assert_eq!(maps2.config().unwrap().flags, cfg_flags::READY);
+    // The maps stay usable with no loader alive at all (what the CLI does).
+    drop((dp2, maps2));
+    let cli = BpfDataplane::open(&env.dir).unwrap();
+    assert_eq!(cli.backends().unwrap()[0].0, 7);
+    assert_eq!(cli.counters().unwrap().len(), Reason::ALL.len());
     for m in names::ALL_MAPS {
         assert!(env.dir.join("v1").join(m).exists(), "{m} pinned");
     }
