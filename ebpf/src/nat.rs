@@ -197,9 +197,7 @@ fn ip_header(b: &mut [u8], tot_len: u16, proto_: u8, saddr: u32, daddr: u32) {
     b[L3 + 9] = proto_;
     b[L3 + 12..L3 + 16].copy_from_slice(&saddr.to_ne_bytes());
     b[L3 + 16..L3 + 20].copy_from_slice(&daddr.to_ne_bytes());
-    let mut h = [0u8; 20];
-    h.copy_from_slice(&b[L3..L3 + 20]);
-    let c = !csum::fold(csum::add(&h, 0));
+    let c = !csum::fold(csum::add(&b[L3..L3 + 20], 0));
     b[L3 + 10..L3 + 12].copy_from_slice(&c.to_ne_bytes());
 }
 
@@ -229,10 +227,8 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
         b[t + 13] = tcp_flags::RST | tcp_flags::ACK;
     }
     b[t + 12] = 0x50;
-    let mut seg = [0u8; 20];
-    seg.copy_from_slice(&b[t..t + 20]);
     let pseudo = pseudo_sum(p.daddr, p.saddr, proto::TCP, 20);
-    let cs = !csum::fold(csum::add(&seg, pseudo));
+    let cs = !csum::fold(csum::add(&b[t..t + 20], pseudo));
     b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;
     Ok(Verdict::TX)
@@ -255,9 +251,7 @@ pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason
     b[i + 1] = 3; // port unreachable
     // SAFETY: bounds checked by ptr_at.
     b[i + 8..i + 36].copy_from_slice(unsafe { &*q });
-    let mut msg = [0u8; 36];
-    msg.copy_from_slice(&b[i..i + 36]);
-    let cs = !csum::fold(csum::add(&msg, 0));
+    let cs = !csum::fold(csum::add(&b[i..i + 36], 0));
     b[i + 2..i + 4].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;
     Ok(Verdict::TX)
