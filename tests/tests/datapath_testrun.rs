@@ -1576,3 +1576,21 @@ fn snat_ports_run_out_and_are_reclaimed_from_closed_connections() {
         assert_eq!(env.counters().get(&Reason::DropSnatExhausted), Some(&1));
     });
 }
+
+#[test]
+fn xdp_translates_packets_with_ip_options() {
+    let mut env = Env::new();
+    env.backend(1, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);
+    let np = format!("{NODE_IP}:30053");
+    env.service(&np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+    let mut q = Frame::udp(sa(CLIENT), sa(&np), b"query");
+    q.ip_options = vec![0x94, 0x04, 0, 0]; // router alert
+    let (v, out) = env.xdp(&q.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame(&out, &q.clone().with_dst(sa("198.18.100.11:5353")));
+    let mut q2 = q.clone().with_src(sa("198.18.0.2:40001"));
+    q2.ip_options = vec![1; 40]; // the longest header: IHL 15
+    let (v, out) = env.xdp(&q2.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame(&out, &q2.clone().with_dst(sa("198.18.100.11:5353")));
+}
