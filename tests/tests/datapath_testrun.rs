@@ -951,10 +951,15 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         let xdp2 = xdp_prog("kpt0").expect("XDP attached");
         assert_ne!(xdp1, xdp2, "XDP program swapped inside the pinned link");
 
+        assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "generic on veth");
+
         // TC-only mode removes the XDP attachment.
         dp.attach_external("kpt0", ExternalMode::TcOnly).unwrap();
         assert_eq!(xdp_prog("kpt0"), None);
+        // A forced native mode is honoured for a new attachment.
+        dp.set_xdp_mode(Some(aya::programs::XdpMode::Driver));
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        assert!(sh_out("ip link show dev kpt0").contains(" xdp "), "native when asked");
 
         // detach removes exactly kproxy's filters on that device.
         sh_out("tc filter add dev kpt1 ingress prio 100 protocol ip u32 match u32 0 0 classid 1:1");

@@ -90,6 +90,7 @@ pub enum ExternalMode {
 pub struct Datapath {
     pin_path: PathBuf,
     ebpf: Ebpf,
+    xdp_mode: Option<XdpMode>,
 }
 
 fn links_dir(pin_path: &Path) -> PathBuf {
@@ -158,7 +159,14 @@ impl Datapath {
         let p: &mut Xdp = prog(&mut ebpf, names::PROG_XDP_EXT)?.try_into()?;
         p.load().with_context(|| format!("loading program {} (verifier)", names::PROG_XDP_EXT))?;
         info!(pin_path = %pin_path.display(), "datapath loaded");
-        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf })
+        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None })
+    }
+
+    /// Forces the XDP attach mode of new XDP attachments (`None`, the default: generic on veth,
+    /// the kernel's choice elsewhere; see [`Self::attach_external`]). An attachment surviving
+    /// from an earlier run keeps its mode until it is detached.
+    pub fn set_xdp_mode(&mut self, mode: Option<XdpMode>) {
+        self.xdp_mode = mode;
     }
 
     /// The pin path this datapath lives under.
@@ -172,6 +180,8 @@ impl Datapath {
     }
 
     /// Attaches the external-device programs to `ifname` (replacing an earlier attachment).
+    /// XDP goes on veth devices in generic mode unless [`Self::set_xdp_mode`] says otherwise:
+    /// native veth XDP can transmit (`XDP_TX`, redirect) only when the peer runs XDP or GRO.
     pub fn attach_external(&mut self, ifname: &str, mode: ExternalMode) -> anyhow::Result<()> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
         self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT)?;
@@ -259,7 +269,7 @@ impl Datapath {
                 }
             }
         }
-        let mode = xdp_mode_for(ifname);
+        let mode = self.xdp_mode.unwrap_or_else(|| xdp_mode_for(ifname));
         let id = p
             .attach(ifname, mode)
             .with_context(|| format!("attaching {} to {ifname}", names::PROG_XDP_EXT))?;
