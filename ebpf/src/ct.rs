@@ -2,12 +2,13 @@
 //! original addresses, also the table of allocated source-NAT ports).
 use aya_ebpf::bindings::BPF_NOEXIST;
 use kproxy_common::{
-    Ct4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_state, proto, timeouts,
+    Ct4Value, Frag4Key, Frag4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_state, proto,
+    timeouts,
 };
 
 use crate::{
-    maps::{kp_ct4, kp_rnat4},
-    parse::tcp_flags,
+    maps::{kp_ct4, kp_frag4, kp_rnat4},
+    parse::{Ip4, tcp_flags},
 };
 
 /// Refresh `last_seen_ns` at most this often (saves a cache-line write per packet).
@@ -130,4 +131,25 @@ fn snat_port_stale(key: &Tuple4, now: u64) -> bool {
             c.state == ct_state::CLOSED || c.snat_port != key.dport || c.snat_addr != key.daddr
         }
     }
+}
+
+#[inline(always)]
+fn frag_key(p: &Ip4) -> Frag4Key {
+    Frag4Key { saddr: p.saddr, daddr: p.daddr, id: p.id, proto: p.proto, _pad: 0 }
+}
+
+/// Remembers the ports of a fragmented datagram from its first fragment.
+#[inline(always)]
+pub fn record_fragment(p: &Ip4) {
+    let v = Frag4Value { sport: p.sport, dport: p.dport, _pad: 0 };
+    // LRU: a full table forgets the oldest datagram, whose later fragments then pass untouched.
+    let _ = kp_frag4.insert(frag_key(p), v, 0);
+}
+
+/// The ports of the datagram a later fragment belongs to, if its first fragment was seen.
+#[inline(always)]
+pub fn fragment_ports(p: &Ip4) -> Option<(u16, u16)> {
+    // SAFETY: map values are only read by copy.
+    let v = unsafe { kp_frag4.get(frag_key(p)) }?;
+    Some((v.sport, v.dport))
 }

@@ -55,7 +55,7 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         Some(cfg) if cfg.flags & cfg_flags::READY != 0 => cfg,
         _ => return Ok((Verdict::PASS, Reason::PassNotReady)),
     };
-    let Some(p) = parse::ipv4(c)? else {
+    let Some(mut p) = parse::ipv4(c)? else {
         return Ok((Verdict::PASS, Reason::PassNotIpv4));
     };
     // SAFETY: helper without arguments.
@@ -70,9 +70,18 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
     }
-    if p.frag == Frag::Later {
-        // No ports to look up; see docs/datapath.md.
-        return Ok((Verdict::PASS, Reason::PassNoService));
+    match p.frag {
+        Frag::None => {}
+        // Remember the ports so that the later fragments follow the same translation.
+        Frag::First => ct::record_fragment(&p),
+        Frag::Later => match ct::fragment_ports(&p) {
+            Some((sport, dport)) => {
+                p.sport = sport;
+                p.dport = dport;
+            }
+            // First fragment not seen (yet): nothing to match on.
+            None => return Ok((Verdict::PASS, Reason::PassNoService)),
+        },
     }
     let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     if hook != Hook::ToPod
@@ -83,17 +92,11 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     // Replies before new connections: a reply tuple is exact, so it must win over a frontend
     // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
     if let Some(rn) = ct::revnat(&t) {
-        if p.frag != Frag::None {
-            return Err(Reason::DropFragment);
-        }
         return reply(c, &p, &t, &rn, &cfg, hook, now);
     }
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
     {
-        if p.frag != Frag::None {
-            return Err(Reason::DropFragment);
-        }
         return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, Reason::TranslatedNew);
     }
     Ok((Verdict::PASS, Reason::PassNoService))
@@ -111,9 +114,6 @@ fn established<P: Packet>(
     now: u64,
 ) -> Result<Option<(Verdict, Reason)>, Reason> {
     let Some(ctp) = ct::lookup(t, now) else { return Ok(None) };
-    if p.frag != Frag::None {
-        return Err(Reason::DropFragment);
-    }
     // SAFETY: valid map value pointer, copied out.
     let e: Ct4Value = unsafe { *ctp };
     let syn_only =

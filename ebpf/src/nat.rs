@@ -91,6 +91,10 @@ pub fn apply<P: Packet>(c: &mut P, p: &Ip4, n: &Nat) -> Result<(), Reason> {
     if n.saddr != p.saddr {
         c.set_addr(p, IP_SADDR, p.saddr, n.saddr)?;
     }
+    if !p.has_l4 {
+        // A later fragment: the ports live in the first one.
+        return Ok(());
+    }
     if n.dport != p.dport {
         c.set_port(p, p.l4 + 2, p.dport, n.dport)?;
     }
@@ -205,6 +209,10 @@ fn ip_header(b: &mut [u8], tot_len: u16, proto_: u8, saddr: u32, daddr: u32) {
 /// frontend address to the client, sent back where the segment came from.
 #[inline(always)]
 pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
+    if !p.has_l4 {
+        // A later fragment has no TCP header to answer: dropped (the reason is still counted).
+        return Ok(Verdict::DROP);
+    }
     let mut b = [0u8; 54];
     eth_reply(c, &mut b)?;
     ip_header(&mut b, 40, proto::TCP, p.daddr, p.saddr);
@@ -238,8 +246,8 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
 /// client, quoting the datagram's IP header and first 8 bytes (RFC 792).
 #[inline(always)]
 pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
-    if p.ihl != 5 {
-        // Quoting options is not implemented; such datagrams are dropped (still counted).
+    if p.ihl != 5 || !p.has_l4 {
+        // Quoting options or a later fragment is not implemented: dropped (still counted).
         return Ok(Verdict::DROP);
     }
     let q: *const [u8; 28] = ptr_at(c, L3)?;

@@ -85,6 +85,9 @@ pub fn ptr_at<P: Packet, T>(p: &P, off: usize) -> Result<*mut T, Reason> {
 /// Offset of the L4 checksum of `p` (None for protocols without one we maintain).
 #[inline(always)]
 pub fn l4_csum_off(p: &Ip4) -> Option<usize> {
+    if !p.has_l4 {
+        return None;
+    }
     match p.proto {
         proto::TCP => Some(p.l4 + 16),
         proto::UDP => Some(p.l4 + 6),

@@ -835,10 +835,6 @@ fn malformed_frames_are_counted() {
     tot_too_long[16..18].copy_from_slice(&200u16.to_be_bytes());
     let mut bad_doff = good.clone();
     bad_doff[14 + 20 + 12] = 0x40;
-    let mut frag_first = tcp.clone();
-    frag_first.frag = 0x2000; // MF
-    let mut frag_first_udp = udp.clone();
-    frag_first_udp.frag = 0x2000;
     let mut udp_short_len = udp.build();
     udp_short_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
 
@@ -860,8 +856,6 @@ fn malformed_frames_are_counted() {
         ("total length beyond frame", tot_too_long, Reason::DropMalformed),
         ("tcp data offset < 5", bad_doff, Reason::DropMalformed),
         ("udp length < 8", udp_short_len, Reason::DropMalformed),
-        ("first fragment to tcp frontend", frag_first.build(), Reason::DropFragment),
-        ("first fragment to udp frontend", frag_first_udp.build(), Reason::DropFragment),
     ];
     for (name, frame, reason) in &cases {
         for hook in ["tc", "xdp"] {
@@ -872,11 +866,6 @@ fn malformed_frames_are_counted() {
             let (v, _) =
                 if hook == "tc" { env.tc(names::PROG_TC_FROM_POD, frame) } else { env.xdp(frame) };
             let dropped = if hook == "tc" { TC_ACT_SHOT } else { XDP_DROP };
-            // XDP has only the EXTERNAL TCP frontend: the UDP fragment is not for a service there.
-            if hook == "xdp" && *name == "first fragment to udp frontend" {
-                assert_eq!(v, XDP_PASS, "{name}");
-                continue;
-            }
             assert_eq!(v, dropped, "{name} via {hook}");
             assert_eq!(env.counters().get(reason).copied().unwrap_or(0), before + 1, "{name}");
         }
@@ -888,8 +877,8 @@ fn malformed_frames_are_counted() {
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &opts.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &opts.clone().with_dst(sa(BE1)));
-    let mut later = tcp.build();
-    later[20..22].copy_from_slice(&0x0010u16.to_be_bytes()); // offset 16 * 8
+    // A later fragment of a datagram whose first fragment was not seen: untouched.
+    let later = later_fragment(*sa(POD_CLIENT).ip(), *sa(CIP).ip(), 0x4242, 6, b"12345678");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &later);
     assert_eq!((v, out), (TC_ACT_OK, later));
     let mut v6 = good.clone();
@@ -1598,4 +1587,62 @@ fn xdp_translates_packets_with_ip_options() {
     let (v, out) = env.xdp(&q2.build());
     assert_eq!(v, XDP_PASS);
     assert_frame(&out, &q2.clone().with_dst(sa("198.18.100.11:5353")));
+}
+
+/// A later fragment (offset 24 bytes, last) of datagram `id`: IP header and raw payload.
+fn later_fragment(src: Ipv4Addr, dst: Ipv4Addr, id: u16, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&frames::MAC_NODE);
+    f.extend_from_slice(&frames::MAC_CLIENT);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&3u16.to_be_bytes()); // offset 3 * 8, no MF
+    f.extend_from_slice(&[64, proto, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    let c = frames::checksum(&[&f[14..34]]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn fragmented_datagrams_follow_their_first_fragment() {
+    let mut env = Env::new();
+    let svc = "198.19.0.53:53";
+    let be = "198.18.100.11:5353";
+    env.backend(1, be, backend_flags::LOCAL, proto::UDP);
+    env.service(svc, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    // Query: first fragment (ports, MF) and the rest.
+    let mut first = Frame::udp(sa(POD_CLIENT), sa(svc), b"first fragment..");
+    first.frag = 0x2000;
+    first.id = 0x0101;
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &first.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &first.clone().with_dst(sa(be)));
+    let rest = later_fragment(*sa(POD_CLIENT).ip(), *sa(svc).ip(), 0x0101, 17, b"the rest");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rest);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(out, later_fragment(*sa(POD_CLIENT).ip(), *sa(be).ip(), 0x0101, 17, b"the rest"));
+
+    // A large answer from the backend, fragmented by its kernel: both fragments restored.
+    let mut rfirst = Frame::udp(sa(be), sa(POD_CLIENT), b"answer, part one");
+    rfirst.frag = 0x2000;
+    rfirst.id = 0x0202;
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rfirst.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &rfirst.clone().with_src(sa(svc)));
+    let rrest = later_fragment(*sa(be).ip(), *sa(POD_CLIENT).ip(), 0x0202, 17, b"part two");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rrest);
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(out, later_fragment(*sa(svc).ip(), *sa(POD_CLIENT).ip(), 0x0202, 17, b"part two"));
+    assert_counts(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ReplyTranslated, 2),
+        ],
+    );
 }
