@@ -335,10 +335,46 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
+/// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than
+/// whenever the kernel gets to releasing it after the pin is removed.
+fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut get = [0u64; 3];
+    get[0] = c.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zeroed attribute block holding a valid path pointer.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), size_of_val(&get) as u32)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut detach = [0u32; 2];
+    detach[0] = fd as u32;
+    // SAFETY: bpf(2) with a zeroed attribute block holding our link fd, closed right after.
+    let r = unsafe {
+        let r = libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_mut_ptr(),
+            size_of_val(&detach) as u32,
+        );
+        libc::close(fd as i32);
+        r
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn detach_xdp(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
     let pin = xdp_link_pin(pin_path, ifname);
+    if pin.exists()
+        && let Err(e) = detach_pinned_link(&pin)
+    {
+        // Removing the pin below still releases the link, only later.
+        debug!(ifname, error = %e, "BPF_LINK_DETACH failed");
+    }
     match std::fs::remove_file(&pin) {
-        // The last reference to the link is gone: the kernel detaches it.
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
