@@ -31,6 +31,8 @@ pub mod names {
     pub const COUNTERS: &str = "kp_stats";
     /// Node configuration written by the agent (one entry). See [`crate::NodeConfig`].
     pub const CONFIG: &str = "kp_config";
+    /// Fragmented datagram → its ports, from the first fragment (datapath-internal).
+    pub const FRAG4: &str = "kp_frag4";
 
     /// XDP program for the node's external devices (NodePort, LoadBalancer, externalIPs).
     pub const PROG_XDP_EXT: &str = "kp_xdp_ext";
@@ -42,8 +44,8 @@ pub mod names {
     pub const PROG_TC_TO_POD: &str = "kp_tc_to_pod";
 
     /// Every map, in the order the agent checks them on start.
-    pub const ALL_MAPS: [&str; 7] =
-        [SERVICES4, BACKENDS4, CT4, REVNAT4, AFFINITY4, COUNTERS, CONFIG];
+    pub const ALL_MAPS: [&str; 8] =
+        [SERVICES4, BACKENDS4, CT4, REVNAT4, AFFINITY4, COUNTERS, CONFIG, FRAG4];
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -56,6 +58,8 @@ pub mod defaults {
     pub const CT4_MAX: u32 = 524_288;
     /// Session-affinity entries.
     pub const AFFINITY4_MAX: u32 = 65_536;
+    /// Fragmented datagrams tracked at once.
+    pub const FRAG4_MAX: u32 = 8_192;
     /// First port used for NodePort source NAT (outside Linux's default ephemeral range).
     pub const SNAT_PORT_MIN: u16 = 61_000;
     /// Last port used for NodePort source NAT.
@@ -233,6 +237,10 @@ pub mod ct_flags {
     pub const EXTERNAL: u8 = 1 << 1;
     /// Hairpin: the client is its own backend.
     pub const HAIRPIN: u8 = 1 << 2;
+    /// The frontend is a node address (NodePort, or any flow from an external device): replies
+    /// restored on a pod interface carry a node-local source, which the stack would drop as a
+    /// martian, so they are forwarded through the FIB.
+    pub const REPLY_FIB: u8 = 1 << 3;
 }
 
 /// Idle timeouts by protocol and state, after kube-proxy's conntrack settings and the kernel's
@@ -307,6 +315,36 @@ pub struct Affinity4Value {
     pub last_used_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Affinity4Value>() == 16);
+
+/// Key of [`names::FRAG4`]: one fragmented datagram, as its fragments carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Frag4Key {
+    /// Source address, be.
+    pub saddr: u32,
+    /// Destination address, be.
+    pub daddr: u32,
+    /// IP identification, be.
+    pub id: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Key>() == 12);
+
+/// Value of [`names::FRAG4`]: the ports of the datagram (from its first fragment).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frag4Value {
+    /// Source port, be.
+    pub sport: u16,
+    /// Destination port, be.
+    pub dport: u16,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Value>() == 8);
 
 /// Value of [`names::CONFIG`] (an array with one entry, key 0).
 #[repr(C)]
@@ -385,6 +423,8 @@ reasons! {
     PassNotReady = 8, "pass_not_ready", false;
     /// Protocol a service cannot be for (ICMP echo to a frontend, SCTP): passed untouched.
     PassUnsupportedProto = 9, "pass_unsupported_proto", false;
+    /// TC on an external device: XDP already handled this packet (XDP metadata mark).
+    PassHandledByXdp = 10, "pass_handled_by_xdp", false;
     /// Truncated or malformed header.
     DropMalformed = 16, "drop_malformed", true;
     /// IP fragment addressed to a service frontend (no L4 header to balance on).
@@ -424,6 +464,8 @@ mod pod {
     unsafe impl aya::Pod for super::Affinity4Key {}
     unsafe impl aya::Pod for super::Affinity4Value {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::Frag4Key {}
+    unsafe impl aya::Pod for super::Frag4Value {}
 }
 
 #[cfg(test)]

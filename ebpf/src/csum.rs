@@ -32,9 +32,9 @@ pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
 
 /// Adds the 16-bit words of `buf` (even length) to the accumulator `acc`.
 #[inline(always)]
-pub fn add<const N: usize>(buf: &[u8; N], mut acc: u64) -> u64 {
+pub fn add(buf: &[u8], mut acc: u64) -> u64 {
     let mut i = 0;
-    while i + 1 < N {
+    while i + 1 < buf.len() {
         acc += u16::from_ne_bytes([buf[i], buf[i + 1]]) as u64;
         i += 2;
     }

@@ -2,12 +2,13 @@
 //! original addresses, also the table of allocated source-NAT ports).
 use aya_ebpf::bindings::BPF_NOEXIST;
 use kproxy_common::{
-    Ct4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_state, proto, timeouts,
+    Ct4Value, Frag4Key, Frag4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_state, proto,
+    timeouts,
 };
 
 use crate::{
-    maps::{kp_ct4, kp_rnat4},
-    parse::tcp_flags,
+    maps::{kp_ct4, kp_frag4, kp_rnat4},
+    parse::{Ip4, tcp_flags},
 };
 
 /// Refresh `last_seen_ns` at most this often (saves a cache-line write per packet).
@@ -81,15 +82,17 @@ pub fn create_revnat(reply: &Tuple4, v: &RevNat4Value) -> Result<(), Reason> {
     kp_rnat4.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)
 }
 
-/// Allocates a source-NAT port for replies `backend → cfg.snat_addr`, claiming the reverse-NAT
-/// entry with `BPF_NOEXIST` so that two connections never share a reply tuple. Returns the
-/// port (be).
+/// Allocates a source-NAT port for replies `backend → snat address`, claiming the reverse-NAT
+/// entry with `BPF_NOEXIST` so that two connections never share a reply tuple. Probes up to 8
+/// consecutive ports from a hashed start; a port whose owner connection is gone, expired or
+/// reset is reclaimed. Returns the port (be).
 #[inline(always)]
 pub fn alloc_snat_port(
     cfg: &NodeConfig,
     reply: &Tuple4,
     v: &RevNat4Value,
     hash: u32,
+    now: u64,
 ) -> Result<u16, Reason> {
     let min = cfg.snat_port_min as u32;
     let max = cfg.snat_port_max as u32;
@@ -97,17 +100,56 @@ pub fn alloc_snat_port(
         return Err(Reason::DropSnatExhausted);
     }
     let range = max - min + 1;
+    let start = hash.checked_rem(range).unwrap_or(0);
     let mut key = *reply;
-    let mut h = hash;
     let mut i = 0;
     while i < 8 {
-        let port = ((min + h.checked_rem(range).unwrap_or(0)) as u16).to_be();
+        let port = ((min + (start + i).checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
-        if kp_rnat4.insert(&key, v, BPF_NOEXIST as u64).is_ok() {
+        if kp_rnat4.insert(key, v, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);
         }
-        h = h.wrapping_mul(0x9e37_79b1).wrapping_add(0x7f4a_7c15);
+        if snat_port_stale(&key, now) && kp_rnat4.insert(key, v, 0).is_ok() {
+            return Ok(port);
+        }
         i += 1;
     }
     Err(Reason::DropSnatExhausted)
+}
+
+/// Whether the connection that claimed the reply tuple `key` no longer uses it.
+#[inline(always)]
+fn snat_port_stale(key: &Tuple4, now: u64) -> bool {
+    let Some(old) = revnat(key) else { return true };
+    let orig =
+        tuple(old.client_addr, old.frontend_addr, old.client_port, old.frontend_port, key.proto);
+    match lookup(&orig, now) {
+        None => true,
+        Some(c) => {
+            // SAFETY: valid map value pointer, copied out.
+            let c = unsafe { *c };
+            c.state == ct_state::CLOSED || c.snat_port != key.dport || c.snat_addr != key.daddr
+        }
+    }
+}
+
+#[inline(always)]
+fn frag_key(p: &Ip4) -> Frag4Key {
+    Frag4Key { saddr: p.saddr, daddr: p.daddr, id: p.id, proto: p.proto, _pad: 0 }
+}
+
+/// Remembers the ports of a fragmented datagram from its first fragment.
+#[inline(always)]
+pub fn record_fragment(p: &Ip4) {
+    let v = Frag4Value { sport: p.sport, dport: p.dport, _pad: 0 };
+    // LRU: a full table forgets the oldest datagram, whose later fragments then pass untouched.
+    let _ = kp_frag4.insert(frag_key(p), v, 0);
+}
+
+/// The ports of the datagram a later fragment belongs to, if its first fragment was seen.
+#[inline(always)]
+pub fn fragment_ports(p: &Ip4) -> Option<(u16, u16)> {
+    // SAFETY: map values are only read by copy.
+    let v = unsafe { kp_frag4.get(frag_key(p)) }?;
+    Some((v.sport, v.dport))
 }

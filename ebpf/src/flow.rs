@@ -8,8 +8,8 @@ use kproxy_common::{
 };
 
 use crate::{
-    ct, lb, maps,
-    nat::{self, Nat, Verdict},
+    ct, icmp, lb, maps,
+    nat::{self, Nat, Route, To, Verdict},
     parse::{self, Frag, Ip4, tcp_flags},
     pkt::Packet,
 };
@@ -55,19 +55,35 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         Some(cfg) if cfg.flags & cfg_flags::READY != 0 => cfg,
         _ => return Ok((Verdict::PASS, Reason::PassNotReady)),
     };
-    let Some(p) = parse::ipv4(c)? else {
+    let Some(mut p) = parse::ipv4(c)? else {
         return Ok((Verdict::PASS, Reason::PassNotIpv4));
     };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if p.proto == proto::ICMP
+        && let Some(i) = icmp::parse(c, &p)
+        && let Some(plan) = icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, now)
+    {
+        let inner = Some((&i, &plan.inner));
+        return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
+    }
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
     }
-    if p.frag == Frag::Later {
-        // No ports to look up; see docs/datapath.md.
-        return Ok((Verdict::PASS, Reason::PassNoService));
+    match p.frag {
+        Frag::None => {}
+        // Remember the ports so that the later fragments follow the same translation.
+        Frag::First => ct::record_fragment(&p),
+        Frag::Later => match ct::fragment_ports(&p) {
+            Some((sport, dport)) => {
+                p.sport = sport;
+                p.dport = dport;
+            }
+            // First fragment not seen (yet): nothing to match on.
+            None => return Ok((Verdict::PASS, Reason::PassNoService)),
+        },
     }
     let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     if hook != Hook::ToPod
         && let Some(v) = established(c, &p, &t, &cfg, hook, now)?
     {
@@ -76,17 +92,11 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     // Replies before new connections: a reply tuple is exact, so it must win over a frontend
     // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
     if let Some(rn) = ct::revnat(&t) {
-        if p.frag != Frag::None {
-            return Err(Reason::DropFragment);
-        }
         return reply(c, &p, &t, &rn, &cfg, hook, now);
     }
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
     {
-        if p.frag != Frag::None {
-            return Err(Reason::DropFragment);
-        }
         return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, Reason::TranslatedNew);
     }
     Ok((Verdict::PASS, Reason::PassNoService))
@@ -104,9 +114,6 @@ fn established<P: Packet>(
     now: u64,
 ) -> Result<Option<(Verdict, Reason)>, Reason> {
     let Some(ctp) = ct::lookup(t, now) else { return Ok(None) };
-    if p.frag != Frag::None {
-        return Err(Reason::DropFragment);
-    }
     // SAFETY: valid map value pointer, copied out.
     let e: Ct4Value = unsafe { *ctp };
     let syn_only =
@@ -189,13 +196,16 @@ fn new_conn<P: Packet>(
         last_seen_ns: now,
     };
     let mut n = Nat { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
-    let mut flags = if hook.external() { ct_flags::EXTERNAL } else { 0 };
+    let mut flags = if hook.external() { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
+    if svc.flags & svc_flags::NODE_PORT != 0 {
+        flags |= ct_flags::REPLY_FIB;
+    }
     if snat {
         if snat_addr == 0 {
             return Err(Reason::DropNoSnatAddr);
         }
         let reply = ct::tuple(be.addr, snat_addr, be.port, 0, p.proto);
-        n.sport = ct::alloc_snat_port(cfg, &reply, &rn, lb::hash(t))?;
+        n.sport = ct::alloc_snat_port(cfg, &reply, &rn, lb::hash(t), now)?;
         n.saddr = snat_addr;
         flags |= ct_flags::SNAT;
         if hairpin {
@@ -242,8 +252,11 @@ fn reply<P: Packet>(
 ) -> Out {
     let orig =
         ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
+    let mut ct_fl = 0;
     if let Some(ctp) = ct::lookup(&orig, now) {
         ct::touch(ctp, p.proto, p.tcp_flags, true, now);
+        // SAFETY: valid map value pointer.
+        ct_fl = unsafe { (*ctp).flags };
     }
     let n = Nat {
         saddr: rn.frontend_addr,
@@ -257,38 +270,48 @@ fn reply<P: Packet>(
     } else if hook.external() && cfg.snat_addr != 0 && t.daddr == cfg.snat_addr {
         // Replies to the node's source-NAT address go back out to an external client.
         To::Fib
+    } else if hook != Hook::ToPod && ct_fl & ct_flags::REPLY_FIB != 0 {
+        // Source restored to a node address: straight to the client (see REPLY_FIB).
+        To::Fib
     } else {
         To::Stack
     };
     deliver(c, p, &n, to, Reason::ReplyTranslated)
 }
 
-/// Where a translated packet goes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum To {
-    /// The kernel stack routes it (local backend, or a reply to a local client).
-    Stack,
-    /// Straight out through the FIB (remote backend, reply to an external client).
-    Fib,
-    /// Back out of the interface it came in on (hairpin).
-    Bounce,
-}
-
 /// Translates and delivers. XDP leaves packets whose neighbour is unresolved to TC, untouched.
 #[inline(always)]
 fn deliver<P: Packet>(c: &mut P, p: &Ip4, n: &Nat, to: To, reason: Reason) -> Out {
-    if to == To::Stack {
-        nat::apply(c, p, n)?;
-        return Ok((Verdict::PASS, reason));
-    }
-    if to == To::Bounce {
-        nat::apply(c, p, n)?;
-        return Ok((nat::bounce(c)?, reason));
-    }
-    let r = nat::route(c, p, n.saddr, n.daddr)?;
-    if P::XDP && !r.resolved {
-        return Ok((Verdict::PASS, Reason::XdpPassToTc));
-    }
+    deliver_with(c, p, n, None, to, reason)
+}
+
+/// [`deliver`], also rewriting the packet quoted by an ICMP error.
+#[inline(always)]
+fn deliver_with<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    n: &Nat,
+    inner: Option<(&icmp::Inner, &Nat)>,
+    to: To,
+    reason: Reason,
+) -> Out {
+    let route = if to == To::Fib {
+        let r = nat::route(c, p, n.saddr, n.daddr);
+        if P::XDP && !matches!(r, Ok(Route { resolved: true, .. })) {
+            // No neighbour, too big, no route...: TC does it completely (or counts the drop).
+            return Ok((Verdict::PASS, Reason::XdpPassToTc));
+        }
+        Some(r?)
+    } else {
+        None
+    };
     nat::apply(c, p, n)?;
-    Ok((nat::forward(c, p, &r)?, reason))
+    if let Some((i, inn)) = inner {
+        icmp::apply_inner(c, i, inn)?;
+    }
+    match route {
+        Some(r) => Ok((nat::forward(c, p, &r)?, reason)),
+        None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
+        None => Ok((Verdict::PASS, reason)),
+    }
 }

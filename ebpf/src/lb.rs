@@ -10,7 +10,7 @@ use crate::maps::{kp_aff4, kp_be4, kp_svc4};
 pub fn service(addr: u32, port: u16, proto: u8, scope: u8) -> Option<(Service4Key, Service4Value)> {
     let key = Service4Key { addr, port, proto, scope, slot: 0, _pad: 0 };
     // SAFETY: map values are only read by copy.
-    let v = unsafe { kp_svc4.get(&key) }?;
+    let v = unsafe { kp_svc4.get(key) }?;
     Some((key, *v))
 }
 
@@ -18,7 +18,7 @@ pub fn service(addr: u32, port: u16, proto: u8, scope: u8) -> Option<(Service4Ke
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend4> {
     // SAFETY: map values are only read by copy.
-    unsafe { kp_be4.get(&id) }.copied()
+    unsafe { kp_be4.get(id) }.copied()
 }
 
 /// Flow hash: the same tuple always picks the same slot (so an XDP attempt that falls back to
@@ -48,7 +48,7 @@ pub fn pick(
 ) -> Result<(u32, Backend4), Reason> {
     let affinity = svc.flags & svc_flags::AFFINITY != 0 && svc.affinity_timeout != 0;
     let akey = Affinity4Key { client_addr: t.saddr, svc_id: svc.svc_id };
-    if affinity && let Some(a) = kp_aff4.get_ptr_mut(&akey) {
+    if affinity && let Some(a) = kp_aff4.get_ptr_mut(akey) {
         // SAFETY: valid map value pointer; concurrent updates only race on the timestamp.
         let a = unsafe { &mut *a };
         let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
@@ -62,12 +62,12 @@ pub fn pick(
     let slot = 1 + hash(t).checked_rem(svc.count as u32).unwrap_or(0) as u16;
     let skey = Service4Key { slot, ..*key };
     // SAFETY: map values are only read by copy.
-    let id = unsafe { kp_svc4.get(&skey) }.ok_or(Reason::DropBackendMissing)?.backend_id;
+    let id = unsafe { kp_svc4.get(skey) }.ok_or(Reason::DropBackendMissing)?.backend_id;
     let be = backend(id).ok_or(Reason::DropBackendMissing)?;
     if affinity {
         let v = Affinity4Value { backend_id: id, _pad: 0, last_used_ns: now };
         // A full LRU map evicts; a failed insert only loses stickiness.
-        let _ = kp_aff4.insert(&akey, &v, 0);
+        let _ = kp_aff4.insert(akey, v, 0);
     }
     Ok((id, be))
 }

@@ -6,6 +6,7 @@
 mod csum;
 mod ct;
 mod flow;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -14,11 +15,12 @@ mod pkt;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_meta},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use flow::Hook;
+use kproxy_common::Reason;
 use nat::Action;
 use pkt::Packet as _;
 
@@ -28,6 +30,9 @@ pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
     let mut c = pkt::Xdp(&ctx);
     let (v, reason) = flow::handle(&mut c, Hook::XdpExt);
     maps::count(reason);
+    if v.action == Action::Pass && reason != Reason::XdpPassToTc {
+        mark_handled(&ctx);
+    }
     match v.action {
         Action::Pass | Action::RedirectNeigh => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
@@ -40,7 +45,47 @@ pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
 /// External devices, TC ingress: everything XDP passed on, or everything in TC-only mode.
 #[classifier]
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
+    if handled_by_xdp(&ctx) {
+        maps::count(Reason::PassHandledByXdp);
+        return TC_ACT_OK;
+    }
     tc(&ctx, Hook::TcExt)
+}
+
+/// XDP metadata word telling `kp_tc_ext` that XDP already decided ("KPX1").
+const XDP_HANDLED: u32 = u32::from_ne_bytes(*b"KPX1");
+
+/// Marks a packet XDP passed after handling it completely, so that TC does not repeat the
+/// lookups. Devices whose driver has no metadata support simply get no mark (TC then
+/// processes the packet again, which finds nothing to do).
+#[inline(always)]
+fn mark_handled(ctx: &XdpContext) {
+    // SAFETY: helper on our own context; the bounds are checked before the write.
+    unsafe {
+        if bpf_xdp_adjust_meta(ctx.ctx, -4) != 0 {
+            return;
+        }
+        let meta = ctx.metadata();
+        if meta + 4 > ctx.data() {
+            return;
+        }
+        *(meta as *mut u32) = XDP_HANDLED;
+    }
+}
+
+/// Whether XDP marked this packet as handled.
+#[inline(always)]
+fn handled_by_xdp(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid; the metadata read is bounds-checked.
+    unsafe {
+        let skb = ctx.skb.skb;
+        let meta = (*skb).data_meta as usize;
+        let data = (*skb).data as usize;
+        if meta + 4 > data {
+            return false;
+        }
+        *(meta as *const u32) == XDP_HANDLED
+    }
 }
 
 /// Host side of pod interfaces, TC ingress: traffic leaving a pod.
@@ -69,8 +114,8 @@ fn tc(ctx: &TcContext, hook: Hook) -> i32 {
     let (v, reason) = flow::handle(&mut c, hook);
     maps::count(reason);
     match v.action {
-        Action::Pass => TC_ACT_OK as i32,
-        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
         // SAFETY: plain helper calls; they return TC_ACT_REDIRECT or TC_ACT_SHOT.
         Action::Tx => unsafe { bpf_redirect(c.ifindex(), 0) as i32 },
         Action::Redirect => unsafe { bpf_redirect(v.ifindex, 0) as i32 },

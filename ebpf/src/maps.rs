@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kproxy_common::{
-    Affinity4Key, Affinity4Value, Backend4, Ct4Value, NodeConfig, REASON_MAX, Reason, RevNat4Value,
-    Service4Key, Service4Value, Tuple4, defaults,
+    Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value, NodeConfig, REASON_MAX,
+    Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, defaults,
 };
 
 /// Frontend (+ backend slot) → service entry / backend id.
@@ -36,6 +36,11 @@ pub static kp_aff4: LruHashMap<Affinity4Key, Affinity4Value, { defaults::AFFINIT
 /// Per-CPU packet counters, indexed by `Reason`.
 #[btf_map]
 pub static kp_stats: PerCpuArray<u64, { REASON_MAX as usize }> = PerCpuArray::new();
+
+/// Fragmented datagram → its ports, so that later fragments follow the first one's translation.
+#[btf_map]
+pub static kp_frag4: LruHashMap<Frag4Key, Frag4Value, { defaults::FRAG4_MAX as usize }> =
+    LruHashMap::new();
 
 /// Node configuration (one entry), written by the agent.
 #[btf_map]

@@ -8,7 +8,7 @@ use kproxy_common::{Reason, proto};
 use crate::{
     csum,
     parse::{Ip4, tcp_flags},
-    pkt::{IP_DADDR, IP_SADDR, L3, Packet, ptr_at},
+    pkt::{IP_CSUM, IP_DADDR, IP_SADDR, IP_TTL, L3, Packet, ptr_at},
 };
 
 const AF_INET: u8 = 2;
@@ -58,6 +58,17 @@ impl Verdict {
     }
 }
 
+/// Where a translated packet goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum To {
+    /// The kernel stack routes it (local backend, or a reply to a local client).
+    Stack,
+    /// Straight out through the FIB (remote backend, reply to an external client).
+    Fib,
+    /// Back out of the interface it came in on (hairpin).
+    Bounce,
+}
+
 /// New addresses and ports (be) for a packet.
 #[derive(Clone, Copy)]
 pub struct Nat {
@@ -79,6 +90,10 @@ pub fn apply<P: Packet>(c: &mut P, p: &Ip4, n: &Nat) -> Result<(), Reason> {
     }
     if n.saddr != p.saddr {
         c.set_addr(p, IP_SADDR, p.saddr, n.saddr)?;
+    }
+    if !p.has_l4 {
+        // A later fragment: the ports live in the first one.
+        return Ok(());
     }
     if n.dport != p.dport {
         c.set_port(p, p.l4 + 2, p.dport, n.dport)?;
@@ -115,7 +130,9 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Ro
     f.l4_protocol = p.proto;
     f.sport = p.sport;
     f.dport = p.dport;
-    f.__bindgen_anon_1.tot_len = p.tot_len;
+    // TC: no length, so the kernel checks forwardability itself, which understands GSO skbs
+    // (whose IP total length is that of the whole super-packet). XDP frames are real frames.
+    f.__bindgen_anon_1.tot_len = if P::XDP { p.tot_len } else { 0 };
     f.ifindex = c.ifindex();
     f.__bindgen_anon_3.ipv4_src = saddr;
     f.__bindgen_anon_4.ipv4_dst = daddr;
@@ -137,7 +154,7 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Ro
 pub fn forward<P: Packet>(c: &mut P, p: &Ip4, r: &Route) -> Result<Verdict, Reason> {
     let old = u16::from_ne_bytes([p.ttl, p.proto]);
     let new = u16::from_ne_bytes([p.ttl - 1, p.proto]);
-    c.set_ttl_word(old, new)?;
+    c.set_word2::<20>(L3, IP_TTL - L3, IP_CSUM - L3, old, new)?;
     if !r.resolved {
         return Ok(Verdict::redirect_neigh(r.ifindex));
     }
@@ -184,9 +201,7 @@ fn ip_header(b: &mut [u8], tot_len: u16, proto_: u8, saddr: u32, daddr: u32) {
     b[L3 + 9] = proto_;
     b[L3 + 12..L3 + 16].copy_from_slice(&saddr.to_ne_bytes());
     b[L3 + 16..L3 + 20].copy_from_slice(&daddr.to_ne_bytes());
-    let mut h = [0u8; 20];
-    h.copy_from_slice(&b[L3..L3 + 20]);
-    let c = !csum::fold(csum::add(&h, 0));
+    let c = !csum::fold(csum::add(&b[L3..L3 + 20], 0));
     b[L3 + 10..L3 + 12].copy_from_slice(&c.to_ne_bytes());
 }
 
@@ -194,6 +209,10 @@ fn ip_header(b: &mut [u8], tot_len: u16, proto_: u8, saddr: u32, daddr: u32) {
 /// frontend address to the client, sent back where the segment came from.
 #[inline(always)]
 pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
+    if !p.has_l4 {
+        // A later fragment has no TCP header to answer: dropped (the reason is still counted).
+        return Ok(Verdict::DROP);
+    }
     let mut b = [0u8; 54];
     eth_reply(c, &mut b)?;
     ip_header(&mut b, 40, proto::TCP, p.daddr, p.saddr);
@@ -216,10 +235,8 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
         b[t + 13] = tcp_flags::RST | tcp_flags::ACK;
     }
     b[t + 12] = 0x50;
-    let mut seg = [0u8; 20];
-    seg.copy_from_slice(&b[t..t + 20]);
     let pseudo = pseudo_sum(p.daddr, p.saddr, proto::TCP, 20);
-    let cs = !csum::fold(csum::add(&seg, pseudo));
+    let cs = !csum::fold(csum::add(&b[t..t + 20], pseudo));
     b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;
     Ok(Verdict::TX)
@@ -229,8 +246,8 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
 /// client, quoting the datagram's IP header and first 8 bytes (RFC 792).
 #[inline(always)]
 pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
-    if p.ihl != 5 {
-        // Quoting options is not implemented; such datagrams are dropped (still counted).
+    if p.ihl != 5 || !p.has_l4 {
+        // Quoting options or a later fragment is not implemented: dropped (still counted).
         return Ok(Verdict::DROP);
     }
     let q: *const [u8; 28] = ptr_at(c, L3)?;
@@ -242,9 +259,7 @@ pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason
     b[i + 1] = 3; // port unreachable
     // SAFETY: bounds checked by ptr_at.
     b[i + 8..i + 36].copy_from_slice(unsafe { &*q });
-    let mut msg = [0u8; 36];
-    msg.copy_from_slice(&b[i..i + 36]);
-    let cs = !csum::fold(csum::add(&msg, 0));
+    let cs = !csum::fold(csum::add(&b[i..i + 36], 0));
     b[i + 2..i + 4].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;
     Ok(Verdict::TX)

@@ -60,6 +60,10 @@ pub struct Ip4 {
     pub ack: u32,
     /// TCP header length in bytes.
     pub tcp_hlen: u16,
+    /// IP identification, be.
+    pub id: u16,
+    /// The packet carries the L4 header (false for later fragments).
+    pub has_l4: bool,
 }
 
 #[repr(C)]
@@ -67,7 +71,7 @@ struct Ipv4Hdr {
     vihl: u8,
     _tos: u8,
     tot_len: u16,
-    _id: u16,
+    id: u16,
     frag_off: u16,
     ttl: u8,
     proto: u8,
@@ -140,6 +144,8 @@ pub fn ipv4<P: Packet>(c: &P) -> Result<Option<Ip4>, Reason> {
         seq: 0,
         ack: 0,
         tcp_hlen: 0,
+        id: ip.id,
+        has_l4: false,
     };
     if frag == Frag::Later {
         return Ok(Some(p));
@@ -160,6 +166,7 @@ pub fn ipv4<P: Packet>(c: &P) -> Result<Option<Ip4>, Reason> {
             p.ack = t.ack;
             p.tcp_flags = t.flags;
             p.tcp_hlen = thlen as u16;
+            p.has_l4 = true;
         }
         proto::UDP => {
             let u: *const UdpHdr = ptr_at(c, p.l4)?;
@@ -171,6 +178,7 @@ pub fn ipv4<P: Packet>(c: &P) -> Result<Option<Ip4>, Reason> {
             }
             p.sport = u.sport;
             p.dport = u.dport;
+            p.has_l4 = true;
         }
         _ => {}
     }

@@ -42,8 +42,27 @@ pub trait Packet {
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason>;
     /// Replaces the 16-bit L4 port at `off`, fixing the L4 checksum.
     fn set_port(&mut self, p: &Ip4, off: usize, old: u16, new: u16) -> Result<(), Reason>;
-    /// Replaces the TTL + protocol word, fixing the IP checksum.
-    fn set_ttl_word(&mut self, old: u16, new: u16) -> Result<(), Reason>;
+    /// Replaces the 16-bit word at `base + off`, fixing the plain (no pseudo header) checksum
+    /// at `base + csum_off`; both lie in the `N` bytes at `base` (one bounds check, so the
+    /// verifier sees both accesses through the same pointer).
+    fn set_word2<const N: usize>(
+        &mut self,
+        base: usize,
+        off: usize,
+        csum_off: usize,
+        old: u16,
+        new: u16,
+    ) -> Result<(), Reason>;
+    /// Replaces the 32-bit word at `base + off`, fixing the plain checksum at
+    /// `base + csum_off` (as [`Packet::set_word2`]).
+    fn set_word4<const N: usize>(
+        &mut self,
+        base: usize,
+        off: usize,
+        csum_off: usize,
+        old: u32,
+        new: u32,
+    ) -> Result<(), Reason>;
     /// Overwrites the Ethernet addresses.
     fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason>;
     /// Replaces the whole frame by `buf` (resizing the packet).
@@ -66,6 +85,9 @@ pub fn ptr_at<P: Packet, T>(p: &P, off: usize) -> Result<*mut T, Reason> {
 /// Offset of the L4 checksum of `p` (None for protocols without one we maintain).
 #[inline(always)]
 pub fn l4_csum_off(p: &Ip4) -> Option<usize> {
+    if !p.has_l4 {
+        return None;
+    }
     match p.proto {
         proto::TCP => Some(p.l4 + 16),
         proto::UDP => Some(p.l4 + 6),
@@ -138,13 +160,46 @@ impl Packet for Xdp<'_> {
         self.fix_l4(p, old as u32, new as u32, true)
     }
     #[inline(always)]
-    fn set_ttl_word(&mut self, old: u16, new: u16) -> Result<(), Reason> {
-        let a: *mut u16 = ptr_at(self, IP_TTL)?;
-        let c: *mut u16 = ptr_at(self, IP_CSUM)?;
-        // SAFETY: bounds checked by ptr_at.
+    fn set_word2<const N: usize>(
+        &mut self,
+        base: usize,
+        off: usize,
+        csum_off: usize,
+        old: u16,
+        new: u16,
+    ) -> Result<(), Reason> {
+        if off + 2 > N || csum_off + 2 > N {
+            return Err(Reason::DropRewrite);
+        }
+        let b: *mut [u8; N] = ptr_at(self, base)?;
+        // SAFETY: both words lie inside the bounds-checked N bytes.
         unsafe {
-            *a = new;
-            *c = csum::replace2(*c, old, new);
+            let a = (b as *mut u8).add(off) as *mut u16;
+            let c = (b as *mut u8).add(csum_off) as *mut u16;
+            a.write_unaligned(new);
+            c.write_unaligned(csum::replace2(c.read_unaligned(), old, new));
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn set_word4<const N: usize>(
+        &mut self,
+        base: usize,
+        off: usize,
+        csum_off: usize,
+        old: u32,
+        new: u32,
+    ) -> Result<(), Reason> {
+        if off + 4 > N || csum_off + 2 > N {
+            return Err(Reason::DropRewrite);
+        }
+        let b: *mut [u8; N] = ptr_at(self, base)?;
+        // SAFETY: both words lie inside the bounds-checked N bytes.
+        unsafe {
+            let a = (b as *mut u8).add(off) as *mut u32;
+            let c = (b as *mut u8).add(csum_off) as *mut u16;
+            a.write_unaligned(new);
+            c.write_unaligned(csum::replace4(c.read_unaligned(), old, new));
         }
         Ok(())
     }
@@ -209,11 +264,15 @@ impl Tc<'_> {
     }
     #[inline(always)]
     fn l3(&self, old: u32, new: u32, size: u64) -> Result<(), Reason> {
+        self.l3_at(IP_CSUM, old, new, size)
+    }
+    #[inline(always)]
+    fn l3_at(&self, csum_off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
         // SAFETY: helper bounds-checks against the skb.
         let r = unsafe {
             bpf_l3_csum_replace(
                 self.0.skb.skb as *mut _,
-                IP_CSUM as u32,
+                csum_off as u32,
                 old as u64,
                 new as u64,
                 size,
@@ -254,9 +313,28 @@ impl Packet for Tc<'_> {
         self.store(off, &new)
     }
     #[inline(always)]
-    fn set_ttl_word(&mut self, old: u16, new: u16) -> Result<(), Reason> {
-        self.l3(old as u32, new as u32, 2)?;
-        self.store(IP_TTL, &new)
+    fn set_word2<const N: usize>(
+        &mut self,
+        base: usize,
+        off: usize,
+        csum_off: usize,
+        old: u16,
+        new: u16,
+    ) -> Result<(), Reason> {
+        self.l3_at(base + csum_off, old as u32, new as u32, 2)?;
+        self.store(base + off, &new)
+    }
+    #[inline(always)]
+    fn set_word4<const N: usize>(
+        &mut self,
+        base: usize,
+        off: usize,
+        csum_off: usize,
+        old: u32,
+        new: u32,
+    ) -> Result<(), Reason> {
+        self.l3_at(base + csum_off, old, new, 4)?;
+        self.store(base + off, &new)
     }
     #[inline(always)]
     fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {

@@ -11,8 +11,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use kproxy_common::{
-    ABI_VERSION, Affinity4Key, Affinity4Value, Backend4, Ct4Value, NodeConfig, REASON_MAX, Reason,
-    RevNat4Value, Service4Key, Service4Value, Tuple4, names,
+    ABI_VERSION, Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value,
+    NodeConfig, REASON_MAX, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, names,
 };
 
 use super::{Dataplane, DataplaneError};
@@ -35,7 +35,7 @@ const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
 }
 
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
-pub const MAP_SPECS: [MapSpec; 7] = [
+pub const MAP_SPECS: [MapSpec; 8] = [
     spec::<Service4Key, Service4Value>(names::SERVICES4, MapType::Hash),
     spec::<u32, Backend4>(names::BACKENDS4, MapType::Hash),
     spec::<Tuple4, Ct4Value>(names::CT4, MapType::LruHash),
@@ -43,6 +43,7 @@ pub const MAP_SPECS: [MapSpec; 7] = [
     spec::<Affinity4Key, Affinity4Value>(names::AFFINITY4, MapType::LruHash),
     spec::<u32, u64>(names::COUNTERS, MapType::PerCpuArray),
     spec::<u32, NodeConfig>(names::CONFIG, MapType::Array),
+    spec::<Frag4Key, Frag4Value>(names::FRAG4, MapType::LruHash),
 ];
 
 /// The versioned directory holding the map pins: `<pin_path>/v1`.
@@ -101,7 +102,8 @@ impl BpfDataplane {
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
         let dir = maps_dir(pin_path);
-        let [svc, be, ct, rnat, aff, stats, cfg] = &MAP_SPECS;
+        let [svc, be, ct, rnat, aff, stats, cfg, frag] = &MAP_SPECS;
+        check_pinned(&dir.join(frag.name), frag)?;
         let (services, services_cap) = open_map(&dir, svc)?;
         let (backends, backends_cap) = open_map(&dir, be)?;
         Ok(Self {

@@ -90,6 +90,7 @@ pub enum ExternalMode {
 pub struct Datapath {
     pin_path: PathBuf,
     ebpf: Ebpf,
+    xdp_mode: Option<XdpMode>,
 }
 
 fn links_dir(pin_path: &Path) -> PathBuf {
@@ -158,7 +159,14 @@ impl Datapath {
         let p: &mut Xdp = prog(&mut ebpf, names::PROG_XDP_EXT)?.try_into()?;
         p.load().with_context(|| format!("loading program {} (verifier)", names::PROG_XDP_EXT))?;
         info!(pin_path = %pin_path.display(), "datapath loaded");
-        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf })
+        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None })
+    }
+
+    /// Forces the XDP attach mode of new XDP attachments (`None`, the default: generic on veth,
+    /// the kernel's choice elsewhere; see [`Self::attach_external`]). An attachment surviving
+    /// from an earlier run keeps its mode until it is detached.
+    pub fn set_xdp_mode(&mut self, mode: Option<XdpMode>) {
+        self.xdp_mode = mode;
     }
 
     /// The pin path this datapath lives under.
@@ -172,6 +180,8 @@ impl Datapath {
     }
 
     /// Attaches the external-device programs to `ifname` (replacing an earlier attachment).
+    /// XDP goes on veth devices in generic mode unless [`Self::set_xdp_mode`] says otherwise:
+    /// native veth XDP can transmit (`XDP_TX`, redirect) only when the peer runs XDP or GRO.
     pub fn attach_external(&mut self, ifname: &str, mode: ExternalMode) -> anyhow::Result<()> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
         self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT)?;
@@ -259,9 +269,11 @@ impl Datapath {
                 }
             }
         }
+        let mode = self.xdp_mode.unwrap_or_else(|| xdp_mode_for(ifname));
         let id = p
-            .attach(ifname, XdpMode::default())
+            .attach(ifname, mode)
             .with_context(|| format!("attaching {} to {ifname}", names::PROG_XDP_EXT))?;
+        debug!(ifname, ?mode, "XDP attached");
         let link = p.take_link(id)?;
         match FdLink::try_from(link) {
             Ok(fd) => {
@@ -276,14 +288,93 @@ impl Datapath {
     }
 }
 
+/// The kernel driver of a device (`ETHTOOL_GDRVINFO`), e.g. "veth".
+fn driver(ifname: &str) -> Option<String> {
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160] };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
+    let n = ifname.len().min(libc::IFNAMSIZ - 1);
+    req.name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+    // SAFETY: a datagram socket for the ioctl, closed below; req and info outlive the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return None;
+        }
+        let r = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        libc::close(fd);
+        if r != 0 {
+            return None;
+        }
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// XDP mode for a device. veth gets generic (skb) mode: native veth XDP can only transmit
+/// (`XDP_TX`, redirect) when the peer runs XDP or GRO, which kproxy does not control (the peer
+/// is usually in another namespace). Real NICs get the kernel's choice (native when supported).
+fn xdp_mode_for(ifname: &str) -> XdpMode {
+    if driver(ifname).as_deref() == Some("veth") { XdpMode::Skb } else { XdpMode::default() }
+}
+
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
+/// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than
+/// whenever the kernel gets to releasing it after the pin is removed.
+fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut get = [0u64; 3];
+    get[0] = c.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zeroed attribute block holding a valid path pointer.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), size_of_val(&get) as u32)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut detach = [0u32; 2];
+    detach[0] = fd as u32;
+    // SAFETY: bpf(2) with a zeroed attribute block holding our link fd, closed right after.
+    let r = unsafe {
+        let r = libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_mut_ptr(),
+            size_of_val(&detach) as u32,
+        );
+        libc::close(fd as i32);
+        r
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn detach_xdp(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
     let pin = xdp_link_pin(pin_path, ifname);
+    if pin.exists()
+        && let Err(e) = detach_pinned_link(&pin)
+    {
+        // Removing the pin below still releases the link, only later.
+        debug!(ifname, error = %e, "BPF_LINK_DETACH failed");
+    }
     match std::fs::remove_file(&pin) {
-        // The last reference to the link is gone: the kernel detaches it.
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
