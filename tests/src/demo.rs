@@ -218,10 +218,11 @@ fn print_tally(t: &Target, r: &Tally) {
         let verdict = if r.preserved == answers {
             "yes".to_string()
         } else if r.preserved == 0 {
-            "no (source NAT)".to_string()
+            "no (source NAT to the node)".to_string()
         } else {
             format!(
-                "for {} of {answers} (local backends keep it, remote ones see the node)",
+                "for {} of {answers}; the rest were source-NATed (a remote backend behind a \
+                 NodePort sees the node, a pod reaching itself sees the service address)",
                 r.preserved
             )
         };
