@@ -852,17 +852,19 @@ impl Lab {
             "agent".into(),
             "--node-name".into(),
             n.name.clone(),
+        ];
+        if !opts.manifests_dir.as_os_str().is_empty() {
+            argv.push("--manifests".into());
+            argv.push(opts.manifests_dir.to_string_lossy().into_owned());
+        }
+        argv.extend([
             "--nodeport-devices".into(),
             "eth0".into(),
             "--pod-devices".into(),
             "vp*".into(),
             "--pin-path".into(),
             n.pin_path.to_string_lossy().into_owned(),
-        ];
-        if !opts.manifests_dir.as_os_str().is_empty() {
-            argv.push("--manifests".into());
-            argv.push(opts.manifests_dir.to_string_lossy().into_owned());
-        }
+        ]);
         argv.extend(opts.extra_args.iter().cloned());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = self.spawn(&n.ns, &format!("{}-agent", n.name), &argv)?;
