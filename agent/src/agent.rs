@@ -165,6 +165,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
     let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;
     let mut syncer = Syncer::adopt(&dp).context("reading the programmed state")?;
+    match dp.conntrack() {
+        Ok(ct) => syncer.avoid_backend_ids(ct.iter().map(|(_, v)| v.backend_id)),
+        Err(e) => warn!(error = %e, "reading conntrack to protect backend ids"),
+    }
     info!(
         frontends = syncer.programmed_frontends(),
         backends = syncer.programmed_backends(),

@@ -160,6 +160,17 @@ impl Syncer {
         Ok(s)
     }
 
+    /// Makes sure no id in `ids` is handed out soon: after a restart the agent passes the backend
+    /// ids that tracked connections still name, so that a backend freed just before the restart
+    /// (and so absent from the backends map) is not reborn under the same id.
+    pub fn avoid_backend_ids(&mut self, ids: impl IntoIterator<Item = u32>) {
+        if let Some(max) = ids.into_iter().max()
+            && max >= self.next_backend_id
+        {
+            self.next_backend_id = max.wrapping_add(1).max(1);
+        }
+    }
+
     /// Number of programmed frontends (service entries).
     pub fn programmed_frontends(&self) -> usize {
         self.shadow.services.keys().filter(|k| k.slot == 0).count()

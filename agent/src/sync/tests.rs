@@ -420,3 +420,20 @@ fn stable_layout_cases() {
     assert_eq!(stable_layout(&[1, 2, 3, 4, 5], &[5]), [5]);
     assert_eq!(stable_layout(&[1, 1, 2], &[1, 2]), [1, 2]);
 }
+
+#[test]
+fn ids_named_by_connections_are_avoided_after_restart() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10, 11, 12])]), &mut dp);
+    // .12 (the highest id) goes, then the agent restarts: the backends map alone would make the
+    // next id equal to the freed one.
+    s.sync(&desired(&[(1, &[10, 11])]), &mut dp);
+    let freed = 3;
+    assert!(!dp.mem.backends.contains_key(&freed));
+    let mut restarted = Syncer::adopt(&dp).unwrap();
+    restarted.avoid_backend_ids([1, freed]);
+    restarted.sync(&desired(&[(1, &[10, 11, 13])]), &mut dp);
+    assert!(!dp.mem.backends.contains_key(&freed), "freed id reused: {:?}", dp.mem.backends);
+    assert_eq!(dp.mem.backends.len(), 3);
+}
