@@ -29,7 +29,7 @@ use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
-    model::{Backend, DesiredState, Frontend, ServicePortName},
+    model::{Backend, DesiredState, Frontend, ServicePortName, ServicePortState},
 };
 
 /// A failed part of a sync; the rest of the sync went on.
@@ -136,6 +136,11 @@ pub struct Syncer {
     backend_ids: HashMap<BackendKey, u32>,
     /// Service port → service id.
     svc_ids: BTreeMap<ServicePortName, u32>,
+    /// The values of `svc_ids`.
+    svc_ids_used: HashSet<u32>,
+    /// The desired state last applied without error, per service port: an equal one needs no
+    /// look at the maps at all (its backends are wanted, so nothing else removed them).
+    applied: HashMap<ServicePortName, ServicePortState>,
     next_backend_id: u32,
     next_svc_id: u32,
 }
@@ -193,6 +198,10 @@ impl Syncer {
         let wanted_backends = merged_backends(desired);
 
         for (name, port_state) in &desired.services {
+            if self.applied.get(name) == Some(port_state) {
+                continue;
+            }
+            self.applied.remove(name);
             let svc_id = self.svc_id_for(name, port_state.frontends.keys());
             // Resolve backend ids (fresh ones are only kept if the transaction succeeds).
             let mut fresh: Vec<(BackendKey, u32)> = Vec::new();
@@ -268,6 +277,7 @@ impl Syncer {
                 && have.len() == want.len()
                 && have.iter().all(|(k, v)| want.get(k) == Some(v));
             if same {
+                self.applied.insert(name.clone(), port_state.clone());
                 continue;
             }
             let mut txn =
@@ -277,6 +287,7 @@ impl Syncer {
             match result {
                 Ok(()) => {
                     report.services_changed += 1;
+                    self.applied.insert(name.clone(), port_state.clone());
                     for (k, id) in fresh {
                         if txn.shadow.backends.contains_key(&id) {
                             self.backend_ids.insert(k, id);
@@ -359,6 +370,8 @@ impl Syncer {
             }
         }
         self.svc_ids.retain(|name, _| desired.services.contains_key(name));
+        self.svc_ids_used = self.svc_ids.values().copied().collect();
+        self.applied.retain(|name, _| desired.services.contains_key(name));
         report
     }
 
@@ -371,7 +384,7 @@ impl Syncer {
         if let Some(id) = self.svc_ids.get(name) {
             return *id;
         }
-        let taken: HashSet<u32> = self.svc_ids.values().copied().collect();
+        let taken = &self.svc_ids_used;
         let adopted = frontends
             .filter_map(|f| self.shadow.services.get(&key_of(f, 0)))
             .map(|v| v.svc_id)
@@ -385,6 +398,7 @@ impl Syncer {
             id
         });
         self.svc_ids.insert(name.clone(), id);
+        self.svc_ids_used.insert(id);
         id
     }
 
