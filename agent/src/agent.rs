@@ -35,7 +35,8 @@ const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Where the objects come from.
 enum Source {
     Manifests(ManifestDir),
-    Watch(tokio::sync::watch::Receiver<Arc<Objects>>),
+    /// Snapshots from the API watchers; the flag says whether the first one arrived.
+    Watch(tokio::sync::watch::Receiver<Arc<Objects>>, bool),
 }
 
 impl Source {
@@ -53,14 +54,27 @@ impl Source {
                 }
                 r.changed
             }
-            Source::Watch(rx) => rx.has_changed().unwrap_or(false),
+            Source::Watch(rx, ready) => {
+                let changed = rx.has_changed().unwrap_or(false);
+                *ready |= changed;
+                changed
+            }
+        }
+    }
+
+    /// Whether the objects reflect the source (never sync an empty view taken before the first
+    /// read: it would remove everything a previous agent programmed).
+    fn ready(&self) -> bool {
+        match self {
+            Source::Manifests(dir) => dir.ready(),
+            Source::Watch(_, ready) => *ready,
         }
     }
 
     fn objects(&mut self) -> Arc<Objects> {
         match self {
             Source::Manifests(dir) => Arc::new(dir.objects()),
-            Source::Watch(rx) => rx.borrow_and_update().clone(),
+            Source::Watch(rx, _) => rx.borrow_and_update().clone(),
         }
     }
 }
@@ -151,6 +165,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
     let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;
     let mut syncer = Syncer::adopt(&dp).context("reading the programmed state")?;
+    match dp.conntrack() {
+        Ok(ct) => syncer.avoid_backend_ids(ct.iter().map(|(_, v)| v.backend_id)),
+        Err(e) => warn!(error = %e, "reading conntrack to protect backend ids"),
+    }
     info!(
         frontends = syncer.programmed_frontends(),
         backends = syncer.programmed_backends(),
@@ -176,6 +194,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             source::kube::spawn(kubeconfig.clone(), args.node_name.clone())
                 .await
                 .context("connecting to the Kubernetes API")?,
+            false,
         ),
     };
 
@@ -217,6 +236,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         if !state.synced_once || last_full.elapsed() >= sync_period {
             dirty = true;
         }
+        if dirty && !source.ready() {
+            if !state.waiting_logged {
+                info!("waiting for the first complete read of the source before syncing");
+                state.waiting_logged = true;
+            }
+            dirty = false;
+        }
         if dirty {
             last_full = Instant::now();
             let objects = source.objects();
@@ -244,6 +270,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 struct LoopState {
     generation: u64,
     synced_once: bool,
+    waiting_logged: bool,
     config_written: bool,
     /// Model errors already logged (logged again only when they change).
     logged_errors: BTreeSet<String>,

@@ -1,4 +1,16 @@
 //! The kproxy node agent: turns Services and EndpointSlices into datapath state.
+//!
+//! Flow of one sync, by module:
+//! - [`source`]: where objects come from: a manifest directory ([`source::manifests`]) or the
+//!   Kubernetes API ([`source::kube`]).
+//! - [`model`]: pure translation to the desired state (frontends, service entries, ordered
+//!   backends), with kube-proxy's endpoint selection in [`model::endpoints`].
+//! - [`sync`]: shadow-state diff and ordered, transactional writes through the
+//!   [`dataplane::Dataplane`] trait (aya maps in [`dataplane::bpf`], in-memory in
+//!   [`dataplane::mem`]).
+//! - [`agent`]: the loop (devices, addresses, node configuration, signals); [`metrics`] and
+//!   [`healthcheck`] serve HTTP; [`cli`] is the command line and the map views; [`netdev`] reads
+//!   interfaces and addresses.
 
 /// The eBPF object built from `ebpf/` (with BTF), embedded at compile time.
 pub static EBPF_OBJECT: &[u8] =

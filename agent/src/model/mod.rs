@@ -229,6 +229,8 @@ pub struct BuildOutput {
 struct SvcSpec {
     name: ServiceName,
     cluster_ip: Ipv4Addr,
+    /// Type NodePort or LoadBalancer: node ports are served.
+    node_ports: bool,
     external_ips: Vec<Ipv4Addr>,
     lb_ips: Vec<Ipv4Addr>,
     policy_internal_local: bool,
@@ -287,6 +289,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) ->
                 continue;
             };
             let node_port = match port.node_port.unwrap_or(0) {
+                _ if !spec.node_ports => None,
                 0 => None,
                 n => match valid_port(n) {
                     Some(n) => Some(n),
@@ -575,6 +578,7 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
     Some(SvcSpec {
         name,
         cluster_ip,
+        node_ports: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")),
         external_ips,
         lb_ips,
         policy_internal_local,

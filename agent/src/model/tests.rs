@@ -340,6 +340,15 @@ fn skipped_services() {
         ("ipv6 only", "spec: {clusterIP: \"fd00::1\", ports: [{port: 80}]}"),
         ("sctp", "spec: {clusterIP: 198.19.0.1, ports: [{port: 80, protocol: SCTP}]}"),
     ];
+    // A nodePort on a ClusterIP service is not served.
+    let out = build(
+        &[svc(
+            "metadata: {name: x}\nspec: {clusterIP: 198.19.0.1, ports: [{port: 80, nodePort: 30000}]}",
+        )],
+        &[],
+        &node(),
+    );
+    assert_eq!(out.state.frontend_count(), 1);
     for (name, y) in cases {
         let y = if y.starts_with("metadata") {
             y.to_string()

@@ -125,11 +125,158 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+        sync::broadcast,
+    };
+
+    use super::*;
+
     #[test]
     fn selector_matches_kube_proxy() {
         assert_eq!(
-            super::service_selector(),
+            service_selector(),
             "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
         );
+    }
+
+    const SVC: &str = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"default","resourceVersion":"1"},"spec":{"clusterIP":"198.19.0.10","ports":[{"port":80}]}}"#;
+    const EPS: &str = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"web-1","namespace":"default","resourceVersion":"1","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4","endpoints":[{"addresses":["198.18.100.10"]}]}"#;
+
+    /// A fake API server on loopback: answers lists from `lists` and streams watch events sent on
+    /// `events` as (path, event JSON). Records every request line.
+    async fn fake_api(
+        lists: Vec<(&'static str, String)>,
+    ) -> (u16, broadcast::Sender<(String, String)>, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, _) = broadcast::channel::<(String, String)>(16);
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (tx2, reqs) = (tx.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let (lists, mut rx, reqs) = (lists.clone(), tx2.subscribe(), reqs.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    reqs.lock().unwrap().push(target.clone());
+                    let path = target.split('?').next().unwrap_or("").to_string();
+                    if target.contains("watch=true") {
+                        let _ = sock
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                            .await;
+                        while let Ok((p, ev)) = rx.recv().await {
+                            if p == path {
+                                let line = format!("{ev}\n");
+                                let c = format!("{:x}\r\n{line}\r\n", line.len());
+                                if sock.write_all(c.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        return;
+                    }
+                    let body = lists
+                        .iter()
+                        .find(|(p, _)| *p == path)
+                        .map(|(_, b)| b.clone())
+                        .unwrap_or_else(|| {
+                            r#"{"kind":"Status","status":"Failure","code":404}"#.into()
+                        });
+                    let code = if body.contains("\"Status\"") { "404 Not Found" } else { "200 OK" };
+                    let resp = format!(
+                        "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (port, tx, requests)
+    }
+
+    fn list(kind: &str, api: &str, items: &[&str]) -> String {
+        format!(
+            r#"{{"apiVersion":"{api}","kind":"{kind}","metadata":{{"resourceVersion":"1"}},"items":[{}]}}"#,
+            items.join(",")
+        )
+    }
+
+    #[tokio::test]
+    async fn watchers_publish_snapshots() {
+        let (port, events, requests) = fake_api(vec![
+            ("/api/v1/services", list("ServiceList", "v1", &[SVC])),
+            (
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                list("EndpointSliceList", "discovery.k8s.io/v1", &[EPS]),
+            ),
+            ("/api/v1/nodes", list("NodeList", "v1", &[])),
+        ])
+        .await;
+        let dir = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kc = dir.join("config");
+        std::fs::write(
+            &kc,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+            ),
+        )
+        .unwrap();
+        let mut rx = spawn(Some(kc), "node-0".into()).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let wait = |rx: &mut watch::Receiver<Arc<Objects>>| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), rx.changed())
+                    .await
+                    .expect("snapshot")
+                    .unwrap();
+                rx.borrow_and_update().clone()
+            }
+        };
+        let first = wait(&mut rx).await;
+        rx.borrow_and_update();
+        assert_eq!(first.services.len(), 1);
+        assert_eq!(first.slices.len(), 1);
+        assert!(first.nodes.is_empty());
+        {
+            let reqs = requests.lock().unwrap();
+            let svc_list = reqs.iter().find(|r| r.starts_with("/api/v1/services")).unwrap();
+            assert!(svc_list.contains("labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless"), "{svc_list}");
+            let node_list = reqs.iter().find(|r| r.starts_with("/api/v1/nodes")).unwrap();
+            assert!(node_list.contains("fieldSelector=metadata.name%3Dnode-0"), "{node_list}");
+        }
+        // A Service added through the watch shows up in the next snapshot.
+        let added = SVC.replace("\"web\"", "\"dns\"").replace("\"1\"", "\"2\"");
+        let mut got = None;
+        for _ in 0..50 {
+            let _ = events.send((
+                "/api/v1/services".into(),
+                format!(r#"{{"type":"ADDED","object":{added}}}"#),
+            ));
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await
+            {
+                got = Some(rx.borrow_and_update().clone());
+                break;
+            }
+        }
+        let snap = got.expect("no snapshot after a watch event");
+        let mut names: Vec<String> =
+            snap.services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["dns", "web"]);
     }
 }

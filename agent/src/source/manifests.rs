@@ -69,12 +69,20 @@ struct FileState {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    listed: bool,
 }
 
 impl ManifestDir {
     /// Watches `dir` (nothing is read until [`Self::poll`]).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new() }
+        Self { dir: dir.into(), files: BTreeMap::new(), listed: false }
+    }
+
+    /// Whether the directory was read at least once. Until then [`Self::objects`] is empty for
+    /// lack of knowledge, not because there is nothing: the agent must not sync on it (that would
+    /// remove every programmed service after a restart).
+    pub fn ready(&self) -> bool {
+        self.listed
     }
 
     /// The directory.
@@ -92,6 +100,7 @@ impl ManifestDir {
                 return res;
             }
         };
+        self.listed = true;
         let before = self.files.len();
         self.files.retain(|p, _| paths.contains(p));
         res.changed |= self.files.len() != before;
@@ -245,7 +254,9 @@ mod tests {
         d.write("notes.txt", "not yaml: [");
         d.write(".hidden.yaml", "not yaml: [");
         let mut m = ManifestDir::new(&d.0);
+        assert!(!m.ready());
         let r = m.poll();
+        assert!(m.ready());
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert!(r.changed);
         assert_eq!(r.ignored.len(), 1);
@@ -304,6 +315,7 @@ mod tests {
         assert!(parse(b"metadata: {name: x}\n").is_err());
         let mut m = ManifestDir::new("/nonexistent/kproxy-test-dir");
         let r = m.poll();
+        assert!(!m.ready());
         assert_eq!(r.errors.len(), 1);
         assert!(r.errors[0].to_string().contains("/nonexistent/kproxy-test-dir"));
     }

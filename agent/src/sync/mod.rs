@@ -29,7 +29,7 @@ use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
-    model::{Backend, DesiredState, Frontend, ServicePortName},
+    model::{Backend, DesiredState, Frontend, ServicePortName, ServicePortState},
 };
 
 /// A failed part of a sync; the rest of the sync went on.
@@ -136,6 +136,11 @@ pub struct Syncer {
     backend_ids: HashMap<BackendKey, u32>,
     /// Service port → service id.
     svc_ids: BTreeMap<ServicePortName, u32>,
+    /// The values of `svc_ids`.
+    svc_ids_used: HashSet<u32>,
+    /// The desired state last applied without error, per service port: an equal one needs no
+    /// look at the maps at all (its backends are wanted, so nothing else removed them).
+    applied: HashMap<ServicePortName, ServicePortState>,
     next_backend_id: u32,
     next_svc_id: u32,
 }
@@ -160,6 +165,17 @@ impl Syncer {
         Ok(s)
     }
 
+    /// Makes sure no id in `ids` is handed out soon: after a restart the agent passes the backend
+    /// ids that tracked connections still name, so that a backend freed just before the restart
+    /// (and so absent from the backends map) is not reborn under the same id.
+    pub fn avoid_backend_ids(&mut self, ids: impl IntoIterator<Item = u32>) {
+        if let Some(max) = ids.into_iter().max()
+            && max >= self.next_backend_id
+        {
+            self.next_backend_id = max.wrapping_add(1).max(1);
+        }
+    }
+
     /// Number of programmed frontends (service entries).
     pub fn programmed_frontends(&self) -> usize {
         self.shadow.services.keys().filter(|k| k.slot == 0).count()
@@ -182,6 +198,10 @@ impl Syncer {
         let wanted_backends = merged_backends(desired);
 
         for (name, port_state) in &desired.services {
+            if self.applied.get(name) == Some(port_state) {
+                continue;
+            }
+            self.applied.remove(name);
             let svc_id = self.svc_id_for(name, port_state.frontends.keys());
             // Resolve backend ids (fresh ones are only kept if the transaction succeeds).
             let mut fresh: Vec<(BackendKey, u32)> = Vec::new();
@@ -257,6 +277,7 @@ impl Syncer {
                 && have.len() == want.len()
                 && have.iter().all(|(k, v)| want.get(k) == Some(v));
             if same {
+                self.applied.insert(name.clone(), port_state.clone());
                 continue;
             }
             let mut txn =
@@ -266,6 +287,7 @@ impl Syncer {
             match result {
                 Ok(()) => {
                     report.services_changed += 1;
+                    self.applied.insert(name.clone(), port_state.clone());
                     for (k, id) in fresh {
                         if txn.shadow.backends.contains_key(&id) {
                             self.backend_ids.insert(k, id);
@@ -348,6 +370,8 @@ impl Syncer {
             }
         }
         self.svc_ids.retain(|name, _| desired.services.contains_key(name));
+        self.svc_ids_used = self.svc_ids.values().copied().collect();
+        self.applied.retain(|name, _| desired.services.contains_key(name));
         report
     }
 
@@ -360,7 +384,7 @@ impl Syncer {
         if let Some(id) = self.svc_ids.get(name) {
             return *id;
         }
-        let taken: HashSet<u32> = self.svc_ids.values().copied().collect();
+        let taken = &self.svc_ids_used;
         let adopted = frontends
             .filter_map(|f| self.shadow.services.get(&key_of(f, 0)))
             .map(|v| v.svc_id)
@@ -374,6 +398,7 @@ impl Syncer {
             id
         });
         self.svc_ids.insert(name.clone(), id);
+        self.svc_ids_used.insert(id);
         id
     }
 
