@@ -74,6 +74,8 @@ struct Store {
 }
 
 struct Inner {
+    /// Watch streams currently open.
+    watches: std::sync::atomic::AtomicUsize,
     store: Mutex<Store>,
     events: broadcast::Sender<Event>,
     /// Closing signal for open watch streams.
@@ -110,7 +112,12 @@ impl ApiServer {
     pub async fn start_with(bind: Binder) -> Result<ApiServer> {
         let (events, _) = broadcast::channel(4096);
         let (close, _) = broadcast::channel(16);
-        let inner = Arc::new(Inner { store: Mutex::new(Store::default()), events, close });
+        let inner = Arc::new(Inner {
+            watches: Default::default(),
+            store: Mutex::new(Store::default()),
+            events,
+            close,
+        });
         let std_listener = bind()?;
         std_listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(std_listener)?;
@@ -186,11 +193,18 @@ impl ApiServer {
         self.inner.store.lock().expect("store lock").requests.clone()
     }
 
-    /// Stops serving: open streams end and new connections are refused. Objects are kept.
+    /// Stops serving: open streams end (this waits until they have, up to 5 s) and new
+    /// connections are refused. Objects are kept.
     pub fn stop(&mut self) {
-        self.close_watches();
         if let Some(t) = self.task.take() {
             t.abort();
+        }
+        self.close_watches();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.inner.watches.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -471,6 +485,9 @@ async fn watch(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
+            // A closing server wins over pending events, like a dropped connection does.
+            biased;
+            _ = close.recv() => break,
             ev = events.recv() => match ev {
                 Ok(ev) if ev.kind == res.kind && ev.rv > last => {
                     last = ev.rv;
@@ -482,7 +499,6 @@ async fn watch(
                 Err(broadcast::error::RecvError::Lagged(_)) => break,
                 Err(broadcast::error::RecvError::Closed) => break,
             },
-            _ = close.recv() => break,
             _ = tick.tick() => {
                 if bookmarks {
                     let rv = inner.store.lock().expect("store lock").rv.max(last);

@@ -647,21 +647,19 @@ fn upstream_should_create_endpoints_for_unready_pods() {
     });
 }
 
-#[test]
-fn upstream_should_implement_service_kubernetes_io_service_proxy_name() {
-    both("proxyname", |c| {
+/// A service carrying `label` is not served (another proxy owns it, or it is headless) while a
+/// plain one next to it is; without the label it is served.
+fn label_hides_service(label: &str, key: &str, value: &str) {
+    both(label, |c| {
         let pod = c.pod_ns(1, 1);
         let mut svc = web(VIP);
-        svc.labels = vec![("service.kubernetes.io/service-proxy-name".into(), "foo-bar".into())];
+        svc.labels = vec![(key.into(), value.into())];
         let mut plain = web(VIP2);
         plain.name = "web2".into();
         c.put(&plain, vec![c.ep(0, 0)]);
         c.put(&svc, vec![c.ep(0, 0)]);
         converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-0-pod-0"]);
-        assert!(
-            tcp_request(&pod, VIP, 80, T).is_err(),
-            "a service for another proxy is not served"
-        );
+        assert!(tcp_request(&pod, VIP, 80, T).is_err(), "a service labelled {key} is not served");
         svc.labels.clear();
         c.put(&svc, vec![c.ep(0, 0)]);
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
@@ -669,24 +667,13 @@ fn upstream_should_implement_service_kubernetes_io_service_proxy_name() {
 }
 
 #[test]
+fn upstream_should_implement_service_kubernetes_io_service_proxy_name() {
+    label_hides_service("proxyname", "service.kubernetes.io/service-proxy-name", "foo-bar");
+}
+
+#[test]
 fn upstream_should_implement_service_kubernetes_io_headless() {
-    both("headless", |c| {
-        let pod = c.pod_ns(1, 1);
-        let mut svc = web(VIP);
-        svc.labels = vec![("service.kubernetes.io/headless".into(), "".into())];
-        let mut plain = web(VIP2);
-        plain.name = "web2".into();
-        c.put(&plain, vec![c.ep(0, 0)]);
-        c.put(&svc, vec![c.ep(0, 0)]);
-        converge_to(&pod, VIP2, 80, Proto::Tcp, &["node-0-pod-0"]);
-        assert!(
-            tcp_request(&pod, VIP, 80, T).is_err(),
-            "a headless-labelled service is not served"
-        );
-        svc.labels.clear();
-        c.put(&svc, vec![c.ep(0, 0)]);
-        converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
-    });
+    label_hides_service("headless", "service.kubernetes.io/headless", "");
 }
 
 #[test]
