@@ -145,7 +145,11 @@ fn build(release: bool) -> Result<()> {
 
 fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
     use kproxy_tests::bench;
-    build(false)?;
+    // Timings of unoptimized binaries mean nothing: the agent and the load generator run from
+    // the release profile.
+    build(true)?;
+    // SAFETY: single-threaded here; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("KPROXY_BIN_DIR", workspace_root().join("target/release")) };
     let cfg = if quick { bench::Config::quick() } else { bench::Config::full() };
     let stamp = bench::utc_now().replace(':', "");
     let results_dir = workspace_root().join("bench/results");

@@ -103,8 +103,8 @@ impl Config {
             e2e_scale: 300,
             reps: 1,
             reps_large: 1,
-            duration_ms: 300,
-            np_duration_ms: 300,
+            duration_ms: 500,
+            np_duration_ms: 400,
             change_samples: 2,
             e2e_samples: 3,
             testrun_scales: vec![1, 100, 1_000],
@@ -228,8 +228,10 @@ struct Bench<'a> {
     node_ns: String,
     client_pod_ns: String,
     /// Last measured (n, seconds) of a full rule load per baseline, for budget predictions.
-    ipt_load: Option<(usize, f64)>,
-    nft_load: Option<(usize, f64)>,
+    ipt_load: Option<(usize, f64, usize, usize)>,
+    nft_load: Option<(usize, f64, usize, usize)>,
+    /// Last (n, seconds) the agent needed to program n services × 10 endpoints.
+    kproxy_ready: Option<(usize, f64)>,
 }
 
 /// Writes `text` to `dir/name` atomically (hidden temp file, then rename).
@@ -289,6 +291,7 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
         client_pod_ns,
         ipt_load: None,
         nft_load: None,
+        kproxy_ready: None,
     };
     b.plan();
     b.clusterip_phase();
@@ -396,17 +399,21 @@ impl Bench<'_> {
         }
     }
 
-    /// Whether a baseline load of `n` services is within budget; records the skip otherwise.
+    /// Whether a baseline load of `n` services × `eps` endpoints is within budget (predicted
+    /// from the last load that took at least half a second; size counted as service plus
+    /// endpoint chains); records the skip otherwise.
     fn within_budget(&mut self, nft: bool, n: usize, eps: usize) -> std::result::Result<(), String> {
         let (last, exp, what) =
             if nft { (self.nft_load, NFT_EXP, "nft -f") } else { (self.ipt_load, IPT_EXP, "iptables-restore") };
-        let Some((n0, t0)) = last else { return Ok(()) };
-        let p = predict(t0, n0, n * eps, exp);
+        let Some((size0, t0, n0, eps0)) = last else { return Ok(()) };
+        let size = n * (eps + 1);
+        if t0 < 0.5 || size <= size0 {
+            return Ok(());
+        }
+        let p = predict(t0, size0, size, exp);
         if p > self.cfg.load_budget_s {
             let why = format!(
-                "not measured above {} services: {what} of {n} × {eps} endpoints would take ≈{p:.0} s (measured {t0:.1} s for {} endpoints; budget {:.0} s per load)",
-                n0 / eps.max(1),
-                n0,
+                "not measured: {what} of {n} services × {eps} endpoints would take ≈{p:.0} s (extrapolated from {t0:.1} s measured for {n0} × {eps0}; budget {:.0} s per load)",
                 self.cfg.load_budget_s
             );
             self.notes.push(why.clone());
@@ -459,7 +466,7 @@ impl Bench<'_> {
         self.within_budget(false, n, eps)?;
         systems::iptables_flush(&self.node_ns).map_err(|e| format!("{e:#}"))?;
         let t = systems::iptables_load(&self.node_ns, services, 0, None).map_err(|e| format!("{e:#}"))?;
-        self.ipt_load = Some((n * eps, t.wall_s));
+        self.ipt_load = Some((n * (eps + 1), t.wall_s, n, eps));
         Ok(())
     }
 
@@ -473,7 +480,7 @@ impl Bench<'_> {
         self.within_budget(true, n, eps)?;
         systems::nft_unload(&self.node_ns).map_err(|e| format!("{e:#}"))?;
         let t = systems::nft_load(&self.node_ns, services, 0, cg).map_err(|e| format!("{e:#}"))?;
-        self.nft_load = Some((n * eps, t.wall_s));
+        self.nft_load = Some((n * (eps + 1), t.wall_s, n, eps));
         Ok(t)
     }
 
@@ -500,7 +507,16 @@ impl Bench<'_> {
         }
     }
 
+    /// Empties the nodes' conntrack tables, so that no system meets entries another one left
+    /// (a DNAT of a reused source port would clash with them and lose the SYN).
+    fn flush_conntrack(&self) {
+        for node in self.lab.nodes() {
+            let _ = lab::exec(&node.ns, &["conntrack", "-F"]);
+        }
+    }
+
     fn clusterip_one(&mut self, sys: Sys, n: usize, frontends: usize) {
+        self.flush_conntrack();
         let mut kp = None;
         let enabled = match sys {
             Sys::Floor => Ok(()),
@@ -617,12 +633,14 @@ impl Bench<'_> {
     fn nodeport_one(&mut self, sys: &str, n: usize, frontends: usize) {
         let d = Duration::from_millis(self.cfg.np_duration_ms);
         if sys == "xdp-tx" {
+            self.flush_conntrack();
             match measure::xdp_tx_rate(&self.lab, d) {
                 Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, "bounce", r),
                 Err(e) => self.rec.fail("3-nodeport", "udp_pps", sys, n, "bounce", &format!("{e:#}")),
             }
             return;
         }
+        self.flush_conntrack();
         let mut kp = None;
         let enabled = match sys {
             "kproxy" => self.start_kproxy(frontends, &[]).map(|k| kp = Some(k)),
@@ -672,8 +690,11 @@ impl Bench<'_> {
         for n in scales {
             eprintln!("[bench] programming {n} services × 10 endpoints");
             let services = self.services(n, 10);
+            self.flush_conntrack();
             self.prog_kproxy(n, &services);
+            self.flush_conntrack();
             self.prog_iptables(n, &services);
+            self.flush_conntrack();
             self.prog_nftables(n, &services);
         }
     }
@@ -711,10 +732,22 @@ impl Bench<'_> {
     }
 
     fn prog_kproxy(&mut self, n: usize, services: &[BService]) {
+        if let Some((n0, t0)) = self.kproxy_ready {
+            let p = predict(t0, n0, n, 1.5);
+            if t0 >= 0.5 && p > 4.0 * self.cfg.load_budget_s {
+                let why = format!(
+                    "not measured: the agent would need ≈{p:.0} s to program {n} services × 10 endpoints (extrapolated from {t0:.1} s at {n0})"
+                );
+                self.notes.push(why.clone());
+                self.fail_prog("kproxy", n, &why, true);
+                return;
+            }
+        }
         let r = (|| -> Result<()> {
             let bytes = self.write_manifest(services)?;
             let k = self.start_kproxy(services.len(), &["--poll-interval-ms", "100", "--sync-period-secs", "3600"])?;
             let pid = k.agent.pid();
+            self.kproxy_ready = Some((n, k.ready_s));
             let res = (|| -> Result<()> {
                 let m = systems::agent_metrics(&self.node_ns)?;
                 self.rec.add("4-programming", "scratch_s", "kproxy", n, "", m.sync_sum_s);
@@ -822,7 +855,7 @@ impl Bench<'_> {
         let r = (|| -> Result<()> {
             systems::iptables_flush(&self.node_ns)?;
             let t = systems::iptables_load(&self.node_ns, services, 0, Some("ipt"))?;
-            self.ipt_load = Some((n * 10, t.wall_s));
+            self.ipt_load = Some((n * 11, t.wall_s, n, 10));
             self.rec.add("4-programming", "scratch_s", "iptables", n, "", t.wall_s);
             self.rec.add("4-programming", "scratch_cpu_s", "iptables", n, "", t.cpu_s);
             if let Some(m) = t.mem_bytes {

@@ -63,13 +63,13 @@ fn key(item: &str, metric: &str, system: &str, n: usize, variant: &str) -> Key {
 /// Unit of a metric, from its name.
 pub fn unit_of(metric: &str) -> &'static str {
     match metric {
+        "rate_per_s" | "udp_pps" => "1/s",
         m if m.ends_with("_us") => "µs",
         m if m.ends_with("_ns") => "ns",
         m if m.ends_with("_ms") => "ms",
         m if m.ends_with("_s") => "s",
         m if m.ends_with("_bytes") => "bytes",
         m if m.ends_with("_bps") => "bit/s",
-        "rate_per_s" | "pps" => "1/s",
         _ => "",
     }
 }
