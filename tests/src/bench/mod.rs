@@ -86,7 +86,7 @@ impl Config {
             duration_ms: 1500,
             np_duration_ms: 1000,
             change_samples: 5,
-            e2e_samples: 15,
+            e2e_samples: 12,
             testrun_scales: vec![1, 10, 100, 1_000, 10_000, 100_000],
             testrun_runs: 20_000,
             load_budget_s: 90.0,

@@ -186,10 +186,17 @@ pub fn probes() -> Vec<BService> {
     ]
 }
 
-/// A service created (or changed) while the benchmark runs: ClusterIP 198.19.254.(k%250+1)
-/// (k ≥ 250 uses 198.19.253.x) → node-1-pod-0:8080, plus `extra` dummy endpoints.
+/// A service created (or changed) while the benchmark runs, named `{prefix}{k}`, → node-1-pod-0:8080
+/// plus `extra` dummy endpoints. Each prefix has its own ClusterIP block (k < 1000), so services
+/// of different kinds never share an address: `chg` 198.19.240.0/22, `lat` 198.19.244.0/22,
+/// anything else 198.19.248.0/22.
 pub fn dynamic(k: usize, prefix: &str, extra: usize) -> BService {
-    let ip = Ipv4Addr::new(198, 19, 254 - (k / 250) as u8, (k % 250 + 1) as u8);
+    let block: u8 = match prefix {
+        "chg" => 240,
+        "lat" => 244,
+        _ => 248,
+    };
+    let ip = Ipv4Addr::new(198, 19, block + (k / 250 % 4) as u8, (k % 250 + 1) as u8);
     let mut eps = vec![(lab::pod_ip(1, 0), 1)];
     eps.extend((0..extra).map(|e| (Ipv4Addr::new(198, 18, 127, (e % 250 + 1) as u8), 1)));
     BService::http(format!("{prefix}{k}"), ip, lab::SERVER_PORT, eps)
