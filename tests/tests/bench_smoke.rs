@@ -54,7 +54,10 @@ fn quick_bench_produces_every_figure() {
         match f.status {
             Status::Ok => {
                 let m = f.median.unwrap_or(f64::NAN);
-                if f.samples.is_empty() || !m.is_finite() || f.samples.iter().any(|v| !v.is_finite()) {
+                if f.samples.is_empty()
+                    || !m.is_finite()
+                    || f.samples.iter().any(|v| !v.is_finite())
+                {
                     problems.push(format!("{what}: no finite numbers"));
                 }
             }
@@ -63,10 +66,8 @@ fn quick_bench_produces_every_figure() {
                     problems.push(format!("{what}: skipped without a reason"));
                 }
             }
-            Status::Failed => problems.push(format!(
-                "{what}: failed: {}",
-                f.reason.as_deref().unwrap_or("no reason")
-            )),
+            Status::Failed => problems
+                .push(format!("{what}: failed: {}", f.reason.as_deref().unwrap_or("no reason"))),
         }
     }
     assert!(problems.is_empty(), "figures not produced:\n{}", problems.join("\n"));

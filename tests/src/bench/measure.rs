@@ -65,11 +65,7 @@ pub fn loadgen(
     let done = f("transactions")?;
     let errors = f("errors")?;
     ensure!(done > 0.0, "no transaction succeeded ({errors} errors) to {target}");
-    ensure!(
-        errors <= done * 0.01,
-        "{errors} of {} transactions to {target} failed",
-        done + errors
-    );
+    ensure!(errors <= done * 0.01, "{errors} of {} transactions to {target} failed", done + errors);
     Ok(Load {
         p50_us: f("p50_us")?,
         p99_us: f("p99_us")?,
@@ -179,7 +175,8 @@ pub fn xdp_tx_rate(lab: &Lab, d: Duration) -> Result<f64> {
     })();
     drop(link);
     // The bounced frames carried the client's MAC back into the bridge: let it relearn.
-    let _ = lab::exec(&lab.client_ns(), &["ping", "-c", "1", "-W", "1", &lab::node_ip(0).to_string()]);
+    let _ =
+        lab::exec(&lab.client_ns(), &["ping", "-c", "1", "-W", "1", &lab::node_ip(0).to_string()]);
     r
 }
 

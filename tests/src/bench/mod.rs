@@ -25,7 +25,10 @@ pub mod workload;
 use std::{
     net::SocketAddrV4,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -266,7 +269,9 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     }
     lab::find_bin("kproxy-loadgen")?;
     lab::find_bin("kproxy")?;
-    let mdir = TempDir(std::env::temp_dir().join(format!("kproxy-bench-{}-manifests", std::process::id())));
+    let mdir = TempDir(
+        std::env::temp_dir().join(format!("kproxy-bench-{}-manifests", std::process::id())),
+    );
     std::fs::create_dir_all(&mdir.0)?;
 
     eprintln!("[bench] building the lab (2 nodes, 2 pods each)");
@@ -277,7 +282,11 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     for (i, j) in [(0, 1), (1, 0)] {
         let pod = lab.pod(i, j).context("backend pod")?.clone();
         let port = workload::IPERF_PORT.to_string();
-        iperfs.push(lab.spawn(&pod.ns, &format!("{}-iperf3", pod.name), &["iperf3", "-s", "-p", &port])?);
+        iperfs.push(lab.spawn(
+            &pod.ns,
+            &format!("{}-iperf3", pod.name),
+            &["iperf3", "-s", "-p", &port],
+        )?);
     }
     let node_ns = lab.node(0).ns.clone();
     let client_pod_ns = lab.pod(0, 0).context("client pod")?.ns.clone();
@@ -361,7 +370,13 @@ impl Bench<'_> {
             }
         }
         for &n in &c.testrun_scales {
-            for m in ["tc_established_ns", "tc_new_ns", "xdp_established_ns", "tc_pass_ns", "xdp_pass_ns"] {
+            for m in [
+                "tc_established_ns",
+                "tc_new_ns",
+                "xdp_established_ns",
+                "tc_pass_ns",
+                "xdp_pass_ns",
+            ] {
                 self.rec.plan("7-testrun", m, "kproxy", n, "");
             }
         }
@@ -402,9 +417,17 @@ impl Bench<'_> {
     /// Whether a baseline load of `n` services × `eps` endpoints is within budget (predicted
     /// from the last load that took at least half a second; size counted as service plus
     /// endpoint chains); records the skip otherwise.
-    fn within_budget(&mut self, nft: bool, n: usize, eps: usize) -> std::result::Result<(), String> {
-        let (last, exp, what) =
-            if nft { (self.nft_load, NFT_EXP, "nft -f") } else { (self.ipt_load, IPT_EXP, "iptables-restore") };
+    fn within_budget(
+        &mut self,
+        nft: bool,
+        n: usize,
+        eps: usize,
+    ) -> std::result::Result<(), String> {
+        let (last, exp, what) = if nft {
+            (self.nft_load, NFT_EXP, "nft -f")
+        } else {
+            (self.ipt_load, IPT_EXP, "iptables-restore")
+        };
         let Some((size0, t0, n0, eps0)) = last else { return Ok(()) };
         let size = n * (eps + 1);
         if t0 < 0.5 || size <= size0 {
@@ -462,10 +485,16 @@ impl Bench<'_> {
         }
     }
 
-    fn load_ipt(&mut self, services: &[BService], n: usize, eps: usize) -> std::result::Result<(), String> {
+    fn load_ipt(
+        &mut self,
+        services: &[BService],
+        n: usize,
+        eps: usize,
+    ) -> std::result::Result<(), String> {
         self.within_budget(false, n, eps)?;
         systems::iptables_flush(&self.node_ns).map_err(|e| format!("{e:#}"))?;
-        let t = systems::iptables_load(&self.node_ns, services, 0, None).map_err(|e| format!("{e:#}"))?;
+        let t = systems::iptables_load(&self.node_ns, services, 0, None)
+            .map_err(|e| format!("{e:#}"))?;
         self.ipt_load = Some((n * (eps + 1), t.wall_s, n, eps));
         Ok(())
     }
@@ -525,7 +554,9 @@ impl Bench<'_> {
             Sys::Nftables => systems::nft_hooks(&self.node_ns, true).map(drop),
         };
         match enabled {
-            Err(e) => self.mark_clusterip(sys, n, &format!("enabling {}: {e:#}", sys.name()), false),
+            Err(e) => {
+                self.mark_clusterip(sys, n, &format!("enabling {}: {e:#}", sys.name()), false)
+            }
             Ok(()) => {
                 let target = match sys {
                     Sys::Floor => SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT),
@@ -549,7 +580,14 @@ impl Bench<'_> {
                         match measure::loadgen(&self.client_pod_ns, target, mode, 4, d) {
                             Ok(l) => {
                                 self.rec.add("2-rate", "rate_per_s", name, n, mode, l.rate);
-                                self.rec.add("2-rate", "cpu_us_per_txn", name, n, mode, l.cpu_us_per_txn);
+                                self.rec.add(
+                                    "2-rate",
+                                    "cpu_us_per_txn",
+                                    name,
+                                    n,
+                                    mode,
+                                    l.cpu_us_per_txn,
+                                );
                             }
                             Err(e) => {
                                 let why = format!("{e:#}");
@@ -636,7 +674,9 @@ impl Bench<'_> {
             self.flush_conntrack();
             match measure::xdp_tx_rate(&self.lab, d) {
                 Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, "bounce", r),
-                Err(e) => self.rec.fail("3-nodeport", "udp_pps", sys, n, "bounce", &format!("{e:#}")),
+                Err(e) => {
+                    self.rec.fail("3-nodeport", "udp_pps", sys, n, "bounce", &format!("{e:#}"))
+                }
             }
             return;
         }
@@ -745,39 +785,84 @@ impl Bench<'_> {
         }
         let r = (|| -> Result<()> {
             let bytes = self.write_manifest(services)?;
-            let k = self.start_kproxy(services.len(), &["--poll-interval-ms", "100", "--sync-period-secs", "3600"])?;
+            let k = self.start_kproxy(
+                services.len(),
+                &["--poll-interval-ms", "100", "--sync-period-secs", "3600"],
+            )?;
             let pid = k.agent.pid();
             self.kproxy_ready = Some((n, k.ready_s));
             let res = (|| -> Result<()> {
                 let m = systems::agent_metrics(&self.node_ns)?;
                 self.rec.add("4-programming", "scratch_s", "kproxy", n, "", m.sync_sum_s);
-                self.rec.add("4-programming", "scratch_cpu_s", "kproxy", n, "", systems::proc_cpu_s(pid)?);
+                self.rec.add(
+                    "4-programming",
+                    "scratch_cpu_s",
+                    "kproxy",
+                    n,
+                    "",
+                    systems::proc_cpu_s(pid)?,
+                );
                 self.notes.push(format!(
                     "kproxy at {n} services × 10 endpoints: manifest {:.1} MB of JSON (held in memory by the lab's manifest source), agent ready {:.1} s after start, {} sync(s) before ready",
                     bytes as f64 / 1e6,
                     k.ready_s,
                     m.sync_count
                 ));
-                self.rec.add("6-memory", "agent_rss_bytes", "kproxy", n, "", systems::proc_rss(pid)? as f64);
-                self.rec.add("6-memory", "bpf_map_bytes", "kproxy", n, "", systems::proc_bpf_map_bytes(pid)? as f64);
+                self.rec.add(
+                    "6-memory",
+                    "agent_rss_bytes",
+                    "kproxy",
+                    n,
+                    "",
+                    systems::proc_rss(pid)? as f64,
+                );
+                self.rec.add(
+                    "6-memory",
+                    "bpf_map_bytes",
+                    "kproxy",
+                    n,
+                    "",
+                    systems::proc_bpf_map_bytes(pid)? as f64,
+                );
                 for j in 0..self.cfg.change_samples {
                     let svc = workload::dynamic(j, "chg", 9);
                     let before = systems::agent_metrics(&self.node_ns)?;
                     let cpu0 = systems::proc_cpu_s(pid)?;
-                    write_atomic(&self.manifests, &format!("chg{j}.json"), &workload::manifest_json(&[svc]))?;
+                    write_atomic(
+                        &self.manifests,
+                        &format!("chg{j}.json"),
+                        &workload::manifest_json(&[svc]),
+                    )?;
                     let t0 = Instant::now();
                     let after = loop {
                         let m = systems::agent_metrics(&self.node_ns)?;
                         if m.sync_count > before.sync_count {
                             break m;
                         }
-                        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "no sync after a change");
+                        anyhow::ensure!(
+                            t0.elapsed() < Duration::from_secs(60),
+                            "no sync after a change"
+                        );
                         std::thread::sleep(Duration::from_millis(5));
                     };
                     let cpu1 = systems::proc_cpu_s(pid)?;
                     let syncs = (after.sync_count - before.sync_count) as f64;
-                    self.rec.add("4-programming", "change_ms", "kproxy", n, "", (after.sync_sum_s - before.sync_sum_s) * 1e3 / syncs);
-                    self.rec.add("4-programming", "change_cpu_ms", "kproxy", n, "", (cpu1 - cpu0) * 1e3);
+                    self.rec.add(
+                        "4-programming",
+                        "change_ms",
+                        "kproxy",
+                        n,
+                        "",
+                        (after.sync_sum_s - before.sync_sum_s) * 1e3 / syncs,
+                    );
+                    self.rec.add(
+                        "4-programming",
+                        "change_cpu_ms",
+                        "kproxy",
+                        n,
+                        "",
+                        (cpu1 - cpu0) * 1e3,
+                    );
                 }
                 if n == self.cfg.e2e_scale {
                     self.e2e_kproxy(n)?;
@@ -824,7 +909,11 @@ impl Bench<'_> {
     fn e2e_kproxy(&mut self, n: usize) -> Result<()> {
         let dir = self.manifests.clone();
         let mut apply = |k: usize| -> Result<()> {
-            write_atomic(&dir, &format!("lat{k}.json"), &workload::manifest_json(&[workload::dynamic(k, "lat", 0)]))
+            write_atomic(
+                &dir,
+                &format!("lat{k}.json"),
+                &workload::manifest_json(&[workload::dynamic(k, "lat", 0)]),
+            )
         };
         self.e2e_samples("kproxy", n, "at-rest", 0, &mut apply)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -1009,7 +1098,13 @@ impl Bench<'_> {
             Err(e) => {
                 let why = format!("{e:#}");
                 for &n in &scales {
-                    for m in ["tc_established_ns", "tc_new_ns", "xdp_established_ns", "tc_pass_ns", "xdp_pass_ns"] {
+                    for m in [
+                        "tc_established_ns",
+                        "tc_new_ns",
+                        "xdp_established_ns",
+                        "tc_pass_ns",
+                        "xdp_pass_ns",
+                    ] {
                         self.rec.fail("7-testrun", m, "kproxy", n, "", &why);
                     }
                 }

@@ -13,7 +13,8 @@ use super::{
 const PLOT_PY: &str = include_str!("plot.py");
 
 /// Names of the PNG files [`plots`] writes.
-pub const PLOTS: [&str; 3] = ["latency_vs_services.png", "programming_time.png", "testrun_cost.png"];
+pub const PLOTS: [&str; 3] =
+    ["latency_vs_services.png", "programming_time.png", "testrun_cost.png"];
 
 /// Draws the plots into `dir` (which holds `results.json`).
 pub fn plots(dir: &Path) -> Result<()> {
@@ -56,7 +57,12 @@ fn cell(f: Option<&Figure>) -> String {
         (Status::Ok, Some(m)) => {
             let (lo, hi) = (f.min.unwrap_or(m), f.max.unwrap_or(m));
             if f.samples.len() > 1 {
-                format!("{} ({}–{})", fmt_num(m, &f.unit), fmt_num(lo, &f.unit), fmt_num(hi, &f.unit))
+                format!(
+                    "{} ({}–{})",
+                    fmt_num(m, &f.unit),
+                    fmt_num(lo, &f.unit),
+                    fmt_num(hi, &f.unit)
+                )
             } else {
                 fmt_num(m, &f.unit)
             }
@@ -77,7 +83,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -102,7 +108,11 @@ pub fn markdown(r: &Results) -> String {
         m.iptables,
         m.nft,
         r.wall_s,
-        if c.quick { " (`--quick`: tiny scales, 1 repetition — a smoke test, not a measurement)" } else { "" }
+        if c.quick {
+            " (`--quick`: tiny scales, 1 repetition — a smoke test, not a measurement)"
+        } else {
+            ""
+        }
     );
     s.push_str(
         "Method: one lab (network namespaces: 2 nodes, routed pods, an external client); every \
@@ -129,9 +139,10 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
     let mut worst_floor: Option<(f64, u64, &str)> = None;
     for &n in &c.scales {
         for p in ["p50_us", "p99_us"] {
-            if let (Some(k), Some(fl)) =
-                (median(f, "1-latency", p, "kproxy", n as u64, ""), median(f, "1-latency", p, "floor", n as u64, ""))
-            {
+            if let (Some(k), Some(fl)) = (
+                median(f, "1-latency", p, "kproxy", n as u64, ""),
+                median(f, "1-latency", p, "floor", n as u64, ""),
+            ) {
                 let x = k / fl;
                 if worst_floor.is_none_or(|(w, _, _)| x > w) {
                     worst_floor = Some((x, n as u64, p));
@@ -139,7 +150,8 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
             }
         }
     }
-    let verdict = |ok: bool, by: String| if ok { "met".to_string() } else { format!("missed ({by})") };
+    let verdict =
+        |ok: bool, by: String| if ok { "met".to_string() } else { format!("missed ({by})") };
     match worst_floor {
         Some((x, n, p)) => {
             let _ = writeln!(
@@ -151,7 +163,9 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
                 verdict(x <= 1.10, format!("by {:.0}%", (x - 1.10) * 100.0))
             );
         }
-        None => s.push_str("| New-connection latency within 10% of the floor | not measured | — |\n"),
+        None => {
+            s.push_str("| New-connection latency within 10% of the floor | not measured | — |\n")
+        }
     }
     let k99 = median(f, "1-latency", "p99_us", "kproxy", big, "");
     let i99 = median(f, "1-latency", "p99_us", "iptables", big, "");
@@ -208,7 +222,12 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
         }
         _ => s.push_str("| NodePort UDP rate ≥ ½ of an XDP_TX bounce | not measured | — |\n"),
     }
-    let n10 = c.prog_scales.iter().copied().find(|&n| n >= 10_000).unwrap_or(*c.prog_scales.last().unwrap_or(&1)) as u64;
+    let n10 = c
+        .prog_scales
+        .iter()
+        .copied()
+        .find(|&n| n >= 10_000)
+        .unwrap_or(*c.prog_scales.last().unwrap_or(&1)) as u64;
     let ks = median(f, "4-programming", "scratch_s", "kproxy", n10, "");
     let is = median(f, "4-programming", "scratch_s", "iptables", n10, "");
     if let Some(k) = ks {
@@ -248,7 +267,9 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
     s.push('\n');
 
     // Item 1.
-    s.push_str("## 1. ClusterIP new-connection latency (connect, one request, close; one client)\n\n");
+    s.push_str(
+        "## 1. ClusterIP new-connection latency (connect, one request, close; one client)\n\n",
+    );
     s.push_str("| Services | floor p50 | kproxy p50 | iptables p50 | nftables p50 | floor p99 | kproxy p99 | iptables p99 | nftables p99 | kproxy/iptables p99 | kproxy/floor p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for &n in &c.scales {
         let n = n as u64;
@@ -282,10 +303,17 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
                     s,
                     "| {} | {} | {sys} | {} | {} | {} |",
                     thousands(n as u64),
-                    if v == "rr" { "request/response on open connections" } else { "new connection per request" },
+                    if v == "rr" {
+                        "request/response on open connections"
+                    } else {
+                        "new connection per request"
+                    },
                     cell(find(f, "2-rate", "rate_per_s", sys, n as u64, v)),
                     cell(find(f, "2-rate", "cpu_us_per_txn", sys, n as u64, v)).replace(" µs", ""),
-                    ratio(median(f, "2-rate", "rate_per_s", sys, n as u64, v), median(f, "2-rate", "rate_per_s", "iptables", n as u64, v)),
+                    ratio(
+                        median(f, "2-rate", "rate_per_s", sys, n as u64, v),
+                        median(f, "2-rate", "rate_per_s", "iptables", n as u64, v)
+                    ),
                 );
             }
         }
@@ -298,7 +326,13 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} |",
-            if sys == "kproxy" { "kproxy (XDP)" } else if sys == "kproxy-tc" { "kproxy (TC only)" } else { sys },
+            if sys == "kproxy" {
+                "kproxy (XDP)"
+            } else if sys == "kproxy-tc" {
+                "kproxy (TC only)"
+            } else {
+                sys
+            },
             cell(find(f, "3-nodeport", "udp_pps", sys, 3, "local")),
             cell(find(f, "3-nodeport", "udp_pps", sys, 3, "remote")),
             cell(find(f, "3-nodeport", "tcp_bps", sys, 3, "local")),
@@ -333,7 +367,11 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
     s.push_str("\nkproxy \"from scratch\" is the agent's own sync time (model + diff + map writes, `kubeproxy_sync_proxy_rules_duration_seconds`); its CPU column is the agent's whole CPU time until programmed (also loading the BPF object and parsing the JSON manifests). A change is one new Service with 10 endpoints; for kproxy it is the sync duration, for iptables the partial `iptables-restore --noflush` kube-proxy would run (whole `KUBE-SERVICES` chain plus the new service's chains), for nftables the `nft -f` transaction adding the service's chains and map elements. kproxy's change CPU includes the lab manifest source re-reading the whole JSON file every 100 ms poll.\n\n![programming](programming_time.png)\n\n");
 
     // Item 5.
-    let _ = writeln!(s, "## 5. Change written → first successful connection at {} services\n", thousands(e2e));
+    let _ = writeln!(
+        s,
+        "## 5. Change written → first successful connection at {} services\n",
+        thousands(e2e)
+    );
     s.push_str("| System | p50 at rest | p99 at rest | p50 under churn | p99 under churn |\n|---|---|---|---|---|\n");
     for sys in ["kproxy", "iptables", "nftables"] {
         let _ = writeln!(
@@ -390,7 +428,8 @@ rewrites a table of that size); load generator runs of {} ms; NodePort runs of {
 
     // Missing figures.
     let missing: Vec<&Figure> = f.iter().filter(|x| x.status != Status::Ok).collect();
-    let partial: Vec<&Figure> = f.iter().filter(|x| x.status == Status::Ok && x.reason.is_some()).collect();
+    let partial: Vec<&Figure> =
+        f.iter().filter(|x| x.status == Status::Ok && x.reason.is_some()).collect();
     s.push_str("## Missing figures\n\n");
     if missing.is_empty() && partial.is_empty() {
         s.push_str("None: every planned figure was measured.\n");

@@ -75,7 +75,14 @@ pub fn unit_of(metric: &str) -> &'static str {
 }
 
 impl Recorder {
-    fn entry(&mut self, item: &str, metric: &str, system: &str, n: usize, variant: &str) -> &mut Figure {
+    fn entry(
+        &mut self,
+        item: &str,
+        metric: &str,
+        system: &str,
+        n: usize,
+        variant: &str,
+    ) -> &mut Figure {
         self.figs.entry(key(item, metric, system, n, variant)).or_insert_with(|| Figure {
             item: item.into(),
             metric: metric.into(),
@@ -114,13 +121,29 @@ impl Recorder {
     }
 
     /// Records a failed attempt.
-    pub fn fail(&mut self, item: &str, metric: &str, system: &str, n: usize, variant: &str, why: &str) {
+    pub fn fail(
+        &mut self,
+        item: &str,
+        metric: &str,
+        system: &str,
+        n: usize,
+        variant: &str,
+        why: &str,
+    ) {
         let f = self.entry(item, metric, system, n, variant);
         f.reason = Some(why.to_string());
     }
 
     /// Marks a figure as not measured on purpose.
-    pub fn skip(&mut self, item: &str, metric: &str, system: &str, n: usize, variant: &str, why: &str) {
+    pub fn skip(
+        &mut self,
+        item: &str,
+        metric: &str,
+        system: &str,
+        n: usize,
+        variant: &str,
+        why: &str,
+    ) {
         let f = self.entry(item, metric, system, n, variant);
         f.status = Status::Skipped;
         f.reason = Some(why.to_string());
@@ -156,7 +179,14 @@ impl Recorder {
 }
 
 /// Looks up the median of a figure.
-pub fn median(figs: &[Figure], item: &str, metric: &str, system: &str, n: u64, variant: &str) -> Option<f64> {
+pub fn median(
+    figs: &[Figure],
+    item: &str,
+    metric: &str,
+    system: &str,
+    n: u64,
+    variant: &str,
+) -> Option<f64> {
     find(figs, item, metric, system, n, variant).and_then(|f| f.median)
 }
 
@@ -170,6 +200,10 @@ pub fn find<'a>(
     variant: &str,
 ) -> Option<&'a Figure> {
     figs.iter().find(|f| {
-        f.item == item && f.metric == metric && f.system == system && f.n == n && f.variant == variant
+        f.item == item
+            && f.metric == metric
+            && f.system == system
+            && f.n == n
+            && f.variant == variant
     })
 }

@@ -141,7 +141,12 @@ pub fn iptables_flush(ns: &str) -> Result<()> {
 
 /// Loads the kube-proxy-equivalent rules for `services` into `ns` (without the jumps from the
 /// built-in chains: the rules are loaded but not reached until [`iptables_hooks`]).
-pub fn iptables_load(ns: &str, services: &[BService], node: usize, cg: Option<&str>) -> Result<Timed> {
+pub fn iptables_load(
+    ns: &str,
+    services: &[BService],
+    node: usize,
+    cg: Option<&str>,
+) -> Result<Timed> {
     let text = baseline::iptables_restore(
         &workload::node_settings(node),
         &workload::baseline_ports(services, node),
@@ -274,7 +279,13 @@ pub fn nft_hooks(ns: &str, services_text_on: bool) -> Result<Timed> {
 pub fn nft_unload(ns: &str) -> Result<()> {
     let out = lab::exec(ns, &["nft", "list", "tables"])?;
     if String::from_utf8_lossy(&out.stdout).contains("kube-proxy") {
-        run_timed(ns, &["nft", "-f", "-"], "delete table ip kube-proxy\n", None, Duration::from_secs(300))?;
+        run_timed(
+            ns,
+            &["nft", "-f", "-"],
+            "delete table ip kube-proxy\n",
+            None,
+            Duration::from_secs(300),
+        )?;
     }
     Ok(())
 }
@@ -321,7 +332,8 @@ pub fn proc_cpu_s(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    let ticks: f64 =
+        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
     Ok(ticks / 100.0)
 }
 
@@ -344,9 +356,7 @@ pub fn proc_bpf_map_bytes(pid: u32) -> Result<u64> {
             continue;
         }
         let field = |k: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok())
         };
         if let (Some(id), Some(mem)) = (field("map_id:"), field("memlock:"))
             && seen.insert(id)

@@ -16,7 +16,10 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use kproxy::dataplane::{Dataplane, loader::{Datapath, MapSizes}};
+use kproxy::dataplane::{
+    Dataplane,
+    loader::{Datapath, MapSizes},
+};
 use kproxy_common::{
     Backend4, NodeConfig, Service4Key, Service4Value, backend_flags, cfg_flags, names, proto,
     scope, svc_flags,
@@ -122,12 +125,15 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
     })?;
     // NodePort service (XDP figure): node IP:30001 → local backend 198.18.100.11:8080.
     let np_backend = max + 10;
-    maps.put_backend(np_backend, &Backend4 {
-        addr: be(Ipv4Addr::new(198, 18, 100, 11)),
-        port: 8080u16.to_be(),
-        proto: proto::TCP,
-        flags: backend_flags::LOCAL,
-    })?;
+    maps.put_backend(
+        np_backend,
+        &Backend4 {
+            addr: be(Ipv4Addr::new(198, 18, 100, 11)),
+            port: 8080u16.to_be(),
+            proto: proto::TCP,
+            flags: backend_flags::LOCAL,
+        },
+    )?;
     let np_key = Service4Key {
         addr: be(node_ip),
         port: 30001u16.to_be(),
@@ -136,18 +142,20 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         slot: 0,
         _pad: 0,
     };
-    maps.put_service(&Service4Key { slot: 1, ..np_key }, &Service4Value {
-        backend_id: np_backend,
-        svc_id: np_backend,
-        ..Default::default()
-    })?;
-    maps.put_service(&np_key, &Service4Value {
-        backend_id: 0,
-        svc_id: np_backend,
-        count: 1,
-        flags: svc_flags::NODE_PORT,
-        affinity_timeout: 0,
-    })?;
+    maps.put_service(
+        &Service4Key { slot: 1, ..np_key },
+        &Service4Value { backend_id: np_backend, svc_id: np_backend, ..Default::default() },
+    )?;
+    maps.put_service(
+        &np_key,
+        &Service4Value {
+            backend_id: 0,
+            svc_id: np_backend,
+            count: 1,
+            flags: svc_flags::NODE_PORT,
+            affinity_timeout: 0,
+        },
+    )?;
 
     let xdp_pass = crate::lab::xdp::load_xdp("kpb_xdp_pass", &XDP_PASS_PROGRAM)?;
     let tc_pass = load_tc_pass()?;
@@ -161,12 +169,15 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         // Fill services have+1 ..= n: ClusterIP 198.19.0.0+i:80 → 198.18.128.0+i:8080.
         for i in (have + 1)..=n {
             let id = i as u32;
-            maps.put_backend(id, &Backend4 {
-                addr: be(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + id)),
-                port: 8080u16.to_be(),
-                proto: proto::TCP,
-                flags: 0,
-            })?;
+            maps.put_backend(
+                id,
+                &Backend4 {
+                    addr: be(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + id)),
+                    port: 8080u16.to_be(),
+                    proto: proto::TCP,
+                    flags: 0,
+                },
+            )?;
             let key = Service4Key {
                 addr: be(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + id)),
                 port: 80u16.to_be(),
@@ -175,18 +186,20 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
                 slot: 0,
                 _pad: 0,
             };
-            maps.put_service(&Service4Key { slot: 1, ..key }, &Service4Value {
-                backend_id: id,
-                svc_id: id,
-                ..Default::default()
-            })?;
-            maps.put_service(&key, &Service4Value {
-                backend_id: 0,
-                svc_id: id,
-                count: 1,
-                flags: svc_flags::CLUSTER_IP,
-                affinity_timeout: 0,
-            })?;
+            maps.put_service(
+                &Service4Key { slot: 1, ..key },
+                &Service4Value { backend_id: id, svc_id: id, ..Default::default() },
+            )?;
+            maps.put_service(
+                &key,
+                &Service4Value {
+                    backend_id: 0,
+                    svc_id: id,
+                    count: 1,
+                    flags: svc_flags::CLUSTER_IP,
+                    affinity_timeout: 0,
+                },
+            )?;
         }
         have = n;
         // The probed service is the last one written.
@@ -202,10 +215,8 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         let np_est = Frame::tcp(SocketAddrV4::new(*client.ip(), sport), np, ACK | PSH).build();
 
         let mut run_tc = |frame: &[u8]| -> Result<(u32, f64)> {
-            let p: &mut SchedClassifier = dp
-                .program_mut(names::PROG_TC_FROM_POD)
-                .context("no kp_tc_from_pod")?
-                .try_into()?;
+            let p: &mut SchedClassifier =
+                dp.program_mut(names::PROG_TC_FROM_POD).context("no kp_tc_from_pod")?.try_into()?;
             let mut buf = vec![0u8; 2048];
             let r = p.test_run(TestRunOptions {
                 data_in: Some(frame),

@@ -130,7 +130,11 @@ impl BService {
                 endpoints: self
                     .endpoints
                     .iter()
-                    .map(|(ip, n)| baseline::Endpoint { ip: *ip, port: p.target, local: *n == node })
+                    .map(|(ip, n)| baseline::Endpoint {
+                        ip: *ip,
+                        port: p.target,
+                        local: *n == node,
+                    })
                     .collect(),
             })
             .collect()
@@ -174,14 +178,20 @@ pub fn probes() -> Vec<BService> {
         endpoints: vec![ep],
     };
     vec![
-        np("np-local", Ipv4Addr::new(198, 19, 255, 2), NP_LOCAL_TCP, NP_LOCAL_UDP, (
-            lab::pod_ip(0, 1),
-            0,
-        )),
-        np("np-remote", Ipv4Addr::new(198, 19, 255, 3), NP_REMOTE_TCP, NP_REMOTE_UDP, (
-            lab::pod_ip(1, 0),
-            1,
-        )),
+        np(
+            "np-local",
+            Ipv4Addr::new(198, 19, 255, 2),
+            NP_LOCAL_TCP,
+            NP_LOCAL_UDP,
+            (lab::pod_ip(0, 1), 0),
+        ),
+        np(
+            "np-remote",
+            Ipv4Addr::new(198, 19, 255, 3),
+            NP_REMOTE_TCP,
+            NP_REMOTE_UDP,
+            (lab::pod_ip(1, 0), 1),
+        ),
         BService::http("probe".into(), PROBE_IP, lab::SERVER_PORT, vec![(lab::pod_ip(1, 0), 1)]),
     ]
 }
