@@ -73,6 +73,9 @@ pub struct Config {
     pub testrun_runs: usize,
     /// Largest predicted time of one baseline rule load, s; larger loads are not attempted.
     pub load_budget_s: f64,
+    /// Time budget of the whole run, s: a phase that would start past its share of it is not
+    /// run (its figures say so).
+    pub run_budget_s: f64,
 }
 
 impl Config {
@@ -93,6 +96,7 @@ impl Config {
             testrun_scales: vec![1, 10, 100, 1_000, 10_000, 100_000],
             testrun_runs: 20_000,
             load_budget_s: 90.0,
+            run_budget_s: 1140.0,
         }
     }
 
@@ -113,6 +117,7 @@ impl Config {
             testrun_scales: vec![1, 100, 1_000],
             testrun_runs: 1_000,
             load_budget_s: 20.0,
+            run_budget_s: 170.0,
         }
     }
 }
@@ -235,6 +240,8 @@ struct Bench<'a> {
     nft_load: Option<(usize, f64, usize, usize)>,
     /// Last (n, seconds) the agent needed to program n services × 10 endpoints.
     kproxy_ready: Option<(usize, f64)>,
+    /// Start of the run.
+    t0: Instant,
 }
 
 /// Writes `text` to `dir/name` atomically (hidden temp file, then rename).
@@ -301,6 +308,7 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
         ipt_load: None,
         nft_load: None,
         kproxy_ready: None,
+        t0,
     };
     b.plan();
     b.clusterip_phase();
@@ -450,6 +458,10 @@ impl Bench<'_> {
     fn clusterip_phase(&mut self) {
         let scales = self.cfg.scales.clone();
         for n in scales {
+            if let Some(why) = self.over_budget(0.5) {
+                self.mark_all_clusterip(n, &why);
+                continue;
+            }
             eprintln!("[bench] ClusterIP latency and rates at {n} services");
             let services = self.services(n, 1);
             if let Err(e) = self.write_manifest(&services) {
@@ -511,6 +523,26 @@ impl Bench<'_> {
         let t = systems::nft_load(&self.node_ns, services, 0, cg).map_err(|e| format!("{e:#}"))?;
         self.nft_load = Some((n * (eps + 1), t.wall_s, n, eps));
         Ok(t)
+    }
+
+    /// `Some(reason)` when more than `share` of the run's time budget is spent.
+    fn over_budget(&mut self, share: f64) -> Option<String> {
+        let used = self.t0.elapsed().as_secs_f64();
+        if used <= share * self.cfg.run_budget_s {
+            return None;
+        }
+        let why = format!(
+            "not measured: {used:.0} s of the run's {:.0} s budget were spent before this step",
+            self.cfg.run_budget_s
+        );
+        self.notes.push(why.clone());
+        Some(why)
+    }
+
+    fn mark_all_clusterip(&mut self, n: usize, why: &str) {
+        for s in [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables] {
+            self.mark_clusterip(s, n, why, true);
+        }
     }
 
     fn fail_scale(&mut self, n: usize, why: &str) {
@@ -728,6 +760,12 @@ impl Bench<'_> {
     fn programming_phase(&mut self) {
         let scales = self.cfg.prog_scales.clone();
         for n in scales {
+            if let Some(why) = self.over_budget(0.93) {
+                for sys in ["kproxy", "iptables", "nftables"] {
+                    self.fail_prog(sys, n, &why, true);
+                }
+                continue;
+            }
             eprintln!("[bench] programming {n} services × 10 endpoints");
             let services = self.services(n, 10);
             self.flush_conntrack();
