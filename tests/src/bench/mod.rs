@@ -915,15 +915,16 @@ impl Bench<'_> {
         }
     }
 
-    /// Change-to-first-connection samples with `apply(k)` making service `lat{k}` exist; under
-    /// churn `churn(i)` runs in a loop on another thread meanwhile.
+    /// Change-to-first-connection samples with `apply(k)` making service `lat{k}` exist (it may
+    /// return the instant the change was handed over, after preparing it, e.g. generating the
+    /// rules text in this harness, which is not the baseline's cost).
     fn e2e_samples(
         &mut self,
         sys: &str,
         n: usize,
         variant: &str,
         first: usize,
-        apply: &mut dyn FnMut(usize) -> Result<()>,
+        apply: &mut dyn FnMut(usize) -> Result<Option<Instant>>,
     ) -> Result<()> {
         let mut lat = Vec::new();
         for s in 0..self.cfg.e2e_samples {
@@ -931,7 +932,7 @@ impl Bench<'_> {
             let svc = workload::dynamic(k, "lat", 0);
             let target = SocketAddrV4::new(svc.cluster_ip, workload::PROBE_PORT);
             let t0 = Instant::now();
-            apply(k)?;
+            let t0 = apply(k)?.unwrap_or(t0);
             lab::eventually(Duration::from_secs(60), Duration::from_millis(2), || {
                 systems::probe_once(&self.client_pod_ns, target)
             })?;
@@ -946,12 +947,13 @@ impl Bench<'_> {
 
     fn e2e_kproxy(&mut self, n: usize) -> Result<()> {
         let dir = self.manifests.clone();
-        let mut apply = |k: usize| -> Result<()> {
+        let mut apply = |k: usize| -> Result<Option<Instant>> {
             write_atomic(
                 &dir,
                 &format!("lat{k}.json"),
                 &workload::manifest_json(&[workload::dynamic(k, "lat", 0)]),
-            )
+            )?;
+            Ok(None)
         };
         self.e2e_samples("kproxy", n, "at-rest", 0, &mut apply)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -1018,12 +1020,19 @@ impl Bench<'_> {
         let mut apply = {
             let state = state.clone();
             let ns = ns.clone();
-            move |k: usize| -> Result<()> {
-                let mut all = state.lock().unwrap_or_else(|e| e.into_inner());
+            move |k: usize| -> Result<Option<Instant>> {
+                // The change is handed over when the rules text exists; under churn it may then
+                // wait for a sync in progress (the lock), as in kube-proxy's single sync loop.
                 let svc = workload::dynamic(k, "lat", 0);
-                all.push(svc.clone());
-                let text = systems::iptables_partial(&all, &svc, 0);
-                systems::iptables_apply(&ns, &text).map(drop)
+                let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut next = snapshot;
+                next.push(svc.clone());
+                let text = systems::iptables_partial(&next, &svc, 0);
+                let written = Instant::now();
+                let mut all = state.lock().unwrap_or_else(|e| e.into_inner());
+                all.push(svc);
+                systems::iptables_apply(&ns, &text)?;
+                Ok(Some(written))
             }
         };
         self.e2e_samples("iptables", n, "at-rest", 0, &mut apply)?;
@@ -1081,8 +1090,9 @@ impl Bench<'_> {
             }
             if n == self.cfg.e2e_scale {
                 let ns = self.node_ns.clone();
-                let mut apply = |k: usize| -> Result<()> {
-                    systems::nft_add(&ns, &workload::dynamic(k, "lat", 0), 0).map(drop)
+                let mut apply = |k: usize| -> Result<Option<Instant>> {
+                    systems::nft_add(&ns, &workload::dynamic(k, "lat", 0), 0)?;
+                    Ok(None)
                 };
                 self.e2e_samples("nftables", n, "at-rest", 0, &mut apply)?;
                 let stop = Arc::new(AtomicBool::new(false));
