@@ -825,7 +825,17 @@ impl Bench<'_> {
             let bytes = self.write_manifest(services)?;
             let k = self.start_kproxy(
                 services.len(),
-                &["--poll-interval-ms", "100", "--sync-period-secs", "3600"],
+                &[
+                    "--poll-interval-ms",
+                    "100",
+                    "--sync-period-secs",
+                    "3600",
+                    // N × (1 entry + 10 slots) and N × 10 backends exceed the defaults at 30,000.
+                    "--max-services",
+                    "1048576",
+                    "--max-backends",
+                    "524288",
+                ],
             )?;
             let pid = k.agent.pid();
             self.kproxy_ready = Some((n, k.ready_s));

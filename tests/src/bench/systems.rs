@@ -426,7 +426,18 @@ pub fn stop_kproxy(lab: &Lab, k: Kproxy) -> Result<()> {
 }
 
 fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
+    // Without the terminal colour escapes of the agent's log.
+    let mut plain = String::with_capacity(s.len());
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    let lines: Vec<&str> = plain.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
