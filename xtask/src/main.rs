@@ -1,5 +1,5 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
-//! `cargo xtask lab up|down|status|sweep`.
+//! `cargo xtask lab up|down|status|sweep`, `cargo xtask bench [--quick] [--out DIR]`.
 
 use std::{path::PathBuf, process::Command};
 
@@ -37,6 +37,16 @@ enum Cmd {
     },
     /// Remove the lab a `demo --keep` left running.
     DemoDown,
+    /// Benchmark kproxy against kube-proxy-equivalent iptables / nftables rule sets and the
+    /// direct-to-pod floor; results in bench/results/<UTC time>/ (and bench/results/latest).
+    Bench {
+        /// Small scales, one repetition, short runs (≤ 3 minutes): a smoke test of the harness.
+        #[arg(long)]
+        quick: bool,
+        /// Output directory (default: bench/results/<UTC time>, or a temp dir with --quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
         #[command(subcommand)]
@@ -86,6 +96,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build(release),
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
+        Cmd::Bench { quick, out } => bench(quick, out),
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers } => {
                 lab_up(nodes, pods, wiring, prefix, servers)
@@ -129,6 +140,39 @@ fn build(release: bool) -> Result<()> {
     }
     let status = cmd.status().context("running cargo build")?;
     ensure!(status.success(), "cargo build failed ({status})");
+    Ok(())
+}
+
+fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
+    use kproxy_tests::bench;
+    // Timings of unoptimized binaries mean nothing: the agent and the load generator run from
+    // the release profile.
+    build(true)?;
+    // SAFETY: single-threaded here; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("KPROXY_BIN_DIR", workspace_root().join("target/release")) };
+    let cfg = if quick { bench::Config::quick() } else { bench::Config::full() };
+    let stamp = bench::utc_now().replace(':', "");
+    let results_dir = workspace_root().join("bench/results");
+    let (dir, is_default) = match out {
+        Some(d) => (d, false),
+        None if quick => (std::env::temp_dir().join(format!("kproxy-bench-quick-{stamp}")), false),
+        None => (results_dir.join(&stamp), true),
+    };
+    println!("[bench] results go to {}", dir.display());
+    let results = bench::run(&cfg, &dir)?;
+    if is_default {
+        let latest = results_dir.join("latest");
+        let _ = std::fs::remove_file(&latest);
+        std::os::unix::fs::symlink(&stamp, &latest)
+            .with_context(|| format!("linking {}", latest.display()))?;
+    }
+    let missing = results.figures.iter().filter(|f| f.median.is_none()).count();
+    println!(
+        "[bench] done in {:.0} s: {} figures, {missing} missing (see the report)\n[bench] {}",
+        results.wall_s,
+        results.figures.len(),
+        dir.join("report.md").display()
+    );
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! Modes:
 //! - `connect`: each transaction opens a TCP connection, sends one request line, reads the reply
 //!   line and closes (new-connection latency and rate);
-//! - `rr`: request/response on connections kept open (per-packet translation cost);
+//! - `rr`: request/response on connections kept open (per-packet translation cost): each
+//!   connection starts with the netexec keep-alive line `KEEP`, then one line per transaction;
 //! - `udp`: one datagram out, one back.
 //!
 //! The peer is the lab's test server (`kproxy-netexec`), which answers each request with one line.
@@ -95,10 +96,17 @@ async fn one(
             if conn.is_none() {
                 let s = TcpStream::connect(target).await?;
                 s.set_nodelay(true)?;
-                *conn = Some(BufReader::new(s));
+                let mut s = BufReader::new(s);
+                s.get_mut().write_all(b"KEEP\n").await?;
+                s.read_line(&mut line).await?;
+                if line.is_empty() {
+                    bail!("connection closed after KEEP");
+                }
+                line.clear();
+                *conn = Some(s);
             }
             let s = conn.as_mut().expect("connected above");
-            s.get_mut().write_all(b"bench keep\n").await?;
+            s.get_mut().write_all(b"bench\n").await?;
             s.read_line(&mut line).await?;
         }
         Mode::Udp => {

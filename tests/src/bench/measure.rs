@@ -1,0 +1,203 @@
+//! Traffic measurements: the load generator (`kproxy-loadgen`), a UDP small-packet blaster with
+//! silent sink sockets in the backend pods, iperf3 TCP throughput, and the XDP_TX bounce
+//! reference.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::OwnedFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::lab::{self, Lab, xdp};
+
+/// One `kproxy-loadgen` result.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Transactions per second.
+    pub rate: f64,
+    /// System-wide CPU time per transaction, µs.
+    pub cpu_us_per_txn: f64,
+}
+
+/// Runs the load generator in namespace `ns`.
+pub fn loadgen(
+    ns: &str,
+    target: SocketAddrV4,
+    mode: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Load> {
+    let bin = lab::find_bin("kproxy-loadgen")?;
+    let t = target.to_string();
+    let c = concurrency.to_string();
+    let d = duration.as_millis().to_string();
+    let argv = [
+        &*bin.to_string_lossy(),
+        "--target",
+        &t,
+        "--mode",
+        mode,
+        "--concurrency",
+        &c,
+        "--duration-ms",
+        &d,
+        "--warmup-ms",
+        "200",
+        "--timeout-ms",
+        "1000",
+    ];
+    let out = lab::exec_timeout(ns, &argv, duration + Duration::from_secs(20))?;
+    ensure!(
+        out.status.success(),
+        "loadgen failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .with_context(|| format!("loadgen output {text:?}"))?;
+    let f = |k: &str| v[k].as_f64().with_context(|| format!("loadgen output lacks {k}"));
+    let done = f("transactions")?;
+    let errors = f("errors")?;
+    ensure!(done > 0.0, "no transaction succeeded ({errors} errors) to {target}");
+    ensure!(errors <= done * 0.01, "{errors} of {} transactions to {target} failed", done + errors);
+    Ok(Load {
+        p50_us: f("p50_us")?,
+        p99_us: f("p99_us")?,
+        rate: f("rate_per_s")?,
+        cpu_us_per_txn: f("system_cpu_us_per_transaction")?,
+    })
+}
+
+/// Silent UDP sockets on [`super::workload::SINK_PORT`] in pods: datagrams are never read, so
+/// nothing is sent back; arrivals are counted from the pod's UDP MIB.
+pub struct Sinks {
+    _socks: Vec<UdpSocket>,
+}
+
+impl Sinks {
+    /// Binds a sink in each of `pod_namespaces`.
+    pub fn new(pod_namespaces: &[String]) -> Result<Self> {
+        let mut socks = Vec::new();
+        for ns in pod_namespaces {
+            let s = lab::in_netns(ns, || {
+                UdpSocket::bind(SocketAddrV4::new(
+                    Ipv4Addr::UNSPECIFIED,
+                    super::workload::SINK_PORT,
+                ))
+            })??;
+            socks.push(s);
+        }
+        Ok(Self { _socks: socks })
+    }
+}
+
+/// UDP datagrams that reached the UDP layer of namespace `ns` (InDatagrams + InErrors + NoPorts).
+pub fn udp_arrivals(ns: &str) -> Result<u64> {
+    let snmp = lab::in_netns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = lines.next().context("no Udp header")?.split_whitespace().collect();
+    let vals: Vec<u64> = lines
+        .next()
+        .context("no Udp values")?
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let get = |k: &str| names.iter().skip(1).position(|n| *n == k).and_then(|i| vals.get(i));
+    Ok(["InDatagrams", "InErrors", "NoPorts"].iter().filter_map(|k| get(k)).sum())
+}
+
+/// Sends 18-byte UDP datagrams from namespace `ns` to `target` as fast as one thread can for
+/// `duration`; returns datagrams sent.
+pub fn udp_blast(ns: &str, target: SocketAddrV4, duration: Duration) -> Result<u64> {
+    lab::in_netns(ns, || -> Result<u64> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(target)?;
+        let payload = [0x42u8; 18];
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        while t0.elapsed() < duration {
+            for _ in 0..64 {
+                // ENOBUFS / ECONNREFUSED (ICMP) are not fatal for a blast.
+                if s.send(&payload).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent)
+    })?
+}
+
+/// Small-packet UDP rate through `target` (a NodePort of node 0) into the sink of pod `pod_ns`:
+/// datagrams that arrived per second.
+pub fn udp_rate(client_ns: &str, pod_ns: &str, target: SocketAddrV4, d: Duration) -> Result<f64> {
+    let a0 = udp_arrivals(pod_ns)?;
+    let t0 = Instant::now();
+    let sent = udp_blast(client_ns, target, d)?;
+    let secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(100));
+    let arrived = udp_arrivals(pod_ns)? - a0;
+    ensure!(arrived > 0, "none of {sent} datagrams to {target} reached the backend");
+    Ok(arrived as f64 / secs)
+}
+
+/// Packets the underlay port facing node 0 (`n0`) received: what node 0's `eth0` sent.
+fn n0_rx(lab: &Lab) -> Result<u64> {
+    let out = lab::exec(&lab.underlay_ns(), &["ip", "-s", "-j", "link", "show", "dev", "n0"])?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("ip -j output")?;
+    v[0]["stats64"]["rx"]["packets"].as_u64().context("no rx packet count on n0")
+}
+
+/// The reference: a do-nothing XDP program returning XDP_TX on node 0's `eth0` (nothing else
+/// attached there), the same blast; packets bounced per second.
+pub fn xdp_tx_rate(lab: &Lab, d: Duration) -> Result<f64> {
+    const XDP_TX_PROGRAM: [xdp::Insn; 2] =
+        [xdp::Insn::new(0xb7, 0, 0, 0, 3), xdp::Insn::new(0x95, 0, 0, 0, 0)];
+    let prog = xdp::load_xdp("kpb_xdp_tx", &XDP_TX_PROGRAM)?;
+    let node_ns = lab.node(0).ns.clone();
+    let link: OwnedFd = lab::in_netns(&node_ns, || xdp::attach_xdp(&prog, "eth0"))??;
+    let target = SocketAddrV4::new(lab::node_ip(0), 9);
+    let r = (|| {
+        let r0 = n0_rx(lab)?;
+        let t0 = Instant::now();
+        let sent = udp_blast(&lab.client_ns(), target, d)?;
+        let secs = t0.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(100));
+        let bounced = n0_rx(lab)? - r0;
+        ensure!(bounced > 0, "none of {sent} datagrams was bounced");
+        Ok(bounced as f64 / secs)
+    })();
+    drop(link);
+    // The bounced frames carried the client's MAC back into the bridge: let it relearn.
+    let _ =
+        lab::exec(&lab.client_ns(), &["ping", "-c", "1", "-W", "1", &lab::node_ip(0).to_string()]);
+    r
+}
+
+/// iperf3 TCP throughput (bits/s received) from namespace `ns` to `target`.
+pub fn iperf3(ns: &str, target: SocketAddrV4, d: Duration) -> Result<f64> {
+    let secs = format!("{}", d.as_secs_f64().max(1.0));
+    let ip = target.ip().to_string();
+    let port = target.port().to_string();
+    let out = lab::exec_timeout(
+        ns,
+        &["iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-J", "--connect-timeout", "2000"],
+        d + Duration::from_secs(15),
+    )?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 to {target}: {e}");
+    }
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 output lacks end.sum_received")?;
+    ensure!(bps > 0.0, "iperf3 to {target} moved no data");
+    Ok(bps)
+}

@@ -1,0 +1,1172 @@
+//! `make bench`: kproxy side by side with kube-proxy-equivalent rule sets (iptables mode loaded
+//! with `iptables-legacy-restore`, nftables mode loaded with `nft -f`) and the direct-to-pod
+//! floor, in one lab, in one run, with alternating A/B repetitions.
+//!
+//! Phases (issue 5's items):
+//! 1. ClusterIP new-connection latency (connect, one request, close) at each scale, the probed
+//!    service last in rule order; 2. connection and request/response rates with CPU per
+//!    transaction; 3. NodePort from the external client (UDP small packets, iperf3 TCP), local and
+//!    remote backend, kproxy with XDP and TC only, plus an XDP_TX bounce reference; 4. programming
+//!    time from scratch and for one change; 5. change-to-first-connection latency at rest and under
+//!    churn; 6. memory; 7. per-packet cost under BPF_PROG_TEST_RUN.
+//!
+//! Every system is loaded into node 0 of the lab once per scale and switched on and off between
+//! repetitions (kproxy: agent started / stopped and its datapath removed; iptables: the jumps
+//! from the built-in chains; nftables: the rules of the hooked base chains), so each repetition
+//! measures every system right after the others. Failures become missing figures with a reason;
+//! the run itself only fails when the lab cannot be built.
+mod measure;
+pub mod report;
+pub mod results;
+mod systems;
+pub mod testrun;
+pub mod workload;
+
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use self::{
+    results::{Figure, Recorder},
+    systems::Kproxy,
+    workload::BService,
+};
+use crate::lab::{self, Lab, LabSpec, Wiring};
+
+/// What a run measures and for how long.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// `--quick`.
+    pub quick: bool,
+    /// Item 1 scales (number of services).
+    pub scales: Vec<usize>,
+    /// Item 2 scales.
+    pub rate_scales: Vec<usize>,
+    /// Items 4 and 6 scales (services × 10 endpoints).
+    pub prog_scales: Vec<usize>,
+    /// Item 5 scale.
+    pub e2e_scale: usize,
+    /// Repetitions below 10,000 services.
+    pub reps: usize,
+    /// Repetitions at 10,000 services and more (each baseline toggle rewrites a large table).
+    pub reps_large: usize,
+    /// Measured time of each load generator run, ms.
+    pub duration_ms: u64,
+    /// Measured time of each NodePort run, ms.
+    pub np_duration_ms: u64,
+    /// One-change samples per scale and system.
+    pub change_samples: usize,
+    /// Item 5 samples per system and condition.
+    pub e2e_samples: usize,
+    /// Item 7 scales.
+    pub testrun_scales: Vec<usize>,
+    /// Item 7 runs per figure.
+    pub testrun_runs: usize,
+    /// Largest predicted time of one baseline rule load, s; larger loads are not attempted.
+    pub load_budget_s: f64,
+    /// Time budget of the whole run, s: a phase that would start past its share of it is not
+    /// run (its figures say so).
+    pub run_budget_s: f64,
+}
+
+impl Config {
+    /// The full run (`make bench`, ≤ 20 minutes on 2 cores).
+    pub fn full() -> Self {
+        Self {
+            quick: false,
+            scales: vec![1, 1_000, 10_000, 30_000],
+            rate_scales: vec![1, 10_000],
+            prog_scales: vec![1_000, 10_000, 30_000],
+            e2e_scale: 10_000,
+            reps: 5,
+            reps_large: 3,
+            duration_ms: 1500,
+            np_duration_ms: 1000,
+            change_samples: 5,
+            e2e_samples: 12,
+            testrun_scales: vec![1, 10, 100, 1_000, 10_000, 100_000],
+            testrun_runs: 20_000,
+            load_budget_s: 90.0,
+            run_budget_s: 1140.0,
+        }
+    }
+
+    /// The smoke run (`make bench QUICK=1`, part of `make test`, ≤ 3 minutes).
+    pub fn quick() -> Self {
+        Self {
+            quick: true,
+            scales: vec![1, 100],
+            rate_scales: vec![1, 100],
+            prog_scales: vec![100, 300],
+            e2e_scale: 300,
+            reps: 1,
+            reps_large: 1,
+            duration_ms: 500,
+            np_duration_ms: 400,
+            change_samples: 2,
+            e2e_samples: 3,
+            testrun_scales: vec![1, 100, 1_000],
+            testrun_runs: 1_000,
+            load_budget_s: 20.0,
+            run_budget_s: 170.0,
+        }
+    }
+}
+
+/// The machine the run was taken on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub cores: usize,
+    /// CPU model.
+    pub cpu: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// MemTotal, bytes.
+    pub memory_bytes: u64,
+    /// iptables version line.
+    pub iptables: String,
+    /// nft version line.
+    pub nft: String,
+}
+
+/// Everything a run produced (`results.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    /// UTC start time (RFC 3339).
+    pub started: String,
+    /// Seconds the run took.
+    pub wall_s: f64,
+    /// Machine facts.
+    pub machine: Machine,
+    /// Configuration.
+    pub config: Config,
+    /// Figures.
+    pub figures: Vec<Figure>,
+    /// Facts about the run the tables need (sizes of inputs, budget decisions).
+    pub notes: Vec<String>,
+}
+
+fn sh(cmd: &str) -> String {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()
+        })
+        .map_or(0, |kb: u64| kb * 1024);
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu,
+        kernel: sh("uname -r"),
+        memory_bytes: mem,
+        iptables: sh("iptables-legacy --version"),
+        nft: sh("nft --version"),
+    }
+}
+
+/// UTC time now as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    sh("date -u +%Y-%m-%dT%H:%M:%SZ")
+}
+
+/// Systems of the ClusterIP phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sys {
+    Floor,
+    Kproxy,
+    Iptables,
+    Nftables,
+}
+
+impl Sys {
+    fn name(self) -> &'static str {
+        match self {
+            Sys::Floor => "floor",
+            Sys::Kproxy => "kproxy",
+            Sys::Iptables => "iptables",
+            Sys::Nftables => "nftables",
+        }
+    }
+}
+
+fn rotate<T: Copy>(v: &[T], k: usize) -> Vec<T> {
+    (0..v.len()).map(|i| v[(i + k) % v.len()]).collect()
+}
+
+/// Predicts a load time at `n` from one at `n0` (`t0` s) with growth exponent `exp`.
+fn predict(t0: f64, n0: usize, n: usize, exp: f64) -> f64 {
+    t0 * (n as f64 / n0.max(1) as f64).powf(exp)
+}
+
+/// Growth exponents of load time used for budget predictions (nft -f is super-linear on this
+/// kernel: 1,000 → 3,000 services took 13× longer).
+const IPT_EXP: f64 = 1.2;
+const NFT_EXP: f64 = 2.3;
+
+struct Bench<'a> {
+    cfg: &'a Config,
+    lab: Lab,
+    rec: Recorder,
+    notes: Vec<String>,
+    manifests: PathBuf,
+    node_ns: String,
+    client_pod_ns: String,
+    /// Last measured (n, seconds) of a full rule load per baseline, for budget predictions.
+    ipt_load: Option<(usize, f64, usize, usize)>,
+    nft_load: Option<(usize, f64, usize, usize)>,
+    /// Last (n, seconds) the agent needed to program n services × 10 endpoints.
+    kproxy_ready: Option<(usize, f64)>,
+    /// Start of the run.
+    t0: Instant,
+}
+
+/// Writes `text` to `dir/name` atomically (hidden temp file, then rename).
+fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the benchmark and writes `results.json`, `report.md` and the plots into `out`.
+pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
+    let started = utc_now();
+    let t0 = Instant::now();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _ = std::process::Command::new("sh")
+        .args(["-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"])
+        .status();
+    for tool in ["iptables-legacy-restore", "nft", "iperf3", "nsenter"] {
+        anyhow::ensure!(
+            !sh(&format!("command -v {tool}")).is_empty(),
+            "{tool} is missing: run `make setup`"
+        );
+    }
+    lab::find_bin("kproxy-loadgen")?;
+    lab::find_bin("kproxy")?;
+    let mdir = TempDir(
+        std::env::temp_dir().join(format!("kproxy-bench-{}-manifests", std::process::id())),
+    );
+    std::fs::create_dir_all(&mdir.0)?;
+
+    eprintln!("[bench] building the lab (2 nodes, 2 pods each)");
+    let spec = LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed };
+    let mut lab = Lab::up(spec)?;
+    lab.start_servers()?;
+    let mut iperfs = Vec::new();
+    for (i, j) in [(0, 1), (1, 0)] {
+        let pod = lab.pod(i, j).context("backend pod")?.clone();
+        let port = workload::IPERF_PORT.to_string();
+        iperfs.push(lab.spawn(
+            &pod.ns,
+            &format!("{}-iperf3", pod.name),
+            &["iperf3", "-s", "-p", &port],
+        )?);
+    }
+    let node_ns = lab.node(0).ns.clone();
+    let client_pod_ns = lab.pod(0, 0).context("client pod")?.ns.clone();
+    let mut b = Bench {
+        cfg,
+        lab,
+        rec: Recorder::default(),
+        notes: Vec::new(),
+        manifests: mdir.0.clone(),
+        node_ns,
+        client_pod_ns,
+        ipt_load: None,
+        nft_load: None,
+        kproxy_ready: None,
+        t0,
+    };
+    b.plan();
+    b.clusterip_phase();
+    b.nodeport_phase();
+    b.programming_phase();
+    b.testrun_phase();
+    let _ = systems::iptables_flush(&b.node_ns);
+    let _ = systems::nft_unload(&b.node_ns);
+    drop(iperfs);
+    let Bench { lab, rec, notes, .. } = b;
+    lab.down()?;
+    let results = Results {
+        started,
+        wall_s: t0.elapsed().as_secs_f64(),
+        machine: machine(),
+        config: cfg.clone(),
+        figures: rec.finish(),
+        notes,
+    };
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(out.join("report.md"), report::markdown(&results))?;
+    report::plots(out)?;
+    Ok(results)
+}
+
+impl Bench<'_> {
+    /// Declares every figure the run is meant to produce.
+    fn plan(&mut self) {
+        let c = self.cfg;
+        let all = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
+        for &n in &c.scales {
+            for s in all {
+                for m in ["p50_us", "p99_us"] {
+                    self.rec.plan("1-latency", m, s.name(), n, "");
+                }
+                if c.rate_scales.contains(&n) {
+                    for v in ["connect", "rr"] {
+                        self.rec.plan("2-rate", "rate_per_s", s.name(), n, v);
+                        self.rec.plan("2-rate", "cpu_us_per_txn", s.name(), n, v);
+                    }
+                }
+            }
+        }
+        for s in ["kproxy", "kproxy-tc", "iptables", "nftables"] {
+            for v in ["local", "remote"] {
+                self.rec.plan("3-nodeport", "udp_pps", s, 3, v);
+                self.rec.plan("3-nodeport", "tcp_bps", s, 3, v);
+            }
+        }
+        self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
+        for &n in &c.prog_scales {
+            for s in ["kproxy", "iptables", "nftables"] {
+                for m in ["scratch_s", "scratch_cpu_s", "change_ms", "change_cpu_ms"] {
+                    self.rec.plan("4-programming", m, s, n, "");
+                }
+            }
+            self.rec.plan("6-memory", "agent_rss_bytes", "kproxy", n, "");
+            self.rec.plan("6-memory", "bpf_map_bytes", "kproxy", n, "");
+            self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
+            self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
+        }
+        for s in ["kproxy", "iptables", "nftables"] {
+            for v in ["at-rest", "churn"] {
+                for m in ["p50_ms", "p99_ms"] {
+                    self.rec.plan("5-e2e", m, s, c.e2e_scale, v);
+                }
+            }
+        }
+        for &n in &c.testrun_scales {
+            for m in [
+                "tc_established_ns",
+                "tc_new_ns",
+                "xdp_established_ns",
+                "tc_pass_ns",
+                "xdp_pass_ns",
+            ] {
+                self.rec.plan("7-testrun", m, "kproxy", n, "");
+            }
+        }
+    }
+
+    fn services(&self, n: usize, eps: usize) -> Vec<BService> {
+        let probes = workload::probes();
+        let mut v = workload::fillers(n.saturating_sub(1), eps);
+        v.extend(probes);
+        v
+    }
+
+    fn write_manifest(&self, services: &[BService]) -> Result<u64> {
+        let text = workload::manifest_json(services);
+        for e in std::fs::read_dir(&self.manifests)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        write_atomic(&self.manifests, "bulk.json", &text)?;
+        Ok(text.len() as u64)
+    }
+
+    fn start_kproxy(&self, n_frontends: usize, extra: &[&str]) -> Result<Kproxy> {
+        systems::start_kproxy(
+            &self.lab,
+            &self.manifests,
+            extra,
+            n_frontends as u64,
+            Duration::from_secs(300),
+        )
+    }
+
+    fn stop_kproxy(&self, k: Kproxy) {
+        if let Err(e) = systems::stop_kproxy(&self.lab, k) {
+            eprintln!("[bench] removing kproxy: {e:#}");
+        }
+    }
+
+    /// Whether a baseline load of `n` services × `eps` endpoints is within budget (predicted
+    /// from the last load that took at least half a second; size counted as service plus
+    /// endpoint chains); records the skip otherwise.
+    fn within_budget(
+        &mut self,
+        nft: bool,
+        n: usize,
+        eps: usize,
+    ) -> std::result::Result<(), String> {
+        let (last, exp, what) = if nft {
+            (self.nft_load, NFT_EXP, "nft -f")
+        } else {
+            (self.ipt_load, IPT_EXP, "iptables-restore")
+        };
+        let Some((size0, t0, n0, eps0)) = last else { return Ok(()) };
+        let size = n * (eps + 1);
+        if t0 < 0.5 || size <= size0 {
+            return Ok(());
+        }
+        let p = predict(t0, size0, size, exp);
+        if p > self.cfg.load_budget_s {
+            let why = format!(
+                "not measured: {what} of {n} services × {eps} endpoints would take ≈{p:.0} s (extrapolated from {t0:.1} s measured for {n0} × {eps0}; budget {:.0} s per load)",
+                self.cfg.load_budget_s
+            );
+            self.notes.push(why.clone());
+            return Err(why);
+        }
+        Ok(())
+    }
+
+    // ---- items 1 and 2 ------------------------------------------------------------------
+
+    fn clusterip_phase(&mut self) {
+        let scales = self.cfg.scales.clone();
+        for n in scales {
+            if let Some(why) = self.over_budget(0.5) {
+                self.mark_all_clusterip(n, &why);
+                continue;
+            }
+            eprintln!("[bench] ClusterIP latency and rates at {n} services");
+            let services = self.services(n, 1);
+            if let Err(e) = self.write_manifest(&services) {
+                self.fail_scale(n, &format!("writing manifests: {e:#}"));
+                continue;
+            }
+            let ipt_ok = match self.load_ipt(&services, n, 1) {
+                Ok(()) => Ok(()),
+                Err(e) => Err(e),
+            };
+            let nft_ok = self.load_nft(&services, n, 1, None).map(drop);
+            if nft_ok.is_ok() {
+                let _ = systems::nft_hooks(&self.node_ns, false);
+            }
+            let reps = if n >= 10_000 { self.cfg.reps_large } else { self.cfg.reps };
+            let systems = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
+            for rep in 0..reps {
+                for sys in rotate(&systems, rep) {
+                    let unavailable = match sys {
+                        Sys::Iptables => ipt_ok.as_ref().err(),
+                        Sys::Nftables => nft_ok.as_ref().err(),
+                        _ => None,
+                    };
+                    if let Some(why) = unavailable {
+                        self.mark_clusterip(sys, n, why, true);
+                        continue;
+                    }
+                    self.clusterip_one(sys, n, services.len());
+                }
+            }
+            let _ = systems::iptables_flush(&self.node_ns);
+            let _ = systems::nft_unload(&self.node_ns);
+        }
+    }
+
+    fn load_ipt(
+        &mut self,
+        services: &[BService],
+        n: usize,
+        eps: usize,
+    ) -> std::result::Result<(), String> {
+        self.within_budget(false, n, eps)?;
+        systems::iptables_flush(&self.node_ns).map_err(|e| format!("{e:#}"))?;
+        let t = systems::iptables_load(&self.node_ns, services, 0, None)
+            .map_err(|e| format!("{e:#}"))?;
+        self.ipt_load = Some((n * (eps + 1), t.wall_s, n, eps));
+        Ok(())
+    }
+
+    fn load_nft(
+        &mut self,
+        services: &[BService],
+        n: usize,
+        eps: usize,
+        cg: Option<&str>,
+    ) -> std::result::Result<systems::Timed, String> {
+        self.within_budget(true, n, eps)?;
+        systems::nft_unload(&self.node_ns).map_err(|e| format!("{e:#}"))?;
+        let t = systems::nft_load(&self.node_ns, services, 0, cg).map_err(|e| format!("{e:#}"))?;
+        self.nft_load = Some((n * (eps + 1), t.wall_s, n, eps));
+        Ok(t)
+    }
+
+    /// `Some(reason)` when more than `share` of the run's time budget is spent.
+    fn over_budget(&mut self, share: f64) -> Option<String> {
+        let used = self.t0.elapsed().as_secs_f64();
+        if used <= share * self.cfg.run_budget_s {
+            return None;
+        }
+        let why = format!(
+            "not measured: {used:.0} s of the run's {:.0} s budget were spent before this step",
+            self.cfg.run_budget_s
+        );
+        self.notes.push(why.clone());
+        Some(why)
+    }
+
+    fn mark_all_clusterip(&mut self, n: usize, why: &str) {
+        for s in [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables] {
+            self.mark_clusterip(s, n, why, true);
+        }
+    }
+
+    fn fail_scale(&mut self, n: usize, why: &str) {
+        for s in [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables] {
+            self.mark_clusterip(s, n, why, false);
+        }
+    }
+
+    fn mark_clusterip(&mut self, sys: Sys, n: usize, why: &str, skipped: bool) {
+        let mut figs = vec![("1-latency", "p50_us", ""), ("1-latency", "p99_us", "")];
+        if self.cfg.rate_scales.contains(&n) {
+            for v in ["connect", "rr"] {
+                figs.push(("2-rate", "rate_per_s", v));
+                figs.push(("2-rate", "cpu_us_per_txn", v));
+            }
+        }
+        for (item, m, v) in figs {
+            if skipped && why.starts_with("not measured") {
+                self.rec.skip(item, m, sys.name(), n, v, why);
+            } else {
+                self.rec.fail(item, m, sys.name(), n, v, why);
+            }
+        }
+    }
+
+    /// Empties the nodes' conntrack tables, so that no system meets entries another one left
+    /// (a DNAT of a reused source port would clash with them and lose the SYN).
+    fn flush_conntrack(&self) {
+        for node in self.lab.nodes() {
+            let _ = lab::exec(&node.ns, &["conntrack", "-F"]);
+        }
+    }
+
+    fn clusterip_one(&mut self, sys: Sys, n: usize, frontends: usize) {
+        self.flush_conntrack();
+        let mut kp = None;
+        let enabled = match sys {
+            Sys::Floor => Ok(()),
+            Sys::Kproxy => self.start_kproxy(frontends, &[]).map(|k| kp = Some(k)),
+            Sys::Iptables => systems::iptables_hooks(&self.node_ns, true).map(drop),
+            Sys::Nftables => systems::nft_hooks(&self.node_ns, true).map(drop),
+        };
+        match enabled {
+            Err(e) => {
+                self.mark_clusterip(sys, n, &format!("enabling {}: {e:#}", sys.name()), false)
+            }
+            Ok(()) => {
+                let target = match sys {
+                    Sys::Floor => SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT),
+                    _ => SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT),
+                };
+                let d = Duration::from_millis(self.cfg.duration_ms);
+                let name = sys.name();
+                match measure::loadgen(&self.client_pod_ns, target, "connect", 1, d) {
+                    Ok(l) => {
+                        self.rec.add("1-latency", "p50_us", name, n, "", l.p50_us);
+                        self.rec.add("1-latency", "p99_us", name, n, "", l.p99_us);
+                    }
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        self.rec.fail("1-latency", "p50_us", name, n, "", &why);
+                        self.rec.fail("1-latency", "p99_us", name, n, "", &why);
+                    }
+                }
+                if self.cfg.rate_scales.contains(&n) {
+                    for mode in ["connect", "rr"] {
+                        match measure::loadgen(&self.client_pod_ns, target, mode, 4, d) {
+                            Ok(l) => {
+                                self.rec.add("2-rate", "rate_per_s", name, n, mode, l.rate);
+                                self.rec.add(
+                                    "2-rate",
+                                    "cpu_us_per_txn",
+                                    name,
+                                    n,
+                                    mode,
+                                    l.cpu_us_per_txn,
+                                );
+                            }
+                            Err(e) => {
+                                let why = format!("{e:#}");
+                                self.rec.fail("2-rate", "rate_per_s", name, n, mode, &why);
+                                self.rec.fail("2-rate", "cpu_us_per_txn", name, n, mode, &why);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        match sys {
+            Sys::Kproxy => {
+                if let Some(k) = kp {
+                    self.stop_kproxy(k);
+                }
+            }
+            Sys::Iptables => {
+                let _ = systems::iptables_hooks(&self.node_ns, false);
+            }
+            Sys::Nftables => {
+                let _ = systems::nft_hooks(&self.node_ns, false);
+            }
+            Sys::Floor => {}
+        }
+    }
+
+    // ---- item 3 -------------------------------------------------------------------------
+
+    fn nodeport_phase(&mut self) {
+        eprintln!("[bench] NodePort from the external client");
+        let services = workload::probes();
+        let n = 3;
+        let sink_ns = [
+            self.lab.pod(0, 1).map(|p| p.ns.clone()).unwrap_or_default(),
+            self.lab.pod(1, 0).map(|p| p.ns.clone()).unwrap_or_default(),
+        ];
+        let sinks = measure::Sinks::new(&sink_ns);
+        let setup = (|| -> Result<()> {
+            sinks.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            self.write_manifest(&services)?;
+            Ok(())
+        })();
+        let ipt = self.load_ipt(&services, n, 1);
+        let nft = self.load_nft(&services, n, 1, None).map(drop);
+        if nft.is_ok() {
+            let _ = systems::nft_hooks(&self.node_ns, false);
+        }
+        let systems = ["kproxy", "kproxy-tc", "iptables", "nftables", "xdp-tx"];
+        for rep in 0..self.cfg.reps {
+            for sys in rotate(&systems, rep) {
+                let pre = match (&setup, sys) {
+                    (Err(e), _) => Err(format!("{e:#}")),
+                    (_, "iptables") => ipt.clone(),
+                    (_, "nftables") => nft.clone(),
+                    _ => Ok(()),
+                };
+                if let Err(why) = pre {
+                    self.mark_nodeport(sys, &why);
+                    continue;
+                }
+                self.nodeport_one(sys, n, services.len());
+            }
+        }
+        let _ = systems::iptables_flush(&self.node_ns);
+        let _ = systems::nft_unload(&self.node_ns);
+        drop(sinks);
+    }
+
+    fn mark_nodeport(&mut self, sys: &str, why: &str) {
+        if sys == "xdp-tx" {
+            self.rec.fail("3-nodeport", "udp_pps", sys, 3, "bounce", why);
+            return;
+        }
+        for v in ["local", "remote"] {
+            self.rec.fail("3-nodeport", "udp_pps", sys, 3, v, why);
+            self.rec.fail("3-nodeport", "tcp_bps", sys, 3, v, why);
+        }
+    }
+
+    fn nodeport_one(&mut self, sys: &str, n: usize, frontends: usize) {
+        let d = Duration::from_millis(self.cfg.np_duration_ms);
+        if sys == "xdp-tx" {
+            self.flush_conntrack();
+            match measure::xdp_tx_rate(&self.lab, d) {
+                Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, "bounce", r),
+                Err(e) => {
+                    self.rec.fail("3-nodeport", "udp_pps", sys, n, "bounce", &format!("{e:#}"))
+                }
+            }
+            return;
+        }
+        self.flush_conntrack();
+        let mut kp = None;
+        let enabled = match sys {
+            "kproxy" => self.start_kproxy(frontends, &[]).map(|k| kp = Some(k)),
+            "kproxy-tc" => self.start_kproxy(frontends, &["--no-xdp"]).map(|k| kp = Some(k)),
+            "iptables" => systems::iptables_hooks(&self.node_ns, true).map(drop),
+            _ => systems::nft_hooks(&self.node_ns, true).map(drop),
+        };
+        if let Err(e) = enabled {
+            self.mark_nodeport(sys, &format!("enabling {sys}: {e:#}"));
+        } else {
+            let client = self.lab.client_ns();
+            let node = lab::node_ip(0);
+            for (v, pod, udp, tcp) in [
+                ("local", (0, 1), workload::NP_LOCAL_UDP, workload::NP_LOCAL_TCP),
+                ("remote", (1, 0), workload::NP_REMOTE_UDP, workload::NP_REMOTE_TCP),
+            ] {
+                let pod_ns = self.lab.pod(pod.0, pod.1).map(|p| p.ns.clone()).unwrap_or_default();
+                match measure::udp_rate(&client, &pod_ns, SocketAddrV4::new(node, udp), d) {
+                    Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, v, r),
+                    Err(e) => self.rec.fail("3-nodeport", "udp_pps", sys, n, v, &format!("{e:#}")),
+                }
+                match measure::iperf3(&client, SocketAddrV4::new(node, tcp), d) {
+                    Ok(r) => self.rec.add("3-nodeport", "tcp_bps", sys, n, v, r),
+                    Err(e) => self.rec.fail("3-nodeport", "tcp_bps", sys, n, v, &format!("{e:#}")),
+                }
+            }
+        }
+        match sys {
+            "kproxy" | "kproxy-tc" => {
+                if let Some(k) = kp {
+                    self.stop_kproxy(k);
+                }
+            }
+            "iptables" => {
+                let _ = systems::iptables_hooks(&self.node_ns, false);
+            }
+            _ => {
+                let _ = systems::nft_hooks(&self.node_ns, false);
+            }
+        }
+    }
+
+    // ---- items 4, 5 and 6 ---------------------------------------------------------------
+
+    fn programming_phase(&mut self) {
+        let scales = self.cfg.prog_scales.clone();
+        for n in scales {
+            if let Some(why) = self.over_budget(0.93) {
+                for sys in ["kproxy", "iptables", "nftables"] {
+                    self.fail_prog(sys, n, &why, true);
+                }
+                continue;
+            }
+            eprintln!("[bench] programming {n} services × 10 endpoints");
+            let services = self.services(n, 10);
+            self.flush_conntrack();
+            self.prog_kproxy(n, &services);
+            self.flush_conntrack();
+            self.prog_iptables(n, &services);
+            self.flush_conntrack();
+            self.prog_nftables(n, &services);
+        }
+    }
+
+    fn fail_prog(&mut self, sys: &str, n: usize, why: &str, skipped: bool) {
+        for m in ["scratch_s", "scratch_cpu_s", "change_ms", "change_cpu_ms"] {
+            if skipped {
+                self.rec.skip("4-programming", m, sys, n, "", why);
+            } else {
+                self.rec.fail("4-programming", m, sys, n, "", why);
+            }
+        }
+        let mem: &[&str] = match sys {
+            "kproxy" => &["agent_rss_bytes", "bpf_map_bytes"],
+            _ => &["rules_bytes"],
+        };
+        for m in mem {
+            if skipped {
+                self.rec.skip("6-memory", m, sys, n, "", why);
+            } else {
+                self.rec.fail("6-memory", m, sys, n, "", why);
+            }
+        }
+        if n == self.cfg.e2e_scale {
+            for v in ["at-rest", "churn"] {
+                for m in ["p50_ms", "p99_ms"] {
+                    if skipped {
+                        self.rec.skip("5-e2e", m, sys, n, v, why);
+                    } else {
+                        self.rec.fail("5-e2e", m, sys, n, v, why);
+                    }
+                }
+            }
+        }
+    }
+
+    fn prog_kproxy(&mut self, n: usize, services: &[BService]) {
+        if let Some((n0, t0)) = self.kproxy_ready {
+            let p = predict(t0, n0, n, 1.5);
+            if t0 >= 0.5 && p > 4.0 * self.cfg.load_budget_s {
+                let why = format!(
+                    "not measured: the agent would need ≈{p:.0} s to program {n} services × 10 endpoints (extrapolated from {t0:.1} s at {n0})"
+                );
+                self.notes.push(why.clone());
+                self.fail_prog("kproxy", n, &why, true);
+                return;
+            }
+        }
+        let r = (|| -> Result<()> {
+            let bytes = self.write_manifest(services)?;
+            let k = self.start_kproxy(
+                services.len(),
+                &[
+                    "--poll-interval-ms",
+                    "100",
+                    "--sync-period-secs",
+                    "3600",
+                    // N × (1 entry + 10 slots) and N × 10 backends exceed the defaults at 30,000.
+                    "--max-services",
+                    "1048576",
+                    "--max-backends",
+                    "524288",
+                ],
+            )?;
+            let pid = k.agent.pid();
+            self.kproxy_ready = Some((n, k.ready_s));
+            let res = (|| -> Result<()> {
+                let m = systems::agent_metrics(&self.node_ns)?;
+                self.rec.add("4-programming", "scratch_s", "kproxy", n, "", m.sync_sum_s);
+                self.rec.add(
+                    "4-programming",
+                    "scratch_cpu_s",
+                    "kproxy",
+                    n,
+                    "",
+                    systems::proc_cpu_s(pid)?,
+                );
+                self.notes.push(format!(
+                    "kproxy at {n} services × 10 endpoints: manifest {:.1} MB of JSON (held in memory by the lab's manifest source), agent ready {:.1} s after start, {} sync(s) before ready",
+                    bytes as f64 / 1e6,
+                    k.ready_s,
+                    m.sync_count
+                ));
+                self.rec.add(
+                    "6-memory",
+                    "agent_rss_bytes",
+                    "kproxy",
+                    n,
+                    "",
+                    systems::proc_rss(pid)? as f64,
+                );
+                self.rec.add(
+                    "6-memory",
+                    "bpf_map_bytes",
+                    "kproxy",
+                    n,
+                    "",
+                    systems::proc_bpf_map_bytes(pid)? as f64,
+                );
+                for j in 0..self.cfg.change_samples {
+                    let svc = workload::dynamic(j, "chg", 9);
+                    let before = systems::agent_metrics(&self.node_ns)?;
+                    let cpu0 = systems::proc_cpu_s(pid)?;
+                    write_atomic(
+                        &self.manifests,
+                        &format!("chg{j}.json"),
+                        &workload::manifest_json(&[svc]),
+                    )?;
+                    let t0 = Instant::now();
+                    let after = loop {
+                        let m = systems::agent_metrics(&self.node_ns)?;
+                        if m.sync_count > before.sync_count {
+                            break m;
+                        }
+                        anyhow::ensure!(
+                            t0.elapsed() < Duration::from_secs(60),
+                            "no sync after a change"
+                        );
+                        std::thread::sleep(Duration::from_millis(5));
+                    };
+                    let cpu1 = systems::proc_cpu_s(pid)?;
+                    let syncs = (after.sync_count - before.sync_count) as f64;
+                    self.rec.add(
+                        "4-programming",
+                        "change_ms",
+                        "kproxy",
+                        n,
+                        "",
+                        (after.sync_sum_s - before.sync_sum_s) * 1e3 / syncs,
+                    );
+                    self.rec.add(
+                        "4-programming",
+                        "change_cpu_ms",
+                        "kproxy",
+                        n,
+                        "",
+                        (cpu1 - cpu0) * 1e3,
+                    );
+                }
+                if n == self.cfg.e2e_scale {
+                    self.e2e_kproxy(n)?;
+                }
+                Ok(())
+            })();
+            self.stop_kproxy(k);
+            res
+        })();
+        if let Err(e) = r {
+            self.fail_prog("kproxy", n, &format!("{e:#}"), false);
+        }
+    }
+
+    /// Change-to-first-connection samples with `apply(k)` making service `lat{k}` exist (it may
+    /// return the instant the change was handed over, after preparing it, e.g. generating the
+    /// rules text in this harness, which is not the baseline's cost).
+    fn e2e_samples(
+        &mut self,
+        sys: &str,
+        n: usize,
+        variant: &str,
+        first: usize,
+        apply: &mut dyn FnMut(usize) -> Result<Option<Instant>>,
+    ) -> Result<()> {
+        let mut lat = Vec::new();
+        for s in 0..self.cfg.e2e_samples {
+            let k = first + s;
+            let svc = workload::dynamic(k, "lat", 0);
+            let target = SocketAddrV4::new(svc.cluster_ip, workload::PROBE_PORT);
+            let t0 = Instant::now();
+            let t0 = apply(k)?.unwrap_or(t0);
+            lab::eventually(Duration::from_secs(60), Duration::from_millis(2), || {
+                systems::probe_once(&self.client_pod_ns, target)
+            })?;
+            lat.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        lat.sort_by(f64::total_cmp);
+        let p = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+        self.rec.add("5-e2e", "p50_ms", sys, n, variant, p(0.5));
+        self.rec.add("5-e2e", "p99_ms", sys, n, variant, p(0.99));
+        Ok(())
+    }
+
+    fn e2e_kproxy(&mut self, n: usize) -> Result<()> {
+        let dir = self.manifests.clone();
+        let mut apply = |k: usize| -> Result<Option<Instant>> {
+            write_atomic(
+                &dir,
+                &format!("lat{k}.json"),
+                &workload::manifest_json(&[workload::dynamic(k, "lat", 0)]),
+            )?;
+            Ok(None)
+        };
+        self.e2e_samples("kproxy", n, "at-rest", 0, &mut apply)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let svc = workload::dynamic(0, "churn", 1 + i % 5);
+                    let _ = write_atomic(&dir, "churn.json", &workload::manifest_json(&[svc]));
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let r = self.e2e_samples("kproxy", n, "churn", 500, &mut apply);
+        stop.store(true, Ordering::Relaxed);
+        let _ = churn.join();
+        r
+    }
+
+    fn prog_iptables(&mut self, n: usize, services: &[BService]) {
+        if let Err(why) = self.within_budget(false, n, 10) {
+            self.fail_prog("iptables", n, &why, true);
+            return;
+        }
+        let r = (|| -> Result<()> {
+            systems::iptables_flush(&self.node_ns)?;
+            let t = systems::iptables_load(&self.node_ns, services, 0, Some("ipt"))?;
+            self.ipt_load = Some((n * 11, t.wall_s, n, 10));
+            self.rec.add("4-programming", "scratch_s", "iptables", n, "", t.wall_s);
+            self.rec.add("4-programming", "scratch_cpu_s", "iptables", n, "", t.cpu_s);
+            if let Some(m) = t.mem_bytes {
+                self.rec.add("6-memory", "rules_bytes", "iptables", n, "", m as f64);
+            }
+            let mut all = services.to_vec();
+            for j in 0..self.cfg.change_samples {
+                let svc = workload::dynamic(j, "chg", 9);
+                all.push(svc.clone());
+                let text = systems::iptables_partial(&all, &svc, 0);
+                let t = systems::iptables_apply(&self.node_ns, &text)?;
+                self.rec.add("4-programming", "change_ms", "iptables", n, "", t.wall_s * 1e3);
+                self.rec.add("4-programming", "change_cpu_ms", "iptables", n, "", t.cpu_s * 1e3);
+            }
+            if n == self.cfg.e2e_scale {
+                systems::iptables_hooks(&self.node_ns, true)?;
+                let r = self.e2e_iptables(n, all);
+                let _ = systems::iptables_hooks(&self.node_ns, false);
+                r?;
+            }
+            Ok(())
+        })();
+        let _ = systems::iptables_flush(&self.node_ns);
+        if let Err(e) = r {
+            self.fail_prog("iptables", n, &format!("{e:#}"), false);
+        }
+    }
+
+    fn e2e_iptables(&mut self, n: usize, all: Vec<BService>) -> Result<()> {
+        // kube-proxy's one sync loop: a mutex; the rule set it knows: shared.
+        let state = Arc::new(Mutex::new(all));
+        let ns = self.node_ns.clone();
+        let mut apply = {
+            let state = state.clone();
+            let ns = ns.clone();
+            move |k: usize| -> Result<Option<Instant>> {
+                // The change is handed over when the rules text exists; under churn it may then
+                // wait for a sync in progress (the lock), as in kube-proxy's single sync loop.
+                let svc = workload::dynamic(k, "lat", 0);
+                let snapshot = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut next = snapshot;
+                next.push(svc.clone());
+                let text = systems::iptables_partial(&next, &svc, 0);
+                let written = Instant::now();
+                let mut all = state.lock().unwrap_or_else(|e| e.into_inner());
+                all.push(svc);
+                systems::iptables_apply(&ns, &text)?;
+                Ok(Some(written))
+            }
+        };
+        self.e2e_samples("iptables", n, "at-rest", 0, &mut apply)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            let state = state.clone();
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    {
+                        let mut all = state.lock().unwrap_or_else(|e| e.into_inner());
+                        let svc = workload::dynamic(0, "churn", 1 + i % 5);
+                        all.retain(|s| s.name != svc.name);
+                        all.push(svc.clone());
+                        let text = systems::iptables_partial(&all, &svc, 0);
+                        let _ = systems::iptables_apply(&ns, &text);
+                    }
+                    i += 1;
+                    // kube-proxy's default minSyncPeriod: at most one sync per second.
+                    let wait = Duration::from_secs(1).saturating_sub(started.elapsed());
+                    std::thread::sleep(wait.max(Duration::from_millis(10)));
+                }
+            })
+        };
+        let r = self.e2e_samples("iptables", n, "churn", 500, &mut apply);
+        stop.store(true, Ordering::Relaxed);
+        let _ = churn.join();
+        r
+    }
+
+    fn prog_nftables(&mut self, n: usize, services: &[BService]) {
+        let t = match self.load_nft(services, n, 10, Some("nft")) {
+            Ok(t) => t,
+            Err(why) => {
+                let skipped = why.starts_with("not measured");
+                self.fail_prog("nftables", n, &why, skipped);
+                let _ = systems::nft_unload(&self.node_ns);
+                return;
+            }
+        };
+        let r = (|| -> Result<()> {
+            self.rec.add("4-programming", "scratch_s", "nftables", n, "", t.wall_s);
+            self.rec.add("4-programming", "scratch_cpu_s", "nftables", n, "", t.cpu_s);
+            if let Some(m) = t.mem_bytes {
+                self.rec.add("6-memory", "rules_bytes", "nftables", n, "", m as f64);
+            }
+            for j in 0..self.cfg.change_samples {
+                let svc = workload::dynamic(j, "chg", 9);
+                let t = systems::nft_add(&self.node_ns, &svc, 0)?;
+                self.rec.add("4-programming", "change_ms", "nftables", n, "", t.wall_s * 1e3);
+                self.rec.add("4-programming", "change_cpu_ms", "nftables", n, "", t.cpu_s * 1e3);
+            }
+            if n == self.cfg.e2e_scale {
+                let ns = self.node_ns.clone();
+                let mut apply = |k: usize| -> Result<Option<Instant>> {
+                    systems::nft_add(&ns, &workload::dynamic(k, "lat", 0), 0)?;
+                    Ok(None)
+                };
+                self.e2e_samples("nftables", n, "at-rest", 0, &mut apply)?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let churn = {
+                    let stop = stop.clone();
+                    let ns = ns.clone();
+                    std::thread::spawn(move || {
+                        let mut i = 0usize;
+                        while !stop.load(Ordering::Relaxed) {
+                            let svc = workload::dynamic(100 + i % 50, "churn", 1);
+                            let _ = systems::nft_add(&ns, &svc, 0);
+                            i += 1;
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    })
+                };
+                let r = self.e2e_samples("nftables", n, "churn", 500, &mut apply);
+                stop.store(true, Ordering::Relaxed);
+                let _ = churn.join();
+                r?;
+            }
+            Ok(())
+        })();
+        let _ = systems::nft_unload(&self.node_ns);
+        if let Err(e) = r {
+            self.fail_prog("nftables", n, &format!("{e:#}"), false);
+        }
+    }
+
+    // ---- item 7 -------------------------------------------------------------------------
+
+    fn testrun_phase(&mut self) {
+        eprintln!("[bench] per-packet cost under BPF_PROG_TEST_RUN");
+        let scales = self.cfg.testrun_scales.clone();
+        let runs = self.cfg.testrun_runs;
+        let r = lab::in_netns(&self.node_ns, || testrun::measure(&scales, runs));
+        match r.and_then(|r| r) {
+            Ok(costs) => {
+                for c in costs {
+                    for (m, v) in [
+                        ("tc_established_ns", c.tc_established_ns),
+                        ("tc_new_ns", c.tc_new_ns),
+                        ("xdp_established_ns", c.xdp_established_ns),
+                        ("tc_pass_ns", c.tc_pass_ns),
+                        ("xdp_pass_ns", c.xdp_pass_ns),
+                    ] {
+                        self.rec.add("7-testrun", m, "kproxy", c.services, "", v);
+                    }
+                }
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                for &n in &scales {
+                    for m in [
+                        "tc_established_ns",
+                        "tc_new_ns",
+                        "xdp_established_ns",
+                        "tc_pass_ns",
+                        "xdp_pass_ns",
+                    ] {
+                        self.rec.fail("7-testrun", m, "kproxy", n, "", &why);
+                    }
+                }
+            }
+        }
+    }
+}

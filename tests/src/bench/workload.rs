@@ -1,0 +1,230 @@
+//! The Services and EndpointSlices of a benchmark run, in the two forms the systems under test
+//! read: Kubernetes JSON for the kproxy agent (`--manifests`) and [`baseline::ServicePort`]s for
+//! the kube-proxy-equivalent rule sets. The probed services always come last (last in the
+//! iptables `KUBE-SERVICES` scan, the worst case a user meets).
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+use crate::{
+    baseline::{self, NodeSettings},
+    lab,
+};
+
+/// Namespace of every benchmark object.
+pub const NAMESPACE: &str = "bench";
+/// ClusterIP of the probed ClusterIP service (one endpoint: node-1-pod-0:8080).
+pub const PROBE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
+/// Service port of the probed ClusterIP service.
+pub const PROBE_PORT: u16 = 80;
+/// NodePort (TCP, iperf3) of the service whose backend is on node 0 (local).
+pub const NP_LOCAL_TCP: u16 = 30001;
+/// NodePort (UDP, sink) of the service whose backend is on node 0 (local).
+pub const NP_LOCAL_UDP: u16 = 30002;
+/// NodePort (TCP, iperf3) of the service whose backend is on node 1 (remote).
+pub const NP_REMOTE_TCP: u16 = 30011;
+/// NodePort (UDP, sink) of the service whose backend is on node 1 (remote).
+pub const NP_REMOTE_UDP: u16 = 30012;
+/// Port of the iperf3 servers in the backend pods.
+pub const IPERF_PORT: u16 = 5201;
+/// UDP port of the silent sink sockets the harness holds in the backend pods.
+pub const SINK_PORT: u16 = 9999;
+
+/// One port of a benchmark service.
+#[derive(Debug, Clone)]
+pub struct BPort {
+    /// Port name.
+    pub name: &'static str,
+    /// `TCP` or `UDP`.
+    pub udp: bool,
+    /// Service port.
+    pub port: u16,
+    /// Target port.
+    pub target: u16,
+    /// NodePort.
+    pub node_port: Option<u16>,
+}
+
+/// One benchmark service with its endpoints (all ready).
+#[derive(Debug, Clone)]
+pub struct BService {
+    /// Name.
+    pub name: String,
+    /// ClusterIP.
+    pub cluster_ip: Ipv4Addr,
+    /// Ports.
+    pub ports: Vec<BPort>,
+    /// Endpoints: address, node index.
+    pub endpoints: Vec<(Ipv4Addr, usize)>,
+}
+
+impl BService {
+    fn http(name: String, ip: Ipv4Addr, target: u16, endpoints: Vec<(Ipv4Addr, usize)>) -> Self {
+        let ports =
+            vec![BPort { name: "http", udp: false, port: PROBE_PORT, target, node_port: None }];
+        BService { name, cluster_ip: ip, ports, endpoints }
+    }
+
+    /// The Service and EndpointSlice as Kubernetes JSON objects.
+    pub fn to_json(&self) -> [Value; 2] {
+        let np = self.ports.iter().any(|p| p.node_port.is_some());
+        let ports: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|p| {
+                let mut v = json!({"name": p.name, "protocol": if p.udp {"UDP"} else {"TCP"},
+                    "port": p.port, "targetPort": p.target});
+                if let Some(n) = p.node_port {
+                    v["nodePort"] = json!(n);
+                }
+                v
+            })
+            .collect();
+        let mut spec = json!({"type": if np {"NodePort"} else {"ClusterIP"},
+            "clusterIP": self.cluster_ip.to_string(), "clusterIPs": [self.cluster_ip.to_string()],
+            "ports": ports});
+        if np {
+            spec["externalTrafficPolicy"] = json!("Cluster");
+        }
+        let svc = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": self.name, "namespace": NAMESPACE}, "spec": spec});
+        let slice_ports: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|p| json!({"name": p.name, "protocol": if p.udp {"UDP"} else {"TCP"}, "port": p.target}))
+            .collect();
+        let eps: Vec<Value> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(k, (ip, node))| {
+                json!({"addresses": [ip.to_string()], "nodeName": lab::node_name(*node),
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": format!("{}-ep{k}", self.name)}})
+            })
+            .collect();
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{}-1", self.name), "namespace": NAMESPACE,
+                "labels": {"kubernetes.io/service-name": self.name,
+                    "endpointslice.kubernetes.io/managed-by": "kproxy-bench"}},
+            "addressType": "IPv4", "ports": slice_ports, "endpoints": eps});
+        [svc, slice]
+    }
+
+    /// The service ports as kube-proxy sees them, for rules written on node `node`.
+    pub fn to_baseline(&self, node: usize) -> Vec<baseline::ServicePort> {
+        self.ports
+            .iter()
+            .map(|p| baseline::ServicePort {
+                namespace: NAMESPACE.into(),
+                name: self.name.clone(),
+                port_name: p.name.into(),
+                proto: if p.udp { baseline::Proto::Udp } else { baseline::Proto::Tcp },
+                cluster_ip: self.cluster_ip,
+                port: p.port,
+                node_port: p.node_port,
+                external_ips: vec![],
+                lb_ips: vec![],
+                external_local: false,
+                affinity_timeout: None,
+                endpoints: self
+                    .endpoints
+                    .iter()
+                    .map(|(ip, n)| baseline::Endpoint {
+                        ip: *ip,
+                        port: p.target,
+                        local: *n == node,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// `n` filler services with `eps` endpoints each (never probed). Endpoint (address, port)
+/// pairs are unique across the whole set, so no datapath can share backends between services.
+pub fn fillers(n: usize, eps: usize) -> Vec<BService> {
+    let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
+    let ep_base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
+    // 32,000 distinct addresses per target port; services of one port group share the port.
+    let per_group = (32_000 / eps.max(1)).max(1);
+    (0..n)
+        .map(|i| {
+            let target = 10_000 + (i / per_group) as u16;
+            let endpoints = (0..eps)
+                .map(|e| (Ipv4Addr::from(ep_base + ((i * eps + e) % 32_000) as u32), 1))
+                .collect();
+            BService::http(format!("f{i}"), Ipv4Addr::from(base + i as u32), target, endpoints)
+        })
+        .collect()
+}
+
+/// The probed services: the ClusterIP probe and the two NodePort services (backend on node 0,
+/// backend on node 1).
+pub fn probes() -> Vec<BService> {
+    let np = |name: &str, ip: Ipv4Addr, tcp: u16, udp: u16, ep: (Ipv4Addr, usize)| BService {
+        name: name.into(),
+        cluster_ip: ip,
+        ports: vec![
+            BPort {
+                name: "iperf",
+                udp: false,
+                port: IPERF_PORT,
+                target: IPERF_PORT,
+                node_port: Some(tcp),
+            },
+            BPort { name: "sink", udp: true, port: 9, target: SINK_PORT, node_port: Some(udp) },
+        ],
+        endpoints: vec![ep],
+    };
+    vec![
+        np(
+            "np-local",
+            Ipv4Addr::new(198, 19, 255, 2),
+            NP_LOCAL_TCP,
+            NP_LOCAL_UDP,
+            (lab::pod_ip(0, 1), 0),
+        ),
+        np(
+            "np-remote",
+            Ipv4Addr::new(198, 19, 255, 3),
+            NP_REMOTE_TCP,
+            NP_REMOTE_UDP,
+            (lab::pod_ip(1, 0), 1),
+        ),
+        BService::http("probe".into(), PROBE_IP, lab::SERVER_PORT, vec![(lab::pod_ip(1, 0), 1)]),
+    ]
+}
+
+/// A service created (or changed) while the benchmark runs, named `{prefix}{k}`, → node-1-pod-0:8080
+/// plus `extra` dummy endpoints. Each prefix has its own ClusterIP block (k < 1000), so services
+/// of different kinds never share an address: `chg` 198.19.240.0/22, `lat` 198.19.244.0/22,
+/// anything else 198.19.248.0/22.
+pub fn dynamic(k: usize, prefix: &str, extra: usize) -> BService {
+    let block: u8 = match prefix {
+        "chg" => 240,
+        "lat" => 244,
+        _ => 248,
+    };
+    let ip = Ipv4Addr::new(198, 19, block + (k / 250 % 4) as u8, (k % 250 + 1) as u8);
+    let mut eps = vec![(lab::pod_ip(1, 0), 1)];
+    eps.extend((0..extra).map(|e| (Ipv4Addr::new(198, 18, 127, (e % 250 + 1) as u8), 1)));
+    BService::http(format!("{prefix}{k}"), ip, lab::SERVER_PORT, eps)
+}
+
+/// The agent's manifest: a `kind: List` JSON document holding every service and slice.
+pub fn manifest_json(services: &[BService]) -> String {
+    let items: Vec<Value> = services.iter().flat_map(|s| s.to_json()).collect();
+    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
+        .expect("JSON values serialize")
+}
+
+/// Node settings of the baseline rules on node `node`.
+pub fn node_settings(node: usize) -> NodeSettings {
+    NodeSettings { cluster_cidr: "198.18.100.0/22".into(), node_ips: vec![lab::node_ip(node)] }
+}
+
+/// All service ports of `services` for rules on node `node`.
+pub fn baseline_ports(services: &[BService], node: usize) -> Vec<baseline::ServicePort> {
+    services.iter().flat_map(|s| s.to_baseline(node)).collect()
+}
