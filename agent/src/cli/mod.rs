@@ -32,16 +32,29 @@ pub enum Command {
         #[command(subcommand)]
         action: ConntrackAction,
     },
-    /// Print the datapath's packet counters.
+    /// Print the datapath's packet counters (drops marked), by reason.
     Stats(ListArgs),
+    /// Inspect the BPF maps.
+    Map {
+        /// Action.
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Inspect the devices carrying kproxy's programs.
+    Device {
+        /// Action.
+        #[command(subcommand)]
+        action: ListAction,
+    },
     /// Detach every program and remove every pin kproxy made under the pin path.
     Cleanup(PinArgs),
 }
 
-/// `service` actions.
+/// `service`, `map` and `device` actions.
 #[derive(Debug, Subcommand)]
 pub enum ListAction {
-    /// List service entries with their backends.
+    /// List them: service entries with their backends; maps with their fill level; devices with
+    /// the kproxy programs attached (and stale XDP link pins).
     List(ListArgs),
 }
 
@@ -145,9 +158,15 @@ pub struct AgentArgs {
     /// Last source-NAT port.
     #[arg(long, default_value_t = kproxy_common::defaults::SNAT_PORT_MAX)]
     pub snat_port_max: u16,
-    /// How often sources, devices and addresses are checked, in milliseconds.
+    /// How often sources and addresses are checked, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_interval_ms: u64,
+    /// Period of the full device rescan behind the netlink link notifications, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub device_rescan_secs: u64,
+    /// How often the map fill levels (`kproxy_map_entries`) are sampled, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub map_stats_interval_secs: u64,
     /// Full resync period in seconds (rewrites whatever differs from the shadow state).
     #[arg(long, default_value_t = 30)]
     pub sync_period_secs: u64,
