@@ -338,14 +338,10 @@ impl LoopState {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
     use kproxy_common::{Service4Key, proto, scope};
 
     use super::*;
-    use crate::{
-        cli::{Cli, Command},
-        dataplane::mem::{MemDataplane, MemOp},
-    };
+    use crate::dataplane::mem::{MemDataplane, MemOp};
 
     struct TempDir(std::path::PathBuf);
     impl Drop for TempDir {
@@ -355,25 +351,7 @@ mod tests {
     }
 
     fn args(dir: &std::path::Path) -> AgentArgs {
-        let cli = Cli::try_parse_from([
-            "kproxy",
-            "agent",
-            "--node-name",
-            "node-0",
-            "--manifests",
-            dir.to_str().unwrap(),
-            "--nodeport-devices",
-            "eth0",
-            "--pod-devices",
-            "vp*",
-            "--pin-path",
-            "/unused",
-        ])
-        .unwrap();
-        match cli.command {
-            Command::Agent(a) => *a,
-            _ => unreachable!(),
-        }
+        crate::cli::parse_agent(&["--manifests", dir.to_str().unwrap()]).unwrap()
     }
 
     fn key(addr: [u8; 4], port: u16, p: u8, s: u8) -> Service4Key {
