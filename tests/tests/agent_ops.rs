@@ -604,3 +604,29 @@ fn recreated_nodeport_device_is_attached_again() {
         assert_eq!(r.server_pod, "node-1-pod-0");
     }
 }
+
+/// A full map is reported: a metric by map, its fill level, a log line naming the service; the
+/// services already programmed keep working and the one that did not fit is not half-written.
+#[test]
+fn full_backend_map_is_counted_by_map_and_keeps_the_rest_serving() {
+    let s = Setup::with_args("full", &["--max-backends", "3", "--map-stats-interval-secs", "1"]);
+    s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 0)]);
+    let pod = s.lab.pod(0, 2).unwrap().ns.clone();
+    wait_served(&pod, VIP);
+    // Two more backends: one fits, the second does not.
+    s.put(&web("web2", VIP2), vec![s.ep(0, 1), s.ep(1, 1)]);
+    let metrics = metrics_until(&s, 0, "a full backends map", |b| {
+        metric(b, "kproxy_map_full_errors_total{map=\"backends\"}").is_some_and(|v| v >= 1.0)
+            && metric(b, "kproxy_map_pressure{map=\"backends\"}").is_some_and(|v| v > 0.6)
+    });
+    assert_eq!(metric(&metrics, "kproxy_map_capacity{map=\"backends\"}"), Some(3.0));
+    assert_eq!(metric(&metrics, "kproxy_map_full_errors_total{map=\"services\"}"), Some(0.0));
+    log_until(&s, 0, &["default/web2", "is full"]);
+    for _ in 0..5 {
+        tcp_request(&pod, VIP, 80, T).expect("the service that fit is still served");
+    }
+    assert!(
+        tcp_request(&pod, VIP2, 80, Duration::from_millis(500)).is_err(),
+        "the service that did not fit answers"
+    );
+}
