@@ -335,6 +335,7 @@ impl Devices {
             info!(device = %dev, kind = "external", ifindex = index, mode = ?spec.mode, "programs attached");
             attached.insert(dev.clone(), (Kind::External, index));
         }
+        sweep_stale_xdp_pins(&mut datapath, &spec.external);
         let mut state = State {
             spec,
             datapath,
@@ -359,6 +360,26 @@ impl Drop for Devices {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Detaches the XDP link pins left for devices that are no longer external devices or no longer
+/// exist (gone while no agent ran).
+fn sweep_stale_xdp_pins(datapath: &mut Datapath, external: &[String]) {
+    let dir = crate::dataplane::bpf::maps_dir(datapath.pin_path()).join("links");
+    let Ok(rd) = std::fs::read_dir(&dir) else { return };
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(dev) = file.strip_prefix("xdp-") else { continue };
+        if external.iter().any(|d| d == dev) && ifindex(dev).is_some() {
+            continue;
+        }
+        match datapath.detach(dev) {
+            Ok(()) => {
+                info!(device = %dev, "removed the XDP link of a device that is gone or no longer external")
+            }
+            Err(e) => warn!(device = %dev, error = format!("{e:#}"), "removing a stale XDP link"),
         }
     }
 }

@@ -630,3 +630,30 @@ fn full_backend_map_is_counted_by_map_and_keeps_the_rest_serving() {
         "the service that did not fit answers"
     );
 }
+
+/// An external device that went away while no agent ran leaves an XDP link pin; the next agent
+/// removes it.
+#[test]
+fn xdp_link_of_a_device_gone_while_the_agent_was_down_is_removed() {
+    let mut s = Setup::new("stalepin");
+    let ns = s.lab.node(0).ns.clone();
+    exec(&ns, &["ip", "link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1"]).unwrap();
+    exec(&ns, &["ip", "link", "set", "kpx0", "up"]).unwrap();
+    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("stop");
+    let opts = AgentOpts {
+        manifests_dir: s.dir.path().to_path_buf(),
+        extra_args: vec!["--nodeport-devices".into(), "kpx0".into()],
+        ..Default::default()
+    };
+    s.agents[0] = Some(s.lab.spawn_agent(0, &opts).expect("agent"));
+    log_until(&s, 0, &["programs attached", "device=kpx0"]);
+    assert_eq!(programs_on(&device_list(&s, 0), "kpx0"), ["kp_xdp_ext", "kp_tc_ext"]);
+    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("stop");
+    exec(&ns, &["ip", "link", "del", "kpx0"]).unwrap();
+    assert_eq!(device_list(&s, 0)["stale_xdp_link_pins"], serde_json::json!(["kpx0"]));
+    s.agents[0] = Some(s.start_agent(0));
+    log_until(&s, 0, &["removed the XDP link", "device=kpx0"]);
+    let devices = device_list(&s, 0);
+    assert_eq!(devices["stale_xdp_link_pins"], serde_json::json!([]), "{devices}");
+    assert_eq!(programs_on(&devices, "eth0"), ["kp_xdp_ext", "kp_tc_ext"]);
+}
