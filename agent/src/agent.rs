@@ -19,7 +19,7 @@ use crate::{
         loader::{Datapath, ExternalMode, MapSizes},
     },
     healthcheck::HealthCheckServers,
-    metrics::{Metrics, Role, serve},
+    metrics::{self, Metrics, Role, serve},
     model::{self, ANNOTATION_TRIGGER_TIME, NodeInfo},
     netdev,
     source::{
@@ -79,65 +79,6 @@ impl Source {
     }
 }
 
-/// Pod interfaces the programs are attached to: name → ifindex at attach time.
-struct PodAttachments {
-    globs: Vec<String>,
-    exclude: BTreeSet<String>,
-    attached: BTreeMap<String, u32>,
-    /// Failed attempts: name → (ifindex, when), retried after a while or when the index changes.
-    failed: HashMap<String, (u32, Instant)>,
-}
-
-impl PodAttachments {
-    fn reconcile(&mut self, datapath: &mut Datapath) {
-        let ifs = match netdev::interfaces() {
-            Ok(i) => i,
-            Err(e) => {
-                warn!(error = %e, "cannot list interfaces");
-                return;
-            }
-        };
-        let wanted: BTreeMap<&String, u32> = ifs
-            .iter()
-            .filter(|(n, _)| !self.exclude.contains(*n) && netdev::matches_any(&self.globs, n))
-            .map(|(n, i)| (n, *i))
-            .collect();
-        let gone: Vec<String> =
-            self.attached.keys().filter(|n| !wanted.contains_key(n)).cloned().collect();
-        for name in gone {
-            self.attached.remove(&name);
-            match datapath.detach(&name) {
-                Ok(()) => info!(interface = %name, "pod interface gone, detached"),
-                Err(e) => {
-                    warn!(interface = %name, error = %e, "detaching a vanished pod interface")
-                }
-            }
-        }
-        for (name, idx) in wanted {
-            if self.attached.get(name) == Some(&idx) {
-                continue;
-            }
-            if let Some((fidx, at)) = self.failed.get(name)
-                && *fidx == idx
-                && at.elapsed() < Duration::from_secs(10)
-            {
-                continue;
-            }
-            match datapath.attach_pod(name) {
-                Ok(()) => {
-                    info!(interface = %name, ifindex = idx, "attached pod programs");
-                    self.attached.insert(name.clone(), idx);
-                    self.failed.remove(name);
-                }
-                Err(e) => {
-                    warn!(interface = %name, error = format!("{e:#}"), "attaching pod programs failed");
-                    self.failed.insert(name.clone(), (idx, Instant::now()));
-                }
-            }
-        }
-    }
-}
-
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
@@ -161,7 +102,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         conntrack: args.max_conntrack,
         affinity: args.max_affinity,
     };
-    let mut datapath = Datapath::load(&args.pin_path, &sizes)
+    let datapath = Datapath::load(&args.pin_path, &sizes)
         .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
     let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;
     let mut syncer = Syncer::adopt(&dp).context("reading the programmed state")?;
@@ -174,19 +115,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         backends = syncer.programmed_backends(),
         "adopted the programmed state"
     );
-    let mode = if args.no_xdp { ExternalMode::TcOnly } else { ExternalMode::Xdp };
-    for dev in &args.nodeport_devices {
-        datapath
-            .attach_external(dev, mode)
-            .with_context(|| format!("attaching to NodePort device {dev}"))?;
-        info!(device = %dev, ?mode, "attached external programs");
-    }
-    let mut pods = PodAttachments {
-        globs: args.pod_devices.clone(),
-        exclude: args.nodeport_devices.iter().cloned().collect(),
-        attached: BTreeMap::new(),
-        failed: HashMap::new(),
+    metrics::spawn_map_sampler(
+        args.pin_path.clone(),
+        metrics.clone(),
+        Duration::from_secs(args.map_stats_interval_secs.max(1)),
+    );
+    let spec = netdev::DeviceSpec {
+        external: args.nodeport_devices.clone(),
+        pod_globs: args.pod_devices.clone(),
+        mode: if args.no_xdp { ExternalMode::TcOnly } else { ExternalMode::Xdp },
+        rescan: Duration::from_secs(args.device_rescan_secs.max(1)),
     };
+    let _devices = netdev::Devices::start(datapath, spec, metrics.clone())?;
 
     let mut source = match (&args.manifests, &args.kubeconfig) {
         (Some(dir), _) => Source::Manifests(ManifestDir::new(dir)),
@@ -212,7 +152,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: exiting, datapath stays in place"); break; }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, datapath stays in place"); break; }
         }
-        pods.reconcile(&mut datapath);
         let mut dirty = source.poll(&metrics);
         let addrs = match netdev::node_addrs(&args.nodeport_devices) {
             Ok(a) => a,
@@ -313,7 +252,7 @@ impl LoopState {
         let report = syncer.sync(&out.state, dp);
         for e in &report.errors {
             error!(error = %e, "sync");
-            metrics.sync_error(e.kind());
+            metrics.sync_failed(e);
         }
         if !self.config_written || !self.synced_once {
             let cfg = NodeConfig {
@@ -399,14 +338,10 @@ impl LoopState {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
     use kproxy_common::{Service4Key, proto, scope};
 
     use super::*;
-    use crate::{
-        cli::{Cli, Command},
-        dataplane::mem::{MemDataplane, MemOp},
-    };
+    use crate::dataplane::mem::{MemDataplane, MemOp};
 
     struct TempDir(std::path::PathBuf);
     impl Drop for TempDir {
@@ -416,25 +351,7 @@ mod tests {
     }
 
     fn args(dir: &std::path::Path) -> AgentArgs {
-        let cli = Cli::try_parse_from([
-            "kproxy",
-            "agent",
-            "--node-name",
-            "node-0",
-            "--manifests",
-            dir.to_str().unwrap(),
-            "--nodeport-devices",
-            "eth0",
-            "--pod-devices",
-            "vp*",
-            "--pin-path",
-            "/unused",
-        ])
-        .unwrap();
-        match cli.command {
-            Command::Agent(a) => *a,
-            _ => unreachable!(),
-        }
+        crate::cli::parse_agent(&["--manifests", dir.to_str().unwrap()]).unwrap()
     }
 
     fn key(addr: [u8; 4], port: u16, p: u8, s: u8) -> Service4Key {

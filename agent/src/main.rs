@@ -87,6 +87,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print(args.output, || show::stats_table(&counters), || show::stats_json(&counters));
             Ok(())
         }
+        Command::Map { action: ListAction::List(args) } => {
+            let usage = kproxy::metrics::map_usage(&args.pin.pin_path).with_context(|| {
+                format!("reading the maps pinned under {}", args.pin.pin_path.display())
+            })?;
+            print(args.output, || show::maps_table(&usage), || show::maps_json(&usage));
+            Ok(())
+        }
+        Command::Device { action: ListAction::List(args) } => {
+            let report = kproxy::netdev::attachments(&args.pin.pin_path)?;
+            print(args.output, || report.table(), || report.json());
+            Ok(())
+        }
         Command::Cleanup(args) => loader::cleanup(&args.pin_path),
     }
 }

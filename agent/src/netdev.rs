@@ -1,7 +1,36 @@
-//! Network devices of the agent's network namespace: names, indexes and IPv4 addresses, read with
-//! libc (netlink under the hood), so the answer is the current namespace's even when /sys belongs
-//! to another one (`nsenter --net`).
-use std::{collections::BTreeMap, ffi::CStr, net::Ipv4Addr};
+//! Network devices of the agent's network namespace and the agent's attachments to them.
+//!
+//! - Names, indexes and IPv4 addresses, read with libc and netlink, so the answer is the current
+//!   namespace's even when /sys belongs to another one (`nsenter --net`).
+//! - [`Devices`]: keeps kproxy's programs attached to the NodePort devices and to every pod
+//!   interface matching the `--pod-devices` globs. A thread follows link changes
+//!   (`RTMGRP_LINK`), so a new pod veth gets its programs as soon as the kernel announces it, a
+//!   NodePort device deleted and created again (same name, new index) gets XDP and TC again, and
+//!   interfaces that go away are forgotten (the kernel drops their filters; kproxy removes the
+//!   XDP link pin). A slow periodic rescan is the backstop for anything missed.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    ffi::CStr,
+    net::Ipv4Addr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tracing::{debug, info, warn};
+
+use crate::{
+    dataplane::loader::{Datapath, ExternalMode},
+    metrics::Metrics,
+};
+
+pub mod netlink;
 
 /// Every interface: name → ifindex.
 pub fn interfaces() -> std::io::Result<BTreeMap<String, u32>> {
@@ -82,6 +111,463 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// Whether `name` matches any of `globs`.
 pub fn matches_any(globs: &[String], name: &str) -> bool {
     globs.iter().any(|g| glob_match(g, name))
+}
+
+/// How long a failed attachment waits before it is tried again on the same interface index.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// What [`Devices`] attaches where.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// External (NodePort) devices, by name (`--nodeport-devices`).
+    pub external: Vec<String>,
+    /// Globs of the host-side pod interfaces (`--pod-devices`); external devices never match.
+    pub pod_globs: Vec<String>,
+    /// How the external devices are served.
+    pub mode: ExternalMode,
+    /// Period of the full rescan behind the link notifications.
+    pub rescan: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    External,
+    Pod,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::External => "external",
+            Kind::Pod => "pod",
+        }
+    }
+}
+
+/// The attachment bookkeeping, owned by the device thread.
+struct State {
+    spec: DeviceSpec,
+    datapath: Datapath,
+    metrics: Arc<Metrics>,
+    /// Attached interfaces: name → (kind, ifindex at attach time).
+    attached: BTreeMap<String, (Kind, u32)>,
+    /// Failed attempts: name → (ifindex, when), retried after [`RETRY_AFTER`] or when the index
+    /// changes.
+    failed: HashMap<String, (u32, Instant)>,
+    /// External devices reported missing (logged once until they come back).
+    missing: BTreeSet<String>,
+}
+
+impl State {
+    fn kind(&self, name: &str) -> Option<Kind> {
+        if self.spec.external.iter().any(|d| d == name) {
+            Some(Kind::External)
+        } else if matches_any(&self.spec.pod_globs, name) {
+            Some(Kind::Pod)
+        } else {
+            None
+        }
+    }
+
+    /// Interface `name` exists with `index`: make sure kproxy's programs are on it.
+    fn present(&mut self, name: &str, index: u32) {
+        // A renamed interface: its old name is gone (its filters moved with it, and are ours
+        // again below only if the new name matches too).
+        let renamed: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(n, (_, i))| *i == index && n.as_str() != name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for old in renamed {
+            self.gone(&old, Some(index));
+        }
+        let Some(kind) = self.kind(name) else { return };
+        self.missing.remove(name);
+        let before = self.attached.get(name).map(|(_, i)| *i);
+        if before == Some(index) {
+            return;
+        }
+        if let Some((fidx, at)) = self.failed.get(name)
+            && *fidx == index
+            && at.elapsed() < RETRY_AFTER
+        {
+            return;
+        }
+        let started = Instant::now();
+        let result = match kind {
+            Kind::External => self.datapath.attach_external(name, self.spec.mode),
+            Kind::Pod => self.datapath.attach_pod(name),
+        };
+        let took_us = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(()) => {
+                let index = ifindex(name).unwrap_or(index);
+                self.attached.insert(name.to_owned(), (kind, index));
+                self.failed.remove(name);
+                match before {
+                    Some(old) => info!(
+                        device = %name,
+                        kind = kind.name(),
+                        ifindex = index,
+                        old_ifindex = old,
+                        took_us,
+                        "device recreated: programs attached again"
+                    ),
+                    None => {
+                        info!(device = %name, kind = kind.name(), ifindex = index, took_us, "programs attached")
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(device = %name, kind = kind.name(), ifindex = index, error = format!("{e:#}"), "attaching programs failed; retrying later");
+                self.failed.insert(name.to_owned(), (index, Instant::now()));
+                self.metrics.device_attach_failed();
+            }
+        }
+    }
+
+    /// Interface `name` went away (`index`: the index that went, when known).
+    fn gone(&mut self, name: &str, index: Option<u32>) {
+        let Some(&(kind, recorded)) = self.attached.get(name) else {
+            if self.kind(name) == Some(Kind::External) && self.missing.insert(name.to_owned()) {
+                warn!(device = %name, "NodePort device missing: waiting for it to appear");
+            }
+            return;
+        };
+        if index.is_some_and(|i| i != recorded) {
+            return; // news about an older interface of that name
+        }
+        self.attached.remove(name);
+        self.failed.remove(name);
+        // The kernel drops TC filters with the device; what remains is an XDP link pin, removed
+        // here unless an interface of that name already exists again (it gets attached anew).
+        if ifindex(name).is_none()
+            && let Err(e) = self.datapath.detach(name)
+        {
+            warn!(device = %name, error = format!("{e:#}"), "cleaning up after a vanished device");
+        }
+        match kind {
+            Kind::External => {
+                self.missing.insert(name.to_owned());
+                warn!(device = %name, ifindex = recorded, "NodePort device gone: programs detached; waiting for it to come back")
+            }
+            Kind::Pod => {
+                info!(device = %name, kind = kind.name(), ifindex = recorded, "interface gone: programs detached")
+            }
+        }
+    }
+
+    /// Compares every interface with the bookkeeping.
+    fn rescan(&mut self) {
+        let ifs = match interfaces() {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "cannot list interfaces");
+                return;
+            }
+        };
+        let stale: Vec<(String, u32)> = self
+            .attached
+            .iter()
+            .filter(|(n, (_, i))| ifs.get(*n) != Some(i))
+            .map(|(n, (_, i))| (n.clone(), *i))
+            .collect();
+        for (name, index) in stale {
+            self.gone(&name, Some(index));
+        }
+        for (name, index) in &ifs {
+            self.present(name, *index);
+        }
+        for dev in self.spec.external.clone() {
+            if !ifs.contains_key(&dev) {
+                self.gone(&dev, None);
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let ext = self.attached.values().filter(|(k, _)| *k == Kind::External).count();
+        self.metrics.set_devices_attached(ext, self.attached.len() - ext);
+    }
+
+    fn apply(&mut self, events: Vec<netlink::LinkEvent>) {
+        for ev in events {
+            match ev {
+                netlink::LinkEvent::New(l) => self.present(&l.name, l.index),
+                netlink::LinkEvent::Del(l) => self.gone(&l.name, Some(l.index)),
+            }
+        }
+        self.publish();
+    }
+}
+
+/// Keeps kproxy's programs attached to the devices of a [`DeviceSpec`], from a thread of its own
+/// (attaching is blocking netlink work). Dropping it stops the thread; the attachments stay.
+pub struct Devices {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Devices {
+    /// Attaches the external devices (an error if one cannot be attached: the agent would not
+    /// serve NodePorts), then every matching pod interface, and follows link changes from then on.
+    pub fn start(
+        mut datapath: Datapath,
+        spec: DeviceSpec,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        // Subscribe before the first scan, so nothing that appears in between is missed.
+        let events = match netlink::Socket::link_events() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "no netlink link notifications: rescanning devices every second");
+                None
+            }
+        };
+        let mut attached = BTreeMap::new();
+        for dev in &spec.external {
+            datapath
+                .attach_external(dev, spec.mode)
+                .with_context(|| format!("attaching to NodePort device {dev}"))?;
+            let index = ifindex(dev).unwrap_or(0);
+            info!(device = %dev, kind = "external", ifindex = index, mode = ?spec.mode, "programs attached");
+            attached.insert(dev.clone(), (Kind::External, index));
+        }
+        sweep_stale_xdp_pins(&mut datapath, &spec.external);
+        let mut state = State {
+            spec,
+            datapath,
+            metrics,
+            attached,
+            failed: HashMap::new(),
+            missing: BTreeSet::new(),
+        };
+        state.rescan();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("kproxy-devices".into())
+            .spawn(move || follow(state, events, &flag))
+            .context("starting the device thread")?;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Detaches the XDP link pins left for devices that are no longer external devices or no longer
+/// exist (gone while no agent ran).
+fn sweep_stale_xdp_pins(datapath: &mut Datapath, external: &[String]) {
+    let dir = crate::dataplane::bpf::maps_dir(datapath.pin_path()).join("links");
+    let Ok(rd) = std::fs::read_dir(&dir) else { return };
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(dev) = file.strip_prefix("xdp-") else { continue };
+        if external.iter().any(|d| d == dev) && ifindex(dev).is_some() {
+            continue;
+        }
+        match datapath.detach(dev) {
+            Ok(()) => {
+                info!(device = %dev, "removed the XDP link of a device that is gone or no longer external")
+            }
+            Err(e) => warn!(device = %dev, error = format!("{e:#}"), "removing a stale XDP link"),
+        }
+    }
+}
+
+/// The device thread: link notifications as they come, a full rescan every `spec.rescan`.
+fn follow(mut state: State, mut events: Option<netlink::Socket>, stop: &AtomicBool) {
+    let period = if events.is_some() { state.spec.rescan } else { Duration::from_secs(1) };
+    let mut next = Instant::now() + period;
+    while !stop.load(Ordering::Relaxed) {
+        let wait = next.saturating_duration_since(Instant::now()).min(Duration::from_millis(500));
+        match events.as_mut().map(|s| s.wait(wait)) {
+            Some(Ok(netlink::Wait::Events(evs))) => {
+                debug!(events = evs.len(), "link changes");
+                state.apply(evs);
+            }
+            Some(Ok(netlink::Wait::Timeout)) => {}
+            Some(Ok(netlink::Wait::Overflow)) => {
+                warn!("link notifications lost (socket buffer overflow): rescanning");
+                state.rescan();
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "reading link notifications");
+                std::thread::sleep(wait);
+            }
+            None => std::thread::sleep(wait),
+        }
+        if Instant::now() >= next {
+            state.rescan();
+            next = Instant::now() + period;
+        }
+    }
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// A program of kproxy's found on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedProgram {
+    /// Program name (`kp_...`).
+    pub program: String,
+    /// Kernel program id.
+    pub id: u32,
+    /// XDP mode (`native`, `generic`, ...) or TC hook (`ingress`, `egress`).
+    pub hook: &'static str,
+}
+
+/// kproxy's programs on one device, as the kernel reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAttachments {
+    /// Interface name.
+    pub name: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// XDP program, if it is kproxy's.
+    pub xdp: Option<AttachedProgram>,
+    /// kproxy's TC filters (ingress, then egress).
+    pub tc: Vec<AttachedProgram>,
+}
+
+/// What `kproxy device list` shows: the devices carrying kproxy programs in this network
+/// namespace, and XDP link pins under the pin path whose device has no kproxy XDP program
+/// (left behind by a device that went away while no agent ran).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AttachmentReport {
+    /// Devices with at least one kproxy program.
+    pub devices: Vec<DeviceAttachments>,
+    /// Names of the devices of stale `v1/links/xdp-<device>` pins.
+    pub stale_xdp_pins: Vec<String>,
+}
+
+/// Whether a program name is one of kproxy's.
+fn is_kproxy_program(name: &str) -> bool {
+    use kproxy_common::names::*;
+    [PROG_XDP_EXT, PROG_TC_EXT, PROG_TC_FROM_POD, PROG_TC_TO_POD].contains(&name)
+}
+
+/// Reads kproxy's attachments from the kernel (netlink link and filter dumps), with or without a
+/// running agent.
+pub fn attachments(pin_path: &Path) -> anyhow::Result<AttachmentReport> {
+    let mut sock = netlink::Socket::requests().context("opening a netlink socket")?;
+    let links = sock.links().context("listing interfaces")?;
+    let mut prog_names: Option<HashMap<u32, String>> = None;
+    let mut report = AttachmentReport::default();
+    for link in links {
+        let mut tc = Vec::new();
+        for (hook, name) in
+            [(netlink::TcHook::Ingress, "ingress"), (netlink::TcHook::Egress, "egress")]
+        {
+            let filters = sock
+                .tc_filters(link.index, hook)
+                .with_context(|| format!("listing TC filters of {}", link.name))?;
+            tc.extend(
+                filters
+                    .into_iter()
+                    .filter(|f| is_kproxy_program(&f.name))
+                    .map(|f| AttachedProgram { program: f.name, id: f.prog_id, hook: name }),
+            );
+        }
+        let xdp = link.xdp.and_then(|x| {
+            let names = prog_names.get_or_insert_with(|| {
+                aya::programs::loaded_programs()
+                    .flatten()
+                    .filter_map(|p| Some((p.id(), p.name_as_str()?.to_owned())))
+                    .collect()
+            });
+            let program = names.get(&x.prog_id)?.clone();
+            is_kproxy_program(&program).then_some(AttachedProgram {
+                program,
+                id: x.prog_id,
+                hook: x.mode_name(),
+            })
+        });
+        if xdp.is_some() || !tc.is_empty() {
+            report.devices.push(DeviceAttachments {
+                name: link.name,
+                ifindex: link.index,
+                xdp,
+                tc,
+            });
+        }
+    }
+    let links_dir = crate::dataplane::bpf::maps_dir(pin_path).join("links");
+    if let Ok(rd) = std::fs::read_dir(&links_dir) {
+        for e in rd.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(dev) = file.strip_prefix("xdp-") else { continue };
+            if !report.devices.iter().any(|d| d.name == dev && d.xdp.is_some()) {
+                report.stale_xdp_pins.push(dev.to_owned());
+            }
+        }
+    }
+    report.stale_xdp_pins.sort();
+    Ok(report)
+}
+
+impl AttachmentReport {
+    /// A table for `kproxy device list`.
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = format!(
+            "{:<16} {:>7}  {:<22} {:<20} {}\n",
+            "DEVICE", "IFINDEX", "XDP", "TC INGRESS", "TC EGRESS"
+        );
+        for d in &self.devices {
+            let xdp = d.xdp.as_ref().map_or("-".into(), |x| format!("{} ({})", x.program, x.hook));
+            let tc = |hook: &str| {
+                let v: Vec<&str> =
+                    d.tc.iter().filter(|p| p.hook == hook).map(|p| p.program.as_str()).collect();
+                if v.is_empty() { "-".to_string() } else { v.join(",") }
+            };
+            let _ = writeln!(
+                out,
+                "{:<16} {:>7}  {:<22} {:<20} {}",
+                d.name,
+                d.ifindex,
+                xdp,
+                tc("ingress"),
+                tc("egress")
+            );
+        }
+        if !self.stale_xdp_pins.is_empty() {
+            let _ = writeln!(
+                out,
+                "stale XDP link pins (device gone): {}",
+                self.stale_xdp_pins.join(", ")
+            );
+        }
+        out
+    }
+
+    /// JSON for `kproxy device list -o json`.
+    pub fn json(&self) -> Value {
+        let prog = |p: &AttachedProgram| json!({"program": p.program, "id": p.id, "hook": p.hook});
+        json!({
+            "devices": self.devices.iter().map(|d| json!({
+                "name": d.name,
+                "ifindex": d.ifindex,
+                "xdp": d.xdp.as_ref().map(prog),
+                "tc": d.tc.iter().map(prog).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "stale_xdp_link_pins": self.stale_xdp_pins,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::{
 use kproxy_tests::{
     client::{TcpSession, tcp_request},
     lab::{self, Agent, AgentOpts, Lab, LabSpec, SERVER_PORT, Wiring, exec},
-    manifests::{Endpoint, ManifestDir, Port, Service, Slice},
+    manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
 };
 
 const T: Duration = Duration::from_secs(2);
@@ -25,16 +25,23 @@ struct Setup {
     agents: Vec<Option<Agent>>,
     dir: ManifestDir,
     lab: Lab,
+    /// Further agent arguments.
+    extra: Vec<String>,
 }
 
 impl Setup {
     fn new(label: &str) -> Setup {
+        Setup::with_args(label, &[])
+    }
+
+    fn with_args(label: &str, extra: &[&str]) -> Setup {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
         let mut lab = Lab::up(LabSpec::with_wiring(Wiring::Routed)).expect("lab");
         lab.start_servers().expect("servers");
         let dir = ManifestDir::new(&format!("{label}-{}", lab.prefix())).expect("dir");
-        let mut s = Setup { agents: Vec::new(), dir, lab };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut s = Setup { agents: Vec::new(), dir, lab, extra };
         for i in 0..2 {
             let a = s.start_agent(i);
             s.agents.push(Some(a));
@@ -43,7 +50,11 @@ impl Setup {
     }
 
     fn start_agent(&self, node: usize) -> Agent {
-        let opts = AgentOpts { manifests_dir: self.dir.path().to_path_buf(), ..Default::default() };
+        let opts = AgentOpts {
+            manifests_dir: self.dir.path().to_path_buf(),
+            extra_args: self.extra.clone(),
+            ..Default::default()
+        };
         self.lab.spawn_agent(node, &opts).expect("agent")
     }
 
@@ -78,6 +89,26 @@ impl Drop for Setup {
         for i in 0..2 {
             let _ = self.lab.cleanup(i);
         }
+    }
+}
+
+/// The value of the sample `series` (name with labels) in a Prometheus text body.
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls node `node`'s `/metrics` until `ok` accepts it (15 s at most).
+fn metrics_until(s: &Setup, node: usize, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let ns = s.lab.node(node).ns.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = http_get(&ns, Ipv4Addr::LOCALHOST, 10249, "/metrics");
+        assert_eq!(code, 200);
+        if ok(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "metrics never showed {what}:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -156,7 +187,7 @@ impl Traffic {
 
 #[test]
 fn metrics_pass_promtool_and_health_answers() {
-    let s = Setup::new("metrics");
+    let s = Setup::with_args("metrics", &["--map-stats-interval-secs", "1"]);
     s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 0)]);
     let pod = s.lab.pod(0, 1).unwrap().ns.clone();
     wait_served(&pod, VIP);
@@ -164,17 +195,27 @@ fn metrics_pass_promtool_and_health_answers() {
         tcp_request(&pod, VIP, 80, T).expect("served");
     }
     let node = s.lab.node(0).ns.clone();
-    // The datapath counters are read by the agent periodically: wait until they show.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let metrics = loop {
-        let (code, body) = http_get(&node, Ipv4Addr::LOCALHOST, 10249, "/metrics");
-        assert_eq!(code, 200);
-        if body.contains("kproxy_packets_total{reason=\"translated_new\"}") {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "no packet counters in metrics:\n{body}");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    // Datapath counters are read by the agent periodically, map fill levels sampled every
+    // --map-stats-interval-secs: wait for the reads that follow the programming and the traffic.
+    let metrics = metrics_until(&s, 0, "packet counters and map fill levels", |b| {
+        b.contains("kproxy_packets_total{reason=\"translated_new\"}")
+            && metric(b, "kproxy_map_entries{map=\"services\"}").is_some_and(|v| v >= 2.0)
+            && metric(b, "kproxy_map_entries{map=\"conntrack\"}").is_some_and(|v| v >= 1.0)
+    });
+    assert_eq!(metric(&metrics, "kproxy_map_entries{map=\"backends\"}"), Some(2.0), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "kproxy_map_capacity{map=\"conntrack\"}"),
+        Some(f64::from(kproxy_common::defaults::CT4_MAX)),
+        "{metrics}"
+    );
+    for series in [
+        "kproxy_map_pressure{map=\"affinity\"}",
+        "kproxy_map_full_errors_total{map=\"services\"}",
+        "kproxy_devices_attached{kind=\"external\"}",
+    ] {
+        assert!(metric(&metrics, series).is_some(), "{series} missing:\n{metrics}");
+    }
+    assert_eq!(metric(&metrics, "kproxy_devices_attached{kind=\"pod\"}"), Some(3.0));
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -352,6 +393,21 @@ fn cli_reads_the_datapath_while_the_agent_is_down_and_cleanup_removes_it() {
         text.contains("198.18.100.11") && text.contains("198.19.0.10"),
         "the open connection: {text}"
     );
+    let out = s.kproxy(0, &["map", "list", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).expect("map list JSON");
+    let entries = |m: &str| {
+        maps.as_array().unwrap().iter().find(|v| v["map"] == m).expect(m)["entries"].as_u64()
+    };
+    // One frontend and its one backend slot; one backend; the open connection.
+    assert_eq!(entries("services"), Some(2), "{maps}");
+    assert_eq!(entries("backends"), Some(1), "{maps}");
+    assert!(entries("conntrack").unwrap() >= 1, "{maps}");
+    let out = s.kproxy(0, &["map", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PRESSURE"));
+    let devices = device_list(&s, 0);
+    let eth0 = devices["devices"].as_array().unwrap().iter().find(|d| d["name"] == "eth0");
+    assert!(eth0.is_some_and(|d| d["xdp"]["program"] == "kp_xdp_ext"), "{devices}");
     // Still serving with the agent down; cleanup removes programs and pins.
     assert!(tcp_request(&pod, VIP, 80, T).is_ok());
     let out = s.kproxy(0, &["cleanup"]);
@@ -364,4 +420,240 @@ fn cli_reads_the_datapath_while_the_agent_is_down_and_cleanup_removes_it() {
         "filters left after cleanup"
     );
     assert!(tcp_request(&pod, VIP, 80, T).is_err(), "the ClusterIP still answers after cleanup");
+    let out = s.kproxy(0, &["device", "list", "-o", "json"]);
+    let devices: serde_json::Value = serde_json::from_slice(&out.stdout).expect("device JSON");
+    assert_eq!(devices["devices"], serde_json::json!([]), "attachments left after cleanup");
+}
+
+/// `kproxy device list -o json` on node `node`.
+fn device_list(s: &Setup, node: usize) -> serde_json::Value {
+    let out = s.kproxy(node, &["device", "list", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("device list JSON")
+}
+
+/// The kproxy programs `device list` shows on `dev` (XDP first), empty when it is not listed.
+fn programs_on(devices: &serde_json::Value, dev: &str) -> Vec<String> {
+    let Some(d) = devices["devices"].as_array().unwrap().iter().find(|d| d["name"] == dev) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> =
+        d["xdp"]["program"].as_str().map(str::to_owned).into_iter().collect();
+    out.extend(d["tc"].as_array().unwrap().iter().map(|p| p["program"].as_str().unwrap().into()));
+    out
+}
+
+/// Waits until the agent log of node `node` has a line holding every needle.
+fn log_until(s: &Setup, node: usize, needles: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = s.agents[node].as_ref().unwrap().log_text();
+        if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no log line with {needles:?}:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// New pod interfaces get the programs from the link notification (the periodic rescan is set
+/// far beyond the test), are served at once, and leave nothing behind when they go.
+#[test]
+fn pod_interfaces_are_attached_as_they_appear_and_forgotten_as_they_go() {
+    let mut s = Setup::with_args("devices", &["--device-rescan-secs", "600"]);
+    s.put(&web("web", VIP), vec![s.ep(1, 0), s.ep(1, 1)]);
+    wait_served(&s.lab.pod(0, 0).unwrap().ns.clone(), VIP);
+    let node_ns = s.lab.node(0).ns.clone();
+    let pin = s.lab.pin_path(0).to_path_buf();
+
+    // A bare veth: from the moment `ip link add` returns to kproxy's filters on it.
+    let attach_latency = lab::in_netns(&node_ns, || {
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&["link", "add", "vp200", "type", "veth", "peer", "name", "kpt200"]);
+        let created = Instant::now();
+        let on_vp200 = || {
+            kproxy::netdev::attachments(&pin)
+                .expect("attachments")
+                .devices
+                .iter()
+                .find(|d| d.name == "vp200")
+                .map_or(0, |d| d.tc.len())
+        };
+        while on_vp200() < 2 {
+            assert!(created.elapsed() < Duration::from_secs(5), "vp200 never got its programs");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let latency = created.elapsed();
+        ip(&["link", "del", "vp200"]);
+        latency
+    })
+    .expect("netns");
+    eprintln!("new veth -> TC programs attached: {attach_latency:?}");
+    // Link notification → attach takes milliseconds; a periodic scan would take its period.
+    assert!(attach_latency < Duration::from_millis(250), "{attach_latency:?}");
+    log_until(&s, 0, &["interface gone", "device=vp200"]);
+
+    // Real pods: a client pod added after the agent started reaches the ClusterIP right away.
+    let mut served_after = Vec::new();
+    let mut added = Vec::new();
+    for _ in 0..3 {
+        let pod = s.lab.add_pod(0).expect("add pod");
+        let t = Instant::now();
+        while tcp_request(&pod.ns, VIP, 80, Duration::from_millis(100)).is_err() {
+            assert!(t.elapsed() < Duration::from_millis(500), "new pod {} not served", pod.name);
+        }
+        served_after.push(t.elapsed());
+        added.push(pod);
+    }
+    eprintln!("new pod -> first ClusterIP connection served: {served_after:?}");
+    let devices = device_list(&s, 0);
+    for pod in &added {
+        assert_eq!(programs_on(&devices, &pod.host_veth), ["kp_tc_from_pod", "kp_tc_to_pod"]);
+    }
+    metrics_until(&s, 0, "6 pod devices", |b| {
+        metric(b, "kproxy_devices_attached{kind=\"pod\"}") == Some(6.0)
+    });
+
+    // Removed pods: logged, no longer attached, counted out, no stale pins.
+    for pod in &added {
+        s.lab.remove_pod(pod).expect("remove pod");
+    }
+    for pod in &added {
+        log_until(&s, 0, &["interface gone", &format!("device={}", pod.host_veth)]);
+    }
+    metrics_until(&s, 0, "3 pod devices", |b| {
+        metric(b, "kproxy_devices_attached{kind=\"pod\"}") == Some(3.0)
+    });
+    let devices = device_list(&s, 0);
+    let listed: Vec<&str> = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["eth0", "vp0", "vp1", "vp2"], "{devices}");
+    assert_eq!(devices["stale_xdp_link_pins"], serde_json::json!([]));
+    // The pods that stayed are still served.
+    assert!(tcp_request(&s.lab.pod(0, 1).unwrap().ns, VIP, 80, T).is_ok());
+}
+
+/// Deletes node `i`'s underlay veth (its `eth0` goes with it) and creates it again with the same
+/// names, address and routes: a new interface index, no programs on it.
+fn recreate_node_eth0(lab: &Lab, i: usize) {
+    let node = lab.node(i);
+    let underlay = lab.underlay_ns();
+    let port = format!("n{i}");
+    let addr = format!("{}/{}", node.ip, lab::UNDERLAY_PREFIX_LEN);
+    exec(&underlay, &["ip", "link", "del", &port]).unwrap();
+    let veth = ["ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns"];
+    exec(&underlay, &[&veth[..], &[node.ns.as_str()]].concat()).unwrap();
+    exec(&underlay, &["ip", "link", "set", &port, "master", "br0", "up"]).unwrap();
+    exec(&underlay, &["ethtool", "-K", &port, "tx", "off"]).unwrap();
+    exec(&node.ns, &["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
+    exec(&node.ns, &["ip", "addr", "add", &addr, "dev", "eth0"]).unwrap();
+    exec(&node.ns, &["ip", "link", "set", "eth0", "up"]).unwrap();
+    let client = lab::CLIENT_IP.to_string();
+    exec(&node.ns, &["ip", "route", "add", "default", "via", &client]).unwrap();
+    for other in lab.nodes().iter().filter(|n| n.index != i) {
+        let dst = format!("{}/24", other.pod_cidr);
+        let via = other.ip.to_string();
+        exec(&node.ns, &["ip", "route", "add", &dst, "via", &via, "dev", "eth0"]).unwrap();
+    }
+}
+
+/// A NodePort device deleted and created again (same name, new index) gets XDP and TC again.
+#[test]
+fn recreated_nodeport_device_is_attached_again() {
+    let s = Setup::with_args("extdev", &["--device-rescan-secs", "600"]);
+    let mut svc = web("np", VIP);
+    svc.svc_type = SvcType::NodePort;
+    svc.ports[0] = svc.ports[0].clone().node_port(30080);
+    s.put(&svc, vec![s.ep(1, 0)]);
+    let client = s.lab.client_ns();
+    let node_ip = s.lab.node(0).ip;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tcp_request(&client, node_ip, 30080, T).is_err() {
+        assert!(Instant::now() < deadline, "NodePort never served");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = device_list(&s, 0);
+    assert_eq!(programs_on(&before, "eth0"), ["kp_xdp_ext", "kp_tc_ext"], "{before}");
+
+    recreate_node_eth0(&s.lab, 0);
+    let t = Instant::now();
+    while tcp_request(&client, node_ip, 30080, Duration::from_millis(200)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(5), "NodePort not served after eth0 came back");
+    }
+    eprintln!("eth0 recreated -> NodePort served: {:?}", t.elapsed());
+    log_until(&s, 0, &["NodePort device gone", "device=eth0"]);
+    let after = device_list(&s, 0);
+    assert_eq!(programs_on(&after, "eth0"), ["kp_xdp_ext", "kp_tc_ext"], "{after}");
+    let index = |v: &serde_json::Value| {
+        v["devices"].as_array().unwrap().iter().find(|d| d["name"] == "eth0").unwrap()["ifindex"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_ne!(index(&before), index(&after), "eth0 was not recreated");
+    log_until(&s, 0, &["programs attached", "device=eth0", &format!("ifindex={}", index(&after))]);
+    assert_eq!(after["stale_xdp_link_pins"], serde_json::json!([]));
+    for _ in 0..10 {
+        let r = tcp_request(&client, node_ip, 30080, T).expect("NodePort");
+        assert_eq!(r.server_pod, "node-1-pod-0");
+    }
+}
+
+/// A full map is reported: a metric by map, its fill level, a log line naming the service; the
+/// services already programmed keep working and the one that did not fit is not half-written.
+#[test]
+fn full_backend_map_is_counted_by_map_and_keeps_the_rest_serving() {
+    let s = Setup::with_args("full", &["--max-backends", "3", "--map-stats-interval-secs", "1"]);
+    s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 0)]);
+    let pod = s.lab.pod(0, 2).unwrap().ns.clone();
+    wait_served(&pod, VIP);
+    // Two more backends: one fits, the second does not.
+    s.put(&web("web2", VIP2), vec![s.ep(0, 1), s.ep(1, 1)]);
+    let metrics = metrics_until(&s, 0, "a full backends map", |b| {
+        metric(b, "kproxy_map_full_errors_total{map=\"backends\"}").is_some_and(|v| v >= 1.0)
+            && metric(b, "kproxy_map_pressure{map=\"backends\"}").is_some_and(|v| v > 0.6)
+    });
+    assert_eq!(metric(&metrics, "kproxy_map_capacity{map=\"backends\"}"), Some(3.0));
+    assert_eq!(metric(&metrics, "kproxy_map_full_errors_total{map=\"services\"}"), Some(0.0));
+    log_until(&s, 0, &["default/web2", "is full"]);
+    for _ in 0..5 {
+        tcp_request(&pod, VIP, 80, T).expect("the service that fit is still served");
+    }
+    assert!(
+        tcp_request(&pod, VIP2, 80, Duration::from_millis(500)).is_err(),
+        "the service that did not fit answers"
+    );
+}
+
+/// An external device that went away while no agent ran leaves an XDP link pin; the next agent
+/// removes it.
+#[test]
+fn xdp_link_of_a_device_gone_while_the_agent_was_down_is_removed() {
+    let mut s = Setup::new("stalepin");
+    let ns = s.lab.node(0).ns.clone();
+    exec(&ns, &["ip", "link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1"]).unwrap();
+    exec(&ns, &["ip", "link", "set", "kpx0", "up"]).unwrap();
+    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("stop");
+    let opts = AgentOpts {
+        manifests_dir: s.dir.path().to_path_buf(),
+        extra_args: vec!["--nodeport-devices".into(), "kpx0".into()],
+        ..Default::default()
+    };
+    s.agents[0] = Some(s.lab.spawn_agent(0, &opts).expect("agent"));
+    log_until(&s, 0, &["programs attached", "device=kpx0"]);
+    assert_eq!(programs_on(&device_list(&s, 0), "kpx0"), ["kp_xdp_ext", "kp_tc_ext"]);
+    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("stop");
+    exec(&ns, &["ip", "link", "del", "kpx0"]).unwrap();
+    assert_eq!(device_list(&s, 0)["stale_xdp_link_pins"], serde_json::json!(["kpx0"]));
+    s.agents[0] = Some(s.start_agent(0));
+    log_until(&s, 0, &["removed the XDP link", "device=kpx0"]);
+    let devices = device_list(&s, 0);
+    assert_eq!(devices["stale_xdp_link_pins"], serde_json::json!([]), "{devices}");
+    assert_eq!(programs_on(&devices, "eth0"), ["kp_xdp_ext", "kp_tc_ext"]);
 }

@@ -32,16 +32,29 @@ pub enum Command {
         #[command(subcommand)]
         action: ConntrackAction,
     },
-    /// Print the datapath's packet counters.
+    /// Print the datapath's packet counters (drops marked), by reason.
     Stats(ListArgs),
+    /// Inspect the BPF maps.
+    Map {
+        /// Action.
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Inspect the devices carrying kproxy's programs.
+    Device {
+        /// Action.
+        #[command(subcommand)]
+        action: ListAction,
+    },
     /// Detach every program and remove every pin kproxy made under the pin path.
     Cleanup(PinArgs),
 }
 
-/// `service` actions.
+/// `service`, `map` and `device` actions.
 #[derive(Debug, Subcommand)]
 pub enum ListAction {
-    /// List service entries with their backends.
+    /// List them: service entries with their backends; maps with their fill level; devices with
+    /// the kproxy programs attached (and stale XDP link pins).
     List(ListArgs),
 }
 
@@ -145,12 +158,35 @@ pub struct AgentArgs {
     /// Last source-NAT port.
     #[arg(long, default_value_t = kproxy_common::defaults::SNAT_PORT_MAX)]
     pub snat_port_max: u16,
-    /// How often sources, devices and addresses are checked, in milliseconds.
+    /// How often sources and addresses are checked, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_interval_ms: u64,
+    /// Period of the full device rescan behind the netlink link notifications, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub device_rescan_secs: u64,
+    /// How often the map fill levels (`kproxy_map_entries`) are sampled, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub map_stats_interval_secs: u64,
     /// Full resync period in seconds (rewrites whatever differs from the shadow state).
     #[arg(long, default_value_t = 30)]
     pub sync_period_secs: u64,
+}
+
+/// Parses `kproxy agent --node-name node-0 --pin-path /p` followed by `extra`, for unit tests;
+/// `--nodeport-devices eth0` and `--pod-devices 'vp*'` are added unless `extra` has them.
+#[cfg(test)]
+pub(crate) fn parse_agent(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
+    let mut argv = vec!["kproxy", "agent", "--node-name", "node-0", "--pin-path", "/p"];
+    for (flag, value) in [("--nodeport-devices", "eth0"), ("--pod-devices", "vp*")] {
+        if !extra.contains(&flag) {
+            argv.extend([flag, value]);
+        }
+    }
+    argv.extend(extra);
+    match Cli::try_parse_from(argv)?.command {
+        Command::Agent(a) => Ok(*a),
+        other => panic!("not the agent: {other:?}"),
+    }
 }
 
 #[cfg(test)]
@@ -162,27 +198,21 @@ mod tests {
     #[test]
     fn fixed_interface_parses() {
         Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
-            "kproxy",
-            "agent",
-            "--node-name",
-            "node-0",
+        let a = parse_agent(&[
             "--manifests",
             "/m",
             "--nodeport-devices",
             "eth0,eth1",
             "--pod-devices",
             "vp*,lxc*",
-            "--pin-path",
-            "/p",
         ])
         .unwrap();
-        let Command::Agent(a) = cli.command else { panic!() };
         assert_eq!(a.nodeport_devices, ["eth0", "eth1"]);
         assert_eq!(a.pod_devices, ["vp*", "lxc*"]);
         assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:10249");
         assert_eq!(a.healthz_addr.to_string(), "0.0.0.0:10256");
         assert!(!a.no_xdp);
+        assert_eq!((a.device_rescan_secs, a.map_stats_interval_secs), (10, 10));
 
         let cli =
             Cli::try_parse_from(["kproxy", "service", "list", "--pin-path", "/p", "-o", "json"])
@@ -194,26 +224,20 @@ mod tests {
         let cli = Cli::try_parse_from(["kproxy", "conntrack", "list", "--pin-path", "/p"]).unwrap();
         assert!(matches!(cli.command, Command::Conntrack { .. }));
         assert!(Cli::try_parse_from(["kproxy", "cleanup", "--pin-path", "/p"]).is_ok());
+        for cmd in ["map", "device"] {
+            let cli =
+                Cli::try_parse_from(["kproxy", cmd, "list", "--pin-path", "/p", "-o", "json"])
+                    .unwrap();
+            assert!(matches!(
+                cli.command,
+                Command::Map { action: ListAction::List(ListArgs { output: Output::Json, .. }) }
+                    | Command::Device {
+                        action: ListAction::List(ListArgs { output: Output::Json, .. })
+                    }
+            ));
+        }
         // --manifests and --kubeconfig exclude each other; devices are required.
-        assert!(
-            Cli::try_parse_from([
-                "kproxy",
-                "agent",
-                "--node-name",
-                "n",
-                "--manifests",
-                "/m",
-                "--kubeconfig",
-                "/k",
-                "--nodeport-devices",
-                "eth0",
-                "--pod-devices",
-                "vp*",
-                "--pin-path",
-                "/p",
-            ])
-            .is_err()
-        );
+        assert!(parse_agent(&["--manifests", "/m", "--kubeconfig", "/k"]).is_err());
         assert!(
             Cli::try_parse_from(["kproxy", "agent", "--node-name", "n", "--pin-path", "/p"])
                 .is_err()

@@ -8,7 +8,7 @@ use kproxy_common::{
 };
 use serde_json::{Value, json};
 
-use crate::model::proto_name;
+use crate::{metrics::MapUsage, model::proto_name};
 
 fn ip(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
@@ -293,6 +293,39 @@ pub fn stats_table(counters: &[(Reason, u64)]) -> String {
 /// `kproxy stats -o json`.
 pub fn stats_json(counters: &[(Reason, u64)]) -> Value {
     Value::Object(counters.iter().map(|(r, n)| (r.name().to_string(), json!(n))).collect())
+}
+
+/// `kproxy map list`.
+pub fn maps_table(usage: &[MapUsage]) -> String {
+    let mut out = format!(
+        "{:<11} {:<10} {:>10} {:>10} {:>9}\n",
+        "MAP", "PINNED", "ENTRIES", "CAPACITY", "PRESSURE"
+    );
+    for u in usage {
+        let _ = writeln!(
+            out,
+            "{:<11} {:<10} {:>10} {:>10} {:>8.1}%",
+            u.map,
+            u.pinned,
+            u.entries,
+            u.capacity,
+            u.pressure() * 100.0
+        );
+    }
+    out
+}
+
+/// `kproxy map list -o json`.
+pub fn maps_json(usage: &[MapUsage]) -> Value {
+    Value::Array(
+        usage
+            .iter()
+            .map(|u| {
+                json!({"map": u.map, "pinned": u.pinned, "entries": u.entries,
+                       "capacity": u.capacity, "pressure": u.pressure()})
+            })
+            .collect(),
+    )
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
