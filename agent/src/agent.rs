@@ -164,6 +164,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&args.pin_path, &sizes)
         .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
     let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;
+    if args.conntrack_gc_interval_secs > 0 {
+        let m = metrics.clone();
+        let every = Duration::from_secs(args.conntrack_gc_interval_secs);
+        crate::dataplane::conntrack::spawn_gc(args.pin_path.clone(), every, move |s, ev| {
+            m.set_conntrack(*s, ev)
+        })
+        .context("starting the conntrack GC")?;
+    }
     let mut syncer = Syncer::adopt(&dp).context("reading the programmed state")?;
     match dp.conntrack() {
         Ok(ct) => syncer.avoid_backend_ids(ct.iter().map(|(_, v)| v.backend_id)),

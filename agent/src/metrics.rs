@@ -93,6 +93,7 @@ pub struct Metrics {
     manifest_errors: AtomicU64,
     sync_errors: Mutex<BTreeMap<&'static str, u64>>,
     packets: Mutex<Vec<(Reason, u64)>>,
+    conntrack: Mutex<Option<(crate::dataplane::conntrack::CtStats, u64)>>,
     health: Mutex<Health>,
 }
 
@@ -107,6 +108,7 @@ impl Default for Metrics {
             manifest_errors: AtomicU64::new(0),
             sync_errors: Mutex::new(BTreeMap::new()),
             packets: Mutex::new(Vec::new()),
+            conntrack: Mutex::new(None),
             health: Mutex::new(Health::default()),
         }
     }
@@ -152,6 +154,12 @@ impl Metrics {
     /// Replaces the packet counters (summed over CPUs, read from the datapath).
     pub fn set_packets(&self, counters: Vec<(Reason, u64)>) {
         *lock(&self.packets) = counters;
+    }
+
+    /// Replaces the connection-tracking numbers (from the conntrack GC) and the monotonic
+    /// eviction count.
+    pub fn set_conntrack(&self, stats: crate::dataplane::conntrack::CtStats, evictions: u64) {
+        *lock(&self.conntrack) = Some((stats, evictions));
     }
 
     /// The `/healthz` answer at `now`: status code and JSON body, like kube-proxy's.
@@ -223,6 +231,9 @@ impl Metrics {
         );
         for (reason, n) in lock(&self.packets).iter() {
             let _ = writeln!(out, "kproxy_packets_total{{reason=\"{}\"}} {n}", reason.name());
+        }
+        if let Some((ct, evictions)) = *lock(&self.conntrack) {
+            ct.render_prometheus(evictions, &mut out);
         }
         out
     }
@@ -343,6 +354,9 @@ mod tests {
         m.manifest_errors(2);
         m.observe_programming(1.5);
         m.set_packets(vec![(Reason::TranslatedNew, 42)]);
+        let ct =
+            crate::dataplane::conntrack::CtStats { entries: 3, capacity: 8, ..Default::default() };
+        m.set_conntrack(ct, 5);
         let s = m.render();
         for want in [
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
@@ -355,6 +369,8 @@ mod tests {
             "kproxy_sync_errors_total{kind=\"map_full\"} 1\n",
             "kproxy_manifest_errors_total 2\n",
             "kproxy_packets_total{reason=\"translated_new\"} 42\n",
+            "kproxy_conntrack_evictions_total 5\n",
+            "kproxy_conntrack_entries 3\n",
         ] {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }

@@ -33,6 +33,8 @@ pub mod names {
     pub const CONFIG: &str = "kp_config";
     /// Fragmented datagram → its ports, from the first fragment (datapath-internal).
     pub const FRAG4: &str = "kp_frag4";
+    /// Per-CPU connection-tracking event counters indexed by [`crate::ct_counter`].
+    pub const CT_COUNTERS: &str = "kp_ctstat";
 
     /// XDP program for the node's external devices (NodePort, LoadBalancer, externalIPs).
     pub const PROG_XDP_EXT: &str = "kp_xdp_ext";
@@ -44,8 +46,8 @@ pub mod names {
     pub const PROG_TC_TO_POD: &str = "kp_tc_to_pod";
 
     /// Every map, in the order the agent checks them on start.
-    pub const ALL_MAPS: [&str; 8] =
-        [SERVICES4, BACKENDS4, CT4, REVNAT4, AFFINITY4, COUNTERS, CONFIG, FRAG4];
+    pub const ALL_MAPS: [&str; 9] =
+        [SERVICES4, BACKENDS4, CT4, REVNAT4, AFFINITY4, COUNTERS, CONFIG, FRAG4, CT_COUNTERS];
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -273,6 +275,21 @@ pub mod timeouts {
     }
 }
 
+/// Indexes of [`names::CT_COUNTERS`] (per-CPU `u64`s). [`names::CT4`] is an LRU hash: the
+/// kernel evicts its least recently used entries when it is full, silently. The evictions are
+/// what remains of the entries created once the deleted and the present ones are taken away:
+/// `CREATED - DELETED_DATAPATH - DELETED_AGENT - present entries`.
+pub mod ct_counter {
+    /// Entries the datapath inserted (a replaced entry is not counted).
+    pub const CREATED: u32 = 0;
+    /// Entries the datapath deleted (a flow whose backend went away).
+    pub const DELETED_DATAPATH: u32 = 1;
+    /// Entries the agent deleted (conntrack garbage collection). Written only by the agent.
+    pub const DELETED_AGENT: u32 = 2;
+    /// Number of slots.
+    pub const MAX: u32 = 4;
+}
+
 /// Value of [`names::REVNAT4`]: how to restore a reply (key: the reply's [`Tuple4`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -425,6 +442,10 @@ reasons! {
     PassUnsupportedProto = 9, "pass_unsupported_proto", false;
     /// TC on an external device: XDP already handled this packet (XDP metadata mark).
     PassHandledByXdp = 10, "pass_handled_by_xdp", false;
+    /// A TCP packet other than a SYN to a service frontend found no connection entry (evicted
+    /// from a full table, or expired): balanced like a new connection, which picks the same
+    /// backend by flow hash while the backend set is unchanged.
+    CtMissMidFlow = 11, "ct_miss_mid_flow", false;
     /// Truncated or malformed header.
     DropMalformed = 16, "drop_malformed", true;
     /// IP fragment addressed to a service frontend (no L4 header to balance on).

@@ -151,6 +151,10 @@ pub struct AgentArgs {
     /// Full resync period in seconds (rewrites whatever differs from the shadow state).
     #[arg(long, default_value_t = 30)]
     pub sync_period_secs: u64,
+    /// Connection-tracking garbage collection interval in seconds (expired entries deleted,
+    /// entries and evictions counted for the metrics); 0 disables it.
+    #[arg(long, default_value_t = 30)]
+    pub conntrack_gc_interval_secs: u64,
 }
 
 #[cfg(test)]
