@@ -189,6 +189,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("attaching to NodePort device {dev}"))?;
         info!(device = %dev, ?mode, "attached external programs");
     }
+    match &args.cgroup_path {
+        Some(cg) => datapath.attach_cgroup(cg).context("attaching the socket LB")?,
+        None => datapath.detach_cgroup().context("detaching the socket LB")?,
+    }
     let mut pods = PodAttachments {
         globs: args.pod_devices.clone(),
         exclude: args.nodeport_devices.iter().cloned().collect(),

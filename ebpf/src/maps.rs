@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use kproxy_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value, NodeConfig, REASON_MAX,
-    Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, ct_counter, defaults,
+    Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key, SockRev4Value, Tuple4, ct_counter,
+    defaults,
 };
 
 /// Frontend (+ backend slot) → service entry / backend id.
@@ -46,6 +47,12 @@ pub static kp_frag4: LruHashMap<Frag4Key, Frag4Value, { defaults::FRAG4_MAX as u
 /// agent derives the LRU evictions of `kp_ct4` from them.
 #[btf_map]
 pub static kp_ctstat: PerCpuArray<u64, { ct_counter::MAX as usize }> = PerCpuArray::new();
+
+/// Socket LB: socket cookie + backend → the frontend the socket asked for (recvmsg4,
+/// getpeername4).
+#[btf_map]
+pub static kp_sock4: LruHashMap<SockRev4Key, SockRev4Value, { defaults::SOCK4_MAX as usize }> =
+    LruHashMap::new();
 
 /// Node configuration (one entry), written by the agent.
 #[btf_map]

@@ -155,6 +155,11 @@ pub struct AgentArgs {
     /// entries and evictions counted for the metrics); 0 disables it.
     #[arg(long, default_value_t = 30)]
     pub conntrack_gc_interval_secs: u64,
+    /// Socket-level load balancing for host-network processes: attach the cgroup
+    /// connect4/sendmsg4/recvmsg4/getpeername4 programs to this cgroup v2 directory (the cgroup2
+    /// root for the whole node). Off when not given (an earlier attachment is removed).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_path: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use kproxy_common::{
     ABI_VERSION, Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value,
-    NodeConfig, REASON_MAX, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, names,
+    NodeConfig, REASON_MAX, Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key,
+    SockRev4Value, Tuple4, names,
 };
 
 use super::{Dataplane, DataplaneError};
@@ -35,7 +36,7 @@ const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
 }
 
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
-pub const MAP_SPECS: [MapSpec; 9] = [
+pub const MAP_SPECS: [MapSpec; 10] = [
     spec::<Service4Key, Service4Value>(names::SERVICES4, MapType::Hash),
     spec::<u32, Backend4>(names::BACKENDS4, MapType::Hash),
     spec::<Tuple4, Ct4Value>(names::CT4, MapType::LruHash),
@@ -45,6 +46,7 @@ pub const MAP_SPECS: [MapSpec; 9] = [
     spec::<u32, NodeConfig>(names::CONFIG, MapType::Array),
     spec::<Frag4Key, Frag4Value>(names::FRAG4, MapType::LruHash),
     spec::<u32, u64>(names::CT_COUNTERS, MapType::PerCpuArray),
+    spec::<SockRev4Key, SockRev4Value>(names::SOCK4, MapType::LruHash),
 ];
 
 /// The versioned directory holding the map pins: `<pin_path>/v1`.
@@ -105,8 +107,9 @@ impl BpfDataplane {
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
         let dir = maps_dir(pin_path);
-        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat] = &MAP_SPECS;
+        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock] = &MAP_SPECS;
         check_pinned(&dir.join(frag.name), frag)?;
+        check_pinned(&dir.join(sock.name), sock)?;
         let (services, services_cap) = open_map(&dir, svc)?;
         let (backends, backends_cap) = open_map(&dir, be)?;
         let (ct, ct_cap) = open_map(&dir, ct)?;
