@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use kproxy_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value, NodeConfig, REASON_MAX,
-    Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key, SockRev4Value, Tuple4, ct_counter,
-    defaults,
+    Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key, SockRev4Value, Tuple4,
+    ct_counter, defaults,
 };
 
 /// Frontend (+ backend slot) → service entry / backend id.

@@ -6,12 +6,10 @@
 //! `kp_sock4` remembers socket + backend → frontend so that replies to unconnected UDP sockets
 //! (recvmsg4) and `getpeername` show the frontend.
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie,
-    programs::SockAddrContext, EbpfContext as _,
+    EbpfContext as _, bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie,
+    programs::SockAddrContext,
 };
-use kproxy_common::{
-    Reason, SockRev4Key, SockRev4Value, cfg_flags, proto, scope, svc_flags,
-};
+use kproxy_common::{Reason, SockRev4Key, SockRev4Value, cfg_flags, proto, scope, svc_flags};
 
 use crate::{ct, lb, maps};
 
