@@ -141,6 +141,15 @@ impl Env {
             .unwrap();
     }
 
+    /// Backend 1 on node 1 ([`BE_REMOTE`]) behind the NodePort `NODE_IP:port` (scope
+    /// EXTERNAL, service id 1); returns the frontend.
+    fn remote_nodeport(&mut self, p: u8, port: u16) -> String {
+        self.backend(1, BE_REMOTE, 0, p);
+        let np = format!("{NODE_IP}:{port}");
+        self.service(&np, p, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        np
+    }
+
     fn counters(&self) -> BTreeMap<Reason, u64> {
         self.maps.counters().unwrap().into_iter().filter(|(_, n)| *n > 0).collect()
     }
@@ -487,9 +496,7 @@ fn nodeport_local_backend_no_snat() {
 fn nodeport_remote_backend_snat_fib_forward_and_reply() {
     in_test_netns(true, || {
         let mut env = Env::new();
-        env.backend(1, BE_REMOTE, 0, proto::TCP);
-        let np = format!("{NODE_IP}:30080");
-        env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let np = env.remote_nodeport(proto::TCP, 30080);
         let kpt0 = ifindex("kpt0");
         assert_ne!(kpt0, 0);
 
@@ -554,9 +561,7 @@ fn nodeport_remote_backend_snat_fib_forward_and_reply() {
 fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
     in_test_netns(false, || {
         let mut env = Env::new();
-        env.backend(1, BE_REMOTE, 0, proto::UDP);
-        let np = format!("{NODE_IP}:30053");
-        env.service(&np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let np = env.remote_nodeport(proto::UDP, 30053);
         let q = Frame::udp(sa(CLIENT), sa(&np), b"q");
         // XDP cannot resolve the neighbour: the packet goes up untouched, unmarked...
         let (v, out, marked) = env.xdp_meta(&q.build());
@@ -1252,9 +1257,7 @@ fn icmp_errors_about_translated_connections_are_translated() {
 fn icmp_error_from_remote_backend_reaches_external_client() {
     in_test_netns(true, || {
         let mut env = Env::new();
-        env.backend(1, BE_REMOTE, 0, proto::UDP);
-        let np = format!("{NODE_IP}:30053");
-        env.service(&np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let np = env.remote_nodeport(proto::UDP, 30053);
         let q = Frame::udp(sa(CLIENT), sa(&np), b"query");
         let qb = q.build();
         let (v, fwd) = env.xdp(&qb);
@@ -1545,9 +1548,7 @@ fn snat_ports_run_out_and_are_reclaimed_from_closed_connections() {
                 _pad: 0,
             })
             .unwrap();
-        env.backend(1, BE_REMOTE, 0, proto::TCP);
-        let np = format!("{NODE_IP}:30080");
-        env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let np = env.remote_nodeport(proto::TCP, 30080);
         let syn = |port: u16| Frame::tcp(SocketAddrV4::new(*sa(CLIENT).ip(), port), sa(&np), SYN);
         let mut ports = std::collections::BTreeSet::new();
         for cport in [40001, 40002] {

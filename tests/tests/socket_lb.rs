@@ -149,19 +149,15 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         let svc = Service::cluster_ip(name, ip, ports());
         dir.put(&svc, &[Slice::for_service(&svc, eps)]).unwrap();
     }
-    let agents: Vec<Agent> = (0..2)
-        .map(|i| {
-            let opts = AgentOpts {
-                manifests_dir: dir.path().to_path_buf(),
-                extra_args: vec![
-                    "--cgroup-path".into(),
-                    cgroups.children[i].to_string_lossy().into_owned(),
-                ],
-                ..Default::default()
-            };
-            lab.spawn_agent(i, &opts).unwrap()
-        })
-        .collect();
+    let opts = |i: usize| AgentOpts {
+        manifests_dir: dir.path().to_path_buf(),
+        extra_args: vec![
+            "--cgroup-path".into(),
+            cgroups.children[i].to_string_lossy().into_owned(),
+        ],
+        ..Default::default()
+    };
+    let mut agents: Vec<Agent> = (0..2).map(|i| lab.spawn_agent(i, &opts(i)).unwrap()).collect();
     let guard = LogsOnPanic(&agents);
     let ns = lab.node(0).ns.clone();
     let cg = Some(cgroups.children[0].as_path());
@@ -213,6 +209,31 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     assert!(n(Reason::RejectNoBackend) >= 2, "{counters:?}");
     // The pod-side programs never saw a ClusterIP packet from the host.
     assert_eq!(n(Reason::TranslatedNew), 0, "{counters:?}");
+    drop(guard);
+
+    // A restarted agent puts its programs into the pinned links in place: still one program
+    // per hook on the cgroup, and host sockets keep being balanced.
+    let a0 = agents.remove(0);
+    a0.stop(Duration::from_secs(5)).unwrap();
+    agents.insert(0, lab.spawn_agent(0, &opts(0)).unwrap());
+    let guard = LogsOnPanic(&agents);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agents[0].log_text().contains("socket LB attached") {
+        assert!(Instant::now() < deadline, "restarted agent did not attach");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shown = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroups.children[0])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    for (prog, _) in kproxy_common::names::SOCK_PROGS {
+        assert_eq!(shown.matches(prog).count(), 1, "{prog} in\n{shown}");
+    }
+    let w = client(&ns, cg, "sendto", REMOTE);
+    assert_eq!(answered_by(&w).as_ref(), Some(&remote_pod), "after restart: {w:?}");
+    assert_eq!(get(&w, "from"), Some(format!("{REMOTE}:{PORT}").as_str()), "{w:?}");
     drop(guard);
     drop(agents);
     for i in 0..2 {
