@@ -5,6 +5,7 @@
 //! ClusterIPs over TCP, connected UDP and unconnected UDP, with backends on the same and on the
 //! other node; the service address shows as the peer and as the UDP reply's source; an empty
 //! service refuses. The cgroup, its mount and the lab are removed at the end, also on failure.
+//! The agents' conntrack metrics are checked on the way.
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -200,6 +201,26 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     // Outside the cgroup nothing translates host sockets (and the pod programs do not either).
     let w = client(&ns, None, "tcp", SAME);
     assert!(get(&w, "error").is_some(), "translated outside the cgroup: {w:?}");
+
+    // The agent's conntrack GC has run and its numbers are exported (host sockets create no
+    // connection entries).
+    let metrics = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args([
+            "python3",
+            "-c",
+            "import urllib.request as u; print(u.urlopen('http://127.0.0.1:10249/metrics').read().decode())",
+        ])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    for want in [
+        "kproxy_conntrack_capacity 524288\n",
+        "kproxy_conntrack_entries 0\n",
+        "kproxy_conntrack_evictions_total 0\n",
+    ] {
+        assert!(metrics.contains(want), "{want:?} in\n{metrics}");
+    }
 
     let counters: Vec<(Reason, u64)> =
         BpfDataplane::open(lab.pin_path(0)).unwrap().counters().unwrap();
