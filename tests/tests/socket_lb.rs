@@ -23,6 +23,7 @@ use kproxy_tests::{
 const SAME: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 21);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 22);
+const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 23);
 const PORT: u16 = 80;
 
 /// The host-network client: one request, one line of `key=value` words on stdout.
@@ -150,6 +151,10 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         let svc = Service::cluster_ip(name, ip, ports());
         dir.put(&svc, &[Slice::for_service(&svc, eps)]).unwrap();
     }
+    // internalTrafficPolicy: Local, endpoints on both nodes.
+    let mut local = Service::cluster_ip("local", LOCAL, ports());
+    local.internal_local = true;
+    dir.put(&local, &[Slice::for_service(&local, vec![ep(0), ep(1)])]).unwrap();
     let opts = |i: usize| AgentOpts {
         manifests_dir: dir.path().to_path_buf(),
         extra_args: vec![
@@ -190,6 +195,13 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         let w = client(&ns, cg, "sendto", vip);
         assert_eq!(answered_by(&w).as_ref(), Some(pod), "sendto {vip}: {w:?}");
         assert_eq!(get(&w, "from"), Some(frontend.as_str()), "sendto {vip}: {w:?}");
+    }
+
+    // internalTrafficPolicy: Local applies to host clients too: always the node's own pod
+    // (8 sockets, each balanced on its own: 1 in 256 to pass by chance if it did not).
+    for _ in 0..8 {
+        let w = client(&ns, cg, "tcp", LOCAL);
+        assert_eq!(answered_by(&w).as_ref(), Some(&same_pod), "internal Local: {w:?}");
     }
 
     // No endpoints: refused, as kube-proxy's REJECT rule does it.
