@@ -1804,3 +1804,39 @@ fn tcp_segment_without_connection_entry_is_balanced_and_counted() {
         ],
     );
 }
+
+/// Measurement (run with `--ignored --nocapture`): the agent's conntrack GC over a table of
+/// 100,000 entries, once with nothing to delete and once deleting everything.
+#[test]
+#[ignore = "measurement: prints the GC walk cost"]
+fn conntrack_gc_cost_on_a_large_table() {
+    const FLOWS: u32 = 100_000;
+    let mut env =
+        Env::with_sizes(&MapSizes { services: 64, backends: 64, conntrack: 131_072, affinity: 8 });
+    env.backend(1, "198.18.100.11:53", backend_flags::LOCAL, proto::UDP);
+    env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let t0 = std::time::Instant::now();
+    for i in 0..FLOWS {
+        let src = SocketAddrV4::new(
+            Ipv4Addr::new(198, 18, 102, 10 + (i / 50_000) as u8),
+            1024 + (i % 50_000) as u16,
+        );
+        let q = Frame::udp(src, sa("198.19.0.53:53"), b"q");
+        let (v, _) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+        assert_eq!(v, TC_ACT_OK);
+    }
+    let fill = t0.elapsed();
+    let now = kproxy::cli::show::monotonic_ns();
+    let t1 = std::time::Instant::now();
+    let g = env.maps.conntrack_gc(now).unwrap();
+    let keep = t1.elapsed();
+    assert_eq!((g.deleted, g.stats.entries), (0, u64::from(FLOWS)));
+    let t2 = std::time::Instant::now();
+    let g = env.maps.conntrack_gc(now + 60_000_000_000).unwrap();
+    let delete = t2.elapsed();
+    assert_eq!((g.deleted, g.revnat_deleted, g.stats.entries), (FLOWS.into(), FLOWS.into(), 0));
+    eprintln!(
+        "{FLOWS} entries: filled in {fill:?}; GC walk with nothing expired {keep:?}; \
+         GC deleting all (with their reverse NAT) {delete:?}"
+    );
+}
