@@ -102,9 +102,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         conntrack: args.max_conntrack,
         affinity: args.max_affinity,
     };
-    let datapath = Datapath::load(&args.pin_path, &sizes)
+    let mut datapath = Datapath::load(&args.pin_path, &sizes)
         .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
     let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;
+    if args.conntrack_gc_interval_secs > 0 {
+        let m = metrics.clone();
+        let every = Duration::from_secs(args.conntrack_gc_interval_secs);
+        crate::dataplane::conntrack::spawn_gc(args.pin_path.clone(), every, move |s, ev| {
+            m.set_conntrack(*s, ev)
+        })
+        .context("starting the conntrack GC")?;
+    }
     let mut syncer = Syncer::adopt(&dp).context("reading the programmed state")?;
     match dp.conntrack() {
         Ok(ct) => syncer.avoid_backend_ids(ct.iter().map(|(_, v)| v.backend_id)),
@@ -120,6 +128,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics.clone(),
         Duration::from_secs(args.map_stats_interval_secs.max(1)),
     );
+    match &args.cgroup_path {
+        Some(cg) => datapath.attach_cgroup(cg).context("attaching the socket LB")?,
+        None => datapath.detach_cgroup().context("detaching the socket LB")?,
+    }
     let spec = netdev::DeviceSpec {
         external: args.nodeport_devices.clone(),
         pod_globs: args.pod_devices.clone(),

@@ -84,7 +84,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => {
             let dp = open(&args)?;
             let counters = dp.counters()?;
-            print(args.output, || show::stats_table(&counters), || show::stats_json(&counters));
+            let ct = dp.conntrack_stats()?.rows();
+            // The conntrack numbers follow the reasons, in the same columns / object.
+            print(
+                args.output,
+                || {
+                    let mut t = show::stats_table(&counters);
+                    for (k, v) in ct {
+                        t += &format!("{k:<26} {:>5} {v:>14}\n", "");
+                    }
+                    t
+                },
+                || {
+                    let mut j = show::stats_json(&counters);
+                    for (k, v) in ct {
+                        j[k] = v.into();
+                    }
+                    j
+                },
+            );
             Ok(())
         }
         Command::Map { action: ListAction::List(args) } => {

@@ -98,6 +98,7 @@ pub struct Metrics {
     manifest_errors: AtomicU64,
     sync_errors: Mutex<BTreeMap<&'static str, u64>>,
     packets: Mutex<Vec<(Reason, u64)>>,
+    conntrack: Mutex<Option<(crate::dataplane::conntrack::CtStats, u64)>>,
     health: Mutex<Health>,
     maps: Mutex<Vec<MapUsage>>,
     map_full: Mutex<BTreeMap<&'static str, u64>>,
@@ -116,6 +117,7 @@ impl Default for Metrics {
             manifest_errors: AtomicU64::new(0),
             sync_errors: Mutex::new(BTreeMap::new()),
             packets: Mutex::new(Vec::new()),
+            conntrack: Mutex::new(None),
             health: Mutex::new(Health::default()),
             maps: Mutex::new(Vec::new()),
             // Listed from the start, so `increase()` sees the first failure.
@@ -201,6 +203,12 @@ impl Metrics {
     /// Replaces the packet counters (summed over CPUs, read from the datapath).
     pub fn set_packets(&self, counters: Vec<(Reason, u64)>) {
         *lock(&self.packets) = counters;
+    }
+
+    /// Replaces the connection-tracking numbers (from the conntrack GC) and the monotonic
+    /// eviction count.
+    pub fn set_conntrack(&self, stats: crate::dataplane::conntrack::CtStats, evictions: u64) {
+        *lock(&self.conntrack) = Some((stats, evictions));
     }
 
     /// The `/healthz` answer at `now`: status code and JSON body, like kube-proxy's.
@@ -316,6 +324,9 @@ impl Metrics {
             "# HELP kproxy_device_attach_errors_total Failed attempts to attach programs to a device.\n# TYPE kproxy_device_attach_errors_total counter\nkproxy_device_attach_errors_total {}",
             self.device_attach_errors.load(Ordering::Relaxed)
         );
+        if let Some((ct, evictions)) = *lock(&self.conntrack) {
+            ct.render_prometheus(evictions, &mut out);
+        }
         out
     }
 }
@@ -635,6 +646,9 @@ mod tests {
         }]);
         m.set_devices_attached(1, 5);
         m.device_attach_failed();
+        let ct =
+            crate::dataplane::conntrack::CtStats { entries: 3, capacity: 8, ..Default::default() };
+        m.set_conntrack(ct, 5);
         let s = m.render();
         for want in [
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
@@ -655,6 +669,7 @@ mod tests {
             "kproxy_devices_attached{kind=\"external\"} 1\n",
             "kproxy_devices_attached{kind=\"pod\"} 5\n",
             "kproxy_device_attach_errors_total 1\n",
+            "kproxy_conntrack_evictions_total 5\n",
         ] {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }

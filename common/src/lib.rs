@@ -33,6 +33,10 @@ pub mod names {
     pub const CONFIG: &str = "kp_config";
     /// Fragmented datagram → its ports, from the first fragment (datapath-internal).
     pub const FRAG4: &str = "kp_frag4";
+    /// Per-CPU connection-tracking event counters indexed by [`crate::ct_counter`].
+    pub const CT_COUNTERS: &str = "kp_ctstat";
+    /// Socket-LB reverse translation: socket + backend → frontend. See [`crate::SockRev4Key`].
+    pub const SOCK4: &str = "kp_sock4";
 
     /// XDP program for the node's external devices (NodePort, LoadBalancer, externalIPs).
     pub const PROG_XDP_EXT: &str = "kp_xdp_ext";
@@ -44,8 +48,35 @@ pub mod names {
     pub const PROG_TC_TO_POD: &str = "kp_tc_to_pod";
 
     /// Every map, in the order the agent checks them on start.
-    pub const ALL_MAPS: [&str; 8] =
-        [SERVICES4, BACKENDS4, CT4, REVNAT4, AFFINITY4, COUNTERS, CONFIG, FRAG4];
+    pub const ALL_MAPS: [&str; 10] = [
+        SERVICES4,
+        BACKENDS4,
+        CT4,
+        REVNAT4,
+        AFFINITY4,
+        COUNTERS,
+        CONFIG,
+        FRAG4,
+        CT_COUNTERS,
+        SOCK4,
+    ];
+
+    /// Socket LB, cgroup `connect4`: TCP and connected UDP sockets to a frontend are connected to
+    /// a backend instead.
+    pub const PROG_SOCK_CONNECT4: &str = "kp_sock_conn4";
+    /// Socket LB, cgroup `sendmsg4`: unconnected UDP datagrams to a frontend go to a backend.
+    pub const PROG_SOCK_SENDMSG4: &str = "kp_sock_send4";
+    /// Socket LB, cgroup `recvmsg4`: replies from a backend are reported as from the frontend.
+    pub const PROG_SOCK_RECVMSG4: &str = "kp_sock_recv4";
+    /// Socket LB, cgroup `getpeername4`: a connected socket reports the frontend as its peer.
+    pub const PROG_SOCK_GETPEERNAME4: &str = "kp_sock_peer4";
+    /// The socket-LB programs with their cgroup attach types (as `cgroup/<type>` sections).
+    pub const SOCK_PROGS: [(&str, &str); 4] = [
+        (PROG_SOCK_CONNECT4, "connect4"),
+        (PROG_SOCK_SENDMSG4, "sendmsg4"),
+        (PROG_SOCK_RECVMSG4, "recvmsg4"),
+        (PROG_SOCK_GETPEERNAME4, "getpeername4"),
+    ];
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -60,6 +91,8 @@ pub mod defaults {
     pub const AFFINITY4_MAX: u32 = 65_536;
     /// Fragmented datagrams tracked at once.
     pub const FRAG4_MAX: u32 = 8_192;
+    /// Socket-LB reverse entries (socket + backend).
+    pub const SOCK4_MAX: u32 = 131_072;
     /// First port used for NodePort source NAT (outside Linux's default ephemeral range).
     pub const SNAT_PORT_MIN: u16 = 61_000;
     /// Last port used for NodePort source NAT.
@@ -273,6 +306,21 @@ pub mod timeouts {
     }
 }
 
+/// Indexes of [`names::CT_COUNTERS`] (per-CPU `u64`s). [`names::CT4`] is an LRU hash: the
+/// kernel evicts its least recently used entries when it is full, silently. The evictions are
+/// what remains of the entries created once the deleted and the present ones are taken away:
+/// `CREATED - DELETED_DATAPATH - DELETED_AGENT - present entries`.
+pub mod ct_counter {
+    /// Entries the datapath inserted (a replaced entry is not counted).
+    pub const CREATED: u32 = 0;
+    /// Entries the datapath deleted (a flow whose backend went away).
+    pub const DELETED_DATAPATH: u32 = 1;
+    /// Entries the agent deleted (conntrack garbage collection). Written only by the agent.
+    pub const DELETED_AGENT: u32 = 2;
+    /// Number of slots.
+    pub const MAX: u32 = 4;
+}
+
 /// Value of [`names::REVNAT4`]: how to restore a reply (key: the reply's [`Tuple4`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -345,6 +393,36 @@ pub struct Frag4Value {
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<Frag4Value>() == 8);
+
+/// Key of [`names::SOCK4`]: a socket that the socket LB sent to a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SockRev4Key {
+    /// Socket cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// Backend address, be.
+    pub addr: u32,
+    /// Backend port, be.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<SockRev4Key>() == 16);
+
+/// Value of [`names::SOCK4`]: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRev4Value {
+    /// Frontend address, be.
+    pub addr: u32,
+    /// Frontend port, be.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRev4Value>() == 8);
 
 /// Value of [`names::CONFIG`] (an array with one entry, key 0).
 #[repr(C)]
@@ -425,6 +503,15 @@ reasons! {
     PassUnsupportedProto = 9, "pass_unsupported_proto", false;
     /// TC on an external device: XDP already handled this packet (XDP metadata mark).
     PassHandledByXdp = 10, "pass_handled_by_xdp", false;
+    /// A TCP packet other than a SYN to a service frontend found no connection entry (evicted
+    /// from a full table, or expired): balanced like a new connection, which picks the same
+    /// backend by flow hash while the backend set is unchanged.
+    CtMissMidFlow = 11, "ct_miss_mid_flow", false;
+    /// Socket LB: a socket's destination (connect, or an unconnected UDP send) was rewritten
+    /// from a frontend to a backend.
+    SockTranslated = 12, "sock_translated", false;
+    /// Socket LB: a datagram received from a backend was reported as coming from the frontend.
+    SockReplyRestored = 13, "sock_reply_restored", false;
     /// Truncated or malformed header.
     DropMalformed = 16, "drop_malformed", true;
     /// IP fragment addressed to a service frontend (no L4 header to balance on).
@@ -466,6 +553,8 @@ mod pod {
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::Frag4Key {}
     unsafe impl aya::Pod for super::Frag4Value {}
+    unsafe impl aya::Pod for super::SockRev4Key {}
+    unsafe impl aya::Pod for super::SockRev4Value {}
 }
 
 #[cfg(test)]

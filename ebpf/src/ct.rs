@@ -2,12 +2,12 @@
 //! original addresses, also the table of allocated source-NAT ports).
 use aya_ebpf::bindings::BPF_NOEXIST;
 use kproxy_common::{
-    Ct4Value, Frag4Key, Frag4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_state, proto,
-    timeouts,
+    Ct4Value, Frag4Key, Frag4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_counter, ct_state,
+    proto, timeouts,
 };
 
 use crate::{
-    maps::{kp_ct4, kp_frag4, kp_rnat4},
+    maps::{self, kp_ct4, kp_frag4, kp_rnat4},
     parse::{Ip4, tcp_flags},
 };
 
@@ -57,16 +57,24 @@ pub fn touch(c: *mut Ct4Value, proto_: u8, flags: u8, reply: bool, now: u64) {
     }
 }
 
-/// Creates (or replaces) the connection entry of `t`.
+/// Creates (or replaces) the connection entry of `t`. A new entry is counted
+/// (`ct_counter::CREATED`); replacing an expired or closed one is not, so that created minus
+/// deleted minus present entries is exactly what the LRU evicted.
 #[inline(always)]
 pub fn create(t: &Tuple4, v: &Ct4Value) -> Result<(), Reason> {
+    if kp_ct4.insert(t, v, BPF_NOEXIST as u64).is_ok() {
+        maps::count_ct(ct_counter::CREATED);
+        return Ok(());
+    }
     kp_ct4.insert(t, v, 0).map_err(|_| Reason::DropCtInsert)
 }
 
-/// Removes the connection entry of `t`.
+/// Removes the connection entry of `t` (counted as `ct_counter::DELETED_DATAPATH`).
 #[inline(always)]
 pub fn delete(t: &Tuple4) {
-    let _ = kp_ct4.remove(t);
+    if kp_ct4.remove(t).is_ok() {
+        maps::count_ct(ct_counter::DELETED_DATAPATH);
+    }
 }
 
 /// The reverse-NAT entry of a reply tuple.

@@ -97,7 +97,15 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
     {
-        return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, Reason::TranslatedNew);
+        // A TCP segment without SYN and without a connection entry: the entry was evicted or
+        // expired mid-flow. Balanced as new (the flow hash picks the same backend while the
+        // backend set is unchanged), counted apart.
+        let reason = if p.proto == proto::TCP && p.tcp_flags & tcp_flags::SYN == 0 {
+            Reason::CtMissMidFlow
+        } else {
+            Reason::TranslatedNew
+        };
+        return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, reason);
     }
     Ok((Verdict::PASS, Reason::PassNoService))
 }

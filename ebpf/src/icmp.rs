@@ -163,16 +163,16 @@ pub fn plan(
 pub fn apply_inner<P: Packet>(c: &mut P, i: &Inner, n: &Nat) -> Result<(), Reason> {
     // Offsets inside the quoted IP header, and inside ICMP header + quote.
     if n.saddr != i.saddr {
-        c.set_word4::<20>(i.l3, 12, 10, i.saddr, n.saddr)?;
+        c.set_word::<20, _>(i.l3, 12, 10, i.saddr, n.saddr)?;
     }
     if n.daddr != i.daddr {
-        c.set_word4::<20>(i.l3, 16, 10, i.daddr, n.daddr)?;
+        c.set_word::<20, _>(i.l3, 16, 10, i.daddr, n.daddr)?;
     }
     if n.sport != i.sport {
-        c.set_word2::<32>(i.icmp, 28, 2, i.sport, n.sport)?;
+        c.set_word::<32, _>(i.icmp, 28, 2, i.sport, n.sport)?;
     }
     if n.dport != i.dport {
-        c.set_word2::<32>(i.icmp, 30, 2, i.dport, n.dport)?;
+        c.set_word::<32, _>(i.icmp, 30, 2, i.dport, n.dport)?;
     }
     Ok(())
 }

@@ -12,12 +12,13 @@ mod maps;
 mod nat;
 mod parse;
 mod pkt;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_meta},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use flow::Hook;
 use kproxy_common::Reason;
@@ -98,6 +99,30 @@ pub fn kp_tc_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kp_tc_to_pod(ctx: TcContext) -> i32 {
     tc(&ctx, Hook::ToPod)
+}
+
+/// Socket LB, cgroup connect4: TCP and connected UDP sockets to a frontend connect to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn kp_sock_conn4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, false)
+}
+
+/// Socket LB, cgroup sendmsg4: unconnected UDP datagrams to a frontend go to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kp_sock_send4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, true)
+}
+
+/// Socket LB, cgroup recvmsg4: datagrams from a backend show the frontend as their source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kp_sock_recv4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, true)
+}
+
+/// Socket LB, cgroup getpeername4: the peer of a balanced socket is the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn kp_sock_peer4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, false)
 }
 
 /// Headers the pipeline reads: Ethernet, IPv4 with options, the fixed TCP header.

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use kproxy_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value, NodeConfig, REASON_MAX,
-    Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, defaults,
+    Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key, SockRev4Value, Tuple4,
+    ct_counter, defaults,
 };
 
 /// Frontend (+ backend slot) → service entry / backend id.
@@ -42,6 +43,17 @@ pub static kp_stats: PerCpuArray<u64, { REASON_MAX as usize }> = PerCpuArray::ne
 pub static kp_frag4: LruHashMap<Frag4Key, Frag4Value, { defaults::FRAG4_MAX as usize }> =
     LruHashMap::new();
 
+/// Per-CPU connection-tracking events (entries created and deleted), indexed by `ct_counter`; the
+/// agent derives the LRU evictions of `kp_ct4` from them.
+#[btf_map]
+pub static kp_ctstat: PerCpuArray<u64, { ct_counter::MAX as usize }> = PerCpuArray::new();
+
+/// Socket LB: socket cookie + backend → the frontend the socket asked for (recvmsg4,
+/// getpeername4).
+#[btf_map]
+pub static kp_sock4: LruHashMap<SockRev4Key, SockRev4Value, { defaults::SOCK4_MAX as usize }> =
+    LruHashMap::new();
+
 /// Node configuration (one entry), written by the agent.
 #[btf_map]
 pub static kp_config: Array<NodeConfig, 1> = Array::new();
@@ -50,6 +62,15 @@ pub static kp_config: Array<NodeConfig, 1> = Array::new();
 #[inline(always)]
 pub fn count(reason: Reason) {
     if let Some(c) = kp_stats.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts one connection-tracking event (`ct_counter::*`).
+#[inline(always)]
+pub fn count_ct(event: u32) {
+    if let Some(c) = kp_ctstat.get_ptr_mut(event) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
     }

@@ -154,7 +154,7 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Ro
 pub fn forward<P: Packet>(c: &mut P, p: &Ip4, r: &Route) -> Result<Verdict, Reason> {
     let old = u16::from_ne_bytes([p.ttl, p.proto]);
     let new = u16::from_ne_bytes([p.ttl - 1, p.proto]);
-    c.set_word2::<20>(L3, IP_TTL - L3, IP_CSUM - L3, old, new)?;
+    c.set_word::<20, _>(L3, IP_TTL - L3, IP_CSUM - L3, old, new)?;
     if !r.resolved {
         return Ok(Verdict::redirect_neigh(r.ifindex));
     }

@@ -15,6 +15,36 @@ use kproxy_common::{Reason, proto};
 
 use crate::{csum, parse::Ip4};
 
+/// A 16- or 32-bit header word covered by a plain checksum.
+pub trait Word: Copy {
+    /// As the `from`/`to` argument of `bpf_l3_csum_replace`.
+    fn widen(self) -> u32;
+    /// The checksum field after this word changed from `old` to `new` (RFC 1624).
+    fn replace(check: u16, old: Self, new: Self) -> u16;
+}
+
+impl Word for u16 {
+    #[inline(always)]
+    fn widen(self) -> u32 {
+        self as u32
+    }
+    #[inline(always)]
+    fn replace(check: u16, old: u16, new: u16) -> u16 {
+        csum::replace2(check, old, new)
+    }
+}
+
+impl Word for u32 {
+    #[inline(always)]
+    fn widen(self) -> u32 {
+        self
+    }
+    #[inline(always)]
+    fn replace(check: u16, old: u32, new: u32) -> u16 {
+        csum::replace4(check, old, new)
+    }
+}
+
 /// Offset of the IPv4 header (Ethernet without VLAN tags).
 pub const L3: usize = 14;
 /// Offset of the IPv4 header checksum.
@@ -42,26 +72,16 @@ pub trait Packet {
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason>;
     /// Replaces the 16-bit L4 port at `off`, fixing the L4 checksum.
     fn set_port(&mut self, p: &Ip4, off: usize, old: u16, new: u16) -> Result<(), Reason>;
-    /// Replaces the 16-bit word at `base + off`, fixing the plain (no pseudo header) checksum
-    /// at `base + csum_off`; both lie in the `N` bytes at `base` (one bounds check, so the
-    /// verifier sees both accesses through the same pointer).
-    fn set_word2<const N: usize>(
+    /// Replaces the 16- or 32-bit word at `base + off`, fixing the plain (no pseudo header)
+    /// checksum at `base + csum_off`; both lie in the `N` bytes at `base` (one bounds check, so
+    /// the verifier sees both accesses through the same pointer).
+    fn set_word<const N: usize, W: Word>(
         &mut self,
         base: usize,
         off: usize,
         csum_off: usize,
-        old: u16,
-        new: u16,
-    ) -> Result<(), Reason>;
-    /// Replaces the 32-bit word at `base + off`, fixing the plain checksum at
-    /// `base + csum_off` (as [`Packet::set_word2`]).
-    fn set_word4<const N: usize>(
-        &mut self,
-        base: usize,
-        off: usize,
-        csum_off: usize,
-        old: u32,
-        new: u32,
+        old: W,
+        new: W,
     ) -> Result<(), Reason>;
     /// Overwrites the Ethernet addresses.
     fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason>;
@@ -160,46 +180,24 @@ impl Packet for Xdp<'_> {
         self.fix_l4(p, old as u32, new as u32, true)
     }
     #[inline(always)]
-    fn set_word2<const N: usize>(
+    fn set_word<const N: usize, W: Word>(
         &mut self,
         base: usize,
         off: usize,
         csum_off: usize,
-        old: u16,
-        new: u16,
+        old: W,
+        new: W,
     ) -> Result<(), Reason> {
-        if off + 2 > N || csum_off + 2 > N {
+        if off + size_of::<W>() > N || csum_off + 2 > N {
             return Err(Reason::DropRewrite);
         }
         let b: *mut [u8; N] = ptr_at(self, base)?;
         // SAFETY: both words lie inside the bounds-checked N bytes.
         unsafe {
-            let a = (b as *mut u8).add(off) as *mut u16;
+            let a = (b as *mut u8).add(off) as *mut W;
             let c = (b as *mut u8).add(csum_off) as *mut u16;
             a.write_unaligned(new);
-            c.write_unaligned(csum::replace2(c.read_unaligned(), old, new));
-        }
-        Ok(())
-    }
-    #[inline(always)]
-    fn set_word4<const N: usize>(
-        &mut self,
-        base: usize,
-        off: usize,
-        csum_off: usize,
-        old: u32,
-        new: u32,
-    ) -> Result<(), Reason> {
-        if off + 4 > N || csum_off + 2 > N {
-            return Err(Reason::DropRewrite);
-        }
-        let b: *mut [u8; N] = ptr_at(self, base)?;
-        // SAFETY: both words lie inside the bounds-checked N bytes.
-        unsafe {
-            let a = (b as *mut u8).add(off) as *mut u32;
-            let c = (b as *mut u8).add(csum_off) as *mut u16;
-            a.write_unaligned(new);
-            c.write_unaligned(csum::replace4(c.read_unaligned(), old, new));
+            c.write_unaligned(W::replace(c.read_unaligned(), old, new));
         }
         Ok(())
     }
@@ -313,27 +311,15 @@ impl Packet for Tc<'_> {
         self.store(off, &new)
     }
     #[inline(always)]
-    fn set_word2<const N: usize>(
+    fn set_word<const N: usize, W: Word>(
         &mut self,
         base: usize,
         off: usize,
         csum_off: usize,
-        old: u16,
-        new: u16,
+        old: W,
+        new: W,
     ) -> Result<(), Reason> {
-        self.l3_at(base + csum_off, old as u32, new as u32, 2)?;
-        self.store(base + off, &new)
-    }
-    #[inline(always)]
-    fn set_word4<const N: usize>(
-        &mut self,
-        base: usize,
-        off: usize,
-        csum_off: usize,
-        old: u32,
-        new: u32,
-    ) -> Result<(), Reason> {
-        self.l3_at(base + csum_off, old, new, 4)?;
+        self.l3_at(base + csum_off, old.widen(), new.widen(), size_of::<W>() as u64)?;
         self.store(base + off, &new)
     }
     #[inline(always)]

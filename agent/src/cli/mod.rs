@@ -170,6 +170,15 @@ pub struct AgentArgs {
     /// Full resync period in seconds (rewrites whatever differs from the shadow state).
     #[arg(long, default_value_t = 30)]
     pub sync_period_secs: u64,
+    /// Connection-tracking garbage collection interval in seconds (expired entries deleted,
+    /// entries and evictions counted for the metrics); 0 disables it.
+    #[arg(long, default_value_t = 30)]
+    pub conntrack_gc_interval_secs: u64,
+    /// Socket-level load balancing for host-network processes: attach the cgroup
+    /// connect4/sendmsg4/recvmsg4/getpeername4 programs to this cgroup v2 directory (the cgroup2
+    /// root for the whole node). Off when not given (an earlier attachment is removed).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_path: Option<PathBuf>,
 }
 
 /// Parses `kproxy agent --node-name node-0 --pin-path /p` followed by `extra`, for unit tests;

@@ -12,7 +12,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use kproxy_common::{
     ABI_VERSION, Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value,
-    NodeConfig, REASON_MAX, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, names,
+    NodeConfig, REASON_MAX, Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key,
+    SockRev4Value, Tuple4, names,
 };
 
 use super::{Dataplane, DataplaneError};
@@ -35,7 +36,7 @@ const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
 }
 
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
-pub const MAP_SPECS: [MapSpec; 8] = [
+pub const MAP_SPECS: [MapSpec; 10] = [
     spec::<Service4Key, Service4Value>(names::SERVICES4, MapType::Hash),
     spec::<u32, Backend4>(names::BACKENDS4, MapType::Hash),
     spec::<Tuple4, Ct4Value>(names::CT4, MapType::LruHash),
@@ -44,6 +45,8 @@ pub const MAP_SPECS: [MapSpec; 8] = [
     spec::<u32, u64>(names::COUNTERS, MapType::PerCpuArray),
     spec::<u32, NodeConfig>(names::CONFIG, MapType::Array),
     spec::<Frag4Key, Frag4Value>(names::FRAG4, MapType::LruHash),
+    spec::<u32, u64>(names::CT_COUNTERS, MapType::PerCpuArray),
+    spec::<SockRev4Key, SockRev4Value>(names::SOCK4, MapType::LruHash),
 ];
 
 /// The versioned directory holding the map pins: `<pin_path>/v1`.
@@ -84,8 +87,10 @@ pub struct BpfDataplane {
     services_cap: u32,
     backends: HashMap<MapData, u32, Backend4>,
     backends_cap: u32,
-    ct: HashMap<MapData, Tuple4, Ct4Value>,
-    revnat: HashMap<MapData, Tuple4, RevNat4Value>,
+    pub(super) ct: HashMap<MapData, Tuple4, Ct4Value>,
+    pub(super) ct_cap: u32,
+    pub(super) ct_counters: PerCpuArray<MapData, u64>,
+    pub(super) revnat: HashMap<MapData, Tuple4, RevNat4Value>,
     affinity: HashMap<MapData, Affinity4Key, Affinity4Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
@@ -102,16 +107,20 @@ impl BpfDataplane {
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
         let dir = maps_dir(pin_path);
-        let [svc, be, ct, rnat, aff, stats, cfg, frag] = &MAP_SPECS;
+        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock] = &MAP_SPECS;
         check_pinned(&dir.join(frag.name), frag)?;
+        check_pinned(&dir.join(sock.name), sock)?;
         let (services, services_cap) = open_map(&dir, svc)?;
         let (backends, backends_cap) = open_map(&dir, be)?;
+        let (ct, ct_cap) = open_map(&dir, ct)?;
         Ok(Self {
             services: services.try_into()?,
             services_cap,
             backends: backends.try_into()?,
             backends_cap,
-            ct: open_map(&dir, ct)?.0.try_into()?,
+            ct: ct.try_into()?,
+            ct_cap,
+            ct_counters: open_map(&dir, ctstat)?.0.try_into()?,
             revnat: open_map(&dir, rnat)?.0.try_into()?,
             affinity: open_map(&dir, aff)?.0.try_into()?,
             counters: open_map(&dir, stats)?.0.try_into()?,
@@ -165,7 +174,7 @@ impl BpfDataplane {
     }
 }
 
-fn collect<K: aya::Pod, V: aya::Pod>(
+pub(super) fn collect<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<Vec<(K, V)>, DataplaneError> {
@@ -182,14 +191,19 @@ fn collect<K: aya::Pod, V: aya::Pod>(
     Ok(out)
 }
 
-fn syscall_errno(e: &MapError) -> Option<i32> {
+pub(super) fn syscall_errno(e: &MapError) -> Option<i32> {
     match e {
         MapError::SyscallError(s) => s.io_error.raw_os_error(),
         _ => None,
     }
 }
 
-fn map_err(map: &'static str, op: &'static str, key: &str, e: MapError) -> DataplaneError {
+pub(super) fn map_err(
+    map: &'static str,
+    op: &'static str,
+    key: &str,
+    e: MapError,
+) -> DataplaneError {
     let source = match e {
         MapError::SyscallError(s) => s.io_error,
         other => io::Error::other(other.to_string()),

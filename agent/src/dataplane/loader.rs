@@ -2,7 +2,9 @@
 //!
 //! Layout under the pin path (`--pin-path`, on bpffs):
 //! - `v1/<map>`: every map of the ABI, reused by the next agent (checked against the ABI first);
-//! - `v1/links/xdp-<ifname>`: the XDP `bpf_link` of each external device.
+//! - `v1/links/xdp-<ifname>`: the XDP `bpf_link` of each external device;
+//! - `v1/links/cgroup-<type>`: the socket-LB `bpf_link`s on the cgroup given as
+//!   `--cgroup-path` (connect4, sendmsg4, recvmsg4, getpeername4).
 //!
 //! Attachments outlive the agent, as kube-proxy's rules outlive kube-proxy:
 //! - XDP uses a pinned `bpf_link` (Linux 5.9+); a restarted agent swaps the program inside the
@@ -22,8 +24,8 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        CgroupSockAddr, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{CgroupAttachMode, FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
     },
@@ -101,6 +103,25 @@ fn xdp_link_pin(pin_path: &Path, ifname: &str) -> PathBuf {
     links_dir(pin_path).join(format!("xdp-{ifname}"))
 }
 
+fn cgroup_link_pin(pin_path: &Path, attach_type: &str) -> PathBuf {
+    links_dir(pin_path).join(format!("cgroup-{attach_type}"))
+}
+
+fn detach_cgroup_links(pin_path: &Path) -> anyhow::Result<()> {
+    for (_, ty) in names::SOCK_PROGS {
+        let pin = cgroup_link_pin(pin_path, ty);
+        if !pin.exists() {
+            continue;
+        }
+        if let Err(e) = detach_pinned_link(&pin) {
+            debug!(link = %pin.display(), error = %e, "BPF_LINK_DETACH failed");
+        }
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        info!(attach_type = ty, "socket LB detached");
+    }
+    Ok(())
+}
+
 fn ifindex(ifname: &str) -> Option<u32> {
     let c = CString::new(ifname).ok()?;
     // SAFETY: valid NUL-terminated string.
@@ -108,12 +129,16 @@ fn ifindex(ifname: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into the zeroed struct we own.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC }
+    (unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0).then_some(s.f_type as i64)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    fs_magic(path) == Some(BPF_FS_MAGIC)
 }
 
 impl Datapath {
@@ -158,6 +183,10 @@ impl Datapath {
         }
         let p: &mut Xdp = prog(&mut ebpf, names::PROG_XDP_EXT)?.try_into()?;
         p.load().with_context(|| format!("loading program {} (verifier)", names::PROG_XDP_EXT))?;
+        for (name, _) in names::SOCK_PROGS {
+            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?.try_into()?;
+            p.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        }
         info!(pin_path = %pin_path.display(), "datapath loaded");
         Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None })
     }
@@ -205,6 +234,55 @@ impl Datapath {
     /// Detaches whatever kproxy attached to `ifname`; a device that is gone is not an error.
     pub fn detach(&mut self, ifname: &str) -> anyhow::Result<()> {
         detach_device(&self.pin_path, ifname)
+    }
+
+    /// Attaches the socket-LB programs (connect4, sendmsg4, recvmsg4, getpeername4) to the
+    /// cgroup v2 directory `cgroup`: sockets of processes in it (and in its descendants) that
+    /// connect or send to a service frontend go to a backend directly. Links are pinned under
+    /// `v1/links/cgroup-<type>`; an attachment from an earlier run gets the new program in place
+    /// (`BPF_LINK_UPDATE`). Needs Linux 5.8 (getpeername4; cgroup `bpf_link`s since 5.7).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+        if fs_magic(cgroup) != Some(CGROUP2_SUPER_MAGIC) {
+            bail!(
+                "--cgroup-path {} is not a cgroup v2 directory (mount -t cgroup2 none DIR)",
+                cgroup.display()
+            );
+        }
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        std::fs::create_dir_all(links_dir(&self.pin_path))?;
+        for (name, ty) in names::SOCK_PROGS {
+            let pin = cgroup_link_pin(&self.pin_path, ty);
+            let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?.try_into()?;
+            if pin.exists() {
+                let prog_fd = {
+                    use std::os::fd::{AsFd as _, AsRawFd as _};
+                    p.fd()?.as_fd().as_raw_fd()
+                };
+                match update_pinned_link(&pin, prog_fd) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        warn!(link = %pin.display(), error = %e, "replacing stale cgroup link pin");
+                        let _ = detach_pinned_link(&pin);
+                        std::fs::remove_file(&pin)?;
+                    }
+                }
+            }
+            let id = p
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            let link = FdLink::try_from(p.take_link(id)?)
+                .map_err(|e| anyhow!("{name}: cgroup attachment is not a bpf_link: {e}"))?;
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        info!(cgroup = %cgroup.display(), "socket LB attached");
+        Ok(())
+    }
+
+    /// Detaches the socket-LB programs attached by [`Self::attach_cgroup`], if any.
+    pub fn detach_cgroup(&mut self) -> anyhow::Result<()> {
+        detach_cgroup_links(&self.pin_path)
     }
 
     /// The maps, for the sync code.
@@ -366,6 +444,36 @@ fn detach_pinned_link(path: &Path) -> io::Result<()> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Puts program `prog_fd` into the `bpf_link` pinned at `path` (`BPF_LINK_UPDATE`, 5.7+).
+fn update_pinned_link(path: &Path, prog_fd: i32) -> io::Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut get = [0u64; 3];
+    get[0] = c.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zeroed attribute block holding a valid path pointer.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), size_of_val(&get) as u32)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut upd = [fd as u32, prog_fd as u32, 0, 0];
+    // SAFETY: bpf(2) with an attribute block holding our link fd, closed right after.
+    let r = unsafe {
+        let r = libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            upd.as_mut_ptr(),
+            size_of_val(&upd) as u32,
+        );
+        libc::close(fd as i32);
+        r
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn detach_xdp(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
     let pin = xdp_link_pin(pin_path, ifname);
     if pin.exists()
@@ -431,6 +539,7 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
     for dev in devices() {
         detach_device(pin_path, &dev)?;
     }
+    detach_cgroup_links(pin_path)?;
     let links = links_dir(pin_path);
     if let Ok(rd) = std::fs::read_dir(&links) {
         for e in rd {

@@ -4,6 +4,7 @@
 use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value};
 
 pub mod bpf;
+pub mod conntrack;
 pub mod loader;
 pub mod mem;
 

@@ -1,0 +1,386 @@
+//! Connection-tracking upkeep, as Cilium's CT GC does it: a periodic garbage collection that
+//! deletes the `kp_ct4` entries whose idle timeout ([`kproxy_common::timeouts`]) has expired,
+//! together with their `kp_rnat4` partners, and the numbers behind the `kproxy_conntrack_*`
+//! metrics: present entries, capacity and LRU evictions.
+//!
+//! `kp_ct4` is an LRU hash: when it is full the kernel evicts its least recently used entries
+//! without telling anyone. The datapath counts the entries it creates and deletes in
+//! `kp_ctstat`, the agent adds the entries its collection deletes, and the evictions are the
+//! rest: `created - deleted by the datapath - deleted by the agent - present entries`. Every term
+//! lives in pinned maps, so the count survives agent restarts. The walk that counts the present
+//! entries is not atomic: the counters are read before it, which can only under-state evictions
+//! while connections are being created during the walk (never over-state them), and the agent
+//! keeps the exported counter monotonic.
+//!
+//! Linux 6.6 has a kfunc (`bpf_map_sum_elem_count`) to count the entries of a hash map without a
+//! walk; kproxy keeps the 5.15 line and walks, which the collection does anyway.
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapError, PerCpuValues};
+use kproxy_common::{Tuple4, ct_counter, ct_flags, ct_state, names, timeouts};
+use tracing::{debug, info, warn};
+
+use super::{
+    DataplaneError,
+    bpf::{BpfDataplane, map_err, syscall_errno},
+};
+
+/// Connection-tracking numbers of one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtStats {
+    /// Entries the datapath created.
+    pub created: u64,
+    /// Entries the datapath deleted.
+    pub deleted_datapath: u64,
+    /// Entries the agent's garbage collection deleted.
+    pub deleted_agent: u64,
+    /// Entries present in `kp_ct4` (expired ones included until collected).
+    pub entries: u64,
+    /// `max_entries` of `kp_ct4`.
+    pub capacity: u32,
+}
+
+impl CtStats {
+    /// Entries the kernel evicted from the full LRU table (0 when the counters started after
+    /// the entries, e.g. pins from an older kproxy).
+    pub fn evictions(&self) -> u64 {
+        self.created
+            .saturating_sub(self.deleted_datapath)
+            .saturating_sub(self.deleted_agent)
+            .saturating_sub(self.entries)
+    }
+
+    /// Name/value rows for `kproxy stats`.
+    pub fn rows(&self) -> [(&'static str, u64); 6] {
+        [
+            ("conntrack_entries", self.entries),
+            ("conntrack_capacity", u64::from(self.capacity)),
+            ("conntrack_created", self.created),
+            ("conntrack_deleted_datapath", self.deleted_datapath),
+            ("conntrack_deleted_gc", self.deleted_agent),
+            ("conntrack_evictions", self.evictions()),
+        ]
+    }
+
+    /// Prometheus text: `kproxy_conntrack_evictions_total` (the given monotonic value) and
+    /// `kproxy_conntrack_gc_deleted_total` (counters). The table's fill level is
+    /// `kproxy_map_entries{map="conntrack"}`, from the map sampler.
+    pub fn render_prometheus(&self, evictions: u64, out: &mut String) {
+        for (name, kind, help, v) in [
+            (
+                "kproxy_conntrack_evictions_total",
+                "counter",
+                "Connection-tracking entries evicted by the kernel because the LRU table was full.",
+                evictions,
+            ),
+            (
+                "kproxy_conntrack_gc_deleted_total",
+                "counter",
+                "Expired connection-tracking entries deleted by the agent's garbage collection.",
+                self.deleted_agent,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+    }
+}
+
+/// What one garbage collection did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Expired connection entries deleted.
+    pub deleted: u64,
+    /// Reverse-NAT entries deleted (partners of the deleted entries, and orphans).
+    pub revnat_deleted: u64,
+    /// The numbers after the collection.
+    pub stats: CtStats,
+}
+
+/// Whether a connection entry last seen at `last_seen_ns` is expired at `now_ns` (an entry
+/// touched after `now_ns` was taken is not).
+fn expired(proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) > timeouts::for_state(proto, state)
+}
+
+/// The reverse-NAT key of a connection entry: the reply as it arrives from the backend.
+fn reply_tuple(t: &Tuple4, v: &kproxy_common::Ct4Value) -> Tuple4 {
+    let snat = v.flags & ct_flags::SNAT != 0;
+    Tuple4 {
+        saddr: v.backend_addr,
+        daddr: if snat { v.snat_addr } else { t.saddr },
+        sport: v.backend_port,
+        dport: if snat { v.snat_port } else { t.sport },
+        proto: t.proto,
+        _pad: [0; 3],
+    }
+}
+
+impl BpfDataplane {
+    /// The `kp_ctstat` counters (created, deleted by the datapath, deleted by the agent), summed
+    /// over CPUs.
+    pub fn ct_counters(&self) -> Result<[u64; 3], DataplaneError> {
+        let mut out = [0; 3];
+        for (i, idx) in
+            [ct_counter::CREATED, ct_counter::DELETED_DATAPATH, ct_counter::DELETED_AGENT]
+                .into_iter()
+                .enumerate()
+        {
+            let v = self
+                .ct_counters
+                .get(&idx, 0)
+                .map_err(|e| map_err(names::CT_COUNTERS, "lookup", &idx.to_string(), e))?;
+            out[i] = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Adds `n` to the agent's deletion counter (the datapath never writes that slot).
+    fn count_agent_deletes(&mut self, n: u64) -> Result<(), DataplaneError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let idx = ct_counter::DELETED_AGENT;
+        let err = |op, e| map_err(names::CT_COUNTERS, op, &idx.to_string(), e);
+        let cur = self.ct_counters.get(&idx, 0).map_err(|e| err("lookup", e))?;
+        let mut v: Vec<u64> = cur.iter().copied().collect();
+        v[0] += n;
+        let vals = PerCpuValues::try_from(v).map_err(|source| DataplaneError::Map {
+            map: names::CT_COUNTERS,
+            op: "update",
+            key: idx.to_string(),
+            source,
+        })?;
+        self.ct_counters.set(idx, vals, 0).map_err(|e| err("update", e))
+    }
+
+    /// The connection-tracking numbers, walking `kp_ct4` to count its entries.
+    pub fn conntrack_stats(&self) -> Result<CtStats, DataplaneError> {
+        let [created, deleted_datapath, deleted_agent] = self.ct_counters()?;
+        let mut entries = 0;
+        for item in self.ct.keys() {
+            match item {
+                Ok(_) => entries += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::CT4, "iterate", "", e)),
+            }
+        }
+        Ok(CtStats { created, deleted_datapath, deleted_agent, entries, capacity: self.ct_cap })
+    }
+
+    /// One garbage collection at `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`):
+    /// deletes the expired connection entries and their reverse-NAT partners, and reverse-NAT
+    /// entries whose connection is gone (evicted) and that are older than the longest timeout
+    /// of their protocol. Counts what it deleted in `kp_ctstat`.
+    pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<GcReport, DataplaneError> {
+        let [created, deleted_datapath, deleted_agent] = self.ct_counters()?;
+        let mut present = 0u64;
+        let mut stale = Vec::new();
+        for item in self.ct.iter() {
+            match item {
+                Ok((t, v)) => {
+                    present += 1;
+                    if expired(t.proto, v.state, v.last_seen_ns, now_ns) {
+                        stale.push(t);
+                    }
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::CT4, "iterate", "", e)),
+            }
+        }
+        let mut report = GcReport::default();
+        for t in &stale {
+            // Look again right before deleting: the flow may have seen a packet since.
+            let v = match self.ct.get(t, 0) {
+                Ok(v) if expired(t.proto, v.state, v.last_seen_ns, now_ns) => v,
+                _ => continue,
+            };
+            match self.ct.remove(t) {
+                Ok(()) => report.deleted += 1,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(map_err(names::CT4, "delete", &format!("{t:?}"), e)),
+            }
+            let r = reply_tuple(t, &v);
+            if let Ok(rv) = self.revnat.get(&r, 0)
+                && rv.client_addr == t.saddr
+                && rv.client_port == t.sport
+                && rv.frontend_addr == t.daddr
+                && rv.frontend_port == t.dport
+                && self.revnat.remove(&r).is_ok()
+            {
+                report.revnat_deleted += 1;
+            }
+        }
+        self.count_agent_deletes(report.deleted)?;
+        // Reverse-NAT entries whose connection entry is gone (evicted, or deleted by the
+        // datapath when its backend went away) and older than any idle timeout of their
+        // protocol: nothing can use them any more.
+        let mut orphans = Vec::new();
+        for item in self.revnat.iter() {
+            match item {
+                Ok((r, rv)) => {
+                    let orig = Tuple4 {
+                        saddr: rv.client_addr,
+                        daddr: rv.frontend_addr,
+                        sport: rv.client_port,
+                        dport: rv.frontend_port,
+                        proto: r.proto,
+                        _pad: [0; 3],
+                    };
+                    if expired(r.proto, ct_state::ESTABLISHED, rv.last_seen_ns, now_ns)
+                        && matches!(self.ct.get(&orig, 0), Err(ref e) if gone(e))
+                    {
+                        orphans.push(r);
+                    }
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::REVNAT4, "iterate", "", e)),
+            }
+        }
+        for r in &orphans {
+            if self.revnat.remove(r).is_ok() {
+                report.revnat_deleted += 1;
+            }
+        }
+        report.stats = CtStats {
+            created,
+            deleted_datapath,
+            // The deletions of this run were taken from the entries counted present.
+            deleted_agent: deleted_agent + report.deleted,
+            entries: present.saturating_sub(report.deleted),
+            capacity: self.ct_cap,
+        };
+        Ok(report)
+    }
+}
+
+/// Whether a map error means "no such entry".
+fn gone(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound) || syscall_errno(e) == Some(libc::ENOENT)
+}
+
+/// Keeps the exported eviction counter monotonic across racy walks.
+#[derive(Debug, Default)]
+pub struct EvictionCounter(u64);
+
+impl EvictionCounter {
+    /// The counter after `stats`: never lower than before.
+    pub fn update(&mut self, stats: &CtStats) -> u64 {
+        self.0 = self.0.max(stats.evictions());
+        self.0
+    }
+}
+
+/// Runs a garbage collection at once and then every `interval` on a thread of its own (the
+/// walks are blocking syscalls), with its own handle on the maps pinned under `pin_path`.
+/// `report` gets the numbers of each run and the monotonic eviction count.
+pub fn spawn_gc(
+    pin_path: PathBuf,
+    interval: Duration,
+    report: impl Fn(&CtStats, u64) + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("kproxy-ct-gc".into()).spawn(move || {
+        let mut dp = match BpfDataplane::open(&pin_path) {
+            Ok(dp) => dp,
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "conntrack GC disabled: cannot open the maps");
+                return;
+            }
+        };
+        let mut evictions = EvictionCounter::default();
+        let mut last_evictions = None;
+        loop {
+            let started = Instant::now();
+            match dp.conntrack_gc(crate::cli::show::monotonic_ns()) {
+                Ok(r) => {
+                    let ev = evictions.update(&r.stats);
+                    report(&r.stats, ev);
+                    if last_evictions.is_some_and(|l| ev > l) {
+                        warn!(
+                            evicted = ev - last_evictions.unwrap_or(0),
+                            capacity = r.stats.capacity,
+                            "connection-tracking table full: entries evicted (raise --max-conntrack)"
+                        );
+                    }
+                    last_evictions = Some(ev);
+                    let took_ms = started.elapsed().as_secs_f64() * 1e3;
+                    if r.deleted > 0 || r.revnat_deleted > 0 {
+                        info!(
+                            deleted = r.deleted,
+                            revnat_deleted = r.revnat_deleted,
+                            entries = r.stats.entries,
+                            took_ms,
+                            "conntrack garbage collection"
+                        );
+                    } else {
+                        debug!(entries = r.stats.entries, took_ms, "conntrack garbage collection");
+                    }
+                }
+                Err(e) => warn!(error = %e, "conntrack garbage collection failed"),
+            }
+            std::thread::sleep(interval);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use kproxy_common::{Ct4Value, proto};
+
+    use super::*;
+
+    #[test]
+    fn evictions_are_what_is_neither_deleted_nor_present() {
+        let s = CtStats {
+            created: 100,
+            deleted_datapath: 3,
+            deleted_agent: 7,
+            entries: 60,
+            capacity: 64,
+        };
+        assert_eq!(s.evictions(), 30);
+        // Pins older than the counters: never negative.
+        assert_eq!(CtStats { created: 1, entries: 5, ..s }.evictions(), 0);
+        let mut c = EvictionCounter::default();
+        assert_eq!(c.update(&s), 30);
+        // A walk that saw entries created after the counters were read: the counter holds.
+        assert_eq!(c.update(&CtStats { entries: 70, ..s }), 30);
+        assert_eq!(c.update(&CtStats { created: 110, ..s }), 40);
+        let mut out = String::new();
+        s.render_prometheus(40, &mut out);
+        for want in [
+            "# TYPE kproxy_conntrack_evictions_total counter\nkproxy_conntrack_evictions_total 40\n",
+            "kproxy_conntrack_gc_deleted_total 7\n",
+        ] {
+            assert!(out.contains(want), "{want:?} in\n{out}");
+        }
+        assert_eq!(s.rows()[5], ("conntrack_evictions", 30));
+    }
+
+    #[test]
+    fn expiry_follows_state_and_tolerates_newer_timestamps() {
+        let s = 1_000_000_000;
+        assert!(!expired(proto::UDP, ct_state::NEW, 100 * s, 130 * s));
+        assert!(expired(proto::UDP, ct_state::NEW, 100 * s, 131 * s));
+        assert!(!expired(proto::UDP, ct_state::ESTABLISHED, 100 * s, 131 * s));
+        assert!(!expired(proto::TCP, ct_state::ESTABLISHED, 100 * s, 10_000 * s));
+        // Touched by the datapath after the collector read the clock.
+        assert!(!expired(proto::TCP, ct_state::CLOSED, 200 * s, 100 * s));
+    }
+
+    #[test]
+    fn reply_tuple_with_and_without_snat() {
+        let t = Tuple4 { saddr: 1, daddr: 2, sport: 3, dport: 4, proto: proto::TCP, _pad: [0; 3] };
+        let mut v = Ct4Value { backend_addr: 9, backend_port: 8, ..Default::default() };
+        let r = reply_tuple(&t, &v);
+        assert_eq!((r.saddr, r.daddr, r.sport, r.dport), (9, 1, 8, 3));
+        v.flags = ct_flags::SNAT;
+        v.snat_addr = 7;
+        v.snat_port = 6;
+        let r = reply_tuple(&t, &v);
+        assert_eq!((r.saddr, r.daddr, r.sport, r.dport), (9, 7, 8, 6));
+    }
+}
