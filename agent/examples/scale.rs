@@ -1,0 +1,138 @@
+//! Scale probe: N services × 10 endpoints written as one `bulk.json` manifest (the benchmark's
+//! format), loaded through the manifest source, the model and the syncer into the in-memory
+//! dataplane; then one new service in its own file. Prints times and the peak/current RSS.
+//!
+//! `cargo run -p kproxy --example scale -- 10000`
+use std::{net::Ipv4Addr, time::Instant};
+
+use kproxy::{
+    dataplane::mem::MemDataplane,
+    model::{NodeInfo, Tracker},
+    source::manifests::ManifestDir,
+    sync::Syncer,
+};
+use serde_json::{Value, json};
+
+fn service(name: &str, ip: Ipv4Addr, eps: &[Ipv4Addr]) -> [Value; 2] {
+    let svc = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {"type": "ClusterIP", "clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}});
+    let eps: Vec<Value> = eps
+        .iter()
+        .enumerate()
+        .map(|(k, a)| {
+            json!({"addresses": [a.to_string()], "nodeName": format!("node-{}", k % 2),
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+            "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("{name}-ep{k}")}})
+        })
+        .collect();
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "bench",
+            "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "x"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": eps});
+    [svc, slice]
+}
+
+fn list(items: Vec<Value>) -> String {
+    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items})).unwrap()
+}
+
+fn status(field: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+}
+
+fn trim() {
+    // SAFETY: only releases free memory (what the agent does after its first sync).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+fn main() {
+    let n: u32 = std::env::args().nth(1).map_or(10_000, |a| a.parse().unwrap());
+    let dir = std::env::temp_dir().join(format!("kproxy-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
+    let ep_base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
+    let items: Vec<Value> = (0..n)
+        .flat_map(|i| {
+            let eps: Vec<Ipv4Addr> =
+                (0..10).map(|e| Ipv4Addr::from(ep_base + (i * 10 + e) % 32_000)).collect();
+            service(&format!("f{i}"), Ipv4Addr::from(base + i), &eps)
+        })
+        .collect();
+    let text = list(items);
+    std::fs::write(dir.join("bulk.json"), &text).unwrap();
+    let mb = text.len() as f64 / 1e6;
+    drop(text);
+    let node =
+        NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None };
+    let mut dp = MemDataplane::default();
+    let mut syncer = Syncer::new();
+    let mut src = ManifestDir::new(&dir);
+    let mut tracker = Tracker::new(node);
+
+    // Forget the generator's memory: RSS and its peak from here on are the agent's.
+    trim();
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let rss_base = status("VmRSS:");
+    let t = Instant::now();
+    for c in src.poll().changes {
+        tracker.apply(c);
+    }
+    let parse = t.elapsed();
+    trim();
+    let rss_objects = status("VmRSS:") - rss_base;
+    let t = Instant::now();
+    let changes = tracker.changes();
+    let model = t.elapsed();
+    let r = syncer.sync_changes(&changes, &mut dp);
+    let scratch = t.elapsed();
+    drop(changes);
+    let scratch_writes = r.writes;
+    trim();
+    let t = Instant::now();
+    let changes = tracker.full();
+    let r = syncer.sync_changes(&changes, &mut dp);
+    let resync = t.elapsed();
+    drop(changes);
+    assert_eq!(r.writes, 0);
+
+    let t = Instant::now();
+    let changed = src.poll().changed;
+    let idle_poll = t.elapsed();
+    assert!(!changed);
+    let rss_loaded = status("VmRSS:");
+
+    let eps: Vec<Ipv4Addr> = (0..10).map(|e| Ipv4Addr::new(198, 18, 127, e + 1)).collect();
+    std::fs::write(
+        dir.join("chg0.json"),
+        list(service("chg0", Ipv4Addr::new(198, 19, 240, 1), &eps).to_vec()),
+    )
+    .unwrap();
+    let t = Instant::now();
+    for c in src.poll().changes {
+        tracker.apply(c);
+    }
+    let poll = t.elapsed();
+    dp.ops.clear();
+    let t = Instant::now();
+    let changes = tracker.changes();
+    let r = syncer.sync_changes(&changes, &mut dp);
+    let change = t.elapsed();
+    drop(changes);
+    println!(
+        "{n} services x 10 endpoints ({mb:.1} MB JSON): parse {parse:?}, from scratch (model+sync) {scratch:?} (model {model:?}) ({scratch_writes} writes), full resync {resync:?}; \
+         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, loaded+synced {rss_loaded:.1} MiB (dataplane included); idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
+         RSS {:.1} MiB, peak {:.1} MiB",
+        r.writes,
+        dp.ops.len(),
+        status("VmRSS:"),
+        status("VmHWM:")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
