@@ -88,16 +88,16 @@ fn main() {
     trim();
     let rss_objects = status("VmRSS:") - rss_base;
     let t = Instant::now();
-    let changes = tracker.changes();
+    let mut changes = tracker.changes();
     let model = t.elapsed();
-    let r = syncer.sync_changes(&changes, &mut dp);
+    let r = syncer.sync_changes(&mut changes, &mut dp);
     let scratch = t.elapsed();
     drop(changes);
     let scratch_writes = r.writes;
     trim();
     let t = Instant::now();
-    let changes = tracker.full();
-    let r = syncer.sync_changes(&changes, &mut dp);
+    let mut changes = tracker.full();
+    let r = syncer.sync_changes(&mut changes, &mut dp);
     let resync = t.elapsed();
     drop(changes);
     assert_eq!(r.writes, 0);
@@ -121,8 +121,8 @@ fn main() {
     let poll = t.elapsed();
     dp.ops.clear();
     let t = Instant::now();
-    let changes = tracker.changes();
-    let r = syncer.sync_changes(&changes, &mut dp);
+    let mut changes = tracker.changes();
+    let r = syncer.sync_changes(&mut changes, &mut dp);
     let change = t.elapsed();
     drop(changes);
     println!(

@@ -259,8 +259,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             state.generation += 1;
             async {
                 let started = Instant::now();
-                let changes = if full { tracker.full() } else { tracker.changes() };
-                state.sync(started, &args, &changes, &addrs, &mut syncer, &mut dp, &metrics);
+                let mut changes = if full { tracker.full() } else { tracker.changes() };
+                state.sync(started, &args, &mut changes, &addrs, &mut syncer, &mut dp, &metrics);
                 drop(changes);
                 if let Some(hc) = health_checks.as_mut() {
                     hc.update(&state.health).await;
@@ -313,7 +313,7 @@ impl LoopState {
         &mut self,
         started: Instant,
         args: &AgentArgs,
-        changes: &Changes,
+        changes: &mut Changes,
         addrs: &[Ipv4Addr],
         syncer: &mut Syncer,
         dp: &mut dyn Dataplane,
@@ -463,8 +463,8 @@ mod tests {
             Tracker::new(NodeInfo { name: "node-0".into(), addrs: addrs.to_vec(), zone: None });
         let mut sync =
             |tracker: &mut Tracker, state: &mut LoopState, dp: &mut MemDataplane, full: bool| {
-                let changes = if full { tracker.full() } else { tracker.changes() };
-                state.sync(Instant::now(), &args, &changes, &addrs, &mut syncer, dp, &metrics);
+                let mut changes = if full { tracker.full() } else { tracker.changes() };
+                state.sync(Instant::now(), &args, &mut changes, &addrs, &mut syncer, dp, &metrics);
                 changes
             };
 

@@ -288,7 +288,7 @@ pub struct Tracker {
     services: HashMap<ServiceName, ServiceObj>,
     slices: HashMap<ObjectName, SliceObj>,
     /// Service → names of its IPv4 slices, in name order.
-    slices_of: HashMap<ServiceName, BTreeSet<String>>,
+    slices_of: HashMap<ServiceName, Vec<String>>,
     records: HashMap<ServiceName, ServiceRecord>,
     /// Frontend → service ports claiming it (almost always one).
     claims: HashMap<Frontend, Vec<ServicePortName>>,
@@ -394,7 +394,7 @@ impl Tracker {
     fn unlink_slice(&mut self, name: &ObjectName) {
         let Some(owner) = self.slices.get(name).and_then(SliceObj::owner) else { return };
         if let Some(set) = self.slices_of.get_mut(&owner) {
-            set.remove(&name.name);
+            set.retain(|n| *n != name.name);
             if set.is_empty() {
                 self.slices_of.remove(&owner);
             }
@@ -410,7 +410,10 @@ impl Tracker {
                 .skipped
                 .push(format!("EndpointSlice {}: addressType {}", s.name, s.address_type));
         } else if let Some(owner) = s.owner() {
-            self.slices_of.entry(owner.clone()).or_default().insert(s.name.name.clone());
+            let names = self.slices_of.entry(owner.clone()).or_default();
+            if let Err(at) = names.binary_search(&s.name.name) {
+                names.insert(at, s.name.name.clone());
+            }
             self.dirty.insert(owner);
         } else {
             issues.errors.push(ModelError {

@@ -302,17 +302,18 @@ impl Syncer {
     /// that `desired` does not hold is removed. Never fails as a whole: failures are in the
     /// report, and the affected services keep their previous state.
     pub fn sync(&mut self, desired: &DesiredState, dp: &mut dyn Dataplane) -> SyncReport {
-        self.apply(desired, None, dp)
+        self.apply(desired.services.clone(), None, dp)
     }
 
     /// Applies the model's [`Changes`]: a full sync when they are full, else only the services
-    /// they name (their ports in `changes.state` replace the ones they had); nothing else is
-    /// looked at.
-    pub fn sync_changes(&mut self, changes: &Changes, dp: &mut dyn Dataplane) -> SyncReport {
+    /// they name (their ports replace the ones they had); nothing else is looked at. The port
+    /// states are moved out of `changes` (kept as the record of what is programmed).
+    pub fn sync_changes(&mut self, changes: &mut Changes, dp: &mut dyn Dataplane) -> SyncReport {
+        let ports = std::mem::take(&mut changes.state.services);
         if changes.full {
-            self.apply(&changes.state, None, dp)
+            self.apply(ports, None, dp)
         } else {
-            self.apply(&changes.state, Some(&changes.services), dp)
+            self.apply(ports, Some(&changes.services), dp)
         }
     }
 
@@ -344,7 +345,7 @@ impl Syncer {
     /// the services in `scope`.
     fn apply(
         &mut self,
-        desired: &DesiredState,
+        desired: BTreeMap<ServicePortName, ServicePortState>,
         scope: Option<&BTreeSet<ServiceName>>,
         dp: &mut dyn Dataplane,
     ) -> SyncReport {
@@ -354,9 +355,7 @@ impl Syncer {
 
         // Service ports that go away.
         let removed: Vec<ServicePortName> = match scope {
-            None => {
-                self.desired.keys().filter(|n| !desired.services.contains_key(n)).cloned().collect()
-            }
+            None => self.desired.keys().filter(|n| !desired.contains_key(n)).cloned().collect(),
             Some(services) => services
                 .iter()
                 .flat_map(|s| {
@@ -365,7 +364,7 @@ impl Syncer {
                         .take_while(move |(k, _)| k.service == *s)
                         .map(|(k, _)| k)
                 })
-                .filter(|n| !desired.services.contains_key(n))
+                .filter(|n| !desired.contains_key(n))
                 .cloned()
                 .collect(),
         };
@@ -375,40 +374,42 @@ impl Syncer {
             }
         }
         // Service ports to write: new, changed, or not programmed last time.
-        let mut pending: Vec<&ServicePortName> = Vec::new();
-        for (name, state) in &desired.services {
-            match self.desired.get(name) {
-                Some(r) if r.state == *state => {
+        let mut pending: Vec<ServicePortName> = Vec::new();
+        let mut given: Vec<ServicePortName> = Vec::new();
+        for (name, state) in desired {
+            if scope.is_some() {
+                given.push(name.clone());
+            }
+            match self.desired.get(&name) {
+                Some(r) if r.state == state => {
                     if !r.applied {
                         pending.push(name);
                     }
                     continue;
                 }
                 Some(_) => {
-                    let r = self.desired.remove(name).expect("present");
+                    let r = self.desired.remove(&name).expect("present");
                     self.want_sub(&r.state, &mut touched);
                 }
                 None => {}
             }
-            self.want_add(state, &mut touched);
-            self.desired.insert(name.clone(), Record { state: state.clone(), applied: false });
+            self.want_add(&state, &mut touched);
+            self.desired.insert(name.clone(), Record { state, applied: false });
             pending.push(name);
         }
         for name in pending {
-            let state = &desired.services[name];
-            let ok = self.apply_port(name, state, dp, &mut report);
-            if let Some(r) = self.desired.get_mut(name) {
-                r.applied = ok;
-            }
+            let Some(mut r) = self.desired.remove(&name) else { continue };
+            r.applied = self.apply_port(&name, &r.state, dp, &mut report);
+            self.desired.insert(name, r);
         }
 
         // Frontends nobody wants any more: slot 0 first, then the slots.
         let stale: BTreeSet<Service4Key> = match scope {
             None => {
-                let wanted: HashSet<Service4Key> = desired
-                    .services
+                let wanted: HashSet<Service4Key> = self
+                    .desired
                     .values()
-                    .flat_map(|s| s.frontends.keys().map(|f| key_of(f, 0)))
+                    .flat_map(|r| r.state.frontends.keys().map(|f| key_of(f, 0)))
                     .collect();
                 self.shadow
                     .services
@@ -424,7 +425,7 @@ impl Syncer {
                 let names = removed
                     .iter()
                     .map(|n| (n, None))
-                    .chain(desired.services.iter().map(|(n, s)| (n, Some(s))));
+                    .chain(given.iter().map(|n| (n, self.desired.get(n).map(|r| &r.state))));
                 for (name, state) in names {
                     let Some(id) = self.svc_ids.get(name) else { continue };
                     for k in self.shadow.frontends_of.get(id).into_iter().flatten() {
