@@ -45,6 +45,13 @@ fn status(field: &str) -> f64 {
     line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
 }
 
+/// Heap bytes in use (MiB).
+fn heap() -> f64 {
+    // SAFETY: reads allocator statistics.
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as f64 / 1048576.0
+}
+
 fn trim() {
     // SAFETY: only releases free memory (what the agent does after its first sync).
     unsafe {
@@ -87,6 +94,7 @@ fn main() {
     let parse = t.elapsed();
     trim();
     let rss_objects = status("VmRSS:") - rss_base;
+    let heap_objects = heap();
     let t = Instant::now();
     let mut changes = tracker.changes();
     let model = t.elapsed();
@@ -107,6 +115,15 @@ fn main() {
     let idle_poll = t.elapsed();
     assert!(!changed);
     let rss_loaded = status("VmRSS:");
+    let heap_loaded = heap();
+    let heap_dp = {
+        let before = heap();
+        drop(std::mem::take(&mut dp.ops));
+        let d = dp.clone();
+        let after = heap();
+        drop(d);
+        after - before
+    };
 
     let eps: Vec<Ipv4Addr> = (0..10).map(|e| Ipv4Addr::new(198, 18, 127, e + 1)).collect();
     std::fs::write(
@@ -127,12 +144,28 @@ fn main() {
     drop(changes);
     println!(
         "{n} services x 10 endpoints ({mb:.1} MB JSON): parse {parse:?}, from scratch (model+sync) {scratch:?} (model {model:?}) ({scratch_writes} writes), full resync {resync:?}; \
-         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, loaded+synced {rss_loaded:.1} MiB (dataplane included); idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
+         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, loaded+synced {rss_loaded:.1} MiB (dataplane included); heap in use: objects {heap_objects:.1} MiB, loaded {heap_loaded:.1} MiB of which dataplane {heap_dp:.1} MiB; idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
          RSS {:.1} MiB, peak {:.1} MiB",
         r.writes,
         dp.ops.len(),
         status("VmRSS:"),
         status("VmHWM:")
+    );
+    let h0 = heap();
+    drop(syncer);
+    let h1 = heap();
+    drop(tracker);
+    let h2 = heap();
+    drop(src);
+    let h3 = heap();
+    drop(dp);
+    let h4 = heap();
+    println!(
+        "heap held: syncer {:.1} MiB, tracker {:.1} MiB, source {:.1} MiB, dataplane+ops {:.1} MiB, rest {h4:.1} MiB",
+        h0 - h1,
+        h1 - h2,
+        h2 - h3,
+        h3 - h4
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,9 +13,10 @@
 //! Validation errors skip the service (or only the port, or only the endpoint) at fault and name
 //! it; everything else goes on.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -52,13 +53,67 @@ pub struct NodeInfo {
     pub zone: Option<String>,
 }
 
+/// An immutable string whose clones share one allocation (names repeat across the model's
+/// indexes and the syncer's records).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SharedStr(Arc<str>);
+
+impl std::ops::Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for SharedStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for SharedStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
 /// A Service's `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceName {
     /// Namespace.
-    pub namespace: String,
+    pub namespace: SharedStr,
     /// Name.
-    pub name: String,
+    pub name: SharedStr,
 }
 
 impl fmt::Display for ServiceName {
@@ -73,7 +128,7 @@ pub struct ServicePortName {
     /// The Service.
     pub service: ServiceName,
     /// Port name ("" when unnamed).
-    pub port: String,
+    pub port: SharedStr,
     /// IP protocol.
     pub proto: u8,
 }
@@ -156,7 +211,7 @@ impl Backend {
 }
 
 /// The desired service entry of one frontend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FrontendEntry {
     /// `svc_flags::*`.
     pub flags: u16,
@@ -167,7 +222,7 @@ pub struct FrontendEntry {
 }
 
 /// The desired state of one service port.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 pub struct ServicePortState {
     /// Its frontends.
     pub frontends: BTreeMap<Frontend, FrontendEntry>,
@@ -288,7 +343,7 @@ pub struct Tracker {
     services: HashMap<ServiceName, ServiceObj>,
     slices: HashMap<ObjectName, SliceObj>,
     /// Service → names of its IPv4 slices, in name order.
-    slices_of: HashMap<ServiceName, Vec<String>>,
+    slices_of: HashMap<ServiceName, Vec<SharedStr>>,
     records: HashMap<ServiceName, ServiceRecord>,
     /// Frontend → service ports claiming it (almost always one).
     claims: HashMap<Frontend, Vec<ServicePortName>>,
@@ -300,6 +355,8 @@ pub struct Tracker {
     pending_errors: Vec<ModelError>,
     pending_skipped: Vec<String>,
     triggers: Vec<String>,
+    /// One copy of each namespace and node name the objects name.
+    strings: HashSet<SharedStr>,
 }
 
 impl Tracker {
@@ -334,7 +391,8 @@ impl Tracker {
     /// Applies one change from a source; an update equal to what is held changes nothing.
     pub fn apply(&mut self, change: Change) {
         match change {
-            Change::Service(s) => {
+            Change::Service(mut s) => {
+                s.name.namespace = self.intern(&s.name.namespace);
                 if self.services.get(&s.name) != Some(&s) {
                     self.dirty.insert(s.name.clone());
                     self.services.insert(s.name.clone(), s);
@@ -345,7 +403,13 @@ impl Tracker {
                     self.dirty.insert(name);
                 }
             }
-            Change::Slice(s) => {
+            Change::Slice(mut s) => {
+                s.name.namespace = self.intern(&s.name.namespace);
+                for ep in &mut s.endpoints {
+                    if let Some(n) = &ep.node_name {
+                        ep.node_name = Some(self.intern(n));
+                    }
+                }
                 let old = self.slices.get(&s.name);
                 if old == Some(&s) {
                     return;
@@ -375,6 +439,17 @@ impl Tracker {
                 if self.node_zones.remove(&name).is_some() {
                     self.node_changed(&name);
                 }
+            }
+        }
+    }
+
+    /// The shared copy of `s`.
+    fn intern(&mut self, s: &SharedStr) -> SharedStr {
+        match self.strings.get(s) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.strings.insert(s.clone());
+                s.clone()
             }
         }
     }
@@ -608,7 +683,7 @@ impl Tracker {
 impl ServicePortName {
     /// The smallest service port name of `service` (for range queries over one service).
     pub fn first_of(service: &ServiceName) -> Self {
-        Self { service: service.clone(), port: String::new(), proto: 0 }
+        Self { service: service.clone(), port: "".into(), proto: 0 }
     }
 }
 
@@ -686,7 +761,7 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
                 }
             },
         };
-        let spn = ServicePortName { service: name.clone(), port: pname.clone(), proto: p };
+        let spn = ServicePortName { service: name.clone(), port: pname.as_str().into(), proto: p };
         let eps = collect_endpoints(&spn, slices, node, spec.publish_not_ready, &mut out.errors);
         let externally_accessible =
             node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
@@ -949,7 +1024,7 @@ fn collect_endpoints(
         };
         for (pi, port) in s.ports.iter().enumerate() {
             // Absent name and protocol take the API defaults ("" and TCP).
-            if port.name.as_deref().unwrap_or("") != spn.port {
+            if port.name.as_deref().unwrap_or("") != &*spn.port {
                 continue;
             }
             match parse_protocol(port.protocol.as_deref()) {

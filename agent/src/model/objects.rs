@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 
 use super::{
     ANNOTATION_TRIGGER_TIME, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
-    ServiceName,
+    ServiceName, SharedStr,
 };
 
 /// Label of a Node naming its zone (topology hints).
@@ -25,8 +25,8 @@ pub type ObjectName = ServiceName;
 
 fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
     ServiceName {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
-        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+        name: meta.name.as_deref().unwrap_or_default().into(),
     }
 }
 
@@ -171,8 +171,8 @@ pub struct HintsObj {
 pub struct EndpointObj {
     /// The first of `addresses` (`None`: no address).
     pub addr: Option<EndpointAddr>,
-    /// `nodeName`.
-    pub node_name: Option<Box<str>>,
+    /// `nodeName` (the tracker shares one copy per node).
+    pub node_name: Option<SharedStr>,
     /// `conditions.ready`.
     pub ready: Option<bool>,
     /// `conditions.serving`.
@@ -203,10 +203,10 @@ pub struct SliceObj {
 impl SliceObj {
     /// The Service owning the slice, if the label names one.
     pub fn owner(&self) -> Option<ServiceName> {
-        self.service
-            .as_ref()
-            .filter(|n| !n.is_empty())
-            .map(|n| ServiceName { namespace: self.name.namespace.clone(), name: n.clone() })
+        self.service.as_ref().filter(|n| !n.is_empty()).map(|n| ServiceName {
+            namespace: self.name.namespace.clone(),
+            name: n.as_str().into(),
+        })
     }
 }
 

@@ -67,14 +67,14 @@ impl Watched for Node {
         Change::Node(NodeObj::from(self))
     }
     fn deleted(name: ObjectName) -> Change {
-        Change::NodeDeleted(name.name)
+        Change::NodeDeleted(name.name.to_string())
     }
 }
 
 fn name_of<K: kube::Resource>(o: &K) -> ObjectName {
     ServiceName {
-        namespace: o.namespace().unwrap_or_else(|| "default".to_string()),
-        name: o.name_any(),
+        namespace: o.namespace().as_deref().unwrap_or("default").into(),
+        name: o.name_any().into(),
     }
 }
 
@@ -325,11 +325,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         // The initial lists, then Synced.
         let mut initial = Vec::new();
-        loop {
-            match next(&mut rx).await {
-                Event::Changes(c) => initial.extend(c),
-                Event::Synced => break,
-            }
+        while let Event::Changes(c) = next(&mut rx).await {
+            initial.extend(c);
         }
         assert_eq!(initial.len(), 2, "{initial:?}");
         assert!(initial.iter().any(|c| matches!(c, Change::Service(s) if s.name.name == "web")));

@@ -206,11 +206,36 @@ impl Want {
     }
 }
 
-/// The desired state of one service port as last given, and whether it is programmed.
+/// What the syncer remembers of the desired state of one service port as last given (not the
+/// state itself: a fingerprint and what removal and the backend counts need).
 #[derive(Debug)]
 struct Record {
-    state: ServicePortState,
+    /// Hash of the state (an equal state is not looked at again once applied).
+    hash: u64,
+    /// Its backends, each once, with the flags it gives them.
+    backends: Box<[(BackendKey, u8)]>,
+    /// Its frontends (slot-0 keys).
+    frontends: Box<[Service4Key]>,
+    /// Whether it is programmed.
     applied: bool,
+}
+
+impl Record {
+    fn of(s: &ServicePortState) -> Self {
+        Self {
+            hash: state_hash(s),
+            backends: port_backends(s).into_iter().collect(),
+            frontends: s.frontends.keys().map(|f| key_of(f, 0)).collect(),
+            applied: false,
+        }
+    }
+}
+
+fn state_hash(s: &ServicePortState) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
 }
 
 /// Keeps the datapath equal to the desired state. See the module documentation.
@@ -317,8 +342,8 @@ impl Syncer {
         }
     }
 
-    fn want_add(&mut self, s: &ServicePortState, touched: &mut HashSet<BackendKey>) {
-        for (k, flags) in port_backends(s) {
+    fn want_add(&mut self, backends: &[(BackendKey, u8)], touched: &mut HashSet<BackendKey>) {
+        for &(k, flags) in backends {
             let w = self.wants.entry(k).or_default();
             w.ports += 1;
             w.local += u32::from(flags & backend_flags::LOCAL != 0);
@@ -327,8 +352,8 @@ impl Syncer {
         }
     }
 
-    fn want_sub(&mut self, s: &ServicePortState, touched: &mut HashSet<BackendKey>) {
-        for (k, flags) in port_backends(s) {
+    fn want_sub(&mut self, backends: &[(BackendKey, u8)], touched: &mut HashSet<BackendKey>) {
+        for &(k, flags) in backends {
             if let Some(w) = self.wants.get_mut(&k) {
                 w.ports -= 1;
                 w.local -= u32::from(flags & backend_flags::LOCAL != 0);
@@ -370,47 +395,47 @@ impl Syncer {
         };
         for name in &removed {
             if let Some(r) = self.desired.remove(name) {
-                self.want_sub(&r.state, &mut touched);
+                self.want_sub(&r.backends, &mut touched);
             }
         }
         // Service ports to write: new, changed, or not programmed last time.
-        let mut pending: Vec<ServicePortName> = Vec::new();
+        let mut pending: Vec<(ServicePortName, ServicePortState)> = Vec::new();
         let mut given: Vec<ServicePortName> = Vec::new();
         for (name, state) in desired {
             if scope.is_some() {
                 given.push(name.clone());
             }
+            let hash = state_hash(&state);
             match self.desired.get(&name) {
-                Some(r) if r.state == state => {
+                Some(r) if r.hash == hash => {
                     if !r.applied {
-                        pending.push(name);
+                        pending.push((name, state));
                     }
                     continue;
                 }
                 Some(_) => {
                     let r = self.desired.remove(&name).expect("present");
-                    self.want_sub(&r.state, &mut touched);
+                    self.want_sub(&r.backends, &mut touched);
                 }
                 None => {}
             }
-            self.want_add(&state, &mut touched);
-            self.desired.insert(name.clone(), Record { state, applied: false });
-            pending.push(name);
+            let r = Record::of(&state);
+            self.want_add(&r.backends, &mut touched);
+            self.desired.insert(name.clone(), r);
+            pending.push((name, state));
         }
-        for name in pending {
-            let Some(mut r) = self.desired.remove(&name) else { continue };
-            r.applied = self.apply_port(&name, &r.state, dp, &mut report);
-            self.desired.insert(name, r);
+        for (name, state) in pending {
+            let ok = self.apply_port(&name, &state, dp, &mut report);
+            if let Some(r) = self.desired.get_mut(&name) {
+                r.applied = ok;
+            }
         }
 
         // Frontends nobody wants any more: slot 0 first, then the slots.
         let stale: BTreeSet<Service4Key> = match scope {
             None => {
-                let wanted: HashSet<Service4Key> = self
-                    .desired
-                    .values()
-                    .flat_map(|r| r.state.frontends.keys().map(|f| key_of(f, 0)))
-                    .collect();
+                let wanted: HashSet<Service4Key> =
+                    self.desired.values().flat_map(|r| r.frontends.iter().copied()).collect();
                 self.shadow
                     .services
                     .keys()
@@ -425,12 +450,11 @@ impl Syncer {
                 let names = removed
                     .iter()
                     .map(|n| (n, None))
-                    .chain(given.iter().map(|n| (n, self.desired.get(n).map(|r| &r.state))));
+                    .chain(given.iter().map(|n| (n, self.desired.get(n).map(|r| &r.frontends))));
                 for (name, state) in names {
                     let Some(id) = self.svc_ids.get(name) else { continue };
                     for k in self.shadow.frontends_of.get(id).into_iter().flatten() {
-                        let wanted =
-                            state.is_some_and(|s| s.frontends.keys().any(|f| key_of(f, 0) == *k));
+                        let wanted = state.is_some_and(|fs| fs.contains(k));
                         if !wanted {
                             stale.insert(*k);
                         }

@@ -517,7 +517,7 @@ mod incremental {
     };
 
     fn name(i: u32) -> ServiceName {
-        ServiceName { namespace: "bench".into(), name: format!("s{i:05}") }
+        ServiceName { namespace: "bench".into(), name: format!("s{i:05}").into() }
     }
 
     fn cluster_ip(i: u32) -> Ipv4Addr {
@@ -552,9 +552,9 @@ mod incremental {
     fn slice(i: u32, eps: impl Iterator<Item = u32>) -> SliceObj {
         let base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
         SliceObj {
-            name: ServiceName { namespace: "bench".into(), name: format!("s{i:05}-1") },
+            name: ServiceName { namespace: "bench".into(), name: format!("s{i:05}-1").into() },
             address_type: "IPv4".into(),
-            service: Some(name(i).name),
+            service: Some(name(i).name.to_string()),
             trigger_time: None,
             ports: vec![SlicePortObj {
                 name: Some("http".into()),
@@ -681,7 +681,7 @@ mod incremental {
         let (mut t, mut s, mut dp) = loaded(20);
         // The slice of service 3 now names service 4: both are recomputed.
         let mut moved = slice(3, 0..10);
-        moved.service = Some(name(4).name);
+        moved.service = Some(name(4).name.to_string());
         t.apply(Change::Slice(moved));
         let mut c = t.changes();
         assert_eq!(c.services, BTreeSet::from([name(3), name(4)]));
