@@ -242,7 +242,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         if changed {
             metrics.change_queued(SystemTime::now());
         }
-        full |= !state.synced_once || last_full.elapsed() >= sync_period;
+        // The periodic resync waits one tick when changes are pending, so that a change is not
+        // delayed by a full recomputation (it runs on the next tick, even under churn).
+        let periodic = last_full.elapsed() >= sync_period;
+        let postpone = periodic && changed && !state.resync_postponed;
+        state.resync_postponed = postpone;
+        full |= !state.synced_once || (periodic && !postpone);
         let mut due = changed || full || !state.config_written;
         if due && !source.ready() {
             if !state.waiting_logged {
@@ -291,6 +296,8 @@ struct LoopState {
     config_written: bool,
     /// Whether free memory was given back after the first sync.
     trimmed: bool,
+    /// Whether the due periodic resync was put off by one tick for pending changes.
+    resync_postponed: bool,
     health: BTreeMap<u16, model::HealthCheck>,
 }
 
