@@ -65,17 +65,27 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
     let ep_base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
-    let items: Vec<Value> = (0..n)
-        .flat_map(|i| {
+    // Written item by item (the benchmark's format: one `kind: List` JSON document).
+    let mb = {
+        use std::io::Write as _;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("bulk.json")).unwrap());
+        w.write_all(br#"{"apiVersion":"v1","items":["#).unwrap();
+        for i in 0..n {
             let eps: Vec<Ipv4Addr> =
                 (0..10).map(|e| Ipv4Addr::from(ep_base + (i * 10 + e) % 32_000)).collect();
-            service(&format!("f{i}"), Ipv4Addr::from(base + i), &eps)
-        })
-        .collect();
-    let text = list(items);
-    std::fs::write(dir.join("bulk.json"), &text).unwrap();
-    let mb = text.len() as f64 / 1e6;
-    drop(text);
+            for (k, item) in
+                service(&format!("f{i}"), Ipv4Addr::from(base + i), &eps).iter().enumerate()
+            {
+                if i > 0 || k > 0 {
+                    w.write_all(b",").unwrap();
+                }
+                serde_json::to_writer(&mut w, item).unwrap();
+            }
+        }
+        w.write_all(br#"],"kind":"List"}"#).unwrap();
+        w.flush().unwrap();
+        std::fs::metadata(dir.join("bulk.json")).unwrap().len() as f64 / 1e6
+    };
     let node =
         NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None };
     let mut dp = MemDataplane::default();

@@ -340,8 +340,9 @@ pub struct Tracker {
     node: NodeInfo,
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
-    services: HashMap<ServiceName, ServiceObj>,
-    slices: HashMap<ObjectName, SliceObj>,
+    // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
+    services: HashMap<ServiceName, Box<ServiceObj>>,
+    slices: HashMap<ObjectName, Box<SliceObj>>,
     /// Service → names of its IPv4 slices, in name order.
     slices_of: HashMap<ServiceName, Vec<SharedStr>>,
     records: HashMap<ServiceName, ServiceRecord>,
@@ -393,9 +394,9 @@ impl Tracker {
         match change {
             Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
-                if self.services.get(&s.name) != Some(&s) {
+                if self.services.get(&s.name).map(|o| &**o) != Some(&s) {
                     self.dirty.insert(s.name.clone());
-                    self.services.insert(s.name.clone(), s);
+                    self.services.insert(s.name.clone(), Box::new(s));
                 }
             }
             Change::ServiceDeleted(name) => {
@@ -410,7 +411,7 @@ impl Tracker {
                         ep.node_name = Some(self.intern(n));
                     }
                 }
-                let old = self.slices.get(&s.name);
+                let old = self.slices.get(&s.name).map(|o| &**o);
                 if old == Some(&s) {
                     return;
                 }
@@ -422,7 +423,7 @@ impl Tracker {
                 let name = s.name.clone();
                 self.unlink_slice(&name);
                 self.link_slice(&s);
-                self.slices.insert(name, s);
+                self.slices.insert(name, Box::new(s));
             }
             Change::SliceDeleted(name) => {
                 self.unlink_slice(&name);
@@ -467,7 +468,7 @@ impl Tracker {
 
     /// Removes a held slice from its owner's index, dirtying the owner.
     fn unlink_slice(&mut self, name: &ObjectName) {
-        let Some(owner) = self.slices.get(name).and_then(SliceObj::owner) else { return };
+        let Some(owner) = self.slices.get(name).and_then(|s| s.owner()) else { return };
         if let Some(set) = self.slices_of.get_mut(&owner) {
             set.retain(|n| *n != name.name);
             if set.is_empty() {
@@ -583,10 +584,12 @@ impl Tracker {
                     .into_iter()
                     .flatten()
                     .filter_map(|n| {
-                        self.slices.get(&ServiceName {
-                            namespace: name.namespace.clone(),
-                            name: n.clone(),
-                        })
+                        self.slices
+                            .get(&ServiceName {
+                                namespace: name.namespace.clone(),
+                                name: n.clone(),
+                            })
+                            .map(|s| &**s)
                     })
                     .collect();
                 compute_service(svc, &slices, &self.node)

@@ -23,6 +23,14 @@
 //!
 //! After a restart, [`Syncer::adopt`] loads the programmed maps as the shadow and the ids found
 //! there are reused, so unchanged services see no writes.
+//!
+//! Two entry points: [`Syncer::sync`] / a full [`Changes`] take the whole desired state (anything
+//! else programmed is removed: the full resync), [`Syncer::sync_changes`] with the tracker's
+//! incremental [`Changes`] looks only at the services they name. The shadow keeps indexes (the
+//! frontends of each service id, the slots naming each backend, the ports wanting each backend)
+//! so that the incremental path finds stale frontends and unused backends without a scan. What is
+//! remembered per service port is a hash of its last desired state, its backends and frontends,
+//! not a copy of the state.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
