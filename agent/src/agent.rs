@@ -1,7 +1,7 @@
 //! The node agent: loads the datapath, attaches it to the devices, and runs the
 //! source → model → sync loop until SIGTERM/SIGINT (the datapath stays in place on exit).
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -20,28 +20,25 @@ use crate::{
     },
     healthcheck::HealthCheckServers,
     metrics::{self, Metrics, Role, serve},
-    model::{self, ANNOTATION_TRIGGER_TIME, NodeInfo},
+    model::{self, Changes, NodeInfo, Tracker},
     netdev,
-    source::{
-        self,
-        manifests::{ManifestDir, Objects},
-    },
+    source::{self, manifests::ManifestDir},
     sync::Syncer,
 };
-
-/// Label of a Node naming its zone (topology hints).
-const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// Where the objects come from.
 enum Source {
     Manifests(ManifestDir),
-    /// Snapshots from the API watchers; the flag says whether the first one arrived.
-    Watch(tokio::sync::watch::Receiver<Arc<Objects>>, bool),
+    /// Events of the API watchers; `ready` once the first lists are in.
+    Watch {
+        rx: tokio::sync::mpsc::UnboundedReceiver<source::kube::Event>,
+        ready: bool,
+    },
 }
 
 impl Source {
-    /// Checks for changes; true when the objects changed.
-    fn poll(&mut self, metrics: &Metrics) -> bool {
+    /// Feeds what changed into `tracker`; true when a full resync is due (the watches relisted).
+    fn poll(&mut self, metrics: &Metrics, tracker: &mut Tracker) -> bool {
         match self {
             Source::Manifests(dir) => {
                 let r = dir.poll();
@@ -52,12 +49,28 @@ impl Source {
                 for (file, kind) in &r.ignored {
                     info!(file = %file.display(), kind, "ignoring object of a kind kproxy does not use");
                 }
-                r.changed
+                for c in r.changes {
+                    tracker.apply(c);
+                }
+                false
             }
-            Source::Watch(rx, ready) => {
-                let changed = rx.has_changed().unwrap_or(false);
-                *ready |= changed;
-                changed
+            Source::Watch { rx, ready } => {
+                let mut resync = false;
+                loop {
+                    match rx.try_recv() {
+                        Ok(source::kube::Event::Changes(changes)) => {
+                            for c in changes {
+                                tracker.apply(c);
+                            }
+                        }
+                        Ok(source::kube::Event::Synced) => {
+                            resync |= *ready;
+                            *ready = true;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                resync
             }
         }
     }
@@ -67,14 +80,7 @@ impl Source {
     fn ready(&self) -> bool {
         match self {
             Source::Manifests(dir) => dir.ready(),
-            Source::Watch(_, ready) => *ready,
-        }
-    }
-
-    fn objects(&mut self) -> Arc<Objects> {
-        match self {
-            Source::Manifests(dir) => Arc::new(dir.objects()),
-            Source::Watch(rx, _) => rx.borrow_and_update().clone(),
+            Source::Watch { ready, .. } => *ready,
         }
     }
 }
@@ -142,12 +148,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let mut source = match (&args.manifests, &args.kubeconfig) {
         (Some(dir), _) => Source::Manifests(ManifestDir::new(dir)),
-        (None, kubeconfig) => Source::Watch(
-            source::kube::spawn(kubeconfig.clone(), args.node_name.clone())
+        (None, kubeconfig) => Source::Watch {
+            rx: source::kube::spawn(kubeconfig.clone(), args.node_name.clone())
                 .await
                 .context("connecting to the Kubernetes API")?,
-            false,
-        ),
+            ready: false,
+        },
     };
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -156,6 +162,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let sync_period = Duration::from_secs(args.sync_period_secs.max(1));
 
     let mut state = LoopState::default();
+    let mut tracker =
+        Tracker::new(NodeInfo { name: args.node_name.clone(), addrs: Vec::new(), zone: None });
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut last_full = Instant::now();
     loop {
@@ -164,7 +172,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: exiting, datapath stays in place"); break; }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, datapath stays in place"); break; }
         }
-        let mut dirty = source.poll(&metrics);
+        let mut full = source.poll(&metrics, &mut tracker);
         let addrs = match netdev::node_addrs(&args.nodeport_devices) {
             Ok(a) => a,
             Err(e) => {
@@ -178,35 +186,49 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 warn!(devices = ?args.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
             }
             node_addrs = Some(addrs.clone());
+            tracker.set_node_addrs(&addrs);
             state.config_written = false;
-            dirty = true;
         }
-        if dirty {
+        let changed = tracker.has_changes();
+        if changed {
             metrics.change_queued(SystemTime::now());
         }
-        if !state.synced_once || last_full.elapsed() >= sync_period {
-            dirty = true;
-        }
-        if dirty && !source.ready() {
+        // The periodic resync waits one tick when changes are pending, so that a change is not
+        // delayed by a full recomputation (it runs on the next tick, even under churn).
+        let periodic = last_full.elapsed() >= sync_period;
+        let postpone = periodic && changed && !state.resync_postponed;
+        state.resync_postponed = postpone;
+        full |= !state.synced_once || (periodic && !postpone);
+        let mut due = changed || full || !state.config_written;
+        if due && !source.ready() {
             if !state.waiting_logged {
                 info!("waiting for the first complete read of the source before syncing");
                 state.waiting_logged = true;
             }
-            dirty = false;
+            due = false;
         }
-        if dirty {
-            last_full = Instant::now();
-            let objects = source.objects();
-            let span = info_span!("sync", generation = state.generation);
+        if due {
+            if full {
+                last_full = Instant::now();
+            }
+            let span = info_span!("sync", generation = state.generation, full);
             state.generation += 1;
             async {
-                state.sync(&args, &objects, &addrs, &mut syncer, &mut dp, &metrics);
+                let started = Instant::now();
+                let mut changes = if full { tracker.full() } else { tracker.changes() };
+                state.sync(started, &args, &mut changes, &addrs, &mut syncer, &mut dp, &metrics);
+                drop(changes);
                 if let Some(hc) = health_checks.as_mut() {
                     hc.update(&state.health).await;
                 }
             }
             .instrument(span)
             .await;
+            if !state.trimmed {
+                // The first load's parse buffers are free now: give them back to the system.
+                release_free_memory();
+                state.trimmed = true;
+            }
         }
         match dp.counters() {
             Ok(c) => metrics.set_packets(c),
@@ -223,45 +245,46 @@ struct LoopState {
     synced_once: bool,
     waiting_logged: bool,
     config_written: bool,
-    /// Model errors already logged (logged again only when they change).
-    logged_errors: BTreeSet<String>,
-    /// EndpointSlice → last-change-trigger-time already accounted for.
-    triggers: HashMap<(String, String), String>,
+    /// Whether free memory was given back after the first sync.
+    trimmed: bool,
+    /// Whether the due periodic resync was put off by one tick for pending changes.
+    resync_postponed: bool,
     health: BTreeMap<u16, model::HealthCheck>,
 }
 
+/// Returns freed heap memory to the system (glibc keeps it otherwise: the first load parses
+/// tens of MB of objects that are dropped right after).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl LoopState {
-    /// One sync: model from `objects`, differences written to `dp`, node configuration (once
-    /// and whenever the addresses changed), metrics.
+    /// One sync (begun at `started`, when the model was asked for its changes): the changes
+    /// written to `dp`, node configuration (once and whenever the
+    /// addresses changed), metrics.
+    #[allow(clippy::too_many_arguments)]
     fn sync(
         &mut self,
+        started: Instant,
         args: &AgentArgs,
-        objects: &Objects,
+        changes: &mut Changes,
         addrs: &[Ipv4Addr],
         syncer: &mut Syncer,
         dp: &mut dyn Dataplane,
         metrics: &Metrics,
     ) {
-        let started = Instant::now();
-        let zone = objects
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(args.node_name.as_str()))
-            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
-        let node = NodeInfo { name: args.node_name.clone(), addrs: addrs.to_vec(), zone };
-        let out = model::build(&objects.services, &objects.slices, &node);
-        let errors: BTreeSet<String> = out.errors.iter().map(|e| e.to_string()).collect();
-        for e in errors.difference(&self.logged_errors) {
+        for e in &changes.new_errors {
             warn!(error = %e, "invalid object");
             metrics.sync_error("invalid_object");
         }
-        if errors != self.logged_errors {
-            for s in &out.skipped {
-                debug!(reason = %s, "skipped");
-            }
+        for s in &changes.skipped {
+            debug!(reason = %s, "skipped");
         }
-        self.logged_errors = errors;
-        let report = syncer.sync(&out.state, dp);
+        let report = syncer.sync_changes(changes, dp);
         for e in &report.errors {
             error!(error = %e, "sync");
             metrics.sync_failed(e);
@@ -286,9 +309,19 @@ impl LoopState {
             }
         }
         let now = SystemTime::now();
-        self.record_programming_latency(objects, now, metrics);
+        // kube-proxy's network programming latency: from each EndpointSlice's new
+        // last-change-trigger-time to now. The first sync's times predate this agent.
+        if self.synced_once {
+            for t in &changes.triggers {
+                if let Ok(ts) = t.parse::<jiff::Timestamp>()
+                    && let Ok(d) = now.duration_since(SystemTime::from(ts))
+                {
+                    metrics.observe_programming(d.as_secs_f64());
+                }
+            }
+        }
         self.synced_once = true;
-        self.health = out.state.health_checks.clone();
+        self.health = changes.state.health_checks.clone();
         metrics.sync_done(
             started.elapsed(),
             now,
@@ -298,8 +331,9 @@ impl LoopState {
         let level_info = report.writes > 0 || !report.errors.is_empty();
         if level_info {
             info!(
-                services = out.state.services.len(),
-                frontends = out.state.frontend_count(),
+                full = changes.full,
+                services = changes.services.len(),
+                frontends = syncer.programmed_frontends(),
                 changed = report.services_changed,
                 removed = report.frontends_removed,
                 backends_removed = report.backends_removed,
@@ -311,40 +345,6 @@ impl LoopState {
         } else {
             debug!(took_ms = started.elapsed().as_secs_f64() * 1e3, "in sync");
         }
-    }
-
-    /// kube-proxy's network programming latency: for every EndpointSlice whose
-    /// last-change-trigger-time is new since the last sync, the time from that trigger to now.
-    /// The first sync only records the times (they predate this agent).
-    fn record_programming_latency(
-        &mut self,
-        objects: &Objects,
-        now: SystemTime,
-        metrics: &Metrics,
-    ) {
-        let mut seen = HashMap::new();
-        for s in &objects.slices {
-            let Some(t) =
-                s.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
-            else {
-                continue;
-            };
-            let key = (
-                s.metadata.namespace.clone().unwrap_or_default(),
-                s.metadata.name.clone().unwrap_or_default(),
-            );
-            if self.synced_once
-                && self.triggers.get(&key) != Some(t)
-                && let Ok(ts) = t.parse::<jiff::Timestamp>()
-            {
-                let trigger = SystemTime::from(ts);
-                if let Ok(d) = now.duration_since(trigger) {
-                    metrics.observe_programming(d.as_secs_f64());
-                }
-            }
-            seen.insert(key, t.clone());
-        }
-        self.triggers = seen;
     }
 }
 
@@ -395,10 +395,18 @@ mod tests {
         let mut syncer = Syncer::new();
         let mut dp = MemDataplane::default();
         let addrs = [Ipv4Addr::new(198, 18, 0, 10)];
+        let mut tracker =
+            Tracker::new(NodeInfo { name: "node-0".into(), addrs: addrs.to_vec(), zone: None });
+        let mut sync =
+            |tracker: &mut Tracker, state: &mut LoopState, dp: &mut MemDataplane, full: bool| {
+                let mut changes = if full { tracker.full() } else { tracker.changes() };
+                state.sync(Instant::now(), &args, &mut changes, &addrs, &mut syncer, dp, &metrics);
+                changes
+            };
 
-        assert!(source.poll(&metrics));
-        let objects = source.objects();
-        state.sync(&args, &objects, &addrs, &mut syncer, &mut dp, &metrics);
+        source.poll(&metrics, &mut tracker);
+        assert!(tracker.has_changes());
+        sync(&mut tracker, &mut state, &mut dp, false);
         assert_eq!(dp.config.flags, cfg_flags::READY);
         assert_eq!(dp.config.snat_addr, u32::from(addrs[0]).to_be());
         let web = key([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL);
@@ -408,10 +416,11 @@ mod tests {
         assert!(metrics.render().contains("kproxy_services_programmed 14\n"));
         assert_eq!(metrics.healthz(SystemTime::now()).0, 200);
 
-        // Nothing changed: no poll change, a resync writes nothing.
-        assert!(!source.poll(&metrics));
+        // Nothing changed: no change from the source, a full resync writes nothing.
+        source.poll(&metrics, &mut tracker);
+        assert!(!tracker.has_changes());
         dp.ops.clear();
-        state.sync(&args, &source.objects(), &addrs, &mut syncer, &mut dp, &metrics);
+        sync(&mut tracker, &mut state, &mut dp, true);
         assert!(dp.ops.is_empty(), "{:?}", dp.ops);
 
         // node-1-pod-2 leaves the web slice; its change is annotated with a trigger time.
@@ -428,9 +437,14 @@ mod tests {
             "{head}  name: web-node-1\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}\n{rest}"
         );
         std::fs::write(&path, annotated).unwrap();
-        assert!(source.poll(&metrics));
+        source.poll(&metrics, &mut tracker);
         dp.ops.clear();
-        state.sync(&args, &source.objects(), &addrs, &mut syncer, &mut dp, &metrics);
+        let changes = sync(&mut tracker, &mut state, &mut dp, false);
+        // Only the owner of the changed slice was recomputed.
+        assert_eq!(
+            changes.services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ["default/web"]
+        );
         assert_eq!(dp.services[&web].count, 5);
         // Slot 6 held the removed backend: count shrinks, the slot goes; the backend stays, the
         // other web services still use the same pod and port.
@@ -451,9 +465,10 @@ mod tests {
         // A broken file keeps its objects and is counted.
         std::fs::write(dir.0.join("services.yaml"), "apiVersion: v1\nkind: Service\nspec: [\n")
             .unwrap();
-        assert!(!source.poll(&metrics));
+        source.poll(&metrics, &mut tracker);
+        assert!(!tracker.has_changes());
         assert!(metrics.render().contains("kproxy_manifest_errors_total 1\n"));
-        state.sync(&args, &source.objects(), &addrs, &mut syncer, &mut dp, &metrics);
+        sync(&mut tracker, &mut state, &mut dp, true);
         assert_eq!(dp.services[&web].count, 5);
     }
 }

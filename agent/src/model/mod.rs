@@ -13,17 +13,21 @@
 //! Validation errors skip the service (or only the port, or only the endpoint) at fault and name
 //! it; everything else goes on.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kproxy_common::{Backend4, backend_flags, proto, scope, svc_flags};
 
 pub mod endpoints;
+pub mod objects;
 
 use endpoints::{Endpoint, Policy, categorize};
+pub use objects::{Change, ObjectName};
+use objects::{EndpointAddr, ServiceObj, ServicePortObj, SliceObj};
 
 /// Label of an EndpointSlice naming its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -49,13 +53,67 @@ pub struct NodeInfo {
     pub zone: Option<String>,
 }
 
+/// An immutable string whose clones share one allocation (names repeat across the model's
+/// indexes and the syncer's records).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SharedStr(Arc<str>);
+
+impl std::ops::Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for SharedStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for SharedStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
 /// A Service's `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceName {
     /// Namespace.
-    pub namespace: String,
+    pub namespace: SharedStr,
     /// Name.
-    pub name: String,
+    pub name: SharedStr,
 }
 
 impl fmt::Display for ServiceName {
@@ -70,7 +128,7 @@ pub struct ServicePortName {
     /// The Service.
     pub service: ServiceName,
     /// Port name ("" when unnamed).
-    pub port: String,
+    pub port: SharedStr,
     /// IP protocol.
     pub proto: u8,
 }
@@ -153,7 +211,7 @@ impl Backend {
 }
 
 /// The desired service entry of one frontend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FrontendEntry {
     /// `svc_flags::*`.
     pub flags: u16,
@@ -164,7 +222,7 @@ pub struct FrontendEntry {
 }
 
 /// The desired state of one service port.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 pub struct ServicePortState {
     /// Its frontends.
     pub frontends: BTreeMap<Frontend, FrontendEntry>,
@@ -225,9 +283,415 @@ pub struct BuildOutput {
     pub skipped: Vec<String>,
 }
 
+/// Translates the objects into the desired state (all at once; the agent uses a [`Tracker`]).
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> BuildOutput {
+    let mut t = Tracker::new(node.clone());
+    for s in slices {
+        t.apply(Change::Slice(s.into()));
+    }
+    for s in services {
+        t.apply(Change::Service(s.into()));
+    }
+    let c = t.full();
+    BuildOutput { state: c.state, errors: c.new_errors, skipped: c.skipped }
+}
+
+/// What one round of the [`Tracker`] produced.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// True when `state` holds every service (a full resync): anything else programmed is stale.
+    pub full: bool,
+    /// The services recomputed: for each, its ports in `state.services` replace the ones it had
+    /// (a service listed here without ports in `state` has none any more).
+    pub services: BTreeSet<ServiceName>,
+    /// The desired state of those services; `health_checks` is always complete.
+    pub state: DesiredState,
+    /// Validation errors not reported before for the same object (log them once).
+    pub new_errors: Vec<ModelError>,
+    /// Deliberate skips of the recomputed services, for the log.
+    pub skipped: Vec<String>,
+    /// `last-change-trigger-time` of EndpointSlices that changed since the last round.
+    pub triggers: Vec<String>,
+}
+
+/// What the tracker remembers of the last computation of one service.
+#[derive(Debug, Default)]
+struct ServiceRecord {
+    /// Frontends it claimed (owned or not) per port.
+    claims: Vec<(Frontend, ServicePortName)>,
+    errors: Vec<ModelError>,
+    health: Option<u16>,
+}
+
+/// Errors and skips that belong to one EndpointSlice rather than its service.
+#[derive(Debug, Default, PartialEq)]
+struct SliceIssues {
+    errors: Vec<ModelError>,
+    skipped: Vec<String>,
+}
+
+/// The change tracker: keeps the compact objects, takes per-object [`Change`]s, marks the
+/// services they affect dirty (a Service itself, the owner of an EndpointSlice through its
+/// `kubernetes.io/service-name` label, every service for a node change) and recomputes only
+/// those. One frontend has one owner: the smallest service port name (namespace/name, port name,
+/// protocol) claiming it; a change of owner recomputes the services involved.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    node: NodeInfo,
+    /// Node objects: name → zone label.
+    node_zones: HashMap<String, Option<String>>,
+    // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
+    services: HashMap<ServiceName, Box<ServiceObj>>,
+    slices: HashMap<ObjectName, Box<SliceObj>>,
+    /// Service → names of its IPv4 slices, in name order.
+    slices_of: HashMap<ServiceName, Vec<SharedStr>>,
+    records: HashMap<ServiceName, ServiceRecord>,
+    /// Frontend → service ports claiming it (almost always one).
+    claims: HashMap<Frontend, Vec<ServicePortName>>,
+    /// healthCheckNodePort → services asking for it, with their local endpoint counts.
+    health: BTreeMap<u16, BTreeMap<ServiceName, usize>>,
+    slice_issues: HashMap<ObjectName, SliceIssues>,
+    dirty: BTreeSet<ServiceName>,
+    all_dirty: bool,
+    pending_errors: Vec<ModelError>,
+    pending_skipped: Vec<String>,
+    triggers: Vec<String>,
+    /// One copy of each namespace and node name the objects name.
+    strings: HashSet<SharedStr>,
+}
+
+impl Tracker {
+    /// An empty tracker for `node` (its `zone` is overridden by a Node object of that name).
+    pub fn new(node: NodeInfo) -> Self {
+        Self { node, ..Default::default() }
+    }
+
+    /// The node as the model uses it.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Number of Services and EndpointSlices held.
+    pub fn object_counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    /// Whether some service needs recomputing.
+    pub fn has_changes(&self) -> bool {
+        self.all_dirty || !self.dirty.is_empty() || !self.pending_errors.is_empty()
+    }
+
+    /// Sets the NodePort addresses (every service is recomputed when they change).
+    pub fn set_node_addrs(&mut self, addrs: &[Ipv4Addr]) {
+        if self.node.addrs != addrs {
+            self.node.addrs = addrs.to_vec();
+            self.all_dirty = true;
+        }
+    }
+
+    /// Applies one change from a source; an update equal to what is held changes nothing.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Service(mut s) => {
+                s.name.namespace = self.intern(&s.name.namespace);
+                if self.services.get(&s.name).map(|o| &**o) != Some(&s) {
+                    self.dirty.insert(s.name.clone());
+                    self.services.insert(s.name.clone(), Box::new(s));
+                }
+            }
+            Change::ServiceDeleted(name) => {
+                if self.services.remove(&name).is_some() {
+                    self.dirty.insert(name);
+                }
+            }
+            Change::Slice(mut s) => {
+                s.name.namespace = self.intern(&s.name.namespace);
+                for ep in &mut s.endpoints {
+                    if let Some(n) = &ep.node_name {
+                        ep.node_name = Some(self.intern(n));
+                    }
+                }
+                let old = self.slices.get(&s.name).map(|o| &**o);
+                if old == Some(&s) {
+                    return;
+                }
+                if let Some(t) = &s.trigger_time
+                    && old.and_then(|o| o.trigger_time.as_ref()) != Some(t)
+                {
+                    self.triggers.push(t.clone());
+                }
+                let name = s.name.clone();
+                self.unlink_slice(&name);
+                self.link_slice(&s);
+                self.slices.insert(name, Box::new(s));
+            }
+            Change::SliceDeleted(name) => {
+                self.unlink_slice(&name);
+                self.slices.remove(&name);
+                self.slice_issues.remove(&name);
+            }
+            Change::Node(n) => {
+                let zone = n.zone.clone();
+                if self.node_zones.insert(n.name.clone(), n.zone) != Some(zone) {
+                    self.node_changed(&n.name);
+                }
+            }
+            Change::NodeDeleted(name) => {
+                if self.node_zones.remove(&name).is_some() {
+                    self.node_changed(&name);
+                }
+            }
+        }
+    }
+
+    /// The shared copy of `s`.
+    fn intern(&mut self, s: &SharedStr) -> SharedStr {
+        match self.strings.get(s) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.strings.insert(s.clone());
+                s.clone()
+            }
+        }
+    }
+
+    fn node_changed(&mut self, name: &str) {
+        if name != self.node.name {
+            return;
+        }
+        let zone = self.node_zones.get(name).cloned().flatten();
+        if zone != self.node.zone {
+            self.node.zone = zone;
+            self.all_dirty = true;
+        }
+    }
+
+    /// Removes a held slice from its owner's index, dirtying the owner.
+    fn unlink_slice(&mut self, name: &ObjectName) {
+        let Some(owner) = self.slices.get(name).and_then(|s| s.owner()) else { return };
+        if let Some(set) = self.slices_of.get_mut(&owner) {
+            set.retain(|n| *n != name.name);
+            if set.is_empty() {
+                self.slices_of.remove(&owner);
+            }
+        }
+        self.dirty.insert(owner);
+    }
+
+    /// Checks a new slice, indexes it under its owner and dirties the owner.
+    fn link_slice(&mut self, s: &SliceObj) {
+        let mut issues = SliceIssues::default();
+        if s.address_type != "IPv4" {
+            issues
+                .skipped
+                .push(format!("EndpointSlice {}: addressType {}", s.name, s.address_type));
+        } else if let Some(owner) = s.owner() {
+            let names = self.slices_of.entry(owner.clone()).or_default();
+            if let Err(at) = names.binary_search(&s.name.name) {
+                names.insert(at, s.name.name.clone());
+            }
+            self.dirty.insert(owner);
+        } else {
+            issues.errors.push(ModelError {
+                kind: "EndpointSlice",
+                object: s.name.to_string(),
+                field: format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+                value: String::new(),
+                reason: "missing; slice ignored".to_string(),
+            });
+        }
+        let old = self.slice_issues.remove(&s.name).unwrap_or_default();
+        if old != issues {
+            self.pending_errors
+                .extend(issues.errors.iter().filter(|e| !old.errors.contains(e)).cloned());
+            self.pending_skipped.extend(issues.skipped.iter().cloned());
+        }
+        if issues != SliceIssues::default() {
+            self.slice_issues.insert(s.name.clone(), issues);
+        }
+    }
+
+    /// Recomputes the dirty services (everything after a node change).
+    pub fn changes(&mut self) -> Changes {
+        if std::mem::take(&mut self.all_dirty) {
+            return self.full();
+        }
+        let mut out = self.take_pending(false);
+        while let Some(name) = self.dirty.pop_first() {
+            self.recompute(&name, &mut out);
+        }
+        self.finish(out)
+    }
+
+    /// Recomputes every service from the held objects (the full resync; also what a fresh
+    /// tracker's first round is). Errors already reported are not reported again.
+    pub fn full(&mut self) -> Changes {
+        self.all_dirty = false;
+        let mut out = self.take_pending(true);
+        self.claims.clear();
+        self.health.clear();
+        let mut old_errors: HashMap<ServiceName, Vec<ModelError>> = HashMap::new();
+        for (name, r) in self.records.drain() {
+            if !r.errors.is_empty() {
+                old_errors.insert(name, r.errors);
+            }
+        }
+        let mut names: Vec<ServiceName> = self.services.keys().cloned().collect();
+        names.sort();
+        self.dirty.clear();
+        for name in names {
+            let errors = old_errors.remove(&name).unwrap_or_default();
+            self.records.insert(name.clone(), ServiceRecord { errors, ..Default::default() });
+            self.recompute(&name, &mut out);
+        }
+        // Conflicts resolved in name order never dirty anything; this is a safety net.
+        while let Some(name) = self.dirty.pop_first() {
+            self.recompute(&name, &mut out);
+        }
+        self.finish(out)
+    }
+
+    fn take_pending(&mut self, full: bool) -> Changes {
+        Changes {
+            full,
+            new_errors: std::mem::take(&mut self.pending_errors),
+            skipped: std::mem::take(&mut self.pending_skipped),
+            triggers: std::mem::take(&mut self.triggers),
+            ..Default::default()
+        }
+    }
+
+    fn finish(&self, mut out: Changes) -> Changes {
+        out.state.health_checks = self
+            .health
+            .iter()
+            .filter_map(|(port, by)| {
+                let (service, n) = by.iter().next_back()?;
+                Some((*port, HealthCheck { service: service.clone(), local_endpoints: *n }))
+            })
+            .collect();
+        out
+    }
+
+    /// Recomputes one service: its ports into `out`, its claims, errors and health check.
+    fn recompute(&mut self, name: &ServiceName, out: &mut Changes) {
+        let old = self.records.remove(name).unwrap_or_default();
+        let mut result = match self.services.get(name) {
+            Some(svc) => {
+                let slices: Vec<&SliceObj> = self
+                    .slices_of
+                    .get(name)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| {
+                        self.slices
+                            .get(&ServiceName {
+                                namespace: name.namespace.clone(),
+                                name: n.clone(),
+                            })
+                            .map(|s| &**s)
+                    })
+                    .collect();
+                compute_service(svc, &slices, &self.node)
+            }
+            None => ServiceResult::default(),
+        };
+        // Claims: drop the ones no longer made, add the new ones, then keep what it owns.
+        let new_claims: Vec<(Frontend, ServicePortName)> = result
+            .ports
+            .iter()
+            .flat_map(|(spn, st, _)| st.frontends.keys().map(move |f| (*f, spn.clone())))
+            .collect();
+        for (f, spn) in old.claims.iter().filter(|c| !new_claims.contains(c)) {
+            let Some(list) = self.claims.get_mut(f) else { continue };
+            let was_owner = list.iter().min() == Some(spn);
+            list.retain(|c| c != spn);
+            match list.iter().min() {
+                None => {
+                    self.claims.remove(f);
+                }
+                Some(next) if was_owner && next.service != *name => {
+                    self.dirty.insert(next.service.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        for (f, spn) in new_claims.iter().filter(|c| !old.claims.contains(c)) {
+            let list = self.claims.entry(*f).or_default();
+            if let Some(prev) = list.iter().min()
+                && spn < prev
+                && prev.service != *name
+            {
+                self.dirty.insert(prev.service.clone());
+            }
+            list.push(spn.clone());
+        }
+        for (spn, st, port_field) in &mut result.ports {
+            st.frontends.retain(|f, _| match self.claims.get(f).and_then(|l| l.iter().min()) {
+                Some(owner) if owner != spn => {
+                    result.errors.push(ModelError {
+                        kind: "Service",
+                        object: name.to_string(),
+                        field: port_field.clone(),
+                        value: f.to_string(),
+                        reason: format!("frontend already used by {owner}; frontend skipped"),
+                    });
+                    false
+                }
+                _ => true,
+            });
+        }
+        // Health check.
+        if let Some(port) = old.health
+            && let Some(by) = self.health.get_mut(&port)
+        {
+            by.remove(name);
+            if by.is_empty() {
+                self.health.remove(&port);
+            }
+        }
+        if let Some((port, n)) = result.health {
+            self.health.entry(port).or_default().insert(name.clone(), n);
+        }
+        out.new_errors.extend(result.errors.iter().filter(|e| !old.errors.contains(e)).cloned());
+        out.skipped.append(&mut result.skipped);
+        out.services.insert(name.clone());
+        // A recomputation in the same round replaces the earlier one.
+        let stale: Vec<ServicePortName> = out
+            .state
+            .services
+            .range(ServicePortName::first_of(name)..)
+            .take_while(|(k, _)| k.service == *name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            out.state.services.remove(&k);
+        }
+        for (spn, st, _) in result.ports {
+            out.state.services.insert(spn, st);
+        }
+        if self.services.contains_key(name) {
+            self.records.insert(
+                name.clone(),
+                ServiceRecord {
+                    claims: new_claims,
+                    errors: result.errors,
+                    health: result.health.map(|(p, _)| p),
+                },
+            );
+        }
+    }
+}
+
+impl ServicePortName {
+    /// The smallest service port name of `service` (for range queries over one service).
+    pub fn first_of(service: &ServiceName) -> Self {
+        Self { service: service.clone(), port: "".into(), proto: 0 }
+    }
+}
+
 /// The per-Service facts the frontends are made from.
 struct SvcSpec {
-    name: ServiceName,
     cluster_ip: Ipv4Addr,
     /// Type NodePort or LoadBalancer: node ports are served.
     node_ports: bool,
@@ -240,161 +704,131 @@ struct SvcSpec {
     health_check_node_port: Option<u16>,
 }
 
-/// Translates the objects into the desired state.
-pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> BuildOutput {
-    let mut out = BuildOutput::default();
-    let slices_by_service = group_slices(slices, &mut out);
-    // Frontend → owner, to report two services claiming one frontend.
-    let mut owners: BTreeMap<Frontend, ServicePortName> = BTreeMap::new();
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    for svc in sorted {
-        let Some(spec) = service_spec(svc, &mut out) else { continue };
-        let slices = slices_by_service.get(&spec.name).map(Vec::as_slice).unwrap_or(&[]);
-        let mut local_total = 0usize;
-        let mut ports =
-            svc.spec.as_ref().and_then(|s| s.ports.as_ref()).cloned().unwrap_or_default();
-        ports.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
-        for (i, port) in ports.iter().enumerate() {
-            let err = |field: String, value: String, reason: &str| ModelError {
-                kind: "Service",
-                object: spec.name.to_string(),
-                field,
-                value,
-                reason: format!("{reason}; port skipped"),
-            };
-            let pname = port.name.clone().unwrap_or_default();
-            let field = |f: &str| {
-                format!(
-                    "spec.ports[{}].{f}",
-                    if pname.is_empty() { i.to_string() } else { pname.clone() }
-                )
-            };
-            let p = match parse_protocol(port.protocol.as_deref()) {
-                Ok(p) if p == proto::SCTP => {
-                    out.skipped
-                        .push(format!("{}: port {pname:?} is SCTP, not supported", spec.name));
-                    continue;
-                }
-                Ok(p) => p,
-                Err(v) => {
-                    out.errors.push(err(field("protocol"), v, "unknown protocol"));
-                    continue;
-                }
-            };
-            let Some(svc_port) = valid_port(port.port) else {
-                out.errors.push(err(field("port"), port.port.to_string(), "out of range 1-65535"));
+/// One service computed on its own (before frontend ownership is applied).
+#[derive(Debug, Default)]
+struct ServiceResult {
+    /// Ports with their state and the field naming the port (`spec.ports[name or index].port`).
+    ports: Vec<(ServicePortName, ServicePortState, String)>,
+    /// healthCheckNodePort and the local endpoint count.
+    health: Option<(u16, usize)>,
+    errors: Vec<ModelError>,
+    skipped: Vec<String>,
+}
+
+/// Translates one Service and its slices.
+fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> ServiceResult {
+    let mut out = ServiceResult::default();
+    let Some(spec) = service_spec(svc, &mut out) else { return out };
+    let name = &svc.name;
+    let mut local_total = 0usize;
+    let mut ports: Vec<&ServicePortObj> = svc.ports.iter().collect();
+    ports.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
+    for (i, port) in ports.iter().enumerate() {
+        let err = |field: String, value: String, reason: &str| ModelError {
+            kind: "Service",
+            object: name.to_string(),
+            field,
+            value,
+            reason: format!("{reason}; port skipped"),
+        };
+        let pname = port.name.clone().unwrap_or_default();
+        let field = |f: &str| {
+            format!(
+                "spec.ports[{}].{f}",
+                if pname.is_empty() { i.to_string() } else { pname.clone() }
+            )
+        };
+        let p = match parse_protocol(port.protocol.as_deref()) {
+            Ok(p) if p == proto::SCTP => {
+                out.skipped.push(format!("{name}: port {pname:?} is SCTP, not supported"));
                 continue;
-            };
-            let node_port = match port.node_port.unwrap_or(0) {
-                _ if !spec.node_ports => None,
-                0 => None,
-                n => match valid_port(n) {
-                    Some(n) => Some(n),
-                    None => {
-                        out.errors.push(err(
-                            field("nodePort"),
-                            n.to_string(),
-                            "out of range 1-65535",
-                        ));
-                        continue;
-                    }
-                },
-            };
-            let spn = ServicePortName { service: spec.name.clone(), port: pname.clone(), proto: p };
-            let eps = collect_endpoints(&spn, slices, node, spec.publish_not_ready, &mut out);
-            let externally_accessible =
-                node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
-            let policy = Policy {
-                internal_local: spec.policy_internal_local,
-                external_local: spec.policy_external_local && externally_accessible,
-                externally_accessible,
-            };
-            let cat = categorize(&eps, policy, &node.name, node.zone.as_deref());
-            if policy.external_local {
-                local_total = local_total.max(cat.local.len());
             }
-            let to_backends = |set: &[Endpoint]| -> Vec<Backend> {
-                let mut v: Vec<Backend> = set.iter().map(|e| backend_of(e, p)).collect();
-                v.sort();
-                v
-            };
-            let cluster = to_backends(&cat.cluster);
-            let local = to_backends(&cat.local);
-            let affinity_flag = if spec.affinity_timeout > 0 { svc_flags::AFFINITY } else { 0 };
-            let entry = |flags: u16, backends: &Vec<Backend>, local_policy: bool| {
-                let mut flags = flags | affinity_flag;
-                if local_policy {
-                    flags |= svc_flags::LOCAL_ONLY;
+            Ok(p) => p,
+            Err(v) => {
+                out.errors.push(err(field("protocol"), v, "unknown protocol"));
+                continue;
+            }
+        };
+        let Some(svc_port) = valid_port(port.port) else {
+            out.errors.push(err(field("port"), port.port.to_string(), "out of range 1-65535"));
+            continue;
+        };
+        let node_port = match port.node_port.unwrap_or(0) {
+            _ if !spec.node_ports => None,
+            0 => None,
+            n => match valid_port(n) {
+                Some(n) => Some(n),
+                None => {
+                    out.errors.push(err(field("nodePort"), n.to_string(), "out of range 1-65535"));
+                    continue;
                 }
-                if backends.is_empty() && cat.has_any {
-                    flags |= svc_flags::DROP_IF_EMPTY;
-                }
-                FrontendEntry {
-                    flags,
-                    affinity_timeout: spec.affinity_timeout,
-                    backends: backends.clone(),
-                }
-            };
-            let mut state = ServicePortState {
-                endpoints: eps.iter().map(|e| backend_of(e, p)).collect(),
-                ..Default::default()
-            };
-            let fe =
-                |addr: Ipv4Addr, port: u16, scope: u8| Frontend { addr, port, proto: p, scope };
-            // ClusterIP: internal scope only, internalTrafficPolicy.
+            },
+        };
+        let spn = ServicePortName { service: name.clone(), port: pname.as_str().into(), proto: p };
+        let eps = collect_endpoints(&spn, slices, node, spec.publish_not_ready, &mut out.errors);
+        let externally_accessible =
+            node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
+        let policy = Policy {
+            internal_local: spec.policy_internal_local,
+            external_local: spec.policy_external_local && externally_accessible,
+            externally_accessible,
+        };
+        let cat = categorize(&eps, policy, &node.name, node.zone.as_deref());
+        if policy.external_local {
+            local_total = local_total.max(cat.local.len());
+        }
+        let to_backends = |set: &[Endpoint]| -> Vec<Backend> {
+            let mut v: Vec<Backend> = set.iter().map(|e| backend_of(e, p)).collect();
+            v.sort();
+            v
+        };
+        let cluster = to_backends(&cat.cluster);
+        let local = to_backends(&cat.local);
+        let affinity_flag = if spec.affinity_timeout > 0 { svc_flags::AFFINITY } else { 0 };
+        let entry = |flags: u16, backends: &Vec<Backend>, local_policy: bool| {
+            let mut flags = flags | affinity_flag;
+            if local_policy {
+                flags |= svc_flags::LOCAL_ONLY;
+            }
+            if backends.is_empty() && cat.has_any {
+                flags |= svc_flags::DROP_IF_EMPTY;
+            }
+            FrontendEntry {
+                flags,
+                affinity_timeout: spec.affinity_timeout,
+                backends: backends.clone(),
+            }
+        };
+        let mut state = ServicePortState {
+            endpoints: eps.iter().map(|e| backend_of(e, p)).collect(),
+            ..Default::default()
+        };
+        let fe = |addr: Ipv4Addr, port: u16, scope: u8| Frontend { addr, port, proto: p, scope };
+        // ClusterIP: internal scope only, internalTrafficPolicy.
+        let (set, local_policy) =
+            if policy.internal_local { (&local, true) } else { (&cluster, false) };
+        state.frontends.insert(
+            fe(spec.cluster_ip, svc_port, scope::INTERNAL),
+            entry(svc_flags::CLUSTER_IP, set, local_policy),
+        );
+        let mut externals: Vec<(Ipv4Addr, u16, u16)> = Vec::new();
+        if let Some(np) = node_port {
+            externals.extend(node.addrs.iter().map(|a| (*a, np, svc_flags::NODE_PORT)));
+        }
+        externals.extend(spec.lb_ips.iter().map(|a| (*a, svc_port, svc_flags::LOAD_BALANCER)));
+        externals.extend(spec.external_ips.iter().map(|a| (*a, svc_port, svc_flags::EXTERNAL_IP)));
+        for (addr, port, kind) in externals {
             let (set, local_policy) =
-                if policy.internal_local { (&local, true) } else { (&cluster, false) };
-            state.frontends.insert(
-                fe(spec.cluster_ip, svc_port, scope::INTERNAL),
-                entry(svc_flags::CLUSTER_IP, set, local_policy),
-            );
-            let mut externals: Vec<(Ipv4Addr, u16, u16)> = Vec::new();
-            if let Some(np) = node_port {
-                externals.extend(node.addrs.iter().map(|a| (*a, np, svc_flags::NODE_PORT)));
-            }
-            externals.extend(spec.lb_ips.iter().map(|a| (*a, svc_port, svc_flags::LOAD_BALANCER)));
-            externals
-                .extend(spec.external_ips.iter().map(|a| (*a, svc_port, svc_flags::EXTERNAL_IP)));
-            for (addr, port, kind) in externals {
-                let (set, local_policy) =
-                    if policy.external_local { (&local, true) } else { (&cluster, false) };
-                state
-                    .frontends
-                    .insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
-                state
-                    .frontends
-                    .insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
-            }
-            // One frontend, one owner: the first service (by namespace/name) keeps it.
-            state.frontends.retain(|f, _| match owners.get(f) {
-                Some(owner) if *owner != spn => {
-                    out.errors.push(ModelError {
-                        kind: "Service",
-                        object: spec.name.to_string(),
-                        field: field("port"),
-                        value: f.to_string(),
-                        reason: format!("frontend already used by {owner}; frontend skipped"),
-                    });
-                    false
-                }
-                _ => {
-                    owners.insert(*f, spn.clone());
-                    true
-                }
-            });
-            out.state.services.insert(spn, state);
+                if policy.external_local { (&local, true) } else { (&cluster, false) };
+            state.frontends.insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
+            state.frontends.insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
         }
-        if spec.policy_external_local
-            && let Some(port) = spec.health_check_node_port
-        {
-            out.state.health_checks.insert(
-                port,
-                HealthCheck { service: spec.name.clone(), local_endpoints: local_total },
-            );
-        }
+        out.ports.push((spn, state, field("port")));
+    }
+    if spec.policy_external_local
+        && let Some(port) = spec.health_check_node_port
+    {
+        out.health = Some((port, local_total));
     }
     out
 }
@@ -424,16 +858,9 @@ fn parse_protocol(p: Option<&str>) -> Result<u8, String> {
     }
 }
 
-fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ServiceName {
-    ServiceName {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
-        name: meta.name.clone().unwrap_or_default(),
-    }
-}
-
 /// Checks a Service and extracts what the frontends need; `None` when it is skipped.
-fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
-    let name = object_name(&svc.metadata);
+fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
+    let name = &svc.name;
     let err = |field: &str, value: &str, reason: &str| ModelError {
         kind: "Service",
         object: name.to_string(),
@@ -441,18 +868,15 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
         value: value.to_string(),
         reason: format!("{reason}; service skipped"),
     };
-    let labels = svc.metadata.labels.as_ref();
-    for label in [LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS] {
-        if labels.is_some_and(|l| l.contains_key(label)) {
-            out.skipped.push(format!("{name}: has label {label}"));
-            return None;
-        }
+    if let Some(label) = svc.skip_label {
+        out.skipped.push(format!("{name}: has label {label}"));
+        return None;
     }
-    let Some(spec) = svc.spec.as_ref() else {
+    if !svc.has_spec {
         out.errors.push(err("spec", "", "missing"));
         return None;
-    };
-    match spec.type_.as_deref() {
+    }
+    match svc.type_.as_deref() {
         None | Some("ClusterIP") | Some("NodePort") | Some("LoadBalancer") => {}
         Some("ExternalName") => {
             out.skipped.push(format!("{name}: type ExternalName"));
@@ -464,14 +888,12 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
         }
     }
     // The IPv4 ClusterIP: clusterIPs (dual stack) or clusterIP.
-    let mut candidates: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
-    candidates.extend(spec.cluster_ip.iter());
-    if candidates.iter().any(|c| c.as_str() == "None") {
+    if svc.cluster_ips.iter().any(|c| c.as_str() == "None") {
         out.skipped.push(format!("{name}: headless (clusterIP None)"));
         return None;
     }
     let mut cluster_ip = None;
-    for c in candidates {
+    for c in &svc.cluster_ips {
         match c.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => {
                 cluster_ip.get_or_insert(a);
@@ -488,7 +910,7 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
         return None;
     };
     let mut external_ips = Vec::new();
-    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+    for (i, ip) in svc.external_ips.iter().enumerate() {
         match ip.trim().parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => external_ips.push(a),
             Ok(IpAddr::V6(_)) => {}
@@ -499,9 +921,7 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
         }
     }
     let mut lb_ips = Vec::new();
-    let ingress =
-        svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+    for (i, ing) in svc.ingress.iter().enumerate() {
         let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else { continue };
         if ing.ip_mode.as_deref() == Some("Proxy") {
             out.skipped.push(format!("{name}: load-balancer ingress {ip} has ipMode Proxy"));
@@ -517,9 +937,9 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
             }
         }
     }
-    let externally_accessible = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
-        || !spec.external_ips.as_ref().is_none_or(Vec::is_empty);
-    let policy_external_local = match spec.external_traffic_policy.as_deref() {
+    let node_ports = matches!(svc.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let externally_accessible = node_ports || !svc.external_ips.is_empty();
+    let policy_external_local = match svc.external_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => externally_accessible,
         Some(other) => {
@@ -527,7 +947,7 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
             return None;
         }
     };
-    let policy_internal_local = match spec.internal_traffic_policy.as_deref() {
+    let policy_internal_local = match svc.internal_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => true,
         Some(other) => {
@@ -535,33 +955,26 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
             return None;
         }
     };
-    let affinity_timeout = match spec.session_affinity.as_deref() {
+    let affinity_timeout = match svc.session_affinity.as_deref() {
         None | Some("None") => 0,
-        Some("ClientIP") => {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            match t {
-                None => DEFAULT_AFFINITY_TIMEOUT,
-                Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT => t as u32,
-                Some(t) => {
-                    out.errors.push(err(
-                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        &t.to_string(),
-                        "out of range 1-86400",
-                    ));
-                    return None;
-                }
+        Some("ClientIP") => match svc.affinity_timeout {
+            None => DEFAULT_AFFINITY_TIMEOUT,
+            Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT => t as u32,
+            Some(t) => {
+                out.errors.push(err(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    &t.to_string(),
+                    "out of range 1-86400",
+                ));
+                return None;
             }
-        }
+        },
         Some(other) => {
             out.errors.push(err("spec.sessionAffinity", other, "not None or ClientIP"));
             return None;
         }
     };
-    let health_check_node_port = match spec.health_check_node_port {
+    let health_check_node_port = match svc.health_check_node_port {
         None | Some(0) => None,
         Some(p) => match valid_port(p) {
             Some(p) => Some(p),
@@ -576,49 +989,16 @@ fn service_spec(svc: &Service, out: &mut BuildOutput) -> Option<SvcSpec> {
         },
     };
     Some(SvcSpec {
-        name,
         cluster_ip,
-        node_ports: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")),
+        node_ports,
         external_ips,
         lb_ips,
         policy_internal_local,
         policy_external_local,
         affinity_timeout,
-        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        publish_not_ready: svc.publish_not_ready,
         health_check_node_port,
     })
-}
-
-/// Groups IPv4 EndpointSlices by the Service named in their label.
-fn group_slices<'a>(
-    slices: &'a [EndpointSlice],
-    out: &mut BuildOutput,
-) -> BTreeMap<ServiceName, Vec<&'a EndpointSlice>> {
-    let mut by: BTreeMap<ServiceName, Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        let slice_name = object_name(&s.metadata);
-        if s.address_type != "IPv4" {
-            out.skipped.push(format!("EndpointSlice {slice_name}: addressType {}", s.address_type));
-            continue;
-        }
-        let svc = s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME));
-        let Some(svc) = svc.filter(|n| !n.is_empty()) else {
-            out.errors.push(ModelError {
-                kind: "EndpointSlice",
-                object: slice_name.to_string(),
-                field: format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
-                value: String::new(),
-                reason: "missing; slice ignored".to_string(),
-            });
-            continue;
-        };
-        let key = ServiceName { namespace: slice_name.namespace.clone(), name: svc.clone() };
-        by.entry(key).or_default().push(s);
-    }
-    for v in by.values_mut() {
-        v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    }
-    by
 }
 
 /// The endpoints of one service port over all its slices: slice ports matched by name and
@@ -626,86 +1006,73 @@ fn group_slices<'a>(
 /// (a local copy wins, as in kube-proxy).
 fn collect_endpoints(
     spn: &ServicePortName,
-    slices: &[&EndpointSlice],
+    slices: &[&SliceObj],
     node: &NodeInfo,
     publish_not_ready: bool,
-    out: &mut BuildOutput,
+    errors: &mut Vec<ModelError>,
 ) -> Vec<Endpoint> {
     let mut by_key: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
-        let slice_name = object_name(&s.metadata);
         let err = |field: String, value: String, reason: &str| ModelError {
             kind: "EndpointSlice",
-            object: slice_name.to_string(),
+            object: s.name.to_string(),
             field,
             value,
             reason: reason.to_string(),
         };
-        for (pi, port) in s.ports.iter().flatten().enumerate() {
+        let mut push = |e: ModelError| {
+            if !errors.contains(&e) {
+                errors.push(e);
+            }
+        };
+        for (pi, port) in s.ports.iter().enumerate() {
             // Absent name and protocol take the API defaults ("" and TCP).
-            if port.name.as_deref().unwrap_or("") != spn.port {
+            if port.name.as_deref().unwrap_or("") != &*spn.port {
                 continue;
             }
             match parse_protocol(port.protocol.as_deref()) {
                 Ok(p) if p == spn.proto => {}
                 Ok(_) => continue,
                 Err(v) => {
-                    let e =
-                        err(format!("ports[{pi}].protocol"), v, "unknown protocol; port ignored");
-                    if !out.errors.contains(&e) {
-                        out.errors.push(e);
-                    }
+                    push(err(format!("ports[{pi}].protocol"), v, "unknown protocol; port ignored"));
                     continue;
                 }
             }
             let Some(target) = port.port.and_then(valid_port) else {
                 let v = port.port.map(|p| p.to_string()).unwrap_or_else(|| "<none>".into());
-                let e = err(format!("ports[{pi}].port"), v, "out of range 1-65535; port ignored");
-                if !out.errors.contains(&e) {
-                    out.errors.push(e);
-                }
+                push(err(format!("ports[{pi}].port"), v, "out of range 1-65535; port ignored"));
                 continue;
             };
-            for (ei, ep) in s.endpoints.iter().flatten().enumerate() {
-                let Some(first) = ep.addresses.first() else { continue };
-                let addr = match first.parse::<Ipv4Addr>() {
-                    Ok(a) => a,
-                    Err(_) => {
-                        let e = err(
+            for (ei, ep) in s.endpoints.iter().enumerate() {
+                let addr = match &ep.addr {
+                    None => continue,
+                    Some(EndpointAddr::V4(a)) => *a,
+                    Some(EndpointAddr::Invalid(text)) => {
+                        push(err(
                             format!("endpoints[{ei}].addresses[0]"),
-                            first.clone(),
+                            text.to_string(),
                             "not an IPv4 address; endpoint ignored",
-                        );
-                        if !out.errors.contains(&e) {
-                            out.errors.push(e);
-                        }
+                        ));
                         continue;
                     }
                 };
-                let cond = ep.conditions.clone().unwrap_or_default();
                 let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(&node.name);
-                let hints = ep.hints.as_ref();
+                let hints = ep.hints.as_deref();
                 let endpoint = Endpoint {
                     addr,
                     port: target,
                     local,
                     // publishNotReadyAddresses: the control plane publishes every endpoint as
                     // ready; do the same for slices that were not produced by it.
-                    ready: publish_not_ready || cond.ready.unwrap_or(true),
-                    serving: cond.serving.unwrap_or(true),
-                    terminating: cond.terminating.unwrap_or(false),
+                    ready: publish_not_ready || ep.ready.unwrap_or(true),
+                    serving: ep.serving.unwrap_or(true),
+                    terminating: ep.terminating.unwrap_or(false),
                     zone_hints: hints
-                        .and_then(|h| h.for_zones.as_ref())
-                        .into_iter()
-                        .flatten()
-                        .map(|z| z.name.clone())
-                        .collect(),
+                        .map(|h| h.zones.iter().cloned().collect())
+                        .unwrap_or_default(),
                     node_hints: hints
-                        .and_then(|h| h.for_nodes.as_ref())
-                        .into_iter()
-                        .flatten()
-                        .map(|n| n.name.clone())
-                        .collect(),
+                        .map(|h| h.nodes.iter().cloned().collect())
+                        .unwrap_or_default(),
                 };
                 let key = (addr, target);
                 if !by_key.contains_key(&key) || local {

@@ -538,10 +538,21 @@ fn demo_manifests() {
     let mut m = crate::source::manifests::ManifestDir::new(&dir);
     let r = m.poll();
     assert!(r.errors.is_empty() && r.ignored.is_empty(), "{:?} {:?}", r.errors, r.ignored);
-    let o = m.objects();
-    assert_eq!((o.services.len(), o.slices.len(), o.nodes.len()), (5, 10, 2));
-    let out = build(&o.services, &o.slices, &node());
-    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let count = |f: fn(&Change) -> bool| r.changes.iter().filter(|c| f(c)).count();
+    assert_eq!(
+        (
+            count(|c| matches!(c, Change::Service(_))),
+            count(|c| matches!(c, Change::Slice(_))),
+            count(|c| matches!(c, Change::Node(_)))
+        ),
+        (5, 10, 2)
+    );
+    let mut t = Tracker::new(node());
+    for c in r.changes {
+        t.apply(c);
+    }
+    let out = t.changes();
+    assert!(out.new_errors.is_empty(), "{:?}", out.new_errors);
     assert!(out.skipped.is_empty(), "{:?}", out.skipped);
     let all: Vec<String> = (0..2)
         .flat_map(|i| (0..3).map(move |j| format!("198.18.{}.{}:8080", 100 + i, 10 + j)))

@@ -1,39 +1,158 @@
-//! The Kubernetes API as the source: kube-rs reflectors for Services and EndpointSlices (without
+//! The Kubernetes API as the source: kube-rs watchers for Services and EndpointSlices (without
 //! the ones another proxy or nobody serves, as kube-proxy selects them) and this node's Node,
-//! published as whole snapshots whenever something changed.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+//! delivered as per-object [`Change`]s in the model's compact form. No store of API objects is
+//! kept: each object is converted when it arrives and dropped; only the names seen are kept, to
+//! turn a relist (after a dropped watch or "410 Gone") into deletions of what disappeared.
+use std::{collections::HashSet, path::PathBuf};
 
 use anyhow::Context as _;
-use futures::{StreamExt as _, future::select_all, stream::BoxStream};
+use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client, Config, ResourceExt as _,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
-use super::manifests::Objects;
-use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+use crate::model::{
+    Change, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectName, ServiceName,
+    objects::{NodeObj, ServiceObj, SliceObj},
+};
 
 /// kube-proxy's selector: objects that no other proxy claims and that are not headless.
 pub fn service_selector() -> String {
     format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
 }
 
+/// What the watchers deliver, in order.
+#[derive(Debug)]
+pub enum Event {
+    /// Objects added, updated or deleted.
+    Changes(Vec<Change>),
+    /// Every watch completed its (re)list: the changes delivered so far describe the cluster.
+    /// The first one makes the source ready; later ones (after a relist) call for a full resync.
+    Synced,
+}
+
+/// The kinds watched, with their conversion to changes.
+trait Watched: kube::Resource + Sized {
+    fn upsert(&self) -> Change;
+    fn deleted(name: ObjectName) -> Change;
+}
+
+impl Watched for Service {
+    fn upsert(&self) -> Change {
+        Change::Service(ServiceObj::from(self))
+    }
+    fn deleted(name: ObjectName) -> Change {
+        Change::ServiceDeleted(name)
+    }
+}
+
+impl Watched for EndpointSlice {
+    fn upsert(&self) -> Change {
+        Change::Slice(SliceObj::from(self))
+    }
+    fn deleted(name: ObjectName) -> Change {
+        Change::SliceDeleted(name)
+    }
+}
+
+impl Watched for Node {
+    fn upsert(&self) -> Change {
+        Change::Node(NodeObj::from(self))
+    }
+    fn deleted(name: ObjectName) -> Change {
+        Change::NodeDeleted(name.name.to_string())
+    }
+}
+
+fn name_of<K: kube::Resource>(o: &K) -> ObjectName {
+    ServiceName {
+        namespace: o.namespace().as_deref().unwrap_or("default").into(),
+        name: o.name_any().into(),
+    }
+}
+
+/// Turns one kind's watcher events into changes; remembers the names it has seen.
+#[derive(Default)]
+struct Relister {
+    known: HashSet<ObjectName>,
+    listing: Option<HashSet<ObjectName>>,
+}
+
+impl Relister {
+    /// The changes of one event, and whether it completed a (re)list.
+    fn handle<K: Watched>(&mut self, ev: watcher::Event<K>) -> (Vec<Change>, bool) {
+        match ev {
+            watcher::Event::Apply(o) => {
+                self.known.insert(name_of(&o));
+                (vec![o.upsert()], false)
+            }
+            watcher::Event::Delete(o) => {
+                let name = name_of(&o);
+                self.known.remove(&name);
+                (vec![K::deleted(name)], false)
+            }
+            watcher::Event::Init => {
+                self.listing = Some(HashSet::new());
+                (Vec::new(), false)
+            }
+            watcher::Event::InitApply(o) => {
+                let name = name_of(&o);
+                self.listing.get_or_insert_default().insert(name.clone());
+                self.known.insert(name);
+                (vec![o.upsert()], false)
+            }
+            watcher::Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let gone: Vec<Change> =
+                    self.known.difference(&listed).map(|n| K::deleted(n.clone())).collect();
+                self.known = listed;
+                (gone, true)
+            }
+        }
+    }
+}
+
+/// One kind's watch as a stream of (kind index, changes, list completed).
+fn watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    idx: usize,
+) -> BoxStream<'static, (usize, Vec<Change>, bool)>
+where
+    K: Watched + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let mut relister = Relister::default();
+    watcher(api, cfg)
+        .default_backoff()
+        .filter_map(move |ev| {
+            let out = match ev {
+                Ok(ev) => {
+                    let (changes, done) = relister.handle(ev);
+                    Some((idx, changes, done))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kubernetes watch error (retrying)");
+                    None
+                }
+            };
+            std::future::ready(out)
+        })
+        .boxed()
+}
+
 /// Connects (with `kubeconfig`, or in-cluster / `$KUBECONFIG` when `None`), starts the watchers
-/// and returns the snapshots. The first snapshot is published once every list completed.
+/// and returns their events.
 pub async fn spawn(
     kubeconfig: Option<PathBuf>,
     node_name: String,
-) -> anyhow::Result<watch::Receiver<Arc<Objects>>> {
+) -> anyhow::Result<mpsc::UnboundedReceiver<Event>> {
     let config = match &kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
@@ -44,88 +163,51 @@ pub async fn spawn(
     };
     let client = Client::try_from(config)?;
     let selector = service_selector();
-    let (svc_store, svc_events) =
-        reflect(Api::<Service>::all(client.clone()), watcher::Config::default().labels(&selector));
-    let (eps_store, eps_events) = reflect(
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(&selector),
-    );
-    let (node_store, node_events) = reflect(
-        Api::<Node>::all(client),
-        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-    );
-    let (tx, rx) = watch::channel(Arc::new(Objects::default()));
+    let streams = vec![
+        watch(Api::<Service>::all(client.clone()), watcher::Config::default().labels(&selector), 0),
+        watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(&selector),
+            1,
+        ),
+        watch(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            2,
+        ),
+    ];
+    let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut streams = [svc_events, eps_events, node_events];
-        let ready = async {
-            let _ = svc_store.wait_until_ready().await;
-            let _ = eps_store.wait_until_ready().await;
-            let _ = node_store.wait_until_ready().await;
-        };
-        // Drive the streams until the initial lists are in.
-        tokio::pin!(ready);
-        loop {
-            tokio::select! {
-                _ = &mut ready => break,
-                _ = select_all(streams.iter_mut().map(|s| s.next())) => {}
+        let mut all = futures::stream::select_all(streams);
+        let mut listed = [false; 3];
+        let mut synced = false;
+        while let Some((idx, changes, done)) = all.next().await {
+            if !changes.is_empty() && tx.send(Event::Changes(changes)).is_err() {
+                break;
             }
-        }
-        tracing::info!("Kubernetes API: initial lists received");
-        let publish = |tx: &watch::Sender<Arc<Objects>>| {
-            let objects = Objects {
-                services: svc_store.state().iter().map(|o| (**o).clone()).collect(),
-                slices: eps_store.state().iter().map(|o| (**o).clone()).collect(),
-                nodes: node_store.state().iter().map(|o| (**o).clone()).collect(),
-            };
-            tx.send_replace(Arc::new(objects));
-        };
-        publish(&tx);
-        let mut dirty = false;
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = select_all(streams.iter_mut().map(|s| s.next())) => dirty = true,
-                _ = tick.tick() => {
-                    if dirty {
-                        publish(&tx);
-                        dirty = false;
+            if done {
+                listed[idx] = true;
+                if listed.iter().all(|l| *l) {
+                    if !synced {
+                        tracing::info!("Kubernetes API: initial lists received");
+                    }
+                    synced = true;
+                    if tx.send(Event::Synced).is_err() {
+                        break;
                     }
                 }
-            }
-            if tx.is_closed() {
-                break;
             }
         }
     });
     Ok(rx)
 }
 
-/// A reflector (store + event stream that keeps it filled), with errors logged and retried.
-fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, BoxStream<'static, ()>)
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff())
-        .map(|event| {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "Kubernetes watch error (retrying)");
-            }
-        })
-        .boxed();
-    (reader, stream)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
 
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
@@ -214,8 +296,12 @@ mod tests {
         )
     }
 
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("event").unwrap()
+    }
+
     #[tokio::test]
-    async fn watchers_publish_snapshots() {
+    async fn watchers_deliver_changes() {
         let (port, events, requests) = fake_api(vec![
             ("/api/v1/services", list("ServiceList", "v1", &[SVC])),
             (
@@ -237,21 +323,15 @@ mod tests {
         .unwrap();
         let mut rx = spawn(Some(kc), "node-0".into()).await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        let wait = |rx: &mut watch::Receiver<Arc<Objects>>| {
-            let mut rx = rx.clone();
-            async move {
-                tokio::time::timeout(Duration::from_secs(10), rx.changed())
-                    .await
-                    .expect("snapshot")
-                    .unwrap();
-                rx.borrow_and_update().clone()
-            }
-        };
-        let first = wait(&mut rx).await;
-        rx.borrow_and_update();
-        assert_eq!(first.services.len(), 1);
-        assert_eq!(first.slices.len(), 1);
-        assert!(first.nodes.is_empty());
+        // The initial lists, then Synced.
+        let mut initial = Vec::new();
+        while let Event::Changes(c) = next(&mut rx).await {
+            initial.extend(c);
+        }
+        assert_eq!(initial.len(), 2, "{initial:?}");
+        assert!(initial.iter().any(|c| matches!(c, Change::Service(s) if s.name.name == "web")));
+        assert!(initial.iter().any(|c| matches!(c, Change::Slice(s) if s.name.name == "web-1"
+            && s.service.as_deref() == Some("web"))));
         {
             let reqs = requests.lock().unwrap();
             let svc_list = reqs.iter().find(|r| r.starts_with("/api/v1/services")).unwrap();
@@ -259,7 +339,7 @@ mod tests {
             let node_list = reqs.iter().find(|r| r.starts_with("/api/v1/nodes")).unwrap();
             assert!(node_list.contains("fieldSelector=metadata.name%3Dnode-0"), "{node_list}");
         }
-        // A Service added through the watch shows up in the next snapshot.
+        // A Service added, then deleted, through the watch arrives as those two changes.
         let added = SVC.replace("\"web\"", "\"dns\"").replace("\"1\"", "\"2\"");
         let mut got = None;
         for _ in 0..50 {
@@ -267,16 +347,53 @@ mod tests {
                 "/api/v1/services".into(),
                 format!(r#"{{"type":"ADDED","object":{added}}}"#),
             ));
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await
+            if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
             {
-                got = Some(rx.borrow_and_update().clone());
+                got = Some(ev);
                 break;
             }
         }
-        let snap = got.expect("no snapshot after a watch event");
-        let mut names: Vec<String> =
-            snap.services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
-        names.sort();
-        assert_eq!(names, ["dns", "web"]);
+        match got.expect("no change after a watch event") {
+            Event::Changes(c) => {
+                assert!(
+                    matches!(c.as_slice(), [Change::Service(s)] if s.name.name == "dns"),
+                    "{c:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = events.send((
+            "/api/v1/services".into(),
+            format!(r#"{{"type":"DELETED","object":{}}}"#, added.replace("\"2\"", "\"3\"")),
+        ));
+        match next(&mut rx).await {
+            Event::Changes(c) => assert!(
+                matches!(c.as_slice(), [Change::ServiceDeleted(n)] if n.to_string() == "default/dns"),
+                "{c:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn relist_deletes_what_disappeared() {
+        let svc = |name: &str| -> Service {
+            serde_json::from_str(&SVC.replace("\"web\"", &format!("\"{name}\""))).unwrap()
+        };
+        let mut r = Relister::default();
+        r.handle(watcher::Event::Init::<Service>);
+        r.handle(watcher::Event::InitApply(svc("a")));
+        r.handle(watcher::Event::InitApply(svc("b")));
+        assert!(r.handle(watcher::Event::InitDone::<Service>).0.is_empty());
+        // Relist after a 410: b is gone; nothing else is deleted.
+        r.handle(watcher::Event::Init::<Service>);
+        let (c, _) = r.handle(watcher::Event::InitApply(svc("a")));
+        assert!(matches!(c.as_slice(), [Change::Service(_)]));
+        let (gone, done) = r.handle(watcher::Event::InitDone::<Service>);
+        assert!(done);
+        assert!(
+            matches!(gone.as_slice(), [Change::ServiceDeleted(n)] if n.name == "b"),
+            "{gone:?}"
+        );
     }
 }

@@ -4,11 +4,19 @@
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read (hidden files are
 //! skipped); a file may hold several documents and `kind: List` documents. Other kinds are ignored
 //! with a log line. A file that fails to parse keeps the last objects that parsed from it, and the
-//! error names the file. [`ManifestDir::poll`] rereads the directory and says whether anything
-//! changed.
+//! error names the file.
+//!
+//! [`ManifestDir::poll`] looks at the directory and returns per-object [`Change`]s, like a watch:
+//! a file whose size, modification time and inode did not change is not read at all; a file read
+//! again whose content hash did not change is not parsed. Objects are converted to the model's
+//! compact forms while parsing (JSON is streamed, one list item at a time); neither file contents
+//! nor API objects are kept, only the names of the objects each file defines. When several files
+//! define the same object, the one read last wins.
 use std::{
-    collections::BTreeMap,
-    fs,
+    collections::{BTreeMap, HashSet},
+    fmt, fs,
+    hash::{Hash as _, Hasher as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -16,26 +24,16 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use serde::Deserialize;
+use serde::{
+    Deserialize, Deserializer,
+    de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor},
+};
+use serde_json::Value;
 
-/// The objects the agent uses.
-#[derive(Debug, Clone, Default)]
-pub struct Objects {
-    /// Services.
-    pub services: Vec<Service>,
-    /// EndpointSlices.
-    pub slices: Vec<EndpointSlice>,
-    /// Nodes.
-    pub nodes: Vec<Node>,
-}
-
-impl Objects {
-    fn extend(&mut self, other: &Objects) {
-        self.services.extend(other.services.iter().cloned());
-        self.slices.extend(other.slices.iter().cloned());
-        self.nodes.extend(other.nodes.iter().cloned());
-    }
-}
+use crate::model::{
+    Change, ObjectName,
+    objects::{NodeObj, ServiceObj, SliceObj},
+};
 
 /// A file that could not be read or parsed.
 #[derive(Debug, thiserror::Error)]
@@ -50,18 +48,89 @@ pub struct ManifestError {
 /// Result of one [`ManifestDir::poll`].
 #[derive(Debug, Default)]
 pub struct PollResult {
-    /// Whether the set of objects changed.
+    /// Whether the set of objects may have changed (some file was added, removed or reparsed).
     pub changed: bool,
+    /// The objects added, updated (possibly unchanged: the model compares) or deleted.
+    pub changes: Vec<Change>,
     /// Files that failed this time (their last good objects are kept).
     pub errors: Vec<ManifestError>,
     /// Documents of kinds the agent does not use: (file, kind).
     pub ignored: Vec<(PathBuf, String)>,
 }
 
-#[derive(Debug)]
+/// Kind and name of an object, as a file defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ObjectKey {
+    Service(ObjectName),
+    Slice(ObjectName),
+    Node(String),
+}
+
+/// One object read from a file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    /// A Service.
+    Service(ServiceObj),
+    /// An EndpointSlice.
+    Slice(SliceObj),
+    /// A Node.
+    Node(NodeObj),
+}
+
+impl Parsed {
+    fn key(&self) -> ObjectKey {
+        match self {
+            Parsed::Service(s) => ObjectKey::Service(s.name.clone()),
+            Parsed::Slice(s) => ObjectKey::Slice(s.name.clone()),
+            Parsed::Node(n) => ObjectKey::Node(n.name.clone()),
+        }
+    }
+
+    fn into_change(self) -> Change {
+        match self {
+            Parsed::Service(s) => Change::Service(s),
+            Parsed::Slice(s) => Change::Slice(s),
+            Parsed::Node(n) => Change::Node(n),
+        }
+    }
+}
+
+fn deleted(key: ObjectKey) -> Change {
+    match key {
+        ObjectKey::Service(n) => Change::ServiceDeleted(n),
+        ObjectKey::Slice(n) => Change::SliceDeleted(n),
+        ObjectKey::Node(n) => Change::NodeDeleted(n),
+    }
+}
+
+/// What identifies a file version without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(md: &fs::Metadata) -> Self {
+        Self {
+            len: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+            ino: md.ino(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
 struct FileState {
-    content: Vec<u8>,
-    objects: Objects,
+    stamp: Option<Stamp>,
+    hash: u64,
+    /// Objects the file defines (its last good parse).
+    keys: HashSet<ObjectKey>,
+    /// Read and parse again on the next poll even if unchanged.
+    force: bool,
 }
 
 /// A watched manifest directory.
@@ -78,9 +147,9 @@ impl ManifestDir {
         Self { dir: dir.into(), files: BTreeMap::new(), listed: false }
     }
 
-    /// Whether the directory was read at least once. Until then [`Self::objects`] is empty for
-    /// lack of knowledge, not because there is nothing: the agent must not sync on it (that would
-    /// remove every programmed service after a restart).
+    /// Whether the directory was read at least once. Until then nothing is known, which is not
+    /// the same as nothing existing: the agent must not sync (that would remove every programmed
+    /// service after a restart).
     pub fn ready(&self) -> bool {
         self.listed
     }
@@ -90,7 +159,7 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Rereads the directory. Files whose content did not change are not parsed again.
+    /// Looks at the directory and returns what changed since the last poll.
     pub fn poll(&mut self) -> PollResult {
         let mut res = PollResult::default();
         let paths = match list(&self.dir) {
@@ -101,10 +170,21 @@ impl ManifestDir {
             }
         };
         self.listed = true;
-        let before = self.files.len();
-        self.files.retain(|p, _| paths.contains(p));
-        res.changed |= self.files.len() != before;
-        for path in paths {
+        let gone: Vec<PathBuf> =
+            self.files.keys().filter(|p| !paths.iter().any(|(q, _)| q == *p)).cloned().collect();
+        for path in gone {
+            let f = self.files.remove(&path).unwrap_or_default();
+            res.changed = true;
+            for key in f.keys {
+                self.undefine(key, &mut res.changes);
+            }
+        }
+        for (path, md) in paths {
+            let stamp = Stamp::of(&md);
+            let f = self.files.entry(path.clone()).or_default();
+            if f.stamp == Some(stamp) && !f.force {
+                continue;
+            }
             let content = match fs::read(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -113,98 +193,255 @@ impl ManifestDir {
                     continue;
                 }
             };
-            if self.files.get(&path).is_some_and(|f| f.content == content) {
+            let mut h = std::hash::DefaultHasher::new();
+            content.hash(&mut h);
+            let hash = h.finish();
+            let known = f.stamp.is_some();
+            f.stamp = Some(stamp);
+            if known && f.hash == hash && !f.force {
                 continue;
             }
-            match parse(&content) {
+            f.hash = hash;
+            f.force = false;
+            let parsed = parse(&content);
+            drop(content);
+            match parsed {
                 Ok((objects, ignored)) => {
-                    res.ignored.extend(ignored.into_iter().map(|k| (path.clone(), k)));
-                    self.files.insert(path, FileState { content, objects });
                     res.changed = true;
+                    res.ignored.extend(ignored.into_iter().map(|k| (path.clone(), k)));
+                    let keys: HashSet<ObjectKey> = objects.iter().map(Parsed::key).collect();
+                    let f = self.files.get_mut(&path).expect("inserted above");
+                    let old = std::mem::replace(&mut f.keys, keys);
+                    for key in old {
+                        if !self.files[&path].keys.contains(&key) {
+                            self.undefine(key, &mut res.changes);
+                        }
+                    }
+                    res.changes.extend(objects.into_iter().map(Parsed::into_change));
                 }
                 Err(message) => {
-                    res.errors.push(ManifestError { path: path.clone(), message });
-                    // Keep the last good objects; remember the content so that the same broken
-                    // file is reported once, not every poll.
-                    let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
-                    self.files.insert(path, FileState { content, objects });
+                    // Keep the last good objects; the stamp and hash are remembered so that
+                    // the same broken file is reported once, not every poll.
+                    res.errors.push(ManifestError { path, message });
                 }
             }
         }
         res
     }
 
-    /// All objects, in file order.
-    pub fn objects(&self) -> Objects {
-        let mut out = Objects::default();
-        for f in self.files.values() {
-            out.extend(&f.objects);
+    /// A file no longer defines `key`: deleted unless another file defines it too (that file is
+    /// read again on the next poll, so its version wins).
+    fn undefine(&mut self, key: ObjectKey, changes: &mut Vec<Change>) {
+        let mut elsewhere = false;
+        for f in self.files.values_mut().filter(|f| f.keys.contains(&key)) {
+            f.force = true;
+            elsewhere = true;
         }
-        out
+        if !elsewhere {
+            changes.push(deleted(key));
+        }
     }
 }
 
-fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+fn list(dir: &Path) -> std::io::Result<Vec<(PathBuf, fs::Metadata)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let ext_ok = [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
-        if ext_ok && !name.starts_with('.') && path.is_file() {
-            out.push(path);
+        if !ext_ok || name.starts_with('.') {
+            continue;
+        }
+        if let Ok(md) = fs::metadata(&path)
+            && md.is_file()
+        {
+            out.push((path, md));
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
-/// Parses a (multi-document) file into objects and the kinds it ignored.
-pub fn parse(content: &[u8]) -> Result<(Objects, Vec<String>), String> {
-    let text = std::str::from_utf8(content).map_err(|e| format!("not UTF-8: {e}"))?;
-    let mut objects = Objects::default();
-    let mut ignored = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
-        add_value(value, i + 1, &mut objects, &mut ignored)?;
+/// Parses a (multi-document) file into compact objects and the kinds it ignored. JSON (the
+/// content starts with `{`) is streamed; anything else, or JSON that does not parse, is read as
+/// YAML.
+pub fn parse(content: &[u8]) -> Result<(Vec<Parsed>, Vec<String>), String> {
+    let first = content.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{') {
+        let mut out = Doc::default();
+        let mut ok = true;
+        for doc in serde_json::Deserializer::from_slice(content).into_iter::<Doc>() {
+            match doc {
+                Ok(d) => out.append(d),
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            return Ok((out.objects, out.ignored));
+        }
     }
-    Ok((objects, ignored))
+    let text = std::str::from_utf8(content).map_err(|e| format!("not UTF-8: {e}"))?;
+    let mut out = Doc::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let d = Doc::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        out.append(d);
+    }
+    Ok((out.objects, out.ignored))
 }
 
-fn add_value(
-    value: serde_yaml::Value,
-    doc: usize,
-    objects: &mut Objects,
-    ignored: &mut Vec<String>,
-) -> Result<(), String> {
+/// The objects of one document (a `List`'s items are taken one at a time).
+#[derive(Debug, Default)]
+struct Doc {
+    objects: Vec<Parsed>,
+    ignored: Vec<String>,
+}
+
+impl Doc {
+    fn append(&mut self, mut other: Doc) {
+        self.objects.append(&mut other.objects);
+        self.ignored.append(&mut other.ignored);
+    }
+}
+
+impl<'de> Deserialize<'de> for Doc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocVisitor)
+    }
+}
+
+struct DocVisitor;
+
+fn is_list(kind: &str) -> bool {
+    matches!(kind, "List" | "ServiceList" | "EndpointSliceList")
+}
+
+impl<'de> Visitor<'de> for DocVisitor {
+    type Value = Doc;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a Kubernetes object with apiVersion and kind")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Doc, E> {
+        Ok(Doc::default())
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Doc, E> {
+        Ok(Doc::default())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
+        let mut rest = serde_json::Map::new();
+        let mut items: Option<Result<Doc, String>> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                items = Some(map.next_value_seed(ItemsSeed)?);
+            } else {
+                let v: Value = map.next_value()?;
+                rest.insert(key, v);
+            }
+        }
+        let kind = rest.get("kind").and_then(Value::as_str).unwrap_or("");
+        if is_list(kind) {
+            return items.unwrap_or_else(|| Ok(Doc::default())).map_err(A::Error::custom);
+        }
+        let mut doc = Doc::default();
+        add_value(Value::Object(rest), &mut doc).map_err(A::Error::custom)?;
+        Ok(doc)
+    }
+}
+
+/// The `items` of a list, converted one at a time; the first error is returned after the
+/// sequence (it only counts if the document turns out to be a list).
+struct ItemsSeed;
+
+impl<'de> DeserializeSeed<'de> for ItemsSeed {
+    type Value = Result<Doc, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemsSeed {
+    type Value = Result<Doc, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of Kubernetes objects")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Ok(Doc::default()))
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Ok(Doc::default()))
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+        let mut doc = Doc::default();
+        let mut first_err = None;
+        while let Some(v) = seq.next_element::<Value>()? {
+            if first_err.is_none()
+                && let Err(e) = add_value(v, &mut doc)
+            {
+                first_err = Some(e);
+            }
+        }
+        Ok(match first_err {
+            Some(e) => Err(e),
+            None => Ok(doc),
+        })
+    }
+}
+
+fn add_value(value: Value, doc: &mut Doc) -> Result<(), String> {
     if value.is_null() {
         return Ok(());
     }
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-    let api = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_string();
-    let err = |e: serde_yaml::Error| format!("document {doc} ({kind}): {e}");
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let err = |e: serde_json::Error| format!("{kind} {name:?}: {e}");
     match (api.as_str(), kind.as_str()) {
-        ("v1", "Service") => objects.services.push(serde_yaml::from_value(value).map_err(err)?),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            objects.slices.push(serde_yaml::from_value(value).map_err(err)?)
+        ("v1", "Service") => {
+            let s: Service = serde_json::from_value(value).map_err(err)?;
+            doc.objects.push(Parsed::Service((&s).into()));
         }
-        ("v1", "Node") => objects.nodes.push(serde_yaml::from_value(value).map_err(err)?),
-        (_, "List") | (_, "ServiceList") | (_, "EndpointSliceList") => {
-            let items = value.get("items").cloned().unwrap_or(serde_yaml::Value::Null);
-            for item in items.as_sequence().into_iter().flatten() {
-                add_value(item.clone(), doc, objects, ignored)?;
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let s: EndpointSlice = serde_json::from_value(value).map_err(err)?;
+            doc.objects.push(Parsed::Slice((&s).into()));
+        }
+        ("v1", "Node") => {
+            let n: Node = serde_json::from_value(value).map_err(err)?;
+            doc.objects.push(Parsed::Node((&n).into()));
+        }
+        (_, k) if is_list(k) => {
+            let Value::Object(mut m) = value else { unreachable!("has a kind") };
+            if let Some(Value::Array(items)) = m.remove("items") {
+                for item in items {
+                    add_value(item, doc)?;
+                }
             }
         }
-        ("", _) | (_, "") => {
-            return Err(format!("document {doc}: missing apiVersion or kind"));
-        }
-        _ => ignored.push(format!("{api}/{kind}")),
+        ("", _) | (_, "") => return Err("missing apiVersion or kind".to_string()),
+        _ => doc.ignored.push(format!("{api}/{kind}")),
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     struct TempDir(PathBuf);
@@ -229,15 +466,26 @@ mod tests {
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
     const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [198.18.100.10]}]\n";
 
-    fn names(o: &Objects) -> Vec<String> {
-        let mut v: Vec<String> = o
-            .services
-            .iter()
-            .map(|s| format!("svc/{}", s.metadata.name.clone().unwrap()))
-            .collect();
-        v.extend(o.slices.iter().map(|s| format!("eps/{}", s.metadata.name.clone().unwrap())));
-        v.extend(o.nodes.iter().map(|s| format!("node/{}", s.metadata.name.clone().unwrap())));
-        v
+    /// The objects a consumer of the changes holds: "svc/web", "eps/web-1", "node/node-0".
+    #[derive(Default)]
+    struct View(BTreeSet<String>);
+    impl View {
+        fn apply(&mut self, r: &PollResult) -> &mut Self {
+            for c in &r.changes {
+                match c {
+                    Change::Service(s) => self.0.insert(format!("svc/{}", s.name.name)),
+                    Change::Slice(s) => self.0.insert(format!("eps/{}", s.name.name)),
+                    Change::Node(n) => self.0.insert(format!("node/{}", n.name)),
+                    Change::ServiceDeleted(n) => self.0.remove(&format!("svc/{}", n.name)),
+                    Change::SliceDeleted(n) => self.0.remove(&format!("eps/{}", n.name)),
+                    Change::NodeDeleted(n) => self.0.remove(&format!("node/{n}")),
+                };
+            }
+            self
+        }
+        fn names(&self) -> Vec<&str> {
+            self.0.iter().map(String::as_str).collect()
+        }
     }
 
     #[test]
@@ -261,10 +509,15 @@ mod tests {
         assert!(r.changed);
         assert_eq!(r.ignored.len(), 1);
         assert_eq!(r.ignored[0].1, "apps/v1/Deployment");
-        assert_eq!(names(&m.objects()), ["svc/web", "eps/web-1", "node/node-0"]);
+        let mut v = View::default();
+        assert_eq!(v.apply(&r).names(), ["eps/web-1", "node/node-0", "svc/web"]);
         // Nothing changed: no change reported.
         let r = m.poll();
-        assert!(!r.changed && r.errors.is_empty());
+        assert!(!r.changed && r.errors.is_empty() && r.changes.is_empty());
+        // Rewritten with the same content: read again (new mtime) but not parsed.
+        d.write("a.yaml", &fs::read_to_string(d.0.join("a.yaml")).unwrap());
+        let r = m.poll();
+        assert!(!r.changed && r.changes.is_empty(), "{:?}", r.changes);
     }
 
     #[test]
@@ -273,14 +526,14 @@ mod tests {
         d.write("svc.yaml", SVC);
         d.write("eps.yaml", SLICE);
         let mut m = ManifestDir::new(&d.0);
-        m.poll();
+        let mut v = View::default();
+        v.apply(&m.poll());
         d.write("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web\n");
         let r = m.poll();
         assert_eq!(r.errors.len(), 1);
         let msg = r.errors[0].to_string();
         assert!(msg.contains("svc.yaml"), "{msg}");
-        assert!(!r.changed);
-        assert_eq!(names(&m.objects()), ["svc/web", "eps/web-1"]);
+        assert!(!r.changed && r.changes.is_empty());
         // Reported once, not on every poll.
         assert!(m.poll().errors.is_empty());
         // A type error (port is not a number) is an error too.
@@ -288,12 +541,13 @@ mod tests {
         let r = m.poll();
         assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
         assert!(r.errors[0].message.contains("document 1"), "{}", r.errors[0]);
-        assert_eq!(names(&m.objects()), ["svc/web", "eps/web-1"]);
-        // Fixed: the new content is used.
+        assert!(r.changes.is_empty());
+        assert_eq!(v.names(), ["eps/web-1", "svc/web"]);
+        // Fixed: the new content is used, the old object deleted.
         d.write("svc.yaml", &SVC.replace("web", "web2"));
         let r = m.poll();
         assert!(r.changed && r.errors.is_empty());
-        assert_eq!(names(&m.objects()), ["svc/web2", "eps/web-1"]);
+        assert_eq!(v.apply(&r).names(), ["eps/web-1", "svc/web2"]);
     }
 
     #[test]
@@ -301,18 +555,68 @@ mod tests {
         let d = TempDir::new("removed");
         d.write("svc.yaml", SVC);
         let mut m = ManifestDir::new(&d.0);
-        m.poll();
+        let mut v = View::default();
+        v.apply(&m.poll());
         d.write("eps.json", r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"j"},"addressType":"IPv4","endpoints":[]}"#);
-        assert!(m.poll().changed);
-        assert_eq!(names(&m.objects()), ["svc/web", "eps/j"]);
+        let r = m.poll();
+        assert!(r.changed);
+        // Only the new file's object is delivered.
+        assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+        assert_eq!(v.apply(&r).names(), ["eps/j", "svc/web"]);
         fs::remove_file(d.0.join("svc.yaml")).unwrap();
-        assert!(m.poll().changed);
-        assert_eq!(names(&m.objects()), ["eps/j"]);
+        let r = m.poll();
+        assert!(r.changed);
+        assert_eq!(v.apply(&r).names(), ["eps/j"]);
+    }
+
+    #[test]
+    fn object_defined_twice_survives_removal_of_one_file() {
+        let d = TempDir::new("twice");
+        d.write("a.yaml", SVC);
+        d.write("b.yaml", SVC);
+        let mut m = ManifestDir::new(&d.0);
+        let mut v = View::default();
+        v.apply(&m.poll());
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        // Not deleted: the other file is read again and delivers its version.
+        let r = m.poll();
+        assert!(matches!(r.changes.as_slice(), [Change::Service(_)]), "{:?}", r.changes);
+        assert!(m.poll().changes.is_empty());
+        fs::remove_file(d.0.join("b.yaml")).unwrap();
+        assert_eq!(v.apply(&m.poll()).names(), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn json_lists_are_streamed_and_bad_items_reported() {
+        let item = |name: &str| {
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"ns"}},"spec":{{"clusterIP":"198.19.0.1","ports":[{{"port":80}}]}}}}"#
+            )
+        };
+        let list =
+            format!(r#"{{"apiVersion":"v1","items":[{},{}],"kind":"List"}}"#, item("a"), item("b"));
+        let (objs, ignored) = parse(list.as_bytes()).unwrap();
+        assert!(ignored.is_empty());
+        let names: Vec<String> = objs
+            .iter()
+            .map(|o| match o {
+                Parsed::Service(s) => s.name.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(names, ["ns/a", "ns/b"]);
+        let bad = list.replace(r#""port":80"#, r#""port":"eighty""#);
+        let e = parse(bad.as_bytes()).unwrap_err();
+        assert!(e.contains("Service") && e.contains("\"a\""), "{e}");
+        // YAML flow style starting with a brace is YAML, not JSON.
+        let (objs, _) = parse(b"{apiVersion: v1, kind: Node, metadata: {name: n}}").unwrap();
+        assert_eq!(objs, [Parsed::Node(NodeObj { name: "n".into(), zone: None })]);
     }
 
     #[test]
     fn missing_kind_is_an_error_and_missing_dir_is_reported() {
         assert!(parse(b"metadata: {name: x}\n").is_err());
+        assert!(parse(b"{\"metadata\": {\"name\": \"x\"}}").is_err());
         let mut m = ManifestDir::new("/nonexistent/kproxy-test-dir");
         let r = m.poll();
         assert!(!m.ready());

@@ -23,13 +23,23 @@
 //!
 //! After a restart, [`Syncer::adopt`] loads the programmed maps as the shadow and the ids found
 //! there are reused, so unchanged services see no writes.
+//!
+//! Two entry points: [`Syncer::sync`] / a full [`Changes`] take the whole desired state (anything
+//! else programmed is removed: the full resync), [`Syncer::sync_changes`] with the tracker's
+//! incremental [`Changes`] looks only at the services they name. The shadow keeps indexes (the
+//! frontends of each service id, the slots naming each backend, the ports wanting each backend)
+//! so that the incremental path finds stale frontends and unused backends without a scan. What is
+//! remembered per service port is a hash of its last desired state, its backends and frontends,
+//! not a copy of the state.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
-    model::{Backend, DesiredState, Frontend, ServicePortName, ServicePortState},
+    model::{
+        Backend, Changes, DesiredState, Frontend, ServiceName, ServicePortName, ServicePortState,
+    },
 };
 
 /// A failed part of a sync; the rest of the sync went on.
@@ -121,11 +131,119 @@ fn key_of(f: &Frontend, slot: u16) -> Service4Key {
     }
 }
 
-/// The shadow copy: exactly what the maps hold, as far as this process knows.
+/// The shadow copy: exactly what the maps hold, as far as this process knows, with two indexes
+/// kept up to date by every change: the frontends of each service id and, for each backend id,
+/// how many slots name it.
 #[derive(Debug, Default, Clone)]
 struct Shadow {
     services: BTreeMap<Service4Key, Service4Value>,
     backends: BTreeMap<u32, Backend4>,
+    /// Service id → its programmed frontends (slot-0 keys).
+    frontends_of: HashMap<u32, Vec<Service4Key>>,
+    /// Backend id → number of slots naming it.
+    slot_refs: HashMap<u32, u32>,
+    /// Backend ids whose last slot went away since the last [`Shadow::take_unreferenced`].
+    unreferenced: Vec<u32>,
+    /// Number of slot-0 entries.
+    frontends: usize,
+}
+
+impl Shadow {
+    fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
+        let old = self.services.insert(k, v);
+        if let Some(old) = old {
+            self.unindex(&k, &old);
+        }
+        if k.slot == 0 {
+            self.frontends += 1;
+            self.frontends_of.entry(v.svc_id).or_default().push(k);
+        } else {
+            *self.slot_refs.entry(v.backend_id).or_default() += 1;
+        }
+    }
+
+    fn remove_service(&mut self, k: &Service4Key) -> Option<Service4Value> {
+        let old = self.services.remove(k)?;
+        self.unindex(k, &old);
+        Some(old)
+    }
+
+    fn unindex(&mut self, k: &Service4Key, v: &Service4Value) {
+        if k.slot == 0 {
+            self.frontends -= 1;
+            if let Some(list) = self.frontends_of.get_mut(&v.svc_id) {
+                list.retain(|f| f != k);
+                if list.is_empty() {
+                    self.frontends_of.remove(&v.svc_id);
+                }
+            }
+        } else if let Some(n) = self.slot_refs.get_mut(&v.backend_id) {
+            *n -= 1;
+            if *n == 0 {
+                self.slot_refs.remove(&v.backend_id);
+                self.unreferenced.push(v.backend_id);
+            }
+        }
+    }
+
+    fn referenced(&self, id: u32) -> bool {
+        self.slot_refs.contains_key(&id)
+    }
+}
+
+/// How many desired service ports want a backend, and with which flags.
+#[derive(Debug, Default, Clone, Copy)]
+struct Want {
+    ports: u32,
+    local: u32,
+    terminating: u32,
+}
+
+impl Want {
+    /// The flags programmed for the backend: LOCAL if any port says so, TERMINATING only if all
+    /// do.
+    fn flags(&self) -> u8 {
+        let mut f = 0;
+        if self.local > 0 {
+            f |= backend_flags::LOCAL;
+        }
+        if self.ports > 0 && self.terminating == self.ports {
+            f |= backend_flags::TERMINATING;
+        }
+        f
+    }
+}
+
+/// What the syncer remembers of the desired state of one service port as last given (not the
+/// state itself: a fingerprint and what removal and the backend counts need).
+#[derive(Debug)]
+struct Record {
+    /// Hash of the state (an equal state is not looked at again once applied).
+    hash: u64,
+    /// Its backends, each once, with the flags it gives them.
+    backends: Box<[(BackendKey, u8)]>,
+    /// Its frontends (slot-0 keys).
+    frontends: Box<[Service4Key]>,
+    /// Whether it is programmed.
+    applied: bool,
+}
+
+impl Record {
+    fn of(s: &ServicePortState) -> Self {
+        Self {
+            hash: state_hash(s),
+            backends: port_backends(s).into_iter().collect(),
+            frontends: s.frontends.keys().map(|f| key_of(f, 0)).collect(),
+            applied: false,
+        }
+    }
+}
+
+fn state_hash(s: &ServicePortState) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
 }
 
 /// Keeps the datapath equal to the desired state. See the module documentation.
@@ -138,11 +256,30 @@ pub struct Syncer {
     svc_ids: BTreeMap<ServicePortName, u32>,
     /// The values of `svc_ids`.
     svc_ids_used: HashSet<u32>,
-    /// The desired state last applied without error, per service port: an equal one needs no
+    /// The desired state last given per service port: an applied one equal to the next needs no
     /// look at the maps at all (its backends are wanted, so nothing else removed them).
-    applied: HashMap<ServicePortName, ServicePortState>,
+    desired: BTreeMap<ServicePortName, Record>,
+    /// Backend key → the ports that want it (over `desired`).
+    wants: HashMap<BackendKey, Want>,
     next_backend_id: u32,
     next_svc_id: u32,
+}
+
+/// The backends one service port wants, each once (LOCAL if any copy says so, TERMINATING if
+/// all do).
+fn port_backends(s: &ServicePortState) -> HashMap<BackendKey, u8> {
+    let mut out: HashMap<BackendKey, u8> = HashMap::new();
+    for b in s.endpoints.iter().chain(s.frontends.values().flat_map(|e| e.backends.iter())) {
+        let v = b.to_map();
+        out.entry(backend_key(&v))
+            .and_modify(|f| {
+                let local = (*f | v.flags) & backend_flags::LOCAL;
+                let term = *f & v.flags & backend_flags::TERMINATING;
+                *f = local | term;
+            })
+            .or_insert(v.flags);
+    }
+    out
 }
 
 impl Syncer {
@@ -155,8 +292,11 @@ impl Syncer {
     /// and their ids are reused.
     pub fn adopt(dp: &dyn Dataplane) -> Result<Self, SyncError> {
         let mut s = Self::new();
-        s.shadow.services = dp.services().map_err(SyncError::Read)?.into_iter().collect();
+        for (k, v) in dp.services().map_err(SyncError::Read)? {
+            s.shadow.insert_service(k, v);
+        }
         s.shadow.backends = dp.backends().map_err(SyncError::Read)?.into_iter().collect();
+        s.shadow.unreferenced.clear();
         for (id, b) in &s.shadow.backends {
             s.backend_ids.entry(backend_key(b)).or_insert(*id);
         }
@@ -178,7 +318,7 @@ impl Syncer {
 
     /// Number of programmed frontends (service entries).
     pub fn programmed_frontends(&self) -> usize {
-        self.shadow.services.keys().filter(|k| k.slot == 0).count()
+        self.shadow.frontends
     }
 
     /// Number of programmed backends.
@@ -191,129 +331,146 @@ impl Syncer {
         self.svc_ids.get(name).copied()
     }
 
-    /// Brings `dp` to `desired`, writing only differences. Never fails as a whole: failures are
-    /// in the report, and the affected services keep their previous state.
+    /// Brings `dp` to `desired` (every service), writing only differences: anything programmed
+    /// that `desired` does not hold is removed. Never fails as a whole: failures are in the
+    /// report, and the affected services keep their previous state.
     pub fn sync(&mut self, desired: &DesiredState, dp: &mut dyn Dataplane) -> SyncReport {
-        let mut report = SyncReport::default();
-        let wanted_backends = merged_backends(desired);
+        self.apply(desired.services.clone(), None, dp)
+    }
 
-        for (name, port_state) in &desired.services {
-            if self.applied.get(name) == Some(port_state) {
-                continue;
-            }
-            self.applied.remove(name);
-            let svc_id = self.svc_id_for(name, port_state.frontends.keys());
-            // Resolve backend ids (fresh ones are only kept if the transaction succeeds).
-            let mut fresh: Vec<(BackendKey, u32)> = Vec::new();
-            let mut id_of = |b: &Backend, this: &mut Self| -> u32 {
-                let k = backend_key(&b.to_map());
-                if let Some(id) = this.backend_ids.get(&k) {
-                    return *id;
-                }
-                if let Some((_, id)) = fresh.iter().find(|(fk, _)| *fk == k) {
-                    return *id;
-                }
-                let id = this.alloc_backend_id();
-                fresh.push((k, id));
-                id
-            };
-            // The wanted entries of this service port.
-            let mut want: BTreeMap<Service4Key, Service4Value> = BTreeMap::new();
-            let mut needed_backends: BTreeMap<u32, Backend4> = BTreeMap::new();
-            let mut too_many = None;
-            for (f, entry) in &port_state.frontends {
-                let ids: Vec<u32> = entry.backends.iter().map(|b| id_of(b, self)).collect();
-                let Ok(count) = u16::try_from(ids.len()) else {
-                    too_many = Some(ids.len());
-                    break;
-                };
-                let old = self.programmed_slots(&key_of(f, 0));
-                let slots = stable_layout(&old, &ids);
-                want.insert(
-                    key_of(f, 0),
-                    Service4Value {
-                        backend_id: 0,
-                        svc_id,
-                        count,
-                        flags: entry.flags,
-                        affinity_timeout: entry.affinity_timeout,
-                    },
-                );
-                for (i, id) in slots.iter().enumerate() {
-                    want.insert(
-                        key_of(f, i as u16 + 1),
-                        Service4Value { backend_id: *id, svc_id, ..Default::default() },
-                    );
+    /// Applies the model's [`Changes`]: a full sync when they are full, else only the services
+    /// they name (their ports replace the ones they had); nothing else is looked at. The port
+    /// states are moved out of `changes` (kept as the record of what is programmed).
+    pub fn sync_changes(&mut self, changes: &mut Changes, dp: &mut dyn Dataplane) -> SyncReport {
+        let ports = std::mem::take(&mut changes.state.services);
+        if changes.full {
+            self.apply(ports, None, dp)
+        } else {
+            self.apply(ports, Some(&changes.services), dp)
+        }
+    }
+
+    fn want_add(&mut self, backends: &[(BackendKey, u8)], touched: &mut HashSet<BackendKey>) {
+        for &(k, flags) in backends {
+            let w = self.wants.entry(k).or_default();
+            w.ports += 1;
+            w.local += u32::from(flags & backend_flags::LOCAL != 0);
+            w.terminating += u32::from(flags & backend_flags::TERMINATING != 0);
+            touched.insert(k);
+        }
+    }
+
+    fn want_sub(&mut self, backends: &[(BackendKey, u8)], touched: &mut HashSet<BackendKey>) {
+        for &(k, flags) in backends {
+            if let Some(w) = self.wants.get_mut(&k) {
+                w.ports -= 1;
+                w.local -= u32::from(flags & backend_flags::LOCAL != 0);
+                w.terminating -= u32::from(flags & backend_flags::TERMINATING != 0);
+                if w.ports == 0 {
+                    self.wants.remove(&k);
                 }
             }
-            if let Some(count) = too_many {
-                report.errors.push(SyncError::TooManyBackends {
-                    service: name.to_string(),
-                    count,
-                    max: u16::MAX as usize,
-                });
-                continue;
-            }
-            for b in port_state
-                .endpoints
+            touched.insert(k);
+        }
+    }
+
+    /// The sync: `scope` `None` means `desired` is everything, else it holds the new ports of
+    /// the services in `scope`.
+    fn apply(
+        &mut self,
+        desired: BTreeMap<ServicePortName, ServicePortState>,
+        scope: Option<&BTreeSet<ServiceName>>,
+        dp: &mut dyn Dataplane,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut touched: HashSet<BackendKey> = HashSet::new();
+        self.shadow.unreferenced.clear();
+
+        // Service ports that go away.
+        let removed: Vec<ServicePortName> = match scope {
+            None => self.desired.keys().filter(|n| !desired.contains_key(n)).cloned().collect(),
+            Some(services) => services
                 .iter()
-                .chain(port_state.frontends.values().flat_map(|e| e.backends.iter()))
-            {
-                let id = id_of(b, self);
-                let mut v = b.to_map();
-                if let Some(w) = wanted_backends.get(&backend_key(&v)) {
-                    v.flags = w.flags;
-                }
-                needed_backends.insert(id, v);
+                .flat_map(|s| {
+                    self.desired
+                        .range(ServicePortName::first_of(s)..)
+                        .take_while(move |(k, _)| k.service == *s)
+                        .map(|(k, _)| k)
+                })
+                .filter(|n| !desired.contains_key(n))
+                .cloned()
+                .collect(),
+        };
+        for name in &removed {
+            if let Some(r) = self.desired.remove(name) {
+                self.want_sub(&r.backends, &mut touched);
             }
-            // Programmed keys of these frontends (including slots beyond the wanted count).
-            let frontends: BTreeSet<Service4Key> =
-                port_state.frontends.keys().map(|f| key_of(f, 0)).collect();
-            let have: Vec<(Service4Key, Service4Value)> =
-                frontends.iter().flat_map(|f| self.shadow_range(f)).collect();
-            let backends_ok =
-                needed_backends.iter().all(|(id, v)| self.shadow.backends.get(id) == Some(v));
-            let same = backends_ok
-                && have.len() == want.len()
-                && have.iter().all(|(k, v)| want.get(k) == Some(v));
-            if same {
-                self.applied.insert(name.clone(), port_state.clone());
-                continue;
+        }
+        // Service ports to write: new, changed, or not programmed last time.
+        let mut pending: Vec<(ServicePortName, ServicePortState)> = Vec::new();
+        let mut given: Vec<ServicePortName> = Vec::new();
+        for (name, state) in desired {
+            if scope.is_some() {
+                given.push(name.clone());
             }
-            let mut txn =
-                Txn { dp: &mut *dp, shadow: &mut self.shadow, undo: Vec::new(), writes: 0 };
-            let result = txn.apply(&needed_backends, &want, &have);
-            report.writes += txn.writes;
-            match result {
-                Ok(()) => {
-                    report.services_changed += 1;
-                    self.applied.insert(name.clone(), port_state.clone());
-                    for (k, id) in fresh {
-                        if txn.shadow.backends.contains_key(&id) {
-                            self.backend_ids.insert(k, id);
-                        }
+            let hash = state_hash(&state);
+            match self.desired.get(&name) {
+                Some(r) if r.hash == hash => {
+                    if !r.applied {
+                        pending.push((name, state));
                     }
+                    continue;
                 }
-                Err(source) => {
-                    report.writes += txn.rollback();
-                    report.errors.push(SyncError::Service { service: name.to_string(), source });
+                Some(_) => {
+                    let r = self.desired.remove(&name).expect("present");
+                    self.want_sub(&r.backends, &mut touched);
                 }
+                None => {}
+            }
+            let r = Record::of(&state);
+            self.want_add(&r.backends, &mut touched);
+            self.desired.insert(name.clone(), r);
+            pending.push((name, state));
+        }
+        for (name, state) in pending {
+            let ok = self.apply_port(&name, &state, dp, &mut report);
+            if let Some(r) = self.desired.get_mut(&name) {
+                r.applied = ok;
             }
         }
 
         // Frontends nobody wants any more: slot 0 first, then the slots.
-        let wanted_frontends: BTreeSet<Service4Key> = desired
-            .services
-            .values()
-            .flat_map(|s| s.frontends.keys().map(|f| key_of(f, 0)))
-            .collect();
-        let stale: BTreeSet<Service4Key> = self
-            .shadow
-            .services
-            .keys()
-            .map(frontend_of)
-            .filter(|f| !wanted_frontends.contains(f))
-            .collect();
+        let stale: BTreeSet<Service4Key> = match scope {
+            None => {
+                let wanted: HashSet<Service4Key> =
+                    self.desired.values().flat_map(|r| r.frontends.iter().copied()).collect();
+                self.shadow
+                    .services
+                    .keys()
+                    .map(frontend_of)
+                    .filter(|f| !wanted.contains(f))
+                    .collect()
+            }
+            Some(_) => {
+                // The frontends still programmed under the ids of the ports just written or
+                // removed, that those ports no longer want.
+                let mut stale = BTreeSet::new();
+                let names = removed
+                    .iter()
+                    .map(|n| (n, None))
+                    .chain(given.iter().map(|n| (n, self.desired.get(n).map(|r| &r.frontends))));
+                for (name, state) in names {
+                    let Some(id) = self.svc_ids.get(name) else { continue };
+                    for k in self.shadow.frontends_of.get(id).into_iter().flatten() {
+                        let wanted = state.is_some_and(|fs| fs.contains(k));
+                        if !wanted {
+                            stale.insert(*k);
+                        }
+                    }
+                }
+                stale
+            }
+        };
         for f in stale {
             let mut keys: Vec<Service4Key> =
                 self.shadow_range(&f).into_iter().map(|(k, _)| k).collect();
@@ -323,7 +480,7 @@ impl Syncer {
                 report.writes += 1;
                 match dp.delete_service(&k) {
                     Ok(()) => {
-                        self.shadow.services.remove(&k);
+                        self.shadow.remove_service(&k);
                     }
                     Err(source) => {
                         report.errors.push(SyncError::Remove { what: describe_key(&k), source });
@@ -334,24 +491,23 @@ impl Syncer {
             report.frontends_removed += 1;
         }
 
-        // Backends that nothing references and nothing wants.
-        let referenced: HashSet<u32> = self
-            .shadow
-            .services
-            .iter()
-            .filter(|(k, _)| k.slot != 0)
-            .map(|(_, v)| v.backend_id)
-            .collect();
-        let gc: Vec<u32> = self
-            .shadow
-            .backends
-            .iter()
-            .filter(|(id, b)| {
-                !referenced.contains(id)
-                    && (!wanted_backends.contains_key(&backend_key(b))
+        // Backends that no slot names and no port wants (or that are not the id of their key).
+        let candidates: BTreeSet<u32> = match scope {
+            None => self.shadow.backends.keys().copied().collect(),
+            Some(_) => {
+                let mut c: BTreeSet<u32> = self.shadow.unreferenced.drain(..).collect();
+                c.extend(touched.iter().filter_map(|k| self.backend_ids.get(k)));
+                c
+            }
+        };
+        let gc: Vec<u32> = candidates
+            .into_iter()
+            .filter(|id| {
+                let Some(b) = self.shadow.backends.get(id) else { return false };
+                !self.shadow.referenced(*id)
+                    && (!self.wants.contains_key(&backend_key(b))
                         || self.backend_ids.get(&backend_key(b)) != Some(id))
             })
-            .map(|(id, _)| *id)
             .collect();
         for id in gc {
             report.writes += 1;
@@ -369,10 +525,137 @@ impl Syncer {
                 }
             }
         }
-        self.svc_ids.retain(|name, _| desired.services.contains_key(name));
-        self.svc_ids_used = self.svc_ids.values().copied().collect();
-        self.applied.retain(|name, _| desired.services.contains_key(name));
+        // Shared backends whose flags changed through other ports.
+        for k in &touched {
+            let (Some(w), Some(id)) = (self.wants.get(k), self.backend_ids.get(k)) else {
+                continue;
+            };
+            let Some(b) = self.shadow.backends.get(id) else { continue };
+            if b.flags != w.flags() {
+                let v = Backend4 { flags: w.flags(), ..*b };
+                report.writes += 1;
+                match dp.put_backend(*id, &v) {
+                    Ok(()) => {
+                        self.shadow.backends.insert(*id, v);
+                    }
+                    Err(source) => report
+                        .errors
+                        .push(SyncError::Remove { what: format!("backend {id} flags"), source }),
+                }
+            }
+        }
+        // Ids of the ports that went away.
+        let gone: Vec<ServicePortName> = match scope {
+            None => {
+                self.svc_ids.keys().filter(|n| !self.desired.contains_key(*n)).cloned().collect()
+            }
+            Some(_) => removed,
+        };
+        for name in gone {
+            if let Some(id) = self.svc_ids.remove(&name) {
+                self.svc_ids_used.remove(&id);
+            }
+        }
         report
+    }
+
+    /// Writes one service port as one transaction; true when it is programmed as wanted.
+    fn apply_port(
+        &mut self,
+        name: &ServicePortName,
+        port_state: &ServicePortState,
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) -> bool {
+        let svc_id = self.svc_id_for(name, port_state.frontends.keys());
+        // Resolve backend ids (fresh ones are only kept if the transaction succeeds).
+        let mut fresh: Vec<(BackendKey, u32)> = Vec::new();
+        let mut id_of = |b: &Backend, this: &mut Self| -> u32 {
+            let k = backend_key(&b.to_map());
+            if let Some(id) = this.backend_ids.get(&k) {
+                return *id;
+            }
+            if let Some((_, id)) = fresh.iter().find(|(fk, _)| *fk == k) {
+                return *id;
+            }
+            let id = this.alloc_backend_id();
+            fresh.push((k, id));
+            id
+        };
+        // The wanted entries of this service port.
+        let mut want: BTreeMap<Service4Key, Service4Value> = BTreeMap::new();
+        let mut needed_backends: BTreeMap<u32, Backend4> = BTreeMap::new();
+        for (f, entry) in &port_state.frontends {
+            let ids: Vec<u32> = entry.backends.iter().map(|b| id_of(b, self)).collect();
+            let Ok(count) = u16::try_from(ids.len()) else {
+                report.errors.push(SyncError::TooManyBackends {
+                    service: name.to_string(),
+                    count: ids.len(),
+                    max: u16::MAX as usize,
+                });
+                return false;
+            };
+            let old = self.programmed_slots(&key_of(f, 0));
+            let slots = stable_layout(&old, &ids);
+            want.insert(
+                key_of(f, 0),
+                Service4Value {
+                    backend_id: 0,
+                    svc_id,
+                    count,
+                    flags: entry.flags,
+                    affinity_timeout: entry.affinity_timeout,
+                },
+            );
+            for (i, id) in slots.iter().enumerate() {
+                want.insert(
+                    key_of(f, i as u16 + 1),
+                    Service4Value { backend_id: *id, svc_id, ..Default::default() },
+                );
+            }
+        }
+        for b in port_state
+            .endpoints
+            .iter()
+            .chain(port_state.frontends.values().flat_map(|e| e.backends.iter()))
+        {
+            let id = id_of(b, self);
+            let mut v = b.to_map();
+            if let Some(w) = self.wants.get(&backend_key(&v)) {
+                v.flags = w.flags();
+            }
+            needed_backends.insert(id, v);
+        }
+        // Programmed keys of these frontends (including slots beyond the wanted count).
+        let have: Vec<(Service4Key, Service4Value)> =
+            port_state.frontends.keys().flat_map(|f| self.shadow_range(&key_of(f, 0))).collect();
+        let backends_ok =
+            needed_backends.iter().all(|(id, v)| self.shadow.backends.get(id) == Some(v));
+        let same = backends_ok
+            && have.len() == want.len()
+            && have.iter().all(|(k, v)| want.get(k) == Some(v));
+        if same {
+            return true;
+        }
+        let mut txn = Txn { dp, shadow: &mut self.shadow, undo: Vec::new(), writes: 0 };
+        let result = txn.apply(&needed_backends, &want, &have);
+        report.writes += txn.writes;
+        match result {
+            Ok(()) => {
+                report.services_changed += 1;
+                for (k, id) in fresh {
+                    if txn.shadow.backends.contains_key(&id) {
+                        self.backend_ids.insert(k, id);
+                    }
+                }
+                true
+            }
+            Err(source) => {
+                report.writes += txn.rollback();
+                report.errors.push(SyncError::Service { service: name.to_string(), source });
+                false
+            }
+        }
     }
 
     /// The service id of `name`: known, adopted from a programmed frontend, or new.
@@ -427,26 +710,6 @@ impl Syncer {
         let hi = Service4Key { slot: u16::MAX, _pad: u16::MAX, ..*entry };
         self.shadow.services.range(lo..=hi).map(|(k, v)| (*k, *v)).collect()
     }
-}
-
-/// One backend value per backend key over all services: LOCAL if any says so, TERMINATING only
-/// if all do.
-fn merged_backends(desired: &DesiredState) -> HashMap<BackendKey, Backend4> {
-    let mut out: HashMap<BackendKey, Backend4> = HashMap::new();
-    let all = desired.services.values().flat_map(|s| {
-        s.endpoints.iter().chain(s.frontends.values().flat_map(|e| e.backends.iter()))
-    });
-    for b in all {
-        let v = b.to_map();
-        out.entry(backend_key(&v))
-            .and_modify(|e| {
-                let local = (e.flags | v.flags) & backend_flags::LOCAL;
-                let term = e.flags & v.flags & backend_flags::TERMINATING;
-                e.flags = local | term;
-            })
-            .or_insert(v);
-    }
-    out
 }
 
 /// New slot order: backends that stay keep their slot, holes are refilled with new backends, then
@@ -546,7 +809,8 @@ impl Txn<'_> {
     fn put_service(&mut self, k: &Service4Key, v: &Service4Value) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.dp.put_service(k, v)?;
-        let old = self.shadow.services.insert(*k, *v);
+        let old = self.shadow.services.get(k).copied();
+        self.shadow.insert_service(*k, *v);
         self.undo.push(Undo::Service(*k, old));
         Ok(())
     }
@@ -554,7 +818,7 @@ impl Txn<'_> {
     fn delete_service(&mut self, k: &Service4Key) -> Result<(), DataplaneError> {
         self.writes += 1;
         self.dp.delete_service(k)?;
-        if let Some(old) = self.shadow.services.remove(k) {
+        if let Some(old) = self.shadow.remove_service(k) {
             self.undo.push(Undo::Service(*k, Some(old)));
         }
         Ok(())
@@ -568,10 +832,10 @@ impl Txn<'_> {
             writes += 1;
             let r = match &u {
                 Undo::Service(k, None) => self.dp.delete_service(k).map(|()| {
-                    self.shadow.services.remove(k);
+                    self.shadow.remove_service(k);
                 }),
                 Undo::Service(k, Some(v)) => self.dp.put_service(k, v).map(|()| {
-                    self.shadow.services.insert(*k, *v);
+                    self.shadow.insert_service(*k, *v);
                 }),
                 Undo::Backend(id, None) => self.dp.delete_backend(*id).map(|()| {
                     self.shadow.backends.remove(id);

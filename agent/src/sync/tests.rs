@@ -505,3 +505,246 @@ fn scale_10k_services() {
         r.writes
     );
 }
+
+mod incremental {
+    //! The change tracker and the syncer together: one change touches only its service.
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::model::{
+        Change, NodeInfo, Tracker,
+        objects::{EndpointAddr, EndpointObj, ServiceObj, ServicePortObj, SliceObj, SlicePortObj},
+    };
+
+    fn name(i: u32) -> ServiceName {
+        ServiceName { namespace: "bench".into(), name: format!("s{i:05}").into() }
+    }
+
+    fn cluster_ip(i: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i)
+    }
+
+    fn svc(i: u32) -> ServiceObj {
+        ServiceObj {
+            name: name(i),
+            skip_label: None,
+            has_spec: true,
+            type_: None,
+            cluster_ips: vec![cluster_ip(i).to_string()],
+            external_ips: vec![],
+            ingress: vec![],
+            external_traffic_policy: None,
+            internal_traffic_policy: None,
+            session_affinity: None,
+            affinity_timeout: None,
+            health_check_node_port: None,
+            publish_not_ready: false,
+            ports: vec![ServicePortObj {
+                name: Some("http".into()),
+                protocol: None,
+                port: 80,
+                node_port: None,
+            }],
+        }
+    }
+
+    /// The slice of service `i` with endpoints 198.18.128.0 + 10 i + e for e in `eps`.
+    fn slice(i: u32, eps: impl Iterator<Item = u32>) -> SliceObj {
+        let base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
+        SliceObj {
+            name: ServiceName { namespace: "bench".into(), name: format!("s{i:05}-1").into() },
+            address_type: "IPv4".into(),
+            service: Some(name(i).name.to_string()),
+            trigger_time: None,
+            ports: vec![SlicePortObj {
+                name: Some("http".into()),
+                protocol: None,
+                port: Some(8080),
+            }],
+            endpoints: eps
+                .map(|e| EndpointObj {
+                    addr: Some(EndpointAddr::V4(Ipv4Addr::from(base + i * 10 + e))),
+                    node_name: Some(format!("node-{}", e % 2).into()),
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                    hints: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None }
+    }
+
+    /// `n` services with 10 endpoints each, programmed from scratch.
+    fn loaded(n: u32) -> (Tracker, Syncer, MemDataplane) {
+        let mut t = Tracker::new(node());
+        for i in 0..n {
+            t.apply(Change::Service(svc(i)));
+            t.apply(Change::Slice(slice(i, 0..10)));
+        }
+        let mut s = Syncer::new();
+        let mut dp = MemDataplane::default();
+        let mut c = t.changes();
+        assert_eq!(c.services.len(), n as usize);
+        let r = s.sync_changes(&mut c, &mut dp);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(s.programmed_frontends(), n as usize);
+        (t, s, dp)
+    }
+
+    /// The frontends whose entries or slots a write touched, and whether backends were written.
+    fn touched(dp: &MemDataplane) -> (BTreeSet<Ipv4Addr>, usize) {
+        let mut fes = BTreeSet::new();
+        let mut backends = 0;
+        for op in &dp.ops {
+            match op {
+                MemOp::PutService(k) | MemOp::DeleteService(k) => {
+                    fes.insert(Ipv4Addr::from(u32::from_be(k.addr)));
+                }
+                MemOp::PutBackend(_) | MemOp::DeleteBackend(_) => backends += 1,
+            }
+        }
+        (fes, backends)
+    }
+
+    /// What a packet sees: frontend → (flags, backend addresses in slot order).
+    fn view(dp: &MemDataplane) -> BTreeMap<Service4Key, (u16, Vec<Ipv4Addr>)> {
+        dp.services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, v)| {
+                let mut bes: Vec<Ipv4Addr> = (1..=v.count)
+                    .map(|slot| {
+                        let s = dp.services[&Service4Key { slot, ..*k }];
+                        Ipv4Addr::from(u32::from_be(dp.backends[&s.backend_id].addr))
+                    })
+                    .collect();
+                bes.sort();
+                (*k, (v.flags, bes))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_change_at_10k_services_writes_only_that_service() {
+        let (mut t, mut s, mut dp) = loaded(10_000);
+
+        // A new service with 10 endpoints: its 10 backends, 10 slots and entry, nothing else.
+        dp.ops.clear();
+        t.apply(Change::Service(svc(10_000)));
+        t.apply(Change::Slice(slice(10_000, 0..10)));
+        let mut c = t.changes();
+        assert_eq!(c.services, BTreeSet::from([name(10_000)]));
+        let r = s.sync_changes(&mut c, &mut dp);
+        assert_eq!(touched(&dp), (BTreeSet::from([cluster_ip(10_000)]), 10));
+        assert_eq!(r.writes, 21);
+
+        // One endpoint of one service goes away: that frontend only (entry + last slot), the
+        // backend goes with it.
+        dp.ops.clear();
+        t.apply(Change::Slice(slice(4242, 0..9)));
+        let mut c = t.changes();
+        assert_eq!(c.services, BTreeSet::from([name(4242)]));
+        s.sync_changes(&mut c, &mut dp);
+        assert_eq!(touched(&dp), (BTreeSet::from([cluster_ip(4242)]), 1));
+        assert_eq!(dp.ops.len(), 3, "{:?}", dp.ops);
+
+        // A service deleted: its entry, slots and backends only.
+        dp.ops.clear();
+        t.apply(Change::ServiceDeleted(name(17)));
+        let mut c = t.changes();
+        s.sync_changes(&mut c, &mut dp);
+        assert_eq!(touched(&dp), (BTreeSet::from([cluster_ip(17)]), 10));
+        assert_eq!(s.programmed_frontends(), 10_000);
+
+        // An update equal to what is held dirties nothing.
+        t.apply(Change::Service(svc(5)));
+        t.apply(Change::Slice(slice(5, 0..10)));
+        assert!(!t.has_changes());
+
+        // The incremental result equals a full resync (no writes) and a from-scratch load.
+        dp.ops.clear();
+        let mut c = t.full();
+        let r = s.sync_changes(&mut c, &mut dp);
+        assert_eq!(r.writes, 0, "{:?}", dp.ops);
+        let mut fresh = MemDataplane::default();
+        Syncer::new().sync_changes(&mut t.full(), &mut fresh);
+        assert_eq!(view(&dp), view(&fresh));
+        assert_eq!(dp.backends.len(), fresh.backends.len());
+    }
+
+    #[test]
+    fn slice_moving_between_services_and_frontend_conflicts_dirty_both_sides() {
+        let (mut t, mut s, mut dp) = loaded(20);
+        // The slice of service 3 now names service 4: both are recomputed.
+        let mut moved = slice(3, 0..10);
+        moved.service = Some(name(4).name.to_string());
+        t.apply(Change::Slice(moved));
+        let mut c = t.changes();
+        assert_eq!(c.services, BTreeSet::from([name(3), name(4)]));
+        s.sync_changes(&mut c, &mut dp);
+        let v = view(&dp);
+        let entry = |i: u32| {
+            let k = key_of(
+                &Frontend {
+                    addr: cluster_ip(i),
+                    port: 80,
+                    proto: proto::TCP,
+                    scope: scope::INTERNAL,
+                },
+                0,
+            );
+            v[&k].1.len()
+        };
+        assert_eq!((entry(3), entry(4)), (0, 20));
+
+        // Service 0 takes the ClusterIP of service 9 (service 0 sorts first, so it wins): both
+        // are recomputed, 9 loses the frontend with an error, and gets it back when 0 leaves it.
+        let mut thief = svc(0);
+        thief.cluster_ips = vec![cluster_ip(9).to_string()];
+        t.apply(Change::Service(thief));
+        let mut c = t.changes();
+        assert_eq!(c.services, BTreeSet::from([name(0), name(9)]));
+        assert_eq!(c.new_errors.len(), 1, "{:?}", c.new_errors);
+        assert_eq!(c.new_errors[0].object, "bench/s00009");
+        s.sync_changes(&mut c, &mut dp);
+        let k9 = key_of(
+            &Frontend { addr: cluster_ip(9), port: 80, proto: proto::TCP, scope: scope::INTERNAL },
+            0,
+        );
+        let s0 = s.service_id(&ServicePortName {
+            service: name(0),
+            port: "http".into(),
+            proto: proto::TCP,
+        });
+        assert_eq!(Some(dp.services[&k9].svc_id), s0);
+        t.apply(Change::ServiceDeleted(name(0)));
+        let mut c = t.changes();
+        assert_eq!(c.services, BTreeSet::from([name(0), name(9)]));
+        s.sync_changes(&mut c, &mut dp);
+        let s9 = s.service_id(&ServicePortName {
+            service: name(9),
+            port: "http".into(),
+            proto: proto::TCP,
+        });
+        assert_eq!(Some(dp.services[&k9].svc_id), s9);
+        assert_eq!(dp.services[&k9].count, 10);
+        let mut fresh = MemDataplane::default();
+        Syncer::new().sync_changes(&mut t.full(), &mut fresh);
+        assert_eq!(view(&dp), view(&fresh));
+    }
+
+    #[test]
+    fn node_address_change_recomputes_everything() {
+        let (mut t, _, _) = loaded(5);
+        t.set_node_addrs(&[Ipv4Addr::new(198, 18, 0, 11)]);
+        let c = t.changes();
+        assert!(c.full);
+        assert_eq!(c.services.len(), 5);
+        t.set_node_addrs(&[Ipv4Addr::new(198, 18, 0, 11)]);
+        assert!(!t.has_changes());
+    }
+}

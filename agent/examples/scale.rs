@@ -1,0 +1,181 @@
+//! Scale probe: N services × 10 endpoints written as one `bulk.json` manifest (the benchmark's
+//! format), loaded through the manifest source, the model and the syncer into the in-memory
+//! dataplane; then one new service in its own file. Prints times and the peak/current RSS.
+//!
+//! `cargo run -p kproxy --example scale -- 10000`
+use std::{net::Ipv4Addr, time::Instant};
+
+use kproxy::{
+    dataplane::mem::MemDataplane,
+    model::{NodeInfo, Tracker},
+    source::manifests::ManifestDir,
+    sync::Syncer,
+};
+use serde_json::{Value, json};
+
+fn service(name: &str, ip: Ipv4Addr, eps: &[Ipv4Addr]) -> [Value; 2] {
+    let svc = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {"type": "ClusterIP", "clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}});
+    let eps: Vec<Value> = eps
+        .iter()
+        .enumerate()
+        .map(|(k, a)| {
+            json!({"addresses": [a.to_string()], "nodeName": format!("node-{}", k % 2),
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+            "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("{name}-ep{k}")}})
+        })
+        .collect();
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "bench",
+            "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "x"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": eps});
+    [svc, slice]
+}
+
+fn list(items: Vec<Value>) -> String {
+    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items})).unwrap()
+}
+
+fn status(field: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+}
+
+/// Heap bytes in use (MiB).
+fn heap() -> f64 {
+    // SAFETY: reads allocator statistics.
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as f64 / 1048576.0
+}
+
+fn trim() {
+    // SAFETY: only releases free memory (what the agent does after its first sync).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+fn main() {
+    let n: u32 = std::env::args().nth(1).map_or(10_000, |a| a.parse().unwrap());
+    let dir = std::env::temp_dir().join(format!("kproxy-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
+    let ep_base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
+    // Written item by item (the benchmark's format: one `kind: List` JSON document).
+    let mb = {
+        use std::io::Write as _;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("bulk.json")).unwrap());
+        w.write_all(br#"{"apiVersion":"v1","items":["#).unwrap();
+        for i in 0..n {
+            let eps: Vec<Ipv4Addr> =
+                (0..10).map(|e| Ipv4Addr::from(ep_base + (i * 10 + e) % 32_000)).collect();
+            for (k, item) in
+                service(&format!("f{i}"), Ipv4Addr::from(base + i), &eps).iter().enumerate()
+            {
+                if i > 0 || k > 0 {
+                    w.write_all(b",").unwrap();
+                }
+                serde_json::to_writer(&mut w, item).unwrap();
+            }
+        }
+        w.write_all(br#"],"kind":"List"}"#).unwrap();
+        w.flush().unwrap();
+        std::fs::metadata(dir.join("bulk.json")).unwrap().len() as f64 / 1e6
+    };
+    let node =
+        NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None };
+    let mut dp = MemDataplane::default();
+    let mut syncer = Syncer::new();
+    let mut src = ManifestDir::new(&dir);
+    let mut tracker = Tracker::new(node);
+
+    // Forget the generator's memory: RSS and its peak from here on are the agent's.
+    trim();
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let rss_base = status("VmRSS:");
+    let t = Instant::now();
+    for c in src.poll().changes {
+        tracker.apply(c);
+    }
+    let parse = t.elapsed();
+    trim();
+    let rss_objects = status("VmRSS:") - rss_base;
+    let heap_objects = heap();
+    let t = Instant::now();
+    let mut changes = tracker.changes();
+    let model = t.elapsed();
+    let r = syncer.sync_changes(&mut changes, &mut dp);
+    let scratch = t.elapsed();
+    drop(changes);
+    let scratch_writes = r.writes;
+    trim();
+    let t = Instant::now();
+    let mut changes = tracker.full();
+    let r = syncer.sync_changes(&mut changes, &mut dp);
+    let resync = t.elapsed();
+    drop(changes);
+    assert_eq!(r.writes, 0);
+
+    let t = Instant::now();
+    let changed = src.poll().changed;
+    let idle_poll = t.elapsed();
+    assert!(!changed);
+    let rss_loaded = status("VmRSS:");
+    let heap_loaded = heap();
+    let heap_dp = {
+        let before = heap();
+        drop(std::mem::take(&mut dp.ops));
+        let d = dp.clone();
+        let after = heap();
+        drop(d);
+        after - before
+    };
+
+    let eps: Vec<Ipv4Addr> = (0..10).map(|e| Ipv4Addr::new(198, 18, 127, e + 1)).collect();
+    std::fs::write(
+        dir.join("chg0.json"),
+        list(service("chg0", Ipv4Addr::new(198, 19, 240, 1), &eps).to_vec()),
+    )
+    .unwrap();
+    let t = Instant::now();
+    for c in src.poll().changes {
+        tracker.apply(c);
+    }
+    let poll = t.elapsed();
+    dp.ops.clear();
+    let t = Instant::now();
+    let mut changes = tracker.changes();
+    let r = syncer.sync_changes(&mut changes, &mut dp);
+    let change = t.elapsed();
+    drop(changes);
+    println!(
+        "{n} services x 10 endpoints ({mb:.1} MB JSON): parse {parse:?}, from scratch (model+sync) {scratch:?} (model {model:?}) ({scratch_writes} writes), full resync {resync:?}; \
+         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, loaded+synced {rss_loaded:.1} MiB (dataplane included); heap in use: objects {heap_objects:.1} MiB, loaded {heap_loaded:.1} MiB of which dataplane {heap_dp:.1} MiB; idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
+         RSS {:.1} MiB, peak {:.1} MiB",
+        r.writes,
+        dp.ops.len(),
+        status("VmRSS:"),
+        status("VmHWM:")
+    );
+    let h0 = heap();
+    drop(syncer);
+    let h1 = heap();
+    drop(tracker);
+    let h2 = heap();
+    drop(src);
+    let h3 = heap();
+    drop(dp);
+    let h4 = heap();
+    println!(
+        "heap held: syncer {:.1} MiB, tracker {:.1} MiB, source {:.1} MiB, dataplane+ops {:.1} MiB, rest {h4:.1} MiB",
+        h0 - h1,
+        h1 - h2,
+        h2 - h3,
+        h3 - h4
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,298 @@
+//! Compact forms of the API objects: only the fields the model reads, converted once when an
+//! object arrives (kube-proxy keeps its `ServicePort`/`EndpointInfo` caches the same way). The raw
+//! API objects are dropped right after conversion, so the agent's memory grows with what it
+//! programs, not with the size of the objects.
+//!
+//! Values are kept as the API spells them where the model validates them (so a bad value is
+//! reported with the text at fault); endpoint addresses are parsed here.
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use super::{
+    ANNOTATION_TRIGGER_TIME, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    ServiceName, SharedStr,
+};
+
+/// Label of a Node naming its zone (topology hints).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// `namespace/name` of an object (a missing namespace is `default`).
+pub type ObjectName = ServiceName;
+
+fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectName {
+    ServiceName {
+        namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+        name: meta.name.as_deref().unwrap_or_default().into(),
+    }
+}
+
+/// One port of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortObj {
+    /// `name`.
+    pub name: Option<String>,
+    /// `protocol`.
+    pub protocol: Option<String>,
+    /// `port`.
+    pub port: i32,
+    /// `nodePort`.
+    pub node_port: Option<i32>,
+}
+
+/// A load-balancer ingress point of a Service's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressObj {
+    /// `ip`.
+    pub ip: Option<String>,
+    /// `ipMode`.
+    pub ip_mode: Option<String>,
+}
+
+/// What the model reads of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceObj {
+    /// `namespace/name`.
+    pub name: ObjectName,
+    /// The first of kube-proxy's skip labels it carries ([`LABEL_SERVICE_PROXY_NAME`],
+    /// [`LABEL_HEADLESS`]).
+    pub skip_label: Option<&'static str>,
+    /// Whether `spec` is present.
+    pub has_spec: bool,
+    /// `spec.type`.
+    pub type_: Option<String>,
+    /// `spec.clusterIPs` followed by `spec.clusterIP`.
+    pub cluster_ips: Vec<String>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<String>,
+    /// `status.loadBalancer.ingress`.
+    pub ingress: Vec<IngressObj>,
+    /// `spec.externalTrafficPolicy`.
+    pub external_traffic_policy: Option<String>,
+    /// `spec.internalTrafficPolicy`.
+    pub internal_traffic_policy: Option<String>,
+    /// `spec.sessionAffinity`.
+    pub session_affinity: Option<String>,
+    /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout: Option<i32>,
+    /// `spec.healthCheckNodePort`.
+    pub health_check_node_port: Option<i32>,
+    /// `spec.publishNotReadyAddresses`.
+    pub publish_not_ready: bool,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePortObj>,
+}
+
+impl From<&Service> for ServiceObj {
+    fn from(svc: &Service) -> Self {
+        let labels = svc.metadata.labels.as_ref();
+        let skip_label = [LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS]
+            .into_iter()
+            .find(|l| labels.is_some_and(|m| m.contains_key(*l)));
+        let spec = svc.spec.as_ref();
+        let mut cluster_ips: Vec<String> =
+            spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+        cluster_ips.extend(spec.and_then(|s| s.cluster_ip.clone()));
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|i| IngressObj { ip: i.ip.clone(), ip_mode: i.ip_mode.clone() })
+            .collect();
+        Self {
+            name: object_name(&svc.metadata),
+            skip_label,
+            has_spec: spec.is_some(),
+            type_: spec.and_then(|s| s.type_.clone()),
+            cluster_ips,
+            external_ips: spec.and_then(|s| s.external_ips.clone()).unwrap_or_default(),
+            ingress,
+            external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.clone()),
+            internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.clone()),
+            session_affinity: spec.and_then(|s| s.session_affinity.clone()),
+            affinity_timeout: spec
+                .and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds),
+            health_check_node_port: spec.and_then(|s| s.health_check_node_port),
+            publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
+            ports: spec
+                .and_then(|s| s.ports.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|p| ServicePortObj {
+                    name: p.name.clone(),
+                    protocol: p.protocol.clone(),
+                    port: p.port,
+                    node_port: p.node_port,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One port of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePortObj {
+    /// `name`.
+    pub name: Option<String>,
+    /// `protocol`.
+    pub protocol: Option<String>,
+    /// `port`.
+    pub port: Option<i32>,
+}
+
+/// The first address of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddr {
+    /// A valid IPv4 address.
+    V4(Ipv4Addr),
+    /// Anything else, as written (reported by the model).
+    Invalid(Box<str>),
+}
+
+/// Topology hints of an endpoint (rare, so boxed).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HintsObj {
+    /// `hints.forZones[].name`.
+    pub zones: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub nodes: Vec<String>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointObj {
+    /// The first of `addresses` (`None`: no address).
+    pub addr: Option<EndpointAddr>,
+    /// `nodeName` (the tracker shares one copy per node).
+    pub node_name: Option<SharedStr>,
+    /// `conditions.ready`.
+    pub ready: Option<bool>,
+    /// `conditions.serving`.
+    pub serving: Option<bool>,
+    /// `conditions.terminating`.
+    pub terminating: Option<bool>,
+    /// `hints`, when it names anything.
+    pub hints: Option<Box<HintsObj>>,
+}
+
+/// What the model reads of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceObj {
+    /// `namespace/name` of the slice.
+    pub name: ObjectName,
+    /// `addressType`.
+    pub address_type: String,
+    /// The `kubernetes.io/service-name` label.
+    pub service: Option<String>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
+    pub trigger_time: Option<String>,
+    /// `ports`.
+    pub ports: Vec<SlicePortObj>,
+    /// `endpoints`.
+    pub endpoints: Vec<EndpointObj>,
+}
+
+impl SliceObj {
+    /// The Service owning the slice, if the label names one.
+    pub fn owner(&self) -> Option<ServiceName> {
+        self.service.as_ref().filter(|n| !n.is_empty()).map(|n| ServiceName {
+            namespace: self.name.namespace.clone(),
+            name: n.as_str().into(),
+        })
+    }
+}
+
+impl From<&EndpointSlice> for SliceObj {
+    fn from(s: &EndpointSlice) -> Self {
+        let endpoints = s
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|ep| {
+                let cond = ep.conditions.as_ref();
+                let hints = ep.hints.as_ref().map(|h| HintsObj {
+                    zones: h.for_zones.iter().flatten().map(|z| z.name.clone()).collect(),
+                    nodes: h.for_nodes.iter().flatten().map(|n| n.name.clone()).collect(),
+                });
+                EndpointObj {
+                    addr: ep.addresses.first().map(|a| match a.parse::<Ipv4Addr>() {
+                        Ok(v4) => EndpointAddr::V4(v4),
+                        Err(_) => EndpointAddr::Invalid(a.as_str().into()),
+                    }),
+                    node_name: ep.node_name.as_deref().map(Into::into),
+                    ready: cond.and_then(|c| c.ready),
+                    serving: cond.and_then(|c| c.serving),
+                    terminating: cond.and_then(|c| c.terminating),
+                    hints: hints
+                        .filter(|h| !h.zones.is_empty() || !h.nodes.is_empty())
+                        .map(Box::new),
+                }
+            })
+            .collect();
+        Self {
+            name: object_name(&s.metadata),
+            address_type: s.address_type.clone(),
+            service: s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
+            trigger_time: s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
+                .cloned(),
+            ports: s
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| SlicePortObj {
+                    name: p.name.clone(),
+                    protocol: p.protocol.clone(),
+                    port: p.port,
+                })
+                .collect(),
+            endpoints,
+        }
+    }
+}
+
+/// What the model reads of a Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeObj {
+    /// Node name.
+    pub name: String,
+    /// `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+impl From<&Node> for NodeObj {
+    fn from(n: &Node) -> Self {
+        Self {
+            name: n.metadata.name.clone().unwrap_or_default(),
+            zone: n.metadata.labels.as_ref().and_then(|l| l.get(LABEL_ZONE)).cloned(),
+        }
+    }
+}
+
+/// One change delivered by a source: an object added or updated (whole), or deleted by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A Service was added or updated.
+    Service(ServiceObj),
+    /// A Service was deleted.
+    ServiceDeleted(ObjectName),
+    /// An EndpointSlice was added or updated.
+    Slice(SliceObj),
+    /// An EndpointSlice was deleted.
+    SliceDeleted(ObjectName),
+    /// A Node was added or updated.
+    Node(NodeObj),
+    /// A Node was deleted (by name).
+    NodeDeleted(String),
+}
