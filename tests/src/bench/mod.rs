@@ -69,6 +69,10 @@ pub struct Config {
     pub np_duration_ms: u64,
     /// One-change samples per scale and system.
     pub change_samples: usize,
+    /// One-change samples of the baselines at 30,000 services and more (each legacy
+    /// `iptables-restore --noflush` then reads and rewrites a ~300 MB table).
+    #[serde(default = "default_change_samples_large")]
+    pub change_samples_large: usize,
     /// Item 5 samples per system and condition.
     pub e2e_samples: usize,
     /// Item 7 scales.
@@ -97,6 +101,7 @@ impl Config {
             duration_ms: 1000,
             np_duration_ms: 1000,
             change_samples: 5,
+            change_samples_large: 2,
             e2e_samples: 12,
             testrun_scales: vec![1, 10, 100, 1_000, 10_000, 100_000],
             testrun_runs: 20_000,
@@ -119,6 +124,7 @@ impl Config {
             duration_ms: 500,
             np_duration_ms: 400,
             change_samples: 2,
+            change_samples_large: 2,
             e2e_samples: 3,
             testrun_scales: vec![1, 100, 1_000],
             testrun_runs: 1_000,
@@ -130,6 +136,10 @@ impl Config {
 
 fn default_nft_txn() -> usize {
     1000
+}
+
+fn default_change_samples_large() -> usize {
+    2
 }
 
 /// Wall-clock time of one step of a run (printed as it ends, listed in the report).
@@ -862,6 +872,10 @@ impl Bench<'_> {
         }
     }
 
+    fn baseline_change_samples(&self, n: usize) -> usize {
+        if n >= 30_000 { self.cfg.change_samples_large } else { self.cfg.change_samples }
+    }
+
     fn fail_prog(&mut self, sys: &str, n: usize, why: &str, skipped: bool) {
         for m in ["scratch_s", "scratch_cpu_s", "change_ms", "change_cpu_ms"] {
             if skipped {
@@ -1086,7 +1100,7 @@ impl Bench<'_> {
                 self.rec.add("6-memory", "rules_bytes", "iptables", n, "", m as f64);
             }
             let mut all = services.to_vec();
-            for j in 0..self.cfg.change_samples {
+            for j in 0..self.baseline_change_samples(n) {
                 let svc = workload::dynamic(j, "chg", 9);
                 all.push(svc.clone());
                 let text = systems::iptables_partial(&all, &svc, 0);
@@ -1177,7 +1191,7 @@ impl Bench<'_> {
             if let Some(m) = t.mem_bytes {
                 self.rec.add("6-memory", "rules_bytes", "nftables", n, "", m as f64);
             }
-            for j in 0..self.cfg.change_samples {
+            for j in 0..self.baseline_change_samples(n) {
                 let svc = workload::dynamic(j, "chg", 9);
                 let t = systems::nft_add(&self.node_ns, &svc, 0)?;
                 self.rec.add("4-programming", "change_ms", "nftables", n, "", t.wall_s * 1e3);
