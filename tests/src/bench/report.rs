@@ -137,6 +137,19 @@ pub fn markdown(r: &Results) -> String {
             ""
         }
     );
+    let worst = r
+        .steps
+        .iter()
+        .filter_map(|st| st.cpu_pressure.map(|p| (p, &st.step)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((p, step)) = worst
+        && p > 10.0
+    {
+        let _ = writeln!(
+            s,
+            "**Noisy machine:** other processes competed for the CPUs during this run (CPU pressure up to {p:.0}% in step \"{step}\", see \"Run time by step\"); rates, CPU times and tails are less reliable than on a quiet machine.\n"
+        );
+    }
     s.push_str(
         "Method: one lab (network namespaces: 2 nodes, routed pods, an external client); every \
 system is loaded into node 0 and switched on only while it is measured; repetitions alternate the \
@@ -340,8 +353,8 @@ NodePort runs of {} ms.\n",
     }
 
     // Item 2.
-    s.push_str("## 2. Rates (4 clients) and CPU time per transaction (whole machine)\n\n");
-    s.push_str("| Services | Pattern | System | Rate (1/s) | CPU µs / transaction | Rate vs iptables |\n|---|---|---|---|---|---|\n");
+    s.push_str("## 2. Rates (4 clients) and kernel CPU time per transaction (system + irq + softirq of the whole machine; user time is left out, on this shared machine it is mostly other processes')\n\n");
+    s.push_str("| Services | Pattern | System | Rate (1/s) | Kernel CPU µs / transaction | Rate vs iptables |\n|---|---|---|---|---|---|\n");
     for &n in &c.rate_scales {
         for v in ["connect", "rr"] {
             for sys in ["floor", "kproxy", "iptables", "nftables"] {
@@ -398,7 +411,7 @@ NodePort runs of {} ms.\n",
         cell(find(f, "3-nodeport", "udp_pps", "xdp-tx", 3, "bounce")),
         ratio(tx, ipt)
     );
-    s.push_str("On veth the receiving side (XDP, TC, netfilter, the pod's UDP socket) runs in the softirq of the sending CPU, so the sender and the datapath share the 2 cores: the rates are bounded by the machine, and the CPU column (busy time of the whole machine per datagram that reached the backend: sender + datapath + receiver) is the figure that shows what each datapath costs per packet. The bounce reference shows the rate bound.\n\n");
+    s.push_str("On veth the receiving side (XDP, TC, netfilter, the pod's UDP socket) runs in the softirq of the sending CPU, so the sender and the datapath share the 2 cores: the rates are bounded by the machine, and the CPU column (kernel time — system + irq + softirq — of the whole machine per datagram that reached the backend: the sender's syscalls, the datapath and the receiver) is the figure that shows what each datapath costs per packet. The bounce reference shows the rate bound.\n\n");
 
     // Item 4.
     s.push_str("## 4. Programming time (N services × 10 endpoints)\n\n");
