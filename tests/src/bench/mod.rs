@@ -75,6 +75,10 @@ pub struct Config {
     pub change_samples_large: usize,
     /// Item 5 samples per system and condition.
     pub e2e_samples: usize,
+    /// Item 5 samples per condition for the iptables baseline (each is a legacy partial restore
+    /// that reads and rewrites the whole 10,000 × 10 table: ~5–10 s).
+    #[serde(default = "default_e2e_samples_ipt")]
+    pub e2e_samples_iptables: usize,
     /// Item 7 scales.
     pub testrun_scales: Vec<usize>,
     /// Item 7 runs per figure.
@@ -103,6 +107,7 @@ impl Config {
             change_samples: 5,
             change_samples_large: 2,
             e2e_samples: 12,
+            e2e_samples_iptables: 6,
             testrun_scales: vec![1, 10, 100, 1_000, 10_000, 100_000],
             testrun_runs: 20_000,
             load_budget_s: 150.0,
@@ -126,6 +131,7 @@ impl Config {
             change_samples: 2,
             change_samples_large: 2,
             e2e_samples: 3,
+            e2e_samples_iptables: 3,
             testrun_scales: vec![1, 100, 1_000],
             testrun_runs: 1_000,
             load_budget_s: 20.0,
@@ -136,6 +142,10 @@ impl Config {
 
 fn default_nft_txn() -> usize {
     1000
+}
+
+fn default_e2e_samples_ipt() -> usize {
+    12
 }
 
 fn default_change_samples_large() -> usize {
@@ -1036,7 +1046,9 @@ impl Bench<'_> {
         apply: &mut dyn FnMut(usize) -> Result<Option<Instant>>,
     ) -> Result<()> {
         let mut lat = Vec::new();
-        for s in 0..self.cfg.e2e_samples {
+        let samples =
+            if sys == "iptables" { self.cfg.e2e_samples_iptables } else { self.cfg.e2e_samples };
+        for s in 0..samples {
             let k = first + s;
             let svc = workload::dynamic(k, "lat", 0);
             let target = SocketAddrV4::new(svc.cluster_ip, workload::PROBE_PORT);

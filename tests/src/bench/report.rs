@@ -450,8 +450,8 @@ NodePort runs of {} ms.\n",
     }
     let _ = writeln!(
         s,
-        "\n{} samples per cell (p99 of that few samples is their maximum). kproxy reads changes from a manifest directory polled every 100 ms (the lab's stand-in for an API watch), so up to 100 ms of each kproxy figure is polling. iptables: the change is applied right away by a partial restore (no minSyncPeriod wait); under churn another service changes at kube-proxy's default minSyncPeriod (1 s) and the probe's change waits for a sync in progress. kproxy churn: another service changes every 50 ms.\n",
-        c.e2e_samples
+        "\n{} samples per cell ({} for iptables, whose every change rewrites the whole table; p99 of that few samples is their maximum). kproxy reads changes from a manifest directory polled every 100 ms (the lab's stand-in for an API watch), so up to 100 ms of each kproxy figure is polling. iptables: the change is applied right away by a partial restore (no minSyncPeriod wait); under churn another service changes at kube-proxy's default minSyncPeriod (1 s) and the probe's change waits for a sync in progress. kproxy churn: another service changes every 50 ms.\n",
+        c.e2e_samples, c.e2e_samples_iptables
     );
 
     // Item 6.
