@@ -346,6 +346,13 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     for pod in lab.pods() {
         systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
     }
+    // One client address opens hundreds of thousands of connections to one server address and
+    // port in a run: without TIME_WAIT reuse, connect() scans an ephemeral port range ever more
+    // full of TIME_WAIT sockets (14,000 after a few runs), which took up to ~16 ms per connect
+    // and was the p99 of every system, the floor's included.
+    let client = lab.pod(0, 0).context("client pod")?.ns.clone();
+    let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client} failed");
     let mut iperfs = Vec::new();
     for (i, j) in [(0, 1), (1, 0)] {
         let pod = lab.pod(i, j).context("backend pod")?.clone();
