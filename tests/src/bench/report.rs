@@ -507,7 +507,9 @@ NodePort runs of {} ms.\n",
             Status::Failed => "failed",
             Status::Ok => "some repetitions failed",
         };
-        let why = format!("{kind}: {}", one_line(x.reason.as_deref().unwrap_or("no reason"), 300));
+        let reason = x.reason.as_deref().unwrap_or("no reason");
+        let reason = reason.strip_prefix("not measured: ").unwrap_or(reason);
+        let why = format!("{kind}: {}", one_line(reason, 300));
         let what = format!(
             "{} `{}` {} at {}{}",
             x.item,
