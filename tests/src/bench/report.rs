@@ -344,7 +344,7 @@ NodePort runs of {} ms.\n",
     {
         let _ = writeln!(
             s,
-            "Each cell's samples: one load generator run per repetition of {} ms, {:.0}–{:.0} connections each (p99 is taken per run, the cell is the median over runs). The load generator and the pod servers run with SCHED_FIFO priority {} so that other work on the machine does not delay their wake-ups, and the client's namespace reuses TIME_WAIT ports (`net.ipv4.tcp_tw_reuse=1`; without it connect() slowed down to ~16 ms as TIME_WAIT sockets filled the port range over the run); the floor's min–max is the lab's own noise.\n",
+            "Each cell's samples: one load generator run per repetition of {} ms, {:.0}–{:.0} connections each (p99 is taken per run, the cell is the median over runs). The load generator and the pod servers run with SCHED_FIFO priority {} so that other work on the machine does not delay their wake-ups, and the client's namespace reuses TIME_WAIT ports (`net.ipv4.tcp_tw_reuse=1`; without it connect() slowed down to several ms as TIME_WAIT sockets filled the port range); the floor's min–max is the lab's own noise.\n",
             c.duration_ms,
             lo,
             hi,
