@@ -350,8 +350,8 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     // port in a run: without TIME_WAIT reuse, connect() scans an ephemeral port range ever more
     // full of TIME_WAIT sockets (14,000 after a few runs): in a lab by hand, p99 went from
     // 0.4 ms to 6–7 ms within three 2 s runs (p50 to 6 ms), and stayed at 0.35 ms with reuse.
-    // (The bench still shows a ~16 ms p99 in most runs after the first system was switched on:
-    // a cause not found yet.)
+    // (The ~16 ms p99 seen in the bench had a second cause: see the port ranges in
+    // `clusterip_one`.)
     let client = lab.pod(0, 0).context("client pod")?.ns.clone();
     let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client} failed");
@@ -687,6 +687,20 @@ impl Bench<'_> {
                     Sys::Floor => SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT),
                     _ => SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT),
                 };
+                // Each system gets its own client port range: a connection to the ClusterIP
+                // and a later one to the pod address (or through another system) may otherwise
+                // share a 4-tuple at the server, whose TIME_WAIT socket then answers the new SYN
+                // with an ACK (different timestamp offsets per destination): RST and a SYN
+                // retransmitted ~11–16 ms later. That was the ~16 ms p99 of every system after
+                // the first one had run (seen with tcpdump on the client's host veth).
+                let ports = match sys {
+                    Sys::Floor => "20000 29999",
+                    Sys::Kproxy => "30000 39999",
+                    Sys::Iptables => "40000 49999",
+                    Sys::Nftables => "50000 60999",
+                };
+                let range = format!("net.ipv4.ip_local_port_range={ports}");
+                let _ = lab::exec(&self.client_pod_ns, &["sysctl", "-qw", &range]);
                 let d = Duration::from_millis(self.cfg.duration_ms);
                 let name = sys.name();
                 match measure::loadgen(&self.client_pod_ns, target, "connect", 1, d) {
