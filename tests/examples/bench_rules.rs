@@ -13,6 +13,11 @@ fn main() {
     let node = workload::node_settings(0);
     match mode {
         "nftables" => print!("{}", baseline::nftables_script(&node, &ports)),
+        "nftables-txns" => {
+            for t in baseline::nftables_transactions(&node, &ports, 1000) {
+                println!("{t}#--txn");
+            }
+        }
         "manifest" => print!("{}", workload::manifest_json(&services)),
         _ => print!("{}", baseline::iptables_restore(&node, &ports)),
     }

@@ -151,7 +151,13 @@ pub fn iptables_jumps() -> String {
 
 /// The full `iptables-restore` input kube-proxy's iptables proxier writes for `services`
 /// (filter and nat tables, kube-proxy's own chains, to be restored with `--noflush`).
+///
+/// As kube-proxy does above 1,000 endpoints in total (`largeClusterEndpointsThreshold`), the
+/// per-endpoint rules (`KUBE-SVC-*` jumps, `KUBE-SEP-*`) then carry no `-m comment`: with comments
+/// a 30,000 × 10 table exceeds the kernel's 512 MiB limit on an x_tables blob
+/// (`XT_MAX_TABLE_SIZE`) and its restore fails at `COMMIT`.
 pub fn iptables_restore(node: &NodeSettings, services: &[ServicePort]) -> String {
+    let large = services.iter().map(|s| s.endpoints.len()).sum::<usize>() > LARGE_CLUSTER_ENDPOINTS;
     let mut filter_rules = String::new();
     let mut nat_chains: Vec<String> = Vec::new();
     let mut nat_rules = String::new();
@@ -265,26 +271,24 @@ pub fn iptables_restore(node: &NodeSettings, services: &[ServicePort]) -> String
             "-A {svc_chain} -m comment --comment \"{spn} cluster IP\" {m} -d {} --dport {} ! -s {cidr} -j KUBE-MARK-MASQ",
             sp.cluster_ip, sp.port
         );
-        write_endpoint_jumps(&mut nat_rules, &svc_chain, &spn, proto, sp, &sp.endpoints);
+        write_endpoint_jumps(&mut nat_rules, &svc_chain, &spn, proto, sp, &sp.endpoints, large);
         if sp.external_local && !local_eps.is_empty() {
             let locals: Vec<Endpoint> = local_eps.iter().map(|e| (*e).clone()).collect();
-            write_endpoint_jumps(&mut nat_rules, &svl_chain, &spn, proto, sp, &locals);
+            write_endpoint_jumps(&mut nat_rules, &svl_chain, &spn, proto, sp, &locals, large);
         }
+        let sep_comment =
+            if large { String::new() } else { format!(" -m comment --comment {spn}") };
         for ep in &sp.endpoints {
             let sep = sep_chain(&spn, proto, ep);
             nat_chains.push(sep.clone());
-            let _ = writeln!(
-                nat_rules,
-                "-A {sep} -m comment --comment {spn} -s {} -j KUBE-MARK-MASQ",
-                ep.ip
-            );
+            let _ = writeln!(nat_rules, "-A {sep}{sep_comment} -s {} -j KUBE-MARK-MASQ", ep.ip);
             let recent = match sp.affinity_timeout {
                 Some(_) => format!("-m recent --name {sep} --set "),
                 None => String::new(),
             };
             let _ = writeln!(
                 nat_rules,
-                "-A {sep} -m comment --comment {spn} {recent}{m} -j DNAT --to-destination {}:{}",
+                "-A {sep}{sep_comment} {recent}{m} -j DNAT --to-destination {}:{}",
                 ep.ip, ep.port
             );
         }
@@ -328,6 +332,9 @@ pub fn iptables_restore(node: &NodeSettings, services: &[ServicePort]) -> String
     out
 }
 
+/// Endpoints above which kube-proxy's iptables proxier leaves the per-endpoint comments out.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
 fn sep_chain(spn: &str, proto: &str, ep: &Endpoint) -> String {
     format!("KUBE-SEP-{}", hash(&format!("{spn}{proto}{}:{}", ep.ip, ep.port), 16))
 }
@@ -341,14 +348,22 @@ fn write_endpoint_jumps(
     proto: &str,
     sp: &ServicePort,
     eps: &[Endpoint],
+    large: bool,
 ) {
+    let comment = |ep: &Endpoint| {
+        if large {
+            String::new()
+        } else {
+            format!(" -m comment --comment \"{spn} -> {}:{}\"", ep.ip, ep.port)
+        }
+    };
     if let Some(timeout) = sp.affinity_timeout {
         for ep in eps {
             let sep = sep_chain(spn, proto, ep);
             let _ = writeln!(
                 out,
-                "-A {chain} -m comment --comment \"{spn} -> {}:{}\" -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
-                ep.ip, ep.port
+                "-A {chain}{} -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}",
+                comment(ep)
             );
         }
     }
@@ -360,11 +375,7 @@ fn write_endpoint_jumps(
         } else {
             String::new()
         };
-        let _ = writeln!(
-            out,
-            "-A {chain} -m comment --comment \"{spn} -> {}:{}\"{stat} -j {sep}",
-            ep.ip, ep.port
-        );
+        let _ = writeln!(out, "-A {chain}{}{stat} -j {sep}", comment(ep));
     }
 }
 
@@ -574,7 +585,38 @@ pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String 
     out
 }
 
+/// The rule set of [`nftables_script`] as several `nft -f` transactions: the table's fixed part
+/// (table, maps, base chains), then the services `per_txn` at a time (their chains, rules and map
+/// elements). kube-proxy sends one transaction per sync; a cold start split this way is what
+/// kubernetes#139328 proposes, because the kernel's cost of binding each anonymous verdict map
+/// grows with the size of the transaction (a single 3,000 × 10 transaction took 26 s here and
+/// stalled a CPU for 22 s).
+pub fn nftables_transactions(
+    node: &NodeSettings,
+    services: &[ServicePort],
+    per_txn: usize,
+) -> Vec<String> {
+    let fixed = nftables_script(node, &[]);
+    let fixed_lines: std::collections::HashSet<&str> = fixed.lines().collect();
+    let mut out = vec![fixed.clone()];
+    for chunk in services.chunks(per_txn.max(1)) {
+        let text = nftables_script(node, chunk);
+        let delta: String =
+            text.lines().filter(|l| !fixed_lines.contains(l)).flat_map(|l| [l, "\n"]).collect();
+        out.push(delta);
+    }
+    out
+}
+
+/// Endpoint selection of a service chain: `numgen random mod N vmap { ... }` (an anonymous
+/// verdict map), or, for a single endpoint, a plain `goto` as kube-proxy writes since
+/// kubernetes#140723 (every anonymous map makes later set additions in the same table slower: the
+/// kernel allocates `__mapN` names and looks sets up by name with linear scans, so a cold load
+/// of N single-endpoint services was quadratic in N; kubernetes#139513).
 fn numgen_vmap(eps: &[Endpoint], chain: &dyn Fn(&Endpoint) -> String) -> String {
+    if let [ep] = eps {
+        return format!("goto {}", chain(ep));
+    }
     let arms: Vec<String> =
         eps.iter().enumerate().map(|(i, ep)| format!("{i} : goto {}", chain(ep))).collect();
     format!("numgen random mod {} vmap {{ {} }}", eps.len(), arms.join(" , "))
@@ -645,6 +687,30 @@ mod tests {
     }
 
     #[test]
+    fn iptables_large_cluster_drops_endpoint_comments() {
+        let base = u32::from(Ipv4Addr::new(10, 180, 0, 0));
+        let mut s = svc1();
+        s.endpoints = (0..=LARGE_CLUSTER_ENDPOINTS as u32)
+            .map(|i| Endpoint { ip: Ipv4Addr::from(base + i), port: 80, local: false })
+            .collect();
+        let out = iptables_restore(&node(), std::slice::from_ref(&s));
+        let per_endpoint_comments = |out: &str| {
+            out.lines()
+                .filter(|l| {
+                    (l.starts_with("-A KUBE-SEP-") && l.contains("--comment"))
+                        || (l.starts_with("-A KUBE-SVC-") && l.contains(" -> "))
+                })
+                .count()
+        };
+        assert_eq!(per_endpoint_comments(&out), 0, "{}", &out[..2000]);
+        assert_eq!(out.matches("-j DNAT").count(), LARGE_CLUSTER_ENDPOINTS + 1);
+        assert!(out.contains("--comment \"ns1/svc1:p80 cluster IP\""));
+        s.endpoints.truncate(LARGE_CLUSTER_ENDPOINTS);
+        let out = iptables_restore(&node(), &[s]);
+        assert_eq!(per_endpoint_comments(&out), 3 * LARGE_CLUSTER_ENDPOINTS);
+    }
+
+    #[test]
     fn iptables_no_endpoints_rejects_in_filter_table() {
         let mut s = svc1();
         s.endpoints.clear();
@@ -660,7 +726,7 @@ mod tests {
         for e in [
             "add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80",
             "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
-            "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 }",
+            "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80",
             "add chain ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80",
             "add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 ip saddr 10.180.0.1 jump mark-for-masquerade",
             "add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80",
@@ -669,6 +735,35 @@ mod tests {
         ] {
             assert!(out.lines().any(|l| l == e), "missing {e}\n{out}");
         }
+    }
+
+    #[test]
+    fn nftables_several_endpoints_use_numgen_vmap() {
+        let mut s = svc1();
+        s.endpoints.push(Endpoint { ip: "10.180.0.2".parse().unwrap(), port: 80, local: false });
+        let out = nftables_script(&node(), &[s]);
+        assert!(out.contains("numgen random mod 2 vmap { 0 : goto endpoint-"), "{out}");
+        assert_eq!(out.matches("dnat to").count(), 2);
+    }
+
+    #[test]
+    fn nftables_transactions_hold_the_whole_rule_set_once() {
+        let services: Vec<ServicePort> = (0..5)
+            .map(|i| {
+                let mut s = svc1();
+                s.name = format!("svc{i}");
+                s.cluster_ip = Ipv4Addr::new(172, 30, 0, 41 + i);
+                s
+            })
+            .collect();
+        let whole = nftables_script(&node(), &services);
+        let txns = nftables_transactions(&node(), &services, 2);
+        assert_eq!(txns.len(), 4);
+        let mut a: Vec<&str> = whole.lines().collect();
+        let mut b: Vec<&str> = txns.iter().flat_map(|t| t.lines()).collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Load {
     pub rate: f64,
     /// System-wide CPU time per transaction, µs.
     pub cpu_us_per_txn: f64,
+    /// Transactions measured (latency samples).
+    pub samples: f64,
 }
 
 /// Runs the load generator in namespace `ns`.
@@ -38,6 +40,9 @@ pub fn loadgen(
     let c = concurrency.to_string();
     let d = duration.as_millis().to_string();
     let argv = [
+        "chrt",
+        "-f",
+        super::systems::RT_PRIORITY,
         &*bin.to_string_lossy(),
         "--target",
         &t,
@@ -71,6 +76,7 @@ pub fn loadgen(
         p99_us: f("p99_us")?,
         rate: f("rate_per_s")?,
         cpu_us_per_txn: f("system_cpu_us_per_transaction")?,
+        samples: done,
     })
 }
 
@@ -113,38 +119,92 @@ pub fn udp_arrivals(ns: &str) -> Result<u64> {
     Ok(["InDatagrams", "InErrors", "NoPorts"].iter().filter_map(|k| get(k)).sum())
 }
 
-/// Sends 18-byte UDP datagrams from namespace `ns` to `target` as fast as one thread can for
-/// `duration`; returns datagrams sent.
+/// Threads of the UDP sender (one per core of the 2-core machine: the sender must not be what
+/// bounds the rate).
+pub const UDP_SENDERS: usize = 2;
+/// Datagrams per `sendmmsg` call.
+const UDP_BATCH: usize = 64;
+
+/// Sends 18-byte UDP datagrams from namespace `ns` to `target` for `duration` from
+/// [`UDP_SENDERS`] threads, each with its own socket (own source port) and `sendmmsg` batches of
+/// 64; returns datagrams sent.
 pub fn udp_blast(ns: &str, target: SocketAddrV4, duration: Duration) -> Result<u64> {
-    lab::in_netns(ns, || -> Result<u64> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.connect(target)?;
-        let payload = [0x42u8; 18];
-        let t0 = Instant::now();
-        let mut sent = 0u64;
-        while t0.elapsed() < duration {
-            for _ in 0..64 {
-                // ENOBUFS / ECONNREFUSED (ICMP) are not fatal for a blast.
-                if s.send(&payload).is_ok() {
-                    sent += 1;
-                }
-            }
-        }
-        Ok(sent)
-    })?
+    let handles: Vec<_> = (0..UDP_SENDERS)
+        .map(|_| {
+            let ns = ns.to_string();
+            std::thread::spawn(move || lab::in_netns(&ns, || blast_one(target, duration))?)
+        })
+        .collect();
+    let mut sent = 0;
+    for h in handles {
+        sent += h.join().map_err(|_| anyhow::anyhow!("UDP sender thread panicked"))??;
+    }
+    Ok(sent)
 }
 
-/// Small-packet UDP rate through `target` (a NodePort of node 0) into the sink of pod `pod_ns`:
-/// datagrams that arrived per second.
-pub fn udp_rate(client_ns: &str, pod_ns: &str, target: SocketAddrV4, d: Duration) -> Result<f64> {
+fn blast_one(target: SocketAddrV4, duration: Duration) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(target)?;
+    let payload = [0x42u8; 18];
+    let mut iov =
+        [libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: 18 }; UDP_BATCH];
+    // SAFETY: mmsghdr is plain data; every field the kernel reads is set below.
+    let mut msgs: [libc::mmsghdr; UDP_BATCH] = unsafe { std::mem::zeroed() };
+    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+        m.msg_hdr.msg_iov = v;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while t0.elapsed() < duration {
+        // ENOBUFS / ECONNREFUSED (ICMP) are not fatal for a blast.
+        // SAFETY: msgs points at UDP_BATCH initialized headers whose iovecs outlive the call.
+        let r = unsafe { libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), UDP_BATCH as u32, 0) };
+        if r > 0 {
+            sent += r as u64;
+        }
+    }
+    Ok(sent)
+}
+
+/// Kernel CPU seconds (system + irq + softirq) of the whole machine so far, from /proc/stat.
+/// User time is left out: on a shared machine it is mostly other processes', while a datapath's
+/// per-packet cost is all kernel time.
+pub fn kernel_cpu_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|s| s.parse().ok()).collect();
+    Ok([2, 5, 6].iter().map(|&i| v.get(i).copied().unwrap_or(0)).sum::<u64>() as f64 / 100.0)
+}
+
+/// One small-packet UDP measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpRate {
+    /// Datagrams that arrived per second.
+    pub pps: f64,
+    /// Kernel CPU time of the whole machine (sender's syscalls, datapath, receiver) per arrived
+    /// datagram, ns.
+    pub cpu_ns_per_pkt: f64,
+}
+
+/// Small-packet UDP rate through `target` (a NodePort of node 0) into the sink of pod `pod_ns`.
+pub fn udp_rate(
+    client_ns: &str,
+    pod_ns: &str,
+    target: SocketAddrV4,
+    d: Duration,
+) -> Result<UdpRate> {
     let a0 = udp_arrivals(pod_ns)?;
+    let c0 = kernel_cpu_s()?;
     let t0 = Instant::now();
     let sent = udp_blast(client_ns, target, d)?;
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = kernel_cpu_s()? - c0;
     std::thread::sleep(Duration::from_millis(100));
     let arrived = udp_arrivals(pod_ns)? - a0;
     ensure!(arrived > 0, "none of {sent} datagrams to {target} reached the backend");
-    Ok(arrived as f64 / secs)
+    Ok(UdpRate { pps: arrived as f64 / secs, cpu_ns_per_pkt: cpu * 1e9 / arrived as f64 })
 }
 
 /// Packets the underlay port facing node 0 (`n0`) received: what node 0's `eth0` sent.

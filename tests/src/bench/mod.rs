@@ -59,14 +59,26 @@ pub struct Config {
     pub reps: usize,
     /// Repetitions at 10,000 services and more (each baseline toggle rewrites a large table).
     pub reps_large: usize,
+    /// Services per `nft -f` transaction when a baseline table is loaded (see
+    /// [`crate::baseline::nftables_transactions`]).
+    #[serde(default = "default_nft_txn")]
+    pub nft_txn_services: usize,
     /// Measured time of each load generator run, ms.
     pub duration_ms: u64,
     /// Measured time of each NodePort run, ms.
     pub np_duration_ms: u64,
     /// One-change samples per scale and system.
     pub change_samples: usize,
+    /// One-change samples of the baselines at 30,000 services and more (each legacy
+    /// `iptables-restore --noflush` then reads and rewrites a ~300 MB table).
+    #[serde(default = "default_change_samples_large")]
+    pub change_samples_large: usize,
     /// Item 5 samples per system and condition.
     pub e2e_samples: usize,
+    /// Item 5 samples per condition for the iptables baseline (each is a legacy partial restore
+    /// that reads and rewrites the whole 10,000 × 10 table: ~5–10 s).
+    #[serde(default = "default_e2e_samples_ipt")]
+    pub e2e_samples_iptables: usize,
     /// Item 7 scales.
     pub testrun_scales: Vec<usize>,
     /// Item 7 runs per figure.
@@ -88,14 +100,17 @@ impl Config {
             prog_scales: vec![1_000, 10_000, 30_000],
             e2e_scale: 10_000,
             reps: 5,
-            reps_large: 3,
-            duration_ms: 1500,
+            reps_large: 5,
+            nft_txn_services: 1000,
+            duration_ms: 1000,
             np_duration_ms: 1000,
             change_samples: 5,
+            change_samples_large: 2,
             e2e_samples: 12,
+            e2e_samples_iptables: 6,
             testrun_scales: vec![1, 10, 100, 1_000, 10_000, 100_000],
             testrun_runs: 20_000,
-            load_budget_s: 90.0,
+            load_budget_s: 150.0,
             run_budget_s: 1140.0,
         }
     }
@@ -110,16 +125,50 @@ impl Config {
             e2e_scale: 300,
             reps: 1,
             reps_large: 1,
+            nft_txn_services: 1000,
             duration_ms: 500,
             np_duration_ms: 400,
             change_samples: 2,
+            change_samples_large: 2,
             e2e_samples: 3,
+            e2e_samples_iptables: 3,
             testrun_scales: vec![1, 100, 1_000],
             testrun_runs: 1_000,
             load_budget_s: 20.0,
             run_budget_s: 170.0,
         }
     }
+}
+
+fn default_nft_txn() -> usize {
+    1000
+}
+
+fn default_e2e_samples_ipt() -> usize {
+    12
+}
+
+fn default_change_samples_large() -> usize {
+    2
+}
+
+/// Wall-clock time of one step of a run (printed as it ends, listed in the report).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepTime {
+    /// What the step did.
+    pub step: String,
+    /// Seconds it took.
+    pub secs: f64,
+    /// CPU pressure during the step: `some avg10` of /proc/pressure/cpu at its end (% of time
+    /// some runnable task waited for a CPU; above a few % other work competed with the bench).
+    pub cpu_pressure: Option<f64>,
+}
+
+/// `some avg10` of /proc/pressure/cpu.
+pub fn cpu_pressure() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    let line = s.lines().find(|l| l.starts_with("some"))?;
+    line.split_whitespace().find_map(|kv| kv.strip_prefix("avg10="))?.parse().ok()
 }
 
 /// The machine the run was taken on.
@@ -154,6 +203,9 @@ pub struct Results {
     pub figures: Vec<Figure>,
     /// Facts about the run the tables need (sizes of inputs, budget decisions).
     pub notes: Vec<String>,
+    /// Wall-clock time of each step.
+    #[serde(default)]
+    pub steps: Vec<StepTime>,
 }
 
 fn sh(cmd: &str) -> String {
@@ -222,10 +274,13 @@ fn predict(t0: f64, n0: usize, n: usize, exp: f64) -> f64 {
     t0 * (n as f64 / n0.max(1) as f64).powf(exp)
 }
 
-/// Growth exponents of load time used for budget predictions (nft -f is super-linear on this
-/// kernel: 1,000 → 3,000 services took 13× longer).
+/// Growth exponents of load time used for budget predictions: iptables-restore and nft -f of
+/// single-endpoint services grow about linearly; nft -f of services with several endpoints
+/// (one anonymous verdict map each) grows about quadratically on this kernel (1,000 × 10: 3.5 s,
+/// 3,000 × 10: 13.5 s in transactions of 1,000 services).
 const IPT_EXP: f64 = 1.2;
-const NFT_EXP: f64 = 2.3;
+const NFT_EXP_SINGLE: f64 = 1.2;
+const NFT_EXP_MAPS: f64 = 2.0;
 
 struct Bench<'a> {
     cfg: &'a Config,
@@ -235,9 +290,12 @@ struct Bench<'a> {
     manifests: PathBuf,
     node_ns: String,
     client_pod_ns: String,
-    /// Last measured (n, seconds) of a full rule load per baseline, for budget predictions.
-    ipt_load: Option<(usize, f64, usize, usize)>,
-    nft_load: Option<(usize, f64, usize, usize)>,
+    /// Last measured (services, seconds) of a full rule load per (baseline is nft,
+    /// endpoints per service), for budget predictions.
+    loads: std::collections::BTreeMap<(bool, usize), (usize, f64)>,
+    /// Wall-clock time of each step so far, and when the current step began.
+    steps: Vec<StepTime>,
+    step_t0: Instant,
     /// Last (n, seconds) the agent needed to program n services × 10 endpoints.
     kproxy_ready: Option<(usize, f64)>,
     /// Start of the run.
@@ -285,6 +343,18 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     let spec = LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed };
     let mut lab = Lab::up(spec)?;
     lab.start_servers()?;
+    for pod in lab.pods() {
+        systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
+    }
+    // One client address opens hundreds of thousands of connections to one server address and
+    // port in a run: without TIME_WAIT reuse, connect() scans an ephemeral port range ever more
+    // full of TIME_WAIT sockets (14,000 after a few runs): in a lab by hand, p99 went from
+    // 0.4 ms to 6–7 ms within three 2 s runs (p50 to 6 ms), and stayed at 0.35 ms with reuse.
+    // (The ~16 ms p99 seen in the bench had a second cause: see the port ranges in
+    // `clusterip_one`.)
+    let client = lab.pod(0, 0).context("client pod")?.ns.clone();
+    let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client} failed");
     let mut iperfs = Vec::new();
     for (i, j) in [(0, 1), (1, 0)] {
         let pod = lab.pod(i, j).context("backend pod")?.clone();
@@ -305,20 +375,24 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
         manifests: mdir.0.clone(),
         node_ns,
         client_pod_ns,
-        ipt_load: None,
-        nft_load: None,
+        loads: Default::default(),
+        steps: Vec::new(),
+        step_t0: Instant::now(),
         kproxy_ready: None,
         t0,
     };
     b.plan();
+    b.step("lab set-up");
     b.clusterip_phase();
     b.nodeport_phase();
     b.programming_phase();
     b.testrun_phase();
+    b.step("7: BPF_PROG_TEST_RUN cost");
     let _ = systems::iptables_flush(&b.node_ns);
     let _ = systems::nft_unload(&b.node_ns);
     drop(iperfs);
-    let Bench { lab, rec, notes, .. } = b;
+    b.step("cleanup");
+    let Bench { lab, rec, notes, steps, .. } = b;
     lab.down()?;
     let results = Results {
         started,
@@ -327,6 +401,7 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
         config: cfg.clone(),
         figures: rec.finish(),
         notes,
+        steps,
     };
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     std::fs::write(out.join("report.md"), report::markdown(&results))?;
@@ -335,6 +410,19 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
 }
 
 impl Bench<'_> {
+    /// Ends a step: records and prints how long it took since the previous one.
+    fn step(&mut self, what: &str) {
+        let secs = self.step_t0.elapsed().as_secs_f64();
+        self.step_t0 = Instant::now();
+        let cpu_pressure = cpu_pressure();
+        eprintln!(
+            "[bench] {what}: {secs:.1} s (run so far {:.0} s; CPU pressure {})",
+            self.t0.elapsed().as_secs_f64(),
+            cpu_pressure.map_or("n/a".into(), |p| format!("{p:.1}%"))
+        );
+        self.steps.push(StepTime { step: what.to_string(), secs, cpu_pressure });
+    }
+
     /// Declares every figure the run is meant to produce.
     fn plan(&mut self) {
         let c = self.cfg;
@@ -355,6 +443,7 @@ impl Bench<'_> {
         for s in ["kproxy", "kproxy-tc", "iptables", "nftables"] {
             for v in ["local", "remote"] {
                 self.rec.plan("3-nodeport", "udp_pps", s, 3, v);
+                self.rec.plan("3-nodeport", "udp_cpu_ns_per_pkt", s, 3, v);
                 self.rec.plan("3-nodeport", "tcp_bps", s, 3, v);
             }
         }
@@ -431,13 +520,14 @@ impl Bench<'_> {
         n: usize,
         eps: usize,
     ) -> std::result::Result<(), String> {
-        let (last, exp, what) = if nft {
-            (self.nft_load, NFT_EXP, "nft -f")
-        } else {
-            (self.ipt_load, IPT_EXP, "iptables-restore")
+        let (exp, what) = match (nft, eps > 1) {
+            (true, true) => (NFT_EXP_MAPS, "nft -f"),
+            (true, false) => (NFT_EXP_SINGLE, "nft -f"),
+            (false, _) => (IPT_EXP, "iptables-restore"),
         };
-        let Some((size0, t0, n0, eps0)) = last else { return Ok(()) };
-        let size = n * (eps + 1);
+        let Some(&(n0, t0)) = self.loads.get(&(nft, eps)) else { return Ok(()) };
+        let eps0 = eps;
+        let (size0, size) = (n0, n);
         if t0 < 0.5 || size <= size0 {
             return Ok(());
         }
@@ -476,6 +566,7 @@ impl Bench<'_> {
             if nft_ok.is_ok() {
                 let _ = systems::nft_hooks(&self.node_ns, false);
             }
+            self.step(&format!("1-2: baseline tables for {n} services × 1 endpoint loaded"));
             let reps = if n >= 10_000 { self.cfg.reps_large } else { self.cfg.reps };
             let systems = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
             for rep in 0..reps {
@@ -494,6 +585,7 @@ impl Bench<'_> {
             }
             let _ = systems::iptables_flush(&self.node_ns);
             let _ = systems::nft_unload(&self.node_ns);
+            self.step(&format!("1-2: {reps} repetitions at {n} services"));
         }
     }
 
@@ -507,7 +599,7 @@ impl Bench<'_> {
         systems::iptables_flush(&self.node_ns).map_err(|e| format!("{e:#}"))?;
         let t = systems::iptables_load(&self.node_ns, services, 0, None)
             .map_err(|e| format!("{e:#}"))?;
-        self.ipt_load = Some((n * (eps + 1), t.wall_s, n, eps));
+        self.loads.insert((false, eps), (n, t.wall_s));
         Ok(())
     }
 
@@ -520,8 +612,9 @@ impl Bench<'_> {
     ) -> std::result::Result<systems::Timed, String> {
         self.within_budget(true, n, eps)?;
         systems::nft_unload(&self.node_ns).map_err(|e| format!("{e:#}"))?;
-        let t = systems::nft_load(&self.node_ns, services, 0, cg).map_err(|e| format!("{e:#}"))?;
-        self.nft_load = Some((n * (eps + 1), t.wall_s, n, eps));
+        let t = systems::nft_load(&self.node_ns, services, 0, cg, self.cfg.nft_txn_services)
+            .map_err(|e| format!("{e:#}"))?;
+        self.loads.insert((true, eps), (n, t.wall_s));
         Ok(t)
     }
 
@@ -594,10 +687,25 @@ impl Bench<'_> {
                     Sys::Floor => SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT),
                     _ => SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT),
                 };
+                // Each system gets its own client port range: a connection to the ClusterIP
+                // and a later one to the pod address (or through another system) may otherwise
+                // share a 4-tuple at the server, whose TIME_WAIT socket then answers the new SYN
+                // with an ACK (different timestamp offsets per destination): RST and a SYN
+                // retransmitted ~11–16 ms later. That was the ~16 ms p99 of every system after
+                // the first one had run (seen with tcpdump on the client's host veth).
+                let ports = match sys {
+                    Sys::Floor => "20000 29999",
+                    Sys::Kproxy => "30000 39999",
+                    Sys::Iptables => "40000 49999",
+                    Sys::Nftables => "50000 60999",
+                };
+                let range = format!("net.ipv4.ip_local_port_range={ports}");
+                let _ = lab::exec(&self.client_pod_ns, &["sysctl", "-qw", &range]);
                 let d = Duration::from_millis(self.cfg.duration_ms);
                 let name = sys.name();
                 match measure::loadgen(&self.client_pod_ns, target, "connect", 1, d) {
                     Ok(l) => {
+                        self.rec.add("1-latency", "samples", name, n, "", l.samples);
                         self.rec.add("1-latency", "p50_us", name, n, "", l.p50_us);
                         self.rec.add("1-latency", "p99_us", name, n, "", l.p99_us);
                     }
@@ -687,6 +795,7 @@ impl Bench<'_> {
         let _ = systems::iptables_flush(&self.node_ns);
         let _ = systems::nft_unload(&self.node_ns);
         drop(sinks);
+        self.step("3: NodePort");
     }
 
     fn mark_nodeport(&mut self, sys: &str, why: &str) {
@@ -696,6 +805,7 @@ impl Bench<'_> {
         }
         for v in ["local", "remote"] {
             self.rec.fail("3-nodeport", "udp_pps", sys, 3, v, why);
+            self.rec.fail("3-nodeport", "udp_cpu_ns_per_pkt", sys, 3, v, why);
             self.rec.fail("3-nodeport", "tcp_bps", sys, 3, v, why);
         }
     }
@@ -731,8 +841,22 @@ impl Bench<'_> {
             ] {
                 let pod_ns = self.lab.pod(pod.0, pod.1).map(|p| p.ns.clone()).unwrap_or_default();
                 match measure::udp_rate(&client, &pod_ns, SocketAddrV4::new(node, udp), d) {
-                    Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, v, r),
-                    Err(e) => self.rec.fail("3-nodeport", "udp_pps", sys, n, v, &format!("{e:#}")),
+                    Ok(r) => {
+                        self.rec.add("3-nodeport", "udp_pps", sys, n, v, r.pps);
+                        self.rec.add(
+                            "3-nodeport",
+                            "udp_cpu_ns_per_pkt",
+                            sys,
+                            n,
+                            v,
+                            r.cpu_ns_per_pkt,
+                        );
+                    }
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        self.rec.fail("3-nodeport", "udp_pps", sys, n, v, &why);
+                        self.rec.fail("3-nodeport", "udp_cpu_ns_per_pkt", sys, n, v, &why);
+                    }
                 }
                 match measure::iperf3(&client, SocketAddrV4::new(node, tcp), d) {
                     Ok(r) => self.rec.add("3-nodeport", "tcp_bps", sys, n, v, r),
@@ -768,13 +892,21 @@ impl Bench<'_> {
             }
             eprintln!("[bench] programming {n} services × 10 endpoints");
             let services = self.services(n, 10);
+            self.step(&format!("4-6: workload of {n} services × 10 endpoints generated"));
             self.flush_conntrack();
             self.prog_kproxy(n, &services);
+            self.step(&format!("4-6: kproxy at {n} services"));
             self.flush_conntrack();
             self.prog_iptables(n, &services);
+            self.step(&format!("4-6: iptables at {n} services"));
             self.flush_conntrack();
             self.prog_nftables(n, &services);
+            self.step(&format!("4-6: nftables at {n} services"));
         }
+    }
+
+    fn baseline_change_samples(&self, n: usize) -> usize {
+        if n >= 30_000 { self.cfg.change_samples_large } else { self.cfg.change_samples }
     }
 
     fn fail_prog(&mut self, sys: &str, n: usize, why: &str, skipped: bool) {
@@ -937,7 +1069,9 @@ impl Bench<'_> {
         apply: &mut dyn FnMut(usize) -> Result<Option<Instant>>,
     ) -> Result<()> {
         let mut lat = Vec::new();
-        for s in 0..self.cfg.e2e_samples {
+        let samples =
+            if sys == "iptables" { self.cfg.e2e_samples_iptables } else { self.cfg.e2e_samples };
+        for s in 0..samples {
             let k = first + s;
             let svc = workload::dynamic(k, "lat", 0);
             let target = SocketAddrV4::new(svc.cluster_ip, workload::PROBE_PORT);
@@ -994,14 +1128,14 @@ impl Bench<'_> {
         let r = (|| -> Result<()> {
             systems::iptables_flush(&self.node_ns)?;
             let t = systems::iptables_load(&self.node_ns, services, 0, Some("ipt"))?;
-            self.ipt_load = Some((n * 11, t.wall_s, n, 10));
+            self.loads.insert((false, 10), (n, t.wall_s));
             self.rec.add("4-programming", "scratch_s", "iptables", n, "", t.wall_s);
             self.rec.add("4-programming", "scratch_cpu_s", "iptables", n, "", t.cpu_s);
             if let Some(m) = t.mem_bytes {
                 self.rec.add("6-memory", "rules_bytes", "iptables", n, "", m as f64);
             }
             let mut all = services.to_vec();
-            for j in 0..self.cfg.change_samples {
+            for j in 0..self.baseline_change_samples(n) {
                 let svc = workload::dynamic(j, "chg", 9);
                 all.push(svc.clone());
                 let text = systems::iptables_partial(&all, &svc, 0);
@@ -1092,7 +1226,7 @@ impl Bench<'_> {
             if let Some(m) = t.mem_bytes {
                 self.rec.add("6-memory", "rules_bytes", "nftables", n, "", m as f64);
             }
-            for j in 0..self.cfg.change_samples {
+            for j in 0..self.baseline_change_samples(n) {
                 let svc = workload::dynamic(j, "chg", 9);
                 let t = systems::nft_add(&self.node_ns, &svc, 0)?;
                 self.rec.add("4-programming", "change_ms", "nftables", n, "", t.wall_s * 1e3);
