@@ -512,6 +512,11 @@ reasons! {
     SockTranslated = 12, "sock_translated", false;
     /// Socket LB: a datagram received from a backend was reported as coming from the frontend.
     SockReplyRestored = 13, "sock_reply_restored", false;
+    /// A pod opened a TCP connection straight to an address and port for which a closed
+    /// translated connection from the same client port still held a reverse-NAT entry: the
+    /// stale entries were removed (else the new connection's replies would be rewritten to the
+    /// old frontend), the packet passed untouched.
+    PassStaleNatCleared = 14, "pass_stale_nat_cleared", false;
     /// Truncated or malformed header.
     DropMalformed = 16, "drop_malformed", true;
     /// IP fragment addressed to a service frontend (no L4 header to balance on).

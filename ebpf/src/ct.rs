@@ -84,6 +84,33 @@ pub fn revnat(t: &Tuple4) -> Option<RevNat4Value> {
     unsafe { kp_rnat4.get(t) }.copied()
 }
 
+/// A pod's new TCP connection (SYN) straight to `daddr:dport` from `saddr:sport`, not to a
+/// service: if a translated connection from the same client port to a backend at that address
+/// left a reverse-NAT entry and is closed or gone, removes it and its connection entry (the new
+/// connection's replies would otherwise be rewritten to the old frontend; conntrack likewise
+/// lets a new SYN replace a closed entry). A live translated connection is left alone.
+/// Returns whether stale entries were removed.
+#[inline(always)]
+pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
+    let reply = tuple(p.daddr, p.saddr, p.dport, p.sport, p.proto);
+    let Some(old) = revnat(&reply) else { return false };
+    if old.client_addr != p.saddr || old.client_port != p.sport {
+        return false;
+    }
+    let orig =
+        tuple(old.client_addr, old.frontend_addr, old.client_port, old.frontend_port, p.proto);
+    if let Some(c) = lookup(&orig, now) {
+        // SAFETY: valid map value pointer, copied out.
+        let c = unsafe { *c };
+        if c.state < ct_state::CLOSING {
+            return false;
+        }
+        delete(&orig);
+    }
+    let _ = kp_rnat4.remove(&reply);
+    true
+}
+
 /// Installs the reverse-NAT entry for replies arriving with tuple `reply`.
 #[inline(always)]
 pub fn create_revnat(reply: &Tuple4, v: &RevNat4Value) -> Result<(), Reason> {

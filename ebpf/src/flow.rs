@@ -107,6 +107,13 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         };
         return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, reason);
     }
+    if hook == Hook::FromPod
+        && p.proto == proto::TCP
+        && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+        && ct::clear_stale_revnat(&p, now)
+    {
+        return Ok((Verdict::PASS, Reason::PassStaleNatCleared));
+    }
     Ok((Verdict::PASS, Reason::PassNoService))
 }
 

@@ -382,6 +382,55 @@ fn clusterip_tcp_forward_and_reply() {
 }
 
 #[test]
+fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
+    let mut env = Env::new();
+    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let syn_ack = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
+    let direct_syn = Frame::tcp(sa(POD_CLIENT), sa(BE1), SYN);
+
+    // A live translated connection keeps its entries: a direct SYN from the same client port
+    // passes, and replies are still those of the translated connection.
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &direct_syn);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
+    assert_frame(&out, &syn_ack.clone().with_src(sa(CIP)));
+
+    // The client closes it (RST), then opens a connection from the same port straight to the
+    // backend's address: the stale entries go, and the backend's replies reach the client as
+    // they were sent, from the backend's address.
+    let rst = Frame::tcp(sa(POD_CLIENT), sa(CIP), RST | ACK);
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &rst.build());
+    assert_eq!(v, TC_ACT_OK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &direct_syn);
+    assert!(env.maps.conntrack().unwrap().is_empty(), "{}", show_ct(&env));
+    for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
+        let (v, out) = env.tc(prog, &syn_ack.build());
+        assert_eq!(v, TC_ACT_OK);
+        assert_frame(&out, &syn_ack);
+    }
+    let (v, out) = env.xdp(&syn_ack.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame(&out, &syn_ack);
+    assert_counts(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ReplyTranslated, 1),
+            (Reason::PassNoService, 4),
+            (Reason::PassStaleNatCleared, 1),
+        ],
+    );
+}
+
+#[test]
 fn clusterip_udp_forward_and_reply_with_and_without_checksum() {
     let mut env = Env::new();
     env.backend(1, "198.18.100.11:53", backend_flags::LOCAL, proto::UDP);
