@@ -413,11 +413,10 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-/// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than
-/// whenever the kernel gets to releasing it after the pin is removed.
-fn detach_pinned_link(path: &Path) -> io::Result<()> {
+/// `bpf(2)` on the `bpf_link` pinned at `path`: opens it (`BPF_OBJ_GET`), runs `cmd` with an
+/// attribute block whose first word is the link's fd followed by `rest`, and closes it.
+fn on_pinned_link(path: &Path, cmd: libc::c_long, rest: [u32; 3]) -> io::Result<()> {
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let mut get = [0u64; 3];
     get[0] = c.as_ptr() as u64;
@@ -428,50 +427,28 @@ fn detach_pinned_link(path: &Path) -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut detach = [0u32; 2];
-    detach[0] = fd as u32;
-    // SAFETY: bpf(2) with a zeroed attribute block holding our link fd, closed right after.
+    let mut attr = [fd as u32, rest[0], rest[1], rest[2]];
+    // SAFETY: bpf(2) with an attribute block holding our link fd, closed right after.
     let r = unsafe {
-        let r = libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            detach.as_mut_ptr(),
-            size_of_val(&detach) as u32,
-        );
+        let r = libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr) as u32);
         libc::close(fd as i32);
         r
     };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than
+/// whenever the kernel gets to releasing it after the pin is removed.
+fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    on_pinned_link(path, BPF_LINK_DETACH, [0; 3])
+}
+
 /// Puts program `prog_fd` into the `bpf_link` pinned at `path` (`BPF_LINK_UPDATE`, 5.7+).
 fn update_pinned_link(path: &Path, prog_fd: i32) -> io::Result<()> {
-    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_UPDATE: libc::c_long = 29;
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut get = [0u64; 3];
-    get[0] = c.as_ptr() as u64;
-    // SAFETY: bpf(2) with a zeroed attribute block holding a valid path pointer.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), size_of_val(&get) as u32)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
     // link_fd, new_prog_fd, flags, old_prog_fd.
-    let mut upd = [fd as u32, prog_fd as u32, 0, 0];
-    // SAFETY: bpf(2) with an attribute block holding our link fd, closed right after.
-    let r = unsafe {
-        let r = libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            upd.as_mut_ptr(),
-            size_of_val(&upd) as u32,
-        );
-        libc::close(fd as i32);
-        r
-    };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    on_pinned_link(path, BPF_LINK_UPDATE, [prog_fd as u32, 0, 0])
 }
 
 fn detach_xdp(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {

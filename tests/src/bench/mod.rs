@@ -983,7 +983,7 @@ impl Bench<'_> {
                     systems::proc_cpu_s(pid)?,
                 );
                 self.notes.push(format!(
-                    "kproxy at {n} services × 10 endpoints: manifest {:.1} MB of JSON (held in memory by the lab's manifest source), agent ready {:.1} s after start, {} sync(s) before ready",
+                    "kproxy at {n} services × 10 endpoints: manifest {:.1} MB of JSON, agent ready {:.1} s after start, {} sync(s) before ready",
                     bytes as f64 / 1e6,
                     k.ready_s,
                     m.sync_count

@@ -450,7 +450,7 @@ NodePort runs of {} ms.\n",
     }
     let _ = writeln!(
         s,
-        "\n{} samples per cell ({} for iptables, whose every change rewrites the whole table; p99 of that few samples is their maximum). kproxy reads changes from a manifest directory polled every 100 ms (the lab's stand-in for an API watch), so up to 100 ms of each kproxy figure is polling. iptables: the change is applied right away by a partial restore (no minSyncPeriod wait); under churn another service changes at kube-proxy's default minSyncPeriod (1 s) and the probe's change waits for a sync in progress. kproxy churn: another service changes every 50 ms.\n",
+        "\n{} samples per cell ({} for iptables, whose every change rewrites the whole table; p99 of that few samples is their maximum). kproxy reads changes from a manifest directory polled every 100 ms (the lab's stand-in for an API watch), so up to 100 ms of each kproxy figure is polling. The probe is a TCP connect with a 20 ms timeout, retried every 2 ms, so a figure's resolution is about 20 ms (a SYN sent before the service is programmed goes unanswered). iptables: the change is applied right away by a partial restore (no minSyncPeriod wait); under churn another service changes at kube-proxy's default minSyncPeriod (1 s) and the probe's change waits for a sync in progress. kproxy churn: another service changes every 50 ms.\n",
         c.e2e_samples, c.e2e_samples_iptables
     );
 
@@ -467,7 +467,7 @@ NodePort runs of {} ms.\n",
             cell(find(f, "6-memory", "rules_bytes", "nftables", n as u64, "")),
         );
     }
-    s.push_str("\nRule memory is what the cgroup v1 memory controller charged to the loading process's cgroup (kernel memory included) after the load exited. BPF map memory is the `memlock` of the agent's maps (preallocated at their configured capacity, so it does not grow with N). The agent RSS includes the lab's manifest source, which keeps the raw JSON and the parsed objects.\n\n");
+    s.push_str("\nRule memory is what the cgroup v1 memory controller charged to the loading process's cgroup (kernel memory included) after the load exited. BPF map memory is the `memlock` of the agent's maps (preallocated at their configured capacity, so it does not grow with N). The agent RSS includes its manifest source (which keeps compact objects, not the files' JSON) and the loaded BPF object.\n\n");
 
     // Item 7.
     s.push_str("## 7. Per-packet cost under BPF_PROG_TEST_RUN (median ns per run, repeat = 1)\n\n");
