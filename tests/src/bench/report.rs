@@ -429,7 +429,7 @@ NodePort runs of {} ms.\n",
             );
         }
     }
-    s.push_str("\nkproxy \"from scratch\" is the agent's own sync time (model + diff + map writes, `kubeproxy_sync_proxy_rules_duration_seconds`); its CPU column is the agent's whole CPU time until programmed (also loading the BPF object and parsing the JSON manifests). A change is one new Service with 10 endpoints; for kproxy it is the sync duration, for iptables the partial `iptables-restore --noflush` kube-proxy would run (whole `KUBE-SERVICES` chain plus the new service's chains), for nftables the `nft -f` transaction adding the service's chains and map elements. kproxy's change CPU includes the lab manifest source re-reading the whole JSON file every 100 ms poll.\n\n![programming](programming_time.png)\n\n");
+    s.push_str("\nkproxy \"from scratch\" is the agent's own sync time (model + diff + map writes, `kubeproxy_sync_proxy_rules_duration_seconds`); its CPU column is the agent's whole CPU time until programmed (also loading the BPF object and parsing the JSON manifests). A change is one new Service with 10 endpoints; for kproxy it is the sync duration, for iptables the partial `iptables-restore --noflush` kube-proxy would run (whole `KUBE-SERVICES` chain plus the new service's chains), for nftables the `nft -f` transaction adding the service's chains and map elements. kproxy's change CPU is the agent's CPU time (10 ms tick granularity) across the change, manifest polling (a stat per file) included.\n\n![programming](programming_time.png)\n\n");
 
     // Item 5.
     let _ = writeln!(
