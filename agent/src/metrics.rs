@@ -23,7 +23,10 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{dataplane::DataplaneError, sync::SyncError};
+use crate::{
+    dataplane::{DataplaneError, sys::bpf},
+    sync::SyncError,
+};
 
 /// A cumulative histogram.
 #[derive(Debug, Clone)]
@@ -389,14 +392,6 @@ pub fn map_usage(pin_path: &Path) -> anyhow::Result<Vec<MapUsage>> {
     Ok(out)
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> std::io::Result<()> {
-    // SAFETY: bpf(2) with an attribute block we own, of the size we pass.
-    let r = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr) as u32)
-    };
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-}
-
 /// Entries of the (non per-CPU) hash map `fd`.
 fn count_entries(fd: i32, key_size: u32, value_size: u32) -> std::io::Result<u64> {
     match count_batched(fd, key_size, value_size)? {
@@ -424,10 +419,11 @@ fn count_batched(fd: i32, key_size: u32, value_size: u32) -> std::io::Result<Opt
         attr[2] = keys.as_mut_ptr() as u64;
         attr[3] = values.as_mut_ptr() as u64;
         attr[4] = u64::from(chunk) | (u64::from(fd as u32) << 32);
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: cursors, key and value buffers of `chunk` entries, all alive across the call.
+        let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let got = attr[4] & 0xffff_ffff;
         match r {
-            Ok(()) => total += got,
+            Ok(_) => total += got,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Some(total + got)),
             // One bucket holds more entries than fit: retry with room for more.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
@@ -463,8 +459,9 @@ fn count_by_keys(fd: i32, key_size: u32) -> std::io::Result<u64> {
         attr[0] = u64::from(fd as u32);
         attr[1] = if n > 0 { key.as_ptr() as u64 } else { 0 };
         attr[2] = next.as_mut_ptr() as u64;
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(()) => {
+        // SAFETY: key buffers of the map's key size, alive across the call.
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => {
                 n += 1;
                 std::mem::swap(&mut key, &mut next);
             }
@@ -703,13 +700,8 @@ mod tests {
         use std::os::fd::FromRawFd as _;
         let mut create = [0u32; 6];
         create[..4].copy_from_slice(&[map_type, 4, 8, 2 * n.max(1)]);
-        // SAFETY: BPF_MAP_CREATE with a zeroed attribute block.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_bpf, 0, create.as_mut_ptr(), size_of_val(&create) as u32)
-        };
-        if fd < 0 {
-            return None;
-        }
+        // SAFETY: BPF_MAP_CREATE with an attribute block of plain numbers.
+        let fd = unsafe { bpf(0, &mut create) }.ok()?;
         // SAFETY: a fresh fd we own.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
         for k in 0..n {
@@ -718,7 +710,8 @@ mod tests {
             attr[0] = u64::from(fd.as_raw_fd() as u32);
             attr[1] = &k as *const u32 as u64;
             attr[2] = &v as *const u64 as u64;
-            bpf(2, &mut attr).expect("BPF_MAP_UPDATE_ELEM");
+            // SAFETY: key and value pointers to locals alive across the call.
+            unsafe { bpf(2, &mut attr) }.expect("BPF_MAP_UPDATE_ELEM");
         }
         Some(fd)
     }

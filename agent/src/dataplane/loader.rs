@@ -33,7 +33,10 @@ use aya::{
 use kproxy_common::names;
 use tracing::{debug, info, warn};
 
-use super::bpf::{BpfDataplane, MAP_SPECS, check_pinned, maps_dir};
+use super::{
+    bpf::{BpfDataplane, MAP_SPECS, check_pinned, maps_dir},
+    sys,
+};
 
 /// Priority of kproxy's TC filters (lower runs first).
 pub const TC_PRIORITY: u16 = 1;
@@ -418,23 +421,15 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
 fn on_pinned_link(path: &Path, cmd: libc::c_long, rest: [u32; 3]) -> io::Result<()> {
     const BPF_OBJ_GET: libc::c_long = 7;
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut get = [0u64; 3];
-    get[0] = c.as_ptr() as u64;
-    // SAFETY: bpf(2) with a zeroed attribute block holding a valid path pointer.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), size_of_val(&get) as u32)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut get = [c.as_ptr() as u64, 0, 0];
+    // SAFETY: a zeroed attribute block holding a valid path pointer.
+    let fd = unsafe { sys::bpf(BPF_OBJ_GET, &mut get) }?;
     let mut attr = [fd as u32, rest[0], rest[1], rest[2]];
-    // SAFETY: bpf(2) with an attribute block holding our link fd, closed right after.
-    let r = unsafe {
-        let r = libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr) as u32);
-        libc::close(fd as i32);
-        r
-    };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    // SAFETY: an attribute block holding our link fd and plain numbers.
+    let r = unsafe { sys::bpf(cmd, &mut attr) };
+    // SAFETY: the fd BPF_OBJ_GET returned, ours to close.
+    unsafe { libc::close(fd as i32) };
+    r.map(drop)
 }
 
 /// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than

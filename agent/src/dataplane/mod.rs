@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod conntrack;
 pub mod loader;
 pub mod mem;
+pub(crate) mod sys;
 
 /// A failed datapath write or read. Messages name the map and the key at fault.
 #[derive(Debug, thiserror::Error)]
