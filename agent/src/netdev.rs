@@ -345,6 +345,10 @@ impl Devices {
             missing: BTreeSet::new(),
         };
         state.rescan();
+        // Every attachment now runs this load's programs: earlier loads' tail-call tables can go.
+        if let Err(e) = state.datapath.retire_old_calls() {
+            warn!(error = %e, "removing old tail-call tables");
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()

@@ -37,6 +37,15 @@ pub mod names {
     pub const CT_COUNTERS: &str = "kp_ctstat";
     /// Socket-LB reverse translation: socket + backend → frontend. See [`crate::SockRev4Key`].
     pub const SOCK4: &str = "kp_sock4";
+    /// Address hint bitmaps (frontend and backend addresses). See [`crate::hints`].
+    pub const ADDR_BITS: &str = "kp_addrbits";
+    /// Port hint bitmaps (frontend and backend ports, by protocol). See [`crate::hints`].
+    pub const PORT_BITS: &str = "kp_portbits";
+    /// Tail-call table of the TC programs (index: [`crate::calls`]). Not in [`ALL_MAPS`]: every
+    /// load of the programs creates and pins its own table.
+    pub const CALLS_TC: &str = "kp_calls_tc";
+    /// Tail-call table of the XDP programs (index: [`crate::calls`]).
+    pub const CALLS_XDP: &str = "kp_calls_xdp";
 
     /// XDP program for the node's external devices (NodePort, LoadBalancer, externalIPs).
     pub const PROG_XDP_EXT: &str = "kp_xdp_ext";
@@ -47,8 +56,35 @@ pub mod names {
     /// TC egress program on the host side of pod interfaces (traffic entering a pod).
     pub const PROG_TC_TO_POD: &str = "kp_tc_to_pod";
 
-    /// Every map, in the order the agent checks them on start.
-    pub const ALL_MAPS: [&str; 10] = [
+    /// TC tail-call target: a pod's packet that needs more than the fast path (new connection,
+    /// connection whose backend went away, stale reverse-NAT entry).
+    pub const PROG_TC_POD_NEW: &str = "kp_pod_new";
+    /// TC tail-call target: an ICMP error leaving a pod.
+    pub const PROG_TC_POD_ICMP: &str = "kp_pod_icmp";
+    /// TC tail-call target: an ICMP error entering a pod.
+    pub const PROG_TC_TOPOD_ICMP: &str = "kp_topod_icmp";
+    /// TC tail-call target: an external device's packet that needs more than the fast path.
+    pub const PROG_TC_EXT_NEW: &str = "kp_ext_new";
+    /// TC tail-call target: an ICMP error arriving on an external device.
+    pub const PROG_TC_EXT_ICMP: &str = "kp_ext_icmp";
+    /// XDP tail-call target: a packet that needs more than the fast path.
+    pub const PROG_XDP_NEW: &str = "kp_xdp_new";
+    /// XDP tail-call target: an ICMP error.
+    pub const PROG_XDP_ICMP: &str = "kp_xdp_icmp";
+    /// The TC tail-call targets and their index in [`CALLS_TC`].
+    pub const TC_CALLS: [(&str, u32); 5] = [
+        (PROG_TC_POD_NEW, crate::calls::POD_NEW),
+        (PROG_TC_POD_ICMP, crate::calls::POD_ICMP),
+        (PROG_TC_TOPOD_ICMP, crate::calls::TOPOD_ICMP),
+        (PROG_TC_EXT_NEW, crate::calls::EXT_NEW),
+        (PROG_TC_EXT_ICMP, crate::calls::EXT_ICMP),
+    ];
+    /// The XDP tail-call targets and their index in [`CALLS_XDP`].
+    pub const XDP_CALLS: [(&str, u32); 2] =
+        [(PROG_XDP_NEW, crate::calls::XDP_NEW), (PROG_XDP_ICMP, crate::calls::XDP_ICMP)];
+
+    /// Every pinned map, in the order the agent checks them on start.
+    pub const ALL_MAPS: [&str; 12] = [
         SERVICES4,
         BACKENDS4,
         CT4,
@@ -59,6 +95,8 @@ pub mod names {
         FRAG4,
         CT_COUNTERS,
         SOCK4,
+        ADDR_BITS,
+        PORT_BITS,
     ];
 
     /// Socket LB, cgroup `connect4`: TCP and connected UDP sockets to a frontend are connected to
@@ -97,6 +135,85 @@ pub mod defaults {
     pub const SNAT_PORT_MIN: u16 = 61_000;
     /// Last port used for NodePort source NAT.
     pub const SNAT_PORT_MAX: u16 = 65_535;
+}
+
+/// Indexes of the tail-call tables ([`names::CALLS_TC`], [`names::CALLS_XDP`]). The entry
+/// programs handle the packets of tracked connections and everything that is not service traffic
+/// themselves, and hand the rest (new connections, ICMP errors, ...) to these programs, which
+/// keeps each program small enough for the verifiers of older kernels.
+pub mod calls {
+    /// TC: slow path of `kp_tc_from_pod`.
+    pub const POD_NEW: u32 = 0;
+    /// TC: ICMP errors leaving a pod.
+    pub const POD_ICMP: u32 = 1;
+    /// TC: ICMP errors entering a pod.
+    pub const TOPOD_ICMP: u32 = 2;
+    /// TC: slow path of `kp_tc_ext`.
+    pub const EXT_NEW: u32 = 3;
+    /// TC: ICMP errors on external devices.
+    pub const EXT_ICMP: u32 = 4;
+    /// Entries of the TC table.
+    pub const TC_MAX: u32 = 8;
+    /// XDP: slow path of `kp_xdp_ext`.
+    pub const XDP_NEW: u32 = 0;
+    /// XDP: ICMP errors.
+    pub const XDP_ICMP: u32 = 1;
+    /// Entries of the XDP table.
+    pub const XDP_MAX: u32 = 4;
+}
+
+/// Hint bitmaps: a cheap test of whether a packet may belong to a service at all, so that the
+/// datapath does no hash lookup for the traffic that cannot (most pod and node traffic).
+///
+/// A packet may be in the original direction of a translated flow only if its destination
+/// address is a frontend address *and* its destination port a frontend port of its protocol; it
+/// may be a reply only if its source address is a backend address *and* its source port a
+/// backend port. The agent sets the bits before it writes the entries they cover and clears them
+/// only when it rebuilds the bitmaps from the maps (a stale bit costs a lookup, never a
+/// translation). Both maps are arrays, whose lookups the kernel inlines.
+pub mod hints {
+    /// Bits per address bitmap: 2^20 (128 KiB), so that even 100,000 addresses set about one bit
+    /// in ten.
+    pub const ADDR_BITS_LOG2: u32 = 20;
+    /// `u64` words of one address bitmap.
+    pub const ADDR_WORDS: u32 = (1 << ADDR_BITS_LOG2) / 64;
+    /// `u64` words of one port bitmap (65,536 ports).
+    pub const PORT_WORDS: u32 = 65_536 / 64;
+    /// Bitmap of frontend addresses / ports (first half of each map).
+    pub const FRONTEND: u32 = 0;
+    /// Bitmap of backend addresses / ports (second half of each map).
+    pub const BACKEND: u32 = 1;
+    /// Entries of [`super::names::ADDR_BITS`]: one bitmap per kind.
+    pub const ADDR_MAX: u32 = 2 * ADDR_WORDS;
+    /// Entries of [`super::names::PORT_BITS`]: one bitmap per kind and protocol (TCP, UDP).
+    pub const PORT_MAX: u32 = 4 * PORT_WORDS;
+
+    /// Bit number of an address (be, as in packets) in an address bitmap: a multiplicative
+    /// hash, so that neighbouring addresses spread over the words.
+    #[inline(always)]
+    pub const fn addr_bit(addr_be: u32) -> u32 {
+        u32::from_be(addr_be).wrapping_mul(0x9e37_79b1) >> (32 - ADDR_BITS_LOG2)
+    }
+
+    /// Word index and mask of `addr` (be) in [`super::names::ADDR_BITS`].
+    #[inline(always)]
+    pub const fn addr_slot(kind: u32, addr_be: u32) -> (u32, u64) {
+        let bit = addr_bit(addr_be);
+        (kind * ADDR_WORDS + (bit >> 6), 1u64 << (bit & 63))
+    }
+
+    /// Word index and mask of `port` (be) of `proto` in [`super::names::PORT_BITS`]; `None` for
+    /// protocols other than TCP and UDP.
+    #[inline(always)]
+    pub const fn port_slot(kind: u32, proto: u8, port_be: u16) -> Option<(u32, u64)> {
+        let p = match proto {
+            super::proto::TCP => 0,
+            super::proto::UDP => 1,
+            _ => return None,
+        };
+        let port = u16::from_be(port_be) as u32;
+        Some(((kind * 2 + p) * PORT_WORDS + (port >> 6), 1u64 << (port & 63)))
+    }
 }
 
 /// IP protocol numbers used in keys.
@@ -539,6 +656,8 @@ reasons! {
     DropRewrite = 25, "drop_rewrite", true;
     /// External traffic to a remote backend, but no source-NAT address is configured.
     DropNoSnatAddr = 26, "drop_no_snat_addr", true;
+    /// The tail call to the slow path failed (its program missing from the table): dropped.
+    DropTailCall = 27, "drop_tail_call", true;
 }
 
 /// Number of slots in [`names::COUNTERS`].
@@ -573,6 +692,32 @@ mod tests {
             assert_eq!(Reason::from_index(*r as u32), Some(*r));
         }
         assert_eq!(Reason::from_index(REASON_MAX), None);
+    }
+
+    #[test]
+    fn hint_slots_stay_inside_their_bitmap() {
+        for addr in [0u32, 1, 0x0a60_0001u32.to_be(), u32::MAX, 0xc612_640a] {
+            for kind in [hints::FRONTEND, hints::BACKEND] {
+                let (i, m) = hints::addr_slot(kind, addr);
+                assert!(i >= kind * hints::ADDR_WORDS && i < (kind + 1) * hints::ADDR_WORDS);
+                assert_eq!(m.count_ones(), 1);
+            }
+        }
+        let mut seen = [false; hints::PORT_MAX as usize];
+        for kind in [hints::FRONTEND, hints::BACKEND] {
+            for p in [proto::TCP, proto::UDP] {
+                for port in [0u16, 1, 80, 65535] {
+                    let (i, m) = hints::port_slot(kind, p, port.to_be()).unwrap();
+                    assert!(i < hints::PORT_MAX);
+                    assert_eq!(m, 1 << (port & 63));
+                    seen[i as usize] = true;
+                }
+            }
+        }
+        // Kinds and protocols use disjoint words (ports 0 and 1 share one, 80 and 65535 have
+        // their own).
+        assert_eq!(seen.iter().filter(|s| **s).count(), 2 * 2 * 3);
+        assert_eq!(hints::port_slot(hints::FRONTEND, proto::ICMP, 0), None);
     }
 
     #[test]

@@ -1,15 +1,23 @@
-//! The per-packet pipeline shared by all hooks: established connection → new connection to a
-//! service → reply of a translated connection → untouched. At most three O(1) map lookups
-//! before a verdict, whatever the number of services.
+//! The per-packet pipeline shared by all hooks, in two stages.
+//!
+//! The *fast path* ([`fast`]) runs in every entry program on every packet. A packet that the
+//! hint bitmaps rule out as service traffic (most pod and node traffic) is passed after the
+//! parse and two inlined array lookups. A packet of a tracked connection, or a reply of one, is
+//! translated and delivered with one or two hash lookups. Everything else (new connections,
+//! connections whose backend went away, ICMP errors, stale reverse-NAT entries) continues in a
+//! tail-called *slow-path* program ([`slow`], [`icmp_error`]): the fast programs stay small and
+//! quick, and every program stays within what the verifiers of older kernels can follow.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use kproxy_common::{
     Ct4Value, NodeConfig, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, backend_flags,
-    cfg_flags, ct_flags, ct_state, proto, scope, svc_flags,
+    calls, ct_flags, ct_state, hints, proto, scope, svc_flags,
 };
+
+use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
 
 use crate::{
     ct, icmp, lb, maps,
-    nat::{self, Nat, Route, To, Verdict},
+    nat::{self, Fib, Nat, To, Verdict},
     parse::{self, Frag, Ip4, tcp_flags},
     pkt::Packet,
 };
@@ -36,37 +44,198 @@ impl Hook {
     fn scope(self) -> u8 {
         if self.external() { scope::EXTERNAL } else { scope::INTERNAL }
     }
+    /// Index of this hook's slow-path program in its tail-call table. `ToPod` has none (it
+    /// never balances): an index past the table, whose tail call fails and is counted.
+    #[inline(always)]
+    fn new_call(self) -> u32 {
+        match self {
+            Hook::FromPod => calls::POD_NEW,
+            Hook::TcExt => calls::EXT_NEW,
+            Hook::XdpExt => calls::XDP_NEW,
+            Hook::ToPod => calls::TC_MAX,
+        }
+    }
+    /// Index of this hook's ICMP-error program in its tail-call table.
+    #[inline(always)]
+    fn icmp_call(self) -> u32 {
+        match self {
+            Hook::FromPod => calls::POD_ICMP,
+            Hook::ToPod => calls::TOPOD_ICMP,
+            Hook::TcExt => calls::EXT_ICMP,
+            Hook::XdpExt => calls::XDP_ICMP,
+        }
+    }
 }
 
-type Out = Result<(Verdict, Reason), Reason>;
+/// What the fast path decided: a verdict and its reason, or a tail call (`tail != NO_TAIL`).
+/// A plain struct rather than an enum with payloads, as [`Verdict`].
+#[derive(Clone, Copy)]
+pub struct Step {
+    /// The verdict (when `tail == NO_TAIL`).
+    pub verdict: Verdict,
+    /// Its reason.
+    pub reason: Reason,
+    /// Index in the hook's tail-call table, or [`NO_TAIL`].
+    pub tail: u32,
+}
 
-/// Runs the pipeline; the caller counts the reason and turns the verdict into a return code.
+/// [`Step::tail`] of a finished packet.
+pub const NO_TAIL: u32 = u32::MAX;
+
+impl Step {
+    #[inline(always)]
+    fn done(verdict: Verdict, reason: Reason) -> Step {
+        Step { verdict, reason, tail: NO_TAIL }
+    }
+    #[inline(always)]
+    fn tail(index: u32) -> Step {
+        Step { verdict: Verdict::PASS, reason: Reason::DropTailCall, tail: index }
+    }
+}
+
+/// A TCP segment opening a connection (SYN without ACK).
 #[inline(always)]
-pub fn handle<P: Packet>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
+fn syn_only(p: &Ip4) -> bool {
+    p.proto == proto::TCP && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+}
+
+#[inline(always)]
+fn ktime() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The fast path of every entry program; see the module documentation.
+#[inline(always)]
+pub fn fast<P: Packet>(c: &mut P, hook: Hook) -> Step {
+    match fast_path(c, hook) {
+        Ok(s) => s,
+        Err(r) => Step::done(Verdict::DROP, r),
+    }
+}
+
+#[inline(always)]
+fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
+    let Some(cfg) = maps::ready_config() else {
+        return Ok(Step::done(Verdict::PASS, Reason::PassNotReady));
+    };
+    let Some(mut p) = parse::ipv4(c)? else {
+        return Ok(Step::done(Verdict::PASS, Reason::PassNotIpv4));
+    };
+    if p.proto == proto::ICMP {
+        if icmp::is_error(c, &p) {
+            return Ok(Step::tail(hook.icmp_call()));
+        }
+        return Ok(Step::done(Verdict::PASS, Reason::PassUnsupportedProto));
+    }
+    if p.proto != proto::TCP && p.proto != proto::UDP {
+        return Ok(Step::done(Verdict::PASS, Reason::PassUnsupportedProto));
+    }
+    if p.frag == Frag::Later {
+        match ct::fragment_ports(&p) {
+            Some((sport, dport)) => {
+                p.sport = sport;
+                p.dport = dport;
+            }
+            // First fragment not seen (or not service traffic): nothing to match on.
+            None => return Ok(Step::done(Verdict::PASS, Reason::PassNoService)),
+        }
+    }
+    let orig = hook != Hook::ToPod && maps::hinted(hints::FRONTEND, p.daddr, p.proto, p.dport);
+    let reply = maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport);
+    if orig || reply {
+        if p.frag == Frag::First {
+            // Remember the ports so that the later fragments follow the same translation.
+            ct::record_fragment(&p);
+        }
+        let now = ktime();
+        let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+        if orig && let Some(ctp) = ct::lookup(&t, now) {
+            // SAFETY: valid map value pointer, copied out.
+            let e: Ct4Value = unsafe { *ctp };
+            if syn_only(&p) && e.state >= ct_state::CLOSING {
+                // A new connection reusing a closed tuple.
+                return Ok(Step::tail(hook.new_call()));
+            }
+            let Some(be) = lb::backend(e.backend_id)
+                .filter(|be| be.addr == e.backend_addr && be.port == e.backend_port)
+            else {
+                // The backend went away: re-balanced or reset by the slow path.
+                return Ok(Step::tail(hook.new_call()));
+            };
+            ct::touch(ctp, p.proto, p.tcp_flags, false, now);
+            return forward_established(c, &p, &e, &be, hook).map(|(v, r)| Step::done(v, r));
+        }
+        // Replies before new connections: a reply tuple is exact, so it must win over a
+        // frontend that happens to share address and port (a hairpin reply to a ClusterIP's
+        // SNAT port).
+        if reply && let Some(rn) = ct::revnat(&t) {
+            return reply_translated(c, &p, &t, &rn, &cfg, hook, now)
+                .map(|(v, r)| Step::done(v, r));
+        }
+        if orig {
+            // Not tracked: a new connection if the frontend exists (the slow path looks).
+            return Ok(Step::tail(hook.new_call()));
+        }
+    }
+    if hook == Hook::FromPod
+        && syn_only(&p)
+        && maps::hinted(hints::BACKEND, p.daddr, p.proto, p.dport)
+    {
+        // Maybe a direct connection from a port a closed translated one used (slow path).
+        return Ok(Step::tail(hook.new_call()));
+    }
+    Ok(Step::done(Verdict::PASS, Reason::PassNoService))
+}
+
+/// The slow path of a `*_new` program: new connections, connections whose backend went away,
+/// stale reverse-NAT entries (and, as a safety net, everything the fast path does).
+#[inline(always)]
+pub fn slow<P: Packet>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
     match run(c, hook) {
         Ok(v) => v,
         Err(r) => (Verdict::DROP, r),
     }
 }
 
+/// The program of ICMP errors: translated like the connection they are about.
 #[inline(always)]
-fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
-    let cfg = match maps::config() {
-        Some(cfg) if cfg.flags & cfg_flags::READY != 0 => cfg,
-        _ => return Ok((Verdict::PASS, Reason::PassNotReady)),
+pub fn icmp_error<P: Packet>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
+    match run_icmp(c, hook) {
+        Ok(v) => v,
+        Err(r) => (Verdict::DROP, r),
+    }
+}
+
+#[inline(always)]
+fn run_icmp<P: Packet>(c: &mut P, hook: Hook) -> Out {
+    let Some(cfg) = maps::ready_config() else {
+        return Ok((Verdict::PASS, Reason::PassNotReady));
     };
-    let Some(mut p) = parse::ipv4(c)? else {
+    let Some(p) = parse::ipv4(c)? else {
         return Ok((Verdict::PASS, Reason::PassNotIpv4));
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if p.proto == proto::ICMP
-        && let Some(i) = icmp::parse(c, &p)
-        && let Some(plan) = icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, now)
+    if let Some(i) = icmp::parse(c, &p)
+        && let Some(plan) =
+            icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, ktime())
     {
         let inner = Some((&i, &plan.inner));
         return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
     }
+    Ok((Verdict::PASS, Reason::PassUnsupportedProto))
+}
+
+type Out = Result<(Verdict, Reason), Reason>;
+
+#[inline(always)]
+fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
+    let Some(cfg) = maps::ready_config() else {
+        return Ok((Verdict::PASS, Reason::PassNotReady));
+    };
+    let Some(mut p) = parse::ipv4(c)? else {
+        return Ok((Verdict::PASS, Reason::PassNotIpv4));
+    };
+    let now = ktime();
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
     }
@@ -92,7 +261,7 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     // Replies before new connections: a reply tuple is exact, so it must win over a frontend
     // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
     if let Some(rn) = ct::revnat(&t) {
-        return reply(c, &p, &t, &rn, &cfg, hook, now);
+        return reply_translated(c, &p, &t, &rn, &cfg, hook, now);
     }
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
@@ -107,11 +276,7 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         };
         return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, reason);
     }
-    if hook == Hook::FromPod
-        && p.proto == proto::TCP
-        && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-        && ct::clear_stale_revnat(&p, now)
-    {
+    if hook == Hook::FromPod && syn_only(&p) && ct::clear_stale_revnat(&p, now) {
         return Ok((Verdict::PASS, Reason::PassStaleNatCleared));
     }
     Ok((Verdict::PASS, Reason::PassNoService))
@@ -131,8 +296,7 @@ fn established<P: Packet>(
     let Some(ctp) = ct::lookup(t, now) else { return Ok(None) };
     // SAFETY: valid map value pointer, copied out.
     let e: Ct4Value = unsafe { *ctp };
-    let syn_only =
-        p.proto == proto::TCP && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let syn_only = syn_only(p);
     if syn_only && e.state >= ct_state::CLOSING {
         return Ok(None);
     }
@@ -153,6 +317,18 @@ fn established<P: Packet>(
         }
     };
     ct::touch(ctp, p.proto, p.tcp_flags, false, now);
+    forward_established(c, p, &e, &be, hook).map(Some)
+}
+
+/// Translates and delivers a packet of the tracked connection `e` to its backend `be`.
+#[inline(always)]
+fn forward_established<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    e: &Ct4Value,
+    be: &kproxy_common::Backend4,
+    hook: Hook,
+) -> Out {
     let n = Nat {
         saddr: if e.flags & ct_flags::SNAT != 0 { e.snat_addr } else { p.saddr },
         sport: if e.flags & ct_flags::SNAT != 0 { e.snat_port } else { p.sport },
@@ -166,7 +342,7 @@ fn established<P: Packet>(
     } else {
         To::Stack
     };
-    deliver(c, p, &n, to, Reason::TranslatedEstablished).map(Some)
+    deliver(c, p, &n, to, Reason::TranslatedEstablished)
 }
 
 /// First packet of a connection to a service frontend.
@@ -256,7 +432,7 @@ fn new_conn<P: Packet>(
 /// A reply of a translated connection: restore the frontend as source and the client as
 /// destination.
 #[inline(always)]
-fn reply<P: Packet>(
+fn reply_translated<P: Packet>(
     c: &mut P,
     p: &Ip4,
     t: &Tuple4,
@@ -310,23 +486,25 @@ fn deliver_with<P: Packet>(
     to: To,
     reason: Reason,
 ) -> Out {
-    let route = if to == To::Fib {
-        let r = nat::route(c, p, n.saddr, n.daddr);
-        if P::XDP && !matches!(r, Ok(Route { resolved: true, .. })) {
-            // No neighbour, too big, no route...: TC does it completely (or counts the drop).
-            return Ok((Verdict::PASS, Reason::XdpPassToTc));
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut f: FibParams = unsafe { core::mem::zeroed() };
+    let mut fib = Fib::None;
+    if to == To::Fib {
+        match nat::route(c, p, n.saddr, n.daddr, &mut f) {
+            Fib::Resolved => fib = Fib::Resolved,
+            // XDP cannot resolve neighbours: TC does it completely (or counts the drop).
+            _ if P::XDP => return Ok((Verdict::PASS, Reason::XdpPassToTc)),
+            Fib::NoNeigh => fib = Fib::NoNeigh,
+            _ => return Err(Reason::DropFib),
         }
-        Some(r?)
-    } else {
-        None
-    };
+    }
     nat::apply(c, p, n)?;
     if let Some((i, inn)) = inner {
         icmp::apply_inner(c, i, inn)?;
     }
-    match route {
-        Some(r) => Ok((nat::forward(c, p, &r)?, reason)),
-        None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
-        None => Ok((Verdict::PASS, reason)),
+    match fib {
+        Fib::None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
+        Fib::None => Ok((Verdict::PASS, reason)),
+        _ => Ok((nat::forward(c, p, &f, fib)?, reason)),
     }
 }

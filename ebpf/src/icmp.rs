@@ -38,6 +38,20 @@ pub struct Inner {
     pub proto: u8,
 }
 
+/// Whether `p` is an ICMP error (destination unreachable, time exceeded, parameter problem),
+/// the kind kproxy translates when it quotes a translated packet.
+#[inline(always)]
+pub fn is_error<P: Packet>(c: &P, p: &Ip4) -> bool {
+    if p.proto != proto::ICMP || p.frag != Frag::None {
+        return false;
+    }
+    // Type and code: a one-byte bounds check would compile to a `>=` the verifier cannot use.
+    let Ok(h) = ptr_at::<P, [u8; 2]>(c, p.l4) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let typ = unsafe { (*h)[0] };
+    typ == DEST_UNREACH || typ == TIME_EXCEEDED || typ == PARAMETER_PROBLEM
+}
+
 /// The quoted packet of an ICMP error, if `p` is one kproxy can translate.
 #[inline(always)]
 pub fn parse<P: Packet>(c: &P, p: &Ip4) -> Option<Inner> {

@@ -1,5 +1,7 @@
 //! kproxy's XDP and TC entry points. Entry points are thin: each runs the shared pipeline
-//! ([`flow`]), counts the reason of its verdict and turns the verdict into a return code.
+//! ([`flow`]), counts the reason of its verdict and turns the verdict into a return code. The
+//! entry programs run the fast path and tail-call the slow-path programs (`*_new`, `*_icmp`)
+//! for the rest.
 #![no_std]
 #![no_main]
 
@@ -20,19 +22,45 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use flow::Hook;
+use flow::{Hook, NO_TAIL};
 use kproxy_common::Reason;
-use nat::Action;
+use nat::{Action, Verdict};
 use pkt::Packet as _;
 
-/// NodePort / LoadBalancer / externalIP entry on the node's external devices.
+/// NodePort / LoadBalancer / externalIP entry on the node's external devices (fast path).
 #[xdp]
 pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
     let mut c = pkt::Xdp(&ctx);
-    let (v, reason) = flow::handle(&mut c, Hook::XdpExt);
+    let s = flow::fast(&mut c, Hook::XdpExt);
+    if s.tail != NO_TAIL {
+        // SAFETY: tail call on our own context; returns only if it failed.
+        unsafe { maps::kp_calls_xdp.tail_call(&ctx, s.tail) };
+        maps::count(Reason::DropTailCall);
+        return xdp_action::XDP_DROP;
+    }
+    xdp_verdict(&ctx, s.verdict, s.reason)
+}
+
+/// XDP slow path: new connections and the rest the fast path leaves (see `flow`).
+#[xdp]
+pub fn kp_xdp_new(ctx: XdpContext) -> u32 {
+    let (v, reason) = flow::slow(&mut pkt::Xdp(&ctx), Hook::XdpExt);
+    xdp_verdict(&ctx, v, reason)
+}
+
+/// XDP: ICMP errors about translated connections.
+#[xdp]
+pub fn kp_xdp_icmp(ctx: XdpContext) -> u32 {
+    let (v, reason) = flow::icmp_error(&mut pkt::Xdp(&ctx), Hook::XdpExt);
+    xdp_verdict(&ctx, v, reason)
+}
+
+/// Counts `reason` and turns `v` into an XDP action.
+#[inline(always)]
+fn xdp_verdict(ctx: &XdpContext, v: Verdict, reason: Reason) -> u32 {
     maps::count(reason);
     if v.action == Action::Pass && reason != Reason::XdpPassToTc {
-        mark_handled(&ctx);
+        mark_handled(ctx);
     }
     match v.action {
         Action::Pass | Action::RedirectNeigh => xdp_action::XDP_PASS,
@@ -50,7 +78,7 @@ pub fn kp_tc_ext(ctx: TcContext) -> i32 {
         maps::count(Reason::PassHandledByXdp);
         return TC_ACT_OK;
     }
-    tc(&ctx, Hook::TcExt)
+    tc_fast(&ctx, Hook::TcExt)
 }
 
 /// XDP metadata word telling `kp_tc_ext` that XDP already decided ("KPX1").
@@ -92,13 +120,53 @@ fn handled_by_xdp(ctx: &TcContext) -> bool {
 /// Host side of pod interfaces, TC ingress: traffic leaving a pod.
 #[classifier]
 pub fn kp_tc_from_pod(ctx: TcContext) -> i32 {
-    tc(&ctx, Hook::FromPod)
+    tc_fast(&ctx, Hook::FromPod)
 }
 
 /// Host side of pod interfaces, TC egress: replies entering a pod not translated earlier.
 #[classifier]
 pub fn kp_tc_to_pod(ctx: TcContext) -> i32 {
-    tc(&ctx, Hook::ToPod)
+    tc_fast(&ctx, Hook::ToPod)
+}
+
+/// TC slow path of pod traffic.
+#[classifier]
+pub fn kp_pod_new(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow::slow(&mut c, Hook::FromPod);
+    tc_verdict(&c, v, reason)
+}
+
+/// TC: ICMP errors leaving a pod.
+#[classifier]
+pub fn kp_pod_icmp(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow::icmp_error(&mut c, Hook::FromPod);
+    tc_verdict(&c, v, reason)
+}
+
+/// TC: ICMP errors entering a pod.
+#[classifier]
+pub fn kp_topod_icmp(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow::icmp_error(&mut c, Hook::ToPod);
+    tc_verdict(&c, v, reason)
+}
+
+/// TC slow path of external devices.
+#[classifier]
+pub fn kp_ext_new(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow::slow(&mut c, Hook::TcExt);
+    tc_verdict(&c, v, reason)
+}
+
+/// TC: ICMP errors on external devices.
+#[classifier]
+pub fn kp_ext_icmp(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow::icmp_error(&mut c, Hook::TcExt);
+    tc_verdict(&c, v, reason)
 }
 
 /// Socket LB, cgroup connect4: TCP and connected UDP sockets to a frontend connect to a backend.
@@ -125,18 +193,23 @@ pub fn kp_sock_peer4(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx, false)
 }
 
-/// Headers the pipeline reads: Ethernet, IPv4 with options, the fixed TCP header.
-const HEADERS: u32 = 14 + 60 + 20;
-
+/// The fast path of a TC entry program, with the tail call to its slow path.
 #[inline(always)]
-fn tc(ctx: &TcContext, hook: Hook) -> i32 {
-    let need = if ctx.len() < HEADERS { ctx.len() } else { HEADERS };
-    if ((ctx.data_end() - ctx.data()) as u32) < need {
-        // Non-linear skb: make the headers directly readable (failure shows as truncation).
-        let _ = ctx.pull_data(need);
-    }
+fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
     let mut c = pkt::Tc(ctx);
-    let (v, reason) = flow::handle(&mut c, hook);
+    let s = flow::fast(&mut c, hook);
+    if s.tail != NO_TAIL {
+        // SAFETY: tail call on our own context; returns only if it failed.
+        unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
+        maps::count(Reason::DropTailCall);
+        return TC_ACT_SHOT;
+    }
+    tc_verdict(&c, s.verdict, s.reason)
+}
+
+/// Counts `reason` and turns `v` into a TC action.
+#[inline(always)]
+fn tc_verdict(c: &pkt::Tc, v: Verdict, reason: Reason) -> i32 {
     maps::count(reason);
     match v.action {
         Action::Pass => TC_ACT_OK,

@@ -2,13 +2,13 @@
 //! defaults the agent overrides at load time.
 #![allow(non_upper_case_globals)] // map statics are named as the kernel objects they become
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use kproxy_common::{
     Affinity4Key, Affinity4Value, Backend4, Ct4Value, Frag4Key, Frag4Value, NodeConfig, REASON_MAX,
-    Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key, SockRev4Value, Tuple4,
-    ct_counter, defaults,
+    Reason, RevNat4Value, Service4Key, Service4Value, SockRev4Key, SockRev4Value, Tuple4, calls,
+    cfg_flags, ct_counter, defaults, hints,
 };
 
 /// Frontend (+ backend slot) → service entry / backend id.
@@ -54,6 +54,25 @@ pub static kp_ctstat: PerCpuArray<u64, { ct_counter::MAX as usize }> = PerCpuArr
 pub static kp_sock4: LruHashMap<SockRev4Key, SockRev4Value, { defaults::SOCK4_MAX as usize }> =
     LruHashMap::new();
 
+/// `BPF_F_MMAPABLE`: the agent sets hint bits through a shared mapping of the array.
+const MMAPABLE: usize = 1 << 10;
+
+/// Frontend and backend address bitmaps (see `kproxy_common::hints`).
+#[btf_map]
+pub static kp_addrbits: Array<u64, { hints::ADDR_MAX as usize }, MMAPABLE> = Array::new();
+
+/// Frontend and backend port bitmaps by protocol (see `kproxy_common::hints`).
+#[btf_map]
+pub static kp_portbits: Array<u64, { hints::PORT_MAX as usize }, MMAPABLE> = Array::new();
+
+/// TC slow-path programs, indexed by `kproxy_common::calls`.
+#[btf_map]
+pub static kp_calls_tc: ProgramArray<{ calls::TC_MAX as usize }> = ProgramArray::new();
+
+/// XDP slow-path programs, indexed by `kproxy_common::calls`.
+#[btf_map]
+pub static kp_calls_xdp: ProgramArray<{ calls::XDP_MAX as usize }> = ProgramArray::new();
+
 /// Node configuration (one entry), written by the agent.
 #[btf_map]
 pub static kp_config: Array<NodeConfig, 1> = Array::new();
@@ -76,8 +95,26 @@ pub fn count_ct(event: u32) {
     }
 }
 
+/// Whether `addr:port` (be) of `proto` may be a frontend (`kind == hints::FRONTEND`) or a
+/// backend (`hints::BACKEND`): both its address and its port bits are set.
+#[inline(always)]
+pub fn hinted(kind: u32, addr: u32, proto_: u8, port: u16) -> bool {
+    let Some((pi, pm)) = hints::port_slot(kind, proto_, port) else { return false };
+    if !kp_portbits.get(pi).is_some_and(|w| *w & pm != 0) {
+        return false;
+    }
+    let (ai, am) = hints::addr_slot(kind, addr);
+    kp_addrbits.get(ai).is_some_and(|w| *w & am != 0)
+}
+
 /// The node configuration (all zero, i.e. not READY, until the agent writes it).
 #[inline(always)]
 pub fn config() -> Option<NodeConfig> {
     kp_config.get(0).copied()
+}
+
+/// The node configuration once the agent has written it (`cfg_flags::READY`).
+#[inline(always)]
+pub fn ready_config() -> Option<NodeConfig> {
+    config().filter(|c| c.flags & cfg_flags::READY != 0)
 }

@@ -104,28 +104,28 @@ pub fn apply<P: Packet>(c: &mut P, p: &Ip4, n: &Nat) -> Result<(), Reason> {
     Ok(())
 }
 
-/// Result of a route lookup for a translated packet (a struct for the same reason as
-/// [`Verdict`]).
-#[derive(Clone, Copy)]
-pub struct Route {
-    /// The neighbour is known (`smac`/`dmac` valid).
-    pub resolved: bool,
-    /// Egress device.
-    pub ifindex: u32,
-    /// Source MAC of the egress device.
-    pub smac: [u8; 6],
-    /// Next hop MAC.
-    pub dmac: [u8; 6],
+/// Result of a route lookup for a translated packet (a C-like enum: one byte, always
+/// initialised).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fib {
+    /// No lookup was made (the packet goes to the stack or back where it came from).
+    None,
+    /// Route and neighbour known: the lookup parameters hold the egress device and both MACs.
+    Resolved,
+    /// Route known, neighbour not (TC lets the kernel resolve it).
+    NoNeigh,
+    /// No route, or the packet cannot be forwarded (TTL, MTU, ...).
+    Failed,
 }
 
-/// Looks up the route of a packet that will carry `saddr → daddr`.
+/// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
+/// MACs) is left in `f`, which the caller zeroed.
 #[inline(always)]
-pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Route, Reason> {
+pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32, f: &mut FibParams) -> Fib {
     if p.ttl <= 1 {
-        return Err(Reason::DropFib);
+        return Fib::Failed;
     }
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut f: FibParams = unsafe { core::mem::zeroed() };
     f.family = AF_INET;
     f.l4_protocol = p.proto;
     f.sport = p.sport;
@@ -136,33 +136,31 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32) -> Result<Ro
     f.ifindex = c.ifindex();
     f.__bindgen_anon_3.ipv4_src = saddr;
     f.__bindgen_anon_4.ipv4_dst = daddr;
-    let r = c.fib_lookup(&mut f);
-    if r == BPF_FIB_LKUP_RET_SUCCESS as i64 || r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        Ok(Route {
-            resolved: r == BPF_FIB_LKUP_RET_SUCCESS as i64,
-            ifindex: f.ifindex,
-            smac: f.smac,
-            dmac: f.dmac,
-        })
+    let r = c.fib_lookup(f);
+    if r == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        Fib::Resolved
+    } else if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        Fib::NoNeigh
     } else {
-        Err(Reason::DropFib)
+        Fib::Failed
     }
 }
 
-/// Forwards an already translated packet along `r`: TTL decrement, Ethernet addresses, verdict.
+/// Forwards an already translated packet along the route `f` ([`Fib::Resolved`] or
+/// [`Fib::NoNeigh`]): TTL decrement, Ethernet addresses, verdict.
 #[inline(always)]
-pub fn forward<P: Packet>(c: &mut P, p: &Ip4, r: &Route) -> Result<Verdict, Reason> {
+pub fn forward<P: Packet>(c: &mut P, p: &Ip4, f: &FibParams, fib: Fib) -> Result<Verdict, Reason> {
     let old = u16::from_ne_bytes([p.ttl, p.proto]);
     let new = u16::from_ne_bytes([p.ttl - 1, p.proto]);
     c.set_word::<20, _>(L3, IP_TTL - L3, IP_CSUM - L3, old, new)?;
-    if !r.resolved {
-        return Ok(Verdict::redirect_neigh(r.ifindex));
+    if fib != Fib::Resolved {
+        return Ok(Verdict::redirect_neigh(f.ifindex));
     }
-    c.set_macs(&r.dmac, &r.smac)?;
-    if P::XDP && r.ifindex == c.ifindex() {
+    c.set_macs(&f.dmac, &f.smac)?;
+    if P::XDP && f.ifindex == c.ifindex() {
         Ok(Verdict::TX)
     } else {
-        Ok(Verdict::redirect(r.ifindex))
+        Ok(Verdict::redirect(f.ifindex))
     }
 }
 

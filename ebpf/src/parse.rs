@@ -103,7 +103,9 @@ struct UdpHdr {
 
 /// Parses Ethernet + IPv4 (+ TCP/UDP ports). `Ok(None)`: not IPv4 (passed untouched).
 #[inline(always)]
-pub fn ipv4<P: Packet>(c: &P) -> Result<Option<Ip4>, Reason> {
+pub fn ipv4<P: Packet>(c: &mut P) -> Result<Option<Ip4>, Reason> {
+    // Ethernet, IPv4 without options and the fixed TCP header: what nearly every packet needs.
+    c.pull(L3 + 20 + 20);
     let ethertype: *const u16 = ptr_at(c, 12)?;
     // SAFETY: bounds checked by ptr_at.
     if u16::from_be(unsafe { *ethertype }) != ETH_P_IP {
@@ -151,6 +153,10 @@ pub fn ipv4<P: Packet>(c: &P) -> Result<Option<Ip4>, Reason> {
         return Ok(Some(p));
     }
     let l4_len = tot_len as usize - hlen;
+    if hlen > 20 {
+        // IP options push the L4 header out of what was made readable above.
+        c.pull(p.l4 + 20);
+    }
     match p.proto {
         proto::TCP => {
             let t: *const TcpHdr = ptr_at(c, p.l4)?;

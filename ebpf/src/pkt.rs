@@ -89,6 +89,10 @@ pub trait Packet {
     fn emit<const N: usize>(&mut self, buf: &[u8; N]) -> Result<(), Reason>;
     /// `bpf_fib_lookup` on this context.
     fn fib_lookup(&mut self, params: &mut FibParams) -> i64;
+    /// Makes the first `n` bytes directly readable if the frame has them (TC: an skb's linear
+    /// part may be shorter than its headers; XDP frames are linear). Packet pointers taken
+    /// before are invalid afterwards.
+    fn pull(&mut self, n: usize);
 }
 
 /// The one bounds-checked packet accessor: a pointer to a `T` at `off`, or `DropMalformed`.
@@ -227,6 +231,8 @@ impl Packet for Xdp<'_> {
         // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
         unsafe { bpf_fib_lookup(self.0.ctx as *mut _, params, size_of::<FibParams>() as i32, 0) }
     }
+    #[inline(always)]
+    fn pull(&mut self, _n: usize) {}
 }
 
 /// TC: skb helpers (`bpf_l3/l4_csum_replace` understand CHECKSUM_PARTIAL).
@@ -342,6 +348,13 @@ impl Packet for Tc<'_> {
         // SAFETY: params is a valid, fully initialised bpf_fib_lookup.
         unsafe {
             bpf_fib_lookup(self.0.skb.skb as *mut _, params, size_of::<FibParams>() as i32, 0)
+        }
+    }
+    #[inline(always)]
+    fn pull(&mut self, n: usize) {
+        if self.data() + n > self.data_end() && self.len() >= n {
+            // A failure shows as truncation to the accessor that needed the bytes.
+            let _ = self.0.pull_data(n as u32);
         }
     }
 }

@@ -16,7 +16,7 @@ use kproxy_common::{
     SockRev4Value, Tuple4, names,
 };
 
-use super::{Dataplane, DataplaneError};
+use super::{Dataplane, DataplaneError, hints::Hints};
 
 /// What the ABI says one pinned map must look like.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,14 +29,25 @@ pub struct MapSpec {
     pub key_size: u32,
     /// Value size in bytes (per CPU for per-CPU maps).
     pub value_size: u32,
+    /// Creation flags that must be set (`BPF_F_MMAPABLE` for the hint maps).
+    pub flags: u32,
 }
 
 const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
-    MapSpec { name, map_type, key_size: size_of::<K>() as u32, value_size: size_of::<V>() as u32 }
+    MapSpec {
+        name,
+        map_type,
+        key_size: size_of::<K>() as u32,
+        value_size: size_of::<V>() as u32,
+        flags: 0,
+    }
 }
 
+/// `BPF_F_MMAPABLE`.
+const MMAPABLE: u32 = 1 << 10;
+
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
-pub const MAP_SPECS: [MapSpec; 10] = [
+pub const MAP_SPECS: [MapSpec; 12] = [
     spec::<Service4Key, Service4Value>(names::SERVICES4, MapType::Hash),
     spec::<u32, Backend4>(names::BACKENDS4, MapType::Hash),
     spec::<Tuple4, Ct4Value>(names::CT4, MapType::LruHash),
@@ -47,6 +58,8 @@ pub const MAP_SPECS: [MapSpec; 10] = [
     spec::<Frag4Key, Frag4Value>(names::FRAG4, MapType::LruHash),
     spec::<u32, u64>(names::CT_COUNTERS, MapType::PerCpuArray),
     spec::<SockRev4Key, SockRev4Value>(names::SOCK4, MapType::LruHash),
+    MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::ADDR_BITS, MapType::Array) },
+    MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::PORT_BITS, MapType::Array) },
 ];
 
 /// The versioned directory holding the map pins: `<pin_path>/v1`.
@@ -63,6 +76,7 @@ pub(crate) fn check_pinned(path: &Path, spec: &MapSpec) -> anyhow::Result<(MapDa
     if map_type != spec.map_type
         || info.key_size() != spec.key_size
         || info.value_size() != spec.value_size
+        || info.map_flags() & spec.flags != spec.flags
     {
         bail!(
             "pinned map {} does not match ABI v{ABI_VERSION}: found {:?} key {} value {} bytes, \
@@ -94,6 +108,7 @@ pub struct BpfDataplane {
     affinity: HashMap<MapData, Affinity4Key, Affinity4Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
+    hints: Option<Hints>,
 }
 
 fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<(Map, u32)> {
@@ -107,9 +122,19 @@ impl BpfDataplane {
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
         let dir = maps_dir(pin_path);
-        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock] = &MAP_SPECS;
+        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits] =
+            &MAP_SPECS;
         check_pinned(&dir.join(frag.name), frag)?;
         check_pinned(&dir.join(sock.name), sock)?;
+        // Pins of an agent from before the hint maps have none: the writes then skip the hints
+        // (its programs do not read them).
+        let hints = if dir.join(addrbits.name).exists() {
+            check_pinned(&dir.join(addrbits.name), addrbits)?;
+            check_pinned(&dir.join(portbits.name), portbits)?;
+            Some(Hints::open(&dir)?)
+        } else {
+            None
+        };
         let (services, services_cap) = open_map(&dir, svc)?;
         let (backends, backends_cap) = open_map(&dir, be)?;
         let (ct, ct_cap) = open_map(&dir, ct)?;
@@ -125,7 +150,13 @@ impl BpfDataplane {
             affinity: open_map(&dir, aff)?.0.try_into()?,
             counters: open_map(&dir, stats)?.0.try_into()?,
             config: open_map(&dir, cfg)?.0.try_into()?,
+            hints,
         })
+    }
+
+    /// The hint bitmaps (absent on pins of an agent from before them).
+    pub fn hints(&self) -> Option<&Hints> {
+        self.hints.as_ref()
     }
 
     /// Every connection-tracking entry.
@@ -244,6 +275,9 @@ impl Dataplane for BpfDataplane {
     }
 
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), DataplaneError> {
+        if let Some(h) = &self.hints {
+            h.backend(backend);
+        }
         self.backends
             .insert(id, backend, 0)
             .map_err(|e| update_err(names::BACKENDS4, self.backends_cap, &id, e))
@@ -258,6 +292,9 @@ impl Dataplane for BpfDataplane {
         key: &Service4Key,
         value: &Service4Value,
     ) -> Result<(), DataplaneError> {
+        if let Some(h) = &self.hints {
+            h.frontend(key);
+        }
         self.services
             .insert(key, value, 0)
             .map_err(|e| update_err(names::SERVICES4, self.services_cap, key, e))

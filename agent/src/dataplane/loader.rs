@@ -23,8 +23,9 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{
-        CgroupSockAddr, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupSockAddr, Program, ProgramFd, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{CgroupAttachMode, FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
@@ -96,6 +97,8 @@ pub struct Datapath {
     pin_path: PathBuf,
     ebpf: Ebpf,
     xdp_mode: Option<XdpMode>,
+    /// This load's tail-call table pins.
+    calls_pins: Vec<PathBuf>,
 }
 
 fn links_dir(pin_path: &Path) -> PathBuf {
@@ -179,19 +182,27 @@ impl Datapath {
             }
             loader.map_pin_path(name, pin.as_path());
         }
+        let fresh_hints = !dir.join(names::ADDR_BITS).exists();
         let mut ebpf = loader.load(crate::EBPF_OBJECT).context("loading the eBPF object")?;
-        for name in [names::PROG_TC_EXT, names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
+        let tc_progs = [names::PROG_TC_EXT, names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD];
+        for name in tc_progs.into_iter().chain(names::TC_CALLS.map(|(n, _)| n)) {
             let p: &mut SchedClassifier = prog(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        let p: &mut Xdp = prog(&mut ebpf, names::PROG_XDP_EXT)?.try_into()?;
-        p.load().with_context(|| format!("loading program {} (verifier)", names::PROG_XDP_EXT))?;
+        for name in [names::PROG_XDP_EXT].into_iter().chain(names::XDP_CALLS.map(|(n, _)| n)) {
+            let p: &mut Xdp = prog(&mut ebpf, name)?.try_into()?;
+            p.load().with_context(|| format!("loading program {name} (verifier)"))?;
+        }
         for (name, _) in names::SOCK_PROGS {
             let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
+        let calls_pins = fill_calls(&mut ebpf, &dir)?;
+        if fresh_hints {
+            seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
+        }
         info!(pin_path = %pin_path.display(), "datapath loaded");
-        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None })
+        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins })
     }
 
     /// Forces the XDP attach mode of new XDP attachments (`None`, the default: generic on veth,
@@ -288,6 +299,22 @@ impl Datapath {
         detach_cgroup_links(&self.pin_path)
     }
 
+    /// Removes the tail-call tables of earlier loads, once every attachment runs this load's
+    /// programs. The agent calls it after attaching its devices.
+    pub fn retire_old_calls(&self) -> anyhow::Result<()> {
+        let dir = calls_dir(&maps_dir(&self.pin_path));
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !self.calls_pins.contains(&path) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                debug!(pin = %path.display(), "old tail-call table removed");
+            }
+        }
+        Ok(())
+    }
+
     /// The maps, for the sync code.
     pub fn dataplane(&self) -> anyhow::Result<BpfDataplane> {
         BpfDataplane::open(&self.pin_path)
@@ -367,6 +394,65 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// Directory of the tail-call table pins.
+fn calls_dir(dir: &Path) -> PathBuf {
+    dir.join("calls")
+}
+
+/// Fills this load's tail-call tables with its slow-path programs and pins them, so that they
+/// outlive the agent (the kernel empties a program array when its last file descriptor and pin
+/// are gone). Each load pins its own tables under a new name: programs still attached from an
+/// earlier load keep the tables they were loaded with until [`Datapath::retire_old_calls`].
+fn fill_calls(ebpf: &mut Ebpf, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let stamp = format!(
+        "{}-{}",
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+        std::process::id()
+    );
+    let calls = calls_dir(dir);
+    std::fs::create_dir_all(&calls).with_context(|| format!("creating {}", calls.display()))?;
+    let mut pins = Vec::new();
+    for (table, targets) in
+        [(names::CALLS_TC, &names::TC_CALLS[..]), (names::CALLS_XDP, &names::XDP_CALLS[..])]
+    {
+        let fds: Vec<(u32, ProgramFd)> = targets
+            .iter()
+            .map(|(name, index)| {
+                let p = prog(ebpf, name)?;
+                Ok((*index, p.fd()?.try_clone()?))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let map = ebpf.map_mut(table).ok_or_else(|| anyhow!("map {table} missing"))?;
+        let mut array = ProgramArray::try_from(map)?;
+        for (index, fd) in &fds {
+            array.set(*index, fd, 0).with_context(|| format!("{table}[{index}]"))?;
+        }
+        let pin = calls.join(format!("{table}-{stamp}"));
+        ebpf.map_mut(table)
+            .ok_or_else(|| anyhow!("map {table} missing"))?
+            .pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        pins.push(pin);
+    }
+    Ok(pins)
+}
+
+/// Sets the hint bits of everything already in the services and backends maps (hint maps
+/// created by this load next to maps an earlier agent filled).
+fn seed_hints(dir: &Path) -> anyhow::Result<()> {
+    use super::Dataplane as _;
+    let dp = BpfDataplane::open(dir.parent().context("pin directory has no parent")?)?;
+    let Some(h) = dp.hints() else { return Ok(()) };
+    for (key, _) in dp.services()? {
+        h.frontend(&key);
+    }
+    for (_, b) in dp.backends()? {
+        h.backend(&b);
+    }
+    Ok(())
 }
 
 /// The kernel driver of a device (`ETHTOOL_GDRVINFO`), e.g. "veth".
@@ -523,6 +609,13 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     let dir = maps_dir(pin_path);
+    let calls = calls_dir(&dir);
+    if let Ok(rd) = std::fs::read_dir(&calls) {
+        for e in rd {
+            std::fs::remove_file(e?.path())?;
+        }
+        std::fs::remove_dir(&calls).with_context(|| format!("removing {}", calls.display()))?;
+    }
     for spec in &MAP_SPECS {
         match std::fs::remove_file(dir.join(spec.name)) {
             Ok(()) => {}

@@ -5,6 +5,7 @@ use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value};
 
 pub mod bpf;
 pub mod conntrack;
+pub mod hints;
 pub mod loader;
 pub mod mem;
 pub(crate) mod sys;
