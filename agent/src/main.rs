@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{CommandFactory as _, Parser as _};
+use clap::Parser as _;
 use kproxy::{
     agent,
     cli::{Cli, Command, ConntrackAction, ListAction, ListArgs, Output, show},
@@ -47,7 +47,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = match Config::from_args(*args) {
                 Ok(c) => c,
                 // Shown like clap's own errors on single flags (and the same exit status).
-                Err(e) => Cli::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit(),
+                Err(e) => {
+                    clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, format!("{e}\n"))
+                        .exit()
+                }
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
