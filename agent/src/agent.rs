@@ -53,9 +53,6 @@ impl Source {
                         error!(file = %e.path.display(), error = %e.message, repeats_not_logged = held, "manifest not loaded; keeping its last good objects");
                     }
                 }
-                if r.errors.is_empty() {
-                    obs.log_limiter.clear(&dir.dir().display().to_string());
-                }
                 obs.metrics.manifest_errors(r.errors.len() as u64);
                 for (file, kind) in &r.ignored {
                     info!(file = %file.display(), kind, "ignoring object of a kind kproxy does not use");
