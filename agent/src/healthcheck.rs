@@ -43,18 +43,27 @@ pub struct HealthCheckServers {
     health: Arc<ProxyHealth>,
     shared: Shared,
     servers: BTreeMap<u16, JoinHandle<()>>,
+    /// Ports that could not be bound (logged once until they can).
+    failed: std::collections::BTreeSet<u16>,
 }
 
 impl HealthCheckServers {
     /// Servers bound to `bind`, reporting the agent's `health`.
     pub fn new(bind: IpAddr, health: Arc<ProxyHealth>) -> Self {
-        Self { bind, health, shared: Shared::default(), servers: BTreeMap::new() }
+        Self {
+            bind,
+            health,
+            shared: Shared::default(),
+            servers: BTreeMap::new(),
+            failed: Default::default(),
+        }
     }
 
     /// Makes the servers match `wanted`. Must be called inside a tokio runtime. A port that
-    /// cannot be bound is logged and tried again on the next update.
+    /// cannot be bound is logged once and tried again on every update.
     pub async fn update(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
+        self.failed.retain(|p| wanted.contains_key(p));
         self.servers.retain(|port, handle| {
             let keep = wanted.contains_key(port) && !handle.is_finished();
             if !keep {
@@ -77,9 +86,12 @@ impl HealthCheckServers {
                     }));
                     tracing::info!(%addr, service = %wanted[&port].service, "health check server started");
                     self.servers.insert(port, handle);
+                    self.failed.remove(&port);
                 }
                 Err(e) => {
-                    tracing::warn!(%addr, service = %wanted[port].service, error = %e, "cannot bind the health check node port");
+                    if self.failed.insert(*port) {
+                        tracing::warn!(%addr, service = %wanted[port].service, error = %e, "cannot bind the health check node port; retrying at every sync");
+                    }
                 }
             }
         }
