@@ -1,29 +1,34 @@
 //! The node agent: loads the datapath, attaches it to the devices, and runs the
 //! source → model → sync loop until SIGTERM/SIGINT (the datapath stays in place on exit).
 use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use anyhow::Context as _;
-use kproxy_common::{NodeConfig, cfg_flags};
+use kproxy_common::{NodeConfig, cfg_flags, scope, svc_flags};
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::{
-    cli::AgentArgs,
+    config::{Config, SourceConfig},
     dataplane::{
-        Dataplane,
+        Dataplane, DataplaneError,
         bpf::BpfDataplane,
-        loader::{Datapath, ExternalMode, MapSizes},
+        conntrack,
+        loader::Datapath,
+        usage::{self, map_label},
     },
+    health::{ProxyHealth, Stamp},
     healthcheck::HealthCheckServers,
-    metrics::{self, Metrics, Role, serve},
-    model::{self, Changes, NodeInfo, Tracker},
-    netdev,
+    http,
+    metrics::Metrics,
+    model::{self, Change, Changes, NodeInfo, ObjectName, ServicePortName, Tracker},
+    netdev, preflight,
+    ratelimit::LogLimiter,
     source::{self, manifests::ManifestDir},
-    sync::Syncer,
+    sync::{SyncError, Syncer},
 };
 
 /// Where the objects come from.
@@ -38,18 +43,22 @@ enum Source {
 
 impl Source {
     /// Feeds what changed into `tracker`; true when a full resync is due (the watches relisted).
-    fn poll(&mut self, metrics: &Metrics, tracker: &mut Tracker) -> bool {
+    fn poll(&mut self, obs: &mut ChangeObserver, tracker: &mut Tracker) -> bool {
         match self {
             Source::Manifests(dir) => {
                 let r = dir.poll();
                 for e in &r.errors {
-                    error!(file = %e.path.display(), error = %e.message, "manifest not loaded; keeping its last good objects");
+                    let key = format!("{}: {}", e.path.display(), e.message);
+                    if let Some(held) = obs.log_limiter.allow(&key, Instant::now()) {
+                        error!(file = %e.path.display(), error = %e.message, repeats_not_logged = held, "manifest not loaded; keeping its last good objects");
+                    }
                 }
-                metrics.manifest_errors(r.errors.len() as u64);
+                obs.metrics.manifest_errors(r.errors.len() as u64);
                 for (file, kind) in &r.ignored {
                     info!(file = %file.display(), kind, "ignoring object of a kind kproxy does not use");
                 }
                 for c in r.changes {
+                    obs.observe(&c);
                     tracker.apply(c);
                 }
                 false
@@ -60,6 +69,7 @@ impl Source {
                     match rx.try_recv() {
                         Ok(source::kube::Event::Changes(changes)) => {
                             for c in changes {
+                                obs.observe(&c);
                                 tracker.apply(c);
                             }
                         }
@@ -85,41 +95,149 @@ impl Source {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    for (addr, role) in [(args.metrics_addr, Role::Metrics), (args.healthz_addr, Role::Healthz)] {
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve(addr, m, role).await {
-                error!(%addr, ?role, error = %e, "HTTP server failed");
-            }
-        });
-    }
-    let health_bind: Option<IpAddr> = match args.health_check_bind.as_str() {
-        "none" => None,
-        s => Some(s.parse().with_context(|| format!("--health-check-bind {s:?}"))?),
-    };
-    let mut health_checks = health_bind.map(HealthCheckServers::new);
+/// What the loop notes about each change a source delivers: kube-proxy's change counters and
+/// pending gauges, and this node's eligibility for `/healthz`.
+struct ChangeObserver {
+    node_name: String,
+    metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
+    /// EndpointSlices and Services changed since the last sync.
+    pending_slices: BTreeSet<ObjectName>,
+    pending_services: BTreeSet<ObjectName>,
+    /// Repeated errors of the loop, logged at most once a minute each.
+    log_limiter: LogLimiter,
+}
 
-    let sizes = MapSizes {
-        services: args.max_services,
-        backends: args.max_backends,
-        conntrack: args.max_conntrack,
-        affinity: args.max_affinity,
-    };
-    let mut datapath = Datapath::load(&args.pin_path, &sizes)
-        .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
-    let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;
-    if args.conntrack_gc_interval_secs > 0 {
-        let m = metrics.clone();
-        let every = Duration::from_secs(args.conntrack_gc_interval_secs);
-        crate::dataplane::conntrack::spawn_gc(args.pin_path.clone(), every, move |s, ev| {
-            m.set_conntrack(*s, ev)
-        })
-        .context("starting the conntrack GC")?;
+impl ChangeObserver {
+    fn new(node_name: &str, metrics: Arc<Metrics>, health: Arc<ProxyHealth>) -> Self {
+        Self {
+            node_name: node_name.to_owned(),
+            metrics,
+            health,
+            pending_slices: BTreeSet::new(),
+            pending_services: BTreeSet::new(),
+            log_limiter: LogLimiter::default(),
+        }
     }
-    let mut syncer = Syncer::adopt(&dp).context("reading the programmed state")?;
+
+    fn observe(&mut self, change: &Change) {
+        let (pending, name, is_slice) = match change {
+            Change::Slice(s) => (&mut self.pending_slices, &s.name, true),
+            Change::SliceDeleted(n) => (&mut self.pending_slices, n, true),
+            Change::Service(s) => (&mut self.pending_services, &s.name, false),
+            Change::ServiceDeleted(n) => (&mut self.pending_services, n, false),
+            Change::Node(n) => {
+                if n.name == self.node_name {
+                    self.health.set_node_eligible(n.eligible);
+                }
+                return;
+            }
+            Change::NodeDeleted(name) => {
+                if *name == self.node_name {
+                    self.health.set_node_eligible(false);
+                }
+                return;
+            }
+        };
+        pending.insert(name.clone());
+        self.metrics.count_changes(u64::from(is_slice), u64::from(!is_slice));
+        self.metrics.set_pending_changes(self.pending_slices.len(), self.pending_services.len());
+    }
+
+    /// A sync took every pending change.
+    fn synced(&mut self) {
+        self.pending_slices.clear();
+        self.pending_services.clear();
+        self.metrics.set_pending_changes(0, 0);
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT: start-up checks, the HTTP servers, the datapath and
+/// its helpers, the devices, the source, then the sync loop.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    preflight::check(&config)?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(ProxyHealth::new(Stamp::now()));
+    start_servers(&config, &metrics, &health).await?;
+    let health_checks =
+        config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
+    let (mut datapath, dp) = load_datapath(&config)?;
+    start_conntrack_gc(&config, &metrics)?;
+    let syncer = adopt_programmed_state(&dp)?;
+    start_map_sampler(&config, &metrics);
+    match &config.cgroup_path {
+        Some(cg) => datapath
+            .attach_cgroup(cg)
+            .with_context(|| format!("--cgroup-path {}: attaching the socket LB", cg.display()))?,
+        None => datapath.detach_cgroup().context("detaching the socket LB")?,
+    }
+    let spec = netdev::DeviceSpec {
+        external: config.nodeport_devices.clone(),
+        pod_globs: config.pod_devices.clone(),
+        mode: config.external_mode,
+        rescan: config.device_rescan,
+    };
+    let _devices = netdev::Devices::start(datapath, spec, metrics.clone())?;
+    let source = open_source(&config).await?;
+    sync_loop(&config, source, syncer, dp, health_checks, metrics, health).await
+}
+
+/// Binds `/metrics` and `/healthz` + `/livez` (an address in use is an error naming the flag)
+/// and serves them from tasks of their own.
+async fn start_servers(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    health: &Arc<ProxyHealth>,
+) -> anyhow::Result<()> {
+    let listener = http::bind("--metrics-addr", config.metrics_addr).await?;
+    let m = metrics.clone();
+    tokio::spawn(http::serve(listener, move |path| m.respond(path)));
+    let listener = http::bind("--healthz-addr", config.healthz_addr).await?;
+    let (m, h) = (metrics.clone(), health.clone());
+    tokio::spawn(http::serve(listener, move |path| {
+        let now = Stamp::now();
+        match path {
+            "/healthz" => {
+                let r = h.healthz(now);
+                m.healthz_answered(r.status);
+                r
+            }
+            "/livez" => {
+                let r = h.livez(now);
+                m.livez_answered(r.status);
+                r
+            }
+            _ => http::Reply::not_found(),
+        }
+    }));
+    info!(metrics = %config.metrics_addr, healthz = %config.healthz_addr, "serving /metrics, /healthz and /livez");
+    Ok(())
+}
+
+/// Loads the programs and opens (or creates) the pinned maps.
+fn load_datapath(config: &Config) -> anyhow::Result<(Datapath, BpfDataplane)> {
+    let datapath = Datapath::load(&config.pin_path, &config.map_sizes).with_context(|| {
+        format!("--pin-path {}: loading the datapath", config.pin_path.display())
+    })?;
+    let dp = datapath.dataplane().context("opening the pinned maps")?;
+    Ok((datapath, dp))
+}
+
+/// Starts the conntrack garbage collection (kube-proxy's conntrack reconciler metrics).
+fn start_conntrack_gc(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<()> {
+    let Some(every) = config.conntrack_gc_interval else { return Ok(()) };
+    let m = metrics.clone();
+    conntrack::spawn_gc(config.pin_path.clone(), every, move |r, evictions, took| {
+        m.conntrack_collected(r.deleted, evictions, took)
+    })
+    .context("starting the conntrack GC")?;
+    Ok(())
+}
+
+/// Reads what a previous agent programmed, so that the first sync only writes differences and
+/// never reuses the backend id of a tracked connection.
+fn adopt_programmed_state(dp: &BpfDataplane) -> anyhow::Result<Syncer> {
+    let mut syncer = Syncer::adopt(dp).context("reading the programmed state")?;
     match dp.conntrack() {
         Ok(ct) => syncer.avoid_backend_ids(ct.iter().map(|(_, v)| v.backend_id)),
         Err(e) => warn!(error = %e, "reading conntrack to protect backend ids"),
@@ -129,41 +247,56 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         backends = syncer.programmed_backends(),
         "adopted the programmed state"
     );
-    metrics::spawn_map_sampler(
-        args.pin_path.clone(),
-        metrics.clone(),
-        Duration::from_secs(args.map_stats_interval_secs.max(1)),
-    );
-    match &args.cgroup_path {
-        Some(cg) => datapath.attach_cgroup(cg).context("attaching the socket LB")?,
-        None => datapath.detach_cgroup().context("detaching the socket LB")?,
-    }
-    let spec = netdev::DeviceSpec {
-        external: args.nodeport_devices.clone(),
-        pod_globs: args.pod_devices.clone(),
-        mode: if args.no_xdp { ExternalMode::TcOnly } else { ExternalMode::Xdp },
-        rescan: Duration::from_secs(args.device_rescan_secs.max(1)),
-    };
-    let _devices = netdev::Devices::start(datapath, spec, metrics.clone())?;
+    Ok(syncer)
+}
 
-    let mut source = match (&args.manifests, &args.kubeconfig) {
-        (Some(dir), _) => Source::Manifests(ManifestDir::new(dir)),
-        (None, kubeconfig) => Source::Watch {
-            rx: source::kube::spawn(kubeconfig.clone(), args.node_name.clone())
+/// Samples the map fill levels into the metrics.
+fn start_map_sampler(config: &Config, metrics: &Arc<Metrics>) {
+    let m = metrics.clone();
+    let started =
+        usage::spawn_map_sampler(config.pin_path.clone(), config.map_stats_interval, move |u| {
+            m.set_map_usage(u.iter().map(|u| (u.map, u.entries, u.capacity)))
+        });
+    if let Err(e) = started {
+        warn!(error = %e, "cannot start the map sampler: no map fill metrics");
+    }
+}
+
+/// Opens the object source (connecting to the API server for the Kubernetes source).
+async fn open_source(config: &Config) -> anyhow::Result<Source> {
+    Ok(match &config.source {
+        SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
+        SourceConfig::Kube { kubeconfig } => Source::Watch {
+            rx: source::kube::spawn(kubeconfig.clone(), config.node_name.clone())
                 .await
                 .context("connecting to the Kubernetes API")?,
             ready: false,
         },
-    };
+    })
+}
 
+/// The source → model → sync loop, until SIGTERM or SIGINT (the datapath stays in place).
+async fn sync_loop(
+    config: &Config,
+    mut source: Source,
+    mut syncer: Syncer,
+    mut dp: BpfDataplane,
+    mut health_checks: Option<HealthCheckServers>,
+    metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
+) -> anyhow::Result<()> {
+    // kube-proxy marks itself updated when its sync loop starts and synthesizes a queued time.
+    health.updated(Stamp::now());
+    metrics.change_queued(SystemTime::now());
+    let mut obs = ChangeObserver::new(&config.node_name, metrics.clone(), health.clone());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(50)));
+    let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let sync_period = Duration::from_secs(args.sync_period_secs.max(1));
+    let sync_period = config.sync_period;
 
     let mut state = LoopState::default();
     let mut tracker =
-        Tracker::new(NodeInfo { name: args.node_name.clone(), addrs: Vec::new(), zone: None });
+        Tracker::new(NodeInfo { name: config.node_name.clone(), addrs: Vec::new(), zone: None });
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut last_full = Instant::now();
     loop {
@@ -172,18 +305,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: exiting, datapath stays in place"); break; }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, datapath stays in place"); break; }
         }
-        let mut full = source.poll(&metrics, &mut tracker);
-        let addrs = match netdev::node_addrs(&args.nodeport_devices) {
+        let mut full = source.poll(&mut obs, &mut tracker);
+        let addrs = match netdev::node_addrs(&config.nodeport_devices) {
             Ok(a) => a,
             Err(e) => {
-                warn!(error = %e, "cannot read the NodePort device addresses");
+                if let Some(held) = obs.log_limiter.allow("node addresses", Instant::now()) {
+                    warn!(error = %e, repeats_not_logged = held, "cannot read the NodePort device addresses");
+                }
                 node_addrs.clone().unwrap_or_default()
             }
         };
         if node_addrs.as_ref() != Some(&addrs) {
             info!(addresses = ?addrs, "node addresses");
             if addrs.is_empty() {
-                warn!(devices = ?args.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
+                warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
             }
             node_addrs = Some(addrs.clone());
             tracker.set_node_addrs(&addrs);
@@ -192,6 +327,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let changed = tracker.has_changes();
         if changed {
             metrics.change_queued(SystemTime::now());
+            health.queued(Stamp::now());
         }
         // The periodic resync waits one tick when changes are pending, so that a change is not
         // delayed by a full recomputation (it runs on the next tick, even under churn).
@@ -216,7 +352,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             async {
                 let started = Instant::now();
                 let mut changes = if full { tracker.full() } else { tracker.changes() };
-                state.sync(started, &args, &mut changes, &addrs, &mut syncer, &mut dp, &metrics);
+                state.sync(started, config, &mut changes, &addrs, &mut syncer, &mut dp, &mut obs);
                 drop(changes);
                 if let Some(hc) = health_checks.as_mut() {
                     hc.update(&state.health).await;
@@ -231,7 +367,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         }
         match dp.counters() {
-            Ok(c) => metrics.set_packets(c),
+            Ok(c) => metrics.set_packets(&c),
             Err(e) => debug!(error = %e, "reading counters"),
         }
     }
@@ -250,6 +386,9 @@ struct LoopState {
     /// Whether the due periodic resync was put off by one tick for pending changes.
     resync_postponed: bool,
     health: BTreeMap<u16, model::HealthCheck>,
+    /// Service ports with a Local policy that drop for lack of a local endpoint: (internal,
+    /// external).
+    no_local: BTreeMap<ServicePortName, (bool, bool)>,
 }
 
 /// Returns freed heap memory to the system (glibc keeps it otherwise: the first load parses
@@ -264,19 +403,20 @@ fn release_free_memory() {
 
 impl LoopState {
     /// One sync (begun at `started`, when the model was asked for its changes): the changes
-    /// written to `dp`, node configuration (once and whenever the
-    /// addresses changed), metrics.
+    /// written to `dp`, node configuration (once and whenever the addresses changed), metrics
+    /// and health.
     #[allow(clippy::too_many_arguments)]
     fn sync(
         &mut self,
         started: Instant,
-        args: &AgentArgs,
+        config: &Config,
         changes: &mut Changes,
         addrs: &[Ipv4Addr],
         syncer: &mut Syncer,
         dp: &mut dyn Dataplane,
-        metrics: &Metrics,
+        obs: &mut ChangeObserver,
     ) {
+        let metrics = obs.metrics.clone();
         for e in &changes.new_errors {
             warn!(error = %e, "invalid object");
             metrics.sync_error("invalid_object");
@@ -286,14 +426,20 @@ impl LoopState {
         }
         let report = syncer.sync_changes(changes, dp);
         for e in &report.errors {
-            error!(error = %e, "sync");
-            metrics.sync_failed(e);
+            if let Some(held) = obs.log_limiter.allow(&e.to_string(), Instant::now()) {
+                error!(error = %e, repeats_not_logged = held, "sync");
+            }
+            count_sync_error(&metrics, e);
+        }
+        if !report.errors.is_empty() {
+            metrics.sync_failed();
         }
         if !self.config_written || !self.synced_once {
+            let (snat_port_min, snat_port_max) = config.snat_ports;
             let cfg = NodeConfig {
                 snat_addr: addrs.first().map_or(0, |a| u32::from(*a).to_be()),
-                snat_port_min: args.snat_port_min,
-                snat_port_max: args.snat_port_max,
+                snat_port_min,
+                snat_port_max,
                 flags: cfg_flags::READY,
                 _pad: 0,
             };
@@ -322,12 +468,17 @@ impl LoopState {
         }
         self.synced_once = true;
         self.health = changes.state.health_checks.clone();
+        let (internal, external) = self.count_no_local_endpoints(changes);
+        metrics.set_no_local_endpoints(internal, external);
         metrics.sync_done(
             started.elapsed(),
+            changes.full,
             now,
             syncer.programmed_frontends(),
             syncer.programmed_backends(),
         );
+        obs.health.updated(Stamp::now());
+        obs.synced();
         let level_info = report.writes > 0 || !report.errors.is_empty();
         if level_info {
             info!(
@@ -348,6 +499,47 @@ impl LoopState {
     }
 }
 
+impl LoopState {
+    /// Updates the service ports that drop for lack of a local endpoint under a Local policy
+    /// (kube-proxy's `sync_proxy_rules_no_local_endpoints_total`) with the recomputed services,
+    /// and counts them: (internalTrafficPolicy, externalTrafficPolicy).
+    fn count_no_local_endpoints(&mut self, changes: &Changes) -> (usize, usize) {
+        if changes.full {
+            self.no_local.clear();
+        } else {
+            self.no_local.retain(|port, _| !changes.services.contains(&port.service));
+        }
+        for (port, state) in &changes.state.services {
+            let drops = |f: &model::FrontendEntry| {
+                f.flags & svc_flags::LOCAL_ONLY != 0
+                    && f.flags & svc_flags::DROP_IF_EMPTY != 0
+                    && f.backends.is_empty()
+            };
+            let internal = state.frontends.iter().any(|(k, f)| {
+                k.scope == scope::INTERNAL && f.flags & svc_flags::CLUSTER_IP != 0 && drops(f)
+            });
+            let external =
+                state.frontends.iter().any(|(k, f)| k.scope == scope::EXTERNAL && drops(f));
+            if internal || external {
+                self.no_local.insert(port.clone(), (internal, external));
+            }
+        }
+        let count =
+            |pick: fn(&(bool, bool)) -> bool| self.no_local.values().filter(|v| pick(v)).count();
+        (count(|v| v.0), count(|v| v.1))
+    }
+}
+
+/// Counts a failed part of a sync by kind and, when a map was full, by map.
+fn count_sync_error(metrics: &Metrics, e: &SyncError) {
+    metrics.sync_error(e.kind());
+    if let SyncError::Service { source: DataplaneError::Full { map, .. }, .. }
+    | SyncError::Remove { source: DataplaneError::Full { map, .. }, .. } = e
+    {
+        metrics.map_full(map_label(map));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use kproxy_common::{Service4Key, proto, scope};
@@ -362,8 +554,9 @@ mod tests {
         }
     }
 
-    fn args(dir: &std::path::Path) -> AgentArgs {
-        crate::cli::parse_agent(&["--manifests", dir.to_str().unwrap()]).unwrap()
+    fn config(dir: &std::path::Path) -> Config {
+        Config::from_args(crate::cli::parse_agent(&["--manifests", dir.to_str().unwrap()]).unwrap())
+            .unwrap()
     }
 
     fn key(addr: [u8; 4], port: u16, p: u8, s: u8) -> Service4Key {
@@ -388,8 +581,10 @@ mod tests {
         for f in ["services.yaml", "endpointslices.yaml", "nodes.yaml"] {
             std::fs::copy(demo.join(f), dir.0.join(f)).unwrap();
         }
-        let args = args(&dir.0);
-        let metrics = Metrics::default();
+        let config = config(&dir.0);
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(ProxyHealth::new(Stamp::now()));
+        let mut obs = ChangeObserver::new("node-0", metrics.clone(), health.clone());
         let mut source = Source::Manifests(ManifestDir::new(&dir.0));
         let mut state = LoopState::default();
         let mut syncer = Syncer::new();
@@ -397,30 +592,40 @@ mod tests {
         let addrs = [Ipv4Addr::new(198, 18, 0, 10)];
         let mut tracker =
             Tracker::new(NodeInfo { name: "node-0".into(), addrs: addrs.to_vec(), zone: None });
-        let mut sync =
-            |tracker: &mut Tracker, state: &mut LoopState, dp: &mut MemDataplane, full: bool| {
-                let mut changes = if full { tracker.full() } else { tracker.changes() };
-                state.sync(Instant::now(), &args, &mut changes, &addrs, &mut syncer, dp, &metrics);
-                changes
-            };
+        let mut sync = |tracker: &mut Tracker,
+                        state: &mut LoopState,
+                        dp: &mut MemDataplane,
+                        obs: &mut ChangeObserver,
+                        full: bool| {
+            let mut changes = if full { tracker.full() } else { tracker.changes() };
+            state.sync(Instant::now(), &config, &mut changes, &addrs, &mut syncer, dp, obs);
+            changes
+        };
 
-        source.poll(&metrics, &mut tracker);
+        source.poll(&mut obs, &mut tracker);
         assert!(tracker.has_changes());
-        sync(&mut tracker, &mut state, &mut dp, false);
+        sync(&mut tracker, &mut state, &mut dp, &mut obs, false);
         assert_eq!(dp.config.flags, cfg_flags::READY);
         assert_eq!(dp.config.snat_addr, u32::from(addrs[0]).to_be());
         let web = key([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL);
         assert_eq!(dp.services[&web].count, 6);
         let local = key([198, 18, 0, 10], 30081, proto::TCP, scope::EXTERNAL);
         assert_eq!(dp.services[&local].count, 3);
-        assert!(metrics.render().contains("kproxy_services_programmed 14\n"));
-        assert_eq!(metrics.healthz(SystemTime::now()).0, 200);
+        let rendered = metrics.render();
+        assert!(rendered.contains("kproxy_services_programmed 14\n"));
+        // The demo's slices and services were counted, and nothing is pending after the sync.
+        assert!(rendered.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n"));
+        assert!(!rendered.contains("kubeproxy_sync_proxy_rules_service_changes_total 0\n"));
+        assert!(rendered.contains(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1\n"
+        ));
+        assert_eq!(health.healthz(Stamp::now()).status, 200);
 
         // Nothing changed: no change from the source, a full resync writes nothing.
-        source.poll(&metrics, &mut tracker);
+        source.poll(&mut obs, &mut tracker);
         assert!(!tracker.has_changes());
         dp.ops.clear();
-        sync(&mut tracker, &mut state, &mut dp, true);
+        sync(&mut tracker, &mut state, &mut dp, &mut obs, true);
         assert!(dp.ops.is_empty(), "{:?}", dp.ops);
 
         // node-1-pod-2 leaves the web slice; its change is annotated with a trigger time.
@@ -437,9 +642,9 @@ mod tests {
             "{head}  name: web-node-1\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}\n{rest}"
         );
         std::fs::write(&path, annotated).unwrap();
-        source.poll(&metrics, &mut tracker);
+        source.poll(&mut obs, &mut tracker);
         dp.ops.clear();
-        let changes = sync(&mut tracker, &mut state, &mut dp, false);
+        let changes = sync(&mut tracker, &mut state, &mut dp, &mut obs, false);
         // Only the owner of the changed slice was recomputed.
         assert_eq!(
             changes.services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
@@ -454,21 +659,116 @@ mod tests {
         );
         let rendered = metrics.render();
         assert!(
-            rendered.contains("kubeproxy_network_programming_duration_seconds_count 1\n"),
+            rendered.contains(
+                "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1\n"
+            ),
             "{rendered}"
         );
-        assert!(
-            rendered
-                .contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0\n")
-        );
+        assert!(rendered.contains(
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"1\"} 0\n"
+        ));
 
         // A broken file keeps its objects and is counted.
         std::fs::write(dir.0.join("services.yaml"), "apiVersion: v1\nkind: Service\nspec: [\n")
             .unwrap();
-        source.poll(&metrics, &mut tracker);
+        source.poll(&mut obs, &mut tracker);
         assert!(!tracker.has_changes());
         assert!(metrics.render().contains("kproxy_manifest_errors_total 1\n"));
-        sync(&mut tracker, &mut state, &mut dp, true);
+        sync(&mut tracker, &mut state, &mut dp, &mut obs, true);
         assert_eq!(dp.services[&web].count, 5);
+    }
+
+    fn node(json: serde_json::Value) -> Change {
+        let n: k8s_openapi::api::core::v1::Node = serde_json::from_value(json).unwrap();
+        Change::Node((&n).into())
+    }
+
+    /// kube-proxy's `SyncNode`: this node being deleted or tainted by the cluster autoscaler fails
+    /// `/healthz` (not `/livez`); other nodes do not matter.
+    #[test]
+    fn node_being_deleted_or_drained_fails_healthz() {
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(ProxyHealth::new(Stamp::now()));
+        let mut obs = ChangeObserver::new("node-0", metrics, health.clone());
+        let status = || health.healthz(Stamp::now()).status;
+        assert_eq!(status(), 200);
+        let tainted = serde_json::json!({"metadata": {"name": "node-0"}, "spec": {"taints": [
+            {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+        ]}});
+        obs.observe(&node(tainted.clone()));
+        assert_eq!(status(), 503);
+        assert_eq!(health.livez(Stamp::now()).status, 200);
+        // Another taint, or the taint on another node, leaves the node eligible.
+        obs.observe(&node(serde_json::json!({"metadata": {"name": "node-0"}, "spec": {"taints": [
+            {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
+        ]}})));
+        assert_eq!(status(), 200);
+        let mut other = tainted;
+        other["metadata"]["name"] = "node-1".into();
+        obs.observe(&node(other));
+        assert_eq!(status(), 200);
+        obs.observe(&node(serde_json::json!({"metadata": {
+            "name": "node-0", "deletionTimestamp": "2026-01-01T00:00:00Z"
+        }})));
+        assert_eq!(status(), 503);
+        obs.observe(&node(serde_json::json!({"metadata": {"name": "node-0"}})));
+        assert_eq!(status(), 200);
+        obs.observe(&Change::NodeDeleted("node-0".into()));
+        assert_eq!(status(), 503);
+    }
+
+    /// kube-proxy's no-local-endpoints gauge follows the recomputed services, and the change
+    /// counters and pending gauges count what the source delivered.
+    #[test]
+    fn no_local_endpoints_and_change_metrics() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "clusterIP": "198.19.0.10", "externalTrafficPolicy": "Local",
+                     "internalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
+        }))
+        .unwrap();
+        let slice = |node: &str| -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-a", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["198.18.101.10"], "nodeName": node,
+                               "conditions": {"ready": true}}]
+            }))
+            .unwrap()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(ProxyHealth::new(Stamp::now()));
+        let mut obs = ChangeObserver::new("node-0", metrics.clone(), health);
+        let mut tracker = Tracker::new(NodeInfo {
+            name: "node-0".into(),
+            addrs: vec![Ipv4Addr::new(198, 18, 0, 10)],
+            zone: None,
+        });
+        let mut state = LoopState::default();
+        for c in [Change::Service((&svc).into()), Change::Slice((&slice("node-1")).into())] {
+            obs.observe(&c);
+            tracker.apply(c);
+        }
+        let m = metrics.render();
+        assert!(m.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 1\n"), "{m}");
+        assert!(m.contains("kubeproxy_sync_proxy_rules_service_changes_total 1\n"), "{m}");
+        // The only endpoint is on node-1: both Local policies drop here.
+        assert_eq!(state.count_no_local_endpoints(&tracker.changes()), (1, 1));
+        obs.synced();
+        assert!(
+            metrics.render().contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n")
+        );
+        // It moves to this node: nothing drops any more.
+        let c = Change::Slice((&slice("node-0")).into());
+        obs.observe(&c);
+        tracker.apply(c);
+        assert_eq!(state.count_no_local_endpoints(&tracker.changes()), (0, 0));
+        assert!(metrics.render().contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 2\n"));
+        // A full resync starts from scratch.
+        tracker.apply(Change::Slice((&slice("node-1")).into()));
+        assert_eq!(state.count_no_local_endpoints(&tracker.full()), (1, 1));
     }
 }

@@ -8,9 +8,11 @@
 //! - [`sync`]: shadow-state diff and ordered, transactional writes through the
 //!   [`dataplane::Dataplane`] trait (aya maps in [`dataplane::bpf`], in-memory in
 //!   [`dataplane::mem`]).
-//! - [`agent`]: the loop (devices, addresses, node configuration, signals); [`metrics`] and
-//!   [`healthcheck`] serve HTTP; [`cli`] is the command line and the map views; [`netdev`] reads
-//!   interfaces and addresses.
+//! - [`agent`]: start-up and the loop (devices, addresses, node configuration, signals), run with
+//!   the validated [`config::Config`] after the [`preflight`] checks; [`metrics`] (Prometheus),
+//!   [`health`] (`/healthz`, `/livez`) and [`healthcheck`] (healthCheckNodePort) are served over
+//!   [`http`]; [`cli`] is the command line and the map views; [`netdev`] reads interfaces and
+//!   addresses.
 
 /// The eBPF object built from `ebpf/` (with BTF), embedded at compile time.
 pub static EBPF_OBJECT: &[u8] =
@@ -18,10 +20,15 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod healthcheck;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod netdev;
+pub mod preflight;
+pub mod ratelimit;
 pub mod source;
 pub mod sync;

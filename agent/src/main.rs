@@ -6,6 +6,7 @@ use clap::Parser as _;
 use kproxy::{
     agent,
     cli::{Cli, Command, ConntrackAction, ListAction, ListArgs, Output, show},
+    config::Config,
     dataplane::{Dataplane as _, bpf::BpfDataplane, loader},
 };
 
@@ -43,12 +44,20 @@ fn print(output: Output, table: impl FnOnce() -> String, json: impl FnOnce() -> 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => {
+            let config = match Config::from_args(*args) {
+                Ok(c) => c,
+                // Shown like clap's own errors on single flags (and the same exit status).
+                Err(e) => {
+                    clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, format!("{e}\n"))
+                        .exit()
+                }
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(agent::run(*args))
+            rt.block_on(agent::run(config))
         }
         Command::Service { action: ListAction::List(args) } => {
             let dp = open(&args)?;
@@ -63,7 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Conntrack { action: ConntrackAction::List(args) } => {
             let dp = open(&args.list)?;
-            let now = show::monotonic_ns();
+            let now = kproxy::dataplane::monotonic_ns();
             if args.revnat {
                 let entries = dp.revnat()?;
                 print(
@@ -106,9 +115,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Map { action: ListAction::List(args) } => {
-            let usage = kproxy::metrics::map_usage(&args.pin.pin_path).with_context(|| {
-                format!("reading the maps pinned under {}", args.pin.pin_path.display())
-            })?;
+            let usage =
+                kproxy::dataplane::usage::map_usage(&args.pin.pin_path).with_context(|| {
+                    format!("reading the maps pinned under {}", args.pin.pin_path.display())
+                })?;
             print(args.output, || show::maps_table(&usage), || show::maps_json(&usage));
             Ok(())
         }

@@ -1,760 +1,683 @@
-//! Prometheus metrics (text format) and the kube-proxy style `/healthz`, served by a small
-//! hand-written HTTP/1.1 server on tokio.
+//! The agent's Prometheus metrics, on the `prometheus` client crate (text format 0.0.4, what
+//! kube-proxy serves).
 //!
-//! Names follow kube-proxy where the meaning is the same (`kubeproxy_sync_proxy_rules_*`,
-//! `kubeproxy_network_programming_duration_seconds`); kproxy's own are prefixed `kproxy_`.
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
-    path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+//! Every `kubeproxy_*` series of kube-proxy's nftables mode whose meaning applies to kproxy is
+//! exported with kube-proxy's name, type, labels and buckets (Kubernetes 1.34; `ip_family` is
+//! always `IPv4`); kproxy's own are prefixed `kproxy_`. Every series exists from the start
+//! (counters at 0, every label value kproxy can produce), so alerts on `increase()` see the first
+//! event. This module only receives numbers: the dataplane counts, the sync loop reports.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kproxy_common::Reason;
+use prometheus::{
+    Encoder as _, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use anyhow::Context as _;
-use kproxy_common::{Reason, names};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use crate::http::Reply;
 
-use crate::{
-    dataplane::{DataplaneError, sys::bpf},
-    sync::SyncError,
-};
+/// The `ip_family` label value of every kube-proxy series (kproxy serves IPv4).
+const IP_FAMILY: &str = "IPv4";
 
-/// A cumulative histogram.
-#[derive(Debug, Clone)]
-pub struct Histogram {
-    bounds: Vec<f64>,
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+/// kube-proxy's buckets for sync durations: 1 ms doubling 15 times (to 16.384 s).
+pub fn sync_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.001, 2.0, 15).expect("valid buckets")
 }
 
-impl Histogram {
-    /// A histogram with these upper bounds (ascending); `+Inf` is implicit.
-    pub fn new(bounds: Vec<f64>) -> Self {
-        let n = bounds.len();
-        Self { bounds, counts: vec![0; n], sum: 0.0, count: 0 }
-    }
-
-    /// Records one value.
-    pub fn observe(&mut self, v: f64) {
-        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
-            if v <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
-}
-
-/// kube-proxy's buckets for sync durations: 1 ms doubling to about 16 s.
-fn sync_buckets() -> Vec<f64> {
-    (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
-}
-
-/// kube-proxy's buckets for network programming latency (0.25 s to 410 s).
-fn programming_buckets() -> Vec<f64> {
-    let mut v = vec![0.25, 0.5];
+/// kube-proxy's buckets for network programming latency: 0, 0.25 s, 0.5 s, every second to
+/// 59 s, every 5 s to 115 s, every 30 s to 5 min (component-base's `MergeBuckets` starts with 0).
+pub fn programming_buckets() -> Vec<f64> {
+    let mut v = vec![0.0, 0.25, 0.5];
     v.extend((1..=59).map(f64::from));
     v.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
-    v.extend((0..12).map(|i| 300.0 + 10.0 * f64::from(i)));
+    v.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
     v
 }
 
-/// How long a queued change may wait for a sync before `/healthz` turns unhealthy
-/// (kube-proxy: twice the sync period).
-pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Kinds of `kproxy_sync_errors_total`: the sync's failed parts (`SyncError::kind`), invalid
+/// objects and the node configuration write.
+pub const SYNC_ERROR_KINDS: [&str; 7] =
+    ["invalid_object", "config", "map_full", "write", "too_many_backends", "remove", "read"];
 
-#[derive(Debug, Default)]
-struct Health {
-    last_updated: Option<SystemTime>,
-    oldest_pending: Option<SystemTime>,
+/// Labels of `kproxy_map_*` (every sampled map) and of `kproxy_map_full_errors_total` (the maps
+/// the agent writes).
+pub const MAP_LABELS: [&str; 6] =
+    ["services", "backends", "conntrack", "revnat", "affinity", "fragments"];
+const WRITTEN_MAPS: [&str; 2] = ["services", "backends"];
+
+/// All metrics of the agent. Shared (`Arc`) between the sync loop, the device and conntrack
+/// threads and the HTTP servers.
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    sync_full: Histogram,
+    sync_partial: Histogram,
+    last_sync: Gauge,
+    last_queued: Gauge,
+    programming: Histogram,
+    endpoint_changes: IntCounter,
+    endpoint_changes_pending: IntGauge,
+    service_changes: IntCounter,
+    service_changes_pending: IntGauge,
+    no_local_endpoints: IntGaugeVec,
+    sync_failures: IntCounter,
+    healthz: IntCounterVec,
+    livez: IntCounterVec,
+    reconciler_duration: Histogram,
+    reconciler_deleted: IntCounter,
+    services: IntGauge,
+    backends: IntGauge,
+    packets: IntCounterVec,
+    sync_errors: IntCounterVec,
+    manifest_errors: IntCounter,
+    map_entries: IntGaugeVec,
+    map_capacity: IntGaugeVec,
+    map_pressure: GaugeVec,
+    map_full: IntCounterVec,
+    devices: IntGaugeVec,
+    nodeport_devices_missing: IntGauge,
+    device_attach_errors: IntCounter,
+    ct_evictions: IntCounter,
 }
 
-/// All metrics of the agent. Shared (`Arc`) between the sync loop and the HTTP servers.
-#[derive(Debug)]
-pub struct Metrics {
-    sync_duration: Mutex<Histogram>,
-    programming: Mutex<Histogram>,
-    last_sync: AtomicU64,
-    services: AtomicU64,
-    backends: AtomicU64,
-    manifest_errors: AtomicU64,
-    sync_errors: Mutex<BTreeMap<&'static str, u64>>,
-    packets: Mutex<Vec<(Reason, u64)>>,
-    conntrack: Mutex<Option<(crate::dataplane::conntrack::CtStats, u64)>>,
-    health: Mutex<Health>,
-    maps: Mutex<Vec<MapUsage>>,
-    map_full: Mutex<BTreeMap<&'static str, u64>>,
-    devices: [AtomicU64; 2],
-    device_attach_errors: AtomicU64,
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Registers `c` in `r` and returns it.
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn family_histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let v = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["ip_family"])
+        .expect("valid histogram");
+    reg(r, v).with_label_values(&[IP_FAMILY])
+}
+
+fn family_gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    let v = GaugeVec::new(Opts::new(name, help), &["ip_family"]).expect("valid gauge");
+    reg(r, v).with_label_values(&[IP_FAMILY])
+}
+
+fn family_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let v = IntCounterVec::new(Opts::new(name, help), &["ip_family"]).expect("valid counter");
+    reg(r, v).with_label_values(&[IP_FAMILY])
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    reg(r, IntCounter::new(name, help).expect("valid counter"))
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(r, IntGauge::new(name, help).expect("valid gauge"))
+}
+
+/// A labelled family with every label value in `values` present from the start.
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> IntCounterVec {
+    let v = reg(r, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter"));
+    for value in values {
+        v.with_label_values(&[*value]);
+    }
+    v
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str, values: &[&str]) -> IntGaugeVec {
+    let v = reg(r, IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid gauge"));
+    for value in values {
+        v.with_label_values(&[*value]);
+    }
+    v
+}
+
+/// Sets a counter to an absolute value read elsewhere (a lower value is a reset).
+fn set_counter(c: &IntCounter, v: u64) {
+    let cur = c.get();
+    if v < cur {
+        c.reset();
+        c.inc_by(v);
+    } else {
+        c.inc_by(v - cur);
+    }
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self {
-            sync_duration: Mutex::new(Histogram::new(sync_buckets())),
-            programming: Mutex::new(Histogram::new(programming_buckets())),
-            last_sync: AtomicU64::new(0),
-            services: AtomicU64::new(0),
-            backends: AtomicU64::new(0),
-            manifest_errors: AtomicU64::new(0),
-            sync_errors: Mutex::new(BTreeMap::new()),
-            packets: Mutex::new(Vec::new()),
-            conntrack: Mutex::new(None),
-            health: Mutex::new(Health::default()),
-            maps: Mutex::new(Vec::new()),
-            // Listed from the start, so `increase()` sees the first failure.
-            map_full: Mutex::new(
-                MAP_LABELS
-                    .iter()
-                    .filter(|(p, _)| SYNCED_MAPS.contains(p))
-                    .map(|(_, l)| (*l, 0))
-                    .collect(),
-            ),
-            devices: [AtomicU64::new(0), AtomicU64::new(0)],
-            device_attach_errors: AtomicU64::new(0),
-        }
+        Self::new()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Metrics {
-    /// Records a completed sync.
-    pub fn sync_done(&self, took: Duration, at: SystemTime, frontends: usize, backends: usize) {
-        lock(&self.sync_duration).observe(took.as_secs_f64());
-        let ts = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        self.last_sync.store(ts.to_bits(), Ordering::Relaxed);
-        self.services.store(frontends as u64, Ordering::Relaxed);
-        self.backends.store(backends as u64, Ordering::Relaxed);
-        let mut h = lock(&self.health);
-        h.last_updated = Some(at);
-        h.oldest_pending = None;
+    /// Every metric, registered, at its initial value.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let no_local_endpoints = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                    "Number of services with a Local traffic policy and no endpoints",
+                ),
+                &["ip_family", "traffic_policy"],
+            )
+            .expect("valid gauge"),
+        );
+        for policy in ["internal", "external"] {
+            no_local_endpoints.with_label_values(&[IP_FAMILY, policy]);
+        }
+        let reasons: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+        Self {
+            sync_duration: family_histogram(
+                &r,
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+                sync_buckets(),
+            ),
+            sync_full: family_histogram(
+                &r,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for full resyncs",
+                sync_buckets(),
+            ),
+            sync_partial: family_histogram(
+                &r,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for partial resyncs",
+                sync_buckets(),
+            ),
+            last_sync: family_gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "The last time proxy rules were successfully synced",
+            ),
+            last_queued: family_gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued",
+            ),
+            programming: family_histogram(
+                &r,
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+                programming_buckets(),
+            ),
+            endpoint_changes: counter(
+                &r,
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                "Cumulative proxy rules Endpoint changes",
+            ),
+            endpoint_changes_pending: gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+            ),
+            service_changes: counter(
+                &r,
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                "Cumulative proxy rules Service changes",
+            ),
+            service_changes_pending: gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+            ),
+            no_local_endpoints,
+            sync_failures: family_counter(
+                &r,
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+                "Cumulative proxy nftables sync failures (kproxy: syncs with a failed map write)",
+            ),
+            healthz: counter_vec(
+                &r,
+                "kubeproxy_proxy_healthz_total",
+                "Cumulative proxy healthz HTTP status",
+                "code",
+                &["200", "503"],
+            ),
+            livez: counter_vec(
+                &r,
+                "kubeproxy_proxy_livez_total",
+                "Cumulative proxy livez HTTP status",
+                "code",
+                &["200", "503"],
+            ),
+            reconciler_duration: family_histogram(
+                &r,
+                "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+                "ReconcileConntrackFlowsLatency latency in seconds (kproxy: conntrack garbage collection)",
+                sync_buckets(),
+            ),
+            reconciler_deleted: family_counter(
+                &r,
+                "kubeproxy_conntrack_reconciler_deleted_entries_total",
+                "Cumulative conntrack flows deleted by conntrack reconciler (kproxy: by the conntrack garbage collection)",
+            ),
+            services: gauge(
+                &r,
+                "kproxy_services_programmed",
+                "Service entries (frontends) in the datapath.",
+            ),
+            backends: gauge(&r, "kproxy_backends_programmed", "Backends in the datapath."),
+            packets: counter_vec(
+                &r,
+                "kproxy_packets_total",
+                "Packets by the reason of their verdict, summed over hooks and CPUs.",
+                "reason",
+                &reasons,
+            ),
+            sync_errors: counter_vec(
+                &r,
+                "kproxy_sync_errors_total",
+                "Failed parts of syncs, by kind.",
+                "kind",
+                &SYNC_ERROR_KINDS,
+            ),
+            manifest_errors: counter(
+                &r,
+                "kproxy_manifest_errors_total",
+                "Manifest files that failed to read or parse.",
+            ),
+            map_entries: gauge_vec(
+                &r,
+                "kproxy_map_entries",
+                "Entries in a BPF map (sampled periodically).",
+                "map",
+                &MAP_LABELS,
+            ),
+            map_capacity: gauge_vec(
+                &r,
+                "kproxy_map_capacity",
+                "Capacity (max_entries) of a BPF map.",
+                "map",
+                &MAP_LABELS,
+            ),
+            map_pressure: {
+                let v = reg(
+                    &r,
+                    GaugeVec::new(
+                        Opts::new(
+                            "kproxy_map_pressure",
+                            "Fill level of a BPF map: entries / capacity.",
+                        ),
+                        &["map"],
+                    )
+                    .expect("valid gauge"),
+                );
+                for m in MAP_LABELS {
+                    v.with_label_values(&[m]);
+                }
+                v
+            },
+            map_full: counter_vec(
+                &r,
+                "kproxy_map_full_errors_total",
+                "Writes of a sync that failed because the map was full.",
+                "map",
+                &WRITTEN_MAPS,
+            ),
+            devices: gauge_vec(
+                &r,
+                "kproxy_devices_attached",
+                "Devices carrying kproxy's programs, by kind.",
+                "kind",
+                &["external", "pod"],
+            ),
+            nodeport_devices_missing: gauge(
+                &r,
+                "kproxy_nodeport_devices_missing",
+                "NodePort devices (--nodeport-devices) that do not exist: waited for, attached when they appear.",
+            ),
+            device_attach_errors: counter(
+                &r,
+                "kproxy_device_attach_errors_total",
+                "Failed attempts to attach programs to a device.",
+            ),
+            ct_evictions: counter(
+                &r,
+                "kproxy_conntrack_evictions_total",
+                "Connection-tracking entries evicted by the kernel because the LRU table was full.",
+            ),
+            registry: r,
+        }
     }
 
-    /// Notes that a change is waiting for a sync (for `/healthz`).
+    /// Records a completed sync (full or partial) that took `took`, finished `at`.
+    pub fn sync_done(
+        &self,
+        took: Duration,
+        full: bool,
+        at: SystemTime,
+        frontends: usize,
+        backends: usize,
+    ) {
+        let s = took.as_secs_f64();
+        self.sync_duration.observe(s);
+        if full { &self.sync_full } else { &self.sync_partial }.observe(s);
+        self.last_sync.set(unix_secs(at));
+        self.services.set(frontends as i64);
+        self.backends.set(backends as i64);
+    }
+
+    /// Counts a sync that had a failed write.
+    pub fn sync_failed(&self) {
+        self.sync_failures.inc();
+    }
+
+    /// A change was queued for a sync at `at`.
     pub fn change_queued(&self, at: SystemTime) {
-        lock(&self.health).oldest_pending.get_or_insert(at);
+        self.last_queued.set(unix_secs(at));
+    }
+
+    /// Counts EndpointSlice and Service changes received.
+    pub fn count_changes(&self, endpoints: u64, services: u64) {
+        self.endpoint_changes.inc_by(endpoints);
+        self.service_changes.inc_by(services);
+    }
+
+    /// Sets the number of services with endpoint and Service changes waiting for a sync.
+    pub fn set_pending_changes(&self, endpoints: usize, services: usize) {
+        self.endpoint_changes_pending.set(endpoints as i64);
+        self.service_changes_pending.set(services as i64);
+    }
+
+    /// Sets the number of service ports with a Local policy that drop for lack of a local
+    /// endpoint, by policy.
+    pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
+        self.no_local_endpoints.with_label_values(&[IP_FAMILY, "internal"]).set(internal as i64);
+        self.no_local_endpoints.with_label_values(&[IP_FAMILY, "external"]).set(external as i64);
     }
 
     /// Records one network programming latency (seconds from the trigger to programmed).
     pub fn observe_programming(&self, secs: f64) {
-        lock(&self.programming).observe(secs);
+        self.programming.observe(secs);
     }
 
-    /// Counts a sync error by kind.
-    pub fn sync_error(&self, kind: &'static str) {
-        *lock(&self.sync_errors).entry(kind).or_default() += 1;
+    /// Counts a failed part of a sync by kind (one of [`SYNC_ERROR_KINDS`]).
+    pub fn sync_error(&self, kind: &str) {
+        self.sync_errors.with_label_values(&[kind]).inc();
     }
 
-    /// Counts a failed part of a sync by kind and, when a map was full, by map
-    /// (`kproxy_map_full_errors_total`).
-    pub fn sync_failed(&self, e: &SyncError) {
-        self.sync_error(e.kind());
-        let full = match e {
-            SyncError::Service { source, .. } | SyncError::Remove { source, .. } => source,
-            _ => return,
-        };
-        if let DataplaneError::Full { map, .. } = full {
-            *lock(&self.map_full).entry(map_label(map)).or_default() += 1;
+    /// Counts a sync write refused because the map with this label was full.
+    pub fn map_full(&self, map: &str) {
+        self.map_full.with_label_values(&[map]).inc();
+    }
+
+    /// Counts an answer of `/healthz`.
+    pub fn healthz_answered(&self, code: u16) {
+        self.healthz.with_label_values(&[&code.to_string()]).inc();
+    }
+
+    /// Counts an answer of `/livez`.
+    pub fn livez_answered(&self, code: u16) {
+        self.livez.with_label_values(&[&code.to_string()]).inc();
+    }
+
+    /// Sets the sampled fill levels: (map label, entries, capacity).
+    pub fn set_map_usage(&self, usage: impl IntoIterator<Item = (&'static str, u64, u32)>) {
+        for (map, entries, capacity) in usage {
+            self.map_entries.with_label_values(&[map]).set(entries as i64);
+            self.map_capacity.with_label_values(&[map]).set(i64::from(capacity));
+            let pressure = if capacity == 0 { 0.0 } else { entries as f64 / f64::from(capacity) };
+            self.map_pressure.with_label_values(&[map]).set(pressure);
         }
     }
 
-    /// Replaces the sampled map fill levels.
-    pub fn set_map_usage(&self, usage: Vec<MapUsage>) {
-        *lock(&self.maps) = usage;
-    }
-
-    /// Sets the number of devices carrying kproxy's programs.
-    pub fn set_devices_attached(&self, external: usize, pod: usize) {
-        self.devices[0].store(external as u64, Ordering::Relaxed);
-        self.devices[1].store(pod as u64, Ordering::Relaxed);
+    /// Sets the devices carrying kproxy's programs and the NodePort devices that do not exist.
+    pub fn set_devices(&self, external: usize, pod: usize, missing_external: usize) {
+        self.devices.with_label_values(&["external"]).set(external as i64);
+        self.devices.with_label_values(&["pod"]).set(pod as i64);
+        self.nodeport_devices_missing.set(missing_external as i64);
     }
 
     /// Counts a failed attachment to a device.
     pub fn device_attach_failed(&self) {
-        self.device_attach_errors.fetch_add(1, Ordering::Relaxed);
+        self.device_attach_errors.inc();
     }
 
     /// Counts manifest files that failed to parse.
     pub fn manifest_errors(&self, n: u64) {
-        self.manifest_errors.fetch_add(n, Ordering::Relaxed);
+        self.manifest_errors.inc_by(n);
     }
 
-    /// Replaces the packet counters (summed over CPUs, read from the datapath).
-    pub fn set_packets(&self, counters: Vec<(Reason, u64)>) {
-        *lock(&self.packets) = counters;
+    /// Sets the packet counters (summed over CPUs, read from the datapath).
+    pub fn set_packets(&self, counters: &[(Reason, u64)]) {
+        for (reason, n) in counters {
+            set_counter(&self.packets.with_label_values(&[reason.name()]), *n);
+        }
     }
 
-    /// Replaces the connection-tracking numbers (from the conntrack GC) and the monotonic
-    /// eviction count.
-    pub fn set_conntrack(&self, stats: crate::dataplane::conntrack::CtStats, evictions: u64) {
-        *lock(&self.conntrack) = Some((stats, evictions));
-    }
-
-    /// The `/healthz` answer at `now`: status code and JSON body, like kube-proxy's.
-    pub fn healthz(&self, now: SystemTime) -> (u16, String) {
-        let h = lock(&self.health);
-        let healthy = h.last_updated.is_some()
-            && h.oldest_pending
-                .is_none_or(|p| now.duration_since(p).unwrap_or_default() < HEALTH_TIMEOUT);
-        let ts = |t: Option<SystemTime>| {
-            t.and_then(|t| jiff::Timestamp::try_from(t).ok())
-                .map(|t| format!("\"{t}\""))
-                .unwrap_or_else(|| "null".into())
-        };
-        let body = format!(
-            "{{\"lastUpdated\": {}, \"currentTime\": {}, \"nodeEligible\": true}}",
-            ts(h.last_updated),
-            ts(Some(now))
-        );
-        (if healthy { 200 } else { 503 }, body)
+    /// One conntrack garbage collection: entries it deleted, the monotonic eviction count, how
+    /// long it took.
+    pub fn conntrack_collected(&self, deleted: u64, evictions: u64, took: Duration) {
+        self.reconciler_deleted.inc_by(deleted);
+        self.reconciler_duration.observe(took.as_secs_f64());
+        set_counter(&self.ct_evictions, evictions);
     }
 
     /// The metrics in Prometheus text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        lock(&self.sync_duration).render(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "Duration of one sync of the datapath, in seconds.",
-        );
-        let last = f64::from_bits(self.last_sync.load(Ordering::Relaxed));
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time the datapath was synced.\n# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_timestamp_seconds {last}"
-        );
-        lock(&self.programming).render(
-            &mut out,
-            "kubeproxy_network_programming_duration_seconds",
-            "Time from an EndpointSlice change (last-change-trigger-time) to the datapath holding it.",
-        );
-        for (name, help, v) in [
-            (
-                "kproxy_services_programmed",
-                "Service entries (frontends) in the datapath.",
-                &self.services,
-            ),
-            ("kproxy_backends_programmed", "Backends in the datapath.", &self.backends),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding the metrics");
         }
-        let _ = writeln!(
-            out,
-            "# HELP kproxy_manifest_errors_total Manifest files that failed to read or parse.\n# TYPE kproxy_manifest_errors_total counter\nkproxy_manifest_errors_total {}",
-            self.manifest_errors.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP kproxy_sync_errors_total Failed parts of syncs, by kind.\n# TYPE kproxy_sync_errors_total counter"
-        );
-        for (kind, n) in lock(&self.sync_errors).iter() {
-            let _ = writeln!(out, "kproxy_sync_errors_total{{kind=\"{kind}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP kproxy_packets_total Packets by the reason of their verdict, summed over hooks and CPUs.\n# TYPE kproxy_packets_total counter"
-        );
-        for (reason, n) in lock(&self.packets).iter() {
-            let _ = writeln!(out, "kproxy_packets_total{{reason=\"{}\"}} {n}", reason.name());
-        }
-        let maps = lock(&self.maps);
-        for (name, help, value) in [
-            (
-                "kproxy_map_entries",
-                "Entries in a BPF map (sampled periodically).",
-                (|u: &MapUsage| u.entries as f64) as fn(&MapUsage) -> f64,
-            ),
-            ("kproxy_map_capacity", "Capacity (max_entries) of a BPF map.", |u| {
-                f64::from(u.capacity)
-            }),
-            ("kproxy_map_pressure", "Fill level of a BPF map: entries / capacity.", |u| {
-                u.pressure()
-            }),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for u in maps.iter() {
-                let _ = writeln!(out, "{name}{{map=\"{}\"}} {}", u.map, value(u));
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The answer of the metrics server for `path`.
+    pub fn respond(&self, path: &str) -> Reply {
+        match path {
+            "/metrics" => {
+                Reply { status: 200, content_type: prometheus::TEXT_FORMAT, body: self.render() }
             }
+            _ => Reply::not_found(),
         }
-        drop(maps);
-        let _ = writeln!(
-            out,
-            "# HELP kproxy_map_full_errors_total Writes of a sync that failed because the map was full.\n# TYPE kproxy_map_full_errors_total counter"
-        );
-        for (map, n) in lock(&self.map_full).iter() {
-            let _ = writeln!(out, "kproxy_map_full_errors_total{{map=\"{map}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP kproxy_devices_attached Devices carrying kproxy's programs, by kind.\n# TYPE kproxy_devices_attached gauge"
-        );
-        for (kind, v) in ["external", "pod"].iter().zip(&self.devices) {
-            let _ = writeln!(
-                out,
-                "kproxy_devices_attached{{kind=\"{kind}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP kproxy_device_attach_errors_total Failed attempts to attach programs to a device.\n# TYPE kproxy_device_attach_errors_total counter\nkproxy_device_attach_errors_total {}",
-            self.device_attach_errors.load(Ordering::Relaxed)
-        );
-        if let Some((ct, evictions)) = *lock(&self.conntrack) {
-            ct.render_prometheus(evictions, &mut out);
-        }
-        out
-    }
-}
-
-/// Maps whose fill is reported, pinned name → metric label.
-pub const MAP_LABELS: [(&str, &str); 6] = [
-    (names::SERVICES4, "services"),
-    (names::BACKENDS4, "backends"),
-    (names::CT4, "conntrack"),
-    (names::REVNAT4, "revnat"),
-    (names::AFFINITY4, "affinity"),
-    (names::FRAG4, "fragments"),
-];
-
-/// Maps the agent writes (and so can find full).
-const SYNCED_MAPS: [&str; 2] = [names::SERVICES4, names::BACKENDS4];
-
-fn map_label(pinned: &str) -> &'static str {
-    MAP_LABELS.iter().find(|(p, _)| *p == pinned).map_or("other", |(_, l)| l)
-}
-
-/// Fill level of one map.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MapUsage {
-    /// Metric label (`services`, `backends`, `conntrack`, ...).
-    pub map: &'static str,
-    /// Pinned name (`kp_svc4`, ...).
-    pub pinned: &'static str,
-    /// Entries counted.
-    pub entries: u64,
-    /// `max_entries`.
-    pub capacity: u32,
-}
-
-impl MapUsage {
-    /// entries / capacity.
-    pub fn pressure(&self) -> f64 {
-        if self.capacity == 0 { 0.0 } else { self.entries as f64 / f64::from(self.capacity) }
-    }
-}
-
-/// Counts the entries of every map of [`MAP_LABELS`] pinned under `pin_path`. Hash maps are
-/// counted with batched lookups (`BPF_MAP_LOOKUP_BATCH`, thousands of entries per system call;
-/// key by key on kernels without it): about 10 ms per 10,000 entries, half a second for a full
-/// 524,288-entry conntrack map on the development VM (key by key: 1.1 s). Fine every few
-/// seconds from a thread of its own, not something to do on every scrape.
-pub fn map_usage(pin_path: &Path) -> anyhow::Result<Vec<MapUsage>> {
-    let dir = crate::dataplane::bpf::maps_dir(pin_path);
-    let mut out = Vec::with_capacity(MAP_LABELS.len());
-    for (pinned, label) in MAP_LABELS {
-        let path = dir.join(pinned);
-        let data = aya::maps::MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
-        let info = data.info().with_context(|| format!("reading info of {}", path.display()))?;
-        let fd = data.fd().as_fd().as_raw_fd();
-        let entries = count_entries(fd, info.key_size(), info.value_size())
-            .with_context(|| format!("counting the entries of {}", path.display()))?;
-        out.push(MapUsage { map: label, pinned, entries, capacity: info.max_entries() });
-    }
-    Ok(out)
-}
-
-/// Entries of the (non per-CPU) hash map `fd`.
-fn count_entries(fd: i32, key_size: u32, value_size: u32) -> std::io::Result<u64> {
-    match count_batched(fd, key_size, value_size)? {
-        Some(n) => Ok(n),
-        None => count_by_keys(fd, key_size),
-    }
-}
-
-/// Counts with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+); `None` when the kernel lacks it.
-fn count_batched(fd: i32, key_size: u32, value_size: u32) -> std::io::Result<Option<u64>> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const ENOTSUPP: i32 = 524;
-    let mut chunk: u32 = 4096;
-    let mut keys = vec![0u8; key_size as usize * chunk as usize];
-    let mut values = vec![0u8; value_size as usize * chunk as usize];
-    // Hash maps use a 4-byte bucket cursor; 8 bytes leave room.
-    let (mut in_batch, mut out_batch) = (0u64, 0u64);
-    let mut total = 0u64;
-    let mut first = true;
-    loop {
-        // struct { in_batch, out_batch, keys, values; u32 count, map_fd; elem_flags; flags }
-        let mut attr = [0u64; 6];
-        attr[0] = if first { 0 } else { &in_batch as *const u64 as u64 };
-        attr[1] = &mut out_batch as *mut u64 as u64;
-        attr[2] = keys.as_mut_ptr() as u64;
-        attr[3] = values.as_mut_ptr() as u64;
-        attr[4] = u64::from(chunk) | (u64::from(fd as u32) << 32);
-        // SAFETY: cursors, key and value buffers of `chunk` entries, all alive across the call.
-        let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
-        let got = attr[4] & 0xffff_ffff;
-        match r {
-            Ok(_) => total += got,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Some(total + got)),
-            // One bucket holds more entries than fit: retry with room for more.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
-                chunk *= 4;
-                keys.resize(key_size as usize * chunk as usize, 0);
-                values.resize(value_size as usize * chunk as usize, 0);
-                continue;
-            }
-            Err(e)
-                if first
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::ENOTSUP | ENOTSUPP)
-                    ) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        }
-        in_batch = out_batch;
-        first = false;
-    }
-}
-
-/// Counts key by key (`BPF_MAP_GET_NEXT_KEY`), one system call per entry.
-fn count_by_keys(fd: i32, key_size: u32) -> std::io::Result<u64> {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let mut key = vec![0u8; key_size as usize];
-    let mut next = vec![0u8; key_size as usize];
-    let mut n = 0u64;
-    loop {
-        let mut attr = [0u64; 3];
-        attr[0] = u64::from(fd as u32);
-        attr[1] = if n > 0 { key.as_ptr() as u64 } else { 0 };
-        attr[2] = next.as_mut_ptr() as u64;
-        // SAFETY: key buffers of the map's key size, alive across the call.
-        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
-            Ok(_) => {
-                n += 1;
-                std::mem::swap(&mut key, &mut next);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Samples [`map_usage`] every `period` into `metrics`, from a thread of its own, until the
-/// process ends. The pause after a sample is at least 20 times what the sample took, so
-/// counting large maps never takes more than 5% of a core.
-pub fn spawn_map_sampler(pin_path: PathBuf, metrics: Arc<Metrics>, period: Duration) {
-    let spawned = std::thread::Builder::new().name("kproxy-maps".into()).spawn(move || {
-        let mut logged = false;
-        // Maps above 90%: warned once when they cross, noted when they drop back.
-        let mut high = std::collections::BTreeSet::new();
-        loop {
-            let started = std::time::Instant::now();
-            match map_usage(&pin_path) {
-                Ok(u) => {
-                    for m in &u {
-                        if m.pressure() >= 0.9 && high.insert(m.pinned) {
-                            tracing::warn!(
-                                map = m.pinned,
-                                entries = m.entries,
-                                capacity = m.capacity,
-                                "map at least 90% full"
-                            );
-                        } else if m.pressure() < 0.8 && high.remove(m.pinned) {
-                            tracing::info!(
-                                map = m.pinned,
-                                entries = m.entries,
-                                "map below 80% again"
-                            );
-                        }
-                    }
-                    metrics.set_map_usage(u);
-                    logged = false;
-                }
-                Err(e) if !logged => {
-                    tracing::warn!(error = format!("{e:#}"), "sampling map fill levels");
-                    logged = true;
-                }
-                Err(_) => {}
-            }
-            std::thread::sleep(period.max(started.elapsed() * 20));
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the map sampler: no map fill metrics");
-    }
-}
-
-/// Which endpoints a server answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// `/metrics`.
-    Metrics,
-    /// `/healthz` and `/livez`.
-    Healthz,
-}
-
-/// The answer to one request path: status, content type, body.
-pub fn respond(metrics: &Metrics, role: Role, path: &str) -> (u16, &'static str, String) {
-    let path = path.split('?').next().unwrap_or("");
-    match (role, path) {
-        (Role::Metrics, "/metrics") => (200, "text/plain; version=0.0.4", metrics.render()),
-        (Role::Healthz, "/healthz") | (Role::Healthz, "/livez") => {
-            let (code, body) = metrics.healthz(SystemTime::now());
-            (code, "application/json", body)
-        }
-        _ => (404, "text/plain", "404 page not found\n".into()),
-    }
-}
-
-/// Serves `role` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, role: Role) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    serve_listener(listener, move |path| {
-        let (code, ctype, body) = respond(&metrics, role, path);
-        (code, ctype, body)
-    })
-    .await
-}
-
-/// Accepts connections on `listener` and answers each GET with `handler(path)`.
-pub async fn serve_listener<F>(listener: TcpListener, handler: F) -> std::io::Result<()>
-where
-    F: Fn(&str) -> (u16, &'static str, String) + Send + Sync + 'static,
-{
-    let handler = Arc::new(handler);
-    loop {
-        let (mut sock, _) = listener.accept().await?;
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // Read the request head (bounded in size and time).
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = sock.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (code, ctype, body) = if method == "GET" || method == "HEAD" {
-                handler(path)
-            } else {
-                (405, "text/plain", "method not allowed\n".into())
-            };
-            let reason = match code {
-                200 => "OK",
-                404 => "Not Found",
-                405 => "Method Not Allowed",
-                503 => "Service Unavailable",
-                _ => "",
-            };
-            let body = if method == "HEAD" { String::new() } else { body };
-            let resp = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        dataplane::{DataplaneError, usage},
+        sync::SyncError,
+    };
 
-    #[test]
-    fn histogram_is_cumulative() {
-        let mut h = Histogram::new(vec![0.1, 1.0]);
-        h.observe(0.05);
-        h.observe(0.5);
-        h.observe(5.0);
-        let mut s = String::new();
-        h.render(&mut s, "x", "help");
-        assert!(s.contains("x_bucket{le=\"0.1\"} 1\n"), "{s}");
-        assert!(s.contains("x_bucket{le=\"1\"} 2\n"), "{s}");
-        assert!(s.contains("x_bucket{le=\"+Inf\"} 3\n"), "{s}");
-        assert!(s.contains("x_sum 5.55\n"), "{s}");
-        assert!(s.contains("x_count 3\n"), "{s}");
+    /// Every kube-proxy (nftables mode, 1.34) series kproxy exports: name, type, labels.
+    const KUBE_PROXY_SERIES: [(&str, &str, &str); 16] = [
+        ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram", "ip_family"),
+        ("kubeproxy_sync_full_proxy_rules_duration_seconds", "histogram", "ip_family"),
+        ("kubeproxy_sync_partial_proxy_rules_duration_seconds", "histogram", "ip_family"),
+        ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge", "ip_family"),
+        ("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "gauge", "ip_family"),
+        ("kubeproxy_network_programming_duration_seconds", "histogram", "ip_family"),
+        ("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "gauge", ""),
+        ("kubeproxy_sync_proxy_rules_endpoint_changes_total", "counter", ""),
+        ("kubeproxy_sync_proxy_rules_service_changes_pending", "gauge", ""),
+        ("kubeproxy_sync_proxy_rules_service_changes_total", "counter", ""),
+        (
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "gauge",
+            "ip_family,traffic_policy",
+        ),
+        ("kubeproxy_sync_proxy_rules_nftables_sync_failures_total", "counter", "ip_family"),
+        ("kubeproxy_proxy_healthz_total", "counter", "code"),
+        ("kubeproxy_proxy_livez_total", "counter", "code"),
+        ("kubeproxy_conntrack_reconciler_sync_duration_seconds", "histogram", "ip_family"),
+        ("kubeproxy_conntrack_reconciler_deleted_entries_total", "counter", "ip_family"),
+    ];
+
+    /// The label names of the first sample of `name` in `text`.
+    fn labels_of(text: &str, name: &str) -> String {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.strip_prefix(name).is_some_and(|r| {
+                    r.starts_with(' ') || r.starts_with('{') || r.starts_with("_bucket{")
+                })
+            })
+            .unwrap_or_else(|| panic!("no sample of {name}"));
+        let Some((_, rest)) = line.split_once('{') else { return String::new() };
+        let inner = rest.split_once('}').unwrap().0;
+        inner
+            .split(',')
+            .map(|kv| kv.split_once('=').unwrap().0)
+            .filter(|k| *k != "le")
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     #[test]
-    fn render_has_every_metric() {
-        let m = Metrics::default();
-        m.sync_done(Duration::from_millis(3), UNIX_EPOCH + Duration::from_secs(1000), 7, 5);
+    fn kube_proxy_series_have_their_names_types_and_labels() {
+        let s = Metrics::new().render();
+        for (name, kind, labels) in KUBE_PROXY_SERIES {
+            assert!(s.contains(&format!("# TYPE {name} {kind}\n")), "{name} {kind} missing:\n{s}");
+            assert_eq!(labels_of(&s, name), labels, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_series_exists_from_the_start() {
+        let s = Metrics::new().render();
+        for want in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 0\n",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 0\n",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 0\n",
+            "kubeproxy_proxy_healthz_total{code=\"503\"} 0\n",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 0\n",
+            "kproxy_sync_errors_total{kind=\"invalid_object\"} 0\n",
+            "kproxy_sync_errors_total{kind=\"write\"} 0\n",
+            "kproxy_packets_total{reason=\"drop_malformed\"} 0\n",
+            "kproxy_map_full_errors_total{map=\"services\"} 0\n",
+            "kproxy_map_entries{map=\"fragments\"} 0\n",
+            "kproxy_devices_attached{kind=\"external\"} 0\n",
+            "kproxy_nodeport_devices_missing 0\n",
+            "kproxy_device_attach_errors_total 0\n",
+            "kproxy_conntrack_evictions_total 0\n",
+            "kproxy_manifest_errors_total 0\n",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in\n{s}");
+        }
+        for r in Reason::ALL {
+            assert!(s.contains(&format!("kproxy_packets_total{{reason=\"{}\"}} 0\n", r.name())));
+        }
+        // Every kind a sync can report is listed (so it exists at 0).
+        let full = DataplaneError::Full { map: "kp_be4", capacity: 1, key: "1".into() };
+        let other = DataplaneError::Map {
+            map: "kp_be4",
+            op: "update",
+            key: "1".into(),
+            source: std::io::Error::other("x"),
+        };
+        for e in [
+            SyncError::Service { service: "s".into(), source: full },
+            SyncError::Service { service: "s".into(), source: other },
+            SyncError::TooManyBackends { service: "s".into(), count: 2, max: 1 },
+        ] {
+            assert!(SYNC_ERROR_KINDS.contains(&e.kind()), "{}", e.kind());
+        }
+        // The map labels are the dataplane's.
+        let dp: Vec<&str> = usage::MAP_LABELS.iter().map(|(_, l)| *l).collect();
+        assert_eq!(dp, MAP_LABELS);
+        for pinned in usage::SYNCED_MAPS {
+            assert!(WRITTEN_MAPS.contains(&usage::map_label(pinned)));
+        }
+    }
+
+    /// The README's metrics section lists every metric the agent exports.
+    #[test]
+    fn readme_lists_every_metric() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        let s = Metrics::new().render();
+        for name in s.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = name.split_whitespace().next().unwrap();
+            assert!(readme.contains(&format!("`{name}")), "README does not list {name}");
+        }
+    }
+
+    #[test]
+    fn buckets_are_kube_proxy_s() {
+        let b = sync_buckets();
+        assert_eq!((b.len(), b[0], b[14]), (15, 0.001, 16.384));
+        let p = programming_buckets();
+        assert_eq!(p.len(), 3 + 59 + 12 + 7);
+        assert_eq!(&p[..5], &[0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert_eq!(&p[p.len() - 8..], &[115.0, 120.0, 150.0, 180.0, 210.0, 240.0, 270.0, 300.0]);
+    }
+
+    #[test]
+    fn values_are_recorded() {
+        let m = Metrics::new();
+        m.sync_done(Duration::from_millis(3), false, UNIX_EPOCH + Duration::from_secs(1000), 7, 5);
+        m.sync_done(Duration::from_millis(30), true, UNIX_EPOCH + Duration::from_secs(1001), 7, 5);
         m.sync_error("map_full");
+        m.map_full("backends");
         m.manifest_errors(2);
         m.observe_programming(1.5);
-        m.set_packets(vec![(Reason::TranslatedNew, 42)]);
-        m.sync_failed(&SyncError::Service {
-            service: "default/web:http/TCP".into(),
-            source: DataplaneError::Full { map: names::BACKENDS4, capacity: 4, key: "9".into() },
-        });
-        m.set_map_usage(vec![MapUsage {
-            map: "conntrack",
-            pinned: names::CT4,
-            entries: 3,
-            capacity: 4,
-        }]);
-        m.set_devices_attached(1, 5);
+        m.set_packets(&[(Reason::TranslatedNew, 42)]);
+        m.set_packets(&[(Reason::TranslatedNew, 40)]); // maps recreated: a reset
+        m.set_map_usage([("conntrack", 3, 4)]);
+        m.set_devices(1, 5, 2);
         m.device_attach_failed();
-        let ct =
-            crate::dataplane::conntrack::CtStats { entries: 3, capacity: 8, ..Default::default() };
-        m.set_conntrack(ct, 5);
-        let s = m.render();
+        m.conntrack_collected(4, 5, Duration::from_millis(2));
+        m.conntrack_collected(1, 5, Duration::from_millis(2));
+        m.count_changes(3, 1);
+        m.set_pending_changes(2, 1);
+        m.set_no_local_endpoints(1, 2);
+        m.healthz_answered(503);
+        m.livez_answered(200);
+        m.sync_failed();
+        m.change_queued(UNIX_EPOCH + Duration::from_secs(999));
+        let r = m.respond("/metrics");
+        assert_eq!((r.status, r.content_type), (200, "text/plain; version=0.0.4"));
+        let s = r.body;
         for want in [
-            "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1\n",
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds 1000\n",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 1\n",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 0\n",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2\n",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.004\"} 1\n",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1\n",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.016\"} 0\n",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1001\n",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"} 999\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"2\"} 1\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"1\"} 0\n",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 3\n",
+            "kubeproxy_sync_proxy_rules_service_changes_total 1\n",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 2\n",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"} 1\n",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"} 1\n",
+            "kubeproxy_proxy_healthz_total{code=\"503\"} 1\n",
+            "kubeproxy_proxy_livez_total{code=\"200\"} 1\n",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 5\n",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"} 2\n",
             "kproxy_services_programmed 7\n",
             "kproxy_backends_programmed 5\n",
             "kproxy_manifest_errors_total 2\n",
-            "kproxy_packets_total{reason=\"translated_new\"} 42\n",
-            "kproxy_sync_errors_total{kind=\"map_full\"} 2\n",
+            "kproxy_packets_total{reason=\"translated_new\"} 40\n",
+            "kproxy_sync_errors_total{kind=\"map_full\"} 1\n",
             "kproxy_map_full_errors_total{map=\"backends\"} 1\n",
-            "kproxy_map_full_errors_total{map=\"services\"} 0\n",
             "kproxy_map_entries{map=\"conntrack\"} 3\n",
             "kproxy_map_capacity{map=\"conntrack\"} 4\n",
             "kproxy_map_pressure{map=\"conntrack\"} 0.75\n",
-            "kproxy_devices_attached{kind=\"external\"} 1\n",
             "kproxy_devices_attached{kind=\"pod\"} 5\n",
+            "kproxy_nodeport_devices_missing 2\n",
             "kproxy_device_attach_errors_total 1\n",
             "kproxy_conntrack_evictions_total 5\n",
         ] {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }
-    }
-
-    #[test]
-    fn healthz_follows_kube_proxy() {
-        let m = Metrics::default();
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        // Never synced.
-        assert_eq!(m.healthz(t0).0, 503);
-        m.sync_done(Duration::from_millis(1), t0, 0, 0);
-        let (code, body) = m.healthz(t0 + Duration::from_secs(1));
-        assert_eq!(code, 200);
-        assert!(body.contains("\"lastUpdated\": \"2023-11-14T22:13:20Z\""), "{body}");
-        assert!(body.contains("\"currentTime\": \"2023-11-14T22:13:21Z\""), "{body}");
-        // No change pending: healthy however long ago the last sync was.
-        assert_eq!(m.healthz(t0 + Duration::from_secs(3600)).0, 200);
-        // A change pending for longer than the timeout: unhealthy until the next sync.
-        m.change_queued(t0 + Duration::from_secs(10));
-        assert_eq!(m.healthz(t0 + Duration::from_secs(20)).0, 200);
-        assert_eq!(m.healthz(t0 + Duration::from_secs(10) + HEALTH_TIMEOUT).0, 503);
-        m.sync_done(Duration::from_millis(1), t0 + Duration::from_secs(80), 0, 0);
-        assert_eq!(m.healthz(t0 + Duration::from_secs(81)).0, 200);
-    }
-
-    /// A BPF map of `map_type` with u32 keys and u64 values, room for twice `n` (an LRU map
-    /// evicts before it is quite full) and holding `n` entries; `None` without the privileges
-    /// to create one.
-    fn bpf_map(map_type: u32, n: u32) -> Option<std::os::fd::OwnedFd> {
-        use std::os::fd::FromRawFd as _;
-        let mut create = [0u32; 6];
-        create[..4].copy_from_slice(&[map_type, 4, 8, 2 * n.max(1)]);
-        // SAFETY: BPF_MAP_CREATE with an attribute block of plain numbers.
-        let fd = unsafe { bpf(0, &mut create) }.ok()?;
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        for k in 0..n {
-            let v = u64::from(k) * 3;
-            let mut attr = [0u64; 4];
-            attr[0] = u64::from(fd.as_raw_fd() as u32);
-            attr[1] = &k as *const u32 as u64;
-            attr[2] = &v as *const u64 as u64;
-            // SAFETY: key and value pointers to locals alive across the call.
-            unsafe { bpf(2, &mut attr) }.expect("BPF_MAP_UPDATE_ELEM");
-        }
-        Some(fd)
-    }
-
-    #[test]
-    fn map_entries_are_counted_in_batches_and_key_by_key() {
-        const HASH: u32 = 1;
-        const LRU_HASH: u32 = 9;
-        for (ty, n) in [(HASH, 0), (HASH, 1), (HASH, 10_000), (LRU_HASH, 5000)] {
-            let Some(fd) = bpf_map(ty, n) else {
-                eprintln!("skipped: cannot create BPF maps (not root?)");
-                return;
-            };
-            let fd = fd.as_raw_fd();
-            assert_eq!(count_batched(fd, 4, 8).unwrap(), Some(u64::from(n)), "type {ty}");
-            assert_eq!(count_by_keys(fd, 4).unwrap(), u64::from(n), "type {ty}");
-            assert_eq!(count_entries(fd, 4, 8).unwrap(), u64::from(n));
-        }
-    }
-
-    #[tokio::test]
-    async fn http_server_answers_on_loopback() {
-        let m = Arc::new(Metrics::default());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mm = m.clone();
-        let server =
-            tokio::spawn(serve_listener(listener, move |p| respond(&mm, Role::Healthz, p)));
-        let get = |path: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
-        assert!(get("/healthz").await.starts_with("HTTP/1.1 503 "));
-        m.sync_done(Duration::from_millis(1), SystemTime::now(), 0, 0);
-        let r = get("/healthz").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
-        assert!(r.contains("lastUpdated"), "{r}");
-        assert!(get("/metrics").await.starts_with("HTTP/1.1 404 "));
-        server.abort();
+        assert_eq!(m.respond("/other").status, 404);
     }
 }

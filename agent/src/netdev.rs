@@ -289,7 +289,7 @@ impl State {
 
     fn publish(&self) {
         let ext = self.attached.values().filter(|(k, _)| *k == Kind::External).count();
-        self.metrics.set_devices_attached(ext, self.attached.len() - ext);
+        self.metrics.set_devices(ext, self.attached.len() - ext, self.missing.len());
     }
 
     fn apply(&mut self, events: Vec<netlink::LinkEvent>) {
@@ -311,8 +311,10 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Attaches the external devices (an error if one cannot be attached: the agent would not
-    /// serve NodePorts), then every matching pod interface, and follows link changes from then on.
+    /// Attaches the external devices and every matching pod interface, and follows link
+    /// changes from then on. A NodePort device that does not exist or cannot be attached does not
+    /// stop the agent: it is warned about, counted (`kproxy_nodeport_devices_missing`,
+    /// `kproxy_device_attach_errors_total`) and attached when it appears or on the next retry.
     pub fn start(
         mut datapath: Datapath,
         spec: DeviceSpec,
@@ -326,15 +328,7 @@ impl Devices {
                 None
             }
         };
-        let mut attached = BTreeMap::new();
-        for dev in &spec.external {
-            datapath
-                .attach_external(dev, spec.mode)
-                .with_context(|| format!("attaching to NodePort device {dev}"))?;
-            let index = ifindex(dev).unwrap_or(0);
-            info!(device = %dev, kind = "external", ifindex = index, mode = ?spec.mode, "programs attached");
-            attached.insert(dev.clone(), (Kind::External, index));
-        }
+        let attached = BTreeMap::new();
         sweep_stale_xdp_pins(&mut datapath, &spec.external);
         let mut state = State {
             spec,

@@ -274,24 +274,49 @@ pub struct Service4Value {
 }
 const _: () = assert!(core::mem::size_of::<Service4Value>() == 16);
 
-/// Flags of a service entry ([`Service4Value::flags`]).
-pub mod svc_flags {
-    /// The frontend is a ClusterIP.
-    pub const CLUSTER_IP: u16 = 1 << 0;
-    /// The frontend is a node address + NodePort.
-    pub const NODE_PORT: u16 = 1 << 1;
-    /// The frontend is an externalIP.
-    pub const EXTERNAL_IP: u16 = 1 << 2;
-    /// The frontend is a LoadBalancer ingress IP.
-    pub const LOAD_BALANCER: u16 = 1 << 3;
-    /// Backends are node-local only (externalTrafficPolicy or internalTrafficPolicy Local): never
-    /// source-NAT, the client address is preserved.
-    pub const LOCAL_ONLY: u16 = 1 << 4;
-    /// With `count == 0`, drop instead of rejecting (kube-proxy drops traffic for a Local policy
-    /// service that has endpoints, but none on this node; it rejects when there are none at all).
-    pub const DROP_IF_EMPTY: u16 = 1 << 5;
-    /// sessionAffinity: ClientIP.
-    pub const AFFINITY: u16 = 1 << 6;
+/// Declares a module of bit flags: each constant with its doc, and `NAMES`, every flag with the
+/// name the operator commands print for it, from the same list (so a new flag cannot be left out
+/// of `kproxy service list` or `kproxy conntrack list`).
+macro_rules! flags {
+    ($(#[$mdoc:meta])* pub mod $module:ident: $ty:ty {
+        $($(#[$doc:meta])* $name:ident = $val:expr, $label:literal;)*
+    }) => {
+        $(#[$mdoc])*
+        pub mod $module {
+            $($(#[$doc])* pub const $name: $ty = $val;)*
+
+            /// Every flag with its name, in bit order.
+            pub const NAMES: &[($ty, &str)] = &[$(($name, $label),)*];
+
+            /// The names of the flags set in `bits`.
+            pub fn names(bits: $ty) -> impl Iterator<Item = &'static str> {
+                NAMES.iter().filter(move |(b, _)| bits & b != 0).map(|(_, n)| *n)
+            }
+        }
+    };
+}
+
+flags! {
+    /// Flags of a service entry ([`Service4Value::flags`]).
+    pub mod svc_flags: u16 {
+        /// The frontend is a ClusterIP.
+        CLUSTER_IP = 1 << 0, "cluster-ip";
+        /// The frontend is a node address + NodePort.
+        NODE_PORT = 1 << 1, "node-port";
+        /// The frontend is an externalIP.
+        EXTERNAL_IP = 1 << 2, "external-ip";
+        /// The frontend is a LoadBalancer ingress IP.
+        LOAD_BALANCER = 1 << 3, "load-balancer";
+        /// Backends are node-local only (externalTrafficPolicy or internalTrafficPolicy Local):
+        /// never source-NAT, the client address is preserved.
+        LOCAL_ONLY = 1 << 4, "local-only";
+        /// With `count == 0`, drop instead of rejecting (kube-proxy drops traffic for a Local
+        /// policy service that has endpoints, but none on this node; it rejects when there are
+        /// none at all).
+        DROP_IF_EMPTY = 1 << 5, "drop-if-empty";
+        /// sessionAffinity: ClientIP.
+        AFFINITY = 1 << 6, "affinity";
+    }
 }
 
 /// Value of [`names::BACKENDS4`] (key: backend id, u32, host order, never 0).
@@ -309,13 +334,15 @@ pub struct Backend4 {
 }
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
 
-/// Flags of a backend ([`Backend4::flags`]).
-pub mod backend_flags {
-    /// The backend runs on this node (reached without source NAT from external devices).
-    pub const LOCAL: u8 = 1 << 0;
-    /// The endpoint is terminating (informational: the agent keeps such backends out of the
-    /// slots unless kube-proxy's fallback applies).
-    pub const TERMINATING: u8 = 1 << 1;
+flags! {
+    /// Flags of a backend ([`Backend4::flags`]).
+    pub mod backend_flags: u8 {
+        /// The backend runs on this node (reached without source NAT from external devices).
+        LOCAL = 1 << 0, "local";
+        /// The endpoint is terminating (informational: the agent keeps such backends out of the
+        /// slots unless kube-proxy's fallback applies).
+        TERMINATING = 1 << 1, "terminating";
+    }
 }
 
 /// A 5-tuple as seen in a packet: key of [`names::CT4`] (original direction, before any
@@ -379,18 +406,20 @@ pub mod ct_state {
     pub const CLOSED: u8 = 3;
 }
 
-/// Connection flags ([`Ct4Value::flags`]).
-pub mod ct_flags {
-    /// Source NAT applied (NodePort to a remote backend).
-    pub const SNAT: u8 = 1 << 0;
-    /// Entered through an external device.
-    pub const EXTERNAL: u8 = 1 << 1;
-    /// Hairpin: the client is its own backend.
-    pub const HAIRPIN: u8 = 1 << 2;
-    /// The frontend is a node address (NodePort, or any flow from an external device): replies
-    /// restored on a pod interface carry a node-local source, which the stack would drop as a
-    /// martian, so they are forwarded through the FIB.
-    pub const REPLY_FIB: u8 = 1 << 3;
+flags! {
+    /// Connection flags ([`Ct4Value::flags`]).
+    pub mod ct_flags: u8 {
+        /// Source NAT applied (NodePort to a remote backend).
+        SNAT = 1 << 0, "snat";
+        /// Entered through an external device.
+        EXTERNAL = 1 << 1, "external";
+        /// Hairpin: the client is its own backend.
+        HAIRPIN = 1 << 2, "hairpin";
+        /// The frontend is a node address (NodePort, or any flow from an external device): replies
+        /// restored on a pod interface carry a node-local source, which the stack would drop as a
+        /// martian, so they are forwarded through the FIB.
+        REPLY_FIB = 1 << 3, "reply-fib";
+    }
 }
 
 /// Idle timeouts by protocol and state, after kube-proxy's conntrack settings and the kernel's
@@ -559,10 +588,12 @@ pub struct NodeConfig {
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
 
-/// Node configuration flags ([`NodeConfig::flags`]).
-pub mod cfg_flags {
-    /// The agent has written the configuration; until then the programs pass everything.
-    pub const READY: u32 = 1 << 0;
+flags! {
+    /// Node configuration flags ([`NodeConfig::flags`]).
+    pub mod cfg_flags: u32 {
+        /// The agent has written the configuration; until then the programs pass everything.
+        READY = 1 << 0, "ready";
+    }
 }
 
 macro_rules! reasons {
@@ -718,6 +749,21 @@ mod tests {
         // their own).
         assert_eq!(seen.iter().filter(|s| **s).count(), 2 * 2 * 3);
         assert_eq!(hints::port_slot(hints::FRONTEND, proto::ICMP, 0), None);
+    }
+
+    #[test]
+    fn flag_names_come_with_the_flags() {
+        assert_eq!(svc_flags::NAMES.len(), 7);
+        assert_eq!(svc_flags::NAMES[0], (svc_flags::CLUSTER_IP, "cluster-ip"));
+        let mut seen = 0u8;
+        for (bit, _) in ct_flags::NAMES {
+            assert_eq!(bit.count_ones(), 1);
+            assert_eq!(seen & bit, 0, "two flags share a bit");
+            seen |= bit;
+        }
+        let mut it = svc_flags::names(svc_flags::NODE_PORT | svc_flags::AFFINITY);
+        assert_eq!((it.next(), it.next(), it.next()), (Some("node-port"), Some("affinity"), None));
+        assert_eq!(backend_flags::names(0).count(), 0);
     }
 
     #[test]

@@ -15,7 +15,6 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Service;
-use serde::Deserialize;
 
 use crate::{
     client::tcp_request,
@@ -43,12 +42,12 @@ pub fn load_services(dir: &Path) -> Result<Vec<Service>> {
     files.sort();
     for f in files {
         let text = std::fs::read_to_string(&f)?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::Value::deserialize(doc)
-                .with_context(|| format!("parsing {}", f.display()))?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+            .with_context(|| format!("parsing {}", f.display()))?;
+        for v in docs {
             if v.get("kind").and_then(|k| k.as_str()) == Some("Service") {
                 out.push(
-                    serde_yaml::from_value(v)
+                    serde_json::from_value(v)
                         .with_context(|| format!("Service in {}", f.display()))?,
                 );
             }

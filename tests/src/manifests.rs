@@ -413,7 +413,7 @@ mod tests {
         svc.external_ips = vec![Ipv4Addr::new(198, 18, 200, 20)];
         svc.lb_ips = vec![Ipv4Addr::new(198, 18, 200, 10)];
         svc.labels = vec![("service.kubernetes.io/headless".into(), "".into())];
-        let s: K8sService = serde_yaml::from_str(&svc.to_yaml()).expect("service YAML");
+        let s: K8sService = serde_saphyr::from_str(&svc.to_yaml()).expect("service YAML");
         let spec = s.spec.unwrap();
         assert_eq!(spec.cluster_ip.as_deref(), Some("198.19.0.10"));
         assert_eq!(spec.ports.as_ref().unwrap()[0].node_port, Some(30080));
@@ -430,7 +430,7 @@ mod tests {
         ];
         let mut slice = Slice::for_service(&svc, eps);
         slice.trigger_time = Some("2026-01-01T00:00:00Z".into());
-        let e: EndpointSlice = serde_yaml::from_str(&slice.to_yaml()).expect("slice YAML");
+        let e: EndpointSlice = serde_saphyr::from_str(&slice.to_yaml()).expect("slice YAML");
         let endpoints = e.endpoints.clone().unwrap();
         assert_eq!(endpoints.len(), 2);
         assert_eq!(endpoints[1].conditions.as_ref().unwrap().terminating, Some(true));

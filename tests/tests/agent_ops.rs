@@ -217,8 +217,12 @@ fn metrics_pass_promtool_and_health_answers() {
     }
     assert_eq!(metric(&metrics, "kproxy_devices_attached{kind=\"pod\"}"), Some(3.0));
     for name in [
-        "kubeproxy_sync_proxy_rules_duration_seconds_count",
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_proxy_healthz_total{code=\"200\"}",
+        "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}",
         "kproxy_services_programmed",
         "kproxy_backends_programmed",
     ] {
@@ -230,7 +234,8 @@ fn metrics_pass_promtool_and_health_answers() {
         .and_then(|v| v.trim().parse().ok())
         .expect("services gauge");
     assert!(programmed >= 1.0, "{metrics}");
-    // promtool's own parser and linter.
+    // promtool's own parser and linter. Its only complaint is kube-proxy's own name for a gauge
+    // (`..._no_local_endpoints_total`), kept so that dashboards work.
     let mut p = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -240,11 +245,15 @@ fn metrics_pass_promtool_and_health_answers() {
         .expect("promtool (make setup installs it)");
     p.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
     let out = p.wait_with_output().unwrap();
+    let upstream_lint = "kubeproxy_sync_proxy_rules_no_local_endpoints_total non-counter metrics should not have \"_total\" suffix";
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let problems: Vec<&str> =
+        text.lines().filter(|l| !l.trim().is_empty() && l.trim() != upstream_lint).collect();
     assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        problems.is_empty() && (out.status.success() || text.contains(upstream_lint)),
+        "promtool check metrics failed ({}):\n{text}",
+        out.status
     );
     let (code, body) = http_get(&node, s.lab.node(0).ip, 10256, "/healthz");
     assert_eq!(code, 200, "{body}");

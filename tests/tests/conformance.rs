@@ -474,7 +474,7 @@ fn upstream_should_work_after_restarting_apiserver() {
         };
         let apply = |api: &ApiServer, svc: &Service, eps: Vec<Endpoint>| {
             for y in [svc.to_yaml(), Slice::for_service(svc, eps).to_yaml()] {
-                let v: serde_json::Value = serde_yaml::from_str(&y).unwrap();
+                let v: serde_json::Value = serde_saphyr::from_str(&y).unwrap();
                 api.apply(v).unwrap();
             }
         };
@@ -769,6 +769,35 @@ fn upstream_should_serve_health_check_node_port_for_externaltrafficpolicy_local(
         eventually("node 1 now 200", || {
             http_get(&client, c.node_ip(1), 32000).filter(|(c, _)| *c == 200)
         });
+    });
+}
+
+#[test]
+fn upstream_should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() {
+    both("healthcheck-terminating", |c| {
+        let mut svc = web(VIP);
+        svc.svc_type = SvcType::NodePort;
+        svc.external_local = true;
+        svc.health_check_node_port = Some(32010);
+        svc.ports[0] = svc.ports[0].clone().node_port(30190);
+        let client = c.client();
+        c.put(&svc, vec![c.ep(0, 0)]);
+        let (_, body) = eventually("health check on node 0 passes", || {
+            http_get(&client, c.node_ip(0), 32010).filter(|(code, _)| *code == 200)
+        });
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(v["localEndpoints"], 1, "{body}");
+        // The only local endpoint starts terminating (still serving): the health check fails so
+        // that the load balancer drains the node...
+        c.put(&svc, vec![c.ep(0, 0).terminating()]);
+        let (_, body) = eventually("health check on node 0 fails", || {
+            http_get(&client, c.node_ip(0), 32010).filter(|(code, _)| *code == 503)
+        });
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(v["localEndpoints"], 0, "{body}");
+        assert_eq!(v["serviceProxyHealthy"], true, "{body}");
+        // ...while the traffic that still arrives is served by the terminating endpoint.
+        converge_to(&client, c.node_ip(0), 30190, Proto::Tcp, &["node-0-pod-0"]);
     });
 }
 

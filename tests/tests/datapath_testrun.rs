@@ -1878,7 +1878,7 @@ fn conntrack_gc_deletes_expired_entries_and_their_reverse_nat_only() {
     assert_eq!(env.maps.revnat().unwrap().len(), 2);
 
     // Now: nothing is expired, nothing is deleted.
-    let now = kproxy::cli::show::monotonic_ns();
+    let now = kproxy::dataplane::monotonic_ns();
     let g = env.maps.conntrack_gc(now).unwrap();
     assert_eq!((g.deleted, g.revnat_deleted, g.stats.entries), (0, 0, 2));
 
@@ -1956,7 +1956,7 @@ fn conntrack_gc_cost_on_a_large_table() {
         assert_eq!(v, TC_ACT_OK);
     }
     let fill = t0.elapsed();
-    let now = kproxy::cli::show::monotonic_ns();
+    let now = kproxy::dataplane::monotonic_ns();
     let t1 = std::time::Instant::now();
     let g = env.maps.conntrack_gc(now).unwrap();
     let keep = t1.elapsed();

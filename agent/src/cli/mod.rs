@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config;
+
 pub mod show;
 
 /// kproxy: an eBPF replacement for kube-proxy.
@@ -105,11 +107,13 @@ pub struct ConntrackArgs {
     pub revnat: bool,
 }
 
-/// Arguments of `kproxy agent`.
+/// Arguments of `kproxy agent`, as parsed. Single values are checked here (ranges, names,
+/// patterns); [`Config::from_args`](crate::config::Config::from_args) checks the rest and is
+/// what the agent runs with.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// This node's name (endpoints with this nodeName are local).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", value_parser = config::parse_node_name)]
     pub node_name: String,
     /// Read Services, EndpointSlices and Nodes from this directory of YAML manifests.
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
@@ -118,57 +122,99 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// External devices: NodePort frontends are their IPv4 addresses; XDP/TC programs attach here.
-    #[arg(long, value_name = "DEV[,DEV]", value_delimiter = ',', required = true)]
+    /// A device that does not exist (yet) is waited for and attached when it appears.
+    #[arg(
+        long,
+        value_name = "DEV[,DEV]",
+        value_delimiter = ',',
+        required = true,
+        value_parser = config::parse_device_name
+    )]
     pub nodeport_devices: Vec<String>,
-    /// Globs of the host-side pod interfaces (e.g. `vp*`); matching interfaces that appear later
-    /// are attached too.
-    #[arg(long, value_name = "GLOB[,GLOB]", value_delimiter = ',', required = true)]
+    /// Patterns of the host-side pod interfaces (`*` any run, `?` one character, e.g. `vp*`);
+    /// matching interfaces that appear later are attached too.
+    #[arg(
+        long,
+        value_name = "GLOB[,GLOB]",
+        value_delimiter = ',',
+        required = true,
+        value_parser = config::parse_device_glob
+    )]
     pub pod_devices: Vec<String>,
-    /// Directory for the node's pins.
+    /// Directory for the node's pins (on a BPF filesystem).
     #[arg(long, value_name = "DIR")]
     pub pin_path: PathBuf,
-    /// Prometheus metrics listen address.
+    /// Prometheus metrics listen address (kube-proxy's default: the node itself only).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
-    /// Health check (`/healthz`) listen address.
+    /// Health check (`/healthz`, `/livez`) listen address.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
     /// Address the healthCheckNodePort servers of externalTrafficPolicy=Local services bind to;
     /// `none` disables them.
-    #[arg(long, value_name = "ADDR|none", default_value = "0.0.0.0")]
-    pub health_check_bind: String,
+    #[arg(
+        long,
+        value_name = "ADDR|none",
+        default_value = "0.0.0.0",
+        value_parser = config::parse_health_check_bind
+    )]
+    pub health_check_bind: config::HealthCheckBind,
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
     /// Capacity of the services map (service entries plus backend slots).
-    #[arg(long, default_value_t = kproxy_common::defaults::SERVICES4_MAX)]
+    #[arg(
+        long,
+        default_value_t = kproxy_common::defaults::SERVICES4_MAX,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     pub max_services: u32,
     /// Capacity of the backends map.
-    #[arg(long, default_value_t = kproxy_common::defaults::BACKENDS4_MAX)]
+    #[arg(
+        long,
+        default_value_t = kproxy_common::defaults::BACKENDS4_MAX,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     pub max_backends: u32,
     /// Capacity of the connection-tracking map.
-    #[arg(long, default_value_t = kproxy_common::defaults::CT4_MAX)]
+    #[arg(
+        long,
+        default_value_t = kproxy_common::defaults::CT4_MAX,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     pub max_conntrack: u32,
     /// Capacity of the session-affinity map.
-    #[arg(long, default_value_t = kproxy_common::defaults::AFFINITY4_MAX)]
+    #[arg(
+        long,
+        default_value_t = kproxy_common::defaults::AFFINITY4_MAX,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     pub max_affinity: u32,
-    /// First source-NAT port.
-    #[arg(long, default_value_t = kproxy_common::defaults::SNAT_PORT_MIN)]
+    /// First source-NAT port (at most --snat-port-max).
+    #[arg(
+        long,
+        default_value_t = kproxy_common::defaults::SNAT_PORT_MIN,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
     pub snat_port_min: u16,
     /// Last source-NAT port.
-    #[arg(long, default_value_t = kproxy_common::defaults::SNAT_PORT_MAX)]
+    #[arg(
+        long,
+        default_value_t = kproxy_common::defaults::SNAT_PORT_MAX,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
     pub snat_port_max: u16,
-    /// How often sources and addresses are checked, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    /// How often sources and addresses are checked, in milliseconds (50 to 60000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub poll_interval_ms: u64,
     /// Period of the full device rescan behind the netlink link notifications, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub device_rescan_secs: u64,
     /// How often the map fill levels (`kproxy_map_entries`) are sampled, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub map_stats_interval_secs: u64,
     /// Full resync period in seconds (rewrites whatever differs from the shadow state).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub sync_period_secs: u64,
     /// Connection-tracking garbage collection interval in seconds (expired entries deleted,
     /// entries and evictions counted for the metrics); 0 disables it.
@@ -181,12 +227,17 @@ pub struct AgentArgs {
     pub cgroup_path: Option<PathBuf>,
 }
 
-/// Parses `kproxy agent --node-name node-0 --pin-path /p` followed by `extra`, for unit tests;
+/// Parses `kproxy agent` with `extra`, for unit tests; `--node-name node-0`, `--pin-path /p`,
 /// `--nodeport-devices eth0` and `--pod-devices 'vp*'` are added unless `extra` has them.
 #[cfg(test)]
 pub(crate) fn parse_agent(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
-    let mut argv = vec!["kproxy", "agent", "--node-name", "node-0", "--pin-path", "/p"];
-    for (flag, value) in [("--nodeport-devices", "eth0"), ("--pod-devices", "vp*")] {
+    let mut argv = vec!["kproxy", "agent"];
+    for (flag, value) in [
+        ("--node-name", "node-0"),
+        ("--pin-path", "/p"),
+        ("--nodeport-devices", "eth0"),
+        ("--pod-devices", "vp*"),
+    ] {
         if !extra.contains(&flag) {
             argv.extend([flag, value]);
         }

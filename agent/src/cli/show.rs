@@ -8,7 +8,7 @@ use kproxy_common::{
 };
 use serde_json::{Value, json};
 
-use crate::{metrics::MapUsage, model::proto_name};
+use crate::{dataplane::usage::MapUsage, model::proto_name};
 
 fn ip(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
@@ -19,27 +19,11 @@ fn port(be: u16) -> u16 {
 }
 
 fn svc_flag_names(f: u16) -> Vec<&'static str> {
-    [
-        (svc_flags::CLUSTER_IP, "cluster-ip"),
-        (svc_flags::NODE_PORT, "node-port"),
-        (svc_flags::EXTERNAL_IP, "external-ip"),
-        (svc_flags::LOAD_BALANCER, "load-balancer"),
-        (svc_flags::LOCAL_ONLY, "local-only"),
-        (svc_flags::DROP_IF_EMPTY, "drop-if-empty"),
-        (svc_flags::AFFINITY, "affinity"),
-    ]
-    .into_iter()
-    .filter(|(b, _)| f & b != 0)
-    .map(|(_, n)| n)
-    .collect()
+    svc_flags::names(f).collect()
 }
 
 fn backend_flag_names(f: u8) -> Vec<&'static str> {
-    [(backend_flags::LOCAL, "local"), (backend_flags::TERMINATING, "terminating")]
-        .into_iter()
-        .filter(|(b, _)| f & b != 0)
-        .map(|(_, n)| n)
-        .collect()
+    backend_flags::names(f).collect()
 }
 
 fn scope_name(s: u8) -> &'static str {
@@ -165,11 +149,7 @@ fn state_name(s: u8) -> &'static str {
 }
 
 fn ct_flag_names(f: u8) -> Vec<&'static str> {
-    [(ct_flags::SNAT, "snat"), (ct_flags::EXTERNAL, "external"), (ct_flags::HAIRPIN, "hairpin")]
-        .into_iter()
-        .filter(|(b, _)| f & b != 0)
-        .map(|(_, n)| n)
-        .collect()
+    ct_flags::names(f).collect()
 }
 
 fn tuple(t: &Tuple4) -> String {
@@ -328,14 +308,6 @@ pub fn maps_json(usage: &[MapUsage]) -> Value {
     )
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime only writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +420,6 @@ mod tests {
         let t = stats_table(&c);
         assert!(t.contains("translated_new") && t.contains("reject_no_backend"), "{t}");
         assert_eq!(stats_json(&c)["reject_no_backend"], 1);
-        assert!(monotonic_ns() > 0);
+        assert!(crate::dataplane::monotonic_ns() > 0);
     }
 }

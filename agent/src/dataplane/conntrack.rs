@@ -1,7 +1,7 @@
 //! Connection-tracking upkeep, as Cilium's CT GC does it: a periodic garbage collection that
 //! deletes the `kp_ct4` entries whose idle timeout ([`kproxy_common::timeouts`]) has expired,
-//! together with their `kp_rnat4` partners, and the numbers behind the `kproxy_conntrack_*`
-//! metrics: present entries, capacity and LRU evictions.
+//! together with their `kp_rnat4` partners, and the numbers behind the conntrack metrics
+//! (present entries, capacity, LRU evictions, deletions).
 //!
 //! `kp_ct4` is an LRU hash: when it is full the kernel evicts its least recently used entries
 //! without telling anyone. The datapath counts the entries it creates and deletes in
@@ -15,7 +15,6 @@
 //! Linux 6.6 has a kfunc (`bpf_map_sum_elem_count`) to count the entries of a hash map without a
 //! walk; kproxy keeps the 5.15 line and walks, which the collection does anyway.
 use std::{
-    fmt::Write as _,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -64,28 +63,6 @@ impl CtStats {
             ("conntrack_deleted_gc", self.deleted_agent),
             ("conntrack_evictions", self.evictions()),
         ]
-    }
-
-    /// Prometheus text: `kproxy_conntrack_evictions_total` (the given monotonic value) and
-    /// `kproxy_conntrack_gc_deleted_total` (counters). The table's fill level is
-    /// `kproxy_map_entries{map="conntrack"}`, from the map sampler.
-    pub fn render_prometheus(&self, evictions: u64, out: &mut String) {
-        for (name, kind, help, v) in [
-            (
-                "kproxy_conntrack_evictions_total",
-                "counter",
-                "Connection-tracking entries evicted by the kernel because the LRU table was full.",
-                evictions,
-            ),
-            (
-                "kproxy_conntrack_gc_deleted_total",
-                "counter",
-                "Expired connection-tracking entries deleted by the agent's garbage collection.",
-                self.deleted_agent,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        }
     }
 }
 
@@ -276,11 +253,12 @@ impl EvictionCounter {
 
 /// Runs a garbage collection at once and then every `interval` on a thread of its own (the
 /// walks are blocking syscalls), with its own handle on the maps pinned under `pin_path`.
-/// `report` gets the numbers of each run and the monotonic eviction count.
+/// `report` gets the numbers of each run, the monotonic eviction count and how long the run
+/// took.
 pub fn spawn_gc(
     pin_path: PathBuf,
     interval: Duration,
-    report: impl Fn(&CtStats, u64) + Send + 'static,
+    report: impl Fn(&GcReport, u64, Duration) + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("kproxy-ct-gc".into()).spawn(move || {
         let mut dp = match BpfDataplane::open(&pin_path) {
@@ -294,10 +272,10 @@ pub fn spawn_gc(
         let mut last_evictions = None;
         loop {
             let started = Instant::now();
-            match dp.conntrack_gc(crate::cli::show::monotonic_ns()) {
+            match dp.conntrack_gc(super::monotonic_ns()) {
                 Ok(r) => {
                     let ev = evictions.update(&r.stats);
-                    report(&r.stats, ev);
+                    report(&r, ev, started.elapsed());
                     if last_evictions.is_some_and(|l| ev > l) {
                         warn!(
                             evicted = ev - last_evictions.unwrap_or(0),
@@ -349,14 +327,6 @@ mod tests {
         // A walk that saw entries created after the counters were read: the counter holds.
         assert_eq!(c.update(&CtStats { entries: 70, ..s }), 30);
         assert_eq!(c.update(&CtStats { created: 110, ..s }), 40);
-        let mut out = String::new();
-        s.render_prometheus(40, &mut out);
-        for want in [
-            "# TYPE kproxy_conntrack_evictions_total counter\nkproxy_conntrack_evictions_total 40\n",
-            "kproxy_conntrack_gc_deleted_total 7\n",
-        ] {
-            assert!(out.contains(want), "{want:?} in\n{out}");
-        }
         assert_eq!(s.rows()[5], ("conntrack_evictions", 30));
     }
 

@@ -142,7 +142,8 @@ fn fs_magic(path: &Path) -> Option<i64> {
     (unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0).then_some(s.f_type as i64)
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Whether `path` is on a BPF filesystem.
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     fs_magic(path) == Some(BPF_FS_MAGIC)
 }

@@ -9,6 +9,15 @@ pub mod hints;
 pub mod loader;
 pub mod mem;
 pub(crate) mod sys;
+pub mod usage;
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns` (the datapath's timestamps).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// A failed datapath write or read. Messages name the map and the key at fault.
 #[derive(Debug, thiserror::Error)]

@@ -236,7 +236,8 @@ pub struct ServicePortState {
 pub struct HealthCheck {
     /// The Service.
     pub service: ServiceName,
-    /// Number of local endpoints usable under the Local policy (the largest over its ports).
+    /// Ready endpoints on this node, counted by distinct address over the service's ports
+    /// (kube-proxy's `LocalReadyEndpoints`; terminating endpoints do not count).
     pub local_endpoints: usize,
 }
 
@@ -720,7 +721,10 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
     let mut out = ServiceResult::default();
     let Some(spec) = service_spec(svc, &mut out) else { return out };
     let name = &svc.name;
-    let mut local_total = 0usize;
+    // Ready endpoints on this node, by address over every port (kube-proxy's
+    // LocalReadyEndpoints): terminating ones never count, so a node left with only terminating
+    // endpoints fails its health check and load balancers drain it.
+    let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut ports: Vec<&ServicePortObj> = svc.ports.iter().collect();
     ports.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
     for (i, port) in ports.iter().enumerate() {
@@ -774,9 +778,7 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
             externally_accessible,
         };
         let cat = categorize(&eps, policy, &node.name, node.zone.as_deref());
-        if policy.external_local {
-            local_total = local_total.max(cat.local.len());
-        }
+        local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
         let to_backends = |set: &[Endpoint]| -> Vec<Backend> {
             let mut v: Vec<Backend> = set.iter().map(|e| backend_of(e, p)).collect();
             v.sort();
@@ -828,7 +830,7 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
     if spec.policy_external_local
         && let Some(port) = spec.health_check_node_port
     {
-        out.health = Some((port, local_total));
+        out.health = Some((port, local_ready.len()));
     }
     out
 }

@@ -269,13 +269,26 @@ pub struct NodeObj {
     pub name: String,
     /// `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// Whether load balancers may keep sending traffic to the node (kube-proxy's `SyncNode`):
+    /// false while it is being deleted (`deletionTimestamp` set) or tainted
+    /// [`TAINT_TO_BE_DELETED`].
+    pub eligible: bool,
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
 impl From<&Node> for NodeObj {
     fn from(n: &Node) -> Self {
+        let tainted = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
         Self {
             name: n.metadata.name.clone().unwrap_or_default(),
             zone: n.metadata.labels.as_ref().and_then(|l| l.get(LABEL_ZONE)).cloned(),
+            eligible: n.metadata.deletion_timestamp.is_none() && !tainted,
         }
     }
 }

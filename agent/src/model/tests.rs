@@ -2,11 +2,11 @@
 use super::*;
 
 fn svc(yaml: &str) -> Service {
-    serde_yaml::from_str(yaml).expect("service yaml")
+    serde_saphyr::from_str(yaml).expect("service yaml")
 }
 
 fn slice(yaml: &str) -> EndpointSlice {
-    serde_yaml::from_str(yaml).expect("slice yaml")
+    serde_saphyr::from_str(yaml).expect("slice yaml")
 }
 
 fn node() -> NodeInfo {
@@ -528,6 +528,47 @@ spec:
     let out = build(&[s], &[sl], &node());
     assert_eq!(out.state.health_checks[&32000].local_endpoints, 2);
     assert_eq!(out.state.health_checks[&32000].service.to_string(), "default/web");
+}
+
+#[test]
+fn health_check_counts_ready_local_addresses_only() {
+    let s = svc(r#"
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.10
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{name: http, port: 80, nodePort: 30081}, {name: alt, port: 81, nodePort: 30082}]
+"#);
+    let count = |slices: &[EndpointSlice]| {
+        build(std::slice::from_ref(&s), slices, &node()).state.health_checks[&32000].local_endpoints
+    };
+    // One pod serving both ports: one endpoint, not two.
+    let both = [
+        web_slice("web-a", "http", 8080, &[(10, 0, true, true, false)]),
+        web_slice("web-b", "alt", 8081, &[(10, 0, true, true, false)]),
+    ];
+    assert_eq!(count(&both), 1);
+    // Only terminating (still serving) local endpoints: traffic still falls back to them, but
+    // the health check fails so that load balancers drain the node.
+    let terminating = [web_slice(
+        "web-a",
+        "http",
+        8080,
+        &[(10, 0, false, true, true), (11, 0, false, true, true), (10, 1, true, true, false)],
+    )];
+    assert_eq!(count(&terminating), 0);
+    let out = build(std::slice::from_ref(&s), &terminating, &node());
+    assert_eq!(bes(&out.state, &fe([198, 18, 0, 10], 30081, proto::TCP, scope::EXTERNAL)).len(), 2);
+    // Not ready (and not terminating) does not count either; a ready one does.
+    let mixed = [web_slice(
+        "web-a",
+        "http",
+        8080,
+        &[(10, 0, false, false, false), (11, 0, true, true, false)],
+    )];
+    assert_eq!(count(&mixed), 1);
 }
 
 /// The demo manifests in `examples/demo` load without errors and give the frontends the demo

@@ -283,13 +283,35 @@ pub fn parse(content: &[u8]) -> Result<(Vec<Parsed>, Vec<String>), String> {
             return Ok((out.objects, out.ignored));
         }
     }
-    let text = std::str::from_utf8(content).map_err(|e| format!("not UTF-8: {e}"))?;
+    std::str::from_utf8(content).map_err(|e| format!("not UTF-8: {e}"))?;
     let mut out = Doc::default();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let d = Doc::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+    let mut reader = content;
+    for (i, doc) in serde_saphyr::read_with_options(&mut reader, yaml_options()).enumerate() {
+        let d: Doc = doc.map_err(|e| format!("document {}: {e}", i + 1))?;
         out.append(d);
     }
     Ok((out.objects, out.ignored))
+}
+
+/// The YAML parser's settings: YAML 1.2 scalars as serde_yaml read them (`y`, `n`, `on`, `off`
+/// stay strings; `0755` and `1_000` are not numbers), error messages without a snippet of the
+/// file, the default limits against alias and anchor expansion and none on the number of nodes,
+/// events and documents (a manifest directory of a large cluster holds millions; the file size
+/// is what bounds them).
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_reader_input_bytes = None;
+    budget.max_events = usize::MAX;
+    budget.max_nodes = usize::MAX;
+    budget.max_documents = usize::MAX;
+    budget.max_total_scalar_bytes = usize::MAX;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.strict_booleans = true;
+    options.leading_zero_numbers_as_strings = true;
+    options.underscored_numbers_as_strings = true;
+    options.with_snippet = false;
+    options
 }
 
 /// The objects of one document (a `List`'s items are taken one at a time).
@@ -610,7 +632,7 @@ mod tests {
         assert!(e.contains("Service") && e.contains("\"a\""), "{e}");
         // YAML flow style starting with a brace is YAML, not JSON.
         let (objs, _) = parse(b"{apiVersion: v1, kind: Node, metadata: {name: n}}").unwrap();
-        assert_eq!(objs, [Parsed::Node(NodeObj { name: "n".into(), zone: None })]);
+        assert_eq!(objs, [Parsed::Node(NodeObj { name: "n".into(), zone: None, eligible: true })]);
     }
 
     #[test]

@@ -345,7 +345,8 @@ pub fn agent_metrics(ns: &str) -> Result<AgentMetrics> {
         let mut it = line.split_whitespace();
         let (Some(name), Some(v)) = (it.next(), it.next()) else { continue };
         let v: f64 = v.parse().unwrap_or(f64::NAN);
-        match name {
+        // kube-proxy's series carry `{ip_family="IPv4"}`.
+        match name.split('{').next().unwrap_or(name) {
             "kubeproxy_sync_proxy_rules_duration_seconds_sum" => m.sync_sum_s = v,
             "kubeproxy_sync_proxy_rules_duration_seconds_count" => m.sync_count = v as u64,
             "kproxy_services_programmed" => m.frontends = v as u64,
