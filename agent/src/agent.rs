@@ -22,25 +22,84 @@ use crate::{
     metrics::{self, Metrics, Role, serve},
     model::{self, Changes, NodeInfo, Tracker},
     netdev,
-    source::{self, manifests::ManifestDir},
+    source::{self, dirwatch::DirWatch, manifests::ManifestDir},
     sync::Syncer,
 };
 
 /// Where the objects come from.
 enum Source {
-    Manifests(ManifestDir),
-    /// Events of the API watchers; `ready` once the first lists are in.
+    /// A manifest directory, read when its change notifications say so.
+    Manifests {
+        /// The directory's objects.
+        dir: ManifestDir,
+        /// Its inotify watch.
+        watch: DirWatch,
+    },
+    /// Events of the API watchers, applied to the tracker as they arrive.
     Watch {
         rx: tokio::sync::mpsc::UnboundedReceiver<source::kube::Event>,
+        /// The first lists are in.
         ready: bool,
+        /// A relist completed since the last sync: a full resync is due.
+        relisted: bool,
+        /// The watchers' channel closed (never expected: the watchers retry forever).
+        closed: bool,
     },
 }
 
 impl Source {
+    fn manifests(dir: &std::path::Path) -> Self {
+        Source::Manifests { dir: ManifestDir::new(dir), watch: DirWatch::new(dir) }
+    }
+
+    /// Waits for the source's next change notification (API events are applied to `tracker`
+    /// here); true when it calls for a sync. Cancel-safe. Never resolves while the source has no
+    /// notifications (an unwatched manifest directory is read on the loop's tick instead).
+    async fn changed(&mut self, tracker: &mut Tracker) -> bool {
+        match self {
+            Source::Manifests { watch, .. } => {
+                if watch.watching() {
+                    watch.changed().await;
+                    true
+                } else {
+                    std::future::pending().await
+                }
+            }
+            Source::Watch { rx, closed, .. } if !*closed => match rx.recv().await {
+                Some(ev) => {
+                    self.handle(ev, tracker);
+                    // Before the first complete list a sync could not run anyway.
+                    self.ready()
+                }
+                None => {
+                    error!("the Kubernetes watchers stopped: no more changes will be applied");
+                    *closed = true;
+                    false
+                }
+            },
+            Source::Watch { .. } => std::future::pending().await,
+        }
+    }
+
+    fn handle(&mut self, ev: source::kube::Event, tracker: &mut Tracker) {
+        let Source::Watch { ready, relisted, .. } = self else { return };
+        match ev {
+            source::kube::Event::Changes(changes) => {
+                for c in changes {
+                    tracker.apply(c);
+                }
+            }
+            source::kube::Event::Synced => {
+                *relisted |= *ready;
+                *ready = true;
+            }
+        }
+    }
+
     /// Feeds what changed into `tracker`; true when a full resync is due (the watches relisted).
     fn poll(&mut self, metrics: &Metrics, tracker: &mut Tracker) -> bool {
         match self {
-            Source::Manifests(dir) => {
+            Source::Manifests { dir, .. } => {
                 let r = dir.poll();
                 for e in &r.errors {
                     error!(file = %e.path.display(), error = %e.message, "manifest not loaded; keeping its last good objects");
@@ -54,24 +113,29 @@ impl Source {
                 }
                 false
             }
-            Source::Watch { rx, ready } => {
-                let mut resync = false;
-                loop {
-                    match rx.try_recv() {
-                        Ok(source::kube::Event::Changes(changes)) => {
-                            for c in changes {
-                                tracker.apply(c);
-                            }
-                        }
-                        Ok(source::kube::Event::Synced) => {
-                            resync |= *ready;
-                            *ready = true;
-                        }
-                        Err(_) => break,
-                    }
+            Source::Watch { .. } => {
+                while let Source::Watch { rx, .. } = self
+                    && let Ok(ev) = rx.try_recv()
+                {
+                    self.handle(ev, tracker);
                 }
-                resync
+                match self {
+                    Source::Watch { relisted, .. } => std::mem::take(relisted),
+                    Source::Manifests { .. } => false,
+                }
             }
+        }
+    }
+
+    /// On the loop's tick: whether the source must be read because it has no change
+    /// notifications (an unwatched manifest directory; watching it is tried again first).
+    fn needs_polling(&mut self) -> bool {
+        match self {
+            Source::Manifests { watch, .. } => {
+                // A watch set up just now: changes made before it have no event.
+                watch.rewatch() || !watch.watching()
+            }
+            Source::Watch { .. } => false,
         }
     }
 
@@ -79,10 +143,59 @@ impl Source {
     /// read: it would remove everything a previous agent programmed).
     fn ready(&self) -> bool {
         match self {
-            Source::Manifests(dir) => dir.ready(),
+            Source::Manifests { dir, .. } => dir.ready(),
             Source::Watch { ready, .. } => *ready,
         }
     }
+}
+
+/// When the next sync may start, with kube-proxy's `BoundedFrequencyRunner` rules: a change
+/// notification asks for a sync; the sync starts `coalesce` after the first request that found
+/// none pending (requests in between join it), and never sooner than `min_period` after the
+/// start of the previous sync (kube-proxy's `--min-sync-period`: requests arriving sooner are
+/// coalesced into that next sync).
+#[derive(Debug, Clone)]
+struct Schedule {
+    coalesce: Duration,
+    min_period: Duration,
+    /// The first request since the last sync started.
+    requested: Option<Instant>,
+    last_start: Option<Instant>,
+}
+
+impl Schedule {
+    fn new(coalesce: Duration, min_period: Duration) -> Self {
+        Self { coalesce, min_period, requested: None, last_start: None }
+    }
+
+    /// A sync is wanted (at `now`).
+    fn request(&mut self, now: Instant) {
+        self.requested.get_or_insert(now);
+    }
+
+    /// When the requested sync starts; `None` when none is requested.
+    fn due(&self) -> Option<Instant> {
+        let at = self.requested? + self.coalesce;
+        Some(match self.last_start {
+            Some(last) => at.max(last + self.min_period),
+            None => at,
+        })
+    }
+
+    /// The requested sync starts now: later requests ask for the next one.
+    fn started(&mut self, now: Instant) {
+        self.requested = None;
+        self.last_start = Some(now);
+    }
+}
+
+/// What woke the loop.
+enum Wake {
+    Stop(&'static str),
+    Sync,
+    Changed(bool),
+    Addresses,
+    Tick,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -147,58 +260,131 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _devices = netdev::Devices::start(datapath, spec, metrics.clone())?;
 
     let mut source = match (&args.manifests, &args.kubeconfig) {
-        (Some(dir), _) => Source::Manifests(ManifestDir::new(dir)),
+        (Some(dir), _) => Source::manifests(dir),
         (None, kubeconfig) => Source::Watch {
             rx: source::kube::spawn(kubeconfig.clone(), args.node_name.clone())
                 .await
                 .context("connecting to the Kubernetes API")?,
             ready: false,
+            relisted: false,
+            closed: false,
         },
+    };
+    // Node addresses follow the kernel's address notifications; without them they are read on
+    // every tick.
+    let addr_watch = match netdev::AddrWatch::start() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "no netlink address notifications: reading the node addresses every --poll-interval-ms");
+            None
+        }
     };
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sync_period = Duration::from_secs(args.sync_period_secs.max(1));
+    let mut schedule = Schedule::new(
+        Duration::from_millis(args.sync_coalesce_ms),
+        Duration::from_millis(args.min_sync_period_ms),
+    );
 
     let mut state = LoopState::default();
     let mut tracker =
         Tracker::new(NodeInfo { name: args.node_name.clone(), addrs: Vec::new(), zone: None });
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
+    let mut addrs_stale = true;
+    let mut full_due = false;
     let mut last_full = Instant::now();
+    // The first read of the source (a manifest directory has no event for what it holds).
+    schedule.request(Instant::now());
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = sigterm.recv() => { info!("SIGTERM: exiting, datapath stays in place"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, datapath stays in place"); break; }
-        }
-        let mut full = source.poll(&metrics, &mut tracker);
-        let addrs = match netdev::node_addrs(&args.nodeport_devices) {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "cannot read the NodePort device addresses");
-                node_addrs.clone().unwrap_or_default()
-            }
+        let due = schedule.due().map(tokio::time::Instant::from_std);
+        let wake = tokio::select! {
+            biased;
+            _ = sigterm.recv() => Wake::Stop("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => Wake::Stop("SIGINT"),
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => Wake::Sync,
+            wanted = source.changed(&mut tracker) => Wake::Changed(wanted),
+            _ = async {
+                match &addr_watch {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => Wake::Addresses,
+            _ = tick.tick() => Wake::Tick,
         };
-        if node_addrs.as_ref() != Some(&addrs) {
-            info!(addresses = ?addrs, "node addresses");
-            if addrs.is_empty() {
-                warn!(devices = ?args.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
+        let now = Instant::now();
+        match wake {
+            Wake::Stop(signal) => {
+                info!(signal, "exiting, datapath stays in place");
+                break;
             }
-            node_addrs = Some(addrs.clone());
-            tracker.set_node_addrs(&addrs);
-            state.config_written = false;
+            Wake::Changed(wanted) => {
+                if wanted {
+                    schedule.request(now);
+                }
+                continue;
+            }
+            Wake::Addresses => {
+                addrs_stale = true;
+                schedule.request(now);
+                continue;
+            }
+            Wake::Tick => {
+                match dp.counters() {
+                    Ok(c) => metrics.set_packets(c),
+                    Err(e) => debug!(error = %e, "reading counters"),
+                }
+                if source.needs_polling() {
+                    schedule.request(now);
+                }
+                if addr_watch.is_none() {
+                    addrs_stale = true;
+                    schedule.request(now);
+                }
+                if last_full.elapsed() >= sync_period && !full_due {
+                    full_due = true;
+                    schedule.request(now);
+                }
+                continue;
+            }
+            Wake::Sync => {}
         }
+        schedule.started(now);
+        let mut full = source.poll(&metrics, &mut tracker);
+        if addrs_stale {
+            addrs_stale = false;
+            let addrs = match netdev::node_addrs(&args.nodeport_devices) {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the NodePort device addresses");
+                    node_addrs.clone().unwrap_or_default()
+                }
+            };
+            if node_addrs.as_ref() != Some(&addrs) {
+                info!(addresses = ?addrs, "node addresses");
+                if addrs.is_empty() {
+                    warn!(devices = ?args.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
+                }
+                tracker.set_node_addrs(&addrs);
+                node_addrs = Some(addrs);
+                state.config_written = false;
+            }
+        }
+        let addrs = node_addrs.clone().unwrap_or_default();
         let changed = tracker.has_changes();
         if changed {
             metrics.change_queued(SystemTime::now());
         }
-        // The periodic resync waits one tick when changes are pending, so that a change is not
-        // delayed by a full recomputation (it runs on the next tick, even under churn).
-        let periodic = last_full.elapsed() >= sync_period;
-        let postpone = periodic && changed && !state.resync_postponed;
+        // A due periodic resync waits for the next sync when changes are pending, so that a
+        // change is not delayed by a full recomputation (that next sync is requested at once).
+        let postpone = full_due && changed && !state.resync_postponed;
         state.resync_postponed = postpone;
-        full |= !state.synced_once || (periodic && !postpone);
+        full |= !state.synced_once || (full_due && !postpone);
+        if postpone {
+            schedule.request(now);
+        }
         let mut due = changed || full || !state.config_written;
         if due && !source.ready() {
             if !state.waiting_logged {
@@ -210,6 +396,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         if due {
             if full {
                 last_full = Instant::now();
+                full_due = false;
             }
             let span = info_span!("sync", generation = state.generation, full);
             state.generation += 1;
@@ -230,10 +417,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 state.trimmed = true;
             }
         }
-        match dp.counters() {
-            Ok(c) => metrics.set_packets(c),
-            Err(e) => debug!(error = %e, "reading counters"),
-        }
     }
     Ok(())
 }
@@ -247,7 +430,7 @@ struct LoopState {
     config_written: bool,
     /// Whether free memory was given back after the first sync.
     trimmed: bool,
-    /// Whether the due periodic resync was put off by one tick for pending changes.
+    /// Whether the due periodic resync was put off by one sync for pending changes.
     resync_postponed: bool,
     health: BTreeMap<u16, model::HealthCheck>,
 }
@@ -377,6 +560,35 @@ mod tests {
         }
     }
 
+    /// kube-proxy's BoundedFrequencyRunner rules: the first request starts the coalescing
+    /// window, later ones join it; the next sync waits for the minimum period since the last
+    /// start, and requests made meanwhile all land in that one sync.
+    #[test]
+    fn schedule_coalesces_and_bounds_the_frequency() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut s = Schedule::new(ms(2), ms(0));
+        assert_eq!(s.due(), None, "nothing requested");
+        s.request(t0);
+        s.request(t0 + ms(1));
+        assert_eq!(s.due(), Some(t0 + ms(2)), "window from the first request");
+        s.started(t0 + ms(2));
+        assert_eq!(s.due(), None);
+        s.request(t0 + ms(3));
+        assert_eq!(s.due(), Some(t0 + ms(5)), "no minimum period: at once after the window");
+
+        let mut s = Schedule::new(ms(2), ms(1000));
+        s.request(t0);
+        assert_eq!(s.due(), Some(t0 + ms(2)), "the first sync is not held back");
+        s.started(t0 + ms(2));
+        s.request(t0 + ms(10));
+        s.request(t0 + ms(500));
+        assert_eq!(s.due(), Some(t0 + ms(1002)), "held until the minimum period has passed");
+        s.started(t0 + ms(1002));
+        s.request(t0 + ms(5000));
+        assert_eq!(s.due(), Some(t0 + ms(5002)), "long after: only the window");
+    }
+
     /// Manifests on disk → model → sync → maps, as the agent loop runs them, with a changed
     /// endpoint, a broken file and a trigger-time annotation.
     #[test]
@@ -390,7 +602,7 @@ mod tests {
         }
         let args = args(&dir.0);
         let metrics = Metrics::default();
-        let mut source = Source::Manifests(ManifestDir::new(&dir.0));
+        let mut source = Source::manifests(&dir.0);
         let mut state = LoopState::default();
         let mut syncer = Syncer::new();
         let mut dp = MemDataplane::default();
