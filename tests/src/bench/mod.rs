@@ -92,6 +92,9 @@ pub struct Config {
     /// Time budget of the whole run, s: a phase that would start past its share of it is not
     /// run (its figures say so).
     pub run_budget_s: f64,
+    /// Only item 5 ([`Config::only_e2e`]): the NodePort and BPF_PROG_TEST_RUN items are left out.
+    #[serde(default)]
+    pub only_e2e: bool,
 }
 
 impl Config {
@@ -116,6 +119,7 @@ impl Config {
             testrun_runs: 20_000,
             load_budget_s: 150.0,
             run_budget_s: 1140.0,
+            only_e2e: false,
         }
     }
 
@@ -140,7 +144,21 @@ impl Config {
             testrun_runs: 1_000,
             load_budget_s: 20.0,
             run_budget_s: 170.0,
+            only_e2e: false,
         }
+    }
+}
+
+impl Config {
+    /// The same run restricted to item 5 (and the programming and memory figures of its scale,
+    /// which come from the same agent runs): the other items' scales are emptied.
+    pub fn only_e2e(mut self) -> Self {
+        self.scales.clear();
+        self.rate_scales.clear();
+        self.prog_scales = vec![self.e2e_scale];
+        self.testrun_scales.clear();
+        self.only_e2e = true;
+        self
     }
 }
 
@@ -416,10 +434,14 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     b.plan();
     b.step("lab set-up");
     b.clusterip_phase();
-    b.nodeport_phase();
+    if !cfg.only_e2e {
+        b.nodeport_phase();
+    }
     b.programming_phase();
-    b.testrun_phase();
-    b.step("7: BPF_PROG_TEST_RUN cost");
+    if !cfg.only_e2e {
+        b.testrun_phase();
+        b.step("7: BPF_PROG_TEST_RUN cost");
+    }
     let _ = systems::iptables_flush(&b.node_ns);
     let _ = systems::nft_unload(&b.node_ns);
     drop(iperfs);
@@ -474,12 +496,17 @@ impl Bench<'_> {
         }
         for s in ["kproxy", "kproxy-tc", "iptables", "nftables"] {
             for v in ["local", "remote"] {
+                if c.only_e2e {
+                    continue;
+                }
                 self.rec.plan("3-nodeport", "udp_pps", s, 3, v);
                 self.rec.plan("3-nodeport", "udp_cpu_ns_per_pkt", s, 3, v);
                 self.rec.plan("3-nodeport", "tcp_bps", s, 3, v);
             }
         }
-        self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
+        if !c.only_e2e {
+            self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
+        }
         for &n in &c.prog_scales {
             for s in ["kproxy", "iptables", "nftables"] {
                 for m in ["scratch_s", "scratch_cpu_s", "change_ms", "change_cpu_ms"] {
