@@ -960,6 +960,12 @@ impl Bench<'_> {
             self.flush_conntrack();
             self.prog_kproxy(n, &services);
             self.step(&format!("4-6: kproxy at {n} services"));
+            if n == self.cfg.e2e_scale {
+                self.flush_conntrack();
+                if let Err(e) = self.e2e_kproxy_kube(n, &services) {
+                    self.mark_e2e("kproxy-kube", n, &format!("{e:#}"), false);
+                }
+            }
             self.flush_conntrack();
             self.prog_iptables(n, &services);
             self.step(&format!("4-6: iptables at {n} services"));
@@ -1118,12 +1124,6 @@ impl Bench<'_> {
         })();
         if let Err(e) = r {
             self.fail_prog("kproxy", n, &format!("{e:#}"), false);
-        }
-        if n == self.cfg.e2e_scale {
-            self.flush_conntrack();
-            if let Err(e) = self.e2e_kproxy_kube(n, services) {
-                self.mark_e2e("kproxy-kube", n, &format!("{e:#}"), false);
-            }
         }
     }
 
