@@ -4,7 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -27,25 +27,85 @@ use crate::{
     model::{self, Change, Changes, NodeInfo, ObjectName, ServicePortName, Tracker},
     netdev, preflight,
     ratelimit::LogLimiter,
-    source::{self, manifests::ManifestDir},
+    source::{self, dirwatch::DirWatch, manifests::ManifestDir},
     sync::{SyncError, Syncer},
 };
 
 /// Where the objects come from.
 enum Source {
-    Manifests(ManifestDir),
-    /// Events of the API watchers; `ready` once the first lists are in.
+    /// A manifest directory, read when its change notifications say so.
+    Manifests {
+        /// The directory's objects.
+        dir: ManifestDir,
+        /// Its inotify watch.
+        watch: DirWatch,
+    },
+    /// Events of the API watchers, applied to the tracker as they arrive.
     Watch {
         rx: tokio::sync::mpsc::UnboundedReceiver<source::kube::Event>,
+        /// The first lists are in.
         ready: bool,
+        /// A relist completed since the last sync: a full resync is due.
+        relisted: bool,
+        /// The watchers' channel closed (never expected: the watchers retry forever).
+        closed: bool,
     },
 }
 
 impl Source {
+    fn manifests(dir: &std::path::Path) -> Self {
+        Source::Manifests { dir: ManifestDir::new(dir), watch: DirWatch::new(dir) }
+    }
+
+    /// Waits for the source's next change notification (API events are applied to `tracker`
+    /// here); true when it calls for a sync. Cancel-safe. Never resolves while the source has no
+    /// notifications (an unwatched manifest directory is read on the loop's tick instead).
+    async fn changed(&mut self, obs: &mut ChangeObserver, tracker: &mut Tracker) -> bool {
+        match self {
+            Source::Manifests { watch, .. } => {
+                if watch.watching() {
+                    watch.changed().await;
+                    true
+                } else {
+                    std::future::pending().await
+                }
+            }
+            Source::Watch { rx, closed, .. } if !*closed => match rx.recv().await {
+                Some(ev) => {
+                    self.handle(ev, obs, tracker);
+                    // Before the first complete list a sync could not run anyway.
+                    self.ready()
+                }
+                None => {
+                    error!("the Kubernetes watchers stopped: no more changes will be applied");
+                    *closed = true;
+                    false
+                }
+            },
+            Source::Watch { .. } => std::future::pending().await,
+        }
+    }
+
+    fn handle(&mut self, ev: source::kube::Event, obs: &mut ChangeObserver, tracker: &mut Tracker) {
+        let Source::Watch { ready, relisted, .. } = self else { return };
+        match ev {
+            source::kube::Event::Changes(changes) => {
+                for c in changes {
+                    obs.observe(&c);
+                    tracker.apply(c);
+                }
+            }
+            source::kube::Event::Synced => {
+                *relisted |= *ready;
+                *ready = true;
+            }
+        }
+    }
+
     /// Feeds what changed into `tracker`; true when a full resync is due (the watches relisted).
     fn poll(&mut self, obs: &mut ChangeObserver, tracker: &mut Tracker) -> bool {
         match self {
-            Source::Manifests(dir) => {
+            Source::Manifests { dir, .. } => {
                 let r = dir.poll();
                 for e in &r.errors {
                     let key = format!("{}: {}", e.path.display(), e.message);
@@ -63,25 +123,29 @@ impl Source {
                 }
                 false
             }
-            Source::Watch { rx, ready } => {
-                let mut resync = false;
-                loop {
-                    match rx.try_recv() {
-                        Ok(source::kube::Event::Changes(changes)) => {
-                            for c in changes {
-                                obs.observe(&c);
-                                tracker.apply(c);
-                            }
-                        }
-                        Ok(source::kube::Event::Synced) => {
-                            resync |= *ready;
-                            *ready = true;
-                        }
-                        Err(_) => break,
-                    }
+            Source::Watch { .. } => {
+                while let Source::Watch { rx, .. } = self
+                    && let Ok(ev) = rx.try_recv()
+                {
+                    self.handle(ev, obs, tracker);
                 }
-                resync
+                match self {
+                    Source::Watch { relisted, .. } => std::mem::take(relisted),
+                    Source::Manifests { .. } => false,
+                }
             }
+        }
+    }
+
+    /// On the loop's tick: whether the source must be read because it has no change
+    /// notifications (an unwatched manifest directory; watching it is tried again first).
+    fn needs_polling(&mut self) -> bool {
+        match self {
+            Source::Manifests { watch, .. } => {
+                // A watch set up just now: changes made before it have no event.
+                watch.rewatch() || !watch.watching()
+            }
+            Source::Watch { .. } => false,
         }
     }
 
@@ -89,10 +153,59 @@ impl Source {
     /// read: it would remove everything a previous agent programmed).
     fn ready(&self) -> bool {
         match self {
-            Source::Manifests(dir) => dir.ready(),
+            Source::Manifests { dir, .. } => dir.ready(),
             Source::Watch { ready, .. } => *ready,
         }
     }
+}
+
+/// When the next sync may start, with kube-proxy's `BoundedFrequencyRunner` rules: a change
+/// notification asks for a sync; the sync starts `coalesce` after the first request that found
+/// none pending (requests in between join it), and never sooner than `min_period` after the
+/// start of the previous sync (kube-proxy's `--min-sync-period`: requests arriving sooner are
+/// coalesced into that next sync).
+#[derive(Debug, Clone)]
+struct Schedule {
+    coalesce: Duration,
+    min_period: Duration,
+    /// The first request since the last sync started.
+    requested: Option<Instant>,
+    last_start: Option<Instant>,
+}
+
+impl Schedule {
+    fn new(coalesce: Duration, min_period: Duration) -> Self {
+        Self { coalesce, min_period, requested: None, last_start: None }
+    }
+
+    /// A sync is wanted (at `now`).
+    fn request(&mut self, now: Instant) {
+        self.requested.get_or_insert(now);
+    }
+
+    /// When the requested sync starts; `None` when none is requested.
+    fn due(&self) -> Option<Instant> {
+        let at = self.requested? + self.coalesce;
+        Some(match self.last_start {
+            Some(last) => at.max(last + self.min_period),
+            None => at,
+        })
+    }
+
+    /// The requested sync starts now: later requests ask for the next one.
+    fn started(&mut self, now: Instant) {
+        self.requested = None;
+        self.last_start = Some(now);
+    }
+}
+
+/// What woke the loop.
+enum Wake {
+    Stop(&'static str),
+    Sync,
+    Changed(bool),
+    Addresses,
+    Tick,
 }
 
 /// What the loop notes about each change a source delivers: kube-proxy's change counters and
@@ -265,12 +378,14 @@ fn start_map_sampler(config: &Config, metrics: &Arc<Metrics>) {
 /// Opens the object source (connecting to the API server for the Kubernetes source).
 async fn open_source(config: &Config) -> anyhow::Result<Source> {
     Ok(match &config.source {
-        SourceConfig::Manifests(dir) => Source::Manifests(ManifestDir::new(dir)),
+        SourceConfig::Manifests(dir) => Source::manifests(dir),
         SourceConfig::Kube { kubeconfig } => Source::Watch {
             rx: source::kube::spawn(kubeconfig.clone(), config.node_name.clone())
                 .await
                 .context("connecting to the Kubernetes API")?,
             ready: false,
+            relisted: false,
+            closed: false,
         },
     })
 }
@@ -289,52 +404,120 @@ async fn sync_loop(
     health.updated(Stamp::now());
     metrics.change_queued(SystemTime::now());
     let mut obs = ChangeObserver::new(&config.node_name, metrics.clone(), health.clone());
+    // Node addresses follow the kernel's address notifications; without them they are read on
+    // every tick.
+    let addr_watch = match netdev::AddrWatch::start() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "no netlink address notifications: reading the node addresses every --poll-interval-ms");
+            None
+        }
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sync_period = config.sync_period;
+    let mut schedule = Schedule::new(config.sync_coalesce, config.min_sync_period);
 
     let mut state = LoopState::default();
     let mut tracker =
         Tracker::new(NodeInfo { name: config.node_name.clone(), addrs: Vec::new(), zone: None });
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
+    let mut addrs_stale = true;
+    let mut full_due = false;
     let mut last_full = Instant::now();
+    // The first read of the source (a manifest directory has no event for what it holds).
+    schedule.request(Instant::now());
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = sigterm.recv() => { info!("SIGTERM: exiting, datapath stays in place"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, datapath stays in place"); break; }
-        }
-        let mut full = source.poll(&mut obs, &mut tracker);
-        let addrs = match netdev::node_addrs(&config.nodeport_devices) {
-            Ok(a) => a,
-            Err(e) => {
-                if let Some(held) = obs.log_limiter.allow("node addresses", Instant::now()) {
-                    warn!(error = %e, repeats_not_logged = held, "cannot read the NodePort device addresses");
+        let due = schedule.due().map(tokio::time::Instant::from_std);
+        let wake = tokio::select! {
+            biased;
+            _ = sigterm.recv() => Wake::Stop("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => Wake::Stop("SIGINT"),
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => Wake::Sync,
+            wanted = source.changed(&mut obs, &mut tracker) => Wake::Changed(wanted),
+            _ = async {
+                match &addr_watch {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
                 }
-                node_addrs.clone().unwrap_or_default()
-            }
+            } => Wake::Addresses,
+            _ = tick.tick() => Wake::Tick,
         };
-        if node_addrs.as_ref() != Some(&addrs) {
-            info!(addresses = ?addrs, "node addresses");
-            if addrs.is_empty() {
-                warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
+        let now = Instant::now();
+        match wake {
+            Wake::Stop(signal) => {
+                info!(signal, "exiting, datapath stays in place");
+                break;
             }
-            node_addrs = Some(addrs.clone());
-            tracker.set_node_addrs(&addrs);
-            state.config_written = false;
+            Wake::Changed(wanted) => {
+                if wanted {
+                    schedule.request(now);
+                }
+                continue;
+            }
+            Wake::Addresses => {
+                addrs_stale = true;
+                schedule.request(now);
+                continue;
+            }
+            Wake::Tick => {
+                match dp.counters() {
+                    Ok(c) => metrics.set_packets(&c),
+                    Err(e) => debug!(error = %e, "reading counters"),
+                }
+                if source.needs_polling() {
+                    schedule.request(now);
+                }
+                if addr_watch.is_none() {
+                    addrs_stale = true;
+                    schedule.request(now);
+                }
+                if last_full.elapsed() >= sync_period && !full_due {
+                    full_due = true;
+                    schedule.request(now);
+                }
+                continue;
+            }
+            Wake::Sync => {}
         }
+        schedule.started(now);
+        let mut full = source.poll(&mut obs, &mut tracker);
+        if addrs_stale {
+            addrs_stale = false;
+            let addrs = match netdev::node_addrs(&config.nodeport_devices) {
+                Ok(a) => a,
+                Err(e) => {
+                    if let Some(held) = obs.log_limiter.allow("node addresses", Instant::now()) {
+                        warn!(error = %e, repeats_not_logged = held, "cannot read the NodePort device addresses");
+                    }
+                    node_addrs.clone().unwrap_or_default()
+                }
+            };
+            if node_addrs.as_ref() != Some(&addrs) {
+                info!(addresses = ?addrs, "node addresses");
+                if addrs.is_empty() {
+                    warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
+                }
+                tracker.set_node_addrs(&addrs);
+                node_addrs = Some(addrs);
+                state.config_written = false;
+            }
+        }
+        let addrs = node_addrs.clone().unwrap_or_default();
         let changed = tracker.has_changes();
         if changed {
             metrics.change_queued(SystemTime::now());
             health.queued(Stamp::now());
         }
-        // The periodic resync waits one tick when changes are pending, so that a change is not
-        // delayed by a full recomputation (it runs on the next tick, even under churn).
-        let periodic = last_full.elapsed() >= sync_period;
-        let postpone = periodic && changed && !state.resync_postponed;
+        // A due periodic resync waits for the next sync when changes are pending, so that a
+        // change is not delayed by a full recomputation (that next sync is requested at once).
+        let postpone = full_due && changed && !state.resync_postponed;
         state.resync_postponed = postpone;
-        full |= !state.synced_once || (periodic && !postpone);
+        full |= !state.synced_once || (full_due && !postpone);
+        if postpone {
+            schedule.request(now);
+        }
         let mut due = changed || full || !state.config_written;
         if due && !source.ready() {
             if !state.waiting_logged {
@@ -346,6 +529,7 @@ async fn sync_loop(
         if due {
             if full {
                 last_full = Instant::now();
+                full_due = false;
             }
             let span = info_span!("sync", generation = state.generation, full);
             state.generation += 1;
@@ -365,10 +549,6 @@ async fn sync_loop(
                 release_free_memory();
                 state.trimmed = true;
             }
-        }
-        match dp.counters() {
-            Ok(c) => metrics.set_packets(&c),
-            Err(e) => debug!(error = %e, "reading counters"),
         }
     }
     Ok(())
@@ -573,6 +753,34 @@ mod tests {
     /// Manifests on disk → model → sync → maps, as the agent loop runs them, with a changed
     /// endpoint, a broken file and a trigger-time annotation.
     #[test]
+    fn schedule_coalesces_and_bounds_the_frequency() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut s = Schedule::new(ms(2), ms(0));
+        assert_eq!(s.due(), None, "nothing requested");
+        s.request(t0);
+        s.request(t0 + ms(1));
+        assert_eq!(s.due(), Some(t0 + ms(2)), "window from the first request");
+        s.started(t0 + ms(2));
+        assert_eq!(s.due(), None);
+        s.request(t0 + ms(3));
+        assert_eq!(s.due(), Some(t0 + ms(5)), "no minimum period: at once after the window");
+
+        let mut s = Schedule::new(ms(2), ms(1000));
+        s.request(t0);
+        assert_eq!(s.due(), Some(t0 + ms(2)), "the first sync is not held back");
+        s.started(t0 + ms(2));
+        s.request(t0 + ms(10));
+        s.request(t0 + ms(500));
+        assert_eq!(s.due(), Some(t0 + ms(1002)), "held until the minimum period has passed");
+        s.started(t0 + ms(1002));
+        s.request(t0 + ms(5000));
+        assert_eq!(s.due(), Some(t0 + ms(5002)), "long after: only the window");
+    }
+
+    /// Manifests on disk → model → sync → maps, as the agent loop runs them, with a changed
+    /// endpoint, a broken file and a trigger-time annotation.
+    #[test]
     fn manifests_to_maps_pipeline() {
         let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
         let dir =
@@ -585,7 +793,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(ProxyHealth::new(Stamp::now()));
         let mut obs = ChangeObserver::new("node-0", metrics.clone(), health.clone());
-        let mut source = Source::Manifests(ManifestDir::new(&dir.0));
+        let mut source = Source::manifests(&dir.0);
         let mut state = LoopState::default();
         let mut syncer = Syncer::new();
         let mut dp = MemDataplane::default();

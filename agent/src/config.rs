@@ -55,6 +55,11 @@ pub struct Config {
     pub snat_ports: (u16, u16),
     /// How often sources and addresses are checked (`--poll-interval-ms`).
     pub poll_interval: Duration,
+    /// Coalescing window of a sync after the first change notification (`--sync-coalesce-ms`).
+    pub sync_coalesce: Duration,
+    /// Minimum time between sync starts (`--min-sync-period-ms`, kube-proxy's
+    /// `--min-sync-period`).
+    pub min_sync_period: Duration,
     /// Full device rescan period (`--device-rescan-secs`).
     pub device_rescan: Duration,
     /// Map fill sampling period (`--map-stats-interval-secs`).
@@ -121,6 +126,8 @@ impl Config {
             },
             snat_ports: (args.snat_port_min, args.snat_port_max),
             poll_interval: Duration::from_millis(args.poll_interval_ms),
+            sync_coalesce: Duration::from_millis(args.sync_coalesce_ms),
+            min_sync_period: Duration::from_millis(args.min_sync_period_ms),
             device_rescan: secs(args.device_rescan_secs),
             map_stats_interval: secs(args.map_stats_interval_secs),
             sync_period: secs(args.sync_period_secs),

@@ -1,10 +1,11 @@
 //! Network devices of the agent's network namespace and the agent's attachments to them.
 //!
 //! - Names, indexes and IPv4 addresses, read with libc and netlink, so the answer is the current
-//!   namespace's even when /sys belongs to another one (`nsenter --net`).
+//!   namespace's even when /sys belongs to another one (`nsenter --net`); [`AddrWatch`] follows
+//!   address changes (`RTNLGRP_IPV4_IFADDR`).
 //! - [`Devices`]: keeps kproxy's programs attached to the NodePort devices and to every pod
 //!   interface matching the `--pod-devices` globs. A thread follows link changes
-//!   (`RTMGRP_LINK`), so a new pod veth gets its programs as soon as the kernel announces it, a
+//!   (`RTNLGRP_LINK`), so a new pod veth gets its programs as soon as the kernel announces it, a
 //!   NodePort device deleted and created again (same name, new index) gets XDP and TC again, and
 //!   interfaces that go away are forgotten (the kernel drops their filters; kproxy removes the
 //!   XDP link pin). A slow periodic rescan is the backstop for anything missed.
@@ -82,6 +83,57 @@ pub fn ipv4_addrs() -> std::io::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
 pub fn node_addrs(devices: &[String]) -> std::io::Result<Vec<Ipv4Addr>> {
     let all = ipv4_addrs()?;
     Ok(devices.iter().flat_map(|d| all.get(d).cloned().unwrap_or_default()).collect())
+}
+
+/// Wakes the agent when an IPv4 address is added or removed anywhere in its network namespace
+/// (the kernel's `RTNLGRP_IPV4_IFADDR` notifications, read by a thread of its own), so the node
+/// addresses are read again at once instead of on a timer. The thread ends with the watch.
+pub struct AddrWatch {
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl AddrWatch {
+    /// Subscribes to the address notifications and starts the thread reading them.
+    pub fn start() -> std::io::Result<Self> {
+        let mut sock = netlink::Socket::ipv4_address_events()?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let weak = Arc::downgrade(&wake);
+        std::thread::Builder::new().name("kproxy-addrs".into()).spawn(move || {
+            loop {
+                let waited = sock.wait(Duration::from_secs(1));
+                let Some(wake) = weak.upgrade() else { return };
+                match waited {
+                    Ok(netlink::Wait::Events(evs)) => {
+                        let addrs = evs.iter().any(|e| {
+                            matches!(
+                                e,
+                                netlink::Event::NewAddress(_) | netlink::Event::DelAddress(_)
+                            )
+                        });
+                        if addrs {
+                            debug!(events = evs.len(), "address changes");
+                            wake.notify_one();
+                        }
+                    }
+                    // Some were lost: read the addresses anyway.
+                    Ok(netlink::Wait::Lost) => wake.notify_one(),
+                    Ok(netlink::Wait::Timeout) => {}
+                    Err(e) => {
+                        warn!(error = %e, "reading address notifications");
+                        wake.notify_one();
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        })?;
+        Ok(Self { wake })
+    }
+
+    /// Resolves when addresses changed since the last call (at once when they changed in
+    /// between). Cancel-safe.
+    pub async fn changed(&self) {
+        self.wake.notified().await
+    }
 }
 
 /// Shell-style match with `*` (any run) and `?` (one character).
@@ -292,11 +344,12 @@ impl State {
         self.metrics.set_devices(ext, self.attached.len() - ext, self.missing.len());
     }
 
-    fn apply(&mut self, events: Vec<netlink::LinkEvent>) {
+    fn apply(&mut self, events: Vec<netlink::Event>) {
         for ev in events {
             match ev {
-                netlink::LinkEvent::New(l) => self.present(&l.name, l.index),
-                netlink::LinkEvent::Del(l) => self.gone(&l.name, Some(l.index)),
+                netlink::Event::NewLink(l) => self.present(&l.name, l.index),
+                netlink::Event::DelLink(l) => self.gone(&l.name, Some(l.index)),
+                netlink::Event::NewAddress(_) | netlink::Event::DelAddress(_) => {}
             }
         }
         self.publish();
@@ -394,8 +447,10 @@ fn follow(mut state: State, mut events: Option<netlink::Socket>, stop: &AtomicBo
                 state.apply(evs);
             }
             Some(Ok(netlink::Wait::Timeout)) => {}
-            Some(Ok(netlink::Wait::Overflow)) => {
-                warn!("link notifications lost (socket buffer overflow): rescanning");
+            Some(Ok(netlink::Wait::Lost)) => {
+                warn!(
+                    "link notifications lost (socket buffer overflow or undecodable): rescanning"
+                );
                 state.rescan();
             }
             Some(Err(e)) => {

@@ -8,7 +8,7 @@
 //! The agents' conntrack metrics are checked on the way.
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -16,6 +16,7 @@ use std::{
 use kproxy::dataplane::bpf::BpfDataplane;
 use kproxy_common::Reason;
 use kproxy_tests::{
+    hostnet::{Cgroups, HostReply, host_client},
     lab::{self, Agent, AgentOpts, Lab, LabSpec, SERVER_PORT},
     manifests::{Endpoint, ManifestDir, Port, Service, Slice},
 };
@@ -26,110 +27,18 @@ const EMPTY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 22);
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 23);
 const PORT: u16 = 80;
 
-/// The host-network client: one request, one line of `key=value` words on stdout.
-const CLIENT: &str = r#"
-import errno, socket, sys
-mode, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-out = {}
-try:
-    if mode == "tcp":
-        s = socket.create_connection((ip, port), timeout=3)
-        out["peer"] = "%s:%d" % s.getpeername()
-        s.sendall(b"hello\n")
-        data = b""
-        while True:
-            d = s.recv(512)
-            if not d:
-                break
-            data += d
-    else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(3)
-        if mode == "udp":
-            s.connect((ip, port))
-            s.send(b"hello\n")
-            data = s.recv(512)
-            out["peer"] = "%s:%d" % s.getpeername()
-        else:
-            s.sendto(b"hello\n", (ip, port))
-            data, frm = s.recvfrom(512)
-            out["from"] = "%s:%d" % frm
-    out["reply"] = data.decode().strip().replace(" ", "|")
-except socket.timeout:
-    out["error"] = "timeout"
-except OSError as e:
-    out["error"] = errno.errorcode.get(e.errno, str(e.errno))
-print(" ".join("%s=%s" % kv for kv in out.items()))
-"#;
-
-/// A cgroup v2 hierarchy mounted for the test, with one child cgroup per node; removed on drop.
-struct Cgroups {
-    mnt: PathBuf,
-    children: Vec<PathBuf>,
+/// One request of the host-network client in namespace `ns` (and `cgroup`) to `ip:PORT`.
+fn client(ns: &str, cgroup: Option<&Path>, mode: &str, ip: Ipv4Addr) -> HostReply {
+    host_client(ns, cgroup, mode, ip, PORT).expect("host-network client")
 }
 
-impl Cgroups {
-    fn new(prefix: &str, nodes: usize) -> Cgroups {
-        let mnt = PathBuf::from(format!("/run/kproxy-test-cgroup2-{prefix}"));
-        std::fs::create_dir_all(&mnt).unwrap();
-        let mut cg = Cgroups { mnt, children: Vec::new() };
-        let st = Command::new("mount").args(["-t", "cgroup2", "none"]).arg(&cg.mnt).status();
-        assert!(st.unwrap().success(), "mount cgroup2 at {}", cg.mnt.display());
-        for i in 0..nodes {
-            let c = cg.mnt.join(format!("{prefix}-node-{i}"));
-            std::fs::create_dir(&c).unwrap();
-            cg.children.push(c);
-        }
-        cg
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for c in &self.children {
-            // The client processes are gone; retry briefly while the kernel lets go of them.
-            for _ in 0..50 {
-                if std::fs::remove_dir(c).is_ok() || !c.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        let _ = Command::new("umount").arg(&self.mnt).status();
-        let _ = std::fs::remove_dir(&self.mnt);
-    }
-}
-
-/// Runs the client in network namespace `ns`, inside `cgroup` when given (it joins before it
-/// execs), and returns its `key=value` words.
-fn client(ns: &str, cgroup: Option<&Path>, mode: &str, ip: Ipv4Addr) -> Vec<(String, String)> {
-    let join = match cgroup {
-        Some(cg) => format!("echo $$ > {}/cgroup.procs && ", cg.display()),
-        None => String::new(),
-    };
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "{join}exec nsenter --net=/run/netns/{ns} python3 -c \"$0\" {mode} {ip} {PORT}"
-        ))
-        .arg(CLIENT)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "client: {text} {}", String::from_utf8_lossy(&out.stderr));
-    text.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-fn get<'a>(words: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    words.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+fn get<'a>(words: &'a HostReply, key: &str) -> Option<&'a str> {
+    words.get(key)
 }
 
 /// The pod that answered (netexec answers `NAME CLIENT`).
-fn answered_by(words: &[(String, String)]) -> Option<String> {
-    get(words, "reply").and_then(|r| r.split('|').next()).map(str::to_owned)
+fn answered_by(words: &HostReply) -> Option<String> {
+    words.answered_by()
 }
 
 #[test]
@@ -138,7 +47,7 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "socket LB tests need root");
     let mut lab = Lab::up(LabSpec { nodes: 2, pods_per_node: 1, ..Default::default() }).unwrap();
     lab.start_servers().expect("servers");
-    let cgroups = Cgroups::new(lab.prefix(), 2);
+    let cgroups = Cgroups::new(lab.prefix(), 2).expect("cgroup2 hierarchy");
     let dir = ManifestDir::new(&format!("socklb-{}", lab.prefix())).unwrap();
     let ports = || vec![Port::tcp("tcp", PORT, SERVER_PORT), Port::udp("udp", PORT, SERVER_PORT)];
     let ep = |i: usize| {
@@ -157,16 +66,13 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     dir.put(&local, &[Slice::for_service(&local, vec![ep(0), ep(1)])]).unwrap();
     let opts = |i: usize| AgentOpts {
         manifests_dir: dir.path().to_path_buf(),
-        extra_args: vec![
-            "--cgroup-path".into(),
-            cgroups.children[i].to_string_lossy().into_owned(),
-        ],
+        extra_args: vec!["--cgroup-path".into(), cgroups.node(i).to_string_lossy().into_owned()],
         ..Default::default()
     };
     let mut agents: Vec<Agent> = (0..2).map(|i| lab.spawn_agent(i, &opts(i)).unwrap()).collect();
     let guard = LogsOnPanic(&agents);
     let ns = lab.node(0).ns.clone();
-    let cg = Some(cgroups.children[0].as_path());
+    let cg = Some(cgroups.node(0));
     let same_pod = lab.pod(0, 0).unwrap().name.clone();
     let remote_pod = lab.pod(1, 0).unwrap().name.clone();
 
@@ -253,11 +159,8 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         assert!(Instant::now() < deadline, "restarted agent did not attach");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let shown = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&cgroups.children[0])
-        .output()
-        .unwrap();
+    let shown =
+        Command::new("bpftool").args(["cgroup", "show"]).arg(cgroups.node(0)).output().unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
     for (prog, _) in kproxy_common::names::SOCK_PROGS {
         assert_eq!(shown.matches(prog).count(), 1, "{prog} in\n{shown}");

@@ -1,5 +1,5 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
-//! `cargo xtask lab up|down|status|sweep`, `cargo xtask bench [--quick] [--out DIR]`.
+//! `cargo xtask lab up|down|status|sweep`, `cargo xtask bench [--quick] [--only-e2e] [--out DIR]`.
 
 use std::{path::PathBuf, process::Command};
 
@@ -46,6 +46,10 @@ enum Cmd {
         /// Output directory (default: bench/results/<UTC time>, or a temp dir with --quick).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only item 5 (change → first connection, with the programming figures of its scale):
+        /// a few minutes instead of the whole run, results in a temp dir unless --out.
+        #[arg(long)]
+        only_e2e: bool,
     },
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
@@ -96,7 +100,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build(release),
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
-        Cmd::Bench { quick, out } => bench(quick, out),
+        Cmd::Bench { quick, out, only_e2e } => bench(quick, out, only_e2e),
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers } => {
                 lab_up(nodes, pods, wiring, prefix, servers)
@@ -143,19 +147,24 @@ fn build(release: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
+fn bench(quick: bool, out: Option<PathBuf>, only_e2e: bool) -> Result<()> {
     use kproxy_tests::bench;
     // Timings of unoptimized binaries mean nothing: the agent and the load generator run from
     // the release profile.
     build(true)?;
     // SAFETY: single-threaded here; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("KPROXY_BIN_DIR", workspace_root().join("target/release")) };
-    let cfg = if quick { bench::Config::quick() } else { bench::Config::full() };
+    let mut cfg = if quick { bench::Config::quick() } else { bench::Config::full() };
+    if only_e2e {
+        cfg = cfg.only_e2e();
+    }
     let stamp = bench::utc_now().replace(':', "");
     let results_dir = workspace_root().join("bench/results");
     let (dir, is_default) = match out {
         Some(d) => (d, false),
-        None if quick => (std::env::temp_dir().join(format!("kproxy-bench-quick-{stamp}")), false),
+        None if quick || only_e2e => {
+            (std::env::temp_dir().join(format!("kproxy-bench-quick-{stamp}")), false)
+        }
         None => (results_dir.join(&stamp), true),
     };
     println!("[bench] results go to {}", dir.display());

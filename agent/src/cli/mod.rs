@@ -204,9 +204,21 @@ pub struct AgentArgs {
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub snat_port_max: u16,
-    /// How often sources and addresses are checked, in milliseconds (50 to 60000).
+    /// How often the datapath counters are exported, and the manifest directory and the node
+    /// addresses are read when their change notifications (inotify, netlink) are unavailable, in
+    /// milliseconds (50 to 60000). Changes are otherwise applied as their notifications arrive.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub poll_interval_ms: u64,
+    /// Coalescing window in milliseconds: a sync starts this long after the first change
+    /// notification that found the datapath in sync, so that changes arriving together (a
+    /// Service and its EndpointSlice, several files) are written in one sync.
+    #[arg(long, default_value_t = 2)]
+    pub sync_coalesce_ms: u64,
+    /// Minimum time between the starts of two syncs, in milliseconds (kube-proxy's
+    /// `--min-sync-period`): changes arriving sooner are coalesced into the next allowed sync.
+    /// 0 syncs every change at once.
+    #[arg(long, default_value_t = 0)]
+    pub min_sync_period_ms: u64,
     /// Period of the full device rescan behind the netlink link notifications, in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub device_rescan_secs: u64,

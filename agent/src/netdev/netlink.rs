@@ -1,108 +1,25 @@
-//! A minimal `NETLINK_ROUTE` client on a raw socket: link notifications (`RTMGRP_LINK`), link
-//! dumps with their XDP state, and dumps of the TC filters on a `clsact` hook. Only what kproxy
-//! needs, so the agent carries no netlink crate.
-use std::{
-    io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    time::Duration,
+//! kproxy's `NETLINK_ROUTE` client, on the `netlink-sys` socket with the message types of
+//! `netlink-packet-route`: link and IPv4 address notifications (the `RTNLGRP_LINK` and
+//! `RTNLGRP_IPV4_IFADDR` multicast groups), link dumps with their XDP state, and dumps of the
+//! `cls_bpf` filters on a `clsact` hook.
+use std::{io, net::IpAddr, os::fd::AsRawFd as _, time::Duration};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWTFILTER: u16 = 44;
-const RTM_GETTFILTER: u16 = 46;
-const RTMGRP_LINK: u32 = 1;
-/// `struct ifinfomsg`.
-const IFINFOMSG_LEN: usize = 16;
-/// `struct tcmsg`.
-const TCMSG_LEN: usize = 20;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_XDP: u16 = 43;
-const IFLA_XDP_ATTACHED: u16 = 2;
-const IFLA_XDP_PROG_ID: u16 = 4;
-const TCA_KIND: u16 = 1;
-const TCA_OPTIONS: u16 = 2;
-const TCA_BPF_NAME: u16 = 7;
-const TCA_BPF_ID: u16 = 11;
-const NLA_TYPE_MASK: u16 = !0xc000;
-/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`.
-const CLSACT_INGRESS: u32 = 0xffff_fff2;
-/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)`.
-const CLSACT_EGRESS: u32 = 0xffff_fff3;
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// One netlink message: type and payload.
-struct Msg<'a> {
-    ty: u16,
-    seq: u32,
-    payload: &'a [u8],
-}
-
-/// The messages of one datagram (a truncated tail is ignored).
-fn messages(buf: &[u8]) -> impl Iterator<Item = Msg<'_>> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at + NLMSG_HDRLEN > buf.len() {
-            return None;
-        }
-        let len = u32_at(buf, at) as usize;
-        if len < NLMSG_HDRLEN || at + len > buf.len() {
-            return None;
-        }
-        let m = Msg {
-            ty: u16_at(buf, at + 4),
-            seq: u32_at(buf, at + 8),
-            payload: &buf[at + NLMSG_HDRLEN..at + len],
-        };
-        at += align4(len);
-        Some(m)
-    })
-}
-
-/// Route attributes: (type without flags, payload).
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at + 4 > buf.len() {
-            return None;
-        }
-        let len = u16_at(buf, at) as usize;
-        if len < 4 || at + len > buf.len() {
-            return None;
-        }
-        let a = (u16_at(buf, at + 2) & NLA_TYPE_MASK, &buf[at + 4..at + len]);
-        at += align4(len);
-        Some(a)
-    })
-}
-
-fn c_string(b: &[u8]) -> String {
-    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+    tc::{TcAttribute, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+};
+use netlink_sys::{Socket as NlSocket, protocols::NETLINK_ROUTE};
 
 /// XDP attachment of a link, as `RTM_GETLINK` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpState {
-    /// `XDP_ATTACHED_*`: 1 driver (native), 2 generic (skb), 3 offloaded, 4 several.
-    pub attached: u8,
+    /// How it is attached.
+    pub attached: XdpAttached,
     /// Id of the attached program (0 when several are attached).
     pub prog_id: u32,
 }
@@ -111,10 +28,10 @@ impl XdpState {
     /// The attach mode as `ip link` names it.
     pub fn mode_name(&self) -> &'static str {
         match self.attached {
-            1 => "native",
-            2 => "generic",
-            3 => "offload",
-            4 => "multi",
+            XdpAttached::Driver => "native",
+            XdpAttached::SocketBuffer => "generic",
+            XdpAttached::Hardware => "offload",
+            XdpAttached::Multiple => "multi",
             _ => "none",
         }
     }
@@ -131,40 +48,65 @@ pub struct Link {
     pub xdp: Option<XdpState>,
 }
 
-fn parse_link(payload: &[u8]) -> Option<Link> {
-    if payload.len() < IFINFOMSG_LEN {
-        return None;
-    }
-    let index = u32_at(payload, 4);
-    let mut name = None;
-    let mut xdp = None;
-    for (ty, data) in attrs(&payload[IFINFOMSG_LEN..]) {
-        match ty {
-            IFLA_IFNAME => name = Some(c_string(data)),
-            IFLA_XDP => {
-                let mut st = XdpState { attached: 0, prog_id: 0 };
-                for (t, d) in attrs(data) {
-                    match t {
-                        IFLA_XDP_ATTACHED if !d.is_empty() => st.attached = d[0],
-                        IFLA_XDP_PROG_ID if d.len() >= 4 => st.prog_id = u32_at(d, 0),
-                        _ => {}
+impl Link {
+    fn from_message(m: &LinkMessage) -> Option<Link> {
+        let mut name = None;
+        let mut xdp = None;
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::Xdp(attrs) => {
+                    let mut st = XdpState { attached: XdpAttached::None, prog_id: 0 };
+                    for x in attrs {
+                        match x {
+                            LinkXdp::Attached(a) => st.attached = *a,
+                            LinkXdp::ProgId(id) => st.prog_id = *id,
+                            _ => {}
+                        }
                     }
+                    xdp = (st.attached != XdpAttached::None).then_some(st);
                 }
-                xdp = (st.attached != 0).then_some(st);
+                _ => {}
             }
-            _ => {}
         }
+        Some(Link { index: m.header.index, name: name?, xdp })
     }
-    Some(Link { index, name: name?, xdp })
 }
 
-/// A change of a link, from the `RTMGRP_LINK` multicast group.
+/// An IPv4 address of an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkEvent {
+pub struct Address {
+    /// Index of the interface.
+    pub index: u32,
+    /// The local address (`IFA_LOCAL`, else `IFA_ADDRESS`), when the message carries one.
+    pub addr: Option<IpAddr>,
+}
+
+impl Address {
+    fn from_message(m: &AddressMessage) -> Address {
+        let (mut local, mut address) = (None, None);
+        for a in &m.attributes {
+            match a {
+                AddressAttribute::Local(ip) => local = Some(*ip),
+                AddressAttribute::Address(ip) => address = Some(*ip),
+                _ => {}
+            }
+        }
+        Address { index: m.header.index, addr: local.or(address) }
+    }
+}
+
+/// A change announced on the multicast groups a [`Socket`] joined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
     /// `RTM_NEWLINK`: a link appeared or changed (state, name, ...).
-    New(Link),
+    NewLink(Link),
     /// `RTM_DELLINK`: a link went away (or left the namespace).
-    Del(Link),
+    DelLink(Link),
+    /// `RTM_NEWADDR`: an address was added (or changed).
+    NewAddress(Address),
+    /// `RTM_DELADDR`: an address was removed.
+    DelAddress(Address),
 }
 
 /// A TC `cls_bpf` filter.
@@ -174,10 +116,38 @@ pub struct TcFilter {
     pub priority: u16,
     /// Filter handle.
     pub handle: u32,
-    /// `TCA_BPF_NAME`: the program name given at attach time.
+    /// The program name given at attach time.
     pub name: String,
     /// Program id.
     pub prog_id: u32,
+}
+
+impl TcFilter {
+    /// The bpf filter a `RTM_NEWTFILTER` message describes; `None` for other kinds and for the
+    /// chain head a dump also lists (no handle).
+    fn from_message(m: &TcMessage) -> Option<TcFilter> {
+        let handle = (u32::from(m.header.handle.major) << 16) | u32::from(m.header.handle.minor);
+        // tcm_info: priority in the upper 16 bits, protocol in the lower ones.
+        let priority = (m.header.info >> 16) as u16;
+        let mut bpf = false;
+        let (mut name, mut prog_id) = (String::new(), 0);
+        for a in &m.attributes {
+            match a {
+                TcAttribute::Kind(k) => bpf = k == TcFilterBpf::KIND,
+                TcAttribute::Options(opts) => {
+                    for o in opts {
+                        match o {
+                            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = n.clone(),
+                            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => prog_id = *id,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        (bpf && handle != 0).then_some(TcFilter { priority, handle, name, prog_id })
+    }
 }
 
 /// Which `clsact` hook.
@@ -189,119 +159,101 @@ pub enum TcHook {
     Egress,
 }
 
-fn parse_filter(payload: &[u8]) -> Option<TcFilter> {
-    if payload.len() < TCMSG_LEN {
-        return None;
-    }
-    let handle = u32_at(payload, 8);
-    let priority = (u32_at(payload, 16) >> 16) as u16;
-    let mut kind = String::new();
-    let (mut name, mut prog_id) = (String::new(), 0);
-    for (ty, data) in attrs(&payload[TCMSG_LEN..]) {
-        match ty {
-            TCA_KIND => kind = c_string(data),
-            TCA_OPTIONS => {
-                for (t, d) in attrs(data) {
-                    match t {
-                        TCA_BPF_NAME => name = c_string(d),
-                        TCA_BPF_ID if d.len() >= 4 => prog_id = u32_at(d, 0),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    // The dump also lists the chain head (no handle); only real bpf filters count.
-    (kind == "bpf" && handle != 0).then_some(TcFilter { priority, handle, name, prog_id })
-}
-
 /// What [`Socket::wait`] saw.
 #[derive(Debug)]
 pub enum Wait {
-    /// Link changes, in kernel order.
-    Events(Vec<LinkEvent>),
+    /// Changes, in kernel order.
+    Events(Vec<Event>),
     /// Nothing within the timeout.
     Timeout,
-    /// The socket buffer overflowed (`ENOBUFS`): events were lost, rescan everything.
-    Overflow,
+    /// Notifications were lost: the socket buffer overflowed (`ENOBUFS`) or a message could not
+    /// be decoded. Rescan everything.
+    Lost,
+}
+
+/// The messages of one datagram; `Err` for one that could not be decoded (a truncated tail ends
+/// the iteration).
+fn messages(
+    buf: &[u8],
+) -> impl Iterator<Item = Result<NetlinkMessage<RouteNetlinkMessage>, String>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let rest = buf.get(at..)?;
+        let len = NetlinkBuffer::new_checked(rest).ok()?.length() as usize;
+        let msg = NetlinkMessage::deserialize(&rest[..len]).map_err(|e| e.to_string());
+        at += len.next_multiple_of(usize::from(netlink_packet_core::NLMSG_ALIGNTO));
+        Some(msg)
+    })
+}
+
+fn event(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<Event> {
+    let NetlinkPayload::InnerMessage(m) = msg.payload else { return None };
+    match m {
+        RouteNetlinkMessage::NewLink(l) => Link::from_message(&l).map(Event::NewLink),
+        RouteNetlinkMessage::DelLink(l) => Link::from_message(&l).map(Event::DelLink),
+        RouteNetlinkMessage::NewAddress(a) => Some(Event::NewAddress(Address::from_message(&a))),
+        RouteNetlinkMessage::DelAddress(a) => Some(Event::DelAddress(Address::from_message(&a))),
+        _ => None,
+    }
 }
 
 /// A `NETLINK_ROUTE` socket.
 #[derive(Debug)]
 pub struct Socket {
-    fd: OwnedFd,
+    sock: NlSocket,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl Socket {
-    fn open(groups: u32) -> io::Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as u16;
-        sa.nl_groups = groups;
-        // SAFETY: bind(2) with a sockaddr_nl of the right size.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { fd, seq: 0, buf: vec![0; 256 * 1024] })
+    fn open() -> io::Result<Self> {
+        let mut sock = NlSocket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        Ok(Self { sock, seq: 0, buf: vec![0; 256 * 1024] })
     }
 
-    /// A socket subscribed to link changes (`RTMGRP_LINK`) with a large receive buffer.
-    pub fn link_events() -> io::Result<Self> {
-        let s = Self::open(RTMGRP_LINK)?;
+    /// A socket that joined the multicast `groups` (`RTNLGRP_*`), with a large receive buffer.
+    pub fn subscribe(groups: &[u32]) -> io::Result<Self> {
+        let s = Self::open()?;
+        for g in groups {
+            s.sock.add_membership(*g)?;
+        }
         let size: libc::c_int = 4 << 20;
-        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-            // SAFETY: setsockopt(2) with an int option value.
-            let r = unsafe {
-                libc::setsockopt(
-                    s.fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&size as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as u32,
-                )
-            };
-            if r == 0 {
-                break;
-            }
+        // SO_RCVBUFFORCE (root) goes past the system limit; otherwise take what the limit allows.
+        // SAFETY: setsockopt(2) with an int option value.
+        let forced = unsafe {
+            libc::setsockopt(
+                s.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        if forced != 0 {
+            s.sock.set_rx_buf_sz(size as usize)?;
         }
         Ok(s)
     }
 
+    /// A socket subscribed to link changes.
+    pub fn link_events() -> io::Result<Self> {
+        Self::subscribe(&[libc::RTNLGRP_LINK])
+    }
+
+    /// A socket subscribed to IPv4 address changes.
+    pub fn ipv4_address_events() -> io::Result<Self> {
+        Self::subscribe(&[libc::RTNLGRP_IPV4_IFADDR])
+    }
+
     /// A socket for requests (no multicast groups).
     pub fn requests() -> io::Result<Self> {
-        Self::open(0)
+        Self::open()
     }
 
-    fn recv(&mut self, flags: i32) -> io::Result<usize> {
-        // SAFETY: recv(2) into our buffer, within its length.
-        let n = unsafe {
-            libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len(), flags)
-        };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-    }
-
-    /// Waits up to `timeout` for link changes, then takes every message already queued.
+    /// Waits up to `timeout` for changes, then takes every message already queued.
     pub fn wait(&mut self, timeout: Duration) -> io::Result<Wait> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: poll(2) on one pollfd we own.
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -313,63 +265,71 @@ impl Socket {
             return Ok(Wait::Timeout);
         }
         let mut events = Vec::new();
+        let mut lost = false;
         loop {
-            let n = match self.recv(libc::MSG_DONTWAIT) {
+            let n = match self.sock.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
                 Ok(n) => n,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(Wait::Overflow),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(Wait::Lost),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
             for m in messages(&self.buf[..n]) {
-                let ev = match m.ty {
-                    RTM_NEWLINK => parse_link(m.payload).map(LinkEvent::New),
-                    RTM_DELLINK => parse_link(m.payload).map(LinkEvent::Del),
-                    _ => None,
-                };
-                events.extend(ev);
+                match m {
+                    Ok(m) => events.extend(event(m)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "undecodable netlink notification");
+                        lost = true;
+                    }
+                }
             }
         }
-        Ok(if events.is_empty() { Wait::Timeout } else { Wait::Events(events) })
+        Ok(if lost {
+            Wait::Lost
+        } else if events.is_empty() {
+            Wait::Timeout
+        } else {
+            Wait::Events(events)
+        })
     }
 
-    /// Sends a dump request with `header` as the family header; calls `each` with every payload.
-    fn dump(&mut self, ty: u16, header: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    /// Sends a dump request for `message`; calls `each` with every answer.
+    fn dump(
+        &mut self,
+        message: RouteNetlinkMessage,
+        mut each: impl FnMut(RouteNetlinkMessage),
+    ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
-        let len = NLMSG_HDRLEN + header.len();
-        let mut req = Vec::with_capacity(len);
-        req.extend_from_slice(&(len as u32).to_ne_bytes());
-        req.extend_from_slice(&ty.to_ne_bytes());
-        req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        req.extend_from_slice(&self.seq.to_ne_bytes());
-        req.extend_from_slice(&0u32.to_ne_bytes());
-        req.extend_from_slice(header);
-        // SAFETY: send(2) of our buffer.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        req.finalize();
+        let mut bytes = vec![0; req.buffer_len()];
+        req.serialize(&mut bytes);
+        self.sock.send(&bytes, 0)?;
         loop {
-            let n = match self.recv(0) {
+            let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
             for m in messages(&self.buf[..n]) {
-                if m.seq != self.seq {
+                // A message of the dump the crate cannot decode is skipped, not fatal.
+                let Ok(m) = m else { continue };
+                if m.header.sequence_number != self.seq {
                     continue;
                 }
-                match m.ty {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let code =
-                            if m.payload.len() >= 4 { u32_at(m.payload, 0) as i32 } else { 0 };
-                        if code != 0 {
-                            return Err(io::Error::from_raw_os_error(-code));
-                        }
-                        return Ok(());
+                match m.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                            None => Ok(()),
+                        };
                     }
-                    ty => each(ty, m.payload),
+                    NetlinkPayload::InnerMessage(inner) => each(inner),
+                    _ => {}
                 }
             }
         }
@@ -378,9 +338,9 @@ impl Socket {
     /// Every link of the socket's network namespace.
     pub fn links(&mut self) -> io::Result<Vec<Link>> {
         let mut out = Vec::new();
-        self.dump(RTM_GETLINK, &[0; IFINFOMSG_LEN], |ty, p| {
-            if ty == RTM_NEWLINK {
-                out.extend(parse_link(p));
+        self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()), |m| {
+            if let RouteNetlinkMessage::NewLink(l) = m {
+                out.extend(Link::from_message(&l));
             }
         })?;
         Ok(out)
@@ -388,17 +348,18 @@ impl Socket {
 
     /// The `cls_bpf` filters on `hook` of link `index` (none when it has no `clsact` qdisc).
     pub fn tc_filters(&mut self, index: u32, hook: TcHook) -> io::Result<Vec<TcFilter>> {
-        let mut hdr = [0u8; TCMSG_LEN];
-        hdr[4..8].copy_from_slice(&index.to_ne_bytes());
-        let parent = match hook {
-            TcHook::Ingress => CLSACT_INGRESS,
-            TcHook::Egress => CLSACT_EGRESS,
+        let mut req = TcMessage::with_index(index as i32);
+        req.header.parent = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: match hook {
+                TcHook::Ingress => TcHandle::MIN_INGRESS,
+                TcHook::Egress => TcHandle::MIN_EGRESS,
+            },
         };
-        hdr[12..16].copy_from_slice(&parent.to_ne_bytes());
         let mut out = Vec::new();
-        match self.dump(RTM_GETTFILTER, &hdr, |ty, p| {
-            if ty == RTM_NEWTFILTER {
-                out.extend(parse_filter(p));
+        match self.dump(RouteNetlinkMessage::GetTrafficFilter(req), |m| {
+            if let RouteNetlinkMessage::NewTrafficFilter(f) = m {
+                out.extend(TcFilter::from_message(&f));
             }
         }) {
             Ok(()) => Ok(out),
@@ -411,71 +372,118 @@ impl Socket {
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::NLM_F_MULTIPART;
+    use netlink_packet_route::tc::TcHeader;
+
     use super::*;
 
-    fn attr(ty: u16, data: &[u8]) -> Vec<u8> {
-        let mut v = ((4 + data.len()) as u16).to_ne_bytes().to_vec();
-        v.extend_from_slice(&ty.to_ne_bytes());
-        v.extend_from_slice(data);
-        v.resize(align4(v.len()), 0);
-        v
+    /// One datagram holding `msgs`, as the kernel sends them.
+    fn datagram(msgs: Vec<RouteNetlinkMessage>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in msgs {
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_MULTIPART;
+            let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(m));
+            msg.finalize();
+            let mut b = vec![0; msg.buffer_len()];
+            msg.serialize(&mut b);
+            out.extend(b);
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+        out
     }
 
-    fn msg(ty: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = ((NLMSG_HDRLEN + payload.len()) as u32).to_ne_bytes().to_vec();
-        v.extend_from_slice(&ty.to_ne_bytes());
-        v.extend_from_slice(&[0; 10]);
-        v.extend_from_slice(payload);
-        v.resize(align4(v.len()), 0);
-        v
+    fn link(index: u32, name: &str, xdp: Vec<LinkXdp>) -> LinkMessage {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::IfName(name.into()));
+        if !xdp.is_empty() {
+            m.attributes.push(LinkAttribute::Xdp(xdp));
+        }
+        m
     }
 
     #[test]
-    fn parses_link_messages_with_xdp_state() {
-        let mut p = vec![0u8; IFINFOMSG_LEN];
-        p[4..8].copy_from_slice(&7u32.to_ne_bytes());
-        p.extend(attr(IFLA_IFNAME, b"vp3\0"));
-        let mut xdp = attr(IFLA_XDP_ATTACHED, &[2]);
-        xdp.extend(attr(IFLA_XDP_PROG_ID, &42u32.to_ne_bytes()));
-        p.extend(attr(IFLA_XDP | 0x8000, &xdp));
-        let mut buf = msg(RTM_NEWLINK, &p);
-        buf.extend(msg(RTM_DELLINK, &p[..IFINFOMSG_LEN + 8]));
-        let got: Vec<_> = messages(&buf).map(|m| (m.ty, parse_link(m.payload))).collect();
-        let xdp = XdpState { attached: 2, prog_id: 42 };
+    fn reads_link_and_address_notifications_with_xdp_state() {
+        let mut addr = AddressMessage::default();
+        addr.header.index = 7;
+        addr.attributes.push(AddressAttribute::Local("198.18.0.10".parse().unwrap()));
+        let buf = datagram(vec![
+            RouteNetlinkMessage::NewLink(link(
+                7,
+                "vp3",
+                vec![LinkXdp::Attached(XdpAttached::SocketBuffer), LinkXdp::ProgId(42)],
+            )),
+            RouteNetlinkMessage::DelLink(link(7, "vp3", vec![])),
+            RouteNetlinkMessage::NewAddress(addr.clone()),
+            RouteNetlinkMessage::DelAddress(addr),
+        ]);
+        let got: Vec<Event> = messages(&buf).map(|m| event(m.unwrap()).unwrap()).collect();
+        let xdp = XdpState { attached: XdpAttached::SocketBuffer, prog_id: 42 };
+        let a = Address { index: 7, addr: Some("198.18.0.10".parse().unwrap()) };
         assert_eq!(
             got,
             [
-                (RTM_NEWLINK, Some(Link { index: 7, name: "vp3".into(), xdp: Some(xdp) })),
-                (RTM_DELLINK, Some(Link { index: 7, name: "vp3".into(), xdp: None })),
+                Event::NewLink(Link { index: 7, name: "vp3".into(), xdp: Some(xdp) }),
+                Event::DelLink(Link { index: 7, name: "vp3".into(), xdp: None }),
+                Event::NewAddress(a.clone()),
+                Event::DelAddress(a),
             ]
         );
         assert_eq!(xdp.mode_name(), "generic");
-        // Truncated input ends the iteration instead of reading past the buffer.
+        // A truncated datagram ends the iteration instead of reading past the buffer.
         assert_eq!(messages(&buf[..20]).count(), 0);
-        assert!(parse_link(&p[..8]).is_none());
+        // A link message without a name is no link.
+        assert!(Link::from_message(&LinkMessage::default()).is_none());
     }
 
+    fn filter(kind: &str, handle: u32, options: Vec<TcOption>) -> TcMessage {
+        let header = TcHeader {
+            index: 3,
+            handle: handle.into(),
+            info: (1 << 16) | 0x0003,
+            ..TcHeader::default()
+        };
+        let attrs = vec![TcAttribute::Kind(kind.into()), TcAttribute::Options(options)];
+        TcMessage::from_parts(header, attrs)
+    }
+
+    /// Filters go through the wire format and back: bpf filters are read with their program
+    /// name and id; other kinds and the chain head (no handle) are not kproxy's.
     #[test]
-    fn parses_bpf_filters_only() {
-        let mut p = vec![0u8; TCMSG_LEN];
-        p[8..12].copy_from_slice(&0x4b50u32.to_ne_bytes());
-        p[16..20].copy_from_slice(&((1u32 << 16) | 3).to_ne_bytes());
-        p.extend(attr(TCA_KIND, b"bpf\0"));
-        let mut opts = attr(TCA_BPF_NAME, b"kp_tc_from_pod\0");
-        opts.extend(attr(TCA_BPF_ID, &9u32.to_ne_bytes()));
-        p.extend(attr(TCA_OPTIONS | 0x8000, &opts));
-        assert_eq!(
-            parse_filter(&p),
-            Some(TcFilter {
-                priority: 1,
-                handle: 0x4b50,
-                name: "kp_tc_from_pod".into(),
-                prog_id: 9
+    fn reads_bpf_filters_only() {
+        let opts = || {
+            vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgName("kp_tc_from_pod".into())),
+                TcOption::Bpf(TcFilterBpfOption::ProgId(9)),
+            ]
+        };
+        let buf = datagram(vec![
+            RouteNetlinkMessage::NewTrafficFilter(filter(TcFilterBpf::KIND, 0x4b50, opts())),
+            RouteNetlinkMessage::NewTrafficFilter(filter(TcFilterBpf::KIND, 0, opts())),
+            RouteNetlinkMessage::NewTrafficFilter(filter("u32", 0x800, vec![])),
+        ]);
+        let got: Vec<Option<TcFilter>> = messages(&buf)
+            .map(|m| match m.unwrap().payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(f)) => {
+                    TcFilter::from_message(&f)
+                }
+                other => panic!("{other:?}"),
             })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Some(TcFilter {
+                    priority: 1,
+                    handle: 0x4b50,
+                    name: "kp_tc_from_pod".into(),
+                    prog_id: 9
+                }),
+                None,
+                None,
+            ]
         );
-        let mut head = p.clone();
-        head[8..12].copy_from_slice(&0u32.to_ne_bytes());
-        assert_eq!(parse_filter(&head), None);
     }
 
     #[test]

@@ -243,13 +243,19 @@ impl ManifestDir {
     }
 }
 
+/// Whether the agent reads the file at `path`: a `*.yaml`, `*.yml` or `*.json` name that is not
+/// hidden.
+pub fn is_manifest_path(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let ext_ok = [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
+    ext_ok && !name.starts_with('.')
+}
+
 fn list(dir: &Path) -> std::io::Result<Vec<(PathBuf, fs::Metadata)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let ext_ok = [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
-        if !ext_ok || name.starts_with('.') {
+        if !is_manifest_path(&path) {
             continue;
         }
         if let Ok(md) = fs::metadata(&path)

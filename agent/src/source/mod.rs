@@ -1,4 +1,5 @@
-//! Where Services, EndpointSlices and Nodes come from: a manifest directory (the lab) or the
-//! Kubernetes API.
+//! Where Services, EndpointSlices and Nodes come from: a manifest directory (the lab, with its
+//! change notifications in [`dirwatch`]) or the Kubernetes API.
+pub mod dirwatch;
 pub mod kube;
 pub mod manifests;

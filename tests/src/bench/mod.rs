@@ -8,7 +8,8 @@
 //!    transaction; 3. NodePort from the external client (UDP small packets, iperf3 TCP), local and
 //!    remote backend, kproxy with XDP and TC only, plus an XDP_TX bounce reference; 4. programming
 //!    time from scratch and for one change; 5. change-to-first-connection latency at rest and under
-//!    churn; 6. memory; 7. per-packet cost under BPF_PROG_TEST_RUN.
+//!    churn, for kproxy on both of its sources (manifest directory, Kubernetes API through the
+//!    test API server) and the baselines; 6. memory; 7. per-packet cost under BPF_PROG_TEST_RUN.
 //!
 //! Every system is loaded into node 0 of the lab once per scale and switched on and off between
 //! repetitions (kproxy: agent started / stopped and its datapath removed; iptables: the jumps
@@ -29,7 +30,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
@@ -40,7 +41,10 @@ use self::{
     systems::Kproxy,
     workload::BService,
 };
-use crate::lab::{self, Lab, LabSpec, Wiring};
+use crate::{
+    apiserver::{ApiServer, Binder},
+    lab::{self, Lab, LabSpec, Wiring},
+};
 
 /// What a run measures and for how long.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +92,9 @@ pub struct Config {
     /// Time budget of the whole run, s: a phase that would start past its share of it is not
     /// run (its figures say so).
     pub run_budget_s: f64,
+    /// Only item 5 ([`Config::only_e2e`]): the NodePort and BPF_PROG_TEST_RUN items are left out.
+    #[serde(default)]
+    pub only_e2e: bool,
 }
 
 impl Config {
@@ -112,6 +119,7 @@ impl Config {
             testrun_runs: 20_000,
             load_budget_s: 150.0,
             run_budget_s: 1140.0,
+            only_e2e: false,
         }
     }
 
@@ -136,7 +144,21 @@ impl Config {
             testrun_runs: 1_000,
             load_budget_s: 20.0,
             run_budget_s: 170.0,
+            only_e2e: false,
         }
+    }
+}
+
+impl Config {
+    /// The same run restricted to item 5 (and the programming and memory figures of its scale,
+    /// which come from the same agent runs): the other items' scales are emptied.
+    pub fn only_e2e(mut self) -> Self {
+        self.scales.clear();
+        self.rate_scales.clear();
+        self.prog_scales = vec![self.e2e_scale];
+        self.testrun_scales.clear();
+        self.only_e2e = true;
+        self
     }
 }
 
@@ -270,6 +292,34 @@ fn rotate<T: Copy>(v: &[T], k: usize) -> Vec<T> {
 }
 
 /// Predicts a load time at `n` from one at `n0` (`t0` s) with growth exponent `exp`.
+/// The systems of item 5: kproxy on its manifest source, kproxy on the Kubernetes API source,
+/// and the baselines.
+pub const E2E_SYSTEMS: [&str; 4] = ["kproxy", "kproxy-kube", "iptables", "nftables"];
+
+/// Item 5's split of a kproxy change at rest: change → programmed (p50, p99), programmed → first
+/// reply (p50), and the sync itself (p50).
+pub const E2E_BREAKDOWN: [&str; 4] = ["agent_p50_ms", "agent_p99_ms", "conn_p50_ms", "sync_ms"];
+
+/// Interval between the new connections of the change-to-connection probe (its resolution).
+const E2E_PROBE_EVERY: Duration = Duration::from_millis(1);
+
+/// Port of the test API server of item 5 (in the client namespace).
+const API_PORT: u16 = 16443;
+
+/// Agent flags of the programming and change runs: no periodic resync during the measurement;
+/// N × (1 entry + 10 slots) and N × 10 backends exceed the default map sizes at 30,000.
+const KPROXY_BENCH_ARGS: [&str; 6] =
+    ["--sync-period-secs", "3600", "--max-services", "1048576", "--max-backends", "524288"];
+
+/// The `q` quantile of `v` (nearest rank; `v` is sorted in place). NaN when empty.
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
 fn predict(t0: f64, n0: usize, n: usize, exp: f64) -> f64 {
     t0 * (n as f64 / n0.max(1) as f64).powf(exp)
 }
@@ -384,10 +434,14 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     b.plan();
     b.step("lab set-up");
     b.clusterip_phase();
-    b.nodeport_phase();
+    if !cfg.only_e2e {
+        b.nodeport_phase();
+    }
     b.programming_phase();
-    b.testrun_phase();
-    b.step("7: BPF_PROG_TEST_RUN cost");
+    if !cfg.only_e2e {
+        b.testrun_phase();
+        b.step("7: BPF_PROG_TEST_RUN cost");
+    }
     let _ = systems::iptables_flush(&b.node_ns);
     let _ = systems::nft_unload(&b.node_ns);
     drop(iperfs);
@@ -442,12 +496,17 @@ impl Bench<'_> {
         }
         for s in ["kproxy", "kproxy-tc", "iptables", "nftables"] {
             for v in ["local", "remote"] {
+                if c.only_e2e {
+                    continue;
+                }
                 self.rec.plan("3-nodeport", "udp_pps", s, 3, v);
                 self.rec.plan("3-nodeport", "udp_cpu_ns_per_pkt", s, 3, v);
                 self.rec.plan("3-nodeport", "tcp_bps", s, 3, v);
             }
         }
-        self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
+        if !c.only_e2e {
+            self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
+        }
         for &n in &c.prog_scales {
             for s in ["kproxy", "iptables", "nftables"] {
                 for m in ["scratch_s", "scratch_cpu_s", "change_ms", "change_cpu_ms"] {
@@ -459,11 +518,16 @@ impl Bench<'_> {
             self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
             self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
         }
-        for s in ["kproxy", "iptables", "nftables"] {
+        for s in E2E_SYSTEMS {
             for v in ["at-rest", "churn"] {
                 for m in ["p50_ms", "p99_ms"] {
                     self.rec.plan("5-e2e", m, s, c.e2e_scale, v);
                 }
+            }
+        }
+        for s in ["kproxy", "kproxy-kube"] {
+            for m in E2E_BREAKDOWN {
+                self.rec.plan("5-e2e", m, s, c.e2e_scale, "at-rest");
             }
         }
         for &n in &c.testrun_scales {
@@ -896,6 +960,12 @@ impl Bench<'_> {
             self.flush_conntrack();
             self.prog_kproxy(n, &services);
             self.step(&format!("4-6: kproxy at {n} services"));
+            if n == self.cfg.e2e_scale {
+                self.flush_conntrack();
+                if let Err(e) = self.e2e_kproxy_kube(n, &services) {
+                    self.mark_e2e("kproxy-kube", n, &format!("{e:#}"), false);
+                }
+            }
             self.flush_conntrack();
             self.prog_iptables(n, &services);
             self.step(&format!("4-6: iptables at {n} services"));
@@ -929,14 +999,27 @@ impl Bench<'_> {
             }
         }
         if n == self.cfg.e2e_scale {
-            for v in ["at-rest", "churn"] {
-                for m in ["p50_ms", "p99_ms"] {
-                    if skipped {
-                        self.rec.skip("5-e2e", m, sys, n, v, why);
-                    } else {
-                        self.rec.fail("5-e2e", m, sys, n, v, why);
-                    }
-                }
+            self.mark_e2e(sys, n, why, skipped);
+            if sys == "kproxy" && skipped {
+                self.mark_e2e("kproxy-kube", n, why, skipped);
+            }
+        }
+    }
+
+    /// Item 5's figures of `sys` (the breakdown too for kproxy) are missing for `why`.
+    fn mark_e2e(&mut self, sys: &str, n: usize, why: &str, skipped: bool) {
+        let mut figures: Vec<(&str, &str)> = ["at-rest", "churn"]
+            .into_iter()
+            .flat_map(|v| ["p50_ms", "p99_ms"].map(|m| (m, v)))
+            .collect();
+        if sys.starts_with("kproxy") {
+            figures.extend(E2E_BREAKDOWN.map(|m| (m, "at-rest")));
+        }
+        for (m, v) in figures {
+            if skipped {
+                self.rec.skip("5-e2e", m, sys, n, v, why);
+            } else {
+                self.rec.fail("5-e2e", m, sys, n, v, why);
             }
         }
     }
@@ -955,20 +1038,7 @@ impl Bench<'_> {
         }
         let r = (|| -> Result<()> {
             let bytes = self.write_manifest(services)?;
-            let k = self.start_kproxy(
-                services.len(),
-                &[
-                    "--poll-interval-ms",
-                    "100",
-                    "--sync-period-secs",
-                    "3600",
-                    // N × (1 entry + 10 slots) and N × 10 backends exceed the defaults at 30,000.
-                    "--max-services",
-                    "1048576",
-                    "--max-backends",
-                    "524288",
-                ],
-            )?;
+            let k = self.start_kproxy(services.len(), &KPROXY_BENCH_ARGS)?;
             let pid = k.agent.pid();
             self.kproxy_ready = Some((n, k.ready_s));
             let res = (|| -> Result<()> {
@@ -1059,7 +1129,10 @@ impl Bench<'_> {
 
     /// Change-to-first-connection samples with `apply(k)` making service `lat{k}` exist (it may
     /// return the instant the change was handed over, after preparing it, e.g. generating the
-    /// rules text in this harness, which is not the baseline's cost).
+    /// rules text in this harness, which is not the baseline's cost). For the kproxy systems at
+    /// rest, each sample is also split at the end of the agent's sync (its
+    /// `kubeproxy_sync_proxy_rules_last_timestamp_seconds`): change → programmed (notification,
+    /// coalescing window, sync) and programmed → first reply (datapath and probe).
     fn e2e_samples(
         &mut self,
         sys: &str,
@@ -1068,24 +1141,48 @@ impl Bench<'_> {
         first: usize,
         apply: &mut dyn FnMut(usize) -> Result<Option<Instant>>,
     ) -> Result<()> {
-        let mut lat = Vec::new();
+        let breakdown = sys.starts_with("kproxy") && variant == "at-rest";
+        let (mut lat, mut agent, mut conn, mut sync) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let samples =
             if sys == "iptables" { self.cfg.e2e_samples_iptables } else { self.cfg.e2e_samples };
         for s in 0..samples {
             let k = first + s;
             let svc = workload::dynamic(k, "lat", 0);
             let target = SocketAddrV4::new(svc.cluster_ip, workload::PROBE_PORT);
-            let t0 = Instant::now();
+            let before = breakdown.then(|| systems::agent_metrics(&self.node_ns)).transpose()?;
+            let (wall0, t0) = (SystemTime::now(), Instant::now());
             let t0 = apply(k)?.unwrap_or(t0);
-            lab::eventually(Duration::from_secs(60), Duration::from_millis(2), || {
-                systems::probe_once(&self.client_pod_ns, target)
-            })?;
-            lat.push(t0.elapsed().as_secs_f64() * 1e3);
+            let done = systems::first_connection(
+                &self.client_pod_ns,
+                target,
+                E2E_PROBE_EVERY,
+                Duration::from_secs(60),
+            )?;
+            let total = (done - t0).as_secs_f64() * 1e3;
+            lat.push(total);
+            if let Some(before) = before {
+                let m = systems::agent_metrics(&self.node_ns)?;
+                let wall0 = wall0.duration_since(UNIX_EPOCH)?.as_secs_f64();
+                let programmed = (m.last_sync_s - wall0) * 1e3;
+                agent.push(programmed);
+                conn.push(total - programmed);
+                let syncs = m.sync_count.saturating_sub(before.sync_count);
+                if syncs > 0 {
+                    sync.push((m.sync_sum_s - before.sync_sum_s) * 1e3 / syncs as f64);
+                }
+            }
         }
-        lat.sort_by(f64::total_cmp);
-        let p = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
-        self.rec.add("5-e2e", "p50_ms", sys, n, variant, p(0.5));
-        self.rec.add("5-e2e", "p99_ms", sys, n, variant, p(0.99));
+        self.rec.add("5-e2e", "p50_ms", sys, n, variant, percentile(&mut lat, 0.5));
+        self.rec.add("5-e2e", "p99_ms", sys, n, variant, percentile(&mut lat, 0.99));
+        if breakdown {
+            self.rec.add("5-e2e", "agent_p50_ms", sys, n, variant, percentile(&mut agent, 0.5));
+            self.rec.add("5-e2e", "agent_p99_ms", sys, n, variant, percentile(&mut agent, 0.99));
+            self.rec.add("5-e2e", "conn_p50_ms", sys, n, variant, percentile(&mut conn, 0.5));
+            if !sync.is_empty() {
+                self.rec.add("5-e2e", "sync_ms", sys, n, variant, percentile(&mut sync, 0.5));
+            }
+        }
         Ok(())
     }
 
@@ -1118,6 +1215,76 @@ impl Bench<'_> {
         stop.store(true, Ordering::Relaxed);
         let _ = churn.join();
         r
+    }
+
+    /// Item 5 through the Kubernetes source: the test API server (real list/watch wire
+    /// behaviour) serves every service and slice, the agent watches it with kube-rs
+    /// (`--kubeconfig`), and each change is an object written to the API server.
+    fn e2e_kproxy_kube(&mut self, n: usize, services: &[BService]) -> Result<()> {
+        eprintln!("[bench] change → connection through the Kubernetes API source at {n} services");
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        // In the client namespace, where node 0 reaches it over the underlay.
+        let client_ns = self.lab.client_ns();
+        let bind: Binder = Arc::new(move || {
+            lab::in_netns(&client_ns, || std::net::TcpListener::bind((lab::CLIENT_IP, API_PORT)))
+                .map_err(std::io::Error::other)?
+        });
+        let api = rt.block_on(ApiServer::start_with(bind)).context("starting the API server")?;
+        let apply = |api: &ApiServer, svc: &BService| -> Result<()> {
+            for o in svc.to_json() {
+                api.apply(o)?;
+            }
+            Ok(())
+        };
+        for svc in services {
+            apply(&api, svc)?;
+        }
+        let kubeconfig = self.manifests.with_extension("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig())?;
+        let kc = kubeconfig.to_string_lossy().into_owned();
+        let mut args: Vec<&str> = KPROXY_BENCH_ARGS.to_vec();
+        args.extend(["--kubeconfig", &kc]);
+        let k = systems::start_kproxy(
+            &self.lab,
+            Path::new(""),
+            &args,
+            services.len() as u64,
+            Duration::from_secs(300),
+        );
+        let _ = std::fs::remove_file(&kubeconfig);
+        let k = k?;
+        self.step(&format!("5: kproxy on the Kubernetes API at {n} services ready"));
+        let res = (|| -> Result<()> {
+            let mut at_rest = |k: usize| -> Result<Option<Instant>> {
+                apply(&api, &workload::dynamic(k, "lat", 0))?;
+                Ok(None)
+            };
+            self.e2e_samples("kproxy-kube", n, "at-rest", 0, &mut at_rest)?;
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let mut i = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = apply(&api, &workload::dynamic(0, "churn", 1 + i % 5));
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+                let mut churn = |k: usize| -> Result<Option<Instant>> {
+                    apply(&api, &workload::dynamic(k, "lat", 0))?;
+                    Ok(None)
+                };
+                let r = self.e2e_samples("kproxy-kube", n, "churn", 500, &mut churn);
+                stop.store(true, Ordering::Relaxed);
+                r
+            })
+        })();
+        self.stop_kproxy(k);
+        drop(api);
+        drop(rt);
+        self.step(&format!("5: kproxy on the Kubernetes API at {n} services"));
+        res
     }
 
     fn prog_iptables(&mut self, n: usize, services: &[BService]) {

@@ -327,6 +327,8 @@ pub struct AgentMetrics {
     pub sync_count: u64,
     /// `kproxy_services_programmed`.
     pub frontends: u64,
+    /// `kubeproxy_sync_proxy_rules_last_timestamp_seconds`: when the last sync ended (Unix time).
+    pub last_sync_s: f64,
 }
 
 /// Reads the metrics of the agent in namespace `ns` (127.0.0.1:10249).
@@ -350,6 +352,7 @@ pub fn agent_metrics(ns: &str) -> Result<AgentMetrics> {
             "kubeproxy_sync_proxy_rules_duration_seconds_sum" => m.sync_sum_s = v,
             "kubeproxy_sync_proxy_rules_duration_seconds_count" => m.sync_count = v as u64,
             "kproxy_services_programmed" => m.frontends = v as u64,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds" => m.last_sync_s = v,
             _ => {}
         }
     }
@@ -499,5 +502,54 @@ pub fn probe_once(ns: &str, target: SocketAddrV4) -> Result<()> {
         let n = s.read(&mut buf)?;
         ensure!(n > 0, "empty reply from {target}");
         Ok(())
+    })?
+}
+
+/// The instant the first connection to `target` from namespace `ns` got its reply. A new
+/// connection is started every `every` (each one abandoned after 250 ms), so the figure's
+/// resolution is `every` plus one round trip: a SYN sent before the service is programmed is
+/// never answered, and waiting for it would hide when the service became reachable. Fails after
+/// `limit`.
+pub fn first_connection(
+    ns: &str,
+    target: SocketAddrV4,
+    every: Duration,
+    limit: Duration,
+) -> Result<Instant> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    lab::in_netns(ns, || -> Result<Instant> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let deadline = Instant::now() + limit;
+            let mut attempts = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(done) = attempts.join_next() => {
+                        if let Ok(Some(at)) = done {
+                            return Ok(at);
+                        }
+                    }
+                    _ = tick.tick() => {
+                        ensure!(Instant::now() < deadline, "no connection to {target} within {limit:?}");
+                        attempts.spawn(async move {
+                            let attempt = async {
+                                let mut s = tokio::net::TcpStream::connect(target).await.ok()?;
+                                s.write_all(b"probe\n").await.ok()?;
+                                let mut buf = [0u8; 256];
+                                let n = s.read(&mut buf).await.ok()?;
+                                (n > 0).then(Instant::now)
+                            };
+                            tokio::time::timeout(Duration::from_millis(250), attempt)
+                                .await
+                                .ok()
+                                .flatten()
+                        });
+                    }
+                }
+            }
+        })
     })?
 }
