@@ -12,7 +12,7 @@ use kproxy_common::{NodeConfig, cfg_flags};
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::{
-    cli::AgentArgs,
+    cli::{self, AgentArgs},
     dataplane::{
         Dataplane,
         bpf::BpfDataplane,
@@ -101,6 +101,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         s => Some(s.parse().with_context(|| format!("--health-check-bind {s:?}"))?),
     };
     let mut health_checks = health_bind.map(HealthCheckServers::new);
+    let address_policy = model::AddressPolicy {
+        external_ips: cli::cidr_list("external-ip-cidrs", &args.external_ip_cidrs)
+            .map_err(anyhow::Error::msg)?,
+        load_balancer_ips: cli::cidr_list("load-balancer-ip-cidrs", &args.load_balancer_ip_cidrs)
+            .map_err(anyhow::Error::msg)?,
+    };
 
     let sizes = MapSizes {
         services: args.max_services,
@@ -111,14 +117,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&args.pin_path, &sizes)
         .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
     let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;
-    if args.conntrack_gc_interval_secs > 0 {
-        let m = metrics.clone();
-        let every = Duration::from_secs(args.conntrack_gc_interval_secs);
-        crate::dataplane::conntrack::spawn_gc(args.pin_path.clone(), every, move |s, ev| {
-            m.set_conntrack(*s, ev)
-        })
-        .context("starting the conntrack GC")?;
-    }
+    let conntrack = {
+        let (m, m2) = (metrics.clone(), metrics.clone());
+        let every = (args.conntrack_gc_interval_secs > 0)
+            .then(|| Duration::from_secs(args.conntrack_gc_interval_secs));
+        crate::dataplane::conntrack::spawn_worker(
+            args.pin_path.clone(),
+            every,
+            move |s, ev| m.set_conntrack(*s, ev),
+            move |n| m2.conntrack_reconciled(n),
+        )
+        .context("starting the conntrack GC and reconciler")?
+    };
     let mut syncer = Syncer::adopt(&dp).context("reading the programmed state")?;
     match dp.conntrack() {
         Ok(ct) => syncer.avoid_backend_ids(ct.iter().map(|(_, v)| v.backend_id)),
@@ -147,11 +157,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _devices = netdev::Devices::start(datapath, spec, metrics.clone())?;
 
     let mut source = match (&args.manifests, &args.kubeconfig) {
-        (Some(dir), _) => Source::Manifests(ManifestDir::new(dir)),
+        (Some(dir), _) => {
+            Source::Manifests(ManifestDir::new(dir).with_max_file_bytes(args.max_manifest_bytes))
+        }
         (None, kubeconfig) => Source::Watch {
-            rx: source::kube::spawn(kubeconfig.clone(), args.node_name.clone())
-                .await
-                .context("connecting to the Kubernetes API")?,
+            rx: source::kube::spawn(
+                kubeconfig.clone(),
+                args.api_server.clone(),
+                args.node_name.clone(),
+            )
+            .await
+            .context("connecting to the Kubernetes API")?,
             ready: false,
         },
     };
@@ -164,6 +180,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut state = LoopState::default();
     let mut tracker =
         Tracker::new(NodeInfo { name: args.node_name.clone(), addrs: Vec::new(), zone: None });
+    tracker.set_address_policy(address_policy);
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut last_full = Instant::now();
     loop {
@@ -216,8 +233,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             async {
                 let started = Instant::now();
                 let mut changes = if full { tracker.full() } else { tracker.changes() };
-                state.sync(started, &args, &mut changes, &addrs, &mut syncer, &mut dp, &metrics);
+                let udp = state.sync(
+                    started,
+                    &args,
+                    &mut changes,
+                    &addrs,
+                    &mut syncer,
+                    &mut dp,
+                    &metrics,
+                );
                 drop(changes);
+                // After the sync wrote the new backend sets.
+                conntrack.reconcile(udp);
                 if let Some(hc) = health_checks.as_mut() {
                     hc.update(&state.health).await;
                 }
@@ -265,7 +292,8 @@ fn release_free_memory() {
 impl LoopState {
     /// One sync (begun at `started`, when the model was asked for its changes): the changes
     /// written to `dp`, node configuration (once and whenever the
-    /// addresses changed), metrics.
+    /// addresses changed), metrics. Returns the UDP service ports whose flows the conntrack
+    /// reconciler must check.
     #[allow(clippy::too_many_arguments)]
     fn sync(
         &mut self,
@@ -276,15 +304,19 @@ impl LoopState {
         syncer: &mut Syncer,
         dp: &mut dyn Dataplane,
         metrics: &Metrics,
-    ) {
+    ) -> Vec<crate::sync::UdpServing> {
         for e in &changes.new_errors {
-            warn!(error = %e, "invalid object");
-            metrics.sync_error("invalid_object");
+            match e.class {
+                model::ErrorClass::Invalid => warn!(error = %e, "invalid object"),
+                model::ErrorClass::FrontendConflict => warn!(error = %e, "frontend conflict"),
+                model::ErrorClass::AddressNotAllowed => warn!(error = %e, "address not allowed"),
+            }
+            metrics.sync_error(e.class.label());
         }
         for s in &changes.skipped {
             debug!(reason = %s, "skipped");
         }
-        let report = syncer.sync_changes(changes, dp);
+        let mut report = syncer.sync_changes(changes, dp);
         for e in &report.errors {
             error!(error = %e, "sync");
             metrics.sync_failed(e);
@@ -345,6 +377,7 @@ impl LoopState {
         } else {
             debug!(took_ms = started.elapsed().as_secs_f64() * 1e3, "in sync");
         }
+        std::mem::take(&mut report.udp_reconcile)
     }
 }
 

@@ -19,6 +19,7 @@ pub static EBPF_OBJECT: &[u8] =
 pub mod agent;
 pub mod cli;
 pub mod dataplane;
+pub mod excerpt;
 pub mod healthcheck;
 pub mod metrics;
 pub mod model;

@@ -102,6 +102,7 @@ pub struct Metrics {
     sync_errors: Mutex<BTreeMap<&'static str, u64>>,
     packets: Mutex<Vec<(Reason, u64)>>,
     conntrack: Mutex<Option<(crate::dataplane::conntrack::CtStats, u64)>>,
+    conntrack_reconciled: AtomicU64,
     health: Mutex<Health>,
     maps: Mutex<Vec<MapUsage>>,
     map_full: Mutex<BTreeMap<&'static str, u64>>,
@@ -121,6 +122,7 @@ impl Default for Metrics {
             sync_errors: Mutex::new(BTreeMap::new()),
             packets: Mutex::new(Vec::new()),
             conntrack: Mutex::new(None),
+            conntrack_reconciled: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             maps: Mutex::new(Vec::new()),
             // Listed from the start, so `increase()` sees the first failure.
@@ -212,6 +214,11 @@ impl Metrics {
     /// eviction count.
     pub fn set_conntrack(&self, stats: crate::dataplane::conntrack::CtStats, evictions: u64) {
         *lock(&self.conntrack) = Some((stats, evictions));
+    }
+
+    /// Counts UDP flows the conntrack reconciler deleted.
+    pub fn conntrack_reconciled(&self, n: u64) {
+        self.conntrack_reconciled.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The `/healthz` answer at `now`: status code and JSON body, like kube-proxy's.
@@ -330,6 +337,11 @@ impl Metrics {
         if let Some((ct, evictions)) = *lock(&self.conntrack) {
             ct.render_prometheus(evictions, &mut out);
         }
+        let _ = writeln!(
+            out,
+            "# HELP kubeproxy_conntrack_reconciler_deleted_entries_total Tracked UDP flows deleted because their backend stopped serving.\n# TYPE kubeproxy_conntrack_reconciler_deleted_entries_total counter\nkubeproxy_conntrack_reconciler_deleted_entries_total{{ip_family=\"IPv4\"}} {}",
+            self.conntrack_reconciled.load(Ordering::Relaxed)
+        );
         out
     }
 }
