@@ -22,6 +22,7 @@ const T: Duration = Duration::from_secs(2);
 const CONVERGE: Duration = Duration::from_secs(15);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+const VIP3: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 10);
 
 /// A lab with one agent per node on a manifest directory (or on `extra` arguments only).
@@ -41,9 +42,13 @@ impl Setup {
         Setup { agents: Vec::new(), dir, lab }
     }
 
-    /// Starts the agents on the manifest directory.
-    fn start_manifest_agents(&mut self) {
-        let opts = AgentOpts { manifests_dir: self.dir.path().to_path_buf(), ..Default::default() };
+    /// Starts the agents on the manifest directory, with `extra` arguments.
+    fn start_manifest_agents(&mut self, extra: &[&str]) {
+        let opts = AgentOpts {
+            manifests_dir: self.dir.path().to_path_buf(),
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
         self.agents = self.lab.spawn_agents(&opts).expect("agents");
     }
 
@@ -132,7 +137,7 @@ fn web_lb() -> Service {
 #[test]
 fn invalid_edits_of_live_objects_keep_their_last_valid_version() {
     let mut s = Setup::new("invalid");
-    s.start_manifest_agents();
+    s.start_manifest_agents(&[]);
     let svc = web_lb();
     s.put(&svc, vec![s.ep(0, 0), s.ep(1, 0)]);
     let pods = ["node-0-pod-0", "node-1-pod-0"];
@@ -191,11 +196,12 @@ fn invalid_edit_from_the_api_keeps_the_last_valid_version() {
 
 /// Newer services (no endpoints, named to sort first) claim the live service's ClusterIP:port
 /// and, through externalIPs, its LoadBalancer IP: both are refused with a warning naming the two
-/// services and counted; the live service keeps its traffic.
+/// services and counted; the live service keeps its traffic. An externalIP outside
+/// `--external-ip-cidrs` is refused too.
 #[test]
 fn a_newer_service_cannot_take_a_live_frontend() {
     let mut s = Setup::new("collide");
-    s.start_manifest_agents();
+    s.start_manifest_agents(&["--external-ip-cidrs", "198.18.200.0/24"]);
     s.put(&web_lb(), vec![s.ep(0, 0)]);
     let (pod, client) = (s.pod_ns(0, 1), s.lab.client_ns());
     wait_served_by(&pod, VIP, 80, &["node-0-pod-0"]);
@@ -218,6 +224,21 @@ fn a_newer_service_cannot_take_a_live_frontend() {
         metrics.contains("kproxy_sync_errors_total{kind=\"frontend_conflict\"} 2"),
         "{metrics}"
     );
+
+    // externalIPs: one inside --external-ip-cidrs, one outside (nothing in the lab routes it).
+    let (allowed, outside) = (Ipv4Addr::new(198, 18, 200, 20), Ipv4Addr::new(198, 19, 200, 7));
+    let mut ext = Service::cluster_ip("ext", VIP3, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    ext.external_ips = vec![allowed, outside];
+    s.put(&ext, vec![s.ep(1, 0)]);
+    wait_served_by(&pod, allowed, 80, &["node-1-pod-0"]);
+    s.wait_log_line(
+        0,
+        &["default/ext", "spec.externalIPs[1]", "198.19.200.7", "--external-ip-cidrs"],
+    );
+    assert!(
+        tcp_request(&pod, outside, 80, T).is_err(),
+        "an externalIP outside the CIDRs is served"
+    );
 }
 
 /// A 50 MB manifest is refused unread with one short message, a huge bad value is quoted short,
@@ -225,7 +246,7 @@ fn a_newer_service_cannot_take_a_live_frontend() {
 #[test]
 fn huge_manifests_are_refused_and_quoted_short() {
     let mut s = Setup::new("huge");
-    s.start_manifest_agents();
+    s.start_manifest_agents(&[]);
     let pod = s.pod_ns(0, 1);
     // 50 MB of one service with a bad 50 MB name-like value.
     let huge = web_lb().to_yaml().replace("name: web", &format!("name: {}", "w".repeat(50 << 20)));
@@ -252,7 +273,7 @@ fn huge_manifests_are_refused_and_quoted_short() {
 #[test]
 fn udp_flows_leave_a_backend_that_stops_serving_and_tcp_stays() {
     let mut s = Setup::new("udpflow");
-    s.start_manifest_agents();
+    s.start_manifest_agents(&[]);
     let svc = Service::cluster_ip(
         "echo",
         VIP,
@@ -347,9 +368,15 @@ fn agent_with_empty_maps_bootstraps_through_the_api_servers_real_address() {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect_timeout(&(kubernetes_ip, 443).into(), T)?;
         c.set_read_timeout(Some(T))?;
-        write!(c, "GET /api/v1/services HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        c.read_to_string(&mut text)?;
+        write!(c, "GET /api/v1/services HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        // The test server keeps the connection open: read until the list is in.
+        let (mut text, mut buf) = (String::new(), [0u8; 4096]);
+        while !text.contains("ServiceList") {
+            match c.read(&mut buf)? {
+                0 => break,
+                n => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
         std::io::Result::Ok(text)
     })
     .expect("netns")
