@@ -231,13 +231,14 @@ fn a_newer_service_cannot_take_a_live_frontend() {
     ext.external_ips = vec![allowed, outside];
     s.put(&ext, vec![s.ep(1, 0)]);
     wait_served_by(&pod, allowed, 80, &["node-1-pod-0"]);
-    s.wait_log_line(
-        0,
-        &["default/ext", "spec.externalIPs[1]", "198.19.200.7", "--external-ip-cidrs"],
-    );
+    // Programmed in the same sync as the allowed one.
     assert!(
         tcp_request(&pod, outside, 80, T).is_err(),
         "an externalIP outside the CIDRs is served"
+    );
+    s.wait_log_line(
+        0,
+        &["default/ext", "spec.externalIPs[1]", "198.19.200.7", "--external-ip-cidrs"],
     );
 }
 
