@@ -192,6 +192,7 @@ pub async fn spawn(
 ) -> anyhow::Result<mpsc::UnboundedReceiver<Event>> {
     let config = client_config(kubeconfig.as_deref(), api_server.as_ref()).await?;
     tracing::info!(server = %config.cluster_url, "Kubernetes API server");
+    let server_host = config.cluster_url.host().map(|h| h.trim_matches(['[', ']']).to_string());
     let client = Client::try_from(config)?;
     let selector = service_selector();
     let streams = vec![
@@ -212,7 +213,20 @@ pub async fn spawn(
         let mut all = futures::stream::select_all(streams);
         let mut listed = [false; 3];
         let mut synced = false;
+        let mut warned = false;
         while let Some((idx, changes, done)) = all.next().await {
+            if !warned
+                && let Some(host) = &server_host
+                && names_own_cluster_ip(&changes, host)
+            {
+                tracing::warn!(
+                    server = %host,
+                    "the API server is reached through the `kubernetes` ClusterIP, which only kproxy \
+                     programs: after a node reboot the agent could not start; give --api-server \
+                     (or KUBERNETES_SERVICE_HOST/PORT) an address the node reaches without kproxy"
+                );
+                warned = true;
+            }
             if !changes.is_empty() && tx.send(Event::Changes(changes)).is_err() {
                 break;
             }
@@ -231,6 +245,16 @@ pub async fn spawn(
         }
     });
     Ok(rx)
+}
+
+/// Whether `changes` show the `default/kubernetes` Service with `host` as its ClusterIP: the
+/// agent then depends on its own programming to reach the API server.
+fn names_own_cluster_ip(changes: &[Change], host: &str) -> bool {
+    changes.iter().any(|c| {
+        matches!(c, Change::Service(s) if s.name.namespace == "default"
+            && s.name.name == "kubernetes"
+            && s.cluster_ips.iter().any(|ip| ip == host))
+    })
 }
 
 #[cfg(test)]
@@ -444,6 +468,20 @@ mod tests {
         }
         assert_eq!(initial.len(), 2, "{initial:?}");
         assert!(requests.lock().unwrap().iter().any(|r| r.starts_with("/api/v1/services")));
+    }
+
+    #[test]
+    fn reaching_the_api_through_its_own_cluster_ip_is_noticed() {
+        let kubernetes: Service = serde_json::from_str(
+            &SVC.replace("\"web\"", "\"kubernetes\"").replace("198.19.0.10", "10.96.0.1"),
+        )
+        .unwrap();
+        let changes = [Change::Service(ServiceObj::from(&kubernetes))];
+        assert!(names_own_cluster_ip(&changes, "10.96.0.1"));
+        assert!(!names_own_cluster_ip(&changes, "192.0.2.10"));
+        let other: Service =
+            serde_json::from_str(&SVC.replace("198.19.0.10", "10.96.0.1")).unwrap();
+        assert!(!names_own_cluster_ip(&[Change::Service(ServiceObj::from(&other))], "10.96.0.1"));
     }
 
     #[test]
