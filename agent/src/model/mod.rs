@@ -309,7 +309,8 @@ pub mod outcome {
 
 /// A problem with an object: the object (and the file it came from), the field and the value at
 /// fault (at most [`crate::excerpt::MAX_QUOTE`] bytes of it), what is wrong and what was done.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {object}{}: {field} = {value:?}: {reason}; {outcome}", file_suffix(.origin))]
 pub struct ModelError {
     /// `Service` or `EndpointSlice`.
     pub kind: &'static str,
@@ -329,17 +330,10 @@ pub struct ModelError {
     pub class: ErrorClass,
 }
 
-impl fmt::Display for ModelError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.kind, self.object)?;
-        if let Some(origin) = &self.origin {
-            write!(f, " (file {origin})")?;
-        }
-        write!(f, ": {} = {:?}: {}; {}", self.field, self.value, self.reason, self.outcome)
-    }
+/// ` (file PATH)` for an object read from a manifest file.
+fn file_suffix(origin: &Option<SharedStr>) -> String {
+    origin.as_ref().map(|o| format!(" (file {o})")).unwrap_or_default()
 }
-
-impl std::error::Error for ModelError {}
 
 /// The object an error is about, to build [`ModelError`]s.
 struct ErrorSite {

@@ -323,7 +323,7 @@ impl ManifestDir {
 fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut content = Vec::new();
-    fs::File::open(path)?.take(limit + 1).read_to_end(&mut content)?;
+    fs::File::open(path)?.take(limit.saturating_add(1)).read_to_end(&mut content)?;
     if content.len() as u64 > limit {
         return Err(std::io::Error::other(format!(
             "grew over the limit of {limit} bytes (--max-manifest-bytes) while read: not read, \
@@ -664,6 +664,9 @@ mod tests {
         let r = m.poll();
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(v.apply(&r).names(), ["eps/web-1", "svc/web2"]);
+        // No limit at all.
+        let r = ManifestDir::new(&d.0).with_max_file_bytes(u64::MAX).poll();
+        assert_eq!(View::default().apply(&r).names(), ["eps/web-1", "svc/web2"]);
     }
 
     #[test]
