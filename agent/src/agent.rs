@@ -53,8 +53,11 @@ enum Source {
 }
 
 impl Source {
-    fn manifests(dir: &std::path::Path) -> Self {
-        Source::Manifests { dir: ManifestDir::new(dir), watch: DirWatch::new(dir) }
+    fn manifests(dir: &std::path::Path, max_file_bytes: u64) -> Self {
+        Source::Manifests {
+            dir: ManifestDir::new(dir).with_max_file_bytes(max_file_bytes),
+            watch: DirWatch::new(dir),
+        }
     }
 
     /// Waits for the source's next change notification (API events are applied to `tracker`
@@ -275,7 +278,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let health_checks =
         config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
     let (mut datapath, dp) = load_datapath(&config)?;
-    start_conntrack_gc(&config, &metrics)?;
+    let conntrack = start_conntrack(&config, &metrics)?;
     let syncer = adopt_programmed_state(&dp)?;
     start_map_sampler(&config, &metrics);
     match &config.cgroup_path {
@@ -292,7 +295,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let _devices = netdev::Devices::start(datapath, spec, metrics.clone())?;
     let source = open_source(&config).await?;
-    sync_loop(&config, source, syncer, dp, health_checks, metrics, health).await
+    let parts = LoopParts { source, syncer, dp, health_checks, conntrack };
+    sync_loop(&config, parts, metrics, health).await
 }
 
 /// Binds `/metrics` and `/healthz` + `/livez` (an address in use is an error naming the flag)
@@ -336,15 +340,20 @@ fn load_datapath(config: &Config) -> anyhow::Result<(Datapath, BpfDataplane)> {
     Ok((datapath, dp))
 }
 
-/// Starts the conntrack garbage collection (kube-proxy's conntrack reconciler metrics).
-fn start_conntrack_gc(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<()> {
-    let Some(every) = config.conntrack_gc_interval else { return Ok(()) };
-    let m = metrics.clone();
-    conntrack::spawn_gc(config.pin_path.clone(), every, move |r, evictions, took| {
-        m.conntrack_collected(r.deleted, evictions, took)
-    })
-    .context("starting the conntrack GC")?;
-    Ok(())
+/// Starts the conntrack thread: garbage collection and the UDP reconciler (kube-proxy's
+/// conntrack reconciler metrics).
+fn start_conntrack(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<conntrack::ConntrackWorker> {
+    let (m, m2) = (metrics.clone(), metrics.clone());
+    conntrack::spawn_worker(
+        config.pin_path.clone(),
+        config.conntrack_gc_interval,
+        move |r, evictions, took| m.conntrack_collected(r.deleted, evictions, took),
+        move |n| m2.conntrack_reconciled(n),
+    )
+    .context("starting the conntrack GC and reconciler")
 }
 
 /// Reads what a previous agent programmed, so that the first sync only writes differences and
@@ -378,11 +387,15 @@ fn start_map_sampler(config: &Config, metrics: &Arc<Metrics>) {
 /// Opens the object source (connecting to the API server for the Kubernetes source).
 async fn open_source(config: &Config) -> anyhow::Result<Source> {
     Ok(match &config.source {
-        SourceConfig::Manifests(dir) => Source::manifests(dir),
+        SourceConfig::Manifests(dir) => Source::manifests(dir, config.max_manifest_bytes),
         SourceConfig::Kube { kubeconfig } => Source::Watch {
-            rx: source::kube::spawn(kubeconfig.clone(), config.node_name.clone())
-                .await
-                .context("connecting to the Kubernetes API")?,
+            rx: source::kube::spawn(
+                kubeconfig.clone(),
+                config.api_server.clone(),
+                config.node_name.clone(),
+            )
+            .await
+            .context("connecting to the Kubernetes API")?,
             ready: false,
             relisted: false,
             closed: false,
@@ -390,16 +403,23 @@ async fn open_source(config: &Config) -> anyhow::Result<Source> {
     })
 }
 
+/// What the sync loop reads from and writes to.
+struct LoopParts {
+    source: Source,
+    syncer: Syncer,
+    dp: BpfDataplane,
+    health_checks: Option<HealthCheckServers>,
+    conntrack: conntrack::ConntrackWorker,
+}
+
 /// The source → model → sync loop, until SIGTERM or SIGINT (the datapath stays in place).
 async fn sync_loop(
     config: &Config,
-    mut source: Source,
-    mut syncer: Syncer,
-    mut dp: BpfDataplane,
-    mut health_checks: Option<HealthCheckServers>,
+    parts: LoopParts,
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
 ) -> anyhow::Result<()> {
+    let LoopParts { mut source, mut syncer, mut dp, mut health_checks, conntrack } = parts;
     // kube-proxy marks itself updated when its sync loop starts and synthesizes a queued time.
     health.updated(Stamp::now());
     metrics.change_queued(SystemTime::now());
@@ -422,6 +442,7 @@ async fn sync_loop(
     let mut state = LoopState::default();
     let mut tracker =
         Tracker::new(NodeInfo { name: config.node_name.clone(), addrs: Vec::new(), zone: None });
+    tracker.set_address_policy(config.address_policy.clone());
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut addrs_stale = true;
     let mut full_due = false;
@@ -536,8 +557,18 @@ async fn sync_loop(
             async {
                 let started = Instant::now();
                 let mut changes = if full { tracker.full() } else { tracker.changes() };
-                state.sync(started, config, &mut changes, &addrs, &mut syncer, &mut dp, &mut obs);
+                let udp = state.sync(
+                    started,
+                    config,
+                    &mut changes,
+                    &addrs,
+                    &mut syncer,
+                    &mut dp,
+                    &mut obs,
+                );
                 drop(changes);
+                // After the sync wrote the new backend sets.
+                conntrack.reconcile(udp);
                 if let Some(hc) = health_checks.as_mut() {
                     hc.update(&state.health).await;
                 }
@@ -584,7 +615,7 @@ fn release_free_memory() {
 impl LoopState {
     /// One sync (begun at `started`, when the model was asked for its changes): the changes
     /// written to `dp`, node configuration (once and whenever the addresses changed), metrics
-    /// and health.
+    /// and health. Returns the UDP service ports whose flows the conntrack reconciler must check.
     #[allow(clippy::too_many_arguments)]
     fn sync(
         &mut self,
@@ -595,16 +626,20 @@ impl LoopState {
         syncer: &mut Syncer,
         dp: &mut dyn Dataplane,
         obs: &mut ChangeObserver,
-    ) {
+    ) -> Vec<crate::sync::UdpServing> {
         let metrics = obs.metrics.clone();
         for e in &changes.new_errors {
-            warn!(error = %e, "invalid object");
-            metrics.sync_error("invalid_object");
+            match e.class {
+                model::ErrorClass::Invalid => warn!(error = %e, "invalid object"),
+                model::ErrorClass::FrontendConflict => warn!(error = %e, "frontend conflict"),
+                model::ErrorClass::AddressNotAllowed => warn!(error = %e, "address not allowed"),
+            }
+            metrics.sync_error(e.class.label());
         }
         for s in &changes.skipped {
             debug!(reason = %s, "skipped");
         }
-        let report = syncer.sync_changes(changes, dp);
+        let mut report = syncer.sync_changes(changes, dp);
         for e in &report.errors {
             if let Some(held) = obs.log_limiter.allow(&e.to_string(), Instant::now()) {
                 error!(error = %e, repeats_not_logged = held, "sync");
@@ -676,6 +711,7 @@ impl LoopState {
         } else {
             debug!(took_ms = started.elapsed().as_secs_f64() * 1e3, "in sync");
         }
+        std::mem::take(&mut report.udp_reconcile)
     }
 }
 
@@ -793,7 +829,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(ProxyHealth::new(Stamp::now()));
         let mut obs = ChangeObserver::new("node-0", metrics.clone(), health.clone());
-        let mut source = Source::manifests(&dir.0);
+        let mut source = Source::manifests(&dir.0, u64::MAX);
         let mut state = LoopState::default();
         let mut syncer = Syncer::new();
         let mut dp = MemDataplane::default();

@@ -71,6 +71,13 @@ pub struct Config {
     pub conntrack_gc_interval: Option<Duration>,
     /// cgroup v2 directory for socket-level load balancing (`--cgroup-path`).
     pub cgroup_path: Option<PathBuf>,
+    /// The API server's address, replacing the kubeconfig's (`--api-server`).
+    pub api_server: Option<http::Uri>,
+    /// Largest manifest file read (`--max-manifest-bytes`).
+    pub max_manifest_bytes: u64,
+    /// Networks `externalIPs` and LoadBalancer ingress IPs may use (`--external-ip-cidrs`,
+    /// `--load-balancer-ip-cidrs`).
+    pub address_policy: crate::model::AddressPolicy,
 }
 
 /// A combination of flags the agent cannot run with.
@@ -89,6 +96,9 @@ pub enum ConfigError {
     /// Metrics and health on the same address.
     #[error("--metrics-addr and --healthz-addr are both {0}: give them different ports")]
     SameAddress(SocketAddr),
+    /// A CIDR list flag mixes `none` with networks.
+    #[error("{0}")]
+    CidrList(String),
 }
 
 impl Config {
@@ -103,6 +113,15 @@ impl Config {
         if args.metrics_addr == args.healthz_addr {
             return Err(ConfigError::SameAddress(args.metrics_addr));
         }
+        let address_policy = crate::model::AddressPolicy {
+            external_ips: crate::cli::cidr_list("external-ip-cidrs", &args.external_ip_cidrs)
+                .map_err(ConfigError::CidrList)?,
+            load_balancer_ips: crate::cli::cidr_list(
+                "load-balancer-ip-cidrs",
+                &args.load_balancer_ip_cidrs,
+            )
+            .map_err(ConfigError::CidrList)?,
+        };
         let source = match args.manifests {
             Some(dir) => SourceConfig::Manifests(dir),
             None => SourceConfig::Kube { kubeconfig: args.kubeconfig },
@@ -134,6 +153,9 @@ impl Config {
             conntrack_gc_interval: (args.conntrack_gc_interval_secs > 0)
                 .then(|| secs(args.conntrack_gc_interval_secs)),
             cgroup_path: args.cgroup_path,
+            api_server: args.api_server,
+            max_manifest_bytes: args.max_manifest_bytes,
+            address_policy,
         })
     }
 }

@@ -22,6 +22,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod excerpt;
 pub mod health;
 pub mod healthcheck;
 pub mod http;

@@ -36,8 +36,17 @@ pub fn programming_buckets() -> Vec<f64> {
 
 /// Kinds of `kproxy_sync_errors_total`: the sync's failed parts (`SyncError::kind`), invalid
 /// objects and the node configuration write.
-pub const SYNC_ERROR_KINDS: [&str; 7] =
-    ["invalid_object", "config", "map_full", "write", "too_many_backends", "remove", "read"];
+pub const SYNC_ERROR_KINDS: [&str; 9] = [
+    "invalid_object",
+    "frontend_conflict",
+    "address_not_allowed",
+    "config",
+    "map_full",
+    "write",
+    "too_many_backends",
+    "remove",
+    "read",
+];
 
 /// Labels of `kproxy_map_*` (every sampled map) and of `kproxy_map_full_errors_total` (the maps
 /// the agent writes).
@@ -465,6 +474,12 @@ impl Metrics {
         self.reconciler_deleted.inc_by(deleted);
         self.reconciler_duration.observe(took.as_secs_f64());
         set_counter(&self.ct_evictions, evictions);
+    }
+
+    /// Counts UDP flows the conntrack reconciler deleted (their backend stopped serving):
+    /// kube-proxy's reconciler counter, which the garbage collection's deletions also feed.
+    pub fn conntrack_reconciled(&self, n: u64) {
+        self.reconciler_deleted.inc_by(n);
     }
 
     /// The metrics in Prometheus text format.

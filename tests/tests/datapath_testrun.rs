@@ -1906,6 +1906,68 @@ fn conntrack_gc_deletes_expired_entries_and_their_reverse_nat_only() {
     assert!(env.maps.revnat().unwrap().is_empty());
 }
 
+/// The conntrack reconciler: once backend 1 stops serving (the sync left it out of the slots,
+/// it stays in `kp_be4`), the UDP flows tracked to it are deleted with their reverse NAT and the
+/// next datagram goes to a serving backend; flows on serving backends and TCP stay.
+#[test]
+fn conntrack_reconciler_moves_udp_flows_off_a_backend_that_stops_serving() {
+    let mut env = Env::new();
+    env.backend(1, "198.18.100.11:53", backend_flags::LOCAL, proto::UDP);
+    env.backend(2, "198.18.100.12:53", backend_flags::LOCAL, proto::UDP);
+    env.backend(3, BE1, backend_flags::LOCAL, proto::TCP);
+    env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1, 2], 1);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[3], 2);
+    let on = |out: &[u8]| dst_of(out).to_string();
+    let mut flows: Vec<(u16, String)> = Vec::new();
+    for sport in 42001..42017 {
+        let out = udp_from_pod(&mut env, sport, "198.19.0.53:53");
+        flows.push((sport, on(&out)));
+    }
+    let gone: Vec<u16> =
+        flows.iter().filter(|(_, b)| b == "198.18.100.11:53").map(|(p, _)| *p).collect();
+    assert!(!gone.is_empty() && gone.len() < flows.len(), "both backends used: {flows:?}");
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    // Replies, so that every flow has its reverse-NAT entry.
+    for (sport, b) in &flows {
+        let r =
+            Frame::udp(sa(b), SocketAddrV4::new("198.18.100.10".parse().unwrap(), *sport), b"a");
+        env.tc(names::PROG_TC_TO_POD, &r.build());
+    }
+    assert_eq!(env.maps.revnat().unwrap().len(), flows.len() + 1);
+
+    // Backend 1 stops serving: out of the slots, still a backend.
+    env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
+    let slot2 = Service4Key {
+        addr: be_addr("198.19.0.53".parse().unwrap()),
+        port: 53u16.to_be(),
+        proto: proto::UDP,
+        scope: scope::INTERNAL,
+        slot: 2,
+        _pad: 0,
+    };
+    env.maps.delete_service(&slot2).unwrap();
+    let serving: kproxy::dataplane::conntrack::ServingSets =
+        [(1, [(be_addr("198.18.100.12".parse().unwrap()), 53u16.to_be())].into())].into();
+    let before = env.maps.ct_counters().unwrap();
+    let deleted = env.maps.reconcile_udp_flows(&serving).unwrap();
+    assert_eq!(deleted, gone.len() as u64);
+    let ct = env.maps.conntrack().unwrap();
+    assert_eq!(ct.len(), flows.len() - gone.len() + 1, "serving flows and TCP stay");
+    assert!(
+        ct.iter()
+            .all(|(_, v)| v.backend_addr != be_addr("198.18.100.11".parse().unwrap())
+                || v.svc_id == 2)
+    );
+    assert_eq!(env.maps.revnat().unwrap().len(), flows.len() - gone.len() + 1);
+    assert_eq!(env.maps.ct_counters().unwrap()[2], before[2] + deleted, "counted as the agent's");
+    // A moved flow's next datagram goes to the serving backend.
+    let out = udp_from_pod(&mut env, gone[0], "198.19.0.53:53");
+    assert_eq!(on(&out), "198.18.100.12:53");
+    // Nothing left to move.
+    assert_eq!(env.maps.reconcile_udp_flows(&serving).unwrap(), 0);
+}
+
 #[test]
 fn tcp_segment_without_connection_entry_is_balanced_and_counted() {
     let mut env = Env::new();

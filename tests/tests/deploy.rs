@@ -87,4 +87,23 @@ fn metrics_and_health_bind_where_kube_proxy_s_do() {
     };
     assert_eq!(probe(&c.liveness_probe).as_deref(), Some("/livez"));
     assert_eq!(probe(&c.readiness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(args[0], "agent");
+    for flag in
+        ["--node-name=", "--nodeport-devices=", "--pod-devices=", "--pin-path=", "--api-server="]
+    {
+        assert!(args.iter().any(|a| a.starts_with(flag)), "missing {flag}");
+    }
+    // The API server's address is a placeholder the agent refuses until it is replaced.
+    let api = args.iter().find_map(|a| a.strip_prefix("--api-server=")).unwrap();
+    assert_eq!(api, "https://API_SERVER_HOST:6443");
+    let kproxy = kproxy_tests::lab::find_bin("kproxy").expect("kproxy built");
+    let out = std::process::Command::new(kproxy)
+        .args(["agent", "--node-name=n", "--nodeport-devices=eth0", "--pod-devices=x"])
+        .args(["--pin-path=/nonexistent", &format!("--api-server={api}")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("placeholder"), "{err}");
+    let mounts = c.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"), "bpffs must be mounted");
 }

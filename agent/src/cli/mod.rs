@@ -121,6 +121,25 @@ pub struct AgentArgs {
     /// Watch the Kubernetes API with this kubeconfig (default: in-cluster or $KUBECONFIG).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's address, reachable from the node without kproxy (e.g.
+    /// `https://10.0.0.10:6443`): overrides the server of the kubeconfig or of the in-cluster
+    /// configuration (`KUBERNETES_SERVICE_HOST`/`PORT`), whose credentials are kept. Without it an
+    /// in-cluster agent reaches the API through the `kubernetes` ClusterIP, which only kproxy
+    /// programs: after a node reboot it could not start.
+    #[arg(long, value_name = "URL", value_parser = parse_api_server, conflicts_with = "manifests")]
+    pub api_server: Option<http::Uri>,
+    /// Manifest files larger than this many bytes are not read (their last good objects stay).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::source::manifests::DEFAULT_MAX_FILE_BYTES)]
+    pub max_manifest_bytes: u64,
+    /// The only CIDRs `spec.externalIPs` may use (CVE-2020-8554: anyone who may create a Service
+    /// could otherwise take the traffic of any address); `none` refuses every externalIP. Default:
+    /// any, as kube-proxy.
+    #[arg(long, value_name = "CIDR[,CIDR]|none", value_delimiter = ',', value_parser = parse_cidr)]
+    pub external_ip_cidrs: Option<Vec<CidrArg>>,
+    /// The only CIDRs load-balancer ingress IPs (`status.loadBalancer.ingress[].ip`) may use, e.g.
+    /// the load-balancer controller's pools; `none` refuses them all. Default: any.
+    #[arg(long, value_name = "CIDR[,CIDR]|none", value_delimiter = ',', value_parser = parse_cidr)]
+    pub load_balancer_ip_cidrs: Option<Vec<CidrArg>>,
     /// External devices: NodePort frontends are their IPv4 addresses; XDP/TC programs attach here.
     /// A device that does not exist (yet) is waited for and attached when it appears.
     #[arg(
@@ -206,8 +225,8 @@ pub struct AgentArgs {
     pub snat_port_max: u16,
     /// How often the datapath counters are exported, and the manifest directory and the node
     /// addresses are read when their change notifications (inotify, netlink) are unavailable, in
-    /// milliseconds (50 to 60000). Changes are otherwise applied as their notifications arrive.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    /// milliseconds (50 to 86400000). Changes are otherwise applied as their notifications arrive.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=86_400_000))]
     pub poll_interval_ms: u64,
     /// Coalescing window in milliseconds: a sync starts this long after the first change
     /// notification that found the datapath in sync, so that changes arriving together (a
@@ -237,6 +256,71 @@ pub struct AgentArgs {
     /// root for the whole node). Off when not given (an earlier attachment is removed).
     #[arg(long, value_name = "DIR")]
     pub cgroup_path: Option<PathBuf>,
+}
+
+/// One element of a CIDR list flag: a network, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CidrArg {
+    /// A network (no host bits set).
+    Net(ipnet::IpNet),
+    /// `none`: nothing allowed.
+    None,
+}
+
+/// Parses a CIDR of a CIDR list flag, refusing host bits (`10.0.0.1/8` is most likely a typo).
+fn parse_cidr(s: &str) -> Result<CidrArg, String> {
+    let s = s.trim();
+    if s == "none" {
+        return Ok(CidrArg::None);
+    }
+    let net: ipnet::IpNet = s.parse().map_err(|_| {
+        format!("{s:?} is not a CIDR (address/prefix length, e.g. 203.0.113.0/24) or none")
+    })?;
+    if net.addr() != net.network() {
+        return Err(format!("{s:?} has host bits set: the network is {}", net.trunc()));
+    }
+    Ok(CidrArg::Net(net))
+}
+
+/// The allowed networks of a CIDR list flag: `None` when not given (anything allowed), an
+/// empty list for `none`.
+pub fn cidr_list(
+    flag: &str,
+    v: &Option<Vec<CidrArg>>,
+) -> Result<Option<Vec<ipnet::IpNet>>, String> {
+    let Some(v) = v else { return Ok(None) };
+    if v.contains(&CidrArg::None) {
+        if v.len() > 1 {
+            return Err(format!("--{flag}: none cannot be combined with CIDRs"));
+        }
+        return Ok(Some(Vec::new()));
+    }
+    Ok(Some(
+        v.iter()
+            .filter_map(|c| match c {
+                CidrArg::Net(n) => Some(*n),
+                CidrArg::None => None,
+            })
+            .collect(),
+    ))
+}
+
+/// The placeholder of `deploy/kproxy.yaml`'s `--api-server`.
+pub const API_SERVER_PLACEHOLDER: &str = "API_SERVER_HOST";
+
+/// Parses `--api-server`: an http(s) URL with a host, not the deployment's placeholder.
+fn parse_api_server(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
+        return Err(format!("{s:?}: expected https://HOST[:PORT] (or http://)"));
+    }
+    if uri.host() == Some(API_SERVER_PLACEHOLDER) {
+        return Err(format!(
+            "{s:?} still holds the placeholder of deploy/kproxy.yaml: put the API server's address \
+             (reachable from the node without kproxy) there"
+        ));
+    }
+    Ok(uri)
 }
 
 /// Parses `kproxy agent` with `extra`, for unit tests; `--node-name node-0`, `--pin-path /p`,
@@ -314,5 +398,58 @@ mod tests {
             Cli::try_parse_from(["kproxy", "agent", "--node-name", "n", "--pin-path", "/p"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn address_and_bootstrap_flags_parse_and_refuse_bad_values_clearly() {
+        let a = parse_agent(&["--manifests", "/m"]).unwrap();
+        assert_eq!(a.max_manifest_bytes, 8 << 20);
+        assert_eq!(cidr_list("external-ip-cidrs", &a.external_ip_cidrs), Ok(None));
+        assert!(a.api_server.is_none());
+
+        let a = parse_agent(&[
+            "--external-ip-cidrs",
+            "198.18.200.0/24,2001:db8::/64",
+            "--load-balancer-ip-cidrs",
+            "none",
+            "--api-server",
+            "https://10.0.0.10:6443",
+            "--max-manifest-bytes",
+            "1024",
+        ])
+        .unwrap();
+        let ext = cidr_list("external-ip-cidrs", &a.external_ip_cidrs).unwrap().unwrap();
+        assert_eq!(
+            ext.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["198.18.200.0/24", "2001:db8::/64"]
+        );
+        assert_eq!(cidr_list("x", &a.load_balancer_ip_cidrs), Ok(Some(Vec::new())));
+        assert_eq!(a.api_server.unwrap().to_string(), "https://10.0.0.10:6443/");
+        assert_eq!(a.max_manifest_bytes, 1024);
+
+        // Bad values: the error names the flag and the value, and says what is expected.
+        for (flag, value, want) in [
+            (
+                "--external-ip-cidrs",
+                "198.18.200.1/24",
+                "host bits set: the network is 198.18.200.0/24",
+            ),
+            ("--external-ip-cidrs", "198.18.200.0/33", "is not a CIDR"),
+            ("--load-balancer-ip-cidrs", "10.0.0.1", "is not a CIDR"),
+            ("--api-server", "10.0.0.10:6443", "expected https://HOST[:PORT]"),
+            ("--api-server", "https://API_SERVER_HOST:6443", "placeholder"),
+            ("--max-manifest-bytes", "8MB", "invalid digit"),
+        ] {
+            let e = parse_agent(&[flag, value]).unwrap_err().to_string();
+            assert!(
+                e.contains(flag) && e.contains(value) && e.contains(want),
+                "{flag} {value}: {e}"
+            );
+        }
+        let a = parse_agent(&["--external-ip-cidrs", "none,10.0.0.0/8"]).unwrap();
+        let e = cidr_list("external-ip-cidrs", &a.external_ip_cidrs).unwrap_err();
+        assert!(e.contains("--external-ip-cidrs") && e.contains("none"), "{e}");
+        // --api-server is for the API source.
+        assert!(parse_agent(&["--manifests", "/m", "--api-server", "https://a:6443"]).is_err());
     }
 }

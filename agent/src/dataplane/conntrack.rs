@@ -1,7 +1,7 @@
 //! Connection-tracking upkeep, as Cilium's CT GC does it: a periodic garbage collection that
 //! deletes the `kp_ct4` entries whose idle timeout ([`kproxy_common::timeouts`]) has expired,
-//! together with their `kp_rnat4` partners, and the numbers behind the conntrack metrics
-//! (present entries, capacity, LRU evictions, deletions).
+//! together with their `kp_rnat4` partners, and the numbers behind the `kproxy_conntrack_*`
+//! metrics: present entries, capacity and LRU evictions.
 //!
 //! `kp_ct4` is an LRU hash: when it is full the kernel evicts its least recently used entries
 //! without telling anyone. The datapath counts the entries it creates and deletes in
@@ -14,8 +14,21 @@
 //!
 //! Linux 6.6 has a kfunc (`bpf_map_sum_elem_count`) to count the entries of a hash map without a
 //! walk; kproxy keeps the 5.15 line and walks, which the collection does anyway.
+//!
+//! The conntrack reconciler, as kube-proxy's (`CleanStaleEntries`): a UDP flow stays on the
+//! backend it was tracked to while that backend's id lives, and a backend stays in the maps while
+//! its endpoint exists, serving or not (so that TCP connections to a terminating pod finish). When
+//! the sync reports UDP service ports whose serving set shrank ([`UdpServing`]), the reconciler
+//! deletes their tracked UDP flows to any backend outside the set, with their reverse-NAT
+//! partners; the next datagram of such a flow is balanced again over the serving backends. TCP
+//! entries are never touched. Deletions count as the agent's in `kp_ctstat` and in
+//! `kubeproxy_conntrack_reconciler_deleted_entries_total`.
+//!
+//! Both walks run on one thread of their own ([`spawn_worker`]), never on the sync loop.
 use std::{
+    collections::{HashMap, HashSet},
     path::PathBuf,
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -27,6 +40,7 @@ use super::{
     DataplaneError,
     bpf::{BpfDataplane, map_err, syscall_errno},
 };
+use crate::sync::UdpServing;
 
 /// Connection-tracking numbers of one node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,6 +108,18 @@ fn reply_tuple(t: &Tuple4, v: &kproxy_common::Ct4Value) -> Tuple4 {
         proto: t.proto,
         _pad: [0; 3],
     }
+}
+
+/// Serving backends by service id, as the reconciler matches them.
+pub type ServingSets = HashMap<u32, HashSet<(u32, u16)>>;
+
+/// Whether a tracked connection is a UDP flow of one of `services` to a backend outside that
+/// service's serving set.
+pub fn stale_udp_flow(t: &Tuple4, v: &kproxy_common::Ct4Value, services: &ServingSets) -> bool {
+    t.proto == kproxy_common::proto::UDP
+        && services
+            .get(&v.svc_id)
+            .is_some_and(|set| !set.contains(&(v.backend_addr, v.backend_port)))
 }
 
 impl BpfDataplane {
@@ -175,20 +201,12 @@ impl BpfDataplane {
                 Ok(v) if expired(t.proto, v.state, v.last_seen_ns, now_ns) => v,
                 _ => continue,
             };
-            match self.ct.remove(t) {
-                Ok(()) => report.deleted += 1,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(map_err(names::CT4, "delete", &format!("{t:?}"), e)),
-            }
-            let r = reply_tuple(t, &v);
-            if let Ok(rv) = self.revnat.get(&r, 0)
-                && rv.client_addr == t.saddr
-                && rv.client_port == t.sport
-                && rv.frontend_addr == t.daddr
-                && rv.frontend_port == t.dport
-                && self.revnat.remove(&r).is_ok()
-            {
-                report.revnat_deleted += 1;
+            match self.remove_flow(t, &v)? {
+                None => continue,
+                Some(revnat) => {
+                    report.deleted += 1;
+                    report.revnat_deleted += u64::from(revnat);
+                }
             }
         }
         self.count_agent_deletes(report.deleted)?;
@@ -234,6 +252,62 @@ impl BpfDataplane {
     }
 }
 
+impl BpfDataplane {
+    /// Deletes a connection entry and its reverse-NAT partner (only if that partner still points
+    /// back at the entry: a SNAT port may have been reused). `None` when the entry was gone
+    /// already, else whether the partner was deleted.
+    fn remove_flow(
+        &mut self,
+        t: &Tuple4,
+        v: &kproxy_common::Ct4Value,
+    ) -> Result<Option<bool>, DataplaneError> {
+        match self.ct.remove(t) {
+            Ok(()) => {}
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(map_err(names::CT4, "delete", &format!("{t:?}"), e)),
+        }
+        let r = reply_tuple(t, v);
+        Ok(Some(
+            matches!(self.revnat.get(&r, 0), Ok(rv) if rv.client_addr == t.saddr
+                && rv.client_port == t.sport
+                && rv.frontend_addr == t.daddr
+                && rv.frontend_port == t.dport)
+                && self.revnat.remove(&r).is_ok(),
+        ))
+    }
+
+    /// The conntrack reconciler: deletes the tracked UDP flows of `services` whose backend is not
+    /// in the service's serving set ([`stale_udp_flow`], re-checked right before each delete),
+    /// with their reverse-NAT partners; counts them as the agent's deletions. Returns how many
+    /// connection entries it deleted.
+    pub fn reconcile_udp_flows(&mut self, services: &ServingSets) -> Result<u64, DataplaneError> {
+        if services.is_empty() {
+            return Ok(0);
+        }
+        let mut stale = Vec::new();
+        for item in self.ct.iter() {
+            match item {
+                Ok((t, v)) if stale_udp_flow(&t, &v, services) => stale.push(t),
+                Ok(_) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::CT4, "iterate", "", e)),
+            }
+        }
+        let mut deleted = 0;
+        for t in &stale {
+            // The flow may have been deleted and balanced again since the walk.
+            let v = match self.ct.get(t, 0) {
+                Ok(v) if stale_udp_flow(t, &v, services) => v,
+                _ => continue,
+            };
+            if self.remove_flow(t, &v)?.is_some() {
+                deleted += 1;
+            }
+        }
+        self.count_agent_deletes(deleted)?;
+        Ok(deleted)
+    }
+}
+
 /// Whether a map error means "no such entry".
 fn gone(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound) || syscall_errno(e) == Some(libc::ENOENT)
@@ -251,57 +325,136 @@ impl EvictionCounter {
     }
 }
 
-/// Runs a garbage collection at once and then every `interval` on a thread of its own (the
-/// walks are blocking syscalls), with its own handle on the maps pinned under `pin_path`.
-/// `report` gets the numbers of each run, the monotonic eviction count and how long the run
-/// took.
-pub fn spawn_gc(
+/// The handle of the conntrack thread ([`spawn_worker`]): hands it reconciliations.
+#[derive(Debug, Clone)]
+pub struct ConntrackWorker {
+    tx: mpsc::Sender<Vec<UdpServing>>,
+}
+
+impl ConntrackWorker {
+    /// Asks for the UDP flows of these service ports to be reconciled (soon, on the worker's
+    /// thread); nothing happens for an empty list.
+    pub fn reconcile(&self, ports: Vec<UdpServing>) {
+        if !ports.is_empty() && self.tx.send(ports).is_err() {
+            warn!(
+                "conntrack reconciler not running: UDP flows to backends that stopped serving stay"
+            );
+        }
+    }
+}
+
+/// Starts the conntrack thread (its walks are blocking syscalls), with its own handle on the
+/// maps pinned under `pin_path`: a garbage collection at once and then every `gc_interval`
+/// (`None`: never; `gc_report` gets the numbers of each run, the monotonic eviction count and
+/// how long the run took),
+/// and the reconciliations handed over by [`ConntrackWorker::reconcile`], several waiting ones
+/// merged into one walk (`reconciled` gets the number of flows each deleted).
+pub fn spawn_worker(
     pin_path: PathBuf,
-    interval: Duration,
-    report: impl Fn(&GcReport, u64, Duration) + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("kproxy-ct-gc".into()).spawn(move || {
+    gc_interval: Option<Duration>,
+    gc_report: impl Fn(&GcReport, u64, Duration) + Send + 'static,
+    reconciled: impl Fn(u64) + Send + 'static,
+) -> std::io::Result<ConntrackWorker> {
+    let (tx, rx) = mpsc::channel::<Vec<UdpServing>>();
+    std::thread::Builder::new().name("kproxy-conntrack".into()).spawn(move || {
         let mut dp = match BpfDataplane::open(&pin_path) {
             Ok(dp) => dp,
             Err(e) => {
-                warn!(error = format!("{e:#}"), "conntrack GC disabled: cannot open the maps");
+                warn!(
+                    error = format!("{e:#}"),
+                    "conntrack GC and reconciler disabled: cannot open the maps"
+                );
                 return;
             }
         };
-        let mut evictions = EvictionCounter::default();
-        let mut last_evictions = None;
+        let mut gc = Gc::default();
+        let mut next_gc = Instant::now();
         loop {
-            let started = Instant::now();
-            match dp.conntrack_gc(super::monotonic_ns()) {
-                Ok(r) => {
-                    let ev = evictions.update(&r.stats);
-                    report(&r, ev, started.elapsed());
-                    if last_evictions.is_some_and(|l| ev > l) {
-                        warn!(
-                            evicted = ev - last_evictions.unwrap_or(0),
-                            capacity = r.stats.capacity,
-                            "connection-tracking table full: entries evicted (raise --max-conntrack)"
-                        );
-                    }
-                    last_evictions = Some(ev);
-                    let took_ms = started.elapsed().as_secs_f64() * 1e3;
-                    if r.deleted > 0 || r.revnat_deleted > 0 {
-                        info!(
-                            deleted = r.deleted,
-                            revnat_deleted = r.revnat_deleted,
-                            entries = r.stats.entries,
-                            took_ms,
-                            "conntrack garbage collection"
-                        );
-                    } else {
-                        debug!(entries = r.stats.entries, took_ms, "conntrack garbage collection");
+            let request = match gc_interval {
+                Some(every) => {
+                    match rx.recv_timeout(next_gc.saturating_duration_since(Instant::now())) {
+                        Ok(r) => r,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            gc.run(&mut dp, &gc_report);
+                            next_gc = Instant::now() + every;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 }
-                Err(e) => warn!(error = %e, "conntrack garbage collection failed"),
+                None => match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                },
+            };
+            // Later requests for a service replace earlier ones.
+            let mut services: ServingSets = HashMap::new();
+            for p in request.into_iter().chain(rx.try_iter().flatten()) {
+                services.insert(p.svc_id, p.serving);
             }
-            std::thread::sleep(interval);
+            let started = Instant::now();
+            match dp.reconcile_udp_flows(&services) {
+                Ok(n) => {
+                    reconciled(n);
+                    let took_ms = started.elapsed().as_secs_f64() * 1e3;
+                    if n > 0 {
+                        info!(
+                            deleted = n,
+                            services = services.len(),
+                            took_ms,
+                            "UDP flows to backends that stopped serving deleted"
+                        );
+                    } else {
+                        debug!(services = services.len(), took_ms, "UDP flows reconciled");
+                    }
+                }
+                Err(e) => warn!(error = %e, "conntrack reconciliation failed"),
+            }
         }
-    })
+    })?;
+    Ok(ConntrackWorker { tx })
+}
+
+/// The garbage collection's state between runs.
+#[derive(Default)]
+struct Gc {
+    evictions: EvictionCounter,
+    last_evictions: Option<u64>,
+}
+
+impl Gc {
+    fn run(&mut self, dp: &mut BpfDataplane, report: &impl Fn(&GcReport, u64, Duration)) {
+        let started = Instant::now();
+        match dp.conntrack_gc(super::monotonic_ns()) {
+            Ok(r) => {
+                let ev = self.evictions.update(&r.stats);
+                report(&r, ev, started.elapsed());
+                if let Some(last) = self.last_evictions
+                    && ev > last
+                {
+                    warn!(
+                        evicted = ev - last,
+                        capacity = r.stats.capacity,
+                        "connection-tracking table full: entries evicted (raise --max-conntrack)"
+                    );
+                }
+                self.last_evictions = Some(ev);
+                let took_ms = started.elapsed().as_secs_f64() * 1e3;
+                if r.deleted > 0 || r.revnat_deleted > 0 {
+                    info!(
+                        deleted = r.deleted,
+                        revnat_deleted = r.revnat_deleted,
+                        entries = r.stats.entries,
+                        took_ms,
+                        "conntrack garbage collection"
+                    );
+                } else {
+                    debug!(entries = r.stats.entries, took_ms, "conntrack garbage collection");
+                }
+            }
+            Err(e) => warn!(error = %e, "conntrack garbage collection failed"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -339,6 +492,30 @@ mod tests {
         assert!(!expired(proto::TCP, ct_state::ESTABLISHED, 100 * s, 10_000 * s));
         // Touched by the datapath after the collector read the clock.
         assert!(!expired(proto::TCP, ct_state::CLOSED, 200 * s, 100 * s));
+    }
+
+    #[test]
+    fn reconciler_picks_udp_flows_of_the_listed_services_to_backends_outside_their_set() {
+        let t = |p| Tuple4 { saddr: 1, daddr: 2, sport: 3, dport: 4, proto: p, _pad: [0; 3] };
+        let v = |svc_id, backend_addr| Ct4Value {
+            svc_id,
+            backend_addr,
+            backend_port: 53,
+            ..Default::default()
+        };
+        let services: ServingSets = [(7, [(10, 53), (11, 53)].into_iter().collect())].into();
+        // Listed UDP service, backend no longer serving: stale.
+        assert!(stale_udp_flow(&t(proto::UDP), &v(7, 12), &services));
+        // Serving backend; same address on another port is another backend.
+        assert!(!stale_udp_flow(&t(proto::UDP), &v(7, 10), &services));
+        assert!(stale_udp_flow(
+            &t(proto::UDP),
+            &Ct4Value { backend_port: 54, ..v(7, 10) },
+            &services
+        ));
+        // TCP keeps its connections; services not listed are not looked at.
+        assert!(!stale_udp_flow(&t(proto::TCP), &v(7, 12), &services));
+        assert!(!stale_udp_flow(&t(proto::UDP), &v(8, 12), &services));
     }
 
     #[test]

@@ -22,6 +22,8 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kproxy_common::{Backend4, backend_flags, proto, scope, svc_flags};
 
+use crate::excerpt::excerpt;
+
 pub mod endpoints;
 pub mod objects;
 
@@ -229,6 +231,11 @@ pub struct ServicePortState {
     /// Every endpoint of the port, also those outside every slot (terminating, not ready):
     /// their backends stay in the datapath so that tracked connections keep working.
     pub endpoints: BTreeSet<Backend>,
+    /// UDP ports only: the endpoints (address, target port) that are serving (ready, or
+    /// terminating but still serving), whatever the traffic policies and topology select. UDP
+    /// flows tracked to any other backend are moved away, as kube-proxy's conntrack reconciler
+    /// deletes their entries; TCP connections stay. Empty for TCP.
+    pub udp_serving: BTreeSet<(Ipv4Addr, u16)>,
 }
 
 /// A healthCheckNodePort to serve (externalTrafficPolicy Local services).
@@ -257,20 +264,113 @@ impl DesiredState {
     }
 }
 
-/// A validation error: the object, the field and the value at fault.
+/// What a [`ModelError`] is about; its [`ErrorClass::label`] is the `kind` of
+/// `kproxy_sync_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// A field's value is not valid.
+    Invalid,
+    /// A frontend that an older service already holds.
+    FrontendConflict,
+    /// An externalIP or load-balancer IP outside the CIDRs the agent allows.
+    AddressNotAllowed,
+}
+
+impl ErrorClass {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::Invalid => "invalid_object",
+            ErrorClass::FrontendConflict => "frontend_conflict",
+            ErrorClass::AddressNotAllowed => "address_not_allowed",
+        }
+    }
+}
+
+/// What became of the object (or part) at fault: the end of every [`ModelError`] message.
+pub mod outcome {
+    /// An update was not applied; the object's previous version stays in effect.
+    pub const KEPT_LAST_VALID: &str =
+        "the update is ignored: its last valid version stays programmed";
+    /// The Service is not programmed.
+    pub const SERVICE_SKIPPED: &str = "service skipped";
+    /// That port of the Service is not programmed.
+    pub const PORT_SKIPPED: &str = "port skipped";
+    /// That frontend of the Service is not programmed.
+    pub const FRONTEND_REFUSED: &str = "frontend refused";
+    /// That address of the Service is not programmed.
+    pub const ADDRESS_REFUSED: &str = "address refused";
+    /// The EndpointSlice is not used.
+    pub const SLICE_IGNORED: &str = "slice ignored";
+    /// That port of the EndpointSlice is not used.
+    pub const SLICE_PORT_IGNORED: &str = "port ignored";
+    /// That endpoint of the EndpointSlice is not used.
+    pub const ENDPOINT_IGNORED: &str = "endpoint ignored";
+}
+
+/// A problem with an object: the object (and the file it came from), the field and the value at
+/// fault (at most [`crate::excerpt::MAX_QUOTE`] bytes of it), what is wrong and what was done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {object}: {field} = {value:?}: {reason}")]
+#[error("{kind} {object}{}: {field} = {value:?}: {reason}; {outcome}", file_suffix(.origin))]
 pub struct ModelError {
     /// `Service` or `EndpointSlice`.
     pub kind: &'static str,
     /// `namespace/name`.
     pub object: String,
+    /// The manifest file the object came from (`None`: the Kubernetes API).
+    pub origin: Option<SharedStr>,
     /// Path of the field.
     pub field: String,
-    /// The value at fault.
+    /// The value at fault (an excerpt of it when long).
     pub value: String,
-    /// What is wrong and what was skipped.
+    /// What is wrong.
     pub reason: String,
+    /// What was done about it (one of [`outcome`]).
+    pub outcome: &'static str,
+    /// Its class.
+    pub class: ErrorClass,
+}
+
+/// ` (file PATH)` for an object read from a manifest file.
+fn file_suffix(origin: &Option<SharedStr>) -> String {
+    origin.as_ref().map(|o| format!(" (file {o})")).unwrap_or_default()
+}
+
+/// The object an error is about, to build [`ModelError`]s.
+struct ErrorSite {
+    kind: &'static str,
+    object: String,
+    origin: Option<SharedStr>,
+}
+
+impl ErrorSite {
+    fn service(s: &ServiceObj) -> Self {
+        Self { kind: "Service", object: s.name.to_string(), origin: s.origin.clone() }
+    }
+
+    fn slice(s: &SliceObj) -> Self {
+        Self { kind: "EndpointSlice", object: s.name.to_string(), origin: s.origin.clone() }
+    }
+
+    /// An [`ErrorClass::Invalid`] error; `value` is quoted through [`excerpt`].
+    fn invalid(
+        &self,
+        field: impl Into<String>,
+        value: &str,
+        reason: impl Into<String>,
+        outcome: &'static str,
+    ) -> ModelError {
+        ModelError {
+            kind: self.kind,
+            object: self.object.clone(),
+            origin: self.origin.clone(),
+            field: field.into(),
+            value: excerpt(value).into_owned(),
+            reason: reason.into(),
+            outcome,
+            class: ErrorClass::Invalid,
+        }
+    }
 }
 
 /// Result of [`build`].
@@ -315,11 +415,65 @@ pub struct Changes {
     pub triggers: Vec<String>,
 }
 
+/// How old a service is, for frontend ownership: a known creation time comes before an unknown
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Age {
+    Created(jiff::Timestamp),
+    Unknown,
+}
+
+impl Age {
+    fn of(svc: &ServiceObj) -> Self {
+        svc.created.map_or(Age::Unknown, Age::Created)
+    }
+}
+
+impl fmt::Display for Age {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Age::Created(t) => write!(f, "created {t}"),
+            Age::Unknown => f.write_str("creation time unknown"),
+        }
+    }
+}
+
+/// A service port's claim on a frontend. Claims order so that the smallest one owns the
+/// frontend: the oldest service (creationTimestamp), then namespace/name, port name, protocol.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    age: Age,
+    port: ServicePortName,
+}
+
+/// The key claims are made on: address, port and protocol. Both scopes of an address count as
+/// one: a service that loses a frontend loses it for every client.
+fn claim_key(f: &Frontend) -> Frontend {
+    Frontend { scope: scope::INTERNAL, ..*f }
+}
+
+/// Which addresses services may use besides their ClusterIP (`None`: any, as kube-proxy).
+/// CVE-2020-8554: anyone who may create a Service can otherwise intercept traffic to any address
+/// through `spec.externalIPs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressPolicy {
+    /// CIDRs that `spec.externalIPs` must fall in (empty: none allowed).
+    pub external_ips: Option<Vec<ipnet::IpNet>>,
+    /// CIDRs that `status.loadBalancer.ingress[].ip` must fall in (empty: none allowed).
+    pub load_balancer_ips: Option<Vec<ipnet::IpNet>>,
+}
+
+impl AddressPolicy {
+    fn allows(list: &Option<Vec<ipnet::IpNet>>, addr: Ipv4Addr) -> bool {
+        list.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&IpAddr::V4(addr))))
+    }
+}
+
 /// What the tracker remembers of the last computation of one service.
 #[derive(Debug, Default)]
 struct ServiceRecord {
-    /// Frontends it claimed (owned or not) per port.
-    claims: Vec<(Frontend, ServicePortName)>,
+    /// Frontends (claim keys) it claimed, owned or not.
+    claims: Vec<(Frontend, Claim)>,
     errors: Vec<ModelError>,
     health: Option<u16>,
 }
@@ -334,11 +488,21 @@ struct SliceIssues {
 /// The change tracker: keeps the compact objects, takes per-object [`Change`]s, marks the
 /// services they affect dirty (a Service itself, the owner of an EndpointSlice through its
 /// `kubernetes.io/service-name` label, every service for a node change) and recomputes only
-/// those. One frontend has one owner: the smallest service port name (namespace/name, port name,
-/// protocol) claiming it; a change of owner recomputes the services involved.
+/// those.
+///
+/// One frontend (address, port, protocol) has one owner: the port of the oldest service claiming
+/// it (creationTimestamp, then namespace/name, port name, protocol), so a newer service cannot
+/// take the traffic of a live one; the others are refused with an error naming the owner. A
+/// change of owner recomputes the services involved.
+///
+/// An update that makes a valid Service or EndpointSlice invalid is not applied: the last valid
+/// version stays in effect (and programmed) until a valid one arrives, and the errors of the
+/// update are reported once. An object whose first version is invalid is used for what is valid
+/// in it.
 #[derive(Debug, Default)]
 pub struct Tracker {
     node: NodeInfo,
+    policy: AddressPolicy,
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
@@ -347,8 +511,10 @@ pub struct Tracker {
     /// Service → names of its IPv4 slices, in name order.
     slices_of: HashMap<ServiceName, Vec<SharedStr>>,
     records: HashMap<ServiceName, ServiceRecord>,
-    /// Frontend → service ports claiming it (almost always one).
-    claims: HashMap<Frontend, Vec<ServicePortName>>,
+    /// Claim key → service ports claiming it (almost always one).
+    claims: HashMap<Frontend, Vec<Claim>>,
+    /// Objects whose last update was invalid and not applied → the errors of that update.
+    rejected: HashMap<(&'static str, ObjectName), Vec<ModelError>>,
     /// healthCheckNodePort → services asking for it, with their local endpoint counts.
     health: BTreeMap<u16, BTreeMap<ServiceName, usize>>,
     slice_issues: HashMap<ObjectName, SliceIssues>,
@@ -390,17 +556,37 @@ impl Tracker {
         }
     }
 
-    /// Applies one change from a source; an update equal to what is held changes nothing.
+    /// Sets which externalIPs and load-balancer IPs services may use (every service is
+    /// recomputed when it changes).
+    pub fn set_address_policy(&mut self, policy: AddressPolicy) {
+        if self.policy != policy {
+            self.policy = policy;
+            self.all_dirty = true;
+        }
+    }
+
+    /// Applies one change from a source; an update equal to what is held changes nothing, an
+    /// invalid update of a valid object is set aside (see [`Tracker`]).
     pub fn apply(&mut self, change: Change) {
         match change {
             Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
-                if self.services.get(&s.name).map(|o| &**o) != Some(&s) {
-                    self.dirty.insert(s.name.clone());
-                    self.services.insert(s.name.clone(), Box::new(s));
+                let held = self.services.get(&s.name).map(|o| &**o);
+                if held == Some(&s) {
+                    self.rejected.remove(&("Service", s.name));
+                    return;
                 }
+                let errors = check_service(&s);
+                if !errors.is_empty() && held.is_some_and(|h| check_service(h).is_empty()) {
+                    self.reject("Service", s.name.clone(), errors);
+                    return;
+                }
+                self.rejected.remove(&("Service", s.name.clone()));
+                self.dirty.insert(s.name.clone());
+                self.services.insert(s.name.clone(), Box::new(s));
             }
             Change::ServiceDeleted(name) => {
+                self.rejected.remove(&("Service", name.clone()));
                 if self.services.remove(&name).is_some() {
                     self.dirty.insert(name);
                 }
@@ -413,6 +599,14 @@ impl Tracker {
                     }
                 }
                 let old = self.slices.get(&s.name).map(|o| &**o);
+                if old != Some(&s) {
+                    let errors = check_slice(&s);
+                    if !errors.is_empty() && old.is_some_and(|o| check_slice(o).is_empty()) {
+                        self.reject("EndpointSlice", s.name.clone(), errors);
+                        return;
+                    }
+                }
+                self.rejected.remove(&("EndpointSlice", s.name.clone()));
                 if old == Some(&s) {
                     return;
                 }
@@ -427,6 +621,7 @@ impl Tracker {
                 self.slices.insert(name, Box::new(s));
             }
             Change::SliceDeleted(name) => {
+                self.rejected.remove(&("EndpointSlice", name.clone()));
                 self.unlink_slice(&name);
                 self.slices.remove(&name);
                 self.slice_issues.remove(&name);
@@ -442,6 +637,19 @@ impl Tracker {
                     self.node_changed(&name);
                 }
             }
+        }
+    }
+
+    /// Sets an invalid update of a valid object aside: its errors are reported (once per
+    /// distinct update), the held version stays.
+    fn reject(&mut self, kind: &'static str, name: ObjectName, mut errors: Vec<ModelError>) {
+        for e in &mut errors {
+            e.outcome = outcome::KEPT_LAST_VALID;
+        }
+        let key = (kind, name);
+        if self.rejected.get(&key) != Some(&errors) {
+            self.pending_errors.extend(errors.iter().cloned());
+            self.rejected.insert(key, errors);
         }
     }
 
@@ -481,25 +689,19 @@ impl Tracker {
 
     /// Checks a new slice, indexes it under its owner and dirties the owner.
     fn link_slice(&mut self, s: &SliceObj) {
-        let mut issues = SliceIssues::default();
+        let mut issues = SliceIssues { errors: check_slice(s), skipped: Vec::new() };
         if s.address_type != "IPv4" {
-            issues
-                .skipped
-                .push(format!("EndpointSlice {}: addressType {}", s.name, s.address_type));
+            issues.skipped.push(format!(
+                "EndpointSlice {}: addressType {}",
+                s.name,
+                excerpt(&s.address_type)
+            ));
         } else if let Some(owner) = s.owner() {
             let names = self.slices_of.entry(owner.clone()).or_default();
             if let Err(at) = names.binary_search(&s.name.name) {
                 names.insert(at, s.name.name.clone());
             }
             self.dirty.insert(owner);
-        } else {
-            issues.errors.push(ModelError {
-                kind: "EndpointSlice",
-                object: s.name.to_string(),
-                field: format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
-                value: String::new(),
-                reason: "missing; slice ignored".to_string(),
-            });
         }
         let old = self.slice_issues.remove(&s.name).unwrap_or_default();
         if old != issues {
@@ -537,15 +739,17 @@ impl Tracker {
                 old_errors.insert(name, r.errors);
             }
         }
-        let mut names: Vec<ServiceName> = self.services.keys().cloned().collect();
+        // Oldest first: a frontend's owner claims it before the services it is refused to.
+        let mut names: Vec<(Age, ServiceName)> =
+            self.services.iter().map(|(n, s)| (Age::of(s), n.clone())).collect();
         names.sort();
         self.dirty.clear();
-        for name in names {
+        for (_, name) in names {
             let errors = old_errors.remove(&name).unwrap_or_default();
             self.records.insert(name.clone(), ServiceRecord { errors, ..Default::default() });
             self.recompute(&name, &mut out);
         }
-        // Conflicts resolved in name order never dirty anything; this is a safety net.
+        // Conflicts resolved in ownership order never dirty anything; this is a safety net.
         while let Some(name) = self.dirty.pop_first() {
             self.recompute(&name, &mut out);
         }
@@ -577,6 +781,7 @@ impl Tracker {
     /// Recomputes one service: its ports into `out`, its claims, errors and health check.
     fn recompute(&mut self, name: &ServiceName, out: &mut Changes) {
         let old = self.records.remove(name).unwrap_or_default();
+        let age = self.services.get(name).map_or(Age::Unknown, |s| Age::of(s));
         let mut result = match self.services.get(name) {
             Some(svc) => {
                 let slices: Vec<&SliceObj> = self
@@ -593,54 +798,73 @@ impl Tracker {
                             .map(|s| &**s)
                     })
                     .collect();
-                compute_service(svc, &slices, &self.node)
+                compute_service(svc, &slices, &self.node, &self.policy)
             }
             None => ServiceResult::default(),
         };
         // Claims: drop the ones no longer made, add the new ones, then keep what it owns.
-        let new_claims: Vec<(Frontend, ServicePortName)> = result
+        let mut new_claims: Vec<(Frontend, Claim)> = result
             .ports
             .iter()
-            .flat_map(|(spn, st, _)| st.frontends.keys().map(move |f| (*f, spn.clone())))
+            .flat_map(|(spn, st, _)| {
+                st.frontends.keys().map(|f| (claim_key(f), Claim { age, port: spn.clone() }))
+            })
             .collect();
-        for (f, spn) in old.claims.iter().filter(|c| !new_claims.contains(c)) {
+        new_claims.sort();
+        new_claims.dedup();
+        for (f, c) in old.claims.iter().filter(|c| !new_claims.contains(c)) {
             let Some(list) = self.claims.get_mut(f) else { continue };
-            let was_owner = list.iter().min() == Some(spn);
-            list.retain(|c| c != spn);
+            let was_owner = list.iter().min() == Some(c);
+            list.retain(|x| x != c);
             match list.iter().min() {
                 None => {
                     self.claims.remove(f);
                 }
-                Some(next) if was_owner && next.service != *name => {
-                    self.dirty.insert(next.service.clone());
+                Some(next) if was_owner && next.port.service != *name => {
+                    self.dirty.insert(next.port.service.clone());
                 }
                 Some(_) => {}
             }
         }
-        for (f, spn) in new_claims.iter().filter(|c| !old.claims.contains(c)) {
+        for (f, c) in new_claims.iter().filter(|c| !old.claims.contains(c)) {
             let list = self.claims.entry(*f).or_default();
             if let Some(prev) = list.iter().min()
-                && spn < prev
-                && prev.service != *name
+                && c < prev
+                && prev.port.service != *name
             {
-                self.dirty.insert(prev.service.clone());
+                self.dirty.insert(prev.port.service.clone());
             }
-            list.push(spn.clone());
+            list.push(c.clone());
         }
+        let site = self.services.get(name).map(|s| ErrorSite::service(s));
         for (spn, st, port_field) in &mut result.ports {
-            st.frontends.retain(|f, _| match self.claims.get(f).and_then(|l| l.iter().min()) {
-                Some(owner) if owner != spn => {
-                    result.errors.push(ModelError {
-                        kind: "Service",
-                        object: name.to_string(),
-                        field: port_field.clone(),
-                        value: f.to_string(),
-                        reason: format!("frontend already used by {owner}; frontend skipped"),
-                    });
-                    false
+            let mut refused: BTreeMap<Frontend, Claim> = BTreeMap::new();
+            st.frontends.retain(|f, _| {
+                let key = claim_key(f);
+                match self.claims.get(&key).and_then(|l| l.iter().min()) {
+                    Some(owner) if owner.port != *spn => {
+                        refused.insert(key, owner.clone());
+                        false
+                    }
+                    _ => true,
                 }
-                _ => true,
             });
+            let Some(site) = &site else { continue };
+            for (f, owner) in refused {
+                let Frontend { addr, port, proto, .. } = f;
+                let mut e = site.invalid(
+                    port_field.clone(),
+                    &format!("{addr}:{port}/{}", proto_name(proto)),
+                    format!(
+                        "already held by {} ({}), which comes first (oldest creationTimestamp, \
+                         then namespace/name)",
+                        owner.port, owner.age
+                    ),
+                    outcome::FRONTEND_REFUSED,
+                );
+                e.class = ErrorClass::FrontendConflict;
+                result.errors.push(e);
+            }
         }
         // Health check.
         if let Some(port) = old.health
@@ -716,60 +940,150 @@ struct ServiceResult {
     skipped: Vec<String>,
 }
 
-/// Translates one Service and its slices.
-fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> ServiceResult {
+/// The validated numbers of one service port.
+struct PortSpec {
+    proto: u8,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+/// A Service's ports in the order they are numbered in messages (by name, then port).
+fn sorted_ports(svc: &ServiceObj) -> Vec<&ServicePortObj> {
+    let mut ports: Vec<&ServicePortObj> = svc.ports.iter().collect();
+    ports.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
+    ports
+}
+
+/// `spec.ports[<name or index>].<f>`.
+fn port_field(port: &ServicePortObj, index: usize, f: &str) -> String {
+    match port.name.as_deref().filter(|n| !n.is_empty()) {
+        Some(n) => format!("spec.ports[{n}].{f}"),
+        None => format!("spec.ports[{index}].{f}"),
+    }
+}
+
+/// Checks one port of a Service; `Ok(None)` for a protocol kproxy does not serve (SCTP).
+fn port_spec(
+    site: &ErrorSite,
+    port: &ServicePortObj,
+    index: usize,
+    spec: &SvcSpec,
+) -> Result<Option<PortSpec>, Box<ModelError>> {
+    let err = |f: &str, value: &str, reason: &str| {
+        Box::new(site.invalid(port_field(port, index, f), value, reason, outcome::PORT_SKIPPED))
+    };
+    let proto = match parse_protocol(port.protocol.as_deref()) {
+        Ok(proto::SCTP) => return Ok(None),
+        Ok(p) => p,
+        Err(v) => return Err(err("protocol", &v, "unknown protocol")),
+    };
+    let Some(svc_port) = valid_port(port.port) else {
+        return Err(err("port", &port.port.to_string(), "out of range 1-65535"));
+    };
+    let node_port = match port.node_port.unwrap_or(0) {
+        _ if !spec.node_ports => None,
+        0 => None,
+        n => match valid_port(n) {
+            Some(n) => Some(n),
+            None => return Err(err("nodePort", &n.to_string(), "out of range 1-65535")),
+        },
+    };
+    Ok(Some(PortSpec { proto, port: svc_port, node_port }))
+}
+
+/// The validation errors of a Service taken on its own (not its claims on frontends): what
+/// decides whether an update is applied.
+fn check_service(svc: &ServiceObj) -> Vec<ModelError> {
     let mut out = ServiceResult::default();
-    let Some(spec) = service_spec(svc, &mut out) else { return out };
+    if let Some(spec) = service_spec(svc, &mut out) {
+        let site = ErrorSite::service(svc);
+        for (i, port) in sorted_ports(svc).into_iter().enumerate() {
+            if let Err(e) = port_spec(&site, port, i, &spec) {
+                out.errors.push(*e);
+            }
+        }
+    }
+    out.errors
+}
+
+/// The validation errors of an EndpointSlice taken on its own: the owner label, its ports and
+/// its endpoint addresses (IPv4 slices only; other address types are skipped whole).
+fn check_slice(s: &SliceObj) -> Vec<ModelError> {
+    let mut errors = Vec::new();
+    if s.address_type != "IPv4" {
+        return errors;
+    }
+    let site = ErrorSite::slice(s);
+    if s.owner().is_none() {
+        errors.push(site.invalid(
+            format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+            s.service.as_deref().unwrap_or(""),
+            "missing",
+            outcome::SLICE_IGNORED,
+        ));
+    }
+    for (pi, port) in s.ports.iter().enumerate() {
+        if let Err(v) = parse_protocol(port.protocol.as_deref()) {
+            let field = format!("ports[{pi}].protocol");
+            errors.push(site.invalid(field, &v, "unknown protocol", outcome::SLICE_PORT_IGNORED));
+        }
+        if port.port.and_then(valid_port).is_none() {
+            let v = port.port.map(|p| p.to_string()).unwrap_or_else(|| "<none>".into());
+            let field = format!("ports[{pi}].port");
+            errors.push(site.invalid(
+                field,
+                &v,
+                "out of range 1-65535",
+                outcome::SLICE_PORT_IGNORED,
+            ));
+        }
+    }
+    for (ei, ep) in s.endpoints.iter().enumerate() {
+        if let Some(EndpointAddr::Invalid(text)) = &ep.addr {
+            errors.push(site.invalid(
+                format!("endpoints[{ei}].addresses[0]"),
+                text,
+                "not an IPv4 address",
+                outcome::ENDPOINT_IGNORED,
+            ));
+        }
+    }
+    errors
+}
+
+/// Translates one Service and its slices; externalIPs and load-balancer IPs that `policy` does
+/// not allow are left out with an error.
+fn compute_service(
+    svc: &ServiceObj,
+    slices: &[&SliceObj],
+    node: &NodeInfo,
+    policy: &AddressPolicy,
+) -> ServiceResult {
+    let mut out = ServiceResult::default();
+    let Some(mut spec) = service_spec(svc, &mut out) else { return out };
     let name = &svc.name;
+    let site = ErrorSite::service(svc);
+    refuse_addresses(&site, svc, &mut spec, policy, &mut out.errors);
     // Ready endpoints on this node, by address over every port (kube-proxy's
     // LocalReadyEndpoints): terminating ones never count, so a node left with only terminating
     // endpoints fails its health check and load balancers drain it.
     let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    let mut ports: Vec<&ServicePortObj> = svc.ports.iter().collect();
-    ports.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
-    for (i, port) in ports.iter().enumerate() {
-        let err = |field: String, value: String, reason: &str| ModelError {
-            kind: "Service",
-            object: name.to_string(),
-            field,
-            value,
-            reason: format!("{reason}; port skipped"),
-        };
+    for (i, port) in sorted_ports(svc).into_iter().enumerate() {
         let pname = port.name.clone().unwrap_or_default();
-        let field = |f: &str| {
-            format!(
-                "spec.ports[{}].{f}",
-                if pname.is_empty() { i.to_string() } else { pname.clone() }
-            )
-        };
-        let p = match parse_protocol(port.protocol.as_deref()) {
-            Ok(p) if p == proto::SCTP => {
-                out.skipped.push(format!("{name}: port {pname:?} is SCTP, not supported"));
-                continue;
-            }
-            Ok(p) => p,
-            Err(v) => {
-                out.errors.push(err(field("protocol"), v, "unknown protocol"));
-                continue;
-            }
-        };
-        let Some(svc_port) = valid_port(port.port) else {
-            out.errors.push(err(field("port"), port.port.to_string(), "out of range 1-65535"));
-            continue;
-        };
-        let node_port = match port.node_port.unwrap_or(0) {
-            _ if !spec.node_ports => None,
-            0 => None,
-            n => match valid_port(n) {
-                Some(n) => Some(n),
-                None => {
-                    out.errors.push(err(field("nodePort"), n.to_string(), "out of range 1-65535"));
+        let PortSpec { proto: p, port: svc_port, node_port } =
+            match port_spec(&site, port, i, &spec) {
+                Ok(Some(ps)) => ps,
+                Ok(None) => {
+                    out.skipped.push(format!("{name}: port {pname:?} is SCTP, not supported"));
                     continue;
                 }
-            },
-        };
+                Err(e) => {
+                    out.errors.push(*e);
+                    continue;
+                }
+            };
         let spn = ServicePortName { service: name.clone(), port: pname.as_str().into(), proto: p };
-        let eps = collect_endpoints(&spn, slices, node, spec.publish_not_ready, &mut out.errors);
+        let eps = collect_endpoints(&spn, slices, node, spec.publish_not_ready);
         let externally_accessible =
             node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
         let policy = Policy {
@@ -805,6 +1119,10 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
             endpoints: eps.iter().map(|e| backend_of(e, p)).collect(),
             ..Default::default()
         };
+        if p == proto::UDP {
+            state.udp_serving =
+                eps.iter().filter(|e| e.ready || e.serving).map(|e| (e.addr, e.port)).collect();
+        }
         let fe = |addr: Ipv4Addr, port: u16, scope: u8| Frontend { addr, port, proto: p, scope };
         // ClusterIP: internal scope only, internalTrafficPolicy.
         let (set, local_policy) =
@@ -825,7 +1143,7 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
             state.frontends.insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
             state.frontends.insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
         }
-        out.ports.push((spn, state, field("port")));
+        out.ports.push((spn, state, port_field(port, i, "port")));
     }
     if spec.policy_external_local
         && let Some(port) = spec.health_check_node_port
@@ -860,15 +1178,68 @@ fn parse_protocol(p: Option<&str>) -> Result<u8, String> {
     }
 }
 
+/// Leaves out the externalIPs and load-balancer IPs that `policy` does not allow, with an error
+/// naming each.
+fn refuse_addresses(
+    site: &ErrorSite,
+    svc: &ServiceObj,
+    spec: &mut SvcSpec,
+    policy: &AddressPolicy,
+    errors: &mut Vec<ModelError>,
+) {
+    let flag_text = |list: &Option<Vec<ipnet::IpNet>>| {
+        let nets: Vec<String> = list.iter().flatten().map(|n| n.to_string()).collect();
+        if nets.is_empty() { "none".to_string() } else { nets.join(",") }
+    };
+    let mut refuse =
+        |field: String, addr: Ipv4Addr, flag: &str, list: &Option<Vec<ipnet::IpNet>>| {
+            let mut e = site.invalid(
+                field,
+                &addr.to_string(),
+                format!("outside {flag} ({})", flag_text(list)),
+                outcome::ADDRESS_REFUSED,
+            );
+            e.class = ErrorClass::AddressNotAllowed;
+            errors.push(e);
+        };
+    spec.external_ips.retain(|a| {
+        let ok = AddressPolicy::allows(&policy.external_ips, *a);
+        if !ok {
+            let i = svc.external_ips.iter().position(|t| t.trim().parse() == Ok(*a)).unwrap_or(0);
+            refuse(
+                format!("spec.externalIPs[{i}]"),
+                *a,
+                "--external-ip-cidrs",
+                &policy.external_ips,
+            );
+        }
+        ok
+    });
+    spec.lb_ips.retain(|a| {
+        let ok = AddressPolicy::allows(&policy.load_balancer_ips, *a);
+        if !ok {
+            let i = svc
+                .ingress
+                .iter()
+                .position(|g| g.ip.as_deref().and_then(|t| t.parse().ok()) == Some(*a))
+                .unwrap_or(0);
+            refuse(
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                *a,
+                "--load-balancer-ip-cidrs",
+                &policy.load_balancer_ips,
+            );
+        }
+        ok
+    });
+}
+
 /// Checks a Service and extracts what the frontends need; `None` when it is skipped.
 fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
     let name = &svc.name;
-    let err = |field: &str, value: &str, reason: &str| ModelError {
-        kind: "Service",
-        object: name.to_string(),
-        field: field.to_string(),
-        value: value.to_string(),
-        reason: format!("{reason}; service skipped"),
+    let site = ErrorSite::service(svc);
+    let err = |field: &str, value: &str, reason: &str| {
+        site.invalid(field, value, reason, outcome::SERVICE_SKIPPED)
     };
     if let Some(label) = svc.skip_label {
         out.skipped.push(format!("{name}: has label {label}"));
@@ -926,7 +1297,8 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
     for (i, ing) in svc.ingress.iter().enumerate() {
         let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else { continue };
         if ing.ip_mode.as_deref() == Some("Proxy") {
-            out.skipped.push(format!("{name}: load-balancer ingress {ip} has ipMode Proxy"));
+            out.skipped
+                .push(format!("{name}: load-balancer ingress {} has ipMode Proxy", excerpt(ip)));
             continue;
         }
         match ip.parse::<IpAddr>() {
@@ -1005,59 +1377,26 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
 
 /// The endpoints of one service port over all its slices: slice ports matched by name and
 /// protocol, the first address of each endpoint, duplicates (same address and port) counted once
-/// (a local copy wins, as in kube-proxy).
+/// (a local copy wins, as in kube-proxy). Invalid ports and addresses are left out (their errors
+/// belong to the slice: [`check_slice`]).
 fn collect_endpoints(
     spn: &ServicePortName,
     slices: &[&SliceObj],
     node: &NodeInfo,
     publish_not_ready: bool,
-    errors: &mut Vec<ModelError>,
 ) -> Vec<Endpoint> {
     let mut by_key: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
-        let err = |field: String, value: String, reason: &str| ModelError {
-            kind: "EndpointSlice",
-            object: s.name.to_string(),
-            field,
-            value,
-            reason: reason.to_string(),
-        };
-        let mut push = |e: ModelError| {
-            if !errors.contains(&e) {
-                errors.push(e);
-            }
-        };
-        for (pi, port) in s.ports.iter().enumerate() {
+        for port in &s.ports {
             // Absent name and protocol take the API defaults ("" and TCP).
-            if port.name.as_deref().unwrap_or("") != &*spn.port {
+            if port.name.as_deref().unwrap_or("") != &*spn.port
+                || parse_protocol(port.protocol.as_deref()) != Ok(spn.proto)
+            {
                 continue;
             }
-            match parse_protocol(port.protocol.as_deref()) {
-                Ok(p) if p == spn.proto => {}
-                Ok(_) => continue,
-                Err(v) => {
-                    push(err(format!("ports[{pi}].protocol"), v, "unknown protocol; port ignored"));
-                    continue;
-                }
-            }
-            let Some(target) = port.port.and_then(valid_port) else {
-                let v = port.port.map(|p| p.to_string()).unwrap_or_else(|| "<none>".into());
-                push(err(format!("ports[{pi}].port"), v, "out of range 1-65535; port ignored"));
-                continue;
-            };
-            for (ei, ep) in s.endpoints.iter().enumerate() {
-                let addr = match &ep.addr {
-                    None => continue,
-                    Some(EndpointAddr::V4(a)) => *a,
-                    Some(EndpointAddr::Invalid(text)) => {
-                        push(err(
-                            format!("endpoints[{ei}].addresses[0]"),
-                            text.to_string(),
-                            "not an IPv4 address; endpoint ignored",
-                        ));
-                        continue;
-                    }
-                };
+            let Some(target) = port.port.and_then(valid_port) else { continue };
+            for ep in &s.endpoints {
+                let Some(EndpointAddr::V4(addr)) = ep.addr else { continue };
                 let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(&node.name);
                 let hints = ep.hints.as_deref();
                 let endpoint = Endpoint {

@@ -57,6 +57,11 @@ pub struct IngressObj {
 pub struct ServiceObj {
     /// `namespace/name`.
     pub name: ObjectName,
+    /// Where the object was read, when that is not the API (the manifest file), for messages.
+    pub origin: Option<SharedStr>,
+    /// `metadata.creationTimestamp`: the oldest of several services claiming one frontend keeps
+    /// it. The manifest source fills in when it first read the object if the file has none.
+    pub created: Option<jiff::Timestamp>,
     /// The first of kube-proxy's skip labels it carries ([`LABEL_SERVICE_PROXY_NAME`],
     /// [`LABEL_HEADLESS`]).
     pub skip_label: Option<&'static str>,
@@ -107,6 +112,8 @@ impl From<&Service> for ServiceObj {
             .collect();
         Self {
             name: object_name(&svc.metadata),
+            origin: None,
+            created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
             skip_label,
             has_spec: spec.is_some(),
             type_: spec.and_then(|s| s.type_.clone()),
@@ -188,6 +195,8 @@ pub struct EndpointObj {
 pub struct SliceObj {
     /// `namespace/name` of the slice.
     pub name: ObjectName,
+    /// Where the object was read, when that is not the API (the manifest file), for messages.
+    pub origin: Option<SharedStr>,
     /// `addressType`.
     pub address_type: String,
     /// The `kubernetes.io/service-name` label.
@@ -239,6 +248,7 @@ impl From<&EndpointSlice> for SliceObj {
             .collect();
         Self {
             name: object_name(&s.metadata),
+            origin: None,
             address_type: s.address_type.clone(),
             service: s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
             trigger_time: s

@@ -494,8 +494,85 @@ spec: {clusterIP: 198.19.0.10, publishNotReadyAddresses: true, ports: [{name: ht
     );
 }
 
+/// A Service object (created at second `created`, none if 0) as the tracker receives it.
+fn svc_obj(yaml: &str, created: i64) -> objects::ServiceObj {
+    let mut o = objects::ServiceObj::from(&svc(yaml));
+    o.created = (created > 0).then(|| jiff::Timestamp::from_second(created).unwrap());
+    o
+}
+
+/// The frontends of service `name` in a round's state.
+fn frontends_of(c: &Changes, name: &str) -> Vec<String> {
+    c.state
+        .services
+        .iter()
+        .filter(|(k, _)| k.service.name == name)
+        .flat_map(|(_, s)| s.frontends.keys().map(|f| f.to_string()))
+        .collect()
+}
+
 #[test]
-fn conflicting_frontend_keeps_first_owner() {
+fn frontend_belongs_to_the_oldest_service_not_the_first_name() {
+    let web = "metadata: {name: web}\nspec: {type: LoadBalancer, clusterIP: 198.19.0.10, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.18.200.1}]}}";
+    // Newer services (no endpoints) named to sort first, each claiming one of web's frontends.
+    let thieves = [
+        // Its ClusterIP:port.
+        ("aaa-cip", "{clusterIP: 198.19.0.10, ports: [{port: 80}]}", "198.19.0.10:80/TCP"),
+        // Its LoadBalancer IP through externalIPs (CVE-2020-8554).
+        (
+            "aaa-lb",
+            "{clusterIP: 198.19.0.20, externalIPs: [198.18.200.1], ports: [{port: 80}]}",
+            "198.18.200.1:80/TCP",
+        ),
+        // Its ClusterIP through externalIPs.
+        (
+            "aaa-ext",
+            "{clusterIP: 198.19.0.21, externalIPs: [198.19.0.10], ports: [{port: 80}]}",
+            "198.19.0.10:80/TCP",
+        ),
+    ];
+    for (thief, spec, stolen) in thieves {
+        let mut t = Tracker::new(node());
+        t.apply(Change::Service(svc_obj(web, 1_000)));
+        let first = t.changes();
+        assert_eq!(frontends_of(&first, "web").len(), 3, "{thief}");
+        let newer = svc_obj(&format!("metadata: {{name: {thief}}}\nspec: {spec}"), 2_000);
+        t.apply(Change::Service(newer));
+        let c = t.changes();
+        // Only the newcomer was recomputed: web's programming is not touched.
+        assert_eq!(c.services.iter().map(|s| s.name.to_string()).collect::<Vec<_>>(), [thief]);
+        assert!(frontends_of(&c, thief).iter().all(|f| !f.starts_with(stolen)), "{thief}");
+        // One error per stolen address and port (both scopes count as one), naming both.
+        assert_eq!(c.new_errors.len(), 1, "{thief}: {:?}", c.new_errors);
+        let e = &c.new_errors[0];
+        assert_eq!(e.class, ErrorClass::FrontendConflict);
+        assert_eq!((e.object.as_str(), e.value.as_str()), (&*format!("default/{thief}"), stolen));
+        let msg = e.to_string();
+        assert!(msg.contains("default/web:/TCP") && msg.contains("1970-01-01T00:16:40Z"), "{msg}");
+        assert!(msg.ends_with("frontend refused"), "{msg}");
+        // A full resync in any order gives the same owner.
+        let full = t.full();
+        assert_eq!(frontends_of(&full, "web").len(), 3, "{thief}");
+        assert!(full.new_errors.is_empty(), "reported once: {:?}", full.new_errors);
+        // The owner goes away: the newcomer gets the frontend.
+        t.apply(Change::ServiceDeleted(ServiceName {
+            namespace: "default".into(),
+            name: "web".into(),
+        }));
+        let c = t.changes();
+        assert!(frontends_of(&c, thief).iter().any(|f| f.starts_with(stolen)), "{thief}");
+    }
+    // An older service that starts claiming a newer one's frontend wins it: age decides, so
+    // every node agrees whatever it saw first.
+    let mut t = Tracker::new(node());
+    t.apply(Change::Service(svc_obj("metadata: {name: b}\nspec: {clusterIP: 198.19.0.2, externalIPs: [198.18.200.1], ports: [{port: 80}]}", 2_000)));
+    t.changes();
+    t.apply(Change::Service(svc_obj("metadata: {name: z}\nspec: {clusterIP: 198.19.0.1, externalIPs: [198.18.200.1], ports: [{port: 80}]}", 1_000)));
+    let c = t.changes();
+    assert_eq!(frontends_of(&c, "z").len(), 3);
+    assert_eq!(frontends_of(&c, "b").len(), 1, "b was recomputed without it");
+    assert!(c.new_errors.iter().all(|e| e.object == "default/b"), "{:?}", c.new_errors);
+    // Without creation times: name order.
     let a = svc(
         "metadata: {name: a}\nspec: {clusterIP: 198.19.0.1, externalIPs: [198.18.200.1], ports: [{port: 80}]}",
     );
@@ -503,9 +580,222 @@ fn conflicting_frontend_keeps_first_owner() {
         "metadata: {name: b}\nspec: {clusterIP: 198.19.0.2, externalIPs: [198.18.200.1], ports: [{port: 80}]}",
     );
     let out = build(&[b, a], &[], &node());
-    assert_eq!(out.errors.len(), 2, "{:?}", out.errors); // both scopes
-    assert!(out.errors.iter().all(|e| e.object == "default/b"));
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert_eq!(out.errors[0].object, "default/b");
     assert_eq!(out.state.frontend_count(), 3 + 1);
+}
+
+#[test]
+fn external_and_load_balancer_ips_outside_the_allowed_cidrs_are_refused() {
+    let s = svc_obj(
+        "metadata: {name: web}\nspec: {type: LoadBalancer, clusterIP: 198.19.0.10, externalIPs: [198.18.200.1, 8.8.8.8], ports: [{port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.18.201.1}, {ip: 1.1.1.1}]}}",
+        1_000,
+    );
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    let mut t = Tracker::new(node());
+    t.apply(Change::Service(s));
+    let c = t.changes();
+    // Default: anything goes, as kube-proxy. ClusterIP, NodePort, 2 LB IPs and 2 externalIPs
+    // (both scopes each).
+    assert!(c.new_errors.is_empty(), "{:?}", c.new_errors);
+    assert_eq!(frontends_of(&c, "web").len(), 1 + 2 + 2 * 2 + 2 * 2);
+    t.set_address_policy(AddressPolicy {
+        external_ips: Some(vec![net("198.18.200.0/24")]),
+        load_balancer_ips: Some(vec![net("198.18.201.0/24"), net("2001:db8::/32")]),
+    });
+    let c = t.changes();
+    let fes = frontends_of(&c, "web");
+    assert!(fes.iter().any(|f| f.starts_with("198.18.200.1:80")), "{fes:?}");
+    assert!(fes.iter().any(|f| f.starts_with("198.18.201.1:80")), "{fes:?}");
+    assert!(!fes.iter().any(|f| f.starts_with("8.8.8.8") || f.starts_with("1.1.1.1")), "{fes:?}");
+    let errs: Vec<(String, String, ErrorClass)> =
+        c.new_errors.iter().map(|e| (e.field.clone(), e.value.clone(), e.class)).collect();
+    assert_eq!(
+        errs,
+        [
+            ("spec.externalIPs[1]".into(), "8.8.8.8".into(), ErrorClass::AddressNotAllowed),
+            (
+                "status.loadBalancer.ingress[1].ip".into(),
+                "1.1.1.1".into(),
+                ErrorClass::AddressNotAllowed
+            ),
+        ]
+    );
+    let msg = c.new_errors[0].to_string();
+    assert!(
+        msg.contains("--external-ip-cidrs (198.18.200.0/24)") && msg.ends_with("address refused"),
+        "{msg}"
+    );
+    // `none`: no externalIP at all.
+    t.set_address_policy(AddressPolicy { external_ips: Some(vec![]), load_balancer_ips: None });
+    let c = t.changes();
+    assert_eq!(frontends_of(&c, "web").len(), 1 + 2 + 2 * 2);
+}
+
+#[test]
+fn invalid_update_of_a_live_service_keeps_its_last_valid_version() {
+    let mut t = Tracker::new(node());
+    let mut good = svc_obj(
+        "metadata: {name: web}\nspec: {type: LoadBalancer, clusterIP: 198.19.0.10, ports: [{name: http, port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.18.200.1}]}}",
+        1_000,
+    );
+    good.origin = Some("/m/web.yaml".into());
+    t.apply(Change::Service(good.clone()));
+    t.apply(Change::Slice(
+        (&web_slice("web-a", "http", 8080, &[(10, 0, true, true, false)])).into(),
+    ));
+    let c = t.changes();
+    assert_eq!(frontends_of(&c, "web").len(), 5);
+    // clusterIP 999.1.1.1 on the live LoadBalancer service, and other bad edits.
+    for (field, value) in [
+        ("spec.clusterIP", "999.1.1.1"),
+        ("spec.ports[http].protocol", "QUIC"),
+        ("spec.type", "Magic"),
+    ] {
+        let mut bad = good.clone();
+        match field {
+            "spec.clusterIP" => bad.cluster_ips = vec![value.into()],
+            "spec.ports[http].protocol" => bad.ports[0].protocol = Some(value.into()),
+            _ => bad.type_ = Some(value.into()),
+        }
+        t.apply(Change::Service(bad.clone()));
+        let c = t.changes();
+        // Nothing recomputed: the programmed frontends stay as they are.
+        assert!(c.services.is_empty(), "{field}: {:?}", c.services);
+        assert_eq!(c.new_errors.len(), 1, "{field}: {:?}", c.new_errors);
+        let e = &c.new_errors[0];
+        let msg = e.to_string();
+        for part in
+            ["Service default/web", "(file /m/web.yaml)", field, value, "last valid version"]
+        {
+            assert!(msg.contains(part), "{part} in {msg}");
+        }
+        // The same bad version again (a relist, a re-read file): not reported again.
+        t.apply(Change::Service(bad));
+        assert!(!t.has_changes(), "{field}");
+        // Endpoints keep following, on the last valid version.
+        t.apply(Change::Slice(
+            (&web_slice(
+                "web-a",
+                "http",
+                8080,
+                &[(10, 0, true, true, false), (11, 0, true, true, false)],
+            ))
+                .into(),
+        ));
+        let c = t.changes();
+        assert_eq!(frontends_of(&c, "web").len(), 5, "{field}");
+        assert_eq!(
+            bes(&c.state, &fe([198, 18, 200, 1], 80, proto::TCP, scope::EXTERNAL)).len(),
+            2,
+            "{field}"
+        );
+        t.apply(Change::Slice(
+            (&web_slice("web-a", "http", 8080, &[(10, 0, true, true, false)])).into(),
+        ));
+        t.changes();
+    }
+    // A valid edit is applied.
+    let mut moved = good.clone();
+    moved.cluster_ips = vec!["198.19.0.11".into()];
+    t.apply(Change::Service(moved));
+    let c = t.changes();
+    assert!(c.new_errors.is_empty());
+    assert!(frontends_of(&c, "web").iter().any(|f| f.starts_with("198.19.0.11:80")));
+    // A service that was never valid is programmed for what is valid in it (here: nothing).
+    let mut t = Tracker::new(node());
+    let mut bad = good.clone();
+    bad.cluster_ips = vec!["999.1.1.1".into()];
+    t.apply(Change::Service(bad));
+    let c = t.changes();
+    assert_eq!(c.new_errors.len(), 1);
+    assert!(c.new_errors[0].to_string().ends_with("service skipped"), "{}", c.new_errors[0]);
+    assert!(frontends_of(&c, "web").is_empty());
+}
+
+#[test]
+fn invalid_update_of_a_live_slice_keeps_its_last_valid_version() {
+    let mut t = Tracker::new(node());
+    t.apply(Change::Service(svc_obj(WEB, 1_000)));
+    let good: objects::SliceObj = (&web_slice(
+        "web-a",
+        "http",
+        8080,
+        &[(10, 0, true, true, false), (11, 0, true, true, false)],
+    ))
+        .into();
+    t.apply(Change::Slice(good.clone()));
+    let f = fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL);
+    assert_eq!(bes(&t.changes().state, &f).len(), 2);
+    let bad_port: objects::SliceObj =
+        (&web_slice("web-a", "http", 0, &[(10, 0, true, true, false)])).into();
+    let mut bad_addr = good.clone();
+    bad_addr.endpoints[1].addr = Some(objects::EndpointAddr::Invalid("198.18.100.999".into()));
+    bad_addr.origin = Some("/m/eps.yaml".into());
+    let mut no_label = good.clone();
+    no_label.service = None;
+    for (bad, field) in [
+        (bad_port, "ports[0].port"),
+        (bad_addr, "endpoints[1].addresses[0]"),
+        (no_label, "metadata.labels[kubernetes.io/service-name]"),
+    ] {
+        t.apply(Change::Slice(bad));
+        let c = t.changes();
+        assert!(c.services.is_empty(), "{field}: nothing recomputed");
+        assert_eq!(c.new_errors.len(), 1, "{field}: {:?}", c.new_errors);
+        let msg = c.new_errors[0].to_string();
+        assert!(msg.contains("EndpointSlice default/web-a") && msg.contains(field), "{msg}");
+        assert!(msg.ends_with(outcome::KEPT_LAST_VALID), "{msg}");
+        // A full resync still has both endpoints.
+        assert_eq!(bes(&t.full().state, &f).len(), 2, "{field}");
+    }
+    // A slice that was never valid is used for what is valid in it.
+    t.apply(Change::SliceDeleted(good.name.clone()));
+    let mut bad_addr = good.clone();
+    bad_addr.endpoints[1].addr = Some(objects::EndpointAddr::Invalid("x".into()));
+    t.apply(Change::Slice(bad_addr));
+    let c = t.changes();
+    assert_eq!(bes(&c.state, &f), ["198.18.100.10:8080"]);
+    assert!(c.new_errors[0].to_string().ends_with("endpoint ignored"), "{:?}", c.new_errors);
+}
+
+#[test]
+fn long_bad_values_are_quoted_short() {
+    let huge = "9".repeat(1 << 20);
+    let s = svc(&format!(
+        "metadata: {{name: web}}\nspec: {{clusterIP: \"{huge}\", ports: [{{port: 80}}]}}"
+    ));
+    let out = build(&[s], &[], &node());
+    assert_eq!(out.errors.len(), 1);
+    let msg = out.errors[0].to_string();
+    assert!(msg.len() < 600, "{} bytes", msg.len());
+    assert!(msg.contains(&format!("({} bytes)", huge.len())), "{msg}");
+}
+
+#[test]
+fn udp_ports_list_their_serving_endpoints() {
+    let s = svc(r#"
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 198.19.0.10
+  internalTrafficPolicy: Local
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: http, port: 80, protocol: TCP}]
+"#);
+    let mk = |name: &str, proto: &str| {
+        slice(&format!(
+            "metadata: {{name: web-{name}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: {name}, port: 5353, protocol: {proto}}}]\nendpoints:\n- {{addresses: [198.18.100.10], nodeName: node-0, conditions: {{ready: true, serving: true, terminating: false}}}}\n- {{addresses: [198.18.101.10], nodeName: node-1, conditions: {{ready: true, serving: true, terminating: false}}}}\n- {{addresses: [198.18.100.11], nodeName: node-0, conditions: {{ready: false, serving: false, terminating: false}}}}\n- {{addresses: [198.18.100.12], nodeName: node-0, conditions: {{ready: false, serving: true, terminating: true}}}}\n- {{addresses: [198.18.100.13], nodeName: node-0, conditions: {{ready: false, serving: false, terminating: true}}}}\n"
+        ))
+    };
+    let out = build(&[s], &[mk("dns", "UDP"), mk("http", "TCP")], &node());
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let port = |p: u8| out.state.services.iter().find(|(k, _)| k.proto == p).unwrap().1;
+    // Serving whatever the policy selects (the remote one too), not the unready ones.
+    let serving: Vec<String> =
+        port(proto::UDP).udp_serving.iter().map(|(a, p)| format!("{a}:{p}")).collect();
+    assert_eq!(serving, ["198.18.100.10:5353", "198.18.100.12:5353", "198.18.101.10:5353"]);
+    assert!(port(proto::TCP).udp_serving.is_empty());
+    // Every endpoint stays a backend, for tracked connections.
+    assert_eq!(port(proto::UDP).endpoints.len(), 5);
 }
 
 #[test]

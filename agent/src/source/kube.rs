@@ -3,7 +3,10 @@
 //! delivered as per-object [`Change`]s in the model's compact form. No store of API objects is
 //! kept: each object is converted when it arrives and dropped; only the names seen are kept, to
 //! turn a relist (after a dropped watch or "410 Gone") into deletions of what disappeared.
-use std::{collections::HashSet, path::PathBuf};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, stream::BoxStream};
@@ -147,20 +150,49 @@ where
         .boxed()
 }
 
-/// Connects (with `kubeconfig`, or in-cluster / `$KUBECONFIG` when `None`), starts the watchers
-/// and returns their events.
-pub async fn spawn(
-    kubeconfig: Option<PathBuf>,
-    node_name: String,
-) -> anyhow::Result<mpsc::UnboundedReceiver<Event>> {
-    let config = match &kubeconfig {
+/// The client configuration: `kubeconfig`, or else `$KUBECONFIG` / `~/.kube/config`, or else
+/// in-cluster (service account, `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT`, as kube-proxy
+/// and Cilium read them); `api_server` replaces the server address of whichever applies and
+/// keeps its credentials (with none of them it is used alone, without credentials, as
+/// kube-proxy's `--master`).
+pub async fn client_config(
+    kubeconfig: Option<&Path>,
+    api_server: Option<&http::Uri>,
+) -> anyhow::Result<Config> {
+    let inferred = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(Into::into)
         }
-        None => Config::infer().await?,
+        None => Config::infer().await.map_err(anyhow::Error::from),
     };
+    let config = match (inferred, api_server) {
+        (Ok(mut c), Some(url)) => {
+            c.cluster_url = url.clone();
+            c
+        }
+        (Ok(c), None) => c,
+        (Err(e), Some(url)) if kubeconfig.is_none() => {
+            tracing::warn!(error = format!("{e:#}"), server = %url, "no kubeconfig or in-cluster credentials: using the API server without credentials");
+            Config::new(url.clone())
+        }
+        (Err(e), _) => return Err(e),
+    };
+    Ok(config)
+}
+
+/// Connects ([`client_config`]), starts the watchers and returns their events.
+pub async fn spawn(
+    kubeconfig: Option<PathBuf>,
+    api_server: Option<http::Uri>,
+    node_name: String,
+) -> anyhow::Result<mpsc::UnboundedReceiver<Event>> {
+    let config = client_config(kubeconfig.as_deref(), api_server.as_ref()).await?;
+    tracing::info!(server = %config.cluster_url, "Kubernetes API server");
+    let server_host = config.cluster_url.host().map(|h| h.trim_matches(['[', ']']).to_string());
     let client = Client::try_from(config)?;
     let selector = service_selector();
     let streams = vec![
@@ -181,7 +213,20 @@ pub async fn spawn(
         let mut all = futures::stream::select_all(streams);
         let mut listed = [false; 3];
         let mut synced = false;
+        let mut warned = false;
         while let Some((idx, changes, done)) = all.next().await {
+            if !warned
+                && let Some(host) = &server_host
+                && names_own_cluster_ip(&changes, host)
+            {
+                tracing::warn!(
+                    server = %host,
+                    "the API server is reached through the `kubernetes` ClusterIP, which only kproxy \
+                     programs: after a node reboot the agent could not start; give --api-server \
+                     (or KUBERNETES_SERVICE_HOST/PORT) an address the node reaches without kproxy"
+                );
+                warned = true;
+            }
             if !changes.is_empty() && tx.send(Event::Changes(changes)).is_err() {
                 break;
             }
@@ -200,6 +245,16 @@ pub async fn spawn(
         }
     });
     Ok(rx)
+}
+
+/// Whether `changes` show the `default/kubernetes` Service with `host` as its ClusterIP: the
+/// agent then depends on its own programming to reach the API server.
+fn names_own_cluster_ip(changes: &[Change], host: &str) -> bool {
+    changes.iter().any(|c| {
+        matches!(c, Change::Service(s) if s.name.namespace == "default"
+            && s.name.name == "kubernetes"
+            && s.cluster_ips.iter().any(|ip| ip == host))
+    })
 }
 
 #[cfg(test)]
@@ -321,7 +376,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let mut rx = spawn(Some(kc), "node-0".into()).await.unwrap();
+        let mut rx = spawn(Some(kc), None, "node-0".into()).await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         // The initial lists, then Synced.
         let mut initial = Vec::new();
@@ -373,6 +428,60 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `--api-server`: the watchers reach the server at the given address although the
+    /// kubeconfig's server (standing for the `kubernetes` ClusterIP before kproxy programmed it)
+    /// answers nothing; the kubeconfig's credentials are kept.
+    #[tokio::test]
+    async fn api_server_replaces_the_configured_server_and_keeps_the_credentials() {
+        let (port, _events, requests) = fake_api(vec![
+            ("/api/v1/services", list("ServiceList", "v1", &[SVC])),
+            (
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                list("EndpointSliceList", "discovery.k8s.io/v1", &[EPS]),
+            ),
+            ("/api/v1/nodes", list("NodeList", "v1", &[])),
+        ])
+        .await;
+        let dir = std::env::temp_dir().join(format!("kproxy-apiserver-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kc = dir.join("config");
+        // Port 1 of loopback: nothing listens there.
+        std::fs::write(
+            &kc,
+            "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"http://127.0.0.1:1\"}}]\nusers: [{name: u, user: {token: s3cret}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+        )
+        .unwrap();
+        let url: http::Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        let cfg = client_config(Some(&kc), Some(&url)).await.unwrap();
+        assert_eq!(cfg.cluster_url, url);
+        assert!(cfg.auth_info.token.is_some(), "credentials of the kubeconfig kept");
+        let without = client_config(Some(&kc), None).await.unwrap();
+        assert_eq!(without.cluster_url.to_string(), "http://127.0.0.1:1/");
+
+        let mut rx = spawn(Some(kc), Some(url), "node-0".into()).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut initial = Vec::new();
+        while let Event::Changes(c) = next(&mut rx).await {
+            initial.extend(c);
+        }
+        assert_eq!(initial.len(), 2, "{initial:?}");
+        assert!(requests.lock().unwrap().iter().any(|r| r.starts_with("/api/v1/services")));
+    }
+
+    #[test]
+    fn reaching_the_api_through_its_own_cluster_ip_is_noticed() {
+        let kubernetes: Service = serde_json::from_str(
+            &SVC.replace("\"web\"", "\"kubernetes\"").replace("198.19.0.10", "10.96.0.1"),
+        )
+        .unwrap();
+        let changes = [Change::Service(ServiceObj::from(&kubernetes))];
+        assert!(names_own_cluster_ip(&changes, "10.96.0.1"));
+        assert!(!names_own_cluster_ip(&changes, "192.0.2.10"));
+        let other: Service =
+            serde_json::from_str(&SVC.replace("198.19.0.10", "10.96.0.1")).unwrap();
+        assert!(!names_own_cluster_ip(&[Change::Service(ServiceObj::from(&other))], "10.96.0.1"));
     }
 
     #[test]

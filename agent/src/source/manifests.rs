@@ -12,8 +12,17 @@
 //! compact forms while parsing (JSON is streamed, one list item at a time); neither file contents
 //! nor API objects are kept, only the names of the objects each file defines. When several files
 //! define the same object, the one read last wins.
+//!
+//! A file larger than the limit ([`ManifestDir::with_max_file_bytes`], the agent's
+//! `--max-manifest-bytes`) is not read at all: one short error, its last good objects are kept.
+//! Every message quotes file content through [`excerpt`], so a huge bad value never makes a huge
+//! log line.
+//!
+//! Objects carry the file they came from (for the model's messages). A Service without
+//! `metadata.creationTimestamp` gets the time this source first read it, as the API server
+//! stamps a new object: the oldest of several services claiming one frontend keeps it.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt, fs,
     hash::{Hash as _, Hasher as _},
     os::unix::fs::MetadataExt as _,
@@ -30,10 +39,16 @@ use serde::{
 };
 use serde_json::Value;
 
-use crate::model::{
-    Change, ObjectName,
-    objects::{NodeObj, ServiceObj, SliceObj},
+use crate::{
+    excerpt::excerpt,
+    model::{
+        Change, ObjectName, SharedStr,
+        objects::{NodeObj, ServiceObj, SliceObj},
+    },
 };
+
+/// Default of [`ManifestDir::with_max_file_bytes`]: 8 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 8 << 20;
 
 /// A file that could not be read or parsed.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +140,8 @@ impl Stamp {
 
 #[derive(Debug, Default)]
 struct FileState {
+    /// The path as messages name it (shared by the objects of the file).
+    origin: SharedStr,
     stamp: Option<Stamp>,
     hash: u64,
     /// Objects the file defines (its last good parse).
@@ -139,12 +156,35 @@ pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     listed: bool,
+    max_file_bytes: u64,
+    /// Hash of a Service's `namespace/name` → when it was first read, for Services whose files
+    /// give no creationTimestamp.
+    first_seen: HashMap<u64, jiff::Timestamp>,
+}
+
+fn name_hash(n: &ObjectName) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    n.hash(&mut h);
+    h.finish()
 }
 
 impl ManifestDir {
-    /// Watches `dir` (nothing is read until [`Self::poll`]).
+    /// Watches `dir` (nothing is read until [`Self::poll`]), with files up to
+    /// [`DEFAULT_MAX_FILE_BYTES`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new(), listed: false }
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            listed: false,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            first_seen: HashMap::new(),
+        }
+    }
+
+    /// Files larger than `bytes` are refused (not read; their last good objects stay).
+    pub fn with_max_file_bytes(mut self, bytes: u64) -> Self {
+        self.max_file_bytes = bytes;
+        self
     }
 
     /// Whether the directory was read at least once. Until then nothing is known, which is not
@@ -170,6 +210,7 @@ impl ManifestDir {
             }
         };
         self.listed = true;
+        let now = jiff::Timestamp::now();
         let gone: Vec<PathBuf> =
             self.files.keys().filter(|p| !paths.iter().any(|(q, _)| q == *p)).cloned().collect();
         for path in gone {
@@ -181,14 +222,30 @@ impl ManifestDir {
         }
         for (path, md) in paths {
             let stamp = Stamp::of(&md);
-            let f = self.files.entry(path.clone()).or_default();
+            let f = self.files.entry(path.clone()).or_insert_with(|| FileState {
+                origin: path.display().to_string().into(),
+                ..Default::default()
+            });
             if f.stamp == Some(stamp) && !f.force {
                 continue;
             }
-            let content = match fs::read(&path) {
+            if md.len() > self.max_file_bytes {
+                // Remembered, so that it is reported once; read again when it changes.
+                f.stamp = Some(stamp);
+                let message = format!(
+                    "{} bytes, over the limit of {} (--max-manifest-bytes): not read, its last \
+                     good objects are kept",
+                    md.len(),
+                    self.max_file_bytes
+                );
+                res.errors.push(ManifestError { path, message });
+                continue;
+            }
+            let content = match read_limited(&path, self.max_file_bytes) {
                 Ok(c) => c,
                 Err(e) => {
-                    // Vanished between listing and reading, or unreadable: keep what we had.
+                    // Vanished between listing and reading, unreadable, or grown past the limit
+                    // since: keep what we had.
                     res.errors.push(ManifestError { path, message: e.to_string() });
                     continue;
                 }
@@ -206,9 +263,24 @@ impl ManifestDir {
             let parsed = parse(&content);
             drop(content);
             match parsed {
-                Ok((objects, ignored)) => {
+                Ok((mut objects, ignored)) => {
                     res.changed = true;
                     res.ignored.extend(ignored.into_iter().map(|k| (path.clone(), k)));
+                    let origin = self.files[&path].origin.clone();
+                    for o in &mut objects {
+                        match o {
+                            Parsed::Service(s) => {
+                                s.origin = Some(origin.clone());
+                                if s.created.is_none() {
+                                    let first =
+                                        self.first_seen.entry(name_hash(&s.name)).or_insert(now);
+                                    s.created = Some(*first);
+                                }
+                            }
+                            Parsed::Slice(s) => s.origin = Some(origin.clone()),
+                            Parsed::Node(_) => {}
+                        }
+                    }
                     let keys: HashSet<ObjectKey> = objects.iter().map(Parsed::key).collect();
                     let f = self.files.get_mut(&path).expect("inserted above");
                     let old = std::mem::replace(&mut f.keys, keys);
@@ -222,6 +294,7 @@ impl ManifestDir {
                 Err(message) => {
                     // Keep the last good objects; the stamp and hash are remembered so that
                     // the same broken file is reported once, not every poll.
+                    let message = excerpt(&message).into_owned();
                     res.errors.push(ManifestError { path, message });
                 }
             }
@@ -238,6 +311,9 @@ impl ManifestDir {
             elsewhere = true;
         }
         if !elsewhere {
+            if let ObjectKey::Service(n) = &key {
+                self.first_seen.remove(&name_hash(n));
+            }
             changes.push(deleted(key));
         }
     }
@@ -249,6 +325,20 @@ pub fn is_manifest_path(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let ext_ok = [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
     ext_ok && !name.starts_with('.')
+}
+
+/// Reads a file of at most `limit` bytes (it may have grown since it was listed).
+fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut content = Vec::new();
+    fs::File::open(path)?.take(limit.saturating_add(1)).read_to_end(&mut content)?;
+    if content.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "grew over the limit of {limit} bytes (--max-manifest-bytes) while read: not read, \
+             its last good objects are kept"
+        )));
+    }
+    Ok(content)
 }
 
 fn list(dir: &Path) -> std::io::Result<Vec<(PathBuf, fs::Metadata)>> {
@@ -438,7 +528,7 @@ fn add_value(value: Value, doc: &mut Doc) -> Result<(), String> {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let err = |e: serde_json::Error| format!("{kind} {name:?}: {e}");
+    let err = |e: serde_json::Error| format!("{} {:?}: {e}", excerpt(&kind), excerpt(&name));
     match (api.as_str(), kind.as_str()) {
         ("v1", "Service") => {
             let s: Service = serde_json::from_value(value).map_err(err)?;
@@ -461,7 +551,7 @@ fn add_value(value: Value, doc: &mut Doc) -> Result<(), String> {
             }
         }
         ("", _) | (_, "") => return Err("missing apiVersion or kind".to_string()),
-        _ => doc.ignored.push(format!("{api}/{kind}")),
+        _ => doc.ignored.push(excerpt(&format!("{api}/{kind}")).into_owned()),
     }
     Ok(())
 }
@@ -576,6 +666,85 @@ mod tests {
         let r = m.poll();
         assert!(r.changed && r.errors.is_empty());
         assert_eq!(v.apply(&r).names(), ["eps/web-1", "svc/web2"]);
+    }
+
+    #[test]
+    fn oversized_file_is_refused_unread_with_one_short_message_and_others_go_on() {
+        let d = TempDir::new("big");
+        d.write("svc.yaml", SVC);
+        let mut m = ManifestDir::new(&d.0).with_max_file_bytes(4096);
+        let mut v = View::default();
+        v.apply(&m.poll());
+        // svc.yaml grows over the limit (content that would not even parse), and another file
+        // changes at the same time.
+        d.write("svc.yaml", &format!("{SVC}---\nkind: [{}\n", "y".repeat(1 << 20)));
+        d.write("eps.yaml", SLICE);
+        let r = m.poll();
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        let msg = r.errors[0].to_string();
+        assert!(msg.contains("svc.yaml") && msg.contains("over the limit of 4096"), "{msg}");
+        assert!(msg.len() < 300, "{msg}");
+        // The unrelated change is delivered in the same poll; svc.yaml's objects are kept.
+        assert_eq!(v.apply(&r).names(), ["eps/web-1", "svc/web"]);
+        assert!(m.poll().errors.is_empty(), "reported once");
+        // Back under the limit: read again.
+        d.write("svc.yaml", &SVC.replace("web}", "web2}"));
+        let r = m.poll();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(v.apply(&r).names(), ["eps/web-1", "svc/web2"]);
+        // No limit at all.
+        let r = ManifestDir::new(&d.0).with_max_file_bytes(u64::MAX).poll();
+        assert_eq!(View::default().apply(&r).names(), ["eps/web-1", "svc/web2"]);
+    }
+
+    #[test]
+    fn a_huge_bad_value_is_quoted_short() {
+        let d = TempDir::new("huge");
+        let huge = "A".repeat(1 << 20);
+        d.write("svc.yaml", &SVC.replace("port: 80", &format!("port: \"{huge}\"")));
+        d.write(
+            "eps.json",
+            &format!(r#"{{"apiVersion":"v1","kind":"{huge}","metadata":{{"name":"x"}}}}"#),
+        );
+        let mut m = ManifestDir::new(&d.0).with_max_file_bytes(4 << 20);
+        let r = m.poll();
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        let msg = r.errors[0].to_string();
+        assert!(msg.len() < 400 && msg.contains("document 1"), "{} bytes: {msg}", msg.len());
+        assert_eq!(r.ignored.len(), 1);
+        assert!(r.ignored[0].1.len() < 300, "{}", r.ignored[0].1.len());
+    }
+
+    #[test]
+    fn objects_carry_their_file_and_a_creation_time() {
+        let d = TempDir::new("origin");
+        d.write("a.yaml", SVC);
+        d.write(
+            "b.yaml",
+            &SVC.replace("{name: web}", "{name: old, creationTimestamp: \"2020-01-01T00:00:00Z\"}"),
+        );
+        d.write("eps.yaml", SLICE);
+        let mut m = ManifestDir::new(&d.0);
+        let created = |r: &PollResult, name: &str, file: &str| {
+            r.changes.iter().find_map(|c| match c {
+                Change::Service(s) if s.name.name == name => {
+                    assert_eq!(s.origin.as_deref(), Some(&*d.0.join(file).display().to_string()));
+                    s.created
+                }
+                _ => None,
+            })
+        };
+        let r = m.poll();
+        assert!(r.changes.iter().any(|c| matches!(c, Change::Slice(s)
+            if s.origin.as_deref() == Some(&*d.0.join("eps.yaml").display().to_string()))));
+        // From the file when it says; else when first read, kept across re-reads.
+        assert_eq!(created(&r, "old", "b.yaml").unwrap().to_string(), "2020-01-01T00:00:00Z");
+        let web = created(&r, "web", "a.yaml").unwrap();
+        d.write("a.yaml", &SVC.replace("80", "81"));
+        d.write("c.yaml", &SVC.replace("{name: web}", "{name: newer}"));
+        let r = m.poll();
+        assert_eq!(created(&r, "web", "a.yaml"), Some(web));
+        assert!(created(&r, "newer", "c.yaml").unwrap() > web);
     }
 
     #[test]

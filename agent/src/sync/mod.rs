@@ -31,6 +31,13 @@
 //! so that the incremental path finds stale frontends and unused backends without a scan. What is
 //! remembered per service port is a hash of its last desired state, its backends and frontends,
 //! not a copy of the state.
+//!
+//! UDP flows: a backend that stops serving stays in the maps while its endpoint exists (tracked
+//! TCP connections keep working), so a UDP flow tracked to it would stay there. The report lists
+//! the UDP service ports whose serving set lost a member (every UDP port on the first sync, which
+//! may follow a restart) with the set, for the conntrack reconciler
+//! ([`crate::dataplane::conntrack`]) to delete the flows to other backends, as kube-proxy's
+//! does. A port without serving endpoints is left alone (kube-proxy's rule too).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
@@ -106,6 +113,19 @@ pub struct SyncReport {
     pub backends_removed: usize,
     /// Failures; each left the affected service as it was.
     pub errors: Vec<SyncError>,
+    /// UDP service ports whose tracked flows must be checked against their serving backends
+    /// (written before this report is returned).
+    pub udp_reconcile: Vec<UdpServing>,
+}
+
+/// The serving backends of one UDP service port: tracked UDP flows of this service id to any
+/// other backend are to be deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpServing {
+    /// Service id (`Ct4Value::svc_id`).
+    pub svc_id: u32,
+    /// Serving backends: (address, port), both big-endian as in `Ct4Value`.
+    pub serving: HashSet<(u32, u16)>,
 }
 
 /// Identity of a backend in the datapath: address (be), port (be), protocol.
@@ -263,6 +283,10 @@ pub struct Syncer {
     wants: HashMap<BackendKey, Want>,
     next_backend_id: u32,
     next_svc_id: u32,
+    /// UDP service port → its serving endpoints as last programmed.
+    udp_serving: HashMap<ServicePortName, BTreeSet<(std::net::Ipv4Addr, u16)>>,
+    /// Whether a sync ran: the first one reconciles every UDP port's flows.
+    synced: bool,
 }
 
 /// The backends one service port wants, each once (LOCAL if any copy says so, TERMINATING if
@@ -405,6 +429,7 @@ impl Syncer {
             if let Some(r) = self.desired.remove(name) {
                 self.want_sub(&r.backends, &mut touched);
             }
+            self.udp_serving.remove(name);
         }
         // Service ports to write: new, changed, or not programmed last time.
         let mut pending: Vec<(ServicePortName, ServicePortState)> = Vec::new();
@@ -437,7 +462,11 @@ impl Syncer {
             if let Some(r) = self.desired.get_mut(&name) {
                 r.applied = ok;
             }
+            if ok {
+                self.note_udp_serving(&name, state.udp_serving, &mut report);
+            }
         }
+        self.synced = true;
 
         // Frontends nobody wants any more: slot 0 first, then the slots.
         let stale: BTreeSet<Service4Key> = match scope {
@@ -557,6 +586,33 @@ impl Syncer {
             }
         }
         report
+    }
+
+    /// Remembers the serving set of a programmed UDP port and asks for a reconciliation of its
+    /// flows when the set lost a member (or on the first sync).
+    fn note_udp_serving(
+        &mut self,
+        name: &ServicePortName,
+        serving: BTreeSet<(std::net::Ipv4Addr, u16)>,
+        report: &mut SyncReport,
+    ) {
+        if name.proto != kproxy_common::proto::UDP {
+            return;
+        }
+        let lost = match self.udp_serving.get(name) {
+            Some(old) => old.iter().any(|b| !serving.contains(b)),
+            None => !self.synced,
+        };
+        if lost
+            && !serving.is_empty()
+            && let Some(svc_id) = self.svc_ids.get(name)
+        {
+            report.udp_reconcile.push(UdpServing {
+                svc_id: *svc_id,
+                serving: serving.iter().map(|(a, p)| (u32::from(*a).to_be(), p.to_be())).collect(),
+            });
+        }
+        self.udp_serving.insert(name.clone(), serving);
     }
 
     /// Writes one service port as one transaction; true when it is programmed as wanted.

@@ -150,6 +150,76 @@ fn first_sync_writes_backends_then_slots_then_entry() {
     assert_eq!(s.programmed_backends(), 4);
 }
 
+/// A UDP port `dns` of service `svc1` (ClusterIP 198.19.0.1:53) whose endpoints are the hosts
+/// of `all`, serving when also in `serving`; the backends in the slots are the serving ones.
+fn udp_state(all: &[u8], serving: &[u8]) -> (ServicePortName, ServicePortState) {
+    let b = |h: &u8| Backend { proto: proto::UDP, port: 5353, ..be(*h) };
+    let mut s = ServicePortState::default();
+    s.endpoints.extend(all.iter().map(b));
+    s.udp_serving.extend(serving.iter().map(|h| (b(h).addr, 5353)));
+    s.frontends.insert(
+        Frontend { port: 53, proto: proto::UDP, ..cip(1) },
+        FrontendEntry {
+            flags: svc_flags::CLUSTER_IP,
+            affinity_timeout: 0,
+            backends: serving.iter().map(b).collect(),
+        },
+    );
+    (ServicePortName { port: "dns".into(), proto: proto::UDP, ..spn("svc1") }, s)
+}
+
+#[test]
+fn udp_ports_that_lose_a_serving_backend_are_handed_to_the_reconciler() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let sync = |s: &mut Syncer, dp: &mut Checked, all: &[u8], serving: &[u8]| {
+        let (name, st) = udp_state(all, serving);
+        let mut d = desired(&[(2, &[10, 11])]);
+        d.services.insert(name, st);
+        let r = s.sync(&d, dp);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        r.udp_reconcile
+    };
+    let hosts = |u: &UdpServing| {
+        let mut v: Vec<u8> = u
+            .serving
+            .iter()
+            .map(|(a, p)| {
+                assert_eq!(u16::from_be(*p), 5353);
+                Ipv4Addr::from(u32::from_be(*a)).octets()[3]
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // The first sync (maybe after a restart) checks every UDP port; TCP ports never.
+    let first = sync(&mut s, &mut dp, &[10, 11], &[10, 11]);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let id = first[0].svc_id;
+    assert_eq!(
+        dp.mem.services[&key_of(&Frontend { port: 53, proto: proto::UDP, ..cip(1) }, 0)].svc_id,
+        id
+    );
+    assert_eq!(hosts(&first[0]), [10, 11]);
+    // Nothing changed, or a backend added: nothing to reconcile.
+    assert!(sync(&mut s, &mut dp, &[10, 11], &[10, 11]).is_empty());
+    assert!(sync(&mut s, &mut dp, &[10, 11, 12], &[10, 11, 12]).is_empty());
+    // 11 stops serving (still an endpoint, so still a backend): its UDP flows must move.
+    let r = sync(&mut s, &mut dp, &[10, 11, 12], &[10, 12]);
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].svc_id, hosts(&r[0])), (id, vec![10, 12]));
+    assert!(dp.mem.backends.len() >= 3, "the not-serving backend stays for TCP");
+    // 12 removed altogether.
+    let r = sync(&mut s, &mut dp, &[10, 11], &[10]);
+    assert_eq!(hosts(&r[0]), [10]);
+    // No serving endpoint left: flows are left alone (kube-proxy's rule).
+    assert!(sync(&mut s, &mut dp, &[10, 11], &[]).is_empty());
+    // A new syncer (a restart adopting the maps) checks every UDP port again.
+    let mut s2 = Syncer::adopt(&dp).unwrap();
+    let r = sync(&mut s2, &mut dp, &[10, 11], &[11]);
+    assert_eq!((r[0].svc_id, hosts(&r[0])), (id, vec![11]));
+}
+
 #[test]
 fn unchanged_state_writes_nothing() {
     let mut dp = Checked::default();
@@ -527,6 +597,8 @@ mod incremental {
     fn svc(i: u32) -> ServiceObj {
         ServiceObj {
             name: name(i),
+            origin: None,
+            created: None,
             skip_label: None,
             has_spec: true,
             type_: None,
@@ -553,6 +625,7 @@ mod incremental {
         let base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
         SliceObj {
             name: ServiceName { namespace: "bench".into(), name: format!("s{i:05}-1").into() },
+            origin: None,
             address_type: "IPv4".into(),
             service: Some(name(i).name.to_string()),
             trigger_time: None,

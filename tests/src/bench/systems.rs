@@ -432,11 +432,11 @@ pub fn start_kproxy(
     min_frontends: u64,
     timeout: Duration,
 ) -> Result<Kproxy> {
-    let opts = AgentOpts {
-        manifests_dir: manifests.to_path_buf(),
-        extra_args: extra.iter().map(|s| s.to_string()).collect(),
-        binary: None,
-    };
+    // The benchmark's one manifest holds every service: tens of MB at 30,000 services, over the
+    // agent's default limit for a manifest file.
+    let mut extra_args = vec!["--max-manifest-bytes".to_string(), (1u64 << 30).to_string()];
+    extra_args.extend(extra.iter().map(|s| s.to_string()));
+    let opts = AgentOpts { manifests_dir: manifests.to_path_buf(), extra_args, binary: None };
     let t0 = Instant::now();
     let mut agent = lab.spawn_agent(0, &opts)?;
     let ns = lab.node(0).ns.clone();

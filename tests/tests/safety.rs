@@ -1,0 +1,449 @@
+//! Safe on a real cluster, agent side, end to end in the lab: bad input never withdraws what
+//! works (an invalid edit of a live Service or EndpointSlice, from manifests or from the
+//! Kubernetes API; a huge manifest), a newer service cannot take a live one's frontend, UDP
+//! flows leave a backend that stops serving while TCP connections stay, and an agent with empty
+//! maps bootstraps through the API server's real address.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use kproxy_tests::{
+    apiserver::{ApiServer, Binder},
+    client::{TcpSession, tcp_request, udp_request_here},
+    lab::{self, Agent, AgentOpts, CLIENT_IP, Lab, LabSpec, SERVER_PORT, Wiring},
+    manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
+};
+
+/// Per-request time limit.
+const T: Duration = Duration::from_secs(2);
+/// How long a change may take to show (the agent polls manifests every 500 ms).
+const CONVERGE: Duration = Duration::from_secs(15);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+const VIP3: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 10);
+
+/// A lab with one agent per node on a manifest directory (or on `extra` arguments only).
+struct Setup {
+    agents: Vec<Agent>,
+    dir: ManifestDir,
+    lab: Lab,
+}
+
+impl Setup {
+    fn new(label: &str) -> Setup {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
+        let mut lab = Lab::up(LabSpec::with_wiring(Wiring::Routed)).expect("lab");
+        lab.start_servers().expect("servers");
+        let dir = ManifestDir::new(&format!("{label}-{}", lab.prefix())).expect("dir");
+        Setup { agents: Vec::new(), dir, lab }
+    }
+
+    /// Starts the agents on the manifest directory, with `extra` arguments.
+    fn start_manifest_agents(&mut self, extra: &[&str]) {
+        let opts = AgentOpts {
+            manifests_dir: self.dir.path().to_path_buf(),
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        self.agents = self.lab.spawn_agents(&opts).expect("agents");
+    }
+
+    fn ep(&self, i: usize, j: usize) -> Endpoint {
+        let p = self.lab.pod(i, j).unwrap();
+        Endpoint::ready(p.ip, &lab::node_name(i), &p.name)
+    }
+
+    fn pod_ns(&self, i: usize, j: usize) -> String {
+        self.lab.pod(i, j).unwrap().ns.clone()
+    }
+
+    fn put(&self, svc: &Service, eps: Vec<Endpoint>) {
+        self.dir.put(svc, &[Slice::for_service(svc, eps)]).unwrap();
+    }
+
+    fn log(&self, node: usize) -> String {
+        self.agents[node].log_text()
+    }
+
+    /// Waits until node `node`'s agent log contains every one of `needles` (in one line).
+    fn wait_log_line(&self, node: usize, needles: &[&str]) -> String {
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let log = self.log(node);
+            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "no log line with {needles:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for a in &self.agents {
+                eprintln!("--- agent node {} ---\n{}", a.node, a.log_text());
+            }
+        }
+        self.agents.clear();
+        for i in 0..self.lab.nodes().len() {
+            let _ = self.lab.cleanup(i);
+        }
+    }
+}
+
+/// Waits until every one of `n` TCP requests to `addr:port` from `ns` is answered by a pod in
+/// `want`.
+fn wait_served_by(ns: &str, addr: Ipv4Addr, port: u16, want: &[&str]) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let ok = (0..6).all(|_| {
+            tcp_request(ns, addr, port, T).is_ok_and(|r| want.contains(&r.server_pod.as_str()))
+        });
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{addr}:{port} never served by {want:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `n` TCP requests to `addr:port` from `ns`, each answered by a pod in `want`.
+fn assert_served_by(ns: &str, addr: Ipv4Addr, port: u16, want: &[&str], what: &str) {
+    for _ in 0..10 {
+        match tcp_request(ns, addr, port, T) {
+            Ok(r) => assert!(want.contains(&r.server_pod.as_str()), "{what}: answered by {r:?}"),
+            Err(e) => panic!("{what}: {addr}:{port} not served any more: {e}"),
+        }
+    }
+}
+
+fn web_lb() -> Service {
+    let mut svc = Service::cluster_ip("web", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    svc.svc_type = SvcType::LoadBalancer;
+    svc.ports[0].node_port = Some(30080);
+    svc.lb_ips = vec![LB_IP];
+    svc
+}
+
+/// `clusterIP: 999.1.1.1` on a live LoadBalancer service, then a slice port of 0: both updates
+/// are refused with a warning naming the file, the object, the field and the value; the
+/// service keeps being served on every frontend as before.
+#[test]
+fn invalid_edits_of_live_objects_keep_their_last_valid_version() {
+    let mut s = Setup::new("invalid");
+    s.start_manifest_agents(&[]);
+    let svc = web_lb();
+    s.put(&svc, vec![s.ep(0, 0), s.ep(1, 0)]);
+    let pods = ["node-0-pod-0", "node-1-pod-0"];
+    let (pod, client) = (s.pod_ns(0, 1), s.lab.client_ns());
+    wait_served_by(&pod, VIP, 80, &pods);
+    wait_served_by(&client, LB_IP, 80, &pods);
+    let file = s.dir.path().join("web.yaml").display().to_string();
+
+    let slice = Slice::for_service(&svc, vec![s.ep(0, 0), s.ep(1, 0)]);
+    let bad_svc = svc.to_yaml().replace(&VIP.to_string(), "999.1.1.1");
+    s.dir.write("web.yaml", &[bad_svc, slice.to_yaml()]).unwrap();
+    s.wait_log_line(
+        0,
+        &["Service default/web", &file, "spec.clusterIP", "999.1.1.1", "last valid"],
+    );
+    assert_served_by(&pod, VIP, 80, &pods, "ClusterIP after an invalid clusterIP edit");
+    assert_served_by(&client, LB_IP, 80, &pods, "LoadBalancer IP after an invalid clusterIP edit");
+
+    let mut bad_slice = slice.clone();
+    bad_slice.ports[0].2 = 0;
+    s.dir.write("web.yaml", &[svc.to_yaml(), bad_slice.to_yaml()]).unwrap();
+    s.wait_log_line(0, &["EndpointSlice default/web-1", &file, "ports[0].port", "last valid"]);
+    assert_served_by(&pod, VIP, 80, &pods, "ClusterIP after an invalid slice edit");
+
+    // A valid edit is applied again.
+    s.put(&svc, vec![s.ep(1, 0)]);
+    wait_served_by(&pod, VIP, 80, &["node-1-pod-0"]);
+}
+
+/// The same through the Kubernetes API (the API test server accepts what a real one would
+/// refuse, as an admission webhook or an older server could let through).
+#[test]
+fn invalid_edit_from_the_api_keeps_the_last_valid_version() {
+    let mut s = Setup::new("invalidapi");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = start_api(&rt, &s.lab);
+    let svc = web_lb();
+    apply(&api, &svc, vec![s.ep(0, 0), s.ep(1, 0)]);
+    let kubeconfig = KubeConfig::write(&s.lab, &api.url());
+    let opts = AgentOpts {
+        extra_args: vec!["--kubeconfig".into(), kubeconfig.path()],
+        ..Default::default()
+    };
+    s.agents = s.lab.spawn_agents(&opts).expect("agents");
+    let pods = ["node-0-pod-0", "node-1-pod-0"];
+    let pod = s.pod_ns(0, 1);
+    wait_served_by(&pod, VIP, 80, &pods);
+    let bad: serde_json::Value =
+        serde_saphyr::from_str(&svc.to_yaml().replace(&VIP.to_string(), "999.1.1.1")).unwrap();
+    api.apply(bad).unwrap();
+    let line = s.wait_log_line(0, &["Service default/web", "spec.clusterIP", "999.1.1.1"]);
+    assert!(line.contains("last valid") && !line.contains("(file "), "{line}");
+    assert_served_by(&pod, VIP, 80, &pods, "ClusterIP after an invalid clusterIP edit");
+    drop(kubeconfig);
+}
+
+/// Newer services (no endpoints, named to sort first) claim the live service's ClusterIP:port
+/// and, through externalIPs, its LoadBalancer IP: both are refused with a warning naming the two
+/// services and counted; the live service keeps its traffic. An externalIP outside
+/// `--external-ip-cidrs` is refused too.
+#[test]
+fn a_newer_service_cannot_take_a_live_frontend() {
+    let mut s = Setup::new("collide");
+    s.start_manifest_agents(&["--external-ip-cidrs", "198.18.200.0/24"]);
+    s.put(&web_lb(), vec![s.ep(0, 0)]);
+    let (pod, client) = (s.pod_ns(0, 1), s.lab.client_ns());
+    wait_served_by(&pod, VIP, 80, &["node-0-pod-0"]);
+    wait_served_by(&client, LB_IP, 80, &["node-0-pod-0"]);
+
+    let same_vip = Service::cluster_ip("aaa-vip", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    s.put(&same_vip, vec![]);
+    let mut lb_thief =
+        Service::cluster_ip("aaa-lb", VIP2, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    lb_thief.external_ips = vec![LB_IP];
+    s.put(&lb_thief, vec![]);
+    s.wait_log_line(0, &["default/aaa-vip", "198.19.0.10:80/TCP", "default/web", "refused"]);
+    s.wait_log_line(0, &["default/aaa-lb", "198.18.200.10:80/TCP", "default/web", "refused"]);
+    assert_served_by(&pod, VIP, 80, &["node-0-pod-0"], "ClusterIP claimed by a newer service");
+    assert_served_by(&client, LB_IP, 80, &["node-0-pod-0"], "LB IP claimed through externalIPs");
+    // The newcomer keeps what is its own.
+    assert!(tcp_request(&pod, VIP2, 80, T).is_err_and(|e| e.is_refused()), "no endpoints");
+    let metrics = metrics(&s.lab.node(0).ns);
+    assert!(
+        metrics.contains("kproxy_sync_errors_total{kind=\"frontend_conflict\"} 2"),
+        "{metrics}"
+    );
+
+    // externalIPs: one inside --external-ip-cidrs, one outside (nothing in the lab routes it).
+    let (allowed, outside) = (Ipv4Addr::new(198, 18, 200, 20), Ipv4Addr::new(198, 19, 200, 7));
+    let mut ext = Service::cluster_ip("ext", VIP3, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    ext.external_ips = vec![allowed, outside];
+    s.put(&ext, vec![s.ep(1, 0)]);
+    wait_served_by(&pod, allowed, 80, &["node-1-pod-0"]);
+    // Programmed in the same sync as the allowed one.
+    assert!(
+        tcp_request(&pod, outside, 80, T).is_err(),
+        "an externalIP outside the CIDRs is served"
+    );
+    s.wait_log_line(
+        0,
+        &["default/ext", "spec.externalIPs[1]", "198.19.200.7", "--external-ip-cidrs"],
+    );
+}
+
+/// A 50 MB manifest is refused unread with one short message, a huge bad value is quoted short,
+/// and an unrelated valid change is applied.
+#[test]
+fn huge_manifests_are_refused_and_quoted_short() {
+    let mut s = Setup::new("huge");
+    s.start_manifest_agents(&[]);
+    let pod = s.pod_ns(0, 1);
+    // 50 MB of one service with a bad 50 MB name-like value.
+    let huge = web_lb().to_yaml().replace("name: web", &format!("name: {}", "w".repeat(50 << 20)));
+    s.dir.write("huge.yaml", &[huge]).unwrap();
+    // Under the limit, a 1 MB bad clusterIP.
+    let bad = Service::cluster_ip("bad", VIP2, vec![Port::tcp("http", 80, SERVER_PORT)])
+        .to_yaml()
+        .replace(&VIP2.to_string(), &"a".repeat(1 << 20));
+    s.dir.write("bad.yaml", &[bad]).unwrap();
+    let web = Service::cluster_ip("web", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    s.put(&web, vec![s.ep(0, 0)]);
+    wait_served_by(&pod, VIP, 80, &["node-0-pod-0"]);
+    s.wait_log_line(0, &["huge.yaml", "over the limit"]);
+    s.wait_log_line(0, &["Service default/bad", "spec.clusterIP", "(1048576 bytes)"]);
+    for a in &s.agents {
+        let log = a.log_text();
+        let longest = log.lines().map(str::len).max().unwrap_or(0);
+        assert!(longest < 2048, "a log line of {longest} bytes on node {}", a.node);
+    }
+}
+
+/// A UDP flow (same client port) stays on its backend while it serves, and moves to another
+/// backend once its backend is not ready any more; a TCP connection to the same backend stays.
+#[test]
+fn udp_flows_leave_a_backend_that_stops_serving_and_tcp_stays() {
+    let mut s = Setup::new("udpflow");
+    s.start_manifest_agents(&[]);
+    let svc = Service::cluster_ip(
+        "echo",
+        VIP,
+        vec![Port::udp("udp", 53, SERVER_PORT), Port::tcp("tcp", 80, SERVER_PORT)],
+    );
+    s.put(&svc, vec![s.ep(0, 0), s.ep(1, 0)]);
+    let pod = s.pod_ns(0, 2);
+    wait_served_by(&pod, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
+    let src = SocketAddrV4::new(s.lab.pod(0, 2).unwrap().ip, 40053);
+    let udp = || {
+        lab::in_netns(&pod, || udp_request_here(Some(src), VIP, 53, T))
+            .expect("netns")
+            .map(|r| r.server_pod)
+    };
+    let first = lab::eventually(CONVERGE, Duration::from_millis(200), udp).expect("UDP served");
+    for _ in 0..5 {
+        assert_eq!(udp().expect("pinned flow"), first, "the flow stays on its backend");
+    }
+    // A TCP connection to the same backend.
+    let (mut session, tcp_first) = lab::eventually(CONVERGE, Duration::from_millis(100), || {
+        match TcpSession::connect(&pod, VIP, 80, T) {
+            Ok((session, r)) if r.server_pod == first => Ok((session, r)),
+            Ok((_, r)) => Err(format!("on {}", r.server_pod)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .expect("a TCP connection to the same backend");
+    let (i, other) =
+        if first == "node-0-pod-0" { (0, "node-1-pod-0") } else { (1, "node-0-pod-0") };
+    let eps = if i == 0 {
+        vec![s.ep(0, 0).not_ready(), s.ep(1, 0)]
+    } else {
+        vec![s.ep(0, 0), s.ep(1, 0).not_ready()]
+    };
+    s.put(&svc, eps);
+    let moved = lab::eventually(CONVERGE, Duration::from_millis(200), || match udp() {
+        Ok(p) if p == other => Ok(p),
+        Ok(p) => Err(format!("still on {p}")),
+        Err(e) => Err(e.to_string()),
+    });
+    assert!(moved.is_ok(), "the UDP flow stayed on its unready backend: {moved:?}");
+    assert_eq!(session.request().expect("TCP connection stays"), tcp_first);
+    let m = metrics(&s.lab.node(0).ns);
+    let deleted = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} ",
+            )
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(deleted.is_some_and(|n| n >= 1), "{m}");
+}
+
+/// After a reboot the maps are empty and the `kubernetes` ClusterIP answers nothing until the
+/// agent programs it: with `--api-server` at the API server's real address the agent starts
+/// anyway, and then ClusterIPs work, the `kubernetes` one included.
+#[test]
+fn agent_with_empty_maps_bootstraps_through_the_api_servers_real_address() {
+    let mut s = Setup::new("bootstrap");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = start_api(&rt, &s.lab);
+    // The kubernetes service: ClusterIP 198.19.0.1:443 → the API server in the client namespace.
+    let kubernetes_ip = Ipv4Addr::new(198, 19, 0, 1);
+    let kubernetes =
+        Service::cluster_ip("kubernetes", kubernetes_ip, vec![Port::tcp("https", 443, API_PORT)]);
+    let endpoint = Endpoint::ready(CLIENT_IP, "control-plane", "kube-apiserver");
+    apply(&api, &kubernetes, vec![endpoint]);
+    let web = Service::cluster_ip("web", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    apply(&api, &web, vec![s.ep(0, 0), s.ep(1, 0)]);
+    // The in-cluster view: the API server at the kubernetes ClusterIP.
+    let kubeconfig = KubeConfig::write(&s.lab, &format!("http://{kubernetes_ip}:443"));
+    let opts = AgentOpts {
+        extra_args: vec![
+            "--kubeconfig".into(),
+            kubeconfig.path(),
+            "--api-server".into(),
+            api.url(),
+        ],
+        ..Default::default()
+    };
+    s.agents = s.lab.spawn_agents(&opts).expect("agents");
+    let pod = s.pod_ns(1, 1);
+    wait_served_by(&pod, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
+    // And the kubernetes ClusterIP reaches the API server (which answers the pod's address
+    // through node 1).
+    let route = ["ip", "route", "add", "198.18.101.0/24", "via", &lab::node_ip(1).to_string()]
+        .map(String::from);
+    let out = lab::exec(&s.lab.client_ns(), &route).expect("ip route");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer = lab::in_netns(&pod, || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect_timeout(&(kubernetes_ip, 443).into(), T)?;
+        c.set_read_timeout(Some(T))?;
+        write!(c, "GET /api/v1/services HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        // The test server keeps the connection open: read until the list is in.
+        let (mut text, mut buf) = (String::new(), [0u8; 4096]);
+        while !text.contains("ServiceList") {
+            match c.read(&mut buf)? {
+                0 => break,
+                n => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        std::io::Result::Ok(text)
+    })
+    .expect("netns")
+    .expect("the kubernetes ClusterIP answers");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("ServiceList"), "{answer}");
+    drop(kubeconfig);
+}
+
+/// Port of the API test server in the client namespace.
+const API_PORT: u16 = 16443;
+
+/// The API test server in the client namespace, where the nodes reach it on the underlay.
+fn start_api(rt: &tokio::runtime::Runtime, lab: &Lab) -> ApiServer {
+    let client_ns = lab.client_ns();
+    let bind: Binder = Arc::new(move || {
+        lab::in_netns(&client_ns, || std::net::TcpListener::bind((CLIENT_IP, API_PORT)))
+            .map_err(std::io::Error::other)?
+    });
+    rt.block_on(ApiServer::start_with(bind)).expect("api server")
+}
+
+fn apply(api: &ApiServer, svc: &Service, eps: Vec<Endpoint>) {
+    for y in [svc.to_yaml(), Slice::for_service(svc, eps).to_yaml()] {
+        let v: serde_json::Value = serde_saphyr::from_str(&y).unwrap();
+        api.apply(v).unwrap();
+    }
+}
+
+/// A kubeconfig file naming `server`, removed on drop.
+struct KubeConfig(std::path::PathBuf);
+
+impl KubeConfig {
+    fn write(lab: &Lab, server: &str) -> KubeConfig {
+        let path = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", lab.prefix()));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n"
+            ),
+        )
+        .unwrap();
+        KubeConfig(path)
+    }
+
+    fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for KubeConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `/metrics` of the agent in namespace `ns`.
+fn metrics(ns: &str) -> String {
+    lab::in_netns(ns, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, 10249).into(), T)
+            .expect("metrics");
+        s.set_read_timeout(Some(T)).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    })
+    .expect("netns")
+}
