@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup build demo demo-down test lint unit bench clean lab-up lab-down
+.PHONY: all setup build demo demo-down test test-kernels lint unit bench clean lab-up lab-down
 
 all: build
 
@@ -25,10 +25,16 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# Host unit tests, BPF_PROG_TEST_RUN packet tests and namespace end-to-end tests (root).
+# Host unit tests, BPF_PROG_TEST_RUN packet tests and namespace end-to-end tests (root), then the
+# kernel matrix (the TEST_RUN suite on every kernel of xtask/kernels.list, booted with qemu).
 test: build lint
 	@set -o pipefail; $(CARGO) test --no-fail-fast 2>&1 | tee target/test.log; rc=$$?; \
-	  bash xtask/summary.sh target/test.log; exit $$rc
+	  $(CARGO) xtask kernels 2>&1 | tee -a target/test.log; krc=$$?; \
+	  bash xtask/summary.sh target/test.log; [ $$rc -eq 0 ] && [ $$krc -eq 0 ]
+
+# The kernel matrix alone; KERNELS=5.10,6.1 runs a subset.
+test-kernels: build
+	$(CARGO) xtask kernels $(if $(KERNELS),--kernels $(KERNELS),)
 
 bench: build
 	$(CARGO) xtask bench $(if $(QUICK),--quick,)

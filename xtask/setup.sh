@@ -68,4 +68,53 @@ ln -sf "$PREFIX/bin/bpf-linker" "${CARGO_HOME:-$HOME/.cargo}/bin/bpf-linker"
 # 4. bpffs.
 [ "$BUILD_ONLY" = 1 ] || mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
+# 5. The kernel matrix (`make test-kernels`): qemu, virtme-ng (in a venv of its own) and the
+# kernels of xtask/kernels.list, unpacked (never installed) under $PREFIX/kernels/<package>.
+if [ "$BUILD_ONLY" = 0 ]; then
+  KPKGS=(qemu-system-x86 busybox-static kmod python3-venv)
+  kmissing=()
+  for p in "${KPKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || kmissing+=("$p")
+  done
+  if [ ${#kmissing[@]} -gt 0 ]; then
+    say "installing the kernel matrix's packages: ${kmissing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${kmissing[@]}" >/dev/null
+  fi
+  VNG_VERSION=1.42
+  if [ ! -x "$PREFIX/vng/bin/vng" ] || [ ! -e "$PREFIX/vng/.virtme-ng-$VNG_VERSION" ]; then
+    say "installing virtme-ng $VNG_VERSION in $PREFIX/vng"
+    rm -rf "$PREFIX/vng"
+    /usr/bin/python3 -m venv "$PREFIX/vng"
+    "$PREFIX/vng/bin/pip" install -q "virtme-ng==$VNG_VERSION"
+    touch "$PREFIX/vng/.virtme-ng-$VNG_VERSION"
+  fi
+  here=$(cd "$(dirname "$0")" && pwd)
+  while read -r series suite pkg; do
+    case "$series" in ''|'#'*) continue ;; esac
+    dest="$PREFIX/kernels/${pkg#linux-image-}"
+    [ -e "$dest/.unpacked" ] && continue
+    say "downloading kernel $series ($pkg, Debian $suite)"
+    apt_opts=()
+    if ! apt-cache show "$pkg" >/dev/null 2>&1; then
+      # Not in this machine's sources (an older release): a private apt state for that suite.
+      adir="$PREFIX/apt-$suite"
+      mkdir -p "$adir/lists/partial" "$adir/cache/archives/partial"
+      printf 'deb http://deb.debian.org/debian %s main\ndeb http://deb.debian.org/debian-security %s-security main\n' \
+        "$suite" "$suite" > "$adir/sources.list"
+      apt_opts=(-o "Dir::Etc::SourceList=$adir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o "Dir::State::Lists=$adir/lists" -o "Dir::Cache=$adir/cache")
+      apt-get "${apt_opts[@]}" update -qq
+    fi
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get "${apt_opts[@]}" download -qq "$pkg" 2>/dev/null) \
+      || die "cannot download $pkg (Debian $suite): edit $here/kernels.list if it left the archive"
+    rm -rf "$dest" && mkdir -p "$dest"
+    dpkg-deb -x "$tmp"/*.deb "$dest"
+    rm -rf "$tmp"
+    touch "$dest/.unpacked"
+  done < "$here/kernels.list"
+fi
+
 say "ready (bpf-linker: $("$PREFIX/bin/bpf-linker" --version 2>/dev/null | head -n1))"

@@ -1281,14 +1281,14 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
     let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     std::thread::sleep(std::time::Duration::from_millis(300));
 
-    let tcp_client = "import socket; s=socket.create_connection((\"198.19.0.10\",80),timeout=3); \
+    let tcp_client = "import socket; s=socket.create_connection((\"198.19.0.10\",80),timeout=20); \
                       print(s.recv(100).decode().strip())";
     let udp_client = "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
-                      s.settimeout(3); s.sendto(b\"ping\",(\"198.19.0.53\",53)); \
+                      s.settimeout(20); s.sendto(b\"ping\",(\"198.19.0.53\",53)); \
                       d,a=s.recvfrom(100); print(d.decode().strip(), a[0], a[1])";
     for (who, pod) in [("pod 1", &pods[0]), ("pod 2 (hairpin)", &pods[1])] {
         assert_eq!(pod.sh(&format!("python3 -c '{tcp_client}'")).trim(), "hello", "{who} TCP");
-        let bulk = "import socket; s=socket.create_connection((\"198.19.0.10\",81),timeout=5); \
+        let bulk = "import socket; s=socket.create_connection((\"198.19.0.10\",81),timeout=20); \
                     n=0\nwhile True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)";
         assert_eq!(pod.sh(&format!("python3 -c '{bulk}'")).trim(), "4000000", "{who} bulk");
         for attempt in 0..3 {
@@ -1309,9 +1309,9 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
     // The client's own stack accepts the rejections: connection refused at once, for TCP
     // (RST) and for connected UDP (ICMP port unreachable).
     let refused = "import socket, time\nt=time.time()\ntry:\n  socket.create_connection(\
-                   (\"198.19.0.99\",80),timeout=3)\nexcept ConnectionRefusedError:\n  \
+                   (\"198.19.0.99\",80),timeout=20)\nexcept ConnectionRefusedError:\n  \
                    print(\"tcp refused\", time.time()-t < 1)\n\
-                   s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\n\
+                   s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(20)\n\
                    s.connect((\"198.19.0.99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
                    except ConnectionRefusedError:\n  print(\"udp refused\")";
     assert_eq!(
@@ -1477,11 +1477,11 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
     let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let tcp_client = format!(
-        "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=3); \
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=20); \
          print(s.recv(100).decode().strip())"
     );
     let udp_client = format!(
-        "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(3); \
+        "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(20); \
          s.sendto(b\"ping\",(\"{NODE_IP}\",30053)); d,a=s.recvfrom(100); \
          print(d.decode().strip(), a[0], a[1])"
     );
@@ -1495,7 +1495,7 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
     assert_eq!(run(&tcp_client), "hello", "{:?}\n{}", env.counters(), show_ct(&env));
     assert_eq!(run(&udp_client), format!("pong {NODE_IP} 30053"), "{:?}", env.counters());
     let bulk_client = format!(
-        "import socket; s=socket.create_connection((\"{NODE_IP}\",30081),timeout=5); n=0\n\
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30081),timeout=20); n=0\n\
          while True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)"
     );
     assert_eq!(run(&bulk_client), "4000000", "{:?}", env.counters());
@@ -1638,12 +1638,12 @@ fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     };
     let tcp_client = format!(
-        "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=3); \
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=20); \
          print(s.recv(100).decode().strip())"
     );
     assert_eq!(run(&tcp_client), "hello", "{:?}\n{}", env.counters(), show_ct(&env));
     let bulk_client = format!(
-        "import socket; s=socket.create_connection((\"{NODE_IP}\",30081),timeout=5); n=0\n\
+        "import socket; s=socket.create_connection((\"{NODE_IP}\",30081),timeout=20); n=0\n\
          while True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)"
     );
     assert_eq!(run(&bulk_client), "4000000", "{:?}", env.counters());

@@ -1,5 +1,8 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
-//! `cargo xtask lab up|down|status|sweep`, `cargo xtask bench [--quick] [--only-e2e] [--out DIR]`.
+//! `cargo xtask lab up|down|status|sweep`, `cargo xtask bench [--quick] [--only-e2e] [--out DIR]`,
+//! `cargo xtask kernels [--kernels 5.10,6.1]`.
+
+mod kernels;
 
 use std::{path::PathBuf, process::Command};
 
@@ -51,6 +54,19 @@ enum Cmd {
         #[arg(long)]
         only_e2e: bool,
     },
+    /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
+    /// kernel of xtask/kernels.list (booted with qemu), end-to-end tests on the oldest.
+    Kernels {
+        /// Kernel series to run, comma-separated (default: all of xtask/kernels.list).
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Only the TEST_RUN tests whose names contain this (skips the end-to-end tests).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Skip the end-to-end tests on the oldest kernel.
+        #[arg(long)]
+        no_e2e: bool,
+    },
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
         #[command(subcommand)]
@@ -101,6 +117,9 @@ fn main() -> Result<()> {
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
         Cmd::Bench { quick, out, only_e2e } => bench(quick, out, only_e2e),
+        Cmd::Kernels { kernels, filter, no_e2e } => {
+            kernels::run(&workspace_root(), &kernels::Opts { kernels, filter, no_e2e })
+        }
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers } => {
                 lab_up(nodes, pods, wiring, prefix, servers)

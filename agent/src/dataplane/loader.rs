@@ -152,6 +152,7 @@ impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
     /// match the ABI (type, key and value size), creating and pinning them otherwise.
     pub fn load(pin_path: &Path, sizes: &MapSizes) -> anyhow::Result<Self> {
+        raise_memlock_limit();
         let dir = maps_dir(pin_path);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating pin directory {}", dir.display()))?;
@@ -394,6 +395,19 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+}
+
+/// Lifts `RLIMIT_MEMLOCK`: kernels before 5.11 charge BPF maps and programs to it (later ones to
+/// the memory cgroup), and its usual default (64 KiB or 8 MiB) is far below the maps' size.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain system call on a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            error = %io::Error::last_os_error(),
+            "cannot lift RLIMIT_MEMLOCK: loading may fail on kernels before 5.11"
+        );
     }
 }
 

@@ -1,0 +1,282 @@
+//! `cargo xtask kernels`: the datapath on the kernels production nodes run. Each kernel of
+//! `xtask/kernels.list` (unpacked by `make setup`) is booted with qemu through virtme-ng, on the
+//! machine's own root file system, and runs inside it:
+//! - the BPF_PROG_TEST_RUN suite (`tests/tests/datapath_testrun.rs`: every program through the
+//!   verifier of that kernel, crafted frames in and out; its `real_sockets_*` tests, with real
+//!   sockets in namespaces, on the oldest kernel only, as they take minutes under emulation);
+//! - the verifier's own figures for every program (`kproxy-verifier-stats`);
+//! - on the oldest kernel, namespace end-to-end tests with the agent: a ClusterIP and a NodePort
+//!   service served to real sockets.
+//!
+//! Output: each test line prefixed with the kernel (`test [linux 5.10] name ... ok`) and each
+//! suite's `test result:` line, which the summary of `make test` adds up.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// One kernel of the matrix.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// Series, e.g. "5.10".
+    pub series: String,
+    /// Debian package, e.g. "linux-image-5.10.0-30-amd64".
+    pub package: String,
+}
+
+impl Kernel {
+    /// The release the package unpacks to (its `boot/vmlinuz-<release>`).
+    fn release(&self) -> &str {
+        self.package.trim_start_matches("linux-image-")
+    }
+}
+
+/// Conformance tests run on the oldest kernel: a ClusterIP and a NodePort service, with the
+/// agent, in a lab of real sockets.
+const E2E_TESTS: [&str; 2] = [
+    "upstream_should_serve_a_basic_endpoint_from_pods",
+    "upstream_should_be_able_to_create_a_functioning_nodeport_service",
+];
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct Opts {
+    /// Kernel series to run ("5.10,6.1"); empty: all of the list.
+    pub kernels: Vec<String>,
+    /// Only the TEST_RUN tests whose names contain this.
+    pub filter: Option<String>,
+    /// Skip the end-to-end tests on the oldest kernel.
+    pub no_e2e: bool,
+}
+
+/// Where `make setup` keeps its tools.
+fn tools() -> PathBuf {
+    std::env::var_os("KPROXY_TOOLS").map(PathBuf::from).unwrap_or("/opt/kproxy-tools".into())
+}
+
+/// The kernels of `xtask/kernels.list`, oldest first.
+pub fn list(root: &Path) -> Result<Vec<Kernel>> {
+    let path = root.join("xtask/kernels.list");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        ensure!(f.len() == 3, "{}: bad line {line:?} (series suite package)", path.display());
+        out.push(Kernel { series: f[0].into(), package: f[2].into() });
+    }
+    Ok(out)
+}
+
+/// The test executables cargo builds for `targets` (name → path).
+fn test_executables(root: &Path, targets: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args(["test", "--no-run", "--message-format=json", "-p", "kproxy-tests"]);
+    for t in targets {
+        cmd.args(["--test", t]);
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().context("cargo test --no-run")?;
+    ensure!(out.status.success(), "building the test binaries failed");
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str())
+        else {
+            continue;
+        };
+        if targets.contains(&name) {
+            found.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    for t in targets {
+        ensure!(found.iter().any(|(n, _)| n == t), "cargo built no executable for test {t}");
+    }
+    Ok(found)
+}
+
+fn exe<'a>(exes: &'a [(String, PathBuf)], name: &str) -> &'a Path {
+    &exes.iter().find(|(n, _)| n == name).expect("built above").1
+}
+
+/// Shell-quotes `s` for the guest script.
+fn q(s: &Path) -> String {
+    format!("'{}'", s.display().to_string().replace('\'', r"'\''"))
+}
+
+/// Runs the matrix; fails if any suite failed on any kernel (after running them all).
+pub fn run(root: &Path, opts: &Opts) -> Result<()> {
+    let all = list(root)?;
+    let selected: Vec<&Kernel> = if opts.kernels.is_empty() {
+        all.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for s in &opts.kernels {
+            v.push(all.iter().find(|k| &k.series == s).with_context(|| {
+                format!("kernel {s} is not in xtask/kernels.list (have: {})", series(&all))
+            })?);
+        }
+        v
+    };
+    let vng = tools().join("vng/bin/vng");
+    ensure!(vng.exists(), "{} missing: run `make setup`", vng.display());
+    let oldest = all.first().context("xtask/kernels.list is empty")?;
+    let exes = test_executables(root, &["datapath_testrun", "conformance"])?;
+    let stats = root.join("target/debug/kproxy-verifier-stats");
+    ensure!(stats.exists(), "{} missing: cargo build --all-targets", stats.display());
+    let mut failed = Vec::new();
+    for k in selected {
+        let oldest = k.series == oldest.series;
+        let e2e = !opts.no_e2e && opts.filter.is_none() && oldest;
+        match run_one(root, k, &exes, &stats, opts.filter.as_deref(), oldest, e2e) {
+            Ok(true) => {}
+            Ok(false) => failed.push(k.series.clone()),
+            Err(e) => {
+                println!("kernel {}: {e:#}", k.series);
+                println!("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured");
+                failed.push(k.series.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the datapath failed on linux {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn series(all: &[Kernel]) -> String {
+    all.iter().map(|k| k.series.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Boots one kernel and runs the suites in it; `Ok(false)` if a suite failed.
+fn run_one(
+    root: &Path,
+    k: &Kernel,
+    exes: &[(String, PathBuf)],
+    stats: &Path,
+    filter: Option<&str>,
+    sockets: bool,
+    e2e: bool,
+) -> Result<bool> {
+    let image =
+        tools().join("kernels").join(k.release()).join(format!("boot/vmlinuz-{}", k.release()));
+    ensure!(image.exists(), "{} missing: run `make setup`", image.display());
+    let out =
+        std::env::temp_dir().join(format!("kproxy-kernel-{}-{}", k.series, std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let _cleanup = RemoveOnDrop(out.clone());
+    let tests_dir = root.join("tests");
+    let mut script = String::from(
+        "set -u\nmount -t bpf bpf /sys/fs/bpf\nip link set lo up\nexport RUST_BACKTRACE=0\n",
+    );
+    script += &format!("cd {}\n", q(&tests_dir));
+    script += &format!(
+        "{} --test-threads=2 {} {} > {o}/testrun.txt 2>&1; echo $? > {o}/testrun.rc\n",
+        q(exe(exes, "datapath_testrun")),
+        filter.map(|f| format!("'{f}'")).unwrap_or_default(),
+        if sockets { "" } else { "--skip real_sockets_" },
+        o = q(&out)
+    );
+    script += &format!("{} > {o}/stats.txt 2>&1\n", q(stats), o = q(&out));
+    if e2e {
+        script += &format!(
+            "{} --test-threads=1 --exact {} > {o}/e2e.txt 2>&1; echo $? > {o}/e2e.rc\n",
+            q(exe(exes, "conformance")),
+            E2E_TESTS.join(" "),
+            o = q(&out)
+        );
+    }
+    let script_path = out.join("run.sh");
+    std::fs::write(&script_path, script)?;
+    println!("\n[kernels] linux {} ({}): booting under qemu", k.series, k.package);
+    let started = Instant::now();
+    let vng_bin = tools().join("vng/bin");
+    let path = format!("{}:{}", vng_bin.display(), std::env::var("PATH").unwrap_or_default());
+    let status = Command::new("timeout")
+        .arg(Duration::from_secs(40 * 60).as_secs().to_string())
+        .arg(vng_bin.join("vng"))
+        .args(["-r"])
+        .arg(&image)
+        .args(["--disable-microvm", "--disable-kvm", "--memory", "2G", "--cpus", "2"])
+        .arg("--rwdir")
+        .arg(&out)
+        .args(["--", "bash"])
+        .arg(&script_path)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("starting vng")?;
+    println!(
+        "[kernels] linux {}: guest done in {:.0} s ({status})",
+        k.series,
+        started.elapsed().as_secs_f64()
+    );
+    let mut ok = report(k, &out, "testrun", "BPF_PROG_TEST_RUN suite")?;
+    if let Ok(s) = std::fs::read_to_string(out.join("stats.txt")) {
+        println!("[kernels] linux {}: verifier, per program", k.series);
+        for line in s.lines() {
+            println!("  {line}");
+        }
+    }
+    if e2e {
+        ok &= report(k, &out, "e2e", "end-to-end tests (agent, lab)")?;
+    }
+    Ok(ok)
+}
+
+/// Prints one suite's results with the kernel in every test line; `Ok(false)` if it failed.
+fn report(k: &Kernel, out: &Path, name: &str, what: &str) -> Result<bool> {
+    let rc = std::fs::read_to_string(out.join(format!("{name}.rc")))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let text = std::fs::read_to_string(out.join(format!("{name}.txt"))).unwrap_or_default();
+    println!("[kernels] linux {}: {what}", k.series);
+    let mut result_seen = false;
+    let mut in_failures = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("test ") {
+            if !rest.starts_with("result:") {
+                println!("test [linux {}] {rest}", k.series);
+                continue;
+            }
+            result_seen = true;
+            println!("{line}");
+        } else if line == "failures:" {
+            in_failures = true;
+            println!("{line}");
+        } else if in_failures {
+            println!("  {line}");
+        }
+    }
+    match rc {
+        Some(0) if result_seen => Ok(true),
+        _ => {
+            if !result_seen {
+                // The guest died or hung before the suite ended: count it as one failure.
+                println!(
+                    "[kernels] linux {}: {what} did not finish (exit {rc:?}); last output:",
+                    k.series
+                );
+                for line in text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev() {
+                    println!("  {line}");
+                }
+                println!("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured");
+            }
+            Ok(false)
+        }
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
