@@ -2,7 +2,9 @@
 //! format), loaded through the manifest source, the model and the syncer into the in-memory
 //! dataplane; then one new service in its own file. Prints times and the peak/current RSS.
 //!
-//! `cargo run -p kproxy --example scale -- 10000`
+//! `cargo run --release -p kproxy --example scale -- 10000 [REPEAT]`: with REPEAT > 0 it then runs
+//! the from-scratch model + sync REPEAT more times (a fresh syncer and in-memory maps each time)
+//! and prints their median, a loop to run under `perf record`.
 use std::{net::Ipv4Addr, time::Instant};
 
 use kproxy::{
@@ -61,6 +63,7 @@ fn trim() {
 
 fn main() {
     let n: u32 = std::env::args().nth(1).map_or(10_000, |a| a.parse().unwrap());
+    let repeat: usize = std::env::args().nth(2).map_or(0, |a| a.parse().unwrap());
     let dir = std::env::temp_dir().join(format!("kproxy-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
@@ -161,6 +164,21 @@ fn main() {
         status("VmRSS:"),
         status("VmHWM:")
     );
+    if repeat > 0 {
+        let mut times = Vec::new();
+        for _ in 0..repeat {
+            let mut dp = MemDataplane::default();
+            let mut syncer = Syncer::new();
+            let t = Instant::now();
+            let mut changes = tracker.full();
+            let model = t.elapsed();
+            let r = syncer.sync_changes(&mut changes, &mut dp);
+            times.push((t.elapsed(), model, r.writes));
+        }
+        times.sort();
+        let (total, model, writes) = times[times.len() / 2];
+        println!("from scratch, median of {repeat}: {total:?} (model {model:?}, {writes} writes)");
+    }
     let h0 = heap();
     drop(syncer);
     let h1 = heap();

@@ -17,6 +17,7 @@
 use std::{
     ffi::CString,
     io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -35,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     bpf::{BpfDataplane, MAP_SPECS, check_pinned, maps_dir},
-    sys,
+    sys::{self, bpf_cmd},
 };
 
 /// Priority of kproxy's TC filters (lower runs first).
@@ -260,7 +261,7 @@ impl Datapath {
             let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?.try_into()?;
             if pin.exists() {
                 let prog_fd = {
-                    use std::os::fd::{AsFd as _, AsRawFd as _};
+                    use std::os::fd::AsFd as _;
                     p.fd()?.as_fd().as_raw_fd()
                 };
                 match update_pinned_link(&pin, prog_fd) {
@@ -416,34 +417,35 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-/// `bpf(2)` on the `bpf_link` pinned at `path`: opens it (`BPF_OBJ_GET`), runs `cmd` with an
-/// attribute block whose first word is the link's fd followed by `rest`, and closes it.
-fn on_pinned_link(path: &Path, cmd: libc::c_long, rest: [u32; 3]) -> io::Result<()> {
-    const BPF_OBJ_GET: libc::c_long = 7;
+/// Opens the `bpf_link` pinned at `path` (`BPF_OBJ_GET`).
+fn open_pinned_link(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut get = [c.as_ptr() as u64, 0, 0];
-    // SAFETY: a zeroed attribute block holding a valid path pointer.
-    let fd = unsafe { sys::bpf(BPF_OBJ_GET, &mut get) }?;
-    let mut attr = [fd as u32, rest[0], rest[1], rest[2]];
-    // SAFETY: an attribute block holding our link fd and plain numbers.
-    let r = unsafe { sys::bpf(cmd, &mut attr) };
-    // SAFETY: the fd BPF_OBJ_GET returned, ours to close.
-    unsafe { libc::close(fd as i32) };
-    r.map(drop)
+    let mut attr = sys::attr();
+    attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
+    // SAFETY: the attribute block holds a valid NUL-terminated path, alive across the call.
+    let fd = unsafe { sys::bpf(bpf_cmd::BPF_OBJ_GET, &mut attr) }?;
+    // SAFETY: a fresh fd returned by the kernel, ours to close.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than
 /// whenever the kernel gets to releasing it after the pin is removed.
 fn detach_pinned_link(path: &Path) -> io::Result<()> {
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    on_pinned_link(path, BPF_LINK_DETACH, [0; 3])
+    let link = open_pinned_link(path)?;
+    let mut attr = sys::attr();
+    attr.link_detach.link_fd = link.as_raw_fd() as u32;
+    // SAFETY: an attribute block holding our link fd.
+    unsafe { sys::bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 /// Puts program `prog_fd` into the `bpf_link` pinned at `path` (`BPF_LINK_UPDATE`, 5.7+).
 fn update_pinned_link(path: &Path, prog_fd: i32) -> io::Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    // link_fd, new_prog_fd, flags, old_prog_fd.
-    on_pinned_link(path, BPF_LINK_UPDATE, [prog_fd as u32, 0, 0])
+    let link = open_pinned_link(path)?;
+    let mut attr = sys::attr();
+    attr.link_update.link_fd = link.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_1.new_prog_fd = prog_fd as u32;
+    // SAFETY: an attribute block holding our link fd and a program fd.
+    unsafe { sys::bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 fn detach_xdp(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
