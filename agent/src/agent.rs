@@ -16,7 +16,7 @@ use crate::{
     dataplane::{
         Dataplane,
         bpf::BpfDataplane,
-        loader::{Datapath, ExternalMode, MapSizes},
+        loader::{self, Datapath, ExternalMode, MapSizing},
     },
     healthcheck::HealthCheckServers,
     metrics::{self, Metrics, Role, serve},
@@ -102,12 +102,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let mut health_checks = health_bind.map(HealthCheckServers::new);
 
-    let sizes = MapSizes {
+    let sizes = MapSizing {
+        ratio: args.map_dynamic_size_ratio,
         services: args.max_services,
         backends: args.max_backends,
         conntrack: args.max_conntrack,
         affinity: args.max_affinity,
-    };
+    }
+    .resolve(loader::node_memory().context("reading the node's memory")?);
+    info!(
+        ?sizes,
+        ratio = args.map_dynamic_size_ratio,
+        estimated_mib = loader::estimated_bytes(&sizes) / (1 << 20),
+        "map capacities"
+    );
     let mut datapath = Datapath::load(&args.pin_path, &sizes)
         .with_context(|| format!("loading the datapath at {}", args.pin_path.display()))?;
     let mut dp: BpfDataplane = datapath.dataplane().context("opening the pinned maps")?;

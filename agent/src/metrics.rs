@@ -294,6 +294,7 @@ impl Metrics {
             ("kproxy_map_pressure", "Fill level of a BPF map: entries / capacity.", |u| {
                 u.pressure()
             }),
+            ("kproxy_map_memory_bytes", "Kernel memory a BPF map uses, bytes.", |u| u.bytes as f64),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for u in maps.iter() {
@@ -332,13 +333,14 @@ impl Metrics {
 }
 
 /// Maps whose fill is reported, pinned name → metric label.
-pub const MAP_LABELS: [(&str, &str); 6] = [
+pub const MAP_LABELS: [(&str, &str); 7] = [
     (names::SERVICES4, "services"),
     (names::BACKENDS4, "backends"),
     (names::CT4, "conntrack"),
     (names::REVNAT4, "revnat"),
     (names::AFFINITY4, "affinity"),
     (names::FRAG4, "fragments"),
+    (names::SOCK4, "socket_lb"),
 ];
 
 /// Maps the agent writes (and so can find full).
@@ -359,6 +361,9 @@ pub struct MapUsage {
     pub entries: u64,
     /// `max_entries`.
     pub capacity: u32,
+    /// Kernel memory the map uses, bytes (`memlock` of its fdinfo: on Linux 6.4+ what it really
+    /// uses, on older kernels the kernel's estimate from its sizes).
+    pub bytes: u64,
 }
 
 impl MapUsage {
@@ -386,7 +391,9 @@ pub fn map_usage(pin_path: &Path) -> anyhow::Result<Vec<MapUsage>> {
             info.value_size() as usize,
         )
         .with_context(|| format!("counting the entries of {}", path.display()))?;
-        out.push(MapUsage { map: label, pinned, entries, capacity: info.max_entries() });
+        let bytes = crate::dataplane::bpf::map_memory(data.fd().as_fd())
+            .with_context(|| format!("reading the memory of {}", path.display()))?;
+        out.push(MapUsage { map: label, pinned, entries, capacity: info.max_entries(), bytes });
     }
     Ok(out)
 }
@@ -560,6 +567,7 @@ mod tests {
             pinned: names::CT4,
             entries: 3,
             capacity: 4,
+            bytes: 4096,
         }]);
         m.set_devices_attached(1, 5);
         m.device_attach_failed();
@@ -583,6 +591,7 @@ mod tests {
             "kproxy_map_entries{map=\"conntrack\"} 3\n",
             "kproxy_map_capacity{map=\"conntrack\"} 4\n",
             "kproxy_map_pressure{map=\"conntrack\"} 0.75\n",
+            "# TYPE kproxy_map_memory_bytes gauge\nkproxy_map_memory_bytes{map=\"conntrack\"} 4096\n",
             "kproxy_devices_attached{kind=\"external\"} 1\n",
             "kproxy_devices_attached{kind=\"pod\"} 5\n",
             "kproxy_device_attach_errors_total 1\n",

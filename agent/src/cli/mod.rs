@@ -140,18 +140,24 @@ pub struct AgentArgs {
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
-    /// Capacity of the services map (service entries plus backend slots).
-    #[arg(long, default_value_t = kproxy_common::defaults::SERVICES4_MAX)]
-    pub max_services: u32,
-    /// Capacity of the backends map.
-    #[arg(long, default_value_t = kproxy_common::defaults::BACKENDS4_MAX)]
-    pub max_backends: u32,
-    /// Capacity of the connection-tracking map.
-    #[arg(long, default_value_t = kproxy_common::defaults::CT4_MAX)]
-    pub max_conntrack: u32,
-    /// Capacity of the session-affinity map.
-    #[arg(long, default_value_t = kproxy_common::defaults::AFFINITY4_MAX)]
-    pub max_affinity: u32,
+    /// Capacity of the services map (service entries plus backend slots) [default: 262144].
+    #[arg(long)]
+    pub max_services: Option<u32>,
+    /// Capacity of the backends map [default: 262144].
+    #[arg(long)]
+    pub max_backends: Option<u32>,
+    /// Capacity of the connection-tracking map (and of the reverse-NAT map; the socket-LB map
+    /// gets a quarter) [default: sized from the node's memory, see --map-dynamic-size-ratio].
+    #[arg(long)]
+    pub max_conntrack: Option<u32>,
+    /// Capacity of the session-affinity map [default: sized from the node's memory].
+    #[arg(long)]
+    pub max_affinity: Option<u32>,
+    /// Share of the node's memory for the connection-tracking, reverse-NAT, socket-LB and
+    /// affinity maps, as Cilium's --bpf-map-dynamic-size-ratio (0.25% of 24 GiB: about 250,000
+    /// connections); 0 for the fixed defaults (524,288 connections). --max-* flags win.
+    #[arg(long, default_value_t = crate::dataplane::loader::DEFAULT_MAP_RATIO)]
+    pub map_dynamic_size_ratio: f64,
     /// First source-NAT port.
     #[arg(long, default_value_t = kproxy_common::defaults::SNAT_PORT_MIN)]
     pub snat_port_min: u16,

@@ -50,6 +50,17 @@ pub const MAP_SPECS: [MapSpec; 10] = [
     spec::<SockRev4Key, SockRev4Value>(names::SOCK4, MapType::LruHash),
 ];
 
+/// Kernel memory of the map `fd`, bytes: the `memlock` line of its fdinfo (Linux 6.4+ reports
+/// what the map really uses, older kernels an estimate from its sizes).
+pub fn map_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no memlock line in the map's fdinfo"))
+}
+
 /// The versioned directory holding the map pins: `<pin_path>/v1`.
 pub fn maps_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(format!("v{ABI_VERSION}"))
