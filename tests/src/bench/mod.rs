@@ -15,6 +15,7 @@
 //! from the built-in chains; nftables: the rules of the hooked base chains), so each repetition
 //! measures every system right after the others. Failures become missing figures with a reason;
 //! the run itself only fails when the lab cannot be built.
+pub mod compare;
 mod measure;
 pub mod report;
 pub mod results;
@@ -206,6 +207,12 @@ pub struct Results {
     /// Wall-clock time of each step.
     #[serde(default)]
     pub steps: Vec<StepTime>,
+    /// Figures worse than in the previous run by more than their noise (`None`: not compared).
+    #[serde(default)]
+    pub regressions: Option<Vec<compare::Regression>>,
+    /// The previous run compared with (its start time).
+    #[serde(default)]
+    pub compared_with: Option<String>,
 }
 
 fn sh(cmd: &str) -> String {
@@ -320,6 +327,15 @@ impl Drop for TempDir {
 
 /// Runs the benchmark and writes `results.json`, `report.md` and the plots into `out`.
 pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
+    run_compared(cfg, out, None)
+}
+
+/// [`run`], and compares the figures with the `results.json` at `previous` (if it exists and
+/// parses): the report lists every figure that got worse by more than its noise.
+pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result<Results> {
+    let before: Option<Results> = previous
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| serde_json::from_str(&text).ok());
     let started = utc_now();
     let t0 = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -402,7 +418,14 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
         figures: rec.finish(),
         notes,
         steps,
+        regressions: None,
+        compared_with: None,
     };
+    let mut results = results;
+    if let Some(b) = &before {
+        results.regressions = compare::regressions(b, &results);
+        results.compared_with = Some(b.started.clone());
+    }
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     std::fs::write(out.join("report.md"), report::markdown(&results))?;
     report::plots(out)?;
