@@ -165,10 +165,10 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
     for &n in &c.scales {
         let n = n as u64;
         let k50 = median(f, "1-latency", "p50_us", "kproxy", n, "");
-        if let (Some(k), Some(fl)) = (k50, median(f, "1-latency", "p50_us", "floor", n, "")) {
-            if worst_floor.is_none_or(|(w, _)| k / fl > w) {
-                worst_floor = Some((k / fl, n));
-            }
+        if let (Some(k), Some(fl)) = (k50, median(f, "1-latency", "p50_us", "floor", n, ""))
+            && worst_floor.is_none_or(|(w, _)| k / fl > w)
+        {
+            worst_floor = Some((k / fl, n));
         }
         for p in ["p50_us", "p99_us"] {
             if let (Some(k), Some(nf)) = (
