@@ -645,6 +645,21 @@ NodePort runs of {} ms.\n",
     }
     s.push_str("\nRule memory is what the cgroup v1 memory controller charged to the loading process's cgroup (kernel memory included) after the load exited. BPF map memory is the `memlock` of the agent's maps (preallocated at their configured capacity, so it does not grow with N). The agent RSS includes its manifest source (which keeps compact objects, not the files' JSON) and the loaded BPF object.\n\n");
 
+    // Per-program cost under real traffic.
+    s.push_str("## 8. Per-program cost under real traffic (kernel bpf_stats: run_time_ns / run_cnt)\n\n| Program | Traffic | ns per run |\n|---|---|---|\n");
+    for (m, prog, traffic) in super::BPF_STATS_FIGURES {
+        let c = match find(f, "8-bpf-stats", m, "kproxy", 1, "") {
+            Some(x) if x.status == Status::Skipped => "not run".to_string(),
+            other => cell(other),
+        };
+        let _ = writeln!(s, "| `{prog}` | {traffic} | {c} |");
+    }
+    let _ = writeln!(
+        s,
+        "\nkproxy on node 0 serving the probe services; statistics switched on (`BPF_ENABLE_STATS`) only for these windows of {} ms each: 4 clients doing request/response on open connections to the ClusterIP (every packet of the established flows crosses `kp_tc_from_pod` on the sending pod's veth and `kp_tc_to_pod` on the receiving one), the same to the backend pod's own address, and the UDP blast to a NodePort with a remote backend (`kp_xdp_ext` on node 0's external device). The counts include the kernel's timing of each run.\n",
+        c.duration_ms
+    );
+
     // Item 7.
     s.push_str("## 7. Per-packet cost under BPF_PROG_TEST_RUN (median ns per run, repeat = 1)\n\n");
     s.push_str("| Services | kp_tc_from_pod established | kp_tc_from_pod new (SYN) | TC pass-through | kp_xdp_ext NodePort established | XDP pass-through |\n|---|---|---|---|---|---|\n");
