@@ -1331,7 +1331,7 @@ impl Bench<'_> {
                     ("direct", &["from_pod_plain_ns"][..]),
                     ("nodeport", &["xdp_nodeport_ns"][..]),
                 ] {
-                    let before = bpfstats::snapshot(&pin)?;
+                    let before = bpfstats::snapshot(pin)?;
                     match window {
                         "clusterip" => {
                             drop(measure::loadgen(&self.client_pod_ns, cip, "rr", 4, d)?)
@@ -1339,9 +1339,11 @@ impl Bench<'_> {
                         "direct" => {
                             drop(measure::loadgen(&self.client_pod_ns, direct, "rr", 4, d)?)
                         }
-                        _ => drop(measure::udp_rate(&client, &pod_ns, np, d)?),
+                        _ => {
+                            measure::udp_rate(&client, &pod_ns, np, d)?;
+                        }
                     }
-                    let after = bpfstats::snapshot(&pin)?;
+                    let after = bpfstats::snapshot(pin)?;
                     for m in metrics {
                         let prog = BPF_STATS_FIGURES.iter().find(|(x, _, _)| x == m).map(|f| f.1);
                         out.push((*m, prog.and_then(|p| bpfstats::per_run(&before, &after, p))));
