@@ -1334,10 +1334,10 @@ impl Bench<'_> {
                     let before = bpfstats::snapshot(pin)?;
                     match window {
                         "clusterip" => {
-                            drop(measure::loadgen(&self.client_pod_ns, cip, "rr", 4, d)?)
+                            measure::loadgen(&self.client_pod_ns, cip, "rr", 4, d)?;
                         }
                         "direct" => {
-                            drop(measure::loadgen(&self.client_pod_ns, direct, "rr", 4, d)?)
+                            measure::loadgen(&self.client_pod_ns, direct, "rr", 4, d)?;
                         }
                         _ => {
                             measure::udp_rate(&client, &pod_ns, np, d)?;
