@@ -394,6 +394,19 @@ impl Tracker {
         match change {
             Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
+                // The words services share (type, policies, port names) are held once.
+                for w in [
+                    &mut s.type_,
+                    &mut s.external_traffic_policy,
+                    &mut s.internal_traffic_policy,
+                    &mut s.session_affinity,
+                ] {
+                    self.intern_opt(w);
+                }
+                for p in &mut s.ports {
+                    self.intern_opt(&mut p.name);
+                    self.intern_opt(&mut p.protocol);
+                }
                 if self.services.get(&s.name).map(|o| &**o) != Some(&s) {
                     self.dirty.insert(s.name.clone());
                     self.services.insert(s.name.clone(), Box::new(s));
@@ -406,6 +419,11 @@ impl Tracker {
             }
             Change::Slice(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
+                s.address_type = self.intern(&s.address_type);
+                for p in &mut s.ports {
+                    self.intern_opt(&mut p.name);
+                    self.intern_opt(&mut p.protocol);
+                }
                 for ep in &mut s.endpoints {
                     if let Some(n) = &ep.node_name {
                         ep.node_name = Some(self.intern(n));
@@ -441,6 +459,13 @@ impl Tracker {
                     self.node_changed(&name);
                 }
             }
+        }
+    }
+
+    /// Replaces `w` by its shared copy.
+    fn intern_opt(&mut self, w: &mut Option<SharedStr>) {
+        if let Some(v) = w {
+            *v = self.intern(v);
         }
     }
 
@@ -481,7 +506,7 @@ impl Tracker {
     /// Checks a new slice, indexes it under its owner and dirties the owner.
     fn link_slice(&mut self, s: &SliceObj) {
         let mut issues = SliceIssues::default();
-        if s.address_type != "IPv4" {
+        if &*s.address_type != "IPv4" {
             issues
                 .skipped
                 .push(format!("EndpointSlice {}: addressType {}", s.name, s.address_type));
@@ -731,7 +756,9 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
             value,
             reason: format!("{reason}; port skipped"),
         };
-        let pname = port.name.clone().unwrap_or_default();
+        // The tracker's shared copy of the name: the port names of every record share it.
+        let shared_name = port.name.clone().unwrap_or_default();
+        let pname = shared_name.to_string();
         let field = |f: &str| {
             format!(
                 "spec.ports[{}].{f}",
@@ -764,7 +791,7 @@ fn compute_service(svc: &ServiceObj, slices: &[&SliceObj], node: &NodeInfo) -> S
                 }
             },
         };
-        let spn = ServicePortName { service: name.clone(), port: pname.as_str().into(), proto: p };
+        let spn = ServicePortName { service: name.clone(), port: shared_name.clone(), proto: p };
         let eps = collect_endpoints(&spn, slices, node, spec.publish_not_ready, &mut out.errors);
         let externally_accessible =
             node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();

@@ -34,9 +34,9 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePortObj {
     /// `name`.
-    pub name: Option<String>,
+    pub name: Option<SharedStr>,
     /// `protocol`.
-    pub protocol: Option<String>,
+    pub protocol: Option<SharedStr>,
     /// `port`.
     pub port: i32,
     /// `nodePort`.
@@ -63,7 +63,7 @@ pub struct ServiceObj {
     /// Whether `spec` is present.
     pub has_spec: bool,
     /// `spec.type`.
-    pub type_: Option<String>,
+    pub type_: Option<SharedStr>,
     /// `spec.clusterIPs` followed by `spec.clusterIP`.
     pub cluster_ips: Vec<String>,
     /// `spec.externalIPs`.
@@ -71,11 +71,11 @@ pub struct ServiceObj {
     /// `status.loadBalancer.ingress`.
     pub ingress: Vec<IngressObj>,
     /// `spec.externalTrafficPolicy`.
-    pub external_traffic_policy: Option<String>,
+    pub external_traffic_policy: Option<SharedStr>,
     /// `spec.internalTrafficPolicy`.
-    pub internal_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<SharedStr>,
     /// `spec.sessionAffinity`.
-    pub session_affinity: Option<String>,
+    pub session_affinity: Option<SharedStr>,
     /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout: Option<i32>,
     /// `spec.healthCheckNodePort`.
@@ -109,13 +109,15 @@ impl From<&Service> for ServiceObj {
             name: object_name(&svc.metadata),
             skip_label,
             has_spec: spec.is_some(),
-            type_: spec.and_then(|s| s.type_.clone()),
+            type_: spec.and_then(|s| s.type_.as_deref().map(Into::into)),
             cluster_ips,
             external_ips: spec.and_then(|s| s.external_ips.clone()).unwrap_or_default(),
             ingress,
-            external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.clone()),
-            internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.clone()),
-            session_affinity: spec.and_then(|s| s.session_affinity.clone()),
+            external_traffic_policy: spec
+                .and_then(|s| s.external_traffic_policy.as_deref().map(Into::into)),
+            internal_traffic_policy: spec
+                .and_then(|s| s.internal_traffic_policy.as_deref().map(Into::into)),
+            session_affinity: spec.and_then(|s| s.session_affinity.as_deref().map(Into::into)),
             affinity_timeout: spec
                 .and_then(|s| s.session_affinity_config.as_ref())
                 .and_then(|c| c.client_ip.as_ref())
@@ -127,8 +129,8 @@ impl From<&Service> for ServiceObj {
                 .into_iter()
                 .flatten()
                 .map(|p| ServicePortObj {
-                    name: p.name.clone(),
-                    protocol: p.protocol.clone(),
+                    name: p.name.as_deref().map(Into::into),
+                    protocol: p.protocol.as_deref().map(Into::into),
                     port: p.port,
                     node_port: p.node_port,
                 })
@@ -141,9 +143,9 @@ impl From<&Service> for ServiceObj {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePortObj {
     /// `name`.
-    pub name: Option<String>,
+    pub name: Option<SharedStr>,
     /// `protocol`.
-    pub protocol: Option<String>,
+    pub protocol: Option<SharedStr>,
     /// `port`.
     pub port: Option<i32>,
 }
@@ -189,7 +191,7 @@ pub struct SliceObj {
     /// `namespace/name` of the slice.
     pub name: ObjectName,
     /// `addressType`.
-    pub address_type: String,
+    pub address_type: SharedStr,
     /// The `kubernetes.io/service-name` label.
     pub service: Option<String>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
@@ -239,7 +241,7 @@ impl From<&EndpointSlice> for SliceObj {
             .collect();
         Self {
             name: object_name(&s.metadata),
-            address_type: s.address_type.clone(),
+            address_type: s.address_type.as_str().into(),
             service: s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
             trigger_time: s
                 .metadata
@@ -252,8 +254,8 @@ impl From<&EndpointSlice> for SliceObj {
                 .iter()
                 .flatten()
                 .map(|p| SlicePortObj {
-                    name: p.name.clone(),
-                    protocol: p.protocol.clone(),
+                    name: p.name.as_deref().map(Into::into),
+                    protocol: p.protocol.as_deref().map(Into::into),
                     port: p.port,
                 })
                 .collect(),
