@@ -213,6 +213,11 @@ impl Shadow {
         } else {
             let i = k.slot as usize - 1;
             if front.slots.len() <= i {
+                // Exact growth for the usual few slots (no doubling slack kept for good), the
+                // vector's own growth for large services.
+                if i < 64 {
+                    front.slots.reserve_exact(i + 1 - front.slots.len());
+                }
                 front.slots.resize(i + 1, NO_SLOT);
             }
             front.slots[i] = v;
