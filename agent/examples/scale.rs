@@ -2,12 +2,20 @@
 //! format), loaded through the manifest source, the model and the syncer into the in-memory
 //! dataplane; then one new service in its own file. Prints times and the peak/current RSS.
 //!
-//! `cargo run -p kproxy --example scale -- 10000`
+//! `cargo run --release -p kproxy --example scale -- 10000 [REPEAT [bpf]]`: with REPEAT > 0 it then
+//! runs the from-scratch model + sync REPEAT more times (a fresh syncer and in-memory maps each
+//! time) and prints their median, a loop to run under `perf record`; with `bpf` (root, bpffs)
+//! into real BPF maps instead (the datapath loaded into a throw-away pin directory, the maps
+//! emptied between runs).
 use std::{net::Ipv4Addr, time::Instant};
 
 use kproxy::{
-    dataplane::mem::MemDataplane,
-    model::{NodeInfo, Tracker},
+    dataplane::{
+        Dataplane,
+        loader::{Datapath, MapSizes},
+        mem::MemDataplane,
+    },
+    model::{Changes, NodeInfo, Tracker},
     source::manifests::ManifestDir,
     sync::Syncer,
 };
@@ -61,6 +69,7 @@ fn trim() {
 
 fn main() {
     let n: u32 = std::env::args().nth(1).map_or(10_000, |a| a.parse().unwrap());
+    let repeat: usize = std::env::args().nth(2).map_or(0, |a| a.parse().unwrap());
     let dir = std::env::temp_dir().join(format!("kproxy-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
@@ -161,6 +170,47 @@ fn main() {
         status("VmRSS:"),
         status("VmHWM:")
     );
+    if repeat > 0 {
+        let bpf = std::env::args().nth(3).as_deref() == Some("bpf");
+        let pin =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/kproxy-scale-{}", std::process::id()));
+        let loaded = bpf.then(|| {
+            let sizes = MapSizes {
+                services: n * 12 + 1024,
+                backends: n * 10 + 1024,
+                conntrack: 1024,
+                affinity: 1024,
+            };
+            Datapath::load(&pin, &sizes).expect("loading the datapath (root, bpffs)")
+        });
+        let mut times = Vec::new();
+        for _ in 0..repeat {
+            let mut mem = MemDataplane::default();
+            let mut maps = loaded.as_ref().map(|d| d.dataplane().expect("maps"));
+            let dp: &mut dyn Dataplane = match maps.as_mut() {
+                Some(m) => m,
+                None => &mut mem,
+            };
+            let mut syncer = Syncer::new();
+            let t = Instant::now();
+            let mut changes = tracker.full();
+            let model = t.elapsed();
+            let r = syncer.sync_changes(&mut changes, dp);
+            times.push((t.elapsed(), model, r.writes));
+            // Empty the maps for the next run (not timed).
+            syncer.sync_changes(&mut Changes { full: true, ..Default::default() }, dp);
+        }
+        if loaded.is_some() {
+            drop(loaded);
+            kproxy::dataplane::loader::cleanup(&pin).expect("cleanup");
+        }
+        times.sort();
+        let (total, model, writes) = times[times.len() / 2];
+        let into = if bpf { "BPF maps" } else { "in-memory maps" };
+        println!(
+            "from scratch into {into}, median of {repeat}: {total:?} (model {model:?}, {writes} writes)"
+        );
+    }
     let h0 = heap();
     drop(syncer);
     let h1 = heap();

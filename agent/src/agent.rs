@@ -17,7 +17,7 @@ use crate::{
         Dataplane, DataplaneError,
         bpf::BpfDataplane,
         conntrack,
-        loader::Datapath,
+        loader::{self, Datapath},
         usage::{self, map_label},
     },
     health::{ProxyHealth, Stamp},
@@ -333,7 +333,15 @@ async fn start_servers(
 
 /// Loads the programs and opens (or creates) the pinned maps.
 fn load_datapath(config: &Config) -> anyhow::Result<(Datapath, BpfDataplane)> {
-    let datapath = Datapath::load(&config.pin_path, &config.map_sizes).with_context(|| {
+    let sizes =
+        config.map_sizing.resolve(loader::node_memory().context("reading the node's memory")?);
+    info!(
+        ?sizes,
+        ratio = config.map_sizing.ratio,
+        estimated_mib = loader::estimated_bytes(&sizes) / (1 << 20),
+        "map capacities"
+    );
+    let datapath = Datapath::load(&config.pin_path, &sizes).with_context(|| {
         format!("--pin-path {}: loading the datapath", config.pin_path.display())
     })?;
     let dp = datapath.dataplane().context("opening the pinned maps")?;
@@ -377,7 +385,7 @@ fn start_map_sampler(config: &Config, metrics: &Arc<Metrics>) {
     let m = metrics.clone();
     let started =
         usage::spawn_map_sampler(config.pin_path.clone(), config.map_stats_interval, move |u| {
-            m.set_map_usage(u.iter().map(|u| (u.map, u.entries, u.capacity)))
+            m.set_map_usage(u.iter().map(|u| (u.map, u.entries, u.capacity, u.bytes)))
         });
     if let Err(e) = started {
         warn!(error = %e, "cannot start the map sampler: no map fill metrics");

@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     cli::AgentArgs,
-    dataplane::loader::{ExternalMode, MapSizes},
+    dataplane::loader::{ExternalMode, MapSizing},
 };
 
 /// Where Services, EndpointSlices and Nodes come from.
@@ -28,7 +28,7 @@ pub enum SourceConfig {
 }
 
 /// The validated configuration of `kproxy agent`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// This node's name (`--node-name`).
     pub node_name: String,
@@ -49,8 +49,9 @@ pub struct Config {
     pub health_check_bind: Option<IpAddr>,
     /// How the external devices are served (`--no-xdp`).
     pub external_mode: ExternalMode,
-    /// Map capacities (`--max-*`).
-    pub map_sizes: MapSizes,
+    /// Map capacities (`--max-*`, `--map-dynamic-size-ratio`), resolved against the node's
+    /// memory when the datapath is loaded.
+    pub map_sizing: MapSizing,
     /// First and last source-NAT port (`--snat-port-min`, `--snat-port-max`), `min <= max`.
     pub snat_ports: (u16, u16),
     /// How often sources and addresses are checked (`--poll-interval-ms`).
@@ -137,7 +138,8 @@ impl Config {
             healthz_addr: args.healthz_addr,
             health_check_bind: args.health_check_bind.0,
             external_mode: if args.no_xdp { ExternalMode::TcOnly } else { ExternalMode::Xdp },
-            map_sizes: MapSizes {
+            map_sizing: MapSizing {
+                ratio: args.map_dynamic_size_ratio,
                 services: args.max_services,
                 backends: args.max_backends,
                 conntrack: args.max_conntrack,

@@ -50,8 +50,8 @@ pub const SYNC_ERROR_KINDS: [&str; 9] = [
 
 /// Labels of `kproxy_map_*` (every sampled map) and of `kproxy_map_full_errors_total` (the maps
 /// the agent writes).
-pub const MAP_LABELS: [&str; 6] =
-    ["services", "backends", "conntrack", "revnat", "affinity", "fragments"];
+pub const MAP_LABELS: [&str; 7] =
+    ["services", "backends", "conntrack", "revnat", "affinity", "fragments", "socket_lb"];
 const WRITTEN_MAPS: [&str; 2] = ["services", "backends"];
 
 /// All metrics of the agent. Shared (`Arc`) between the sync loop, the device and conntrack
@@ -82,6 +82,7 @@ pub struct Metrics {
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
     map_pressure: GaugeVec,
+    map_memory: IntGaugeVec,
     map_full: IntCounterVec,
     devices: IntGaugeVec,
     nodeport_devices_missing: IntGauge,
@@ -330,6 +331,13 @@ impl Metrics {
                 }
                 v
             },
+            map_memory: gauge_vec(
+                &r,
+                "kproxy_map_memory_bytes",
+                "Kernel memory a BPF map uses, bytes.",
+                "map",
+                &MAP_LABELS,
+            ),
             map_full: counter_vec(
                 &r,
                 "kproxy_map_full_errors_total",
@@ -434,9 +442,10 @@ impl Metrics {
         self.livez.with_label_values(&[&code.to_string()]).inc();
     }
 
-    /// Sets the sampled fill levels: (map label, entries, capacity).
-    pub fn set_map_usage(&self, usage: impl IntoIterator<Item = (&'static str, u64, u32)>) {
-        for (map, entries, capacity) in usage {
+    /// Sets the sampled fill levels: (map label, entries, capacity, kernel memory in bytes).
+    pub fn set_map_usage(&self, usage: impl IntoIterator<Item = (&'static str, u64, u32, u64)>) {
+        for (map, entries, capacity, bytes) in usage {
+            self.map_memory.with_label_values(&[map]).set(bytes as i64);
             self.map_entries.with_label_values(&[map]).set(entries as i64);
             self.map_capacity.with_label_values(&[map]).set(i64::from(capacity));
             let pressure = if capacity == 0 { 0.0 } else { entries as f64 / f64::from(capacity) };
@@ -644,7 +653,7 @@ mod tests {
         m.observe_programming(1.5);
         m.set_packets(&[(Reason::TranslatedNew, 42)]);
         m.set_packets(&[(Reason::TranslatedNew, 40)]); // maps recreated: a reset
-        m.set_map_usage([("conntrack", 3, 4)]);
+        m.set_map_usage([("conntrack", 3, 4, 4096)]);
         m.set_devices(1, 5, 2);
         m.device_attach_failed();
         m.conntrack_collected(4, 5, Duration::from_millis(2));
@@ -677,6 +686,7 @@ mod tests {
             "kubeproxy_proxy_livez_total{code=\"200\"} 1\n",
             "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 5\n",
             "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"} 2\n",
+            "kproxy_map_memory_bytes{map=\"conntrack\"} 4096\n",
             "kproxy_services_programmed 7\n",
             "kproxy_backends_programmed 5\n",
             "kproxy_manifest_errors_total 2\n",

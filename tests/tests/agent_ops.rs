@@ -203,9 +203,23 @@ fn metrics_pass_promtool_and_health_answers() {
             && metric(b, "kproxy_map_entries{map=\"conntrack\"}").is_some_and(|v| v >= 1.0)
     });
     assert_eq!(metric(&metrics, "kproxy_map_entries{map=\"backends\"}"), Some(2.0), "{metrics}");
+    // Sized from the node's memory by the default ratio.
+    use kproxy::dataplane::loader::{DEFAULT_MAP_RATIO, MapSizing, node_memory};
+    let sized = MapSizing {
+        ratio: DEFAULT_MAP_RATIO,
+        services: None,
+        backends: None,
+        conntrack: None,
+        affinity: None,
+    }
+    .resolve(node_memory().unwrap());
     assert_eq!(
         metric(&metrics, "kproxy_map_capacity{map=\"conntrack\"}"),
-        Some(f64::from(kproxy_common::defaults::CT4_MAX)),
+        Some(f64::from(sized.conntrack)),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "kproxy_map_memory_bytes{map=\"conntrack\"}").is_some_and(|b| b > 0.0),
         "{metrics}"
     );
     for series in [
@@ -412,8 +426,13 @@ fn cli_reads_the_datapath_while_the_agent_is_down_and_cleanup_removes_it() {
     assert_eq!(entries("services"), Some(2), "{maps}");
     assert_eq!(entries("backends"), Some(1), "{maps}");
     assert!(entries("conntrack").unwrap() >= 1, "{maps}");
+    // Every map reports the kernel memory it uses.
+    for m in maps.as_array().unwrap() {
+        assert!(m["bytes"].as_u64().is_some_and(|b| b > 0), "{m}");
+    }
     let out = s.kproxy(0, &["map", "list"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("PRESSURE"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("PRESSURE") && text.contains("MEMORY") && text.contains("total"));
     let devices = device_list(&s, 0);
     let eth0 = devices["devices"].as_array().unwrap().iter().find(|d| d["name"] == "eth0");
     assert!(eth0.is_some_and(|d| d["xdp"]["program"] == "kp_xdp_ext"), "{devices}");

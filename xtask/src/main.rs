@@ -187,7 +187,8 @@ fn bench(quick: bool, out: Option<PathBuf>, only_e2e: bool) -> Result<()> {
         None => (results_dir.join(&stamp), true),
     };
     println!("[bench] results go to {}", dir.display());
-    let results = bench::run(&cfg, &dir)?;
+    let previous = results_dir.join("latest").join("results.json");
+    let results = bench::run_compared(&cfg, &dir, Some(&previous))?;
     if is_default {
         let latest = results_dir.join("latest");
         let _ = std::fs::remove_file(&latest);

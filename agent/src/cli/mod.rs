@@ -181,34 +181,24 @@ pub struct AgentArgs {
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
-    /// Capacity of the services map (service entries plus backend slots).
-    #[arg(
-        long,
-        default_value_t = kproxy_common::defaults::SERVICES4_MAX,
-        value_parser = clap::value_parser!(u32).range(1..)
-    )]
-    pub max_services: u32,
-    /// Capacity of the backends map.
-    #[arg(
-        long,
-        default_value_t = kproxy_common::defaults::BACKENDS4_MAX,
-        value_parser = clap::value_parser!(u32).range(1..)
-    )]
-    pub max_backends: u32,
-    /// Capacity of the connection-tracking map.
-    #[arg(
-        long,
-        default_value_t = kproxy_common::defaults::CT4_MAX,
-        value_parser = clap::value_parser!(u32).range(1..)
-    )]
-    pub max_conntrack: u32,
-    /// Capacity of the session-affinity map.
-    #[arg(
-        long,
-        default_value_t = kproxy_common::defaults::AFFINITY4_MAX,
-        value_parser = clap::value_parser!(u32).range(1..)
-    )]
-    pub max_affinity: u32,
+    /// Capacity of the services map (service entries plus backend slots) [default: 262144].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_services: Option<u32>,
+    /// Capacity of the backends map [default: 262144].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_backends: Option<u32>,
+    /// Capacity of the connection-tracking map (and of the reverse-NAT map; the socket-LB map
+    /// gets a quarter) [default: sized from the node's memory, see --map-dynamic-size-ratio].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_conntrack: Option<u32>,
+    /// Capacity of the session-affinity map [default: sized from the node's memory].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_affinity: Option<u32>,
+    /// Share of the node's memory for the connection-tracking, reverse-NAT, socket-LB and
+    /// affinity maps, as Cilium's --bpf-map-dynamic-size-ratio (0.25% of 24 GiB: about 250,000
+    /// connections); 0 for the fixed defaults (524,288 connections). --max-* flags win.
+    #[arg(long, default_value_t = crate::dataplane::loader::DEFAULT_MAP_RATIO, value_parser = ratio)]
+    pub map_dynamic_size_ratio: f64,
     /// First source-NAT port (at most --snat-port-max).
     #[arg(
         long,
@@ -256,6 +246,15 @@ pub struct AgentArgs {
     /// root for the whole node). Off when not given (an earlier attachment is removed).
     #[arg(long, value_name = "DIR")]
     pub cgroup_path: Option<PathBuf>,
+}
+
+/// Parses `--map-dynamic-size-ratio`: a share of the node's memory, 0 to 1.
+fn ratio(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is not a share of the memory (0 to 1)"));
+    }
+    Ok(v)
 }
 
 /// One element of a CIDR list flag: a network, or `none`.

@@ -278,20 +278,23 @@ pub fn stats_json(counters: &[(Reason, u64)]) -> Value {
 /// `kproxy map list`.
 pub fn maps_table(usage: &[MapUsage]) -> String {
     let mut out = format!(
-        "{:<11} {:<10} {:>10} {:>10} {:>9}\n",
-        "MAP", "PINNED", "ENTRIES", "CAPACITY", "PRESSURE"
+        "{:<11} {:<10} {:>10} {:>10} {:>9} {:>10}\n",
+        "MAP", "PINNED", "ENTRIES", "CAPACITY", "PRESSURE", "MEMORY"
     );
     for u in usage {
         let _ = writeln!(
             out,
-            "{:<11} {:<10} {:>10} {:>10} {:>8.1}%",
+            "{:<11} {:<10} {:>10} {:>10} {:>8.1}% {:>6.1} MiB",
             u.map,
             u.pinned,
             u.entries,
             u.capacity,
-            u.pressure() * 100.0
+            u.pressure() * 100.0,
+            u.bytes as f64 / (1024.0 * 1024.0)
         );
     }
+    let total: u64 = usage.iter().map(|u| u.bytes).sum();
+    let _ = writeln!(out, "{:<11} {:>54.1} MiB", "total", total as f64 / (1024.0 * 1024.0));
     out
 }
 
@@ -302,7 +305,7 @@ pub fn maps_json(usage: &[MapUsage]) -> Value {
             .iter()
             .map(|u| {
                 json!({"map": u.map, "pinned": u.pinned, "entries": u.entries,
-                       "capacity": u.capacity, "pressure": u.pressure()})
+                       "capacity": u.capacity, "pressure": u.pressure(), "bytes": u.bytes})
             })
             .collect(),
     )

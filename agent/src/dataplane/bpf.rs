@@ -5,6 +5,7 @@
 //! instead of being reinterpreted.
 use std::{
     io,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -16,7 +17,7 @@ use kproxy_common::{
     SockRev4Value, Tuple4, names,
 };
 
-use super::{Dataplane, DataplaneError, hints::Hints};
+use super::{BatchError, Dataplane, DataplaneError, batch, hints::Hints};
 
 /// What the ABI says one pinned map must look like.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,6 +63,17 @@ pub const MAP_SPECS: [MapSpec; 12] = [
     MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::PORT_BITS, MapType::Array) },
 ];
 
+/// Kernel memory of the map `fd`, bytes: the `memlock` line of its fdinfo (Linux 6.4+ reports
+/// what the map really uses, older kernels an estimate from its sizes).
+pub fn map_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no memlock line in the map's fdinfo"))
+}
+
 /// The versioned directory holding the map pins: `<pin_path>/v1`.
 pub fn maps_dir(pin_path: &Path) -> PathBuf {
     pin_path.join(format!("v{ABI_VERSION}"))
@@ -94,27 +106,62 @@ pub(crate) fn check_pinned(path: &Path, spec: &MapSpec) -> anyhow::Result<(MapDa
     Ok((data, info.max_entries()))
 }
 
+/// A hash map opened twice: aya's typed handle for single-entry operations and a file
+/// descriptor of the same map for the batched ones ([`batch`]).
+pub(super) struct Hash<K, V> {
+    pub(super) map: HashMap<MapData, K, V>,
+    fd: OwnedFd,
+    /// `max_entries`.
+    pub(super) capacity: u32,
+}
+
+impl<K, V> Hash<K, V> {
+    /// The map's file descriptor, for [`batch`].
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
+    fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
+        let (data, capacity) = check_pinned(&dir.join(spec.name), spec)?;
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .with_context(|| format!("duplicating the fd of map {}", spec.name))?;
+        let map = Map::from_map_data(data).with_context(|| format!("map {}", spec.name))?;
+        Ok(Self { map: map.try_into()?, fd, capacity })
+    }
+
+    /// Every entry, read in batches.
+    pub(super) fn collect(&self, name: &'static str) -> Result<Vec<(K, V)>, DataplaneError> {
+        batch::collect(self.fd()).map_err(|source| DataplaneError::Map {
+            map: name,
+            op: "iterate",
+            key: String::new(),
+            source,
+        })
+    }
+}
+
 /// The pinned maps under `<pin-path>/v1/`, opened for reading and writing. Works whether or not
 /// an agent is running (the CLI uses it too).
 pub struct BpfDataplane {
-    services: HashMap<MapData, Service4Key, Service4Value>,
-    services_cap: u32,
-    backends: HashMap<MapData, u32, Backend4>,
-    backends_cap: u32,
-    pub(super) ct: HashMap<MapData, Tuple4, Ct4Value>,
-    pub(super) ct_cap: u32,
+    services: Hash<Service4Key, Service4Value>,
+    backends: Hash<u32, Backend4>,
+    pub(super) ct: Hash<Tuple4, Ct4Value>,
     pub(super) ct_counters: PerCpuArray<MapData, u64>,
-    pub(super) revnat: HashMap<MapData, Tuple4, RevNat4Value>,
-    affinity: HashMap<MapData, Affinity4Key, Affinity4Value>,
+    pub(super) revnat: Hash<Tuple4, RevNat4Value>,
+    affinity: Hash<Affinity4Key, Affinity4Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
     hints: Option<Hints>,
 }
 
-fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<(Map, u32)> {
-    let (data, max) = check_pinned(&dir.join(spec.name), spec)?;
-    let map = Map::from_map_data(data).with_context(|| format!("map {}", spec.name))?;
-    Ok((map, max))
+fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<Map> {
+    let (data, _) = check_pinned(&dir.join(spec.name), spec)?;
+    Map::from_map_data(data).with_context(|| format!("map {}", spec.name))
 }
 
 impl BpfDataplane {
@@ -135,21 +182,15 @@ impl BpfDataplane {
         } else {
             None
         };
-        let (services, services_cap) = open_map(&dir, svc)?;
-        let (backends, backends_cap) = open_map(&dir, be)?;
-        let (ct, ct_cap) = open_map(&dir, ct)?;
         Ok(Self {
-            services: services.try_into()?,
-            services_cap,
-            backends: backends.try_into()?,
-            backends_cap,
-            ct: ct.try_into()?,
-            ct_cap,
-            ct_counters: open_map(&dir, ctstat)?.0.try_into()?,
-            revnat: open_map(&dir, rnat)?.0.try_into()?,
-            affinity: open_map(&dir, aff)?.0.try_into()?,
-            counters: open_map(&dir, stats)?.0.try_into()?,
-            config: open_map(&dir, cfg)?.0.try_into()?,
+            services: Hash::open(&dir, svc)?,
+            backends: Hash::open(&dir, be)?,
+            ct: Hash::open(&dir, ct)?,
+            ct_counters: open_map(&dir, ctstat)?.try_into()?,
+            revnat: Hash::open(&dir, rnat)?,
+            affinity: Hash::open(&dir, aff)?,
+            counters: open_map(&dir, stats)?.try_into()?,
+            config: open_map(&dir, cfg)?.try_into()?,
             hints,
         })
     }
@@ -161,17 +202,17 @@ impl BpfDataplane {
 
     /// Every connection-tracking entry.
     pub fn conntrack(&self) -> Result<Vec<(Tuple4, Ct4Value)>, DataplaneError> {
-        collect(&self.ct, names::CT4)
+        self.ct.collect(names::CT4)
     }
 
     /// Every reverse-NAT entry.
     pub fn revnat(&self) -> Result<Vec<(Tuple4, RevNat4Value)>, DataplaneError> {
-        collect(&self.revnat, names::REVNAT4)
+        self.revnat.collect(names::REVNAT4)
     }
 
     /// Every session-affinity entry.
     pub fn affinity(&self) -> Result<Vec<(Affinity4Key, Affinity4Value)>, DataplaneError> {
-        collect(&self.affinity, names::AFFINITY4)
+        self.affinity.collect(names::AFFINITY4)
     }
 
     /// The node configuration as programmed (zero before the first `set_config`).
@@ -196,30 +237,13 @@ impl BpfDataplane {
 
     /// Removes a connection-tracking entry (and nothing else); absent is not an error.
     pub fn delete_conntrack(&mut self, key: &Tuple4) -> Result<(), DataplaneError> {
-        ignore_absent(self.ct.remove(key), names::CT4, key)
+        ignore_absent(self.ct.map.remove(key), names::CT4, key)
     }
 
     /// Removes a reverse-NAT entry; absent is not an error.
     pub fn delete_revnat(&mut self, key: &Tuple4) -> Result<(), DataplaneError> {
-        ignore_absent(self.revnat.remove(key), names::REVNAT4, key)
+        ignore_absent(self.revnat.map.remove(key), names::REVNAT4, key)
     }
-}
-
-pub(super) fn collect<K: aya::Pod, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
-    name: &'static str,
-) -> Result<Vec<(K, V)>, DataplaneError> {
-    // A concurrent delete by the datapath (LRU eviction) can make one step fail with ENOENT;
-    // such entries are simply skipped.
-    let mut out = Vec::new();
-    for item in map.iter() {
-        match item {
-            Ok(kv) => out.push(kv),
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(name, "iterate", "", e)),
-        }
-    }
-    Ok(out)
 }
 
 pub(super) fn syscall_errno(e: &MapError) -> Option<i32> {
@@ -261,12 +285,54 @@ fn update_err<K: std::fmt::Debug>(
     key: &K,
     e: MapError,
 ) -> DataplaneError {
-    match syscall_errno(&e) {
+    match e {
+        MapError::SyscallError(s) => io_update_err(map, capacity, key, s.io_error),
+        other => map_err(map, "update", &format!("{key:?}"), other),
+    }
+}
+
+/// The error of a failed update of `key`: [`DataplaneError::Full`] when the map had no room.
+fn io_update_err<K: std::fmt::Debug>(
+    map: &'static str,
+    capacity: u32,
+    key: &K,
+    source: io::Error,
+) -> DataplaneError {
+    match source.raw_os_error() {
         Some(libc::E2BIG) | Some(libc::ENOSPC) => {
             DataplaneError::Full { map, capacity, key: format!("{key:?}") }
         }
-        _ => map_err(map, "update", &format!("{key:?}"), e),
+        _ => DataplaneError::Map { map, op: "update", key: format!("{key:?}"), source },
     }
+}
+
+/// Writes `items` to `map` in batches.
+fn put_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+    map: &Hash<K, V>,
+    name: &'static str,
+    items: &[(K, V)],
+) -> Result<(), BatchError> {
+    batch::update(map.fd(), items).map_err(|s| BatchError {
+        done: s.done,
+        error: io_update_err(name, map.capacity, &items[s.done].0, s.error),
+    })
+}
+
+/// Deletes `keys` from `map` in batches (absent keys are skipped).
+fn delete_batch<K: aya::Pod + std::fmt::Debug, V>(
+    map: &Hash<K, V>,
+    name: &'static str,
+    keys: &[K],
+) -> Result<(), BatchError> {
+    batch::delete(map.fd(), keys).map(drop).map_err(|s| BatchError {
+        done: s.done,
+        error: DataplaneError::Map {
+            map: name,
+            op: "delete",
+            key: format!("{:?}", keys[s.done]),
+            source: s.error,
+        },
+    })
 }
 
 impl Dataplane for BpfDataplane {
@@ -279,12 +345,13 @@ impl Dataplane for BpfDataplane {
             h.backend(backend);
         }
         self.backends
+            .map
             .insert(id, backend, 0)
-            .map_err(|e| update_err(names::BACKENDS4, self.backends_cap, &id, e))
+            .map_err(|e| update_err(names::BACKENDS4, self.backends.capacity, &id, e))
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
-        ignore_absent(self.backends.remove(&id), names::BACKENDS4, &id)
+        ignore_absent(self.backends.map.remove(&id), names::BACKENDS4, &id)
     }
 
     fn put_service(
@@ -296,19 +363,42 @@ impl Dataplane for BpfDataplane {
             h.frontend(key);
         }
         self.services
+            .map
             .insert(key, value, 0)
-            .map_err(|e| update_err(names::SERVICES4, self.services_cap, key, e))
+            .map_err(|e| update_err(names::SERVICES4, self.services.capacity, key, e))
     }
 
     fn delete_service(&mut self, key: &Service4Key) -> Result<(), DataplaneError> {
-        ignore_absent(self.services.remove(key), names::SERVICES4, key)
+        ignore_absent(self.services.map.remove(key), names::SERVICES4, key)
+    }
+
+    fn put_backends(&mut self, items: &[(u32, Backend4)]) -> Result<(), BatchError> {
+        if let Some(h) = &self.hints {
+            items.iter().for_each(|(_, b)| h.backend(b));
+        }
+        put_batch(&self.backends, names::BACKENDS4, items)
+    }
+
+    fn delete_backends(&mut self, ids: &[u32]) -> Result<(), BatchError> {
+        delete_batch(&self.backends, names::BACKENDS4, ids)
+    }
+
+    fn put_services(&mut self, items: &[(Service4Key, Service4Value)]) -> Result<(), BatchError> {
+        if let Some(h) = &self.hints {
+            items.iter().for_each(|(k, _)| h.frontend(k));
+        }
+        put_batch(&self.services, names::SERVICES4, items)
+    }
+
+    fn delete_services(&mut self, keys: &[Service4Key]) -> Result<(), BatchError> {
+        delete_batch(&self.services, names::SERVICES4, keys)
     }
 
     fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError> {
-        collect(&self.services, names::SERVICES4)
+        self.services.collect(names::SERVICES4)
     }
 
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
-        collect(&self.backends, names::BACKENDS4)
+        self.backends.collect(names::BACKENDS4)
     }
 }

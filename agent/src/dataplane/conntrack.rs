@@ -33,11 +33,13 @@ use std::{
 };
 
 use aya::maps::{MapError, PerCpuValues};
-use kproxy_common::{Tuple4, ct_counter, ct_flags, ct_state, names, timeouts};
+use kproxy_common::{
+    Ct4Value, RevNat4Value, Tuple4, ct_counter, ct_flags, ct_state, names, timeouts,
+};
 use tracing::{debug, info, warn};
 
 use super::{
-    DataplaneError,
+    DataplaneError, batch,
     bpf::{BpfDataplane, map_err, syscall_errno},
 };
 use crate::sync::UdpServing;
@@ -98,7 +100,7 @@ fn expired(proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
 }
 
 /// The reverse-NAT key of a connection entry: the reply as it arrives from the backend.
-fn reply_tuple(t: &Tuple4, v: &kproxy_common::Ct4Value) -> Tuple4 {
+fn reply_tuple(t: &Tuple4, v: &Ct4Value) -> Tuple4 {
     let snat = v.flags & ct_flags::SNAT != 0;
     Tuple4 {
         saddr: v.backend_addr,
@@ -160,93 +162,96 @@ impl BpfDataplane {
         self.ct_counters.set(idx, vals, 0).map_err(|e| err("update", e))
     }
 
-    /// The connection-tracking numbers, walking `kp_ct4` to count its entries.
+    /// The connection-tracking numbers, walking `kp_ct4` (in batches) to count its entries.
     pub fn conntrack_stats(&self) -> Result<CtStats, DataplaneError> {
         let [created, deleted_datapath, deleted_agent] = self.ct_counters()?;
-        let mut entries = 0;
-        for item in self.ct.keys() {
-            match item {
-                Ok(_) => entries += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(names::CT4, "iterate", "", e)),
-            }
-        }
-        Ok(CtStats { created, deleted_datapath, deleted_agent, entries, capacity: self.ct_cap })
+        let entries = batch::count(self.ct.fd(), size_of::<Tuple4>(), size_of::<Ct4Value>())
+            .map_err(walk_err(names::CT4))?;
+        Ok(CtStats {
+            created,
+            deleted_datapath,
+            deleted_agent,
+            entries,
+            capacity: self.ct.capacity,
+        })
     }
 
     /// One garbage collection at `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`):
     /// deletes the expired connection entries and their reverse-NAT partners, and reverse-NAT
     /// entries whose connection is gone (evicted) and that are older than the longest timeout
-    /// of their protocol. Counts what it deleted in `kp_ctstat`.
+    /// of their protocol. Counts what it deleted in `kp_ctstat`. The tables are read and
+    /// cleaned in batches (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`); each expired entry is
+    /// looked at once more right before its batch is deleted.
     pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<GcReport, DataplaneError> {
         let [created, deleted_datapath, deleted_agent] = self.ct_counters()?;
         let mut present = 0u64;
         let mut stale = Vec::new();
-        for item in self.ct.iter() {
-            match item {
-                Ok((t, v)) => {
-                    present += 1;
-                    if expired(t.proto, v.state, v.last_seen_ns, now_ns) {
-                        stale.push(t);
-                    }
-                }
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(names::CT4, "iterate", "", e)),
+        batch::walk(self.ct.fd(), |t: &Tuple4, v: &Ct4Value| {
+            present += 1;
+            if expired(t.proto, v.state, v.last_seen_ns, now_ns) {
+                stale.push(*t);
             }
-        }
+        })
+        .map_err(walk_err(names::CT4))?;
         let mut report = GcReport::default();
-        for t in &stale {
-            // Look again right before deleting: the flow may have seen a packet since.
-            let v = match self.ct.get(t, 0) {
-                Ok(v) if expired(t.proto, v.state, v.last_seen_ns, now_ns) => v,
-                _ => continue,
-            };
-            match self.remove_flow(t, &v)? {
-                None => continue,
-                Some(revnat) => {
-                    report.deleted += 1;
-                    report.revnat_deleted += u64::from(revnat);
+        // Small batches keep the time between the last look and the delete short.
+        for chunk in stale.chunks(GC_BATCH) {
+            let mut dead = Vec::with_capacity(chunk.len());
+            let mut partners = Vec::new();
+            for t in chunk {
+                // Look again: the flow may have seen a packet since the walk.
+                let v = match self.ct.map.get(t, 0) {
+                    Ok(v) if expired(t.proto, v.state, v.last_seen_ns, now_ns) => v,
+                    _ => continue,
+                };
+                dead.push(*t);
+                let r = reply_tuple(t, &v);
+                if let Ok(rv) = self.revnat.map.get(&r, 0)
+                    && rv.client_addr == t.saddr
+                    && rv.client_port == t.sport
+                    && rv.frontend_addr == t.daddr
+                    && rv.frontend_port == t.dport
+                {
+                    partners.push(r);
                 }
             }
+            report.deleted += delete_all(self.ct.fd(), names::CT4, &dead)?;
+            report.revnat_deleted += delete_all(self.revnat.fd(), names::REVNAT4, &partners)?;
         }
         self.count_agent_deletes(report.deleted)?;
         // Reverse-NAT entries whose connection entry is gone (evicted, or deleted by the
         // datapath when its backend went away) and older than any idle timeout of their
         // protocol: nothing can use them any more.
-        let mut orphans = Vec::new();
-        for item in self.revnat.iter() {
-            match item {
-                Ok((r, rv)) => {
-                    let orig = Tuple4 {
-                        saddr: rv.client_addr,
-                        daddr: rv.frontend_addr,
-                        sport: rv.client_port,
-                        dport: rv.frontend_port,
-                        proto: r.proto,
-                        _pad: [0; 3],
-                    };
-                    if expired(r.proto, ct_state::ESTABLISHED, rv.last_seen_ns, now_ns)
-                        && matches!(self.ct.get(&orig, 0), Err(ref e) if gone(e))
-                    {
-                        orphans.push(r);
-                    }
-                }
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(names::REVNAT4, "iterate", "", e)),
+        let mut old = Vec::new();
+        batch::walk(self.revnat.fd(), |r: &Tuple4, rv: &RevNat4Value| {
+            if expired(r.proto, ct_state::ESTABLISHED, rv.last_seen_ns, now_ns) {
+                old.push((*r, *rv));
             }
-        }
-        for r in &orphans {
-            if self.revnat.remove(r).is_ok() {
-                report.revnat_deleted += 1;
-            }
-        }
+        })
+        .map_err(walk_err(names::REVNAT4))?;
+        let orphans: Vec<Tuple4> = old
+            .iter()
+            .filter(|(r, rv)| {
+                let orig = Tuple4 {
+                    saddr: rv.client_addr,
+                    daddr: rv.frontend_addr,
+                    sport: rv.client_port,
+                    dport: rv.frontend_port,
+                    proto: r.proto,
+                    _pad: [0; 3],
+                };
+                matches!(self.ct.map.get(&orig, 0), Err(ref e) if gone(e))
+            })
+            .map(|(r, _)| *r)
+            .collect();
+        report.revnat_deleted += delete_all(self.revnat.fd(), names::REVNAT4, &orphans)?;
         report.stats = CtStats {
             created,
             deleted_datapath,
             // The deletions of this run were taken from the entries counted present.
             deleted_agent: deleted_agent + report.deleted,
             entries: present.saturating_sub(report.deleted),
-            capacity: self.ct_cap,
+            capacity: self.ct.capacity,
         };
         Ok(report)
     }
@@ -261,18 +266,18 @@ impl BpfDataplane {
         t: &Tuple4,
         v: &kproxy_common::Ct4Value,
     ) -> Result<Option<bool>, DataplaneError> {
-        match self.ct.remove(t) {
+        match self.ct.map.remove(t) {
             Ok(()) => {}
             Err(e) if gone(&e) => return Ok(None),
             Err(e) => return Err(map_err(names::CT4, "delete", &format!("{t:?}"), e)),
         }
         let r = reply_tuple(t, v);
         Ok(Some(
-            matches!(self.revnat.get(&r, 0), Ok(rv) if rv.client_addr == t.saddr
+            matches!(self.revnat.map.get(&r, 0), Ok(rv) if rv.client_addr == t.saddr
                 && rv.client_port == t.sport
                 && rv.frontend_addr == t.daddr
                 && rv.frontend_port == t.dport)
-                && self.revnat.remove(&r).is_ok(),
+                && self.revnat.map.remove(&r).is_ok(),
         ))
     }
 
@@ -285,7 +290,7 @@ impl BpfDataplane {
             return Ok(0);
         }
         let mut stale = Vec::new();
-        for item in self.ct.iter() {
+        for item in self.ct.map.iter() {
             match item {
                 Ok((t, v)) if stale_udp_flow(&t, &v, services) => stale.push(t),
                 Ok(_) | Err(MapError::KeyNotFound) => {}
@@ -295,7 +300,7 @@ impl BpfDataplane {
         let mut deleted = 0;
         for t in &stale {
             // The flow may have been deleted and balanced again since the walk.
-            let v = match self.ct.get(t, 0) {
+            let v = match self.ct.map.get(t, 0) {
                 Ok(v) if stale_udp_flow(t, &v, services) => v,
                 _ => continue,
             };
@@ -306,6 +311,30 @@ impl BpfDataplane {
         self.count_agent_deletes(deleted)?;
         Ok(deleted)
     }
+}
+
+/// Expired entries whose last look and delete go together (one delete batch).
+const GC_BATCH: usize = 1024;
+
+/// Deletes `keys` (absent ones skipped); returns how many were deleted.
+fn delete_all(
+    fd: std::os::fd::BorrowedFd<'_>,
+    map: &'static str,
+    keys: &[Tuple4],
+) -> Result<u64, DataplaneError> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    batch::delete(fd, keys).map(|n| n as u64).map_err(|s| DataplaneError::Map {
+        map,
+        op: "delete",
+        key: format!("{:?}", keys[s.done]),
+        source: s.error,
+    })
+}
+
+fn walk_err(map: &'static str) -> impl Fn(std::io::Error) -> DataplaneError {
+    move |source| DataplaneError::Map { map, op: "iterate", key: String::new(), source }
 }
 
 /// Whether a map error means "no such entry".
@@ -459,7 +488,7 @@ impl Gc {
 
 #[cfg(test)]
 mod tests {
-    use kproxy_common::{Ct4Value, proto};
+    use kproxy_common::proto;
 
     use super::*;
 

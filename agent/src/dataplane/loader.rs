@@ -17,6 +17,7 @@
 use std::{
     ffi::CString,
     io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -35,8 +36,8 @@ use kproxy_common::names;
 use tracing::{debug, info, warn};
 
 use super::{
-    bpf::{BpfDataplane, MAP_SPECS, check_pinned, maps_dir},
-    sys,
+    bpf::{BpfDataplane, MAP_SPECS, MapSpec, check_pinned, maps_dir},
+    sys::{self, bpf_cmd},
 };
 
 /// Priority of kproxy's TC filters (lower runs first).
@@ -76,9 +77,111 @@ impl MapSizes {
             names::BACKENDS4 => Some(self.backends),
             names::CT4 | names::REVNAT4 => Some(self.conntrack),
             names::AFFINITY4 => Some(self.affinity),
+            names::SOCK4 => Some(sock_entries(self.conntrack)),
             _ => None,
         }
     }
+}
+
+/// The socket-LB reverse map follows the connection-tracking capacity: a quarter of it (its
+/// default, 131,072 for the default 524,288), at least 4,096.
+fn sock_entries(conntrack: u32) -> u32 {
+    (conntrack / 4).max(4096)
+}
+
+/// Bytes a preallocated hash map of `spec` with `entries` entries takes in the kernel: per
+/// entry its key and value (each rounded up to 8 bytes) and the 48-byte element header, plus a
+/// 16-byte bucket per power-of-two slot (what Linux 6.x reports as the map's memory, within a
+/// few percent).
+pub fn hash_map_bytes(spec: &MapSpec, entries: u32) -> u64 {
+    let round8 = |n: u32| u64::from(n.div_ceil(8) * 8);
+    let elem = round8(spec.key_size) + round8(spec.value_size) + 48;
+    u64::from(entries) * elem + u64::from(entries.max(1).next_power_of_two()) * 16
+}
+
+/// How the per-node state maps (connection tracking with its reverse NAT and socket-LB maps,
+/// session affinity) are sized, as Cilium's `--bpf-map-dynamic-size-ratio` does: a share
+/// `ratio` of the node's memory, split between them in proportion to their default sizes, each
+/// within a floor and a ceiling. An explicit capacity wins over the ratio. The services and
+/// backends maps hold the cluster's services, not the node's flows: they keep their defaults
+/// unless given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapSizing {
+    /// Share of the node's memory for the per-node state maps (0: fixed defaults).
+    pub ratio: f64,
+    /// `--max-services`.
+    pub services: Option<u32>,
+    /// `--max-backends`.
+    pub backends: Option<u32>,
+    /// `--max-conntrack`.
+    pub conntrack: Option<u32>,
+    /// `--max-affinity`.
+    pub affinity: Option<u32>,
+}
+
+/// Default share of the node's memory for the per-node state maps (Cilium's default ratio).
+pub const DEFAULT_MAP_RATIO: f64 = 0.0025;
+/// Fewest connection-tracking entries the ratio may give (Cilium's floor for its TCP table).
+pub const CONNTRACK_MIN: u32 = 131_072;
+/// Most connection-tracking entries the ratio may give.
+pub const CONNTRACK_MAX: u32 = 1 << 24;
+/// Fewest session-affinity entries the ratio may give.
+pub const AFFINITY_MIN: u32 = 16_384;
+/// Most session-affinity entries the ratio may give.
+pub const AFFINITY_MAX: u32 = 1 << 21;
+
+impl MapSizing {
+    /// The capacities for a node with `memory` bytes of RAM.
+    pub fn resolve(&self, memory: u64) -> MapSizes {
+        let d = MapSizes::default();
+        let [_, _, ct, rnat, aff, _, _, _, _, sock, _, _] = &MAP_SPECS;
+        // Bytes per connection-tracking entry: its entry, its reverse-NAT entry and a quarter
+        // of a socket-LB entry.
+        let per_ct = (hash_map_bytes(ct, 1 << 20) + hash_map_bytes(rnat, 1 << 20)) as f64
+            / f64::from(1 << 20)
+            + hash_map_bytes(sock, 1 << 18) as f64 / f64::from(1 << 20);
+        let per_aff = hash_map_bytes(aff, 1 << 20) as f64 / f64::from(1 << 20);
+        let scaled = |default: u32, min: u32, max: u32| -> u32 {
+            if self.ratio <= 0.0 {
+                return default;
+            }
+            let budget = self.ratio * memory as f64;
+            let default_bytes = f64::from(d.conntrack) * per_ct + f64::from(d.affinity) * per_aff;
+            let n = f64::from(default) * budget / default_bytes;
+            (n as u64).clamp(u64::from(min), u64::from(max)) as u32
+        };
+        MapSizes {
+            services: self.services.unwrap_or(d.services),
+            backends: self.backends.unwrap_or(d.backends),
+            conntrack: self
+                .conntrack
+                .unwrap_or_else(|| scaled(d.conntrack, CONNTRACK_MIN, CONNTRACK_MAX)),
+            affinity: self
+                .affinity
+                .unwrap_or_else(|| scaled(d.affinity, AFFINITY_MIN, AFFINITY_MAX)),
+        }
+    }
+}
+
+/// The node's memory (`MemTotal` of /proc/meminfo), bytes.
+pub fn node_memory() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| io::Error::other("no MemTotal in /proc/meminfo"))
+}
+
+/// What the maps of `sizes` take in the kernel, bytes (the estimate of [`hash_map_bytes`]).
+pub fn estimated_bytes(sizes: &MapSizes) -> u64 {
+    MAP_SPECS
+        .iter()
+        .filter_map(|s| match s.name {
+            names::FRAG4 => Some(hash_map_bytes(s, kproxy_common::defaults::FRAG4_MAX)),
+            n => sizes.of(n).map(|e| hash_map_bytes(s, e)),
+        })
+        .sum()
 }
 
 /// How the external (NodePort) devices are served.
@@ -273,7 +376,7 @@ impl Datapath {
             let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?.try_into()?;
             if pin.exists() {
                 let prog_fd = {
-                    use std::os::fd::{AsFd as _, AsRawFd as _};
+                    use std::os::fd::AsFd as _;
                     p.fd()?.as_fd().as_raw_fd()
                 };
                 match update_pinned_link(&pin, prog_fd) {
@@ -517,34 +620,35 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-/// `bpf(2)` on the `bpf_link` pinned at `path`: opens it (`BPF_OBJ_GET`), runs `cmd` with an
-/// attribute block whose first word is the link's fd followed by `rest`, and closes it.
-fn on_pinned_link(path: &Path, cmd: libc::c_long, rest: [u32; 3]) -> io::Result<()> {
-    const BPF_OBJ_GET: libc::c_long = 7;
+/// Opens the `bpf_link` pinned at `path` (`BPF_OBJ_GET`).
+fn open_pinned_link(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut get = [c.as_ptr() as u64, 0, 0];
-    // SAFETY: a zeroed attribute block holding a valid path pointer.
-    let fd = unsafe { sys::bpf(BPF_OBJ_GET, &mut get) }?;
-    let mut attr = [fd as u32, rest[0], rest[1], rest[2]];
-    // SAFETY: an attribute block holding our link fd and plain numbers.
-    let r = unsafe { sys::bpf(cmd, &mut attr) };
-    // SAFETY: the fd BPF_OBJ_GET returned, ours to close.
-    unsafe { libc::close(fd as i32) };
-    r.map(drop)
+    let mut attr = sys::attr();
+    attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
+    // SAFETY: the attribute block holds a valid NUL-terminated path, alive across the call.
+    let fd = unsafe { sys::bpf(bpf_cmd::BPF_OBJ_GET, &mut attr) }?;
+    // SAFETY: a fresh fd returned by the kernel, ours to close.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than
 /// whenever the kernel gets to releasing it after the pin is removed.
 fn detach_pinned_link(path: &Path) -> io::Result<()> {
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    on_pinned_link(path, BPF_LINK_DETACH, [0; 3])
+    let link = open_pinned_link(path)?;
+    let mut attr = sys::attr();
+    attr.link_detach.link_fd = link.as_raw_fd() as u32;
+    // SAFETY: an attribute block holding our link fd.
+    unsafe { sys::bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 /// Puts program `prog_fd` into the `bpf_link` pinned at `path` (`BPF_LINK_UPDATE`, 5.7+).
 fn update_pinned_link(path: &Path, prog_fd: i32) -> io::Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    // link_fd, new_prog_fd, flags, old_prog_fd.
-    on_pinned_link(path, BPF_LINK_UPDATE, [prog_fd as u32, 0, 0])
+    let link = open_pinned_link(path)?;
+    let mut attr = sys::attr();
+    attr.link_update.link_fd = link.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_1.new_prog_fd = prog_fd as u32;
+    // SAFETY: an attribute block holding our link fd and a program fd.
+    unsafe { sys::bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 fn detach_xdp(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
@@ -649,4 +753,62 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
     }
     info!(pin_path = %pin_path.display(), "datapath removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn sizing(ratio: f64) -> MapSizing {
+        MapSizing { ratio, services: None, backends: None, conntrack: None, affinity: None }
+    }
+
+    #[test]
+    fn the_estimate_matches_what_the_kernel_reports() {
+        // Linux 6.18 reported 62,915,456 bytes for kp_ct4 and 25,166,896 for kp_svc4 at their
+        // defaults.
+        let [svc, _, ct, ..] = &MAP_SPECS;
+        let ct_bytes = hash_map_bytes(ct, 524_288) as f64;
+        assert!((ct_bytes / 62_915_456.0 - 1.0).abs() < 0.01, "{ct_bytes}");
+        let svc_bytes = hash_map_bytes(svc, 262_144) as f64;
+        assert!((svc_bytes / 25_166_896.0 - 1.0).abs() < 0.01, "{svc_bytes}");
+    }
+
+    #[test]
+    fn per_node_maps_follow_the_node_memory_within_bounds() {
+        let d = MapSizes::default();
+        assert_eq!(sizing(0.0).resolve(24 * GIB), d);
+        // 0.25% of 24 GiB is 61 MiB for the per-node maps (the defaults take 129 MiB).
+        let s = sizing(DEFAULT_MAP_RATIO).resolve(24 * GIB);
+        assert!((240_000..260_000).contains(&s.conntrack), "{s:?}");
+        assert_eq!(u64::from(s.affinity), u64::from(s.conntrack) * 65_536 / 524_288, "{s:?}");
+        assert_eq!((s.services, s.backends), (d.services, d.backends));
+        assert!(estimated_bytes(&s) < estimated_bytes(&d));
+        // Twice the memory, twice the entries.
+        let s2 = sizing(DEFAULT_MAP_RATIO).resolve(48 * GIB);
+        assert!((s2.conntrack as i64 - 2 * s.conntrack as i64).abs() <= 2, "{s2:?}");
+        // Small nodes get the floors, huge ones the ceilings.
+        let small = sizing(DEFAULT_MAP_RATIO).resolve(4 * GIB);
+        assert_eq!((small.conntrack, small.affinity), (CONNTRACK_MIN, AFFINITY_MIN));
+        let huge = sizing(DEFAULT_MAP_RATIO).resolve(1 << 50);
+        assert_eq!((huge.conntrack, huge.affinity), (CONNTRACK_MAX, AFFINITY_MAX));
+        // The socket-LB map follows the connection-tracking capacity.
+        assert_eq!(s.of(names::SOCK4), Some(s.conntrack / 4));
+    }
+
+    #[test]
+    fn explicit_capacities_win_over_the_ratio() {
+        let s = MapSizing {
+            ratio: DEFAULT_MAP_RATIO,
+            services: Some(1000),
+            backends: Some(2000),
+            conntrack: Some(3000),
+            affinity: Some(4000),
+        }
+        .resolve(24 * GIB);
+        assert_eq!(s, MapSizes { services: 1000, backends: 2000, conntrack: 3000, affinity: 4000 });
+        assert_eq!(s.of(names::SOCK4), Some(4096));
+    }
 }

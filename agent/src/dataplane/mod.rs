@@ -3,12 +3,13 @@
 //! `BaseBpfAdapter` pattern).
 use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value};
 
+pub mod batch;
 pub mod bpf;
 pub mod conntrack;
 pub mod hints;
 pub mod loader;
 pub mod mem;
-pub(crate) mod sys;
+pub mod sys;
 pub mod usage;
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns` (the datapath's timestamps).
@@ -47,8 +48,22 @@ pub enum DataplaneError {
     },
 }
 
+/// A batched write that stopped at item `done`: items `0..done` were written, item `done`
+/// failed with `error`, the rest were not tried.
+#[derive(Debug, thiserror::Error)]
+#[error("item {done} of a batch: {error}")]
+pub struct BatchError {
+    /// Items written before the failing one.
+    pub done: usize,
+    /// Why item `done` failed.
+    #[source]
+    pub error: DataplaneError,
+}
+
 /// Writes and reads of the service and backend maps. Implementations do exactly what they are
-/// told: ordering (backends, then slots, then the service entry) is the caller's job.
+/// told: ordering (backends, then slots, then the service entry) is the caller's job. The batch
+/// methods write their items in order, as one `BPF_MAP_*_BATCH` per chunk in the BPF
+/// implementation; their default implementations write item by item.
 pub trait Dataplane {
     /// Writes the node configuration.
     fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DataplaneError>;
@@ -64,6 +79,34 @@ pub trait Dataplane {
     ) -> Result<(), DataplaneError>;
     /// Removes a service entry or backend slot; removing an absent one is not an error.
     fn delete_service(&mut self, key: &Service4Key) -> Result<(), DataplaneError>;
+    /// Inserts or replaces backends, in order.
+    fn put_backends(&mut self, items: &[(u32, Backend4)]) -> Result<(), BatchError> {
+        for (i, (id, b)) in items.iter().enumerate() {
+            self.put_backend(*id, b).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
+    /// Removes backends, in order; absent ones are not an error.
+    fn delete_backends(&mut self, ids: &[u32]) -> Result<(), BatchError> {
+        for (i, id) in ids.iter().enumerate() {
+            self.delete_backend(*id).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
+    /// Inserts or replaces service entries and backend slots, in order.
+    fn put_services(&mut self, items: &[(Service4Key, Service4Value)]) -> Result<(), BatchError> {
+        for (i, (k, v)) in items.iter().enumerate() {
+            self.put_service(k, v).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
+    /// Removes service entries and backend slots, in order; absent ones are not an error.
+    fn delete_services(&mut self, keys: &[Service4Key]) -> Result<(), BatchError> {
+        for (i, k) in keys.iter().enumerate() {
+            self.delete_service(k).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
     /// Everything in the services map (to reconcile after a restart).
     fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError>;
     /// Everything in the backends map.

@@ -2,7 +2,7 @@
 //! kernel's map info. The agent samples them for the `kproxy_map_*` metrics; `kproxy map list`
 //! prints them.
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -10,16 +10,15 @@ use std::{
 use anyhow::Context as _;
 use kproxy_common::names;
 
-use super::sys::bpf;
-
 /// Maps whose fill is reported, pinned name → metric label.
-pub const MAP_LABELS: [(&str, &str); 6] = [
+pub const MAP_LABELS: [(&str, &str); 7] = [
     (names::SERVICES4, "services"),
     (names::BACKENDS4, "backends"),
     (names::CT4, "conntrack"),
     (names::REVNAT4, "revnat"),
     (names::AFFINITY4, "affinity"),
     (names::FRAG4, "fragments"),
+    (names::SOCK4, "socket_lb"),
 ];
 
 /// Maps the agent writes (and so can find full).
@@ -41,6 +40,9 @@ pub struct MapUsage {
     pub entries: u64,
     /// `max_entries`.
     pub capacity: u32,
+    /// Kernel memory the map uses, bytes (`memlock` of its fdinfo: on Linux 6.4+ what it really
+    /// uses, on older kernels the kernel's estimate from its sizes).
+    pub bytes: u64,
 }
 
 impl MapUsage {
@@ -50,11 +52,10 @@ impl MapUsage {
     }
 }
 
-/// Counts the entries of every map of [`MAP_LABELS`] pinned under `pin_path`. Hash maps are
-/// counted with batched lookups (`BPF_MAP_LOOKUP_BATCH`, thousands of entries per system call;
-/// key by key on kernels without it): about 10 ms per 10,000 entries, half a second for a full
-/// 524,288-entry conntrack map on the development VM (key by key: 1.1 s). Fine every few
-/// seconds from a thread of its own, not something to do on every scrape.
+/// Counts the entries of every map of [`MAP_LABELS`] pinned under `pin_path`, with batched
+/// lookups ([`super::batch`], thousands of entries per system call): about 10 ms per 10,000
+/// entries, half a second for a full 524,288-entry conntrack map on the development VM. Fine
+/// every few seconds from a thread of its own, not something to do on every scrape.
 pub fn map_usage(pin_path: &Path) -> anyhow::Result<Vec<MapUsage>> {
     let dir = super::bpf::maps_dir(pin_path);
     let mut out = Vec::with_capacity(MAP_LABELS.len());
@@ -63,91 +64,17 @@ pub fn map_usage(pin_path: &Path) -> anyhow::Result<Vec<MapUsage>> {
         let data = aya::maps::MapData::from_pin(&path)
             .with_context(|| format!("opening pinned map {}", path.display()))?;
         let info = data.info().with_context(|| format!("reading info of {}", path.display()))?;
-        let fd = data.fd().as_fd().as_raw_fd();
-        let entries = count_entries(fd, info.key_size(), info.value_size())
-            .with_context(|| format!("counting the entries of {}", path.display()))?;
-        out.push(MapUsage { map: label, pinned, entries, capacity: info.max_entries() });
+        let entries = super::batch::count(
+            data.fd().as_fd(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+        )
+        .with_context(|| format!("counting the entries of {}", path.display()))?;
+        let bytes = super::bpf::map_memory(data.fd().as_fd())
+            .with_context(|| format!("reading the memory of {}", path.display()))?;
+        out.push(MapUsage { map: label, pinned, entries, capacity: info.max_entries(), bytes });
     }
     Ok(out)
-}
-
-/// Entries of the (non per-CPU) hash map `fd`.
-fn count_entries(fd: i32, key_size: u32, value_size: u32) -> std::io::Result<u64> {
-    match count_batched(fd, key_size, value_size)? {
-        Some(n) => Ok(n),
-        None => count_by_keys(fd, key_size),
-    }
-}
-
-/// Counts with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+); `None` when the kernel lacks it.
-fn count_batched(fd: i32, key_size: u32, value_size: u32) -> std::io::Result<Option<u64>> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const ENOTSUPP: i32 = 524;
-    let mut chunk: u32 = 4096;
-    let mut keys = vec![0u8; key_size as usize * chunk as usize];
-    let mut values = vec![0u8; value_size as usize * chunk as usize];
-    // Hash maps use a 4-byte bucket cursor; 8 bytes leave room.
-    let (mut in_batch, mut out_batch) = (0u64, 0u64);
-    let mut total = 0u64;
-    let mut first = true;
-    loop {
-        // struct { in_batch, out_batch, keys, values; u32 count, map_fd; elem_flags; flags }
-        let mut attr = [0u64; 6];
-        attr[0] = if first { 0 } else { &in_batch as *const u64 as u64 };
-        attr[1] = &mut out_batch as *mut u64 as u64;
-        attr[2] = keys.as_mut_ptr() as u64;
-        attr[3] = values.as_mut_ptr() as u64;
-        attr[4] = u64::from(chunk) | (u64::from(fd as u32) << 32);
-        // SAFETY: cursors, key and value buffers of `chunk` entries, all alive across the call.
-        let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
-        let got = attr[4] & 0xffff_ffff;
-        match r {
-            Ok(_) => total += got,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Some(total + got)),
-            // One bucket holds more entries than fit: retry with room for more.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
-                chunk *= 4;
-                keys.resize(key_size as usize * chunk as usize, 0);
-                values.resize(value_size as usize * chunk as usize, 0);
-                continue;
-            }
-            Err(e)
-                if first
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::ENOTSUP | ENOTSUPP)
-                    ) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        }
-        in_batch = out_batch;
-        first = false;
-    }
-}
-
-/// Counts key by key (`BPF_MAP_GET_NEXT_KEY`), one system call per entry.
-fn count_by_keys(fd: i32, key_size: u32) -> std::io::Result<u64> {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let mut key = vec![0u8; key_size as usize];
-    let mut next = vec![0u8; key_size as usize];
-    let mut n = 0u64;
-    loop {
-        let mut attr = [0u64; 3];
-        attr[0] = u64::from(fd as u32);
-        attr[1] = if n > 0 { key.as_ptr() as u64 } else { 0 };
-        attr[2] = next.as_mut_ptr() as u64;
-        // SAFETY: key buffers of the map's key size, alive across the call.
-        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
-            Ok(_) => {
-                n += 1;
-                std::mem::swap(&mut key, &mut next);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Samples [`map_usage`] every `period` and hands each result to `report`, from a thread of its
@@ -199,57 +126,20 @@ pub fn spawn_map_sampler(
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd as _;
-
     use super::*;
-
-    /// A BPF map of `map_type` with u32 keys and u64 values, room for twice `n` (an LRU map
-    /// evicts before it is quite full) and holding `n` entries; `None` without the privileges
-    /// to create one.
-    fn bpf_map(map_type: u32, n: u32) -> Option<std::os::fd::OwnedFd> {
-        use std::os::fd::FromRawFd as _;
-        let mut create = [0u32; 6];
-        create[..4].copy_from_slice(&[map_type, 4, 8, 2 * n.max(1)]);
-        // SAFETY: BPF_MAP_CREATE with an attribute block of plain numbers.
-        let fd = unsafe { bpf(0, &mut create) }.ok()?;
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        for k in 0..n {
-            let v = u64::from(k) * 3;
-            let mut attr = [0u64; 4];
-            attr[0] = u64::from(fd.as_raw_fd() as u32);
-            attr[1] = &k as *const u32 as u64;
-            attr[2] = &v as *const u64 as u64;
-            // SAFETY: key and value pointers to locals alive across the call.
-            unsafe { bpf(2, &mut attr) }.expect("BPF_MAP_UPDATE_ELEM");
-        }
-        Some(fd)
-    }
-
-    #[test]
-    fn map_entries_are_counted_in_batches_and_key_by_key() {
-        const HASH: u32 = 1;
-        const LRU_HASH: u32 = 9;
-        for (ty, n) in [(HASH, 0), (HASH, 1), (HASH, 10_000), (LRU_HASH, 5000)] {
-            let Some(fd) = bpf_map(ty, n) else {
-                eprintln!("skipped: cannot create BPF maps (not root?)");
-                return;
-            };
-            let fd = fd.as_raw_fd();
-            assert_eq!(count_batched(fd, 4, 8).unwrap(), Some(u64::from(n)), "type {ty}");
-            assert_eq!(count_by_keys(fd, 4).unwrap(), u64::from(n), "type {ty}");
-            assert_eq!(count_entries(fd, 4, 8).unwrap(), u64::from(n));
-        }
-    }
 
     #[test]
     fn labels_of_pinned_maps() {
         assert_eq!(map_label(names::BACKENDS4), "backends");
+        assert_eq!(map_label(names::SOCK4), "socket_lb");
         assert_eq!(map_label("kp_other"), "other");
-        assert_eq!(
-            MapUsage { map: "services", pinned: names::SERVICES4, entries: 3, capacity: 4 }
-                .pressure(),
-            0.75
-        );
+        let u = MapUsage {
+            map: "services",
+            pinned: names::SERVICES4,
+            entries: 3,
+            capacity: 4,
+            bytes: 0,
+        };
+        assert_eq!(u.pressure(), 0.75);
     }
 }

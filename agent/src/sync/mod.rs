@@ -1,19 +1,21 @@
-//! Applies the desired state to a [`Dataplane`], writing only differences.
+//! Applies the desired state to a [`Dataplane`], writing only differences, in batches.
 //!
-//! The syncer keeps a shadow copy of exactly what is programmed (Katran's shadow state). For each
-//! service port whose rendering differs from the shadow it runs one transaction, in the order that
-//! never shows the datapath a half-written service:
+//! The syncer keeps a shadow copy of exactly what is programmed (Katran's shadow state). The
+//! service ports whose rendering differs from the shadow are written together, phase by phase,
+//! each phase as batched map writes (`BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` in the BPF
+//! dataplane), in the order that never shows the datapath a half-written service:
 //!
-//! 1. backends it needs that are missing or changed,
+//! 1. backends the ports need that are missing or changed,
 //! 2. backend slots at new keys (invisible: above the programmed count),
 //! 3. changed slots at existing keys (each still names a live backend),
-//! 4. the service entry (slot 0) with the new count and flags,
-//! 5. slots above the new count.
+//! 4. the service entries (slot 0) with the new count and flags,
+//! 5. slots above the new counts.
 //!
-//! If a write fails (map full), the writes of that transaction are undone in reverse order, the
-//! service port keeps its previous state (or stays absent), the error names it and the sync goes
-//! on. Then frontends that are no longer wanted are removed (slot 0 first, then its slots), and
-//! last backends that nothing references any more.
+//! Every service port is its own transaction: if one of its writes fails (map full), its writes
+//! so far are undone in reverse order, it keeps its previous state (or stays absent), the error
+//! names it, and the other ports go on; a backend written for it alone is removed again at the
+//! end. Then frontends that are no longer wanted are removed (all service entries first, then
+//! their slots), and last backends that nothing references any more.
 //!
 //! Ids: service ids are per service port and stable while it exists; backend ids are per backend
 //! (address, port, protocol) and come from a counter that only moves forward, so a freed id is
@@ -38,16 +40,22 @@
 //! may follow a restart) with the set, for the conntrack reconciler
 //! ([`crate::dataplane::conntrack`]) to delete the flows to other backends, as kube-proxy's
 //! does. A port without serving endpoints is left alone (kube-proxy's rule too).
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque, hash_map::Entry};
 
 use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
+use smallvec::SmallVec;
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{BatchError, Dataplane, DataplaneError},
     model::{
         Backend, Changes, DesiredState, Frontend, ServiceName, ServicePortName, ServicePortState,
+        SharedStr,
     },
 };
+
+/// Hash maps keyed by numbers the syncer itself derives (ids, map keys): a fast hasher.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// A failed part of a sync; the rest of the sync went on.
 #[derive(Debug, thiserror::Error)]
@@ -128,11 +136,22 @@ pub struct UdpServing {
     pub serving: HashSet<(u32, u16)>,
 }
 
-/// Identity of a backend in the datapath: address (be), port (be), protocol.
-type BackendKey = (u32, u16, u8);
+/// Identity of a backend in the datapath: address (be) << 32 | port (be) << 16 | protocol << 8.
+/// The low byte is free for the flags a service port gives it (see [`with_flags`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct BackendKey(u64);
 
 fn backend_key(b: &Backend4) -> BackendKey {
-    (b.addr, b.port, b.proto)
+    BackendKey((u64::from(b.addr) << 32) | (u64::from(b.port) << 16) | (u64::from(b.proto) << 8))
+}
+
+/// A backend key with the flags one service port gives it, packed into one word.
+fn with_flags(k: BackendKey, flags: u8) -> u64 {
+    k.0 | u64::from(flags)
+}
+
+fn unpack(w: u64) -> (BackendKey, u8) {
+    (BackendKey(w & !0xff), w as u8)
 }
 
 /// Frontend part of a key (slot cleared).
@@ -151,75 +170,146 @@ fn key_of(f: &Frontend, slot: u16) -> Service4Key {
     }
 }
 
-/// The shadow copy: exactly what the maps hold, as far as this process knows, with two indexes
-/// kept up to date by every change: the frontends of each service id and, for each backend id,
-/// how many slots name it.
+/// The value of backend slot naming `backend_id` in service `svc_id`.
+fn slot_value(backend_id: u32, svc_id: u32) -> Service4Value {
+    Service4Value { backend_id, svc_id, ..Default::default() }
+}
+
+/// Marks an absent slot in [`Front::slots`]: kproxy never writes a slot without a backend id.
+const NO_SLOT: Service4Value =
+    Service4Value { backend_id: 0, svc_id: 0, count: 0, flags: 0, affinity_timeout: 0 };
+
+/// What the services map holds for one frontend: its service entry and its backend slots.
 #[derive(Debug, Default, Clone)]
+struct Front {
+    /// Slot 0.
+    entry: Option<Service4Value>,
+    /// Slots 1.. (index 0 is slot 1); [`NO_SLOT`] where the key is absent.
+    slots: Vec<Service4Value>,
+}
+
+impl Front {
+    fn slot(&self, slot: u16) -> Option<&Service4Value> {
+        if slot == 0 {
+            return self.entry.as_ref();
+        }
+        self.slots.get(slot as usize - 1).filter(|v| **v != NO_SLOT)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entry.is_none() && self.slots.is_empty()
+    }
+}
+
+/// The shadow copy: exactly what the maps hold, as far as this process knows, with indexes kept
+/// up to date by every change: the frontends of each service id and, for each backend id, how
+/// many slots name it.
+#[derive(Debug, Default)]
 struct Shadow {
-    services: BTreeMap<Service4Key, Service4Value>,
-    backends: BTreeMap<u32, Backend4>,
+    fronts: FastMap<Service4Key, Front>,
+    backends: FastMap<u32, Backend4>,
     /// Service id → its programmed frontends (slot-0 keys).
-    frontends_of: HashMap<u32, Vec<Service4Key>>,
+    frontends_of: FastMap<u32, SmallVec<[Service4Key; 1]>>,
     /// Backend id → number of slots naming it.
-    slot_refs: HashMap<u32, u32>,
-    /// Backend ids whose last slot went away since the last [`Shadow::take_unreferenced`].
+    slot_refs: FastMap<u32, u32>,
+    /// Backend ids whose last slot went away since the last clear.
     unreferenced: Vec<u32>,
     /// Number of slot-0 entries.
     frontends: usize,
 }
 
 impl Shadow {
+    fn get(&self, k: &Service4Key) -> Option<&Service4Value> {
+        self.fronts.get(&frontend_of(k))?.slot(k.slot)
+    }
+
     fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
-        let old = self.services.insert(k, v);
-        if let Some(old) = old {
-            self.unindex(&k, &old);
-        }
+        self.remove_service(&k);
+        let front = self.fronts.entry(frontend_of(&k)).or_default();
         if k.slot == 0 {
+            front.entry = Some(v);
             self.frontends += 1;
             self.frontends_of.entry(v.svc_id).or_default().push(k);
         } else {
+            let i = k.slot as usize - 1;
+            if front.slots.len() <= i {
+                // Exact growth for the usual few slots (no doubling slack kept for good), the
+                // vector's own growth for large services.
+                if i < 64 {
+                    front.slots.reserve_exact(i + 1 - front.slots.len());
+                }
+                front.slots.resize(i + 1, NO_SLOT);
+            }
+            front.slots[i] = v;
             *self.slot_refs.entry(v.backend_id).or_default() += 1;
         }
     }
 
     fn remove_service(&mut self, k: &Service4Key) -> Option<Service4Value> {
-        let old = self.services.remove(k)?;
-        self.unindex(k, &old);
-        Some(old)
-    }
-
-    fn unindex(&mut self, k: &Service4Key, v: &Service4Value) {
+        let fk = frontend_of(k);
+        let front = self.fronts.get_mut(&fk)?;
+        let old = if k.slot == 0 {
+            front.entry.take()?
+        } else {
+            let i = k.slot as usize - 1;
+            let v = *front.slots.get(i).filter(|v| **v != NO_SLOT)?;
+            front.slots[i] = NO_SLOT;
+            while front.slots.last() == Some(&NO_SLOT) {
+                front.slots.pop();
+            }
+            v
+        };
+        if front.is_empty() {
+            self.fronts.remove(&fk);
+        }
         if k.slot == 0 {
             self.frontends -= 1;
-            if let Some(list) = self.frontends_of.get_mut(&v.svc_id) {
+            if let Some(list) = self.frontends_of.get_mut(&old.svc_id) {
                 list.retain(|f| f != k);
                 if list.is_empty() {
-                    self.frontends_of.remove(&v.svc_id);
+                    self.frontends_of.remove(&old.svc_id);
                 }
             }
-        } else if let Some(n) = self.slot_refs.get_mut(&v.backend_id) {
+        } else if let Some(n) = self.slot_refs.get_mut(&old.backend_id) {
             *n -= 1;
             if *n == 0 {
-                self.slot_refs.remove(&v.backend_id);
-                self.unreferenced.push(v.backend_id);
+                self.slot_refs.remove(&old.backend_id);
+                self.unreferenced.push(old.backend_id);
             }
         }
+        Some(old)
     }
 
     fn referenced(&self, id: u32) -> bool {
         self.slot_refs.contains_key(&id)
     }
+
+    /// Every programmed key of one frontend: the entry first, then the slots from the lowest.
+    fn keys_of(&self, f: &Service4Key) -> Vec<Service4Key> {
+        let Some(front) = self.fronts.get(f) else { return Vec::new() };
+        let entry = front.entry.map(|_| *f);
+        let slots = front
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != NO_SLOT)
+            .map(|(i, _)| Service4Key { slot: i as u16 + 1, ..*f });
+        entry.into_iter().chain(slots).collect()
+    }
 }
 
-/// How many desired service ports want a backend, and with which flags.
+/// What the syncer knows of one backend key: the id programmed for it and how many desired
+/// service ports want it, with which flags.
 #[derive(Debug, Default, Clone, Copy)]
-struct Want {
+struct BackendInfo {
+    /// The programmed id (0: none yet).
+    id: u32,
     ports: u32,
     local: u32,
     terminating: u32,
 }
 
-impl Want {
+impl BackendInfo {
     /// The flags programmed for the backend: LOCAL if any port says so, TERMINATING only if all
     /// do.
     fn flags(&self) -> u8 {
@@ -232,31 +322,28 @@ impl Want {
         }
         f
     }
-}
 
-/// What the syncer remembers of the desired state of one service port as last given (not the
-/// state itself: a fingerprint and what removal and the backend counts need).
-#[derive(Debug)]
-struct Record {
-    /// Hash of the state (an equal state is not looked at again once applied).
-    hash: u64,
-    /// Its backends, each once, with the flags it gives them.
-    backends: Box<[(BackendKey, u8)]>,
-    /// Its frontends (slot-0 keys).
-    frontends: Box<[Service4Key]>,
-    /// Whether it is programmed.
-    applied: bool,
-}
-
-impl Record {
-    fn of(s: &ServicePortState) -> Self {
-        Self {
-            hash: state_hash(s),
-            backends: port_backends(s).into_iter().collect(),
-            frontends: s.frontends.keys().map(|f| key_of(f, 0)).collect(),
-            applied: false,
-        }
+    fn unused(&self) -> bool {
+        self.id == 0 && self.ports == 0
     }
+}
+
+/// What the syncer remembers of one service port: its service id and, of its desired state as
+/// last given, a fingerprint and what removal and the backend counts need (not the state).
+#[derive(Debug)]
+struct PortRecord {
+    /// Port name and protocol (the service is the key of the map holding it).
+    port: SharedStr,
+    proto: u8,
+    svc_id: u32,
+    /// Hash of the desired state (an equal state is not looked at again once applied).
+    hash: u64,
+    /// Its backends, each once, with the flags it gives them ([`with_flags`]).
+    backends: Box<[u64]>,
+    /// Its desired frontends (slot-0 keys).
+    frontends: Box<[Service4Key]>,
+    /// Whether the desired state is programmed.
+    applied: bool,
 }
 
 fn state_hash(s: &ServicePortState) -> u64 {
@@ -266,21 +353,46 @@ fn state_hash(s: &ServicePortState) -> u64 {
     h.finish()
 }
 
+/// The backends one service port wants, each once (LOCAL if any copy says so, TERMINATING if
+/// all do), sorted.
+fn port_backends(s: &ServicePortState) -> Box<[u64]> {
+    let mut v: Vec<u64> = s
+        .endpoints
+        .iter()
+        .chain(s.frontends.values().flat_map(|e| e.backends.iter()))
+        .map(|b| {
+            let m = b.to_map();
+            with_flags(backend_key(&m), m.flags)
+        })
+        .collect();
+    v.sort_unstable();
+    // Merge the copies of one backend: adjacent after sorting (the key is in the high bits).
+    let mut out: Vec<u64> = Vec::with_capacity(v.len());
+    for w in v {
+        let (k, f) = unpack(w);
+        match out.last_mut() {
+            Some(last) if unpack(*last).0 == k => {
+                let (_, g) = unpack(*last);
+                let local = (f | g) & backend_flags::LOCAL;
+                let term = f & g & backend_flags::TERMINATING;
+                *last = with_flags(k, local | term);
+            }
+            _ => out.push(w),
+        }
+    }
+    out.into_boxed_slice()
+}
+
 /// Keeps the datapath equal to the desired state. See the module documentation.
 #[derive(Debug, Default)]
 pub struct Syncer {
     shadow: Shadow,
-    /// Backend key → the id programmed for it.
-    backend_ids: HashMap<BackendKey, u32>,
-    /// Service port → service id.
-    svc_ids: BTreeMap<ServicePortName, u32>,
-    /// The values of `svc_ids`.
-    svc_ids_used: HashSet<u32>,
-    /// The desired state last given per service port: an applied one equal to the next needs no
-    /// look at the maps at all (its backends are wanted, so nothing else removed them).
-    desired: BTreeMap<ServicePortName, Record>,
-    /// Backend key → the ports that want it (over `desired`).
-    wants: HashMap<BackendKey, Want>,
+    /// Backend key → its programmed id and the ports wanting it.
+    backends: FastMap<BackendKey, BackendInfo>,
+    /// Service → its ports as last given.
+    ports: HashMap<ServiceName, SmallVec<[PortRecord; 1]>>,
+    /// Service ids held by ports.
+    svc_ids_used: FastSet<u32>,
     next_backend_id: u32,
     next_svc_id: u32,
     /// UDP service port → its serving endpoints as last programmed.
@@ -289,21 +401,41 @@ pub struct Syncer {
     synced: bool,
 }
 
-/// The backends one service port wants, each once (LOCAL if any copy says so, TERMINATING if
-/// all do).
-fn port_backends(s: &ServicePortState) -> HashMap<BackendKey, u8> {
-    let mut out: HashMap<BackendKey, u8> = HashMap::new();
-    for b in s.endpoints.iter().chain(s.frontends.values().flat_map(|e| e.backends.iter())) {
-        let v = b.to_map();
-        out.entry(backend_key(&v))
-            .and_modify(|f| {
-                let local = (*f | v.flags) & backend_flags::LOCAL;
-                let term = *f & v.flags & backend_flags::TERMINATING;
-                *f = local | term;
-            })
-            .or_insert(v.flags);
-    }
-    out
+/// One write of a port's transaction, with what undoes it.
+#[derive(Debug, Clone, Copy)]
+struct Undo {
+    key: Service4Key,
+    old: Option<Service4Value>,
+}
+
+/// The writes one service port needs, by phase.
+#[derive(Debug, Default)]
+struct PortPlan {
+    /// Index into the round's names.
+    name: usize,
+    new_slots: Vec<(Service4Key, Service4Value)>,
+    changed_slots: Vec<(Service4Key, Service4Value)>,
+    entries: Vec<(Service4Key, Service4Value)>,
+    /// Slots above the new count, highest first per frontend.
+    deletes: Vec<Service4Key>,
+    /// Writes done so far, to undo on failure.
+    undo: Vec<Undo>,
+    failed: bool,
+}
+
+/// A backend written in phase 1 and the ports that needed it.
+struct PlannedBackend {
+    id: u32,
+    value: Backend4,
+    needers: SmallVec<[u32; 2]>,
+}
+
+/// The writes of one round of service ports, executed phase by phase.
+struct Round {
+    ports: Vec<PortPlan>,
+    backends: Vec<PlannedBackend>,
+    /// Backend keys given fresh ids in this round.
+    fresh: FastMap<BackendKey, u32>,
 }
 
 impl Syncer {
@@ -321,11 +453,25 @@ impl Syncer {
         }
         s.shadow.backends = dp.backends().map_err(SyncError::Read)?.into_iter().collect();
         s.shadow.unreferenced.clear();
-        for (id, b) in &s.shadow.backends {
-            s.backend_ids.entry(backend_key(b)).or_insert(*id);
+        let mut ids: Vec<(u32, Backend4)> =
+            s.shadow.backends.iter().map(|(id, b)| (*id, *b)).collect();
+        // The lowest id of a key wins, whatever the hash map's order.
+        ids.sort_unstable_by_key(|(id, _)| *id);
+        for (id, b) in ids {
+            let info = s.backends.entry(backend_key(&b)).or_default();
+            if info.id == 0 {
+                info.id = id;
+            }
         }
         s.next_backend_id = s.shadow.backends.keys().max().map_or(1, |m| m.wrapping_add(1).max(1));
-        s.next_svc_id = s.shadow.services.values().map(|v| v.svc_id).max().map_or(1, |m| m + 1);
+        s.next_svc_id = s
+            .shadow
+            .fronts
+            .values()
+            .filter_map(|f| f.entry.map(|e| e.svc_id))
+            .chain(s.shadow.fronts.values().flat_map(|f| f.slots.iter().map(|v| v.svc_id)))
+            .max()
+            .map_or(1, |m| m + 1);
         Ok(s)
     }
 
@@ -352,7 +498,29 @@ impl Syncer {
 
     /// The service id of a service port, if it has one.
     pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
-        self.svc_ids.get(name).copied()
+        self.record(name).map(|r| r.svc_id)
+    }
+
+    fn record(&self, name: &ServicePortName) -> Option<&PortRecord> {
+        self.ports.get(&name.service)?.iter().find(|r| r.port == name.port && r.proto == name.proto)
+    }
+
+    fn record_mut(&mut self, name: &ServicePortName) -> Option<&mut PortRecord> {
+        self.ports
+            .get_mut(&name.service)?
+            .iter_mut()
+            .find(|r| r.port == name.port && r.proto == name.proto)
+    }
+
+    /// Removes the record of a port; returns it.
+    fn take_record(&mut self, name: &ServicePortName) -> Option<PortRecord> {
+        let list = self.ports.get_mut(&name.service)?;
+        let i = list.iter().position(|r| r.port == name.port && r.proto == name.proto)?;
+        let r = list.remove(i);
+        if list.is_empty() {
+            self.ports.remove(&name.service);
+        }
+        Some(r)
     }
 
     /// Brings `dp` to `desired` (every service), writing only differences: anything programmed
@@ -364,7 +532,7 @@ impl Syncer {
 
     /// Applies the model's [`Changes`]: a full sync when they are full, else only the services
     /// they name (their ports replace the ones they had); nothing else is looked at. The port
-    /// states are moved out of `changes` (kept as the record of what is programmed).
+    /// states are taken out of `changes`.
     pub fn sync_changes(&mut self, changes: &mut Changes, dp: &mut dyn Dataplane) -> SyncReport {
         let ports = std::mem::take(&mut changes.state.services);
         if changes.full {
@@ -374,24 +542,27 @@ impl Syncer {
         }
     }
 
-    fn want_add(&mut self, backends: &[(BackendKey, u8)], touched: &mut HashSet<BackendKey>) {
-        for &(k, flags) in backends {
-            let w = self.wants.entry(k).or_default();
-            w.ports += 1;
-            w.local += u32::from(flags & backend_flags::LOCAL != 0);
-            w.terminating += u32::from(flags & backend_flags::TERMINATING != 0);
+    fn want_add(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {
+        for &w in backends {
+            let (k, flags) = unpack(w);
+            let info = self.backends.entry(k).or_default();
+            info.ports += 1;
+            info.local += u32::from(flags & backend_flags::LOCAL != 0);
+            info.terminating += u32::from(flags & backend_flags::TERMINATING != 0);
             touched.insert(k);
         }
     }
 
-    fn want_sub(&mut self, backends: &[(BackendKey, u8)], touched: &mut HashSet<BackendKey>) {
-        for &(k, flags) in backends {
-            if let Some(w) = self.wants.get_mut(&k) {
-                w.ports -= 1;
-                w.local -= u32::from(flags & backend_flags::LOCAL != 0);
-                w.terminating -= u32::from(flags & backend_flags::TERMINATING != 0);
-                if w.ports == 0 {
-                    self.wants.remove(&k);
+    fn want_sub(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {
+        for &w in backends {
+            let (k, flags) = unpack(w);
+            if let Entry::Occupied(mut e) = self.backends.entry(k) {
+                let info = e.get_mut();
+                info.ports -= 1;
+                info.local -= u32::from(flags & backend_flags::LOCAL != 0);
+                info.terminating -= u32::from(flags & backend_flags::TERMINATING != 0);
+                if info.unused() {
+                    e.remove();
                 }
             }
             touched.insert(k);
@@ -402,31 +573,40 @@ impl Syncer {
     /// the services in `scope`.
     fn apply(
         &mut self,
-        desired: BTreeMap<ServicePortName, ServicePortState>,
+        desired: std::collections::BTreeMap<ServicePortName, ServicePortState>,
         scope: Option<&BTreeSet<ServiceName>>,
         dp: &mut dyn Dataplane,
     ) -> SyncReport {
         let mut report = SyncReport::default();
-        let mut touched: HashSet<BackendKey> = HashSet::new();
+        let mut touched: FastSet<BackendKey> = FastSet::default();
         self.shadow.unreferenced.clear();
 
-        // Service ports that go away.
-        let removed: Vec<ServicePortName> = match scope {
-            None => self.desired.keys().filter(|n| !desired.contains_key(n)).cloned().collect(),
-            Some(services) => services
-                .iter()
-                .flat_map(|s| {
-                    self.desired
-                        .range(ServicePortName::first_of(s)..)
-                        .take_while(move |(k, _)| k.service == *s)
-                        .map(|(k, _)| k)
-                })
-                .filter(|n| !desired.contains_key(n))
-                .cloned()
-                .collect(),
+        // Service ports that go away (with the ids they held).
+        let removed: Vec<(ServicePortName, u32)> = {
+            let mut out = Vec::new();
+            let mut collect = |service: &ServiceName, list: &SmallVec<[PortRecord; 1]>| {
+                for r in list {
+                    let name = ServicePortName {
+                        service: service.clone(),
+                        port: r.port.clone(),
+                        proto: r.proto,
+                    };
+                    if !desired.contains_key(&name) {
+                        out.push((name, r.svc_id));
+                    }
+                }
+            };
+            match scope {
+                None => self.ports.iter().for_each(|(s, l)| collect(s, l)),
+                Some(services) => services
+                    .iter()
+                    .filter_map(|s| self.ports.get_key_value(s))
+                    .for_each(|(s, l)| collect(s, l)),
+            }
+            out
         };
-        for name in &removed {
-            if let Some(r) = self.desired.remove(name) {
+        for (name, _) in &removed {
+            if let Some(r) = self.take_record(name) {
                 self.want_sub(&r.backends, &mut touched);
             }
             self.udp_serving.remove(name);
@@ -439,60 +619,63 @@ impl Syncer {
                 given.push(name.clone());
             }
             let hash = state_hash(&state);
-            match self.desired.get(&name) {
+            match self.record_mut(&name) {
                 Some(r) if r.hash == hash => {
                     if !r.applied {
                         pending.push((name, state));
                     }
                     continue;
                 }
-                Some(_) => {
-                    let r = self.desired.remove(&name).expect("present");
-                    self.want_sub(&r.backends, &mut touched);
+                Some(r) => {
+                    let old = std::mem::take(&mut r.backends);
+                    let new = port_backends(&state);
+                    r.hash = hash;
+                    r.frontends = state.frontends.keys().map(|f| key_of(f, 0)).collect();
+                    r.applied = false;
+                    r.backends = new.clone();
+                    self.want_sub(&old, &mut touched);
+                    self.want_add(&new, &mut touched);
                 }
-                None => {}
+                None => {
+                    let backends = port_backends(&state);
+                    self.want_add(&backends, &mut touched);
+                    let svc_id = self.svc_id_for(state.frontends.keys());
+                    self.ports.entry(name.service.clone()).or_default().push(PortRecord {
+                        port: name.port.clone(),
+                        proto: name.proto,
+                        svc_id,
+                        hash,
+                        backends,
+                        frontends: state.frontends.keys().map(|f| key_of(f, 0)).collect(),
+                        applied: false,
+                    });
+                }
             }
-            let r = Record::of(&state);
-            self.want_add(&r.backends, &mut touched);
-            self.desired.insert(name.clone(), r);
             pending.push((name, state));
         }
-        for (name, state) in pending {
-            let ok = self.apply_port(&name, &state, dp, &mut report);
-            if let Some(r) = self.desired.get_mut(&name) {
-                r.applied = ok;
-            }
-            if ok {
-                self.note_udp_serving(&name, state.udp_serving, &mut report);
-            }
-        }
+        self.write_ports(pending, dp, &mut report);
         self.synced = true;
 
-        // Frontends nobody wants any more: slot 0 first, then the slots.
+        // Frontends nobody wants any more: every service entry first, then the slots.
         let stale: BTreeSet<Service4Key> = match scope {
             None => {
-                let wanted: HashSet<Service4Key> =
-                    self.desired.values().flat_map(|r| r.frontends.iter().copied()).collect();
-                self.shadow
-                    .services
-                    .keys()
-                    .map(frontend_of)
-                    .filter(|f| !wanted.contains(f))
-                    .collect()
+                let wanted: FastSet<Service4Key> = self
+                    .ports
+                    .values()
+                    .flat_map(|l| l.iter().flat_map(|r| r.frontends.iter().copied()))
+                    .collect();
+                self.shadow.fronts.keys().filter(|f| !wanted.contains(*f)).copied().collect()
             }
             Some(_) => {
                 // The frontends still programmed under the ids of the ports just written or
                 // removed, that those ports no longer want.
                 let mut stale = BTreeSet::new();
-                let names = removed
-                    .iter()
-                    .map(|n| (n, None))
-                    .chain(given.iter().map(|n| (n, self.desired.get(n).map(|r| &r.frontends))));
-                for (name, state) in names {
-                    let Some(id) = self.svc_ids.get(name) else { continue };
-                    for k in self.shadow.frontends_of.get(id).into_iter().flatten() {
-                        let wanted = state.is_some_and(|fs| fs.contains(k));
-                        if !wanted {
+                let ids = removed.iter().map(|(_, id)| (*id, None)).chain(
+                    given.iter().filter_map(|n| self.record(n).map(|r| (r.svc_id, Some(r)))),
+                );
+                for (id, record) in ids {
+                    for k in self.shadow.frontends_of.get(&id).into_iter().flatten() {
+                        if !record.is_some_and(|r| r.frontends.contains(k)) {
                             stale.insert(*k);
                         }
                     }
@@ -500,90 +683,13 @@ impl Syncer {
                 stale
             }
         };
-        for f in stale {
-            let mut keys: Vec<Service4Key> =
-                self.shadow_range(&f).into_iter().map(|(k, _)| k).collect();
-            // Slot 0 first, then the others from the highest down.
-            keys.sort_by_key(|k| if k.slot == 0 { 0 } else { u32::MAX - k.slot as u32 });
-            for k in keys {
-                report.writes += 1;
-                match dp.delete_service(&k) {
-                    Ok(()) => {
-                        self.shadow.remove_service(&k);
-                    }
-                    Err(source) => {
-                        report.errors.push(SyncError::Remove { what: describe_key(&k), source });
-                        break;
-                    }
-                }
-            }
-            report.frontends_removed += 1;
-        }
-
-        // Backends that no slot names and no port wants (or that are not the id of their key).
-        let candidates: BTreeSet<u32> = match scope {
-            None => self.shadow.backends.keys().copied().collect(),
-            Some(_) => {
-                let mut c: BTreeSet<u32> = self.shadow.unreferenced.drain(..).collect();
-                c.extend(touched.iter().filter_map(|k| self.backend_ids.get(k)));
-                c
-            }
-        };
-        let gc: Vec<u32> = candidates
-            .into_iter()
-            .filter(|id| {
-                let Some(b) = self.shadow.backends.get(id) else { return false };
-                !self.shadow.referenced(*id)
-                    && (!self.wants.contains_key(&backend_key(b))
-                        || self.backend_ids.get(&backend_key(b)) != Some(id))
-            })
-            .collect();
-        for id in gc {
-            report.writes += 1;
-            match dp.delete_backend(id) {
-                Ok(()) => {
-                    if let Some(b) = self.shadow.backends.remove(&id)
-                        && self.backend_ids.get(&backend_key(&b)) == Some(&id)
-                    {
-                        self.backend_ids.remove(&backend_key(&b));
-                    }
-                    report.backends_removed += 1;
-                }
-                Err(source) => {
-                    report.errors.push(SyncError::Remove { what: format!("backend {id}"), source })
-                }
-            }
-        }
-        // Shared backends whose flags changed through other ports.
-        for k in &touched {
-            let (Some(w), Some(id)) = (self.wants.get(k), self.backend_ids.get(k)) else {
-                continue;
-            };
-            let Some(b) = self.shadow.backends.get(id) else { continue };
-            if b.flags != w.flags() {
-                let v = Backend4 { flags: w.flags(), ..*b };
-                report.writes += 1;
-                match dp.put_backend(*id, &v) {
-                    Ok(()) => {
-                        self.shadow.backends.insert(*id, v);
-                    }
-                    Err(source) => report
-                        .errors
-                        .push(SyncError::Remove { what: format!("backend {id} flags"), source }),
-                }
-            }
-        }
-        // Ids of the ports that went away.
-        let gone: Vec<ServicePortName> = match scope {
-            None => {
-                self.svc_ids.keys().filter(|n| !self.desired.contains_key(*n)).cloned().collect()
-            }
-            Some(_) => removed,
-        };
-        for name in gone {
-            if let Some(id) = self.svc_ids.remove(&name) {
-                self.svc_ids_used.remove(&id);
-            }
+        self.remove_frontends(stale, dp, &mut report);
+        self.remove_backends(scope.is_none(), &touched, dp, &mut report);
+        self.update_backend_flags(&touched, dp, &mut report);
+        // The ids of the ports that went away are free now (not earlier: a new port taking over
+        // a removed port's frontend must not adopt its id while that frontend is stale).
+        for (_, id) in &removed {
+            self.svc_ids_used.remove(id);
         }
         report
     }
@@ -605,127 +711,529 @@ impl Syncer {
         };
         if lost
             && !serving.is_empty()
-            && let Some(svc_id) = self.svc_ids.get(name)
+            && let Some(svc_id) = self.record(name).map(|r| r.svc_id)
         {
             report.udp_reconcile.push(UdpServing {
-                svc_id: *svc_id,
+                svc_id,
                 serving: serving.iter().map(|(a, p)| (u32::from(*a).to_be(), p.to_be())).collect(),
             });
         }
         self.udp_serving.insert(name.clone(), serving);
     }
 
-    /// Writes one service port as one transaction; true when it is programmed as wanted.
-    fn apply_port(
+    /// Writes the pending ports in rounds (a round never has two ports on one frontend, which
+    /// the model does not produce anyway) and records which are programmed.
+    fn write_ports(
         &mut self,
-        name: &ServicePortName,
-        port_state: &ServicePortState,
+        mut pending: Vec<(ServicePortName, ServicePortState)>,
         dp: &mut dyn Dataplane,
         report: &mut SyncReport,
-    ) -> bool {
-        let svc_id = self.svc_id_for(name, port_state.frontends.keys());
-        // Resolve backend ids (fresh ones are only kept if the transaction succeeds).
-        let mut fresh: Vec<(BackendKey, u32)> = Vec::new();
-        let mut id_of = |b: &Backend, this: &mut Self| -> u32 {
-            let k = backend_key(&b.to_map());
-            if let Some(id) = this.backend_ids.get(&k) {
-                return *id;
-            }
-            if let Some((_, id)) = fresh.iter().find(|(fk, _)| *fk == k) {
-                return *id;
-            }
-            let id = this.alloc_backend_id();
-            fresh.push((k, id));
-            id
-        };
-        // The wanted entries of this service port.
-        let mut want: BTreeMap<Service4Key, Service4Value> = BTreeMap::new();
-        let mut needed_backends: BTreeMap<u32, Backend4> = BTreeMap::new();
-        for (f, entry) in &port_state.frontends {
-            let ids: Vec<u32> = entry.backends.iter().map(|b| id_of(b, self)).collect();
-            let Ok(count) = u16::try_from(ids.len()) else {
-                report.errors.push(SyncError::TooManyBackends {
-                    service: name.to_string(),
-                    count: ids.len(),
-                    max: u16::MAX as usize,
-                });
-                return false;
-            };
-            let old = self.programmed_slots(&key_of(f, 0));
-            let slots = stable_layout(&old, &ids);
-            want.insert(
-                key_of(f, 0),
-                Service4Value {
-                    backend_id: 0,
-                    svc_id,
-                    count,
-                    flags: entry.flags,
-                    affinity_timeout: entry.affinity_timeout,
-                },
-            );
-            for (i, id) in slots.iter().enumerate() {
-                want.insert(
-                    key_of(f, i as u16 + 1),
-                    Service4Value { backend_id: *id, svc_id, ..Default::default() },
-                );
-            }
-        }
-        for b in port_state
-            .endpoints
-            .iter()
-            .chain(port_state.frontends.values().flat_map(|e| e.backends.iter()))
-        {
-            let id = id_of(b, self);
-            let mut v = b.to_map();
-            if let Some(w) = self.wants.get(&backend_key(&v)) {
-                v.flags = w.flags();
-            }
-            needed_backends.insert(id, v);
-        }
-        // Programmed keys of these frontends (including slots beyond the wanted count).
-        let have: Vec<(Service4Key, Service4Value)> =
-            port_state.frontends.keys().flat_map(|f| self.shadow_range(&key_of(f, 0))).collect();
-        let backends_ok =
-            needed_backends.iter().all(|(id, v)| self.shadow.backends.get(id) == Some(v));
-        let same = backends_ok
-            && have.len() == want.len()
-            && have.iter().all(|(k, v)| want.get(k) == Some(v));
-        if same {
-            return true;
-        }
-        let mut txn = Txn { dp, shadow: &mut self.shadow, undo: Vec::new(), writes: 0 };
-        let result = txn.apply(&needed_backends, &want, &have);
-        report.writes += txn.writes;
-        match result {
-            Ok(()) => {
-                report.services_changed += 1;
-                for (k, id) in fresh {
-                    if txn.shadow.backends.contains_key(&id) {
-                        self.backend_ids.insert(k, id);
-                    }
+    ) {
+        while !pending.is_empty() {
+            let mut claimed: FastSet<Service4Key> = FastSet::default();
+            let (now, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, st)| {
+                let keys: Vec<Service4Key> = st.frontends.keys().map(|f| key_of(f, 0)).collect();
+                if keys.iter().any(|k| claimed.contains(k)) {
+                    return false;
                 }
+                claimed.extend(keys);
                 true
+            });
+            pending = later;
+            let names: Vec<&ServicePortName> = now.iter().map(|(n, _)| n).collect();
+            let mut round = Round {
+                ports: Vec::with_capacity(now.len()),
+                backends: Vec::new(),
+                fresh: FastMap::default(),
+            };
+            let mut backend_at: FastMap<u32, usize> = FastMap::default();
+            let mut ok = vec![false; now.len()];
+            for (i, (name, state)) in now.iter().enumerate() {
+                match self.plan_port(i, name, state, &mut round, &mut backend_at) {
+                    Ok(Some(plan)) => round.ports.push(plan),
+                    Ok(None) => ok[i] = true,
+                    Err(e) => report.errors.push(e),
+                }
             }
-            Err(source) => {
-                report.writes += txn.rollback();
-                report.errors.push(SyncError::Service { service: name.to_string(), source });
-                false
+            self.execute(&mut round, &names, dp, report);
+            for p in &round.ports {
+                ok[p.name] = !p.failed;
+            }
+            for (i, name) in names.iter().enumerate() {
+                if let Some(r) = self.record_mut(name) {
+                    r.applied = ok[i];
+                }
+            }
+            for (i, (name, state)) in now.into_iter().enumerate() {
+                if ok[i] {
+                    self.note_udp_serving(&name, state.udp_serving, report);
+                }
             }
         }
     }
 
-    /// The service id of `name`: known, adopted from a programmed frontend, or new.
-    fn svc_id_for<'a>(
+    /// The writes port `name` needs to reach `state` (`None`: none), resolving backend ids
+    /// (fresh ones are kept only if written) and adding its backends to the round's.
+    fn plan_port(
         &mut self,
+        index: usize,
         name: &ServicePortName,
-        frontends: impl Iterator<Item = &'a Frontend>,
-    ) -> u32 {
-        if let Some(id) = self.svc_ids.get(name) {
+        state: &ServicePortState,
+        round: &mut Round,
+        backend_at: &mut FastMap<u32, usize>,
+    ) -> Result<Option<PortPlan>, SyncError> {
+        let svc_id = self.record(name).map_or(0, |r| r.svc_id);
+        let mut plan = PortPlan { name: index, ..Default::default() };
+        let mut ids: Vec<u32> = Vec::new();
+        let mut needed: Vec<(u32, Backend4)> = Vec::new();
+        for (f, entry) in &state.frontends {
+            ids.clear();
+            for b in &entry.backends {
+                ids.push(self.id_of(b, &mut round.fresh));
+            }
+            let count = u16::try_from(ids.len()).map_err(|_| SyncError::TooManyBackends {
+                service: name.to_string(),
+                count: ids.len(),
+                max: u16::MAX as usize,
+            })?;
+            let fk = key_of(f, 0);
+            let front = self.shadow.fronts.get(&fk);
+            let old: Vec<u32> = match front.and_then(|fr| fr.entry.map(|e| (fr, e.count))) {
+                Some((fr, n)) => (1..=n).filter_map(|s| fr.slot(s)).map(|v| v.backend_id).collect(),
+                None => Vec::new(),
+            };
+            let layout = stable_layout(&old, &ids);
+            for (i, id) in layout.iter().enumerate() {
+                let k = Service4Key { slot: i as u16 + 1, ..fk };
+                let v = slot_value(*id, svc_id);
+                match front.and_then(|fr| fr.slot(k.slot)) {
+                    None => plan.new_slots.push((k, v)),
+                    Some(have) if *have != v => plan.changed_slots.push((k, v)),
+                    Some(_) => {}
+                }
+            }
+            let ev = Service4Value {
+                backend_id: 0,
+                svc_id,
+                count,
+                flags: entry.flags,
+                affinity_timeout: entry.affinity_timeout,
+            };
+            if front.and_then(|fr| fr.entry) != Some(ev) {
+                plan.entries.push((fk, ev));
+            }
+            if let Some(fr) = front {
+                for (i, v) in fr.slots.iter().enumerate().skip(layout.len()).rev() {
+                    if *v != NO_SLOT {
+                        plan.deletes.push(Service4Key { slot: i as u16 + 1, ..fk });
+                    }
+                }
+            }
+        }
+        for b in state.endpoints.iter().chain(state.frontends.values().flat_map(|e| &e.backends)) {
+            let id = self.id_of(b, &mut round.fresh);
+            let mut v = b.to_map();
+            if let Some(info) = self.backends.get(&backend_key(&v)) {
+                v.flags = info.flags();
+            }
+            needed.push((id, v));
+        }
+        needed.sort_unstable_by_key(|(id, _)| *id);
+        needed.dedup_by_key(|(id, _)| *id);
+        let mut writes_backend = false;
+        for (id, v) in needed {
+            if self.shadow.backends.get(&id) == Some(&v) {
+                continue;
+            }
+            writes_backend = true;
+            match backend_at.entry(id) {
+                Entry::Occupied(e) => round.backends[*e.get()].needers.push(index as u32),
+                Entry::Vacant(e) => {
+                    e.insert(round.backends.len());
+                    round.backends.push(PlannedBackend {
+                        id,
+                        value: v,
+                        needers: SmallVec::from_slice(&[index as u32]),
+                    });
+                }
+            }
+        }
+        let writes = writes_backend
+            || !plan.new_slots.is_empty()
+            || !plan.changed_slots.is_empty()
+            || !plan.entries.is_empty()
+            || !plan.deletes.is_empty();
+        Ok(writes.then_some(plan))
+    }
+
+    /// The id of backend `b`: programmed, given earlier in this round, or new.
+    fn id_of(&mut self, b: &Backend, fresh: &mut FastMap<BackendKey, u32>) -> u32 {
+        let k = backend_key(&b.to_map());
+        if let Some(info) = self.backends.get(&k)
+            && info.id != 0
+        {
+            return info.id;
+        }
+        if let Some(id) = fresh.get(&k) {
             return *id;
         }
+        let id = self.alloc_backend_id();
+        fresh.insert(k, id);
+        id
+    }
+
+    /// Runs a round's phases. Failed ports are rolled back as they fail; backends written for
+    /// failed ports only are removed at the end.
+    fn execute(
+        &mut self,
+        round: &mut Round,
+        names: &[&ServicePortName],
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        // 1. Backends: new ones, then changed ones.
+        let mut order: Vec<usize> = (0..round.backends.len()).collect();
+        order.sort_by_key(|&i| self.shadow.backends.contains_key(&round.backends[i].id));
+        let items: Vec<(u32, Backend4)> =
+            order.iter().map(|&i| (round.backends[i].id, round.backends[i].value)).collect();
+        let mut written: Vec<(u32, Option<Backend4>)> = Vec::new();
+        let mut at = 0;
+        while at < items.len() {
+            let r = dp.put_backends(&items[at..]);
+            let done = match &r {
+                Ok(()) => items.len() - at,
+                Err(e) => e.done,
+            };
+            report.writes += done + usize::from(r.is_err());
+            for (id, v) in &items[at..at + done] {
+                let old = self.shadow.backends.insert(*id, *v);
+                written.push((*id, old));
+            }
+            match r {
+                Ok(()) => at = items.len(),
+                Err(BatchError { done, error }) => {
+                    let needers = round.backends[order[at + done]].needers.clone();
+                    for p in needers {
+                        if let Some(pi) = round.ports.iter().position(|x| x.name == p as usize)
+                            && !round.ports[pi].failed
+                        {
+                            let source = clone_error(&error);
+                            report.writes +=
+                                self.fail(&mut round.ports[pi], names, source, dp, report);
+                        }
+                    }
+                    at += done + 1;
+                }
+            }
+        }
+        // 2-5. Slots at new keys, changed slots, service entries, slots above the counts.
+        for phase in 0..4 {
+            let mut items: Vec<(usize, Service4Key, Option<Service4Value>)> = Vec::new();
+            for (pi, p) in round.ports.iter().enumerate() {
+                if p.failed {
+                    continue;
+                }
+                match phase {
+                    0 => items.extend(p.new_slots.iter().map(|(k, v)| (pi, *k, Some(*v)))),
+                    1 => items.extend(p.changed_slots.iter().map(|(k, v)| (pi, *k, Some(*v)))),
+                    2 => items.extend(p.entries.iter().map(|(k, v)| (pi, *k, Some(*v)))),
+                    _ => items.extend(p.deletes.iter().map(|k| (pi, *k, None))),
+                }
+            }
+            self.write_phase(&items, &mut round.ports, names, dp, report);
+        }
+        // Backends written for ports that all failed go again, last written first.
+        let failed_ports: FastSet<usize> =
+            round.ports.iter().filter(|p| p.failed).map(|p| p.name).collect();
+        if !failed_ports.is_empty() {
+            let orphaned: FastSet<u32> = round
+                .backends
+                .iter()
+                .filter(|b| b.needers.iter().all(|n| failed_ports.contains(&(*n as usize))))
+                .map(|b| b.id)
+                .collect();
+            for (id, old) in written.iter().rev().filter(|(id, _)| orphaned.contains(id)) {
+                report.writes += 1;
+                let r = match old {
+                    None => dp.delete_backend(*id).map(|()| {
+                        self.shadow.backends.remove(id);
+                    }),
+                    Some(v) => dp.put_backend(*id, v).map(|()| {
+                        self.shadow.backends.insert(*id, *v);
+                    }),
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "undoing a failed service update");
+                }
+            }
+        }
+        for (k, id) in std::mem::take(&mut round.fresh) {
+            if self.shadow.backends.contains_key(&id) {
+                self.backends.entry(k).or_default().id = id;
+            }
+        }
+        report.services_changed += round.ports.iter().filter(|p| !p.failed).count();
+    }
+
+    /// Marks a port failed: reports it and undoes its writes so far, in reverse order; returns
+    /// the number of writes made. A failed undo is logged and leaves the shadow describing what
+    /// the map really holds.
+    fn fail(
+        &mut self,
+        port: &mut PortPlan,
+        names: &[&ServicePortName],
+        source: DataplaneError,
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) -> usize {
+        port.failed = true;
+        report.errors.push(SyncError::Service { service: names[port.name].to_string(), source });
+        let mut writes = 0;
+        while let Some(u) = port.undo.pop() {
+            writes += 1;
+            let r = match u.old {
+                None => dp.delete_service(&u.key).map(|()| {
+                    self.shadow.remove_service(&u.key);
+                }),
+                Some(v) => dp.put_service(&u.key, &v).map(|()| {
+                    self.shadow.insert_service(u.key, v);
+                }),
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "undoing a failed service update");
+            }
+        }
+        writes
+    }
+
+    /// Writes one phase's service-map items (`None`: delete) in batches, in order. A failed item
+    /// fails its port: its writes so far are undone and its later items are skipped.
+    fn write_phase(
+        &mut self,
+        items: &[(usize, Service4Key, Option<Service4Value>)],
+        ports: &mut [PortPlan],
+        names: &[&ServicePortName],
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let mut at = 0;
+        while at < items.len() {
+            // The run of items of ports still alive, all puts or all deletes.
+            if ports[items[at].0].failed {
+                at += 1;
+                continue;
+            }
+            let is_put = items[at].2.is_some();
+            let mut end = at;
+            while end < items.len()
+                && !ports[items[end].0].failed
+                && items[end].2.is_some() == is_put
+            {
+                end += 1;
+            }
+            let run = &items[at..end];
+            let r = if is_put {
+                let kv: Vec<(Service4Key, Service4Value)> =
+                    run.iter().map(|(_, k, v)| (*k, v.expect("a put"))).collect();
+                dp.put_services(&kv)
+            } else {
+                let keys: Vec<Service4Key> = run.iter().map(|(_, k, _)| *k).collect();
+                dp.delete_services(&keys)
+            };
+            let done = match &r {
+                Ok(()) => run.len(),
+                Err(e) => e.done,
+            };
+            report.writes += done + usize::from(r.is_err());
+            for (pi, k, v) in &run[..done] {
+                let old = match v {
+                    Some(v) => {
+                        let old = self.shadow.get(k).copied();
+                        self.shadow.insert_service(*k, *v);
+                        old
+                    }
+                    None => self.shadow.remove_service(k),
+                };
+                ports[*pi].undo.push(Undo { key: *k, old });
+            }
+            match r {
+                Ok(()) => at = end,
+                Err(BatchError { done, error }) => {
+                    let pi = run[done].0;
+                    report.writes += self.fail(&mut ports[pi], names, error, dp, report);
+                    at += done + 1;
+                }
+            }
+        }
+    }
+
+    /// Removes frontends: all their service entries first, then their slots (highest first).
+    fn remove_frontends(
+        &mut self,
+        stale: BTreeSet<Service4Key>,
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let mut failed: FastSet<Service4Key> = FastSet::default();
+        let entries: Vec<Service4Key> =
+            stale.iter().filter(|f| self.shadow.get(f).is_some()).copied().collect();
+        self.delete_keys(&entries, &mut failed, dp, report);
+        let slots: Vec<Service4Key> = stale
+            .iter()
+            .filter(|f| !failed.contains(*f))
+            .flat_map(|f| self.shadow.keys_of(f).into_iter().filter(|k| k.slot != 0).rev())
+            .collect();
+        self.delete_keys(&slots, &mut failed, dp, report);
+        report.frontends_removed += stale.len();
+    }
+
+    /// Deletes service-map keys in batches; a frontend whose delete fails is named in the
+    /// report and its later keys are skipped (retried on the next sync).
+    fn delete_keys(
+        &mut self,
+        keys: &[Service4Key],
+        failed: &mut FastSet<Service4Key>,
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let mut at = 0;
+        while at < keys.len() {
+            let run: Vec<Service4Key> =
+                keys[at..].iter().copied().filter(|k| !failed.contains(&frontend_of(k))).collect();
+            if run.is_empty() {
+                return;
+            }
+            let r = dp.delete_services(&run);
+            let done = match &r {
+                Ok(()) => run.len(),
+                Err(e) => e.done,
+            };
+            report.writes += done + usize::from(r.is_err());
+            for k in &run[..done] {
+                self.shadow.remove_service(k);
+            }
+            match r {
+                Ok(()) => return,
+                Err(BatchError { done, error }) => {
+                    let k = run[done];
+                    failed.insert(frontend_of(&k));
+                    report.errors.push(SyncError::Remove { what: describe_key(&k), source: error });
+                    at = keys.iter().position(|x| *x == k).map_or(keys.len(), |p| p + 1);
+                }
+            }
+        }
+    }
+
+    /// Removes backends that no slot names and no port wants (or that are not the id of their
+    /// key): all of them on a full sync, else those this sync touched.
+    fn remove_backends(
+        &mut self,
+        full: bool,
+        touched: &FastSet<BackendKey>,
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let mut candidates: Vec<u32> = if full {
+            self.shadow.backends.keys().copied().collect()
+        } else {
+            let mut c: Vec<u32> = std::mem::take(&mut self.shadow.unreferenced);
+            c.extend(touched.iter().filter_map(|k| self.backends.get(k).map(|i| i.id)));
+            c
+        };
+        candidates.sort_unstable();
+        candidates.dedup();
+        let gc: Vec<u32> = candidates
+            .into_iter()
+            .filter(|id| {
+                let Some(b) = self.shadow.backends.get(id) else { return false };
+                let info = self.backends.get(&backend_key(b));
+                !self.shadow.referenced(*id) && !info.is_some_and(|i| i.ports > 0 && i.id == *id)
+            })
+            .collect();
+        let mut at = 0;
+        while at < gc.len() {
+            let r = dp.delete_backends(&gc[at..]);
+            let done = match &r {
+                Ok(()) => gc.len() - at,
+                Err(e) => e.done,
+            };
+            report.writes += done + usize::from(r.is_err());
+            for id in &gc[at..at + done] {
+                self.forget_backend(*id);
+                report.backends_removed += 1;
+            }
+            match r {
+                Ok(()) => at = gc.len(),
+                Err(BatchError { done, error }) => {
+                    let id = gc[at + done];
+                    report
+                        .errors
+                        .push(SyncError::Remove { what: format!("backend {id}"), source: error });
+                    at += done + 1;
+                }
+            }
+        }
+    }
+
+    fn forget_backend(&mut self, id: u32) {
+        let Some(b) = self.shadow.backends.remove(&id) else { return };
+        if let Entry::Occupied(mut e) = self.backends.entry(backend_key(&b))
+            && e.get().id == id
+        {
+            e.get_mut().id = 0;
+            if e.get().unused() {
+                e.remove();
+            }
+        }
+    }
+
+    /// Rewrites shared backends whose flags changed through other ports.
+    fn update_backend_flags(
+        &mut self,
+        touched: &FastSet<BackendKey>,
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let mut items: Vec<(u32, Backend4)> = touched
+            .iter()
+            .filter_map(|k| {
+                let info = self.backends.get(k)?;
+                let b = self.shadow.backends.get(&info.id)?;
+                (info.ports > 0 && b.flags != info.flags())
+                    .then(|| (info.id, Backend4 { flags: info.flags(), ..*b }))
+            })
+            .collect();
+        items.sort_unstable_by_key(|(id, _)| *id);
+        let mut at = 0;
+        while at < items.len() {
+            let r = dp.put_backends(&items[at..]);
+            let done = match &r {
+                Ok(()) => items.len() - at,
+                Err(e) => e.done,
+            };
+            report.writes += done + usize::from(r.is_err());
+            for (id, v) in &items[at..at + done] {
+                self.shadow.backends.insert(*id, *v);
+            }
+            match r {
+                Ok(()) => at = items.len(),
+                Err(BatchError { done, error }) => {
+                    let id = items[at + done].0;
+                    report.errors.push(SyncError::Remove {
+                        what: format!("backend {id} flags"),
+                        source: error,
+                    });
+                    at += done + 1;
+                }
+            }
+        }
+    }
+
+    /// A service id for a new port: adopted from a programmed frontend, or new.
+    fn svc_id_for<'a>(&mut self, frontends: impl Iterator<Item = &'a Frontend>) -> u32 {
         let taken = &self.svc_ids_used;
         let adopted = frontends
-            .filter_map(|f| self.shadow.services.get(&key_of(f, 0)))
+            .filter_map(|f| self.shadow.get(&key_of(f, 0)))
             .map(|v| v.svc_id)
             .find(|id| *id != 0 && !taken.contains(id));
         let id = adopted.unwrap_or_else(|| {
@@ -736,7 +1244,6 @@ impl Syncer {
             self.next_svc_id = id.wrapping_add(1);
             id
         });
-        self.svc_ids.insert(name.clone(), id);
         self.svc_ids_used.insert(id);
         id
     }
@@ -749,22 +1256,23 @@ impl Syncer {
         self.next_backend_id = id.wrapping_add(1);
         id
     }
+}
 
-    /// Backend ids in slots `1..=count` of a programmed frontend.
-    fn programmed_slots(&self, entry: &Service4Key) -> Vec<u32> {
-        let Some(v) = self.shadow.services.get(entry) else { return Vec::new() };
-        (1..=v.count)
-            .filter_map(|slot| {
-                self.shadow.services.get(&Service4Key { slot, ..*entry }).map(|s| s.backend_id)
-            })
-            .collect()
-    }
-
-    /// Every programmed key of one frontend.
-    fn shadow_range(&self, entry: &Service4Key) -> Vec<(Service4Key, Service4Value)> {
-        let lo = Service4Key { slot: 0, ..*entry };
-        let hi = Service4Key { slot: u16::MAX, _pad: u16::MAX, ..*entry };
-        self.shadow.services.range(lo..=hi).map(|(k, v)| (*k, *v)).collect()
+/// A copy of a write error (one failed backend fails every port that needed it).
+fn clone_error(e: &DataplaneError) -> DataplaneError {
+    match e {
+        DataplaneError::Full { map, capacity, key } => {
+            DataplaneError::Full { map, capacity: *capacity, key: key.clone() }
+        }
+        DataplaneError::Map { map, op, key, source } => DataplaneError::Map {
+            map,
+            op,
+            key: key.clone(),
+            source: match source.raw_os_error() {
+                Some(errno) => std::io::Error::from_raw_os_error(errno),
+                None => std::io::Error::new(source.kind(), source.to_string()),
+            },
+        },
     }
 }
 
@@ -772,8 +1280,11 @@ impl Syncer {
 /// with the last slots; remaining new backends are appended. With nothing programmed it is the
 /// wanted order.
 fn stable_layout(old: &[u32], want: &[u32]) -> Vec<u32> {
-    let want_set: HashSet<u32> = want.iter().copied().collect();
-    let mut seen = HashSet::new();
+    if old.is_empty() {
+        return want.to_vec();
+    }
+    let want_set: FastSet<u32> = want.iter().copied().collect();
+    let mut seen = FastSet::default();
     let mut slots: Vec<Option<u32>> =
         old.iter().map(|id| (want_set.contains(id) && seen.insert(*id)).then_some(*id)).collect();
     let mut additions: VecDeque<u32> =
@@ -803,109 +1314,6 @@ fn describe_key(k: &Service4Key) -> String {
         k.scope,
         k.slot
     )
-}
-
-enum Undo {
-    Service(Service4Key, Option<Service4Value>),
-    Backend(u32, Option<Backend4>),
-}
-
-/// The writes of one service port, with what is needed to undo them.
-struct Txn<'a> {
-    dp: &'a mut dyn Dataplane,
-    shadow: &'a mut Shadow,
-    undo: Vec<Undo>,
-    writes: usize,
-}
-
-impl Txn<'_> {
-    fn apply(
-        &mut self,
-        backends: &BTreeMap<u32, Backend4>,
-        want: &BTreeMap<Service4Key, Service4Value>,
-        have: &[(Service4Key, Service4Value)],
-    ) -> Result<(), DataplaneError> {
-        // 1. Backends: new ones, then changed ones.
-        let (new_be, changed_be): (Vec<_>, Vec<_>) = backends
-            .iter()
-            .filter(|(id, v)| self.shadow.backends.get(id) != Some(v))
-            .partition(|(id, _)| !self.shadow.backends.contains_key(id));
-        for (id, v) in new_be.into_iter().chain(changed_be) {
-            self.put_backend(*id, v)?;
-        }
-        // 2. Slots at new keys, 3. changed slots at existing keys.
-        let slots = want.iter().filter(|(k, _)| k.slot != 0);
-        let (new_slots, changed_slots): (Vec<_>, Vec<_>) = slots
-            .filter(|(k, v)| self.shadow.services.get(k) != Some(v))
-            .partition(|(k, _)| !self.shadow.services.contains_key(k));
-        for (k, v) in new_slots.into_iter().chain(changed_slots) {
-            self.put_service(k, v)?;
-        }
-        // 4. Service entries.
-        for (k, v) in want.iter().filter(|(k, _)| k.slot == 0) {
-            if self.shadow.services.get(k) != Some(v) {
-                self.put_service(k, v)?;
-            }
-        }
-        // 5. Slots above the new count, highest first.
-        for (k, _) in have.iter().rev().filter(|(k, _)| !want.contains_key(k)) {
-            self.delete_service(k)?;
-        }
-        Ok(())
-    }
-
-    fn put_backend(&mut self, id: u32, v: &Backend4) -> Result<(), DataplaneError> {
-        self.writes += 1;
-        self.dp.put_backend(id, v)?;
-        let old = self.shadow.backends.insert(id, *v);
-        self.undo.push(Undo::Backend(id, old));
-        Ok(())
-    }
-
-    fn put_service(&mut self, k: &Service4Key, v: &Service4Value) -> Result<(), DataplaneError> {
-        self.writes += 1;
-        self.dp.put_service(k, v)?;
-        let old = self.shadow.services.get(k).copied();
-        self.shadow.insert_service(*k, *v);
-        self.undo.push(Undo::Service(*k, old));
-        Ok(())
-    }
-
-    fn delete_service(&mut self, k: &Service4Key) -> Result<(), DataplaneError> {
-        self.writes += 1;
-        self.dp.delete_service(k)?;
-        if let Some(old) = self.shadow.remove_service(k) {
-            self.undo.push(Undo::Service(*k, Some(old)));
-        }
-        Ok(())
-    }
-
-    /// Undoes every write in reverse order; returns the number of writes made. A failed undo is
-    /// logged and leaves the shadow describing what the map really holds.
-    fn rollback(&mut self) -> usize {
-        let mut writes = 0;
-        while let Some(u) = self.undo.pop() {
-            writes += 1;
-            let r = match &u {
-                Undo::Service(k, None) => self.dp.delete_service(k).map(|()| {
-                    self.shadow.remove_service(k);
-                }),
-                Undo::Service(k, Some(v)) => self.dp.put_service(k, v).map(|()| {
-                    self.shadow.insert_service(*k, *v);
-                }),
-                Undo::Backend(id, None) => self.dp.delete_backend(*id).map(|()| {
-                    self.shadow.backends.remove(id);
-                }),
-                Undo::Backend(id, Some(v)) => self.dp.put_backend(*id, v).map(|()| {
-                    self.shadow.backends.insert(*id, *v);
-                }),
-            };
-            if let Err(e) = r {
-                tracing::error!(error = %e, "undoing a failed service update");
-            }
-        }
-        writes
-    }
 }
 
 #[cfg(test)]

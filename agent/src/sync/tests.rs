@@ -132,15 +132,15 @@ fn first_sync_writes_backends_then_slots_then_entry() {
     assert_eq!(programmed(&dp.mem, &cip(2)), Some(vec![11, 13]));
     // Backend 198.18.100.11:8080 is shared: 4 distinct backends.
     assert_eq!(dp.mem.backends.len(), 4);
-    // For svc1: 3 backends, 3 slots, then slot 0 last.
+    // Phase by phase over both services: the 4 backends, the 5 slots, then the 2 entries.
     let ops = &dp.mem.ops;
-    assert!(matches!(
-        ops[0..3],
-        [MemOp::PutBackend(_), MemOp::PutBackend(_), MemOp::PutBackend(_)]
-    ));
-    assert!(ops[3..6].iter().all(|o| matches!(o, MemOp::PutService(k) if k.slot != 0)));
-    assert_eq!(ops[6], MemOp::PutService(key_of(&cip(1), 0)));
-    assert_eq!(*ops.last().unwrap(), MemOp::PutService(key_of(&cip(2), 0)));
+    assert_eq!(ops.len(), 11, "{ops:?}");
+    assert!(ops[..4].iter().all(|o| matches!(o, MemOp::PutBackend(_))), "{ops:?}");
+    assert!(ops[4..9].iter().all(|o| matches!(o, MemOp::PutService(k) if k.slot != 0)));
+    assert_eq!(
+        ops[9..],
+        [MemOp::PutService(key_of(&cip(1), 0)), MemOp::PutService(key_of(&cip(2), 0))]
+    );
     // Same service id on the entry and its slots, different between services.
     let id1 = dp.mem.services[&key_of(&cip(1), 0)].svc_id;
     let id2 = dp.mem.services[&key_of(&cip(2), 0)].svc_id;
@@ -578,7 +578,7 @@ fn scale_10k_services() {
 
 mod incremental {
     //! The change tracker and the syncer together: one change touches only its service.
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
     use crate::model::{
@@ -819,5 +819,115 @@ mod incremental {
         assert_eq!(c.services.len(), 5);
         t.set_node_addrs(&[Ipv4Addr::new(198, 18, 0, 11)]);
         assert!(!t.has_changes());
+    }
+}
+
+/// A dataplane recording the size of every batch it is given.
+#[derive(Default)]
+struct Batches {
+    mem: MemDataplane,
+    calls: Vec<(&'static str, usize)>,
+}
+
+impl Dataplane for Batches {
+    fn set_config(&mut self, cfg: &kproxy_common::NodeConfig) -> Result<(), DataplaneError> {
+        self.mem.set_config(cfg)
+    }
+    fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), DataplaneError> {
+        self.calls.push(("put_backend", 1));
+        self.mem.put_backend(id, b)
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.calls.push(("delete_backend", 1));
+        self.mem.delete_backend(id)
+    }
+    fn put_service(&mut self, k: &Service4Key, v: &Service4Value) -> Result<(), DataplaneError> {
+        self.calls.push(("put_service", 1));
+        self.mem.put_service(k, v)
+    }
+    fn delete_service(&mut self, k: &Service4Key) -> Result<(), DataplaneError> {
+        self.calls.push(("delete_service", 1));
+        self.mem.delete_service(k)
+    }
+    fn put_backends(&mut self, items: &[(u32, Backend4)]) -> Result<(), BatchError> {
+        self.calls.push(("put_backends", items.len()));
+        self.mem.put_backends(items)
+    }
+    fn delete_backends(&mut self, ids: &[u32]) -> Result<(), BatchError> {
+        self.calls.push(("delete_backends", ids.len()));
+        self.mem.delete_backends(ids)
+    }
+    fn put_services(&mut self, items: &[(Service4Key, Service4Value)]) -> Result<(), BatchError> {
+        self.calls.push(("put_services", items.len()));
+        self.mem.put_services(items)
+    }
+    fn delete_services(&mut self, keys: &[Service4Key]) -> Result<(), BatchError> {
+        self.calls.push(("delete_services", keys.len()));
+        self.mem.delete_services(keys)
+    }
+    fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError> {
+        self.mem.services()
+    }
+    fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
+        self.mem.backends()
+    }
+}
+
+#[test]
+fn services_are_written_in_one_batch_per_phase() {
+    let mut dp = Batches::default();
+    let mut s = Syncer::new();
+    // 50 services × 3 backends: 150 backends, 150 slots, 50 entries.
+    let hosts: Vec<[u8; 3]> = (0..50u8).map(|i| [i * 3, i * 3 + 1, i * 3 + 2]).collect();
+    let spec: Vec<(u8, &[u8])> = (0..50u8).map(|i| (i + 1, &hosts[i as usize][..])).collect();
+    let r = s.sync(&desired(&spec), &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.writes, 350);
+    assert_eq!(dp.calls, [("put_backends", 150), ("put_services", 150), ("put_services", 50)]);
+    // Removing half of them: all entries in one batch, then all slots, then the backends.
+    dp.calls.clear();
+    let r = s.sync(&desired(&spec[..25]), &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        dp.calls,
+        [("delete_services", 25), ("delete_services", 75), ("delete_backends", 75)]
+    );
+}
+
+#[test]
+fn a_port_failing_mid_batch_is_undone_and_the_others_are_written() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    // 9 entries wanted, room for 6: one port does not fit (which one depends on where the map
+    // fills up), the others do.
+    dp.mem.services_capacity = Some(6);
+    let want = desired(&[(1, &[10, 11]), (2, &[12, 13, 14]), (3, &[15])]);
+    let r = s.sync(&want, &mut dp);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.errors[0].kind(), "map_full");
+    let failed = (1..=3u8)
+        .find(|n| r.errors[0].to_string().contains(&format!("default/svc{n}:")))
+        .expect("the error names the service");
+    let hosts: [&[u8]; 3] = [&[10, 11], &[12, 13, 14], &[15]];
+    for n in 1..=3u8 {
+        if n == failed {
+            // Not a key of it left, nor a backend only it needed.
+            assert!(!dp.mem.services.keys().any(|k| k.addr == key_of(&cip(n), 0).addr));
+            assert_eq!(programmed(&dp.mem, &cip(n)), None);
+        } else {
+            assert_eq!(programmed(&dp.mem, &cip(n)).as_deref(), Some(hosts[n as usize - 1]));
+        }
+    }
+    let backends: usize =
+        (1..=3u8).filter(|n| *n != failed).map(|n| hosts[n as usize - 1].len()).sum();
+    assert_eq!(dp.mem.backends.len(), backends);
+    // With room, the next sync writes it.
+    dp.mem.services_capacity = None;
+    let r = s.sync(&want, &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    for n in 1..=3u8 {
+        assert_eq!(programmed(&dp.mem, &cip(n)).as_deref(), Some(hosts[n as usize - 1]));
     }
 }

@@ -16,6 +16,8 @@
 //! from the built-in chains; nftables: the rules of the hooked base chains), so each repetition
 //! measures every system right after the others. Failures become missing figures with a reason;
 //! the run itself only fails when the lab cannot be built.
+mod bpfstats;
+pub mod compare;
 mod measure;
 pub mod report;
 pub mod results;
@@ -228,6 +230,12 @@ pub struct Results {
     /// Wall-clock time of each step.
     #[serde(default)]
     pub steps: Vec<StepTime>,
+    /// Figures worse than in the previous run by more than their noise (`None`: not compared).
+    #[serde(default)]
+    pub regressions: Option<Vec<compare::Regression>>,
+    /// The previous run compared with (its start time).
+    #[serde(default)]
+    pub compared_with: Option<String>,
 }
 
 fn sh(cmd: &str) -> String {
@@ -324,6 +332,14 @@ fn predict(t0: f64, n0: usize, n: usize, exp: f64) -> f64 {
     t0 * (n as f64 / n0.max(1) as f64).powf(exp)
 }
 
+/// The per-program figures of the bpf_stats step: (metric, program, traffic).
+pub const BPF_STATS_FIGURES: [(&str, &str, &str); 4] = [
+    ("from_pod_established_ns", "kp_tc_from_pod", "request/response on open ClusterIP connections"),
+    ("to_pod_ns", "kp_tc_to_pod", "request/response on open ClusterIP connections"),
+    ("from_pod_plain_ns", "kp_tc_from_pod", "request/response to a pod's own address"),
+    ("xdp_nodeport_ns", "kp_xdp_ext", "UDP to a NodePort with a remote backend"),
+];
+
 /// Growth exponents of load time used for budget predictions: iptables-restore and nft -f of
 /// single-endpoint services grow about linearly; nft -f of services with several endpoints
 /// (one anonymous verdict map each) grows about quadratically on this kernel (1,000 × 10: 3.5 s,
@@ -370,6 +386,15 @@ impl Drop for TempDir {
 
 /// Runs the benchmark and writes `results.json`, `report.md` and the plots into `out`.
 pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
+    run_compared(cfg, out, None)
+}
+
+/// [`run`], and compares the figures with the `results.json` at `previous` (if it exists and
+/// parses): the report lists every figure that got worse by more than its noise.
+pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result<Results> {
+    let before: Option<Results> = previous
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| serde_json::from_str(&text).ok());
     let started = utc_now();
     let t0 = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -435,6 +460,8 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
     b.step("lab set-up");
     b.clusterip_phase();
     if !cfg.only_e2e {
+        b.bpf_stats_phase();
+        b.step("8: per-program cost (bpf_stats)");
         b.nodeport_phase();
     }
     b.programming_phase();
@@ -456,7 +483,14 @@ pub fn run(cfg: &Config, out: &Path) -> Result<Results> {
         figures: rec.finish(),
         notes,
         steps,
+        regressions: None,
+        compared_with: None,
     };
+    let mut results = results;
+    if let Some(b) = &before {
+        results.regressions = compare::regressions(b, &results);
+        results.compared_with = Some(b.started.clone());
+    }
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     std::fs::write(out.join("report.md"), report::markdown(&results))?;
     report::plots(out)?;
@@ -528,6 +562,11 @@ impl Bench<'_> {
         for s in ["kproxy", "kproxy-kube"] {
             for m in E2E_BREAKDOWN {
                 self.rec.plan("5-e2e", m, s, c.e2e_scale, "at-rest");
+            }
+        }
+        if !c.only_e2e {
+            for (m, _, _) in BPF_STATS_FIGURES {
+                self.rec.plan("8-bpf-stats", m, "kproxy", 1, "");
             }
         }
         for &n in &c.testrun_scales {
@@ -1430,6 +1469,82 @@ impl Bench<'_> {
         let _ = systems::nft_unload(&self.node_ns);
         if let Err(e) = r {
             self.fail_prog("nftables", n, &format!("{e:#}"), false);
+        }
+    }
+
+    // ---- per-program cost under real traffic ------------------------------------------
+
+    /// Per-program cost from the kernel's bpf_stats with kproxy serving the probe services:
+    /// request/response on open connections to the ClusterIP, the same to the backend pod's own
+    /// address (pod traffic that is not service traffic), and UDP to a NodePort with a remote
+    /// backend from the external client.
+    fn bpf_stats_phase(&mut self) {
+        eprintln!("[bench] per-program cost under real traffic (bpf_stats)");
+        let r = (|| -> Result<Vec<(&'static str, Option<f64>)>> {
+            let services = workload::probes();
+            self.write_manifest(&services)?;
+            self.flush_conntrack();
+            let k = self.start_kproxy(services.len(), &[])?;
+            let pin = self.lab.pin_path(0);
+            let res = (|| -> Result<Vec<(&'static str, Option<f64>)>> {
+                let _stats = bpfstats::enable()?;
+                let d = Duration::from_millis(self.cfg.duration_ms);
+                let mut out = Vec::new();
+                let cip = SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT);
+                let direct = SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT);
+                let client = self.lab.client_ns();
+                let pod_ns = self.lab.pod(1, 0).map(|p| p.ns.clone()).unwrap_or_default();
+                let np = SocketAddrV4::new(lab::node_ip(0), workload::NP_REMOTE_UDP);
+                for (window, metrics) in [
+                    ("clusterip", &["from_pod_established_ns", "to_pod_ns"][..]),
+                    ("direct", &["from_pod_plain_ns"][..]),
+                    ("nodeport", &["xdp_nodeport_ns"][..]),
+                ] {
+                    let before = bpfstats::snapshot(pin)?;
+                    match window {
+                        "clusterip" => {
+                            measure::loadgen(&self.client_pod_ns, cip, "rr", 4, d)?;
+                        }
+                        "direct" => {
+                            measure::loadgen(&self.client_pod_ns, direct, "rr", 4, d)?;
+                        }
+                        _ => {
+                            measure::udp_rate(&client, &pod_ns, np, d)?;
+                        }
+                    }
+                    let after = bpfstats::snapshot(pin)?;
+                    for m in metrics {
+                        let prog = BPF_STATS_FIGURES.iter().find(|(x, _, _)| x == m).map(|f| f.1);
+                        out.push((*m, prog.and_then(|p| bpfstats::per_run(&before, &after, p))));
+                    }
+                }
+                Ok(out)
+            })();
+            self.stop_kproxy(k);
+            res
+        })();
+        match r {
+            Ok(figs) => {
+                for (m, v) in figs {
+                    match v {
+                        Some(ns) => self.rec.add("8-bpf-stats", m, "kproxy", 1, "", ns),
+                        None => {
+                            let prog = BPF_STATS_FIGURES.iter().find(|(x, _, _)| *x == m);
+                            let why = format!(
+                                "not run: {} did not run during {}",
+                                prog.map_or("?", |p| p.1),
+                                prog.map_or("?", |p| p.2)
+                            );
+                            self.rec.skip("8-bpf-stats", m, "kproxy", 1, "", &why);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for (m, _, _) in BPF_STATS_FIGURES {
+                    self.rec.fail("8-bpf-stats", m, "kproxy", 1, "", &format!("{e:#}"));
+                }
+            }
         }
     }
 

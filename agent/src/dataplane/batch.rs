@@ -1,0 +1,236 @@
+//! Batched map operations: `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH` and
+//! `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+, hash and LRU hash maps), which aya 0.14 does not offer.
+//! One system call moves up to [`CHUNK`] entries instead of one (or two, for a walk), which is
+//! what makes programming tens of thousands of services and walking a large connection table
+//! cheap.
+//!
+//! Semantics, as the kernel implements them: an update or delete batch applies its elements in
+//! order and stops at the first one that fails, reporting how many it applied; a lookup batch
+//! walks a hash map bucket by bucket from an opaque cursor. The functions here keep those
+//! semantics: a failure says which element failed and everything before it is done.
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+use aya::Pod;
+
+use super::sys::{self, bpf_cmd};
+
+/// Elements per system call.
+pub const CHUNK: usize = 4096;
+
+/// A batch that stopped at element `done` (elements `0..done` were applied).
+#[derive(Debug)]
+pub struct Stopped {
+    /// Elements applied before the failing one.
+    pub done: usize,
+    /// Why element `done` failed.
+    pub error: io::Error,
+}
+
+fn errno(e: &io::Error) -> Option<i32> {
+    e.raw_os_error()
+}
+
+/// Inserts or replaces `items` in the map `fd`, in order, [`CHUNK`] per system call.
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, items: &[(K, V)]) -> Result<(), Stopped> {
+    let mut keys: Vec<K> = Vec::with_capacity(items.len().min(CHUNK));
+    let mut values: Vec<V> = Vec::with_capacity(items.len().min(CHUNK));
+    for (c, chunk) in items.chunks(CHUNK).enumerate() {
+        keys.clear();
+        values.clear();
+        keys.extend(chunk.iter().map(|(k, _)| *k));
+        values.extend(chunk.iter().map(|(_, v)| *v));
+        let mut attr = sys::attr();
+        attr.batch.map_fd = fd.as_raw_fd() as u32;
+        attr.batch.keys = keys.as_ptr() as u64;
+        attr.batch.values = values.as_ptr() as u64;
+        attr.batch.count = chunk.len() as u32;
+        // SAFETY: `count` keys and values, alive across the call.
+        let r = unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) };
+        if let Err(error) = r {
+            // SAFETY: the kernel wrote back how many elements it applied.
+            let applied = unsafe { attr.batch.count } as usize;
+            return Err(Stopped { done: c * CHUNK + applied.min(chunk.len()), error });
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `keys` from the map `fd`, in order, [`CHUNK`] per system call. Keys that are absent
+/// are skipped (not an error); returns how many entries were deleted.
+pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, Stopped> {
+    let mut deleted = 0;
+    let mut at = 0;
+    while at < keys.len() {
+        let chunk = &keys[at..keys.len().min(at + CHUNK)];
+        let mut attr = sys::attr();
+        attr.batch.map_fd = fd.as_raw_fd() as u32;
+        attr.batch.keys = chunk.as_ptr() as u64;
+        attr.batch.count = chunk.len() as u32;
+        // SAFETY: `count` keys, alive across the call.
+        let r = unsafe { sys::bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr) };
+        // SAFETY: the kernel wrote back how many elements it deleted.
+        let applied = (unsafe { attr.batch.count } as usize).min(chunk.len());
+        deleted += applied;
+        match r {
+            Ok(_) => at += chunk.len(),
+            // The key after the deleted ones is absent: skip it and go on.
+            Err(e) if errno(&e) == Some(libc::ENOENT) => at += applied + 1,
+            Err(error) => return Err(Stopped { done: at + applied, error }),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Walks the hash map `fd` with `BPF_MAP_LOOKUP_BATCH`, calling `f` on each chunk of keys and
+/// values as raw bytes (`n` entries of `key_size` and `value_size` bytes). Entries added or
+/// removed during the walk may or may not be seen, as with any hash map walk.
+pub fn walk_raw(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut f: impl FnMut(&[u8], &[u8], usize),
+) -> io::Result<()> {
+    let mut chunk = CHUNK;
+    let mut keys = vec![0u8; key_size * chunk];
+    let mut values = vec![0u8; value_size * chunk];
+    // Hash maps use a 4-byte bucket cursor; 8 bytes leave room.
+    let (mut in_batch, mut out_batch) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = sys::attr();
+        attr.batch.in_batch = if first { 0 } else { &in_batch as *const u64 as u64 };
+        attr.batch.out_batch = &mut out_batch as *mut u64 as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = chunk as u32;
+        attr.batch.map_fd = fd.as_raw_fd() as u32;
+        // SAFETY: cursors, key and value buffers of `chunk` entries, all alive across the call.
+        let r = unsafe { sys::bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        // SAFETY: the kernel wrote back how many entries it copied.
+        let got = (unsafe { attr.batch.count } as usize).min(chunk);
+        match r {
+            Ok(_) => f(&keys[..got * key_size], &values[..got * value_size], got),
+            // The end of the map; the last entries come with it.
+            Err(e) if errno(&e) == Some(libc::ENOENT) => {
+                if got > 0 {
+                    f(&keys[..got * key_size], &values[..got * value_size], got);
+                }
+                return Ok(());
+            }
+            // One bucket holds more entries than fit: retry with room for more.
+            Err(e) if errno(&e) == Some(libc::ENOSPC) && chunk < 1 << 20 => {
+                chunk *= 4;
+                keys.resize(key_size * chunk, 0);
+                values.resize(value_size * chunk, 0);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}
+
+/// Walks the hash map `fd` (keys `K`, values `V`), calling `f` on every entry.
+pub fn walk<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut f: impl FnMut(&K, &V)) -> io::Result<()> {
+    let (ks, vs) = (size_of::<K>(), size_of::<V>());
+    walk_raw(fd, ks, vs, |keys, values, n| {
+        for i in 0..n {
+            // SAFETY: `K` and `V` are plain data (any bytes are a valid value) and the slices
+            // hold `n` entries of their sizes; unaligned reads copy them out.
+            let (k, v) = unsafe {
+                (
+                    std::ptr::read_unaligned(keys[i * ks..].as_ptr().cast::<K>()),
+                    std::ptr::read_unaligned(values[i * vs..].as_ptr().cast::<V>()),
+                )
+            };
+            f(&k, &v);
+        }
+    })
+}
+
+/// Every entry of the hash map `fd`.
+pub fn collect<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    walk(fd, |k: &K, v: &V| out.push((*k, *v)))?;
+    Ok(out)
+}
+
+/// Number of entries of the hash map `fd` (keys of `key_size`, values of `value_size` bytes).
+pub fn count(fd: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<u64> {
+    let mut n = 0u64;
+    walk_raw(fd, key_size, value_size, |_, _, got| n += got as u64)?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+
+    use super::*;
+
+    const HASH: u32 = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32;
+    const LRU_HASH: u32 = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LRU_HASH as u32;
+
+    /// A BPF map of `map_type` with u32 keys and u64 values and room for `max` entries; `None`
+    /// without the privileges to create one.
+    fn bpf_map(map_type: u32, max: u32) -> Option<OwnedFd> {
+        let mut attr = sys::attr();
+        attr.__bindgen_anon_1.map_type = map_type;
+        attr.__bindgen_anon_1.key_size = 4;
+        attr.__bindgen_anon_1.value_size = 8;
+        attr.__bindgen_anon_1.max_entries = max;
+        // SAFETY: BPF_MAP_CREATE with an attribute block of plain numbers.
+        let fd = unsafe { sys::bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr) }.ok()?;
+        // SAFETY: a fresh fd we own.
+        Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn contents(fd: &OwnedFd) -> std::collections::BTreeMap<u32, u64> {
+        collect::<u32, u64>(fd.as_fd()).unwrap().into_iter().collect()
+    }
+
+    #[test]
+    fn batches_update_walk_count_and_delete() {
+        for (ty, n) in [(HASH, 0u32), (HASH, 1), (HASH, 10_000), (LRU_HASH, 5000)] {
+            let Some(fd) = bpf_map(ty, 2 * n.max(1)) else {
+                eprintln!("skipped: cannot create BPF maps (not root?)");
+                return;
+            };
+            let items: Vec<(u32, u64)> = (0..n).map(|k| (k, u64::from(k) * 3)).collect();
+            update(fd.as_fd(), &items).unwrap();
+            let got = contents(&fd);
+            assert_eq!(got.len(), n as usize, "type {ty}");
+            assert!(got.iter().all(|(k, v)| *v == u64::from(*k) * 3));
+            assert_eq!(count(fd.as_fd(), 4, 8).unwrap(), u64::from(n));
+            // Every other key, plus keys that are not there (skipped).
+            let gone: Vec<u32> = (0..n + 10).step_by(2).collect();
+            let deleted = delete(fd.as_fd(), &gone).unwrap();
+            assert_eq!(deleted, n.div_ceil(2) as usize);
+            assert_eq!(count(fd.as_fd(), 4, 8).unwrap(), u64::from(n / 2), "type {ty}");
+            assert!(contents(&fd).keys().all(|k| k % 2 == 1));
+        }
+    }
+
+    #[test]
+    fn a_full_map_stops_the_batch_at_the_element_that_did_not_fit() {
+        let Some(fd) = bpf_map(HASH, 100) else {
+            eprintln!("skipped: cannot create BPF maps (not root?)");
+            return;
+        };
+        // Two chunks' worth: the failure index counts across chunks.
+        let items: Vec<(u32, u64)> = (0..(CHUNK as u32 + 10)).map(|k| (k, 1)).collect();
+        let e = update(fd.as_fd(), &items).unwrap_err();
+        assert_eq!(e.done, 100);
+        assert_eq!(e.error.raw_os_error(), Some(libc::E2BIG));
+        assert_eq!(count(fd.as_fd(), 4, 8).unwrap(), 100);
+        // Replacing existing keys still works in a full map.
+        update(fd.as_fd(), &items[..100].iter().map(|(k, _)| (*k, 7u64)).collect::<Vec<_>>())
+            .unwrap();
+        let c = contents(&fd);
+        assert!(c.values().all(|v| *v == 7), "{c:?}");
+    }
+}

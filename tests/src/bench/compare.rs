@@ -1,0 +1,187 @@
+//! The run against the previous one (`bench/results/latest`): every figure that got worse by
+//! more than its own noise, which is the spread (max − min over median) of its samples in either
+//! run, at least [`MIN_NOISE`]; single-sample figures take the median spread of their item.
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Results,
+    results::{Figure, Status},
+};
+
+/// Smallest relative change ever reported (timer and scheduling jitter of a shared machine).
+pub const MIN_NOISE: f64 = 0.05;
+
+/// One figure worse than before.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Regression {
+    /// `item metric system n variant`.
+    pub figure: String,
+    /// Unit.
+    pub unit: String,
+    /// Median in the previous run.
+    pub before: f64,
+    /// Median in this run.
+    pub now: f64,
+    /// How much worse, relative (0.2 = 20% worse).
+    pub worse_by: f64,
+    /// The noise it exceeded, relative.
+    pub noise: f64,
+}
+
+/// Whether larger values of `metric` are better (rates and throughputs); else smaller are.
+pub fn higher_is_better(metric: &str) -> bool {
+    matches!(metric, "rate_per_s" | "udp_pps" | "tcp_bps" | "pps" | "xdp_pps")
+}
+
+fn spread(f: &Figure) -> Option<f64> {
+    let (m, lo, hi) = (f.median?, f.min?, f.max?);
+    (f.samples.len() > 1 && m > 0.0).then(|| (hi - lo) / m)
+}
+
+/// Median spread of the multi-sample figures of each item in `figs`.
+fn item_noise(figs: &[Figure], item: &str) -> Option<f64> {
+    let mut v: Vec<f64> = figs.iter().filter(|f| f.item == item).filter_map(spread).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// The figures of `now` worse than in `before` by more than their noise, worst first. Runs of
+/// different kinds (quick against full) are not compared: `None`.
+pub fn regressions(before: &Results, now: &Results) -> Option<Vec<Regression>> {
+    if before.config.quick != now.config.quick {
+        return None;
+    }
+    let mut out = Vec::new();
+    for f in now.figures.iter().filter(|f| f.status == Status::Ok && f.metric != "samples") {
+        let Some(p) = before.figures.iter().find(|p| {
+            p.status == Status::Ok
+                && (&p.item, &p.metric, &p.system, p.n, &p.variant)
+                    == (&f.item, &f.metric, &f.system, f.n, &f.variant)
+        }) else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (p.median, f.median) else { continue };
+        if a <= 0.0 {
+            continue;
+        }
+        let worse_by = if higher_is_better(&f.metric) { (a - b) / a } else { (b - a) / a };
+        let noise = [spread(f), spread(p)]
+            .into_iter()
+            .flatten()
+            .reduce(f64::max)
+            .or_else(|| item_noise(&now.figures, &f.item))
+            .unwrap_or(0.0)
+            .max(MIN_NOISE);
+        if worse_by > noise {
+            out.push(Regression {
+                figure: format!(
+                    "{} {} {} n={}{}",
+                    f.item,
+                    f.metric,
+                    f.system,
+                    f.n,
+                    if f.variant.is_empty() { String::new() } else { format!(" {}", f.variant) }
+                ),
+                unit: f.unit.clone(),
+                before: a,
+                now: b,
+                worse_by,
+                noise,
+            });
+        }
+    }
+    out.sort_by(|x, y| y.worse_by.total_cmp(&x.worse_by));
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{Config, Machine, results::Recorder};
+
+    fn run(quick: bool, figs: &[(&str, &str, &[f64])]) -> Results {
+        let mut rec = Recorder::default();
+        for (item, metric, samples) in figs {
+            for s in *samples {
+                rec.add(item, metric, "kproxy", 10, "", *s);
+            }
+        }
+        Results {
+            started: String::new(),
+            wall_s: 0.0,
+            machine: Machine {
+                cores: 2,
+                cpu: String::new(),
+                kernel: String::new(),
+                memory_bytes: 0,
+                iptables: String::new(),
+                nft: String::new(),
+            },
+            config: if quick { Config::quick() } else { Config::full() },
+            figures: rec.finish(),
+            notes: Vec::new(),
+            steps: Vec::new(),
+            regressions: None,
+            compared_with: None,
+        }
+    }
+
+    #[test]
+    fn only_changes_beyond_the_noise_in_the_bad_direction_are_listed() {
+        let before = run(
+            false,
+            &[
+                ("1-latency", "p50_us", &[100.0, 104.0, 96.0]),
+                ("3-nodeport", "udp_pps", &[1000.0, 1010.0, 990.0]),
+                ("4-programming", "scratch_s", &[0.5]),
+                ("6-memory", "agent_rss_bytes", &[30.0]),
+            ],
+        );
+        let now = run(
+            false,
+            &[
+                // 15% slower with 8% noise: listed.
+                ("1-latency", "p50_us", &[115.0, 119.0, 111.0]),
+                // 20% more packets: better, not listed.
+                ("3-nodeport", "udp_pps", &[1200.0, 1210.0, 1190.0]),
+                // 3% slower, below the 5% floor: not listed.
+                ("4-programming", "scratch_s", &[0.515]),
+                // 20% more memory, one sample each: the floor applies, listed.
+                ("6-memory", "agent_rss_bytes", &[36.0]),
+            ],
+        );
+        let r = regressions(&before, &now).unwrap();
+        let names: Vec<&str> = r.iter().map(|x| x.figure.as_str()).collect();
+        assert_eq!(names, ["6-memory agent_rss_bytes kproxy n=10", "1-latency p50_us kproxy n=10"]);
+        assert!((r[1].worse_by - 0.15).abs() < 1e-9 && (r[1].noise - 0.08).abs() < 1e-9);
+        // A quick run is not compared with a full one.
+        assert!(regressions(&before, &run(true, &[])).is_none());
+    }
+
+    #[test]
+    fn goals_of_the_open_issues_get_a_row_each_with_a_verdict() {
+        let mut r = run(false, &[]);
+        let mut rec = Recorder::default();
+        rec.add("4-programming", "scratch_s", "kproxy", 10_000, "", 0.4);
+        rec.add("4-programming", "scratch_s", "kproxy", 30_000, "", 1.6);
+        rec.add("6-memory", "agent_rss_bytes", "kproxy", 10_000, "", 30.0 * 1048576.0);
+        r.figures = rec.finish();
+        let rows = crate::bench::report::goals(&r);
+        let get = |prefix: &str| {
+            rows.iter()
+                .find(|(g, _, _)| g.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix}"))
+        };
+        assert_eq!(get("10.5 10,000 services").2, "met");
+        assert_eq!(get("10.5 30,000 services").2, "missed (by 0.100 s)");
+        assert_eq!(get("10.6 agent RSS ≤ 32 MiB").1, "30.0 MiB");
+        assert_eq!(get("10.6 agent RSS ≤ 64 MiB").1, "not measured");
+        assert!(get("13 IPv6").1.starts_with("not measured"));
+        assert!(
+            get("12 change → first connection at 10,000 services p99 < 20 ms")
+                .1
+                .starts_with("not measured")
+        );
+        assert_eq!(rows.iter().filter(|(g, _, _)| g.starts_with("10.1")).count(), 4);
+    }
+}
