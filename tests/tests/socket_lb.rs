@@ -132,10 +132,17 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         .output()
         .unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout);
-    for want in
-        ["kproxy_map_capacity{map=\"conntrack\"} 524288\n", "kproxy_conntrack_evictions_total 0\n"]
-    {
-        assert!(metrics.contains(want), "{want:?} in\n{metrics}");
+    // The conntrack capacity the agent chose (sized from the node's memory) is the pinned map's.
+    let ct_pin = lab
+        .pin_path(0)
+        .join(format!("v{}", kproxy_common::ABI_VERSION))
+        .join(kproxy_common::names::CT4);
+    let ct_cap = aya::maps::MapData::from_pin(&ct_pin).unwrap().info().unwrap().max_entries();
+    for want in [
+        format!("kproxy_map_capacity{{map=\"conntrack\"}} {ct_cap}\n"),
+        "kproxy_conntrack_evictions_total 0\n".to_string(),
+    ] {
+        assert!(metrics.contains(&want), "{want:?} in\n{metrics}");
     }
 
     let counters: Vec<(Reason, u64)> =
