@@ -32,9 +32,10 @@ test: build lint
 	  $(CARGO) xtask kernels 2>&1 | tee -a target/test.log; krc=$$?; \
 	  bash xtask/summary.sh target/test.log; [ $$rc -eq 0 ] && [ $$krc -eq 0 ]
 
-# The kernel matrix alone; KERNELS=5.10,6.1 runs a subset.
+# The kernel matrix alone; KERNELS=5.10,6.1 runs a subset; VERIFIER=1 only loads the programs
+# with each kernel's verifier (minutes, for a datapath change in progress).
 test-kernels: build
-	$(CARGO) xtask kernels $(if $(KERNELS),--kernels $(KERNELS),)
+	$(CARGO) xtask kernels $(if $(KERNELS),--kernels $(KERNELS),) $(if $(VERIFIER),--verifier-only,)
 
 bench: build
 	$(CARGO) xtask bench $(if $(QUICK),--quick,)

@@ -50,6 +50,20 @@ pub struct Opts {
     pub filter: Option<String>,
     /// Skip the end-to-end tests on the oldest kernel.
     pub no_e2e: bool,
+    /// Only load every program (`kproxy-verifier-stats`): a quick check of a datapath change
+    /// against each verifier.
+    pub verifier_only: bool,
+}
+
+/// What runs in one guest.
+#[derive(Debug, Clone, Copy)]
+struct Suites {
+    /// The BPF_PROG_TEST_RUN suite.
+    testrun: bool,
+    /// Its real-socket tests too.
+    sockets: bool,
+    /// The agent end-to-end tests.
+    e2e: bool,
 }
 
 /// Where `make setup` keeps its tools.
@@ -130,8 +144,12 @@ pub fn run(root: &Path, opts: &Opts) -> Result<()> {
     let mut failed = Vec::new();
     for k in selected {
         let oldest = k.series == oldest.series;
-        let e2e = !opts.no_e2e && opts.filter.is_none() && oldest;
-        match run_one(root, k, &exes, &stats, opts.filter.as_deref(), oldest, e2e) {
+        let suites = Suites {
+            testrun: !opts.verifier_only,
+            sockets: oldest,
+            e2e: !opts.verifier_only && !opts.no_e2e && opts.filter.is_none() && oldest,
+        };
+        match run_one(root, k, &exes, &stats, opts.filter.as_deref(), suites) {
             Ok(true) => {}
             Ok(false) => failed.push(k.series.clone()),
             Err(e) => {
@@ -158,8 +176,7 @@ fn run_one(
     exes: &[(String, PathBuf)],
     stats: &Path,
     filter: Option<&str>,
-    sockets: bool,
-    e2e: bool,
+    suites: Suites,
 ) -> Result<bool> {
     let image =
         tools().join("kernels").join(k.release()).join(format!("boot/vmlinuz-{}", k.release()));
@@ -174,15 +191,17 @@ fn run_one(
         "set -u\nmount -t bpf bpf /sys/fs/bpf\nip link set lo up\nexport RUST_BACKTRACE=0\n",
     );
     script += &format!("cd {}\n", q(&tests_dir));
-    script += &format!(
-        "{} --test-threads=2 {} {} > {o}/testrun.txt 2>&1; echo $? > {o}/testrun.rc\n",
-        q(exe(exes, "datapath_testrun")),
-        filter.map(|f| format!("'{f}'")).unwrap_or_default(),
-        if sockets { "" } else { "--skip real_sockets_" },
-        o = q(&out)
-    );
-    script += &format!("{} > {o}/stats.txt 2>&1\n", q(stats), o = q(&out));
-    if e2e {
+    script += &format!("{} > {o}/stats.txt 2>&1; echo $? > {o}/stats.rc\n", q(stats), o = q(&out));
+    if suites.testrun {
+        script += &format!(
+            "{} --test-threads=2 {} {} > {o}/testrun.txt 2>&1; echo $? > {o}/testrun.rc\n",
+            q(exe(exes, "datapath_testrun")),
+            filter.map(|f| format!("'{f}'")).unwrap_or_default(),
+            if suites.sockets { "" } else { "--skip real_sockets_" },
+            o = q(&out)
+        );
+    }
+    if suites.e2e {
         script += &format!(
             "{} --test-threads=1 --exact {} > {o}/e2e.txt 2>&1; echo $? > {o}/e2e.rc\n",
             q(exe(exes, "conformance")),
@@ -217,14 +236,27 @@ fn run_one(
         k.series,
         started.elapsed().as_secs_f64()
     );
-    let mut ok = report(k, &out, "testrun", "BPF_PROG_TEST_RUN suite")?;
-    if let Ok(s) = std::fs::read_to_string(out.join("stats.txt")) {
-        println!("[kernels] linux {}: verifier, per program", k.series);
-        for line in s.lines() {
-            println!("  {line}");
-        }
+    let stats_ok = std::fs::read_to_string(out.join("stats.rc")).is_ok_and(|s| s.trim() == "0");
+    println!("[kernels] linux {}: verifier, per program", k.series);
+    for line in std::fs::read_to_string(out.join("stats.txt")).unwrap_or_default().lines() {
+        println!("  {line}");
     }
-    if e2e {
+    println!(
+        "test [linux {}] verifier_accepts_every_program ... {}",
+        k.series,
+        if stats_ok { "ok" } else { "FAILED" }
+    );
+    println!(
+        "test result: {}. {} passed; {} failed; 0 ignored; 0 measured",
+        if stats_ok { "ok" } else { "FAILED" },
+        u8::from(stats_ok),
+        u8::from(!stats_ok)
+    );
+    let mut ok = stats_ok;
+    if suites.testrun {
+        ok &= report(k, &out, "testrun", "BPF_PROG_TEST_RUN suite")?;
+    }
+    if suites.e2e {
         ok &= report(k, &out, "e2e", "end-to-end tests (agent, lab)")?;
     }
     Ok(ok)

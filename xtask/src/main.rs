@@ -66,6 +66,9 @@ enum Cmd {
         /// Skip the end-to-end tests on the oldest kernel.
         #[arg(long)]
         no_e2e: bool,
+        /// Only load every program with each kernel's verifier (a couple of minutes).
+        #[arg(long)]
+        verifier_only: bool,
     },
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
@@ -117,9 +120,10 @@ fn main() -> Result<()> {
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
         Cmd::Bench { quick, out, only_e2e } => bench(quick, out, only_e2e),
-        Cmd::Kernels { kernels, filter, no_e2e } => {
-            kernels::run(&workspace_root(), &kernels::Opts { kernels, filter, no_e2e })
-        }
+        Cmd::Kernels { kernels, filter, no_e2e, verifier_only } => kernels::run(
+            &workspace_root(),
+            &kernels::Opts { kernels, filter, no_e2e, verifier_only },
+        ),
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers } => {
                 lab_up(nodes, pods, wiring, prefix, servers)
