@@ -8,7 +8,10 @@
 //! type in this crate gets a new version and a migration, never a silent reinterpretation of old
 //! pinned bytes.
 //!
-//! IPv4 maps carry a `4` suffix; IPv6 gets its own maps (`...6`) later, leaving this ABI intact.
+//! IPv4 maps carry a `4` suffix; IPv6 has its own maps (`...6`) beside them, whose layouts mirror
+//! the IPv4 ones with 16-byte addresses. Values without an address (service entry, affinity,
+//! fragment ports) share the IPv4 type. Only the hint bitmaps and the tail-call tables serve both
+//! families.
 #![no_std]
 
 /// Version of the map layout; pins live under `<pin-path>/v{ABI_VERSION}`.
@@ -71,15 +74,24 @@ pub mod names {
     pub const PROG_XDP_NEW: &str = "kp_xdp_new";
     /// XDP tail-call target: an ICMP error.
     pub const PROG_XDP_ICMP: &str = "kp_xdp_icmp";
-    /// The TC tail-call targets and their index in [`CALLS_TC`].
-    pub const TC_CALLS: [(&str, u32); 5] = [
+    /// The TC tail-call targets (both families) and their index in [`CALLS_TC`].
+    pub const TC_CALLS: [(&str, u32); 13] = [
         (PROG_TC_POD_NEW, crate::calls::POD_NEW),
         (PROG_TC_POD_ICMP, crate::calls::POD_ICMP),
         (PROG_TC_TOPOD_ICMP, crate::calls::TOPOD_ICMP),
         (PROG_TC_EXT_NEW, crate::calls::EXT_NEW),
         (PROG_TC_EXT_ICMP, crate::calls::EXT_ICMP),
+        (PROG_TC_POD_NEW6, crate::calls::POD_NEW6),
+        (PROG_TC_POD_ICMP6, crate::calls::POD_ICMP6),
+        (PROG_TC_TOPOD_ICMP6, crate::calls::TOPOD_ICMP6),
+        (PROG_TC_EXT_NEW6, crate::calls::EXT_NEW6),
+        (PROG_TC_EXT_ICMP6, crate::calls::EXT_ICMP6),
+        (PROG_TC_POD6, crate::calls::POD6),
+        (PROG_TC_TOPOD6, crate::calls::TOPOD6),
+        (PROG_TC_EXT6, crate::calls::EXT6),
     ];
-    /// The XDP tail-call targets and their index in [`CALLS_XDP`].
+    /// The XDP tail-call targets and their index in [`CALLS_XDP`] (IPv6 frames are left to
+    /// TC).
     pub const XDP_CALLS: [(&str, u32); 2] =
         [(PROG_XDP_NEW, crate::calls::XDP_NEW), (PROG_XDP_ICMP, crate::calls::XDP_ICMP)];
 
@@ -99,6 +111,57 @@ pub mod names {
         PORT_BITS,
     ];
 
+    /// IPv6 frontend (+ backend slot) → service entry. See [`crate::Service6Key`].
+    pub const SERVICES6: &str = "kp_svc6";
+    /// IPv6 backend id → backend address. See [`crate::Backend6`].
+    pub const BACKENDS6: &str = "kp_be6";
+    /// IPv6 original tuple → connection state. See [`crate::Ct6Value`].
+    pub const CT6: &str = "kp_ct6";
+    /// IPv6 reply tuple → original addresses (reverse NAT, also the SNAT port table).
+    pub const REVNAT6: &str = "kp_rnat6";
+    /// IPv6 client address + service → chosen backend (sessionAffinity: ClientIP).
+    pub const AFFINITY6: &str = "kp_aff6";
+    /// Per-CPU packet counters of IPv6 packets, indexed by [`crate::Reason`] ([`COUNTERS`]
+    /// counts the others).
+    pub const COUNTERS6: &str = "kp_stats6";
+    /// IPv6 node configuration (one entry). See [`crate::NodeConfig6`].
+    pub const CONFIG6: &str = "kp_config6";
+    /// Fragmented IPv6 datagram → its ports, from the first fragment (datapath-internal).
+    pub const FRAG6: &str = "kp_frag6";
+    /// Socket-LB reverse translation for IPv6 sockets. See [`crate::SockRev6Key`].
+    pub const SOCK6: &str = "kp_sock6";
+    /// Per-CPU connection-tracking event counters of [`CT6`], indexed by [`crate::ct_counter`].
+    pub const CT_COUNTERS6: &str = "kp_ctstat6";
+    /// Every pinned IPv6 map, in the order the agent checks them on start (after [`ALL_MAPS`]).
+    pub const ALL_MAPS6: [&str; 10] = [
+        SERVICES6,
+        BACKENDS6,
+        CT6,
+        REVNAT6,
+        AFFINITY6,
+        COUNTERS6,
+        CONFIG6,
+        FRAG6,
+        CT_COUNTERS6,
+        SOCK6,
+    ];
+
+    /// TC tail-call target: the IPv6 fast path of traffic leaving a pod.
+    pub const PROG_TC_POD6: &str = "kp_pod6";
+    /// TC tail-call target: the IPv6 fast path of traffic entering a pod.
+    pub const PROG_TC_TOPOD6: &str = "kp_topod6";
+    /// TC tail-call target: the IPv6 fast path of an external device.
+    pub const PROG_TC_EXT6: &str = "kp_ext6";
+    /// TC tail-call target: a pod's IPv6 packet that needs more than the fast path.
+    pub const PROG_TC_POD_NEW6: &str = "kp_pod_new6";
+    /// TC tail-call target: an ICMPv6 error leaving a pod.
+    pub const PROG_TC_POD_ICMP6: &str = "kp_pod_icmp6";
+    /// TC tail-call target: an ICMPv6 error entering a pod.
+    pub const PROG_TC_TOPOD_ICMP6: &str = "kp_topod_icmp6";
+    /// TC tail-call target: an external device's IPv6 packet that needs more than the fast path.
+    pub const PROG_TC_EXT_NEW6: &str = "kp_ext_new6";
+    /// TC tail-call target: an ICMPv6 error arriving on an external device.
+    pub const PROG_TC_EXT_ICMP6: &str = "kp_ext_icmp6";
     /// Socket LB, cgroup `connect4`: TCP and connected UDP sockets to a frontend are connected to
     /// a backend instead.
     pub const PROG_SOCK_CONNECT4: &str = "kp_sock_conn4";
@@ -108,12 +171,26 @@ pub mod names {
     pub const PROG_SOCK_RECVMSG4: &str = "kp_sock_recv4";
     /// Socket LB, cgroup `getpeername4`: a connected socket reports the frontend as its peer.
     pub const PROG_SOCK_GETPEERNAME4: &str = "kp_sock_peer4";
-    /// The socket-LB programs with their cgroup attach types (as `cgroup/<type>` sections).
-    pub const SOCK_PROGS: [(&str, &str); 4] = [
+    /// Socket LB, cgroup `connect6`: IPv6 (and IPv4-mapped) TCP and connected UDP sockets to a
+    /// frontend are connected to a backend instead.
+    pub const PROG_SOCK_CONNECT6: &str = "kp_sock_conn6";
+    /// Socket LB, cgroup `sendmsg6`: unconnected IPv6 UDP datagrams to a frontend go to a backend.
+    pub const PROG_SOCK_SENDMSG6: &str = "kp_sock_send6";
+    /// Socket LB, cgroup `recvmsg6`: replies from a backend are reported as from the frontend.
+    pub const PROG_SOCK_RECVMSG6: &str = "kp_sock_recv6";
+    /// Socket LB, cgroup `getpeername6`: a connected IPv6 socket reports the frontend as its peer.
+    pub const PROG_SOCK_GETPEERNAME6: &str = "kp_sock_peer6";
+    /// The socket-LB programs (both families) with their cgroup attach types (as
+    /// `cgroup/<type>` sections).
+    pub const SOCK_PROGS: [(&str, &str); 8] = [
         (PROG_SOCK_CONNECT4, "connect4"),
         (PROG_SOCK_SENDMSG4, "sendmsg4"),
         (PROG_SOCK_RECVMSG4, "recvmsg4"),
         (PROG_SOCK_GETPEERNAME4, "getpeername4"),
+        (PROG_SOCK_CONNECT6, "connect6"),
+        (PROG_SOCK_SENDMSG6, "sendmsg6"),
+        (PROG_SOCK_RECVMSG6, "recvmsg6"),
+        (PROG_SOCK_GETPEERNAME6, "getpeername6"),
     ];
 }
 
@@ -131,6 +208,18 @@ pub mod defaults {
     pub const FRAG4_MAX: u32 = 8_192;
     /// Socket-LB reverse entries (socket + backend).
     pub const SOCK4_MAX: u32 = 131_072;
+    /// IPv6 frontend entries plus backend slots in [`super::names::SERVICES6`].
+    pub const SERVICES6_MAX: u32 = SERVICES4_MAX;
+    /// IPv6 backends.
+    pub const BACKENDS6_MAX: u32 = BACKENDS4_MAX;
+    /// IPv6 connection-tracking entries (and as many reverse-NAT entries).
+    pub const CT6_MAX: u32 = CT4_MAX;
+    /// IPv6 session-affinity entries.
+    pub const AFFINITY6_MAX: u32 = AFFINITY4_MAX;
+    /// Fragmented IPv6 datagrams tracked at once.
+    pub const FRAG6_MAX: u32 = FRAG4_MAX;
+    /// IPv6 socket-LB reverse entries.
+    pub const SOCK6_MAX: u32 = SOCK4_MAX;
     /// First port used for NodePort source NAT (outside Linux's default ephemeral range).
     pub const SNAT_PORT_MIN: u16 = 61_000;
     /// Last port used for NodePort source NAT.
@@ -152,8 +241,24 @@ pub mod calls {
     pub const EXT_NEW: u32 = 3;
     /// TC: ICMP errors on external devices.
     pub const EXT_ICMP: u32 = 4;
+    /// TC: slow path of `kp_tc_from_pod` for IPv6.
+    pub const POD_NEW6: u32 = 5;
+    /// TC: ICMPv6 errors leaving a pod.
+    pub const POD_ICMP6: u32 = 6;
+    /// TC: ICMPv6 errors entering a pod.
+    pub const TOPOD_ICMP6: u32 = 7;
+    /// TC: slow path of `kp_tc_ext` for IPv6.
+    pub const EXT_NEW6: u32 = 8;
+    /// TC: ICMPv6 errors on external devices.
+    pub const EXT_ICMP6: u32 = 9;
+    /// TC: the IPv6 entry of `kp_tc_from_pod` (fast path).
+    pub const POD6: u32 = 10;
+    /// TC: the IPv6 entry of `kp_tc_to_pod` (fast path).
+    pub const TOPOD6: u32 = 11;
+    /// TC: the IPv6 entry of `kp_tc_ext` (fast path).
+    pub const EXT6: u32 = 12;
     /// Entries of the TC table.
-    pub const TC_MAX: u32 = 8;
+    pub const TC_MAX: u32 = 16;
     /// XDP: slow path of `kp_xdp_ext`.
     pub const XDP_NEW: u32 = 0;
     /// XDP: ICMP errors.
@@ -202,6 +307,20 @@ pub mod hints {
         (kind * ADDR_WORDS + (bit >> 6), 1u64 << (bit & 63))
     }
 
+    /// The 32-bit word an IPv6 address (four be words, as in packets) folds to for the address
+    /// bitmaps, which both families share: an IPv6 address and an IPv4 one may share a bit (a
+    /// stale bit only costs a lookup).
+    #[inline(always)]
+    pub const fn fold6(addr: &[u32; 4]) -> u32 {
+        addr[0] ^ addr[1] ^ addr[2] ^ addr[3]
+    }
+
+    /// Word index and mask of an IPv6 address (be words) in [`super::names::ADDR_BITS`].
+    #[inline(always)]
+    pub const fn addr6_slot(kind: u32, addr: &[u32; 4]) -> (u32, u64) {
+        addr_slot(kind, fold6(addr))
+    }
+
     /// Word index and mask of `port` (be) of `proto` in [`super::names::PORT_BITS`]; `None` for
     /// protocols other than TCP and UDP.
     #[inline(always)]
@@ -224,6 +343,8 @@ pub mod proto {
     pub const TCP: u8 = 6;
     /// UDP.
     pub const UDP: u8 = 17;
+    /// ICMPv6.
+    pub const ICMPV6: u8 = 58;
     /// SCTP (accepted by Services; kproxy passes it untouched for now).
     pub const SCTP: u8 = 132;
 }
@@ -596,6 +717,196 @@ flags! {
     }
 }
 
+/// An IPv6 address as four 32-bit words exactly as they sit in the packet (be words: the
+/// address `a:b:c:d:e:f:g:h` is `[ab, cd, ef, gh]` read with native loads from the packet).
+pub type Addr6 = [u32; 4];
+
+/// IPv6 frontend key of [`names::SERVICES6`], as [`Service4Key`]. `slot == 0` is the service
+/// entry, slots `1..=count` hold backend ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Service6Key {
+    /// Frontend address (ClusterIP, node IP, external or load-balancer IP), be words.
+    pub addr: Addr6,
+    /// Frontend port, be.
+    pub port: u16,
+    /// IP protocol ([`proto`]).
+    pub proto: u8,
+    /// [`scope::EXTERNAL`] or [`scope::INTERNAL`].
+    pub scope: u8,
+    /// 0 for the service entry, `1..=count` for backend slots.
+    pub slot: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Service6Key>() == 24);
+
+/// Value of [`names::SERVICES6`]: the service entry holds no address, so both families share
+/// its layout ([`Service4Value`]: backend id, service id, count, flags, affinity timeout; all
+/// host order).
+pub type Service6Value = Service4Value;
+
+/// Value of [`names::BACKENDS6`] (key: backend id, u32, host order, never 0; its own id space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Backend6 {
+    /// Backend (pod) address, be words.
+    pub addr: Addr6,
+    /// Backend (target) port, be.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
+
+/// An IPv6 5-tuple as seen in a packet: key of [`names::CT6`] (original direction) and of
+/// [`names::REVNAT6`] (reply direction, as the reply arrives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Tuple6 {
+    /// Source address, be words.
+    pub saddr: Addr6,
+    /// Destination address, be words.
+    pub daddr: Addr6,
+    /// Source port, be.
+    pub sport: u16,
+    /// Destination port, be.
+    pub dport: u16,
+    /// IP protocol (the upper-layer protocol after the extension headers).
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Tuple6>() == 40);
+
+/// Value of [`names::CT6`]: one translated IPv6 connection (as [`Ct4Value`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Value {
+    /// Backend id the connection is bound to (key of [`names::BACKENDS6`]).
+    pub backend_id: u32,
+    /// Service id of the frontend it was balanced from.
+    pub svc_id: u32,
+    /// Backend address the destination was rewritten to, be words.
+    pub backend_addr: Addr6,
+    /// Source address after source NAT, be words; all zero when the source is preserved.
+    pub snat_addr: Addr6,
+    /// Backend port, be.
+    pub backend_port: u16,
+    /// Source port after source NAT, be; 0 when the source is preserved.
+    pub snat_port: u16,
+    /// `ct_state::*`.
+    pub state: u8,
+    /// `ct_flags::*`.
+    pub flags: u8,
+    /// Always zero.
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` when the entry was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet in either direction.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Ct6Value>() == 64);
+
+/// Value of [`names::REVNAT6`]: how to restore an IPv6 reply (key: the reply's [`Tuple6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNat6Value {
+    /// The client's original source address, be words (the reply's new destination).
+    pub client_addr: Addr6,
+    /// The frontend address the client used, be words (the reply's new source).
+    pub frontend_addr: Addr6,
+    /// The client's original source port, be.
+    pub client_port: u16,
+    /// The frontend port the client used, be.
+    pub frontend_port: u16,
+    /// Always zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last reply.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 48);
+
+/// Key of [`names::AFFINITY6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Affinity6Key {
+    /// Client address, be words.
+    pub client_addr: Addr6,
+    /// Service id (host order).
+    pub svc_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Affinity6Key>() == 20);
+
+/// Value of [`names::AFFINITY6`]: no address in it, so the layout is [`Affinity4Value`]'s
+/// (backend id, host order; last use, ns).
+pub type Affinity6Value = Affinity4Value;
+
+/// Key of [`names::FRAG6`]: one fragmented IPv6 datagram, as its fragment headers carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Frag6Key {
+    /// Source address, be words.
+    pub saddr: Addr6,
+    /// Destination address, be words.
+    pub daddr: Addr6,
+    /// Identification of the fragment header, be.
+    pub id: u32,
+    /// Upper-layer protocol (next header after the fragment header).
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Frag6Key>() == 40);
+
+/// Value of [`names::FRAG6`]: the ports from the first fragment; the layout is
+/// [`Frag4Value`]'s (source and destination port, be).
+pub type Frag6Value = Frag4Value;
+
+/// Key of [`names::SOCK6`]: an IPv6 socket that the socket LB sent to a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SockRev6Key {
+    /// Socket cookie (`bpf_get_socket_cookie`, host order).
+    pub cookie: u64,
+    /// Backend address, be words.
+    pub addr: Addr6,
+    /// Backend port, be.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<SockRev6Key>() == 32);
+
+/// Value of [`names::SOCK6`]: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRev6Value {
+    /// Frontend address, be words.
+    pub addr: Addr6,
+    /// Frontend port, be.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRev6Value>() == 20);
+
+/// Value of [`names::CONFIG6`] (an array with one entry, key 0). The source-NAT port range and
+/// the READY flag are [`NodeConfig`]'s, shared by both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeConfig6 {
+    /// The node's IPv6 address used as source for NodePort source NAT, be words. All zero:
+    /// never source-NAT IPv6 (remote backends of external IPv6 traffic are then dropped and
+    /// counted).
+    pub snat_addr: Addr6,
+}
+const _: () = assert!(core::mem::size_of::<NodeConfig6>() == 16);
+
 macro_rules! reasons {
     ($($(#[$doc:meta])* $name:ident = $val:literal, $metric:literal, $drop:literal;)*) => {
         /// Why a packet got its verdict: the index of [`names::COUNTERS`]. Every path through the
@@ -629,7 +940,8 @@ macro_rules! reasons {
 }
 
 reasons! {
-    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    /// Not IP (ARP, ...): passed untouched. (IPv6 packets are counted in
+    /// [`names::COUNTERS6`] under their own reasons.)
     PassNotIpv4 = 0, "pass_not_ipv4", false;
     /// Not for a service and not a reply of a translated flow: passed untouched.
     PassNoService = 1, "pass_no_service", false;
@@ -710,6 +1022,16 @@ mod pod {
     unsafe impl aya::Pod for super::Frag4Value {}
     unsafe impl aya::Pod for super::SockRev4Key {}
     unsafe impl aya::Pod for super::SockRev4Value {}
+    unsafe impl aya::Pod for super::Service6Key {}
+    unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::Tuple6 {}
+    unsafe impl aya::Pod for super::Ct6Value {}
+    unsafe impl aya::Pod for super::RevNat6Value {}
+    unsafe impl aya::Pod for super::Affinity6Key {}
+    unsafe impl aya::Pod for super::Frag6Key {}
+    unsafe impl aya::Pod for super::SockRev6Key {}
+    unsafe impl aya::Pod for super::SockRev6Value {}
+    unsafe impl aya::Pod for super::NodeConfig6 {}
 }
 
 #[cfg(test)]
@@ -749,6 +1071,27 @@ mod tests {
         // their own).
         assert_eq!(seen.iter().filter(|s| **s).count(), 2 * 2 * 3);
         assert_eq!(hints::port_slot(hints::FRONTEND, proto::ICMP, 0), None);
+        // IPv6 addresses fold into the same address bitmaps.
+        let a6 = [0x2001_0002u32.to_be(), 0, 0, 0x10u32.to_be()];
+        let (i, m) = hints::addr6_slot(hints::BACKEND, &a6);
+        assert!((hints::ADDR_WORDS..2 * hints::ADDR_WORDS).contains(&i));
+        assert_eq!(m.count_ones(), 1);
+        assert_ne!(hints::addr6_slot(hints::BACKEND, &[a6[0], 0, 0, 0x11u32.to_be()]), (i, m));
+    }
+
+    #[test]
+    fn ipv6_names_fit_the_kernel_and_calls_fit_their_tables() {
+        for n in names::ALL_MAPS6.iter().chain(names::TC_CALLS[5..].iter().map(|(n, _)| n)) {
+            assert!(n.len() <= 15 && n.ends_with('6'), "{n}");
+        }
+        for (n, i) in names::TC_CALLS {
+            assert!(i < calls::TC_MAX, "{n}");
+            assert_eq!(names::TC_CALLS.iter().filter(|(_, j)| *j == i).count(), 1, "{n}");
+        }
+        for (n, i) in names::XDP_CALLS {
+            assert!(i < calls::XDP_MAX, "{n}");
+            assert_eq!(names::XDP_CALLS.iter().filter(|(_, j)| *j == i).count(), 1, "{n}");
+        }
     }
 
     #[test]

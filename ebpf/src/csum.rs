@@ -40,3 +40,35 @@ pub fn add(buf: &[u8], mut acc: u64) -> u64 {
     }
     acc
 }
+
+/// Checksum field after a 128-bit field of the covered data (an IPv6 address, four words as in
+/// memory) changed from `old` to `new`.
+#[inline(always)]
+pub fn replace16(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut s = (!check) as u64;
+    let mut i = 0;
+    while i < 4 {
+        s += ((!old[i]) & 0xffff) as u64
+            + ((!old[i]) >> 16) as u64
+            + (new[i] & 0xffff) as u64
+            + (new[i] >> 16) as u64;
+        i += 1;
+    }
+    !fold(s)
+}
+
+/// The one's-complement difference `new - old` of two 128-bit fields, as a 32-bit partial sum
+/// (what `bpf_csum_diff` returns; the `to` argument of the skb checksum helpers with size 0).
+#[inline(always)]
+pub fn diff16(old: &[u32; 4], new: &[u32; 4]) -> u32 {
+    let mut s = 0u64;
+    let mut i = 0;
+    while i < 4 {
+        s += ((!old[i]) & 0xffff) as u64
+            + ((!old[i]) >> 16) as u64
+            + (new[i] & 0xffff) as u64
+            + (new[i] >> 16) as u64;
+        i += 1;
+    }
+    fold(s) as u32
+}

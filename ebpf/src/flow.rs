@@ -16,7 +16,7 @@ use kproxy_common::{
 use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
 
 use crate::{
-    ct, icmp, lb, maps,
+    ct, flow6, icmp, lb, maps,
     nat::{self, Fib, Nat, To, Verdict},
     parse::{self, Frag, Ip4, tcp_flags},
     pkt::Packet,
@@ -77,6 +77,8 @@ pub struct Step {
     pub reason: Reason,
     /// Index in the hook's tail-call table, or [`NO_TAIL`].
     pub tail: u32,
+    /// An IPv6 packet: counted in `kp_stats6` (see [`crate::flow6`]).
+    pub v6: bool,
 }
 
 /// [`Step::tail`] of a finished packet.
@@ -85,11 +87,11 @@ pub const NO_TAIL: u32 = u32::MAX;
 impl Step {
     #[inline(always)]
     fn done(verdict: Verdict, reason: Reason) -> Step {
-        Step { verdict, reason, tail: NO_TAIL }
+        Step { verdict, reason, tail: NO_TAIL, v6: false }
     }
     #[inline(always)]
     fn tail(index: u32) -> Step {
-        Step { verdict: Verdict::PASS, reason: Reason::DropTailCall, tail: index }
+        Step { verdict: Verdict::PASS, reason: Reason::DropTailCall, tail: index, v6: false }
     }
 }
 
@@ -120,7 +122,8 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         return Ok(Step::done(Verdict::PASS, Reason::PassNotReady));
     };
     let Some(mut p) = parse::ipv4(c)? else {
-        return Ok(Step::done(Verdict::PASS, Reason::PassNotIpv4));
+        // IPv6 continues in its own programs; anything else is passed.
+        return Ok(flow6::dispatch(c, hook));
     };
     if p.proto == proto::ICMP {
         if icmp::is_error(c, &p) {

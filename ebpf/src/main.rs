@@ -1,20 +1,30 @@
 //! kproxy's XDP and TC entry points. Entry points are thin: each runs the shared pipeline
 //! ([`flow`]), counts the reason of its verdict and turns the verdict into a return code. The
 //! entry programs run the fast path and tail-call the slow-path programs (`*_new`, `*_icmp`)
-//! for the rest.
+//! for the rest. IPv6 frames go from the IPv4 entry programs to the IPv6 entry programs
+//! (`*6`, a tail call), which have their own slow-path programs.
 #![no_std]
 #![no_main]
 
 mod csum;
 mod ct;
+mod ct6;
 mod flow;
+mod flow6;
 mod icmp;
+mod icmp6;
 mod lb;
+mod lb6;
 mod maps;
+mod maps6;
 mod nat;
+mod nat6;
 mod parse;
+mod parse6;
 mod pkt;
+mod pkt6;
 mod sock;
+mod sock6;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
@@ -35,10 +45,10 @@ pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
     if s.tail != NO_TAIL {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_xdp.tail_call(&ctx, s.tail) };
-        maps::count(Reason::DropTailCall);
+        count(Reason::DropTailCall, s.v6);
         return xdp_action::XDP_DROP;
     }
-    xdp_verdict(&ctx, s.verdict, s.reason)
+    xdp_verdict_in(&ctx, s.verdict, s.reason, s.v6)
 }
 
 /// XDP slow path: new connections and the rest the fast path leaves (see `flow`).
@@ -55,10 +65,26 @@ pub fn kp_xdp_icmp(ctx: XdpContext) -> u32 {
     xdp_verdict(&ctx, v, reason)
 }
 
+/// Counts one packet under `reason`, in the counters of its family.
+#[inline(always)]
+fn count(reason: Reason, v6: bool) {
+    if v6 {
+        maps6::count6(reason);
+    } else {
+        maps::count(reason);
+    }
+}
+
 /// Counts `reason` and turns `v` into an XDP action.
 #[inline(always)]
 fn xdp_verdict(ctx: &XdpContext, v: Verdict, reason: Reason) -> u32 {
-    maps::count(reason);
+    xdp_verdict_in(ctx, v, reason, false)
+}
+
+/// [`xdp_verdict`], counting in the counters of the packet's family.
+#[inline(always)]
+fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32 {
+    count(reason, v6);
     if v.action == Action::Pass && reason != Reason::XdpPassToTc {
         mark_handled(ctx);
     }
@@ -75,7 +101,7 @@ fn xdp_verdict(ctx: &XdpContext, v: Verdict, reason: Reason) -> u32 {
 #[classifier]
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
     if handled_by_xdp(&ctx) {
-        maps::count(Reason::PassHandledByXdp);
+        count(Reason::PassHandledByXdp, parse6::is_ipv6(&pkt::Tc(&ctx)));
         return TC_ACT_OK;
     }
     tc_fast(&ctx, Hook::TcExt)
@@ -169,6 +195,89 @@ pub fn kp_ext_icmp(ctx: TcContext) -> i32 {
     tc_verdict(&c, v, reason)
 }
 
+/// TC: the IPv6 fast path of `kp_tc_from_pod` (tail-called for every IPv6 frame).
+#[classifier]
+pub fn kp_pod6(ctx: TcContext) -> i32 {
+    tc_fast6(&ctx, Hook::FromPod)
+}
+
+/// TC: the IPv6 fast path of `kp_tc_to_pod`.
+#[classifier]
+pub fn kp_topod6(ctx: TcContext) -> i32 {
+    tc_fast6(&ctx, Hook::ToPod)
+}
+
+/// TC: the IPv6 fast path of `kp_tc_ext`.
+#[classifier]
+pub fn kp_ext6(ctx: TcContext) -> i32 {
+    tc_fast6(&ctx, Hook::TcExt)
+}
+
+/// TC slow path of IPv6 pod traffic.
+#[classifier]
+pub fn kp_pod_new6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::slow(&mut c, Hook::FromPod);
+    tc_verdict_in(&c, v, reason, true)
+}
+
+/// TC: ICMPv6 errors leaving a pod.
+#[classifier]
+pub fn kp_pod_icmp6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::icmp_error(&mut c, Hook::FromPod);
+    tc_verdict_in(&c, v, reason, true)
+}
+
+/// TC: ICMPv6 errors entering a pod.
+#[classifier]
+pub fn kp_topod_icmp6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::icmp_error(&mut c, Hook::ToPod);
+    tc_verdict_in(&c, v, reason, true)
+}
+
+/// TC slow path of IPv6 traffic on external devices.
+#[classifier]
+pub fn kp_ext_new6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::slow(&mut c, Hook::TcExt);
+    tc_verdict_in(&c, v, reason, true)
+}
+
+/// TC: ICMPv6 errors on external devices.
+#[classifier]
+pub fn kp_ext_icmp6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::icmp_error(&mut c, Hook::TcExt);
+    tc_verdict_in(&c, v, reason, true)
+}
+
+/// Socket LB, cgroup connect6: IPv6 (and IPv4-mapped) sockets to a frontend connect to a
+/// backend.
+#[cgroup_sock_addr(connect6)]
+pub fn kp_sock_conn6(ctx: SockAddrContext) -> i32 {
+    sock6::forward(&ctx, false)
+}
+
+/// Socket LB, cgroup sendmsg6: unconnected IPv6 UDP datagrams to a frontend go to a backend.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kp_sock_send6(ctx: SockAddrContext) -> i32 {
+    sock6::forward(&ctx, true)
+}
+
+/// Socket LB, cgroup recvmsg6: datagrams from a backend show the frontend as their source.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn kp_sock_recv6(ctx: SockAddrContext) -> i32 {
+    sock6::reverse(&ctx, true)
+}
+
+/// Socket LB, cgroup getpeername6: the peer of a balanced IPv6 socket is the frontend.
+#[cgroup_sock_addr(getpeername6)]
+pub fn kp_sock_peer6(ctx: SockAddrContext) -> i32 {
+    sock6::reverse(&ctx, false)
+}
+
 /// Socket LB, cgroup connect4: TCP and connected UDP sockets to a frontend connect to a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn kp_sock_conn4(ctx: SockAddrContext) -> i32 {
@@ -201,16 +310,36 @@ fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
     if s.tail != NO_TAIL {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
-        maps::count(Reason::DropTailCall);
+        count(Reason::DropTailCall, s.v6);
         return TC_ACT_SHOT;
     }
-    tc_verdict(&c, s.verdict, s.reason)
+    tc_verdict_in(&c, s.verdict, s.reason, s.v6)
+}
+
+/// The IPv6 fast path of a TC hook, with the tail call to its IPv6 slow path.
+#[inline(always)]
+fn tc_fast6(ctx: &TcContext, hook: Hook) -> i32 {
+    let mut c = pkt::Tc(ctx);
+    let s = flow6::fast(&mut c, hook);
+    if s.tail != NO_TAIL {
+        // SAFETY: tail call on our own context; returns only if it failed.
+        unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
+        count(Reason::DropTailCall, true);
+        return TC_ACT_SHOT;
+    }
+    tc_verdict_in(&c, s.verdict, s.reason, s.v6)
 }
 
 /// Counts `reason` and turns `v` into a TC action.
 #[inline(always)]
 fn tc_verdict(c: &pkt::Tc, v: Verdict, reason: Reason) -> i32 {
-    maps::count(reason);
+    tc_verdict_in(c, v, reason, false)
+}
+
+/// [`tc_verdict`], counting in the counters of the packet's family.
+#[inline(always)]
+fn tc_verdict_in(c: &pkt::Tc, v: Verdict, reason: Reason, v6: bool) -> i32 {
+    count(reason, v6);
     match v.action {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod frames;
+pub mod frames6;
 pub mod hostnet;
 pub mod lab;
 pub mod manifests;

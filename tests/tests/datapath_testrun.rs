@@ -1006,7 +1006,7 @@ fn malformed_frames_are_counted() {
         }
     }
 
-    // Frames that are fine: IP options are parsed past, later fragments and non-IPv4 pass.
+    // Frames that are fine: IP options are parsed past, later fragments pass.
     let mut opts = tcp.clone();
     opts.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &opts.build());
@@ -1016,10 +1016,14 @@ fn malformed_frames_are_counted() {
     let later = later_fragment(*sa(POD_CLIENT).ip(), *sa(CIP).ip(), 0x4242, 6, b"12345678");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &later);
     assert_eq!((v, out), (TC_ACT_OK, later));
+    // The IPv6 ethertype over an IPv4 header: malformed IPv6, counted with IPv6's counters.
     let mut v6 = good.clone();
     v6[12..14].copy_from_slice(&[0x86, 0xdd]);
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &v6);
-    assert_eq!((v, out), (TC_ACT_OK, v6));
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &v6);
+    assert_eq!(v, TC_ACT_SHOT);
+    let v6_drops =
+        env.maps.counters6().unwrap().into_iter().find(|(r, _)| *r == Reason::DropMalformed);
+    assert_eq!(v6_drops, Some((Reason::DropMalformed, 1)));
 }
 
 fn sh_out(cmd: &str) -> String {
@@ -2032,3 +2036,6 @@ fn conntrack_gc_cost_on_a_large_table() {
          GC deleting all (with their reverse NAT) {delete:?}"
     );
 }
+
+#[path = "datapath_testrun/ipv6.rs"]
+mod ipv6;

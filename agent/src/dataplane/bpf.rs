@@ -34,7 +34,7 @@ pub struct MapSpec {
     pub flags: u32,
 }
 
-const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
+pub(super) const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
     MapSpec {
         name,
         map_type,
@@ -45,7 +45,7 @@ const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
 }
 
 /// `BPF_F_MMAPABLE`.
-const MMAPABLE: u32 = 1 << 10;
+pub(super) const MMAPABLE: u32 = 1 << 10;
 
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
 pub const MAP_SPECS: [MapSpec; 12] = [
@@ -123,7 +123,7 @@ impl<K, V> Hash<K, V> {
 }
 
 impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
-    fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
+    pub(super) fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
         let (data, capacity) = check_pinned(&dir.join(spec.name), spec)?;
         let fd = data
             .fd()
@@ -157,9 +157,11 @@ pub struct BpfDataplane {
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
     hints: Option<Hints>,
+    /// The IPv6 maps (absent on pins of an agent from before them).
+    pub(super) v6: Option<super::bpf6::Maps6>,
 }
 
-fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<Map> {
+pub(super) fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<Map> {
     let (data, _) = check_pinned(&dir.join(spec.name), spec)?;
     Map::from_map_data(data).with_context(|| format!("map {}", spec.name))
 }
@@ -192,6 +194,7 @@ impl BpfDataplane {
             counters: open_map(&dir, stats)?.try_into()?,
             config: open_map(&dir, cfg)?.try_into()?,
             hints,
+            v6: super::bpf6::Maps6::open_if_pinned(&dir)?,
         })
     }
 
@@ -266,7 +269,7 @@ pub(super) fn map_err(
     DataplaneError::Map { map, op, key: key.to_owned(), source }
 }
 
-fn ignore_absent<K: std::fmt::Debug>(
+pub(super) fn ignore_absent<K: std::fmt::Debug>(
     r: Result<(), MapError>,
     map: &'static str,
     key: &K,
@@ -279,7 +282,7 @@ fn ignore_absent<K: std::fmt::Debug>(
     }
 }
 
-fn update_err<K: std::fmt::Debug>(
+pub(super) fn update_err<K: std::fmt::Debug>(
     map: &'static str,
     capacity: u32,
     key: &K,
@@ -307,7 +310,7 @@ fn io_update_err<K: std::fmt::Debug>(
 }
 
 /// Writes `items` to `map` in batches.
-fn put_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+pub(super) fn put_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
     map: &Hash<K, V>,
     name: &'static str,
     items: &[(K, V)],
@@ -319,7 +322,7 @@ fn put_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
 }
 
 /// Deletes `keys` from `map` in batches (absent keys are skipped).
-fn delete_batch<K: aya::Pod + std::fmt::Debug, V>(
+pub(super) fn delete_batch<K: aya::Pod + std::fmt::Debug, V>(
     map: &Hash<K, V>,
     name: &'static str,
     keys: &[K],

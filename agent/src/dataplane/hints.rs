@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::MapData;
-use kproxy_common::{Backend4, Service4Key, hints, names};
+use kproxy_common::{Addr6, Backend4, Backend6, Service4Key, Service6Key, hints, names};
 
 /// One memory-mapped hint map.
 struct Mapped {
@@ -121,6 +121,23 @@ impl Hints {
     /// Marks a backend.
     pub fn backend(&self, b: &Backend4) {
         self.mark(hints::BACKEND, b.addr, b.proto, b.port);
+    }
+
+    fn mark6(&self, kind: u32, addr: &Addr6, proto: u8, port: u16) {
+        let Some((pi, pm)) = hints::port_slot(kind, proto, port) else { return };
+        let (ai, am) = hints::addr6_slot(kind, addr);
+        self.ports.set(pi, pm);
+        self.addrs.set(ai, am);
+    }
+
+    /// Marks the frontend of an IPv6 service entry.
+    pub fn frontend6(&self, key: &Service6Key) {
+        self.mark6(hints::FRONTEND, &key.addr, key.proto, key.port);
+    }
+
+    /// Marks an IPv6 backend.
+    pub fn backend6(&self, b: &Backend6) {
+        self.mark6(hints::BACKEND, &b.addr, b.proto, b.port);
     }
 
     /// Whether `addr:port` of `proto` (be) passes the `kind` filter, as the datapath tests it.

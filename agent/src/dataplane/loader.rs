@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     bpf::{BpfDataplane, MAP_SPECS, MapSpec, check_pinned, maps_dir},
+    bpf6::MAP_SPECS6,
     sys::{self, bpf_cmd},
 };
 
@@ -78,6 +79,12 @@ impl MapSizes {
             names::CT4 | names::REVNAT4 => Some(self.conntrack),
             names::AFFINITY4 => Some(self.affinity),
             names::SOCK4 => Some(sock_entries(self.conntrack)),
+            // IPv6 maps get the capacities of their IPv4 twins.
+            names::SERVICES6 => Some(self.services),
+            names::BACKENDS6 => Some(self.backends),
+            names::CT6 | names::REVNAT6 => Some(self.conntrack),
+            names::AFFINITY6 => Some(self.affinity),
+            names::SOCK6 => Some(sock_entries(self.conntrack)),
             _ => None,
         }
     }
@@ -177,8 +184,10 @@ pub fn node_memory() -> io::Result<u64> {
 pub fn estimated_bytes(sizes: &MapSizes) -> u64 {
     MAP_SPECS
         .iter()
+        .chain(&MAP_SPECS6)
         .filter_map(|s| match s.name {
             names::FRAG4 => Some(hash_map_bytes(s, kproxy_common::defaults::FRAG4_MAX)),
+            names::FRAG6 => Some(hash_map_bytes(s, kproxy_common::defaults::FRAG6_MAX)),
             n => sizes.of(n).map(|e| hash_map_bytes(s, e)),
         })
         .sum()
@@ -267,8 +276,8 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&'static str, PathBuf)> =
-            MAP_SPECS.iter().map(|s| (s.name, dir.join(s.name))).collect();
-        for (spec, (name, pin)) in MAP_SPECS.iter().zip(&pins) {
+            MAP_SPECS.iter().chain(&MAP_SPECS6).map(|s| (s.name, dir.join(s.name))).collect();
+        for (spec, (name, pin)) in MAP_SPECS.iter().chain(&MAP_SPECS6).zip(&pins) {
             if pin.exists() {
                 let (_, max) = check_pinned(pin, spec)?;
                 if let Some(want) = sizes.of(name)
@@ -561,7 +570,7 @@ fn fill_calls(ebpf: &mut Ebpf, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// Sets the hint bits of everything already in the services and backends maps (hint maps
 /// created by this load next to maps an earlier agent filled).
 fn seed_hints(dir: &Path) -> anyhow::Result<()> {
-    use super::Dataplane as _;
+    use super::{Dataplane as _, Dataplane6 as _};
     let dp = BpfDataplane::open(dir.parent().context("pin directory has no parent")?)?;
     let Some(h) = dp.hints() else { return Ok(()) };
     for (key, _) in dp.services()? {
@@ -569,6 +578,12 @@ fn seed_hints(dir: &Path) -> anyhow::Result<()> {
     }
     for (_, b) in dp.backends()? {
         h.backend(&b);
+    }
+    for (key, _) in dp.services6()? {
+        h.frontend6(&key);
+    }
+    for (_, b) in dp.backends6()? {
+        h.backend6(&b);
     }
     Ok(())
 }
@@ -735,7 +750,7 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
         }
         std::fs::remove_dir(&calls).with_context(|| format!("removing {}", calls.display()))?;
     }
-    for spec in &MAP_SPECS {
+    for spec in MAP_SPECS.iter().chain(&MAP_SPECS6) {
         match std::fs::remove_file(dir.join(spec.name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

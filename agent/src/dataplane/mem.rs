@@ -1,9 +1,12 @@
 //! An in-memory [`Dataplane`] for unit tests, with optional capacities to exercise "map full".
 use std::collections::BTreeMap;
 
-use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value, names};
+use kproxy_common::{
+    Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
+    Service6Value, names,
+};
 
-use super::{Dataplane, DataplaneError};
+use super::{Dataplane, Dataplane6, DataplaneError};
 
 /// In-memory maps; `ops` records every write in order so tests can check the write order.
 #[derive(Debug, Default, Clone)]
@@ -20,6 +23,14 @@ pub struct MemDataplane {
     pub backends_capacity: Option<u32>,
     /// Log of writes, in order.
     pub ops: Vec<MemOp>,
+    /// IPv6 node configuration.
+    pub config6: NodeConfig6,
+    /// IPv6 services map contents.
+    pub services6: BTreeMap<Service6Key, Service6Value>,
+    /// IPv6 backends map contents.
+    pub backends6: BTreeMap<u32, Backend6>,
+    /// Log of IPv6 writes, in order.
+    pub ops6: Vec<MemOp6>,
 }
 
 /// One write, as recorded by [`MemDataplane`].
@@ -33,6 +44,19 @@ pub enum MemOp {
     PutService(Service4Key),
     /// `delete_service`.
     DeleteService(Service4Key),
+}
+
+/// One IPv6 write, as recorded by [`MemDataplane`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemOp6 {
+    /// `put_backend6`.
+    PutBackend(u32),
+    /// `delete_backend6`.
+    DeleteBackend(u32),
+    /// `put_service6`.
+    PutService(Service6Key),
+    /// `delete_service6`.
+    DeleteService(Service6Key),
 }
 
 impl Dataplane for MemDataplane {
@@ -95,5 +119,68 @@ impl Dataplane for MemDataplane {
 
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+}
+
+impl Dataplane6 for MemDataplane {
+    fn set_config6(&mut self, cfg: &NodeConfig6) -> Result<(), DataplaneError> {
+        self.config6 = *cfg;
+        Ok(())
+    }
+
+    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError> {
+        if let Some(cap) = self.backends_capacity
+            && !self.backends6.contains_key(&id)
+            && self.backends6.len() as u32 >= cap
+        {
+            return Err(DataplaneError::Full {
+                map: names::BACKENDS6,
+                capacity: cap,
+                key: id.to_string(),
+            });
+        }
+        self.backends6.insert(id, *backend);
+        self.ops6.push(MemOp6::PutBackend(id));
+        Ok(())
+    }
+
+    fn delete_backend6(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.backends6.remove(&id);
+        self.ops6.push(MemOp6::DeleteBackend(id));
+        Ok(())
+    }
+
+    fn put_service6(
+        &mut self,
+        key: &Service6Key,
+        value: &Service6Value,
+    ) -> Result<(), DataplaneError> {
+        if let Some(cap) = self.services_capacity
+            && !self.services6.contains_key(key)
+            && self.services6.len() as u32 >= cap
+        {
+            return Err(DataplaneError::Full {
+                map: names::SERVICES6,
+                capacity: cap,
+                key: format!("{key:?}"),
+            });
+        }
+        self.services6.insert(*key, *value);
+        self.ops6.push(MemOp6::PutService(*key));
+        Ok(())
+    }
+
+    fn delete_service6(&mut self, key: &Service6Key) -> Result<(), DataplaneError> {
+        self.services6.remove(key);
+        self.ops6.push(MemOp6::DeleteService(*key));
+        Ok(())
+    }
+
+    fn services6(&self) -> Result<Vec<(Service6Key, Service6Value)>, DataplaneError> {
+        Ok(self.services6.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn backends6(&self) -> Result<Vec<(u32, Backend6)>, DataplaneError> {
+        Ok(self.backends6.iter().map(|(k, v)| (*k, *v)).collect())
     }
 }

@@ -1,10 +1,14 @@
 //! The datapath as the agent's sync code sees it: a small trait over the BPF maps, with the aya
 //! implementation ([`bpf`]) and an in-memory one ([`mem`]) for unit tests (Katran's
 //! `BaseBpfAdapter` pattern).
-use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value};
+use kproxy_common::{
+    Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
+    Service6Value,
+};
 
 pub mod batch;
 pub mod bpf;
+pub mod bpf6;
 pub mod conntrack;
 pub mod hints;
 pub mod loader;
@@ -111,4 +115,55 @@ pub trait Dataplane {
     fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError>;
     /// Everything in the backends map.
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError>;
+}
+
+/// Writes and reads of the IPv6 service and backend maps and configuration, as [`Dataplane`]
+/// does for IPv4 (same ordering contract: the caller orders the writes).
+pub trait Dataplane6 {
+    /// Writes the IPv6 node configuration.
+    fn set_config6(&mut self, cfg: &NodeConfig6) -> Result<(), DataplaneError>;
+    /// Inserts or replaces an IPv6 backend.
+    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), DataplaneError>;
+    /// Removes an IPv6 backend; removing an absent one is not an error.
+    fn delete_backend6(&mut self, id: u32) -> Result<(), DataplaneError>;
+    /// Inserts or replaces an IPv6 service entry or backend slot.
+    fn put_service6(
+        &mut self,
+        key: &Service6Key,
+        value: &Service6Value,
+    ) -> Result<(), DataplaneError>;
+    /// Removes an IPv6 service entry or backend slot; removing an absent one is not an error.
+    fn delete_service6(&mut self, key: &Service6Key) -> Result<(), DataplaneError>;
+    /// Inserts or replaces IPv6 backends, in order.
+    fn put_backends6(&mut self, items: &[(u32, Backend6)]) -> Result<(), BatchError> {
+        for (i, (id, b)) in items.iter().enumerate() {
+            self.put_backend6(*id, b).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
+    /// Removes IPv6 backends, in order; absent ones are not an error.
+    fn delete_backends6(&mut self, ids: &[u32]) -> Result<(), BatchError> {
+        for (i, id) in ids.iter().enumerate() {
+            self.delete_backend6(*id).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
+    /// Inserts or replaces IPv6 service entries and backend slots, in order.
+    fn put_services6(&mut self, items: &[(Service6Key, Service6Value)]) -> Result<(), BatchError> {
+        for (i, (k, v)) in items.iter().enumerate() {
+            self.put_service6(k, v).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
+    /// Removes IPv6 service entries and backend slots, in order; absent ones are not an error.
+    fn delete_services6(&mut self, keys: &[Service6Key]) -> Result<(), BatchError> {
+        for (i, k) in keys.iter().enumerate() {
+            self.delete_service6(k).map_err(|error| BatchError { done: i, error })?;
+        }
+        Ok(())
+    }
+    /// Everything in the IPv6 services map.
+    fn services6(&self) -> Result<Vec<(Service6Key, Service6Value)>, DataplaneError>;
+    /// Everything in the IPv6 backends map.
+    fn backends6(&self) -> Result<Vec<(u32, Backend6)>, DataplaneError>;
 }

@@ -1,0 +1,187 @@
+//! IPv6 connection tracking: `kp_ct6` (original tuple → translation) and `kp_rnat6` (reply
+//! tuple → original addresses, also the table of allocated source-NAT ports), as [`crate::ct`]
+//! does for IPv4. The state machine and timeouts are the IPv4 ones ([`crate::ct::touch`] on the
+//! common fields).
+use aya_ebpf::bindings::BPF_NOEXIST;
+use kproxy_common::{
+    Addr6, Ct6Value, Frag6Key, Frag6Value, NodeConfig, Reason, RevNat6Value, Tuple6, ct_counter,
+    ct_state, proto, timeouts,
+};
+
+use crate::{
+    maps6::{self, kp_ct6, kp_frag6, kp_rnat6},
+    parse::tcp_flags,
+    parse6::Ip6,
+};
+
+/// Refresh `last_seen_ns` at most this often (saves a cache-line write per packet).
+const TOUCH_NS: u64 = 1_000_000_000;
+
+/// A tuple from its parts.
+#[inline(always)]
+pub fn tuple(saddr: &Addr6, daddr: &Addr6, sport: u16, dport: u16, proto: u8) -> Tuple6 {
+    Tuple6 { saddr: *saddr, daddr: *daddr, sport, dport, proto, _pad: [0; 3] }
+}
+
+/// The live connection entry of an original tuple (expired entries count as absent).
+#[inline(always)]
+pub fn lookup(t: &Tuple6, now: u64) -> Option<*mut Ct6Value> {
+    let v = kp_ct6.get_ptr_mut(t)?;
+    // SAFETY: valid map value pointer.
+    let c = unsafe { &*v };
+    if now.wrapping_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
+        return None;
+    }
+    Some(v)
+}
+
+/// Records a packet of a tracked connection; `reply` says which direction it went.
+#[inline(always)]
+pub fn touch(c: *mut Ct6Value, proto_: u8, flags: u8, reply: bool, now: u64) {
+    // SAFETY: valid map value pointer; racing writers only store equivalent values.
+    let c = unsafe { &mut *c };
+    let mut state = c.state;
+    if proto_ == proto::TCP {
+        if flags & tcp_flags::RST != 0 {
+            state = ct_state::CLOSED;
+        } else if flags & tcp_flags::FIN != 0 && state != ct_state::CLOSED {
+            state = ct_state::CLOSING;
+        } else if reply && state == ct_state::NEW {
+            state = ct_state::ESTABLISHED;
+        }
+    } else if reply && state == ct_state::NEW {
+        state = ct_state::ESTABLISHED;
+    }
+    if state != c.state {
+        c.state = state;
+        c.last_seen_ns = now;
+    } else if now.wrapping_sub(c.last_seen_ns) > TOUCH_NS {
+        c.last_seen_ns = now;
+    }
+}
+
+/// Creates (or replaces) the connection entry of `t`; a new entry is counted in `kp_ctstat6`.
+#[inline(always)]
+pub fn create(t: &Tuple6, v: &Ct6Value) -> Result<(), Reason> {
+    if kp_ct6.insert(t, v, BPF_NOEXIST as u64).is_ok() {
+        maps6::count_ct6(ct_counter::CREATED);
+        return Ok(());
+    }
+    kp_ct6.insert(t, v, 0).map_err(|_| Reason::DropCtInsert)
+}
+
+/// Removes the connection entry of `t` (counted as `ct_counter::DELETED_DATAPATH`).
+#[inline(always)]
+pub fn delete(t: &Tuple6) {
+    if kp_ct6.remove(t).is_ok() {
+        maps6::count_ct6(ct_counter::DELETED_DATAPATH);
+    }
+}
+
+/// The reverse-NAT entry of a reply tuple.
+#[inline(always)]
+pub fn revnat(t: &Tuple6) -> Option<RevNat6Value> {
+    // SAFETY: map values are only read by copy.
+    unsafe { kp_rnat6.get(t) }.copied()
+}
+
+/// Installs the reverse-NAT entry for replies arriving with tuple `reply`.
+#[inline(always)]
+pub fn create_revnat(reply: &Tuple6, v: &RevNat6Value) -> Result<(), Reason> {
+    kp_rnat6.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)
+}
+
+/// A pod's new TCP connection straight to a backend from a client port that a closed
+/// translated connection used: removes the stale entries (see [`crate::ct::clear_stale_revnat`]).
+#[inline(always)]
+pub fn clear_stale_revnat(p: &Ip6, now: u64) -> bool {
+    let reply = tuple(&p.daddr, &p.saddr, p.dport, p.sport, p.proto);
+    let Some(old) = revnat(&reply) else { return false };
+    if old.client_addr != p.saddr || old.client_port != p.sport {
+        return false;
+    }
+    let orig =
+        tuple(&old.client_addr, &old.frontend_addr, old.client_port, old.frontend_port, p.proto);
+    if let Some(c) = lookup(&orig, now) {
+        // SAFETY: valid map value pointer.
+        if unsafe { (*c).state } < ct_state::CLOSING {
+            return false;
+        }
+        delete(&orig);
+    }
+    let _ = kp_rnat6.remove(&reply);
+    true
+}
+
+/// Allocates a source-NAT port for replies `backend → snat address` (the port range is the
+/// node's, shared with IPv4), as [`crate::ct::alloc_snat_port`]. Returns the port (be).
+#[inline(always)]
+pub fn alloc_snat_port(
+    cfg: &NodeConfig,
+    reply: &mut Tuple6,
+    v: &RevNat6Value,
+    hash: u32,
+    now: u64,
+) -> Result<u16, Reason> {
+    let min = cfg.snat_port_min as u32;
+    let max = cfg.snat_port_max as u32;
+    if min == 0 || max < min {
+        return Err(Reason::DropSnatExhausted);
+    }
+    let range = max - min + 1;
+    let start = hash.checked_rem(range).unwrap_or(0);
+    let key = reply;
+    let mut i = 0;
+    while i < 8 {
+        let port = ((min + (start + i).checked_rem(range).unwrap_or(0)) as u16).to_be();
+        key.dport = port;
+        if kp_rnat6.insert(&*key, v, BPF_NOEXIST as u64).is_ok() {
+            return Ok(port);
+        }
+        if snat_port_stale(key, now) && kp_rnat6.insert(&*key, v, 0).is_ok() {
+            return Ok(port);
+        }
+        i += 1;
+    }
+    Err(Reason::DropSnatExhausted)
+}
+
+/// Whether the connection that claimed the reply tuple `key` no longer uses it.
+#[inline(always)]
+fn snat_port_stale(key: &Tuple6, now: u64) -> bool {
+    let Some(old) = kp_rnat6.get_ptr(key) else { return true };
+    // SAFETY: valid map value pointer, read in place.
+    let old = unsafe { &*old };
+    let orig =
+        tuple(&old.client_addr, &old.frontend_addr, old.client_port, old.frontend_port, key.proto);
+    match lookup(&orig, now) {
+        None => true,
+        Some(c) => {
+            // SAFETY: valid map value pointer; fields read in place (no 64-byte copy on the
+            // stack).
+            let c = unsafe { &*c };
+            c.state == ct_state::CLOSED || c.snat_port != key.dport || c.snat_addr != key.daddr
+        }
+    }
+}
+
+#[inline(always)]
+fn frag_key(p: &Ip6) -> Frag6Key {
+    Frag6Key { saddr: p.saddr, daddr: p.daddr, id: p.frag_id, proto: p.proto, _pad: [0; 3] }
+}
+
+/// Remembers the ports of a fragmented datagram from its first fragment.
+#[inline(always)]
+pub fn record_fragment(p: &Ip6) {
+    let v = Frag6Value { sport: p.sport, dport: p.dport, _pad: 0 };
+    // LRU: a full table forgets the oldest datagram, whose later fragments then pass untouched.
+    let _ = kp_frag6.insert(frag_key(p), v, 0);
+}
+
+/// The ports of the datagram a later fragment belongs to, if its first fragment was seen.
+#[inline(always)]
+pub fn fragment_ports(p: &Ip6) -> Option<(u16, u16)> {
+    // SAFETY: map values are only read by copy.
+    let v = unsafe { kp_frag6.get(frag_key(p)) }?;
+    Some((v.sport, v.dport))
+}

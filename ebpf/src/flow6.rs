@@ -1,0 +1,541 @@
+//! The IPv6 pipeline. The IPv4 entry programs only check the ethertype of a frame that is not
+//! IPv4 and tail-call this family's entry program of their hook ([`dispatch`]), so IPv6 adds
+//! neither instructions nor stack to the IPv4 fast path. The IPv6 entry programs run the same
+//! two stages as [`crate::flow`]: the fast path ([`fast`]) passes what the hint bitmaps rule out
+//! after the parse and two array lookups, translates packets of tracked connections and their
+//! replies, and tail-calls the IPv6 slow-path programs ([`slow`], [`icmp_error`]) for new
+//! connections, connections whose backend went away, stale reverse-NAT entries and ICMPv6
+//! errors. Neighbour discovery and the other ICMPv6 messages are passed untouched. IPv6 packets
+//! are counted in `kp_stats6` ([`Step::v6`]).
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use kproxy_common::{
+    Backend6, Ct6Value, NodeConfig, Reason, RevNat6Value, Service6Key, Service6Value, Tuple6,
+    backend_flags, calls, ct_flags, ct_state, hints, proto, scope, svc_flags,
+};
+
+use crate::{
+    ct6,
+    flow::{Hook, NO_TAIL, Step},
+    icmp6, lb6, maps, maps6,
+    nat::{self, Fib, To, Verdict},
+    nat6::{self, Nat6},
+    parse::{Frag, tcp_flags},
+    parse6::{self, Ip6},
+    pkt::Packet,
+    pkt6::Packet6,
+};
+
+type Out = Result<(Verdict, Reason), Reason>;
+
+/// What to do with a packet: translate it to `n` and deliver it `to` (`translate`), or give it
+/// `verdict` as it is (a rejection frame already built in its place, a pass). Each program
+/// decides first and translates in one place, so the translation and route state is on the
+/// stack once (a plain struct, as [`Verdict`], keeps every byte initialised).
+#[derive(Clone, Copy)]
+struct Next {
+    translate: bool,
+    n: Nat6,
+    to: To,
+    verdict: Verdict,
+    reason: Reason,
+}
+
+impl Next {
+    #[inline(always)]
+    fn tx(n: Nat6, to: To, reason: Reason) -> Next {
+        Next { translate: true, n, to, verdict: Verdict::PASS, reason }
+    }
+    #[inline(always)]
+    fn done(verdict: Verdict, reason: Reason) -> Next {
+        let n = Nat6 { saddr: [0; 4], sport: 0, daddr: [0; 4], dport: 0 };
+        Next { translate: false, n, to: To::Stack, verdict, reason }
+    }
+}
+
+/// Carries out `next` on `p`.
+#[inline(always)]
+fn finish<P: Packet6>(c: &mut P, p: &Ip6, next: &Next) -> Out {
+    if !next.translate {
+        return Ok((next.verdict, next.reason));
+    }
+    deliver_with(c, p, &next.n, None, next.to, next.reason)
+}
+
+#[inline(always)]
+fn external(hook: Hook) -> bool {
+    matches!(hook, Hook::XdpExt | Hook::TcExt)
+}
+
+#[inline(always)]
+fn scope_of(hook: Hook) -> u8 {
+    if external(hook) { scope::EXTERNAL } else { scope::INTERNAL }
+}
+
+/// Index of this hook's IPv6 entry program (in the hook's tail-call table; XDP has none).
+#[inline(always)]
+fn entry_call(hook: Hook) -> u32 {
+    match hook {
+        Hook::FromPod => calls::POD6,
+        Hook::ToPod => calls::TOPOD6,
+        Hook::TcExt => calls::EXT6,
+        Hook::XdpExt => calls::XDP_MAX,
+    }
+}
+
+/// What an IPv4 entry program does with a frame that is not IPv4: an IPv6 one goes to the
+/// hook's IPv6 entry program (a tail call; XDP has none yet and leaves IPv6 to TC), anything
+/// else (ARP, ...) is passed.
+#[inline(always)]
+pub fn dispatch<P: Packet>(c: &P, hook: Hook) -> Step {
+    if parse6::is_ipv6(c) {
+        if hook == Hook::XdpExt {
+            return done(Verdict::PASS, Reason::XdpPassToTc);
+        }
+        return tail(entry_call(hook));
+    }
+    Step { verdict: Verdict::PASS, reason: Reason::PassNotIpv4, tail: NO_TAIL, v6: false }
+}
+
+/// Index of this hook's IPv6 slow-path program; `ToPod` and XDP have none (an index past the
+/// table).
+#[inline(always)]
+fn new_call(hook: Hook) -> u32 {
+    match hook {
+        Hook::FromPod => calls::POD_NEW6,
+        Hook::TcExt => calls::EXT_NEW6,
+        Hook::XdpExt => calls::XDP_MAX,
+        Hook::ToPod => calls::TC_MAX,
+    }
+}
+
+/// Index of this hook's ICMPv6-error program (XDP has none).
+#[inline(always)]
+fn icmp_call(hook: Hook) -> u32 {
+    match hook {
+        Hook::FromPod => calls::POD_ICMP6,
+        Hook::ToPod => calls::TOPOD_ICMP6,
+        Hook::TcExt => calls::EXT_ICMP6,
+        Hook::XdpExt => calls::XDP_MAX,
+    }
+}
+
+#[inline(always)]
+fn done(verdict: Verdict, reason: Reason) -> Step {
+    Step { verdict, reason, tail: NO_TAIL, v6: true }
+}
+
+#[inline(always)]
+fn tail(index: u32) -> Step {
+    Step { verdict: Verdict::PASS, reason: Reason::DropTailCall, tail: index, v6: true }
+}
+
+/// A TCP segment opening a connection (SYN without ACK).
+#[inline(always)]
+fn syn_only(p: &Ip6) -> bool {
+    p.proto == proto::TCP && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+}
+
+#[inline(always)]
+fn ktime() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The IPv6 fast path, run by the IPv6 entry programs. A frame that is not IPv6 is passed
+/// (`PassNotIpv4`, counted with the IPv4 counters).
+#[inline(always)]
+pub fn fast<P: Packet6>(c: &mut P, hook: Hook) -> Step {
+    match fast_path(c, hook) {
+        Ok(s) => s,
+        Err(r) => done(Verdict::DROP, r),
+    }
+}
+
+#[inline(always)]
+fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
+    let Some(mut p) = parse6::ipv6(c)? else {
+        return Ok(Step { v6: false, ..done(Verdict::PASS, Reason::PassNotIpv4) });
+    };
+    if p.proto == proto::ICMPV6 {
+        if icmp6::is_error(c, &p) {
+            return Ok(tail(icmp_call(hook)));
+        }
+        // Neighbour discovery, echo, ...: untouched.
+        return Ok(done(Verdict::PASS, Reason::PassUnsupportedProto));
+    }
+    if p.proto != proto::TCP && p.proto != proto::UDP {
+        return Ok(done(Verdict::PASS, Reason::PassUnsupportedProto));
+    }
+    if p.frag == Frag::Later {
+        match ct6::fragment_ports(&p) {
+            Some((sport, dport)) => {
+                p.sport = sport;
+                p.dport = dport;
+            }
+            None => return Ok(done(Verdict::PASS, Reason::PassNoService)),
+        }
+    }
+    let orig = hook != Hook::ToPod && maps6::hinted6(hints::FRONTEND, &p.daddr, p.proto, p.dport);
+    let reply = maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport);
+    if orig || reply {
+        if p.frag == Frag::First {
+            ct6::record_fragment(&p);
+        }
+        let now = ktime();
+        let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
+        if orig && let Some(ctp) = ct6::lookup(&t, now) {
+            // SAFETY: valid map value pointer, copied out.
+            let e: Ct6Value = unsafe { *ctp };
+            if syn_only(&p) && e.state >= ct_state::CLOSING {
+                return Ok(tail(new_call(hook)));
+            }
+            let Some(be) = lb6::backend(e.backend_id)
+                .filter(|be| be.addr == e.backend_addr && be.port == e.backend_port)
+            else {
+                return Ok(tail(new_call(hook)));
+            };
+            ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
+            let next = forward_established(&p, &e, &be, hook);
+            return finish(c, &p, &next).map(|(v, r)| done(v, r));
+        }
+        // Replies before new connections (see `flow::fast_path`).
+        if reply && let Some(rn) = ct6::revnat(&t) {
+            let next = reply_translated(&p, &t, &rn, hook, now);
+            return finish(c, &p, &next).map(|(v, r)| done(v, r));
+        }
+        if orig {
+            return Ok(tail(new_call(hook)));
+        }
+    }
+    if hook == Hook::FromPod
+        && syn_only(&p)
+        && maps6::hinted6(hints::BACKEND, &p.daddr, p.proto, p.dport)
+    {
+        return Ok(tail(new_call(hook)));
+    }
+    Ok(done(Verdict::PASS, Reason::PassNoService))
+}
+
+/// The IPv6 slow path of a `*_new6` program.
+#[inline(always)]
+pub fn slow<P: Packet6>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
+    match run(c, hook) {
+        Ok(v) => v,
+        Err(r) => (Verdict::DROP, r),
+    }
+}
+
+/// The program of ICMPv6 errors: translated like the connection they are about.
+#[inline(always)]
+pub fn icmp_error<P: Packet6>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
+    match run_icmp(c, hook) {
+        Ok(v) => v,
+        Err(r) => (Verdict::DROP, r),
+    }
+}
+
+#[inline(always)]
+fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
+    if maps::ready_config().is_none() {
+        return Ok((Verdict::PASS, Reason::PassNotReady));
+    }
+    let Some(p) = parse6::ipv6(c)? else {
+        return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
+    };
+    let cfg6 = maps6::config6();
+    if let Some(i) = icmp6::parse(c, &p)
+        && let Some(plan) =
+            icmp6::plan(&p, &i, &cfg6, external(hook), hook == Hook::FromPod, ktime())
+    {
+        let inner = Some((&i, &plan.inner));
+        return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
+    }
+    Ok((Verdict::PASS, Reason::PassUnsupportedProto))
+}
+
+#[inline(always)]
+fn run<P: Packet6>(c: &mut P, hook: Hook) -> Out {
+    let Some(cfg) = maps::ready_config() else {
+        return Ok((Verdict::PASS, Reason::PassNotReady));
+    };
+    let Some(mut p) = parse6::ipv6(c)? else {
+        return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
+    };
+    let now = ktime();
+    if p.proto != proto::TCP && p.proto != proto::UDP {
+        return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
+    }
+    match p.frag {
+        Frag::None => {}
+        Frag::First => ct6::record_fragment(&p),
+        Frag::Later => match ct6::fragment_ports(&p) {
+            Some((sport, dport)) => {
+                p.sport = sport;
+                p.dport = dport;
+            }
+            None => return Ok((Verdict::PASS, Reason::PassNoService)),
+        },
+    }
+    let next = decide(c, &p, &cfg, hook, now)?;
+    finish(c, &p, &next)
+}
+
+/// The slow path's decision for `p`.
+#[inline(always)]
+fn decide<P: Packet6>(
+    c: &mut P,
+    p: &Ip6,
+    cfg: &NodeConfig,
+    hook: Hook,
+    now: u64,
+) -> Result<Next, Reason> {
+    let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
+    let mut reason = Reason::TranslatedNew;
+    if hook != Hook::ToPod {
+        match established(c, p, &t, hook, now)? {
+            Tracked::Next(next) => return Ok(next),
+            // The backend went away: balanced anew below (UDP, TCP SYN).
+            Tracked::Rebalance => reason = Reason::Rebalanced,
+            Tracked::No => {}
+        }
+    }
+    // Replies before new connections: a reply tuple is exact, so it must win over a frontend
+    // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
+    if reason != Reason::Rebalanced
+        && let Some(rn) = ct6::revnat(&t)
+    {
+        return Ok(reply_translated(p, &t, &rn, hook, now));
+    }
+    if hook != Hook::ToPod
+        && let Some((key, svc)) = lb6::service(&p.daddr, p.dport, p.proto, scope_of(hook))
+    {
+        // A TCP segment without SYN and without a connection entry: evicted or expired
+        // mid-flow, balanced as new, counted apart.
+        if reason != Reason::Rebalanced
+            && p.proto == proto::TCP
+            && p.tcp_flags & tcp_flags::SYN == 0
+        {
+            reason = Reason::CtMissMidFlow;
+        }
+        return new_conn(c, p, &t, cfg, hook, &key, &svc, now, reason);
+    }
+    if hook == Hook::FromPod && syn_only(p) && ct6::clear_stale_revnat(p, now) {
+        return Ok(Next::done(Verdict::PASS, Reason::PassStaleNatCleared));
+    }
+    Ok(Next::done(Verdict::PASS, Reason::PassNoService))
+}
+
+/// What the connection entry of a packet says.
+enum Tracked {
+    /// Not tracked (or a new connection reusing a closed tuple).
+    No,
+    /// Tracked, but its backend went away and the packet may open a new connection.
+    Rebalance,
+    /// Tracked: what to do.
+    Next(Next),
+}
+
+/// A packet of a tracked connection.
+#[inline(always)]
+fn established<P: Packet6>(
+    c: &mut P,
+    p: &Ip6,
+    t: &Tuple6,
+    hook: Hook,
+    now: u64,
+) -> Result<Tracked, Reason> {
+    let Some(ctp) = ct6::lookup(t, now) else { return Ok(Tracked::No) };
+    // SAFETY: valid map value pointer; read in place (a copy would not fit on the stack).
+    let e: &Ct6Value = unsafe { &*ctp };
+    let syn_only = syn_only(p);
+    if syn_only && e.state >= ct_state::CLOSING {
+        return Ok(Tracked::No);
+    }
+    let be = match lb6::backend(e.backend_id) {
+        Some(be) if be.addr == e.backend_addr && be.port == e.backend_port => be,
+        _ => {
+            // The backend was removed (or its id reused for another address).
+            ct6::delete(t);
+            if p.proto == proto::UDP || syn_only {
+                return Ok(Tracked::Rebalance);
+            }
+            let v = nat6::tcp_reset(c, p)?;
+            return Ok(Tracked::Next(Next::done(v, Reason::ResetBackendGone)));
+        }
+    };
+    ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
+    Ok(Tracked::Next(forward_established(p, e, &be, hook)))
+}
+
+/// Translates and delivers a packet of the tracked connection `e` to its backend `be`.
+#[inline(always)]
+fn forward_established(p: &Ip6, e: &Ct6Value, be: &Backend6, hook: Hook) -> Next {
+    let snat = e.flags & ct_flags::SNAT != 0;
+    let n = Nat6 {
+        saddr: if snat { e.snat_addr } else { p.saddr },
+        sport: if snat { e.snat_port } else { p.sport },
+        daddr: e.backend_addr,
+        dport: e.backend_port,
+    };
+    let to = if e.flags & ct_flags::HAIRPIN != 0 {
+        To::Bounce
+    } else if external(hook) && be.flags & backend_flags::LOCAL == 0 {
+        To::Fib
+    } else {
+        To::Stack
+    };
+    Next::tx(n, to, Reason::TranslatedEstablished)
+}
+
+/// First packet of a connection to an IPv6 service frontend.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn new_conn<P: Packet6>(
+    c: &mut P,
+    p: &Ip6,
+    t: &Tuple6,
+    cfg: &NodeConfig,
+    hook: Hook,
+    key: &Service6Key,
+    svc: &Service6Value,
+    now: u64,
+    reason: Reason,
+) -> Result<Next, Reason> {
+    if svc.count == 0 {
+        if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
+            return Err(Reason::DropNoLocalBackend);
+        }
+        let v = if p.proto == proto::TCP {
+            nat6::tcp_reset(c, p)?
+        } else {
+            nat6::icmp_unreachable(c, p)?
+        };
+        return Ok(Next::done(v, Reason::RejectNoBackend));
+    }
+    let (id, be) = lb6::pick(key, svc, t, now)?;
+    let local = be.flags & backend_flags::LOCAL != 0;
+    // Hairpin: a pod balanced to itself (see `flow::new_conn`).
+    let hairpin = hook == Hook::FromPod && be.addr == p.saddr;
+    let snat = hairpin || (external(hook) && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
+    let snat_addr = if hairpin { p.daddr } else { maps6::config6().snat_addr };
+    let sc = maps6::scratch()?;
+    sc.rn = RevNat6Value {
+        client_addr: p.saddr,
+        frontend_addr: p.daddr,
+        client_port: p.sport,
+        frontend_port: p.dport,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let mut n = Nat6 { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
+    let mut flags = if external(hook) { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
+    if svc.flags & svc_flags::NODE_PORT != 0 {
+        flags |= ct_flags::REPLY_FIB;
+    }
+    if snat {
+        if snat_addr == [0; 4] {
+            return Err(Reason::DropNoSnatAddr);
+        }
+        sc.reply = ct6::tuple(&be.addr, &snat_addr, be.port, 0, p.proto);
+        n.sport = ct6::alloc_snat_port(cfg, &mut sc.reply, &sc.rn, lb6::hash(t), now)?;
+        n.saddr = snat_addr;
+        flags |= ct_flags::SNAT;
+        if hairpin {
+            flags |= ct_flags::HAIRPIN;
+        }
+    } else {
+        sc.reply = ct6::tuple(&be.addr, &p.saddr, be.port, p.sport, p.proto);
+        ct6::create_revnat(&sc.reply, &sc.rn)?;
+    }
+    let e = &mut sc.ct;
+    *e = Ct6Value {
+        backend_id: id,
+        svc_id: svc.svc_id,
+        backend_addr: be.addr,
+        snat_addr: if snat { n.saddr } else { [0; 4] },
+        backend_port: be.port,
+        snat_port: if snat { n.sport } else { 0 },
+        state: ct_state::NEW,
+        flags,
+        _pad: 0,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    ct6::create(t, e)?;
+    let to = if hairpin {
+        To::Bounce
+    } else if external(hook) && !local {
+        To::Fib
+    } else {
+        To::Stack
+    };
+    Ok(Next::tx(n, to, reason))
+}
+
+/// A reply of a translated connection: restore the frontend as source and the client as
+/// destination.
+#[inline(always)]
+fn reply_translated(p: &Ip6, t: &Tuple6, rn: &RevNat6Value, hook: Hook, now: u64) -> Next {
+    let orig =
+        ct6::tuple(&rn.client_addr, &rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
+    let mut ct_fl = 0;
+    if let Some(ctp) = ct6::lookup(&orig, now) {
+        ct6::touch(ctp, p.proto, p.tcp_flags, true, now);
+        // SAFETY: valid map value pointer.
+        ct_fl = unsafe { (*ctp).flags };
+    }
+    let n = Nat6 {
+        saddr: rn.frontend_addr,
+        sport: rn.frontend_port,
+        daddr: rn.client_addr,
+        dport: rn.client_port,
+    };
+    let to = if rn.client_addr == p.saddr && hook == Hook::FromPod {
+        To::Bounce
+    } else if external(hook) && {
+        let s = maps6::config6().snat_addr;
+        s != [0; 4] && t.daddr == s
+    } {
+        // Replies to the node's source-NAT address go back out to an external client.
+        To::Fib
+    } else if hook != Hook::ToPod && ct_fl & ct_flags::REPLY_FIB != 0 {
+        To::Fib
+    } else {
+        To::Stack
+    };
+    Next::tx(n, to, Reason::ReplyTranslated)
+}
+
+/// Translates and delivers (also the packet quoted by an ICMPv6 error). XDP leaves packets
+/// whose neighbour is unresolved to TC, untouched.
+#[inline(always)]
+fn deliver_with<P: Packet6>(
+    c: &mut P,
+    p: &Ip6,
+    n: &Nat6,
+    inner: Option<(&icmp6::Inner6, &Nat6)>,
+    to: To,
+    reason: Reason,
+) -> Out {
+    let f = &mut maps6::scratch()?.fib;
+    let mut fib = Fib::None;
+    if to == To::Fib {
+        // SAFETY: all-zero is a valid bpf_fib_lookup.
+        *f = unsafe { core::mem::zeroed() };
+        match nat6::route(c, p, &n.saddr, &n.daddr, f) {
+            Fib::Resolved => fib = Fib::Resolved,
+            _ if P::XDP => return Ok((Verdict::PASS, Reason::XdpPassToTc)),
+            Fib::NoNeigh => fib = Fib::NoNeigh,
+            _ => return Err(Reason::DropFib),
+        }
+    }
+    nat6::apply(c, p, n)?;
+    if let Some((i, inn)) = inner {
+        icmp6::apply_inner(c, p, i, inn)?;
+    }
+    match fib {
+        Fib::None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
+        Fib::None => Ok((Verdict::PASS, reason)),
+        _ => Ok((nat6::forward(c, p, f, fib)?, reason)),
+    }
+}

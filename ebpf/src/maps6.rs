@@ -1,0 +1,128 @@
+//! The IPv6 maps of the datapath, with their purpose (the IPv4 ones and those both families
+//! share are in [`crate::maps`]). Types come from `kproxy_common`; capacities are defaults the
+//! agent overrides at load time.
+#![allow(non_upper_case_globals)] // map statics are named as the kernel objects they become
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use kproxy_common::{
+    Addr6, Affinity6Key, Affinity6Value, Backend6, Ct6Value, Frag6Key, Frag6Value, NodeConfig6,
+    REASON_MAX, Reason, RevNat6Value, Service6Key, Service6Value, SockRev6Key, SockRev6Value,
+    Tuple6, ct_counter, defaults, hints,
+};
+
+use crate::maps::{kp_addrbits, kp_portbits};
+
+/// IPv6 frontend (+ backend slot) → service entry / backend id.
+#[btf_map]
+pub static kp_svc6: HashMap<Service6Key, Service6Value, { defaults::SERVICES6_MAX as usize }> =
+    HashMap::new();
+
+/// IPv6 backend id → backend address and port.
+#[btf_map]
+pub static kp_be6: HashMap<u32, Backend6, { defaults::BACKENDS6_MAX as usize }> = HashMap::new();
+
+/// IPv6 original tuple → translated connection (LRU: a full table evicts the oldest flow).
+#[btf_map]
+pub static kp_ct6: LruHashMap<Tuple6, Ct6Value, { defaults::CT6_MAX as usize }> = LruHashMap::new();
+
+/// IPv6 reply tuple → original client and frontend (reverse NAT; also the SNAT port table).
+#[btf_map]
+pub static kp_rnat6: LruHashMap<Tuple6, RevNat6Value, { defaults::CT6_MAX as usize }> =
+    LruHashMap::new();
+
+/// IPv6 client + service → backend, for sessionAffinity ClientIP.
+#[btf_map]
+pub static kp_aff6: LruHashMap<Affinity6Key, Affinity6Value, { defaults::AFFINITY6_MAX as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU counters of IPv6 packets, indexed by `Reason`.
+#[btf_map]
+pub static kp_stats6: PerCpuArray<u64, { REASON_MAX as usize }> = PerCpuArray::new();
+
+/// Fragmented IPv6 datagram → its ports, so that later fragments follow the first one's
+/// translation.
+#[btf_map]
+pub static kp_frag6: LruHashMap<Frag6Key, Frag6Value, { defaults::FRAG6_MAX as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU connection-tracking events of `kp_ct6`, indexed by `ct_counter`.
+#[btf_map]
+pub static kp_ctstat6: PerCpuArray<u64, { ct_counter::MAX as usize }> = PerCpuArray::new();
+
+/// Socket LB: socket cookie + IPv6 backend → the frontend the socket asked for.
+#[btf_map]
+pub static kp_sock6: LruHashMap<SockRev6Key, SockRev6Value, { defaults::SOCK6_MAX as usize }> =
+    LruHashMap::new();
+
+/// IPv6 node configuration (one entry), written by the agent.
+#[btf_map]
+pub static kp_config6: Array<NodeConfig6, 1> = Array::new();
+
+/// Bytes of the scratch frame buffer.
+pub const SCRATCH: usize = 128;
+
+/// Per-CPU scratch space of the IPv6 programs: what does not fit on the BPF stack beside the
+/// IPv6 slow path's state (addresses are four times longer than IPv4's).
+pub struct Scratch6 {
+    /// Where the rejection frames are built.
+    pub frame: [u8; SCRATCH],
+    /// A connection entry being created.
+    pub ct: Ct6Value,
+    /// The reverse-NAT entry of a connection being created.
+    pub rn: RevNat6Value,
+    /// The reply tuple of a connection being created.
+    pub reply: Tuple6,
+    /// Route lookup parameters and result.
+    pub fib: FibParams,
+}
+
+/// This CPU's scratch space. Not pinned: each load has its own.
+#[btf_map]
+pub static kp_scratch6: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
+
+/// This CPU's scratch space (used by one program at a time on a CPU).
+#[inline(always)]
+pub fn scratch() -> Result<&'static mut Scratch6, Reason> {
+    let b = kp_scratch6.get_ptr_mut(0).ok_or(Reason::DropRewrite)?;
+    // SAFETY: per-CPU slot; programs run to completion on their CPU.
+    Ok(unsafe { &mut *b })
+}
+
+/// Counts one IPv6 packet under `reason`.
+#[inline(always)]
+pub fn count6(reason: Reason) {
+    if let Some(c) = kp_stats6.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts one IPv6 connection-tracking event (`ct_counter::*`).
+#[inline(always)]
+pub fn count_ct6(event: u32) {
+    if let Some(c) = kp_ctstat6.get_ptr_mut(event) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Whether `addr:port` (be) of `proto` may be an IPv6 frontend or backend (`kind`): both its
+/// port bit and its folded address bit are set (the bitmaps both families share).
+#[inline(always)]
+pub fn hinted6(kind: u32, addr: &Addr6, proto_: u8, port: u16) -> bool {
+    let Some((pi, pm)) = hints::port_slot(kind, proto_, port) else { return false };
+    if !kp_portbits.get(pi).is_some_and(|w| *w & pm != 0) {
+        return false;
+    }
+    let (ai, am) = hints::addr6_slot(kind, addr);
+    kp_addrbits.get(ai).is_some_and(|w| *w & am != 0)
+}
+
+/// The node's IPv6 configuration (all zero until the agent writes it).
+#[inline(always)]
+pub fn config6() -> NodeConfig6 {
+    kp_config6.get(0).copied().unwrap_or_default()
+}

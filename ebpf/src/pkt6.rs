@@ -1,0 +1,168 @@
+//! IPv6 packet rewrites for both program types. IPv6 has no header checksum: an address change
+//! only touches the L4 checksum, through its pseudo-header. XDP writes directly and updates the
+//! checksum incrementally (RFC 1624); TC uses `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR`
+//! (and `BPF_F_IPV6` where the kernel knows it), so CHECKSUM_PARTIAL skbs from local sockets
+//! stay right.
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::{bpf_l4_csum_replace, bpf_skb_store_bytes},
+};
+use kproxy_common::{Addr6, Reason, proto};
+
+use crate::{
+    csum,
+    parse6::{HOP_LIMIT, Ip6},
+    pkt::{Packet, Tc, Xdp, ptr_at},
+};
+
+/// `BPF_F_IPV6` (Linux 6.16): the pseudo-header change of an IPv6 packet must not touch
+/// `skb->csum` of a CHECKSUM_COMPLETE skb. Older kernels refuse the flag; the helper is then
+/// called without it.
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// Offset of the L4 checksum of `p` (None without an L4 header we maintain).
+#[inline(always)]
+pub fn l4_csum_off(p: &Ip6) -> Option<usize> {
+    if !p.has_l4 {
+        return None;
+    }
+    match p.proto {
+        proto::TCP => Some(p.l4 + 16),
+        proto::UDP => Some(p.l4 + 6),
+        proto::ICMPV6 => Some(p.l4 + 2),
+        _ => None,
+    }
+}
+
+/// IPv6 rewrites, beside [`Packet`]'s family-neutral ones.
+pub trait Packet6: Packet {
+    /// Replaces the address at `off` (`old` → `new`), fixing the L4 checksum (pseudo-header).
+    fn set_addr6(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason>;
+    /// Replaces a 16-bit word at `off` covered by the L4 checksum (a port, or a quoted port of
+    /// an ICMPv6 error).
+    fn set_l4_word(&mut self, p: &Ip6, off: usize, old: u16, new: u16) -> Result<(), Reason>;
+    /// Replaces a 128-bit field at `off` covered by the L4 checksum but not part of the
+    /// pseudo-header (a quoted address of an ICMPv6 error).
+    fn set_l4_addr(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason>;
+    /// Decrements the hop limit (no checksum covers it).
+    fn set_hop_limit(&mut self, hop_limit: u8) -> Result<(), Reason>;
+}
+
+impl Xdp<'_> {
+    #[inline(always)]
+    fn fix_l4_6(&self, p: &Ip6, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
+        let Some(off) = l4_csum_off(p) else { return Ok(()) };
+        let c: *mut u16 = ptr_at(self, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            let mut v = csum::replace16(*c, old, new);
+            if p.proto == proto::UDP && v == 0 {
+                v = 0xffff;
+            }
+            *c = v;
+        }
+        Ok(())
+    }
+}
+
+impl Packet6 for Xdp<'_> {
+    #[inline(always)]
+    fn set_addr6(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
+        let a: *mut Addr6 = ptr_at(self, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { a.write_unaligned(*new) };
+        self.fix_l4_6(p, old, new)
+    }
+    #[inline(always)]
+    fn set_l4_word(&mut self, p: &Ip6, off: usize, old: u16, new: u16) -> Result<(), Reason> {
+        let a: *mut u16 = ptr_at(self, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { a.write_unaligned(new) };
+        let Some(coff) = l4_csum_off(p) else { return Ok(()) };
+        let c: *mut u16 = ptr_at(self, coff)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            let mut v = csum::replace2(*c, old, new);
+            if p.proto == proto::UDP && v == 0 {
+                v = 0xffff;
+            }
+            *c = v;
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    fn set_l4_addr(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
+        self.set_addr6(p, off, old, new)
+    }
+    #[inline(always)]
+    fn set_hop_limit(&mut self, hop_limit: u8) -> Result<(), Reason> {
+        let h: *mut u8 = ptr_at(self, HOP_LIMIT)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *h = hop_limit };
+        Ok(())
+    }
+}
+
+impl Tc<'_> {
+    #[inline(always)]
+    fn store6<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
+        // SAFETY: helper bounds-checks against the skb.
+        let r = unsafe {
+            bpf_skb_store_bytes(
+                self.0.skb.skb as *mut _,
+                off as u32,
+                v as *const T as *const _,
+                size_of::<T>() as u32,
+                0,
+            )
+        };
+        if r != 0 { Err(Reason::DropRewrite) } else { Ok(()) }
+    }
+
+    /// `bpf_l4_csum_replace` on the L4 checksum of `p`, trying `BPF_F_IPV6` first.
+    #[inline(always)]
+    fn l4_6(&self, p: &Ip6, from: u64, to: u64, flags: u64) -> Result<(), Reason> {
+        let Some(off) = l4_csum_off(p) else { return Ok(()) };
+        let mut f = flags;
+        if p.proto == proto::UDP {
+            f |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        let skb = self.0.skb.skb as *mut _;
+        let pseudo = flags & BPF_F_PSEUDO_HDR as u64 != 0;
+        let mut r = -1;
+        if pseudo {
+            // SAFETY: helper bounds-checks against the skb.
+            r = unsafe { bpf_l4_csum_replace(skb, off as u32, from, to, f | BPF_F_IPV6) };
+        }
+        if r != 0 {
+            // SAFETY: as above.
+            r = unsafe { bpf_l4_csum_replace(skb, off as u32, from, to, f) };
+        }
+        if r != 0 { Err(Reason::DropRewrite) } else { Ok(()) }
+    }
+}
+
+impl Packet6 for Tc<'_> {
+    #[inline(always)]
+    fn set_addr6(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
+        // Size 0: `to` is the checksum difference of the whole address.
+        self.l4_6(p, 0, csum::diff16(old, new) as u64, BPF_F_PSEUDO_HDR as u64)?;
+        self.store6(off, new)
+    }
+    #[inline(always)]
+    fn set_l4_word(&mut self, p: &Ip6, off: usize, old: u16, new: u16) -> Result<(), Reason> {
+        self.l4_6(p, old as u64, new as u64, 2)?;
+        self.store6(off, &new)
+    }
+    #[inline(always)]
+    fn set_l4_addr(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
+        self.l4_6(p, 0, csum::diff16(old, new) as u64, 0)?;
+        self.store6(off, new)
+    }
+    #[inline(always)]
+    fn set_hop_limit(&mut self, hop_limit: u8) -> Result<(), Reason> {
+        self.store6(HOP_LIMIT, &hop_limit)
+    }
+}

@@ -1,0 +1,494 @@
+//! IPv6 packets through the same programs: the IPv4 entry programs hand IPv6 frames to the
+//! IPv6 ones (a tail call), whose maps are filled through the agent's `Dataplane6`. Output
+//! frames are checked byte for byte and by the independent checksum code of
+//! `kproxy_tests::frames6`; IPv6 packets are counted in their own counters.
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use kproxy::dataplane::Dataplane6;
+use kproxy_common::{Backend6, NodeConfig6, Service6Key, Service6Value};
+use kproxy_tests::frames6::{self, DEST_OPTS, Ext, Frame6, HOP_BY_HOP};
+
+use super::*;
+
+const CIP6: &str = "[2001:2:ff::10]:80";
+const DNS6: &str = "[2001:2:ff::10]:53";
+const BE6_1: &str = "[2001:2:100::11]:8080";
+const BE6_2: &str = "[2001:2:100::12]:8080";
+const POD6: &str = "[2001:2:100::10]:41000";
+const CLIENT6: &str = "[2001:2::2]:40000";
+const NODE6: &str = "2001:2::10";
+
+fn sa6(s: &str) -> SocketAddrV6 {
+    s.parse().unwrap()
+}
+
+/// The datapath's form of an IPv6 address: four words as they sit in the packet.
+fn words(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()))
+}
+
+impl Env {
+    fn backend6(&mut self, id: u32, addr: &str, flags: u8, p: u8) {
+        let a = sa6(addr);
+        let b = Backend6 { addr: words(*a.ip()), port: a.port().to_be(), proto: p, flags };
+        self.maps.put_backend6(id, &b).unwrap();
+    }
+
+    /// Writes an IPv6 service the way the agent does: slots first, the service entry last.
+    fn service6(&mut self, fe: &str, p: u8, sc: u8, flags: u16, backends: &[u32], svc_id: u32) {
+        let a = sa6(fe);
+        let key = Service6Key {
+            addr: words(*a.ip()),
+            port: a.port().to_be(),
+            proto: p,
+            scope: sc,
+            slot: 0,
+            _pad: 0,
+        };
+        for (i, id) in backends.iter().enumerate() {
+            let k = Service6Key { slot: i as u16 + 1, ..key };
+            let v = Service6Value { backend_id: *id, svc_id, ..Default::default() };
+            self.maps.put_service6(&k, &v).unwrap();
+        }
+        let v = Service6Value {
+            backend_id: 0,
+            svc_id,
+            count: backends.len() as u16,
+            flags,
+            affinity_timeout: 0,
+        };
+        self.maps.put_service6(&key, &v).unwrap();
+    }
+
+    fn counters6(&self) -> BTreeMap<Reason, u64> {
+        self.maps.counters6().unwrap().into_iter().filter(|(_, n)| *n > 0).collect()
+    }
+}
+
+/// Asserts the IPv6 counters (and that nothing was counted as IPv4).
+#[track_caller]
+fn assert_counts6(env: &Env, want: &[(Reason, u64)]) {
+    let want: BTreeMap<Reason, u64> = want.iter().copied().collect();
+    assert_eq!(env.counters6(), want, "IPv6 counters");
+    assert_eq!(env.counters(), BTreeMap::new(), "IPv4 counters");
+}
+
+/// Asserts the output frame equals `want` byte for byte and has valid checksums.
+#[track_caller]
+fn assert_frame6(got: &[u8], want: &Frame6) {
+    if let Err(e) = frames6::verify_checksums(got) {
+        panic!("{e}: {:?}", frames6::decode(got));
+    }
+    assert_eq!(frames6::decode(got).as_ref(), Some(want), "decoded frame");
+    assert_eq!(got, &want.build()[..], "frame bytes");
+}
+
+#[test]
+fn ipv6_maps_are_pinned_with_the_ipv4_ones() {
+    let env = Env::new();
+    for m in names::ALL_MAPS6 {
+        assert!(env.dir.join("v1").join(m).exists(), "{m} pinned");
+    }
+    assert!(BpfDataplane::open(&env.dir).unwrap().has_ipv6());
+}
+
+#[test]
+fn ipv6_clusterip_tcp_forward_and_reply() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+
+    // SYN from a pod: destination becomes the backend (pseudo-header checksum), source kept.
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
+
+    // Second packet of the connection (the fast path of the IPv6 entry program).
+    let data = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &data.clone().with_dst(sa6(BE6_1)));
+
+    // The reply leaving the backend pod, entering the client pod and arriving from a remote
+    // node (XDP): source becomes the ClusterIP.
+    let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
+    let want = synack.clone().with_src(sa6(CIP6));
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &want);
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &want);
+    let (v, out) = env.tc(names::PROG_TC_EXT, &synack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &want);
+    // XDP leaves IPv6 to TC, untouched and unmarked.
+    let (v, out, marked) = env.xdp_meta(&synack.build());
+    assert_eq!((v, &out[..], marked), (XDP_PASS, &synack.build()[..], false));
+
+    let ct = env.maps.conntrack6().unwrap();
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct[0].1.state, kproxy_common::ct_state::ESTABLISHED);
+    assert_eq!(ct[0].1.backend_addr, words(*sa6(BE6_1).ip()));
+    assert!(env.maps.conntrack().unwrap().is_empty(), "nothing in the IPv4 table");
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ReplyTranslated, 3),
+            (Reason::XdpPassToTc, 1),
+        ],
+    );
+}
+
+/// Hop-by-hop and destination options in front of the L4 header: the ports are found behind
+/// them and the translation leaves them in place.
+#[test]
+fn ipv6_extension_headers_are_parsed() {
+    let mut env = Env::new();
+    env.backend6(1, "[2001:2:100::11]:5353", backend_flags::LOCAL, proto::UDP);
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let ext = vec![Ext::options(HOP_BY_HOP), Ext::options(DEST_OPTS)];
+    let q = Frame6::udp(sa6(POD6), sa6(DNS6), b"query").with_ext(ext.clone());
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &q.clone().with_dst(sa6("[2001:2:100::11]:5353")));
+
+    let r = Frame6::udp(sa6("[2001:2:100::11]:5353"), sa6(POD6), b"answer").with_ext(ext);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &r.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &r.clone().with_src(sa6(DNS6)));
+    assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 1)]);
+}
+
+/// A fragmented datagram: the first fragment is translated by its ports and the later one
+/// follows it (it has no ports; its addresses change, the checksum is in the first one).
+#[test]
+fn ipv6_later_fragments_follow_the_first() {
+    let mut env = Env::new();
+    env.backend6(1, "[2001:2:100::11]:5353", backend_flags::LOCAL, proto::UDP);
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let first = Frame6::udp(sa6(POD6), sa6(DNS6), &[7u8; 16])
+        .with_ext(vec![Ext::fragment(0, true, 0xabcd)]);
+    let fb = first.build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &fb);
+    assert_eq!(v, TC_ACT_OK);
+    let d = frames6::decode(&out).unwrap();
+    assert_eq!(d.daddr, *sa6("[2001:2:100::11]:5353").ip());
+    let L4::Udp { dport, .. } = d.l4 else { panic!("{d:?}") };
+    assert_eq!(dport, 5353);
+
+    // The later fragment: raw bytes (no L4 header), offset 24 bytes.
+    let mut later = fb[..54].to_vec();
+    later.extend_from_slice(&[17, 0, 0, 24, 0, 0, 0xab, 0xcd]);
+    later.extend_from_slice(&[9u8; 8]);
+    let plen = (later.len() - 54) as u16;
+    later[18..20].copy_from_slice(&plen.to_be_bytes());
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &later);
+    assert_eq!(v, TC_ACT_OK);
+    let mut want = later.clone();
+    want[38..54].copy_from_slice(&sa6("[2001:2:100::11]:5353").ip().octets());
+    assert_eq!(out, want);
+    assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 1)]);
+}
+
+#[test]
+fn ipv6_external_frontends_translate_in_tc() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    // A NodePort on the node's IPv6 address, an externalIP and a load-balancer IP: the same
+    // EXTERNAL-scope entries with different flags.
+    let np = format!("[{NODE6}]:30080");
+    env.service6(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+    let lb = "[2001:2:200::1]:443";
+    env.service6(lb, proto::TCP, scope::EXTERNAL, 0, &[1], 2);
+    for fe in [np.as_str(), lb] {
+        let syn = Frame6::tcp(sa6(CLIENT6), sa6(fe), SYN);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &syn.build());
+        assert_eq!(v, TC_ACT_OK, "{fe}");
+        assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
+        // The next segment takes the IPv6 fast path.
+        let ack = Frame6::tcp(sa6(CLIENT6), sa6(fe), ACK);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
+        assert_eq!(v, TC_ACT_OK, "{fe}");
+        assert_frame6(&out, &ack.clone().with_dst(sa6(BE6_1)));
+    }
+    // A pod reaching the NodePort uses the INTERNAL scope entry only: none here, untouched.
+    let from_pod = Frame6::tcp(sa6(POD6), sa6(&np), SYN).build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &from_pod);
+    assert_eq!((v, out), (TC_ACT_OK, from_pod));
+    assert_eq!(env.maps.conntrack6().unwrap().len(), 2);
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 2),
+            (Reason::TranslatedEstablished, 2),
+            (Reason::PassNoService, 1),
+        ],
+    );
+}
+
+#[test]
+fn ipv6_reject_without_backends_tcp_rst_and_icmpv6_unreachable() {
+    let mut env = Env::new();
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+
+    // SYN: RST|ACK, ack = seq + 1, from the ClusterIP, back to the pod.
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "sent back to the pod");
+    let mut rst = Frame6::tcp(sa6(CIP6), sa6(POD6), RST | ACK).with_macs(syn.smac, syn.dmac);
+    if let L4::Tcp { seq, ack, window, .. } = &mut rst.l4 {
+        *seq = 0;
+        *ack = 1001;
+        *window = 0;
+    }
+    assert_frame6(&out, &rst);
+
+    // UDP: ICMPv6 port unreachable quoting the IPv6 and UDP headers.
+    let q = Frame6::udp(sa6(POD6), sa6(DNS6), b"a longer query payload");
+    let qb = q.build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &qb);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let want = Frame6::icmp(*sa6(DNS6).ip(), *sa6(POD6).ip(), 1, 4, &qb[14..14 + 48])
+        .with_macs(q.smac, q.dmac);
+    assert_frame6(&out, &want);
+
+    // The same from outside: sent back out of the device.
+    env.service6(CIP6, proto::TCP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+    let data = Frame6::tcp(sa6(CLIENT6), sa6(CIP6), ACK | PSH).with_payload(b"hello");
+    let (v, out) = env.tc(names::PROG_TC_EXT, &data.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let mut rst2 = Frame6::tcp(sa6(CIP6), sa6(CLIENT6), RST).with_macs(data.smac, data.dmac);
+    if let L4::Tcp { seq, ack, window, .. } = &mut rst2.l4 {
+        *seq = 5000;
+        *ack = 0;
+        *window = 0;
+    }
+    assert_frame6(&out, &rst2);
+    assert_counts6(&env, &[(Reason::RejectNoBackend, 3)]);
+    assert!(env.maps.conntrack6().unwrap().is_empty());
+}
+
+/// Neighbour discovery (and other ICMPv6) to a frontend address, and IPv6 traffic to
+/// addresses of no service, pass byte-identical; ARP still passes as not-IP.
+#[test]
+fn ipv6_neighbour_discovery_and_other_traffic_pass_untouched() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    env.service6(CIP6, proto::TCP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let fe = *sa6(CIP6).ip();
+    // Neighbour solicitation for the frontend (to its solicited-node group) and an
+    // advertisement from it: type 135/136, hop limit 255, the target after 4 reserved bytes.
+    let target = fe.octets();
+    let mut ns = Frame6::icmp(*sa6(POD6).ip(), "ff02::1:ff00:10".parse().unwrap(), 135, 0, &target);
+    ns.hop_limit = 255;
+    let mut na = Frame6::icmp(fe, *sa6(POD6).ip(), 136, 0, &target);
+    na.hop_limit = 255;
+    let other = Frame6::tcp(sa6(POD6), sa6("[2001:2:ff::99]:80"), SYN);
+    for f in [ns.build(), na.build(), other.build()] {
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &f);
+        assert_eq!((v, &out), (TC_ACT_OK, &f));
+        let (v, out) = env.tc(names::PROG_TC_EXT, &f);
+        assert_eq!((v, &out), (TC_ACT_OK, &f));
+        let (v, out) = env.xdp(&f);
+        assert_eq!((v, &out), (XDP_PASS, &f));
+    }
+    assert_counts6(
+        &env,
+        &[(Reason::PassUnsupportedProto, 4), (Reason::PassNoService, 2), (Reason::XdpPassToTc, 3)],
+    );
+    // A frame of neither family (ARP) passes, counted with IPv4's counters.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&frames::MAC_CLIENT);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &arp);
+    assert_eq!((v, out), (TC_ACT_OK, arp));
+    assert_eq!(env.counters(), BTreeMap::from([(Reason::PassNotIpv4, 1)]));
+}
+
+/// The IPv4 fast path only hands IPv6 frames on: with the IPv6 entry programs missing from
+/// the tail-call tables, IPv6 frames are dropped and counted while IPv4 is served as before.
+#[test]
+fn ipv6_goes_through_its_own_entry_programs() {
+    use aya::maps::ProgramArray;
+    let mut env = Env::new();
+    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let calls = std::fs::read_dir(env.dir.join("v1").join("calls"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(names::CALLS_TC))
+        .expect("pinned TC call table");
+    let mut table = ProgramArray::try_from(aya::maps::Map::ProgramArray(
+        aya::maps::MapData::from_pin(&calls).unwrap(),
+    ))
+    .unwrap();
+    table.clear_index(&kproxy_common::calls::POD6).unwrap();
+    let syn6 = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN).build();
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn6);
+    assert_eq!(v, TC_ACT_SHOT);
+    let syn4 = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn4.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &syn4.clone().with_dst(sa(BE1)));
+    assert_eq!(env.counters6(), BTreeMap::from([(Reason::DropTailCall, 1)]));
+    assert_eq!(env.counters(), BTreeMap::from([(Reason::TranslatedNew, 1)]));
+}
+
+/// External IPv6 traffic to a remote backend: source NAT to the node's IPv6 address, FIB
+/// forwarding with the hop limit decremented, and the reply restored and routed back.
+#[test]
+fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
+    in_test_netns6(|| {
+        let mut env = Env::new();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        let be = "[2001:2:101::10]:8080";
+        env.backend6(1, be, 0, proto::TCP);
+        let np = format!("[{NODE6}]:30080");
+        env.service6(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+
+        let syn = Frame6::tcp(sa6(CLIENT6), sa6(&np), SYN);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &syn.build());
+        assert_eq!(v, TC_ACT_REDIRECT, "redirected to kpt0");
+        let got = frames6::decode(&out).unwrap();
+        let L4::Tcp { sport: snat_port, .. } = got.l4 else { panic!() };
+        assert!((61000..=65535).contains(&snat_port), "{snat_port}");
+        let node = SocketAddrV6::new(NODE6.parse().unwrap(), snat_port, 0, 0);
+        let mut want = syn
+            .clone()
+            .with_src(node)
+            .with_dst(sa6(be))
+            .with_macs([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x10]);
+        want.hop_limit = 63;
+        assert_frame6(&out, &want);
+
+        // The established connection (IPv6 fast path).
+        let ack = Frame6::tcp(sa6(CLIENT6), sa6(&np), ACK);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let mut want_ack = ack
+            .clone()
+            .with_src(node)
+            .with_dst(sa6(be))
+            .with_macs([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x10]);
+        want_ack.hop_limit = 63;
+        assert_frame6(&out, &want_ack);
+
+        // The backend's reply to the node's SNAT port goes back to the client.
+        let synack = Frame6::tcp(sa6(be), node, SYN | ACK)
+            .with_macs([2, 0, 0, 0, 0, 0x10], [2, 0, 0, 0, 0, 0x11]);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &synack.build());
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let mut want = synack
+            .clone()
+            .with_src(sa6(&np))
+            .with_dst(sa6(CLIENT6))
+            .with_macs([2, 0, 0, 0, 0, 0x02], [2, 0, 0, 0, 0, 0x10]);
+        want.hop_limit = 63;
+        assert_frame6(&out, &want);
+        assert_counts6(
+            &env,
+            &[
+                (Reason::TranslatedNew, 1),
+                (Reason::TranslatedEstablished, 1),
+                (Reason::ReplyTranslated, 1),
+            ],
+        );
+    });
+}
+
+/// [`in_test_netns`] for IPv6: the node address 2001:2::10/64 on kpt0, node 1's pods
+/// 2001:2:101::/64 behind 2001:2::11, permanent neighbours for it and the client.
+fn in_test_netns6<F: FnOnce() + Send + 'static>(f: F) {
+    in_test_netns(false, move || {
+        let sh = |cmd: &str| {
+            let st = Command::new("sh").args(["-c", cmd]).status().unwrap();
+            assert!(st.success(), "{cmd}");
+        };
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
+        sh(&format!("ip -6 addr add {NODE6}/64 dev kpt0 nodad"));
+        sh("ip -6 route add 2001:2:101::/64 via 2001:2::11 dev kpt0");
+        sh("ip -6 neigh add 2001:2::11 lladdr 02:00:00:00:00:11 dev kpt0 nud permanent");
+        sh("ip -6 neigh add 2001:2::2 lladdr 02:00:00:00:00:02 dev kpt0 nud permanent");
+        f();
+    });
+}
+
+#[test]
+fn ipv6_session_affinity_and_two_backends() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.backend6(2, BE6_2, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1, 2], 1);
+    // Without affinity, many client ports reach both backends.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 42000..42032u16 {
+        let c = SocketAddrV6::new(*sa6(POD6).ip(), port, 0, 0);
+        let (_, out) = env.tc(names::PROG_TC_FROM_POD, &Frame6::tcp(c, sa6(CIP6), SYN).build());
+        frames6::verify_checksums(&out).unwrap();
+        seen.insert(frames6::decode(&out).unwrap().daddr);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // With affinity, one client sticks to one backend over every port.
+    let a = sa6(CIP6);
+    let key = Service6Key {
+        addr: words(*a.ip()),
+        port: a.port().to_be(),
+        proto: proto::TCP,
+        scope: scope::INTERNAL,
+        slot: 0,
+        _pad: 0,
+    };
+    let v = Service6Value {
+        backend_id: 0,
+        svc_id: 1,
+        count: 2,
+        flags: svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
+        affinity_timeout: 60,
+    };
+    env.maps.put_service6(&key, &v).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 43000..43016u16 {
+        let c = SocketAddrV6::new("2001:2:100::20".parse().unwrap(), port, 0, 0);
+        let (_, out) = env.tc(names::PROG_TC_FROM_POD, &Frame6::tcp(c, sa6(CIP6), SYN).build());
+        seen.insert(frames6::decode(&out).unwrap().daddr);
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}
+
+#[test]
+fn ipv6_malformed_frames_are_counted() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let good = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN).build();
+    let mut len_beyond = good.clone();
+    len_beyond[18..20].copy_from_slice(&200u16.to_be_bytes());
+    let mut bad_doff = good.clone();
+    bad_doff[54 + 12] = 0x40;
+    // A hop-by-hop header whose length runs past the payload.
+    let mut ext_past_end =
+        Frame6::tcp(sa6(POD6), sa6(CIP6), SYN).with_ext(vec![Ext::options(HOP_BY_HOP)]).build();
+    ext_past_end[55] = 20;
+    // (BPF_PROG_TEST_RUN builds no skb from an IPv6 frame without a whole IPv6 header.)
+    let cases = [
+        ("payload length beyond frame", len_beyond),
+        ("tcp data offset < 5", bad_doff),
+        ("extension header past the end", ext_past_end),
+    ];
+    for (i, (name, frame)) in cases.iter().enumerate() {
+        let (v, _) = env.tc(names::PROG_TC_FROM_POD, frame);
+        assert_eq!(v, TC_ACT_SHOT, "{name}");
+        assert_eq!(env.counters6().get(&Reason::DropMalformed), Some(&(i as u64 + 1)), "{name}");
+    }
+    assert!(env.maps.conntrack6().unwrap().is_empty());
+}
