@@ -306,6 +306,9 @@ pub mod outcome {
     pub const SLICE_PORT_IGNORED: &str = "port ignored";
     /// That endpoint of the EndpointSlice is not used.
     pub const ENDPOINT_IGNORED: &str = "endpoint ignored";
+    /// A dual-stack field disagrees with the addresses: each address is programmed for its
+    /// own family, as kube-proxy's per-family proxiers do.
+    pub const BY_ADDRESS_FAMILY: &str = "each address is used for its own family";
 }
 
 /// A problem with an object: the object (and the file it came from), the field and the value at
@@ -1006,14 +1009,90 @@ fn check_service(svc: &ServiceObj) -> Vec<ModelError> {
     out.errors
 }
 
+/// The family of an address as `spec.ipFamilies` spells it.
+fn family_name(a: &IpAddr) -> &'static str {
+    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Disagreements between a Service's dual-stack fields and its addresses: `spec.ipFamilies[i]`
+/// naming another family than `spec.clusterIPs[i]`, an unknown family or policy, a
+/// RequireDualStack service with the ClusterIP of one family only. kube-proxy's per-family
+/// proxiers go by the address itself, and so does kproxy: these are warnings, the service is
+/// programmed.
+fn family_warnings(site: &ErrorSite, svc: &ServiceObj) -> Vec<ModelError> {
+    let warn = |field: String, value: &str, reason: String| {
+        site.invalid(field, value, reason, outcome::BY_ADDRESS_FAMILY)
+    };
+    let mut out = Vec::new();
+    let ips: Vec<Option<IpAddr>> = svc.cluster_ips.iter().map(|c| c.parse().ok()).collect();
+    for (i, fam) in svc.ip_families.iter().enumerate() {
+        if fam != "IPv4" && fam != "IPv6" {
+            out.push(warn(format!("spec.ipFamilies[{i}]"), fam, "unknown IP family".into()));
+            continue;
+        }
+        if let Some(Some(a)) = ips.get(i)
+            && family_name(a) != fam
+        {
+            out.push(warn(
+                format!("spec.clusterIPs[{i}]"),
+                &svc.cluster_ips[i],
+                format!("an {} address, but spec.ipFamilies[{i}] is {fam}", family_name(a)),
+            ));
+        }
+    }
+    match svc.ip_family_policy.as_deref() {
+        None | Some("SingleStack") | Some("PreferDualStack") => {}
+        Some("RequireDualStack") => {
+            let families: BTreeSet<&str> = ips.iter().flatten().map(family_name).collect();
+            if families.len() < 2 && !svc.cluster_ips.iter().any(|c| c == "None") {
+                let value = svc.cluster_ips.join(",");
+                let reason = "RequireDualStack, but the ClusterIPs are of one family".to_string();
+                out.push(warn("spec.clusterIPs".into(), &value, reason));
+            }
+        }
+        Some(other) => {
+            out.push(warn("spec.ipFamilyPolicy".into(), other, "unknown policy".into()));
+        }
+    }
+    out
+}
+
+/// Why an endpoint address of an IPv4 slice is not an IPv4 address.
+fn bad_ipv4_reason(text: &str) -> &'static str {
+    match text.parse::<std::net::Ipv6Addr>() {
+        Ok(a) if a.to_ipv4_mapped().is_some() => {
+            "an IPv4-mapped IPv6 address (kube-proxy ignores it; write the IPv4 address)"
+        }
+        Ok(_) => "an IPv6 address in an IPv4 slice",
+        Err(_) => "not an IPv4 address",
+    }
+}
+
 /// The validation errors of an EndpointSlice taken on its own: the owner label, its ports and
 /// its endpoint addresses (IPv4 slices only; other address types are skipped whole).
 fn check_slice(s: &SliceObj) -> Vec<ModelError> {
     let mut errors = Vec::new();
+    let site = ErrorSite::slice(s);
+    if s.address_type == "IPv6" {
+        // Not programmed yet; its addresses are still checked so that bad ones are reported.
+        for (ei, ep) in s.endpoints.iter().enumerate() {
+            let Some(EndpointAddr::Invalid(text)) = &ep.addr else { continue };
+            let reason = match text.parse::<IpAddr>() {
+                Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
+                    "an IPv4-mapped address in an IPv6 slice"
+                }
+                Ok(IpAddr::V6(_)) => continue,
+                Ok(IpAddr::V4(_)) => "an IPv4 address in an IPv6 slice",
+                Err(_) => "not an IPv6 address",
+            };
+            let field = format!("endpoints[{ei}].addresses[0]");
+            errors.push(site.invalid(field, text, reason, outcome::ENDPOINT_IGNORED));
+        }
+        return errors;
+    }
     if s.address_type != "IPv4" {
         return errors;
     }
-    let site = ErrorSite::slice(s);
     if s.owner().is_none() {
         errors.push(site.invalid(
             format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
@@ -1043,7 +1122,7 @@ fn check_slice(s: &SliceObj) -> Vec<ModelError> {
             errors.push(site.invalid(
                 format!("endpoints[{ei}].addresses[0]"),
                 text,
-                "not an IPv4 address",
+                bad_ipv4_reason(text),
                 outcome::ENDPOINT_IGNORED,
             ));
         }
@@ -1063,6 +1142,8 @@ fn compute_service(
     let Some(mut spec) = service_spec(svc, &mut out) else { return out };
     let name = &svc.name;
     let site = ErrorSite::service(svc);
+    // Warnings only: they do not make an update invalid (not part of `check_service`).
+    out.errors.extend(family_warnings(&site, svc));
     refuse_addresses(&site, svc, &mut spec, policy, &mut out.errors);
     // Ready endpoints on this node, by address over every port (kube-proxy's
     // LocalReadyEndpoints): terminating ones never count, so a node left with only terminating

@@ -71,6 +71,10 @@ pub struct ServiceObj {
     pub type_: Option<String>,
     /// `spec.clusterIPs` followed by `spec.clusterIP`.
     pub cluster_ips: Vec<String>,
+    /// `spec.ipFamilies` (index `i` names the family of `cluster_ips[i]`).
+    pub ip_families: Vec<String>,
+    /// `spec.ipFamilyPolicy`.
+    pub ip_family_policy: Option<String>,
     /// `spec.externalIPs`.
     pub external_ips: Vec<String>,
     /// `status.loadBalancer.ingress`.
@@ -118,6 +122,8 @@ impl From<&Service> for ServiceObj {
             has_spec: spec.is_some(),
             type_: spec.and_then(|s| s.type_.clone()),
             cluster_ips,
+            ip_families: spec.and_then(|s| s.ip_families.clone()).unwrap_or_default(),
+            ip_family_policy: spec.and_then(|s| s.ip_family_policy.clone()),
             external_ips: spec.and_then(|s| s.external_ips.clone()).unwrap_or_default(),
             ingress,
             external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.clone()),

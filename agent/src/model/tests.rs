@@ -912,3 +912,103 @@ fn demo_manifests() {
     assert_eq!(out.state.services.len(), 6);
     assert_eq!(out.state.frontend_count(), 1 + 2 + 3 + 3 + 5);
 }
+
+/// Dual-stack fields that disagree with the addresses are warnings naming the Service, the
+/// field and the value; the IPv4 ClusterIP is programmed all the same.
+#[test]
+fn dual_stack_family_mismatch_warns_and_programs_the_rest() {
+    let s = svc(r#"
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 198.19.0.10
+  clusterIPs: [198.19.0.10, "2001:2:ff::10"]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: PreferDualStack
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#);
+    let sl = web_slice("web-a", "http", 8080, &[(10, 0, true, true, false)]);
+    let out = build(&[s], &[sl], &node());
+    let fields: Vec<(&str, &str, &str)> = out
+        .errors
+        .iter()
+        .map(|e| (e.object.as_str(), e.field.as_str(), e.value.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("default/web", "spec.clusterIPs[0]", "198.19.0.10"),
+            ("default/web", "spec.clusterIPs[1]", "2001:2:ff::10"),
+        ]
+    );
+    assert!(out.errors[0].to_string().contains("an IPv4 address, but spec.ipFamilies[0] is IPv6"));
+    assert_eq!(out.errors[0].outcome, outcome::BY_ADDRESS_FAMILY);
+    assert_eq!(
+        bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
+        ["198.18.100.10:8080"]
+    );
+
+    // RequireDualStack with one family, and an unknown policy.
+    for (policy, field) in
+        [("RequireDualStack", "spec.clusterIPs"), ("Triple", "spec.ipFamilyPolicy")]
+    {
+        let s = svc(&format!(
+            "metadata: {{name: web, namespace: default}}\nspec: {{clusterIP: 198.19.0.10, ipFamilies: [IPv4], ipFamilyPolicy: {policy}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+        ));
+        let sl = web_slice("web-a", "http", 8080, &[(10, 0, true, true, false)]);
+        let out = build(&[s], &[sl], &node());
+        assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+        assert_eq!(out.errors[0].field, field);
+        assert_eq!(out.state.frontend_count(), 1);
+    }
+
+    // A matching dual-stack service: no warning.
+    let s = svc(r#"
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 198.19.0.10
+  clusterIPs: [198.19.0.10, "2001:2:ff::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#);
+    assert!(build(&[s], &[], &node()).errors.is_empty());
+}
+
+/// IPv6 and IPv4-mapped addresses where they do not belong: a warning naming the slice, the
+/// field and the value; the other endpoints are used.
+#[test]
+fn wrong_family_endpoint_addresses_are_named() {
+    for (addr, reason) in [
+        ("2001:2:100::10", "an IPv6 address in an IPv4 slice"),
+        ("::ffff:198.18.100.12", "an IPv4-mapped IPv6 address"),
+    ] {
+        let sl = slice(&format!(
+            "metadata: {{name: web-a, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [198.18.100.10]}}, {{addresses: [\"{addr}\"]}}]\n"
+        ));
+        let out = build(&[svc(WEB)], &[sl], &node());
+        assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+        let e = &out.errors[0];
+        assert_eq!(
+            (e.kind, e.object.as_str(), e.field.as_str()),
+            ("EndpointSlice", "default/web-a", "endpoints[1].addresses[0]")
+        );
+        assert_eq!(e.value, addr);
+        assert!(e.reason.starts_with(reason), "{e}");
+        assert_eq!(
+            bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
+            ["198.18.100.10:8080"]
+        );
+    }
+    let v6 = slice(
+        r#"
+metadata: {name: web-v6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ["2001:2:100::10"]}, {addresses: ["::ffff:198.18.100.10"]}]
+"#,
+    );
+    let out = build(&[svc(WEB)], &[v6], &node());
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert_eq!(out.errors[0].object, "default/web-v6");
+    assert_eq!(out.errors[0].reason, "an IPv4-mapped address in an IPv6 slice");
+}

@@ -603,6 +603,8 @@ mod incremental {
             has_spec: true,
             type_: None,
             cluster_ips: vec![cluster_ip(i).to_string()],
+            ip_families: vec![],
+            ip_family_policy: None,
             external_ips: vec![],
             ingress: vec![],
             external_traffic_policy: None,
