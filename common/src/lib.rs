@@ -74,8 +74,10 @@ pub mod names {
     pub const PROG_XDP_NEW: &str = "kp_xdp_new";
     /// XDP tail-call target: an ICMP error.
     pub const PROG_XDP_ICMP: &str = "kp_xdp_icmp";
-    /// The TC tail-call targets (both families) and their index in [`CALLS_TC`].
-    pub const TC_CALLS: [(&str, u32); 13] = [
+    /// The TC tail-call targets (both families) and their index in [`CALLS_TC`]. The first
+    /// [`TC_CALLS_IPV4`] serve IPv4; the rest, IPv6, are loaded as a group that the agent leaves
+    /// out (IPv6 then passes untranslated) when the kernel's verifier refuses one of them.
+    pub const TC_CALLS: [(&str, u32); 14] = [
         (PROG_TC_POD_NEW, crate::calls::POD_NEW),
         (PROG_TC_POD_ICMP, crate::calls::POD_ICMP),
         (PROG_TC_TOPOD_ICMP, crate::calls::TOPOD_ICMP),
@@ -89,7 +91,10 @@ pub mod names {
         (PROG_TC_POD6, crate::calls::POD6),
         (PROG_TC_TOPOD6, crate::calls::TOPOD6),
         (PROG_TC_EXT6, crate::calls::EXT6),
+        (PROG_TC_REJECT6, crate::calls::REJECT6),
     ];
+    /// Number of IPv4 programs at the start of [`TC_CALLS`].
+    pub const TC_CALLS_IPV4: usize = 5;
     /// The XDP tail-call targets and their index in [`CALLS_XDP`] (IPv6 frames are left to
     /// TC).
     pub const XDP_CALLS: [(&str, u32); 2] =
@@ -152,6 +157,8 @@ pub mod names {
     pub const PROG_TC_TOPOD6: &str = "kp_topod6";
     /// TC tail-call target: the IPv6 fast path of an external device.
     pub const PROG_TC_EXT6: &str = "kp_ext6";
+    /// TC tail-call target: builds the rejection of an IPv6 packet (both hooks).
+    pub const PROG_TC_REJECT6: &str = "kp_reject6";
     /// TC tail-call target: a pod's IPv6 packet that needs more than the fast path.
     pub const PROG_TC_POD_NEW6: &str = "kp_pod_new6";
     /// TC tail-call target: an ICMPv6 error leaving a pod.
@@ -257,6 +264,8 @@ pub mod calls {
     pub const TOPOD6: u32 = 11;
     /// TC: the IPv6 entry of `kp_tc_ext` (fast path).
     pub const EXT6: u32 = 12;
+    /// TC: an IPv6 packet rejected by a slow path (TCP RST, ICMPv6 port unreachable).
+    pub const REJECT6: u32 = 13;
     /// Entries of the TC table.
     pub const TC_MAX: u32 = 16;
     /// XDP: slow path of `kp_xdp_ext`.
@@ -957,7 +966,8 @@ reasons! {
     IcmpErrorTranslated = 6, "icmp_error_translated", false;
     /// XDP left the packet to the TC program (needs a helper XDP does not have).
     XdpPassToTc = 7, "xdp_pass_to_tc", false;
-    /// Configuration not written yet: passed untouched.
+    /// Configuration not written yet, or an IPv6 packet on a node whose kernel refused the IPv6
+    /// programs: passed untouched.
     PassNotReady = 8, "pass_not_ready", false;
     /// Protocol a service cannot be for (ICMP echo to a frontend, SCTP): passed untouched.
     PassUnsupportedProto = 9, "pass_unsupported_proto", false;
@@ -1081,7 +1091,8 @@ mod tests {
 
     #[test]
     fn ipv6_names_fit_the_kernel_and_calls_fit_their_tables() {
-        for n in names::ALL_MAPS6.iter().chain(names::TC_CALLS[5..].iter().map(|(n, _)| n)) {
+        let v6 = names::TC_CALLS[names::TC_CALLS_IPV4..].iter().map(|(n, _)| n);
+        for n in names::ALL_MAPS6.iter().chain(v6) {
             assert!(n.len() <= 15 && n.ends_with('6'), "{n}");
         }
         for (n, i) in names::TC_CALLS {

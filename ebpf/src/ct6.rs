@@ -131,8 +131,10 @@ pub fn alloc_snat_port(
     let range = max - min + 1;
     let start = hash.checked_rem(range).unwrap_or(0);
     let key = reply;
+    // Four tries (IPv4 makes eight): the IPv6 slow path must stay within what the verifier of
+    // Linux 5.10 follows.
     let mut i = 0;
-    while i < 8 {
+    while i < 4 {
         let port = ((min + (start + i).checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
         if kp_rnat6.insert(&*key, v, BPF_NOEXIST as u64).is_ok() {

@@ -34,6 +34,8 @@ type Out = Result<(Verdict, Reason), Reason>;
 #[derive(Clone, Copy)]
 struct Next {
     translate: bool,
+    /// Rejected: the frame is built by the rejection program (see [`reject`]).
+    reject: bool,
     n: Nat6,
     to: To,
     verdict: Verdict,
@@ -43,12 +45,20 @@ struct Next {
 impl Next {
     #[inline(always)]
     fn tx(n: Nat6, to: To, reason: Reason) -> Next {
-        Next { translate: true, n, to, verdict: Verdict::PASS, reason }
+        Next { translate: true, reject: false, n, to, verdict: Verdict::PASS, reason }
     }
     #[inline(always)]
     fn done(verdict: Verdict, reason: Reason) -> Next {
         let n = Nat6 { saddr: [0; 4], sport: 0, daddr: [0; 4], dport: 0 };
-        Next { translate: false, n, to: To::Stack, verdict, reason }
+        Next { translate: false, reject: false, n, to: To::Stack, verdict, reason }
+    }
+    /// Rejected for `reason` (`RejectNoBackend` or `ResetBackendGone`): the rejection program
+    /// replaces the packet by a TCP RST or an ICMPv6 port unreachable. The reason travels in
+    /// this CPU's scratch space.
+    #[inline(always)]
+    fn reject(reason: Reason) -> Result<Next, Reason> {
+        maps6::scratch()?.reject_gone = (reason == Reason::ResetBackendGone) as u8;
+        Ok(Next { reject: true, ..Next::done(Verdict::DROP, reason) })
     }
 }
 
@@ -216,11 +226,31 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     Ok(done(Verdict::PASS, Reason::PassNoService))
 }
 
-/// The IPv6 slow path of a `*_new6` program.
+/// The IPv6 slow path of a `*_new6` program; a rejection continues in the rejection program
+/// (a tail call), which keeps the frame building out of the slow path's verification.
 #[inline(always)]
-pub fn slow<P: Packet6>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
+pub fn slow<P: Packet6>(c: &mut P, hook: Hook) -> Step {
     match run(c, hook) {
-        Ok(v) => v,
+        Ok(Some((v, r))) => done(v, r),
+        Ok(None) => tail(calls::REJECT6),
+        Err(r) => done(Verdict::DROP, r),
+    }
+}
+
+/// The rejection program: replaces the packet by the TCP RST (or, for UDP, the ICMPv6 port
+/// unreachable) from the address it was sent to, as the slow path decided.
+#[inline(always)]
+pub fn reject<P: Packet6>(c: &mut P) -> (Verdict, Reason) {
+    let gone = maps6::scratch().map(|s| s.reject_gone).unwrap_or(0) != 0;
+    let reason = if gone { Reason::ResetBackendGone } else { Reason::RejectNoBackend };
+    let built = match parse6::ipv6(c) {
+        Ok(Some(p)) if p.proto == proto::TCP => nat6::tcp_reset(c, &p),
+        Ok(Some(p)) if p.proto == proto::UDP => nat6::icmp_unreachable(c, &p),
+        Ok(_) => Ok(Verdict::DROP),
+        Err(r) => Err(r),
+    };
+    match built {
+        Ok(v) => (v, reason),
         Err(r) => (Verdict::DROP, r),
     }
 }
@@ -253,17 +283,18 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
     Ok((Verdict::PASS, Reason::PassUnsupportedProto))
 }
 
+/// The slow path's verdict; `None`: rejected (see [`slow`]).
 #[inline(always)]
-fn run<P: Packet6>(c: &mut P, hook: Hook) -> Out {
+fn run<P: Packet6>(c: &mut P, hook: Hook) -> Result<Option<(Verdict, Reason)>, Reason> {
     let Some(cfg) = maps::ready_config() else {
-        return Ok((Verdict::PASS, Reason::PassNotReady));
+        return Ok(Some((Verdict::PASS, Reason::PassNotReady)));
     };
     let Some(mut p) = parse6::ipv6(c)? else {
-        return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
+        return Ok(Some((Verdict::PASS, Reason::PassUnsupportedProto)));
     };
     let now = ktime();
     if p.proto != proto::TCP && p.proto != proto::UDP {
-        return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
+        return Ok(Some((Verdict::PASS, Reason::PassUnsupportedProto)));
     }
     match p.frag {
         Frag::None => {}
@@ -273,26 +304,23 @@ fn run<P: Packet6>(c: &mut P, hook: Hook) -> Out {
                 p.sport = sport;
                 p.dport = dport;
             }
-            None => return Ok((Verdict::PASS, Reason::PassNoService)),
+            None => return Ok(Some((Verdict::PASS, Reason::PassNoService))),
         },
     }
-    let next = decide(c, &p, &cfg, hook, now)?;
-    finish(c, &p, &next)
+    let next = decide(&p, &cfg, hook, now)?;
+    if next.reject {
+        return Ok(None);
+    }
+    finish(c, &p, &next).map(Some)
 }
 
 /// The slow path's decision for `p`.
 #[inline(always)]
-fn decide<P: Packet6>(
-    c: &mut P,
-    p: &Ip6,
-    cfg: &NodeConfig,
-    hook: Hook,
-    now: u64,
-) -> Result<Next, Reason> {
+fn decide(p: &Ip6, cfg: &NodeConfig, hook: Hook, now: u64) -> Result<Next, Reason> {
     let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
     let mut reason = Reason::TranslatedNew;
     if hook != Hook::ToPod {
-        match established(c, p, &t, hook, now)? {
+        match established(p, &t, hook, now)? {
             Tracked::Next(next) => return Ok(next),
             // The backend went away: balanced anew below (UDP, TCP SYN).
             Tracked::Rebalance => reason = Reason::Rebalanced,
@@ -317,7 +345,7 @@ fn decide<P: Packet6>(
         {
             reason = Reason::CtMissMidFlow;
         }
-        return new_conn(c, p, &t, cfg, hook, &key, &svc, now, reason);
+        return new_conn(p, &t, cfg, hook, &key, &svc, now, reason);
     }
     if hook == Hook::FromPod && syn_only(p) && ct6::clear_stale_revnat(p, now) {
         return Ok(Next::done(Verdict::PASS, Reason::PassStaleNatCleared));
@@ -337,13 +365,7 @@ enum Tracked {
 
 /// A packet of a tracked connection.
 #[inline(always)]
-fn established<P: Packet6>(
-    c: &mut P,
-    p: &Ip6,
-    t: &Tuple6,
-    hook: Hook,
-    now: u64,
-) -> Result<Tracked, Reason> {
+fn established(p: &Ip6, t: &Tuple6, hook: Hook, now: u64) -> Result<Tracked, Reason> {
     let Some(ctp) = ct6::lookup(t, now) else { return Ok(Tracked::No) };
     // SAFETY: valid map value pointer; read in place (a copy would not fit on the stack).
     let e: &Ct6Value = unsafe { &*ctp };
@@ -359,8 +381,7 @@ fn established<P: Packet6>(
             if p.proto == proto::UDP || syn_only {
                 return Ok(Tracked::Rebalance);
             }
-            let v = nat6::tcp_reset(c, p)?;
-            return Ok(Tracked::Next(Next::done(v, Reason::ResetBackendGone)));
+            return Ok(Tracked::Next(Next::reject(Reason::ResetBackendGone)?));
         }
     };
     ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
@@ -390,8 +411,7 @@ fn forward_established(p: &Ip6, e: &Ct6Value, be: &Backend6, hook: Hook) -> Next
 /// First packet of a connection to an IPv6 service frontend.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn new_conn<P: Packet6>(
-    c: &mut P,
+fn new_conn(
     p: &Ip6,
     t: &Tuple6,
     cfg: &NodeConfig,
@@ -405,12 +425,7 @@ fn new_conn<P: Packet6>(
         if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
             return Err(Reason::DropNoLocalBackend);
         }
-        let v = if p.proto == proto::TCP {
-            nat6::tcp_reset(c, p)?
-        } else {
-            nat6::icmp_unreachable(c, p)?
-        };
-        return Ok(Next::done(v, Reason::RejectNoBackend));
+        return Next::reject(Reason::RejectNoBackend);
     }
     let (id, be) = lb6::pick(key, svc, t, now)?;
     let local = be.flags & backend_flags::LOCAL != 0;

@@ -217,7 +217,15 @@ pub fn kp_ext6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kp_pod_new6(ctx: TcContext) -> i32 {
     let mut c = pkt::Tc(&ctx);
-    let (v, reason) = flow6::slow(&mut c, Hook::FromPod);
+    let s = flow6::slow(&mut c, Hook::FromPod);
+    tc_step(&ctx, &c, s)
+}
+
+/// TC: the rejection of an IPv6 packet a slow path decided (TCP RST, ICMPv6 unreachable).
+#[classifier]
+pub fn kp_reject6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::reject(&mut c);
     tc_verdict_in(&c, v, reason, true)
 }
 
@@ -241,8 +249,8 @@ pub fn kp_topod_icmp6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kp_ext_new6(ctx: TcContext) -> i32 {
     let mut c = pkt::Tc(&ctx);
-    let (v, reason) = flow6::slow(&mut c, Hook::TcExt);
-    tc_verdict_in(&c, v, reason, true)
+    let s = flow6::slow(&mut c, Hook::TcExt);
+    tc_step(&ctx, &c, s)
 }
 
 /// TC: ICMPv6 errors on external devices.
@@ -310,7 +318,12 @@ fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
     if s.tail != NO_TAIL {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
-        count(Reason::DropTailCall, s.v6);
+        if s.v6 {
+            // No IPv6 programs (the kernel refused them): IPv6 passes untranslated.
+            count(Reason::PassNotReady, true);
+            return TC_ACT_OK;
+        }
+        count(Reason::DropTailCall, false);
         return TC_ACT_SHOT;
     }
     tc_verdict_in(&c, s.verdict, s.reason, s.v6)
@@ -321,13 +334,19 @@ fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
 fn tc_fast6(ctx: &TcContext, hook: Hook) -> i32 {
     let mut c = pkt::Tc(ctx);
     let s = flow6::fast(&mut c, hook);
+    tc_step(ctx, &c, s)
+}
+
+/// Carries out an IPv6 step: its tail call, or its verdict.
+#[inline(always)]
+fn tc_step(ctx: &TcContext, c: &pkt::Tc, s: flow::Step) -> i32 {
     if s.tail != NO_TAIL {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
         count(Reason::DropTailCall, true);
         return TC_ACT_SHOT;
     }
-    tc_verdict_in(&c, s.verdict, s.reason, s.v6)
+    tc_verdict_in(c, s.verdict, s.reason, s.v6)
 }
 
 /// Counts `reason` and turns `v` into a TC action.

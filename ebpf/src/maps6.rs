@@ -77,6 +77,9 @@ pub struct Scratch6 {
     pub reply: Tuple6,
     /// Route lookup parameters and result.
     pub fib: FibParams,
+    /// For the rejection program: 1 when a connection's backend went away (TCP RST,
+    /// `ResetBackendGone`), 0 for a service without endpoints (`RejectNoBackend`).
+    pub reject_gone: u8,
 }
 
 /// This CPU's scratch space. Not pinned: each load has its own.
