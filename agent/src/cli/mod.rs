@@ -50,6 +50,12 @@ pub enum Command {
     },
     /// Detach every program and remove every pin kproxy made under the pin path.
     Cleanup(PinArgs),
+    /// Probe the running kernel for the features kproxy uses beyond its floor (Linux 5.10).
+    Features {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 /// `service`, `map` and `device` actions.
@@ -181,6 +187,13 @@ pub struct AgentArgs {
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
+    /// eBPF host routing: deliver translated packets from TC straight to their destination (a
+    /// local pod's namespace with bpf_redirect_peer, anything else through the FIB), skipping the
+    /// node's IP stack. Faster, but the node's netfilter (iptables/nftables) rules never see
+    /// these packets: leave it off when a CNI or your firewall enforces policy there (Calico in
+    /// iptables/nftables mode, host firewalls on FORWARD).
+    #[arg(long)]
+    pub bpf_host_routing: bool,
     /// Capacity of the services map (service entries plus backend slots) [default: 262144].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_services: Option<u32>,

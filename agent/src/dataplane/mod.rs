@@ -10,6 +10,7 @@ pub mod batch;
 pub mod bpf;
 pub mod bpf6;
 pub mod conntrack;
+pub mod features;
 pub mod hints;
 pub mod loader;
 pub mod mem;
