@@ -190,13 +190,16 @@ pub mod names {
     pub const PROG_SOCK_RECVMSG6: &str = "kp_sock_recv6";
     /// Socket LB, cgroup `getpeername6`: a connected IPv6 socket reports the frontend as its peer.
     pub const PROG_SOCK_GETPEERNAME6: &str = "kp_sock_peer6";
-    /// The socket-LB programs (both families) with their cgroup attach types (as
-    /// `cgroup/<type>` sections).
-    pub const SOCK_PROGS: [(&str, &str); 8] = [
+    /// The socket-LB programs with their cgroup attach types (as `cgroup/<type>` sections).
+    pub const SOCK_PROGS: [(&str, &str); 4] = [
         (PROG_SOCK_CONNECT4, "connect4"),
         (PROG_SOCK_SENDMSG4, "sendmsg4"),
         (PROG_SOCK_RECVMSG4, "recvmsg4"),
         (PROG_SOCK_GETPEERNAME4, "getpeername4"),
+    ];
+    /// The IPv6 socket-LB programs: loaded (so every kernel's verifier checks them) but not
+    /// attached yet (untested).
+    pub const SOCK_PROGS6: [(&str, &str); 4] = [
         (PROG_SOCK_CONNECT6, "connect6"),
         (PROG_SOCK_SENDMSG6, "sendmsg6"),
         (PROG_SOCK_RECVMSG6, "recvmsg6"),

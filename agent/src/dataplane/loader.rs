@@ -330,7 +330,7 @@ impl Datapath {
             let p: &mut Xdp = prog(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        for (name, _) in names::SOCK_PROGS {
+        for (name, _) in names::SOCK_PROGS.iter().chain(&names::SOCK_PROGS6) {
             let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
