@@ -54,6 +54,8 @@ pub struct Config {
     /// XDP attach mode forced on the external devices (`--xdp-mode`; `None`: auto, generic on
     /// veth devices and the kernel's choice elsewhere).
     pub xdp_mode: Option<XdpMode>,
+    /// eBPF host routing (`--bpf-host-routing`).
+    pub bpf_host_routing: bool,
     /// Map capacities (`--max-*`, `--map-dynamic-size-ratio`), resolved against the node's
     /// memory when the datapath is loaded.
     pub map_sizing: MapSizing,
@@ -148,6 +150,7 @@ impl Config {
                 XdpModeArg::Native => Some(XdpMode::Driver),
                 XdpModeArg::Generic => Some(XdpMode::Skb),
             },
+            bpf_host_routing: args.bpf_host_routing,
             map_sizing: MapSizing {
                 ratio: args.map_dynamic_size_ratio,
                 services: args.max_services,
