@@ -30,7 +30,10 @@ pub struct Regression {
 
 /// Whether larger values of `metric` are better (rates and throughputs); else smaller are.
 pub fn higher_is_better(metric: &str) -> bool {
-    matches!(metric, "rate_per_s" | "udp_pps" | "tcp_bps" | "pps" | "xdp_pps" | "live_pps")
+    matches!(
+        metric,
+        "rate_per_s" | "udp_pps" | "tcp_bps" | "pps" | "xdp_pps" | "live_pps" | "live_delivered"
+    )
 }
 
 fn spread(f: &Figure) -> Option<f64> {

@@ -350,11 +350,11 @@ pub const NODEPORT_SYSTEMS: [&str; 5] =
     ["kproxy", "kproxy-generic", "kproxy-tc", "iptables", "nftables"];
 
 /// The NodePort figures of each system and backend placement.
-const NODEPORT_METRICS: [&str; 5] =
-    ["udp_pps", "udp_cpu_ns_per_pkt", "tcp_bps", "live_pps", "live_ns_per_frame"];
+const NODEPORT_METRICS: [&str; 6] =
+    ["udp_pps", "udp_cpu_ns_per_pkt", "tcp_bps", "live_pps", "live_ns_per_frame", "live_delivered"];
 
 /// The live-frame generator's figures (see [`livegen`]).
-const LIVE_METRICS: [&str; 2] = ["live_pps", "live_ns_per_frame"];
+const LIVE_METRICS: [&str; 3] = ["live_pps", "live_ns_per_frame", "live_delivered"];
 
 /// Agent flags of each kproxy NodePort system.
 fn nodeport_agent_args(sys: &str) -> &'static [&'static str] {
@@ -572,6 +572,17 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     std::fs::write(out.join("report.md"), report::markdown(&results))?;
     report::plots(out)?;
     Ok(results)
+}
+
+/// Rewrites `report.md` and the plots of the run in `dir` from its `results.json`.
+pub fn rewrite_report(dir: &Path) -> Result<()> {
+    let path = dir.join("results.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let results: Results =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    write_atomic(dir, "report.md", &report::markdown(&results))?;
+    report::plots(dir)
 }
 
 impl Bench<'_> {
@@ -1011,6 +1022,7 @@ impl Bench<'_> {
             Ok(r) => {
                 self.rec.add("3-nodeport", "live_pps", sys, n, variant, r.pps);
                 self.rec.add("3-nodeport", "live_ns_per_frame", sys, n, variant, r.ns_per_frame);
+                self.rec.add("3-nodeport", "live_delivered", sys, n, variant, r.delivered);
             }
             Err(e) => {
                 let why = format!("{e:#}");

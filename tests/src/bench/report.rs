@@ -599,27 +599,36 @@ NodePort runs of {} ms.\n",
     s.push_str(
         "## 1. ClusterIP new-connection latency (connect, one request, close; one client)\n\n",
     );
-    s.push_str("| Services | floor p50 | kproxy p50 | iptables p50 | nftables p50 | floor p99 | kproxy p99 | iptables p99 | nftables p99 | kproxy/iptables p99 | kproxy/floor p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| Services | floor p50 | kproxy p50 | kproxy, host routing p50 | iptables p50 | nftables p50 | floor p99 | kproxy p99 | kproxy, host routing p99 | iptables p99 | nftables p99 | kproxy/floor p50 | host routing/floor p50 | kproxy/nftables p99 | host routing/nftables p99 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let hr = super::HOST_ROUTING;
     for &n in &c.scales {
         let n = n as u64;
         let g = |sys: &str, p: &str| cell(find(f, "1-latency", p, sys, n, ""));
-        let md = |sys: &str| median(f, "1-latency", "p99_us", sys, n, "");
+        let md = |sys: &str, p: &str| median(f, "1-latency", p, sys, n, "");
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             thousands(n),
             g("floor", "p50_us"),
             g("kproxy", "p50_us"),
+            g(hr, "p50_us"),
             g("iptables", "p50_us"),
             g("nftables", "p50_us"),
             g("floor", "p99_us"),
             g("kproxy", "p99_us"),
+            g(hr, "p99_us"),
             g("iptables", "p99_us"),
             g("nftables", "p99_us"),
-            ratio(md("kproxy"), md("iptables")),
-            ratio(md("kproxy"), md("floor")),
+            ratio(md("kproxy", "p50_us"), md("floor", "p50_us")),
+            ratio(md(hr, "p50_us"), md("floor", "p50_us")),
+            ratio(md("kproxy", "p99_us"), md("nftables", "p99_us")),
+            ratio(md(hr, "p99_us"), md("nftables", "p99_us")),
         );
     }
+    let _ = writeln!(
+        s,
+        "\n\"kproxy, host routing\" is the agent with `--bpf-host-routing`: its TC programs deliver translated packets themselves (to a local pod with `bpf_redirect_peer`, elsewhere through the FIB), past the node's IP stack and netfilter."
+    );
     s.push_str("\n![latency](latency_vs_services.png)\n\n");
 
     let samples: Vec<f64> = f
@@ -642,13 +651,13 @@ NodePort runs of {} ms.\n",
 
     // Item 2.
     s.push_str("## 2. Rates (4 clients) and kernel CPU time per transaction (system + irq + softirq of the whole machine; user time is left out, on this shared machine it is mostly other processes')\n\n");
-    s.push_str("| Services | Pattern | System | Rate (1/s) | Kernel CPU µs / transaction | Rate vs iptables |\n|---|---|---|---|---|---|\n");
+    s.push_str("| Services | Pattern | System | Rate (1/s) | Kernel CPU µs / transaction | Rate vs iptables | Rate vs floor |\n|---|---|---|---|---|---|---|\n");
     for &n in &c.rate_scales {
         for v in ["connect", "rr"] {
-            for sys in ["floor", "kproxy", "iptables", "nftables"] {
+            for sys in ["floor", "kproxy", super::HOST_ROUTING, "iptables", "nftables"] {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {sys} | {} | {} | {} |",
+                    "| {} | {} | {sys} | {} | {} | {} | {} |",
                     thousands(n as u64),
                     if v == "rr" {
                         "request/response on open connections"
@@ -660,6 +669,10 @@ NodePort runs of {} ms.\n",
                     ratio(
                         median(f, "2-rate", "rate_per_s", sys, n as u64, v),
                         median(f, "2-rate", "rate_per_s", "iptables", n as u64, v)
+                    ),
+                    ratio(
+                        median(f, "2-rate", "rate_per_s", sys, n as u64, v),
+                        median(f, "2-rate", "rate_per_s", "floor", n as u64, v)
                     ),
                 );
             }
@@ -696,18 +709,20 @@ NodePort runs of {} ms.\n",
     s.push_str("On veth the receiving side (XDP, TC, netfilter, the pod's UDP socket) runs in the softirq of the sending CPU, so the sender and the datapath share the 2 cores: the rates are bounded by the machine, and the CPU column (kernel time — system + irq + softirq — of the whole machine per datagram that reached the backend: the sender's syscalls, the datapath and the receiver) is the figure that shows what each datapath costs per packet. The bounce reference shows the rate bound.\n\n");
     let live_tx = median(f, "3-nodeport", "live_pps", "xdp-tx", 3, "bounce");
     let live_ipt = |v: &str| median(f, "3-nodeport", "live_pps", "iptables", 3, v);
-    s.push_str("### NodePort with the live-frame generator (BPF_PROG_TEST_RUN, `BPF_F_TEST_XDP_LIVE_FRAMES`)\n\n| System | Local (frames/s) | Remote (frames/s) | Kernel ns per frame, local | remote | Local vs iptables | Remote vs iptables | Local vs bounce | Remote vs bounce |\n|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("### NodePort with the live-frame generator (BPF_PROG_TEST_RUN, `BPF_F_TEST_XDP_LIVE_FRAMES`)\n\n| System | Local (frames/s of one CPU) | Remote (frames/s of one CPU) | Kernel ns per frame, local | remote | Delivered, local | remote | Local vs iptables | Remote vs iptables | Local vs bounce | Remote vs bounce |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for sys in super::NODEPORT_SYSTEMS {
         let g = |m: &str, v: &str| cell(find(f, "3-nodeport", m, sys, 3, v));
         let pps = |v: &str| median(f, "3-nodeport", "live_pps", sys, 3, v);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             nodeport_label(sys),
             g("live_pps", "local"),
             g("live_pps", "remote"),
             g("live_ns_per_frame", "local"),
             g("live_ns_per_frame", "remote"),
+            g("live_delivered", "local"),
+            g("live_delivered", "remote"),
             ratio(pps("local"), live_ipt("local")),
             ratio(pps("remote"), live_ipt("remote")),
             ratio(pps("local"), live_tx),
@@ -720,14 +735,15 @@ NodePort runs of {} ms.\n",
     ] {
         let _ = writeln!(
             s,
-            "| {label} | | {} | | {} | | {} | | {} |",
+            "| {label} | | {} | | {} | | {} | | {} | | {} |",
             cell(find(f, "3-nodeport", "live_pps", sys, 3, v)),
             cell(find(f, "3-nodeport", "live_ns_per_frame", sys, 3, v)),
+            cell(find(f, "3-nodeport", "live_delivered", sys, 3, v)),
             ratio(median(f, "3-nodeport", "live_pps", sys, 3, v), live_ipt("remote")),
             ratio(median(f, "3-nodeport", "live_pps", sys, 3, v), live_tx),
         );
     }
-    s.push_str("\nThe generator is an XDP program that the kernel runs in a loop (live-frame mode, batches of 64) in the underlay namespace as if each frame had arrived on the port facing node 0; it writes one UDP datagram from the external client to the NodePort and returns `XDP_TX`, which sends it into node 0's `eth0` (veth `ndo_xdp_xmit`: no socket, no skb, no bridge). What comes out is counted where it leaves node 0, translated: an XDP sink on the underlay port (remote backend) or on the pod's `eth0` (local backend) drops and counts only frames addressed to the backend and its target port. The generator thread has real-time priority and everything runs in its CPU's softirq, so a rate is what one CPU does of generator + datapath + sink; the kernel's time per frame is the generator loop's own timing (`BPF_PROG_TEST_RUN` duration, which includes that softirq work). GRO is switched on for node 0's `eth0` during these runs (a veth takes `ndo_xdp_xmit` frames only with NAPI, which an XDP program or GRO switches on). \"kproxy\" is the agent with `--xdp-mode native`; \"kproxy, generic XDP\" its default on veth (`--xdp-mode auto`).\n\n");
+    s.push_str("\nThe generator is an XDP program that the kernel runs in a loop (live-frame mode, batches of 64) in the underlay namespace as if each frame had arrived on the port facing node 0; it writes one UDP datagram from the external client to the NodePort and returns `XDP_TX`, which sends it into node 0's `eth0` (veth `ndo_xdp_xmit`: no socket, no skb, no bridge). What comes out is counted where it leaves node 0, translated: an XDP sink on the underlay port (remote backend) or on the pod's `eth0` (local backend) drops and counts only frames addressed to the backend and its target port (*delivered* is their share of the frames generated). Everything runs in the softirq of the generator's CPU, so a rate is frames counted at the sink per second of that CPU's kernel time: the generator loop's own timing (`BPF_PROG_TEST_RUN`'s duration, which includes the datapath's softirq work and stops while the thread is scheduled out, so the other work on this shared machine stays out of it; *kernel ns per frame* is the same time per generated frame). The generator alone (its frames dropped as they arrive on `eth0`) bounds every rate. GRO is switched on for node 0's `eth0` during these runs (a veth takes `ndo_xdp_xmit` frames only with NAPI, which an XDP program or GRO switches on). \"kproxy (native XDP)\" is the agent with `--xdp-mode native`; \"generic XDP\" its default on veth (`--xdp-mode auto`), where an skb is built before XDP runs.\n\n");
 
     // Item 4.
     s.push_str("## 4. Programming time (N services × 10 endpoints)\n\n");
