@@ -197,7 +197,7 @@ mod tests {
         assert!(get("13 IPv6").measured.starts_with("not measured"));
         let k8s = get("12 change → first connection at 10,000 services p99 < 20 ms");
         assert_eq!(k8s.measured, "p99 5.0 ms at rest, 25.0 ms under churn");
-        assert_eq!(k8s.baseline, "0.002× iptables at rest, 0.005× under churn");
+        assert_eq!(k8s.baseline, "0.0020× iptables at rest, 0.0050× under churn");
         assert_eq!(k8s.verdict, "missed (by 5.0 ms)");
         let bypass = get("10.3");
         assert_eq!(bypass.baseline, "0.90× the floor (200 µs), 0.82× kproxy without it");

@@ -101,7 +101,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The full run (`make bench`, ≤ 20 minutes on 2 cores).
+    /// The full run (`make bench`, about 25 minutes on 2 cores).
     pub fn full() -> Self {
         Self {
             quick: false,

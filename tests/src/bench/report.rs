@@ -145,10 +145,12 @@ fn verdict(ok: bool, by: String) -> String {
 
 const NOT_MEASURED: &str = "not measured";
 
-/// `a / b` as a factor, with more digits when it is small (0.004× reads better than 0.00×).
+/// `a / b` as a factor with two significant digits when it is small (0.004× and 0.000022× read
+/// better than 0.00×).
 fn times(a: f64, b: f64) -> String {
     let x = a / b;
-    if x < 0.1 { format!("{x:.3}×") } else { format!("{x:.2}×") }
+    let digits = if x > 0.0 && x < 0.1 { (1.0 - x.log10().floor()) as usize } else { 2 };
+    format!("{x:.digits$}×")
 }
 
 /// The goals of the open issues (10: datapath speed, 12: change to first connection, 13: IPv6)
