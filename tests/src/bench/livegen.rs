@@ -296,9 +296,9 @@ impl Generator {
                 sent += u64::from(repeat);
                 let call_ns = f64::from(per) * f64::from(repeat);
                 kernel_ns += call_ns;
-                // About 50 ms of generation per call: each call also sets up and tears down a
-                // page pool, which waits for an RCU grace period (tens of ms on this VM), so
-                // short calls would mostly measure that.
+                // About 50 ms of generation per call: each call also sets up and tears down its
+                // page pool, 20–30 ms of wall time per call on this VM outside the kernel's
+                // timing, which made short calls mostly wait.
                 let next = f64::from(repeat) * 50e6 / call_ns.max(1.0);
                 repeat = next.clamp(4096.0, 4_194_304.0) as u32;
             }
