@@ -289,6 +289,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let health_checks =
         config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
     let (mut datapath, dp) = load_datapath(&config)?;
+    datapath.set_xdp_mode(config.xdp_mode);
     let conntrack = start_conntrack(&config, &metrics)?;
     let syncer = adopt_programmed_state(&dp)?;
     start_map_sampler(&config, &metrics);

@@ -10,8 +10,10 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::XdpMode;
+
 use crate::{
-    cli::AgentArgs,
+    cli::{AgentArgs, XdpModeArg},
     dataplane::loader::{ExternalMode, MapSizing},
 };
 
@@ -49,6 +51,9 @@ pub struct Config {
     pub health_check_bind: Option<IpAddr>,
     /// How the external devices are served (`--no-xdp`).
     pub external_mode: ExternalMode,
+    /// XDP attach mode forced on the external devices (`--xdp-mode`; `None`: auto, generic on
+    /// veth devices and the kernel's choice elsewhere).
+    pub xdp_mode: Option<XdpMode>,
     /// eBPF host routing (`--bpf-host-routing`).
     pub bpf_host_routing: bool,
     /// Map capacities (`--max-*`, `--map-dynamic-size-ratio`), resolved against the node's
@@ -140,6 +145,11 @@ impl Config {
             healthz_addr: args.healthz_addr,
             health_check_bind: args.health_check_bind.0,
             external_mode: if args.no_xdp { ExternalMode::TcOnly } else { ExternalMode::Xdp },
+            xdp_mode: match args.xdp_mode {
+                XdpModeArg::Auto => None,
+                XdpModeArg::Native => Some(XdpMode::Driver),
+                XdpModeArg::Generic => Some(XdpMode::Skb),
+            },
             bpf_host_routing: args.bpf_host_routing,
             map_sizing: MapSizing {
                 ratio: args.map_dynamic_size_ratio,
@@ -270,6 +280,7 @@ mod tests {
         assert_eq!(c.health_check_bind, Some(IpAddr::from([0, 0, 0, 0])));
         assert_eq!(c.conntrack_gc_interval, Some(Duration::from_secs(30)));
         assert_eq!(c.external_mode, ExternalMode::Xdp);
+        assert_eq!(c.xdp_mode, None);
         let c = Config::from_args(
             parse_agent(&["--health-check-bind", "none", "--conntrack-gc-interval-secs", "0"])
                 .unwrap(),
@@ -277,6 +288,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.source, SourceConfig::Kube { kubeconfig: None });
         assert_eq!((c.health_check_bind, c.conntrack_gc_interval), (None, None));
+        for (flag, want) in
+            [("auto", None), ("native", Some(XdpMode::Driver)), ("generic", Some(XdpMode::Skb))]
+        {
+            let c = Config::from_args(parse_agent(&["--xdp-mode", flag]).unwrap()).unwrap();
+            assert_eq!(c.xdp_mode, want, "--xdp-mode {flag}");
+        }
     }
 
     #[test]
@@ -313,6 +330,8 @@ mod tests {
                 "invalid value 'everywhere' for '--health-check-bind",
             ),
             (&["--metrics-addr", "10249"], "invalid value '10249' for '--metrics-addr"),
+            (&["--xdp-mode", "driver"], "invalid value 'driver' for '--xdp-mode"),
+            (&["--no-xdp", "--xdp-mode", "native"], "'--no-xdp' cannot be used with '--xdp-mode"),
             (
                 &["--metrics-addr", "0.0.0.0:10256"],
                 "--metrics-addr and --healthz-addr are both 0.0.0.0:10256",

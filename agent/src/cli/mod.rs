@@ -91,6 +91,18 @@ pub enum Output {
     Json,
 }
 
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum XdpModeArg {
+    /// Generic on veth devices, the kernel's choice elsewhere.
+    #[default]
+    Auto,
+    /// The driver's (native) XDP.
+    Native,
+    /// Generic (skb) XDP.
+    Generic,
+}
+
 /// Arguments of the list commands.
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -187,6 +199,13 @@ pub struct AgentArgs {
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
+    /// XDP attach mode on the external devices: `auto` is generic (skb) XDP on veth devices,
+    /// whose native XDP can send a packet out (XDP_TX, redirect) only when the veth's peer runs
+    /// an XDP program or GRO, and the kernel's choice (native where the driver has it)
+    /// elsewhere; `native` insists on the driver's XDP (attaching fails without it); `generic`
+    /// uses skb mode on every device.
+    #[arg(long, value_enum, default_value_t, conflicts_with = "no_xdp")]
+    pub xdp_mode: XdpModeArg,
     /// eBPF host routing: deliver translated packets from TC straight to their destination (a
     /// local pod's namespace with bpf_redirect_peer, anything else through the FIB), skipping the
     /// node's IP stack. Faster, but the node's netfilter (iptables/nftables) rules never see
@@ -380,6 +399,7 @@ mod tests {
         assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:10249");
         assert_eq!(a.healthz_addr.to_string(), "0.0.0.0:10256");
         assert!(!a.no_xdp);
+        assert_eq!(a.xdp_mode, XdpModeArg::Auto);
         assert_eq!((a.device_rescan_secs, a.map_stats_interval_secs), (10, 10));
 
         let cli =

@@ -310,9 +310,9 @@ impl Datapath {
         Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins })
     }
 
-    /// Forces the XDP attach mode of new XDP attachments (`None`, the default: generic on veth,
-    /// the kernel's choice elsewhere; see [`Self::attach_external`]). An attachment surviving
-    /// from an earlier run keeps its mode until it is detached.
+    /// Forces the XDP attach mode of new XDP attachments (`--xdp-mode`; `None`, the default:
+    /// generic on veth, the kernel's choice elsewhere; see [`Self::attach_external`]). An
+    /// attachment surviving from an earlier run keeps its mode until it is detached.
     pub fn set_xdp_mode(&mut self, mode: Option<XdpMode>) {
         self.xdp_mode = mode;
     }
@@ -330,6 +330,8 @@ impl Datapath {
     /// Attaches the external-device programs to `ifname` (replacing an earlier attachment).
     /// XDP goes on veth devices in generic mode unless [`Self::set_xdp_mode`] says otherwise:
     /// native veth XDP can transmit (`XDP_TX`, redirect) only when the peer runs XDP or GRO.
+    /// An XDP link of an earlier run is updated in place, or replaced when it is attached in
+    /// another mode than the one asked for.
     pub fn attach_external(&mut self, ifname: &str, mode: ExternalMode) -> anyhow::Result<()> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
         self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT)?;
@@ -482,6 +484,16 @@ impl Datapath {
     fn attach_xdp(&mut self, ifname: &str) -> anyhow::Result<()> {
         let pin = xdp_link_pin(&self.pin_path, ifname);
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
+        let mode = self.xdp_mode.unwrap_or_else(|| xdp_mode_for(ifname));
+        if pin.exists()
+            && mode != XdpMode::Default
+            && let Some(was) = attached_xdp_mode(ifname).filter(|was| *was != mode)
+        {
+            // A link of an earlier run in another mode than the one asked for now: replace it
+            // (the TC program serves the device alone meanwhile).
+            info!(ifname, ?was, ?mode, "XDP attached in another mode: re-attaching");
+            detach_xdp(&self.pin_path, ifname)?;
+        }
         let p: &mut Xdp = prog(&mut self.ebpf, names::PROG_XDP_EXT)?.try_into()?;
         if pin.exists() {
             // A link from an earlier run: swap the program inside it (atomic).
@@ -501,7 +513,6 @@ impl Datapath {
                 }
             }
         }
-        let mode = self.xdp_mode.unwrap_or_else(|| xdp_mode_for(ifname));
         let id = p
             .attach(ifname, mode)
             .with_context(|| format!("attaching {} to {ifname}", names::PROG_XDP_EXT))?;
@@ -633,6 +644,19 @@ fn driver(ifname: &str) -> Option<String> {
 /// is usually in another namespace). Real NICs get the kernel's choice (native when supported).
 fn xdp_mode_for(ifname: &str) -> XdpMode {
     if driver(ifname).as_deref() == Some("veth") { XdpMode::Skb } else { XdpMode::default() }
+}
+
+/// The mode of the XDP program attached to `ifname`, as the kernel reports it (`None`: none
+/// attached, or unknown).
+fn attached_xdp_mode(ifname: &str) -> Option<XdpMode> {
+    use netlink_packet_route::link::XdpAttached;
+    let links = crate::netdev::netlink::Socket::requests().and_then(|mut s| s.links()).ok()?;
+    match links.into_iter().find(|l| l.name == ifname)?.xdp?.attached {
+        XdpAttached::Driver => Some(XdpMode::Driver),
+        XdpAttached::SocketBuffer => Some(XdpMode::Skb),
+        XdpAttached::Hardware => Some(XdpMode::Hardware),
+        _ => None,
+    }
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
