@@ -746,9 +746,6 @@ fn upstream_should_be_rejected_when_no_endpoints_exist() {
 }
 
 #[test]
-#[ignore = "the model uses every endpoint of a publishNotReadyAddresses service as ready \
-            (collect_endpoints in agent/src/model/mod.rs); kube-proxy reads only the endpoint's \
-            ready condition, so the failed pod's endpoint is served instead of rejected"]
 fn upstream_should_be_rejected_for_evicted_pods_no_endpoints_exist() {
     both("evicted", |c| {
         let pod = c.pod_ns(0, 1);
