@@ -691,10 +691,14 @@ impl LoopState {
         self.retry_full = failed;
         if failed {
             metrics.sync_failed();
-            info!(
-                retry_within_secs = config.sync_period.as_secs(),
-                "sync failed; the next sync is a full one"
-            );
+            const MSG: &str = "sync failed; the next sync is a full one";
+            if let Some(held) = obs.log_limiter.allow(MSG, Instant::now()) {
+                info!(
+                    retry_within_secs = config.sync_period.as_secs(),
+                    repeats_not_logged = held,
+                    "{MSG}"
+                );
+            }
         }
         // kube-proxy's network programming latency: from each EndpointSlice's new
         // last-change-trigger-time to now. The first sync's times predate this agent.
