@@ -17,6 +17,7 @@ use crate::{
         Dataplane, DataplaneError,
         bpf::BpfDataplane,
         conntrack,
+        features::Features,
         loader::{self, Datapath},
         usage::{self, map_label},
     },
@@ -270,9 +271,19 @@ impl ChangeObserver {
 
 /// Runs the agent until SIGTERM or SIGINT: start-up checks, the HTTP servers, the datapath and
 /// its helpers, the devices, the source, then the sync loop.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
     preflight::check(&config)?;
     let metrics = Arc::new(Metrics::new());
+    let features = Features::probe();
+    info!(features = %features.summary(), "kernel features");
+    metrics.set_kernel_features(&features);
+    if config.bpf_host_routing && !features.has("redirect_peer") {
+        warn!(
+            "--bpf-host-routing: this kernel has no bpf_redirect_peer for TC programs; \
+             host routing is off, translated packets go through the node's stack"
+        );
+        config.bpf_host_routing = false;
+    }
     let health = Arc::new(ProxyHealth::new(Stamp::now()));
     start_servers(&config, &metrics, &health).await?;
     let health_checks =

@@ -128,5 +128,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup(args) => loader::cleanup(&args.pin_path),
+        Command::Features { output } => {
+            let f = kproxy::dataplane::features::Features::probe();
+            print(output, || f.table(), || f.json());
+            Ok(())
+        }
     }
 }

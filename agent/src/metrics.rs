@@ -88,6 +88,7 @@ pub struct Metrics {
     nodeport_devices_missing: IntGauge,
     device_attach_errors: IntCounter,
     ct_evictions: IntCounter,
+    kernel_features: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -367,6 +368,13 @@ impl Metrics {
                 "kproxy_conntrack_evictions_total",
                 "Connection-tracking entries evicted by the kernel because the LRU table was full.",
             ),
+            kernel_features: gauge_vec(
+                &r,
+                "kproxy_kernel_feature",
+                "Kernel features kproxy probed at start (1 available, 0 missing); see `kproxy features`.",
+                "feature",
+                &crate::dataplane::features::names(),
+            ),
             registry: r,
         }
     }
@@ -461,6 +469,13 @@ impl Metrics {
         self.devices.with_label_values(&["external"]).set(external as i64);
         self.devices.with_label_values(&["pod"]).set(pod as i64);
         self.nodeport_devices_missing.set(missing_external as i64);
+    }
+
+    /// Sets the probed kernel features.
+    pub fn set_kernel_features(&self, features: &crate::dataplane::features::Features) {
+        for f in &features.0 {
+            self.kernel_features.with_label_values(&[f.name]).set(i64::from(f.available));
+        }
     }
 
     /// Counts a failed attachment to a device.

@@ -5,6 +5,8 @@
 //!   verifier of that kernel, crafted frames in and out; its `real_sockets_*` tests, with real
 //!   sockets in namespaces, on the oldest kernel only, as they take minutes under emulation);
 //! - the verifier's own figures for every program (`kproxy-verifier-stats`);
+//! - the kernel feature probes (`kproxy features`), each checked against the kernel the table
+//!   says it needs;
 //! - on the oldest kernel, namespace end-to-end tests with the agent: a ClusterIP and a NodePort
 //!   service served to real sockets.
 //!
@@ -192,6 +194,11 @@ fn run_one(
     );
     script += &format!("cd {}\n", q(&tests_dir));
     script += &format!("{} > {o}/stats.txt 2>&1; echo $? > {o}/stats.rc\n", q(stats), o = q(&out));
+    script += &format!(
+        "{} features -o json > {o}/features.json 2> {o}/features.err\n",
+        q(&root.join("target/debug/kproxy")),
+        o = q(&out)
+    );
     if suites.testrun {
         script += &format!(
             "{} --test-threads=2 {} {} > {o}/testrun.txt 2>&1; echo $? > {o}/testrun.rc\n",
@@ -252,7 +259,7 @@ fn run_one(
         u8::from(stats_ok),
         u8::from(!stats_ok)
     );
-    let mut ok = stats_ok;
+    let mut ok = stats_ok & features(k, &out);
     if suites.testrun {
         ok &= report(k, &out, "testrun", "BPF_PROG_TEST_RUN suite")?;
     }
@@ -260,6 +267,45 @@ fn run_one(
         ok &= report(k, &out, "e2e", "end-to-end tests (agent, lab)")?;
     }
     Ok(ok)
+}
+
+/// Prints the feature probes of one kernel and checks each against the kernel version its
+/// table row says it needs (`since`); counts as one test.
+fn features(k: &Kernel, out: &Path) -> bool {
+    let json = std::fs::read_to_string(out.join("features.json")).unwrap_or_default();
+    let parsed: Option<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_str(&json).ok();
+    let mut ok = parsed.is_some();
+    println!("[kernels] linux {}: kernel features (available / needs)", k.series);
+    for (name, f) in parsed.iter().flatten() {
+        let available = f["available"].as_bool().unwrap_or(false);
+        let since = f["since"].as_str().unwrap_or("?");
+        let expected = version(&k.series) >= version(since);
+        println!(
+            "  {name:<24} {:<4} needs {since}{}",
+            if available { "yes" } else { "no" },
+            if available == expected { "" } else { "  <- not what the table says" }
+        );
+        ok &= available == expected;
+    }
+    if parsed.is_none() {
+        let err = std::fs::read_to_string(out.join("features.err")).unwrap_or_default();
+        println!("  kproxy features failed: {}", err.trim());
+    }
+    let verdict = if ok { "ok" } else { "FAILED" };
+    println!("test [linux {}] kernel_features_match_their_table ... {verdict}", k.series);
+    println!(
+        "test result: {verdict}. {} passed; {} failed; 0 ignored; 0 measured",
+        u8::from(ok),
+        u8::from(!ok)
+    );
+    ok
+}
+
+/// "6.12" -> (6, 12).
+fn version(s: &str) -> (u32, u32) {
+    let mut it = s.split('.').map(|p| p.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 /// Prints one suite's results with the kernel in every test line; `Ok(false)` if it failed.

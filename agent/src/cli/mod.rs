@@ -50,6 +50,12 @@ pub enum Command {
     },
     /// Detach every program and remove every pin kproxy made under the pin path.
     Cleanup(PinArgs),
+    /// Probe the running kernel for the features kproxy uses beyond its floor (Linux 5.10).
+    Features {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 /// `service`, `map` and `device` actions.

@@ -6,6 +6,7 @@ use kproxy_common::{Backend4, NodeConfig, Service4Key, Service4Value};
 pub mod batch;
 pub mod bpf;
 pub mod conntrack;
+pub mod features;
 pub mod hints;
 pub mod loader;
 pub mod mem;

@@ -1,0 +1,207 @@
+//! Kernel features kproxy uses beyond its floor (Linux 5.10), probed at start.
+//!
+//! Every program loads on 5.10; some options need more. Each feature is probed the way libbpf
+//! and bpftool do it, on the running kernel (never guessed from the version): a helper by
+//! loading a two-instruction program that calls it (`aya::sys::is_helper_supported`), a kfunc
+//! or kernel object by its name in the kernel's BTF (`/sys/kernel/btf/vmlinux`). The agent logs
+//! one line with the result, exports `kproxy_kernel_feature{feature}`, and switches off (with one
+//! warning) an option whose feature is missing; `kproxy features` prints the table. The kernel
+//! matrix (`cargo xtask kernels`) prints it for every kernel it boots: that is where the
+//! "since" column comes from.
+use aya::{
+    programs::ProgramType,
+    sys::{BpfHelper, is_helper_supported},
+};
+use aya_obj::btf::{Btf, BtfKind};
+
+/// One probed feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    /// Short name (metric label, table row).
+    pub name: &'static str,
+    /// The first kernel it was seen in, from the kernel matrix (5.10, 6.1, 6.12, 6.18).
+    pub since: &'static str,
+    /// What kproxy uses it for, and what happens without it.
+    pub used_for: &'static str,
+    /// Whether the running kernel has it.
+    pub available: bool,
+}
+
+/// How a feature is probed.
+enum Probe {
+    Helper(ProgramType, BpfHelper),
+    BtfFunc(&'static str),
+    BtfStruct(&'static str),
+}
+
+/// The features and their probes, in the order they are shown.
+const PROBES: &[(&str, &str, &str, Probe)] = &[
+    (
+        "redirect_neigh",
+        "5.10",
+        "TC: NodePort replies and flows whose neighbour XDP could not resolve (required)",
+        Probe::Helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_neigh),
+    ),
+    (
+        "redirect_peer",
+        "5.10",
+        "--bpf-host-routing: delivery into a local pod's namespace (off without it)",
+        Probe::Helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_redirect_peer),
+    ),
+    (
+        "sock_addr_netns_cookie",
+        "5.10",
+        "socket LB: telling the host's sockets from pods' (bpf_get_netns_cookie in sock_addr)",
+        Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie),
+    ),
+    (
+        "sock_destroy",
+        "6.5",
+        "socket LB: closing sockets connected to a removed backend (bpf_sock_destroy kfunc)",
+        Probe::BtfFunc("bpf_sock_destroy"),
+    ),
+    (
+        "tcx",
+        "6.6",
+        "not used: kproxy attaches TC programs with netlink (clsact) on every kernel",
+        Probe::BtfStruct("tcx_entry"),
+    ),
+];
+
+/// The names of every probed feature.
+pub fn names() -> Vec<&'static str> {
+    PROBES.iter().map(|p| p.0).collect()
+}
+
+/// What the running kernel offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features(pub Vec<Feature>);
+
+impl Features {
+    /// Probes every feature on the running kernel. Never fails: a probe that cannot decide
+    /// (no privileges, no BTF) says "not available" and is logged at debug level.
+    pub fn probe() -> Self {
+        let btf = Btf::from_sys_fs();
+        if let Err(e) = &btf {
+            tracing::debug!("kernel BTF unreadable ({e}): BTF-probed features count as missing");
+        }
+        let features = PROBES
+            .iter()
+            .map(|(name, since, used_for, probe)| {
+                let available = match probe {
+                    Probe::Helper(ty, helper) => is_helper_supported(*ty, *helper)
+                        .inspect_err(|e| tracing::debug!(feature = name, "probe failed: {e}"))
+                        .unwrap_or(false),
+                    Probe::BtfFunc(n) => {
+                        btf.as_ref().is_ok_and(|b| b.id_by_type_name_kind(n, BtfKind::Func).is_ok())
+                    }
+                    Probe::BtfStruct(n) => btf
+                        .as_ref()
+                        .is_ok_and(|b| b.id_by_type_name_kind(n, BtfKind::Struct).is_ok()),
+                };
+                Feature { name, since, used_for, available }
+            })
+            .collect();
+        Features(features)
+    }
+
+    /// Whether the named feature is available (false for an unknown name).
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|f| f.name == name && f.available)
+    }
+
+    /// One line for the log: `redirect_peer=yes sock_destroy=no ...`.
+    pub fn summary(&self) -> String {
+        self.0
+            .iter()
+            .map(|f| format!("{}={}", f.name, if f.available { "yes" } else { "no" }))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The `kproxy features` table.
+    pub fn table(&self) -> String {
+        let mut t = format!("{:<24} {:<9} {:<6} {}\n", "FEATURE", "AVAILABLE", "SINCE", "USED FOR");
+        for f in &self.0 {
+            t += &format!(
+                "{:<24} {:<9} {:<6} {}\n",
+                f.name,
+                if f.available { "yes" } else { "no" },
+                f.since,
+                f.used_for
+            );
+        }
+        t
+    }
+
+    /// The `kproxy features -o json` object.
+    pub fn json(&self) -> serde_json::Value {
+        self.0
+            .iter()
+            .map(|f| {
+                (
+                    f.name.to_string(),
+                    serde_json::json!({
+                        "available": f.available, "since": f.since, "used_for": f.used_for,
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(avail: &[&str]) -> Features {
+        Features(
+            PROBES
+                .iter()
+                .map(|(name, since, used_for, _)| Feature {
+                    name,
+                    since,
+                    used_for,
+                    available: avail.contains(name),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn has_summary_table_and_json_agree() {
+        let f = with(&["redirect_peer"]);
+        assert!(f.has("redirect_peer"));
+        assert!(!f.has("sock_destroy"));
+        assert!(!f.has("no_such_feature"));
+        assert!(f.summary().contains("redirect_peer=yes"));
+        assert!(f.summary().contains("sock_destroy=no"));
+        let t = f.table();
+        assert_eq!(t.lines().count(), PROBES.len() + 1);
+        assert!(t.lines().any(|l| l.starts_with("redirect_peer") && l.contains(" yes ")));
+        assert_eq!(f.json()["sock_destroy"]["available"], false);
+        assert_eq!(f.json()["redirect_peer"]["since"], "5.10");
+    }
+
+    /// On the machine running the tests (root, a kernel newer than the floor) the floor's
+    /// helpers are found; a helper id no kernel has is not.
+    #[test]
+    fn probes_find_the_floor_helpers_on_this_kernel() {
+        if !nix_is_root() {
+            return;
+        }
+        let f = Features::probe();
+        assert!(f.has("redirect_neigh"), "{}", f.summary());
+        assert!(f.has("redirect_peer"), "{}", f.summary());
+        assert!(
+            !is_helper_supported(ProgramType::SchedClassifier, BpfHelper::__BPF_FUNC_MAX_ID)
+                .unwrap()
+        );
+    }
+
+    fn nix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+}
