@@ -28,6 +28,8 @@ use kproxy_tests::{
 const T: Duration = Duration::from_secs(2);
 /// How long a change may take to show in the datapath (agent polls manifests every second).
 const CONVERGE: Duration = Duration::from_secs(15);
+/// How long a restarted agent may take to load its datapath and attach its programs.
+const AGENT_START: Duration = Duration::from_secs(120);
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
@@ -1010,6 +1012,15 @@ fn restart_agents_with_socket_lb(c: &mut Cluster, cg: &Cgroups) {
             ..Default::default()
         };
         c.agents[i] = Some(c.lab.spawn_agent(i, &opts).expect("agent starts"));
+    }
+    // The convergence checks start once the programs are attached again: loading the datapath
+    // takes many seconds on a busy machine.
+    for i in 0..c.agents.len() {
+        let deadline = Instant::now() + AGENT_START;
+        while !c.agents[i].as_ref().unwrap().log_text().contains("socket LB attached") {
+            assert!(Instant::now() < deadline, "agent {i} not attached:\n{}", c.agent_logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
