@@ -101,6 +101,16 @@ pub enum ConfigError {
         /// `--snat-port-max`.
         max: u16,
     },
+    /// The minimum sync period is longer than the full resync period (kube-proxy refuses it too).
+    #[error(
+        "--min-sync-period-ms {min_ms} is longer than --sync-period-secs {period_secs}: the periodic resync could never run on time"
+    )]
+    MinSyncPeriod {
+        /// `--min-sync-period-ms`.
+        min_ms: u64,
+        /// `--sync-period-secs`.
+        period_secs: u64,
+    },
     /// Metrics and health on the same address.
     #[error("--metrics-addr and --healthz-addr are both {0}: give them different ports")]
     SameAddress(SocketAddr),
@@ -116,6 +126,12 @@ impl Config {
             return Err(ConfigError::SnatRange {
                 min: args.snat_port_min,
                 max: args.snat_port_max,
+            });
+        }
+        if args.min_sync_period_ms > args.sync_period_secs.saturating_mul(1000) {
+            return Err(ConfigError::MinSyncPeriod {
+                min_ms: args.min_sync_period_ms,
+                period_secs: args.sync_period_secs,
             });
         }
         if args.metrics_addr == args.healthz_addr {
@@ -321,6 +337,19 @@ mod tests {
             (&["--poll-interval-ms", "5"], "invalid value '5' for '--poll-interval-ms"),
             (&["--device-rescan-secs", "0"], "invalid value '0' for '--device-rescan-secs"),
             (&["--sync-period-secs", "0"], "invalid value '0' for '--sync-period-secs"),
+            (
+                &["--sync-coalesce-ms", "18446744073709551615"],
+                "invalid value '18446744073709551615' for '--sync-coalesce-ms",
+            ),
+            (
+                &["--conntrack-gc-interval-secs", "100000"],
+                "invalid value '100000' for '--conntrack-gc-interval-secs",
+            ),
+            (&["--max-manifest-bytes", "0"], "invalid value '0' for '--max-manifest-bytes"),
+            (
+                &["--min-sync-period-ms", "60000"],
+                "--min-sync-period-ms 60000 is longer than --sync-period-secs 30",
+            ),
             (
                 &["--map-stats-interval-secs", "0"],
                 "invalid value '0' for '--map-stats-interval-secs",

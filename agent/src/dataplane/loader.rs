@@ -238,6 +238,22 @@ fn ifindex(ifname: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
+/// `--cgroup-path` must be a directory of a cgroup v2 hierarchy; the error names the flag, the
+/// path and what is wrong with it.
+pub fn check_cgroup2(cgroup: &Path) -> anyhow::Result<()> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+    if let Err(e) = std::fs::read_dir(cgroup) {
+        bail!("--cgroup-path {}: {e}", cgroup.display());
+    }
+    if fs_magic(cgroup) != Some(CGROUP2_SUPER_MAGIC) {
+        bail!(
+            "--cgroup-path {} is not a cgroup v2 directory (the cgroup2 root, e.g. /sys/fs/cgroup on a cgroup v2 node; on a cgroup v1 node mount one with `mount -t cgroup2 none DIR`, see docs/datapath.md)",
+            cgroup.display()
+        );
+    }
+    Ok(())
+}
+
 fn fs_magic(path: &Path) -> Option<i64> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into the zeroed struct we own.
@@ -363,13 +379,7 @@ impl Datapath {
     /// `v1/links/cgroup-<type>`; an attachment from an earlier run gets the new program in place
     /// (`BPF_LINK_UPDATE`). Needs Linux 5.8 (getpeername4; cgroup `bpf_link`s since 5.7).
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
-        const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
-        if fs_magic(cgroup) != Some(CGROUP2_SUPER_MAGIC) {
-            bail!(
-                "--cgroup-path {} is not a cgroup v2 directory (mount -t cgroup2 none DIR)",
-                cgroup.display()
-            );
-        }
+        check_cgroup2(cgroup)?;
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
