@@ -301,8 +301,11 @@ fn upstream_should_serve_endpoints_on_same_port_and_different_protocols() {
                 .is_err()
                 .then_some(())
         });
-        let got = dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Udp, T)
-            .expect("udp still served");
+        // UDP may lose a datagram on a loaded machine: still served means answered within the
+        // convergence time, as every other check here.
+        let got = eventually("udp still served", || {
+            dns_query(&client, VIP, 53, DNS_NAME, DnsType::A, DnsTransport::Udp, T).ok()
+        });
         assert_eq!(got, vec![DnsAnswer::A(c.pod_ip(0, 1))]);
     });
 }
