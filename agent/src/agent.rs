@@ -289,6 +289,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let health_checks =
         config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
     let (mut datapath, dp) = load_datapath(&config)?;
+    datapath.set_xdp_mode(config.xdp_mode);
     let conntrack = start_conntrack(&config, &metrics)?;
     let syncer = adopt_programmed_state(&dp)?;
     start_map_sampler(&config, &metrics);
@@ -554,7 +555,7 @@ async fn sync_loop(
         // change is not delayed by a full recomputation (that next sync is requested at once).
         let postpone = full_due && changed && !state.resync_postponed;
         state.resync_postponed = postpone;
-        full |= !state.synced_once || (full_due && !postpone);
+        full |= !state.synced_once || state.retry_full || (full_due && !postpone);
         if postpone {
             schedule.request(now);
         }
@@ -615,6 +616,10 @@ struct LoopState {
     trimmed: bool,
     /// Whether the due periodic resync was put off by one tick for pending changes.
     resync_postponed: bool,
+    /// The last sync failed (a datapath write or the node configuration): the next one is a
+    /// full one, as kube-proxy's after a failed sync. It comes with the next change, or with the
+    /// periodic resync at the latest.
+    retry_full: bool,
     health: BTreeMap<u16, model::HealthCheck>,
     /// Service ports with a Local policy that drop for lack of a local endpoint: (internal,
     /// external).
@@ -635,6 +640,12 @@ impl LoopState {
     /// One sync (begun at `started`, when the model was asked for its changes): the changes
     /// written to `dp`, node configuration (once and whenever the addresses changed), metrics
     /// and health. Returns the UDP service ports whose flows the conntrack reconciler must check.
+    ///
+    /// A sync in which a datapath write failed is handled as kube-proxy handles a failed sync:
+    /// it is not reported to `/healthz` as an update (the changes stay pending there, so that
+    /// `/healthz` and `/livez` fail once one has waited [`crate::health::HEALTH_TIMEOUT`] for a
+    /// sync that succeeds), the healthCheckNodePort answers and the last-sync timestamp stay as
+    /// the last successful sync left them, and the next sync is a full one.
     #[allow(clippy::too_many_arguments)]
     fn sync(
         &mut self,
@@ -665,9 +676,7 @@ impl LoopState {
             }
             count_sync_error(&metrics, e);
         }
-        if !report.errors.is_empty() {
-            metrics.sync_failed();
-        }
+        let mut failed = report.errors.iter().any(SyncError::is_datapath_failure);
         if !self.config_written || !self.synced_once {
             let (snat_port_min, snat_port_max) = config.snat_ports;
             let cfg = NodeConfig {
@@ -686,13 +695,26 @@ impl LoopState {
                 Err(e) => {
                     error!(error = %e, "writing the node configuration");
                     metrics.sync_error("config");
+                    failed = true;
                 }
             }
         }
         let now = SystemTime::now();
+        self.retry_full = failed;
+        if failed {
+            metrics.sync_failed();
+            const MSG: &str = "sync failed; the next sync is a full one";
+            if let Some(held) = obs.log_limiter.allow(MSG, Instant::now()) {
+                info!(
+                    retry_within_secs = config.sync_period.as_secs(),
+                    repeats_not_logged = held,
+                    "{MSG}"
+                );
+            }
+        }
         // kube-proxy's network programming latency: from each EndpointSlice's new
         // last-change-trigger-time to now. The first sync's times predate this agent.
-        if self.synced_once {
+        if self.synced_once && !failed {
             for t in &changes.triggers {
                 if let Ok(ts) = t.parse::<jiff::Timestamp>()
                     && let Ok(d) = now.duration_since(SystemTime::from(ts))
@@ -702,17 +724,21 @@ impl LoopState {
             }
         }
         self.synced_once = true;
-        self.health = changes.state.health_checks.clone();
+        if !failed {
+            self.health = changes.state.health_checks.clone();
+        }
         let (internal, external) = self.count_no_local_endpoints(changes);
         metrics.set_no_local_endpoints(internal, external);
         metrics.sync_done(
             started.elapsed(),
             changes.full,
-            now,
+            (!failed).then_some(now),
             syncer.programmed_frontends(),
             syncer.programmed_backends(),
         );
-        obs.health.updated(Stamp::now());
+        if !failed {
+            obs.health.updated(Stamp::now());
+        }
         obs.synced();
         let level_info = report.writes > 0 || !report.errors.is_empty();
         if level_info {
@@ -979,6 +1005,111 @@ mod tests {
         assert_eq!(status(), 200);
         obs.observe(&Change::NodeDeleted("node-0".into()));
         assert_eq!(status(), 503);
+    }
+
+    /// A sync whose datapath writes fail is handled as kube-proxy handles a failed sync: the
+    /// change stays pending for `/healthz` and `/livez` (both fail once it has waited the health
+    /// timeout), the health check node ports and the last-sync timestamp keep what the last
+    /// successful sync left, the failure is counted, and the next sync is a full one that
+    /// programs the change once the map has room.
+    #[test]
+    fn failed_sync_keeps_changes_pending_for_health() {
+        use crate::health::HEALTH_TIMEOUT;
+        let svc = |name: &str, spec: serde_json::Value| -> Change {
+            let s: k8s_openapi::api::core::v1::Service = serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec}),
+            )
+            .unwrap();
+            Change::Service((&s).into())
+        };
+        let slice = |svc: &str| -> Change {
+            let s: k8s_openapi::api::discovery::v1::EndpointSlice =
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("{svc}-a"), "namespace": "default",
+                                 "labels": {"kubernetes.io/service-name": svc}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": [{"addresses": ["198.18.100.10"], "nodeName": "node-0"}]
+                }))
+                .unwrap();
+            Change::Slice((&s).into())
+        };
+        let dir = std::env::temp_dir();
+        let config = config(&dir);
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(ProxyHealth::new(Stamp::now()));
+        let mut obs = ChangeObserver::new("node-0", metrics.clone(), health.clone());
+        let addrs = [Ipv4Addr::new(198, 18, 0, 10)];
+        let mut tracker =
+            Tracker::new(NodeInfo { name: "node-0".into(), addrs: addrs.to_vec(), zone: None });
+        let mut state = LoopState::default();
+        let mut syncer = Syncer::new();
+        // Room for the first service's frontend and its backend slot only.
+        let mut dp = MemDataplane { services_capacity: Some(2), ..Default::default() };
+        let mut sync = |tracker: &mut Tracker, state: &mut LoopState, dp: &mut MemDataplane| {
+            // As the loop does: a change is queued, and a sync after a failure is a full one.
+            health.queued(Stamp::now());
+            let mut changes = if state.retry_full { tracker.full() } else { tracker.changes() };
+            state.sync(Instant::now(), &config, &mut changes, &addrs, &mut syncer, dp, &mut obs);
+        };
+        let metric = |name: &str| -> String {
+            let text = metrics.render();
+            let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_default();
+            line.rsplit(' ').next().unwrap_or_default().to_owned()
+        };
+        let later = || Stamp::now().after(HEALTH_TIMEOUT + Duration::from_secs(1));
+        for c in [
+            svc(
+                "web",
+                serde_json::json!({"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80}]}),
+            ),
+            slice("web"),
+        ] {
+            tracker.apply(c);
+        }
+        sync(&mut tracker, &mut state, &mut dp);
+        assert!(!state.retry_full);
+        assert_eq!(health.healthz(later()).status, 200, "the change was programmed");
+        let synced_at = metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+        assert_ne!(synced_at, "0");
+
+        // A LoadBalancer service with a health check node port does not fit.
+        let lb = serde_json::json!({"type": "LoadBalancer", "clusterIP": "198.19.0.11",
+            "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]});
+        tracker.apply(svc("lb", lb));
+        tracker.apply(slice("lb"));
+        sync(&mut tracker, &mut state, &mut dp);
+        assert!(state.retry_full, "the next sync is a full one");
+        assert_eq!(
+            metric("kubeproxy_sync_proxy_rules_nftables_sync_failures_total"),
+            "1",
+            "{}",
+            metrics.render()
+        );
+        assert_eq!(metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds"), synced_at);
+        assert!(
+            state.health.is_empty(),
+            "health check node port of a failed sync: {:?}",
+            state.health
+        );
+        // Healthy until the change has waited the timeout, then both fail.
+        assert_eq!(health.healthz(Stamp::now()).status, 200);
+        assert_eq!(health.healthz(later()).status, 503);
+        assert_eq!(health.livez(later()).status, 503);
+        assert!(!health.is_healthy(later()));
+
+        // Room again: the full retry programs it and clears the pending change.
+        dp.services_capacity = None;
+        sync(&mut tracker, &mut state, &mut dp);
+        assert!(!state.retry_full);
+        assert_eq!(health.healthz(later()).status, 200);
+        assert_eq!(health.livez(later()).status, 200);
+        assert_eq!(state.health.keys().copied().collect::<Vec<_>>(), [32000]);
+        assert_eq!(state.health[&32000].local_endpoints, 1);
+        assert_ne!(metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds"), synced_at);
+        let cip = key([198, 19, 0, 11], 80, proto::TCP, scope::INTERNAL);
+        assert_eq!(dp.services[&cip].count, 1);
     }
 
     /// kube-proxy's no-local-endpoints gauge follows the recomputed services, and the change

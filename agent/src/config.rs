@@ -10,8 +10,10 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::XdpMode;
+
 use crate::{
-    cli::AgentArgs,
+    cli::{AgentArgs, XdpModeArg},
     dataplane::loader::{ExternalMode, MapSizing},
 };
 
@@ -49,6 +51,9 @@ pub struct Config {
     pub health_check_bind: Option<IpAddr>,
     /// How the external devices are served (`--no-xdp`).
     pub external_mode: ExternalMode,
+    /// XDP attach mode forced on the external devices (`--xdp-mode`; `None`: auto, generic on
+    /// veth devices and the kernel's choice elsewhere).
+    pub xdp_mode: Option<XdpMode>,
     /// eBPF host routing (`--bpf-host-routing`).
     pub bpf_host_routing: bool,
     /// Map capacities (`--max-*`, `--map-dynamic-size-ratio`), resolved against the node's
@@ -96,6 +101,16 @@ pub enum ConfigError {
         /// `--snat-port-max`.
         max: u16,
     },
+    /// The minimum sync period is longer than the full resync period (kube-proxy refuses it too).
+    #[error(
+        "--min-sync-period-ms {min_ms} is longer than --sync-period-secs {period_secs}: the periodic resync could never run on time"
+    )]
+    MinSyncPeriod {
+        /// `--min-sync-period-ms`.
+        min_ms: u64,
+        /// `--sync-period-secs`.
+        period_secs: u64,
+    },
     /// Metrics and health on the same address.
     #[error("--metrics-addr and --healthz-addr are both {0}: give them different ports")]
     SameAddress(SocketAddr),
@@ -111,6 +126,12 @@ impl Config {
             return Err(ConfigError::SnatRange {
                 min: args.snat_port_min,
                 max: args.snat_port_max,
+            });
+        }
+        if args.min_sync_period_ms > args.sync_period_secs.saturating_mul(1000) {
+            return Err(ConfigError::MinSyncPeriod {
+                min_ms: args.min_sync_period_ms,
+                period_secs: args.sync_period_secs,
             });
         }
         if args.metrics_addr == args.healthz_addr {
@@ -140,6 +161,11 @@ impl Config {
             healthz_addr: args.healthz_addr,
             health_check_bind: args.health_check_bind.0,
             external_mode: if args.no_xdp { ExternalMode::TcOnly } else { ExternalMode::Xdp },
+            xdp_mode: match args.xdp_mode {
+                XdpModeArg::Auto => None,
+                XdpModeArg::Native => Some(XdpMode::Driver),
+                XdpModeArg::Generic => Some(XdpMode::Skb),
+            },
             bpf_host_routing: args.bpf_host_routing,
             map_sizing: MapSizing {
                 ratio: args.map_dynamic_size_ratio,
@@ -270,6 +296,7 @@ mod tests {
         assert_eq!(c.health_check_bind, Some(IpAddr::from([0, 0, 0, 0])));
         assert_eq!(c.conntrack_gc_interval, Some(Duration::from_secs(30)));
         assert_eq!(c.external_mode, ExternalMode::Xdp);
+        assert_eq!(c.xdp_mode, None);
         let c = Config::from_args(
             parse_agent(&["--health-check-bind", "none", "--conntrack-gc-interval-secs", "0"])
                 .unwrap(),
@@ -277,6 +304,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.source, SourceConfig::Kube { kubeconfig: None });
         assert_eq!((c.health_check_bind, c.conntrack_gc_interval), (None, None));
+        for (flag, want) in
+            [("auto", None), ("native", Some(XdpMode::Driver)), ("generic", Some(XdpMode::Skb))]
+        {
+            let c = Config::from_args(parse_agent(&["--xdp-mode", flag]).unwrap()).unwrap();
+            assert_eq!(c.xdp_mode, want, "--xdp-mode {flag}");
+        }
     }
 
     #[test]
@@ -305,6 +338,19 @@ mod tests {
             (&["--device-rescan-secs", "0"], "invalid value '0' for '--device-rescan-secs"),
             (&["--sync-period-secs", "0"], "invalid value '0' for '--sync-period-secs"),
             (
+                &["--sync-coalesce-ms", "18446744073709551615"],
+                "invalid value '18446744073709551615' for '--sync-coalesce-ms",
+            ),
+            (
+                &["--conntrack-gc-interval-secs", "100000"],
+                "invalid value '100000' for '--conntrack-gc-interval-secs",
+            ),
+            (&["--max-manifest-bytes", "0"], "invalid value '0' for '--max-manifest-bytes"),
+            (
+                &["--min-sync-period-ms", "60000"],
+                "--min-sync-period-ms 60000 is longer than --sync-period-secs 30",
+            ),
+            (
                 &["--map-stats-interval-secs", "0"],
                 "invalid value '0' for '--map-stats-interval-secs",
             ),
@@ -313,6 +359,8 @@ mod tests {
                 "invalid value 'everywhere' for '--health-check-bind",
             ),
             (&["--metrics-addr", "10249"], "invalid value '10249' for '--metrics-addr"),
+            (&["--xdp-mode", "driver"], "invalid value 'driver' for '--xdp-mode"),
+            (&["--no-xdp", "--xdp-mode", "native"], "'--no-xdp' cannot be used with '--xdp-mode"),
             (
                 &["--metrics-addr", "0.0.0.0:10256"],
                 "--metrics-addr and --healthz-addr are both 0.0.0.0:10256",

@@ -38,9 +38,66 @@ impl Reply {
 }
 
 /// Binds `addr` for the server named by `flag`; the error names both, e.g.
-/// `--healthz-addr 0.0.0.0:10256: cannot listen: Address in use`.
+/// `--healthz-addr 0.0.0.0:10256: cannot listen: Address in use (os error 98); kube-proxy
+/// (pid 812) listens on port 10256 ...`: for a port in use, the process holding it when this
+/// process can see it, and what to do.
 pub async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{flag} {addr}: cannot listen: {e}"))
+    TcpListener::bind(addr).await.map_err(|e| {
+        let mut msg = format!("{flag} {addr}: cannot listen: {e}");
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            let port = addr.port();
+            match port_holders(port).first() {
+                Some((pid, name)) => msg += &format!("; {name} (pid {pid}) listens on port {port}"),
+                None => msg += &format!("; another process listens on port {port}"),
+            }
+            msg += &format!(
+                " (kube-proxy and other kproxy agents use the same default ports): stop it, or give {flag} another address"
+            );
+        }
+        anyhow::anyhow!(msg)
+    })
+}
+
+/// The processes (pid, command name) with a TCP socket listening on `port`, as far as this
+/// process can see them (`/proc/net/tcp*` for the sockets, `/proc/*/fd` for their owners;
+/// another PID namespace's processes are not visible).
+pub fn port_holders(port: u16) -> Vec<(u32, String)> {
+    const LISTEN: &str = "0A";
+    let mut inodes = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1).and_then(|a| a.rsplit(':').next());
+            if f.get(3) == Some(&LISTEN)
+                && local_port.and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                && let Some(inode) = f.get(9).filter(|i| **i != "0")
+            {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    let mut holders = Vec::new();
+    if inodes.is_empty() {
+        return holders;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return holders };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_str().is_some_and(|l| inodes.contains(l)))
+        });
+        if holds {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            holders.push((pid, name.trim().to_owned()));
+        }
+    }
+    holders
 }
 
 /// How long a client may take to send its request head.
@@ -135,9 +192,12 @@ pub(crate) mod tests {
         let r =
             raw(addr, "HEAD /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
         assert!(r.ends_with("\r\n\r\n"), "{r}");
-        // A port already in use is an error naming the flag and the address.
+        // A port already in use is an error naming the flag, the address and who holds it.
         let e = bind("--healthz-addr", addr).await.unwrap_err().to_string();
         assert!(e.starts_with(&format!("--healthz-addr {addr}: cannot listen: ")), "{e}");
+        let me = std::process::id();
+        assert!(e.contains(&format!(" (pid {me}) listens on port {}", addr.port())), "{e}");
+        assert!(e.ends_with("stop it, or give --healthz-addr another address"), "{e}");
         server.abort();
         let _ = server.await;
         assert!(get(addr, "/x").await.is_err(), "still listening after the server stopped");

@@ -379,24 +379,27 @@ impl Metrics {
         }
     }
 
-    /// Records a completed sync (full or partial) that took `took`, finished `at`.
+    /// Records a sync (full or partial) that took `took`; `succeeded_at` is when it finished if
+    /// it succeeded (kube-proxy moves its last-sync timestamp only for syncs that succeeded).
     pub fn sync_done(
         &self,
         took: Duration,
         full: bool,
-        at: SystemTime,
+        succeeded_at: Option<SystemTime>,
         frontends: usize,
         backends: usize,
     ) {
         let s = took.as_secs_f64();
         self.sync_duration.observe(s);
         if full { &self.sync_full } else { &self.sync_partial }.observe(s);
-        self.last_sync.set(unix_secs(at));
+        if let Some(at) = succeeded_at {
+            self.last_sync.set(unix_secs(at));
+        }
         self.services.set(frontends as i64);
         self.backends.set(backends as i64);
     }
 
-    /// Counts a sync that had a failed write.
+    /// Counts a sync that had a failed datapath write.
     pub fn sync_failed(&self) {
         self.sync_failures.inc();
     }
@@ -660,8 +663,9 @@ mod tests {
     #[test]
     fn values_are_recorded() {
         let m = Metrics::new();
-        m.sync_done(Duration::from_millis(3), false, UNIX_EPOCH + Duration::from_secs(1000), 7, 5);
-        m.sync_done(Duration::from_millis(30), true, UNIX_EPOCH + Duration::from_secs(1001), 7, 5);
+        let at = |s| Some(UNIX_EPOCH + Duration::from_secs(s));
+        m.sync_done(Duration::from_millis(3), false, at(1000), 7, 5);
+        m.sync_done(Duration::from_millis(30), true, at(1001), 7, 5);
         m.sync_error("map_full");
         m.map_full("backends");
         m.manifest_errors(2);

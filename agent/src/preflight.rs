@@ -1,6 +1,6 @@
-//! Checks the agent runs before touching the kernel, so that a missing privilege, bpffs or
-//! manifest directory is one clear error at start naming what is missing, instead of the
-//! kernel's "Operation not permitted" from somewhere inside the loader.
+//! Checks the agent runs before touching the kernel, so that a missing privilege, bpffs,
+//! manifest directory or cgroup v2 directory is one clear error at start naming what is missing,
+//! instead of the kernel's "Operation not permitted" from somewhere inside the loader.
 use std::path::Path;
 
 use anyhow::bail;
@@ -81,7 +81,11 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
         check_manifest_dir(dir)?;
     }
     check_privileges()?;
-    check_pin_path(&config.pin_path)
+    check_pin_path(&config.pin_path)?;
+    if let Some(cg) = &config.cgroup_path {
+        crate::dataplane::loader::check_cgroup2(cg)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -101,7 +105,7 @@ mod tests {
     }
 
     #[test]
-    fn manifest_dir_and_pin_path_errors_name_the_flag() {
+    fn manifest_dir_pin_path_and_cgroup_errors_name_the_flag() {
         let e = check_manifest_dir(Path::new("/nonexistent/kproxy-manifests")).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -111,6 +115,16 @@ mod tests {
         let e = check_pin_path(Path::new("/proc/kproxy/pins")).unwrap_err().to_string();
         assert!(
             e.starts_with("--pin-path /proc/kproxy/pins: /proc is not on a BPF filesystem"),
+            "{e}"
+        );
+        let e = crate::dataplane::loader::check_cgroup2(Path::new("/nonexistent/cg")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--cgroup-path /nonexistent/cg: No such file or directory (os error 2)"
+        );
+        let e = crate::dataplane::loader::check_cgroup2(Path::new("/proc")).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--cgroup-path /proc is not a cgroup v2 directory"),
             "{e}"
         );
         if crate::dataplane::loader::is_bpffs(Path::new("/sys/fs/bpf")) {

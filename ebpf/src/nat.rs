@@ -96,6 +96,9 @@ pub struct Nat {
 /// Rewrites `p` to `n`, touching only the fields that change.
 #[inline(always)]
 pub fn apply<P: Packet>(c: &mut P, p: &Ip4, n: &Nat) -> Result<(), Reason> {
+    if c.set_tuple(p, n)? {
+        return Ok(());
+    }
     if n.daddr != p.daddr {
         c.set_addr(p, IP_DADDR, p.daddr, n.daddr)?;
     }

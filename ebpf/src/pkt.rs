@@ -89,6 +89,13 @@ pub trait Packet {
     fn emit<const N: usize>(&mut self, buf: &[u8; N]) -> Result<(), Reason>;
     /// `bpf_fib_lookup` on this context.
     fn fib_lookup(&mut self, params: &mut FibParams) -> i64;
+    /// Rewrites addresses and ports in one go where that is cheaper than one word at a time;
+    /// `Ok(false)`: not done, use `set_addr`/`set_port`. XDP's direct writes are as cheap
+    /// already.
+    #[inline(always)]
+    fn set_tuple(&mut self, _p: &Ip4, _n: &crate::nat::Nat) -> Result<bool, Reason> {
+        Ok(false)
+    }
     /// Makes the first `n` bytes directly readable if the frame has them (TC: an skb's linear
     /// part may be shorter than its headers; XDP frames are linear). Packet pointers taken
     /// before are invalid afterwards.
@@ -315,6 +322,44 @@ impl Packet for Tc<'_> {
     fn set_port(&mut self, p: &Ip4, off: usize, old: u16, new: u16) -> Result<(), Reason> {
         self.l4(p, old as u32, new as u32, 2)?;
         self.store(off, &new)
+    }
+    /// Without IP options the IP checksum, both addresses and both ports are 14 contiguous
+    /// bytes: one store with the IP checksum computed here, one L4 update per changed address
+    /// (pseudo header) and one for both ports; three helper calls for a DNAT or an SNAT instead
+    /// of five, four for both instead of ten.
+    #[inline(always)]
+    fn set_tuple(&mut self, p: &Ip4, n: &crate::nat::Nat) -> Result<bool, Reason> {
+        if p.ihl != 5 || !p.has_l4 || l4_csum_off(p).is_none() {
+            return Ok(false);
+        }
+        const _: () = assert!(IP_SADDR == IP_CSUM + 2 && IP_DADDR == IP_CSUM + 6);
+        let c: *const u16 = ptr_at(self, IP_CSUM)?;
+        // SAFETY: bounds checked by ptr_at.
+        let check = unsafe { c.read_unaligned() };
+        let check = csum::replace4(csum::replace4(check, p.saddr, n.saddr), p.daddr, n.daddr);
+        let mut b = [0u16; 7];
+        b[0] = check;
+        b[1] = n.saddr as u16;
+        b[2] = (n.saddr >> 16) as u16;
+        b[3] = n.daddr as u16;
+        b[4] = (n.daddr >> 16) as u16;
+        b[5] = n.sport;
+        b[6] = n.dport;
+        self.store(IP_CSUM, &b)?;
+        // The addresses are in the pseudo header (the helper knows what that means for each
+        // checksum state of the skb).
+        if n.daddr != p.daddr {
+            self.l4(p, p.daddr, n.daddr, BPF_F_PSEUDO_HDR as u64 | 4)?;
+        }
+        if n.saddr != p.saddr {
+            self.l4(p, p.saddr, n.saddr, BPF_F_PSEUDO_HDR as u64 | 4)?;
+        }
+        let (old, new) =
+            (p.sport as u32 | (p.dport as u32) << 16, n.sport as u32 | (n.dport as u32) << 16);
+        if old != new {
+            self.l4(p, old, new, 4)?;
+        }
+        Ok(true)
     }
     #[inline(always)]
     fn set_word<const N: usize, W: Word>(

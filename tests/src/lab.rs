@@ -425,6 +425,22 @@ pub fn find_bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A lab device running another XDP program than the lab's `XDP_PASS` (see
+/// [`Lab::swap_xdp_pass`]); dropping it puts `XDP_PASS` back.
+#[derive(Debug)]
+pub struct XdpSwap<'a> {
+    link: &'a OwnedFd,
+    pass: &'a OwnedFd,
+}
+
+impl Drop for XdpSwap<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = xdp::update_link(self.link, self.pass) {
+            eprintln!("lab: putting XDP_PASS back: {e}");
+        }
+    }
+}
+
 /// A running lab. Dropping it removes everything it created (see the module doc).
 #[derive(Debug)]
 pub struct Lab {
@@ -730,6 +746,25 @@ impl Lab {
     /// Node `i`; panics if there is none (a test bug).
     pub fn node(&self, i: usize) -> &Node {
         &self.nodes[i]
+    }
+
+    /// Id of the lab's `XDP_PASS` program (one program behind every attachment): an empty
+    /// program that the same traffic crosses, e.g. the floor of a bpf_stats measurement.
+    pub fn xdp_pass_id(&self) -> Result<u32> {
+        let prog = self.xdp_pass.as_ref().context("the lab has no XDP_PASS program")?;
+        Ok(xdp::prog_id(prog)?)
+    }
+
+    /// Runs `prog` instead of the lab's `XDP_PASS` program on `dev` of namespace `ns` (one of
+    /// the devices the lab attaches it to) until the returned guard is dropped.
+    pub fn swap_xdp_pass<'a>(&'a self, ns: &str, dev: &str, prog: &OwnedFd) -> Result<XdpSwap<'a>> {
+        let link = self
+            .xdp_links
+            .get(&(ns.to_owned(), dev.to_owned()))
+            .with_context(|| format!("no lab XDP link on {dev} in {ns}"))?;
+        let pass = self.xdp_pass.as_ref().context("the lab has no XDP_PASS program")?;
+        xdp::update_link(link, prog)?;
+        Ok(XdpSwap { link, pass })
     }
 
     /// All pods, ordered by node then index.

@@ -649,7 +649,11 @@ fn full_backend_map_is_counted_by_map_and_keeps_the_rest_serving() {
     });
     assert_eq!(metric(&metrics, "kproxy_map_capacity{map=\"backends\"}"), Some(3.0));
     assert_eq!(metric(&metrics, "kproxy_map_full_errors_total{map=\"services\"}"), Some(0.0));
+    // The sync failed, as a failed nftables transaction fails kube-proxy's.
+    let failures = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}";
+    assert!(metric(&metrics, failures).is_some_and(|v| v >= 1.0), "{metrics}");
     log_until(&s, 0, &["default/web2", "is full"]);
+    log_until(&s, 0, &["sync failed; the next sync is a full one"]);
     for _ in 0..5 {
         tcp_request(&pod, VIP, 80, T).expect("the service that fit is still served");
     }

@@ -82,6 +82,14 @@ fn start_errors_name_the_flag_and_the_value() {
     let (c, err) = agent_once(&lab, &d, &[], &["--healthz-addr", &addr]);
     assert_eq!(c, 1, "{err}");
     assert!(err.contains(&format!("--healthz-addr {addr}: cannot listen: ")), "{err}");
+    // ...and names the process holding it (this test) and what to do.
+    let holder = format!(
+        "(pid {}) listens on port {}",
+        std::process::id(),
+        busy.local_addr().unwrap().port()
+    );
+    assert!(err.contains(&holder), "{err}");
+    assert!(err.contains("give --healthz-addr another address"), "{err}");
     assert!(!lab.pin_path(0).join("v1").exists(), "the datapath was loaded before the check");
 }
 

@@ -47,7 +47,7 @@ fn quick_bench_produces_every_figure() {
         assert!(results.figures.iter().any(|f| f.item == item), "no figure for item {item}");
     }
     for n in &cfg.scales {
-        for sys in ["floor", "kproxy", "iptables"] {
+        for sys in ["floor", "kproxy", bench::HOST_ROUTING, "iptables"] {
             assert!(
                 results.figures.iter().any(|f| f.item == "1-latency"
                     && f.system == sys
@@ -81,4 +81,10 @@ fn quick_bench_produces_every_figure() {
         }
     }
     assert!(problems.is_empty(), "figures not produced:\n{}", problems.join("\n"));
+
+    // The live-frame generator's frames reached the sinks translated, for every system.
+    for f in results.figures.iter().filter(|f| f.metric == "live_delivered") {
+        let got = f.median.unwrap_or(0.0);
+        assert!(got > 0.5, "{} {}: {got:.2} of the frames delivered", f.system, f.variant);
+    }
 }

@@ -1088,6 +1088,15 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         dp.set_xdp_mode(Some(aya::programs::XdpMode::Driver));
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
         assert!(sh_out("ip link show dev kpt0").contains(" xdp "), "native when asked");
+        // A restarted agent asking for another mode gets its link replaced, not updated in place
+        // in the old mode (the program stays the same one, so only the mode tells).
+        dp.set_xdp_mode(Some(aya::programs::XdpMode::Skb));
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "generic when asked");
+        assert!(xdp_prog("kpt0").is_some(), "XDP still attached");
+        // The same mode again: kept (updated in place).
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "still generic");
 
         // detach removes exactly kproxy's filters on that device.
         sh_out("tc filter add dev kpt1 ingress prio 100 protocol ip u32 match u32 0 0 classid 1:1");

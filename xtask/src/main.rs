@@ -1,5 +1,6 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
-//! `cargo xtask lab up|down|status|sweep`, `cargo xtask bench [--quick] [--only-e2e] [--out DIR]`,
+//! `cargo xtask lab up|down|status|sweep`,
+//! `cargo xtask bench [--quick] [--only-e2e] [--out DIR] [--report DIR]`,
 //! `cargo xtask kernels [--kernels 5.10,6.1]`.
 
 mod kernels;
@@ -53,6 +54,10 @@ enum Cmd {
         /// a few minutes instead of the whole run, results in a temp dir unless --out.
         #[arg(long)]
         only_e2e: bool,
+        /// Measure nothing: rewrite `report.md` and the plots of the run in DIR from its
+        /// `results.json` (after a change to the report's tables).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e"])]
+        report: Option<PathBuf>,
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
     /// kernel of xtask/kernels.list (booted with qemu), end-to-end tests on the oldest.
@@ -119,7 +124,8 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build(release),
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
-        Cmd::Bench { quick, out, only_e2e } => bench(quick, out, only_e2e),
+        Cmd::Bench { report: Some(dir), .. } => kproxy_tests::bench::rewrite_report(&dir),
+        Cmd::Bench { quick, out, only_e2e, report: None } => bench(quick, out, only_e2e),
         Cmd::Kernels { kernels, filter, no_e2e, verifier_only } => kernels::run(
             &workspace_root(),
             &kernels::Opts { kernels, filter, no_e2e, verifier_only },

@@ -91,6 +91,18 @@ pub enum Output {
     Json,
 }
 
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum XdpModeArg {
+    /// Generic on veth devices, the kernel's choice elsewhere.
+    #[default]
+    Auto,
+    /// The driver's (native) XDP.
+    Native,
+    /// Generic (skb) XDP.
+    Generic,
+}
+
 /// Arguments of the list commands.
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -135,7 +147,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "URL", value_parser = parse_api_server, conflicts_with = "manifests")]
     pub api_server: Option<http::Uri>,
     /// Manifest files larger than this many bytes are not read (their last good objects stay).
-    #[arg(long, value_name = "BYTES", default_value_t = crate::source::manifests::DEFAULT_MAX_FILE_BYTES)]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = crate::source::manifests::DEFAULT_MAX_FILE_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub max_manifest_bytes: u64,
     /// The only CIDRs `spec.externalIPs` may use (CVE-2020-8554: anyone who may create a Service
     /// could otherwise take the traffic of any address); `none` refuses every externalIP. Default:
@@ -187,6 +204,13 @@ pub struct AgentArgs {
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
+    /// XDP attach mode on the external devices: `auto` is generic (skb) XDP on veth devices,
+    /// whose native XDP can send a packet out (XDP_TX, redirect) only when the veth's peer runs
+    /// an XDP program or GRO, and the kernel's choice (native where the driver has it)
+    /// elsewhere; `native` insists on the driver's XDP (attaching fails without it); `generic`
+    /// uses skb mode on every device.
+    #[arg(long, value_enum, default_value_t, conflicts_with = "no_xdp")]
+    pub xdp_mode: XdpModeArg,
     /// eBPF host routing: deliver translated packets from TC straight to their destination (a
     /// local pod's namespace with bpf_redirect_peer, anything else through the FIB), skipping the
     /// node's IP stack. Faster, but the node's netfilter (iptables/nftables) rules never see
@@ -234,25 +258,26 @@ pub struct AgentArgs {
     /// Coalescing window in milliseconds: a sync starts this long after the first change
     /// notification that found the datapath in sync, so that changes arriving together (a
     /// Service and its EndpointSlice, several files) are written in one sync.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub sync_coalesce_ms: u64,
     /// Minimum time between the starts of two syncs, in milliseconds (kube-proxy's
     /// `--min-sync-period`): changes arriving sooner are coalesced into the next allowed sync.
-    /// 0 syncs every change at once.
-    #[arg(long, default_value_t = 0)]
+    /// 0 syncs every change at once; at most the full resync period.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub min_sync_period_ms: u64,
     /// Period of the full device rescan behind the netlink link notifications, in seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub device_rescan_secs: u64,
     /// How often the map fill levels (`kproxy_map_entries`) are sampled, in seconds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub map_stats_interval_secs: u64,
-    /// Full resync period in seconds (rewrites whatever differs from the shadow state).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Full resync period in seconds (rewrites whatever differs from the shadow state; a failed
+    /// sync is retried within this period).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub sync_period_secs: u64,
     /// Connection-tracking garbage collection interval in seconds (expired entries deleted,
     /// entries and evictions counted for the metrics); 0 disables it.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub conntrack_gc_interval_secs: u64,
     /// Socket-level load balancing for host-network processes: attach the cgroup
     /// connect4/sendmsg4/recvmsg4/getpeername4 programs to this cgroup v2 directory (the cgroup2
@@ -380,6 +405,7 @@ mod tests {
         assert_eq!(a.metrics_addr.to_string(), "127.0.0.1:10249");
         assert_eq!(a.healthz_addr.to_string(), "0.0.0.0:10256");
         assert!(!a.no_xdp);
+        assert_eq!(a.xdp_mode, XdpModeArg::Auto);
         assert_eq!((a.device_rescan_secs, a.map_stats_interval_secs), (10, 10));
 
         let cli =

@@ -249,6 +249,22 @@ fn ifindex(ifname: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
+/// `--cgroup-path` must be a directory of a cgroup v2 hierarchy; the error names the flag, the
+/// path and what is wrong with it.
+pub fn check_cgroup2(cgroup: &Path) -> anyhow::Result<()> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+    if let Err(e) = std::fs::read_dir(cgroup) {
+        bail!("--cgroup-path {}: {e}", cgroup.display());
+    }
+    if fs_magic(cgroup) != Some(CGROUP2_SUPER_MAGIC) {
+        bail!(
+            "--cgroup-path {} is not a cgroup v2 directory (the cgroup2 root, e.g. /sys/fs/cgroup on a cgroup v2 node; on a cgroup v1 node mount one with `mount -t cgroup2 none DIR`, see docs/datapath.md)",
+            cgroup.display()
+        );
+    }
+    Ok(())
+}
+
 fn fs_magic(path: &Path) -> Option<i64> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into the zeroed struct we own.
@@ -342,9 +358,9 @@ impl Datapath {
         Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins, ipv6 })
     }
 
-    /// Forces the XDP attach mode of new XDP attachments (`None`, the default: generic on veth,
-    /// the kernel's choice elsewhere; see [`Self::attach_external`]). An attachment surviving
-    /// from an earlier run keeps its mode until it is detached.
+    /// Forces the XDP attach mode of new XDP attachments (`--xdp-mode`; `None`, the default:
+    /// generic on veth, the kernel's choice elsewhere; see [`Self::attach_external`]). An
+    /// attachment surviving from an earlier run keeps its mode until it is detached.
     pub fn set_xdp_mode(&mut self, mode: Option<XdpMode>) {
         self.xdp_mode = mode;
     }
@@ -368,6 +384,8 @@ impl Datapath {
     /// Attaches the external-device programs to `ifname` (replacing an earlier attachment).
     /// XDP goes on veth devices in generic mode unless [`Self::set_xdp_mode`] says otherwise:
     /// native veth XDP can transmit (`XDP_TX`, redirect) only when the peer runs XDP or GRO.
+    /// An XDP link of an earlier run is updated in place, or replaced when it is attached in
+    /// another mode than the one asked for.
     pub fn attach_external(&mut self, ifname: &str, mode: ExternalMode) -> anyhow::Result<()> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
         self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT)?;
@@ -399,13 +417,7 @@ impl Datapath {
     /// `v1/links/cgroup-<type>`; an attachment from an earlier run gets the new program in place
     /// (`BPF_LINK_UPDATE`). Needs Linux 5.8 (getpeername4; cgroup `bpf_link`s since 5.7).
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
-        const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
-        if fs_magic(cgroup) != Some(CGROUP2_SUPER_MAGIC) {
-            bail!(
-                "--cgroup-path {} is not a cgroup v2 directory (mount -t cgroup2 none DIR)",
-                cgroup.display()
-            );
-        }
+        check_cgroup2(cgroup)?;
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
@@ -520,6 +532,16 @@ impl Datapath {
     fn attach_xdp(&mut self, ifname: &str) -> anyhow::Result<()> {
         let pin = xdp_link_pin(&self.pin_path, ifname);
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
+        let mode = self.xdp_mode.unwrap_or_else(|| xdp_mode_for(ifname));
+        if pin.exists()
+            && mode != XdpMode::Default
+            && let Some(was) = attached_xdp_mode(ifname).filter(|was| *was != mode)
+        {
+            // A link of an earlier run in another mode than the one asked for now: replace it
+            // (the TC program serves the device alone meanwhile).
+            info!(ifname, ?was, ?mode, "XDP attached in another mode: re-attaching");
+            detach_xdp(&self.pin_path, ifname)?;
+        }
         let p: &mut Xdp = prog(&mut self.ebpf, names::PROG_XDP_EXT)?.try_into()?;
         if pin.exists() {
             // A link from an earlier run: swap the program inside it (atomic).
@@ -539,7 +561,6 @@ impl Datapath {
                 }
             }
         }
-        let mode = self.xdp_mode.unwrap_or_else(|| xdp_mode_for(ifname));
         let id = p
             .attach(ifname, mode)
             .with_context(|| format!("attaching {} to {ifname}", names::PROG_XDP_EXT))?;
@@ -678,6 +699,19 @@ fn driver(ifname: &str) -> Option<String> {
 /// is usually in another namespace). Real NICs get the kernel's choice (native when supported).
 fn xdp_mode_for(ifname: &str) -> XdpMode {
     if driver(ifname).as_deref() == Some("veth") { XdpMode::Skb } else { XdpMode::default() }
+}
+
+/// The mode of the XDP program attached to `ifname`, as the kernel reports it (`None`: none
+/// attached, or unknown).
+fn attached_xdp_mode(ifname: &str) -> Option<XdpMode> {
+    use netlink_packet_route::link::XdpAttached;
+    let links = crate::netdev::netlink::Socket::requests().and_then(|mut s| s.links()).ok()?;
+    match links.into_iter().find(|l| l.name == ifname)?.xdp?.attached {
+        XdpAttached::Driver => Some(XdpMode::Driver),
+        XdpAttached::SocketBuffer => Some(XdpMode::Skb),
+        XdpAttached::Hardware => Some(XdpMode::Hardware),
+        _ => None,
+    }
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {

@@ -928,7 +928,6 @@ struct SvcSpec {
     policy_internal_local: bool,
     policy_external_local: bool,
     affinity_timeout: u32,
-    publish_not_ready: bool,
     health_check_node_port: Option<u16>,
 }
 
@@ -1164,7 +1163,7 @@ fn compute_service(
                 }
             };
         let spn = ServicePortName { service: name.clone(), port: pname.as_str().into(), proto: p };
-        let eps = collect_endpoints(&spn, slices, node, spec.publish_not_ready);
+        let eps = collect_endpoints(&spn, slices, node);
         let externally_accessible =
             node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
         let policy = Policy {
@@ -1451,7 +1450,6 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         policy_internal_local,
         policy_external_local,
         affinity_timeout,
-        publish_not_ready: svc.publish_not_ready,
         health_check_node_port,
     })
 }
@@ -1460,11 +1458,15 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
 /// protocol, the first address of each endpoint, duplicates (same address and port) counted once
 /// (a local copy wins, as in kube-proxy). Invalid ports and addresses are left out (their errors
 /// belong to the slice: [`check_slice`]).
+///
+/// The conditions are the endpoint's own, as kube-proxy reads them: `publishNotReadyAddresses`
+/// is the EndpointSlice controller's business (it publishes every address of such a service as
+/// ready, except pods that have terminated, which it leaves out); an endpoint a slice marks not
+/// ready is not ready here either, whatever the service says.
 fn collect_endpoints(
     spn: &ServicePortName,
     slices: &[&SliceObj],
     node: &NodeInfo,
-    publish_not_ready: bool,
 ) -> Vec<Endpoint> {
     let mut by_key: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
@@ -1484,9 +1486,7 @@ fn collect_endpoints(
                     addr,
                     port: target,
                     local,
-                    // publishNotReadyAddresses: the control plane publishes every endpoint as
-                    // ready; do the same for slices that were not produced by it.
-                    ready: publish_not_ready || ep.ready.unwrap_or(true),
+                    ready: ep.ready.unwrap_or(true),
                     serving: ep.serving.unwrap_or(true),
                     terminating: ep.terminating.unwrap_or(false),
                     zone_hints: hints

@@ -89,8 +89,6 @@ pub struct ServiceObj {
     pub affinity_timeout: Option<i32>,
     /// `spec.healthCheckNodePort`.
     pub health_check_node_port: Option<i32>,
-    /// `spec.publishNotReadyAddresses`.
-    pub publish_not_ready: bool,
     /// `spec.ports`.
     pub ports: Vec<ServicePortObj>,
 }
@@ -134,7 +132,6 @@ impl From<&Service> for ServiceObj {
                 .and_then(|c| c.client_ip.as_ref())
                 .and_then(|c| c.timeout_seconds),
             health_check_node_port: spec.and_then(|s| s.health_check_node_port),
-            publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
             ports: spec
                 .and_then(|s| s.ports.as_ref())
                 .into_iter()

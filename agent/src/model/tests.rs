@@ -470,28 +470,33 @@ endpoints: [{addresses: ["fd00::1"]}]
     assert!(out.errors.is_empty());
 }
 
+/// Readiness is the endpoint's own condition, as kube-proxy reads it: with
+/// publishNotReadyAddresses the EndpointSlice controller publishes unready pods as ready (and
+/// they are used), but an endpoint the slice marks not ready (a failed, evicted pod's) is not
+/// used, with or without publishNotReadyAddresses.
 #[test]
-fn publish_not_ready_addresses_uses_unready_endpoints() {
-    let s = svc(r#"
+fn readiness_is_the_endpoints_own_condition() {
+    let pnr = svc(r#"
 metadata: {name: web, namespace: default}
 spec: {clusterIP: 198.19.0.10, publishNotReadyAddresses: true, ports: [{name: http, port: 80}]}
 "#);
+    let cip = fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL);
+    // .10: published ready although its pod is not (serving false); .11: ready; .12: evicted.
     let sl = web_slice(
         "web-a",
         "http",
         8080,
-        &[(10, 0, false, false, false), (11, 0, true, true, false)],
+        &[(10, 0, true, false, false), (11, 0, true, true, false), (12, 0, false, false, false)],
     );
-    let out = build(&[s], std::slice::from_ref(&sl), &node());
-    assert_eq!(
-        bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
-        ["198.18.100.10:8080", "198.18.100.11:8080"]
-    );
-    let out = build(&[svc(WEB)], &[sl], &node());
-    assert_eq!(
-        bes(&out.state, &fe([198, 19, 0, 10], 80, proto::TCP, scope::INTERNAL)),
-        ["198.18.100.11:8080"]
-    );
+    for s in [pnr.clone(), svc(WEB)] {
+        let out = build(&[s], std::slice::from_ref(&sl), &node());
+        assert_eq!(bes(&out.state, &cip), ["198.18.100.10:8080", "198.18.100.11:8080"]);
+    }
+    // Only the evicted pod's endpoint is left: nothing to serve, the service rejects.
+    let evicted = web_slice("web-a", "http", 8080, &[(12, 0, false, false, false)]);
+    let out = build(&[pnr], &[evicted], &node());
+    assert!(bes(&out.state, &cip).is_empty());
+    assert_eq!(flags(&out.state, &cip) & svc_flags::DROP_IF_EMPTY, 0, "rejects, not drops");
 }
 
 /// A Service object (created at second `created`, none if 0) as the tracker receives it.

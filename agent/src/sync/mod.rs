@@ -106,6 +106,14 @@ impl SyncError {
             SyncError::Read(_) => "read",
         }
     }
+
+    /// Whether the datapath refused or failed a write or read (a full map, a failed syscall): the
+    /// sync failed, as a failed nftables transaction fails kube-proxy's. A service port with more
+    /// backends than a service entry counts is refused on its own, like an invalid object, and
+    /// trying again would not help.
+    pub fn is_datapath_failure(&self) -> bool {
+        !matches!(self, SyncError::TooManyBackends { .. })
+    }
 }
 
 /// What one sync did.

@@ -612,7 +612,6 @@ mod incremental {
             session_affinity: None,
             affinity_timeout: None,
             health_check_node_port: None,
-            publish_not_ready: false,
             ports: vec![ServicePortObj {
                 name: Some("http".into()),
                 protocol: None,

@@ -30,7 +30,10 @@ pub struct Regression {
 
 /// Whether larger values of `metric` are better (rates and throughputs); else smaller are.
 pub fn higher_is_better(metric: &str) -> bool {
-    matches!(metric, "rate_per_s" | "udp_pps" | "tcp_bps" | "pps" | "xdp_pps")
+    matches!(
+        metric,
+        "rate_per_s" | "udp_pps" | "tcp_bps" | "pps" | "xdp_pps" | "live_pps" | "live_delivered"
+    )
 }
 
 fn spread(f: &Figure) -> Option<f64> {
@@ -165,23 +168,44 @@ mod tests {
         rec.add("4-programming", "scratch_s", "kproxy", 10_000, "", 0.4);
         rec.add("4-programming", "scratch_s", "kproxy", 30_000, "", 1.6);
         rec.add("6-memory", "agent_rss_bytes", "kproxy", 10_000, "", 30.0 * 1048576.0);
+        // The baselines of the same run each goal is also given against.
+        rec.add("4-programming", "scratch_s", "iptables", 10_000, "", 10.0);
+        rec.add("6-memory", "rules_bytes", "nftables", 10_000, "", 60.0 * 1048576.0);
+        for (sys, at_rest, churn) in [("kproxy-kube", 5.0, 25.0), ("iptables", 2500.0, 5000.0)] {
+            rec.add("5-e2e", "p99_ms", sys, 10_000, "at-rest", at_rest);
+            rec.add("5-e2e", "p99_ms", sys, 10_000, "churn", churn);
+        }
+        r.config.scales = vec![1];
+        for (sys, p50) in [("floor", 200.0), ("kproxy", 220.0), (crate::bench::HOST_ROUTING, 180.0)]
+        {
+            rec.add("1-latency", "p50_us", sys, 1, "", p50);
+        }
+        for (m, v) in [("from_pod_ns", 310.0), ("from_pod_net_ns", 250.0), ("empty_ns", 60.0)] {
+            rec.add("8-bpf-stats", m, "kproxy", 1, "clusterip-local", v);
+        }
         r.figures = rec.finish();
         let rows = crate::bench::report::goals(&r);
         let get = |prefix: &str| {
-            rows.iter()
-                .find(|(g, _, _)| g.starts_with(prefix))
-                .unwrap_or_else(|| panic!("{prefix}"))
+            rows.iter().find(|g| g.goal.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}"))
         };
-        assert_eq!(get("10.5 10,000 services").2, "met");
-        assert_eq!(get("10.5 30,000 services").2, "missed (by 0.100 s)");
-        assert_eq!(get("10.6 agent RSS ≤ 32 MiB").1, "30.0 MiB");
-        assert_eq!(get("10.6 agent RSS ≤ 64 MiB").1, "not measured");
-        assert!(get("13 IPv6").1.starts_with("not measured"));
-        assert!(
-            get("12 change → first connection at 10,000 services p99 < 20 ms")
-                .1
-                .starts_with("not measured")
-        );
-        assert_eq!(rows.iter().filter(|(g, _, _)| g.starts_with("10.1")).count(), 4);
+        assert_eq!(get("10.5 10,000 services").verdict, "met");
+        assert_eq!(get("10.5 10,000 services").baseline, "0.040× iptables-restore");
+        assert_eq!(get("10.5 30,000 services").verdict, "missed (by 0.100 s)");
+        assert_eq!(get("10.6 agent RSS ≤ 32 MiB").measured, "30.0 MiB");
+        assert_eq!(get("10.6 agent RSS ≤ 32 MiB").baseline, "0.50× nftables' rule memory");
+        assert_eq!(get("10.6 agent RSS ≤ 64 MiB").measured, "not measured");
+        assert!(get("13 IPv6").measured.starts_with("not measured"));
+        let k8s = get("12 change → first connection at 10,000 services p99 < 20 ms");
+        assert_eq!(k8s.measured, "p99 5.0 ms at rest, 25.0 ms under churn");
+        assert_eq!(k8s.baseline, "0.0020× iptables at rest, 0.0050× under churn");
+        assert_eq!(k8s.verdict, "missed (by 5.0 ms)");
+        let bypass = get("10.3");
+        assert_eq!(bypass.baseline, "0.90× the floor (200 µs), 0.82× kproxy without it");
+        assert_eq!(bypass.verdict, "met");
+        let from_pod = get("10.1 `kp_tc_from_pod`");
+        assert_eq!(from_pod.measured, "clusterip-local 250 ns (raw 310)");
+        assert_eq!(from_pod.baseline, "clusterip-local 5.17× the empty program (60 ns)");
+        assert_eq!(from_pod.verdict, "missed (1.2× the limit)");
+        assert_eq!(rows.iter().filter(|g| g.goal.starts_with("10.1")).count(), 4);
     }
 }

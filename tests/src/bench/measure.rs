@@ -217,9 +217,7 @@ fn n0_rx(lab: &Lab) -> Result<u64> {
 /// The reference: a do-nothing XDP program returning XDP_TX on node 0's `eth0` (nothing else
 /// attached there), the same blast; packets bounced per second.
 pub fn xdp_tx_rate(lab: &Lab, d: Duration) -> Result<f64> {
-    const XDP_TX_PROGRAM: [xdp::Insn; 2] =
-        [xdp::Insn::new(0xb7, 0, 0, 0, 3), xdp::Insn::new(0x95, 0, 0, 0, 0)];
-    let prog = xdp::load_xdp("kpb_xdp_tx", &XDP_TX_PROGRAM)?;
+    let prog = xdp::load_xdp("kpb_xdp_tx", &xdp::XDP_TX_PROGRAM)?;
     let node_ns = lab.node(0).ns.clone();
     let link: OwnedFd = lab::in_netns(&node_ns, || xdp::attach_xdp(&prog, "eth0"))??;
     let target = SocketAddrV4::new(lab::node_ip(0), 9);

@@ -16,8 +16,9 @@
 //! from the built-in chains; nftables: the rules of the hooked base chains), so each repetition
 //! measures every system right after the others. Failures become missing figures with a reason;
 //! the run itself only fails when the lab cannot be built.
-mod bpfstats;
+pub mod bpfstats;
 pub mod compare;
+pub mod livegen;
 mod measure;
 pub mod report;
 pub mod results;
@@ -100,7 +101,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The full run (`make bench`, ≤ 20 minutes on 2 cores).
+    /// The full run (`make bench`, about 25 minutes on 2 cores).
     pub fn full() -> Self {
         Self {
             quick: false,
@@ -275,20 +276,30 @@ pub fn utc_now() -> String {
     sh("date -u +%Y-%m-%dT%H:%M:%SZ")
 }
 
+/// The ClusterIP system of kproxy with `--bpf-host-routing` (translated flows delivered to the
+/// backend's veth or the next hop by the datapath, past the host stack).
+pub const HOST_ROUTING: &str = "kproxy-host-routing";
+
 /// Systems of the ClusterIP phases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sys {
     Floor,
     Kproxy,
+    KproxyHostRouting,
     Iptables,
     Nftables,
 }
 
 impl Sys {
+    /// Every system, in the order of the first repetition.
+    const ALL: [Sys; 5] =
+        [Sys::Floor, Sys::Kproxy, Sys::KproxyHostRouting, Sys::Iptables, Sys::Nftables];
+
     fn name(self) -> &'static str {
         match self {
             Sys::Floor => "floor",
             Sys::Kproxy => "kproxy",
+            Sys::KproxyHostRouting => HOST_ROUTING,
             Sys::Iptables => "iptables",
             Sys::Nftables => "nftables",
         }
@@ -332,13 +343,71 @@ fn predict(t0: f64, n0: usize, n: usize, exp: f64) -> f64 {
     t0 * (n as f64 / n0.max(1) as f64).powf(exp)
 }
 
-/// The per-program figures of the bpf_stats step: (metric, program, traffic).
-pub const BPF_STATS_FIGURES: [(&str, &str, &str); 4] = [
-    ("from_pod_established_ns", "kp_tc_from_pod", "request/response on open ClusterIP connections"),
-    ("to_pod_ns", "kp_tc_to_pod", "request/response on open ClusterIP connections"),
-    ("from_pod_plain_ns", "kp_tc_from_pod", "request/response to a pod's own address"),
-    ("xdp_nodeport_ns", "kp_xdp_ext", "UDP to a NodePort with a remote backend"),
+/// The systems of the NodePort item (besides the references): kproxy with native XDP on the
+/// external device (the lab runs XDP on the veth peers, as a NIC's driver would allow), kproxy as
+/// it attaches by default (generic XDP on veth), kproxy with TC only, and the baselines.
+pub const NODEPORT_SYSTEMS: [&str; 5] =
+    ["kproxy", "kproxy-generic", "kproxy-tc", "iptables", "nftables"];
+
+/// The NodePort figures of each system and backend placement.
+const NODEPORT_METRICS: [&str; 6] =
+    ["udp_pps", "udp_cpu_ns_per_pkt", "tcp_bps", "live_pps", "live_ns_per_frame", "live_delivered"];
+
+/// The live-frame generator's figures (see [`livegen`]).
+const LIVE_METRICS: [&str; 3] = ["live_pps", "live_ns_per_frame", "live_delivered"];
+
+/// Agent flags of each kproxy NodePort system.
+fn nodeport_agent_args(sys: &str) -> &'static [&'static str] {
+    match sys {
+        "kproxy" => &["--xdp-mode", "native"],
+        "kproxy-tc" => &["--no-xdp"],
+        _ => &[],
+    }
+}
+
+/// The traffic windows of the bpf_stats step, each one TCP flow of iperf3 (a packet rate high
+/// enough that the programs run with warm caches): (window, traffic).
+pub const BPF_STATS_WINDOWS: [(&str, &str); 4] = [
+    (
+        "clusterip-local",
+        "one iperf3 TCP flow from a pod to a ClusterIP whose backend is on the same node",
+    ),
+    (
+        "clusterip-remote",
+        "one iperf3 TCP flow from a pod to a ClusterIP whose backend is on the other node",
+    ),
+    (
+        "pod-direct",
+        "one iperf3 TCP flow from a pod to a pod address on the other node (not service traffic)",
+    ),
+    (
+        "nodeport-remote",
+        "one iperf3 TCP flow from the external client to a NodePort whose backend is on the other node",
+    ),
 ];
+
+/// The per-program figures of the bpf_stats step: (metric, program, window). Each also has a
+/// net figure ([`net_metric`]): the program's ns per run minus the empty program's (the lab's
+/// `XDP_PASS`, metric `empty_ns`) in the same window.
+pub const BPF_STATS_FIGURES: [(&str, &str, &str); 9] = [
+    ("from_pod_ns", "kp_tc_from_pod", "clusterip-local"),
+    ("to_pod_ns", "kp_tc_to_pod", "clusterip-local"),
+    ("from_pod_ns", "kp_tc_from_pod", "clusterip-remote"),
+    ("to_pod_ns", "kp_tc_to_pod", "clusterip-remote"),
+    ("xdp_ext_ns", "kp_xdp_ext", "clusterip-remote"),
+    ("from_pod_ns", "kp_tc_from_pod", "pod-direct"),
+    ("to_pod_ns", "kp_tc_to_pod", "pod-direct"),
+    ("xdp_ext_ns", "kp_xdp_ext", "pod-direct"),
+    ("xdp_ext_ns", "kp_xdp_ext", "nodeport-remote"),
+];
+
+/// Metric of the empty program's ns per run in each bpf_stats window.
+pub const BPF_STATS_EMPTY: &str = "empty_ns";
+
+/// The net figure of a bpf_stats metric (`from_pod_ns` → `from_pod_net_ns`).
+pub fn net_metric(metric: &str) -> String {
+    format!("{}_net_ns", metric.trim_end_matches("_ns"))
+}
 
 /// Growth exponents of load time used for budget predictions: iptables-restore and nft -f of
 /// single-endpoint services grow about linearly; nft -f of services with several endpoints
@@ -347,6 +416,14 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 4] = [
 const IPT_EXP: f64 = 1.2;
 const NFT_EXP_SINGLE: f64 = 1.2;
 const NFT_EXP_MAPS: f64 = 2.0;
+
+/// One per-program figure of one bpf_stats window (`None`: the program did not run enough).
+struct StatSample {
+    metric: String,
+    program: &'static str,
+    window: &'static str,
+    value: Option<f64>,
+}
 
 struct Bench<'a> {
     cfg: &'a Config,
@@ -497,6 +574,17 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     Ok(results)
 }
 
+/// Rewrites `report.md` and the plots of the run in `dir` from its `results.json`.
+pub fn rewrite_report(dir: &Path) -> Result<()> {
+    let path = dir.join("results.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let results: Results =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    write_atomic(dir, "report.md", &report::markdown(&results))?;
+    report::plots(dir)
+}
+
 impl Bench<'_> {
     /// Ends a step: records and prints how long it took since the previous one.
     fn step(&mut self, what: &str) {
@@ -514,9 +602,8 @@ impl Bench<'_> {
     /// Declares every figure the run is meant to produce.
     fn plan(&mut self) {
         let c = self.cfg;
-        let all = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
         for &n in &c.scales {
-            for s in all {
+            for s in Sys::ALL {
                 for m in ["p50_us", "p99_us"] {
                     self.rec.plan("1-latency", m, s.name(), n, "");
                 }
@@ -528,18 +615,22 @@ impl Bench<'_> {
                 }
             }
         }
-        for s in ["kproxy", "kproxy-tc", "iptables", "nftables"] {
+        for s in NODEPORT_SYSTEMS {
             for v in ["local", "remote"] {
                 if c.only_e2e {
                     continue;
                 }
-                self.rec.plan("3-nodeport", "udp_pps", s, 3, v);
-                self.rec.plan("3-nodeport", "udp_cpu_ns_per_pkt", s, 3, v);
-                self.rec.plan("3-nodeport", "tcp_bps", s, 3, v);
+                for m in NODEPORT_METRICS {
+                    self.rec.plan("3-nodeport", m, s, 3, v);
+                }
             }
         }
         if !c.only_e2e {
             self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
+            for m in LIVE_METRICS {
+                self.rec.plan("3-nodeport", m, "xdp-tx", 3, "bounce");
+                self.rec.plan("3-nodeport", m, "generator", 3, "alone");
+            }
         }
         for &n in &c.prog_scales {
             for s in ["kproxy", "iptables", "nftables"] {
@@ -565,8 +656,12 @@ impl Bench<'_> {
             }
         }
         if !c.only_e2e {
-            for (m, _, _) in BPF_STATS_FIGURES {
-                self.rec.plan("8-bpf-stats", m, "kproxy", 1, "");
+            for (m, _, w) in BPF_STATS_FIGURES {
+                self.rec.plan("8-bpf-stats", m, "kproxy", 1, w);
+                self.rec.plan("8-bpf-stats", &net_metric(m), "kproxy", 1, w);
+            }
+            for (w, _) in BPF_STATS_WINDOWS {
+                self.rec.plan("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w);
             }
         }
         for &n in &c.testrun_scales {
@@ -671,9 +766,8 @@ impl Bench<'_> {
             }
             self.step(&format!("1-2: baseline tables for {n} services × 1 endpoint loaded"));
             let reps = if n >= 10_000 { self.cfg.reps_large } else { self.cfg.reps };
-            let systems = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
             for rep in 0..reps {
-                for sys in rotate(&systems, rep) {
+                for sys in rotate(&Sys::ALL, rep) {
                     let unavailable = match sys {
                         Sys::Iptables => ipt_ok.as_ref().err(),
                         Sys::Nftables => nft_ok.as_ref().err(),
@@ -736,13 +830,13 @@ impl Bench<'_> {
     }
 
     fn mark_all_clusterip(&mut self, n: usize, why: &str) {
-        for s in [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables] {
+        for s in Sys::ALL {
             self.mark_clusterip(s, n, why, true);
         }
     }
 
     fn fail_scale(&mut self, n: usize, why: &str) {
-        for s in [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables] {
+        for s in Sys::ALL {
             self.mark_clusterip(s, n, why, false);
         }
     }
@@ -778,6 +872,9 @@ impl Bench<'_> {
         let enabled = match sys {
             Sys::Floor => Ok(()),
             Sys::Kproxy => self.start_kproxy(frontends, &[]).map(|k| kp = Some(k)),
+            Sys::KproxyHostRouting => {
+                self.start_kproxy(frontends, &["--bpf-host-routing"]).map(|k| kp = Some(k))
+            }
             Sys::Iptables => systems::iptables_hooks(&self.node_ns, true).map(drop),
             Sys::Nftables => systems::nft_hooks(&self.node_ns, true).map(drop),
         };
@@ -799,6 +896,7 @@ impl Bench<'_> {
                 let ports = match sys {
                     Sys::Floor => "20000 29999",
                     Sys::Kproxy => "30000 39999",
+                    Sys::KproxyHostRouting => "10000 19999",
                     Sys::Iptables => "40000 49999",
                     Sys::Nftables => "50000 60999",
                 };
@@ -843,7 +941,7 @@ impl Bench<'_> {
             }
         }
         match sys {
-            Sys::Kproxy => {
+            Sys::Kproxy | Sys::KproxyHostRouting => {
                 if let Some(k) = kp {
                     self.stop_kproxy(k);
                 }
@@ -879,7 +977,8 @@ impl Bench<'_> {
         if nft.is_ok() {
             let _ = systems::nft_hooks(&self.node_ns, false);
         }
-        let systems = ["kproxy", "kproxy-tc", "iptables", "nftables", "xdp-tx"];
+        let mut systems = NODEPORT_SYSTEMS.to_vec();
+        systems.push("xdp-tx");
         for rep in 0..self.cfg.reps {
             for sys in rotate(&systems, rep) {
                 let pre = match (&setup, sys) {
@@ -904,32 +1003,71 @@ impl Bench<'_> {
     fn mark_nodeport(&mut self, sys: &str, why: &str) {
         if sys == "xdp-tx" {
             self.rec.fail("3-nodeport", "udp_pps", sys, 3, "bounce", why);
+            for m in LIVE_METRICS {
+                self.rec.fail("3-nodeport", m, sys, 3, "bounce", why);
+                self.rec.fail("3-nodeport", m, "generator", 3, "alone", why);
+            }
             return;
         }
         for v in ["local", "remote"] {
-            self.rec.fail("3-nodeport", "udp_pps", sys, 3, v, why);
-            self.rec.fail("3-nodeport", "udp_cpu_ns_per_pkt", sys, 3, v, why);
-            self.rec.fail("3-nodeport", "tcp_bps", sys, 3, v, why);
+            for m in NODEPORT_METRICS {
+                self.rec.fail("3-nodeport", m, sys, 3, v, why);
+            }
         }
+    }
+
+    /// Records a live-frame measurement (or its failure) of `sys` / `variant`.
+    fn record_live(&mut self, sys: &str, n: usize, variant: &str, r: Result<livegen::LiveRate>) {
+        match r {
+            Ok(r) => {
+                self.rec.add("3-nodeport", "live_pps", sys, n, variant, r.pps);
+                self.rec.add("3-nodeport", "live_ns_per_frame", sys, n, variant, r.ns_per_frame);
+                self.rec.add("3-nodeport", "live_delivered", sys, n, variant, r.delivered);
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                for m in LIVE_METRICS {
+                    self.rec.fail("3-nodeport", m, sys, n, variant, &why);
+                }
+            }
+        }
+    }
+
+    /// The references of the NodePort item: the XDP_TX bounce on node 0's `eth0` (socket blast
+    /// and live frames) and the live-frame generator alone.
+    fn nodeport_references(&mut self, n: usize, d: Duration) {
+        let sys = "xdp-tx";
+        self.flush_conntrack();
+        match measure::xdp_tx_rate(&self.lab, d) {
+            Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, "bounce", r),
+            Err(e) => self.rec.fail("3-nodeport", "udp_pps", sys, n, "bounce", &format!("{e:#}")),
+        }
+        let target = livegen::bounce_target(workload::NP_REMOTE_UDP);
+        let bounce = (|| -> Result<livegen::LiveRate> {
+            let _gro = livegen::GroOn::new(&self.node_ns, "eth0")?;
+            let generator = livegen::Generator::new(&self.lab, target)?;
+            let prog = lab::xdp::load_xdp("kpb_xdp_tx", &lab::xdp::XDP_TX_PROGRAM)?;
+            let _link: std::os::fd::OwnedFd =
+                lab::in_netns(&self.node_ns, || lab::xdp::attach_xdp(&prog, "eth0"))??;
+            generator.rate(&self.lab, &self.lab.underlay_ns(), "n0", target, d)
+        })();
+        self.record_live(sys, n, "bounce", bounce);
+        let alone = livegen::Generator::new(&self.lab, target).and_then(|g| g.alone(&self.lab, d));
+        self.record_live("generator", n, "alone", alone);
     }
 
     fn nodeport_one(&mut self, sys: &str, n: usize, frontends: usize) {
         let d = Duration::from_millis(self.cfg.np_duration_ms);
         if sys == "xdp-tx" {
-            self.flush_conntrack();
-            match measure::xdp_tx_rate(&self.lab, d) {
-                Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, "bounce", r),
-                Err(e) => {
-                    self.rec.fail("3-nodeport", "udp_pps", sys, n, "bounce", &format!("{e:#}"))
-                }
-            }
+            self.nodeport_references(n, d);
             return;
         }
         self.flush_conntrack();
         let mut kp = None;
         let enabled = match sys {
-            "kproxy" => self.start_kproxy(frontends, &[]).map(|k| kp = Some(k)),
-            "kproxy-tc" => self.start_kproxy(frontends, &["--no-xdp"]).map(|k| kp = Some(k)),
+            s if s.starts_with("kproxy") => {
+                self.start_kproxy(frontends, nodeport_agent_args(s)).map(|k| kp = Some(k))
+            }
             "iptables" => systems::iptables_hooks(&self.node_ns, true).map(drop),
             _ => systems::nft_hooks(&self.node_ns, true).map(drop),
         };
@@ -965,10 +1103,18 @@ impl Bench<'_> {
                     Ok(r) => self.rec.add("3-nodeport", "tcp_bps", sys, n, v, r),
                     Err(e) => self.rec.fail("3-nodeport", "tcp_bps", sys, n, v, &format!("{e:#}")),
                 }
+                let live = (|| -> Result<livegen::LiveRate> {
+                    let _gro = livegen::GroOn::new(&self.node_ns, "eth0")?;
+                    let generator =
+                        livegen::Generator::new(&self.lab, SocketAddrV4::new(node, udp))?;
+                    let (ns, dev, dst) = livegen::sink_of(&self.lab, pod, workload::SINK_PORT)?;
+                    generator.rate(&self.lab, &ns, &dev, dst, d)
+                })();
+                self.record_live(sys, n, v, live);
             }
         }
         match sys {
-            "kproxy" | "kproxy-tc" => {
+            s if s.starts_with("kproxy") => {
                 if let Some(k) = kp {
                     self.stop_kproxy(k);
                 }
@@ -1474,78 +1620,100 @@ impl Bench<'_> {
 
     // ---- per-program cost under real traffic ------------------------------------------
 
-    /// Per-program cost from the kernel's bpf_stats with kproxy serving the probe services:
-    /// request/response on open connections to the ClusterIP, the same to the backend pod's own
-    /// address (pod traffic that is not service traffic), and UDP to a NodePort with a remote
-    /// backend from the external client.
+    /// Per-program cost from the kernel's bpf_stats with kproxy serving the probe services
+    /// (native XDP on the external device, as the NodePort item's `kproxy`): each window of
+    /// [`BPF_STATS_WINDOWS`] in every repetition, with the lab's empty XDP program measured in
+    /// the same window.
     fn bpf_stats_phase(&mut self) {
         eprintln!("[bench] per-program cost under real traffic (bpf_stats)");
-        let r = (|| -> Result<Vec<(&'static str, Option<f64>)>> {
+        let r = (|| -> Result<Vec<StatSample>> {
             let services = workload::probes();
             self.write_manifest(&services)?;
             self.flush_conntrack();
-            let k = self.start_kproxy(services.len(), &[])?;
-            let pin = self.lab.pin_path(0);
-            let res = (|| -> Result<Vec<(&'static str, Option<f64>)>> {
-                let _stats = bpfstats::enable()?;
-                let d = Duration::from_millis(self.cfg.duration_ms);
-                let mut out = Vec::new();
-                let cip = SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT);
-                let direct = SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT);
-                let client = self.lab.client_ns();
-                let pod_ns = self.lab.pod(1, 0).map(|p| p.ns.clone()).unwrap_or_default();
-                let np = SocketAddrV4::new(lab::node_ip(0), workload::NP_REMOTE_UDP);
-                for (window, metrics) in [
-                    ("clusterip", &["from_pod_established_ns", "to_pod_ns"][..]),
-                    ("direct", &["from_pod_plain_ns"][..]),
-                    ("nodeport", &["xdp_nodeport_ns"][..]),
-                ] {
-                    let before = bpfstats::snapshot(pin)?;
-                    match window {
-                        "clusterip" => {
-                            measure::loadgen(&self.client_pod_ns, cip, "rr", 4, d)?;
-                        }
-                        "direct" => {
-                            measure::loadgen(&self.client_pod_ns, direct, "rr", 4, d)?;
-                        }
-                        _ => {
-                            measure::udp_rate(&client, &pod_ns, np, d)?;
-                        }
-                    }
-                    let after = bpfstats::snapshot(pin)?;
-                    for m in metrics {
-                        let prog = BPF_STATS_FIGURES.iter().find(|(x, _, _)| x == m).map(|f| f.1);
-                        out.push((*m, prog.and_then(|p| bpfstats::per_run(&before, &after, p))));
-                    }
-                }
-                Ok(out)
-            })();
+            let k = self.start_kproxy(services.len(), nodeport_agent_args("kproxy"))?;
+            let res = self.bpf_stats_windows();
             self.stop_kproxy(k);
             res
         })();
-        match r {
-            Ok(figs) => {
-                for (m, v) in figs {
-                    match v {
-                        Some(ns) => self.rec.add("8-bpf-stats", m, "kproxy", 1, "", ns),
-                        None => {
-                            let prog = BPF_STATS_FIGURES.iter().find(|(x, _, _)| *x == m);
-                            let why = format!(
-                                "not run: {} did not run during {}",
-                                prog.map_or("?", |p| p.1),
-                                prog.map_or("?", |p| p.2)
-                            );
-                            self.rec.skip("8-bpf-stats", m, "kproxy", 1, "", &why);
-                        }
-                    }
-                }
-            }
+        let samples = match r {
+            Ok(v) => v,
             Err(e) => {
-                for (m, _, _) in BPF_STATS_FIGURES {
-                    self.rec.fail("8-bpf-stats", m, "kproxy", 1, "", &format!("{e:#}"));
+                let why = format!("{e:#}");
+                for (m, _, w) in BPF_STATS_FIGURES {
+                    self.rec.fail("8-bpf-stats", m, "kproxy", 1, w, &why);
+                    self.rec.fail("8-bpf-stats", &net_metric(m), "kproxy", 1, w, &why);
+                }
+                for (w, _) in BPF_STATS_WINDOWS {
+                    self.rec.fail("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w, &why);
+                }
+                return;
+            }
+        };
+        for s in samples {
+            match s.value {
+                Some(v) => self.rec.add("8-bpf-stats", &s.metric, "kproxy", 1, s.window, v),
+                None => {
+                    let traffic = BPF_STATS_WINDOWS.iter().find(|w| w.0 == s.window).map(|w| w.1);
+                    let why = format!(
+                        "not run: {} ran fewer than {} times during {}",
+                        s.program,
+                        bpfstats::MIN_RUNS,
+                        traffic.unwrap_or(s.window)
+                    );
+                    self.rec.skip("8-bpf-stats", &s.metric, "kproxy", 1, s.window, &why);
                 }
             }
         }
+    }
+
+    /// The windows of [`Self::bpf_stats_phase`], statistics switched on for their duration.
+    fn bpf_stats_windows(&self) -> Result<Vec<StatSample>> {
+        let pin = self.lab.pin_path(0);
+        let empty_id = self.lab.xdp_pass_id()?;
+        let _stats = bpfstats::enable()?;
+        let d = Duration::from_millis(self.cfg.duration_ms);
+        let client = self.lab.client_ns();
+        let mut out = Vec::new();
+        for rep in 0..self.cfg.reps {
+            for (window, _) in rotate(&BPF_STATS_WINDOWS, rep) {
+                let (ns, target) = match window {
+                    "clusterip-local" => (
+                        &self.client_pod_ns,
+                        SocketAddrV4::new(workload::NP_LOCAL_CLUSTER_IP, workload::IPERF_PORT),
+                    ),
+                    "clusterip-remote" => (
+                        &self.client_pod_ns,
+                        SocketAddrV4::new(workload::NP_REMOTE_CLUSTER_IP, workload::IPERF_PORT),
+                    ),
+                    "pod-direct" => (
+                        &self.client_pod_ns,
+                        SocketAddrV4::new(lab::pod_ip(1, 0), workload::IPERF_PORT),
+                    ),
+                    _ => (&client, SocketAddrV4::new(lab::node_ip(0), workload::NP_REMOTE_TCP)),
+                };
+                let before = bpfstats::snapshot(pin, &[empty_id])?;
+                measure::iperf3(ns, target, d).with_context(|| format!("window {window}"))?;
+                let after = bpfstats::snapshot(pin, &[empty_id])?;
+                let empty = bpfstats::per_run(&before, &after, lab::xdp::XDP_PASS_NAME);
+                out.push(StatSample {
+                    metric: BPF_STATS_EMPTY.into(),
+                    program: lab::xdp::XDP_PASS_NAME,
+                    window,
+                    value: empty,
+                });
+                for (m, program, _) in BPF_STATS_FIGURES.iter().filter(|f| f.2 == window) {
+                    let raw = bpfstats::per_run(&before, &after, program);
+                    out.push(StatSample { metric: m.to_string(), program, window, value: raw });
+                    out.push(StatSample {
+                        metric: net_metric(m),
+                        program,
+                        window,
+                        value: raw.zip(empty).map(|(r, e)| r - e),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     // ---- item 7 -------------------------------------------------------------------------

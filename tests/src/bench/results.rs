@@ -63,8 +63,8 @@ fn key(item: &str, metric: &str, system: &str, n: usize, variant: &str) -> Key {
 /// Unit of a metric, from its name.
 pub fn unit_of(metric: &str) -> &'static str {
     match metric {
-        "rate_per_s" | "udp_pps" => "1/s",
-        "udp_cpu_ns_per_pkt" => "ns",
+        "rate_per_s" | "udp_pps" | "live_pps" => "1/s",
+        "udp_cpu_ns_per_pkt" | "live_ns_per_frame" => "ns",
         m if m.ends_with("_us") => "µs",
         m if m.ends_with("_ns") => "ns",
         m if m.ends_with("_ms") => "ms",

@@ -17,6 +17,11 @@ pub const NAMESPACE: &str = "bench";
 pub const PROBE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
 /// Service port of the probed ClusterIP service.
 pub const PROBE_PORT: u16 = 80;
+/// ClusterIP of the NodePort service whose backend is on node 0 (its iperf3 port: a ClusterIP
+/// flow to a local backend).
+pub const NP_LOCAL_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);
+/// ClusterIP of the NodePort service whose backend is on node 1.
+pub const NP_REMOTE_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 3);
 /// NodePort (TCP, iperf3) of the service whose backend is on node 0 (local).
 pub const NP_LOCAL_TCP: u16 = 30001;
 /// NodePort (UDP, sink) of the service whose backend is on node 0 (local).
@@ -178,20 +183,8 @@ pub fn probes() -> Vec<BService> {
         endpoints: vec![ep],
     };
     vec![
-        np(
-            "np-local",
-            Ipv4Addr::new(198, 19, 255, 2),
-            NP_LOCAL_TCP,
-            NP_LOCAL_UDP,
-            (lab::pod_ip(0, 1), 0),
-        ),
-        np(
-            "np-remote",
-            Ipv4Addr::new(198, 19, 255, 3),
-            NP_REMOTE_TCP,
-            NP_REMOTE_UDP,
-            (lab::pod_ip(1, 0), 1),
-        ),
+        np("np-local", NP_LOCAL_CLUSTER_IP, NP_LOCAL_TCP, NP_LOCAL_UDP, (lab::pod_ip(0, 1), 0)),
+        np("np-remote", NP_REMOTE_CLUSTER_IP, NP_REMOTE_TCP, NP_REMOTE_UDP, (lab::pod_ip(1, 0), 1)),
         BService::http("probe".into(), PROBE_IP, lab::SERVER_PORT, vec![(lab::pod_ip(1, 0), 1)]),
     ]
 }

@@ -40,6 +40,9 @@ impl Insn {
 /// `r0 = XDP_PASS; exit`.
 pub const XDP_PASS_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 2), Insn::new(0x95, 0, 0, 0, 0)];
 
+/// `r0 = XDP_TX; exit`: sends every frame back out of the device it arrived on, unchanged.
+pub const XDP_TX_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 3), Insn::new(0x95, 0, 0, 0, 0)];
+
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_OBJ_PIN: i64 = 6;
 const BPF_LINK_CREATE: i64 = 28;
@@ -121,4 +124,29 @@ pub fn pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr)
         .map(drop)
         .map_err(|e| io::Error::new(e.kind(), format!("pinning at {}: {e}", path.display())))
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_LINK_UPDATE: i64 = 29;
+
+/// Id of the loaded program `prog` (`bpf_prog_info.id`, as `bpftool prog` lists it).
+pub fn prog_id(prog: &OwnedFd) -> io::Result<u32> {
+    // The first fields of `struct bpf_prog_info`: type (u32), id (u32); the kernel fills at
+    // most `info_len` bytes.
+    let mut info = [0u32; 2];
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[1])
+}
+
+/// Puts program `prog` into the XDP link `link` in place of the one it runs (`BPF_LINK_UPDATE`:
+/// the device is never without a program).
+pub fn update_link(link: &OwnedFd, prog: &OwnedFd) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_raw_fd() as u64 | ((prog.as_raw_fd() as u64) << 32); // link_fd, new_prog_fd
+    bpf(BPF_LINK_UPDATE, &mut attr)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("updating an XDP link: {e}")))
 }
