@@ -34,7 +34,8 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use kproxy_common::{
-    Ct4Value, RevNat4Value, Tuple4, ct_counter, ct_flags, ct_state, names, timeouts,
+    Ct4Value, Frag4Key, Frag4Value, RevNat4Value, Tuple4, ct_counter, ct_flags, ct_state, frag,
+    names, timeouts,
 };
 use tracing::{debug, info, warn};
 
@@ -89,6 +90,8 @@ pub struct GcReport {
     pub deleted: u64,
     /// Reverse-NAT entries deleted (partners of the deleted entries, and orphans).
     pub revnat_deleted: u64,
+    /// Fragment-tracking entries deleted (older than `kproxy_common::frag::TIMEOUT_NS`).
+    pub fragments_deleted: u64,
     /// The numbers after the collection.
     pub stats: CtStats,
 }
@@ -245,6 +248,15 @@ impl BpfDataplane {
             .map(|(r, _)| *r)
             .collect();
         report.revnat_deleted += delete_all(self.revnat.fd(), names::REVNAT4, &orphans)?;
+        // Fragment-tracking entries the datapath no longer uses (it ignores them too).
+        let mut frags = Vec::new();
+        batch::walk(self.frag.fd(), |k: &Frag4Key, v: &Frag4Value| {
+            if frag::expired(v.seen, now_ns) {
+                frags.push(*k);
+            }
+        })
+        .map_err(walk_err(names::FRAG4))?;
+        report.fragments_deleted = delete_all(self.frag.fd(), names::FRAG4, &frags)?;
         report.stats = CtStats {
             created,
             deleted_datapath,
@@ -317,10 +329,10 @@ impl BpfDataplane {
 const GC_BATCH: usize = 1024;
 
 /// Deletes `keys` (absent ones skipped); returns how many were deleted.
-fn delete_all(
+fn delete_all<K: aya::Pod + std::fmt::Debug>(
     fd: std::os::fd::BorrowedFd<'_>,
     map: &'static str,
-    keys: &[Tuple4],
+    keys: &[K],
 ) -> Result<u64, DataplaneError> {
     if keys.is_empty() {
         return Ok(0);

@@ -89,6 +89,8 @@ pub struct ServiceObj {
     pub publish_not_ready: bool,
     /// `spec.ports`.
     pub ports: Vec<ServicePortObj>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub source_ranges: Vec<String>,
 }
 
 impl From<&Service> for ServiceObj {
@@ -140,6 +142,9 @@ impl From<&Service> for ServiceObj {
                     node_port: p.node_port,
                 })
                 .collect(),
+            source_ranges: spec
+                .and_then(|s| s.load_balancer_source_ranges.clone())
+                .unwrap_or_default(),
         }
     }
 }
