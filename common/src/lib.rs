@@ -634,12 +634,12 @@ pub struct ServiceCidrs4 {
 const _: () = assert!(core::mem::size_of::<ServiceCidrs4>() == 72);
 
 /// Value of [`names::SOCK_CONFIG`] (an array with one entry, key 0): which sockets the socket
-/// LB balances. All zero (as created): none.
+/// LB balances. All zero (as created): those of the initial network namespace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SockConfig {
-    /// Cookie of the host's network namespace (`bpf_get_netns_cookie`); 0: not known, no socket
-    /// is balanced unless [`sock_flags::ALL_NETNS`] is set.
+    /// Cookie of the host's network namespace (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`); 0:
+    /// the initial network namespace (kernels before 5.14 cannot tell a process its cookie).
     pub netns_cookie: u64,
     /// `sock_flags::*`.
     pub flags: u32,

@@ -43,16 +43,24 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// Whether the socket is one the socket LB balances: the host's network namespace, or any with
-/// `sock_flags::ALL_NETNS`. Nothing before the agent wrote the configuration.
+/// Whether the socket is one the socket LB balances: the host's network namespace (the
+/// configured cookie, or the initial namespace's when it is 0), or any with
+/// `sock_flags::ALL_NETNS`.
 #[inline(always)]
 fn in_scope(ctx: &SockAddrContext) -> bool {
     let Some(sc) = maps::kp_sockcfg.get(0) else { return false };
     if sc.flags & sock_flags::ALL_NETNS != 0 {
         return true;
     }
+    let host = if sc.netns_cookie != 0 {
+        sc.netns_cookie
+    } else {
+        // SAFETY: a null context asks for the initial network namespace's cookie.
+        unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) }
+    };
     // SAFETY: helper on our own context.
-    sc.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == sc.netns_cookie
+    let own = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    own == host
 }
 
 /// The IP protocol of the socket, if TCP or UDP.

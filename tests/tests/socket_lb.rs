@@ -153,6 +153,18 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     assert!(n(Reason::RejectNoBackend) >= 2, "{counters:?}");
     // The pod-side programs never saw a ClusterIP packet from the host.
     assert_eq!(n(Reason::TranslatedNew), 0, "{counters:?}");
+
+    // A pod's socket in the same cgroup is not balanced by the socket LB (host network
+    // namespace only, the default): it connects to the service address and its packets are
+    // balanced by the pod's interface.
+    let pod_ns = lab.pod(1, 0).unwrap().ns.clone();
+    let sock_before = n(Reason::SockTranslated);
+    let w = client(&pod_ns, cg, "tcp", SAME);
+    assert_eq!(answered_by(&w).as_ref(), Some(&same_pod), "pod client: {w:?}");
+    let counters1: Vec<(Reason, u64)> =
+        BpfDataplane::open(lab.pin_path(0)).unwrap().counters().unwrap();
+    let n1 = |r: Reason| counters1.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
+    assert_eq!(n1(Reason::SockTranslated), sock_before, "pod socket balanced: {counters1:?}");
     drop(guard);
 
     // A restarted agent puts its programs into the pinned links in place: still one program
@@ -175,6 +187,28 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     let w = client(&ns, cg, "sendto", REMOTE);
     assert_eq!(answered_by(&w).as_ref(), Some(&remote_pod), "after restart: {w:?}");
     assert_eq!(get(&w, "from"), Some(format!("{REMOTE}:{PORT}").as_str()), "{w:?}");
+    drop(guard);
+
+    // With --socket-lb-pods the pod's sockets are balanced too.
+    let a0 = agents.remove(0);
+    a0.stop(Duration::from_secs(5)).unwrap();
+    let mut pods_opts = opts(0);
+    pods_opts.extra_args.push("--socket-lb-pods".into());
+    agents.insert(0, lab.spawn_agent(0, &pods_opts).unwrap());
+    let guard = LogsOnPanic(&agents);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agents[0].log_text().contains("socket LB attached") {
+        assert!(Instant::now() < deadline, "restarted agent did not attach");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sock = || {
+        let c = BpfDataplane::open(lab.pin_path(0)).unwrap().counters().unwrap();
+        c.iter().find(|(x, _)| *x == Reason::SockTranslated).map_or(0, |(_, n)| *n)
+    };
+    let before = sock();
+    let w = client(&pod_ns, cg, "tcp", SAME);
+    assert_eq!(answered_by(&w).as_ref(), Some(&same_pod), "pod client, all netns: {w:?}");
+    assert_eq!(sock(), before + 1, "the pod socket is balanced with --socket-lb-pods");
     drop(guard);
     drop(agents);
     for i in 0..2 {

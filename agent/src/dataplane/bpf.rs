@@ -224,6 +224,11 @@ impl BpfDataplane {
         self.guards.as_ref()
     }
 
+    /// Writes the socket LB's configuration (which network namespaces it balances).
+    pub fn set_sock_config(&mut self, c: &kproxy_common::SockConfig) -> Result<(), DataplaneError> {
+        self.guards_mut()?.set_sock_config(c)
+    }
+
     fn guards_mut(&mut self) -> Result<&mut super::guard::GuardMaps, DataplaneError> {
         self.guards.as_mut().ok_or_else(super::guard::missing)
     }

@@ -159,3 +159,54 @@ impl GuardMaps {
         self.sock.get(&0, 0).map_err(|e| map_err(names::SOCK_CONFIG, "lookup", "0", e))
     }
 }
+
+/// The cookie of the calling process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+);
+/// `None` on older kernels, where the datapath takes the initial namespace as the host's.
+pub fn own_netns_cookie() -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd as _;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and an out buffer of the length given.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        return Ok(Some(cookie));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOPROTOOPT) { Ok(None) } else { Err(e) }
+}
+
+/// The socket LB's configuration: the sockets of every network namespace (`pods`), or those of
+/// the agent's own (the host's; the initial namespace where the kernel cannot tell its cookie).
+pub fn sock_config(pods: bool) -> std::io::Result<SockConfig> {
+    if pods {
+        return Ok(SockConfig {
+            flags: kproxy_common::sock_flags::ALL_NETNS,
+            ..Default::default()
+        });
+    }
+    Ok(SockConfig { netns_cookie: own_netns_cookie()?.unwrap_or(0), ..Default::default() })
+}
+
+/// The service CIDRs as the datapath holds them (at most [`kproxy_common::SERVICE_CIDRS_MAX`];
+/// more are left out, which the configuration refuses).
+pub fn service_cidrs(nets: &[ipnet::Ipv4Net]) -> ServiceCidrs4 {
+    let mut c = ServiceCidrs4::default();
+    for (slot, n) in c.nets.iter_mut().zip(nets) {
+        *slot = kproxy_common::Cidr4 {
+            addr: u32::from(n.network()).to_be(),
+            mask: u32::from(n.netmask()).to_be(),
+        };
+        c.count += 1;
+    }
+    c
+}
