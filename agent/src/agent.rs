@@ -683,8 +683,9 @@ impl LoopState {
                 snat_addr: addrs.first().map_or(0, |a| u32::from(*a).to_be()),
                 snat_port_min,
                 snat_port_max,
-                flags: cfg_flags::READY,
-                _pad: 0,
+                flags: cfg_flags::READY
+                    | if config.bpf_host_routing { cfg_flags::HOST_ROUTING } else { 0 },
+                backend_gen: 0,
             };
             match dp.set_config(&cfg) {
                 Ok(()) => {

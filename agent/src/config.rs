@@ -49,6 +49,8 @@ pub struct Config {
     pub health_check_bind: Option<IpAddr>,
     /// How the external devices are served (`--no-xdp`).
     pub external_mode: ExternalMode,
+    /// eBPF host routing (`--bpf-host-routing`).
+    pub bpf_host_routing: bool,
     /// Map capacities (`--max-*`, `--map-dynamic-size-ratio`), resolved against the node's
     /// memory when the datapath is loaded.
     pub map_sizing: MapSizing,
@@ -160,6 +162,7 @@ impl Config {
             healthz_addr: args.healthz_addr,
             health_check_bind: args.health_check_bind.0,
             external_mode: if args.no_xdp { ExternalMode::TcOnly } else { ExternalMode::Xdp },
+            bpf_host_routing: args.bpf_host_routing,
             map_sizing: MapSizing {
                 ratio: args.map_dynamic_size_ratio,
                 services: args.max_services,

@@ -339,7 +339,12 @@ impl State {
         self.publish();
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let pods: std::collections::BTreeSet<u32> =
+            self.attached.values().filter(|(k, _)| *k == Kind::Pod).map(|(_, i)| *i).collect();
+        if let Err(e) = self.datapath.set_pod_devs(&pods) {
+            warn!(error = format!("{e:#}"), "recording the pod interfaces for eBPF host routing");
+        }
         let ext = self.attached.values().filter(|(k, _)| *k == Kind::External).count();
         self.metrics.set_devices(ext, self.attached.len() - ext, self.missing.len());
     }

@@ -37,6 +37,8 @@ pub mod names {
     pub const CT_COUNTERS: &str = "kp_ctstat";
     /// Socket-LB reverse translation: socket + backend → frontend. See [`crate::SockRev4Key`].
     pub const SOCK4: &str = "kp_sock4";
+    /// Host-side pod interfaces (ifindex → 1), for eBPF host routing's `bpf_redirect_peer`.
+    pub const POD_DEVS: &str = "kp_poddevs";
     /// Address hint bitmaps (frontend and backend addresses). See [`crate::hints`].
     pub const ADDR_BITS: &str = "kp_addrbits";
     /// Port hint bitmaps (frontend and backend ports, by protocol). See [`crate::hints`].
@@ -84,7 +86,7 @@ pub mod names {
         [(PROG_XDP_NEW, crate::calls::XDP_NEW), (PROG_XDP_ICMP, crate::calls::XDP_ICMP)];
 
     /// Every pinned map, in the order the agent checks them on start.
-    pub const ALL_MAPS: [&str; 12] = [
+    pub const ALL_MAPS: [&str; 13] = [
         SERVICES4,
         BACKENDS4,
         CT4,
@@ -97,6 +99,7 @@ pub mod names {
         SOCK4,
         ADDR_BITS,
         PORT_BITS,
+        POD_DEVS,
     ];
 
     /// Socket LB, cgroup `connect4`: TCP and connected UDP sockets to a frontend are connected to
@@ -148,6 +151,8 @@ pub mod defaults {
     pub const AFFINITY4_MAX: u32 = 65_536;
     /// Fragmented datagrams tracked at once.
     pub const FRAG4_MAX: u32 = 8_192;
+    /// Host-side pod interfaces on one node.
+    pub const POD_DEVS_MAX: u32 = 4_096;
     /// Socket-LB reverse entries (socket + backend).
     pub const SOCK4_MAX: u32 = 131_072;
     /// Source-range entries (networks of all service ports with `loadBalancerSourceRanges`).
@@ -411,8 +416,9 @@ pub struct Ct4Value {
     pub state: u8,
     /// `ct_flags::*`.
     pub flags: u8,
-    /// Always zero.
-    pub _pad: u16,
+    /// Low 16 bits of [`NodeConfig::backend_gen`] when the backend was last found in
+    /// [`names::BACKENDS4`]: while it is current, the datapath skips that lookup.
+    pub backend_gen: u16,
     /// `bpf_ktime_get_ns()` when the entry was created.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet in either direction.
@@ -445,6 +451,9 @@ flags! {
         /// restored on a pod interface carry a node-local source, which the stack would drop as a
         /// martian, so they are forwarded through the FIB.
         REPLY_FIB = 1 << 3, "reply-fib";
+        /// The backend runs on this node ([`super::backend_flags::LOCAL`] when the entry was
+        /// created or last validated), so that packets need no backend lookup to know where to go.
+        LOCAL_BACKEND = 1 << 4, "local-backend";
     }
 }
 
@@ -505,12 +514,25 @@ pub struct RevNat4Value {
     pub client_port: u16,
     /// The frontend port the client used, be.
     pub frontend_port: u16,
-    /// Always zero.
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last reply.
+    /// `rnat_flags::*`.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` when the entry was created, then of the last reply that refreshed
+    /// its connection entry (at most once a second).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 24);
+
+flags! {
+    /// Flags of a reverse-NAT entry ([`RevNat4Value::flags`]), so that most replies need no
+    /// lookup of their connection entry.
+    pub mod rnat_flags: u32 {
+        /// Copy of the connection's [`super::ct_flags::REPLY_FIB`].
+        REPLY_FIB = 1 << 0, "reply-fib";
+        /// A reply was seen and the connection entry marked established: later replies refresh
+        /// it only once a second and when they carry SYN, FIN or RST.
+        ESTABLISHED = 1 << 1, "established";
+    }
+}
 
 /// Key of [`names::AFFINITY4`].
 #[repr(C)]
@@ -699,8 +721,10 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
     /// `cfg_flags::*`.
     pub flags: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// Backend generation: the agent changes it whenever it removes a backend (and with every
+    /// write of this configuration), so that connection entries validated under an older
+    /// generation look their backend up again ([`Ct4Value::backend_gen`]).
+    pub backend_gen: u32,
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
 
@@ -709,6 +733,11 @@ flags! {
     pub mod cfg_flags: u32 {
         /// The agent has written the configuration; until then the programs pass everything.
         READY = 1 << 0, "ready";
+        /// eBPF host routing (`--bpf-host-routing`): translated packets that would go to the
+        /// node's stack are delivered from TC straight to the destination's device (a local
+        /// pod's namespace with `bpf_redirect_peer`, anything else through the FIB), skipping
+        /// the node's IP stack and netfilter.
+        HOST_ROUTING = 1 << 1, "host-routing";
     }
 }
 

@@ -13,12 +13,20 @@ use crate::{
 };
 
 /// Refresh `last_seen_ns` at most this often (saves a cache-line write per packet).
-const TOUCH_NS: u64 = 1_000_000_000;
+pub const TOUCH_NS: u64 = 1_000_000_000;
 
-/// A tuple from its parts.
+/// A tuple from its parts. Built from a zeroed value: a `[0; 3]` padding literal compiles to a
+/// call of a byte-wise `memset` subprogram on every packet.
 #[inline(always)]
 pub fn tuple(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Tuple4 {
-    Tuple4 { saddr, daddr, sport, dport, proto, _pad: [0; 3] }
+    // SAFETY: all-zero is a valid Tuple4.
+    let mut t: Tuple4 = unsafe { core::mem::zeroed() };
+    t.saddr = saddr;
+    t.daddr = daddr;
+    t.sport = sport;
+    t.dport = dport;
+    t.proto = proto;
+    t
 }
 
 /// The live connection entry of an original tuple (expired entries count as absent).
@@ -33,28 +41,64 @@ pub fn lookup(t: &Tuple4, now: u64) -> Option<*mut Ct4Value> {
     Some(v)
 }
 
-/// Records a packet of a tracked connection; `reply` says which direction it went.
+/// Records a packet of a tracked connection; `reply` says which direction it went. The entry is
+/// shared by every CPU: fields are written with volatile stores of whole fields (racing writers
+/// only store equivalent values).
 #[inline(always)]
 pub fn touch(c: *mut Ct4Value, proto_: u8, flags: u8, reply: bool, now: u64) {
-    // SAFETY: valid map value pointer; racing writers only store equivalent values.
-    let c = unsafe { &mut *c };
-    let mut state = c.state;
-    if proto_ == proto::TCP {
-        if flags & tcp_flags::RST != 0 {
-            state = ct_state::CLOSED;
-        } else if flags & tcp_flags::FIN != 0 && state != ct_state::CLOSED {
-            state = ct_state::CLOSING;
+    // SAFETY: valid map value pointer; fields read and written one by one, never through a
+    // reference.
+    unsafe {
+        let old = core::ptr::read_volatile(&raw const (*c).state);
+        let mut state = old;
+        if proto_ == proto::TCP {
+            if flags & tcp_flags::RST != 0 {
+                state = ct_state::CLOSED;
+            } else if flags & tcp_flags::FIN != 0 && state != ct_state::CLOSED {
+                state = ct_state::CLOSING;
+            } else if reply && state == ct_state::NEW {
+                state = ct_state::ESTABLISHED;
+            }
         } else if reply && state == ct_state::NEW {
             state = ct_state::ESTABLISHED;
         }
-    } else if reply && state == ct_state::NEW {
-        state = ct_state::ESTABLISHED;
+        if state != old {
+            core::ptr::write_volatile(&raw mut (*c).state, state);
+            core::ptr::write_volatile(&raw mut (*c).last_seen_ns, now);
+        } else if now.wrapping_sub(core::ptr::read_volatile(&raw const (*c).last_seen_ns))
+            > TOUCH_NS
+        {
+            core::ptr::write_volatile(&raw mut (*c).last_seen_ns, now);
+        }
     }
-    if state != c.state {
-        c.state = state;
-        c.last_seen_ns = now;
-    } else if now.wrapping_sub(c.last_seen_ns) > TOUCH_NS {
-        c.last_seen_ns = now;
+}
+
+/// Notes that the connection entry's backend was found in the backends map under backend
+/// generation `gen`, and whether it is local.
+#[inline(always)]
+pub fn validated(c: *mut Ct4Value, gen_: u16, local: bool) {
+    // SAFETY: valid map value pointer; whole-field volatile stores.
+    unsafe {
+        let f = core::ptr::read_volatile(&raw const (*c).flags);
+        let f = if local { f | ct_flags::LOCAL_BACKEND } else { f & !ct_flags::LOCAL_BACKEND };
+        core::ptr::write_volatile(&raw mut (*c).flags, f);
+        core::ptr::write_volatile(&raw mut (*c).backend_gen, gen_);
+    }
+}
+
+/// The reverse-NAT entry of a reply tuple, in place.
+#[inline(always)]
+pub fn revnat_ptr(t: &Tuple4) -> Option<*mut RevNat4Value> {
+    kp_rnat4.get_ptr_mut(t)
+}
+
+/// Stores `flags` and `now` in a reverse-NAT entry (after its connection entry was refreshed).
+#[inline(always)]
+pub fn revnat_refreshed(r: *mut RevNat4Value, flags: u32, now: u64) {
+    // SAFETY: valid map value pointer; whole-field volatile stores.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*r).flags, flags);
+        core::ptr::write_volatile(&raw mut (*r).last_seen_ns, now);
     }
 }
 

@@ -10,10 +10,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use kproxy_common::{
     Ct4Value, NodeConfig, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, backend_flags,
-    calls, ct_flags, ct_state, hints, proto, scope, svc_flags,
+    calls, cfg_flags, ct_flags, ct_state, hints, proto, rnat_flags, scope, svc_flags,
 };
-
-use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
 
 use crate::{
     ct, guard, icmp, lb, maps,
@@ -157,21 +155,19 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
                 // A new connection reusing a closed tuple.
                 return Ok(Step::tail(hook.new_call()));
             }
-            let Some(be) = lb::backend(e.backend_id)
-                .filter(|be| be.addr == e.backend_addr && be.port == e.backend_port)
-            else {
+            let Some(local) = backend_local(ctp, &e, &cfg) else {
                 // The backend went away: re-balanced or reset by the slow path.
                 return Ok(Step::tail(hook.new_call()));
             };
             ct::touch(ctp, p.proto, p.tcp_flags, false, now);
-            return forward_established(c, &p, &e, &be, hook).map(|(v, r)| Step::done(v, r));
+            return forward_established(c, &p, &e, local, &cfg, hook)
+                .map(|(v, r)| Step::done(v, r));
         }
         // Replies before new connections: a reply tuple is exact, so it must win over a
         // frontend that happens to share address and port (a hairpin reply to a ClusterIP's
         // SNAT port).
-        if reply && let Some(rn) = ct::revnat(&t) {
-            return reply_translated(c, &p, &t, &rn, &cfg, hook, now)
-                .map(|(v, r)| Step::done(v, r));
+        if reply && let Some(rn) = ct::revnat_ptr(&t) {
+            return reply_translated(c, &p, &t, rn, &cfg, hook, now).map(|(v, r)| Step::done(v, r));
         }
         if orig {
             // Not tracked: a new connection if the frontend exists (the slow path looks).
@@ -265,8 +261,8 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     }
     // Replies before new connections: a reply tuple is exact, so it must win over a frontend
     // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
-    if let Some(rn) = ct::revnat(&t) {
-        return reply_translated(c, &p, &t, &rn, &cfg, hook, now);
+    if let Some(rn) = ct::revnat_ptr(&t) {
+        return reply_translated(c, &p, &t, rn, &cfg, hook, now);
     }
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
@@ -341,9 +337,9 @@ fn established<P: Packet>(
     if syn_only && e.state >= ct_state::CLOSING {
         return Ok(None);
     }
-    let be = match lb::backend(e.backend_id) {
-        Some(be) if be.addr == e.backend_addr && be.port == e.backend_port => be,
-        _ => {
+    let local = match backend_local(ctp, &e, cfg) {
+        Some(local) => local,
+        None => {
             // The backend was removed (or its id reused for another address).
             ct::delete(t);
             if p.proto == proto::UDP || syn_only {
@@ -358,7 +354,25 @@ fn established<P: Packet>(
         }
     };
     ct::touch(ctp, p.proto, p.tcp_flags, false, now);
-    forward_established(c, p, &e, &be, hook).map(Some)
+    forward_established(c, p, &e, local, cfg, hook).map(Some)
+}
+
+/// Whether the backend of the connection entry `e` (at `ctp`) is local; `None` when it was
+/// removed (or its id reused for another address). The backend is looked up only when the
+/// agent removed a backend since the entry was last validated (the backend generation).
+#[inline(always)]
+fn backend_local(ctp: *mut Ct4Value, e: &Ct4Value, cfg: &NodeConfig) -> Option<bool> {
+    let gen_ = cfg.backend_gen as u16;
+    if e.backend_gen == gen_ {
+        return Some(e.flags & ct_flags::LOCAL_BACKEND != 0);
+    }
+    let be = lb::backend(e.backend_id)?;
+    if be.addr != e.backend_addr || be.port != e.backend_port {
+        return None;
+    }
+    let local = be.flags & backend_flags::LOCAL != 0;
+    ct::validated(ctp, gen_, local);
+    Some(local)
 }
 
 /// Translates and delivers a packet of the tracked connection `e` to its backend `be`.
@@ -367,7 +381,8 @@ fn forward_established<P: Packet>(
     c: &mut P,
     p: &Ip4,
     e: &Ct4Value,
-    be: &kproxy_common::Backend4,
+    local: bool,
+    cfg: &NodeConfig,
     hook: Hook,
 ) -> Out {
     let n = Nat {
@@ -378,10 +393,10 @@ fn forward_established<P: Packet>(
     };
     let to = if e.flags & ct_flags::HAIRPIN != 0 {
         To::Bounce
-    } else if hook.external() && be.flags & backend_flags::LOCAL == 0 {
+    } else if hook.external() && !local {
         To::Fib
     } else {
-        To::Stack
+        stack_or_direct::<P>(cfg, hook)
     };
     deliver(c, p, &n, to, Reason::TranslatedEstablished)
 }
@@ -422,19 +437,22 @@ fn new_conn<P: Packet>(
     let hairpin = hook == Hook::FromPod && be.addr == p.saddr;
     let mut snat = hairpin || (hook.external() && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
     let mut snat_addr = if hairpin { p.daddr } else { cfg.snat_addr };
-    let rn = RevNat4Value {
-        client_addr: p.saddr,
-        frontend_addr: p.daddr,
-        client_port: p.sport,
-        frontend_port: p.dport,
-        _pad: 0,
-        last_seen_ns: now,
-    };
     let mut n = Nat { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
     let mut flags = if hook.external() { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
     if svc.flags & svc_flags::NODE_PORT != 0 {
         flags |= ct_flags::REPLY_FIB;
     }
+    if local {
+        flags |= ct_flags::LOCAL_BACKEND;
+    }
+    let rn = RevNat4Value {
+        client_addr: p.saddr,
+        frontend_addr: p.daddr,
+        client_port: p.sport,
+        frontend_port: p.dport,
+        flags: if flags & ct_flags::REPLY_FIB != 0 { rnat_flags::REPLY_FIB } else { 0 },
+        last_seen_ns: now,
+    };
     if !snat
         && !ct::claim_revnat(&ct::tuple(be.addr, p.saddr, be.port, p.sport, p.proto), &rn, now)?
     {
@@ -465,7 +483,7 @@ fn new_conn<P: Packet>(
         snat_port: if snat { n.sport } else { 0 },
         state: ct_state::NEW,
         flags,
-        _pad: 0,
+        backend_gen: cfg.backend_gen as u16,
         created_ns: now,
         last_seen_ns: now,
     };
@@ -475,7 +493,7 @@ fn new_conn<P: Packet>(
     } else if hook.external() && !local {
         To::Fib
     } else {
-        To::Stack
+        stack_or_direct::<P>(cfg, hook)
     };
     deliver(c, p, &n, to, reason)
 }
@@ -487,18 +505,34 @@ fn reply_translated<P: Packet>(
     c: &mut P,
     p: &Ip4,
     t: &Tuple4,
-    rn: &RevNat4Value,
+    rnp: *mut RevNat4Value,
     cfg: &NodeConfig,
     hook: Hook,
     now: u64,
 ) -> Out {
-    let orig =
-        ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
-    let mut ct_fl = 0;
-    if let Some(ctp) = ct::lookup(&orig, now) {
-        ct::touch(ctp, p.proto, p.tcp_flags, true, now);
-        // SAFETY: valid map value pointer.
-        ct_fl = unsafe { (*ctp).flags };
+    // SAFETY: valid map value pointer, copied out.
+    let rn: RevNat4Value = unsafe { *rnp };
+    let mut fl = rn.flags;
+    // The connection entry is refreshed by the first reply, by replies carrying SYN, FIN or
+    // RST, and at most once a second otherwise (its original direction refreshes it too).
+    let control = p.proto == proto::TCP
+        && p.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0;
+    if control
+        || fl & rnat_flags::ESTABLISHED == 0
+        || now.wrapping_sub(rn.last_seen_ns) > ct::TOUCH_NS
+    {
+        let orig =
+            ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
+        if let Some(ctp) = ct::lookup(&orig, now) {
+            ct::touch(ctp, p.proto, p.tcp_flags, true, now);
+            // SAFETY: valid map value pointer.
+            let ct_fl = unsafe { (*ctp).flags };
+            fl = rnat_flags::ESTABLISHED;
+            if ct_fl & ct_flags::REPLY_FIB != 0 {
+                fl |= rnat_flags::REPLY_FIB;
+            }
+            ct::revnat_refreshed(rnp, fl, now);
+        }
     }
     let n = Nat {
         saddr: rn.frontend_addr,
@@ -512,11 +546,11 @@ fn reply_translated<P: Packet>(
     } else if hook.external() && cfg.snat_addr != 0 && t.daddr == cfg.snat_addr {
         // Replies to the node's source-NAT address go back out to an external client.
         To::Fib
-    } else if hook != Hook::ToPod && ct_fl & ct_flags::REPLY_FIB != 0 {
+    } else if hook != Hook::ToPod && fl & rnat_flags::REPLY_FIB != 0 {
         // Source restored to a node address: straight to the client (see REPLY_FIB).
         To::Fib
     } else {
-        To::Stack
+        stack_or_direct::<P>(cfg, hook)
     };
     deliver(c, p, &n, to, Reason::ReplyTranslated)
 }
@@ -537,16 +571,22 @@ fn deliver_with<P: Packet>(
     to: To,
     reason: Reason,
 ) -> Out {
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut f: FibParams = unsafe { core::mem::zeroed() };
+    let mut fbuf = nat::FibBuf::new();
+    let f = fbuf.zeroed();
     let mut fib = Fib::None;
     if to == To::Fib {
-        match nat::route(c, p, n.saddr, n.daddr, &mut f) {
+        match nat::route(c, p, n.saddr, n.daddr, f) {
             Fib::Resolved => fib = Fib::Resolved,
             // XDP cannot resolve neighbours: TC does it completely (or counts the drop).
             _ if P::XDP => return Ok((Verdict::PASS, Reason::XdpPassToTc)),
             Fib::NoNeigh => fib = Fib::NoNeigh,
             _ => return Err(Reason::DropFib),
+        }
+    } else if to == To::Direct && !P::XDP {
+        // eBPF host routing; without a route the stack decides, as it would have.
+        let r = nat::route(c, p, n.saddr, n.daddr, f);
+        if r == Fib::Resolved || r == Fib::NoNeigh {
+            fib = r;
         }
     }
     nat::apply(c, p, n)?;
@@ -556,6 +596,23 @@ fn deliver_with<P: Packet>(
     match fib {
         Fib::None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
         Fib::None => Ok((Verdict::PASS, reason)),
-        _ => Ok((nat::forward(c, p, &f, fib)?, reason)),
+        _ => {
+            let peer = to == To::Direct && fib == Fib::Resolved && maps::is_pod_dev(f.ifindex);
+            Ok((nat::forward(c, p, f, fib, peer)?, reason))
+        }
+    }
+}
+
+/// Where a packet the node's stack would route goes: the stack, or (eBPF host routing, TC
+/// ingress hooks) straight to its destination.
+#[inline(always)]
+fn stack_or_direct<P: Packet>(cfg: &NodeConfig, hook: Hook) -> To {
+    if !P::XDP
+        && cfg.flags & cfg_flags::HOST_ROUTING != 0
+        && matches!(hook, Hook::FromPod | Hook::TcExt)
+    {
+        To::Direct
+    } else {
+        To::Stack
     }
 }

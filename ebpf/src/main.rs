@@ -19,7 +19,9 @@ mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_meta},
+    helpers::generated::{
+        bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_meta,
+    },
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -64,7 +66,7 @@ fn xdp_verdict(ctx: &XdpContext, v: Verdict, reason: Reason) -> u32 {
         mark_handled(ctx);
     }
     match v.action {
-        Action::Pass | Action::RedirectNeigh => xdp_action::XDP_PASS,
+        Action::Pass | Action::RedirectNeigh | Action::RedirectPeer => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Tx => xdp_action::XDP_TX,
         // SAFETY: plain helper call; returns XDP_REDIRECT or XDP_ABORTED.
@@ -221,6 +223,7 @@ fn tc_verdict(c: &pkt::Tc, v: Verdict, reason: Reason) -> i32 {
         Action::RedirectNeigh => unsafe {
             bpf_redirect_neigh(v.ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
+        Action::RedirectPeer => unsafe { bpf_redirect_peer(v.ifindex, 0) as i32 },
     }
 }
 

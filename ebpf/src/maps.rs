@@ -73,6 +73,11 @@ pub static kp_calls_tc: ProgramArray<{ calls::TC_MAX as usize }> = ProgramArray:
 #[btf_map]
 pub static kp_calls_xdp: ProgramArray<{ calls::XDP_MAX as usize }> = ProgramArray::new();
 
+/// Host-side pod interfaces (ifindex → 1), written by the agent as it attaches them; eBPF host
+/// routing hands packets for them to the pod's namespace with `bpf_redirect_peer`.
+#[btf_map]
+pub static kp_poddevs: HashMap<u32, u32, { defaults::POD_DEVS_MAX as usize }> = HashMap::new();
+
 /// Node configuration (one entry), written by the agent.
 #[btf_map]
 pub static kp_config: Array<NodeConfig, 1> = Array::new();
@@ -135,6 +140,13 @@ pub fn hinted(kind: u32, addr: u32, proto_: u8, port: u16) -> bool {
 #[inline(always)]
 pub fn config() -> Option<NodeConfig> {
     kp_config.get(0).copied()
+}
+
+/// Whether `ifindex` is a host-side pod interface ([`kp_poddevs`]).
+#[inline(always)]
+pub fn is_pod_dev(ifindex: u32) -> bool {
+    // SAFETY: only the presence of the value is used.
+    unsafe { kp_poddevs.get(ifindex) }.is_some()
 }
 
 /// The node configuration once the agent has written it (`cfg_flags::READY`).

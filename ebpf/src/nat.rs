@@ -27,6 +27,9 @@ pub enum Action {
     Redirect,
     /// Transmit on `ifindex`, letting the kernel resolve the neighbour (TC only).
     RedirectNeigh,
+    /// Into the network namespace of the peer of veth `ifindex`, as received there (TC ingress
+    /// only).
+    RedirectPeer,
 }
 
 /// An action and its device. A plain struct rather than an enum with payloads: every byte is
@@ -51,6 +54,11 @@ impl Verdict {
     pub const fn redirect(ifindex: u32) -> Verdict {
         Verdict { action: Action::Redirect, ifindex }
     }
+    /// Received by the peer of veth `ifindex`.
+    #[inline(always)]
+    pub const fn redirect_peer(ifindex: u32) -> Verdict {
+        Verdict { action: Action::RedirectPeer, ifindex }
+    }
     /// Out of `ifindex`, neighbour resolved by the kernel.
     #[inline(always)]
     pub const fn redirect_neigh(ifindex: u32) -> Verdict {
@@ -67,6 +75,9 @@ pub enum To {
     Fib,
     /// Back out of the interface it came in on (hairpin).
     Bounce,
+    /// eBPF host routing: straight to the destination's device, a local pod's namespace or
+    /// through the FIB (TC ingress only; the stack when no route is known).
+    Direct,
 }
 
 /// New addresses and ports (be) for a packet.
@@ -119,6 +130,36 @@ pub enum Fib {
     Failed,
 }
 
+/// Storage for route lookup parameters, 8-byte aligned so that they can be zeroed with 64-bit
+/// stores (the verifier refuses misaligned stack accesses).
+#[repr(C, align(8))]
+pub struct FibBuf(core::mem::MaybeUninit<FibParams>);
+
+impl FibBuf {
+    /// Uninitialised storage.
+    #[inline(always)]
+    pub fn new() -> Self {
+        FibBuf(core::mem::MaybeUninit::uninit())
+    }
+
+    /// Zeroes the parameters in place, with eight volatile 64-bit stores: a zeroed value, or one
+    /// moved into place, compiles to a call of a byte-wise `memset` subprogram (64 iterations on
+    /// every packet).
+    #[inline(always)]
+    pub fn zeroed(&mut self) -> &mut FibParams {
+        const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+        let w = self.0.as_mut_ptr() as *mut u64;
+        // SAFETY: eight aligned, in-bounds stores initialise all 64 bytes; all-zero bytes are a
+        // valid FibParams (plain integers and unions of them).
+        unsafe {
+            for i in 0..8 {
+                core::ptr::write_volatile(w.add(i), 0);
+            }
+            self.0.assume_init_mut()
+        }
+    }
+}
+
 /// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
 /// MACs) is left in `f`, which the caller zeroed.
 #[inline(always)]
@@ -147,9 +188,17 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32, f: &mut FibP
 }
 
 /// Forwards an already translated packet along the route `f` ([`Fib::Resolved`] or
-/// [`Fib::NoNeigh`]): TTL decrement, Ethernet addresses, verdict.
+/// [`Fib::NoNeigh`]): TTL decrement, Ethernet addresses, verdict. `peer`: the egress device is a
+/// host-side pod veth and the packet goes straight into the pod's namespace
+/// ([`Action::RedirectPeer`]).
 #[inline(always)]
-pub fn forward<P: Packet>(c: &mut P, p: &Ip4, f: &FibParams, fib: Fib) -> Result<Verdict, Reason> {
+pub fn forward<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    f: &FibParams,
+    fib: Fib,
+    peer: bool,
+) -> Result<Verdict, Reason> {
     let old = u16::from_ne_bytes([p.ttl, p.proto]);
     let new = u16::from_ne_bytes([p.ttl - 1, p.proto]);
     c.set_word::<20, _>(L3, IP_TTL - L3, IP_CSUM - L3, old, new)?;
@@ -159,6 +208,8 @@ pub fn forward<P: Packet>(c: &mut P, p: &Ip4, f: &FibParams, fib: Fib) -> Result
     c.set_macs(&f.dmac, &f.smac)?;
     if P::XDP && f.ifindex == c.ifindex() {
         Ok(Verdict::TX)
+    } else if !P::XDP && peer {
+        Ok(Verdict::redirect_peer(f.ifindex))
     } else {
         Ok(Verdict::redirect(f.ifindex))
     }

@@ -79,7 +79,7 @@ impl Env {
             snat_port_min: 61000,
             snat_port_max: 65535,
             flags: cfg_flags::READY,
-            _pad: 0,
+            backend_gen: 0,
         })
         .unwrap();
         std::mem::forget(guard);
@@ -1226,6 +1226,19 @@ fn spawn_in(ns: &Netns, cmd: &str) -> Child {
 /// TEST_RUN cannot: skbs from local sockets (CHECKSUM_PARTIAL), real redirects and routing.
 #[test]
 fn real_sockets_pod_to_clusterip_and_hairpin() {
+    real_sockets_pod_to_clusterip(false);
+}
+
+/// The same with eBPF host routing, and a node whose forwarding path drops everything (a
+/// netfilter forward chain with policy drop): translated packets are delivered straight to the
+/// destination pod's veth peer, so every connection still works; without host routing the
+/// stack forwards them and the chain drops them.
+#[test]
+fn real_sockets_pod_to_clusterip_with_host_routing_bypasses_the_forward_path() {
+    real_sockets_pod_to_clusterip(true);
+}
+
+fn real_sockets_pod_to_clusterip(host_routing: bool) {
     let tag = format!("kpdp{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let node = Netns::new(format!("{tag}-node"));
     let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
@@ -1246,6 +1259,10 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
         ));
     }
     node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
+    if host_routing {
+        node.sh("nft add table ip kptest && nft add chain ip kptest fwdrop \
+             \"{ type filter hook forward priority 0; policy drop; }\"");
+    }
     let _tcp = spawn_in(&pods[1], "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello'");
     let _bulk = spawn_in(
         &pods[1],
@@ -1267,6 +1284,14 @@ fn real_sockets_pod_to_clusterip_and_hairpin() {
         let mut env = Env::new();
         env.dp.attach_pod("vp1").unwrap();
         env.dp.attach_pod("vp2").unwrap();
+        if host_routing {
+            let cfg = env.maps.config().unwrap();
+            env.maps
+                .set_config(&NodeConfig { flags: cfg.flags | cfg_flags::HOST_ROUTING, ..cfg })
+                .unwrap();
+            let devs = ["vp1", "vp2"].iter().map(|d| ifindex(d)).collect();
+            env.dp.set_pod_devs(&devs).unwrap();
+        }
         env.backend(1, "198.18.100.11:8080", backend_flags::LOCAL, proto::TCP);
         env.backend(2, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);
         env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
@@ -1582,6 +1607,63 @@ fn per_packet_cost_is_flat_in_the_number_of_services() {
     assert!(miss2 < miss1 * 3.0 + 50.0 && hit2 < hit1 * 3.0 + 50.0);
 }
 
+/// Measurement, not a check (`cargo test --test datapath_testrun -- --ignored
+/// established_path_cost --nocapture`): the per-packet cost of the established path of
+/// `kp_tc_from_pod` and `kp_xdp_ext` under BPF_PROG_TEST_RUN with `repeat` (the kernel's average,
+/// without the per-run timer of bpf_stats). TEST_RUN reruns a program on the buffer it just
+/// rewrote, so the two frontends are each other's backend: every run translates an established
+/// packet to the other frontend's tracked connection.
+#[test]
+#[ignore = "measurement: prints the established path's cost"]
+fn established_path_cost() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        let (x, y) = ("198.19.0.10:80", "198.19.0.11:80");
+        env.backend(1, y, backend_flags::LOCAL, proto::TCP);
+        env.backend(2, x, backend_flags::LOCAL, proto::TCP);
+        for sc in [scope::INTERNAL, scope::EXTERNAL] {
+            env.service(x, proto::TCP, sc, svc_flags::CLUSTER_IP, &[1], 1);
+            env.service(y, proto::TCP, sc, svc_flags::CLUSTER_IP, &[2], 2);
+        }
+        for fe in [x, y] {
+            let syn = Frame::tcp(sa(POD_CLIENT), sa(fe), SYN).build();
+            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_ACT_OK);
+        }
+        let data = Frame::tcp(sa(POD_CLIENT), sa(x), ACK | PSH).with_payload(&[7; 100]).build();
+        let runs = 200_000;
+        let mut tc = f64::MAX;
+        for _ in 0..5 {
+            let p: &mut SchedClassifier =
+                env.dp.program_mut(names::PROG_TC_FROM_POD).unwrap().try_into().unwrap();
+            let r = p
+                .test_run(TestRunOptions {
+                    data_in: Some(&data),
+                    repeat: runs,
+                    ..Default::default()
+                })
+                .unwrap();
+            tc = tc.min(r.duration.as_nanos() as f64);
+        }
+        let mut xdp = f64::MAX;
+        for _ in 0..5 {
+            let p: &mut Xdp = env.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
+            let r = p
+                .test_run(TestRunOptions {
+                    data_in: Some(&data),
+                    repeat: runs,
+                    ..Default::default()
+                })
+                .unwrap();
+            xdp = xdp.min(r.duration.as_nanos() as f64);
+        }
+        let c = env.counters();
+        eprintln!(
+            "established path ns/packet: kp_tc_from_pod {tc:.0}, kp_xdp_ext {xdp:.0} ({c:?})"
+        );
+        assert!(c.get(&Reason::TranslatedEstablished).copied().unwrap_or(0) >= u64::from(runs));
+    });
+}
+
 /// Real sockets, two nodes on a bridged underlay: a client reaches node 0's NodePort whose
 /// only backend is a pod on node 1. Node 0 source-NATs and forwards (XDP_TX / TC redirect);
 /// the pod's replies come back to node 0 and are sent on to the client.
@@ -1675,7 +1757,7 @@ fn snat_ports_run_out_and_are_reclaimed_from_closed_connections() {
                 snat_port_min: 61000,
                 snat_port_max: 61001,
                 flags: cfg_flags::READY,
-                _pad: 0,
+                backend_gen: 0,
             })
             .unwrap();
         let np = env.remote_nodeport(proto::TCP, 30080);

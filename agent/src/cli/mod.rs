@@ -181,6 +181,13 @@ pub struct AgentArgs {
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
+    /// eBPF host routing: deliver translated packets from TC straight to their destination (a
+    /// local pod's namespace with bpf_redirect_peer, anything else through the FIB), skipping the
+    /// node's IP stack. Faster, but the node's netfilter (iptables/nftables) rules never see
+    /// these packets: leave it off when a CNI or your firewall enforces policy there (Calico in
+    /// iptables/nftables mode, host firewalls on FORWARD).
+    #[arg(long)]
+    pub bpf_host_routing: bool,
     /// Capacity of the services map (service entries plus backend slots) [default: 262144].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_services: Option<u32>,

@@ -48,7 +48,7 @@ const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
 const MMAPABLE: u32 = 1 << 10;
 
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
-pub const MAP_SPECS: [MapSpec; 12] = [
+pub const MAP_SPECS: [MapSpec; 13] = [
     spec::<Service4Key, Service4Value>(names::SERVICES4, MapType::Hash),
     spec::<u32, Backend4>(names::BACKENDS4, MapType::Hash),
     spec::<Tuple4, Ct4Value>(names::CT4, MapType::LruHash),
@@ -61,6 +61,7 @@ pub const MAP_SPECS: [MapSpec; 12] = [
     spec::<SockRev4Key, SockRev4Value>(names::SOCK4, MapType::LruHash),
     MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::ADDR_BITS, MapType::Array) },
     MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::PORT_BITS, MapType::Array) },
+    spec::<u32, u32>(names::POD_DEVS, MapType::Hash),
 ];
 
 /// `BPF_F_NO_PREALLOC` (LPM tries require it).
@@ -191,7 +192,7 @@ impl BpfDataplane {
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
         let dir = maps_dir(pin_path);
-        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits] =
+        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits, _] =
             &MAP_SPECS;
         check_pinned(&dir.join(sock.name), sock)?;
         // Pins of an agent from before the hint maps have none: the writes then skip the hints
@@ -231,6 +232,14 @@ impl BpfDataplane {
 
     fn guards_mut(&mut self) -> Result<&mut super::guard::GuardMaps, DataplaneError> {
         self.guards.as_mut().ok_or_else(super::guard::missing)
+    }
+
+    /// Moves the backend generation on after backends were removed, so that connection entries
+    /// look their backend up again (see `kproxy_common::NodeConfig::backend_gen`).
+    fn next_backend_gen(&mut self) -> Result<(), DataplaneError> {
+        let cfg = self.config()?;
+        let cfg = NodeConfig { backend_gen: cfg.backend_gen.wrapping_add(1), ..cfg };
+        self.config.set(0, cfg, 0).map_err(|e| map_err(names::CONFIG, "update", "0", e))
     }
 
     /// The hint bitmaps (absent on pins of an agent from before them).
@@ -375,6 +384,10 @@ pub(super) fn delete_batch<K: aya::Pod + std::fmt::Debug, V>(
 
 impl Dataplane for BpfDataplane {
     fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), DataplaneError> {
+        // The backend generation belongs to this map: every write moves it on (the caller's
+        // value is ignored), so that no connection entry skips its backend check across it.
+        let gen_ = self.config()?.backend_gen.wrapping_add(1);
+        let cfg = NodeConfig { backend_gen: gen_, ..*cfg };
         self.config.set(0, cfg, 0).map_err(|e| map_err(names::CONFIG, "update", "0", e))
     }
 
@@ -389,7 +402,8 @@ impl Dataplane for BpfDataplane {
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
-        ignore_absent(self.backends.map.remove(&id), names::BACKENDS4, &id)
+        ignore_absent(self.backends.map.remove(&id), names::BACKENDS4, &id)?;
+        self.next_backend_gen()
     }
 
     fn put_service(
@@ -418,7 +432,12 @@ impl Dataplane for BpfDataplane {
     }
 
     fn delete_backends(&mut self, ids: &[u32]) -> Result<(), BatchError> {
-        delete_batch(&self.backends, names::BACKENDS4, ids)
+        let r = delete_batch(&self.backends, names::BACKENDS4, ids);
+        // Also after a partial failure: some backends may be gone.
+        if let Err(e) = self.next_backend_gen() {
+            tracing::warn!(error = %e, "moving the backend generation on");
+        }
+        r
     }
 
     fn put_services(&mut self, items: &[(Service4Key, Service4Value)]) -> Result<(), BatchError> {

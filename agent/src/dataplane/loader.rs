@@ -134,7 +134,7 @@ impl MapSizing {
     /// The capacities for a node with `memory` bytes of RAM.
     pub fn resolve(&self, memory: u64) -> MapSizes {
         let d = MapSizes::default();
-        let [_, _, ct, rnat, aff, _, _, _, _, sock, _, _] = &MAP_SPECS;
+        let [_, _, ct, rnat, aff, _, _, _, _, sock, _, _, _] = &MAP_SPECS;
         // Bytes per connection-tracking entry: its entry, its reverse-NAT entry and a quarter
         // of a socket-LB entry.
         let per_ct = (hash_map_bytes(ct, 1 << 20) + hash_map_bytes(rnat, 1 << 20)) as f64
@@ -417,6 +417,25 @@ impl Datapath {
                     .with_context(|| format!("removing {}", path.display()))?;
                 debug!(pin = %path.display(), "old tail-call table removed");
             }
+        }
+        Ok(())
+    }
+
+    /// Makes `kp_poddevs` hold exactly `ifindexes`, the host-side pod interfaces carrying the
+    /// programs (eBPF host routing delivers into their peers' namespaces; a stale index could
+    /// belong to another kind of device later, so removed ones go at once).
+    pub fn set_pod_devs(
+        &mut self,
+        ifindexes: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        let map = self.ebpf.map_mut(names::POD_DEVS).context("map kp_poddevs missing")?;
+        let mut devs: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(map)?;
+        let present: Vec<u32> = devs.keys().filter_map(Result::ok).collect();
+        for i in present.iter().filter(|i| !ifindexes.contains(i)) {
+            let _ = devs.remove(i);
+        }
+        for i in ifindexes.iter().filter(|i| !present.contains(i)) {
+            devs.insert(i, 1, 0).with_context(|| format!("kp_poddevs[{i}]"))?;
         }
         Ok(())
     }

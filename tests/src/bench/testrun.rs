@@ -121,7 +121,7 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         snat_port_min: 61000,
         snat_port_max: 65535,
         flags: cfg_flags::READY,
-        _pad: 0,
+        backend_gen: 0,
     })?;
     // NodePort service (XDP figure): node IP:30001 → local backend 198.18.100.11:8080.
     let np_backend = max + 10;
