@@ -25,6 +25,7 @@ const SAME: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 21);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 22);
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 23);
+const DNS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 24);
 const PORT: u16 = 80;
 
 /// One request of the host-network client in namespace `ns` (and `cgroup`) to `ip:PORT`.
@@ -54,9 +55,12 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         let p = lab.pod(i, 0).unwrap();
         Endpoint::ready(p.ip, &lab::node_name(i), &p.name)
     };
-    for (name, ip, eps) in
-        [("same", SAME, vec![ep(0)]), ("remote", REMOTE, vec![ep(1)]), ("empty", EMPTY, vec![])]
-    {
+    for (name, ip, eps) in [
+        ("same", SAME, vec![ep(0)]),
+        ("remote", REMOTE, vec![ep(1)]),
+        ("empty", EMPTY, vec![]),
+        ("dns", DNS, vec![ep(0)]),
+    ] {
         let svc = Service::cluster_ip(name, ip, ports());
         dir.put(&svc, &[Slice::for_service(&svc, eps)]).unwrap();
     }
@@ -165,6 +169,24 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         BpfDataplane::open(lab.pin_path(0)).unwrap().counters().unwrap();
     let n1 = |r: Reason| counters1.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
     assert_eq!(n1(Reason::SockTranslated), sock_before, "pod socket balanced: {counters1:?}");
+
+    // A connected UDP socket of the host whose backend leaves the service is destroyed (its
+    // pending receive fails), so that the application opens a new one to a serving backend.
+    let mut held = ConnectedUdp::open(&ns, cgroups.node(0), DNS);
+    assert!(held.first.contains(&same_pod), "first answer: {}", held.first);
+    let dns = Service::cluster_ip("dns", DNS, ports());
+    dir.put(&dns, &[Slice::for_service(&dns, vec![ep(1)])]).unwrap();
+    let after = held.wait();
+    assert!(after.contains("error=ECONNABORTED"), "held socket after its backend left: {after}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let w = client(&ns, cg, "udp", DNS);
+        if answered_by(&w).as_ref() == Some(&remote_pod) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new socket not balanced to the serving pod: {w:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     drop(guard);
 
     // A restarted agent puts its programs into the pinned links in place: still one program
@@ -228,5 +250,68 @@ impl Drop for LogsOnPanic<'_> {
                 eprintln!("--- node {} agent ---\n{}", a.node, a.log_text());
             }
         }
+    }
+}
+
+/// A host process holding a connected UDP socket to `vip:PORT`: it sends one request and prints
+/// the answer, then (on a line on its stdin) waits up to 20 s for its socket to fail.
+struct ConnectedUdp {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    first: String,
+}
+
+const HOLD: &str = r#"
+import errno, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"hello\n")
+print("reply=" + s.recv(512).decode().strip().replace(" ", "|"), flush=True)
+sys.stdin.readline()
+s.settimeout(20)
+try:
+    s.recv(512)
+    print("error=none", flush=True)
+except socket.timeout:
+    print("error=timeout", flush=True)
+except OSError as e:
+    print("error=" + errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+"#;
+
+impl ConnectedUdp {
+    fn open(ns: &str, cgroup: &Path, vip: Ipv4Addr) -> ConnectedUdp {
+        use std::{io::BufRead, process::Stdio};
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{ns} python3 -c \"$0\" {vip} {PORT}",
+                cgroup.display()
+            ))
+            .arg(HOLD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        ConnectedUdp { child, out, first }
+    }
+
+    /// Lets the process wait for its socket to fail; its report.
+    fn wait(&mut self) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line
+    }
+}
+
+impl Drop for ConnectedUdp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -168,13 +168,14 @@ impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
 /// The pinned maps under `<pin-path>/v1/`, opened for reading and writing. Works whether or not
 /// an agent is running (the CLI uses it too).
 pub struct BpfDataplane {
-    services: Hash<Service4Key, Service4Value>,
+    pub(super) services: Hash<Service4Key, Service4Value>,
     backends: Hash<u32, Backend4>,
     pub(super) ct: Hash<Tuple4, Ct4Value>,
     pub(super) ct_counters: PerCpuArray<MapData, u64>,
     pub(super) revnat: Hash<Tuple4, RevNat4Value>,
     pub(super) frag: Hash<Frag4Key, Frag4Value>,
     affinity: Hash<Affinity4Key, Affinity4Value>,
+    pub(super) sock: Hash<kproxy_common::SockRev4Key, kproxy_common::SockRev4Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
     hints: Option<Hints>,
@@ -194,7 +195,6 @@ impl BpfDataplane {
         let dir = maps_dir(pin_path);
         let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits, _] =
             &MAP_SPECS;
-        check_pinned(&dir.join(sock.name), sock)?;
         // Pins of an agent from before the hint maps have none: the writes then skip the hints
         // (its programs do not read them).
         let hints = if dir.join(addrbits.name).exists() {
@@ -213,6 +213,7 @@ impl BpfDataplane {
             revnat: Hash::open(&dir, rnat)?,
             frag: Hash::open(&dir, frag)?,
             affinity: Hash::open(&dir, aff)?,
+            sock: Hash::open(&dir, sock)?,
             counters: open_map(&dir, stats)?.try_into()?,
             config: open_map(&dir, cfg)?.try_into()?,
             hints,

@@ -10,6 +10,7 @@ pub mod guard;
 pub mod hints;
 pub mod loader;
 pub mod mem;
+pub mod sockdiag;
 pub mod sys;
 pub mod usage;
 
