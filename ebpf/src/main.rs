@@ -8,6 +8,7 @@
 mod csum;
 mod ct;
 mod flow;
+mod guard;
 mod icmp;
 mod lb;
 mod maps;

@@ -64,6 +64,25 @@ pub const MAP_SPECS: [MapSpec; 13] = [
     spec::<u32, u32>(names::POD_DEVS, MapType::Hash),
 ];
 
+/// `BPF_F_NO_PREALLOC` (LPM tries require it).
+const NO_PREALLOC: u32 = 1;
+
+/// The maps of the service guards and of the socket LB's scope, in [`names::GUARD_MAPS`] order:
+/// pinned and checked like [`MAP_SPECS`]; opened by [`super::guard::GuardMaps`].
+pub const GUARD_MAP_SPECS: [MapSpec; 5] = [
+    MapSpec {
+        flags: NO_PREALLOC,
+        ..spec::<aya::maps::lpm_trie::Key<kproxy_common::SrcRange4>, u32>(
+            names::SRC_RANGES4,
+            MapType::LpmTrie,
+        )
+    },
+    spec::<u32, u32>(names::SVC_ADDRS4, MapType::Hash),
+    MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::SVC_ADDR_BITS, MapType::Array) },
+    spec::<u32, kproxy_common::ServiceCidrs4>(names::SVC_CIDRS4, MapType::Array),
+    spec::<u32, kproxy_common::SockConfig>(names::SOCK_CONFIG, MapType::Array),
+];
+
 /// Kernel memory of the map `fd`, bytes: the `memlock` line of its fdinfo (Linux 6.4+ reports
 /// what the map really uses, older kernels an estimate from its sizes).
 pub fn map_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -124,7 +143,7 @@ impl<K, V> Hash<K, V> {
 }
 
 impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
-    fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
+    pub(super) fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
         let (data, capacity) = check_pinned(&dir.join(spec.name), spec)?;
         let fd = data
             .fd()
@@ -149,18 +168,22 @@ impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
 /// The pinned maps under `<pin-path>/v1/`, opened for reading and writing. Works whether or not
 /// an agent is running (the CLI uses it too).
 pub struct BpfDataplane {
-    services: Hash<Service4Key, Service4Value>,
+    pub(super) services: Hash<Service4Key, Service4Value>,
     backends: Hash<u32, Backend4>,
     pub(super) ct: Hash<Tuple4, Ct4Value>,
     pub(super) ct_counters: PerCpuArray<MapData, u64>,
     pub(super) revnat: Hash<Tuple4, RevNat4Value>,
+    pub(super) frag: Hash<Frag4Key, Frag4Value>,
     affinity: Hash<Affinity4Key, Affinity4Value>,
+    pub(super) sock: Hash<kproxy_common::SockRev4Key, kproxy_common::SockRev4Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
     hints: Option<Hints>,
+    /// Absent on pins of an agent from before them.
+    guards: Option<super::guard::GuardMaps>,
 }
 
-fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<Map> {
+pub(super) fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<Map> {
     let (data, _) = check_pinned(&dir.join(spec.name), spec)?;
     Map::from_map_data(data).with_context(|| format!("map {}", spec.name))
 }
@@ -172,8 +195,6 @@ impl BpfDataplane {
         let dir = maps_dir(pin_path);
         let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits, _] =
             &MAP_SPECS;
-        check_pinned(&dir.join(frag.name), frag)?;
-        check_pinned(&dir.join(sock.name), sock)?;
         // Pins of an agent from before the hint maps have none: the writes then skip the hints
         // (its programs do not read them).
         let hints = if dir.join(addrbits.name).exists() {
@@ -183,17 +204,35 @@ impl BpfDataplane {
         } else {
             None
         };
+        let guards = super::guard::GuardMaps::open_if_pinned(&dir)?;
         Ok(Self {
             services: Hash::open(&dir, svc)?,
             backends: Hash::open(&dir, be)?,
             ct: Hash::open(&dir, ct)?,
             ct_counters: open_map(&dir, ctstat)?.try_into()?,
             revnat: Hash::open(&dir, rnat)?,
+            frag: Hash::open(&dir, frag)?,
             affinity: Hash::open(&dir, aff)?,
+            sock: Hash::open(&dir, sock)?,
             counters: open_map(&dir, stats)?.try_into()?,
             config: open_map(&dir, cfg)?.try_into()?,
             hints,
+            guards,
         })
+    }
+
+    /// The service-guard maps (absent on pins of an agent from before them).
+    pub fn guards(&self) -> Option<&super::guard::GuardMaps> {
+        self.guards.as_ref()
+    }
+
+    /// Writes the socket LB's configuration (which network namespaces it balances).
+    pub fn set_sock_config(&mut self, c: &kproxy_common::SockConfig) -> Result<(), DataplaneError> {
+        self.guards_mut()?.set_sock_config(c)
+    }
+
+    fn guards_mut(&mut self) -> Result<&mut super::guard::GuardMaps, DataplaneError> {
+        self.guards.as_mut().ok_or_else(super::guard::missing)
     }
 
     /// Moves the backend generation on after backends were removed, so that connection entries
@@ -275,7 +314,7 @@ pub(super) fn map_err(
     DataplaneError::Map { map, op, key: key.to_owned(), source }
 }
 
-fn ignore_absent<K: std::fmt::Debug>(
+pub(super) fn ignore_absent<K: std::fmt::Debug>(
     r: Result<(), MapError>,
     map: &'static str,
     key: &K,
@@ -288,7 +327,7 @@ fn ignore_absent<K: std::fmt::Debug>(
     }
 }
 
-fn update_err<K: std::fmt::Debug>(
+pub(super) fn update_err<K: std::fmt::Debug>(
     map: &'static str,
     capacity: u32,
     key: &K,
@@ -316,7 +355,7 @@ fn io_update_err<K: std::fmt::Debug>(
 }
 
 /// Writes `items` to `map` in batches.
-fn put_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
+pub(super) fn put_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
     map: &Hash<K, V>,
     name: &'static str,
     items: &[(K, V)],
@@ -328,7 +367,7 @@ fn put_batch<K: aya::Pod + std::fmt::Debug, V: aya::Pod>(
 }
 
 /// Deletes `keys` from `map` in batches (absent keys are skipped).
-fn delete_batch<K: aya::Pod + std::fmt::Debug, V>(
+pub(super) fn delete_batch<K: aya::Pod + std::fmt::Debug, V>(
     map: &Hash<K, V>,
     name: &'static str,
     keys: &[K],
@@ -419,5 +458,40 @@ impl Dataplane for BpfDataplane {
 
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
         self.backends.collect(names::BACKENDS4)
+    }
+
+    fn put_source_ranges(&mut self, keys: &[super::SourceRange]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.put_source_ranges(keys)
+    }
+
+    fn delete_source_ranges(&mut self, keys: &[super::SourceRange]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.delete_source_ranges(keys)
+    }
+
+    fn source_ranges(&self) -> Result<Vec<super::SourceRange>, DataplaneError> {
+        self.guards.as_ref().map_or(Ok(Vec::new()), |g| g.source_ranges())
+    }
+
+    fn put_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.put_service_addrs(addrs)
+    }
+
+    fn delete_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.delete_service_addrs(addrs)
+    }
+
+    fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
+        self.guards.as_ref().map_or(Ok(Vec::new()), |g| g.service_addrs())
+    }
+
+    fn set_service_cidrs(
+        &mut self,
+        cidrs: &kproxy_common::ServiceCidrs4,
+    ) -> Result<(), DataplaneError> {
+        self.guards_mut()?.set_service_cidrs(cidrs)
     }
 }

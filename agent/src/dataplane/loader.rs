@@ -36,7 +36,7 @@ use kproxy_common::names;
 use tracing::{debug, info, warn};
 
 use super::{
-    bpf::{BpfDataplane, MAP_SPECS, MapSpec, check_pinned, maps_dir},
+    bpf::{BpfDataplane, GUARD_MAP_SPECS, MAP_SPECS, MapSpec, check_pinned, maps_dir},
     sys::{self, bpf_cmd},
 };
 
@@ -282,9 +282,10 @@ impl Datapath {
             );
         }
         let mut loader = EbpfLoader::new();
+        let specs = || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS);
         let pins: Vec<(&'static str, PathBuf)> =
-            MAP_SPECS.iter().map(|s| (s.name, dir.join(s.name))).collect();
-        for (spec, (name, pin)) in MAP_SPECS.iter().zip(&pins) {
+            specs().map(|s| (s.name, dir.join(s.name))).collect();
+        for (spec, (name, pin)) in specs().zip(&pins) {
             if pin.exists() {
                 let (_, max) = check_pinned(pin, spec)?;
                 if let Some(want) = sizes.of(name)
@@ -788,7 +789,7 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
         }
         std::fs::remove_dir(&calls).with_context(|| format!("removing {}", calls.display()))?;
     }
-    for spec in &MAP_SPECS {
+    for spec in MAP_SPECS.iter().chain(&GUARD_MAP_SPECS) {
         match std::fs::remove_file(dir.join(spec.name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
