@@ -107,6 +107,16 @@ impl Cluster {
             let a = c.start_agent(i);
             c.agents.push(Some(a));
         }
+        // The convergence checks start once each agent has loaded its datapath, attached its
+        // devices and read the node's addresses (it syncs next): loading takes many seconds on
+        // a busy machine or an emulated kernel.
+        for i in 0..c.agents.len() {
+            let deadline = Instant::now() + AGENT_START;
+            while !c.agents[i].as_ref().unwrap().log_text().contains("node addresses") {
+                assert!(Instant::now() < deadline, "agent {i} not started:\n{}", c.agent_logs());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         c
     }
 

