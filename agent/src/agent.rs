@@ -288,10 +288,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     start_servers(&config, &metrics, &health).await?;
     let health_checks =
         config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
-    let (mut datapath, dp) = load_datapath(&config)?;
+    let (mut datapath, mut dp) = load_datapath(&config)?;
     datapath.set_xdp_mode(config.xdp_mode);
     let conntrack = start_conntrack(&config, &metrics)?;
     let syncer = adopt_programmed_state(&dp)?;
+    write_guard_config(&config, &mut dp)?;
     start_map_sampler(&config, &metrics);
     match &config.cgroup_path {
         Some(cg) => datapath
@@ -374,6 +375,23 @@ fn start_conntrack(
         move |n| m2.conntrack_reconciled(n),
     )
     .context("starting the conntrack GC and reconciler")
+}
+
+/// Writes the service CIDRs (`--service-cidr`) and the socket LB's scope (`--socket-lb-pods`)
+/// before the socket LB is attached.
+fn write_guard_config(config: &Config, dp: &mut BpfDataplane) -> anyhow::Result<()> {
+    use crate::dataplane::{Dataplane as _, guard};
+    dp.set_service_cidrs(&guard::service_cidrs(&config.service_cidrs))
+        .context("writing the service CIDRs")?;
+    let sock = guard::sock_config(config.socket_lb_pods).context("reading the netns cookie")?;
+    dp.set_sock_config(&sock).context("writing the socket LB's scope")?;
+    info!(
+        service_cidrs = ?config.service_cidrs,
+        socket_lb_pods = config.socket_lb_pods,
+        host_netns_cookie = sock.netns_cookie,
+        "service guards configured"
+    );
+    Ok(())
 }
 
 /// Reads what a previous agent programmed, so that the first sync only writes differences and
@@ -463,6 +481,7 @@ async fn sync_loop(
     let mut tracker =
         Tracker::new(NodeInfo { name: config.node_name.clone(), addrs: Vec::new(), zone: None });
     tracker.set_address_policy(config.address_policy.clone());
+    tracker.set_node_port_source_ranges(config.source_ranges_node_ports);
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut addrs_stale = true;
     let mut full_due = false;
@@ -541,6 +560,7 @@ async fn sync_loop(
                     warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
                 }
                 tracker.set_node_addrs(&addrs);
+                syncer.set_node_addrs(&addrs);
                 node_addrs = Some(addrs);
                 state.config_written = false;
             }

@@ -86,6 +86,14 @@ pub struct Config {
     /// Networks `externalIPs` and LoadBalancer ingress IPs may use (`--external-ip-cidrs`,
     /// `--load-balancer-ip-cidrs`).
     pub address_policy: crate::model::AddressPolicy,
+    /// Socket LB for every network namespace, not only the host's (`--socket-lb-pods`).
+    pub socket_lb_pods: bool,
+    /// The IPv4 service CIDRs (`--service-cidr`), at most
+    /// [`kproxy_common::SERVICE_CIDRS_MAX`].
+    pub service_cidrs: Vec<ipnet::Ipv4Net>,
+    /// `loadBalancerSourceRanges` restrict NodePorts too
+    /// (`--load-balancer-source-ranges-node-ports`).
+    pub source_ranges_node_ports: bool,
 }
 
 /// A combination of flags the agent cannot run with.
@@ -117,6 +125,9 @@ pub enum ConfigError {
     /// A CIDR list flag mixes `none` with networks.
     #[error("{0}")]
     CidrList(String),
+    /// More IPv4 service CIDRs than the datapath holds.
+    #[error("--service-cidr is given {0} IPv4 networks: at most {max} are supported", max = kproxy_common::SERVICE_CIDRS_MAX)]
+    TooManyServiceCidrs(usize),
 }
 
 impl Config {
@@ -146,6 +157,17 @@ impl Config {
             )
             .map_err(ConfigError::CidrList)?,
         };
+        let service_cidrs: Vec<ipnet::Ipv4Net> = args
+            .service_cidr
+            .iter()
+            .filter_map(|n| match n {
+                ipnet::IpNet::V4(n) => Some(*n),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .collect();
+        if service_cidrs.len() > kproxy_common::SERVICE_CIDRS_MAX {
+            return Err(ConfigError::TooManyServiceCidrs(service_cidrs.len()));
+        }
         let source = match args.manifests {
             Some(dir) => SourceConfig::Manifests(dir),
             None => SourceConfig::Kube { kubeconfig: args.kubeconfig },
@@ -187,6 +209,9 @@ impl Config {
             api_server: args.api_server,
             max_manifest_bytes: args.max_manifest_bytes,
             address_policy,
+            socket_lb_pods: args.socket_lb_pods,
+            service_cidrs,
+            source_ranges_node_ports: args.load_balancer_source_ranges_node_ports,
         })
     }
 }

@@ -36,7 +36,7 @@ pub fn programming_buckets() -> Vec<f64> {
 
 /// Kinds of `kproxy_sync_errors_total`: the sync's failed parts (`SyncError::kind`), invalid
 /// objects and the node configuration write.
-pub const SYNC_ERROR_KINDS: [&str; 9] = [
+pub const SYNC_ERROR_KINDS: [&str; 10] = [
     "invalid_object",
     "frontend_conflict",
     "address_not_allowed",
@@ -46,6 +46,7 @@ pub const SYNC_ERROR_KINDS: [&str; 9] = [
     "too_many_backends",
     "remove",
     "read",
+    "service_addrs",
 ];
 
 /// Labels of `kproxy_map_*` (every sampled map) and of `kproxy_map_full_errors_total` (the maps

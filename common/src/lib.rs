@@ -190,6 +190,25 @@ pub mod names {
     pub const PROG_SOCK_RECVMSG6: &str = "kp_sock_recv6";
     /// Socket LB, cgroup `getpeername6`: a connected IPv6 socket reports the frontend as its peer.
     pub const PROG_SOCK_GETPEERNAME6: &str = "kp_sock_peer6";
+    /// Allowed client networks of frontends with source ranges (`loadBalancerSourceRanges`): an
+    /// LPM trie keyed by service id and client address. See [`crate::SrcRange4`].
+    pub const SRC_RANGES4: &str = "kp_srcrng4";
+    /// Closed service addresses (ClusterIPs, LoadBalancer and external IPs that are no node
+    /// address): address → kinds. A port without frontend on them is rejected.
+    pub const SVC_ADDRS4: &str = "kp_svcaddr4";
+    /// Hint bitmap of the closed service addresses ([`crate::hints::addr_bit`], one bitmap).
+    pub const SVC_ADDR_BITS: &str = "kp_svcaddrbits";
+    /// The service CIDRs (one entry); an address inside them that no service holds is dropped.
+    /// See [`crate::ServiceCidrs4`].
+    pub const SVC_CIDRS4: &str = "kp_svccidr4";
+    /// Socket-LB configuration (one entry): which network namespaces are balanced. See
+    /// [`crate::SockConfig`].
+    pub const SOCK_CONFIG: &str = "kp_sockcfg";
+    /// The maps of the service guards (source ranges, closed service addresses, service CIDRs)
+    /// and of the socket LB's scope, pinned and checked like [`ALL_MAPS`].
+    pub const GUARD_MAPS: [&str; 5] =
+        [SRC_RANGES4, SVC_ADDRS4, SVC_ADDR_BITS, SVC_CIDRS4, SOCK_CONFIG];
+
     /// The socket-LB programs with their cgroup attach types (as `cgroup/<type>` sections).
     pub const SOCK_PROGS: [(&str, &str); 4] = [
         (PROG_SOCK_CONNECT4, "connect4"),
@@ -235,6 +254,10 @@ pub mod defaults {
     pub const FRAG6_MAX: u32 = FRAG4_MAX;
     /// IPv6 socket-LB reverse entries.
     pub const SOCK6_MAX: u32 = SOCK4_MAX;
+    /// Source-range entries (networks of all service ports with `loadBalancerSourceRanges`).
+    pub const SRC_RANGES4_MAX: u32 = 16_384;
+    /// Closed service addresses.
+    pub const SVC_ADDRS4_MAX: u32 = 65_536;
     /// First port used for NodePort source NAT (outside Linux's default ephemeral range).
     pub const SNAT_PORT_MIN: u16 = 61_000;
     /// Last port used for NodePort source NAT.
@@ -454,6 +477,9 @@ flags! {
         DROP_IF_EMPTY = 1 << 5, "drop-if-empty";
         /// sessionAffinity: ClientIP.
         AFFINITY = 1 << 6, "affinity";
+        /// New connections are accepted only from the networks of [`super::names::SRC_RANGES4`]
+        /// for this service id (`loadBalancerSourceRanges`).
+        SOURCE_RANGES = 1 << 7, "source-ranges";
     }
 }
 
@@ -690,10 +716,100 @@ pub struct Frag4Value {
     pub sport: u16,
     /// Destination port, be.
     pub dport: u16,
+    /// When the first fragment was seen: [`frag::stamp`] of `bpf_ktime_get_ns()`. Entries older
+    /// than [`frag::TIMEOUT_NS`] are ignored (and deleted by the agent). (This field was padding,
+    /// always zero, before entries expired: such entries read as expired.)
+    pub seen: u32,
+}
+const _: () = assert!(core::mem::size_of::<Frag4Value>() == 8);
+
+/// Expiry of fragment-tracking entries ([`Frag4Value::seen`]).
+pub mod frag {
+    /// How long the ports of a fragmented datagram are kept: Linux's `ipfrag_time` (30 s), the
+    /// time the receiver waits for the missing fragments of a datagram.
+    pub const TIMEOUT_NS: u64 = 30_000_000_000;
+    /// Bits dropped from a nanosecond clock to make a stamp (units of about a millisecond; a
+    /// `u32` of them wraps after 52 days, which a wrapping difference handles).
+    pub const SHIFT: u32 = 20;
+
+    /// The stamp of `ns` (`bpf_ktime_get_ns()` / CLOCK_MONOTONIC), never 0 (0 is the stamp of
+    /// entries written before stamps existed).
+    #[inline(always)]
+    pub const fn stamp(ns: u64) -> u32 {
+        let s = (ns >> SHIFT) as u32;
+        if s == 0 { 1 } else { s }
+    }
+
+    /// Whether an entry stamped `seen` is expired at `now_ns`.
+    #[inline(always)]
+    pub const fn expired(seen: u32, now_ns: u64) -> bool {
+        seen == 0 || (stamp(now_ns).wrapping_sub(seen) as u64) << SHIFT > TIMEOUT_NS
+    }
+}
+
+/// Key data of [`names::SRC_RANGES4`], after the LPM trie's `u32` prefix length, which is 32 +
+/// the network's prefix length (the service id is always matched whole).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SrcRange4 {
+    /// Service id (host order; compared whole, so its byte order does not matter).
+    pub svc_id: u32,
+    /// Client network address (be), host bits zero.
+    pub addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<SrcRange4>() == 8);
+
+/// Most service CIDRs [`ServiceCidrs4`] holds.
+pub const SERVICE_CIDRS_MAX: usize = 8;
+
+/// One IPv4 network: address and mask, both be, `addr & mask == addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Cidr4 {
+    /// Network address, be.
+    pub addr: u32,
+    /// Netmask, be.
+    pub mask: u32,
+}
+const _: () = assert!(core::mem::size_of::<Cidr4>() == 8);
+
+/// Value of [`names::SVC_CIDRS4`] (an array with one entry, key 0): the networks ClusterIPs
+/// are allocated from. Traffic to an address inside them that is no service address is
+/// dropped (`Reason::DropUnallocatedServiceIp`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceCidrs4 {
+    /// The networks; only the first `count` are used.
+    pub nets: [Cidr4; SERVICE_CIDRS_MAX],
+    /// Number of networks in use (at most [`SERVICE_CIDRS_MAX`]).
+    pub count: u32,
     /// Always zero.
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Frag4Value>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceCidrs4>() == 72);
+
+/// Value of [`names::SOCK_CONFIG`] (an array with one entry, key 0): which sockets the socket
+/// LB balances. All zero (as created): those of the initial network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockConfig {
+    /// Cookie of the host's network namespace (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`); 0:
+    /// the initial network namespace (kernels before 5.14 cannot tell a process its cookie).
+    pub netns_cookie: u64,
+    /// `sock_flags::*`.
+    pub flags: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockConfig>() == 16);
+
+flags! {
+    /// Flags of the socket-LB configuration ([`SockConfig::flags`]).
+    pub mod sock_flags: u32 {
+        /// Balance the sockets of every network namespace (pods too), not only the host's.
+        ALL_NETNS = 1 << 0, "all-netns";
+    }
+}
 
 /// Key of [`names::SOCK4`]: a socket that the socket LB sent to a backend.
 #[repr(C)]
@@ -1019,6 +1135,9 @@ reasons! {
     /// stale entries were removed (else the new connection's replies would be rewritten to the
     /// old frontend), the packet passed untouched.
     PassStaleNatCleared = 14, "pass_stale_nat_cleared", false;
+    /// A new connection to a frontend with source ranges (`loadBalancerSourceRanges`) from a
+    /// client outside them: dropped.
+    DropSourceRange = 15, "drop_source_range", true;
     /// Truncated or malformed header.
     DropMalformed = 16, "drop_malformed", true;
     /// IP fragment addressed to a service frontend (no L4 header to balance on).
@@ -1043,6 +1162,11 @@ reasons! {
     DropNoSnatAddr = 26, "drop_no_snat_addr", true;
     /// The tail call to the slow path failed (its program missing from the table): dropped.
     DropTailCall = 27, "drop_tail_call", true;
+    /// A service address (ClusterIP, LoadBalancer or external IP) on a port no service defines:
+    /// rejected (TCP RST / ICMP port unreachable) rather than passed to the node's stack.
+    RejectUnknownPort = 28, "reject_unknown_port", true;
+    /// An address inside the service CIDRs that no service holds: dropped.
+    DropUnallocatedServiceIp = 29, "drop_unallocated_service_ip", true;
 }
 
 /// Number of slots in [`names::COUNTERS`].
@@ -1074,6 +1198,10 @@ mod pod {
     unsafe impl aya::Pod for super::SockRev6Key {}
     unsafe impl aya::Pod for super::SockRev6Value {}
     unsafe impl aya::Pod for super::NodeConfig6 {}
+    unsafe impl aya::Pod for super::SrcRange4 {}
+    unsafe impl aya::Pod for super::Cidr4 {}
+    unsafe impl aya::Pod for super::ServiceCidrs4 {}
+    unsafe impl aya::Pod for super::SockConfig {}
 }
 
 #[cfg(test)]
@@ -1139,7 +1267,7 @@ mod tests {
 
     #[test]
     fn flag_names_come_with_the_flags() {
-        assert_eq!(svc_flags::NAMES.len(), 7);
+        assert_eq!(svc_flags::NAMES.len(), 8);
         assert_eq!(svc_flags::NAMES[0], (svc_flags::CLUSTER_IP, "cluster-ip"));
         let mut seen = 0u8;
         for (bit, _) in ct_flags::NAMES {
@@ -1150,6 +1278,20 @@ mod tests {
         let mut it = svc_flags::names(svc_flags::NODE_PORT | svc_flags::AFFINITY);
         assert_eq!((it.next(), it.next(), it.next()), (Some("node-port"), Some("affinity"), None));
         assert_eq!(backend_flags::names(0).count(), 0);
+    }
+
+    #[test]
+    fn fragment_stamps_expire_after_the_timeout() {
+        let t0 = 5_000_000_000_000u64;
+        let s = frag::stamp(t0);
+        assert!(!frag::expired(s, t0));
+        assert!(!frag::expired(s, t0 + frag::TIMEOUT_NS - 10_000_000));
+        assert!(frag::expired(s, t0 + frag::TIMEOUT_NS + 10_000_000));
+        // Entries of versions without stamps, and the clock's wrap-around of the stamp.
+        assert!(frag::expired(0, t0));
+        let wrap = (u32::MAX as u64) << frag::SHIFT;
+        assert!(!frag::expired(frag::stamp(wrap), wrap + (1 << frag::SHIFT) * 4));
+        assert_ne!(frag::stamp(0), 0);
     }
 
     #[test]

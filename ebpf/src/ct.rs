@@ -1,9 +1,10 @@
 //! Connection tracking: `kp_ct4` (original tuple → translation) and `kp_rnat4` (reply tuple →
 //! original addresses, also the table of allocated source-NAT ports).
 use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use kproxy_common::{
     Ct4Value, Frag4Key, Frag4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_counter, ct_flags,
-    ct_state, proto, timeouts,
+    ct_state, frag, proto, timeouts,
 };
 
 use crate::{
@@ -155,10 +156,27 @@ pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
     true
 }
 
-/// Installs the reverse-NAT entry for replies arriving with tuple `reply`.
+/// Installs the reverse-NAT entry `v` for replies arriving with tuple `reply`, unless another
+/// live connection holds that reply tuple (the same client address and port reaching the same
+/// backend through another frontend): then returns `Ok(false)` and leaves it alone. An entry of
+/// the same client and frontend (a new connection on a reused tuple) or of a connection that is
+/// gone is replaced.
 #[inline(always)]
-pub fn create_revnat(reply: &Tuple4, v: &RevNat4Value) -> Result<(), Reason> {
-    kp_rnat4.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)
+pub fn claim_revnat(reply: &Tuple4, v: &RevNat4Value, now: u64) -> Result<bool, Reason> {
+    if kp_rnat4.insert(reply, v, BPF_NOEXIST as u64).is_ok() {
+        return Ok(true);
+    }
+    if let Some(old) = revnat(reply)
+        && (old.frontend_addr != v.frontend_addr
+            || old.frontend_port != v.frontend_port
+            || old.client_addr != v.client_addr
+            || old.client_port != v.client_port)
+        && !reply_owner_gone(reply, now)
+    {
+        return Ok(false);
+    }
+    kp_rnat4.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)?;
+    Ok(true)
 }
 
 /// Allocates a source-NAT port for replies `backend → snat address`, claiming the reverse-NAT
@@ -188,7 +206,7 @@ pub fn alloc_snat_port(
         if kp_rnat4.insert(key, v, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);
         }
-        if snat_port_stale(&key, now) && kp_rnat4.insert(key, v, 0).is_ok() {
+        if reply_owner_gone(&key, now) && kp_rnat4.insert(key, v, 0).is_ok() {
             return Ok(port);
         }
         i += 1;
@@ -196,9 +214,11 @@ pub fn alloc_snat_port(
     Err(Reason::DropSnatExhausted)
 }
 
-/// Whether the connection that claimed the reply tuple `key` no longer uses it.
+/// Whether the connection that claimed the reply tuple `key` no longer uses it: gone, expired,
+/// reset, or translated to another reply tuple since (its source NAT address and port, or its
+/// client address and port when it has no source NAT, are not the tuple's destination).
 #[inline(always)]
-fn snat_port_stale(key: &Tuple4, now: u64) -> bool {
+fn reply_owner_gone(key: &Tuple4, now: u64) -> bool {
     let Some(old) = revnat(key) else { return true };
     let orig =
         tuple(old.client_addr, old.frontend_addr, old.client_port, old.frontend_port, key.proto);
@@ -207,7 +227,12 @@ fn snat_port_stale(key: &Tuple4, now: u64) -> bool {
         Some(c) => {
             // SAFETY: valid map value pointer, copied out.
             let c = unsafe { *c };
-            c.state == ct_state::CLOSED || c.snat_port != key.dport || c.snat_addr != key.daddr
+            let (addr, port) = if c.flags & ct_flags::SNAT != 0 {
+                (c.snat_addr, c.snat_port)
+            } else {
+                (old.client_addr, old.client_port)
+            };
+            c.state == ct_state::CLOSED || port != key.dport || addr != key.daddr
         }
     }
 }
@@ -217,18 +242,26 @@ fn frag_key(p: &Ip4) -> Frag4Key {
     Frag4Key { saddr: p.saddr, daddr: p.daddr, id: p.id, proto: p.proto, _pad: 0 }
 }
 
-/// Remembers the ports of a fragmented datagram from its first fragment.
+/// Remembers the ports of a fragmented datagram from its first fragment, with the time.
 #[inline(always)]
 pub fn record_fragment(p: &Ip4) {
-    let v = Frag4Value { sport: p.sport, dport: p.dport, _pad: 0 };
+    // SAFETY: helper without arguments.
+    let seen = frag::stamp(unsafe { bpf_ktime_get_ns() });
+    let v = Frag4Value { sport: p.sport, dport: p.dport, seen };
     // LRU: a full table forgets the oldest datagram, whose later fragments then pass untouched.
     let _ = kp_frag4.insert(frag_key(p), v, 0);
 }
 
-/// The ports of the datagram a later fragment belongs to, if its first fragment was seen.
+/// The ports of the datagram a later fragment belongs to, if its first fragment was seen less
+/// than `frag::TIMEOUT_NS` ago (an IP id is reused after a while: an older entry belongs to
+/// another datagram).
 #[inline(always)]
 pub fn fragment_ports(p: &Ip4) -> Option<(u16, u16)> {
     // SAFETY: map values are only read by copy.
-    let v = unsafe { kp_frag4.get(frag_key(p)) }?;
+    let v = unsafe { kp_frag4.get(frag_key(p)) }.copied()?;
+    // SAFETY: helper without arguments.
+    if frag::expired(v.seen, unsafe { bpf_ktime_get_ns() }) {
+        return None;
+    }
     Some((v.sport, v.dport))
 }

@@ -2,10 +2,10 @@
 //! tuple → original addresses, also the table of allocated source-NAT ports), as [`crate::ct`]
 //! does for IPv4. The state machine and timeouts are the IPv4 ones ([`crate::ct::touch`] on the
 //! common fields).
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use kproxy_common::{
     Addr6, Ct6Value, Frag6Key, Frag6Value, NodeConfig, Reason, RevNat6Value, Tuple6, ct_counter,
-    ct_state, proto, timeouts,
+    ct_state, frag, proto, timeouts,
 };
 
 use crate::{
@@ -172,18 +172,25 @@ fn frag_key(p: &Ip6) -> Frag6Key {
     Frag6Key { saddr: p.saddr, daddr: p.daddr, id: p.frag_id, proto: p.proto, _pad: [0; 3] }
 }
 
-/// Remembers the ports of a fragmented datagram from its first fragment.
+/// Remembers the ports of a fragmented datagram from its first fragment, with the time.
 #[inline(always)]
 pub fn record_fragment(p: &Ip6) {
-    let v = Frag6Value { sport: p.sport, dport: p.dport, _pad: 0 };
+    // SAFETY: helper without arguments.
+    let seen = frag::stamp(unsafe { bpf_ktime_get_ns() });
+    let v = Frag6Value { sport: p.sport, dport: p.dport, seen };
     // LRU: a full table forgets the oldest datagram, whose later fragments then pass untouched.
     let _ = kp_frag6.insert(frag_key(p), v, 0);
 }
 
-/// The ports of the datagram a later fragment belongs to, if its first fragment was seen.
+/// The ports of the datagram a later fragment belongs to, if its first fragment was seen less
+/// than `frag::TIMEOUT_NS` ago (as [`crate::ct::fragment_ports`]).
 #[inline(always)]
 pub fn fragment_ports(p: &Ip6) -> Option<(u16, u16)> {
     // SAFETY: map values are only read by copy.
-    let v = unsafe { kp_frag6.get(frag_key(p)) }?;
+    let v = unsafe { kp_frag6.get(frag_key(p)) }.copied()?;
+    // SAFETY: helper without arguments.
+    if frag::expired(v.seen, unsafe { bpf_ktime_get_ns() }) {
+        return None;
+    }
     Some((v.sport, v.dport))
 }

@@ -14,7 +14,7 @@ use kproxy_common::{
 };
 
 use crate::{
-    ct, flow6, icmp, lb, maps,
+    ct, flow6, guard, icmp, lb, maps,
     nat::{self, Fib, Nat, To, Verdict},
     parse::{self, Frag, Ip4, tcp_flags},
     pkt::Packet,
@@ -177,6 +177,11 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
             return Ok(Step::tail(hook.new_call()));
         }
     }
+    if hook != Hook::ToPod && (guard::maybe_closed(p.daddr) || guard::in_service_cidr(p.daddr)) {
+        // A service address on a port without frontend (rejected), or an address of the
+        // service CIDRs that no service holds (dropped): the slow path decides.
+        return Ok(Step::tail(hook.new_call()));
+    }
     if hook == Hook::FromPod
         && syn_only(&p)
         && maps::hinted(hints::BACKEND, p.daddr, p.proto, p.dport)
@@ -275,10 +280,46 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         };
         return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, reason);
     }
+    if hook != Hook::ToPod
+        && let Some(v) = closed_address(c, &p, hook)?
+    {
+        return Ok(v);
+    }
     if hook == Hook::FromPod && syn_only(&p) && ct::clear_stale_revnat(&p, now) {
         return Ok((Verdict::PASS, Reason::PassStaleNatCleared));
     }
     Ok((Verdict::PASS, Reason::PassNoService))
+}
+
+/// A packet to a service address that no frontend of its scope took: a closed service address
+/// (ClusterIP, LoadBalancer or external IP) on a port no service defines is rejected (TCP RST,
+/// ICMP port unreachable), an unallocated address of the service CIDRs dropped. `Ok(None)`:
+/// neither (or the frontend exists for the other scope, a ClusterIP reached from outside: the
+/// stack gets it as before).
+#[inline(always)]
+fn closed_address<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    hook: Hook,
+) -> Result<Option<(Verdict, Reason)>, Reason> {
+    if guard::closed(p.daddr) {
+        let other = if hook.external() { scope::INTERNAL } else { scope::EXTERNAL };
+        if lb::service(p.daddr, p.dport, p.proto, other).is_some() {
+            return Ok(None);
+        }
+        if p.proto == proto::TCP && p.tcp_flags & tcp_flags::RST == 0 {
+            return Ok(Some((nat::tcp_reset(c, p)?, Reason::RejectUnknownPort)));
+        }
+        if p.proto == proto::UDP {
+            return Ok(Some((nat::icmp_unreachable(c, p)?, Reason::RejectUnknownPort)));
+        }
+        // An RST is not answered.
+        return Err(Reason::RejectUnknownPort);
+    }
+    if guard::in_service_cidr(p.daddr) {
+        return Err(Reason::DropUnallocatedServiceIp);
+    }
+    Ok(None)
 }
 
 /// A packet of a tracked connection. `Ok(None)`: not tracked (or a new connection reusing a
@@ -377,6 +418,9 @@ fn new_conn<P: Packet>(
     now: u64,
     reason: Reason,
 ) -> Out {
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !guard::source_allowed(svc.svc_id, p.saddr) {
+        return Err(Reason::DropSourceRange);
+    }
     if svc.count == 0 {
         if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
             return Err(Reason::DropNoLocalBackend);
@@ -394,8 +438,8 @@ fn new_conn<P: Packet>(
     // address as source, so the source becomes the frontend (with a SNAT port) and the packet
     // is bounced straight back into the pod.
     let hairpin = hook == Hook::FromPod && be.addr == p.saddr;
-    let snat = hairpin || (hook.external() && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
-    let snat_addr = if hairpin { p.daddr } else { cfg.snat_addr };
+    let mut snat = hairpin || (hook.external() && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
+    let mut snat_addr = if hairpin { p.daddr } else { cfg.snat_addr };
     let mut n = Nat { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
     let mut flags = if hook.external() { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
     if svc.flags & svc_flags::NODE_PORT != 0 {
@@ -412,6 +456,15 @@ fn new_conn<P: Packet>(
         flags: if flags & ct_flags::REPLY_FIB != 0 { rnat_flags::REPLY_FIB } else { 0 },
         last_seen_ns: now,
     };
+    if !snat
+        && !ct::claim_revnat(&ct::tuple(be.addr, p.saddr, be.port, p.sport, p.proto), &rn, now)?
+    {
+        // Another live connection from the same client address and port, through another
+        // frontend, to the same backend holds the reply tuple: this one gets another source
+        // port (the client address is kept), as the kernel's NAT does.
+        snat = true;
+        snat_addr = p.saddr;
+    }
     if snat {
         if snat_addr == 0 {
             return Err(Reason::DropNoSnatAddr);
@@ -423,8 +476,6 @@ fn new_conn<P: Packet>(
         if hairpin {
             flags |= ct_flags::HAIRPIN;
         }
-    } else {
-        ct::create_revnat(&ct::tuple(be.addr, p.saddr, be.port, p.sport, p.proto), &rn)?;
     }
     let e = Ct4Value {
         backend_id: id,

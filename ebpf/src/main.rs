@@ -11,6 +11,7 @@ mod ct;
 mod ct6;
 mod flow;
 mod flow6;
+mod guard;
 mod icmp;
 mod icmp6;
 mod lb;

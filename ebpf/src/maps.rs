@@ -2,7 +2,7 @@
 //! defaults the agent overrides at load time.
 #![allow(non_upper_case_globals)] // map statics are named as the kernel objects they become
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use kproxy_common::{
@@ -81,6 +81,30 @@ pub static kp_poddevs: HashMap<u32, u32, { defaults::POD_DEVS_MAX as usize }> = 
 /// Node configuration (one entry), written by the agent.
 #[btf_map]
 pub static kp_config: Array<NodeConfig, 1> = Array::new();
+
+/// Service id + client network → allowed (`loadBalancerSourceRanges`; see `crate::guard`).
+#[btf_map]
+pub static kp_srcrng4: LpmTrie<
+    kproxy_common::SrcRange4,
+    u32,
+    { defaults::SRC_RANGES4_MAX as usize },
+> = LpmTrie::new();
+
+/// Closed service address → kinds (`svc_flags` of its frontends; see `crate::guard`).
+#[btf_map]
+pub static kp_svcaddr4: HashMap<u32, u32, { defaults::SVC_ADDRS4_MAX as usize }> = HashMap::new();
+
+/// Hint bitmap of the closed service addresses (`hints::addr_bit`).
+#[btf_map]
+pub static kp_svcaddrbits: Array<u64, { hints::ADDR_WORDS as usize }, MMAPABLE> = Array::new();
+
+/// The service CIDRs (one entry).
+#[btf_map]
+pub static kp_svccidr4: Array<kproxy_common::ServiceCidrs4, 1> = Array::new();
+
+/// Socket-LB configuration (one entry): which network namespaces are balanced.
+#[btf_map]
+pub static kp_sockcfg: Array<kproxy_common::SockConfig, 1> = Array::new();
 
 /// Counts one packet under `reason`.
 #[inline(always)]

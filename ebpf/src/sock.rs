@@ -5,13 +5,22 @@
 //! rewritten before the kernel routes anything: no per-packet translation, no conntrack entry.
 //! `kp_sock4` remembers socket + backend → frontend so that replies to unconnected UDP sockets
 //! (recvmsg4) and `getpeername` show the frontend.
+//!
+//! Only sockets of the host's network namespace are balanced (`kp_sockcfg`: its cookie, compared
+//! with `bpf_get_netns_cookie`), unless the agent extends it to every namespace: a pod's socket
+//! keeps the service address, so that service meshes and VMs in pods see what they expect, and
+//! the pod's packets are balanced by the TC programs on its interface.
 use aya_ebpf::{
-    EbpfContext as _, bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie,
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use kproxy_common::{Reason, SockRev4Key, SockRev4Value, cfg_flags, proto, scope, svc_flags};
+use kproxy_common::{
+    Reason, SockRev4Key, SockRev4Value, cfg_flags, proto, scope, sock_flags, svc_flags,
+};
 
-use crate::{ct, lb, maps};
+use crate::{ct, guard, lb, maps};
 
 /// Verdicts of `sock_addr` programs.
 const ALLOW: i32 = 1;
@@ -34,6 +43,26 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// Whether the socket is one the socket LB balances: the host's network namespace (the
+/// configured cookie, or the initial namespace's when it is 0), or any with
+/// `sock_flags::ALL_NETNS`.
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    let Some(sc) = maps::kp_sockcfg.get(0) else { return false };
+    if sc.flags & sock_flags::ALL_NETNS != 0 {
+        return true;
+    }
+    let host = if sc.netns_cookie != 0 {
+        sc.netns_cookie
+    } else {
+        // SAFETY: a null context asks for the initial network namespace's cookie.
+        unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) }
+    };
+    // SAFETY: helper on our own context.
+    let own = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    own == host
+}
+
 /// The IP protocol of the socket, if TCP or UDP.
 #[inline(always)]
 fn l4(ctx: &SockAddrContext) -> Option<u8> {
@@ -54,11 +83,22 @@ pub fn forward(ctx: &SockAddrContext, udp_only: bool) -> i32 {
     if udp_only && p != proto::UDP {
         return ALLOW;
     }
+    if !in_scope(ctx) {
+        return ALLOW;
+    }
     let s = sa(ctx);
     // SAFETY: valid context pointer; user_ip4/user_port are readable here (both be; the port
     // in the low 16 bits).
     let (addr, port) = unsafe { ((*s).user_ip4, (*s).user_port as u16) };
     let Some((key, svc)) = lb::service(addr, port, p, scope::INTERNAL) else { return ALLOW };
+    // The node's own address is the client of source ranges (kube-proxy lets the node through
+    // when a range holds one of its addresses).
+    if svc.flags & svc_flags::SOURCE_RANGES != 0
+        && !guard::source_allowed(svc.svc_id, cfg.snat_addr)
+    {
+        maps::count(Reason::DropSourceRange);
+        return REJECT;
+    }
     if svc.count == 0 {
         if svc.flags & svc_flags::DROP_IF_EMPTY != 0 || udp_only {
             // sendmsg cannot be pointed at port 0 (EINVAL): it fails with EPERM.

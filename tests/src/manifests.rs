@@ -98,6 +98,8 @@ pub struct Service {
     pub external_name: Option<String>,
     /// Extra labels.
     pub labels: Vec<(String, String)>,
+    /// spec.loadBalancerSourceRanges, as written (invalid values too).
+    pub source_ranges: Vec<String>,
 }
 
 impl Service {
@@ -167,6 +169,10 @@ impl Service {
         if !self.external_ips.is_empty() {
             let ips: Vec<String> = self.external_ips.iter().map(|i| format!("\"{i}\"")).collect();
             let _ = writeln!(y, "  externalIPs: [{}]", ips.join(", "));
+        }
+        if !self.source_ranges.is_empty() {
+            let r: Vec<String> = self.source_ranges.iter().map(|r| format!("{r:?}")).collect();
+            let _ = writeln!(y, "  loadBalancerSourceRanges: [{}]", r.join(", "));
         }
         if !self.ports.is_empty() {
             y.push_str("  ports:\n");

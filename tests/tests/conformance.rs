@@ -107,7 +107,26 @@ impl Cluster {
             let a = c.start_agent(i);
             c.agents.push(Some(a));
         }
+        // The convergence checks start once each agent has loaded its datapath, attached its
+        // devices and read the node's addresses (it syncs next): loading takes many seconds on
+        // a busy machine or an emulated kernel.
+        c.wait_agents_logged("node addresses");
         c
+    }
+
+    /// Waits (up to [`AGENT_START`]) until every agent's log contains `needle`.
+    fn wait_agents_logged(&self, needle: &str) {
+        for i in 0..self.agents.len() {
+            let deadline = Instant::now() + AGENT_START;
+            while !self.agents[i].as_ref().unwrap().log_text().contains(needle) {
+                assert!(
+                    Instant::now() < deadline,
+                    "agent {i} never logged {needle:?}:\n{}",
+                    self.agent_logs()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     fn start_agent(&self, node: usize) -> Agent {
@@ -1018,13 +1037,7 @@ fn restart_agents_with_socket_lb(c: &mut Cluster, cg: &Cgroups) {
     }
     // The convergence checks start once the programs are attached again: loading the datapath
     // takes many seconds on a busy machine.
-    for i in 0..c.agents.len() {
-        let deadline = Instant::now() + AGENT_START;
-        while !c.agents[i].as_ref().unwrap().log_text().contains("socket LB attached") {
-            assert!(Instant::now() < deadline, "agent {i} not attached:\n{}", c.agent_logs());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    c.wait_agents_logged("socket LB attached");
 }
 
 /// Who answered a TCP request from a host-network process of node `node` to `addr:port` (`Err`

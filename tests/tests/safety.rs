@@ -11,7 +11,7 @@ use std::{
 
 use kproxy_tests::{
     apiserver::{ApiServer, Binder},
-    client::{TcpSession, tcp_request, udp_request_here},
+    client::{TcpSession, tcp_request, udp_request, udp_request_here},
     lab::{self, Agent, AgentOpts, CLIENT_IP, Lab, LabSpec, SERVER_PORT, Wiring},
     manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
 };
@@ -240,6 +240,82 @@ fn a_newer_service_cannot_take_a_live_frontend() {
         0,
         &["default/ext", "spec.externalIPs[1]", "198.19.200.7", "--external-ip-cidrs"],
     );
+}
+
+/// The value of `kproxy_packets_total{reason}` in a metrics page.
+fn packets(metrics: &str, reason: &str) -> u64 {
+    let prefix = format!("kproxy_packets_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `loadBalancerSourceRanges` restrict the LoadBalancer IP (from outside and from pods) and,
+/// with `--load-balancer-source-ranges-node-ports`, the NodePort; an invalid range is named and
+/// left out. A ClusterIP on a port the service does not define is rejected (TCP and UDP), an
+/// address of `--service-cidr` that no service holds is dropped; each counted by reason.
+#[test]
+fn source_ranges_and_closed_service_addresses() {
+    let mut s = Setup::new("guards");
+    let dir = s.dir.path().to_path_buf();
+    for (i, extra) in [
+        vec!["--service-cidr", "198.19.0.0/16", "--load-balancer-source-ranges-node-ports"],
+        vec!["--service-cidr", "198.19.0.0/16"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let opts = AgentOpts {
+            manifests_dir: dir.clone(),
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        s.agents.push(s.lab.spawn_agent(i, &opts).expect("agent"));
+    }
+    let mut svc = web_lb();
+    svc.ports.push(Port::udp("dns", 53, SERVER_PORT));
+    svc.source_ranges = vec!["198.18.250.0/24".into(), "not-a-cidr".into()];
+    s.put(&svc, vec![s.ep(0, 0)]);
+    let (pod, client) = (s.pod_ns(0, 1), s.lab.client_ns());
+    // The ClusterIP is not restricted.
+    wait_served_by(&pod, VIP, 80, &["node-0-pod-0"]);
+    s.wait_log_line(0, &["default/web", "spec.loadBalancerSourceRanges[1]", "not-a-cidr"]);
+    let (n0, n1) = (s.lab.node(0).ip, s.lab.node(1).ip);
+    // The client (198.18.0.2) and the pods are outside 198.18.250.0/24.
+    for (ns, addr, port, what) in [
+        (&client, LB_IP, 80, "client to the LB IP"),
+        (&pod, LB_IP, 80, "pod to the LB IP"),
+        (&client, n0, 30080, "client to the NodePort of node 0 (NodePorts restricted)"),
+    ] {
+        let r = tcp_request(ns, addr, port, T);
+        assert!(r.as_ref().is_err_and(|e| e.is_timeout()), "{what}: {r:?}");
+    }
+    // Node 1 runs without the NodePort option.
+    wait_served_by(&client, n1, 30080, &["node-0-pod-0"]);
+    // The client's network added: served.
+    svc.source_ranges = vec!["198.18.0.2/32".into()];
+    s.put(&svc, vec![s.ep(0, 0)]);
+    wait_served_by(&client, LB_IP, 80, &["node-0-pod-0"]);
+    wait_served_by(&client, n0, 30080, &["node-0-pod-0"]);
+    let r = tcp_request(&pod, LB_IP, 80, T);
+    assert!(r.as_ref().is_err_and(|e| e.is_timeout()), "pod to the LB IP: {r:?}");
+
+    // A port the service does not define: refused at once (TCP RST, ICMP port unreachable).
+    let r = tcp_request(&pod, VIP, 81, T);
+    assert!(r.as_ref().is_err_and(|e| e.is_refused()), "TCP to an undefined port: {r:?}");
+    let r = udp_request(&pod, VIP, 54, T);
+    assert!(r.as_ref().is_err_and(|e| e.is_refused()), "UDP to an undefined port: {r:?}");
+    // An address of the service CIDR no service holds.
+    let r = tcp_request(&pod, Ipv4Addr::new(198, 19, 0, 99), 80, T);
+    assert!(r.as_ref().is_err_and(|e| e.is_timeout()), "unallocated service address: {r:?}");
+    let m = metrics(&s.lab.node(0).ns);
+    assert!(packets(&m, "drop_source_range") >= 4, "{m}");
+    assert!(packets(&m, "reject_unknown_port") >= 2, "{m}");
+    assert!(packets(&m, "drop_unallocated_service_ip") >= 1, "{m}");
 }
 
 /// A 50 MB manifest is refused unread with one short message, a huge bad value is quoted short,

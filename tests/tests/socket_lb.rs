@@ -25,6 +25,7 @@ const SAME: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 21);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 22);
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 23);
+const DNS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 24);
 const PORT: u16 = 80;
 
 /// One request of the host-network client in namespace `ns` (and `cgroup`) to `ip:PORT`.
@@ -54,9 +55,12 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         let p = lab.pod(i, 0).unwrap();
         Endpoint::ready(p.ip, &lab::node_name(i), &p.name)
     };
-    for (name, ip, eps) in
-        [("same", SAME, vec![ep(0)]), ("remote", REMOTE, vec![ep(1)]), ("empty", EMPTY, vec![])]
-    {
+    for (name, ip, eps) in [
+        ("same", SAME, vec![ep(0)]),
+        ("remote", REMOTE, vec![ep(1)]),
+        ("empty", EMPTY, vec![]),
+        ("dns", DNS, vec![ep(0)]),
+    ] {
         let svc = Service::cluster_ip(name, ip, ports());
         dir.put(&svc, &[Slice::for_service(&svc, eps)]).unwrap();
     }
@@ -153,6 +157,36 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     assert!(n(Reason::RejectNoBackend) >= 2, "{counters:?}");
     // The pod-side programs never saw a ClusterIP packet from the host.
     assert_eq!(n(Reason::TranslatedNew), 0, "{counters:?}");
+
+    // A pod's socket in the same cgroup is not balanced by the socket LB (host network
+    // namespace only, the default): it connects to the service address and its packets are
+    // balanced by the pod's interface.
+    let pod_ns = lab.pod(1, 0).unwrap().ns.clone();
+    let sock_before = n(Reason::SockTranslated);
+    let w = client(&pod_ns, cg, "tcp", SAME);
+    assert_eq!(answered_by(&w).as_ref(), Some(&same_pod), "pod client: {w:?}");
+    let counters1: Vec<(Reason, u64)> =
+        BpfDataplane::open(lab.pin_path(0)).unwrap().counters().unwrap();
+    let n1 = |r: Reason| counters1.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
+    assert_eq!(n1(Reason::SockTranslated), sock_before, "pod socket balanced: {counters1:?}");
+
+    // A connected UDP socket of the host whose backend leaves the service is destroyed (its
+    // pending receive fails), so that the application opens a new one to a serving backend.
+    let mut held = ConnectedUdp::open(&ns, cgroups.node(0), DNS);
+    assert!(held.first.contains(&same_pod), "first answer: {}", held.first);
+    let dns = Service::cluster_ip("dns", DNS, ports());
+    dir.put(&dns, &[Slice::for_service(&dns, vec![ep(1)])]).unwrap();
+    let after = held.wait();
+    assert!(after.contains("error=ECONNABORTED"), "held socket after its backend left: {after}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let w = client(&ns, cg, "udp", DNS);
+        if answered_by(&w).as_ref() == Some(&remote_pod) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new socket not balanced to the serving pod: {w:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     drop(guard);
 
     // A restarted agent puts its programs into the pinned links in place: still one program
@@ -176,6 +210,28 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     assert_eq!(answered_by(&w).as_ref(), Some(&remote_pod), "after restart: {w:?}");
     assert_eq!(get(&w, "from"), Some(format!("{REMOTE}:{PORT}").as_str()), "{w:?}");
     drop(guard);
+
+    // With --socket-lb-pods the pod's sockets are balanced too.
+    let a0 = agents.remove(0);
+    a0.stop(Duration::from_secs(5)).unwrap();
+    let mut pods_opts = opts(0);
+    pods_opts.extra_args.push("--socket-lb-pods".into());
+    agents.insert(0, lab.spawn_agent(0, &pods_opts).unwrap());
+    let guard = LogsOnPanic(&agents);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agents[0].log_text().contains("socket LB attached") {
+        assert!(Instant::now() < deadline, "restarted agent did not attach");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sock = || {
+        let c = BpfDataplane::open(lab.pin_path(0)).unwrap().counters().unwrap();
+        c.iter().find(|(x, _)| *x == Reason::SockTranslated).map_or(0, |(_, n)| *n)
+    };
+    let before = sock();
+    let w = client(&pod_ns, cg, "tcp", SAME);
+    assert_eq!(answered_by(&w).as_ref(), Some(&same_pod), "pod client, all netns: {w:?}");
+    assert_eq!(sock(), before + 1, "the pod socket is balanced with --socket-lb-pods");
+    drop(guard);
     drop(agents);
     for i in 0..2 {
         lab.cleanup(i).expect("kproxy cleanup");
@@ -194,5 +250,68 @@ impl Drop for LogsOnPanic<'_> {
                 eprintln!("--- node {} agent ---\n{}", a.node, a.log_text());
             }
         }
+    }
+}
+
+/// A host process holding a connected UDP socket to `vip:PORT`: it sends one request and prints
+/// the answer, then (on a line on its stdin) waits up to 20 s for its socket to fail.
+struct ConnectedUdp {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    first: String,
+}
+
+const HOLD: &str = r#"
+import errno, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"hello\n")
+print("reply=" + s.recv(512).decode().strip().replace(" ", "|"), flush=True)
+sys.stdin.readline()
+s.settimeout(20)
+try:
+    s.recv(512)
+    print("error=none", flush=True)
+except socket.timeout:
+    print("error=timeout", flush=True)
+except OSError as e:
+    print("error=" + errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+"#;
+
+impl ConnectedUdp {
+    fn open(ns: &str, cgroup: &Path, vip: Ipv4Addr) -> ConnectedUdp {
+        use std::{io::BufRead, process::Stdio};
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{ns} python3 -c \"$0\" {vip} {PORT}",
+                cgroup.display()
+            ))
+            .arg(HOLD)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        ConnectedUdp { child, out, first }
+    }
+
+    /// Lets the process wait for its socket to fail; its report.
+    fn wait(&mut self) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line
+    }
+}
+
+impl Drop for ConnectedUdp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

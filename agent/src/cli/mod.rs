@@ -284,6 +284,28 @@ pub struct AgentArgs {
     /// root for the whole node). Off when not given (an earlier attachment is removed).
     #[arg(long, value_name = "DIR")]
     pub cgroup_path: Option<PathBuf>,
+    /// Socket-level load balancing for the sockets of every network namespace (pods too), not
+    /// only the host's. Off by default: a pod's socket keeps the service address (service
+    /// meshes and VMs in pods expect it) and its packets are balanced on its interface.
+    #[arg(long, requires = "cgroup_path")]
+    pub socket_lb_pods: bool,
+    /// A network the ClusterIPs are allocated from (the API server's
+    /// `--service-cluster-ip-range`); repeatable, at most 8 IPv4 ones (IPv6 ones are accepted and
+    /// not used). An address inside it that no service holds is dropped. Default: none.
+    #[arg(long, value_name = "CIDR", value_parser = parse_service_cidr)]
+    pub service_cidr: Vec<ipnet::IpNet>,
+    /// Apply `spec.loadBalancerSourceRanges` to the service's NodePorts too, not only to its
+    /// LoadBalancer IPs (a client outside the ranges could otherwise come in through a NodePort).
+    #[arg(long)]
+    pub load_balancer_source_ranges_node_ports: bool,
+}
+
+/// Parses `--service-cidr`: a network without host bits.
+fn parse_service_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    match parse_cidr(s)? {
+        CidrArg::Net(n) => Ok(n),
+        CidrArg::None => Err("none is not a network: leave the flag out".into()),
+    }
 }
 
 /// Parses `--map-dynamic-size-ratio`: a share of the node's memory, 0 to 1.
@@ -489,5 +511,41 @@ mod tests {
         assert!(e.contains("--external-ip-cidrs") && e.contains("none"), "{e}");
         // --api-server is for the API source.
         assert!(parse_agent(&["--manifests", "/m", "--api-server", "https://a:6443"]).is_err());
+    }
+
+    #[test]
+    fn guard_flags_parse_and_refuse_bad_values() {
+        let config = |args: &[&str]| crate::config::Config::from_args(parse_agent(args).unwrap());
+        let c = config(&["--manifests", "/m"]).unwrap();
+        assert!(c.service_cidrs.is_empty() && !c.socket_lb_pods && !c.source_ranges_node_ports);
+        let c = config(&[
+            "--service-cidr",
+            "198.19.0.0/16",
+            "--service-cidr",
+            "2001:db8::/112",
+            "--service-cidr",
+            "198.20.0.0/24",
+            "--load-balancer-source-ranges-node-ports",
+            "--cgroup-path",
+            "/sys/fs/cgroup",
+            "--socket-lb-pods",
+        ])
+        .unwrap();
+        let nets: Vec<String> = c.service_cidrs.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["198.19.0.0/16", "198.20.0.0/24"], "IPv6 ones are not used");
+        assert!(c.socket_lb_pods && c.source_ranges_node_ports);
+        for (value, want) in [("198.19.0.1/16", "host bits"), ("none", "not a network")] {
+            let e = parse_agent(&["--service-cidr", value]).unwrap_err().to_string();
+            assert!(e.contains("--service-cidr") && e.contains(want), "{value}: {e}");
+        }
+        // --socket-lb-pods without the socket LB.
+        assert!(parse_agent(&["--socket-lb-pods"]).is_err());
+        let nine: Vec<String> = (0..9).map(|i| format!("198.19.{i}.0/24")).collect();
+        let mut args = vec![];
+        for n in &nine {
+            args.extend(["--service-cidr", n.as_str()]);
+        }
+        let e = config(&args).unwrap_err().to_string();
+        assert!(e.contains("--service-cidr") && e.contains("at most 8"), "{e}");
     }
 }

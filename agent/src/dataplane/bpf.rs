@@ -64,6 +64,25 @@ pub const MAP_SPECS: [MapSpec; 13] = [
     spec::<u32, u32>(names::POD_DEVS, MapType::Hash),
 ];
 
+/// `BPF_F_NO_PREALLOC` (LPM tries require it).
+const NO_PREALLOC: u32 = 1;
+
+/// The maps of the service guards and of the socket LB's scope, in [`names::GUARD_MAPS`] order:
+/// pinned and checked like [`MAP_SPECS`]; opened by [`super::guard::GuardMaps`].
+pub const GUARD_MAP_SPECS: [MapSpec; 5] = [
+    MapSpec {
+        flags: NO_PREALLOC,
+        ..spec::<aya::maps::lpm_trie::Key<kproxy_common::SrcRange4>, u32>(
+            names::SRC_RANGES4,
+            MapType::LpmTrie,
+        )
+    },
+    spec::<u32, u32>(names::SVC_ADDRS4, MapType::Hash),
+    MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::SVC_ADDR_BITS, MapType::Array) },
+    spec::<u32, kproxy_common::ServiceCidrs4>(names::SVC_CIDRS4, MapType::Array),
+    spec::<u32, kproxy_common::SockConfig>(names::SOCK_CONFIG, MapType::Array),
+];
+
 /// Kernel memory of the map `fd`, bytes: the `memlock` line of its fdinfo (Linux 6.4+ reports
 /// what the map really uses, older kernels an estimate from its sizes).
 pub fn map_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -149,17 +168,21 @@ impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
 /// The pinned maps under `<pin-path>/v1/`, opened for reading and writing. Works whether or not
 /// an agent is running (the CLI uses it too).
 pub struct BpfDataplane {
-    services: Hash<Service4Key, Service4Value>,
+    pub(super) services: Hash<Service4Key, Service4Value>,
     backends: Hash<u32, Backend4>,
     pub(super) ct: Hash<Tuple4, Ct4Value>,
     pub(super) ct_counters: PerCpuArray<MapData, u64>,
     pub(super) revnat: Hash<Tuple4, RevNat4Value>,
+    pub(super) frag: Hash<Frag4Key, Frag4Value>,
     affinity: Hash<Affinity4Key, Affinity4Value>,
+    pub(super) sock: Hash<kproxy_common::SockRev4Key, kproxy_common::SockRev4Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
     hints: Option<Hints>,
     /// The IPv6 maps (absent on pins of an agent from before them).
     pub(super) v6: Option<super::bpf6::Maps6>,
+    /// Absent on pins of an agent from before them.
+    guards: Option<super::guard::GuardMaps>,
 }
 
 pub(super) fn open_map(dir: &Path, spec: &MapSpec) -> anyhow::Result<Map> {
@@ -174,8 +197,6 @@ impl BpfDataplane {
         let dir = maps_dir(pin_path);
         let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits, _] =
             &MAP_SPECS;
-        check_pinned(&dir.join(frag.name), frag)?;
-        check_pinned(&dir.join(sock.name), sock)?;
         // Pins of an agent from before the hint maps have none: the writes then skip the hints
         // (its programs do not read them).
         let hints = if dir.join(addrbits.name).exists() {
@@ -185,18 +206,36 @@ impl BpfDataplane {
         } else {
             None
         };
+        let guards = super::guard::GuardMaps::open_if_pinned(&dir)?;
         Ok(Self {
             services: Hash::open(&dir, svc)?,
             backends: Hash::open(&dir, be)?,
             ct: Hash::open(&dir, ct)?,
             ct_counters: open_map(&dir, ctstat)?.try_into()?,
             revnat: Hash::open(&dir, rnat)?,
+            frag: Hash::open(&dir, frag)?,
             affinity: Hash::open(&dir, aff)?,
+            sock: Hash::open(&dir, sock)?,
             counters: open_map(&dir, stats)?.try_into()?,
             config: open_map(&dir, cfg)?.try_into()?,
             hints,
             v6: super::bpf6::Maps6::open_if_pinned(&dir)?,
+            guards,
         })
+    }
+
+    /// The service-guard maps (absent on pins of an agent from before them).
+    pub fn guards(&self) -> Option<&super::guard::GuardMaps> {
+        self.guards.as_ref()
+    }
+
+    /// Writes the socket LB's configuration (which network namespaces it balances).
+    pub fn set_sock_config(&mut self, c: &kproxy_common::SockConfig) -> Result<(), DataplaneError> {
+        self.guards_mut()?.set_sock_config(c)
+    }
+
+    fn guards_mut(&mut self) -> Result<&mut super::guard::GuardMaps, DataplaneError> {
+        self.guards.as_mut().ok_or_else(super::guard::missing)
     }
 
     /// Moves the backend generation on after backends were removed, so that connection entries
@@ -422,5 +461,40 @@ impl Dataplane for BpfDataplane {
 
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
         self.backends.collect(names::BACKENDS4)
+    }
+
+    fn put_source_ranges(&mut self, keys: &[super::SourceRange]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.put_source_ranges(keys)
+    }
+
+    fn delete_source_ranges(&mut self, keys: &[super::SourceRange]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.delete_source_ranges(keys)
+    }
+
+    fn source_ranges(&self) -> Result<Vec<super::SourceRange>, DataplaneError> {
+        self.guards.as_ref().map_or(Ok(Vec::new()), |g| g.source_ranges())
+    }
+
+    fn put_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.put_service_addrs(addrs)
+    }
+
+    fn delete_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        let g = self.guards_mut().map_err(|error| BatchError { done: 0, error })?;
+        g.delete_service_addrs(addrs)
+    }
+
+    fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
+        self.guards.as_ref().map_or(Ok(Vec::new()), |g| g.service_addrs())
+    }
+
+    fn set_service_cidrs(
+        &mut self,
+        cidrs: &kproxy_common::ServiceCidrs4,
+    ) -> Result<(), DataplaneError> {
+        self.guards_mut()?.set_service_cidrs(cidrs)
     }
 }

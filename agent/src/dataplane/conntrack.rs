@@ -34,7 +34,8 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use kproxy_common::{
-    Ct4Value, RevNat4Value, Tuple4, ct_counter, ct_flags, ct_state, names, timeouts,
+    Ct4Value, Frag4Key, Frag4Value, RevNat4Value, Tuple4, ct_counter, ct_flags, ct_state, frag,
+    names, timeouts,
 };
 use tracing::{debug, info, warn};
 
@@ -89,6 +90,8 @@ pub struct GcReport {
     pub deleted: u64,
     /// Reverse-NAT entries deleted (partners of the deleted entries, and orphans).
     pub revnat_deleted: u64,
+    /// Fragment-tracking entries deleted (older than `kproxy_common::frag::TIMEOUT_NS`).
+    pub fragments_deleted: u64,
     /// The numbers after the collection.
     pub stats: CtStats,
 }
@@ -245,6 +248,15 @@ impl BpfDataplane {
             .map(|(r, _)| *r)
             .collect();
         report.revnat_deleted += delete_all(self.revnat.fd(), names::REVNAT4, &orphans)?;
+        // Fragment-tracking entries the datapath no longer uses (it ignores them too).
+        let mut frags = Vec::new();
+        batch::walk(self.frag.fd(), |k: &Frag4Key, v: &Frag4Value| {
+            if frag::expired(v.seen, now_ns) {
+                frags.push(*k);
+            }
+        })
+        .map_err(walk_err(names::FRAG4))?;
+        report.fragments_deleted = delete_all(self.frag.fd(), names::FRAG4, &frags)?;
         report.stats = CtStats {
             created,
             deleted_datapath,
@@ -313,14 +325,51 @@ impl BpfDataplane {
     }
 }
 
+impl BpfDataplane {
+    /// The sockets the socket LB pointed at a UDP backend outside the serving set of their
+    /// service, one of `services` (`kp_sock4`: cookie → backend address and port, be).
+    pub fn stale_udp_sockets(
+        &self,
+        services: &ServingSets,
+    ) -> Result<HashMap<u64, (u32, u16)>, DataplaneError> {
+        let mut out = HashMap::new();
+        if services.is_empty() {
+            return Ok(out);
+        }
+        for item in self.sock.map.iter() {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(names::SOCK4, "iterate", "", e)),
+            };
+            if k.proto != kproxy_common::proto::UDP {
+                continue;
+            }
+            let fe = kproxy_common::Service4Key {
+                addr: v.addr,
+                port: v.port,
+                proto: k.proto,
+                scope: kproxy_common::scope::INTERNAL,
+                slot: 0,
+                _pad: 0,
+            };
+            let Ok(svc) = self.services.map.get(&fe, 0) else { continue };
+            if services.get(&svc.svc_id).is_some_and(|set| !set.contains(&(k.addr, k.port))) {
+                out.insert(k.cookie, (k.addr, k.port));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Expired entries whose last look and delete go together (one delete batch).
 const GC_BATCH: usize = 1024;
 
 /// Deletes `keys` (absent ones skipped); returns how many were deleted.
-fn delete_all(
+fn delete_all<K: aya::Pod + std::fmt::Debug>(
     fd: std::os::fd::BorrowedFd<'_>,
     map: &'static str,
-    keys: &[Tuple4],
+    keys: &[K],
 ) -> Result<u64, DataplaneError> {
     if keys.is_empty() {
         return Ok(0);
@@ -398,6 +447,8 @@ pub fn spawn_worker(
         };
         let mut gc = Gc::default();
         let mut next_gc = Instant::now();
+        // Until the kernel says it cannot.
+        let mut destroy_sockets = true;
         loop {
             let request = match gc_interval {
                 Some(every) => {
@@ -439,9 +490,37 @@ pub fn spawn_worker(
                 }
                 Err(e) => warn!(error = %e, "conntrack reconciliation failed"),
             }
+            if destroy_sockets {
+                destroy_sockets = destroy_stale_udp_sockets(&dp, &services);
+            }
         }
     })?;
     Ok(ConntrackWorker { tx })
+}
+
+/// Destroys the connected UDP sockets of the socket LB pointed at a backend that left the
+/// serving set of their service ([`super::sockdiag`]); `false` when the kernel cannot destroy
+/// sockets (logged once, not tried again).
+fn destroy_stale_udp_sockets(dp: &BpfDataplane, services: &ServingSets) -> bool {
+    let targets = match dp.stale_udp_sockets(services) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "reading the socket LB's sockets");
+            return true;
+        }
+    };
+    match super::sockdiag::destroy_connected(&targets) {
+        Ok(0) => {}
+        Ok(n) => info!(destroyed = n, "connected UDP sockets to backends that stopped serving"),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            warn!(
+                "the kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY): connected UDP sockets keep a backend that stopped serving"
+            );
+            return false;
+        }
+        Err(e) => warn!(error = %e, "destroying connected UDP sockets"),
+    }
+    true
 }
 
 /// The garbage collection's state between runs.

@@ -147,3 +147,27 @@ impl Hints {
         self.ports.get(pi) & pm != 0 && self.addrs.get(ai) & am != 0
     }
 }
+
+/// The hint bitmap of the closed service addresses (`kp_svcaddrbits`, one address bitmap with
+/// the bit numbers of [`hints::addr_bit`]), mapped. Bits are set before the addresses are
+/// written and never cleared while the datapath runs (a stale bit costs a tail call).
+pub struct ServiceAddrBits(Mapped);
+
+impl ServiceAddrBits {
+    /// Maps the bitmap pinned in `dir` (the versioned pin directory).
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self(Mapped::open(&dir.join(names::SVC_ADDR_BITS), hints::ADDR_WORDS)?))
+    }
+
+    /// Marks `addr` (be).
+    pub fn mark(&self, addr: u32) {
+        let bit = hints::addr_bit(addr);
+        self.0.set(bit >> 6, 1 << (bit & 63));
+    }
+
+    /// Whether `addr` (be) is marked, as the datapath tests it.
+    pub fn marked(&self, addr: u32) -> bool {
+        let bit = hints::addr_bit(addr);
+        self.0.get(bit >> 6) & (1 << (bit & 63)) != 0
+    }
+}

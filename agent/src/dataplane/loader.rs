@@ -36,7 +36,7 @@ use kproxy_common::names;
 use tracing::{debug, info, warn};
 
 use super::{
-    bpf::{BpfDataplane, MAP_SPECS, MapSpec, check_pinned, maps_dir},
+    bpf::{BpfDataplane, GUARD_MAP_SPECS, MAP_SPECS, MapSpec, check_pinned, maps_dir},
     bpf6::MAP_SPECS6,
     sys::{self, bpf_cmd},
 };
@@ -293,9 +293,10 @@ impl Datapath {
             );
         }
         let mut loader = EbpfLoader::new();
+        let specs = || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6);
         let pins: Vec<(&'static str, PathBuf)> =
-            MAP_SPECS.iter().chain(&MAP_SPECS6).map(|s| (s.name, dir.join(s.name))).collect();
-        for (spec, (name, pin)) in MAP_SPECS.iter().chain(&MAP_SPECS6).zip(&pins) {
+            specs().map(|s| (s.name, dir.join(s.name))).collect();
+        for (spec, (name, pin)) in specs().zip(&pins) {
             if pin.exists() {
                 let (_, max) = check_pinned(pin, spec)?;
                 if let Some(want) = sizes.of(name)
@@ -833,7 +834,7 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
         }
         std::fs::remove_dir(&calls).with_context(|| format!("removing {}", calls.display()))?;
     }
-    for spec in MAP_SPECS.iter().chain(&MAP_SPECS6) {
+    for spec in MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6) {
         match std::fs::remove_file(dir.join(spec.name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

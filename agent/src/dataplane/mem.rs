@@ -3,10 +3,10 @@ use std::collections::BTreeMap;
 
 use kproxy_common::{
     Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
-    Service6Value, names,
+    Service6Value, ServiceCidrs4, names,
 };
 
-use super::{Dataplane, Dataplane6, DataplaneError};
+use super::{BatchError, Dataplane, Dataplane6, DataplaneError, SourceRange};
 
 /// In-memory maps; `ops` records every write in order so tests can check the write order.
 #[derive(Debug, Default, Clone)]
@@ -31,6 +31,12 @@ pub struct MemDataplane {
     pub backends6: BTreeMap<u32, Backend6>,
     /// Log of IPv6 writes, in order.
     pub ops6: Vec<MemOp6>,
+    /// Source-range map contents.
+    pub source_ranges: std::collections::BTreeSet<SourceRange>,
+    /// Closed service addresses (be).
+    pub service_addrs: std::collections::BTreeSet<u32>,
+    /// Service CIDRs.
+    pub service_cidrs: ServiceCidrs4,
 }
 
 /// One write, as recorded by [`MemDataplane`].
@@ -44,6 +50,14 @@ pub enum MemOp {
     PutService(Service4Key),
     /// `delete_service`.
     DeleteService(Service4Key),
+    /// A source-range entry written.
+    PutSourceRange(SourceRange),
+    /// A source-range entry removed.
+    DeleteSourceRange(SourceRange),
+    /// A closed service address written (be).
+    PutServiceAddr(u32),
+    /// A closed service address removed (be).
+    DeleteServiceAddr(u32),
 }
 
 /// One IPv6 write, as recorded by [`MemDataplane`].
@@ -119,6 +133,51 @@ impl Dataplane for MemDataplane {
 
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn put_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError> {
+        for k in keys {
+            self.source_ranges.insert(*k);
+            self.ops.push(MemOp::PutSourceRange(*k));
+        }
+        Ok(())
+    }
+
+    fn delete_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError> {
+        for k in keys {
+            self.source_ranges.remove(k);
+            self.ops.push(MemOp::DeleteSourceRange(*k));
+        }
+        Ok(())
+    }
+
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, DataplaneError> {
+        Ok(self.source_ranges.iter().copied().collect())
+    }
+
+    fn put_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        for a in addrs {
+            self.service_addrs.insert(*a);
+            self.ops.push(MemOp::PutServiceAddr(*a));
+        }
+        Ok(())
+    }
+
+    fn delete_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        for a in addrs {
+            self.service_addrs.remove(a);
+            self.ops.push(MemOp::DeleteServiceAddr(*a));
+        }
+        Ok(())
+    }
+
+    fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
+        Ok(self.service_addrs.iter().copied().collect())
+    }
+
+    fn set_service_cidrs(&mut self, cidrs: &ServiceCidrs4) -> Result<(), DataplaneError> {
+        self.service_cidrs = *cidrs;
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 //! `BaseBpfAdapter` pattern).
 use kproxy_common::{
     Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
-    Service6Value,
+    Service6Value, ServiceCidrs4,
 };
 
 pub mod batch;
@@ -11,9 +11,11 @@ pub mod bpf;
 pub mod bpf6;
 pub mod conntrack;
 pub mod features;
+pub mod guard;
 pub mod hints;
 pub mod loader;
 pub mod mem;
+pub mod sockdiag;
 pub mod sys;
 pub mod usage;
 
@@ -116,6 +118,40 @@ pub trait Dataplane {
     fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError>;
     /// Everything in the backends map.
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError>;
+
+    /// Inserts source-range entries (`loadBalancerSourceRanges`), in order.
+    fn put_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError>;
+    /// Removes source-range entries, in order; absent ones are not an error.
+    fn delete_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError>;
+    /// Every source-range entry.
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, DataplaneError>;
+    /// Inserts closed service addresses (be), in order.
+    fn put_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError>;
+    /// Removes closed service addresses (be), in order; absent ones are not an error.
+    fn delete_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError>;
+    /// Every closed service address (be).
+    fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError>;
+    /// Writes the service CIDRs.
+    fn set_service_cidrs(&mut self, cidrs: &ServiceCidrs4) -> Result<(), DataplaneError>;
+}
+
+/// One entry of the source-range map: service `svc_id` accepts new connections from the
+/// network `addr/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// Service id.
+    pub svc_id: u32,
+    /// Network address (be), host bits zero.
+    pub addr: u32,
+    /// Prefix length, 0..=32.
+    pub len: u8,
+}
+
+impl std::fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = std::net::Ipv4Addr::from(u32::from_be(self.addr));
+        write!(f, "service id {} range {a}/{}", self.svc_id, self.len)
+    }
 }
 
 /// Writes and reads of the IPv6 service and backend maps and configuration, as [`Dataplane`]

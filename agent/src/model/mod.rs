@@ -236,6 +236,10 @@ pub struct ServicePortState {
     /// flows tracked to any other backend are moved away, as kube-proxy's conntrack reconciler
     /// deletes their entries; TCP connections stay. Empty for TCP.
     pub udp_serving: BTreeSet<(Ipv4Addr, u16)>,
+    /// The client networks (address, prefix length) allowed to open connections to the
+    /// frontends flagged `SOURCE_RANGES` (`spec.loadBalancerSourceRanges`); empty when no
+    /// frontend is.
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 /// A healthCheckNodePort to serve (externalTrafficPolicy Local services).
@@ -300,6 +304,8 @@ pub mod outcome {
     pub const FRONTEND_REFUSED: &str = "frontend refused";
     /// That address of the Service is not programmed.
     pub const ADDRESS_REFUSED: &str = "address refused";
+    /// That source range of the Service is left out (the others apply).
+    pub const RANGE_IGNORED: &str = "range ignored";
     /// The EndpointSlice is not used.
     pub const SLICE_IGNORED: &str = "slice ignored";
     /// That port of the EndpointSlice is not used.
@@ -506,6 +512,8 @@ struct SliceIssues {
 pub struct Tracker {
     node: NodeInfo,
     policy: AddressPolicy,
+    /// Whether `loadBalancerSourceRanges` restrict the service's NodePorts too.
+    node_port_source_ranges: bool,
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
@@ -564,6 +572,15 @@ impl Tracker {
     pub fn set_address_policy(&mut self, policy: AddressPolicy) {
         if self.policy != policy {
             self.policy = policy;
+            self.all_dirty = true;
+        }
+    }
+
+    /// Makes `loadBalancerSourceRanges` restrict the NodePorts of their services as well as
+    /// their LoadBalancer IPs (every service is recomputed when it changes).
+    pub fn set_node_port_source_ranges(&mut self, on: bool) {
+        if self.node_port_source_ranges != on {
+            self.node_port_source_ranges = on;
             self.all_dirty = true;
         }
     }
@@ -801,7 +818,13 @@ impl Tracker {
                             .map(|s| &**s)
                     })
                     .collect();
-                compute_service(svc, &slices, &self.node, &self.policy)
+                compute_service(
+                    svc,
+                    &slices,
+                    &self.node,
+                    &self.policy,
+                    self.node_port_source_ranges,
+                )
             }
             None => ServiceResult::default(),
         };
@@ -1130,12 +1153,14 @@ fn check_slice(s: &SliceObj) -> Vec<ModelError> {
 }
 
 /// Translates one Service and its slices; externalIPs and load-balancer IPs that `policy` does
-/// not allow are left out with an error.
+/// not allow are left out with an error. Source ranges restrict the LoadBalancer frontends,
+/// and the NodePorts too with `node_port_ranges`.
 fn compute_service(
     svc: &ServiceObj,
     slices: &[&SliceObj],
     node: &NodeInfo,
     policy: &AddressPolicy,
+    node_port_ranges: bool,
 ) -> ServiceResult {
     let mut out = ServiceResult::default();
     let Some(mut spec) = service_spec(svc, &mut out) else { return out };
@@ -1144,6 +1169,7 @@ fn compute_service(
     // Warnings only: they do not make an update invalid (not part of `check_service`).
     out.errors.extend(family_warnings(&site, svc));
     refuse_addresses(&site, svc, &mut spec, policy, &mut out.errors);
+    let ranges = source_ranges(&site, svc, &node.addrs, &spec.lb_ips, &mut out.errors);
     // Ready endpoints on this node, by address over every port (kube-proxy's
     // LocalReadyEndpoints): terminating ones never count, so a node left with only terminating
     // endpoints fails its health check and load balancers drain it.
@@ -1220,6 +1246,15 @@ fn compute_service(
         for (addr, port, kind) in externals {
             let (set, local_policy) =
                 if policy.external_local { (&local, true) } else { (&cluster, false) };
+            let restricted = !ranges.is_empty()
+                && (kind == svc_flags::LOAD_BALANCER
+                    || (kind == svc_flags::NODE_PORT && node_port_ranges));
+            let kind = if restricted {
+                state.source_ranges.clone_from(&ranges);
+                kind | svc_flags::SOURCE_RANGES
+            } else {
+                kind
+            };
             state.frontends.insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
             state.frontends.insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
         }
@@ -1312,6 +1347,48 @@ fn refuse_addresses(
         }
         ok
     });
+}
+
+/// `spec.loadBalancerSourceRanges` as IPv4 networks, read as kube-proxy reads them: whitespace
+/// trimmed, host bits cleared, IPv6 ranges left to the IPv6 rules, an invalid value left out with
+/// an error naming it (the valid ones apply; with none left the service is open, as with
+/// kube-proxy). When a range holds a node address, the load-balancer IPs themselves are allowed
+/// too: a node reaching a VIP it holds locally shows the VIP as the source (kube-proxy's
+/// `allowFromNode`).
+fn source_ranges(
+    site: &ErrorSite,
+    svc: &ServiceObj,
+    node_addrs: &[Ipv4Addr],
+    lb_ips: &[Ipv4Addr],
+    errors: &mut Vec<ModelError>,
+) -> BTreeSet<(Ipv4Addr, u8)> {
+    let mut out = BTreeSet::new();
+    for (i, text) in svc.source_ranges.iter().enumerate() {
+        let t = text.trim();
+        if t.is_empty() {
+            continue;
+        }
+        match t.parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(n)) => {
+                out.insert((n.network(), n.prefix_len()));
+            }
+            Ok(ipnet::IpNet::V6(_)) => {}
+            Err(_) => errors.push(site.invalid(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                text,
+                "not a CIDR (address/prefix length)",
+                outcome::RANGE_IGNORED,
+            )),
+        }
+    }
+    let holds_node = out.iter().any(|(a, l)| {
+        let net = ipnet::Ipv4Net::new(*a, *l).expect("prefix length from a parsed network");
+        node_addrs.iter().any(|n| net.contains(n))
+    });
+    if holds_node {
+        out.extend(lb_ips.iter().map(|ip| (*ip, 32)));
+    }
+    out
 }
 
 /// Checks a Service and extracts what the frontends need; `None` when it is skipped.

@@ -91,6 +91,8 @@ pub struct ServiceObj {
     pub health_check_node_port: Option<i32>,
     /// `spec.ports`.
     pub ports: Vec<ServicePortObj>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub source_ranges: Vec<String>,
 }
 
 impl From<&Service> for ServiceObj {
@@ -143,6 +145,9 @@ impl From<&Service> for ServiceObj {
                     node_port: p.node_port,
                 })
                 .collect(),
+            source_ranges: spec
+                .and_then(|s| s.load_balancer_source_ranges.clone())
+                .unwrap_or_default(),
         }
     }
 }

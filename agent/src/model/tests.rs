@@ -1017,3 +1017,65 @@ endpoints: [{addresses: ["2001:2:100::10"]}, {addresses: ["::ffff:198.18.100.10"
     assert_eq!(out.errors[0].object, "default/web-v6");
     assert_eq!(out.errors[0].reason, "an IPv4-mapped address in an IPv6 slice");
 }
+
+#[test]
+fn load_balancer_source_ranges_restrict_the_lb_frontends_and_bad_ones_are_left_out() {
+    let y = r#"
+metadata: {name: restricted, namespace: ns1}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.12
+  loadBalancerSourceRanges: ["198.18.0.7/24", " 198.18.5.0/30 ", "nope/8", "2001:db8::/32"]
+  ports: [{name: http, port: 80, nodePort: 30082}]
+status: {loadBalancer: {ingress: [{ip: 198.18.200.10}]}}
+"#;
+    let lb = fe([198, 18, 200, 10], 80, proto::TCP, scope::EXTERNAL);
+    let lb_in = fe([198, 18, 200, 10], 80, proto::TCP, scope::INTERNAL);
+    let np = fe([198, 18, 0, 10], 30082, proto::TCP, scope::EXTERNAL);
+    let cip = fe([198, 19, 0, 12], 80, proto::TCP, scope::INTERNAL);
+    let mut n = node();
+    // The node is outside the ranges: the LB IP itself is not added.
+    n.addrs = vec![Ipv4Addr::new(198, 18, 1, 10)];
+    let np = Frontend { addr: Ipv4Addr::new(198, 18, 1, 10), ..np };
+    let out = build(&[svc(y)], &[], &n);
+    // The invalid range is named, with its service and field; the others apply.
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    let e = &out.errors[0];
+    assert_eq!(
+        (e.object.as_str(), e.field.as_str(), e.value.as_str()),
+        ("ns1/restricted", "spec.loadBalancerSourceRanges[2]", "nope/8")
+    );
+    let st = out.state.services.values().next().unwrap();
+    assert_eq!(
+        st.source_ranges,
+        BTreeSet::from([(Ipv4Addr::new(198, 18, 0, 0), 24), (Ipv4Addr::new(198, 18, 5, 0), 30)])
+    );
+    for f in [&lb, &lb_in] {
+        assert_ne!(flags(&out.state, f) & svc_flags::SOURCE_RANGES, 0, "{f}");
+    }
+    for f in [&np, &cip] {
+        assert_eq!(flags(&out.state, f) & svc_flags::SOURCE_RANGES, 0, "{f}");
+    }
+
+    // With the NodePort option the NodePorts are restricted too.
+    let mut t = Tracker::new(n.clone());
+    t.set_node_port_source_ranges(true);
+    t.apply(Change::Service((&svc(y)).into()));
+    let c = t.full();
+    assert_ne!(flags(&c.state, &np) & svc_flags::SOURCE_RANGES, 0);
+    assert_eq!(flags(&c.state, &cip) & svc_flags::SOURCE_RANGES, 0);
+
+    // A range holding a node address lets the LB IP through (a node reaching a VIP it holds).
+    let out = build(&[svc(y)], &[], &node());
+    let st = out.state.services.values().next().unwrap();
+    assert!(st.source_ranges.contains(&(Ipv4Addr::new(198, 18, 200, 10), 32)));
+
+    // Only invalid ranges: the service is open, as with kube-proxy.
+    let open = y.replace(
+        r#"["198.18.0.7/24", " 198.18.5.0/30 ", "nope/8", "2001:db8::/32"]"#,
+        r#"["nope"]"#,
+    );
+    let out = build(&[svc(&open)], &[], &n);
+    assert_eq!(out.errors.len(), 1);
+    assert_eq!(flags(&out.state, &lb) & svc_flags::SOURCE_RANGES, 0);
+}

@@ -34,6 +34,16 @@
 //! remembered per service port is a hash of its last desired state, its backends and frontends,
 //! not a copy of the state.
 //!
+//! Source ranges (`loadBalancerSourceRanges`) are part of a port's transaction: networks it
+//! gains are written after the backends and before its service entries (which carry the
+//! `SOURCE_RANGES` flag), networks it loses after its slots, so a restricted frontend never
+//! lacks its networks; a port that goes away loses its networks after its frontends.
+//!
+//! Closed service addresses (the addresses of ClusterIP, external-IP and load-balancer
+//! frontends that are no node address: the datapath rejects their ports without frontend) follow
+//! the programmed service entries: counted per address as the entries are written and removed,
+//! and written after the frontends of a sync (removed after them too).
+//!
 //! UDP flows: a backend that stops serving stays in the maps while its endpoint exists (tracked
 //! TCP connections keep working), so a UDP flow tracked to it would stay there. The report lists
 //! the UDP service ports whose serving set lost a member (every UDP port on the first sync, which
@@ -42,11 +52,11 @@
 //! does. A port without serving endpoints is left alone (kube-proxy's rule too).
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque, hash_map::Entry};
 
-use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags};
+use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags, svc_flags};
 use smallvec::SmallVec;
 
 use crate::{
-    dataplane::{BatchError, Dataplane, DataplaneError},
+    dataplane::{BatchError, Dataplane, DataplaneError, SourceRange},
     model::{
         Backend, Changes, DesiredState, Frontend, ServiceName, ServicePortName, ServicePortState,
         SharedStr,
@@ -93,6 +103,9 @@ pub enum SyncError {
     /// Reading the programmed state failed.
     #[error("reading the programmed state: {0}")]
     Read(#[source] DataplaneError),
+    /// Writing the closed service addresses failed (retried on the next sync).
+    #[error("closed service addresses: {0}")]
+    ServiceAddrs(#[source] DataplaneError),
 }
 
 impl SyncError {
@@ -104,6 +117,7 @@ impl SyncError {
             SyncError::TooManyBackends { .. } => "too_many_backends",
             SyncError::Remove { .. } => "remove",
             SyncError::Read(_) => "read",
+            SyncError::ServiceAddrs(_) => "service_addrs",
         }
     }
 
@@ -224,6 +238,37 @@ struct Shadow {
     unreferenced: Vec<u32>,
     /// Number of slot-0 entries.
     frontends: usize,
+    /// Service id → its programmed source ranges (network be, prefix length).
+    ranges: FastMap<u32, BTreeSet<(u32, u8)>>,
+    /// Address (be) → programmed service entries that make it a closed service address.
+    closed_refs: FastMap<u32, u32>,
+    /// Addresses whose count went from or to zero since the last clear.
+    closed_changed: Vec<u32>,
+}
+
+/// The frontend kinds whose addresses are closed service addresses.
+const CLOSED_KINDS: u16 = svc_flags::CLUSTER_IP | svc_flags::EXTERNAL_IP | svc_flags::LOAD_BALANCER;
+
+impl Shadow {
+    /// Counts a service entry written (`delta` 1) or removed (-1) for the closed addresses.
+    fn count_closed(&mut self, k: &Service4Key, v: &Service4Value, add: bool) {
+        if v.flags & CLOSED_KINDS == 0 {
+            return;
+        }
+        let n = self.closed_refs.entry(k.addr).or_default();
+        if add {
+            *n += 1;
+            if *n == 1 {
+                self.closed_changed.push(k.addr);
+            }
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.closed_refs.remove(&k.addr);
+                self.closed_changed.push(k.addr);
+            }
+        }
+    }
 }
 
 impl Shadow {
@@ -238,6 +283,7 @@ impl Shadow {
             front.entry = Some(v);
             self.frontends += 1;
             self.frontends_of.entry(v.svc_id).or_default().push(k);
+            self.count_closed(&k, &v, true);
         } else {
             let i = k.slot as usize - 1;
             if front.slots.len() <= i {
@@ -272,6 +318,7 @@ impl Shadow {
         }
         if k.slot == 0 {
             self.frontends -= 1;
+            self.count_closed(k, &old, false);
             if let Some(list) = self.frontends_of.get_mut(&old.svc_id) {
                 list.retain(|f| f != k);
                 if list.is_empty() {
@@ -407,6 +454,10 @@ pub struct Syncer {
     udp_serving: HashMap<ServicePortName, BTreeSet<(std::net::Ipv4Addr, u16)>>,
     /// Whether a sync ran: the first one reconciles every UDP port's flows.
     synced: bool,
+    /// The closed service addresses programmed (be).
+    closed_programmed: FastSet<u32>,
+    /// The node's addresses (be): never closed, whatever frontends they carry.
+    node_addrs: FastSet<u32>,
 }
 
 /// One write of a port's transaction, with what undoes it.
@@ -428,6 +479,11 @@ struct PortPlan {
     deletes: Vec<Service4Key>,
     /// Writes done so far, to undo on failure.
     undo: Vec<Undo>,
+    /// Source ranges to add (before the service entries) and to remove (after the slots).
+    ranges_add: Vec<SourceRange>,
+    ranges_del: Vec<SourceRange>,
+    /// Source-range writes done so far (true: added), to undo on failure.
+    range_undo: Vec<(SourceRange, bool)>,
     failed: bool,
 }
 
@@ -461,6 +517,13 @@ impl Syncer {
         }
         s.shadow.backends = dp.backends().map_err(SyncError::Read)?.into_iter().collect();
         s.shadow.unreferenced.clear();
+        for r in dp.source_ranges().map_err(SyncError::Read)? {
+            s.shadow.ranges.entry(r.svc_id).or_default().insert((r.addr, r.len));
+        }
+        s.closed_programmed = dp.service_addrs().map_err(SyncError::Read)?.into_iter().collect();
+        // Compare every counted address with what is programmed on the first sync.
+        s.shadow.closed_changed = s.shadow.closed_refs.keys().copied().collect();
+        s.shadow.closed_changed.extend(s.closed_programmed.iter().copied());
         let mut ids: Vec<(u32, Backend4)> =
             s.shadow.backends.iter().map(|(id, b)| (*id, *b)).collect();
         // The lowest id of a key wins, whatever the hash map's order.
@@ -492,6 +555,20 @@ impl Syncer {
         {
             self.next_backend_id = max.wrapping_add(1).max(1);
         }
+    }
+
+    /// Sets the node's addresses: they are never closed service addresses (an externalIP may be
+    /// a node address; the node's own ports on it stay open). Applied by the next sync.
+    pub fn set_node_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) {
+        let new: FastSet<u32> = addrs.iter().map(|a| u32::from(*a).to_be()).collect();
+        let changed: Vec<u32> = new.symmetric_difference(&self.node_addrs).copied().collect();
+        self.shadow.closed_changed.extend(changed);
+        self.node_addrs = new;
+    }
+
+    /// Number of programmed closed service addresses.
+    pub fn programmed_service_addrs(&self) -> usize {
+        self.closed_programmed.len()
     }
 
     /// Number of programmed frontends (service entries).
@@ -692,6 +769,8 @@ impl Syncer {
             }
         };
         self.remove_frontends(stale, dp, &mut report);
+        self.remove_stale_ranges(scope.is_none(), &removed, dp, &mut report);
+        self.write_service_addrs(dp, &mut report);
         self.remove_backends(scope.is_none(), &touched, dp, &mut report);
         self.update_backend_flags(&touched, dp, &mut report);
         // The ids of the ports that went away are free now (not earlier: a new port taking over
@@ -866,7 +945,17 @@ impl Syncer {
                 }
             }
         }
+        let want: BTreeSet<(u32, u8)> =
+            state.source_ranges.iter().map(|(a, l)| (u32::from(*a).to_be(), *l)).collect();
+        let have = self.shadow.ranges.get(&svc_id);
+        let range = |(addr, len): &(u32, u8)| SourceRange { svc_id, addr: *addr, len: *len };
+        plan.ranges_add =
+            want.iter().filter(|r| !have.is_some_and(|h| h.contains(r))).map(range).collect();
+        plan.ranges_del =
+            have.into_iter().flatten().filter(|r| !want.contains(r)).map(range).collect();
         let writes = writes_backend
+            || !plan.ranges_add.is_empty()
+            || !plan.ranges_del.is_empty()
             || !plan.new_slots.is_empty()
             || !plan.changed_slots.is_empty()
             || !plan.entries.is_empty()
@@ -934,6 +1023,8 @@ impl Syncer {
                 }
             }
         }
+        // 1b. Source ranges the ports gain (before the entries that use them).
+        self.write_ranges(true, round, names, dp, report);
         // 2-5. Slots at new keys, changed slots, service entries, slots above the counts.
         for phase in 0..4 {
             let mut items: Vec<(usize, Service4Key, Option<Service4Value>)> = Vec::new();
@@ -950,6 +1041,8 @@ impl Syncer {
             }
             self.write_phase(&items, &mut round.ports, names, dp, report);
         }
+        // 6. Source ranges the ports lost (after the entries that no longer use them).
+        self.write_ranges(false, round, names, dp, report);
         // Backends written for ports that all failed go again, last written first.
         let failed_ports: FastSet<usize> =
             round.ports.iter().filter(|p| p.failed).map(|p| p.name).collect();
@@ -997,6 +1090,14 @@ impl Syncer {
         port.failed = true;
         report.errors.push(SyncError::Service { service: names[port.name].to_string(), source });
         let mut writes = 0;
+        // Removed ranges come back before the entries that used them, added ones go after.
+        for (r, _) in port.range_undo.iter().rev().filter(|(_, added)| !added) {
+            writes += 1;
+            match dp.put_source_ranges(&[*r]) {
+                Ok(()) => self.note_range(r, true),
+                Err(e) => tracing::error!(error = %e.error, "undoing a failed service update"),
+            }
+        }
         while let Some(u) = port.undo.pop() {
             writes += 1;
             let r = match u.old {
@@ -1011,7 +1112,169 @@ impl Syncer {
                 tracing::error!(error = %e, "undoing a failed service update");
             }
         }
+        for (r, _) in port.range_undo.iter().rev().filter(|(_, added)| *added) {
+            writes += 1;
+            match dp.delete_source_ranges(&[*r]) {
+                Ok(()) => self.note_range(r, false),
+                Err(e) => tracing::error!(error = %e.error, "undoing a failed service update"),
+            }
+        }
+        port.range_undo.clear();
         writes
+    }
+
+    /// Records a source range as programmed (`present`) or not in the shadow.
+    fn note_range(&mut self, r: &SourceRange, present: bool) {
+        if present {
+            self.shadow.ranges.entry(r.svc_id).or_default().insert((r.addr, r.len));
+        } else if let Some(set) = self.shadow.ranges.get_mut(&r.svc_id) {
+            set.remove(&(r.addr, r.len));
+            if set.is_empty() {
+                self.shadow.ranges.remove(&r.svc_id);
+            }
+        }
+    }
+
+    /// Writes the source ranges the round's live ports gain (`add`) or lose, in one batch; a
+    /// failed write fails its port (undone) and the others go on.
+    fn write_ranges(
+        &mut self,
+        add: bool,
+        round: &mut Round,
+        names: &[&ServicePortName],
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let mut items: Vec<(usize, SourceRange)> = Vec::new();
+        for (pi, p) in round.ports.iter().enumerate().filter(|(_, p)| !p.failed) {
+            let list = if add { &p.ranges_add } else { &p.ranges_del };
+            items.extend(list.iter().map(|r| (pi, *r)));
+        }
+        let mut at = 0;
+        while at < items.len() {
+            let run: Vec<(usize, SourceRange)> =
+                items[at..].iter().filter(|(pi, _)| !round.ports[*pi].failed).copied().collect();
+            if run.is_empty() {
+                return;
+            }
+            let keys: Vec<SourceRange> = run.iter().map(|(_, r)| *r).collect();
+            let r = if add { dp.put_source_ranges(&keys) } else { dp.delete_source_ranges(&keys) };
+            let done = match &r {
+                Ok(()) => run.len(),
+                Err(e) => e.done,
+            };
+            report.writes += done + usize::from(r.is_err());
+            for (pi, k) in &run[..done] {
+                self.note_range(k, add);
+                round.ports[*pi].range_undo.push((*k, add));
+            }
+            match r {
+                Ok(()) => return,
+                Err(BatchError { done, error }) => {
+                    let (pi, k) = run[done];
+                    report.writes += self.fail(&mut round.ports[pi], names, error, dp, report);
+                    at = items
+                        .iter()
+                        .position(|x| x.1 == k && x.0 == pi)
+                        .map_or(items.len(), |p| p + 1);
+                }
+            }
+        }
+    }
+
+    /// Removes the source ranges of service ids no port holds any more (after their frontends):
+    /// those of the ports just removed, or on a full sync every one not held.
+    fn remove_stale_ranges(
+        &mut self,
+        full: bool,
+        removed: &[(ServicePortName, u32)],
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let ids: BTreeSet<u32> = if full {
+            let held: FastSet<u32> =
+                self.ports.values().flat_map(|l| l.iter().map(|r| r.svc_id)).collect();
+            self.shadow.ranges.keys().filter(|id| !held.contains(id)).copied().collect()
+        } else {
+            removed
+                .iter()
+                .map(|(_, id)| *id)
+                .filter(|id| self.shadow.ranges.contains_key(id))
+                .collect()
+        };
+        // A removed port's id may already belong to a new port of this sync (written above).
+        let ids: Vec<u32> = ids.into_iter().filter(|id| !self.record_of_id(*id)).collect();
+        let keys: Vec<SourceRange> = ids
+            .iter()
+            .flat_map(|id| {
+                self.shadow.ranges.get(id).into_iter().flatten().map(|(addr, len)| SourceRange {
+                    svc_id: *id,
+                    addr: *addr,
+                    len: *len,
+                })
+            })
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let r = dp.delete_source_ranges(&keys);
+        let done = match &r {
+            Ok(()) => keys.len(),
+            Err(e) => e.done,
+        };
+        report.writes += done + usize::from(r.is_err());
+        for k in &keys[..done] {
+            self.note_range(k, false);
+        }
+        if let Err(BatchError { done, error }) = r {
+            report.errors.push(SyncError::Remove { what: keys[done].to_string(), source: error });
+        }
+    }
+
+    /// Whether a port of the records holds service id `id`.
+    fn record_of_id(&self, id: u32) -> bool {
+        self.ports.values().any(|l| l.iter().any(|r| r.svc_id == id))
+    }
+
+    /// Brings the closed service addresses to the programmed service entries: the addresses
+    /// whose count changed since the last sync are written or removed.
+    fn write_service_addrs(&mut self, dp: &mut dyn Dataplane, report: &mut SyncReport) {
+        let mut changed = std::mem::take(&mut self.shadow.closed_changed);
+        changed.sort_unstable();
+        changed.dedup();
+        let (mut put, mut del) = (Vec::new(), Vec::new());
+        for a in changed {
+            let want = self.shadow.closed_refs.contains_key(&a) && !self.node_addrs.contains(&a);
+            match (want, self.closed_programmed.contains(&a)) {
+                (true, false) => put.push(a),
+                (false, true) => del.push(a),
+                _ => {}
+            }
+        }
+        for (items, add) in [(put, true), (del, false)] {
+            if items.is_empty() {
+                continue;
+            }
+            let r =
+                if add { dp.put_service_addrs(&items) } else { dp.delete_service_addrs(&items) };
+            let done = match &r {
+                Ok(()) => items.len(),
+                Err(e) => e.done,
+            };
+            report.writes += done + usize::from(r.is_err());
+            for a in &items[..done] {
+                if add {
+                    self.closed_programmed.insert(*a);
+                } else {
+                    self.closed_programmed.remove(a);
+                }
+            }
+            if let Err(BatchError { error, .. }) = r {
+                // Retried on the next sync.
+                self.shadow.closed_changed.extend(&items[done..]);
+                report.errors.push(SyncError::ServiceAddrs(error));
+            }
+        }
     }
 
     /// Writes one phase's service-map items (`None`: delete) in batches, in order. A failed item

@@ -21,6 +21,12 @@ struct Checked {
 impl Checked {
     fn check(&mut self, after: &str) {
         for (k, v) in self.mem.services.iter().filter(|(k, _)| k.slot == 0) {
+            if v.flags & svc_flags::SOURCE_RANGES != 0
+                && !self.mem.source_ranges.iter().any(|r| r.svc_id == v.svc_id)
+            {
+                self.violations
+                    .push(format!("after {after}: {k:?} restricted but its ranges are missing"));
+            }
             for slot in 1..=v.count {
                 match self.mem.services.get(&Service4Key { slot, ..*k }) {
                     None => {
@@ -68,6 +74,37 @@ impl Dataplane for Checked {
     }
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
         self.mem.backends()
+    }
+    fn put_source_ranges(&mut self, k: &[crate::dataplane::SourceRange]) -> Result<(), BatchError> {
+        let r = self.mem.put_source_ranges(k);
+        self.check("source ranges");
+        r
+    }
+    fn delete_source_ranges(
+        &mut self,
+        k: &[crate::dataplane::SourceRange],
+    ) -> Result<(), BatchError> {
+        let r = self.mem.delete_source_ranges(k);
+        self.check("source ranges");
+        r
+    }
+    fn source_ranges(&self) -> Result<Vec<crate::dataplane::SourceRange>, DataplaneError> {
+        self.mem.source_ranges()
+    }
+    fn put_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
+        self.mem.put_service_addrs(a)
+    }
+    fn delete_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
+        self.mem.delete_service_addrs(a)
+    }
+    fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
+        self.mem.service_addrs()
+    }
+    fn set_service_cidrs(
+        &mut self,
+        c: &kproxy_common::ServiceCidrs4,
+    ) -> Result<(), DataplaneError> {
+        self.mem.set_service_cidrs(c)
     }
 }
 
@@ -132,14 +169,20 @@ fn first_sync_writes_backends_then_slots_then_entry() {
     assert_eq!(programmed(&dp.mem, &cip(2)), Some(vec![11, 13]));
     // Backend 198.18.100.11:8080 is shared: 4 distinct backends.
     assert_eq!(dp.mem.backends.len(), 4);
-    // Phase by phase over both services: the 4 backends, the 5 slots, then the 2 entries.
+    // Phase by phase over both services: the 4 backends, the 5 slots, the 2 entries, then the
+    // two ClusterIPs as closed service addresses.
     let ops = &dp.mem.ops;
-    assert_eq!(ops.len(), 11, "{ops:?}");
+    assert_eq!(ops.len(), 13, "{ops:?}");
     assert!(ops[..4].iter().all(|o| matches!(o, MemOp::PutBackend(_))), "{ops:?}");
     assert!(ops[4..9].iter().all(|o| matches!(o, MemOp::PutService(k) if k.slot != 0)));
     assert_eq!(
         ops[9..],
-        [MemOp::PutService(key_of(&cip(1), 0)), MemOp::PutService(key_of(&cip(2), 0))]
+        [
+            MemOp::PutService(key_of(&cip(1), 0)),
+            MemOp::PutService(key_of(&cip(2), 0)),
+            MemOp::PutServiceAddr(key_of(&cip(1), 0).addr),
+            MemOp::PutServiceAddr(key_of(&cip(2), 0).addr),
+        ]
     );
     // Same service id on the entry and its slots, different between services.
     let id1 = dp.mem.services[&key_of(&cip(1), 0)].svc_id;
@@ -303,6 +346,64 @@ fn freed_backend_ids_are_not_reused() {
     assert_eq!(ids.len(), 40);
 }
 
+/// `desired` with service `n`'s frontend restricted to `ranges` (None: unrestricted).
+fn restricted(n: u8, ranges: &[(Ipv4Addr, u8)]) -> DesiredState {
+    let mut d = desired(&[(n, &[10]), (n + 1, &[11])]);
+    let s = d.services.get_mut(&spn(&format!("svc{n}"))).unwrap();
+    s.source_ranges = ranges.iter().copied().collect();
+    if !ranges.is_empty() {
+        s.frontends.get_mut(&cip(n)).unwrap().flags |= svc_flags::SOURCE_RANGES;
+    }
+    d
+}
+
+#[test]
+fn source_ranges_come_before_the_restricted_entry_and_go_after_it() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let a = (Ipv4Addr::new(198, 18, 0, 0), 24);
+    let b = (Ipv4Addr::new(198, 18, 5, 0), 30);
+    let r = s.sync(&restricted(1, &[a, b]), &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    // The checker saw no restricted entry without its ranges at any write.
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    let id = dp.mem.services[&key_of(&cip(1), 0)].svc_id;
+    let range = |(addr, len): (Ipv4Addr, u8)| SourceRange {
+        svc_id: id,
+        addr: u32::from(addr).to_be(),
+        len,
+    };
+    assert_eq!(dp.mem.source_ranges, BTreeSet::from([range(a), range(b)]));
+    let entry_at =
+        |ops: &[MemOp]| ops.iter().position(|o| *o == MemOp::PutService(key_of(&cip(1), 0)));
+    let first_range = dp.mem.ops.iter().position(|o| matches!(o, MemOp::PutSourceRange(_)));
+    assert!(first_range < entry_at(&dp.mem.ops), "{:?}", dp.mem.ops);
+    // One range less: only it goes.
+    dp.mem.ops.clear();
+    s.sync(&restricted(1, &[a]), &mut dp);
+    assert_eq!(dp.mem.ops, [MemOp::DeleteSourceRange(range(b))]);
+    // Unrestricted: the entry loses its flag first, then the range goes.
+    dp.mem.ops.clear();
+    s.sync(&restricted(1, &[]), &mut dp);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(dp.mem.ops.last(), Some(&MemOp::DeleteSourceRange(range(a))), "{:?}", dp.mem.ops);
+    assert!(dp.mem.source_ranges.is_empty());
+    // Restricted again, then the service goes: its ranges go after its entry.
+    s.sync(&restricted(1, &[a]), &mut dp);
+    dp.mem.ops.clear();
+    s.sync(&desired(&[(2, &[11])]), &mut dp);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert!(dp.mem.source_ranges.is_empty(), "{:?}", dp.mem.ops);
+    let gone = dp.mem.ops.iter().position(|o| *o == MemOp::DeleteService(key_of(&cip(1), 0)));
+    let range_gone = dp.mem.ops.iter().position(|o| matches!(o, MemOp::DeleteSourceRange(_)));
+    assert!(gone < range_gone, "{:?}", dp.mem.ops);
+    // A restarted agent reads the ranges back and removes the stale ones on its first sync.
+    s.sync(&restricted(1, &[a, b]), &mut dp);
+    let mut s2 = Syncer::adopt(&dp).unwrap();
+    s2.sync(&restricted(1, &[b]), &mut dp);
+    assert_eq!(dp.mem.source_ranges.len(), 1, "{:?}", dp.mem.source_ranges);
+}
+
 #[test]
 fn removed_service_goes_entry_first_then_slots_then_backends() {
     let mut dp = Checked::default();
@@ -318,8 +419,11 @@ fn removed_service_goes_entry_first_then_slots_then_backends() {
     assert_eq!(ops[0], MemOp::DeleteService(key_of(&cip(1), 0)));
     assert_eq!(ops[1], MemOp::DeleteService(key_of(&cip(1), 2)));
     assert_eq!(ops[2], MemOp::DeleteService(key_of(&cip(1), 1)));
-    assert!(matches!(ops[3], MemOp::DeleteBackend(_)));
-    assert_eq!(ops.len(), 4);
+    // The ClusterIP is no service address any more, after its entries.
+    assert_eq!(ops[3], MemOp::DeleteServiceAddr(key_of(&cip(1), 0).addr));
+    assert!(matches!(ops[4], MemOp::DeleteBackend(_)));
+    assert_eq!(ops.len(), 5);
+    assert_eq!(dp.mem.service_addrs, BTreeSet::from([key_of(&cip(2), 0).addr]));
     assert_eq!(programmed(&dp.mem, &cip(1)), None);
     assert_eq!(dp.mem.services.len(), 3);
 }
@@ -618,6 +722,7 @@ mod incremental {
                 port: 80,
                 node_port: None,
             }],
+            source_ranges: vec![],
         }
     }
 
@@ -679,6 +784,7 @@ mod incremental {
                     fes.insert(Ipv4Addr::from(u32::from_be(k.addr)));
                 }
                 MemOp::PutBackend(_) | MemOp::DeleteBackend(_) => backends += 1,
+                _ => {}
             }
         }
         (fes, backends)
@@ -706,7 +812,8 @@ mod incremental {
     fn one_change_at_10k_services_writes_only_that_service() {
         let (mut t, mut s, mut dp) = loaded(10_000);
 
-        // A new service with 10 endpoints: its 10 backends, 10 slots and entry, nothing else.
+        // A new service with 10 endpoints: its 10 backends, 10 slots, entry and closed service
+        // address, nothing else.
         dp.ops.clear();
         t.apply(Change::Service(svc(10_000)));
         t.apply(Change::Slice(slice(10_000, 0..10)));
@@ -714,7 +821,7 @@ mod incremental {
         assert_eq!(c.services, BTreeSet::from([name(10_000)]));
         let r = s.sync_changes(&mut c, &mut dp);
         assert_eq!(touched(&dp), (BTreeSet::from([cluster_ip(10_000)]), 10));
-        assert_eq!(r.writes, 21);
+        assert_eq!(r.writes, 22);
 
         // One endpoint of one service goes away: that frontend only (entry + last slot), the
         // backend goes with it.
@@ -872,6 +979,33 @@ impl Dataplane for Batches {
     fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
         self.mem.backends()
     }
+    fn put_source_ranges(&mut self, k: &[crate::dataplane::SourceRange]) -> Result<(), BatchError> {
+        self.mem.put_source_ranges(k)
+    }
+    fn delete_source_ranges(
+        &mut self,
+        k: &[crate::dataplane::SourceRange],
+    ) -> Result<(), BatchError> {
+        self.mem.delete_source_ranges(k)
+    }
+    fn source_ranges(&self) -> Result<Vec<crate::dataplane::SourceRange>, DataplaneError> {
+        self.mem.source_ranges()
+    }
+    fn put_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
+        self.mem.put_service_addrs(a)
+    }
+    fn delete_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
+        self.mem.delete_service_addrs(a)
+    }
+    fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
+        self.mem.service_addrs()
+    }
+    fn set_service_cidrs(
+        &mut self,
+        c: &kproxy_common::ServiceCidrs4,
+    ) -> Result<(), DataplaneError> {
+        self.mem.set_service_cidrs(c)
+    }
 }
 
 #[test]
@@ -883,7 +1017,8 @@ fn services_are_written_in_one_batch_per_phase() {
     let spec: Vec<(u8, &[u8])> = (0..50u8).map(|i| (i + 1, &hosts[i as usize][..])).collect();
     let r = s.sync(&desired(&spec), &mut dp);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
-    assert_eq!(r.writes, 350);
+    // And the 50 ClusterIPs as closed service addresses.
+    assert_eq!(r.writes, 400);
     assert_eq!(dp.calls, [("put_backends", 150), ("put_services", 150), ("put_services", 50)]);
     // Removing half of them: all entries in one batch, then all slots, then the backends.
     dp.calls.clear();

@@ -30,6 +30,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use kproxy::dataplane::sys::{self, bpf_cmd};
 use serde_json::Value;
 
 use crate::{
@@ -40,11 +41,10 @@ use crate::{
     },
 };
 
-const BPF_PROG_TEST_RUN: i64 = 10;
 /// `BPF_F_TEST_XDP_LIVE_FRAMES`.
-const LIVE_FRAMES: u64 = 1 << 1;
+const LIVE_FRAMES: u32 = 1 << 1;
 /// Frames per batch (the kernel's default, NAPI's budget).
-const BATCH: u64 = 64;
+const BATCH: u32 = 64;
 
 const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
@@ -147,30 +147,22 @@ pub fn sink_program(dst: SocketAddrV4) -> Vec<Insn> {
 fn run_live(prog: &OwnedFd, frame: &[u8], ifindex: u32, repeat: u32) -> Result<u32> {
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let mut attr = [0u64; 16];
-    attr[0] = prog.as_raw_fd() as u64; // prog_fd, retval
-    attr[1] = frame.len() as u64; // data_size_in, data_size_out
-    attr[2] = frame.as_ptr() as u64; // data_in (data_out stays 0: live mode refuses it)
-    attr[4] = u64::from(repeat); // repeat, duration out
-    attr[5] = std::mem::size_of_val(&ctx) as u64; // ctx_size_in, ctx_size_out
-    attr[6] = ctx.as_ptr() as u64; // ctx_in
-    attr[8] = LIVE_FRAMES; // flags, cpu
-    attr[9] = BATCH; // batch_size
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` for BPF_PROG_TEST_RUN whose pointers
-    // (frame, ctx) outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        anyhow::bail!("BPF_PROG_TEST_RUN with live frames (Linux 5.18+): {e}");
-    }
-    Ok((attr[4] >> 32) as u32)
+    let mut attr = sys::attr();
+    // SAFETY: union access; the test-run member is the one BPF_PROG_TEST_RUN reads.
+    let t = unsafe { &mut attr.test };
+    t.prog_fd = prog.as_raw_fd() as u32;
+    t.data_size_in = frame.len() as u32;
+    t.data_in = frame.as_ptr() as u64; // data_out stays 0: live mode refuses it
+    t.repeat = repeat;
+    t.ctx_size_in = std::mem::size_of_val(&ctx) as u32;
+    t.ctx_in = ctx.as_ptr() as u64;
+    t.flags = LIVE_FRAMES;
+    t.batch_size = BATCH;
+    // SAFETY: the pointers (frame, ctx) outlive the call.
+    unsafe { sys::bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }
+        .context("BPF_PROG_TEST_RUN with live frames (Linux 5.18+)")?;
+    // SAFETY: union access, written by the kernel.
+    Ok(unsafe { attr.test.duration })
 }
 
 /// `(ifindex, MAC)` of `dev` in namespace `ns`.
@@ -389,25 +381,21 @@ mod tests {
     /// Runs `prog` once on `data`: (XDP verdict, the packet afterwards).
     fn test_run(prog: &OwnedFd, data: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; data.len() + 256];
-        let mut attr = [0u64; 16];
-        attr[0] = prog.as_raw_fd() as u64;
-        attr[1] = data.len() as u64 | ((out.len() as u64) << 32); // data_size_in, data_size_out
-        attr[2] = data.as_ptr() as u64;
-        attr[3] = out.as_mut_ptr() as u64;
-        attr[4] = 1; // repeat
-        // SAFETY: `attr` is a zero-padded `union bpf_attr` for BPF_PROG_TEST_RUN whose pointers
-        // outlive the call; `out` has room for `data_size_out` bytes.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-        out.truncate((attr[1] >> 32) as usize);
-        ((attr[0] >> 32) as u32, out)
+        let mut attr = sys::attr();
+        // SAFETY: union access; the test-run member is the one BPF_PROG_TEST_RUN reads.
+        let t = unsafe { &mut attr.test };
+        t.prog_fd = prog.as_raw_fd() as u32;
+        t.data_size_in = data.len() as u32;
+        t.data_size_out = out.len() as u32;
+        t.data_in = data.as_ptr() as u64;
+        t.data_out = out.as_mut_ptr() as u64;
+        t.repeat = 1;
+        // SAFETY: the pointers outlive the call; `out` has room for `data_size_out` bytes.
+        unsafe { sys::bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }.expect("BPF_PROG_TEST_RUN");
+        // SAFETY: union access, written by the kernel.
+        let t = unsafe { attr.test };
+        out.truncate(t.data_size_out as usize);
+        (t.retval, out)
     }
 
     const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 1), 40_000);

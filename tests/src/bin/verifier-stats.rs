@@ -25,15 +25,7 @@ const LOG_STATS: u32 = 4;
 fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
     // SAFETY: `attr` is a zero-initialised `union bpf_attr` filled for `cmd`; every pointer it
     // holds points to memory that outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as RawFd) }
+    unsafe { kproxy::dataplane::sys::bpf(cmd, attr) }.map(|fd| fd as RawFd)
 }
 
 fn create_map(name: &str, m: &Map) -> Result<OwnedFd> {

@@ -1,0 +1,212 @@
+//! The service-guard maps and the socket LB's configuration, as the agent writes them:
+//!
+//! - `kp_srcrng4` (LPM trie): service id + client network → allowed, for the frontends flagged
+//!   `SOURCE_RANGES` (`loadBalancerSourceRanges`);
+//! - `kp_svcaddr4` (hash) with its hint bitmap `kp_svcaddrbits`: the closed service addresses,
+//!   whose ports without frontend the datapath rejects;
+//! - `kp_svccidr4` (array, one entry): the service CIDRs, whose unallocated addresses the
+//!   datapath drops;
+//! - `kp_sockcfg` (array, one entry): which network namespaces the socket LB balances.
+//!
+//! LPM tries have no batched operations on every kernel of the matrix: source ranges are
+//! written one by one (a service has a handful).
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::maps::{
+    Array, MapData,
+    lpm_trie::{Key, LpmTrie},
+};
+use kproxy_common::{ServiceCidrs4, SockConfig, SrcRange4, names};
+
+use super::{
+    BatchError, DataplaneError, SourceRange,
+    bpf::{
+        GUARD_MAP_SPECS, Hash, check_pinned, delete_batch, ignore_absent, map_err, open_map,
+        put_batch, update_err,
+    },
+    hints::ServiceAddrBits,
+};
+
+/// The error of a write to guard maps that are not pinned (pins of an agent from before them;
+/// the next agent start creates them).
+pub fn missing() -> DataplaneError {
+    DataplaneError::Map {
+        map: names::SRC_RANGES4,
+        op: "open",
+        key: String::new(),
+        source: std::io::Error::other(
+            "not pinned (maps of an older kproxy): restart the agent to create them",
+        ),
+    }
+}
+
+/// The opened guard maps of one node.
+pub struct GuardMaps {
+    src_ranges: LpmTrie<MapData, SrcRange4, u32>,
+    src_capacity: u32,
+    svc_addrs: Hash<u32, u32>,
+    addr_bits: ServiceAddrBits,
+    cidrs: Array<MapData, ServiceCidrs4>,
+    sock: Array<MapData, SockConfig>,
+}
+
+fn lpm_key(k: &SourceRange) -> Key<SrcRange4> {
+    Key::new(32 + u32::from(k.len), SrcRange4 { svc_id: k.svc_id, addr: k.addr })
+}
+
+impl GuardMaps {
+    /// Opens the guard maps pinned in `dir` (the versioned pin directory), checked against the
+    /// ABI; `None` when they are not pinned.
+    pub fn open_if_pinned(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let [ranges, addrs, _, cidrs, sock] = &GUARD_MAP_SPECS;
+        if !dir.join(ranges.name).exists() {
+            return Ok(None);
+        }
+        for spec in &GUARD_MAP_SPECS {
+            check_pinned(&dir.join(spec.name), spec)?;
+        }
+        let (data, src_capacity) = check_pinned(&dir.join(ranges.name), ranges)?;
+        let src_ranges = aya::maps::Map::from_map_data(data)
+            .with_context(|| format!("map {}", ranges.name))?
+            .try_into()?;
+        Ok(Some(Self {
+            src_ranges,
+            src_capacity,
+            svc_addrs: Hash::open(dir, addrs)?,
+            addr_bits: ServiceAddrBits::open(dir)?,
+            cidrs: open_map(dir, cidrs)?.try_into()?,
+            sock: open_map(dir, sock)?.try_into()?,
+        }))
+    }
+
+    /// Inserts source-range entries one by one, in order.
+    pub fn put_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError> {
+        for (done, k) in keys.iter().enumerate() {
+            self.src_ranges.insert(&lpm_key(k), 1, 0).map_err(|e| BatchError {
+                done,
+                error: update_err(names::SRC_RANGES4, self.src_capacity, k, e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes source-range entries one by one, in order; absent ones are skipped.
+    pub fn delete_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError> {
+        for (done, k) in keys.iter().enumerate() {
+            ignore_absent(self.src_ranges.remove(&lpm_key(k)), names::SRC_RANGES4, k)
+                .map_err(|error| BatchError { done, error })?;
+        }
+        Ok(())
+    }
+
+    /// Every source-range entry.
+    pub fn source_ranges(&self) -> Result<Vec<SourceRange>, DataplaneError> {
+        let mut out = Vec::new();
+        for k in self.src_ranges.keys() {
+            let k = k.map_err(|e| map_err(names::SRC_RANGES4, "iterate", "", e))?;
+            let data = k.data();
+            out.push(SourceRange {
+                svc_id: data.svc_id,
+                addr: data.addr,
+                len: k.prefix_len().saturating_sub(32) as u8,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Inserts closed service addresses (be), their hint bits first.
+    pub fn put_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        for a in addrs {
+            self.addr_bits.mark(*a);
+        }
+        let items: Vec<(u32, u32)> = addrs.iter().map(|a| (*a, 1)).collect();
+        put_batch(&self.svc_addrs, names::SVC_ADDRS4, &items)
+    }
+
+    /// Removes closed service addresses (be); absent ones are skipped. Their hint bits stay.
+    pub fn delete_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
+        delete_batch(&self.svc_addrs, names::SVC_ADDRS4, addrs)
+    }
+
+    /// Every closed service address (be).
+    pub fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
+        Ok(self.svc_addrs.collect(names::SVC_ADDRS4)?.into_iter().map(|(a, _)| a).collect())
+    }
+
+    /// Whether the hint bit of `addr` (be) is set, as the datapath tests it.
+    pub fn service_addr_marked(&self, addr: u32) -> bool {
+        self.addr_bits.marked(addr)
+    }
+
+    /// Writes the service CIDRs.
+    pub fn set_service_cidrs(&mut self, c: &ServiceCidrs4) -> Result<(), DataplaneError> {
+        self.cidrs.set(0, c, 0).map_err(|e| map_err(names::SVC_CIDRS4, "update", "0", e))
+    }
+
+    /// The service CIDRs as programmed.
+    pub fn service_cidrs(&self) -> Result<ServiceCidrs4, DataplaneError> {
+        self.cidrs.get(&0, 0).map_err(|e| map_err(names::SVC_CIDRS4, "lookup", "0", e))
+    }
+
+    /// Writes the socket LB's configuration.
+    pub fn set_sock_config(&mut self, c: &SockConfig) -> Result<(), DataplaneError> {
+        self.sock.set(0, c, 0).map_err(|e| map_err(names::SOCK_CONFIG, "update", "0", e))
+    }
+
+    /// The socket LB's configuration as programmed.
+    pub fn sock_config(&self) -> Result<SockConfig, DataplaneError> {
+        self.sock.get(&0, 0).map_err(|e| map_err(names::SOCK_CONFIG, "lookup", "0", e))
+    }
+}
+
+/// The cookie of the calling process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+);
+/// `None` on older kernels, where the datapath takes the initial namespace as the host's.
+pub fn own_netns_cookie() -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd as _;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and an out buffer of the length given.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        return Ok(Some(cookie));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOPROTOOPT) { Ok(None) } else { Err(e) }
+}
+
+/// The socket LB's configuration: the sockets of every network namespace (`pods`), or those of
+/// the agent's own (the host's; the initial namespace where the kernel cannot tell its cookie).
+pub fn sock_config(pods: bool) -> std::io::Result<SockConfig> {
+    if pods {
+        return Ok(SockConfig {
+            flags: kproxy_common::sock_flags::ALL_NETNS,
+            ..Default::default()
+        });
+    }
+    Ok(SockConfig { netns_cookie: own_netns_cookie()?.unwrap_or(0), ..Default::default() })
+}
+
+/// The service CIDRs as the datapath holds them (at most [`kproxy_common::SERVICE_CIDRS_MAX`];
+/// more are left out, which the configuration refuses).
+pub fn service_cidrs(nets: &[ipnet::Ipv4Net]) -> ServiceCidrs4 {
+    let mut c = ServiceCidrs4::default();
+    for (slot, n) in c.nets.iter_mut().zip(nets) {
+        *slot = kproxy_common::Cidr4 {
+            addr: u32::from(n.network()).to_be(),
+            mask: u32::from(n.netmask()).to_be(),
+        };
+        c.count += 1;
+    }
+    c
+}
