@@ -77,9 +77,9 @@ pub mod names {
     /// XDP tail-call target: an ICMP error.
     pub const PROG_XDP_ICMP: &str = "kp_xdp_icmp";
     /// The TC tail-call targets (both families) and their index in [`CALLS_TC`]. The first
-    /// [`TC_CALLS_IPV4`] serve IPv4; the rest, IPv6, are loaded as a group that the agent leaves
-    /// out (IPv6 then passes untranslated) when the kernel's verifier refuses one of them.
-    pub const TC_CALLS: [(&str, u32); 14] = [
+    /// [`TC_CALLS_IPV4`] serve IPv4, the rest IPv6; every one must load (a refused program,
+    /// IPv4 or IPv6, fails the load).
+    pub const TC_CALLS: [(&str, u32); 16] = [
         (PROG_TC_POD_NEW, crate::calls::POD_NEW),
         (PROG_TC_POD_ICMP, crate::calls::POD_ICMP),
         (PROG_TC_TOPOD_ICMP, crate::calls::TOPOD_ICMP),
@@ -94,6 +94,8 @@ pub mod names {
         (PROG_TC_TOPOD6, crate::calls::TOPOD6),
         (PROG_TC_EXT6, crate::calls::EXT6),
         (PROG_TC_REJECT6, crate::calls::REJECT6),
+        (PROG_TC_POD_CONN6, crate::calls::POD_CONN6),
+        (PROG_TC_EXT_CONN6, crate::calls::EXT_CONN6),
     ];
     /// Number of IPv4 programs at the start of [`TC_CALLS`].
     pub const TC_CALLS_IPV4: usize = 5;
@@ -172,6 +174,10 @@ pub mod names {
     pub const PROG_TC_EXT_NEW6: &str = "kp_ext_new6";
     /// TC tail-call target: an ICMPv6 error arriving on an external device.
     pub const PROG_TC_EXT_ICMP6: &str = "kp_ext_icmp6";
+    /// TC tail-call target: a new IPv6 connection leaving a pod, as its slow path found it.
+    pub const PROG_TC_POD_CONN6: &str = "kp_pod_conn6";
+    /// TC tail-call target: a new IPv6 connection on an external device.
+    pub const PROG_TC_EXT_CONN6: &str = "kp_ext_conn6";
     /// Socket LB, cgroup `connect4`: TCP and connected UDP sockets to a frontend are connected to
     /// a backend instead.
     pub const PROG_SOCK_CONNECT4: &str = "kp_sock_conn4";
@@ -297,6 +303,10 @@ pub mod calls {
     pub const EXT6: u32 = 12;
     /// TC: an IPv6 packet rejected by a slow path (TCP RST, ICMPv6 port unreachable).
     pub const REJECT6: u32 = 13;
+    /// TC: a new IPv6 connection leaving a pod (backend choice and translation).
+    pub const POD_CONN6: u32 = 14;
+    /// TC: a new IPv6 connection on an external device.
+    pub const EXT_CONN6: u32 = 15;
     /// Entries of the TC table.
     pub const TC_MAX: u32 = 16;
     /// XDP: slow path of `kp_xdp_ext`.

@@ -36,6 +36,8 @@ struct Next {
     translate: bool,
     /// Rejected: the frame is built by the rejection program (see [`reject`]).
     reject: bool,
+    /// A new connection: the connection program ([`conn`]) picks the backend and translates.
+    conn: bool,
     n: Nat6,
     to: To,
     verdict: Verdict,
@@ -45,12 +47,12 @@ struct Next {
 impl Next {
     #[inline(always)]
     fn tx(n: Nat6, to: To, reason: Reason) -> Next {
-        Next { translate: true, reject: false, n, to, verdict: Verdict::PASS, reason }
+        Next { translate: true, reject: false, conn: false, n, to, verdict: Verdict::PASS, reason }
     }
     #[inline(always)]
     fn done(verdict: Verdict, reason: Reason) -> Next {
         let n = Nat6 { saddr: [0; 4], sport: 0, daddr: [0; 4], dport: 0 };
-        Next { translate: false, reject: false, n, to: To::Stack, verdict, reason }
+        Next { translate: false, reject: false, conn: false, n, to: To::Stack, verdict, reason }
     }
     /// Rejected for `reason` (`RejectNoBackend` or `ResetBackendGone`): the rejection program
     /// replaces the packet by a TCP RST or an ICMPv6 port unreachable. The reason travels in
@@ -226,15 +228,67 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     Ok(done(Verdict::PASS, Reason::PassNoService))
 }
 
+/// Index of this hook's IPv6 new-connection program (`ToPod` and XDP have none).
+#[inline(always)]
+fn conn_call(hook: Hook) -> u32 {
+    match hook {
+        Hook::FromPod => calls::POD_CONN6,
+        Hook::TcExt => calls::EXT_CONN6,
+        Hook::XdpExt => calls::XDP_MAX,
+        Hook::ToPod => calls::TC_MAX,
+    }
+}
+
+/// What a slow-path program ends with.
+enum Slow {
+    /// A verdict (the packet translated or not).
+    Done(Verdict, Reason),
+    /// Rejected: the rejection program builds the reply.
+    Reject,
+    /// A new connection: the connection program continues with what is in the scratch space.
+    Conn,
+}
+
 /// The IPv6 slow path of a `*_new6` program; a rejection continues in the rejection program
-/// (a tail call), which keeps the frame building out of the slow path's verification.
+/// and a new connection in the connection program (tail calls), which keeps the frame building
+/// and the backend choice out of the slow path's verification: each program stays within what
+/// the verifiers of older kernels follow (a million instructions, 512 bytes of stack).
 #[inline(always)]
 pub fn slow<P: Packet6>(c: &mut P, hook: Hook) -> Step {
     match run(c, hook) {
-        Ok(Some((v, r))) => done(v, r),
-        Ok(None) => tail(calls::REJECT6),
+        Ok(Slow::Done(v, r)) => done(v, r),
+        Ok(Slow::Reject) => tail(calls::REJECT6),
+        Ok(Slow::Conn) => tail(conn_call(hook)),
         Err(r) => done(Verdict::DROP, r),
     }
+}
+
+/// The connection program: the first packet of a connection to the service its slow path
+/// found (and left in the scratch space, with the parsed packet): backend choice with
+/// affinity, connection and reverse-NAT entries, source NAT, translation.
+#[inline(always)]
+pub fn conn<P: Packet6>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
+    match run_conn(c, hook) {
+        Ok(v) => v,
+        Err(r) => (Verdict::DROP, r),
+    }
+}
+
+#[inline(always)]
+fn run_conn<P: Packet6>(c: &mut P, hook: Hook) -> Out {
+    let Some(cfg) = maps::ready_config() else {
+        return Ok((Verdict::PASS, Reason::PassNotReady));
+    };
+    let nc = maps6::scratch()?.conn;
+    let p = &nc.p;
+    let reason = match nc.why {
+        1 => Reason::Rebalanced,
+        2 => Reason::CtMissMidFlow,
+        _ => Reason::TranslatedNew,
+    };
+    let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
+    let next = new_conn(p, &t, &cfg, hook, &nc.key, &nc.svc, ktime(), reason)?;
+    finish(c, p, &next)
 }
 
 /// The rejection program: replaces the packet by the TCP RST (or, for UDP, the ICMPv6 port
@@ -283,18 +337,18 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
     Ok((Verdict::PASS, Reason::PassUnsupportedProto))
 }
 
-/// The slow path's verdict; `None`: rejected (see [`slow`]).
+/// The slow path's outcome (see [`slow`]).
 #[inline(always)]
-fn run<P: Packet6>(c: &mut P, hook: Hook) -> Result<Option<(Verdict, Reason)>, Reason> {
-    let Some(cfg) = maps::ready_config() else {
-        return Ok(Some((Verdict::PASS, Reason::PassNotReady)));
-    };
+fn run<P: Packet6>(c: &mut P, hook: Hook) -> Result<Slow, Reason> {
+    if maps::ready_config().is_none() {
+        return Ok(Slow::Done(Verdict::PASS, Reason::PassNotReady));
+    }
     let Some(mut p) = parse6::ipv6(c)? else {
-        return Ok(Some((Verdict::PASS, Reason::PassUnsupportedProto)));
+        return Ok(Slow::Done(Verdict::PASS, Reason::PassUnsupportedProto));
     };
     let now = ktime();
     if p.proto != proto::TCP && p.proto != proto::UDP {
-        return Ok(Some((Verdict::PASS, Reason::PassUnsupportedProto)));
+        return Ok(Slow::Done(Verdict::PASS, Reason::PassUnsupportedProto));
     }
     match p.frag {
         Frag::None => {}
@@ -304,19 +358,22 @@ fn run<P: Packet6>(c: &mut P, hook: Hook) -> Result<Option<(Verdict, Reason)>, R
                 p.sport = sport;
                 p.dport = dport;
             }
-            None => return Ok(Some((Verdict::PASS, Reason::PassNoService))),
+            None => return Ok(Slow::Done(Verdict::PASS, Reason::PassNoService)),
         },
     }
-    let next = decide(&p, &cfg, hook, now)?;
+    let next = decide(&p, hook, now)?;
     if next.reject {
-        return Ok(None);
+        return Ok(Slow::Reject);
     }
-    finish(c, &p, &next).map(Some)
+    if next.conn {
+        return Ok(Slow::Conn);
+    }
+    finish(c, &p, &next).map(|(v, r)| Slow::Done(v, r))
 }
 
 /// The slow path's decision for `p`.
 #[inline(always)]
-fn decide(p: &Ip6, cfg: &NodeConfig, hook: Hook, now: u64) -> Result<Next, Reason> {
+fn decide(p: &Ip6, hook: Hook, now: u64) -> Result<Next, Reason> {
     let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
     let mut reason = Reason::TranslatedNew;
     if hook != Hook::ToPod {
@@ -345,7 +402,7 @@ fn decide(p: &Ip6, cfg: &NodeConfig, hook: Hook, now: u64) -> Result<Next, Reaso
         {
             reason = Reason::CtMissMidFlow;
         }
-        return new_conn(p, &t, cfg, hook, &key, &svc, now, reason);
+        return open(p, &key, &svc, reason);
     }
     if hook == Hook::FromPod && syn_only(p) && ct6::clear_stale_revnat(p, now) {
         return Ok(Next::done(Verdict::PASS, Reason::PassStaleNatCleared));
@@ -408,7 +465,28 @@ fn forward_established(p: &Ip6, e: &Ct6Value, be: &Backend6, hook: Hook) -> Next
     Next::tx(n, to, Reason::TranslatedEstablished)
 }
 
-/// First packet of a connection to an IPv6 service frontend.
+/// First packet of a connection to an IPv6 service frontend, in the slow-path program: a
+/// service without endpoints rejects (or drops) it; otherwise the packet and the service go to
+/// the connection program ([`conn`]) through the scratch space.
+#[inline(always)]
+fn open(p: &Ip6, key: &Service6Key, svc: &Service6Value, reason: Reason) -> Result<Next, Reason> {
+    if svc.count == 0 {
+        if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
+            return Err(Reason::DropNoLocalBackend);
+        }
+        return Next::reject(Reason::RejectNoBackend);
+    }
+    let why = match reason {
+        Reason::Rebalanced => 1,
+        Reason::CtMissMidFlow => 2,
+        _ => 0,
+    };
+    maps6::scratch()?.conn = maps6::NewConn6 { p: *p, key: *key, svc: *svc, why };
+    Ok(Next { conn: true, ..Next::done(Verdict::PASS, reason) })
+}
+
+/// First packet of a connection to an IPv6 service frontend with endpoints, in the connection
+/// program.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn new_conn(
@@ -421,12 +499,6 @@ fn new_conn(
     now: u64,
     reason: Reason,
 ) -> Result<Next, Reason> {
-    if svc.count == 0 {
-        if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
-            return Err(Reason::DropNoLocalBackend);
-        }
-        return Next::reject(Reason::RejectNoBackend);
-    }
     let (id, be) = lb6::pick(key, svc, t, now)?;
     let local = be.flags & backend_flags::LOCAL != 0;
     // Hairpin: a pod balanced to itself (see `flow::new_conn`).

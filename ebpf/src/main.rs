@@ -256,6 +256,22 @@ pub fn kp_ext_new6(ctx: TcContext) -> i32 {
     tc_step(&ctx, &c, s)
 }
 
+/// TC: a new IPv6 connection leaving a pod (tail-called by `kp_pod_new6`).
+#[classifier]
+pub fn kp_pod_conn6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::conn(&mut c, Hook::FromPod);
+    tc_verdict_in(&c, v, reason, true)
+}
+
+/// TC: a new IPv6 connection on an external device (tail-called by `kp_ext_new6`).
+#[classifier]
+pub fn kp_ext_conn6(ctx: TcContext) -> i32 {
+    let mut c = pkt::Tc(&ctx);
+    let (v, reason) = flow6::conn(&mut c, Hook::TcExt);
+    tc_verdict_in(&c, v, reason, true)
+}
+
 /// TC: ICMPv6 errors on external devices.
 #[classifier]
 pub fn kp_ext_icmp6(ctx: TcContext) -> i32 {
@@ -322,7 +338,8 @@ fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
         if s.v6 {
-            // No IPv6 programs (the kernel refused them): IPv6 passes untranslated.
+            // An empty IPv6 slot (not expected: the agent fails when one does not load): IPv6
+            // passes untranslated, counted.
             count(Reason::PassNotReady, true);
             return TC_ACT_OK;
         }

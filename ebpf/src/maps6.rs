@@ -13,7 +13,10 @@ use kproxy_common::{
     Tuple6, ct_counter, defaults, hints,
 };
 
-use crate::maps::{kp_addrbits, kp_portbits};
+use crate::{
+    maps::{kp_addrbits, kp_portbits},
+    parse6::Ip6,
+};
 
 /// IPv6 frontend (+ backend slot) → service entry / backend id.
 #[btf_map]
@@ -80,6 +83,23 @@ pub struct Scratch6 {
     /// For the rejection program: 1 when a connection's backend went away (TCP RST,
     /// `ResetBackendGone`), 0 for a service without endpoints (`RejectNoBackend`).
     pub reject_gone: u8,
+    /// A new connection, as the slow path hands it to the connection program (see
+    /// [`crate::flow6::conn`]).
+    pub conn: NewConn6,
+}
+
+/// A new IPv6 connection found by a slow-path program, for its connection program: the packet
+/// as parsed (the connection program does not parse again) and the service it opens.
+#[derive(Clone, Copy)]
+pub struct NewConn6 {
+    /// The packet.
+    pub p: Ip6,
+    /// The frontend (slot 0).
+    pub key: Service6Key,
+    /// Its service entry (non-empty).
+    pub svc: Service6Value,
+    /// Why: 0 new, 1 rebalanced (backend gone), 2 TCP without connection entry mid-flow.
+    pub why: u8,
 }
 
 /// This CPU's scratch space. Not pinned: each load has its own.

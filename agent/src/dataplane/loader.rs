@@ -211,8 +211,6 @@ pub struct Datapath {
     xdp_mode: Option<XdpMode>,
     /// This load's tail-call table pins.
     calls_pins: Vec<PathBuf>,
-    /// Whether the IPv6 programs loaded (and IPv6 services are translated).
-    ipv6: bool,
 }
 
 fn links_dir(pin_path: &Path) -> PathBuf {
@@ -318,30 +316,9 @@ impl Datapath {
         let fresh_hints = !dir.join(names::ADDR_BITS).exists();
         let mut ebpf = loader.load(crate::EBPF_OBJECT).context("loading the eBPF object")?;
         let tc_progs = [names::PROG_TC_EXT, names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD];
-        let mut ipv6 = true;
-        for (i, name) in tc_progs.into_iter().chain(names::TC_CALLS.map(|(n, _)| n)).enumerate() {
-            let is_v6 = i >= tc_progs.len() + names::TC_CALLS_IPV4;
-            if is_v6 && !ipv6 {
-                continue;
-            }
+        for name in tc_progs.into_iter().chain(names::TC_CALLS.map(|(n, _)| n)) {
             let p: &mut SchedClassifier = prog(&mut ebpf, name)?.try_into()?;
-            match p.load() {
-                Ok(()) => {}
-                // IPv6 is served only when all its programs load; IPv4 never depends on them.
-                Err(e) if is_v6 => {
-                    let e = e.to_string();
-                    let error = e.lines().next().unwrap_or_default();
-                    warn!(
-                        program = name,
-                        error,
-                        "the kernel's verifier refused an IPv6 program: IPv6 packets pass untranslated on this node"
-                    );
-                    ipv6 = false;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("loading program {name} (verifier)"));
-                }
-            }
+            p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
         for name in [names::PROG_XDP_EXT].into_iter().chain(names::XDP_CALLS.map(|(n, _)| n)) {
             let p: &mut Xdp = prog(&mut ebpf, name)?.try_into()?;
@@ -351,12 +328,12 @@ impl Datapath {
             let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        let calls_pins = fill_calls(&mut ebpf, &dir, ipv6)?;
+        let calls_pins = fill_calls(&mut ebpf, &dir)?;
         if fresh_hints {
             seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
         }
         info!(pin_path = %pin_path.display(), "datapath loaded");
-        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins, ipv6 })
+        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins })
     }
 
     /// Forces the XDP attach mode of new XDP attachments (`--xdp-mode`; `None`, the default:
@@ -369,12 +346,6 @@ impl Datapath {
     /// The pin path this datapath lives under.
     pub fn pin_path(&self) -> &Path {
         &self.pin_path
-    }
-
-    /// Whether the kernel accepted the IPv6 programs (IPv6 services are translated); when not,
-    /// IPv6 packets pass untranslated.
-    pub fn ipv6(&self) -> bool {
-        self.ipv6
     }
 
     /// A loaded program by name (tests run them with `BPF_PROG_TEST_RUN`).
@@ -602,7 +573,7 @@ fn calls_dir(dir: &Path) -> PathBuf {
 /// outlive the agent (the kernel empties a program array when its last file descriptor and pin
 /// are gone). Each load pins its own tables under a new name: programs still attached from an
 /// earlier load keep the tables they were loaded with until [`Datapath::retire_old_calls`].
-fn fill_calls(ebpf: &mut Ebpf, dir: &Path, ipv6: bool) -> anyhow::Result<Vec<PathBuf>> {
+fn fill_calls(ebpf: &mut Ebpf, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     use std::time::{SystemTime, UNIX_EPOCH};
     let stamp = format!(
         "{}-{}",
@@ -611,8 +582,7 @@ fn fill_calls(ebpf: &mut Ebpf, dir: &Path, ipv6: bool) -> anyhow::Result<Vec<Pat
     );
     let calls = calls_dir(dir);
     std::fs::create_dir_all(&calls).with_context(|| format!("creating {}", calls.display()))?;
-    let tc_calls =
-        if ipv6 { &names::TC_CALLS[..] } else { &names::TC_CALLS[..names::TC_CALLS_IPV4] };
+    let tc_calls = &names::TC_CALLS[..];
     let mut pins = Vec::new();
     for (table, targets) in [(names::CALLS_TC, tc_calls), (names::CALLS_XDP, &names::XDP_CALLS[..])]
     {

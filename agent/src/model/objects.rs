@@ -312,6 +312,9 @@ impl From<&Node> for NodeObj {
 }
 
 /// One change delivered by a source: an object added or updated (whole), or deleted by name.
+// Changes are moved once from a source to the tracker, never stored: boxing the service would
+// only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A Service was added or updated.

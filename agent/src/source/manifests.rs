@@ -82,6 +82,8 @@ enum ObjectKey {
 }
 
 /// One object read from a file.
+// Short-lived (read, then turned into a change): see [`crate::model::objects::Change`].
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     /// A Service.
