@@ -7,7 +7,7 @@ use kproxy::{
     agent,
     cli::{Cli, Command, ConntrackAction, ListAction, ListArgs, Output, show},
     config::Config,
-    dataplane::{Dataplane as _, bpf::BpfDataplane, loader},
+    dataplane::{Dataplane as _, Dataplane6 as _, bpf::BpfDataplane, loader},
 };
 
 fn main() -> ExitCode {
@@ -63,10 +63,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dp = open(&args)?;
             let services = dp.services()?;
             let backends = dp.backends()?;
+            // Pins of an agent from before the IPv6 maps have none.
+            let (services6, backends6) = if dp.has_ipv6() {
+                (dp.services6()?, dp.backends6()?)
+            } else {
+                (Vec::new(), Vec::new())
+            };
             print(
                 args.output,
-                || show::services_table(&services, &backends),
-                || show::services_json(&services, &backends),
+                || show::services_table(&services, &backends, &services6, &backends6),
+                || show::services_json(&services, &backends, &services6, &backends6),
             );
             Ok(())
         }
@@ -82,10 +88,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 let entries = dp.conntrack()?;
+                // Pins of an agent from before the IPv6 maps have none.
+                let entries6 = if dp.has_ipv6() { dp.conntrack6()? } else { Vec::new() };
                 print(
                     args.list.output,
-                    || show::conntrack_table(&entries, now),
-                    || show::conntrack_json(&entries, now),
+                    || show::conntrack_table(&entries, &entries6, now),
+                    || show::conntrack_json(&entries, &entries6, now),
                 );
             }
             Ok(())
