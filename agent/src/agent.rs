@@ -255,6 +255,7 @@ impl ChangeObserver {
                 }
                 return;
             }
+            Change::ServiceCidr(_) | Change::ServiceCidrDeleted(_) => return,
         };
         pending.insert(name.clone());
         self.metrics.count_changes(u64::from(is_slice), u64::from(!is_slice));
@@ -377,12 +378,22 @@ fn start_conntrack(
     .context("starting the conntrack GC and reconciler")
 }
 
-/// Writes the service CIDRs (`--service-cidr`) and the socket LB's scope (`--socket-lb-pods`)
-/// before the socket LB is attached.
+/// Writes the service CIDRs (`--service-cidr`, with those a previous agent programmed until the
+/// first sync writes the current ones) and the socket LB's scope (`--socket-lb-pods`) before the
+/// socket LB is attached.
 fn write_guard_config(config: &Config, dp: &mut BpfDataplane) -> anyhow::Result<()> {
     use crate::dataplane::{Dataplane as _, guard};
-    dp.set_service_cidrs(&guard::service_cidrs(&config.service_cidrs))
-        .context("writing the service CIDRs")?;
+    let mut cidrs = guard::service_cidrs(&config.service_cidrs);
+    if let Some(Ok(held)) = dp.guards().map(|g| g.service_cidrs()) {
+        for n in held.nets.iter().take(held.count as usize) {
+            let used = cidrs.count as usize;
+            if used < cidrs.nets.len() && !cidrs.nets[..used].contains(n) {
+                cidrs.nets[used] = *n;
+                cidrs.count += 1;
+            }
+        }
+    }
+    dp.set_service_cidrs(&cidrs).context("writing the service CIDRs")?;
     let sock = guard::sock_config(config.socket_lb_pods).context("reading the netns cookie")?;
     dp.set_sock_config(&sock).context("writing the socket LB's scope")?;
     info!(
@@ -482,6 +493,7 @@ async fn sync_loop(
         Tracker::new(NodeInfo { name: config.node_name.clone(), addrs: Vec::new(), zone: None });
     tracker.set_address_policy(config.address_policy.clone());
     tracker.set_node_port_source_ranges(config.source_ranges_node_ports);
+    tracker.set_service_cidrs(&config.service_cidrs);
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut addrs_stale = true;
     let mut full_due = false;

@@ -1,8 +1,9 @@
 //! Safe on a real cluster, agent side, end to end in the lab: bad input never withdraws what
 //! works (an invalid edit of a live Service or EndpointSlice, from manifests or from the
 //! Kubernetes API; a huge manifest), a newer service cannot take a live one's frontend, UDP
-//! flows leave a backend that stops serving while TCP connections stay, and an agent with empty
-//! maps bootstraps through the API server's real address.
+//! flows leave a backend that stops serving while TCP connections stay, an agent with empty
+//! maps bootstraps through the API server's real address, and ServiceCIDR objects guard their
+//! networks.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
@@ -66,7 +67,7 @@ impl Setup {
     }
 
     fn log(&self, node: usize) -> String {
-        self.agents[node].log_text()
+        self.agents.iter().find(|a| a.node == node).expect("an agent on that node").log_text()
     }
 
     /// Waits until node `node`'s agent log contains every one of `needles` (in one line).
@@ -459,6 +460,75 @@ fn agent_with_empty_maps_bootstraps_through_the_api_servers_real_address() {
     .expect("netns")
     .expect("the kubernetes ClusterIP answers");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("ServiceList"), "{answer}");
+    drop(kubeconfig);
+}
+
+/// `networking.k8s.io/v1` ServiceCIDR objects are service CIDRs together with `--service-cidr`:
+/// an address of either that no service holds is dropped (counted); a network whose object is
+/// deleted is not guarded any more, a new object's is; a bad value is a warning naming the object
+/// and the value. Against an API server without ServiceCIDRs only `--service-cidr` counts, and
+/// one line says so.
+#[test]
+fn service_cidr_objects_from_the_api_are_service_cidrs() {
+    let mut s = Setup::new("svccidr");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = start_api(&rt, &s.lab);
+    let cidr = |name: &str, cidrs: &[&str]| {
+        serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                           "metadata": {"name": name}, "spec": {"cidrs": cidrs}})
+    };
+    api.apply(cidr("kubernetes", &["198.19.1.0/24", "198.19.2.0/33", "fd00:10::/108"])).unwrap();
+    let web = Service::cluster_ip("web", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    apply(&api, &web, vec![s.ep(0, 0), s.ep(1, 0)]);
+    let kubeconfig = KubeConfig::write(&s.lab, &api.url());
+    let opts = AgentOpts {
+        extra_args: ["--kubeconfig", &kubeconfig.path(), "--service-cidr", "198.19.0.0/24"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    // Node 1's agent meets an API server without ServiceCIDRs, node 0's one with them.
+    api.serve_service_cidrs(false);
+    s.agents.push(s.lab.spawn_agent(1, &opts).expect("agent 1"));
+    s.wait_log_line(1, &["serves no networking.k8s.io/v1 ServiceCIDR"]);
+    api.serve_service_cidrs(true);
+    s.agents.push(s.lab.spawn_agent(0, &opts).expect("agent 0"));
+    let (pod0, pod1) = (s.pod_ns(0, 1), s.pod_ns(1, 1));
+    wait_served_by(&pod0, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
+    wait_served_by(&pod1, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
+    s.wait_log_line(0, &["ServiceCIDR kubernetes", "spec.cidrs[1]", "198.19.2.0/33"]);
+
+    // Whether a TCP request from `pod` on `node` to `addr` is dropped as an unallocated service
+    // address (the counter grows; the request gets no answer).
+    let dropped = |node: usize, pod: &str, addr: Ipv4Addr| {
+        let ns = s.lab.node(node).ns.clone();
+        let before = packets(&metrics(&ns), "drop_unallocated_service_ip");
+        let r = tcp_request(pod, addr, 80, T);
+        let after = packets(&metrics(&ns), "drop_unallocated_service_ip");
+        if after > before {
+            assert!(
+                r.as_ref().is_err_and(|e| e.is_timeout()),
+                "{addr} counted and answered: {r:?}"
+            );
+        }
+        after > before
+    };
+    let (flag_addr, object_addr) = (Ipv4Addr::new(198, 19, 0, 99), Ipv4Addr::new(198, 19, 1, 99));
+    assert!(dropped(0, &pod0, flag_addr), "--service-cidr's network on node 0");
+    assert!(dropped(0, &pod0, object_addr), "the ServiceCIDR's network on node 0");
+    assert!(dropped(1, &pod1, flag_addr), "--service-cidr's network on node 1");
+    assert!(!dropped(1, &pod1, object_addr), "node 1's API server has no ServiceCIDRs");
+
+    // The object deleted: its network is not guarded any more; a new object's network is.
+    assert!(api.delete("ServiceCIDR", "", "kubernetes"));
+    api.apply(cidr("extra", &["198.19.3.0/24"])).unwrap();
+    let new_addr = Ipv4Addr::new(198, 19, 3, 99);
+    lab::eventually(CONVERGE, Duration::from_millis(200), || {
+        if dropped(0, &pod0, new_addr) { Ok(()) } else { Err("not dropped yet") }
+    })
+    .expect("the new ServiceCIDR's network guarded");
+    assert!(!dropped(0, &pod0, object_addr), "the deleted ServiceCIDR's network");
+    assert!(dropped(0, &pod0, flag_addr), "--service-cidr's network stays");
     drop(kubeconfig);
 }
 

@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 
 use super::{
@@ -305,6 +306,28 @@ impl From<&Node> for NodeObj {
     }
 }
 
+/// What the model reads of a ServiceCIDR (`networking.k8s.io/v1`, cluster-scoped): the networks
+/// ClusterIPs are allocated from, as the API spells them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCidrObj {
+    /// Object name.
+    pub name: String,
+    /// `spec.cidrs`.
+    pub cidrs: Vec<String>,
+    /// The manifest file the object came from (`None`: the Kubernetes API).
+    pub origin: Option<SharedStr>,
+}
+
+impl From<&ServiceCIDR> for ServiceCidrObj {
+    fn from(c: &ServiceCIDR) -> Self {
+        Self {
+            name: c.metadata.name.clone().unwrap_or_default(),
+            cidrs: c.spec.as_ref().and_then(|s| s.cidrs.clone()).unwrap_or_default(),
+            origin: None,
+        }
+    }
+}
+
 /// One change delivered by a source: an object added or updated (whole), or deleted by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -320,4 +343,8 @@ pub enum Change {
     Node(NodeObj),
     /// A Node was deleted (by name).
     NodeDeleted(String),
+    /// A ServiceCIDR was added or updated.
+    ServiceCidr(ServiceCidrObj),
+    /// A ServiceCIDR was deleted (by name).
+    ServiceCidrDeleted(String),
 }

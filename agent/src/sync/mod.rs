@@ -42,7 +42,9 @@
 //! Closed service addresses (the addresses of ClusterIP, external-IP and load-balancer
 //! frontends that are no node address: the datapath rejects their ports without frontend) follow
 //! the programmed service entries: counted per address as the entries are written and removed,
-//! and written after the frontends of a sync (removed after them too).
+//! and written after the frontends of a sync (removed after them too). The service CIDRs (from
+//! the model's [`Changes`]: `--service-cidr` and ServiceCIDR objects) are written after them when
+//! they changed; a failed write keeps the previous ones and is retried by the next sync.
 //!
 //! UDP flows: a backend that stops serving stays in the maps while its endpoint exists (tracked
 //! TCP connections keep working), so a UDP flow tracked to it would stay there. The report lists
@@ -106,6 +108,9 @@ pub enum SyncError {
     /// Writing the closed service addresses failed (retried on the next sync).
     #[error("closed service addresses: {0}")]
     ServiceAddrs(#[source] DataplaneError),
+    /// Writing the service CIDRs failed (retried on the next sync; the previous ones stay).
+    #[error("service CIDRs: {0}")]
+    ServiceCidrs(#[source] DataplaneError),
 }
 
 impl SyncError {
@@ -118,6 +123,7 @@ impl SyncError {
             SyncError::Remove { .. } => "remove",
             SyncError::Read(_) => "read",
             SyncError::ServiceAddrs(_) => "service_addrs",
+            SyncError::ServiceCidrs(_) => "service_cidrs",
         }
     }
 
@@ -458,6 +464,10 @@ pub struct Syncer {
     closed_programmed: FastSet<u32>,
     /// The node's addresses (be): never closed, whatever frontends they carry.
     node_addrs: FastSet<u32>,
+    /// The service CIDRs last given (`None`: never, they are left as they are) and whether
+    /// they are programmed.
+    service_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    service_cidrs_written: bool,
 }
 
 /// One write of a port's transaction, with what undoes it.
@@ -619,6 +629,12 @@ impl Syncer {
     /// they name (their ports replace the ones they had); nothing else is looked at. The port
     /// states are taken out of `changes`.
     pub fn sync_changes(&mut self, changes: &mut Changes, dp: &mut dyn Dataplane) -> SyncReport {
+        if let Some(nets) = changes.service_cidrs.take()
+            && self.service_cidrs.as_ref() != Some(&nets)
+        {
+            self.service_cidrs = Some(nets);
+            self.service_cidrs_written = false;
+        }
         let ports = std::mem::take(&mut changes.state.services);
         if changes.full {
             self.apply(ports, None, dp)
@@ -771,6 +787,7 @@ impl Syncer {
         self.remove_frontends(stale, dp, &mut report);
         self.remove_stale_ranges(scope.is_none(), &removed, dp, &mut report);
         self.write_service_addrs(dp, &mut report);
+        self.write_service_cidrs(dp, &mut report);
         self.remove_backends(scope.is_none(), &touched, dp, &mut report);
         self.update_backend_flags(&touched, dp, &mut report);
         // The ids of the ports that went away are free now (not earlier: a new port taking over
@@ -1274,6 +1291,18 @@ impl Syncer {
                 self.shadow.closed_changed.extend(&items[done..]);
                 report.errors.push(SyncError::ServiceAddrs(error));
             }
+        }
+    }
+
+    /// Writes the service CIDRs when they changed (or their last write failed).
+    fn write_service_cidrs(&mut self, dp: &mut dyn Dataplane, report: &mut SyncReport) {
+        let Some(nets) = self.service_cidrs.as_ref().filter(|_| !self.service_cidrs_written) else {
+            return;
+        };
+        report.writes += 1;
+        match dp.set_service_cidrs(&crate::dataplane::guard::service_cidrs(nets)) {
+            Ok(()) => self.service_cidrs_written = true,
+            Err(e) => report.errors.push(SyncError::ServiceCidrs(e)),
         }
     }
 

@@ -1065,3 +1065,45 @@ fn a_port_failing_mid_batch_is_undone_and_the_others_are_written() {
         assert_eq!(programmed(&dp.mem, &cip(n)).as_deref(), Some(hosts[n as usize - 1]));
     }
 }
+
+/// The service CIDRs of the model's changes are written once per change; a failed write is a
+/// datapath failure that keeps the previous networks and is retried by the next sync; a syncer
+/// never given any leaves the map alone.
+#[test]
+fn service_cidrs_are_written_when_they_change_and_retried_after_a_failure() {
+    let net = |s: &str| -> ipnet::Ipv4Net { s.parse().unwrap() };
+    let mut dp = MemDataplane::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10])]), &mut dp);
+    assert_eq!(dp.service_cidrs.count, 0, "none given: the map is left as it is");
+    let mut changes = Changes {
+        service_cidrs: Some(vec![net("198.19.0.0/24"), net("198.19.1.0/24")]),
+        ..Default::default()
+    };
+    let r = s.sync_changes(&mut changes, &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        dp.service_cidrs,
+        crate::dataplane::guard::service_cidrs(&[net("198.19.0.0/24"), net("198.19.1.0/24")])
+    );
+    // The same networks again: no write.
+    dp.service_cidrs_fail = true;
+    let mut same = Changes {
+        service_cidrs: Some(vec![net("198.19.0.0/24"), net("198.19.1.0/24")]),
+        ..Default::default()
+    };
+    assert!(s.sync_changes(&mut same, &mut dp).errors.is_empty());
+    // A change whose write fails: the previous networks stay, the error is a datapath failure.
+    let mut one = Changes { service_cidrs: Some(vec![net("198.19.0.0/24")]), ..Default::default() };
+    let r = s.sync_changes(&mut one, &mut dp);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.errors[0].kind(), "service_cidrs");
+    assert!(r.errors[0].is_datapath_failure());
+    assert!(r.errors[0].to_string().contains("kp_svccidr4"), "{}", r.errors[0]);
+    assert_eq!(dp.service_cidrs.count, 2);
+    // The next sync, with no new networks, writes them.
+    dp.service_cidrs_fail = false;
+    let r = s.sync_changes(&mut Changes::default(), &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(dp.service_cidrs, crate::dataplane::guard::service_cidrs(&[net("198.19.0.0/24")]));
+}
