@@ -319,6 +319,38 @@ fn source_ranges_and_closed_service_addresses() {
     assert!(packets(&m, "drop_unallocated_service_ip") >= 1, "{m}");
 }
 
+/// Two live TCP connections from one pod address and port through two ClusterIPs to the same
+/// backend: the second gets another source port on the way (the backend would otherwise see
+/// one tuple twice, and the replies of one would be restored to the other's frontend), and both
+/// keep working, each answered through its own ClusterIP.
+#[test]
+fn one_client_port_through_two_cluster_ips_to_one_backend() {
+    let mut s = Setup::new("srcport");
+    s.start_manifest_agents(&[]);
+    let backend = vec![s.ep(1, 0)];
+    for (name, vip) in [("one", VIP), ("two", VIP2)] {
+        let svc = Service::cluster_ip(name, vip, vec![Port::tcp("http", 80, SERVER_PORT)]);
+        s.put(&svc, backend.clone());
+    }
+    let pod = s.pod_ns(0, 1);
+    wait_served_by(&pod, VIP, 80, &["node-1-pod-0"]);
+    wait_served_by(&pod, VIP2, 80, &["node-1-pod-0"]);
+    let src = SocketAddrV4::new(s.lab.pod(0, 1).unwrap().ip, 40080);
+    let (mut one, r1) = TcpSession::connect_from(&pod, Some(src), VIP, 80, T).expect("first");
+    assert_eq!(r1.client_addr, src, "the first connection keeps the client's port");
+    let (mut two, r2) =
+        TcpSession::connect_from(&pod, Some(src), VIP2, 80, T).expect("second, same client port");
+    assert_eq!(r2.server_pod, "node-1-pod-0");
+    assert_eq!(*r2.client_addr.ip(), *src.ip());
+    assert_ne!(r2.client_addr.port(), src.port(), "the backend sees another source port");
+    for round in 0..5 {
+        let a = one.request().unwrap_or_else(|e| panic!("round {round}: first connection: {e}"));
+        let b = two.request().unwrap_or_else(|e| panic!("round {round}: second connection: {e}"));
+        assert_eq!(a.client_addr, r1.client_addr, "round {round}");
+        assert_eq!(b.client_addr, r2.client_addr, "round {round}");
+    }
+}
+
 /// A 50 MB manifest is refused unread with one short message, a huge bad value is quoted short,
 /// and an unrelated valid change is applied.
 #[test]
