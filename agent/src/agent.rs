@@ -494,7 +494,9 @@ async fn sync_loop(
     tracker.set_address_policy(config.address_policy.clone());
     tracker.set_node_port_source_ranges(config.source_ranges_node_ports);
     tracker.set_service_cidrs(&config.service_cidrs);
+    // The NodePort devices' addresses, and every local address (never a closed service address).
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
+    let mut local_addrs: Vec<Ipv4Addr> = Vec::new();
     let mut addrs_stale = true;
     let mut full_due = false;
     let mut last_full = Instant::now();
@@ -557,24 +559,29 @@ async fn sync_loop(
         let mut full = source.poll(&mut obs, &mut tracker);
         if addrs_stale {
             addrs_stale = false;
-            let addrs = match netdev::node_addrs(&config.nodeport_devices) {
-                Ok(a) => a,
+            match netdev::node_addrs(&config.nodeport_devices) {
+                Ok(read) => {
+                    if local_addrs != read.local {
+                        debug!(addresses = ?read.local, "local addresses");
+                        syncer.set_node_addrs(&read.local);
+                        local_addrs = read.local;
+                    }
+                    let addrs = read.nodeport;
+                    if node_addrs.as_ref() != Some(&addrs) {
+                        info!(addresses = ?addrs, "node addresses");
+                        if addrs.is_empty() {
+                            warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
+                        }
+                        tracker.set_node_addrs(&addrs);
+                        node_addrs = Some(addrs);
+                        state.config_written = false;
+                    }
+                }
                 Err(e) => {
                     if let Some(held) = obs.log_limiter.allow("node addresses", Instant::now()) {
-                        warn!(error = %e, repeats_not_logged = held, "cannot read the NodePort device addresses");
+                        warn!(error = %e, repeats_not_logged = held, "cannot read the node addresses");
                     }
-                    node_addrs.clone().unwrap_or_default()
                 }
-            };
-            if node_addrs.as_ref() != Some(&addrs) {
-                info!(addresses = ?addrs, "node addresses");
-                if addrs.is_empty() {
-                    warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
-                }
-                tracker.set_node_addrs(&addrs);
-                syncer.set_node_addrs(&addrs);
-                node_addrs = Some(addrs);
-                state.config_written = false;
             }
         }
         let addrs = node_addrs.clone().unwrap_or_default();

@@ -319,6 +319,74 @@ fn source_ranges_and_closed_service_addresses() {
     assert!(packets(&m, "drop_unallocated_service_ip") >= 1, "{m}");
 }
 
+/// A node address on an interface that is no NodePort device, used by a service as an
+/// externalIP: the service's port goes to the service, every other port is the node's (kube-proxy
+/// leaves traffic to a local address alone when no service uses the port); an externalIP that is
+/// no node address still rejects the ports its services do not use.
+#[test]
+fn a_local_address_used_as_external_ip_keeps_its_other_ports_for_the_node() {
+    let mut s = Setup::new("localip");
+    let node_ns = s.lab.node(0).ns.clone();
+    let (local, other) = (Ipv4Addr::new(198, 18, 200, 20), Ipv4Addr::new(198, 18, 200, 21));
+    for argv in [
+        vec!["ip", "link", "add", "kpvip0", "type", "veth", "peer", "name", "kpvip1"],
+        vec!["ip", "addr", "add", "198.18.200.20/32", "dev", "kpvip0"],
+        vec!["ip", "link", "set", "kpvip0", "up"],
+        vec!["ip", "link", "set", "kpvip1", "up"],
+    ] {
+        let out = lab::exec(&node_ns, &argv).expect("ip");
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The node's own service on the local address (the link and the listener go with the
+    // namespace and the test).
+    const NODE_SERVICE_PORT: u16 = 9443;
+    let listener =
+        lab::in_netns(&node_ns, || std::net::TcpListener::bind((local, NODE_SERVICE_PORT)))
+            .expect("netns")
+            .expect("listen on the local address");
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let server = std::thread::spawn(move || {
+        use std::io::Write;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.write_all(b"node\n");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    s.start_manifest_agents(&[]);
+    let mut svc = Service::cluster_ip("ext", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    svc.external_ips = vec![local, other];
+    s.put(&svc, vec![s.ep(0, 0)]);
+    let client = s.lab.client_ns();
+    wait_served_by(&client, local, 80, &["node-0-pod-0"]);
+    wait_served_by(&client, other, 80, &["node-0-pod-0"]);
+    // Another port of the node's address: the node answers.
+    let answer = lab::in_netns(&client, || -> std::io::Result<String> {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect_timeout(&(local, NODE_SERVICE_PORT).into(), T)?;
+        c.set_read_timeout(Some(T))?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .expect("netns");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    server.join().unwrap();
+    assert_eq!(
+        answer.as_deref().ok(),
+        Some("node\n"),
+        "the node's port on its own address: {answer:?}"
+    );
+    // The other externalIP is no node address: its unused ports are rejected.
+    let r = tcp_request(&client, other, NODE_SERVICE_PORT, T);
+    assert!(r.as_ref().is_err_and(|e| e.is_refused()), "an unused port of {other}: {r:?}");
+}
+
 /// Two live TCP connections from one pod address and port through two ClusterIPs to the same
 /// backend: the second gets another source port on the way (the backend would otherwise see
 /// one tuple twice, and the replies of one would be restored to the other's frontend), and both

@@ -567,8 +567,9 @@ impl Syncer {
         }
     }
 
-    /// Sets the node's addresses: they are never closed service addresses (an externalIP may be
-    /// a node address; the node's own ports on it stay open). Applied by the next sync.
+    /// Sets the node's local addresses (every interface's, as kube-proxy counts them): they are
+    /// never closed service addresses (an externalIP or load-balancer IP may be a node address;
+    /// the node's own ports on it stay open). Applied by the next sync.
     pub fn set_node_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) {
         let new: FastSet<u32> = addrs.iter().map(|a| u32::from(*a).to_be()).collect();
         let changed: Vec<u32> = new.symmetric_difference(&self.node_addrs).copied().collect();
