@@ -285,7 +285,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         );
         config.bpf_host_routing = false;
     }
-    let health = Arc::new(ProxyHealth::new(Stamp::now()));
+    // kube-proxy's health timeout: twice the sync period.
+    let health =
+        Arc::new(ProxyHealth::new(Stamp::now()).with_timeout(config.sync_period.saturating_mul(2)));
     start_servers(&config, &metrics, &health).await?;
     let health_checks =
         config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
@@ -682,8 +684,8 @@ impl LoopState {
     ///
     /// A sync in which a datapath write failed is handled as kube-proxy handles a failed sync:
     /// it is not reported to `/healthz` as an update (the changes stay pending there, so that
-    /// `/healthz` and `/livez` fail once one has waited [`crate::health::HEALTH_TIMEOUT`] for a
-    /// sync that succeeds), the healthCheckNodePort answers and the last-sync timestamp stay as
+    /// `/healthz` and `/livez` fail once one has waited twice the sync period for a sync that
+    /// succeeds), the healthCheckNodePort answers and the last-sync timestamp stay as
     /// the last successful sync left them, and the next sync is a full one.
     #[allow(clippy::too_many_arguments)]
     fn sync(
