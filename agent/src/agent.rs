@@ -376,6 +376,7 @@ fn start_conntrack(
         config.conntrack_gc_interval,
         move |r, evictions, took| m.conntrack_collected(r.deleted, evictions, took),
         move |n| m2.conntrack_reconciled(n),
+        config.socket_lb_pods,
     )
     .context("starting the conntrack GC and reconciler")
 }
