@@ -2,8 +2,9 @@
 //! works (an invalid edit of a live Service or EndpointSlice, from manifests or from the
 //! Kubernetes API; a huge manifest), a newer service cannot take a live one's frontend, UDP
 //! flows leave a backend that stops serving while TCP connections stay, an agent with empty
-//! maps bootstraps through the API server's real address, and ServiceCIDR objects guard their
-//! networks.
+//! maps bootstraps through the API server's real address, ServiceCIDR objects guard their
+//! networks, two connections from one client port through two ClusterIPs to one backend both
+//! work, and a node address used as an externalIP keeps its other ports for the node.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
