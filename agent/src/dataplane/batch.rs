@@ -138,6 +138,13 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, Stopped> 
         attr.batch.count = chunk.len() as u32;
         // SAFETY: `count` keys, alive across the call.
         let r = unsafe { sys::bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr) };
+        if let Err(e) = &r
+            && no_batch(e)
+        {
+            // The map type has no batched delete (refused before any key, `count` untouched):
+            // the rest one by one.
+            return Ok(deleted + delete_each(fd, &keys[at..], at)?);
+        }
         // SAFETY: the kernel wrote back how many elements it deleted.
         let applied = (unsafe { attr.batch.count } as usize).min(chunk.len());
         deleted += applied;
@@ -145,10 +152,6 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, Stopped> 
             Ok(_) => at += chunk.len(),
             // The key after the deleted ones is absent: skip it and go on.
             Err(e) if errno(&e) == Some(libc::ENOENT) => at += applied + 1,
-            // Refused before any key: the rest one by one.
-            Err(e) if no_batch(&e) && applied == 0 => {
-                return Ok(deleted + delete_each(fd, &keys[at..], at)?);
-            }
             Err(error) => return Err(Stopped { done: at + applied, error }),
         }
     }

@@ -995,7 +995,12 @@ fn services_are_written_in_one_batch_per_phase() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(
         dp.calls,
-        [("delete_services", 25), ("delete_services", 75), ("delete_backends", 75)]
+        [
+            ("delete_services", 25),
+            ("delete_services", 75),
+            ("delete_service_addrs", 25),
+            ("delete_backends", 75)
+        ]
     );
 }
 
