@@ -500,6 +500,10 @@ struct SliceIssues {
     skipped: Vec<String>,
 }
 
+/// Hash maps of the tracker: foldhash's randomly seeded quality hasher (keys are names from the
+/// API; SipHash was a few % of a from-scratch model build).
+type NameMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 /// The change tracker: keeps the compact objects, takes per-object [`Change`]s, marks the
 /// services they affect dirty (a Service itself, the owner of an EndpointSlice through its
 /// `kubernetes.io/service-name` label, every service for a node change) and recomputes only
@@ -523,13 +527,13 @@ pub struct Tracker {
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
-    services: HashMap<ServiceName, Box<ServiceObj>>,
-    slices: HashMap<ObjectName, Box<SliceObj>>,
+    services: NameMap<ServiceName, Box<ServiceObj>>,
+    slices: NameMap<ObjectName, Box<SliceObj>>,
     /// Service → names of its IPv4 slices, in name order.
-    slices_of: HashMap<ServiceName, Vec<SharedStr>>,
-    records: HashMap<ServiceName, ServiceRecord>,
+    slices_of: NameMap<ServiceName, Vec<SharedStr>>,
+    records: NameMap<ServiceName, ServiceRecord>,
     /// Claim key → service ports claiming it (almost always one).
-    claims: HashMap<Frontend, Vec<Claim>>,
+    claims: NameMap<Frontend, Vec<Claim>>,
     /// Objects whose last update was invalid and not applied → the errors of that update.
     rejected: HashMap<(&'static str, ObjectName), Vec<ModelError>>,
     /// healthCheckNodePort → services asking for it, with their local endpoint counts.
@@ -798,6 +802,8 @@ impl Tracker {
         } else if let Some(owner) = s.owner() {
             let names = self.slices_of.entry(owner.clone()).or_default();
             if let Err(at) = names.binary_search(&s.name.name) {
+                // Almost always one slice per service: exact growth.
+                names.reserve_exact(1);
                 names.insert(at, s.name.name.clone());
             }
             self.dirty.insert(owner);
@@ -926,6 +932,8 @@ impl Tracker {
             .collect();
         new_claims.sort();
         new_claims.dedup();
+        // Kept in the record: no growth slack.
+        new_claims.shrink_to_fit();
         for (f, c) in old.claims.iter().filter(|c| !new_claims.contains(c)) {
             let Some(list) = self.claims.get_mut(f) else { continue };
             let was_owner = list.iter().min() == Some(c);
@@ -948,6 +956,8 @@ impl Tracker {
             {
                 self.dirty.insert(prev.port.service.clone());
             }
+            // Almost always one claim: exact growth, no room for four kept per frontend.
+            list.reserve_exact(1);
             list.push(c.clone());
         }
         let site = self.services.get(name).map(|s| ErrorSite::service(s));

@@ -111,7 +111,7 @@ impl From<&Service> for ServiceObj {
             .flatten()
             .map(|i| IngressObj { ip: i.ip.clone(), ip_mode: i.ip_mode.clone() })
             .collect();
-        Self {
+        let mut obj = Self {
             name: object_name(&svc.metadata),
             origin: None,
             created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -143,7 +143,15 @@ impl From<&Service> for ServiceObj {
             source_ranges: spec
                 .and_then(|s| s.load_balancer_source_ranges.clone())
                 .unwrap_or_default(),
-        }
+        };
+        // Held for the object's life: no growth slack (a collected list of 1 port has room for
+        // 4, of 10 endpoints for 16).
+        obj.cluster_ips.shrink_to_fit();
+        obj.external_ips.shrink_to_fit();
+        obj.ingress.shrink_to_fit();
+        obj.ports.shrink_to_fit();
+        obj.source_ranges.shrink_to_fit();
+        obj
     }
 }
 
@@ -249,7 +257,7 @@ impl From<&EndpointSlice> for SliceObj {
                 }
             })
             .collect();
-        Self {
+        let mut obj = Self {
             name: object_name(&s.metadata),
             origin: None,
             address_type: s.address_type.clone(),
@@ -271,7 +279,11 @@ impl From<&EndpointSlice> for SliceObj {
                 })
                 .collect(),
             endpoints,
-        }
+        };
+        // Held for the object's life: no growth slack (see `ServiceObj`).
+        obj.ports.shrink_to_fit();
+        obj.endpoints.shrink_to_fit();
+        obj
     }
 }
 
