@@ -1,6 +1,7 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
 //! `cargo xtask lab up|down|status|sweep`,
-//! `cargo xtask bench [--quick] [--only-e2e] [--out DIR] [--report DIR]`,
+//! `cargo xtask bench [--quick] [--only-e2e | --only-programming] [--kproxy-before BINARY]
+//! [--out DIR] [--report DIR]`,
 //! `cargo xtask kernels [--kernels 5.10,6.1]`.
 
 mod kernels;
@@ -52,11 +53,21 @@ enum Cmd {
         out: Option<PathBuf>,
         /// Only item 5 (change → first connection, with the programming figures of its scale):
         /// a few minutes instead of the whole run, results in a temp dir unless --out.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "only_programming")]
         only_e2e: bool,
+        /// Only items 4 and 6 (programming time and memory of kproxy, iptables and nftables at
+        /// the run's programming scales): minutes instead of the whole run, results in a temp dir
+        /// unless --out.
+        #[arg(long)]
+        only_programming: bool,
+        /// An earlier kproxy binary (e.g. a copy of main's target/release/kproxy) measured
+        /// beside the one built in the programming and memory items, as `kproxy-before`:
+        /// before/after figures of one run.
+        #[arg(long, value_name = "BINARY")]
+        kproxy_before: Option<PathBuf>,
         /// Measure nothing: rewrite `report.md` and the plots of the run in DIR from its
         /// `results.json` (after a change to the report's tables).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e"])]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before"])]
         report: Option<PathBuf>,
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
@@ -125,7 +136,9 @@ fn main() -> Result<()> {
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
         Cmd::Bench { report: Some(dir), .. } => kproxy_tests::bench::rewrite_report(&dir),
-        Cmd::Bench { quick, out, only_e2e, report: None } => bench(quick, out, only_e2e),
+        Cmd::Bench { quick, out, only_e2e, only_programming, kproxy_before, report: None } => {
+            bench(quick, out, only_e2e, only_programming, kproxy_before)
+        }
         Cmd::Kernels { kernels, filter, no_e2e, verifier_only } => kernels::run(
             &workspace_root(),
             &kernels::Opts { kernels, filter, no_e2e, verifier_only },
@@ -176,7 +189,13 @@ fn build(release: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, out: Option<PathBuf>, only_e2e: bool) -> Result<()> {
+fn bench(
+    quick: bool,
+    out: Option<PathBuf>,
+    only_e2e: bool,
+    only_programming: bool,
+    kproxy_before: Option<PathBuf>,
+) -> Result<()> {
     use kproxy_tests::bench;
     // Timings of unoptimized binaries mean nothing: the agent and the load generator run from
     // the release profile.
@@ -187,11 +206,17 @@ fn bench(quick: bool, out: Option<PathBuf>, only_e2e: bool) -> Result<()> {
     if only_e2e {
         cfg = cfg.only_e2e();
     }
+    if only_programming {
+        cfg = cfg.only_programming();
+    }
+    if let Some(bin) = kproxy_before {
+        cfg.kproxy_before = Some(std::path::absolute(&bin).context("--kproxy-before")?);
+    }
     let stamp = bench::utc_now().replace(':', "");
     let results_dir = workspace_root().join("bench/results");
     let (dir, is_default) = match out {
         Some(d) => (d, false),
-        None if quick || only_e2e => {
+        None if quick || only_e2e || only_programming => {
             (std::env::temp_dir().join(format!("kproxy-bench-quick-{stamp}")), false)
         }
         None => (results_dir.join(&stamp), true),
