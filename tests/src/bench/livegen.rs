@@ -380,22 +380,8 @@ mod tests {
 
     /// Runs `prog` once on `data`: (XDP verdict, the packet afterwards).
     fn test_run(prog: &OwnedFd, data: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; data.len() + 256];
-        let mut attr = sys::attr();
-        // SAFETY: union access; the test-run member is the one BPF_PROG_TEST_RUN reads.
-        let t = unsafe { &mut attr.test };
-        t.prog_fd = prog.as_raw_fd() as u32;
-        t.data_size_in = data.len() as u32;
-        t.data_size_out = out.len() as u32;
-        t.data_in = data.as_ptr() as u64;
-        t.data_out = out.as_mut_ptr() as u64;
-        t.repeat = 1;
-        // SAFETY: the pointers outlive the call; `out` has room for `data_size_out` bytes.
-        unsafe { sys::bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }.expect("BPF_PROG_TEST_RUN");
-        // SAFETY: union access, written by the kernel.
-        let t = unsafe { attr.test };
-        out.truncate(t.data_size_out as usize);
-        (t.retval, out)
+        let r = xdp::test_run(prog, data).expect("BPF_PROG_TEST_RUN");
+        (r.retval, r.data)
     }
 
     const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 1), 40_000);

@@ -9,7 +9,7 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::OwnedFd,
     path::PathBuf,
 };
 
@@ -19,7 +19,6 @@ use aya_obj::generated::bpf_prog_type;
 use kproxy::dataplane::{
     Dataplane,
     loader::{Datapath, MapSizes},
-    sys::{self, bpf_cmd},
 };
 use kproxy_common::{
     Backend4, NodeConfig, Service4Key, Service4Value, backend_flags, cfg_flags, names, proto,
@@ -52,24 +51,6 @@ pub struct Cost {
 fn load_tc_pass() -> io::Result<OwnedFd> {
     let insns = [Insn::new(0xb7, 0, 0, 0, 0), Insn::new(0x95, 0, 0, 0, 0)];
     xdp::load(bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS, 0, "kpb_tc_pass", &insns)
-}
-
-/// One TEST_RUN of a raw program fd; returns the kernel's duration in ns.
-fn raw_run(fd: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
-    let mut out = vec![0u8; 2048];
-    let mut attr = sys::attr();
-    // SAFETY: union access; the test-run member is the one BPF_PROG_TEST_RUN reads.
-    let t = unsafe { &mut attr.test };
-    t.prog_fd = fd.as_raw_fd() as u32;
-    t.data_size_in = frame.len() as u32;
-    t.data_size_out = out.len() as u32;
-    t.data_in = frame.as_ptr() as u64;
-    t.data_out = out.as_mut_ptr() as u64;
-    t.repeat = 1;
-    // SAFETY: the frame and output buffers outlive the call.
-    unsafe { sys::bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }?;
-    // SAFETY: union access, written by the kernel.
-    Ok(unsafe { attr.test.duration })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -247,8 +228,8 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         let mut tcp_ns = Vec::with_capacity(runs);
         let mut xpp_ns = Vec::with_capacity(runs);
         for _ in 0..runs {
-            tcp_ns.push(f64::from(raw_run(&tc_pass, &est)?));
-            xpp_ns.push(f64::from(raw_run(&xdp_pass, &np_est)?));
+            tcp_ns.push(f64::from(xdp::test_run(&tc_pass, &est)?.duration_ns));
+            xpp_ns.push(f64::from(xdp::test_run(&xdp_pass, &np_est)?.duration_ns));
         }
         out.push(Cost {
             services: n,

@@ -166,3 +166,33 @@ pub fn update_link(link: &OwnedFd, prog: &OwnedFd) -> io::Result<()> {
         .map(drop)
         .map_err(|e| io::Error::new(e.kind(), format!("updating an XDP link: {e}")))
 }
+
+/// The result of one [`test_run`].
+#[derive(Debug, Clone)]
+pub struct TestRun {
+    /// The program's return value (its verdict).
+    pub retval: u32,
+    /// The kernel's duration of the run, ns.
+    pub duration_ns: u32,
+    /// The packet as the program left it.
+    pub data: Vec<u8>,
+}
+
+/// Runs `prog` once on `data` with `BPF_PROG_TEST_RUN` (not live; the frame is not sent).
+pub fn test_run(prog: &OwnedFd, data: &[u8]) -> io::Result<TestRun> {
+    let mut out = vec![0u8; data.len() + 256];
+    let mut attr = sys::attr();
+    // SAFETY: union access; the test-run member is the one BPF_PROG_TEST_RUN reads.
+    let t = unsafe { &mut attr.test };
+    t.prog_fd = prog.as_raw_fd() as u32;
+    t.data_size_in = data.len() as u32;
+    t.data_size_out = out.len() as u32;
+    t.data_in = data.as_ptr() as u64;
+    t.data_out = out.as_mut_ptr() as u64;
+    t.repeat = 1;
+    bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr)?;
+    // SAFETY: union access, written by the kernel.
+    let t = unsafe { attr.test };
+    out.truncate(t.data_size_out as usize);
+    Ok(TestRun { retval: t.retval, duration_ns: t.duration, data: out })
+}
