@@ -98,6 +98,9 @@ pub struct Config {
     /// Only item 5 ([`Config::only_e2e`]): the NodePort and BPF_PROG_TEST_RUN items are left out.
     #[serde(default)]
     pub only_e2e: bool,
+    /// Only the per-packet items 7 and 8 ([`Config::only_per_packet`]).
+    #[serde(default)]
+    pub only_per_packet: bool,
 }
 
 impl Config {
@@ -123,6 +126,7 @@ impl Config {
             load_budget_s: 150.0,
             run_budget_s: 1140.0,
             only_e2e: false,
+            only_per_packet: false,
         }
     }
 
@@ -148,6 +152,7 @@ impl Config {
             load_budget_s: 20.0,
             run_budget_s: 170.0,
             only_e2e: false,
+            only_per_packet: false,
         }
     }
 }
@@ -161,6 +166,16 @@ impl Config {
         self.prog_scales = vec![self.e2e_scale];
         self.testrun_scales.clear();
         self.only_e2e = true;
+        self
+    }
+
+    /// The same run restricted to the per-packet costs: item 8 (bpf_stats under real traffic)
+    /// and item 7 (BPF_PROG_TEST_RUN), about a minute; the other items' scales are emptied.
+    pub fn only_per_packet(mut self) -> Self {
+        self.scales.clear();
+        self.rate_scales.clear();
+        self.prog_scales.clear();
+        self.only_per_packet = true;
         self
     }
 }
@@ -539,7 +554,9 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     if !cfg.only_e2e {
         b.bpf_stats_phase();
         b.step("8: per-program cost (bpf_stats)");
-        b.nodeport_phase();
+        if !cfg.only_per_packet {
+            b.nodeport_phase();
+        }
     }
     b.programming_phase();
     if !cfg.only_e2e {
@@ -617,7 +634,7 @@ impl Bench<'_> {
         }
         for s in NODEPORT_SYSTEMS {
             for v in ["local", "remote"] {
-                if c.only_e2e {
+                if c.only_e2e || c.only_per_packet {
                     continue;
                 }
                 for m in NODEPORT_METRICS {
@@ -625,7 +642,7 @@ impl Bench<'_> {
                 }
             }
         }
-        if !c.only_e2e {
+        if !c.only_e2e && !c.only_per_packet {
             self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
             for m in LIVE_METRICS {
                 self.rec.plan("3-nodeport", m, "xdp-tx", 3, "bounce");
@@ -643,14 +660,14 @@ impl Bench<'_> {
             self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
             self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
         }
-        for s in E2E_SYSTEMS {
+        for s in E2E_SYSTEMS.iter().filter(|_| !c.only_per_packet) {
             for v in ["at-rest", "churn"] {
                 for m in ["p50_ms", "p99_ms"] {
                     self.rec.plan("5-e2e", m, s, c.e2e_scale, v);
                 }
             }
         }
-        for s in ["kproxy", "kproxy-kube"] {
+        for s in ["kproxy", "kproxy-kube"].iter().filter(|_| !c.only_per_packet) {
             for m in E2E_BREAKDOWN {
                 self.rec.plan("5-e2e", m, s, c.e2e_scale, "at-rest");
             }
