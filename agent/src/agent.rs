@@ -255,6 +255,7 @@ impl ChangeObserver {
                 }
                 return;
             }
+            Change::ServiceCidr(_) | Change::ServiceCidrDeleted(_) => return,
         };
         pending.insert(name.clone());
         self.metrics.count_changes(u64::from(is_slice), u64::from(!is_slice));
@@ -284,7 +285,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         );
         config.bpf_host_routing = false;
     }
-    let health = Arc::new(ProxyHealth::new(Stamp::now()));
+    // kube-proxy's health timeout: twice the sync period.
+    let health =
+        Arc::new(ProxyHealth::new(Stamp::now()).with_timeout(config.sync_period.saturating_mul(2)));
     start_servers(&config, &metrics, &health).await?;
     let health_checks =
         config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
@@ -373,16 +376,27 @@ fn start_conntrack(
         config.conntrack_gc_interval,
         move |r, evictions, took| m.conntrack_collected(r.deleted, evictions, took),
         move |n| m2.conntrack_reconciled(n),
+        config.socket_lb_pods,
     )
     .context("starting the conntrack GC and reconciler")
 }
 
-/// Writes the service CIDRs (`--service-cidr`) and the socket LB's scope (`--socket-lb-pods`)
-/// before the socket LB is attached.
+/// Writes the service CIDRs (`--service-cidr`, with those a previous agent programmed until the
+/// first sync writes the current ones) and the socket LB's scope (`--socket-lb-pods`) before the
+/// socket LB is attached.
 fn write_guard_config(config: &Config, dp: &mut BpfDataplane) -> anyhow::Result<()> {
     use crate::dataplane::{Dataplane as _, guard};
-    dp.set_service_cidrs(&guard::service_cidrs(&config.service_cidrs))
-        .context("writing the service CIDRs")?;
+    let mut cidrs = guard::service_cidrs(&config.service_cidrs);
+    if let Some(Ok(held)) = dp.guards().map(|g| g.service_cidrs()) {
+        for n in held.nets.iter().take(held.count as usize) {
+            let used = cidrs.count as usize;
+            if used < cidrs.nets.len() && !cidrs.nets[..used].contains(n) {
+                cidrs.nets[used] = *n;
+                cidrs.count += 1;
+            }
+        }
+    }
+    dp.set_service_cidrs(&cidrs).context("writing the service CIDRs")?;
     let sock = guard::sock_config(config.socket_lb_pods).context("reading the netns cookie")?;
     dp.set_sock_config(&sock).context("writing the socket LB's scope")?;
     info!(
@@ -482,7 +496,10 @@ async fn sync_loop(
         Tracker::new(NodeInfo { name: config.node_name.clone(), addrs: Vec::new(), zone: None });
     tracker.set_address_policy(config.address_policy.clone());
     tracker.set_node_port_source_ranges(config.source_ranges_node_ports);
+    tracker.set_service_cidrs(&config.service_cidrs);
+    // The NodePort devices' addresses, and every local address (never a closed service address).
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
+    let mut local_addrs: Vec<Ipv4Addr> = Vec::new();
     let mut addrs_stale = true;
     let mut full_due = false;
     let mut last_full = Instant::now();
@@ -545,24 +562,29 @@ async fn sync_loop(
         let mut full = source.poll(&mut obs, &mut tracker);
         if addrs_stale {
             addrs_stale = false;
-            let addrs = match netdev::node_addrs(&config.nodeport_devices) {
-                Ok(a) => a,
+            match netdev::node_addrs(&config.nodeport_devices) {
+                Ok(read) => {
+                    if local_addrs != read.local {
+                        debug!(addresses = ?read.local, "local addresses");
+                        syncer.set_node_addrs(&read.local);
+                        local_addrs = read.local;
+                    }
+                    let addrs = read.nodeport;
+                    if node_addrs.as_ref() != Some(&addrs) {
+                        info!(addresses = ?addrs, "node addresses");
+                        if addrs.is_empty() {
+                            warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
+                        }
+                        tracker.set_node_addrs(&addrs);
+                        node_addrs = Some(addrs);
+                        state.config_written = false;
+                    }
+                }
                 Err(e) => {
                     if let Some(held) = obs.log_limiter.allow("node addresses", Instant::now()) {
-                        warn!(error = %e, repeats_not_logged = held, "cannot read the NodePort device addresses");
+                        warn!(error = %e, repeats_not_logged = held, "cannot read the node addresses");
                     }
-                    node_addrs.clone().unwrap_or_default()
                 }
-            };
-            if node_addrs.as_ref() != Some(&addrs) {
-                info!(addresses = ?addrs, "node addresses");
-                if addrs.is_empty() {
-                    warn!(devices = ?config.nodeport_devices, "NodePort devices have no IPv4 address: no NodePort frontends, no source NAT");
-                }
-                tracker.set_node_addrs(&addrs);
-                syncer.set_node_addrs(&addrs);
-                node_addrs = Some(addrs);
-                state.config_written = false;
             }
         }
         let addrs = node_addrs.clone().unwrap_or_default();
@@ -663,8 +685,8 @@ impl LoopState {
     ///
     /// A sync in which a datapath write failed is handled as kube-proxy handles a failed sync:
     /// it is not reported to `/healthz` as an update (the changes stay pending there, so that
-    /// `/healthz` and `/livez` fail once one has waited [`crate::health::HEALTH_TIMEOUT`] for a
-    /// sync that succeeds), the healthCheckNodePort answers and the last-sync timestamp stay as
+    /// `/healthz` and `/livez` fail once one has waited twice the sync period for a sync that
+    /// succeeds), the healthCheckNodePort answers and the last-sync timestamp stay as
     /// the last successful sync left them, and the next sync is a full one.
     #[allow(clippy::too_many_arguments)]
     fn sync(

@@ -1,8 +1,10 @@
 //! The agent's own health, answered on `/healthz` and `/livez` as kube-proxy's
 //! `ProxyHealthServer` answers them:
 //!
-//! - healthy unless a change has been queued for longer than [`HEALTH_TIMEOUT`] without a sync
-//!   (the sync loop marks itself updated when it starts, so a slow first sync counts too);
+//! - healthy unless a change has been queued for longer than the health timeout without a
+//!   successful sync (the sync loop marks itself updated when it starts, so a slow first sync
+//!   counts too); the timeout is twice the full-resync period, as kube-proxy derives it from its
+//!   `--sync-period` ([`HEALTH_TIMEOUT`] with the default period);
 //! - `/healthz` also fails while this node is being deleted (`deletionTimestamp` set, or the Node
 //!   object gone) or carries the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint, so
 //!   that load balancers drain it; `/livez` ignores the node;
@@ -16,8 +18,8 @@ use std::{
 
 use crate::http::Reply;
 
-/// How long a queued change may wait for a sync before the agent is unhealthy (kube-proxy: twice
-/// the 30 s sync period).
+/// How long a queued change may wait for a sync before the agent is unhealthy, with the default
+/// 30 s sync period (kube-proxy: twice the sync period; see [`ProxyHealth::with_timeout`]).
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A point in time as kube-proxy's clock gives it: wall clock plus monotonic reading.
@@ -78,11 +80,12 @@ struct State {
 #[derive(Debug)]
 pub struct ProxyHealth {
     state: Mutex<State>,
+    timeout: Duration,
 }
 
 impl ProxyHealth {
     /// Healthy, updated at `now` (the sync loop's start), the node eligible until a Node object
-    /// says otherwise.
+    /// says otherwise; the timeout is [`HEALTH_TIMEOUT`].
     pub fn new(now: Stamp) -> Self {
         Self {
             state: Mutex::new(State {
@@ -90,7 +93,15 @@ impl ProxyHealth {
                 oldest_pending: None,
                 node_eligible: true,
             }),
+            timeout: HEALTH_TIMEOUT,
         }
+    }
+
+    /// Sets how long a queued change may wait for a successful sync (the agent: twice
+    /// `--sync-period-secs`, kube-proxy's `2 * syncPeriod`).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -119,7 +130,7 @@ impl ProxyHealth {
     /// what the healthCheckNodePort servers report as `serviceProxyHealthy`.
     pub fn is_healthy(&self, now: Stamp) -> bool {
         let s = self.lock();
-        s.oldest_pending.is_none_or(|p| now.mono.saturating_sub(p.mono) < HEALTH_TIMEOUT)
+        s.oldest_pending.is_none_or(|p| now.mono.saturating_sub(p.mono) < self.timeout)
     }
 
     /// The `/healthz` answer at `now`.
@@ -215,5 +226,16 @@ mod tests {
         assert!(h.is_healthy(at(73)));
         h.set_node_eligible(true);
         assert_eq!(h.healthz(at(74)).status, 200);
+    }
+
+    /// The timeout follows the sync period (the agent gives twice `--sync-period-secs`).
+    #[test]
+    fn the_timeout_is_configurable() {
+        let h = ProxyHealth::new(t0()).with_timeout(Duration::from_secs(4));
+        let at = |s: u64| t0().after(Duration::from_secs(s));
+        h.queued(at(10));
+        assert_eq!(h.healthz(at(13)).status, 200);
+        assert_eq!(h.healthz(at(14)).status, 503);
+        assert_eq!(h.livez(at(14)).status, 503);
     }
 }

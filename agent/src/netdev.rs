@@ -78,11 +78,30 @@ pub fn ipv4_addrs() -> std::io::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
     Ok(out)
 }
 
-/// The IPv4 addresses of `devices`, in device order (NodePort frontends; the first one is the
-/// source-NAT address).
-pub fn node_addrs(devices: &[String]) -> std::io::Result<Vec<Ipv4Addr>> {
-    let all = ipv4_addrs()?;
-    Ok(devices.iter().flat_map(|d| all.get(d).cloned().unwrap_or_default()).collect())
+/// The node's IPv4 addresses, as the agent uses them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// The addresses of the NodePort devices, in device order (NodePort frontends; the first one
+    /// is the source-NAT address).
+    pub nodeport: Vec<Ipv4Addr>,
+    /// Every address of every interface of the node (kube-proxy's local addresses, `fib daddr
+    /// type local`), sorted: traffic to one of them on a port no service uses is the node's, even
+    /// when a service uses the address as an externalIP or load-balancer IP.
+    pub local: Vec<Ipv4Addr>,
+}
+
+/// The node's addresses (see [`NodeAddrs`]) on `devices`.
+pub fn node_addrs(devices: &[String]) -> std::io::Result<NodeAddrs> {
+    Ok(split_node_addrs(&ipv4_addrs()?, devices))
+}
+
+/// [`NodeAddrs`] from the addresses by interface.
+fn split_node_addrs(all: &BTreeMap<String, Vec<Ipv4Addr>>, devices: &[String]) -> NodeAddrs {
+    let nodeport = devices.iter().flat_map(|d| all.get(d).cloned().unwrap_or_default()).collect();
+    let mut local: Vec<Ipv4Addr> = all.values().flatten().copied().collect();
+    local.sort_unstable();
+    local.dedup();
+    NodeAddrs { nodeport, local }
 }
 
 /// Wakes the agent when an IPv4 address is added or removed anywhere in its network namespace
@@ -661,6 +680,24 @@ mod tests {
         if let Some(a) = addrs.get("lo") {
             assert!(a.contains(&Ipv4Addr::LOCALHOST), "{a:?}");
         }
-        assert!(node_addrs(&["no-such-dev".into()]).unwrap().is_empty());
+        assert!(node_addrs(&["no-such-dev".into()]).unwrap().nodeport.is_empty());
+    }
+
+    /// NodePort addresses are the NodePort devices' ones; local addresses are every interface's.
+    #[test]
+    fn local_addresses_are_every_interface_s() {
+        let a = |s: &str| -> Ipv4Addr { s.parse().unwrap() };
+        let all: BTreeMap<String, Vec<Ipv4Addr>> = [
+            ("eth0".to_string(), vec![a("198.18.0.10"), a("198.18.0.20")]),
+            ("lo".to_string(), vec![a("127.0.0.1")]),
+            ("vip0".to_string(), vec![a("198.18.200.20"), a("198.18.0.10")]),
+        ]
+        .into();
+        let n = split_node_addrs(&all, &["eth0".into()]);
+        assert_eq!(n.nodeport, [a("198.18.0.10"), a("198.18.0.20")]);
+        assert_eq!(
+            n.local,
+            [a("127.0.0.1"), a("198.18.0.10"), a("198.18.0.20"), a("198.18.200.20")]
+        );
     }
 }

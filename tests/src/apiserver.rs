@@ -9,6 +9,9 @@
 //! - `GET ...?watch=true&resourceVersion=RV`: a chunked stream of `ADDED` / `MODIFIED` /
 //!   `DELETED` events after RV, `BOOKMARK` events when `allowWatchBookmarks=true`, and an `ERROR`
 //!   event with a 410 `Expired` Status when RV is older than the compaction point;
+//! - the discovery document of `networking.k8s.io/v1` (`GET /apis/networking.k8s.io/v1`) listing
+//!   `servicecidrs`, unless [`ApiServer::serve_service_cidrs`] turned them off (then both the
+//!   document and the collection answer 404, as an API server before Kubernetes 1.33);
 //! - object writes from the test ([`ApiServer::apply`], [`ApiServer::delete`]) bump a global
 //!   resourceVersion like etcd's revision;
 //! - faults: [`ApiServer::close_watches`] ends every open stream, [`ApiServer::compact`] makes older
@@ -44,7 +47,7 @@ pub struct Resource {
 }
 
 /// The resources kproxy watches.
-pub const RESOURCES: [Resource; 3] = [
+pub const RESOURCES: [Resource; 4] = [
     Resource { path: "/api/v1/services", kind: "Service", api_version: "v1" },
     Resource {
         path: "/apis/discovery.k8s.io/v1/endpointslices",
@@ -52,7 +55,15 @@ pub const RESOURCES: [Resource; 3] = [
         api_version: "discovery.k8s.io/v1",
     },
     Resource { path: "/api/v1/nodes", kind: "Node", api_version: "v1" },
+    Resource {
+        path: "/apis/networking.k8s.io/v1/servicecidrs",
+        kind: "ServiceCIDR",
+        api_version: "networking.k8s.io/v1",
+    },
 ];
+
+/// Discovery path of the ServiceCIDR group version.
+const NETWORKING_V1: &str = "/apis/networking.k8s.io/v1";
 
 #[derive(Debug, Clone)]
 struct Event {
@@ -76,6 +87,8 @@ struct Store {
 struct Inner {
     /// Watch streams currently open.
     watches: std::sync::atomic::AtomicUsize,
+    /// Whether ServiceCIDRs are served (and listed by discovery).
+    no_service_cidrs: std::sync::atomic::AtomicBool,
     store: Mutex<Store>,
     events: broadcast::Sender<Event>,
     /// Closing signal for open watch streams.
@@ -114,6 +127,7 @@ impl ApiServer {
         let (close, _) = broadcast::channel(16);
         let inner = Arc::new(Inner {
             watches: Default::default(),
+            no_service_cidrs: Default::default(),
             store: Mutex::new(Store::default()),
             events,
             close,
@@ -174,6 +188,11 @@ impl ApiServer {
         st.history.push(ev.clone());
         let _ = self.inner.events.send(ev);
         true
+    }
+
+    /// Serves ServiceCIDR objects (the default) or not, as an API server before Kubernetes 1.33.
+    pub fn serve_service_cidrs(&self, on: bool) {
+        self.inner.no_service_cidrs.store(!on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Forgets history up to now: a watch from an older resourceVersion gets 410 Gone.
@@ -377,9 +396,15 @@ async fn handle(stream: TcpStream, inner: Arc<Inner>) -> Result<()> {
         }
         inner.store.lock().expect("store lock").requests.push(format!("{} {target}", req.method));
 
+        let cidrs = !inner.no_service_cidrs.load(std::sync::atomic::Ordering::SeqCst);
+        if req.method == "GET" && req.path == NETWORKING_V1 && cidrs {
+            respond(reader.get_mut(), 200, &networking_v1_discovery()).await?;
+            continue;
+        }
         let res = RESOURCES
             .iter()
-            .find(|r| req.path == r.path || req.path.starts_with(&format!("{}/", r.path)));
+            .find(|r| req.path == r.path || req.path.starts_with(&format!("{}/", r.path)))
+            .filter(|r| cidrs || r.kind != "ServiceCIDR");
         let Some(res) = res.filter(|_| req.method == "GET") else {
             respond(
                 reader.get_mut(),
@@ -418,6 +443,13 @@ fn read_response(inner: &Inner, res: &Resource, req: &Request) -> (u16, Value) {
         "items": items,
     });
     (200, list)
+}
+
+/// The `APIResourceList` of `networking.k8s.io/v1`, as far as this server serves it.
+fn networking_v1_discovery() -> Value {
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "networking.k8s.io/v1",
+           "resources": [{"name": "servicecidrs", "singularName": "servicecidr", "namespaced": false,
+                          "kind": "ServiceCIDR", "verbs": ["get", "list", "watch"]}]})
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Value {

@@ -249,7 +249,19 @@ impl TcpSession {
         port: u16,
         timeout: Duration,
     ) -> Result<(TcpSession, Reply), RequestError> {
-        let stream = in_ns(ns, || tcp_connect(None, addr, port, timeout))?;
+        Self::connect_from(ns, None, addr, port, timeout)
+    }
+
+    /// [`TcpSession::connect`] from source address `src` (bound with SO_REUSEADDR, so that
+    /// several sessions to different destinations may share it).
+    pub fn connect_from(
+        ns: &str,
+        src: Option<SocketAddrV4>,
+        addr: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(TcpSession, Reply), RequestError> {
+        let stream = in_ns(ns, || tcp_connect(src, addr, port, timeout))?;
         stream.set_read_timeout(Some(timeout)).map_err(RequestError::Io)?;
         stream.set_write_timeout(Some(timeout)).map_err(RequestError::Io)?;
         let mut session = TcpSession { reader: BufReader::new(stream), timeout };

@@ -126,15 +126,21 @@ fn wait_served(ns: &str, ip: Ipv4Addr) {
 
 /// `GET path` on `addr:port` from inside namespace `ns`.
 fn http_get(ns: &str, addr: Ipv4Addr, port: u16, path: &str) -> (u16, String) {
+    try_http_get(ns, addr, port, path)
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}:{port}: {e}"))
+}
+
+/// [`http_get`], with a failed connection or read as an error.
+fn try_http_get(ns: &str, addr: Ipv4Addr, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     lab::in_netns(ns, || {
-        let mut s = std::net::TcpStream::connect_timeout(&(addr, port).into(), T).expect("connect");
-        s.set_read_timeout(Some(T)).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&(addr, port).into(), T)?;
+        s.set_read_timeout(Some(T))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
         let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
+        s.read_to_string(&mut text)?;
         let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        (code, body)
+        Ok((code, body))
     })
     .expect("netns")
 }
@@ -688,4 +694,80 @@ fn xdp_link_of_a_device_gone_while_the_agent_was_down_is_removed() {
     let devices = device_list(&s, 0);
     assert_eq!(devices["stale_xdp_link_pins"], serde_json::json!([]), "{devices}");
     assert_eq!(programs_on(&devices, "eth0"), ["kp_xdp_ext", "kp_tc_ext"]);
+}
+
+/// A sync whose map write fails fails as kube-proxy's does, end to end: the change stays
+/// pending, `/healthz` and `/livez` answer 503 once it has waited twice `--sync-period-secs`
+/// (kube-proxy's health timeout, 2 × its sync period), the health check node port keeps what the
+/// last good sync left (its local endpoint), and once the map has room the change is programmed
+/// and health is back.
+#[test]
+fn failed_sync_fails_health_after_twice_the_sync_period_and_keeps_health_checks() {
+    let s = Setup::with_args("failsync", &["--max-backends", "3", "--sync-period-secs", "3"]);
+    let mut svc = web("np", VIP);
+    svc.svc_type = SvcType::NodePort;
+    svc.external_local = true;
+    svc.health_check_node_port = Some(32000);
+    svc.ports[0] = svc.ports[0].clone().node_port(30180);
+    s.put(&svc, vec![s.ep(0, 0)]);
+    let (client, node0) = (s.lab.client_ns(), s.lab.node(0).ip);
+    let node_ns = s.lab.node(0).ns.clone();
+    let health_check = || {
+        let (code, body) = try_http_get(&client, node0, 32000, "/").unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        (code, v["localEndpoints"].as_u64(), v["serviceProxyHealthy"].as_bool())
+    };
+    let ok =
+        lab::eventually(
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            || match health_check() {
+                (200, Some(1), Some(true)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    assert!(ok.is_ok(), "health check node port never served: {ok:?}");
+    assert_eq!(http_get(&node_ns, node0, 10256, "/healthz").0, 200);
+
+    // Three new remote backends with the old one still in place: the backends map (3) is full.
+    s.put(&svc, vec![s.ep(1, 0), s.ep(1, 1), s.ep(1, 2)]);
+    log_until(&s, 0, &["sync failed; the next sync is a full one"]);
+    // The health check node port keeps the last good state (one local endpoint; the change would
+    // leave none), healthy until the change has waited the health timeout.
+    let (_, local, _) = health_check();
+    assert_eq!(local, Some(1), "the failed sync's health checks were taken");
+    let unhealthy = lab::eventually(Duration::from_secs(20), Duration::from_millis(250), || {
+        let healthz = http_get(&node_ns, node0, 10256, "/healthz").0;
+        let livez = http_get(&node_ns, node0, 10256, "/livez").0;
+        match (healthz, livez, health_check()) {
+            (503, 503, (503, Some(1), Some(false))) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(unhealthy.is_ok(), "health after a failed sync: {unhealthy:?}");
+    let metrics = metrics_until(&s, 0, "failed syncs", |b| {
+        metric(b, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}")
+            .is_some_and(|v| v >= 1.0)
+    });
+    assert!(
+        metric(&metrics, "kubeproxy_proxy_healthz_total{code=\"503\"}").is_some_and(|v| v >= 1.0),
+        "{metrics}"
+    );
+    // The service itself kept its programmed backend.
+    let pod = s.lab.pod(0, 2).unwrap().ns.clone();
+    assert_eq!(tcp_request(&pod, VIP, 80, T).expect("served").server_pod, "node-0-pod-0");
+
+    // A change that fits: programmed, healthy again, the health check follows (no local
+    // endpoint any more).
+    s.put(&svc, vec![s.ep(1, 0)]);
+    let recovered = lab::eventually(Duration::from_secs(20), Duration::from_millis(250), || {
+        let healthz = http_get(&node_ns, node0, 10256, "/healthz").0;
+        let livez = http_get(&node_ns, node0, 10256, "/livez").0;
+        match (healthz, livez, health_check()) {
+            (200, 200, (503, Some(0), Some(true))) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(recovered.is_ok(), "health after the map had room: {recovered:?}");
+    assert_eq!(tcp_request(&pod, VIP, 80, T).expect("served").server_pod, "node-1-pod-0");
 }

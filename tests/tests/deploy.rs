@@ -69,7 +69,7 @@ fn rbac_is_read_only_on_what_the_agent_watches() {
         resources.extend(rule.resources.unwrap_or_default());
     }
     resources.sort();
-    assert_eq!(resources, ["endpointslices", "nodes", "services"]);
+    assert_eq!(resources, ["endpointslices", "nodes", "servicecidrs", "services"]);
 }
 
 #[test]

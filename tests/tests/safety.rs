@@ -1,8 +1,10 @@
 //! Safe on a real cluster, agent side, end to end in the lab: bad input never withdraws what
 //! works (an invalid edit of a live Service or EndpointSlice, from manifests or from the
 //! Kubernetes API; a huge manifest), a newer service cannot take a live one's frontend, UDP
-//! flows leave a backend that stops serving while TCP connections stay, and an agent with empty
-//! maps bootstraps through the API server's real address.
+//! flows leave a backend that stops serving while TCP connections stay, an agent with empty
+//! maps bootstraps through the API server's real address, ServiceCIDR objects guard their
+//! networks, two connections from one client port through two ClusterIPs to one backend both
+//! work, and a node address used as an externalIP keeps its other ports for the node.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
@@ -66,7 +68,7 @@ impl Setup {
     }
 
     fn log(&self, node: usize) -> String {
-        self.agents[node].log_text()
+        self.agents.iter().find(|a| a.node == node).expect("an agent on that node").log_text()
     }
 
     /// Waits until node `node`'s agent log contains every one of `needles` (in one line).
@@ -318,6 +320,106 @@ fn source_ranges_and_closed_service_addresses() {
     assert!(packets(&m, "drop_unallocated_service_ip") >= 1, "{m}");
 }
 
+/// A node address on an interface that is no NodePort device, used by a service as an
+/// externalIP: the service's port goes to the service, every other port is the node's (kube-proxy
+/// leaves traffic to a local address alone when no service uses the port); an externalIP that is
+/// no node address still rejects the ports its services do not use.
+#[test]
+fn a_local_address_used_as_external_ip_keeps_its_other_ports_for_the_node() {
+    let mut s = Setup::new("localip");
+    let node_ns = s.lab.node(0).ns.clone();
+    let (local, other) = (Ipv4Addr::new(198, 18, 200, 20), Ipv4Addr::new(198, 18, 200, 21));
+    for argv in [
+        vec!["ip", "link", "add", "kpvip0", "type", "veth", "peer", "name", "kpvip1"],
+        vec!["ip", "addr", "add", "198.18.200.20/32", "dev", "kpvip0"],
+        vec!["ip", "link", "set", "kpvip0", "up"],
+        vec!["ip", "link", "set", "kpvip1", "up"],
+    ] {
+        let out = lab::exec(&node_ns, &argv).expect("ip");
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The node's own service on the local address (the link and the listener go with the
+    // namespace and the test).
+    const NODE_SERVICE_PORT: u16 = 9443;
+    let listener =
+        lab::in_netns(&node_ns, || std::net::TcpListener::bind((local, NODE_SERVICE_PORT)))
+            .expect("netns")
+            .expect("listen on the local address");
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let server = std::thread::spawn(move || {
+        use std::io::Write;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.write_all(b"node\n");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    s.start_manifest_agents(&[]);
+    let mut svc = Service::cluster_ip("ext", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    svc.external_ips = vec![local, other];
+    s.put(&svc, vec![s.ep(0, 0)]);
+    let client = s.lab.client_ns();
+    wait_served_by(&client, local, 80, &["node-0-pod-0"]);
+    wait_served_by(&client, other, 80, &["node-0-pod-0"]);
+    // Another port of the node's address: the node answers.
+    let answer = lab::in_netns(&client, || -> std::io::Result<String> {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect_timeout(&(local, NODE_SERVICE_PORT).into(), T)?;
+        c.set_read_timeout(Some(T))?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        Ok(text)
+    })
+    .expect("netns");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    server.join().unwrap();
+    assert_eq!(
+        answer.as_deref().ok(),
+        Some("node\n"),
+        "the node's port on its own address: {answer:?}"
+    );
+    // The other externalIP is no node address: its unused ports are rejected.
+    let r = tcp_request(&client, other, NODE_SERVICE_PORT, T);
+    assert!(r.as_ref().is_err_and(|e| e.is_refused()), "an unused port of {other}: {r:?}");
+}
+
+/// Two live TCP connections from one pod address and port through two ClusterIPs to the same
+/// backend: the second gets another source port on the way (the backend would otherwise see
+/// one tuple twice, and the replies of one would be restored to the other's frontend), and both
+/// keep working, each answered through its own ClusterIP.
+#[test]
+fn one_client_port_through_two_cluster_ips_to_one_backend() {
+    let mut s = Setup::new("srcport");
+    s.start_manifest_agents(&[]);
+    let backend = vec![s.ep(1, 0)];
+    for (name, vip) in [("one", VIP), ("two", VIP2)] {
+        let svc = Service::cluster_ip(name, vip, vec![Port::tcp("http", 80, SERVER_PORT)]);
+        s.put(&svc, backend.clone());
+    }
+    let pod = s.pod_ns(0, 1);
+    wait_served_by(&pod, VIP, 80, &["node-1-pod-0"]);
+    wait_served_by(&pod, VIP2, 80, &["node-1-pod-0"]);
+    let src = SocketAddrV4::new(s.lab.pod(0, 1).unwrap().ip, 40080);
+    let (mut one, r1) = TcpSession::connect_from(&pod, Some(src), VIP, 80, T).expect("first");
+    assert_eq!(r1.client_addr, src, "the first connection keeps the client's port");
+    let (mut two, r2) =
+        TcpSession::connect_from(&pod, Some(src), VIP2, 80, T).expect("second, same client port");
+    assert_eq!(r2.server_pod, "node-1-pod-0");
+    assert_eq!(*r2.client_addr.ip(), *src.ip());
+    assert_ne!(r2.client_addr.port(), src.port(), "the backend sees another source port");
+    for round in 0..5 {
+        let a = one.request().unwrap_or_else(|e| panic!("round {round}: first connection: {e}"));
+        let b = two.request().unwrap_or_else(|e| panic!("round {round}: second connection: {e}"));
+        assert_eq!(a.client_addr, r1.client_addr, "round {round}");
+        assert_eq!(b.client_addr, r2.client_addr, "round {round}");
+    }
+}
+
 /// A 50 MB manifest is refused unread with one short message, a huge bad value is quoted short,
 /// and an unrelated valid change is applied.
 #[test]
@@ -459,6 +561,75 @@ fn agent_with_empty_maps_bootstraps_through_the_api_servers_real_address() {
     .expect("netns")
     .expect("the kubernetes ClusterIP answers");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("ServiceList"), "{answer}");
+    drop(kubeconfig);
+}
+
+/// `networking.k8s.io/v1` ServiceCIDR objects are service CIDRs together with `--service-cidr`:
+/// an address of either that no service holds is dropped (counted); a network whose object is
+/// deleted is not guarded any more, a new object's is; a bad value is a warning naming the object
+/// and the value. Against an API server without ServiceCIDRs only `--service-cidr` counts, and
+/// one line says so.
+#[test]
+fn service_cidr_objects_from_the_api_are_service_cidrs() {
+    let mut s = Setup::new("svccidr");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = start_api(&rt, &s.lab);
+    let cidr = |name: &str, cidrs: &[&str]| {
+        serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                           "metadata": {"name": name}, "spec": {"cidrs": cidrs}})
+    };
+    api.apply(cidr("kubernetes", &["198.19.1.0/24", "198.19.2.0/33", "fd00:10::/108"])).unwrap();
+    let web = Service::cluster_ip("web", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
+    apply(&api, &web, vec![s.ep(0, 0), s.ep(1, 0)]);
+    let kubeconfig = KubeConfig::write(&s.lab, &api.url());
+    let opts = AgentOpts {
+        extra_args: ["--kubeconfig", &kubeconfig.path(), "--service-cidr", "198.19.0.0/24"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    // Node 1's agent meets an API server without ServiceCIDRs, node 0's one with them.
+    api.serve_service_cidrs(false);
+    s.agents.push(s.lab.spawn_agent(1, &opts).expect("agent 1"));
+    s.wait_log_line(1, &["serves no networking.k8s.io/v1 ServiceCIDR"]);
+    api.serve_service_cidrs(true);
+    s.agents.push(s.lab.spawn_agent(0, &opts).expect("agent 0"));
+    let (pod0, pod1) = (s.pod_ns(0, 1), s.pod_ns(1, 1));
+    wait_served_by(&pod0, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
+    wait_served_by(&pod1, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
+    s.wait_log_line(0, &["ServiceCIDR kubernetes", "spec.cidrs[1]", "198.19.2.0/33"]);
+
+    // Whether a TCP request from `pod` on `node` to `addr` is dropped as an unallocated service
+    // address (the counter grows; the request gets no answer).
+    let dropped = |node: usize, pod: &str, addr: Ipv4Addr| {
+        let ns = s.lab.node(node).ns.clone();
+        let before = packets(&metrics(&ns), "drop_unallocated_service_ip");
+        let r = tcp_request(pod, addr, 80, T);
+        let after = packets(&metrics(&ns), "drop_unallocated_service_ip");
+        if after > before {
+            assert!(
+                r.as_ref().is_err_and(|e| e.is_timeout()),
+                "{addr} counted and answered: {r:?}"
+            );
+        }
+        after > before
+    };
+    let (flag_addr, object_addr) = (Ipv4Addr::new(198, 19, 0, 99), Ipv4Addr::new(198, 19, 1, 99));
+    assert!(dropped(0, &pod0, flag_addr), "--service-cidr's network on node 0");
+    assert!(dropped(0, &pod0, object_addr), "the ServiceCIDR's network on node 0");
+    assert!(dropped(1, &pod1, flag_addr), "--service-cidr's network on node 1");
+    assert!(!dropped(1, &pod1, object_addr), "node 1's API server has no ServiceCIDRs");
+
+    // The object deleted: its network is not guarded any more; a new object's network is.
+    assert!(api.delete("ServiceCIDR", "", "kubernetes"));
+    api.apply(cidr("extra", &["198.19.3.0/24"])).unwrap();
+    let new_addr = Ipv4Addr::new(198, 19, 3, 99);
+    lab::eventually(CONVERGE, Duration::from_millis(200), || {
+        if dropped(0, &pod0, new_addr) { Ok(()) } else { Err("not dropped yet") }
+    })
+    .expect("the new ServiceCIDR's network guarded");
+    assert!(!dropped(0, &pod0, object_addr), "the deleted ServiceCIDR's network");
+    assert!(dropped(0, &pod0, flag_addr), "--service-cidr's network stays");
     drop(kubeconfig);
 }
 

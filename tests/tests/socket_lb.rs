@@ -231,6 +231,13 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     let w = client(&pod_ns, cg, "tcp", SAME);
     assert_eq!(answered_by(&w).as_ref(), Some(&same_pod), "pod client, all netns: {w:?}");
     assert_eq!(sock(), before + 1, "the pod socket is balanced with --socket-lb-pods");
+    // A pod's connected UDP socket whose backend leaves is destroyed too: the agent finds it in
+    // the pod's network namespace.
+    let mut held = ConnectedUdp::open(&pod_ns, cgroups.node(0), DNS);
+    assert!(held.first.contains(&remote_pod), "pod's first answer: {}", held.first);
+    dir.put(&dns, &[Slice::for_service(&dns, vec![ep(0)])]).unwrap();
+    let after = held.wait();
+    assert!(after.contains("error=ECONNABORTED"), "pod's socket after its backend left: {after}");
     drop(guard);
     drop(agents);
     for i in 0..2 {

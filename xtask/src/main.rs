@@ -1,6 +1,7 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
 //! `cargo xtask lab up|down|status|sweep`,
-//! `cargo xtask bench [--quick] [--only-e2e] [--only-per-packet] [--out DIR] [--report DIR]`,
+//! `cargo xtask bench [--quick] [--only-e2e | --only-programming | --only-per-packet]
+//! [--kproxy-before BINARY] [--bin-dir DIR] [--out DIR] [--report DIR]`,
 //! `cargo xtask kernels [--kernels 5.10,6.1]`.
 
 mod kernels;
@@ -52,20 +53,30 @@ enum Cmd {
         out: Option<PathBuf>,
         /// Only item 5 (change → first connection, with the programming figures of its scale):
         /// a few minutes instead of the whole run, results in a temp dir unless --out.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "only_programming")]
         only_e2e: bool,
+        /// Only items 4 and 6 (programming time and memory of kproxy, iptables and nftables at
+        /// the run's programming scales): minutes instead of the whole run, results in a temp dir
+        /// unless --out.
+        #[arg(long)]
+        only_programming: bool,
         /// Only the per-packet costs: bpf_stats under real traffic (item 8) and
         /// BPF_PROG_TEST_RUN (item 7), about a minute, results in a temp dir unless --out.
-        #[arg(long, conflicts_with = "only_e2e")]
+        #[arg(long, conflicts_with_all = ["only_e2e", "only_programming"])]
         only_per_packet: bool,
         /// Benchmark the binaries in DIR (kproxy, kproxy-loadgen, ...: a copy of another
         /// revision's target/release, to compare two datapaths) instead of building; item 7
         /// (BPF_PROG_TEST_RUN, which loads the object built into xtask) is left out.
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
+        /// An earlier kproxy binary (e.g. a copy of main's target/release/kproxy) measured
+        /// beside the one built in the programming and memory items, as `kproxy-before`:
+        /// before/after figures of one run.
+        #[arg(long, value_name = "BINARY")]
+        kproxy_before: Option<PathBuf>,
         /// Measure nothing: rewrite `report.md` and the plots of the run in DIR from its
         /// `results.json` (after a change to the report's tables).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_per_packet", "bin_dir"])]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "bin_dir"])]
         report: Option<PathBuf>,
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
@@ -134,9 +145,16 @@ fn main() -> Result<()> {
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
         Cmd::Bench { report: Some(dir), .. } => kproxy_tests::bench::rewrite_report(&dir),
-        Cmd::Bench { quick, out, only_e2e, only_per_packet, bin_dir, report: None } => {
-            bench(quick, out, only_e2e, only_per_packet, bin_dir)
-        }
+        Cmd::Bench {
+            quick,
+            out,
+            only_e2e,
+            only_programming,
+            kproxy_before,
+            only_per_packet,
+            bin_dir,
+            report: None,
+        } => bench(quick, out, only_e2e, only_programming, kproxy_before, only_per_packet, bin_dir),
         Cmd::Kernels { kernels, filter, no_e2e, verifier_only } => kernels::run(
             &workspace_root(),
             &kernels::Opts { kernels, filter, no_e2e, verifier_only },
@@ -191,6 +209,8 @@ fn bench(
     quick: bool,
     out: Option<PathBuf>,
     only_e2e: bool,
+    only_programming: bool,
+    kproxy_before: Option<PathBuf>,
     only_per_packet: bool,
     bin_dir: Option<PathBuf>,
 ) -> Result<()> {
@@ -213,6 +233,9 @@ fn bench(
     if only_e2e {
         cfg = cfg.only_e2e();
     }
+    if only_programming {
+        cfg = cfg.only_programming();
+    }
     if only_per_packet {
         cfg = cfg.only_per_packet();
     }
@@ -220,11 +243,14 @@ fn bench(
         // BPF_PROG_TEST_RUN loads the object built into this process, not the one in DIR.
         cfg.testrun_scales.clear();
     }
+    if let Some(bin) = kproxy_before {
+        cfg.kproxy_before = Some(std::path::absolute(&bin).context("--kproxy-before")?);
+    }
     let stamp = bench::utc_now().replace(':', "");
     let results_dir = workspace_root().join("bench/results");
     let (dir, is_default) = match out {
         Some(d) => (d, false),
-        None if quick || only_e2e || only_per_packet || bin_dir_given => {
+        None if quick || only_e2e || only_programming || only_per_packet || bin_dir_given => {
             (std::env::temp_dir().join(format!("kproxy-bench-quick-{stamp}")), false)
         }
         None => (results_dir.join(&stamp), true),

@@ -272,7 +272,8 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub map_stats_interval_secs: u64,
     /// Full resync period in seconds (rewrites whatever differs from the shadow state; a failed
-    /// sync is retried within this period).
+    /// sync is retried within this period). `/healthz` and `/livez` fail when a change has
+    /// waited twice this long for a successful sync (kube-proxy's `2 * syncPeriod`).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub sync_period_secs: u64,
     /// Connection-tracking garbage collection interval in seconds (expired entries deleted,

@@ -8,6 +8,13 @@
 //! order and stops at the first one that fails, reporting how many it applied; a lookup batch
 //! walks a hash map bucket by bucket from an opaque cursor. The functions here keep those
 //! semantics: a failure says which element failed and everything before it is done.
+//!
+//! Which map types have the batched commands: hash, per-CPU hash and LRU hash maps and arrays
+//! since Linux 5.6 (every kernel kproxy supports: the matrix's 5.10, 6.1 and 6.12), per-CPU
+//! arrays and LPM tries since 5.13 (not on 5.10), device, socket and program maps not at all.
+//! The kernel answers `ENOTSUPP` for a map type without them: [`update`] and [`delete`] then
+//! write element by element (`BPF_MAP_UPDATE_ELEM` / `BPF_MAP_DELETE_ELEM`), with the same
+//! semantics.
 use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -33,7 +40,48 @@ fn errno(e: &io::Error) -> Option<i32> {
     e.raw_os_error()
 }
 
-/// Inserts or replaces `items` in the map `fd`, in order, [`CHUNK`] per system call.
+/// The kernel's `ENOTSUPP` (524, not in libc): the map type has no batched form of a command.
+const ENOTSUPP: i32 = 524;
+
+/// Whether a batch command failed because the map type has no batched form of it.
+fn no_batch(e: &io::Error) -> bool {
+    matches!(errno(e), Some(ENOTSUPP) | Some(libc::EOPNOTSUPP))
+}
+
+/// One `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`): inserts or replaces `key` in the map `fd`.
+fn update_one<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    let mut attr = sys::attr();
+    attr.__bindgen_anon_2.map_fd = fd.as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = key as *const K as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = value as *const V as u64;
+    // SAFETY: a key and a value of the map's sizes (the caller's types), alive across the call.
+    unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
+
+/// One `BPF_MAP_DELETE_ELEM`: removes `key` from the map `fd`.
+fn delete_one<K: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let mut attr = sys::attr();
+    attr.__bindgen_anon_2.map_fd = fd.as_raw_fd() as u32;
+    attr.__bindgen_anon_2.key = key as *const K as u64;
+    // SAFETY: a key of the map's size, alive across the call.
+    unsafe { sys::bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
+}
+
+/// [`update`] element by element, for map types without the batched command; `first` is the
+/// index of `items[0]` in the caller's list.
+fn update_each<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    items: &[(K, V)],
+    first: usize,
+) -> Result<(), Stopped> {
+    for (i, (k, v)) in items.iter().enumerate() {
+        update_one(fd, k, v).map_err(|error| Stopped { done: first + i, error })?;
+    }
+    Ok(())
+}
+
+/// Inserts or replaces `items` in the map `fd`, in order, [`CHUNK`] per system call (one per
+/// element for map types without batched updates).
 pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, items: &[(K, V)]) -> Result<(), Stopped> {
     let mut keys: Vec<K> = Vec::with_capacity(items.len().min(CHUNK));
     let mut values: Vec<V> = Vec::with_capacity(items.len().min(CHUNK));
@@ -50,6 +98,10 @@ pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, items: &[(K, V)]) -> Result<()
         // SAFETY: `count` keys and values, alive across the call.
         let r = unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) };
         if let Err(error) = r {
+            if no_batch(&error) {
+                // Refused before any element: the rest one by one.
+                return update_each(fd, &items[c * CHUNK..], c * CHUNK);
+            }
             // SAFETY: the kernel wrote back how many elements it applied.
             let applied = unsafe { attr.batch.count } as usize;
             return Err(Stopped { done: c * CHUNK + applied.min(chunk.len()), error });
@@ -58,8 +110,23 @@ pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, items: &[(K, V)]) -> Result<()
     Ok(())
 }
 
-/// Deletes `keys` from the map `fd`, in order, [`CHUNK`] per system call. Keys that are absent
-/// are skipped (not an error); returns how many entries were deleted.
+/// [`delete`] element by element, for map types without the batched command; `first` is the
+/// index of `keys[0]` in the caller's list. Returns how many entries were deleted.
+fn delete_each<K: Pod>(fd: BorrowedFd<'_>, keys: &[K], first: usize) -> Result<usize, Stopped> {
+    let mut deleted = 0;
+    for (i, k) in keys.iter().enumerate() {
+        match delete_one(fd, k) {
+            Ok(()) => deleted += 1,
+            Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+            Err(error) => return Err(Stopped { done: first + i, error }),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Deletes `keys` from the map `fd`, in order, [`CHUNK`] per system call (one per key for map
+/// types without batched deletes). Keys that are absent are skipped (not an error); returns how
+/// many entries were deleted.
 pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, Stopped> {
     let mut deleted = 0;
     let mut at = 0;
@@ -71,6 +138,13 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, Stopped> 
         attr.batch.count = chunk.len() as u32;
         // SAFETY: `count` keys, alive across the call.
         let r = unsafe { sys::bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr) };
+        if let Err(e) = &r
+            && no_batch(e)
+        {
+            // The map type has no batched delete (refused before any key, `count` untouched):
+            // the rest one by one.
+            return Ok(deleted + delete_each(fd, &keys[at..], at)?);
+        }
         // SAFETY: the kernel wrote back how many elements it deleted.
         let applied = (unsafe { attr.batch.count } as usize).min(chunk.len());
         deleted += applied;
@@ -168,7 +242,7 @@ pub fn count(fd: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Resu
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+    use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 
     use super::*;
 
@@ -213,6 +287,64 @@ mod tests {
             assert_eq!(count(fd.as_fd(), 4, 8).unwrap(), u64::from(n / 2), "type {ty}");
             assert!(contents(&fd).keys().all(|k| k % 2 == 1));
         }
+    }
+
+    /// The value at `key` in the map `fd` (`BPF_MAP_LOOKUP_ELEM`), `None` when absent.
+    fn lookup(fd: &OwnedFd, key: u32) -> Option<u32> {
+        let mut value = 0u32;
+        let mut attr = sys::attr();
+        attr.__bindgen_anon_2.map_fd = fd.as_raw_fd() as u32;
+        attr.__bindgen_anon_2.key = &key as *const u32 as u64;
+        attr.__bindgen_anon_2.__bindgen_anon_1.value = &mut value as *mut u32 as u64;
+        // SAFETY: a 4-byte key and a 4-byte value buffer, alive across the call.
+        unsafe { sys::bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr) }.ok().map(|_| value)
+    }
+
+    #[test]
+    fn map_types_without_batches_are_written_one_element_at_a_time() {
+        // A device hash map (key: u32, value: ifindex) has no batched commands on any kernel.
+        const DEVMAP_HASH: u32 = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as u32;
+        let mut attr = sys::attr();
+        attr.__bindgen_anon_1.map_type = DEVMAP_HASH;
+        attr.__bindgen_anon_1.key_size = 4;
+        attr.__bindgen_anon_1.value_size = 4;
+        attr.__bindgen_anon_1.max_entries = 8;
+        // SAFETY: BPF_MAP_CREATE with an attribute block of plain numbers.
+        let Ok(fd) = (unsafe { sys::bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr) }) else {
+            eprintln!("skipped: cannot create BPF maps (not root?)");
+            return;
+        };
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let lo = lo_index();
+        // The kernel has no batch for it: the fallback must be what wrote these.
+        let mut attr = sys::attr();
+        let keys = [1u32];
+        let values = [lo];
+        attr.batch.map_fd = fd.as_raw_fd() as u32;
+        attr.batch.keys = keys.as_ptr() as u64;
+        attr.batch.values = values.as_ptr() as u64;
+        attr.batch.count = 1;
+        // SAFETY: one key and one value, alive across the call.
+        let e = unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }.unwrap_err();
+        assert!(no_batch(&e), "{e}");
+        update(fd.as_fd(), &[(1u32, lo), (2, lo), (3, lo)]).unwrap();
+        assert_eq!([1, 2, 3, 4].map(|k| lookup(&fd, k)), [Some(lo), Some(lo), Some(lo), None]);
+        // Absent keys are skipped.
+        assert_eq!(delete(fd.as_fd(), &[2u32, 4, 3]).unwrap(), 2);
+        assert_eq!([1, 2, 3].map(|k| lookup(&fd, k)), [Some(lo), None, None]);
+        // A failing element stops the writes there, as a batch does (ifindex 0 is no device).
+        let e = update(fd.as_fd(), &[(5u32, lo), (6, 0), (7, lo)]).unwrap_err();
+        assert_eq!(e.done, 1);
+        assert_eq!([5, 6, 7].map(|k| lookup(&fd, k)), [Some(lo), None, None]);
+    }
+
+    /// The loopback device's ifindex.
+    fn lo_index() -> u32 {
+        // SAFETY: a NUL-terminated name.
+        let i = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+        assert_ne!(i, 0, "no lo device");
+        i
     }
 
     #[test]

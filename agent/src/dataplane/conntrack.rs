@@ -426,12 +426,15 @@ impl ConntrackWorker {
 /// (`None`: never; `gc_report` gets the numbers of each run, the monotonic eviction count and
 /// how long the run took),
 /// and the reconciliations handed over by [`ConntrackWorker::reconcile`], several waiting ones
-/// merged into one walk (`reconciled` gets the number of flows each deleted).
+/// merged into one walk (`reconciled` gets the number of flows each deleted). Connected UDP
+/// sockets the socket LB pointed at a backend that stopped serving are destroyed in the agent's
+/// network namespace, and with `all_netns` (`--socket-lb-pods`) in the pods' too.
 pub fn spawn_worker(
     pin_path: PathBuf,
     gc_interval: Option<Duration>,
     gc_report: impl Fn(&GcReport, u64, Duration) + Send + 'static,
     reconciled: impl Fn(u64) + Send + 'static,
+    all_netns: bool,
 ) -> std::io::Result<ConntrackWorker> {
     let (tx, rx) = mpsc::channel::<Vec<UdpServing>>();
     std::thread::Builder::new().name("kproxy-conntrack".into()).spawn(move || {
@@ -491,7 +494,7 @@ pub fn spawn_worker(
                 Err(e) => warn!(error = %e, "conntrack reconciliation failed"),
             }
             if destroy_sockets {
-                destroy_sockets = destroy_stale_udp_sockets(&dp, &services);
+                destroy_sockets = destroy_stale_udp_sockets(&dp, &services, all_netns);
             }
         }
     })?;
@@ -499,9 +502,9 @@ pub fn spawn_worker(
 }
 
 /// Destroys the connected UDP sockets of the socket LB pointed at a backend that left the
-/// serving set of their service ([`super::sockdiag`]); `false` when the kernel cannot destroy
-/// sockets (logged once, not tried again).
-fn destroy_stale_udp_sockets(dp: &BpfDataplane, services: &ServingSets) -> bool {
+/// serving set of their service ([`super::sockdiag`]; with `all_netns`, pods' too); `false` when
+/// the kernel cannot destroy sockets (logged once, not tried again).
+fn destroy_stale_udp_sockets(dp: &BpfDataplane, services: &ServingSets, all_netns: bool) -> bool {
     let targets = match dp.stale_udp_sockets(services) {
         Ok(t) => t,
         Err(e) => {
@@ -509,7 +512,7 @@ fn destroy_stale_udp_sockets(dp: &BpfDataplane, services: &ServingSets) -> bool 
             return true;
         }
     };
-    match super::sockdiag::destroy_connected(&targets) {
+    match super::sockdiag::destroy_connected(&targets, all_netns) {
         Ok(0) => {}
         Ok(n) => info!(destroyed = n, "connected UDP sockets to backends that stopped serving"),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {

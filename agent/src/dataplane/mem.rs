@@ -26,6 +26,8 @@ pub struct MemDataplane {
     pub service_addrs: std::collections::BTreeSet<u32>,
     /// Service CIDRs.
     pub service_cidrs: ServiceCidrs4,
+    /// Makes writes of the service CIDRs fail (tests of a failed write).
+    pub service_cidrs_fail: bool,
 }
 
 /// One write, as recorded by [`MemDataplane`].
@@ -152,6 +154,14 @@ impl Dataplane for MemDataplane {
     }
 
     fn set_service_cidrs(&mut self, cidrs: &ServiceCidrs4) -> Result<(), DataplaneError> {
+        if self.service_cidrs_fail {
+            return Err(DataplaneError::Map {
+                map: names::SVC_CIDRS4,
+                op: "update",
+                key: "0".into(),
+                source: std::io::Error::from_raw_os_error(libc::EPERM),
+            });
+        }
         self.service_cidrs = *cidrs;
         Ok(())
     }

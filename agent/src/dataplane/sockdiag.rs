@@ -4,9 +4,13 @@
 //! pending or next `recv` fails with `ECONNABORTED` and a resolver opens a new socket, which the socket LB
 //! balances to a serving backend. A connected socket is otherwise never balanced again.
 //!
-//! `sock_diag` sees the sockets of the agent's own network namespace: the host's, the socket
-//! LB's default scope (with `--socket-lb-pods`, pods' sockets are not reached).
-use std::{collections::HashMap, io};
+//! `sock_diag` sees the sockets of the network namespace its netlink socket was opened in. The
+//! agent's own namespace (the host's, the socket LB's default scope) is searched first; with
+//! `--socket-lb-pods` the sockets not found there are searched in every other network namespace
+//! a process of the node lives in (`/proc/*/ns/net`, one netlink socket opened in each by a
+//! short-lived thread that enters it). The agent sees those processes only in the host's PID
+//! namespace (`hostPID` in a DaemonSet); without it pods' sockets are not reached.
+use std::{collections::HashMap, fs::File, io, os::fd::AsRawFd as _};
 
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 
@@ -89,7 +93,11 @@ fn open() -> io::Result<Socket> {
 
 /// The connected IPv4 UDP sockets of this network namespace.
 pub fn connected_udp_sockets() -> io::Result<Vec<UdpSock>> {
-    let s = open()?;
+    list(&open()?)
+}
+
+/// The connected IPv4 UDP sockets of the namespace `s` was opened in.
+fn list(s: &Socket) -> io::Result<Vec<UdpSock>> {
     s.send(&request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1 << ESTABLISHED, None), 0)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -119,7 +127,11 @@ pub fn connected_udp_sockets() -> io::Result<Vec<UdpSock>> {
 /// Destroys one socket (`SOCK_DESTROY`). `ENOENT`: it is gone already; `EOPNOTSUPP`: the kernel
 /// cannot destroy sockets.
 pub fn destroy(sock: &UdpSock) -> io::Result<()> {
-    let s = open()?;
+    destroy_with(&open()?, sock)
+}
+
+/// [`destroy`] through `s` (in the socket's network namespace).
+fn destroy_with(s: &Socket, sock: &UdpSock) -> io::Result<()> {
     s.send(&request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, u32::MAX, Some(sock)), 0)?;
     let mut buf = vec![0u8; 4096];
     let n = s.recv(&mut &mut buf[..], 0)?;
@@ -131,24 +143,84 @@ pub fn destroy(sock: &UdpSock) -> io::Result<()> {
 }
 
 /// Destroys the connected UDP sockets whose cookie and peer are in `targets` (cookie → backend
-/// address and port, be). Returns how many were destroyed; `Err(EOPNOTSUPP)` when the kernel
-/// cannot destroy sockets.
-pub fn destroy_connected(targets: &HashMap<u64, (u32, u16)>) -> io::Result<u64> {
+/// address and port, be): in the agent's network namespace, and with `all_netns` in every other
+/// one a process lives in (see the module documentation). Returns how many were destroyed;
+/// `Err(EOPNOTSUPP)` when the kernel cannot destroy sockets.
+pub fn destroy_connected(targets: &HashMap<u64, (u32, u16)>, all_netns: bool) -> io::Result<u64> {
     if targets.is_empty() {
         return Ok(0);
     }
+    let mut left = targets.clone();
+    let mut n = destroy_in(&open()?, &mut left)?;
+    if all_netns && !left.is_empty() {
+        for ns in other_netns()? {
+            // A namespace that went away meanwhile, or one the agent may not enter: skipped.
+            let Ok(s) = open_in(&ns) else { continue };
+            n += destroy_in(&s, &mut left)?;
+            if left.is_empty() {
+                break;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Destroys the sockets of `targets` that `s`'s namespace holds, taking them out of `targets`.
+fn destroy_in(s: &Socket, targets: &mut HashMap<u64, (u32, u16)>) -> io::Result<u64> {
     let mut n = 0;
-    for s in connected_udp_sockets()? {
-        if targets.get(&s.cookie) != Some(&s.dst) {
+    for sock in list(s)? {
+        if targets.get(&sock.cookie) != Some(&sock.dst) {
             continue;
         }
-        match destroy(&s) {
+        targets.remove(&sock.cookie);
+        match destroy_with(s, &sock) {
             Ok(()) => n += 1,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(n)
+}
+
+/// The network namespaces of the processes this agent sees, other than its own, one handle
+/// each.
+fn other_netns() -> io::Result<Vec<File>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::metadata("/proc/self/ns/net")?;
+    let mut seen = std::collections::HashSet::from([(own.dev(), own.ino())]);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // Processes come and go: one that is gone (or not ours to look at) is skipped.
+        let Ok(f) = File::open(entry.path().join("ns/net")) else { continue };
+        let Ok(m) = f.metadata() else { continue };
+        if seen.insert((m.dev(), m.ino())) {
+            out.push(f);
+        }
+    }
+    Ok(out)
+}
+
+/// A `sock_diag` socket opened in the network namespace `ns` (a thread enters it, opens the
+/// socket, which keeps that namespace, and ends).
+fn open_in(ns: &File) -> io::Result<Socket> {
+    let fd = ns.as_raw_fd();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a namespace handle changes only this thread's namespace; the
+                // thread ends right after.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                open()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+    })
 }
 
 #[cfg(test)]
@@ -174,8 +246,8 @@ mod tests {
         assert_eq!(found.dst, (u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(), peer_port));
         // A wrong backend for the cookie: left alone.
         let wrong = HashMap::from([(found.cookie, (found.dst.0, found.dst.1 ^ 1))]);
-        assert_eq!(destroy_connected(&wrong).unwrap(), 0);
-        match destroy_connected(&HashMap::from([(found.cookie, found.dst)])) {
+        assert_eq!(destroy_connected(&wrong, true).unwrap(), 0);
+        match destroy_connected(&HashMap::from([(found.cookie, found.dst)]), false) {
             Ok(n) => {
                 assert_eq!(n, 1);
                 // A pending or next receive learns it, and the socket is not connected any more.

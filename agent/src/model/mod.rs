@@ -29,7 +29,7 @@ pub mod objects;
 
 use endpoints::{Endpoint, Policy, categorize};
 pub use objects::{Change, ObjectName};
-use objects::{EndpointAddr, ServiceObj, ServicePortObj, SliceObj};
+use objects::{EndpointAddr, ServiceCidrObj, ServiceObj, ServicePortObj, SliceObj};
 
 /// Label of an EndpointSlice naming its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -308,6 +308,8 @@ pub mod outcome {
     pub const RANGE_IGNORED: &str = "range ignored";
     /// The EndpointSlice is not used.
     pub const SLICE_IGNORED: &str = "slice ignored";
+    /// That network of the ServiceCIDR is not a service CIDR of the datapath (the others are).
+    pub const CIDR_IGNORED: &str = "CIDR ignored";
     /// That port of the EndpointSlice is not used.
     pub const SLICE_PORT_IGNORED: &str = "port ignored";
     /// That endpoint of the EndpointSlice is not used.
@@ -319,7 +321,7 @@ pub mod outcome {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind} {object}{}: {field} = {value:?}: {reason}; {outcome}", file_suffix(.origin))]
 pub struct ModelError {
-    /// `Service` or `EndpointSlice`.
+    /// `Service`, `EndpointSlice` or `ServiceCIDR`.
     pub kind: &'static str,
     /// `namespace/name`.
     pub object: String,
@@ -356,6 +358,10 @@ impl ErrorSite {
 
     fn slice(s: &SliceObj) -> Self {
         Self { kind: "EndpointSlice", object: s.name.to_string(), origin: s.origin.clone() }
+    }
+
+    fn service_cidr(c: &ServiceCidrObj) -> Self {
+        Self { kind: "ServiceCIDR", object: c.name.clone(), origin: c.origin.clone() }
     }
 
     /// An [`ErrorClass::Invalid`] error; `value` is quoted through [`excerpt`].
@@ -419,6 +425,9 @@ pub struct Changes {
     pub skipped: Vec<String>,
     /// `last-change-trigger-time` of EndpointSlices that changed since the last round.
     pub triggers: Vec<String>,
+    /// The service CIDRs (`--service-cidr` and ServiceCIDR objects), when they changed or the
+    /// round is full: the ones the datapath holds, at most [`kproxy_common::SERVICE_CIDRS_MAX`].
+    pub service_cidrs: Option<Vec<ipnet::Ipv4Net>>,
 }
 
 /// How old a service is, for frontend ownership: a known creation time comes before an unknown
@@ -491,6 +500,10 @@ struct SliceIssues {
     skipped: Vec<String>,
 }
 
+/// Hash maps of the tracker: foldhash's randomly seeded quality hasher (keys are names from the
+/// API; SipHash was a few % of a from-scratch model build).
+type NameMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 /// The change tracker: keeps the compact objects, takes per-object [`Change`]s, marks the
 /// services they affect dirty (a Service itself, the owner of an EndpointSlice through its
 /// `kubernetes.io/service-name` label, every service for a node change) and recomputes only
@@ -514,13 +527,13 @@ pub struct Tracker {
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
-    services: HashMap<ServiceName, Box<ServiceObj>>,
-    slices: HashMap<ObjectName, Box<SliceObj>>,
+    services: NameMap<ServiceName, Box<ServiceObj>>,
+    slices: NameMap<ObjectName, Box<SliceObj>>,
     /// Service → names of its IPv4 slices, in name order.
-    slices_of: HashMap<ServiceName, Vec<SharedStr>>,
-    records: HashMap<ServiceName, ServiceRecord>,
+    slices_of: NameMap<ServiceName, Vec<SharedStr>>,
+    records: NameMap<ServiceName, ServiceRecord>,
     /// Claim key → service ports claiming it (almost always one).
-    claims: HashMap<Frontend, Vec<Claim>>,
+    claims: NameMap<Frontend, Vec<Claim>>,
     /// Objects whose last update was invalid and not applied → the errors of that update.
     rejected: HashMap<(&'static str, ObjectName), Vec<ModelError>>,
     /// healthCheckNodePort → services asking for it, with their local endpoint counts.
@@ -533,6 +546,14 @@ pub struct Tracker {
     triggers: Vec<String>,
     /// One copy of each namespace and node name the objects name.
     strings: HashSet<SharedStr>,
+    /// Service CIDRs: `--service-cidr`, ServiceCIDR objects by name, whether they changed since
+    /// the last round or were never given, the networks last left out for lack of room (reported
+    /// once).
+    cidr_flags: Vec<ipnet::Ipv4Net>,
+    cidr_objects: BTreeMap<String, ServiceCidrObj>,
+    cidrs_dirty: bool,
+    cidrs_given: bool,
+    cidrs_left_out: Vec<ModelError>,
 }
 
 impl Tracker {
@@ -553,7 +574,18 @@ impl Tracker {
 
     /// Whether some service needs recomputing.
     pub fn has_changes(&self) -> bool {
-        self.all_dirty || !self.dirty.is_empty() || !self.pending_errors.is_empty()
+        self.all_dirty
+            || !self.dirty.is_empty()
+            || !self.pending_errors.is_empty()
+            || self.cidrs_dirty
+    }
+
+    /// Sets the service CIDRs of `--service-cidr` (used with those of the ServiceCIDR objects).
+    pub fn set_service_cidrs(&mut self, nets: &[ipnet::Ipv4Net]) {
+        if self.cidr_flags != nets {
+            self.cidr_flags = nets.to_vec();
+            self.cidrs_dirty = true;
+        }
     }
 
     /// Sets the NodePort addresses (every service is recomputed when they change).
@@ -654,7 +686,61 @@ impl Tracker {
                     self.node_changed(&name);
                 }
             }
+            Change::ServiceCidr(c) => {
+                if self.cidr_objects.get(&c.name) != Some(&c) {
+                    self.pending_errors.extend(service_cidr_nets(&c).1);
+                    self.cidr_objects.insert(c.name.clone(), c);
+                    self.cidrs_dirty = true;
+                }
+            }
+            Change::ServiceCidrDeleted(name) => {
+                self.cidrs_dirty |= self.cidr_objects.remove(&name).is_some();
+            }
         }
+    }
+
+    /// The service CIDRs the datapath is to hold: `--service-cidr` first, then the IPv4
+    /// networks of the ServiceCIDR objects in name order, without duplicates and networks inside
+    /// another one; at most [`kproxy_common::SERVICE_CIDRS_MAX`] (the others are reported once,
+    /// naming their object, and left unguarded).
+    fn service_cidrs(&mut self) -> (Vec<ipnet::Ipv4Net>, Vec<ModelError>) {
+        let mut all: Vec<(ipnet::Ipv4Net, Option<(&ServiceCidrObj, usize)>)> =
+            self.cidr_flags.iter().map(|n| (*n, None)).collect();
+        for c in self.cidr_objects.values() {
+            for (i, n) in service_cidr_nets(c).0 {
+                all.push((n, Some((c, i))));
+            }
+        }
+        let mut kept: Vec<ipnet::Ipv4Net> = Vec::new();
+        let mut left_out = Vec::new();
+        for (i, (n, from)) in all.iter().enumerate() {
+            let covered = all.iter().enumerate().any(|(j, (o, _))| {
+                o.contains(n) && (o.prefix_len() < n.prefix_len() || (o == n && j < i))
+            });
+            if covered {
+                continue;
+            }
+            if kept.len() < kproxy_common::SERVICE_CIDRS_MAX {
+                kept.push(*n);
+            } else if let Some((c, i)) = from {
+                left_out.push(ErrorSite::service_cidr(c).invalid(
+                    format!("spec.cidrs[{i}]"),
+                    &c.cidrs[*i],
+                    format!(
+                        "the datapath holds {} service CIDRs: its unallocated addresses are not dropped",
+                        kproxy_common::SERVICE_CIDRS_MAX
+                    ),
+                    outcome::CIDR_IGNORED,
+                ));
+            }
+        }
+        let new = if left_out == self.cidrs_left_out {
+            Vec::new()
+        } else {
+            self.cidrs_left_out = left_out.clone();
+            left_out
+        };
+        (kept, new)
     }
 
     /// Sets an invalid update of a valid object aside: its errors are reported (once per
@@ -716,6 +802,8 @@ impl Tracker {
         } else if let Some(owner) = s.owner() {
             let names = self.slices_of.entry(owner.clone()).or_default();
             if let Err(at) = names.binary_search(&s.name.name) {
+                // Almost always one slice per service: exact growth.
+                names.reserve_exact(1);
                 names.insert(at, s.name.name.clone());
             }
             self.dirty.insert(owner);
@@ -774,8 +862,17 @@ impl Tracker {
     }
 
     fn take_pending(&mut self, full: bool) -> Changes {
+        let give = !std::mem::replace(&mut self.cidrs_given, true);
+        let service_cidrs = if std::mem::take(&mut self.cidrs_dirty) || full || give {
+            let (nets, errors) = self.service_cidrs();
+            self.pending_errors.extend(errors);
+            Some(nets)
+        } else {
+            None
+        };
         Changes {
             full,
+            service_cidrs,
             new_errors: std::mem::take(&mut self.pending_errors),
             skipped: std::mem::take(&mut self.pending_skipped),
             triggers: std::mem::take(&mut self.triggers),
@@ -835,6 +932,8 @@ impl Tracker {
             .collect();
         new_claims.sort();
         new_claims.dedup();
+        // Kept in the record: no growth slack.
+        new_claims.shrink_to_fit();
         for (f, c) in old.claims.iter().filter(|c| !new_claims.contains(c)) {
             let Some(list) = self.claims.get_mut(f) else { continue };
             let was_owner = list.iter().min() == Some(c);
@@ -857,6 +956,8 @@ impl Tracker {
             {
                 self.dirty.insert(prev.port.service.clone());
             }
+            // Almost always one claim: exact growth, no room for four kept per frontend.
+            list.reserve_exact(1);
             list.push(c.clone());
         }
         let site = self.services.get(name).map(|s| ErrorSite::service(s));
@@ -1015,6 +1116,30 @@ fn port_spec(
 
 /// The validation errors of a Service taken on its own (not its claims on frontends): what
 /// decides whether an update is applied.
+/// The IPv4 networks of a ServiceCIDR's `spec.cidrs` with their index (IPv6 ones are not used,
+/// as `--service-cidr`'s), and an error for each value that is no network.
+fn service_cidr_nets(c: &ServiceCidrObj) -> (Vec<(usize, ipnet::Ipv4Net)>, Vec<ModelError>) {
+    let (mut nets, mut errors) = (Vec::new(), Vec::new());
+    for (i, v) in c.cidrs.iter().enumerate() {
+        let reason = match v.parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(n)) if n.trunc() == n => {
+                nets.push((i, n));
+                continue;
+            }
+            Ok(ipnet::IpNet::V6(n)) if n.trunc() == n => continue,
+            Ok(_) => "host bits are set",
+            Err(_) => "not a CIDR",
+        };
+        errors.push(ErrorSite::service_cidr(c).invalid(
+            format!("spec.cidrs[{i}]"),
+            v,
+            reason,
+            outcome::CIDR_IGNORED,
+        ));
+    }
+    (nets, errors)
+}
+
 fn check_service(svc: &ServiceObj) -> Vec<ModelError> {
     let mut out = ServiceResult::default();
     if let Some(spec) = service_spec(svc, &mut out) {

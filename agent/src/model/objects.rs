@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 
 use super::{
@@ -110,7 +111,7 @@ impl From<&Service> for ServiceObj {
             .flatten()
             .map(|i| IngressObj { ip: i.ip.clone(), ip_mode: i.ip_mode.clone() })
             .collect();
-        Self {
+        let mut obj = Self {
             name: object_name(&svc.metadata),
             origin: None,
             created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -142,7 +143,15 @@ impl From<&Service> for ServiceObj {
             source_ranges: spec
                 .and_then(|s| s.load_balancer_source_ranges.clone())
                 .unwrap_or_default(),
-        }
+        };
+        // Held for the object's life: no growth slack (a collected list of 1 port has room for
+        // 4, of 10 endpoints for 16).
+        obj.cluster_ips.shrink_to_fit();
+        obj.external_ips.shrink_to_fit();
+        obj.ingress.shrink_to_fit();
+        obj.ports.shrink_to_fit();
+        obj.source_ranges.shrink_to_fit();
+        obj
     }
 }
 
@@ -248,7 +257,7 @@ impl From<&EndpointSlice> for SliceObj {
                 }
             })
             .collect();
-        Self {
+        let mut obj = Self {
             name: object_name(&s.metadata),
             origin: None,
             address_type: s.address_type.clone(),
@@ -270,7 +279,11 @@ impl From<&EndpointSlice> for SliceObj {
                 })
                 .collect(),
             endpoints,
-        }
+        };
+        // Held for the object's life: no growth slack (see `ServiceObj`).
+        obj.ports.shrink_to_fit();
+        obj.endpoints.shrink_to_fit();
+        obj
     }
 }
 
@@ -305,6 +318,28 @@ impl From<&Node> for NodeObj {
     }
 }
 
+/// What the model reads of a ServiceCIDR (`networking.k8s.io/v1`, cluster-scoped): the networks
+/// ClusterIPs are allocated from, as the API spells them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCidrObj {
+    /// Object name.
+    pub name: String,
+    /// `spec.cidrs`.
+    pub cidrs: Vec<String>,
+    /// The manifest file the object came from (`None`: the Kubernetes API).
+    pub origin: Option<SharedStr>,
+}
+
+impl From<&ServiceCIDR> for ServiceCidrObj {
+    fn from(c: &ServiceCIDR) -> Self {
+        Self {
+            name: c.metadata.name.clone().unwrap_or_default(),
+            cidrs: c.spec.as_ref().and_then(|s| s.cidrs.clone()).unwrap_or_default(),
+            origin: None,
+        }
+    }
+}
+
 /// One change delivered by a source: an object added or updated (whole), or deleted by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -320,4 +355,8 @@ pub enum Change {
     Node(NodeObj),
     /// A Node was deleted (by name).
     NodeDeleted(String),
+    /// A ServiceCIDR was added or updated.
+    ServiceCidr(ServiceCidrObj),
+    /// A ServiceCIDR was deleted (by name).
+    ServiceCidrDeleted(String),
 }

@@ -979,3 +979,82 @@ status: {loadBalancer: {ingress: [{ip: 198.18.200.10}]}}
     assert_eq!(out.errors.len(), 1);
     assert_eq!(flags(&out.state, &lb) & svc_flags::SOURCE_RANGES, 0);
 }
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> Change {
+    let c: k8s_openapi::api::networking::v1::ServiceCIDR = serde_saphyr::from_str(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {{name: {name}}}\nspec: {{cidrs: [{}]}}\n",
+        cidrs.join(", ")
+    ))
+    .expect("servicecidr yaml");
+    Change::ServiceCidr((&c).into())
+}
+
+fn nets(list: &[&str]) -> Vec<ipnet::Ipv4Net> {
+    list.iter().map(|n| n.parse().unwrap()).collect()
+}
+
+/// ServiceCIDR objects add their IPv4 networks to `--service-cidr`'s (IPv6 ones are not used,
+/// a network inside another is not repeated); a change of them reaches the next round, an
+/// unchanged object changes nothing; a bad value is an error naming the object, the field and the
+/// value, and the object's other networks still count.
+#[test]
+fn service_cidr_objects_join_the_flag_cidrs() {
+    let mut t = Tracker::new(node());
+    t.set_service_cidrs(&nets(&["198.19.0.0/24"]));
+    let c = t.changes();
+    assert_eq!(c.service_cidrs, Some(nets(&["198.19.0.0/24"])));
+    assert!(!t.has_changes());
+    assert_eq!(t.changes().service_cidrs, None, "unchanged: nothing to write");
+
+    t.apply(service_cidr("kubernetes", &["198.19.1.0/24", "fd00:10::/108"]));
+    assert!(t.has_changes());
+    let c = t.changes();
+    assert!(c.new_errors.is_empty(), "{:?}", c.new_errors);
+    assert_eq!(c.service_cidrs, Some(nets(&["198.19.0.0/24", "198.19.1.0/24"])));
+    t.apply(service_cidr("kubernetes", &["198.19.1.0/24", "fd00:10::/108"]));
+    assert!(!t.has_changes(), "the same object again (a relist) changes nothing");
+
+    t.apply(service_cidr(
+        "extra",
+        &["198.19.2.0/33", "198.19.3.1/24", "198.19.0.0/25", "198.19.4.0/24"],
+    ));
+    let c = t.changes();
+    assert_eq!(
+        c.service_cidrs,
+        Some(nets(&["198.19.0.0/24", "198.19.4.0/24", "198.19.1.0/24"])),
+        "flags first, then the objects by name; 198.19.0.0/25 is inside the flag's network"
+    );
+    let msgs: Vec<String> = c.new_errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(msgs[0].contains("ServiceCIDR extra") && msgs[0].contains("spec.cidrs[0]"));
+    assert!(msgs[0].contains("198.19.2.0/33") && msgs[0].contains("CIDR ignored"), "{msgs:?}");
+    assert!(msgs[1].contains("spec.cidrs[1]") && msgs[1].contains("host bits"), "{msgs:?}");
+
+    t.apply(Change::ServiceCidrDeleted("extra".into()));
+    assert_eq!(t.changes().service_cidrs, Some(nets(&["198.19.0.0/24", "198.19.1.0/24"])));
+    t.apply(Change::ServiceCidrDeleted("absent".into()));
+    assert!(!t.has_changes());
+    // A full round always carries them (a resync rewrites what may have been lost).
+    let c = t.full();
+    assert_eq!(c.service_cidrs, Some(nets(&["198.19.0.0/24", "198.19.1.0/24"])));
+    assert!(c.new_errors.is_empty(), "errors are reported once: {:?}", c.new_errors);
+}
+
+/// More networks than the datapath holds: the first ones are kept (the flags' first), the
+/// others are named once.
+#[test]
+fn service_cidrs_beyond_the_datapath_s_room_are_named_once() {
+    let mut t = Tracker::new(node());
+    t.set_service_cidrs(&nets(&["198.19.0.0/24"]));
+    let many: Vec<String> = (1..=9).map(|i| format!("198.19.{i}.0/24")).collect();
+    t.apply(service_cidr("many", &many.iter().map(String::as_str).collect::<Vec<_>>()));
+    let c = t.changes();
+    let kept = c.service_cidrs.expect("changed");
+    assert_eq!(kept.len(), kproxy_common::SERVICE_CIDRS_MAX);
+    assert_eq!(kept[0], nets(&["198.19.0.0/24"])[0]);
+    let msgs: Vec<String> = c.new_errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(msgs[0].contains("ServiceCIDR many") && msgs[0].contains("198.19.8.0/24"), "{msgs:?}");
+    assert!(msgs[1].contains("198.19.9.0/24") && msgs[1].contains("holds 8"), "{msgs:?}");
+    assert!(t.full().new_errors.is_empty());
+}

@@ -1,5 +1,6 @@
 //! The Kubernetes API as the source: kube-rs watchers for Services and EndpointSlices (without
-//! the ones another proxy or nobody serves, as kube-proxy selects them) and this node's Node,
+//! the ones another proxy or nobody serves, as kube-proxy selects them), this node's Node and,
+//! where the API server serves them (Kubernetes 1.33+), `networking.k8s.io/v1` ServiceCIDRs,
 //! delivered as per-object [`Change`]s in the model's compact form. No store of API objects is
 //! kept: each object is converted when it arrives and dropped; only the names seen are kept, to
 //! turn a relist (after a dropped watch or "410 Gone") into deletions of what disappeared.
@@ -13,6 +14,7 @@ use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Config, ResourceExt as _,
@@ -23,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::model::{
     Change, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectName, ServiceName,
-    objects::{NodeObj, ServiceObj, SliceObj},
+    objects::{NodeObj, ServiceCidrObj, ServiceObj, SliceObj},
 };
 
 /// kube-proxy's selector: objects that no other proxy claims and that are not headless.
@@ -71,6 +73,36 @@ impl Watched for Node {
     }
     fn deleted(name: ObjectName) -> Change {
         Change::NodeDeleted(name.name.to_string())
+    }
+}
+
+impl Watched for ServiceCIDR {
+    fn upsert(&self) -> Change {
+        Change::ServiceCidr(ServiceCidrObj::from(self))
+    }
+    fn deleted(name: ObjectName) -> Change {
+        Change::ServiceCidrDeleted(name.name.to_string())
+    }
+}
+
+/// The API group version of ServiceCIDR objects.
+const SERVICE_CIDR_GROUP_VERSION: &str = "networking.k8s.io/v1";
+
+/// Whether the API server serves ServiceCIDR objects (its discovery document of
+/// `networking.k8s.io/v1` lists `servicecidrs`). Asked again (with a growing pause) until the
+/// server answers; a group version it does not serve (404) means no.
+async fn serves_service_cidrs(client: &Client) -> bool {
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match client.list_api_group_resources(SERVICE_CIDR_GROUP_VERSION).await {
+            Ok(list) => return list.resources.iter().any(|r| r.name == "servicecidrs"),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.is_not_found() => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, group_version = SERVICE_CIDR_GROUP_VERSION, "API discovery failed (retrying)");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
     }
 }
 
@@ -195,7 +227,7 @@ pub async fn spawn(
     let server_host = config.cluster_url.host().map(|h| h.trim_matches(['[', ']']).to_string());
     let client = Client::try_from(config)?;
     let selector = service_selector();
-    let streams = vec![
+    let mut streams = vec![
         watch(Api::<Service>::all(client.clone()), watcher::Config::default().labels(&selector), 0),
         watch(
             Api::<EndpointSlice>::all(client.clone()),
@@ -203,15 +235,23 @@ pub async fn spawn(
             1,
         ),
         watch(
-            Api::<Node>::all(client),
+            Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             2,
         ),
     ];
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
+        if serves_service_cidrs(&client).await {
+            tracing::info!("watching ServiceCIDR objects: their networks are service CIDRs too");
+            streams.push(watch(Api::<ServiceCIDR>::all(client), watcher::Config::default(), 3));
+        } else {
+            tracing::info!(
+                "the API server serves no networking.k8s.io/v1 ServiceCIDR objects: the service CIDRs are --service-cidr's"
+            );
+        }
+        let mut listed = vec![false; streams.len()];
         let mut all = futures::stream::select_all(streams);
-        let mut listed = [false; 3];
         let mut synced = false;
         let mut warned = false;
         while let Some((idx, changes, done)) = all.next().await {
@@ -468,6 +508,51 @@ mod tests {
         }
         assert_eq!(initial.len(), 2, "{initial:?}");
         assert!(requests.lock().unwrap().iter().any(|r| r.starts_with("/api/v1/services")));
+        assert!(
+            !requests.lock().unwrap().iter().any(|r| r.contains("servicecidrs")),
+            "not served: not asked for"
+        );
+    }
+
+    /// Where the API server serves ServiceCIDRs (its discovery document lists them), they are
+    /// listed and watched, and the source is synced once their list is in too; where it does
+    /// not (404, as in `watchers_deliver_changes`), they are not asked for.
+    #[tokio::test]
+    async fn service_cidrs_are_watched_where_served() {
+        const CIDR: &str = r#"{"apiVersion":"networking.k8s.io/v1","kind":"ServiceCIDR","metadata":{"name":"kubernetes","resourceVersion":"1"},"spec":{"cidrs":["198.19.0.0/16","fd00:10::/108"]}}"#;
+        let discovery = r#"{"kind":"APIResourceList","apiVersion":"v1","groupVersion":"networking.k8s.io/v1","resources":[{"name":"servicecidrs","singularName":"servicecidr","namespaced":false,"kind":"ServiceCIDR","verbs":["get","list","watch"]}]}"#;
+        let (port, _events, requests) = fake_api(vec![
+            ("/api/v1/services", list("ServiceList", "v1", &[])),
+            (
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                list("EndpointSliceList", "discovery.k8s.io/v1", &[]),
+            ),
+            ("/api/v1/nodes", list("NodeList", "v1", &[])),
+            ("/apis/networking.k8s.io/v1", discovery.to_string()),
+            (
+                "/apis/networking.k8s.io/v1/servicecidrs",
+                list("ServiceCIDRList", "networking.k8s.io/v1", &[CIDR]),
+            ),
+        ])
+        .await;
+        let url: http::Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        let mut rx = spawn(None, Some(url), "node-0".into()).await.unwrap();
+        let mut initial = Vec::new();
+        while let Event::Changes(c) = next(&mut rx).await {
+            initial.extend(c);
+        }
+        assert!(
+            matches!(initial.as_slice(), [Change::ServiceCidr(c)] if c.name == "kubernetes"
+                && c.cidrs == ["198.19.0.0/16", "fd00:10::/108"]),
+            "{initial:?}"
+        );
+        assert!(
+            requests
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.starts_with("/apis/networking.k8s.io/v1/servicecidrs"))
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A directory of standard Kubernetes YAML (or JSON) files as the source of Services,
-//! EndpointSlices and Nodes: the agent's stand-in for the API server in the lab.
+//! EndpointSlices, Nodes and ServiceCIDRs: the agent's stand-in for the API server in the lab.
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory is read (hidden files are
 //! skipped); a file may hold several documents and `kind: List` documents. Other kinds are ignored
@@ -32,6 +32,7 @@ use std::{
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use serde::{
     Deserialize, Deserializer,
@@ -43,7 +44,7 @@ use crate::{
     excerpt::excerpt,
     model::{
         Change, ObjectName, SharedStr,
-        objects::{NodeObj, ServiceObj, SliceObj},
+        objects::{NodeObj, ServiceCidrObj, ServiceObj, SliceObj},
     },
 };
 
@@ -79,6 +80,7 @@ enum ObjectKey {
     Service(ObjectName),
     Slice(ObjectName),
     Node(String),
+    ServiceCidr(String),
 }
 
 /// One object read from a file.
@@ -90,6 +92,8 @@ pub enum Parsed {
     Slice(SliceObj),
     /// A Node.
     Node(NodeObj),
+    /// A ServiceCIDR.
+    ServiceCidr(ServiceCidrObj),
 }
 
 impl Parsed {
@@ -98,6 +102,7 @@ impl Parsed {
             Parsed::Service(s) => ObjectKey::Service(s.name.clone()),
             Parsed::Slice(s) => ObjectKey::Slice(s.name.clone()),
             Parsed::Node(n) => ObjectKey::Node(n.name.clone()),
+            Parsed::ServiceCidr(c) => ObjectKey::ServiceCidr(c.name.clone()),
         }
     }
 
@@ -106,6 +111,7 @@ impl Parsed {
             Parsed::Service(s) => Change::Service(s),
             Parsed::Slice(s) => Change::Slice(s),
             Parsed::Node(n) => Change::Node(n),
+            Parsed::ServiceCidr(c) => Change::ServiceCidr(c),
         }
     }
 }
@@ -115,6 +121,7 @@ fn deleted(key: ObjectKey) -> Change {
         ObjectKey::Service(n) => Change::ServiceDeleted(n),
         ObjectKey::Slice(n) => Change::SliceDeleted(n),
         ObjectKey::Node(n) => Change::NodeDeleted(n),
+        ObjectKey::ServiceCidr(n) => Change::ServiceCidrDeleted(n),
     }
 }
 
@@ -278,6 +285,7 @@ impl ManifestDir {
                                 }
                             }
                             Parsed::Slice(s) => s.origin = Some(origin.clone()),
+                            Parsed::ServiceCidr(c) => c.origin = Some(origin.clone()),
                             Parsed::Node(_) => {}
                         }
                     }
@@ -433,7 +441,7 @@ impl<'de> Deserialize<'de> for Doc {
 struct DocVisitor;
 
 fn is_list(kind: &str) -> bool {
-    matches!(kind, "List" | "ServiceList" | "EndpointSliceList")
+    matches!(kind, "List" | "ServiceList" | "EndpointSliceList" | "ServiceCIDRList")
 }
 
 impl<'de> Visitor<'de> for DocVisitor {
@@ -542,6 +550,10 @@ fn add_value(value: Value, doc: &mut Doc) -> Result<(), String> {
             let n: Node = serde_json::from_value(value).map_err(err)?;
             doc.objects.push(Parsed::Node((&n).into()));
         }
+        ("networking.k8s.io/v1", "ServiceCIDR") => {
+            let c: ServiceCIDR = serde_json::from_value(value).map_err(err)?;
+            doc.objects.push(Parsed::ServiceCidr((&c).into()));
+        }
         (_, k) if is_list(k) => {
             let Value::Object(mut m) = value else { unreachable!("has a kind") };
             if let Some(Value::Array(items)) = m.remove("items") {
@@ -597,6 +609,8 @@ mod tests {
                     Change::ServiceDeleted(n) => self.0.remove(&format!("svc/{}", n.name)),
                     Change::SliceDeleted(n) => self.0.remove(&format!("eps/{}", n.name)),
                     Change::NodeDeleted(n) => self.0.remove(&format!("node/{n}")),
+                    Change::ServiceCidr(c) => self.0.insert(format!("cidr/{}", c.name)),
+                    Change::ServiceCidrDeleted(n) => self.0.remove(&format!("cidr/{n}")),
                 };
             }
             self

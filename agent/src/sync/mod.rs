@@ -42,7 +42,9 @@
 //! Closed service addresses (the addresses of ClusterIP, external-IP and load-balancer
 //! frontends that are no node address: the datapath rejects their ports without frontend) follow
 //! the programmed service entries: counted per address as the entries are written and removed,
-//! and written after the frontends of a sync (removed after them too).
+//! and written after the frontends of a sync (removed after them too). The service CIDRs (from
+//! the model's [`Changes`]: `--service-cidr` and ServiceCIDR objects) are written after them when
+//! they changed; a failed write keeps the previous ones and is retried by the next sync.
 //!
 //! UDP flows: a backend that stops serving stays in the maps while its endpoint exists (tracked
 //! TCP connections keep working), so a UDP flow tracked to it would stay there. The report lists
@@ -66,6 +68,9 @@ use crate::{
 /// Hash maps keyed by numbers the syncer itself derives (ids, map keys): a fast hasher.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+/// Hash maps keyed by names from the API: foldhash's randomly seeded quality hasher (SipHash
+/// was a few % of a from-scratch sync).
+type NameMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 
 /// A failed part of a sync; the rest of the sync went on.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +111,9 @@ pub enum SyncError {
     /// Writing the closed service addresses failed (retried on the next sync).
     #[error("closed service addresses: {0}")]
     ServiceAddrs(#[source] DataplaneError),
+    /// Writing the service CIDRs failed (retried on the next sync; the previous ones stay).
+    #[error("service CIDRs: {0}")]
+    ServiceCidrs(#[source] DataplaneError),
 }
 
 impl SyncError {
@@ -118,6 +126,7 @@ impl SyncError {
             SyncError::Remove { .. } => "remove",
             SyncError::Read(_) => "read",
             SyncError::ServiceAddrs(_) => "service_addrs",
+            SyncError::ServiceCidrs(_) => "service_cidrs",
         }
     }
 
@@ -402,10 +411,10 @@ struct PortRecord {
 }
 
 fn state_hash(s: &ServicePortState) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::hash::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher as _;
+    // Compared only within this process: a fast fixed-seed hash (SipHash cost a few % of a
+    // from-scratch sync).
+    foldhash::fast::FixedState::default().hash_one(s)
 }
 
 /// The backends one service port wants, each once (LOCAL if any copy says so, TERMINATING if
@@ -445,19 +454,23 @@ pub struct Syncer {
     /// Backend key → its programmed id and the ports wanting it.
     backends: FastMap<BackendKey, BackendInfo>,
     /// Service → its ports as last given.
-    ports: HashMap<ServiceName, SmallVec<[PortRecord; 1]>>,
+    ports: NameMap<ServiceName, SmallVec<[PortRecord; 1]>>,
     /// Service ids held by ports.
     svc_ids_used: FastSet<u32>,
     next_backend_id: u32,
     next_svc_id: u32,
     /// UDP service port → its serving endpoints as last programmed.
-    udp_serving: HashMap<ServicePortName, BTreeSet<(std::net::Ipv4Addr, u16)>>,
+    udp_serving: NameMap<ServicePortName, BTreeSet<(std::net::Ipv4Addr, u16)>>,
     /// Whether a sync ran: the first one reconciles every UDP port's flows.
     synced: bool,
     /// The closed service addresses programmed (be).
     closed_programmed: FastSet<u32>,
     /// The node's addresses (be): never closed, whatever frontends they carry.
     node_addrs: FastSet<u32>,
+    /// The service CIDRs last given (`None`: never, they are left as they are) and whether
+    /// they are programmed.
+    service_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    service_cidrs_written: bool,
 }
 
 /// One write of a port's transaction, with what undoes it.
@@ -557,8 +570,9 @@ impl Syncer {
         }
     }
 
-    /// Sets the node's addresses: they are never closed service addresses (an externalIP may be
-    /// a node address; the node's own ports on it stay open). Applied by the next sync.
+    /// Sets the node's local addresses (every interface's, as kube-proxy counts them): they are
+    /// never closed service addresses (an externalIP or load-balancer IP may be a node address;
+    /// the node's own ports on it stay open). Applied by the next sync.
     pub fn set_node_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) {
         let new: FastSet<u32> = addrs.iter().map(|a| u32::from(*a).to_be()).collect();
         let changed: Vec<u32> = new.symmetric_difference(&self.node_addrs).copied().collect();
@@ -619,6 +633,12 @@ impl Syncer {
     /// they name (their ports replace the ones they had); nothing else is looked at. The port
     /// states are taken out of `changes`.
     pub fn sync_changes(&mut self, changes: &mut Changes, dp: &mut dyn Dataplane) -> SyncReport {
+        if let Some(nets) = changes.service_cidrs.take()
+            && self.service_cidrs.as_ref() != Some(&nets)
+        {
+            self.service_cidrs = Some(nets);
+            self.service_cidrs_written = false;
+        }
         let ports = std::mem::take(&mut changes.state.services);
         if changes.full {
             self.apply(ports, None, dp)
@@ -771,6 +791,7 @@ impl Syncer {
         self.remove_frontends(stale, dp, &mut report);
         self.remove_stale_ranges(scope.is_none(), &removed, dp, &mut report);
         self.write_service_addrs(dp, &mut report);
+        self.write_service_cidrs(dp, &mut report);
         self.remove_backends(scope.is_none(), &touched, dp, &mut report);
         self.update_backend_flags(&touched, dp, &mut report);
         // The ids of the ports that went away are free now (not earlier: a new port taking over
@@ -1274,6 +1295,18 @@ impl Syncer {
                 self.shadow.closed_changed.extend(&items[done..]);
                 report.errors.push(SyncError::ServiceAddrs(error));
             }
+        }
+    }
+
+    /// Writes the service CIDRs when they changed (or their last write failed).
+    fn write_service_cidrs(&mut self, dp: &mut dyn Dataplane, report: &mut SyncReport) {
+        let Some(nets) = self.service_cidrs.as_ref().filter(|_| !self.service_cidrs_written) else {
+            return;
+        };
+        report.writes += 1;
+        match dp.set_service_cidrs(&crate::dataplane::guard::service_cidrs(nets)) {
+            Ok(()) => self.service_cidrs_written = true,
+            Err(e) => report.errors.push(SyncError::ServiceCidrs(e)),
         }
     }
 

@@ -10,12 +10,16 @@ use crate::{
     model::{FrontendEntry, ServiceName, ServicePortState},
 };
 
-/// A dataplane that checks, after each write, that every service entry's slots exist and name
-/// existing backends: what a packet could observe at that moment.
+/// A dataplane that records every call it is given (name and number of items) and checks, after
+/// each single write (also inside a batch), that every service entry's slots exist and name
+/// existing backends and that a restricted entry has its source ranges: what a packet could
+/// observe at that moment.
 #[derive(Default)]
 struct Checked {
     mem: MemDataplane,
     violations: Vec<String>,
+    /// Every write call, in order: (method, items).
+    calls: Vec<(&'static str, usize)>,
 }
 
 impl Checked {
@@ -43,6 +47,38 @@ impl Checked {
             }
         }
     }
+
+    /// One write of `what` to the in-memory maps, checked after it.
+    fn write<R>(&mut self, what: &str, f: impl FnOnce(&mut MemDataplane) -> R) -> R {
+        let r = f(&mut self.mem);
+        self.check(what);
+        r
+    }
+
+    /// A batch call: recorded once, its items written one by one, each checked.
+    fn batch<T>(
+        &mut self,
+        what: &'static str,
+        items: &[T],
+        mut f: impl FnMut(&mut MemDataplane, &T) -> Result<(), DataplaneError>,
+    ) -> Result<(), BatchError> {
+        self.calls.push((what, items.len()));
+        for (done, item) in items.iter().enumerate() {
+            self.write(what, |m| f(m, item)).map_err(|error| BatchError { done, error })?;
+        }
+        Ok(())
+    }
+
+    /// A batch call of a map the in-memory dataplane writes in one call: recorded, then checked.
+    fn whole<T>(
+        &mut self,
+        what: &'static str,
+        items: &[T],
+        f: impl FnOnce(&mut MemDataplane, &[T]) -> Result<(), BatchError>,
+    ) -> Result<(), BatchError> {
+        self.calls.push((what, items.len()));
+        self.write(what, |m| f(m, items))
+    }
 }
 
 impl Dataplane for Checked {
@@ -50,24 +86,32 @@ impl Dataplane for Checked {
         self.mem.set_config(cfg)
     }
     fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), DataplaneError> {
-        let r = self.mem.put_backend(id, b);
-        self.check("put_backend");
-        r
+        self.calls.push(("put_backend", 1));
+        self.write("put_backend", |m| m.put_backend(id, b))
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
-        let r = self.mem.delete_backend(id);
-        self.check("delete_backend");
-        r
+        self.calls.push(("delete_backend", 1));
+        self.write("delete_backend", |m| m.delete_backend(id))
     }
     fn put_service(&mut self, k: &Service4Key, v: &Service4Value) -> Result<(), DataplaneError> {
-        let r = self.mem.put_service(k, v);
-        self.check("put_service");
-        r
+        self.calls.push(("put_service", 1));
+        self.write("put_service", |m| m.put_service(k, v))
     }
     fn delete_service(&mut self, k: &Service4Key) -> Result<(), DataplaneError> {
-        let r = self.mem.delete_service(k);
-        self.check("delete_service");
-        r
+        self.calls.push(("delete_service", 1));
+        self.write("delete_service", |m| m.delete_service(k))
+    }
+    fn put_backends(&mut self, items: &[(u32, Backend4)]) -> Result<(), BatchError> {
+        self.batch("put_backends", items, |m, (id, b)| m.put_backend(*id, b))
+    }
+    fn delete_backends(&mut self, ids: &[u32]) -> Result<(), BatchError> {
+        self.batch("delete_backends", ids, |m, id| m.delete_backend(*id))
+    }
+    fn put_services(&mut self, items: &[(Service4Key, Service4Value)]) -> Result<(), BatchError> {
+        self.batch("put_services", items, |m, (k, v)| m.put_service(k, v))
+    }
+    fn delete_services(&mut self, keys: &[Service4Key]) -> Result<(), BatchError> {
+        self.batch("delete_services", keys, |m, k| m.delete_service(k))
     }
     fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError> {
         self.mem.services()
@@ -76,26 +120,22 @@ impl Dataplane for Checked {
         self.mem.backends()
     }
     fn put_source_ranges(&mut self, k: &[crate::dataplane::SourceRange]) -> Result<(), BatchError> {
-        let r = self.mem.put_source_ranges(k);
-        self.check("source ranges");
-        r
+        self.whole("put_source_ranges", k, MemDataplane::put_source_ranges)
     }
     fn delete_source_ranges(
         &mut self,
         k: &[crate::dataplane::SourceRange],
     ) -> Result<(), BatchError> {
-        let r = self.mem.delete_source_ranges(k);
-        self.check("source ranges");
-        r
+        self.whole("delete_source_ranges", k, MemDataplane::delete_source_ranges)
     }
     fn source_ranges(&self) -> Result<Vec<crate::dataplane::SourceRange>, DataplaneError> {
         self.mem.source_ranges()
     }
     fn put_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
-        self.mem.put_service_addrs(a)
+        self.whole("put_service_addrs", a, MemDataplane::put_service_addrs)
     }
     fn delete_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
-        self.mem.delete_service_addrs(a)
+        self.whole("delete_service_addrs", a, MemDataplane::delete_service_addrs)
     }
     fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
         self.mem.service_addrs()
@@ -928,87 +968,9 @@ mod incremental {
     }
 }
 
-/// A dataplane recording the size of every batch it is given.
-#[derive(Default)]
-struct Batches {
-    mem: MemDataplane,
-    calls: Vec<(&'static str, usize)>,
-}
-
-impl Dataplane for Batches {
-    fn set_config(&mut self, cfg: &kproxy_common::NodeConfig) -> Result<(), DataplaneError> {
-        self.mem.set_config(cfg)
-    }
-    fn put_backend(&mut self, id: u32, b: &Backend4) -> Result<(), DataplaneError> {
-        self.calls.push(("put_backend", 1));
-        self.mem.put_backend(id, b)
-    }
-    fn delete_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
-        self.calls.push(("delete_backend", 1));
-        self.mem.delete_backend(id)
-    }
-    fn put_service(&mut self, k: &Service4Key, v: &Service4Value) -> Result<(), DataplaneError> {
-        self.calls.push(("put_service", 1));
-        self.mem.put_service(k, v)
-    }
-    fn delete_service(&mut self, k: &Service4Key) -> Result<(), DataplaneError> {
-        self.calls.push(("delete_service", 1));
-        self.mem.delete_service(k)
-    }
-    fn put_backends(&mut self, items: &[(u32, Backend4)]) -> Result<(), BatchError> {
-        self.calls.push(("put_backends", items.len()));
-        self.mem.put_backends(items)
-    }
-    fn delete_backends(&mut self, ids: &[u32]) -> Result<(), BatchError> {
-        self.calls.push(("delete_backends", ids.len()));
-        self.mem.delete_backends(ids)
-    }
-    fn put_services(&mut self, items: &[(Service4Key, Service4Value)]) -> Result<(), BatchError> {
-        self.calls.push(("put_services", items.len()));
-        self.mem.put_services(items)
-    }
-    fn delete_services(&mut self, keys: &[Service4Key]) -> Result<(), BatchError> {
-        self.calls.push(("delete_services", keys.len()));
-        self.mem.delete_services(keys)
-    }
-    fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>, DataplaneError> {
-        self.mem.services()
-    }
-    fn backends(&self) -> Result<Vec<(u32, Backend4)>, DataplaneError> {
-        self.mem.backends()
-    }
-    fn put_source_ranges(&mut self, k: &[crate::dataplane::SourceRange]) -> Result<(), BatchError> {
-        self.mem.put_source_ranges(k)
-    }
-    fn delete_source_ranges(
-        &mut self,
-        k: &[crate::dataplane::SourceRange],
-    ) -> Result<(), BatchError> {
-        self.mem.delete_source_ranges(k)
-    }
-    fn source_ranges(&self) -> Result<Vec<crate::dataplane::SourceRange>, DataplaneError> {
-        self.mem.source_ranges()
-    }
-    fn put_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
-        self.mem.put_service_addrs(a)
-    }
-    fn delete_service_addrs(&mut self, a: &[u32]) -> Result<(), BatchError> {
-        self.mem.delete_service_addrs(a)
-    }
-    fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
-        self.mem.service_addrs()
-    }
-    fn set_service_cidrs(
-        &mut self,
-        c: &kproxy_common::ServiceCidrs4,
-    ) -> Result<(), DataplaneError> {
-        self.mem.set_service_cidrs(c)
-    }
-}
-
 #[test]
 fn services_are_written_in_one_batch_per_phase() {
-    let mut dp = Batches::default();
+    let mut dp = Checked::default();
     let mut s = Syncer::new();
     // 50 services × 3 backends: 150 backends, 150 slots, 50 entries.
     let hosts: Vec<[u8; 3]> = (0..50u8).map(|i| [i * 3, i * 3 + 1, i * 3 + 2]).collect();
@@ -1017,14 +979,28 @@ fn services_are_written_in_one_batch_per_phase() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     // And the 50 ClusterIPs as closed service addresses.
     assert_eq!(r.writes, 400);
-    assert_eq!(dp.calls, [("put_backends", 150), ("put_services", 150), ("put_services", 50)]);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(
+        dp.calls,
+        [
+            ("put_backends", 150),
+            ("put_services", 150),
+            ("put_services", 50),
+            ("put_service_addrs", 50)
+        ]
+    );
     // Removing half of them: all entries in one batch, then all slots, then the backends.
     dp.calls.clear();
     let r = s.sync(&desired(&spec[..25]), &mut dp);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(
         dp.calls,
-        [("delete_services", 25), ("delete_services", 75), ("delete_backends", 75)]
+        [
+            ("delete_services", 25),
+            ("delete_services", 75),
+            ("delete_service_addrs", 25),
+            ("delete_backends", 75)
+        ]
     );
 }
 
@@ -1064,4 +1040,46 @@ fn a_port_failing_mid_batch_is_undone_and_the_others_are_written() {
     for n in 1..=3u8 {
         assert_eq!(programmed(&dp.mem, &cip(n)).as_deref(), Some(hosts[n as usize - 1]));
     }
+}
+
+/// The service CIDRs of the model's changes are written once per change; a failed write is a
+/// datapath failure that keeps the previous networks and is retried by the next sync; a syncer
+/// never given any leaves the map alone.
+#[test]
+fn service_cidrs_are_written_when_they_change_and_retried_after_a_failure() {
+    let net = |s: &str| -> ipnet::Ipv4Net { s.parse().unwrap() };
+    let mut dp = MemDataplane::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10])]), &mut dp);
+    assert_eq!(dp.service_cidrs.count, 0, "none given: the map is left as it is");
+    let mut changes = Changes {
+        service_cidrs: Some(vec![net("198.19.0.0/24"), net("198.19.1.0/24")]),
+        ..Default::default()
+    };
+    let r = s.sync_changes(&mut changes, &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        dp.service_cidrs,
+        crate::dataplane::guard::service_cidrs(&[net("198.19.0.0/24"), net("198.19.1.0/24")])
+    );
+    // The same networks again: no write.
+    dp.service_cidrs_fail = true;
+    let mut same = Changes {
+        service_cidrs: Some(vec![net("198.19.0.0/24"), net("198.19.1.0/24")]),
+        ..Default::default()
+    };
+    assert!(s.sync_changes(&mut same, &mut dp).errors.is_empty());
+    // A change whose write fails: the previous networks stay, the error is a datapath failure.
+    let mut one = Changes { service_cidrs: Some(vec![net("198.19.0.0/24")]), ..Default::default() };
+    let r = s.sync_changes(&mut one, &mut dp);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.errors[0].kind(), "service_cidrs");
+    assert!(r.errors[0].is_datapath_failure());
+    assert!(r.errors[0].to_string().contains("kp_svccidr4"), "{}", r.errors[0]);
+    assert_eq!(dp.service_cidrs.count, 2);
+    // The next sync, with no new networks, writes them.
+    dp.service_cidrs_fail = false;
+    let r = s.sync_changes(&mut Changes::default(), &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(dp.service_cidrs, crate::dataplane::guard::service_cidrs(&[net("198.19.0.0/24")]));
 }

@@ -101,6 +101,13 @@ pub struct Config {
     /// Only the per-packet items 7 and 8 ([`Config::only_per_packet`]).
     #[serde(default)]
     pub only_per_packet: bool,
+    /// Only items 4 and 6 ([`Config::only_programming`]): programming time and memory.
+    #[serde(default)]
+    pub only_programming: bool,
+    /// An earlier kproxy binary measured in items 4 and 6 beside the one built (as system
+    /// `kproxy-before`, right before it at each scale): before/after figures of one run.
+    #[serde(default)]
+    pub kproxy_before: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -127,6 +134,8 @@ impl Config {
             run_budget_s: 1140.0,
             only_e2e: false,
             only_per_packet: false,
+            only_programming: false,
+            kproxy_before: None,
         }
     }
 
@@ -153,6 +162,8 @@ impl Config {
             run_budget_s: 170.0,
             only_e2e: false,
             only_per_packet: false,
+            only_programming: false,
+            kproxy_before: None,
         }
     }
 }
@@ -177,6 +188,22 @@ impl Config {
         self.prog_scales.clear();
         self.only_per_packet = true;
         self
+    }
+    /// The same run restricted to items 4 and 6 (programming from scratch, one change, agent
+    /// and rule memory, at the same scales): no latency, rate, NodePort, change → connection,
+    /// bpf_stats or BPF_PROG_TEST_RUN item.
+    pub fn only_programming(mut self) -> Self {
+        self.scales.clear();
+        self.rate_scales.clear();
+        self.testrun_scales.clear();
+        self.e2e_scale = 0;
+        self.only_programming = true;
+        self
+    }
+
+    /// Whether the items measured on packets (NodePort, bpf_stats, BPF_PROG_TEST_RUN) run.
+    fn packet_items(&self) -> bool {
+        !self.only_e2e && !self.only_programming
     }
 }
 
@@ -339,6 +366,9 @@ const E2E_PROBE_EVERY: Duration = Duration::from_millis(1);
 
 /// Port of the test API server of item 5 (in the client namespace).
 const API_PORT: u16 = 16443;
+
+/// The system name of [`Config::kproxy_before`]'s figures.
+pub const KPROXY_BEFORE: &str = "kproxy-before";
 
 /// Agent flags of the programming and change runs: no periodic resync during the measurement;
 /// N × (1 entry + 10 slots) and N × 10 backends exceed the default map sizes at 30,000.
@@ -551,7 +581,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     b.plan();
     b.step("lab set-up");
     b.clusterip_phase();
-    if !cfg.only_e2e {
+    if cfg.packet_items() {
         b.bpf_stats_phase();
         b.step("8: per-program cost (bpf_stats)");
         if !cfg.only_per_packet {
@@ -559,7 +589,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
         }
     }
     b.programming_phase();
-    if !cfg.only_e2e {
+    if cfg.packet_items() {
         b.testrun_phase();
         b.step("7: BPF_PROG_TEST_RUN cost");
     }
@@ -634,7 +664,7 @@ impl Bench<'_> {
         }
         for s in NODEPORT_SYSTEMS {
             for v in ["local", "remote"] {
-                if c.only_e2e || c.only_per_packet {
+                if !c.packet_items() || c.only_per_packet {
                     continue;
                 }
                 for m in NODEPORT_METRICS {
@@ -642,7 +672,7 @@ impl Bench<'_> {
                 }
             }
         }
-        if !c.only_e2e && !c.only_per_packet {
+        if c.packet_items() && !c.only_per_packet {
             self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
             for m in LIVE_METRICS {
                 self.rec.plan("3-nodeport", m, "xdp-tx", 3, "bounce");
@@ -657,22 +687,32 @@ impl Bench<'_> {
             }
             self.rec.plan("6-memory", "agent_rss_bytes", "kproxy", n, "");
             self.rec.plan("6-memory", "bpf_map_bytes", "kproxy", n, "");
+            if c.kproxy_before.is_some() {
+                for m in ["scratch_s", "scratch_cpu_s", "change_ms", "change_cpu_ms"] {
+                    self.rec.plan("4-programming", m, KPROXY_BEFORE, n, "");
+                }
+                self.rec.plan("6-memory", "agent_rss_bytes", KPROXY_BEFORE, n, "");
+            }
             self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
             self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
         }
         for s in E2E_SYSTEMS.iter().filter(|_| !c.only_per_packet) {
             for v in ["at-rest", "churn"] {
                 for m in ["p50_ms", "p99_ms"] {
-                    self.rec.plan("5-e2e", m, s, c.e2e_scale, v);
+                    if !c.only_programming {
+                        self.rec.plan("5-e2e", m, s, c.e2e_scale, v);
+                    }
                 }
             }
         }
         for s in ["kproxy", "kproxy-kube"].iter().filter(|_| !c.only_per_packet) {
             for m in E2E_BREAKDOWN {
-                self.rec.plan("5-e2e", m, s, c.e2e_scale, "at-rest");
+                if !c.only_programming {
+                    self.rec.plan("5-e2e", m, s, c.e2e_scale, "at-rest");
+                }
             }
         }
-        if !c.only_e2e {
+        if c.packet_items() {
             for (m, _, w) in BPF_STATS_FIGURES {
                 self.rec.plan("8-bpf-stats", m, "kproxy", 1, w);
                 self.rec.plan("8-bpf-stats", &net_metric(m), "kproxy", 1, w);
@@ -715,6 +755,7 @@ impl Bench<'_> {
             &self.lab,
             &self.manifests,
             extra,
+            None,
             n_frontends as u64,
             Duration::from_secs(300),
         )
@@ -1159,8 +1200,13 @@ impl Bench<'_> {
             eprintln!("[bench] programming {n} services × 10 endpoints");
             let services = self.services(n, 10);
             self.step(&format!("4-6: workload of {n} services × 10 endpoints generated"));
+            if let Some(bin) = self.cfg.kproxy_before.clone() {
+                self.flush_conntrack();
+                self.prog_kproxy(n, &services, KPROXY_BEFORE, Some(&bin));
+                self.step(&format!("4-6: {KPROXY_BEFORE} at {n} services"));
+            }
             self.flush_conntrack();
-            self.prog_kproxy(n, &services);
+            self.prog_kproxy(n, &services, "kproxy", None);
             self.step(&format!("4-6: kproxy at {n} services"));
             if n == self.cfg.e2e_scale {
                 self.flush_conntrack();
@@ -1191,6 +1237,7 @@ impl Bench<'_> {
         }
         let mem: &[&str] = match sys {
             "kproxy" => &["agent_rss_bytes", "bpf_map_bytes"],
+            KPROXY_BEFORE => &["agent_rss_bytes"],
             _ => &["rules_bytes"],
         };
         for m in mem {
@@ -1200,7 +1247,7 @@ impl Bench<'_> {
                 self.rec.fail("6-memory", m, sys, n, "", why);
             }
         }
-        if n == self.cfg.e2e_scale {
+        if n == self.cfg.e2e_scale && sys != KPROXY_BEFORE {
             self.mark_e2e(sys, n, why, skipped);
             if sys == "kproxy" && skipped {
                 self.mark_e2e("kproxy-kube", n, why, skipped);
@@ -1226,7 +1273,9 @@ impl Bench<'_> {
         }
     }
 
-    fn prog_kproxy(&mut self, n: usize, services: &[BService]) {
+    /// Items 4 and 6 of kproxy (`sys` "kproxy": the binary built; [`KPROXY_BEFORE`]: `binary`)
+    /// at `n` services, and item 5's manifest-source figures at its scale.
+    fn prog_kproxy(&mut self, n: usize, services: &[BService], sys: &str, binary: Option<&Path>) {
         if let Some((n0, t0)) = self.kproxy_ready {
             let p = predict(t0, n0, n, 1.5);
             if t0 >= 0.5 && p > 4.0 * self.cfg.load_budget_s {
@@ -1234,28 +1283,35 @@ impl Bench<'_> {
                     "not measured: the agent would need ≈{p:.0} s to program {n} services × 10 endpoints (extrapolated from {t0:.1} s at {n0})"
                 );
                 self.notes.push(why.clone());
-                self.fail_prog("kproxy", n, &why, true);
+                self.fail_prog(sys, n, &why, true);
                 return;
             }
         }
         let r = (|| -> Result<()> {
             let bytes = self.write_manifest(services)?;
-            let k = self.start_kproxy(services.len(), &KPROXY_BENCH_ARGS)?;
+            let k = systems::start_kproxy(
+                &self.lab,
+                &self.manifests,
+                &KPROXY_BENCH_ARGS,
+                binary,
+                services.len() as u64,
+                Duration::from_secs(300),
+            )?;
             let pid = k.agent.pid();
             self.kproxy_ready = Some((n, k.ready_s));
             let res = (|| -> Result<()> {
                 let m = systems::agent_metrics(&self.node_ns)?;
-                self.rec.add("4-programming", "scratch_s", "kproxy", n, "", m.sync_sum_s);
+                self.rec.add("4-programming", "scratch_s", sys, n, "", m.sync_sum_s);
                 self.rec.add(
                     "4-programming",
                     "scratch_cpu_s",
-                    "kproxy",
+                    sys,
                     n,
                     "",
                     systems::proc_cpu_s(pid)?,
                 );
                 self.notes.push(format!(
-                    "kproxy at {n} services × 10 endpoints: manifest {:.1} MB of JSON, agent ready {:.1} s after start, {} sync(s) before ready",
+                    "{sys} at {n} services × 10 endpoints: manifest {:.1} MB of JSON, agent ready {:.1} s after start, {} sync(s) before ready",
                     bytes as f64 / 1e6,
                     k.ready_s,
                     m.sync_count
@@ -1263,19 +1319,21 @@ impl Bench<'_> {
                 self.rec.add(
                     "6-memory",
                     "agent_rss_bytes",
-                    "kproxy",
+                    sys,
                     n,
                     "",
                     systems::proc_rss(pid)? as f64,
                 );
-                self.rec.add(
-                    "6-memory",
-                    "bpf_map_bytes",
-                    "kproxy",
-                    n,
-                    "",
-                    systems::proc_bpf_map_bytes(pid)? as f64,
-                );
+                if sys == "kproxy" {
+                    self.rec.add(
+                        "6-memory",
+                        "bpf_map_bytes",
+                        sys,
+                        n,
+                        "",
+                        systems::proc_bpf_map_bytes(pid)? as f64,
+                    );
+                }
                 for j in 0..self.cfg.change_samples {
                     let svc = workload::dynamic(j, "chg", 9);
                     let before = systems::agent_metrics(&self.node_ns)?;
@@ -1302,21 +1360,14 @@ impl Bench<'_> {
                     self.rec.add(
                         "4-programming",
                         "change_ms",
-                        "kproxy",
+                        sys,
                         n,
                         "",
                         (after.sync_sum_s - before.sync_sum_s) * 1e3 / syncs,
                     );
-                    self.rec.add(
-                        "4-programming",
-                        "change_cpu_ms",
-                        "kproxy",
-                        n,
-                        "",
-                        (cpu1 - cpu0) * 1e3,
-                    );
+                    self.rec.add("4-programming", "change_cpu_ms", sys, n, "", (cpu1 - cpu0) * 1e3);
                 }
-                if n == self.cfg.e2e_scale {
+                if n == self.cfg.e2e_scale && sys == "kproxy" {
                     self.e2e_kproxy(n)?;
                 }
                 Ok(())
@@ -1325,7 +1376,7 @@ impl Bench<'_> {
             res
         })();
         if let Err(e) = r {
-            self.fail_prog("kproxy", n, &format!("{e:#}"), false);
+            self.fail_prog(sys, n, &format!("{e:#}"), false);
         }
     }
 
@@ -1451,6 +1502,7 @@ impl Bench<'_> {
             &self.lab,
             Path::new(""),
             &args,
+            None,
             services.len() as u64,
             Duration::from_secs(300),
         );

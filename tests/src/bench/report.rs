@@ -750,8 +750,10 @@ NodePort runs of {} ms.\n",
     // Item 4.
     s.push_str("## 4. Programming time (N services × 10 endpoints)\n\n");
     s.push_str("| Services | System | From scratch | CPU | One change | CPU of the change |\n|---|---|---|---|---|---|\n");
+    // An earlier agent measured in the same run (`--kproxy-before`), right above the current one.
+    let before: &[&str] = if c.kproxy_before.is_some() { &[super::KPROXY_BEFORE] } else { &[] };
     for &n in &c.prog_scales {
-        for sys in ["kproxy", "iptables", "nftables"] {
+        for &sys in before.iter().chain(&["kproxy", "iptables", "nftables"]) {
             let _ = writeln!(
                 s,
                 "| {} | {sys} | {} | {} | {} | {} |",
@@ -780,6 +782,23 @@ NodePort runs of {} ms.\n",
             cell(find(f, "6-memory", "rules_bytes", "iptables", n as u64, "")),
             cell(find(f, "6-memory", "rules_bytes", "nftables", n as u64, "")),
         );
+    }
+    if c.kproxy_before.is_some() {
+        s.push_str("\n| Services | kproxy-before agent RSS | kproxy agent RSS | after/before |\n|---|---|---|---|\n");
+        for &n in &c.prog_scales {
+            let (b, a) = (
+                median(f, "6-memory", "agent_rss_bytes", super::KPROXY_BEFORE, n as u64, ""),
+                median(f, "6-memory", "agent_rss_bytes", "kproxy", n as u64, ""),
+            );
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                thousands(n as u64),
+                cell(find(f, "6-memory", "agent_rss_bytes", super::KPROXY_BEFORE, n as u64, "")),
+                cell(find(f, "6-memory", "agent_rss_bytes", "kproxy", n as u64, "")),
+                ratio(a, b),
+            );
+        }
     }
     s.push_str("\nRule memory is what the cgroup v1 memory controller charged to the loading process's cgroup (kernel memory included) after the load exited. BPF map memory is the `memlock` of the agent's maps (preallocated at their configured capacity, so it does not grow with N). The agent RSS includes its manifest source (which keeps compact objects, not the files' JSON) and the loaded BPF object.\n\n");
 

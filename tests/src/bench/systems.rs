@@ -423,12 +423,14 @@ pub fn realtime_netns(ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Starts the agent on node 0 (`extra` arguments appended) and waits until it reports at least
-/// `min_frontends` frontends programmed and the ClusterIP probe answers through it.
+/// Starts the agent on node 0 (`binary`, or the kproxy built; `extra` arguments appended) and
+/// waits until it reports at least `min_frontends` frontends programmed and the ClusterIP probe
+/// answers through it.
 pub fn start_kproxy(
     lab: &Lab,
     manifests: &Path,
     extra: &[&str],
+    binary: Option<&Path>,
     min_frontends: u64,
     timeout: Duration,
 ) -> Result<Kproxy> {
@@ -436,7 +438,11 @@ pub fn start_kproxy(
     // agent's default limit for a manifest file.
     let mut extra_args = vec!["--max-manifest-bytes".to_string(), (1u64 << 30).to_string()];
     extra_args.extend(extra.iter().map(|s| s.to_string()));
-    let opts = AgentOpts { manifests_dir: manifests.to_path_buf(), extra_args, binary: None };
+    let opts = AgentOpts {
+        manifests_dir: manifests.to_path_buf(),
+        extra_args,
+        binary: binary.map(Path::to_path_buf),
+    };
     let t0 = Instant::now();
     let mut agent = lab.spawn_agent(0, &opts)?;
     let ns = lab.node(0).ns.clone();

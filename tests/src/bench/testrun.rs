@@ -7,18 +7,19 @@
 //! therefore the median of many runs with `repeat = 1` (the kernel's own per-run duration, which
 //! includes the same timer overhead for every program).
 use std::{
-    ffi::CString,
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
 };
 
 use anyhow::{Context, Result, ensure};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya_obj::generated::bpf_prog_type;
 use kproxy::dataplane::{
     Dataplane,
     loader::{Datapath, MapSizes},
+    sys::{self, bpf_cmd},
 };
 use kproxy_common::{
     Backend4, NodeConfig, Service4Key, Service4Value, backend_flags, cfg_flags, names, proto,
@@ -27,7 +28,7 @@ use kproxy_common::{
 
 use crate::{
     frames::{ACK, Frame, PSH, SYN},
-    lab::xdp::{Insn, XDP_PASS_PROGRAM},
+    lab::xdp::{self, Insn, XDP_PASS_PROGRAM},
 };
 
 /// Per-packet costs (ns, medians) at one number of services.
@@ -47,42 +48,28 @@ pub struct Cost {
     pub xdp_pass_ns: f64,
 }
 
-const BPF_PROG_LOAD: i64 = 5;
-const BPF_PROG_TEST_RUN: i64 = 10;
-const BPF_PROG_TYPE_SCHED_CLS: u64 = 3;
-
-fn bpf(cmd: i64, attr: &mut [u64; 16]) -> io::Result<RawFd> {
-    // SAFETY: `attr` is a zero-padded 128-byte `union bpf_attr` filled for `cmd`.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr))
-    };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as RawFd) }
-}
-
 /// Loads `return TC_ACT_OK` as a sched_cls program.
 fn load_tc_pass() -> io::Result<OwnedFd> {
     let insns = [Insn::new(0xb7, 0, 0, 0, 0), Insn::new(0x95, 0, 0, 0, 0)];
-    let license = CString::new("GPL").expect("no NUL");
-    let mut attr = [0u64; 16];
-    attr[0] = BPF_PROG_TYPE_SCHED_CLS | ((insns.len() as u64) << 32);
-    attr[1] = insns.as_ptr() as u64;
-    attr[2] = license.as_ptr() as u64;
-    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
-    // SAFETY: a fresh fd returned by the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    xdp::load(bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS, 0, "kpb_tc_pass", &insns)
 }
 
 /// One TEST_RUN of a raw program fd; returns the kernel's duration in ns.
 fn raw_run(fd: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
     let mut out = vec![0u8; 2048];
-    let mut attr = [0u64; 16];
-    attr[0] = fd.as_raw_fd() as u64; // prog_fd, retval
-    attr[1] = frame.len() as u64 | ((out.len() as u64) << 32); // data_size_in, data_size_out
-    attr[2] = frame.as_ptr() as u64;
-    attr[3] = out.as_mut_ptr() as u64;
-    attr[4] = 1; // repeat 1, duration out
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok((attr[4] >> 32) as u32)
+    let mut attr = sys::attr();
+    // SAFETY: union access; the test-run member is the one BPF_PROG_TEST_RUN reads.
+    let t = unsafe { &mut attr.test };
+    t.prog_fd = fd.as_raw_fd() as u32;
+    t.data_size_in = frame.len() as u32;
+    t.data_size_out = out.len() as u32;
+    t.data_in = frame.as_ptr() as u64;
+    t.data_out = out.as_mut_ptr() as u64;
+    t.repeat = 1;
+    // SAFETY: the frame and output buffers outlive the call.
+    unsafe { sys::bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }?;
+    // SAFETY: union access, written by the kernel.
+    Ok(unsafe { attr.test.duration })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -157,7 +144,7 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         },
     )?;
 
-    let xdp_pass = crate::lab::xdp::load_xdp("kpb_xdp_pass", &XDP_PASS_PROGRAM)?;
+    let xdp_pass = xdp::load_xdp("kpb_xdp_pass", &XDP_PASS_PROGRAM)?;
     let tc_pass = load_tc_pass()?;
     let pod = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 41000);
     let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);

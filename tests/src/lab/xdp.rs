@@ -1,4 +1,4 @@
-//! Tiny XDP programs loaded with raw `bpf(2)` calls (no object file, no compiler), attached with
+//! Tiny XDP programs loaded with `bpf(2)` (no object file, no compiler), attached with
 //! BPF links.
 //!
 //! The lab needs one: a veth only processes frames that its peer sends with XDP_TX /
@@ -15,6 +15,9 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
 };
+
+use aya_obj::generated::{bpf_attach_type, bpf_prog_type};
+use kproxy::dataplane::sys::{self, bpf_attr, bpf_cmd};
 
 /// One eBPF instruction (`struct bpf_insn`).
 #[repr(C)]
@@ -43,18 +46,10 @@ pub const XDP_PASS_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 2), Insn::new(
 /// `r0 = XDP_TX; exit`: sends every frame back out of the device it arrived on, unchanged.
 pub const XDP_TX_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 3), Insn::new(0x95, 0, 0, 0, 0)];
 
-const BPF_PROG_LOAD: i64 = 5;
-const BPF_OBJ_PIN: i64 = 6;
-const BPF_LINK_CREATE: i64 = 28;
-const BPF_PROG_TYPE_XDP: u64 = 6;
-const BPF_XDP: u64 = 37;
-
-fn bpf(cmd: i64, attr: &mut [u64; 16]) -> io::Result<RawFd> {
-    // SAFETY: `attr` is a zero-padded 128-byte `union bpf_attr` filled for `cmd`.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr))
-    };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc as RawFd) }
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
+    // SAFETY: every caller fills `attr` (zeroed by `sys::attr`) for `cmd`, with pointers to
+    // memory that outlives the call.
+    unsafe { sys::bpf(cmd, attr) }.map(|fd| fd as RawFd)
 }
 
 /// Name of the lab's `XDP_PASS` program as `bpftool prog` shows it.
@@ -64,33 +59,46 @@ pub const XDP_PASS_NAME: &str = "kpl_xdp_pass";
 /// `.`; license GPL, expected attach type BPF_XDP). A verifier rejection is an error carrying
 /// the verifier log.
 pub fn load_xdp(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
+    load(bpf_prog_type::BPF_PROG_TYPE_XDP, bpf_attach_type::BPF_XDP as u32, name, insns)
+}
+
+/// Loads `insns` as a program of type `prog_type` named `name` (same rules as [`load_xdp`];
+/// `attach` is the expected attach type, 0 where the type has none).
+pub fn load(
+    prog_type: bpf_prog_type,
+    attach: u32,
+    name: &str,
+    insns: &[Insn],
+) -> io::Result<OwnedFd> {
     if name.len() > 15 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("bad BPF program name {name:?}"),
         ));
     }
-    let mut prog_name = [0u8; 16];
-    prog_name[..name.len()].copy_from_slice(name.as_bytes());
     let license = c"GPL";
     let mut log = vec![0u8; 16 * 1024];
-    let mut attr = [0u64; 16];
-    attr[0] = BPF_PROG_TYPE_XDP | ((insns.len() as u64) << 32); // prog_type, insn_cnt
-    attr[1] = insns.as_ptr() as u64;
-    attr[2] = license.as_ptr() as u64;
-    attr[3] = 1 | ((log.len() as u64) << 32); // log_level, log_size
-    attr[4] = log.as_mut_ptr() as u64;
-    // prog_name at byte offset 48, expected_attach_type at 68.
-    attr[6] = u64::from_ne_bytes(prog_name[..8].try_into().expect("8 bytes"));
-    attr[7] = u64::from_ne_bytes(prog_name[8..].try_into().expect("8 bytes"));
-    attr[8] = BPF_XDP << 32;
-    match bpf(BPF_PROG_LOAD, &mut attr) {
+    let mut attr = sys::attr();
+    // SAFETY: union access; the prog-load member is the one BPF_PROG_LOAD reads.
+    let u = unsafe { &mut attr.__bindgen_anon_3 };
+    u.prog_type = prog_type as u32;
+    u.insn_cnt = insns.len() as u32;
+    u.insns = insns.as_ptr() as u64;
+    u.license = license.as_ptr() as u64;
+    u.log_level = 1;
+    u.log_size = log.len() as u32;
+    u.log_buf = log.as_mut_ptr() as u64;
+    for (d, s) in u.prog_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    u.expected_attach_type = attach;
+    match bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
         // SAFETY: a fresh fd returned by the kernel.
         Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
         Err(e) => {
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
             let text = String::from_utf8_lossy(&log[..end]);
-            Err(io::Error::new(e.kind(), format!("loading XDP program: {e}; verifier: {text}")))
+            Err(io::Error::new(e.kind(), format!("loading {name}: {e}; verifier: {text}")))
         }
     }
 }
@@ -104,10 +112,13 @@ pub fn attach_xdp(prog: &OwnedFd, dev: &str) -> io::Result<OwnedFd> {
     if ifindex == 0 {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no device {dev}")));
     }
-    let mut attr = [0u64; 16];
-    attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32); // prog_fd, target_ifindex
-    attr[1] = BPF_XDP; // attach_type, flags 0
-    match bpf(BPF_LINK_CREATE, &mut attr) {
+    let mut attr = sys::attr();
+    // SAFETY: union access; the link-create member is the one BPF_LINK_CREATE reads.
+    let l = unsafe { &mut attr.link_create };
+    l.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    l.__bindgen_anon_2.target_ifindex = ifindex;
+    l.attach_type = bpf_attach_type::BPF_XDP as u32;
+    match bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr) {
         // SAFETY: a fresh fd returned by the kernel.
         Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
         Err(e) => Err(io::Error::new(e.kind(), format!("attaching XDP to {dev}: {e}"))),
@@ -118,35 +129,40 @@ pub fn attach_xdp(prog: &OwnedFd, dev: &str) -> io::Result<OwnedFd> {
 pub fn pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = [0u64; 16];
-    attr[0] = c.as_ptr() as u64; // pathname
-    attr[1] = fd.as_raw_fd() as u64; // bpf_fd
-    bpf(BPF_OBJ_PIN, &mut attr)
+    let mut attr = sys::attr();
+    // SAFETY: union access; the object member is the one BPF_OBJ_PIN reads.
+    let o = unsafe { &mut attr.__bindgen_anon_4 };
+    o.pathname = c.as_ptr() as u64;
+    o.bpf_fd = fd.as_raw_fd() as u32;
+    bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr)
         .map(drop)
         .map_err(|e| io::Error::new(e.kind(), format!("pinning at {}: {e}", path.display())))
 }
-
-const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
-const BPF_LINK_UPDATE: i64 = 29;
 
 /// Id of the loaded program `prog` (`bpf_prog_info.id`, as `bpftool prog` lists it).
 pub fn prog_id(prog: &OwnedFd) -> io::Result<u32> {
     // The first fields of `struct bpf_prog_info`: type (u32), id (u32); the kernel fills at
     // most `info_len` bytes.
     let mut info = [0u32; 2];
-    let mut attr = [0u64; 16];
-    attr[0] = prog.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let mut attr = sys::attr();
+    // SAFETY: union access; the info member is the one BPF_OBJ_GET_INFO_BY_FD reads.
+    let i = unsafe { &mut attr.info };
+    i.bpf_fd = prog.as_raw_fd() as u32;
+    i.info_len = std::mem::size_of_val(&info) as u32;
+    i.info = info.as_mut_ptr() as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info[1])
 }
 
 /// Puts program `prog` into the XDP link `link` in place of the one it runs (`BPF_LINK_UPDATE`:
 /// the device is never without a program).
 pub fn update_link(link: &OwnedFd, prog: &OwnedFd) -> io::Result<()> {
-    let mut attr = [0u64; 16];
-    attr[0] = link.as_raw_fd() as u64 | ((prog.as_raw_fd() as u64) << 32); // link_fd, new_prog_fd
-    bpf(BPF_LINK_UPDATE, &mut attr)
+    let mut attr = sys::attr();
+    // SAFETY: union access; the link-update member is the one BPF_LINK_UPDATE reads.
+    let l = unsafe { &mut attr.link_update };
+    l.link_fd = link.as_raw_fd() as u32;
+    l.__bindgen_anon_1.new_prog_fd = prog.as_raw_fd() as u32;
+    bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr)
         .map(drop)
         .map_err(|e| io::Error::new(e.kind(), format!("updating an XDP link: {e}")))
 }
