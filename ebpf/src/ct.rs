@@ -35,7 +35,8 @@ pub fn lookup(t: &Tuple4, now: u64) -> Option<*mut Ct4Value> {
     let v = kp_ct4.get_ptr_mut(t)?;
     // SAFETY: valid map value pointer.
     let c = unsafe { &*v };
-    if now.wrapping_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
+    // Saturating: the fast path's clock may be a little behind a timestamp another CPU wrote.
+    if now.saturating_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
         return None;
     }
     Some(v)
@@ -65,7 +66,7 @@ pub fn touch(c: *mut Ct4Value, proto_: u8, flags: u8, reply: bool, now: u64) {
         if state != old {
             core::ptr::write_volatile(&raw mut (*c).state, state);
             core::ptr::write_volatile(&raw mut (*c).last_seen_ns, now);
-        } else if now.wrapping_sub(core::ptr::read_volatile(&raw const (*c).last_seen_ns))
+        } else if now.saturating_sub(core::ptr::read_volatile(&raw const (*c).last_seen_ns))
             > TOUCH_NS
         {
             core::ptr::write_volatile(&raw mut (*c).last_seen_ns, now);

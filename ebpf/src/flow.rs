@@ -7,7 +7,7 @@
 //! connections whose backend went away, ICMP errors, stale reverse-NAT entries) continues in a
 //! tail-called *slow-path* program ([`slow`], [`icmp_error`]): the fast programs stay small and
 //! quick, and every program stays within what the verifiers of older kernels can follow.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
 use kproxy_common::{
     Ct4Value, NodeConfig, Reason, RevNat4Value, Service4Key, Service4Value, Tuple4, backend_flags,
     calls, cfg_flags, ct_flags, ct_state, hints, proto, rnat_flags, scope, svc_flags,
@@ -105,6 +105,30 @@ fn ktime() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The fast path's clock: `bpf_ktime_get_ns()` read at most once per jiffy on each CPU and
+/// reused until `jiffies` moves (`bpf_jiffies64` is a plain memory load once the verifier has
+/// inlined it; every helper call costs, a return thunk on mitigated CPUs). Up to one jiffy
+/// (≤ 10 ms) behind the exact clock, which is far below every timeout and refresh interval it
+/// is compared with; the comparisons saturate, so a timestamp another CPU wrote a little later
+/// counts as fresh.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: helper without arguments.
+    let j = unsafe { bpf_jiffies64() };
+    let Some(c) = maps::kp_clock.get_ptr_mut(0) else { return ktime() };
+    // SAFETY: this CPU's slot of a per-CPU map; a torn pair only makes the time one jiffy
+    // older.
+    unsafe {
+        if (*c).jiffies == j {
+            return (*c).ns;
+        }
+        let ns = ktime();
+        (*c).jiffies = j;
+        (*c).ns = ns;
+        ns
+    }
+}
+
 /// The fast path of every entry program; see the module documentation.
 #[inline(always)]
 pub fn fast<P: Packet>(c: &mut P, hook: Hook) -> Step {
@@ -149,28 +173,33 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
             // Remember the ports so that the later fragments follow the same translation.
             ct::record_fragment(&p);
         }
-        let now = ktime();
         let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-        if orig && let Some(ctp) = ct::lookup(&t, now) {
-            // SAFETY: valid map value pointer, copied out.
-            let e: Ct4Value = unsafe { *ctp };
-            if syn_only(&p) && e.state >= ct_state::CLOSING {
-                // A new connection reusing a closed tuple.
-                return Ok(Step::tail(hook.new_call()));
+        if orig {
+            // The clock is read only where a lookup found something to check or refresh: a
+            // packet whose hints led to a miss (plain traffic to or from a backend) skips it.
+            let now = coarse_now();
+            if let Some(ctp) = ct::lookup(&t, now) {
+                // SAFETY: valid map value pointer, copied out.
+                let e: Ct4Value = unsafe { *ctp };
+                if syn_only(&p) && e.state >= ct_state::CLOSING {
+                    // A new connection reusing a closed tuple.
+                    return Ok(Step::tail(hook.new_call()));
+                }
+                let Some(local) = backend_local(ctp, &e, &cfg) else {
+                    // The backend went away: re-balanced or reset by the slow path.
+                    return Ok(Step::tail(hook.new_call()));
+                };
+                ct::touch(ctp, p.proto, p.tcp_flags, false, now);
+                return forward_established(c, &p, &e, local, &cfg, hook, now)
+                    .map(|(v, r)| Step::done(v, r));
             }
-            let Some(local) = backend_local(ctp, &e, &cfg) else {
-                // The backend went away: re-balanced or reset by the slow path.
-                return Ok(Step::tail(hook.new_call()));
-            };
-            ct::touch(ctp, p.proto, p.tcp_flags, false, now);
-            return forward_established(c, &p, &e, local, &cfg, hook)
-                .map(|(v, r)| Step::done(v, r));
         }
         // Replies before new connections: a reply tuple is exact, so it must win over a
         // frontend that happens to share address and port (a hairpin reply to a ClusterIP's
         // SNAT port).
         if reply && let Some(rn) = ct::revnat_ptr(&t) {
-            return reply_translated(c, &p, &t, rn, &cfg, hook, now).map(|(v, r)| Step::done(v, r));
+            return reply_translated(c, &p, &t, rn, &cfg, hook, coarse_now())
+                .map(|(v, r)| Step::done(v, r));
         }
         if orig {
             // Not tracked: a new connection if the frontend exists (the slow path looks).
@@ -224,7 +253,8 @@ fn run_icmp<P: Packet>(c: &mut P, hook: Hook) -> Out {
             icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, ktime())
     {
         let inner = Some((&i, &plan.inner));
-        return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
+        let reason = Reason::IcmpErrorTranslated;
+        return deliver_with(c, &p, &plan.outer, inner, plan.to, reason, ktime());
     }
     Ok((Verdict::PASS, Reason::PassUnsupportedProto))
 }
@@ -357,7 +387,7 @@ fn established<P: Packet>(
         }
     };
     ct::touch(ctp, p.proto, p.tcp_flags, false, now);
-    forward_established(c, p, &e, local, cfg, hook).map(Some)
+    forward_established(c, p, &e, local, cfg, hook, now).map(Some)
 }
 
 /// Whether the backend of the connection entry `e` (at `ctp`) is local; `None` when it was
@@ -387,6 +417,7 @@ fn forward_established<P: Packet>(
     local: bool,
     cfg: &NodeConfig,
     hook: Hook,
+    now: u64,
 ) -> Out {
     let n = Nat {
         saddr: if e.flags & ct_flags::SNAT != 0 { e.snat_addr } else { p.saddr },
@@ -401,7 +432,7 @@ fn forward_established<P: Packet>(
     } else {
         stack_or_direct::<P>(cfg, hook)
     };
-    deliver(c, p, &n, to, Reason::TranslatedEstablished)
+    deliver(c, p, &n, to, Reason::TranslatedEstablished, now)
 }
 
 /// First packet of a connection to a service frontend.
@@ -498,7 +529,7 @@ fn new_conn<P: Packet>(
     } else {
         stack_or_direct::<P>(cfg, hook)
     };
-    deliver(c, p, &n, to, reason)
+    deliver(c, p, &n, to, reason, now)
 }
 
 /// A reply of a translated connection: restore the frontend as source and the client as
@@ -522,7 +553,7 @@ fn reply_translated<P: Packet>(
         && p.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0;
     if control
         || fl & rnat_flags::ESTABLISHED == 0
-        || now.wrapping_sub(rn.last_seen_ns) > ct::TOUCH_NS
+        || now.saturating_sub(rn.last_seen_ns) > ct::TOUCH_NS
     {
         let orig =
             ct::tuple(rn.client_addr, rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
@@ -555,13 +586,14 @@ fn reply_translated<P: Packet>(
     } else {
         stack_or_direct::<P>(cfg, hook)
     };
-    deliver(c, p, &n, to, Reason::ReplyTranslated)
+    deliver(c, p, &n, to, Reason::ReplyTranslated, now)
 }
 
 /// Translates and delivers. XDP leaves packets whose neighbour is unresolved to TC, untouched.
+/// `now`: the clock, for the route cache ([`nat::route`]).
 #[inline(always)]
-fn deliver<P: Packet>(c: &mut P, p: &Ip4, n: &Nat, to: To, reason: Reason) -> Out {
-    deliver_with(c, p, n, None, to, reason)
+fn deliver<P: Packet>(c: &mut P, p: &Ip4, n: &Nat, to: To, reason: Reason, now: u64) -> Out {
+    deliver_with(c, p, n, None, to, reason, now)
 }
 
 /// [`deliver`], also rewriting the packet quoted by an ICMP error.
@@ -573,12 +605,13 @@ fn deliver_with<P: Packet>(
     inner: Option<(&icmp::Inner, &Nat)>,
     to: To,
     reason: Reason,
+    now: u64,
 ) -> Out {
     let mut fbuf = nat::FibBuf::new();
     let f = fbuf.zeroed();
     let mut fib = Fib::None;
     if to == To::Fib {
-        match nat::route(c, p, n.saddr, n.daddr, f) {
+        match nat::route(c, p, n.saddr, n.daddr, f, now) {
             Fib::Resolved => fib = Fib::Resolved,
             // XDP cannot resolve neighbours: TC does it completely (or counts the drop).
             _ if P::XDP => return Ok((Verdict::PASS, Reason::XdpPassToTc)),
@@ -587,7 +620,7 @@ fn deliver_with<P: Packet>(
         }
     } else if to == To::Direct && !P::XDP {
         // eBPF host routing; without a route the stack decides, as it would have.
-        let r = nat::route(c, p, n.saddr, n.daddr, f);
+        let r = nat::route(c, p, n.saddr, n.daddr, f, now);
         if r == Fib::Resolved || r == Fib::NoNeigh {
             fib = r;
         }

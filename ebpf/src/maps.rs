@@ -78,6 +78,36 @@ pub static kp_calls_xdp: ProgramArray<{ calls::XDP_MAX as usize }> = ProgramArra
 #[btf_map]
 pub static kp_poddevs: HashMap<u32, u32, { defaults::POD_DEVS_MAX as usize }> = HashMap::new();
 
+/// The fast path's per-CPU clock (`jiffies` and the `bpf_ktime_get_ns()` read in that jiffy; see
+/// `crate::flow`). Internal to the datapath: not pinned.
+#[btf_map]
+pub static kp_clock: PerCpuArray<Clock, 1> = PerCpuArray::new();
+
+/// An entry of [`kp_clock`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Clock {
+    /// `bpf_jiffies64()` when `ns` was read.
+    pub jiffies: u64,
+    /// `bpf_ktime_get_ns()`.
+    pub ns: u64,
+}
+
+/// XDP's per-CPU route cache (`crate::nat::route`), a slot per destination hash. Internal to
+/// the datapath: not pinned, each load starts empty.
+#[btf_map]
+pub static kp_route4: PerCpuArray<crate::nat::Route4, { ROUTE_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// Slots of [`kp_route4`] (a power of two).
+const ROUTE_SLOTS: u32 = 64;
+
+/// The route cache slot of destination `daddr` (be) on this CPU.
+#[inline(always)]
+pub fn route_slot(daddr: u32) -> Option<*mut crate::nat::Route4> {
+    kp_route4.get_ptr_mut(hints::addr_bit(daddr) & (ROUTE_SLOTS - 1))
+}
+
 /// Node configuration (one entry), written by the agent.
 #[btf_map]
 pub static kp_config: Array<NodeConfig, 1> = Array::new();

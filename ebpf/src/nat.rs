@@ -3,10 +3,10 @@
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
 };
-use kproxy_common::{Reason, proto};
+use kproxy_common::{Reason, proto, timeouts};
 
 use crate::{
-    csum,
+    csum, maps,
     parse::{Ip4, tcp_flags},
     pkt::{IP_CSUM, IP_DADDR, IP_SADDR, IP_TTL, L3, Packet, ptr_at},
 };
@@ -163,12 +163,65 @@ impl FibBuf {
     }
 }
 
+/// One route XDP looked up, per CPU ([`crate::maps::kp_route4`], slot by destination): for a
+/// packet from `ifindex_in` carrying `saddr → daddr` and at most `max_len` bytes long (the
+/// forwarding check passed for that length), out of `ifindex_out` with these MACs, until
+/// `stamp + timeouts::ROUTE_CACHE_NS`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Route4 {
+    /// Source address, be.
+    pub saddr: u32,
+    /// Destination address, be.
+    pub daddr: u32,
+    /// Device the packet arrived on.
+    pub ifindex_in: u32,
+    /// Egress device.
+    pub ifindex_out: u32,
+    /// Next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Egress device's MAC.
+    pub smac: [u8; 6],
+    /// IPv4 total length the lookup was made with.
+    pub max_len: u16,
+    /// Zero.
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` of the lookup.
+    pub stamp: u64,
+}
+
 /// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
-/// MACs) is left in `f`, which the caller zeroed.
+/// MACs) is left in `f`, which the caller zeroed. XDP reuses a successful lookup for the same
+/// addresses and ingress device for [`timeouts::ROUTE_CACHE_NS`] (a per-CPU cache: `bpf_fib_lookup` is
+/// the largest cost of an established NodePort packet); TC looks up every time.
 #[inline(always)]
-pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32, f: &mut FibParams) -> Fib {
+pub fn route<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    saddr: u32,
+    daddr: u32,
+    f: &mut FibParams,
+    now: u64,
+) -> Fib {
     if p.ttl <= 1 {
         return Fib::Failed;
+    }
+    let ifindex = c.ifindex();
+    let cached = if P::XDP { maps::route_slot(daddr) } else { None };
+    if let Some(e) = cached {
+        // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
+        let e = unsafe { &*e };
+        if e.daddr == daddr
+            && e.saddr == saddr
+            && e.ifindex_in == ifindex
+            && p.tot_len <= e.max_len
+            && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
+        {
+            f.ifindex = e.ifindex_out;
+            f.dmac = e.dmac;
+            f.smac = e.smac;
+            return Fib::Resolved;
+        }
     }
     f.family = AF_INET;
     f.l4_protocol = p.proto;
@@ -177,11 +230,27 @@ pub fn route<P: Packet>(c: &mut P, p: &Ip4, saddr: u32, daddr: u32, f: &mut FibP
     // TC: no length, so the kernel checks forwardability itself, which understands GSO skbs
     // (whose IP total length is that of the whole super-packet). XDP frames are real frames.
     f.__bindgen_anon_1.tot_len = if P::XDP { p.tot_len } else { 0 };
-    f.ifindex = c.ifindex();
+    f.ifindex = ifindex;
     f.__bindgen_anon_3.ipv4_src = saddr;
     f.__bindgen_anon_4.ipv4_dst = daddr;
     let r = c.fib_lookup(f);
     if r == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if let Some(e) = cached {
+            // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
+            unsafe {
+                *e = Route4 {
+                    saddr,
+                    daddr,
+                    ifindex_in: ifindex,
+                    ifindex_out: f.ifindex,
+                    dmac: f.dmac,
+                    smac: f.smac,
+                    max_len: p.tot_len,
+                    _pad: 0,
+                    stamp: now,
+                }
+            };
+        }
         Fib::Resolved
     } else if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         Fib::NoNeigh

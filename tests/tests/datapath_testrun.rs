@@ -20,7 +20,7 @@ use kproxy::dataplane::{
 };
 use kproxy_common::{
     Backend4, NodeConfig, Reason, Service4Key, Service4Value, backend_flags, cfg_flags, names,
-    proto, scope, svc_flags,
+    proto, scope, svc_flags, timeouts,
 };
 use kproxy_tests::frames::{self, ACK, Frame, L4, PSH, RST, SYN};
 
@@ -684,6 +684,50 @@ fn nodeport_remote_backend_snat_fib_forward_and_reply() {
                 (Reason::ReplyTranslated, 1),
             ],
         );
+    });
+}
+
+#[test]
+fn xdp_route_cache_follows_a_neighbour_change() {
+    in_test_netns(true, || {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        // SAFETY: a zeroed cpu_set_t is valid; the set lives across the call.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+        }
+        let mut env = Env::new();
+        let np = env.remote_nodeport(proto::UDP, 30054);
+        let q = Frame::udp(sa(CLIENT), sa(&np), b"q");
+        let dmac = |out: &[u8]| -> [u8; 6] { out[..6].try_into().unwrap() };
+        // The first datagram looks the route up, the second reuses it (same result).
+        for _ in 0..2 {
+            let (v, out) = env.xdp(&q.build());
+            assert_eq!(v, XDP_REDIRECT);
+            assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x11]);
+        }
+        // A datagram larger than the one the route was checked with is looked up again (the
+        // forwarding check depends on the length).
+        let big = Frame::udp(sa(CLIENT), sa(&np), &[7u8; 1000]);
+        let (v, out) = env.xdp(&big.build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x11]);
+        // The next hop's MAC changes: once the cached route is older than its lifetime, the
+        // packets follow the new neighbour entry.
+        let st = Command::new("sh")
+            .args([
+                "-c",
+                "ip neigh replace 198.18.0.11 lladdr 02:00:00:00:00:12 dev kpt0 nud permanent",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::thread::sleep(std::time::Duration::from_nanos(3 * timeouts::ROUTE_CACHE_NS));
+        let (v, out) = env.xdp(&q.build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x12]);
+        assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 3)]);
     });
 }
 

@@ -1,7 +1,7 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
 //! `cargo xtask lab up|down|status|sweep`,
-//! `cargo xtask bench [--quick] [--only-e2e | --only-programming] [--kproxy-before BINARY]
-//! [--out DIR] [--report DIR]`,
+//! `cargo xtask bench [--quick] [--only-e2e | --only-programming | --only-per-packet]
+//! [--kproxy-before BINARY] [--bin-dir DIR] [--out DIR] [--report DIR]`,
 //! `cargo xtask kernels [--kernels 5.10,6.1]`.
 
 mod kernels;
@@ -60,6 +60,15 @@ enum Cmd {
         /// unless --out.
         #[arg(long)]
         only_programming: bool,
+        /// Only the per-packet costs: bpf_stats under real traffic (item 8) and
+        /// BPF_PROG_TEST_RUN (item 7), about a minute, results in a temp dir unless --out.
+        #[arg(long, conflicts_with_all = ["only_e2e", "only_programming"])]
+        only_per_packet: bool,
+        /// Benchmark the binaries in DIR (kproxy, kproxy-loadgen, ...: a copy of another
+        /// revision's target/release, to compare two datapaths) instead of building; item 7
+        /// (BPF_PROG_TEST_RUN, which loads the object built into xtask) is left out.
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
         /// An earlier kproxy binary (e.g. a copy of main's target/release/kproxy) measured
         /// beside the one built in the programming and memory items, as `kproxy-before`:
         /// before/after figures of one run.
@@ -67,7 +76,7 @@ enum Cmd {
         kproxy_before: Option<PathBuf>,
         /// Measure nothing: rewrite `report.md` and the plots of the run in DIR from its
         /// `results.json` (after a change to the report's tables).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before"])]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "bin_dir"])]
         report: Option<PathBuf>,
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
@@ -136,9 +145,16 @@ fn main() -> Result<()> {
         Cmd::Demo { keep, manifests } => kproxy_tests::demo::run(&manifests, keep),
         Cmd::DemoDown => kproxy_tests::demo::down(),
         Cmd::Bench { report: Some(dir), .. } => kproxy_tests::bench::rewrite_report(&dir),
-        Cmd::Bench { quick, out, only_e2e, only_programming, kproxy_before, report: None } => {
-            bench(quick, out, only_e2e, only_programming, kproxy_before)
-        }
+        Cmd::Bench {
+            quick,
+            out,
+            only_e2e,
+            only_programming,
+            kproxy_before,
+            only_per_packet,
+            bin_dir,
+            report: None,
+        } => bench(quick, out, only_e2e, only_programming, kproxy_before, only_per_packet, bin_dir),
         Cmd::Kernels { kernels, filter, no_e2e, verifier_only } => kernels::run(
             &workspace_root(),
             &kernels::Opts { kernels, filter, no_e2e, verifier_only },
@@ -195,19 +211,37 @@ fn bench(
     only_e2e: bool,
     only_programming: bool,
     kproxy_before: Option<PathBuf>,
+    only_per_packet: bool,
+    bin_dir: Option<PathBuf>,
 ) -> Result<()> {
     use kproxy_tests::bench;
     // Timings of unoptimized binaries mean nothing: the agent and the load generator run from
-    // the release profile.
-    build(true)?;
+    // the release profile (or from the copy of a release build given).
+    let bin_dir_given = bin_dir.is_some();
+    let bins = match bin_dir {
+        Some(d) => {
+            std::fs::canonicalize(&d).with_context(|| format!("--bin-dir {}", d.display()))?
+        }
+        None => {
+            build(true)?;
+            workspace_root().join("target/release")
+        }
+    };
     // SAFETY: single-threaded here; nothing else reads the environment concurrently.
-    unsafe { std::env::set_var("KPROXY_BIN_DIR", workspace_root().join("target/release")) };
+    unsafe { std::env::set_var("KPROXY_BIN_DIR", bins) };
     let mut cfg = if quick { bench::Config::quick() } else { bench::Config::full() };
     if only_e2e {
         cfg = cfg.only_e2e();
     }
     if only_programming {
         cfg = cfg.only_programming();
+    }
+    if only_per_packet {
+        cfg = cfg.only_per_packet();
+    }
+    if bin_dir_given {
+        // BPF_PROG_TEST_RUN loads the object built into this process, not the one in DIR.
+        cfg.testrun_scales.clear();
     }
     if let Some(bin) = kproxy_before {
         cfg.kproxy_before = Some(std::path::absolute(&bin).context("--kproxy-before")?);
@@ -216,7 +250,7 @@ fn bench(
     let results_dir = workspace_root().join("bench/results");
     let (dir, is_default) = match out {
         Some(d) => (d, false),
-        None if quick || only_e2e || only_programming => {
+        None if quick || only_e2e || only_programming || only_per_packet || bin_dir_given => {
             (std::env::temp_dir().join(format!("kproxy-bench-quick-{stamp}")), false)
         }
         None => (results_dir.join(&stamp), true),

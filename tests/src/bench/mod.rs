@@ -98,6 +98,9 @@ pub struct Config {
     /// Only item 5 ([`Config::only_e2e`]): the NodePort and BPF_PROG_TEST_RUN items are left out.
     #[serde(default)]
     pub only_e2e: bool,
+    /// Only the per-packet items 7 and 8 ([`Config::only_per_packet`]).
+    #[serde(default)]
+    pub only_per_packet: bool,
     /// Only items 4 and 6 ([`Config::only_programming`]): programming time and memory.
     #[serde(default)]
     pub only_programming: bool,
@@ -130,6 +133,7 @@ impl Config {
             load_budget_s: 150.0,
             run_budget_s: 1140.0,
             only_e2e: false,
+            only_per_packet: false,
             only_programming: false,
             kproxy_before: None,
         }
@@ -157,6 +161,7 @@ impl Config {
             load_budget_s: 20.0,
             run_budget_s: 170.0,
             only_e2e: false,
+            only_per_packet: false,
             only_programming: false,
             kproxy_before: None,
         }
@@ -175,6 +180,15 @@ impl Config {
         self
     }
 
+    /// The same run restricted to the per-packet costs: item 8 (bpf_stats under real traffic)
+    /// and item 7 (BPF_PROG_TEST_RUN), about a minute; the other items' scales are emptied.
+    pub fn only_per_packet(mut self) -> Self {
+        self.scales.clear();
+        self.rate_scales.clear();
+        self.prog_scales.clear();
+        self.only_per_packet = true;
+        self
+    }
     /// The same run restricted to items 4 and 6 (programming from scratch, one change, agent
     /// and rule memory, at the same scales): no latency, rate, NodePort, change → connection,
     /// bpf_stats or BPF_PROG_TEST_RUN item.
@@ -570,7 +584,9 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     if cfg.packet_items() {
         b.bpf_stats_phase();
         b.step("8: per-program cost (bpf_stats)");
-        b.nodeport_phase();
+        if !cfg.only_per_packet {
+            b.nodeport_phase();
+        }
     }
     b.programming_phase();
     if cfg.packet_items() {
@@ -648,7 +664,7 @@ impl Bench<'_> {
         }
         for s in NODEPORT_SYSTEMS {
             for v in ["local", "remote"] {
-                if !c.packet_items() {
+                if !c.packet_items() || c.only_per_packet {
                     continue;
                 }
                 for m in NODEPORT_METRICS {
@@ -656,7 +672,7 @@ impl Bench<'_> {
                 }
             }
         }
-        if c.packet_items() {
+        if c.packet_items() && !c.only_per_packet {
             self.rec.plan("3-nodeport", "udp_pps", "xdp-tx", 3, "bounce");
             for m in LIVE_METRICS {
                 self.rec.plan("3-nodeport", m, "xdp-tx", 3, "bounce");
@@ -680,7 +696,7 @@ impl Bench<'_> {
             self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
             self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
         }
-        for s in E2E_SYSTEMS {
+        for s in E2E_SYSTEMS.iter().filter(|_| !c.only_per_packet) {
             for v in ["at-rest", "churn"] {
                 for m in ["p50_ms", "p99_ms"] {
                     if !c.only_programming {
@@ -689,7 +705,7 @@ impl Bench<'_> {
                 }
             }
         }
-        for s in ["kproxy", "kproxy-kube"] {
+        for s in ["kproxy", "kproxy-kube"].iter().filter(|_| !c.only_per_packet) {
             for m in E2E_BREAKDOWN {
                 if !c.only_programming {
                     self.rec.plan("5-e2e", m, s, c.e2e_scale, "at-rest");
