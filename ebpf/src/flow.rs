@@ -34,12 +34,14 @@ pub enum Hook {
 }
 
 impl Hook {
+    /// A hook on an external device (XDP or TC).
     #[inline(always)]
-    fn external(self) -> bool {
+    pub(crate) fn external(self) -> bool {
         matches!(self, Hook::XdpExt | Hook::TcExt)
     }
+    /// The frontend scope this hook's traffic may use.
     #[inline(always)]
-    fn scope(self) -> u8 {
+    pub(crate) fn scope(self) -> u8 {
         if self.external() { scope::EXTERNAL } else { scope::INTERNAL }
     }
     /// Index of this hook's slow-path program in its tail-call table. `ToPod` has none (it
@@ -96,11 +98,19 @@ impl Step {
 /// A TCP segment opening a connection (SYN without ACK).
 #[inline(always)]
 fn syn_only(p: &Ip4) -> bool {
-    p.proto == proto::TCP && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+    opens_connection(p.proto, p.tcp_flags)
 }
 
+/// Whether a segment of protocol `proto` with TCP flags `flags` opens a connection (a TCP SYN
+/// without ACK); both families.
 #[inline(always)]
-fn ktime() -> u64 {
+pub(crate) fn opens_connection(proto: u8, flags: u8) -> bool {
+    proto == proto::TCP && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+}
+
+/// The exact clock (`bpf_ktime_get_ns`), for the slow paths of both families.
+#[inline(always)]
+pub(crate) fn ktime() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }

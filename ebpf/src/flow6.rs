@@ -7,15 +7,14 @@
 //! connections, connections whose backend went away, stale reverse-NAT entries and ICMPv6
 //! errors. Neighbour discovery and the other ICMPv6 messages are passed untouched. IPv6 packets
 //! are counted in `kp_stats6` ([`Step::v6`]).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use kproxy_common::{
     Backend6, Ct6Value, NodeConfig, Reason, RevNat6Value, Service6Key, Service6Value, Tuple6,
-    backend_flags, calls, ct_flags, ct_state, hints, proto, scope, svc_flags,
+    backend_flags, calls, ct_flags, ct_state, hints, proto, svc_flags,
 };
 
 use crate::{
     ct6,
-    flow::{Hook, NO_TAIL, Step},
+    flow::{self, Hook, NO_TAIL, Step},
     icmp6, lb6, maps, maps6,
     nat::{self, Fib, To, Verdict},
     nat6::{self, Nat6},
@@ -71,16 +70,6 @@ fn finish<P: Packet6>(c: &mut P, p: &Ip6, next: &Next) -> Out {
         return Ok((next.verdict, next.reason));
     }
     deliver_with(c, p, &next.n, None, next.to, next.reason)
-}
-
-#[inline(always)]
-fn external(hook: Hook) -> bool {
-    matches!(hook, Hook::XdpExt | Hook::TcExt)
-}
-
-#[inline(always)]
-fn scope_of(hook: Hook) -> u8 {
-    if external(hook) { scope::EXTERNAL } else { scope::INTERNAL }
 }
 
 /// Index of this hook's IPv6 entry program (in the hook's tail-call table; XDP has none).
@@ -144,13 +133,7 @@ fn tail(index: u32) -> Step {
 /// A TCP segment opening a connection (SYN without ACK).
 #[inline(always)]
 fn syn_only(p: &Ip6) -> bool {
-    p.proto == proto::TCP && p.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-}
-
-#[inline(always)]
-fn ktime() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    flow::opens_connection(p.proto, p.tcp_flags)
 }
 
 /// The IPv6 fast path, run by the IPv6 entry programs. A frame that is not IPv6 is passed
@@ -193,7 +176,7 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         if p.frag == Frag::First {
             ct6::record_fragment(&p);
         }
-        let now = ktime();
+        let now = flow::ktime();
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
         if orig && let Some(ctp) = ct6::lookup(&t, now) {
             // SAFETY: valid map value pointer, copied out.
@@ -287,7 +270,7 @@ fn run_conn<P: Packet6>(c: &mut P, hook: Hook) -> Out {
         _ => Reason::TranslatedNew,
     };
     let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-    let next = new_conn(p, &t, &cfg, hook, &nc.key, &nc.svc, ktime(), reason)?;
+    let next = new_conn(p, &t, &cfg, hook, &nc.key, &nc.svc, flow::ktime(), reason)?;
     finish(c, p, &next)
 }
 
@@ -329,7 +312,7 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
     let cfg6 = maps6::config6();
     if let Some(i) = icmp6::parse(c, &p)
         && let Some(plan) =
-            icmp6::plan(&p, &i, &cfg6, external(hook), hook == Hook::FromPod, ktime())
+            icmp6::plan(&p, &i, &cfg6, hook.external(), hook == Hook::FromPod, flow::ktime())
     {
         let inner = Some((&i, &plan.inner));
         return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
@@ -346,7 +329,7 @@ fn run<P: Packet6>(c: &mut P, hook: Hook) -> Result<Slow, Reason> {
     let Some(mut p) = parse6::ipv6(c)? else {
         return Ok(Slow::Done(Verdict::PASS, Reason::PassUnsupportedProto));
     };
-    let now = ktime();
+    let now = flow::ktime();
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return Ok(Slow::Done(Verdict::PASS, Reason::PassUnsupportedProto));
     }
@@ -392,7 +375,7 @@ fn decide(p: &Ip6, hook: Hook, now: u64) -> Result<Next, Reason> {
         return Ok(reply_translated(p, &t, &rn, hook, now));
     }
     if hook != Hook::ToPod
-        && let Some((key, svc)) = lb6::service(&p.daddr, p.dport, p.proto, scope_of(hook))
+        && let Some((key, svc)) = lb6::service(&p.daddr, p.dport, p.proto, hook.scope())
     {
         // A TCP segment without SYN and without a connection entry: evicted or expired
         // mid-flow, balanced as new, counted apart.
@@ -457,7 +440,7 @@ fn forward_established(p: &Ip6, e: &Ct6Value, be: &Backend6, hook: Hook) -> Next
     };
     let to = if e.flags & ct_flags::HAIRPIN != 0 {
         To::Bounce
-    } else if external(hook) && be.flags & backend_flags::LOCAL == 0 {
+    } else if hook.external() && be.flags & backend_flags::LOCAL == 0 {
         To::Fib
     } else {
         To::Stack
@@ -503,7 +486,7 @@ fn new_conn(
     let local = be.flags & backend_flags::LOCAL != 0;
     // Hairpin: a pod balanced to itself (see `flow::new_conn`).
     let hairpin = hook == Hook::FromPod && be.addr == p.saddr;
-    let snat = hairpin || (external(hook) && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
+    let snat = hairpin || (hook.external() && !local && svc.flags & svc_flags::LOCAL_ONLY == 0);
     let snat_addr = if hairpin { p.daddr } else { maps6::config6().snat_addr };
     let sc = maps6::scratch()?;
     sc.rn = RevNat6Value {
@@ -515,7 +498,7 @@ fn new_conn(
         last_seen_ns: now,
     };
     let mut n = Nat6 { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
-    let mut flags = if external(hook) { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
+    let mut flags = if hook.external() { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
     if svc.flags & svc_flags::NODE_PORT != 0 {
         flags |= ct_flags::REPLY_FIB;
     }
@@ -551,7 +534,7 @@ fn new_conn(
     ct6::create(t, e)?;
     let to = if hairpin {
         To::Bounce
-    } else if external(hook) && !local {
+    } else if hook.external() && !local {
         To::Fib
     } else {
         To::Stack
@@ -579,7 +562,7 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rn: &RevNat6Value, hook: Hook, now: u64
     };
     let to = if rn.client_addr == p.saddr && hook == Hook::FromPod {
         To::Bounce
-    } else if external(hook) && {
+    } else if hook.external() && {
         let s = maps6::config6().snat_addr;
         s != [0; 4] && t.daddr == s
     } {

@@ -503,9 +503,9 @@ struct SliceIssues {
     skipped: Vec<String>,
 }
 
-/// Hash maps of the tracker: foldhash's randomly seeded quality hasher (keys are names from the
-/// API; SipHash was a few % of a from-scratch model build).
-type NameMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+/// Hash maps keyed by names from the API (the tracker's, the syncer's): foldhash's randomly
+/// seeded quality hasher (SipHash was a few % of a from-scratch model build and sync).
+pub(crate) type NameMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 
 /// The change tracker: keeps the compact objects, takes per-object [`Change`]s, marks the
 /// services they affect dirty (a Service itself, the owner of an EndpointSlice through its

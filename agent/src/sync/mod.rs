@@ -60,17 +60,14 @@ use smallvec::SmallVec;
 use crate::{
     dataplane::{BatchError, Dataplane, DataplaneError, SourceRange},
     model::{
-        Backend, Changes, DesiredState, Frontend, ServiceName, ServicePortName, ServicePortState,
-        SharedStr,
+        Backend, Changes, DesiredState, Frontend, NameMap, ServiceName, ServicePortName,
+        ServicePortState, SharedStr,
     },
 };
 
 /// Hash maps keyed by numbers the syncer itself derives (ids, map keys): a fast hasher.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
-/// Hash maps keyed by names from the API: foldhash's randomly seeded quality hasher (SipHash
-/// was a few % of a from-scratch sync).
-type NameMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 
 /// A failed part of a sync; the rest of the sync went on.
 #[derive(Debug, thiserror::Error)]
