@@ -95,8 +95,12 @@ fn main() {
         w.flush().unwrap();
         std::fs::metadata(dir.join("bulk.json")).unwrap().len() as f64 / 1e6
     };
-    let node =
-        NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None };
+    let node = NodeInfo {
+        name: "node-0".into(),
+        addrs: vec![Ipv4Addr::new(198, 18, 0, 10)],
+        zone: None,
+        addrs6: Vec::new(),
+    };
     let mut dp = MemDataplane::default();
     let mut syncer = Syncer::new();
     // The one file is tens of MB, over the agent's default limit (the benchmark raises it too).

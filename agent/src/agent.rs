@@ -492,8 +492,12 @@ async fn sync_loop(
     let mut schedule = Schedule::new(config.sync_coalesce, config.min_sync_period);
 
     let mut state = LoopState::default();
-    let mut tracker =
-        Tracker::new(NodeInfo { name: config.node_name.clone(), addrs: Vec::new(), zone: None });
+    let mut tracker = Tracker::new(NodeInfo {
+        name: config.node_name.clone(),
+        addrs: Vec::new(),
+        zone: None,
+        addrs6: Vec::new(),
+    });
     tracker.set_address_policy(config.address_policy.clone());
     tracker.set_node_port_source_ranges(config.source_ranges_node_ports);
     tracker.set_service_cidrs(&config.service_cidrs);
@@ -922,8 +926,12 @@ mod tests {
         let mut syncer = Syncer::new();
         let mut dp = MemDataplane::default();
         let addrs = [Ipv4Addr::new(198, 18, 0, 10)];
-        let mut tracker =
-            Tracker::new(NodeInfo { name: "node-0".into(), addrs: addrs.to_vec(), zone: None });
+        let mut tracker = Tracker::new(NodeInfo {
+            name: "node-0".into(),
+            addrs: addrs.to_vec(),
+            zone: None,
+            addrs6: Vec::new(),
+        });
         let mut sync = |tracker: &mut Tracker,
                         state: &mut LoopState,
                         dp: &mut MemDataplane,
@@ -1082,8 +1090,12 @@ mod tests {
         let health = Arc::new(ProxyHealth::new(Stamp::now()));
         let mut obs = ChangeObserver::new("node-0", metrics.clone(), health.clone());
         let addrs = [Ipv4Addr::new(198, 18, 0, 10)];
-        let mut tracker =
-            Tracker::new(NodeInfo { name: "node-0".into(), addrs: addrs.to_vec(), zone: None });
+        let mut tracker = Tracker::new(NodeInfo {
+            name: "node-0".into(),
+            addrs: addrs.to_vec(),
+            zone: None,
+            addrs6: Vec::new(),
+        });
         let mut state = LoopState::default();
         let mut syncer = Syncer::new();
         // Room for the first service's frontend and its backend slot only.
@@ -1183,6 +1195,7 @@ mod tests {
             name: "node-0".into(),
             addrs: vec![Ipv4Addr::new(198, 18, 0, 10)],
             zone: None,
+            addrs6: Vec::new(),
         });
         let mut state = LoopState::default();
         for c in [Change::Service((&svc).into()), Change::Slice((&slice("node-1")).into())] {

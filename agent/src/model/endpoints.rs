@@ -3,11 +3,12 @@
 //! for the cluster and the local set), topology hints when every ready endpoint has them.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
-/// One endpoint of one service port, as kproxy's selection sees it.
+/// One endpoint of one service port, as kproxy's selection sees it (`A`: the address type of
+/// its family).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
+pub struct Endpoint<A = Ipv4Addr> {
     /// Pod address.
-    pub addr: Ipv4Addr,
+    pub addr: A,
     /// Target port.
     pub port: u16,
     /// Runs on this node (`nodeName` equals ours).
@@ -50,12 +51,12 @@ impl Policy {
 }
 
 /// Result of [`categorize`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Categorized {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Categorized<A = Ipv4Addr> {
     /// Usable endpoints under Cluster policy (empty when the service never uses them).
-    pub cluster: Vec<Endpoint>,
+    pub cluster: Vec<Endpoint<A>>,
     /// Usable endpoints under Local policy (empty when the service never uses them).
-    pub local: Vec<Endpoint>,
+    pub local: Vec<Endpoint<A>>,
     /// Whether any endpoint anywhere in the cluster is usable: decides drop (some exist, none
     /// here) against reject (none at all) when a policy leaves nothing.
     pub has_any: bool,
@@ -69,13 +70,13 @@ enum TopologyMode {
 }
 
 /// Splits the endpoints of one service port into the Cluster and Local sets, as kube-proxy does.
-pub fn categorize(
-    endpoints: &[Endpoint],
+pub fn categorize<A: Clone>(
+    endpoints: &[Endpoint<A>],
     policy: Policy,
     node_name: &str,
     zone: Option<&str>,
-) -> Categorized {
-    let mut out = Categorized::default();
+) -> Categorized<A> {
+    let mut out = Categorized { cluster: Vec::new(), local: Vec::new(), has_any: false };
     if endpoints.is_empty() {
         return out;
     }
@@ -120,8 +121,12 @@ pub fn categorize(
 /// kube-proxy's `topologyModeFromHints`: same-node when every ready endpoint has node hints and
 /// one names this node, else same-zone when every ready endpoint has zone hints and one names
 /// this node's zone, else none.
-fn topology_mode(endpoints: &[Endpoint], node_name: &str, zone: Option<&str>) -> TopologyMode {
-    let ready: Vec<&Endpoint> = endpoints.iter().filter(|ep| ep.ready).collect();
+fn topology_mode<A>(
+    endpoints: &[Endpoint<A>],
+    node_name: &str,
+    zone: Option<&str>,
+) -> TopologyMode {
+    let ready: Vec<&Endpoint<A>> = endpoints.iter().filter(|ep| ep.ready).collect();
     if ready.is_empty() {
         return TopologyMode::None;
     }
@@ -139,8 +144,8 @@ fn topology_mode(endpoints: &[Endpoint], node_name: &str, zone: Option<&str>) ->
     TopologyMode::None
 }
 
-fn available_for_topology(
-    ep: &Endpoint,
+fn available_for_topology<A>(
+    ep: &Endpoint<A>,
     mode: TopologyMode,
     node_name: &str,
     zone: Option<&str>,

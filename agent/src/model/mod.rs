@@ -26,6 +26,7 @@ use crate::excerpt::excerpt;
 
 pub mod endpoints;
 pub mod objects;
+pub mod v6;
 
 use endpoints::{Endpoint, Policy, categorize};
 pub use objects::{Change, ObjectName};
@@ -51,6 +52,8 @@ pub struct NodeInfo {
     pub name: String,
     /// IPv4 addresses of the NodePort devices (NodePort frontends).
     pub addrs: Vec<Ipv4Addr>,
+    /// IPv6 addresses of the NodePort devices (IPv6 NodePort frontends).
+    pub addrs6: Vec<std::net::Ipv6Addr>,
     /// `topology.kubernetes.io/zone` of the node, if known (topology hints).
     pub zone: Option<String>,
 }
@@ -257,6 +260,8 @@ pub struct HealthCheck {
 pub struct DesiredState {
     /// By service port.
     pub services: BTreeMap<ServicePortName, ServicePortState>,
+    /// The IPv6 side, by service port (the ports of services with an IPv6 ClusterIP).
+    pub services6: BTreeMap<ServicePortName, v6::PortState6>,
     /// healthCheckNodePort → service and local endpoint count.
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }
@@ -417,8 +422,9 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) ->
 pub struct Changes {
     /// True when `state` holds every service (a full resync): anything else programmed is stale.
     pub full: bool,
-    /// The services recomputed: for each, its ports in `state.services` replace the ones it had
-    /// (a service listed here without ports in `state` has none any more).
+    /// The services recomputed: for each, its ports in `state.services` and `state.services6`
+    /// replace the ones it had (a service listed here without ports in `state` has none any
+    /// more).
     pub services: BTreeSet<ServiceName>,
     /// The desired state of those services; `health_checks` is always complete.
     pub state: DesiredState,
@@ -482,8 +488,9 @@ pub struct AddressPolicy {
 }
 
 impl AddressPolicy {
-    fn allows(list: &Option<Vec<ipnet::IpNet>>, addr: Ipv4Addr) -> bool {
-        list.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&IpAddr::V4(addr))))
+    fn allows(list: &Option<Vec<ipnet::IpNet>>, addr: impl Into<IpAddr>) -> bool {
+        let addr = addr.into();
+        list.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&addr)))
     }
 }
 
@@ -532,7 +539,7 @@ pub struct Tracker {
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
     services: NameMap<ServiceName, Box<ServiceObj>>,
     slices: NameMap<ObjectName, Box<SliceObj>>,
-    /// Service → names of its IPv4 slices, in name order.
+    /// Service → names of its IPv4 and IPv6 slices, in name order.
     slices_of: NameMap<ServiceName, Vec<SharedStr>>,
     records: NameMap<ServiceName, ServiceRecord>,
     /// Claim key → service ports claiming it (almost always one).
@@ -796,7 +803,7 @@ impl Tracker {
     /// Checks a new slice, indexes it under its owner and dirties the owner.
     fn link_slice(&mut self, s: &SliceObj) {
         let mut issues = SliceIssues { errors: check_slice(s), skipped: Vec::new() };
-        if s.address_type != "IPv4" {
+        if s.address_type != "IPv4" && s.address_type != "IPv6" {
             issues.skipped.push(format!(
                 "EndpointSlice {}: addressType {}",
                 s.name,
@@ -1019,9 +1026,20 @@ impl Tracker {
         for k in stale {
             out.state.services.remove(&k);
         }
+        let stale6: Vec<ServicePortName> = out
+            .state
+            .services6
+            .range(ServicePortName::first_of(name)..)
+            .take_while(|(k, _)| k.service == *name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale6 {
+            out.state.services6.remove(&k);
+        }
         for (spn, st, _) in result.ports {
             out.state.services.insert(spn, st);
         }
+        out.state.services6.extend(result.ports6);
         if self.services.contains_key(name) {
             self.records.insert(
                 name.clone(),
@@ -1044,7 +1062,8 @@ impl ServicePortName {
 
 /// The per-Service facts the frontends are made from.
 struct SvcSpec {
-    cluster_ip: Ipv4Addr,
+    /// The IPv4 ClusterIP (`None`: an IPv6-only service).
+    cluster_ip: Option<Ipv4Addr>,
     /// Type NodePort or LoadBalancer: node ports are served.
     node_ports: bool,
     external_ips: Vec<Ipv4Addr>,
@@ -1053,6 +1072,8 @@ struct SvcSpec {
     policy_external_local: bool,
     affinity_timeout: u32,
     health_check_node_port: Option<u16>,
+    /// The IPv6 addresses.
+    v6: v6::Addrs6,
 }
 
 /// One service computed on its own (before frontend ownership is applied).
@@ -1060,6 +1081,8 @@ struct SvcSpec {
 struct ServiceResult {
     /// Ports with their state and the field naming the port (`spec.ports[name or index].port`).
     ports: Vec<(ServicePortName, ServicePortState, String)>,
+    /// Ports with their IPv6 state.
+    ports6: Vec<(ServicePortName, v6::PortState6)>,
     /// healthCheckNodePort and the local endpoint count.
     health: Option<(u16, usize)>,
     errors: Vec<ModelError>,
@@ -1216,28 +1239,33 @@ fn bad_ipv4_reason(text: &str) -> &'static str {
 }
 
 /// The validation errors of an EndpointSlice taken on its own: the owner label, its ports and
-/// its endpoint addresses (IPv4 slices only; other address types are skipped whole).
+/// its endpoint addresses (IPv4 and IPv6 slices; other address types are skipped whole).
 fn check_slice(s: &SliceObj) -> Vec<ModelError> {
     let mut errors = Vec::new();
     let site = ErrorSite::slice(s);
-    if s.address_type == "IPv6" {
-        // Not programmed yet; its addresses are still checked so that bad ones are reported.
+    let v6 = s.address_type == "IPv6";
+    if v6 {
+        // IPv6 addresses are kept as written (see `EndpointAddr`) and parsed here and by
+        // `v6::endpoint_addr6`.
         for (ei, ep) in s.endpoints.iter().enumerate() {
-            let Some(EndpointAddr::Invalid(text)) = &ep.addr else { continue };
-            let reason = match text.parse::<IpAddr>() {
-                Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
-                    "an IPv4-mapped address in an IPv6 slice"
-                }
-                Ok(IpAddr::V6(_)) => continue,
-                Ok(IpAddr::V4(_)) => "an IPv4 address in an IPv6 slice",
-                Err(_) => "not an IPv6 address",
+            let (text, reason) = match &ep.addr {
+                Some(EndpointAddr::V4(a)) => (a.to_string(), "an IPv4 address in an IPv6 slice"),
+                Some(EndpointAddr::Invalid(text)) => match text.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => (
+                        text.to_string(),
+                        "an IPv4-mapped address in an IPv6 slice (write the IPv4 address in an \
+                         IPv4 slice)",
+                    ),
+                    Ok(IpAddr::V6(_)) => continue,
+                    Ok(IpAddr::V4(_)) => (text.to_string(), "an IPv4 address in an IPv6 slice"),
+                    Err(_) => (text.to_string(), "not an IPv6 address"),
+                },
+                None => continue,
             };
             let field = format!("endpoints[{ei}].addresses[0]");
-            errors.push(site.invalid(field, text, reason, outcome::ENDPOINT_IGNORED));
+            errors.push(site.invalid(field, &text, reason, outcome::ENDPOINT_IGNORED));
         }
-        return errors;
-    }
-    if s.address_type != "IPv4" {
+    } else if s.address_type != "IPv4" {
         return errors;
     }
     if s.owner().is_none() {
@@ -1264,7 +1292,7 @@ fn check_slice(s: &SliceObj) -> Vec<ModelError> {
             ));
         }
     }
-    for (ei, ep) in s.endpoints.iter().enumerate() {
+    for (ei, ep) in s.endpoints.iter().enumerate().filter(|_| !v6) {
         if let Some(EndpointAddr::Invalid(text)) = &ep.addr {
             errors.push(site.invalid(
                 format!("endpoints[{ei}].addresses[0]"),
@@ -1293,8 +1321,14 @@ fn compute_service(
     let site = ErrorSite::service(svc);
     // Warnings only: they do not make an update invalid (not part of `check_service`).
     out.errors.extend(family_warnings(&site, svc));
+    out.errors.append(&mut spec.v6.warnings);
+    if spec.cluster_ip.is_none() {
+        out.skipped.push(format!("{name}: no IPv4 clusterIP (IPv6 only)"));
+    }
     refuse_addresses(&site, svc, &mut spec, policy, &mut out.errors);
+    v6::refuse_restricted(&site, svc, &mut spec, node_port_ranges, &mut out.errors);
     let ranges = source_ranges(&site, svc, &node.addrs, &spec.lb_ips, &mut out.errors);
+    let mut local_ready6 = BTreeSet::new();
     // Ready endpoints on this node, by address over every port (kube-proxy's
     // LocalReadyEndpoints): terminating ones never count, so a node left with only terminating
     // endpoints fails its health check and load balancers drain it.
@@ -1314,7 +1348,11 @@ fn compute_service(
                 }
             };
         let spn = ServicePortName { service: name.clone(), port: pname.as_str().into(), proto: p };
-        let eps = collect_endpoints(&spn, slices, node);
+        let state6 =
+            v6::port_state(&spec, &spn, svc_port, node_port, slices, node, &mut local_ready6);
+        out.ports6.extend(state6.map(|st| (spn.clone(), st)));
+        let Some(cluster_ip) = spec.cluster_ip else { continue };
+        let eps = collect_endpoints(&spn, slices, node, endpoint_addr4);
         let externally_accessible =
             node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
         let policy = Policy {
@@ -1331,17 +1369,10 @@ fn compute_service(
         };
         let cluster = to_backends(&cat.cluster);
         let local = to_backends(&cat.local);
-        let affinity_flag = if spec.affinity_timeout > 0 { svc_flags::AFFINITY } else { 0 };
         let entry = |flags: u16, backends: &Vec<Backend>, local_policy: bool| {
-            let mut flags = flags | affinity_flag;
-            if local_policy {
-                flags |= svc_flags::LOCAL_ONLY;
-            }
-            if backends.is_empty() && cat.has_any {
-                flags |= svc_flags::DROP_IF_EMPTY;
-            }
+            let drop = backends.is_empty() && cat.has_any;
             FrontendEntry {
-                flags,
+                flags: entry_flags(flags, spec.affinity_timeout, local_policy, drop),
                 affinity_timeout: spec.affinity_timeout,
                 backends: backends.clone(),
             }
@@ -1359,7 +1390,7 @@ fn compute_service(
         let (set, local_policy) =
             if policy.internal_local { (&local, true) } else { (&cluster, false) };
         state.frontends.insert(
-            fe(spec.cluster_ip, svc_port, scope::INTERNAL),
+            fe(cluster_ip, svc_port, scope::INTERNAL),
             entry(svc_flags::CLUSTER_IP, set, local_policy),
         );
         let mut externals: Vec<(Ipv4Addr, u16, u16)> = Vec::new();
@@ -1388,9 +1419,27 @@ fn compute_service(
     if spec.policy_external_local
         && let Some(port) = spec.health_check_node_port
     {
-        out.health = Some((port, local_ready.len()));
+        // A dual-stack pod counts once.
+        out.health = Some((port, local_ready.len().max(local_ready6.len())));
     }
     out
+}
+
+/// The flags of a frontend's service entry: its kind (`svc_flags::CLUSTER_IP`, ...), with
+/// affinity, a Local traffic policy, and drop rather than reject when it has no backend here
+/// although the service has some elsewhere.
+fn entry_flags(kind: u16, affinity_timeout: u32, local_policy: bool, drop_if_empty: bool) -> u16 {
+    let mut flags = kind;
+    if affinity_timeout > 0 {
+        flags |= svc_flags::AFFINITY;
+    }
+    if local_policy {
+        flags |= svc_flags::LOCAL_ONLY;
+    }
+    if drop_if_empty {
+        flags |= svc_flags::DROP_IF_EMPTY;
+    }
+    flags
 }
 
 fn backend_of(e: &Endpoint, p: u8) -> Backend {
@@ -1402,6 +1451,14 @@ fn backend_of(e: &Endpoint, p: u8) -> Backend {
         flags |= backend_flags::TERMINATING;
     }
     Backend { addr: e.addr, port: e.port, proto: p, flags }
+}
+
+/// The IPv4 address of an endpoint of an `addressType: IPv4` slice.
+fn endpoint_addr4(s: &SliceObj, ep: &objects::EndpointObj) -> Option<Ipv4Addr> {
+    match ep.addr {
+        Some(EndpointAddr::V4(a)) if s.address_type == "IPv4" => Some(a),
+        _ => None,
+    }
 }
 
 fn valid_port(p: i32) -> Option<u16> {
@@ -1431,24 +1488,23 @@ fn refuse_addresses(
         let nets: Vec<String> = list.iter().flatten().map(|n| n.to_string()).collect();
         if nets.is_empty() { "none".to_string() } else { nets.join(",") }
     };
-    let mut refuse =
-        |field: String, addr: Ipv4Addr, flag: &str, list: &Option<Vec<ipnet::IpNet>>| {
-            let mut e = site.invalid(
-                field,
-                &addr.to_string(),
-                format!("outside {flag} ({})", flag_text(list)),
-                outcome::ADDRESS_REFUSED,
-            );
-            e.class = ErrorClass::AddressNotAllowed;
-            errors.push(e);
-        };
+    let mut refuse = |field: String, addr: IpAddr, flag: &str, list: &Option<Vec<ipnet::IpNet>>| {
+        let mut e = site.invalid(
+            field,
+            &addr.to_string(),
+            format!("outside {flag} ({})", flag_text(list)),
+            outcome::ADDRESS_REFUSED,
+        );
+        e.class = ErrorClass::AddressNotAllowed;
+        errors.push(e);
+    };
     spec.external_ips.retain(|a| {
         let ok = AddressPolicy::allows(&policy.external_ips, *a);
         if !ok {
             let i = svc.external_ips.iter().position(|t| t.trim().parse() == Ok(*a)).unwrap_or(0);
             refuse(
                 format!("spec.externalIPs[{i}]"),
-                *a,
+                IpAddr::V4(*a),
                 "--external-ip-cidrs",
                 &policy.external_ips,
             );
@@ -1465,10 +1521,32 @@ fn refuse_addresses(
                 .unwrap_or(0);
             refuse(
                 format!("status.loadBalancer.ingress[{i}].ip"),
-                *a,
+                IpAddr::V4(*a),
                 "--load-balancer-ip-cidrs",
                 &policy.load_balancer_ips,
             );
+        }
+        ok
+    });
+    spec.v6.external_ips.retain(|a| {
+        let ok = AddressPolicy::allows(&policy.external_ips, *a);
+        if !ok {
+            let i = svc.external_ips.iter().position(|t| t.trim().parse() == Ok(*a)).unwrap_or(0);
+            let field = format!("spec.externalIPs[{i}]");
+            refuse(field, IpAddr::V6(*a), "--external-ip-cidrs", &policy.external_ips);
+        }
+        ok
+    });
+    spec.v6.lb_ips.retain(|a| {
+        let ok = AddressPolicy::allows(&policy.load_balancer_ips, *a);
+        if !ok {
+            let i = svc
+                .ingress
+                .iter()
+                .position(|g| g.ip.as_deref().and_then(|t| t.parse().ok()) == Some(*a))
+                .unwrap_or(0);
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            refuse(field, IpAddr::V6(*a), "--load-balancer-ip-cidrs", &policy.load_balancer_ips);
         }
         ok
     });
@@ -1542,16 +1620,21 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
             return None;
         }
     }
-    // The IPv4 ClusterIP: clusterIPs (dual stack) or clusterIP.
+    // The ClusterIP of each family: clusterIPs (dual stack) or clusterIP.
     if svc.cluster_ips.iter().any(|c| c.as_str() == "None") {
         out.skipped.push(format!("{name}: headless (clusterIP None)"));
         return None;
     }
     let mut cluster_ip = None;
-    for c in &svc.cluster_ips {
+    let mut v6 = v6::Addrs6 { node_ports: true, ..Default::default() };
+    for (i, c) in svc.cluster_ips.iter().enumerate() {
         match c.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => {
                 cluster_ip.get_or_insert(a);
+            }
+            Ok(IpAddr::V6(a)) if v6.cluster_ip.is_none() => {
+                let field = format!("spec.clusterIPs[{i}]");
+                v6.cluster_ip = v6::service_addr6(&site, field, c, a, &mut v6.warnings);
             }
             Ok(IpAddr::V6(_)) => {}
             Err(_) => {
@@ -1560,15 +1643,18 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
             }
         }
     }
-    let Some(cluster_ip) = cluster_ip else {
-        out.skipped.push(format!("{name}: no IPv4 clusterIP"));
+    if cluster_ip.is_none() && v6.cluster_ip.is_none() {
+        out.skipped.push(format!("{name}: no usable clusterIP"));
         return None;
-    };
+    }
     let mut external_ips = Vec::new();
     for (i, ip) in svc.external_ips.iter().enumerate() {
         match ip.trim().parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => external_ips.push(a),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V6(a)) => {
+                let field = format!("spec.externalIPs[{i}]");
+                v6.external_ips.extend(v6::service_addr6(&site, field, ip, a, &mut v6.warnings));
+            }
             Err(_) => {
                 out.errors.push(err(&format!("spec.externalIPs[{i}]"), ip, "not an IP address"));
                 return None;
@@ -1585,7 +1671,10 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         }
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => lb_ips.push(a),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V6(a)) => {
+                let field = format!("status.loadBalancer.ingress[{i}].ip");
+                v6.lb_ips.extend(v6::service_addr6(&site, field, ip, a, &mut v6.warnings));
+            }
             Err(_) => {
                 let field = format!("status.loadBalancer.ingress[{i}].ip");
                 out.errors.push(err(&field, ip, "not an IP address"));
@@ -1653,11 +1742,13 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         policy_external_local,
         affinity_timeout,
         health_check_node_port,
+        v6,
     })
 }
 
 /// The endpoints of one service port over all its slices: slice ports matched by name and
-/// protocol, the first address of each endpoint, duplicates (same address and port) counted once
+/// protocol, the first address of each endpoint as `addr_of` reads it for one family (`None`:
+/// another family, or not an address), duplicates (same address and port) counted once
 /// (a local copy wins, as in kube-proxy). Invalid ports and addresses are left out (their errors
 /// belong to the slice: [`check_slice`]).
 ///
@@ -1665,12 +1756,13 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
 /// is the EndpointSlice controller's business (it publishes every address of such a service as
 /// ready, except pods that have terminated, which it leaves out); an endpoint a slice marks not
 /// ready is not ready here either, whatever the service says.
-fn collect_endpoints(
+fn collect_endpoints<A: Ord + Copy>(
     spn: &ServicePortName,
     slices: &[&SliceObj],
     node: &NodeInfo,
-) -> Vec<Endpoint> {
-    let mut by_key: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    addr_of: impl Fn(&SliceObj, &objects::EndpointObj) -> Option<A>,
+) -> Vec<Endpoint<A>> {
+    let mut by_key: BTreeMap<(A, u16), Endpoint<A>> = BTreeMap::new();
     for s in slices {
         for port in &s.ports {
             // Absent name and protocol take the API defaults ("" and TCP).
@@ -1681,7 +1773,7 @@ fn collect_endpoints(
             }
             let Some(target) = port.port.and_then(valid_port) else { continue };
             for ep in &s.endpoints {
-                let Some(EndpointAddr::V4(addr)) = ep.addr else { continue };
+                let Some(addr) = addr_of(s, ep) else { continue };
                 let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(&node.name);
                 let hints = ep.hints.as_deref();
                 let endpoint = Endpoint {

@@ -177,7 +177,8 @@ pub struct SlicePortObj {
 pub enum EndpointAddr {
     /// A valid IPv4 address.
     V4(Ipv4Addr),
-    /// Anything else, as written (reported by the model).
+    /// Anything else, as written: an IPv6 address (parsed by the model's IPv6 side, which keeps
+    /// IPv4 endpoints as small as they were) or an invalid one (reported by the model).
     Invalid(Box<str>),
 }
 

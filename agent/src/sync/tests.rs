@@ -691,8 +691,12 @@ fn scale_10k_services() {
             .unwrap(),
         );
     }
-    let node =
-        NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None };
+    let node = NodeInfo {
+        name: "node-0".into(),
+        addrs: vec![Ipv4Addr::new(198, 18, 0, 10)],
+        zone: None,
+        addrs6: Vec::new(),
+    };
     let t = Instant::now();
     let out = build(&services, &slices, &node);
     let model_time = t.elapsed();
@@ -794,7 +798,12 @@ mod incremental {
     }
 
     fn node() -> NodeInfo {
-        NodeInfo { name: "node-0".into(), addrs: vec![Ipv4Addr::new(198, 18, 0, 10)], zone: None }
+        NodeInfo {
+            name: "node-0".into(),
+            addrs: vec![Ipv4Addr::new(198, 18, 0, 10)],
+            zone: None,
+            addrs6: Vec::new(),
+        }
     }
 
     /// `n` services with 10 endpoints each, programmed from scratch.

@@ -1,0 +1,285 @@
+//! The IPv6 half of the desired state: for every service port with an IPv6 ClusterIP, its IPv6
+//! frontends and backends, beside the IPv4 ones of the same service port (same
+//! [`ServicePortName`], its own frontends and backends), as kube-proxy's IPv6 proxier sees the
+//! service: the IPv6 ClusterIP of `spec.clusterIPs`, the IPv6 `externalIPs` and load-balancer
+//! ingress IPs, the node's IPv6 addresses for NodePorts, the endpoints of the `addressType: IPv6`
+//! EndpointSlices. Traffic policies, topology, affinity and the reject/drop rules are the
+//! IPv4 ones (the same [`categorize`]).
+//!
+//! Not served for IPv6: `loadBalancerSourceRanges` (the datapath has no IPv6 source-range map):
+//! the IPv6 frontends they would restrict are refused with an error rather than left open.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv6Addr,
+};
+
+use kproxy_common::{Addr6, Service6Key, backend_flags, proto, scope, svc_flags};
+
+use super::{
+    ErrorSite, ModelError, NodeInfo, ServicePortName, SvcSpec, collect_endpoints,
+    endpoints::{Endpoint, Policy, categorize},
+    entry_flags,
+    objects::{EndpointAddr, EndpointObj, ServiceObj, SliceObj},
+    outcome, proto_name,
+};
+
+/// An IPv6 address in map form (four words, network byte order in memory).
+pub fn to_addr6(a: Ipv6Addr) -> Addr6 {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+    })
+}
+
+/// An IPv6 address from its map form.
+pub fn from_addr6(a: &Addr6) -> Ipv6Addr {
+    let mut b = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(b)
+}
+
+/// An IPv6 frontend: what a packet is matched on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend6 {
+    /// Address.
+    pub addr: Ipv6Addr,
+    /// Port.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`scope::EXTERNAL`] or [`scope::INTERNAL`].
+    pub scope: u8,
+}
+
+impl Frontend6 {
+    /// The key of its service entry (`slot` 0) or of backend slot `slot`.
+    pub fn key(&self, slot: u16) -> Service6Key {
+        Service6Key {
+            addr: to_addr6(self.addr),
+            port: self.port.to_be(),
+            proto: self.proto,
+            scope: self.scope,
+            slot,
+            _pad: 0,
+        }
+    }
+}
+
+impl fmt::Display for Frontend6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.scope == scope::EXTERNAL { "external" } else { "internal" };
+        write!(f, "[{}]:{}/{} ({s})", self.addr, self.port, proto_name(self.proto))
+    }
+}
+
+/// An IPv6 backend (pod address and target port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend6 {
+    /// Pod address.
+    pub addr: Ipv6Addr,
+    /// Target port.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
+
+impl Backend6 {
+    /// The identity of a backend in the datapath (flags may change in place).
+    pub fn key(&self) -> (Ipv6Addr, u16, u8) {
+        (self.addr, self.port, self.proto)
+    }
+
+    /// The map value.
+    pub fn to_map(&self) -> kproxy_common::Backend6 {
+        kproxy_common::Backend6 {
+            addr: to_addr6(self.addr),
+            port: self.port.to_be(),
+            proto: self.proto,
+            flags: self.flags,
+        }
+    }
+}
+
+/// The desired IPv6 service entry of one frontend (as [`super::FrontendEntry`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FrontendEntry6 {
+    /// `svc_flags::*`.
+    pub flags: u16,
+    /// sessionAffinity ClientIP timeout in seconds, 0 when off.
+    pub affinity_timeout: u32,
+    /// Backends to balance over, ordered (by address, then port). Empty: reject or drop.
+    pub backends: Vec<Backend6>,
+}
+
+/// The desired IPv6 state of one service port.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
+pub struct PortState6 {
+    /// Its IPv6 frontends.
+    pub frontends: BTreeMap<Frontend6, FrontendEntry6>,
+    /// Every IPv6 endpoint of the port, also those outside every slot (terminating, not
+    /// ready): their backends stay in the datapath so that tracked connections keep working.
+    pub endpoints: BTreeSet<Backend6>,
+}
+
+/// The IPv6 addresses of a Service (the IPv6 side of [`SvcSpec`]).
+#[derive(Debug, Default)]
+pub(super) struct Addrs6 {
+    /// The IPv6 ClusterIP of `spec.clusterIPs` (the first one).
+    pub cluster_ip: Option<Ipv6Addr>,
+    /// IPv6 `spec.externalIPs`.
+    pub external_ips: Vec<Ipv6Addr>,
+    /// IPv6 load-balancer ingress IPs (VIP mode).
+    pub lb_ips: Vec<Ipv6Addr>,
+    /// Whether the IPv6 NodePorts are served (off when source ranges would restrict them).
+    pub node_ports: bool,
+    /// Addresses left out (IPv4-mapped): warnings, not errors that make an update invalid.
+    pub warnings: Vec<ModelError>,
+}
+
+/// An IPv6 address as a service field may hold it: an IPv4-mapped address is refused with an
+/// error naming the field (kube-proxy's IPv6 proxier does not serve them either).
+pub(super) fn service_addr6(
+    site: &ErrorSite,
+    field: String,
+    text: &str,
+    a: Ipv6Addr,
+    errors: &mut Vec<ModelError>,
+) -> Option<Ipv6Addr> {
+    if a.to_ipv4_mapped().is_some() {
+        errors.push(site.invalid(
+            field,
+            text,
+            "an IPv4-mapped IPv6 address (write the IPv4 address)",
+            outcome::ADDRESS_REFUSED,
+        ));
+        return None;
+    }
+    Some(a)
+}
+
+/// Refuses the IPv6 frontends `spec.loadBalancerSourceRanges` would restrict (load-balancer IPs,
+/// and NodePorts with `node_port_ranges`): the datapath cannot restrict IPv6 clients, and an
+/// unrestricted frontend would let every client in.
+pub(super) fn refuse_restricted(
+    site: &ErrorSite,
+    svc: &ServiceObj,
+    spec: &mut SvcSpec,
+    node_port_ranges: bool,
+    errors: &mut Vec<ModelError>,
+) {
+    let ranges: Vec<&str> =
+        svc.source_ranges.iter().map(|r| r.trim()).filter(|r| !r.is_empty()).collect();
+    if ranges.is_empty() {
+        return;
+    }
+    let reason = "IPv6 clients cannot be restricted by source range yet";
+    for a in std::mem::take(&mut spec.v6.lb_ips) {
+        let field = "status.loadBalancer.ingress[].ip".to_string();
+        errors.push(site.invalid(field, &a.to_string(), reason, outcome::ADDRESS_REFUSED));
+    }
+    if node_port_ranges && spec.v6.node_ports && spec.node_ports {
+        spec.v6.node_ports = false;
+        let field = "spec.loadBalancerSourceRanges".to_string();
+        let why = format!("{reason}: the IPv6 NodePorts are not served");
+        errors.push(site.invalid(field, &ranges.join(","), why, outcome::FRONTEND_REFUSED));
+    }
+}
+
+/// The IPv6 address of an endpoint of an `addressType: IPv6` slice (`None` for another slice,
+/// an IPv4-mapped address or anything that is not an IPv6 address: the slice's errors report
+/// those).
+pub(super) fn endpoint_addr6(s: &SliceObj, ep: &EndpointObj) -> Option<Ipv6Addr> {
+    if s.address_type != "IPv6" {
+        return None;
+    }
+    match &ep.addr {
+        Some(EndpointAddr::Invalid(text)) => {
+            text.parse::<Ipv6Addr>().ok().filter(|a| a.to_ipv4_mapped().is_none())
+        }
+        _ => None,
+    }
+}
+
+/// The IPv6 state of one service port, the IPv6 twin of the IPv4 port state of
+/// `compute_service`; `None` when the service has no IPv6 ClusterIP. The local ready endpoint
+/// addresses are added to `local_ready` (health check).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn port_state(
+    spec: &SvcSpec,
+    spn: &ServicePortName,
+    svc_port: u16,
+    node_port: Option<u16>,
+    slices: &[&SliceObj],
+    node: &NodeInfo,
+    local_ready: &mut BTreeSet<Ipv6Addr>,
+) -> Option<PortState6> {
+    let cluster_ip = spec.v6.cluster_ip?;
+    let p = spn.proto;
+    let node_port = node_port.filter(|_| spec.v6.node_ports);
+    let eps: Vec<Endpoint<Ipv6Addr>> = collect_endpoints(spn, slices, node, endpoint_addr6);
+    let externally_accessible =
+        node_port.is_some() || !spec.v6.lb_ips.is_empty() || !spec.v6.external_ips.is_empty();
+    let policy = Policy {
+        internal_local: spec.policy_internal_local,
+        external_local: spec.policy_external_local && externally_accessible,
+        externally_accessible,
+    };
+    let cat = categorize(&eps, policy, &node.name, node.zone.as_deref());
+    local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
+    let to_backends = |set: &[Endpoint<Ipv6Addr>]| -> Vec<Backend6> {
+        let mut v: Vec<Backend6> = set.iter().map(|e| backend6_of(e, p)).collect();
+        v.sort();
+        v
+    };
+    let cluster = to_backends(&cat.cluster);
+    let local = to_backends(&cat.local);
+    let entry = |flags: u16, backends: &Vec<Backend6>, local_policy: bool| {
+        let drop = backends.is_empty() && cat.has_any;
+        FrontendEntry6 {
+            flags: entry_flags(flags, spec.affinity_timeout, local_policy, drop),
+            affinity_timeout: spec.affinity_timeout,
+            backends: backends.clone(),
+        }
+    };
+    let mut state = PortState6 {
+        endpoints: eps.iter().map(|e| backend6_of(e, p)).collect(),
+        ..Default::default()
+    };
+    let fe = |addr: Ipv6Addr, port: u16, scope: u8| Frontend6 { addr, port, proto: p, scope };
+    let (set, local_policy) =
+        if policy.internal_local { (&local, true) } else { (&cluster, false) };
+    state.frontends.insert(
+        fe(cluster_ip, svc_port, scope::INTERNAL),
+        entry(svc_flags::CLUSTER_IP, set, local_policy),
+    );
+    let mut externals: Vec<(Ipv6Addr, u16, u16)> = Vec::new();
+    if let Some(np) = node_port {
+        externals.extend(node.addrs6.iter().map(|a| (*a, np, svc_flags::NODE_PORT)));
+    }
+    externals.extend(spec.v6.lb_ips.iter().map(|a| (*a, svc_port, svc_flags::LOAD_BALANCER)));
+    externals.extend(spec.v6.external_ips.iter().map(|a| (*a, svc_port, svc_flags::EXTERNAL_IP)));
+    for (addr, port, kind) in externals {
+        let (set, local_policy) =
+            if policy.external_local { (&local, true) } else { (&cluster, false) };
+        state.frontends.insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
+        state.frontends.insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
+    }
+    debug_assert!(p != proto::SCTP);
+    Some(state)
+}
+
+fn backend6_of(e: &Endpoint<Ipv6Addr>, p: u8) -> Backend6 {
+    let mut flags = 0;
+    if e.local {
+        flags |= backend_flags::LOCAL;
+    }
+    if e.terminating {
+        flags |= backend_flags::TERMINATING;
+    }
+    Backend6 { addr: e.addr, port: e.port, proto: p, flags }
+}
