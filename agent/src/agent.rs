@@ -573,6 +573,15 @@ async fn sync_loop(
                         syncer.set_node_addrs(&read.local);
                         local_addrs = read.local;
                     }
+                    match netdev::ipv6_nodeport_addrs(&config.nodeport_devices) {
+                        Ok(addrs6) if tracker.node().addrs6 != addrs6 => {
+                            info!(addresses = ?addrs6, "node IPv6 addresses");
+                            syncer.set_node_addrs6(&addrs6);
+                            tracker.set_node_addrs6(&addrs6);
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "cannot read the node IPv6 addresses"),
+                    }
                     let addrs = read.nodeport;
                     if node_addrs.as_ref() != Some(&addrs) {
                         info!(addresses = ?addrs, "node addresses");

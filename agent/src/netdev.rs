@@ -55,7 +55,33 @@ pub fn interfaces() -> std::io::Result<BTreeMap<String, u32>> {
 
 /// IPv4 addresses by interface name, in the kernel's order.
 pub fn ipv4_addrs() -> std::io::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
-    let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    let v4 = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(_) => None,
+    };
+    let all = if_addrs(libc::AF_INET)?;
+    Ok(all.into_iter().map(|(n, l)| (n, l.into_iter().filter_map(v4).collect())).collect())
+}
+
+/// The global IPv6 addresses of `devices`, in device order (IPv6 NodePort frontends; the first
+/// one is the IPv6 source-NAT address): no loopback, link-local, multicast or IPv4-mapped one.
+pub fn ipv6_nodeport_addrs(devices: &[String]) -> std::io::Result<Vec<std::net::Ipv6Addr>> {
+    let all = if_addrs(libc::AF_INET6)?;
+    let global = |a: &std::net::IpAddr| match a {
+        std::net::IpAddr::V6(a) => (!a.is_loopback()
+            && !a.is_unicast_link_local()
+            && !a.is_multicast()
+            && !a.is_unspecified()
+            && a.to_ipv4_mapped().is_none())
+        .then_some(*a),
+        std::net::IpAddr::V4(_) => None,
+    };
+    Ok(devices.iter().flat_map(|d| all.get(d).into_iter().flatten().filter_map(global)).collect())
+}
+
+/// Addresses of `family` (`AF_INET` or `AF_INET6`) by interface name, in the kernel's order.
+fn if_addrs(family: i32) -> std::io::Result<BTreeMap<String, Vec<std::net::IpAddr>>> {
+    let mut out: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();
     // SAFETY: getifaddrs fills a linked list we only read and then free with freeifaddrs.
     unsafe {
         let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -65,9 +91,16 @@ pub fn ipv4_addrs() -> std::io::Result<BTreeMap<String, Vec<Ipv4Addr>>> {
         let mut p = head;
         while !p.is_null() {
             let ifa = &*p;
-            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            let fam =
+                if ifa.ifa_addr.is_null() { -1 } else { i32::from((*ifa.ifa_addr).sa_family) };
+            if fam == family {
+                let addr = if fam == libc::AF_INET {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into()
+                } else {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into()
+                };
                 let name = CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
                 out.entry(name).or_default().push(addr);
             }
@@ -104,8 +137,8 @@ fn split_node_addrs(all: &BTreeMap<String, Vec<Ipv4Addr>>, devices: &[String]) -
     NodeAddrs { nodeport, local }
 }
 
-/// Wakes the agent when an IPv4 address is added or removed anywhere in its network namespace
-/// (the kernel's `RTNLGRP_IPV4_IFADDR` notifications, read by a thread of its own), so the node
+/// Wakes the agent when an address is added or removed anywhere in its network namespace
+/// (the kernel's `RTNLGRP_IPV4_IFADDR` and `RTNLGRP_IPV6_IFADDR` notifications, read by a thread of its own), so the node
 /// addresses are read again at once instead of on a timer. The thread ends with the watch.
 pub struct AddrWatch {
     wake: Arc<tokio::sync::Notify>,
@@ -114,7 +147,8 @@ pub struct AddrWatch {
 impl AddrWatch {
     /// Subscribes to the address notifications and starts the thread reading them.
     pub fn start() -> std::io::Result<Self> {
-        let mut sock = netlink::Socket::ipv4_address_events()?;
+        let mut sock =
+            netlink::Socket::subscribe(&[libc::RTNLGRP_IPV4_IFADDR, libc::RTNLGRP_IPV6_IFADDR])?;
         let wake = Arc::new(tokio::sync::Notify::new());
         let weak = Arc::downgrade(&wake);
         std::thread::Builder::new().name("kproxy-addrs".into()).spawn(move || {

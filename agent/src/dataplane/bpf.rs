@@ -497,4 +497,12 @@ impl Dataplane for BpfDataplane {
     ) -> Result<(), DataplaneError> {
         self.guards_mut()?.set_service_cidrs(cidrs)
     }
+
+    fn as_v6(&self) -> Option<&dyn super::Dataplane6> {
+        self.has_ipv6().then_some(self as &dyn super::Dataplane6)
+    }
+
+    fn as_v6_mut(&mut self) -> Option<&mut dyn super::Dataplane6> {
+        if self.has_ipv6() { Some(self) } else { None }
+    }
 }

@@ -189,6 +189,14 @@ impl Dataplane for MemDataplane {
         self.service_cidrs = *cidrs;
         Ok(())
     }
+
+    fn as_v6(&self) -> Option<&dyn Dataplane6> {
+        Some(self)
+    }
+
+    fn as_v6_mut(&mut self) -> Option<&mut dyn Dataplane6> {
+        Some(self)
+    }
 }
 
 impl Dataplane6 for MemDataplane {

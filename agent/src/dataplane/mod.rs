@@ -133,6 +133,14 @@ pub trait Dataplane {
     fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError>;
     /// Writes the service CIDRs.
     fn set_service_cidrs(&mut self, cidrs: &ServiceCidrs4) -> Result<(), DataplaneError>;
+    /// The IPv6 maps, when the datapath has them.
+    fn as_v6(&self) -> Option<&dyn Dataplane6> {
+        None
+    }
+    /// The IPv6 maps for writing, when the datapath has them.
+    fn as_v6_mut(&mut self) -> Option<&mut dyn Dataplane6> {
+        None
+    }
 }
 
 /// One entry of the source-range map: service `svc_id` accepts new connections from the

@@ -606,6 +606,14 @@ impl Tracker {
         }
     }
 
+    /// Sets the IPv6 NodePort addresses (every service is recomputed when they change).
+    pub fn set_node_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) {
+        if self.node.addrs6 != addrs {
+            self.node.addrs6 = addrs.to_vec();
+            self.all_dirty = true;
+        }
+    }
+
     /// Sets which externalIPs and load-balancer IPs services may use (every service is
     /// recomputed when it changes).
     pub fn set_address_policy(&mut self, policy: AddressPolicy) {

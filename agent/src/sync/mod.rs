@@ -57,6 +57,8 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque, hash_map::Entry};
 use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags, svc_flags};
 use smallvec::SmallVec;
 
+pub mod v6;
+
 use crate::{
     dataplane::{BatchError, Dataplane, DataplaneError, SourceRange},
     model::{
@@ -111,6 +113,19 @@ pub enum SyncError {
     /// Writing the service CIDRs failed (retried on the next sync; the previous ones stay).
     #[error("service CIDRs: {0}")]
     ServiceCidrs(#[source] DataplaneError),
+    /// Writing the IPv6 node configuration failed (retried on the next sync).
+    #[error("IPv6 node configuration: {0}")]
+    Config6(#[source] DataplaneError),
+    /// An IPv6 frontend another service port holds; the rest of the port is programmed.
+    #[error("service {service} (IPv6): frontend {frontend} is held by {owner}; frontend refused")]
+    Conflict6 {
+        /// `namespace/name:port/PROTO` asking for it.
+        service: String,
+        /// The frontend.
+        frontend: String,
+        /// The service port holding it.
+        owner: String,
+    },
 }
 
 impl SyncError {
@@ -124,6 +139,8 @@ impl SyncError {
             SyncError::Read(_) => "read",
             SyncError::ServiceAddrs(_) => "service_addrs",
             SyncError::ServiceCidrs(_) => "service_cidrs",
+            SyncError::Config6(_) => "config",
+            SyncError::Conflict6 { .. } => "frontend_conflict",
         }
     }
 
@@ -132,7 +149,7 @@ impl SyncError {
     /// backends than a service entry counts is refused on its own, like an invalid object, and
     /// trying again would not help.
     pub fn is_datapath_failure(&self) -> bool {
-        !matches!(self, SyncError::TooManyBackends { .. })
+        !matches!(self, SyncError::TooManyBackends { .. } | SyncError::Conflict6 { .. })
     }
 }
 
@@ -468,6 +485,8 @@ pub struct Syncer {
     /// they are programmed.
     service_cidrs: Option<Vec<ipnet::Ipv4Net>>,
     service_cidrs_written: bool,
+    /// The IPv6 side.
+    v6: v6::Syncer6,
 }
 
 /// One write of a port's transaction, with what undoes it.
@@ -515,13 +534,16 @@ struct Round {
 impl Syncer {
     /// A syncer for empty maps.
     pub fn new() -> Self {
-        Self { next_backend_id: 1, next_svc_id: 1, ..Default::default() }
+        Self { next_backend_id: 1, next_svc_id: 1, v6: v6::Syncer6::new(), ..Default::default() }
     }
 
     /// A syncer that adopts what `dp` already holds (after a restart): the maps become the shadow
     /// and their ids are reused.
     pub fn adopt(dp: &dyn Dataplane) -> Result<Self, SyncError> {
         let mut s = Self::new();
+        if let Some(d6) = dp.as_v6() {
+            s.v6 = v6::Syncer6::adopt(d6)?;
+        }
         for (k, v) in dp.services().map_err(SyncError::Read)? {
             s.shadow.insert_service(k, v);
         }
@@ -577,6 +599,17 @@ impl Syncer {
         self.node_addrs = new;
     }
 
+    /// Sets the node's IPv6 NodePort addresses (the IPv6 source NAT address). Applied by the
+    /// next sync.
+    pub fn set_node_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) {
+        self.v6.set_node_addrs(addrs);
+    }
+
+    /// The IPv6 side.
+    pub fn v6(&self) -> &v6::Syncer6 {
+        &self.v6
+    }
+
     /// Number of programmed closed service addresses.
     pub fn programmed_service_addrs(&self) -> usize {
         self.closed_programmed.len()
@@ -623,7 +656,11 @@ impl Syncer {
     /// that `desired` does not hold is removed. Never fails as a whole: failures are in the
     /// report, and the affected services keep their previous state.
     pub fn sync(&mut self, desired: &DesiredState, dp: &mut dyn Dataplane) -> SyncReport {
-        self.apply(desired.services.clone(), None, dp)
+        let mut report = self.apply(desired.services.clone(), None, dp);
+        if let Some(d6) = dp.as_v6_mut() {
+            self.v6.apply(&desired.services6, None, d6, &mut report);
+        }
+        report
     }
 
     /// Applies the model's [`Changes`]: a full sync when they are full, else only the services
@@ -637,11 +674,12 @@ impl Syncer {
             self.service_cidrs_written = false;
         }
         let ports = std::mem::take(&mut changes.state.services);
-        if changes.full {
-            self.apply(ports, None, dp)
-        } else {
-            self.apply(ports, Some(&changes.services), dp)
+        let scope = (!changes.full).then_some(&changes.services);
+        let mut report = self.apply(ports, scope, dp);
+        if let Some(d6) = dp.as_v6_mut() {
+            self.v6.apply(&changes.state.services6, scope, d6, &mut report);
         }
+        report
     }
 
     fn want_add(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {

@@ -1,0 +1,849 @@
+//! Applies the IPv6 side of the desired state ([`crate::model::v6`]) to a [`Dataplane6`], as
+//! the IPv4 syncer does for IPv4: only differences are written, in the order that never shows
+//! the datapath a half-written service port:
+//!
+//! 1. backends the port needs that are missing or changed,
+//! 2. its backend slots (new keys above the programmed count are invisible; changed ones still
+//!    name a live backend),
+//! 3. its service entries (slot 0) with the new count and flags,
+//! 4. slots above the new counts, then its frontends that are no longer wanted (entry first),
+//!
+//! then, after every port, the frontends of ports that went away and last the backends nothing
+//! references any more. A failed write stops that port (the error names it); what was written
+//! is remembered exactly (the shadow of the IPv6 services map), so the next sync writes what is
+//! missing. One frontend has one owner: a port asking for a frontend another live port holds is
+//! refused with an error naming both.
+//!
+//! Ids: a port keeps its service id while it exists (after a restart the id found on its
+//! frontends is reused); backend ids are the IPv6 backends map's own, from a counter that only
+//! moves forward. The node configuration ([`NodeConfig6`]: the source NAT address of IPv6
+//! NodePorts) is written when it changes.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::BuildHasher,
+    net::Ipv6Addr,
+};
+
+use kproxy_common::{NodeConfig6, Service6Key, Service6Value};
+
+use super::{FastMap, FastSet, SyncError, SyncReport};
+use crate::{
+    dataplane::{BatchError, Dataplane6, DataplaneError},
+    model::{
+        NameMap, ServiceName, ServicePortName,
+        v6::{Backend6, Frontend6, PortState6, from_addr6, to_addr6},
+    },
+};
+
+/// Identity of an IPv6 backend: address, port, protocol.
+type Key6 = (Ipv6Addr, u16, u8);
+
+/// What the IPv6 services map holds for one frontend.
+#[derive(Debug, Clone, Default)]
+struct Front6 {
+    /// Slot 0, when written.
+    entry: Option<Service6Value>,
+    /// Backend id of slot `i + 1` (0: absent).
+    slots: Vec<u32>,
+    /// The port that wrote it (`None`: adopted from a previous agent).
+    owner: Option<ServicePortName>,
+}
+
+/// A programmed IPv6 backend.
+#[derive(Debug, Clone, Copy)]
+struct Be6 {
+    id: u32,
+    value: kproxy_common::Backend6,
+}
+
+/// What is remembered of a service port's last successful sync.
+#[derive(Debug, Clone)]
+struct Port6 {
+    svc_id: u32,
+    /// Hash of the port state it was last brought to (`None`: a write failed).
+    hash: Option<u64>,
+    frontends: Vec<Frontend6>,
+    endpoints: Vec<Key6>,
+}
+
+/// Keeps the IPv6 maps equal to the IPv6 desired state. See the module documentation.
+#[derive(Debug, Default)]
+pub struct Syncer6 {
+    fronts: FastMap<Frontend6, Front6>,
+    backends: FastMap<Key6, Be6>,
+    /// Backend ids programmed or handed out.
+    ids: FastSet<u32>,
+    /// Backend key → number of ports whose endpoints hold it.
+    refs: FastMap<Key6, u32>,
+    ports: NameMap<ServicePortName, Port6>,
+    next_backend_id: u32,
+    next_svc_id: u32,
+    /// The node configuration wanted and whether it is written.
+    config: NodeConfig6,
+    config_written: bool,
+    hasher: foldhash::fast::RandomState,
+}
+
+/// A failed write of one port.
+struct Failed(SyncError);
+
+impl Syncer6 {
+    /// A syncer for empty IPv6 maps.
+    pub fn new() -> Self {
+        Self { next_backend_id: 1, next_svc_id: 1, ..Default::default() }
+    }
+
+    /// A syncer that adopts what `dp` already holds (after a restart): the maps become the
+    /// shadow, and their ids are reused.
+    pub fn adopt(dp: &dyn Dataplane6) -> Result<Self, SyncError> {
+        let mut s = Self::new();
+        let mut max_svc = 0;
+        for (k, v) in dp.services6().map_err(SyncError::Read)? {
+            let f = Frontend6 {
+                addr: from_addr6(&k.addr),
+                port: u16::from_be(k.port),
+                proto: k.proto,
+                scope: k.scope,
+            };
+            max_svc = max_svc.max(v.svc_id);
+            let front = s.fronts.entry(f).or_default();
+            if k.slot == 0 {
+                front.entry = Some(v);
+            } else {
+                let i = usize::from(k.slot) - 1;
+                if front.slots.len() <= i {
+                    front.slots.resize(i + 1, 0);
+                }
+                front.slots[i] = v.backend_id;
+            }
+        }
+        let mut max_be = 0;
+        let mut all = dp.backends6().map_err(SyncError::Read)?;
+        // The lowest id of a key wins; the others are removed by the first sync.
+        all.sort_unstable_by_key(|(id, _)| *id);
+        for (id, b) in all {
+            max_be = max_be.max(id);
+            let key = (from_addr6(&b.addr), u16::from_be(b.port), b.proto);
+            s.backends.entry(key).or_insert(Be6 { id, value: b });
+            s.ids.insert(id);
+        }
+        s.next_backend_id = max_be.wrapping_add(1).max(1);
+        s.next_svc_id = max_svc + 1;
+        Ok(s)
+    }
+
+    /// Sets the node's IPv6 NodePort addresses: the first is the source NAT address of IPv6
+    /// NodePort traffic to remote backends (none: such traffic is dropped and counted).
+    pub fn set_node_addrs(&mut self, addrs: &[Ipv6Addr]) {
+        let cfg = NodeConfig6 { snat_addr: addrs.first().map_or([0; 4], |a| to_addr6(*a)) };
+        if cfg != self.config {
+            self.config = cfg;
+            self.config_written = false;
+        }
+    }
+
+    /// Number of programmed IPv6 frontends (service entries).
+    pub fn programmed_frontends(&self) -> usize {
+        self.fronts.values().filter(|f| f.entry.is_some()).count()
+    }
+
+    /// Number of programmed IPv6 backends.
+    pub fn programmed_backends(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// The IPv6 service id of a service port, if it has one.
+    pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
+        self.ports.get(name).map(|p| p.svc_id)
+    }
+
+    /// Brings the IPv6 maps to `desired`: everything when `scope` is `None` (anything else
+    /// programmed is removed), else the ports of the services in `scope` (their ports in
+    /// `desired` replace the ones they had).
+    pub fn apply(
+        &mut self,
+        desired: &BTreeMap<ServicePortName, PortState6>,
+        scope: Option<&BTreeSet<ServiceName>>,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) {
+        if !self.config_written {
+            report.writes += 1;
+            match dp.set_config6(&self.config) {
+                Ok(()) => self.config_written = true,
+                Err(e) => report.errors.push(SyncError::Config6(e)),
+            }
+        }
+        // Ports that go away let their frontends go first (another port may take them over);
+        // the frontends no port took are removed after the writes.
+        let gone: Vec<(ServicePortName, Port6)> = self
+            .ports
+            .keys()
+            .filter(|n| scope.is_none_or(|s| s.contains(&n.service)) && !desired.contains_key(*n))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|n| self.ports.remove(&n).map(|p| (n, p)))
+            .collect();
+        for (name, state) in desired {
+            if scope.is_some_and(|s| !s.contains(&name.service)) {
+                continue;
+            }
+            let hash = self.hash_of(state);
+            if self.ports.get(name).is_some_and(|p| p.hash == Some(hash)) {
+                continue;
+            }
+            match self.write_port(name, state, hash, dp, report) {
+                Ok(()) => report.services_changed += 1,
+                Err(Failed(e)) => report.errors.push(e),
+            }
+        }
+        for (name, p) in gone {
+            self.unref(&p.endpoints);
+            let fronts: Vec<Frontend6> = p
+                .frontends
+                .into_iter()
+                .filter(|f| self.fronts.get(f).is_some_and(|x| x.owner.as_ref() == Some(&name)))
+                .collect();
+            if let Err(e) = self.remove_fronts(&fronts, dp, report) {
+                report.errors.push(SyncError::Remove { what: format!("{name} (IPv6)"), source: e });
+            }
+        }
+        if scope.is_none() {
+            // The full resync: frontends nobody wants (adopted ones, leftovers of failures).
+            let stale: Vec<Frontend6> = self
+                .fronts
+                .iter()
+                .filter(|(f, x)| {
+                    !x.owner
+                        .as_ref()
+                        .is_some_and(|o| self.ports.get(o).is_some_and(|p| p.frontends.contains(f)))
+                })
+                .map(|(f, _)| *f)
+                .collect();
+            if let Err(e) = self.remove_fronts(&stale, dp, report) {
+                report.errors.push(SyncError::Remove { what: "IPv6 frontends".into(), source: e });
+            }
+        }
+        self.remove_unused_backends(dp, report);
+    }
+
+    fn hash_of(&self, state: &PortState6) -> u64 {
+        self.hasher.hash_one(state)
+    }
+
+    fn unref(&mut self, keys: &[Key6]) {
+        for k in keys {
+            if let Some(n) = self.refs.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Writes one port (phases 1-4 of the module documentation).
+    fn write_port(
+        &mut self,
+        name: &ServicePortName,
+        state: &PortState6,
+        hash: u64,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) -> Result<(), Failed> {
+        let what = |source: DataplaneError| {
+            Failed(SyncError::Service { service: format!("{name} (IPv6)"), source })
+        };
+        let batch = |e: BatchError| what(e.error);
+        // The endpoints count as wanted from now on, so that a failure below does not free
+        // backends the port's slots may already name.
+        let endpoints: Vec<Key6> = state.endpoints.iter().map(Backend6::key).collect();
+        for k in &endpoints {
+            *self.refs.entry(*k).or_default() += 1;
+        }
+        let old = self.ports.remove(name);
+        if let Some(o) = &old {
+            self.unref(&o.endpoints);
+        }
+        let svc_id = old.as_ref().map(|o| o.svc_id).unwrap_or_else(|| {
+            let adopted = state
+                .frontends
+                .keys()
+                .filter_map(|f| self.fronts.get(f))
+                .filter(|x| x.owner.is_none())
+                .find_map(|x| x.entry.map(|e| e.svc_id));
+            adopted.unwrap_or_else(|| {
+                self.next_svc_id += 1;
+                self.next_svc_id - 1
+            })
+        });
+        let mut record = Port6 {
+            svc_id,
+            hash: None,
+            frontends: old.as_ref().map(|o| o.frontends.clone()).unwrap_or_default(),
+            endpoints,
+        };
+        let result = self.write_port_maps(name, state, &mut record, dp, report);
+        match &result {
+            Ok(()) => {
+                record.hash = Some(hash);
+                record.frontends = state.frontends.keys().copied().collect();
+            }
+            // Written but for the refused frontends: tried again by every sync until their
+            // owner lets them go.
+            Err(PortError::Conflict(_)) => {
+                record.frontends = state
+                    .frontends
+                    .keys()
+                    .filter(|f| self.fronts.get(f).is_some_and(|x| x.owner.as_ref() == Some(name)))
+                    .copied()
+                    .collect();
+            }
+            Err(_) => {}
+        }
+        self.ports.insert(name.clone(), record);
+        result.map_err(|e| match e {
+            PortError::Write(e) => what(e),
+            PortError::Batch(e) => batch(e),
+            PortError::Conflict(e) => Failed(e),
+        })
+    }
+
+    fn write_port_maps(
+        &mut self,
+        name: &ServicePortName,
+        state: &PortState6,
+        record: &mut Port6,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) -> Result<(), PortError> {
+        // 1. Backends.
+        let mut puts: Vec<(u32, kproxy_common::Backend6)> = Vec::new();
+        for b in &state.endpoints {
+            let value = b.to_map();
+            match self.backends.get(&b.key()) {
+                Some(be) if be.value == value => {}
+                Some(be) => puts.push((be.id, value)),
+                None => {
+                    let id = self.alloc_backend_id();
+                    puts.push((id, value));
+                }
+            }
+        }
+        report.writes += puts.len();
+        let done = dp.put_backends6(&puts);
+        let n = done.as_ref().map_or_else(|e| e.done, |_| puts.len());
+        for (id, value) in &puts[..n] {
+            let key = (from_addr6(&value.addr), u16::from_be(value.port), value.proto);
+            self.backends.insert(key, Be6 { id: *id, value: *value });
+        }
+        done.map_err(PortError::Batch)?;
+        // Ownership.
+        let mut conflict = None;
+        let mut wanted: Vec<(&Frontend6, &crate::model::v6::FrontendEntry6)> = Vec::new();
+        for (f, e) in &state.frontends {
+            match self.fronts.get(f).and_then(|x| x.owner.as_ref()) {
+                Some(o) if o != name && self.ports.contains_key(o) => {
+                    conflict.get_or_insert(SyncError::Conflict6 {
+                        service: name.to_string(),
+                        frontend: f.to_string(),
+                        owner: o.to_string(),
+                    });
+                }
+                _ => wanted.push((f, e)),
+            }
+        }
+        // 2. Slots, 3. entries, 4. slots above the counts.
+        let (mut slots, mut entries, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
+        for (f, e) in &wanted {
+            let ids: Vec<u32> = e.backends.iter().map(|b| self.backends[&b.key()].id).collect();
+            let held = self.fronts.get(f);
+            for (i, id) in ids.iter().enumerate() {
+                if held.and_then(|h| h.slots.get(i)) != Some(id) {
+                    let v = Service6Value {
+                        backend_id: *id,
+                        svc_id: record.svc_id,
+                        ..Default::default()
+                    };
+                    slots.push((f.key(i as u16 + 1), v));
+                }
+            }
+            let Ok(count) = u16::try_from(ids.len()) else {
+                return Err(PortError::Conflict(SyncError::TooManyBackends {
+                    service: format!("{name} (IPv6)"),
+                    count: ids.len(),
+                    max: u16::MAX as usize,
+                }));
+            };
+            let entry = Service6Value {
+                backend_id: 0,
+                svc_id: record.svc_id,
+                count,
+                flags: e.flags,
+                affinity_timeout: e.affinity_timeout,
+            };
+            if held.and_then(|h| h.entry) != Some(entry) {
+                entries.push((f.key(0), entry));
+            }
+            if let Some(h) = held {
+                for i in (ids.len()..h.slots.len()).rev() {
+                    if h.slots[i] != 0 {
+                        deletes.push(f.key(i as u16 + 1));
+                    }
+                }
+            }
+        }
+        report.writes += slots.len();
+        let r = dp.put_services6(&slots);
+        self.note_puts(&slots, r.as_ref().map_or_else(|e| e.done, |_| slots.len()), name);
+        r.map_err(PortError::Batch)?;
+        report.writes += entries.len();
+        let r = dp.put_services6(&entries);
+        self.note_puts(&entries, r.as_ref().map_or_else(|e| e.done, |_| entries.len()), name);
+        r.map_err(PortError::Batch)?;
+        report.writes += deletes.len();
+        let r = dp.delete_services6(&deletes);
+        self.note_deletes(&deletes, r.as_ref().map_or_else(|e| e.done, |_| deletes.len()));
+        r.map_err(PortError::Batch)?;
+        // Frontends adopted unchanged are its own now.
+        for (f, _) in &wanted {
+            if let Some(x) = self.fronts.get_mut(f) {
+                x.owner = Some(name.clone());
+            }
+        }
+        // Its frontends no longer wanted.
+        let dropped: Vec<Frontend6> = record
+            .frontends
+            .iter()
+            .filter(|f| !state.frontends.contains_key(f))
+            .filter(|f| self.fronts.get(f).is_some_and(|x| x.owner.as_ref() == Some(name)))
+            .copied()
+            .collect();
+        self.remove_fronts(&dropped, dp, report).map_err(PortError::Write)?;
+        match conflict {
+            Some(c) => Err(PortError::Conflict(c)),
+            None => Ok(()),
+        }
+    }
+
+    fn note_puts(
+        &mut self,
+        items: &[(Service6Key, Service6Value)],
+        n: usize,
+        owner: &ServicePortName,
+    ) {
+        for (k, v) in &items[..n] {
+            let front = self.fronts.entry(frontend_of(k)).or_default();
+            front.owner = Some(owner.clone());
+            if k.slot == 0 {
+                front.entry = Some(*v);
+            } else {
+                let i = usize::from(k.slot) - 1;
+                if front.slots.len() <= i {
+                    front.slots.resize(i + 1, 0);
+                }
+                front.slots[i] = v.backend_id;
+            }
+        }
+    }
+
+    fn note_deletes(&mut self, keys: &[Service6Key], n: usize) {
+        for k in &keys[..n] {
+            let f = frontend_of(k);
+            let Some(front) = self.fronts.get_mut(&f) else { continue };
+            if k.slot == 0 {
+                front.entry = None;
+            } else if let Some(s) = front.slots.get_mut(usize::from(k.slot) - 1) {
+                *s = 0;
+            }
+            while front.slots.last() == Some(&0) {
+                front.slots.pop();
+            }
+            if front.entry.is_none() && front.slots.is_empty() {
+                self.fronts.remove(&f);
+            }
+        }
+    }
+
+    /// Removes frontends: every service entry first, then their slots.
+    fn remove_fronts(
+        &mut self,
+        fronts: &[Frontend6],
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) -> Result<(), DataplaneError> {
+        let mut entries = Vec::new();
+        let mut slots = Vec::new();
+        for f in fronts {
+            let Some(x) = self.fronts.get(f) else { continue };
+            if x.entry.is_some() {
+                entries.push(f.key(0));
+            }
+            for (i, id) in x.slots.iter().enumerate().rev() {
+                if *id != 0 {
+                    slots.push(f.key(i as u16 + 1));
+                }
+            }
+        }
+        for keys in [entries, slots] {
+            report.writes += keys.len();
+            let r = dp.delete_services6(&keys);
+            self.note_deletes(&keys, r.as_ref().map_or_else(|e| e.done, |_| keys.len()));
+            r.map_err(|e| e.error)?;
+        }
+        report.frontends_removed += fronts.len();
+        Ok(())
+    }
+
+    /// Removes the backends no port wants and no programmed slot names.
+    fn remove_unused_backends(&mut self, dp: &mut dyn Dataplane6, report: &mut SyncReport) {
+        let mut unused: Vec<(Key6, u32)> = self
+            .backends
+            .iter()
+            .filter(|(k, _)| !self.refs.contains_key(*k))
+            .map(|(k, b)| (*k, b.id))
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        let named: FastSet<u32> =
+            self.fronts.values().flat_map(|f| f.slots.iter().copied()).collect();
+        unused.retain(|(_, id)| !named.contains(id));
+        unused.sort_unstable_by_key(|(_, id)| *id);
+        let ids: Vec<u32> = unused.iter().map(|(_, id)| *id).collect();
+        report.writes += ids.len();
+        let r = dp.delete_backends6(&ids);
+        let n = r.as_ref().map_or_else(|e| e.done, |_| ids.len());
+        for (k, id) in &unused[..n] {
+            self.backends.remove(k);
+            self.ids.remove(id);
+        }
+        report.backends_removed += n;
+        if let Err(e) = r {
+            report.errors.push(SyncError::Remove { what: "IPv6 backends".into(), source: e.error });
+        }
+    }
+
+    fn alloc_backend_id(&mut self) -> u32 {
+        let mut id = self.next_backend_id;
+        while id == 0 || self.ids.contains(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_backend_id = id.wrapping_add(1);
+        self.ids.insert(id);
+        id
+    }
+}
+
+/// Why a port's writes stopped.
+enum PortError {
+    Write(DataplaneError),
+    Batch(BatchError),
+    Conflict(SyncError),
+}
+
+fn frontend_of(k: &Service6Key) -> Frontend6 {
+    Frontend6 {
+        addr: from_addr6(&k.addr),
+        port: u16::from_be(k.port),
+        proto: k.proto,
+        scope: k.scope,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kproxy_common::{Backend6 as Backend6Map, proto, scope, svc_flags};
+
+    use super::*;
+    use crate::{
+        dataplane::mem::MemDataplane,
+        model::{
+            NodeInfo, build,
+            v6::{FrontendEntry6, to_addr6},
+        },
+    };
+
+    /// The IPv6 maps in memory, checked after every single write: every service entry's slots
+    /// exist and name existing backends (what a packet could observe at that moment).
+    #[derive(Default)]
+    struct Checked6 {
+        mem: MemDataplane,
+        violations: Vec<String>,
+        /// Put and delete calls of the services map, in order (true: put).
+        calls: Vec<(bool, Service6Key)>,
+    }
+
+    impl Checked6 {
+        fn check(&mut self, after: &str) {
+            for (k, v) in self.mem.services6.iter().filter(|(k, _)| k.slot == 0) {
+                for slot in 1..=v.count {
+                    match self.mem.services6.get(&Service6Key { slot, ..*k }) {
+                        None => self
+                            .violations
+                            .push(format!("after {after}: {k:?} slot {slot} missing")),
+                        Some(s) if !self.mem.backends6.contains_key(&s.backend_id) => {
+                            self.violations.push(format!(
+                                "after {after}: {k:?} slot {slot} names a missing backend"
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    impl Dataplane6 for Checked6 {
+        fn set_config6(&mut self, cfg: &NodeConfig6) -> Result<(), DataplaneError> {
+            self.mem.set_config6(cfg)
+        }
+        fn put_backend6(&mut self, id: u32, b: &Backend6Map) -> Result<(), DataplaneError> {
+            let r = self.mem.put_backend6(id, b);
+            self.check("put_backend6");
+            r
+        }
+        fn delete_backend6(&mut self, id: u32) -> Result<(), DataplaneError> {
+            let r = self.mem.delete_backend6(id);
+            self.check("delete_backend6");
+            r
+        }
+        fn put_service6(
+            &mut self,
+            k: &Service6Key,
+            v: &Service6Value,
+        ) -> Result<(), DataplaneError> {
+            let r = self.mem.put_service6(k, v);
+            self.calls.push((true, *k));
+            self.check("put_service6");
+            r
+        }
+        fn delete_service6(&mut self, k: &Service6Key) -> Result<(), DataplaneError> {
+            let r = self.mem.delete_service6(k);
+            self.calls.push((false, *k));
+            self.check("delete_service6");
+            r
+        }
+        fn services6(&self) -> Result<Vec<(Service6Key, Service6Value)>, DataplaneError> {
+            self.mem.services6()
+        }
+        fn backends6(&self) -> Result<Vec<(u32, Backend6Map)>, DataplaneError> {
+            self.mem.backends6()
+        }
+    }
+
+    fn spn(name: &str) -> ServicePortName {
+        ServicePortName {
+            service: ServiceName { namespace: "default".into(), name: name.into() },
+            port: "http".into(),
+            proto: proto::TCP,
+        }
+    }
+
+    fn ip(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    fn fe(addr: &str) -> Frontend6 {
+        Frontend6 { addr: ip(addr), port: 80, proto: proto::TCP, scope: scope::INTERNAL }
+    }
+
+    fn be(n: u8) -> Backend6 {
+        Backend6 { addr: ip(&format!("2001:2:100::{n}")), port: 8080, proto: proto::TCP, flags: 0 }
+    }
+
+    /// A port with one ClusterIP frontend `addr` balancing over backends `ns`.
+    fn port(addr: &str, ns: &[u8]) -> PortState6 {
+        let backends: Vec<Backend6> = ns.iter().map(|n| be(*n)).collect();
+        let mut st =
+            PortState6 { endpoints: backends.iter().copied().collect(), ..Default::default() };
+        st.frontends.insert(
+            fe(addr),
+            FrontendEntry6 { flags: svc_flags::CLUSTER_IP, affinity_timeout: 0, backends },
+        );
+        st
+    }
+
+    fn desired(ports: &[(&str, &str, &[u8])]) -> BTreeMap<ServicePortName, PortState6> {
+        ports.iter().map(|(n, a, b)| (spn(n), port(a, b))).collect()
+    }
+
+    /// The backends of a programmed frontend, by address, in slot order.
+    fn programmed(mem: &MemDataplane, addr: &str) -> Option<Vec<Ipv6Addr>> {
+        let k = fe(addr).key(0);
+        let e = mem.services6.get(&k)?;
+        Some(
+            (1..=e.count)
+                .map(|slot| {
+                    let s = mem.services6[&Service6Key { slot, ..k }];
+                    from_addr6(&mem.backends6[&s.backend_id].addr)
+                })
+                .collect(),
+        )
+    }
+
+    fn run(
+        s: &mut Syncer6,
+        dp: &mut Checked6,
+        d: &BTreeMap<ServicePortName, PortState6>,
+    ) -> SyncReport {
+        let mut r = SyncReport::default();
+        s.apply(d, None, dp, &mut r);
+        assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+        r
+    }
+
+    /// Writes in order (backends, slots, entries; entries removed before their slots and
+    /// backends after), only differences, and removes what goes away.
+    #[test]
+    fn writes_only_differences_in_a_safe_order() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        let d = desired(&[("a", "2001:2:ff::1", &[1, 2, 3]), ("b", "2001:2:ff::2", &[3])]);
+        let r = run(&mut s, &mut dp, &d);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(
+            programmed(&dp.mem, "2001:2:ff::1"),
+            Some(vec![be(1).addr, be(2).addr, be(3).addr])
+        );
+        assert_eq!(dp.mem.backends6.len(), 3);
+        // The entry after its slots.
+        let entry_at = dp.calls.iter().position(|(p, k)| *p && k.slot == 0).unwrap();
+        assert!(dp.calls[..entry_at].iter().all(|(p, k)| *p && k.slot > 0));
+        // Nothing changed: no write.
+        assert_eq!(run(&mut s, &mut dp, &d).writes, 0);
+        // A backend leaves port a, port b goes away: its backend 3 stays for a... then goes.
+        let d = desired(&[("a", "2001:2:ff::1", &[1, 3])]);
+        let r = run(&mut s, &mut dp, &d);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(1).addr, be(3).addr]));
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::2"), None);
+        assert_eq!(dp.mem.services6.len(), 3, "{:?}", dp.mem.services6.keys());
+        assert_eq!(dp.mem.backends6.len(), 2);
+        assert_eq!((r.frontends_removed, r.backends_removed), (1, 1));
+        // Everything goes.
+        run(&mut s, &mut dp, &BTreeMap::new());
+        assert!(dp.mem.services6.is_empty() && dp.mem.backends6.is_empty());
+    }
+
+    /// An incremental sync looks only at the services it names.
+    #[test]
+    fn incremental_sync_touches_only_the_named_services() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        run(&mut s, &mut dp, &desired(&[("a", "2001:2:ff::1", &[1]), ("b", "2001:2:ff::2", &[2])]));
+        let scope: BTreeSet<ServiceName> = [spn("b").service].into();
+        let mut r = SyncReport::default();
+        s.apply(&BTreeMap::new(), Some(&scope), &mut dp, &mut r);
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(1).addr]));
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::2"), None);
+        assert_eq!(dp.mem.backends6.len(), 1);
+    }
+
+    /// After a restart the maps are adopted: ids are kept, nothing is rewritten, and what nobody
+    /// wants is removed by the full sync.
+    #[test]
+    fn adopts_the_programmed_maps() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        let d = desired(&[("a", "2001:2:ff::1", &[1, 2])]);
+        run(&mut s, &mut dp, &d);
+        let id = s.service_id(&spn("a")).unwrap();
+        // A leftover frontend of an older agent.
+        let stale = fe("2001:2:ff::9").key(0);
+        dp.mem.services6.insert(stale, Service6Value { svc_id: 77, ..Default::default() });
+        let mut s = Syncer6::adopt(&dp).unwrap();
+        dp.calls.clear();
+        run(&mut s, &mut dp, &d);
+        assert_eq!(dp.calls, [(false, stale)], "only the stale entry is removed");
+        assert!(!dp.mem.services6.contains_key(&stale));
+        assert_eq!(s.service_id(&spn("a")), Some(id));
+        // New backends get fresh ids.
+        run(&mut s, &mut dp, &desired(&[("a", "2001:2:ff::1", &[1, 2, 3])]));
+        assert_eq!(dp.mem.backends6.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// A full map fails the port with an error naming it; the others go on, and the next sync
+    /// completes it.
+    #[test]
+    fn a_failed_port_keeps_the_others_and_is_completed_later() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        dp.mem.services_capacity = Some(3);
+        let d = desired(&[("a", "2001:2:ff::1", &[1]), ("b", "2001:2:ff::2", &[2, 3])]);
+        let r = run(&mut s, &mut dp, &d);
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        let msg = r.errors[0].to_string();
+        assert!(msg.contains("default/b:http/TCP (IPv6)") && msg.contains("kp_svc6"), "{msg}");
+        assert!(r.errors[0].is_datapath_failure());
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(1).addr]));
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::2"), None);
+        dp.mem.services_capacity = None;
+        let r = run(&mut s, &mut dp, &d);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::2"), Some(vec![be(2).addr, be(3).addr]));
+    }
+
+    /// One frontend, one owner: the second port asking for it is refused (named in the error)
+    /// until the first lets it go.
+    #[test]
+    fn a_held_frontend_is_refused_to_another_port() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        run(&mut s, &mut dp, &desired(&[("a", "2001:2:ff::1", &[1])]));
+        let d = desired(&[("a", "2001:2:ff::1", &[1]), ("b", "2001:2:ff::1", &[2])]);
+        let r = run(&mut s, &mut dp, &d);
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].to_string().contains("held by default/a:http/TCP"), "{}", r.errors[0]);
+        assert!(!r.errors[0].is_datapath_failure());
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(1).addr]));
+        let r = run(&mut s, &mut dp, &desired(&[("b", "2001:2:ff::1", &[2])]));
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(2).addr]));
+        assert_eq!(dp.mem.backends6.len(), 1);
+    }
+
+    /// Through the agent's entry point: a dual-stack service from the model programs both
+    /// families' maps, and the IPv6 node configuration carries the source NAT address.
+    #[test]
+    fn dual_stack_service_programs_both_families() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_saphyr::from_str(
+            r#"
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIPs: [198.19.0.10, "2001:2:ff::10"]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+"#,
+        )
+        .unwrap();
+        let slice = |fam: &str, addr: &str| -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_saphyr::from_str(&format!(
+                "metadata: {{name: web-{fam}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {fam}\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [\"{addr}\"]}}]\n"
+            ))
+            .unwrap()
+        };
+        let node = NodeInfo {
+            name: "node-0".into(),
+            addrs: vec![std::net::Ipv4Addr::new(198, 18, 0, 10)],
+            addrs6: vec![ip("2001:2:0:1::10")],
+            zone: None,
+        };
+        let out = build(
+            &[svc],
+            &[slice("IPv4", "198.18.100.10"), slice("IPv6", "2001:2:100::10")],
+            &node,
+        );
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let mut syncer = crate::sync::Syncer::new();
+        syncer.set_node_addrs6(&node.addrs6);
+        let mut mem = MemDataplane::default();
+        let r = syncer.sync(&out.state, &mut mem);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(mem.config6.snat_addr, to_addr6(ip("2001:2:0:1::10")));
+        assert_eq!(programmed(&mem, "2001:2:ff::10"), Some(vec![ip("2001:2:100::10")]));
+        let np = Frontend6 { port: 30080, scope: scope::EXTERNAL, ..fe("2001:2:0:1::10") };
+        assert_eq!(mem.services6[&np.key(0)].flags, svc_flags::NODE_PORT);
+        // 3 IPv6 frontends (ClusterIP, NodePort in both scopes) with a slot each.
+        assert_eq!((mem.services6.len(), mem.backends6.len()), (6, 1));
+        assert_eq!((mem.services.len(), mem.backends.len()), (6, 1));
+        assert_eq!(syncer.v6().programmed_frontends(), 3);
+    }
+}
