@@ -419,6 +419,8 @@ fn adopt_programmed_state(dp: &BpfDataplane) -> anyhow::Result<Syncer> {
     info!(
         frontends = syncer.programmed_frontends(),
         backends = syncer.programmed_backends(),
+        frontends6 = syncer.v6().programmed_frontends(),
+        backends6 = syncer.v6().programmed_backends(),
         "adopted the programmed state"
     );
     Ok(syncer)
@@ -788,8 +790,8 @@ impl LoopState {
             started.elapsed(),
             changes.full,
             (!failed).then_some(now),
-            syncer.programmed_frontends(),
-            syncer.programmed_backends(),
+            syncer.programmed_frontends() + syncer.v6().programmed_frontends(),
+            syncer.programmed_backends() + syncer.v6().programmed_backends(),
         );
         if !failed {
             obs.health.updated(Stamp::now());
@@ -801,6 +803,7 @@ impl LoopState {
                 full = changes.full,
                 services = changes.services.len(),
                 frontends = syncer.programmed_frontends(),
+                frontends6 = syncer.v6().programmed_frontends(),
                 changed = report.services_changed,
                 removed = report.frontends_removed,
                 backends_removed = report.backends_removed,

@@ -657,9 +657,7 @@ impl Syncer {
     /// report, and the affected services keep their previous state.
     pub fn sync(&mut self, desired: &DesiredState, dp: &mut dyn Dataplane) -> SyncReport {
         let mut report = self.apply(desired.services.clone(), None, dp);
-        if let Some(d6) = dp.as_v6_mut() {
-            self.v6.apply(&desired.services6, None, d6, &mut report);
-        }
+        self.apply6(&desired.services6, None, dp, &mut report);
         report
     }
 
@@ -676,10 +674,23 @@ impl Syncer {
         let ports = std::mem::take(&mut changes.state.services);
         let scope = (!changes.full).then_some(&changes.services);
         let mut report = self.apply(ports, scope, dp);
-        if let Some(d6) = dp.as_v6_mut() {
-            self.v6.apply(&changes.state.services6, scope, d6, &mut report);
-        }
+        self.apply6(&changes.state.services6, scope, dp, &mut report);
         report
+    }
+
+    /// The IPv6 side of a sync, after the IPv4 one (whose ids it takes); nothing when the
+    /// datapath has no IPv6 maps.
+    fn apply6(
+        &mut self,
+        desired: &std::collections::BTreeMap<ServicePortName, crate::model::v6::PortState6>,
+        scope: Option<&BTreeSet<ServiceName>>,
+        dp: &mut dyn Dataplane,
+        report: &mut SyncReport,
+    ) {
+        let Some(d6) = dp.as_v6_mut() else { return };
+        let mut v6 = std::mem::take(&mut self.v6);
+        v6.apply(desired, scope, &|n| self.service_id(n), d6, report);
+        self.v6 = v6;
     }
 
     fn want_add(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {

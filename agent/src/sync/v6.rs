@@ -14,8 +14,10 @@
 //! missing. One frontend has one owner: a port asking for a frontend another live port holds is
 //! refused with an error naming both.
 //!
-//! Ids: a port keeps its service id while it exists (after a restart the id found on its
-//! frontends is reused); backend ids are the IPv6 backends map's own, from a counter that only
+//! Ids: a port keeps its service id while it exists. A new port takes the IPv4 id of the same
+//! service port (so `kproxy service list` and conntrack show one id per service port whatever
+//! the family), else the id found on its frontends after a restart, else a new one from
+//! [`V6_ONLY_IDS`] up, where IPv4 ids never go; backend ids are the IPv6 backends map's own, from a counter that only
 //! moves forward. The node configuration ([`NodeConfig6`]: the source NAT address of IPv6
 //! NodePorts) is written when it changes.
 use std::{
@@ -34,6 +36,9 @@ use crate::{
         v6::{Backend6, Frontend6, PortState6, from_addr6, to_addr6},
     },
 };
+
+/// First service id of IPv6-only service ports (IPv4 ids count up from 1).
+pub const V6_ONLY_IDS: u32 = 1 << 31;
 
 /// Identity of an IPv6 backend: address, port, protocol.
 type Key6 = (Ipv6Addr, u16, u8);
@@ -90,7 +95,7 @@ struct Failed(SyncError);
 impl Syncer6 {
     /// A syncer for empty IPv6 maps.
     pub fn new() -> Self {
-        Self { next_backend_id: 1, next_svc_id: 1, ..Default::default() }
+        Self { next_backend_id: 1, next_svc_id: V6_ONLY_IDS, ..Default::default() }
     }
 
     /// A syncer that adopts what `dp` already holds (after a restart): the maps become the
@@ -128,7 +133,7 @@ impl Syncer6 {
             s.ids.insert(id);
         }
         s.next_backend_id = max_be.wrapping_add(1).max(1);
-        s.next_svc_id = max_svc + 1;
+        s.next_svc_id = (max_svc + 1).max(V6_ONLY_IDS);
         Ok(s)
     }
 
@@ -159,11 +164,12 @@ impl Syncer6 {
 
     /// Brings the IPv6 maps to `desired`: everything when `scope` is `None` (anything else
     /// programmed is removed), else the ports of the services in `scope` (their ports in
-    /// `desired` replace the ones they had).
+    /// `desired` replace the ones they had). `v4_id` gives the IPv4 service id of a port.
     pub fn apply(
         &mut self,
         desired: &BTreeMap<ServicePortName, PortState6>,
         scope: Option<&BTreeSet<ServiceName>>,
+        v4_id: &dyn Fn(&ServicePortName) -> Option<u32>,
         dp: &mut dyn Dataplane6,
         report: &mut SyncReport,
     ) {
@@ -193,7 +199,7 @@ impl Syncer6 {
             if self.ports.get(name).is_some_and(|p| p.hash == Some(hash)) {
                 continue;
             }
-            match self.write_port(name, state, hash, dp, report) {
+            match self.write_port(name, state, hash, v4_id(name), dp, report) {
                 Ok(()) => report.services_changed += 1,
                 Err(Failed(e)) => report.errors.push(e),
             }
@@ -249,6 +255,7 @@ impl Syncer6 {
         name: &ServicePortName,
         state: &PortState6,
         hash: u64,
+        v4_id: Option<u32>,
         dp: &mut dyn Dataplane6,
         report: &mut SyncReport,
     ) -> Result<(), Failed> {
@@ -266,7 +273,7 @@ impl Syncer6 {
         if let Some(o) = &old {
             self.unref(&o.endpoints);
         }
-        let svc_id = old.as_ref().map(|o| o.svc_id).unwrap_or_else(|| {
+        let svc_id = old.as_ref().map(|o| o.svc_id).or(v4_id).unwrap_or_else(|| {
             let adopted = state
                 .frontends
                 .keys()
@@ -274,8 +281,13 @@ impl Syncer6 {
                 .filter(|x| x.owner.is_none())
                 .find_map(|x| x.entry.map(|e| e.svc_id));
             adopted.unwrap_or_else(|| {
-                self.next_svc_id += 1;
-                self.next_svc_id - 1
+                let taken: FastSet<u32> = self.ports.values().map(|p| p.svc_id).collect();
+                let mut id = self.next_svc_id.max(V6_ONLY_IDS);
+                while taken.contains(&id) {
+                    id = id.wrapping_add(1).max(V6_ONLY_IDS);
+                }
+                self.next_svc_id = id.wrapping_add(1);
+                id
             })
         });
         let mut record = Port6 {
@@ -689,7 +701,7 @@ mod tests {
         d: &BTreeMap<ServicePortName, PortState6>,
     ) -> SyncReport {
         let mut r = SyncReport::default();
-        s.apply(d, None, dp, &mut r);
+        s.apply(d, None, &|_| None, dp, &mut r);
         assert!(dp.violations.is_empty(), "{:?}", dp.violations);
         r
     }
@@ -707,6 +719,8 @@ mod tests {
             Some(vec![be(1).addr, be(2).addr, be(3).addr])
         );
         assert_eq!(dp.mem.backends6.len(), 3);
+        // IPv6-only ports: ids where IPv4 ones never go.
+        assert!(s.service_id(&spn("a")).unwrap() >= V6_ONLY_IDS);
         // The entry after its slots.
         let entry_at = dp.calls.iter().position(|(p, k)| *p && k.slot == 0).unwrap();
         assert!(dp.calls[..entry_at].iter().all(|(p, k)| *p && k.slot > 0));
@@ -733,7 +747,7 @@ mod tests {
         run(&mut s, &mut dp, &desired(&[("a", "2001:2:ff::1", &[1]), ("b", "2001:2:ff::2", &[2])]));
         let scope: BTreeSet<ServiceName> = [spn("b").service].into();
         let mut r = SyncReport::default();
-        s.apply(&BTreeMap::new(), Some(&scope), &mut dp, &mut r);
+        s.apply(&BTreeMap::new(), Some(&scope), &|_| None, &mut dp, &mut r);
         assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(1).addr]));
         assert_eq!(programmed(&dp.mem, "2001:2:ff::2"), None);
         assert_eq!(dp.mem.backends6.len(), 1);
@@ -845,5 +859,9 @@ spec:
         assert_eq!((mem.services6.len(), mem.backends6.len()), (6, 1));
         assert_eq!((mem.services.len(), mem.backends.len()), (6, 1));
         assert_eq!(syncer.v6().programmed_frontends(), 3);
+        // One service id per service port, whatever the family.
+        let name = spn("web");
+        assert_eq!(syncer.v6().service_id(&name), syncer.service_id(&name));
+        assert!(syncer.service_id(&name).is_some());
     }
 }
