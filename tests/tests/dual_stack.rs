@@ -24,6 +24,11 @@ use kproxy_tests::{
 const T: Duration = Duration::from_secs(2);
 const CIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 60);
 const CIP6: &str = "2001:2:ff::60";
+/// ClusterIP of an IPv6-only service without endpoints.
+const CIP6_EMPTY: &str = "2001:2:ff::61";
+const NODE_PORT: u16 = 30660;
+/// The client's IPv6 underlay address.
+const CLIENT6: &str = "2001:2::2";
 /// The node's IPv6 underlay address (its NodePort and IPv6 source-NAT address).
 const NODE6: &str = "2001:2::10";
 
@@ -32,7 +37,8 @@ fn pod6(p: &Pod) -> Ipv6Addr {
     format!("2001:2:{:x}::{:x}", 0x100 + p.node, 0x10 + p.index).parse().unwrap()
 }
 
-/// Gives node 0 and `pods` IPv6: the lab disables it in every namespace.
+/// Gives node 0, the client and `pods` IPv6 (the lab disables it in every namespace); the
+/// underlay bridge carries IPv6 as it is.
 fn enable_ipv6(lab: &Lab, pods: &[Pod]) -> Result<()> {
     let node = &lab.node(0).ns;
     let ip6 = |ns: &str, args: &[&str]| -> Result<()> {
@@ -50,6 +56,16 @@ fn enable_ipv6(lab: &Lab, pods: &[Pod]) -> Result<()> {
         ],
     )?;
     ip6(node, &["addr", "add", &format!("{NODE6}/64"), "dev", "eth0", "nodad"])?;
+    let client = lab.client_ns();
+    sysctls(
+        &client,
+        &[
+            ("net/ipv6/conf/all/disable_ipv6", "0"),
+            ("net/ipv6/conf/default/disable_ipv6", "0"),
+            ("net/ipv6/conf/eth0/disable_ipv6", "0"),
+        ],
+    )?;
+    ip6(&client, &["addr", "add", &format!("{CLIENT6}/64"), "dev", "eth0", "nodad"])?;
     for p in pods {
         let v = &p.host_veth;
         sysctls(node, &[(&format!("net/ipv6/conf/{v}/disable_ipv6"), "0")])?;
@@ -127,11 +143,22 @@ fn manifests(backends: &[Pod]) -> Vec<String> {
 kind: Service
 metadata: {{name: web6, namespace: default}}
 spec:
-  type: ClusterIP
+  type: NodePort
   clusterIP: {CIP4}
   clusterIPs: [{CIP4}, "{CIP6}"]
   ipFamilies: [IPv4, IPv6]
   ipFamilyPolicy: RequireDualStack
+  ports: [{{name: http, port: 80, targetPort: {SERVER_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}]
+"#
+    );
+    let empty = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: empty6, namespace: default}}
+spec:
+  clusterIPs: ["{CIP6_EMPTY}"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
   ports: [{{name: http, port: 80, targetPort: {SERVER_PORT}, protocol: TCP}}]
 "#
     );
@@ -148,13 +175,14 @@ spec:
         }
         y
     };
-    vec![svc, slice("IPv4", &|p| p.ip.to_string()), slice("IPv6", &|p| pod6(p).to_string())]
+    vec![svc, slice("IPv4", &|p| p.ip.to_string()), slice("IPv6", &|p| pod6(p).to_string()), empty]
 }
 
-/// A dual-stack Service reached from a pod over its IPv4 and its IPv6 ClusterIP: each family
-/// lands on a backend pod, through its own frontend and backends.
+/// A dual-stack NodePort Service reached from a pod over its IPv4 and its IPv6 ClusterIP (each
+/// family lands on a backend pod, through its own frontend and backends) and from the external
+/// client over the node's IPv6 NodePort; an IPv6-only service without endpoints rejects.
 #[test]
-fn dual_stack_service_is_reachable_over_both_cluster_ips() {
+fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "lab tests need root (network namespaces)");
     let spec = LabSpec { nodes: 1, pods_per_node: 3, wiring: Wiring::Routed, prefix: None };
@@ -193,6 +221,16 @@ fn dual_stack_service_is_reachable_over_both_cluster_ips() {
         seen.insert(n);
     }
     assert_eq!(seen.len(), 2, "both IPv6 backends serve: {seen:?}");
+    // The IPv6 NodePort from outside the node.
+    let node6: Ipv6Addr = NODE6.parse().unwrap();
+    let n = tcp6_name(&lab.client_ns(), node6, NODE_PORT)
+        .unwrap_or_else(|e| panic!("[{NODE6}]:{NODE_PORT} from the client: {e:#}"));
+    assert!(names.contains(&n), "{n}");
+    // No endpoint: the connection is refused (TCP RST from the datapath), not left to time out.
+    let empty: Ipv6Addr = CIP6_EMPTY.parse().unwrap();
+    let err = tcp6_name(&client.ns, empty, 80).expect_err("a service without endpoints");
+    let io = err.downcast_ref::<std::io::Error>().map(|e| e.kind());
+    assert_eq!(io, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
     let status = agent.stop(Duration::from_secs(5)).expect("agent stop");
     assert!(status.success(), "agent exit {status}");
 }
