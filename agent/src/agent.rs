@@ -549,6 +549,10 @@ async fn sync_loop(
                     Ok(c) => metrics.set_packets(&c),
                     Err(e) => debug!(error = %e, "reading counters"),
                 }
+                match dp.counters6() {
+                    Ok(c) => metrics.set_packets6(&c),
+                    Err(e) => debug!(error = %e, "reading the IPv6 counters"),
+                }
                 if source.needs_polling() {
                     schedule.request(now);
                 }

@@ -78,6 +78,7 @@ pub struct Metrics {
     services: IntGauge,
     backends: IntGauge,
     packets: IntCounterVec,
+    packets6: IntCounterVec,
     sync_errors: IntCounterVec,
     manifest_errors: IntCounter,
     map_entries: IntGaugeVec,
@@ -290,6 +291,13 @@ impl Metrics {
                 "reason",
                 &reasons,
             ),
+            packets6: counter_vec(
+                &r,
+                "kproxy_packets6_total",
+                "IPv6 packets by the reason of their verdict, summed over hooks and CPUs.",
+                "reason",
+                &reasons,
+            ),
             sync_errors: counter_vec(
                 &r,
                 "kproxy_sync_errors_total",
@@ -496,6 +504,13 @@ impl Metrics {
         }
     }
 
+    /// Sets the IPv6 packet counters (summed over CPUs, read from the datapath).
+    pub fn set_packets6(&self, counters: &[(Reason, u64)]) {
+        for (reason, n) in counters {
+            set_counter(&self.packets6.with_label_values(&[reason.name()]), *n);
+        }
+    }
+
     /// One conntrack garbage collection: entries it deleted, the monotonic eviction count, how
     /// long it took.
     pub fn conntrack_collected(&self, deleted: u64, evictions: u64, took: Duration) {
@@ -615,6 +630,7 @@ mod tests {
         }
         for r in Reason::ALL {
             assert!(s.contains(&format!("kproxy_packets_total{{reason=\"{}\"}} 0\n", r.name())));
+            assert!(s.contains(&format!("kproxy_packets6_total{{reason=\"{}\"}} 0\n", r.name())));
         }
         // Every kind a sync can report is listed (so it exists at 0).
         let full = DataplaneError::Full { map: "kp_be4", capacity: 1, key: "1".into() };
@@ -628,6 +644,12 @@ mod tests {
             SyncError::Service { service: "s".into(), source: full },
             SyncError::Service { service: "s".into(), source: other },
             SyncError::TooManyBackends { service: "s".into(), count: 2, max: 1 },
+            SyncError::Config6(DataplaneError::Full {
+                map: "kp_config6",
+                capacity: 1,
+                key: "0".into(),
+            }),
+            SyncError::Conflict6 { service: "s".into(), frontend: "f".into(), owner: "o".into() },
         ] {
             assert!(SYNC_ERROR_KINDS.contains(&e.kind()), "{}", e.kind());
         }
@@ -673,6 +695,7 @@ mod tests {
         m.observe_programming(1.5);
         m.set_packets(&[(Reason::TranslatedNew, 42)]);
         m.set_packets(&[(Reason::TranslatedNew, 40)]); // maps recreated: a reset
+        m.set_packets6(&[(Reason::TranslatedNew, 7)]);
         m.set_map_usage([("conntrack", 3, 4, 4096)]);
         m.set_devices(1, 5, 2);
         m.device_attach_failed();
@@ -711,6 +734,7 @@ mod tests {
             "kproxy_backends_programmed 5\n",
             "kproxy_manifest_errors_total 2\n",
             "kproxy_packets_total{reason=\"translated_new\"} 40\n",
+            "kproxy_packets6_total{reason=\"translated_new\"} 7\n",
             "kproxy_sync_errors_total{kind=\"map_full\"} 1\n",
             "kproxy_map_full_errors_total{map=\"backends\"} 1\n",
             "kproxy_map_entries{map=\"conntrack\"} 3\n",

@@ -137,6 +137,22 @@ fn tcp6_name(ns: &str, addr: Ipv6Addr, port: u16) -> Result<String> {
     })?
 }
 
+/// The value of `kproxy_packets6_total{reason}` on the node's `/metrics` (port 10249).
+fn packets6(node_ns: &str, reason: &str) -> Result<u64> {
+    let body = in_netns(node_ns, || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&"127.0.0.1:10249".parse()?, T)?;
+        s.set_read_timeout(Some(T))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    let series = format!("kproxy_packets6_total{{reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .with_context(|| format!("no {series} in the metrics"))
+}
+
 fn manifests(backends: &[Pod]) -> Vec<String> {
     let svc = format!(
         r#"apiVersion: v1
@@ -231,6 +247,14 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
     let err = tcp6_name(&client.ns, empty, 80).expect_err("a service without endpoints");
     let io = err.downcast_ref::<std::io::Error>().map(|e| e.kind());
     assert_eq!(io, Some(std::io::ErrorKind::ConnectionRefused), "{err:#}");
+    // The IPv6 packets are counted by family.
+    let node_ns = lab.node(0).ns.clone();
+    lab::eventually(Duration::from_secs(15), Duration::from_millis(250), || {
+        let n = packets6(&node_ns, "translated_new")?;
+        anyhow::ensure!(n >= 22, "kproxy_packets6_total{{reason=\"translated_new\"}} is {n}");
+        Ok(())
+    })
+    .unwrap();
     let status = agent.stop(Duration::from_secs(5)).expect("agent stop");
     assert!(status.success(), "agent exit {status}");
 }
