@@ -257,4 +257,17 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
     .unwrap();
     let status = agent.stop(Duration::from_secs(5)).expect("agent stop");
     assert!(status.success(), "agent exit {status}");
+    // The pinned IPv6 maps keep serving while no agent runs, and the next agent adopts them.
+    let n = tcp6_name(&client.ns, cip6, 80).expect("IPv6 ClusterIP without an agent");
+    assert!(names.contains(&n), "{n}");
+    let agent = lab.spawn_agent(0, &opts).expect("agent restart");
+    let log = lab::eventually(Duration::from_secs(20), Duration::from_millis(200), || {
+        let log = agent.log_text();
+        if log.contains("adopted the programmed state") { Ok(log) } else { Err("not yet") }
+    })
+    .unwrap();
+    // ClusterIP and NodePort (both scopes) of web6, ClusterIP of empty6.
+    assert!(log.contains("frontends6=4"), "{log}");
+    let n = tcp6_name(&client.ns, cip6, 80).expect("IPv6 ClusterIP after the restart");
+    assert!(names.contains(&n), "{n}");
 }
