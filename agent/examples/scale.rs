@@ -187,6 +187,7 @@ fn main() {
                 backends: n * 10 + 1024,
                 conntrack: 1024,
                 affinity: 1024,
+                ipv6: false,
             };
             Datapath::load(&pin, &sizes).expect("loading the datapath (root, bpffs)")
         });

@@ -195,6 +195,7 @@ impl Config {
                 backends: args.max_backends,
                 conntrack: args.max_conntrack,
                 affinity: args.max_affinity,
+                ipv6: args.enable_ipv6,
             },
             snat_ports: (args.snat_port_min, args.snat_port_max),
             poll_interval: Duration::from_millis(args.poll_interval_ms),

@@ -92,6 +92,12 @@ impl Drop for Setup {
     }
 }
 
+/// The capacity of the map `name` pinned by node `node`'s agent.
+fn max_entries(s: &Setup, node: usize, name: &str) -> u32 {
+    let pin = kproxy::dataplane::bpf::maps_dir(s.lab.pin_path(node)).join(name);
+    aya::maps::MapData::from_pin(&pin).unwrap().info().unwrap().max_entries()
+}
+
 /// The value of the sample `series` (name with labels) in a Prometheus text body.
 fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
@@ -217,6 +223,7 @@ fn metrics_pass_promtool_and_health_answers() {
         backends: None,
         conntrack: None,
         affinity: None,
+        ipv6: false,
     }
     .resolve(node_memory().unwrap());
     assert_eq!(
@@ -228,6 +235,14 @@ fn metrics_pass_promtool_and_health_answers() {
         metric(&metrics, "kproxy_map_memory_bytes{map=\"conntrack\"}").is_some_and(|b| b > 0.0),
         "{metrics}"
     );
+    // Without --enable-ipv6 the IPv6 maps holding services and flows take one entry each; the
+    // IPv6 counters keep their slots.
+    use kproxy_common::names;
+    let cap = |name| max_entries(&s, 0, name);
+    for name in [names::SERVICES6, names::BACKENDS6, names::CT6, names::REVNAT6, names::SOCK6] {
+        assert_eq!(cap(name), 1, "{name}");
+    }
+    assert!(cap(names::COUNTERS6) > 1);
     for series in [
         "kproxy_map_pressure{map=\"affinity\"}",
         "kproxy_map_full_errors_total{map=\"services\"}",
@@ -310,9 +325,15 @@ fn traffic_survives_agent_stop_pause_crash_and_restart() {
     // Graceful stop (SIGTERM) and start again.
     s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("SIGTERM stop");
     std::thread::sleep(Duration::from_millis(500));
+    // ... with IPv6 switched on: its one-entry maps are recreated at full size, the IPv4 maps
+    // (and the session) are kept.
+    let ct6 = kproxy_common::names::CT6;
+    assert_eq!(max_entries(&s, 0, ct6), 1);
+    s.extra.push("--enable-ipv6".into());
     s.agents[0] = Some(s.start_agent(0));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(session.request().expect("after restarts"), first);
+    assert!(max_entries(&s, 0, ct6) > 1, "IPv6 maps recreated");
     let (ok, failed) = traffic.finish();
     assert!(ok > 50, "too little traffic to judge: {ok}");
     assert_eq!(

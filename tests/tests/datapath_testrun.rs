@@ -59,6 +59,7 @@ impl Env {
             backends: 1024,
             conntrack: 4096,
             affinity: 1024,
+            ipv6: true,
         })
     }
 
@@ -319,8 +320,13 @@ fn pinned_map_with_wrong_layout_is_refused() {
 
 #[test]
 fn full_map_reports_full() {
-    let mut env =
-        Env::with_sizes(&MapSizes { services: 4, backends: 2, conntrack: 64, affinity: 8 });
+    let mut env = Env::with_sizes(&MapSizes {
+        services: 4,
+        backends: 2,
+        conntrack: 64,
+        affinity: 8,
+        ipv6: true,
+    });
     env.backend(1, BE1, 0, proto::TCP);
     env.backend(2, BE2, 0, proto::TCP);
     let err = env.maps.put_backend(3, &Backend4::default()).unwrap_err();
@@ -1626,6 +1632,7 @@ fn per_packet_cost_is_flat_in_the_number_of_services() {
         backends: 16_384,
         conntrack: 4096,
         affinity: 1024,
+        ipv6: true,
     });
     let measure = |env: &mut Env, frame: &[u8]| -> f64 {
         let p: &mut Xdp = env.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
@@ -1950,8 +1957,13 @@ fn ct_tuple(sport: u16, fe: &str) -> kproxy_common::Tuple4 {
 fn full_conntrack_table_evicts_lru_entries_and_counts_them() {
     const CAP: u32 = 64;
     const FLOWS: u16 = 300;
-    let mut env =
-        Env::with_sizes(&MapSizes { services: 64, backends: 64, conntrack: CAP, affinity: 8 });
+    let mut env = Env::with_sizes(&MapSizes {
+        services: 64,
+        backends: 64,
+        conntrack: CAP,
+        affinity: 8,
+        ipv6: true,
+    });
     env.backend(1, "198.18.100.11:53", backend_flags::LOCAL, proto::UDP);
     env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     // Flow 40000 stays in use while 300 others come and go: the least recently used ones go.
@@ -2140,8 +2152,13 @@ fn tcp_segment_without_connection_entry_is_balanced_and_counted() {
 #[ignore = "measurement: prints the GC walk cost"]
 fn conntrack_gc_cost_on_a_large_table() {
     const FLOWS: u32 = 100_000;
-    let mut env =
-        Env::with_sizes(&MapSizes { services: 64, backends: 64, conntrack: 131_072, affinity: 8 });
+    let mut env = Env::with_sizes(&MapSizes {
+        services: 64,
+        backends: 64,
+        conntrack: 131_072,
+        affinity: 8,
+        ipv6: true,
+    });
     env.backend(1, "198.18.100.11:53", backend_flags::LOCAL, proto::UDP);
     env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     let t0 = std::time::Instant::now();

@@ -218,6 +218,12 @@ pub struct AgentArgs {
     /// iptables/nftables mode, host firewalls on FORWARD).
     #[arg(long)]
     pub bpf_host_routing: bool,
+    /// IPv6 services: the IPv6 maps (services, backends, connection tracking, affinity,
+    /// fragments, socket LB) get the capacities of their IPv4 twins, as Cilium's --enable-ipv6.
+    /// Off, they take one entry each (IPv6 packets pass untranslated) and the node does not pay
+    /// for them; switching it on later recreates them at the next start.
+    #[arg(long)]
+    pub enable_ipv6: bool,
     /// Capacity of the services map (service entries plus backend slots) [default: 262144].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_services: Option<u32>,

@@ -57,6 +57,9 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// Session-affinity entries.
     pub affinity: u32,
+    /// Whether the IPv6 maps get the capacities of their IPv4 twins; without IPv6 they are
+    /// created with one entry each (the IPv6 programs still load and pass every IPv6 packet).
+    pub ipv6: bool,
 }
 
 impl Default for MapSizes {
@@ -67,12 +70,31 @@ impl Default for MapSizes {
             backends: BACKENDS4_MAX,
             conntrack: CT4_MAX,
             affinity: AFFINITY4_MAX,
+            ipv6: true,
         }
     }
 }
 
+/// Capacity of the IPv6 maps that hold services or flows while IPv6 is off (the kernel's
+/// minimum).
+pub const IPV6_OFF_ENTRIES: u32 = 1;
+
+/// The IPv6 maps that hold services or flows: one entry each while IPv6 is off.
+const IPV6_SIZED: [&str; 7] = [
+    names::SERVICES6,
+    names::BACKENDS6,
+    names::CT6,
+    names::REVNAT6,
+    names::AFFINITY6,
+    names::FRAG6,
+    names::SOCK6,
+];
+
 impl MapSizes {
     fn of(&self, map: &str) -> Option<u32> {
+        if !self.ipv6 && IPV6_SIZED.contains(&map) {
+            return Some(IPV6_OFF_ENTRIES);
+        }
         match map {
             names::SERVICES4 => Some(self.services),
             names::BACKENDS4 => Some(self.backends),
@@ -124,6 +146,8 @@ pub struct MapSizing {
     pub conntrack: Option<u32>,
     /// `--max-affinity`.
     pub affinity: Option<u32>,
+    /// `--enable-ipv6`: the IPv6 maps get the capacities of their IPv4 twins (else one entry).
+    pub ipv6: bool,
 }
 
 /// Default share of the node's memory for the per-node state maps (Cilium's default ratio).
@@ -166,6 +190,7 @@ impl MapSizing {
             affinity: self
                 .affinity
                 .unwrap_or_else(|| scaled(d.affinity, AFFINITY_MIN, AFFINITY_MAX)),
+            ipv6: self.ipv6,
         }
     }
 }
@@ -187,7 +212,9 @@ pub fn estimated_bytes(sizes: &MapSizes) -> u64 {
         .chain(&MAP_SPECS6)
         .filter_map(|s| match s.name {
             names::FRAG4 => Some(hash_map_bytes(s, kproxy_common::defaults::FRAG4_MAX)),
-            names::FRAG6 => Some(hash_map_bytes(s, kproxy_common::defaults::FRAG6_MAX)),
+            names::FRAG6 if sizes.ipv6 => {
+                Some(hash_map_bytes(s, kproxy_common::defaults::FRAG6_MAX))
+            }
             n => sizes.of(n).map(|e| hash_map_bytes(s, e)),
         })
         .sum()
@@ -297,18 +324,30 @@ impl Datapath {
         for (spec, (name, pin)) in specs().zip(&pins) {
             if pin.exists() {
                 let (_, max) = check_pinned(pin, spec)?;
-                if let Some(want) = sizes.of(name)
-                    && want != max
-                {
-                    warn!(
-                        map = name,
-                        pinned = max,
-                        requested = want,
-                        "reusing pinned map with its existing capacity (cleanup to resize)"
-                    );
+                let want = sizes.of(name);
+                if sizes.ipv6 && max == IPV6_OFF_ENTRIES && IPV6_SIZED.contains(name) {
+                    // Created while IPv6 was off: never written, so it is replaced by a map of
+                    // the capacity IPv6 now needs.
+                    std::fs::remove_file(pin)
+                        .with_context(|| format!("removing {}", pin.display()))?;
+                    info!(map = name, "IPv6 switched on: map recreated with its full capacity");
+                } else {
+                    if let Some(want) = want
+                        && want != max
+                    {
+                        warn!(
+                            map = name,
+                            pinned = max,
+                            requested = want,
+                            "reusing pinned map with its existing capacity (cleanup to resize)"
+                        );
+                    }
+                    debug!(map = name, "reusing pinned map");
+                    loader.map_pin_path(name, pin.as_path());
+                    continue;
                 }
-                debug!(map = name, "reusing pinned map");
-            } else if let Some(want) = sizes.of(name) {
+            }
+            if let Some(want) = sizes.of(name) {
                 loader.map_max_entries(name, want);
             }
             loader.map_pin_path(name, pin.as_path());
@@ -831,7 +870,14 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn sizing(ratio: f64) -> MapSizing {
-        MapSizing { ratio, services: None, backends: None, conntrack: None, affinity: None }
+        MapSizing {
+            ratio,
+            services: None,
+            backends: None,
+            conntrack: None,
+            affinity: None,
+            ipv6: true,
+        }
     }
 
     #[test]
@@ -868,6 +914,27 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_maps_take_one_entry_while_ipv6_is_off() {
+        let on = sizing(DEFAULT_MAP_RATIO).resolve(24 * GIB);
+        let off = MapSizing { ipv6: false, ..sizing(DEFAULT_MAP_RATIO) }.resolve(24 * GIB);
+        for name in IPV6_SIZED {
+            assert_eq!(off.of(name), Some(IPV6_OFF_ENTRIES), "{name}");
+            assert_ne!(on.of(name), Some(IPV6_OFF_ENTRIES), "{name}");
+        }
+        // The IPv4 maps and the IPv6 counters and configuration are not affected.
+        assert_eq!(off.of(names::CT4), on.of(names::CT4));
+        assert_eq!(off.of(names::COUNTERS6), None);
+        assert_eq!(off.of(names::CONFIG6), None);
+        // With IPv6 off the IPv6 maps take a few KiB of the estimate.
+        let v6 = |s: &MapSizes| -> u64 {
+            MAP_SPECS6.iter().filter_map(|m| s.of(m.name).map(|e| hash_map_bytes(m, e))).sum()
+        };
+        assert!(v6(&off) < 4 << 10, "{}", v6(&off));
+        assert!(estimated_bytes(&on) - estimated_bytes(&off) > v6(&on) / 2);
+        assert!(estimated_bytes(&on) > 3 * estimated_bytes(&off) / 2);
+    }
+
+    #[test]
     fn explicit_capacities_win_over_the_ratio() {
         let s = MapSizing {
             ratio: DEFAULT_MAP_RATIO,
@@ -875,9 +942,19 @@ mod tests {
             backends: Some(2000),
             conntrack: Some(3000),
             affinity: Some(4000),
+            ipv6: true,
         }
         .resolve(24 * GIB);
-        assert_eq!(s, MapSizes { services: 1000, backends: 2000, conntrack: 3000, affinity: 4000 });
+        assert_eq!(
+            s,
+            MapSizes {
+                services: 1000,
+                backends: 2000,
+                conntrack: 3000,
+                affinity: 4000,
+                ipv6: true
+            }
+        );
         assert_eq!(s.of(names::SOCK4), Some(4096));
     }
 }

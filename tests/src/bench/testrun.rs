@@ -80,6 +80,7 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         backends: max + 64,
         conntrack: ((runs * (scales.len() + 1) * 2) as u32 + 1024).next_power_of_two(),
         affinity: 1024,
+        ipv6: true,
     };
     let mut dp = Datapath::load(&pin, &sizes).context("loading the datapath for TEST_RUN")?;
     let mut maps = dp.dataplane()?;
