@@ -294,7 +294,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let (mut datapath, mut dp) = load_datapath(&config)?;
     datapath.set_xdp_mode(config.xdp_mode);
     let conntrack = start_conntrack(&config, &metrics)?;
-    let syncer = adopt_programmed_state(&dp)?;
+    let mut syncer = adopt_programmed_state(&dp)?;
+    syncer.set_ipv6(config.map_sizing.ipv6);
     write_guard_config(&config, &mut dp)?;
     start_map_sampler(&config, &metrics);
     match &config.cgroup_path {

@@ -215,7 +215,11 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
 
     let dir = ManifestDir::new(&format!("dual-{}", lab.prefix())).expect("dir");
     dir.write("web6.yaml", &manifests(backends)).expect("manifests");
-    let opts = AgentOpts { manifests_dir: dir.path().to_path_buf(), ..Default::default() };
+    let opts = AgentOpts {
+        manifests_dir: dir.path().to_path_buf(),
+        extra_args: vec!["--enable-ipv6".into()],
+        ..Default::default()
+    };
     let agent = lab.spawn_agent(0, &opts).expect("agent");
 
     let cip6: Ipv6Addr = CIP6.parse().unwrap();

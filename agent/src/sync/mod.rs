@@ -487,6 +487,11 @@ pub struct Syncer {
     service_cidrs_written: bool,
     /// The IPv6 side.
     v6: v6::Syncer6,
+    /// IPv6 services are not programmed (`--enable-ipv6` off): the IPv6 side is synced to
+    /// nothing, so what an earlier agent programmed goes too.
+    ipv6_off: bool,
+    /// The IPv6 services left out while IPv6 is off were reported.
+    ipv6_off_reported: bool,
 }
 
 /// One write of a port's transaction, with what undoes it.
@@ -605,6 +610,11 @@ impl Syncer {
         self.v6.set_node_addrs(addrs);
     }
 
+    /// Whether IPv6 services are programmed (`--enable-ipv6`; on unless switched off here).
+    pub fn set_ipv6(&mut self, on: bool) {
+        self.ipv6_off = !on;
+    }
+
     /// The IPv6 side.
     pub fn v6(&self) -> &v6::Syncer6 {
         &self.v6
@@ -688,6 +698,20 @@ impl Syncer {
         report: &mut SyncReport,
     ) {
         let Some(d6) = dp.as_v6_mut() else { return };
+        let none = std::collections::BTreeMap::new();
+        let desired = if self.ipv6_off {
+            if !desired.is_empty() && !self.ipv6_off_reported {
+                tracing::warn!(
+                    ports = desired.len(),
+                    example = %desired.keys().next().map(|n| n.to_string()).unwrap_or_default(),
+                    "services have IPv6 addresses: not programmed without --enable-ipv6"
+                );
+                self.ipv6_off_reported = true;
+            }
+            &none
+        } else {
+            desired
+        };
         let mut v6 = std::mem::take(&mut self.v6);
         v6.apply(desired, scope, &|n| self.service_id(n), d6, report);
         self.v6 = v6;

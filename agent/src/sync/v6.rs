@@ -863,5 +863,13 @@ spec:
         let name = spn("web");
         assert_eq!(syncer.v6().service_id(&name), syncer.service_id(&name));
         assert!(syncer.service_id(&name).is_some());
+        // With IPv6 off (`--enable-ipv6` not given) an agent adopting these maps removes the
+        // IPv6 side and keeps the IPv4 one.
+        let mut syncer = crate::sync::Syncer::adopt(&mem).unwrap();
+        syncer.set_ipv6(false);
+        let r = syncer.sync(&out.state, &mut mem);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert!(mem.services6.is_empty() && mem.backends6.is_empty());
+        assert_eq!((mem.services.len(), mem.backends.len()), (6, 1));
     }
 }
