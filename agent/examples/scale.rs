@@ -68,6 +68,17 @@ fn trim() {
     }
 }
 
+/// Removes a throw-away pin directory when dropped.
+struct PinGuard(Option<std::path::PathBuf>);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.as_ref().filter(|p| p.exists()) {
+            let _ = kproxy::dataplane::loader::cleanup(p);
+        }
+    }
+}
+
 fn main() {
     let n: u32 = std::env::args().nth(1).map_or(10_000, |a| a.parse().unwrap());
     let repeat: usize = std::env::args().nth(2).map_or(0, |a| a.parse().unwrap());
@@ -101,6 +112,8 @@ fn main() {
     let mut dp = MemDataplane::default();
     let bpf = std::env::args().nth(3).as_deref() == Some("bpf");
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/kproxy-scale-{}", std::process::id()));
+    // Removes the pins also when the run panics (stdout closed, a failed assertion).
+    let _pins = PinGuard(bpf.then(|| pin.clone()));
     let loaded = bpf.then(|| {
         let sizes = MapSizes {
             services: n * 12 + 1024,
