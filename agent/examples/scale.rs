@@ -5,8 +5,9 @@
 //! `cargo run --release -p kproxy --example scale -- 10000 [REPEAT [bpf]]`: with REPEAT > 0 it then
 //! runs the from-scratch model + sync REPEAT more times (a fresh syncer and in-memory maps each
 //! time) and prints their median, a loop to run under `perf record`; with `bpf` (root, bpffs)
-//! into real BPF maps instead (the datapath loaded into a throw-away pin directory, the maps
-//! emptied between runs).
+//! everything goes into real BPF maps instead (the datapath loaded into a throw-away pin
+//! directory, the maps emptied between runs), so that the RSS is the agent's: its maps are in
+//! the kernel.
 use std::{net::Ipv4Addr, time::Instant};
 
 use kproxy::{
@@ -67,6 +68,17 @@ fn trim() {
     }
 }
 
+/// Removes a throw-away pin directory when dropped.
+struct PinGuard(Option<std::path::PathBuf>);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.as_ref().filter(|p| p.exists()) {
+            let _ = kproxy::dataplane::loader::cleanup(p);
+        }
+    }
+}
+
 fn main() {
     let n: u32 = std::env::args().nth(1).map_or(10_000, |a| a.parse().unwrap());
     let repeat: usize = std::env::args().nth(2).map_or(0, |a| a.parse().unwrap());
@@ -102,6 +114,21 @@ fn main() {
         addrs6: Vec::new(),
     };
     let mut dp = MemDataplane::default();
+    let bpf = std::env::args().nth(3).as_deref() == Some("bpf");
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/kproxy-scale-{}", std::process::id()));
+    // Removes the pins also when the run panics (stdout closed, a failed assertion).
+    let _pins = PinGuard(bpf.then(|| pin.clone()));
+    let loaded = bpf.then(|| {
+        let sizes = MapSizes {
+            services: n * 12 + 1024,
+            backends: n * 10 + 1024,
+            conntrack: 1024,
+            affinity: 1024,
+            ipv6: false,
+        };
+        Datapath::load(&pin, &sizes).expect("loading the datapath (root, bpffs)")
+    });
+    let mut maps = loaded.as_ref().map(|d| d.dataplane().expect("maps"));
     let mut syncer = Syncer::new();
     // The one file is tens of MB, over the agent's default limit (the benchmark raises it too).
     let mut src = ManifestDir::new(&dir).with_max_file_bytes(1 << 30);
@@ -124,14 +151,18 @@ fn main() {
     let t = Instant::now();
     let mut changes = tracker.changes();
     let model = t.elapsed();
-    let r = syncer.sync_changes(&mut changes, &mut dp);
+    let first_dp: &mut dyn Dataplane = match maps.as_mut() {
+        Some(m) => m,
+        None => &mut dp,
+    };
+    let r = syncer.sync_changes(&mut changes, first_dp);
     let scratch = t.elapsed();
     drop(changes);
     let scratch_writes = r.writes;
     trim();
     let t = Instant::now();
     let mut changes = tracker.full();
-    let r = syncer.sync_changes(&mut changes, &mut dp);
+    let r = syncer.sync_changes(&mut changes, first_dp);
     let resync = t.elapsed();
     drop(changes);
     assert_eq!(r.writes, 0);
@@ -165,12 +196,17 @@ fn main() {
     dp.ops.clear();
     let t = Instant::now();
     let mut changes = tracker.changes();
-    let r = syncer.sync_changes(&mut changes, &mut dp);
+    let change_dp: &mut dyn Dataplane = match maps.as_mut() {
+        Some(m) => m,
+        None => &mut dp,
+    };
+    let r = syncer.sync_changes(&mut changes, change_dp);
     let change = t.elapsed();
+    let where_maps = if bpf { "maps in the kernel" } else { "in-memory dataplane included" };
     drop(changes);
     println!(
         "{n} services x 10 endpoints ({mb:.1} MB JSON): parse {parse:?}, from scratch (model+sync) {scratch:?} (model {model:?}) ({scratch_writes} writes), full resync {resync:?}; \
-         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, loaded+synced {rss_loaded:.1} MiB (dataplane included); heap in use: objects {heap_objects:.1} MiB, loaded {heap_loaded:.1} MiB of which dataplane {heap_dp:.1} MiB; idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
+         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, loaded+synced {rss_loaded:.1} MiB ({where_maps}); heap in use: objects {heap_objects:.1} MiB, loaded {heap_loaded:.1} MiB of which dataplane {heap_dp:.1} MiB; idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
          RSS {:.1} MiB, peak {:.1} MiB",
         r.writes,
         dp.ops.len(),
@@ -178,19 +214,10 @@ fn main() {
         status("VmHWM:")
     );
     if repeat > 0 {
-        let bpf = std::env::args().nth(3).as_deref() == Some("bpf");
-        let pin =
-            std::path::PathBuf::from(format!("/sys/fs/bpf/kproxy-scale-{}", std::process::id()));
-        let loaded = bpf.then(|| {
-            let sizes = MapSizes {
-                services: n * 12 + 1024,
-                backends: n * 10 + 1024,
-                conntrack: 1024,
-                affinity: 1024,
-                ipv6: false,
-            };
-            Datapath::load(&pin, &sizes).expect("loading the datapath (root, bpffs)")
-        });
+        if let Some(m) = maps.as_mut() {
+            // Emptied for the runs below, each with a fresh syncer.
+            syncer.sync_changes(&mut Changes { full: true, ..Default::default() }, m);
+        }
         let mut times = Vec::new();
         for _ in 0..repeat {
             let mut mem = MemDataplane::default();
@@ -208,9 +235,9 @@ fn main() {
             // Empty the maps for the next run (not timed).
             syncer.sync_changes(&mut Changes { full: true, ..Default::default() }, dp);
         }
-        if loaded.is_some() {
-            drop(loaded);
-            kproxy::dataplane::loader::cleanup(&pin).expect("cleanup");
+        if let Some(m) = maps.as_mut() {
+            // Programmed again, so that the syncer holds what it held before.
+            syncer.sync_changes(&mut tracker.full(), m);
         }
         times.sort();
         let (total, model, writes) = times[times.len() / 2];
@@ -235,5 +262,10 @@ fn main() {
         h2 - h3,
         h3 - h4
     );
+    if loaded.is_some() {
+        drop(maps);
+        drop(loaded);
+        kproxy::dataplane::loader::cleanup(&pin).expect("cleanup");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

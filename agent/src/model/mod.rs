@@ -554,7 +554,8 @@ pub struct Tracker {
     pending_errors: Vec<ModelError>,
     pending_skipped: Vec<String>,
     triggers: Vec<String>,
-    /// One copy of each namespace and node name the objects name.
+    /// One copy of each namespace, node name and short repeated value (port names, protocols,
+    /// types, policies) the objects name.
     strings: HashSet<SharedStr>,
     /// Service CIDRs: `--service-cidr`, ServiceCIDR objects by name, whether they changed since
     /// the last round or were never given, the networks last left out for lack of room (reported
@@ -638,6 +639,7 @@ impl Tracker {
         match change {
             Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
+                self.intern_service_values(&mut s);
                 let held = self.services.get(&s.name).map(|o| &**o);
                 if held == Some(&s) {
                     self.rejected.remove(&("Service", s.name));
@@ -660,6 +662,11 @@ impl Tracker {
             }
             Change::Slice(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
+                s.address_type = self.intern(&s.address_type);
+                for p in &mut s.ports {
+                    self.intern_opt(&mut p.name);
+                    self.intern_opt(&mut p.protocol);
+                }
                 for ep in &mut s.endpoints {
                     if let Some(n) = &ep.node_name {
                         ep.node_name = Some(self.intern(n));
@@ -785,6 +792,26 @@ impl Tracker {
         }
     }
 
+    fn intern_opt(&mut self, s: &mut Option<SharedStr>) {
+        if let Some(v) = s {
+            *v = self.intern(v);
+        }
+    }
+
+    /// Shares the short values of a Service that repeat across objects (type, policies, port
+    /// names and protocols).
+    fn intern_service_values(&mut self, s: &mut ServiceObj) {
+        self.intern_opt(&mut s.type_);
+        self.intern_opt(&mut s.ip_family_policy);
+        self.intern_opt(&mut s.external_traffic_policy);
+        self.intern_opt(&mut s.internal_traffic_policy);
+        self.intern_opt(&mut s.session_affinity);
+        for p in &mut s.ports {
+            self.intern_opt(&mut p.name);
+            self.intern_opt(&mut p.protocol);
+        }
+    }
+
     fn node_changed(&mut self, name: &str) {
         if name != self.node.name {
             return;
@@ -876,6 +903,8 @@ impl Tracker {
         while let Some(name) = self.dirty.pop_first() {
             self.recompute(&name, &mut out);
         }
+        // Values no object names any more (only the set holds them).
+        self.strings.retain(|s| Arc::strong_count(&s.0) > 1);
         self.finish(out)
     }
 
@@ -1347,7 +1376,7 @@ fn compute_service(
             match port_spec(&site, port, i, &spec) {
                 Ok(Some(ps)) => ps,
                 Ok(None) => {
-                    out.skipped.push(format!("{name}: port {pname:?} is SCTP, not supported"));
+                    out.skipped.push(format!("{name}: port {:?} is SCTP, not supported", &*pname));
                     continue;
                 }
                 Err(e) => {
@@ -1355,7 +1384,8 @@ fn compute_service(
                     continue;
                 }
             };
-        let spn = ServicePortName { service: name.clone(), port: pname.as_str().into(), proto: p };
+        // The port name held by the object: shared, not copied.
+        let spn = ServicePortName { service: name.clone(), port: pname, proto: p };
         let state6 =
             v6::port_state(&spec, &spn, svc_port, node_port, slices, node, &mut local_ready6);
         out.ports6.extend(state6.map(|st| (spn.clone(), st)));

@@ -34,10 +34,10 @@ fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
 /// One port of a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePortObj {
-    /// `name`.
-    pub name: Option<String>,
-    /// `protocol`.
-    pub protocol: Option<String>,
+    /// `name` (the tracker shares one copy per distinct value).
+    pub name: Option<SharedStr>,
+    /// `protocol` (shared likewise).
+    pub protocol: Option<SharedStr>,
     /// `port`.
     pub port: i32,
     /// `nodePort`.
@@ -68,24 +68,25 @@ pub struct ServiceObj {
     pub skip_label: Option<&'static str>,
     /// Whether `spec` is present.
     pub has_spec: bool,
-    /// `spec.type`.
-    pub type_: Option<String>,
+    /// `spec.type` (the tracker shares one copy per distinct value, as of the other short
+    /// values that repeat across objects).
+    pub type_: Option<SharedStr>,
     /// `spec.clusterIPs` followed by `spec.clusterIP`.
     pub cluster_ips: Vec<String>,
     /// `spec.ipFamilies` (index `i` names the family of `cluster_ips[i]`).
     pub ip_families: Vec<String>,
     /// `spec.ipFamilyPolicy`.
-    pub ip_family_policy: Option<String>,
+    pub ip_family_policy: Option<SharedStr>,
     /// `spec.externalIPs`.
     pub external_ips: Vec<String>,
     /// `status.loadBalancer.ingress`.
     pub ingress: Vec<IngressObj>,
     /// `spec.externalTrafficPolicy`.
-    pub external_traffic_policy: Option<String>,
+    pub external_traffic_policy: Option<SharedStr>,
     /// `spec.internalTrafficPolicy`.
-    pub internal_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<SharedStr>,
     /// `spec.sessionAffinity`.
-    pub session_affinity: Option<String>,
+    pub session_affinity: Option<SharedStr>,
     /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout: Option<i32>,
     /// `spec.healthCheckNodePort`.
@@ -121,15 +122,19 @@ impl From<&Service> for ServiceObj {
             created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
             skip_label,
             has_spec: spec.is_some(),
-            type_: spec.and_then(|s| s.type_.clone()),
+            type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
             cluster_ips,
             ip_families: spec.and_then(|s| s.ip_families.clone()).unwrap_or_default(),
-            ip_family_policy: spec.and_then(|s| s.ip_family_policy.clone()),
+            ip_family_policy: spec.and_then(|s| s.ip_family_policy.as_deref()).map(Into::into),
             external_ips: spec.and_then(|s| s.external_ips.clone()).unwrap_or_default(),
             ingress,
-            external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.clone()),
-            internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.clone()),
-            session_affinity: spec.and_then(|s| s.session_affinity.clone()),
+            external_traffic_policy: spec
+                .and_then(|s| s.external_traffic_policy.as_deref())
+                .map(Into::into),
+            internal_traffic_policy: spec
+                .and_then(|s| s.internal_traffic_policy.as_deref())
+                .map(Into::into),
+            session_affinity: spec.and_then(|s| s.session_affinity.as_deref()).map(Into::into),
             affinity_timeout: spec
                 .and_then(|s| s.session_affinity_config.as_ref())
                 .and_then(|c| c.client_ip.as_ref())
@@ -140,8 +145,8 @@ impl From<&Service> for ServiceObj {
                 .into_iter()
                 .flatten()
                 .map(|p| ServicePortObj {
-                    name: p.name.clone(),
-                    protocol: p.protocol.clone(),
+                    name: p.name.as_deref().map(Into::into),
+                    protocol: p.protocol.as_deref().map(Into::into),
                     port: p.port,
                     node_port: p.node_port,
                 })
@@ -164,10 +169,10 @@ impl From<&Service> for ServiceObj {
 /// One port of an EndpointSlice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePortObj {
-    /// `name`.
-    pub name: Option<String>,
-    /// `protocol`.
-    pub protocol: Option<String>,
+    /// `name` (the tracker shares one copy per distinct value).
+    pub name: Option<SharedStr>,
+    /// `protocol` (shared likewise).
+    pub protocol: Option<SharedStr>,
     /// `port`.
     pub port: Option<i32>,
 }
@@ -215,8 +220,8 @@ pub struct SliceObj {
     pub name: ObjectName,
     /// Where the object was read, when that is not the API (the manifest file), for messages.
     pub origin: Option<SharedStr>,
-    /// `addressType`.
-    pub address_type: String,
+    /// `addressType` (the tracker shares one copy per distinct value).
+    pub address_type: SharedStr,
     /// The `kubernetes.io/service-name` label.
     pub service: Option<String>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
@@ -267,7 +272,7 @@ impl From<&EndpointSlice> for SliceObj {
         let mut obj = Self {
             name: object_name(&s.metadata),
             origin: None,
-            address_type: s.address_type.clone(),
+            address_type: s.address_type.as_str().into(),
             service: s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
             trigger_time: s
                 .metadata
@@ -280,8 +285,8 @@ impl From<&EndpointSlice> for SliceObj {
                 .iter()
                 .flatten()
                 .map(|p| SlicePortObj {
-                    name: p.name.clone(),
-                    protocol: p.protocol.clone(),
+                    name: p.name.as_deref().map(Into::into),
+                    protocol: p.protocol.as_deref().map(Into::into),
                     port: p.port,
                 })
                 .collect(),

@@ -1388,3 +1388,37 @@ fn tracker_updates_the_ipv6_side_incrementally() {
     assert_eq!(c.services.len(), 1);
     assert!(c.state.services6.is_empty() && c.state.services.is_empty());
 }
+
+/// Short values repeated across objects are held once (the tracker shares one copy, the
+/// service port names of the computed state are that copy), and a value no object names any
+/// more is dropped by the next full resync.
+#[test]
+fn repeated_values_are_held_once_and_dropped_when_unused() {
+    let mut t = Tracker::new(node());
+    t.apply(Change::Service(svc_obj(WEB, 1)));
+    t.apply(Change::Service(svc_obj(&WEB.replace("web", "web2").replace(".10", ".11"), 2)));
+    t.apply(Change::Service(svc_obj(
+        &WEB.replace("web", "odd").replace(".10", ".12").replace("http", "only-here"),
+        3,
+    )));
+    let port = |t: &Tracker, n: &str| {
+        let s = &t.services[&ServiceName { namespace: "default".into(), name: n.into() }];
+        (s.ports[0].name.clone().unwrap(), s.type_.clone().unwrap())
+    };
+    let (a, b) = (port(&t, "web"), port(&t, "web2"));
+    assert!(Arc::ptr_eq(&a.0.0, &b.0.0), "one copy of the port name");
+    assert!(Arc::ptr_eq(&a.1.0, &b.1.0), "one copy of the type");
+    let c = t.changes();
+    let spn = c.state.services.keys().find(|k| k.service.name == "web").expect("web's port");
+    assert!(Arc::ptr_eq(&spn.port.0, &a.0.0), "the computed port name is the object's");
+    drop(c);
+    assert!(t.strings.contains("only-here"));
+    t.apply(Change::ServiceDeleted(ServiceName {
+        namespace: "default".into(),
+        name: "odd".into(),
+    }));
+    t.changes();
+    t.full();
+    assert!(!t.strings.contains("only-here"), "a value no object names is dropped");
+    assert!(t.strings.contains("http"), "values still named stay");
+}

@@ -276,9 +276,18 @@ impl ManifestDir {
                     res.changed = true;
                     res.ignored.extend(ignored.into_iter().map(|k| (path.clone(), k)));
                     let origin = self.files[&path].origin.clone();
+                    // One copy of each namespace: the keys below hold them for the file's life.
+                    let mut namespaces: HashSet<SharedStr> = HashSet::new();
+                    let mut share = |n: &mut SharedStr| match namespaces.get(n) {
+                        Some(v) => *n = v.clone(),
+                        None => {
+                            namespaces.insert(n.clone());
+                        }
+                    };
                     for o in &mut objects {
                         match o {
                             Parsed::Service(s) => {
+                                share(&mut s.name.namespace);
                                 s.origin = Some(origin.clone());
                                 if s.created.is_none() {
                                     let first =
@@ -286,7 +295,10 @@ impl ManifestDir {
                                     s.created = Some(*first);
                                 }
                             }
-                            Parsed::Slice(s) => s.origin = Some(origin.clone()),
+                            Parsed::Slice(s) => {
+                                share(&mut s.name.namespace);
+                                s.origin = Some(origin.clone());
+                            }
                             Parsed::ServiceCidr(c) => c.origin = Some(origin.clone()),
                             Parsed::Node(_) => {}
                         }

@@ -981,6 +981,9 @@ impl Syncer {
                 None => Vec::new(),
             };
             let layout = stable_layout(&old, &ids);
+            if front.is_none() {
+                plan.new_slots.reserve(layout.len());
+            }
             for (i, id) in layout.iter().enumerate() {
                 let k = Service4Key { slot: i as u16 + 1, ..fk };
                 let v = slot_value(*id, svc_id);
@@ -1008,6 +1011,14 @@ impl Syncer {
                 }
             }
         }
+        // Room for every write of the port up front: no regrowth (a from-scratch sync plans tens
+        // of thousands of ports at once, and the copies regrowth leaves behind fragment the heap).
+        plan.undo.reserve_exact(
+            plan.new_slots.len()
+                + plan.changed_slots.len()
+                + plan.entries.len()
+                + plan.deletes.len(),
+        );
         for b in state.endpoints.iter().chain(state.frontends.values().flat_map(|e| &e.backends)) {
             let id = self.id_of(b, &mut round.fresh);
             let mut v = b.to_map();
