@@ -1,7 +1,7 @@
 //! Connection tracking: `kp_ct4` (original tuple → translation) and `kp_rnat4` (reply tuple →
 //! original addresses, also the table of allocated source-NAT ports).
 use aya_ebpf::bindings::BPF_NOEXIST;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
 use kproxy_common::{
     Ct4Value, Frag4Key, Frag4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_counter, ct_flags,
     ct_state, frag, proto, timeouts,
@@ -93,6 +93,52 @@ pub fn revnat_ptr(t: &Tuple4) -> Option<*mut RevNat4Value> {
     kp_rnat4.get_ptr_mut(t)
 }
 
+/// [`revnat_ptr`] for the fast path, which also sees the replies of plain traffic from a backend
+/// port (a direct connection to a backend pod: its ACK stream crosses XDP, then the pod's TC hook,
+/// each asking for the same reply tuple). A miss is remembered per CPU ([`maps::kp_rnmiss`]) for
+/// the rest of the jiffy, and only while no reverse-NAT entry was inserted since
+/// ([`maps::kp_rngen`], read before the lookup): the following packets skip the hash lookup.
+#[inline(always)]
+pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
+    // SAFETY: helper without arguments (a memory load once the verifier inlined it).
+    let j = unsafe { bpf_jiffies64() };
+    let gen_ = maps::rnat_gen();
+    let slot = maps::rnmiss_slot(t);
+    if let Some(s) = slot {
+        // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
+        let s = unsafe { &*s };
+        if s.jiffies == j
+            && s.gen_ == gen_
+            && s.tuple.saddr == t.saddr
+            && s.tuple.daddr == t.daddr
+            && s.tuple.sport == t.sport
+            && s.tuple.dport == t.dport
+            && s.tuple.proto == t.proto
+        {
+            return None;
+        }
+    }
+    let r = kp_rnat4.get_ptr_mut(t);
+    if r.is_none()
+        && let Some(s) = slot
+    {
+        // SAFETY: as above.
+        unsafe { *s = maps::RevNatMiss { tuple: *t, gen_, jiffies: j } };
+    }
+    r
+}
+
+/// Inserts `v` for `reply` into `kp_rnat4` and, when it went in, voids the cached misses
+/// ([`maps::rnat_inserted`]).
+#[inline(always)]
+fn insert_revnat(reply: &Tuple4, v: &RevNat4Value, flags: u64) -> bool {
+    if kp_rnat4.insert(reply, v, flags).is_ok() {
+        maps::rnat_inserted();
+        return true;
+    }
+    false
+}
+
 /// Stores `flags` and `now` in a reverse-NAT entry (after its connection entry was refreshed).
 #[inline(always)]
 pub fn revnat_refreshed(r: *mut RevNat4Value, flags: u32, now: u64) {
@@ -164,7 +210,7 @@ pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
 /// gone is replaced.
 #[inline(always)]
 pub fn claim_revnat(reply: &Tuple4, v: &RevNat4Value, now: u64) -> Result<bool, Reason> {
-    if kp_rnat4.insert(reply, v, BPF_NOEXIST as u64).is_ok() {
+    if insert_revnat(reply, v, BPF_NOEXIST as u64) {
         return Ok(true);
     }
     if let Some(old) = revnat(reply)
@@ -176,7 +222,9 @@ pub fn claim_revnat(reply: &Tuple4, v: &RevNat4Value, now: u64) -> Result<bool, 
     {
         return Ok(false);
     }
-    kp_rnat4.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)?;
+    if !insert_revnat(reply, v, 0) {
+        return Err(Reason::DropCtInsert);
+    }
     Ok(true)
 }
 
@@ -204,10 +252,10 @@ pub fn alloc_snat_port(
     while i < 8 {
         let port = ((min + (start + i).checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
-        if kp_rnat4.insert(key, v, BPF_NOEXIST as u64).is_ok() {
+        if insert_revnat(&key, v, BPF_NOEXIST as u64) {
             return Ok(port);
         }
-        if reply_owner_gone(&key, now) && kp_rnat4.insert(key, v, 0).is_ok() {
+        if reply_owner_gone(&key, now) && insert_revnat(&key, v, 0) {
             return Ok(port);
         }
         i += 1;

@@ -207,7 +207,7 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         // Replies before new connections: a reply tuple is exact, so it must win over a
         // frontend that happens to share address and port (a hairpin reply to a ClusterIP's
         // SNAT port).
-        if reply && let Some(rn) = ct::revnat_ptr(&t) {
+        if reply && let Some(rn) = ct::revnat_fast(&t) {
             return reply_translated(c, &p, &t, rn, &cfg, hook, coarse_now())
                 .map(|(v, r)| Step::done(v, r));
         }
