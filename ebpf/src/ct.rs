@@ -96,7 +96,7 @@ pub fn revnat_ptr(t: &Tuple4) -> Option<*mut RevNat4Value> {
 /// [`revnat_ptr`] for the fast path, which also sees the replies of plain traffic from a backend
 /// port (a direct connection to a backend pod: its ACK stream crosses XDP, then the pod's TC hook,
 /// each asking for the same reply tuple). A miss is remembered per CPU ([`maps::kp_rnmiss`]) for
-/// the rest of the jiffy, and only while no reverse-NAT entry was inserted since
+/// the rest of the jiffy, and only while no new connection installed a reverse-NAT entry since
 /// ([`maps::kp_rngen`], read before the lookup): the following packets skip the hash lookup.
 #[inline(always)]
 pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
@@ -126,17 +126,6 @@ pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
         unsafe { *s = maps::RevNatMiss { tuple: *t, gen_, jiffies: j } };
     }
     r
-}
-
-/// Inserts `v` for `reply` into `kp_rnat4` and, when it went in, voids the cached misses
-/// ([`maps::rnat_inserted`]).
-#[inline(always)]
-fn insert_revnat(reply: &Tuple4, v: &RevNat4Value, flags: u64) -> bool {
-    if kp_rnat4.insert(reply, v, flags).is_ok() {
-        maps::rnat_inserted();
-        return true;
-    }
-    false
 }
 
 /// Stores `flags` and `now` in a reverse-NAT entry (after its connection entry was refreshed).
@@ -210,7 +199,7 @@ pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
 /// gone is replaced.
 #[inline(always)]
 pub fn claim_revnat(reply: &Tuple4, v: &RevNat4Value, now: u64) -> Result<bool, Reason> {
-    if insert_revnat(reply, v, BPF_NOEXIST as u64) {
+    if kp_rnat4.insert(reply, v, BPF_NOEXIST as u64).is_ok() {
         return Ok(true);
     }
     if let Some(old) = revnat(reply)
@@ -222,9 +211,7 @@ pub fn claim_revnat(reply: &Tuple4, v: &RevNat4Value, now: u64) -> Result<bool, 
     {
         return Ok(false);
     }
-    if !insert_revnat(reply, v, 0) {
-        return Err(Reason::DropCtInsert);
-    }
+    kp_rnat4.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)?;
     Ok(true)
 }
 
@@ -252,10 +239,10 @@ pub fn alloc_snat_port(
     while i < 8 {
         let port = ((min + (start + i).checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
-        if insert_revnat(&key, v, BPF_NOEXIST as u64) {
+        if kp_rnat4.insert(key, v, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);
         }
-        if reply_owner_gone(&key, now) && insert_revnat(&key, v, 0) {
+        if reply_owner_gone(&key, now) && kp_rnat4.insert(key, v, 0).is_ok() {
             return Ok(port);
         }
         i += 1;

@@ -518,6 +518,11 @@ fn new_conn<P: Packet>(
             flags |= ct_flags::HAIRPIN;
         }
     }
+    // The reverse-NAT entry is in (claimed or with a source-NAT port): misses of its tuple the
+    // fast path remembered are void from here on, before the packet leaves, so before any
+    // reply can exist. Once per connection, not per insert: the slow paths stay within what
+    // the verifier of Linux 5.10 follows.
+    maps::rnat_inserted();
     let e = Ct4Value {
         backend_id: id,
         svc_id: svc.svc_id,

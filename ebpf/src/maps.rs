@@ -114,8 +114,9 @@ pub struct RevNatMiss {
     pub jiffies: u64,
 }
 
-/// The generation of `kp_rnat4`'s keys (one entry): every program adds one after each insert,
-/// which voids the misses [`kp_rnmiss`] remembered before. Internal to the datapath: not
+/// The generation of `kp_rnat4`'s keys (one entry): a new connection adds one once it has
+/// installed its reverse-NAT entry (`crate::flow`), which voids the misses [`kp_rnmiss`]
+/// remembered before. Internal to the datapath: not
 /// pinned (a cached miss also lasts one jiffy at most, which bounds what the programs of an
 /// older load, counting in their own copy while an agent replaces them, could leave stale).
 #[btf_map]
@@ -138,7 +139,7 @@ pub fn rnat_gen() -> u64 {
     }
 }
 
-/// Notes an insert into `kp_rnat4` (after it: see [`kp_rngen`]).
+/// Notes inserts into `kp_rnat4` (after them: see [`kp_rngen`]).
 #[inline(always)]
 pub fn rnat_inserted() {
     if let Some(g) = kp_rngen.get_ptr_mut(0) {
