@@ -1,7 +1,7 @@
 //! Connection tracking: `kp_ct4` (original tuple → translation) and `kp_rnat4` (reply tuple →
 //! original addresses, also the table of allocated source-NAT ports).
 use aya_ebpf::bindings::BPF_NOEXIST;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_ns};
 use kproxy_common::{
     Ct4Value, Frag4Key, Frag4Value, NodeConfig, Reason, RevNat4Value, Tuple4, ct_counter, ct_flags,
     ct_state, frag, proto, timeouts,
@@ -91,6 +91,41 @@ pub fn validated(c: *mut Ct4Value, gen_: u16, local: bool) {
 #[inline(always)]
 pub fn revnat_ptr(t: &Tuple4) -> Option<*mut RevNat4Value> {
     kp_rnat4.get_ptr_mut(t)
+}
+
+/// [`revnat_ptr`] for the fast path, which also sees the replies of plain traffic from a backend
+/// port (a direct connection to a backend pod: its ACK stream crosses XDP, then the pod's TC hook,
+/// each asking for the same reply tuple). A miss is remembered per CPU ([`maps::kp_rnmiss`]) for
+/// the rest of the jiffy, and only while no new connection installed a reverse-NAT entry since
+/// ([`maps::kp_rngen`], read before the lookup): the following packets skip the hash lookup.
+#[inline(always)]
+pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
+    // SAFETY: helper without arguments (a memory load once the verifier inlined it).
+    let j = unsafe { bpf_jiffies64() };
+    let gen_ = maps::rnat_gen();
+    let slot = maps::rnmiss_slot(t);
+    if let Some(s) = slot {
+        // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
+        let s = unsafe { &*s };
+        if s.jiffies == j
+            && s.gen_ == gen_
+            && s.tuple.saddr == t.saddr
+            && s.tuple.daddr == t.daddr
+            && s.tuple.sport == t.sport
+            && s.tuple.dport == t.dport
+            && s.tuple.proto == t.proto
+        {
+            return None;
+        }
+    }
+    let r = kp_rnat4.get_ptr_mut(t);
+    if r.is_none()
+        && let Some(s) = slot
+    {
+        // SAFETY: as above.
+        unsafe { *s = maps::RevNatMiss { tuple: *t, gen_, jiffies: j } };
+    }
+    r
 }
 
 /// Stores `flags` and `now` in a reverse-NAT entry (after its connection entry was refreshed).

@@ -207,7 +207,7 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         // Replies before new connections: a reply tuple is exact, so it must win over a
         // frontend that happens to share address and port (a hairpin reply to a ClusterIP's
         // SNAT port).
-        if reply && let Some(rn) = ct::revnat_ptr(&t) {
+        if reply && let Some(rn) = ct::revnat_fast(&t) {
             return reply_translated(c, &p, &t, rn, &cfg, hook, coarse_now())
                 .map(|(v, r)| Step::done(v, r));
         }
@@ -518,6 +518,11 @@ fn new_conn<P: Packet>(
             flags |= ct_flags::HAIRPIN;
         }
     }
+    // The reverse-NAT entry is in (claimed or with a source-NAT port): misses of its tuple the
+    // fast path remembered are void from here on, before the packet leaves, so before any
+    // reply can exist. Once per connection, not per insert: the slow paths stay within what
+    // the verifier of Linux 5.10 follows.
+    maps::rnat_inserted();
     let e = Ct4Value {
         backend_id: id,
         svc_id: svc.svc_id,

@@ -5,6 +5,9 @@
 //! (`*6`, a tail call), which have their own slow-path programs.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target offers no atomic read-modify-write through `core::sync`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod csum;
 mod ct;

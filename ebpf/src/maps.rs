@@ -93,6 +93,63 @@ pub struct Clock {
     pub ns: u64,
 }
 
+/// The fast path's per-CPU cache of reverse-NAT misses (`crate::ct::revnat_fast`), a slot per
+/// reply-tuple hash. Internal to the datapath: not pinned, each load starts empty.
+#[btf_map]
+pub static kp_rnmiss: PerCpuArray<RevNatMiss, { RNMISS_SLOTS as usize }> = PerCpuArray::new();
+
+/// Slots of [`kp_rnmiss`] (a power of two).
+const RNMISS_SLOTS: u32 = 64;
+
+/// An entry of [`kp_rnmiss`]: `kp_rnat4` held no entry for `tuple` in jiffy `jiffies` under
+/// generation `gen` ([`kp_rngen`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RevNatMiss {
+    /// The reply tuple looked up.
+    pub tuple: Tuple4,
+    /// [`kp_rngen`] read before the lookup.
+    pub gen_: u64,
+    /// `bpf_jiffies64()` of the lookup.
+    pub jiffies: u64,
+}
+
+/// The generation of `kp_rnat4`'s keys (one entry): a new connection adds one once it has
+/// installed its reverse-NAT entry (`crate::flow`), which voids the misses [`kp_rnmiss`]
+/// remembered before. Internal to the datapath: not
+/// pinned (a cached miss also lasts one jiffy at most, which bounds what the programs of an
+/// older load, counting in their own copy while an agent replaces them, could leave stale).
+#[btf_map]
+pub static kp_rngen: Array<u64, 1> = Array::new();
+
+/// The cache slot of reply tuple `t` on this CPU.
+#[inline(always)]
+pub fn rnmiss_slot(t: &Tuple4) -> Option<*mut RevNatMiss> {
+    let h = (t.saddr ^ t.daddr ^ (t.sport as u32) << 16 ^ t.dport as u32).wrapping_mul(0x9e37_79b1);
+    kp_rnmiss.get_ptr_mut(h >> 26 & (RNMISS_SLOTS - 1))
+}
+
+/// The current generation of `kp_rnat4`'s keys ([`kp_rngen`]).
+#[inline(always)]
+pub fn rnat_gen() -> u64 {
+    match kp_rngen.get_ptr(0) {
+        // SAFETY: valid map value pointer; a plain 64-bit load of a word other CPUs add to.
+        Some(g) => unsafe { core::ptr::read_volatile(g) },
+        None => 0,
+    }
+}
+
+/// Notes inserts into `kp_rnat4` (after them: see [`kp_rngen`]).
+#[inline(always)]
+pub fn rnat_inserted() {
+    if let Some(g) = kp_rngen.get_ptr_mut(0) {
+        use core::intrinsics::{AtomicOrdering, atomic_xadd};
+        // SAFETY: valid, aligned map value pointer. An atomic add (`lock xadd`; the BPF target
+        // has no `AtomicU64::fetch_add`): concurrent inserts never move the generation back.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(g, 1) };
+    }
+}
+
 /// XDP's per-CPU route cache (`crate::nat::route`), a slot per destination hash. Internal to
 /// the datapath: not pinned, each load starts empty.
 #[btf_map]

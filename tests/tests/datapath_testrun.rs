@@ -516,6 +516,73 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
     );
 }
 
+/// Pins the calling thread to CPU 0, so that its test runs share the datapath's per-CPU caches.
+fn pin_thread_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; the set lives across the call.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}
+
+/// The fast path remembers a reverse-NAT miss per CPU (the ACK stream of a direct connection
+/// from a backend's port is looked up once per jiffy, not once per packet and hook). A new
+/// translated connection whose replies carry that tuple voids the remembered miss: its first
+/// reply is translated on every hook.
+#[test]
+fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
+    let h = std::thread::spawn(|| {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        pin_thread_to_cpu0();
+        let mut env = Env::new();
+        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        // Several client ports: the miss and the new connection fall in one jiffy nearly
+        // always, so a remembered miss that outlived the new entry would show.
+        const PORTS: u16 = 8;
+        for i in 0..PORTS {
+            let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 42000 + i);
+            // Plain traffic from the backend's port to the client passes untouched on every
+            // hook, twice (the second time the miss is remembered).
+            let ack = Frame::tcp(sa(BE1), client, ACK);
+            for _ in 0..2 {
+                for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
+                    assert_eq!(env.tc(prog, &ack.build()), (TC_ACT_OK, ack.build()), "{prog}");
+                }
+                assert_eq!(env.xdp(&ack.build()), (XDP_PASS, ack.build()));
+            }
+            // The client connects from that port to the ClusterIP (balanced to the same
+            // backend): the backend's SYN-ACK is a reply now, on every hook.
+            let syn = Frame::tcp(client, sa(CIP), SYN);
+            let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+            assert_eq!(v, TC_ACT_OK);
+            assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+            let synack = Frame::tcp(sa(BE1), client, SYN | ACK);
+            for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
+                let (v, out) = env.tc(prog, &synack.build());
+                assert_eq!(v, TC_ACT_OK, "{prog}");
+                assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+            }
+            let (v, out) = env.xdp(&synack.build());
+            assert_eq!(v, XDP_PASS);
+            assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+        }
+        let n = u64::from(PORTS);
+        assert_counts(
+            &env,
+            &[
+                (Reason::PassNoService, 6 * n),
+                (Reason::TranslatedNew, n),
+                (Reason::ReplyTranslated, 3 * n),
+            ],
+        );
+    });
+    if let Err(e) = h.join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
 #[test]
 fn clusterip_udp_forward_and_reply_with_and_without_checksum() {
     let mut env = Env::new();
@@ -697,12 +764,7 @@ fn nodeport_remote_backend_snat_fib_forward_and_reply() {
 fn xdp_route_cache_follows_a_neighbour_change() {
     in_test_netns(true, || {
         // The cache is per CPU: every run on one CPU, so that the runs share it.
-        // SAFETY: a zeroed cpu_set_t is valid; the set lives across the call.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
-        }
+        pin_thread_to_cpu0();
         let mut env = Env::new();
         let np = env.remote_nodeport(proto::UDP, 30054);
         let q = Frame::udp(sa(CLIENT), sa(&np), b"q");
