@@ -7,7 +7,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -15,16 +15,20 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{lab::in_netns, netexec::KEEP_REQUEST};
 
-/// A netexec answer: who answered and which client address it saw.
+/// A netexec answer: who answered and which client address it saw (an IPv4 one unless `A` says
+/// otherwise: [`Reply6`] for IPv6).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
+pub struct Reply<A = SocketAddrV4> {
     /// The server's name (the pod name in the lab).
     pub server_pod: String,
     /// The client address as the server saw it (after any NAT).
-    pub client_addr: SocketAddrV4,
+    pub client_addr: A,
 }
 
-impl std::str::FromStr for Reply {
+/// A netexec answer over IPv6.
+pub type Reply6 = Reply<SocketAddrV6>;
+
+impl<A: std::str::FromStr> std::str::FromStr for Reply<A> {
     type Err = RequestError;
 
     fn from_str(s: &str) -> Result<Self, RequestError> {
@@ -130,6 +134,17 @@ pub fn tcp_request(
     in_ns(ns, || tcp_request_here(None, addr, port, timeout))
 }
 
+/// One TCP request over IPv6 to a netexec server at `[addr]:port`, from namespace `ns`, within
+/// `timeout`.
+pub fn tcp_request6(
+    ns: &str,
+    addr: Ipv6Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<Reply6, RequestError> {
+    in_ns(ns, || tcp_exchange(None, SocketAddrV6::new(addr, port, 0, 0).into(), timeout))
+}
+
 /// One UDP request to a netexec server at `addr:port`, from namespace `ns`, within `timeout`.
 pub fn udp_request(
     ns: &str,
@@ -143,18 +158,17 @@ pub fn udp_request(
 /// Connects a TCP socket (optionally bound to `src` first, with SO_REUSEADDR) in the current
 /// namespace.
 fn tcp_connect(
-    src: Option<SocketAddrV4>,
-    addr: Ipv4Addr,
-    port: u16,
+    src: Option<SocketAddr>,
+    dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, RequestError> {
     let io = |e| RequestError::Io(e);
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(io)?;
+    let sock =
+        Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)).map_err(io)?;
     if let Some(src) = src {
         sock.set_reuse_address(true).map_err(io)?;
-        sock.bind(&SocketAddr::V4(src).into()).map_err(io)?;
+        sock.bind(&src.into()).map_err(io)?;
     }
-    let dst = SocketAddr::V4(SocketAddrV4::new(addr, port));
     sock.connect_timeout(&dst.into(), timeout)
         .map_err(|e| RequestError::from_io(e, Stage::Connect, timeout))?;
     Ok(sock.into())
@@ -167,8 +181,18 @@ pub fn tcp_request_here(
     port: u16,
     timeout: Duration,
 ) -> Result<Reply, RequestError> {
+    let dst = SocketAddrV4::new(addr, port).into();
+    tcp_exchange(src.map(SocketAddr::V4), dst, timeout)
+}
+
+/// One request line to `dst` and its answer, in the current namespace.
+fn tcp_exchange<A: std::str::FromStr>(
+    src: Option<SocketAddr>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<Reply<A>, RequestError> {
     let deadline = Instant::now() + timeout;
-    let mut stream = tcp_connect(src, addr, port, timeout)?;
+    let mut stream = tcp_connect(src, dst, timeout)?;
     let fail = |e| RequestError::from_io(e, Stage::Reply, timeout);
     stream
         .set_write_timeout(Some(remaining(deadline).unwrap_or(Duration::from_millis(1))))
@@ -261,7 +285,8 @@ impl TcpSession {
         port: u16,
         timeout: Duration,
     ) -> Result<(TcpSession, Reply), RequestError> {
-        let stream = in_ns(ns, || tcp_connect(src, addr, port, timeout))?;
+        let dst = SocketAddrV4::new(addr, port).into();
+        let stream = in_ns(ns, || tcp_connect(src.map(SocketAddr::V4), dst, timeout))?;
         stream.set_read_timeout(Some(timeout)).map_err(RequestError::Io)?;
         stream.set_write_timeout(Some(timeout)).map_err(RequestError::Io)?;
         let mut session = TcpSession { reader: BufReader::new(stream), timeout };
@@ -422,7 +447,7 @@ pub fn dns_query(
                 buf
             }
             DnsTransport::Tcp => {
-                let mut s = tcp_connect(None, server, port, timeout)?;
+                let mut s = tcp_connect(None, SocketAddrV4::new(server, port).into(), timeout)?;
                 s.set_read_timeout(Some(timeout)).map_err(RequestError::Io)?;
                 let mut framed = (query.len() as u16).to_be_bytes().to_vec();
                 framed.extend_from_slice(&query);
@@ -468,6 +493,7 @@ mod tests {
         let srv = serve(&Config {
             name: "lo-server".into(),
             bind: Ipv4Addr::LOCALHOST,
+            bind6: None,
             tcp_ports: vec![0],
             udp_ports: vec![0],
         })

@@ -34,7 +34,16 @@
 //!   if it has an XDP program itself (see [`xdp`]). So the datapath's XDP_TX out of a node's
 //!   `eth0` reaches the underlay, and an XDP_REDIRECT into a pod's host veth reaches the pod.
 //!   The links are pinned under `/sys/fs/bpf/<prefix>/lab/` (so a persisted lab keeps them).
-//! - IPv6 is disabled in lab namespaces (no router solicitations or DAD noise in the counters).
+//! - IPv6 is disabled in lab namespaces (no router solicitations or DAD noise in the counters),
+//!   unless the lab is dual-stack ([`LabSpec::ipv6`]).
+//!
+//! A dual-stack lab gives every namespace IPv6 as well, all inside 2001:2::/48 and numbered as
+//! the IPv4 twin: underlay 2001:2::/64 (client 2001:2::2, node i 2001:2::(10+i) in hex), pod
+//! CIDR of node i 2001:2:(100+i)::/64 and pod j 2001:2:(100+i)::(10+j) (hex), IPv6 ClusterIPs in
+//! 2001:2:ff::/64 and external / LoadBalancer IPv6 in 2001:2:c8::/64 (the client routes it to
+//! node 0). Routed wiring: pod /128, default route via fe80::1 on the host veth, a /128 route per
+//! pod on the node; bridged wiring: `cni0` holds 2001:2:(100+i)::1/64. Nodes forward IPv6 and
+//! route each other's pod CIDRs, as for IPv4. Addresses skip duplicate address detection.
 //! - Nodes: ip_forward=1, rp_filter=0, send_redirects=0 (the datapath may forward a frame back
 //!   out the device it came in on), default route via the client (198.18.0.2), which plays the
 //!   router but does not forward: unknown destinations are dropped there, inside the lab. The
@@ -46,7 +55,7 @@ pub mod xdp;
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, TcpStream},
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
@@ -86,6 +95,36 @@ pub const MAX_NODES: usize = 50;
 pub const MAX_POD_INDEX: usize = 244;
 /// Root of the bpffs.
 pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// The external client's underlay IPv6 address (dual-stack labs).
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+/// Start of the IPv6 ClusterIP range 2001:2:ff::/64 (nothing routes it).
+pub const CLUSTER_IP6_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0);
+/// Start of the IPv6 externalIP / LoadBalancer range 2001:2:c8::/64 (the client routes it to
+/// node 0).
+pub const EXTERNAL_IP6_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0);
+/// The routed wiring's IPv6 pod gateway (an address of every host veth).
+pub const ROUTED_POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// Underlay IPv6 address of node `i` (dual-stack labs): 2001:2::(0x10+i).
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+/// IPv6 pod CIDR (network address; the prefix length is 64) of node `i`: 2001:2:(0x100+i)::.
+pub fn pod_cidr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0x100 + i as u16, 0, 0, 0, 0, 0)
+}
+
+/// IPv6 address of pod `j` on node `i`: 2001:2:(0x100+i)::(0x10+j).
+pub fn pod_ip6(i: usize, j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0x100 + i as u16, 0, 0, 0, 0, 0x10 + j as u16)
+}
+
+/// Bridged wiring: IPv6 address of `cni0` on node `i`: 2001:2:(0x100+i)::1.
+pub fn bridge_gateway6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0x100 + i as u16, 0, 0, 0, 0, 1)
+}
 
 /// Underlay address of node `i`: 198.18.0.(10+i).
 pub fn node_ip(i: usize) -> Ipv4Addr {
@@ -160,11 +199,14 @@ pub struct LabSpec {
     pub pods_per_node: usize,
     /// Pod wiring.
     pub wiring: Wiring,
+    /// Dual stack: nodes, pods and the client get IPv6 addresses and routes too (see the
+    /// module doc); otherwise IPv6 is disabled in every namespace.
+    pub ipv6: bool,
 }
 
 impl Default for LabSpec {
     fn default() -> Self {
-        Self { prefix: None, nodes: 2, pods_per_node: 3, wiring: Wiring::Routed }
+        Self { prefix: None, nodes: 2, pods_per_node: 3, wiring: Wiring::Routed, ipv6: false }
     }
 }
 
@@ -186,6 +228,8 @@ pub struct Node {
     pub ns: String,
     /// Underlay address (device `eth0`).
     pub ip: Ipv4Addr,
+    /// Underlay IPv6 address (dual-stack labs).
+    pub ip6: Option<Ipv6Addr>,
     /// Network address of the pod CIDR (/24).
     pub pod_cidr: Ipv4Addr,
     /// The agent's pin path `/sys/fs/bpf/<prefix>/node-i`.
@@ -205,6 +249,8 @@ pub struct Pod {
     pub ns: String,
     /// Pod address (device `eth0` in the pod).
     pub ip: Ipv4Addr,
+    /// Pod IPv6 address (dual-stack labs).
+    pub ip6: Option<Ipv6Addr>,
     /// Host-side veth in the node namespace: `vp{j}`.
     pub host_veth: String,
 }
@@ -446,6 +492,7 @@ impl Drop for XdpSwap<'_> {
 pub struct Lab {
     prefix: String,
     wiring: Wiring,
+    ipv6: bool,
     nodes: Vec<Node>,
     pods: BTreeMap<(usize, usize), Pod>,
     next_pod: Vec<usize>,
@@ -505,6 +552,7 @@ impl Lab {
         let mut lab = Lab {
             prefix,
             wiring: spec.wiring,
+            ipv6: spec.ipv6,
             nodes: Vec::new(),
             pods: BTreeMap::new(),
             next_pod: vec![0; spec.nodes],
@@ -531,9 +579,10 @@ impl Lab {
         add_netns(&ns)?;
         self.namespaces.push(ns.clone());
         let fwd = if forwarding { "1" } else { "0" };
+        let no6 = if self.ipv6 { "0" } else { "1" };
         let mut settings = vec![
-            ("net/ipv6/conf/all/disable_ipv6", "1"),
-            ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ("net/ipv6/conf/all/disable_ipv6", no6),
+            ("net/ipv6/conf/default/disable_ipv6", no6),
             ("net/ipv4/conf/all/rp_filter", "0"),
             ("net/ipv4/conf/default/rp_filter", "0"),
             ("net/ipv4/ip_forward", fwd),
@@ -541,6 +590,12 @@ impl Lab {
         if forwarding {
             settings.push(("net/ipv4/conf/all/send_redirects", "0"));
             settings.push(("net/ipv4/conf/default/send_redirects", "0"));
+        }
+        if self.ipv6 {
+            settings.push(("net/ipv6/conf/all/forwarding", fwd));
+            settings.push(("net/ipv6/conf/all/accept_ra", "0"));
+            settings.push(("net/ipv6/conf/default/accept_ra", "0"));
+            settings.push(("net/ipv6/conf/default/router_solicitations", "0"));
         }
         sysctls(&ns, &settings)?;
         ip(Some(&ns), &["link", "set", "lo", "up"])?;
@@ -590,18 +645,31 @@ impl Lab {
         ip(Some(&underlay), &["link", "set", "br0", "up"])?;
 
         let client = self.new_ns("client", false)?;
-        self.attach_underlay("cl", &client, CLIENT_IP)?;
+        let v6 = self.ipv6;
+        self.attach_underlay("cl", &client, CLIENT_IP, v6.then_some(CLIENT_IP6))?;
         let via0 = node_ip(0).to_string();
         ip(Some(&client), &["route", "add", &format!("{EXTERNAL_IP_NET}/24"), "via", &via0])?;
+        if v6 {
+            let (dst, via) = (format!("{EXTERNAL_IP6_NET}/64"), node_ip6(0).to_string());
+            ip(Some(&client), &["-6", "route", "add", &dst, "via", &via])?;
+        }
 
         for i in 0..spec.nodes {
             let ns = self.new_ns(&node_name(i), true)?;
-            self.attach_underlay(&format!("n{i}"), &ns, node_ip(i))?;
+            self.attach_underlay(&format!("n{i}"), &ns, node_ip(i), v6.then(|| node_ip6(i)))?;
             ip(Some(&ns), &["route", "add", "default", "via", &CLIENT_IP.to_string()])?;
+            if v6 {
+                ip(Some(&ns), &["-6", "route", "add", "default", "via", &CLIENT_IP6.to_string()])?;
+            }
             if self.wiring == Wiring::Bridged {
                 ip(Some(&ns), &["link", "add", "cni0", "type", "bridge"])?;
                 let gw = format!("{}/24", bridge_gateway(i));
                 ip(Some(&ns), &["addr", "add", &gw, "dev", "cni0"])?;
+                if v6 {
+                    sysctls(&ns, &[("net/ipv6/conf/cni0/disable_ipv6", "0")])?;
+                    let gw6 = format!("{}/64", bridge_gateway6(i));
+                    ip(Some(&ns), &["-6", "addr", "add", &gw6, "dev", "cni0", "nodad"])?;
+                }
                 ip(Some(&ns), &["link", "set", "cni0", "up"])?;
             }
             let pin_path = pin_root(&self.prefix).join(node_name(i));
@@ -610,6 +678,7 @@ impl Lab {
                 name: node_name(i),
                 ns,
                 ip: node_ip(i),
+                ip6: v6.then(|| node_ip6(i)),
                 pod_cidr: pod_cidr(i),
                 pin_path,
             });
@@ -620,6 +689,11 @@ impl Lab {
                 let dst = format!("{}/24", pod_cidr(b));
                 let via = node_ip(b).to_string();
                 ip(Some(&self.nodes[a].ns), &["route", "add", &dst, "via", &via, "dev", "eth0"])?;
+                if v6 {
+                    let (dst, via) = (format!("{}/64", pod_cidr6(b)), node_ip6(b).to_string());
+                    let argv = ["-6", "route", "add", &dst, "via", &via, "dev", "eth0"];
+                    ip(Some(&self.nodes[a].ns), &argv)?;
+                }
             }
         }
         if is_bpffs(Path::new(BPFFS)) {
@@ -639,9 +713,15 @@ impl Lab {
         Ok(())
     }
 
-    /// Connects namespace `ns` to the underlay bridge: `eth0` in `ns` with `addr/24`, its peer
-    /// `port` on `br0`.
-    fn attach_underlay(&self, port: &str, ns: &str, addr: Ipv4Addr) -> Result<()> {
+    /// Connects namespace `ns` to the underlay bridge: `eth0` in `ns` with `addr/24` (and
+    /// `addr6/64`), its peer `port` on `br0`.
+    fn attach_underlay(
+        &self,
+        port: &str,
+        ns: &str,
+        addr: Ipv4Addr,
+        addr6: Option<Ipv6Addr>,
+    ) -> Result<()> {
         let underlay = self.underlay_ns();
         ip(
             Some(&underlay),
@@ -651,8 +731,18 @@ impl Lab {
         Self::offloads(&underlay, port)?;
         let cidr = format!("{addr}/{UNDERLAY_PREFIX_LEN}");
         ip(Some(ns), &["addr", "add", &cidr, "dev", "eth0"])?;
+        if let Some(a) = addr6 {
+            Self::enable_ipv6_on(ns, "eth0")?;
+            ip(Some(ns), &["-6", "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?;
+        }
         ip(Some(ns), &["link", "set", "eth0", "up"])?;
         Self::offloads(ns, "eth0")
+    }
+
+    /// Turns IPv6 on for `dev` in `ns` (a device moved into a namespace keeps the setting it
+    /// was created with).
+    fn enable_ipv6_on(ns: &str, dev: &str) -> Result<()> {
+        sysctls(ns, &[(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "0")])
     }
 
     /// Adds a pod to node `node` (the next unused index) and returns it.
@@ -666,8 +756,16 @@ impl Lab {
         let node_ns = self.nodes[node].ns.clone();
         let veth = format!("vp{j}");
         let addr = pod_ip(node, j);
-        let pod =
-            Pod { node, index: j, name, ns: pod_ns.clone(), ip: addr, host_veth: veth.clone() };
+        let addr6 = self.ipv6.then(|| pod_ip6(node, j));
+        let pod = Pod {
+            node,
+            index: j,
+            name,
+            ns: pod_ns.clone(),
+            ip: addr,
+            ip6: addr6,
+            host_veth: veth.clone(),
+        };
         // Registered before wiring so a failure below still removes the namespace.
         self.pods.insert((node, j), pod.clone());
         ip(
@@ -677,6 +775,10 @@ impl Lab {
         Self::offloads(&node_ns, &veth)?;
         Self::offloads(&pod_ns, "eth0")?;
         self.attach_xdp_pass(&pod_ns, "eth0")?;
+        if addr6.is_some() {
+            Self::enable_ipv6_on(&node_ns, &veth)?;
+            Self::enable_ipv6_on(&pod_ns, "eth0")?;
+        }
         match self.wiring {
             Wiring::Routed => {
                 sysctls(
@@ -696,6 +798,17 @@ impl Lab {
                     Some(&pod_ns),
                     &["route", "add", "default", "via", &gw, "dev", "eth0", "onlink"],
                 )?;
+                if let Some(a6) = addr6 {
+                    let gw6 = format!("{ROUTED_POD_GATEWAY6}/64");
+                    ip(Some(&node_ns), &["-6", "addr", "add", &gw6, "dev", &veth, "nodad"])?;
+                    let dst = format!("{a6}/128");
+                    ip(Some(&node_ns), &["-6", "route", "add", &dst, "dev", &veth])?;
+                    let a6 = format!("{a6}/128");
+                    ip(Some(&pod_ns), &["-6", "addr", "add", &a6, "dev", "eth0", "nodad"])?;
+                    let gw6 = ROUTED_POD_GATEWAY6.to_string();
+                    let argv = ["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"];
+                    ip(Some(&pod_ns), &argv)?;
+                }
             }
             Wiring::Bridged => {
                 ip(Some(&node_ns), &["link", "set", &veth, "master", "cni0", "up"])?;
@@ -703,6 +816,13 @@ impl Lab {
                 ip(Some(&pod_ns), &["link", "set", "eth0", "up"])?;
                 let gw = bridge_gateway(node).to_string();
                 ip(Some(&pod_ns), &["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+                if let Some(a6) = addr6 {
+                    let a6 = format!("{a6}/64");
+                    ip(Some(&pod_ns), &["-6", "addr", "add", &a6, "dev", "eth0", "nodad"])?;
+                    let gw6 = bridge_gateway6(node).to_string();
+                    let argv = ["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"];
+                    ip(Some(&pod_ns), &argv)?;
+                }
             }
         }
         Ok(pod)
@@ -736,6 +856,11 @@ impl Lab {
     /// Pod wiring.
     pub fn wiring(&self) -> Wiring {
         self.wiring
+    }
+
+    /// Whether the lab is dual-stack ([`LabSpec::ipv6`]).
+    pub fn ipv6(&self) -> bool {
+        self.ipv6
     }
 
     /// The nodes.
@@ -837,7 +962,11 @@ impl Lab {
         let netexec = find_bin("kproxy-netexec")?;
         let netexec = netexec.to_string_lossy();
         let port = SERVER_PORT.to_string();
-        let argv = [&*netexec, "--name", &pod.name, "--tcp", &port, "--udp", &port];
+        let mut argv = vec![&*netexec, "--name", &pod.name, "--tcp", &port, "--udp", &port];
+        let ip6 = pod.ip6.map(|a| a.to_string());
+        if let Some(a) = &ip6 {
+            argv.extend(["--bind6", a]);
+        }
         let p = self.spawn(&pod.ns, &format!("{}-netexec", pod.name), &argv)?;
         self.procs.push(p);
         let host = DNS_NAME.trim_end_matches('.');
@@ -939,7 +1068,8 @@ impl Lab {
     /// A human-readable map of the lab: nodes, pods, addresses and how to enter them.
     pub fn describe(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "lab {} ({} wiring)", self.prefix, self.wiring);
+        let stack = if self.ipv6 { ", dual-stack" } else { "" };
+        let _ = writeln!(s, "lab {} ({} wiring{stack})", self.prefix, self.wiring);
         let _ = writeln!(
             s,
             "  client    {:<16} ns {}  (routes {EXTERNAL_IP_NET}/24 via node-0)",

@@ -13,7 +13,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
     time::Duration,
 };
@@ -32,6 +32,8 @@ pub struct Config {
     pub name: String,
     /// Address to bind (usually 0.0.0.0).
     pub bind: Ipv4Addr,
+    /// An IPv6 address to serve the same ports on as well (a dual-stack pod's IPv6 address).
+    pub bind6: Option<Ipv6Addr>,
     /// TCP ports (0 = any free port).
     pub tcp_ports: Vec<u16>,
     /// UDP ports (0 = any free port).
@@ -64,17 +66,24 @@ impl Server {
 
 /// Binds every socket of `config` (failing if any bind fails), then serves them on threads.
 pub fn serve(config: &Config) -> io::Result<Server> {
+    // IPv6 first: a client that finds the IPv4 port open may rely on the IPv6 one too.
+    let ips: Vec<IpAddr> =
+        config.bind6.map(IpAddr::V6).into_iter().chain([IpAddr::V4(config.bind)]).collect();
     let mut listeners = Vec::new();
-    for &port in &config.tcp_ports {
-        let l = TcpListener::bind(SocketAddrV4::new(config.bind, port))
-            .map_err(|e| io::Error::new(e.kind(), format!("binding TCP port {port}: {e}")))?;
-        listeners.push(l);
-    }
     let mut sockets = Vec::new();
-    for &port in &config.udp_ports {
-        let s = UdpSocket::bind(SocketAddrV4::new(config.bind, port))
-            .map_err(|e| io::Error::new(e.kind(), format!("binding UDP port {port}: {e}")))?;
-        sockets.push(s);
+    for &ip in &ips {
+        for &port in &config.tcp_ports {
+            let a = SocketAddr::new(ip, port);
+            let l = TcpListener::bind(a)
+                .map_err(|e| io::Error::new(e.kind(), format!("binding TCP {a}: {e}")))?;
+            listeners.push(l);
+        }
+        for &port in &config.udp_ports {
+            let a = SocketAddr::new(ip, port);
+            let s = UdpSocket::bind(a)
+                .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {a}: {e}")))?;
+            sockets.push(s);
+        }
     }
     let mut server = Server { tcp: Vec::new(), udp: Vec::new(), threads: Vec::new() };
     for l in listeners {
@@ -192,6 +201,7 @@ mod tests {
         serve(&Config {
             name: "pod-a".into(),
             bind: Ipv4Addr::LOCALHOST,
+            bind6: None,
             tcp_ports: vec![0],
             udp_ports: vec![0],
         })

@@ -275,7 +275,7 @@ fn bench(
 }
 
 fn lab_up(nodes: usize, pods: usize, wiring: Wiring, prefix: String, servers: bool) -> Result<()> {
-    let spec = LabSpec { prefix: Some(prefix), nodes, pods_per_node: pods, wiring };
+    let spec = LabSpec { prefix: Some(prefix), nodes, pods_per_node: pods, wiring, ipv6: false };
     let mut lab = Lab::up(spec)?;
     if servers {
         lab.set_outlive_parent(true);

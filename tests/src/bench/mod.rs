@@ -537,7 +537,8 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     std::fs::create_dir_all(&mdir.0)?;
 
     eprintln!("[bench] building the lab (2 nodes, 2 pods each)");
-    let spec = LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed };
+    let spec =
+        LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed, ipv6: false };
     let mut lab = Lab::up(spec)?;
     lab.start_servers()?;
     for pod in lab.pods() {

@@ -1,6 +1,6 @@
 //! `kproxy-netexec`: the lab's TCP/UDP test server (see `kproxy_tests::netexec`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
@@ -22,13 +22,21 @@ struct Args {
     /// Address to bind.
     #[arg(long, default_value = "0.0.0.0")]
     bind: Ipv4Addr,
+    /// An IPv6 address to serve the same ports on as well.
+    #[arg(long)]
+    bind6: Option<Ipv6Addr>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(!args.tcp.is_empty() || !args.udp.is_empty(), "give at least one --tcp or --udp port");
-    let config =
-        Config { name: args.name, bind: args.bind, tcp_ports: args.tcp, udp_ports: args.udp };
+    let config = Config {
+        name: args.name,
+        bind: args.bind,
+        bind6: args.bind6,
+        tcp_ports: args.tcp,
+        udp_ports: args.udp,
+    };
     let server = serve(&config).context("starting netexec")?;
     eprintln!("netexec {}: tcp {:?} udp {:?}", config.name, server.tcp, server.udp);
     server.wait();
