@@ -969,7 +969,8 @@ mod tests {
         let local = key([198, 18, 0, 10], 30081, proto::TCP, scope::EXTERNAL);
         assert_eq!(dp.services[&local].count, 3);
         let rendered = metrics.render();
-        assert!(rendered.contains("kproxy_services_programmed 14\n"));
+        // 14 IPv4 frontends and the IPv6 ClusterIP of the dual-stack web.
+        assert!(rendered.contains("kproxy_services_programmed 15\n"), "{rendered}");
         // The demo's slices and services were counted, and nothing is pending after the sync.
         assert!(rendered.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n"));
         assert!(!rendered.contains("kubeproxy_sync_proxy_rules_service_changes_total 0\n"));

@@ -1,14 +1,15 @@
-//! `make demo`: a 2-node lab, one `kproxy agent` per node on the bundled `examples/` manifests,
-//! real traffic to every service the examples define, and a readable account of what happened.
+//! `make demo`: a 2-node dual-stack lab, one `kproxy agent --enable-ipv6` per node on the bundled
+//! `examples/` manifests, real traffic to every service the examples define, and a readable
+//! account of what happened.
 //!
 //! The demo reads the Services in `examples/` (any standard YAML) and drives, for each port:
 //! TCP requests to the lab's test server, DNS queries with `dig` for UDP port 53, from a pod for
-//! ClusterIPs and from the external client for NodePorts (through each node) and
-//! LoadBalancer/external IPs. It counts which backend (pod) answered and whether the server saw
-//! the client's own address.
+//! ClusterIPs (over IPv4 and, for a dual-stack Service, over IPv6 too) and from the external
+//! client for NodePorts (through each node) and LoadBalancer/external IPs. It counts which
+//! backend (pod) answered and whether the server saw the client's own address.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -17,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Service;
 
 use crate::{
-    client::tcp_request,
+    client::{tcp_request, tcp_request6},
     lab::{self, AgentOpts, CLIENT_IP, Lab, LabSpec, exec},
 };
 
@@ -60,8 +61,8 @@ pub fn load_services(dir: &Path) -> Result<Vec<Service>> {
 struct Target {
     label: String,
     from_ns: String,
-    from_ip: Ipv4Addr,
-    addr: Ipv4Addr,
+    from_ip: IpAddr,
+    addr: IpAddr,
     port: u16,
     /// Port 53: queried with `dig` (over TCP when `tcp`).
     dns: bool,
@@ -74,7 +75,7 @@ struct Tally {
     per_backend: BTreeMap<String, usize>,
     errors: usize,
     preserved: usize,
-    seen_as: BTreeMap<Ipv4Addr, usize>,
+    seen_as: BTreeMap<IpAddr, usize>,
 }
 
 fn drive(t: &Target) -> Tally {
@@ -108,10 +109,9 @@ fn drive(t: &Target) -> Tally {
                 _ => tally.errors += 1,
             }
         } else {
-            match tcp_request(&t.from_ns, t.addr, t.port, T) {
-                Ok(r) => {
-                    *tally.per_backend.entry(r.server_pod).or_default() += 1;
-                    let ip = *r.client_addr.ip();
+            match request(t) {
+                Ok((pod, ip)) => {
+                    *tally.per_backend.entry(pod).or_default() += 1;
                     if ip == t.from_ip {
                         tally.preserved += 1;
                     }
@@ -122,6 +122,20 @@ fn drive(t: &Target) -> Tally {
         }
     }
     tally
+}
+
+/// One TCP request to the target: the pod that answered and the client address it saw.
+fn request(t: &Target) -> Result<(String, IpAddr)> {
+    Ok(match t.addr {
+        IpAddr::V4(a) => {
+            let r = tcp_request(&t.from_ns, a, t.port, T)?;
+            (r.server_pod, IpAddr::V4(*r.client_addr.ip()))
+        }
+        IpAddr::V6(a) => {
+            let r = tcp_request6(&t.from_ns, a, t.port, T)?;
+            (r.server_pod, IpAddr::V6(*r.client_addr.ip()))
+        }
+    })
 }
 
 fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
@@ -151,12 +165,28 @@ fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
             out.push(Target {
                 label: format!("{name} ClusterIP {cip}:{port} {kind} (from {})", pod.name),
                 from_ns: pod.ns.clone(),
-                from_ip: pod.ip,
-                addr: cip,
+                from_ip: pod.ip.into(),
+                addr: cip.into(),
                 port,
                 dns,
                 tcp,
             });
+            // The IPv6 ClusterIP of a dual-stack Service, from the same pod over IPv6.
+            let cip6 = spec.cluster_ips.iter().flatten().find_map(|s| s.parse::<Ipv6Addr>().ok());
+            if let (Some(cip6), Some(pod6), false) = (cip6, pod.ip6, dns) {
+                out.push(Target {
+                    label: format!(
+                        "{name} ClusterIP [{cip6}]:{port} {kind} over IPv6 (from {})",
+                        pod.name
+                    ),
+                    from_ns: pod.ns.clone(),
+                    from_ip: pod6.into(),
+                    addr: cip6.into(),
+                    port,
+                    dns,
+                    tcp,
+                });
+            }
             if dns {
                 continue;
             }
@@ -165,8 +195,8 @@ fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
                     out.push(Target {
                         label: format!("{name} NodePort {}:{np} (client via {})", n.ip, n.name),
                         from_ns: client.clone(),
-                        from_ip: CLIENT_IP,
-                        addr: n.ip,
+                        from_ip: CLIENT_IP.into(),
+                        addr: n.ip.into(),
                         port: np as u16,
                         dns: false,
                         tcp: true,
@@ -191,8 +221,8 @@ fn targets(lab: &Lab, services: &[Service]) -> Vec<Target> {
                 out.push(Target {
                     label: format!("{name} LoadBalancer/external {ip}:{port} (client)"),
                     from_ns: client.clone(),
-                    from_ip: CLIENT_IP,
-                    addr: ip,
+                    from_ip: CLIENT_IP.into(),
+                    addr: ip.into(),
                     port,
                     dns: false,
                     tcp: true,
@@ -240,30 +270,47 @@ pub fn run(examples: &Path, keep: bool) -> Result<()> {
     step(
         1,
         STEPS,
-        "starting the lab: 2 nodes × 3 pods and an external client, in network namespaces",
+        "starting the lab: 2 nodes × 3 pods and an external client, in network namespaces, \
+         dual-stack (IPv4 and IPv6)",
     );
-    let mut lab = Lab::up(LabSpec { prefix: Some(PREFIX.into()), ..LabSpec::default() })?;
+    let spec = LabSpec { prefix: Some(PREFIX.into()), ipv6: true, ..LabSpec::default() };
+    let mut lab = Lab::up(spec)?;
     if keep {
         lab.set_outlive_parent(true);
     }
     lab.start_servers()?;
-    step(2, STEPS, &format!("starting one kproxy agent per node on {}", examples.display()));
-    let opts = AgentOpts { manifests_dir: examples.to_path_buf(), ..Default::default() };
+    step(
+        2,
+        STEPS,
+        &format!("starting one kproxy agent --enable-ipv6 per node on {}", examples.display()),
+    );
+    let opts = AgentOpts {
+        manifests_dir: examples.to_path_buf(),
+        extra_args: vec!["--enable-ipv6".into()],
+        ..Default::default()
+    };
     let agents: Vec<_> =
         (0..lab.nodes().len()).map(|i| lab.spawn_agent(i, &opts)).collect::<Result<_>>()?;
 
     let targets = targets(&lab, &services);
     step(3, STEPS, "waiting for the services to be programmed");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let probe = targets.iter().find(|t| !t.dns).context("no TCP service in the examples")?;
-    while tcp_request(&probe.from_ns, probe.addr, probe.port, T).is_err() {
-        if Instant::now() > deadline {
-            for a in &agents {
-                eprintln!("--- agent log node-{} ---\n{}", a.node, a.log_text());
+    // The first TCP frontend of each family.
+    let probes: Vec<&Target> = [false, true]
+        .into_iter()
+        .filter_map(|v6| targets.iter().find(|t| !t.dns && t.addr.is_ipv6() == v6))
+        .collect();
+    anyhow::ensure!(!probes.is_empty(), "no TCP service in the examples");
+    for probe in probes {
+        while request(probe).is_err() {
+            if Instant::now() > deadline {
+                for a in &agents {
+                    eprintln!("--- agent log node-{} ---\n{}", a.node, a.log_text());
+                }
+                bail!("{} did not answer within 30 s", probe.label);
             }
-            bail!("{} did not answer within 30 s", probe.label);
+            std::thread::sleep(Duration::from_millis(200));
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
 
     step(4, STEPS, &format!("driving traffic: {REQUESTS} requests per frontend"));

@@ -886,7 +886,7 @@ fn demo_manifests() {
             count(|c| matches!(c, Change::Slice(_))),
             count(|c| matches!(c, Change::Node(_)))
         ),
-        (5, 10, 2)
+        (5, 12, 2)
     );
     let mut t = Tracker::new(node());
     for c in r.changes {
@@ -921,6 +921,8 @@ fn demo_manifests() {
     // web, web-nodeport, web-local, web-lb (1 port each) + dns (2 ports).
     assert_eq!(out.state.services.len(), 6);
     assert_eq!(out.state.frontend_count(), 1 + 2 + 3 + 3 + 5);
+    // web is dual-stack: its IPv6 side, on the six pods' IPv6 addresses.
+    assert_eq!(out.state.services6.len(), 1);
 }
 
 /// Dual-stack fields that disagree with the addresses are warnings naming the Service, the
