@@ -170,7 +170,7 @@ fn dual_stack(wiring: Wiring) {
     let r = tcp_request6(&c.ns, n6, 8080, T).expect("remote pod to node-0 over IPv6");
     assert_eq!(Some(*r.client_addr.ip()), c.ip6);
     // The client routes 2001:2:c8::/64 to node 0: prove it with an address added there.
-    exec(&n0.ns, &["ip", "-6", "addr", "add", "2001:2:c8::7/128", "dev", "lo"]).unwrap();
+    exec(&n0.ns, &["ip", "-6", "addr", "add", "2001:2:c8::7/128", "dev", "lo", "nodad"]).unwrap();
     let argv =
         [netexec.to_str().unwrap(), "--name", "ext", "--tcp", "8081", "--bind6", "2001:2:c8::7"];
     let _g = lab.spawn(&n0.ns, "node-0-netexec-ext", &argv).unwrap();
