@@ -2,7 +2,7 @@
 //! end-to-end tests, the demo and the benchmarks hand them to `kproxy agent --manifests DIR`.
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -76,8 +76,13 @@ pub struct Service {
     pub name: String,
     /// Type.
     pub svc_type: SvcType,
-    /// ClusterIP (`None` → headless "None").
+    /// ClusterIP (`None` and no `cluster_ip6` → headless "None").
     pub cluster_ip: Option<Ipv4Addr>,
+    /// IPv6 ClusterIP: with `cluster_ip` the Service is dual-stack (IPv4 first), alone it is
+    /// IPv6 only.
+    pub cluster_ip6: Option<Ipv6Addr>,
+    /// spec.ipFamilyPolicy as written; `None` writes none (the API server's default).
+    pub ip_family_policy: Option<String>,
     /// Ports.
     pub ports: Vec<Port>,
     /// `externalTrafficPolicy: Local`.
@@ -88,8 +93,12 @@ pub struct Service {
     pub affinity_timeout: Option<u32>,
     /// spec.externalIPs.
     pub external_ips: Vec<Ipv4Addr>,
+    /// spec.externalIPs, IPv6 ones (written after the IPv4 ones).
+    pub external_ips6: Vec<Ipv6Addr>,
     /// status.loadBalancer.ingress IPs.
     pub lb_ips: Vec<Ipv4Addr>,
+    /// status.loadBalancer.ingress IPs, IPv6 ones (written after the IPv4 ones).
+    pub lb_ips6: Vec<Ipv6Addr>,
     /// spec.healthCheckNodePort.
     pub health_check_node_port: Option<u16>,
     /// spec.publishNotReadyAddresses.
@@ -139,12 +148,27 @@ impl Service {
         if let Some(n) = &self.external_name {
             let _ = writeln!(y, "  externalName: {n}");
         }
-        match (self.svc_type, self.cluster_ip) {
+        let ips: Vec<IpAddr> = self
+            .cluster_ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.cluster_ip6.map(IpAddr::V6))
+            .collect();
+        match (self.svc_type, ips.first()) {
             (SvcType::ExternalName, _) => {}
             (_, Some(ip)) => {
-                let _ = writeln!(y, "  clusterIP: {ip}\n  clusterIPs: [\"{ip}\"]");
+                let list: Vec<String> = ips.iter().map(|i| format!("\"{i}\"")).collect();
+                let _ = writeln!(y, "  clusterIP: \"{ip}\"\n  clusterIPs: [{}]", list.join(", "));
+                if self.cluster_ip6.is_some() {
+                    let fam: Vec<&str> =
+                        ips.iter().map(|i| if i.is_ipv4() { "IPv4" } else { "IPv6" }).collect();
+                    let _ = writeln!(y, "  ipFamilies: [{}]", fam.join(", "));
+                }
             }
             (_, None) => y.push_str("  clusterIP: None\n"),
+        }
+        if let Some(p) = &self.ip_family_policy {
+            let _ = writeln!(y, "  ipFamilyPolicy: {p}");
         }
         if self.external_local {
             y.push_str("  externalTrafficPolicy: Local\n");
@@ -166,8 +190,10 @@ impl Service {
                 "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}"
             );
         }
-        if !self.external_ips.is_empty() {
-            let ips: Vec<String> = self.external_ips.iter().map(|i| format!("\"{i}\"")).collect();
+        if !self.external_ips.is_empty() || !self.external_ips6.is_empty() {
+            let ips: Vec<String> = (self.external_ips.iter().map(|i| format!("\"{i}\"")))
+                .chain(self.external_ips6.iter().map(|i| format!("\"{i}\"")))
+                .collect();
             let _ = writeln!(y, "  externalIPs: [{}]", ips.join(", "));
         }
         if !self.source_ranges.is_empty() {
@@ -194,10 +220,13 @@ impl Service {
                 }
             }
         }
-        if !self.lb_ips.is_empty() {
+        if !self.lb_ips.is_empty() || !self.lb_ips6.is_empty() {
             y.push_str("status:\n  loadBalancer:\n    ingress:\n");
             for ip in &self.lb_ips {
                 let _ = writeln!(y, "    - ip: {ip}");
+            }
+            for ip in &self.lb_ips6 {
+                let _ = writeln!(y, "    - ip: \"{ip}\"");
             }
         }
         y
@@ -207,8 +236,8 @@ impl Service {
 /// One endpoint of a slice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Pod address.
-    pub ip: Ipv4Addr,
+    /// Pod address (all endpoints of a slice are of one family).
+    pub ip: IpAddr,
     /// Node it runs on.
     pub node_name: String,
     /// Pod name (targetRef).
@@ -223,9 +252,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// A ready endpoint.
-    pub fn ready(ip: Ipv4Addr, node_name: &str, pod_name: &str) -> Endpoint {
+    pub fn ready(ip: impl Into<IpAddr>, node_name: &str, pod_name: &str) -> Endpoint {
         Endpoint {
-            ip,
+            ip: ip.into(),
             node_name: node_name.into(),
             pod_name: pod_name.into(),
             ready: true,
@@ -263,6 +292,8 @@ pub struct Slice {
     pub ports: Vec<(String, String, u16)>,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
+    /// addressType IPv6 (else IPv4).
+    pub ipv6: bool,
     /// `endpoints.kubernetes.io/last-change-trigger-time` annotation (RFC 3339).
     pub trigger_time: Option<String>,
 }
@@ -282,6 +313,7 @@ impl Slice {
             service: service.into(),
             ports,
             endpoints,
+            ipv6: false,
             trigger_time: None,
         }
     }
@@ -295,6 +327,14 @@ impl Slice {
             .collect();
         let mut s = Slice::new(&svc.name, "1", ports, endpoints);
         s.namespace = svc.namespace.clone();
+        s
+    }
+
+    /// The IPv6 slice matching `svc`'s numeric target ports (named `<service>-v6`).
+    pub fn for_service6(svc: &Service, endpoints: Vec<Endpoint>) -> Slice {
+        let mut s = Slice::for_service(svc, endpoints);
+        s.name = format!("{}-v6", svc.name);
+        s.ipv6 = true;
         s
     }
 
@@ -312,7 +352,8 @@ impl Slice {
                 "  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{t}\""
             );
         }
-        y.push_str("addressType: IPv4\nports:\n");
+        let family = if self.ipv6 { "IPv6" } else { "IPv4" };
+        let _ = write!(y, "addressType: {family}\nports:\n");
         for (name, proto, port) in &self.ports {
             let _ = write!(y, "- protocol: {proto}\n  port: {port}\n");
             if !name.is_empty() {

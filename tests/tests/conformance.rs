@@ -4,9 +4,14 @@
 //! per node on a manifest directory, real servers in the pods and real clients, in both pod
 //! wirings (routed and bridged). A behaviour kproxy does not support yet is present, `#[ignore]`d
 //! with the reason, and counted as not passing by the test summary.
+//!
+//! [`ipv6_data_plane_behaviours`] runs the IPv6 side in one dual-stack lab per wiring (agents
+//! with `--enable-ipv6`): the same behaviours over IPv6, and the dual-stack ones (which families
+//! `ipFamilyPolicy` programs, and a policy change adding and removing the IPv6 frontend).
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
+    panic::{AssertUnwindSafe, catch_unwind},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,12 +19,13 @@ use std::{
 use kproxy_tests::{
     apiserver::{ApiServer, Binder},
     client::{
-        DnsAnswer, DnsTransport, DnsType, Reply, RequestError, TcpSession, dns_query, tcp_request,
-        udp_request,
+        DnsAnswer, DnsTransport, DnsType, Reply, Reply6, RequestError, TcpSession, dns_query,
+        tcp_request, tcp_request6, udp_request,
     },
     hostnet::{Cgroups, host_client},
     lab::{
-        self, Agent, AgentOpts, CLIENT_IP, DNS_NAME, DNS_PORT, Lab, LabSpec, SERVER_PORT, Wiring,
+        self, Agent, AgentOpts, CLIENT_IP, CLIENT_IP6, DNS_NAME, DNS_PORT, Lab, LabSpec,
+        SERVER_PORT, Wiring, exec,
     },
     manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
 };
@@ -92,17 +98,29 @@ const UPSTREAM_BEHAVIOURS: &[&str] = &[
 struct Cluster {
     agents: Vec<Option<Agent>>,
     dir: ManifestDir,
+    /// Arguments every agent gets beyond the lab's.
+    agent_args: Vec<String>,
     lab: Lab,
 }
 
 impl Cluster {
     fn new(wiring: Wiring, label: &str) -> Cluster {
+        Self::with_spec(LabSpec::with_wiring(wiring), label, Vec::new())
+    }
+
+    /// A dual-stack lab whose agents serve IPv6 (`--enable-ipv6`).
+    fn dual_stack(wiring: Wiring, label: &str) -> Cluster {
+        let spec = LabSpec { ipv6: true, ..LabSpec::with_wiring(wiring) };
+        Self::with_spec(spec, label, vec!["--enable-ipv6".into()])
+    }
+
+    fn with_spec(spec: LabSpec, label: &str, agent_args: Vec<String>) -> Cluster {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "conformance tests need root");
-        let mut lab = Lab::up(LabSpec::with_wiring(wiring)).expect("lab up");
+        let mut lab = Lab::up(spec).expect("lab up");
         lab.start_servers().expect("servers");
         let dir = ManifestDir::new(&format!("{label}-{}", lab.prefix())).expect("manifest dir");
-        let mut c = Cluster { agents: Vec::new(), dir, lab };
+        let mut c = Cluster { agents: Vec::new(), dir, agent_args, lab };
         for i in 0..c.lab.nodes().len() {
             let a = c.start_agent(i);
             c.agents.push(Some(a));
@@ -130,7 +148,11 @@ impl Cluster {
     }
 
     fn start_agent(&self, node: usize) -> Agent {
-        let opts = AgentOpts { manifests_dir: self.dir.path().to_path_buf(), ..Default::default() };
+        let opts = AgentOpts {
+            manifests_dir: self.dir.path().to_path_buf(),
+            extra_args: self.agent_args.clone(),
+            ..Default::default()
+        };
         self.lab.spawn_agent(node, &opts).expect("agent starts")
     }
 
@@ -1358,6 +1380,257 @@ fn upstream_should_release_nodeports_on_delete() {
         c.put(&other, vec![c.ep(1, 2)]);
         converge_to(&client, c.node_ip(0), 30170, Proto::Tcp, &["node-1-pod-2"]);
     });
+}
+
+// ---- IPv6 and dual stack ----
+
+const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x20);
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x10);
+
+/// The `n`-th IPv6 ClusterIP of the IPv6 checks: 2001:2:ff::(0x10+n).
+fn vip6(n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x10 + n)
+}
+
+/// The `n`-th IPv4 ClusterIP of the IPv6 checks: 198.19.6.n.
+fn vip4(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 6, n)
+}
+
+impl Cluster {
+    fn pod_ip6(&self, i: usize, j: usize) -> Ipv6Addr {
+        self.lab.pod(i, j).expect("pod").ip6.expect("dual-stack pod")
+    }
+
+    fn node_ip6(&self, i: usize) -> Ipv6Addr {
+        self.lab.node(i).ip6.expect("dual-stack node")
+    }
+
+    fn ep6(&self, i: usize, j: usize) -> Endpoint {
+        let p = self.lab.pod(i, j).expect("pod");
+        Endpoint::ready(self.pod_ip6(i, j), &lab::node_name(i), &p.name)
+    }
+
+    /// Writes `svc` with an IPv4 slice of pods `eps` and an IPv6 slice of the same pods.
+    fn put_dual(&self, svc: &Service, eps: &[(usize, usize)]) {
+        let v4 = eps.iter().map(|&(i, j)| self.ep(i, j)).collect();
+        let v6 = eps.iter().map(|&(i, j)| self.ep6(i, j)).collect();
+        let slices = [Slice::for_service(svc, v4), Slice::for_service6(svc, v6)];
+        self.dir.put(svc, &slices).expect("write manifests");
+    }
+
+    /// The frontends of node `node`'s datapath, as `kproxy service list` prints them
+    /// (`ADDR:PORT PROTO SCOPE`).
+    fn frontends(&self, node: usize) -> BTreeSet<String> {
+        let k = lab::find_bin("kproxy").unwrap();
+        let pin = self.lab.pin_path(node).to_string_lossy().into_owned();
+        let argv = [&*k.to_string_lossy(), "service", "list", "--pin-path", &pin];
+        let out = exec(&self.lab.node(node).ns, &argv).expect("kproxy service list");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+}
+
+fn tcp6(ns: &str, addr: Ipv6Addr, port: u16) -> Result<Reply6, RequestError> {
+    tcp_request6(ns, addr, port, T)
+}
+
+/// [`converge_to`] over IPv6 (TCP).
+fn converge_to6(ns: &str, addr: Ipv6Addr, port: u16, want: &[&str]) {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    eventually(&format!("[{addr}]:{port} served by exactly {want:?}"), || {
+        let mut seen = BTreeSet::new();
+        for _ in 0..(8 * want.len()).max(6) {
+            match tcp6(ns, addr, port) {
+                Ok(r) if want.contains(&r.server_pod) => {
+                    seen.insert(r.server_pod);
+                }
+                _ => return None,
+            }
+        }
+        (seen == want).then_some(())
+    });
+}
+
+/// A dual-stack TCP web Service on port 80 with ClusterIPs `vip4(n)` and `vip6(n)`.
+fn web_dual(name: &str, n: u8, policy: &str) -> Service {
+    let mut svc = web(vip4(n));
+    svc.name = name.into();
+    svc.cluster_ip6 = Some(vip6(n.into()));
+    svc.ip_family_policy = Some(policy.into());
+    svc
+}
+
+/// The IPv6 checks, in order; each runs even when an earlier one failed.
+const IPV6_CHECKS: &[(&str, fn(&Cluster))] = &[
+    ("ClusterIP from a pod", ipv6_cluster_ip),
+    ("NodePort, externalTrafficPolicy Cluster", ipv6_node_port_cluster),
+    ("NodePort, externalTrafficPolicy Local", ipv6_node_port_local),
+    ("reject without endpoints (TCP RST)", ipv6_reject),
+    ("session affinity", ipv6_session_affinity),
+    ("hairpin", ipv6_hairpin),
+    ("externalIP", ipv6_external_ip),
+    ("LoadBalancer ingress IP", ipv6_load_balancer),
+    ("ipFamilyPolicy programs the right frontends", ipv6_family_policies),
+    ("SingleStack -> PreferDualStack -> SingleStack", ipv6_policy_change),
+];
+
+/// Every Service the IPv6 checks use, written at once so that one sync programs them all.
+fn ipv6_services(c: &Cluster) {
+    let two = [(0, 1), (1, 1)];
+    c.put_dual(&web_dual("v6web", 1, "RequireDualStack"), &two);
+    let np = |name: &str, n: u8, node_port: u16, local: bool| {
+        let mut svc = web_dual(name, n, "RequireDualStack");
+        svc.svc_type = SvcType::NodePort;
+        svc.external_local = local;
+        svc.ports[0] = svc.ports[0].clone().node_port(node_port);
+        svc
+    };
+    c.put_dual(&np("v6np", 2, 30600, false), &two);
+    c.put_dual(&np("v6npl", 3, 30601, true), &two);
+    let mut empty = web_dual("v6empty", 4, "SingleStack");
+    empty.cluster_ip = None;
+    c.put_dual(&empty, &[]);
+    let mut sticky = web_dual("v6sticky", 5, "RequireDualStack");
+    sticky.affinity_timeout = Some(10800);
+    c.put_dual(&sticky, &[(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
+    c.put_dual(&web_dual("v6hair", 6, "RequireDualStack"), &[(0, 0)]);
+    let mut ext = web_dual("v6ext", 7, "RequireDualStack");
+    ext.external_ips6 = vec![EXTERNAL_IP6];
+    c.put_dual(&ext, &two);
+    let mut lb = np("v6lb", 8, 30602, false);
+    lb.svc_type = SvcType::LoadBalancer;
+    lb.lb_ips6 = vec![LB_IP6];
+    c.put_dual(&lb, &two);
+    c.put_dual(&web_dual("v6prefer", 9, "PreferDualStack"), &[(1, 0)]);
+    let mut single6 = web_dual("v6single6", 10, "SingleStack");
+    single6.cluster_ip = None;
+    c.put_dual(&single6, &[(1, 0)]);
+    let mut single4 = web_dual("v6single4", 11, "SingleStack");
+    single4.cluster_ip6 = None;
+    c.put_dual(&single4, &[(1, 0)]);
+    let mut flip = web_dual("v6flip", 12, "SingleStack");
+    flip.cluster_ip6 = None;
+    c.put_dual(&flip, &[(1, 2)]);
+}
+
+fn ipv6_cluster_ip(c: &Cluster) {
+    let pod = c.pod_ns(1, 2);
+    converge_to6(&pod, vip6(1), 80, &["node-0-pod-1", "node-1-pod-1"]);
+    let r = tcp6(&pod, vip6(1), 80).expect("answer");
+    assert_eq!(*r.client_addr.ip(), c.pod_ip6(1, 2), "source pod address preserved");
+    // The same Service over IPv4 at the same time.
+    converge_to(&pod, vip4(1), 80, Proto::Tcp, &["node-0-pod-1", "node-1-pod-1"]);
+}
+
+fn ipv6_node_port_cluster(c: &Cluster) {
+    for i in 0..2 {
+        converge_to6(&c.client(), c.node_ip6(i), 30600, &["node-0-pod-1", "node-1-pod-1"]);
+    }
+}
+
+fn ipv6_node_port_local(c: &Cluster) {
+    for i in 0..2 {
+        let local = format!("node-{i}-pod-1");
+        converge_to6(&c.client(), c.node_ip6(i), 30601, &[&local]);
+        let r = tcp6(&c.client(), c.node_ip6(i), 30601).expect("answer");
+        assert_eq!(*r.client_addr.ip(), CLIENT_IP6, "client address preserved");
+    }
+}
+
+fn ipv6_reject(c: &Cluster) {
+    let e = eventually("IPv6 TCP refused", || {
+        tcp6(&c.pod_ns(0, 0), vip6(4), 80).err().filter(RequestError::is_refused)
+    });
+    assert!(e.is_refused());
+}
+
+fn ipv6_session_affinity(c: &Cluster) {
+    let pod = c.pod_ns(1, 2);
+    eventually("served", || tcp6(&pod, vip6(5), 80).ok());
+    let seen: BTreeSet<String> =
+        (0..20).filter_map(|_| tcp6(&pod, vip6(5), 80).ok()).map(|r| r.server_pod).collect();
+    assert_eq!(seen.len(), 1, "one client, one backend: {seen:?}");
+}
+
+fn ipv6_hairpin(c: &Cluster) {
+    let r = eventually("hairpin", || tcp6(&c.pod_ns(0, 0), vip6(6), 80).ok());
+    assert_eq!(r.server_pod, "node-0-pod-0");
+    let r = tcp6(&c.pod_ns(0, 1), vip6(6), 80).expect("another pod");
+    assert_eq!(*r.client_addr.ip(), c.pod_ip6(0, 1));
+}
+
+fn ipv6_external_ip(c: &Cluster) {
+    converge_to6(&c.client(), EXTERNAL_IP6, 80, &["node-0-pod-1", "node-1-pod-1"]);
+}
+
+fn ipv6_load_balancer(c: &Cluster) {
+    converge_to6(&c.client(), LB_IP6, 80, &["node-0-pod-1", "node-1-pod-1"]);
+    converge_to6(&c.pod_ns(1, 2), LB_IP6, 80, &["node-0-pod-1", "node-1-pod-1"]);
+}
+
+fn ipv6_family_policies(c: &Cluster) {
+    let pod = c.pod_ns(0, 2);
+    // PreferDualStack with both ClusterIPs: both families served.
+    converge_to6(&pod, vip6(9), 80, &["node-1-pod-0"]);
+    converge_to(&pod, vip4(9), 80, Proto::Tcp, &["node-1-pod-0"]);
+    // SingleStack IPv6 and SingleStack IPv4: their one family.
+    converge_to6(&pod, vip6(10), 80, &["node-1-pod-0"]);
+    converge_to(&pod, vip4(11), 80, Proto::Tcp, &["node-1-pod-0"]);
+    let fe = c.frontends(0);
+    let has = |f: String| fe.contains(&format!("{f} TCP internal"));
+    for n in [1, 9] {
+        assert!(
+            has(format!("{}:80", vip4(n))) && has(format!("[{}]:80", vip6(n.into()))),
+            "{fe:?}"
+        );
+    }
+    assert!(has(format!("[{}]:80", vip6(10))) && !has(format!("{}:80", vip4(10))), "{fe:?}");
+    assert!(has(format!("{}:80", vip4(11))) && !has(format!("[{}]:80", vip6(11))), "{fe:?}");
+}
+
+fn ipv6_policy_change(c: &Cluster) {
+    let pod = c.pod_ns(0, 2);
+    let mut flip = web_dual("v6flip", 12, "SingleStack");
+    flip.cluster_ip6 = None;
+    converge_to(&pod, vip4(12), 80, Proto::Tcp, &["node-1-pod-2"]);
+    let ipv6_fe = format!("[{}]:80 TCP internal", vip6(12));
+    assert!(!c.frontends(0).contains(&ipv6_fe));
+    // PreferDualStack: the API server allocates the IPv6 ClusterIP; the IPv6 frontend appears.
+    flip.cluster_ip6 = Some(vip6(12));
+    flip.ip_family_policy = Some("PreferDualStack".into());
+    c.put_dual(&flip, &[(1, 2)]);
+    converge_to6(&pod, vip6(12), 80, &["node-1-pod-2"]);
+    // Back to SingleStack: the IPv6 frontend goes, IPv4 keeps serving.
+    flip.cluster_ip6 = None;
+    flip.ip_family_policy = Some("SingleStack".into());
+    c.put_dual(&flip, &[(1, 2)]);
+    eventually("IPv6 frontend removed", || (!c.frontends(0).contains(&ipv6_fe)).then_some(()));
+    assert!(tcp6(&pod, vip6(12), 80).is_err(), "the removed IPv6 ClusterIP still answers");
+    converge_to(&pod, vip4(12), 80, Proto::Tcp, &["node-1-pod-2"]);
+}
+
+/// The IPv6 data-plane behaviours and the dual-stack ones ([`IPV6_CHECKS`]) in one dual-stack
+/// lab per wiring; the failure names every check that did not pass.
+#[test]
+fn ipv6_data_plane_behaviours() {
+    for wiring in [Wiring::Routed, Wiring::Bridged] {
+        let c = Cluster::dual_stack(wiring, "ipv6");
+        ipv6_services(&c);
+        let failed: Vec<&str> = IPV6_CHECKS
+            .iter()
+            .filter(|(name, check)| {
+                let ok = catch_unwind(AssertUnwindSafe(|| check(&c))).is_ok();
+                eprintln!("IPv6 {wiring}: {name}: {}", if ok { "passes" } else { "FAILS" });
+                !ok
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        assert!(failed.is_empty(), "IPv6 checks failing ({wiring} wiring): {failed:?}");
+    }
 }
 
 /// The list the summary counts against names every `upstream_*` test of this file, once (a
