@@ -1464,8 +1464,11 @@ fn web_dual(name: &str, n: u8, policy: &str) -> Service {
     svc
 }
 
+/// One IPv6 check: it panics when the behaviour fails.
+type Check = fn(&Cluster);
+
 /// The IPv6 checks, in order; each runs even when an earlier one failed.
-const IPV6_CHECKS: &[(&str, fn(&Cluster))] = &[
+const IPV6_CHECKS: &[(&str, Check)] = &[
     ("ClusterIP from a pod", ipv6_cluster_ip),
     ("NodePort, externalTrafficPolicy Cluster", ipv6_node_port_cluster),
     ("NodePort, externalTrafficPolicy Local", ipv6_node_port_local),
