@@ -225,14 +225,34 @@ pub fn udp_request_here(
     port: u16,
     timeout: Duration,
 ) -> Result<Reply, RequestError> {
+    let src = src.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    udp_exchange(src.into(), SocketAddrV4::new(addr, port).into(), timeout)
+}
+
+/// One UDP request over IPv6 to a netexec server at `[addr]:port`, from namespace `ns`, within
+/// `timeout`.
+pub fn udp_request6(
+    ns: &str,
+    addr: Ipv6Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<Reply6, RequestError> {
+    let src = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0).into();
+    in_ns(ns, || udp_exchange(src, SocketAddrV6::new(addr, port, 0, 0).into(), timeout))
+}
+
+/// One datagram from `src` to `dst` and its answer, in the current namespace.
+fn udp_exchange<A: std::str::FromStr>(
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<Reply<A>, RequestError> {
     let io = |e| RequestError::Io(e);
-    let sock =
-        UdpSocket::bind(src.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))).map_err(io)?;
-    // Connected, so ICMP errors are reported on this socket; IP_RECVERR so that soft ones
+    let sock = UdpSocket::bind(src).map_err(io)?;
+    // Connected, so ICMP errors are reported on this socket; IP(V6)_RECVERR so that soft ones
     // (host / network unreachable) are too, not only port unreachable.
-    set_recverr(&sock).map_err(io)?;
-    sock.connect(SocketAddrV4::new(addr, port))
-        .map_err(|e| RequestError::from_io(e, Stage::Connect, timeout))?;
+    set_recverr(&sock, dst.is_ipv6()).map_err(io)?;
+    sock.connect(dst).map_err(|e| RequestError::from_io(e, Stage::Connect, timeout))?;
     sock.set_read_timeout(Some(timeout)).map_err(io)?;
     let fail = |e| RequestError::from_io(e, Stage::Reply, timeout);
     sock.send(b"hello\n").map_err(fail)?;
@@ -241,15 +261,20 @@ pub fn udp_request_here(
     String::from_utf8_lossy(&buf[..n]).parse()
 }
 
-fn set_recverr(sock: &UdpSocket) -> io::Result<()> {
+fn set_recverr(sock: &UdpSocket, ipv6: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_RECVERR)
+    };
     // SAFETY: valid fd and option buffer of the stated size.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_RECVERR,
+            level,
+            name,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -437,7 +462,7 @@ pub fn dns_query(
         let msg = match transport {
             DnsTransport::Udp => {
                 let sock = UdpSocket::bind("0.0.0.0:0").map_err(RequestError::Io)?;
-                set_recverr(&sock).map_err(RequestError::Io)?;
+                set_recverr(&sock, false).map_err(RequestError::Io)?;
                 sock.connect(SocketAddrV4::new(server, port)).map_err(RequestError::Io)?;
                 sock.set_read_timeout(Some(timeout)).map_err(RequestError::Io)?;
                 sock.send(&query).map_err(fail)?;

@@ -20,7 +20,7 @@ use kproxy_tests::{
     apiserver::{ApiServer, Binder},
     client::{
         DnsAnswer, DnsTransport, DnsType, Reply, Reply6, RequestError, TcpSession, dns_query,
-        tcp_request, tcp_request6, udp_request,
+        tcp_request, tcp_request6, udp_request, udp_request6,
     },
     hostnet::{Cgroups, host_client},
     lab::{
@@ -1469,10 +1469,10 @@ type Check = fn(&Cluster);
 
 /// The IPv6 checks, in order; each runs even when an earlier one failed.
 const IPV6_CHECKS: &[(&str, Check)] = &[
-    ("ClusterIP from a pod", ipv6_cluster_ip),
+    ("ClusterIP from a pod (TCP and UDP)", ipv6_cluster_ip),
     ("NodePort, externalTrafficPolicy Cluster", ipv6_node_port_cluster),
     ("NodePort, externalTrafficPolicy Local", ipv6_node_port_local),
-    ("reject without endpoints (TCP RST)", ipv6_reject),
+    ("reject without endpoints (TCP RST, ICMPv6 port unreachable)", ipv6_reject),
     ("session affinity", ipv6_session_affinity),
     ("hairpin", ipv6_hairpin),
     ("externalIP", ipv6_external_ip),
@@ -1484,7 +1484,9 @@ const IPV6_CHECKS: &[(&str, Check)] = &[
 /// Every Service the IPv6 checks use, written at once so that one sync programs them all.
 fn ipv6_services(c: &Cluster) {
     let two = [(0, 1), (1, 1)];
-    c.put_dual(&web_dual("v6web", 1, "RequireDualStack"), &two);
+    let mut web6 = web_dual("v6web", 1, "RequireDualStack");
+    web6.ports.push(Port::udp("udp", 81, SERVER_PORT));
+    c.put_dual(&web6, &two);
     let np = |name: &str, n: u8, node_port: u16, local: bool| {
         let mut svc = web_dual(name, n, "RequireDualStack");
         svc.svc_type = SvcType::NodePort;
@@ -1496,6 +1498,7 @@ fn ipv6_services(c: &Cluster) {
     c.put_dual(&np("v6npl", 3, 30601, true), &two);
     let mut empty = web_dual("v6empty", 4, "SingleStack");
     empty.cluster_ip = None;
+    empty.ports.push(Port::udp("udp", 80, SERVER_PORT));
     c.put_dual(&empty, &[]);
     let mut sticky = web_dual("v6sticky", 5, "RequireDualStack");
     sticky.affinity_timeout = Some(10800);
@@ -1525,6 +1528,10 @@ fn ipv6_cluster_ip(c: &Cluster) {
     converge_to6(&pod, vip6(1), 80, &["node-0-pod-1", "node-1-pod-1"]);
     let r = tcp6(&pod, vip6(1), 80).expect("answer");
     assert_eq!(*r.client_addr.ip(), c.pod_ip6(1, 2), "source pod address preserved");
+    // UDP over IPv6.
+    let r = eventually("IPv6 UDP answer", || udp_request6(&pod, vip6(1), 81, T).ok());
+    assert!(["node-0-pod-1", "node-1-pod-1"].contains(&r.server_pod.as_str()), "{r:?}");
+    assert_eq!(*r.client_addr.ip(), c.pod_ip6(1, 2), "UDP source pod address preserved");
     // The same Service over IPv4 at the same time.
     converge_to(&pod, vip4(1), 80, Proto::Tcp, &["node-0-pod-1", "node-1-pod-1"]);
 }
@@ -1549,6 +1556,10 @@ fn ipv6_reject(c: &Cluster) {
         tcp6(&c.pod_ns(0, 0), vip6(4), 80).err().filter(RequestError::is_refused)
     });
     assert!(e.is_refused());
+    let e = eventually("IPv6 UDP refused", || {
+        udp_request6(&c.pod_ns(0, 0), vip6(4), 80, T).err().filter(RequestError::is_refused)
+    });
+    assert!(e.is_refused(), "UDP gets an ICMPv6 port unreachable, not a timeout");
 }
 
 fn ipv6_session_affinity(c: &Cluster) {
