@@ -1076,6 +1076,13 @@ impl Lab {
             CLIENT_IP,
             self.client_ns()
         );
+        if self.ipv6 {
+            let _ = writeln!(
+                s,
+                "            {CLIENT_IP6:<16} (routes {EXTERNAL_IP6_NET}/64 via node-0; IPv6 \
+                 ClusterIPs in {CLUSTER_IP6_NET}/64)"
+            );
+        }
         for n in &self.nodes {
             let _ = writeln!(
                 s,
@@ -1086,12 +1093,18 @@ impl Lab {
                 n.pod_cidr,
                 n.pin_path.display()
             );
+            if let Some(a) = n.ip6 {
+                let _ = writeln!(s, "  {:<9} {a:<16} pods {}/64", "", pod_cidr6(n.index));
+            }
             for p in self.pods_on(n.index) {
                 let _ = writeln!(
                     s,
                     "    {:<15} {:<16} ns {}  host veth {}",
                     p.name, p.ip, p.ns, p.host_veth
                 );
+                if let Some(a) = p.ip6 {
+                    let _ = writeln!(s, "    {:<15} {a}", "");
+                }
             }
         }
         let _ = writeln!(s, "  underlay bridge br0 in ns {}", self.underlay_ns());

@@ -121,6 +121,9 @@ enum LabCmd {
         /// Also start kproxy-netexec (8080 TCP/UDP) and dnsmasq (5353) in every pod.
         #[arg(long)]
         servers: bool,
+        /// Dual stack: IPv6 addresses and routes (inside 2001:2::/48) as well.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Remove a lab: processes inside it, its namespaces and its pins.
     Down {
@@ -160,8 +163,10 @@ fn main() -> Result<()> {
             &kernels::Opts { kernels, filter, no_e2e, verifier_only },
         ),
         Cmd::Lab { cmd } => match cmd {
-            LabCmd::Up { nodes, pods, wiring, prefix, servers } => {
-                lab_up(nodes, pods, wiring, prefix, servers)
+            LabCmd::Up { nodes, pods, wiring, prefix, servers, ipv6 } => {
+                let spec =
+                    LabSpec { prefix: Some(prefix), nodes, pods_per_node: pods, wiring, ipv6 };
+                lab_up(spec, servers)
             }
             LabCmd::Down { prefix } => {
                 let removed = lab::sweep(&prefix)?;
@@ -274,8 +279,7 @@ fn bench(
     Ok(())
 }
 
-fn lab_up(nodes: usize, pods: usize, wiring: Wiring, prefix: String, servers: bool) -> Result<()> {
-    let spec = LabSpec { prefix: Some(prefix), nodes, pods_per_node: pods, wiring, ipv6: false };
+fn lab_up(spec: LabSpec, servers: bool) -> Result<()> {
     let mut lab = Lab::up(spec)?;
     if servers {
         lab.set_outlive_parent(true);
