@@ -1285,7 +1285,7 @@ fn check_slice(s: &SliceObj) -> Vec<ModelError> {
         // IPv6 addresses are kept as written (see `EndpointAddr`) and parsed here and by
         // `v6::endpoint_addr6`.
         for (ei, ep) in s.endpoints.iter().enumerate() {
-            let (text, reason) = match &ep.addr {
+            let (text, reason) = match ep.addr() {
                 Some(EndpointAddr::V4(a)) => (a.to_string(), "an IPv4 address in an IPv6 slice"),
                 Some(EndpointAddr::Invalid(text)) => match text.parse::<IpAddr>() {
                     Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => (
@@ -1330,7 +1330,7 @@ fn check_slice(s: &SliceObj) -> Vec<ModelError> {
         }
     }
     for (ei, ep) in s.endpoints.iter().enumerate().filter(|_| !v6) {
-        if let Some(EndpointAddr::Invalid(text)) = &ep.addr {
+        if let Some(EndpointAddr::Invalid(text)) = ep.addr() {
             errors.push(site.invalid(
                 format!("endpoints[{ei}].addresses[0]"),
                 text,
@@ -1493,7 +1493,7 @@ fn backend_of(e: &Endpoint, p: u8) -> Backend {
 
 /// The IPv4 address of an endpoint of an `addressType: IPv4` slice.
 fn endpoint_addr4(s: &SliceObj, ep: &objects::EndpointObj) -> Option<Ipv4Addr> {
-    match ep.addr {
+    match ep.addr() {
         Some(EndpointAddr::V4(a)) if s.address_type == "IPv4" => Some(a),
         _ => None,
     }
@@ -1813,14 +1813,14 @@ fn collect_endpoints<A: Ord + Copy>(
             for ep in &s.endpoints {
                 let Some(addr) = addr_of(s, ep) else { continue };
                 let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(&node.name);
-                let hints = ep.hints.as_deref();
+                let hints = ep.hints();
                 let endpoint = Endpoint {
                     addr,
                     port: target,
                     local,
-                    ready: ep.ready.unwrap_or(true),
-                    serving: ep.serving.unwrap_or(true),
-                    terminating: ep.terminating.unwrap_or(false),
+                    ready: ep.ready().unwrap_or(true),
+                    serving: ep.serving().unwrap_or(true),
+                    terminating: ep.terminating().unwrap_or(false),
                     zone_hints: hints
                         .map(|h| h.zones.iter().cloned().collect())
                         .unwrap_or_default(),

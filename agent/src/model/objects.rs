@@ -177,14 +177,14 @@ pub struct SlicePortObj {
     pub port: Option<i32>,
 }
 
-/// The first address of an endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EndpointAddr {
+/// The first address of an endpoint, as [`EndpointObj::addr`] gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointAddr<'a> {
     /// A valid IPv4 address.
     V4(Ipv4Addr),
     /// Anything else, as written: an IPv6 address (parsed by the model's IPv6 side, which keeps
     /// IPv4 endpoints as small as they were) or an invalid one (reported by the model).
-    Invalid(Box<str>),
+    Invalid(&'a str),
 }
 
 /// Topology hints of an endpoint (rare, so boxed).
@@ -196,21 +196,117 @@ pub struct HintsObj {
     pub nodes: Vec<String>,
 }
 
-/// One endpoint of an EndpointSlice.
+/// What few endpoints carry (boxed, so that the others do not pay for it): an address that is
+/// not IPv4, kept as written, and topology hints.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct EndpointRare {
+    addr_text: Option<Box<str>>,
+    hints: Option<HintsObj>,
+}
+
+/// One endpoint of an EndpointSlice. Held for every endpoint of the cluster, so packed: the
+/// IPv4 address inline, the three conditions in one byte, the rest boxed when present.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointObj {
-    /// The first of `addresses` (`None`: no address).
-    pub addr: Option<EndpointAddr>,
+    /// The first of `addresses` when it is an IPv4 address.
+    v4: Option<Ipv4Addr>,
+    /// `conditions.ready`, `serving` and `terminating`, two bits each ([`cond_bits`]).
+    conditions: u8,
     /// `nodeName` (the tracker shares one copy per node).
     pub node_name: Option<SharedStr>,
+    rare: Option<Box<EndpointRare>>,
+}
+
+const _: () = assert!(std::mem::size_of::<EndpointObj>() <= 32);
+
+/// Two bits of an optional condition: 0 absent, 1 false, 2 true.
+fn cond_bits(c: Option<bool>) -> u8 {
+    match c {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    }
+}
+
+impl EndpointObj {
+    /// An endpoint of first address `addr`, on node `node_name`, with the conditions `ready`,
+    /// `serving`, `terminating` and topology `hints` (empty hints count as none).
+    pub fn new(
+        addr: Option<&str>,
+        node_name: Option<SharedStr>,
+        [ready, serving, terminating]: [Option<bool>; 3],
+        hints: Option<HintsObj>,
+    ) -> Self {
+        let mut ep = Self {
+            v4: None,
+            conditions: cond_bits(ready) | cond_bits(serving) << 2 | cond_bits(terminating) << 4,
+            node_name,
+            rare: None,
+        };
+        ep.set_addr(addr);
+        if let Some(h) = hints.filter(|h| !h.zones.is_empty() || !h.nodes.is_empty()) {
+            ep.rare.get_or_insert_default().hints = Some(h);
+        }
+        ep
+    }
+
+    /// Replaces the first address.
+    pub fn set_addr(&mut self, addr: Option<&str>) {
+        self.v4 = None;
+        let mut text = None;
+        match addr.map(|a| (a, a.parse::<Ipv4Addr>())) {
+            Some((_, Ok(v4))) => self.v4 = Some(v4),
+            Some((a, Err(_))) => text = Some(a.into()),
+            None => {}
+        }
+        match (&mut self.rare, text) {
+            (Some(r), text) => r.addr_text = text,
+            (None, Some(t)) => {
+                self.rare = Some(Box::new(EndpointRare { addr_text: Some(t), hints: None }))
+            }
+            (None, None) => {}
+        }
+        if self.rare.as_deref() == Some(&EndpointRare::default()) {
+            self.rare = None;
+        }
+    }
+
+    /// The first of `addresses` (`None`: no address).
+    pub fn addr(&self) -> Option<EndpointAddr<'_>> {
+        match (self.v4, self.rare.as_deref().and_then(|r| r.addr_text.as_deref())) {
+            (Some(a), _) => Some(EndpointAddr::V4(a)),
+            (None, Some(t)) => Some(EndpointAddr::Invalid(t)),
+            (None, None) => None,
+        }
+    }
+
+    fn condition(&self, shift: u8) -> Option<bool> {
+        match self.conditions >> shift & 3 {
+            0 => None,
+            1 => Some(false),
+            _ => Some(true),
+        }
+    }
+
     /// `conditions.ready`.
-    pub ready: Option<bool>,
+    pub fn ready(&self) -> Option<bool> {
+        self.condition(0)
+    }
+
     /// `conditions.serving`.
-    pub serving: Option<bool>,
+    pub fn serving(&self) -> Option<bool> {
+        self.condition(2)
+    }
+
     /// `conditions.terminating`.
-    pub terminating: Option<bool>,
+    pub fn terminating(&self) -> Option<bool> {
+        self.condition(4)
+    }
+
     /// `hints`, when it names anything.
-    pub hints: Option<Box<HintsObj>>,
+    pub fn hints(&self) -> Option<&HintsObj> {
+        self.rare.as_deref().and_then(|r| r.hints.as_ref())
+    }
 }
 
 /// What the model reads of an EndpointSlice.
@@ -254,19 +350,16 @@ impl From<&EndpointSlice> for SliceObj {
                     zones: h.for_zones.iter().flatten().map(|z| z.name.clone()).collect(),
                     nodes: h.for_nodes.iter().flatten().map(|n| n.name.clone()).collect(),
                 });
-                EndpointObj {
-                    addr: ep.addresses.first().map(|a| match a.parse::<Ipv4Addr>() {
-                        Ok(v4) => EndpointAddr::V4(v4),
-                        Err(_) => EndpointAddr::Invalid(a.as_str().into()),
-                    }),
-                    node_name: ep.node_name.as_deref().map(Into::into),
-                    ready: cond.and_then(|c| c.ready),
-                    serving: cond.and_then(|c| c.serving),
-                    terminating: cond.and_then(|c| c.terminating),
-                    hints: hints
-                        .filter(|h| !h.zones.is_empty() || !h.nodes.is_empty())
-                        .map(Box::new),
-                }
+                EndpointObj::new(
+                    ep.addresses.first().map(String::as_str),
+                    ep.node_name.as_deref().map(Into::into),
+                    [
+                        cond.and_then(|c| c.ready),
+                        cond.and_then(|c| c.serving),
+                        cond.and_then(|c| c.terminating),
+                    ],
+                    hints,
+                )
             })
             .collect();
         let mut obj = Self {

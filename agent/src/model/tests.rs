@@ -505,6 +505,53 @@ spec: {clusterIP: 198.19.0.10, publishNotReadyAddresses: true, ports: [{name: ht
 }
 
 /// A Service object (created at second `created`, none if 0) as the tracker receives it.
+#[test]
+fn packed_endpoint_gives_back_what_it_was_made_of() {
+    use objects::{EndpointAddr, EndpointObj, HintsObj};
+    let conds = [None, Some(false), Some(true)];
+    let zones = HintsObj { zones: vec!["z1".into()], nodes: Vec::new() };
+    for addr in [None, Some("198.18.0.1"), Some("2001:2::1"), Some("198.18.0.999")] {
+        for hints in [None, Some(HintsObj::default()), Some(zones.clone())] {
+            for r in conds {
+                for s in conds {
+                    for t in conds {
+                        let node = Some(SharedStr::from("node-1"));
+                        let ep = EndpointObj::new(addr, node.clone(), [r, s, t], hints.clone());
+                        let want = addr.map(|a| match a.parse() {
+                            Ok(v4) => EndpointAddr::V4(v4),
+                            Err(_) => EndpointAddr::Invalid(a),
+                        });
+                        assert_eq!(ep.addr(), want, "{addr:?}");
+                        assert_eq!((ep.ready(), ep.serving(), ep.terminating()), (r, s, t));
+                        let want_hints = hints.as_ref().filter(|h| !h.zones.is_empty());
+                        assert_eq!(ep.hints(), want_hints);
+                        assert_eq!(ep.node_name, node);
+                        // Another address keeps the rest.
+                        let mut other = ep.clone();
+                        other.set_addr(Some("bad"));
+                        assert_eq!(other.addr(), Some(EndpointAddr::Invalid("bad")));
+                        other.set_addr(Some("198.18.0.2"));
+                        assert_eq!(other.addr(), Some(EndpointAddr::V4([198, 18, 0, 2].into())));
+                        assert_eq!(
+                            (other.ready(), other.serving(), other.terminating()),
+                            (r, s, t)
+                        );
+                        assert_eq!(other.hints(), want_hints);
+                        // Equal to one made with that address from the start (no box left).
+                        let fresh = EndpointObj::new(
+                            Some("198.18.0.2"),
+                            node.clone(),
+                            [r, s, t],
+                            hints.clone(),
+                        );
+                        assert_eq!(other, fresh);
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn svc_obj(yaml: &str, created: i64) -> objects::ServiceObj {
     let mut o = objects::ServiceObj::from(&svc(yaml));
     o.created = (created > 0).then(|| jiff::Timestamp::from_second(created).unwrap());
@@ -740,7 +787,7 @@ fn invalid_update_of_a_live_slice_keeps_its_last_valid_version() {
     let bad_port: objects::SliceObj =
         (&web_slice("web-a", "http", 0, &[(10, 0, true, true, false)])).into();
     let mut bad_addr = good.clone();
-    bad_addr.endpoints[1].addr = Some(objects::EndpointAddr::Invalid("198.18.100.999".into()));
+    bad_addr.endpoints[1].set_addr(Some("198.18.100.999"));
     bad_addr.origin = Some("/m/eps.yaml".into());
     let mut no_label = good.clone();
     no_label.service = None;
@@ -762,7 +809,7 @@ fn invalid_update_of_a_live_slice_keeps_its_last_valid_version() {
     // A slice that was never valid is used for what is valid in it.
     t.apply(Change::SliceDeleted(good.name.clone()));
     let mut bad_addr = good.clone();
-    bad_addr.endpoints[1].addr = Some(objects::EndpointAddr::Invalid("x".into()));
+    bad_addr.endpoints[1].set_addr(Some("x"));
     t.apply(Change::Slice(bad_addr));
     let c = t.changes();
     assert_eq!(bes(&c.state, &f), ["198.18.100.10:8080"]);

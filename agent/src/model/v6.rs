@@ -197,7 +197,7 @@ pub(super) fn endpoint_addr6(s: &SliceObj, ep: &EndpointObj) -> Option<Ipv6Addr>
     if s.address_type != "IPv6" {
         return None;
     }
-    match &ep.addr {
+    match ep.addr() {
         Some(EndpointAddr::Invalid(text)) => {
             text.parse::<Ipv6Addr>().ok().filter(|a| a.to_ipv4_mapped().is_none())
         }

@@ -731,7 +731,7 @@ mod incremental {
     use super::*;
     use crate::model::{
         Change, NodeInfo, Tracker,
-        objects::{EndpointAddr, EndpointObj, ServiceObj, ServicePortObj, SliceObj, SlicePortObj},
+        objects::{EndpointObj, ServiceObj, ServicePortObj, SliceObj, SlicePortObj},
     };
 
     fn name(i: u32) -> ServiceName {
@@ -785,13 +785,13 @@ mod incremental {
                 port: Some(8080),
             }],
             endpoints: eps
-                .map(|e| EndpointObj {
-                    addr: Some(EndpointAddr::V4(Ipv4Addr::from(base + i * 10 + e))),
-                    node_name: Some(format!("node-{}", e % 2).into()),
-                    ready: Some(true),
-                    serving: Some(true),
-                    terminating: Some(false),
-                    hints: None,
+                .map(|e| {
+                    EndpointObj::new(
+                        Some(&Ipv4Addr::from(base + i * 10 + e).to_string()),
+                        Some(format!("node-{}", e % 2).into()),
+                        [Some(true), Some(true), Some(false)],
+                        None,
+                    )
                 })
                 .collect(),
         }
