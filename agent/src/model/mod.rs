@@ -155,11 +155,11 @@ pub fn proto_name(p: u8) -> &'static str {
     }
 }
 
-/// A frontend: what a packet is matched on.
+/// A frontend: what a packet is matched on (IPv4 unless `A` says otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Frontend {
+pub struct Frontend<A = Ipv4Addr> {
     /// Address.
-    pub addr: Ipv4Addr,
+    pub addr: A,
     /// Port.
     pub port: u16,
     /// IP protocol.
@@ -175,11 +175,11 @@ impl fmt::Display for Frontend {
     }
 }
 
-/// A backend (pod address and target port).
+/// A backend (pod address and target port; IPv4 unless `A` says otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
+pub struct Backend<A = Ipv4Addr> {
     /// Pod address.
-    pub addr: Ipv4Addr,
+    pub addr: A,
     /// Target port.
     pub port: u16,
     /// IP protocol.
@@ -215,16 +215,19 @@ impl Backend {
     }
 }
 
-/// The desired service entry of one frontend.
+/// The desired service entry of one frontend (IPv4 unless `A` says otherwise).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FrontendEntry {
+pub struct FrontendEntry<A = Ipv4Addr> {
     /// `svc_flags::*`.
     pub flags: u16,
     /// sessionAffinity ClientIP timeout in seconds, 0 when off.
     pub affinity_timeout: u32,
     /// Backends to balance over, ordered (by address, then port). Empty: reject or drop.
-    pub backends: Vec<Backend>,
+    pub backends: Vec<Backend<A>>,
 }
+
+/// The frontends of a service port and their service entries.
+pub type FrontendMap<A = Ipv4Addr> = BTreeMap<Frontend<A>, FrontendEntry<A>>;
 
 /// The desired state of one service port.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
@@ -1053,26 +1056,8 @@ impl Tracker {
         out.skipped.append(&mut result.skipped);
         out.services.insert(name.clone());
         // A recomputation in the same round replaces the earlier one.
-        let stale: Vec<ServicePortName> = out
-            .state
-            .services
-            .range(ServicePortName::first_of(name)..)
-            .take_while(|(k, _)| k.service == *name)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in stale {
-            out.state.services.remove(&k);
-        }
-        let stale6: Vec<ServicePortName> = out
-            .state
-            .services6
-            .range(ServicePortName::first_of(name)..)
-            .take_while(|(k, _)| k.service == *name)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in stale6 {
-            out.state.services6.remove(&k);
-        }
+        remove_ports_of(&mut out.state.services, name);
+        remove_ports_of(&mut out.state.services6, name);
         for (spn, st, _) in result.ports {
             out.state.services.insert(spn, st);
         }
@@ -1094,6 +1079,18 @@ impl ServicePortName {
     /// The smallest service port name of `service` (for range queries over one service).
     pub fn first_of(service: &ServiceName) -> Self {
         Self { service: service.clone(), port: "".into(), proto: 0 }
+    }
+}
+
+/// Removes every port of `service` from a map keyed by service port name.
+fn remove_ports_of<V>(map: &mut BTreeMap<ServicePortName, V>, service: &ServiceName) {
+    let stale: Vec<ServicePortName> = map
+        .range(ServicePortName::first_of(service)..)
+        .take_while(|(k, _)| k.service == *service)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in stale {
+        map.remove(&k);
     }
 }
 
@@ -1391,66 +1388,35 @@ fn compute_service(
         out.ports6.extend(state6.map(|st| (spn.clone(), st)));
         let Some(cluster_ip) = spec.cluster_ip else { continue };
         let eps = collect_endpoints(&spn, slices, node, endpoint_addr4);
-        let externally_accessible =
-            node_port.is_some() || !spec.lb_ips.is_empty() || !spec.external_ips.is_empty();
-        let policy = Policy {
-            internal_local: spec.policy_internal_local,
-            external_local: spec.policy_external_local && externally_accessible,
-            externally_accessible,
+        let serve = Serve {
+            cluster_ip,
+            svc_port,
+            node_port,
+            node_addrs: &node.addrs,
+            lb_ips: &spec.lb_ips,
+            external_ips: &spec.external_ips,
         };
-        let cat = categorize(&eps, policy, &node.name, node.zone.as_deref());
-        local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
-        let to_backends = |set: &[Endpoint]| -> Vec<Backend> {
-            let mut v: Vec<Backend> = set.iter().map(|e| backend_of(e, p)).collect();
-            v.sort();
-            v
-        };
-        let cluster = to_backends(&cat.cluster);
-        let local = to_backends(&cat.local);
-        let entry = |flags: u16, backends: &Vec<Backend>, local_policy: bool| {
-            let drop = backends.is_empty() && cat.has_any;
-            FrontendEntry {
-                flags: entry_flags(flags, spec.affinity_timeout, local_policy, drop),
-                affinity_timeout: spec.affinity_timeout,
-                backends: backends.clone(),
-            }
-        };
-        let mut state = ServicePortState {
-            endpoints: eps.iter().map(|e| backend_of(e, p)).collect(),
-            ..Default::default()
-        };
+        let mut restricted = false;
+        let (frontends, endpoints) =
+            port_frontends(&spec, p, &serve, &eps, node, &mut local_ready, |kind| {
+                // loadBalancerSourceRanges: LoadBalancer IPs, NodePorts when asked to.
+                if !ranges.is_empty()
+                    && (kind == svc_flags::LOAD_BALANCER
+                        || (kind == svc_flags::NODE_PORT && node_port_ranges))
+                {
+                    restricted = true;
+                    kind | svc_flags::SOURCE_RANGES
+                } else {
+                    kind
+                }
+            });
+        let mut state = ServicePortState { frontends, endpoints, ..Default::default() };
+        if restricted {
+            state.source_ranges.clone_from(&ranges);
+        }
         if p == proto::UDP {
             state.udp_serving =
                 eps.iter().filter(|e| e.ready || e.serving).map(|e| (e.addr, e.port)).collect();
-        }
-        let fe = |addr: Ipv4Addr, port: u16, scope: u8| Frontend { addr, port, proto: p, scope };
-        // ClusterIP: internal scope only, internalTrafficPolicy.
-        let (set, local_policy) =
-            if policy.internal_local { (&local, true) } else { (&cluster, false) };
-        state.frontends.insert(
-            fe(cluster_ip, svc_port, scope::INTERNAL),
-            entry(svc_flags::CLUSTER_IP, set, local_policy),
-        );
-        let mut externals: Vec<(Ipv4Addr, u16, u16)> = Vec::new();
-        if let Some(np) = node_port {
-            externals.extend(node.addrs.iter().map(|a| (*a, np, svc_flags::NODE_PORT)));
-        }
-        externals.extend(spec.lb_ips.iter().map(|a| (*a, svc_port, svc_flags::LOAD_BALANCER)));
-        externals.extend(spec.external_ips.iter().map(|a| (*a, svc_port, svc_flags::EXTERNAL_IP)));
-        for (addr, port, kind) in externals {
-            let (set, local_policy) =
-                if policy.external_local { (&local, true) } else { (&cluster, false) };
-            let restricted = !ranges.is_empty()
-                && (kind == svc_flags::LOAD_BALANCER
-                    || (kind == svc_flags::NODE_PORT && node_port_ranges));
-            let kind = if restricted {
-                state.source_ranges.clone_from(&ranges);
-                kind | svc_flags::SOURCE_RANGES
-            } else {
-                kind
-            };
-            state.frontends.insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
-            state.frontends.insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
         }
         out.ports.push((spn, state, port_field(port, i, "port")));
     }
@@ -1480,7 +1446,81 @@ fn entry_flags(kind: u16, affinity_timeout: u32, local_policy: bool, drop_if_emp
     flags
 }
 
-fn backend_of(e: &Endpoint, p: u8) -> Backend {
+/// Where one service port is served, in one family.
+struct Serve<'a, A> {
+    cluster_ip: A,
+    svc_port: u16,
+    node_port: Option<u16>,
+    node_addrs: &'a [A],
+    lb_ips: &'a [A],
+    external_ips: &'a [A],
+}
+
+/// The frontends of one service port in one family, each with the backends it balances over
+/// (internal and external traffic policies, topology), and the backends of all its endpoints.
+/// `kind_of` may add flags to an external frontend's kind (source ranges). The local ready
+/// endpoint addresses are added to `local_ready` (health check).
+fn port_frontends<A: Copy + Ord>(
+    spec: &SvcSpec,
+    p: u8,
+    serve: &Serve<'_, A>,
+    eps: &[Endpoint<A>],
+    node: &NodeInfo,
+    local_ready: &mut BTreeSet<A>,
+    mut kind_of: impl FnMut(u16) -> u16,
+) -> (FrontendMap<A>, BTreeSet<Backend<A>>) {
+    let externally_accessible =
+        serve.node_port.is_some() || !serve.lb_ips.is_empty() || !serve.external_ips.is_empty();
+    let policy = Policy {
+        internal_local: spec.policy_internal_local,
+        external_local: spec.policy_external_local && externally_accessible,
+        externally_accessible,
+    };
+    let cat = categorize(eps, policy, &node.name, node.zone.as_deref());
+    local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
+    let to_backends = |set: &[Endpoint<A>]| -> Vec<Backend<A>> {
+        let mut v: Vec<Backend<A>> = set.iter().map(|e| backend_of(e, p)).collect();
+        v.sort();
+        v
+    };
+    let cluster = to_backends(&cat.cluster);
+    let local = to_backends(&cat.local);
+    let entry = |flags: u16, backends: &Vec<Backend<A>>, local_policy: bool| {
+        let drop = backends.is_empty() && cat.has_any;
+        FrontendEntry {
+            flags: entry_flags(flags, spec.affinity_timeout, local_policy, drop),
+            affinity_timeout: spec.affinity_timeout,
+            backends: backends.clone(),
+        }
+    };
+    let fe = |addr: A, port: u16, scope: u8| Frontend { addr, port, proto: p, scope };
+    let mut frontends = BTreeMap::new();
+    // ClusterIP: internal scope only, internalTrafficPolicy.
+    let (set, local_policy) =
+        if policy.internal_local { (&local, true) } else { (&cluster, false) };
+    frontends.insert(
+        fe(serve.cluster_ip, serve.svc_port, scope::INTERNAL),
+        entry(svc_flags::CLUSTER_IP, set, local_policy),
+    );
+    let mut externals: Vec<(A, u16, u16)> = Vec::new();
+    if let Some(np) = serve.node_port {
+        externals.extend(serve.node_addrs.iter().map(|a| (*a, np, svc_flags::NODE_PORT)));
+    }
+    let svc_port = serve.svc_port;
+    externals.extend(serve.lb_ips.iter().map(|a| (*a, svc_port, svc_flags::LOAD_BALANCER)));
+    externals.extend(serve.external_ips.iter().map(|a| (*a, svc_port, svc_flags::EXTERNAL_IP)));
+    // External addresses: externalTrafficPolicy from outside, every endpoint from inside.
+    for (addr, port, kind) in externals {
+        let (set, local_policy) =
+            if policy.external_local { (&local, true) } else { (&cluster, false) };
+        let kind = kind_of(kind);
+        frontends.insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
+        frontends.insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
+    }
+    (frontends, eps.iter().map(|e| backend_of(e, p)).collect())
+}
+
+fn backend_of<A: Copy>(e: &Endpoint<A>, p: u8) -> Backend<A> {
     let mut flags = 0;
     if e.local {
         flags |= backend_flags::LOCAL;
@@ -1515,6 +1555,14 @@ fn parse_protocol(p: Option<&str>) -> Result<u8, String> {
 
 /// Leaves out the externalIPs and load-balancer IPs that `policy` does not allow, with an error
 /// naming each.
+/// The index of `svc`'s LoadBalancer ingress entry holding `addr` (0 when none does).
+fn ingress_index(svc: &ServiceObj, addr: IpAddr) -> usize {
+    svc.ingress
+        .iter()
+        .position(|g| g.ip.as_deref().and_then(|t| t.parse::<IpAddr>().ok()) == Some(addr))
+        .unwrap_or(0)
+}
+
 fn refuse_addresses(
     site: &ErrorSite,
     svc: &ServiceObj,
@@ -1552,11 +1600,7 @@ fn refuse_addresses(
     spec.lb_ips.retain(|a| {
         let ok = AddressPolicy::allows(&policy.load_balancer_ips, *a);
         if !ok {
-            let i = svc
-                .ingress
-                .iter()
-                .position(|g| g.ip.as_deref().and_then(|t| t.parse().ok()) == Some(*a))
-                .unwrap_or(0);
+            let i = ingress_index(svc, IpAddr::V4(*a));
             refuse(
                 format!("status.loadBalancer.ingress[{i}].ip"),
                 IpAddr::V4(*a),
@@ -1578,11 +1622,7 @@ fn refuse_addresses(
     spec.v6.lb_ips.retain(|a| {
         let ok = AddressPolicy::allows(&policy.load_balancer_ips, *a);
         if !ok {
-            let i = svc
-                .ingress
-                .iter()
-                .position(|g| g.ip.as_deref().and_then(|t| t.parse().ok()) == Some(*a))
-                .unwrap_or(0);
+            let i = ingress_index(svc, IpAddr::V6(*a));
             let field = format!("status.loadBalancer.ingress[{i}].ip");
             refuse(field, IpAddr::V6(*a), "--load-balancer-ip-cidrs", &policy.load_balancer_ips);
         }

@@ -14,14 +14,13 @@ use std::{
     net::Ipv6Addr,
 };
 
-use kproxy_common::{Addr6, Service6Key, backend_flags, proto, scope, svc_flags};
+use kproxy_common::{Addr6, Service6Key, proto, scope};
 
 use super::{
-    ErrorSite, ModelError, NodeInfo, ServicePortName, SvcSpec, collect_endpoints,
-    endpoints::{Endpoint, Policy, categorize},
-    entry_flags,
+    ErrorSite, ModelError, NodeInfo, Serve, ServicePortName, SvcSpec, collect_endpoints,
+    endpoints::Endpoint,
     objects::{EndpointAddr, EndpointObj, ServiceObj, SliceObj},
-    outcome, proto_name,
+    outcome, port_frontends, proto_name,
 };
 
 /// An IPv6 address in map form (four words, network byte order in memory).
@@ -42,17 +41,7 @@ pub fn from_addr6(a: &Addr6) -> Ipv6Addr {
 }
 
 /// An IPv6 frontend: what a packet is matched on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Frontend6 {
-    /// Address.
-    pub addr: Ipv6Addr,
-    /// Port.
-    pub port: u16,
-    /// IP protocol.
-    pub proto: u8,
-    /// [`scope::EXTERNAL`] or [`scope::INTERNAL`].
-    pub scope: u8,
-}
+pub type Frontend6 = super::Frontend<Ipv6Addr>;
 
 impl Frontend6 {
     /// The key of its service entry (`slot` 0) or of backend slot `slot`.
@@ -76,17 +65,7 @@ impl fmt::Display for Frontend6 {
 }
 
 /// An IPv6 backend (pod address and target port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend6 {
-    /// Pod address.
-    pub addr: Ipv6Addr,
-    /// Target port.
-    pub port: u16,
-    /// IP protocol.
-    pub proto: u8,
-    /// `backend_flags::*`.
-    pub flags: u8,
-}
+pub type Backend6 = super::Backend<Ipv6Addr>;
 
 impl Backend6 {
     /// The identity of a backend in the datapath (flags may change in place).
@@ -105,16 +84,8 @@ impl Backend6 {
     }
 }
 
-/// The desired IPv6 service entry of one frontend (as [`super::FrontendEntry`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FrontendEntry6 {
-    /// `svc_flags::*`.
-    pub flags: u16,
-    /// sessionAffinity ClientIP timeout in seconds, 0 when off.
-    pub affinity_timeout: u32,
-    /// Backends to balance over, ordered (by address, then port). Empty: reject or drop.
-    pub backends: Vec<Backend6>,
-}
+/// The desired IPv6 service entry of one frontend.
+pub type FrontendEntry6 = super::FrontendEntry<Ipv6Addr>;
 
 /// The desired IPv6 state of one service port.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
@@ -222,64 +193,17 @@ pub(super) fn port_state(
     let p = spn.proto;
     let node_port = node_port.filter(|_| spec.v6.node_ports);
     let eps: Vec<Endpoint<Ipv6Addr>> = collect_endpoints(spn, slices, node, endpoint_addr6);
-    let externally_accessible =
-        node_port.is_some() || !spec.v6.lb_ips.is_empty() || !spec.v6.external_ips.is_empty();
-    let policy = Policy {
-        internal_local: spec.policy_internal_local,
-        external_local: spec.policy_external_local && externally_accessible,
-        externally_accessible,
+    let serve = Serve {
+        cluster_ip,
+        svc_port,
+        node_port,
+        node_addrs: &node.addrs6,
+        lb_ips: &spec.v6.lb_ips,
+        external_ips: &spec.v6.external_ips,
     };
-    let cat = categorize(&eps, policy, &node.name, node.zone.as_deref());
-    local_ready.extend(eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
-    let to_backends = |set: &[Endpoint<Ipv6Addr>]| -> Vec<Backend6> {
-        let mut v: Vec<Backend6> = set.iter().map(|e| backend6_of(e, p)).collect();
-        v.sort();
-        v
-    };
-    let cluster = to_backends(&cat.cluster);
-    let local = to_backends(&cat.local);
-    let entry = |flags: u16, backends: &Vec<Backend6>, local_policy: bool| {
-        let drop = backends.is_empty() && cat.has_any;
-        FrontendEntry6 {
-            flags: entry_flags(flags, spec.affinity_timeout, local_policy, drop),
-            affinity_timeout: spec.affinity_timeout,
-            backends: backends.clone(),
-        }
-    };
-    let mut state = PortState6 {
-        endpoints: eps.iter().map(|e| backend6_of(e, p)).collect(),
-        ..Default::default()
-    };
-    let fe = |addr: Ipv6Addr, port: u16, scope: u8| Frontend6 { addr, port, proto: p, scope };
-    let (set, local_policy) =
-        if policy.internal_local { (&local, true) } else { (&cluster, false) };
-    state.frontends.insert(
-        fe(cluster_ip, svc_port, scope::INTERNAL),
-        entry(svc_flags::CLUSTER_IP, set, local_policy),
-    );
-    let mut externals: Vec<(Ipv6Addr, u16, u16)> = Vec::new();
-    if let Some(np) = node_port {
-        externals.extend(node.addrs6.iter().map(|a| (*a, np, svc_flags::NODE_PORT)));
-    }
-    externals.extend(spec.v6.lb_ips.iter().map(|a| (*a, svc_port, svc_flags::LOAD_BALANCER)));
-    externals.extend(spec.v6.external_ips.iter().map(|a| (*a, svc_port, svc_flags::EXTERNAL_IP)));
-    for (addr, port, kind) in externals {
-        let (set, local_policy) =
-            if policy.external_local { (&local, true) } else { (&cluster, false) };
-        state.frontends.insert(fe(addr, port, scope::EXTERNAL), entry(kind, set, local_policy));
-        state.frontends.insert(fe(addr, port, scope::INTERNAL), entry(kind, &cluster, false));
-    }
+    let (frontends, endpoints) =
+        port_frontends(spec, p, &serve, &eps, node, local_ready, |kind| kind);
+    let state = PortState6 { frontends, endpoints };
     debug_assert!(p != proto::SCTP);
     Some(state)
-}
-
-fn backend6_of(e: &Endpoint<Ipv6Addr>, p: u8) -> Backend6 {
-    let mut flags = 0;
-    if e.local {
-        flags |= backend_flags::LOCAL;
-    }
-    if e.terminating {
-        flags |= backend_flags::TERMINATING;
-    }
-    Backend6 { addr: e.addr, port: e.port, proto: p, flags }
 }
