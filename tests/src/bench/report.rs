@@ -480,7 +480,7 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
     // Issue 13.
     row(
         "13 IPv6 per-packet cost within 15% of IPv4's",
-        "not measured (no IPv6 datapath yet)".into(),
+        "not measured (no IPv6 rows in the bench yet)".into(),
         "—".into(),
         "—".into(),
     );
