@@ -493,3 +493,151 @@ fn ipv6_malformed_frames_are_counted() {
     }
     assert!(env.maps.conntrack6().unwrap().is_empty());
 }
+
+/// An ICMPv6 error from `src` to `dst` of `typ`/`code` with header bytes 4..8 `rest` (the MTU
+/// of a Packet Too Big), quoting `quote` (an IPv6 packet from its header on).
+fn icmp6_error(src: &str, dst: &str, typ: u8, code: u8, rest: u32, quote: &[u8]) -> Frame6 {
+    let mut f = Frame6::icmp(src.parse().unwrap(), dst.parse().unwrap(), typ, code, quote);
+    if let L4::Icmp { rest: r, .. } = &mut f.l4 {
+        *r = rest.to_be_bytes();
+    }
+    f
+}
+
+/// The quote a translated error must carry: the packet `orig` as its sender sent it, with the
+/// quoted L4 checksum of `seen` (the translated packet the error's sender saw; that checksum
+/// is left alone, receivers do not check it in quotes). Also checks that both packets, outside
+/// any error, had valid checksums (independent code).
+fn quote_of(orig: &[u8], seen: &[u8], csum_at: usize) -> Vec<u8> {
+    frames6::verify_checksums(orig).unwrap();
+    frames6::verify_checksums(seen).unwrap();
+    let mut q = orig[14..].to_vec();
+    q[40 + csum_at..42 + csum_at].copy_from_slice(&seen[54 + csum_at..56 + csum_at]);
+    q
+}
+
+/// ICMPv6 errors about translated connections are translated both ways, with the outer
+/// ICMPv6 checksum (over the pseudo-header and the whole rewritten quote) checked by
+/// independent code.
+#[test]
+fn ipv6_icmp_errors_about_translated_connections_are_translated() {
+    let mut env = Env::new();
+    let be_dns = "[2001:2:100::11]:5353";
+    env.backend6(1, be_dns, backend_flags::LOCAL, proto::UDP);
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let q = Frame6::udp(sa6(POD6), sa6(DNS6), b"query");
+    let qb = q.build();
+    let (_, dnat) = env.tc(names::PROG_TC_FROM_POD, &qb);
+
+    // The backend answers "port unreachable", quoting the query as it received it: the client
+    // sees it from the service address, about the query it sent.
+    let be_ip = sa6(be_dns).ip().to_string();
+    let pod_ip = sa6(POD6).ip().to_string();
+    let svc_ip = sa6(DNS6).ip().to_string();
+    let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnat[14..]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &icmp6_error(&svc_ip, &pod_ip, 1, 4, 0, &quote_of(&qb, &dnat, 6)));
+
+    // A reply reaches a client whose socket is gone: its "port unreachable" about the reply
+    // (from the service address) goes to the backend, quoting the reply as the backend sent
+    // it.
+    let r = Frame6::udp(sa6(be_dns), sa6(POD6), b"answer");
+    let rb = r.build();
+    let (_, restored) = env.tc(names::PROG_TC_FROM_POD, &rb);
+    assert_frame6(&restored, &r.clone().with_src(sa6(DNS6)));
+    let err = icmp6_error(&pod_ip, &svc_ip, 1, 4, 0, &restored[14..]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &icmp6_error(&pod_ip, &be_ip, 1, 4, 0, &quote_of(&rb, &restored, 6)));
+
+    // An ICMPv6 error about something else passes untouched.
+    let other = Frame6::udp(sa6(POD6), sa6("[2001:2:ff::99]:53"), b"x").build();
+    let err = icmp6_error("2001:2:ff::99", &pod_ip, 1, 4, 0, &other[14..]).build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
+    assert_eq!((v, out), (TC_ACT_OK, err));
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::ReplyTranslated, 1),
+            (Reason::IcmpErrorTranslated, 2),
+            (Reason::PassUnsupportedProto, 1),
+        ],
+    );
+}
+
+/// Path MTU discovery through a service: a router on the path to the backend answers a
+/// DNAT'ed segment with Packet Too Big. The client gets it about the segment it sent (to the
+/// service address), the router's address and the MTU kept; once translated, the pod's own
+/// hook leaves it alone.
+#[test]
+fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let data = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK | PSH).with_payload(&[0x5a; 64]);
+    let db = data.build();
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN).build();
+    env.tc(names::PROG_TC_FROM_POD, &syn);
+    let (_, dnat) = env.tc(names::PROG_TC_FROM_POD, &db);
+    assert_frame6(&dnat, &data.clone().with_dst(sa6(BE6_1)));
+
+    let router = "2001:2::1";
+    let pod_ip = sa6(POD6).ip().to_string();
+    let ptb = icmp6_error(router, &pod_ip, 2, 0, 1280, &dnat[14..]);
+    let want = icmp6_error(router, &pod_ip, 2, 0, 1280, &quote_of(&db, &dnat, 16));
+    for prog in [names::PROG_TC_EXT, names::PROG_TC_TO_POD] {
+        let (v, out) = env.tc(prog, &ptb.build());
+        assert_eq!(v, TC_ACT_OK, "{prog}");
+        assert_frame6(&out, &want);
+    }
+    // Already translated (on the external device), it quotes no connection the pod's hook
+    // knows: untouched.
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &want.build());
+    assert_eq!((v, out), (TC_ACT_OK, want.build()));
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::IcmpErrorTranslated, 2),
+            (Reason::PassUnsupportedProto, 1),
+        ],
+    );
+}
+
+/// A NodePort whose backend is on another node: a router on the way to it answers the
+/// source-NATed segment with Packet Too Big. The error goes back to the external client about
+/// the segment it sent (from it to the NodePort), routed by the FIB.
+#[test]
+fn ipv6_packet_too_big_from_remote_backend_path_reaches_external_client() {
+    in_test_netns6(|| {
+        let mut env = Env::new();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        let be = "[2001:2:101::10]:8080";
+        env.backend6(1, be, 0, proto::TCP);
+        let np = format!("[{NODE6}]:30080");
+        env.service6(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let seg = Frame6::tcp(sa6(CLIENT6), sa6(&np), SYN).with_payload(&[0x5a; 64]);
+        let sb = seg.build();
+        let (v, fwd) = env.tc(names::PROG_TC_EXT, &sb);
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let node_snat = frames6::decode(&fwd).unwrap().saddr.to_string();
+        assert_eq!(node_snat, NODE6);
+
+        let router = "2001:2::11";
+        let ptb = icmp6_error(router, NODE6, 2, 0, 1400, &fwd[14..])
+            .with_macs([2, 0, 0, 0, 0, 0x10], [2, 0, 0, 0, 0, 0x11]);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &ptb.build());
+        assert_eq!(v, TC_ACT_REDIRECT, "routed on to the client");
+        let mut quote = quote_of(&sb, &fwd, 16);
+        quote[7] = fwd[14 + 7]; // the hop limit the router saw
+        let client = sa6(CLIENT6).ip().to_string();
+        let mut want = icmp6_error(router, &client, 2, 0, 1400, &quote)
+            .with_macs([2, 0, 0, 0, 0, 0x02], [2, 0, 0, 0, 0, 0x10]);
+        want.hop_limit = 63;
+        assert_frame6(&out, &want);
+        assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::IcmpErrorTranslated, 1)]);
+    });
+}
