@@ -2,7 +2,7 @@
 //! silent sink sockets in the backend pods, iperf3 TCP throughput, and the XDP_TX bounce
 //! reference.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::OwnedFd,
     time::{Duration, Instant},
 };
@@ -239,7 +239,7 @@ pub fn xdp_tx_rate(lab: &Lab, d: Duration) -> Result<f64> {
 }
 
 /// iperf3 TCP throughput (bits/s received) from namespace `ns` to `target`.
-pub fn iperf3(ns: &str, target: SocketAddrV4, d: Duration) -> Result<f64> {
+pub fn iperf3(ns: &str, target: SocketAddr, d: Duration) -> Result<f64> {
     let secs = format!("{}", d.as_secs_f64().max(1.0));
     let ip = target.ip().to_string();
     let port = target.port().to_string();

@@ -27,7 +27,7 @@ pub mod testrun;
 pub mod workload;
 
 use std::{
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -431,10 +431,37 @@ pub const BPF_STATS_WINDOWS: [(&str, &str); 4] = [
     ),
 ];
 
+/// The IPv6 windows of the bpf_stats step (goal 13), in a dual-stack lab of their own with the
+/// agent's `--enable-ipv6` (the IPv4 windows above keep their IPv4-only lab): each IPv6 window
+/// beside an IPv4 window of the same shape in that same lab, so that the IPv6/IPv4 ratio
+/// compares one agent, one lab and one set of programs.
+pub const BPF_STATS6_WINDOWS: [(&str, &str); 4] = [
+    (
+        "ds-clusterip6-local",
+        "dual-stack lab: one iperf3 TCP flow from a pod to an IPv6 ClusterIP whose backend is on the same node",
+    ),
+    ("ds-clusterip4-local", "dual-stack lab: the same over the service's IPv4 ClusterIP"),
+    (
+        "ds-clusterip6-remote",
+        "dual-stack lab: one iperf3 TCP flow from a pod to an IPv6 ClusterIP whose backend is on the other node",
+    ),
+    ("ds-clusterip4-remote", "dual-stack lab: the same over the service's IPv4 ClusterIP"),
+];
+
+/// (IPv6 window, IPv4 window of the same shape) of [`BPF_STATS6_WINDOWS`].
+pub const BPF_STATS6_PAIRS: [(&str, &str); 2] = [
+    ("ds-clusterip6-local", "ds-clusterip4-local"),
+    ("ds-clusterip6-remote", "ds-clusterip4-remote"),
+];
+
 /// The per-program figures of the bpf_stats step: (metric, program, window). Each also has a
 /// net figure ([`net_metric`]): the program's ns per run minus the empty program's (the lab's
-/// `XDP_PASS`, metric `empty_ns`) in the same window.
-pub const BPF_STATS_FIGURES: [(&str, &str, &str); 9] = [
+/// `XDP_PASS`, metric `empty_ns`) in the same window. An IPv6 frame entering a TC program is
+/// tail-called into its IPv6 twin (`kp_tc_from_pod` → `kp_pod6`, `kp_tc_to_pod` → `kp_topod6`,
+/// `kp_tc_ext` → `kp_ext6`): the kernel counts a run and its time only for the entry program,
+/// the tail-called program's time included, so the entry program's figure is the chain's cost
+/// and the tail-called programs are listed to show that they count no runs of their own.
+pub const BPF_STATS_FIGURES: [(&str, &str, &str); 26] = [
     ("from_pod_ns", "kp_tc_from_pod", "clusterip-local"),
     ("to_pod_ns", "kp_tc_to_pod", "clusterip-local"),
     ("from_pod_ns", "kp_tc_from_pod", "clusterip-remote"),
@@ -444,6 +471,23 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 9] = [
     ("to_pod_ns", "kp_tc_to_pod", "pod-direct"),
     ("xdp_ext_ns", "kp_xdp_ext", "pod-direct"),
     ("xdp_ext_ns", "kp_xdp_ext", "nodeport-remote"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-local"),
+    ("pod6_ns", "kp_pod6", "ds-clusterip6-local"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-local"),
+    ("topod6_ns", "kp_topod6", "ds-clusterip6-local"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-local"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip4-local"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-remote"),
+    ("pod6_ns", "kp_pod6", "ds-clusterip6-remote"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-remote"),
+    ("topod6_ns", "kp_topod6", "ds-clusterip6-remote"),
+    ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip6-remote"),
+    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip6-remote"),
+    ("ext6_ns", "kp_ext6", "ds-clusterip6-remote"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-remote"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip4-remote"),
+    ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip4-remote"),
+    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip4-remote"),
 ];
 
 /// Metric of the empty program's ns per run in each bpf_stats window.
@@ -585,6 +629,8 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     if cfg.packet_items() {
         b.bpf_stats_phase();
         b.step("8: per-program cost (bpf_stats)");
+        b.bpf_stats6_phase();
+        b.step("8: per-program cost over IPv6 (bpf_stats, dual-stack lab)");
         if !cfg.only_per_packet {
             b.nodeport_phase();
         }
@@ -1158,7 +1204,7 @@ impl Bench<'_> {
                         self.rec.fail("3-nodeport", "udp_cpu_ns_per_pkt", sys, n, v, &why);
                     }
                 }
-                match measure::iperf3(&client, SocketAddrV4::new(node, tcp), d) {
+                match measure::iperf3(&client, SocketAddrV4::new(node, tcp).into(), d) {
                     Ok(r) => self.rec.add("3-nodeport", "tcp_bps", sys, n, v, r),
                     Err(e) => self.rec.fail("3-nodeport", "tcp_bps", sys, n, v, &format!("{e:#}")),
                 }
@@ -1705,16 +1751,28 @@ impl Bench<'_> {
             self.stop_kproxy(k);
             res
         })();
+        self.record_stats(&BPF_STATS_WINDOWS, r);
+    }
+
+    /// The IPv6 windows of the bpf_stats step ([`bpf_stats6`]).
+    fn bpf_stats6_phase(&mut self) {
+        eprintln!("[bench] per-program cost over IPv6 (bpf_stats, dual-stack lab)");
+        let r = bpf_stats6(self.cfg);
+        self.record_stats(&BPF_STATS6_WINDOWS, r);
+    }
+
+    /// Records the samples of `windows`, or their failure.
+    fn record_stats(&mut self, windows: &[(&'static str, &str)], r: Result<Vec<StatSample>>) {
         let samples = match r {
             Ok(v) => v,
             Err(e) => {
                 let why = format!("{e:#}");
-                for (m, _, w) in BPF_STATS_FIGURES {
-                    self.rec.fail("8-bpf-stats", m, "kproxy", 1, w, &why);
-                    self.rec.fail("8-bpf-stats", &net_metric(m), "kproxy", 1, w, &why);
-                }
-                for (w, _) in BPF_STATS_WINDOWS {
+                for (w, _) in windows {
                     self.rec.fail("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w, &why);
+                    for (m, _, _) in BPF_STATS_FIGURES.iter().filter(|f| f.2 == *w) {
+                        self.rec.fail("8-bpf-stats", m, "kproxy", 1, w, &why);
+                        self.rec.fail("8-bpf-stats", &net_metric(m), "kproxy", 1, w, &why);
+                    }
                 }
                 return;
             }
@@ -1723,7 +1781,7 @@ impl Bench<'_> {
             match s.value {
                 Some(v) => self.rec.add("8-bpf-stats", &s.metric, "kproxy", 1, s.window, v),
                 None => {
-                    let traffic = BPF_STATS_WINDOWS.iter().find(|w| w.0 == s.window).map(|w| w.1);
+                    let traffic = windows.iter().find(|w| w.0 == s.window).map(|w| w.1);
                     let why = format!(
                         "not run: {} ran fewer than {} times during {}",
                         s.program,
@@ -1738,52 +1796,24 @@ impl Bench<'_> {
 
     /// The windows of [`Self::bpf_stats_phase`], statistics switched on for their duration.
     fn bpf_stats_windows(&self) -> Result<Vec<StatSample>> {
-        let pin = self.lab.pin_path(0);
-        let empty_id = self.lab.xdp_pass_id()?;
-        let _stats = bpfstats::enable()?;
-        let d = Duration::from_millis(self.cfg.duration_ms);
         let client = self.lab.client_ns();
-        let mut out = Vec::new();
-        for rep in 0..self.cfg.reps {
-            for (window, _) in rotate(&BPF_STATS_WINDOWS, rep) {
-                let (ns, target) = match window {
-                    "clusterip-local" => (
-                        &self.client_pod_ns,
-                        SocketAddrV4::new(workload::NP_LOCAL_CLUSTER_IP, workload::IPERF_PORT),
-                    ),
-                    "clusterip-remote" => (
-                        &self.client_pod_ns,
-                        SocketAddrV4::new(workload::NP_REMOTE_CLUSTER_IP, workload::IPERF_PORT),
-                    ),
-                    "pod-direct" => (
-                        &self.client_pod_ns,
-                        SocketAddrV4::new(lab::pod_ip(1, 0), workload::IPERF_PORT),
-                    ),
-                    _ => (&client, SocketAddrV4::new(lab::node_ip(0), workload::NP_REMOTE_TCP)),
-                };
-                let before = bpfstats::snapshot(pin, &[empty_id])?;
-                measure::iperf3(ns, target, d).with_context(|| format!("window {window}"))?;
-                let after = bpfstats::snapshot(pin, &[empty_id])?;
-                let empty = bpfstats::per_run(&before, &after, lab::xdp::XDP_PASS_NAME);
-                out.push(StatSample {
-                    metric: BPF_STATS_EMPTY.into(),
-                    program: lab::xdp::XDP_PASS_NAME,
-                    window,
-                    value: empty,
-                });
-                for (m, program, _) in BPF_STATS_FIGURES.iter().filter(|f| f.2 == window) {
-                    let raw = bpfstats::per_run(&before, &after, program);
-                    out.push(StatSample { metric: m.to_string(), program, window, value: raw });
-                    out.push(StatSample {
-                        metric: net_metric(m),
-                        program,
-                        window,
-                        value: raw.zip(empty).map(|(r, e)| r - e),
-                    });
-                }
+        stats_windows(&self.lab, self.cfg, &BPF_STATS_WINDOWS, |window| match window {
+            "clusterip-local" => (
+                self.client_pod_ns.clone(),
+                SocketAddrV4::new(workload::NP_LOCAL_CLUSTER_IP, workload::IPERF_PORT).into(),
+            ),
+            "clusterip-remote" => (
+                self.client_pod_ns.clone(),
+                SocketAddrV4::new(workload::NP_REMOTE_CLUSTER_IP, workload::IPERF_PORT).into(),
+            ),
+            "pod-direct" => (
+                self.client_pod_ns.clone(),
+                SocketAddrV4::new(lab::pod_ip(1, 0), workload::IPERF_PORT).into(),
+            ),
+            _ => {
+                (client.clone(), SocketAddrV4::new(lab::node_ip(0), workload::NP_REMOTE_TCP).into())
             }
-        }
-        Ok(out)
+        })
     }
 
     // ---- item 7 -------------------------------------------------------------------------
@@ -1823,4 +1853,108 @@ impl Bench<'_> {
             }
         }
     }
+}
+
+/// The windows of `windows` in `lab` with kproxy running on node 0, statistics switched on for
+/// their duration: each window one iperf3 flow from the namespace to the address `target` gives
+/// for it, with the lab's empty XDP program measured in the same window.
+fn stats_windows(
+    lab: &Lab,
+    cfg: &Config,
+    windows: &[(&'static str, &str)],
+    target: impl Fn(&str) -> (String, SocketAddr),
+) -> Result<Vec<StatSample>> {
+    let pin = lab.pin_path(0);
+    let empty_id = lab.xdp_pass_id()?;
+    let _stats = bpfstats::enable()?;
+    let d = Duration::from_millis(cfg.duration_ms);
+    let mut out = Vec::new();
+    for rep in 0..cfg.reps {
+        for (window, _) in rotate(windows, rep) {
+            let (ns, to) = target(window);
+            let before = bpfstats::snapshot(pin, &[empty_id])?;
+            measure::iperf3(&ns, to, d).with_context(|| format!("window {window}"))?;
+            let after = bpfstats::snapshot(pin, &[empty_id])?;
+            let empty = bpfstats::per_run(&before, &after, lab::xdp::XDP_PASS_NAME);
+            out.push(StatSample {
+                metric: BPF_STATS_EMPTY.into(),
+                program: lab::xdp::XDP_PASS_NAME,
+                window,
+                value: empty,
+            });
+            for (m, program, _) in BPF_STATS_FIGURES.iter().filter(|f| f.2 == window) {
+                let raw = bpfstats::per_run(&before, &after, program);
+                out.push(StatSample { metric: m.to_string(), program, window, value: raw });
+                out.push(StatSample {
+                    metric: net_metric(m),
+                    program,
+                    window,
+                    value: raw.zip(empty).map(|(r, e)| r - e),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The IPv6 windows ([`BPF_STATS6_WINDOWS`]) in a dual-stack lab of their own, built and removed
+/// here (the same shape as the run's lab: 2 routed nodes, 2 pods each, iperf3 servers in
+/// node-0-pod-1 and node-1-pod-0), kproxy on node 0 with native XDP and `--enable-ipv6`
+/// serving the probes as dual-stack services.
+fn bpf_stats6(cfg: &Config) -> Result<Vec<StatSample>> {
+    let spec =
+        LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed, ipv6: true };
+    let mut lab = Lab::up(spec)?;
+    let r = (|| -> Result<Vec<StatSample>> {
+        lab.start_servers()?;
+        for pod in lab.pods() {
+            systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
+        }
+        let mut iperfs = Vec::new();
+        for (i, j) in [(0, 1), (1, 0)] {
+            let pod = lab.pod(i, j).context("backend pod")?.clone();
+            let port = workload::IPERF_PORT.to_string();
+            iperfs.push(lab.spawn(
+                &pod.ns,
+                &format!("{}-iperf3", pod.name),
+                &["iperf3", "-s", "-p", &port],
+            )?);
+        }
+        let mdir = TempDir(
+            std::env::temp_dir().join(format!("kproxy-bench-{}-manifests6", std::process::id())),
+        );
+        std::fs::create_dir_all(&mdir.0)?;
+        write_atomic(&mdir.0, "bulk.json", &workload::probes_dual_manifest())?;
+        let mut args = nodeport_agent_args("kproxy").to_vec();
+        args.push("--enable-ipv6");
+        let n = 2 * workload::probes().len() as u64;
+        let k = systems::start_kproxy(&lab, &mdir.0, &args, None, n, Duration::from_secs(300))?;
+        let client = lab.pod(0, 0).context("client pod")?.ns.clone();
+        let res = lab::eventually(Duration::from_secs(10), Duration::from_millis(20), || {
+            crate::client::tcp_request6(
+                &client,
+                workload::PROBE_IP6,
+                workload::PROBE_PORT,
+                Duration::from_secs(1),
+            )
+        })
+        .context("IPv6 ClusterIP probe through kproxy")
+        .and_then(|_| {
+            stats_windows(&lab, cfg, &BPF_STATS6_WINDOWS, |window| {
+                let port = workload::IPERF_PORT;
+                let to: SocketAddr = match window {
+                    "ds-clusterip6-local" => (workload::NP_LOCAL_CLUSTER_IP6, port).into(),
+                    "ds-clusterip4-local" => (workload::NP_LOCAL_CLUSTER_IP, port).into(),
+                    "ds-clusterip6-remote" => (workload::NP_REMOTE_CLUSTER_IP6, port).into(),
+                    _ => (workload::NP_REMOTE_CLUSTER_IP, port).into(),
+                };
+                (client.clone(), to)
+            })
+        });
+        let _ = systems::stop_kproxy(&lab, k);
+        drop(iperfs);
+        res
+    })();
+    lab.down()?;
+    r
 }

@@ -2,7 +2,7 @@
 //! read: Kubernetes JSON for the kproxy agent (`--manifests`) and [`baseline::ServicePort`]s for
 //! the kube-proxy-equivalent rule sets. The probed services always come last (last in the
 //! iptables `KUBE-SERVICES` scan, the worst case a user meets).
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
@@ -30,6 +30,18 @@ pub const NP_LOCAL_UDP: u16 = 30002;
 pub const NP_REMOTE_TCP: u16 = 30011;
 /// NodePort (UDP, sink) of the service whose backend is on node 1 (remote).
 pub const NP_REMOTE_UDP: u16 = 30012;
+/// IPv6 ClusterIP of the probe service in the dual-stack lab of the IPv6 windows.
+pub const PROBE_IP6: Ipv6Addr = ipv6_cluster_ip(1);
+/// IPv6 ClusterIP of the NodePort service whose backend is on node 0 (dual-stack lab).
+pub const NP_LOCAL_CLUSTER_IP6: Ipv6Addr = ipv6_cluster_ip(2);
+/// IPv6 ClusterIP of the NodePort service whose backend is on node 1 (dual-stack lab).
+pub const NP_REMOTE_CLUSTER_IP6: Ipv6Addr = ipv6_cluster_ip(3);
+
+/// IPv6 twin of the probes' ClusterIP 198.19.255.`k`: 2001:2:ff::ff:`k` (hex).
+const fn ipv6_cluster_ip(k: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0xff, k)
+}
+
 /// Port of the iperf3 servers in the backend pods.
 pub const IPERF_PORT: u16 = 5201;
 /// UDP port of the silent sink sockets the harness holds in the backend pods.
@@ -187,6 +199,33 @@ pub fn probes() -> Vec<BService> {
         np("np-remote", NP_REMOTE_CLUSTER_IP, NP_REMOTE_TCP, NP_REMOTE_UDP, (lab::pod_ip(1, 0), 1)),
         BService::http("probe".into(), PROBE_IP, lab::SERVER_PORT, vec![(lab::pod_ip(1, 0), 1)]),
     ]
+}
+
+/// The probes of [`probes`] as dual-stack services (`RequireDualStack`, the IPv6 ClusterIPs
+/// above) with an IPv6 EndpointSlice beside the IPv4 one (the same pods' IPv6 addresses), as the
+/// agent's manifest: for the dual-stack lab of the IPv6 bpf_stats windows.
+pub fn probes_dual_manifest() -> String {
+    let ip6 = [PROBE_IP6, NP_LOCAL_CLUSTER_IP6, NP_REMOTE_CLUSTER_IP6];
+    let mut items = Vec::new();
+    for s in probes() {
+        let [mut svc, slice] = s.to_json();
+        let k = s.cluster_ip.octets()[3];
+        let v6 = *ip6.iter().find(|a| a.segments()[7] == u16::from(k)).expect("a probe ClusterIP");
+        svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+        svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        svc["spec"]["clusterIPs"] = json!([s.cluster_ip.to_string(), v6.to_string()]);
+        let mut slice6 = slice.clone();
+        slice6["metadata"]["name"] = json!(format!("{}-2", s.name));
+        slice6["addressType"] = json!("IPv6");
+        for (e, (ip, node)) in s.endpoints.iter().enumerate() {
+            let j = (ip.octets()[3] - 10) as usize;
+            debug_assert_eq!(*ip, lab::pod_ip(*node, j), "probe endpoints are lab pods");
+            slice6["endpoints"][e]["addresses"] = json!([lab::pod_ip6(*node, j).to_string()]);
+        }
+        items.extend([svc, slice, slice6]);
+    }
+    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
+        .expect("JSON values serialize")
 }
 
 /// A service created (or changed) while the benchmark runs, named `{prefix}{k}`, → node-1-pod-0:8080
