@@ -597,16 +597,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     let client = lab.pod(0, 0).context("client pod")?.ns.clone();
     let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client} failed");
-    let mut iperfs = Vec::new();
-    for (i, j) in [(0, 1), (1, 0)] {
-        let pod = lab.pod(i, j).context("backend pod")?.clone();
-        let port = workload::IPERF_PORT.to_string();
-        iperfs.push(lab.spawn(
-            &pod.ns,
-            &format!("{}-iperf3", pod.name),
-            &["iperf3", "-s", "-p", &port],
-        )?);
-    }
+    let iperfs = iperf_servers(&lab)?;
     let node_ns = lab.node(0).ns.clone();
     let client_pod_ns = lab.pod(0, 0).context("client pod")?.ns.clone();
     let mut b = Bench {
@@ -1910,16 +1901,7 @@ fn bpf_stats6(cfg: &Config) -> Result<Vec<StatSample>> {
         for pod in lab.pods() {
             systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
         }
-        let mut iperfs = Vec::new();
-        for (i, j) in [(0, 1), (1, 0)] {
-            let pod = lab.pod(i, j).context("backend pod")?.clone();
-            let port = workload::IPERF_PORT.to_string();
-            iperfs.push(lab.spawn(
-                &pod.ns,
-                &format!("{}-iperf3", pod.name),
-                &["iperf3", "-s", "-p", &port],
-            )?);
-        }
+        let iperfs = iperf_servers(&lab)?;
         let mdir = TempDir(
             std::env::temp_dir().join(format!("kproxy-bench-{}-manifests6", std::process::id())),
         );
@@ -1957,4 +1939,20 @@ fn bpf_stats6(cfg: &Config) -> Result<Vec<StatSample>> {
     })();
     lab.down()?;
     r
+}
+
+/// iperf3 servers in the probe backends (node 0's second pod, node 1's first), kept running as
+/// long as the returned processes live.
+fn iperf_servers(lab: &Lab) -> Result<Vec<lab::Proc>> {
+    let mut iperfs = Vec::new();
+    for (i, j) in [(0, 1), (1, 0)] {
+        let pod = lab.pod(i, j).context("backend pod")?.clone();
+        let port = workload::IPERF_PORT.to_string();
+        iperfs.push(lab.spawn(
+            &pod.ns,
+            &format!("{}-iperf3", pod.name),
+            &["iperf3", "-s", "-p", &port],
+        )?);
+    }
+    Ok(iperfs)
 }
