@@ -581,13 +581,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     std::fs::create_dir_all(&mdir.0)?;
 
     eprintln!("[bench] building the lab (2 nodes, 2 pods each)");
-    let spec =
-        LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed, ipv6: false };
-    let mut lab = Lab::up(spec)?;
-    lab.start_servers()?;
-    for pod in lab.pods() {
-        systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
-    }
+    let lab = bench_lab(false)?;
     // One client address opens hundreds of thousands of connections to one server address and
     // port in a run: without TIME_WAIT reuse, connect() scans an ephemeral port range ever more
     // full of TIME_WAIT sockets (14,000 after a few runs): in a lab by hand, p99 went from
@@ -1893,14 +1887,8 @@ fn stats_windows(
 /// node-0-pod-1 and node-1-pod-0), kproxy on node 0 with native XDP and `--enable-ipv6`
 /// serving the probes as dual-stack services.
 fn bpf_stats6(cfg: &Config) -> Result<Vec<StatSample>> {
-    let spec =
-        LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed, ipv6: true };
-    let mut lab = Lab::up(spec)?;
+    let lab = bench_lab(true)?;
     let r = (|| -> Result<Vec<StatSample>> {
-        lab.start_servers()?;
-        for pod in lab.pods() {
-            systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
-        }
         let iperfs = iperf_servers(&lab)?;
         let mdir = TempDir(
             std::env::temp_dir().join(format!("kproxy-bench-{}-manifests6", std::process::id())),
@@ -1939,6 +1927,18 @@ fn bpf_stats6(cfg: &Config) -> Result<Vec<StatSample>> {
     })();
     lab.down()?;
     r
+}
+
+/// The bench's lab (2 routed nodes, 2 pods each; dual-stack with `ipv6`), its pod servers
+/// started with real-time priority.
+fn bench_lab(ipv6: bool) -> Result<Lab> {
+    let spec = LabSpec { prefix: None, nodes: 2, pods_per_node: 2, wiring: Wiring::Routed, ipv6 };
+    let mut lab = Lab::up(spec)?;
+    lab.start_servers()?;
+    for pod in lab.pods() {
+        systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
+    }
+    Ok(lab)
 }
 
 /// iperf3 servers in the probe backends (node 0's second pod, node 1's first), kept running as
