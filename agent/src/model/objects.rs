@@ -252,19 +252,10 @@ impl EndpointObj {
 
     /// Replaces the first address.
     pub fn set_addr(&mut self, addr: Option<&str>) {
-        self.v4 = None;
-        let mut text = None;
-        match addr.map(|a| (a, a.parse::<Ipv4Addr>())) {
-            Some((_, Ok(v4))) => self.v4 = Some(v4),
-            Some((a, Err(_))) => text = Some(a.into()),
-            None => {}
-        }
-        match (&mut self.rare, text) {
-            (Some(r), text) => r.addr_text = text,
-            (None, Some(t)) => {
-                self.rare = Some(Box::new(EndpointRare { addr_text: Some(t), hints: None }))
-            }
-            (None, None) => {}
+        self.v4 = addr.and_then(|a| a.parse().ok());
+        let text = if self.v4.is_some() { None } else { addr.map(Box::from) };
+        if text.is_some() || self.rare.is_some() {
+            self.rare.get_or_insert_default().addr_text = text;
         }
         if self.rare.as_deref() == Some(&EndpointRare::default()) {
             self.rare = None;
