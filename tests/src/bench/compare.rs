@@ -207,5 +207,36 @@ mod tests {
         assert_eq!(from_pod.baseline, "clusterip-local 5.17× the empty program (60 ns)");
         assert_eq!(from_pod.verdict, "missed (1.2× the limit)");
         assert_eq!(rows.iter().filter(|g| g.goal.starts_with("10.1")).count(), 4);
+
+        // A goal measured in a step with CPU pressure above the threshold is flagged; the
+        // others are not.
+        let step = |step: &str, p: f64| crate::bench::StepTime {
+            step: step.into(),
+            secs: 10.0,
+            cpu_pressure: Some(p),
+        };
+        r.steps = vec![
+            step("8: per-program cost (bpf_stats)", 45.0),
+            step("4-6: kproxy at 10000 services", 2.0),
+            step("8: per-program cost over IPv6 (bpf_stats, dual-stack lab)", 90.0),
+        ];
+        let rows = crate::bench::report::goals(&r);
+        let get = |prefix: &str| rows.iter().find(|g| g.goal.starts_with(prefix)).unwrap();
+        assert_eq!(
+            get("10.1 `kp_tc_from_pod`").verdict,
+            "missed (1.2× the limit) (noisy: CPU pressure 45% while measured, compare ratios only)"
+        );
+        assert_eq!(get("10.5 10,000 services").verdict, "met");
+        assert_eq!(get("13 IPv6").verdict, "—");
+    }
+
+    #[test]
+    fn pressure_over_a_step_comes_from_the_stall_counter() {
+        use crate::bench::pressure_between;
+        // 2.5 s of stall in a 10 s step: 25%.
+        assert_eq!(pressure_between(1_000_000, 3_500_000, 10.0), Some(25.0));
+        // A counter that went backwards or an empty step gives nothing.
+        assert_eq!(pressure_between(5, 4, 10.0), None);
+        assert_eq!(pressure_between(0, 4, 0.0), None);
     }
 }

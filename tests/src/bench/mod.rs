@@ -226,16 +226,29 @@ pub struct StepTime {
     pub step: String,
     /// Seconds it took.
     pub secs: f64,
-    /// CPU pressure during the step: `some avg10` of /proc/pressure/cpu at its end (% of time
-    /// some runnable task waited for a CPU; above a few % other work competed with the bench).
+    /// CPU pressure over the whole step: % of its wall time during which some runnable task
+    /// waited for a CPU (the `some total` stall counter of /proc/pressure/cpu at its start and
+    /// end; runs recorded before that read `some avg10` at the step's end). Above
+    /// [`NOISY_PRESSURE`] other work competed with the bench.
     pub cpu_pressure: Option<f64>,
 }
 
-/// `some avg10` of /proc/pressure/cpu.
-pub fn cpu_pressure() -> Option<f64> {
+/// CPU pressure (%) above which a step's figures are flagged as taken on a noisy machine.
+pub const NOISY_PRESSURE: f64 = 10.0;
+
+/// `some total` of /proc/pressure/cpu: microseconds some runnable task waited for a CPU since
+/// boot.
+pub fn cpu_stall_us() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
     let line = s.lines().find(|l| l.starts_with("some"))?;
-    line.split_whitespace().find_map(|kv| kv.strip_prefix("avg10="))?.parse().ok()
+    line.split_whitespace().find_map(|kv| kv.strip_prefix("total="))?.parse().ok()
+}
+
+/// CPU pressure (%) between two readings of [`cpu_stall_us`] taken `secs` apart.
+pub fn pressure_between(stall0: u64, stall1: u64, secs: f64) -> Option<f64> {
+    (secs > 0.0 && stall1 >= stall0)
+        .then(|| (stall1 - stall0) as f64 / (secs * 1e6) * 100.0)
+        .map(|p| p.min(100.0))
 }
 
 /// The machine the run was taken on.
@@ -528,6 +541,8 @@ struct Bench<'a> {
     /// Wall-clock time of each step so far, and when the current step began.
     steps: Vec<StepTime>,
     step_t0: Instant,
+    /// [`cpu_stall_us`] at `step_t0`.
+    step_stall0: Option<u64>,
     /// Last (n, seconds) the agent needed to program n services × 10 endpoints.
     kproxy_ready: Option<(usize, f64)>,
     /// Start of the run.
@@ -605,6 +620,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
         loads: Default::default(),
         steps: Vec::new(),
         step_t0: Instant::now(),
+        step_stall0: cpu_stall_us(),
         kproxy_ready: None,
         t0,
     };
@@ -669,7 +685,12 @@ impl Bench<'_> {
     fn step(&mut self, what: &str) {
         let secs = self.step_t0.elapsed().as_secs_f64();
         self.step_t0 = Instant::now();
-        let cpu_pressure = cpu_pressure();
+        let stall = cpu_stall_us();
+        let cpu_pressure = match (self.step_stall0, stall) {
+            (Some(a), Some(b)) => pressure_between(a, b, secs),
+            _ => None,
+        };
+        self.step_stall0 = stall;
         eprintln!(
             "[bench] {what}: {secs:.1} s (run so far {:.0} s; CPU pressure {})",
             self.t0.elapsed().as_secs_f64(),
