@@ -233,8 +233,10 @@ pub struct StepTime {
     pub cpu_pressure: Option<f64>,
 }
 
-/// CPU pressure (%) above which a step's figures are flagged as taken on a noisy machine.
-pub const NOISY_PRESSURE: f64 = 10.0;
+/// CPU pressure (%) above which a step's figures are flagged as taken on a noisy machine. The
+/// bench's own load (4 client threads, servers, softirqs on 2 cores) reaches ~45% in its
+/// latency steps on a quiet machine; runs beside other work read 77–91%.
+pub const NOISY_PRESSURE: f64 = 60.0;
 
 /// `some total` of /proc/pressure/cpu: microseconds some runnable task waited for a CPU since
 /// boot.

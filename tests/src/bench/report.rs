@@ -981,7 +981,7 @@ NodePort runs of {} ms.\n",
         }
         let _ = writeln!(
             s,
-            "\nCPU pressure: the share of the step's time during which some runnable task waited for a CPU (the `some` stall counter of /proc/pressure/cpu over the step). Above a few percent other processes competed for the 2 cores during that step; its figures are noisier, and the goals measured in a step above {:.0}% say so in their verdict.\n",
+            "\nCPU pressure: the share of the step's time during which some runnable task waited for a CPU (the `some` stall counter of /proc/pressure/cpu over the step). The bench's own load counts too (up to ~45% in the latency steps on a quiet machine); above {:.0}% other processes competed for the 2 cores during that step, its figures are noisier and the goals measured in it say so in their verdict.\n",
             super::NOISY_PRESSURE
         );
     }
