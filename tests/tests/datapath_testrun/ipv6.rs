@@ -710,3 +710,39 @@ fn established_path_cost6() {
         }
     });
 }
+
+/// An established IPv6 connection whose backend the agent removes: the next segment is
+/// answered with a RST (`ResetBackendGone`), although the fast path skips the backend lookup
+/// while the backend generation is unchanged; a SYN on the same tuple then goes to the new
+/// backend.
+#[test]
+fn ipv6_backend_removed_established_tcp_reset_then_rebalanced() {
+    let mut env = Env::new();
+    env.backend6(11, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[11], 2);
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn.build()).0, TC_ACT_OK);
+    let ack = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &ack.clone().with_dst(sa6(BE6_1)));
+
+    env.backend6(12, BE6_2, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[12], 2);
+    env.maps.delete_backend6(11).unwrap();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "RST sent back to the pod");
+    let rst = frames6::decode(&out).expect("an IPv6 frame");
+    assert_eq!((rst.saddr, rst.daddr), (*sa6(CIP6).ip(), *sa6(POD6).ip()), "{rst:?}");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_2)));
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 2),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ResetBackendGone, 1),
+        ],
+    );
+}
