@@ -870,7 +870,8 @@ pub struct NodeConfig {
     pub flags: u32,
     /// Backend generation: the agent changes it whenever it removes a backend (and with every
     /// write of this configuration), so that connection entries validated under an older
-    /// generation look their backend up again ([`Ct4Value::backend_gen`]).
+    /// generation look their backend up again ([`Ct4Value::backend_gen`],
+    /// [`Ct6Value::backend_gen`]).
     pub backend_gen: u32,
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
@@ -972,8 +973,9 @@ pub struct Ct6Value {
     pub state: u8,
     /// `ct_flags::*`.
     pub flags: u8,
-    /// Always zero.
-    pub _pad: u16,
+    /// Low 16 bits of [`NodeConfig::backend_gen`] when the backend was last found in
+    /// [`names::BACKENDS6`]: while it is current, the datapath skips that lookup.
+    pub backend_gen: u16,
     /// `bpf_ktime_get_ns()` when the entry was created.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet in either direction.
@@ -993,9 +995,10 @@ pub struct RevNat6Value {
     pub client_port: u16,
     /// The frontend port the client used, be.
     pub frontend_port: u16,
-    /// Always zero.
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last reply.
+    /// `rnat_flags::*` (as [`RevNat4Value::flags`]).
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` when the entry was created, then of the last reply that refreshed
+    /// its connection entry (at most once a second).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 48);

@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use kproxy_common::{
     Addr6, Ct6Value, Frag6Key, Frag6Value, NodeConfig, Reason, RevNat6Value, Tuple6, ct_counter,
-    ct_state, frag, proto, timeouts,
+    ct_flags, ct_state, frag, proto, timeouts,
 };
 
 use crate::{
@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Refresh `last_seen_ns` at most this often (saves a cache-line write per packet).
-const TOUCH_NS: u64 = 1_000_000_000;
+pub const TOUCH_NS: u64 = 1_000_000_000;
 
 /// A tuple from its parts.
 #[inline(always)]
@@ -29,7 +29,8 @@ pub fn lookup(t: &Tuple6, now: u64) -> Option<*mut Ct6Value> {
     let v = kp_ct6.get_ptr_mut(t)?;
     // SAFETY: valid map value pointer.
     let c = unsafe { &*v };
-    if now.wrapping_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
+    // Saturating: the fast path's clock may be a little behind a timestamp another CPU wrote.
+    if now.saturating_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
         return None;
     }
     Some(v)
@@ -55,8 +56,21 @@ pub fn touch(c: *mut Ct6Value, proto_: u8, flags: u8, reply: bool, now: u64) {
     if state != c.state {
         c.state = state;
         c.last_seen_ns = now;
-    } else if now.wrapping_sub(c.last_seen_ns) > TOUCH_NS {
+    } else if now.saturating_sub(c.last_seen_ns) > TOUCH_NS {
         c.last_seen_ns = now;
+    }
+}
+
+/// Notes that the connection entry's backend was found in the backends map under backend
+/// generation `gen_`, and whether it is local (as [`crate::ct::validated`]).
+#[inline(always)]
+pub fn validated(c: *mut Ct6Value, gen_: u16, local: bool) {
+    // SAFETY: valid map value pointer; whole-field volatile stores.
+    unsafe {
+        let f = core::ptr::read_volatile(&raw const (*c).flags);
+        let f = if local { f | ct_flags::LOCAL_BACKEND } else { f & !ct_flags::LOCAL_BACKEND };
+        core::ptr::write_volatile(&raw mut (*c).flags, f);
+        core::ptr::write_volatile(&raw mut (*c).backend_gen, gen_);
     }
 }
 
@@ -83,6 +97,23 @@ pub fn delete(t: &Tuple6) {
 pub fn revnat(t: &Tuple6) -> Option<RevNat6Value> {
     // SAFETY: map values are only read by copy.
     unsafe { kp_rnat6.get(t) }.copied()
+}
+
+/// The reverse-NAT entry of a reply tuple, in place.
+#[inline(always)]
+pub fn revnat_ptr(t: &Tuple6) -> Option<*mut RevNat6Value> {
+    kp_rnat6.get_ptr_mut(t)
+}
+
+/// Records that a reply refreshed the connection entry of the reverse-NAT entry at `r`, with
+/// the connection's `rnat_flags` (as [`crate::ct::revnat_refreshed`]).
+#[inline(always)]
+pub fn revnat_refreshed(r: *mut RevNat6Value, flags: u32, now: u64) {
+    // SAFETY: valid map value pointer; whole-field volatile stores.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*r).flags, flags);
+        core::ptr::write_volatile(&raw mut (*r).last_seen_ns, now);
+    }
 }
 
 /// Installs the reverse-NAT entry for replies arriving with tuple `reply`.

@@ -122,7 +122,7 @@ pub(crate) fn ktime() -> u64 {
 /// is compared with; the comparisons saturate, so a timestamp another CPU wrote a little later
 /// counts as fresh.
 #[inline(always)]
-fn coarse_now() -> u64 {
+pub(crate) fn coarse_now() -> u64 {
     // SAFETY: helper without arguments.
     let j = unsafe { bpf_jiffies64() };
     let Some(c) = maps::kp_clock.get_ptr_mut(0) else { return ktime() };

@@ -8,8 +8,8 @@
 //! errors. Neighbour discovery and the other ICMPv6 messages are passed untouched. IPv6 packets
 //! are counted in `kp_stats6` ([`Step::v6`]).
 use kproxy_common::{
-    Backend6, Ct6Value, NodeConfig, Reason, RevNat6Value, Service6Key, Service6Value, Tuple6,
-    backend_flags, calls, ct_flags, ct_state, hints, proto, svc_flags,
+    Ct6Value, NodeConfig, Reason, RevNat6Value, Service6Key, Service6Value, Tuple6, backend_flags,
+    calls, ct_flags, ct_state, hints, proto, rnat_flags, svc_flags,
 };
 
 use crate::{
@@ -176,26 +176,29 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         if p.frag == Frag::First {
             ct6::record_fragment(&p);
         }
-        let now = flow::ktime();
+        // The fast path's clock (see `flow::coarse_now`), read only where a lookup found
+        // something to check or refresh.
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-        if orig && let Some(ctp) = ct6::lookup(&t, now) {
-            // SAFETY: valid map value pointer, copied out.
-            let e: Ct6Value = unsafe { *ctp };
-            if syn_only(&p) && e.state >= ct_state::CLOSING {
-                return Ok(tail(new_call(hook)));
+        if orig {
+            let now = flow::coarse_now();
+            if let Some(ctp) = ct6::lookup(&t, now) {
+                // SAFETY: valid map value pointer, copied out.
+                let e: Ct6Value = unsafe { *ctp };
+                if syn_only(&p) && e.state >= ct_state::CLOSING {
+                    return Ok(tail(new_call(hook)));
+                }
+                let Some(local) = backend_local(ctp, &e) else {
+                    // The backend went away: re-balanced or reset by the slow path.
+                    return Ok(tail(new_call(hook)));
+                };
+                ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
+                let next = forward_established(&p, &e, local, hook);
+                return finish(c, &p, &next).map(|(v, r)| done(v, r));
             }
-            let Some(be) = lb6::backend(e.backend_id)
-                .filter(|be| be.addr == e.backend_addr && be.port == e.backend_port)
-            else {
-                return Ok(tail(new_call(hook)));
-            };
-            ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
-            let next = forward_established(&p, &e, &be, hook);
-            return finish(c, &p, &next).map(|(v, r)| done(v, r));
         }
         // Replies before new connections (see `flow::fast_path`).
-        if reply && let Some(rn) = ct6::revnat(&t) {
-            let next = reply_translated(&p, &t, &rn, hook, now);
+        if reply && let Some(rnp) = ct6::revnat_ptr(&t) {
+            let next = reply_translated(&p, &t, rnp, hook, flow::coarse_now());
             return finish(c, &p, &next).map(|(v, r)| done(v, r));
         }
         if orig {
@@ -370,9 +373,9 @@ fn decide(p: &Ip6, hook: Hook, now: u64) -> Result<Next, Reason> {
     // Replies before new connections: a reply tuple is exact, so it must win over a frontend
     // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
     if reason != Reason::Rebalanced
-        && let Some(rn) = ct6::revnat(&t)
+        && let Some(rnp) = ct6::revnat_ptr(&t)
     {
-        return Ok(reply_translated(p, &t, &rn, hook, now));
+        return Ok(reply_translated(p, &t, rnp, hook, now));
     }
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb6::service(&p.daddr, p.dport, p.proto, hook.scope())
@@ -425,12 +428,32 @@ fn established(p: &Ip6, t: &Tuple6, hook: Hook, now: u64) -> Result<Tracked, Rea
         }
     };
     ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
-    Ok(Tracked::Next(forward_established(p, e, &be, hook)))
+    Ok(Tracked::Next(forward_established(p, e, be.flags & backend_flags::LOCAL != 0, hook)))
 }
 
-/// Translates and delivers a packet of the tracked connection `e` to its backend `be`.
+/// Whether the backend of the connection entry `e` (at `ctp`) is local; `None` when it was
+/// removed (or its id reused for another address). As for IPv4 (`flow::backend_local`), the
+/// backend is looked up only when the agent removed a backend since the entry was last
+/// validated (the backend generation, which both families share).
 #[inline(always)]
-fn forward_established(p: &Ip6, e: &Ct6Value, be: &Backend6, hook: Hook) -> Next {
+fn backend_local(ctp: *mut Ct6Value, e: &Ct6Value) -> Option<bool> {
+    let gen_ = maps::ready_config()?.backend_gen as u16;
+    if e.backend_gen == gen_ {
+        return Some(e.flags & ct_flags::LOCAL_BACKEND != 0);
+    }
+    let be = lb6::backend(e.backend_id)?;
+    if be.addr != e.backend_addr || be.port != e.backend_port {
+        return None;
+    }
+    let local = be.flags & backend_flags::LOCAL != 0;
+    ct6::validated(ctp, gen_, local);
+    Some(local)
+}
+
+/// Translates and delivers a packet of the tracked connection `e` to its backend (`local`: on
+/// this node).
+#[inline(always)]
+fn forward_established(p: &Ip6, e: &Ct6Value, local: bool, hook: Hook) -> Next {
     let snat = e.flags & ct_flags::SNAT != 0;
     let n = Nat6 {
         saddr: if snat { e.snat_addr } else { p.saddr },
@@ -440,7 +463,7 @@ fn forward_established(p: &Ip6, e: &Ct6Value, be: &Backend6, hook: Hook) -> Next
     };
     let to = if e.flags & ct_flags::HAIRPIN != 0 {
         To::Bounce
-    } else if hook.external() && be.flags & backend_flags::LOCAL == 0 {
+    } else if hook.external() && !local {
         To::Fib
     } else {
         To::Stack
@@ -494,13 +517,16 @@ fn new_conn(
         frontend_addr: p.daddr,
         client_port: p.sport,
         frontend_port: p.dport,
-        _pad: 0,
+        flags: 0,
         last_seen_ns: now,
     };
     let mut n = Nat6 { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
     let mut flags = if hook.external() { ct_flags::EXTERNAL | ct_flags::REPLY_FIB } else { 0 };
     if svc.flags & svc_flags::NODE_PORT != 0 {
         flags |= ct_flags::REPLY_FIB;
+    }
+    if local {
+        flags |= ct_flags::LOCAL_BACKEND;
     }
     if snat {
         if snat_addr == [0; 4] {
@@ -527,7 +553,7 @@ fn new_conn(
         snat_port: if snat { n.sport } else { 0 },
         state: ct_state::NEW,
         flags,
-        _pad: 0,
+        backend_gen: cfg.backend_gen as u16,
         created_ns: now,
         last_seen_ns: now,
     };
@@ -545,14 +571,35 @@ fn new_conn(
 /// A reply of a translated connection: restore the frontend as source and the client as
 /// destination.
 #[inline(always)]
-fn reply_translated(p: &Ip6, t: &Tuple6, rn: &RevNat6Value, hook: Hook, now: u64) -> Next {
-    let orig =
-        ct6::tuple(&rn.client_addr, &rn.frontend_addr, rn.client_port, rn.frontend_port, p.proto);
-    let mut ct_fl = 0;
-    if let Some(ctp) = ct6::lookup(&orig, now) {
-        ct6::touch(ctp, p.proto, p.tcp_flags, true, now);
-        // SAFETY: valid map value pointer.
-        ct_fl = unsafe { (*ctp).flags };
+fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now: u64) -> Next {
+    // SAFETY: valid map value pointer, copied out.
+    let rn: RevNat6Value = unsafe { *rnp };
+    let mut fl = rn.flags;
+    // The connection entry is refreshed by the first reply, by replies carrying SYN, FIN or
+    // RST, and at most once a second otherwise, as for IPv4 (`flow::reply_translated`).
+    let control = p.proto == proto::TCP
+        && p.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0;
+    if control
+        || fl & rnat_flags::ESTABLISHED == 0
+        || now.saturating_sub(rn.last_seen_ns) > ct6::TOUCH_NS
+    {
+        let orig = ct6::tuple(
+            &rn.client_addr,
+            &rn.frontend_addr,
+            rn.client_port,
+            rn.frontend_port,
+            p.proto,
+        );
+        if let Some(ctp) = ct6::lookup(&orig, now) {
+            ct6::touch(ctp, p.proto, p.tcp_flags, true, now);
+            // SAFETY: valid map value pointer.
+            let ct_fl = unsafe { (*ctp).flags };
+            fl = rnat_flags::ESTABLISHED;
+            if ct_fl & ct_flags::REPLY_FIB != 0 {
+                fl |= rnat_flags::REPLY_FIB;
+            }
+            ct6::revnat_refreshed(rnp, fl, now);
+        }
     }
     let n = Nat6 {
         saddr: rn.frontend_addr,
@@ -568,7 +615,7 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rn: &RevNat6Value, hook: Hook, now: u64
     } {
         // Replies to the node's source-NAT address go back out to an external client.
         To::Fib
-    } else if hook != Hook::ToPod && ct_fl & ct_flags::REPLY_FIB != 0 {
+    } else if hook != Hook::ToPod && fl & rnat_flags::REPLY_FIB != 0 {
         To::Fib
     } else {
         To::Stack

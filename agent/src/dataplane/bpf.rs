@@ -240,7 +240,7 @@ impl BpfDataplane {
 
     /// Moves the backend generation on after backends were removed, so that connection entries
     /// look their backend up again (see `kproxy_common::NodeConfig::backend_gen`).
-    fn next_backend_gen(&mut self) -> Result<(), DataplaneError> {
+    pub(super) fn next_backend_gen(&mut self) -> Result<(), DataplaneError> {
         let cfg = self.config()?;
         let cfg = NodeConfig { backend_gen: cfg.backend_gen.wrapping_add(1), ..cfg };
         self.config.set(0, cfg, 0).map_err(|e| map_err(names::CONFIG, "update", "0", e))

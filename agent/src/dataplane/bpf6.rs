@@ -164,7 +164,9 @@ impl Dataplane6 for BpfDataplane {
     }
 
     fn delete_backend6(&mut self, id: u32) -> Result<(), DataplaneError> {
-        ignore_absent(self.v6_mut("delete")?.backends.map.remove(&id), names::BACKENDS6, &id)
+        ignore_absent(self.v6_mut("delete")?.backends.map.remove(&id), names::BACKENDS6, &id)?;
+        // Both families share the backend generation (see `BpfDataplane::next_backend_gen`).
+        self.next_backend_gen()
     }
 
     fn put_service6(
@@ -196,7 +198,12 @@ impl Dataplane6 for BpfDataplane {
 
     fn delete_backends6(&mut self, ids: &[u32]) -> Result<(), BatchError> {
         let m = self.v6("delete").map_err(|error| BatchError { done: 0, error })?;
-        delete_batch(&m.backends, names::BACKENDS6, ids)
+        let r = delete_batch(&m.backends, names::BACKENDS6, ids);
+        // Also after a partial failure: some backends may be gone.
+        if let Err(e) = self.next_backend_gen() {
+            tracing::warn!(error = %e, "moving the backend generation on");
+        }
+        r
     }
 
     fn put_services6(&mut self, items: &[(Service6Key, Service6Value)]) -> Result<(), BatchError> {

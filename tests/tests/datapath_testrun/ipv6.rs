@@ -641,3 +641,108 @@ fn ipv6_packet_too_big_from_remote_backend_path_reaches_external_client() {
         assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::IcmpErrorTranslated, 1)]);
     });
 }
+
+/// Measurement, not a check (`cargo test --test datapath_testrun -- --ignored
+/// established_path_cost6 --nocapture`): the per-packet cost of IPv6's established paths beside
+/// the same paths over IPv4, in one run (BPF_PROG_TEST_RUN with `repeat`, best of five):
+/// `kp_tc_from_pod` forwarding a packet of a tracked connection, and `kp_tc_to_pod` translating
+/// a reply. As in `established_path_cost`, the two frontends are each other's backend, so every
+/// rerun on the rewritten buffer takes the same path again.
+#[test]
+#[ignore = "measurement: prints the IPv6/IPv4 established path costs"]
+fn established_path_cost6() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        let (x, y) = ("198.19.0.10:80", "198.19.0.11:80");
+        let (x6, y6) = ("[2001:2:ff::10]:80", "[2001:2:ff::11]:80");
+        env.backend(1, y, backend_flags::LOCAL, proto::TCP);
+        env.backend(2, x, backend_flags::LOCAL, proto::TCP);
+        env.service(x, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        env.service(y, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+        env.backend6(1, y6, backend_flags::LOCAL, proto::TCP);
+        env.backend6(2, x6, backend_flags::LOCAL, proto::TCP);
+        env.service6(x6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        env.service6(y6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+        for fe in [x, y] {
+            let syn = Frame::tcp(sa(POD_CLIENT), sa(fe), SYN).build();
+            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_ACT_OK);
+        }
+        for fe in [x6, y6] {
+            let syn = Frame6::tcp(sa6(POD6), sa6(fe), SYN).build();
+            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_ACT_OK);
+        }
+        let runs = 200_000;
+        let measure = |env: &mut Env, prog: &str, frame: &[u8]| -> f64 {
+            let p: &mut SchedClassifier = env.dp.program_mut(prog).unwrap().try_into().unwrap();
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let r = p
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat: runs,
+                        ..Default::default()
+                    })
+                    .unwrap();
+                best = best.min(r.duration.as_nanos() as f64);
+            }
+            best
+        };
+        let fwd4 = Frame::tcp(sa(POD_CLIENT), sa(x), ACK | PSH).with_payload(&[7; 100]).build();
+        let fwd6 = Frame6::tcp(sa6(POD6), sa6(x6), ACK | PSH).with_payload(&[7; 100]).build();
+        let rep4 = Frame::tcp(sa(y), sa(POD_CLIENT), ACK | PSH).with_payload(&[7; 100]).build();
+        let rep6 = Frame6::tcp(sa6(y6), sa6(POD6), ACK | PSH).with_payload(&[7; 100]).build();
+        let from = names::PROG_TC_FROM_POD;
+        let to = names::PROG_TC_TO_POD;
+        let (f4, f6) = (measure(&mut env, from, &fwd4), measure(&mut env, from, &fwd6));
+        let (r4, r6) = (measure(&mut env, to, &rep4), measure(&mut env, to, &rep6));
+        eprintln!(
+            "ns/packet IPv4 vs IPv6: kp_tc_from_pod established {f4:.0} vs {f6:.0} ({:.2}x), \
+             kp_tc_to_pod reply {r4:.0} vs {r6:.0} ({:.2}x)",
+            f6 / f4,
+            r6 / r4
+        );
+        let c6 = env.counters6();
+        let c4 = env.counters();
+        eprintln!("IPv4 {c4:?}\nIPv6 {c6:?}");
+        for c in [&c4, &c6] {
+            assert!(c.get(&Reason::TranslatedEstablished).copied().unwrap_or(0) >= u64::from(runs));
+            assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= u64::from(runs));
+        }
+    });
+}
+
+/// An established IPv6 connection whose backend the agent removes: the next segment is
+/// answered with a RST (`ResetBackendGone`), although the fast path skips the backend lookup
+/// while the backend generation is unchanged; a SYN on the same tuple then goes to the new
+/// backend.
+#[test]
+fn ipv6_backend_removed_established_tcp_reset_then_rebalanced() {
+    let mut env = Env::new();
+    env.backend6(11, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[11], 2);
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn.build()).0, TC_ACT_OK);
+    let ack = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &ack.clone().with_dst(sa6(BE6_1)));
+
+    env.backend6(12, BE6_2, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[12], 2);
+    env.maps.delete_backend6(11).unwrap();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "RST sent back to the pod");
+    let rst = frames6::decode(&out).expect("an IPv6 frame");
+    assert_eq!((rst.saddr, rst.daddr), (*sa6(CIP6).ip(), *sa6(POD6).ip()), "{rst:?}");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_2)));
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 2),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ResetBackendGone, 1),
+        ],
+    );
+}
