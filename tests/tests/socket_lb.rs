@@ -255,8 +255,11 @@ const SAME6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x20);
 const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x21);
 const EMPTY6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x22);
 
+/// Reason counters of one family: (reason, packets or sockets).
+type Counters = Vec<(Reason, u64)>;
+
 /// Reason counters of a node's datapath: IPv4's and IPv6's.
-fn counters(lab: &Lab, node: usize) -> (Vec<(Reason, u64)>, Vec<(Reason, u64)>) {
+fn counters(lab: &Lab, node: usize) -> (Counters, Counters) {
     let dp = BpfDataplane::open(lab.pin_path(node)).unwrap();
     (dp.counters().unwrap(), dp.counters6().unwrap())
 }
