@@ -222,8 +222,8 @@ pub mod names {
         (PROG_SOCK_RECVMSG4, "recvmsg4"),
         (PROG_SOCK_GETPEERNAME4, "getpeername4"),
     ];
-    /// The IPv6 socket-LB programs: loaded (so every kernel's verifier checks them) but not
-    /// attached yet (untested).
+    /// The IPv6 socket-LB programs (IPv6 sockets, also talking IPv4 through mapped addresses),
+    /// attached with the IPv4 ones.
     pub const SOCK_PROGS6: [(&str, &str); 4] = [
         (PROG_SOCK_CONNECT6, "connect6"),
         (PROG_SOCK_SENDMSG6, "sendmsg6"),

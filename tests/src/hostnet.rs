@@ -1,9 +1,11 @@
 //! Host-network clients for socket-level load balancing tests: a cgroup v2 hierarchy mounted for
 //! one test with a child cgroup per node (the agents attach their cgroup programs there with
 //! `--cgroup-path`), and a client (real sockets, Python's socket module) that runs in a node's
-//! network namespace and in its cgroup, as a host-network process of that node would.
+//! network namespace and in its cgroup, as a host-network process of that node would. The
+//! client speaks the family of the address it is given: an IPv6 address (also an IPv4-mapped
+//! one, `::ffff:a.b.c.d`) gets an `AF_INET6` socket, and its addresses print as `[addr]:port`.
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -16,11 +18,16 @@ use anyhow::{Context, Result, ensure};
 const CLIENT: &str = r#"
 import errno, socket, sys
 mode, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+def show(a):
+    return ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % a[:2]
 out = {}
 try:
     if mode == "tcp":
-        s = socket.create_connection((ip, port), timeout=3)
-        out["peer"] = "%s:%d" % s.getpeername()
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(3)
+        s.connect((ip, port))
+        out["peer"] = show(s.getpeername())
         s.sendall(b"hello\n")
         data = b""
         while True:
@@ -29,17 +36,17 @@ try:
                 break
             data += d
     else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family, socket.SOCK_DGRAM)
         s.settimeout(3)
         if mode == "udp":
             s.connect((ip, port))
             s.send(b"hello\n")
             data = s.recv(512)
-            out["peer"] = "%s:%d" % s.getpeername()
+            out["peer"] = show(s.getpeername())
         else:
             s.sendto(b"hello\n", (ip, port))
             data, frm = s.recvfrom(512)
-            out["from"] = "%s:%d" % frm
+            out["from"] = show(frm)
     out["reply"] = data.decode().strip().replace(" ", "|")
 except socket.timeout:
     out["error"] = "timeout"
@@ -117,9 +124,10 @@ pub fn host_client(
     ns: &str,
     cgroup: Option<&Path>,
     mode: &str,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
 ) -> Result<HostReply> {
+    let ip: IpAddr = ip.into();
     let join = match cgroup {
         Some(cg) => format!("echo $$ > {}/cgroup.procs && ", cg.display()),
         None => String::new(),

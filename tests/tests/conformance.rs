@@ -1386,6 +1386,8 @@ fn upstream_should_release_nodeports_on_delete() {
 
 const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x20);
 const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x10);
+const LB_IP6_STICKY: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x11);
+const LB_IP6_STICKY_LOCAL: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x12);
 
 /// The `n`-th IPv6 ClusterIP of the IPv6 checks: 2001:2:ff::(0x10+n).
 fn vip6(n: u16) -> Ipv6Addr {
@@ -1415,6 +1417,23 @@ impl Cluster {
     fn put_dual(&self, svc: &Service, eps: &[(usize, usize)]) {
         let v4 = eps.iter().map(|&(i, j)| self.ep(i, j)).collect();
         let v6 = eps.iter().map(|&(i, j)| self.ep6(i, j)).collect();
+        let slices = [Slice::for_service(svc, v4), Slice::for_service6(svc, v6)];
+        self.dir.put(svc, &slices).expect("write manifests");
+    }
+
+    /// [`Self::put_dual`] with the pods `ready` ready and the pods `terminating` terminating
+    /// (still serving).
+    fn put_dual_terminating(
+        &self,
+        svc: &Service,
+        ready: &[(usize, usize)],
+        terminating: &[(usize, usize)],
+    ) {
+        let pods =
+            || ready.iter().map(|&p| (p, false)).chain(terminating.iter().map(|&p| (p, true)));
+        let mark = |ep: Endpoint, t: bool| if t { ep.terminating() } else { ep };
+        let v4 = pods().map(|((i, j), t)| mark(self.ep(i, j), t)).collect();
+        let v6 = pods().map(|((i, j), t)| mark(self.ep6(i, j), t)).collect();
         let slices = [Slice::for_service(svc, v4), Slice::for_service6(svc, v6)];
         self.dir.put(svc, &slices).expect("write manifests");
     }
@@ -1479,6 +1498,10 @@ const IPV6_CHECKS: &[(&str, Check)] = &[
     ("LoadBalancer ingress IP", ipv6_load_balancer),
     ("ipFamilyPolicy programs the right frontends", ipv6_family_policies),
     ("SingleStack -> PreferDualStack -> SingleStack", ipv6_policy_change),
+    ("NodePort session affinity", ipv6_node_port_affinity),
+    ("LoadBalancer session affinity, ESIPP off and on", ipv6_load_balancer_affinity),
+    ("internalTrafficPolicy Local", ipv6_internal_local),
+    ("fallback to terminating endpoints (internal and external, Cluster and Local)", ipv6_fallback),
 ];
 
 /// Every Service the IPv6 checks use, written at once so that one sync programs them all.
@@ -1521,6 +1544,36 @@ fn ipv6_services(c: &Cluster) {
     let mut flip = web_dual("v6flip", 12, "SingleStack");
     flip.cluster_ip6 = None;
     c.put_dual(&flip, &[(1, 2)]);
+    let all = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)];
+    let mut np_sticky = np("v6npsticky", 13, 30603, false);
+    np_sticky.affinity_timeout = Some(10800);
+    c.put_dual(&np_sticky, &all);
+    for (name, n, ip, node_port, esipp) in [
+        ("v6lbsticky", 14, LB_IP6_STICKY, 30604, false),
+        ("v6lbstickyl", 15, LB_IP6_STICKY_LOCAL, 30605, true),
+    ] {
+        let mut lb = np(name, n, node_port, esipp);
+        lb.svc_type = SvcType::LoadBalancer;
+        lb.lb_ips6 = vec![ip];
+        lb.health_check_node_port = esipp.then_some(node_port + 2000);
+        lb.affinity_timeout = Some(10800);
+        c.put_dual(&lb, &all);
+    }
+    let mut itp = web_dual("v6itp", 16, "RequireDualStack");
+    itp.internal_local = true;
+    c.put_dual(&itp, &[(0, 0), (1, 0)]);
+    let mut itp_one = web_dual("v6itpone", 17, "RequireDualStack");
+    itp_one.internal_local = true;
+    c.put_dual(&itp_one, &[(0, 0)]);
+    // Fallback to serving terminating endpoints: all terminating (Cluster policies), or the
+    // node's own terminating one beside a ready one elsewhere (Local policies).
+    let fb = web_dual("v6fbitpc", 18, "RequireDualStack");
+    c.put_dual_terminating(&fb, &[], &[(0, 0), (1, 0)]);
+    let mut fb = web_dual("v6fbitpl", 19, "RequireDualStack");
+    fb.internal_local = true;
+    c.put_dual_terminating(&fb, &[(1, 0)], &[(0, 0)]);
+    c.put_dual_terminating(&np("v6fbetpc", 20, 30606, false), &[], &[(0, 0)]);
+    c.put_dual_terminating(&np("v6fbetpl", 21, 30607, true), &[(1, 0)], &[(0, 0)]);
 }
 
 fn ipv6_cluster_ip(c: &Cluster) {
@@ -1625,6 +1678,70 @@ fn ipv6_policy_change(c: &Cluster) {
     eventually("IPv6 frontend removed", || (!c.frontends(0).contains(&ipv6_fe)).then_some(()));
     assert!(tcp6(&pod, vip6(12), 80).is_err(), "the removed IPv6 ClusterIP still answers");
     converge_to(&pod, vip4(12), 80, Proto::Tcp, &["node-1-pod-2"]);
+}
+
+/// The pods that answer 20 TCP requests of `ns` to `[addr]:port` (errors are not counted).
+fn sticky6(ns: &str, addr: Ipv6Addr, port: u16) -> BTreeSet<String> {
+    (0..20).filter_map(|_| tcp6(ns, addr, port).ok()).map(|r| r.server_pod).collect()
+}
+
+/// Upstream's session affinity for NodePort, over IPv6: one client, one backend of six, on
+/// either node.
+fn ipv6_node_port_affinity(c: &Cluster) {
+    let client = c.client();
+    for i in 0..2 {
+        let node = c.node_ip6(i);
+        eventually("served", || tcp6(&client, node, 30603).ok());
+        let seen = sticky6(&client, node, 30603);
+        assert_eq!(seen.len(), 1, "node {i}: one client, one backend: {seen:?}");
+    }
+}
+
+/// Upstream's `execAffinityTestForLBService` over IPv6, ESIPP off and on (on: the node the
+/// load-balancer IP arrives at, node 0, serves it from its own pods and keeps the client's
+/// address).
+fn ipv6_load_balancer_affinity(c: &Cluster) {
+    let client = c.client();
+    for (ip, esipp) in [(LB_IP6_STICKY, false), (LB_IP6_STICKY_LOCAL, true)] {
+        eventually("served through the load-balancer IP", || tcp6(&client, ip, 80).ok());
+        let replies: Vec<Reply6> = (0..20).filter_map(|_| tcp6(&client, ip, 80).ok()).collect();
+        if esipp {
+            for r in &replies {
+                assert!(r.server_pod.starts_with("node-0-"), "ESIPP: {} answered", r.server_pod);
+                assert_eq!(*r.client_addr.ip(), CLIENT_IP6, "ESIPP keeps the client's address");
+            }
+        }
+        let seen: BTreeSet<String> = replies.into_iter().map(|r| r.server_pod).collect();
+        assert_eq!(seen.len(), 1, "[{ip}] (ESIPP {esipp}): one client, one backend: {seen:?}");
+    }
+}
+
+/// Upstream's internalTrafficPolicy Local over IPv6: each node's pods reach their node's
+/// endpoint only, and a node without a local endpoint drops (no fallback to remote ones).
+fn ipv6_internal_local(c: &Cluster) {
+    converge_to6(&c.pod_ns(0, 2), vip6(16), 80, &["node-0-pod-0"]);
+    converge_to6(&c.pod_ns(1, 2), vip6(16), 80, &["node-1-pod-0"]);
+    converge_to6(&c.pod_ns(0, 2), vip6(17), 80, &["node-0-pod-0"]);
+    for _ in 0..5 {
+        let r = tcp6(&c.pod_ns(1, 2), vip6(17), 80);
+        assert!(r.is_err(), "node 1 reached {r:?} without a local endpoint");
+    }
+}
+
+/// Upstream's fallback to terminating endpoints over IPv6, for internal and external traffic
+/// policies, Cluster and Local.
+fn ipv6_fallback(c: &Cluster) {
+    // internalTrafficPolicy Cluster, every endpoint terminating: all of them serve.
+    converge_to6(&c.pod_ns(0, 2), vip6(18), 80, &["node-0-pod-0", "node-1-pod-0"]);
+    // internalTrafficPolicy Local: the node's own terminating endpoint, not the remote ready one.
+    converge_to6(&c.pod_ns(0, 2), vip6(19), 80, &["node-0-pod-0"]);
+    // externalTrafficPolicy Cluster: the only (terminating) endpoint, through either node.
+    for i in 0..2 {
+        converge_to6(&c.client(), c.node_ip6(i), 30606, &["node-0-pod-0"]);
+    }
+    // externalTrafficPolicy Local: node 0 its terminating endpoint, node 1 its ready one.
+    converge_to6(&c.client(), c.node_ip6(0), 30607, &["node-0-pod-0"]);
+    converge_to6(&c.client(), c.node_ip6(1), 30607, &["node-1-pod-0"]);
 }
 
 /// The IPv6 data-plane behaviours and the dual-stack ones ([`IPV6_CHECKS`]) in one dual-stack

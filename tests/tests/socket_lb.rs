@@ -6,8 +6,12 @@
 //! other node; the service address shows as the peer and as the UDP reply's source; an empty
 //! service refuses. The cgroup, its mount and the lab are removed at the end, also on failure.
 //! The agents' conntrack metrics are checked on the way.
+//!
+//! [`host_network_ipv6_clients_reach_cluster_ips_through_the_socket_lb`] is the IPv6 twin in a
+//! dual-stack lab (`connect6`, `sendmsg6`, `recvmsg6`, `getpeername6`), with IPv4-mapped
+//! destinations (`::ffff:a.b.c.d`) of `AF_INET6` sockets served as IPv4.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -238,6 +242,147 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     dir.put(&dns, &[Slice::for_service(&dns, vec![ep(0)])]).unwrap();
     let after = held.wait();
     assert!(after.contains("error=ECONNABORTED"), "pod's socket after its backend left: {after}");
+    drop(guard);
+    drop(agents);
+    for i in 0..2 {
+        lab.cleanup(i).expect("kproxy cleanup");
+    }
+    lab.down().expect("lab down");
+    drop(cgroups);
+}
+
+const SAME6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x20);
+const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x21);
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x22);
+
+/// Reason counters of one family: (reason, packets or sockets).
+type Counters = Vec<(Reason, u64)>;
+
+/// Reason counters of a node's datapath: IPv4's and IPv6's.
+fn counters(lab: &Lab, node: usize) -> (Counters, Counters) {
+    let dp = BpfDataplane::open(lab.pin_path(node)).unwrap();
+    (dp.counters().unwrap(), dp.counters6().unwrap())
+}
+
+fn count(counters: &[(Reason, u64)], r: Reason) -> u64 {
+    counters.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n)
+}
+
+#[test]
+fn host_network_ipv6_clients_reach_cluster_ips_through_the_socket_lb() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "socket LB tests need root");
+    let spec = LabSpec { nodes: 2, pods_per_node: 1, ipv6: true, ..Default::default() };
+    let mut lab = Lab::up(spec).unwrap();
+    lab.start_servers().expect("servers");
+    let cgroups = Cgroups::new(lab.prefix(), 2).expect("cgroup2 hierarchy");
+    let dir = ManifestDir::new(&format!("socklb6-{}", lab.prefix())).unwrap();
+    let ports = || vec![Port::tcp("tcp", PORT, SERVER_PORT), Port::udp("udp", PORT, SERVER_PORT)];
+    let pod = |i: usize| lab.pod(i, 0).unwrap();
+    let ep4 = |i: usize| Endpoint::ready(pod(i).ip, &lab::node_name(i), &pod(i).name);
+    let ep6 = |i: usize| Endpoint::ready(pod(i).ip6.unwrap(), &lab::node_name(i), &pod(i).name);
+    // Dual-stack services: the IPv4 ClusterIP is reached through its mapped form too.
+    for (name, ip, ip6, eps) in [
+        ("same", SAME, SAME6, vec![0]),
+        ("remote", REMOTE, REMOTE6, vec![1]),
+        ("empty", EMPTY, EMPTY6, vec![]),
+    ] {
+        let mut svc = Service::cluster_ip(name, ip, ports());
+        svc.cluster_ip6 = Some(ip6);
+        svc.ip_family_policy = Some("RequireDualStack".into());
+        let v4 = Slice::for_service(&svc, eps.iter().map(|&i| ep4(i)).collect());
+        let v6 = Slice::for_service6(&svc, eps.iter().map(|&i| ep6(i)).collect());
+        dir.put(&svc, &[v4, v6]).unwrap();
+    }
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let cg = cgroups.node(i).to_string_lossy().into_owned();
+            let opts = AgentOpts {
+                manifests_dir: dir.path().to_path_buf(),
+                extra_args: vec!["--enable-ipv6".into(), "--cgroup-path".into(), cg],
+                ..Default::default()
+            };
+            lab.spawn_agent(i, &opts).unwrap()
+        })
+        .collect();
+    let guard = LogsOnPanic(&agents);
+    let ns = lab.node(0).ns.clone();
+    let cg = Some(cgroups.node(0));
+    let host = |mode: &str, ip: Ipv6Addr| host_client(&ns, cg, mode, ip, PORT).expect("client");
+    let same_pod = pod(0).name.clone();
+    let remote_pod = pod(1).name.clone();
+
+    // Wait until the agent has programmed the services (over IPv4, which the first test covers:
+    // a failure below is then IPv6's).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = client(&ns, cg, "tcp", SAME);
+        if answered_by(&w).as_deref() == Some(same_pod.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ClusterIP never reachable from the host: {w:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (c4, c6) = counters(&lab, 0);
+    let (sock4, sock6) = (count(&c4, Reason::SockTranslated), count(&c6, Reason::SockTranslated));
+    let (rev4, rev6) =
+        (count(&c4, Reason::SockReplyRestored), count(&c6, Reason::SockReplyRestored));
+
+    for (vip6, vip4, pod) in [(SAME6, SAME, &same_pod), (REMOTE6, REMOTE, &remote_pod)] {
+        let mapped = vip4.to_ipv6_mapped();
+        for vip in [vip6, mapped] {
+            let frontend = format!("[{vip}]:{PORT}");
+            // connect6 picks the backend; getpeername6 shows the service as the peer.
+            let w = host("tcp", vip);
+            assert_eq!(answered_by(&w).as_ref(), Some(pod), "tcp {vip}: {w:?}");
+            assert_eq!(get(&w, "peer"), Some(frontend.as_str()), "tcp {vip}: {w:?}");
+            // Connected UDP.
+            let w = host("udp", vip);
+            assert_eq!(answered_by(&w).as_ref(), Some(pod), "udp {vip}: {w:?}");
+            assert_eq!(get(&w, "peer"), Some(frontend.as_str()), "udp {vip}: {w:?}");
+            // Unconnected UDP: sendmsg6 picks the backend, recvmsg6 shows the reply as the
+            // service's.
+            let w = host("sendto", vip);
+            assert_eq!(answered_by(&w).as_ref(), Some(pod), "sendto {vip}: {w:?}");
+            assert_eq!(get(&w, "from"), Some(frontend.as_str()), "sendto {vip}: {w:?}");
+        }
+    }
+
+    // No endpoints: refused, over IPv6 and through the mapped IPv4 ClusterIP.
+    for (mode, vip) in [("tcp", EMPTY6), ("udp", EMPTY6), ("tcp", EMPTY.to_ipv6_mapped())] {
+        let w = host(mode, vip);
+        assert_eq!(get(&w, "error"), Some("ECONNREFUSED"), "{mode} to [{vip}]: {w:?}");
+    }
+    // A connected UDP socket to the mapped address fails at its first send instead: connect6
+    // sent it to port 0 of the loopback address, and the kernel refuses to send an IPv6
+    // socket's IPv4 datagram to port 0 (EINVAL).
+    let w = host("udp", EMPTY.to_ipv6_mapped());
+    assert!(get(&w, "error").is_some() && get(&w, "reply").is_none(), "udp to mapped: {w:?}");
+
+    // Outside the cgroup nothing translates host IPv6 sockets.
+    let w = host_client(&ns, None, "tcp", SAME6, PORT).expect("client");
+    assert!(get(&w, "error").is_some(), "translated outside the cgroup: {w:?}");
+
+    // IPv6 destinations are counted with IPv6, mapped ones with IPv4: 3 sockets per service
+    // and family (TCP, connected UDP, unconnected UDP), one restored reply each.
+    let (c4, c6) = counters(&lab, 0);
+    assert_eq!(count(&c6, Reason::SockTranslated), sock6 + 6, "{c6:?}");
+    assert_eq!(count(&c4, Reason::SockTranslated), sock4 + 6, "{c4:?}");
+    assert!(count(&c6, Reason::SockReplyRestored) >= rev6 + 2, "{c6:?}");
+    assert!(count(&c4, Reason::SockReplyRestored) >= rev4 + 2, "{c4:?}");
+    // The pod-side programs never saw a ClusterIP packet from the host.
+    assert_eq!(count(&c6, Reason::TranslatedNew), 0, "{c6:?}");
+    assert_eq!(count(&c4, Reason::TranslatedNew), 0, "{c4:?}");
+
+    // Every socket-LB program is attached once.
+    let shown =
+        Command::new("bpftool").args(["cgroup", "show"]).arg(cgroups.node(0)).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    for (prog, _) in
+        kproxy_common::names::SOCK_PROGS.iter().chain(&kproxy_common::names::SOCK_PROGS6)
+    {
+        assert_eq!(shown.matches(prog).count(), 1, "{prog} in\n{shown}");
+    }
     drop(guard);
     drop(agents);
     for i in 0..2 {

@@ -253,7 +253,7 @@ fn cgroup_link_pin(pin_path: &Path, attach_type: &str) -> PathBuf {
 }
 
 fn detach_cgroup_links(pin_path: &Path) -> anyhow::Result<()> {
-    for (_, ty) in names::SOCK_PROGS {
+    for (_, ty) in names::SOCK_PROGS.into_iter().chain(names::SOCK_PROGS6) {
         let pin = cgroup_link_pin(pin_path, ty);
         if !pin.exists() {
             continue;
@@ -422,9 +422,11 @@ impl Datapath {
         detach_device(&self.pin_path, ifname)
     }
 
-    /// Attaches the socket-LB programs (connect4, sendmsg4, recvmsg4, getpeername4) to the
-    /// cgroup v2 directory `cgroup`: sockets of processes in it (and in its descendants) that
-    /// connect or send to a service frontend go to a backend directly. Links are pinned under
+    /// Attaches the socket-LB programs (connect, sendmsg, recvmsg and getpeername, for IPv4 and
+    /// IPv6 sockets) to the cgroup v2 directory `cgroup`: sockets of processes in it (and in its
+    /// descendants) that connect or send to a service frontend go to a backend directly. An
+    /// IPv6 socket reaches IPv6 frontends (with `--enable-ipv6`) and, through IPv4-mapped
+    /// addresses, IPv4 ones. Links are pinned under
     /// `v1/links/cgroup-<type>`; an attachment from an earlier run gets the new program in place
     /// (`BPF_LINK_UPDATE`). Needs Linux 5.8 (getpeername4; cgroup `bpf_link`s since 5.7).
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
@@ -432,7 +434,7 @@ impl Datapath {
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
-        for (name, ty) in names::SOCK_PROGS {
+        for (name, ty) in names::SOCK_PROGS.into_iter().chain(names::SOCK_PROGS6) {
             let pin = cgroup_link_pin(&self.pin_path, ty);
             let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?.try_into()?;
             if pin.exists() {

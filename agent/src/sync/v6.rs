@@ -12,7 +12,8 @@
 //! references any more. A failed write stops that port (the error names it); what was written
 //! is remembered exactly (the shadow of the IPv6 services map), so the next sync writes what is
 //! missing. One frontend has one owner: a port asking for a frontend another live port holds is
-//! refused with an error naming both.
+//! refused with an error naming both, once per state of the refused port (every sync tries
+//! again, silently, until the owner lets the frontend go).
 //!
 //! Ids: a port keeps its service id while it exists. A new port takes the IPv4 id of the same
 //! service port (so `kproxy service list` and conntrack show one id per service port whatever
@@ -67,6 +68,9 @@ struct Port6 {
     svc_id: u32,
     /// Hash of the port state it was last brought to (`None`: a write failed).
     hash: Option<u64>,
+    /// Hash of the port state whose refused frontends were reported: the same state refused
+    /// again at a later sync is not reported again.
+    refused: Option<u64>,
     frontends: Vec<Frontend6>,
     endpoints: Vec<Key6>,
 }
@@ -199,8 +203,10 @@ impl Syncer6 {
             if self.ports.get(name).is_some_and(|p| p.hash == Some(hash)) {
                 continue;
             }
+            let reported = self.ports.get(name).is_some_and(|p| p.refused == Some(hash));
             match self.write_port(name, state, hash, v4_id(name), dp, report) {
                 Ok(()) => report.services_changed += 1,
+                Err(Failed(SyncError::Conflict6 { .. })) if reported => {}
                 Err(Failed(e)) => report.errors.push(e),
             }
         }
@@ -293,6 +299,7 @@ impl Syncer6 {
         let mut record = Port6 {
             svc_id,
             hash: None,
+            refused: None,
             frontends: old.as_ref().map(|o| o.frontends.clone()).unwrap_or_default(),
             endpoints,
         };
@@ -303,8 +310,9 @@ impl Syncer6 {
                 record.frontends = state.frontends.keys().copied().collect();
             }
             // Written but for the refused frontends: tried again by every sync until their
-            // owner lets them go.
+            // owner lets them go (reported again only for another state).
             Err(PortError::Conflict(_)) => {
+                record.refused = Some(hash);
                 record.frontends = state
                     .frontends
                     .keys()
@@ -806,6 +814,15 @@ mod tests {
         assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
         assert!(r.errors[0].to_string().contains("held by default/a:http/TCP"), "{}", r.errors[0]);
         assert!(!r.errors[0].is_datapath_failure());
+        assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(1).addr]));
+        // Reported once per change of the refused port: the next syncs try again silently.
+        let r = run(&mut s, &mut dp, &d);
+        assert!(r.errors.is_empty(), "reported again: {:?}", r.errors);
+        let changed = desired(&[("a", "2001:2:ff::1", &[1]), ("b", "2001:2:ff::1", &[3])]);
+        let r = run(&mut s, &mut dp, &changed);
+        assert_eq!(r.errors.len(), 1, "a changed port is reported: {:?}", r.errors);
+        let r = run(&mut s, &mut dp, &changed);
+        assert!(r.errors.is_empty(), "reported again: {:?}", r.errors);
         assert_eq!(programmed(&dp.mem, "2001:2:ff::1"), Some(vec![be(1).addr]));
         let r = run(&mut s, &mut dp, &desired(&[("b", "2001:2:ff::1", &[2])]));
         assert!(r.errors.is_empty(), "{:?}", r.errors);
