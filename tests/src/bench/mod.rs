@@ -1457,7 +1457,7 @@ impl Bench<'_> {
         for s in 0..samples {
             let k = first + s;
             let svc = workload::dynamic(k, "lat", 0);
-            let target = SocketAddrV4::new(svc.cluster_ip, workload::PROBE_PORT);
+            let target = SocketAddrV4::new(svc.cluster_ip4(), workload::PROBE_PORT);
             let before = breakdown.then(|| systems::agent_metrics(&self.node_ns)).transpose()?;
             let (wall0, t0) = (SystemTime::now(), Instant::now());
             let t0 = apply(k)?.unwrap_or(t0);
