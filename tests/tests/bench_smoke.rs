@@ -75,8 +75,19 @@ fn quick_bench_produces_every_figure() {
             }
         }
     }
+    for sys in ["kproxy", "iptables", "nftables"] {
+        assert!(
+            results.figures.iter().any(|f| f.item == "3-nodeport"
+                && f.metric == "tcp_bps"
+                && f.system == sys
+                && f.variant == bench::NODEPORT6_VARIANT
+                && f.status == Status::Ok),
+            "no IPv6 NodePort figure for {sys}"
+        );
+    }
     let report = std::fs::read_to_string(out.0.join("report.md")).unwrap();
     assert!(report.contains("### 1 over IPv6"), "no IPv6 latency table in the report");
+    assert!(report.contains("### 3 over IPv6"), "no IPv6 NodePort table in the report");
 
     let mut problems = Vec::new();
     for f in &results.figures {

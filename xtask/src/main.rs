@@ -1,7 +1,7 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
 //! `cargo xtask lab up|down|status|sweep`,
 //! `cargo xtask bench [--quick] [--only-e2e | --only-programming | --only-per-packet |
-//! --only-ipv6-latency]
+//! --only-ipv6]
 //! [--kproxy-before BINARY] [--bin-dir DIR] [--out DIR] [--report DIR]`,
 //! `cargo xtask kernels [--kernels 5.10,6.1]`.
 
@@ -65,11 +65,11 @@ enum Cmd {
         /// BPF_PROG_TEST_RUN (item 7), about a minute, results in a temp dir unless --out.
         #[arg(long, conflicts_with_all = ["only_e2e", "only_programming"])]
         only_per_packet: bool,
-        /// Only ClusterIP new-connection latency over IPv6 (item 1's IPv6 rows: floor, kproxy,
-        /// ip6tables, nftables in a dual-stack lab), about two minutes, results in a temp dir
-        /// unless --out.
+        /// Only the IPv6 rows: ClusterIP new-connection latency (floor, kproxy, ip6tables,
+        /// nftables) and NodePort TCP from the external client (kproxy, ip6tables, nftables),
+        /// each in a dual-stack lab, about two minutes, results in a temp dir unless --out.
         #[arg(long, conflicts_with_all = ["only_e2e", "only_programming", "only_per_packet"])]
-        only_ipv6_latency: bool,
+        only_ipv6: bool,
         /// Benchmark the binaries in DIR (kproxy, kproxy-loadgen, ...: a copy of another
         /// revision's target/release, to compare two datapaths) instead of building; item 7
         /// (BPF_PROG_TEST_RUN, which loads the object built into xtask) is left out.
@@ -82,7 +82,7 @@ enum Cmd {
         kproxy_before: Option<PathBuf>,
         /// Measure nothing: rewrite `report.md` and the plots of the run in DIR from its
         /// `results.json` (after a change to the report's tables).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "only_ipv6_latency", "bin_dir"])]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "only_ipv6", "bin_dir"])]
         report: Option<PathBuf>,
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
@@ -161,7 +161,7 @@ fn main() -> Result<()> {
             only_programming,
             kproxy_before,
             only_per_packet,
-            only_ipv6_latency,
+            only_ipv6,
             bin_dir,
             report: None,
         } => {
@@ -169,7 +169,7 @@ fn main() -> Result<()> {
                 (only_e2e, Only::E2e),
                 (only_programming, Only::Programming),
                 (only_per_packet, Only::PerPacket),
-                (only_ipv6_latency, Only::Ipv6Latency),
+                (only_ipv6, Only::Ipv6),
             ]
             .into_iter()
             .find_map(|(set, o)| set.then_some(o));
@@ -233,7 +233,7 @@ enum Only {
     E2e,
     Programming,
     PerPacket,
-    Ipv6Latency,
+    Ipv6,
 }
 
 fn bench(
@@ -263,7 +263,7 @@ fn bench(
         Some(Only::E2e) => cfg.only_e2e(),
         Some(Only::Programming) => cfg.only_programming(),
         Some(Only::PerPacket) => cfg.only_per_packet(),
-        Some(Only::Ipv6Latency) => cfg.only_ipv6_latency(),
+        Some(Only::Ipv6) => cfg.only_ipv6(),
         None => cfg,
     };
     if bin_dir_given {

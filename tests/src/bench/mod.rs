@@ -108,9 +108,9 @@ pub struct Config {
     /// Only items 4 and 6 ([`Config::only_programming`]): programming time and memory.
     #[serde(default)]
     pub only_programming: bool,
-    /// Only item 1 over IPv6 ([`Config::only_ipv6_latency`]).
+    /// Only the IPv6 rows of items 1 and 3 ([`Config::only_ipv6`]).
     #[serde(default)]
-    pub only_ipv6_latency: bool,
+    pub only_ipv6: bool,
     /// An earlier kproxy binary measured in items 4 and 6 beside the one built (as system
     /// `kproxy-before`, right before it at each scale): before/after figures of one run.
     #[serde(default)]
@@ -143,7 +143,7 @@ impl Config {
             only_e2e: false,
             only_per_packet: false,
             only_programming: false,
-            only_ipv6_latency: false,
+            only_ipv6: false,
             kproxy_before: None,
         }
     }
@@ -173,7 +173,7 @@ impl Config {
             only_e2e: false,
             only_per_packet: false,
             only_programming: false,
-            only_ipv6_latency: false,
+            only_ipv6: false,
             kproxy_before: None,
         }
     }
@@ -215,21 +215,22 @@ impl Config {
         self
     }
 
-    /// The same run restricted to item 1 over IPv6 (its dual-stack lab, floor, kproxy,
-    /// ip6tables, nftables at [`Config::ipv6_scales`]): about two minutes.
-    pub fn only_ipv6_latency(mut self) -> Self {
+    /// The same run restricted to the IPv6 rows of items 1 and 3 (ClusterIP latency at
+    /// [`Config::ipv6_scales`] and NodePort TCP, each in a dual-stack lab of its own): about two
+    /// minutes.
+    pub fn only_ipv6(mut self) -> Self {
         self.scales.clear();
         self.rate_scales.clear();
         self.prog_scales.clear();
         self.testrun_scales.clear();
         self.e2e_scale = 0;
-        self.only_ipv6_latency = true;
+        self.only_ipv6 = true;
         self
     }
 
     /// Whether the items measured on packets (NodePort, bpf_stats, BPF_PROG_TEST_RUN) run.
     fn packet_items(&self) -> bool {
-        !self.only_e2e && !self.only_programming && !self.only_ipv6_latency
+        !self.only_e2e && !self.only_programming && !self.only_ipv6
     }
 }
 
@@ -673,6 +674,8 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     if !cfg.ipv6_scales.is_empty() {
         b.clusterip6_phase();
         b.step("1 over IPv6: ClusterIP latency (dual-stack lab)");
+        b.nodeport6_phase();
+        b.step("3 over IPv6: NodePort TCP (dual-stack lab)");
     }
     if cfg.packet_items() {
         b.bpf_stats_phase();
@@ -756,6 +759,11 @@ impl Bench<'_> {
                 }
             }
         }
+        if !c.ipv6_scales.is_empty() {
+            for s in NODEPORT6_SYSTEMS {
+                self.rec.plan("3-nodeport", "tcp_bps", s, 3, NODEPORT6_VARIANT);
+            }
+        }
         for &n in &c.scales {
             for s in Sys::ALL {
                 for m in ["p50_us", "p99_us"] {
@@ -803,7 +811,7 @@ impl Bench<'_> {
             self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
             self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
         }
-        let e2e = !c.only_per_packet && !c.only_ipv6_latency;
+        let e2e = !c.only_per_packet && !c.only_ipv6;
         for s in E2E_SYSTEMS.iter().filter(|_| e2e) {
             for v in ["at-rest", "churn"] {
                 for m in ["p50_ms", "p99_ms"] {
@@ -975,6 +983,26 @@ impl Bench<'_> {
                             self.rec.fail("1-latency", m, s.name(), n, IPV6_VARIANT, &why);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Item 3 over IPv6 ([`nodeport6`]); every figure not measured gets the reason.
+    fn nodeport6_phase(&mut self) {
+        let r = match self.over_budget(0.6) {
+            Some(why) => Err(why),
+            None => {
+                eprintln!("[bench] NodePort over IPv6 from the external client (dual-stack lab)");
+                nodeport6(self.cfg, &mut self.rec).map_err(|e| format!("{e:#}"))
+            }
+        };
+        if let Err(why) = r {
+            for s in NODEPORT6_SYSTEMS {
+                if why.starts_with("not measured") {
+                    self.rec.skip("3-nodeport", "tcp_bps", s, 3, NODEPORT6_VARIANT, &why);
+                } else {
+                    self.rec.fail("3-nodeport", "tcp_bps", s, 3, NODEPORT6_VARIANT, &why);
                 }
             }
         }
@@ -2043,6 +2071,17 @@ fn clusterip6(cfg: &Config, rec: &mut Recorder) -> Result<()> {
         let client = lab.pod(0, 0).context("client pod")?.ns.clone();
         let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
         anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client}");
+        // A fresh lab's first IPv6 connections wait for neighbour discovery (the floor's first
+        // run in a new lab saw no connection within 500 ms): measure once the pod answers.
+        lab::eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            crate::client::tcp_request6(
+                &client,
+                lab::pod_ip6(1, 0),
+                lab::SERVER_PORT,
+                Duration::from_secs(1),
+            )
+        })
+        .context("IPv6 from the client pod to the backend pod")?;
         let mdir = TempDir(
             std::env::temp_dir()
                 .join(format!("kproxy-bench-{}-manifests-lat6", std::process::id())),
@@ -2094,6 +2133,113 @@ fn clusterip6(cfg: &Config, rec: &mut Recorder) -> Result<()> {
             let _ = systems::iptables_flush_family(&node_ns, true);
             let _ = systems::nft_unload_table(&node_ns, table);
         }
+        Ok(())
+    })();
+    lab.down()?;
+    r
+}
+
+/// The systems of item 3 over IPv6: kproxy (native XDP, as item 3's `kproxy`; its XDP program
+/// passes IPv6 frames to its TC program, which serves IPv6 NodePorts) and the IPv6 baselines.
+pub const NODEPORT6_SYSTEMS: [&str; 3] = ["kproxy", "iptables", "nftables"];
+
+/// Variant of the item 3 figures over IPv6 (remote backend).
+pub const NODEPORT6_VARIANT: &str = "remote-ipv6";
+
+/// Item 3 over IPv6: in a dual-stack lab of its own, one iperf3 TCP flow from the external
+/// client to node 0's IPv6 address at the NodePort of the probe service whose backend is on
+/// node 1, through kproxy (`--enable-ipv6`, native XDP), ip6tables and nftables (`ip6
+/// kube-proxy`) rules of kube-proxy's IPv6 proxier; systems rotated between repetitions.
+fn nodeport6(cfg: &Config, rec: &mut Recorder) -> Result<()> {
+    let lab = bench_lab(true)?;
+    let r = (|| -> Result<()> {
+        let iperfs = iperf_servers(&lab)?;
+        let node_ns = lab.node(0).ns.clone();
+        let client = lab.client_ns();
+        let mdir = TempDir(
+            std::env::temp_dir().join(format!("kproxy-bench-{}-manifests-np6", std::process::id())),
+        );
+        std::fs::create_dir_all(&mdir.0)?;
+        write_atomic(&mdir.0, "probes.json", &workload::probes_dual_manifest())?;
+        let settings = workload::node_settings6(0);
+        let table = baseline::nft_table(&settings);
+        let ports = workload::baseline_ports(&workload::probes6(), 0);
+        let ipt = systems::iptables_flush_family(&node_ns, true)
+            .and_then(|()| systems::iptables_load_ports(&node_ns, &settings, &ports))
+            .map_err(|e| format!("loading the ip6tables rules: {e:#}"));
+        let nft = systems::nft_unload_table(&node_ns, table)
+            .and_then(|()| systems::nft_load_ports(&node_ns, &settings, &ports, 1000))
+            .and_then(|_| systems::nft_hooks_table(&node_ns, table, false))
+            .map_err(|e| format!("loading the nftables rules: {e:#}"));
+        let target: SocketAddr = (lab::node_ip6(0), workload::NP_REMOTE_TCP).into();
+        // Neighbour discovery between the client and node 0 done before the first flow.
+        let node6 = lab::node_ip6(0).to_string();
+        lab::eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            let out = lab::exec(&client, &["ping", "-6", "-c", "1", "-W", "1", &node6])?;
+            anyhow::ensure!(out.status.success(), "no reply");
+            Ok(())
+        })
+        .with_context(|| format!("ping from the external client to {node6}"))?;
+        let d = Duration::from_millis(cfg.np_duration_ms);
+        for rep in 0..cfg.reps {
+            for sys in rotate(&NODEPORT6_SYSTEMS, rep) {
+                for node in lab.nodes() {
+                    for family in ["ipv4", "ipv6"] {
+                        let _ = lab::exec(&node.ns, &["conntrack", "-F", "-f", family]);
+                    }
+                }
+                let mut kp = None;
+                let enabled = match (sys, &ipt, &nft) {
+                    ("iptables", Err(why), _) | ("nftables", _, Err(why)) => {
+                        Err(anyhow::anyhow!("{why}"))
+                    }
+                    ("iptables", ..) => {
+                        systems::iptables_hooks_family(&node_ns, true, true).map(drop)
+                    }
+                    ("nftables", ..) => systems::nft_hooks_table(&node_ns, table, true).map(drop),
+                    _ => {
+                        let mut args = nodeport_agent_args("kproxy").to_vec();
+                        args.push("--enable-ipv6");
+                        let n = 2 * workload::probes().len() as u64;
+                        systems::start_kproxy(
+                            &lab,
+                            &mdir.0,
+                            &args,
+                            None,
+                            n,
+                            Duration::from_secs(300),
+                        )
+                        .map(|k| kp = Some(k))
+                    }
+                };
+                let r = enabled
+                    .with_context(|| format!("enabling {sys} over IPv6"))
+                    .and_then(|()| measure::iperf3(&client, target, d));
+                match r {
+                    Ok(bps) => rec.add("3-nodeport", "tcp_bps", sys, 3, NODEPORT6_VARIANT, bps),
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        rec.fail("3-nodeport", "tcp_bps", sys, 3, NODEPORT6_VARIANT, &why);
+                    }
+                }
+                match sys {
+                    "iptables" => {
+                        let _ = systems::iptables_hooks_family(&node_ns, true, false);
+                    }
+                    "nftables" => {
+                        let _ = systems::nft_hooks_table(&node_ns, table, false);
+                    }
+                    _ => {
+                        if let Some(k) = kp {
+                            let _ = systems::stop_kproxy(&lab, k);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = systems::iptables_flush_family(&node_ns, true);
+        let _ = systems::nft_unload_table(&node_ns, table);
+        drop(iperfs);
         Ok(())
     })();
     lab.down()?;

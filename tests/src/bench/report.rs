@@ -1035,6 +1035,24 @@ fn ipv6_latency_section(r: &Results) -> String {
         );
     }
     s.push_str("\nThe same measurement over IPv6, in a dual-stack lab of its own (same shape: 2 routed nodes, 2 pods each): N − 1 single-stack IPv6 filler services and the probe as a dual-stack service, the client connecting to the probe's IPv6 ClusterIP (the floor: to the backend pod's IPv6 address). kproxy runs with `--enable-ipv6`; the baselines are the rules of kube-proxy's IPv6 proxier (`ip6tables-legacy-restore` input with `[addr]:port` endpoints, and table `ip6 kube-proxy`), in figures of system `iptables` / `nftables`, variant `ipv6`. The IPv4 columns repeat item 1's ratios at the same scale (another lab of the same run; `—` where item 1 has no such scale), so the IPv6/IPv4 comparison is of ratios, not of microseconds.\n\n");
+
+    let (v, n) = (super::NODEPORT6_VARIANT, 3);
+    let bps = |sys: &str, v: &str| median(f, "3-nodeport", "tcp_bps", sys, n, v);
+    let gbps = |sys: &str| cell(find(f, "3-nodeport", "tcp_bps", sys, n, v));
+    s.push_str("### 3 over IPv6: NodePort from the external client (iperf3 TCP, backend on the other node)\n\n");
+    s.push_str("| kproxy | ip6tables | nftables | kproxy/ip6tables | kproxy/nftables | IPv4: kproxy/iptables | IPv4: kproxy/nftables |\n|---|---|---|---|---|---|---|\n");
+    let _ = writeln!(
+        s,
+        "| {} | {} | {} | {} | {} | {} | {} |",
+        gbps("kproxy"),
+        gbps("iptables"),
+        gbps("nftables"),
+        ratio(bps("kproxy", v), bps("iptables", v)),
+        ratio(bps("kproxy", v), bps("nftables", v)),
+        ratio(bps("kproxy", "remote"), bps("iptables", "remote")),
+        ratio(bps("kproxy", "remote"), bps("nftables", "remote")),
+    );
+    s.push_str("\nOne iperf3 TCP flow from the external client to node 0's IPv6 address at the NodePort (dual-stack lab of its own; figures `3-nodeport` `tcp_bps`, variant `remote-ipv6`). kproxy runs as item 3's `kproxy` (native XDP) with `--enable-ipv6`: its XDP program passes IPv6 frames on, so IPv6 NodePort traffic is translated by its TC program, not in XDP. The IPv4 columns are item 3's ratios for the remote backend (`—` when item 3 did not run).\n\n");
     s
 }
 

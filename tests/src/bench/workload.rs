@@ -213,6 +213,27 @@ fn filler_set(
         .collect()
 }
 
+/// The IPv6 halves of the dual-stack probes of [`probes_dual_manifest`] as the baselines see
+/// them (kube-proxy's IPv6 proxier): the same names, ports and NodePorts, the IPv6 ClusterIPs,
+/// the backend pods' IPv6 addresses.
+pub fn probes6() -> Vec<BService> {
+    let ip6 = [PROBE_IP6, NP_LOCAL_CLUSTER_IP6, NP_REMOTE_CLUSTER_IP6];
+    probes()
+        .into_iter()
+        .map(|mut s| {
+            let k = s.cluster_ip4().octets()[3];
+            let v6 =
+                *ip6.iter().find(|a| a.segments()[7] == u16::from(k)).expect("a probe ClusterIP");
+            s.cluster_ip = v6.into();
+            for (ip, node) in &mut s.endpoints {
+                let IpAddr::V4(v4) = *ip else { unreachable!("the probes are built IPv4") };
+                *ip = lab::pod_ip6(*node, (v4.octets()[3] - 10) as usize).into();
+            }
+            s
+        })
+        .collect()
+}
+
 /// The IPv6 probe service of the IPv6 latency step as the baselines see it (the IPv6 half of
 /// the dual-stack `probe` of [`probes_dual_manifest`]): [`PROBE_IP6`] → node-1-pod-0's IPv6
 /// address.
