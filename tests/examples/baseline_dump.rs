@@ -14,7 +14,7 @@ fn main() {
             name: format!("svc{i}"),
             port_name: "http".into(),
             proto: Proto::Tcp,
-            cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i + 1),
+            cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i + 1).into(),
             port: 80,
             node_port: (i % 2 == 0 && i < 5000).then_some(30000 + (i / 2) as u16),
             external_ips: vec![],
@@ -23,7 +23,7 @@ fn main() {
             affinity_timeout: (i % 3 == 0).then_some(10800),
             endpoints: (0..3)
                 .map(|j| Endpoint {
-                    ip: Ipv4Addr::new(198, 18, 100 + (j % 2) as u8, 10 + j as u8),
+                    ip: Ipv4Addr::new(198, 18, 100 + (j % 2) as u8, 10 + j as u8).into(),
                     port: 8080,
                     local: j % 2 == 0,
                 })
@@ -32,7 +32,8 @@ fn main() {
         .collect();
     let node = NodeSettings {
         cluster_cidr: "198.18.64.0/18".into(),
-        node_ips: vec![Ipv4Addr::new(198, 18, 0, 10)],
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 10).into()],
+        ipv6: false,
     };
     match mode {
         "iptables-jumps" => print!("{}", baseline::iptables_jumps()),

@@ -10,7 +10,14 @@
 //! masquerade mark; in nftables mode the `service-ips` / `service-nodeports` verdict maps and
 //! `numgen random` per-service chains. What is left out: LoadBalancerSourceRanges, nfacct
 //! counters, localhost NodePorts, and the `cluster-ips-check` reject/drop of unallocated ClusterIPs.
-use std::{fmt::Write as _, net::Ipv4Addr};
+//!
+//! Both IP families: kube-proxy runs one proxier per family, and the IPv6 one writes the same
+//! chains for `ip6tables-restore` (endpoints as `[addr]:port`, no `127.0.0.0/8` firewall rule)
+//! and table `ip6 kube-proxy` (`ip6 daddr`, `ipv6_addr` sets). [`NodeSettings::ipv6`] chooses.
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use sha2::{Digest, Sha256};
 
@@ -35,8 +42,8 @@ impl Proto {
 /// One endpoint of a service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Pod address.
-    pub ip: Ipv4Addr,
+    /// Pod address (of the rule set's family).
+    pub ip: IpAddr,
     /// Target port.
     pub port: u16,
     /// Whether it runs on the node the rules are written for.
@@ -54,16 +61,16 @@ pub struct ServicePort {
     pub port_name: String,
     /// Protocol.
     pub proto: Proto,
-    /// ClusterIP.
-    pub cluster_ip: Ipv4Addr,
+    /// ClusterIP (of the rule set's family).
+    pub cluster_ip: IpAddr,
     /// Service port.
     pub port: u16,
     /// NodePort, if the service has one.
     pub node_port: Option<u16>,
     /// spec.externalIPs.
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// status.loadBalancer.ingress IPs.
-    pub lb_ips: Vec<Ipv4Addr>,
+    pub lb_ips: Vec<IpAddr>,
     /// externalTrafficPolicy: Local.
     pub external_local: bool,
     /// sessionAffinity ClientIP timeout, seconds.
@@ -93,7 +100,18 @@ pub struct NodeSettings {
     /// Cluster (pod) CIDR used to tell pod traffic from other traffic ("! -s CIDR" masquerade).
     pub cluster_cidr: String,
     /// Node addresses that accept NodePort traffic (nftables `nodeport-ips`).
-    pub node_ips: Vec<Ipv4Addr>,
+    pub node_ips: Vec<IpAddr>,
+    /// The rules of kube-proxy's IPv6 proxier (`ip6tables-restore` input, table
+    /// `ip6 kube-proxy`); every address above is then IPv6.
+    pub ipv6: bool,
+}
+
+impl Endpoint {
+    /// `addr:port`, or `[addr]:port` for IPv6: kube-proxy's endpoint string, which its
+    /// iptables chain hashes, comments and DNAT targets use.
+    fn host_port(&self) -> String {
+        SocketAddr::new(self.ip, self.port).to_string()
+    }
 }
 
 /// First `len` characters of base32(sha256(input)), kube-proxy's chain-name hash.
@@ -288,8 +306,8 @@ pub fn iptables_restore(node: &NodeSettings, services: &[ServicePort]) -> String
             };
             let _ = writeln!(
                 nat_rules,
-                "-A {sep}{sep_comment} {recent}{m} -j DNAT --to-destination {}:{}",
-                ep.ip, ep.port
+                "-A {sep}{sep_comment} {recent}{m} -j DNAT --to-destination {}",
+                ep.host_port()
             );
         }
     }
@@ -309,7 +327,10 @@ pub fn iptables_restore(node: &NodeSettings, services: &[ServicePort]) -> String
         let _ = writeln!(out, ":{c} - [0:0]");
     }
     out.push_str(&filter_rules);
-    out.push_str("-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n");
+    if !node.ipv6 {
+        // IPv4 only: route_localnet, which the rule guards, has no IPv6 counterpart.
+        out.push_str("-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n");
+    }
     out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
     out.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n");
     out.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
@@ -336,7 +357,7 @@ pub fn iptables_restore(node: &NodeSettings, services: &[ServicePort]) -> String
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
 fn sep_chain(spn: &str, proto: &str, ep: &Endpoint) -> String {
-    format!("KUBE-SEP-{}", hash(&format!("{spn}{proto}{}:{}", ep.ip, ep.port), 16))
+    format!("KUBE-SEP-{}", hash(&format!("{spn}{proto}{}", ep.host_port()), 16))
 }
 
 /// The endpoint-selection rules of a KUBE-SVC-/KUBE-SVL- chain: affinity checks first, then one
@@ -354,7 +375,7 @@ fn write_endpoint_jumps(
         if large {
             String::new()
         } else {
-            format!(" -m comment --comment \"{spn} -> {}:{}\"", ep.ip, ep.port)
+            format!(" -m comment --comment \"{spn} -> {}\"", ep.host_port())
         }
     };
     if let Some(timeout) = sp.affinity_timeout {
@@ -379,10 +400,18 @@ fn write_endpoint_jumps(
     }
 }
 
+/// The nftables table of kube-proxy's proxier of the family of `node`.
+pub fn nft_table(node: &NodeSettings) -> &'static str {
+    if node.ipv6 { "ip6 kube-proxy" } else { "ip kube-proxy" }
+}
+
 /// The `nft -f` input kube-proxy's nftables proxier writes for `services`: table
-/// `ip kube-proxy` with its base chains, verdict maps and per-service chains.
+/// `ip kube-proxy` (`ip6 kube-proxy` for IPv6) with its base chains, verdict maps and
+/// per-service chains.
 pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String {
-    let t = "ip kube-proxy";
+    let t = nft_table(node);
+    // The address match and set type of the family.
+    let (ipf, addr_type) = if node.ipv6 { ("ip6", "ipv6_addr") } else { ("ip", "ipv4_addr") };
     let cidr = &node.cluster_cidr;
     let mut out = String::new();
     let _ = writeln!(out, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
@@ -424,7 +453,13 @@ pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String 
         "add rule TABLE services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         "add rule TABLE service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
     ] {
-        let _ = writeln!(out, "{}", line.replace("TABLE", t));
+        let line = line.replace("TABLE", t);
+        let line = if node.ipv6 {
+            line.replace("ip daddr", "ip6 daddr").replace("ipv4_addr", addr_type)
+        } else {
+            line
+        };
+        let _ = writeln!(out, "{line}");
     }
     for ip in &node.node_ips {
         let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
@@ -442,7 +477,7 @@ pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String 
         let svc_chain = format!("service-{h}-{base}");
         let ext_chain = format!("external-{h}-{base}");
         let _ = writeln!(elems, "add element {t} cluster-ips {{ {} }}", sp.cluster_ip);
-        let externals: Vec<Ipv4Addr> = sp.external_ips.iter().chain(&sp.lb_ips).copied().collect();
+        let externals: Vec<IpAddr> = sp.external_ips.iter().chain(&sp.lb_ips).copied().collect();
         let spn = sp.port_name_string();
 
         if sp.endpoints.is_empty() {
@@ -467,19 +502,22 @@ pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String 
             continue;
         }
 
+        // An IPv6 address's colons are not allowed in a chain name: kube-proxy writes dots.
+        let ep_base =
+            |ep: &Endpoint| format!("{base}__{}/{}", ep.ip.to_string().replace(':', "."), ep.port);
         let ep_chain = |ep: &Endpoint| {
-            let b = format!("{base}__{}/{}", ep.ip, ep.port);
+            let b = ep_base(ep);
             format!("endpoint-{}-{b}", hash(&b, 8))
         };
         let affinity_set = |ep: &Endpoint| {
-            let b = format!("{base}__{}/{}", ep.ip, ep.port);
+            let b = ep_base(ep);
             format!("affinity-{}-{b}", hash(&b, 8))
         };
         if let Some(timeout) = sp.affinity_timeout {
             for ep in &sp.endpoints {
                 let _ = writeln!(
                     decls,
-                    "add set {t} {} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}",
+                    "add set {t} {} {{ type {addr_type} ; flags dynamic,timeout ; timeout {timeout}s ; }}",
                     affinity_set(ep)
                 );
             }
@@ -487,14 +525,14 @@ pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String 
         let _ = writeln!(decls, "add chain {t} {svc_chain}");
         let _ = writeln!(
             rules,
-            "add rule {t} {svc_chain} ip daddr {} ip saddr != {cidr} jump mark-for-masquerade",
+            "add rule {t} {svc_chain} {ipf} daddr {} {ipf} saddr != {cidr} jump mark-for-masquerade",
             sp.cluster_ip
         );
         if sp.affinity_timeout.is_some() {
             for ep in &sp.endpoints {
                 let _ = writeln!(
                     rules,
-                    "add rule {t} {svc_chain} ip saddr @{} goto {}",
+                    "add rule {t} {svc_chain} {ipf} saddr @{} goto {}",
                     affinity_set(ep),
                     ep_chain(ep)
                 );
@@ -509,7 +547,7 @@ pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String 
             if sp.external_local {
                 let _ = writeln!(
                     rules,
-                    "add rule {t} {ext_chain} ip saddr {cidr} goto {svc_chain} comment \"short-circuit pod traffic\""
+                    "add rule {t} {ext_chain} {ipf} saddr {cidr} goto {svc_chain} comment \"short-circuit pod traffic\""
                 );
                 let _ = writeln!(
                     rules,
@@ -534,16 +572,17 @@ pub fn nftables_script(node: &NodeSettings, services: &[ServicePort]) -> String 
         for ep in &sp.endpoints {
             let c = ep_chain(ep);
             let _ = writeln!(decls, "add chain {t} {c}");
-            let _ = writeln!(rules, "add rule {t} {c} ip saddr {} jump mark-for-masquerade", ep.ip);
+            let _ =
+                writeln!(rules, "add rule {t} {c} {ipf} saddr {} jump mark-for-masquerade", ep.ip);
             if sp.affinity_timeout.is_some() {
-                let _ =
-                    writeln!(rules, "add rule {t} {c} update @{} {{ ip saddr }}", affinity_set(ep));
+                let _ = writeln!(
+                    rules,
+                    "add rule {t} {c} update @{} {{ {ipf} saddr }}",
+                    affinity_set(ep)
+                );
             }
-            let _ = writeln!(
-                rules,
-                "add rule {t} {c} meta l4proto {proto} dnat to {}:{}",
-                ep.ip, ep.port
-            );
+            let _ =
+                writeln!(rules, "add rule {t} {c} meta l4proto {proto} dnat to {}", ep.host_port());
         }
         let _ = writeln!(
             elems,
@@ -624,6 +663,8 @@ fn numgen_vmap(eps: &[Endpoint], chain: &dyn Fn(&Endpoint) -> String) -> String 
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn svc1() -> ServicePort {
@@ -647,7 +688,73 @@ mod tests {
         NodeSettings {
             cluster_cidr: "10.0.0.0/8".into(),
             node_ips: vec!["192.168.0.2".parse().unwrap()],
+            ipv6: false,
         }
+    }
+
+    /// [`svc1`] and [`node`] as kube-proxy's IPv6 proxier sees them.
+    fn svc1_v6() -> ServicePort {
+        let mut s = svc1();
+        s.cluster_ip = "fd00:172:30::41".parse().unwrap();
+        s.endpoints[0].ip = "fd00:10:180::1".parse().unwrap();
+        s
+    }
+
+    fn node_v6() -> NodeSettings {
+        NodeSettings {
+            cluster_cidr: "fd00:10::/64".into(),
+            node_ips: vec!["fd00:192:168::2".parse().unwrap()],
+            ipv6: true,
+        }
+    }
+
+    /// kube-proxy's IPv6 iptables proxier: the endpoint string is `[addr]:port` in the
+    /// KUBE-SEP hash, the comment and the DNAT target; no 127.0.0.0/8 firewall rule.
+    #[test]
+    fn ip6tables_brackets_endpoints_and_drops_localnet_rule() {
+        let out = iptables_restore(&node_v6(), &[svc1_v6()]);
+        let sep = format!("KUBE-SEP-{}", hash("ns1/svc1:p80tcp[fd00:10:180::1]:80", 16));
+        for e in [
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d fd00:172:30::41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O".to_string(),
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d fd00:172:30::41 --dport 80 ! -s fd00:10::/64 -j KUBE-MARK-MASQ".to_string(),
+            format!("-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> [fd00:10:180::1]:80\" -j {sep}"),
+            format!("-A {sep} -m comment --comment ns1/svc1:p80 -s fd00:10:180::1 -j KUBE-MARK-MASQ"),
+            format!("-A {sep} -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination [fd00:10:180::1]:80"),
+        ] {
+            assert!(out.lines().any(|l| l == e), "missing {e}\n{out}");
+        }
+        assert!(!out.contains("127.0.0.0/8"), "{out}");
+        assert!(iptables_restore(&node(), &[svc1()]).contains("-d 127.0.0.0/8 ! -s 127.0.0.0/8"));
+    }
+
+    /// kube-proxy's IPv6 nftables proxier: table `ip6 kube-proxy`, `ipv6_addr` sets and maps,
+    /// `ip6` matches, endpoint chains named with the address's colons as dots.
+    #[test]
+    fn nftables_ipv6_table_matches_and_chain_names() {
+        let out = nftables_script(&node_v6(), &[svc1_v6()]);
+        let ep = "ns1/svc1/tcp/p80__fd00.10.180..1/80";
+        let ep_chain = format!("endpoint-{}-{ep}", hash(ep, 8));
+        for e in [
+            "add table ip6 kube-proxy { comment \"rules for kube-proxy\" ; }".to_string(),
+            "add map ip6 kube-proxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }".into(),
+            "add rule ip6 kube-proxy services ip6 daddr . meta l4proto . th dport vmap @service-ips".into(),
+            "add rule ip6 kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip6 daddr fd00:172:30::41 ip6 saddr != fd00:10::/64 jump mark-for-masquerade".into(),
+            format!("add rule ip6 kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 goto {ep_chain}"),
+            format!("add rule ip6 kube-proxy {ep_chain} ip6 saddr fd00:10:180::1 jump mark-for-masquerade"),
+            format!("add rule ip6 kube-proxy {ep_chain} meta l4proto tcp dnat to [fd00:10:180::1]:80"),
+            "add element ip6 kube-proxy nodeport-ips { fd00:192:168::2 }".into(),
+            "add element ip6 kube-proxy service-ips { fd00:172:30::41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }".into(),
+        ] {
+            assert!(out.lines().any(|l| l == e), "missing {e}\n{out}");
+        }
+        for v4 in [" ip daddr", " ip saddr", "ipv4_addr", " ip kube-proxy"] {
+            assert!(!out.contains(v4), "IPv4 `{v4}` in the IPv6 table:\n{out}");
+        }
+        let mut s = svc1_v6();
+        s.affinity_timeout = Some(10800);
+        let out = nftables_script(&node_v6(), &[s]);
+        assert!(out.contains("type ipv6_addr ; flags dynamic,timeout"), "{out}");
+        assert!(out.contains("{ ip6 saddr }"), "{out}");
     }
 
     /// The ClusterIP case of kube-proxy's TestOverallIPTablesRules: same chain names (hashes),
@@ -678,7 +785,7 @@ mod tests {
     fn iptables_statistic_probabilities_split_evenly() {
         let mut s = svc1();
         s.endpoints = (1..=3)
-            .map(|i| Endpoint { ip: Ipv4Addr::new(10, 180, 0, i), port: 80, local: false })
+            .map(|i| Endpoint { ip: Ipv4Addr::new(10, 180, 0, i).into(), port: 80, local: false })
             .collect();
         let out = iptables_restore(&node(), &[s]);
         assert!(out.contains("--probability 0.3333333333 -j KUBE-SEP-"), "{out}");
@@ -691,7 +798,7 @@ mod tests {
         let base = u32::from(Ipv4Addr::new(10, 180, 0, 0));
         let mut s = svc1();
         s.endpoints = (0..=LARGE_CLUSTER_ENDPOINTS as u32)
-            .map(|i| Endpoint { ip: Ipv4Addr::from(base + i), port: 80, local: false })
+            .map(|i| Endpoint { ip: Ipv4Addr::from(base + i).into(), port: 80, local: false })
             .collect();
         let out = iptables_restore(&node(), std::slice::from_ref(&s));
         let per_endpoint_comments = |out: &str| {
@@ -752,7 +859,7 @@ mod tests {
             .map(|i| {
                 let mut s = svc1();
                 s.name = format!("svc{i}");
-                s.cluster_ip = Ipv4Addr::new(172, 30, 0, 41 + i);
+                s.cluster_ip = Ipv4Addr::new(172, 30, 0, 41 + i).into();
                 s
             })
             .collect();

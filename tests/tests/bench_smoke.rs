@@ -58,6 +58,37 @@ fn quick_bench_produces_every_figure() {
         }
     }
 
+    // Item 1 over IPv6 (dual-stack lab): every system at every IPv6 scale, and its table.
+    assert!(!cfg.ipv6_scales.is_empty());
+    for n in &cfg.ipv6_scales {
+        for sys in ["floor", "kproxy", "iptables", "nftables"] {
+            for m in ["p50_us", "p99_us"] {
+                assert!(
+                    results.figures.iter().any(|f| f.item == "1-latency"
+                        && f.metric == m
+                        && f.system == sys
+                        && f.n == *n as u64
+                        && f.variant == bench::IPV6_VARIANT
+                        && f.status == Status::Ok),
+                    "no IPv6 latency figure {m} for {sys} at {n} services"
+                );
+            }
+        }
+    }
+    for sys in ["kproxy", "iptables", "nftables"] {
+        assert!(
+            results.figures.iter().any(|f| f.item == "3-nodeport"
+                && f.metric == "tcp_bps"
+                && f.system == sys
+                && f.variant == bench::NODEPORT6_VARIANT
+                && f.status == Status::Ok),
+            "no IPv6 NodePort figure for {sys}"
+        );
+    }
+    let report = std::fs::read_to_string(out.0.join("report.md")).unwrap();
+    assert!(report.contains("### 1 over IPv6"), "no IPv6 latency table in the report");
+    assert!(report.contains("### 3 over IPv6"), "no IPv6 NodePort table in the report");
+
     let mut problems = Vec::new();
     for f in &results.figures {
         let what = format!("{} {} {} n={} {}", f.item, f.metric, f.system, f.n, f.variant);

@@ -1,6 +1,7 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
 //! `cargo xtask lab up|down|status|sweep`,
-//! `cargo xtask bench [--quick] [--only-e2e | --only-programming | --only-per-packet]
+//! `cargo xtask bench [--quick] [--only-e2e | --only-programming | --only-per-packet |
+//! --only-ipv6]
 //! [--kproxy-before BINARY] [--bin-dir DIR] [--out DIR] [--report DIR]`,
 //! `cargo xtask kernels [--kernels 5.10,6.1]`.
 
@@ -64,6 +65,11 @@ enum Cmd {
         /// BPF_PROG_TEST_RUN (item 7), about a minute, results in a temp dir unless --out.
         #[arg(long, conflicts_with_all = ["only_e2e", "only_programming"])]
         only_per_packet: bool,
+        /// Only the IPv6 rows: ClusterIP new-connection latency (floor, kproxy, ip6tables,
+        /// nftables) and NodePort TCP from the external client (kproxy, ip6tables, nftables),
+        /// each in a dual-stack lab, about two minutes, results in a temp dir unless --out.
+        #[arg(long, conflicts_with_all = ["only_e2e", "only_programming", "only_per_packet"])]
+        only_ipv6: bool,
         /// Benchmark the binaries in DIR (kproxy, kproxy-loadgen, ...: a copy of another
         /// revision's target/release, to compare two datapaths) instead of building; item 7
         /// (BPF_PROG_TEST_RUN, which loads the object built into xtask) is left out.
@@ -76,7 +82,7 @@ enum Cmd {
         kproxy_before: Option<PathBuf>,
         /// Measure nothing: rewrite `report.md` and the plots of the run in DIR from its
         /// `results.json` (after a change to the report's tables).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "bin_dir"])]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "only_ipv6", "bin_dir"])]
         report: Option<PathBuf>,
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
@@ -155,9 +161,20 @@ fn main() -> Result<()> {
             only_programming,
             kproxy_before,
             only_per_packet,
+            only_ipv6,
             bin_dir,
             report: None,
-        } => bench(quick, out, only_e2e, only_programming, kproxy_before, only_per_packet, bin_dir),
+        } => {
+            let only = [
+                (only_e2e, Only::E2e),
+                (only_programming, Only::Programming),
+                (only_per_packet, Only::PerPacket),
+                (only_ipv6, Only::Ipv6),
+            ]
+            .into_iter()
+            .find_map(|(set, o)| set.then_some(o));
+            bench(quick, out, only, kproxy_before, bin_dir)
+        }
         Cmd::Kernels { kernels, filter, no_e2e, verifier_only } => kernels::run(
             &workspace_root(),
             &kernels::Opts { kernels, filter, no_e2e, verifier_only },
@@ -210,13 +227,20 @@ fn build(release: bool) -> Result<()> {
     Ok(())
 }
 
+/// The part of the bench run alone (`--only-*`).
+#[derive(Debug, Clone, Copy)]
+enum Only {
+    E2e,
+    Programming,
+    PerPacket,
+    Ipv6,
+}
+
 fn bench(
     quick: bool,
     out: Option<PathBuf>,
-    only_e2e: bool,
-    only_programming: bool,
+    only: Option<Only>,
     kproxy_before: Option<PathBuf>,
-    only_per_packet: bool,
     bin_dir: Option<PathBuf>,
 ) -> Result<()> {
     use kproxy_tests::bench;
@@ -235,15 +259,13 @@ fn bench(
     // SAFETY: single-threaded here; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("KPROXY_BIN_DIR", bins) };
     let mut cfg = if quick { bench::Config::quick() } else { bench::Config::full() };
-    if only_e2e {
-        cfg = cfg.only_e2e();
-    }
-    if only_programming {
-        cfg = cfg.only_programming();
-    }
-    if only_per_packet {
-        cfg = cfg.only_per_packet();
-    }
+    cfg = match only {
+        Some(Only::E2e) => cfg.only_e2e(),
+        Some(Only::Programming) => cfg.only_programming(),
+        Some(Only::PerPacket) => cfg.only_per_packet(),
+        Some(Only::Ipv6) => cfg.only_ipv6(),
+        None => cfg,
+    };
     if bin_dir_given {
         // BPF_PROG_TEST_RUN loads the object built into this process, not the one in DIR.
         cfg.testrun_scales.clear();
@@ -255,7 +277,7 @@ fn bench(
     let results_dir = workspace_root().join("bench/results");
     let (dir, is_default) = match out {
         Some(d) => (d, false),
-        None if quick || only_e2e || only_programming || only_per_packet || bin_dir_given => {
+        None if quick || only.is_some() || bin_dir_given => {
             (std::env::temp_dir().join(format!("kproxy-bench-quick-{stamp}")), false)
         }
         None => (results_dir.join(&stamp), true),

@@ -30,7 +30,7 @@ pub struct Load {
 /// Runs the load generator in namespace `ns`.
 pub fn loadgen(
     ns: &str,
-    target: SocketAddrV4,
+    target: SocketAddr,
     mode: &str,
     concurrency: usize,
     duration: Duration,

@@ -46,6 +46,7 @@ use self::{
 };
 use crate::{
     apiserver::{ApiServer, Binder},
+    baseline,
     lab::{self, Lab, LabSpec, Wiring},
 };
 
@@ -56,6 +57,9 @@ pub struct Config {
     pub quick: bool,
     /// Item 1 scales (number of services).
     pub scales: Vec<usize>,
+    /// Scales of item 1 over IPv6 (step "1 over IPv6", in a dual-stack lab of its own).
+    #[serde(default)]
+    pub ipv6_scales: Vec<usize>,
     /// Item 2 scales.
     pub rate_scales: Vec<usize>,
     /// Items 4 and 6 scales (services × 10 endpoints).
@@ -104,6 +108,9 @@ pub struct Config {
     /// Only items 4 and 6 ([`Config::only_programming`]): programming time and memory.
     #[serde(default)]
     pub only_programming: bool,
+    /// Only the IPv6 rows of items 1 and 3 ([`Config::only_ipv6`]).
+    #[serde(default)]
+    pub only_ipv6: bool,
     /// An earlier kproxy binary measured in items 4 and 6 beside the one built (as system
     /// `kproxy-before`, right before it at each scale): before/after figures of one run.
     #[serde(default)]
@@ -116,6 +123,7 @@ impl Config {
         Self {
             quick: false,
             scales: vec![1, 1_000, 10_000, 30_000],
+            ipv6_scales: vec![1, 1_000],
             rate_scales: vec![1, 10_000],
             prog_scales: vec![1_000, 10_000, 30_000],
             e2e_scale: 10_000,
@@ -131,10 +139,11 @@ impl Config {
             testrun_scales: vec![1, 10, 100, 1_000, 10_000, 100_000],
             testrun_runs: 20_000,
             load_budget_s: 150.0,
-            run_budget_s: 1140.0,
+            run_budget_s: 1260.0,
             only_e2e: false,
             only_per_packet: false,
             only_programming: false,
+            only_ipv6: false,
             kproxy_before: None,
         }
     }
@@ -144,6 +153,7 @@ impl Config {
         Self {
             quick: true,
             scales: vec![1, 100],
+            ipv6_scales: vec![1, 100],
             rate_scales: vec![1, 100],
             prog_scales: vec![100, 300],
             e2e_scale: 300,
@@ -159,10 +169,11 @@ impl Config {
             testrun_scales: vec![1, 100, 1_000],
             testrun_runs: 1_000,
             load_budget_s: 20.0,
-            run_budget_s: 170.0,
+            run_budget_s: 200.0,
             only_e2e: false,
             only_per_packet: false,
             only_programming: false,
+            only_ipv6: false,
             kproxy_before: None,
         }
     }
@@ -173,6 +184,7 @@ impl Config {
     /// which come from the same agent runs): the other items' scales are emptied.
     pub fn only_e2e(mut self) -> Self {
         self.scales.clear();
+        self.ipv6_scales.clear();
         self.rate_scales.clear();
         self.prog_scales = vec![self.e2e_scale];
         self.testrun_scales.clear();
@@ -184,6 +196,7 @@ impl Config {
     /// and item 7 (BPF_PROG_TEST_RUN), about a minute; the other items' scales are emptied.
     pub fn only_per_packet(mut self) -> Self {
         self.scales.clear();
+        self.ipv6_scales.clear();
         self.rate_scales.clear();
         self.prog_scales.clear();
         self.only_per_packet = true;
@@ -194,6 +207,7 @@ impl Config {
     /// bpf_stats or BPF_PROG_TEST_RUN item.
     pub fn only_programming(mut self) -> Self {
         self.scales.clear();
+        self.ipv6_scales.clear();
         self.rate_scales.clear();
         self.testrun_scales.clear();
         self.e2e_scale = 0;
@@ -201,9 +215,22 @@ impl Config {
         self
     }
 
+    /// The same run restricted to the IPv6 rows of items 1 and 3 (ClusterIP latency at
+    /// [`Config::ipv6_scales`] and NodePort TCP, each in a dual-stack lab of its own): about two
+    /// minutes.
+    pub fn only_ipv6(mut self) -> Self {
+        self.scales.clear();
+        self.rate_scales.clear();
+        self.prog_scales.clear();
+        self.testrun_scales.clear();
+        self.e2e_scale = 0;
+        self.only_ipv6 = true;
+        self
+    }
+
     /// Whether the items measured on packets (NodePort, bpf_stats, BPF_PROG_TEST_RUN) run.
     fn packet_items(&self) -> bool {
-        !self.only_e2e && !self.only_programming
+        !self.only_e2e && !self.only_programming && !self.only_ipv6
     }
 }
 
@@ -351,6 +378,21 @@ impl Sys {
     /// Every system, in the order of the first repetition.
     const ALL: [Sys; 5] =
         [Sys::Floor, Sys::Kproxy, Sys::KproxyHostRouting, Sys::Iptables, Sys::Nftables];
+
+    /// The systems of item 1 over IPv6 ("iptables" is then ip6tables, "nftables" table
+    /// `ip6 kube-proxy`).
+    const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
+
+    /// The client port range of the system (see `clusterip_one`).
+    fn client_ports(self) -> &'static str {
+        match self {
+            Sys::Floor => "20000 29999",
+            Sys::Kproxy => "30000 39999",
+            Sys::KproxyHostRouting => "10000 19999",
+            Sys::Iptables => "40000 49999",
+            Sys::Nftables => "50000 60999",
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -629,6 +671,12 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     b.plan();
     b.step("lab set-up");
     b.clusterip_phase();
+    if !cfg.ipv6_scales.is_empty() {
+        b.clusterip6_phase();
+        b.step("1 over IPv6: ClusterIP latency (dual-stack lab)");
+        b.nodeport6_phase();
+        b.step("3 over IPv6: NodePort TCP (dual-stack lab)");
+    }
     if cfg.packet_items() {
         b.bpf_stats_phase();
         b.step("8: per-program cost (bpf_stats)");
@@ -704,6 +752,18 @@ impl Bench<'_> {
     /// Declares every figure the run is meant to produce.
     fn plan(&mut self) {
         let c = self.cfg;
+        for &n in &c.ipv6_scales {
+            for s in Sys::IPV6 {
+                for m in ["p50_us", "p99_us"] {
+                    self.rec.plan("1-latency", m, s.name(), n, IPV6_VARIANT);
+                }
+            }
+        }
+        if !c.ipv6_scales.is_empty() {
+            for s in NODEPORT6_SYSTEMS {
+                self.rec.plan("3-nodeport", "tcp_bps", s, 3, NODEPORT6_VARIANT);
+            }
+        }
         for &n in &c.scales {
             for s in Sys::ALL {
                 for m in ["p50_us", "p99_us"] {
@@ -751,7 +811,8 @@ impl Bench<'_> {
             self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
             self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
         }
-        for s in E2E_SYSTEMS.iter().filter(|_| !c.only_per_packet) {
+        let e2e = !c.only_per_packet && !c.only_ipv6;
+        for s in E2E_SYSTEMS.iter().filter(|_| e2e) {
             for v in ["at-rest", "churn"] {
                 for m in ["p50_ms", "p99_ms"] {
                     if !c.only_programming {
@@ -760,7 +821,7 @@ impl Bench<'_> {
                 }
             }
         }
-        for s in ["kproxy", "kproxy-kube"].iter().filter(|_| !c.only_per_packet) {
+        for s in ["kproxy", "kproxy-kube"].iter().filter(|_| e2e) {
             for m in E2E_BREAKDOWN {
                 if !c.only_programming {
                     self.rec.plan("5-e2e", m, s, c.e2e_scale, "at-rest");
@@ -899,6 +960,54 @@ impl Bench<'_> {
         }
     }
 
+    /// Item 1 over IPv6 ([`clusterip6`]), in a dual-stack lab built for it; every figure
+    /// not measured gets the reason.
+    fn clusterip6_phase(&mut self) {
+        let scales = self.cfg.ipv6_scales.clone();
+        let r = match self.over_budget(0.55) {
+            Some(why) => Err(why),
+            None => {
+                eprintln!(
+                    "[bench] ClusterIP latency over IPv6 (dual-stack lab) at {scales:?} services"
+                );
+                clusterip6(self.cfg, &mut self.rec).map_err(|e| format!("{e:#}"))
+            }
+        };
+        if let Err(why) = r {
+            for &n in &scales {
+                for s in Sys::IPV6 {
+                    for m in ["p50_us", "p99_us"] {
+                        if why.starts_with("not measured") {
+                            self.rec.skip("1-latency", m, s.name(), n, IPV6_VARIANT, &why);
+                        } else {
+                            self.rec.fail("1-latency", m, s.name(), n, IPV6_VARIANT, &why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Item 3 over IPv6 ([`nodeport6`]); every figure not measured gets the reason.
+    fn nodeport6_phase(&mut self) {
+        let r = match self.over_budget(0.6) {
+            Some(why) => Err(why),
+            None => {
+                eprintln!("[bench] NodePort over IPv6 from the external client (dual-stack lab)");
+                nodeport6(self.cfg, &mut self.rec).map_err(|e| format!("{e:#}"))
+            }
+        };
+        if let Err(why) = r {
+            for s in NODEPORT6_SYSTEMS {
+                if why.starts_with("not measured") {
+                    self.rec.skip("3-nodeport", "tcp_bps", s, 3, NODEPORT6_VARIANT, &why);
+                } else {
+                    self.rec.fail("3-nodeport", "tcp_bps", s, 3, NODEPORT6_VARIANT, &why);
+                }
+            }
+        }
+    }
+
     fn load_ipt(
         &mut self,
         services: &[BService],
@@ -1006,18 +1115,11 @@ impl Bench<'_> {
                 // with an ACK (different timestamp offsets per destination): RST and a SYN
                 // retransmitted ~11–16 ms later. That was the ~16 ms p99 of every system after
                 // the first one had run (seen with tcpdump on the client's host veth).
-                let ports = match sys {
-                    Sys::Floor => "20000 29999",
-                    Sys::Kproxy => "30000 39999",
-                    Sys::KproxyHostRouting => "10000 19999",
-                    Sys::Iptables => "40000 49999",
-                    Sys::Nftables => "50000 60999",
-                };
-                let range = format!("net.ipv4.ip_local_port_range={ports}");
+                let range = format!("net.ipv4.ip_local_port_range={}", sys.client_ports());
                 let _ = lab::exec(&self.client_pod_ns, &["sysctl", "-qw", &range]);
                 let d = Duration::from_millis(self.cfg.duration_ms);
                 let name = sys.name();
-                match measure::loadgen(&self.client_pod_ns, target, "connect", 1, d) {
+                match measure::loadgen(&self.client_pod_ns, target.into(), "connect", 1, d) {
                     Ok(l) => {
                         self.rec.add("1-latency", "samples", name, n, "", l.samples);
                         self.rec.add("1-latency", "p50_us", name, n, "", l.p50_us);
@@ -1031,7 +1133,7 @@ impl Bench<'_> {
                 }
                 if self.cfg.rate_scales.contains(&n) {
                     for mode in ["connect", "rr"] {
-                        match measure::loadgen(&self.client_pod_ns, target, mode, 4, d) {
+                        match measure::loadgen(&self.client_pod_ns, target.into(), mode, 4, d) {
                             Ok(l) => {
                                 self.rec.add("2-rate", "rate_per_s", name, n, mode, l.rate);
                                 self.rec.add(
@@ -1457,7 +1559,7 @@ impl Bench<'_> {
         for s in 0..samples {
             let k = first + s;
             let svc = workload::dynamic(k, "lat", 0);
-            let target = SocketAddrV4::new(svc.cluster_ip, workload::PROBE_PORT);
+            let target = SocketAddrV4::new(svc.cluster_ip4(), workload::PROBE_PORT);
             let before = breakdown.then(|| systems::agent_metrics(&self.node_ns)).transpose()?;
             let (wall0, t0) = (SystemTime::now(), Instant::now());
             let t0 = apply(k)?.unwrap_or(t0);
@@ -1949,6 +2051,270 @@ fn bpf_stats6(cfg: &Config) -> Result<Vec<StatSample>> {
         res
     })();
     lab.down()?;
+    r
+}
+
+/// Variant of the item 1 figures measured over IPv6.
+pub const IPV6_VARIANT: &str = "ipv6";
+
+/// Item 1 over IPv6: in a dual-stack lab of its own (the run's lab shape), at each of
+/// [`Config::ipv6_scales`], N − 1 single-stack IPv6 filler services and the dual-stack probe
+/// services, ClusterIP new-connection latency to the probe's IPv6 ClusterIP through kproxy
+/// (`--enable-ipv6`), ip6tables (`ip6tables-legacy-restore`) and nftables (table
+/// `ip6 kube-proxy`) rules of kube-proxy's IPv6 proxier, and to the backend pod's IPv6 address
+/// (floor); systems rotated between repetitions as in item 1. Figures: item `1-latency`,
+/// variant [`IPV6_VARIANT`].
+fn clusterip6(cfg: &Config, rec: &mut Recorder) -> Result<()> {
+    let lab = bench_lab(true)?;
+    let r = (|| -> Result<()> {
+        let node_ns = lab.node(0).ns.clone();
+        let client = lab.pod(0, 0).context("client pod")?.ns.clone();
+        let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client}");
+        // A fresh lab's first IPv6 connections wait for neighbour discovery (the floor's first
+        // run in a new lab saw no connection within 500 ms): measure once the pod answers.
+        lab::eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            crate::client::tcp_request6(
+                &client,
+                lab::pod_ip6(1, 0),
+                lab::SERVER_PORT,
+                Duration::from_secs(1),
+            )
+        })
+        .context("IPv6 from the client pod to the backend pod")?;
+        let mdir = TempDir(
+            std::env::temp_dir()
+                .join(format!("kproxy-bench-{}-manifests-lat6", std::process::id())),
+        );
+        std::fs::create_dir_all(&mdir.0)?;
+        write_atomic(&mdir.0, "probes.json", &workload::probes_dual_manifest())?;
+        let table = baseline::nft_table(&workload::node_settings6(0));
+        for &n in &cfg.ipv6_scales {
+            let fillers = workload::fillers6(n.saturating_sub(1), 1);
+            write_atomic(&mdir.0, "bulk.json", &workload::manifest_json(&fillers))?;
+            let mut all = fillers.clone();
+            all.push(workload::probe6());
+            let settings = workload::node_settings6(0);
+            let ports = workload::baseline_ports(&all, 0);
+            let ipt = systems::iptables_flush_family(&node_ns, true)
+                .and_then(|()| systems::iptables_load_ports(&node_ns, &settings, &ports))
+                .map_err(|e| format!("loading the ip6tables rules: {e:#}"));
+            let nft = systems::nft_unload_table(&node_ns, table)
+                .and_then(|()| {
+                    systems::nft_load_ports(&node_ns, &settings, &ports, cfg.nft_txn_services)
+                })
+                .and_then(|_| systems::nft_hooks_table(&node_ns, table, false))
+                .map_err(|e| format!("loading the nftables rules: {e:#}"));
+            // The probes' frontends over both families and one per filler.
+            let frontends = fillers.len() as u64 + 2 * workload::probes().len() as u64;
+            for rep in 0..cfg.reps {
+                for sys in rotate(&Sys::IPV6, rep) {
+                    let name = sys.name();
+                    let r = match (sys, &ipt, &nft) {
+                        (Sys::Iptables, Err(why), _) | (Sys::Nftables, _, Err(why)) => {
+                            Err(anyhow::anyhow!("{why}"))
+                        }
+                        _ => clusterip6_one(&lab, cfg, &mdir.0, sys, frontends, table),
+                    };
+                    match r {
+                        Ok(l) => {
+                            rec.add("1-latency", "samples", name, n, IPV6_VARIANT, l.samples);
+                            rec.add("1-latency", "p50_us", name, n, IPV6_VARIANT, l.p50_us);
+                            rec.add("1-latency", "p99_us", name, n, IPV6_VARIANT, l.p99_us);
+                        }
+                        Err(e) => {
+                            let why = format!("{e:#}");
+                            rec.fail("1-latency", "p50_us", name, n, IPV6_VARIANT, &why);
+                            rec.fail("1-latency", "p99_us", name, n, IPV6_VARIANT, &why);
+                        }
+                    }
+                }
+            }
+            let _ = systems::iptables_flush_family(&node_ns, true);
+            let _ = systems::nft_unload_table(&node_ns, table);
+        }
+        Ok(())
+    })();
+    lab.down()?;
+    r
+}
+
+/// The systems of item 3 over IPv6: kproxy (native XDP, as item 3's `kproxy`; its XDP program
+/// passes IPv6 frames to its TC program, which serves IPv6 NodePorts) and the IPv6 baselines.
+pub const NODEPORT6_SYSTEMS: [&str; 3] = ["kproxy", "iptables", "nftables"];
+
+/// Variant of the item 3 figures over IPv6 (remote backend).
+pub const NODEPORT6_VARIANT: &str = "remote-ipv6";
+
+/// Item 3 over IPv6: in a dual-stack lab of its own, one iperf3 TCP flow from the external
+/// client to node 0's IPv6 address at the NodePort of the probe service whose backend is on
+/// node 1, through kproxy (`--enable-ipv6`, native XDP), ip6tables and nftables (`ip6
+/// kube-proxy`) rules of kube-proxy's IPv6 proxier; systems rotated between repetitions.
+fn nodeport6(cfg: &Config, rec: &mut Recorder) -> Result<()> {
+    let lab = bench_lab(true)?;
+    let r = (|| -> Result<()> {
+        let iperfs = iperf_servers(&lab)?;
+        let node_ns = lab.node(0).ns.clone();
+        let client = lab.client_ns();
+        let mdir = TempDir(
+            std::env::temp_dir().join(format!("kproxy-bench-{}-manifests-np6", std::process::id())),
+        );
+        std::fs::create_dir_all(&mdir.0)?;
+        write_atomic(&mdir.0, "probes.json", &workload::probes_dual_manifest())?;
+        let settings = workload::node_settings6(0);
+        let table = baseline::nft_table(&settings);
+        let ports = workload::baseline_ports(&workload::probes6(), 0);
+        let ipt = systems::iptables_flush_family(&node_ns, true)
+            .and_then(|()| systems::iptables_load_ports(&node_ns, &settings, &ports))
+            .map_err(|e| format!("loading the ip6tables rules: {e:#}"));
+        let nft = systems::nft_unload_table(&node_ns, table)
+            .and_then(|()| systems::nft_load_ports(&node_ns, &settings, &ports, 1000))
+            .and_then(|_| systems::nft_hooks_table(&node_ns, table, false))
+            .map_err(|e| format!("loading the nftables rules: {e:#}"));
+        let target: SocketAddr = (lab::node_ip6(0), workload::NP_REMOTE_TCP).into();
+        // Neighbour discovery between the client and node 0 done before the first flow.
+        let node6 = lab::node_ip6(0).to_string();
+        lab::eventually(Duration::from_secs(10), Duration::from_millis(50), || {
+            let out = lab::exec(&client, &["ping", "-6", "-c", "1", "-W", "1", &node6])?;
+            anyhow::ensure!(out.status.success(), "no reply");
+            Ok(())
+        })
+        .with_context(|| format!("ping from the external client to {node6}"))?;
+        let d = Duration::from_millis(cfg.np_duration_ms);
+        for rep in 0..cfg.reps {
+            for sys in rotate(&NODEPORT6_SYSTEMS, rep) {
+                for node in lab.nodes() {
+                    for family in ["ipv4", "ipv6"] {
+                        let _ = lab::exec(&node.ns, &["conntrack", "-F", "-f", family]);
+                    }
+                }
+                let mut kp = None;
+                let enabled = match (sys, &ipt, &nft) {
+                    ("iptables", Err(why), _) | ("nftables", _, Err(why)) => {
+                        Err(anyhow::anyhow!("{why}"))
+                    }
+                    ("iptables", ..) => {
+                        systems::iptables_hooks_family(&node_ns, true, true).map(drop)
+                    }
+                    ("nftables", ..) => systems::nft_hooks_table(&node_ns, table, true).map(drop),
+                    _ => {
+                        let mut args = nodeport_agent_args("kproxy").to_vec();
+                        args.push("--enable-ipv6");
+                        let n = 2 * workload::probes().len() as u64;
+                        systems::start_kproxy(
+                            &lab,
+                            &mdir.0,
+                            &args,
+                            None,
+                            n,
+                            Duration::from_secs(300),
+                        )
+                        .map(|k| kp = Some(k))
+                    }
+                };
+                let r = enabled
+                    .with_context(|| format!("enabling {sys} over IPv6"))
+                    .and_then(|()| measure::iperf3(&client, target, d));
+                match r {
+                    Ok(bps) => rec.add("3-nodeport", "tcp_bps", sys, 3, NODEPORT6_VARIANT, bps),
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        rec.fail("3-nodeport", "tcp_bps", sys, 3, NODEPORT6_VARIANT, &why);
+                    }
+                }
+                match sys {
+                    "iptables" => {
+                        let _ = systems::iptables_hooks_family(&node_ns, true, false);
+                    }
+                    "nftables" => {
+                        let _ = systems::nft_hooks_table(&node_ns, table, false);
+                    }
+                    _ => {
+                        if let Some(k) = kp {
+                            let _ = systems::stop_kproxy(&lab, k);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = systems::iptables_flush_family(&node_ns, true);
+        let _ = systems::nft_unload_table(&node_ns, table);
+        drop(iperfs);
+        Ok(())
+    })();
+    lab.down()?;
+    r
+}
+
+/// One repetition of one system of [`clusterip6`]: the system switched on, one load generator
+/// run from node-0-pod-0 over IPv6, the system switched off.
+fn clusterip6_one(
+    lab: &Lab,
+    cfg: &Config,
+    manifests: &Path,
+    sys: Sys,
+    frontends: u64,
+    table: &str,
+) -> Result<measure::Load> {
+    let node_ns = lab.node(0).ns.clone();
+    let client = lab.pod(0, 0).context("client pod")?.ns.clone();
+    // Conntrack entries of both families, on every node (see `flush_conntrack`).
+    for node in lab.nodes() {
+        for family in ["ipv4", "ipv6"] {
+            let _ = lab::exec(&node.ns, &["conntrack", "-F", "-f", family]);
+        }
+    }
+    let mut kp = None;
+    let enabled = match sys {
+        Sys::Kproxy => systems::start_kproxy(
+            lab,
+            manifests,
+            &["--enable-ipv6"],
+            None,
+            frontends,
+            Duration::from_secs(300),
+        )
+        .and_then(|k| {
+            kp = Some(k);
+            lab::eventually(Duration::from_secs(10), Duration::from_millis(20), || {
+                crate::client::tcp_request6(
+                    &client,
+                    workload::PROBE_IP6,
+                    workload::PROBE_PORT,
+                    Duration::from_secs(1),
+                )
+            })
+            .context("IPv6 ClusterIP probe through kproxy")
+            .map(drop)
+        }),
+        Sys::Iptables => systems::iptables_hooks_family(&node_ns, true, true).map(drop),
+        Sys::Nftables => systems::nft_hooks_table(&node_ns, table, true).map(drop),
+        _ => Ok(()),
+    };
+    let r = enabled.with_context(|| format!("enabling {} over IPv6", sys.name())).and_then(|()| {
+        let target: SocketAddr = match sys {
+            Sys::Floor => (lab::pod_ip6(1, 0), lab::SERVER_PORT).into(),
+            _ => (workload::PROBE_IP6, workload::PROBE_PORT).into(),
+        };
+        // Per-system client port ranges as in item 1 (the sysctl covers IPv6 sockets too).
+        let range = format!("net.ipv4.ip_local_port_range={}", sys.client_ports());
+        let _ = lab::exec(&client, &["sysctl", "-qw", &range]);
+        measure::loadgen(&client, target, "connect", 1, Duration::from_millis(cfg.duration_ms))
+    });
+    match sys {
+        Sys::Kproxy | Sys::KproxyHostRouting => {
+            if let Some(k) = kp {
+                let _ = systems::stop_kproxy(lab, k);
+            }
+        }
+        Sys::Iptables => {
+            let _ = systems::iptables_hooks_family(&node_ns, true, false);
+        }
+        Sys::Nftables => {
+            let _ = systems::nft_hooks_table(&node_ns, table, false);
+        }
+        Sys::Floor => {}
+    }
     r
 }
 

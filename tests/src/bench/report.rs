@@ -713,7 +713,7 @@ NodePort runs of {} ms.\n",
 
     let samples: Vec<f64> = f
         .iter()
-        .filter(|x| x.item == "1-latency" && x.metric == "samples")
+        .filter(|x| x.item == "1-latency" && x.metric == "samples" && x.variant.is_empty())
         .flat_map(|x| x.samples.iter().copied())
         .collect();
     if let (Some(lo), Some(hi)) =
@@ -728,6 +728,8 @@ NodePort runs of {} ms.\n",
             super::systems::RT_PRIORITY
         );
     }
+
+    s.push_str(&ipv6_latency_section(r));
 
     // Item 2.
     s.push_str("## 2. Rates (4 clients) and kernel CPU time per transaction (system + irq + softirq of the whole machine; user time is left out, on this shared machine it is mostly other processes')\n\n");
@@ -994,6 +996,63 @@ NodePort runs of {} ms.\n",
             }
         }
     }
+    s
+}
+
+/// Item 1 over IPv6 (variant [`super::IPV6_VARIANT`]): its table, and kproxy's ratios beside
+/// the IPv4 ones of the same run at the same scale.
+fn ipv6_latency_section(r: &Results) -> String {
+    let (f, c) = (&r.figures, &r.config);
+    let v6 = super::IPV6_VARIANT;
+    let mut s = String::new();
+    if c.ipv6_scales.is_empty() {
+        return s;
+    }
+    s.push_str("### 1 over IPv6: ClusterIP new-connection latency in a dual-stack lab\n\n");
+    s.push_str("| Services | floor p50 | kproxy p50 | ip6tables p50 | nftables p50 | floor p99 | kproxy p99 | ip6tables p99 | nftables p99 | kproxy/floor p50 | kproxy/nftables p50 | kproxy/nftables p99 | IPv4: kproxy/floor p50 | IPv4: kproxy/nftables p99 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for &n in &c.ipv6_scales {
+        let n = n as u64;
+        let g = |sys: &str, p: &str| cell(find(f, "1-latency", p, sys, n, v6));
+        let md = |sys: &str, p: &str| median(f, "1-latency", p, sys, n, v6);
+        let md4 = |sys: &str, p: &str| median(f, "1-latency", p, sys, n, "");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            thousands(n),
+            g("floor", "p50_us"),
+            g("kproxy", "p50_us"),
+            g("iptables", "p50_us"),
+            g("nftables", "p50_us"),
+            g("floor", "p99_us"),
+            g("kproxy", "p99_us"),
+            g("iptables", "p99_us"),
+            g("nftables", "p99_us"),
+            ratio(md("kproxy", "p50_us"), md("floor", "p50_us")),
+            ratio(md("kproxy", "p50_us"), md("nftables", "p50_us")),
+            ratio(md("kproxy", "p99_us"), md("nftables", "p99_us")),
+            ratio(md4("kproxy", "p50_us"), md4("floor", "p50_us")),
+            ratio(md4("kproxy", "p99_us"), md4("nftables", "p99_us")),
+        );
+    }
+    s.push_str("\nThe same measurement over IPv6, in a dual-stack lab of its own (same shape: 2 routed nodes, 2 pods each): N − 1 single-stack IPv6 filler services and the probe as a dual-stack service, the client connecting to the probe's IPv6 ClusterIP (the floor: to the backend pod's IPv6 address). kproxy runs with `--enable-ipv6`; the baselines are the rules of kube-proxy's IPv6 proxier (`ip6tables-legacy-restore` input with `[addr]:port` endpoints, and table `ip6 kube-proxy`), in figures of system `iptables` / `nftables`, variant `ipv6`. The IPv4 columns repeat item 1's ratios at the same scale (another lab of the same run; `—` where item 1 has no such scale), so the IPv6/IPv4 comparison is of ratios, not of microseconds.\n\n");
+
+    let (v, n) = (super::NODEPORT6_VARIANT, 3);
+    let bps = |sys: &str, v: &str| median(f, "3-nodeport", "tcp_bps", sys, n, v);
+    let gbps = |sys: &str| cell(find(f, "3-nodeport", "tcp_bps", sys, n, v));
+    s.push_str("### 3 over IPv6: NodePort from the external client (iperf3 TCP, backend on the other node)\n\n");
+    s.push_str("| kproxy | ip6tables | nftables | kproxy/ip6tables | kproxy/nftables | IPv4: kproxy/iptables | IPv4: kproxy/nftables |\n|---|---|---|---|---|---|---|\n");
+    let _ = writeln!(
+        s,
+        "| {} | {} | {} | {} | {} | {} | {} |",
+        gbps("kproxy"),
+        gbps("iptables"),
+        gbps("nftables"),
+        ratio(bps("kproxy", v), bps("iptables", v)),
+        ratio(bps("kproxy", v), bps("nftables", v)),
+        ratio(bps("kproxy", "remote"), bps("iptables", "remote")),
+        ratio(bps("kproxy", "remote"), bps("nftables", "remote")),
+    );
+    s.push_str("\nOne iperf3 TCP flow from the external client to node 0's IPv6 address at the NodePort (dual-stack lab of its own; figures `3-nodeport` `tcp_bps`, variant `remote-ipv6`). kproxy runs as item 3's `kproxy` (native XDP) with `--enable-ipv6`: its XDP program passes IPv6 frames on, so IPv6 NodePort traffic is translated by its TC program, not in XDP. The IPv4 columns are item 3's ratios for the remote backend (`—` when item 3 did not run).\n\n");
     s
 }
 

@@ -143,11 +143,35 @@ fn run_in(
 
 /// iptables-restore binary of the baseline (legacy backend: the faster one on this kernel).
 pub const IPT_RESTORE: &str = "iptables-legacy-restore";
+/// The IPv6 baseline's restore binary (kube-proxy's IPv6 proxier uses ip6tables-restore).
+pub const IP6T_RESTORE: &str = "ip6tables-legacy-restore";
+
+fn restore_bin(ipv6: bool) -> &'static str {
+    if ipv6 { IP6T_RESTORE } else { IPT_RESTORE }
+}
 
 /// Removes every iptables rule and user chain in namespace `ns` (filter and nat tables).
 pub fn iptables_flush(ns: &str) -> Result<()> {
-    run_timed(ns, &[IPT_RESTORE], "*filter\nCOMMIT\n*nat\nCOMMIT\n", None, Duration::from_secs(120))
+    iptables_flush_family(ns, false)
+}
+
+/// [`iptables_flush`] of the IPv4 (iptables) or the IPv6 (ip6tables) tables.
+pub fn iptables_flush_family(ns: &str, ipv6: bool) -> Result<()> {
+    let bin = restore_bin(ipv6);
+    run_timed(ns, &[bin], "*filter\nCOMMIT\n*nat\nCOMMIT\n", None, Duration::from_secs(120))
         .map(drop)
+}
+
+/// Loads the kube-proxy-equivalent rules for `ports` into `ns` with the restore binary of the
+/// family of `node` (no jumps from the built-in chains, as [`iptables_load`]).
+pub fn iptables_load_ports(
+    ns: &str,
+    node: &baseline::NodeSettings,
+    ports: &[baseline::ServicePort],
+) -> Result<Timed> {
+    let text = baseline::iptables_restore(node, ports);
+    let argv = [restore_bin(node.ipv6), "--noflush"];
+    run_timed(ns, &argv, &text, None, Duration::from_secs(600))
 }
 
 /// Loads the kube-proxy-equivalent rules for `services` into `ns` (without the jumps from the
@@ -167,6 +191,11 @@ pub fn iptables_load(
 
 /// Adds (`on`) or removes the jumps from the built-in chains into kube-proxy's chains.
 pub fn iptables_hooks(ns: &str, on: bool) -> Result<Timed> {
+    iptables_hooks_family(ns, false, on)
+}
+
+/// [`iptables_hooks`] in the IPv4 (iptables) or the IPv6 (ip6tables) tables.
+pub fn iptables_hooks_family(ns: &str, ipv6: bool, on: bool) -> Result<Timed> {
     let mut text = String::new();
     for line in baseline::iptables_jumps().lines() {
         if line.starts_with('*') || line == "COMMIT" {
@@ -179,7 +208,7 @@ pub fn iptables_hooks(ns: &str, on: bool) -> Result<Timed> {
         }
         text.push('\n');
     }
-    run_timed(ns, &[IPT_RESTORE, "--noflush"], &text, None, Duration::from_secs(120))
+    run_timed(ns, &[restore_bin(ipv6), "--noflush"], &text, None, Duration::from_secs(120))
 }
 
 /// The partial restore kube-proxy's iptables proxier writes when `changed` was added or changed
@@ -265,6 +294,24 @@ pub fn nft_load(
     Ok(total)
 }
 
+/// Loads the kube-proxy-equivalent nftables rules for `ports` (table `ip kube-proxy` or, for an
+/// IPv6 `node`, `ip6 kube-proxy`) in transactions of at most `per_txn` service ports; the base
+/// chains are hooked when this returns.
+pub fn nft_load_ports(
+    ns: &str,
+    node: &baseline::NodeSettings,
+    ports: &[baseline::ServicePort],
+    per_txn: usize,
+) -> Result<Timed> {
+    let mut total = Timed { wall_s: 0.0, cpu_s: 0.0, mem_bytes: None };
+    for text in &baseline::nftables_transactions(node, ports, per_txn) {
+        let t = run_in(ns, &["nft", "-f", "-"], text, None, Duration::from_secs(900))?;
+        total.wall_s += t.wall_s;
+        total.cpu_s += t.cpu_s;
+    }
+    Ok(total)
+}
+
 /// Adds one service to a loaded nftables rule set (what kube-proxy's nftables proxier sends for
 /// a new service: its chains and map elements).
 pub fn nft_add(ns: &str, svc: &BService, node: usize) -> Result<Timed> {
@@ -282,7 +329,11 @@ pub fn nft_add(ns: &str, svc: &BService, node: usize) -> Result<Timed> {
 
 /// Hooks (`on`) or unhooks the nftables rule set by filling or flushing its base chains.
 pub fn nft_hooks(ns: &str, services_text_on: bool) -> Result<Timed> {
-    let t = "ip kube-proxy";
+    nft_hooks_table(ns, "ip kube-proxy", services_text_on)
+}
+
+/// [`nft_hooks`] of table `t` (`ip kube-proxy` or `ip6 kube-proxy`).
+pub fn nft_hooks_table(ns: &str, t: &str, services_text_on: bool) -> Result<Timed> {
     let mut text = String::new();
     for c in NFT_HOOK_CHAINS {
         text.push_str(&format!("flush chain {t} {c}\n"));
@@ -305,15 +356,16 @@ pub fn nft_hooks(ns: &str, services_text_on: bool) -> Result<Timed> {
 
 /// Deletes table `ip kube-proxy` if it exists.
 pub fn nft_unload(ns: &str) -> Result<()> {
+    nft_unload_table(ns, "ip kube-proxy")
+}
+
+/// Deletes table `t` (`ip kube-proxy` or `ip6 kube-proxy`) if it exists.
+pub fn nft_unload_table(ns: &str, t: &str) -> Result<()> {
     let out = lab::exec(ns, &["nft", "list", "tables"])?;
-    if String::from_utf8_lossy(&out.stdout).contains("kube-proxy") {
-        run_timed(
-            ns,
-            &["nft", "-f", "-"],
-            "delete table ip kube-proxy\n",
-            None,
-            Duration::from_secs(300),
-        )?;
+    let listed = format!("table {t}");
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == listed) {
+        let text = format!("delete table {t}\n");
+        run_timed(ns, &["nft", "-f", "-"], &text, None, Duration::from_secs(300))?;
     }
     Ok(())
 }

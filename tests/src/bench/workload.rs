@@ -2,7 +2,7 @@
 //! read: Kubernetes JSON for the kproxy agent (`--manifests`) and [`baseline::ServicePort`]s for
 //! the kube-proxy-equivalent rule sets. The probed services always come last (last in the
 //! iptables `KUBE-SERVICES` scan, the worst case a user meets).
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
@@ -67,19 +67,27 @@ pub struct BPort {
 pub struct BService {
     /// Name.
     pub name: String,
-    /// ClusterIP.
-    pub cluster_ip: Ipv4Addr,
+    /// ClusterIP: the service is single-stack of its family, its endpoints of the same one.
+    pub cluster_ip: IpAddr,
     /// Ports.
     pub ports: Vec<BPort>,
     /// Endpoints: address, node index.
-    pub endpoints: Vec<(Ipv4Addr, usize)>,
+    pub endpoints: Vec<(IpAddr, usize)>,
 }
 
 impl BService {
-    fn http(name: String, ip: Ipv4Addr, target: u16, endpoints: Vec<(Ipv4Addr, usize)>) -> Self {
+    fn http(name: String, ip: IpAddr, target: u16, endpoints: Vec<(IpAddr, usize)>) -> Self {
         let ports =
             vec![BPort { name: "http", udp: false, port: PROBE_PORT, target, node_port: None }];
         BService { name, cluster_ip: ip, ports, endpoints }
+    }
+
+    /// The IPv4 ClusterIP of a service built IPv4 ([`probes`], [`fillers`], [`dynamic`]).
+    pub fn cluster_ip4(&self) -> Ipv4Addr {
+        match self.cluster_ip {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => panic!("service {} is IPv6 ({ip})", self.name),
+        }
     }
 
     /// The Service and EndpointSlice as Kubernetes JSON objects.
@@ -100,6 +108,11 @@ impl BService {
         let mut spec = json!({"type": if np {"NodePort"} else {"ClusterIP"},
             "clusterIP": self.cluster_ip.to_string(), "clusterIPs": [self.cluster_ip.to_string()],
             "ports": ports});
+        let v6 = self.cluster_ip.is_ipv6();
+        if v6 {
+            spec["ipFamilyPolicy"] = json!("SingleStack");
+            spec["ipFamilies"] = json!(["IPv6"]);
+        }
         if np {
             spec["externalTrafficPolicy"] = json!("Cluster");
         }
@@ -124,7 +137,7 @@ impl BService {
             "metadata": {"name": format!("{}-1", self.name), "namespace": NAMESPACE,
                 "labels": {"kubernetes.io/service-name": self.name,
                     "endpointslice.kubernetes.io/managed-by": "kproxy-bench"}},
-            "addressType": "IPv4", "ports": slice_ports, "endpoints": eps});
+            "addressType": if v6 {"IPv6"} else {"IPv4"}, "ports": slice_ports, "endpoints": eps});
         [svc, slice]
     }
 
@@ -163,17 +176,74 @@ impl BService {
 pub fn fillers(n: usize, eps: usize) -> Vec<BService> {
     let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
     let ep_base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
-    // 32,000 distinct addresses per target port; services of one port group share the port.
+    filler_set(n, eps, |i| Ipv4Addr::from(base + i).into(), |k| Ipv4Addr::from(ep_base + k).into())
+}
+
+/// [`fillers`] over IPv6 (single-stack IPv6 services, for the IPv6 latency step): ClusterIPs
+/// 2001:2:ff::1:0 + i (beside the probes' 2001:2:ff::ff:k), endpoints in 2001:2:ee::/64 (no
+/// lab address).
+pub fn fillers6(n: usize, eps: usize) -> Vec<BService> {
+    let base = u128::from(Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 1, 0));
+    let ep_base = u128::from(Ipv6Addr::new(0x2001, 2, 0xee, 0, 0, 0, 0, 0x100));
+    filler_set(
+        n,
+        eps,
+        |i| Ipv6Addr::from(base + u128::from(i)).into(),
+        |k| Ipv6Addr::from(ep_base + u128::from(k)).into(),
+    )
+}
+
+/// `n` filler services: service `i` at `cluster_ip(i)`, its endpoints at `endpoint(k)` for
+/// k < 32,000 (32,000 distinct addresses per target port; services of one port group share the
+/// port).
+fn filler_set(
+    n: usize,
+    eps: usize,
+    cluster_ip: impl Fn(u32) -> IpAddr,
+    endpoint: impl Fn(u32) -> IpAddr,
+) -> Vec<BService> {
     let per_group = (32_000 / eps.max(1)).max(1);
     (0..n)
         .map(|i| {
             let target = 10_000 + (i / per_group) as u16;
-            let endpoints = (0..eps)
-                .map(|e| (Ipv4Addr::from(ep_base + ((i * eps + e) % 32_000) as u32), 1))
-                .collect();
-            BService::http(format!("f{i}"), Ipv4Addr::from(base + i as u32), target, endpoints)
+            let endpoints =
+                (0..eps).map(|e| (endpoint(((i * eps + e) % 32_000) as u32), 1)).collect();
+            BService::http(format!("f{i}"), cluster_ip(i as u32), target, endpoints)
         })
         .collect()
+}
+
+/// The IPv6 halves of the dual-stack probes of [`probes_dual_manifest`] as the baselines see
+/// them (kube-proxy's IPv6 proxier): the same names, ports and NodePorts, the IPv6 ClusterIPs,
+/// the backend pods' IPv6 addresses.
+pub fn probes6() -> Vec<BService> {
+    let ip6 = [PROBE_IP6, NP_LOCAL_CLUSTER_IP6, NP_REMOTE_CLUSTER_IP6];
+    probes()
+        .into_iter()
+        .map(|mut s| {
+            let k = s.cluster_ip4().octets()[3];
+            let v6 =
+                *ip6.iter().find(|a| a.segments()[7] == u16::from(k)).expect("a probe ClusterIP");
+            s.cluster_ip = v6.into();
+            for (ip, node) in &mut s.endpoints {
+                let IpAddr::V4(v4) = *ip else { unreachable!("the probes are built IPv4") };
+                *ip = lab::pod_ip6(*node, (v4.octets()[3] - 10) as usize).into();
+            }
+            s
+        })
+        .collect()
+}
+
+/// The IPv6 probe service of the IPv6 latency step as the baselines see it (the IPv6 half of
+/// the dual-stack `probe` of [`probes_dual_manifest`]): [`PROBE_IP6`] → node-1-pod-0's IPv6
+/// address.
+pub fn probe6() -> BService {
+    BService::http(
+        "probe".into(),
+        PROBE_IP6.into(),
+        lab::SERVER_PORT,
+        vec![(lab::pod_ip6(1, 0).into(), 1)],
+    )
 }
 
 /// The probed services: the ClusterIP probe and the two NodePort services (backend on node 0,
@@ -181,7 +251,7 @@ pub fn fillers(n: usize, eps: usize) -> Vec<BService> {
 pub fn probes() -> Vec<BService> {
     let np = |name: &str, ip: Ipv4Addr, tcp: u16, udp: u16, ep: (Ipv4Addr, usize)| BService {
         name: name.into(),
-        cluster_ip: ip,
+        cluster_ip: ip.into(),
         ports: vec![
             BPort {
                 name: "iperf",
@@ -192,12 +262,17 @@ pub fn probes() -> Vec<BService> {
             },
             BPort { name: "sink", udp: true, port: 9, target: SINK_PORT, node_port: Some(udp) },
         ],
-        endpoints: vec![ep],
+        endpoints: vec![(ep.0.into(), ep.1)],
     };
     vec![
         np("np-local", NP_LOCAL_CLUSTER_IP, NP_LOCAL_TCP, NP_LOCAL_UDP, (lab::pod_ip(0, 1), 0)),
         np("np-remote", NP_REMOTE_CLUSTER_IP, NP_REMOTE_TCP, NP_REMOTE_UDP, (lab::pod_ip(1, 0), 1)),
-        BService::http("probe".into(), PROBE_IP, lab::SERVER_PORT, vec![(lab::pod_ip(1, 0), 1)]),
+        BService::http(
+            "probe".into(),
+            PROBE_IP.into(),
+            lab::SERVER_PORT,
+            vec![(lab::pod_ip(1, 0).into(), 1)],
+        ),
     ]
 }
 
@@ -209,7 +284,7 @@ pub fn probes_dual_manifest() -> String {
     let mut items = Vec::new();
     for s in probes() {
         let [mut svc, slice] = s.to_json();
-        let k = s.cluster_ip.octets()[3];
+        let k = s.cluster_ip4().octets()[3];
         let v6 = *ip6.iter().find(|a| a.segments()[7] == u16::from(k)).expect("a probe ClusterIP");
         svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
         svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
@@ -218,6 +293,7 @@ pub fn probes_dual_manifest() -> String {
         slice6["metadata"]["name"] = json!(format!("{}-2", s.name));
         slice6["addressType"] = json!("IPv6");
         for (e, (ip, node)) in s.endpoints.iter().enumerate() {
+            let IpAddr::V4(ip) = ip else { unreachable!("the probes are built IPv4") };
             let j = (ip.octets()[3] - 10) as usize;
             debug_assert_eq!(*ip, lab::pod_ip(*node, j), "probe endpoints are lab pods");
             slice6["endpoints"][e]["addresses"] = json!([lab::pod_ip6(*node, j).to_string()]);
@@ -239,9 +315,9 @@ pub fn dynamic(k: usize, prefix: &str, extra: usize) -> BService {
         _ => 248,
     };
     let ip = Ipv4Addr::new(198, 19, block + (k / 250 % 4) as u8, (k % 250 + 1) as u8);
-    let mut eps = vec![(lab::pod_ip(1, 0), 1)];
-    eps.extend((0..extra).map(|e| (Ipv4Addr::new(198, 18, 127, (e % 250 + 1) as u8), 1)));
-    BService::http(format!("{prefix}{k}"), ip, lab::SERVER_PORT, eps)
+    let mut eps = vec![(lab::pod_ip(1, 0).into(), 1)];
+    eps.extend((0..extra).map(|e| (Ipv4Addr::new(198, 18, 127, (e % 250 + 1) as u8).into(), 1)));
+    BService::http(format!("{prefix}{k}"), ip.into(), lab::SERVER_PORT, eps)
 }
 
 /// The agent's manifest: a `kind: List` JSON document holding every service and slice.
@@ -253,7 +329,21 @@ pub fn manifest_json(services: &[BService]) -> String {
 
 /// Node settings of the baseline rules on node `node`.
 pub fn node_settings(node: usize) -> NodeSettings {
-    NodeSettings { cluster_cidr: "198.18.100.0/22".into(), node_ips: vec![lab::node_ip(node)] }
+    NodeSettings {
+        cluster_cidr: "198.18.100.0/22".into(),
+        node_ips: vec![lab::node_ip(node).into()],
+        ipv6: false,
+    }
+}
+
+/// Node settings of the IPv6 baseline rules (kube-proxy's IPv6 proxier) on node `node` of a
+/// dual-stack lab: pod CIDRs 2001:2:100::/64, 2001:2:101::/64, … within 2001:2:100::/46.
+pub fn node_settings6(node: usize) -> NodeSettings {
+    NodeSettings {
+        cluster_cidr: "2001:2:100::/46".into(),
+        node_ips: vec![lab::node_ip6(node).into()],
+        ipv6: true,
+    }
 }
 
 /// All service ports of `services` for rules on node `node`.
