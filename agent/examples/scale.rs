@@ -160,12 +160,16 @@ fn main() {
     drop(changes);
     let scratch_writes = r.writes;
     trim();
+    // What the agent holds right after its first sync (it trims then too).
+    let rss_first = status("VmRSS:");
+    let heap_first = heap();
     let t = Instant::now();
     let mut changes = tracker.full();
     let r = syncer.sync_changes(&mut changes, first_dp);
     let resync = t.elapsed();
     drop(changes);
     assert_eq!(r.writes, 0);
+    trim();
 
     let t = Instant::now();
     let changed = src.poll().changed;
@@ -206,7 +210,7 @@ fn main() {
     drop(changes);
     println!(
         "{n} services x 10 endpoints ({mb:.1} MB JSON): parse {parse:?}, from scratch (model+sync) {scratch:?} (model {model:?}) ({scratch_writes} writes), full resync {resync:?}; \
-         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, loaded+synced {rss_loaded:.1} MiB ({where_maps}); heap in use: objects {heap_objects:.1} MiB, loaded {heap_loaded:.1} MiB of which dataplane {heap_dp:.1} MiB; idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
+         RSS: base {rss_base:.1} MiB, +objects {rss_objects:.1} MiB, after the first sync {rss_first:.1} MiB (heap {heap_first:.1} MiB), loaded+synced {rss_loaded:.1} MiB ({where_maps}); heap in use: objects {heap_objects:.1} MiB, loaded {heap_loaded:.1} MiB of which dataplane {heap_dp:.1} MiB; idle poll {idle_poll:?}; one new service: poll {poll:?}, model+sync {change:?} ({} writes, {} map ops); \
          RSS {:.1} MiB, peak {:.1} MiB",
         r.writes,
         dp.ops.len(),
