@@ -1479,7 +1479,7 @@ impl Bench<'_> {
                     sys,
                     n,
                     "",
-                    systems::proc_rss(pid)? as f64,
+                    systems::settled_rss(pid, Duration::from_secs(10))? as f64,
                 );
                 if sys == "kproxy" {
                     self.rec.add(

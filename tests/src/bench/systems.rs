@@ -429,6 +429,24 @@ pub fn proc_rss(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
+/// RSS of `pid` once it has settled: read every 200 ms until two readings in a row are within
+/// 1% of each other (at most `limit`). The agent counts its first sync as done before it
+/// reconciles conntrack and returns the first load's freed heap to the system
+/// (`malloc_trim`): a reading taken before or during that is the peak, not the agent's steady
+/// memory (one run read 253 MiB at 30,000 services where the run before had read 165 MiB).
+pub fn settled_rss(pid: u32, limit: Duration) -> Result<u64> {
+    let t0 = Instant::now();
+    let mut last = proc_rss(pid)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = proc_rss(pid)?;
+        if now.abs_diff(last) * 100 <= last || t0.elapsed() >= limit {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 /// Memory locked by the BPF maps a process holds open (sum of `memlock` over its map fds,
 /// each map counted once), from /proc/<pid>/fdinfo.
 pub fn proc_bpf_map_bytes(pid: u32) -> Result<u64> {
