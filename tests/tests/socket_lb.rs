@@ -46,6 +46,20 @@ fn answered_by(words: &HostReply) -> Option<String> {
     words.answered_by()
 }
 
+/// Waits until a host client in `cgroup` of `ns` reaches `pod` through the ClusterIP `SAME`
+/// (the agent has programmed the services); fails the test after `timeout`.
+fn wait_reachable(ns: &str, cgroup: Option<&Path>, pod: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let w = client(ns, cgroup, "tcp", SAME);
+        if answered_by(&w).as_deref() == Some(pod) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ClusterIP never reachable from the host: {w:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     // SAFETY: geteuid has no preconditions.
@@ -85,15 +99,7 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     let remote_pod = lab.pod(1, 0).unwrap().name.clone();
 
     // Wait until the agent has programmed the services.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let w = client(&ns, cg, "tcp", SAME);
-        if answered_by(&w).as_deref() == Some(same_pod.as_str()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "ClusterIP never reachable from the host: {w:?}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_reachable(&ns, cg, &same_pod, Duration::from_secs(20));
 
     for (vip, pod) in [(SAME, &same_pod), (REMOTE, &remote_pod)] {
         let frontend = format!("{vip}:{PORT}");
@@ -314,15 +320,7 @@ fn host_network_ipv6_clients_reach_cluster_ips_through_the_socket_lb() {
 
     // Wait until the agent has programmed the services (over IPv4, which the first test covers:
     // a failure below is then IPv6's).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let w = client(&ns, cg, "tcp", SAME);
-        if answered_by(&w).as_deref() == Some(same_pod.as_str()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "ClusterIP never reachable from the host: {w:?}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_reachable(&ns, cg, &same_pod, Duration::from_secs(60));
     let (c4, c6) = counters(&lab, 0);
     let (sock4, sock6) = (count(&c4, Reason::SockTranslated), count(&c6, Reason::SockTranslated));
     let (rev4, rev6) =
