@@ -383,15 +383,18 @@ impl Sys {
     /// `ip6 kube-proxy`).
     const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
 
-    /// The client port range of the system (see `clusterip_one`).
-    fn client_ports(self) -> &'static str {
-        match self {
+    /// Gives the client namespace `ns` this system's own client port range (see
+    /// `clusterip_one`; the sysctl covers IPv6 sockets too).
+    fn use_client_ports(self, ns: &str) {
+        let ports = match self {
             Sys::Floor => "20000 29999",
             Sys::Kproxy => "30000 39999",
             Sys::KproxyHostRouting => "10000 19999",
             Sys::Iptables => "40000 49999",
             Sys::Nftables => "50000 60999",
-        }
+        };
+        let range = format!("net.ipv4.ip_local_port_range={ports}");
+        let _ = lab::exec(ns, &["sysctl", "-qw", &range]);
     }
 
     fn name(self) -> &'static str {
@@ -1080,16 +1083,8 @@ impl Bench<'_> {
         }
     }
 
-    /// Empties the nodes' conntrack tables, so that no system meets entries another one left
-    /// (a DNAT of a reused source port would clash with them and lose the SYN).
-    fn flush_conntrack(&self) {
-        for node in self.lab.nodes() {
-            let _ = lab::exec(&node.ns, &["conntrack", "-F"]);
-        }
-    }
-
     fn clusterip_one(&mut self, sys: Sys, n: usize, frontends: usize) {
-        self.flush_conntrack();
+        flush_conntrack(&self.lab);
         let mut kp = None;
         let enabled = match sys {
             Sys::Floor => Ok(()),
@@ -1115,8 +1110,7 @@ impl Bench<'_> {
                 // with an ACK (different timestamp offsets per destination): RST and a SYN
                 // retransmitted ~11–16 ms later. That was the ~16 ms p99 of every system after
                 // the first one had run (seen with tcpdump on the client's host veth).
-                let range = format!("net.ipv4.ip_local_port_range={}", sys.client_ports());
-                let _ = lab::exec(&self.client_pod_ns, &["sysctl", "-qw", &range]);
+                sys.use_client_ports(&self.client_pod_ns);
                 let d = Duration::from_millis(self.cfg.duration_ms);
                 let name = sys.name();
                 match measure::loadgen(&self.client_pod_ns, target.into(), "connect", 1, d) {
@@ -1252,7 +1246,7 @@ impl Bench<'_> {
     /// and live frames) and the live-frame generator alone.
     fn nodeport_references(&mut self, n: usize, d: Duration) {
         let sys = "xdp-tx";
-        self.flush_conntrack();
+        flush_conntrack(&self.lab);
         match measure::xdp_tx_rate(&self.lab, d) {
             Ok(r) => self.rec.add("3-nodeport", "udp_pps", sys, n, "bounce", r),
             Err(e) => self.rec.fail("3-nodeport", "udp_pps", sys, n, "bounce", &format!("{e:#}")),
@@ -1277,7 +1271,7 @@ impl Bench<'_> {
             self.nodeport_references(n, d);
             return;
         }
-        self.flush_conntrack();
+        flush_conntrack(&self.lab);
         let mut kp = None;
         let enabled = match sys {
             s if s.starts_with("kproxy") => {
@@ -1358,23 +1352,23 @@ impl Bench<'_> {
             let services = self.services(n, 10);
             self.step(&format!("4-6: workload of {n} services × 10 endpoints generated"));
             if let Some(bin) = self.cfg.kproxy_before.clone() {
-                self.flush_conntrack();
+                flush_conntrack(&self.lab);
                 self.prog_kproxy(n, &services, KPROXY_BEFORE, Some(&bin));
                 self.step(&format!("4-6: {KPROXY_BEFORE} at {n} services"));
             }
-            self.flush_conntrack();
+            flush_conntrack(&self.lab);
             self.prog_kproxy(n, &services, "kproxy", None);
             self.step(&format!("4-6: kproxy at {n} services"));
             if n == self.cfg.e2e_scale {
-                self.flush_conntrack();
+                flush_conntrack(&self.lab);
                 if let Err(e) = self.e2e_kproxy_kube(n, &services) {
                     self.mark_e2e("kproxy-kube", n, &format!("{e:#}"), false);
                 }
             }
-            self.flush_conntrack();
+            flush_conntrack(&self.lab);
             self.prog_iptables(n, &services);
             self.step(&format!("4-6: iptables at {n} services"));
-            self.flush_conntrack();
+            flush_conntrack(&self.lab);
             self.prog_nftables(n, &services);
             self.step(&format!("4-6: nftables at {n} services"));
         }
@@ -1855,7 +1849,7 @@ impl Bench<'_> {
         let r = (|| -> Result<Vec<StatSample>> {
             let services = workload::probes();
             self.write_manifest(&services)?;
-            self.flush_conntrack();
+            flush_conntrack(&self.lab);
             let k = self.start_kproxy(services.len(), nodeport_agent_args("kproxy"))?;
             let res = self.bpf_stats_windows();
             self.stop_kproxy(k);
@@ -2183,11 +2177,7 @@ fn nodeport6(cfg: &Config, rec: &mut Recorder) -> Result<()> {
         let d = Duration::from_millis(cfg.np_duration_ms);
         for rep in 0..cfg.reps {
             for sys in rotate(&NODEPORT6_SYSTEMS, rep) {
-                for node in lab.nodes() {
-                    for family in ["ipv4", "ipv6"] {
-                        let _ = lab::exec(&node.ns, &["conntrack", "-F", "-f", family]);
-                    }
-                }
+                flush_conntrack(&lab);
                 let mut kp = None;
                 let enabled = match (sys, &ipt, &nft) {
                     ("iptables", Err(why), _) | ("nftables", _, Err(why)) => {
@@ -2258,12 +2248,7 @@ fn clusterip6_one(
 ) -> Result<measure::Load> {
     let node_ns = lab.node(0).ns.clone();
     let client = lab.pod(0, 0).context("client pod")?.ns.clone();
-    // Conntrack entries of both families, on every node (see `flush_conntrack`).
-    for node in lab.nodes() {
-        for family in ["ipv4", "ipv6"] {
-            let _ = lab::exec(&node.ns, &["conntrack", "-F", "-f", family]);
-        }
-    }
+    flush_conntrack(lab);
     let mut kp = None;
     let enabled = match sys {
         Sys::Kproxy => systems::start_kproxy(
@@ -2296,9 +2281,8 @@ fn clusterip6_one(
             Sys::Floor => (lab::pod_ip6(1, 0), lab::SERVER_PORT).into(),
             _ => (workload::PROBE_IP6, workload::PROBE_PORT).into(),
         };
-        // Per-system client port ranges as in item 1 (the sysctl covers IPv6 sockets too).
-        let range = format!("net.ipv4.ip_local_port_range={}", sys.client_ports());
-        let _ = lab::exec(&client, &["sysctl", "-qw", &range]);
+        // Per-system client port ranges as in item 1.
+        sys.use_client_ports(&client);
         measure::loadgen(&client, target, "connect", 1, Duration::from_millis(cfg.duration_ms))
     });
     match sys {
@@ -2316,6 +2300,18 @@ fn clusterip6_one(
         Sys::Floor => {}
     }
     r
+}
+
+/// Empties the conntrack tables of `lab`'s nodes (IPv6 too in a dual-stack lab), so that no
+/// system meets entries another one left (a DNAT of a reused source port would clash with them
+/// and lose the SYN).
+fn flush_conntrack(lab: &Lab) {
+    for node in lab.nodes() {
+        let _ = lab::exec(&node.ns, &["conntrack", "-F"]);
+        if lab.ipv6() {
+            let _ = lab::exec(&node.ns, &["conntrack", "-F", "-f", "ipv6"]);
+        }
+    }
 }
 
 /// The bench's lab (2 routed nodes, 2 pods each; dual-stack with `ipv6`), its pod servers
