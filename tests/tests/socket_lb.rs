@@ -46,6 +46,25 @@ fn answered_by(words: &HostReply) -> Option<String> {
     words.answered_by()
 }
 
+/// Asserts that each of `progs` is attached to `cgroup` exactly once (`bpftool cgroup show`).
+fn attached_once<'a>(cgroup: &Path, progs: impl Iterator<Item = &'a (&'a str, &'a str)>) {
+    let shown = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    for (prog, _) in progs {
+        assert_eq!(shown.matches(prog).count(), 1, "{prog} in\n{shown}");
+    }
+}
+
+/// Stops the agents, removes what they left on both nodes, the lab and the cgroups.
+fn shut_down(lab: Lab, agents: Vec<Agent>, cgroups: Cgroups) {
+    drop(agents);
+    for i in 0..2 {
+        lab.cleanup(i).expect("kproxy cleanup");
+    }
+    lab.down().expect("lab down");
+    drop(cgroups);
+}
+
 /// Waits until a host client in `cgroup` of `ns` reaches `pod` through the ClusterIP `SAME`
 /// (the agent has programmed the services); fails the test after `timeout`.
 fn wait_reachable(ns: &str, cgroup: Option<&Path>, pod: &str, timeout: Duration) {
@@ -210,12 +229,7 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         assert!(Instant::now() < deadline, "restarted agent did not attach");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let shown =
-        Command::new("bpftool").args(["cgroup", "show"]).arg(cgroups.node(0)).output().unwrap();
-    let shown = String::from_utf8_lossy(&shown.stdout);
-    for (prog, _) in kproxy_common::names::SOCK_PROGS {
-        assert_eq!(shown.matches(prog).count(), 1, "{prog} in\n{shown}");
-    }
+    attached_once(cgroups.node(0), kproxy_common::names::SOCK_PROGS.iter());
     let w = client(&ns, cg, "sendto", REMOTE);
     assert_eq!(answered_by(&w).as_ref(), Some(&remote_pod), "after restart: {w:?}");
     assert_eq!(get(&w, "from"), Some(format!("{REMOTE}:{PORT}").as_str()), "{w:?}");
@@ -249,12 +263,7 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     let after = held.wait();
     assert!(after.contains("error=ECONNABORTED"), "pod's socket after its backend left: {after}");
     drop(guard);
-    drop(agents);
-    for i in 0..2 {
-        lab.cleanup(i).expect("kproxy cleanup");
-    }
-    lab.down().expect("lab down");
-    drop(cgroups);
+    shut_down(lab, agents, cgroups);
 }
 
 const SAME6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x20);
@@ -373,21 +382,10 @@ fn host_network_ipv6_clients_reach_cluster_ips_through_the_socket_lb() {
     assert_eq!(count(&c4, Reason::TranslatedNew), 0, "{c4:?}");
 
     // Every socket-LB program is attached once.
-    let shown =
-        Command::new("bpftool").args(["cgroup", "show"]).arg(cgroups.node(0)).output().unwrap();
-    let shown = String::from_utf8_lossy(&shown.stdout);
-    for (prog, _) in
-        kproxy_common::names::SOCK_PROGS.iter().chain(&kproxy_common::names::SOCK_PROGS6)
-    {
-        assert_eq!(shown.matches(prog).count(), 1, "{prog} in\n{shown}");
-    }
+    let both = kproxy_common::names::SOCK_PROGS.iter().chain(&kproxy_common::names::SOCK_PROGS6);
+    attached_once(cgroups.node(0), both);
     drop(guard);
-    drop(agents);
-    for i in 0..2 {
-        lab.cleanup(i).expect("kproxy cleanup");
-    }
-    lab.down().expect("lab down");
-    drop(cgroups);
+    shut_down(lab, agents, cgroups);
 }
 
 /// Prints the agent logs if the test panics.
