@@ -841,13 +841,7 @@ impl Bench<'_> {
             }
         }
         for &n in &c.testrun_scales {
-            for m in [
-                "tc_established_ns",
-                "tc_new_ns",
-                "xdp_established_ns",
-                "tc_pass_ns",
-                "xdp_pass_ns",
-            ] {
+            for m in testrun::METRICS {
                 self.rec.plan("7-testrun", m, "kproxy", n, "");
             }
         }
@@ -1930,13 +1924,7 @@ impl Bench<'_> {
         match r.and_then(|r| r) {
             Ok(costs) => {
                 for c in costs {
-                    for (m, v) in [
-                        ("tc_established_ns", c.tc_established_ns),
-                        ("tc_new_ns", c.tc_new_ns),
-                        ("xdp_established_ns", c.xdp_established_ns),
-                        ("tc_pass_ns", c.tc_pass_ns),
-                        ("xdp_pass_ns", c.xdp_pass_ns),
-                    ] {
+                    for (m, v) in c.figures() {
                         self.rec.add("7-testrun", m, "kproxy", c.services, "", v);
                     }
                 }
@@ -1944,13 +1932,7 @@ impl Bench<'_> {
             Err(e) => {
                 let why = format!("{e:#}");
                 for &n in &scales {
-                    for m in [
-                        "tc_established_ns",
-                        "tc_new_ns",
-                        "xdp_established_ns",
-                        "tc_pass_ns",
-                        "xdp_pass_ns",
-                    ] {
+                    for m in testrun::METRICS {
                         self.rec.fail("7-testrun", m, "kproxy", n, "", &why);
                     }
                 }

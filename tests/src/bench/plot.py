@@ -68,6 +68,8 @@ fig, ax = plt.subplots(figsize=(7, 4.2))
 for metric, label, color, style in [
     ("tc_established_ns", "kp_tc_from_pod established", "tab:green", "-"),
     ("tc_new_ns", "kp_tc_from_pod new (SYN)", "tab:olive", "-"),
+    ("to_pod_reply_ns", "kp_tc_to_pod remote reply", "tab:blue", "-"),
+    ("to_pod_plain_ns", "kp_tc_to_pod plain (no connection)", "tab:cyan", "-"),
     ("tc_pass_ns", "TC pass-through", "grey", "--"),
     ("xdp_established_ns", "kp_xdp_ext NodePort established", "tab:purple", "-"),
     ("xdp_pass_ns", "XDP pass-through", "black", "--"),

@@ -39,12 +39,44 @@ pub struct Cost {
     pub tc_established_ns: f64,
     /// `kp_tc_from_pod`, new connection (SYN, a new source port each run).
     pub tc_new_ns: f64,
+    /// `kp_tc_to_pod`, a remote backend's reply to an established ClusterIP flow (translated).
+    pub to_pod_reply_ns: f64,
+    /// `kp_tc_to_pod`, plain pod traffic from a backend's address and port (no connection of
+    /// a service: the reverse-NAT lookup misses).
+    pub to_pod_plain_ns: f64,
     /// `kp_xdp_ext`, established NodePort flow to a local backend.
     pub xdp_established_ns: f64,
     /// Raw `return TC_ACT_OK`.
     pub tc_pass_ns: f64,
     /// Raw `return XDP_PASS`.
     pub xdp_pass_ns: f64,
+}
+
+/// The figures of [`Cost`], by their name in the results.
+pub const METRICS: [&str; 7] = [
+    "tc_established_ns",
+    "tc_new_ns",
+    "to_pod_reply_ns",
+    "to_pod_plain_ns",
+    "xdp_established_ns",
+    "tc_pass_ns",
+    "xdp_pass_ns",
+];
+
+impl Cost {
+    /// The figures with their names ([`METRICS`]' order).
+    pub fn figures(&self) -> [(&'static str, f64); 7] {
+        let v = [
+            self.tc_established_ns,
+            self.tc_new_ns,
+            self.to_pod_reply_ns,
+            self.to_pod_plain_ns,
+            self.xdp_established_ns,
+            self.tc_pass_ns,
+            self.xdp_pass_ns,
+        ];
+        std::array::from_fn(|i| (METRICS[i], v[i]))
+    }
 }
 
 /// Loads `return TC_ACT_OK` as a sched_cls program.
@@ -183,32 +215,61 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         let np_syn = Frame::tcp(SocketAddrV4::new(*client.ip(), sport), np, SYN).build();
         let np_est = Frame::tcp(SocketAddrV4::new(*client.ip(), sport), np, ACK | PSH).build();
 
-        let mut run_tc = |frame: &[u8]| -> Result<(u32, f64)> {
+        let mut run_tc = |prog: &str, frame: &[u8]| -> Result<(u32, f64, Vec<u8>)> {
             let p: &mut SchedClassifier =
-                dp.program_mut(names::PROG_TC_FROM_POD).context("no kp_tc_from_pod")?.try_into()?;
+                dp.program_mut(prog).with_context(|| format!("no {prog}"))?.try_into()?;
             let mut buf = vec![0u8; 2048];
             let r = p.test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut buf),
                 ..Default::default()
             })?;
-            Ok((r.return_value, r.duration.as_nanos() as f64))
+            Ok((r.return_value, r.duration.as_nanos() as f64, buf))
         };
-        let (v_first, _) = run_tc(&syn)?;
+        run_tc(names::PROG_TC_FROM_POD, &syn)?;
         let mut est_ns = Vec::with_capacity(runs);
         let mut verdict = None;
         for _ in 0..runs {
-            let (v, ns) = run_tc(&est)?;
+            let (v, ns, _) = run_tc(names::PROG_TC_FROM_POD, &est)?;
             ensure!(verdict.is_none_or(|x| x == v), "kp_tc_from_pod verdict changed between runs");
             verdict = Some(v);
             est_ns.push(ns);
         }
-        let _ = v_first;
+        // The backend's reply to that connection, as it reaches the client pod untranslated
+        // (a remote backend whose node did not translate it); checked to come out translated.
+        let backend = SocketAddrV4::new(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + n as u32),
+            8080,
+        );
+        let reply = Frame::tcp(backend, SocketAddrV4::new(*pod.ip(), sport), ACK | PSH).build();
+        let mut reply_ns = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let (_, ns, out) = run_tc(names::PROG_TC_TO_POD, &reply)?;
+            ensure!(
+                out.get(26..30) == Some(&cip.ip().octets()[..]),
+                "kp_tc_to_pod did not translate the backend's reply"
+            );
+            reply_ns.push(ns);
+        }
+        // Plain traffic from the same backend port to another pod: hinted as a possible reply,
+        // no reverse-NAT entry; it must pass untranslated.
+        let plain =
+            Frame::tcp(backend, SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 20), 50000), ACK)
+                .build();
+        let mut plain_ns = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let (_, ns, out) = run_tc(names::PROG_TC_TO_POD, &plain)?;
+            ensure!(
+                out.get(26..30) == Some(&backend.ip().octets()[..]),
+                "kp_tc_to_pod rewrote plain pod traffic"
+            );
+            plain_ns.push(ns);
+        }
         let mut new_ns = Vec::with_capacity(runs);
         for _ in 0..runs {
             sport_base = sport_base.wrapping_add(1).max(1024);
             let f = Frame::tcp(SocketAddrV4::new(*pod.ip(), sport_base), cip, SYN).build();
-            new_ns.push(run_tc(&f)?.1);
+            new_ns.push(run_tc(names::PROG_TC_FROM_POD, &f)?.1);
         }
         let mut run_xdp = |frame: &[u8]| -> Result<(u32, f64)> {
             let p: &mut Xdp =
@@ -236,6 +297,8 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             services: n,
             tc_established_ns: median(est_ns),
             tc_new_ns: median(new_ns),
+            to_pod_reply_ns: median(reply_ns),
+            to_pod_plain_ns: median(plain_ns),
             xdp_established_ns: median(xdp_ns),
             tc_pass_ns: median(tcp_ns),
             xdp_pass_ns: median(xpp_ns),
