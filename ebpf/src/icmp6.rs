@@ -15,7 +15,7 @@ use crate::{
     nat::To,
     nat6::Nat6,
     parse::Frag,
-    parse6::{HDR, Ip6},
+    parse6::{self, HDR, Ip6},
     pkt::{Packet, ptr_at},
     pkt6::Packet6,
 };
@@ -25,11 +25,14 @@ const PACKET_TOO_BIG: u8 = 2;
 const TIME_EXCEEDED: u8 = 3;
 const PARAMETER_PROBLEM: u8 = 4;
 
-/// The packet quoted by an ICMPv6 error (IPv6 without extension headers, TCP or UDP).
+/// The packet quoted by an ICMPv6 error (IPv6, its extension headers followed as
+/// [`parse6::ipv6`] follows them, TCP or UDP).
 #[derive(Clone, Copy)]
 pub struct Inner6 {
     /// Offset of the quoted IPv6 header.
     pub l3: usize,
+    /// Offset of the quoted TCP or UDP header.
+    pub l4: usize,
     /// Quoted source address, be words.
     pub saddr: Addr6,
     /// Quoted destination address, be words.
@@ -66,6 +69,10 @@ struct Quote {
     _hop: u8,
     saddr: Addr6,
     daddr: Addr6,
+}
+
+#[repr(C)]
+struct Ports {
     sport: u16,
     dport: u16,
 }
@@ -80,16 +87,24 @@ pub fn parse<P: Packet>(c: &P, p: &Ip6) -> Option<Inner6> {
     let q: *const Quote = ptr_at(c, l3).ok()?;
     // SAFETY: bounds checked by ptr_at.
     let q = unsafe { &*q };
-    if q._vtc[0] >> 4 != 6 || (q.next != proto::TCP && q.next != proto::UDP) {
+    if q._vtc[0] >> 4 != 6 {
         return None;
     }
+    let (l4, next) = parse6::quoted_l4(c, l3 + HDR, q.next)?;
+    if (next != proto::TCP && next != proto::UDP) || l4 > 0xffff {
+        return None;
+    }
+    let ports: *const Ports = ptr_at(c, l4).ok()?;
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &*ports };
     Some(Inner6 {
         l3,
+        l4,
         saddr: q.saddr,
         daddr: q.daddr,
-        sport: q.sport,
-        dport: q.dport,
-        proto: q.next,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: next,
     })
 }
 
@@ -194,10 +209,10 @@ pub fn apply_inner<P: Packet6>(c: &mut P, p: &Ip6, i: &Inner6, n: &Nat6) -> Resu
         c.set_l4_addr(p, i.l3 + 24, &i.daddr, &n.daddr)?;
     }
     if n.sport != i.sport {
-        c.set_l4_word(p, i.l3 + HDR, i.sport, n.sport)?;
+        c.set_l4_word(p, i.l4, i.sport, n.sport)?;
     }
     if n.dport != i.dport {
-        c.set_l4_word(p, i.l3 + HDR + 2, i.dport, n.dport)?;
+        c.set_l4_word(p, i.l4 + 2, i.dport, n.dport)?;
     }
     Ok(())
 }

@@ -116,6 +116,41 @@ pub fn is_ipv6<P: Packet>(c: &P) -> bool {
     }
 }
 
+/// Follows the extension headers of a packet quoted by an ICMPv6 error: `next` is the quoted
+/// fixed header's next-header value and `off` the offset after it. Returns the quoted upper
+/// layer's offset and protocol, or `None` when the quote has more extension headers than kproxy
+/// follows, is cut short, or is a later fragment (no ports to match on).
+#[inline(always)]
+pub fn quoted_l4<P: Packet>(c: &P, mut off: usize, mut next: u8) -> Option<(usize, u8)> {
+    let mut i = 0;
+    while i < MAX_EXT {
+        if next != HOP_BY_HOP && next != ROUTING && next != DEST_OPTS && next != FRAGMENT {
+            return Some((off, next));
+        }
+        if off > 0xffff {
+            return None;
+        }
+        let h: *const ExtHdr = ptr_at(c, off).ok()?;
+        // SAFETY: bounds checked by ptr_at.
+        let h = unsafe { &*h };
+        if next == FRAGMENT {
+            if u16::from_be(h.frag_off) & 0xfff8 != 0 {
+                return None;
+            }
+            off += 8;
+        } else {
+            off += (h.len as usize + 1) * 8;
+        }
+        next = h.next;
+        i += 1;
+    }
+    let last = next;
+    if last == HOP_BY_HOP || last == ROUTING || last == DEST_OPTS || last == FRAGMENT {
+        return None;
+    }
+    Some((off, next))
+}
+
 /// Parses Ethernet + IPv6 + extension headers (+ TCP/UDP ports). `Ok(None)`: not IPv6. A packet
 /// with more extension headers than kproxy follows comes back with the last one as `proto`
 /// (and no L4 header), which the callers pass untouched.

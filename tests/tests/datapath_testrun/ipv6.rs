@@ -509,10 +509,16 @@ fn icmp6_error(src: &str, dst: &str, typ: u8, code: u8, rest: u32, quote: &[u8])
 /// is left alone, receivers do not check it in quotes). Also checks that both packets, outside
 /// any error, had valid checksums (independent code).
 fn quote_of(orig: &[u8], seen: &[u8], csum_at: usize) -> Vec<u8> {
+    quote_of_ext(orig, seen, 0, csum_at)
+}
+
+/// [`quote_of`] for packets carrying `ext` bytes of extension headers.
+fn quote_of_ext(orig: &[u8], seen: &[u8], ext: usize, csum_at: usize) -> Vec<u8> {
     frames6::verify_checksums(orig).unwrap();
     frames6::verify_checksums(seen).unwrap();
+    let at = 40 + ext + csum_at;
     let mut q = orig[14..].to_vec();
-    q[40 + csum_at..42 + csum_at].copy_from_slice(&seen[54 + csum_at..56 + csum_at]);
+    q[at..at + 2].copy_from_slice(&seen[14 + at..16 + at]);
     q
 }
 
@@ -551,6 +557,18 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &icmp6_error(&pod_ip, &be_ip, 1, 4, 0, &quote_of(&rb, &restored, 6)));
 
+    // A quoted packet with extension headers (the client's query carried destination
+    // options): its ports are found behind them and translated too.
+    let qx = Frame6::udp(sa6("[2001:2:100::10]:41001"), sa6(DNS6), b"query")
+        .with_ext(vec![Ext::options(HOP_BY_HOP), Ext::options(DEST_OPTS)]);
+    let qxb = qx.build();
+    let (_, dnatx) = env.tc(names::PROG_TC_FROM_POD, &qxb);
+    let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnatx[14..]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    assert_eq!(v, TC_ACT_OK);
+    let want = quote_of_ext(&qxb, &dnatx, 16, 6);
+    assert_frame6(&out, &icmp6_error(&svc_ip, &pod_ip, 1, 4, 0, &want));
+
     // An ICMPv6 error about something else passes untouched.
     let other = Frame6::udp(sa6(POD6), sa6("[2001:2:ff::99]:53"), b"x").build();
     let err = icmp6_error("2001:2:ff::99", &pod_ip, 1, 4, 0, &other[14..]).build();
@@ -559,9 +577,9 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     assert_counts6(
         &env,
         &[
-            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedNew, 2),
             (Reason::ReplyTranslated, 1),
-            (Reason::IcmpErrorTranslated, 2),
+            (Reason::IcmpErrorTranslated, 3),
             (Reason::PassUnsupportedProto, 1),
         ],
     );
