@@ -1,16 +1,18 @@
 //! Dual stack end to end in the lab: a one-node dual-stack lab ([`LabSpec::ipv6`]), one agent
-//! reading a dual-stack Service from manifests, and a pod reaching it over both ClusterIPs with
-//! real sockets. Everything lives in the lab's namespaces and goes with the lab, also on failure.
+//! reading a dual-stack Service from manifests or from the Kubernetes API, and a pod reaching it
+//! over both ClusterIPs with real sockets. Everything lives in the lab's namespaces and goes with the lab, also on failure.
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, Ipv6Addr, TcpStream},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use kproxy_tests::{
+    apiserver::{ApiServer, Binder},
     client::{RequestError, tcp_request, tcp_request6},
-    lab::{self, AgentOpts, Lab, LabSpec, Pod, SERVER_PORT, in_netns},
+    lab::{self, AgentOpts, CLIENT_IP, Lab, LabSpec, Pod, SERVER_PORT, in_netns},
     manifests::ManifestDir,
 };
 
@@ -46,20 +48,31 @@ fn packets6(node_ns: &str, reason: &str) -> Result<u64> {
         .with_context(|| format!("no {series} in the metrics"))
 }
 
-fn manifests(backends: &[Pod]) -> Vec<String> {
-    let svc = format!(
+/// The dual-stack NodePort service `web6` under `policy`: both ClusterIPs, or only the IPv4
+/// one for `SingleStack`.
+fn web6(policy: &str) -> String {
+    let (ips, families) = if policy == "SingleStack" {
+        (format!("[{CIP4}]"), "[IPv4]")
+    } else {
+        (format!("[{CIP4}, \"{CIP6}\"]"), "[IPv4, IPv6]")
+    };
+    format!(
         r#"apiVersion: v1
 kind: Service
 metadata: {{name: web6, namespace: default}}
 spec:
   type: NodePort
   clusterIP: {CIP4}
-  clusterIPs: [{CIP4}, "{CIP6}"]
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
+  clusterIPs: {ips}
+  ipFamilies: {families}
+  ipFamilyPolicy: {policy}
   ports: [{{name: http, port: 80, targetPort: {SERVER_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}]
 "#
-    );
+    )
+}
+
+fn manifests(backends: &[Pod]) -> Vec<String> {
+    let svc = web6("RequireDualStack");
     let empty = format!(
         r#"apiVersion: v1
 kind: Service
@@ -163,4 +176,82 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
     assert!(log.contains("frontends6=4"), "{log}");
     let n = tcp6_name(&client.ns, cip6, 80).expect("IPv6 ClusterIP after the restart");
     assert!(names.contains(&n), "{n}");
+}
+
+/// The same dual-stack service from the Kubernetes API (kproxy's `--kubeconfig` source, a test
+/// API server in the lab's client namespace): both ClusterIPs serve; changing `ipFamilyPolicy`
+/// to `SingleStack` removes the IPv6 ClusterIP (the IPv4 one keeps serving), and
+/// `PreferDualStack` with both addresses brings it back.
+#[test]
+fn dual_stack_service_from_the_kubernetes_api_follows_its_ip_family_policy() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "lab tests need root (network namespaces)");
+    let spec = LabSpec { nodes: 1, pods_per_node: 3, ipv6: true, ..LabSpec::default() };
+    let mut lab = Lab::up(spec).expect("lab");
+    lab.start_servers().expect("servers");
+    let pods = lab.pods_on(0);
+    let (client, backends) = (&pods[0], &pods[1..]);
+    let names: Vec<String> = backends.iter().map(|p| p.name.clone()).collect();
+
+    // The API server listens in the client namespace, which the node reaches on the underlay.
+    let client_ns = lab.client_ns();
+    let bind: Binder = Arc::new(move || {
+        in_netns(&client_ns, || std::net::TcpListener::bind((CLIENT_IP, 16443)))
+            .map_err(std::io::Error::other)?
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(ApiServer::start_with(bind)).expect("api server");
+    let kubeconfig = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", lab.prefix()));
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let apply = |y: &str| {
+        let v: serde_json::Value = serde_saphyr::from_str(y).expect("manifest");
+        api.apply(v).expect("apply");
+    };
+    for y in manifests(backends) {
+        apply(&y);
+    }
+    let opts = AgentOpts {
+        extra_args: vec![
+            "--kubeconfig".into(),
+            kubeconfig.to_string_lossy().into_owned(),
+            "--enable-ipv6".into(),
+        ],
+        ..Default::default()
+    };
+    let agent = lab.spawn_agent(0, &opts).expect("agent");
+    let cip6: Ipv6Addr = CIP6.parse().unwrap();
+    let wait = Duration::from_secs(20);
+    let every = Duration::from_millis(200);
+    let on_v6 = || {
+        lab::eventually(wait, every, || tcp6_name(&client.ns, cip6, 80)).unwrap_or_else(|e| {
+            panic!("[{CIP6}]:80 from {}: {e:#}\nagent log:\n{}", client.name, agent.log_text())
+        })
+    };
+    let on_v4 = || {
+        tcp_request(&client.ns, CIP4, 80, T)
+            .unwrap_or_else(|e| panic!("{CIP4}:80 from {}: {e}", client.name))
+            .server_pod
+    };
+    let n = on_v6();
+    assert!(names.contains(&n), "{n} is no backend of {names:?}");
+    let n = on_v4();
+    assert!(names.contains(&n), "{n} is no backend of {names:?}");
+
+    // SingleStack: the IPv6 ClusterIP is no longer programmed; IPv4 keeps serving.
+    apply(&web6("SingleStack"));
+    lab::eventually(wait, every, || match tcp6_name(&client.ns, cip6, 80) {
+        Ok(n) => Err(format!("[{CIP6}]:80 still answers ({n})")),
+        Err(_) => Ok(()),
+    })
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_text()));
+    let n = on_v4();
+    assert!(names.contains(&n), "{n} is no backend of {names:?}");
+
+    // PreferDualStack with both addresses: the IPv6 ClusterIP serves again.
+    apply(&web6("PreferDualStack"));
+    let n = on_v6();
+    assert!(names.contains(&n), "{n} is no backend of {names:?}");
+    drop(agent);
+    let _ = lab.cleanup(0);
+    let _ = std::fs::remove_file(&kubeconfig);
 }
