@@ -442,6 +442,9 @@ fn forward_established<P: Packet>(
     } else {
         stack_or_direct::<P>(cfg, hook)
     };
+    if defer_to_tc::<P>(cfg, to) {
+        return Ok((Verdict::PASS, Reason::XdpPassToTc));
+    }
     deliver(c, p, &n, to, Reason::TranslatedEstablished, now)
 }
 
@@ -601,6 +604,9 @@ fn reply_translated<P: Packet>(
     } else {
         stack_or_direct::<P>(cfg, hook)
     };
+    if defer_to_tc::<P>(cfg, to) {
+        return Ok((Verdict::PASS, Reason::XdpPassToTc));
+    }
     deliver(c, p, &n, to, Reason::ReplyTranslated, now)
 }
 
@@ -652,6 +658,17 @@ fn deliver_with<P: Packet>(
             Ok((nat::forward(c, p, f, fib, peer)?, reason))
         }
     }
+}
+
+/// Whether XDP leaves a packet of a tracked connection (or a reply) that it would hand to the
+/// node's stack (`to`) to TC untouched: with eBPF host routing, TC delivers it straight to its
+/// destination (XDP cannot put a packet into a pod's namespace), so the reply of a connection
+/// from a local pod to a remote backend skips the stack's forwarding path as its original
+/// direction does. A new connection is still translated by XDP (its first packet takes the
+/// stack; the connection's later packets are TC's).
+#[inline(always)]
+fn defer_to_tc<P: Packet>(cfg: &NodeConfig, to: To) -> bool {
+    P::XDP && to == To::Stack && cfg.flags & cfg_flags::HOST_ROUTING != 0
 }
 
 /// Where a packet the node's stack would route goes: the stack, or (eBPF host routing, TC

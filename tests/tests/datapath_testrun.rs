@@ -395,6 +395,43 @@ fn clusterip_tcp_forward_and_reply() {
     );
 }
 
+/// eBPF host routing: the reply of a pod's connection to a remote backend arrives on the
+/// external device; XDP leaves it to TC untouched (TC delivers it straight into the client's
+/// namespace, past the stack), where it is translated. Without host routing XDP translates it
+/// for the stack.
+#[test]
+fn host_routing_leaves_replies_from_xdp_to_tc() {
+    for host_routing in [true, false] {
+        let mut env = Env::new();
+        if host_routing {
+            let cfg = env.maps.config().unwrap();
+            let flags = cfg.flags | cfg_flags::HOST_ROUTING;
+            env.maps.set_config(&NodeConfig { flags, ..cfg }).unwrap();
+        }
+        env.backend(1, BE1, 0, proto::TCP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+        env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        let synack = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
+        let translated = synack.clone().with_src(sa(CIP));
+        let (v, out) = env.xdp(&synack.build());
+        assert_eq!(v, XDP_PASS);
+        if host_routing {
+            assert_eq!(out, synack.build(), "left to TC untouched");
+            let (v, out) = env.tc(names::PROG_TC_EXT, &synack.build());
+            assert_eq!(v, TC_ACT_OK, "no route in the test namespace: the stack decides");
+            assert_frame(&out, &translated);
+        } else {
+            assert_frame(&out, &translated);
+        }
+        let mut want = vec![(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 1)];
+        if host_routing {
+            want.push((Reason::XdpPassToTc, 1));
+        }
+        assert_counts(&env, &want);
+    }
+}
+
 /// The fast path looks nothing up for a packet whose hint bits are clear: the agent's writes
 /// set the bits of every frontend and backend (before the entries), and clearing them shows that
 /// the datapath relies on them. A failed tail call is dropped and counted.

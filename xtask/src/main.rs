@@ -1,7 +1,7 @@
 //! kproxy's automation: `cargo xtask build`, `cargo xtask demo [--keep]`, `cargo xtask demo-down`,
 //! `cargo xtask lab up|down|status|sweep`,
 //! `cargo xtask bench [--quick] [--only-e2e | --only-programming | --only-per-packet |
-//! --only-ipv6]
+//! --only-ipv6 | --only-latency]
 //! [--kproxy-before BINARY] [--bin-dir DIR] [--out DIR] [--report DIR]`,
 //! `cargo xtask kernels [--kernels 5.10,6.1]`.
 
@@ -70,6 +70,12 @@ enum Cmd {
         /// each in a dual-stack lab, about two minutes, results in a temp dir unless --out.
         #[arg(long, conflicts_with_all = ["only_e2e", "only_programming", "only_per_packet"])]
         only_ipv6: bool,
+        /// Only ClusterIP new-connection latency at 1 and 1,000 services: floor, kproxy,
+        /// kproxy without XDP (kproxy-tc) and kproxy with eBPF host routing, twice the
+        /// repetitions, with the kproxy programs' run time per connection (bpf_stats); a few
+        /// minutes, results in a temp dir unless --out.
+        #[arg(long, conflicts_with_all = ["only_e2e", "only_programming", "only_per_packet", "only_ipv6"])]
+        only_latency: bool,
         /// Benchmark the binaries in DIR (kproxy, kproxy-loadgen, ...: a copy of another
         /// revision's target/release, to compare two datapaths) instead of building; item 7
         /// (BPF_PROG_TEST_RUN, which loads the object built into xtask) is left out.
@@ -82,7 +88,7 @@ enum Cmd {
         kproxy_before: Option<PathBuf>,
         /// Measure nothing: rewrite `report.md` and the plots of the run in DIR from its
         /// `results.json` (after a change to the report's tables).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "only_ipv6", "bin_dir"])]
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "out", "only_e2e", "only_programming", "kproxy_before", "only_per_packet", "only_ipv6", "only_latency", "bin_dir"])]
         report: Option<PathBuf>,
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
@@ -162,6 +168,7 @@ fn main() -> Result<()> {
             kproxy_before,
             only_per_packet,
             only_ipv6,
+            only_latency,
             bin_dir,
             report: None,
         } => {
@@ -170,6 +177,7 @@ fn main() -> Result<()> {
                 (only_programming, Only::Programming),
                 (only_per_packet, Only::PerPacket),
                 (only_ipv6, Only::Ipv6),
+                (only_latency, Only::Latency),
             ]
             .into_iter()
             .find_map(|(set, o)| set.then_some(o));
@@ -234,6 +242,7 @@ enum Only {
     Programming,
     PerPacket,
     Ipv6,
+    Latency,
 }
 
 fn bench(
@@ -264,6 +273,7 @@ fn bench(
         Some(Only::Programming) => cfg.only_programming(),
         Some(Only::PerPacket) => cfg.only_per_packet(),
         Some(Only::Ipv6) => cfg.only_ipv6(),
+        Some(Only::Latency) => cfg.only_latency(),
         None => cfg,
     };
     if bin_dir_given {

@@ -27,6 +27,10 @@ pub struct Load {
     pub samples: f64,
 }
 
+/// Unmeasured warm-up of each load generator run, ms (its connections are not in
+/// [`Load::samples`] but cross the datapath).
+pub const WARMUP_MS: &str = "200";
+
 /// Runs the load generator in namespace `ns`.
 pub fn loadgen(
     ns: &str,
@@ -53,7 +57,7 @@ pub fn loadgen(
         "--duration-ms",
         &d,
         "--warmup-ms",
-        "200",
+        WARMUP_MS,
         "--timeout-ms",
         "1000",
     ];

@@ -111,6 +111,9 @@ pub struct Config {
     /// Only the IPv6 rows of items 1 and 3 ([`Config::only_ipv6`]).
     #[serde(default)]
     pub only_ipv6: bool,
+    /// Only item 1's latency at its scales, kproxy also without XDP ([`Config::only_latency`]).
+    #[serde(default)]
+    pub only_latency: bool,
     /// An earlier kproxy binary measured in items 4 and 6 beside the one built (as system
     /// `kproxy-before`, right before it at each scale): before/after figures of one run.
     #[serde(default)]
@@ -144,6 +147,7 @@ impl Config {
             only_per_packet: false,
             only_programming: false,
             only_ipv6: false,
+            only_latency: false,
             kproxy_before: None,
         }
     }
@@ -174,6 +178,7 @@ impl Config {
             only_per_packet: false,
             only_programming: false,
             only_ipv6: false,
+            only_latency: false,
             kproxy_before: None,
         }
     }
@@ -228,9 +233,30 @@ impl Config {
         self
     }
 
+    /// The same run restricted to item 1 (ClusterIP new-connection latency) at 1 and 1,000
+    /// services, floor and kproxy only (kproxy also with TC only, `--no-xdp`, as `kproxy-tc`),
+    /// twice the repetitions, and the kproxy programs' run time per connection (bpf_stats):
+    /// a few minutes, to compare datapath changes on the new-connection path.
+    pub fn only_latency(mut self) -> Self {
+        self.scales.retain(|&n| n <= 1_000);
+        self.reps *= 2;
+        self.ipv6_scales.clear();
+        self.rate_scales.clear();
+        self.prog_scales.clear();
+        self.testrun_scales.clear();
+        self.e2e_scale = 0;
+        self.only_latency = true;
+        self
+    }
+
     /// Whether the items measured on packets (NodePort, bpf_stats, BPF_PROG_TEST_RUN) run.
     fn packet_items(&self) -> bool {
-        !self.only_e2e && !self.only_programming && !self.only_ipv6
+        !self.only_e2e && !self.only_programming && !self.only_ipv6 && !self.only_latency
+    }
+
+    /// The systems of item 1 (IPv4).
+    fn latency_systems(&self) -> &'static [Sys] {
+        if self.only_latency { &Sys::LATENCY } else { &Sys::ALL }
     }
 }
 
@@ -370,6 +396,8 @@ enum Sys {
     Floor,
     Kproxy,
     KproxyHostRouting,
+    /// kproxy without its XDP program (`--no-xdp`; `--only-latency` only).
+    KproxyTc,
     Iptables,
     Nftables,
 }
@@ -383,6 +411,9 @@ impl Sys {
     /// `ip6 kube-proxy`).
     const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
 
+    /// The systems of `--only-latency`.
+    const LATENCY: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::KproxyTc, Sys::KproxyHostRouting];
+
     /// Gives the client namespace `ns` this system's own client port range (see
     /// `clusterip_one`; the sysctl covers IPv6 sockets too).
     fn use_client_ports(self, ns: &str) {
@@ -390,6 +421,7 @@ impl Sys {
             Sys::Floor => "20000 29999",
             Sys::Kproxy => "30000 39999",
             Sys::KproxyHostRouting => "10000 19999",
+            Sys::KproxyTc => "40000 49999",
             Sys::Iptables => "40000 49999",
             Sys::Nftables => "50000 60999",
         };
@@ -402,6 +434,7 @@ impl Sys {
             Sys::Floor => "floor",
             Sys::Kproxy => "kproxy",
             Sys::KproxyHostRouting => HOST_ROUTING,
+            Sys::KproxyTc => "kproxy-tc",
             Sys::Iptables => "iptables",
             Sys::Nftables => "nftables",
         }
@@ -768,7 +801,7 @@ impl Bench<'_> {
             }
         }
         for &n in &c.scales {
-            for s in Sys::ALL {
+            for &s in c.latency_systems() {
                 for m in ["p50_us", "p99_us"] {
                     self.rec.plan("1-latency", m, s.name(), n, "");
                 }
@@ -814,7 +847,7 @@ impl Bench<'_> {
             self.rec.plan("6-memory", "rules_bytes", "iptables", n, "");
             self.rec.plan("6-memory", "rules_bytes", "nftables", n, "");
         }
-        let e2e = !c.only_per_packet && !c.only_ipv6;
+        let e2e = !c.only_per_packet && !c.only_ipv6 && !c.only_latency;
         for s in E2E_SYSTEMS.iter().filter(|_| e2e) {
             for v in ["at-rest", "churn"] {
                 for m in ["p50_ms", "p99_ms"] {
@@ -927,18 +960,19 @@ impl Bench<'_> {
                 self.fail_scale(n, &format!("writing manifests: {e:#}"));
                 continue;
             }
-            let ipt_ok = match self.load_ipt(&services, n, 1) {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e),
-            };
-            let nft_ok = self.load_nft(&services, n, 1, None).map(drop);
-            if nft_ok.is_ok() {
-                let _ = systems::nft_hooks(&self.node_ns, false);
+            let systems = self.cfg.latency_systems();
+            let (mut ipt_ok, mut nft_ok) = (Ok(()), Ok(()));
+            if systems.contains(&Sys::Iptables) {
+                ipt_ok = self.load_ipt(&services, n, 1);
+                nft_ok = self.load_nft(&services, n, 1, None).map(drop);
+                if nft_ok.is_ok() {
+                    let _ = systems::nft_hooks(&self.node_ns, false);
+                }
+                self.step(&format!("1-2: baseline tables for {n} services × 1 endpoint loaded"));
             }
-            self.step(&format!("1-2: baseline tables for {n} services × 1 endpoint loaded"));
             let reps = if n >= 10_000 { self.cfg.reps_large } else { self.cfg.reps };
             for rep in 0..reps {
-                for sys in rotate(&Sys::ALL, rep) {
+                for sys in rotate(systems, rep) {
                     let unavailable = match sys {
                         Sys::Iptables => ipt_ok.as_ref().err(),
                         Sys::Nftables => nft_ok.as_ref().err(),
@@ -1049,13 +1083,13 @@ impl Bench<'_> {
     }
 
     fn mark_all_clusterip(&mut self, n: usize, why: &str) {
-        for s in Sys::ALL {
+        for &s in self.cfg.latency_systems() {
             self.mark_clusterip(s, n, why, true);
         }
     }
 
     fn fail_scale(&mut self, n: usize, why: &str) {
-        for s in Sys::ALL {
+        for &s in self.cfg.latency_systems() {
             self.mark_clusterip(s, n, why, false);
         }
     }
@@ -1086,6 +1120,7 @@ impl Bench<'_> {
             Sys::KproxyHostRouting => {
                 self.start_kproxy(frontends, &["--bpf-host-routing"]).map(|k| kp = Some(k))
             }
+            Sys::KproxyTc => self.start_kproxy(frontends, &["--no-xdp"]).map(|k| kp = Some(k)),
             Sys::Iptables => systems::iptables_hooks(&self.node_ns, true).map(drop),
             Sys::Nftables => systems::nft_hooks(&self.node_ns, true).map(drop),
         };
@@ -1119,6 +1154,12 @@ impl Bench<'_> {
                         self.rec.fail("1-latency", "p99_us", name, n, "", &why);
                     }
                 }
+                if self.cfg.only_latency
+                    && kp.is_some()
+                    && let Err(e) = self.conn_stats(target.into(), d, name, n)
+                {
+                    self.notes.push(format!("bpf_stats of {name} at {n} services: {e:#}"));
+                }
                 if self.cfg.rate_scales.contains(&n) {
                     for mode in ["connect", "rr"] {
                         match measure::loadgen(&self.client_pod_ns, target.into(), mode, 4, d) {
@@ -1144,7 +1185,7 @@ impl Bench<'_> {
             }
         }
         match sys {
-            Sys::Kproxy | Sys::KproxyHostRouting => {
+            Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyTc => {
                 if let Some(k) = kp {
                     self.stop_kproxy(k);
                 }
@@ -1157,6 +1198,44 @@ impl Bench<'_> {
             }
             Sys::Floor => {}
         }
+    }
+
+    /// `--only-latency`: a second run of the latency step's load with run-time statistics on
+    /// (not during the latency run, whose figures they would inflate: two clock reads per
+    /// program run); records each kproxy program's runs and run time per connection, and
+    /// their sum. A tail-called program's time is its caller's (the kernel accounts the entry
+    /// program only).
+    fn conn_stats(&mut self, target: SocketAddr, d: Duration, sys: &str, n: usize) -> Result<()> {
+        let pin = self.lab.pin_path(0);
+        let _stats = bpfstats::enable()?;
+        let before = bpfstats::snapshot(pin, &[])?;
+        let l = measure::loadgen(&self.client_pod_ns, target, "connect", 1, d)?;
+        let after = bpfstats::snapshot(pin, &[])?;
+        // Connections of the measured part and of the warm-up.
+        let conns = l.samples + l.rate * measure::WARMUP_MS.parse::<f64>()? / 1e3;
+        anyhow::ensure!(conns >= bpfstats::MIN_RUNS as f64, "only {conns} connections");
+        let mut total = 0.0;
+        for (name, &(t1, c1)) in &after {
+            let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
+            let (t, c) = (t1.saturating_sub(t0), c1.saturating_sub(c0));
+            if c == 0 {
+                continue;
+            }
+            total += t as f64 / conns;
+            self.rec.add("1-latency", &format!("bpf_ns_per_conn.{name}"), sys, n, "", {
+                t as f64 / conns
+            });
+            self.rec.add(
+                "1-latency",
+                &format!("runs_per_conn.{name}"),
+                sys,
+                n,
+                "",
+                c as f64 / conns,
+            );
+        }
+        self.rec.add("1-latency", "bpf_ns_per_conn", sys, n, "", total);
+        Ok(())
     }
 
     // ---- item 3 -------------------------------------------------------------------------
@@ -2268,7 +2347,7 @@ fn clusterip6_one(
         measure::loadgen(&client, target, "connect", 1, Duration::from_millis(cfg.duration_ms))
     });
     match sys {
-        Sys::Kproxy | Sys::KproxyHostRouting => {
+        Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyTc => {
             if let Some(k) = kp {
                 let _ = systems::stop_kproxy(lab, k);
             }
