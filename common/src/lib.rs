@@ -79,7 +79,7 @@ pub mod names {
     /// The TC tail-call targets (both families) and their index in [`CALLS_TC`]. The first
     /// [`TC_CALLS_IPV4`] serve IPv4, the rest IPv6; every one must load (a refused program,
     /// IPv4 or IPv6, fails the load).
-    pub const TC_CALLS: [(&str, u32); 16] = [
+    pub const TC_CALLS: [(&str, u32); 13] = [
         (PROG_TC_POD_NEW, crate::calls::POD_NEW),
         (PROG_TC_POD_ICMP, crate::calls::POD_ICMP),
         (PROG_TC_TOPOD_ICMP, crate::calls::TOPOD_ICMP),
@@ -90,9 +90,6 @@ pub mod names {
         (PROG_TC_TOPOD_ICMP6, crate::calls::TOPOD_ICMP6),
         (PROG_TC_EXT_NEW6, crate::calls::EXT_NEW6),
         (PROG_TC_EXT_ICMP6, crate::calls::EXT_ICMP6),
-        (PROG_TC_POD6, crate::calls::POD6),
-        (PROG_TC_TOPOD6, crate::calls::TOPOD6),
-        (PROG_TC_EXT6, crate::calls::EXT6),
         (PROG_TC_REJECT6, crate::calls::REJECT6),
         (PROG_TC_POD_CONN6, crate::calls::POD_CONN6),
         (PROG_TC_EXT_CONN6, crate::calls::EXT_CONN6),
@@ -156,12 +153,6 @@ pub mod names {
         SOCK6,
     ];
 
-    /// TC tail-call target: the IPv6 fast path of traffic leaving a pod.
-    pub const PROG_TC_POD6: &str = "kp_pod6";
-    /// TC tail-call target: the IPv6 fast path of traffic entering a pod.
-    pub const PROG_TC_TOPOD6: &str = "kp_topod6";
-    /// TC tail-call target: the IPv6 fast path of an external device.
-    pub const PROG_TC_EXT6: &str = "kp_ext6";
     /// TC tail-call target: builds the rejection of an IPv6 packet (both hooks).
     pub const PROG_TC_REJECT6: &str = "kp_reject6";
     /// TC tail-call target: a pod's IPv6 packet that needs more than the fast path.
@@ -295,20 +286,14 @@ pub mod calls {
     pub const EXT_NEW6: u32 = 8;
     /// TC: ICMPv6 errors on external devices.
     pub const EXT_ICMP6: u32 = 9;
-    /// TC: the IPv6 entry of `kp_tc_from_pod` (fast path).
-    pub const POD6: u32 = 10;
-    /// TC: the IPv6 entry of `kp_tc_to_pod` (fast path).
-    pub const TOPOD6: u32 = 11;
-    /// TC: the IPv6 entry of `kp_tc_ext` (fast path).
-    pub const EXT6: u32 = 12;
     /// TC: an IPv6 packet rejected by a slow path (TCP RST, ICMPv6 port unreachable).
-    pub const REJECT6: u32 = 13;
+    pub const REJECT6: u32 = 10;
     /// TC: a new IPv6 connection leaving a pod (backend choice and translation).
-    pub const POD_CONN6: u32 = 14;
+    pub const POD_CONN6: u32 = 11;
     /// TC: a new IPv6 connection on an external device.
-    pub const EXT_CONN6: u32 = 15;
+    pub const EXT_CONN6: u32 = 12;
     /// Entries of the TC table.
-    pub const TC_MAX: u32 = 16;
+    pub const TC_MAX: u32 = 13;
     /// XDP: slow path of `kp_xdp_ext`.
     pub const XDP_NEW: u32 = 0;
     /// XDP: ICMP errors.

@@ -154,8 +154,9 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         return Ok(Step::done(Verdict::PASS, Reason::PassNotReady));
     };
     let Some(mut p) = parse::ipv4(c)? else {
-        // IPv6 continues in its own programs; anything else is passed.
-        return Ok(flow6::dispatch(c, hook));
+        // IPv6 runs its own fast path in TC (before this one) and is left to TC by XDP;
+        // anything else is passed.
+        return Ok(flow6::dispatch(c));
     };
     if p.proto == proto::ICMP {
         if icmp::is_error(c, &p) {

@@ -1,12 +1,11 @@
-//! The IPv6 pipeline. The IPv4 entry programs only check the ethertype of a frame that is not
-//! IPv4 and tail-call this family's entry program of their hook ([`dispatch`]), so IPv6 adds
-//! neither instructions nor stack to the IPv4 fast path. The IPv6 entry programs run the same
-//! two stages as [`crate::flow`]: the fast path ([`fast`]) passes what the hint bitmaps rule out
-//! after the parse and two array lookups, translates packets of tracked connections and their
-//! replies, and tail-calls the IPv6 slow-path programs ([`slow`], [`icmp_error`]) for new
-//! connections, connections whose backend went away, stale reverse-NAT entries and ICMPv6
-//! errors. Neighbour discovery and the other ICMPv6 messages are passed untouched. IPv6 packets
-//! are counted in `kp_stats6` ([`Step::v6`]).
+//! The IPv6 pipeline. The TC entry programs check the ethertype first and run this family's
+//! fast path for an IPv6 frame inline (no tail call, no IPv4 parse before it); XDP leaves IPv6 to
+//! TC ([`dispatch`]). It has the same two stages as [`crate::flow`]: the fast path ([`fast`])
+//! passes what the hint bitmaps rule out after the parse and two array lookups, translates
+//! packets of tracked connections and their replies, and tail-calls the IPv6 slow-path programs
+//! ([`slow`], [`icmp_error`]) for new connections, connections whose backend went away, stale
+//! reverse-NAT entries and ICMPv6 errors. Neighbour discovery and the other ICMPv6 messages are
+//! passed untouched. IPv6 packets are counted in `kp_stats6` ([`Step::v6`]).
 use kproxy_common::{
     Ct6Value, NodeConfig, Reason, RevNat6Value, Service6Key, Service6Value, Tuple6, backend_flags,
     calls, ct_flags, ct_state, hints, proto, rnat_flags, svc_flags,
@@ -72,27 +71,13 @@ fn finish<P: Packet6>(c: &mut P, p: &Ip6, next: &Next) -> Out {
     deliver_with(c, p, &next.n, None, next.to, next.reason)
 }
 
-/// Index of this hook's IPv6 entry program (in the hook's tail-call table; XDP has none).
+/// What the IPv4 fast path does with a frame that is not IPv4. The TC entry programs run the
+/// IPv6 fast path themselves before the IPv4 one (see `main.rs`), so an IPv6 frame comes here
+/// only in XDP, which leaves IPv6 to TC; anything else (ARP, ...) is passed.
 #[inline(always)]
-fn entry_call(hook: Hook) -> u32 {
-    match hook {
-        Hook::FromPod => calls::POD6,
-        Hook::ToPod => calls::TOPOD6,
-        Hook::TcExt => calls::EXT6,
-        Hook::XdpExt => calls::XDP_MAX,
-    }
-}
-
-/// What an IPv4 entry program does with a frame that is not IPv4: an IPv6 one goes to the
-/// hook's IPv6 entry program (a tail call; XDP has none yet and leaves IPv6 to TC), anything
-/// else (ARP, ...) is passed.
-#[inline(always)]
-pub fn dispatch<P: Packet>(c: &P, hook: Hook) -> Step {
+pub fn dispatch<P: Packet>(c: &P) -> Step {
     if parse6::is_ipv6(c) {
-        if hook == Hook::XdpExt {
-            return done(Verdict::PASS, Reason::XdpPassToTc);
-        }
-        return tail(entry_call(hook));
+        return done(Verdict::PASS, Reason::XdpPassToTc);
     }
     Step { verdict: Verdict::PASS, reason: Reason::PassNotIpv4, tail: NO_TAIL, v6: false }
 }

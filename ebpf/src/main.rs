@@ -1,8 +1,8 @@
 //! kproxy's XDP and TC entry points. Entry points are thin: each runs the shared pipeline
 //! ([`flow`]), counts the reason of its verdict and turns the verdict into a return code. The
 //! entry programs run the fast path and tail-call the slow-path programs (`*_new`, `*_icmp`)
-//! for the rest. IPv6 frames go from the IPv4 entry programs to the IPv6 entry programs
-//! (`*6`, a tail call), which have their own slow-path programs.
+//! for the rest. The TC entry programs tell the families apart first, by the ethertype, and run
+//! the fast path of the frame's family; IPv6 has its own slow-path programs (`*6`).
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target offers no atomic read-modify-write through `core::sync`.
@@ -201,24 +201,6 @@ pub fn kp_ext_icmp(ctx: TcContext) -> i32 {
     tc_verdict(&c, v, reason)
 }
 
-/// TC: the IPv6 fast path of `kp_tc_from_pod` (tail-called for every IPv6 frame).
-#[classifier]
-pub fn kp_pod6(ctx: TcContext) -> i32 {
-    tc_fast6(&ctx, Hook::FromPod)
-}
-
-/// TC: the IPv6 fast path of `kp_tc_to_pod`.
-#[classifier]
-pub fn kp_topod6(ctx: TcContext) -> i32 {
-    tc_fast6(&ctx, Hook::ToPod)
-}
-
-/// TC: the IPv6 fast path of `kp_tc_ext`.
-#[classifier]
-pub fn kp_ext6(ctx: TcContext) -> i32 {
-    tc_fast6(&ctx, Hook::TcExt)
-}
-
 /// TC slow path of IPv6 pod traffic.
 #[classifier]
 pub fn kp_pod_new6(ctx: TcContext) -> i32 {
@@ -332,32 +314,28 @@ pub fn kp_sock_peer4(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx, false)
 }
 
-/// The fast path of a TC entry program, with the tail call to its slow path.
+/// The fast path of a TC entry program, with the tail call to its slow path. The family is
+/// chosen first, by the ethertype: an IPv6 frame runs the IPv6 fast path here, inline, and
+/// pays neither the IPv4 parse nor a tail call.
 #[inline(always)]
 fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
     let mut c = pkt::Tc(ctx);
+    if parse6::is_ipv6(&c) {
+        if !maps::ready() {
+            count(Reason::PassNotReady, false);
+            return TC_ACT_OK;
+        }
+        let s = flow6::fast(&mut c, hook);
+        return tc_step(ctx, &c, s);
+    }
     let s = flow::fast(&mut c, hook);
     if s.tail != NO_TAIL {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
-        if s.v6 {
-            // An empty IPv6 slot (not expected: the agent fails when one does not load): IPv6
-            // passes untranslated, counted.
-            count(Reason::PassNotReady, true);
-            return TC_ACT_OK;
-        }
-        count(Reason::DropTailCall, false);
+        count(Reason::DropTailCall, s.v6);
         return TC_ACT_SHOT;
     }
     tc_verdict_in(&c, s.verdict, s.reason, s.v6)
-}
-
-/// The IPv6 fast path of a TC hook, with the tail call to its IPv6 slow path.
-#[inline(always)]
-fn tc_fast6(ctx: &TcContext, hook: Hook) -> i32 {
-    let mut c = pkt::Tc(ctx);
-    let s = flow6::fast(&mut c, hook);
-    tc_step(ctx, &c, s)
 }
 
 /// Carries out an IPv6 step: its tail call, or its verdict.

@@ -236,6 +236,13 @@ pub fn is_pod_dev(ifindex: u32) -> bool {
     unsafe { kp_poddevs.get(ifindex) }.is_some()
 }
 
+/// Whether the agent has written the node configuration (`cfg_flags::READY`), for a path that
+/// needs no more of it than that.
+#[inline(always)]
+pub fn ready() -> bool {
+    kp_config.get(0).is_some_and(|c| c.flags & cfg_flags::READY != 0)
+}
+
 /// The node configuration once the agent has written it (`cfg_flags::READY`).
 #[inline(always)]
 pub fn ready_config() -> Option<NodeConfig> {

@@ -313,11 +313,12 @@ fn ipv6_neighbour_discovery_and_other_traffic_pass_untouched() {
     assert_eq!(env.counters(), BTreeMap::from([(Reason::PassNotIpv4, 1)]));
 }
 
-/// The IPv4 fast path only hands IPv6 frames on: with the IPv6 entry programs missing from
-/// the tail-call tables (a kernel that refused them), IPv6 frames pass untouched, counted,
-/// while IPv4 is served as before.
+/// The entry program tells the families apart before anything else and hands a new IPv6
+/// connection to the IPv6 slow path, never to IPv4's: with the IPv6 slow path missing from the
+/// tail-call table, an IPv6 SYN is dropped and counted as a failed tail call in the IPv6
+/// counters, while IPv4 is served as before.
 #[test]
-fn ipv6_goes_through_its_own_entry_programs() {
+fn ipv6_new_connections_go_to_their_own_slow_path() {
     use aya::maps::ProgramArray;
     let mut env = Env::new();
     env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
@@ -333,15 +334,15 @@ fn ipv6_goes_through_its_own_entry_programs() {
         aya::maps::MapData::from_pin(&calls).unwrap(),
     ))
     .unwrap();
-    table.clear_index(&kproxy_common::calls::POD6).unwrap();
+    table.clear_index(&kproxy_common::calls::POD_NEW6).unwrap();
     let syn6 = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn6);
-    assert_eq!((v, out), (TC_ACT_OK, syn6));
+    assert_eq!((v, out), (TC_ACT_SHOT, syn6));
     let syn4 = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn4.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &syn4.clone().with_dst(sa(BE1)));
-    assert_eq!(env.counters6(), BTreeMap::from([(Reason::PassNotReady, 1)]));
+    assert_eq!(env.counters6(), BTreeMap::from([(Reason::DropTailCall, 1)]));
     assert_eq!(env.counters(), BTreeMap::from([(Reason::TranslatedNew, 1)]));
 }
 
