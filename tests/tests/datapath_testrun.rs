@@ -1721,11 +1721,14 @@ fn pod_to_own_node_nodeport_remote_backend_reply_is_forwarded() {
     });
 }
 
-/// Per-packet cost of the XDP program (BPF_PROG_TEST_RUN average over many repetitions) with 1
-/// and with 10 000 services: hash lookups keep it flat. Printed for the record; the assertion
-/// is loose because the machine is shared.
+/// Measurement, not a check (`cargo test --test datapath_testrun -- --ignored
+/// per_packet_cost_in_the_number_of_services --nocapture`): the XDP program's per-packet cost
+/// (BPF_PROG_TEST_RUN average over many repetitions) with 1 and with 10 000 services. Speed is
+/// the bench's to judge (`make bench`, item 7 at 1 to 10,000 services); this test checks only
+/// that both packets keep their verdict at either scale.
 #[test]
-fn per_packet_cost_is_flat_in_the_number_of_services() {
+#[ignore = "measurement: prints the XDP cost at 1 and 10,001 services"]
+fn per_packet_cost_in_the_number_of_services() {
     let mut env = Env::with_sizes(&MapSizes {
         services: 32_768,
         backends: 16_384,
@@ -1733,9 +1736,10 @@ fn per_packet_cost_is_flat_in_the_number_of_services() {
         affinity: 1024,
         ipv6: true,
     });
-    let measure = |env: &mut Env, frame: &[u8]| -> f64 {
+    let measure = |env: &mut Env, frame: &[u8]| -> (u32, f64) {
         let p: &mut Xdp = env.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
         let mut best = f64::MAX;
+        let mut verdict = None;
         for _ in 0..5 {
             let r = p
                 .test_run(TestRunOptions {
@@ -1744,9 +1748,11 @@ fn per_packet_cost_is_flat_in_the_number_of_services() {
                     ..Default::default()
                 })
                 .unwrap();
+            assert!(verdict.is_none_or(|v| v == r.return_value), "verdict changed");
+            verdict = Some(r.return_value);
             best = best.min(r.duration.as_nanos() as f64);
         }
-        best
+        (verdict.unwrap(), best)
     };
     // A packet for no service (all three lookups miss) and one to a Local-policy service with
     // no local endpoint (service hit, dropped): neither changes the packet between repetitions.
@@ -1762,10 +1768,12 @@ fn per_packet_cost_is_flat_in_the_number_of_services() {
     }
     let (miss2, hit2) = (measure(&mut env, &miss), measure(&mut env, &hit));
     eprintln!(
-        "XDP ns/packet: not for a service {miss1:.0} (1 service) vs {miss2:.0} (10001); \
-         service hit {hit1:.0} vs {hit2:.0}"
+        "XDP ns/packet: not for a service {:.0} (1 service) vs {:.0} (10001); \
+         service hit {:.0} vs {:.0}",
+        miss1.1, miss2.1, hit1.1, hit2.1
     );
-    assert!(miss2 < miss1 * 3.0 + 50.0 && hit2 < hit1 * 3.0 + 50.0);
+    assert_eq!((miss1.0, hit1.0), (XDP_PASS, XDP_DROP));
+    assert_eq!((miss2.0, hit2.0), (miss1.0, hit1.0), "verdicts at 10,001 services");
 }
 
 /// Measurement, not a check (`cargo test --test datapath_testrun -- --ignored
