@@ -1471,3 +1471,32 @@ fn repeated_values_are_held_once_and_dropped_when_unused() {
     assert!(!t.strings.contains("only-here"), "a value no object names is dropped");
     assert!(t.strings.contains("http"), "values still named stay");
 }
+
+/// `spec.clusterIP` repeating `spec.clusterIPs[0]` is held once, and the tracker holds one copy of
+/// each IP family name.
+#[test]
+fn cluster_ip_and_ip_families_are_held_once() {
+    let dual = |name: &str, ip: &str, single: &str| {
+        svc_obj(
+            &format!(
+                "metadata: {{name: {name}}}\nspec: {{clusterIP: {single}, clusterIPs: [{ip}], \
+                 ipFamilies: [IPv4], ports: [{{port: 80}}]}}"
+            ),
+            1,
+        )
+    };
+    let s = dual("web", "198.19.0.10", "198.19.0.10");
+    assert_eq!(s.cluster_ips, ["198.19.0.10", "198.19.0.10"]);
+    assert!(Arc::ptr_eq(&s.cluster_ips[0].0, &s.cluster_ips[1].0), "one copy of the ClusterIP");
+    let other = dual("odd", "198.19.0.11", "198.19.0.12");
+    assert_eq!(other.cluster_ips, ["198.19.0.11", "198.19.0.12"], "a different clusterIP is kept");
+    let mut t = Tracker::new(node());
+    t.apply(Change::Service(s));
+    t.apply(Change::Service(dual("web2", "198.19.0.13", "198.19.0.13")));
+    let fam = |n: &str| {
+        t.services[&ServiceName { namespace: "default".into(), name: n.into() }].ip_families[0]
+            .clone()
+    };
+    assert_eq!(fam("web"), "IPv4");
+    assert!(Arc::ptr_eq(&fam("web").0, &fam("web2").0), "one copy of the IP family");
+}

@@ -750,7 +750,7 @@ mod incremental {
             skip_label: None,
             has_spec: true,
             type_: None,
-            cluster_ips: vec![cluster_ip(i).to_string()],
+            cluster_ips: vec![cluster_ip(i).to_string().into()],
             ip_families: vec![],
             ip_family_policy: None,
             external_ips: vec![],
@@ -934,7 +934,7 @@ mod incremental {
         // Service 0 takes the ClusterIP of service 9 (service 0 sorts first, so it wins): both
         // are recomputed, 9 loses the frontend with an error, and gets it back when 0 leaves it.
         let mut thief = svc(0);
-        thief.cluster_ips = vec![cluster_ip(9).to_string()];
+        thief.cluster_ips = vec![cluster_ip(9).to_string().into()];
         t.apply(Change::Service(thief));
         let mut c = t.changes();
         assert_eq!(c.services, BTreeSet::from([name(0), name(9)]));
