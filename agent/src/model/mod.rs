@@ -644,6 +644,10 @@ impl Tracker {
         match change {
             Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
+                if let Some((k, _)) = self.slices_of.get_key_value(&s.name) {
+                    // The name its slices arrived with: one copy.
+                    s.name.name = k.name.clone();
+                }
                 self.intern_service_values(&mut s);
                 let held = self.services.get(&s.name).map(|o| &**o);
                 if held == Some(&s) {
@@ -675,6 +679,16 @@ impl Tracker {
                 for ep in &mut s.endpoints {
                     if let Some(n) = &ep.node_name {
                         ep.node_name = Some(self.intern(n));
+                    }
+                }
+                if let Some(owner) = s.owner() {
+                    // The owner's name once: the held Service's, or the one its other slices
+                    // arrived with.
+                    let held = self.services.get_key_value(&owner).map(|(k, _)| k);
+                    let held =
+                        held.or_else(|| self.slices_of.get_key_value(&owner).map(|(k, _)| k));
+                    if let Some(k) = held {
+                        s.service = Some(k.name.clone());
                     }
                 }
                 let old = self.slices.get(&s.name).map(|o| &**o);

@@ -325,8 +325,9 @@ pub struct SliceObj {
     pub origin: Option<SharedStr>,
     /// `addressType` (the tracker shares one copy per distinct value).
     pub address_type: SharedStr,
-    /// The `kubernetes.io/service-name` label.
-    pub service: Option<String>,
+    /// The `kubernetes.io/service-name` label (the owner's name in the tracker's index of slices
+    /// shares it).
+    pub service: Option<SharedStr>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
     pub trigger_time: Option<String>,
     /// `ports`.
@@ -338,10 +339,10 @@ pub struct SliceObj {
 impl SliceObj {
     /// The Service owning the slice, if the label names one.
     pub fn owner(&self) -> Option<ServiceName> {
-        self.service.as_ref().filter(|n| !n.is_empty()).map(|n| ServiceName {
-            namespace: self.name.namespace.clone(),
-            name: n.as_str().into(),
-        })
+        self.service
+            .as_ref()
+            .filter(|n| !n.is_empty())
+            .map(|n| ServiceName { namespace: self.name.namespace.clone(), name: n.clone() })
     }
 }
 
@@ -373,7 +374,12 @@ impl From<&EndpointSlice> for SliceObj {
             name: object_name(&s.metadata),
             origin: None,
             address_type: s.address_type.as_str().into(),
-            service: s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
+            service: s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                .map(|n| n.as_str().into()),
             trigger_time: s
                 .metadata
                 .annotations

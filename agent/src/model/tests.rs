@@ -1500,3 +1500,49 @@ fn cluster_ip_and_ip_families_are_held_once() {
     assert_eq!(fam("web"), "IPv4");
     assert!(Arc::ptr_eq(&fam("web").0, &fam("web2").0), "one copy of the IP family");
 }
+
+/// A service's name is held once by the Service, its slices' owner label and the index of its
+/// slices, whichever arrives first.
+#[test]
+fn service_name_is_held_once_by_service_and_slices() {
+    let web = || ServiceName { namespace: "default".into(), name: "web".into() };
+    let slice_a =
+        || Change::Slice((&web_slice("web-a", "http", 8080, &[(1, 0, true, true, false)])).into());
+    let slice_b =
+        || Change::Slice((&web_slice("web-b", "http", 8080, &[(2, 0, true, true, false)])).into());
+    let held = |t: &Tracker| {
+        let svc =
+            t.services.get_key_value(&web()).map(|(k, v)| (k.name.clone(), v.name.name.clone()));
+        let (idx, _) = t.slices_of.get_key_value(&web()).expect("indexed");
+        let label = |n: &str| {
+            t.slices[&ServiceName { namespace: "default".into(), name: n.into() }]
+                .service
+                .clone()
+                .unwrap()
+        };
+        (svc, idx.name.clone(), label("web-a"), label("web-b"))
+    };
+    // Service first, then its slices; slices first, then the Service.
+    for service_first in [true, false] {
+        let mut t = Tracker::new(node());
+        if service_first {
+            t.apply(Change::Service(svc_obj(WEB, 1)));
+        }
+        t.apply(slice_a());
+        t.apply(slice_b());
+        if !service_first {
+            t.apply(Change::Service(svc_obj(WEB, 1)));
+        }
+        let (svc, idx, a, b) = held(&t);
+        let (key, obj) = svc.expect("held");
+        assert_eq!(idx, "web");
+        for (what, s) in
+            [("service key", &key), ("service object", &obj), ("slice a", &a), ("slice b", &b)]
+        {
+            assert!(
+                Arc::ptr_eq(&s.0, &idx.0),
+                "{what}: one copy of the name (service first: {service_first})"
+            );
+        }
+    }
+}

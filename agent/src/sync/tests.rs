@@ -777,7 +777,7 @@ mod incremental {
             name: ServiceName { namespace: "bench".into(), name: format!("s{i:05}-1").into() },
             origin: None,
             address_type: "IPv4".into(),
-            service: Some(name(i).name.to_string()),
+            service: Some(name(i).name.clone()),
             trigger_time: None,
             ports: vec![SlicePortObj {
                 name: Some("http".into()),
@@ -911,7 +911,7 @@ mod incremental {
         let (mut t, mut s, mut dp) = loaded(20);
         // The slice of service 3 now names service 4: both are recomputed.
         let mut moved = slice(3, 0..10);
-        moved.service = Some(name(4).name.to_string());
+        moved.service = Some(name(4).name.clone());
         t.apply(Change::Slice(moved));
         let mut c = t.changes();
         assert_eq!(c.services, BTreeSet::from([name(3), name(4)]));
