@@ -589,6 +589,37 @@ fn restart_removes_orphans_left_by_a_crash() {
     assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 11]));
 }
 
+/// The shadow holds slots in half a value each, and values that are not kproxy's (fields besides
+/// the backend and service id set, also with both ids zero) whole: a restarted agent sees them as
+/// they are and rewrites them.
+#[test]
+fn restart_rewrites_slot_values_that_are_not_kproxys() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let d = desired(&[(1, &[10, 11, 12])]);
+    s.sync(&d, &mut dp);
+    let before = dp.mem.clone();
+    let (k1, k2, k3) = (key_of(&cip(1), 1), key_of(&cip(1), 2), key_of(&cip(1), 3));
+    let odd1 = Service4Value { flags: 1, ..before.services[&k1] };
+    let odd2 = Service4Value { backend_id: 0, svc_id: 0, count: 5, ..Default::default() };
+    dp.mem.services.insert(k1, odd1);
+    dp.mem.services.insert(k2, odd2);
+    let mut restarted = Syncer::adopt(&dp).expect("adopt");
+    assert_eq!(restarted.shadow.get(&k1), Some(odd1));
+    assert_eq!(restarted.shadow.get(&k2), Some(odd2));
+    assert_eq!(restarted.shadow.get(&k3), Some(before.services[&k3]));
+    dp.mem.ops.clear();
+    let r = restarted.sync(&d, &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(dp.mem.services, before.services, "both odd slots rewritten");
+    assert_eq!(restarted.shadow.get(&k1), Some(before.services[&k1]));
+    assert!(restarted.shadow.odd_slots.is_empty(), "{:?}", restarted.shadow.odd_slots);
+    // Held as programmed now: nothing more to write.
+    dp.mem.ops.clear();
+    restarted.sync(&d, &mut dp);
+    assert!(dp.mem.ops.is_empty(), "{:?}", dp.mem.ops);
+}
+
 #[test]
 fn flag_changes_update_in_place() {
     let mut dp = Checked::default();
