@@ -657,10 +657,10 @@ async fn sync_loop(
             }
             .instrument(span)
             .await;
-            if !state.trimmed {
-                // The first load's parse buffers are free now: give them back to the system.
+            if full {
+                // Free now: the first load's parse buffers (the first round is a full one) and a
+                // full round's desired state of every service. Give them back to the system.
                 release_free_memory();
-                state.trimmed = true;
             }
         }
     }
@@ -674,8 +674,6 @@ struct LoopState {
     synced_once: bool,
     waiting_logged: bool,
     config_written: bool,
-    /// Whether free memory was given back after the first sync.
-    trimmed: bool,
     /// Whether the due periodic resync was put off by one tick for pending changes.
     resync_postponed: bool,
     /// The last sync failed (a datapath write or the node configuration): the next one is a

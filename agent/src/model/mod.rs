@@ -21,6 +21,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kproxy_common::{Backend4, backend_flags, proto, scope, svc_flags};
+use smallvec::SmallVec;
 
 use crate::excerpt::excerpt;
 
@@ -543,7 +544,8 @@ pub struct Tracker {
     services: NameMap<ServiceName, Box<ServiceObj>>,
     slices: NameMap<ObjectName, Box<SliceObj>>,
     /// Service → names of its IPv4 and IPv6 slices, in name order.
-    slices_of: NameMap<ServiceName, Vec<SharedStr>>,
+    /// Inline for the usual one slice (no allocation of its own).
+    slices_of: NameMap<ServiceName, SmallVec<[SharedStr; 1]>>,
     records: NameMap<ServiceName, ServiceRecord>,
     /// Claim key → service ports claiming it (almost always one).
     claims: NameMap<Frontend, Vec<Claim>>,
@@ -642,6 +644,10 @@ impl Tracker {
         match change {
             Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
+                if let Some((k, _)) = self.slices_of.get_key_value(&s.name) {
+                    // The name its slices arrived with: one copy.
+                    s.name.name = k.name.clone();
+                }
                 self.intern_service_values(&mut s);
                 let held = self.services.get(&s.name).map(|o| &**o);
                 if held == Some(&s) {
@@ -673,6 +679,16 @@ impl Tracker {
                 for ep in &mut s.endpoints {
                     if let Some(n) = &ep.node_name {
                         ep.node_name = Some(self.intern(n));
+                    }
+                }
+                if let Some(owner) = s.owner() {
+                    // The owner's name once: the held Service's, or the one its other slices
+                    // arrived with.
+                    let held = self.services.get_key_value(&owner).map(|(k, _)| k);
+                    let held =
+                        held.or_else(|| self.slices_of.get_key_value(&owner).map(|(k, _)| k));
+                    if let Some(k) = held {
+                        s.service = Some(k.name.clone());
                     }
                 }
                 let old = self.slices.get(&s.name).map(|o| &**o);
@@ -801,14 +817,17 @@ impl Tracker {
         }
     }
 
-    /// Shares the short values of a Service that repeat across objects (type, policies, port
-    /// names and protocols).
+    /// Shares the short values of a Service that repeat across objects (type, policies, IP
+    /// families, port names and protocols).
     fn intern_service_values(&mut self, s: &mut ServiceObj) {
         self.intern_opt(&mut s.type_);
         self.intern_opt(&mut s.ip_family_policy);
         self.intern_opt(&mut s.external_traffic_policy);
         self.intern_opt(&mut s.internal_traffic_policy);
         self.intern_opt(&mut s.session_affinity);
+        for f in &mut s.ip_families {
+            *f = self.intern(f);
+        }
         for p in &mut s.ports {
             self.intern_opt(&mut p.name);
             self.intern_opt(&mut p.protocol);
@@ -850,7 +869,7 @@ impl Tracker {
         } else if let Some(owner) = s.owner() {
             let names = self.slices_of.entry(owner.clone()).or_default();
             if let Err(at) = names.binary_search(&s.name.name) {
-                // Almost always one slice per service: exact growth.
+                // Almost always one slice per service (inline); exact growth beyond.
                 names.reserve_exact(1);
                 names.insert(at, s.name.name.clone());
             }
@@ -1235,7 +1254,7 @@ fn family_warnings(site: &ErrorSite, svc: &ServiceObj) -> Vec<ModelError> {
             continue;
         }
         if let Some(Some(a)) = ips.get(i)
-            && family_name(a) != fam
+            && fam != family_name(a)
         {
             out.push(warn(
                 format!("spec.clusterIPs[{i}]"),
@@ -1699,7 +1718,7 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         }
     }
     // The ClusterIP of each family: clusterIPs (dual stack) or clusterIP.
-    if svc.cluster_ips.iter().any(|c| c.as_str() == "None") {
+    if svc.cluster_ips.iter().any(|c| *c == "None") {
         out.skipped.push(format!("{name}: headless (clusterIP None)"));
         return None;
     }

@@ -71,10 +71,12 @@ pub struct ServiceObj {
     /// `spec.type` (the tracker shares one copy per distinct value, as of the other short
     /// values that repeat across objects).
     pub type_: Option<SharedStr>,
-    /// `spec.clusterIPs` followed by `spec.clusterIP`.
-    pub cluster_ips: Vec<String>,
-    /// `spec.ipFamilies` (index `i` names the family of `cluster_ips[i]`).
-    pub ip_families: Vec<String>,
+    /// `spec.clusterIPs` followed by `spec.clusterIP` (which repeats `clusterIPs[0]` and then
+    /// shares its allocation).
+    pub cluster_ips: Vec<SharedStr>,
+    /// `spec.ipFamilies` (index `i` names the family of `cluster_ips[i]`; shared by the tracker
+    /// like the other short values).
+    pub ip_families: Vec<SharedStr>,
     /// `spec.ipFamilyPolicy`.
     pub ip_family_policy: Option<SharedStr>,
     /// `spec.externalIPs`.
@@ -104,9 +106,17 @@ impl From<&Service> for ServiceObj {
             .into_iter()
             .find(|l| labels.is_some_and(|m| m.contains_key(*l)));
         let spec = svc.spec.as_ref();
-        let mut cluster_ips: Vec<String> =
-            spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
-        cluster_ips.extend(spec.and_then(|s| s.cluster_ip.clone()));
+        let mut cluster_ips: Vec<SharedStr> = spec
+            .and_then(|s| s.cluster_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|ip| ip.as_str().into())
+            .collect();
+        if let Some(ip) = spec.and_then(|s| s.cluster_ip.as_deref()) {
+            // Almost always `clusterIPs[0]` again: one allocation for both.
+            let shared = cluster_ips.iter().find(|c| **c == ip).cloned();
+            cluster_ips.push(shared.unwrap_or_else(|| ip.into()));
+        }
         let ingress = svc
             .status
             .as_ref()
@@ -124,7 +134,12 @@ impl From<&Service> for ServiceObj {
             has_spec: spec.is_some(),
             type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
             cluster_ips,
-            ip_families: spec.and_then(|s| s.ip_families.clone()).unwrap_or_default(),
+            ip_families: spec
+                .and_then(|s| s.ip_families.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|f| f.as_str().into())
+                .collect(),
             ip_family_policy: spec.and_then(|s| s.ip_family_policy.as_deref()).map(Into::into),
             external_ips: spec.and_then(|s| s.external_ips.clone()).unwrap_or_default(),
             ingress,
@@ -158,6 +173,7 @@ impl From<&Service> for ServiceObj {
         // Held for the object's life: no growth slack (a collected list of 1 port has room for
         // 4, of 10 endpoints for 16).
         obj.cluster_ips.shrink_to_fit();
+        obj.ip_families.shrink_to_fit();
         obj.external_ips.shrink_to_fit();
         obj.ingress.shrink_to_fit();
         obj.ports.shrink_to_fit();
@@ -309,8 +325,9 @@ pub struct SliceObj {
     pub origin: Option<SharedStr>,
     /// `addressType` (the tracker shares one copy per distinct value).
     pub address_type: SharedStr,
-    /// The `kubernetes.io/service-name` label.
-    pub service: Option<String>,
+    /// The `kubernetes.io/service-name` label (the owner's name in the tracker's index of slices
+    /// shares it).
+    pub service: Option<SharedStr>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
     pub trigger_time: Option<String>,
     /// `ports`.
@@ -322,10 +339,10 @@ pub struct SliceObj {
 impl SliceObj {
     /// The Service owning the slice, if the label names one.
     pub fn owner(&self) -> Option<ServiceName> {
-        self.service.as_ref().filter(|n| !n.is_empty()).map(|n| ServiceName {
-            namespace: self.name.namespace.clone(),
-            name: n.as_str().into(),
-        })
+        self.service
+            .as_ref()
+            .filter(|n| !n.is_empty())
+            .map(|n| ServiceName { namespace: self.name.namespace.clone(), name: n.clone() })
     }
 }
 
@@ -357,7 +374,12 @@ impl From<&EndpointSlice> for SliceObj {
             name: object_name(&s.metadata),
             origin: None,
             address_type: s.address_type.as_str().into(),
-            service: s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
+            service: s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                .map(|n| n.as_str().into()),
             trigger_time: s
                 .metadata
                 .annotations

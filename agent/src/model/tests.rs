@@ -1471,3 +1471,78 @@ fn repeated_values_are_held_once_and_dropped_when_unused() {
     assert!(!t.strings.contains("only-here"), "a value no object names is dropped");
     assert!(t.strings.contains("http"), "values still named stay");
 }
+
+/// `spec.clusterIP` repeating `spec.clusterIPs[0]` is held once, and the tracker holds one copy of
+/// each IP family name.
+#[test]
+fn cluster_ip_and_ip_families_are_held_once() {
+    let dual = |name: &str, ip: &str, single: &str| {
+        svc_obj(
+            &format!(
+                "metadata: {{name: {name}}}\nspec: {{clusterIP: {single}, clusterIPs: [{ip}], \
+                 ipFamilies: [IPv4], ports: [{{port: 80}}]}}"
+            ),
+            1,
+        )
+    };
+    let s = dual("web", "198.19.0.10", "198.19.0.10");
+    assert_eq!(s.cluster_ips, ["198.19.0.10", "198.19.0.10"]);
+    assert!(Arc::ptr_eq(&s.cluster_ips[0].0, &s.cluster_ips[1].0), "one copy of the ClusterIP");
+    let other = dual("odd", "198.19.0.11", "198.19.0.12");
+    assert_eq!(other.cluster_ips, ["198.19.0.11", "198.19.0.12"], "a different clusterIP is kept");
+    let mut t = Tracker::new(node());
+    t.apply(Change::Service(s));
+    t.apply(Change::Service(dual("web2", "198.19.0.13", "198.19.0.13")));
+    let fam = |n: &str| {
+        t.services[&ServiceName { namespace: "default".into(), name: n.into() }].ip_families[0]
+            .clone()
+    };
+    assert_eq!(fam("web"), "IPv4");
+    assert!(Arc::ptr_eq(&fam("web").0, &fam("web2").0), "one copy of the IP family");
+}
+
+/// A service's name is held once by the Service, its slices' owner label and the index of its
+/// slices, whichever arrives first.
+#[test]
+fn service_name_is_held_once_by_service_and_slices() {
+    let web = || ServiceName { namespace: "default".into(), name: "web".into() };
+    let slice_a =
+        || Change::Slice((&web_slice("web-a", "http", 8080, &[(1, 0, true, true, false)])).into());
+    let slice_b =
+        || Change::Slice((&web_slice("web-b", "http", 8080, &[(2, 0, true, true, false)])).into());
+    let held = |t: &Tracker| {
+        let svc =
+            t.services.get_key_value(&web()).map(|(k, v)| (k.name.clone(), v.name.name.clone()));
+        let (idx, _) = t.slices_of.get_key_value(&web()).expect("indexed");
+        let label = |n: &str| {
+            t.slices[&ServiceName { namespace: "default".into(), name: n.into() }]
+                .service
+                .clone()
+                .unwrap()
+        };
+        (svc, idx.name.clone(), label("web-a"), label("web-b"))
+    };
+    // Service first, then its slices; slices first, then the Service.
+    for service_first in [true, false] {
+        let mut t = Tracker::new(node());
+        if service_first {
+            t.apply(Change::Service(svc_obj(WEB, 1)));
+        }
+        t.apply(slice_a());
+        t.apply(slice_b());
+        if !service_first {
+            t.apply(Change::Service(svc_obj(WEB, 1)));
+        }
+        let (svc, idx, a, b) = held(&t);
+        let (key, obj) = svc.expect("held");
+        assert_eq!(idx, "web");
+        for (what, s) in
+            [("service key", &key), ("service object", &obj), ("slice a", &a), ("slice b", &b)]
+        {
+            assert!(
+                Arc::ptr_eq(&s.0, &idx.0),
+                "{what}: one copy of the name (service first: {service_first})"
+            );
+        }
+    }
+}

@@ -220,27 +220,37 @@ fn slot_value(backend_id: u32, svc_id: u32) -> Service4Value {
     Service4Value { backend_id, svc_id, ..Default::default() }
 }
 
-/// Marks an absent slot in [`Front::slots`]: kproxy never writes a slot without a backend id.
-const NO_SLOT: Service4Value =
-    Service4Value { backend_id: 0, svc_id: 0, count: 0, flags: 0, affinity_timeout: 0 };
+/// A backend slot held in [`Front::slots`]: the two fields of the values kproxy writes
+/// ([`slot_value`]), half the size of a whole value. A value with other fields set (not
+/// kproxy's) is held whole in [`Shadow::odd_slots`] besides.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    backend_id: u32,
+    svc_id: u32,
+}
+
+impl Slot {
+    /// An absent slot: kproxy never writes a slot without a backend id (an all-zero value read
+    /// back counts as absent).
+    const NONE: Slot = Slot { backend_id: 0, svc_id: 0 };
+    /// Stands for an odd value whose own two fields are zero (not to be taken for [`Slot::NONE`]).
+    const ODD: Slot = Slot { backend_id: 0, svc_id: u32::MAX };
+
+    fn value(self) -> Service4Value {
+        slot_value(self.backend_id, self.svc_id)
+    }
+}
 
 /// What the services map holds for one frontend: its service entry and its backend slots.
 #[derive(Debug, Default, Clone)]
 struct Front {
     /// Slot 0.
     entry: Option<Service4Value>,
-    /// Slots 1.. (index 0 is slot 1); [`NO_SLOT`] where the key is absent.
-    slots: Vec<Service4Value>,
+    /// Slots 1.. (index 0 is slot 1); [`Slot::NONE`] where the key is absent.
+    slots: Vec<Slot>,
 }
 
 impl Front {
-    fn slot(&self, slot: u16) -> Option<&Service4Value> {
-        if slot == 0 {
-            return self.entry.as_ref();
-        }
-        self.slots.get(slot as usize - 1).filter(|v| **v != NO_SLOT)
-    }
-
     fn is_empty(&self) -> bool {
         self.entry.is_none() && self.slots.is_empty()
     }
@@ -252,6 +262,9 @@ impl Front {
 #[derive(Debug, Default)]
 struct Shadow {
     fronts: FastMap<Service4Key, Front>,
+    /// Slot values with more than a backend and service id set (never kproxy's own writes, so
+    /// normally empty), by key; their [`Front::slots`] entry is a placeholder.
+    odd_slots: FastMap<Service4Key, Service4Value>,
     backends: FastMap<u32, Backend4>,
     /// Service id → its programmed frontends (slot-0 keys).
     frontends_of: FastMap<u32, SmallVec<[Service4Key; 1]>>,
@@ -295,8 +308,22 @@ impl Shadow {
 }
 
 impl Shadow {
-    fn get(&self, k: &Service4Key) -> Option<&Service4Value> {
-        self.fronts.get(&frontend_of(k))?.slot(k.slot)
+    fn get(&self, k: &Service4Key) -> Option<Service4Value> {
+        self.slot(self.fronts.get(&frontend_of(k))?, k)
+    }
+
+    /// The value at key `k` (slot 0: the entry) of frontend `front`.
+    fn slot(&self, front: &Front, k: &Service4Key) -> Option<Service4Value> {
+        if k.slot == 0 {
+            return front.entry;
+        }
+        let s = *front.slots.get(k.slot as usize - 1).filter(|s| **s != Slot::NONE)?;
+        if !self.odd_slots.is_empty()
+            && let Some(v) = self.odd_slots.get(k)
+        {
+            return Some(*v);
+        }
+        Some(s.value())
     }
 
     fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
@@ -315,9 +342,15 @@ impl Shadow {
                 if i < 64 {
                     front.slots.reserve_exact(i + 1 - front.slots.len());
                 }
-                front.slots.resize(i + 1, NO_SLOT);
+                front.slots.resize(i + 1, Slot::NONE);
             }
-            front.slots[i] = v;
+            let slot = Slot { backend_id: v.backend_id, svc_id: v.svc_id };
+            front.slots[i] = if slot.value() == v {
+                slot
+            } else {
+                self.odd_slots.insert(k, v);
+                if slot == Slot::NONE { Slot::ODD } else { slot }
+            };
             *self.slot_refs.entry(v.backend_id).or_default() += 1;
         }
     }
@@ -329,9 +362,11 @@ impl Shadow {
             front.entry.take()?
         } else {
             let i = k.slot as usize - 1;
-            let v = *front.slots.get(i).filter(|v| **v != NO_SLOT)?;
-            front.slots[i] = NO_SLOT;
-            while front.slots.last() == Some(&NO_SLOT) {
+            let s = *front.slots.get(i).filter(|s| **s != Slot::NONE)?;
+            let odd = if self.odd_slots.is_empty() { None } else { self.odd_slots.remove(k) };
+            let v = odd.unwrap_or(s.value());
+            front.slots[i] = Slot::NONE;
+            while front.slots.last() == Some(&Slot::NONE) {
                 front.slots.pop();
             }
             v
@@ -370,7 +405,7 @@ impl Shadow {
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, v)| **v != NO_SLOT)
+            .filter(|(_, s)| **s != Slot::NONE)
             .map(|(i, _)| Service4Key { slot: i as u16 + 1, ..*f });
         entry.into_iter().chain(slots).collect()
     }
@@ -572,14 +607,19 @@ impl Syncer {
             }
         }
         s.next_backend_id = s.shadow.backends.keys().max().map_or(1, |m| m.wrapping_add(1).max(1));
-        s.next_svc_id = s
-            .shadow
-            .fronts
-            .values()
-            .filter_map(|f| f.entry.map(|e| e.svc_id))
-            .chain(s.shadow.fronts.values().flat_map(|f| f.slots.iter().map(|v| v.svc_id)))
-            .max()
-            .map_or(1, |m| m + 1);
+        s.next_svc_id =
+            s.shadow
+                .fronts
+                .values()
+                .filter_map(|f| f.entry.map(|e| e.svc_id))
+                .chain(
+                    s.shadow.fronts.values().flat_map(|f| {
+                        f.slots.iter().filter(|v| **v != Slot::ODD).map(|v| v.svc_id)
+                    }),
+                )
+                .chain(s.shadow.odd_slots.values().map(|v| v.svc_id))
+                .max()
+                .map_or(1, |m| m + 1);
         Ok(s)
     }
 
@@ -977,7 +1017,10 @@ impl Syncer {
             let fk = key_of(f, 0);
             let front = self.shadow.fronts.get(&fk);
             let old: Vec<u32> = match front.and_then(|fr| fr.entry.map(|e| (fr, e.count))) {
-                Some((fr, n)) => (1..=n).filter_map(|s| fr.slot(s)).map(|v| v.backend_id).collect(),
+                Some((fr, n)) => (1..=n)
+                    .filter_map(|s| self.shadow.slot(fr, &Service4Key { slot: s, ..fk }))
+                    .map(|v| v.backend_id)
+                    .collect(),
                 None => Vec::new(),
             };
             let layout = stable_layout(&old, &ids);
@@ -987,9 +1030,9 @@ impl Syncer {
             for (i, id) in layout.iter().enumerate() {
                 let k = Service4Key { slot: i as u16 + 1, ..fk };
                 let v = slot_value(*id, svc_id);
-                match front.and_then(|fr| fr.slot(k.slot)) {
+                match front.and_then(|fr| self.shadow.slot(fr, &k)) {
                     None => plan.new_slots.push((k, v)),
-                    Some(have) if *have != v => plan.changed_slots.push((k, v)),
+                    Some(have) if have != v => plan.changed_slots.push((k, v)),
                     Some(_) => {}
                 }
             }
@@ -1005,7 +1048,7 @@ impl Syncer {
             }
             if let Some(fr) = front {
                 for (i, v) in fr.slots.iter().enumerate().skip(layout.len()).rev() {
-                    if *v != NO_SLOT {
+                    if *v != Slot::NONE {
                         plan.deletes.push(Service4Key { slot: i as u16 + 1, ..fk });
                     }
                 }
@@ -1433,7 +1476,7 @@ impl Syncer {
             for (pi, k, v) in &run[..done] {
                 let old = match v {
                     Some(v) => {
-                        let old = self.shadow.get(k).copied();
+                        let old = self.shadow.get(k);
                         self.shadow.insert_service(*k, *v);
                         old
                     }

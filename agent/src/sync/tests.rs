@@ -589,6 +589,37 @@ fn restart_removes_orphans_left_by_a_crash() {
     assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 11]));
 }
 
+/// The shadow holds slots in half a value each, and values that are not kproxy's (fields besides
+/// the backend and service id set, also with both ids zero) whole: a restarted agent sees them as
+/// they are and rewrites them.
+#[test]
+fn restart_rewrites_slot_values_that_are_not_kproxys() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let d = desired(&[(1, &[10, 11, 12])]);
+    s.sync(&d, &mut dp);
+    let before = dp.mem.clone();
+    let (k1, k2, k3) = (key_of(&cip(1), 1), key_of(&cip(1), 2), key_of(&cip(1), 3));
+    let odd1 = Service4Value { flags: 1, ..before.services[&k1] };
+    let odd2 = Service4Value { backend_id: 0, svc_id: 0, count: 5, ..Default::default() };
+    dp.mem.services.insert(k1, odd1);
+    dp.mem.services.insert(k2, odd2);
+    let mut restarted = Syncer::adopt(&dp).expect("adopt");
+    assert_eq!(restarted.shadow.get(&k1), Some(odd1));
+    assert_eq!(restarted.shadow.get(&k2), Some(odd2));
+    assert_eq!(restarted.shadow.get(&k3), Some(before.services[&k3]));
+    dp.mem.ops.clear();
+    let r = restarted.sync(&d, &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(dp.mem.services, before.services, "both odd slots rewritten");
+    assert_eq!(restarted.shadow.get(&k1), Some(before.services[&k1]));
+    assert!(restarted.shadow.odd_slots.is_empty(), "{:?}", restarted.shadow.odd_slots);
+    // Held as programmed now: nothing more to write.
+    dp.mem.ops.clear();
+    restarted.sync(&d, &mut dp);
+    assert!(dp.mem.ops.is_empty(), "{:?}", dp.mem.ops);
+}
+
 #[test]
 fn flag_changes_update_in_place() {
     let mut dp = Checked::default();
@@ -750,7 +781,7 @@ mod incremental {
             skip_label: None,
             has_spec: true,
             type_: None,
-            cluster_ips: vec![cluster_ip(i).to_string()],
+            cluster_ips: vec![cluster_ip(i).to_string().into()],
             ip_families: vec![],
             ip_family_policy: None,
             external_ips: vec![],
@@ -777,7 +808,7 @@ mod incremental {
             name: ServiceName { namespace: "bench".into(), name: format!("s{i:05}-1").into() },
             origin: None,
             address_type: "IPv4".into(),
-            service: Some(name(i).name.to_string()),
+            service: Some(name(i).name.clone()),
             trigger_time: None,
             ports: vec![SlicePortObj {
                 name: Some("http".into()),
@@ -911,7 +942,7 @@ mod incremental {
         let (mut t, mut s, mut dp) = loaded(20);
         // The slice of service 3 now names service 4: both are recomputed.
         let mut moved = slice(3, 0..10);
-        moved.service = Some(name(4).name.to_string());
+        moved.service = Some(name(4).name.clone());
         t.apply(Change::Slice(moved));
         let mut c = t.changes();
         assert_eq!(c.services, BTreeSet::from([name(3), name(4)]));
@@ -934,7 +965,7 @@ mod incremental {
         // Service 0 takes the ClusterIP of service 9 (service 0 sorts first, so it wins): both
         // are recomputed, 9 loses the frontend with an error, and gets it back when 0 leaves it.
         let mut thief = svc(0);
-        thief.cluster_ips = vec![cluster_ip(9).to_string()];
+        thief.cluster_ips = vec![cluster_ip(9).to_string().into()];
         t.apply(Change::Service(thief));
         let mut c = t.changes();
         assert_eq!(c.services, BTreeSet::from([name(0), name(9)]));
