@@ -9,9 +9,10 @@
 //! 4. slots above the new counts, then its frontends that are no longer wanted (entry first),
 //!
 //! then, after every port, the frontends of ports that went away and last the backends nothing
-//! references any more. A failed write stops that port (the error names it); what was written
-//! is remembered exactly (the shadow of the IPv6 services map), so the next sync writes what is
-//! missing. One frontend has one owner: a port asking for a frontend another live port holds is
+//! references any more. A failed write stops that port (the error names it) and its service-map
+//! writes so far are undone in reverse order, as IPv4's: the port keeps its previous state (or
+//! stays absent) rather than a mix of old and new slots; what is programmed is remembered
+//! exactly (the shadow of the IPv6 services map), so the next sync writes what is missing. One frontend has one owner: a port asking for a frontend another live port holds is
 //! refused with an error naming both, once per state of the refused port (every sync tries
 //! again, silently, until the owner lets the frontend go).
 //!
@@ -512,6 +513,57 @@ impl Syncer6 {
             self.backends.insert(key, Be6 { id: *id, value: *value });
         }
         done.map_err(PortError::Batch)?;
+        let ranges_before = self.ranges.get(&record.svc_id).cloned().unwrap_or_default();
+        let mut undo = Vec::new();
+        let r = self.write_port_services(name, state, record, &mut undo, dp, report);
+        if matches!(r, Err(PortError::Write(_) | PortError::Batch(_))) {
+            self.undo(record.svc_id, undo, &ranges_before, dp, report);
+        }
+        r
+    }
+
+    /// Undoes a failed port's service-map writes (`undo`: key and the value it had, in write
+    /// order), then removes the source ranges it added (not in `ranges_before`). A failed undo
+    /// is logged; the shadow keeps describing what is programmed.
+    fn undo(
+        &mut self,
+        svc_id: u32,
+        mut undo: Vec<(Service6Key, Option<Service6Value>)>,
+        ranges_before: &BTreeSet<(Addr6, u8)>,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) {
+        while let Some((k, old)) = undo.pop() {
+            report.writes += 1;
+            let r = match old {
+                None => dp.delete_service6(&k).map(|()| self.note_deletes(&[k], 1)),
+                Some(v) => dp.put_service6(&k, &v).map(|()| {
+                    let owner = self.fronts.get(&frontend_of(&k)).and_then(|f| f.owner.clone());
+                    if let Some(o) = owner {
+                        self.note_puts(&[(k, v)], 1, &o);
+                    }
+                }),
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "undoing a failed IPv6 service update");
+            }
+        }
+        if let Err(e) = self.write_ranges(svc_id, ranges_before, false, dp, report) {
+            tracing::error!(error = %e, "undoing a failed IPv6 service update");
+        }
+    }
+
+    /// The service-map phases of [`Self::write_port_maps`], recording in `undo` every key
+    /// written with the value it had.
+    fn write_port_services(
+        &mut self,
+        name: &ServicePortName,
+        state: &PortState6,
+        record: &mut Port6,
+        undo: &mut Vec<(Service6Key, Option<Service6Value>)>,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) -> Result<(), PortError> {
         // Source ranges before the entries they restrict.
         self.write_ranges(record.svc_id, &ranges6(state), true, dp, report)
             .map_err(PortError::Write)?;
@@ -570,17 +622,20 @@ impl Syncer6 {
                 }
             }
         }
-        report.writes += slots.len();
-        let r = dp.put_services6(&slots);
-        self.note_puts(&slots, r.as_ref().map_or_else(|e| e.done, |_| slots.len()), name);
-        r.map_err(PortError::Batch)?;
-        report.writes += entries.len();
-        let r = dp.put_services6(&entries);
-        self.note_puts(&entries, r.as_ref().map_or_else(|e| e.done, |_| entries.len()), name);
-        r.map_err(PortError::Batch)?;
+        let svc_id = record.svc_id;
+        for items in [slots, entries] {
+            report.writes += items.len();
+            let r = dp.put_services6(&items);
+            let n = r.as_ref().map_or_else(|e| e.done, |_| items.len());
+            undo.extend(items[..n].iter().map(|(k, _)| (*k, self.held_value(k, svc_id))));
+            self.note_puts(&items, n, name);
+            r.map_err(PortError::Batch)?;
+        }
         report.writes += deletes.len();
         let r = dp.delete_services6(&deletes);
-        self.note_deletes(&deletes, r.as_ref().map_or_else(|e| e.done, |_| deletes.len()));
+        let n = r.as_ref().map_or_else(|e| e.done, |_| deletes.len());
+        undo.extend(deletes[..n].iter().map(|k| (*k, self.held_value(k, svc_id))));
+        self.note_deletes(&deletes, n);
         r.map_err(PortError::Batch)?;
         // Frontends adopted unchanged are its own now.
         for (f, _) in &wanted {
@@ -604,6 +659,16 @@ impl Syncer6 {
             Some(c) => Err(PortError::Conflict(c)),
             None => Ok(()),
         }
+    }
+
+    /// The value the shadow holds for `k` (a slot's with service id `svc_id`).
+    fn held_value(&self, k: &Service6Key, svc_id: u32) -> Option<Service6Value> {
+        let f = self.fronts.get(&frontend_of(k))?;
+        if k.slot == 0 {
+            return f.entry;
+        }
+        let id = *f.slots.get(usize::from(k.slot) - 1).filter(|id| **id != 0)?;
+        Some(Service6Value { backend_id: id, svc_id, ..Default::default() })
     }
 
     fn note_puts(
@@ -1063,6 +1128,27 @@ mod tests {
         // New backends get fresh ids.
         run(&mut s, &mut dp, &desired(&[("a", "2001:2:ff::1", &[1, 2, 3])]));
         assert_eq!(dp.mem.backends6.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// A write failing in the middle of a port's update undoes the port's writes so far: its
+    /// frontend keeps the old backends rather than a changed first slot beside the old count;
+    /// the next sync completes the update.
+    #[test]
+    fn a_failed_port_update_is_undone() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        let a = "2001:2:ff::1";
+        run(&mut s, &mut dp, &desired(&[("a", a, &[1])]));
+        // Room for the entry and one slot: the second slot of [2, 3] does not fit.
+        dp.mem.services_capacity = Some(2);
+        let r = run(&mut s, &mut dp, &desired(&[("a", a, &[2, 3])]));
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert_eq!(programmed(&dp.mem, a), Some(vec![be(1).addr]), "the old state, whole");
+        assert_eq!(dp.mem.services6.len(), 2, "{:?}", dp.mem.services6.keys());
+        dp.mem.services_capacity = None;
+        let r = run(&mut s, &mut dp, &desired(&[("a", a, &[2, 3])]));
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(programmed(&dp.mem, a), Some(vec![be(2).addr, be(3).addr]));
+        assert_eq!(dp.mem.backends6.len(), 2, "backend 1 removed once no slot names it");
     }
 
     /// A full map fails the port with an error naming it; the others go on, and the next sync
