@@ -398,10 +398,25 @@ fn write_guard_config(config: &Config, dp: &mut BpfDataplane) -> anyhow::Result<
         }
     }
     dp.set_service_cidrs(&cidrs).context("writing the service CIDRs")?;
+    let mut cidrs6 = guard::service_cidrs6(&config.service_cidrs6);
+    if let Some(Ok(held)) = dp.guards6().map(|g| g.service_cidrs()) {
+        for n in held.nets.iter().take(held.count as usize) {
+            let used = cidrs6.count as usize;
+            if used < cidrs6.nets.len() && !cidrs6.nets[..used].contains(n) {
+                cidrs6.nets[used] = *n;
+                cidrs6.count += 1;
+            }
+        }
+    }
+    if dp.guards6().is_some() {
+        use crate::dataplane::Dataplane6 as _;
+        dp.set_service_cidrs6(&cidrs6).context("writing the IPv6 service CIDRs")?;
+    }
     let sock = guard::sock_config(config.socket_lb_pods).context("reading the netns cookie")?;
     dp.set_sock_config(&sock).context("writing the socket LB's scope")?;
     info!(
         service_cidrs = ?config.service_cidrs,
+        service_cidrs6 = ?config.service_cidrs6,
         socket_lb_pods = config.socket_lb_pods,
         host_netns_cookie = sock.netns_cookie,
         "service guards configured"
@@ -504,6 +519,7 @@ async fn sync_loop(
     tracker.set_address_policy(config.address_policy.clone());
     tracker.set_node_port_source_ranges(config.source_ranges_node_ports);
     tracker.set_service_cidrs(&config.service_cidrs);
+    tracker.set_service_cidrs6(&config.service_cidrs6);
     // The NodePort devices' addresses, and every local address (never a closed service address).
     let mut node_addrs: Option<Vec<Ipv4Addr>> = None;
     let mut local_addrs: Vec<Ipv4Addr> = Vec::new();
@@ -579,6 +595,10 @@ async fn sync_loop(
                         debug!(addresses = ?read.local, "local addresses");
                         syncer.set_node_addrs(&read.local);
                         local_addrs = read.local;
+                    }
+                    match netdev::local_addrs6() {
+                        Ok(local6) => syncer.set_local_addrs6(&local6),
+                        Err(e) => warn!(error = %e, "cannot read the local IPv6 addresses"),
                     }
                     match netdev::ipv6_nodeport_addrs(&config.nodeport_devices) {
                         Ok(addrs6) if tracker.node().addrs6 != addrs6 => {

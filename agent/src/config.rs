@@ -91,6 +91,9 @@ pub struct Config {
     /// The IPv4 service CIDRs (`--service-cidr`), at most
     /// [`kproxy_common::SERVICE_CIDRS_MAX`].
     pub service_cidrs: Vec<ipnet::Ipv4Net>,
+    /// The IPv6 service CIDRs (`--service-cidr`), at most
+    /// [`kproxy_common::SERVICE_CIDRS_MAX`].
+    pub service_cidrs6: Vec<ipnet::Ipv6Net>,
     /// `loadBalancerSourceRanges` restrict NodePorts too
     /// (`--load-balancer-source-ranges-node-ports`).
     pub source_ranges_node_ports: bool,
@@ -125,8 +128,8 @@ pub enum ConfigError {
     /// A CIDR list flag mixes `none` with networks.
     #[error("{0}")]
     CidrList(String),
-    /// More IPv4 service CIDRs than the datapath holds.
-    #[error("--service-cidr is given {0} IPv4 networks: at most {max} are supported", max = kproxy_common::SERVICE_CIDRS_MAX)]
+    /// More service CIDRs of one family than the datapath holds.
+    #[error("--service-cidr is given {0} networks of one family: at most {max} of each are supported", max = kproxy_common::SERVICE_CIDRS_MAX)]
     TooManyServiceCidrs(usize),
 }
 
@@ -165,8 +168,17 @@ impl Config {
                 ipnet::IpNet::V6(_) => None,
             })
             .collect();
-        if service_cidrs.len() > kproxy_common::SERVICE_CIDRS_MAX {
-            return Err(ConfigError::TooManyServiceCidrs(service_cidrs.len()));
+        let service_cidrs6: Vec<ipnet::Ipv6Net> = args
+            .service_cidr
+            .iter()
+            .filter_map(|n| match n {
+                ipnet::IpNet::V6(n) => Some(*n),
+                ipnet::IpNet::V4(_) => None,
+            })
+            .collect();
+        let most = service_cidrs.len().max(service_cidrs6.len());
+        if most > kproxy_common::SERVICE_CIDRS_MAX {
+            return Err(ConfigError::TooManyServiceCidrs(most));
         }
         let source = match args.manifests {
             Some(dir) => SourceConfig::Manifests(dir),
@@ -212,6 +224,7 @@ impl Config {
             address_policy,
             socket_lb_pods: args.socket_lb_pods,
             service_cidrs,
+            service_cidrs6,
             source_ranges_node_ports: args.load_balancer_source_ranges_node_ports,
         })
     }

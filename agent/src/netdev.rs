@@ -79,6 +79,22 @@ pub fn ipv6_nodeport_addrs(devices: &[String]) -> std::io::Result<Vec<std::net::
     Ok(devices.iter().flat_map(|d| all.get(d).into_iter().flatten().filter_map(global)).collect())
 }
 
+/// Every local IPv6 address of the node (all interfaces'): never a closed service address.
+pub fn local_addrs6() -> std::io::Result<Vec<std::net::Ipv6Addr>> {
+    let all = if_addrs(libc::AF_INET6)?;
+    let mut out: Vec<std::net::Ipv6Addr> = all
+        .into_values()
+        .flatten()
+        .filter_map(|a| match a {
+            std::net::IpAddr::V6(a) => Some(a),
+            std::net::IpAddr::V4(_) => None,
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 /// Addresses of `family` (`AF_INET` or `AF_INET6`) by interface name, in the kernel's order.
 fn if_addrs(family: i32) -> std::io::Result<BTreeMap<String, Vec<std::net::IpAddr>>> {
     let mut out: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();

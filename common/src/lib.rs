@@ -201,6 +201,16 @@ pub mod names {
     /// Socket-LB configuration (one entry): which network namespaces are balanced. See
     /// [`crate::SockConfig`].
     pub const SOCK_CONFIG: &str = "kp_sockcfg";
+    /// Allowed IPv6 client networks of frontends with source ranges: an LPM trie keyed by
+    /// service id and client address. See [`crate::SrcRange6`].
+    pub const SRC_RANGES6: &str = "kp_srcrng6";
+    /// Closed IPv6 service addresses: address → kinds, as [`SVC_ADDRS4`] (their hint bits are in
+    /// [`SVC_ADDR_BITS`], which both families share).
+    pub const SVC_ADDRS6: &str = "kp_svcaddr6";
+    /// The IPv6 service CIDRs (one entry). See [`crate::ServiceCidrs6`].
+    pub const SVC_CIDRS6: &str = "kp_svccidr6";
+    /// The IPv6 service guards' maps, pinned and checked like [`GUARD_MAPS`].
+    pub const GUARD_MAPS6: [&str; 3] = [SRC_RANGES6, SVC_ADDRS6, SVC_CIDRS6];
     /// The maps of the service guards (source ranges, closed service addresses, service CIDRs)
     /// and of the socket LB's scope, pinned and checked like [`ALL_MAPS`].
     pub const GUARD_MAPS: [&str; 5] =
@@ -255,6 +265,10 @@ pub mod defaults {
     pub const SRC_RANGES4_MAX: u32 = 16_384;
     /// Closed service addresses.
     pub const SVC_ADDRS4_MAX: u32 = 65_536;
+    /// IPv6 source-range entries.
+    pub const SRC_RANGES6_MAX: u32 = SRC_RANGES4_MAX;
+    /// Closed IPv6 service addresses.
+    pub const SVC_ADDRS6_MAX: u32 = 16_384;
     /// First port used for NodePort source NAT (outside Linux's default ephemeral range).
     pub const SNAT_PORT_MIN: u16 = 61_000;
     /// Last port used for NodePort source NAT.
@@ -787,6 +801,43 @@ pub struct ServiceCidrs4 {
 }
 const _: () = assert!(core::mem::size_of::<ServiceCidrs4>() == 72);
 
+/// Key data of [`names::SRC_RANGES6`], after the LPM trie's `u32` prefix length, which is 32 +
+/// the network's prefix length (the service id is always matched whole).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SrcRange6 {
+    /// Service id (host order; compared whole, so its byte order does not matter).
+    pub svc_id: u32,
+    /// Client network address (be words), host bits zero.
+    pub addr: Addr6,
+}
+const _: () = assert!(core::mem::size_of::<SrcRange6>() == 20);
+
+/// One IPv6 network: address and mask, both be words, `addr & mask == addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Cidr6 {
+    /// Network address, be words.
+    pub addr: Addr6,
+    /// Netmask, be words.
+    pub mask: Addr6,
+}
+const _: () = assert!(core::mem::size_of::<Cidr6>() == 32);
+
+/// Value of [`names::SVC_CIDRS6`] (an array with one entry, key 0): the IPv6 networks
+/// ClusterIPs are allocated from, as [`ServiceCidrs4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceCidrs6 {
+    /// The networks; only the first `count` are used.
+    pub nets: [Cidr6; SERVICE_CIDRS_MAX],
+    /// Number of networks in use (at most [`SERVICE_CIDRS_MAX`]).
+    pub count: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceCidrs6>() == 264);
+
 /// Value of [`names::SOCK_CONFIG`] (an array with one entry, key 0): which sockets the socket
 /// LB balances. All zero (as created): those of the initial network namespace.
 #[repr(C)]
@@ -1204,6 +1255,9 @@ mod pod {
     unsafe impl aya::Pod for super::Cidr4 {}
     unsafe impl aya::Pod for super::ServiceCidrs4 {}
     unsafe impl aya::Pod for super::SockConfig {}
+    unsafe impl aya::Pod for super::SrcRange6 {}
+    unsafe impl aya::Pod for super::Cidr6 {}
+    unsafe impl aya::Pod for super::ServiceCidrs6 {}
 }
 
 #[cfg(test)]

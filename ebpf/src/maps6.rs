@@ -4,7 +4,7 @@
 #![allow(non_upper_case_globals)] // map statics are named as the kernel objects they become
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use kproxy_common::{
@@ -64,8 +64,32 @@ pub static kp_sock6: LruHashMap<SockRev6Key, SockRev6Value, { defaults::SOCK6_MA
 #[btf_map]
 pub static kp_config6: Array<NodeConfig6, 1> = Array::new();
 
+/// Service id + IPv6 client network → allowed (`loadBalancerSourceRanges`; see `crate::guard`).
+#[btf_map]
+pub static kp_srcrng6: LpmTrie<
+    kproxy_common::SrcRange6,
+    u32,
+    { defaults::SRC_RANGES6_MAX as usize },
+> = LpmTrie::new();
+
+/// Closed IPv6 service address → kinds (see `crate::guard`; hint bits in `kp_svcaddrbits`).
+#[btf_map]
+pub static kp_svcaddr6: HashMap<Addr6, u32, { defaults::SVC_ADDRS6_MAX as usize }> = HashMap::new();
+
+/// The IPv6 service CIDRs (one entry).
+#[btf_map]
+pub static kp_svccidr6: Array<kproxy_common::ServiceCidrs6, 1> = Array::new();
+
 /// Bytes of the scratch frame buffer.
 pub const SCRATCH: usize = 128;
+
+/// [`Scratch6::reject_why`]: a service without endpoints (`RejectNoBackend`).
+pub const REJECT_NO_BACKEND: u8 = 0;
+/// [`Scratch6::reject_why`]: a connection's backend went away (`ResetBackendGone`).
+pub const REJECT_GONE: u8 = 1;
+/// [`Scratch6::reject_why`]: a closed service address on a port without frontend
+/// (`RejectUnknownPort`).
+pub const REJECT_UNKNOWN_PORT: u8 = 2;
 
 /// Per-CPU scratch space of the IPv6 programs: what does not fit on the BPF stack beside the
 /// IPv6 slow path's state (addresses are four times longer than IPv4's).
@@ -80,9 +104,9 @@ pub struct Scratch6 {
     pub reply: Tuple6,
     /// Route lookup parameters and result.
     pub fib: FibParams,
-    /// For the rejection program: 1 when a connection's backend went away (TCP RST,
-    /// `ResetBackendGone`), 0 for a service without endpoints (`RejectNoBackend`).
-    pub reject_gone: u8,
+    /// For the rejection program, why: [`REJECT_NO_BACKEND`], [`REJECT_GONE`] or
+    /// [`REJECT_UNKNOWN_PORT`].
+    pub reject_why: u8,
     /// A new connection, as the slow path hands it to the connection program (see
     /// [`crate::flow6::conn`]).
     pub conn: NewConn6,

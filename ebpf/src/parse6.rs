@@ -59,7 +59,11 @@ pub struct Ip6 {
     pub frag_id: u32,
     /// The packet carries the L4 header (false for later fragments).
     pub has_l4: bool,
+    /// Zero: the struct has no padding, so that copying it (into the scratch space for the
+    /// connection program) never reads uninitialised stack, which 5.10's verifier refuses.
+    pub _pad: [u8; 7],
 }
+const _: () = assert!(core::mem::size_of::<Ip6>() == 72);
 
 impl Ip6 {
     /// Length of the upper-layer data (L4 header and payload), bytes.
@@ -187,6 +191,7 @@ pub fn ipv6<P: Packet>(c: &mut P) -> Result<Option<Ip6>, Reason> {
         tcp_hlen: 0,
         frag_id: 0,
         has_l4: false,
+        _pad: [0; 7],
     };
     let end = L3 + HDR + payload_len as usize;
     let mut i = 0;

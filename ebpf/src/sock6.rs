@@ -13,7 +13,7 @@ use kproxy_common::{
     svc_flags,
 };
 
-use crate::{ct, ct6, lb, lb6, maps, maps6};
+use crate::{ct, ct6, guard, lb, lb6, maps, maps6};
 
 /// Verdicts of `sock_addr` programs.
 const ALLOW: i32 = 1;
@@ -110,6 +110,13 @@ pub fn forward(ctx: &SockAddrContext, udp_only: bool) -> i32 {
         let Some((key, svc)) = lb::service(addr[3], port, p, scope::INTERNAL) else {
             return ALLOW;
         };
+        // The node is the client of source ranges (see `crate::sock::forward`).
+        if svc.flags & svc_flags::SOURCE_RANGES != 0
+            && !guard::source_allowed(svc.svc_id, cfg.snat_addr)
+        {
+            maps::count(Reason::DropSourceRange);
+            return REJECT;
+        }
         if svc.count == 0 {
             return reject(s, svc.flags, udp_only, false);
         }
@@ -131,11 +138,15 @@ pub fn forward(ctx: &SockAddrContext, udp_only: bool) -> i32 {
         return ALLOW;
     }
     let Some((key, svc)) = lb6::service(&addr, port, p, scope::INTERNAL) else { return ALLOW };
+    let node = maps6::config6().snat_addr;
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !guard::source_allowed6(svc.svc_id, &node) {
+        maps6::count6(Reason::DropSourceRange);
+        return REJECT;
+    }
     if svc.count == 0 {
         return reject(s, svc.flags, udp_only, true);
     }
     let c = cookie(ctx);
-    let node = maps6::config6().snat_addr;
     let t = ct6::tuple(&node, &addr, cookie_port(c), port, p);
     let (_, be) = match lb6::pick(&key, &svc, &t, now) {
         Ok(b) => b,

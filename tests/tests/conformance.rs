@@ -108,10 +108,12 @@ impl Cluster {
         Self::with_spec(LabSpec::with_wiring(wiring), label, Vec::new())
     }
 
-    /// A dual-stack lab whose agents serve IPv6 (`--enable-ipv6`).
+    /// A dual-stack lab whose agents serve IPv6 (`--enable-ipv6`), with the IPv6 ClusterIPs'
+    /// network as their IPv6 service CIDR.
     fn dual_stack(wiring: Wiring, label: &str) -> Cluster {
         let spec = LabSpec { ipv6: true, ..LabSpec::with_wiring(wiring) };
-        Self::with_spec(spec, label, vec!["--enable-ipv6".into()])
+        let args = ["--enable-ipv6", "--service-cidr", "2001:2:ff::/112"];
+        Self::with_spec(spec, label, args.iter().map(|a| a.to_string()).collect())
     }
 
     fn with_spec(spec: LabSpec, label: &str, agent_args: Vec<String>) -> Cluster {
@@ -1388,6 +1390,10 @@ const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x20);
 const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x10);
 const LB_IP6_STICKY: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x11);
 const LB_IP6_STICKY_LOCAL: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x12);
+/// A load-balancer IP restricted to the client's address.
+const LB_IP6_RANGED: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x13);
+/// A load-balancer IP restricted to a network holding no client.
+const LB_IP6_NOBODY: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x14);
 
 /// The `n`-th IPv6 ClusterIP of the IPv6 checks: 2001:2:ff::(0x10+n).
 fn vip6(n: u16) -> Ipv6Addr {
@@ -1502,6 +1508,8 @@ const IPV6_CHECKS: &[(&str, Check)] = &[
     ("LoadBalancer session affinity, ESIPP off and on", ipv6_load_balancer_affinity),
     ("internalTrafficPolicy Local", ipv6_internal_local),
     ("fallback to terminating endpoints (internal and external, Cluster and Local)", ipv6_fallback),
+    ("loadBalancerSourceRanges", ipv6_source_ranges),
+    ("closed service addresses and the service CIDR", ipv6_closed_addresses),
 ];
 
 /// Every Service the IPv6 checks use, written at once so that one sync programs them all.
@@ -1574,6 +1582,16 @@ fn ipv6_services(c: &Cluster) {
     c.put_dual_terminating(&fb, &[(1, 0)], &[(0, 0)]);
     c.put_dual_terminating(&np("v6fbetpc", 20, 30606, false), &[], &[(0, 0)]);
     c.put_dual_terminating(&np("v6fbetpl", 21, 30607, true), &[(1, 0)], &[(0, 0)]);
+    for (name, n, ip, node_port, range) in [
+        ("v6ranged", 22, LB_IP6_RANGED, 30608, format!("{CLIENT_IP6}/128")),
+        ("v6nobody", 23, LB_IP6_NOBODY, 30609, "2001:2:77::/48".to_string()),
+    ] {
+        let mut lb = np(name, n, node_port, false);
+        lb.svc_type = SvcType::LoadBalancer;
+        lb.lb_ips6 = vec![ip];
+        lb.source_ranges = vec!["198.18.250.0/24".into(), range];
+        c.put_dual(&lb, &two);
+    }
 }
 
 fn ipv6_cluster_ip(c: &Cluster) {
@@ -1742,6 +1760,39 @@ fn ipv6_fallback(c: &Cluster) {
     // externalTrafficPolicy Local: node 0 its terminating endpoint, node 1 its ready one.
     converge_to6(&c.client(), c.node_ip6(0), 30607, &["node-0-pod-0"]);
     converge_to6(&c.client(), c.node_ip6(1), 30607, &["node-1-pod-0"]);
+}
+
+/// `loadBalancerSourceRanges` over IPv6 (as the IPv4 check of the safety tests): the IPv6
+/// load-balancer IP serves the client its range holds, not a pod outside it; a range holding
+/// no client serves nobody; the service's ClusterIP is not restricted.
+fn ipv6_source_ranges(c: &Cluster) {
+    let two = ["node-0-pod-1", "node-1-pod-1"];
+    converge_to6(&c.client(), LB_IP6_RANGED, 80, &two);
+    converge_to6(&c.pod_ns(0, 2), vip6(22), 80, &two);
+    for (ns, ip, what) in [
+        (c.pod_ns(0, 2), LB_IP6_RANGED, "a pod outside the range"),
+        (c.client(), LB_IP6_NOBODY, "the client outside the range"),
+        (c.pod_ns(1, 2), LB_IP6_NOBODY, "a pod outside the range"),
+    ] {
+        let r = tcp6(&ns, ip, 80);
+        assert!(r.as_ref().is_err_and(|e| e.is_timeout()), "{what} to [{ip}]: {r:?}");
+    }
+}
+
+/// An IPv6 ClusterIP on a port its service does not define is refused at once (TCP RST,
+/// ICMPv6 port unreachable), not left to the node; an address of the IPv6 service CIDR that no
+/// service holds is dropped.
+fn ipv6_closed_addresses(c: &Cluster) {
+    let pod = c.pod_ns(0, 2);
+    converge_to6(&pod, vip6(1), 80, &["node-0-pod-1", "node-1-pod-1"]);
+    let e = eventually("IPv6 TCP to an undefined port refused", || {
+        tcp6(&pod, vip6(1), 82).err().filter(RequestError::is_refused)
+    });
+    assert!(e.is_refused());
+    let r = udp_request6(&pod, vip6(1), 82, T);
+    assert!(r.as_ref().is_err_and(|e| e.is_refused()), "UDP to an undefined port: {r:?}");
+    let r = tcp6(&pod, vip6(99), 80);
+    assert!(r.as_ref().is_err_and(|e| e.is_timeout()), "unallocated service address: {r:?}");
 }
 
 /// The IPv6 data-plane behaviours and the dual-stack ones ([`IPV6_CHECKS`]) in one dual-stack

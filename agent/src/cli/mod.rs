@@ -297,8 +297,8 @@ pub struct AgentArgs {
     #[arg(long, requires = "cgroup_path")]
     pub socket_lb_pods: bool,
     /// A network the ClusterIPs are allocated from (the API server's
-    /// `--service-cluster-ip-range`); repeatable, at most 8 IPv4 ones (IPv6 ones are accepted and
-    /// not used). An address inside it that no service holds is dropped. Default: none.
+    /// `--service-cluster-ip-range`); repeatable, at most 8 of each family. An address inside
+    /// it that no service holds is dropped. Default: none.
     #[arg(long, value_name = "CIDR", value_parser = parse_service_cidr)]
     pub service_cidr: Vec<ipnet::IpNet>,
     /// Apply `spec.loadBalancerSourceRanges` to the service's NodePorts too, not only to its

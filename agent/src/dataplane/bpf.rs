@@ -83,6 +83,20 @@ pub const GUARD_MAP_SPECS: [MapSpec; 5] = [
     spec::<u32, kproxy_common::SockConfig>(names::SOCK_CONFIG, MapType::Array),
 ];
 
+/// The maps of the IPv6 service guards, in [`names::GUARD_MAPS6`] order: pinned and checked
+/// like [`MAP_SPECS`]; opened by [`super::guard::GuardMaps6`].
+pub const GUARD_MAP_SPECS6: [MapSpec; 3] = [
+    MapSpec {
+        flags: NO_PREALLOC,
+        ..spec::<aya::maps::lpm_trie::Key<kproxy_common::SrcRange6>, u32>(
+            names::SRC_RANGES6,
+            MapType::LpmTrie,
+        )
+    },
+    spec::<kproxy_common::Addr6, u32>(names::SVC_ADDRS6, MapType::Hash),
+    spec::<u32, kproxy_common::ServiceCidrs6>(names::SVC_CIDRS6, MapType::Array),
+];
+
 /// Kernel memory of the map `fd`, bytes: the `memlock` line of its fdinfo (Linux 6.4+ reports
 /// what the map really uses, older kernels an estimate from its sizes).
 pub fn map_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {

@@ -4,13 +4,13 @@ use std::path::Path;
 
 use aya::maps::{Array, MapData, MapType, PerCpuArray};
 use kproxy_common::{
-    Affinity6Key, Affinity6Value, Backend6, Ct6Value, Frag6Key, Frag6Value, NodeConfig6,
-    REASON_MAX, Reason, RevNat6Value, Service6Key, Service6Value, SockRev6Key, SockRev6Value,
-    Tuple6, names,
+    Addr6, Affinity6Key, Affinity6Value, Backend6, Ct6Value, Frag6Key, Frag6Value, NodeConfig6,
+    REASON_MAX, Reason, RevNat6Value, Service6Key, Service6Value, ServiceCidrs6, SockRev6Key,
+    SockRev6Value, Tuple6, names,
 };
 
 use super::{
-    BatchError, Dataplane6, DataplaneError,
+    BatchError, Dataplane6, DataplaneError, SourceRange6,
     bpf::{
         BpfDataplane, Hash, MapSpec, check_pinned, delete_batch, ignore_absent, map_err, open_map,
         put_batch, spec, update_err,
@@ -41,6 +41,8 @@ pub(super) struct Maps6 {
     affinity: Hash<Affinity6Key, Affinity6Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig6>,
+    /// The IPv6 guard maps (absent on pins of an agent from before them).
+    pub(super) guards: Option<super::guard::GuardMaps6>,
 }
 
 impl Maps6 {
@@ -62,6 +64,7 @@ impl Maps6 {
             affinity: Hash::open(dir, aff)?,
             counters: open_map(dir, stats)?.try_into()?,
             config: open_map(dir, cfg)?.try_into()?,
+            guards: super::guard::GuardMaps6::open_if_pinned(dir)?,
         }))
     }
 }
@@ -86,6 +89,16 @@ impl BpfDataplane {
 
     fn v6_mut(&mut self, op: &'static str) -> Result<&mut Maps6, DataplaneError> {
         self.v6.as_mut().ok_or_else(|| no_v6(op))
+    }
+
+    fn guards6_mut(&mut self) -> Result<&mut super::guard::GuardMaps6, BatchError> {
+        let m = self.v6_mut("update").map_err(|error| BatchError { done: 0, error })?;
+        m.guards.as_mut().ok_or_else(|| BatchError { done: 0, error: super::guard::missing6() })
+    }
+
+    /// The IPv6 guard maps, when pinned.
+    pub fn guards6(&self) -> Option<&super::guard::GuardMaps6> {
+        self.v6.as_ref().and_then(|m| m.guards.as_ref())
     }
 
     /// Whether the pins have the IPv6 maps.
@@ -231,5 +244,33 @@ impl Dataplane6 for BpfDataplane {
             Some(m) => m.backends.collect(names::BACKENDS6),
             None => Ok(Vec::new()),
         }
+    }
+
+    fn put_source_ranges6(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
+        self.guards6_mut()?.put_source_ranges(keys)
+    }
+
+    fn delete_source_ranges6(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
+        self.guards6_mut()?.delete_source_ranges(keys)
+    }
+
+    fn source_ranges6(&self) -> Result<Vec<SourceRange6>, DataplaneError> {
+        self.guards6().map_or(Ok(Vec::new()), |g| g.source_ranges())
+    }
+
+    fn put_service_addrs6(&mut self, addrs: &[Addr6]) -> Result<(), BatchError> {
+        self.guards6_mut()?.put_service_addrs(addrs)
+    }
+
+    fn delete_service_addrs6(&mut self, addrs: &[Addr6]) -> Result<(), BatchError> {
+        self.guards6_mut()?.delete_service_addrs(addrs)
+    }
+
+    fn service_addrs6(&self) -> Result<Vec<Addr6>, DataplaneError> {
+        self.guards6().map_or(Ok(Vec::new()), |g| g.service_addrs())
+    }
+
+    fn set_service_cidrs6(&mut self, cidrs: &ServiceCidrs6) -> Result<(), DataplaneError> {
+        self.guards6_mut().map_err(|e| e.error)?.set_service_cidrs(cidrs)
     }
 }

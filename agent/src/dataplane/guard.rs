@@ -6,7 +6,9 @@
 //!   whose ports without frontend the datapath rejects;
 //! - `kp_svccidr4` (array, one entry): the service CIDRs, whose unallocated addresses the
 //!   datapath drops;
-//! - `kp_sockcfg` (array, one entry): which network namespaces the socket LB balances.
+//! - `kp_sockcfg` (array, one entry): which network namespaces the socket LB balances;
+//! - their IPv6 twins `kp_srcrng6`, `kp_svcaddr6` (whose hint bits share `kp_svcaddrbits`) and
+//!   `kp_svccidr6` ([`GuardMaps6`]).
 //!
 //! LPM tries have no batched operations on every kernel of the matrix: source ranges are
 //! written one by one (a service has a handful).
@@ -17,13 +19,15 @@ use aya::maps::{
     Array, MapData,
     lpm_trie::{Key, LpmTrie},
 };
-use kproxy_common::{ServiceCidrs4, SockConfig, SrcRange4, names};
+use kproxy_common::{
+    Addr6, ServiceCidrs4, ServiceCidrs6, SockConfig, SrcRange4, SrcRange6, hints, names,
+};
 
 use super::{
-    BatchError, DataplaneError, SourceRange,
+    BatchError, DataplaneError, SourceRange, SourceRange6,
     bpf::{
-        GUARD_MAP_SPECS, Hash, check_pinned, delete_batch, ignore_absent, map_err, open_map,
-        put_batch, update_err,
+        GUARD_MAP_SPECS, GUARD_MAP_SPECS6, Hash, check_pinned, delete_batch, ignore_absent,
+        map_err, open_map, put_batch, update_err,
     },
     hints::ServiceAddrBits,
 };
@@ -160,6 +164,120 @@ impl GuardMaps {
     }
 }
 
+/// The opened IPv6 guard maps of one node.
+pub struct GuardMaps6 {
+    src_ranges: LpmTrie<MapData, SrcRange6, u32>,
+    src_capacity: u32,
+    svc_addrs: Hash<Addr6, u32>,
+    addr_bits: ServiceAddrBits,
+    cidrs: Array<MapData, ServiceCidrs6>,
+}
+
+fn lpm_key6(k: &SourceRange6) -> Key<SrcRange6> {
+    Key::new(32 + u32::from(k.len), SrcRange6 { svc_id: k.svc_id, addr: k.addr })
+}
+
+impl GuardMaps6 {
+    /// Opens the IPv6 guard maps pinned in `dir` (the versioned pin directory), checked against
+    /// the ABI; `None` when they are not pinned (pins of an agent from before them).
+    pub fn open_if_pinned(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let [ranges, addrs, cidrs] = &GUARD_MAP_SPECS6;
+        if !dir.join(ranges.name).exists() || !dir.join(names::SVC_ADDR_BITS).exists() {
+            return Ok(None);
+        }
+        for spec in &GUARD_MAP_SPECS6 {
+            check_pinned(&dir.join(spec.name), spec)?;
+        }
+        let (data, src_capacity) = check_pinned(&dir.join(ranges.name), ranges)?;
+        let src_ranges = aya::maps::Map::from_map_data(data)
+            .with_context(|| format!("map {}", ranges.name))?
+            .try_into()?;
+        Ok(Some(Self {
+            src_ranges,
+            src_capacity,
+            svc_addrs: Hash::open(dir, addrs)?,
+            addr_bits: ServiceAddrBits::open(dir)?,
+            cidrs: open_map(dir, cidrs)?.try_into()?,
+        }))
+    }
+
+    /// Inserts IPv6 source-range entries one by one, in order.
+    pub fn put_source_ranges(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
+        for (done, k) in keys.iter().enumerate() {
+            self.src_ranges.insert(&lpm_key6(k), 1, 0).map_err(|e| BatchError {
+                done,
+                error: update_err(names::SRC_RANGES6, self.src_capacity, k, e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes IPv6 source-range entries one by one, in order; absent ones are skipped.
+    pub fn delete_source_ranges(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
+        for (done, k) in keys.iter().enumerate() {
+            ignore_absent(self.src_ranges.remove(&lpm_key6(k)), names::SRC_RANGES6, k)
+                .map_err(|error| BatchError { done, error })?;
+        }
+        Ok(())
+    }
+
+    /// Every IPv6 source-range entry.
+    pub fn source_ranges(&self) -> Result<Vec<SourceRange6>, DataplaneError> {
+        let mut out = Vec::new();
+        for k in self.src_ranges.keys() {
+            let k = k.map_err(|e| map_err(names::SRC_RANGES6, "iterate", "", e))?;
+            let data = k.data();
+            out.push(SourceRange6 {
+                svc_id: data.svc_id,
+                addr: data.addr,
+                len: k.prefix_len().saturating_sub(32) as u8,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Inserts closed IPv6 service addresses, their hint bits (shared with IPv4) first.
+    pub fn put_service_addrs(&mut self, addrs: &[Addr6]) -> Result<(), BatchError> {
+        for a in addrs {
+            self.addr_bits.mark(hints::fold6(a));
+        }
+        let items: Vec<(Addr6, u32)> = addrs.iter().map(|a| (*a, 1)).collect();
+        put_batch(&self.svc_addrs, names::SVC_ADDRS6, &items)
+    }
+
+    /// Removes closed IPv6 service addresses; absent ones are skipped. Their hint bits stay.
+    pub fn delete_service_addrs(&mut self, addrs: &[Addr6]) -> Result<(), BatchError> {
+        delete_batch(&self.svc_addrs, names::SVC_ADDRS6, addrs)
+    }
+
+    /// Every closed IPv6 service address.
+    pub fn service_addrs(&self) -> Result<Vec<Addr6>, DataplaneError> {
+        Ok(self.svc_addrs.collect(names::SVC_ADDRS6)?.into_iter().map(|(a, _)| a).collect())
+    }
+
+    /// Writes the IPv6 service CIDRs.
+    pub fn set_service_cidrs(&mut self, c: &ServiceCidrs6) -> Result<(), DataplaneError> {
+        self.cidrs.set(0, c, 0).map_err(|e| map_err(names::SVC_CIDRS6, "update", "0", e))
+    }
+
+    /// The IPv6 service CIDRs as programmed.
+    pub fn service_cidrs(&self) -> Result<ServiceCidrs6, DataplaneError> {
+        self.cidrs.get(&0, 0).map_err(|e| map_err(names::SVC_CIDRS6, "lookup", "0", e))
+    }
+}
+
+/// The error of a write to IPv6 guard maps that are not pinned.
+pub fn missing6() -> DataplaneError {
+    DataplaneError::Map {
+        map: names::SRC_RANGES6,
+        op: "open",
+        key: String::new(),
+        source: std::io::Error::other(
+            "not pinned (maps of an older kproxy): restart the agent to create them",
+        ),
+    }
+}
+
 /// The cookie of the calling process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+);
 /// `None` on older kernels, where the datapath takes the initial namespace as the host's.
 pub fn own_netns_cookie() -> std::io::Result<Option<u64>> {
@@ -205,6 +323,20 @@ pub fn service_cidrs(nets: &[ipnet::Ipv4Net]) -> ServiceCidrs4 {
         *slot = kproxy_common::Cidr4 {
             addr: u32::from(n.network()).to_be(),
             mask: u32::from(n.netmask()).to_be(),
+        };
+        c.count += 1;
+    }
+    c
+}
+
+/// The IPv6 service CIDRs as the datapath holds them (at most
+/// [`kproxy_common::SERVICE_CIDRS_MAX`]; more are left out, which the configuration refuses).
+pub fn service_cidrs6(nets: &[ipnet::Ipv6Net]) -> ServiceCidrs6 {
+    let mut c = ServiceCidrs6::default();
+    for (slot, n) in c.nets.iter_mut().zip(nets) {
+        *slot = kproxy_common::Cidr6 {
+            addr: crate::model::v6::to_addr6(n.network()),
+            mask: crate::model::v6::to_addr6(n.netmask()),
         };
         c.count += 1;
     }

@@ -36,7 +36,9 @@ use kproxy_common::names;
 use tracing::{debug, info, warn};
 
 use super::{
-    bpf::{BpfDataplane, GUARD_MAP_SPECS, MAP_SPECS, MapSpec, check_pinned, maps_dir},
+    bpf::{
+        BpfDataplane, GUARD_MAP_SPECS, GUARD_MAP_SPECS6, MAP_SPECS, MapSpec, check_pinned, maps_dir,
+    },
     bpf6::MAP_SPECS6,
     sys::{self, bpf_cmd},
 };
@@ -80,7 +82,7 @@ impl Default for MapSizes {
 pub const IPV6_OFF_ENTRIES: u32 = 1;
 
 /// The IPv6 maps that hold services or flows: one entry each while IPv6 is off.
-const IPV6_SIZED: [&str; 7] = [
+const IPV6_SIZED: [&str; 8] = [
     names::SERVICES6,
     names::BACKENDS6,
     names::CT6,
@@ -88,6 +90,7 @@ const IPV6_SIZED: [&str; 7] = [
     names::AFFINITY6,
     names::FRAG6,
     names::SOCK6,
+    names::SVC_ADDRS6,
 ];
 
 impl MapSizes {
@@ -318,7 +321,8 @@ impl Datapath {
             );
         }
         let mut loader = EbpfLoader::new();
-        let specs = || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6);
+        let specs =
+            || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6);
         let pins: Vec<(&'static str, PathBuf)> =
             specs().map(|s| (s.name, dir.join(s.name))).collect();
         for (spec, (name, pin)) in specs().zip(&pins) {
@@ -845,7 +849,8 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
         }
         std::fs::remove_dir(&calls).with_context(|| format!("removing {}", calls.display()))?;
     }
-    for spec in MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6) {
+    for spec in MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6)
+    {
         match std::fs::remove_file(dir.join(spec.name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

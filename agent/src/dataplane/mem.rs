@@ -3,10 +3,10 @@ use std::collections::BTreeMap;
 
 use kproxy_common::{
     Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
-    Service6Value, ServiceCidrs4, names,
+    Service6Value, ServiceCidrs4, ServiceCidrs6, names,
 };
 
-use super::{BatchError, Dataplane, Dataplane6, DataplaneError, SourceRange};
+use super::{BatchError, Dataplane, Dataplane6, DataplaneError, SourceRange, SourceRange6};
 
 /// In-memory maps; `ops` records every write in order so tests can check the write order.
 #[derive(Debug, Default, Clone)]
@@ -39,6 +39,12 @@ pub struct MemDataplane {
     pub service_cidrs: ServiceCidrs4,
     /// Makes writes of the service CIDRs fail (tests of a failed write).
     pub service_cidrs_fail: bool,
+    /// IPv6 source-range map contents.
+    pub source_ranges6: std::collections::BTreeSet<SourceRange6>,
+    /// Closed IPv6 service addresses (be words).
+    pub service_addrs6: std::collections::BTreeSet<kproxy_common::Addr6>,
+    /// IPv6 service CIDRs.
+    pub service_cidrs6: ServiceCidrs6,
 }
 
 /// One write, as recorded by [`MemDataplane`].
@@ -259,5 +265,42 @@ impl Dataplane6 for MemDataplane {
 
     fn backends6(&self) -> Result<Vec<(u32, Backend6)>, DataplaneError> {
         Ok(self.backends6.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn put_source_ranges6(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
+        self.source_ranges6.extend(keys.iter().copied());
+        Ok(())
+    }
+
+    fn delete_source_ranges6(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
+        for k in keys {
+            self.source_ranges6.remove(k);
+        }
+        Ok(())
+    }
+
+    fn source_ranges6(&self) -> Result<Vec<SourceRange6>, DataplaneError> {
+        Ok(self.source_ranges6.iter().copied().collect())
+    }
+
+    fn put_service_addrs6(&mut self, addrs: &[kproxy_common::Addr6]) -> Result<(), BatchError> {
+        self.service_addrs6.extend(addrs.iter().copied());
+        Ok(())
+    }
+
+    fn delete_service_addrs6(&mut self, addrs: &[kproxy_common::Addr6]) -> Result<(), BatchError> {
+        for a in addrs {
+            self.service_addrs6.remove(a);
+        }
+        Ok(())
+    }
+
+    fn service_addrs6(&self) -> Result<Vec<kproxy_common::Addr6>, DataplaneError> {
+        Ok(self.service_addrs6.iter().copied().collect())
+    }
+
+    fn set_service_cidrs6(&mut self, cidrs: &ServiceCidrs6) -> Result<(), DataplaneError> {
+        self.service_cidrs6 = *cidrs;
+        Ok(())
     }
 }

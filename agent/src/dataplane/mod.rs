@@ -2,8 +2,8 @@
 //! implementation ([`bpf`]) and an in-memory one ([`mem`]) for unit tests (Katran's
 //! `BaseBpfAdapter` pattern).
 use kproxy_common::{
-    Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
-    Service6Value, ServiceCidrs4,
+    Addr6, Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
+    Service6Value, ServiceCidrs4, ServiceCidrs6,
 };
 
 pub mod batch;
@@ -211,4 +211,38 @@ pub trait Dataplane6 {
     fn services6(&self) -> Result<Vec<(Service6Key, Service6Value)>, DataplaneError>;
     /// Everything in the IPv6 backends map.
     fn backends6(&self) -> Result<Vec<(u32, Backend6)>, DataplaneError>;
+
+    /// Inserts IPv6 source-range entries (`loadBalancerSourceRanges`), in order.
+    fn put_source_ranges6(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError>;
+    /// Removes IPv6 source-range entries, in order; absent ones are not an error.
+    fn delete_source_ranges6(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError>;
+    /// Every IPv6 source-range entry.
+    fn source_ranges6(&self) -> Result<Vec<SourceRange6>, DataplaneError>;
+    /// Inserts closed IPv6 service addresses (be words), in order.
+    fn put_service_addrs6(&mut self, addrs: &[Addr6]) -> Result<(), BatchError>;
+    /// Removes closed IPv6 service addresses, in order; absent ones are not an error.
+    fn delete_service_addrs6(&mut self, addrs: &[Addr6]) -> Result<(), BatchError>;
+    /// Every closed IPv6 service address.
+    fn service_addrs6(&self) -> Result<Vec<Addr6>, DataplaneError>;
+    /// Writes the IPv6 service CIDRs.
+    fn set_service_cidrs6(&mut self, cidrs: &ServiceCidrs6) -> Result<(), DataplaneError>;
+}
+
+/// One entry of the IPv6 source-range map: service `svc_id` accepts new connections from the
+/// network `addr/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange6 {
+    /// Service id.
+    pub svc_id: u32,
+    /// Network address (be words), host bits zero.
+    pub addr: Addr6,
+    /// Prefix length, 0..=128.
+    pub len: u8,
+}
+
+impl std::fmt::Display for SourceRange6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = crate::model::v6::from_addr6(&self.addr);
+        write!(f, "service id {} range {a}/{}", self.svc_id, self.len)
+    }
 }

@@ -441,6 +441,8 @@ pub struct Changes {
     /// The service CIDRs (`--service-cidr` and ServiceCIDR objects), when they changed or the
     /// round is full: the ones the datapath holds, at most [`kproxy_common::SERVICE_CIDRS_MAX`].
     pub service_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    /// The IPv6 service CIDRs, given with [`Self::service_cidrs`].
+    pub service_cidrs6: Option<Vec<ipnet::Ipv6Net>>,
 }
 
 /// How old a service is, for frontend ownership: a known creation time comes before an unknown
@@ -566,6 +568,7 @@ pub struct Tracker {
     /// the last round or were never given, the networks last left out for lack of room (reported
     /// once).
     cidr_flags: Vec<ipnet::Ipv4Net>,
+    cidr_flags6: Vec<ipnet::Ipv6Net>,
     cidr_objects: BTreeMap<String, ServiceCidrObj>,
     cidrs_dirty: bool,
     cidrs_given: bool,
@@ -600,6 +603,14 @@ impl Tracker {
     pub fn set_service_cidrs(&mut self, nets: &[ipnet::Ipv4Net]) {
         if self.cidr_flags != nets {
             self.cidr_flags = nets.to_vec();
+            self.cidrs_dirty = true;
+        }
+    }
+
+    /// Sets the IPv6 service CIDRs of `--service-cidr`.
+    pub fn set_service_cidrs6(&mut self, nets: &[ipnet::Ipv6Net]) {
+        if self.cidr_flags6 != nets {
+            self.cidr_flags6 = nets.to_vec();
             self.cidrs_dirty = true;
         }
     }
@@ -743,19 +754,23 @@ impl Tracker {
         }
     }
 
-    /// The service CIDRs the datapath is to hold: `--service-cidr` first, then the IPv4
+    /// The service CIDRs the datapath is to hold, by family: `--service-cidr` first, then the
     /// networks of the ServiceCIDR objects in name order, without duplicates and networks inside
-    /// another one; at most [`kproxy_common::SERVICE_CIDRS_MAX`] (the others are reported once,
-    /// naming their object, and left unguarded).
-    fn service_cidrs(&mut self) -> (Vec<ipnet::Ipv4Net>, Vec<ModelError>) {
-        let mut all: Vec<(ipnet::Ipv4Net, Option<(&ServiceCidrObj, usize)>)> =
-            self.cidr_flags.iter().map(|n| (*n, None)).collect();
+    /// another one; at most [`kproxy_common::SERVICE_CIDRS_MAX`] of each family (the others are
+    /// reported once, naming their object, and left unguarded).
+    fn service_cidrs(&mut self) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv6Net>, Vec<ModelError>) {
+        let mut all: Vec<(ipnet::IpNet, Option<(&ServiceCidrObj, usize)>)> = self
+            .cidr_flags
+            .iter()
+            .map(|n| (ipnet::IpNet::V4(*n), None))
+            .chain(self.cidr_flags6.iter().map(|n| (ipnet::IpNet::V6(*n), None)))
+            .collect();
         for c in self.cidr_objects.values() {
             for (i, n) in service_cidr_nets(c).0 {
                 all.push((n, Some((c, i))));
             }
         }
-        let mut kept: Vec<ipnet::Ipv4Net> = Vec::new();
+        let (mut kept4, mut kept6) = (Vec::new(), Vec::new());
         let mut left_out = Vec::new();
         for (i, (n, from)) in all.iter().enumerate() {
             let covered = all.iter().enumerate().any(|(j, (o, _))| {
@@ -764,14 +779,24 @@ impl Tracker {
             if covered {
                 continue;
             }
-            if kept.len() < kproxy_common::SERVICE_CIDRS_MAX {
-                kept.push(*n);
-            } else if let Some((c, i)) = from {
+            let room = match n {
+                ipnet::IpNet::V4(n) if kept4.len() < kproxy_common::SERVICE_CIDRS_MAX => {
+                    kept4.push(*n);
+                    true
+                }
+                ipnet::IpNet::V6(n) if kept6.len() < kproxy_common::SERVICE_CIDRS_MAX => {
+                    kept6.push(*n);
+                    true
+                }
+                _ => false,
+            };
+            if !room && let Some((c, i)) = from {
                 left_out.push(ErrorSite::service_cidr(c).invalid(
                     format!("spec.cidrs[{i}]"),
                     &c.cidrs[*i],
                     format!(
-                        "the datapath holds {} service CIDRs: its unallocated addresses are not dropped",
+                        "the datapath holds {} service CIDRs of each family: its unallocated \
+                         addresses are not dropped",
                         kproxy_common::SERVICE_CIDRS_MAX
                     ),
                     outcome::CIDR_IGNORED,
@@ -784,7 +809,7 @@ impl Tracker {
             self.cidrs_left_out = left_out.clone();
             left_out
         };
-        (kept, new)
+        (kept4, kept6, new)
     }
 
     /// Sets an invalid update of a valid object aside: its errors are reported (once per
@@ -932,16 +957,18 @@ impl Tracker {
 
     fn take_pending(&mut self, full: bool) -> Changes {
         let give = !std::mem::replace(&mut self.cidrs_given, true);
-        let service_cidrs = if std::mem::take(&mut self.cidrs_dirty) || full || give {
-            let (nets, errors) = self.service_cidrs();
-            self.pending_errors.extend(errors);
-            Some(nets)
-        } else {
-            None
-        };
+        let (service_cidrs, service_cidrs6) =
+            if std::mem::take(&mut self.cidrs_dirty) || full || give {
+                let (nets, nets6, errors) = self.service_cidrs();
+                self.pending_errors.extend(errors);
+                (Some(nets), Some(nets6))
+            } else {
+                (None, None)
+            };
         Changes {
             full,
             service_cidrs,
+            service_cidrs6,
             new_errors: std::mem::take(&mut self.pending_errors),
             skipped: std::mem::take(&mut self.pending_skipped),
             triggers: std::mem::take(&mut self.triggers),
@@ -1195,17 +1222,16 @@ fn port_spec(
 
 /// The validation errors of a Service taken on its own (not its claims on frontends): what
 /// decides whether an update is applied.
-/// The IPv4 networks of a ServiceCIDR's `spec.cidrs` with their index (IPv6 ones are not used,
-/// as `--service-cidr`'s), and an error for each value that is no network.
-fn service_cidr_nets(c: &ServiceCidrObj) -> (Vec<(usize, ipnet::Ipv4Net)>, Vec<ModelError>) {
+/// The networks of a ServiceCIDR's `spec.cidrs` (both families) with their index, and an error
+/// for each value that is no network.
+fn service_cidr_nets(c: &ServiceCidrObj) -> (Vec<(usize, ipnet::IpNet)>, Vec<ModelError>) {
     let (mut nets, mut errors) = (Vec::new(), Vec::new());
     for (i, v) in c.cidrs.iter().enumerate() {
         let reason = match v.parse::<ipnet::IpNet>() {
-            Ok(ipnet::IpNet::V4(n)) if n.trunc() == n => {
+            Ok(n) if n.trunc() == n => {
                 nets.push((i, n));
                 continue;
             }
-            Ok(ipnet::IpNet::V6(n)) if n.trunc() == n => continue,
             Ok(_) => "host bits are set",
             Err(_) => "not a CIDR",
         };
@@ -1379,8 +1405,8 @@ fn compute_service(
         out.skipped.push(format!("{name}: no IPv4 clusterIP (IPv6 only)"));
     }
     refuse_addresses(&site, svc, &mut spec, policy, &mut out.errors);
-    v6::refuse_restricted(&site, svc, &mut spec, node_port_ranges, &mut out.errors);
     let ranges = source_ranges(&site, svc, &node.addrs, &spec.lb_ips, &mut out.errors);
+    let ranges6 = v6::source_ranges6(svc, &node.addrs6, &spec.v6.lb_ips);
     let mut local_ready6 = BTreeSet::new();
     // Ready endpoints on this node, by address over every port (kube-proxy's
     // LocalReadyEndpoints): terminating ones never count, so a node left with only terminating
@@ -1402,8 +1428,16 @@ fn compute_service(
             };
         // The port name held by the object: shared, not copied.
         let spn = ServicePortName { service: name.clone(), port: pname, proto: p };
-        let state6 =
-            v6::port_state(&spec, &spn, svc_port, node_port, slices, node, &mut local_ready6);
+        let state6 = v6::port_state(
+            &spec,
+            &spn,
+            svc_port,
+            node_port,
+            slices,
+            node,
+            (&ranges6, node_port_ranges),
+            &mut local_ready6,
+        );
         out.ports6.extend(state6.map(|st| (spn.clone(), st)));
         let Some(cluster_ip) = spec.cluster_ip else { continue };
         let eps = collect_endpoints(&spn, slices, node, endpoint_addr4);
@@ -1723,7 +1757,7 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         return None;
     }
     let mut cluster_ip = None;
-    let mut v6 = v6::Addrs6 { node_ports: true, ..Default::default() };
+    let mut v6 = v6::Addrs6::default();
     for (i, c) in svc.cluster_ips.iter().enumerate() {
         match c.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => {

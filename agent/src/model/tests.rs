@@ -1147,8 +1147,8 @@ fn nets(list: &[&str]) -> Vec<ipnet::Ipv4Net> {
     list.iter().map(|n| n.parse().unwrap()).collect()
 }
 
-/// ServiceCIDR objects add their IPv4 networks to `--service-cidr`'s (IPv6 ones are not used,
-/// a network inside another is not repeated); a change of them reaches the next round, an
+/// ServiceCIDR objects add their networks to `--service-cidr`'s, each family apart (a network
+/// inside another is not repeated); a change of them reaches the next round, an
 /// unchanged object changes nothing; a bad value is an error naming the object, the field and the
 /// value, and the object's other networks still count.
 #[test]
@@ -1165,6 +1165,7 @@ fn service_cidr_objects_join_the_flag_cidrs() {
     let c = t.changes();
     assert!(c.new_errors.is_empty(), "{:?}", c.new_errors);
     assert_eq!(c.service_cidrs, Some(nets(&["198.19.0.0/24", "198.19.1.0/24"])));
+    assert_eq!(c.service_cidrs6, Some(vec!["fd00:10::/108".parse().unwrap()]));
     t.apply(service_cidr("kubernetes", &["198.19.1.0/24", "fd00:10::/108"]));
     assert!(!t.has_changes(), "the same object again (a relist) changes nothing");
 
@@ -1395,26 +1396,54 @@ endpoints:
     assert_eq!(out.state.frontend_count(), 1);
 }
 
-/// loadBalancerSourceRanges cannot restrict IPv6 clients: the IPv6 load-balancer frontends are
-/// refused (never left open) with an error; the IPv4 ones are restricted.
+/// loadBalancerSourceRanges restrict the IPv6 load-balancer frontends with the IPv6 ranges
+/// (the NodePorts too when asked to), the IPv4 ones with the IPv4 ranges; a family without
+/// ranges of its own is open, as with kube-proxy.
 #[test]
-fn ipv6_load_balancer_ips_with_source_ranges_are_refused() {
+fn ipv6_load_balancer_ips_are_restricted_by_the_ipv6_source_ranges() {
     let y = WEB_DUAL.replace(
         "  externalTrafficPolicy: Local\n  healthCheckNodePort: 30999\n",
-        "  loadBalancerSourceRanges: [198.18.0.0/16]\n",
+        "  loadBalancerSourceRanges: [198.18.0.0/16, \"2001:2:7::9/48\"]\n",
     );
     let out = build(&[svc(&y)], &[], &node6());
-    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
-    assert_eq!(out.errors[0].value, "2001:2:60::1");
-    assert_eq!(out.errors[0].outcome, outcome::ADDRESS_REFUSED);
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
     let st = out.state.services6.values().next().unwrap();
-    assert!(
-        !st.frontends
-            .keys()
-            .any(|f| f.addr == "2001:2:60::1".parse::<std::net::Ipv6Addr>().unwrap())
-    );
-    assert!(st.frontends.contains_key(&fe6("2001:2:50::1", 80, scope::EXTERNAL)));
-    assert!(bes(&out.state, &fe([198, 18, 60, 1], 80, proto::TCP, scope::EXTERNAL)).is_empty());
+    let net: std::net::Ipv6Addr = "2001:2:7::".parse().unwrap();
+    assert_eq!(st.source_ranges, BTreeSet::from([(net, 48)]));
+    for s in [scope::EXTERNAL, scope::INTERNAL] {
+        let (_, fl) = bes6(&out.state, &fe6("2001:2:60::1", 80, s));
+        assert_ne!(fl & svc_flags::SOURCE_RANGES, 0, "LB IP scope {s}");
+    }
+    for f in
+        [fe6("2001:2:50::1", 80, scope::EXTERNAL), fe6("2001:2:0:1::10", 30080, scope::EXTERNAL)]
+    {
+        assert_eq!(bes6(&out.state, &f).1 & svc_flags::SOURCE_RANGES, 0, "{f}");
+    }
+    let st4 = out.state.services.values().next().unwrap();
+    assert!(st4.source_ranges.contains(&(Ipv4Addr::new(198, 18, 0, 0), 16)));
+    assert!(st4.source_ranges.iter().all(|(a, _)| a.octets()[0] == 198), "IPv4 ranges only");
+
+    // With the NodePort option the IPv6 NodePorts are restricted too.
+    let mut t = Tracker::new(node6());
+    t.set_node_port_source_ranges(true);
+    t.apply(Change::Service((&svc(&y)).into()));
+    let c = t.full();
+    let (_, fl) = bes6(&c.state, &fe6("2001:2:0:1::10", 30080, scope::EXTERNAL));
+    assert_ne!(fl & svc_flags::SOURCE_RANGES, 0);
+
+    // A range holding the node's IPv6 address lets the LB IP through.
+    let own = y.replace("2001:2:7::9/48", "2001:2::/32");
+    let out = build(&[svc(&own)], &[], &node6());
+    let st = out.state.services6.values().next().unwrap();
+    assert!(st.source_ranges.contains(&("2001:2:60::1".parse().unwrap(), 128)));
+
+    // IPv4 ranges only: the IPv6 frontends are open.
+    let v4_only = y.replace(", \"2001:2:7::9/48\"", "");
+    let out = build(&[svc(&v4_only)], &[], &node6());
+    let st = out.state.services6.values().next().unwrap();
+    assert!(st.source_ranges.is_empty());
+    let (_, fl) = bes6(&out.state, &fe6("2001:2:60::1", 80, scope::EXTERNAL));
+    assert_eq!(fl & svc_flags::SOURCE_RANGES, 0);
 }
 
 /// The tracker recomputes the IPv6 side incrementally: an IPv6 slice change recomputes its
@@ -1545,4 +1574,22 @@ fn service_name_is_held_once_by_service_and_slices() {
             );
         }
     }
+}
+
+/// IPv6 service CIDRs: `--service-cidr`'s first, then the objects', a network inside another
+/// not repeated; they come with the IPv4 ones.
+#[test]
+fn ipv6_service_cidrs_join_the_flag_ones() {
+    let net6 = |s: &str| -> ipnet::Ipv6Net { s.parse().unwrap() };
+    let mut t = Tracker::new(node6());
+    t.set_service_cidrs6(&[net6("2001:2:ff::/112")]);
+    let c = t.changes();
+    assert_eq!(c.service_cidrs6, Some(vec![net6("2001:2:ff::/112")]));
+    assert_eq!(c.service_cidrs, Some(vec![]));
+    assert_eq!(t.changes().service_cidrs6, None, "unchanged: nothing to write");
+    t.apply(service_cidr("v6", &["\"2001:2:ff::/120\"", "\"2001:2:fe::/112\"", "198.19.0.0/24"]));
+    let c = t.changes();
+    assert!(c.new_errors.is_empty(), "{:?}", c.new_errors);
+    assert_eq!(c.service_cidrs6, Some(vec![net6("2001:2:ff::/112"), net6("2001:2:fe::/112")]));
+    assert_eq!(c.service_cidrs, Some(nets(&["198.19.0.0/24"])));
 }

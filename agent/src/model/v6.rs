@@ -4,17 +4,15 @@
 //! service: the IPv6 ClusterIP of `spec.clusterIPs`, the IPv6 `externalIPs` and load-balancer
 //! ingress IPs, the node's IPv6 addresses for NodePorts, the endpoints of the `addressType: IPv6`
 //! EndpointSlices. Traffic policies, topology, affinity and the reject/drop rules are the
-//! IPv4 ones (the same [`categorize`]).
-//!
-//! Not served for IPv6: `loadBalancerSourceRanges` (the datapath has no IPv6 source-range map):
-//! the IPv6 frontends they would restrict are refused with an error rather than left open.
+//! IPv4 ones (the same [`categorize`]); `loadBalancerSourceRanges` restrict the IPv6
+//! load-balancer frontends (and NodePorts when asked to) with the IPv6 ranges.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv6Addr,
 };
 
-use kproxy_common::{Addr6, Service6Key, proto, scope};
+use kproxy_common::{Addr6, Service6Key, proto, scope, svc_flags};
 
 use super::{
     ErrorSite, ModelError, NodeInfo, Serve, ServicePortName, SvcSpec, collect_endpoints,
@@ -95,6 +93,9 @@ pub struct PortState6 {
     /// Every IPv6 endpoint of the port, also those outside every slot (terminating, not
     /// ready): their backends stay in the datapath so that tracked connections keep working.
     pub endpoints: BTreeSet<Backend6>,
+    /// The IPv6 client networks (address, prefix length) allowed to open connections to the
+    /// frontends flagged `SOURCE_RANGES`; empty when no frontend is.
+    pub source_ranges: BTreeSet<(Ipv6Addr, u8)>,
 }
 
 /// The IPv6 addresses of a Service (the IPv6 side of [`SvcSpec`]).
@@ -106,8 +107,6 @@ pub(super) struct Addrs6 {
     pub external_ips: Vec<Ipv6Addr>,
     /// IPv6 load-balancer ingress IPs (VIP mode).
     pub lb_ips: Vec<Ipv6Addr>,
-    /// Whether the IPv6 NodePorts are served (off when source ranges would restrict them).
-    pub node_ports: bool,
     /// Addresses left out (IPv4-mapped): warnings, not errors that make an update invalid.
     pub warnings: Vec<ModelError>,
 }
@@ -133,32 +132,30 @@ pub(super) fn service_addr6(
     Some(a)
 }
 
-/// Refuses the IPv6 frontends `spec.loadBalancerSourceRanges` would restrict (load-balancer IPs,
-/// and NodePorts with `node_port_ranges`): the datapath cannot restrict IPv6 clients, and an
-/// unrestricted frontend would let every client in.
-pub(super) fn refuse_restricted(
-    site: &ErrorSite,
+/// `spec.loadBalancerSourceRanges` as IPv6 networks, the IPv6 twin of the IPv4 reading: IPv4
+/// ranges are left to the IPv4 frontends (with no IPv6 range the IPv6 frontends are open, as
+/// with kube-proxy, whose IPv6 proxier sees only the IPv6 ranges); invalid values are reported
+/// by the IPv4 reading. When a range holds a node address, the load-balancer IPs are allowed
+/// too (kube-proxy's `allowFromNode`).
+pub(super) fn source_ranges6(
     svc: &ServiceObj,
-    spec: &mut SvcSpec,
-    node_port_ranges: bool,
-    errors: &mut Vec<ModelError>,
-) {
-    let ranges: Vec<&str> =
-        svc.source_ranges.iter().map(|r| r.trim()).filter(|r| !r.is_empty()).collect();
-    if ranges.is_empty() {
-        return;
+    node_addrs: &[Ipv6Addr],
+    lb_ips: &[Ipv6Addr],
+) -> BTreeSet<(Ipv6Addr, u8)> {
+    let mut out = BTreeSet::new();
+    for text in &svc.source_ranges {
+        if let Ok(ipnet::IpNet::V6(n)) = text.trim().parse::<ipnet::IpNet>() {
+            out.insert((n.network(), n.prefix_len()));
+        }
     }
-    let reason = "IPv6 clients cannot be restricted by source range yet";
-    for a in std::mem::take(&mut spec.v6.lb_ips) {
-        let field = "status.loadBalancer.ingress[].ip".to_string();
-        errors.push(site.invalid(field, &a.to_string(), reason, outcome::ADDRESS_REFUSED));
+    let holds_node = out.iter().any(|(a, l)| {
+        let net = ipnet::Ipv6Net::new(*a, *l).expect("prefix length from a parsed network");
+        node_addrs.iter().any(|n| net.contains(n))
+    });
+    if holds_node {
+        out.extend(lb_ips.iter().map(|ip| (*ip, 128)));
     }
-    if node_port_ranges && spec.v6.node_ports && spec.node_ports {
-        spec.v6.node_ports = false;
-        let field = "spec.loadBalancerSourceRanges".to_string();
-        let why = format!("{reason}: the IPv6 NodePorts are not served");
-        errors.push(site.invalid(field, &ranges.join(","), why, outcome::FRONTEND_REFUSED));
-    }
+    out
 }
 
 /// The IPv6 address of an endpoint of an `addressType: IPv6` slice (`None` for another slice,
@@ -187,11 +184,11 @@ pub(super) fn port_state(
     node_port: Option<u16>,
     slices: &[&SliceObj],
     node: &NodeInfo,
+    (ranges, node_port_ranges): (&BTreeSet<(Ipv6Addr, u8)>, bool),
     local_ready: &mut BTreeSet<Ipv6Addr>,
 ) -> Option<PortState6> {
     let cluster_ip = spec.v6.cluster_ip?;
     let p = spn.proto;
-    let node_port = node_port.filter(|_| spec.v6.node_ports);
     let eps: Vec<Endpoint<Ipv6Addr>> = collect_endpoints(spn, slices, node, endpoint_addr6);
     let serve = Serve {
         cluster_ip,
@@ -201,9 +198,21 @@ pub(super) fn port_state(
         lb_ips: &spec.v6.lb_ips,
         external_ips: &spec.v6.external_ips,
     };
-    let (frontends, endpoints) =
-        port_frontends(spec, p, &serve, &eps, node, local_ready, |kind| kind);
-    let state = PortState6 { frontends, endpoints };
+    let mut restricted = false;
+    let (frontends, endpoints) = port_frontends(spec, p, &serve, &eps, node, local_ready, |kind| {
+        // loadBalancerSourceRanges: LoadBalancer IPs, NodePorts when asked to.
+        if !ranges.is_empty()
+            && (kind == svc_flags::LOAD_BALANCER
+                || (kind == svc_flags::NODE_PORT && node_port_ranges))
+        {
+            restricted = true;
+            kind | svc_flags::SOURCE_RANGES
+        } else {
+            kind
+        }
+    });
+    let source_ranges = if restricted { ranges.clone() } else { BTreeSet::new() };
+    let state = PortState6 { frontends, endpoints, source_ranges };
     debug_assert!(p != proto::SCTP);
     Some(state)
 }

@@ -650,6 +650,12 @@ impl Syncer {
         self.v6.set_node_addrs(addrs);
     }
 
+    /// Sets the node's local IPv6 addresses (every interface's): never closed service
+    /// addresses. Applied by the next sync.
+    pub fn set_local_addrs6(&mut self, addrs: &[std::net::Ipv6Addr]) {
+        self.v6.set_local_addrs(addrs);
+    }
+
     /// Whether IPv6 services are programmed (`--enable-ipv6`; on unless switched off here).
     pub fn set_ipv6(&mut self, on: bool) {
         self.ipv6_off = !on;
@@ -720,6 +726,9 @@ impl Syncer {
         {
             self.service_cidrs = Some(nets);
             self.service_cidrs_written = false;
+        }
+        if let Some(nets) = changes.service_cidrs6.take() {
+            self.v6.set_service_cidrs(nets);
         }
         let ports = std::mem::take(&mut changes.state.services);
         let scope = (!changes.full).then_some(&changes.services);

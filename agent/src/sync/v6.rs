@@ -9,9 +9,10 @@
 //! 4. slots above the new counts, then its frontends that are no longer wanted (entry first),
 //!
 //! then, after every port, the frontends of ports that went away and last the backends nothing
-//! references any more. A failed write stops that port (the error names it); what was written
-//! is remembered exactly (the shadow of the IPv6 services map), so the next sync writes what is
-//! missing. One frontend has one owner: a port asking for a frontend another live port holds is
+//! references any more. A failed write stops that port (the error names it) and its service-map
+//! writes so far are undone in reverse order, as IPv4's: the port keeps its previous state (or
+//! stays absent) rather than a mix of old and new slots; what is programmed is remembered
+//! exactly (the shadow of the IPv6 services map), so the next sync writes what is missing. One frontend has one owner: a port asking for a frontend another live port holds is
 //! refused with an error naming both, once per state of the refused port (every sync tries
 //! again, silently, until the owner lets the frontend go).
 //!
@@ -21,17 +22,23 @@
 //! [`V6_ONLY_IDS`] up, where IPv4 ids never go; backend ids are the IPv6 backends map's own, from a counter that only
 //! moves forward. The node configuration ([`NodeConfig6`]: the source NAT address of IPv6
 //! NodePorts) is written when it changes.
+//!
+//! The IPv6 service guards, as the IPv4 syncer writes them: a port's source ranges are written
+//! before its service entries (a restricted entry never shows without its ranges) and the ones
+//! it no longer has removed after them; the closed service addresses follow the programmed
+//! ClusterIP, LoadBalancer and external IP entries (never a node address) at the end of the
+//! sync; the service CIDRs are written when they change.
 use std::{
     collections::{BTreeMap, BTreeSet},
     hash::BuildHasher,
     net::Ipv6Addr,
 };
 
-use kproxy_common::{NodeConfig6, Service6Key, Service6Value};
+use kproxy_common::{Addr6, NodeConfig6, Service6Key, Service6Value, svc_flags};
 
 use super::{FastMap, FastSet, SyncError, SyncReport};
 use crate::{
-    dataplane::{BatchError, Dataplane6, DataplaneError},
+    dataplane::{BatchError, Dataplane6, DataplaneError, SourceRange6},
     model::{
         NameMap, ServiceName, ServicePortName,
         v6::{Backend6, Frontend6, PortState6, from_addr6, to_addr6},
@@ -91,7 +98,22 @@ pub struct Syncer6 {
     config: NodeConfig6,
     config_written: bool,
     hasher: foldhash::fast::RandomState,
+    /// Service id → its programmed source ranges (network, prefix length).
+    ranges: FastMap<u32, BTreeSet<(Addr6, u8)>>,
+    /// The closed service addresses programmed.
+    closed: FastSet<Addr6>,
+    /// Whether service entries or local addresses changed since the closed addresses were
+    /// brought to them.
+    closed_dirty: bool,
+    /// The node's local IPv6 addresses: never closed service addresses.
+    local: FastSet<Addr6>,
+    /// The IPv6 service CIDRs wanted and whether they are written.
+    cidrs: Option<Vec<ipnet::Ipv6Net>>,
+    cidrs_written: bool,
 }
+
+/// The frontend kinds whose addresses are closed service addresses (as IPv4's).
+const CLOSED_KINDS: u16 = svc_flags::CLUSTER_IP | svc_flags::EXTERNAL_IP | svc_flags::LOAD_BALANCER;
 
 /// A failed write of one port.
 struct Failed(SyncError);
@@ -138,6 +160,11 @@ impl Syncer6 {
         }
         s.next_backend_id = max_be.wrapping_add(1).max(1);
         s.next_svc_id = (max_svc + 1).max(V6_ONLY_IDS);
+        for r in dp.source_ranges6().map_err(SyncError::Read)? {
+            s.ranges.entry(r.svc_id).or_default().insert((r.addr, r.len));
+        }
+        s.closed = dp.service_addrs6().map_err(SyncError::Read)?.into_iter().collect();
+        s.closed_dirty = true;
         Ok(s)
     }
 
@@ -149,6 +176,29 @@ impl Syncer6 {
             self.config = cfg;
             self.config_written = false;
         }
+    }
+
+    /// Sets the node's local IPv6 addresses (every interface's): never closed service
+    /// addresses. Applied by the next sync.
+    pub fn set_local_addrs(&mut self, addrs: &[Ipv6Addr]) {
+        let new: FastSet<Addr6> = addrs.iter().map(|a| to_addr6(*a)).collect();
+        if new != self.local {
+            self.local = new;
+            self.closed_dirty = true;
+        }
+    }
+
+    /// Sets the IPv6 service CIDRs. Applied by the next sync.
+    pub fn set_service_cidrs(&mut self, nets: Vec<ipnet::Ipv6Net>) {
+        if self.cidrs.as_ref() != Some(&nets) {
+            self.cidrs = Some(nets);
+            self.cidrs_written = false;
+        }
+    }
+
+    /// Number of programmed closed IPv6 service addresses.
+    pub fn programmed_service_addrs(&self) -> usize {
+        self.closed.len()
     }
 
     /// Number of programmed IPv6 frontends (service entries).
@@ -184,6 +234,13 @@ impl Syncer6 {
                 Err(e) => report.errors.push(SyncError::Config6(e)),
             }
         }
+        if let Some(nets) = self.cidrs.as_ref().filter(|_| !self.cidrs_written) {
+            report.writes += 1;
+            match dp.set_service_cidrs6(&crate::dataplane::guard::service_cidrs6(nets)) {
+                Ok(()) => self.cidrs_written = true,
+                Err(e) => report.errors.push(SyncError::ServiceCidrs(e)),
+            }
+        }
         // Ports that go away let their frontends go first (another port may take them over);
         // the frontends no port took are removed after the writes.
         let gone: Vec<(ServicePortName, Port6)> = self
@@ -217,7 +274,15 @@ impl Syncer6 {
                 .into_iter()
                 .filter(|f| self.fronts.get(f).is_some_and(|x| x.owner.as_ref() == Some(&name)))
                 .collect();
-            if let Err(e) = self.remove_fronts(&fronts, dp, report) {
+            let r = self.remove_fronts(&fronts, dp, report).and_then(|()| {
+                let keep = self.ports.values().any(|x| x.svc_id == p.svc_id);
+                if keep {
+                    Ok(())
+                } else {
+                    self.write_ranges(p.svc_id, &BTreeSet::new(), false, dp, report)
+                }
+            });
+            if let Err(e) = r {
                 report.errors.push(SyncError::Remove { what: format!("{name} (IPv6)"), source: e });
             }
         }
@@ -236,8 +301,97 @@ impl Syncer6 {
             if let Err(e) = self.remove_fronts(&stale, dp, report) {
                 report.errors.push(SyncError::Remove { what: "IPv6 frontends".into(), source: e });
             }
+            // Source ranges of no port (adopted ones, leftovers of failures).
+            let ids: FastSet<u32> = self.ports.values().map(|p| p.svc_id).collect();
+            let mut stale: Vec<u32> =
+                self.ranges.keys().filter(|id| !ids.contains(id)).copied().collect();
+            stale.sort_unstable();
+            for id in stale {
+                if let Err(e) = self.write_ranges(id, &BTreeSet::new(), false, dp, report) {
+                    let what = "IPv6 source ranges".into();
+                    report.errors.push(SyncError::Remove { what, source: e });
+                }
+            }
         }
         self.remove_unused_backends(dp, report);
+        self.write_service_addrs(dp, report);
+    }
+
+    /// Brings the source ranges of service `svc_id` to `want`: the missing ones written
+    /// (`add`), or the ones no longer wanted removed.
+    fn write_ranges(
+        &mut self,
+        svc_id: u32,
+        want: &BTreeSet<(Addr6, u8)>,
+        add: bool,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) -> Result<(), DataplaneError> {
+        let have = self.ranges.get(&svc_id);
+        let nets: Vec<(Addr6, u8)> = if add {
+            want.iter().filter(|r| !have.is_some_and(|h| h.contains(r))).copied().collect()
+        } else {
+            have.into_iter().flatten().filter(|r| !want.contains(r)).copied().collect()
+        };
+        let keys: Vec<SourceRange6> =
+            nets.into_iter().map(|(addr, len)| SourceRange6 { svc_id, addr, len }).collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let r = if add { dp.put_source_ranges6(&keys) } else { dp.delete_source_ranges6(&keys) };
+        let done = r.as_ref().map_or_else(|e| e.done, |_| keys.len());
+        report.writes += done + usize::from(r.is_err());
+        let set = self.ranges.entry(svc_id).or_default();
+        for k in &keys[..done] {
+            if add {
+                set.insert((k.addr, k.len));
+            } else {
+                set.remove(&(k.addr, k.len));
+            }
+        }
+        if set.is_empty() {
+            self.ranges.remove(&svc_id);
+        }
+        r.map_err(|e| e.error)
+    }
+
+    /// Brings the closed IPv6 service addresses to the programmed service entries.
+    fn write_service_addrs(&mut self, dp: &mut dyn Dataplane6, report: &mut SyncReport) {
+        if !std::mem::take(&mut self.closed_dirty) {
+            return;
+        }
+        let want: FastSet<Addr6> = self
+            .fronts
+            .iter()
+            .filter(|(_, x)| x.entry.is_some_and(|e| e.flags & CLOSED_KINDS != 0))
+            .map(|(f, _)| to_addr6(f.addr))
+            .filter(|a| !self.local.contains(a))
+            .collect();
+        let mut put: Vec<Addr6> = want.difference(&self.closed).copied().collect();
+        let mut del: Vec<Addr6> = self.closed.difference(&want).copied().collect();
+        put.sort_unstable();
+        del.sort_unstable();
+        for (items, add) in [(put, true), (del, false)] {
+            if items.is_empty() {
+                continue;
+            }
+            let r =
+                if add { dp.put_service_addrs6(&items) } else { dp.delete_service_addrs6(&items) };
+            let done = r.as_ref().map_or_else(|e| e.done, |_| items.len());
+            report.writes += done + usize::from(r.is_err());
+            for a in &items[..done] {
+                if add {
+                    self.closed.insert(*a);
+                } else {
+                    self.closed.remove(a);
+                }
+            }
+            if let Err(e) = r {
+                // Retried on the next sync.
+                self.closed_dirty = true;
+                report.errors.push(SyncError::ServiceAddrs(e.error));
+            }
+        }
     }
 
     fn hash_of(&self, state: &PortState6) -> u64 {
@@ -359,6 +513,60 @@ impl Syncer6 {
             self.backends.insert(key, Be6 { id: *id, value: *value });
         }
         done.map_err(PortError::Batch)?;
+        let ranges_before = self.ranges.get(&record.svc_id).cloned().unwrap_or_default();
+        let mut undo = Vec::new();
+        let r = self.write_port_services(name, state, record, &mut undo, dp, report);
+        if matches!(r, Err(PortError::Write(_) | PortError::Batch(_))) {
+            self.undo(record.svc_id, undo, &ranges_before, dp, report);
+        }
+        r
+    }
+
+    /// Undoes a failed port's service-map writes (`undo`: key and the value it had, in write
+    /// order), then removes the source ranges it added (not in `ranges_before`). A failed undo
+    /// is logged; the shadow keeps describing what is programmed.
+    fn undo(
+        &mut self,
+        svc_id: u32,
+        mut undo: Vec<(Service6Key, Option<Service6Value>)>,
+        ranges_before: &BTreeSet<(Addr6, u8)>,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) {
+        while let Some((k, old)) = undo.pop() {
+            report.writes += 1;
+            let r = match old {
+                None => dp.delete_service6(&k).map(|()| self.note_deletes(&[k], 1)),
+                Some(v) => dp.put_service6(&k, &v).map(|()| {
+                    let owner = self.fronts.get(&frontend_of(&k)).and_then(|f| f.owner.clone());
+                    if let Some(o) = owner {
+                        self.note_puts(&[(k, v)], 1, &o);
+                    }
+                }),
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "undoing a failed IPv6 service update");
+            }
+        }
+        if let Err(e) = self.write_ranges(svc_id, ranges_before, false, dp, report) {
+            tracing::error!(error = %e, "undoing a failed IPv6 service update");
+        }
+    }
+
+    /// The service-map phases of [`Self::write_port_maps`], recording in `undo` every key
+    /// written with the value it had.
+    fn write_port_services(
+        &mut self,
+        name: &ServicePortName,
+        state: &PortState6,
+        record: &mut Port6,
+        undo: &mut Vec<(Service6Key, Option<Service6Value>)>,
+        dp: &mut dyn Dataplane6,
+        report: &mut SyncReport,
+    ) -> Result<(), PortError> {
+        // Source ranges before the entries they restrict.
+        self.write_ranges(record.svc_id, &ranges6(state), true, dp, report)
+            .map_err(PortError::Write)?;
         // Ownership.
         let mut conflict = None;
         let mut wanted: Vec<(&Frontend6, &crate::model::v6::FrontendEntry6)> = Vec::new();
@@ -414,17 +622,20 @@ impl Syncer6 {
                 }
             }
         }
-        report.writes += slots.len();
-        let r = dp.put_services6(&slots);
-        self.note_puts(&slots, r.as_ref().map_or_else(|e| e.done, |_| slots.len()), name);
-        r.map_err(PortError::Batch)?;
-        report.writes += entries.len();
-        let r = dp.put_services6(&entries);
-        self.note_puts(&entries, r.as_ref().map_or_else(|e| e.done, |_| entries.len()), name);
-        r.map_err(PortError::Batch)?;
+        let svc_id = record.svc_id;
+        for items in [slots, entries] {
+            report.writes += items.len();
+            let r = dp.put_services6(&items);
+            let n = r.as_ref().map_or_else(|e| e.done, |_| items.len());
+            undo.extend(items[..n].iter().map(|(k, _)| (*k, self.held_value(k, svc_id))));
+            self.note_puts(&items, n, name);
+            r.map_err(PortError::Batch)?;
+        }
         report.writes += deletes.len();
         let r = dp.delete_services6(&deletes);
-        self.note_deletes(&deletes, r.as_ref().map_or_else(|e| e.done, |_| deletes.len()));
+        let n = r.as_ref().map_or_else(|e| e.done, |_| deletes.len());
+        undo.extend(deletes[..n].iter().map(|k| (*k, self.held_value(k, svc_id))));
+        self.note_deletes(&deletes, n);
         r.map_err(PortError::Batch)?;
         // Frontends adopted unchanged are its own now.
         for (f, _) in &wanted {
@@ -441,10 +652,23 @@ impl Syncer6 {
             .copied()
             .collect();
         self.remove_fronts(&dropped, dp, report).map_err(PortError::Write)?;
+        // Source ranges no longer wanted, after the entries.
+        self.write_ranges(record.svc_id, &ranges6(state), false, dp, report)
+            .map_err(PortError::Write)?;
         match conflict {
             Some(c) => Err(PortError::Conflict(c)),
             None => Ok(()),
         }
+    }
+
+    /// The value the shadow holds for `k` (a slot's with service id `svc_id`).
+    fn held_value(&self, k: &Service6Key, svc_id: u32) -> Option<Service6Value> {
+        let f = self.fronts.get(&frontend_of(k))?;
+        if k.slot == 0 {
+            return f.entry;
+        }
+        let id = *f.slots.get(usize::from(k.slot) - 1).filter(|id| **id != 0)?;
+        Some(Service6Value { backend_id: id, svc_id, ..Default::default() })
     }
 
     fn note_puts(
@@ -453,6 +677,7 @@ impl Syncer6 {
         n: usize,
         owner: &ServicePortName,
     ) {
+        self.closed_dirty |= items[..n].iter().any(|(k, _)| k.slot == 0);
         for (k, v) in &items[..n] {
             let front = self.fronts.entry(frontend_of(k)).or_default();
             front.owner = Some(owner.clone());
@@ -469,6 +694,7 @@ impl Syncer6 {
     }
 
     fn note_deletes(&mut self, keys: &[Service6Key], n: usize) {
+        self.closed_dirty |= keys[..n].iter().any(|k| k.slot == 0);
         for k in &keys[..n] {
             let f = frontend_of(k);
             let Some(front) = self.fronts.get_mut(&f) else { continue };
@@ -556,6 +782,11 @@ impl Syncer6 {
     }
 }
 
+/// The source ranges of a port state in map form.
+fn ranges6(state: &PortState6) -> BTreeSet<(Addr6, u8)> {
+    state.source_ranges.iter().map(|(a, l)| (to_addr6(*a), *l)).collect()
+}
+
 /// Why a port's writes stopped.
 enum PortError {
     Write(DataplaneError),
@@ -598,6 +829,13 @@ mod tests {
     impl Checked6 {
         fn check(&mut self, after: &str) {
             for (k, v) in self.mem.services6.iter().filter(|(k, _)| k.slot == 0) {
+                if v.flags & svc_flags::SOURCE_RANGES != 0
+                    && !self.mem.source_ranges6.iter().any(|r| r.svc_id == v.svc_id)
+                {
+                    self.violations.push(format!(
+                        "after {after}: {k:?} restricted but its ranges are missing"
+                    ));
+                }
                 for slot in 1..=v.count {
                     match self.mem.services6.get(&Service6Key { slot, ..*k }) {
                         None => self
@@ -651,6 +889,115 @@ mod tests {
         fn backends6(&self) -> Result<Vec<(u32, Backend6Map)>, DataplaneError> {
             self.mem.backends6()
         }
+        fn put_source_ranges6(&mut self, k: &[SourceRange6]) -> Result<(), BatchError> {
+            let r = self.mem.put_source_ranges6(k);
+            self.check("put_source_ranges6");
+            r
+        }
+        fn delete_source_ranges6(&mut self, k: &[SourceRange6]) -> Result<(), BatchError> {
+            let r = self.mem.delete_source_ranges6(k);
+            self.check("delete_source_ranges6");
+            r
+        }
+        fn source_ranges6(&self) -> Result<Vec<SourceRange6>, DataplaneError> {
+            self.mem.source_ranges6()
+        }
+        fn put_service_addrs6(&mut self, a: &[Addr6]) -> Result<(), BatchError> {
+            self.mem.put_service_addrs6(a)
+        }
+        fn delete_service_addrs6(&mut self, a: &[Addr6]) -> Result<(), BatchError> {
+            self.mem.delete_service_addrs6(a)
+        }
+        fn service_addrs6(&self) -> Result<Vec<Addr6>, DataplaneError> {
+            self.mem.service_addrs6()
+        }
+        fn set_service_cidrs6(
+            &mut self,
+            c: &kproxy_common::ServiceCidrs6,
+        ) -> Result<(), DataplaneError> {
+            self.mem.set_service_cidrs6(c)
+        }
+    }
+
+    fn net(s: &str) -> (Ipv6Addr, u8) {
+        let n: ipnet::Ipv6Net = s.parse().unwrap();
+        (n.network(), n.prefix_len())
+    }
+
+    /// A port with one LoadBalancer frontend `addr` restricted to `ranges`.
+    fn restricted(addr: &str, ranges: &[&str]) -> PortState6 {
+        let mut st = port(addr, &[1]);
+        let e = st.frontends.values_mut().next().unwrap();
+        e.flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+        st.source_ranges = ranges.iter().map(|r| net(r)).collect();
+        st
+    }
+
+    fn ranges_of(mem: &MemDataplane) -> BTreeSet<(Ipv6Addr, u8)> {
+        mem.source_ranges6.iter().map(|r| (from_addr6(&r.addr), r.len)).collect()
+    }
+
+    /// Source ranges are written before the restricted entry and removed after it (the checker
+    /// sees every write): changed ranges, a restriction lifted, a port gone.
+    #[test]
+    fn source_ranges_come_before_the_restricted_entry_and_go_after_it() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        let a = "2001:2:60::1";
+        let d = BTreeMap::from([(spn("a"), restricted(a, &["2001:2:1::/48", "2001:2:2::/64"]))]);
+        let r = run(&mut s, &mut dp, &d);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let id = s.service_id(&spn("a")).unwrap();
+        assert!(dp.mem.source_ranges6.iter().all(|r| r.svc_id == id));
+        assert_eq!(
+            ranges_of(&dp.mem),
+            BTreeSet::from([net("2001:2:1::/48"), net("2001:2:2::/64")])
+        );
+        // One range replaced.
+        let d = BTreeMap::from([(spn("a"), restricted(a, &["2001:2:1::/48", "2001:2:3::/64"]))]);
+        run(&mut s, &mut dp, &d);
+        assert_eq!(
+            ranges_of(&dp.mem),
+            BTreeSet::from([net("2001:2:1::/48"), net("2001:2:3::/64")])
+        );
+        assert_eq!(run(&mut s, &mut dp, &d).writes, 0, "nothing changed");
+        // A restart adopts them: nothing is rewritten but the node configuration.
+        let mut s = Syncer6::adopt(&dp).unwrap();
+        assert_eq!(run(&mut s, &mut dp, &d).writes, 1);
+        // The restriction lifted: the entry first, then the ranges.
+        let mut open = restricted(a, &[]);
+        open.frontends.values_mut().next().unwrap().flags = svc_flags::LOAD_BALANCER;
+        run(&mut s, &mut dp, &BTreeMap::from([(spn("a"), open)]));
+        assert!(dp.mem.source_ranges6.is_empty());
+        // A restricted port that goes away takes its ranges along.
+        run(&mut s, &mut dp, &d);
+        assert_eq!(dp.mem.source_ranges6.len(), 2);
+        run(&mut s, &mut dp, &BTreeMap::new());
+        assert!(dp.mem.source_ranges6.is_empty() && dp.mem.services6.is_empty());
+    }
+
+    /// The closed IPv6 service addresses follow the ClusterIP, LoadBalancer and external IP
+    /// entries, never a local address; the service CIDRs are written when they change.
+    #[test]
+    fn closed_addresses_and_service_cidrs() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        let d = desired(&[("a", "2001:2:ff::1", &[1]), ("b", "2001:2:ff::2", &[2])]);
+        s.set_local_addrs(&[ip("2001:2:ff::2")]);
+        s.set_service_cidrs(vec!["2001:2:ff::/112".parse().unwrap()]);
+        run(&mut s, &mut dp, &d);
+        let closed: Vec<Ipv6Addr> = dp.mem.service_addrs6.iter().map(from_addr6).collect();
+        assert_eq!(closed, [ip("2001:2:ff::1")], "the local address is left open");
+        assert_eq!(dp.mem.service_cidrs6.count, 1);
+        assert_eq!(from_addr6(&dp.mem.service_cidrs6.nets[0].addr), ip("2001:2:ff::"));
+        assert_eq!(run(&mut s, &mut dp, &d).writes, 0, "nothing changed");
+        // No longer local: closed too.
+        s.set_local_addrs(&[]);
+        run(&mut s, &mut dp, &d);
+        assert_eq!(dp.mem.service_addrs6.len(), 2);
+        // A NodePort-only address is not closed; a port gone takes its address along.
+        let mut np = port("2001:2:ff::3", &[1]);
+        np.frontends.values_mut().next().unwrap().flags = svc_flags::NODE_PORT;
+        run(&mut s, &mut dp, &BTreeMap::from([(spn("a"), np)]));
+        assert!(dp.mem.service_addrs6.is_empty(), "{:?}", dp.mem.service_addrs6);
     }
 
     fn spn(name: &str) -> ServicePortName {
@@ -781,6 +1128,27 @@ mod tests {
         // New backends get fresh ids.
         run(&mut s, &mut dp, &desired(&[("a", "2001:2:ff::1", &[1, 2, 3])]));
         assert_eq!(dp.mem.backends6.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// A write failing in the middle of a port's update undoes the port's writes so far: its
+    /// frontend keeps the old backends rather than a changed first slot beside the old count;
+    /// the next sync completes the update.
+    #[test]
+    fn a_failed_port_update_is_undone() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        let a = "2001:2:ff::1";
+        run(&mut s, &mut dp, &desired(&[("a", a, &[1])]));
+        // Room for the entry and one slot: the second slot of [2, 3] does not fit.
+        dp.mem.services_capacity = Some(2);
+        let r = run(&mut s, &mut dp, &desired(&[("a", a, &[2, 3])]));
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert_eq!(programmed(&dp.mem, a), Some(vec![be(1).addr]), "the old state, whole");
+        assert_eq!(dp.mem.services6.len(), 2, "{:?}", dp.mem.services6.keys());
+        dp.mem.services_capacity = None;
+        let r = run(&mut s, &mut dp, &desired(&[("a", a, &[2, 3])]));
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(programmed(&dp.mem, a), Some(vec![be(2).addr, be(3).addr]));
+        assert_eq!(dp.mem.backends6.len(), 2, "backend 1 removed once no slot names it");
     }
 
     /// A full map fails the port with an error naming it; the others go on, and the next sync

@@ -765,3 +765,120 @@ fn ipv6_backend_removed_established_tcp_reset_then_rebalanced() {
         ],
     );
 }
+
+// --- service guards: source ranges, closed service addresses, service CIDRs --------------------
+
+const LB6: &str = "[2001:2:60::1]:80";
+
+/// `loadBalancerSourceRanges` for IPv6: a frontend flagged SOURCE_RANGES accepts new
+/// connections only from the IPv6 networks written for its service id, from outside (TC) and
+/// from pods; a range of another service id does not open it.
+#[test]
+fn ipv6_source_ranges_restrict_new_connections() {
+    use kproxy::dataplane::SourceRange6;
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    let flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+    env.service6(LB6, proto::TCP, scope::EXTERNAL, flags, &[1], 7);
+    env.service6(LB6, proto::TCP, scope::INTERNAL, flags, &[1], 7);
+    // 2001:2::/126 holds CLIENT6 (2001:2::2); the pod network is not allowed.
+    let net = |a: &str, len: u8, svc_id: u32| SourceRange6 {
+        svc_id,
+        addr: words(a.parse().unwrap()),
+        len,
+    };
+    env.maps.put_source_ranges6(&[net("2001:2::", 126, 7), net("2001:2:100::", 64, 8)]).unwrap();
+
+    let ok = Frame6::tcp(sa6(CLIENT6), sa6(LB6), SYN);
+    let (v, out) = env.tc(names::PROG_TC_EXT, &ok.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &ok.clone().with_dst(sa6(BE6_1)));
+    let outside = Frame6::tcp(sa6("[2001:2::9]:40000"), sa6(LB6), SYN).build();
+    let (v, _) = env.tc(names::PROG_TC_EXT, &outside);
+    assert_eq!(v, TC_ACT_SHOT, "outside the ranges");
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &Frame6::tcp(sa6(POD6), sa6(LB6), SYN).build());
+    assert_eq!(v, TC_ACT_SHOT, "a pod outside the ranges (another service's range holds it)");
+    assert_eq!(env.maps.conntrack6().unwrap().len(), 1, "only the allowed connection is tracked");
+
+    // A /128 inside a wider range, and the service without the flag.
+    env.maps.put_source_ranges6(&[net("2001:2::9", 128, 7)]).unwrap();
+    let (v, _) = env.tc(names::PROG_TC_EXT, &outside);
+    assert_eq!(v, TC_ACT_OK, "2001:2::9/128 added");
+    env.service6(LB6, proto::TCP, scope::INTERNAL, svc_flags::LOAD_BALANCER, &[1], 7);
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &Frame6::tcp(sa6(POD6), sa6(LB6), SYN).build());
+    assert_eq!(v, TC_ACT_OK, "not restricted without the flag");
+    assert_counts6(&env, &[(Reason::TranslatedNew, 3), (Reason::DropSourceRange, 2)]);
+    let mut ranges = env.maps.source_ranges6().unwrap();
+    ranges.sort();
+    assert_eq!(
+        ranges,
+        [net("2001:2::", 126, 7), net("2001:2::9", 128, 7), net("2001:2:100::", 64, 8)]
+    );
+}
+
+/// An IPv6 ClusterIP (or LoadBalancer IP) on a port no service defines is rejected (TCP RST,
+/// ICMPv6 port unreachable), not passed to the node's stack; an unallocated address of the
+/// IPv6 service CIDR is dropped; other addresses and a ClusterIP's port reached from outside (a
+/// frontend of the other scope) pass as before.
+#[test]
+fn ipv6_closed_service_addresses_reject_unknown_ports_and_unallocated_ips_drop() {
+    use kproxy_common::{Cidr6, ServiceCidrs6};
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    env.service6(LB6, proto::TCP, scope::EXTERNAL, svc_flags::LOAD_BALANCER, &[1], 2);
+    let cip = *sa6(CIP6).ip();
+    env.maps.put_service_addrs6(&[words(cip), words(*sa6(LB6).ip())]).unwrap();
+    let mut nets = ServiceCidrs6 { count: 1, ..Default::default() };
+    nets.nets[0] = Cidr6 {
+        addr: words("2001:2:ff::".parse().unwrap()),
+        mask: words("ffff:ffff:ffff:ffff:ffff:ffff:ffff:0".parse().unwrap()),
+    };
+    env.maps.set_service_cidrs6(&nets).unwrap();
+
+    // TCP to an undefined port of the ClusterIP: RST from it, back into the pod.
+    let syn = Frame6::tcp(sa6(POD6), sa6("[2001:2:ff::10]:81"), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let mut rst =
+        Frame6::tcp(sa6("[2001:2:ff::10]:81"), sa6(POD6), RST | ACK).with_macs(syn.smac, syn.dmac);
+    if let L4::Tcp { seq, ack, window, .. } = &mut rst.l4 {
+        *seq = 0;
+        *ack = 1001;
+        *window = 0;
+    }
+    assert_frame6(&out, &rst);
+    // UDP: ICMPv6 port unreachable from the ClusterIP.
+    let q = Frame6::udp(sa6(POD6), sa6("[2001:2:ff::10]:53"), b"query");
+    let qb = q.build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &qb);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let want = Frame6::icmp(cip, *sa6(POD6).ip(), 1, 4, &qb[14..14 + 48]).with_macs(q.smac, q.dmac);
+    assert_frame6(&out, &want);
+    // The LoadBalancer IP from outside, another port: RST, sent back out.
+    let (v, _) = env
+        .tc(names::PROG_TC_EXT, &Frame6::tcp(sa6(CLIENT6), sa6("[2001:2:60::1]:443"), SYN).build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    // An RST to an undefined port is dropped, not answered.
+    let rst_in = Frame6::tcp(sa6(POD6), sa6("[2001:2:ff::10]:81"), RST).build();
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &rst_in);
+    assert_eq!(v, TC_ACT_SHOT);
+    // An address of the service CIDR no service holds: dropped, from pods and from outside.
+    let hole = Frame6::tcp(sa6(POD6), sa6("[2001:2:ff::99]:80"), SYN).build();
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &hole);
+    assert_eq!(v, TC_ACT_SHOT);
+    let hole_ext = Frame6::udp(sa6(CLIENT6), sa6("[2001:2:ff::ab]:53"), b"q").build();
+    let (v, _) = env.tc(names::PROG_TC_EXT, &hole_ext);
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_counts6(&env, &[(Reason::RejectUnknownPort, 4), (Reason::DropUnallocatedServiceIp, 2)]);
+
+    // Untouched: addresses outside the CIDR, the ClusterIP's defined port from outside (its
+    // frontend is internal only), a pod's own traffic entering it.
+    let other = Frame6::tcp(sa6(POD6), sa6("[2001:2:fe::5]:80"), SYN).build();
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &other), (TC_ACT_OK, other.clone()));
+    let cip_outside = Frame6::tcp(sa6(CLIENT6), sa6(CIP6), SYN).build();
+    assert_eq!(env.tc(names::PROG_TC_EXT, &cip_outside), (TC_ACT_OK, cip_outside.clone()));
+    let to_pod = Frame6::tcp(sa6("[2001:2:ff::10]:81"), sa6(POD6), SYN).build();
+    assert_eq!(env.tc(names::PROG_TC_TO_POD, &to_pod), (TC_ACT_OK, to_pod.clone()));
+    assert_eq!(env.maps.service_addrs6().unwrap().len(), 2);
+}
