@@ -3,6 +3,10 @@
 //! entry programs run the fast path and tail-call the slow-path programs (`*_new`, `*_icmp`)
 //! for the rest. The TC entry programs tell the families apart first, by the ethertype, and run
 //! the fast path of the frame's family; IPv6 has its own slow-path programs (`*6`).
+//!
+//! The entry programs' bodies are `#[inline(always)]`: the program macros wrap the body in an
+//! inner function, and when the compiler leaves it out of line its tail calls sit in a
+//! subprogram, which the verifier refuses ("tail_call is not allowed in subprogs without BTF").
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target offers no atomic read-modify-write through `core::sync`.
@@ -45,6 +49,7 @@ use pkt::Packet as _;
 
 /// NodePort / LoadBalancer / externalIP entry on the node's external devices (fast path).
 #[xdp]
+#[inline(always)]
 pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
     let mut c = pkt::Xdp(&ctx);
     let s = flow::fast(&mut c, Hook::XdpExt);
@@ -105,6 +110,7 @@ fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32
 
 /// External devices, TC ingress: everything XDP passed on, or everything in TC-only mode.
 #[classifier]
+#[inline(always)]
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
     if handled_by_xdp(&ctx) {
         count(Reason::PassHandledByXdp, parse6::is_ipv6(&pkt::Tc(&ctx)));
@@ -151,12 +157,14 @@ fn handled_by_xdp(ctx: &TcContext) -> bool {
 
 /// Host side of pod interfaces, TC ingress: traffic leaving a pod.
 #[classifier]
+#[inline(always)]
 pub fn kp_tc_from_pod(ctx: TcContext) -> i32 {
     tc_fast(&ctx, Hook::FromPod)
 }
 
 /// Host side of pod interfaces, TC egress: replies entering a pod not translated earlier.
 #[classifier]
+#[inline(always)]
 pub fn kp_tc_to_pod(ctx: TcContext) -> i32 {
     tc_fast(&ctx, Hook::ToPod)
 }
