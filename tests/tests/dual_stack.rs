@@ -100,17 +100,23 @@ spec:
     vec![svc, slice("IPv4", &|p| p.ip.to_string()), slice("IPv6", &|p| pod6(p).to_string()), empty]
 }
 
-/// A dual-stack NodePort Service reached from a pod over its IPv4 and its IPv6 ClusterIP (each
-/// family lands on a backend pod, through its own frontend and backends) and from the external
-/// client over the node's IPv6 NodePort; an IPv6-only service without endpoints rejects.
-#[test]
-fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
+/// A one-node dual-stack lab with its servers up, and its three pods (a client, two backends).
+fn dual_stack_lab() -> (Lab, Vec<Pod>) {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "lab tests need root (network namespaces)");
     let spec = LabSpec { nodes: 1, pods_per_node: 3, ipv6: true, ..LabSpec::default() };
     let mut lab = Lab::up(spec).expect("lab");
     lab.start_servers().expect("servers");
     let pods = lab.pods_on(0);
+    (lab, pods)
+}
+
+/// A dual-stack NodePort Service reached from a pod over its IPv4 and its IPv6 ClusterIP (each
+/// family lands on a backend pod, through its own frontend and backends) and from the external
+/// client over the node's IPv6 NodePort; an IPv6-only service without endpoints rejects.
+#[test]
+fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
+    let (lab, pods) = dual_stack_lab();
     let (client, backends) = (&pods[0], &pods[1..]);
     let names: Vec<String> = backends.iter().map(|p| p.name.clone()).collect();
     // Without a proxy the IPv6 network itself works: pod to pod.
@@ -184,12 +190,7 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
 /// `PreferDualStack` with both addresses brings it back.
 #[test]
 fn dual_stack_service_from_the_kubernetes_api_follows_its_ip_family_policy() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "lab tests need root (network namespaces)");
-    let spec = LabSpec { nodes: 1, pods_per_node: 3, ipv6: true, ..LabSpec::default() };
-    let mut lab = Lab::up(spec).expect("lab");
-    lab.start_servers().expect("servers");
-    let pods = lab.pods_on(0);
+    let (lab, pods) = dual_stack_lab();
     let (client, backends) = (&pods[0], &pods[1..]);
     let names: Vec<String> = backends.iter().map(|p| p.name.clone()).collect();
 

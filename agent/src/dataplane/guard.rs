@@ -9,9 +9,6 @@
 //! - `kp_sockcfg` (array, one entry): which network namespaces the socket LB balances;
 //! - their IPv6 twins `kp_srcrng6`, `kp_svcaddr6` (whose hint bits share `kp_svcaddrbits`) and
 //!   `kp_svccidr6` ([`GuardMaps6`]).
-//!
-//! LPM tries have no batched operations on every kernel of the matrix: source ranges are
-//! written one by one (a service has a handful).
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -26,8 +23,8 @@ use kproxy_common::{
 use super::{
     BatchError, DataplaneError, SourceRange, SourceRange6,
     bpf::{
-        GUARD_MAP_SPECS, GUARD_MAP_SPECS6, Hash, check_pinned, delete_batch, ignore_absent,
-        map_err, open_map, put_batch, update_err,
+        GUARD_MAP_SPECS, GUARD_MAP_SPECS6, Hash, MapSpec, check_pinned, delete_batch,
+        ignore_absent, map_err, open_map, put_batch, update_err,
     },
     hints::ServiceAddrBits,
 };
@@ -45,18 +42,141 @@ pub fn missing() -> DataplaneError {
     }
 }
 
-/// The opened guard maps of one node.
-pub struct GuardMaps {
-    src_ranges: LpmTrie<MapData, SrcRange4, u32>,
-    src_capacity: u32,
-    svc_addrs: Hash<u32, u32>,
-    addr_bits: ServiceAddrBits,
-    cidrs: Array<MapData, ServiceCidrs4>,
-    sock: Array<MapData, SockConfig>,
+/// A source-range entry as the agent holds it, and its key in the LPM trie of its family.
+pub trait RangeEntry: std::fmt::Debug + Sized {
+    /// The trie's key data (after the prefix length).
+    type Data: aya::Pod;
+    /// The trie's name.
+    const MAP: &'static str;
+    /// The trie key: the service id's 32 bits, then the network's prefix.
+    fn key(&self) -> Key<Self::Data>;
+    /// The entry of a trie key.
+    fn from_key(k: &Key<Self::Data>) -> Self;
 }
 
-fn lpm_key(k: &SourceRange) -> Key<SrcRange4> {
-    Key::new(32 + u32::from(k.len), SrcRange4 { svc_id: k.svc_id, addr: k.addr })
+impl RangeEntry for SourceRange {
+    type Data = SrcRange4;
+    const MAP: &'static str = names::SRC_RANGES4;
+    fn key(&self) -> Key<SrcRange4> {
+        Key::new(32 + u32::from(self.len), SrcRange4 { svc_id: self.svc_id, addr: self.addr })
+    }
+    fn from_key(k: &Key<SrcRange4>) -> Self {
+        let d = k.data();
+        Self { svc_id: d.svc_id, addr: d.addr, len: k.prefix_len().saturating_sub(32) as u8 }
+    }
+}
+
+impl RangeEntry for SourceRange6 {
+    type Data = SrcRange6;
+    const MAP: &'static str = names::SRC_RANGES6;
+    fn key(&self) -> Key<SrcRange6> {
+        Key::new(32 + u32::from(self.len), SrcRange6 { svc_id: self.svc_id, addr: self.addr })
+    }
+    fn from_key(k: &Key<SrcRange6>) -> Self {
+        let d = k.data();
+        Self { svc_id: d.svc_id, addr: d.addr, len: k.prefix_len().saturating_sub(32) as u8 }
+    }
+}
+
+/// The source-range trie of one family. LPM tries have no batched operations on every kernel
+/// of the matrix: entries are written one by one (a service has a handful).
+struct RangeTrie<R: RangeEntry> {
+    trie: LpmTrie<MapData, R::Data, u32>,
+    capacity: u32,
+}
+
+impl<R: RangeEntry> RangeTrie<R> {
+    fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
+        let (data, capacity) = check_pinned(&dir.join(spec.name), spec)?;
+        let trie = aya::maps::Map::from_map_data(data)
+            .with_context(|| format!("map {}", spec.name))?
+            .try_into()?;
+        Ok(Self { trie, capacity })
+    }
+
+    fn put(&mut self, keys: &[R]) -> Result<(), BatchError> {
+        for (done, k) in keys.iter().enumerate() {
+            self.trie
+                .insert(&k.key(), 1, 0)
+                .map_err(|e| BatchError { done, error: update_err(R::MAP, self.capacity, k, e) })?;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, keys: &[R]) -> Result<(), BatchError> {
+        for (done, k) in keys.iter().enumerate() {
+            ignore_absent(self.trie.remove(&k.key()), R::MAP, k)
+                .map_err(|error| BatchError { done, error })?;
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<R>, DataplaneError> {
+        let mut out = Vec::new();
+        for k in self.trie.keys() {
+            let k = k.map_err(|e| map_err(R::MAP, "iterate", "", e))?;
+            out.push(R::from_key(&k));
+        }
+        Ok(out)
+    }
+}
+
+/// A closed service address of one family, and its bit in the shared hint bitmap.
+pub trait ServiceAddr: aya::Pod + std::fmt::Debug {
+    /// The hash map's name.
+    const MAP: &'static str;
+    /// The value whose hint bit the datapath tests.
+    fn hint(&self) -> u32;
+}
+
+impl ServiceAddr for u32 {
+    const MAP: &'static str = names::SVC_ADDRS4;
+    fn hint(&self) -> u32 {
+        *self
+    }
+}
+
+impl ServiceAddr for Addr6 {
+    const MAP: &'static str = names::SVC_ADDRS6;
+    fn hint(&self) -> u32 {
+        hints::fold6(self)
+    }
+}
+
+/// The closed service addresses of one family, with the hint bitmap both families share.
+struct ClosedAddrs<A: ServiceAddr> {
+    addrs: Hash<A, u32>,
+    bits: ServiceAddrBits,
+}
+
+impl<A: ServiceAddr> ClosedAddrs<A> {
+    fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
+        Ok(Self { addrs: Hash::open(dir, spec)?, bits: ServiceAddrBits::open(dir)? })
+    }
+
+    fn put(&mut self, addrs: &[A]) -> Result<(), BatchError> {
+        for a in addrs {
+            self.bits.mark(a.hint());
+        }
+        let items: Vec<(A, u32)> = addrs.iter().map(|a| (*a, 1)).collect();
+        put_batch(&self.addrs, A::MAP, &items)
+    }
+
+    fn delete(&mut self, addrs: &[A]) -> Result<(), BatchError> {
+        delete_batch(&self.addrs, A::MAP, addrs)
+    }
+
+    fn list(&self) -> Result<Vec<A>, DataplaneError> {
+        Ok(self.addrs.collect(A::MAP)?.into_iter().map(|(a, _)| a).collect())
+    }
+}
+
+/// The opened guard maps of one node.
+pub struct GuardMaps {
+    src_ranges: RangeTrie<SourceRange>,
+    svc_addrs: ClosedAddrs<u32>,
+    cidrs: Array<MapData, ServiceCidrs4>,
+    sock: Array<MapData, SockConfig>,
 }
 
 impl GuardMaps {
@@ -70,15 +190,9 @@ impl GuardMaps {
         for spec in &GUARD_MAP_SPECS {
             check_pinned(&dir.join(spec.name), spec)?;
         }
-        let (data, src_capacity) = check_pinned(&dir.join(ranges.name), ranges)?;
-        let src_ranges = aya::maps::Map::from_map_data(data)
-            .with_context(|| format!("map {}", ranges.name))?
-            .try_into()?;
         Ok(Some(Self {
-            src_ranges,
-            src_capacity,
-            svc_addrs: Hash::open(dir, addrs)?,
-            addr_bits: ServiceAddrBits::open(dir)?,
+            src_ranges: RangeTrie::open(dir, ranges)?,
+            svc_addrs: ClosedAddrs::open(dir, addrs)?,
             cidrs: open_map(dir, cidrs)?.try_into()?,
             sock: open_map(dir, sock)?.try_into()?,
         }))
@@ -86,61 +200,37 @@ impl GuardMaps {
 
     /// Inserts source-range entries one by one, in order.
     pub fn put_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError> {
-        for (done, k) in keys.iter().enumerate() {
-            self.src_ranges.insert(&lpm_key(k), 1, 0).map_err(|e| BatchError {
-                done,
-                error: update_err(names::SRC_RANGES4, self.src_capacity, k, e),
-            })?;
-        }
-        Ok(())
+        self.src_ranges.put(keys)
     }
 
     /// Removes source-range entries one by one, in order; absent ones are skipped.
     pub fn delete_source_ranges(&mut self, keys: &[SourceRange]) -> Result<(), BatchError> {
-        for (done, k) in keys.iter().enumerate() {
-            ignore_absent(self.src_ranges.remove(&lpm_key(k)), names::SRC_RANGES4, k)
-                .map_err(|error| BatchError { done, error })?;
-        }
-        Ok(())
+        self.src_ranges.delete(keys)
     }
 
     /// Every source-range entry.
     pub fn source_ranges(&self) -> Result<Vec<SourceRange>, DataplaneError> {
-        let mut out = Vec::new();
-        for k in self.src_ranges.keys() {
-            let k = k.map_err(|e| map_err(names::SRC_RANGES4, "iterate", "", e))?;
-            let data = k.data();
-            out.push(SourceRange {
-                svc_id: data.svc_id,
-                addr: data.addr,
-                len: k.prefix_len().saturating_sub(32) as u8,
-            });
-        }
-        Ok(out)
+        self.src_ranges.list()
     }
 
     /// Inserts closed service addresses (be), their hint bits first.
     pub fn put_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
-        for a in addrs {
-            self.addr_bits.mark(*a);
-        }
-        let items: Vec<(u32, u32)> = addrs.iter().map(|a| (*a, 1)).collect();
-        put_batch(&self.svc_addrs, names::SVC_ADDRS4, &items)
+        self.svc_addrs.put(addrs)
     }
 
     /// Removes closed service addresses (be); absent ones are skipped. Their hint bits stay.
     pub fn delete_service_addrs(&mut self, addrs: &[u32]) -> Result<(), BatchError> {
-        delete_batch(&self.svc_addrs, names::SVC_ADDRS4, addrs)
+        self.svc_addrs.delete(addrs)
     }
 
     /// Every closed service address (be).
     pub fn service_addrs(&self) -> Result<Vec<u32>, DataplaneError> {
-        Ok(self.svc_addrs.collect(names::SVC_ADDRS4)?.into_iter().map(|(a, _)| a).collect())
+        self.svc_addrs.list()
     }
 
     /// Whether the hint bit of `addr` (be) is set, as the datapath tests it.
     pub fn service_addr_marked(&self, addr: u32) -> bool {
-        self.addr_bits.marked(addr)
+        self.svc_addrs.bits.marked(addr)
     }
 
     /// Writes the service CIDRs.
@@ -166,15 +256,9 @@ impl GuardMaps {
 
 /// The opened IPv6 guard maps of one node.
 pub struct GuardMaps6 {
-    src_ranges: LpmTrie<MapData, SrcRange6, u32>,
-    src_capacity: u32,
-    svc_addrs: Hash<Addr6, u32>,
-    addr_bits: ServiceAddrBits,
+    src_ranges: RangeTrie<SourceRange6>,
+    svc_addrs: ClosedAddrs<Addr6>,
     cidrs: Array<MapData, ServiceCidrs6>,
-}
-
-fn lpm_key6(k: &SourceRange6) -> Key<SrcRange6> {
-    Key::new(32 + u32::from(k.len), SrcRange6 { svc_id: k.svc_id, addr: k.addr })
 }
 
 impl GuardMaps6 {
@@ -188,71 +272,41 @@ impl GuardMaps6 {
         for spec in &GUARD_MAP_SPECS6 {
             check_pinned(&dir.join(spec.name), spec)?;
         }
-        let (data, src_capacity) = check_pinned(&dir.join(ranges.name), ranges)?;
-        let src_ranges = aya::maps::Map::from_map_data(data)
-            .with_context(|| format!("map {}", ranges.name))?
-            .try_into()?;
         Ok(Some(Self {
-            src_ranges,
-            src_capacity,
-            svc_addrs: Hash::open(dir, addrs)?,
-            addr_bits: ServiceAddrBits::open(dir)?,
+            src_ranges: RangeTrie::open(dir, ranges)?,
+            svc_addrs: ClosedAddrs::open(dir, addrs)?,
             cidrs: open_map(dir, cidrs)?.try_into()?,
         }))
     }
 
     /// Inserts IPv6 source-range entries one by one, in order.
     pub fn put_source_ranges(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
-        for (done, k) in keys.iter().enumerate() {
-            self.src_ranges.insert(&lpm_key6(k), 1, 0).map_err(|e| BatchError {
-                done,
-                error: update_err(names::SRC_RANGES6, self.src_capacity, k, e),
-            })?;
-        }
-        Ok(())
+        self.src_ranges.put(keys)
     }
 
     /// Removes IPv6 source-range entries one by one, in order; absent ones are skipped.
     pub fn delete_source_ranges(&mut self, keys: &[SourceRange6]) -> Result<(), BatchError> {
-        for (done, k) in keys.iter().enumerate() {
-            ignore_absent(self.src_ranges.remove(&lpm_key6(k)), names::SRC_RANGES6, k)
-                .map_err(|error| BatchError { done, error })?;
-        }
-        Ok(())
+        self.src_ranges.delete(keys)
     }
 
     /// Every IPv6 source-range entry.
     pub fn source_ranges(&self) -> Result<Vec<SourceRange6>, DataplaneError> {
-        let mut out = Vec::new();
-        for k in self.src_ranges.keys() {
-            let k = k.map_err(|e| map_err(names::SRC_RANGES6, "iterate", "", e))?;
-            let data = k.data();
-            out.push(SourceRange6 {
-                svc_id: data.svc_id,
-                addr: data.addr,
-                len: k.prefix_len().saturating_sub(32) as u8,
-            });
-        }
-        Ok(out)
+        self.src_ranges.list()
     }
 
     /// Inserts closed IPv6 service addresses, their hint bits (shared with IPv4) first.
     pub fn put_service_addrs(&mut self, addrs: &[Addr6]) -> Result<(), BatchError> {
-        for a in addrs {
-            self.addr_bits.mark(hints::fold6(a));
-        }
-        let items: Vec<(Addr6, u32)> = addrs.iter().map(|a| (*a, 1)).collect();
-        put_batch(&self.svc_addrs, names::SVC_ADDRS6, &items)
+        self.svc_addrs.put(addrs)
     }
 
     /// Removes closed IPv6 service addresses; absent ones are skipped. Their hint bits stay.
     pub fn delete_service_addrs(&mut self, addrs: &[Addr6]) -> Result<(), BatchError> {
-        delete_batch(&self.svc_addrs, names::SVC_ADDRS6, addrs)
+        self.svc_addrs.delete(addrs)
     }
 
     /// Every closed IPv6 service address.
     pub fn service_addrs(&self) -> Result<Vec<Addr6>, DataplaneError> {
-        Ok(self.svc_addrs.collect(names::SVC_ADDRS6)?.into_iter().map(|(a, _)| a).collect())
+        self.svc_addrs.list()
     }
 
     /// Writes the IPv6 service CIDRs.

@@ -1715,14 +1715,27 @@ fn source_ranges(
             )),
         }
     }
-    let holds_node = out.iter().any(|(a, l)| {
-        let net = ipnet::Ipv4Net::new(*a, *l).expect("prefix length from a parsed network");
-        node_addrs.iter().any(|n| net.contains(n))
+    allow_from_node(&mut out, node_addrs, lb_ips);
+    out
+}
+
+/// kube-proxy's `allowFromNode`: when one of `ranges` holds a node address, each of `lb_ips`
+/// joins them as a host entry.
+pub(super) fn allow_from_node<A: Copy + Ord + Into<IpAddr>>(
+    ranges: &mut BTreeSet<(A, u8)>,
+    node_addrs: &[A],
+    lb_ips: &[A],
+) {
+    let holds_node = ranges.iter().any(|(a, l)| {
+        let net = ipnet::IpNet::new((*a).into(), *l).expect("prefix length from a parsed network");
+        node_addrs.iter().any(|n| net.contains(&(*n).into()))
     });
     if holds_node {
-        out.extend(lb_ips.iter().map(|ip| (*ip, 32)));
+        for ip in lb_ips {
+            let host = if (*ip).into().is_ipv4() { 32 } else { 128 };
+            ranges.insert((*ip, host));
+        }
     }
-    out
 }
 
 /// Checks a Service and extracts what the frontends need; `None` when it is skipped.

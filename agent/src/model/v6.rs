@@ -148,13 +148,7 @@ pub(super) fn source_ranges6(
             out.insert((n.network(), n.prefix_len()));
         }
     }
-    let holds_node = out.iter().any(|(a, l)| {
-        let net = ipnet::Ipv6Net::new(*a, *l).expect("prefix length from a parsed network");
-        node_addrs.iter().any(|n| net.contains(n))
-    });
-    if holds_node {
-        out.extend(lb_ips.iter().map(|ip| (*ip, 128)));
-    }
+    super::allow_from_node(&mut out, node_addrs, lb_ips);
     out
 }
 
