@@ -1452,16 +1452,9 @@ fn compute_service(
         let mut restricted = false;
         let (frontends, endpoints) =
             port_frontends(&spec, p, &serve, &eps, node, &mut local_ready, |kind| {
-                // loadBalancerSourceRanges: LoadBalancer IPs, NodePorts when asked to.
-                if !ranges.is_empty()
-                    && (kind == svc_flags::LOAD_BALANCER
-                        || (kind == svc_flags::NODE_PORT && node_port_ranges))
-                {
-                    restricted = true;
-                    kind | svc_flags::SOURCE_RANGES
-                } else {
-                    kind
-                }
+                let flags = range_flags(kind, !ranges.is_empty(), node_port_ranges);
+                restricted |= flags != kind;
+                flags
             });
         let mut state = ServicePortState { frontends, endpoints, ..Default::default() };
         if restricted {
@@ -1717,6 +1710,18 @@ fn source_ranges(
     }
     allow_from_node(&mut out, node_addrs, lb_ips);
     out
+}
+
+/// A frontend's flags under `loadBalancerSourceRanges` (`has_ranges`): LoadBalancer IPs are
+/// restricted, NodePorts when `node_port_ranges` asks for it, the others are not.
+pub(super) fn range_flags(kind: u16, has_ranges: bool, node_port_ranges: bool) -> u16 {
+    if has_ranges
+        && (kind == svc_flags::LOAD_BALANCER || (kind == svc_flags::NODE_PORT && node_port_ranges))
+    {
+        kind | svc_flags::SOURCE_RANGES
+    } else {
+        kind
+    }
 }
 
 /// kube-proxy's `allowFromNode`: when one of `ranges` holds a node address, each of `lb_ips`

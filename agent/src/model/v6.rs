@@ -12,7 +12,7 @@ use std::{
     net::Ipv6Addr,
 };
 
-use kproxy_common::{Addr6, Service6Key, proto, scope, svc_flags};
+use kproxy_common::{Addr6, Service6Key, proto, scope};
 
 use super::{
     ErrorSite, ModelError, NodeInfo, Serve, ServicePortName, SvcSpec, collect_endpoints,
@@ -194,16 +194,9 @@ pub(super) fn port_state(
     };
     let mut restricted = false;
     let (frontends, endpoints) = port_frontends(spec, p, &serve, &eps, node, local_ready, |kind| {
-        // loadBalancerSourceRanges: LoadBalancer IPs, NodePorts when asked to.
-        if !ranges.is_empty()
-            && (kind == svc_flags::LOAD_BALANCER
-                || (kind == svc_flags::NODE_PORT && node_port_ranges))
-        {
-            restricted = true;
-            kind | svc_flags::SOURCE_RANGES
-        } else {
-            kind
-        }
+        let flags = super::range_flags(kind, !ranges.is_empty(), node_port_ranges);
+        restricted |= flags != kind;
+        flags
     });
     let source_ranges = if restricted { ranges.clone() } else { BTreeSet::new() };
     let state = PortState6 { frontends, endpoints, source_ranges };
