@@ -337,22 +337,17 @@ fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
         return tc_step(ctx, &c, s);
     }
     let s = flow::fast(&mut c, hook);
-    if s.tail != NO_TAIL {
-        // SAFETY: tail call on our own context; returns only if it failed.
-        unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
-        count(Reason::DropTailCall, s.v6);
-        return TC_ACT_SHOT;
-    }
-    tc_verdict_in(&c, s.verdict, s.reason, s.v6)
+    tc_step(ctx, &c, s)
 }
 
-/// Carries out an IPv6 step: its tail call, or its verdict.
+/// Carries out a step: its tail call (a failed one dropped, counted in the step's family), or
+/// its verdict.
 #[inline(always)]
 fn tc_step(ctx: &TcContext, c: &pkt::Tc, s: flow::Step) -> i32 {
     if s.tail != NO_TAIL {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_tc.tail_call(ctx, s.tail) };
-        count(Reason::DropTailCall, true);
+        count(Reason::DropTailCall, s.v6);
         return TC_ACT_SHOT;
     }
     tc_verdict_in(c, s.verdict, s.reason, s.v6)
