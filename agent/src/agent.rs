@@ -382,6 +382,23 @@ fn start_conntrack(
     .context("starting the conntrack GC and reconciler")
 }
 
+/// Adds the first `held_count` service CIDRs a previous agent programmed (`held`) after the
+/// `count` of `nets`, each once, as far as `nets` has room.
+fn keep_held_cidrs<T: PartialEq + Copy>(
+    nets: &mut [T],
+    count: &mut u32,
+    held: &[T],
+    held_count: u32,
+) {
+    for n in held.iter().take(held_count as usize) {
+        let used = *count as usize;
+        if used < nets.len() && !nets[..used].contains(n) {
+            nets[used] = *n;
+            *count += 1;
+        }
+    }
+}
+
 /// Writes the service CIDRs (`--service-cidr`, with those a previous agent programmed until the
 /// first sync writes the current ones) and the socket LB's scope (`--socket-lb-pods`) before the
 /// socket LB is attached.
@@ -389,24 +406,12 @@ fn write_guard_config(config: &Config, dp: &mut BpfDataplane) -> anyhow::Result<
     use crate::dataplane::{Dataplane as _, guard};
     let mut cidrs = guard::service_cidrs(&config.service_cidrs);
     if let Some(Ok(held)) = dp.guards().map(|g| g.service_cidrs()) {
-        for n in held.nets.iter().take(held.count as usize) {
-            let used = cidrs.count as usize;
-            if used < cidrs.nets.len() && !cidrs.nets[..used].contains(n) {
-                cidrs.nets[used] = *n;
-                cidrs.count += 1;
-            }
-        }
+        keep_held_cidrs(&mut cidrs.nets, &mut cidrs.count, &held.nets, held.count);
     }
     dp.set_service_cidrs(&cidrs).context("writing the service CIDRs")?;
     let mut cidrs6 = guard::service_cidrs6(&config.service_cidrs6);
     if let Some(Ok(held)) = dp.guards6().map(|g| g.service_cidrs()) {
-        for n in held.nets.iter().take(held.count as usize) {
-            let used = cidrs6.count as usize;
-            if used < cidrs6.nets.len() && !cidrs6.nets[..used].contains(n) {
-                cidrs6.nets[used] = *n;
-                cidrs6.count += 1;
-            }
-        }
+        keep_held_cidrs(&mut cidrs6.nets, &mut cidrs6.count, &held.nets, held.count);
     }
     if dp.guards6().is_some() {
         use crate::dataplane::Dataplane6 as _;

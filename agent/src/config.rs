@@ -160,22 +160,13 @@ impl Config {
             )
             .map_err(ConfigError::CidrList)?,
         };
-        let service_cidrs: Vec<ipnet::Ipv4Net> = args
-            .service_cidr
-            .iter()
-            .filter_map(|n| match n {
-                ipnet::IpNet::V4(n) => Some(*n),
-                ipnet::IpNet::V6(_) => None,
-            })
-            .collect();
-        let service_cidrs6: Vec<ipnet::Ipv6Net> = args
-            .service_cidr
-            .iter()
-            .filter_map(|n| match n {
-                ipnet::IpNet::V6(n) => Some(*n),
-                ipnet::IpNet::V4(_) => None,
-            })
-            .collect();
+        let (mut service_cidrs, mut service_cidrs6) = (Vec::new(), Vec::new());
+        for n in &args.service_cidr {
+            match n {
+                ipnet::IpNet::V4(n) => service_cidrs.push(*n),
+                ipnet::IpNet::V6(n) => service_cidrs6.push(*n),
+            }
+        }
         let most = service_cidrs.len().max(service_cidrs6.len());
         if most > kproxy_common::SERVICE_CIDRS_MAX {
             return Err(ConfigError::TooManyServiceCidrs(most));

@@ -34,7 +34,7 @@ use std::{
     net::Ipv6Addr,
 };
 
-use kproxy_common::{Addr6, NodeConfig6, Service6Key, Service6Value, svc_flags};
+use kproxy_common::{Addr6, NodeConfig6, Service6Key, Service6Value};
 
 use super::{FastMap, FastSet, SyncError, SyncReport};
 use crate::{
@@ -111,9 +111,6 @@ pub struct Syncer6 {
     cidrs: Option<Vec<ipnet::Ipv6Net>>,
     cidrs_written: bool,
 }
-
-/// The frontend kinds whose addresses are closed service addresses (as IPv4's).
-const CLOSED_KINDS: u16 = svc_flags::CLUSTER_IP | svc_flags::EXTERNAL_IP | svc_flags::LOAD_BALANCER;
 
 /// A failed write of one port.
 struct Failed(SyncError);
@@ -363,7 +360,7 @@ impl Syncer6 {
         let want: FastSet<Addr6> = self
             .fronts
             .iter()
-            .filter(|(_, x)| x.entry.is_some_and(|e| e.flags & CLOSED_KINDS != 0))
+            .filter(|(_, x)| x.entry.is_some_and(|e| e.flags & super::CLOSED_KINDS != 0))
             .map(|(f, _)| to_addr6(f.addr))
             .filter(|a| !self.local.contains(a))
             .collect();
