@@ -375,8 +375,8 @@ fn start_conntrack(
     conntrack::spawn_worker(
         config.pin_path.clone(),
         config.conntrack_gc_interval,
-        move |r, evictions, took| m.conntrack_collected(r.deleted, evictions, took),
-        move |n| m2.conntrack_reconciled(n),
+        move |family, r, evictions, took| m.conntrack_collected(family, r.deleted, evictions, took),
+        move |family, n| m2.conntrack_reconciled(family, n),
         config.socket_lb_pods,
     )
     .context("starting the conntrack GC and reconciler")
@@ -436,6 +436,12 @@ fn adopt_programmed_state(dp: &BpfDataplane) -> anyhow::Result<Syncer> {
     match dp.conntrack() {
         Ok(ct) => syncer.avoid_backend_ids(ct.iter().map(|(_, v)| v.backend_id)),
         Err(e) => warn!(error = %e, "reading conntrack to protect backend ids"),
+    }
+    if dp.has_ipv6() {
+        match dp.conntrack6() {
+            Ok(ct) => syncer.avoid_backend_ids6(ct.iter().map(|(_, v)| v.backend_id)),
+            Err(e) => warn!(error = %e, "reading IPv6 conntrack to protect backend ids"),
+        }
     }
     info!(
         frontends = syncer.programmed_frontends(),
@@ -741,7 +747,7 @@ impl LoopState {
         syncer: &mut Syncer,
         dp: &mut dyn Dataplane,
         obs: &mut ChangeObserver,
-    ) -> Vec<crate::sync::UdpServing> {
+    ) -> conntrack::Reconcile {
         let metrics = obs.metrics.clone();
         for e in &changes.new_errors {
             match e.class {
@@ -843,7 +849,10 @@ impl LoopState {
         } else {
             debug!(took_ms = started.elapsed().as_secs_f64() * 1e3, "in sync");
         }
-        std::mem::take(&mut report.udp_reconcile)
+        conntrack::Reconcile {
+            v4: std::mem::take(&mut report.udp_reconcile),
+            v6: std::mem::take(&mut report.udp_reconcile6),
+        }
     }
 }
 

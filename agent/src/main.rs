@@ -101,21 +101,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => {
             let dp = open(&args)?;
             let counters = dp.counters()?;
-            let ct = dp.conntrack_stats()?.rows();
+            let mut ct: Vec<(String, u64)> =
+                dp.conntrack_stats()?.rows().iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            // IPv6 rows beside them, named `conntrack6_*`.
+            if let Some(s6) = dp.conntrack_stats6()? {
+                ct.extend(
+                    s6.rows().iter().map(|(k, v)| (k.replacen("conntrack", "conntrack6", 1), *v)),
+                );
+            }
             // The conntrack numbers follow the reasons, in the same columns / object.
             print(
                 args.output,
                 || {
                     let mut t = show::stats_table(&counters);
-                    for (k, v) in ct {
+                    for (k, v) in &ct {
                         t += &format!("{k:<26} {:>5} {v:>14}\n", "");
                     }
                     t
                 },
                 || {
                     let mut j = show::stats_json(&counters);
-                    for (k, v) in ct {
-                        j[k] = v.into();
+                    for (k, v) in &ct {
+                        j[k.as_str()] = (*v).into();
                     }
                     j
                 },

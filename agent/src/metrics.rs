@@ -73,8 +73,8 @@ pub struct Metrics {
     sync_failures: IntCounter,
     healthz: IntCounterVec,
     livez: IntCounterVec,
-    reconciler_duration: Histogram,
-    reconciler_deleted: IntCounter,
+    reconciler_duration: HistogramVec,
+    reconciler_deleted: IntCounterVec,
     services: IntGauge,
     backends: IntGauge,
     packets: IntCounterVec,
@@ -90,6 +90,8 @@ pub struct Metrics {
     nodeport_devices_missing: IntGauge,
     device_attach_errors: IntCounter,
     ct_evictions: IntCounter,
+    /// The monotonic eviction counts of IPv4 and IPv6, whose sum `ct_evictions` exports.
+    ct_evictions_by_family: [std::sync::atomic::AtomicU64; 2],
     kernel_features: IntGaugeVec,
 }
 
@@ -109,6 +111,22 @@ fn family_histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> 
     let v = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["ip_family"])
         .expect("valid histogram");
     reg(r, v).with_label_values(&[IP_FAMILY])
+}
+
+/// [`family_histogram`] with the other family's series added when first used.
+fn families_histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    let v = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["ip_family"])
+        .expect("valid histogram");
+    let v = reg(r, v);
+    v.with_label_values(&[IP_FAMILY]);
+    v
+}
+
+/// [`family_counter`] with the other family's series added when first used.
+fn families_counter(r: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let v = reg(r, IntCounterVec::new(Opts::new(name, help), &["ip_family"]).expect("valid"));
+    v.with_label_values(&[IP_FAMILY]);
+    v
 }
 
 fn family_gauge(r: &Registry, name: &str, help: &str) -> Gauge {
@@ -267,13 +285,13 @@ impl Metrics {
                 "code",
                 &["200", "503"],
             ),
-            reconciler_duration: family_histogram(
+            reconciler_duration: families_histogram(
                 &r,
                 "kubeproxy_conntrack_reconciler_sync_duration_seconds",
                 "ReconcileConntrackFlowsLatency latency in seconds (kproxy: conntrack garbage collection)",
                 sync_buckets(),
             ),
-            reconciler_deleted: family_counter(
+            reconciler_deleted: families_counter(
                 &r,
                 "kubeproxy_conntrack_reconciler_deleted_entries_total",
                 "Cumulative conntrack flows deleted by conntrack reconciler (kproxy: by the conntrack garbage collection)",
@@ -375,8 +393,9 @@ impl Metrics {
             ct_evictions: counter(
                 &r,
                 "kproxy_conntrack_evictions_total",
-                "Connection-tracking entries evicted by the kernel because the LRU table was full.",
+                "Connection-tracking entries evicted by the kernel because the LRU table was full (both families).",
             ),
+            ct_evictions_by_family: Default::default(),
             kernel_features: gauge_vec(
                 &r,
                 "kproxy_kernel_feature",
@@ -511,18 +530,22 @@ impl Metrics {
         }
     }
 
-    /// One conntrack garbage collection: entries it deleted, the monotonic eviction count, how
-    /// long it took.
-    pub fn conntrack_collected(&self, deleted: u64, evictions: u64, took: Duration) {
-        self.reconciler_deleted.inc_by(deleted);
-        self.reconciler_duration.observe(took.as_secs_f64());
-        set_counter(&self.ct_evictions, evictions);
+    /// One conntrack garbage collection of `family` (`"IPv4"`, `"IPv6"`): entries it deleted,
+    /// the family's monotonic eviction count, how long it took.
+    pub fn conntrack_collected(&self, family: &str, deleted: u64, evictions: u64, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.reconciler_deleted.with_label_values(&[family]).inc_by(deleted);
+        self.reconciler_duration.with_label_values(&[family]).observe(took.as_secs_f64());
+        let [v4, v6] = &self.ct_evictions_by_family;
+        if family == IP_FAMILY { v4 } else { v6 }.store(evictions, Relaxed);
+        set_counter(&self.ct_evictions, v4.load(Relaxed) + v6.load(Relaxed));
     }
 
-    /// Counts UDP flows the conntrack reconciler deleted (their backend stopped serving):
-    /// kube-proxy's reconciler counter, which the garbage collection's deletions also feed.
-    pub fn conntrack_reconciled(&self, n: u64) {
-        self.reconciler_deleted.inc_by(n);
+    /// Counts UDP flows of `family` the conntrack reconciler deleted (their backend stopped
+    /// serving): kube-proxy's reconciler counter, which the garbage collection's deletions also
+    /// feed.
+    pub fn conntrack_reconciled(&self, family: &str, n: u64) {
+        self.reconciler_deleted.with_label_values(&[family]).inc_by(n);
     }
 
     /// The metrics in Prometheus text format.
@@ -699,8 +722,8 @@ mod tests {
         m.set_map_usage([("conntrack", 3, 4, 4096)]);
         m.set_devices(1, 5, 2);
         m.device_attach_failed();
-        m.conntrack_collected(4, 5, Duration::from_millis(2));
-        m.conntrack_collected(1, 5, Duration::from_millis(2));
+        m.conntrack_collected("IPv4", 4, 5, Duration::from_millis(2));
+        m.conntrack_collected("IPv4", 1, 5, Duration::from_millis(2));
         m.count_changes(3, 1);
         m.set_pending_changes(2, 1);
         m.set_no_local_endpoints(1, 2);

@@ -38,6 +38,7 @@ pub(super) struct Maps6 {
     pub(super) ct: Hash<Tuple6, Ct6Value>,
     pub(super) ct_counters: PerCpuArray<MapData, u64>,
     pub(super) revnat: Hash<Tuple6, RevNat6Value>,
+    pub(super) frag: Hash<Frag6Key, Frag6Value>,
     affinity: Hash<Affinity6Key, Affinity6Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig6>,
@@ -53,7 +54,6 @@ impl Maps6 {
         if !dir.join(svc.name).exists() {
             return Ok(None);
         }
-        check_pinned(&dir.join(frag.name), frag)?;
         check_pinned(&dir.join(sock.name), sock)?;
         Ok(Some(Self {
             services: Hash::open(dir, svc)?,
@@ -61,6 +61,7 @@ impl Maps6 {
             ct: Hash::open(dir, ct)?,
             ct_counters: open_map(dir, ctstat)?.try_into()?,
             revnat: Hash::open(dir, rnat)?,
+            frag: Hash::open(dir, frag)?,
             affinity: Hash::open(dir, aff)?,
             counters: open_map(dir, stats)?.try_into()?,
             config: open_map(dir, cfg)?.try_into()?,
@@ -70,7 +71,7 @@ impl Maps6 {
 }
 
 /// The error of an IPv6 access to pins without IPv6 maps.
-fn no_v6(op: &'static str) -> DataplaneError {
+pub(super) fn no_v6(op: &'static str) -> DataplaneError {
     DataplaneError::Map {
         map: names::SERVICES6,
         op,

@@ -1,7 +1,8 @@
 //! Connection-tracking upkeep, as Cilium's CT GC does it: a periodic garbage collection that
 //! deletes the `kp_ct4` entries whose idle timeout ([`kproxy_common::timeouts`]) has expired,
 //! together with their `kp_rnat4` partners, and the numbers behind the `kproxy_conntrack_*`
-//! metrics: present entries, capacity and LRU evictions.
+//! metrics: present entries, capacity and LRU evictions. The IPv6 tables (`kp_ct6`, `kp_rnat6`,
+//! `kp_frag6`, `kp_ctstat6`) get the same upkeep: the code is generic over [`CtFamily`].
 //!
 //! `kp_ct4` is an LRU hash: when it is full the kernel evicts its least recently used entries
 //! without telling anyone. The datapath counts the entries it creates and deletes in
@@ -32,16 +33,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapError, PerCpuValues};
+use aya::maps::{MapData, MapError, PerCpuArray, PerCpuValues};
 use kproxy_common::{
-    Ct4Value, Frag4Key, Frag4Value, RevNat4Value, Tuple4, ct_counter, ct_flags, ct_state, frag,
-    names, timeouts,
+    Addr6, Ct4Value, Ct6Value, Frag4Key, Frag4Value, Frag6Key, RevNat4Value, RevNat6Value, Tuple4,
+    Tuple6, ct_counter, ct_flags, ct_state, frag, names, timeouts,
 };
 use tracing::{debug, info, warn};
 
 use super::{
     DataplaneError, batch,
-    bpf::{BpfDataplane, map_err, syscall_errno},
+    bpf::{BpfDataplane, Hash, map_err, syscall_errno},
 };
 use crate::sync::UdpServing;
 
@@ -102,74 +103,210 @@ fn expired(proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
     now_ns.saturating_sub(last_seen_ns) > timeouts::for_state(proto, state)
 }
 
-/// The reverse-NAT key of a connection entry: the reply as it arrives from the backend.
-fn reply_tuple(t: &Tuple4, v: &Ct4Value) -> Tuple4 {
-    let snat = v.flags & ct_flags::SNAT != 0;
-    Tuple4 {
-        saddr: v.backend_addr,
-        daddr: if snat { v.snat_addr } else { t.saddr },
-        sport: v.backend_port,
-        dport: if snat { v.snat_port } else { t.sport },
-        proto: t.proto,
-        _pad: [0; 3],
+/// One family's connection-tracking tables as the garbage collection and the reconciler read
+/// them: IPv4's and IPv6's have the same shape with their own address type.
+pub trait CtFamily {
+    /// An address as the tables hold it (be).
+    type Addr: Copy + Eq + std::hash::Hash + std::fmt::Debug;
+    /// Key of the connection and reverse-NAT tables.
+    type Tuple: aya::Pod + Copy + std::fmt::Debug;
+    /// Value of the connection table.
+    type Ct: aya::Pod + Copy;
+    /// Value of the reverse-NAT table.
+    type RevNat: aya::Pod + Copy;
+    /// Key of the fragment table (its value is [`Frag4Value`] for both families).
+    type FragKey: aya::Pod + Copy + std::fmt::Debug;
+    /// Map names, for errors.
+    const CT: &'static str;
+    const REVNAT: &'static str;
+    const FRAG: &'static str;
+    /// The IP protocol of a tuple.
+    fn proto(t: &Self::Tuple) -> u8;
+    /// A connection's state and last packet (`bpf_ktime_get_ns`).
+    fn state_seen(v: &Self::Ct) -> (u8, u64);
+    /// A connection's service id and backend (address, port).
+    fn service_backend(v: &Self::Ct) -> (u32, (Self::Addr, u16));
+    /// The reverse-NAT key of a connection: the reply as it arrives from the backend.
+    fn reply_tuple(t: &Self::Tuple, v: &Self::Ct) -> Self::Tuple;
+    /// The connection a reverse-NAT entry was made for.
+    fn orig_tuple(r: &Self::Tuple, rv: &Self::RevNat) -> Self::Tuple;
+    /// When a reverse-NAT entry was last refreshed.
+    fn revnat_seen(rv: &Self::RevNat) -> u64;
+    /// Whether `rv` still points back at the connection `t` (a source-NAT port may have been
+    /// reused by another connection).
+    fn points_at(rv: &Self::RevNat, t: &Self::Tuple) -> bool;
+}
+
+/// IPv4 connection tracking (`kp_ct4`, `kp_rnat4`, `kp_frag4`).
+pub enum V4 {}
+
+impl CtFamily for V4 {
+    type Addr = u32;
+    type Tuple = Tuple4;
+    type Ct = Ct4Value;
+    type RevNat = RevNat4Value;
+    type FragKey = Frag4Key;
+    const CT: &'static str = names::CT4;
+    const REVNAT: &'static str = names::REVNAT4;
+    const FRAG: &'static str = names::FRAG4;
+
+    fn proto(t: &Tuple4) -> u8 {
+        t.proto
+    }
+
+    fn state_seen(v: &Ct4Value) -> (u8, u64) {
+        (v.state, v.last_seen_ns)
+    }
+
+    fn service_backend(v: &Ct4Value) -> (u32, (u32, u16)) {
+        (v.svc_id, (v.backend_addr, v.backend_port))
+    }
+
+    fn reply_tuple(t: &Tuple4, v: &Ct4Value) -> Tuple4 {
+        let snat = v.flags & ct_flags::SNAT != 0;
+        Tuple4 {
+            saddr: v.backend_addr,
+            daddr: if snat { v.snat_addr } else { t.saddr },
+            sport: v.backend_port,
+            dport: if snat { v.snat_port } else { t.sport },
+            proto: t.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    fn orig_tuple(r: &Tuple4, rv: &RevNat4Value) -> Tuple4 {
+        Tuple4 {
+            saddr: rv.client_addr,
+            daddr: rv.frontend_addr,
+            sport: rv.client_port,
+            dport: rv.frontend_port,
+            proto: r.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    fn revnat_seen(rv: &RevNat4Value) -> u64 {
+        rv.last_seen_ns
+    }
+
+    fn points_at(rv: &RevNat4Value, t: &Tuple4) -> bool {
+        rv.client_addr == t.saddr
+            && rv.client_port == t.sport
+            && rv.frontend_addr == t.daddr
+            && rv.frontend_port == t.dport
     }
 }
 
-/// Serving backends by service id, as the reconciler matches them.
-pub type ServingSets = HashMap<u32, HashSet<(u32, u16)>>;
+/// IPv6 connection tracking (`kp_ct6`, `kp_rnat6`, `kp_frag6`).
+pub enum V6 {}
+
+impl CtFamily for V6 {
+    type Addr = Addr6;
+    type Tuple = Tuple6;
+    type Ct = Ct6Value;
+    type RevNat = RevNat6Value;
+    type FragKey = Frag6Key;
+    const CT: &'static str = names::CT6;
+    const REVNAT: &'static str = names::REVNAT6;
+    const FRAG: &'static str = names::FRAG6;
+
+    fn proto(t: &Tuple6) -> u8 {
+        t.proto
+    }
+
+    fn state_seen(v: &Ct6Value) -> (u8, u64) {
+        (v.state, v.last_seen_ns)
+    }
+
+    fn service_backend(v: &Ct6Value) -> (u32, (Addr6, u16)) {
+        (v.svc_id, (v.backend_addr, v.backend_port))
+    }
+
+    fn reply_tuple(t: &Tuple6, v: &Ct6Value) -> Tuple6 {
+        let snat = v.flags & ct_flags::SNAT != 0;
+        Tuple6 {
+            saddr: v.backend_addr,
+            daddr: if snat { v.snat_addr } else { t.saddr },
+            sport: v.backend_port,
+            dport: if snat { v.snat_port } else { t.sport },
+            proto: t.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    fn orig_tuple(r: &Tuple6, rv: &RevNat6Value) -> Tuple6 {
+        Tuple6 {
+            saddr: rv.client_addr,
+            daddr: rv.frontend_addr,
+            sport: rv.client_port,
+            dport: rv.frontend_port,
+            proto: r.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    fn revnat_seen(rv: &RevNat6Value) -> u64 {
+        rv.last_seen_ns
+    }
+
+    fn points_at(rv: &RevNat6Value, t: &Tuple6) -> bool {
+        rv.client_addr == t.saddr
+            && rv.client_port == t.sport
+            && rv.frontend_addr == t.daddr
+            && rv.frontend_port == t.dport
+    }
+}
+
+/// The reverse-NAT key of an IPv4 connection entry.
+#[cfg(test)]
+fn reply_tuple(t: &Tuple4, v: &Ct4Value) -> Tuple4 {
+    V4::reply_tuple(t, v)
+}
+
+/// Serving backends by service id, as the reconciler matches them (IPv4 addresses by default).
+pub type ServingSets<A = u32> = HashMap<u32, HashSet<(A, u16)>>;
 
 /// Whether a tracked connection is a UDP flow of one of `services` to a backend outside that
 /// service's serving set.
-pub fn stale_udp_flow(t: &Tuple4, v: &kproxy_common::Ct4Value, services: &ServingSets) -> bool {
-    t.proto == kproxy_common::proto::UDP
-        && services
-            .get(&v.svc_id)
-            .is_some_and(|set| !set.contains(&(v.backend_addr, v.backend_port)))
+pub fn stale_udp_flow<F: CtFamily>(
+    t: &F::Tuple,
+    v: &F::Ct,
+    services: &ServingSets<F::Addr>,
+) -> bool {
+    let (svc_id, backend) = F::service_backend(v);
+    F::proto(t) == kproxy_common::proto::UDP
+        && services.get(&svc_id).is_some_and(|set| !set.contains(&backend))
 }
 
-impl BpfDataplane {
-    /// The `kp_ctstat` counters (created, deleted by the datapath, deleted by the agent), summed
-    /// over CPUs.
-    pub fn ct_counters(&self) -> Result<[u64; 3], DataplaneError> {
+/// One family's connection-tracking maps, opened.
+struct CtTables<'a, F: CtFamily> {
+    ct: &'a Hash<F::Tuple, F::Ct>,
+    revnat: &'a Hash<F::Tuple, F::RevNat>,
+    frag: &'a Hash<F::FragKey, Frag4Value>,
+    /// `kp_ctstat` or `kp_ctstat6`, with its name.
+    counters: (&'a PerCpuArray<MapData, u64>, &'static str),
+}
+
+impl<F: CtFamily> CtTables<'_, F> {
+    /// The counters (created, deleted by the datapath, deleted by the agent), summed over CPUs.
+    fn counters(&self) -> Result<[u64; 3], DataplaneError> {
+        let (map, name) = self.counters;
         let mut out = [0; 3];
         for (i, idx) in
             [ct_counter::CREATED, ct_counter::DELETED_DATAPATH, ct_counter::DELETED_AGENT]
                 .into_iter()
                 .enumerate()
         {
-            let v = self
-                .ct_counters
-                .get(&idx, 0)
-                .map_err(|e| map_err(names::CT_COUNTERS, "lookup", &idx.to_string(), e))?;
+            let v = map.get(&idx, 0).map_err(|e| map_err(name, "lookup", &idx.to_string(), e))?;
             out[i] = v.iter().sum();
         }
         Ok(out)
     }
 
-    /// Adds `n` to the agent's deletion counter (the datapath never writes that slot).
-    fn count_agent_deletes(&mut self, n: u64) -> Result<(), DataplaneError> {
-        if n == 0 {
-            return Ok(());
-        }
-        let idx = ct_counter::DELETED_AGENT;
-        let err = |op, e| map_err(names::CT_COUNTERS, op, &idx.to_string(), e);
-        let cur = self.ct_counters.get(&idx, 0).map_err(|e| err("lookup", e))?;
-        let mut v: Vec<u64> = cur.iter().copied().collect();
-        v[0] += n;
-        let vals = PerCpuValues::try_from(v).map_err(|source| DataplaneError::Map {
-            map: names::CT_COUNTERS,
-            op: "update",
-            key: idx.to_string(),
-            source,
-        })?;
-        self.ct_counters.set(idx, vals, 0).map_err(|e| err("update", e))
-    }
-
-    /// The connection-tracking numbers, walking `kp_ct4` (in batches) to count its entries.
-    pub fn conntrack_stats(&self) -> Result<CtStats, DataplaneError> {
-        let [created, deleted_datapath, deleted_agent] = self.ct_counters()?;
-        let entries = batch::count(self.ct.fd(), size_of::<Tuple4>(), size_of::<Ct4Value>())
-            .map_err(walk_err(names::CT4))?;
+    fn stats(&self) -> Result<CtStats, DataplaneError> {
+        let [created, deleted_datapath, deleted_agent] = self.counters()?;
+        let entries = batch::count(self.ct.fd(), size_of::<F::Tuple>(), size_of::<F::Ct>())
+            .map_err(walk_err(F::CT))?;
         Ok(CtStats {
             created,
             deleted_datapath,
@@ -179,23 +316,22 @@ impl BpfDataplane {
         })
     }
 
-    /// One garbage collection at `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`):
-    /// deletes the expired connection entries and their reverse-NAT partners, and reverse-NAT
-    /// entries whose connection is gone (evicted) and that are older than the longest timeout
-    /// of their protocol. Counts what it deleted in `kp_ctstat`. The tables are read and
-    /// cleaned in batches (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`); each expired entry is
-    /// looked at once more right before its batch is deleted.
-    pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<GcReport, DataplaneError> {
-        let [created, deleted_datapath, deleted_agent] = self.ct_counters()?;
+    /// The collection of [`BpfDataplane::conntrack_gc`], without counting its deletions.
+    fn gc(&self, now_ns: u64) -> Result<GcReport, DataplaneError> {
+        let [created, deleted_datapath, deleted_agent] = self.counters()?;
+        let is_expired = |t: &F::Tuple, v: &F::Ct| {
+            let (state, seen) = F::state_seen(v);
+            expired(F::proto(t), state, seen, now_ns)
+        };
         let mut present = 0u64;
         let mut stale = Vec::new();
-        batch::walk(self.ct.fd(), |t: &Tuple4, v: &Ct4Value| {
+        batch::walk(self.ct.fd(), |t: &F::Tuple, v: &F::Ct| {
             present += 1;
-            if expired(t.proto, v.state, v.last_seen_ns, now_ns) {
+            if is_expired(t, v) {
                 stale.push(*t);
             }
         })
-        .map_err(walk_err(names::CT4))?;
+        .map_err(walk_err(F::CT))?;
         let mut report = GcReport::default();
         // Small batches keep the time between the last look and the delete short.
         for chunk in stale.chunks(GC_BATCH) {
@@ -204,59 +340,47 @@ impl BpfDataplane {
             for t in chunk {
                 // Look again: the flow may have seen a packet since the walk.
                 let v = match self.ct.map.get(t, 0) {
-                    Ok(v) if expired(t.proto, v.state, v.last_seen_ns, now_ns) => v,
+                    Ok(v) if is_expired(t, &v) => v,
                     _ => continue,
                 };
                 dead.push(*t);
-                let r = reply_tuple(t, &v);
+                let r = F::reply_tuple(t, &v);
                 if let Ok(rv) = self.revnat.map.get(&r, 0)
-                    && rv.client_addr == t.saddr
-                    && rv.client_port == t.sport
-                    && rv.frontend_addr == t.daddr
-                    && rv.frontend_port == t.dport
+                    && F::points_at(&rv, t)
                 {
                     partners.push(r);
                 }
             }
-            report.deleted += delete_all(self.ct.fd(), names::CT4, &dead)?;
-            report.revnat_deleted += delete_all(self.revnat.fd(), names::REVNAT4, &partners)?;
+            report.deleted += delete_all(self.ct.fd(), F::CT, &dead)?;
+            report.revnat_deleted += delete_all(self.revnat.fd(), F::REVNAT, &partners)?;
         }
-        self.count_agent_deletes(report.deleted)?;
         // Reverse-NAT entries whose connection entry is gone (evicted, or deleted by the
         // datapath when its backend went away) and older than any idle timeout of their
         // protocol: nothing can use them any more.
         let mut old = Vec::new();
-        batch::walk(self.revnat.fd(), |r: &Tuple4, rv: &RevNat4Value| {
-            if expired(r.proto, ct_state::ESTABLISHED, rv.last_seen_ns, now_ns) {
+        batch::walk(self.revnat.fd(), |r: &F::Tuple, rv: &F::RevNat| {
+            if expired(F::proto(r), ct_state::ESTABLISHED, F::revnat_seen(rv), now_ns) {
                 old.push((*r, *rv));
             }
         })
-        .map_err(walk_err(names::REVNAT4))?;
-        let orphans: Vec<Tuple4> = old
+        .map_err(walk_err(F::REVNAT))?;
+        let orphans: Vec<F::Tuple> = old
             .iter()
             .filter(|(r, rv)| {
-                let orig = Tuple4 {
-                    saddr: rv.client_addr,
-                    daddr: rv.frontend_addr,
-                    sport: rv.client_port,
-                    dport: rv.frontend_port,
-                    proto: r.proto,
-                    _pad: [0; 3],
-                };
-                matches!(self.ct.map.get(&orig, 0), Err(ref e) if gone(e))
+                matches!(self.ct.map.get(&F::orig_tuple(r, rv), 0), Err(ref e) if gone(e))
             })
             .map(|(r, _)| *r)
             .collect();
-        report.revnat_deleted += delete_all(self.revnat.fd(), names::REVNAT4, &orphans)?;
+        report.revnat_deleted += delete_all(self.revnat.fd(), F::REVNAT, &orphans)?;
         // Fragment-tracking entries the datapath no longer uses (it ignores them too).
         let mut frags = Vec::new();
-        batch::walk(self.frag.fd(), |k: &Frag4Key, v: &Frag4Value| {
+        batch::walk(self.frag.fd(), |k: &F::FragKey, v: &Frag4Value| {
             if frag::expired(v.seen, now_ns) {
                 frags.push(*k);
             }
         })
-        .map_err(walk_err(names::FRAG4))?;
-        report.fragments_deleted = delete_all(self.frag.fd(), names::FRAG4, &frags)?;
+        .map_err(walk_err(F::FRAG))?;
+        report.fragments_deleted = delete_all(self.frag.fd(), F::FRAG, &frags)?;
         report.stats = CtStats {
             created,
             deleted_datapath,
@@ -267,30 +391,140 @@ impl BpfDataplane {
         };
         Ok(report)
     }
-}
 
-impl BpfDataplane {
     /// Deletes a connection entry and its reverse-NAT partner (only if that partner still points
     /// back at the entry: a SNAT port may have been reused). `None` when the entry was gone
     /// already, else whether the partner was deleted.
-    fn remove_flow(
-        &mut self,
-        t: &Tuple4,
-        v: &kproxy_common::Ct4Value,
-    ) -> Result<Option<bool>, DataplaneError> {
-        match self.ct.map.remove(t) {
-            Ok(()) => {}
-            Err(e) if gone(&e) => return Ok(None),
-            Err(e) => return Err(map_err(names::CT4, "delete", &format!("{t:?}"), e)),
+    fn remove_flow(&self, t: &F::Tuple, v: &F::Ct) -> Result<Option<bool>, DataplaneError> {
+        if delete_all(self.ct.fd(), F::CT, std::slice::from_ref(t))? == 0 {
+            return Ok(None);
         }
-        let r = reply_tuple(t, v);
+        let r = F::reply_tuple(t, v);
         Ok(Some(
-            matches!(self.revnat.map.get(&r, 0), Ok(rv) if rv.client_addr == t.saddr
-                && rv.client_port == t.sport
-                && rv.frontend_addr == t.daddr
-                && rv.frontend_port == t.dport)
-                && self.revnat.map.remove(&r).is_ok(),
+            matches!(self.revnat.map.get(&r, 0), Ok(rv) if F::points_at(&rv, t))
+                && delete_all(self.revnat.fd(), F::REVNAT, &[r])? == 1,
         ))
+    }
+
+    /// The reconciliation of [`BpfDataplane::reconcile_udp_flows`], without counting its
+    /// deletions.
+    fn reconcile_udp(&self, services: &ServingSets<F::Addr>) -> Result<u64, DataplaneError> {
+        if services.is_empty() {
+            return Ok(0);
+        }
+        let mut stale = Vec::new();
+        batch::walk(self.ct.fd(), |t: &F::Tuple, v: &F::Ct| {
+            if stale_udp_flow::<F>(t, v, services) {
+                stale.push(*t);
+            }
+        })
+        .map_err(walk_err(F::CT))?;
+        let mut deleted = 0;
+        for t in &stale {
+            // The flow may have been deleted and balanced again since the walk.
+            let v = match self.ct.map.get(t, 0) {
+                Ok(v) if stale_udp_flow::<F>(t, &v, services) => v,
+                _ => continue,
+            };
+            if self.remove_flow(t, &v)?.is_some() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// Adds `n` to the agent's deletion counter of `map` (the datapath never writes that slot).
+fn count_agent_deletes(
+    map: &mut PerCpuArray<MapData, u64>,
+    name: &'static str,
+    n: u64,
+) -> Result<(), DataplaneError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let idx = ct_counter::DELETED_AGENT;
+    let err = |op, e| map_err(name, op, &idx.to_string(), e);
+    let cur = map.get(&idx, 0).map_err(|e| err("lookup", e))?;
+    let mut v: Vec<u64> = cur.iter().copied().collect();
+    v[0] += n;
+    let vals = PerCpuValues::try_from(v).map_err(|source| DataplaneError::Map {
+        map: name,
+        op: "update",
+        key: idx.to_string(),
+        source,
+    })?;
+    map.set(idx, vals, 0).map_err(|e| err("update", e))
+}
+
+impl BpfDataplane {
+    fn tables4(&self) -> CtTables<'_, V4> {
+        CtTables {
+            ct: &self.ct,
+            revnat: &self.revnat,
+            frag: &self.frag,
+            counters: (&self.ct_counters, names::CT_COUNTERS),
+        }
+    }
+
+    /// The IPv6 tables; an error on pins without IPv6 maps.
+    fn tables6(&self) -> Result<CtTables<'_, V6>, DataplaneError> {
+        let m = self.v6.as_ref().ok_or_else(|| super::bpf6::no_v6("iterate"))?;
+        Ok(CtTables {
+            ct: &m.ct,
+            revnat: &m.revnat,
+            frag: &m.frag,
+            counters: (&m.ct_counters, names::CT_COUNTERS6),
+        })
+    }
+
+    /// The IPv6 `kp_ctstat6` counter map, to count the agent's deletions.
+    fn ct_counters6_mut(&mut self) -> Result<&mut PerCpuArray<MapData, u64>, DataplaneError> {
+        let m = self.v6.as_mut().ok_or_else(|| super::bpf6::no_v6("update"))?;
+        Ok(&mut m.ct_counters)
+    }
+
+    /// The `kp_ctstat` counters (created, deleted by the datapath, deleted by the agent), summed
+    /// over CPUs.
+    pub fn ct_counters(&self) -> Result<[u64; 3], DataplaneError> {
+        self.tables4().counters()
+    }
+
+    /// The connection-tracking numbers, walking `kp_ct4` (in batches) to count its entries.
+    pub fn conntrack_stats(&self) -> Result<CtStats, DataplaneError> {
+        self.tables4().stats()
+    }
+
+    /// The IPv6 connection-tracking numbers (`kp_ct6`, `kp_ctstat6`); `None` on pins without
+    /// IPv6 maps.
+    pub fn conntrack_stats6(&self) -> Result<Option<CtStats>, DataplaneError> {
+        if !self.has_ipv6() {
+            return Ok(None);
+        }
+        self.tables6()?.stats().map(Some)
+    }
+
+    /// One garbage collection at `now_ns` (CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`):
+    /// deletes the expired connection entries and their reverse-NAT partners, and reverse-NAT
+    /// entries whose connection is gone (evicted) and that are older than the longest timeout
+    /// of their protocol. Counts what it deleted in `kp_ctstat`. The tables are read and
+    /// cleaned in batches (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`); each expired entry is
+    /// looked at once more right before its batch is deleted.
+    pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<GcReport, DataplaneError> {
+        let r = self.tables4().gc(now_ns)?;
+        count_agent_deletes(&mut self.ct_counters, names::CT_COUNTERS, r.deleted)?;
+        Ok(r)
+    }
+
+    /// [`Self::conntrack_gc`] of the IPv6 tables (`kp_ct6`, `kp_rnat6`, `kp_frag6`, counted in
+    /// `kp_ctstat6`); `None` on pins without IPv6 maps.
+    pub fn conntrack_gc6(&mut self, now_ns: u64) -> Result<Option<GcReport>, DataplaneError> {
+        if !self.has_ipv6() {
+            return Ok(None);
+        }
+        let r = self.tables6()?.gc(now_ns)?;
+        count_agent_deletes(self.ct_counters6_mut()?, names::CT_COUNTERS6, r.deleted)?;
+        Ok(Some(r))
     }
 
     /// The conntrack reconciler: deletes the tracked UDP flows of `services` whose backend is not
@@ -298,30 +532,22 @@ impl BpfDataplane {
     /// with their reverse-NAT partners; counts them as the agent's deletions. Returns how many
     /// connection entries it deleted.
     pub fn reconcile_udp_flows(&mut self, services: &ServingSets) -> Result<u64, DataplaneError> {
-        if services.is_empty() {
+        let n = self.tables4().reconcile_udp(services)?;
+        count_agent_deletes(&mut self.ct_counters, names::CT_COUNTERS, n)?;
+        Ok(n)
+    }
+
+    /// [`Self::reconcile_udp_flows`] for IPv6 flows (`kp_ct6`); 0 on pins without IPv6 maps.
+    pub fn reconcile_udp_flows6(
+        &mut self,
+        services: &ServingSets<Addr6>,
+    ) -> Result<u64, DataplaneError> {
+        if services.is_empty() || !self.has_ipv6() {
             return Ok(0);
         }
-        let mut stale = Vec::new();
-        for item in self.ct.map.iter() {
-            match item {
-                Ok((t, v)) if stale_udp_flow(&t, &v, services) => stale.push(t),
-                Ok(_) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(names::CT4, "iterate", "", e)),
-            }
-        }
-        let mut deleted = 0;
-        for t in &stale {
-            // The flow may have been deleted and balanced again since the walk.
-            let v = match self.ct.map.get(t, 0) {
-                Ok(v) if stale_udp_flow(t, &v, services) => v,
-                _ => continue,
-            };
-            if self.remove_flow(t, &v)?.is_some() {
-                deleted += 1;
-            }
-        }
-        self.count_agent_deletes(deleted)?;
-        Ok(deleted)
+        let n = self.tables6()?.reconcile_udp(services)?;
+        count_agent_deletes(self.ct_counters6_mut()?, names::CT_COUNTERS6, n)?;
+        Ok(n)
     }
 }
 
@@ -403,16 +629,29 @@ impl EvictionCounter {
     }
 }
 
+/// UDP service ports whose flows the reconciler is to check, by family.
+#[derive(Debug, Default)]
+pub struct Reconcile {
+    pub v4: Vec<UdpServing>,
+    pub v6: Vec<UdpServing<Addr6>>,
+}
+
+impl Reconcile {
+    fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
 /// The handle of the conntrack thread ([`spawn_worker`]): hands it reconciliations.
 #[derive(Debug, Clone)]
 pub struct ConntrackWorker {
-    tx: mpsc::Sender<Vec<UdpServing>>,
+    tx: mpsc::Sender<Reconcile>,
 }
 
 impl ConntrackWorker {
     /// Asks for the UDP flows of these service ports to be reconciled (soon, on the worker's
     /// thread); nothing happens for an empty list.
-    pub fn reconcile(&self, ports: Vec<UdpServing>) {
+    pub fn reconcile(&self, ports: Reconcile) {
         if !ports.is_empty() && self.tx.send(ports).is_err() {
             warn!(
                 "conntrack reconciler not running: UDP flows to backends that stopped serving stay"
@@ -421,22 +660,30 @@ impl ConntrackWorker {
     }
 }
 
+/// Serving sets by service id from reconciliation requests: later requests for a service
+/// replace earlier ones.
+fn serving_sets<A: Copy + Eq + std::hash::Hash>(
+    requests: impl IntoIterator<Item = UdpServing<A>>,
+) -> ServingSets<A> {
+    requests.into_iter().map(|p| (p.svc_id, p.serving)).collect()
+}
+
 /// Starts the conntrack thread (its walks are blocking syscalls), with its own handle on the
-/// maps pinned under `pin_path`: a garbage collection at once and then every `gc_interval`
-/// (`None`: never; `gc_report` gets the numbers of each run, the monotonic eviction count and
-/// how long the run took),
-/// and the reconciliations handed over by [`ConntrackWorker::reconcile`], several waiting ones
-/// merged into one walk (`reconciled` gets the number of flows each deleted). Connected UDP
+/// maps pinned under `pin_path`: a garbage collection of both families at once and then every
+/// `gc_interval` (`None`: never; `gc_report` gets the family (`"IPv4"`, `"IPv6"`), the numbers of
+/// each run, the monotonic eviction count and how long the run took), and the reconciliations
+/// handed over by [`ConntrackWorker::reconcile`], several waiting ones merged into one walk per
+/// family (`reconciled` gets the family and the number of flows each deleted). Connected UDP
 /// sockets the socket LB pointed at a backend that stopped serving are destroyed in the agent's
-/// network namespace, and with `all_netns` (`--socket-lb-pods`) in the pods' too.
+/// network namespace, and with `all_netns` (`--socket-lb-pods`) in the pods' too (IPv4 sockets).
 pub fn spawn_worker(
     pin_path: PathBuf,
     gc_interval: Option<Duration>,
-    gc_report: impl Fn(&GcReport, u64, Duration) + Send + 'static,
-    reconciled: impl Fn(u64) + Send + 'static,
+    gc_report: impl Fn(&'static str, &GcReport, u64, Duration) + Send + 'static,
+    reconciled: impl Fn(&'static str, u64) + Send + 'static,
     all_netns: bool,
 ) -> std::io::Result<ConntrackWorker> {
-    let (tx, rx) = mpsc::channel::<Vec<UdpServing>>();
+    let (tx, rx) = mpsc::channel::<Reconcile>();
     std::thread::Builder::new().name("kproxy-conntrack".into()).spawn(move || {
         let mut dp = match BpfDataplane::open(&pin_path) {
             Ok(dp) => dp,
@@ -470,28 +717,39 @@ pub fn spawn_worker(
                     Err(_) => return,
                 },
             };
-            // Later requests for a service replace earlier ones.
-            let mut services: ServingSets = HashMap::new();
-            for p in request.into_iter().chain(rx.try_iter().flatten()) {
-                services.insert(p.svc_id, p.serving);
+            let (mut v4, mut v6) = (request.v4, request.v6);
+            for r in rx.try_iter() {
+                v4.extend(r.v4);
+                v6.extend(r.v6);
             }
+            let (services, services6) = (serving_sets(v4), serving_sets(v6));
             let started = Instant::now();
-            match dp.reconcile_udp_flows(&services) {
-                Ok(n) => {
-                    reconciled(n);
-                    let took_ms = started.elapsed().as_secs_f64() * 1e3;
-                    if n > 0 {
-                        info!(
-                            deleted = n,
-                            services = services.len(),
-                            took_ms,
-                            "UDP flows to backends that stopped serving deleted"
-                        );
-                    } else {
-                        debug!(services = services.len(), took_ms, "UDP flows reconciled");
-                    }
+            let results = [
+                ("IPv4", services.len(), dp.reconcile_udp_flows(&services)),
+                ("IPv6", services6.len(), dp.reconcile_udp_flows6(&services6)),
+            ];
+            let took_ms = started.elapsed().as_secs_f64() * 1e3;
+            for (family, n_services, r) in results {
+                if n_services == 0 {
+                    continue;
                 }
-                Err(e) => warn!(error = %e, "conntrack reconciliation failed"),
+                match r {
+                    Ok(n) => {
+                        reconciled(family, n);
+                        if n > 0 {
+                            info!(
+                                family,
+                                deleted = n,
+                                services = n_services,
+                                took_ms,
+                                "UDP flows to backends that stopped serving deleted"
+                            );
+                        } else {
+                            debug!(family, services = n_services, took_ms, "UDP flows reconciled");
+                        }
+                    }
+                    Err(e) => warn!(family, error = %e, "conntrack reconciliation failed"),
+                }
             }
             if destroy_sockets {
                 destroy_sockets = destroy_stale_udp_sockets(&dp, &services, all_netns);
@@ -526,44 +784,65 @@ fn destroy_stale_udp_sockets(dp: &BpfDataplane, services: &ServingSets, all_netn
     true
 }
 
-/// The garbage collection's state between runs.
+/// The garbage collection's state between runs, per family.
 #[derive(Default)]
 struct Gc {
-    evictions: EvictionCounter,
-    last_evictions: Option<u64>,
+    evictions: [EvictionCounter; 2],
+    last_evictions: [Option<u64>; 2],
 }
 
 impl Gc {
-    fn run(&mut self, dp: &mut BpfDataplane, report: &impl Fn(&GcReport, u64, Duration)) {
-        let started = Instant::now();
-        match dp.conntrack_gc(super::monotonic_ns()) {
-            Ok(r) => {
-                let ev = self.evictions.update(&r.stats);
-                report(&r, ev, started.elapsed());
-                if let Some(last) = self.last_evictions
-                    && ev > last
-                {
-                    warn!(
-                        evicted = ev - last,
-                        capacity = r.stats.capacity,
-                        "connection-tracking table full: entries evicted (raise --max-conntrack)"
-                    );
-                }
-                self.last_evictions = Some(ev);
-                let took_ms = started.elapsed().as_secs_f64() * 1e3;
-                if r.deleted > 0 || r.revnat_deleted > 0 {
-                    info!(
-                        deleted = r.deleted,
-                        revnat_deleted = r.revnat_deleted,
-                        entries = r.stats.entries,
-                        took_ms,
-                        "conntrack garbage collection"
-                    );
-                } else {
-                    debug!(entries = r.stats.entries, took_ms, "conntrack garbage collection");
-                }
+    fn run(
+        &mut self,
+        dp: &mut BpfDataplane,
+        report: &impl Fn(&'static str, &GcReport, u64, Duration),
+    ) {
+        let now = super::monotonic_ns();
+        for (i, family) in ["IPv4", "IPv6"].into_iter().enumerate() {
+            let started = Instant::now();
+            let r = if i == 0 { dp.conntrack_gc(now).map(Some) } else { dp.conntrack_gc6(now) };
+            match r {
+                Ok(Some(r)) => self.collected(i, family, &r, started.elapsed(), report),
+                // Pins without IPv6 maps.
+                Ok(None) => {}
+                Err(e) => warn!(family, error = %e, "conntrack garbage collection failed"),
             }
-            Err(e) => warn!(error = %e, "conntrack garbage collection failed"),
+        }
+    }
+
+    fn collected(
+        &mut self,
+        i: usize,
+        family: &'static str,
+        r: &GcReport,
+        took: Duration,
+        report: &impl Fn(&'static str, &GcReport, u64, Duration),
+    ) {
+        let ev = self.evictions[i].update(&r.stats);
+        report(family, r, ev, took);
+        if let Some(last) = self.last_evictions[i]
+            && ev > last
+        {
+            warn!(
+                family,
+                evicted = ev - last,
+                capacity = r.stats.capacity,
+                "connection-tracking table full: entries evicted (raise --max-conntrack)"
+            );
+        }
+        self.last_evictions[i] = Some(ev);
+        let took_ms = took.as_secs_f64() * 1e3;
+        if r.deleted > 0 || r.revnat_deleted > 0 {
+            info!(
+                family,
+                deleted = r.deleted,
+                revnat_deleted = r.revnat_deleted,
+                entries = r.stats.entries,
+                took_ms,
+                "conntrack garbage collection"
+            );
+        } else {
+            debug!(family, entries = r.stats.entries, took_ms, "conntrack garbage collection");
         }
     }
 }
@@ -616,17 +895,17 @@ mod tests {
         };
         let services: ServingSets = [(7, [(10, 53), (11, 53)].into_iter().collect())].into();
         // Listed UDP service, backend no longer serving: stale.
-        assert!(stale_udp_flow(&t(proto::UDP), &v(7, 12), &services));
+        assert!(stale_udp_flow::<V4>(&t(proto::UDP), &v(7, 12), &services));
         // Serving backend; same address on another port is another backend.
-        assert!(!stale_udp_flow(&t(proto::UDP), &v(7, 10), &services));
-        assert!(stale_udp_flow(
+        assert!(!stale_udp_flow::<V4>(&t(proto::UDP), &v(7, 10), &services));
+        assert!(stale_udp_flow::<V4>(
             &t(proto::UDP),
             &Ct4Value { backend_port: 54, ..v(7, 10) },
             &services
         ));
         // TCP keeps its connections; services not listed are not looked at.
-        assert!(!stale_udp_flow(&t(proto::TCP), &v(7, 12), &services));
-        assert!(!stale_udp_flow(&t(proto::UDP), &v(8, 12), &services));
+        assert!(!stale_udp_flow::<V4>(&t(proto::TCP), &v(7, 12), &services));
+        assert!(!stale_udp_flow::<V4>(&t(proto::UDP), &v(8, 12), &services));
     }
 
     #[test]

@@ -1460,10 +1460,7 @@ fn compute_service(
         if restricted {
             state.source_ranges.clone_from(&ranges);
         }
-        if p == proto::UDP {
-            state.udp_serving =
-                eps.iter().filter(|e| e.ready || e.serving).map(|e| (e.addr, e.port)).collect();
-        }
+        state.udp_serving = udp_serving(p, &eps);
         out.ports.push((spn, state, port_field(port, i, "port")));
     }
     if spec.policy_external_local
@@ -1473,6 +1470,15 @@ fn compute_service(
         out.health = Some((port, local_ready.len().max(local_ready6.len())));
     }
     out
+}
+
+/// The serving endpoints (address, target port) of a UDP port, whatever the traffic policies
+/// and topology select (see [`ServicePortState::udp_serving`]); empty for other protocols.
+fn udp_serving<A: Copy + Ord>(p: u8, eps: &[Endpoint<A>]) -> BTreeSet<(A, u16)> {
+    if p != proto::UDP {
+        return BTreeSet::new();
+    }
+    eps.iter().filter(|e| e.ready || e.serving).map(|e| (e.addr, e.port)).collect()
 }
 
 /// The flags of a frontend's service entry: its kind (`svc_flags::CLUSTER_IP`, ...), with

@@ -855,6 +855,44 @@ spec:
     assert_eq!(port(proto::UDP).endpoints.len(), 5);
 }
 
+/// The IPv6 side lists its serving UDP endpoints the same way, from the IPv6 slices only.
+#[test]
+fn ipv6_udp_ports_list_their_serving_endpoints() {
+    let s = svc(r#"
+metadata: {name: dns, namespace: default}
+spec:
+  clusterIPs: [198.19.0.10, "2001:2:ff::10"]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: tcp, port: 53, protocol: TCP}]
+"#);
+    let mk = |fam: &str, proto: &str, addrs: [&str; 3]| {
+        slice(&format!(
+            "metadata: {{name: dns-{fam}-{proto}, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: {fam}\nports: [{{name: {}, port: 5353, protocol: {proto}}}]\nendpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}}}\n- {{addresses: [\"{}\"], conditions: {{ready: false, serving: true, terminating: true}}}}\n- {{addresses: [\"{}\"], conditions: {{ready: false, serving: false}}}}\n",
+            proto.to_lowercase().replace("udp", "dns"),
+            addrs[0],
+            addrs[1],
+            addrs[2]
+        ))
+    };
+    let v6 = ["2001:2:100::10", "2001:2:100::12", "2001:2:100::13"];
+    let out = build(
+        &[s],
+        &[
+            mk("IPv6", "UDP", v6),
+            mk("IPv6", "TCP", v6),
+            mk("IPv4", "UDP", ["198.18.100.10", "198.18.100.12", "198.18.100.13"]),
+        ],
+        &node(),
+    );
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let port6 = |p: u8| out.state.services6.iter().find(|(k, _)| k.proto == p).unwrap().1;
+    let serving: Vec<String> =
+        port6(proto::UDP).udp_serving.iter().map(|(a, p)| format!("[{a}]:{p}")).collect();
+    assert_eq!(serving, ["[2001:2:100::10]:5353", "[2001:2:100::12]:5353"]);
+    assert!(port6(proto::TCP).udp_serving.is_empty());
+    assert_eq!(port6(proto::UDP).endpoints.len(), 3, "every endpoint stays a backend");
+}
+
 #[test]
 fn health_check_counts_local_endpoints() {
     let s = svc(r#"

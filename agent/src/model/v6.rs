@@ -93,6 +93,9 @@ pub struct PortState6 {
     /// Every IPv6 endpoint of the port, also those outside every slot (terminating, not
     /// ready): their backends stay in the datapath so that tracked connections keep working.
     pub endpoints: BTreeSet<Backend6>,
+    /// UDP ports only: the serving IPv6 endpoints (address, target port), as
+    /// `ServicePortState::udp_serving` for IPv4.
+    pub udp_serving: BTreeSet<(Ipv6Addr, u16)>,
     /// The IPv6 client networks (address, prefix length) allowed to open connections to the
     /// frontends flagged `SOURCE_RANGES`; empty when no frontend is.
     pub source_ranges: BTreeSet<(Ipv6Addr, u8)>,
@@ -199,7 +202,8 @@ pub(super) fn port_state(
         flags
     });
     let source_ranges = if restricted { ranges.clone() } else { BTreeSet::new() };
-    let state = PortState6 { frontends, endpoints, source_ranges };
+    let udp_serving = super::udp_serving(p, &eps);
+    let state = PortState6 { frontends, endpoints, udp_serving, source_ranges };
     debug_assert!(p != proto::SCTP);
     Some(state)
 }

@@ -169,16 +169,44 @@ pub struct SyncReport {
     /// UDP service ports whose tracked flows must be checked against their serving backends
     /// (written before this report is returned).
     pub udp_reconcile: Vec<UdpServing>,
+    /// The same for IPv6 UDP service ports.
+    pub udp_reconcile6: Vec<UdpServing<kproxy_common::Addr6>>,
 }
 
 /// The serving backends of one UDP service port: tracked UDP flows of this service id to any
-/// other backend are to be deleted.
+/// other backend are to be deleted. `A` is the address as the connection table holds it (`u32`
+/// for IPv4, `Addr6` for IPv6).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UdpServing {
-    /// Service id (`Ct4Value::svc_id`).
+pub struct UdpServing<A: Eq + std::hash::Hash = u32> {
+    /// Service id (`Ct4Value::svc_id`, `Ct6Value::svc_id`).
     pub svc_id: u32,
-    /// Serving backends: (address, port), both big-endian as in `Ct4Value`.
-    pub serving: HashSet<(u32, u16)>,
+    /// Serving backends: (address, port), both big-endian as in the connection table.
+    pub serving: HashSet<(A, u16)>,
+}
+
+/// Moves the id counter `next` past every id in `ids` (ids are never 0).
+fn skip_ids(next: &mut u32, ids: impl IntoIterator<Item = u32>) {
+    if let Some(max) = ids.into_iter().max()
+        && max >= *next
+    {
+        *next = max.wrapping_add(1).max(1);
+    }
+}
+
+/// Whether the flows of a UDP port whose serving set is now `new` must be reconciled: the set
+/// lost a member since `old`, or, for a port without a previous set, this is the agent's first
+/// sync (flows left by a previous agent). A port with nothing serving keeps its flows (nothing
+/// to move them to).
+fn udp_reconcile_needed<A: Ord>(
+    old: Option<&BTreeSet<(A, u16)>>,
+    new: &BTreeSet<(A, u16)>,
+    synced: bool,
+) -> bool {
+    !new.is_empty()
+        && match old {
+            Some(old) => old.iter().any(|b| !new.contains(b)),
+            None => !synced,
+        }
 }
 
 /// Identity of a backend in the datapath: address (be) << 32 | port (be) << 16 | protocol << 8.
@@ -627,11 +655,12 @@ impl Syncer {
     /// ids that tracked connections still name, so that a backend freed just before the restart
     /// (and so absent from the backends map) is not reborn under the same id.
     pub fn avoid_backend_ids(&mut self, ids: impl IntoIterator<Item = u32>) {
-        if let Some(max) = ids.into_iter().max()
-            && max >= self.next_backend_id
-        {
-            self.next_backend_id = max.wrapping_add(1).max(1);
-        }
+        skip_ids(&mut self.next_backend_id, ids);
+    }
+
+    /// [`Self::avoid_backend_ids`] for the IPv6 backend ids that tracked IPv6 connections name.
+    pub fn avoid_backend_ids6(&mut self, ids: impl IntoIterator<Item = u32>) {
+        skip_ids(&mut self.v6.next_backend_id, ids);
     }
 
     /// Sets the node's local addresses (every interface's, as kube-proxy counts them): they are
@@ -932,12 +961,7 @@ impl Syncer {
         if name.proto != kproxy_common::proto::UDP {
             return;
         }
-        let lost = match self.udp_serving.get(name) {
-            Some(old) => old.iter().any(|b| !serving.contains(b)),
-            None => !self.synced,
-        };
-        if lost
-            && !serving.is_empty()
+        if udp_reconcile_needed(self.udp_serving.get(name), &serving, self.synced)
             && let Some(svc_id) = self.record(name).map(|r| r.svc_id)
         {
             report.udp_reconcile.push(UdpServing {

@@ -92,7 +92,7 @@ pub struct Syncer6 {
     /// Backend key → number of ports whose endpoints hold it.
     refs: FastMap<Key6, u32>,
     ports: NameMap<ServicePortName, Port6>,
-    next_backend_id: u32,
+    pub(super) next_backend_id: u32,
     next_svc_id: u32,
     /// The node configuration wanted and whether it is written.
     config: NodeConfig6,
@@ -110,6 +110,10 @@ pub struct Syncer6 {
     /// The IPv6 service CIDRs wanted and whether they are written.
     cidrs: Option<Vec<ipnet::Ipv6Net>>,
     cidrs_written: bool,
+    /// The serving set of each programmed UDP port, for the conntrack reconciler.
+    udp_serving: NameMap<ServicePortName, BTreeSet<(Ipv6Addr, u16)>>,
+    /// Whether a sync ran (the first one reconciles every UDP port's flows).
+    synced: bool,
 }
 
 /// A failed write of one port.
@@ -259,12 +263,16 @@ impl Syncer6 {
             }
             let reported = self.ports.get(name).is_some_and(|p| p.refused == Some(hash));
             match self.write_port(name, state, hash, v4_id(name), dp, report) {
-                Ok(()) => report.services_changed += 1,
+                Ok(()) => {
+                    report.services_changed += 1;
+                    self.note_udp_serving(name, &state.udp_serving, report);
+                }
                 Err(Failed(SyncError::Conflict6 { .. })) if reported => {}
                 Err(Failed(e)) => report.errors.push(e),
             }
         }
         for (name, p) in gone {
+            self.udp_serving.remove(&name);
             self.unref(&p.endpoints);
             let fronts: Vec<Frontend6> = p
                 .frontends
@@ -312,6 +320,29 @@ impl Syncer6 {
         }
         self.remove_unused_backends(dp, report);
         self.write_service_addrs(dp, report);
+        self.synced = true;
+    }
+
+    /// Remembers the serving set of a programmed UDP port and asks for a reconciliation of its
+    /// flows when the set lost a member (or on the first sync), as the IPv4 syncer does.
+    fn note_udp_serving(
+        &mut self,
+        name: &ServicePortName,
+        serving: &BTreeSet<(Ipv6Addr, u16)>,
+        report: &mut SyncReport,
+    ) {
+        if name.proto != kproxy_common::proto::UDP {
+            return;
+        }
+        if super::udp_reconcile_needed(self.udp_serving.get(name), serving, self.synced)
+            && let Some(p) = self.ports.get(name)
+        {
+            report.udp_reconcile6.push(super::UdpServing {
+                svc_id: p.svc_id,
+                serving: serving.iter().map(|(a, port)| (to_addr6(*a), port.to_be())).collect(),
+            });
+        }
+        self.udp_serving.insert(name.clone(), serving.clone());
     }
 
     /// Brings the source ranges of service `svc_id` to `want`: the missing ones written
@@ -1253,5 +1284,72 @@ spec:
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert!(mem.services6.is_empty() && mem.backends6.is_empty());
         assert_eq!((mem.services.len(), mem.backends.len()), (6, 1));
+    }
+
+    /// A UDP port of `udp` (2001:2:ff::53:53) whose endpoints are the hosts of `all`, serving
+    /// when also in `serving`; the slots hold the serving ones.
+    fn udp_port(all: &[u8], serving: &[u8]) -> (ServicePortName, PortState6) {
+        let b = |n: &u8| Backend6 { proto: proto::UDP, port: 5353, ..be(*n) };
+        let backends: Vec<Backend6> = serving.iter().map(b).collect();
+        let mut st = PortState6 {
+            endpoints: all.iter().map(b).collect(),
+            udp_serving: serving.iter().map(|n| (b(n).addr, 5353)).collect(),
+            ..Default::default()
+        };
+        let f = Frontend6 { port: 53, proto: proto::UDP, ..fe("2001:2:ff::53") };
+        st.frontends.insert(
+            f,
+            FrontendEntry6 { flags: svc_flags::CLUSTER_IP, affinity_timeout: 0, backends },
+        );
+        (ServicePortName { port: "dns".into(), proto: proto::UDP, ..spn("udp") }, st)
+    }
+
+    /// As the IPv4 syncer: the first sync hands every UDP port to the reconciler, later ones
+    /// only the ports whose serving set lost a member (not with none left); TCP ports never.
+    #[test]
+    fn udp_ports_that_lose_a_serving_backend_are_handed_to_the_reconciler() {
+        let (mut s, mut dp) = (Syncer6::new(), Checked6::default());
+        let sync = |s: &mut Syncer6, dp: &mut Checked6, all: &[u8], serving: &[u8]| {
+            let mut d = desired(&[("tcp", "2001:2:ff::1", &[1, 2])]);
+            let (name, st) = udp_port(all, serving);
+            d.insert(name, st);
+            let r = run(s, dp, &d);
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            assert!(r.udp_reconcile.is_empty(), "nothing for IPv4");
+            r.udp_reconcile6
+        };
+        let hosts = |u: &crate::sync::UdpServing<Addr6>| {
+            let mut v: Vec<u8> = u
+                .serving
+                .iter()
+                .map(|(a, p)| {
+                    assert_eq!(u16::from_be(*p), 5353);
+                    from_addr6(a).octets()[15]
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let first = sync(&mut s, &mut dp, &[10, 11], &[10, 11]);
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(first[0].svc_id >= V6_ONLY_IDS, "the port's own id: {first:?}");
+        assert_eq!(hosts(&first[0]), [0x10, 0x11], "2001:2:100::10 and ::11");
+        let id = first[0].svc_id;
+        assert!(sync(&mut s, &mut dp, &[10, 11], &[10, 11]).is_empty(), "nothing changed");
+        assert!(sync(&mut s, &mut dp, &[10, 11, 12], &[10, 11, 12]).is_empty(), "a backend added");
+        // 11 stops serving (still an endpoint, so still a backend).
+        let r = sync(&mut s, &mut dp, &[10, 11, 12], &[10, 12]);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].svc_id, hosts(&r[0])), (id, vec![0x10, 0x12]));
+        assert!(dp.mem.backends6.len() >= 4, "the not-serving backend stays for TCP");
+        // Nothing serving: flows are left alone.
+        assert!(sync(&mut s, &mut dp, &[10, 11], &[]).is_empty());
+        let r = sync(&mut s, &mut dp, &[10, 11], &[10]);
+        assert!(r.is_empty(), "{r:?}: nothing lost against the empty set");
+        // A port that went away and comes back is new again, but not a first sync.
+        run(&mut s, &mut dp, &BTreeMap::new());
+        let (name, st) = udp_port(&[10], &[10]);
+        let r = run(&mut s, &mut dp, &BTreeMap::from([(name, st)]));
+        assert!(r.udp_reconcile6.is_empty(), "{:?}", r.udp_reconcile6);
     }
 }

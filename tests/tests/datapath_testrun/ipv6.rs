@@ -882,3 +882,103 @@ fn ipv6_closed_service_addresses_reject_unknown_ports_and_unallocated_ips_drop()
     assert_eq!(env.tc(names::PROG_TC_TO_POD, &to_pod), (TC_ACT_OK, to_pod.clone()));
     assert_eq!(env.maps.service_addrs6().unwrap().len(), 2);
 }
+
+/// A UDP datagram from the pod's port `sport` to `fe` through `kp_tc_from_pod`: the backend it
+/// was sent to (checksums checked).
+fn udp6_from_pod(env: &mut Env, sport: u16, fe: &str) -> Ipv6Addr {
+    let c = SocketAddrV6::new(*sa6(POD6).ip(), sport, 0, 0);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &Frame6::udp(c, sa6(fe), b"q").build());
+    assert_eq!(v, TC_ACT_OK);
+    frames6::verify_checksums(&out).unwrap();
+    frames6::decode(&out).unwrap().daddr
+}
+
+/// The reply of backend `be` (port 53) to the pod's port `sport`, entering the pod: translated.
+fn udp6_reply(env: &mut Env, be: Ipv6Addr, sport: u16) {
+    let r = Frame6::udp(
+        SocketAddrV6::new(be, 53, 0, 0),
+        SocketAddrV6::new(*sa6(POD6).ip(), sport, 0, 0),
+        b"a",
+    );
+    let (_, out) = env.tc(names::PROG_TC_TO_POD, &r.build());
+    assert_frame6(&out, &r.clone().with_src(sa6(DNS6)));
+}
+
+/// The agent's conntrack garbage collection on the IPv6 tables: expired entries go with their
+/// reverse NAT (a UDP flow without reply after 30 s, with one after 120 s), counted as the
+/// agent's deletions in `kp_ctstat6`; the IPv4 tables are not touched.
+#[test]
+fn ipv6_conntrack_gc_deletes_expired_entries_and_their_reverse_nat() {
+    let mut env = Env::new();
+    env.backend6(1, "[2001:2:100::11]:53", backend_flags::LOCAL, proto::UDP);
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let be = udp6_from_pod(&mut env, 42001, DNS6);
+    udp6_from_pod(&mut env, 42002, DNS6);
+    // Flow A gets a reply (established); flow B does not.
+    udp6_reply(&mut env, be, 42001);
+    assert_eq!((env.maps.conntrack6().unwrap().len(), env.maps.revnat6().unwrap().len()), (2, 2));
+
+    let now = kproxy::dataplane::monotonic_ns();
+    let g = env.maps.conntrack_gc6(now).unwrap().expect("IPv6 maps");
+    assert_eq!((g.deleted, g.revnat_deleted, g.stats.entries), (0, 0, 2));
+    // 60 s later B has expired, A has not.
+    let g = env.maps.conntrack_gc6(now + 60_000_000_000).unwrap().unwrap();
+    assert_eq!((g.deleted, g.revnat_deleted, g.stats.entries), (1, 1, 1), "{g:?}");
+    let ct = env.maps.conntrack6().unwrap();
+    assert_eq!(ct.len(), 1);
+    assert_eq!(ct[0].0.sport, 42001u16.to_be());
+    let rn = env.maps.revnat6().unwrap();
+    assert_eq!(rn.len(), 1);
+    assert_eq!(rn[0].1.client_port, 42001u16.to_be());
+    let s = env.maps.conntrack_stats6().unwrap().unwrap();
+    assert_eq!(g.stats, s);
+    assert_eq!((s.created, s.deleted_agent, s.entries, s.evictions()), (2, 1, 1, 0));
+    // 200 s later A has expired too.
+    let g = env.maps.conntrack_gc6(now + 200_000_000_000).unwrap().unwrap();
+    assert_eq!((g.deleted, g.revnat_deleted), (1, 1), "{g:?}");
+    assert!(env.maps.conntrack6().unwrap().is_empty() && env.maps.revnat6().unwrap().is_empty());
+    let s = env.maps.conntrack().unwrap();
+    assert!(s.is_empty(), "nothing in the IPv4 table: {s:?}");
+    assert_eq!(env.maps.conntrack_stats().unwrap().deleted_agent, 0, "IPv4 counters untouched");
+}
+
+/// The conntrack reconciler on IPv6: once backend 1 stops serving, the UDP flows tracked to it
+/// are deleted with their reverse NAT (counted as the agent's) and the next datagram goes to a
+/// serving backend; flows on the serving backend stay.
+#[test]
+fn ipv6_conntrack_reconciler_moves_udp_flows_off_a_backend_that_stops_serving() {
+    let mut env = Env::new();
+    let (b1, b2) = ("[2001:2:100::11]:53", "[2001:2:100::12]:53");
+    env.backend6(1, b1, backend_flags::LOCAL, proto::UDP);
+    env.backend6(2, b2, backend_flags::LOCAL, proto::UDP);
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1, 2], 1);
+    let mut flows = Vec::new();
+    for sport in 42001..42017 {
+        let be = udp6_from_pod(&mut env, sport, DNS6);
+        udp6_reply(&mut env, be, sport);
+        flows.push((sport, be));
+    }
+    let gone: Vec<u16> =
+        flows.iter().filter(|(_, b)| *b == *sa6(b1).ip()).map(|(p, _)| *p).collect();
+    assert!(!gone.is_empty() && gone.len() < flows.len(), "both backends used: {flows:?}");
+    assert_eq!(env.maps.revnat6().unwrap().len(), flows.len());
+
+    // Backend 1 stops serving: out of the slots, still a backend.
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
+    let serving: kproxy::dataplane::conntrack::ServingSets<[u32; 4]> =
+        [(1, [(words(*sa6(b2).ip()), 53u16.to_be())].into())].into();
+    let before = env.maps.ct_counters6().unwrap();
+    // The IPv4 reconciler does not look at IPv6 flows.
+    let v4: kproxy::dataplane::conntrack::ServingSets = [(1, Default::default())].into();
+    assert_eq!(env.maps.reconcile_udp_flows(&v4).unwrap(), 0);
+    let deleted = env.maps.reconcile_udp_flows6(&serving).unwrap();
+    assert_eq!(deleted, gone.len() as u64);
+    let ct = env.maps.conntrack6().unwrap();
+    assert_eq!(ct.len(), flows.len() - gone.len(), "flows on the serving backend stay");
+    assert!(ct.iter().all(|(_, v)| v.backend_addr == words(*sa6(b2).ip())));
+    assert_eq!(env.maps.revnat6().unwrap().len(), flows.len() - gone.len());
+    assert_eq!(env.maps.ct_counters6().unwrap()[2], before[2] + deleted, "counted as the agent's");
+    // A moved flow's next datagram goes to the serving backend.
+    assert_eq!(udp6_from_pod(&mut env, gone[0], DNS6), *sa6(b2).ip());
+    assert_eq!(env.maps.reconcile_udp_flows6(&serving).unwrap(), 0, "nothing left to move");
+}
