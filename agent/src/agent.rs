@@ -713,8 +713,8 @@ struct LoopState {
     retry_full: bool,
     health: BTreeMap<u16, model::HealthCheck>,
     /// Service ports with a Local policy that drop for lack of a local endpoint: (internal,
-    /// external).
-    no_local: BTreeMap<ServicePortName, (bool, bool)>,
+    /// external), IPv4 then IPv6.
+    no_local: [BTreeMap<ServicePortName, (bool, bool)>; 2],
 }
 
 /// Returns freed heap memory to the system (glibc keeps it otherwise: the first load parses
@@ -818,8 +818,9 @@ impl LoopState {
         if !failed {
             self.health = changes.state.health_checks.clone();
         }
-        let (internal, external) = self.count_no_local_endpoints(changes);
-        metrics.set_no_local_endpoints(internal, external);
+        let [v4, v6] = self.count_no_local_endpoints(changes);
+        metrics.set_no_local_endpoints("IPv4", v4.0, v4.1);
+        metrics.set_no_local_endpoints("IPv6", v6.0, v6.1);
         metrics.sync_done(
             started.elapsed(),
             changes.full,
@@ -859,31 +860,47 @@ impl LoopState {
 impl LoopState {
     /// Updates the service ports that drop for lack of a local endpoint under a Local policy
     /// (kube-proxy's `sync_proxy_rules_no_local_endpoints_total`) with the recomputed services,
-    /// and counts them: (internalTrafficPolicy, externalTrafficPolicy).
-    fn count_no_local_endpoints(&mut self, changes: &Changes) -> (usize, usize) {
-        if changes.full {
-            self.no_local.clear();
-        } else {
-            self.no_local.retain(|port, _| !changes.services.contains(&port.service));
-        }
-        for (port, state) in &changes.state.services {
-            let drops = |f: &model::FrontendEntry| {
-                f.flags & svc_flags::LOCAL_ONLY != 0
-                    && f.flags & svc_flags::DROP_IF_EMPTY != 0
-                    && f.backends.is_empty()
-            };
-            let internal = state.frontends.iter().any(|(k, f)| {
-                k.scope == scope::INTERNAL && f.flags & svc_flags::CLUSTER_IP != 0 && drops(f)
-            });
-            let external =
-                state.frontends.iter().any(|(k, f)| k.scope == scope::EXTERNAL && drops(f));
-            if internal || external {
-                self.no_local.insert(port.clone(), (internal, external));
+    /// and counts them: (internalTrafficPolicy, externalTrafficPolicy) for IPv4, then IPv6.
+    fn count_no_local_endpoints(&mut self, changes: &Changes) -> [(usize, usize); 2] {
+        for m in &mut self.no_local {
+            if changes.full {
+                m.clear();
+            } else {
+                m.retain(|port, _| !changes.services.contains(&port.service));
             }
         }
-        let count =
-            |pick: fn(&(bool, bool)) -> bool| self.no_local.values().filter(|v| pick(v)).count();
-        (count(|v| v.0), count(|v| v.1))
+        let [v4, v6] = &mut self.no_local;
+        for (port, state) in &changes.state.services {
+            note_no_local(v4, port, state.frontends.iter().map(|(k, f)| (k.scope, f)));
+        }
+        for (port, state) in &changes.state.services6 {
+            note_no_local(v6, port, state.frontends.iter().map(|(k, f)| (k.scope, f)));
+        }
+        self.no_local.each_ref().map(|m| {
+            let count = |pick: fn(&(bool, bool)) -> bool| m.values().filter(|v| pick(v)).count();
+            (count(|v| v.0), count(|v| v.1))
+        })
+    }
+}
+
+/// Records in `into` whether the port's frontends (scope, entry) drop for lack of a local
+/// endpoint under a Local policy: (a ClusterIP frontend, an external one).
+fn note_no_local<'a, A: 'a>(
+    into: &mut BTreeMap<ServicePortName, (bool, bool)>,
+    port: &ServicePortName,
+    frontends: impl Iterator<Item = (u8, &'a model::FrontendEntry<A>)> + Clone,
+) {
+    let drops = |f: &model::FrontendEntry<A>| {
+        f.flags & svc_flags::LOCAL_ONLY != 0
+            && f.flags & svc_flags::DROP_IF_EMPTY != 0
+            && f.backends.is_empty()
+    };
+    let internal = frontends
+        .clone()
+        .any(|(sc, f)| sc == scope::INTERNAL && f.flags & svc_flags::CLUSTER_IP != 0 && drops(f));
+    let external = frontends.into_iter().any(|(sc, f)| sc == scope::EXTERNAL && drops(f));
+    if internal || external {
+        into.insert(port.clone(), (internal, external));
     }
 }
 
@@ -1256,7 +1273,7 @@ mod tests {
         assert!(m.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 1\n"), "{m}");
         assert!(m.contains("kubeproxy_sync_proxy_rules_service_changes_total 1\n"), "{m}");
         // The only endpoint is on node-1: both Local policies drop here.
-        assert_eq!(state.count_no_local_endpoints(&tracker.changes()), (1, 1));
+        assert_eq!(state.count_no_local_endpoints(&tracker.changes())[0], (1, 1));
         obs.synced();
         assert!(
             metrics.render().contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n")
@@ -1265,10 +1282,60 @@ mod tests {
         let c = Change::Slice((&slice("node-0")).into());
         obs.observe(&c);
         tracker.apply(c);
-        assert_eq!(state.count_no_local_endpoints(&tracker.changes()), (0, 0));
+        assert_eq!(state.count_no_local_endpoints(&tracker.changes())[0], (0, 0));
         assert!(metrics.render().contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 2\n"));
         // A full resync starts from scratch.
         tracker.apply(Change::Slice((&slice("node-1")).into()));
-        assert_eq!(state.count_no_local_endpoints(&tracker.full()), (1, 1));
+        assert_eq!(state.count_no_local_endpoints(&tracker.full())[0], (1, 1));
+    }
+
+    /// The same gauge by family: a dual-stack service whose IPv4 endpoint is here and IPv6
+    /// endpoint elsewhere drops only for IPv6.
+    #[test]
+    fn no_local_endpoints_are_counted_by_family() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "clusterIPs": ["198.19.0.10", "2001:2:ff::10"],
+                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                     "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
+        }))
+        .unwrap();
+        let slice = |fam: &str,
+                     addr: &str,
+                     node: &str|
+         -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("web-{fam}"), "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": fam,
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [{"addresses": [addr], "nodeName": node, "conditions": {"ready": true}}]
+            }))
+            .unwrap()
+        };
+        let mut tracker = Tracker::new(NodeInfo {
+            name: "node-0".into(),
+            addrs: vec![Ipv4Addr::new(198, 18, 0, 10)],
+            zone: None,
+            addrs6: vec!["2001:2::10".parse().unwrap()],
+        });
+        let mut state = LoopState::default();
+        tracker.apply(Change::Service((&svc).into()));
+        tracker.apply(Change::Slice((&slice("IPv4", "198.18.100.10", "node-0")).into()));
+        tracker.apply(Change::Slice((&slice("IPv6", "2001:2:101::10", "node-1")).into()));
+        assert_eq!(state.count_no_local_endpoints(&tracker.changes()), [(0, 0), (1, 1)]);
+        let metrics = Metrics::new();
+        let [v4, v6] = state.count_no_local_endpoints(&tracker.full());
+        metrics.set_no_local_endpoints("IPv4", v4.0, v4.1);
+        metrics.set_no_local_endpoints("IPv6", v6.0, v6.1);
+        let m = metrics.render();
+        assert!(
+            m.contains("kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"internal\"} 1\n"),
+            "{m}"
+        );
+        // The IPv6 endpoint moves here.
+        tracker.apply(Change::Slice((&slice("IPv6", "2001:2:100::10", "node-0")).into()));
+        assert_eq!(state.count_no_local_endpoints(&tracker.changes()), [(0, 0), (0, 0)]);
     }
 }

@@ -449,11 +449,11 @@ impl Metrics {
         self.service_changes_pending.set(services as i64);
     }
 
-    /// Sets the number of service ports with a Local policy that drop for lack of a local
-    /// endpoint, by policy.
-    pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
-        self.no_local_endpoints.with_label_values(&[IP_FAMILY, "internal"]).set(internal as i64);
-        self.no_local_endpoints.with_label_values(&[IP_FAMILY, "external"]).set(external as i64);
+    /// Sets the number of service ports of `family` (`"IPv4"`, `"IPv6"`) with a Local policy
+    /// that drop for lack of a local endpoint, by policy.
+    pub fn set_no_local_endpoints(&self, family: &str, internal: usize, external: usize) {
+        self.no_local_endpoints.with_label_values(&[family, "internal"]).set(internal as i64);
+        self.no_local_endpoints.with_label_values(&[family, "external"]).set(external as i64);
     }
 
     /// Records one network programming latency (seconds from the trigger to programmed).
@@ -726,7 +726,7 @@ mod tests {
         m.conntrack_collected("IPv4", 1, 5, Duration::from_millis(2));
         m.count_changes(3, 1);
         m.set_pending_changes(2, 1);
-        m.set_no_local_endpoints(1, 2);
+        m.set_no_local_endpoints("IPv4", 1, 2);
         m.healthz_answered(503);
         m.livez_answered(200);
         m.sync_failed();
