@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use kproxy_tests::{
     apiserver::{ApiServer, Binder},
     client::{RequestError, tcp_request, tcp_request6},
-    lab::{self, AgentOpts, CLIENT_IP, Lab, LabSpec, Pod, SERVER_PORT, in_netns},
+    lab::{self, AgentOpts, CLIENT_IP, Lab, LabSpec, Pod, SERVER_PORT, exec, in_netns},
     manifests::ManifestDir,
 };
 
@@ -155,12 +155,25 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
     let n = tcp6_name(&lab.client_ns(), node6, NODE_PORT)
         .unwrap_or_else(|e| panic!("[{node6}]:{NODE_PORT} from the client: {e:#}"));
     assert!(names.contains(&n), "{n}");
+    // A new IPv6 address on the NodePort device: its NodePort appears, woken by the address
+    // notification (nothing else makes the agent read the addresses again).
+    let node_ns = lab.node(0).ns.clone();
+    let extra6: Ipv6Addr = "2001:2::99".parse().unwrap();
+    exec(&node_ns, &["ip", "-6", "addr", "add", "2001:2::99/64", "dev", "eth0", "nodad"])
+        .expect("ip -6 addr add");
+    let n = lab::eventually(Duration::from_secs(15), Duration::from_millis(200), || {
+        tcp6_name(&lab.client_ns(), extra6, NODE_PORT)
+    })
+    .unwrap_or_else(|e| {
+        panic!("[{extra6}]:{NODE_PORT} from the client: {e:#}\nagent log:\n{}", agent.log_text())
+    });
+    assert!(names.contains(&n), "{n}");
+    let _ = exec(&node_ns, &["ip", "-6", "addr", "del", "2001:2::99/64", "dev", "eth0"]);
     // No endpoint: the connection is refused (TCP RST from the datapath), not left to time out.
     let empty: Ipv6Addr = CIP6_EMPTY.parse().unwrap();
     let err = tcp6_name(&client.ns, empty, 80).expect_err("a service without endpoints");
     assert!(err.is_refused(), "{err}");
     // The IPv6 packets are counted by family.
-    let node_ns = lab.node(0).ns.clone();
     lab::eventually(Duration::from_secs(15), Duration::from_millis(250), || {
         let n = packets6(&node_ns, "translated_new")?;
         anyhow::ensure!(n >= 22, "kproxy_packets6_total{{reason=\"translated_new\"}} is {n}");
