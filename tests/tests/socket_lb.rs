@@ -9,7 +9,8 @@
 //!
 //! [`host_network_ipv6_clients_reach_cluster_ips_through_the_socket_lb`] is the IPv6 twin in a
 //! dual-stack lab (`connect6`, `sendmsg6`, `recvmsg6`, `getpeername6`), with IPv4-mapped
-//! destinations (`::ffff:a.b.c.d`) of `AF_INET6` sockets served as IPv4.
+//! destinations (`::ffff:a.b.c.d`) of `AF_INET6` sockets served as IPv4, and the source ranges
+//! of load-balancer IPs checked for both (the node is the client).
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::Path,
@@ -22,7 +23,7 @@ use kproxy_common::Reason;
 use kproxy_tests::{
     hostnet::{Cgroups, HostReply, host_client},
     lab::{self, Agent, AgentOpts, Lab, LabSpec, SERVER_PORT},
-    manifests::{Endpoint, ManifestDir, Port, Service, Slice},
+    manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
 };
 
 const SAME: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
@@ -269,6 +270,14 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
 const SAME6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x20);
 const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x21);
 const EMPTY6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x22);
+const RANGED: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 25);
+const RANGED6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x25);
+const RANGED_OPEN: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 26);
+const RANGED_OPEN6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x26);
+const LB_CLOSED: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 25);
+const LB_CLOSED6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x25);
+const LB_OPEN: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 26);
+const LB_OPEN6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xc8, 0, 0, 0, 0, 0x26);
 
 /// Reason counters of one family: (reason, packets or sockets).
 type Counters = Vec<(Reason, u64)>;
@@ -307,6 +316,23 @@ fn host_network_ipv6_clients_reach_cluster_ips_through_the_socket_lb() {
         svc.ip_family_policy = Some("RequireDualStack".into());
         let v4 = Slice::for_service(&svc, eps.iter().map(|&i| ep4(i)).collect());
         let v6 = Slice::for_service6(&svc, eps.iter().map(|&i| ep6(i)).collect());
+        dir.put(&svc, &[v4, v6]).unwrap();
+    }
+    // Dual-stack LoadBalancers with source ranges: one leaves the node out (in both families),
+    // one holds the node's addresses. The node is the client of a host-network socket.
+    for (name, ip, ip6, lb, lb6, ranges) in [
+        ("closed", RANGED, RANGED6, LB_CLOSED, LB_CLOSED6, ["198.18.250.0/24", "2001:2:250::/64"]),
+        ("open", RANGED_OPEN, RANGED_OPEN6, LB_OPEN, LB_OPEN6, ["198.18.0.0/24", "2001:2::/64"]),
+    ] {
+        let mut svc = Service::cluster_ip(name, ip, vec![Port::tcp("tcp", PORT, SERVER_PORT)]);
+        svc.svc_type = SvcType::LoadBalancer;
+        svc.cluster_ip6 = Some(ip6);
+        svc.ip_family_policy = Some("RequireDualStack".into());
+        svc.lb_ips = vec![lb];
+        svc.lb_ips6 = vec![lb6];
+        svc.source_ranges = ranges.iter().map(|r| r.to_string()).collect();
+        let v4 = Slice::for_service(&svc, vec![ep4(0)]);
+        let v6 = Slice::for_service6(&svc, vec![ep6(0)]);
         dir.put(&svc, &[v4, v6]).unwrap();
     }
     let agents: Vec<Agent> = (0..2)
@@ -366,15 +392,34 @@ fn host_network_ipv6_clients_reach_cluster_ips_through_the_socket_lb() {
     let w = host("udp", EMPTY.to_ipv6_mapped());
     assert!(get(&w, "error").is_some() && get(&w, "reply").is_none(), "udp to mapped: {w:?}");
 
+    // Source ranges, IPv6 and mapped IPv4 load-balancer IPs: refused (EPERM) when the ranges
+    // leave the node out, served when they hold it.
+    let drops = (count(&c4, Reason::DropSourceRange), count(&c6, Reason::DropSourceRange));
+    for vip in [LB_CLOSED6, LB_CLOSED.to_ipv6_mapped()] {
+        let w = host("tcp", vip);
+        assert_eq!(get(&w, "error"), Some("EPERM"), "tcp to [{vip}] outside the ranges: {w:?}");
+    }
+    for vip in [LB_OPEN6, LB_OPEN.to_ipv6_mapped()] {
+        let w = host("tcp", vip);
+        assert_eq!(answered_by(&w).as_ref(), Some(&same_pod), "tcp to [{vip}] in range: {w:?}");
+    }
+    let (r4, r6) = counters(&lab, 0);
+    assert_eq!(
+        (count(&r4, Reason::DropSourceRange), count(&r6, Reason::DropSourceRange)),
+        (drops.0 + 1, drops.1 + 1),
+        "one refusal counted in each family"
+    );
+
     // Outside the cgroup nothing translates host IPv6 sockets.
     let w = host_client(&ns, None, "tcp", SAME6, PORT).expect("client");
     assert!(get(&w, "error").is_some(), "translated outside the cgroup: {w:?}");
 
     // IPv6 destinations are counted with IPv6, mapped ones with IPv4: 3 sockets per service
-    // and family (TCP, connected UDP, unconnected UDP), one restored reply each.
+    // and family (TCP, connected UDP, unconnected UDP), one restored reply each, and the TCP
+    // socket to the load-balancer IP in range.
     let (c4, c6) = counters(&lab, 0);
-    assert_eq!(count(&c6, Reason::SockTranslated), sock6 + 6, "{c6:?}");
-    assert_eq!(count(&c4, Reason::SockTranslated), sock4 + 6, "{c4:?}");
+    assert_eq!(count(&c6, Reason::SockTranslated), sock6 + 7, "{c6:?}");
+    assert_eq!(count(&c4, Reason::SockTranslated), sock4 + 7, "{c4:?}");
     assert!(count(&c6, Reason::SockReplyRestored) >= rev6 + 2, "{c6:?}");
     assert!(count(&c4, Reason::SockReplyRestored) >= rev4 + 2, "{c4:?}");
     // The pod-side programs never saw a ClusterIP packet from the host.
