@@ -51,9 +51,23 @@ pub const SYNC_ERROR_KINDS: [&str; 10] = [
 
 /// Labels of `kproxy_map_*` (every sampled map) and of `kproxy_map_full_errors_total` (the maps
 /// the agent writes).
-pub const MAP_LABELS: [&str; 7] =
-    ["services", "backends", "conntrack", "revnat", "affinity", "fragments", "socket_lb"];
-const WRITTEN_MAPS: [&str; 2] = ["services", "backends"];
+pub const MAP_LABELS: [&str; 14] = [
+    "services",
+    "backends",
+    "conntrack",
+    "revnat",
+    "affinity",
+    "fragments",
+    "socket_lb",
+    "services6",
+    "backends6",
+    "conntrack6",
+    "revnat6",
+    "affinity6",
+    "fragments6",
+    "socket_lb6",
+];
+const WRITTEN_MAPS: [&str; 4] = ["services", "backends", "services6", "backends6"];
 
 /// All metrics of the agent. Shared (`Arc`) between the sync loop, the device and conntrack
 /// threads and the HTTP servers.

@@ -453,6 +453,9 @@ fn cli_reads_the_datapath_while_the_agent_is_down_and_cleanup_removes_it() {
     assert_eq!(entries("services"), Some(2), "{maps}");
     assert_eq!(entries("backends"), Some(1), "{maps}");
     assert!(entries("conntrack").unwrap() >= 1, "{maps}");
+    // The IPv6 maps are listed beside them (empty here).
+    assert_eq!(entries("services6"), Some(0), "{maps}");
+    assert_eq!(entries("conntrack6"), Some(0), "{maps}");
     // Every map reports the kernel memory it uses.
     for m in maps.as_array().unwrap() {
         assert!(m["bytes"].as_u64().is_some_and(|b| b > 0), "{m}");

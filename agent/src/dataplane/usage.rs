@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use kproxy_common::names;
 
-/// Maps whose fill is reported, pinned name → metric label.
-pub const MAP_LABELS: [(&str, &str); 7] = [
+/// Maps whose fill is reported, pinned name → metric label (IPv6's with a `6`).
+pub const MAP_LABELS: [(&str, &str); 14] = [
     (names::SERVICES4, "services"),
     (names::BACKENDS4, "backends"),
     (names::CT4, "conntrack"),
@@ -19,10 +19,18 @@ pub const MAP_LABELS: [(&str, &str); 7] = [
     (names::AFFINITY4, "affinity"),
     (names::FRAG4, "fragments"),
     (names::SOCK4, "socket_lb"),
+    (names::SERVICES6, "services6"),
+    (names::BACKENDS6, "backends6"),
+    (names::CT6, "conntrack6"),
+    (names::REVNAT6, "revnat6"),
+    (names::AFFINITY6, "affinity6"),
+    (names::FRAG6, "fragments6"),
+    (names::SOCK6, "socket_lb6"),
 ];
 
 /// Maps the agent writes (and so can find full).
-pub const SYNCED_MAPS: [&str; 2] = [names::SERVICES4, names::BACKENDS4];
+pub const SYNCED_MAPS: [&str; 4] =
+    [names::SERVICES4, names::BACKENDS4, names::SERVICES6, names::BACKENDS6];
 
 /// The metric label of a pinned map name (`other` for maps without one).
 pub fn map_label(pinned: &str) -> &'static str {
@@ -52,7 +60,8 @@ impl MapUsage {
     }
 }
 
-/// Counts the entries of every map of [`MAP_LABELS`] pinned under `pin_path`, with batched
+/// Counts the entries of every map of [`MAP_LABELS`] pinned under `pin_path` (the IPv6 ones
+/// when pinned), with batched
 /// lookups ([`super::batch`], thousands of entries per system call): about 10 ms per 10,000
 /// entries, half a second for a full 524,288-entry conntrack map on the development VM. Fine
 /// every few seconds from a thread of its own, not something to do on every scrape.
@@ -61,6 +70,10 @@ pub fn map_usage(pin_path: &Path) -> anyhow::Result<Vec<MapUsage>> {
     let mut out = Vec::with_capacity(MAP_LABELS.len());
     for (pinned, label) in MAP_LABELS {
         let path = dir.join(pinned);
+        if names::ALL_MAPS6.contains(&pinned) && !path.exists() {
+            // Pins of a kproxy from before the IPv6 maps.
+            continue;
+        }
         let data = aya::maps::MapData::from_pin(&path)
             .with_context(|| format!("opening pinned map {}", path.display()))?;
         let info = data.info().with_context(|| format!("reading info of {}", path.display()))?;
