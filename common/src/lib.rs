@@ -697,8 +697,14 @@ const _: () = assert!(core::mem::size_of::<Affinity4Key>() == 8);
 pub struct Affinity4Value {
     /// Backend chosen for this client.
     pub backend_id: u32,
+    /// The slot of the frontend that named `backend_id` when it was chosen. The entry holds
+    /// only while that slot still names it: a backend that left the service's slots (not ready,
+    /// terminating, or outside a Local policy's frontend) is not chosen by affinity, as
+    /// kube-proxy's affinity rules only cover the endpoints in use. 0 (entries written before
+    /// this field): never holds.
+    pub slot: u16,
     /// Always zero.
-    pub _pad: u32,
+    pub _pad: u16,
     /// `bpf_ktime_get_ns()` of the last new connection that used it.
     pub last_used_ns: u64,
 }

@@ -37,8 +37,9 @@ pub fn hash(t: &Tuple4) -> u32 {
     h
 }
 
-/// Picks the backend of a new connection: the client's affinity entry when it is still valid,
-/// otherwise slot `1 + hash % count`. `count` must be non-zero.
+/// Picks the backend of a new connection: the client's affinity entry when it is still valid
+/// (fresh, and its slot still names its backend), otherwise slot `1 + hash % count`. `count`
+/// must be non-zero.
 #[inline(always)]
 pub fn pick(
     key: &Service4Key,
@@ -53,6 +54,11 @@ pub fn pick(
         let a = unsafe { &mut *a };
         let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
         if now.wrapping_sub(a.last_used_ns) < timeout
+            && a.slot != 0
+            && a.slot <= svc.count
+            // SAFETY: map values are only read by copy.
+            && unsafe { kp_svc4.get(Service4Key { slot: a.slot, ..*key }) }
+                .is_some_and(|s| s.backend_id == a.backend_id)
             && let Some(be) = backend(a.backend_id)
         {
             a.last_used_ns = now;
@@ -65,7 +71,7 @@ pub fn pick(
     let id = unsafe { kp_svc4.get(skey) }.ok_or(Reason::DropBackendMissing)?.backend_id;
     let be = backend(id).ok_or(Reason::DropBackendMissing)?;
     if affinity {
-        let v = Affinity4Value { backend_id: id, _pad: 0, last_used_ns: now };
+        let v = Affinity4Value { backend_id: id, slot, _pad: 0, last_used_ns: now };
         // A full LRU map evicts; a failed insert only loses stickiness.
         let _ = kp_aff4.insert(akey, v, 0);
     }

@@ -60,6 +60,11 @@ pub fn pick(
         let a = unsafe { &mut *a };
         let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
         if now.wrapping_sub(a.last_used_ns) < timeout
+            && a.slot != 0
+            && a.slot <= svc.count
+            // SAFETY: map values are only read by copy.
+            && unsafe { kp_svc6.get(Service6Key { slot: a.slot, ..*key }) }
+                .is_some_and(|s| s.backend_id == a.backend_id)
             && let Some(be) = backend(a.backend_id)
         {
             a.last_used_ns = now;
@@ -72,7 +77,7 @@ pub fn pick(
     let id = unsafe { kp_svc6.get(skey) }.ok_or(Reason::DropBackendMissing)?.backend_id;
     let be = backend(id).ok_or(Reason::DropBackendMissing)?;
     if affinity {
-        let v = Affinity6Value { backend_id: id, _pad: 0, last_used_ns: now };
+        let v = Affinity6Value { backend_id: id, slot, _pad: 0, last_used_ns: now };
         // A full LRU map evicts; a failed insert only loses stickiness.
         let _ = kp_aff6.insert(akey, v, 0);
     }

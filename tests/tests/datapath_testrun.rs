@@ -1007,6 +1007,26 @@ fn session_affinity_pins_client_to_backend() {
     assert_eq!(aff.len(), 1);
     assert_eq!(aff[0].0.svc_id, 9);
 
+    // The client's backend leaves the slots (terminating: still a backend, for its tracked
+    // connections). New connections of the client go to the serving backend, which becomes its
+    // affinity and stays it when the first one is back in a slot.
+    let first = *seen.first().unwrap();
+    let (gone, stay) = if first == *sa(BE1).ip() { (1, 2) } else { (2, 1) };
+    let aff_flags = svc_flags::CLUSTER_IP | svc_flags::AFFINITY;
+    env.backend(gone, if gone == 1 { BE1 } else { BE2 }, backend_flags::TERMINATING, proto::TCP);
+    env.service_aff(CIP, proto::TCP, scope::INTERNAL, aff_flags, &[stay], 9, 3600);
+    let connect = |env: &mut Env, port: u16| {
+        let syn = Frame::tcp(sa(&format!("198.18.100.10:{port}")), sa(CIP), SYN);
+        let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        frames::decode(&out).unwrap().daddr
+    };
+    let now = connect(&mut env, 41100);
+    assert_ne!(now, first, "affinity to a backend outside the slots");
+    env.service_aff(CIP, proto::TCP, scope::INTERNAL, aff_flags, &[1, 2], 9, 3600);
+    for port in 41101..41108 {
+        assert_eq!(connect(&mut env, port), now, "the new affinity holds");
+    }
+
     // Without affinity, 16 connections spread over both backends.
     env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1, 2], 9);
     let mut seen = std::collections::BTreeSet::new();

@@ -458,13 +458,27 @@ fn ipv6_session_affinity_and_two_backends() {
         affinity_timeout: 60,
     };
     env.maps.put_service6(&key, &v).unwrap();
-    let mut seen = std::collections::BTreeSet::new();
-    for port in 43000..43016u16 {
+    let connect = |env: &mut Env, port: u16| {
         let c = SocketAddrV6::new("2001:2:100::20".parse().unwrap(), port, 0, 0);
         let (_, out) = env.tc(names::PROG_TC_FROM_POD, &Frame6::tcp(c, sa6(CIP6), SYN).build());
-        seen.insert(frames6::decode(&out).unwrap().daddr);
+        frames6::decode(&out).unwrap().daddr
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 43000..43016u16 {
+        seen.insert(connect(&mut env, port));
     }
     assert_eq!(seen.len(), 1, "{seen:?}");
+    // The client's backend leaves the slots (still a backend): new connections go elsewhere.
+    let first = *seen.first().unwrap();
+    let stay = if first == *sa6(BE6_1).ip() { 2 } else { 1 };
+    let one = Service6Key { slot: 1, ..key };
+    env.maps
+        .put_service6(&one, &Service6Value { backend_id: stay, svc_id: 1, ..Default::default() })
+        .unwrap();
+    env.maps.put_service6(&key, &Service6Value { count: 1, ..v }).unwrap();
+    let now = connect(&mut env, 43100);
+    assert_ne!(now, first, "affinity to a backend outside the slots");
+    assert_eq!(connect(&mut env, 43101), now, "the new affinity holds");
 }
 
 #[test]
