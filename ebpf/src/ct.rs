@@ -103,18 +103,12 @@ pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
     // SAFETY: helper without arguments (a memory load once the verifier inlined it).
     let j = unsafe { bpf_jiffies64() };
     let gen_ = maps::rnat_gen();
-    let slot = maps::rnmiss_slot(t);
+    let key = tuple_words(t);
+    let slot = maps::rnmiss_slot(&key);
     if let Some(s) = slot {
         // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
         let s = unsafe { &*s };
-        if s.jiffies == j
-            && s.gen_ == gen_
-            && s.tuple.saddr == t.saddr
-            && s.tuple.daddr == t.daddr
-            && s.tuple.sport == t.sport
-            && s.tuple.dport == t.dport
-            && s.tuple.proto == t.proto
-        {
+        if s.jiffies == j && s.gen_ == gen_ && s.key[0] == key[0] && s.key[1] == key[1] {
             return None;
         }
     }
@@ -123,9 +117,19 @@ pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
         && let Some(s) = slot
     {
         // SAFETY: as above.
-        unsafe { *s = maps::RevNatMiss { tuple: *t, gen_, jiffies: j } };
+        unsafe { *s = maps::RevNatMiss { key, gen_, jiffies: j } };
     }
     r
+}
+
+/// A tuple as two words: addresses, then ports and protocol (every field, so that equal words
+/// mean equal tuples; the padding is left out).
+#[inline(always)]
+pub fn tuple_words(t: &Tuple4) -> [u64; 2] {
+    [
+        t.saddr as u64 | (t.daddr as u64) << 32,
+        t.sport as u64 | (t.dport as u64) << 16 | (t.proto as u64) << 32,
+    ]
 }
 
 /// Stores `flags` and `now` in a reverse-NAT entry (after its connection entry was refreshed).

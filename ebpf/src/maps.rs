@@ -101,13 +101,15 @@ pub static kp_rnmiss: PerCpuArray<RevNatMiss, { RNMISS_SLOTS as usize }> = PerCp
 /// Slots of [`kp_rnmiss`] (a power of two).
 const RNMISS_SLOTS: u32 = 64;
 
-/// An entry of [`kp_rnmiss`]: `kp_rnat4` held no entry for `tuple` in jiffy `jiffies` under
-/// generation `gen` ([`kp_rngen`]).
+/// An entry of [`kp_rnmiss`]: `kp_rnat4` held no entry for the reply tuple `key` in jiffy
+/// `jiffies` under generation `gen` ([`kp_rngen`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct RevNatMiss {
-    /// The reply tuple looked up.
-    pub tuple: Tuple4,
+    /// The reply tuple looked up, as two words ([`crate::ct::tuple_words`]): compared and
+    /// stored with two 64-bit loads or stores each, where a `Tuple4` takes five of mixed sizes
+    /// (and its copy a call of the byte-wise `memmove` subprogram).
+    pub key: [u64; 2],
     /// [`kp_rngen`] read before the lookup.
     pub gen_: u64,
     /// `bpf_jiffies64()` of the lookup.
@@ -122,11 +124,12 @@ pub struct RevNatMiss {
 #[btf_map]
 pub static kp_rngen: Array<u64, 1> = Array::new();
 
-/// The cache slot of reply tuple `t` on this CPU.
+/// The cache slot of reply tuple `key` ([`crate::ct::tuple_words`]) on this CPU.
 #[inline(always)]
-pub fn rnmiss_slot(t: &Tuple4) -> Option<*mut RevNatMiss> {
-    let h = (t.saddr ^ t.daddr ^ (t.sport as u32) << 16 ^ t.dport as u32).wrapping_mul(0x9e37_79b1);
-    kp_rnmiss.get_ptr_mut(h >> 26 & (RNMISS_SLOTS - 1))
+pub fn rnmiss_slot(key: &[u64; 2]) -> Option<*mut RevNatMiss> {
+    // Addresses and both ports folded into 32 bits, then a multiplicative hash's top 6 bits.
+    let h = (key[0] ^ key[0] >> 32 ^ key[1]) as u32;
+    kp_rnmiss.get_ptr_mut(h.wrapping_mul(0x9e37_79b1) >> 26 & (RNMISS_SLOTS - 1))
 }
 
 /// The current generation of `kp_rnat4`'s keys ([`kp_rngen`]).

@@ -620,6 +620,56 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
     }
 }
 
+/// A remembered reverse-NAT miss holds for its exact reply tuple only: a backend address and
+/// port serving both TCP and UDP, a translated UDP connection, then plain TCP traffic with the
+/// same addresses and ports (its miss is remembered, in the same cache slot) and the UDP
+/// connection's reply, which must still be translated on every hook.
+#[test]
+fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
+    let h = std::thread::spawn(|| {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        pin_thread_to_cpu0();
+        let mut env = Env::new();
+        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+        env.backend(2, BE1, backend_flags::LOCAL, proto::UDP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        env.service(CIP, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
+        // Several client ports: the TCP miss and the UDP reply fall in one jiffy nearly always.
+        const PORTS: u16 = 8;
+        for i in 0..PORTS {
+            let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 43000 + i);
+            let q = Frame::udp(client, sa(CIP), b"q");
+            let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+            assert_eq!(v, TC_ACT_OK);
+            assert_frame(&out, &q.clone().with_dst(sa(BE1)));
+            let ack = Frame::tcp(sa(BE1), client, ACK);
+            let r = Frame::udp(sa(BE1), client, b"r");
+            for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
+                assert_eq!(env.tc(prog, &ack.build()), (TC_ACT_OK, ack.build()), "{prog}");
+                let (v, out) = env.tc(prog, &r.build());
+                assert_eq!(v, TC_ACT_OK, "{prog}");
+                assert_frame(&out, &r.clone().with_src(sa(CIP)));
+            }
+            assert_eq!(env.xdp(&ack.build()), (XDP_PASS, ack.build()));
+            let (v, out) = env.xdp(&r.build());
+            assert_eq!(v, XDP_PASS);
+            assert_frame(&out, &r.clone().with_src(sa(CIP)));
+        }
+        let n = u64::from(PORTS);
+        assert_counts(
+            &env,
+            &[
+                (Reason::PassNoService, 3 * n),
+                (Reason::TranslatedNew, n),
+                (Reason::ReplyTranslated, 3 * n),
+            ],
+        );
+    });
+    if let Err(e) = h.join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
 #[test]
 fn clusterip_udp_forward_and_reply_with_and_without_checksum() {
     let mut env = Env::new();
