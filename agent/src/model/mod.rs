@@ -509,6 +509,30 @@ struct ServiceRecord {
     health: Option<u16>,
 }
 
+/// What the tracker holds under one service name: the Service, the names of its slices and the
+/// record of its last computation, in one entry (one hash table with one copy of the key rather
+/// than three). Any part may be missing: slices arrive before their Service, a deleted Service's
+/// record stays until it is recomputed.
+#[derive(Debug, Default)]
+struct Held {
+    service: Option<Box<ServiceObj>>,
+    /// Names of its IPv4 and IPv6 slices, in name order. Inline for the usual one slice (no
+    /// allocation of its own).
+    slices: SmallVec<[SharedStr; 1]>,
+    record: ServiceRecord,
+}
+
+impl Held {
+    /// Nothing left to hold.
+    fn is_empty(&self) -> bool {
+        self.service.is_none()
+            && self.slices.is_empty()
+            && self.record.claims.is_empty()
+            && self.record.errors.is_empty()
+            && self.record.health.is_none()
+    }
+}
+
 /// Errors and skips that belong to one EndpointSlice rather than its service.
 #[derive(Debug, Default, PartialEq)]
 struct SliceIssues {
@@ -542,13 +566,13 @@ pub struct Tracker {
     node_port_source_ranges: bool,
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
+    /// Service name → the Service, its slices' names, its record ([`Held`]); an entry goes when
+    /// it holds nothing.
+    held: NameMap<ServiceName, Held>,
+    /// Number of Services held.
+    service_count: usize,
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
-    services: NameMap<ServiceName, Box<ServiceObj>>,
     slices: NameMap<ObjectName, Box<SliceObj>>,
-    /// Service → names of its IPv4 and IPv6 slices, in name order.
-    /// Inline for the usual one slice (no allocation of its own).
-    slices_of: NameMap<ServiceName, SmallVec<[SharedStr; 1]>>,
-    records: NameMap<ServiceName, ServiceRecord>,
     /// Claim key → service ports claiming it (almost always one).
     claims: NameMap<Frontend, Vec<Claim>>,
     /// Objects whose last update was invalid and not applied → the errors of that update.
@@ -588,7 +612,7 @@ impl Tracker {
 
     /// Number of Services and EndpointSlices held.
     pub fn object_counts(&self) -> (usize, usize) {
-        (self.services.len(), self.slices.len())
+        (self.service_count, self.slices.len())
     }
 
     /// Whether some service needs recomputing.
@@ -655,12 +679,12 @@ impl Tracker {
         match change {
             Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
-                if let Some((k, _)) = self.slices_of.get_key_value(&s.name) {
+                if let Some((k, _)) = self.held.get_key_value(&s.name) {
                     // The name its slices arrived with: one copy.
                     s.name.name = k.name.clone();
                 }
                 self.intern_service_values(&mut s);
-                let held = self.services.get(&s.name).map(|o| &**o);
+                let held = self.service(&s.name);
                 if held == Some(&s) {
                     self.rejected.remove(&("Service", s.name));
                     return;
@@ -672,11 +696,20 @@ impl Tracker {
                 }
                 self.rejected.remove(&("Service", s.name.clone()));
                 self.dirty.insert(s.name.clone());
-                self.services.insert(s.name.clone(), Box::new(s));
+                let h = self.held.entry(s.name.clone()).or_default();
+                self.service_count += usize::from(h.service.is_none());
+                h.service = Some(Box::new(s));
             }
             Change::ServiceDeleted(name) => {
                 self.rejected.remove(&("Service", name.clone()));
-                if self.services.remove(&name).is_some() {
+                if let Some(h) = self.held.get_mut(&name)
+                    && h.service.take().is_some()
+                {
+                    self.service_count -= 1;
+                    // The record stays until the recomputation releases its claims.
+                    if h.is_empty() {
+                        self.held.remove(&name);
+                    }
                     self.dirty.insert(name);
                 }
             }
@@ -695,10 +728,7 @@ impl Tracker {
                 if let Some(owner) = s.owner() {
                     // The owner's name once: the held Service's, or the one its other slices
                     // arrived with.
-                    let held = self.services.get_key_value(&owner).map(|(k, _)| k);
-                    let held =
-                        held.or_else(|| self.slices_of.get_key_value(&owner).map(|(k, _)| k));
-                    if let Some(k) = held {
+                    if let Some((k, _)) = self.held.get_key_value(&owner) {
                         s.service = Some(k.name.clone());
                     }
                 }
@@ -859,6 +889,11 @@ impl Tracker {
         }
     }
 
+    /// The Service held under `name`.
+    fn service(&self, name: &ServiceName) -> Option<&ServiceObj> {
+        self.held.get(name).and_then(|h| h.service.as_deref())
+    }
+
     fn node_changed(&mut self, name: &str) {
         if name != self.node.name {
             return;
@@ -873,10 +908,10 @@ impl Tracker {
     /// Removes a held slice from its owner's index, dirtying the owner.
     fn unlink_slice(&mut self, name: &ObjectName) {
         let Some(owner) = self.slices.get(name).and_then(|s| s.owner()) else { return };
-        if let Some(set) = self.slices_of.get_mut(&owner) {
-            set.retain(|n| *n != name.name);
-            if set.is_empty() {
-                self.slices_of.remove(&owner);
+        if let Some(h) = self.held.get_mut(&owner) {
+            h.slices.retain(|n| *n != name.name);
+            if h.is_empty() {
+                self.held.remove(&owner);
             }
         }
         self.dirty.insert(owner);
@@ -892,7 +927,7 @@ impl Tracker {
                 excerpt(&s.address_type)
             ));
         } else if let Some(owner) = s.owner() {
-            let names = self.slices_of.entry(owner.clone()).or_default();
+            let names = &mut self.held.entry(owner.clone()).or_default().slices;
             if let Err(at) = names.binary_search(&s.name.name) {
                 // Almost always one slice per service (inline); exact growth beyond.
                 names.reserve_exact(1);
@@ -931,19 +966,26 @@ impl Tracker {
         self.claims.clear();
         self.health.clear();
         let mut old_errors: HashMap<ServiceName, Vec<ModelError>> = HashMap::new();
-        for (name, r) in self.records.drain() {
+        self.held.retain(|name, h| {
+            let r = std::mem::take(&mut h.record);
             if !r.errors.is_empty() {
-                old_errors.insert(name, r.errors);
+                old_errors.insert(name.clone(), r.errors);
             }
-        }
+            !h.is_empty()
+        });
         // Oldest first: a frontend's owner claims it before the services it is refused to.
-        let mut names: Vec<(Age, ServiceName)> =
-            self.services.iter().map(|(n, s)| (Age::of(s), n.clone())).collect();
+        let mut names: Vec<(Age, ServiceName)> = self
+            .held
+            .iter()
+            .filter_map(|(n, h)| Some((Age::of(h.service.as_deref()?), n.clone())))
+            .collect();
         names.sort();
         self.dirty.clear();
         for (_, name) in names {
             let errors = old_errors.remove(&name).unwrap_or_default();
-            self.records.insert(name.clone(), ServiceRecord { errors, ..Default::default() });
+            if let Some(h) = self.held.get_mut(&name) {
+                h.record = ServiceRecord { errors, ..Default::default() };
+            }
             self.recompute(&name, &mut out);
         }
         // Conflicts resolved in ownership order never dirty anything; this is a safety net.
@@ -990,15 +1032,15 @@ impl Tracker {
 
     /// Recomputes one service: its ports into `out`, its claims, errors and health check.
     fn recompute(&mut self, name: &ServiceName, out: &mut Changes) {
-        let old = self.records.remove(name).unwrap_or_default();
-        let age = self.services.get(name).map_or(Age::Unknown, |s| Age::of(s));
-        let mut result = match self.services.get(name) {
+        let old =
+            self.held.get_mut(name).map(|h| std::mem::take(&mut h.record)).unwrap_or_default();
+        let age = self.service(name).map_or(Age::Unknown, Age::of);
+        let held = self.held.get(name);
+        let mut result = match held.and_then(|h| h.service.as_deref()) {
             Some(svc) => {
-                let slices: Vec<&SliceObj> = self
-                    .slices_of
-                    .get(name)
+                let slices: Vec<&SliceObj> = held
                     .into_iter()
-                    .flatten()
+                    .flat_map(|h| &h.slices)
                     .filter_map(|n| {
                         self.slices
                             .get(&ServiceName {
@@ -1056,7 +1098,7 @@ impl Tracker {
             list.reserve_exact(1);
             list.push(c.clone());
         }
-        let site = self.services.get(name).map(|s| ErrorSite::service(s));
+        let site = self.service(name).map(ErrorSite::service);
         for (spn, st, port_field) in &mut result.ports {
             let mut refused: BTreeMap<Frontend, Claim> = BTreeMap::new();
             st.frontends.retain(|f, _| {
@@ -1108,15 +1150,16 @@ impl Tracker {
             out.state.services.insert(spn, st);
         }
         out.state.services6.extend(result.ports6);
-        if self.services.contains_key(name) {
-            self.records.insert(
-                name.clone(),
-                ServiceRecord {
+        if let Some(h) = self.held.get_mut(name) {
+            if h.service.is_some() {
+                h.record = ServiceRecord {
                     claims: new_claims,
                     errors: result.errors,
                     health: result.health.map(|(p, _)| p),
-                },
-            );
+                };
+            } else if h.is_empty() {
+                self.held.remove(name);
+            }
         }
     }
 }

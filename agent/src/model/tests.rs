@@ -1518,7 +1518,7 @@ fn repeated_values_are_held_once_and_dropped_when_unused() {
         3,
     )));
     let port = |t: &Tracker, n: &str| {
-        let s = &t.services[&ServiceName { namespace: "default".into(), name: n.into() }];
+        let s = t.service(&ServiceName { namespace: "default".into(), name: n.into() }).unwrap();
         (s.ports[0].name.clone().unwrap(), s.type_.clone().unwrap())
     };
     let (a, b) = (port(&t, "web"), port(&t, "web2"));
@@ -1561,8 +1561,9 @@ fn cluster_ip_and_ip_families_are_held_once() {
     t.apply(Change::Service(s));
     t.apply(Change::Service(dual("web2", "198.19.0.13", "198.19.0.13")));
     let fam = |n: &str| {
-        t.services[&ServiceName { namespace: "default".into(), name: n.into() }].ip_families[0]
-            .clone()
+        t.service(&ServiceName { namespace: "default".into(), name: n.into() }).unwrap().ip_families
+            [0]
+        .clone()
     };
     assert_eq!(fam("web"), "IPv4");
     assert!(Arc::ptr_eq(&fam("web").0, &fam("web2").0), "one copy of the IP family");
@@ -1578,9 +1579,11 @@ fn service_name_is_held_once_by_service_and_slices() {
     let slice_b =
         || Change::Slice((&web_slice("web-b", "http", 8080, &[(2, 0, true, true, false)])).into());
     let held = |t: &Tracker| {
-        let svc =
-            t.services.get_key_value(&web()).map(|(k, v)| (k.name.clone(), v.name.name.clone()));
-        let (idx, _) = t.slices_of.get_key_value(&web()).expect("indexed");
+        let svc = t
+            .held
+            .get_key_value(&web())
+            .and_then(|(k, h)| h.service.as_ref().map(|v| (k.name.clone(), v.name.name.clone())));
+        let (idx, _) = t.held.get_key_value(&web()).expect("indexed");
         let label = |n: &str| {
             t.slices[&ServiceName { namespace: "default".into(), name: n.into() }]
                 .service
@@ -1611,6 +1614,48 @@ fn service_name_is_held_once_by_service_and_slices() {
                 "{what}: one copy of the name (service first: {service_first})"
             );
         }
+    }
+}
+
+/// A service name's entry (Service, slice names, record) lives as long as one of them: a deleted
+/// Service's record until the recomputation that releases its frontends, the slice names until
+/// the slices go, in either order; then nothing is left behind.
+#[test]
+fn held_entries_go_with_the_last_of_their_objects() {
+    let web = || ServiceName { namespace: "default".into(), name: "web".into() };
+    let slice_name = || ServiceName { namespace: "default".into(), name: "web-a".into() };
+    let slice =
+        || Change::Slice((&web_slice("web-a", "http", 8080, &[(1, 0, true, true, false)])).into());
+    for service_first in [true, false] {
+        let mut t = Tracker::new(node());
+        t.apply(Change::Service(svc_obj(WEB, 1)));
+        t.apply(slice());
+        assert!(!frontends_of(&t.changes(), "web").is_empty());
+        assert_eq!(t.object_counts(), (1, 1));
+        if service_first {
+            t.apply(Change::ServiceDeleted(web()));
+            assert_eq!(t.object_counts(), (0, 1));
+            // Kept until recomputed: its claims are still made.
+            assert!(!t.held[&web()].record.claims.is_empty());
+            assert!(t.changes().state.services.is_empty());
+            assert!(t.held[&web()].record.claims.is_empty(), "claims released");
+            assert_eq!(t.held[&web()].slices.len(), 1, "the slice still names it");
+            t.apply(Change::SliceDeleted(slice_name()));
+            t.changes();
+        } else {
+            t.apply(Change::SliceDeleted(slice_name()));
+            t.changes();
+            assert!(t.held[&web()].service.is_some());
+            t.apply(Change::ServiceDeleted(web()));
+            t.changes();
+        }
+        assert!(t.held.is_empty(), "service first: {service_first}: {:?}", t.held);
+        assert!(t.claims.is_empty());
+        assert_eq!(t.object_counts(), (0, 0));
+        // The same frontend can be claimed again by a new service.
+        t.apply(Change::Service(svc_obj(&WEB.replace("name: web", "name: web2"), 2)));
+        assert!(t.changes().new_errors.is_empty());
+        assert!(!t.full().state.services.is_empty());
     }
 }
 

@@ -75,7 +75,7 @@ pub struct PollResult {
 }
 
 /// Kind and name of an object, as a file defines it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum ObjectKey {
     Service(ObjectName),
     Slice(ObjectName),
@@ -153,10 +153,18 @@ struct FileState {
     origin: SharedStr,
     stamp: Option<Stamp>,
     hash: u64,
-    /// Objects the file defines (its last good parse).
-    keys: HashSet<ObjectKey>,
+    /// Objects the file defines (its last good parse), sorted, each once: held for every object
+    /// of the cluster, so without a hash table's free buckets ([`Self::defines`]).
+    keys: Box<[ObjectKey]>,
     /// Read and parse again on the next poll even if unchanged.
     force: bool,
+}
+
+impl FileState {
+    /// Whether the file's last good parse defines `key`.
+    fn defines(&self, key: &ObjectKey) -> bool {
+        self.keys.binary_search(key).is_ok()
+    }
 }
 
 /// A watched manifest directory.
@@ -225,7 +233,7 @@ impl ManifestDir {
         for path in gone {
             let f = self.files.remove(&path).unwrap_or_default();
             res.changed = true;
-            for key in f.keys {
+            for key in f.keys.into_vec() {
                 self.undefine(key, &mut res.changes);
             }
         }
@@ -303,11 +311,13 @@ impl ManifestDir {
                             Parsed::Node(_) => {}
                         }
                     }
-                    let keys: HashSet<ObjectKey> = objects.iter().map(Parsed::key).collect();
+                    let mut keys: Vec<ObjectKey> = objects.iter().map(Parsed::key).collect();
+                    keys.sort_unstable();
+                    keys.dedup();
                     let f = self.files.get_mut(&path).expect("inserted above");
-                    let old = std::mem::replace(&mut f.keys, keys);
-                    for key in old {
-                        if !self.files[&path].keys.contains(&key) {
+                    let old = std::mem::replace(&mut f.keys, keys.into_boxed_slice());
+                    for key in old.into_vec() {
+                        if !self.files[&path].defines(&key) {
                             self.undefine(key, &mut res.changes);
                         }
                     }
@@ -328,7 +338,7 @@ impl ManifestDir {
     /// read again on the next poll, so its version wins).
     fn undefine(&mut self, key: ObjectKey, changes: &mut Vec<Change>) {
         let mut elsewhere = false;
-        for f in self.files.values_mut().filter(|f| f.keys.contains(&key)) {
+        for f in self.files.values_mut().filter(|f| f.defines(&key)) {
             f.force = true;
             elsewhere = true;
         }
@@ -664,6 +674,52 @@ mod tests {
         d.write("a.yaml", &fs::read_to_string(d.0.join("a.yaml")).unwrap());
         let r = m.poll();
         assert!(!r.changed && r.changes.is_empty(), "{:?}", r.changes);
+    }
+
+    /// A file's objects are remembered in a sorted list: whatever order a file gives them in,
+    /// with repeats, exactly the ones it stops defining are deleted, unless another file defines
+    /// them.
+    #[test]
+    fn objects_a_file_stops_defining_are_deleted() {
+        let svc = |n: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\nspec: {{clusterIP: 198.19.0.10, ports: [{{port: 80}}]}}\n---\n"
+            )
+        };
+        let node = |n: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n---\n");
+        let d = TempDir::new("keys");
+        let all = ["z", "m", "a", "q", "b"];
+        let text: String = all.iter().map(|n| svc(n) + &node(n)).collect::<String>() + &svc("m");
+        d.write("a.yaml", &text);
+        d.write("b.yaml", &svc("q"));
+        let mut m = ManifestDir::new(&d.0);
+        let mut v = View::default();
+        v.apply(&m.poll());
+        assert_eq!(v.0.len(), 10, "{:?}", v.names());
+        // "b" and "q" dropped from a.yaml (q stays: b.yaml defines it), the order changed.
+        let text: String = ["m", "z", "a"].iter().map(|n| node(n) + &svc(n)).collect();
+        d.write("a.yaml", &text);
+        let r = m.poll();
+        let deleted: Vec<String> = r
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::ServiceDeleted(n) => Some(format!("svc/{}", n.name)),
+                Change::NodeDeleted(n) => Some(format!("node/{n}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted.len(), 3, "{deleted:?}");
+        for d in ["svc/b", "node/b", "node/q"] {
+            assert!(deleted.iter().any(|x| x == d), "{d} not deleted: {deleted:?}");
+        }
+        assert_eq!(
+            v.apply(&r).apply(&m.poll()).names(),
+            ["node/a", "node/m", "node/z", "svc/a", "svc/m", "svc/q", "svc/z"]
+        );
+        // The file gone: what only it defined goes.
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        assert_eq!(v.apply(&m.poll()).names(), ["svc/q"]);
     }
 
     #[test]
