@@ -137,125 +137,80 @@ pub trait CtFamily {
     fn points_at(rv: &Self::RevNat, t: &Self::Tuple) -> bool;
 }
 
-/// IPv4 connection tracking (`kp_ct4`, `kp_rnat4`, `kp_frag4`).
-pub enum V4 {}
+/// Implements [`CtFamily`] for a family whose tables have the common field names.
+macro_rules! ct_family {
+    ($(#[$doc:meta])* $fam:ident: $addr:ty, $tuple:ident, $ct:ty, $rn:ty, $frag:ty,
+     $ct_map:ident, $rn_map:ident, $frag_map:ident) => {
+        $(#[$doc])*
+        pub enum $fam {}
 
-impl CtFamily for V4 {
-    type Addr = u32;
-    type Tuple = Tuple4;
-    type Ct = Ct4Value;
-    type RevNat = RevNat4Value;
-    type FragKey = Frag4Key;
-    const CT: &'static str = names::CT4;
-    const REVNAT: &'static str = names::REVNAT4;
-    const FRAG: &'static str = names::FRAG4;
+        impl CtFamily for $fam {
+            type Addr = $addr;
+            type Tuple = $tuple;
+            type Ct = $ct;
+            type RevNat = $rn;
+            type FragKey = $frag;
+            const CT: &'static str = names::$ct_map;
+            const REVNAT: &'static str = names::$rn_map;
+            const FRAG: &'static str = names::$frag_map;
 
-    fn proto(t: &Tuple4) -> u8 {
-        t.proto
-    }
+            fn proto(t: &$tuple) -> u8 {
+                t.proto
+            }
 
-    fn state_seen(v: &Ct4Value) -> (u8, u64) {
-        (v.state, v.last_seen_ns)
-    }
+            fn state_seen(v: &$ct) -> (u8, u64) {
+                (v.state, v.last_seen_ns)
+            }
 
-    fn service_backend(v: &Ct4Value) -> (u32, (u32, u16)) {
-        (v.svc_id, (v.backend_addr, v.backend_port))
-    }
+            fn service_backend(v: &$ct) -> (u32, ($addr, u16)) {
+                (v.svc_id, (v.backend_addr, v.backend_port))
+            }
 
-    fn reply_tuple(t: &Tuple4, v: &Ct4Value) -> Tuple4 {
-        let snat = v.flags & ct_flags::SNAT != 0;
-        Tuple4 {
-            saddr: v.backend_addr,
-            daddr: if snat { v.snat_addr } else { t.saddr },
-            sport: v.backend_port,
-            dport: if snat { v.snat_port } else { t.sport },
-            proto: t.proto,
-            _pad: [0; 3],
+            fn reply_tuple(t: &$tuple, v: &$ct) -> $tuple {
+                let snat = v.flags & ct_flags::SNAT != 0;
+                $tuple {
+                    saddr: v.backend_addr,
+                    daddr: if snat { v.snat_addr } else { t.saddr },
+                    sport: v.backend_port,
+                    dport: if snat { v.snat_port } else { t.sport },
+                    proto: t.proto,
+                    _pad: [0; 3],
+                }
+            }
+
+            fn orig_tuple(r: &$tuple, rv: &$rn) -> $tuple {
+                $tuple {
+                    saddr: rv.client_addr,
+                    daddr: rv.frontend_addr,
+                    sport: rv.client_port,
+                    dport: rv.frontend_port,
+                    proto: r.proto,
+                    _pad: [0; 3],
+                }
+            }
+
+            fn revnat_seen(rv: &$rn) -> u64 {
+                rv.last_seen_ns
+            }
+
+            fn points_at(rv: &$rn, t: &$tuple) -> bool {
+                rv.client_addr == t.saddr
+                    && rv.client_port == t.sport
+                    && rv.frontend_addr == t.daddr
+                    && rv.frontend_port == t.dport
+            }
         }
-    }
-
-    fn orig_tuple(r: &Tuple4, rv: &RevNat4Value) -> Tuple4 {
-        Tuple4 {
-            saddr: rv.client_addr,
-            daddr: rv.frontend_addr,
-            sport: rv.client_port,
-            dport: rv.frontend_port,
-            proto: r.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    fn revnat_seen(rv: &RevNat4Value) -> u64 {
-        rv.last_seen_ns
-    }
-
-    fn points_at(rv: &RevNat4Value, t: &Tuple4) -> bool {
-        rv.client_addr == t.saddr
-            && rv.client_port == t.sport
-            && rv.frontend_addr == t.daddr
-            && rv.frontend_port == t.dport
-    }
+    };
 }
 
-/// IPv6 connection tracking (`kp_ct6`, `kp_rnat6`, `kp_frag6`).
-pub enum V6 {}
-
-impl CtFamily for V6 {
-    type Addr = Addr6;
-    type Tuple = Tuple6;
-    type Ct = Ct6Value;
-    type RevNat = RevNat6Value;
-    type FragKey = Frag6Key;
-    const CT: &'static str = names::CT6;
-    const REVNAT: &'static str = names::REVNAT6;
-    const FRAG: &'static str = names::FRAG6;
-
-    fn proto(t: &Tuple6) -> u8 {
-        t.proto
-    }
-
-    fn state_seen(v: &Ct6Value) -> (u8, u64) {
-        (v.state, v.last_seen_ns)
-    }
-
-    fn service_backend(v: &Ct6Value) -> (u32, (Addr6, u16)) {
-        (v.svc_id, (v.backend_addr, v.backend_port))
-    }
-
-    fn reply_tuple(t: &Tuple6, v: &Ct6Value) -> Tuple6 {
-        let snat = v.flags & ct_flags::SNAT != 0;
-        Tuple6 {
-            saddr: v.backend_addr,
-            daddr: if snat { v.snat_addr } else { t.saddr },
-            sport: v.backend_port,
-            dport: if snat { v.snat_port } else { t.sport },
-            proto: t.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    fn orig_tuple(r: &Tuple6, rv: &RevNat6Value) -> Tuple6 {
-        Tuple6 {
-            saddr: rv.client_addr,
-            daddr: rv.frontend_addr,
-            sport: rv.client_port,
-            dport: rv.frontend_port,
-            proto: r.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    fn revnat_seen(rv: &RevNat6Value) -> u64 {
-        rv.last_seen_ns
-    }
-
-    fn points_at(rv: &RevNat6Value, t: &Tuple6) -> bool {
-        rv.client_addr == t.saddr
-            && rv.client_port == t.sport
-            && rv.frontend_addr == t.daddr
-            && rv.frontend_port == t.dport
-    }
-}
+ct_family!(
+    /// IPv4 connection tracking (`kp_ct4`, `kp_rnat4`, `kp_frag4`).
+    V4: u32, Tuple4, Ct4Value, RevNat4Value, Frag4Key, CT4, REVNAT4, FRAG4
+);
+ct_family!(
+    /// IPv6 connection tracking (`kp_ct6`, `kp_rnat6`, `kp_frag6`).
+    V6: Addr6, Tuple6, Ct6Value, RevNat6Value, Frag6Key, CT6, REVNAT6, FRAG6
+);
 
 /// The reverse-NAT key of an IPv4 connection entry.
 #[cfg(test)]
