@@ -76,6 +76,14 @@ pub mod names {
     pub const PROG_XDP_NEW: &str = "kp_xdp_new";
     /// XDP tail-call target: an ICMP error.
     pub const PROG_XDP_ICMP: &str = "kp_xdp_icmp";
+    /// XDP tail-call target: an IPv6 packet that needs more than the fast path.
+    pub const PROG_XDP_NEW6: &str = "kp_xdp_new6";
+    /// XDP tail-call target: an ICMPv6 error.
+    pub const PROG_XDP_ICMP6: &str = "kp_xdp_icmp6";
+    /// XDP tail-call target: a new IPv6 connection, as the IPv6 slow path found it.
+    pub const PROG_XDP_CONN6: &str = "kp_xdp_conn6";
+    /// XDP tail-call target: builds the rejection of an IPv6 packet.
+    pub const PROG_XDP_REJECT6: &str = "kp_xdp_reject6";
     /// The TC tail-call targets (both families) and their index in [`CALLS_TC`]. The first
     /// [`TC_CALLS_IPV4`] serve IPv4, the rest IPv6; every one must load (a refused program,
     /// IPv4 or IPv6, fails the load).
@@ -96,10 +104,15 @@ pub mod names {
     ];
     /// Number of IPv4 programs at the start of [`TC_CALLS`].
     pub const TC_CALLS_IPV4: usize = 5;
-    /// The XDP tail-call targets and their index in [`CALLS_XDP`] (IPv6 frames are left to
-    /// TC).
-    pub const XDP_CALLS: [(&str, u32); 2] =
-        [(PROG_XDP_NEW, crate::calls::XDP_NEW), (PROG_XDP_ICMP, crate::calls::XDP_ICMP)];
+    /// The XDP tail-call targets (both families) and their index in [`CALLS_XDP`].
+    pub const XDP_CALLS: [(&str, u32); 6] = [
+        (PROG_XDP_NEW, crate::calls::XDP_NEW),
+        (PROG_XDP_ICMP, crate::calls::XDP_ICMP),
+        (PROG_XDP_NEW6, crate::calls::XDP_NEW6),
+        (PROG_XDP_ICMP6, crate::calls::XDP_ICMP6),
+        (PROG_XDP_CONN6, crate::calls::XDP_CONN6),
+        (PROG_XDP_REJECT6, crate::calls::XDP_REJECT6),
+    ];
 
     /// Every pinned map, in the order the agent checks them on start.
     pub const ALL_MAPS: [&str; 13] = [
@@ -312,8 +325,16 @@ pub mod calls {
     pub const XDP_NEW: u32 = 0;
     /// XDP: ICMP errors.
     pub const XDP_ICMP: u32 = 1;
+    /// XDP: slow path of `kp_xdp_ext` for IPv6.
+    pub const XDP_NEW6: u32 = 2;
+    /// XDP: ICMPv6 errors.
+    pub const XDP_ICMP6: u32 = 3;
+    /// XDP: a new IPv6 connection (backend choice and translation).
+    pub const XDP_CONN6: u32 = 4;
+    /// XDP: an IPv6 packet rejected by the slow path (TCP RST, ICMPv6 port unreachable).
+    pub const XDP_REJECT6: u32 = 5;
     /// Entries of the XDP table.
-    pub const XDP_MAX: u32 = 4;
+    pub const XDP_MAX: u32 = 6;
 }
 
 /// Hint bitmaps: a cheap test of whether a packet may belong to a service at all, so that the

@@ -1,6 +1,6 @@
-//! The IPv6 pipeline. The TC entry programs check the ethertype first and run this family's
-//! fast path for an IPv6 frame inline (no tail call, no IPv4 parse before it); XDP leaves IPv6 to
-//! TC ([`dispatch`]). It has the same two stages as [`crate::flow`]: the fast path ([`fast`])
+//! The IPv6 pipeline. The entry programs (XDP and TC) check the ethertype first and run this
+//! family's fast path for an IPv6 frame inline (no tail call, no IPv4 parse before it). It has
+//! the same two stages as [`crate::flow`]: the fast path ([`fast`])
 //! passes what the hint bitmaps rule out after the parse and two array lookups, translates
 //! packets of tracked connections and their replies, and tail-calls the IPv6 slow-path programs
 //! ([`slow`], [`icmp_error`]) for new connections, connections whose backend went away, stale
@@ -18,8 +18,8 @@ use crate::{
     nat::{self, Fib, To, Verdict},
     nat6::{self, Nat6},
     parse::{Frag, tcp_flags},
-    parse6::{self, Ip6},
-    pkt::Packet,
+    parse6::{self, HDR, Ip6},
+    pkt::{L3, Packet},
     pkt6::Packet6,
 };
 
@@ -75,9 +75,9 @@ fn finish<P: Packet6>(c: &mut P, p: &Ip6, next: &Next) -> Out {
     deliver_with(c, p, &next.n, None, next.to, next.reason)
 }
 
-/// What the IPv4 fast path does with a frame that is not IPv4. The TC entry programs run the
-/// IPv6 fast path themselves before the IPv4 one (see `main.rs`), so an IPv6 frame comes here
-/// only in XDP, which leaves IPv6 to TC; anything else (ARP, ...) is passed.
+/// What the IPv4 fast path does with a frame that is not IPv4. The entry programs run the IPv6
+/// fast path themselves before the IPv4 one (see `main.rs`), so an IPv6 frame does not come
+/// here (if one did, it would be left to TC untouched); anything else (ARP, ...) is passed.
 #[inline(always)]
 pub fn dispatch<P: Packet>(c: &P) -> Step {
     if parse6::is_ipv6(c) {
@@ -86,27 +86,33 @@ pub fn dispatch<P: Packet>(c: &P) -> Step {
     Step { verdict: Verdict::PASS, reason: Reason::PassNotIpv4, tail: NO_TAIL, v6: false }
 }
 
-/// Index of this hook's IPv6 slow-path program; `ToPod` and XDP have none (an index past the
-/// table).
+/// Index of this hook's IPv6 slow-path program in its tail-call table; `ToPod` has none (an
+/// index past the table).
 #[inline(always)]
 fn new_call(hook: Hook) -> u32 {
     match hook {
         Hook::FromPod => calls::POD_NEW6,
         Hook::TcExt => calls::EXT_NEW6,
-        Hook::XdpExt => calls::XDP_MAX,
+        Hook::XdpExt => calls::XDP_NEW6,
         Hook::ToPod => calls::TC_MAX,
     }
 }
 
-/// Index of this hook's ICMPv6-error program (XDP has none).
+/// Index of this hook's ICMPv6-error program in its tail-call table.
 #[inline(always)]
 fn icmp_call(hook: Hook) -> u32 {
     match hook {
         Hook::FromPod => calls::POD_ICMP6,
         Hook::ToPod => calls::TOPOD_ICMP6,
         Hook::TcExt => calls::EXT_ICMP6,
-        Hook::XdpExt => calls::XDP_MAX,
+        Hook::XdpExt => calls::XDP_ICMP6,
     }
+}
+
+/// Index of the rejection program in this hook's tail-call table (XDP has its own).
+#[inline(always)]
+fn reject_call(hook: Hook) -> u32 {
+    if hook == Hook::XdpExt { calls::XDP_REJECT6 } else { calls::REJECT6 }
 }
 
 #[inline(always)]
@@ -208,13 +214,13 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     Ok(done(Verdict::PASS, Reason::PassNoService))
 }
 
-/// Index of this hook's IPv6 new-connection program (`ToPod` and XDP have none).
+/// Index of this hook's IPv6 new-connection program (`ToPod` has none).
 #[inline(always)]
 fn conn_call(hook: Hook) -> u32 {
     match hook {
         Hook::FromPod => calls::POD_CONN6,
         Hook::TcExt => calls::EXT_CONN6,
-        Hook::XdpExt => calls::XDP_MAX,
+        Hook::XdpExt => calls::XDP_CONN6,
         Hook::ToPod => calls::TC_MAX,
     }
 }
@@ -237,7 +243,7 @@ enum Slow {
 pub fn slow<P: Packet6>(c: &mut P, hook: Hook) -> Step {
     match run(c, hook) {
         Ok(Slow::Done(v, r)) => done(v, r),
-        Ok(Slow::Reject) => tail(calls::REJECT6),
+        Ok(Slow::Reject) => tail(reject_call(hook)),
         Ok(Slow::Conn) => tail(conn_call(hook)),
         Err(r) => done(Verdict::DROP, r),
     }
@@ -254,6 +260,11 @@ pub fn conn<P: Packet6>(c: &mut P, hook: Hook) -> (Verdict, Reason) {
     }
 }
 
+/// Bound of the L4 offset the parse can yield (the headers and four extension headers of at
+/// most 2,048 bytes each), with room below the verifier's 64 KiB packet-offset limit for the
+/// field offsets added to it.
+const MAX_L4_OFF: usize = 0x3fff;
+
 #[inline(always)]
 fn run_conn<P: Packet6>(c: &mut P, hook: Hook) -> Out {
     let Some(cfg) = maps::ready_config() else {
@@ -261,6 +272,11 @@ fn run_conn<P: Packet6>(c: &mut P, hook: Hook) -> Out {
     };
     let nc = maps6::scratch()?.conn;
     let p = &nc.p;
+    if p.l4 > MAX_L4_OFF {
+        // Read back from the scratch space, so unbounded for the verifier (XDP addresses the
+        // packet with it directly); the parse never yields a larger one.
+        return Err(Reason::DropMalformed);
+    }
     let reason = match nc.why {
         1 => Reason::Rebalanced,
         2 => Reason::CtMissMidFlow,
@@ -272,7 +288,8 @@ fn run_conn<P: Packet6>(c: &mut P, hook: Hook) -> Out {
 }
 
 /// The rejection program: replaces the packet by the TCP RST (or, for UDP, the ICMPv6 port
-/// unreachable) from the address it was sent to, as the slow path decided.
+/// unreachable) from the address it was sent to, as the slow path decided. XDP leaves a frame
+/// it cannot grow to the reply's size to TC, untouched (TC decides again and rejects it).
 #[inline(always)]
 pub fn reject<P: Packet6>(c: &mut P) -> (Verdict, Reason) {
     let reason = match maps6::scratch().map(|s| s.reject_why) {
@@ -288,6 +305,7 @@ pub fn reject<P: Packet6>(c: &mut P) -> (Verdict, Reason) {
     };
     match built {
         Ok(v) => (v, reason),
+        Err(Reason::DropRewrite) if P::XDP => (Verdict::PASS, Reason::XdpPassToTc),
         Err(r) => (Verdict::DROP, r),
     }
 }
@@ -306,19 +324,39 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
     if maps::ready_config().is_none() {
         return Ok((Verdict::PASS, Reason::PassNotReady));
     }
-    let Some(p) = parse6::ipv6(c)? else {
+    let Some(mut p) = parse6::ipv6(c)? else {
         return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
     };
+    if P::XDP {
+        if p.l4 != XDP_ICMP_L4 {
+            return Ok((Verdict::PASS, Reason::XdpPassToTc));
+        }
+        p.l4 = XDP_ICMP_L4;
+    }
     let cfg6 = maps6::config6();
-    if let Some(i) = icmp6::parse(c, &p)
+    if let Some(mut i) = icmp6::parse(c, &p)
         && let Some(plan) =
             icmp6::plan(&p, &i, &cfg6, hook.external(), hook == Hook::FromPod, flow::ktime())
     {
+        if P::XDP {
+            if i.l4 != XDP_ICMP_L4 + 8 + HDR {
+                return Ok((Verdict::PASS, Reason::XdpPassToTc));
+            }
+            // Constants from here on, for the verifier (see `XDP_ICMP_L4`).
+            i.l3 = XDP_ICMP_L4 + 8;
+            i.l4 = XDP_ICMP_L4 + 8 + HDR;
+        }
         let inner = Some((&i, &plan.inner));
         return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
     }
     Ok((Verdict::PASS, Reason::PassUnsupportedProto))
 }
+
+/// Offset of the ICMPv6 header of the errors XDP translates: those without extension headers,
+/// around and in the quoted packet; XDP leaves the others to TC untouched. XDP rewrites the
+/// packet directly, so every variable offset multiplies the paths its verifier follows (past a
+/// million instructions on Linux 5.10); TC's helpers take the offsets as plain arguments.
+const XDP_ICMP_L4: usize = L3 + HDR;
 
 /// The slow path's outcome (see [`slow`]).
 #[inline(always)]

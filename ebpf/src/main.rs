@@ -1,8 +1,9 @@
 //! kproxy's XDP and TC entry points. Entry points are thin: each runs the shared pipeline
 //! ([`flow`]), counts the reason of its verdict and turns the verdict into a return code. The
 //! entry programs run the fast path and tail-call the slow-path programs (`*_new`, `*_icmp`)
-//! for the rest. The TC entry programs tell the families apart first, by the ethertype, and run
-//! the fast path of the frame's family; IPv6 has its own slow-path programs (`*6`).
+//! for the rest. The entry programs (XDP and TC) tell the families apart first, by the
+//! ethertype, and run the fast path of the frame's family; IPv6 has its own slow-path programs
+//! (`*6`), in each of the two tail-call tables.
 //!
 //! The entry programs' bodies are `#[inline(always)]`: the program macros wrap the body in an
 //! inner function, and when the compiler leaves it out of line its tail calls sit in a
@@ -47,12 +48,20 @@ use kproxy_common::Reason;
 use nat::{Action, Verdict};
 use pkt::Packet as _;
 
-/// NodePort / LoadBalancer / externalIP entry on the node's external devices (fast path).
+/// NodePort / LoadBalancer / externalIP entry on the node's external devices (fast path). As
+/// in TC (`tc_fast`), an IPv6 frame runs the IPv6 fast path, inline.
 #[xdp]
 #[inline(always)]
 pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
     let mut c = pkt::Xdp(&ctx);
-    let s = flow::fast(&mut c, Hook::XdpExt);
+    let s = if parse6::is_ipv6(&c) {
+        if !maps::ready() {
+            return xdp_verdict(&ctx, Verdict::PASS, Reason::PassNotReady);
+        }
+        flow6::fast(&mut c, Hook::XdpExt)
+    } else {
+        flow::fast(&mut c, Hook::XdpExt)
+    };
     if s.tail != NO_TAIL {
         // SAFETY: tail call on our own context; returns only if it failed.
         unsafe { maps::kp_calls_xdp.tail_call(&ctx, s.tail) };
@@ -74,6 +83,41 @@ pub fn kp_xdp_new(ctx: XdpContext) -> u32 {
 pub fn kp_xdp_icmp(ctx: XdpContext) -> u32 {
     let (v, reason) = flow::icmp_error(&mut pkt::Xdp(&ctx), Hook::XdpExt);
     xdp_verdict(&ctx, v, reason)
+}
+
+/// XDP slow path of IPv6 (see `flow6::slow`).
+#[xdp]
+#[inline(always)]
+pub fn kp_xdp_new6(ctx: XdpContext) -> u32 {
+    let s = flow6::slow(&mut pkt::Xdp(&ctx), Hook::XdpExt);
+    if s.tail != NO_TAIL {
+        // SAFETY: tail call on our own context; returns only if it failed.
+        unsafe { maps::kp_calls_xdp.tail_call(&ctx, s.tail) };
+        count(Reason::DropTailCall, true);
+        return xdp_action::XDP_DROP;
+    }
+    xdp_verdict_in(&ctx, s.verdict, s.reason, true)
+}
+
+/// XDP: a new IPv6 connection (tail-called by `kp_xdp_new6`).
+#[xdp]
+pub fn kp_xdp_conn6(ctx: XdpContext) -> u32 {
+    let (v, reason) = flow6::conn(&mut pkt::Xdp(&ctx), Hook::XdpExt);
+    xdp_verdict_in(&ctx, v, reason, true)
+}
+
+/// XDP: the rejection of an IPv6 packet the slow path decided (TCP RST, ICMPv6 unreachable).
+#[xdp]
+pub fn kp_xdp_reject6(ctx: XdpContext) -> u32 {
+    let (v, reason) = flow6::reject(&mut pkt::Xdp(&ctx));
+    xdp_verdict_in(&ctx, v, reason, true)
+}
+
+/// XDP: ICMPv6 errors about translated connections.
+#[xdp]
+pub fn kp_xdp_icmp6(ctx: XdpContext) -> u32 {
+    let (v, reason) = flow6::icmp_error(&mut pkt::Xdp(&ctx), Hook::XdpExt);
+    xdp_verdict_in(&ctx, v, reason, true)
 }
 
 /// Counts one packet under `reason`, in the counters of its family.

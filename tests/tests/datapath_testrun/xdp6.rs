@@ -1,0 +1,197 @@
+//! IPv6 NodePort / LoadBalancer / externalIP in XDP (`kp_xdp_ext` and its IPv6 tail calls): the
+//! same translations as TC's, with the same rules about what XDP finishes (marked for TC) and
+//! what it leaves to TC (unmarked, untouched). Every verdict is counted in the IPv6 counters.
+use super::*;
+
+const NP6: &str = "[2001:2::10]:30080";
+const BE6_REMOTE: &str = "[2001:2:101::10]:8080";
+const MAC_NODE: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
+const MAC_NODE1: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+const MAC_CLIENT6: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
+
+/// Whether the XDP mark is visible here (BPF_PROG_TEST_RUN returns the metadata since 5.16).
+#[track_caller]
+fn assert_marked(marked: bool, want: bool) {
+    if kernel_at_least(5, 16) {
+        assert_eq!(marked, want, "XDP metadata mark for TC");
+    }
+}
+
+/// A NodePort with a backend on this node: XDP translates the connection's packets (DNAT, the
+/// client address kept) and passes them to the stack, marked so that TC does not look again.
+#[test]
+fn ipv6_xdp_nodeport_local_backend() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(NP6, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+    let syn = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN);
+    let (v, out, marked) = env.xdp_meta(&syn.build());
+    assert_eq!(v, XDP_PASS);
+    assert_marked(marked, true);
+    assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
+    // The next segments take XDP's IPv6 fast path.
+    let data = Frame6::tcp(sa6(CLIENT6), sa6(NP6), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n");
+    let (v, out, marked) = env.xdp_meta(&data.build());
+    assert_eq!(v, XDP_PASS);
+    assert_marked(marked, true);
+    assert_frame6(&out, &data.clone().with_dst(sa6(BE6_1)));
+    // UDP too.
+    env.backend6(2, "[2001:2:100::11]:5353", backend_flags::LOCAL, proto::UDP);
+    let np_udp = "[2001:2::10]:30053";
+    env.service6(np_udp, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[2], 2);
+    let q = Frame6::udp(sa6(CLIENT6), sa6(np_udp), b"query");
+    let (v, out) = env.xdp(&q.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame6(&out, &q.clone().with_dst(sa6("[2001:2:100::11]:5353")));
+    let ct = env.maps.conntrack6().unwrap();
+    assert_eq!(ct.len(), 2);
+    assert!(ct.iter().all(|(_, e)| e.flags & kproxy_common::ct_flags::SNAT == 0), "no SNAT");
+    assert_counts6(&env, &[(Reason::TranslatedNew, 2), (Reason::TranslatedEstablished, 1)]);
+}
+
+/// A NodePort whose backend is on another node, in XDP: source NAT to the node's IPv6 address,
+/// FIB lookup (AF_INET6), hop limit decremented, redirected to the egress device; the backend's
+/// reply restored and sent back to the client the same way.
+#[test]
+fn ipv6_xdp_nodeport_remote_backend_snat_fib_redirect_and_reply() {
+    in_test_netns6(|| {
+        let mut env = Env::new();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        env.backend6(1, BE6_REMOTE, 0, proto::TCP);
+        env.service6(NP6, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+
+        let syn = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN);
+        let (v, out, marked) = env.xdp_meta(&syn.build());
+        assert_eq!(v, XDP_REDIRECT, "redirected to kpt0 (the test runs on lo)");
+        assert!(!marked, "a redirected frame carries no mark");
+        let got = frames6::decode(&out).unwrap();
+        let L4::Tcp { sport: snat_port, .. } = got.l4 else { panic!("{got:?}") };
+        assert!((61000..=65535).contains(&snat_port), "{snat_port}");
+        let node = SocketAddrV6::new(NODE6.parse().unwrap(), snat_port, 0, 0);
+        let fwd = |f: &Frame6| {
+            let mut w =
+                f.clone().with_src(node).with_dst(sa6(BE6_REMOTE)).with_macs(MAC_NODE1, MAC_NODE);
+            w.hop_limit = 63;
+            w
+        };
+        assert_frame6(&out, &fwd(&syn));
+
+        // The established connection: XDP's fast path.
+        let ack = Frame6::tcp(sa6(CLIENT6), sa6(NP6), ACK).with_payload(b"hello");
+        let (v, out) = env.xdp(&ack.build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_frame6(&out, &fwd(&ack));
+
+        // The backend's reply to the node's SNAT port goes back to the client.
+        let synack = Frame6::tcp(sa6(BE6_REMOTE), node, SYN | ACK).with_macs(MAC_NODE, MAC_NODE1);
+        let (v, out) = env.xdp(&synack.build());
+        assert_eq!(v, XDP_REDIRECT);
+        let mut want = synack
+            .clone()
+            .with_src(sa6(NP6))
+            .with_dst(sa6(CLIENT6))
+            .with_macs(MAC_CLIENT6, MAC_NODE);
+        want.hop_limit = 63;
+        assert_frame6(&out, &want);
+        // TC-only mode (a device without XDP) takes the same decision for the connection.
+        let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_frame6(&out, &fwd(&ack));
+        assert_counts6(
+            &env,
+            &[
+                (Reason::TranslatedNew, 1),
+                (Reason::TranslatedEstablished, 2),
+                (Reason::ReplyTranslated, 1),
+            ],
+        );
+    });
+}
+
+/// XDP cannot resolve a neighbour: the packet goes up untouched and unmarked (`XdpPassToTc`,
+/// counted with IPv6), and TC translates it and hands it to `bpf_redirect_neigh`.
+#[test]
+fn ipv6_xdp_nodeport_remote_without_neighbour_goes_to_tc() {
+    in_test_netns6(|| {
+        let st = Command::new("sh")
+            .args(["-c", "ip -6 neigh del 2001:2::11 dev kpt0"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut env = Env::new();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        env.backend6(1, BE6_REMOTE, 0, proto::UDP);
+        let np = "[2001:2::10]:30053";
+        env.service6(np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let q = Frame6::udp(sa6(CLIENT6), sa6(np), b"q");
+        let (v, out, marked) = env.xdp_meta(&q.build());
+        assert_eq!((v, &out, marked), (XDP_PASS, &q.build(), false));
+        let (v, out) = env.tc(names::PROG_TC_EXT, &q.build());
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let got = frames6::decode(&out).unwrap();
+        let L4::Udp { sport, .. } = got.l4 else { panic!("{got:?}") };
+        let node = SocketAddrV6::new(NODE6.parse().unwrap(), sport, 0, 0);
+        let mut want = q.clone().with_src(node).with_dst(sa6(BE6_REMOTE));
+        want.hop_limit = 63;
+        assert_frame6(&out, &want);
+        // XDP created the connection before it found no neighbour; TC forwards it.
+        assert_counts6(&env, &[(Reason::XdpPassToTc, 1), (Reason::TranslatedEstablished, 1)]);
+    });
+}
+
+/// A NodePort without endpoints, in XDP: a TCP RST and an ICMPv6 port unreachable (a frame
+/// that grows) are sent back out of the device (`XDP_TX`).
+#[test]
+fn ipv6_xdp_reject_without_backends() {
+    let mut env = Env::new();
+    env.service6(NP6, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[], 1);
+    let np_udp = "[2001:2::10]:30053";
+    env.service6(np_udp, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[], 2);
+    let syn = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN);
+    let (v, out) = env.xdp(&syn.build());
+    assert_eq!(v, XDP_TX);
+    let mut rst = Frame6::tcp(sa6(NP6), sa6(CLIENT6), RST | ACK).with_macs(syn.smac, syn.dmac);
+    if let L4::Tcp { seq, ack, window, .. } = &mut rst.l4 {
+        *seq = 0;
+        *ack = 1001;
+        *window = 0;
+    }
+    assert_frame6(&out, &rst);
+    let q = Frame6::udp(sa6(CLIENT6), sa6(np_udp), b"");
+    let qb = q.build();
+    let (v, out) = env.xdp(&qb);
+    assert_eq!(v, XDP_TX);
+    let want = Frame6::icmp(*sa6(np_udp).ip(), *sa6(CLIENT6).ip(), 1, 4, &qb[14..14 + 48])
+        .with_macs(q.smac, q.dmac);
+    assert_frame6(&out, &want);
+    assert_counts6(&env, &[(Reason::RejectNoBackend, 2)]);
+}
+
+/// A router on the path to a remote backend answers the source-NATed segment with Packet Too
+/// Big: XDP's ICMPv6 program sends it on to the external client, about the segment the client
+/// sent.
+#[test]
+fn ipv6_xdp_packet_too_big_reaches_external_client() {
+    in_test_netns6(|| {
+        let mut env = Env::new();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        env.backend6(1, BE6_REMOTE, 0, proto::TCP);
+        env.service6(NP6, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let seg = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN).with_payload(&[0x5a; 64]);
+        let sb = seg.build();
+        let (v, fwd) = env.xdp(&sb);
+        assert_eq!(v, XDP_REDIRECT);
+        let router = "2001:2::11";
+        let ptb = icmp6_error(router, NODE6, 2, 0, 1400, &fwd[14..]).with_macs(MAC_NODE, MAC_NODE1);
+        let (v, out) = env.xdp(&ptb.build());
+        assert_eq!(v, XDP_REDIRECT, "routed on to the client");
+        let mut quote = quote_of(&sb, &fwd, 16);
+        quote[7] = fwd[14 + 7];
+        let client = sa6(CLIENT6).ip().to_string();
+        let mut want =
+            icmp6_error(router, &client, 2, 0, 1400, &quote).with_macs(MAC_CLIENT6, MAC_NODE);
+        want.hop_limit = 63;
+        assert_frame6(&out, &want);
+        assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::IcmpErrorTranslated, 1)]);
+    });
+}
