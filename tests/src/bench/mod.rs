@@ -2187,7 +2187,7 @@ fn clusterip6(cfg: &Config, rec: &mut Recorder) -> Result<()> {
 }
 
 /// The systems of item 3 over IPv6: kproxy (native XDP, as item 3's `kproxy`; its XDP program
-/// passes IPv6 frames to its TC program, which serves IPv6 NodePorts) and the IPv6 baselines.
+/// serves IPv6 NodePorts as IPv4's) and the IPv6 baselines.
 pub const NODEPORT6_SYSTEMS: [&str; 3] = ["kproxy", "iptables", "nftables"];
 
 /// Variant of the item 3 figures over IPv6 (remote backend).
