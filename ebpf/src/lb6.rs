@@ -59,7 +59,7 @@ pub fn pick(
         // SAFETY: valid map value pointer; concurrent updates only race on the timestamp.
         let a = unsafe { &mut *a };
         let timeout = svc.affinity_timeout as u64 * 1_000_000_000;
-        if now.wrapping_sub(a.last_used_ns) < timeout
+        if now.saturating_sub(a.last_used_ns) < timeout
             && a.slot != 0
             && a.slot <= svc.count
             // SAFETY: map values are only read by copy.

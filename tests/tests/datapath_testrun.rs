@@ -19,8 +19,8 @@ use kproxy::dataplane::{
     loader::{Datapath, MapSizes},
 };
 use kproxy_common::{
-    Backend4, NodeConfig, Reason, Service4Key, Service4Value, backend_flags, cfg_flags, names,
-    proto, scope, svc_flags, timeouts,
+    Affinity4Key, Affinity4Value, Backend4, NodeConfig, Reason, Service4Key, Service4Value,
+    backend_flags, cfg_flags, names, proto, scope, svc_flags, timeouts,
 };
 use kproxy_tests::frames::{self, ACK, Frame, L4, PSH, RST, SYN};
 
@@ -1086,6 +1086,41 @@ fn session_affinity_pins_client_to_backend() {
         seen.insert(frames::decode(&out).unwrap().daddr);
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+/// An affinity entry stamped a little later than this CPU's clock reads (another CPU used it
+/// in the meantime) still holds: its age is not taken as a wrapped-around huge one.
+#[test]
+fn session_affinity_holds_for_an_entry_stamped_ahead_of_the_clock() {
+    let mut env = Env::new();
+    env.backend(1, BE1, 0, proto::TCP);
+    env.backend(2, BE2, 0, proto::TCP);
+    let flags = svc_flags::CLUSTER_IP | svc_flags::AFFINITY;
+    env.service_aff(CIP, proto::TCP, scope::INTERNAL, flags, &[1, 2], 9, 3600);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    // The flow hash's choice for this tuple, then the tuple forgotten.
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    let hashed = frames::decode(&out).unwrap().daddr;
+    for (k, _) in env.maps.conntrack().unwrap() {
+        env.maps.delete_conntrack(&k).unwrap();
+    }
+    // The client's affinity now names the other backend (slot 1 or 2), stamped 5 s ahead.
+    let (other, slot) = if hashed == *sa(BE1).ip() { (2, 2) } else { (1, 1) };
+    let mut aff: aya::maps::HashMap<_, Affinity4Key, Affinity4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(
+                kproxy::dataplane::bpf::maps_dir(&env.dir).join(names::AFFINITY4),
+            )
+            .unwrap(),
+        ))
+        .unwrap();
+    let key = env.maps.affinity().unwrap()[0].0;
+    let ahead = kproxy::dataplane::monotonic_ns() + 5_000_000_000;
+    let v = Affinity4Value { backend_id: other, slot, _pad: 0, last_used_ns: ahead };
+    aff.insert(key, v, 0).unwrap();
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    let want = if other == 1 { *sa(BE1).ip() } else { *sa(BE2).ip() };
+    assert_eq!(frames::decode(&out).unwrap().daddr, want, "affinity dropped as expired");
 }
 
 #[test]
