@@ -288,6 +288,25 @@ impl Agent {
         self.proc.log_text()
     }
 
+    /// Waits until the agent's log contains `needle` (e.g. `node addresses`: its datapath is
+    /// loaded and attached, it syncs next), failing with the log after `timeout`. Loading takes
+    /// many seconds on a busy machine, so checks of what an agent serves start from here.
+    pub fn wait_logged(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agent of node {} never logged {needle:?} within {timeout:?}:\n{log}",
+                self.node
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Process id of the agent.
     pub fn pid(&self) -> u32 {
         self.proc.pid().expect("agent guards own their process")

@@ -46,7 +46,18 @@ impl Setup {
             let a = s.start_agent(i);
             s.agents.push(Some(a));
         }
+        // What the tests check starts once the datapaths are loaded.
+        for i in 0..2 {
+            s.wait_loaded(i);
+        }
         s
+    }
+
+    /// Waits until node `node`'s agent has loaded and attached its datapath (many seconds on a
+    /// busy machine).
+    fn wait_loaded(&self, node: usize) {
+        let a = self.agents[node].as_ref().expect("agent running");
+        a.wait_logged("node addresses", Duration::from_secs(120)).expect("agent loads");
     }
 
     fn start_agent(&self, node: usize) -> Agent {
@@ -321,7 +332,7 @@ fn traffic_survives_agent_stop_pause_crash_and_restart() {
     assert_eq!(session.request().expect("after a crash"), first);
     // Restart: reuses the pins, reconciles, nothing drops.
     s.agents[0] = Some(s.start_agent(0));
-    std::thread::sleep(Duration::from_secs(2));
+    s.wait_loaded(0);
     // Graceful stop (SIGTERM) and start again.
     s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("SIGTERM stop");
     std::thread::sleep(Duration::from_millis(500));
@@ -331,7 +342,7 @@ fn traffic_survives_agent_stop_pause_crash_and_restart() {
     assert_eq!(max_entries(&s, 0, ct6), 1);
     s.extra.push("--enable-ipv6".into());
     s.agents[0] = Some(s.start_agent(0));
-    std::thread::sleep(Duration::from_secs(2));
+    s.wait_loaded(0);
     assert_eq!(session.request().expect("after restarts"), first);
     assert!(max_entries(&s, 0, ct6) > 1, "IPv6 maps recreated");
     let (ok, failed) = traffic.finish();

@@ -136,17 +136,19 @@ impl Cluster {
 
     /// Waits (up to [`AGENT_START`]) until every agent's log contains `needle`.
     fn wait_agents_logged(&self, needle: &str) {
-        for i in 0..self.agents.len() {
-            let deadline = Instant::now() + AGENT_START;
-            while !self.agents[i].as_ref().unwrap().log_text().contains(needle) {
-                assert!(
-                    Instant::now() < deadline,
-                    "agent {i} never logged {needle:?}:\n{}",
-                    self.agent_logs()
-                );
-                std::thread::sleep(Duration::from_millis(100));
+        for a in self.agents.iter().flatten() {
+            if let Err(e) = a.wait_logged(needle, AGENT_START) {
+                panic!("{e:#}\n{}", self.agent_logs());
             }
         }
+    }
+
+    /// Starts node `node`'s agent again and waits until it has loaded its datapath (see
+    /// [`Cluster::with_spec`]).
+    fn restart_agent(&mut self, node: usize) {
+        let a = self.start_agent(node);
+        a.wait_logged("node addresses", AGENT_START).expect("restarted agent loads");
+        self.agents[node] = Some(a);
     }
 
     fn start_agent(&self, node: usize) -> Agent {
@@ -574,7 +576,7 @@ fn upstream_should_work_after_restarting_kube_proxy() {
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-0"]);
         // A change made while it is down is applied when it is back.
         c.put(&svc, vec![c.ep(1, 0), c.ep(0, 2)]);
-        c.agents[0] = Some(c.start_agent(0));
+        c.restart_agent(0);
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-1-pod-0", "node-0-pod-2"]);
         assert_eq!(session.request().expect("established connection survives the restart"), first);
     });
@@ -614,6 +616,9 @@ fn upstream_should_work_after_restarting_apiserver() {
             ..Default::default()
         };
         let agents = lab.spawn_agents(&opts).expect("agents");
+        for a in &agents {
+            a.wait_logged("node addresses", AGENT_START).expect("agent loads");
+        }
         let pod = lab.pod(1, 1).unwrap().ns.clone();
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
         // API server down: the datapath keeps serving.
