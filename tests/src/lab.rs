@@ -267,6 +267,13 @@ pub struct AgentOpts {
     pub binary: Option<PathBuf>,
 }
 
+/// What an agent logs once its datapath is loaded and attached and it has read the node's
+/// addresses (its first sync follows).
+pub const AGENT_LOADED: &str = "node addresses";
+
+/// How long [`Lab::start_agent`] waits for [`AGENT_LOADED`].
+pub const AGENT_LOAD: Duration = Duration::from_secs(120);
+
 /// A running agent; dropping it stops the agent (SIGTERM, then SIGKILL after 3 s).
 #[derive(Debug)]
 pub struct Agent {
@@ -1057,6 +1064,24 @@ impl Lab {
     /// Starts an agent on every node ([`Lab::spawn_agent`]); the guards are in node order.
     pub fn spawn_agents(&self, opts: &AgentOpts) -> Result<Vec<Agent>> {
         (0..self.nodes.len()).map(|i| self.spawn_agent(i, opts)).collect()
+    }
+
+    /// [`Lab::spawn_agent`], returning once the agent has loaded and attached its datapath and
+    /// read the node's addresses (it syncs next), so that a check of what it serves does not
+    /// spend its time limit on the load (many seconds on a busy machine).
+    pub fn start_agent(&self, node: usize, opts: &AgentOpts) -> Result<Agent> {
+        let a = self.spawn_agent(node, opts)?;
+        a.wait_logged(AGENT_LOADED, AGENT_LOAD)?;
+        Ok(a)
+    }
+
+    /// [`Lab::spawn_agents`], returning once every agent has loaded ([`Lab::start_agent`]).
+    pub fn start_agents(&self, opts: &AgentOpts) -> Result<Vec<Agent>> {
+        let agents = self.spawn_agents(opts)?;
+        for a in &agents {
+            a.wait_logged(AGENT_LOADED, AGENT_LOAD)?;
+        }
+        Ok(agents)
     }
 
     /// Runs `kproxy cleanup --pin-path <pin path>` in node `node`'s namespace (30 s limit);

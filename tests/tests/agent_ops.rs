@@ -57,7 +57,7 @@ impl Setup {
     /// busy machine).
     fn wait_loaded(&self, node: usize) {
         let a = self.agents[node].as_ref().expect("agent running");
-        a.wait_logged("node addresses", Duration::from_secs(120)).expect("agent loads");
+        a.wait_logged(lab::AGENT_LOADED, lab::AGENT_LOAD).expect("agent loads");
     }
 
     fn start_agent(&self, node: usize) -> Agent {
@@ -512,9 +512,10 @@ fn programs_on(devices: &serde_json::Value, dev: &str) -> Vec<String> {
     out
 }
 
-/// Waits until the agent log of node `node` has a line holding every needle.
+/// Waits until the agent log of node `node` has a line holding every needle (the bound of a
+/// datapath load: some lines follow one).
 fn log_until(s: &Setup, node: usize, needles: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + lab::AGENT_LOAD;
     loop {
         let log = s.agents[node].as_ref().unwrap().log_text();
         if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {

@@ -130,7 +130,7 @@ impl Cluster {
         // The convergence checks start once each agent has loaded its datapath, attached its
         // devices and read the node's addresses (it syncs next): loading takes many seconds on
         // a busy machine or an emulated kernel.
-        c.wait_agents_logged("node addresses");
+        c.wait_agents_logged(lab::AGENT_LOADED);
         c
     }
 
@@ -147,7 +147,7 @@ impl Cluster {
     /// [`Cluster::with_spec`]).
     fn restart_agent(&mut self, node: usize) {
         let a = self.start_agent(node);
-        a.wait_logged("node addresses", AGENT_START).expect("restarted agent loads");
+        a.wait_logged(lab::AGENT_LOADED, AGENT_START).expect("restarted agent loads");
         self.agents[node] = Some(a);
     }
 
@@ -615,10 +615,7 @@ fn upstream_should_work_after_restarting_apiserver() {
             extra_args: vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()],
             ..Default::default()
         };
-        let agents = lab.spawn_agents(&opts).expect("agents");
-        for a in &agents {
-            a.wait_logged("node addresses", AGENT_START).expect("agent loads");
-        }
+        let agents = lab.start_agents(&opts).expect("agents");
         let pod = lab.pod(1, 1).unwrap().ns.clone();
         converge_to(&pod, VIP, 80, Proto::Tcp, &["node-0-pod-0"]);
         // API server down: the datapath keeps serving.

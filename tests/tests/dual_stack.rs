@@ -129,7 +129,7 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
         extra_args: vec!["--enable-ipv6".into()],
         ..Default::default()
     };
-    let agent = lab.spawn_agent(0, &opts).expect("agent");
+    let agent = lab.start_agent(0, &opts).expect("agent");
 
     let cip6: Ipv6Addr = CIP6.parse().unwrap();
     let got6 = lab::eventually(Duration::from_secs(20), Duration::from_millis(200), || {
@@ -186,11 +186,8 @@ fn dual_stack_service_over_both_cluster_ips_and_the_ipv6_node_port() {
     let n = tcp6_name(&client.ns, cip6, 80).expect("IPv6 ClusterIP without an agent");
     assert!(names.contains(&n), "{n}");
     let agent = lab.spawn_agent(0, &opts).expect("agent restart");
-    let log = lab::eventually(Duration::from_secs(20), Duration::from_millis(200), || {
-        let log = agent.log_text();
-        if log.contains("adopted the programmed state") { Ok(log) } else { Err("not yet") }
-    })
-    .unwrap();
+    agent.wait_logged("adopted the programmed state", lab::AGENT_LOAD).expect("agent adopts");
+    let log = agent.log_text();
     // ClusterIP and NodePort (both scopes) of web6, ClusterIP of empty6.
     assert!(log.contains("frontends6=4"), "{log}");
     let n = tcp6_name(&client.ns, cip6, 80).expect("IPv6 ClusterIP after the restart");
@@ -232,7 +229,7 @@ fn dual_stack_service_from_the_kubernetes_api_follows_its_ip_family_policy() {
         ],
         ..Default::default()
     };
-    let agent = lab.spawn_agent(0, &opts).expect("agent");
+    let agent = lab.start_agent(0, &opts).expect("agent");
     let cip6: Ipv6Addr = CIP6.parse().unwrap();
     let wait = Duration::from_secs(20);
     let every = Duration::from_millis(200);

@@ -51,7 +51,7 @@ impl Setup {
             extra_args: extra.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         };
-        self.agents = self.lab.spawn_agents(&opts).expect("agents");
+        self.agents = self.lab.start_agents(&opts).expect("agents");
     }
 
     fn ep(&self, i: usize, j: usize) -> Endpoint {
@@ -183,7 +183,7 @@ fn invalid_edit_from_the_api_keeps_the_last_valid_version() {
         extra_args: vec!["--kubeconfig".into(), kubeconfig.path()],
         ..Default::default()
     };
-    s.agents = s.lab.spawn_agents(&opts).expect("agents");
+    s.agents = s.lab.start_agents(&opts).expect("agents");
     let pods = ["node-0-pod-0", "node-1-pod-0"];
     let pod = s.pod_ns(0, 1);
     wait_served_by(&pod, VIP, 80, &pods);
@@ -276,7 +276,7 @@ fn source_ranges_and_closed_service_addresses() {
             extra_args: extra.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         };
-        s.agents.push(s.lab.spawn_agent(i, &opts).expect("agent"));
+        s.agents.push(s.lab.start_agent(i, &opts).expect("agent"));
     }
     let mut svc = web_lb();
     svc.ports.push(Port::udp("dns", 53, SERVER_PORT));
@@ -534,7 +534,7 @@ fn agent_with_empty_maps_bootstraps_through_the_api_servers_real_address() {
         ],
         ..Default::default()
     };
-    s.agents = s.lab.spawn_agents(&opts).expect("agents");
+    s.agents = s.lab.start_agents(&opts).expect("agents");
     let pod = s.pod_ns(1, 1);
     wait_served_by(&pod, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
     // And the kubernetes ClusterIP reaches the API server (which answers the pod's address
@@ -590,10 +590,10 @@ fn service_cidr_objects_from_the_api_are_service_cidrs() {
     };
     // Node 1's agent meets an API server without ServiceCIDRs, node 0's one with them.
     api.serve_service_cidrs(false);
-    s.agents.push(s.lab.spawn_agent(1, &opts).expect("agent 1"));
+    s.agents.push(s.lab.start_agent(1, &opts).expect("agent 1"));
     s.wait_log_line(1, &["serves no networking.k8s.io/v1 ServiceCIDR"]);
     api.serve_service_cidrs(true);
-    s.agents.push(s.lab.spawn_agent(0, &opts).expect("agent 0"));
+    s.agents.push(s.lab.start_agent(0, &opts).expect("agent 0"));
     let (pod0, pod1) = (s.pod_ns(0, 1), s.pod_ns(1, 1));
     wait_served_by(&pod0, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
     wait_served_by(&pod1, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);

@@ -112,6 +112,9 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
         ..Default::default()
     };
     let mut agents: Vec<Agent> = (0..2).map(|i| lab.spawn_agent(i, &opts(i)).unwrap()).collect();
+    for a in &agents {
+        a.wait_logged(lab::AGENT_LOADED, lab::AGENT_LOAD).expect("agent loads");
+    }
     let guard = LogsOnPanic(&agents);
     let ns = lab.node(0).ns.clone();
     let cg = Some(cgroups.node(0));
@@ -225,11 +228,7 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     a0.stop(Duration::from_secs(5)).unwrap();
     agents.insert(0, lab.spawn_agent(0, &opts(0)).unwrap());
     let guard = LogsOnPanic(&agents);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agents[0].log_text().contains("socket LB attached") {
-        assert!(Instant::now() < deadline, "restarted agent did not attach");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    agents[0].wait_logged("socket LB attached", lab::AGENT_LOAD).expect("restarted agent attaches");
     attached_once(cgroups.node(0), kproxy_common::names::SOCK_PROGS.iter());
     let w = client(&ns, cg, "sendto", REMOTE);
     assert_eq!(answered_by(&w).as_ref(), Some(&remote_pod), "after restart: {w:?}");
@@ -243,11 +242,7 @@ fn host_network_clients_reach_cluster_ips_through_the_socket_lb() {
     pods_opts.extra_args.push("--socket-lb-pods".into());
     agents.insert(0, lab.spawn_agent(0, &pods_opts).unwrap());
     let guard = LogsOnPanic(&agents);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agents[0].log_text().contains("socket LB attached") {
-        assert!(Instant::now() < deadline, "restarted agent did not attach");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    agents[0].wait_logged("socket LB attached", lab::AGENT_LOAD).expect("restarted agent attaches");
     let sock = || {
         let c = BpfDataplane::open(lab.pin_path(0)).unwrap().counters().unwrap();
         c.iter().find(|(x, _)| *x == Reason::SockTranslated).map_or(0, |(_, n)| *n)
