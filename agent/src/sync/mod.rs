@@ -557,6 +557,12 @@ pub struct Syncer {
     ipv6_off_reported: bool,
 }
 
+/// Most service ports planned and written in one round. A from-scratch sync of tens of
+/// thousands of ports then holds the plans and write batches of a thousand at a time, not of
+/// all of them (several times the ports' own size, and what fragments the heap most); the
+/// batches stay large enough that the number of map calls does not matter.
+const ROUND_PORTS: usize = 1024;
+
 /// One write of a port's transaction, with what undoes it.
 #[derive(Debug, Clone, Copy)]
 struct Undo {
@@ -972,25 +978,36 @@ impl Syncer {
         self.udp_serving.insert(name.clone(), serving);
     }
 
-    /// Writes the pending ports in rounds (a round never has two ports on one frontend, which
-    /// the model does not produce anyway) and records which are programmed.
+    /// Writes the pending ports in rounds of at most [`ROUND_PORTS`] (a round never has two
+    /// ports on one frontend, which the model does not produce anyway) and records which are
+    /// programmed. Each round's states are dropped once it is written.
     fn write_ports(
         &mut self,
-        mut pending: Vec<(ServicePortName, ServicePortState)>,
+        pending: Vec<(ServicePortName, ServicePortState)>,
         dp: &mut dyn Dataplane,
         report: &mut SyncReport,
     ) {
+        let mut pending = VecDeque::from(pending);
         while !pending.is_empty() {
             let mut claimed: FastSet<Service4Key> = FastSet::default();
-            let (now, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, st)| {
-                let keys: Vec<Service4Key> = st.frontends.keys().map(|f| key_of(f, 0)).collect();
+            let mut now = Vec::with_capacity(pending.len().min(ROUND_PORTS));
+            // Ports on a frontend of this round's: first in the next round, in their order.
+            let mut later = Vec::new();
+            while now.len() < ROUND_PORTS
+                && let Some((name, st)) = pending.pop_front()
+            {
+                let keys: SmallVec<[Service4Key; 4]> =
+                    st.frontends.keys().map(|f| key_of(f, 0)).collect();
                 if keys.iter().any(|k| claimed.contains(k)) {
-                    return false;
+                    later.push((name, st));
+                } else {
+                    claimed.extend(keys);
+                    now.push((name, st));
                 }
-                claimed.extend(keys);
-                true
-            });
-            pending = later;
+            }
+            for p in later.into_iter().rev() {
+                pending.push_front(p);
+            }
             let names: Vec<&ServicePortName> = now.iter().map(|(n, _)| n).collect();
             let mut round = Round {
                 ports: Vec::with_capacity(now.len()),

@@ -233,6 +233,57 @@ fn first_sync_writes_backends_then_slots_then_entry() {
     assert_eq!(s.programmed_backends(), 4);
 }
 
+/// A from-scratch sync of more ports than a round holds writes them round by round (each
+/// round's backends, slots, then entries), so that the plans of all ports never exist at once;
+/// every port is still written in the order that never shows a half-written service, and all
+/// are programmed.
+#[test]
+fn large_first_sync_is_written_in_rounds() {
+    let n = 2 * ROUND_PORTS + 10;
+    let nth = |base: Ipv4Addr, i: usize| Ipv4Addr::from(u32::from(base) + i as u32);
+    let mut d = DesiredState::default();
+    for i in 0..n {
+        let f = Frontend { addr: nth(Ipv4Addr::new(198, 19, 0, 0), i), ..cip(0) };
+        let b = Backend { addr: nth(Ipv4Addr::new(198, 18, 0, 0), i), ..be(0) };
+        let mut s = ServicePortState::default();
+        s.endpoints.insert(b);
+        s.frontends.insert(
+            f,
+            FrontendEntry { flags: svc_flags::CLUSTER_IP, affinity_timeout: 0, backends: vec![b] },
+        );
+        d.services.insert(spn(&format!("svc{i}")), s);
+    }
+    let mut dp = MemDataplane::default();
+    let mut s = Syncer::new();
+    let r = s.sync(&d, &mut dp);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((s.programmed_frontends(), s.programmed_backends()), (n, n));
+    assert_eq!((dp.services.len(), dp.backends.len()), (2 * n, n));
+    // Three rounds: a backend write follows a service write twice.
+    let ops = &dp.ops;
+    let rounds = 1 + ops
+        .windows(2)
+        .filter(|w| matches!(w, [MemOp::PutService(_), MemOp::PutBackend(_)]))
+        .count();
+    assert_eq!(rounds, 3);
+    // Per port: its backend, then its slot, then its entry.
+    let mut backend_at = HashMap::new();
+    let mut key_at = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            MemOp::PutBackend(id) => backend_at.insert(*id, i),
+            MemOp::PutService(k) => key_at.insert(*k, i),
+            _ => None,
+        };
+    }
+    for k in dp.services.keys().filter(|k| k.slot == 0) {
+        let slot = Service4Key { slot: 1, ..*k };
+        let backend = dp.services[&slot].backend_id;
+        assert!(backend_at[&backend] < key_at[&slot], "{k:?}");
+        assert!(key_at[&slot] < key_at[k], "{k:?}");
+    }
+}
+
 /// A UDP port `dns` of service `svc1` (ClusterIP 198.19.0.1:53) whose endpoints are the hosts
 /// of `all`, serving when also in `serving`; the backends in the slots are the serving ones.
 fn udp_state(all: &[u8], serving: &[u8]) -> (ServicePortName, ServicePortState) {
