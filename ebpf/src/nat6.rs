@@ -21,22 +21,30 @@ pub const DEST_UNREACH: u8 = 1;
 /// ICMPv6 code: port unreachable.
 const PORT_UNREACH: u8 = 4;
 
-/// New addresses and ports (be) for an IPv6 packet.
+/// New addresses and ports (be) for an IPv6 packet, in the order they follow each other in a
+/// TCP or UDP packet without extension headers (TC stores them in one go from here).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Nat6 {
     /// Source address.
     pub saddr: Addr6,
-    /// Source port.
-    pub sport: u16,
     /// Destination address.
     pub daddr: Addr6,
+    /// Source port.
+    pub sport: u16,
     /// Destination port.
     pub dport: u16,
 }
+const _: () = assert!(core::mem::size_of::<Nat6>() == 36);
 
-/// Rewrites `p` to `n`, touching only the fields that change.
+/// Rewrites `p` to `n`, touching only the fields that change; `whole`: in one go where the
+/// packet type makes that cheaper ([`Packet6::set_tuple6`]; the fast path and the connection
+/// programs; the slow path's stack has no room left for it).
 #[inline(always)]
-pub fn apply<P: Packet6>(c: &mut P, p: &Ip6, n: &Nat6) -> Result<(), Reason> {
+pub fn apply<P: Packet6>(c: &mut P, p: &Ip6, n: &Nat6, whole: bool) -> Result<(), Reason> {
+    if whole && c.set_tuple6(p, n)? {
+        return Ok(());
+    }
     if n.daddr != p.daddr {
         c.set_addr6(p, DADDR, &p.daddr, &n.daddr)?;
     }
