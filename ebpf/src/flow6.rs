@@ -66,13 +66,13 @@ impl Next {
     }
 }
 
-/// Carries out `next` on `p`.
+/// Carries out `next` on `p` (`whole`: see [`nat6::apply`]).
 #[inline(always)]
-fn finish<P: Packet6>(c: &mut P, p: &Ip6, next: &Next) -> Out {
+fn finish<P: Packet6>(c: &mut P, p: &Ip6, next: &Next, now: u64, whole: bool) -> Out {
     if !next.translate {
         return Ok((next.verdict, next.reason));
     }
-    deliver_with(c, p, &next.n, None, next.to, next.reason)
+    deliver_with(c, p, &next.n, None, next.to, next.reason, now, whole)
 }
 
 /// What the IPv4 fast path does with a frame that is not IPv4. The entry programs run the IPv6
@@ -188,13 +188,14 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
                 };
                 ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
                 let next = forward_established(&p, &e, local, hook);
-                return finish(c, &p, &next).map(|(v, r)| done(v, r));
+                return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));
             }
         }
         // Replies before new connections (see `flow::fast_path`).
         if reply && let Some(rnp) = ct6::revnat_ptr(&t) {
-            let next = reply_translated(&p, &t, rnp, hook, flow::coarse_now());
-            return finish(c, &p, &next).map(|(v, r)| done(v, r));
+            let now = flow::coarse_now();
+            let next = reply_translated(&p, &t, rnp, hook, now);
+            return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));
         }
         if orig {
             return Ok(tail(new_call(hook)));
@@ -283,8 +284,9 @@ fn run_conn<P: Packet6>(c: &mut P, hook: Hook) -> Out {
         _ => Reason::TranslatedNew,
     };
     let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-    let next = new_conn(p, &t, &cfg, hook, &nc.key, &nc.svc, flow::ktime(), reason)?;
-    finish(c, p, &next)
+    let now = flow::ktime();
+    let next = new_conn(p, &t, &cfg, hook, &nc.key, &nc.svc, now, reason)?;
+    finish(c, p, &next, now, true)
 }
 
 /// The rejection program: replaces the packet by the TCP RST (or, for UDP, the ICMPv6 port
@@ -334,9 +336,9 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
         p.l4 = XDP_ICMP_L4;
     }
     let cfg6 = maps6::config6();
+    let now = flow::ktime();
     if let Some(mut i) = icmp6::parse(c, &p)
-        && let Some(plan) =
-            icmp6::plan(&p, &i, &cfg6, hook.external(), hook == Hook::FromPod, flow::ktime())
+        && let Some(plan) = icmp6::plan(&p, &i, &cfg6, hook.external(), hook == Hook::FromPod, now)
     {
         if P::XDP {
             if i.l4 != XDP_ICMP_L4 + 8 + HDR {
@@ -347,7 +349,8 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
             i.l4 = XDP_ICMP_L4 + 8 + HDR;
         }
         let inner = Some((&i, &plan.inner));
-        return deliver_with(c, &p, &plan.outer, inner, plan.to, Reason::IcmpErrorTranslated);
+        let reason = Reason::IcmpErrorTranslated;
+        return deliver_with(c, &p, &plan.outer, inner, plan.to, reason, now, false);
     }
     Ok((Verdict::PASS, Reason::PassUnsupportedProto))
 }
@@ -389,7 +392,7 @@ fn run<P: Packet6>(c: &mut P, hook: Hook) -> Result<Slow, Reason> {
     if next.conn {
         return Ok(Slow::Conn);
     }
-    finish(c, &p, &next).map(|(v, r)| Slow::Done(v, r))
+    finish(c, &p, &next, now, false).map(|(v, r)| Slow::Done(v, r))
 }
 
 /// The slow path's decision for `p`.
@@ -689,7 +692,9 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now
 }
 
 /// Translates and delivers (also the packet quoted by an ICMPv6 error). XDP leaves packets
-/// whose neighbour is unresolved to TC, untouched.
+/// whose neighbour is unresolved to TC, untouched. `now` stamps a route XDP caches; `whole`:
+/// see [`nat6::apply`].
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn deliver_with<P: Packet6>(
     c: &mut P,
@@ -698,20 +703,20 @@ fn deliver_with<P: Packet6>(
     inner: Option<(&icmp6::Inner6, &Nat6)>,
     to: To,
     reason: Reason,
+    now: u64,
+    whole: bool,
 ) -> Out {
     let f = &mut maps6::scratch()?.fib;
     let mut fib = Fib::None;
     if to == To::Fib {
-        // SAFETY: all-zero is a valid bpf_fib_lookup.
-        *f = unsafe { core::mem::zeroed() };
-        match nat6::route(c, p, &n.saddr, &n.daddr, f) {
+        match nat6::route(c, p, &n.saddr, &n.daddr, f, now) {
             Fib::Resolved => fib = Fib::Resolved,
             _ if P::XDP => return Ok((Verdict::PASS, Reason::XdpPassToTc)),
             Fib::NoNeigh => fib = Fib::NoNeigh,
             _ => return Err(Reason::DropFib),
         }
     }
-    nat6::apply(c, p, n)?;
+    nat6::apply(c, p, n, whole)?;
     if let Some((i, inn)) = inner {
         icmp6::apply_inner(c, p, i, inn)?;
     }

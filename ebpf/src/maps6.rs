@@ -80,6 +80,21 @@ pub static kp_svcaddr6: HashMap<Addr6, u32, { defaults::SVC_ADDRS6_MAX as usize 
 #[btf_map]
 pub static kp_svccidr6: Array<kproxy_common::ServiceCidrs6, 1> = Array::new();
 
+/// XDP's per-CPU IPv6 route cache (`crate::nat6::route`), a slot per destination hash.
+/// Internal to the datapath: not pinned, each load starts empty.
+#[btf_map]
+pub static kp_route6: PerCpuArray<crate::nat6::Route6, { ROUTE6_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// Slots of [`kp_route6`] (a power of two).
+const ROUTE6_SLOTS: u32 = 64;
+
+/// The route cache slot of destination `daddr` (be words) on this CPU.
+#[inline(always)]
+pub fn route_slot(daddr: &Addr6) -> Option<*mut crate::nat6::Route6> {
+    kp_route6.get_ptr_mut(hints::addr_bit(hints::fold6(daddr)) & (ROUTE6_SLOTS - 1))
+}
+
 /// Bytes of the scratch frame buffer.
 pub const SCRATCH: usize = 128;
 

@@ -4,7 +4,7 @@
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
 };
-use kproxy_common::{Addr6, Reason, proto};
+use kproxy_common::{Addr6, Reason, proto, timeouts};
 
 use crate::{
     csum, maps6,
@@ -21,22 +21,30 @@ pub const DEST_UNREACH: u8 = 1;
 /// ICMPv6 code: port unreachable.
 const PORT_UNREACH: u8 = 4;
 
-/// New addresses and ports (be) for an IPv6 packet.
+/// New addresses and ports (be) for an IPv6 packet, in the order they follow each other in a
+/// TCP or UDP packet without extension headers (TC stores them in one go from here).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Nat6 {
     /// Source address.
     pub saddr: Addr6,
-    /// Source port.
-    pub sport: u16,
     /// Destination address.
     pub daddr: Addr6,
+    /// Source port.
+    pub sport: u16,
     /// Destination port.
     pub dport: u16,
 }
+const _: () = assert!(core::mem::size_of::<Nat6>() == 36);
 
-/// Rewrites `p` to `n`, touching only the fields that change.
+/// Rewrites `p` to `n`, touching only the fields that change; `whole`: in one go where the
+/// packet type makes that cheaper ([`Packet6::set_tuple6`]; the fast path and the connection
+/// programs; the slow path's stack has no room left for it).
 #[inline(always)]
-pub fn apply<P: Packet6>(c: &mut P, p: &Ip6, n: &Nat6) -> Result<(), Reason> {
+pub fn apply<P: Packet6>(c: &mut P, p: &Ip6, n: &Nat6, whole: bool) -> Result<(), Reason> {
+    if whole && c.set_tuple6(p, n)? {
+        return Ok(());
+    }
     if n.daddr != p.daddr {
         c.set_addr6(p, DADDR, &p.daddr, &n.daddr)?;
     }
@@ -56,8 +64,54 @@ pub fn apply<P: Packet6>(c: &mut P, p: &Ip6, n: &Nat6) -> Result<(), Reason> {
     Ok(())
 }
 
+/// One route XDP looked up for IPv6, per CPU ([`crate::maps6::kp_route6`], slot by
+/// destination), as [`crate::nat::Route4`]: for a packet from `ifindex_in` carrying
+/// `saddr → daddr` with at most `max_len` bytes of payload (the forwarding check passed for that
+/// length), out of `ifindex_out` with these MACs, until `stamp + timeouts::ROUTE_CACHE_NS`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Route6 {
+    /// Source address, be words.
+    pub saddr: Addr6,
+    /// Destination address, be words.
+    pub daddr: Addr6,
+    /// Device the packet arrived on.
+    pub ifindex_in: u32,
+    /// Egress device.
+    pub ifindex_out: u32,
+    /// Next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Egress device's MAC.
+    pub smac: [u8; 6],
+    /// IPv6 payload length the lookup was made with.
+    pub max_len: u16,
+    /// Zero.
+    pub _pad: u16,
+    /// Clock of the lookup (the caller's `now`).
+    pub stamp: u64,
+}
+const _: () = assert!(core::mem::size_of::<Route6>() == 64);
+
+/// Zeroes the route lookup parameters in place with sixteen volatile 32-bit stores (a zeroed
+/// value assigned compiles to a byte-wise `memset` loop; the parameters are 4-byte aligned).
+#[inline(always)]
+fn zero_fib(f: &mut FibParams) {
+    const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+    let w = f as *mut FibParams as *mut u32;
+    let mut i = 0;
+    while i < 16 {
+        // SAFETY: sixteen aligned, in-bounds stores over the 64 bytes; all-zero bytes are a
+        // valid FibParams (plain integers and unions of them).
+        unsafe { core::ptr::write_volatile(w.add(i), 0) };
+        i += 1;
+    }
+}
+
 /// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
-/// MACs) is left in `f`, which the caller zeroed.
+/// MACs) is left in `f`. XDP reuses a successful lookup for the same addresses, ingress device
+/// and at most the same length for [`timeouts::ROUTE_CACHE_NS`] (a per-CPU cache, as IPv4's
+/// [`crate::nat::route`]: an IPv6 `bpf_fib_lookup` is the largest cost of a forwarded packet);
+/// TC looks up every time.
 #[inline(always)]
 pub fn route<P: Packet>(
     c: &mut P,
@@ -65,21 +119,56 @@ pub fn route<P: Packet>(
     saddr: &Addr6,
     daddr: &Addr6,
     f: &mut FibParams,
+    now: u64,
 ) -> Fib {
     if p.hop_limit <= 1 {
         return Fib::Failed;
     }
+    let ifindex = c.ifindex();
+    let cached = if P::XDP { maps6::route_slot(daddr) } else { None };
+    if let Some(e) = cached {
+        // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
+        let e = unsafe { &*e };
+        if e.daddr == *daddr
+            && e.saddr == *saddr
+            && e.ifindex_in == ifindex
+            && p.payload_len <= e.max_len
+            && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
+        {
+            f.ifindex = e.ifindex_out;
+            f.dmac = e.dmac;
+            f.smac = e.smac;
+            return Fib::Resolved;
+        }
+    }
+    zero_fib(f);
     f.family = AF_INET6;
     f.l4_protocol = p.proto;
     f.sport = p.sport;
     f.dport = p.dport;
     // TC: no length (GSO skbs; see `nat::route`). XDP frames are real frames.
     f.__bindgen_anon_1.tot_len = if P::XDP { HDR as u16 + p.payload_len } else { 0 };
-    f.ifindex = c.ifindex();
+    f.ifindex = ifindex;
     f.__bindgen_anon_3.ipv6_src = *saddr;
     f.__bindgen_anon_4.ipv6_dst = *daddr;
     let r = c.fib_lookup(f);
     if r == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if let Some(e) = cached {
+            // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
+            unsafe {
+                *e = Route6 {
+                    saddr: *saddr,
+                    daddr: *daddr,
+                    ifindex_in: ifindex,
+                    ifindex_out: f.ifindex,
+                    dmac: f.dmac,
+                    smac: f.smac,
+                    max_len: p.payload_len,
+                    _pad: 0,
+                    stamp: now,
+                }
+            };
+        }
         Fib::Resolved
     } else if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         Fib::NoNeigh

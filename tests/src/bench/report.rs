@@ -933,6 +933,42 @@ NodePort runs of {} ms.\n",
         "\nEach cell is the median of {} TEST_RUN calls with repeat = 1 (with repeat > 1 the kernel reruns the program on the buffer the first run already translated, which would measure a different path). The kernel's per-run time includes the same timer overhead for every program, pass-through included.\n\n![testrun](testrun_cost.png)\n",
         c.testrun_runs
     );
+    s.push_str("IPv6 beside IPv4 (the same frames in each family; *net* is the figure minus the pass-through program of its type, the ratio IPv6 / IPv4 of the net figures):\n\n| Services | Program, packet | IPv4 | IPv6 | IPv6 / IPv4 (net) |\n|---|---|---|---|---|\n");
+    for &n in &c.testrun_scales {
+        let fig = |m: &str| find(f, "7-testrun", m, "kproxy", n as u64, "");
+        let val = |m: &str| fig(m).filter(|x| x.status == Status::Ok).and_then(|x| x.median);
+        for (what, v4, v6, pass) in [
+            (
+                "`kp_tc_from_pod`, established ClusterIP flow",
+                "tc_established_ns",
+                "tc_established6_ns",
+                "tc_pass_ns",
+            ),
+            (
+                "`kp_tc_to_pod`, remote backend's reply",
+                "to_pod_reply_ns",
+                "to_pod_reply6_ns",
+                "tc_pass_ns",
+            ),
+            (
+                "`kp_xdp_ext`, remote NodePort backend's reply",
+                "xdp_reply_ns",
+                "xdp_reply6_ns",
+                "xdp_pass_ns",
+            ),
+        ] {
+            let net = |m: &str| Some(val(m)? - val(pass)?);
+            let _ = writeln!(
+                s,
+                "| {} | {what} | {} | {} | {} |",
+                thousands(n as u64),
+                cell(fig(v4)),
+                cell(fig(v6)),
+                ratio(net(v6), net(v4)),
+            );
+        }
+    }
+    s.push('\n');
 
     // Missing figures.
     let missing: Vec<&Figure> = f.iter().filter(|x| x.status != Status::Ok).collect();

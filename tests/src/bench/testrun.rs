@@ -6,27 +6,34 @@
 //! already translated, so later repetitions would measure a different path. Each figure is
 //! therefore the median of many runs with `repeat = 1` (the kernel's own per-run duration, which
 //! includes the same timer overhead for every program).
+//!
+//! The same frames over IPv6 (an established ClusterIP flow, a remote backend's reply to it)
+//! and a remote NodePort backend's reply translated in XDP, in both families, give the IPv6 /
+//! IPv4 ratio of the per-packet cost. The XDP replies are routed through the FIB, so the
+//! figures are taken in a private network namespace with the routes and neighbours they need.
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     os::fd::OwnedFd,
     path::PathBuf,
+    process::Command,
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use aya_obj::generated::bpf_prog_type;
 use kproxy::dataplane::{
-    Dataplane,
+    Dataplane, Dataplane6,
     loader::{Datapath, MapSizes},
 };
 use kproxy_common::{
-    Backend4, NodeConfig, Service4Key, Service4Value, backend_flags, cfg_flags, names, proto,
-    scope, svc_flags,
+    Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
+    Service6Value, backend_flags, cfg_flags, names, proto, scope, svc_flags,
 };
 
 use crate::{
     frames::{ACK, Frame, PSH, SYN},
+    frames6::Frame6,
     lab::xdp::{self, Insn, XDP_PASS_PROGRAM},
 };
 
@@ -50,10 +57,20 @@ pub struct Cost {
     pub tc_pass_ns: f64,
     /// Raw `return XDP_PASS`.
     pub xdp_pass_ns: f64,
+    /// `kp_xdp_ext`, a remote NodePort backend's reply to the node's source-NAT port, translated
+    /// and routed back to the client.
+    pub xdp_reply_ns: f64,
+    /// `kp_tc_from_pod`, established IPv6 ClusterIP flow.
+    pub tc_established6_ns: f64,
+    /// `kp_tc_to_pod`, a remote backend's reply to an established IPv6 ClusterIP flow.
+    pub to_pod_reply6_ns: f64,
+    /// `kp_xdp_ext`, the IPv6 twin of [`Cost::xdp_reply_ns`].
+    pub xdp_reply6_ns: f64,
 }
 
-/// The figures of [`Cost`], by their name in the results.
-pub const METRICS: [&str; 7] = [
+/// The figures of [`Cost`], by their name in the results. Results files written before a figure
+/// existed lack it (the report shows it as not measured).
+pub const METRICS: [&str; 11] = [
     "tc_established_ns",
     "tc_new_ns",
     "to_pod_reply_ns",
@@ -61,11 +78,15 @@ pub const METRICS: [&str; 7] = [
     "xdp_established_ns",
     "tc_pass_ns",
     "xdp_pass_ns",
+    "xdp_reply_ns",
+    "tc_established6_ns",
+    "to_pod_reply6_ns",
+    "xdp_reply6_ns",
 ];
 
 impl Cost {
     /// The figures with their names ([`METRICS`]' order).
-    pub fn figures(&self) -> [(&'static str, f64); 7] {
+    pub fn figures(&self) -> [(&'static str, f64); 11] {
         let v = [
             self.tc_established_ns,
             self.tc_new_ns,
@@ -74,6 +95,10 @@ impl Cost {
             self.xdp_established_ns,
             self.tc_pass_ns,
             self.xdp_pass_ns,
+            self.xdp_reply_ns,
+            self.tc_established6_ns,
+            self.to_pod_reply6_ns,
+            self.xdp_reply6_ns,
         ];
         std::array::from_fn(|i| (METRICS[i], v[i]))
     }
@@ -101,9 +126,164 @@ fn be(a: Ipv4Addr) -> u32 {
     u32::from(a).to_be()
 }
 
-/// Measures the costs at each of `scales` services (ascending), `runs` runs per figure. Must run
-/// in a network namespace whose routes do not matter (e.g. a lab node's).
+/// Node address (IPv4) of the private namespace: the NodePort frontends and the source-NAT
+/// address.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// Node address (IPv6), as [`NODE_IP`].
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
+/// The external client of the NodePort figures.
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The external IPv6 client.
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+/// A remote NodePort backend (behind node 1, 198.18.0.11).
+const REMOTE_BE: Ipv4Addr = Ipv4Addr::new(198, 18, 101, 10);
+/// A remote IPv6 backend (behind node 1, 2001:2::11), also the IPv6 ClusterIP's.
+const REMOTE_BE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0x101, 0, 0, 0, 0, 0x10);
+/// The IPv6 ClusterIP.
+const CIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0xff, 0, 0, 0, 0, 0x10);
+/// The IPv6 client pod.
+const POD6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0x100, 0, 0, 0, 0, 0x10);
+
+/// Measures the costs at each of `scales` services (ascending), `runs` runs per figure, in a
+/// private network namespace (created on a thread of its own, gone with it): a veth pair with
+/// the node addresses, routes to node 1's pods and permanent neighbours, what the XDP replies'
+/// route lookups need.
 pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare on this (fresh) thread only.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                bail!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
+            }
+            private_routes()?;
+            measure_here(scales, runs)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// The private namespace's links, addresses, routes and neighbours (see [`measure`]).
+fn private_routes() -> Result<()> {
+    let sh = |cmd: &str| -> Result<()> {
+        let st = Command::new("sh").args(["-c", cmd]).status().context("running sh")?;
+        ensure!(st.success(), "{cmd}: {st}");
+        Ok(())
+    };
+    sh("ip link set lo up")?;
+    sh("ip link add kpb0 address 02:00:00:00:00:10 type veth peer name kpb1 \
+        address 02:00:00:00:00:01")?;
+    sh("ip link set kpb0 up && ip link set kpb1 up")?;
+    sh(&format!("ip addr add {NODE_IP}/24 dev kpb0"))?;
+    sh("ip route add 198.18.101.0/24 via 198.18.0.11 dev kpb0")?;
+    sh("ip neigh add 198.18.0.11 lladdr 02:00:00:00:00:11 dev kpb0 nud permanent")?;
+    sh(&format!("ip neigh add {CLIENT} lladdr 02:00:00:00:00:02 dev kpb0 nud permanent"))?;
+    sh(&format!("ip -6 addr add {NODE6}/64 dev kpb0 nodad"))?;
+    sh("ip -6 route add 2001:2:101::/64 via 2001:2::11 dev kpb0")?;
+    sh("ip -6 neigh add 2001:2::11 lladdr 02:00:00:00:00:11 dev kpb0 nud permanent")?;
+    sh(&format!("ip -6 neigh add {CLIENT6} lladdr 02:00:00:00:00:02 dev kpb0 nud permanent"))?;
+    for (f, v) in [
+        ("/proc/sys/net/ipv4/ip_forward", "1"),
+        ("/proc/sys/net/ipv4/conf/lo/forwarding", "1"),
+        ("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
+    ] {
+        std::fs::write(f, v).with_context(|| format!("writing {f}"))?;
+    }
+    Ok(())
+}
+
+/// The datapath's form of an IPv6 address: four words as they sit in the packet.
+fn words(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+    })
+}
+
+/// One TEST_RUN of program `prog` (`kp_xdp_ext` or a TC program) on `frame`: its return value,
+/// the kernel's duration and the output frame.
+fn run(dp: &mut Datapath, prog: &str, frame: &[u8]) -> Result<(u32, f64, Vec<u8>)> {
+    let mut buf = vec![0u8; 2048];
+    let opts =
+        TestRunOptions { data_in: Some(frame), data_out: Some(&mut buf), ..Default::default() };
+    let p = dp.program_mut(prog).with_context(|| format!("no {prog}"))?;
+    let r = if prog == names::PROG_XDP_EXT {
+        let p: &mut Xdp = p.try_into()?;
+        p.test_run(opts)?
+    } else {
+        let p: &mut SchedClassifier = p.try_into()?;
+        p.test_run(opts)?
+    };
+    Ok((r.return_value, r.duration.as_nanos() as f64, buf))
+}
+
+/// `XDP_REDIRECT`.
+const XDP_REDIRECT: u32 = 4;
+
+/// `runs` runs of `prog` on `frame`, each output checked by `ok` (`what` names the check); the
+/// median duration.
+fn median_of(
+    dp: &mut Datapath,
+    runs: usize,
+    prog: &str,
+    frame: &[u8],
+    what: &str,
+    ok: impl Fn(u32, &[u8]) -> bool,
+) -> Result<f64> {
+    let mut ns = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let (v, t, out) = run(dp, prog, frame)?;
+        ensure!(ok(v, &out), "{prog}: {what} (verdict {v})");
+        ns.push(t);
+    }
+    Ok(median(ns))
+}
+
+/// Writes a one-backend service the way the agent does: the slot first, the service entry last.
+fn service4(
+    maps: &mut impl Dataplane,
+    key: Service4Key,
+    backend: u32,
+    svc_id: u32,
+    flags: u16,
+) -> Result<()> {
+    maps.put_service(
+        &Service4Key { slot: 1, ..key },
+        &Service4Value { backend_id: backend, svc_id, ..Default::default() },
+    )?;
+    let v = Service4Value { backend_id: 0, svc_id, count: 1, flags, affinity_timeout: 0 };
+    maps.put_service(&key, &v)?;
+    Ok(())
+}
+
+/// [`service4`] for IPv6.
+fn service6(
+    maps: &mut impl Dataplane6,
+    fe: SocketAddrV6,
+    sc: u8,
+    backend: u32,
+    svc_id: u32,
+    flags: u16,
+) -> Result<()> {
+    let key = Service6Key {
+        addr: words(*fe.ip()),
+        port: fe.port().to_be(),
+        proto: proto::TCP,
+        scope: sc,
+        slot: 0,
+        _pad: 0,
+    };
+    maps.put_service6(
+        &Service6Key { slot: 1, ..key },
+        &Service6Value { backend_id: backend, svc_id, ..Default::default() },
+    )?;
+    let v = Service6Value { backend_id: 0, svc_id, count: 1, flags, affinity_timeout: 0 };
+    maps.put_service6(&key, &v)?;
+    Ok(())
+}
+
+/// [`measure`] in the current network namespace, set up by [`private_routes`].
+fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
     let pin = PathBuf::from(format!("/sys/fs/bpf/kproxy-bench-{}-testrun", std::process::id()));
     let _guard = PinDir(pin.clone());
     let max = scales.iter().copied().max().unwrap_or(1) as u32;
@@ -116,14 +296,14 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
     };
     let mut dp = Datapath::load(&pin, &sizes).context("loading the datapath for TEST_RUN")?;
     let mut maps = dp.dataplane()?;
-    let node_ip = Ipv4Addr::new(198, 18, 0, 10);
     maps.set_config(&NodeConfig {
-        snat_addr: be(node_ip),
+        snat_addr: be(NODE_IP),
         snat_port_min: 61000,
         snat_port_max: 65535,
         flags: cfg_flags::READY,
         backend_gen: 0,
     })?;
+    maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6) })?;
     // NodePort service (XDP figure): node IP:30001 → local backend 198.18.100.11:8080.
     let np_backend = max + 10;
     maps.put_backend(
@@ -136,33 +316,38 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         },
     )?;
     let np_key = Service4Key {
-        addr: be(node_ip),
+        addr: be(NODE_IP),
         port: 30001u16.to_be(),
         proto: proto::TCP,
         scope: scope::EXTERNAL,
         slot: 0,
         _pad: 0,
     };
-    maps.put_service(
-        &Service4Key { slot: 1, ..np_key },
-        &Service4Value { backend_id: np_backend, svc_id: np_backend, ..Default::default() },
+    service4(&mut maps, np_key, np_backend, np_backend, svc_flags::NODE_PORT)?;
+    // NodePort node IP:30002 → remote backend (XDP reply figures), in both families; the IPv6
+    // ClusterIP [2001:2:ff::10]:80 has the same remote backend.
+    let remote = max + 11;
+    maps.put_backend(
+        remote,
+        &Backend4 { addr: be(REMOTE_BE), port: 8080u16.to_be(), proto: proto::TCP, flags: 0 },
     )?;
-    maps.put_service(
-        &np_key,
-        &Service4Value {
-            backend_id: 0,
-            svc_id: np_backend,
-            count: 1,
-            flags: svc_flags::NODE_PORT,
-            affinity_timeout: 0,
-        },
+    let np_remote = SocketAddrV4::new(NODE_IP, 30002);
+    let key = Service4Key { port: np_remote.port().to_be(), ..np_key };
+    service4(&mut maps, key, remote, remote, svc_flags::NODE_PORT)?;
+    maps.put_backend6(
+        1,
+        &Backend6 { addr: words(REMOTE_BE6), port: 8080u16.to_be(), proto: proto::TCP, flags: 0 },
     )?;
+    let np6 = SocketAddrV6::new(NODE6, 30002, 0, 0);
+    let cip6 = SocketAddrV6::new(CIP6, 80, 0, 0);
+    let backend6 = SocketAddrV6::new(REMOTE_BE6, 8080, 0, 0);
+    service6(&mut maps, np6, scope::EXTERNAL, 1, 1, svc_flags::NODE_PORT)?;
+    service6(&mut maps, cip6, scope::INTERNAL, 1, 2, svc_flags::CLUSTER_IP)?;
 
     let xdp_pass = xdp::load_xdp("kpb_xdp_pass", &XDP_PASS_PROGRAM)?;
     let tc_pass = load_tc_pass()?;
     let pod = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 41000);
-    let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
-    let np = SocketAddrV4::new(node_ip, 30001);
+    let np = SocketAddrV4::new(NODE_IP, 30001);
     let mut have = 0usize;
     let mut out = Vec::new();
     let mut sport_base = 1024u16;
@@ -187,20 +372,7 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
                 slot: 0,
                 _pad: 0,
             };
-            maps.put_service(
-                &Service4Key { slot: 1, ..key },
-                &Service4Value { backend_id: id, svc_id: id, ..Default::default() },
-            )?;
-            maps.put_service(
-                &key,
-                &Service4Value {
-                    backend_id: 0,
-                    svc_id: id,
-                    count: 1,
-                    flags: svc_flags::CLUSTER_IP,
-                    affinity_timeout: 0,
-                },
-            )?;
+            service4(&mut maps, key, id, id, svc_flags::CLUSTER_IP)?;
         }
         have = n;
         // The probed service is the last one written.
@@ -212,25 +384,14 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         sport_base = sport_base.wrapping_add(1).max(1024);
         let syn = Frame::tcp(SocketAddrV4::new(*pod.ip(), sport), cip, SYN).build();
         let est = Frame::tcp(SocketAddrV4::new(*pod.ip(), sport), cip, ACK | PSH).build();
-        let np_syn = Frame::tcp(SocketAddrV4::new(*client.ip(), sport), np, SYN).build();
-        let np_est = Frame::tcp(SocketAddrV4::new(*client.ip(), sport), np, ACK | PSH).build();
+        let np_syn = Frame::tcp(SocketAddrV4::new(CLIENT, sport), np, SYN).build();
+        let np_est = Frame::tcp(SocketAddrV4::new(CLIENT, sport), np, ACK | PSH).build();
 
-        let mut run_tc = |prog: &str, frame: &[u8]| -> Result<(u32, f64, Vec<u8>)> {
-            let p: &mut SchedClassifier =
-                dp.program_mut(prog).with_context(|| format!("no {prog}"))?.try_into()?;
-            let mut buf = vec![0u8; 2048];
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut buf),
-                ..Default::default()
-            })?;
-            Ok((r.return_value, r.duration.as_nanos() as f64, buf))
-        };
-        run_tc(names::PROG_TC_FROM_POD, &syn)?;
+        run(&mut dp, names::PROG_TC_FROM_POD, &syn)?;
         let mut est_ns = Vec::with_capacity(runs);
         let mut verdict = None;
         for _ in 0..runs {
-            let (v, ns, _) = run_tc(names::PROG_TC_FROM_POD, &est)?;
+            let (v, ns, _) = run(&mut dp, names::PROG_TC_FROM_POD, &est)?;
             ensure!(verdict.is_none_or(|x| x == v), "kp_tc_from_pod verdict changed between runs");
             verdict = Some(v);
             est_ns.push(ns);
@@ -242,51 +403,98 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             8080,
         );
         let reply = Frame::tcp(backend, SocketAddrV4::new(*pod.ip(), sport), ACK | PSH).build();
-        let mut reply_ns = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let (_, ns, out) = run_tc(names::PROG_TC_TO_POD, &reply)?;
-            ensure!(
-                out.get(26..30) == Some(&cip.ip().octets()[..]),
-                "kp_tc_to_pod did not translate the backend's reply"
-            );
-            reply_ns.push(ns);
-        }
+        let to_pod_reply_ns = median_of(
+            &mut dp,
+            runs,
+            names::PROG_TC_TO_POD,
+            &reply,
+            "the backend's reply not translated",
+            |_, out| out.get(26..30) == Some(&cip.ip().octets()[..]),
+        )?;
         // Plain traffic from the same backend port to another pod: hinted as a possible reply,
         // no reverse-NAT entry; it must pass untranslated.
         let plain =
             Frame::tcp(backend, SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 20), 50000), ACK)
                 .build();
-        let mut plain_ns = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let (_, ns, out) = run_tc(names::PROG_TC_TO_POD, &plain)?;
-            ensure!(
-                out.get(26..30) == Some(&backend.ip().octets()[..]),
-                "kp_tc_to_pod rewrote plain pod traffic"
-            );
-            plain_ns.push(ns);
-        }
+        let to_pod_plain_ns = median_of(
+            &mut dp,
+            runs,
+            names::PROG_TC_TO_POD,
+            &plain,
+            "plain pod traffic rewritten",
+            |_, out| out.get(26..30) == Some(&backend.ip().octets()[..]),
+        )?;
         let mut new_ns = Vec::with_capacity(runs);
         for _ in 0..runs {
             sport_base = sport_base.wrapping_add(1).max(1024);
             let f = Frame::tcp(SocketAddrV4::new(*pod.ip(), sport_base), cip, SYN).build();
-            new_ns.push(run_tc(names::PROG_TC_FROM_POD, &f)?.1);
+            new_ns.push(run(&mut dp, names::PROG_TC_FROM_POD, &f)?.1);
         }
-        let mut run_xdp = |frame: &[u8]| -> Result<(u32, f64)> {
-            let p: &mut Xdp =
-                dp.program_mut(names::PROG_XDP_EXT).context("no kp_xdp_ext")?.try_into()?;
-            let mut buf = vec![0u8; 2048];
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut buf),
-                ..Default::default()
+        run(&mut dp, names::PROG_XDP_EXT, &np_syn)?;
+        let xdp = names::PROG_XDP_EXT;
+        let xdp_ns = median_of(&mut dp, runs, xdp, &np_est, "", |_, _| true)?;
+
+        // A remote NodePort backend's reply: the connection opened (source NAT to the node),
+        // then the reply to the node's port, translated and routed back to the client.
+        let (v, _, o) = run(
+            &mut dp,
+            xdp,
+            &Frame::tcp(SocketAddrV4::new(CLIENT, sport), np_remote, SYN).build(),
+        )?;
+        if v != XDP_REDIRECT
+            || o.get(26..34) != Some(&[NODE_IP.octets(), REMOTE_BE.octets()].concat()[..])
+        {
+            bail!("kp_xdp_ext did not send the NodePort SYN to the remote backend (verdict {v})");
+        }
+        let node = SocketAddrV4::new(NODE_IP, u16::from_be_bytes([o[34], o[35]]));
+        let reply4 = Frame::tcp(SocketAddrV4::new(REMOTE_BE, 8080), node, ACK | PSH).build();
+        let xdp_reply_ns = median_of(
+            &mut dp,
+            runs,
+            xdp,
+            &reply4,
+            "the backend's reply not translated",
+            |v, o| v == XDP_REDIRECT && o.get(30..34) == Some(&CLIENT.octets()[..]),
+        )?;
+
+        // IPv6: an established ClusterIP flow to a remote backend and the backend's reply.
+        let pod6 = SocketAddrV6::new(POD6, sport, 0, 0);
+        let (_, _, o) =
+            run(&mut dp, names::PROG_TC_FROM_POD, &Frame6::tcp(pod6, cip6, SYN).build())?;
+        ensure!(o.get(38..54) == Some(&REMOTE_BE6.octets()[..]), "IPv6 SYN not translated");
+        let est6 = Frame6::tcp(pod6, cip6, ACK | PSH).build();
+        let tc_established6_ns =
+            median_of(&mut dp, runs, names::PROG_TC_FROM_POD, &est6, "not translated", |_, o| {
+                o.get(38..54) == Some(&REMOTE_BE6.octets()[..])
             })?;
-            Ok((r.return_value, r.duration.as_nanos() as f64))
-        };
-        run_xdp(&np_syn)?;
-        let mut xdp_ns = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            xdp_ns.push(run_xdp(&np_est)?.1);
+        let reply6 = Frame6::tcp(backend6, pod6, ACK | PSH).build();
+        let to_pod_reply6_ns = median_of(
+            &mut dp,
+            runs,
+            names::PROG_TC_TO_POD,
+            &reply6,
+            "the backend's IPv6 reply not translated",
+            |_, o| o.get(22..38) == Some(&CIP6.octets()[..]),
+        )?;
+        // The IPv6 twin of the XDP reply.
+        let client6 = SocketAddrV6::new(CLIENT6, sport, 0, 0);
+        let (v, _, o) = run(&mut dp, xdp, &Frame6::tcp(client6, np6, SYN).build())?;
+        if v != XDP_REDIRECT || o.get(38..54) != Some(&REMOTE_BE6.octets()[..]) {
+            bail!(
+                "kp_xdp_ext did not send the IPv6 NodePort SYN to the remote backend (verdict {v})"
+            );
         }
+        let node6 = SocketAddrV6::new(NODE6, u16::from_be_bytes([o[54], o[55]]), 0, 0);
+        let reply6 = Frame6::tcp(backend6, node6, ACK | PSH).build();
+        let xdp_reply6_ns = median_of(
+            &mut dp,
+            runs,
+            xdp,
+            &reply6,
+            "the backend's IPv6 reply not translated",
+            |v, o| v == XDP_REDIRECT && o.get(38..54) == Some(&CLIENT6.octets()[..]),
+        )?;
+
         let mut tcp_ns = Vec::with_capacity(runs);
         let mut xpp_ns = Vec::with_capacity(runs);
         for _ in 0..runs {
@@ -297,11 +505,15 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             services: n,
             tc_established_ns: median(est_ns),
             tc_new_ns: median(new_ns),
-            to_pod_reply_ns: median(reply_ns),
-            to_pod_plain_ns: median(plain_ns),
-            xdp_established_ns: median(xdp_ns),
+            to_pod_reply_ns,
+            to_pod_plain_ns,
+            xdp_established_ns: xdp_ns,
             tc_pass_ns: median(tcp_ns),
             xdp_pass_ns: median(xpp_ns),
+            xdp_reply_ns,
+            tc_established6_ns,
+            to_pod_reply6_ns,
+            xdp_reply6_ns,
         });
     }
     drop(dp);

@@ -195,3 +195,63 @@ fn ipv6_xdp_packet_too_big_reaches_external_client() {
         assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::IcmpErrorTranslated, 1)]);
     });
 }
+
+/// XDP's IPv6 route cache (per CPU, as IPv4's): a reused route gives the same result, a longer
+/// packet than the cached lookup's is looked up again, and a neighbour change reaches the flow
+/// once the cached route is older than its lifetime.
+#[test]
+fn ipv6_xdp_route_cache_follows_a_neighbour_change() {
+    in_test_netns6(|| {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        pin_thread_to_cpu0();
+        let mut env = Env::new();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        env.backend6(1, BE6_REMOTE, 0, proto::TCP);
+        env.service6(NP6, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let dmac = |out: &[u8]| -> [u8; 6] { out[..6].try_into().unwrap() };
+        let syn = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN);
+        let (v, out) = env.xdp(&syn.build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(dmac(&out), MAC_NODE1);
+        // The first segment looks the route up (or reuses the SYN's), the second reuses it.
+        let ack = Frame6::tcp(sa6(CLIENT6), sa6(NP6), ACK).with_payload(b"hello");
+        for _ in 0..2 {
+            let (v, out) = env.xdp(&ack.build());
+            assert_eq!(v, XDP_REDIRECT);
+            assert_eq!(dmac(&out), MAC_NODE1);
+        }
+        // A segment larger than the one the route was checked with is looked up again (the
+        // forwarding check depends on the length).
+        let big = Frame6::tcp(sa6(CLIENT6), sa6(NP6), ACK).with_payload(&[7u8; 1000]);
+        let (v, out) = env.xdp(&big.build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(dmac(&out), MAC_NODE1);
+        // The next hop's MAC changes: once the cached route is older than its lifetime, the
+        // packets follow the new neighbour entry.
+        let st = Command::new("sh")
+            .args([
+                "-c",
+                "ip -6 neigh replace 2001:2::11 lladdr 02:00:00:00:00:12 dev kpt0 nud permanent",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::thread::sleep(std::time::Duration::from_nanos(3 * timeouts::ROUTE_CACHE_NS));
+        let (v, out) = env.xdp(&ack.build());
+        assert_eq!(v, XDP_REDIRECT);
+        assert_eq!(dmac(&out), [2, 0, 0, 0, 0, 0x12]);
+        assert_frame6(&out, &{
+            let node = SocketAddrV6::new(NODE6.parse().unwrap(), 0, 0, 0);
+            let got = frames6::decode(&out).unwrap();
+            let L4::Tcp { sport, .. } = got.l4 else { panic!("{got:?}") };
+            let mut w = ack
+                .clone()
+                .with_src(SocketAddrV6::new(*node.ip(), sport, 0, 0))
+                .with_dst(sa6(BE6_REMOTE))
+                .with_macs([2, 0, 0, 0, 0, 0x12], MAC_NODE);
+            w.hop_limit = 63;
+            w
+        });
+        assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 4)]);
+    });
+}
