@@ -35,6 +35,38 @@ use tokio::{
     task::JoinHandle,
 };
 
+/// A kubeconfig without credentials pointing at `server`.
+pub fn kubeconfig_text(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\nusers:\n- name: test\n  user: {{}}\n"
+    )
+}
+
+/// A kubeconfig file in the temporary directory, removed when this value is dropped (also when
+/// the test that wrote it panics).
+#[derive(Debug)]
+pub struct KubeConfigFile(std::path::PathBuf);
+
+impl KubeConfigFile {
+    /// Writes `kproxy-kubeconfig-<name>` (a lab prefix: one per lab) pointing at `server`.
+    pub fn write(name: &str, server: &str) -> std::io::Result<KubeConfigFile> {
+        let path = std::env::temp_dir().join(format!("kproxy-kubeconfig-{name}"));
+        std::fs::write(&path, kubeconfig_text(server))?;
+        Ok(KubeConfigFile(path))
+    }
+
+    /// The file's path, as an agent argument.
+    pub fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for KubeConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A resource the server knows: its URL path, kind and apiVersion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resource {
@@ -147,10 +179,7 @@ impl ApiServer {
 
     /// A kubeconfig file content pointing at this server (no credentials).
     pub fn kubeconfig(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\nusers:\n- name: test\n  user: {{}}\n",
-            self.url()
-        )
+        kubeconfig_text(&self.url())
     }
 
     /// Creates or replaces an object (its `kind` field selects the resource). Returns its new

@@ -11,7 +11,7 @@ use std::{
 };
 
 use kproxy_tests::{
-    apiserver::{ApiServer, Binder},
+    apiserver::{ApiServer, Binder, KubeConfigFile},
     client::tcp_request,
     lab::{self, Agent, AgentOpts, CLIENT_IP, Lab, LabSpec, SERVER_PORT, exec},
     manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
@@ -107,8 +107,7 @@ fn kubernetes_watch_events_apply_without_polling() {
     });
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let api = rt.block_on(ApiServer::start_with(bind)).expect("api server");
-    let kubeconfig = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", lab.prefix()));
-    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    let kubeconfig = KubeConfigFile::write(lab.prefix(), &api.url()).expect("kubeconfig");
     let apply = |svc: &Service, eps: Vec<Endpoint>| {
         for y in [svc.to_yaml(), Slice::for_service(svc, eps).to_yaml()] {
             let v: serde_json::Value = serde_saphyr::from_str(&y).expect("yaml");
@@ -117,7 +116,7 @@ fn kubernetes_watch_events_apply_without_polling() {
     };
     let svc = web();
     apply(&svc, vec![ep(&lab, 1)]);
-    let agent = spawn_agent(&lab, None, &["--kubeconfig", &kubeconfig.to_string_lossy()]);
+    let agent = spawn_agent(&lab, None, &["--kubeconfig", &kubeconfig.arg()]);
     let pod = lab.pod(0, 0).expect("pod").ns.clone();
     // The initial list, then a watch event.
     until(&pod, VIP, 80, Some("node-1-pod-0"), &agent);
@@ -127,7 +126,6 @@ fn kubernetes_watch_events_apply_without_polling() {
     until(&pod, VIP, 80, None, &agent);
     cleanup(lab, agent);
     drop(api);
-    let _ = std::fs::remove_file(&kubeconfig);
 }
 
 #[test]

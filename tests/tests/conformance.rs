@@ -17,7 +17,7 @@ use std::{
 };
 
 use kproxy_tests::{
-    apiserver::{ApiServer, Binder},
+    apiserver::{ApiServer, Binder, KubeConfigFile},
     client::{
         DnsAnswer, DnsTransport, DnsType, Reply, Reply6, RequestError, TcpSession, dns_query,
         tcp_request, tcp_request6, udp_request, udp_request6,
@@ -597,8 +597,7 @@ fn upstream_should_work_after_restarting_apiserver() {
         });
         let rt = tokio::runtime::Runtime::new().unwrap();
         let mut api = rt.block_on(ApiServer::start_with(bind)).expect("api server");
-        let kubeconfig = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", lab.prefix()));
-        std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+        let kubeconfig = KubeConfigFile::write(lab.prefix(), &api.url()).expect("kubeconfig");
         let ep = |i: usize, j: usize| {
             let p = lab.pod(i, j).unwrap();
             Endpoint::ready(p.ip, &lab::node_name(i), &p.name)
@@ -612,7 +611,7 @@ fn upstream_should_work_after_restarting_apiserver() {
         let svc = web(VIP);
         apply(&api, &svc, vec![ep(0, 0)]);
         let opts = AgentOpts {
-            extra_args: vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()],
+            extra_args: vec!["--kubeconfig".into(), kubeconfig.arg()],
             ..Default::default()
         };
         let agents = lab.start_agents(&opts).expect("agents");
@@ -633,7 +632,6 @@ fn upstream_should_work_after_restarting_apiserver() {
         for i in 0..lab.nodes().len() {
             let _ = lab.cleanup(i);
         }
-        let _ = std::fs::remove_file(&kubeconfig);
     }
 }
 

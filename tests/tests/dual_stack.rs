@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use kproxy_tests::{
-    apiserver::{ApiServer, Binder},
+    apiserver::{ApiServer, Binder, KubeConfigFile},
     client::{RequestError, tcp_request, tcp_request6},
     lab::{self, AgentOpts, CLIENT_IP, Lab, LabSpec, Pod, SERVER_PORT, exec, in_netns},
     manifests::ManifestDir,
@@ -212,8 +212,7 @@ fn dual_stack_service_from_the_kubernetes_api_follows_its_ip_family_policy() {
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let api = rt.block_on(ApiServer::start_with(bind)).expect("api server");
-    let kubeconfig = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", lab.prefix()));
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let kubeconfig = KubeConfigFile::write(lab.prefix(), &api.url()).expect("kubeconfig");
     let apply = |y: &str| {
         let v: serde_json::Value = serde_saphyr::from_str(y).expect("manifest");
         api.apply(v).expect("apply");
@@ -222,11 +221,7 @@ fn dual_stack_service_from_the_kubernetes_api_follows_its_ip_family_policy() {
         apply(&y);
     }
     let opts = AgentOpts {
-        extra_args: vec![
-            "--kubeconfig".into(),
-            kubeconfig.to_string_lossy().into_owned(),
-            "--enable-ipv6".into(),
-        ],
+        extra_args: vec!["--kubeconfig".into(), kubeconfig.arg(), "--enable-ipv6".into()],
         ..Default::default()
     };
     let agent = lab.start_agent(0, &opts).expect("agent");
@@ -264,5 +259,4 @@ fn dual_stack_service_from_the_kubernetes_api_follows_its_ip_family_policy() {
     assert!(names.contains(&n), "{n} is no backend of {names:?}");
     drop(agent);
     let _ = lab.cleanup(0);
-    let _ = std::fs::remove_file(&kubeconfig);
 }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use kproxy_tests::{
-    apiserver::{ApiServer, Binder},
+    apiserver::{ApiServer, Binder, KubeConfigFile},
     client::{TcpSession, tcp_request, udp_request, udp_request_here},
     lab::{self, Agent, AgentOpts, CLIENT_IP, Lab, LabSpec, SERVER_PORT, Wiring},
     manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
@@ -178,9 +178,9 @@ fn invalid_edit_from_the_api_keeps_the_last_valid_version() {
     let api = start_api(&rt, &s.lab);
     let svc = web_lb();
     apply(&api, &svc, vec![s.ep(0, 0), s.ep(1, 0)]);
-    let kubeconfig = KubeConfig::write(&s.lab, &api.url());
+    let kubeconfig = KubeConfigFile::write(s.lab.prefix(), &api.url()).unwrap();
     let opts = AgentOpts {
-        extra_args: vec!["--kubeconfig".into(), kubeconfig.path()],
+        extra_args: vec!["--kubeconfig".into(), kubeconfig.arg()],
         ..Default::default()
     };
     s.agents = s.lab.start_agents(&opts).expect("agents");
@@ -524,14 +524,10 @@ fn agent_with_empty_maps_bootstraps_through_the_api_servers_real_address() {
     let web = Service::cluster_ip("web", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
     apply(&api, &web, vec![s.ep(0, 0), s.ep(1, 0)]);
     // The in-cluster view: the API server at the kubernetes ClusterIP.
-    let kubeconfig = KubeConfig::write(&s.lab, &format!("http://{kubernetes_ip}:443"));
+    let kubeconfig =
+        KubeConfigFile::write(s.lab.prefix(), &format!("http://{kubernetes_ip}:443")).unwrap();
     let opts = AgentOpts {
-        extra_args: vec![
-            "--kubeconfig".into(),
-            kubeconfig.path(),
-            "--api-server".into(),
-            api.url(),
-        ],
+        extra_args: vec!["--kubeconfig".into(), kubeconfig.arg(), "--api-server".into(), api.url()],
         ..Default::default()
     };
     s.agents = s.lab.start_agents(&opts).expect("agents");
@@ -581,9 +577,9 @@ fn service_cidr_objects_from_the_api_are_service_cidrs() {
     api.apply(cidr("kubernetes", &["198.19.1.0/24", "198.19.2.0/33", "fd00:10::/108"])).unwrap();
     let web = Service::cluster_ip("web", VIP, vec![Port::tcp("http", 80, SERVER_PORT)]);
     apply(&api, &web, vec![s.ep(0, 0), s.ep(1, 0)]);
-    let kubeconfig = KubeConfig::write(&s.lab, &api.url());
+    let kubeconfig = KubeConfigFile::write(s.lab.prefix(), &api.url()).unwrap();
     let opts = AgentOpts {
-        extra_args: ["--kubeconfig", &kubeconfig.path(), "--service-cidr", "198.19.0.0/24"]
+        extra_args: ["--kubeconfig", &kubeconfig.arg(), "--service-cidr", "198.19.0.0/24"]
             .map(String::from)
             .to_vec(),
         ..Default::default()
@@ -650,33 +646,6 @@ fn apply(api: &ApiServer, svc: &Service, eps: Vec<Endpoint>) {
     for y in [svc.to_yaml(), Slice::for_service(svc, eps).to_yaml()] {
         let v: serde_json::Value = serde_saphyr::from_str(&y).unwrap();
         api.apply(v).unwrap();
-    }
-}
-
-/// A kubeconfig file naming `server`, removed on drop.
-struct KubeConfig(std::path::PathBuf);
-
-impl KubeConfig {
-    fn write(lab: &Lab, server: &str) -> KubeConfig {
-        let path = std::env::temp_dir().join(format!("kproxy-kubeconfig-{}", lab.prefix()));
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n"
-            ),
-        )
-        .unwrap();
-        KubeConfig(path)
-    }
-
-    fn path(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for KubeConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
