@@ -63,7 +63,7 @@ fn until(ns: &str, addr: Ipv4Addr, port: u16, want: Option<&str>, agent: &Agent)
     }
 }
 
-fn spawn_agent(lab: &Lab, dir: Option<&ManifestDir>, extra: &[&str]) -> Agent {
+fn start_agent(lab: &Lab, dir: Option<&ManifestDir>, extra: &[&str]) -> Agent {
     let mut args: Vec<String> = NO_POLLING.iter().map(|s| s.to_string()).collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     let opts = AgentOpts {
@@ -71,7 +71,7 @@ fn spawn_agent(lab: &Lab, dir: Option<&ManifestDir>, extra: &[&str]) -> Agent {
         extra_args: args,
         ..Default::default()
     };
-    lab.spawn_agent(0, &opts).expect("agent")
+    lab.start_agent(0, &opts).expect("agent")
 }
 
 fn cleanup(lab: Lab, agent: Agent) {
@@ -84,7 +84,7 @@ fn cleanup(lab: Lab, agent: Agent) {
 fn manifest_changes_apply_without_polling() {
     let lab = root_lab();
     let dir = ManifestDir::new(&format!("events-{}", lab.prefix())).expect("dir");
-    let agent = spawn_agent(&lab, Some(&dir), &[]);
+    let agent = start_agent(&lab, Some(&dir), &[]);
     let pod = lab.pod(0, 0).expect("pod").ns.clone();
     let svc = web();
     dir.put(&svc, &[Slice::for_service(&svc, vec![ep(&lab, 1)])]).expect("write");
@@ -116,7 +116,7 @@ fn kubernetes_watch_events_apply_without_polling() {
     };
     let svc = web();
     apply(&svc, vec![ep(&lab, 1)]);
-    let agent = spawn_agent(&lab, None, &["--kubeconfig", &kubeconfig.arg()]);
+    let agent = start_agent(&lab, None, &["--kubeconfig", &kubeconfig.arg()]);
     let pod = lab.pod(0, 0).expect("pod").ns.clone();
     // The initial list, then a watch event.
     until(&pod, VIP, 80, Some("node-1-pod-0"), &agent);
@@ -134,7 +134,7 @@ fn node_address_changes_apply_without_polling() {
     let dir = ManifestDir::new(&format!("events-addr-{}", lab.prefix())).expect("dir");
     let svc = web();
     dir.put(&svc, &[Slice::for_service(&svc, vec![ep(&lab, 0)])]).expect("write");
-    let agent = spawn_agent(&lab, Some(&dir), &[]);
+    let agent = start_agent(&lab, Some(&dir), &[]);
     let client = lab.client_ns();
     until(&client, lab.node(0).ip, 30080, Some("node-0-pod-0"), &agent);
     // A new address on the NodePort device: a NodePort frontend on it appears.
