@@ -55,6 +55,8 @@ pub struct Opts {
     /// Only load every program (`kproxy-verifier-stats`): a quick check of a datapath change
     /// against each verifier.
     pub verifier_only: bool,
+    /// The verifier and the end-to-end tests without the TEST_RUN suite.
+    pub no_testrun: bool,
 }
 
 /// What runs in one guest.
@@ -147,7 +149,7 @@ pub fn run(root: &Path, opts: &Opts) -> Result<()> {
     for k in selected {
         let oldest = k.series == oldest.series;
         let suites = Suites {
-            testrun: !opts.verifier_only,
+            testrun: !opts.verifier_only && !opts.no_testrun,
             sockets: oldest,
             e2e: !opts.verifier_only && !opts.no_e2e && opts.filter.is_none() && oldest,
         };

@@ -106,6 +106,10 @@ enum Cmd {
         /// Only load every program with each kernel's verifier (a couple of minutes).
         #[arg(long)]
         verifier_only: bool,
+        /// The verifier on every kernel and the end-to-end tests on the oldest, without the
+        /// TEST_RUN suite (which takes an hour per kernel under emulation); what `make test` runs.
+        #[arg(long)]
+        no_testrun: bool,
     },
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
@@ -183,9 +187,9 @@ fn main() -> Result<()> {
             .find_map(|(set, o)| set.then_some(o));
             bench(quick, out, only, kproxy_before, bin_dir)
         }
-        Cmd::Kernels { kernels, filter, no_e2e, verifier_only } => kernels::run(
+        Cmd::Kernels { kernels, filter, no_e2e, verifier_only, no_testrun } => kernels::run(
             &workspace_root(),
-            &kernels::Opts { kernels, filter, no_e2e, verifier_only },
+            &kernels::Opts { kernels, filter, no_e2e, verifier_only, no_testrun },
         ),
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers, ipv6 } => {
