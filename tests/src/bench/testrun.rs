@@ -22,9 +22,12 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use aya_obj::generated::bpf_prog_type;
-use kproxy::dataplane::{
-    Dataplane, Dataplane6,
-    loader::{Datapath, MapSizes},
+use kproxy::{
+    dataplane::{
+        Dataplane, Dataplane6,
+        loader::{Datapath, MapSizes},
+    },
+    model::v6::to_addr6,
 };
 use kproxy_common::{
     Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
@@ -192,14 +195,6 @@ fn private_routes() -> Result<()> {
     Ok(())
 }
 
-/// The datapath's form of an IPv6 address: four words as they sit in the packet.
-fn words(a: Ipv6Addr) -> [u32; 4] {
-    let o = a.octets();
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
-    })
-}
-
 /// One TEST_RUN of program `prog` (`kp_xdp_ext` or a TC program) on `frame`: its return value,
 /// the kernel's duration and the output frame.
 fn run(dp: &mut Datapath, prog: &str, frame: &[u8]) -> Result<(u32, f64, Vec<u8>)> {
@@ -266,7 +261,7 @@ fn service6(
     flags: u16,
 ) -> Result<()> {
     let key = Service6Key {
-        addr: words(*fe.ip()),
+        addr: to_addr6(*fe.ip()),
         port: fe.port().to_be(),
         proto: proto::TCP,
         scope: sc,
@@ -303,7 +298,7 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         flags: cfg_flags::READY,
         backend_gen: 0,
     })?;
-    maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6) })?;
+    maps.set_config6(&NodeConfig6 { snat_addr: to_addr6(NODE6) })?;
     // NodePort service (XDP figure): node IP:30001 → local backend 198.18.100.11:8080.
     let np_backend = max + 10;
     maps.put_backend(
@@ -336,7 +331,12 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
     service4(&mut maps, key, remote, remote, svc_flags::NODE_PORT)?;
     maps.put_backend6(
         1,
-        &Backend6 { addr: words(REMOTE_BE6), port: 8080u16.to_be(), proto: proto::TCP, flags: 0 },
+        &Backend6 {
+            addr: to_addr6(REMOTE_BE6),
+            port: 8080u16.to_be(),
+            proto: proto::TCP,
+            flags: 0,
+        },
     )?;
     let np6 = SocketAddrV6::new(NODE6, 30002, 0, 0);
     let cip6 = SocketAddrV6::new(CIP6, 80, 0, 0);

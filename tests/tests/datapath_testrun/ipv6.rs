@@ -5,7 +5,7 @@
 //! own counters.
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use kproxy::dataplane::Dataplane6;
+use kproxy::{dataplane::Dataplane6, model::v6::to_addr6};
 use kproxy_common::{Backend6, NodeConfig6, Service6Key, Service6Value};
 use kproxy_tests::frames6::{self, DEST_OPTS, Ext, Frame6, HOP_BY_HOP};
 
@@ -25,16 +25,10 @@ fn sa6(s: &str) -> SocketAddrV6 {
     s.parse().unwrap()
 }
 
-/// The datapath's form of an IPv6 address: four words as they sit in the packet.
-fn words(a: Ipv6Addr) -> [u32; 4] {
-    let o = a.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()))
-}
-
 impl Env {
     fn backend6(&mut self, id: u32, addr: &str, flags: u8, p: u8) {
         let a = sa6(addr);
-        let b = Backend6 { addr: words(*a.ip()), port: a.port().to_be(), proto: p, flags };
+        let b = Backend6 { addr: to_addr6(*a.ip()), port: a.port().to_be(), proto: p, flags };
         self.maps.put_backend6(id, &b).unwrap();
     }
 
@@ -42,7 +36,7 @@ impl Env {
     fn service6(&mut self, fe: &str, p: u8, sc: u8, flags: u16, backends: &[u32], svc_id: u32) {
         let a = sa6(fe);
         let key = Service6Key {
-            addr: words(*a.ip()),
+            addr: to_addr6(*a.ip()),
             port: a.port().to_be(),
             proto: p,
             scope: sc,
@@ -136,7 +130,7 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     let ct = env.maps.conntrack6().unwrap();
     assert_eq!(ct.len(), 1);
     assert_eq!(ct[0].1.state, kproxy_common::ct_state::ESTABLISHED);
-    assert_eq!(ct[0].1.backend_addr, words(*sa6(BE6_1).ip()));
+    assert_eq!(ct[0].1.backend_addr, to_addr6(*sa6(BE6_1).ip()));
     assert!(env.maps.conntrack().unwrap().is_empty(), "nothing in the IPv4 table");
     assert_counts6(
         &env,
@@ -353,7 +347,7 @@ fn ipv6_new_connections_go_to_their_own_slow_path() {
 fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: to_addr6(NODE6.parse().unwrap()) }).unwrap();
         let be = "[2001:2:101::10]:8080";
         env.backend6(1, be, 0, proto::TCP);
         let np = format!("[{NODE6}]:30080");
@@ -444,7 +438,7 @@ fn ipv6_session_affinity_and_two_backends() {
     // With affinity, one client sticks to one backend over every port.
     let a = sa6(CIP6);
     let key = Service6Key {
-        addr: words(*a.ip()),
+        addr: to_addr6(*a.ip()),
         port: a.port().to_be(),
         proto: proto::TCP,
         scope: scope::INTERNAL,
@@ -648,7 +642,7 @@ fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
 fn ipv6_packet_too_big_from_remote_backend_path_reaches_external_client() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        env.maps.set_config6(&NodeConfig6 { snat_addr: words(NODE6.parse().unwrap()) }).unwrap();
+        env.maps.set_config6(&NodeConfig6 { snat_addr: to_addr6(NODE6.parse().unwrap()) }).unwrap();
         let be = "[2001:2:101::10]:8080";
         env.backend6(1, be, 0, proto::TCP);
         let np = format!("[{NODE6}]:30080");
@@ -799,7 +793,7 @@ fn ipv6_source_ranges_restrict_new_connections() {
     // 2001:2::/126 holds CLIENT6 (2001:2::2); the pod network is not allowed.
     let net = |a: &str, len: u8, svc_id: u32| SourceRange6 {
         svc_id,
-        addr: words(a.parse().unwrap()),
+        addr: to_addr6(a.parse().unwrap()),
         len,
     };
     env.maps.put_source_ranges6(&[net("2001:2::", 126, 7), net("2001:2:100::", 64, 8)]).unwrap();
@@ -843,11 +837,11 @@ fn ipv6_closed_service_addresses_reject_unknown_ports_and_unallocated_ips_drop()
     env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     env.service6(LB6, proto::TCP, scope::EXTERNAL, svc_flags::LOAD_BALANCER, &[1], 2);
     let cip = *sa6(CIP6).ip();
-    env.maps.put_service_addrs6(&[words(cip), words(*sa6(LB6).ip())]).unwrap();
+    env.maps.put_service_addrs6(&[to_addr6(cip), to_addr6(*sa6(LB6).ip())]).unwrap();
     let mut nets = ServiceCidrs6 { count: 1, ..Default::default() };
     nets.nets[0] = Cidr6 {
-        addr: words("2001:2:ff::".parse().unwrap()),
-        mask: words("ffff:ffff:ffff:ffff:ffff:ffff:ffff:0".parse().unwrap()),
+        addr: to_addr6("2001:2:ff::".parse().unwrap()),
+        mask: to_addr6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:0".parse().unwrap()),
     };
     env.maps.set_service_cidrs6(&nets).unwrap();
 
@@ -981,7 +975,7 @@ fn ipv6_conntrack_reconciler_moves_udp_flows_off_a_backend_that_stops_serving() 
     // Backend 1 stops serving: out of the slots, still a backend.
     env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
     let serving: kproxy::dataplane::conntrack::ServingSets<[u32; 4]> =
-        [(1, [(words(*sa6(b2).ip()), 53u16.to_be())].into())].into();
+        [(1, [(to_addr6(*sa6(b2).ip()), 53u16.to_be())].into())].into();
     let before = env.maps.ct_counters6().unwrap();
     // The IPv4 reconciler does not look at IPv6 flows.
     let v4: kproxy::dataplane::conntrack::ServingSets = [(1, Default::default())].into();
@@ -990,7 +984,7 @@ fn ipv6_conntrack_reconciler_moves_udp_flows_off_a_backend_that_stops_serving() 
     assert_eq!(deleted, gone.len() as u64);
     let ct = env.maps.conntrack6().unwrap();
     assert_eq!(ct.len(), flows.len() - gone.len(), "flows on the serving backend stay");
-    assert!(ct.iter().all(|(_, v)| v.backend_addr == words(*sa6(b2).ip())));
+    assert!(ct.iter().all(|(_, v)| v.backend_addr == to_addr6(*sa6(b2).ip())));
     assert_eq!(env.maps.revnat6().unwrap().len(), flows.len() - gone.len());
     assert_eq!(env.maps.ct_counters6().unwrap()[2], before[2] + deleted, "counted as the agent's");
     // A moved flow's next datagram goes to the serving backend.
