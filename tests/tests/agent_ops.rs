@@ -42,31 +42,24 @@ impl Setup {
         let dir = ManifestDir::new(&format!("{label}-{}", lab.prefix())).expect("dir");
         let extra = extra.iter().map(|a| a.to_string()).collect();
         let mut s = Setup { agents: Vec::new(), dir, lab, extra };
-        for i in 0..2 {
-            let a = s.start_agent(i);
-            s.agents.push(Some(a));
-        }
         // What the tests check starts once the datapaths are loaded.
-        for i in 0..2 {
-            s.wait_loaded(i);
-        }
+        let agents = s.lab.start_agents(&s.opts()).expect("agents");
+        s.agents = agents.into_iter().map(Some).collect();
         s
     }
 
-    /// Waits until node `node`'s agent has loaded and attached its datapath (many seconds on a
-    /// busy machine).
-    fn wait_loaded(&self, node: usize) {
-        let a = self.agents[node].as_ref().expect("agent running");
-        a.wait_logged(lab::AGENT_LOADED, lab::AGENT_LOAD).expect("agent loads");
-    }
-
-    fn start_agent(&self, node: usize) -> Agent {
-        let opts = AgentOpts {
+    /// The agents' options: the manifest directory and the extra arguments.
+    fn opts(&self) -> AgentOpts {
+        AgentOpts {
             manifests_dir: self.dir.path().to_path_buf(),
             extra_args: self.extra.clone(),
             ..Default::default()
-        };
-        self.lab.spawn_agent(node, &opts).expect("agent")
+        }
+    }
+
+    /// Starts node `node`'s agent, returning once it has loaded its datapath.
+    fn start_agent(&self, node: usize) -> Agent {
+        self.lab.start_agent(node, &self.opts()).expect("agent")
     }
 
     fn ep(&self, i: usize, j: usize) -> Endpoint {
@@ -332,7 +325,6 @@ fn traffic_survives_agent_stop_pause_crash_and_restart() {
     assert_eq!(session.request().expect("after a crash"), first);
     // Restart: reuses the pins, reconciles, nothing drops.
     s.agents[0] = Some(s.start_agent(0));
-    s.wait_loaded(0);
     // Graceful stop (SIGTERM) and start again.
     s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("SIGTERM stop");
     std::thread::sleep(Duration::from_millis(500));
@@ -342,7 +334,6 @@ fn traffic_survives_agent_stop_pause_crash_and_restart() {
     assert_eq!(max_entries(&s, 0, ct6), 1);
     s.extra.push("--enable-ipv6".into());
     s.agents[0] = Some(s.start_agent(0));
-    s.wait_loaded(0);
     assert_eq!(session.request().expect("after restarts"), first);
     assert!(max_entries(&s, 0, ct6) > 1, "IPv6 maps recreated");
     let (ok, failed) = traffic.finish();

@@ -34,8 +34,6 @@ use kproxy_tests::{
 const T: Duration = Duration::from_secs(2);
 /// How long a change may take to show in the datapath (agent polls manifests every second).
 const CONVERGE: Duration = Duration::from_secs(15);
-/// How long a restarted agent may take to load its datapath and attach its programs.
-const AGENT_START: Duration = Duration::from_secs(120);
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
@@ -123,21 +121,18 @@ impl Cluster {
         lab.start_servers().expect("servers");
         let dir = ManifestDir::new(&format!("{label}-{}", lab.prefix())).expect("manifest dir");
         let mut c = Cluster { agents: Vec::new(), dir, agent_args, lab };
-        for i in 0..c.lab.nodes().len() {
-            let a = c.start_agent(i);
-            c.agents.push(Some(a));
-        }
         // The convergence checks start once each agent has loaded its datapath, attached its
         // devices and read the node's addresses (it syncs next): loading takes many seconds on
         // a busy machine or an emulated kernel.
-        c.wait_agents_logged(lab::AGENT_LOADED);
+        let agents = c.lab.start_agents(&c.agent_opts()).expect("agents start");
+        c.agents = agents.into_iter().map(Some).collect();
         c
     }
 
-    /// Waits (up to [`AGENT_START`]) until every agent's log contains `needle`.
+    /// Waits (up to [`lab::AGENT_LOAD`]) until every agent's log contains `needle`.
     fn wait_agents_logged(&self, needle: &str) {
         for a in self.agents.iter().flatten() {
-            if let Err(e) = a.wait_logged(needle, AGENT_START) {
+            if let Err(e) = a.wait_logged(needle, lab::AGENT_LOAD) {
                 panic!("{e:#}\n{}", self.agent_logs());
             }
         }
@@ -146,18 +141,17 @@ impl Cluster {
     /// Starts node `node`'s agent again and waits until it has loaded its datapath (see
     /// [`Cluster::with_spec`]).
     fn restart_agent(&mut self, node: usize) {
-        let a = self.start_agent(node);
-        a.wait_logged(lab::AGENT_LOADED, AGENT_START).expect("restarted agent loads");
+        let a = self.lab.start_agent(node, &self.agent_opts()).expect("agent starts");
         self.agents[node] = Some(a);
     }
 
-    fn start_agent(&self, node: usize) -> Agent {
-        let opts = AgentOpts {
+    /// The agents' options: the manifest directory and [`Cluster::agent_args`].
+    fn agent_opts(&self) -> AgentOpts {
+        AgentOpts {
             manifests_dir: self.dir.path().to_path_buf(),
             extra_args: self.agent_args.clone(),
             ..Default::default()
-        };
-        self.lab.spawn_agent(node, &opts).expect("agent starts")
+        }
     }
 
     fn pod_ns(&self, i: usize, j: usize) -> String {
