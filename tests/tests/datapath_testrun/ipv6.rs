@@ -26,6 +26,13 @@ fn sa6(s: &str) -> SocketAddrV6 {
 }
 
 impl Env {
+    /// IPv6 source NAT to the node's address ([`NODE6`]).
+    fn snat6_to_node(&mut self) {
+        self.maps
+            .set_config6(&NodeConfig6 { snat_addr: to_addr6(NODE6.parse().unwrap()) })
+            .unwrap();
+    }
+
     fn backend6(&mut self, id: u32, addr: &str, flags: u8, p: u8) {
         let a = sa6(addr);
         let b = Backend6 { addr: to_addr6(*a.ip()), port: a.port().to_be(), proto: p, flags };
@@ -347,7 +354,7 @@ fn ipv6_new_connections_go_to_their_own_slow_path() {
 fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        env.maps.set_config6(&NodeConfig6 { snat_addr: to_addr6(NODE6.parse().unwrap()) }).unwrap();
+        env.snat6_to_node();
         let be = "[2001:2:101::10]:8080";
         env.backend6(1, be, 0, proto::TCP);
         let np = format!("[{NODE6}]:30080");
@@ -642,7 +649,7 @@ fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
 fn ipv6_packet_too_big_from_remote_backend_path_reaches_external_client() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        env.maps.set_config6(&NodeConfig6 { snat_addr: to_addr6(NODE6.parse().unwrap()) }).unwrap();
+        env.snat6_to_node();
         let be = "[2001:2:101::10]:8080";
         env.backend6(1, be, 0, proto::TCP);
         let np = format!("[{NODE6}]:30080");
