@@ -404,7 +404,10 @@ fn one_client_port_through_two_cluster_ips_to_one_backend() {
     let pod = s.pod_ns(0, 1);
     wait_served_by(&pod, VIP, 80, &["node-1-pod-0"]);
     wait_served_by(&pod, VIP2, 80, &["node-1-pod-0"]);
-    let src = SocketAddrV4::new(s.lab.pod(0, 1).unwrap().ip, 40080);
+    // Below the ephemeral range (32768–60999): no probe connection of `wait_served_by` through
+    // the other ClusterIP can hold this port's tuple to the backend already (then the first
+    // connection would be the one to get another port).
+    let src = SocketAddrV4::new(s.lab.pod(0, 1).unwrap().ip, 20080);
     let (mut one, r1) = TcpSession::connect_from(&pod, Some(src), VIP, 80, T).expect("first");
     assert_eq!(r1.client_addr, src, "the first connection keeps the client's port");
     let (mut two, r2) =
@@ -461,7 +464,7 @@ fn udp_flows_leave_a_backend_that_stops_serving_and_tcp_stays() {
     s.put(&svc, vec![s.ep(0, 0), s.ep(1, 0)]);
     let pod = s.pod_ns(0, 2);
     wait_served_by(&pod, VIP, 80, &["node-0-pod-0", "node-1-pod-0"]);
-    let src = SocketAddrV4::new(s.lab.pod(0, 2).unwrap().ip, 40053);
+    let src = SocketAddrV4::new(s.lab.pod(0, 2).unwrap().ip, 20053);
     let udp = || {
         lab::in_netns(&pod, || udp_request_here(Some(src), VIP, 53, T))
             .expect("netns")
