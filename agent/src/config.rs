@@ -51,8 +51,8 @@ pub struct Config {
     pub health_check_bind: Option<IpAddr>,
     /// How the external devices are served (`--no-xdp`).
     pub external_mode: ExternalMode,
-    /// XDP attach mode forced on the external devices (`--xdp-mode`; `None`: auto, generic on
-    /// veth devices and the kernel's choice elsewhere).
+    /// XDP attach mode forced on the external devices (`--xdp-mode`; `None`: auto, native
+    /// where the driver has it, TC alone on veth devices and drivers without it).
     pub xdp_mode: Option<XdpMode>,
     /// eBPF host routing (`--bpf-host-routing`).
     pub bpf_host_routing: bool,

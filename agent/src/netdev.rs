@@ -317,7 +317,7 @@ impl State {
         }
         let started = Instant::now();
         let result = match kind {
-            Kind::External => self.datapath.attach_external(name, self.spec.mode),
+            Kind::External => self.datapath.attach_external(name, self.spec.mode).map(drop),
             Kind::Pod => self.datapath.attach_pod(name),
         };
         let took_us = started.elapsed().as_micros() as u64;

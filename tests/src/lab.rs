@@ -267,6 +267,12 @@ pub struct AgentOpts {
     pub binary: Option<PathBuf>,
 }
 
+/// The XDP mode of lab agents whose arguments name none. The nodes' `eth0` are veth devices,
+/// which kproxy's default (`--xdp-mode auto`) serves with TC alone; the lab keeps the XDP
+/// program in the path of every end-to-end test (generic mode runs on veth on every kernel of
+/// the matrix). The benchmark names its modes itself.
+pub const LAB_XDP_MODE: [&str; 2] = ["--xdp-mode", "generic"];
+
 /// What an agent logs once its datapath is loaded and attached and it has read the node's
 /// addresses (its first sync follows).
 pub const AGENT_LOADED: &str = "node addresses";
@@ -1022,7 +1028,8 @@ impl Lab {
 
     /// Starts the kproxy agent of node `node` in its namespace:
     /// `kproxy agent --node-name node-i --manifests DIR --nodeport-devices eth0
-    /// --pod-devices 'vp*' --pin-path /sys/fs/bpf/<prefix>/node-i [extra args]`, logging to
+    /// --pod-devices 'vp*' --pin-path /sys/fs/bpf/<prefix>/node-i [--xdp-mode generic]
+    /// [extra args]` ([`LAB_XDP_MODE`] unless the extra args name an XDP mode), logging to
     /// `<log dir>/node-i-agent.log`. The binary is `target/<profile>/kproxy`.
     pub fn spawn_agent(&self, node: usize, opts: &AgentOpts) -> Result<Agent> {
         ensure!(node < self.nodes.len(), "no node {node} (lab has {})", self.nodes.len());
@@ -1055,6 +1062,9 @@ impl Lab {
             "--pin-path".into(),
             n.pin_path.to_string_lossy().into_owned(),
         ]);
+        if !opts.extra_args.iter().any(|a| a == "--no-xdp" || a.starts_with("--xdp-mode")) {
+            argv.extend(LAB_XDP_MODE.iter().map(|a| a.to_string()));
+        }
         argv.extend(opts.extra_args.iter().cloned());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = self.spawn(&n.ns, &format!("{}-agent", n.name), &argv)?;

@@ -1309,10 +1309,12 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
     use kproxy::dataplane::loader::{ExternalMode, cleanup};
     in_test_netns(true, || {
         let env = Env::new();
+        let generic = Some(aya::programs::XdpMode::Skb);
         {
             let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+            dp.set_xdp_mode(generic);
             dp.attach_pod("kpt1").unwrap();
-            dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+            assert_eq!(dp.attach_external("kpt0", ExternalMode::Xdp).unwrap(), generic);
         } // the "agent" exits
         let (n_in, ids_in) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
         let (n_eg, _) = tc_filters("kpt1", "egress", names::PROG_TC_TO_POD);
@@ -1323,6 +1325,7 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
 
         // A restarted agent replaces the programs in place: still one of each, new program ids.
         let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+        dp.set_xdp_mode(generic);
         dp.attach_pod("kpt1").unwrap();
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
         let (n_in2, ids_in2) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
@@ -1333,10 +1336,36 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         let xdp2 = xdp_prog("kpt0").expect("XDP attached");
         assert_ne!(xdp1, xdp2, "XDP program swapped inside the pinned link");
 
-        assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "generic on veth");
+        assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "generic when asked");
 
+        // The default mode on a veth device is TC alone: the XDP link goes.
+        dp.set_xdp_mode(None);
+        assert_eq!(dp.attach_external("kpt0", ExternalMode::Xdp).unwrap(), None, "auto on veth");
+        assert_eq!(xdp_prog("kpt0"), None, "no XDP on veth by default");
+        assert!(!env.dir.join("v1/links/xdp-kpt0").exists(), "XDP link pin removed");
+        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1, "TC serves it");
+        // A device whose driver has no native XDP (a bridge): auto falls back to TC alone, a forced
+        // native mode fails.
+        sh_out("ip link add kptd type bridge && ip link set kptd up");
+        assert_eq!(
+            dp.attach_external("kptd", ExternalMode::Xdp).unwrap(),
+            None,
+            "auto on a bridge"
+        );
+        assert_eq!(xdp_prog("kptd"), None);
+        assert_eq!(tc_filters("kptd", "ingress", names::PROG_TC_EXT).0, 1, "TC serves it");
+        dp.set_xdp_mode(Some(aya::programs::XdpMode::Driver));
+        assert!(
+            dp.attach_external("kptd", ExternalMode::Xdp).is_err(),
+            "native forced on a bridge"
+        );
+        dp.detach("kptd").unwrap();
+        sh_out("ip link del kptd");
         // TC-only mode removes the XDP attachment.
-        dp.attach_external("kpt0", ExternalMode::TcOnly).unwrap();
+        dp.set_xdp_mode(generic);
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        assert!(xdp_prog("kpt0").is_some());
+        assert_eq!(dp.attach_external("kpt0", ExternalMode::TcOnly).unwrap(), None);
         assert_eq!(xdp_prog("kpt0"), None);
         // A forced native mode is honoured for a new attachment.
         dp.set_xdp_mode(Some(aya::programs::XdpMode::Driver));
@@ -1753,6 +1782,8 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
         // SAFETY: setns on this thread only, with a valid namespace fd.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         let mut env = Env::new();
+        // Generic XDP: the default on veth is TC alone.
+        env.dp.set_xdp_mode(Some(aya::programs::XdpMode::Skb));
         env.dp.attach_external("eth0", mode).unwrap();
         env.dp.attach_pod("vp1").unwrap();
         env.backend(1, "198.18.100.10:8080", backend_flags::LOCAL, proto::TCP);
@@ -1976,6 +2007,7 @@ fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
         // SAFETY: setns on this thread only, with a valid namespace fd.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         let mut env = Env::new();
+        env.dp.set_xdp_mode(Some(aya::programs::XdpMode::Skb)); // the default on veth: TC alone
         env.dp.attach_external("eth0", mode).unwrap();
         env.backend(1, "198.18.101.10:8080", 0, proto::TCP);
         env.backend(2, "198.18.101.10:8081", 0, proto::TCP);

@@ -94,7 +94,7 @@ pub enum Output {
 /// `--xdp-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum XdpModeArg {
-    /// Generic on veth devices, the kernel's choice elsewhere.
+    /// Native XDP where the driver has it; TC alone on veth devices and drivers without it.
     #[default]
     Auto,
     /// The driver's (native) XDP.
@@ -204,11 +204,12 @@ pub struct AgentArgs {
     /// Serve external devices with TC only (no XDP).
     #[arg(long)]
     pub no_xdp: bool,
-    /// XDP attach mode on the external devices: `auto` is generic (skb) XDP on veth devices,
-    /// whose native XDP can send a packet out (XDP_TX, redirect) only when the veth's peer runs
-    /// an XDP program or GRO, and the kernel's choice (native where the driver has it)
-    /// elsewhere; `native` insists on the driver's XDP (attaching fails without it); `generic`
-    /// uses skb mode on every device.
+    /// XDP attach mode on the external devices: `auto` is native XDP where the driver has it
+    /// and the TC program alone elsewhere, veth included (generic XDP copies every cloned or
+    /// tightly packed skb before the program runs, and veth's native XDP takes skbs the same
+    /// way; TC sees the same packets without the copy); `native` insists on the driver's XDP
+    /// (attaching fails without it; on veth it can send packets out only when the peer runs
+    /// an XDP program or GRO); `generic` uses skb mode on every device.
     #[arg(long, value_enum, default_value_t, conflicts_with = "no_xdp")]
     pub xdp_mode: XdpModeArg,
     /// eBPF host routing: deliver translated packets from TC straight to their destination (a

@@ -380,8 +380,9 @@ impl Datapath {
     }
 
     /// Forces the XDP attach mode of new XDP attachments (`--xdp-mode`; `None`, the default:
-    /// generic on veth, the kernel's choice elsewhere; see [`Self::attach_external`]). An
-    /// attachment surviving from an earlier run keeps its mode until it is detached.
+    /// native XDP where the driver has it, TC alone on veth and on drivers without it; see
+    /// [`Self::attach_external`]). An attachment surviving from an earlier run in another mode
+    /// is replaced.
     pub fn set_xdp_mode(&mut self, mode: Option<XdpMode>) {
         self.xdp_mode = mode;
     }
@@ -396,20 +397,42 @@ impl Datapath {
         self.ebpf.program_mut(name)
     }
 
-    /// Attaches the external-device programs to `ifname` (replacing an earlier attachment).
-    /// XDP goes on veth devices in generic mode unless [`Self::set_xdp_mode`] says otherwise:
-    /// native veth XDP can transmit (`XDP_TX`, redirect) only when the peer runs XDP or GRO.
-    /// An XDP link of an earlier run is updated in place, or replaced when it is attached in
-    /// another mode than the one asked for.
-    pub fn attach_external(&mut self, ifname: &str, mode: ExternalMode) -> anyhow::Result<()> {
+    /// Attaches the external-device programs to `ifname` (replacing an earlier attachment) and
+    /// returns the XDP mode it got (`None`: TC alone). Unless [`Self::set_xdp_mode`] forces a
+    /// mode, XDP goes on in native mode where the driver has it, and the TC program serves
+    /// veth devices and drivers without native XDP alone ([`auto_xdp_mode`] says why). An XDP
+    /// link of an earlier run is updated in place, or replaced when it is attached in another
+    /// mode than the one asked for.
+    pub fn attach_external(
+        &mut self,
+        ifname: &str,
+        mode: ExternalMode,
+    ) -> anyhow::Result<Option<XdpMode>> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
         self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT)?;
-        match mode {
-            ExternalMode::Xdp => self.attach_xdp(ifname)?,
-            ExternalMode::TcOnly => detach_xdp(&self.pin_path, ifname)?,
+        let xdp = match (mode, self.xdp_mode) {
+            (ExternalMode::TcOnly, _) => None,
+            (ExternalMode::Xdp, Some(forced)) => Some(forced),
+            (ExternalMode::Xdp, None) => auto_xdp_mode(ifname),
+        };
+        let xdp = match xdp {
+            None => None,
+            Some(m) => match self.attach_xdp(ifname, m) {
+                Ok(()) => Some(m),
+                // Auto mode on a driver without native XDP (or an XDP program of another
+                // owner on the device): TC serves it alone.
+                Err(e) if self.xdp_mode.is_none() => {
+                    info!(ifname, error = %e, "no native XDP: TC serves the device alone");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if xdp.is_none() {
+            detach_xdp(&self.pin_path, ifname)?;
         }
-        info!(ifname, ?mode, "external device attached");
-        Ok(())
+        info!(ifname, xdp = ?xdp, "external device attached");
+        Ok(xdp)
     }
 
     /// Attaches the pod-interface programs (TC ingress and egress) to `ifname`.
@@ -546,10 +569,9 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach_xdp(&mut self, ifname: &str) -> anyhow::Result<()> {
+    fn attach_xdp(&mut self, ifname: &str, mode: XdpMode) -> anyhow::Result<()> {
         let pin = xdp_link_pin(&self.pin_path, ifname);
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
-        let mode = self.xdp_mode.unwrap_or_else(|| xdp_mode_for(ifname));
         if pin.exists()
             && mode != XdpMode::Default
             && let Some(was) = attached_xdp_mode(ifname).filter(|was| *was != mode)
@@ -710,11 +732,18 @@ fn driver(ifname: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
-/// XDP mode for a device. veth gets generic (skb) mode: native veth XDP can only transmit
-/// (`XDP_TX`, redirect) when the peer runs XDP or GRO, which kproxy does not control (the peer
-/// is usually in another namespace). Real NICs get the kernel's choice (native when supported).
-fn xdp_mode_for(ifname: &str) -> XdpMode {
-    if driver(ifname).as_deref() == Some("veth") { XdpMode::Skb } else { XdpMode::default() }
+/// The XDP mode `--xdp-mode auto` asks for on a device (`None`: TC alone). XDP pays where a
+/// driver runs it on its own receive buffers, before any skb exists: native mode. Elsewhere it
+/// costs more than it saves. Generic (skb) XDP runs after the skb is built and must copy every
+/// skb that is cloned or has less than 256 bytes of headroom (TCP segments from a local sender
+/// are clones) into a new page, then build another skb when the program passes it: the TC
+/// program sees the same packet without either. veth's native XDP takes skbs from its peer the
+/// same way (copied), and can send a packet back out (`XDP_TX`, redirect) only when the peer
+/// runs XDP or GRO, which kproxy does not control. So veth devices (container and kind nodes)
+/// get TC alone, every other device native XDP; a driver without it falls back to TC alone in
+/// [`Datapath::attach_external`].
+fn auto_xdp_mode(ifname: &str) -> Option<XdpMode> {
+    if driver(ifname).as_deref() == Some("veth") { None } else { Some(XdpMode::Driver) }
 }
 
 /// The mode of the XDP program attached to `ifname`, as the kernel reports it (`None`: none

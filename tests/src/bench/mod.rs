@@ -111,7 +111,8 @@ pub struct Config {
     /// Only the IPv6 rows of items 1 and 3 ([`Config::only_ipv6`]).
     #[serde(default)]
     pub only_ipv6: bool,
-    /// Only item 1's latency at its scales, kproxy also without XDP ([`Config::only_latency`]).
+    /// Only item 1's latency at its scales, kproxy also with generic XDP
+    /// ([`Config::only_latency`]).
     #[serde(default)]
     pub only_latency: bool,
     /// An earlier kproxy binary measured in items 4 and 6 beside the one built (as system
@@ -234,7 +235,8 @@ impl Config {
     }
 
     /// The same run restricted to item 1 (ClusterIP new-connection latency) at 1 and 1,000
-    /// services, floor and kproxy only (kproxy also with TC only, `--no-xdp`, as `kproxy-tc`),
+    /// services, floor and kproxy only (kproxy also with generic XDP on `eth0`, `--xdp-mode
+    /// generic`, as `kproxy-generic`: the XDP program its default leaves off veth devices),
     /// twice the repetitions, and the kproxy programs' run time per connection (bpf_stats):
     /// a few minutes, to compare datapath changes on the new-connection path.
     pub fn only_latency(mut self) -> Self {
@@ -396,8 +398,8 @@ enum Sys {
     Floor,
     Kproxy,
     KproxyHostRouting,
-    /// kproxy without its XDP program (`--no-xdp`; `--only-latency` only).
-    KproxyTc,
+    /// kproxy with generic XDP on `eth0` (`--xdp-mode generic`; `--only-latency` only).
+    KproxyGeneric,
     Iptables,
     Nftables,
 }
@@ -412,7 +414,7 @@ impl Sys {
     const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
 
     /// The systems of `--only-latency`.
-    const LATENCY: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::KproxyTc, Sys::KproxyHostRouting];
+    const LATENCY: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::KproxyGeneric, Sys::KproxyHostRouting];
 
     /// Gives the client namespace `ns` this system's own client port range (see
     /// `clusterip_one`; the sysctl covers IPv6 sockets too).
@@ -421,7 +423,7 @@ impl Sys {
             Sys::Floor => "20000 29999",
             Sys::Kproxy => "30000 39999",
             Sys::KproxyHostRouting => "10000 19999",
-            Sys::KproxyTc => "40000 49999",
+            Sys::KproxyGeneric => "40000 49999",
             Sys::Iptables => "40000 49999",
             Sys::Nftables => "50000 60999",
         };
@@ -434,7 +436,7 @@ impl Sys {
             Sys::Floor => "floor",
             Sys::Kproxy => "kproxy",
             Sys::KproxyHostRouting => HOST_ROUTING,
-            Sys::KproxyTc => "kproxy-tc",
+            Sys::KproxyGeneric => "kproxy-generic",
             Sys::Iptables => "iptables",
             Sys::Nftables => "nftables",
         }
@@ -482,8 +484,8 @@ fn predict(t0: f64, n0: usize, n: usize, exp: f64) -> f64 {
 }
 
 /// The systems of the NodePort item (besides the references): kproxy with native XDP on the
-/// external device (the lab runs XDP on the veth peers, as a NIC's driver would allow), kproxy as
-/// it attaches by default (generic XDP on veth), kproxy with TC only, and the baselines.
+/// external device (the lab runs XDP on the veth peers, as a NIC's driver would allow), kproxy
+/// with generic XDP, kproxy with TC only (its default on veth), and the baselines.
 pub const NODEPORT_SYSTEMS: [&str; 5] =
     ["kproxy", "kproxy-generic", "kproxy-tc", "iptables", "nftables"];
 
@@ -498,6 +500,7 @@ const LIVE_METRICS: [&str; 3] = ["live_pps", "live_ns_per_frame", "live_delivere
 fn nodeport_agent_args(sys: &str) -> &'static [&'static str] {
     match sys {
         "kproxy" => &["--xdp-mode", "native"],
+        "kproxy-generic" => &["--xdp-mode", "generic"],
         "kproxy-tc" => &["--no-xdp"],
         _ => &[],
     }
@@ -1112,7 +1115,9 @@ impl Bench<'_> {
             Sys::KproxyHostRouting => {
                 self.start_kproxy(frontends, &["--bpf-host-routing"]).map(|k| kp = Some(k))
             }
-            Sys::KproxyTc => self.start_kproxy(frontends, &["--no-xdp"]).map(|k| kp = Some(k)),
+            Sys::KproxyGeneric => {
+                self.start_kproxy(frontends, &["--xdp-mode", "generic"]).map(|k| kp = Some(k))
+            }
             Sys::Iptables => systems::iptables_hooks(&self.node_ns, true).map(drop),
             Sys::Nftables => systems::nft_hooks(&self.node_ns, true).map(drop),
         };
@@ -1177,7 +1182,7 @@ impl Bench<'_> {
             }
         }
         match sys {
-            Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyTc => {
+            Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyGeneric => {
                 if let Some(k) = kp {
                     self.stop_kproxy(k);
                 }
@@ -2339,7 +2344,7 @@ fn clusterip6_one(
         measure::loadgen(&client, target, "connect", 1, Duration::from_millis(cfg.duration_ms))
     });
     match sys {
-        Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyTc => {
+        Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyGeneric => {
             if let Some(k) = kp {
                 let _ = systems::stop_kproxy(lab, k);
             }

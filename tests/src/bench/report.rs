@@ -118,8 +118,8 @@ pub fn one_line(text: &str, max: usize) -> String {
 fn nodeport_label(sys: &str) -> &str {
     match sys {
         "kproxy" => "kproxy (native XDP)",
-        "kproxy-generic" => "kproxy (generic XDP, the default on veth)",
-        "kproxy-tc" => "kproxy (TC only)",
+        "kproxy-generic" => "kproxy (generic XDP)",
+        "kproxy-tc" => "kproxy (TC only, the default on veth)",
         s => s,
     }
 }
@@ -711,6 +711,21 @@ NodePort runs of {} ms.\n",
         s,
         "\n\"kproxy, host routing\" is the agent with `--bpf-host-routing`: its TC programs deliver translated packets themselves (to a local pod with `bpf_redirect_peer`, elsewhere through the FIB), past the node's IP stack and netfilter."
     );
+    // `--only-latency` also runs kproxy with generic XDP on the node's veth `eth0`.
+    for &n in &c.scales {
+        let n = n as u64;
+        let md = |sys: &str| median(f, "1-latency", "p50_us", sys, n, "");
+        if let (Some(generic), Some(_)) = (md("kproxy-generic"), md("kproxy")) {
+            let _ = writeln!(
+                s,
+                "\nAt {} services, kproxy with generic XDP on the node's `eth0` (`--xdp-mode generic`; its default leaves XDP off veth devices): p50 {} ({} kproxy's, {} the floor's).",
+                thousands(n),
+                cell(find(f, "1-latency", "p50_us", "kproxy-generic", n, "")),
+                ratio(Some(generic), md("kproxy")),
+                ratio(Some(generic), md("floor")),
+            );
+        }
+    }
     s.push_str("\n![latency](latency_vs_services.png)\n\n");
 
     let samples: Vec<f64> = f
@@ -827,7 +842,7 @@ NodePort runs of {} ms.\n",
             ratio(median(f, "3-nodeport", "live_pps", sys, 3, v), live_tx),
         );
     }
-    s.push_str("\nThe generator is an XDP program that the kernel runs in a loop (live-frame mode, batches of 64) in the underlay namespace as if each frame had arrived on the port facing node 0; it writes one UDP datagram from the external client to the NodePort and returns `XDP_TX`, which sends it into node 0's `eth0` (veth `ndo_xdp_xmit`: no socket, no skb, no bridge). What comes out is counted where it leaves node 0, translated: an XDP sink on the underlay port (remote backend) or on the pod's `eth0` (local backend) drops and counts only frames addressed to the backend and its target port (*delivered* is their share of the frames generated). Everything runs in the softirq of the generator's CPU, so a rate is frames counted at the sink per second of that CPU's kernel time: the generator loop's own timing (`BPF_PROG_TEST_RUN`'s duration, which includes the datapath's softirq work and stops while the thread is scheduled out, so the other work on this shared machine stays out of it; *kernel ns per frame* is the same time per generated frame). The generator alone (its frames dropped as they arrive on `eth0`) bounds every rate. GRO is switched on for node 0's `eth0` during these runs (a veth takes `ndo_xdp_xmit` frames only with NAPI, which an XDP program or GRO switches on). \"kproxy (native XDP)\" is the agent with `--xdp-mode native`; \"generic XDP\" its default on veth (`--xdp-mode auto`), where an skb is built before XDP runs.\n\n");
+    s.push_str("\nThe generator is an XDP program that the kernel runs in a loop (live-frame mode, batches of 64) in the underlay namespace as if each frame had arrived on the port facing node 0; it writes one UDP datagram from the external client to the NodePort and returns `XDP_TX`, which sends it into node 0's `eth0` (veth `ndo_xdp_xmit`: no socket, no skb, no bridge). What comes out is counted where it leaves node 0, translated: an XDP sink on the underlay port (remote backend) or on the pod's `eth0` (local backend) drops and counts only frames addressed to the backend and its target port (*delivered* is their share of the frames generated). Everything runs in the softirq of the generator's CPU, so a rate is frames counted at the sink per second of that CPU's kernel time: the generator loop's own timing (`BPF_PROG_TEST_RUN`'s duration, which includes the datapath's softirq work and stops while the thread is scheduled out, so the other work on this shared machine stays out of it; *kernel ns per frame* is the same time per generated frame). The generator alone (its frames dropped as they arrive on `eth0`) bounds every rate. GRO is switched on for node 0's `eth0` during these runs (a veth takes `ndo_xdp_xmit` frames only with NAPI, which an XDP program or GRO switches on). \"kproxy (native XDP)\" is the agent with `--xdp-mode native`, \"generic XDP\" with `--xdp-mode generic` (an skb is built before XDP runs), \"TC only\" with `--no-xdp`, which is also what its default (`--xdp-mode auto`) does on a veth device.\n\n");
 
     // Item 4.
     s.push_str("## 4. Programming time (N services × 10 endpoints)\n\n");

@@ -493,7 +493,8 @@ pub fn realtime_netns(ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Starts the agent on node 0 (`binary`, or the kproxy built; `extra` arguments appended) and
+/// Starts the agent on node 0 (`binary`, or the kproxy built; `extra` arguments appended,
+/// `--xdp-mode auto` when they name no XDP mode, the default on veth being TC alone) and
 /// waits until it reports at least `min_frontends` frontends programmed and the ClusterIP probe
 /// answers through it.
 pub fn start_kproxy(
@@ -507,6 +508,11 @@ pub fn start_kproxy(
     // The benchmark's one manifest holds every service: tens of MB at 30,000 services, over the
     // agent's default limit for a manifest file.
     let mut extra_args = vec!["--max-manifest-bytes".to_string(), (1u64 << 30).to_string()];
+    // kproxy as it attaches by default unless the caller names a mode (the lab's own default
+    // for its agents is generic XDP, for its tests).
+    if !extra.iter().any(|a| *a == "--no-xdp" || a.starts_with("--xdp-mode")) {
+        extra_args.extend(["--xdp-mode".to_string(), "auto".to_string()]);
+    }
     extra_args.extend(extra.iter().map(|s| s.to_string()));
     let opts = AgentOpts {
         manifests_dir: manifests.to_path_buf(),
