@@ -1942,7 +1942,8 @@ fn established_path_cost() {
         }
         let mut xdp = f64::MAX;
         for _ in 0..5 {
-            let p: &mut Xdp = env.dp().program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
+            let p: &mut Xdp =
+                env.dp().program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
             let r = p
                 .test_run(TestRunOptions {
                     data_in: Some(&data),
