@@ -36,6 +36,10 @@ const NODE_IP: &str = "198.18.0.10";
 const CLIENT: &str = "198.18.0.2:40000";
 const POD_CLIENT: &str = "198.18.100.10:41000";
 
+#[path = "datapath_testrun/shared.rs"]
+mod shared;
+
+/// Numbers the pin directories and namespaces of this process.
 static N: AtomicU32 = AtomicU32::new(0);
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -45,36 +49,60 @@ fn be_addr(a: Ipv4Addr) -> u32 {
     u32::from(a).to_be()
 }
 
-/// A loaded datapath in its own pin directory, removed on drop (also on panic).
+/// The map sizes of the packet tests' datapaths.
+const TEST_SIZES: MapSizes =
+    MapSizes { services: 1024, backends: 1024, conntrack: 4096, affinity: 1024, ipv6: true };
+
+/// A loaded datapath for one test, its maps as the agent writes them and its node configuration
+/// set: a shared load ([`Env::new`], reset to a fresh load's state for the test, see
+/// [`shared`]) or one of the test's own ([`Env::own`], [`Env::with_sizes`]) in a pin directory
+/// removed on drop (also on panic).
 struct Env {
     dir: PathBuf,
-    dp: Datapath,
     maps: BpfDataplane,
+    lease: Lease,
+}
+
+/// Where a test's datapath goes after the test: back to the shared ones, or away with its pin
+/// directory.
+struct Lease {
+    loaded: Option<shared::Loaded>,
+    shared: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(l) = self.loaded.take() else { return };
+        if self.shared {
+            shared::give_back(l);
+        } else {
+            shared::remove(&l.dir);
+        }
+    }
 }
 
 impl Env {
+    /// A shared datapath (for tests that only write maps and run programs).
     fn new() -> Self {
-        Self::with_sizes(&MapSizes {
-            services: 1024,
-            backends: 1024,
-            conntrack: 4096,
-            affinity: 1024,
-            ipv6: true,
-        })
+        let loaded = shared::take(|| shared::load(N.fetch_add(1, Ordering::SeqCst), &TEST_SIZES));
+        Self::with(Lease { loaded: Some(loaded), shared: true })
     }
 
+    /// A datapath of the test's own (for tests that attach it, load it again or break it).
+    fn own() -> Self {
+        Self::with_sizes(&TEST_SIZES)
+    }
+
+    /// A datapath of the test's own with other map sizes.
     fn with_sizes(sizes: &MapSizes) -> Self {
-        let _ = Command::new("sh")
-            .args(["-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"])
-            .status();
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/kproxy-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let guard = DirGuard(dir.clone());
-        let dp = Datapath::load(&dir, sizes).expect("load datapath");
-        let mut maps = dp.dataplane().expect("open maps");
+        let loaded = shared::load(N.fetch_add(1, Ordering::SeqCst), sizes);
+        Self::with(Lease { loaded: Some(loaded), shared: false })
+    }
+
+    fn with(lease: Lease) -> Self {
+        let loaded = lease.loaded.as_ref().expect("a loaded datapath");
+        let dir = loaded.dir.clone();
+        let mut maps = loaded.dp.dataplane().expect("open maps");
         maps.set_config(&NodeConfig {
             snat_addr: be_addr(NODE_IP.parse().unwrap()),
             snat_port_min: 61000,
@@ -83,8 +111,11 @@ impl Env {
             backend_gen: 0,
         })
         .unwrap();
-        std::mem::forget(guard);
-        Env { dir, dp, maps }
+        Env { dir, maps, lease }
+    }
+
+    fn dp(&mut self) -> &mut Datapath {
+        &mut self.lease.loaded.as_mut().expect("a loaded datapath").dp
     }
 
     fn backend(&mut self, id: u32, addr: &str, flags: u8, p: u8) {
@@ -163,7 +194,7 @@ impl Env {
     /// Runs the XDP program; also says whether it left the "handled" metadata mark for TC
     /// (TEST_RUN returns the metadata in front of the frame; it is split off here).
     fn xdp_meta(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
-        let p: &mut Xdp = self.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
+        let p: &mut Xdp = self.dp().program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
         let mut out = vec![0u8; 2048];
         let r = p
             .test_run(TestRunOptions {
@@ -181,7 +212,7 @@ impl Env {
     }
 
     fn tc(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let p: &mut SchedClassifier = self.dp.program_mut(name).unwrap().try_into().unwrap();
+        let p: &mut SchedClassifier = self.dp().program_mut(name).unwrap().try_into().unwrap();
         let mut out = vec![0u8; 2048];
         let r = p
             .test_run(TestRunOptions {
@@ -192,19 +223,6 @@ impl Env {
             .expect("test_run tc");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct DirGuard(PathBuf);
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -281,7 +299,7 @@ fn ifindex(name: &str) -> u32 {
 
 #[test]
 fn programs_pass_verifier_and_pinned_maps_are_reused() {
-    let mut env = Env::new();
+    let mut env = Env::own();
     env.backend(7, BE1, 0, proto::TCP);
     // A second load reuses the pinned maps: the backend written through the first is visible.
     let dp2 = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
@@ -296,12 +314,12 @@ fn programs_pass_verifier_and_pinned_maps_are_reused() {
     for m in names::ALL_MAPS {
         assert!(env.dir.join("v1").join(m).exists(), "{m} pinned");
     }
-    env.dp.detach("kproxy-no-such-dev").unwrap();
+    env.dp().detach("kproxy-no-such-dev").unwrap();
 }
 
 #[test]
 fn pinned_map_with_wrong_layout_is_refused() {
-    let env = Env::new();
+    let env = Env::own();
     // Replace the backends pin by a map with another value size.
     let pin = env.dir.join("v1").join(names::BACKENDS4);
     std::fs::remove_file(&pin).unwrap();
@@ -1308,10 +1326,12 @@ fn xdp_prog(dev: &str) -> Option<String> {
 fn attachments_outlive_the_agent_and_are_replaced_in_place() {
     use kproxy::dataplane::loader::{ExternalMode, cleanup};
     in_test_netns(true, || {
-        let env = Env::new();
+        // The first load below makes the maps, the second reuses them.
+        let dir = shared::pin_dir(N.fetch_add(1, Ordering::SeqCst));
+        let _remove = shared::RemoveDir(dir.clone());
         let generic = Some(aya::programs::XdpMode::Skb);
         {
-            let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+            let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
             dp.set_xdp_mode(generic);
             dp.attach_pod("kpt1").unwrap();
             assert_eq!(dp.attach_external("kpt0", ExternalMode::Xdp).unwrap(), generic);
@@ -1321,10 +1341,10 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         let (n_ext, _) = tc_filters("kpt0", "ingress", names::PROG_TC_EXT);
         assert_eq!((n_in, n_eg, n_ext), (1, 1, 1), "TC filters survive the loader");
         let xdp1 = xdp_prog("kpt0").expect("XDP survives the loader");
-        assert!(env.dir.join("v1/links/xdp-kpt0").exists());
+        assert!(dir.join("v1/links/xdp-kpt0").exists());
 
         // A restarted agent replaces the programs in place: still one of each, new program ids.
-        let mut dp = Datapath::load(&env.dir, &MapSizes::default()).unwrap();
+        let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
         dp.set_xdp_mode(generic);
         dp.attach_pod("kpt1").unwrap();
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
@@ -1342,7 +1362,7 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         dp.set_xdp_mode(None);
         assert_eq!(dp.attach_external("kpt0", ExternalMode::Xdp).unwrap(), None, "auto on veth");
         assert_eq!(xdp_prog("kpt0"), None, "no XDP on veth by default");
-        assert!(!env.dir.join("v1/links/xdp-kpt0").exists(), "XDP link pin removed");
+        assert!(!dir.join("v1/links/xdp-kpt0").exists(), "XDP link pin removed");
         assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1, "TC serves it");
         // A device whose driver has no native XDP (a bridge): auto falls back to TC alone, a forced
         // native mode fails.
@@ -1391,10 +1411,10 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
 
         // cleanup removes everything else, pins included.
         drop(dp);
-        cleanup(&env.dir).unwrap();
+        cleanup(&dir).unwrap();
         assert_eq!(tc_filters("kpt0", "ingress", "kp_").0, 0);
         assert_eq!(xdp_prog("kpt0"), None);
-        assert!(!env.dir.exists(), "pin directory removed");
+        assert!(!dir.exists(), "pin directory removed");
     });
 }
 
@@ -1577,16 +1597,17 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
         use std::os::fd::AsRawFd as _;
         // SAFETY: setns on this thread only, with a valid namespace fd.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let mut env = Env::new();
-        env.dp.attach_pod("vp1").unwrap();
-        env.dp.attach_pod("vp2").unwrap();
+        // Attached to the namespace's devices: a datapath of the test's own.
+        let mut env = Env::own();
+        env.dp().attach_pod("vp1").unwrap();
+        env.dp().attach_pod("vp2").unwrap();
         if host_routing {
             let cfg = env.maps.config().unwrap();
             env.maps
                 .set_config(&NodeConfig { flags: cfg.flags | cfg_flags::HOST_ROUTING, ..cfg })
                 .unwrap();
             let devs = ["vp1", "vp2"].iter().map(|d| ifindex(d)).collect();
-            env.dp.set_pod_devs(&devs).unwrap();
+            env.dp().set_pod_devs(&devs).unwrap();
         }
         env.backend(1, "198.18.100.11:8080", backend_flags::LOCAL, proto::TCP);
         env.backend(2, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);
@@ -1781,11 +1802,12 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
         let f = std::fs::File::open(&node_path).unwrap();
         // SAFETY: setns on this thread only, with a valid namespace fd.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let mut env = Env::new();
-        // Generic XDP: the default on veth is TC alone.
-        env.dp.set_xdp_mode(Some(aya::programs::XdpMode::Skb));
-        env.dp.attach_external("eth0", mode).unwrap();
-        env.dp.attach_pod("vp1").unwrap();
+        // Attached to the namespace's devices: a datapath of the test's own (generic XDP: the
+        // default on veth is TC alone).
+        let mut env = Env::own();
+        env.dp().set_xdp_mode(Some(aya::programs::XdpMode::Skb));
+        env.dp().attach_external("eth0", mode).unwrap();
+        env.dp().attach_pod("vp1").unwrap();
         env.backend(1, "198.18.100.10:8080", backend_flags::LOCAL, proto::TCP);
         env.backend(2, "198.18.100.10:5353", backend_flags::LOCAL, proto::UDP);
         let np = |p: u16| format!("{NODE_IP}:{p}");
@@ -1873,7 +1895,7 @@ fn per_packet_cost_in_the_number_of_services() {
         ipv6: true,
     });
     let measure = |env: &mut Env, frame: &[u8]| -> (u32, f64) {
-        let p: &mut Xdp = env.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
+        let p: &mut Xdp = env.dp().program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
         let mut best = f64::MAX;
         let mut verdict = None;
         for _ in 0..5 {
@@ -1939,7 +1961,7 @@ fn established_path_cost() {
         let mut tc = f64::MAX;
         for _ in 0..5 {
             let p: &mut SchedClassifier =
-                env.dp.program_mut(names::PROG_TC_FROM_POD).unwrap().try_into().unwrap();
+                env.dp().program_mut(names::PROG_TC_FROM_POD).unwrap().try_into().unwrap();
             let r = p
                 .test_run(TestRunOptions {
                     data_in: Some(&data),
@@ -1951,7 +1973,8 @@ fn established_path_cost() {
         }
         let mut xdp = f64::MAX;
         for _ in 0..5 {
-            let p: &mut Xdp = env.dp.program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
+            let p: &mut Xdp =
+                env.dp().program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
             let r = p
                 .test_run(TestRunOptions {
                     data_in: Some(&data),
@@ -2006,9 +2029,11 @@ fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
         let f = std::fs::File::open(&node_path).unwrap();
         // SAFETY: setns on this thread only, with a valid namespace fd.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let mut env = Env::new();
-        env.dp.set_xdp_mode(Some(aya::programs::XdpMode::Skb)); // the default on veth: TC alone
-        env.dp.attach_external("eth0", mode).unwrap();
+        // Attached to the namespace's devices: a datapath of the test's own (generic XDP: the
+        // default on veth is TC alone).
+        let mut env = Env::own();
+        env.dp().set_xdp_mode(Some(aya::programs::XdpMode::Skb));
+        env.dp().attach_external("eth0", mode).unwrap();
         env.backend(1, "198.18.101.10:8080", 0, proto::TCP);
         env.backend(2, "198.18.101.10:8081", 0, proto::TCP);
         let np = |p: u16| format!("{NODE_IP}:{p}");

@@ -57,11 +57,15 @@ pub struct Opts {
     pub verifier_only: bool,
     /// The verifier and the end-to-end tests without the TEST_RUN suite.
     pub no_testrun: bool,
+    /// The TEST_RUN suite alone.
+    pub testrun_only: bool,
 }
 
 /// What runs in one guest.
 #[derive(Debug, Clone, Copy)]
 struct Suites {
+    /// The verifier's figures and the feature probes.
+    checks: bool,
     /// The BPF_PROG_TEST_RUN suite.
     testrun: bool,
     /// Its real-socket tests too.
@@ -149,9 +153,14 @@ pub fn run(root: &Path, opts: &Opts) -> Result<()> {
     for k in selected {
         let oldest = k.series == oldest.series;
         let suites = Suites {
+            checks: !opts.testrun_only,
             testrun: !opts.verifier_only && !opts.no_testrun,
             sockets: oldest,
-            e2e: !opts.verifier_only && !opts.no_e2e && opts.filter.is_none() && oldest,
+            e2e: !opts.verifier_only
+                && !opts.no_e2e
+                && !opts.testrun_only
+                && opts.filter.is_none()
+                && oldest,
         };
         match run_one(root, k, &exes, &stats, opts.filter.as_deref(), suites) {
             Ok(true) => {}
@@ -195,12 +204,19 @@ fn run_one(
         "set -u\nmount -t bpf bpf /sys/fs/bpf\nip link set lo up\nexport RUST_BACKTRACE=0\n",
     );
     script += &format!("cd {}\n", q(&tests_dir));
-    script += &format!("{} > {o}/stats.txt 2>&1; echo $? > {o}/stats.rc\n", q(stats), o = q(&out));
-    script += &format!(
-        "{} features -o json > {o}/features.json 2> {o}/features.err\n",
-        q(&root.join("target/debug/kproxy")),
-        o = q(&out)
-    );
+    if suites.checks {
+        script +=
+            &format!("{} > {o}/stats.txt 2>&1; echo $? > {o}/stats.rc\n", q(stats), o = q(&out));
+        script += &format!(
+            "{} features -o json > {o}/features.json 2> {o}/features.err\n",
+            q(&root.join("target/debug/kproxy")),
+            o = q(&out)
+        );
+    }
+    if let Ok(n) = std::env::var("KPROXY_TESTRUN_LOADS") {
+        // How many datapath loads the TEST_RUN suite shares (tests/tests/datapath_testrun).
+        script += &format!("export KPROXY_TESTRUN_LOADS='{}'\n", n.replace('\'', ""));
+    }
     if suites.testrun {
         script += &format!(
             "{} --test-threads=2 {} {} > {o}/testrun.txt 2>&1; echo $? > {o}/testrun.rc\n",
@@ -245,6 +261,22 @@ fn run_one(
         k.series,
         started.elapsed().as_secs_f64()
     );
+    let mut ok = true;
+    if suites.checks {
+        ok &= verifier(k, &out) & features(k, &out);
+    }
+    if suites.testrun {
+        ok &= report(k, &out, "testrun", "BPF_PROG_TEST_RUN suite")?;
+    }
+    if suites.e2e {
+        ok &= report(k, &out, "e2e", "end-to-end tests (agent, lab)")?;
+        ok &= all_ran(k, &out.join("e2e.txt"), &E2E_TESTS);
+    }
+    Ok(ok)
+}
+
+/// Prints the verifier's figures of one kernel; counts as one test.
+fn verifier(k: &Kernel, out: &Path) -> bool {
     let stats_ok = std::fs::read_to_string(out.join("stats.rc")).is_ok_and(|s| s.trim() == "0");
     println!("[kernels] linux {}: verifier, per program", k.series);
     for line in std::fs::read_to_string(out.join("stats.txt")).unwrap_or_default().lines() {
@@ -261,15 +293,7 @@ fn run_one(
         u8::from(stats_ok),
         u8::from(!stats_ok)
     );
-    let mut ok = stats_ok & features(k, &out);
-    if suites.testrun {
-        ok &= report(k, &out, "testrun", "BPF_PROG_TEST_RUN suite")?;
-    }
-    if suites.e2e {
-        ok &= report(k, &out, "e2e", "end-to-end tests (agent, lab)")?;
-        ok &= all_ran(k, &out.join("e2e.txt"), &E2E_TESTS);
-    }
-    Ok(ok)
+    stats_ok
 }
 
 /// Whether every named test ran and passed (a renamed test would otherwise be filtered out

@@ -110,6 +110,9 @@ enum Cmd {
         /// TEST_RUN suite (which takes an hour per kernel under emulation); what `make test` runs.
         #[arg(long)]
         no_testrun: bool,
+        /// Only the TEST_RUN suite (no verifier figures, feature probes or end-to-end tests).
+        #[arg(long, conflicts_with_all = ["no_testrun", "verifier_only"])]
+        testrun_only: bool,
     },
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
@@ -187,10 +190,12 @@ fn main() -> Result<()> {
             .find_map(|(set, o)| set.then_some(o));
             bench(quick, out, only, kproxy_before, bin_dir)
         }
-        Cmd::Kernels { kernels, filter, no_e2e, verifier_only, no_testrun } => kernels::run(
-            &workspace_root(),
-            &kernels::Opts { kernels, filter, no_e2e, verifier_only, no_testrun },
-        ),
+        Cmd::Kernels { kernels, filter, no_e2e, verifier_only, no_testrun, testrun_only } => {
+            kernels::run(
+                &workspace_root(),
+                &kernels::Opts { kernels, filter, no_e2e, verifier_only, no_testrun, testrun_only },
+            )
+        }
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers, ipv6 } => {
                 let spec =

@@ -708,7 +708,7 @@ fn established_path_cost6() {
         }
         let runs = 200_000;
         let measure = |env: &mut Env, prog: &str, frame: &[u8]| -> f64 {
-            let p: &mut SchedClassifier = env.dp.program_mut(prog).unwrap().try_into().unwrap();
+            let p: &mut SchedClassifier = env.dp().program_mut(prog).unwrap().try_into().unwrap();
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let r = p
