@@ -84,3 +84,22 @@ fn acc16(old: &[u32; 4], new: &[u32; 4], mut s: u64) -> u64 {
     }
     s
 }
+
+/// Checksum field after both addresses and both ports of an IPv6 TCP/UDP tuple changed from
+/// `old_addrs`/`old_ports` to `new` (a pseudo-header checksum covers all four), in one update.
+#[inline(always)]
+pub fn replace_tuple6(
+    check: u16,
+    old_addrs: [&[u32; 4]; 2],
+    old_ports: [u16; 2],
+    new: &crate::nat6::Nat6,
+) -> u16 {
+    let mut s = (!check) as u64
+        + (!old_ports[0]) as u64
+        + (!old_ports[1]) as u64
+        + new.sport as u64
+        + new.dport as u64;
+    s = acc16(old_addrs[0], &new.saddr, s);
+    s = acc16(old_addrs[1], &new.daddr, s);
+    !fold(s)
+}

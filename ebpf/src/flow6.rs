@@ -177,17 +177,18 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         if orig {
             let now = flow::coarse_now();
             if let Some(ctp) = ct6::lookup(&t, now) {
-                // SAFETY: valid map value pointer, copied out.
-                let e: Ct6Value = unsafe { *ctp };
-                if syn_only(&p) && e.state >= ct_state::CLOSING {
+                // The entry's fields are read in place where they are needed (no copy of
+                // the whole entry on the stack).
+                // SAFETY: valid map value pointer.
+                if syn_only(&p) && unsafe { (*ctp).state } >= ct_state::CLOSING {
                     return Ok(tail(new_call(hook)));
                 }
-                let Some(local) = backend_local(ctp, &e) else {
+                let Some(local) = backend_local(ctp) else {
                     // The backend went away: re-balanced or reset by the slow path.
                     return Ok(tail(new_call(hook)));
                 };
+                let next = forward_established(&p, ctp, local, hook);
                 ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
-                let next = forward_established(&p, &e, local, hook);
                 return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));
             }
         }
@@ -492,8 +493,9 @@ fn established(p: &Ip6, t: &Tuple6, hook: Hook, now: u64) -> Result<Tracked, Rea
             return Ok(Tracked::Next(Next::reject(Reason::ResetBackendGone)?));
         }
     };
+    let next = forward_established(p, ctp, be.flags & backend_flags::LOCAL != 0, hook);
     ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
-    Ok(Tracked::Next(forward_established(p, e, be.flags & backend_flags::LOCAL != 0, hook)))
+    Ok(Tracked::Next(next))
 }
 
 /// Whether the backend of the connection entry `e` (at `ctp`) is local; `None` when it was
@@ -501,13 +503,16 @@ fn established(p: &Ip6, t: &Tuple6, hook: Hook, now: u64) -> Result<Tracked, Rea
 /// backend is looked up only when the agent removed a backend since the entry was last
 /// validated (the backend generation, which both families share).
 #[inline(always)]
-fn backend_local(ctp: *mut Ct6Value, e: &Ct6Value) -> Option<bool> {
+fn backend_local(ctp: *mut Ct6Value) -> Option<bool> {
     let gen_ = maps::ready_config()?.backend_gen as u16;
-    if e.backend_gen == gen_ {
-        return Some(e.flags & ct_flags::LOCAL_BACKEND != 0);
+    // SAFETY: valid map value pointer; fields read in place.
+    let (entry_gen, flags, id) = unsafe { ((*ctp).backend_gen, (*ctp).flags, (*ctp).backend_id) };
+    if entry_gen == gen_ {
+        return Some(flags & ct_flags::LOCAL_BACKEND != 0);
     }
-    let be = lb6::backend(e.backend_id)?;
-    if be.addr != e.backend_addr || be.port != e.backend_port {
+    let be = lb6::backend(id)?;
+    // SAFETY: as above.
+    if unsafe { be.addr != (*ctp).backend_addr || be.port != (*ctp).backend_port } {
         return None;
     }
     let local = be.flags & backend_flags::LOCAL != 0;
@@ -515,18 +520,23 @@ fn backend_local(ctp: *mut Ct6Value, e: &Ct6Value) -> Option<bool> {
     Some(local)
 }
 
-/// Translates and delivers a packet of the tracked connection `e` to its backend (`local`: on
-/// this node).
+/// Translates and delivers a packet of the tracked connection at `ctp` to its backend
+/// (`local`: on this node); the entry's fields are read in place.
 #[inline(always)]
-fn forward_established(p: &Ip6, e: &Ct6Value, local: bool, hook: Hook) -> Next {
-    let snat = e.flags & ct_flags::SNAT != 0;
-    let n = Nat6 {
-        saddr: if snat { e.snat_addr } else { p.saddr },
-        sport: if snat { e.snat_port } else { p.sport },
-        daddr: e.backend_addr,
-        dport: e.backend_port,
+fn forward_established(p: &Ip6, ctp: *const Ct6Value, local: bool, hook: Hook) -> Next {
+    // SAFETY: valid map value pointer.
+    let flags = unsafe { (*ctp).flags };
+    let snat = flags & ct_flags::SNAT != 0;
+    // SAFETY: as above.
+    let n = unsafe {
+        Nat6 {
+            saddr: if snat { (*ctp).snat_addr } else { p.saddr },
+            sport: if snat { (*ctp).snat_port } else { p.sport },
+            daddr: (*ctp).backend_addr,
+            dport: (*ctp).backend_port,
+        }
     };
-    let to = if e.flags & ct_flags::HAIRPIN != 0 {
+    let to = if flags & ct_flags::HAIRPIN != 0 {
         To::Bounce
     } else if hook.external() && !local {
         To::Fib
@@ -640,24 +650,25 @@ fn new_conn(
 /// destination.
 #[inline(always)]
 fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now: u64) -> Next {
-    // SAFETY: valid map value pointer, copied out.
-    let rn: RevNat6Value = unsafe { *rnp };
-    let mut fl = rn.flags;
+    // SAFETY: valid map value pointer; what the reply needs is read straight into its
+    // translation (no copy of the whole entry), before the entry is written below.
+    let (n, mut fl, last_seen) = unsafe {
+        let n = Nat6 {
+            saddr: (*rnp).frontend_addr,
+            sport: (*rnp).frontend_port,
+            daddr: (*rnp).client_addr,
+            dport: (*rnp).client_port,
+        };
+        (n, (*rnp).flags, (*rnp).last_seen_ns)
+    };
     // The connection entry is refreshed by the first reply, by replies carrying SYN, FIN or
     // RST, and at most once a second otherwise, as for IPv4 (`flow::reply_translated`).
     let control = p.proto == proto::TCP
         && p.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0;
-    if control
-        || fl & rnat_flags::ESTABLISHED == 0
-        || now.saturating_sub(rn.last_seen_ns) > ct6::TOUCH_NS
+    if control || fl & rnat_flags::ESTABLISHED == 0 || now.saturating_sub(last_seen) > ct6::TOUCH_NS
     {
-        let orig = ct6::tuple(
-            &rn.client_addr,
-            &rn.frontend_addr,
-            rn.client_port,
-            rn.frontend_port,
-            p.proto,
-        );
+        // The original tuple: client → frontend.
+        let orig = ct6::tuple(&n.daddr, &n.saddr, n.dport, n.sport, p.proto);
         if let Some(ctp) = ct6::lookup(&orig, now) {
             ct6::touch(ctp, p.proto, p.tcp_flags, true, now);
             // SAFETY: valid map value pointer.
@@ -669,18 +680,9 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now
             ct6::revnat_refreshed(rnp, fl, now);
         }
     }
-    let n = Nat6 {
-        saddr: rn.frontend_addr,
-        sport: rn.frontend_port,
-        daddr: rn.client_addr,
-        dport: rn.client_port,
-    };
-    let to = if rn.client_addr == p.saddr && hook == Hook::FromPod {
+    let to = if n.daddr == p.saddr && hook == Hook::FromPod {
         To::Bounce
-    } else if hook.external() && {
-        let s = maps6::config6().snat_addr;
-        s != [0; 4] && t.daddr == s
-    } {
+    } else if hook.external() && maps6::is_snat_addr6(&t.daddr) {
         // Replies to the node's source-NAT address go back out to an external client.
         To::Fib
     } else if hook != Hook::ToPod && fl & rnat_flags::REPLY_FIB != 0 {

@@ -183,6 +183,13 @@ pub fn hinted6(kind: u32, addr: &Addr6, proto_: u8, port: u16) -> bool {
     kp_addrbits.get(ai).is_some_and(|w| *w & am != 0)
 }
 
+/// Whether `addr` (be words) is the node's IPv6 source-NAT address (never when none is set);
+/// read in place.
+#[inline(always)]
+pub fn is_snat_addr6(addr: &Addr6) -> bool {
+    kp_config6.get(0).is_some_and(|c| c.snat_addr != [0; 4] && c.snat_addr == *addr)
+}
+
 /// The node's IPv6 configuration (all zero until the agent writes it).
 #[inline(always)]
 pub fn config6() -> NodeConfig6 {

@@ -194,6 +194,11 @@ pub fn ipv6<P: Packet>(c: &mut P) -> Result<Option<Ip6>, Reason> {
         _pad: [0; 7],
     };
     let end = L3 + HDR + payload_len as usize;
+    if p.proto == proto::TCP || p.proto == proto::UDP {
+        // No extension headers (nearly every packet): the L4 header at a constant offset.
+        l4_ports(c, &mut p, payload_len as usize)?;
+        return Ok(Some(p));
+    }
     let mut i = 0;
     while i < MAX_EXT {
         let next = p.proto;
@@ -243,6 +248,19 @@ pub fn ipv6<P: Packet>(c: &mut P) -> Result<Option<Ip6>, Reason> {
     if p.l4 > 0xffff {
         return Err(Reason::DropMalformed);
     }
+    if p.proto == proto::ICMPV6 {
+        // Its checksum is kept right like the others' (ICMPv6 errors are translated).
+        p.has_l4 = true;
+        return Ok(Some(p));
+    }
+    l4_ports(c, &mut p, l4_len)?;
+    Ok(Some(p))
+}
+
+/// Reads the TCP or UDP header at `p.l4` (`l4_len` bytes of upper-layer data) into `p`; other
+/// protocols are left as they are.
+#[inline(always)]
+fn l4_ports<P: Packet>(c: &P, p: &mut Ip6, l4_len: usize) -> Result<(), Reason> {
     match p.proto {
         proto::TCP => {
             let t: *const TcpHdr = ptr_at(c, p.l4)?;
@@ -272,9 +290,7 @@ pub fn ipv6<P: Packet>(c: &mut P) -> Result<Option<Ip6>, Reason> {
             p.dport = u.dport;
             p.has_l4 = true;
         }
-        // Its checksum is kept right like the others' (ICMPv6 errors are translated).
-        proto::ICMPV6 => p.has_l4 = true,
         _ => {}
     }
-    Ok(Some(p))
+    Ok(())
 }

@@ -49,9 +49,8 @@ pub trait Packet6: Packet {
     fn set_l4_addr(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason>;
     /// Decrements the hop limit (no checksum covers it).
     fn set_hop_limit(&mut self, hop_limit: u8) -> Result<(), Reason>;
-    /// Rewrites both addresses and both ports in one go where that is cheaper than one field at
-    /// a time; `Ok(false)`: not done, use `set_addr6`/`set_l4_word`. XDP's direct writes are
-    /// as cheap already.
+    /// Rewrites both addresses and both ports in one go (TCP and UDP without extension
+    /// headers); `Ok(false)`: not done, use `set_addr6`/`set_l4_word`.
     #[inline(always)]
     fn set_tuple6(&mut self, _p: &Ip6, _n: &Nat6) -> Result<bool, Reason> {
         Ok(false)
@@ -110,6 +109,36 @@ impl Packet6 for Xdp<'_> {
         // SAFETY: bounds checked by ptr_at.
         unsafe { *h = hop_limit };
         Ok(())
+    }
+    /// Without extension headers: both addresses, both ports and the checksum behind one
+    /// bounds check, one 36-byte store and one checksum update for the four fields (four
+    /// updates of the same checksum, each behind its own bounds check, otherwise).
+    #[inline(always)]
+    fn set_tuple6(&mut self, p: &Ip6, n: &Nat6) -> Result<bool, Reason> {
+        if p.l4 != L3 + HDR || !p.has_l4 || (p.proto != proto::TCP && p.proto != proto::UDP) {
+            return Ok(false);
+        }
+        const _: () = assert!(DADDR == SADDR + 16 && SADDR + 32 == L3 + HDR);
+        // Addresses, ports and the L4 header up to TCP's checksum (past UDP's).
+        const SPAN: usize = 32 + 18;
+        let Ok(b) = ptr_at::<Self, [u8; SPAN]>(self, SADDR) else {
+            // A UDP datagram with less than 10 bytes of payload: one field at a time.
+            return Ok(false);
+        };
+        let coff = if p.proto == proto::TCP { 32 + 16 } else { 32 + 6 };
+        // SAFETY: the tuple and both checksum offsets lie inside the bounds-checked SPAN
+        // bytes.
+        unsafe {
+            let c = (b as *mut u8).add(coff) as *mut u16;
+            let cur = c.read_unaligned();
+            let mut v = csum::replace_tuple6(cur, [&p.saddr, &p.daddr], [p.sport, p.dport], n);
+            if p.proto == proto::UDP && v == 0 {
+                v = 0xffff;
+            }
+            (b as *mut Nat6).write_unaligned(*n);
+            c.write_unaligned(v);
+        }
+        Ok(true)
     }
 }
 

@@ -971,6 +971,12 @@ NodePort runs of {} ms.\n",
                 "xdp_reply6_ns",
                 "xdp_pass_ns",
             ),
+            (
+                "`kp_xdp_ext`, remote ClusterIP backend's reply to a pod",
+                "xdp_cip_reply_ns",
+                "xdp_cip_reply6_ns",
+                "xdp_pass_ns",
+            ),
         ] {
             let net = |m: &str| Some(val(m)? - val(pass)?);
             let _ = writeln!(

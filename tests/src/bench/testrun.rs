@@ -69,11 +69,17 @@ pub struct Cost {
     pub to_pod_reply6_ns: f64,
     /// `kp_xdp_ext`, the IPv6 twin of [`Cost::xdp_reply_ns`].
     pub xdp_reply6_ns: f64,
+    /// `kp_xdp_ext`, a remote backend's reply to a pod's established ClusterIP flow, translated
+    /// and passed to the node's stack (the reply direction of the bench's remote ClusterIP
+    /// flow).
+    pub xdp_cip_reply_ns: f64,
+    /// `kp_xdp_ext`, the IPv6 twin of [`Cost::xdp_cip_reply_ns`].
+    pub xdp_cip_reply6_ns: f64,
 }
 
 /// The figures of [`Cost`], by their name in the results. Results files written before a figure
 /// existed lack it (the report shows it as not measured).
-pub const METRICS: [&str; 11] = [
+pub const METRICS: [&str; 13] = [
     "tc_established_ns",
     "tc_new_ns",
     "to_pod_reply_ns",
@@ -85,11 +91,13 @@ pub const METRICS: [&str; 11] = [
     "tc_established6_ns",
     "to_pod_reply6_ns",
     "xdp_reply6_ns",
+    "xdp_cip_reply_ns",
+    "xdp_cip_reply6_ns",
 ];
 
 impl Cost {
     /// The figures with their names ([`METRICS`]' order).
-    pub fn figures(&self) -> [(&'static str, f64); 11] {
+    pub fn figures(&self) -> [(&'static str, f64); 13] {
         let v = [
             self.tc_established_ns,
             self.tc_new_ns,
@@ -102,6 +110,8 @@ impl Cost {
             self.tc_established6_ns,
             self.to_pod_reply6_ns,
             self.xdp_reply6_ns,
+            self.xdp_cip_reply_ns,
+            self.xdp_cip_reply6_ns,
         ];
         std::array::from_fn(|i| (METRICS[i], v[i]))
     }
@@ -212,6 +222,15 @@ fn run(dp: &mut Datapath, prog: &str, frame: &[u8]) -> Result<(u32, f64, Vec<u8>
     Ok((r.return_value, r.duration.as_nanos() as f64, buf))
 }
 
+/// `XDP_PASS`.
+const XDP_PASS: u32 = 2;
+
+/// The frame of an XDP program's output: TEST_RUN returns the metadata in front of it (since
+/// Linux 5.16), where `kp_xdp_ext` leaves its 4-byte mark on a packet it passed after
+/// translating it.
+fn frame(out: &[u8]) -> &[u8] {
+    out.strip_prefix(b"KPX1").unwrap_or(out)
+}
 /// `XDP_REDIRECT`.
 const XDP_REDIRECT: u32 = 4;
 
@@ -416,6 +435,16 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         let plain =
             Frame::tcp(backend, SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 20), 50000), ACK)
                 .build();
+        // The same reply as it reaches the client's node from the remote backend's node: XDP
+        // translates it and passes it to the stack.
+        let xdp_cip_reply_ns = median_of(
+            &mut dp,
+            runs,
+            names::PROG_XDP_EXT,
+            &reply,
+            "the backend's reply not translated in XDP",
+            |v, out| v == XDP_PASS && frame(out).get(26..30) == Some(&cip.ip().octets()[..]),
+        )?;
         let to_pod_plain_ns = median_of(
             &mut dp,
             runs,
@@ -476,6 +505,14 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             "the backend's IPv6 reply not translated",
             |_, o| o.get(22..38) == Some(&CIP6.octets()[..]),
         )?;
+        let xdp_cip_reply6_ns = median_of(
+            &mut dp,
+            runs,
+            xdp,
+            &reply6,
+            "the backend's IPv6 reply not translated in XDP",
+            |v, o| v == XDP_PASS && frame(o).get(22..38) == Some(&CIP6.octets()[..]),
+        )?;
         // The IPv6 twin of the XDP reply.
         let client6 = SocketAddrV6::new(CLIENT6, sport, 0, 0);
         let (v, _, o) = run(&mut dp, xdp, &Frame6::tcp(client6, np6, SYN).build())?;
@@ -514,6 +551,8 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             tc_established6_ns,
             to_pod_reply6_ns,
             xdp_reply6_ns,
+            xdp_cip_reply_ns,
+            xdp_cip_reply6_ns,
         });
     }
     drop(dp);
