@@ -273,6 +273,12 @@ pub struct AgentOpts {
 /// the matrix). The benchmark names its modes itself.
 pub const LAB_XDP_MODE: [&str; 2] = ["--xdp-mode", "generic"];
 
+/// Whether agent arguments `args` choose how the external devices are served (`--no-xdp` or
+/// `--xdp-mode`).
+pub fn names_xdp_mode<S: AsRef<str>>(args: &[S]) -> bool {
+    args.iter().any(|a| a.as_ref() == "--no-xdp" || a.as_ref().starts_with("--xdp-mode"))
+}
+
 /// What an agent logs once its datapath is loaded and attached and it has read the node's
 /// addresses (its first sync follows).
 pub const AGENT_LOADED: &str = "node addresses";
@@ -1062,7 +1068,7 @@ impl Lab {
             "--pin-path".into(),
             n.pin_path.to_string_lossy().into_owned(),
         ]);
-        if !opts.extra_args.iter().any(|a| a == "--no-xdp" || a.starts_with("--xdp-mode")) {
+        if !names_xdp_mode(&opts.extra_args) {
             argv.extend(LAB_XDP_MODE.iter().map(|a| a.to_string()));
         }
         argv.extend(opts.extra_args.iter().cloned());

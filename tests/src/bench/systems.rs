@@ -510,7 +510,7 @@ pub fn start_kproxy(
     let mut extra_args = vec!["--max-manifest-bytes".to_string(), (1u64 << 30).to_string()];
     // kproxy as it attaches by default unless the caller names a mode (the lab's own default
     // for its agents is generic XDP, for its tests).
-    if !extra.iter().any(|a| *a == "--no-xdp" || a.starts_with("--xdp-mode")) {
+    if !lab::names_xdp_mode(extra) {
         extra_args.extend(["--xdp-mode".to_string(), "auto".to_string()]);
     }
     extra_args.extend(extra.iter().map(|s| s.to_string()));
