@@ -335,9 +335,11 @@ fn agent_launcher_runs_in_node_namespace() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let pin = lab.pin_path(1).display().to_string();
+    // The lab names generic XDP when the test's arguments name no mode.
+    let mode = lab::LAB_XDP_MODE.join(" ");
     let want = format!(
         "args: agent --node-name node-1 --manifests /tmp/manifests-x --nodeport-devices eth0 \
-         --pod-devices vp* --pin-path {pin} --log-level debug\n"
+         --pod-devices vp* --pin-path {pin} {mode} --log-level debug\n"
     );
     assert!(log.starts_with(&want), "{log}");
     let ino = std::fs::metadata(lab::netns_path(&lab.node(1).ns)).unwrap().ino();
