@@ -573,7 +573,6 @@ impl Datapath {
         let pin = xdp_link_pin(&self.pin_path, ifname);
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
         if pin.exists()
-            && mode != XdpMode::Default
             && let Some(was) = attached_xdp_mode(ifname).filter(|was| *was != mode)
         {
             // A link of an earlier run in another mode than the one asked for now: replace it
