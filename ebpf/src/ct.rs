@@ -238,7 +238,8 @@ pub fn alloc_snat_port(
     }
     let range = max - min + 1;
     let start = hash.checked_rem(range).unwrap_or(0);
-    let mut key = *reply;
+    // Rebuilt rather than copied: a copy of the padding is a `memset` call (see `tuple`).
+    let mut key = tuple(reply.saddr, reply.daddr, reply.sport, reply.dport, reply.proto);
     let mut i = 0;
     while i < 8 {
         let port = ((min + (start + i).checked_rem(range).unwrap_or(0)) as u16).to_be();

@@ -20,7 +20,45 @@ pub const TOUCH_NS: u64 = 1_000_000_000;
 /// A tuple from its parts.
 #[inline(always)]
 pub fn tuple(saddr: &Addr6, daddr: &Addr6, sport: u16, dport: u16, proto: u8) -> Tuple6 {
-    Tuple6 { saddr: *saddr, daddr: *daddr, sport, dport, proto, _pad: [0; 3] }
+    // Ports in one word: sport at the lower address (little-endian target).
+    let ports = sport as u32 | (dport as u32) << 16;
+    key40::<Tuple6>(saddr, daddr, ports, proto)
+}
+
+/// A 40-byte IPv6 key (`Tuple6`, `Frag6Key`): two addresses, one 32-bit word, then the
+/// protocol followed by three zero bytes, written as ten 32-bit stores. A struct literal with
+/// `_pad: [0; 3]` compiles to a call of a byte-wise `memset` for the three bytes, on every
+/// packet.
+#[inline(always)]
+fn key40<K>(saddr: &Addr6, daddr: &Addr6, word: u32, proto: u8) -> K {
+    const _: () = assert!(cfg!(target_endian = "little"));
+    const _: () =
+        assert!(core::mem::size_of::<Tuple6>() == 40 && core::mem::align_of::<Tuple6>() == 4);
+    const _: () =
+        assert!(core::mem::size_of::<Frag6Key>() == 40 && core::mem::align_of::<Frag6Key>() == 4);
+    const _: () = assert!(
+        core::mem::offset_of!(Tuple6, sport) == 32
+            && core::mem::offset_of!(Tuple6, dport) == 34
+            && core::mem::offset_of!(Tuple6, proto) == 36
+            && core::mem::offset_of!(Frag6Key, id) == 32
+            && core::mem::offset_of!(Frag6Key, proto) == 36
+    );
+    let mut k = core::mem::MaybeUninit::<K>::uninit();
+    let w = k.as_mut_ptr() as *mut u32;
+    // SAFETY: K is one of the two 40-byte, 4-byte aligned keys checked above (the only
+    // callers): ten aligned stores cover all of it, and every bit pattern is a valid value.
+    unsafe {
+        let mut i = 0;
+        while i < 4 {
+            w.add(i).write(saddr[i]);
+            w.add(4 + i).write(daddr[i]);
+            i += 1;
+        }
+        w.add(8).write(word);
+        // The protocol in the lowest byte, the padding zero.
+        w.add(9).write(proto as u32);
+        k.assume_init()
+    }
 }
 
 /// The live connection entry of an original tuple (expired entries count as absent).
@@ -200,7 +238,7 @@ fn snat_port_stale(key: &Tuple6, now: u64) -> bool {
 
 #[inline(always)]
 fn frag_key(p: &Ip6) -> Frag6Key {
-    Frag6Key { saddr: p.saddr, daddr: p.daddr, id: p.frag_id, proto: p.proto, _pad: [0; 3] }
+    key40::<Frag6Key>(&p.saddr, &p.daddr, p.frag_id, p.proto)
 }
 
 /// Remembers the ports of a fragmented datagram from its first fragment, with the time.

@@ -190,6 +190,15 @@ pub struct Route4 {
     pub stamp: u64,
 }
 
+/// Copies a MAC address. A plain assignment between two fields reached through pointers
+/// compiles to a call of a byte-wise `memmove` (the copy through a temporary is merged into one
+/// that may overlap); two distinct references cannot overlap, so this is an inline copy.
+#[inline(always)]
+pub fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    // SAFETY: `dst` and `src` are distinct, valid 6-byte arrays (a `&mut` aliases nothing).
+    unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), 6) };
+}
+
 /// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
 /// MACs) is left in `f`, which the caller zeroed. XDP reuses a successful lookup for the same
 /// addresses and ingress device for [`timeouts::ROUTE_CACHE_NS`] (a per-CPU cache: `bpf_fib_lookup` is
@@ -218,8 +227,8 @@ pub fn route<P: Packet>(
             && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
         {
             f.ifindex = e.ifindex_out;
-            f.dmac = e.dmac;
-            f.smac = e.smac;
+            copy_mac(&mut f.dmac, &e.dmac);
+            copy_mac(&mut f.smac, &e.smac);
             return Fib::Resolved;
         }
     }

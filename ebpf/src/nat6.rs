@@ -8,7 +8,7 @@ use kproxy_common::{Addr6, Reason, proto, timeouts};
 
 use crate::{
     csum, maps6,
-    nat::{Fib, Verdict},
+    nat::{self, Fib, Verdict},
     parse::tcp_flags,
     parse6::{DADDR, ETH_P_IPV6, HDR, Ip6, SADDR},
     pkt::{L3, Packet, ptr_at},
@@ -136,8 +136,8 @@ pub fn route<P: Packet>(
             && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
         {
             f.ifindex = e.ifindex_out;
-            f.dmac = e.dmac;
-            f.smac = e.smac;
+            nat::copy_mac(&mut f.dmac, &e.dmac);
+            nat::copy_mac(&mut f.smac, &e.smac);
             return Fib::Resolved;
         }
     }

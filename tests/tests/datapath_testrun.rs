@@ -317,6 +317,50 @@ fn programs_pass_verifier_and_pinned_maps_are_reused() {
     env.dp().detach("kproxy-no-such-dev").unwrap();
 }
 
+/// The programs a packet of an established or new connection runs call no byte-wise memory
+/// subprogram. LLVM turns some copies and zeroings (a padding literal such as `_pad: [0; 3]`,
+/// an array field assigned through pointers) into calls of `memset` / `memmove`, which the BPF
+/// target builds as byte-at-a-time loops in a subprogram of their own: a call and a loop where
+/// a few stores would do, on every packet. Only the rejection paths (frames built from zeroed
+/// buffers) may keep them.
+#[test]
+fn per_packet_programs_call_no_bytewise_memory_subprogram() {
+    let mut env = Env::new();
+    let progs = [
+        names::PROG_XDP_EXT,
+        names::PROG_TC_EXT,
+        names::PROG_TC_FROM_POD,
+        names::PROG_TC_TO_POD,
+        names::PROG_XDP_NEW,
+        names::PROG_XDP_CONN6,
+        names::PROG_TC_POD_CONN6,
+        names::PROG_TC_EXT_CONN6,
+    ];
+    for name in progs {
+        let id = env
+            .dp()
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .info()
+            .unwrap()
+            .id();
+        let out = Command::new("bpftool")
+            .args(["prog", "dump", "xlated", "id", &id.to_string()])
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool prog dump xlated id {id}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.lines().count() > 100, "{name}: no instructions dumped");
+        let calls: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.contains("call") && ["memset", "memmove", "memcpy"].iter().any(|m| l.contains(m))
+            })
+            .collect();
+        assert!(calls.is_empty(), "{name} calls a byte-wise memory subprogram: {calls:#?}");
+    }
+}
+
 #[test]
 fn pinned_map_with_wrong_layout_is_refused() {
     let env = Env::own();
