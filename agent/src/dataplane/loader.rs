@@ -306,6 +306,26 @@ pub(crate) fn is_bpffs(path: &Path) -> bool {
     fs_magic(path) == Some(BPF_FS_MAGIC)
 }
 
+/// Gives back the pages of `object` (a part of the binary's read-only image) that reading it
+/// made resident. The loader copies what it keeps (programs, BTF, map definitions) out of the
+/// object, so after a load its pages (several MiB: the object carries BTF and debug
+/// information) would only count in the agent's memory; a later load reads them from the file
+/// again. Only whole pages inside the object are given back.
+fn release_object_pages(object: &'static [u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let start = (object.as_ptr() as usize).next_multiple_of(page);
+    let end = (object.as_ptr() as usize + object.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies inside a `'static` read-only part of the binary's image, a
+        // private file mapping that is never written: MADV_DONTNEED only drops the pages from
+        // this process, and the next access reads the same bytes from the file again.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
     /// match the ABI (type, key and value size), creating and pinning them otherwise.
@@ -375,6 +395,7 @@ impl Datapath {
         if fresh_hints {
             seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
         }
+        release_object_pages(crate::EBPF_OBJECT);
         info!(pin_path = %pin_path.display(), "datapath loaded");
         Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins })
     }
