@@ -113,6 +113,8 @@ fn main() {
         zone: None,
         addrs6: Vec::new(),
     };
+    // The allocator as the agent sets it.
+    kproxy::agent::tune_allocator();
     let mut dp = MemDataplane::default();
     let bpf = std::env::args().nth(3).as_deref() == Some("bpf");
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/kproxy-scale-{}", std::process::id()));

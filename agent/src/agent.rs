@@ -274,6 +274,7 @@ impl ChangeObserver {
 /// its helpers, the devices, the source, then the sync loop.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
     preflight::check(&config)?;
+    tune_allocator();
     let metrics = Arc::new(Metrics::new());
     let features = Features::probe();
     info!(features = %features.summary(), "kernel features");
@@ -715,6 +716,19 @@ struct LoopState {
     /// Service ports with a Local policy that drop for lack of a local endpoint: (internal,
     /// external), IPv4 then IPv6.
     no_local: [BTreeMap<ServicePortName, (bool, bool)>; 2],
+}
+
+/// Sets the allocator's threshold above which a block gets its own mapping to glibc's
+/// default, 128 KiB, and keeps it there. glibc otherwise raises it to the size of the largest
+/// such block freed (up to 32 MiB): after the first load frees its file buffer and parse
+/// vectors, the tables built later (the syncer's indexes, grown by doubling) would come from
+/// the heap, and the blocks they leave when they grow stay there as holes among live data.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Returns freed heap memory to the system (glibc keeps it otherwise: the first load parses
