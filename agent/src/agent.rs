@@ -935,6 +935,19 @@ mod tests {
     use super::*;
     use crate::dataplane::mem::{MemDataplane, MemOp};
 
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn large_blocks_keep_their_own_mappings_after_a_larger_one_is_freed() {
+        tune_allocator();
+        // glibc's dynamic threshold would rise to this block's size when it is freed.
+        drop(std::hint::black_box(vec![1u8; 16 << 20]));
+        let block = std::hint::black_box(vec![1u8; 4 << 20]);
+        // SAFETY: glibc keeps a block's size word in the 8 bytes before the address it returns,
+        // with bit 1 (IS_MMAPPED) set when the block has a mapping of its own.
+        let size_word = unsafe { block.as_ptr().cast::<usize>().sub(1).read_unaligned() };
+        assert_ne!(size_word & 2, 0, "a 4 MiB block came from the heap");
+    }
+
     struct TempDir(std::path::PathBuf);
     impl Drop for TempDir {
         fn drop(&mut self) {

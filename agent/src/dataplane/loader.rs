@@ -926,6 +926,44 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
+    /// Bytes in the test binary's read-only image, as the object is in the agent's.
+    static IMAGE: [u8; 256 * 1024] = {
+        let mut a = [0u8; 256 * 1024];
+        let mut i = 0;
+        while i < a.len() {
+            a[i] = (i % 251) as u8 + 1;
+            i += 1;
+        }
+        a
+    };
+
+    /// How many of the whole pages inside `bytes` this process has resident (bit 63 of each
+    /// page's /proc/self/pagemap entry).
+    fn resident_pages(bytes: &[u8]) -> usize {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let page = 4096;
+        let first = (bytes.as_ptr() as usize).div_ceil(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page;
+        let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+        f.seek(SeekFrom::Start(first as u64 * 8)).unwrap();
+        let mut buf = vec![0u8; (end - first) * 8];
+        f.read_exact(&mut buf).unwrap();
+        buf.chunks(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1).count()
+    }
+
+    #[test]
+    fn the_object_pages_are_given_back_and_read_again_on_use() {
+        let sum = |b: &[u8]| b.iter().map(|x| u64::from(std::hint::black_box(*x))).sum::<u64>();
+        let before = sum(&IMAGE);
+        let pages = resident_pages(&IMAGE);
+        assert!(pages >= 60, "{pages} pages resident after a read");
+        release_object_pages(&IMAGE);
+        assert_eq!(resident_pages(&IMAGE), 0);
+        // Read again from the file, unchanged.
+        assert_eq!(sum(&IMAGE), before);
+        assert_eq!(IMAGE[4096 * 3 + 7], ((4096 * 3 + 7) % 251) as u8 + 1);
+    }
+
     fn sizing(ratio: f64) -> MapSizing {
         MapSizing {
             ratio,
