@@ -274,6 +274,7 @@ impl ChangeObserver {
 /// its helpers, the devices, the source, then the sync loop.
 pub async fn run(mut config: Config) -> anyhow::Result<()> {
     preflight::check(&config)?;
+    tune_allocator();
     let metrics = Arc::new(Metrics::new());
     let features = Features::probe();
     info!(features = %features.summary(), "kernel features");
@@ -717,6 +718,19 @@ struct LoopState {
     no_local: [BTreeMap<ServicePortName, (bool, bool)>; 2],
 }
 
+/// Sets the allocator's threshold above which a block gets its own mapping to glibc's
+/// default, 128 KiB, and keeps it there. glibc otherwise raises it to the size of the largest
+/// such block freed (up to 32 MiB): after the first load frees its file buffer and parse
+/// vectors, the tables built later (the syncer's indexes, grown by doubling) would come from
+/// the heap, and the blocks they leave when they grow stay there as holes among live data.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Returns freed heap memory to the system (glibc keeps it otherwise: the first load parses
 /// tens of MB of objects that are dropped right after).
 fn release_free_memory() {
@@ -920,6 +934,19 @@ mod tests {
 
     use super::*;
     use crate::dataplane::mem::{MemDataplane, MemOp};
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn large_blocks_keep_their_own_mappings_after_a_larger_one_is_freed() {
+        tune_allocator();
+        // glibc's dynamic threshold would rise to this block's size when it is freed.
+        drop(std::hint::black_box(vec![1u8; 16 << 20]));
+        let block = std::hint::black_box(vec![1u8; 4 << 20]);
+        // SAFETY: glibc keeps a block's size word in the 8 bytes before the address it returns,
+        // with bit 1 (IS_MMAPPED) set when the block has a mapping of its own.
+        let size_word = unsafe { block.as_ptr().cast::<usize>().sub(1).read_unaligned() };
+        assert_ne!(size_word & 2, 0, "a 4 MiB block came from the heap");
+    }
 
     struct TempDir(std::path::PathBuf);
     impl Drop for TempDir {

@@ -306,6 +306,26 @@ pub(crate) fn is_bpffs(path: &Path) -> bool {
     fs_magic(path) == Some(BPF_FS_MAGIC)
 }
 
+/// Gives back the pages of `object` (a part of the binary's read-only image) that reading it
+/// made resident. The loader copies what it keeps (programs, BTF, map definitions) out of the
+/// object, so after a load its pages (several MiB: the object carries BTF and debug
+/// information) would only count in the agent's memory; a later load reads them from the file
+/// again. Only whole pages inside the object are given back.
+fn release_object_pages(object: &'static [u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let start = (object.as_ptr() as usize).next_multiple_of(page);
+    let end = (object.as_ptr() as usize + object.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies inside a `'static` read-only part of the binary's image, a
+        // private file mapping that is never written: MADV_DONTNEED only drops the pages from
+        // this process, and the next access reads the same bytes from the file again.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
     /// match the ABI (type, key and value size), creating and pinning them otherwise.
@@ -375,6 +395,7 @@ impl Datapath {
         if fresh_hints {
             seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
         }
+        release_object_pages(crate::EBPF_OBJECT);
         info!(pin_path = %pin_path.display(), "datapath loaded");
         Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins })
     }
@@ -903,6 +924,44 @@ mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
+
+    /// Bytes in the test binary's read-only image, as the object is in the agent's.
+    static IMAGE: [u8; 256 * 1024] = {
+        let mut a = [0u8; 256 * 1024];
+        let mut i = 0;
+        while i < a.len() {
+            a[i] = (i % 251) as u8 + 1;
+            i += 1;
+        }
+        a
+    };
+
+    /// How many of the whole pages inside `bytes` this process has resident (bit 63 of each
+    /// page's /proc/self/pagemap entry).
+    fn resident_pages(bytes: &[u8]) -> usize {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let page = 4096;
+        let first = (bytes.as_ptr() as usize).div_ceil(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page;
+        let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+        f.seek(SeekFrom::Start(first as u64 * 8)).unwrap();
+        let mut buf = vec![0u8; (end - first) * 8];
+        f.read_exact(&mut buf).unwrap();
+        buf.chunks(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1).count()
+    }
+
+    #[test]
+    fn the_object_pages_are_given_back_and_read_again_on_use() {
+        let sum = |b: &[u8]| b.iter().map(|x| u64::from(std::hint::black_box(*x))).sum::<u64>();
+        let before = sum(&IMAGE);
+        let pages = resident_pages(&IMAGE);
+        assert!(pages >= 60, "{pages} pages resident after a read");
+        release_object_pages(&IMAGE);
+        assert_eq!(resident_pages(&IMAGE), 0);
+        // Read again from the file, unchanged.
+        assert_eq!(sum(&IMAGE), before);
+        assert_eq!(IMAGE[4096 * 3 + 7], ((4096 * 3 + 7) % 251) as u8 + 1);
+    }
 
     fn sizing(ratio: f64) -> MapSizing {
         MapSizing {

@@ -503,8 +503,9 @@ impl AddressPolicy {
 /// What the tracker remembers of the last computation of one service.
 #[derive(Debug, Default)]
 struct ServiceRecord {
-    /// Frontends (claim keys) it claimed, owned or not.
-    claims: Vec<(Frontend, Claim)>,
+    /// Frontends (claim keys) it claimed, owned or not. Inline for the usual one (no
+    /// allocation of its own).
+    claims: SmallVec<[(Frontend, Claim); 1]>,
     errors: Vec<ModelError>,
     health: Option<u16>,
 }
@@ -574,7 +575,7 @@ pub struct Tracker {
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
     slices: NameMap<ObjectName, Box<SliceObj>>,
     /// Claim key → service ports claiming it (almost always one).
-    claims: NameMap<Frontend, Vec<Claim>>,
+    claims: NameMap<Frontend, SmallVec<[Claim; 1]>>,
     /// Objects whose last update was invalid and not applied → the errors of that update.
     rejected: HashMap<(&'static str, ObjectName), Vec<ModelError>>,
     /// healthCheckNodePort → services asking for it, with their local endpoint counts.
@@ -1061,7 +1062,7 @@ impl Tracker {
             None => ServiceResult::default(),
         };
         // Claims: drop the ones no longer made, add the new ones, then keep what it owns.
-        let mut new_claims: Vec<(Frontend, Claim)> = result
+        let mut new_claims: SmallVec<[(Frontend, Claim); 1]> = result
             .ports
             .iter()
             .flat_map(|(spn, st, _)| {
