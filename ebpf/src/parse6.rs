@@ -61,7 +61,13 @@ pub struct Ip6 {
     pub has_l4: bool,
     /// Zero: the struct has no padding, so that copying it (into the scratch space for the
     /// connection program) never reads uninitialised stack, which 5.10's verifier refuses.
-    pub _pad: [u8; 7],
+    /// Integers rather than `[u8; 7]`: a zeroed byte array compiles to a call of a byte-wise
+    /// `memset` subprogram.
+    pub _pad1: u8,
+    /// Zero (see `_pad1`).
+    pub _pad2: u16,
+    /// Zero (see `_pad1`).
+    pub _pad4: u32,
 }
 const _: () = assert!(core::mem::size_of::<Ip6>() == 72);
 
@@ -191,7 +197,9 @@ pub fn ipv6<P: Packet>(c: &mut P) -> Result<Option<Ip6>, Reason> {
         tcp_hlen: 0,
         frag_id: 0,
         has_l4: false,
-        _pad: [0; 7],
+        _pad1: 0,
+        _pad2: 0,
+        _pad4: 0,
     };
     let end = L3 + HDR + payload_len as usize;
     if p.proto == proto::TCP || p.proto == proto::UDP {
