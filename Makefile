@@ -27,11 +27,12 @@ lint: setup
 
 # Host unit tests, BPF_PROG_TEST_RUN packet tests and namespace end-to-end tests (root), then the
 # kernel matrix: every program through the verifier of every kernel of xtask/kernels.list
-# (booted with qemu) and the agent end-to-end tests on the oldest. The TEST_RUN suite on those
-# kernels takes about an hour per kernel under emulation: `make test-kernels` runs it.
+# (booted with qemu), the packet tests that build no namespace on each, and the agent
+# end-to-end tests on the oldest. The whole TEST_RUN suite on those kernels takes about an hour
+# per kernel under emulation: `make test-kernels` runs it.
 test: build lint
 	@set -o pipefail; $(CARGO) test --no-fail-fast 2>&1 | tee target/test.log; rc=$$?; \
-	  $(CARGO) xtask kernels --no-testrun 2>&1 | tee -a target/test.log; krc=$$?; \
+	  $(CARGO) xtask kernels --pure-testrun 2>&1 | tee -a target/test.log; krc=$$?; \
 	  bash xtask/summary.sh target/test.log; [ $$rc -eq 0 ] && [ $$krc -eq 0 ]
 
 # The kernel matrix alone; KERNELS=5.10,6.1 runs a subset; VERIFIER=1 only loads the programs

@@ -3,7 +3,8 @@
 //! machine's own root file system, and runs inside it:
 //! - the BPF_PROG_TEST_RUN suite (`tests/tests/datapath_testrun.rs`: every program through the
 //!   verifier of that kernel, crafted frames in and out; its `real_sockets_*` tests, with real
-//!   sockets in namespaces, on the oldest kernel only, as they take minutes under emulation);
+//!   sockets in namespaces, on the oldest kernel only, as they take minutes under emulation;
+//!   `--pure-testrun`, what `make test` runs: only the tests that build no namespace);
 //! - the verifier's own figures for every program (`kproxy-verifier-stats`);
 //! - the kernel feature probes (`kproxy features`), each checked against the kernel the table
 //!   says it needs;
@@ -43,6 +44,31 @@ const E2E_TESTS: [&str; 2] = [
     "upstream_should_create_a_functioning_nodeport_service",
 ];
 
+/// TEST_RUN tests that build network namespaces (veth pairs, routes, neighbours) around the
+/// programs: each takes minutes under emulation (many short `ip` processes), so
+/// [`Opts::pure_testrun`] leaves them out, with the `real_sockets_*` tests. A test missing
+/// from this list only makes that run slower.
+const NAMESPACE_TESTS: [&str; 18] = [
+    "attachments_outlive_the_agent_and_are_replaced_in_place",
+    "established_path_cost",
+    "icmp_error_from_remote_backend_reaches_external_client",
+    "local_only_keeps_client_address_and_drop_if_empty",
+    "nodeport_local_backend_no_snat",
+    "nodeport_remote_backend_snat_fib_forward_and_reply",
+    "nodeport_remote_without_neighbour_goes_xdp_to_tc",
+    "pod_to_own_node_nodeport_remote_backend_reply_is_forwarded",
+    "snat_ports_run_out_and_are_reclaimed_from_closed_connections",
+    "xdp_route_cache_follows_a_neighbour_change",
+    "ipv6_nodeport_remote_backend_snat_fib_forward_and_reply",
+    "ipv6_packet_too_big_from_remote_backend_path_reaches_external_client",
+    "established_path_cost6",
+    "ipv6_xdp_nodeport_remote_backend_snat_fib_redirect_and_reply",
+    "ipv6_xdp_nodeport_remote_without_neighbour_goes_to_tc",
+    "ipv6_xdp_packet_too_big_reaches_external_client",
+    "ipv6_xdp_route_cache_follows_a_neighbour_change",
+    "real_sockets_",
+];
+
 /// What to run.
 #[derive(Debug, Clone, Default)]
 pub struct Opts {
@@ -59,6 +85,9 @@ pub struct Opts {
     pub no_testrun: bool,
     /// The TEST_RUN suite alone.
     pub testrun_only: bool,
+    /// Only the TEST_RUN tests that build no namespace ([`NAMESPACE_TESTS`]): crafted frames
+    /// through every program on each kernel, in minutes.
+    pub pure_testrun: bool,
 }
 
 /// What runs in one guest.
@@ -70,6 +99,8 @@ struct Suites {
     testrun: bool,
     /// Its real-socket tests too.
     sockets: bool,
+    /// Only its tests that build no namespace.
+    pure: bool,
     /// The agent end-to-end tests.
     e2e: bool,
 }
@@ -155,7 +186,8 @@ pub fn run(root: &Path, opts: &Opts) -> Result<()> {
         let suites = Suites {
             checks: !opts.testrun_only,
             testrun: !opts.verifier_only && !opts.no_testrun,
-            sockets: oldest,
+            sockets: oldest && !opts.pure_testrun,
+            pure: opts.pure_testrun,
             e2e: !opts.verifier_only
                 && !opts.no_e2e
                 && !opts.testrun_only
@@ -218,11 +250,17 @@ fn run_one(
         script += &format!("export KPROXY_TESTRUN_LOADS='{}'\n", n.replace('\'', ""));
     }
     if suites.testrun {
+        let skip = if suites.pure {
+            NAMESPACE_TESTS.iter().map(|t| format!(" --skip {t}")).collect()
+        } else if suites.sockets {
+            String::new()
+        } else {
+            " --skip real_sockets_".to_string()
+        };
         script += &format!(
-            "{} --test-threads=2 {} {} > {o}/testrun.txt 2>&1; echo $? > {o}/testrun.rc\n",
+            "{} --test-threads=2 {}{skip} > {o}/testrun.txt 2>&1; echo $? > {o}/testrun.rc\n",
             q(exe(exes, "datapath_testrun")),
             filter.map(|f| format!("'{f}'")).unwrap_or_default(),
-            if suites.sockets { "" } else { "--skip real_sockets_" },
             o = q(&out)
         );
     }

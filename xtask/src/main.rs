@@ -113,6 +113,11 @@ enum Cmd {
         /// Only the TEST_RUN suite (no verifier figures, feature probes or end-to-end tests).
         #[arg(long, conflicts_with_all = ["no_testrun", "verifier_only"])]
         testrun_only: bool,
+        /// Only the TEST_RUN tests that build no network namespace (minutes per kernel instead of
+        /// an hour), with the verifier figures, feature probes and, on the oldest kernel, the
+        /// end-to-end tests; what `make test` runs.
+        #[arg(long, conflicts_with_all = ["no_testrun", "verifier_only"])]
+        pure_testrun: bool,
     },
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
@@ -190,12 +195,26 @@ fn main() -> Result<()> {
             .find_map(|(set, o)| set.then_some(o));
             bench(quick, out, only, kproxy_before, bin_dir)
         }
-        Cmd::Kernels { kernels, filter, no_e2e, verifier_only, no_testrun, testrun_only } => {
-            kernels::run(
-                &workspace_root(),
-                &kernels::Opts { kernels, filter, no_e2e, verifier_only, no_testrun, testrun_only },
-            )
-        }
+        Cmd::Kernels {
+            kernels,
+            filter,
+            no_e2e,
+            verifier_only,
+            no_testrun,
+            testrun_only,
+            pure_testrun,
+        } => kernels::run(
+            &workspace_root(),
+            &kernels::Opts {
+                kernels,
+                filter,
+                no_e2e,
+                verifier_only,
+                no_testrun,
+                testrun_only,
+                pure_testrun,
+            },
+        ),
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers, ipv6 } => {
                 let spec =
