@@ -69,24 +69,33 @@ const NAMESPACE_TESTS: [&str; 18] = [
     "real_sockets_",
 ];
 
-/// What to run.
-#[derive(Debug, Clone, Default)]
+/// What to run (the options of `cargo xtask kernels`).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Opts {
-    /// Kernel series to run ("5.10,6.1"); empty: all of the list.
+    /// Kernel series to run, comma-separated (default: all of xtask/kernels.list).
+    #[arg(long, value_delimiter = ',')]
     pub kernels: Vec<String>,
-    /// Only the TEST_RUN tests whose names contain this.
+    /// Only the TEST_RUN tests whose names contain this (skips the end-to-end tests).
+    #[arg(long)]
     pub filter: Option<String>,
     /// Skip the end-to-end tests on the oldest kernel.
+    #[arg(long)]
     pub no_e2e: bool,
-    /// Only load every program (`kproxy-verifier-stats`): a quick check of a datapath change
-    /// against each verifier.
+    /// Only load every program with each kernel's verifier (`kproxy-verifier-stats`; a couple
+    /// of minutes): a quick check of a datapath change against each verifier.
+    #[arg(long)]
     pub verifier_only: bool,
-    /// The verifier and the end-to-end tests without the TEST_RUN suite.
+    /// The verifier on every kernel and the end-to-end tests on the oldest, without the
+    /// TEST_RUN suite (which takes an hour per kernel under emulation).
+    #[arg(long)]
     pub no_testrun: bool,
-    /// The TEST_RUN suite alone.
+    /// Only the TEST_RUN suite (no verifier figures, feature probes or end-to-end tests).
+    #[arg(long, conflicts_with_all = ["no_testrun", "verifier_only"])]
     pub testrun_only: bool,
-    /// Only the TEST_RUN tests that build no namespace ([`NAMESPACE_TESTS`]): crafted frames
-    /// through every program on each kernel, in minutes.
+    /// Only the TEST_RUN tests that build no network namespace (`NAMESPACE_TESTS` in
+    /// xtask/src/kernels.rs; minutes per kernel instead of an hour), with the verifier figures,
+    /// feature probes and, on the oldest kernel, the end-to-end tests; what `make test` runs.
+    #[arg(long, conflicts_with_all = ["no_testrun", "verifier_only"])]
     pub pure_testrun: bool,
 }
 

@@ -93,32 +93,7 @@ enum Cmd {
     },
     /// The kernel matrix: the BPF_PROG_TEST_RUN suite and the verifier's figures on every
     /// kernel of xtask/kernels.list (booted with qemu), end-to-end tests on the oldest.
-    Kernels {
-        /// Kernel series to run, comma-separated (default: all of xtask/kernels.list).
-        #[arg(long, value_delimiter = ',')]
-        kernels: Vec<String>,
-        /// Only the TEST_RUN tests whose names contain this (skips the end-to-end tests).
-        #[arg(long)]
-        filter: Option<String>,
-        /// Skip the end-to-end tests on the oldest kernel.
-        #[arg(long)]
-        no_e2e: bool,
-        /// Only load every program with each kernel's verifier (a couple of minutes).
-        #[arg(long)]
-        verifier_only: bool,
-        /// The verifier on every kernel and the end-to-end tests on the oldest, without the
-        /// TEST_RUN suite (which takes an hour per kernel under emulation); what `make test` runs.
-        #[arg(long)]
-        no_testrun: bool,
-        /// Only the TEST_RUN suite (no verifier figures, feature probes or end-to-end tests).
-        #[arg(long, conflicts_with_all = ["no_testrun", "verifier_only"])]
-        testrun_only: bool,
-        /// Only the TEST_RUN tests that build no network namespace (minutes per kernel instead of
-        /// an hour), with the verifier figures, feature probes and, on the oldest kernel, the
-        /// end-to-end tests; what `make test` runs.
-        #[arg(long, conflicts_with_all = ["no_testrun", "verifier_only"])]
-        pure_testrun: bool,
-    },
+    Kernels(kernels::Opts),
     /// Manage a long-lived lab (a virtual cluster in network namespaces).
     Lab {
         #[command(subcommand)]
@@ -195,26 +170,7 @@ fn main() -> Result<()> {
             .find_map(|(set, o)| set.then_some(o));
             bench(quick, out, only, kproxy_before, bin_dir)
         }
-        Cmd::Kernels {
-            kernels,
-            filter,
-            no_e2e,
-            verifier_only,
-            no_testrun,
-            testrun_only,
-            pure_testrun,
-        } => kernels::run(
-            &workspace_root(),
-            &kernels::Opts {
-                kernels,
-                filter,
-                no_e2e,
-                verifier_only,
-                no_testrun,
-                testrun_only,
-                pure_testrun,
-            },
-        ),
+        Cmd::Kernels(opts) => kernels::run(&workspace_root(), &opts),
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { nodes, pods, wiring, prefix, servers, ipv6 } => {
                 let spec =
