@@ -568,8 +568,9 @@ pub struct Tracker {
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
     /// Service name → the Service, its slices' names, its record ([`Held`]); an entry goes when
-    /// it holds nothing.
-    held: NameMap<ServiceName, Held>,
+    /// it holds nothing. Boxed (as `slices`): a `Held` is ~160 bytes, and the table's free
+    /// buckets (up to half of them right after it doubles) then cost a pointer each.
+    held: NameMap<ServiceName, Box<Held>>,
     /// Number of Services held.
     service_count: usize,
     // Boxed: a hash table's free buckets then cost a pointer, not a whole object.
