@@ -70,7 +70,7 @@ const NAMESPACE_TESTS: [&str; 18] = [
 ];
 
 /// What to run (the options of `cargo xtask kernels`).
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Opts {
     /// Kernel series to run, comma-separated (default: all of xtask/kernels.list).
     #[arg(long, value_delimiter = ',')]
