@@ -670,7 +670,7 @@ async fn sync_loop(
             state.generation += 1;
             async {
                 let started = Instant::now();
-                let mut changes = if full { tracker.full() } else { tracker.changes() };
+                let mut changes = if full { apart(|| tracker.full()) } else { tracker.changes() };
                 let udp = state.sync(
                     started,
                     config,
@@ -723,12 +723,36 @@ struct LoopState {
 /// such block freed (up to 32 MiB): after the first load frees its file buffer and parse
 /// vectors, the tables built later (the syncer's indexes, grown by doubling) would come from
 /// the heap, and the blocks they leave when they grow stay there as holes among live data.
+///
+/// It also turns glibc's fastbins off: a freed small block then merges with its free
+/// neighbours at once, so that the arena [`apart`] fills empties as its blocks are freed. glibc
+/// shrinks a thread's arena only when a free merges 64 KiB or more into its top; blocks parked
+/// in fastbins merge only at [`release_free_memory`], which leaves a thread arena's top as it is
+/// (10 MiB resident and unused at 10,000 services). The per-thread cache still serves the
+/// frequent small allocations.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_MXFAST, 0);
     }
+}
+
+/// Runs `f` on a short-lived thread of its own and returns its result. glibc serves a thread
+/// from an arena of its own, so the desired state of a full round (every service's endpoints
+/// and frontends, tens of MB at tens of thousands of services, dropped after the sync) is not
+/// laid among the blocks the sync keeps (the syncer's records): freed, it leaves an arena that
+/// [`release_free_memory`] gives back whole instead of holes in the main heap that no page
+/// release reaches (with [`tune_allocator`]'s settings: 48.3 → 44.0 MiB of RSS after the first
+/// sync at 10,000 services × 10 endpoints). The arena is reused by the next such thread. What
+/// `f` logs carries the caller's span.
+fn apart<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let span = tracing::Span::current();
+    std::thread::scope(|s| match s.spawn(move || span.in_scope(f)).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 /// Returns freed heap memory to the system (glibc keeps it otherwise: the first load parses
@@ -946,6 +970,22 @@ mod tests {
         // with bit 1 (IS_MMAPPED) set when the block has a mapping of its own.
         let size_word = unsafe { block.as_ptr().cast::<usize>().sub(1).read_unaligned() };
         assert_ne!(size_word & 2, 0, "a 4 MiB block came from the heap");
+    }
+
+    #[test]
+    fn apart_returns_the_result_and_passes_a_panic_on() {
+        let mut n = 1;
+        assert_ne!(apart(|| std::thread::current().id()), std::thread::current().id());
+        assert_eq!(
+            apart(|| {
+                n += 1;
+                n * 10
+            }),
+            20
+        );
+        let r = std::panic::catch_unwind(|| apart(|| -> u32 { panic!("in the thread") }));
+        let msg = r.expect_err("the panic is passed on");
+        assert_eq!(msg.downcast_ref::<&str>(), Some(&"in the thread"));
     }
 
     struct TempDir(std::path::PathBuf);
