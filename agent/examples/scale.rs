@@ -151,7 +151,8 @@ fn main() {
     let rss_objects = status("VmRSS:") - rss_base;
     let heap_objects = heap();
     let t = Instant::now();
-    let mut changes = tracker.changes();
+    // On a thread of its own, as the agent computes a full round.
+    let mut changes = kproxy::agent::apart(|| tracker.changes());
     let model = t.elapsed();
     let first_dp: &mut dyn Dataplane = match maps.as_mut() {
         Some(m) => m,
@@ -166,7 +167,7 @@ fn main() {
     let rss_first = status("VmRSS:");
     let heap_first = heap();
     let t = Instant::now();
-    let mut changes = tracker.full();
+    let mut changes = kproxy::agent::apart(|| tracker.full());
     let r = syncer.sync_changes(&mut changes, first_dp);
     let resync = t.elapsed();
     drop(changes);

@@ -747,7 +747,7 @@ pub fn tune_allocator() {
 /// release reaches (with [`tune_allocator`]'s settings: 48.3 → 44.0 MiB of RSS after the first
 /// sync at 10,000 services × 10 endpoints). The arena is reused by the next such thread. What
 /// `f` logs carries the caller's span.
-fn apart<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub fn apart<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     let span = tracing::Span::current();
     std::thread::scope(|s| match s.spawn(move || span.in_scope(f)).join() {
         Ok(v) => v,
