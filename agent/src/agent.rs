@@ -670,7 +670,13 @@ async fn sync_loop(
             state.generation += 1;
             async {
                 let started = Instant::now();
-                let mut changes = if full { apart(|| tracker.full()) } else { tracker.changes() };
+                // Every round that recomputes all services (the periodic one, and one after a
+                // node change) does so apart, so its transient state leaves no holes.
+                let mut changes = if full || tracker.all_dirty() {
+                    apart(|| tracker.full())
+                } else {
+                    tracker.changes()
+                };
                 let udp = state.sync(
                     started,
                     config,
@@ -746,12 +752,29 @@ pub fn tune_allocator() {
 /// [`release_free_memory`] gives back whole instead of holes in the main heap that no page
 /// release reaches (with [`tune_allocator`]'s settings: 48.3 → 44.0 MiB of RSS after the first
 /// sync at 10,000 services × 10 endpoints). The arena is reused by the next such thread. What
-/// `f` logs carries the caller's span.
+/// `f` logs carries the caller's span. If no thread can be started (a process or memory
+/// limit), `f` runs on the calling thread, with a warning: the round is done all the same.
 pub fn apart<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     let span = tracing::Span::current();
-    std::thread::scope(|s| match s.spawn(move || span.in_scope(f)).join() {
-        Ok(v) => v,
-        Err(panic) => std::panic::resume_unwind(panic),
+    // The closure waits here, not in the thread's, so that it survives a failed spawn.
+    let slot = std::sync::Mutex::new(Some(f));
+    let take = || slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    std::thread::scope(|s| {
+        let spawned =
+            std::thread::Builder::new().name("kproxy-full".into()).spawn_scoped(s, || {
+                let f = take().expect("the closure is taken once");
+                span.in_scope(f)
+            });
+        match spawned {
+            Ok(h) => match h.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            Err(e) => {
+                warn!("cannot start a thread for a full round, running it inline: {e}");
+                take().expect("a thread that did not start took nothing")()
+            }
+        }
     })
 }
 
@@ -976,6 +999,10 @@ mod tests {
     fn apart_returns_the_result_and_passes_a_panic_on() {
         let mut n = 1;
         assert_ne!(apart(|| std::thread::current().id()), std::thread::current().id());
+        assert_eq!(
+            apart(|| std::thread::current().name().map(String::from)).as_deref(),
+            Some("kproxy-full")
+        );
         assert_eq!(
             apart(|| {
                 n += 1;

@@ -625,6 +625,12 @@ impl Tracker {
             || self.cidrs_dirty
     }
 
+    /// Whether the next round recomputes every service (after a node change): [`Self::changes`]
+    /// then returns what [`Self::full`] does.
+    pub fn all_dirty(&self) -> bool {
+        self.all_dirty
+    }
+
     /// Sets the service CIDRs of `--service-cidr` (used with those of the ServiceCIDR objects).
     pub fn set_service_cidrs(&mut self, nets: &[ipnet::Ipv4Net]) {
         if self.cidr_flags != nets {

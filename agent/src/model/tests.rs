@@ -1676,3 +1676,37 @@ fn ipv6_service_cidrs_join_the_flag_ones() {
     assert_eq!(c.service_cidrs6, Some(vec![net6("2001:2:ff::/112"), net6("2001:2:fe::/112")]));
     assert_eq!(c.service_cidrs, Some(nets(&["198.19.0.0/24"])));
 }
+
+/// A node address change makes every service dirty: `all_dirty` says so (the agent then
+/// computes the round with `full`, on a thread of its own), and `changes` gives what `full`
+/// does, with the NodePorts on the new address.
+#[test]
+fn a_node_address_change_is_a_full_round() {
+    let np = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.11
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]
+"#;
+    let new_addr = Ipv4Addr::new(198, 18, 0, 11);
+    let mut a = Tracker::new(node());
+    let mut b = Tracker::new(node());
+    for t in [&mut a, &mut b] {
+        t.apply(Change::Service((&svc(WEB)).into()));
+        t.apply(Change::Service((&svc(np)).into()));
+        t.full();
+        assert!(!t.all_dirty());
+        t.set_node_addrs(&[new_addr]);
+        assert!(t.all_dirty());
+    }
+    let by_changes = a.changes();
+    let by_full = b.full();
+    assert!(!a.all_dirty() && !b.all_dirty());
+    assert_eq!(by_changes.state, by_full.state);
+    assert_eq!(by_changes.services.len(), 2);
+    let f = fe(new_addr.octets(), 30080, proto::TCP, scope::EXTERNAL);
+    assert!(by_full.state.services.values().any(|s| s.frontends.contains_key(&f)));
+}
