@@ -948,7 +948,7 @@ NodePort runs of {} ms.\n",
         "\nEach cell is the median of {} TEST_RUN calls with repeat = 1 (with repeat > 1 the kernel reruns the program on the buffer the first run already translated, which would measure a different path). The kernel's per-run time includes the same timer overhead for every program, pass-through included.\n\n![testrun](testrun_cost.png)\n",
         c.testrun_runs
     );
-    s.push_str("IPv6 beside IPv4 (the same frames in each family; *net* is the figure minus the pass-through program of its type, the ratio IPv6 / IPv4 of the net figures):\n\n| Services | Program, packet | IPv4 | IPv6 | IPv6 / IPv4 (net) |\n|---|---|---|---|---|\n");
+    s.push_str("IPv6 beside IPv4 (the same frames in each family, each IPv6 figure measured run by run in turn with its IPv4 twin, so that a change of the machine's speed weighs on both alike; *net* is the figure minus the pass-through program of its type, the ratio IPv6 / IPv4 of the net figures):\n\n| Services | Program, packet | IPv4 | IPv6 | IPv6 / IPv4 (net) |\n|---|---|---|---|---|\n");
     for &n in &c.testrun_scales {
         let fig = |m: &str| find(f, "7-testrun", m, "kproxy", n as u64, "");
         let val = |m: &str| fig(m).filter(|x| x.status == Status::Ok).and_then(|x| x.median);
