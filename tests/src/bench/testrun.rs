@@ -244,13 +244,7 @@ fn median_of(
     what: &str,
     ok: impl Fn(u32, &[u8]) -> bool,
 ) -> Result<f64> {
-    let mut ns = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let (v, t, out) = run(dp, prog, frame)?;
-        ensure!(ok(v, &out), "{prog}: {what} (verdict {v})");
-        ns.push(t);
-    }
-    Ok(median(ns))
+    Ok(interleaved(dp, runs, &[Case { prog, frame, what, ok: &ok }])?[0])
 }
 
 /// A figure [`interleaved`] measures: `runs` of `prog` on `frame`, each output checked by `ok`
