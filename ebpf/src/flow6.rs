@@ -708,23 +708,28 @@ fn deliver_with<P: Packet6>(
     now: u64,
     whole: bool,
 ) -> Out {
-    let f = &mut maps6::scratch()?.fib;
+    // The route parameters live in this CPU's scratch space (too large for the stack beside
+    // the IPv6 state), looked up only for a packet that is routed here: a reply handed to the
+    // stack (most replies to pods) does not pay for the lookup.
+    let mut routed = None;
     let mut fib = Fib::None;
     if to == To::Fib {
+        let f = &mut maps6::scratch()?.fib;
         match nat6::route(c, p, &n.saddr, &n.daddr, f, now) {
             Fib::Resolved => fib = Fib::Resolved,
             _ if P::XDP => return Ok((Verdict::PASS, Reason::XdpPassToTc)),
             Fib::NoNeigh => fib = Fib::NoNeigh,
             _ => return Err(Reason::DropFib),
         }
+        routed = Some(f);
     }
     nat6::apply(c, p, n, whole)?;
     if let Some((i, inn)) = inner {
         icmp6::apply_inner(c, p, i, inn)?;
     }
-    match fib {
-        Fib::None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
-        Fib::None => Ok((Verdict::PASS, reason)),
-        _ => Ok((nat6::forward(c, p, f, fib)?, reason)),
+    match routed {
+        Some(f) => Ok((nat6::forward(c, p, f, fib)?, reason)),
+        None if to == To::Bounce => Ok((nat::bounce(c)?, reason)),
+        None => Ok((Verdict::PASS, reason)),
     }
 }
