@@ -162,8 +162,22 @@ const POD6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0x100, 0, 0, 0, 0, 0x10);
 /// the node addresses, routes to node 1's pods and permanent neighbours, what the XDP replies'
 /// route lookups need.
 pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
+    measure_cold(scales, runs, 0)
+}
+
+/// [`measure`], writing through `evict_bytes` of memory before each run (0: nothing), so that
+/// each run starts with the caches that size covers cold, as a connection's packets do on a
+/// busy node (a few packets per connection, other work between them). With about the L2
+/// cache's size (1 MiB here) the figures are of the order bpf_stats reads per run under the
+/// latency benchmark's load (there `kp_tc_from_pod` 1.9 µs per run, SYN included; here about
+/// 2 µs for an established packet, 4–5 µs for a SYN, against 0.6 and 2.2 warm); with more than
+/// the L3 cache they read 5–6 times higher still (TLB and page-walk misses: in a VM each costs
+/// two page walks). A profiling view: noisier than the warm figures, as what survives an
+/// eviction varies.
+pub fn measure_cold(scales: &[usize], runs: usize, evict_bytes: usize) -> Result<Vec<Cost>> {
     std::thread::scope(|s| {
         s.spawn(|| {
+            EVICT.with(|b| *b.borrow_mut() = vec![1u8; evict_bytes]);
             // SAFETY: unshare on this (fresh) thread only.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 bail!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
@@ -205,6 +219,23 @@ fn private_routes() -> Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// The buffer [`run`] writes through before each run, when [`measure_cold`] set one.
+    static EVICT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes one byte of every 64-byte line of [`EVICT`]: the program's code, its map values and
+/// the kernel's code it calls leave the caches that buffer's size covers.
+fn evict() {
+    EVICT.with(|b| {
+        let mut b = b.borrow_mut();
+        for i in (0..b.len()).step_by(64) {
+            b[i] = b[i].wrapping_add(1);
+        }
+        std::hint::black_box(&*b);
+    });
+}
+
 /// One TEST_RUN of program `prog` (`kp_xdp_ext` or a TC program) on `frame`: its return value,
 /// the kernel's duration and the output frame.
 fn run(dp: &mut Datapath, prog: &str, frame: &[u8]) -> Result<(u32, f64, Vec<u8>)> {
@@ -212,6 +243,7 @@ fn run(dp: &mut Datapath, prog: &str, frame: &[u8]) -> Result<(u32, f64, Vec<u8>
     let opts =
         TestRunOptions { data_in: Some(frame), data_out: Some(&mut buf), ..Default::default() };
     let p = dp.program_mut(prog).with_context(|| format!("no {prog}"))?;
+    evict();
     let r = if prog == names::PROG_XDP_EXT {
         let p: &mut Xdp = p.try_into()?;
         p.test_run(opts)?
