@@ -172,8 +172,11 @@ pub fn measure(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
 /// latency benchmark's load (there `kp_tc_from_pod` 1.9 µs per run, SYN included; here about
 /// 2 µs for an established packet, 4–5 µs for a SYN, against 0.6 and 2.2 warm); with more than
 /// the L3 cache they read 5–6 times higher still (TLB and page-walk misses: in a VM each costs
-/// two page walks). A profiling view: noisier than the warm figures, as what survives an
-/// eviction varies.
+/// two page walks). A profiling view, for figures of one run against each other (an IPv6 figure
+/// against its IPv4 twin, a reply against plain traffic): the figures of one run agree with
+/// each other, but the same figure reads up to twice as high in one run as in the next (what the
+/// buffer's physical pages evict varies), so two builds compare only over many alternating
+/// runs.
 pub fn measure_cold(scales: &[usize], runs: usize, evict_bytes: usize) -> Result<Vec<Cost>> {
     std::thread::scope(|s| {
         s.spawn(|| {
