@@ -710,7 +710,9 @@ fn deliver_with<P: Packet6>(
 ) -> Out {
     // The route parameters live in this CPU's scratch space (too large for the stack beside
     // the IPv6 state), looked up only for a packet that is routed here: a reply handed to the
-    // stack (most replies to pods) does not pay for the lookup.
+    // stack (most replies to pods) does not pay for the lookup. The pointer and the route result
+    // stay two variables: as one `Option<(&mut _, Fib)>` the pointer takes `Fib`'s niche, is a
+    // scalar on one path, and the verifier refuses the access ("invalid mem access 'scalar'").
     let mut routed = None;
     let mut fib = Fib::None;
     if to == To::Fib {
