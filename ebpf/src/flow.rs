@@ -178,44 +178,48 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         }
     }
     let orig = hook != Hook::ToPod && maps::hinted(hints::FRONTEND, p.daddr, p.proto, p.dport);
-    let reply = maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport);
-    if orig || reply {
+    if orig {
         if p.frag == Frag::First {
             // Remember the ports so that the later fragments follow the same translation.
             ct::record_fragment(&p);
         }
         let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-        if orig {
-            // The clock is read only where a lookup found something to check or refresh: a
-            // packet whose hints led to a miss (plain traffic to or from a backend) skips it.
-            let now = coarse_now();
-            if let Some(ctp) = ct::lookup(&t, now) {
-                // SAFETY: valid map value pointer, copied out.
-                let e: Ct4Value = unsafe { *ctp };
-                if syn_only(&p) && e.state >= ct_state::CLOSING {
-                    // A new connection reusing a closed tuple.
-                    return Ok(Step::tail(hook.new_call()));
-                }
-                let Some(local) = backend_local(ctp, &e, &cfg) else {
-                    // The backend went away: re-balanced or reset by the slow path.
-                    return Ok(Step::tail(hook.new_call()));
-                };
-                ct::touch(ctp, p.proto, p.tcp_flags, false, now);
-                return forward_established(c, &p, &e, local, &cfg, hook, now)
-                    .map(|(v, r)| Step::done(v, r));
+        // The clock is read only where a lookup found something to check or refresh: a
+        // packet whose hints led to a miss (plain traffic to or from a backend) skips it.
+        let now = coarse_now();
+        if let Some(ctp) = ct::lookup(&t, now) {
+            // SAFETY: valid map value pointer, copied out.
+            let e: Ct4Value = unsafe { *ctp };
+            if syn_only(&p) && e.state >= ct_state::CLOSING {
+                // A new connection reusing a closed tuple.
+                return Ok(Step::tail(hook.new_call()));
             }
+            let Some(local) = backend_local(ctp, &e, &cfg) else {
+                // The backend went away: re-balanced or reset by the slow path.
+                return Ok(Step::tail(hook.new_call()));
+            };
+            ct::touch(ctp, p.proto, p.tcp_flags, false, now);
+            return forward_established(c, &p, &e, local, &cfg, hook, now)
+                .map(|(v, r)| Step::done(v, r));
         }
-        // Replies before new connections: a reply tuple is exact, so it must win over a
-        // frontend that happens to share address and port (a hairpin reply to a ClusterIP's
-        // SNAT port).
-        if reply && let Some(rn) = ct::revnat_fast(&t) {
+    }
+    // The backend hint is read only now: a packet of a tracked connection (the bulk of service
+    // traffic) never needs it. Replies before new connections: a reply tuple is exact, so it
+    // must win over a frontend that happens to share address and port (a hairpin reply to a
+    // ClusterIP's SNAT port).
+    if maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport) {
+        if !orig && p.frag == Frag::First {
+            ct::record_fragment(&p);
+        }
+        let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+        if let Some(rn) = ct::revnat_fast(&t) {
             return reply_translated(c, &p, &t, rn, &cfg, hook, coarse_now())
                 .map(|(v, r)| Step::done(v, r));
         }
-        if orig {
-            // Not tracked: a new connection if the frontend exists (the slow path looks).
-            return Ok(Step::tail(hook.new_call()));
-        }
+    }
+    if orig {
+        // Not tracked: a new connection if the frontend exists (the slow path looks).
+        return Ok(Step::tail(hook.new_call()));
     }
     if hook != Hook::ToPod && (guard::maybe_closed(p.daddr) || guard::in_service_cidr(p.daddr)) {
         // A service address on a port without frontend (rejected), or an address of the

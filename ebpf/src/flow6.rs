@@ -166,41 +166,44 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         }
     }
     let orig = hook != Hook::ToPod && maps6::hinted6(hints::FRONTEND, &p.daddr, p.proto, p.dport);
-    let reply = maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport);
-    if orig || reply {
+    if orig {
         if p.frag == Frag::First {
             ct6::record_fragment(&p);
         }
         // The fast path's clock (see `flow::coarse_now`), read only where a lookup found
         // something to check or refresh.
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-        if orig {
-            let now = flow::coarse_now();
-            if let Some(ctp) = ct6::lookup(&t, now) {
-                // The entry's fields are read in place where they are needed (no copy of
-                // the whole entry on the stack).
-                // SAFETY: valid map value pointer.
-                if syn_only(&p) && unsafe { (*ctp).state } >= ct_state::CLOSING {
-                    return Ok(tail(new_call(hook)));
-                }
-                let Some(local) = backend_local(ctp) else {
-                    // The backend went away: re-balanced or reset by the slow path.
-                    return Ok(tail(new_call(hook)));
-                };
-                let next = forward_established(&p, ctp, local, hook);
-                ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
-                return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));
+        let now = flow::coarse_now();
+        if let Some(ctp) = ct6::lookup(&t, now) {
+            // The entry's fields are read in place where they are needed (no copy of the
+            // whole entry on the stack).
+            // SAFETY: valid map value pointer.
+            if syn_only(&p) && unsafe { (*ctp).state } >= ct_state::CLOSING {
+                return Ok(tail(new_call(hook)));
             }
+            let Some(local) = backend_local(ctp) else {
+                // The backend went away: re-balanced or reset by the slow path.
+                return Ok(tail(new_call(hook)));
+            };
+            let next = forward_established(&p, ctp, local, hook);
+            ct6::touch(ctp, p.proto, p.tcp_flags, false, now);
+            return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));
         }
-        // Replies before new connections (see `flow::fast_path`).
-        if reply && let Some(rnp) = ct6::revnat_ptr(&t) {
+    }
+    // The backend hint only now, replies before new connections (see `flow::fast_path`).
+    if maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport) {
+        if !orig && p.frag == Frag::First {
+            ct6::record_fragment(&p);
+        }
+        let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
+        if let Some(rnp) = ct6::revnat_ptr(&t) {
             let now = flow::coarse_now();
             let next = reply_translated(&p, &t, rnp, hook, now);
             return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));
         }
-        if orig {
-            return Ok(tail(new_call(hook)));
-        }
+    }
+    if orig {
+        return Ok(tail(new_call(hook)));
     }
     if hook != Hook::ToPod && (guard::maybe_closed6(&p.daddr) || guard::in_service_cidr6(&p.daddr))
     {
