@@ -150,13 +150,16 @@ pub fn fast<P: Packet>(c: &mut P, hook: Hook) -> Step {
 
 #[inline(always)]
 fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
-    let Some(cfg) = maps::ready_config() else {
-        return Ok(Step::done(Verdict::PASS, Reason::PassNotReady));
-    };
-    let Some(mut p) = parse::ipv4(c)? else {
+    // The configuration is read only where a lookup is due: a packet the hints pass (most pod
+    // and node traffic) touches one cache line fewer. Until the agent has written it, everything
+    // is passed, as before (a malformed packet too; the slow-path programs check it themselves).
+    let mut p = match parse::ipv4(c) {
+        Ok(Some(p)) => p,
         // IPv6 runs its own fast path in TC (before this one) and is left to TC by XDP;
         // anything else is passed.
-        return Ok(flow6::dispatch(c));
+        Ok(None) => return Ok(flow6::dispatch(c)),
+        Err(_) if !maps::ready() => return Ok(not_ready()),
+        Err(r) => return Err(r),
     };
     if p.proto == proto::ICMP {
         if icmp::is_error(c, &p) {
@@ -179,6 +182,7 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     }
     let orig = hook != Hook::ToPod && maps::hinted(hints::FRONTEND, p.daddr, p.proto, p.dport);
     if orig {
+        let Some(cfg) = maps::ready_config() else { return Ok(not_ready()) };
         if p.frag == Frag::First {
             // Remember the ports so that the later fragments follow the same translation.
             ct::record_fragment(&p);
@@ -208,6 +212,7 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     // must win over a frontend that happens to share address and port (a hairpin reply to a
     // ClusterIP's SNAT port).
     if maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport) {
+        let Some(cfg) = maps::ready_config() else { return Ok(not_ready()) };
         if !orig && p.frag == Frag::First {
             ct::record_fragment(&p);
         }
@@ -234,6 +239,12 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         return Ok(Step::tail(hook.new_call()));
     }
     Ok(Step::done(Verdict::PASS, Reason::PassNoService))
+}
+
+/// The verdict of a packet that arrived before the agent wrote the node configuration.
+#[inline(always)]
+fn not_ready() -> Step {
+    Step::done(Verdict::PASS, Reason::PassNotReady)
 }
 
 /// The slow path of a `*_new` program: new connections, connections whose backend went away,

@@ -143,8 +143,12 @@ pub fn fast<P: Packet6>(c: &mut P, hook: Hook) -> Step {
 
 #[inline(always)]
 fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
-    let Some(mut p) = parse6::ipv6(c)? else {
-        return Ok(Step { v6: false, ..done(Verdict::PASS, Reason::PassNotIpv4) });
+    // The configuration is checked only where a lookup is due, as in `flow::fast_path`.
+    let mut p = match parse6::ipv6(c) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(Step { v6: false, ..done(Verdict::PASS, Reason::PassNotIpv4) }),
+        Err(_) if !maps::ready() => return Ok(done(Verdict::PASS, Reason::PassNotReady)),
+        Err(r) => return Err(r),
     };
     if p.proto == proto::ICMPV6 {
         if icmp6::is_error(c, &p) {
@@ -167,6 +171,9 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     }
     let orig = hook != Hook::ToPod && maps6::hinted6(hints::FRONTEND, &p.daddr, p.proto, p.dport);
     if orig {
+        if !maps::ready() {
+            return Ok(done(Verdict::PASS, Reason::PassNotReady));
+        }
         if p.frag == Frag::First {
             ct6::record_fragment(&p);
         }
@@ -192,6 +199,9 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     }
     // The backend hint only now, replies before new connections (see `flow::fast_path`).
     if maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport) {
+        if !maps::ready() {
+            return Ok(done(Verdict::PASS, Reason::PassNotReady));
+        }
         if !orig && p.frag == Frag::First {
             ct6::record_fragment(&p);
         }

@@ -55,9 +55,6 @@ use pkt::Packet as _;
 pub fn kp_xdp_ext(ctx: XdpContext) -> u32 {
     let mut c = pkt::Xdp(&ctx);
     let s = if parse6::is_ipv6(&c) {
-        if !maps::ready() {
-            return xdp_verdict(&ctx, Verdict::PASS, Reason::PassNotReady);
-        }
         flow6::fast(&mut c, Hook::XdpExt)
     } else {
         flow::fast(&mut c, Hook::XdpExt)
@@ -373,10 +370,6 @@ pub fn kp_sock_peer4(ctx: SockAddrContext) -> i32 {
 fn tc_fast(ctx: &TcContext, hook: Hook) -> i32 {
     let mut c = pkt::Tc(ctx);
     if parse6::is_ipv6(&c) {
-        if !maps::ready() {
-            count(Reason::PassNotReady, false);
-            return TC_ACT_OK;
-        }
         let s = flow6::fast(&mut c, hook);
         return tc_step(ctx, &c, s);
     }

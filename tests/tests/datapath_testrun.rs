@@ -409,8 +409,26 @@ fn not_ready_passes_everything() {
     env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     let f = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &f);
-    assert_eq!((v, out), (TC_ACT_OK, f));
+    assert_eq!((v, out), (TC_ACT_OK, f.clone()));
     assert_counts(&env, &[(Reason::PassNotReady, 1)]);
+    // The fast path reads the configuration only once the hints call for a lookup: the same
+    // frame through XDP, a packet from a backend's address and port entering a pod, and a
+    // malformed frame (dropped once the agent is ready) all pass untouched, counted alike.
+    let (v, out) = env.xdp(&f);
+    assert_eq!((v, out), (XDP_PASS, f.clone()));
+    let reply = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK).build();
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &reply);
+    assert_eq!((v, out), (TC_ACT_OK, reply));
+    let mut bad_version = f.clone();
+    bad_version[14] = 0x65;
+    for (hook, (v, out)) in [
+        ("tc", env.tc(names::PROG_TC_FROM_POD, &bad_version)),
+        ("xdp", env.xdp(&bad_version)),
+    ] {
+        let pass = if hook == "tc" { TC_ACT_OK } else { XDP_PASS };
+        assert_eq!((v, &out), (pass, &bad_version), "malformed frame via {hook}");
+    }
+    assert_counts(&env, &[(Reason::PassNotReady, 5)]);
 }
 
 #[test]

@@ -998,3 +998,19 @@ fn ipv6_conntrack_reconciler_moves_udp_flows_off_a_backend_that_stops_serving() 
     assert_eq!(udp6_from_pod(&mut env, gone[0], DNS6), *sa6(b2).ip());
     assert_eq!(env.maps.reconcile_udp_flows6(&serving).unwrap(), 0, "nothing left to move");
 }
+
+#[test]
+fn ipv6_not_ready_passes_everything() {
+    let mut env = Env::new();
+    env.maps.set_config(&NodeConfig::default()).unwrap();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    // A frontend's packet in TC and XDP, and a backend's reply entering a pod: untouched,
+    // counted in the IPv6 counters.
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN).build();
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn), (TC_ACT_OK, syn.clone()));
+    assert_eq!(env.xdp(&syn), (XDP_PASS, syn.clone()));
+    let reply = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK).build();
+    assert_eq!(env.tc(names::PROG_TC_TO_POD, &reply), (TC_ACT_OK, reply));
+    assert_counts6(&env, &[(Reason::PassNotReady, 3)]);
+}
