@@ -421,10 +421,9 @@ fn not_ready_passes_everything() {
     assert_eq!((v, out), (TC_ACT_OK, reply));
     let mut bad_version = f.clone();
     bad_version[14] = 0x65;
-    for (hook, (v, out)) in [
-        ("tc", env.tc(names::PROG_TC_FROM_POD, &bad_version)),
-        ("xdp", env.xdp(&bad_version)),
-    ] {
+    for (hook, (v, out)) in
+        [("tc", env.tc(names::PROG_TC_FROM_POD, &bad_version)), ("xdp", env.xdp(&bad_version))]
+    {
         let pass = if hook == "tc" { TC_ACT_OK } else { XDP_PASS };
         assert_eq!((v, &out), (pass, &bad_version), "malformed frame via {hook}");
     }
