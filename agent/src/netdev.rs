@@ -414,6 +414,12 @@ impl State {
         if let Err(e) = self.datapath.set_pod_devs(&pods) {
             warn!(error = format!("{e:#}"), "recording the pod interfaces for eBPF host routing");
         }
+        let hooked: std::collections::BTreeSet<u32> =
+            self.attached.values().map(|(_, i)| *i).collect();
+        if let Err(e) = self.datapath.set_hook_devs(&hooked) {
+            // Packets entering pods then take the full path there, as before: slower, not wrong.
+            warn!(error = format!("{e:#}"), "recording the devices that carry kproxy's programs");
+        }
         let ext = self.attached.values().filter(|(k, _)| *k == Kind::External).count();
         self.metrics.set_devices(ext, self.attached.len() - ext, self.missing.len());
     }

@@ -42,6 +42,10 @@ pub mod names {
     pub const SOCK4: &str = "kp_sock4";
     /// Host-side pod interfaces (ifindex → 1), for eBPF host routing's `bpf_redirect_peer`.
     pub const POD_DEVS: &str = "kp_poddevs";
+    /// Devices whose ingress runs kproxy's programs (`kp_tc_from_pod`, `kp_xdp_ext` /
+    /// `kp_tc_ext`): slot `ifindex % HOOK_DEVS_MAX` holds the ifindex. See
+    /// [`crate::hook_dev_slot`].
+    pub const HOOK_DEVS: &str = "kp_hookdevs";
     /// Address hint bitmaps (frontend and backend addresses). See [`crate::hints`].
     pub const ADDR_BITS: &str = "kp_addrbits";
     /// Port hint bitmaps (frontend and backend ports, by protocol). See [`crate::hints`].
@@ -115,7 +119,7 @@ pub mod names {
     ];
 
     /// Every pinned map, in the order the agent checks them on start.
-    pub const ALL_MAPS: [&str; 13] = [
+    pub const ALL_MAPS: [&str; 14] = [
         SERVICES4,
         BACKENDS4,
         CT4,
@@ -129,6 +133,7 @@ pub mod names {
         ADDR_BITS,
         PORT_BITS,
         POD_DEVS,
+        HOOK_DEVS,
     ];
 
     /// IPv6 frontend (+ backend slot) → service entry. See [`crate::Service6Key`].
@@ -260,6 +265,8 @@ pub mod defaults {
     pub const FRAG4_MAX: u32 = 8_192;
     /// Host-side pod interfaces on one node.
     pub const POD_DEVS_MAX: u32 = 4_096;
+    /// Slots of [`super::names::HOOK_DEVS`] (a power of two).
+    pub const HOOK_DEVS_MAX: u32 = 16_384;
     /// Socket-LB reverse entries (socket + backend).
     pub const SOCK4_MAX: u32 = 131_072;
     /// IPv6 frontend entries plus backend slots in [`super::names::SERVICES6`].
@@ -1247,6 +1254,18 @@ reasons! {
     RejectUnknownPort = 28, "reject_unknown_port", true;
     /// An address inside the service CIDRs that no service holds: dropped.
     DropUnallocatedServiceIp = 29, "drop_unallocated_service_ip", true;
+    /// Entering a pod: the packet arrived on a device whose ingress runs kproxy's programs,
+    /// which translated whatever needed it there (replies of local backends on the backend's
+    /// veth, of remote ones on the external device): passed without a lookup.
+    PassTranslatedUpstream = 30, "pass_translated_upstream", false;
+}
+
+/// The slot of `ifindex` in [`names::HOOK_DEVS`]. Two devices in one slot: the one stored is
+/// recognised, the other's packets take the full path (a slot never claims a device it does
+/// not hold).
+#[inline(always)]
+pub const fn hook_dev_slot(ifindex: u32) -> u32 {
+    ifindex & (defaults::HOOK_DEVS_MAX - 1)
 }
 
 /// Number of slots in [`names::COUNTERS`].

@@ -207,8 +207,22 @@ pub fn kp_tc_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn kp_tc_to_pod(ctx: TcContext) -> i32 {
+    // What arrived on a device whose ingress runs kproxy's programs was translated there if it
+    // needed it (the same fast path: a local backend's reply on the backend's veth, a remote
+    // one's on the external device, ICMP errors alike). Only what the node itself sent (a
+    // host-network backend's reply, an ICMP error the node raised) or what came in on a device
+    // kproxy does not hook (a tunnel, for example) is looked at here.
+    // SAFETY: reads of context fields.
+    let (iif, ethertype) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).protocol) };
+    if maps::hooked_ingress(iif) {
+        count(Reason::PassTranslatedUpstream, ethertype == u32::from(ETH_P_IPV6.to_be()));
+        return TC_ACT_OK;
+    }
     tc_fast(&ctx, Hook::ToPod)
 }
+
+/// The IPv6 ethertype (as `__sk_buff.protocol` holds it, network order in the low 16 bits).
+const ETH_P_IPV6: u16 = 0x86dd;
 
 /// TC slow path of pod traffic.
 #[classifier]

@@ -78,6 +78,12 @@ pub static kp_calls_xdp: ProgramArray<{ calls::XDP_MAX as usize }> = ProgramArra
 #[btf_map]
 pub static kp_poddevs: HashMap<u32, u32, { defaults::POD_DEVS_MAX as usize }> = HashMap::new();
 
+/// Devices whose ingress runs kproxy's programs, by [`kproxy_common::hook_dev_slot`] (value: the
+/// ifindex, 0 for none), written by the agent once it has attached them: a packet entering a pod
+/// from one of them was translated there already if it needed it.
+#[btf_map]
+pub static kp_hookdevs: Array<u32, { defaults::HOOK_DEVS_MAX as usize }> = Array::new();
+
 /// The fast path's per-CPU clock (`jiffies` and the `bpf_ktime_get_ns()` read in that jiffy; see
 /// `crate::flow`). Internal to the datapath: not pinned.
 #[btf_map]
@@ -230,6 +236,14 @@ pub fn hinted(kind: u32, addr: u32, proto_: u8, port: u16) -> bool {
 #[inline(always)]
 pub fn config() -> Option<NodeConfig> {
     kp_config.get(0).copied()
+}
+
+/// Whether the packet arrived on a device whose ingress runs kproxy's programs
+/// ([`kp_hookdevs`]; `ifindex` 0, a packet the node itself sent, never did).
+#[inline(always)]
+pub fn hooked_ingress(ifindex: u32) -> bool {
+    ifindex != 0
+        && kp_hookdevs.get(kproxy_common::hook_dev_slot(ifindex)).is_some_and(|v| *v == ifindex)
 }
 
 /// Whether `ifindex` is a host-side pod interface ([`kp_poddevs`]).

@@ -211,6 +211,27 @@ impl Env {
         }
     }
 
+    /// [`Self::tc`] for a packet that arrived on device `ingress_ifindex` (`__sk_buff` context:
+    /// zero but for `ingress_ifindex`; the kernel takes it from 5.15 on, an error before).
+    fn tc_from(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
+        /// Offset of `ingress_ifindex` in `struct __sk_buff`.
+        const INGRESS_IFINDEX: usize = 36;
+        let mut ctx = [0u8; INGRESS_IFINDEX + 4];
+        ctx[INGRESS_IFINDEX..].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let p: &mut SchedClassifier = self.dp().program_mut(name).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; 2048];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("test_run tc with an ingress device");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
     fn tc(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let p: &mut SchedClassifier = self.dp().program_mut(name).unwrap().try_into().unwrap();
         let mut out = vec![0u8; 2048];
@@ -399,6 +420,49 @@ fn full_map_reports_full() {
     // Replacing an existing entry still works, deleting an absent one is fine.
     env.backend(2, BE1, 0, proto::TCP);
     env.maps.delete_backend(99).unwrap();
+}
+
+/// `kp_tc_to_pod` leaves what arrived on a device carrying kproxy's programs (`kp_hookdevs`) as
+/// it is: those programs translated it already if it needed it. What the node sent itself, or
+/// what came in on any other device (one sharing the slot included), is still restored here.
+#[test]
+fn to_pod_passes_what_a_hooked_device_translated() {
+    if !kernel_at_least(5, 15) {
+        eprintln!("skipped: BPF_PROG_TEST_RUN takes an skb's ingress device from 5.15 on");
+        return;
+    }
+    let mut env = Env::new();
+    env.backend(1, BE1, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+    let synack = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
+    let restored = synack.clone().with_src(sa(CIP));
+
+    const HOOKED: u32 = 7;
+    let same_slot = HOOKED + kproxy_common::defaults::HOOK_DEVS_MAX;
+    env.dp().set_hook_devs(&[same_slot, HOOKED].into()).unwrap();
+    let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), HOOKED);
+    assert_eq!((v, out), (TC_ACT_OK, synack.build()), "from a hooked device: untouched");
+    for (what, iif) in [("the node itself", 0), ("the same slot", same_slot), ("elsewhere", 8)] {
+        let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), iif);
+        assert_eq!(v, TC_ACT_OK, "{what}");
+        assert_frame(&out, &restored);
+    }
+    // A device that is no longer recorded takes the full path again.
+    env.dp().set_hook_devs(&Default::default()).unwrap();
+    let (_, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), HOOKED);
+    assert_frame(&out, &restored);
+    assert_counts(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::PassTranslatedUpstream, 1),
+            (Reason::ReplyTranslated, 4),
+        ],
+    );
 }
 
 #[test]

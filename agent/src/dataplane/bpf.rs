@@ -48,7 +48,7 @@ pub(super) const fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec
 pub(super) const MMAPABLE: u32 = 1 << 10;
 
 /// Every map of the ABI with its expected type and sizes, in [`names::ALL_MAPS`] order.
-pub const MAP_SPECS: [MapSpec; 13] = [
+pub const MAP_SPECS: [MapSpec; 14] = [
     spec::<Service4Key, Service4Value>(names::SERVICES4, MapType::Hash),
     spec::<u32, Backend4>(names::BACKENDS4, MapType::Hash),
     spec::<Tuple4, Ct4Value>(names::CT4, MapType::LruHash),
@@ -62,6 +62,7 @@ pub const MAP_SPECS: [MapSpec; 13] = [
     MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::ADDR_BITS, MapType::Array) },
     MapSpec { flags: MMAPABLE, ..spec::<u32, u64>(names::PORT_BITS, MapType::Array) },
     spec::<u32, u32>(names::POD_DEVS, MapType::Hash),
+    spec::<u32, u32>(names::HOOK_DEVS, MapType::Array),
 ];
 
 /// `BPF_F_NO_PREALLOC` (LPM tries require it).
@@ -209,7 +210,7 @@ impl BpfDataplane {
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
         let dir = maps_dir(pin_path);
-        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits, _] =
+        let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits, _, _] =
             &MAP_SPECS;
         // Pins of an agent from before the hint maps have none: the writes then skip the hints
         // (its programs do not read them).

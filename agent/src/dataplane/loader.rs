@@ -168,7 +168,7 @@ impl MapSizing {
     /// The capacities for a node with `memory` bytes of RAM.
     pub fn resolve(&self, memory: u64) -> MapSizes {
         let d = MapSizes::default();
-        let [_, _, ct, rnat, aff, _, _, _, _, sock, _, _, _] = &MAP_SPECS;
+        let [_, _, ct, rnat, aff, _, _, _, _, sock, _, _, _, _] = &MAP_SPECS;
         // Bytes per connection-tracking entry: its entry, its reverse-NAT entry and a quarter
         // of a socket-LB entry.
         let per_ct = (hash_map_bytes(ct, 1 << 20) + hash_map_bytes(rnat, 1 << 20)) as f64
@@ -241,6 +241,8 @@ pub struct Datapath {
     xdp_mode: Option<XdpMode>,
     /// This load's tail-call table pins.
     calls_pins: Vec<PathBuf>,
+    /// What `kp_hookdevs` holds (slot → ifindex), once [`Self::set_hook_devs`] read or wrote it.
+    hook_devs: Option<std::collections::BTreeMap<u32, u32>>,
 }
 
 fn links_dir(pin_path: &Path) -> PathBuf {
@@ -397,7 +399,13 @@ impl Datapath {
         }
         release_object_pages(crate::EBPF_OBJECT);
         info!(pin_path = %pin_path.display(), "datapath loaded");
-        Ok(Self { pin_path: pin_path.to_path_buf(), ebpf, xdp_mode: None, calls_pins })
+        Ok(Self {
+            pin_path: pin_path.to_path_buf(),
+            ebpf,
+            xdp_mode: None,
+            calls_pins,
+            hook_devs: None,
+        })
     }
 
     /// Forces the XDP attach mode of new XDP attachments (`--xdp-mode`; `None`, the default:
@@ -547,6 +555,42 @@ impl Datapath {
         for i in ifindexes.iter().filter(|i| !present.contains(i)) {
             devs.insert(i, 1, 0).with_context(|| format!("kp_poddevs[{i}]"))?;
         }
+        Ok(())
+    }
+
+    /// Makes `kp_hookdevs` name exactly `ifindexes`, the devices whose ingress runs this load's
+    /// programs (pod interfaces, external devices), so that `kp_tc_to_pod` passes what they
+    /// translated already. Of two devices in one slot the lower ifindex is recorded (the other's
+    /// packets take the full path). Called after the attachments it reports: a device is named
+    /// only once its programs run; a vanished one goes at once (its index could be reused).
+    pub fn set_hook_devs(
+        &mut self,
+        ifindexes: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        let map = self.ebpf.map_mut(names::HOOK_DEVS).context("map kp_hookdevs missing")?;
+        let mut devs: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map)?;
+        let mut want = std::collections::BTreeMap::new();
+        for &i in ifindexes.iter().filter(|&&i| i != 0) {
+            want.entry(kproxy_common::hook_dev_slot(i)).or_insert(i);
+        }
+        // The whole table on the first call (a restarted agent finds the last one's), then only
+        // the slots that change.
+        let written = match self.hook_devs.take() {
+            Some(w) => w,
+            None => (0..kproxy_common::defaults::HOOK_DEVS_MAX)
+                .filter_map(|s| devs.get(&s, 0).ok().filter(|v| *v != 0).map(|v| (s, v)))
+                .collect(),
+        };
+        let mut now = written.clone();
+        for (slot, _) in written.iter().filter(|(s, v)| want.get(*s) != Some(*v)) {
+            devs.set(*slot, 0, 0).with_context(|| format!("kp_hookdevs[{slot}]"))?;
+            now.remove(slot);
+        }
+        for (slot, i) in want.iter().filter(|(s, i)| written.get(*s) != Some(*i)) {
+            devs.set(*slot, *i, 0).with_context(|| format!("kp_hookdevs[{slot}]"))?;
+            now.insert(*slot, *i);
+        }
+        self.hook_devs = Some(now);
         Ok(())
     }
 

@@ -1014,3 +1014,19 @@ fn ipv6_not_ready_passes_everything() {
     assert_eq!(env.tc(names::PROG_TC_TO_POD, &reply), (TC_ACT_OK, reply));
     assert_counts6(&env, &[(Reason::PassNotReady, 3)]);
 }
+
+/// An IPv6 packet entering a pod from a device carrying kproxy's programs passes untouched,
+/// counted in the IPv6 counters (see `to_pod_passes_what_a_hooked_device_translated`).
+#[test]
+fn ipv6_to_pod_passes_what_a_hooked_device_translated() {
+    if !kernel_at_least(5, 15) {
+        eprintln!("skipped: BPF_PROG_TEST_RUN takes an skb's ingress device from 5.15 on");
+        return;
+    }
+    let mut env = Env::new();
+    env.dp().set_hook_devs(&[7].into()).unwrap();
+    let f = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK).build();
+    assert_eq!(env.tc_from(names::PROG_TC_TO_POD, &f, 7), (TC_ACT_OK, f));
+    env.dp().set_hook_devs(&Default::default()).unwrap();
+    assert_counts6(&env, &[(Reason::PassTranslatedUpstream, 1)]);
+}
