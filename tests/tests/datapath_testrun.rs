@@ -218,27 +218,21 @@ impl Env {
         const INGRESS_IFINDEX: usize = 36;
         let mut ctx = [0u8; INGRESS_IFINDEX + 4];
         ctx[INGRESS_IFINDEX..].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        let p: &mut SchedClassifier = self.dp().program_mut(name).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; 2048];
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("test_run tc with an ingress device");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        self.tc_run(name, frame, Some(&ctx))
     }
 
     fn tc(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.tc_run(name, frame, None)
+    }
+
+    fn tc_run(&mut self, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
         let p: &mut SchedClassifier = self.dp().program_mut(name).unwrap().try_into().unwrap();
         let mut out = vec![0u8; 2048];
         let r = p
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: ctx,
                 ..Default::default()
             })
             .expect("test_run tc");
