@@ -141,13 +141,19 @@ pub fn fast<P: Packet6>(c: &mut P, hook: Hook) -> Step {
     }
 }
 
+/// The verdict of an IPv6 packet that arrived before the agent wrote the node configuration.
+#[inline(always)]
+fn not_ready() -> Step {
+    done(Verdict::PASS, Reason::PassNotReady)
+}
+
 #[inline(always)]
 fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     // The configuration is checked only where a lookup is due, as in `flow::fast_path`.
     let mut p = match parse6::ipv6(c) {
         Ok(Some(p)) => p,
         Ok(None) => return Ok(Step { v6: false, ..done(Verdict::PASS, Reason::PassNotIpv4) }),
-        Err(_) if !maps::ready() => return Ok(done(Verdict::PASS, Reason::PassNotReady)),
+        Err(_) if !maps::ready() => return Ok(not_ready()),
         Err(r) => return Err(r),
     };
     if p.proto == proto::ICMPV6 {
@@ -172,7 +178,7 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     let orig = hook != Hook::ToPod && maps6::hinted6(hints::FRONTEND, &p.daddr, p.proto, p.dport);
     if orig {
         if !maps::ready() {
-            return Ok(done(Verdict::PASS, Reason::PassNotReady));
+            return Ok(not_ready());
         }
         if p.frag == Frag::First {
             ct6::record_fragment(&p);
@@ -200,7 +206,7 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     // The backend hint only now, replies before new connections (see `flow::fast_path`).
     if maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport) {
         if !maps::ready() {
-            return Ok(done(Verdict::PASS, Reason::PassNotReady));
+            return Ok(not_ready());
         }
         if !orig && p.frag == Frag::First {
             ct6::record_fragment(&p);

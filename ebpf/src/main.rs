@@ -215,14 +215,13 @@ pub fn kp_tc_to_pod(ctx: TcContext) -> i32 {
     // SAFETY: reads of context fields.
     let (iif, ethertype) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).protocol) };
     if maps::hooked_ingress(iif) {
-        count(Reason::PassTranslatedUpstream, ethertype == u32::from(ETH_P_IPV6.to_be()));
+        // `__sk_buff.protocol`: the ethertype in network order (no packet access needed).
+        let v6 = ethertype == u32::from(parse6::ETH_P_IPV6.to_be());
+        count(Reason::PassTranslatedUpstream, v6);
         return TC_ACT_OK;
     }
     tc_fast(&ctx, Hook::ToPod)
 }
-
-/// The IPv6 ethertype (as `__sk_buff.protocol` holds it, network order in the low 16 bits).
-const ETH_P_IPV6: u16 = 0x86dd;
 
 /// TC slow path of pod traffic.
 #[classifier]

@@ -322,9 +322,9 @@ fn run_one(
         if out.join(STARTED).exists() {
             break;
         }
-        // The emulated guest sometimes never reaches the script (6.12, twice in six runs of
-        // 2026-12-03: done in 13 s, nothing written): its console says why, and the suites are
-        // run in a fresh boot.
+        // The emulated guest sometimes never reaches the script (the 6.12 guest on 2026-12-03:
+        // done in 13 s, nothing written, once in five runs): its console says why, and the
+        // suites are run in a fresh boot.
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(15).collect();
         println!(

@@ -574,23 +574,23 @@ impl Datapath {
             want.entry(kproxy_common::hook_dev_slot(i)).or_insert(i);
         }
         // The whole table on the first call (a restarted agent finds the last one's), then only
-        // the slots that change.
+        // the slots that change. After a failed write the table is read again next time.
         let written = match self.hook_devs.take() {
             Some(w) => w,
             None => (0..kproxy_common::defaults::HOOK_DEVS_MAX)
                 .filter_map(|s| devs.get(&s, 0).ok().filter(|v| *v != 0).map(|v| (s, v)))
                 .collect(),
         };
-        let mut now = written.clone();
-        for (slot, _) in written.iter().filter(|(s, v)| want.get(*s) != Some(*v)) {
-            devs.set(*slot, 0, 0).with_context(|| format!("kp_hookdevs[{slot}]"))?;
-            now.remove(slot);
+        let slots: std::collections::BTreeSet<u32> =
+            written.keys().chain(want.keys()).copied().collect();
+        for slot in slots {
+            let new = want.get(&slot).copied();
+            if written.get(&slot).copied() != new {
+                devs.set(slot, new.unwrap_or(0), 0)
+                    .with_context(|| format!("kp_hookdevs[{slot}]"))?;
+            }
         }
-        for (slot, i) in want.iter().filter(|(s, i)| written.get(*s) != Some(*i)) {
-            devs.set(*slot, *i, 0).with_context(|| format!("kp_hookdevs[{slot}]"))?;
-            now.insert(*slot, *i);
-        }
-        self.hook_devs = Some(now);
+        self.hook_devs = Some(want);
         Ok(())
     }
 

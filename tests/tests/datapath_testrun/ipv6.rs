@@ -1019,8 +1019,7 @@ fn ipv6_not_ready_passes_everything() {
 /// counted in the IPv6 counters (see `to_pod_passes_what_a_hooked_device_translated`).
 #[test]
 fn ipv6_to_pod_passes_what_a_hooked_device_translated() {
-    if !kernel_at_least(5, 15) {
-        eprintln!("skipped: BPF_PROG_TEST_RUN takes an skb's ingress device from 5.15 on");
+    if skip_without_ingress_device() {
         return;
     }
     let mut env = Env::new();
