@@ -16,7 +16,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
-    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -27,11 +26,13 @@ use crate::excerpt::excerpt;
 
 pub mod endpoints;
 pub mod objects;
+mod shared;
 pub mod v6;
 
 use endpoints::{Endpoint, Policy, categorize};
 pub use objects::{Change, ObjectName};
 use objects::{EndpointAddr, ServiceCidrObj, ServiceObj, ServicePortObj, SliceObj};
+pub use shared::SharedStr;
 
 /// Label of an EndpointSlice naming its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -57,60 +58,6 @@ pub struct NodeInfo {
     pub addrs6: Vec<std::net::Ipv6Addr>,
     /// `topology.kubernetes.io/zone` of the node, if known (topology hints).
     pub zone: Option<String>,
-}
-
-/// An immutable string whose clones share one allocation (names repeat across the model's
-/// indexes and the syncer's records).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct SharedStr(Arc<str>);
-
-impl std::ops::Deref for SharedStr {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for SharedStr {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for SharedStr {
-    fn from(s: &str) -> Self {
-        Self(s.into())
-    }
-}
-
-impl From<String> for SharedStr {
-    fn from(s: String) -> Self {
-        Self(s.into())
-    }
-}
-
-impl fmt::Display for SharedStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl serde::Serialize for SharedStr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl PartialEq<str> for SharedStr {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
-impl PartialEq<&str> for SharedStr {
-    fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
-    }
 }
 
 /// A Service's `namespace/name`.
@@ -1001,7 +948,7 @@ impl Tracker {
             self.recompute(&name, &mut out);
         }
         // Values no object names any more (only the set holds them).
-        self.strings.retain(|s| Arc::strong_count(&s.0) > 1);
+        self.strings.retain(SharedStr::is_shared);
         self.finish(out)
     }
 

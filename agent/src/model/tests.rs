@@ -1522,11 +1522,11 @@ fn repeated_values_are_held_once_and_dropped_when_unused() {
         (s.ports[0].name.clone().unwrap(), s.type_.clone().unwrap())
     };
     let (a, b) = (port(&t, "web"), port(&t, "web2"));
-    assert!(Arc::ptr_eq(&a.0.0, &b.0.0), "one copy of the port name");
-    assert!(Arc::ptr_eq(&a.1.0, &b.1.0), "one copy of the type");
+    assert!(SharedStr::ptr_eq(&a.0, &b.0), "one copy of the port name");
+    assert!(SharedStr::ptr_eq(&a.1, &b.1), "one copy of the type");
     let c = t.changes();
     let spn = c.state.services.keys().find(|k| k.service.name == "web").expect("web's port");
-    assert!(Arc::ptr_eq(&spn.port.0, &a.0.0), "the computed port name is the object's");
+    assert!(SharedStr::ptr_eq(&spn.port, &a.0), "the computed port name is the object's");
     drop(c);
     assert!(t.strings.contains("only-here"));
     t.apply(Change::ServiceDeleted(ServiceName {
@@ -1554,7 +1554,7 @@ fn cluster_ip_and_ip_families_are_held_once() {
     };
     let s = dual("web", "198.19.0.10", "198.19.0.10");
     assert_eq!(s.cluster_ips, ["198.19.0.10", "198.19.0.10"]);
-    assert!(Arc::ptr_eq(&s.cluster_ips[0].0, &s.cluster_ips[1].0), "one copy of the ClusterIP");
+    assert!(SharedStr::ptr_eq(&s.cluster_ips[0], &s.cluster_ips[1]), "one copy of the ClusterIP");
     let other = dual("odd", "198.19.0.11", "198.19.0.12");
     assert_eq!(other.cluster_ips, ["198.19.0.11", "198.19.0.12"], "a different clusterIP is kept");
     let mut t = Tracker::new(node());
@@ -1566,7 +1566,7 @@ fn cluster_ip_and_ip_families_are_held_once() {
         .clone()
     };
     assert_eq!(fam("web"), "IPv4");
-    assert!(Arc::ptr_eq(&fam("web").0, &fam("web2").0), "one copy of the IP family");
+    assert!(SharedStr::ptr_eq(&fam("web"), &fam("web2")), "one copy of the IP family");
 }
 
 /// A service's name is held once by the Service, its slices' owner label and the index of its
@@ -1610,7 +1610,7 @@ fn service_name_is_held_once_by_service_and_slices() {
             [("service key", &key), ("service object", &obj), ("slice a", &a), ("slice b", &b)]
         {
             assert!(
-                Arc::ptr_eq(&s.0, &idx.0),
+                SharedStr::ptr_eq(s, &idx),
                 "{what}: one copy of the name (service first: {service_first})"
             );
         }
