@@ -31,11 +31,14 @@ unsafe impl Send for SharedStr {}
 // SAFETY: as above.
 unsafe impl Sync for SharedStr {}
 
-const _: () = assert!(size_of::<SharedStr>() == 8 && size_of::<Option<SharedStr>>() == 8);
+const _: () = assert!(
+    size_of::<SharedStr>() == size_of::<usize>()
+        && size_of::<Option<SharedStr>>() == size_of::<usize>()
+);
 
 /// The allocation of a string of `len` bytes.
 fn layout(len: usize) -> Layout {
-    // Cannot fail for any length a `&str` can have (at most isize::MAX).
+    // Fails (a panic, as `Arc<str>`'s allocation) only for lengths within a header of isize::MAX.
     let (l, _) = Layout::new::<Header>()
         .extend(Layout::array::<u8>(len).expect("string length"))
         .expect("string layout");
