@@ -69,6 +69,9 @@ pub struct ServiceName {
     pub name: SharedStr,
 }
 
+// Two words: a service's name keys four of the tracker's and syncer's tables.
+const _: () = assert!(size_of::<ServiceName>() == 2 * size_of::<usize>());
+
 impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
