@@ -69,7 +69,7 @@ pub struct ServiceName {
     pub name: SharedStr,
 }
 
-// Two words: a service's name keys four of the tracker's and syncer's tables.
+// Two words: a service's name keys the tracker's and the syncer's tables and each claim holds it.
 const _: () = assert!(size_of::<ServiceName>() == 2 * size_of::<usize>());
 
 impl fmt::Display for ServiceName {

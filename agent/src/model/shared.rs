@@ -1,11 +1,11 @@
 //! [`SharedStr`]: the model's immutable, shared string, one word wide.
 //!
 //! Names and short values repeat across the model's indexes and the syncer's records (a service's
-//! name is a key of four tables; a node name is held by every endpoint on that node), so each
-//! distinct string is allocated once and shared. `Arc<str>` does that but is two words (pointer
-//! and length); the agent holds millions of these handles at tens of thousands of services, so
-//! here the length sits in the allocation beside the reference count and the bytes: one word per
-//! handle, one allocation per string, as before.
+//! name keys the tracker's and the syncer's tables and is held by its claims; a node name is
+//! held by every endpoint on that node), so each distinct string is allocated once and shared.
+//! `Arc<str>` does that but is two words (pointer and length); the agent holds millions of these
+//! handles at tens of thousands of services, so here the length sits in the allocation beside the
+//! reference count and the bytes: one word per handle, one allocation per string, as before.
 use std::{
     alloc::{Layout, alloc, dealloc, handle_alloc_error},
     fmt,
