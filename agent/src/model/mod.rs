@@ -31,7 +31,7 @@ pub mod v6;
 
 use endpoints::{Endpoint, Policy, categorize};
 pub use objects::{Change, ObjectName};
-use objects::{EndpointAddr, ServiceCidrObj, ServiceObj, ServicePortObj, SliceObj};
+use objects::{EndpointAddr, HeldService, ServiceCidrObj, ServicePortObj, SliceObj};
 pub use shared::SharedStr;
 
 /// Label of an EndpointSlice naming its Service.
@@ -314,7 +314,7 @@ struct ErrorSite {
 }
 
 impl ErrorSite {
-    fn service(s: &ServiceObj) -> Self {
+    fn service(s: &HeldService) -> Self {
         Self { kind: "Service", object: s.name.to_string(), origin: s.origin.clone() }
     }
 
@@ -404,7 +404,7 @@ enum Age {
 }
 
 impl Age {
-    fn of(svc: &ServiceObj) -> Self {
+    fn of(svc: &HeldService) -> Self {
         svc.created.map_or(Age::Unknown, Age::Created)
     }
 }
@@ -462,11 +462,12 @@ struct ServiceRecord {
 
 /// What the tracker holds under one service name: the Service, the names of its slices and the
 /// record of its last computation, in one entry (one hash table with one copy of the key rather
-/// than three). Any part may be missing: slices arrive before their Service, a deleted Service's
-/// record stays until it is recomputed.
+/// than three) and one allocation (the entry is boxed, the Service inline in it). Any part may
+/// be missing: slices arrive before their Service, a deleted Service's record stays until it is
+/// recomputed.
 #[derive(Debug, Default)]
 struct Held {
-    service: Option<Box<ServiceObj>>,
+    service: Option<HeldService>,
     /// Names of its IPv4 and IPv6 slices, in name order. Inline for the usual one slice (no
     /// allocation of its own).
     slices: SmallVec<[SharedStr; 1]>,
@@ -518,8 +519,8 @@ pub struct Tracker {
     /// Node objects: name → zone label.
     node_zones: HashMap<String, Option<String>>,
     /// Service name → the Service, its slices' names, its record ([`Held`]); an entry goes when
-    /// it holds nothing. Boxed (as `slices`): a `Held` is ~160 bytes, and the table's free
-    /// buckets (up to half of them right after it doubles) then cost a pointer each.
+    /// it holds nothing. Boxed (as `slices`): a `Held` is a few hundred bytes, and the table's
+    /// free buckets (up to half of them right after it doubles) then cost a pointer each.
     held: NameMap<ServiceName, Box<Held>>,
     /// Number of Services held.
     service_count: usize,
@@ -635,7 +636,8 @@ impl Tracker {
     /// invalid update of a valid object is set aside (see [`Tracker`]).
     pub fn apply(&mut self, change: Change) {
         match change {
-            Change::Service(mut s) => {
+            Change::Service(s) => {
+                let mut s = HeldService::from(s);
                 s.name.namespace = self.intern(&s.name.namespace);
                 if let Some((k, _)) = self.held.get_key_value(&s.name) {
                     // The name its slices arrived with: one copy.
@@ -656,7 +658,7 @@ impl Tracker {
                 self.dirty.insert(s.name.clone());
                 let h = self.held.entry(s.name.clone()).or_default();
                 self.service_count += usize::from(h.service.is_none());
-                h.service = Some(Box::new(s));
+                h.service = Some(s);
             }
             Change::ServiceDeleted(name) => {
                 self.rejected.remove(&("Service", name.clone()));
@@ -832,7 +834,7 @@ impl Tracker {
 
     /// Shares the short values of a Service that repeat across objects (type, policies, IP
     /// families, port names and protocols).
-    fn intern_service_values(&mut self, s: &mut ServiceObj) {
+    fn intern_service_values(&mut self, s: &mut HeldService) {
         self.intern_opt(&mut s.type_);
         self.intern_opt(&mut s.ip_family_policy);
         self.intern_opt(&mut s.external_traffic_policy);
@@ -848,8 +850,8 @@ impl Tracker {
     }
 
     /// The Service held under `name`.
-    fn service(&self, name: &ServiceName) -> Option<&ServiceObj> {
-        self.held.get(name).and_then(|h| h.service.as_deref())
+    fn service(&self, name: &ServiceName) -> Option<&HeldService> {
+        self.held.get(name).and_then(|h| h.service.as_ref())
     }
 
     fn node_changed(&mut self, name: &str) {
@@ -935,7 +937,7 @@ impl Tracker {
         let mut names: Vec<(Age, ServiceName)> = self
             .held
             .iter()
-            .filter_map(|(n, h)| Some((Age::of(h.service.as_deref()?), n.clone())))
+            .filter_map(|(n, h)| Some((Age::of(h.service.as_ref()?), n.clone())))
             .collect();
         names.sort();
         self.dirty.clear();
@@ -994,7 +996,7 @@ impl Tracker {
             self.held.get_mut(name).map(|h| std::mem::take(&mut h.record)).unwrap_or_default();
         let age = self.service(name).map_or(Age::Unknown, Age::of);
         let held = self.held.get(name);
-        let mut result = match held.and_then(|h| h.service.as_deref()) {
+        let mut result = match held.and_then(|h| h.service.as_ref()) {
             Some(svc) => {
                 let slices: Vec<&SliceObj> = held
                     .into_iter()
@@ -1178,7 +1180,7 @@ struct PortSpec {
 }
 
 /// A Service's ports in the order they are numbered in messages (by name, then port).
-fn sorted_ports(svc: &ServiceObj) -> Vec<&ServicePortObj> {
+fn sorted_ports(svc: &HeldService) -> Vec<&ServicePortObj> {
     let mut ports: Vec<&ServicePortObj> = svc.ports.iter().collect();
     ports.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
     ports
@@ -1246,7 +1248,7 @@ fn service_cidr_nets(c: &ServiceCidrObj) -> (Vec<(usize, ipnet::IpNet)>, Vec<Mod
     (nets, errors)
 }
 
-fn check_service(svc: &ServiceObj) -> Vec<ModelError> {
+fn check_service(svc: &HeldService) -> Vec<ModelError> {
     let mut out = ServiceResult::default();
     if let Some(spec) = service_spec(svc, &mut out) {
         let site = ErrorSite::service(svc);
@@ -1269,7 +1271,7 @@ fn family_name(a: &IpAddr) -> &'static str {
 /// RequireDualStack service with the ClusterIP of one family only. kube-proxy's per-family
 /// proxiers go by the address itself, and so does kproxy: these are warnings, the service is
 /// programmed.
-fn family_warnings(site: &ErrorSite, svc: &ServiceObj) -> Vec<ModelError> {
+fn family_warnings(site: &ErrorSite, svc: &HeldService) -> Vec<ModelError> {
     let warn = |field: String, value: &str, reason: String| {
         site.invalid(field, value, reason, outcome::BY_ADDRESS_FAMILY)
     };
@@ -1389,7 +1391,7 @@ fn check_slice(s: &SliceObj) -> Vec<ModelError> {
 /// not allow are left out with an error. Source ranges restrict the LoadBalancer frontends,
 /// and the NodePorts too with `node_port_ranges`.
 fn compute_service(
-    svc: &ServiceObj,
+    svc: &HeldService,
     slices: &[&SliceObj],
     node: &NodeInfo,
     policy: &AddressPolicy,
@@ -1609,8 +1611,8 @@ fn parse_protocol(p: Option<&str>) -> Result<u8, String> {
 /// Leaves out the externalIPs and load-balancer IPs that `policy` does not allow, with an error
 /// naming each.
 /// The index of `svc`'s LoadBalancer ingress entry holding `addr` (0 when none does).
-fn ingress_index(svc: &ServiceObj, addr: IpAddr) -> usize {
-    svc.ingress
+fn ingress_index(svc: &HeldService, addr: IpAddr) -> usize {
+    svc.ingress()
         .iter()
         .position(|g| g.ip.as_deref().and_then(|t| t.parse::<IpAddr>().ok()) == Some(addr))
         .unwrap_or(0)
@@ -1618,7 +1620,7 @@ fn ingress_index(svc: &ServiceObj, addr: IpAddr) -> usize {
 
 fn refuse_addresses(
     site: &ErrorSite,
-    svc: &ServiceObj,
+    svc: &HeldService,
     spec: &mut SvcSpec,
     policy: &AddressPolicy,
     errors: &mut Vec<ModelError>,
@@ -1640,7 +1642,7 @@ fn refuse_addresses(
     spec.external_ips.retain(|a| {
         let ok = AddressPolicy::allows(&policy.external_ips, *a);
         if !ok {
-            let i = svc.external_ips.iter().position(|t| t.trim().parse() == Ok(*a)).unwrap_or(0);
+            let i = svc.external_ips().iter().position(|t| t.trim().parse() == Ok(*a)).unwrap_or(0);
             refuse(
                 format!("spec.externalIPs[{i}]"),
                 IpAddr::V4(*a),
@@ -1666,7 +1668,7 @@ fn refuse_addresses(
     spec.v6.external_ips.retain(|a| {
         let ok = AddressPolicy::allows(&policy.external_ips, *a);
         if !ok {
-            let i = svc.external_ips.iter().position(|t| t.trim().parse() == Ok(*a)).unwrap_or(0);
+            let i = svc.external_ips().iter().position(|t| t.trim().parse() == Ok(*a)).unwrap_or(0);
             let field = format!("spec.externalIPs[{i}]");
             refuse(field, IpAddr::V6(*a), "--external-ip-cidrs", &policy.external_ips);
         }
@@ -1691,13 +1693,13 @@ fn refuse_addresses(
 /// `allowFromNode`).
 fn source_ranges(
     site: &ErrorSite,
-    svc: &ServiceObj,
+    svc: &HeldService,
     node_addrs: &[Ipv4Addr],
     lb_ips: &[Ipv4Addr],
     errors: &mut Vec<ModelError>,
 ) -> BTreeSet<(Ipv4Addr, u8)> {
     let mut out = BTreeSet::new();
-    for (i, text) in svc.source_ranges.iter().enumerate() {
+    for (i, text) in svc.source_ranges().iter().enumerate() {
         let t = text.trim();
         if t.is_empty() {
             continue;
@@ -1751,7 +1753,7 @@ pub(super) fn allow_from_node<A: Copy + Ord + Into<IpAddr>>(
 }
 
 /// Checks a Service and extracts what the frontends need; `None` when it is skipped.
-fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
+fn service_spec(svc: &HeldService, out: &mut ServiceResult) -> Option<SvcSpec> {
     let name = &svc.name;
     let site = ErrorSite::service(svc);
     let err = |field: &str, value: &str, reason: &str| {
@@ -1804,7 +1806,7 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         return None;
     }
     let mut external_ips = Vec::new();
-    for (i, ip) in svc.external_ips.iter().enumerate() {
+    for (i, ip) in svc.external_ips().iter().enumerate() {
         match ip.trim().parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => external_ips.push(a),
             Ok(IpAddr::V6(a)) => {
@@ -1818,7 +1820,7 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         }
     }
     let mut lb_ips = Vec::new();
-    for (i, ing) in svc.ingress.iter().enumerate() {
+    for (i, ing) in svc.ingress().iter().enumerate() {
         let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else { continue };
         if ing.ip_mode.as_deref() == Some("Proxy") {
             out.skipped
@@ -1839,7 +1841,7 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         }
     }
     let node_ports = matches!(svc.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-    let externally_accessible = node_ports || !svc.external_ips.is_empty();
+    let externally_accessible = node_ports || !svc.external_ips().is_empty();
     let policy_external_local = match svc.external_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => externally_accessible,
@@ -1858,7 +1860,7 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
     };
     let affinity_timeout = match svc.session_affinity.as_deref() {
         None | Some("None") => 0,
-        Some("ClientIP") => match svc.affinity_timeout {
+        Some("ClientIP") => match svc.affinity_timeout() {
             None => DEFAULT_AFFINITY_TIMEOUT,
             Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT => t as u32,
             Some(t) => {
@@ -1875,7 +1877,7 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
             return None;
         }
     };
-    let health_check_node_port = match svc.health_check_node_port {
+    let health_check_node_port = match svc.health_check_node_port() {
         None | Some(0) => None,
         Some(p) => match valid_port(p) {
             Some(p) => Some(p),

@@ -5,13 +5,14 @@
 //!
 //! Values are kept as the API spells them where the model validates them (so a bad value is
 //! reported with the text at fault); endpoint addresses are parsed here.
-use std::net::Ipv4Addr;
+use std::{fmt, net::Ipv4Addr};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::ServiceCIDR,
 };
+use smallvec::SmallVec;
 
 use super::{
     ANNOTATION_TRIGGER_TIME, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
@@ -53,7 +54,8 @@ pub struct IngressObj {
     pub ip_mode: Option<String>,
 }
 
-/// What the model reads of a Service.
+/// What the model reads of a Service, as a source delivers it; the tracker holds it packed
+/// ([`HeldService`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceObj {
     /// `namespace/name`.
@@ -65,7 +67,7 @@ pub struct ServiceObj {
     pub created: Option<jiff::Timestamp>,
     /// The first of kube-proxy's skip labels it carries ([`LABEL_SERVICE_PROXY_NAME`],
     /// [`LABEL_HEADLESS`]).
-    pub skip_label: Option<&'static str>,
+    pub skip_label: Option<SkipLabel>,
     /// Whether `spec` is present.
     pub has_spec: bool,
     /// `spec.type` (the tracker shares one copy per distinct value, as of the other short
@@ -102,9 +104,9 @@ pub struct ServiceObj {
 impl From<&Service> for ServiceObj {
     fn from(svc: &Service) -> Self {
         let labels = svc.metadata.labels.as_ref();
-        let skip_label = [LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS]
+        let skip_label = [SkipLabel::ServiceProxyName, SkipLabel::Headless]
             .into_iter()
-            .find(|l| labels.is_some_and(|m| m.contains_key(*l)));
+            .find(|l| labels.is_some_and(|m| m.contains_key(l.key())));
         let spec = svc.spec.as_ref();
         let mut cluster_ips: Vec<SharedStr> = spec
             .and_then(|s| s.cluster_ips.as_ref())
@@ -126,7 +128,7 @@ impl From<&Service> for ServiceObj {
             .flatten()
             .map(|i| IngressObj { ip: i.ip.clone(), ip_mode: i.ip_mode.clone() })
             .collect();
-        let mut obj = Self {
+        Self {
             name: object_name(&svc.metadata),
             origin: None,
             created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -169,18 +171,151 @@ impl From<&Service> for ServiceObj {
             source_ranges: spec
                 .and_then(|s| s.load_balancer_source_ranges.clone())
                 .unwrap_or_default(),
-        };
-        // Held for the object's life: no growth slack (a collected list of 1 port has room for
-        // 4, of 10 endpoints for 16).
-        obj.cluster_ips.shrink_to_fit();
-        obj.ip_families.shrink_to_fit();
-        obj.external_ips.shrink_to_fit();
-        obj.ingress.shrink_to_fit();
-        obj.ports.shrink_to_fit();
-        obj.source_ranges.shrink_to_fit();
-        obj
+        }
     }
 }
+
+/// What few Services set, in one box of a [`HeldService`] so that the others do not pay for it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct ServiceRare {
+    external_ips: Box<[String]>,
+    ingress: Box<[IngressObj]>,
+    source_ranges: Box<[String]>,
+    affinity_timeout: Option<i32>,
+    health_check_node_port: Option<i32>,
+}
+
+/// One of kube-proxy's skip labels: a Service carrying it is not proxied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipLabel {
+    /// [`LABEL_SERVICE_PROXY_NAME`]: served by another proxy.
+    ServiceProxyName,
+    /// [`LABEL_HEADLESS`].
+    Headless,
+}
+
+impl SkipLabel {
+    /// The label's key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::ServiceProxyName => LABEL_SERVICE_PROXY_NAME,
+            Self::Headless => LABEL_HEADLESS,
+        }
+    }
+}
+
+impl fmt::Display for SkipLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+/// A Service as the tracker holds it for as long as it exists: the fields of the
+/// [`ServiceObj`] it was made from, with the same meaning, packed. Two ClusterIPs (the API's
+/// usual `clusterIPs[0]` and `clusterIP`), one IP family and one port are inline (no allocation
+/// of their own); the fields few Services set (externalIPs, load-balancer ingress, source
+/// ranges, affinity timeout, healthCheckNodePort) are in one box, present only when one of them
+/// is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldService {
+    /// [`ServiceObj::name`].
+    pub name: ObjectName,
+    /// [`ServiceObj::origin`].
+    pub origin: Option<SharedStr>,
+    /// [`ServiceObj::created`].
+    pub created: Option<jiff::Timestamp>,
+    /// [`ServiceObj::skip_label`].
+    pub skip_label: Option<SkipLabel>,
+    /// [`ServiceObj::has_spec`].
+    pub has_spec: bool,
+    /// [`ServiceObj::type_`].
+    pub type_: Option<SharedStr>,
+    /// [`ServiceObj::cluster_ips`].
+    pub cluster_ips: SmallVec<[SharedStr; 2]>,
+    /// [`ServiceObj::ip_families`].
+    pub ip_families: SmallVec<[SharedStr; 1]>,
+    /// [`ServiceObj::ip_family_policy`].
+    pub ip_family_policy: Option<SharedStr>,
+    /// [`ServiceObj::external_traffic_policy`].
+    pub external_traffic_policy: Option<SharedStr>,
+    /// [`ServiceObj::internal_traffic_policy`].
+    pub internal_traffic_policy: Option<SharedStr>,
+    /// [`ServiceObj::session_affinity`].
+    pub session_affinity: Option<SharedStr>,
+    /// [`ServiceObj::ports`].
+    pub ports: SmallVec<[ServicePortObj; 1]>,
+    rare: Option<Box<ServiceRare>>,
+}
+
+impl From<ServiceObj> for HeldService {
+    fn from(s: ServiceObj) -> Self {
+        let rare = ServiceRare {
+            external_ips: s.external_ips.into(),
+            ingress: s.ingress.into(),
+            source_ranges: s.source_ranges.into(),
+            affinity_timeout: s.affinity_timeout,
+            health_check_node_port: s.health_check_node_port,
+        };
+        Self {
+            name: s.name,
+            origin: s.origin,
+            created: s.created,
+            skip_label: s.skip_label,
+            has_spec: s.has_spec,
+            type_: s.type_,
+            cluster_ips: packed(s.cluster_ips),
+            ip_families: packed(s.ip_families),
+            ip_family_policy: s.ip_family_policy,
+            external_traffic_policy: s.external_traffic_policy,
+            internal_traffic_policy: s.internal_traffic_policy,
+            session_affinity: s.session_affinity,
+            ports: packed(s.ports),
+            rare: (rare != ServiceRare::default()).then(|| Box::new(rare)),
+        }
+    }
+}
+
+/// A list held for an object's life: inline when it fits, else exactly sized.
+fn packed<A: smallvec::Array>(v: Vec<A::Item>) -> SmallVec<A> {
+    let mut s = SmallVec::from_vec(v);
+    s.shrink_to_fit();
+    s
+}
+
+impl HeldService {
+    fn rare(&self) -> Option<&ServiceRare> {
+        self.rare.as_deref()
+    }
+
+    /// [`ServiceObj::external_ips`].
+    pub fn external_ips(&self) -> &[String] {
+        self.rare().map_or(&[], |r| &r.external_ips)
+    }
+
+    /// [`ServiceObj::ingress`].
+    pub fn ingress(&self) -> &[IngressObj] {
+        self.rare().map_or(&[], |r| &r.ingress)
+    }
+
+    /// [`ServiceObj::source_ranges`].
+    pub fn source_ranges(&self) -> &[String] {
+        self.rare().map_or(&[], |r| &r.source_ranges)
+    }
+
+    /// [`ServiceObj::affinity_timeout`].
+    pub fn affinity_timeout(&self) -> Option<i32> {
+        self.rare().and_then(|r| r.affinity_timeout)
+    }
+
+    /// [`ServiceObj::health_check_node_port`].
+    pub fn health_check_node_port(&self) -> Option<i32> {
+        self.rare().and_then(|r| r.health_check_node_port)
+    }
+}
+
+// 208 bytes, where a `ServiceObj` is 272 and its ClusterIPs, IP families and ports three
+// allocations more; one is held per Service.
+const _: () = assert!(std::mem::size_of::<HeldService>() <= 208);
 
 /// One port of an EndpointSlice.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1569,6 +1569,48 @@ fn cluster_ip_and_ip_families_are_held_once() {
     assert!(SharedStr::ptr_eq(&fam("web"), &fam("web2")), "one copy of the IP family");
 }
 
+/// The tracker's packed Service keeps every field of the object it was made from: the usual
+/// lists inline, the rare fields behind their accessors.
+#[test]
+fn held_service_keeps_every_field() {
+    let plain = svc_obj(
+        "metadata: {name: web}\nspec: {clusterIP: 198.19.0.10, clusterIPs: [198.19.0.10], \
+         ipFamilies: [IPv4], ports: [{name: http, port: 80}]}",
+        1,
+    );
+    let held = objects::HeldService::from(plain.clone());
+    assert_eq!(&held.cluster_ips[..], &plain.cluster_ips[..]);
+    assert_eq!(&held.ip_families[..], &plain.ip_families[..]);
+    assert_eq!(&held.ports[..], &plain.ports[..]);
+    assert!(
+        !held.cluster_ips.spilled() && !held.ip_families.spilled() && !held.ports.spilled(),
+        "two ClusterIPs, one family and one port take no allocation of their own"
+    );
+    assert_eq!((held.name.clone(), held.created), (plain.name.clone(), plain.created));
+    assert!(held.external_ips().is_empty() && held.ingress().is_empty());
+    assert!(held.source_ranges().is_empty() && held.affinity_timeout().is_none());
+    assert!(held.health_check_node_port().is_none());
+
+    let rare = svc_obj(
+        "metadata: {name: lb}\nspec: {type: LoadBalancer, clusterIP: 198.19.0.11, \
+         externalIPs: [198.18.200.20, 198.18.200.21], loadBalancerSourceRanges: [10.0.0.0/8], \
+         sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, \
+         externalTrafficPolicy: Local, healthCheckNodePort: 30999, \
+         ports: [{name: a, port: 80}, {name: b, port: 81}, {name: c, port: 82}]}\n\
+         status: {loadBalancer: {ingress: [{ip: 198.18.250.1, ipMode: VIP}]}}",
+        2,
+    );
+    let held = objects::HeldService::from(rare.clone());
+    assert_eq!(held.external_ips(), &rare.external_ips[..]);
+    assert_eq!(held.ingress(), &rare.ingress[..]);
+    assert_eq!(held.source_ranges(), &rare.source_ranges[..]);
+    assert_eq!(held.affinity_timeout(), Some(60));
+    assert_eq!(held.health_check_node_port(), Some(30999));
+    assert_eq!(&held.ports[..], &rare.ports[..]);
+    assert_eq!(held.ports.capacity(), 3, "a longer list is sized exactly");
+    assert_eq!(held.ingress().len(), 1);
+}
+
 /// A service's name is held once by the Service, its slices' owner label and the index of its
 /// slices, whichever arrives first.
 #[test]

@@ -17,7 +17,7 @@ use kproxy_common::{Addr6, Service6Key, proto, scope};
 use super::{
     ErrorSite, ModelError, NodeInfo, Serve, ServicePortName, SvcSpec, collect_endpoints,
     endpoints::Endpoint,
-    objects::{EndpointAddr, EndpointObj, ServiceObj, SliceObj},
+    objects::{EndpointAddr, EndpointObj, HeldService, SliceObj},
     outcome, port_frontends, proto_name,
 };
 
@@ -141,12 +141,12 @@ pub(super) fn service_addr6(
 /// by the IPv4 reading. When a range holds a node address, the load-balancer IPs are allowed
 /// too (kube-proxy's `allowFromNode`).
 pub(super) fn source_ranges6(
-    svc: &ServiceObj,
+    svc: &HeldService,
     node_addrs: &[Ipv6Addr],
     lb_ips: &[Ipv6Addr],
 ) -> BTreeSet<(Ipv6Addr, u8)> {
     let mut out = BTreeSet::new();
-    for text in &svc.source_ranges {
+    for text in svc.source_ranges() {
         if let Ok(ipnet::IpNet::V6(n)) = text.trim().parse::<ipnet::IpNet>() {
             out.insert((n.network(), n.prefix_len()));
         }
