@@ -1752,3 +1752,34 @@ spec:
     let f = fe(new_addr.octets(), 30080, proto::TCP, scope::EXTERNAL);
     assert!(by_full.state.services.values().any(|s| s.frontends.contains_key(&f)));
 }
+
+/// The packed age orders as the creation timestamps do (before and after the epoch, to the
+/// nanosecond), an unknown one last, and prints the timestamp it was made from.
+#[test]
+fn packed_age_orders_as_timestamps() {
+    let times: Vec<jiff::Timestamp> = [
+        (-2, -500_000_000),
+        (-1, -1),
+        (-1, 0),
+        (0, -999_999_999),
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1_700_000_000, 5),
+    ]
+    .into_iter()
+    .map(|(s, n)| jiff::Timestamp::new(s, n).unwrap())
+    .collect();
+    assert!(times.is_sorted());
+    let ages: Vec<Age> = times.iter().copied().map(Age::created).collect();
+    for (i, a) in ages.iter().enumerate() {
+        for (j, b) in ages.iter().enumerate() {
+            assert_eq!(a.cmp(b), i.cmp(&j), "{a} against {b}");
+        }
+        assert!(*a < Age::UNKNOWN);
+        assert_eq!(a.timestamp(), Some(times[i]));
+    }
+    assert_eq!(Age::created(times[7]).to_string(), format!("created {}", times[7]));
+    assert_eq!(Age::UNKNOWN.to_string(), "creation time unknown");
+    assert_eq!(Age::default(), Age::UNKNOWN);
+}
