@@ -786,7 +786,7 @@ impl Tracker {
                     self.intern_opt(&mut p.name);
                     self.intern_opt(&mut p.protocol);
                 }
-                for ep in &mut s.endpoints {
+                for ep in s.endpoints.iter_mut() {
                     if let Some(n) = &ep.node_name {
                         ep.node_name = Some(self.intern(n));
                     }
@@ -813,7 +813,7 @@ impl Tracker {
                 if let Some(t) = &s.trigger_time
                     && old.and_then(|o| o.trigger_time.as_ref()) != Some(t)
                 {
-                    self.triggers.push(t.clone());
+                    self.triggers.push(t.to_string());
                 }
                 let name = s.name.clone();
                 self.unlink_slice(&name);

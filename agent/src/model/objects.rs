@@ -465,12 +465,15 @@ pub struct SliceObj {
     /// shares it).
     pub service: Option<SharedStr>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
-    pub trigger_time: Option<String>,
+    pub trigger_time: Option<Box<str>>,
     /// `ports`.
     pub ports: Vec<SlicePortObj>,
-    /// `endpoints`.
-    pub endpoints: Vec<EndpointObj>,
+    /// `endpoints` (never grown once built: a boxed slice, no capacity word).
+    pub endpoints: Box<[EndpointObj]>,
 }
+
+// 96 bytes (112 with a `Vec` of endpoints and a `String` trigger time); one is held per slice.
+const _: () = assert!(std::mem::size_of::<SliceObj>() <= 96);
 
 impl SliceObj {
     /// The Service owning the slice, if the label names one.
@@ -521,7 +524,7 @@ impl From<&EndpointSlice> for SliceObj {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
-                .cloned(),
+                .map(|t| t.as_str().into()),
             ports: s
                 .ports
                 .iter()
@@ -534,9 +537,9 @@ impl From<&EndpointSlice> for SliceObj {
                 .collect(),
             endpoints,
         };
-        // Held for the object's life: no growth slack (see `ServiceObj`).
+        // Held for the object's life: no growth slack (a collected list of 1 port has room for
+        // 4; the endpoints are boxed to their length).
         obj.ports.shrink_to_fit();
-        obj.endpoints.shrink_to_fit();
         obj
     }
 }
