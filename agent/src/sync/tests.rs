@@ -1176,3 +1176,34 @@ fn service_cidrs_are_written_when_they_change_and_retried_after_a_failure() {
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(dp.service_cidrs, crate::dataplane::guard::service_cidrs(&[net("198.19.0.0/24")]));
 }
+
+#[test]
+fn shadow_backends_keep_values_and_slot_counts_in_one_entry() {
+    let mut b = ShadowBackends::default();
+    let v = Backend4 { addr: 1, port: 2, proto: 6, flags: 0 };
+    // A slot naming an id the map does not hold (left by a crash): a count without a value.
+    b.add_ref(7);
+    assert!(b.referenced(7));
+    assert_eq!((b.get(&7), b.len(), b.ids().count()), (None, 0, 0));
+    assert_eq!(b.insert(7, v), None);
+    assert_eq!((b.get(&7), b.len()), (Some(&v), 1));
+    let w = Backend4 { flags: backend_flags::LOCAL, ..v };
+    assert_eq!(b.insert(7, w), Some(v));
+    assert_eq!(b.len(), 1);
+    assert_eq!(b.remove(&7), Some(w));
+    assert!(b.referenced(7), "the count outlives the value");
+    assert_eq!((b.get(&7), b.len()), (None, 0));
+    assert_eq!(b.remove(&7), None);
+    assert!(b.drop_ref(7), "the last slot");
+    assert!(!b.referenced(7));
+    assert!(b.by_id.is_empty(), "an entry with neither value nor count goes");
+    b.insert(8, v);
+    b.add_ref(8);
+    b.add_ref(8);
+    assert!(!b.drop_ref(8));
+    assert!(b.drop_ref(8));
+    assert!(!b.drop_ref(8), "no count left to drop");
+    assert_eq!(b.iter().collect::<Vec<_>>(), [(8, v)]);
+    assert_eq!(b.remove(&8), Some(v));
+    assert!(b.by_id.is_empty());
+}
