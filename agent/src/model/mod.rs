@@ -31,7 +31,7 @@ pub mod v6;
 
 use endpoints::{Endpoint, Policy, categorize};
 pub use objects::{Change, ObjectName};
-use objects::{EndpointAddr, HeldService, ServiceCidrObj, ServicePortObj, SliceObj};
+use objects::{EndpointAddr, ServiceCidrObj, ServiceObj, ServicePortObj, SliceObj};
 pub use shared::SharedStr;
 
 /// Label of an EndpointSlice naming its Service.
@@ -314,7 +314,7 @@ struct ErrorSite {
 }
 
 impl ErrorSite {
-    fn service(s: &HeldService) -> Self {
+    fn service(s: &ServiceObj) -> Self {
         Self { kind: "Service", object: s.name.to_string(), origin: s.origin.clone() }
     }
 
@@ -410,7 +410,7 @@ impl Age {
     /// After every creation time (the last second jiff represents is far below `i64::MAX`).
     const UNKNOWN: Self = Self { second: i64::MAX, nanosecond: 0 };
 
-    fn of(svc: &HeldService) -> Self {
+    fn of(svc: &ServiceObj) -> Self {
         svc.created.map_or(Self::UNKNOWN, Self::created)
     }
 
@@ -573,7 +573,7 @@ struct ServiceRecord {
 /// recomputed.
 #[derive(Debug, Default)]
 struct Held {
-    service: Option<HeldService>,
+    service: Option<ServiceObj>,
     /// Names of its IPv4 and IPv6 slices, in name order. Inline for the usual one slice (no
     /// allocation of its own).
     slices: SmallVec<[SharedStr; 1]>,
@@ -742,8 +742,7 @@ impl Tracker {
     /// invalid update of a valid object is set aside (see [`Tracker`]).
     pub fn apply(&mut self, change: Change) {
         match change {
-            Change::Service(s) => {
-                let mut s = HeldService::from(s);
+            Change::Service(mut s) => {
                 s.name.namespace = self.intern(&s.name.namespace);
                 if let Some((k, _)) = self.held.get_key_value(&s.name) {
                     // The name its slices arrived with: one copy.
@@ -940,7 +939,7 @@ impl Tracker {
 
     /// Shares the short values of a Service that repeat across objects (type, policies, IP
     /// families, port names and protocols).
-    fn intern_service_values(&mut self, s: &mut HeldService) {
+    fn intern_service_values(&mut self, s: &mut ServiceObj) {
         self.intern_opt(&mut s.type_);
         self.intern_opt(&mut s.ip_family_policy);
         self.intern_opt(&mut s.external_traffic_policy);
@@ -956,7 +955,7 @@ impl Tracker {
     }
 
     /// The Service held under `name`.
-    fn service(&self, name: &ServiceName) -> Option<&HeldService> {
+    fn service(&self, name: &ServiceName) -> Option<&ServiceObj> {
         self.held.get(name).and_then(|h| h.service.as_ref())
     }
 
@@ -1294,7 +1293,7 @@ struct PortSpec {
 }
 
 /// A Service's ports in the order they are numbered in messages (by name, then port).
-fn sorted_ports(svc: &HeldService) -> Vec<&ServicePortObj> {
+fn sorted_ports(svc: &ServiceObj) -> Vec<&ServicePortObj> {
     let mut ports: Vec<&ServicePortObj> = svc.ports.iter().collect();
     ports.sort_by(|a, b| (&a.name, a.port).cmp(&(&b.name, b.port)));
     ports
@@ -1362,7 +1361,7 @@ fn service_cidr_nets(c: &ServiceCidrObj) -> (Vec<(usize, ipnet::IpNet)>, Vec<Mod
     (nets, errors)
 }
 
-fn check_service(svc: &HeldService) -> Vec<ModelError> {
+fn check_service(svc: &ServiceObj) -> Vec<ModelError> {
     let mut out = ServiceResult::default();
     if let Some(spec) = service_spec(svc, &mut out) {
         let site = ErrorSite::service(svc);
@@ -1385,7 +1384,7 @@ fn family_name(a: &IpAddr) -> &'static str {
 /// RequireDualStack service with the ClusterIP of one family only. kube-proxy's per-family
 /// proxiers go by the address itself, and so does kproxy: these are warnings, the service is
 /// programmed.
-fn family_warnings(site: &ErrorSite, svc: &HeldService) -> Vec<ModelError> {
+fn family_warnings(site: &ErrorSite, svc: &ServiceObj) -> Vec<ModelError> {
     let warn = |field: String, value: &str, reason: String| {
         site.invalid(field, value, reason, outcome::BY_ADDRESS_FAMILY)
     };
@@ -1505,7 +1504,7 @@ fn check_slice(s: &SliceObj) -> Vec<ModelError> {
 /// not allow are left out with an error. Source ranges restrict the LoadBalancer frontends,
 /// and the NodePorts too with `node_port_ranges`.
 fn compute_service(
-    svc: &HeldService,
+    svc: &ServiceObj,
     slices: &[&SliceObj],
     node: &NodeInfo,
     policy: &AddressPolicy,
@@ -1725,7 +1724,7 @@ fn parse_protocol(p: Option<&str>) -> Result<u8, String> {
 /// Leaves out the externalIPs and load-balancer IPs that `policy` does not allow, with an error
 /// naming each.
 /// The index of `svc`'s LoadBalancer ingress entry holding `addr` (0 when none does).
-fn ingress_index(svc: &HeldService, addr: IpAddr) -> usize {
+fn ingress_index(svc: &ServiceObj, addr: IpAddr) -> usize {
     svc.ingress()
         .iter()
         .position(|g| g.ip.as_deref().and_then(|t| t.parse::<IpAddr>().ok()) == Some(addr))
@@ -1734,7 +1733,7 @@ fn ingress_index(svc: &HeldService, addr: IpAddr) -> usize {
 
 fn refuse_addresses(
     site: &ErrorSite,
-    svc: &HeldService,
+    svc: &ServiceObj,
     spec: &mut SvcSpec,
     policy: &AddressPolicy,
     errors: &mut Vec<ModelError>,
@@ -1807,7 +1806,7 @@ fn refuse_addresses(
 /// `allowFromNode`).
 fn source_ranges(
     site: &ErrorSite,
-    svc: &HeldService,
+    svc: &ServiceObj,
     node_addrs: &[Ipv4Addr],
     lb_ips: &[Ipv4Addr],
     errors: &mut Vec<ModelError>,
@@ -1867,7 +1866,7 @@ pub(super) fn allow_from_node<A: Copy + Ord + Into<IpAddr>>(
 }
 
 /// Checks a Service and extracts what the frontends need; `None` when it is skipped.
-fn service_spec(svc: &HeldService, out: &mut ServiceResult) -> Option<SvcSpec> {
+fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
     let name = &svc.name;
     let site = ErrorSite::service(svc);
     let err = |field: &str, value: &str, reason: &str| {

@@ -54,8 +54,11 @@ pub struct IngressObj {
     pub ip_mode: Option<String>,
 }
 
-/// What the model reads of a Service, as a source delivers it; the tracker holds it packed
-/// ([`HeldService`]).
+/// What the model reads of a Service, packed as the tracker holds it for as long as the Service
+/// exists: two ClusterIPs (the API's usual `clusterIPs[0]` and `clusterIP`), one IP family and
+/// one port inline (no allocation of their own), the fields few Services set (externalIPs,
+/// load-balancer ingress, source ranges, affinity timeout, healthCheckNodePort) in one box,
+/// present only when one of them is ([`ServiceRare`], read through the accessors).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceObj {
     /// `namespace/name`.
@@ -75,30 +78,41 @@ pub struct ServiceObj {
     pub type_: Option<SharedStr>,
     /// `spec.clusterIPs` followed by `spec.clusterIP` (which repeats `clusterIPs[0]` and then
     /// shares its allocation).
-    pub cluster_ips: Vec<SharedStr>,
+    pub cluster_ips: SmallVec<[SharedStr; 2]>,
     /// `spec.ipFamilies` (index `i` names the family of `cluster_ips[i]`; shared by the tracker
     /// like the other short values).
-    pub ip_families: Vec<SharedStr>,
+    pub ip_families: SmallVec<[SharedStr; 1]>,
     /// `spec.ipFamilyPolicy`.
     pub ip_family_policy: Option<SharedStr>,
-    /// `spec.externalIPs`.
-    pub external_ips: Vec<String>,
-    /// `status.loadBalancer.ingress`.
-    pub ingress: Vec<IngressObj>,
     /// `spec.externalTrafficPolicy`.
     pub external_traffic_policy: Option<SharedStr>,
     /// `spec.internalTrafficPolicy`.
     pub internal_traffic_policy: Option<SharedStr>,
     /// `spec.sessionAffinity`.
     pub session_affinity: Option<SharedStr>,
+    /// `spec.ports`.
+    pub ports: SmallVec<[ServicePortObj; 1]>,
+    /// The rarely set fields (`None` when none is).
+    pub rare: Option<Box<ServiceRare>>,
+}
+
+// 208 bytes, where the Service with plain vectors took 272 and its ClusterIPs, IP families and
+// ports three allocations more; one is held per Service.
+const _: () = assert!(std::mem::size_of::<ServiceObj>() <= 208);
+
+/// What few Services set, in one box of a [`ServiceObj`] so that the others do not pay for it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceRare {
+    /// `spec.externalIPs`.
+    pub external_ips: Box<[String]>,
+    /// `status.loadBalancer.ingress`.
+    pub ingress: Box<[IngressObj]>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub source_ranges: Box<[String]>,
     /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout: Option<i32>,
     /// `spec.healthCheckNodePort`.
     pub health_check_node_port: Option<i32>,
-    /// `spec.ports`.
-    pub ports: Vec<ServicePortObj>,
-    /// `spec.loadBalancerSourceRanges`.
-    pub source_ranges: Vec<String>,
 }
 
 impl From<&Service> for ServiceObj {
@@ -108,7 +122,7 @@ impl From<&Service> for ServiceObj {
             .into_iter()
             .find(|l| labels.is_some_and(|m| m.contains_key(l.key())));
         let spec = svc.spec.as_ref();
-        let mut cluster_ips: Vec<SharedStr> = spec
+        let mut cluster_ips: SmallVec<[SharedStr; 2]> = spec
             .and_then(|s| s.cluster_ips.as_ref())
             .into_iter()
             .flatten()
@@ -119,15 +133,27 @@ impl From<&Service> for ServiceObj {
             let shared = cluster_ips.iter().find(|c| **c == ip).cloned();
             cluster_ips.push(shared.unwrap_or_else(|| ip.into()));
         }
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|i| IngressObj { ip: i.ip.clone(), ip_mode: i.ip_mode.clone() })
-            .collect();
+        let rare = ServiceRare {
+            external_ips: spec.and_then(|s| s.external_ips.as_deref()).unwrap_or_default().into(),
+            ingress: svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|i| IngressObj { ip: i.ip.clone(), ip_mode: i.ip_mode.clone() })
+                .collect(),
+            source_ranges: spec
+                .and_then(|s| s.load_balancer_source_ranges.as_deref())
+                .unwrap_or_default()
+                .into(),
+            affinity_timeout: spec
+                .and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds),
+            health_check_node_port: spec.and_then(|s| s.health_check_node_port),
+        };
         Self {
             name: object_name(&svc.metadata),
             origin: None,
@@ -135,16 +161,15 @@ impl From<&Service> for ServiceObj {
             skip_label,
             has_spec: spec.is_some(),
             type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),
-            cluster_ips,
-            ip_families: spec
-                .and_then(|s| s.ip_families.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|f| f.as_str().into())
-                .collect(),
+            cluster_ips: exact(cluster_ips),
+            ip_families: exact(
+                spec.and_then(|s| s.ip_families.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|f| f.as_str().into())
+                    .collect(),
+            ),
             ip_family_policy: spec.and_then(|s| s.ip_family_policy.as_deref()).map(Into::into),
-            external_ips: spec.and_then(|s| s.external_ips.clone()).unwrap_or_default(),
-            ingress,
             external_traffic_policy: spec
                 .and_then(|s| s.external_traffic_policy.as_deref())
                 .map(Into::into),
@@ -152,37 +177,58 @@ impl From<&Service> for ServiceObj {
                 .and_then(|s| s.internal_traffic_policy.as_deref())
                 .map(Into::into),
             session_affinity: spec.and_then(|s| s.session_affinity.as_deref()).map(Into::into),
-            affinity_timeout: spec
-                .and_then(|s| s.session_affinity_config.as_ref())
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds),
-            health_check_node_port: spec.and_then(|s| s.health_check_node_port),
-            ports: spec
-                .and_then(|s| s.ports.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|p| ServicePortObj {
-                    name: p.name.as_deref().map(Into::into),
-                    protocol: p.protocol.as_deref().map(Into::into),
-                    port: p.port,
-                    node_port: p.node_port,
-                })
-                .collect(),
-            source_ranges: spec
-                .and_then(|s| s.load_balancer_source_ranges.clone())
-                .unwrap_or_default(),
+            ports: exact(
+                spec.and_then(|s| s.ports.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|p| ServicePortObj {
+                        name: p.name.as_deref().map(Into::into),
+                        protocol: p.protocol.as_deref().map(Into::into),
+                        port: p.port,
+                        node_port: p.node_port,
+                    })
+                    .collect(),
+            ),
+            rare: (rare != ServiceRare::default()).then(|| Box::new(rare)),
         }
     }
 }
 
-/// What few Services set, in one box of a [`HeldService`] so that the others do not pay for it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct ServiceRare {
-    external_ips: Box<[String]>,
-    ingress: Box<[IngressObj]>,
-    source_ranges: Box<[String]>,
-    affinity_timeout: Option<i32>,
-    health_check_node_port: Option<i32>,
+/// A list held for an object's life: inline when it fits, else without growth slack.
+fn exact<A: smallvec::Array>(mut v: SmallVec<A>) -> SmallVec<A> {
+    v.shrink_to_fit();
+    v
+}
+
+impl ServiceObj {
+    fn rare(&self) -> Option<&ServiceRare> {
+        self.rare.as_deref()
+    }
+
+    /// `spec.externalIPs`.
+    pub fn external_ips(&self) -> &[String] {
+        self.rare().map_or(&[], |r| &r.external_ips)
+    }
+
+    /// `status.loadBalancer.ingress`.
+    pub fn ingress(&self) -> &[IngressObj] {
+        self.rare().map_or(&[], |r| &r.ingress)
+    }
+
+    /// `spec.loadBalancerSourceRanges`.
+    pub fn source_ranges(&self) -> &[String] {
+        self.rare().map_or(&[], |r| &r.source_ranges)
+    }
+
+    /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub fn affinity_timeout(&self) -> Option<i32> {
+        self.rare().and_then(|r| r.affinity_timeout)
+    }
+
+    /// `spec.healthCheckNodePort`.
+    pub fn health_check_node_port(&self) -> Option<i32> {
+        self.rare().and_then(|r| r.health_check_node_port)
+    }
 }
 
 /// One of kube-proxy's skip labels: a Service carrying it is not proxied.
@@ -209,113 +255,6 @@ impl fmt::Display for SkipLabel {
         f.write_str(self.key())
     }
 }
-
-/// A Service as the tracker holds it for as long as it exists: the fields of the
-/// [`ServiceObj`] it was made from, with the same meaning, packed. Two ClusterIPs (the API's
-/// usual `clusterIPs[0]` and `clusterIP`), one IP family and one port are inline (no allocation
-/// of their own); the fields few Services set (externalIPs, load-balancer ingress, source
-/// ranges, affinity timeout, healthCheckNodePort) are in one box, present only when one of them
-/// is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldService {
-    /// [`ServiceObj::name`].
-    pub name: ObjectName,
-    /// [`ServiceObj::origin`].
-    pub origin: Option<SharedStr>,
-    /// [`ServiceObj::created`].
-    pub created: Option<jiff::Timestamp>,
-    /// [`ServiceObj::skip_label`].
-    pub skip_label: Option<SkipLabel>,
-    /// [`ServiceObj::has_spec`].
-    pub has_spec: bool,
-    /// [`ServiceObj::type_`].
-    pub type_: Option<SharedStr>,
-    /// [`ServiceObj::cluster_ips`].
-    pub cluster_ips: SmallVec<[SharedStr; 2]>,
-    /// [`ServiceObj::ip_families`].
-    pub ip_families: SmallVec<[SharedStr; 1]>,
-    /// [`ServiceObj::ip_family_policy`].
-    pub ip_family_policy: Option<SharedStr>,
-    /// [`ServiceObj::external_traffic_policy`].
-    pub external_traffic_policy: Option<SharedStr>,
-    /// [`ServiceObj::internal_traffic_policy`].
-    pub internal_traffic_policy: Option<SharedStr>,
-    /// [`ServiceObj::session_affinity`].
-    pub session_affinity: Option<SharedStr>,
-    /// [`ServiceObj::ports`].
-    pub ports: SmallVec<[ServicePortObj; 1]>,
-    rare: Option<Box<ServiceRare>>,
-}
-
-impl From<ServiceObj> for HeldService {
-    fn from(s: ServiceObj) -> Self {
-        let rare = ServiceRare {
-            external_ips: s.external_ips.into(),
-            ingress: s.ingress.into(),
-            source_ranges: s.source_ranges.into(),
-            affinity_timeout: s.affinity_timeout,
-            health_check_node_port: s.health_check_node_port,
-        };
-        Self {
-            name: s.name,
-            origin: s.origin,
-            created: s.created,
-            skip_label: s.skip_label,
-            has_spec: s.has_spec,
-            type_: s.type_,
-            cluster_ips: packed(s.cluster_ips),
-            ip_families: packed(s.ip_families),
-            ip_family_policy: s.ip_family_policy,
-            external_traffic_policy: s.external_traffic_policy,
-            internal_traffic_policy: s.internal_traffic_policy,
-            session_affinity: s.session_affinity,
-            ports: packed(s.ports),
-            rare: (rare != ServiceRare::default()).then(|| Box::new(rare)),
-        }
-    }
-}
-
-/// A list held for an object's life: inline when it fits, else exactly sized.
-fn packed<A: smallvec::Array>(v: Vec<A::Item>) -> SmallVec<A> {
-    let mut s = SmallVec::from_vec(v);
-    s.shrink_to_fit();
-    s
-}
-
-impl HeldService {
-    fn rare(&self) -> Option<&ServiceRare> {
-        self.rare.as_deref()
-    }
-
-    /// [`ServiceObj::external_ips`].
-    pub fn external_ips(&self) -> &[String] {
-        self.rare().map_or(&[], |r| &r.external_ips)
-    }
-
-    /// [`ServiceObj::ingress`].
-    pub fn ingress(&self) -> &[IngressObj] {
-        self.rare().map_or(&[], |r| &r.ingress)
-    }
-
-    /// [`ServiceObj::source_ranges`].
-    pub fn source_ranges(&self) -> &[String] {
-        self.rare().map_or(&[], |r| &r.source_ranges)
-    }
-
-    /// [`ServiceObj::affinity_timeout`].
-    pub fn affinity_timeout(&self) -> Option<i32> {
-        self.rare().and_then(|r| r.affinity_timeout)
-    }
-
-    /// [`ServiceObj::health_check_node_port`].
-    pub fn health_check_node_port(&self) -> Option<i32> {
-        self.rare().and_then(|r| r.health_check_node_port)
-    }
-}
-
-// 208 bytes, where a `ServiceObj` is 272 and its ClusterIPs, IP families and ports three
-// allocations more; one is held per Service.
-const _: () = assert!(std::mem::size_of::<HeldService>() <= 208);
 
 /// One port of an EndpointSlice.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -711,7 +711,7 @@ fn invalid_update_of_a_live_service_keeps_its_last_valid_version() {
     ] {
         let mut bad = good.clone();
         match field {
-            "spec.clusterIP" => bad.cluster_ips = vec![value.into()],
+            "spec.clusterIP" => bad.cluster_ips = smallvec::smallvec![value.into()],
             "spec.ports[http].protocol" => bad.ports[0].protocol = Some(value.into()),
             _ => bad.type_ = Some(value.into()),
         }
@@ -754,7 +754,7 @@ fn invalid_update_of_a_live_service_keeps_its_last_valid_version() {
     }
     // A valid edit is applied.
     let mut moved = good.clone();
-    moved.cluster_ips = vec!["198.19.0.11".into()];
+    moved.cluster_ips = smallvec::smallvec!["198.19.0.11".into()];
     t.apply(Change::Service(moved));
     let c = t.changes();
     assert!(c.new_errors.is_empty());
@@ -762,7 +762,7 @@ fn invalid_update_of_a_live_service_keeps_its_last_valid_version() {
     // A service that was never valid is programmed for what is valid in it (here: nothing).
     let mut t = Tracker::new(node());
     let mut bad = good.clone();
-    bad.cluster_ips = vec!["999.1.1.1".into()];
+    bad.cluster_ips = smallvec::smallvec!["999.1.1.1".into()];
     t.apply(Change::Service(bad));
     let c = t.changes();
     assert_eq!(c.new_errors.len(), 1);
@@ -1553,10 +1553,14 @@ fn cluster_ip_and_ip_families_are_held_once() {
         )
     };
     let s = dual("web", "198.19.0.10", "198.19.0.10");
-    assert_eq!(s.cluster_ips, ["198.19.0.10", "198.19.0.10"]);
+    assert_eq!(&s.cluster_ips[..], ["198.19.0.10", "198.19.0.10"]);
     assert!(SharedStr::ptr_eq(&s.cluster_ips[0], &s.cluster_ips[1]), "one copy of the ClusterIP");
     let other = dual("odd", "198.19.0.11", "198.19.0.12");
-    assert_eq!(other.cluster_ips, ["198.19.0.11", "198.19.0.12"], "a different clusterIP is kept");
+    assert_eq!(
+        &other.cluster_ips[..],
+        ["198.19.0.11", "198.19.0.12"],
+        "a different clusterIP is kept"
+    );
     let mut t = Tracker::new(node());
     t.apply(Change::Service(s));
     t.apply(Change::Service(dual("web2", "198.19.0.13", "198.19.0.13")));
@@ -1569,27 +1573,32 @@ fn cluster_ip_and_ip_families_are_held_once() {
     assert!(SharedStr::ptr_eq(&fam("web"), &fam("web2")), "one copy of the IP family");
 }
 
-/// The tracker's packed Service keeps every field of the object it was made from: the usual
-/// lists inline, the rare fields behind their accessors.
+/// A Service as the model holds it keeps every field of the API object: the usual lists inline,
+/// the rare fields behind their accessors.
 #[test]
-fn held_service_keeps_every_field() {
+fn service_obj_is_packed_and_keeps_every_field() {
+    let texts = |v: &[SharedStr]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let plain = svc_obj(
         "metadata: {name: web}\nspec: {clusterIP: 198.19.0.10, clusterIPs: [198.19.0.10], \
          ipFamilies: [IPv4], ports: [{name: http, port: 80}]}",
         1,
     );
-    let held = objects::HeldService::from(plain.clone());
-    assert_eq!(&held.cluster_ips[..], &plain.cluster_ips[..]);
-    assert_eq!(&held.ip_families[..], &plain.ip_families[..]);
-    assert_eq!(&held.ports[..], &plain.ports[..]);
+    assert_eq!(texts(&plain.cluster_ips), ["198.19.0.10", "198.19.0.10"]);
     assert!(
-        !held.cluster_ips.spilled() && !held.ip_families.spilled() && !held.ports.spilled(),
+        SharedStr::ptr_eq(&plain.cluster_ips[0], &plain.cluster_ips[1]),
+        "clusterIP shares clusterIPs[0]"
+    );
+    assert_eq!(texts(&plain.ip_families), ["IPv4"]);
+    assert_eq!(plain.ports.len(), 1);
+    assert_eq!((plain.ports[0].name.as_deref(), plain.ports[0].port), (Some("http"), 80));
+    assert!(
+        !plain.cluster_ips.spilled() && !plain.ip_families.spilled() && !plain.ports.spilled(),
         "two ClusterIPs, one family and one port take no allocation of their own"
     );
-    assert_eq!((held.name.clone(), held.created), (plain.name.clone(), plain.created));
-    assert!(held.external_ips().is_empty() && held.ingress().is_empty());
-    assert!(held.source_ranges().is_empty() && held.affinity_timeout().is_none());
-    assert!(held.health_check_node_port().is_none());
+    assert!(plain.rare.is_none(), "no box without a rare field");
+    assert!(plain.external_ips().is_empty() && plain.ingress().is_empty());
+    assert!(plain.source_ranges().is_empty() && plain.affinity_timeout().is_none());
+    assert!(plain.health_check_node_port().is_none());
 
     let rare = svc_obj(
         "metadata: {name: lb}\nspec: {type: LoadBalancer, clusterIP: 198.19.0.11, \
@@ -1600,15 +1609,17 @@ fn held_service_keeps_every_field() {
          status: {loadBalancer: {ingress: [{ip: 198.18.250.1, ipMode: VIP}]}}",
         2,
     );
-    let held = objects::HeldService::from(rare.clone());
-    assert_eq!(held.external_ips(), &rare.external_ips[..]);
-    assert_eq!(held.ingress(), &rare.ingress[..]);
-    assert_eq!(held.source_ranges(), &rare.source_ranges[..]);
-    assert_eq!(held.affinity_timeout(), Some(60));
-    assert_eq!(held.health_check_node_port(), Some(30999));
-    assert_eq!(&held.ports[..], &rare.ports[..]);
-    assert_eq!(held.ports.capacity(), 3, "a longer list is sized exactly");
-    assert_eq!(held.ingress().len(), 1);
+    assert_eq!(rare.external_ips(), ["198.18.200.20", "198.18.200.21"]);
+    assert_eq!(
+        rare.ingress(),
+        [objects::IngressObj { ip: Some("198.18.250.1".into()), ip_mode: Some("VIP".into()) }]
+    );
+    assert_eq!(rare.source_ranges(), ["10.0.0.0/8"]);
+    assert_eq!(rare.affinity_timeout(), Some(60));
+    assert_eq!(rare.health_check_node_port(), Some(30999));
+    let names: Vec<_> = rare.ports.iter().map(|p| (p.name.as_deref(), p.port)).collect();
+    assert_eq!(names, [(Some("a"), 80), (Some("b"), 81), (Some("c"), 82)]);
+    assert_eq!(rare.ports.capacity(), 3, "a longer list is sized exactly");
 }
 
 /// A service's name is held once by the Service, its slices' owner label and the index of its

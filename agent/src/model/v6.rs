@@ -17,7 +17,7 @@ use kproxy_common::{Addr6, Service6Key, proto, scope};
 use super::{
     ErrorSite, ModelError, NodeInfo, Serve, ServicePortName, SvcSpec, collect_endpoints,
     endpoints::Endpoint,
-    objects::{EndpointAddr, EndpointObj, HeldService, SliceObj},
+    objects::{EndpointAddr, EndpointObj, ServiceObj, SliceObj},
     outcome, port_frontends, proto_name,
 };
 
@@ -141,7 +141,7 @@ pub(super) fn service_addr6(
 /// by the IPv4 reading. When a range holds a node address, the load-balancer IPs are allowed
 /// too (kube-proxy's `allowFromNode`).
 pub(super) fn source_ranges6(
-    svc: &HeldService,
+    svc: &ServiceObj,
     node_addrs: &[Ipv6Addr],
     lb_ips: &[Ipv6Addr],
 ) -> BTreeSet<(Ipv6Addr, u8)> {

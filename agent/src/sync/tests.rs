@@ -832,23 +832,19 @@ mod incremental {
             skip_label: None,
             has_spec: true,
             type_: None,
-            cluster_ips: vec![cluster_ip(i).to_string().into()],
-            ip_families: vec![],
+            cluster_ips: smallvec::smallvec![cluster_ip(i).to_string().into()],
+            ip_families: SmallVec::new(),
             ip_family_policy: None,
-            external_ips: vec![],
-            ingress: vec![],
             external_traffic_policy: None,
             internal_traffic_policy: None,
             session_affinity: None,
-            affinity_timeout: None,
-            health_check_node_port: None,
-            ports: vec![ServicePortObj {
+            ports: smallvec::smallvec![ServicePortObj {
                 name: Some("http".into()),
                 protocol: None,
                 port: 80,
                 node_port: None,
             }],
-            source_ranges: vec![],
+            rare: None,
         }
     }
 
@@ -1016,7 +1012,7 @@ mod incremental {
         // Service 0 takes the ClusterIP of service 9 (service 0 sorts first, so it wins): both
         // are recomputed, 9 loses the frontend with an error, and gets it back when 0 leaves it.
         let mut thief = svc(0);
-        thief.cluster_ips = vec![cluster_ip(9).to_string().into()];
+        thief.cluster_ips = smallvec::smallvec![cluster_ip(9).to_string().into()];
         t.apply(Change::Service(thief));
         let mut c = t.changes();
         assert_eq!(c.services, BTreeSet::from([name(0), name(9)]));
