@@ -13,7 +13,7 @@
 //! Validation errors skip the service (or only the port, or only the endpoint) at fault and name
 //! it; everything else goes on.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
     fmt,
     net::{IpAddr, Ipv4Addr},
 };
@@ -1157,10 +1157,10 @@ impl Tracker {
         {
             let c = Claim::new(age, name, (port, *proto));
             match self.claims.entry(*f) {
-                std::collections::hash_map::Entry::Vacant(e) => {
+                Entry::Vacant(e) => {
                     e.insert(Claims::One(c));
                 }
-                std::collections::hash_map::Entry::Occupied(mut e) => {
+                Entry::Occupied(mut e) => {
                     let prev = e.get().owner();
                     if c < *prev && prev.service != *name {
                         self.dirty.insert(prev.service.clone());
