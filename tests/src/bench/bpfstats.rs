@@ -69,3 +69,14 @@ pub fn per_run(
     let runs = c1.checked_sub(c0).filter(|r| *r >= MIN_RUNS)?;
     Some(t1.saturating_sub(t0) as f64 / runs as f64)
 }
+
+/// Runs of program `name` between two snapshots (0 when it is in neither).
+pub fn runs(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    name: &str,
+) -> u64 {
+    let c1 = after.get(name).map_or(0, |e| e.1);
+    let c0 = before.get(name).map_or(0, |e| e.1);
+    c1.saturating_sub(c0)
+}

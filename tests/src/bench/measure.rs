@@ -244,14 +244,21 @@ pub fn xdp_tx_rate(lab: &Lab, d: Duration) -> Result<f64> {
 
 /// iperf3 TCP throughput (bits/s received) from namespace `ns` to `target`.
 pub fn iperf3(ns: &str, target: SocketAddr, d: Duration) -> Result<f64> {
+    iperf3_at(ns, target, d, None)
+}
+
+/// [`iperf3`], the sender paced to `rate_bps` bits/s when given (iperf3's `-b`).
+pub fn iperf3_at(ns: &str, target: SocketAddr, d: Duration, rate_bps: Option<f64>) -> Result<f64> {
     let secs = format!("{}", d.as_secs_f64().max(1.0));
     let ip = target.ip().to_string();
     let port = target.port().to_string();
-    let out = lab::exec_timeout(
-        ns,
-        &["iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-J", "--connect-timeout", "2000"],
-        d + Duration::from_secs(15),
-    )?;
+    let rate = rate_bps.map(|r| format!("{}", r.round() as u64));
+    let mut args =
+        vec!["iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-J", "--connect-timeout", "2000"];
+    if let Some(r) = &rate {
+        args.extend(["-b", r.as_str()]);
+    }
+    let out = lab::exec_timeout(ns, &args, d + Duration::from_secs(15))?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
     if let Some(e) = v["error"].as_str() {

@@ -531,7 +531,7 @@ pub const BPF_STATS_WINDOWS: [(&str, &str); 4] = [
 /// agent's `--enable-ipv6` (the IPv4 windows above keep their IPv4-only lab): each IPv6 window
 /// beside an IPv4 window of the same shape in that same lab, so that the IPv6/IPv4 ratio
 /// compares one agent, one lab and one set of programs.
-pub const BPF_STATS6_WINDOWS: [(&str, &str); 4] = [
+pub const BPF_STATS6_WINDOWS: [(&str, &str); 8] = [
     (
         "ds-clusterip6-local",
         "dual-stack lab: one iperf3 TCP flow from a pod to an IPv6 ClusterIP whose backend is on the same node",
@@ -542,19 +542,49 @@ pub const BPF_STATS6_WINDOWS: [(&str, &str); 4] = [
         "dual-stack lab: one iperf3 TCP flow from a pod to an IPv6 ClusterIP whose backend is on the other node",
     ),
     ("ds-clusterip4-remote", "dual-stack lab: the same over the service's IPv4 ClusterIP"),
+    (
+        "ds-clusterip6-local-paced",
+        "dual-stack lab, both families paced to one rate: the IPv6 ClusterIP flow to the same node's backend",
+    ),
+    ("ds-clusterip4-local-paced", "dual-stack lab, paced: the same over the IPv4 ClusterIP"),
+    (
+        "ds-clusterip6-remote-paced",
+        "dual-stack lab, both families paced to one rate: the IPv6 ClusterIP flow to the other node's backend",
+    ),
+    ("ds-clusterip4-remote-paced", "dual-stack lab, paced: the same over the IPv4 ClusterIP"),
 ];
 
-/// (IPv6 window, IPv4 window of the same shape) of [`BPF_STATS6_WINDOWS`].
+/// (IPv6 window, IPv4 window of the same shape) of [`BPF_STATS6_WINDOWS`], each flow at the
+/// full speed of its family.
 pub const BPF_STATS6_PAIRS: [(&str, &str); 2] = [
     ("ds-clusterip6-local", "ds-clusterip4-local"),
     ("ds-clusterip6-remote", "ds-clusterip4-remote"),
 ];
 
+/// The same pairs with both flows paced to one rate ([`PACE_SHARE`]): goal 13 compares these.
+/// At full speed the IPv6 flow moves fewer packets than the IPv4 one (the kernel's IPv6 stack
+/// costs more per packet), so the programs on its replies run less often, each run with colder
+/// caches, and its ns per run measures the packet rate as much as the program.
+pub const BPF_STATS6_PACED_PAIRS: [(&str, &str); 2] = [
+    ("ds-clusterip6-local-paced", "ds-clusterip4-local-paced"),
+    ("ds-clusterip6-remote-paced", "ds-clusterip4-remote-paced"),
+];
+
+/// The paced windows' rate: this share of the slowest of the dual-stack lab's four full-speed
+/// flows, measured (one window each) just before the windows.
+pub const PACE_SHARE: f64 = 0.7;
+
+/// Window names of the paced windows end so.
+const PACED_SUFFIX: &str = "-paced";
+
+/// Metric of each window's iperf3 throughput (bits/s received).
+pub const FLOW_BPS: &str = "tcp_bps";
+
 /// The per-program figures of the bpf_stats step: (metric, program, window). Each also has a
 /// net figure ([`net_metric`]): the program's ns per run minus the empty program's (the lab's
 /// `XDP_PASS`, metric `empty_ns`) in the same window. The TC entry programs run the fast path
 /// of both families, so in the IPv6 windows their figure is IPv6's.
-pub const BPF_STATS_FIGURES: [(&str, &str, &str); 21] = [
+pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
     ("from_pod_ns", "kp_tc_from_pod", "clusterip-local"),
     ("to_pod_ns", "kp_tc_to_pod", "clusterip-local"),
     ("from_pod_ns", "kp_tc_from_pod", "clusterip-remote"),
@@ -576,6 +606,18 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 21] = [
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip4-remote"),
     ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip4-remote"),
     ("tc_ext_ns", "kp_tc_ext", "ds-clusterip4-remote"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-local-paced"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-local-paced"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-local-paced"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip4-local-paced"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-remote-paced"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-remote-paced"),
+    ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip6-remote-paced"),
+    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip6-remote-paced"),
+    ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-remote-paced"),
+    ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip4-remote-paced"),
+    ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip4-remote-paced"),
+    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip4-remote-paced"),
 ];
 
 /// Metric of the empty program's ns per run in each bpf_stats window.
@@ -584,6 +626,12 @@ pub const BPF_STATS_EMPTY: &str = "empty_ns";
 /// The net figure of a bpf_stats metric (`from_pod_ns` → `from_pod_net_ns`).
 pub fn net_metric(metric: &str) -> String {
     format!("{}_net_ns", metric.trim_end_matches("_ns"))
+}
+
+/// The runs per second of a bpf_stats metric's program in its window (`from_pod_ns` →
+/// `from_pod_runs_per_s`): how often it ran, which sets how warm each run's caches were.
+pub fn runs_metric(metric: &str) -> String {
+    format!("{}_runs_per_s", metric.trim_end_matches("_ns"))
 }
 
 /// Growth exponents of load time used for budget predictions: iptables-restore and nft -f of
@@ -1971,22 +2019,23 @@ impl Bench<'_> {
     /// The windows of [`Self::bpf_stats_phase`], statistics switched on for their duration.
     fn bpf_stats_windows(&self) -> Result<Vec<StatSample>> {
         let client = self.lab.client_ns();
-        stats_windows(&self.lab, self.cfg, &BPF_STATS_WINDOWS, |window| match window {
-            "clusterip-local" => (
-                self.client_pod_ns.clone(),
-                SocketAddrV4::new(workload::NP_LOCAL_CLUSTER_IP, workload::IPERF_PORT).into(),
-            ),
-            "clusterip-remote" => (
-                self.client_pod_ns.clone(),
-                SocketAddrV4::new(workload::NP_REMOTE_CLUSTER_IP, workload::IPERF_PORT).into(),
-            ),
-            "pod-direct" => (
-                self.client_pod_ns.clone(),
-                SocketAddrV4::new(lab::pod_ip(1, 0), workload::IPERF_PORT).into(),
-            ),
-            _ => {
-                (client.clone(), SocketAddrV4::new(lab::node_ip(0), workload::NP_REMOTE_TCP).into())
-            }
+        stats_windows(&self.lab, self.cfg, &BPF_STATS_WINDOWS, |window| {
+            let (ns, to) = match window {
+                "clusterip-local" => (
+                    self.client_pod_ns.clone(),
+                    SocketAddrV4::new(workload::NP_LOCAL_CLUSTER_IP, workload::IPERF_PORT),
+                ),
+                "clusterip-remote" => (
+                    self.client_pod_ns.clone(),
+                    SocketAddrV4::new(workload::NP_REMOTE_CLUSTER_IP, workload::IPERF_PORT),
+                ),
+                "pod-direct" => (
+                    self.client_pod_ns.clone(),
+                    SocketAddrV4::new(lab::pod_ip(1, 0), workload::IPERF_PORT),
+                ),
+                _ => (client.clone(), SocketAddrV4::new(lab::node_ip(0), workload::NP_REMOTE_TCP)),
+            };
+            (ns, to.into(), None)
         })
     }
 
@@ -2024,7 +2073,7 @@ fn stats_windows(
     lab: &Lab,
     cfg: &Config,
     windows: &[(&'static str, &str)],
-    target: impl Fn(&str) -> (String, SocketAddr),
+    target: impl Fn(&str) -> (String, SocketAddr, Option<f64>),
 ) -> Result<Vec<StatSample>> {
     let pin = lab.pin_path(0);
     let empty_id = lab.xdp_pass_id()?;
@@ -2033,10 +2082,19 @@ fn stats_windows(
     let mut out = Vec::new();
     for rep in 0..cfg.reps {
         for (window, _) in rotate(windows, rep) {
-            let (ns, to) = target(window);
+            let (ns, to, rate) = target(window);
             let before = bpfstats::snapshot(pin, &[empty_id])?;
-            measure::iperf3(&ns, to, d).with_context(|| format!("window {window}"))?;
+            let t0 = Instant::now();
+            let bps =
+                measure::iperf3_at(&ns, to, d, rate).with_context(|| format!("window {window}"))?;
+            let secs = t0.elapsed().as_secs_f64();
             let after = bpfstats::snapshot(pin, &[empty_id])?;
+            out.push(StatSample {
+                metric: FLOW_BPS.into(),
+                program: "iperf3",
+                window,
+                value: Some(bps),
+            });
             let empty = bpfstats::per_run(&before, &after, lab::xdp::XDP_PASS_NAME);
             out.push(StatSample {
                 metric: BPF_STATS_EMPTY.into(),
@@ -2047,6 +2105,13 @@ fn stats_windows(
             for (m, program, _) in BPF_STATS_FIGURES.iter().filter(|f| f.2 == window) {
                 let raw = bpfstats::per_run(&before, &after, program);
                 out.push(StatSample { metric: m.to_string(), program, window, value: raw });
+                let runs = bpfstats::runs(&before, &after, program);
+                out.push(StatSample {
+                    metric: runs_metric(m),
+                    program,
+                    window,
+                    value: raw.map(|_| runs as f64 / secs),
+                });
                 out.push(StatSample {
                     metric: net_metric(m),
                     program,
@@ -2087,15 +2152,26 @@ fn bpf_stats6(cfg: &Config) -> Result<Vec<StatSample>> {
         })
         .context("IPv6 ClusterIP probe through kproxy")
         .and_then(|_| {
-            stats_windows(&lab, cfg, &BPF_STATS6_WINDOWS, |window| {
-                let port = workload::IPERF_PORT;
-                let to: SocketAddr = match window {
+            let port = workload::IPERF_PORT;
+            let to = |window: &str| -> SocketAddr {
+                match window.trim_end_matches(PACED_SUFFIX) {
                     "ds-clusterip6-local" => (workload::NP_LOCAL_CLUSTER_IP6, port).into(),
                     "ds-clusterip4-local" => (workload::NP_LOCAL_CLUSTER_IP, port).into(),
                     "ds-clusterip6-remote" => (workload::NP_REMOTE_CLUSTER_IP6, port).into(),
                     _ => (workload::NP_REMOTE_CLUSTER_IP, port).into(),
-                };
-                (client.clone(), to)
+                }
+            };
+            // One rate for every paced window, below what the slowest flow reaches.
+            let d = Duration::from_millis(cfg.duration_ms);
+            let mut slowest = f64::INFINITY;
+            for (w, _) in BPF_STATS6_WINDOWS.iter().filter(|w| !w.0.ends_with(PACED_SUFFIX)) {
+                let bps = measure::iperf3(&client, to(w), d)
+                    .with_context(|| format!("full-speed flow of {w}"))?;
+                slowest = slowest.min(bps);
+            }
+            let pace = PACE_SHARE * slowest;
+            stats_windows(&lab, cfg, &BPF_STATS6_WINDOWS, |window| {
+                (client.clone(), to(window), window.ends_with(PACED_SUFFIX).then_some(pace))
             })
         });
         let _ = systems::stop_kproxy(&lab, k);
