@@ -699,12 +699,16 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now
             ct6::revnat_refreshed(rnp, fl, now);
         }
     }
+    // Both routed cases first by what the entry already says: the node's source-NAT address
+    // (`kp_config6`, a cache line of its own) is compared only for a reply to an address other
+    // than the client's, i.e. of a source-NATed connection; a reply to a pod client (most
+    // replies) does not read it.
     let to = if n.daddr == p.saddr && hook == Hook::FromPod {
         To::Bounce
-    } else if hook.external() && maps6::is_snat_addr6(&t.daddr) {
-        // Replies to the node's source-NAT address go back out to an external client.
-        To::Fib
     } else if hook != Hook::ToPod && fl & rnat_flags::REPLY_FIB != 0 {
+        To::Fib
+    } else if hook.external() && t.daddr != n.daddr && maps6::is_snat_addr6(&t.daddr) {
+        // Replies to the node's source-NAT address go back out to an external client.
         To::Fib
     } else {
         To::Stack
