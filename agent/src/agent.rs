@@ -279,6 +279,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let features = Features::probe();
     info!(features = %features.summary(), "kernel features");
     metrics.set_kernel_features(&features);
+    config.no_l4_csum_ipv6 = !features.has("l4_csum_ipv6");
     if config.bpf_host_routing && !features.has("redirect_peer") {
         warn!(
             "--bpf-host-routing: this kernel has no bpf_redirect_peer for TC programs; \
@@ -836,7 +837,8 @@ impl LoopState {
                 snat_port_min,
                 snat_port_max,
                 flags: cfg_flags::READY
-                    | if config.bpf_host_routing { cfg_flags::HOST_ROUTING } else { 0 },
+                    | if config.bpf_host_routing { cfg_flags::HOST_ROUTING } else { 0 }
+                    | if config.no_l4_csum_ipv6 { cfg_flags::NO_L4_CSUM_IPV6 } else { 0 },
                 backend_gen: 0,
             };
             match dp.set_config(&cfg) {

@@ -56,6 +56,9 @@ pub struct Config {
     pub xdp_mode: Option<XdpMode>,
     /// eBPF host routing (`--bpf-host-routing`).
     pub bpf_host_routing: bool,
+    /// The kernel's `bpf_l4_csum_replace` lacks `BPF_F_IPV6` (probed at start; false until
+    /// then): told to the datapath (`cfg_flags::NO_L4_CSUM_IPV6`).
+    pub no_l4_csum_ipv6: bool,
     /// Map capacities (`--max-*`, `--map-dynamic-size-ratio`), resolved against the node's
     /// memory when the datapath is loaded.
     pub map_sizing: MapSizing,
@@ -192,6 +195,7 @@ impl Config {
                 XdpModeArg::Generic => Some(XdpMode::Skb),
             },
             bpf_host_routing: args.bpf_host_routing,
+            no_l4_csum_ipv6: false,
             map_sizing: MapSizing {
                 ratio: args.map_dynamic_size_ratio,
                 services: args.max_services,

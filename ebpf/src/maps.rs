@@ -257,7 +257,13 @@ pub fn is_pod_dev(ifindex: u32) -> bool {
 /// needs no more of it than that.
 #[inline(always)]
 pub fn ready() -> bool {
-    kp_config.get(0).is_some_and(|c| c.flags & cfg_flags::READY != 0)
+    config_flag(cfg_flags::READY)
+}
+
+/// Whether the node configuration has `flag` (`cfg_flags::*`; none before the agent wrote it).
+#[inline(always)]
+pub fn config_flag(flag: u32) -> bool {
+    kp_config.get(0).is_some_and(|c| c.flags & flag != 0)
 }
 
 /// The node configuration once the agent has written it (`cfg_flags::READY`).

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::generated::bpf_l4_csum_replace,
 };
-use kproxy_common::{Addr6, Reason, proto};
+use kproxy_common::{Addr6, Reason, cfg_flags, proto};
 
 use crate::{
     csum,
@@ -142,7 +142,9 @@ impl Packet6 for Xdp<'_> {
 }
 
 impl Tc<'_> {
-    /// `bpf_l4_csum_replace` on the L4 checksum of `p`, trying `BPF_F_IPV6` first.
+    /// `bpf_l4_csum_replace` on the L4 checksum of `p`, trying `BPF_F_IPV6` first unless the
+    /// agent found that the kernel refuses it (`cfg_flags::NO_L4_CSUM_IPV6`: then one call,
+    /// not a refused one and a second).
     #[inline(always)]
     fn l4_6(&self, p: &Ip6, from: u64, to: u64, flags: u64) -> Result<(), Reason> {
         let Some(off) = l4_csum_off(p) else { return Ok(()) };
@@ -153,7 +155,7 @@ impl Tc<'_> {
         let skb = self.0.skb.skb as *mut _;
         let pseudo = flags & BPF_F_PSEUDO_HDR as u64 != 0;
         let mut r = -1;
-        if pseudo {
+        if pseudo && !crate::maps::config_flag(cfg_flags::NO_L4_CSUM_IPV6) {
             // SAFETY: helper bounds-checks against the skb.
             r = unsafe { bpf_l4_csum_replace(skb, off as u32, from, to, f | BPF_F_IPV6) };
         }

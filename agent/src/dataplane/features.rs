@@ -32,6 +32,8 @@ enum Probe {
     Helper(ProgramType, BpfHelper),
     BtfFunc(&'static str),
     BtfStruct(&'static str),
+    /// `bpf_l4_csum_replace` accepting `BPF_F_IPV6` ([`l4_csum_ipv6`]).
+    L4CsumIpv6,
 }
 
 /// The features and their probes, in the order they are shown.
@@ -61,12 +63,46 @@ const PROBES: &[(&str, &str, &str, Probe)] = &[
         Probe::BtfFunc("bpf_sock_destroy"),
     ),
     (
+        "l4_csum_ipv6",
+        "6.16",
+        "IPv6 translation in TC: one checksum helper call per address change (BPF_F_IPV6 of \
+         bpf_l4_csum_replace); without it the datapath calls the helper without the flag",
+        Probe::L4CsumIpv6,
+    ),
+    (
         "tcx",
         "6.6",
         "not used: kproxy attaches TC programs with netlink (clsact) on every kernel",
         Probe::BtfStruct("tcx_entry"),
     ),
 ];
+
+/// Whether `bpf_l4_csum_replace` takes `BPF_F_IPV6` (Linux 6.16): no BTF names a helper's
+/// flags, so a TC program calls it once with the flag (a pseudo-header update of size 0 at
+/// offset 0 of a test frame) under `BPF_PROG_TEST_RUN` and returns what the helper did: 0, or
+/// `-EINVAL` for a flag the kernel does not know.
+pub fn l4_csum_ipv6() -> std::io::Result<bool> {
+    use super::sys::{Insn, load_program, test_run};
+    const BPF_F_PSEUDO_HDR: i32 = 1 << 4;
+    const BPF_F_IPV6: i32 = 1 << 6;
+    const BPF_FUNC_L4_CSUM_REPLACE: i32 = 11;
+    // r1 is the skb; r2 = offset, r3 = from, r4 = to, r5 = flags; r0 = the helper's result.
+    let insns = [
+        Insn::new(0xb7, 2, 0, 0, 0),
+        Insn::new(0xb7, 3, 0, 0, 0),
+        Insn::new(0xb7, 4, 0, 0, 0),
+        Insn::new(0xb7, 5, 0, 0, BPF_F_PSEUDO_HDR | BPF_F_IPV6),
+        Insn::new(0x85, 0, 0, 0, BPF_FUNC_L4_CSUM_REPLACE),
+        Insn::new(0x95, 0, 0, 0, 0),
+    ];
+    let prog = load_program(
+        aya_obj::generated::bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
+        0,
+        "kp_probe_csum6",
+        &insns,
+    )?;
+    Ok(test_run(&prog, &[0u8; 64])?.retval == 0)
+}
 
 /// The names of every probed feature.
 pub fn names() -> Vec<&'static str> {
@@ -98,6 +134,9 @@ impl Features {
                     Probe::BtfStruct(n) => btf
                         .as_ref()
                         .is_ok_and(|b| b.id_by_type_name_kind(n, BtfKind::Struct).is_ok()),
+                    Probe::L4CsumIpv6 => l4_csum_ipv6()
+                        .inspect_err(|e| tracing::debug!(feature = name, "probe failed: {e}"))
+                        .unwrap_or(false),
                 };
                 Feature { name, since, used_for, available }
             })
@@ -193,11 +232,20 @@ mod tests {
         }
         let f = Features::probe();
         assert!(f.has("redirect_neigh"), "{}", f.summary());
+        // The checksum flag is probed by running a program: it must be found from 6.16 on
+        // and missed before (the kernel matrix boots 5.10 and 6.1).
+        assert_eq!(f.has("l4_csum_ipv6"), kernel_at_least(6, 16), "{}", f.summary());
         assert!(f.has("redirect_peer"), "{}", f.summary());
         assert!(
             !is_helper_supported(ProgramType::SchedClassifier, BpfHelper::__BPF_FUNC_MAX_ID)
                 .unwrap()
         );
+    }
+
+    fn kernel_at_least(major: u32, minor: u32) -> bool {
+        let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut it = r.trim().split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
     }
 
     fn nix_is_root() -> bool {

@@ -149,6 +149,47 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     );
 }
 
+/// On a kernel whose checksum helper refuses `BPF_F_IPV6` (before 6.16) the agent says so
+/// (`cfg_flags::NO_L4_CSUM_IPV6`) and TC calls the helper without the flag straight away: the
+/// same translations, checksums checked by independent code, TCP and UDP (whose zero checksum
+/// the helper must leave alone), original direction and replies. (The kernel matrix runs this
+/// file on 5.10 and 6.1, where the other tests take the refused call and the second one.)
+#[test]
+fn ipv6_translation_without_the_checksum_helpers_ipv6_flag() {
+    let mut env = Env::new();
+    let cfg = env.maps.config().unwrap();
+    let flags = cfg.flags | cfg_flags::NO_L4_CSUM_IPV6;
+    env.maps.set_config(&NodeConfig { flags, ..cfg }).unwrap();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    env.backend6(2, "[2001:2:100::11]:5353", backend_flags::LOCAL, proto::UDP);
+    env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    let data = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
+    for f in [syn, data] {
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &f.build());
+        assert_eq!(v, TC_ACT_OK);
+        assert_frame6(&out, &f.clone().with_dst(sa6(BE6_1)));
+    }
+    let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
+    for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD, names::PROG_TC_EXT] {
+        let (v, out) = env.tc(prog, &synack.build());
+        assert_eq!(v, TC_ACT_OK);
+        assert_frame6(&out, &synack.clone().with_src(sa6(CIP6)));
+    }
+
+    let q = Frame6::udp(sa6(POD6), sa6(DNS6), b"query");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+    assert_eq!(v, TC_ACT_OK);
+    let be = sa6("[2001:2:100::11]:5353");
+    assert_frame6(&out, &q.clone().with_dst(be));
+    let a = Frame6::udp(be, sa6(POD6), b"answer");
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &a.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &a.clone().with_src(sa6(DNS6)));
+}
+
 /// Hop-by-hop and destination options in front of the L4 header: the ports are found behind
 /// them and the translation leaves them in place.
 #[test]
