@@ -963,6 +963,11 @@ flags! {
     }
 }
 
+/// `BPF_F_IPV6`, the flag of `bpf_l4_csum_replace` for an IPv6 pseudo-header change (Linux
+/// 6.16; bit 6 is `BPF_F_MARK_ENFORCE`, which every kernel takes): the datapath passes it, the
+/// agent probes whether the kernel accepts it.
+pub const L4_CSUM_F_IPV6: u64 = 1 << 7;
+
 /// An IPv6 address as four 32-bit words exactly as they sit in the packet (be words: the
 /// address `a:b:c:d:e:f:g:h` is `[ab, cd, ef, gh]` read with native loads from the packet).
 pub type Addr6 = [u32; 4];

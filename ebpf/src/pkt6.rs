@@ -20,7 +20,7 @@ use crate::{
 /// `BPF_F_IPV6` (Linux 6.16): the pseudo-header change of an IPv6 packet must not touch
 /// `skb->csum` of a CHECKSUM_COMPLETE skb. Older kernels refuse the flag; the helper is then
 /// called without it.
-const BPF_F_IPV6: u64 = 1 << 7;
+const BPF_F_IPV6: u64 = kproxy_common::L4_CSUM_F_IPV6;
 
 /// Offset of the L4 checksum of `p` (None without an L4 header we maintain).
 #[inline(always)]

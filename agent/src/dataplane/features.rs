@@ -84,7 +84,7 @@ const PROBES: &[(&str, &str, &str, Probe)] = &[
 pub fn l4_csum_ipv6() -> std::io::Result<bool> {
     use super::sys::{Insn, load_program, test_run};
     const BPF_F_PSEUDO_HDR: i32 = 1 << 4;
-    const BPF_F_IPV6: i32 = 1 << 6;
+    const BPF_F_IPV6: i32 = kproxy_common::L4_CSUM_F_IPV6 as i32;
     const BPF_FUNC_L4_CSUM_REPLACE: i32 = 11;
     // r1 is the skb; r2 = offset, r3 = from, r4 = to, r5 = flags; r0 = the helper's result.
     let insns = [
