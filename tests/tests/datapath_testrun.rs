@@ -16,6 +16,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use kproxy::dataplane::{
     Dataplane,
     bpf::BpfDataplane,
+    features::kernel_at_least,
     loader::{Datapath, MapSizes},
 };
 use kproxy_common::{
@@ -260,15 +261,6 @@ fn skip_without_ingress_device() -> bool {
         eprintln!("skipped: BPF_PROG_TEST_RUN's skb context with an ingress device needs 5.15");
     }
     skip
-}
-
-#[track_caller]
-/// Whether the running kernel is at least `major.minor` (for test-harness features only; the
-/// datapath probes what it uses).
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = rel.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
 }
 
 fn assert_counts(env: &Env, want: &[(Reason, u64)]) {

@@ -105,6 +105,14 @@ pub fn l4_csum_ipv6() -> std::io::Result<bool> {
     Ok(test_run(&prog, &[0u8; 64])?.retval == 0)
 }
 
+/// Whether the running kernel's release is at least `major.minor` (for tests and their
+/// harnesses only: what the datapath uses is probed, never guessed from the version).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// The names of every probed feature.
 pub fn names() -> Vec<&'static str> {
     PROBES.iter().map(|p| p.0).collect()
@@ -243,12 +251,6 @@ mod tests {
             !is_helper_supported(ProgramType::SchedClassifier, BpfHelper::__BPF_FUNC_MAX_ID)
                 .unwrap()
         );
-    }
-
-    fn kernel_at_least(major: u32, minor: u32) -> bool {
-        let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-        let mut it = r.trim().split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
-        (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
     }
 
     fn nix_is_root() -> bool {

@@ -64,9 +64,9 @@ pub fn per_run(
     after: &BTreeMap<String, (u64, u64)>,
     name: &str,
 ) -> Option<f64> {
-    let (t1, c1) = after.get(name)?;
-    let (t0, c0) = before.get(name).copied().unwrap_or((0, 0));
-    let runs = c1.checked_sub(c0).filter(|r| *r >= MIN_RUNS)?;
+    let (t1, _) = after.get(name)?;
+    let (t0, _) = before.get(name).copied().unwrap_or((0, 0));
+    let runs = Some(runs(before, after, name)).filter(|r| *r >= MIN_RUNS)?;
     Some(t1.saturating_sub(t0) as f64 / runs as f64)
 }
 

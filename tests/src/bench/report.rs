@@ -518,18 +518,17 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
     };
     let paced = ratios(&super::BPF_STATS6_PACED_PAIRS);
     let full = ratios(&super::BPF_STATS6_PAIRS);
-    let (got, others, how) = if paced.is_empty() {
-        (full, Vec::new(), "at full speed")
+    let (got, others, how, pairs) = if paced.is_empty() {
+        (full, Vec::new(), "at full speed", super::BPF_STATS6_PAIRS)
     } else {
-        (paced, full, "both flows paced to one rate")
+        (paced, full, "both flows paced to one rate", super::BPF_STATS6_PACED_PAIRS)
     };
-    let remote =
-        if others.is_empty() { "ds-clusterip6-remote" } else { "ds-clusterip6-remote-paced" };
-    let ext: Vec<String> = ["tc_ext_ns"]
+    let ext: Vec<String> = pairs
         .iter()
-        .filter_map(|m| {
-            let (a, b) = (net(m, remote)?, net(m, &remote.replace("clusterip6", "clusterip4"))?);
-            Some(format!("`kp_{}` {a:.0} vs {b:.0} ns", m.trim_end_matches("_ns")))
+        .filter(|(w6, _)| w6.contains("remote"))
+        .filter_map(|&(w6, w4)| {
+            let (a, b) = (net("tc_ext_ns", w6)?, net("tc_ext_ns", w4)?);
+            Some(format!("`kp_tc_ext` {a:.0} vs {b:.0} ns"))
         })
         .collect();
     let list =

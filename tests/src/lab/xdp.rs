@@ -19,6 +19,8 @@ use std::{
 use aya_obj::generated::{bpf_attach_type, bpf_prog_type};
 use kproxy::dataplane::sys::{self, bpf_attr, bpf_cmd};
 
+/// Loads `insns` as a program of a given type (same rules as [`load_xdp`]).
+pub use kproxy::dataplane::sys::load_program as load;
 pub use kproxy::dataplane::sys::{Insn, TestRun, test_run};
 
 /// `r0 = XDP_PASS; exit`.
@@ -41,17 +43,6 @@ pub const XDP_PASS_NAME: &str = "kpl_xdp_pass";
 /// the verifier log.
 pub fn load_xdp(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
     load(bpf_prog_type::BPF_PROG_TYPE_XDP, bpf_attach_type::BPF_XDP as u32, name, insns)
-}
-
-/// Loads `insns` as a program of type `prog_type` named `name` (same rules as [`load_xdp`];
-/// `attach` is the expected attach type, 0 where the type has none).
-pub fn load(
-    prog_type: bpf_prog_type,
-    attach: u32,
-    name: &str,
-    insns: &[Insn],
-) -> io::Result<OwnedFd> {
-    sys::load_program(prog_type, attach, name, insns)
 }
 
 /// Attaches `prog` to device `dev` of the calling thread's network namespace with a BPF link;
