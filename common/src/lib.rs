@@ -956,9 +956,10 @@ flags! {
         /// pod's namespace with `bpf_redirect_peer`, anything else through the FIB), skipping
         /// the node's IP stack and netfilter.
         HOST_ROUTING = 1 << 1, "host-routing";
-        /// The kernel's `bpf_l4_csum_replace` refuses `BPF_F_IPV6` (Linux 6.16 and its stable backports have it; probed
-        /// by the agent): IPv6 address changes in TC call it without the flag straight away
-        /// instead of trying the flag first (a helper call less per translated packet).
+        /// The kernel's `bpf_l4_csum_replace` refuses `BPF_F_IPV6` (Linux 6.16 and its stable
+        /// backports have it; probed by the agent): IPv6 address changes in TC call it without
+        /// the flag straight away instead of trying the flag first (a helper call less per
+        /// translated packet).
         NO_L4_CSUM_IPV6 = 1 << 2, "no-l4-csum-ipv6";
     }
 }

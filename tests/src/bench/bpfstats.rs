@@ -66,8 +66,8 @@ pub fn per_run(
 ) -> Option<f64> {
     let (t1, _) = after.get(name)?;
     let (t0, _) = before.get(name).copied().unwrap_or((0, 0));
-    let runs = Some(runs(before, after, name)).filter(|r| *r >= MIN_RUNS)?;
-    Some(t1.saturating_sub(t0) as f64 / runs as f64)
+    let runs = runs(before, after, name);
+    (runs >= MIN_RUNS).then(|| t1.saturating_sub(t0) as f64 / runs as f64)
 }
 
 /// Runs of program `name` between two snapshots (0 when it is in neither).

@@ -149,11 +149,12 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     );
 }
 
-/// On a kernel whose checksum helper refuses `BPF_F_IPV6` (5.10; 6.16 and the 6.1 and 6.12 stable kernels have it) the agent says so
-/// (`cfg_flags::NO_L4_CSUM_IPV6`) and TC calls the helper without the flag straight away: the
-/// same translations, checksums checked by independent code, TCP and UDP (whose zero checksum
-/// the helper must leave alone), original direction and replies. (The kernel matrix runs this
-/// file on 5.10 and 6.1, where the other tests take the refused call and the second one.)
+/// On a kernel whose checksum helper refuses `BPF_F_IPV6` (5.10; 6.16 and the 6.1 and 6.12
+/// stable kernels have it) the agent says so (`cfg_flags::NO_L4_CSUM_IPV6`) and TC calls the
+/// helper without the flag straight away: the same translations, checksums checked by
+/// independent code, TCP and UDP (whose zero checksum the helper must leave alone), original
+/// direction and replies. (The kernel matrix runs this file on 5.10, where the other tests take
+/// the refused call and the second one, and on 6.1 and 6.12, where they take the flag.)
 #[test]
 fn ipv6_translation_without_the_checksum_helpers_ipv6_flag() {
     let mut env = Env::new();
