@@ -47,7 +47,7 @@ fn quick_bench_produces_every_figure() {
         assert!(results.figures.iter().any(|f| f.item == item), "no figure for item {item}");
     }
     for n in &cfg.scales {
-        for sys in ["floor", "kproxy", bench::HOST_ROUTING, "iptables"] {
+        for sys in ["floor", "kproxy", bench::HOST_ROUTING, bench::SOCKET_LB, "iptables"] {
             assert!(
                 results.figures.iter().any(|f| f.item == "1-latency"
                     && f.system == sys

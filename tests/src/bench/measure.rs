@@ -39,11 +39,31 @@ pub fn loadgen(
     concurrency: usize,
     duration: Duration,
 ) -> Result<Load> {
+    loadgen_in(ns, None, target, mode, concurrency, duration)
+}
+
+/// [`loadgen`] in cgroup v2 directory `cgroup` (joined before the generator starts, so that
+/// every socket it opens belongs to it: the socket LB balances by the socket's cgroup).
+pub fn loadgen_in(
+    ns: &str,
+    cgroup: Option<&std::path::Path>,
+    target: SocketAddr,
+    mode: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Load> {
     let bin = lab::find_bin("kproxy-loadgen")?;
     let t = target.to_string();
     let c = concurrency.to_string();
     let d = duration.as_millis().to_string();
-    let argv = [
+    let cg = cgroup.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    // `sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' CGROUP ARGV...`
+    let join: &[&str] = if cgroup.is_some() {
+        &["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", &cg]
+    } else {
+        &[]
+    };
+    let run = [
         "chrt",
         "-f",
         super::systems::RT_PRIORITY,
@@ -61,6 +81,7 @@ pub fn loadgen(
         "--timeout-ms",
         "1000",
     ];
+    let argv: Vec<&str> = join.iter().chain(run.iter()).copied().collect();
     let out = lab::exec_timeout(ns, &argv, duration + Duration::from_secs(20))?;
     ensure!(
         out.status.success(),

@@ -236,7 +236,8 @@ impl Config {
 
     /// The same run restricted to item 1 (ClusterIP new-connection latency) at 1 and 1,000
     /// services, floor and kproxy only (kproxy also with generic XDP on `eth0`, `--xdp-mode
-    /// generic`, as `kproxy-generic`: the XDP program its default leaves off veth devices),
+    /// generic`, as `kproxy-generic`: the XDP program its default leaves off veth devices; with
+    /// host routing; with the socket LB for pods),
     /// twice the repetitions, and the kproxy programs' run time per connection (bpf_stats):
     /// a few minutes, to compare datapath changes on the new-connection path.
     pub fn only_latency(mut self) -> Self {
@@ -392,12 +393,19 @@ pub fn utc_now() -> String {
 /// backend's veth or the next hop by the datapath, past the host stack).
 pub const HOST_ROUTING: &str = "kproxy-host-routing";
 
+/// The ClusterIP system of kproxy with the socket LB for pods (`--cgroup-path` on the client
+/// pod's cgroup, `--socket-lb-pods`): the client's connect() is sent to the backend, so its
+/// packets need no translation.
+pub const SOCKET_LB: &str = "kproxy-socket-lb";
+
 /// Systems of the ClusterIP phases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sys {
     Floor,
     Kproxy,
     KproxyHostRouting,
+    /// kproxy with the socket LB for pods ([`SOCKET_LB`]).
+    KproxySocketLb,
     /// kproxy with generic XDP on `eth0` (`--xdp-mode generic`; `--only-latency` only).
     KproxyGeneric,
     Iptables,
@@ -406,15 +414,22 @@ enum Sys {
 
 impl Sys {
     /// Every system, in the order of the first repetition.
-    const ALL: [Sys; 5] =
-        [Sys::Floor, Sys::Kproxy, Sys::KproxyHostRouting, Sys::Iptables, Sys::Nftables];
+    const ALL: [Sys; 6] = [
+        Sys::Floor,
+        Sys::Kproxy,
+        Sys::KproxyHostRouting,
+        Sys::KproxySocketLb,
+        Sys::Iptables,
+        Sys::Nftables,
+    ];
 
     /// The systems of item 1 over IPv6 ("iptables" is then ip6tables, "nftables" table
     /// `ip6 kube-proxy`).
     const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
 
     /// The systems of `--only-latency`.
-    const LATENCY: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::KproxyGeneric, Sys::KproxyHostRouting];
+    const LATENCY: [Sys; 5] =
+        [Sys::Floor, Sys::Kproxy, Sys::KproxyGeneric, Sys::KproxyHostRouting, Sys::KproxySocketLb];
 
     /// Gives the client namespace `ns` this system's own client port range (see
     /// `clusterip_one`; the sysctl covers IPv6 sockets too).
@@ -423,6 +438,7 @@ impl Sys {
             Sys::Floor => "20000 29999",
             Sys::Kproxy => "30000 39999",
             Sys::KproxyHostRouting => "10000 19999",
+            Sys::KproxySocketLb => "61000 64999",
             Sys::KproxyGeneric => "40000 49999",
             Sys::Iptables => "40000 49999",
             Sys::Nftables => "50000 60999",
@@ -436,6 +452,7 @@ impl Sys {
             Sys::Floor => "floor",
             Sys::Kproxy => "kproxy",
             Sys::KproxyHostRouting => HOST_ROUTING,
+            Sys::KproxySocketLb => SOCKET_LB,
             Sys::KproxyGeneric => "kproxy-generic",
             Sys::Iptables => "iptables",
             Sys::Nftables => "nftables",
@@ -658,6 +675,8 @@ struct Bench<'a> {
     manifests: PathBuf,
     node_ns: String,
     client_pod_ns: String,
+    /// The client pod's cgroup (a cgroup v2 hierarchy of the run's own) for [`SOCKET_LB`].
+    client_cgroup: Option<crate::hostnet::Cgroups>,
     /// Last measured (services, seconds) of a full rule load per (baseline is nft,
     /// endpoints per service), for budget predictions.
     loads: std::collections::BTreeMap<(bool, usize), (usize, f64)>,
@@ -740,6 +759,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
         manifests: mdir.0.clone(),
         node_ns,
         client_pod_ns,
+        client_cgroup: None,
         loads: Default::default(),
         steps: Vec::new(),
         step_t0: Instant::now(),
@@ -937,6 +957,23 @@ impl Bench<'_> {
         }
         write_atomic(&self.manifests, "bulk.json", &text)?;
         Ok(text.len() as u64)
+    }
+
+    /// The client pod's cgroup, created (with its cgroup v2 mount) on first use.
+    fn client_cgroup(&mut self) -> Result<PathBuf> {
+        if self.client_cgroup.is_none() {
+            let prefix = format!("{}-bench", self.lab.prefix());
+            self.client_cgroup = Some(crate::hostnet::Cgroups::new(&prefix, 1)?);
+        }
+        Ok(self.client_cgroup.as_ref().expect("created above").node(0).to_path_buf())
+    }
+
+    /// The cgroup the load generator joins for `sys` (the socket LB's; none for the others).
+    fn cgroup_of(&self, sys: Sys) -> Option<PathBuf> {
+        match sys {
+            Sys::KproxySocketLb => Some(self.client_cgroup.as_ref()?.node(0).to_path_buf()),
+            _ => None,
+        }
     }
 
     fn start_kproxy(&self, n_frontends: usize, extra: &[&str]) -> Result<Kproxy> {
@@ -1166,6 +1203,10 @@ impl Bench<'_> {
             Sys::KproxyGeneric => {
                 self.start_kproxy(frontends, &["--xdp-mode", "generic"]).map(|k| kp = Some(k))
             }
+            Sys::KproxySocketLb => self.client_cgroup().and_then(|cg| {
+                let args = ["--cgroup-path", &*cg.to_string_lossy(), "--socket-lb-pods"];
+                self.start_kproxy(frontends, &args).map(|k| kp = Some(k))
+            }),
             Sys::Iptables => systems::iptables_hooks(&self.node_ns, true).map(drop),
             Sys::Nftables => systems::nft_hooks(&self.node_ns, true).map(drop),
         };
@@ -1187,7 +1228,9 @@ impl Bench<'_> {
                 sys.use_client_ports(&self.client_pod_ns);
                 let d = Duration::from_millis(self.cfg.duration_ms);
                 let name = sys.name();
-                match measure::loadgen(&self.client_pod_ns, target.into(), "connect", 1, d) {
+                let cg = self.cgroup_of(sys);
+                let cg = cg.as_deref();
+                match measure::loadgen_in(&self.client_pod_ns, cg, target.into(), "connect", 1, d) {
                     Ok(l) => {
                         self.rec.add("1-latency", "samples", name, n, "", l.samples);
                         self.rec.add("1-latency", "p50_us", name, n, "", l.p50_us);
@@ -1201,13 +1244,14 @@ impl Bench<'_> {
                 }
                 if self.cfg.only_latency
                     && kp.is_some()
-                    && let Err(e) = self.conn_stats(target.into(), d, name, n)
+                    && let Err(e) = self.conn_stats(target.into(), cg, d, name, n)
                 {
                     self.notes.push(format!("bpf_stats of {name} at {n} services: {e:#}"));
                 }
                 if self.cfg.rate_scales.contains(&n) {
                     for mode in ["connect", "rr"] {
-                        match measure::loadgen(&self.client_pod_ns, target.into(), mode, 4, d) {
+                        let ns = &self.client_pod_ns;
+                        match measure::loadgen_in(ns, cg, target.into(), mode, 4, d) {
                             Ok(l) => {
                                 self.rec.add("2-rate", "rate_per_s", name, n, mode, l.rate);
                                 self.rec.add(
@@ -1230,7 +1274,7 @@ impl Bench<'_> {
             }
         }
         match sys {
-            Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyGeneric => {
+            Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxySocketLb | Sys::KproxyGeneric => {
                 if let Some(k) = kp {
                     self.stop_kproxy(k);
                 }
@@ -1250,11 +1294,18 @@ impl Bench<'_> {
     /// program run); records each kproxy program's runs and run time per connection, and
     /// their sum. A tail-called program's time is its caller's (the kernel accounts the entry
     /// program only).
-    fn conn_stats(&mut self, target: SocketAddr, d: Duration, sys: &str, n: usize) -> Result<()> {
+    fn conn_stats(
+        &mut self,
+        target: SocketAddr,
+        cgroup: Option<&Path>,
+        d: Duration,
+        sys: &str,
+        n: usize,
+    ) -> Result<()> {
         let pin = self.lab.pin_path(0);
         let _stats = bpfstats::enable()?;
         let before = bpfstats::snapshot(pin, &[])?;
-        let l = measure::loadgen(&self.client_pod_ns, target, "connect", 1, d)?;
+        let l = measure::loadgen_in(&self.client_pod_ns, cgroup, target, "connect", 1, d)?;
         let after = bpfstats::snapshot(pin, &[])?;
         // Connections of the measured part and of the warm-up.
         let conns = l.samples + l.rate * measure::WARMUP_MS.parse::<f64>()? / 1e3;
@@ -2420,7 +2471,7 @@ fn clusterip6_one(
         measure::loadgen(&client, target, "connect", 1, Duration::from_millis(cfg.duration_ms))
     });
     match sys {
-        Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxyGeneric => {
+        Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxySocketLb | Sys::KproxyGeneric => {
             if let Some(k) = kp {
                 let _ = systems::stop_kproxy(lab, k);
             }

@@ -12,7 +12,7 @@ out = sys.argv[1]
 with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
 figs = res["figures"]
-COLORS = {"floor": "grey", "kproxy": "tab:green", "kproxy-host-routing": "tab:olive", "iptables": "tab:red", "nftables": "tab:blue"}
+COLORS = {"floor": "grey", "kproxy": "tab:green", "kproxy-host-routing": "tab:olive", "kproxy-socket-lb": "tab:cyan", "iptables": "tab:red", "nftables": "tab:blue"}
 
 
 def series(item, metric, system, variant=""):
