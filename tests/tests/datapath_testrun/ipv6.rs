@@ -149,6 +149,49 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     );
 }
 
+/// A pod's SYN straight to a backend from the client port of a translated connection: passed
+/// untouched while that connection lives (its replies still restored), and once it is closed
+/// the stale entries go (the fast path finds the reverse-NAT entry and leaves it to the slow
+/// path), so that the backend's replies reach the client as sent.
+#[test]
+fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    let direct_syn = Frame6::tcp(sa6(POD6), sa6(BE6_1), SYN);
+    let syn_ack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
+
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &direct_syn);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
+    assert_frame6(&out, &syn_ack.clone().with_src(sa6(CIP6)));
+
+    let rst = Frame6::tcp(sa6(POD6), sa6(CIP6), RST | ACK);
+    let (v, _) = env.tc(names::PROG_TC_FROM_POD, &rst.build());
+    assert_eq!(v, TC_ACT_OK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &direct_syn);
+    assert!(env.maps.conntrack6().unwrap().is_empty(), "stale connection entry left");
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &syn_ack);
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 1),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::ReplyTranslated, 1),
+            (Reason::PassNoService, 2),
+            (Reason::PassStaleNatCleared, 1),
+        ],
+    );
+}
+
 /// On a kernel whose checksum helper refuses `BPF_F_IPV6` (5.10; 6.16 and the 6.1 and 6.12
 /// stable kernels have it) the agent says so (`cfg_flags::NO_L4_CSUM_IPV6`) and TC calls the
 /// helper without the flag straight away: the same translations, checksums checked by
