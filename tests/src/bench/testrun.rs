@@ -356,10 +356,20 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
     let pin = PathBuf::from(format!("/sys/fs/bpf/kproxy-bench-{}-testrun", std::process::id()));
     let _guard = PinDir(pin.clone());
     let max = scales.iter().copied().max().unwrap_or(1) as u32;
+    // Every SYN run leaves its connection entries: the tables hold them all, so that no figure
+    // runs against evictions (and a run count the kernel cannot allocate tables for is refused
+    // here, not with ENOMEM from the map's creation).
+    const MAX_CT: usize = 1 << 23;
+    let ct = runs
+        .checked_mul((scales.len() + 1) * 2)
+        .filter(|&n| n <= MAX_CT)
+        .with_context(|| {
+            format!("{runs} runs need connection tables of more than {MAX_CT} entries: fewer runs")
+        })?;
     let sizes = MapSizes {
         services: 2 * max + 64,
         backends: max + 64,
-        conntrack: ((runs * (scales.len() + 1) * 2) as u32 + 1024).next_power_of_two(),
+        conntrack: (ct as u32 + 1024).next_power_of_two(),
         affinity: 1024,
         ipv6: true,
     };
