@@ -360,10 +360,8 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
     // runs against evictions (and a run count the kernel cannot allocate tables for is refused
     // here, not with ENOMEM from the map's creation).
     const MAX_CT: usize = 1 << 23;
-    let ct = runs
-        .checked_mul((scales.len() + 1) * 2)
-        .filter(|&n| n <= MAX_CT)
-        .with_context(|| {
+    let ct =
+        runs.checked_mul((scales.len() + 1) * 2).filter(|&n| n <= MAX_CT).with_context(|| {
             format!("{runs} runs need connection tables of more than {MAX_CT} entries: fewer runs")
         })?;
     let sizes = MapSizes {
