@@ -169,6 +169,20 @@ pub fn revnat(t: &Tuple4) -> Option<RevNat4Value> {
     unsafe { kp_rnat4.get(t) }.copied()
 }
 
+/// Whether a pod's SYN straight to a backend port may have a stale reverse-NAT entry for
+/// [`clear_stale_revnat`] to remove: one is held for its reply tuple (a miss is remembered per
+/// CPU, [`revnat_fast`], so the backend's SYN-ACK skips the lookup).
+#[inline(always)]
+pub fn may_have_stale_revnat(p: &Ip4) -> bool {
+    revnat_fast(&reply_of(p)).is_some()
+}
+
+/// The tuple of the replies to `p`: its addresses and ports swapped.
+#[inline(always)]
+fn reply_of(p: &Ip4) -> Tuple4 {
+    tuple(p.daddr, p.saddr, p.dport, p.sport, p.proto)
+}
+
 /// A pod's new TCP connection (SYN) straight to `daddr:dport` from `saddr:sport`, not to a
 /// service: if a translated connection from the same client port to a backend at that address
 /// left a reverse-NAT entry and is closed or gone, removes it and its connection entry (the new
@@ -177,7 +191,7 @@ pub fn revnat(t: &Tuple4) -> Option<RevNat4Value> {
 /// Returns whether stale entries were removed.
 #[inline(always)]
 pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
-    let reply = tuple(p.daddr, p.saddr, p.dport, p.sport, p.proto);
+    let reply = reply_of(p);
     let Some(old) = revnat(&reply) else { return false };
     if old.client_addr != p.saddr || old.client_port != p.sport {
         return false;

@@ -160,11 +160,24 @@ pub fn create_revnat(reply: &Tuple6, v: &RevNat6Value) -> Result<(), Reason> {
     kp_rnat6.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)
 }
 
+/// Whether a pod's SYN straight to a backend port may have a stale reverse-NAT entry for
+/// [`clear_stale_revnat`] to remove (see [`crate::ct::may_have_stale_revnat`]).
+#[inline(always)]
+pub fn may_have_stale_revnat(p: &Ip6) -> bool {
+    revnat_ptr(&reply_of(p)).is_some()
+}
+
+/// The tuple of the replies to `p`: its addresses and ports swapped.
+#[inline(always)]
+fn reply_of(p: &Ip6) -> Tuple6 {
+    tuple(&p.daddr, &p.saddr, p.dport, p.sport, p.proto)
+}
+
 /// A pod's new TCP connection straight to a backend from a client port that a closed
 /// translated connection used: removes the stale entries (see [`crate::ct::clear_stale_revnat`]).
 #[inline(always)]
 pub fn clear_stale_revnat(p: &Ip6, now: u64) -> bool {
-    let reply = tuple(&p.daddr, &p.saddr, p.dport, p.sport, p.proto);
+    let reply = reply_of(p);
     let Some(old) = revnat(&reply) else { return false };
     if old.client_addr != p.saddr || old.client_port != p.sport {
         return false;

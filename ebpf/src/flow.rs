@@ -234,13 +234,13 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     if hook == Hook::FromPod
         && syn_only(&p)
         && maps::hinted(hints::BACKEND, p.daddr, p.proto, p.dport)
-        && ct::revnat_fast(&ct::tuple(p.daddr, p.saddr, p.dport, p.sport, p.proto)).is_some()
+        && ct::may_have_stale_revnat(&p)
     {
         // A direct connection from a client port whose translated connection to this backend
         // left a reverse-NAT entry: the slow path removes it if that connection is closed
         // (`ct::clear_stale_revnat`). Without one (every direct connection to a backend port,
         // the socket LB's among them) there is nothing to clear: passed here, without the
-        // tail call, and the backend's SYN-ACK finds the miss remembered.
+        // tail call.
         return Ok(Step::tail(hook.new_call()));
     }
     Ok(Step::done(Verdict::PASS, Reason::PassNoService))

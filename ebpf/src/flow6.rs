@@ -229,7 +229,7 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     if hook == Hook::FromPod
         && syn_only(&p)
         && maps6::hinted6(hints::BACKEND, &p.daddr, p.proto, p.dport)
-        && ct6::revnat_ptr(&ct6::tuple(&p.daddr, &p.saddr, p.dport, p.sport, p.proto)).is_some()
+        && ct6::may_have_stale_revnat(&p)
     {
         // A stale reverse-NAT entry to clear (see `flow::fast_path`).
         return Ok(tail(new_call(hook)));
