@@ -22,11 +22,11 @@ use kproxy::{
 };
 use serde_json::{Value, json};
 
-fn service(name: &str, ip: Ipv4Addr, eps: &[Ipv4Addr]) -> [Value; 2] {
+fn service(name: &str, ip: Ipv4Addr, target: u16, eps: &[Ipv4Addr]) -> [Value; 2] {
     let svc = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "bench"},
         "spec": {"type": "ClusterIP", "clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
-                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}});
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": target}]}});
     let eps: Vec<Value> = eps
         .iter()
         .enumerate()
@@ -39,7 +39,7 @@ fn service(name: &str, ip: Ipv4Addr, eps: &[Ipv4Addr]) -> [Value; 2] {
     let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": format!("{name}-1"), "namespace": "bench",
             "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "x"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP", "port": target}],
         "endpoints": eps});
     [svc, slice]
 }
@@ -86,7 +86,9 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = u32::from(Ipv4Addr::new(198, 19, 0, 1));
     let ep_base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
-    // Written item by item (the benchmark's format: one `kind: List` JSON document).
+    // Written item by item (the benchmark's format: one `kind: List` JSON document; as its
+    // fillers, 32,000 endpoint addresses and a target port per 3,200 services, so that every
+    // backend (address, port) is distinct).
     let mb = {
         use std::io::Write as _;
         let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("bulk.json")).unwrap());
@@ -95,7 +97,7 @@ fn main() {
             let eps: Vec<Ipv4Addr> =
                 (0..10).map(|e| Ipv4Addr::from(ep_base + (i * 10 + e) % 32_000)).collect();
             for (k, item) in
-                service(&format!("f{i}"), Ipv4Addr::from(base + i), &eps).iter().enumerate()
+                service(&format!("f{i}"), Ipv4Addr::from(base + i), 10_000 + (i / 3_200) as u16, &eps).iter().enumerate()
             {
                 if i > 0 || k > 0 {
                     w.write_all(b",").unwrap();
@@ -192,7 +194,7 @@ fn main() {
     let eps: Vec<Ipv4Addr> = (0..10).map(|e| Ipv4Addr::new(198, 18, 127, e + 1)).collect();
     std::fs::write(
         dir.join("chg0.json"),
-        list(service("chg0", Ipv4Addr::new(198, 19, 240, 1), &eps).to_vec()),
+        list(service("chg0", Ipv4Addr::new(198, 19, 240, 1), 8080, &eps).to_vec()),
     )
     .unwrap();
     let t = Instant::now();
