@@ -96,8 +96,14 @@ fn main() {
         for i in 0..n {
             let eps: Vec<Ipv4Addr> =
                 (0..10).map(|e| Ipv4Addr::from(ep_base + (i * 10 + e) % 32_000)).collect();
-            for (k, item) in
-                service(&format!("f{i}"), Ipv4Addr::from(base + i), 10_000 + (i / 3_200) as u16, &eps).iter().enumerate()
+            for (k, item) in service(
+                &format!("f{i}"),
+                Ipv4Addr::from(base + i),
+                10_000 + (i / 3_200) as u16,
+                &eps,
+            )
+            .iter()
+            .enumerate()
             {
                 if i > 0 || k > 0 {
                     w.write_all(b",").unwrap();

@@ -351,9 +351,15 @@ fn service6(
     Ok(())
 }
 
+/// The pin directory the measurements of this process load the datapath into (removed when they
+/// end; a caller that can be stopped by a signal removes it too, see `kproxy-testrun-cost`).
+pub fn pin_dir() -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/kproxy-bench-{}-testrun", std::process::id()))
+}
+
 /// [`measure`] in the current network namespace, set up by [`private_routes`].
 fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
-    let pin = PathBuf::from(format!("/sys/fs/bpf/kproxy-bench-{}-testrun", std::process::id()));
+    let pin = pin_dir();
     let _guard = PinDir(pin.clone());
     let max = scales.iter().copied().max().unwrap_or(1) as u32;
     // Every SYN run leaves its connection entries: the tables hold them all, so that no figure
