@@ -1221,6 +1221,6 @@ fn e2e_section(r: &Results) -> String {
             cell(find(f, "5-e2e", "conn_p50_ms", sys, n, "at-rest")),
         );
     }
-    s.push_str("\n\"Change → programmed\" is the agent's whole share: the notification (watch event or inotify), the coalescing window, reading the change (the manifest directory is listed and the new file parsed), the sync (the map writes) and its bookkeeping. \"Programmed → first reply\" is the probe's: the next new connection after the maps hold the service (up to 1 ms) and its round trip.\n\n");
+    s.push_str("\n\"Change → programmed\" is the agent's whole share: the notification (watch event or inotify), the coalescing window, reading the change (the manifest directory is listed and the new file parsed), the sync (the map writes) and its bookkeeping. \"Programmed → first reply\" is the probe's: the next new connection after the maps hold the service (up to 1 ms) and its round trip. Every sample above 20 ms is listed in the notes at the end with when its answered connection started and how the probe's earlier attempts ended (refused, reset, unanswered), and for kproxy at rest when the agent's sync ended: a late sync, a datapath that refused or lost the first connections after it, and a stalled probe read apart there.\n\n");
     s
 }

@@ -587,47 +587,97 @@ pub fn probe_once(ns: &str, target: SocketAddrV4) -> Result<()> {
     })?
 }
 
-/// The instant the first connection to `target` from namespace `ns` got its reply. A new
-/// connection is started every `every` (each one abandoned after 250 ms), so the figure's
-/// resolution is `every` plus one round trip: a SYN sent before the service is programmed is
-/// never answered, and waiting for it would hide when the service became reachable. Fails after
-/// `limit`.
+/// How the attempts of [`first_connection`] before the first answered one ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attempts {
+    /// Refused (an RST or ICMP port unreachable answered the SYN).
+    pub refused: u32,
+    /// Reset after connecting, or closed without a reply.
+    pub reset: u32,
+    /// Unanswered for 250 ms.
+    pub timed_out: u32,
+    /// Failed otherwise (unreachable, no route, ...).
+    pub other: u32,
+}
+
+impl Attempts {
+    fn count(&mut self, e: &std::io::Error) {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::ConnectionRefused => self.refused += 1,
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                self.reset += 1
+            }
+            K::TimedOut => self.timed_out += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
+/// The first connection of [`first_connection`] that got its reply.
+#[derive(Debug, Clone, Copy)]
+pub struct FirstConnection {
+    /// When its reply arrived.
+    pub at: Instant,
+    /// When that attempt started.
+    pub started: Instant,
+    /// How the attempts that ended before it ended.
+    pub failed: Attempts,
+    /// Attempts still waiting for an answer then (started before it, their SYN unanswered, or
+    /// after it).
+    pub in_flight: usize,
+}
+
+/// The first connection to `target` from namespace `ns` that got its reply. A new connection is
+/// started every `every` (each one abandoned after 250 ms), so the figure's resolution is `every`
+/// plus one round trip: a SYN sent before the service is programmed is never answered, and
+/// waiting for it would hide when the service became reachable. Fails after `limit`.
 pub fn first_connection(
     ns: &str,
     target: SocketAddrV4,
     every: Duration,
     limit: Duration,
-) -> Result<Instant> {
+) -> Result<FirstConnection> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    lab::in_netns(ns, || -> Result<Instant> {
+    lab::in_netns(ns, || -> Result<FirstConnection> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
             let deadline = Instant::now() + limit;
             let mut attempts = tokio::task::JoinSet::new();
+            let mut failed = Attempts::default();
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
                     biased;
                     Some(done) = attempts.join_next() => {
-                        if let Ok(Some(at)) = done {
-                            return Ok(at);
+                        match done {
+                            Ok((started, Ok(at))) => {
+                                let in_flight = attempts.len();
+                                return Ok(FirstConnection { at, started, failed, in_flight });
+                            }
+                            Ok((_, Err(e))) => failed.count(&e),
+                            Err(_) => failed.other += 1,
                         }
                     }
                     _ = tick.tick() => {
                         ensure!(Instant::now() < deadline, "no connection to {target} within {limit:?}");
                         attempts.spawn(async move {
+                            let started = Instant::now();
                             let attempt = async {
-                                let mut s = tokio::net::TcpStream::connect(target).await.ok()?;
-                                s.write_all(b"probe\n").await.ok()?;
+                                let mut s = tokio::net::TcpStream::connect(target).await?;
+                                s.write_all(b"probe\n").await?;
                                 let mut buf = [0u8; 256];
-                                let n = s.read(&mut buf).await.ok()?;
-                                (n > 0).then(Instant::now)
+                                let n = s.read(&mut buf).await?;
+                                if n == 0 {
+                                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                                }
+                                Ok(Instant::now())
                             };
-                            tokio::time::timeout(Duration::from_millis(250), attempt)
+                            let r = tokio::time::timeout(Duration::from_millis(250), attempt)
                                 .await
-                                .ok()
-                                .flatten()
+                                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                            (started, r)
                         });
                     }
                 }
