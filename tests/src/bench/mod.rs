@@ -477,33 +477,10 @@ pub const E2E_BREAKDOWN: [&str; 4] = ["agent_p50_ms", "agent_p99_ms", "conn_p50_
 const E2E_PROBE_EVERY: Duration = Duration::from_millis(1);
 
 /// A change-to-first-connection sample above this (ms; goal 12's limit for the Kubernetes
-/// source) gets a note of how the probe's attempts went.
+/// source) gets a note of how the probe's attempts went ([`systems::FirstConnection`]) and, for
+/// kproxy at rest, when the agent's sync ended: a late sync, a datapath that refused or lost the
+/// first connections after it, and a probe that stalled read apart.
 const E2E_SLOW_MS: f64 = 20.0;
-
-/// The note of a slow sample of item 5 (`total` ms after the change at `t0`; `programmed`: when
-/// the agent's sync ended, for kproxy at rest): when the answered attempt started and how the
-/// earlier attempts ended, which tells a late sync, a datapath that refused or dropped the first
-/// connections after it, and a probe that stalled apart.
-#[allow(clippy::too_many_arguments)]
-fn slow_e2e_note(
-    sys: &str,
-    n: usize,
-    variant: &str,
-    k: usize,
-    total: f64,
-    programmed: Option<f64>,
-    done: &systems::FirstConnection,
-    t0: Instant,
-) -> String {
-    let started = done.started.saturating_duration_since(t0).as_secs_f64() * 1e3;
-    let f = done.failed;
-    let programmed =
-        programmed.map_or(String::new(), |p| format!(", the agent's sync ended at {p:.1} ms"));
-    format!(
-        "item 5, {sys} at {n} services ({variant}), sample lat{k}: {total:.1} ms{programmed}; the answered connection started at {started:.1} ms; before it {} refused, {} reset, {} unanswered for 250 ms, {} failed otherwise; still unanswered then: {}",
-        f.refused, f.reset, f.timed_out, f.other, done.in_flight
-    )
-}
 
 /// Port of the test API server of item 5 (in the client namespace).
 const API_PORT: u16 = 16443;
@@ -1777,7 +1754,12 @@ impl Bench<'_> {
                 }
             }
             if total > E2E_SLOW_MS {
-                self.notes.push(slow_e2e_note(sys, n, variant, k, total, programmed, &done, t0));
+                let programmed = programmed
+                    .map_or(String::new(), |p| format!(", the agent's sync ended at {p:.1} ms"));
+                self.notes.push(format!(
+                    "item 5, {sys} at {n} services ({variant}), sample lat{k}: {total:.1} ms{programmed}; {}",
+                    done.attempts_since(t0)
+                ));
             }
         }
         self.rec.add("5-e2e", "p50_ms", sys, n, variant, percentile(&mut lat, 0.5));

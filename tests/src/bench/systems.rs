@@ -628,6 +628,18 @@ pub struct FirstConnection {
     pub in_flight: usize,
 }
 
+impl FirstConnection {
+    /// When the answered attempt started (ms after `t0`) and how the others had gone.
+    pub fn attempts_since(&self, t0: Instant) -> String {
+        let started = self.started.saturating_duration_since(t0).as_secs_f64() * 1e3;
+        let f = self.failed;
+        format!(
+            "the answered connection started at {started:.1} ms; before it {} refused, {} reset, {} unanswered for 250 ms, {} failed otherwise; still unanswered then: {}",
+            f.refused, f.reset, f.timed_out, f.other, self.in_flight
+        )
+    }
+}
+
 /// The first connection to `target` from namespace `ns` that got its reply. A new connection is
 /// started every `every` (each one abandoned after 250 ms), so the figure's resolution is `every`
 /// plus one round trip: a SYN sent before the service is programmed is never answered, and
