@@ -324,8 +324,12 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         return Ok(v);
     }
     // Replies before new connections: a reply tuple is exact, so it must win over a frontend
-    // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
-    if let Some(rn) = ct::revnat_ptr(&t) {
+    // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port). A
+    // reverse-NAT entry names a backend as source, so a source the backend hints leave out
+    // has none (the fast path's rule): a new connection's SYN skips the lookup.
+    if maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport)
+        && let Some(rn) = ct::revnat_ptr(&t)
+    {
         return reply_translated(c, &p, &t, rn, &cfg, hook, now);
     }
     if hook != Hook::ToPod

@@ -431,8 +431,10 @@ fn decide(p: &Ip6, hook: Hook, now: u64) -> Result<Next, Reason> {
         }
     }
     // Replies before new connections: a reply tuple is exact, so it must win over a frontend
-    // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port).
+    // that happens to share address and port (a hairpin reply to a ClusterIP's SNAT port). A
+    // source the backend hints leave out has no reverse-NAT entry (the fast path's rule).
     if reason != Reason::Rebalanced
+        && maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport)
         && let Some(rnp) = ct6::revnat_ptr(&t)
     {
         return Ok(reply_translated(p, &t, rnp, hook, now));
