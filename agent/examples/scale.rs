@@ -31,7 +31,7 @@ fn service(name: &str, ip: Ipv4Addr, target: u16, eps: &[Ipv4Addr]) -> [Value; 2
         .iter()
         .enumerate()
         .map(|(k, a)| {
-            json!({"addresses": [a.to_string()], "nodeName": format!("node-{}", k % 2),
+            json!({"addresses": [a.to_string()], "nodeName": "node-1",
             "conditions": {"ready": true, "serving": true, "terminating": false},
             "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("{name}-ep{k}")}})
         })
@@ -88,7 +88,8 @@ fn main() {
     let ep_base = u32::from(Ipv4Addr::new(198, 18, 128, 0));
     // Written item by item (the benchmark's format: one `kind: List` JSON document; as its
     // fillers, 32,000 endpoint addresses and a target port per 3,200 services, so that every
-    // backend (address, port) is distinct).
+    // backend (address, port) is distinct, and every endpoint on another node, so that none is
+    // local).
     let mb = {
         use std::io::Write as _;
         let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("bulk.json")).unwrap());

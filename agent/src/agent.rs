@@ -458,10 +458,12 @@ fn adopt_programmed_state(dp: &BpfDataplane) -> anyhow::Result<Syncer> {
 /// Samples the map fill levels into the metrics.
 fn start_map_sampler(config: &Config, metrics: &Arc<Metrics>) {
     let m = metrics.clone();
-    let started =
-        usage::spawn_map_sampler(config.pin_path.clone(), config.map_stats_interval, move |u| {
-            m.set_map_usage(u.iter().map(|u| (u.map, u.entries, u.capacity, u.bytes)))
-        });
+    let started = usage::spawn_map_sampler(
+        config.pin_path.clone(),
+        config.map_stats_interval,
+        metrics.synced_maps().clone(),
+        move |u| m.set_map_usage(u.iter().map(|u| (u.map, u.entries, u.capacity, u.bytes))),
+    );
     if let Err(e) = started {
         warn!(error = %e, "cannot start the map sampler: no map fill metrics");
     }
@@ -890,6 +892,12 @@ impl LoopState {
             (!failed).then_some(now),
             syncer.programmed_frontends() + syncer.v6().programmed_frontends(),
             syncer.programmed_backends() + syncer.v6().programmed_backends(),
+        );
+        metrics.synced_maps().set(
+            syncer.programmed_service_entries(),
+            syncer.programmed_backends(),
+            syncer.v6().programmed_service_entries(),
+            syncer.v6().programmed_backends(),
         );
         if !failed {
             obs.health.updated(Stamp::now());

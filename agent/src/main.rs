@@ -130,8 +130,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Map { action: ListAction::List(args) } => {
-            let usage =
-                kproxy::dataplane::usage::map_usage(&args.pin.pin_path).with_context(|| {
+            let usage = kproxy::dataplane::usage::map_usage(&args.pin.pin_path, None)
+                .with_context(|| {
                     format!("reading the maps pinned under {}", args.pin.pin_path.display())
                 })?;
             print(args.output, || show::maps_table(&usage), || show::maps_json(&usage));

@@ -6,7 +6,10 @@
 //! always `IPv4`); kproxy's own are prefixed `kproxy_`. Every series exists from the start
 //! (counters at 0, every label value kproxy can produce), so alerts on `increase()` see the first
 //! event. This module only receives numbers: the dataplane counts, the sync loop reports.
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use kproxy_common::Reason;
 use prometheus::{
@@ -14,7 +17,7 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::http::Reply;
+use crate::{dataplane::usage::SyncedCounts, http::Reply};
 
 /// The `ip_family` label value of every kube-proxy series (kproxy serves IPv4).
 const IP_FAMILY: &str = "IPv4";
@@ -107,6 +110,8 @@ pub struct Metrics {
     /// The monotonic eviction counts of IPv4 and IPv6, whose sum `ct_evictions` exports.
     ct_evictions_by_family: [std::sync::atomic::AtomicU64; 2],
     kernel_features: IntGaugeVec,
+    /// The entries of the maps the agent writes, published by each sync for the map sampler.
+    synced_maps: Arc<SyncedCounts>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -417,8 +422,15 @@ impl Metrics {
                 "feature",
                 &crate::dataplane::features::names(),
             ),
+            synced_maps: Arc::default(),
             registry: r,
         }
+    }
+
+    /// The entries of the maps the agent writes, as its last sync left them: what the map
+    /// sampler reports for those maps instead of counting them.
+    pub fn synced_maps(&self) -> &Arc<SyncedCounts> {
+        &self.synced_maps
     }
 
     /// Records a sync (full or partial) that took `took`; `succeeded_at` is when it finished if

@@ -410,6 +410,8 @@ struct Shadow {
     unreferenced: Vec<u32>,
     /// Number of slot-0 entries.
     frontends: usize,
+    /// Number of backend slots (keys with a slot above 0).
+    slots: usize,
     /// Service id → its programmed source ranges (network be, prefix length).
     ranges: FastMap<u32, BTreeSet<(u32, u8)>>,
     /// Address (be) → programmed service entries that make it a closed service address.
@@ -488,6 +490,7 @@ impl Shadow {
                 if slot == Slot::NONE { Slot::ODD } else { slot }
             };
             self.backends.add_ref(v.backend_id);
+            self.slots += 1;
         }
     }
 
@@ -519,8 +522,11 @@ impl Shadow {
                     self.frontends_of.remove(&old.svc_id);
                 }
             }
-        } else if self.backends.drop_ref(old.backend_id) {
-            self.unreferenced.push(old.backend_id);
+        } else {
+            self.slots -= 1;
+            if self.backends.drop_ref(old.backend_id) {
+                self.unreferenced.push(old.backend_id);
+            }
         }
         Some(old)
     }
@@ -544,33 +550,55 @@ impl Shadow {
 }
 
 /// What the syncer knows of one backend key: the id programmed for it and how many desired
-/// service ports want it, with which flags.
+/// service ports want it. How many of those give it the LOCAL or TERMINATING flag is kept apart
+/// ([`FlagCounts`]), for the few backends that have either: the table holds one entry per
+/// backend of the cluster (16 bytes with its key; 24 with the two counts inline, 4.2 MB more
+/// at 300,000 backends).
 #[derive(Debug, Default, Clone, Copy)]
 struct BackendInfo {
     /// The programmed id (0: none yet).
     id: u32,
     ports: u32,
+}
+
+// One per backend of the cluster, in the syncer's key table.
+const _: () = assert!(size_of::<(BackendKey, BackendInfo)>() == 16);
+
+impl BackendInfo {
+    fn unused(&self) -> bool {
+        self.id == 0 && self.ports == 0
+    }
+}
+
+/// How many of the service ports wanting a backend give it the LOCAL flag (its pod is on this
+/// node) and the TERMINATING flag; held only while either is non-zero.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct FlagCounts {
     local: u32,
     terminating: u32,
 }
 
-impl BackendInfo {
-    /// The flags programmed for the backend: LOCAL if any port says so, TERMINATING only if all
-    /// do.
-    fn flags(&self) -> u8 {
-        let mut f = 0;
-        if self.local > 0 {
-            f |= backend_flags::LOCAL;
+impl FlagCounts {
+    /// What one port giving a backend `flags` adds to its counts.
+    fn of(flags: u8) -> Self {
+        Self {
+            local: u32::from(flags & backend_flags::LOCAL != 0),
+            terminating: u32::from(flags & backend_flags::TERMINATING != 0),
         }
-        if self.ports > 0 && self.terminating == self.ports {
-            f |= backend_flags::TERMINATING;
-        }
-        f
     }
+}
 
-    fn unused(&self) -> bool {
-        self.id == 0 && self.ports == 0
+/// The flags programmed for a backend wanted by `ports` service ports with `counts`: LOCAL if
+/// any port says so, TERMINATING only if all do.
+fn backend_flags_of(ports: u32, counts: FlagCounts) -> u8 {
+    let mut f = 0;
+    if counts.local > 0 {
+        f |= backend_flags::LOCAL;
     }
+    if ports > 0 && counts.terminating == ports {
+        f |= backend_flags::TERMINATING;
+    }
+    f
 }
 
 /// What the syncer remembers of one service port: its service id and, of its desired state as
@@ -634,6 +662,9 @@ pub struct Syncer {
     shadow: Shadow,
     /// Backend key → its programmed id and the ports wanting it.
     backends: FastMap<BackendKey, BackendInfo>,
+    /// Backend key → how many of the ports wanting it give it LOCAL or TERMINATING, for the keys
+    /// where either count is non-zero.
+    flag_counts: FastMap<BackendKey, FlagCounts>,
     /// Service → its ports as last given.
     ports: NameMap<ServiceName, SmallVec<[PortRecord; 1]>>,
     /// Service ids held by ports.
@@ -817,6 +848,12 @@ impl Syncer {
         self.shadow.frontends
     }
 
+    /// Number of programmed service entries (the services map's keys: frontends and their
+    /// backend slots).
+    pub fn programmed_service_entries(&self) -> usize {
+        self.shadow.frontends + self.shadow.slots
+    }
+
     /// Number of programmed backends.
     pub fn programmed_backends(&self) -> usize {
         self.shadow.backends.len()
@@ -907,13 +944,26 @@ impl Syncer {
         self.v6 = v6;
     }
 
+    /// The flags programmed for backend `k` ([`backend_flags_of`]).
+    fn flags_of(&self, k: BackendKey, info: &BackendInfo) -> u8 {
+        let counts = if self.flag_counts.is_empty() {
+            FlagCounts::default()
+        } else {
+            self.flag_counts.get(&k).copied().unwrap_or_default()
+        };
+        backend_flags_of(info.ports, counts)
+    }
+
     fn want_add(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {
         for &w in backends {
             let (k, flags) = unpack(w);
-            let info = self.backends.entry(k).or_default();
-            info.ports += 1;
-            info.local += u32::from(flags & backend_flags::LOCAL != 0);
-            info.terminating += u32::from(flags & backend_flags::TERMINATING != 0);
+            self.backends.entry(k).or_default().ports += 1;
+            let add = FlagCounts::of(flags);
+            if add != FlagCounts::default() {
+                let c = self.flag_counts.entry(k).or_default();
+                c.local += add.local;
+                c.terminating += add.terminating;
+            }
             touched.insert(k);
         }
     }
@@ -924,9 +974,18 @@ impl Syncer {
             if let Entry::Occupied(mut e) = self.backends.entry(k) {
                 let info = e.get_mut();
                 info.ports -= 1;
-                info.local -= u32::from(flags & backend_flags::LOCAL != 0);
-                info.terminating -= u32::from(flags & backend_flags::TERMINATING != 0);
                 if info.unused() {
+                    e.remove();
+                }
+            }
+            let sub = FlagCounts::of(flags);
+            if sub != FlagCounts::default()
+                && let Entry::Occupied(mut e) = self.flag_counts.entry(k)
+            {
+                let c = e.get_mut();
+                c.local -= sub.local;
+                c.terminating -= sub.terminating;
+                if *c == FlagCounts::default() {
                     e.remove();
                 }
             }
@@ -1221,8 +1280,9 @@ impl Syncer {
         for b in state.endpoints.iter().chain(state.frontends.values().flat_map(|e| &e.backends)) {
             let id = self.id_of(b, &mut round.fresh);
             let mut v = b.to_map();
-            if let Some(info) = self.backends.get(&backend_key(&v)) {
-                v.flags = info.flags();
+            let k = backend_key(&v);
+            if let Some(info) = self.backends.get(&k) {
+                v.flags = self.flags_of(k, info);
             }
             needed.push((id, v));
         }
@@ -1783,8 +1843,8 @@ impl Syncer {
             .filter_map(|k| {
                 let info = self.backends.get(k)?;
                 let b = self.shadow.backends.get(&info.id)?;
-                (info.ports > 0 && b.flags != info.flags())
-                    .then(|| (info.id, Backend4 { flags: info.flags(), ..*b }))
+                let flags = self.flags_of(*k, info);
+                (info.ports > 0 && b.flags != flags).then_some((info.id, Backend4 { flags, ..*b }))
             })
             .collect();
         items.sort_unstable_by_key(|(id, _)| *id);

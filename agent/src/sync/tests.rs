@@ -621,6 +621,38 @@ fn restart_adopts_programmed_state_without_writes() {
     assert_eq!(dp.mem.backends.len(), 1);
 }
 
+/// The count of service entries the syncer publishes for the map sampler is the services
+/// map's, through growth, shrinking, removal, a restart and a crash's leftovers.
+#[test]
+fn programmed_service_entries_are_the_maps() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    let same = |s: &Syncer, dp: &Checked, when: &str| {
+        assert_eq!(s.programmed_service_entries(), dp.mem.services.len(), "{when}");
+        assert_eq!(s.programmed_backends(), dp.mem.backends.len(), "{when}");
+    };
+    s.sync(&desired(&[(1, &[10, 11, 12]), (2, &[13])]), &mut dp);
+    assert_eq!(dp.mem.services.len(), 6);
+    same(&s, &dp, "first sync");
+    s.sync(&desired(&[(1, &[10]), (2, &[13, 14, 15])]), &mut dp);
+    same(&s, &dp, "one service shrunk, one grown");
+    // Leftovers of a crash: a frontend and a slot nobody wants.
+    let stale = key_of(&cip(9), 0);
+    dp.mem.services.insert(stale, Service4Value { svc_id: 99, count: 1, ..Default::default() });
+    let stale_slot = key_of(&cip(9), 1);
+    dp.mem
+        .services
+        .insert(stale_slot, Service4Value { svc_id: 99, backend_id: 500, ..Default::default() });
+    let mut s = Syncer::adopt(&dp).expect("adopt");
+    same(&s, &dp, "adopted");
+    s.sync(&desired(&[(2, &[13])]), &mut dp);
+    assert!(!dp.mem.services.contains_key(&stale));
+    same(&s, &dp, "leftovers and a service removed");
+    s.sync(&desired(&[]), &mut dp);
+    assert_eq!(s.programmed_service_entries(), 0);
+    same(&s, &dp, "everything removed");
+}
+
 #[test]
 fn restart_removes_orphans_left_by_a_crash() {
     let mut dp = Checked::default();
@@ -689,6 +721,49 @@ fn flag_changes_update_in_place() {
     assert_eq!(dp.mem.ops, [MemOp::PutBackend(id), MemOp::PutService(key_of(&cip(1), 0))]);
     assert_eq!(dp.mem.backends[&id].flags, backend_flags::TERMINATING);
     assert_eq!(dp.mem.services[&key_of(&cip(1), 0)].affinity_timeout, 30);
+}
+
+/// Sets `flags` on backend host `h` in every copy service `n` of `d` holds.
+fn flag_backend(d: &mut DesiredState, n: u8, h: u8, flags: u8) {
+    let st = d.services.get_mut(&spn(&format!("svc{n}"))).unwrap();
+    for e in st.frontends.values_mut() {
+        e.backends.iter_mut().filter(|b| b.addr == be(h).addr).for_each(|b| b.flags = flags);
+    }
+    st.endpoints = st
+        .endpoints
+        .iter()
+        .map(|b| if b.addr == be(h).addr { Backend { flags, ..*b } } else { *b })
+        .collect();
+}
+
+#[test]
+fn a_shared_backend_is_local_if_any_port_says_so_and_terminating_if_all_do() {
+    let mut dp = Checked::default();
+    let mut s = Syncer::new();
+    s.sync(&desired(&[(1, &[10]), (2, &[10])]), &mut dp);
+    let id = *dp.mem.backends.keys().next().unwrap();
+    assert_eq!(dp.mem.backends.len(), 1, "one backend shared by both ports");
+    let flags_now = |s: &mut Syncer, dp: &mut Checked, d: &DesiredState| {
+        let r = s.sync(d, dp);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        dp.mem.backends[&id].flags
+    };
+    let mut d = desired(&[(1, &[10]), (2, &[10])]);
+    flag_backend(&mut d, 1, 10, backend_flags::LOCAL | backend_flags::TERMINATING);
+    assert_eq!(flags_now(&mut s, &mut dp, &d), backend_flags::LOCAL, "one port terminating");
+    flag_backend(&mut d, 2, 10, backend_flags::TERMINATING);
+    let both = backend_flags::LOCAL | backend_flags::TERMINATING;
+    assert_eq!(flags_now(&mut s, &mut dp, &d), both, "both ports terminating");
+    assert_eq!(s.flag_counts.len(), 1);
+    // The port that made it local goes: neither flag holds any more for the other alone
+    // until it says so.
+    let mut d = desired(&[(2, &[10])]);
+    flag_backend(&mut d, 2, 10, backend_flags::TERMINATING);
+    assert_eq!(flags_now(&mut s, &mut dp, &d), backend_flags::TERMINATING);
+    assert_eq!(flags_now(&mut s, &mut dp, &desired(&[(2, &[10])])), 0);
+    assert!(s.flag_counts.is_empty(), "no counts kept for unflagged backends: {:?}", s.flag_counts);
+    s.sync(&desired(&[]), &mut dp);
+    assert!(s.backends.is_empty() && s.flag_counts.is_empty());
 }
 
 #[test]

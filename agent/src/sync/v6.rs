@@ -86,6 +86,8 @@ struct Port6 {
 #[derive(Debug, Default)]
 pub struct Syncer6 {
     fronts: FastMap<Frontend6, Front6>,
+    /// Number of keys `fronts` holds (service entries and non-zero slots).
+    entries: usize,
     backends: FastMap<Key6, Be6>,
     /// Backend ids programmed or handed out.
     ids: FastSet<u32>,
@@ -131,23 +133,8 @@ impl Syncer6 {
         let mut s = Self::new();
         let mut max_svc = 0;
         for (k, v) in dp.services6().map_err(SyncError::Read)? {
-            let f = Frontend6 {
-                addr: from_addr6(&k.addr),
-                port: u16::from_be(k.port),
-                proto: k.proto,
-                scope: k.scope,
-            };
             max_svc = max_svc.max(v.svc_id);
-            let front = s.fronts.entry(f).or_default();
-            if k.slot == 0 {
-                front.entry = Some(v);
-            } else {
-                let i = usize::from(k.slot) - 1;
-                if front.slots.len() <= i {
-                    front.slots.resize(i + 1, 0);
-                }
-                front.slots[i] = v.backend_id;
-            }
+            s.hold(&k, &v);
         }
         let mut max_be = 0;
         let mut all = dp.backends6().map_err(SyncError::Read)?;
@@ -210,6 +197,11 @@ impl Syncer6 {
     /// Number of programmed IPv6 backends.
     pub fn programmed_backends(&self) -> usize {
         self.backends.len()
+    }
+
+    /// Number of programmed IPv6 service entries (frontends and their backend slots).
+    pub fn programmed_service_entries(&self) -> usize {
+        self.entries
     }
 
     /// The IPv6 service id of a service port, if it has one.
@@ -707,18 +699,26 @@ impl Syncer6 {
     ) {
         self.closed_dirty |= items[..n].iter().any(|(k, _)| k.slot == 0);
         for (k, v) in &items[..n] {
-            let front = self.fronts.entry(frontend_of(k)).or_default();
-            front.owner = Some(owner.clone());
-            if k.slot == 0 {
-                front.entry = Some(*v);
-            } else {
-                let i = usize::from(k.slot) - 1;
-                if front.slots.len() <= i {
-                    front.slots.resize(i + 1, 0);
-                }
-                front.slots[i] = v.backend_id;
-            }
+            self.hold(k, v).owner = Some(owner.clone());
         }
+    }
+
+    /// Records that the map holds `v` at `k` (a slot naming backend 0 counts as absent); returns
+    /// the frontend's record.
+    fn hold(&mut self, k: &Service6Key, v: &Service6Value) -> &mut Front6 {
+        let front = self.fronts.entry(frontend_of(k)).or_default();
+        let held = if k.slot == 0 {
+            front.entry.replace(*v).is_some()
+        } else {
+            let i = usize::from(k.slot) - 1;
+            if front.slots.len() <= i {
+                front.slots.resize(i + 1, 0);
+            }
+            std::mem::replace(&mut front.slots[i], v.backend_id) != 0
+        };
+        let holds = k.slot == 0 || v.backend_id != 0;
+        self.entries = self.entries + usize::from(holds) - usize::from(held);
+        front
     }
 
     fn note_deletes(&mut self, keys: &[Service6Key], n: usize) {
@@ -726,11 +726,12 @@ impl Syncer6 {
         for k in &keys[..n] {
             let f = frontend_of(k);
             let Some(front) = self.fronts.get_mut(&f) else { continue };
-            if k.slot == 0 {
-                front.entry = None;
-            } else if let Some(s) = front.slots.get_mut(usize::from(k.slot) - 1) {
-                *s = 0;
-            }
+            let held = if k.slot == 0 {
+                front.entry.take().is_some()
+            } else {
+                front.slots.get_mut(usize::from(k.slot) - 1).is_some_and(|s| std::mem::take(s) != 0)
+            };
+            self.entries -= usize::from(held);
             while front.slots.last() == Some(&0) {
                 front.slots.pop();
             }
@@ -1086,6 +1087,7 @@ mod tests {
         let mut r = SyncReport::default();
         s.apply(d, None, &|_| None, dp, &mut r);
         assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+        assert_eq!(s.programmed_service_entries(), dp.mem.services6.len(), "entries counted");
         r
     }
 
