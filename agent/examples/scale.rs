@@ -292,6 +292,10 @@ fn main() {
     if loaded.is_some() {
         drop(maps);
         drop(loaded);
+        println!(
+            "loaded datapath (programs, maps, the object's parts aya keeps) {:.1} MiB",
+            h4 - heap()
+        );
         kproxy::dataplane::loader::cleanup(&pin).expect("cleanup");
     }
     let _ = std::fs::remove_dir_all(&dir);
