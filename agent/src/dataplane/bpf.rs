@@ -193,10 +193,11 @@ pub struct BpfDataplane {
     pub(super) sock: Hash<kproxy_common::SockRev4Key, kproxy_common::SockRev4Value>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NodeConfig>,
+    /// Absent on pins of an agent from before them and in the conntrack worker's view.
     hints: Option<Hints>,
     /// The IPv6 maps (absent on pins of an agent from before them).
     pub(super) v6: Option<super::bpf6::Maps6>,
-    /// Absent on pins of an agent from before them.
+    /// Absent on pins of an agent from before them and in the conntrack worker's view.
     guards: Option<super::guard::GuardMaps>,
 }
 
@@ -209,19 +210,31 @@ impl BpfDataplane {
     /// Opens the pinned maps under `pin_path` (the directory given as `--pin-path`), checking type,
     /// key and value sizes against the ABI.
     pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
+        Self::open_with(pin_path, true)
+    }
+
+    /// [`Self::open`] for a reader of the connection tables (the conntrack worker), which writes
+    /// no service, backend or guard entry: the hint bitmaps and the service guards are left
+    /// out. Each of those bitmaps the kernel maps whole into a process that maps it (544 KiB
+    /// for the node's), so a second mapping would only add to the agent's memory.
+    pub fn open_for_conntrack(pin_path: &Path) -> anyhow::Result<Self> {
+        Self::open_with(pin_path, false)
+    }
+
+    fn open_with(pin_path: &Path, writer: bool) -> anyhow::Result<Self> {
         let dir = maps_dir(pin_path);
         let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock, addrbits, portbits, _, _] =
             &MAP_SPECS;
         // Pins of an agent from before the hint maps have none: the writes then skip the hints
         // (its programs do not read them).
-        let hints = if dir.join(addrbits.name).exists() {
+        let hints = if writer && dir.join(addrbits.name).exists() {
             check_pinned(&dir.join(addrbits.name), addrbits)?;
             check_pinned(&dir.join(portbits.name), portbits)?;
             Some(Hints::open(&dir)?)
         } else {
             None
         };
-        let guards = super::guard::GuardMaps::open_if_pinned(&dir)?;
+        let guards = if writer { super::guard::GuardMaps::open_if_pinned(&dir)? } else { None };
         Ok(Self {
             services: Hash::open(&dir, svc)?,
             backends: Hash::open(&dir, be)?,
@@ -234,7 +247,11 @@ impl BpfDataplane {
             counters: open_map(&dir, stats)?.try_into()?,
             config: open_map(&dir, cfg)?.try_into()?,
             hints,
-            v6: super::bpf6::Maps6::open_if_pinned(&dir)?,
+            v6: super::bpf6::Maps6::open_if_pinned(
+                &dir,
+                writer,
+                guards.as_ref().map(|g| g.service_addr_bits()),
+            )?,
             guards,
         })
     }

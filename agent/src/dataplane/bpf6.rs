@@ -1,6 +1,6 @@
 //! The IPv6 maps of one node, beside the IPv4 ones of [`super::bpf`]: their ABI specs, the
 //! opened handles and the [`Dataplane6`] implementation of [`BpfDataplane`].
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use aya::maps::{Array, MapData, MapType, PerCpuArray};
 use kproxy_common::{
@@ -49,7 +49,14 @@ pub(super) struct Maps6 {
 impl Maps6 {
     /// Opens the IPv6 maps pinned in `dir` (the versioned pin directory), checking them against
     /// the ABI; `None` when the pins come from an agent without IPv6 maps.
-    pub(super) fn open_if_pinned(dir: &Path) -> anyhow::Result<Option<Self>> {
+    /// The guard maps are opened with `guards` only (see [`super::BpfDataplane::open_for_conntrack`]),
+    /// sharing `bits`, the closed-address bitmap as the IPv4 guards mapped it (`None`: mapped
+    /// here).
+    pub(super) fn open_if_pinned(
+        dir: &Path,
+        guards: bool,
+        bits: Option<Arc<super::hints::ServiceAddrBits>>,
+    ) -> anyhow::Result<Option<Self>> {
         let [svc, be, ct, rnat, aff, stats, cfg, frag, ctstat, sock] = &MAP_SPECS6;
         if !dir.join(svc.name).exists() {
             return Ok(None);
@@ -65,7 +72,11 @@ impl Maps6 {
             affinity: Hash::open(dir, aff)?,
             counters: open_map(dir, stats)?.try_into()?,
             config: open_map(dir, cfg)?.try_into()?,
-            guards: super::guard::GuardMaps6::open_if_pinned(dir)?,
+            guards: if guards {
+                super::guard::GuardMaps6::open_if_pinned(dir, bits)?
+            } else {
+                None
+            },
         }))
     }
 }

@@ -640,7 +640,7 @@ pub fn spawn_worker(
 ) -> std::io::Result<ConntrackWorker> {
     let (tx, rx) = mpsc::channel::<Reconcile>();
     std::thread::Builder::new().name("kproxy-conntrack".into()).spawn(move || {
-        let mut dp = match BpfDataplane::open(&pin_path) {
+        let mut dp = match BpfDataplane::open_for_conntrack(&pin_path) {
             Ok(dp) => dp,
             Err(e) => {
                 warn!(

@@ -9,7 +9,7 @@
 //! - `kp_sockcfg` (array, one entry): which network namespaces the socket LB balances;
 //! - their IPv6 twins `kp_srcrng6`, `kp_svcaddr6` (whose hint bits share `kp_svcaddrbits`) and
 //!   `kp_svccidr6` ([`GuardMaps6`]).
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use anyhow::Context as _;
 use aya::maps::{
@@ -146,12 +146,13 @@ impl ServiceAddr for Addr6 {
 /// The closed service addresses of one family, with the hint bitmap both families share.
 struct ClosedAddrs<A: ServiceAddr> {
     addrs: Hash<A, u32>,
-    bits: ServiceAddrBits,
+    /// The bitmap both families share, mapped once for both (the kernel maps it whole).
+    bits: Arc<ServiceAddrBits>,
 }
 
 impl<A: ServiceAddr> ClosedAddrs<A> {
-    fn open(dir: &Path, spec: &MapSpec) -> anyhow::Result<Self> {
-        Ok(Self { addrs: Hash::open(dir, spec)?, bits: ServiceAddrBits::open(dir)? })
+    fn open(dir: &Path, spec: &MapSpec, bits: Arc<ServiceAddrBits>) -> anyhow::Result<Self> {
+        Ok(Self { addrs: Hash::open(dir, spec)?, bits })
     }
 
     fn put(&mut self, addrs: &[A]) -> Result<(), BatchError> {
@@ -192,10 +193,15 @@ impl GuardMaps {
         }
         Ok(Some(Self {
             src_ranges: RangeTrie::open(dir, ranges)?,
-            svc_addrs: ClosedAddrs::open(dir, addrs)?,
+            svc_addrs: ClosedAddrs::open(dir, addrs, Arc::new(ServiceAddrBits::open(dir)?))?,
             cidrs: open_map(dir, cidrs)?.try_into()?,
             sock: open_map(dir, sock)?.try_into()?,
         }))
+    }
+
+    /// The closed-address bitmap as mapped here, for the IPv6 guards.
+    pub fn service_addr_bits(&self) -> Arc<ServiceAddrBits> {
+        self.svc_addrs.bits.clone()
     }
 
     /// Inserts source-range entries one by one, in order.
@@ -263,8 +269,12 @@ pub struct GuardMaps6 {
 
 impl GuardMaps6 {
     /// Opens the IPv6 guard maps pinned in `dir` (the versioned pin directory), checked against
-    /// the ABI; `None` when they are not pinned (pins of an agent from before them).
-    pub fn open_if_pinned(dir: &Path) -> anyhow::Result<Option<Self>> {
+    /// the ABI; `None` when they are not pinned (pins of an agent from before them). `bits` is
+    /// the closed-address bitmap as the IPv4 guards mapped it (`None`: mapped here).
+    pub fn open_if_pinned(
+        dir: &Path,
+        bits: Option<Arc<ServiceAddrBits>>,
+    ) -> anyhow::Result<Option<Self>> {
         let [ranges, addrs, cidrs] = &GUARD_MAP_SPECS6;
         if !dir.join(ranges.name).exists() || !dir.join(names::SVC_ADDR_BITS).exists() {
             return Ok(None);
@@ -274,7 +284,14 @@ impl GuardMaps6 {
         }
         Ok(Some(Self {
             src_ranges: RangeTrie::open(dir, ranges)?,
-            svc_addrs: ClosedAddrs::open(dir, addrs)?,
+            svc_addrs: ClosedAddrs::open(
+                dir,
+                addrs,
+                match bits {
+                    Some(b) => b,
+                    None => Arc::new(ServiceAddrBits::open(dir)?),
+                },
+            )?,
             cidrs: open_map(dir, cidrs)?.try_into()?,
         }))
     }

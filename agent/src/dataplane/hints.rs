@@ -25,6 +25,8 @@ struct Mapped {
 
 // SAFETY: the mapping is shared memory accessed only through atomics.
 unsafe impl Send for Mapped {}
+// SAFETY: as above: every access, from any thread, is atomic.
+unsafe impl Sync for Mapped {}
 
 impl Mapped {
     fn open(pin: &Path, words: u32) -> anyhow::Result<Self> {
