@@ -48,10 +48,9 @@ pub(super) struct Maps6 {
 
 impl Maps6 {
     /// Opens the IPv6 maps pinned in `dir` (the versioned pin directory), checking them against
-    /// the ABI; `None` when the pins come from an agent without IPv6 maps.
-    /// The guard maps are opened with `guards` only (see [`super::BpfDataplane::open_for_conntrack`]),
-    /// sharing `bits`, the closed-address bitmap as the IPv4 guards mapped it (`None`: mapped
-    /// here).
+    /// the ABI; `None` when the pins come from an agent without IPv6 maps. The guard maps are
+    /// opened only with `guards` (see [`super::bpf::BpfDataplane::open_for_conntrack`]), sharing
+    /// `bits`, the closed-address bitmap as the IPv4 guards mapped it (`None`: mapped here).
     pub(super) fn open_if_pinned(
         dir: &Path,
         guards: bool,
