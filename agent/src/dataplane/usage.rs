@@ -95,12 +95,11 @@ impl SyncedCounts {
 }
 
 /// Counts the entries of every map of [`MAP_LABELS`] pinned under `pin_path` (the IPv6 ones
-/// when pinned), with batched
-/// lookups ([`super::batch`], thousands of entries per system call): 3–10 ms per 10,000 entries
-/// (70 ms for the 210,000 of 10,000 services × 10 endpoints), half a second for a full
-/// 524,288-entry conntrack map on the development VM. Fine
-/// every few seconds from a thread of its own, not something to do on every scrape. The maps
-/// whose entries `synced` holds are not counted.
+/// when pinned), with batched lookups ([`super::batch`], thousands of entries per system call):
+/// 3–10 ms per 10,000 entries (70 ms for the 210,000 of 10,000 services × 10 endpoints), half a
+/// second for a full 524,288-entry conntrack map on the development VM. Fine every few seconds
+/// from a thread of its own, not something to do on every scrape. The maps whose entries
+/// `synced` holds are not counted.
 pub fn map_usage(pin_path: &Path, synced: Option<&SyncedCounts>) -> anyhow::Result<Vec<MapUsage>> {
     let dir = super::bpf::maps_dir(pin_path);
     let mut out = Vec::with_capacity(MAP_LABELS.len());

@@ -86,8 +86,10 @@ struct Port6 {
 #[derive(Debug, Default)]
 pub struct Syncer6 {
     fronts: FastMap<Frontend6, Front6>,
-    /// Number of keys `fronts` holds (service entries and non-zero slots).
-    entries: usize,
+    /// Number of service entries (slot 0) `fronts` holds.
+    frontends: usize,
+    /// Number of backend slots (non-zero, above slot 0) `fronts` holds.
+    slots: usize,
     backends: FastMap<Key6, Be6>,
     /// Backend ids programmed or handed out.
     ids: FastSet<u32>,
@@ -191,7 +193,7 @@ impl Syncer6 {
 
     /// Number of programmed IPv6 frontends (service entries).
     pub fn programmed_frontends(&self) -> usize {
-        self.fronts.values().filter(|f| f.entry.is_some()).count()
+        self.frontends
     }
 
     /// Number of programmed IPv6 backends.
@@ -201,7 +203,7 @@ impl Syncer6 {
 
     /// Number of programmed IPv6 service entries (frontends and their backend slots).
     pub fn programmed_service_entries(&self) -> usize {
-        self.entries
+        self.frontends + self.slots
     }
 
     /// The IPv6 service id of a service port, if it has one.
@@ -707,17 +709,17 @@ impl Syncer6 {
     /// the frontend's record.
     fn hold(&mut self, k: &Service6Key, v: &Service6Value) -> &mut Front6 {
         let front = self.fronts.entry(frontend_of(k)).or_default();
-        let held = if k.slot == 0 {
-            front.entry.replace(*v).is_some()
+        if k.slot == 0 {
+            let held = front.entry.replace(*v).is_some();
+            self.frontends += usize::from(!held);
         } else {
             let i = usize::from(k.slot) - 1;
             if front.slots.len() <= i {
                 front.slots.resize(i + 1, 0);
             }
-            std::mem::replace(&mut front.slots[i], v.backend_id) != 0
-        };
-        let holds = k.slot == 0 || v.backend_id != 0;
-        self.entries = self.entries + usize::from(holds) - usize::from(held);
+            let held = std::mem::replace(&mut front.slots[i], v.backend_id) != 0;
+            self.slots = self.slots + usize::from(v.backend_id != 0) - usize::from(held);
+        }
         front
     }
 
@@ -726,12 +728,12 @@ impl Syncer6 {
         for k in &keys[..n] {
             let f = frontend_of(k);
             let Some(front) = self.fronts.get_mut(&f) else { continue };
-            let held = if k.slot == 0 {
-                front.entry.take().is_some()
+            if k.slot == 0 {
+                self.frontends -= usize::from(front.entry.take().is_some());
             } else {
-                front.slots.get_mut(usize::from(k.slot) - 1).is_some_and(|s| std::mem::take(s) != 0)
-            };
-            self.entries -= usize::from(held);
+                let slot = front.slots.get_mut(usize::from(k.slot) - 1);
+                self.slots -= usize::from(slot.is_some_and(|s| std::mem::take(s) != 0));
+            }
             while front.slots.last() == Some(&0) {
                 front.slots.pop();
             }
@@ -1088,6 +1090,8 @@ mod tests {
         s.apply(d, None, &|_| None, dp, &mut r);
         assert!(dp.violations.is_empty(), "{:?}", dp.violations);
         assert_eq!(s.programmed_service_entries(), dp.mem.services6.len(), "entries counted");
+        let fronts = dp.mem.services6.keys().filter(|k| k.slot == 0).count();
+        assert_eq!(s.programmed_frontends(), fronts, "frontends counted");
         r
     }
 
