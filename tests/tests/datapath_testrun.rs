@@ -1319,6 +1319,51 @@ fn backend_removed_udp_rebalances_tcp_resets() {
     );
 }
 
+/// The agent hands out the lowest free backend id, so a removed backend's id comes back for
+/// another backend: a connection tracked to the old one sees its backend gone (RST, as after a
+/// plain removal) and a UDP flow is balanced again; neither is moved to the id's new backend
+/// without a new pick.
+#[test]
+fn reused_backend_id_names_another_backend() {
+    let mut env = Env::new();
+    env.backend(11, BE1, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[11], 2);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+    // Removed (the backend generation moves on), then id 11 is another backend's.
+    env.maps.delete_backend(11).unwrap();
+    env.backend(11, BE2, 0, proto::TCP);
+    let ack = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let mut rst = Frame::tcp(sa(CIP), sa(POD_CLIENT), RST).with_macs(ack.smac, ack.dmac);
+    rst.id = 0;
+    if let L4::Tcp { seq, ack: a, window, .. } = &mut rst.l4 {
+        *seq = 5000;
+        *a = 0;
+        *window = 0;
+    }
+    assert_frame(&out, &rst);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_frame(&out, &syn.clone().with_dst(sa(BE2)));
+
+    env.backend(21, "198.18.100.11:53", 0, proto::UDP);
+    let svc = "198.19.0.53:53";
+    env.service(svc, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[21], 1);
+    let q = Frame::udp(sa(POD_CLIENT), sa(svc), b"q");
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+    assert_frame(&out, &q.clone().with_dst(sa("198.18.100.11:53")));
+    env.maps.delete_backend(21).unwrap();
+    env.backend(21, "198.18.100.12:53", 0, proto::UDP);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
+    assert_frame(&out, &q.clone().with_dst(sa("198.18.100.12:53")));
+    assert_counts(
+        &env,
+        &[(Reason::TranslatedNew, 3), (Reason::Rebalanced, 1), (Reason::ResetBackendGone, 1)],
+    );
+}
+
 #[test]
 fn backend_removed_tcp_syn_rebalances() {
     let mut env = Env::new();

@@ -412,29 +412,63 @@ fn one_removed_endpoint_shrinks_entry_before_deleting() {
         ]
     );
     assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 13, 12]));
-    // The same endpoint coming back gets a new id: connections to the old one see it gone.
+    // The same endpoint coming back gets the lowest free id, its old one (ids stay dense; the
+    // datapath compares a connection's backend address with the id's on every id change).
     s.sync(&desired(&[(1, &[10, 11, 12, 13])]), &mut dp);
-    assert!(!dp.mem.backends.contains_key(&removed_id));
-    assert!(dp.mem.backends.keys().all(|id| *id != removed_id));
+    assert_eq!(dp.mem.backends.len(), 4);
+    assert_eq!(Ipv4Addr::from(u32::from_be(dp.mem.backends[&removed_id].addr)).octets()[3], 11);
 }
 
 #[test]
-fn freed_backend_ids_are_not_reused() {
+fn freed_backend_ids_are_reused_lowest_first() {
     let mut dp = Checked::default();
     let mut s = Syncer::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut highest = 0;
     for round in 0..20u8 {
-        // Replace all backends every round.
+        // Replace all backends every round: the new ones are written before the old ones go, so
+        // two sets of ids alternate.
         let hosts = [round * 2 + 10, round * 2 + 11];
         s.sync(&desired(&[(1, &hosts)]), &mut dp);
-        for id in dp.mem.backends.keys() {
-            let b = dp.mem.backends[id];
-            seen.insert((*id, b.addr));
-        }
+        assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+        assert_eq!(programmed(&dp.mem, &cip(1)), Some(hosts.to_vec()));
+        assert_eq!(dp.mem.backends.len(), 2);
+        highest = highest.max(*dp.mem.backends.keys().max().unwrap());
     }
-    let ids: std::collections::HashSet<u32> = seen.iter().map(|(id, _)| *id).collect();
-    assert_eq!(ids.len(), seen.len(), "an id was used for two different backends");
-    assert_eq!(ids.len(), 40);
+    assert_eq!(highest, 4, "ids beyond the two sets in flux");
+    // A wider gap is refilled from its lowest id.
+    s.sync(&desired(&[(1, &[100, 101, 102, 103, 104, 105])]), &mut dp);
+    let mut ids: Vec<u32> = dp.mem.backends.keys().copied().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, 5, 6, 7, 8], "the two old ids (3, 4) were still held while writing");
+}
+
+#[test]
+fn adopted_sparse_ids_stay_apart_and_new_ids_fill_from_the_lowest() {
+    let mut dp = Checked::default();
+    // A map written by an agent that handed out ids in increasing order: one far id.
+    let far = 3_000_000;
+    let b = |h: u8| Backend4 {
+        addr: u32::from(Ipv4Addr::new(198, 18, 100, h)).to_be(),
+        port: 8080u16.to_be(),
+        proto: proto::TCP,
+        flags: 0,
+    };
+    dp.mem.backends.insert(2, b(10));
+    dp.mem.backends.insert(far, b(11));
+    let mut s = Syncer::adopt(&dp).unwrap();
+    assert!(s.shadow.backends.dense.len() < 10, "a far id is not held densely");
+    s.sync(&desired(&[(1, &[10, 11, 12])]), &mut dp);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(programmed(&dp.mem, &cip(1)), Some(vec![10, 11, 12]));
+    let mut ids: Vec<u32> = dp.mem.backends.keys().copied().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, far], "the new backend takes id 1");
+    // The far id goes when its backend does, and is not handed out again.
+    s.sync(&desired(&[(1, &[10, 12])]), &mut dp);
+    s.sync(&desired(&[(1, &[10, 12, 13])]), &mut dp);
+    let mut ids: Vec<u32> = dp.mem.backends.keys().copied().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, 3]);
 }
 
 /// `desired` with service `n`'s frontend restricted to `ranges` (None: unrestricted).
@@ -1267,7 +1301,7 @@ fn shadow_backends_keep_values_and_slot_counts_in_one_entry() {
     assert_eq!(b.remove(&7), None);
     assert!(b.drop_ref(7), "the last slot");
     assert!(!b.referenced(7));
-    assert!(b.by_id.is_empty(), "an entry with neither value nor count goes");
+    assert!(b.entry(7).is_none(), "an entry with neither value nor count is free");
     b.insert(8, v);
     b.add_ref(8);
     b.add_ref(8);
@@ -1276,5 +1310,6 @@ fn shadow_backends_keep_values_and_slot_counts_in_one_entry() {
     assert!(!b.drop_ref(8), "no count left to drop");
     assert_eq!(b.iter().collect::<Vec<_>>(), [(8, v)]);
     assert_eq!(b.remove(&8), Some(v));
-    assert!(b.by_id.is_empty());
+    assert!(b.entry(8).is_none());
+    assert_eq!(b.alloc(), 1, "the lowest free id");
 }
