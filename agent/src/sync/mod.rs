@@ -58,6 +58,7 @@
 use std::{
     cmp::Reverse,
     collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque, hash_map::Entry},
+    hash::BuildHasher as _,
 };
 
 use kproxy_common::{Backend4, Service4Key, Service4Value, backend_flags, svc_flags};
@@ -68,8 +69,8 @@ pub mod v6;
 use crate::{
     dataplane::{BatchError, Dataplane, DataplaneError, SourceRange},
     model::{
-        Backend, Changes, DesiredState, Frontend, NameMap, ServiceName, ServicePortName,
-        ServicePortState, SharedStr,
+        Changes, DesiredState, Frontend, NameMap, ServiceName, ServicePortName, ServicePortState,
+        SharedStr,
     },
 };
 
@@ -233,6 +234,16 @@ fn unpack(w: u64) -> (BackendKey, u8) {
     (BackendKey(w & !0xff), w as u8)
 }
 
+/// The backend (flags 0) of key `k`.
+fn backend_of(k: BackendKey) -> Backend4 {
+    Backend4 {
+        addr: (k.0 >> 32) as u32,
+        port: (k.0 >> 16) as u16,
+        proto: (k.0 >> 8) as u8,
+        flags: 0,
+    }
+}
+
 /// Frontend part of a key (slot cleared).
 fn frontend_of(k: &Service4Key) -> Service4Key {
     Service4Key { slot: 0, ..*k }
@@ -290,13 +301,17 @@ impl Front {
     }
 }
 
-/// What the backends map holds, by id, with the number of service slots naming each id, in one
-/// entry of 12 bytes (value, count). Backend ids are handed out lowest free first
-/// ([`ShadowBackends::alloc`]), so they stay dense and the entries sit in a vector indexed by id:
-/// 12 bytes a backend where a hash table took 16 and its control byte, at 57–76% load (2.2 →
-/// 1.2 MB at 100,000 backends, 8.9 → 3.6 MB at 300,000). Ids far above the others (adopted from
-/// maps an agent that did not reuse ids wrote) are held in a hash table beside it. A slot may name
-/// an id the map does not hold (a state a crash left): the entry then holds the count alone.
+/// The backend ids: what the backends map holds at each, the number of service slots naming it
+/// and, for the id of a backend key, the number of desired service ports wanting that key, in
+/// one entry of 16 bytes; and the index from key to id. Backend ids are handed out lowest free
+/// first ([`ShadowBackends::want`]), so they stay dense and the entries sit in a vector indexed
+/// by id; the index is a hash table of ids alone (5 bytes a bucket), the key read from the entry.
+/// A key-to-{id, ports} table and an id-to-{value, count} table took 17 bytes a bucket each, at
+/// 57–76% load: 4.5 → 2.3 MB at 100,000 backends, 17.8 → 7.4 MB at 300,000. Ids far above the
+/// others (adopted from maps an agent that did not reuse ids wrote) are held in a hash table
+/// beside the vector. A slot may name an id the map does not hold (a state a crash left): the
+/// entry then holds the count alone; and the map may hold two ids of one key (likewise): the
+/// index names the lowest.
 #[derive(Debug, Default)]
 struct ShadowBackends {
     /// Entries by id (index 0 unused) for ids below its length.
@@ -310,52 +325,60 @@ struct ShadowBackends {
     free: BinaryHeap<Reverse<u32>>,
     /// Ids never handed out ([`Syncer::avoid_backend_ids`]).
     avoid: FastSet<u32>,
+    /// Backend key → its id (the entries with [`ShadowBackend::KEYED`]).
+    keys: hashbrown::HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 struct ShadowBackend {
+    /// The value the map holds ([`ShadowBackend::HELD`]); else, for a keyed id, the key's
+    /// backend (its flags not yet known).
     value: Backend4,
     /// Slots naming the id, with [`ShadowBackend::HELD`] set when the map holds `value` and
-    /// [`ShadowBackend::TAKEN`] while the id is handed out and not yet written.
+    /// [`ShadowBackend::KEYED`] while the id is its key's.
     refs: u32,
+    /// Desired service ports wanting the key (keyed ids only).
+    ports: u32,
 }
 
 // One per backend id, in the dense vector.
-const _: () = assert!(size_of::<ShadowBackend>() == 12);
+const _: () = assert!(size_of::<ShadowBackend>() == 16);
 
 impl ShadowBackend {
     const HELD: u32 = 1 << 31;
-    const TAKEN: u32 = 1 << 30;
+    const KEYED: u32 = 1 << 30;
 
     fn held(&self) -> bool {
         self.refs & Self::HELD != 0
     }
 
-    fn count(&self) -> u32 {
-        self.refs & !(Self::HELD | Self::TAKEN)
+    fn keyed(&self) -> bool {
+        self.refs & Self::KEYED != 0
     }
 
-    /// Neither value, nor count, nor handed out: the id is free.
+    fn count(&self) -> u32 {
+        self.refs & !(Self::HELD | Self::KEYED)
+    }
+
+    /// Neither value, nor count, nor key: the id is free.
     fn is_free(&self) -> bool {
         self.refs == 0
     }
 }
 
 impl ShadowBackends {
-    /// Ids up to this far above twice the backends held go into the vector.
+    /// Ids up to this far above twice the backends held (or keyed) go into the vector.
     const DENSE_SLACK: usize = 4096;
 
     fn entry(&self, id: u32) -> Option<&ShadowBackend> {
-        match self.dense.get(id as usize) {
-            Some(e) => Some(e).filter(|e| !e.is_free()),
-            None => self.sparse.get(&id),
-        }
+        lookup(&self.dense, &self.sparse, id).filter(|e| !e.is_free())
     }
 
     /// The entry of `id`, made (free) if there is none.
     fn entry_mut(&mut self, id: u32) -> &mut ShadowBackend {
         let i = id as usize;
-        if i >= self.dense.len() && i <= 2 * self.held + Self::DENSE_SLACK {
+        if i >= self.dense.len() && i <= 2 * self.held.max(self.keys.len()) + Self::DENSE_SLACK {
             self.grow(i + 1);
         }
         match self.dense.get_mut(i) {
@@ -432,19 +455,23 @@ impl ShadowBackends {
         let e = self.entry_mut(id);
         let old = e.held().then_some(e.value);
         e.value = value;
-        e.refs = (e.refs | ShadowBackend::HELD) & !ShadowBackend::TAKEN;
+        e.refs |= ShadowBackend::HELD;
         self.held += usize::from(old.is_none());
         old
     }
 
-    /// Forgets the value at `id` (its count stays); returns it.
+    /// Forgets the value at `id` (its count stays, and its key while ports want it); returns it.
     fn remove(&mut self, id: &u32) -> Option<Backend4> {
         let old = self.get(id).copied()?;
         let e = self.entry_mut(*id);
         e.refs &= !ShadowBackend::HELD;
-        e.value = Backend4::default();
+        let unkey = e.keyed() && e.ports == 0;
         self.held -= 1;
-        self.settle(*id);
+        if unkey {
+            self.unkey(*id);
+        } else {
+            self.settle(*id);
+        }
         Some(old)
     }
 
@@ -470,12 +497,85 @@ impl ShadowBackends {
         self.entry(id).is_some_and(|e| e.count() > 0)
     }
 
-    /// Hands out the lowest free id (never 0 nor an avoided one); it stays taken until written
-    /// ([`Self::insert`]) or given back ([`Self::release`]).
+    /// The id of key `k`.
+    fn key_id(&self, k: BackendKey) -> Option<u32> {
+        let (dense, sparse) = (&self.dense, &self.sparse);
+        self.keys
+            .find(self.hasher.hash_one(k), |&id| entry_key(dense, sparse, id) == Some(k))
+            .copied()
+    }
+
+    /// The id of key `k` and the number of ports wanting it.
+    fn key_info(&self, k: BackendKey) -> Option<(u32, u32)> {
+        let id = self.key_id(k)?;
+        Some((id, self.entry(id).map_or(0, |e| e.ports)))
+    }
+
+    /// Makes `id` the id of its value's key.
+    fn key(&mut self, id: u32) {
+        let e = self.entry_mut(id);
+        e.refs |= ShadowBackend::KEYED;
+        let k = backend_key(&e.value);
+        let (dense, sparse, hasher) = (&self.dense, &self.sparse, &self.hasher);
+        self.keys.insert_unique(hasher.hash_one(k), id, |&i| {
+            hasher.hash_one(entry_key(dense, sparse, i).unwrap_or(BackendKey(0)))
+        });
+    }
+
+    /// `id` is no longer its key's.
+    fn unkey(&mut self, id: u32) {
+        let Some(k) = entry_key(&self.dense, &self.sparse, id) else { return };
+        if let Ok(slot) = self.keys.find_entry(self.hasher.hash_one(k), |&i| i == id) {
+            slot.remove();
+        }
+        let e = self.entry_mut(id);
+        e.refs &= !ShadowBackend::KEYED;
+        e.ports = 0;
+        self.settle(id);
+    }
+
+    /// The id of backend `b`'s key: its own, or the lowest free one for a new key.
+    fn key_for(&mut self, b: Backend4) -> u32 {
+        let k = backend_key(&b);
+        match self.key_id(k) {
+            Some(id) => id,
+            None => {
+                let id = self.alloc();
+                let e = self.entry_mut(id);
+                e.value = Backend4 { flags: 0, ..b };
+                self.key(id);
+                id
+            }
+        }
+    }
+
+    /// One more port wants backend `b`'s key.
+    fn want(&mut self, b: Backend4) {
+        let id = self.key_for(b);
+        self.entry_mut(id).ports += 1;
+    }
+
+    /// A keyed id that no port wants and the map does not hold is free again.
+    fn settle_key(&mut self, id: u32) {
+        if self.entry(id).is_some_and(|e| e.keyed() && e.ports == 0 && !e.held()) {
+            self.unkey(id);
+        }
+    }
+
+    /// One port wanting key `k` went: an id left without ports and value is free again.
+    fn unwant(&mut self, k: BackendKey) {
+        let Some(id) = self.key_id(k) else { return };
+        let e = self.entry_mut(id);
+        e.ports = e.ports.saturating_sub(1);
+        if e.ports == 0 && !e.held() {
+            self.unkey(id);
+        }
+    }
+
+    /// The lowest free id (never 0 nor an avoided one); the caller fills its entry.
     fn alloc(&mut self) -> u32 {
         while let Some(Reverse(id)) = self.free.pop() {
             if self.dense[id as usize].is_free() && !self.avoid.contains(&id) {
-                self.dense[id as usize].refs = ShadowBackend::TAKEN;
                 return id;
             }
         }
@@ -484,19 +584,29 @@ impl ShadowBackends {
             id = id.wrapping_add(1).max(1);
         }
         // Avoided ids skipped on the way are offered by `grow` and dropped when they come up.
-        self.entry_mut(id).refs = ShadowBackend::TAKEN;
         id
     }
+}
 
-    /// Gives back an id handed out by [`Self::alloc`] if it was not written.
-    fn release(&mut self, id: u32) {
-        if let Some(e) = self.entry(id)
-            && e.refs & ShadowBackend::TAKEN != 0
-        {
-            self.entry_mut(id).refs &= !ShadowBackend::TAKEN;
-            self.settle(id);
-        }
+/// The entry of `id` in the vector or the hash table.
+fn lookup<'a>(
+    dense: &'a [ShadowBackend],
+    sparse: &'a FastMap<u32, ShadowBackend>,
+    id: u32,
+) -> Option<&'a ShadowBackend> {
+    match dense.get(id as usize) {
+        Some(e) => Some(e),
+        None => sparse.get(&id),
     }
+}
+
+/// The key of keyed id `id`.
+fn entry_key(
+    dense: &[ShadowBackend],
+    sparse: &FastMap<u32, ShadowBackend>,
+    id: u32,
+) -> Option<BackendKey> {
+    lookup(dense, sparse, id).filter(|e| e.keyed()).map(|e| backend_key(&e.value))
 }
 
 /// The shadow copy: exactly what the maps hold, as far as this process knows, with indexes kept
@@ -655,27 +765,6 @@ impl Shadow {
     }
 }
 
-/// What the syncer knows of one backend key: the id programmed for it and how many desired
-/// service ports want it. How many of those give it the LOCAL or TERMINATING flag is kept apart
-/// ([`FlagCounts`]), for the few backends that have either: the table holds one entry per
-/// backend of the cluster (16 bytes with its key; 24 with the two counts inline, 4.2 MB more
-/// at 300,000 backends).
-#[derive(Debug, Default, Clone, Copy)]
-struct BackendInfo {
-    /// The programmed id (0: none yet).
-    id: u32,
-    ports: u32,
-}
-
-// One per backend of the cluster, in the syncer's key table.
-const _: () = assert!(size_of::<(BackendKey, BackendInfo)>() == 16);
-
-impl BackendInfo {
-    fn unused(&self) -> bool {
-        self.id == 0 && self.ports == 0
-    }
-}
-
 /// How many of the service ports wanting a backend give it the LOCAL flag (its pod is on this
 /// node) and the TERMINATING flag; held only while either is non-zero.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -766,8 +855,6 @@ fn port_backends(s: &ServicePortState) -> Box<[u64]> {
 #[derive(Debug, Default)]
 pub struct Syncer {
     shadow: Shadow,
-    /// Backend key → its programmed id and the ports wanting it.
-    backends: FastMap<BackendKey, BackendInfo>,
     /// Backend key → how many of the ports wanting it give it LOCAL or TERMINATING, for the keys
     /// where either count is non-zero.
     flag_counts: FastMap<BackendKey, FlagCounts>,
@@ -841,8 +928,6 @@ struct PlannedBackend {
 struct Round {
     ports: Vec<PortPlan>,
     backends: Vec<PlannedBackend>,
-    /// Backend keys given fresh ids in this round.
-    fresh: FastMap<BackendKey, u32>,
 }
 
 impl Syncer {
@@ -876,13 +961,12 @@ impl Syncer {
         // Compare every counted address with what is programmed on the first sync.
         s.shadow.closed_changed = s.shadow.closed_refs.keys().copied().collect();
         s.shadow.closed_changed.extend(s.closed_programmed.iter().copied());
-        let mut ids: Vec<(u32, Backend4)> = s.shadow.backends.iter().collect();
-        // The lowest id of a key wins, whatever the hash map's order.
-        ids.sort_unstable_by_key(|(id, _)| *id);
+        // The lowest id of a key is its key's (the iteration is in increasing id order but for
+        // the far ids, which come last).
+        let ids: Vec<(u32, Backend4)> = s.shadow.backends.iter().collect();
         for (id, b) in ids {
-            let info = s.backends.entry(backend_key(&b)).or_default();
-            if info.id == 0 {
-                info.id = id;
+            if s.shadow.backends.key_id(backend_key(&b)).is_none() {
+                s.shadow.backends.key(id);
             }
         }
         s.next_svc_id =
@@ -1053,20 +1137,21 @@ impl Syncer {
         self.v6 = v6;
     }
 
-    /// The flags programmed for backend `k` ([`backend_flags_of`]).
-    fn flags_of(&self, k: BackendKey, info: &BackendInfo) -> u8 {
+    /// The flags programmed for backend `k`, wanted by `ports` service ports
+    /// ([`backend_flags_of`]).
+    fn flags_of(&self, k: BackendKey, ports: u32) -> u8 {
         let counts = if self.flag_counts.is_empty() {
             FlagCounts::default()
         } else {
             self.flag_counts.get(&k).copied().unwrap_or_default()
         };
-        backend_flags_of(info.ports, counts)
+        backend_flags_of(ports, counts)
     }
 
     fn want_add(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {
         for &w in backends {
             let (k, flags) = unpack(w);
-            self.backends.entry(k).or_default().ports += 1;
+            self.shadow.backends.want(backend_of(k));
             let add = FlagCounts::of(flags);
             if add != FlagCounts::default() {
                 let c = self.flag_counts.entry(k).or_default();
@@ -1080,13 +1165,7 @@ impl Syncer {
     fn want_sub(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {
         for &w in backends {
             let (k, flags) = unpack(w);
-            if let Entry::Occupied(mut e) = self.backends.entry(k) {
-                let info = e.get_mut();
-                info.ports -= 1;
-                if info.unused() {
-                    e.remove();
-                }
-            }
+            self.shadow.backends.unwant(k);
             let sub = FlagCounts::of(flags);
             if sub != FlagCounts::default()
                 && let Entry::Occupied(mut e) = self.flag_counts.entry(k)
@@ -1283,11 +1362,7 @@ impl Syncer {
                 pending.push_front(p);
             }
             let names: Vec<&ServicePortName> = now.iter().map(|(n, _)| n).collect();
-            let mut round = Round {
-                ports: Vec::with_capacity(now.len()),
-                backends: Vec::new(),
-                fresh: FastMap::default(),
-            };
+            let mut round = Round { ports: Vec::with_capacity(now.len()), backends: Vec::new() };
             let mut backend_at: FastMap<u32, usize> = FastMap::default();
             let mut ok = vec![false; now.len()];
             for (i, (name, state)) in now.iter().enumerate() {
@@ -1331,7 +1406,7 @@ impl Syncer {
         for (f, entry) in &state.frontends {
             ids.clear();
             for b in &entry.backends {
-                ids.push(self.id_of(b, &mut round.fresh));
+                ids.push(self.shadow.backends.key_for(b.to_map()));
             }
             let count = u16::try_from(ids.len()).map_err(|_| SyncError::TooManyBackends {
                 service: name.to_string(),
@@ -1387,11 +1462,11 @@ impl Syncer {
                 + plan.deletes.len(),
         );
         for b in state.endpoints.iter().chain(state.frontends.values().flat_map(|e| &e.backends)) {
-            let id = self.id_of(b, &mut round.fresh);
             let mut v = b.to_map();
+            let id = self.shadow.backends.key_for(v);
             let k = backend_key(&v);
-            if let Some(info) = self.backends.get(&k) {
-                v.flags = self.flags_of(k, info);
+            if let Some((_, ports)) = self.shadow.backends.key_info(k) {
+                v.flags = self.flags_of(k, ports);
             }
             needed.push((id, v));
         }
@@ -1431,22 +1506,6 @@ impl Syncer {
             || !plan.entries.is_empty()
             || !plan.deletes.is_empty();
         Ok(writes.then_some(plan))
-    }
-
-    /// The id of backend `b`: programmed, given earlier in this round, or new.
-    fn id_of(&mut self, b: &Backend, fresh: &mut FastMap<BackendKey, u32>) -> u32 {
-        let k = backend_key(&b.to_map());
-        if let Some(info) = self.backends.get(&k)
-            && info.id != 0
-        {
-            return info.id;
-        }
-        if let Some(id) = fresh.get(&k) {
-            return *id;
-        }
-        let id = self.alloc_backend_id();
-        fresh.insert(k, id);
-        id
     }
 
     /// Runs a round's phases. Failed ports are rolled back as they fail; backends written for
@@ -1538,12 +1597,10 @@ impl Syncer {
                 }
             }
         }
-        for (k, id) in std::mem::take(&mut round.fresh) {
-            if self.shadow.backends.contains_key(&id) {
-                self.backends.entry(k).or_default().id = id;
-            } else {
-                self.shadow.backends.release(id);
-            }
+        // Ids given to keys only for this round's writes (no port wants them) that were not
+        // written are free again.
+        for b in &round.backends {
+            self.shadow.backends.settle_key(b.id);
         }
         report.services_changed += round.ports.iter().filter(|p| !p.failed).count();
     }
@@ -1892,7 +1949,7 @@ impl Syncer {
             self.shadow.backends.ids().collect()
         } else {
             let mut c: Vec<u32> = std::mem::take(&mut self.shadow.unreferenced);
-            c.extend(touched.iter().filter_map(|k| self.backends.get(k).map(|i| i.id)));
+            c.extend(touched.iter().filter_map(|k| self.shadow.backends.key_id(*k)));
             c
         };
         candidates.sort_unstable();
@@ -1900,9 +1957,11 @@ impl Syncer {
         let gc: Vec<u32> = candidates
             .into_iter()
             .filter(|id| {
-                let Some(b) = self.shadow.backends.get(id) else { return false };
-                let info = self.backends.get(&backend_key(b));
-                !self.shadow.referenced(*id) && !info.is_some_and(|i| i.ports > 0 && i.id == *id)
+                let Some(e) = self.shadow.backends.entry(*id).filter(|e| e.held()) else {
+                    return false;
+                };
+                let wanted = e.keyed() && e.ports > 0;
+                !(wanted || self.shadow.referenced(*id))
             })
             .collect();
         let mut at = 0;
@@ -1931,15 +1990,7 @@ impl Syncer {
     }
 
     fn forget_backend(&mut self, id: u32) {
-        let Some(b) = self.shadow.backends.remove(&id) else { return };
-        if let Entry::Occupied(mut e) = self.backends.entry(backend_key(&b))
-            && e.get().id == id
-        {
-            e.get_mut().id = 0;
-            if e.get().unused() {
-                e.remove();
-            }
-        }
+        self.shadow.backends.remove(&id);
     }
 
     /// Rewrites shared backends whose flags changed through other ports.
@@ -1952,10 +2003,10 @@ impl Syncer {
         let mut items: Vec<(u32, Backend4)> = touched
             .iter()
             .filter_map(|k| {
-                let info = self.backends.get(k)?;
-                let b = self.shadow.backends.get(&info.id)?;
-                let flags = self.flags_of(*k, info);
-                (info.ports > 0 && b.flags != flags).then_some((info.id, Backend4 { flags, ..*b }))
+                let (id, ports) = self.shadow.backends.key_info(*k)?;
+                let b = self.shadow.backends.get(&id)?;
+                let flags = self.flags_of(*k, ports);
+                (ports > 0 && b.flags != flags).then_some((id, Backend4 { flags, ..*b }))
             })
             .collect();
         items.sort_unstable_by_key(|(id, _)| *id);
@@ -2001,10 +2052,6 @@ impl Syncer {
         });
         self.svc_ids_used.insert(id);
         id
-    }
-
-    fn alloc_backend_id(&mut self) -> u32 {
-        self.shadow.backends.alloc()
     }
 }
 

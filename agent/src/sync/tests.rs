@@ -7,7 +7,7 @@ use kproxy_common::{proto, scope, svc_flags};
 use super::*;
 use crate::{
     dataplane::mem::{MemDataplane, MemOp},
-    model::{FrontendEntry, ServiceName, ServicePortState},
+    model::{Backend, FrontendEntry, ServiceName, ServicePortState},
 };
 
 /// A dataplane that records every call it is given (name and number of items) and checks, after
@@ -797,7 +797,9 @@ fn a_shared_backend_is_local_if_any_port_says_so_and_terminating_if_all_do() {
     assert_eq!(flags_now(&mut s, &mut dp, &desired(&[(2, &[10])])), 0);
     assert!(s.flag_counts.is_empty(), "no counts kept for unflagged backends: {:?}", s.flag_counts);
     s.sync(&desired(&[]), &mut dp);
-    assert!(s.backends.is_empty() && s.flag_counts.is_empty());
+    let b = &s.shadow.backends;
+    assert!(b.keys.is_empty() && b.len() == 0 && s.flag_counts.is_empty());
+    assert!(b.dense.iter().all(ShadowBackend::is_free), "{:?}", b.dense);
 }
 
 #[test]
@@ -1312,4 +1314,37 @@ fn shadow_backends_keep_values_and_slot_counts_in_one_entry() {
     assert_eq!(b.remove(&8), Some(v));
     assert!(b.entry(8).is_none());
     assert_eq!(b.alloc(), 1, "the lowest free id");
+}
+
+#[test]
+fn shadow_backends_index_keys_while_wanted_or_held() {
+    let mut b = ShadowBackends::default();
+    let v = Backend4 { addr: 1, port: 2, proto: 6, flags: 0 };
+    let w = Backend4 { addr: 3, ..v };
+    let (kv, kw) = (backend_key(&v), backend_key(&w));
+    b.want(v);
+    b.want(Backend4 { flags: backend_flags::LOCAL, ..v });
+    assert_eq!(b.key_info(kv), Some((1, 2)), "one id for the key whatever the flags");
+    b.want(w);
+    assert_eq!(b.key_info(kw), Some((2, 1)));
+    assert_eq!(b.len(), 0, "wanted is not held");
+    // Unwanted and never written: the id is free again, and the next key takes it.
+    b.unwant(kw);
+    assert_eq!(b.key_id(kw), None);
+    assert!(b.entry(2).is_none());
+    // Held and unwanted: keyed until the map no longer holds it.
+    b.insert(1, v);
+    b.unwant(kv);
+    b.unwant(kv);
+    assert_eq!(b.key_info(kv), Some((1, 0)));
+    assert_eq!(b.remove(&1), Some(v));
+    assert_eq!(b.key_id(kv), None);
+    assert!(b.keys.is_empty());
+    // Removed from the map while still wanted (a failed port's write undone): the key keeps it.
+    b.want(w);
+    assert_eq!(b.key_id(kw), Some(1), "the lowest free id");
+    b.insert(1, w);
+    assert_eq!(b.remove(&1), Some(w));
+    assert_eq!(b.key_info(kw), Some((1, 1)));
+    assert_eq!(b.alloc(), 2, "a keyed id is not free");
 }
