@@ -234,6 +234,20 @@ fn unpack(w: u64) -> (BackendKey, u8) {
     (BackendKey(w & !0xff), w as u8)
 }
 
+/// Backend ids (far ids from maps an agent that did not reuse ids wrote aside) stay below this,
+/// so that a port's record packs the flags it gives a backend into the id's top bits.
+const ID_LIMIT: u32 = 1 << 30;
+
+/// A backend id with the flags (LOCAL, TERMINATING) one service port gives it.
+fn pack_id(id: u32, flags: u8) -> u32 {
+    debug_assert!(id < ID_LIMIT);
+    id | (u32::from(flags & (backend_flags::LOCAL | backend_flags::TERMINATING)) << 30)
+}
+
+fn unpack_id(w: u32) -> (u32, u8) {
+    (w & (ID_LIMIT - 1), (w >> 30) as u8)
+}
+
 /// The backend (flags 0) of key `k`.
 fn backend_of(k: BackendKey) -> Backend4 {
     Backend4 {
@@ -549,10 +563,11 @@ impl ShadowBackends {
         }
     }
 
-    /// One more port wants backend `b`'s key.
-    fn want(&mut self, b: Backend4) {
+    /// One more port wants backend `b`'s key: its id.
+    fn want(&mut self, b: Backend4) -> u32 {
         let id = self.key_for(b);
         self.entry_mut(id).ports += 1;
+        id
     }
 
     /// A keyed id that no port wants and the map does not hold is free again.
@@ -562,9 +577,16 @@ impl ShadowBackends {
         }
     }
 
-    /// One port wanting key `k` went: an id left without ports and value is free again.
-    fn unwant(&mut self, k: BackendKey) {
-        let Some(id) = self.key_id(k) else { return };
+    /// The key of keyed id `id`.
+    fn key_of(&self, id: u32) -> Option<BackendKey> {
+        entry_key(&self.dense, &self.sparse, id)
+    }
+
+    /// One port wanting keyed id `id` went: an id left without ports and value is free again.
+    fn unwant(&mut self, id: u32) {
+        if self.key_of(id).is_none() {
+            return;
+        }
         let e = self.entry_mut(id);
         e.ports = e.ports.saturating_sub(1);
         if e.ports == 0 && !e.held() {
@@ -806,8 +828,9 @@ struct PortRecord {
     svc_id: u32,
     /// Hash of the desired state (an equal state is not looked at again once applied).
     hash: u64,
-    /// Its backends, each once, with the flags it gives them ([`with_flags`]).
-    backends: Box<[u64]>,
+    /// Its backends, each once: their ids with the flags it gives them ([`pack_id`]; the ids
+    /// are their keys' while the port wants them).
+    backends: Box<[u32]>,
     /// Its desired frontends (slot-0 keys).
     frontends: Box<[Service4Key]>,
     /// Whether the desired state is programmed.
@@ -823,7 +846,7 @@ fn state_hash(s: &ServicePortState) -> u64 {
 
 /// The backends one service port wants, each once (LOCAL if any copy says so, TERMINATING if
 /// all do), sorted.
-fn port_backends(s: &ServicePortState) -> Box<[u64]> {
+fn port_backends(s: &ServicePortState) -> Vec<u64> {
     let mut v: Vec<u64> = s
         .endpoints
         .iter()
@@ -848,7 +871,7 @@ fn port_backends(s: &ServicePortState) -> Box<[u64]> {
             _ => out.push(w),
         }
     }
-    out.into_boxed_slice()
+    out
 }
 
 /// Keeps the datapath equal to the desired state. See the module documentation.
@@ -962,10 +985,11 @@ impl Syncer {
         s.shadow.closed_changed = s.shadow.closed_refs.keys().copied().collect();
         s.shadow.closed_changed.extend(s.closed_programmed.iter().copied());
         // The lowest id of a key is its key's (the iteration is in increasing id order but for
-        // the far ids, which come last).
+        // the far ids, which come last); an id from `ID_LIMIT` up is no key's, its backend gets a
+        // new id on the first sync.
         let ids: Vec<(u32, Backend4)> = s.shadow.backends.iter().collect();
         for (id, b) in ids {
-            if s.shadow.backends.key_id(backend_key(&b)).is_none() {
+            if id < ID_LIMIT && s.shadow.backends.key_id(backend_key(&b)).is_none() {
                 s.shadow.backends.key(id);
             }
         }
@@ -1148,10 +1172,13 @@ impl Syncer {
         backend_flags_of(ports, counts)
     }
 
-    fn want_add(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {
+    /// One more port wants `backends` (keys with the flags it gives them): their ids with those
+    /// flags, for the port's record.
+    fn want_add(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) -> Box<[u32]> {
+        let mut ids = Vec::with_capacity(backends.len());
         for &w in backends {
             let (k, flags) = unpack(w);
-            self.shadow.backends.want(backend_of(k));
+            ids.push(pack_id(self.shadow.backends.want(backend_of(k)), flags));
             let add = FlagCounts::of(flags);
             if add != FlagCounts::default() {
                 let c = self.flag_counts.entry(k).or_default();
@@ -1160,12 +1187,15 @@ impl Syncer {
             }
             touched.insert(k);
         }
+        ids.into_boxed_slice()
     }
 
-    fn want_sub(&mut self, backends: &[u64], touched: &mut FastSet<BackendKey>) {
+    /// A port's record of `backends` ([`Self::want_add`]) goes.
+    fn want_sub(&mut self, backends: &[u32], touched: &mut FastSet<BackendKey>) {
         for &w in backends {
-            let (k, flags) = unpack(w);
-            self.shadow.backends.unwant(k);
+            let (id, flags) = unpack_id(w);
+            let Some(k) = self.shadow.backends.key_of(id) else { continue };
+            self.shadow.backends.unwant(id);
             let sub = FlagCounts::of(flags);
             if sub != FlagCounts::default()
                 && let Entry::Occupied(mut e) = self.flag_counts.entry(k)
@@ -1240,17 +1270,18 @@ impl Syncer {
                 }
                 Some(r) => {
                     let old = std::mem::take(&mut r.backends);
-                    let new = port_backends(&state);
                     r.hash = hash;
                     r.frontends = state.frontends.keys().map(|f| key_of(f, 0)).collect();
                     r.applied = false;
-                    r.backends = new.clone();
+                    // Wanted again before the old ones go: a backend in both keeps its id.
+                    let new = self.want_add(&port_backends(&state), &mut touched);
                     self.want_sub(&old, &mut touched);
-                    self.want_add(&new, &mut touched);
+                    if let Some(r) = self.record_mut(&name) {
+                        r.backends = new;
+                    }
                 }
                 None => {
-                    let backends = port_backends(&state);
-                    self.want_add(&backends, &mut touched);
+                    let backends = self.want_add(&port_backends(&state), &mut touched);
                     let svc_id = self.svc_id_for(state.frontends.keys());
                     self.ports.entry(name.service.clone()).or_default().push(PortRecord {
                         port: name.port.clone(),

@@ -469,6 +469,16 @@ fn adopted_sparse_ids_stay_apart_and_new_ids_fill_from_the_lowest() {
     let mut ids: Vec<u32> = dp.mem.backends.keys().copied().collect();
     ids.sort_unstable();
     assert_eq!(ids, [1, 2, 3]);
+    // An id too large for a port's record to pack its flags with: the key gets a new id.
+    let mut dp = Checked::default();
+    dp.mem.backends.insert(ID_LIMIT + 5, b(10));
+    let mut s = Syncer::adopt(&dp).unwrap();
+    let mut d = desired(&[(1, &[10])]);
+    flag_backend(&mut d, 1, 10, backend_flags::LOCAL | backend_flags::TERMINATING);
+    s.sync(&d, &mut dp);
+    assert!(dp.violations.is_empty(), "{:?}", dp.violations);
+    assert_eq!(dp.mem.backends.keys().copied().collect::<Vec<_>>(), [1]);
+    assert_eq!(dp.mem.backends[&1].flags, backend_flags::LOCAL | backend_flags::TERMINATING);
 }
 
 /// `desired` with service `n`'s frontend restricted to `ranges` (None: unrestricted).
@@ -1329,13 +1339,13 @@ fn shadow_backends_index_keys_while_wanted_or_held() {
     assert_eq!(b.key_info(kw), Some((2, 1)));
     assert_eq!(b.len(), 0, "wanted is not held");
     // Unwanted and never written: the id is free again, and the next key takes it.
-    b.unwant(kw);
+    b.unwant(2);
     assert_eq!(b.key_id(kw), None);
     assert!(b.entry(2).is_none());
     // Held and unwanted: keyed until the map no longer holds it.
     b.insert(1, v);
-    b.unwant(kv);
-    b.unwant(kv);
+    b.unwant(1);
+    b.unwant(1);
     assert_eq!(b.key_info(kv), Some((1, 0)));
     assert_eq!(b.remove(&1), Some(v));
     assert_eq!(b.key_id(kv), None);
