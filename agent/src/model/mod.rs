@@ -786,8 +786,9 @@ impl Tracker {
                     self.intern_opt(&mut p.protocol);
                 }
                 for ep in s.endpoints.iter_mut() {
-                    if let Some(n) = &ep.node_name {
-                        ep.node_name = Some(self.intern(n));
+                    if let Some(n) = ep.node_name() {
+                        let n = self.intern(n);
+                        ep.set_node_name(Some(n));
                     }
                 }
                 if let Some(owner) = s.owner() {
@@ -2045,7 +2046,8 @@ fn collect_endpoints<A: Ord + Copy>(
             let Some(target) = port.port.and_then(valid_port) else { continue };
             for ep in &s.endpoints {
                 let Some(addr) = addr_of(s, ep) else { continue };
-                let local = !node.name.is_empty() && ep.node_name.as_deref() == Some(&node.name);
+                let local = !node.name.is_empty()
+                    && ep.node_name().map(SharedStr::as_str) == Some(&node.name);
                 let hints = ep.hints();
                 let endpoint = Endpoint {
                     addr,

@@ -287,28 +287,111 @@ pub struct HintsObj {
 }
 
 /// What few endpoints carry (boxed, so that the others do not pay for it): an address that is
-/// not IPv4, kept as written, and topology hints.
+/// not IPv4, kept as written, and topology hints; and then the node name.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct EndpointRare {
+    node_name: Option<SharedStr>,
     addr_text: Option<Box<str>>,
     hints: Option<HintsObj>,
 }
 
-/// One endpoint of an EndpointSlice. Held for every endpoint of the cluster, so packed: the
-/// IPv4 address inline, the three conditions in one byte, the rest boxed when present.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointObj {
-    /// The first of `addresses` when it is an IPv4 address.
-    v4: Option<Ipv4Addr>,
-    /// `conditions.ready`, `serving` and `terminating`, two bits each ([`cond_bits`]).
-    conditions: u8,
-    /// `nodeName` (the tracker shares one copy per node).
-    pub node_name: Option<SharedStr>,
-    rare: Option<Box<EndpointRare>>,
+impl EndpointRare {
+    /// Whether it holds nothing but a node name.
+    fn node_only(&self) -> bool {
+        self.addr_text.is_none() && self.hints.is_none()
+    }
 }
 
-// 24 bytes since `SharedStr` is one word; one is held per endpoint of the cluster.
-const _: () = assert!(std::mem::size_of::<EndpointObj>() <= 24);
+/// An endpoint's node name and rare part in one word: 0 (neither), a [`SharedStr`] (the node
+/// name alone, [`SharedStr::into_word`]), or a boxed [`EndpointRare`] with the low bit set (which
+/// then holds the node name). Both allocations are aligned to 8.
+struct NodeOrRare(usize);
+
+impl NodeOrRare {
+    const RARE: usize = 1;
+
+    fn new(node_name: Option<SharedStr>, rare: Option<EndpointRare>) -> Self {
+        match rare {
+            Some(r) if !r.node_only() => {
+                let r = EndpointRare { node_name, ..r };
+                Self(Box::into_raw(Box::new(r)) as usize | Self::RARE)
+            }
+            _ => Self(SharedStr::into_word(node_name)),
+        }
+    }
+
+    fn rare(&self) -> Option<&EndpointRare> {
+        // SAFETY: with the bit set, the rest is a live `Box<EndpointRare>` this value owns.
+        (self.0 & Self::RARE != 0).then(|| unsafe { &*((self.0 & !Self::RARE) as *const _) })
+    }
+
+    fn node_name(&self) -> Option<&SharedStr> {
+        match self.rare() {
+            Some(r) => r.node_name.as_ref(),
+            // SAFETY: without the bit, the word is a `SharedStr::into_word` this value owns.
+            None => unsafe { SharedStr::borrow_word(&self.0) }.as_ref(),
+        }
+    }
+
+    /// The parts, copied.
+    fn parts(&self) -> (Option<SharedStr>, Option<EndpointRare>) {
+        (self.node_name().cloned(), self.rare().cloned())
+    }
+}
+
+impl Drop for NodeOrRare {
+    fn drop(&mut self) {
+        if self.0 & Self::RARE != 0 {
+            // SAFETY: a `Box<EndpointRare>` this value owns, freed once.
+            drop(unsafe { Box::from_raw((self.0 & !Self::RARE) as *mut EndpointRare) });
+        } else {
+            // SAFETY: a `SharedStr::into_word` this value owns, turned back once.
+            drop(unsafe { SharedStr::from_word(self.0) });
+        }
+    }
+}
+
+impl Clone for NodeOrRare {
+    fn clone(&self) -> Self {
+        let (node, rare) = self.parts();
+        Self::new(node, rare)
+    }
+}
+
+impl PartialEq for NodeOrRare {
+    fn eq(&self, other: &Self) -> bool {
+        self.node_name() == other.node_name() && self.rare() == other.rare()
+    }
+}
+
+impl Eq for NodeOrRare {}
+
+impl fmt::Debug for NodeOrRare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rare() {
+            Some(r) => r.fmt(f),
+            None => self.node_name().fmt(f),
+        }
+    }
+}
+
+/// One endpoint of an EndpointSlice. Held for every endpoint of the cluster, so packed into 16
+/// bytes: the IPv4 address inline, the three conditions and whether there is an IPv4 address in
+/// one byte, the node name or the boxed rest in one word ([`NodeOrRare`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointObj {
+    /// The first of `addresses` when it is an IPv4 address ([`EndpointObj::HAS_V4`]).
+    v4: u32,
+    /// `conditions.ready`, `serving` and `terminating`, two bits each ([`cond_bits`]), and
+    /// [`EndpointObj::HAS_V4`].
+    conditions: u8,
+    /// `nodeName` (the tracker shares one copy per node) and the rare part.
+    extra: NodeOrRare,
+}
+
+// One is held per endpoint of the cluster (24 bytes with the address, node name and rare part
+// in fields of their own).
+const _: () = assert!(std::mem::size_of::<EndpointObj>() <= 16);
 
 /// Two bits of an optional condition: 0 absent, 1 false, 2 true.
 fn cond_bits(c: Option<bool>) -> u8 {
@@ -320,6 +403,8 @@ fn cond_bits(c: Option<bool>) -> u8 {
 }
 
 impl EndpointObj {
+    const HAS_V4: u8 = 1 << 6;
+
     /// An endpoint of first address `addr`, on node `node_name`, with the conditions `ready`,
     /// `serving`, `terminating` and topology `hints` (empty hints count as none).
     pub fn new(
@@ -328,34 +413,48 @@ impl EndpointObj {
         [ready, serving, terminating]: [Option<bool>; 3],
         hints: Option<HintsObj>,
     ) -> Self {
+        let hints = hints.filter(|h| !h.zones.is_empty() || !h.nodes.is_empty());
+        let rare = EndpointRare { hints, ..Default::default() };
         let mut ep = Self {
-            v4: None,
+            v4: 0,
             conditions: cond_bits(ready) | cond_bits(serving) << 2 | cond_bits(terminating) << 4,
-            node_name,
-            rare: None,
+            extra: NodeOrRare::new(node_name, Some(rare)),
         };
         ep.set_addr(addr);
-        if let Some(h) = hints.filter(|h| !h.zones.is_empty() || !h.nodes.is_empty()) {
-            ep.rare.get_or_insert_default().hints = Some(h);
-        }
         ep
+    }
+
+    /// `nodeName`.
+    pub fn node_name(&self) -> Option<&SharedStr> {
+        self.extra.node_name()
+    }
+
+    /// Replaces `nodeName`.
+    pub fn set_node_name(&mut self, node_name: Option<SharedStr>) {
+        self.extra = NodeOrRare::new(node_name, self.extra.rare().cloned());
     }
 
     /// Replaces the first address.
     pub fn set_addr(&mut self, addr: Option<&str>) {
-        self.v4 = addr.and_then(|a| a.parse().ok());
-        let text = if self.v4.is_some() { None } else { addr.map(Box::from) };
-        if text.is_some() || self.rare.is_some() {
-            self.rare.get_or_insert_default().addr_text = text;
+        let v4: Option<Ipv4Addr> = addr.and_then(|a| a.parse().ok());
+        self.v4 = v4.map_or(0, u32::from);
+        self.conditions =
+            (self.conditions & !Self::HAS_V4) | if v4.is_some() { Self::HAS_V4 } else { 0 };
+        let text = if v4.is_some() { None } else { addr.map(Box::from) };
+        let (node, rare) = self.extra.parts();
+        if text.is_some() || rare.is_some() {
+            let rare = EndpointRare { addr_text: text, ..rare.unwrap_or_default() };
+            self.extra = NodeOrRare::new(node, Some(rare));
         }
-        if self.rare.as_deref() == Some(&EndpointRare::default()) {
-            self.rare = None;
-        }
+    }
+
+    fn v4(&self) -> Option<Ipv4Addr> {
+        (self.conditions & Self::HAS_V4 != 0).then(|| Ipv4Addr::from(self.v4))
     }
 
     /// The first of `addresses` (`None`: no address).
     pub fn addr(&self) -> Option<EndpointAddr<'_>> {
-        match (self.v4, self.rare.as_deref().and_then(|r| r.addr_text.as_deref())) {
+        match (self.v4(), self.extra.rare().and_then(|r| r.addr_text.as_deref())) {
             (Some(a), _) => Some(EndpointAddr::V4(a)),
             (None, Some(t)) => Some(EndpointAddr::Invalid(t)),
             (None, None) => None,
@@ -387,7 +486,7 @@ impl EndpointObj {
 
     /// `hints`, when it names anything.
     pub fn hints(&self) -> Option<&HintsObj> {
-        self.rare.as_deref().and_then(|r| r.hints.as_ref())
+        self.extra.rare().and_then(|r| r.hints.as_ref())
     }
 }
 

@@ -24,6 +24,8 @@ struct Header {
 }
 
 /// An immutable string whose clones share one allocation (see the module documentation).
+/// Transparent, so that an `Option<SharedStr>` is one pointer, null for `None` ([`Self::into_word`]).
+#[repr(transparent)]
 pub struct SharedStr(NonNull<Header>);
 
 // SAFETY: the string is immutable and the count atomic, as in `Arc<str>`.
@@ -34,6 +36,7 @@ unsafe impl Sync for SharedStr {}
 const _: () = assert!(
     size_of::<SharedStr>() == size_of::<usize>()
         && size_of::<Option<SharedStr>>() == size_of::<usize>()
+        && align_of::<Header>() >= 2
 );
 
 /// The allocation of a string of `len` bytes.
@@ -67,6 +70,30 @@ impl SharedStr {
     pub fn is_shared(&self) -> bool {
         // SAFETY: the header is live while a handle is.
         unsafe { (*self.0.as_ptr()).count.load(Ordering::Relaxed) > 1 }
+    }
+
+    /// The handle as one word (0 for `None`; the allocation is aligned to 8, so the low three bits
+    /// are clear), to be turned back by [`Self::from_word`].
+    pub fn into_word(s: Option<Self>) -> usize {
+        std::mem::ManuallyDrop::new(s).as_ref().map_or(0, |h| h.0.as_ptr() as usize)
+    }
+
+    /// The handle of a word from [`Self::into_word`].
+    ///
+    /// # Safety
+    /// `w` comes from `into_word` and is turned back once.
+    pub unsafe fn from_word(w: usize) -> Option<Self> {
+        NonNull::new(w as *mut Header).map(Self)
+    }
+
+    /// The handle a word from [`Self::into_word`] stands for, borrowed.
+    ///
+    /// # Safety
+    /// `*w` comes from `into_word` and is not turned back while the borrow lives.
+    pub unsafe fn borrow_word(w: &usize) -> &Option<Self> {
+        // SAFETY: `SharedStr` is a transparent `NonNull`, so `Option<SharedStr>` is one pointer
+        // with `None` as null: the layout of the word.
+        unsafe { &*(w as *const usize as *const Option<Self>) }
     }
 
     fn new(s: &str) -> Self {

@@ -504,7 +504,6 @@ spec: {clusterIP: 198.19.0.10, publishNotReadyAddresses: true, ports: [{name: ht
     assert_eq!(flags(&out.state, &cip) & svc_flags::DROP_IF_EMPTY, 0, "rejects, not drops");
 }
 
-/// A Service object (created at second `created`, none if 0) as the tracker receives it.
 #[test]
 fn packed_endpoint_gives_back_what_it_was_made_of() {
     use objects::{EndpointAddr, EndpointObj, HintsObj};
@@ -515,36 +514,47 @@ fn packed_endpoint_gives_back_what_it_was_made_of() {
             for r in conds {
                 for s in conds {
                     for t in conds {
-                        let node = Some(SharedStr::from("node-1"));
-                        let ep = EndpointObj::new(addr, node.clone(), [r, s, t], hints.clone());
-                        let want = addr.map(|a| match a.parse() {
-                            Ok(v4) => EndpointAddr::V4(v4),
-                            Err(_) => EndpointAddr::Invalid(a),
-                        });
-                        assert_eq!(ep.addr(), want, "{addr:?}");
-                        assert_eq!((ep.ready(), ep.serving(), ep.terminating()), (r, s, t));
-                        let want_hints = hints.as_ref().filter(|h| !h.zones.is_empty());
-                        assert_eq!(ep.hints(), want_hints);
-                        assert_eq!(ep.node_name, node);
-                        // Another address keeps the rest.
-                        let mut other = ep.clone();
-                        other.set_addr(Some("bad"));
-                        assert_eq!(other.addr(), Some(EndpointAddr::Invalid("bad")));
-                        other.set_addr(Some("198.18.0.2"));
-                        assert_eq!(other.addr(), Some(EndpointAddr::V4([198, 18, 0, 2].into())));
-                        assert_eq!(
-                            (other.ready(), other.serving(), other.terminating()),
-                            (r, s, t)
-                        );
-                        assert_eq!(other.hints(), want_hints);
-                        // Equal to one made with that address from the start (no box left).
-                        let fresh = EndpointObj::new(
-                            Some("198.18.0.2"),
-                            node.clone(),
-                            [r, s, t],
-                            hints.clone(),
-                        );
-                        assert_eq!(other, fresh);
+                        for node in [None, Some(SharedStr::from("node-1"))] {
+                            let ep = EndpointObj::new(addr, node.clone(), [r, s, t], hints.clone());
+                            let want = addr.map(|a| match a.parse() {
+                                Ok(v4) => EndpointAddr::V4(v4),
+                                Err(_) => EndpointAddr::Invalid(a),
+                            });
+                            assert_eq!(ep.addr(), want, "{addr:?}");
+                            assert_eq!((ep.ready(), ep.serving(), ep.terminating()), (r, s, t));
+                            let want_hints = hints.as_ref().filter(|h| !h.zones.is_empty());
+                            assert_eq!(ep.hints(), want_hints);
+                            assert_eq!(ep.node_name(), node.as_ref());
+                            // Another address keeps the rest.
+                            let mut other = ep.clone();
+                            other.set_addr(Some("bad"));
+                            assert_eq!(other.addr(), Some(EndpointAddr::Invalid("bad")));
+                            other.set_addr(Some("198.18.0.2"));
+                            assert_eq!(
+                                other.addr(),
+                                Some(EndpointAddr::V4([198, 18, 0, 2].into()))
+                            );
+                            assert_eq!(
+                                (other.ready(), other.serving(), other.terminating()),
+                                (r, s, t)
+                            );
+                            assert_eq!(other.hints(), want_hints);
+                            // Equal to one made with that address from the start (no box left).
+                            let fresh = EndpointObj::new(
+                                Some("198.18.0.2"),
+                                node.clone(),
+                                [r, s, t],
+                                hints.clone(),
+                            );
+                            assert_eq!(other, fresh);
+                            // Another node name keeps the rest.
+                            let mut moved = ep.clone();
+                            moved.set_node_name(Some("node-2".into()));
+                            assert_eq!(moved.node_name().map(SharedStr::as_str), Some("node-2"));
+                            assert_eq!((moved.addr(), moved.hints()), (ep.addr(), ep.hints()));
+                            moved.set_node_name(node.clone());
+                            assert_eq!(moved, ep);
+                        }
                     }
                 }
             }
@@ -552,6 +562,7 @@ fn packed_endpoint_gives_back_what_it_was_made_of() {
     }
 }
 
+/// A Service object (created at second `created`, none if 0) as the tracker receives it.
 fn svc_obj(yaml: &str, created: i64) -> objects::ServiceObj {
     let mut o = objects::ServiceObj::from(&svc(yaml));
     o.created = (created > 0).then(|| jiff::Timestamp::from_second(created).unwrap());
