@@ -562,7 +562,8 @@ struct ServiceRecord {
     age: Age,
     /// Frontends it claimed, owned or not. Inline for the usual one (no allocation of its own).
     claims: SmallVec<[RecordClaim; 1]>,
-    errors: Vec<ModelError>,
+    /// A boxed slice, not a vector: a word less in every service's entry.
+    errors: Box<[ModelError]>,
     health: Option<u16>,
 }
 
@@ -579,6 +580,9 @@ struct Held {
     slices: SmallVec<[SharedStr; 1]>,
     record: ServiceRecord,
 }
+
+// One box per Service: 280 bytes and the allocator's word fit a 288-byte block.
+const _: () = assert!(size_of::<Held>() <= 280);
 
 impl Held {
     /// Nothing left to hold.
@@ -1031,7 +1035,7 @@ impl Tracker {
         let mut out = self.take_pending(true);
         self.claims.clear();
         self.health.clear();
-        let mut old_errors: HashMap<ServiceName, Vec<ModelError>> = HashMap::new();
+        let mut old_errors: HashMap<ServiceName, Box<[ModelError]>> = HashMap::new();
         self.held.retain(|name, h| {
             let r = std::mem::take(&mut h.record);
             if !r.errors.is_empty() {
@@ -1228,7 +1232,7 @@ impl Tracker {
                 h.record = ServiceRecord {
                     age,
                     claims: new_claims,
-                    errors: result.errors,
+                    errors: result.errors.into_boxed_slice(),
                     health: result.health.map(|(p, _)| p),
                 };
             } else if h.is_empty() {

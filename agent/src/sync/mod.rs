@@ -881,8 +881,9 @@ pub struct Syncer {
     /// Backend key → how many of the ports wanting it give it LOCAL or TERMINATING, for the keys
     /// where either count is non-zero.
     flag_counts: FastMap<BackendKey, FlagCounts>,
-    /// Service → its ports as last given.
-    ports: NameMap<ServiceName, SmallVec<[PortRecord; 1]>>,
+    /// Service → its ports as last given. Boxed: the table's free buckets (up to half of them
+    /// right after it doubles) then cost a pointer each, not a port record.
+    ports: NameMap<ServiceName, Box<SmallVec<[PortRecord; 1]>>>,
     /// Service ids held by ports.
     svc_ids_used: FastSet<u32>,
     next_svc_id: u32,
