@@ -636,7 +636,8 @@ fn entry_key(
 /// many slots name it.
 #[derive(Debug, Default)]
 struct Shadow {
-    fronts: FastMap<Service4Key, Front>,
+    /// Boxed, as the syncer's ports: the table's free buckets then cost a pointer each.
+    fronts: FastMap<Service4Key, Box<Front>>,
     /// Slot values with more than a backend and service id set (never kproxy's own writes, so
     /// normally empty), by key; their [`Front::slots`] entry is a placeholder.
     odd_slots: FastMap<Service4Key, Service4Value>,
