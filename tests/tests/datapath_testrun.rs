@@ -1265,6 +1265,18 @@ fn session_affinity_holds_for_an_entry_stamped_ahead_of_the_clock() {
     assert_eq!(frames::decode(&out).unwrap().daddr, want, "affinity dropped as expired");
 }
 
+/// The RST the datapath answers `ack` (client → ClusterIP) with when its backend is gone.
+fn backend_gone_reset(ack: &Frame) -> Frame {
+    let mut rst = Frame::tcp(sa(CIP), sa(POD_CLIENT), RST).with_macs(ack.smac, ack.dmac);
+    rst.id = 0;
+    if let L4::Tcp { seq, ack: a, window, .. } = &mut rst.l4 {
+        *seq = 5000;
+        *a = 0;
+        *window = 0;
+    }
+    rst
+}
+
 #[test]
 fn backend_removed_udp_rebalances_tcp_resets() {
     let mut env = Env::new();
@@ -1301,14 +1313,7 @@ fn backend_removed_udp_rebalances_tcp_resets() {
     let ack = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
     assert_eq!(v, TC_ACT_REDIRECT);
-    let mut rst = Frame::tcp(sa(CIP), sa(POD_CLIENT), RST).with_macs(ack.smac, ack.dmac);
-    rst.id = 0;
-    if let L4::Tcp { seq, ack: a, window, .. } = &mut rst.l4 {
-        *seq = 5000;
-        *a = 0;
-        *window = 0;
-    }
-    assert_frame(&out, &rst);
+    assert_frame(&out, &backend_gone_reset(&ack));
     // The entry is gone: the client's next SYN on the same tuple goes to the new backend.
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
     assert_eq!(v, TC_ACT_OK);
@@ -1337,14 +1342,7 @@ fn reused_backend_id_names_another_backend() {
     let ack = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
     assert_eq!(v, TC_ACT_REDIRECT);
-    let mut rst = Frame::tcp(sa(CIP), sa(POD_CLIENT), RST).with_macs(ack.smac, ack.dmac);
-    rst.id = 0;
-    if let L4::Tcp { seq, ack: a, window, .. } = &mut rst.l4 {
-        *seq = 5000;
-        *a = 0;
-        *window = 0;
-    }
-    assert_frame(&out, &rst);
+    assert_frame(&out, &backend_gone_reset(&ack));
     let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
     assert_frame(&out, &syn.clone().with_dst(sa(BE2)));
 
