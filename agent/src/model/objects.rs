@@ -393,6 +393,16 @@ pub struct EndpointObj {
 // in fields of their own).
 const _: () = assert!(std::mem::size_of::<EndpointObj>() <= 16);
 
+/// An endpoint's first address as [`EndpointObj`] keeps it: the IPv4 address word,
+/// [`EndpointObj::HAS_V4`] when it is one, else the text as written.
+fn parse_addr(addr: Option<&str>) -> (u32, u8, Option<Box<str>>) {
+    match addr.map(|a| (a, a.parse::<Ipv4Addr>())) {
+        Some((_, Ok(v4))) => (u32::from(v4), EndpointObj::HAS_V4, None),
+        Some((a, Err(_))) => (0, 0, Some(a.into())),
+        None => (0, 0, None),
+    }
+}
+
 /// Two bits of an optional condition: 0 absent, 1 false, 2 true.
 fn cond_bits(c: Option<bool>) -> u8 {
     match c {
@@ -414,14 +424,16 @@ impl EndpointObj {
         hints: Option<HintsObj>,
     ) -> Self {
         let hints = hints.filter(|h| !h.zones.is_empty() || !h.nodes.is_empty());
-        let rare = EndpointRare { hints, ..Default::default() };
-        let mut ep = Self {
-            v4: 0,
-            conditions: cond_bits(ready) | cond_bits(serving) << 2 | cond_bits(terminating) << 4,
+        let (v4, has_v4, addr_text) = parse_addr(addr);
+        let rare = EndpointRare { hints, addr_text, ..Default::default() };
+        Self {
+            v4,
+            conditions: cond_bits(ready)
+                | cond_bits(serving) << 2
+                | cond_bits(terminating) << 4
+                | has_v4,
             extra: NodeOrRare::new(node_name, Some(rare)),
-        };
-        ep.set_addr(addr);
-        ep
+        }
     }
 
     /// `nodeName`.
@@ -436,11 +448,9 @@ impl EndpointObj {
 
     /// Replaces the first address.
     pub fn set_addr(&mut self, addr: Option<&str>) {
-        let v4: Option<Ipv4Addr> = addr.and_then(|a| a.parse().ok());
-        self.v4 = v4.map_or(0, u32::from);
-        self.conditions =
-            (self.conditions & !Self::HAS_V4) | if v4.is_some() { Self::HAS_V4 } else { 0 };
-        let text = if v4.is_some() { None } else { addr.map(Box::from) };
+        let (v4, has_v4, text) = parse_addr(addr);
+        self.v4 = v4;
+        self.conditions = (self.conditions & !Self::HAS_V4) | has_v4;
         let (node, rare) = self.extra.parts();
         if text.is_some() || rare.is_some() {
             let rare = EndpointRare { addr_text: text, ..rare.unwrap_or_default() };

@@ -1496,11 +1496,10 @@ impl Syncer {
         );
         for b in state.endpoints.iter().chain(state.frontends.values().flat_map(|e| &e.backends)) {
             let mut v = b.to_map();
+            // A keyed id: its entry holds the ports wanting the key (no second lookup by key).
             let id = self.shadow.backends.key_for(v);
-            let k = backend_key(&v);
-            if let Some((_, ports)) = self.shadow.backends.key_info(k) {
-                v.flags = self.flags_of(k, ports);
-            }
+            let ports = self.shadow.backends.entry(id).map_or(0, |e| e.ports);
+            v.flags = self.flags_of(backend_key(&v), ports);
             needed.push((id, v));
         }
         needed.sort_unstable_by_key(|(id, _)| *id);
@@ -2006,7 +2005,7 @@ impl Syncer {
             };
             report.writes += done + usize::from(r.is_err());
             for id in &gc[at..at + done] {
-                self.forget_backend(*id);
+                self.shadow.backends.remove(id);
                 report.backends_removed += 1;
             }
             match r {
@@ -2020,10 +2019,6 @@ impl Syncer {
                 }
             }
         }
-    }
-
-    fn forget_backend(&mut self, id: u32) {
-        self.shadow.backends.remove(&id);
     }
 
     /// Rewrites shared backends whose flags changed through other ports.
