@@ -180,7 +180,16 @@ mod tests {
         {
             rec.add("1-latency", "p50_us", sys, 1, "", p50);
         }
-        for (m, v) in [("from_pod_ns", 310.0), ("from_pod_net_ns", 250.0), ("empty_ns", 60.0)] {
+        // No empty TC program measured before kp_tc_from_pod (no tcx): the XDP one is its floor;
+        // kp_tc_to_pod's floor is the empty TC program before it on its hook.
+        for (m, v) in [
+            ("from_pod_ns", 310.0),
+            ("from_pod_net_ns", 250.0),
+            ("empty_ns", 60.0),
+            ("to_pod_ns", 100.0),
+            ("to_pod_net_ns", 55.0),
+            ("empty_tc_out_ns", 45.0),
+        ] {
             rec.add("8-bpf-stats", m, "kproxy", 1, "clusterip-local", v);
         }
         r.figures = rec.finish();
@@ -204,8 +213,12 @@ mod tests {
         assert_eq!(bypass.verdict, "met");
         let from_pod = get("10.1 `kp_tc_from_pod`");
         assert_eq!(from_pod.measured, "clusterip-local 250 ns (raw 310)");
-        assert_eq!(from_pod.baseline, "clusterip-local 5.17× the empty program (60 ns)");
+        assert_eq!(from_pod.baseline, "clusterip-local 5.17× its floor (60 ns)");
         assert_eq!(from_pod.verdict, "missed (1.2× the limit)");
+        let to_pod = get("10.1 program on packets entering a pod");
+        assert_eq!(to_pod.measured, "clusterip-local 55 ns (raw 100)");
+        assert_eq!(to_pod.baseline, "clusterip-local 2.22× its floor (45 ns)");
+        assert_eq!(to_pod.verdict, "met");
         assert_eq!(rows.iter().filter(|g| g.goal.starts_with("10.1")).count(), 4);
 
         // A goal measured in a step with CPU pressure above the threshold is flagged; the

@@ -604,8 +604,10 @@ const PACED_SUFFIX: &str = "-paced";
 pub const FLOW_BPS: &str = "tcp_bps";
 
 /// The per-program figures of the bpf_stats step: (metric, program, window). Each also has a
-/// net figure ([`net_metric`]): the program's ns per run minus the empty program's (the lab's
-/// `XDP_PASS`, metric `empty_ns`) in the same window. The TC entry programs run the fast path
+/// net figure ([`net_metric`]): the program's ns per run minus its floor ([`floor_metric`]) in
+/// the same window: for the TC programs on the pods' veths an empty TC program chained just
+/// before them on the same hook ([`BPF_STATS_EMPTY_TC`]), for the others (and where tcx is
+/// missing) the lab's `XDP_PASS` (metric `empty_ns`). The TC entry programs run the fast path
 /// of both families, so in the IPv6 windows their figure is IPv6's.
 pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
     ("from_pod_ns", "kp_tc_from_pod", "clusterip-local"),
@@ -645,6 +647,29 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
 
 /// Metric of the empty program's ns per run in each bpf_stats window.
 pub const BPF_STATS_EMPTY: &str = "empty_ns";
+
+/// The empty TC programs the bpf_stats step chains in front of kproxy's on node 0's pod veths
+/// (tcx links, Linux 6.6+; tcx programs run before the clsact filters kproxy attaches), two per
+/// hook: (metric, program name, egress). The second runs directly before kproxy's program, on
+/// the same packets, after another program ran (as kproxy's does): it is the floor of the
+/// figures of `kp_tc_from_pod` (ingress) and `kp_tc_to_pod` (egress). The first one shows what
+/// running first costs (the colder caches of the kernel's own timing).
+pub const BPF_STATS_EMPTY_TC: [(&str, &str, bool); 4] = [
+    ("empty_tc_in_first_ns", "kpl_tc_in_0", false),
+    ("empty_tc_in_ns", "kpl_tc_in_1", false),
+    ("empty_tc_out_first_ns", "kpl_tc_out_0", true),
+    ("empty_tc_out_ns", "kpl_tc_out_1", true),
+];
+
+/// The floor of a bpf_stats metric: the empty TC program directly before the program at the same
+/// hook for the pod programs ([`BPF_STATS_EMPTY_TC`]), the empty XDP program for the others.
+pub fn floor_metric(metric: &str) -> &'static str {
+    match metric {
+        "from_pod_ns" => "empty_tc_in_ns",
+        "to_pod_ns" => "empty_tc_out_ns",
+        _ => BPF_STATS_EMPTY,
+    }
+}
 
 /// The net figure of a bpf_stats metric (`from_pod_ns` → `from_pod_net_ns`).
 pub fn net_metric(metric: &str) -> String {
@@ -940,6 +965,9 @@ impl Bench<'_> {
             }
             for (w, _) in BPF_STATS_WINDOWS {
                 self.rec.plan("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w);
+                for (m, _, _) in BPF_STATS_EMPTY_TC {
+                    self.rec.plan("8-bpf-stats", m, "kproxy", 1, w);
+                }
             }
         }
         for &n in &c.testrun_scales {
@@ -2135,7 +2163,8 @@ impl Bench<'_> {
 
 /// The windows of `windows` in `lab` with kproxy running on node 0, statistics switched on for
 /// their duration: each window one iperf3 flow from the namespace to the address `target` gives
-/// for it, with the lab's empty XDP program measured in the same window.
+/// for it, with the lab's empty XDP program and the empty TC programs chained in front of
+/// kproxy's ([`BPF_STATS_EMPTY_TC`]) measured in the same window.
 fn stats_windows(
     lab: &Lab,
     cfg: &Config,
@@ -2143,19 +2172,33 @@ fn stats_windows(
     target: impl Fn(&str) -> (String, SocketAddr, Option<f64>),
 ) -> Result<Vec<StatSample>> {
     let pin = lab.pin_path(0);
-    let empty_id = lab.xdp_pass_id()?;
+    let mut ids = vec![lab.xdp_pass_id()?];
+    // Held until the windows end: dropping the links detaches the empty TC programs.
+    let (_tc_progs, tc_links) = match empty_tc_chain(lab) {
+        Ok((progs, links)) => {
+            for p in &progs {
+                ids.push(lab::xdp::prog_id(p)?);
+            }
+            (progs, links)
+        }
+        Err(e) => {
+            // Without tcx (before Linux 6.6) the pod programs' floor is the empty XDP program.
+            eprintln!("[bench] no empty TC programs in front of kproxy's ({e:#}): XDP floor");
+            (Vec::new(), Vec::new())
+        }
+    };
     let _stats = bpfstats::enable()?;
     let d = Duration::from_millis(cfg.duration_ms);
     let mut out = Vec::new();
     for rep in 0..cfg.reps {
         for (window, _) in rotate(windows, rep) {
             let (ns, to, rate) = target(window);
-            let before = bpfstats::snapshot(pin, &[empty_id])?;
+            let before = bpfstats::snapshot(pin, &ids)?;
             let t0 = Instant::now();
             let bps =
                 measure::iperf3_at(&ns, to, d, rate).with_context(|| format!("window {window}"))?;
             let secs = t0.elapsed().as_secs_f64();
-            let after = bpfstats::snapshot(pin, &[empty_id])?;
+            let after = bpfstats::snapshot(pin, &ids)?;
             out.push(StatSample {
                 metric: FLOW_BPS.into(),
                 program: "iperf3",
@@ -2169,6 +2212,18 @@ fn stats_windows(
                 window,
                 value: empty,
             });
+            let mut floors = vec![(BPF_STATS_EMPTY, empty)];
+            for (m, program, _) in BPF_STATS_EMPTY_TC {
+                let v = bpfstats::per_run(&before, &after, program);
+                if !tc_links.is_empty() {
+                    out.push(StatSample { metric: m.into(), program, window, value: v });
+                }
+                floors.push((m, v));
+            }
+            let floor = |m: &str| {
+                let of = |name: &str| floors.iter().find(|f| f.0 == name).and_then(|f| f.1);
+                of(floor_metric(m)).or(empty)
+            };
             for (m, program, _) in BPF_STATS_FIGURES.iter().filter(|f| f.2 == window) {
                 let raw = bpfstats::per_run(&before, &after, program);
                 out.push(StatSample { metric: m.to_string(), program, window, value: raw });
@@ -2183,12 +2238,32 @@ fn stats_windows(
                     metric: net_metric(m),
                     program,
                     window,
-                    value: raw.zip(empty).map(|(r, e)| r - e),
+                    value: raw.zip(floor(m)).map(|(r, e)| r - e),
                 });
             }
         }
     }
     Ok(out)
+}
+
+/// Loads the empty TC programs of [`BPF_STATS_EMPTY_TC`] and chains them, in order, on both
+/// hooks of every pod veth of node 0 (where kproxy's pod programs run): (programs, links).
+fn empty_tc_chain(lab: &Lab) -> Result<(Vec<std::os::fd::OwnedFd>, Vec<std::os::fd::OwnedFd>)> {
+    let mut progs = Vec::new();
+    for (_, name, _) in BPF_STATS_EMPTY_TC {
+        progs.push(lab::xdp::load_tc(name, &lab::xdp::TC_NEXT_PROGRAM)?);
+    }
+    let veths: Vec<String> = lab.pods_on(0).into_iter().map(|p| p.host_veth).collect();
+    let links = lab::in_netns(&lab.node(0).ns, || -> Result<Vec<std::os::fd::OwnedFd>> {
+        let mut links = Vec::new();
+        for dev in &veths {
+            for (prog, (_, _, egress)) in progs.iter().zip(BPF_STATS_EMPTY_TC) {
+                links.push(lab::xdp::attach_tcx_next(prog, dev, egress)?);
+            }
+        }
+        Ok(links)
+    })??;
+    Ok((progs, links))
 }
 
 /// The IPv6 windows ([`BPF_STATS6_WINDOWS`]) in a dual-stack lab of their own, built and removed

@@ -8,6 +8,9 @@
 //! traffic arrives). So the lab attaches an `XDP_PASS` program to the veth ends facing the
 //! nodes' external devices and the pods' `eth0`, as Cilium does with its dummy XDP program on
 //! veth peers. Tests can also load their own small programs with [`load_xdp`].
+//!
+//! The bench also chains empty TC programs in front of kproxy's ([`attach_tcx_next`]): the
+//! floor of a bpf_stats figure measured at the same hook, on the same packets.
 
 use std::{
     ffi::CString,
@@ -29,6 +32,10 @@ pub const XDP_PASS_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 2), Insn::new(
 /// `r0 = XDP_TX; exit`: sends every frame back out of the device it arrived on, unchanged.
 pub const XDP_TX_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 3), Insn::new(0x95, 0, 0, 0, 0)];
 
+/// `r0 = TCX_NEXT (-1); exit`: a TC program that does nothing and lets the next program of the
+/// hook (tcx, then the clsact filters) decide.
+pub const TC_NEXT_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, -1), Insn::new(0x95, 0, 0, 0, 0)];
+
 fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
     // SAFETY: every caller fills `attr` (zeroed by `sys::attr`) for `cmd`, with pointers to
     // memory that outlives the call.
@@ -48,6 +55,17 @@ pub fn load_xdp(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
 /// Attaches `prog` to device `dev` of the calling thread's network namespace with a BPF link;
 /// the program stays attached while the returned link fd (or a pin of it) exists.
 pub fn attach_xdp(prog: &OwnedFd, dev: &str) -> io::Result<OwnedFd> {
+    link_create(prog, dev, bpf_attach_type::BPF_XDP, "XDP")
+}
+
+/// A BPF link of `prog` to device `dev` of the calling thread's network namespace, for hook
+/// `attach` (no flags, no relative program: multi-program hooks append it after the others).
+fn link_create(
+    prog: &OwnedFd,
+    dev: &str,
+    attach: bpf_attach_type,
+    what: &str,
+) -> io::Result<OwnedFd> {
     let name = CString::new(dev).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: valid C string.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -59,12 +77,31 @@ pub fn attach_xdp(prog: &OwnedFd, dev: &str) -> io::Result<OwnedFd> {
     let l = unsafe { &mut attr.link_create };
     l.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
     l.__bindgen_anon_2.target_ifindex = ifindex;
-    l.attach_type = bpf_attach_type::BPF_XDP as u32;
+    l.attach_type = attach as u32;
     match bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr) {
         // SAFETY: a fresh fd returned by the kernel.
         Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
-        Err(e) => Err(io::Error::new(e.kind(), format!("attaching XDP to {dev}: {e}"))),
+        Err(e) => Err(io::Error::new(e.kind(), format!("attaching {what} to {dev}: {e}"))),
     }
+}
+
+/// Loads `insns` as a TC program named `name` (rules of [`load_xdp`]).
+pub fn load_tc(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
+    load(bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS, 0, name, insns)
+}
+
+/// Attaches TC program `prog` to the ingress (`egress` false) or egress of device `dev` of the
+/// calling thread's network namespace with a tcx link (Linux 6.6+), after the tcx programs
+/// already there; tcx programs run before the clsact filters kproxy attaches, so a program
+/// returning `TCX_NEXT` ([`TC_NEXT_PROGRAM`]) runs just before kproxy's on every packet. The
+/// program stays attached while the returned link fd exists.
+pub fn attach_tcx_next(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<OwnedFd> {
+    let (attach, what) = if egress {
+        (bpf_attach_type::BPF_TCX_EGRESS, "tcx egress")
+    } else {
+        (bpf_attach_type::BPF_TCX_INGRESS, "tcx ingress")
+    };
+    link_create(prog, dev, attach, what)
 }
 
 /// Pins a BPF object (program, map, link) at `path` on a bpffs.
