@@ -1,7 +1,7 @@
 //! The node agent: loads the datapath, attaches it to the devices, and runs the
 //! source → model → sync loop until SIGTERM/SIGINT (the datapath stays in place on exit).
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -25,7 +25,7 @@ use crate::{
     healthcheck::HealthCheckServers,
     http,
     metrics::Metrics,
-    model::{self, Change, Changes, NodeInfo, ObjectName, ServicePortName, Tracker},
+    model::{self, Change, Changes, NameSet, NodeInfo, ObjectName, ServicePortName, Tracker},
     netdev, preflight,
     ratelimit::LogLimiter,
     source::{self, dirwatch::DirWatch, manifests::ManifestDir},
@@ -218,9 +218,9 @@ struct ChangeObserver {
     node_name: String,
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
-    /// EndpointSlices and Services changed since the last sync.
-    pending_slices: BTreeSet<ObjectName>,
-    pending_services: BTreeSet<ObjectName>,
+    /// EndpointSlices and Services changed since the last sync (hash sets: see [`NameSet`]).
+    pending_slices: NameSet<ObjectName>,
+    pending_services: NameSet<ObjectName>,
     /// Repeated errors of the loop, logged at most once a minute each.
     log_limiter: LogLimiter,
 }
@@ -231,8 +231,8 @@ impl ChangeObserver {
             node_name: node_name.to_owned(),
             metrics,
             health,
-            pending_slices: BTreeSet::new(),
-            pending_services: BTreeSet::new(),
+            pending_slices: NameSet::default(),
+            pending_services: NameSet::default(),
             log_limiter: LogLimiter::default(),
         }
     }
@@ -264,8 +264,9 @@ impl ChangeObserver {
 
     /// A sync took every pending change.
     fn synced(&mut self) {
-        self.pending_slices.clear();
-        self.pending_services.clear();
+        // Released, not cleared: after a first read they held every object.
+        self.pending_slices = NameSet::default();
+        self.pending_services = NameSet::default();
         self.metrics.set_pending_changes(0, 0);
     }
 }

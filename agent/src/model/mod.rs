@@ -606,6 +606,12 @@ struct SliceIssues {
 /// seeded quality hasher (SipHash was a few % of a from-scratch model build and sync).
 pub(crate) type NameMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 
+/// Hash sets of names from the API ([`NameMap`]'s hasher). A set that fills with every object
+/// of a first read and empties at the next sync is one table (a few large blocks, the largest
+/// mapped apart), not a B-tree of ~11-key nodes that would leave thousands of small holes among
+/// the objects read with them.
+pub(crate) type NameSet<K> = HashSet<K, foldhash::quality::RandomState>;
+
 /// The change tracker: keeps the compact objects, takes per-object [`Change`]s, marks the
 /// services they affect dirty (a Service itself, the owner of an EndpointSlice through its
 /// `kubernetes.io/service-name` label, every service for a node change) and recomputes only
@@ -643,7 +649,8 @@ pub struct Tracker {
     /// healthCheckNodePort → services asking for it, with their local endpoint counts.
     health: BTreeMap<u16, BTreeMap<ServiceName, usize>>,
     slice_issues: HashMap<ObjectName, SliceIssues>,
-    dirty: BTreeSet<ServiceName>,
+    /// Services to recompute (in name order, at the next round).
+    dirty: NameSet<ServiceName>,
     all_dirty: bool,
     pending_errors: Vec<ModelError>,
     pending_skipped: Vec<String>,
@@ -1022,9 +1029,7 @@ impl Tracker {
             return self.full();
         }
         let mut out = self.take_pending(false);
-        while let Some(name) = self.dirty.pop_first() {
-            self.recompute(&name, &mut out);
-        }
+        self.recompute_dirty(&mut out);
         self.finish(out)
     }
 
@@ -1050,7 +1055,8 @@ impl Tracker {
             .filter_map(|(n, h)| Some((Age::of(h.service.as_ref()?), n.clone())))
             .collect();
         names.sort();
-        self.dirty.clear();
+        // Released, not cleared: after a first read it held every service.
+        self.dirty = NameSet::default();
         for (_, name) in names {
             let errors = old_errors.remove(&name).unwrap_or_default();
             if let Some(h) = self.held.get_mut(&name) {
@@ -1059,12 +1065,20 @@ impl Tracker {
             self.recompute(&name, &mut out);
         }
         // Conflicts resolved in ownership order never dirty anything; this is a safety net.
-        while let Some(name) = self.dirty.pop_first() {
-            self.recompute(&name, &mut out);
-        }
+        self.recompute_dirty(&mut out);
         // Values no object names any more (only the set holds them).
         self.strings.retain(SharedStr::is_shared);
         self.finish(out)
+    }
+
+    /// Recomputes the dirty services in name order, a service a recomputation dirties (the
+    /// next owner of a frontend) joining them in its place.
+    fn recompute_dirty(&mut self, out: &mut Changes) {
+        let mut todo: BTreeSet<ServiceName> = std::mem::take(&mut self.dirty).into_iter().collect();
+        while let Some(name) = todo.pop_first() {
+            self.recompute(&name, out);
+            todo.extend(self.dirty.drain());
+        }
     }
 
     fn take_pending(&mut self, full: bool) -> Changes {
