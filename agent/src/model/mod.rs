@@ -761,6 +761,14 @@ impl Tracker {
                 }
                 self.intern_service_values(&mut s);
                 let held = self.service(&s.name);
+                if s.created_when_read
+                    && let Some(h) = held
+                {
+                    // Read again: as old as the version held (its time stays, whether read or
+                    // given by its file).
+                    s.created = h.created;
+                    s.created_when_read = h.created_when_read;
+                }
                 if held == Some(&s) {
                     self.rejected.remove(&("Service", s.name));
                     return;

@@ -66,8 +66,13 @@ pub struct ServiceObj {
     /// Where the object was read, when that is not the API (the manifest file), for messages.
     pub origin: Option<SharedStr>,
     /// `metadata.creationTimestamp`: the oldest of several services claiming one frontend keeps
-    /// it. The manifest source fills in when it first read the object if the file has none.
+    /// it. The manifest source fills in the time it read the object if the file has none
+    /// ([`Self::created_when_read`]).
     pub created: Option<jiff::Timestamp>,
+    /// `created` is the time the manifest source read this version (its file gave no
+    /// creationTimestamp): a tracker already holding the Service keeps the time it holds, so
+    /// that the Service's age is when it was first read.
+    pub created_when_read: bool,
     /// The first of kube-proxy's skip labels it carries ([`LABEL_SERVICE_PROXY_NAME`],
     /// [`LABEL_HEADLESS`]).
     pub skip_label: Option<SkipLabel>,
@@ -158,6 +163,7 @@ impl From<&Service> for ServiceObj {
             name: object_name(&svc.metadata),
             origin: None,
             created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            created_when_read: false,
             skip_label,
             has_spec: spec.is_some(),
             type_: spec.and_then(|s| s.type_.as_deref()).map(Into::into),

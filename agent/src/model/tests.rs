@@ -654,6 +654,44 @@ fn frontend_belongs_to_the_oldest_service_not_the_first_name() {
 }
 
 #[test]
+fn a_service_read_again_is_as_old_as_its_first_read() {
+    // The manifest source stamps a Service without creationTimestamp with the time it read it;
+    // the tracker keeps the time of the version it holds.
+    let read = |yaml: &str, at: i64| {
+        let mut o = svc_obj(yaml, at);
+        o.created_when_read = true;
+        o
+    };
+    let z = "metadata: {name: z}\nspec: {clusterIP: 198.19.0.1, externalIPs: [198.18.200.1], ports: [{port: 80}]}";
+    let mut t = Tracker::new(node());
+    t.apply(Change::Service(read(z, 1_000)));
+    t.changes();
+    t.apply(Change::Service(svc_obj("metadata: {name: b}\nspec: {clusterIP: 198.19.0.2, externalIPs: [198.18.200.1], ports: [{port: 80}]}", 2_000)));
+    let c = t.changes();
+    assert_eq!(frontends_of(&c, "b").len(), 1, "z is older: {:?}", c.new_errors);
+    // Read again, unchanged: nothing to recompute.
+    t.apply(Change::Service(read(z, 3_000)));
+    assert!(t.changes().services.is_empty());
+    // Read again with another port: still as old as its first read, so it keeps the address.
+    t.apply(Change::Service(read(&z.replace("port: 80", "port: 81"), 3_000)));
+    t.changes();
+    t.apply(Change::Service(read(z, 4_000)));
+    let c = t.changes();
+    assert_eq!(frontends_of(&c, "z").len(), 3, "{:?}", c.new_errors);
+    let full = t.full();
+    assert_eq!(frontends_of(&full, "z").len(), 3);
+    assert_eq!(frontends_of(&full, "b").len(), 1);
+    // Deleted and read again: a new Service, younger than b.
+    t.apply(Change::ServiceDeleted(ServiceName { namespace: "default".into(), name: "z".into() }));
+    t.changes();
+    t.apply(Change::Service(read(z, 5_000)));
+    t.changes();
+    let full = t.full();
+    assert_eq!(frontends_of(&full, "b").len(), 3);
+    assert_eq!(frontends_of(&full, "z").len(), 1);
+}
+
+#[test]
 fn external_and_load_balancer_ips_outside_the_allowed_cidrs_are_refused() {
     let s = svc_obj(
         "metadata: {name: web}\nspec: {type: LoadBalancer, clusterIP: 198.19.0.10, externalIPs: [198.18.200.1, 8.8.8.8], ports: [{port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.18.201.1}, {ip: 1.1.1.1}]}}",

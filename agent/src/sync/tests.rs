@@ -950,6 +950,7 @@ mod incremental {
             name: name(i),
             origin: None,
             created: None,
+            created_when_read: false,
             skip_label: None,
             has_spec: true,
             type_: None,
