@@ -644,7 +644,7 @@ struct Shadow {
     /// Backend id → its value and the number of slots naming it.
     backends: ShadowBackends,
     /// Service id → its programmed frontends (slot-0 keys).
-    frontends_of: FastMap<u32, SmallVec<[Service4Key; 1]>>,
+    frontends_of: FrontendsOf,
     /// Backend ids whose last slot went away since the last clear.
     unreferenced: Vec<u32>,
     /// Number of slot-0 entries.
@@ -657,6 +657,56 @@ struct Shadow {
     closed_refs: FastMap<u32, u32>,
     /// Addresses whose count went from or to zero since the last clear.
     closed_changed: Vec<u32>,
+}
+
+/// Service id → its programmed frontends: one 12-byte entry per (id, frontend) in a table that
+/// holds an id as often as it has frontends (a map to lists took 32 bytes a bucket, with half
+/// the buckets free at 30,000 services).
+#[derive(Debug, Default)]
+struct FrontendsOf {
+    table: hashbrown::HashTable<IdFront>,
+    hasher: foldhash::fast::RandomState,
+}
+
+/// A service id and one of its frontends (a slot-0 key without its slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IdFront {
+    id: u32,
+    addr: u32,
+    port: u16,
+    proto: u8,
+    scope: u8,
+}
+
+impl IdFront {
+    fn new(id: u32, k: &Service4Key) -> Self {
+        Self { id, addr: k.addr, port: k.port, proto: k.proto, scope: k.scope }
+    }
+
+    fn key(&self) -> Service4Key {
+        let (addr, port, proto, scope) = (self.addr, self.port, self.proto, self.scope);
+        Service4Key { addr, port, proto, scope, slot: 0, _pad: 0 }
+    }
+}
+
+impl FrontendsOf {
+    fn insert(&mut self, id: u32, k: &Service4Key) {
+        let hasher = &self.hasher;
+        self.table
+            .insert_unique(hasher.hash_one(id), IdFront::new(id, k), |e| hasher.hash_one(e.id));
+    }
+
+    fn remove(&mut self, id: u32, k: &Service4Key) {
+        let e = IdFront::new(id, k);
+        if let Ok(found) = self.table.find_entry(self.hasher.hash_one(id), |x| *x == e) {
+            found.remove();
+        }
+    }
+
+    /// The frontends of service `id`.
+    fn of(&self, id: u32) -> impl Iterator<Item = Service4Key> + '_ {
+        self.table.iter_hash(self.hasher.hash_one(id)).filter(move |e| e.id == id).map(IdFront::key)
+    }
 }
 
 /// The frontend kinds whose addresses are closed service addresses.
@@ -709,7 +759,7 @@ impl Shadow {
         if k.slot == 0 {
             front.entry = Some(v);
             self.frontends += 1;
-            self.frontends_of.entry(v.svc_id).or_default().push(k);
+            self.frontends_of.insert(v.svc_id, &k);
             self.count_closed(&k, &v, true);
         } else {
             let i = k.slot as usize - 1;
@@ -755,12 +805,7 @@ impl Shadow {
         if k.slot == 0 {
             self.frontends -= 1;
             self.count_closed(k, &old, false);
-            if let Some(list) = self.frontends_of.get_mut(&old.svc_id) {
-                list.retain(|f| f != k);
-                if list.is_empty() {
-                    self.frontends_of.remove(&old.svc_id);
-                }
-            }
+            self.frontends_of.remove(old.svc_id, k);
         } else {
             self.slots -= 1;
             if self.backends.drop_ref(old.backend_id) {
@@ -1319,9 +1364,9 @@ impl Syncer {
                     given.iter().filter_map(|n| self.record(n).map(|r| (r.svc_id, Some(r)))),
                 );
                 for (id, record) in ids {
-                    for k in self.shadow.frontends_of.get(&id).into_iter().flatten() {
-                        if !record.is_some_and(|r| r.frontends.contains(k)) {
-                            stale.insert(*k);
+                    for k in self.shadow.frontends_of.of(id) {
+                        if !record.is_some_and(|r| r.frontends.contains(&k)) {
+                            stale.insert(k);
                         }
                     }
                 }
