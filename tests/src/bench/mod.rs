@@ -661,6 +661,12 @@ pub const BPF_STATS_EMPTY_TC: [(&str, &str, bool); 4] = [
     ("empty_tc_out_ns", "kpl_tc_out_1", true),
 ];
 
+/// Whether bpf_stats window `w` has figures of the pod programs (whose floor is an empty TC
+/// program): not a NodePort window, whose traffic crosses no pod veth of node 0.
+fn has_pod_figures(w: &str) -> bool {
+    BPF_STATS_FIGURES.iter().any(|f| f.2 == w && floor_metric(f.0) != BPF_STATS_EMPTY)
+}
+
 /// The floor of a bpf_stats metric: the empty TC program directly before the program at the same
 /// hook for the pod programs ([`BPF_STATS_EMPTY_TC`]), the empty XDP program for the others.
 pub fn floor_metric(metric: &str) -> &'static str {
@@ -965,7 +971,7 @@ impl Bench<'_> {
             }
             for (w, _) in BPF_STATS_WINDOWS {
                 self.rec.plan("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w);
-                for (m, _, _) in BPF_STATS_EMPTY_TC {
+                for (m, _, _) in BPF_STATS_EMPTY_TC.iter().filter(|_| has_pod_figures(w)) {
                     self.rec.plan("8-bpf-stats", m, "kproxy", 1, w);
                 }
             }
@@ -2215,7 +2221,7 @@ fn stats_windows(
             let mut floors = vec![(BPF_STATS_EMPTY, empty)];
             for (m, program, _) in BPF_STATS_EMPTY_TC {
                 let v = bpfstats::per_run(&before, &after, program);
-                if !tc_links.is_empty() {
+                if !tc_links.is_empty() && has_pod_figures(window) {
                     out.push(StatSample { metric: m.into(), program, window, value: v });
                 }
                 floors.push((m, v));
