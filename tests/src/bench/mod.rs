@@ -648,33 +648,62 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
 /// Metric of the empty program's ns per run in each bpf_stats window.
 pub const BPF_STATS_EMPTY: &str = "empty_ns";
 
-/// The empty TC programs the bpf_stats step chains in front of kproxy's on node 0's pod veths
-/// (tcx links, Linux 6.6+; tcx programs run before the clsact filters kproxy attaches), two per
-/// hook: (metric, program name, egress). The second runs directly before kproxy's program, on
-/// the same packets, after another program ran (as kproxy's does): it is the floor of the
-/// figures of `kp_tc_from_pod` (ingress) and `kp_tc_to_pod` (egress). The first one shows what
-/// running first costs (the colder caches of the kernel's own timing).
-pub const BPF_STATS_EMPTY_TC: [(&str, &str, bool); 4] = [
-    ("empty_tc_in_first_ns", "kpl_tc_in_0", false),
-    ("empty_tc_in_ns", "kpl_tc_in_1", false),
-    ("empty_tc_out_first_ns", "kpl_tc_out_0", true),
-    ("empty_tc_out_ns", "kpl_tc_out_1", true),
+/// The empty TC programs the bpf_stats step chains in front of kproxy's on one hook of node 0's
+/// pod veths (tcx links, Linux 6.6+; tcx programs run before the clsact filters kproxy attaches):
+/// two per hook, each a (metric, program name). The second runs directly before kproxy's
+/// program, on the same packets, after another program ran (as kproxy's does): it is the floor
+/// of kproxy's figures on that hook. The first one shows what running first costs (the colder
+/// caches of the kernel's own timing).
+pub struct EmptyTcHook {
+    /// The metric of kproxy's program on the hook.
+    pub of: &'static str,
+    /// Egress (`kp_tc_to_pod`), else ingress (`kp_tc_from_pod`).
+    pub egress: bool,
+    /// The program that runs first.
+    pub first: (&'static str, &'static str),
+    /// The program just before kproxy's: the floor.
+    pub floor: (&'static str, &'static str),
+}
+
+impl EmptyTcHook {
+    /// Both programs, in the order they run.
+    pub fn programs(&self) -> [(&'static str, &'static str); 2] {
+        [self.first, self.floor]
+    }
+}
+
+/// The hooks of [`EmptyTcHook`]: ingress and egress of the pod veths.
+pub const BPF_STATS_EMPTY_TC: [EmptyTcHook; 2] = [
+    EmptyTcHook {
+        of: "from_pod_ns",
+        egress: false,
+        first: ("empty_tc_in_first_ns", "kpl_tc_in_0"),
+        floor: ("empty_tc_in_ns", "kpl_tc_in_1"),
+    },
+    EmptyTcHook {
+        of: "to_pod_ns",
+        egress: true,
+        first: ("empty_tc_out_first_ns", "kpl_tc_out_0"),
+        floor: ("empty_tc_out_ns", "kpl_tc_out_1"),
+    },
 ];
+
+/// The empty TC programs chained before the program of bpf_stats metric `metric`, if it is a
+/// pod program.
+pub fn empty_tc_of(metric: &str) -> Option<&'static EmptyTcHook> {
+    BPF_STATS_EMPTY_TC.iter().find(|h| h.of == metric)
+}
 
 /// Whether bpf_stats window `w` has figures of the pod programs (whose floor is an empty TC
 /// program): not a NodePort window, whose traffic crosses no pod veth of node 0.
 fn has_pod_figures(w: &str) -> bool {
-    BPF_STATS_FIGURES.iter().any(|f| f.2 == w && floor_metric(f.0) != BPF_STATS_EMPTY)
+    BPF_STATS_FIGURES.iter().any(|f| f.2 == w && empty_tc_of(f.0).is_some())
 }
 
 /// The floor of a bpf_stats metric: the empty TC program directly before the program at the same
 /// hook for the pod programs ([`BPF_STATS_EMPTY_TC`]), the empty XDP program for the others.
 pub fn floor_metric(metric: &str) -> &'static str {
-    match metric {
-        "from_pod_ns" => "empty_tc_in_ns",
-        "to_pod_ns" => "empty_tc_out_ns",
-        _ => BPF_STATS_EMPTY,
-    }
+    empty_tc_of(metric).map_or(BPF_STATS_EMPTY, |h| h.floor.0)
 }
 
 /// The net figure of a bpf_stats metric (`from_pod_ns` → `from_pod_net_ns`).
@@ -971,7 +1000,8 @@ impl Bench<'_> {
             }
             for (w, _) in BPF_STATS_WINDOWS {
                 self.rec.plan("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w);
-                for (m, _, _) in BPF_STATS_EMPTY_TC.iter().filter(|_| has_pod_figures(w)) {
+                let hooks = BPF_STATS_EMPTY_TC.iter().filter(|_| has_pod_figures(w));
+                for (m, _) in hooks.flat_map(EmptyTcHook::programs) {
                     self.rec.plan("8-bpf-stats", m, "kproxy", 1, w);
                 }
             }
@@ -2218,17 +2248,15 @@ fn stats_windows(
                 window,
                 value: empty,
             });
-            let mut floors = vec![(BPF_STATS_EMPTY, empty)];
-            for (m, program, _) in BPF_STATS_EMPTY_TC {
-                let v = bpfstats::per_run(&before, &after, program);
-                if !tc_links.is_empty() && has_pod_figures(window) {
-                    out.push(StatSample { metric: m.into(), program, window, value: v });
+            if !tc_links.is_empty() && has_pod_figures(window) {
+                for (m, program) in BPF_STATS_EMPTY_TC.iter().flat_map(EmptyTcHook::programs) {
+                    let value = bpfstats::per_run(&before, &after, program);
+                    out.push(StatSample { metric: m.into(), program, window, value });
                 }
-                floors.push((m, v));
             }
             let floor = |m: &str| {
-                let of = |name: &str| floors.iter().find(|f| f.0 == name).and_then(|f| f.1);
-                of(floor_metric(m)).or(empty)
+                let tc = empty_tc_of(m).and_then(|h| bpfstats::per_run(&before, &after, h.floor.1));
+                tc.or(empty)
             };
             for (m, program, _) in BPF_STATS_FIGURES.iter().filter(|f| f.2 == window) {
                 let raw = bpfstats::per_run(&before, &after, program);
@@ -2256,20 +2284,22 @@ fn stats_windows(
 /// hooks of every pod veth of node 0 (where kproxy's pod programs run): (programs, links).
 fn empty_tc_chain(lab: &Lab) -> Result<(Vec<std::os::fd::OwnedFd>, Vec<std::os::fd::OwnedFd>)> {
     let mut progs = Vec::new();
-    for (_, name, _) in BPF_STATS_EMPTY_TC {
-        progs.push(lab::xdp::load_tc(name, &lab::xdp::TC_NEXT_PROGRAM)?);
+    for h in &BPF_STATS_EMPTY_TC {
+        for (_, name) in h.programs() {
+            progs.push((lab::xdp::load_tc(name, &lab::xdp::TC_NEXT_PROGRAM)?, h.egress));
+        }
     }
     let veths: Vec<String> = lab.pods_on(0).into_iter().map(|p| p.host_veth).collect();
     let links = lab::in_netns(&lab.node(0).ns, || -> Result<Vec<std::os::fd::OwnedFd>> {
         let mut links = Vec::new();
         for dev in &veths {
-            for (prog, (_, _, egress)) in progs.iter().zip(BPF_STATS_EMPTY_TC) {
-                links.push(lab::xdp::attach_tcx_next(prog, dev, egress)?);
+            for (prog, egress) in &progs {
+                links.push(lab::xdp::attach_tcx_next(prog, dev, *egress)?);
             }
         }
         Ok(links)
     })??;
-    Ok((progs, links))
+    Ok((progs.into_iter().map(|(p, _)| p).collect(), links))
 }
 
 /// The IPv6 windows ([`BPF_STATS6_WINDOWS`]) in a dual-stack lab of their own, built and removed

@@ -966,10 +966,8 @@ NodePort runs of {} ms.\n",
             };
             let runs = median(f, "8-bpf-stats", &super::runs_metric(m), "kproxy", 1, w)
                 .map_or("—".to_string(), |r| thousands(r.round() as u64));
-            let tc = match super::floor_metric(m) {
-                super::BPF_STATS_EMPTY => "—".to_string(),
-                floor => format!("{} ({})", c(floor), c(&floor.replace("_ns", "_first_ns"))),
-            };
+            let tc = super::empty_tc_of(m)
+                .map_or("—".to_string(), |h| format!("{} ({})", c(h.floor.0), c(h.first.0)));
             let _ = writeln!(
                 s,
                 "| {traffic} | {flow} | `{prog}` | {runs} | {} | {empty} | {tc} | {} |",
