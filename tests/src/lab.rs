@@ -82,6 +82,9 @@ pub const CLUSTER_IP_NET: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
 pub const EXTERNAL_IP_NET: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 0);
 /// The routed wiring's pod gateway (answered by proxy ARP on the host veth).
 pub const ROUTED_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// A node's external device (its link to the underlay), where kproxy runs its NodePort programs.
+pub const EXT_DEV: &str = "eth0";
+
 /// TCP and UDP port of the `kproxy-netexec` server [`Lab::start_servers`] runs in every pod.
 pub const SERVER_PORT: u16 = 8080;
 /// UDP and TCP port of the DNS server (dnsmasq) [`Lab::start_servers`] runs in every pod.
@@ -1062,7 +1065,7 @@ impl Lab {
         }
         argv.extend([
             "--nodeport-devices".into(),
-            "eth0".into(),
+            EXT_DEV.into(),
             "--pod-devices".into(),
             "vp*".into(),
             "--pin-path".into(),

@@ -31,22 +31,67 @@ pub struct Load {
 /// [`Load::samples`] but cross the datapath).
 pub const WARMUP_MS: &str = "200";
 
-/// Runs the load generator in namespace `ns`.
-pub fn loadgen(
-    ns: &str,
-    target: SocketAddr,
-    mode: &str,
-    concurrency: usize,
-    duration: Duration,
-) -> Result<Load> {
-    loadgen_in(ns, None, target, mode, concurrency, duration)
+/// The CPU the new-connection latency load runs on (the last one online), client and pod
+/// servers alike ([`PinnedServers`]).
+///
+/// One connection at a time, client and server otherwise wake each other across the two CPUs of
+/// the VM: on 2026-12-04 the floor's p50 read ~150 µs unpinned and ~60–70 µs pinned, the
+/// difference being the wake-ups, which every system pays alike and which diluted the
+/// datapaths' differences (kproxy's p50 over the floor's: 1.06× unpinned, 1.16× pinned, same
+/// build). On one CPU a transaction is the CPU work of the client, the stack, the datapath and
+/// the server, which is what the systems differ in.
+pub fn latency_cpu() -> usize {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    online.trim().rsplit([',', '-']).next().and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
-/// [`loadgen`] in cgroup v2 directory `cgroup` (joined before the generator starts, so that
-/// every socket it opens belongs to it: the socket LB balances by the socket's cgroup).
+/// Every thread of every process in the pods' namespaces pinned to one CPU until dropped
+/// (then allowed on every online CPU again).
+pub struct PinnedServers {
+    namespaces: Vec<String>,
+}
+
+impl PinnedServers {
+    /// Pins the processes of `namespaces` to `cpu`.
+    pub fn new(namespaces: &[String], cpu: usize) -> Result<Self> {
+        let pinned = Self { namespaces: namespaces.to_vec() };
+        pinned.set(&cpu.to_string())?;
+        Ok(pinned)
+    }
+
+    fn set(&self, cpus: &str) -> Result<()> {
+        for ns in &self.namespaces {
+            let out = std::process::Command::new("ip").args(["netns", "pids", ns]).output()?;
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let out = std::process::Command::new("taskset")
+                    .args(["-a", "-p", "-c", cpus, pid])
+                    .output()?;
+                // A process that exited since it was listed is no error.
+                ensure!(
+                    out.status.success() || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                    "taskset -c {cpus} on pid {pid} in {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PinnedServers {
+    fn drop(&mut self) {
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+        let _ = self.set(online.trim());
+    }
+}
+
+/// Runs the load generator in namespace `ns`, in cgroup v2 directory `cgroup` if given (joined
+/// before the generator starts, so that every socket it opens belongs to it: the socket LB
+/// balances by the socket's cgroup), on CPU `cpu` only if given.
 pub fn loadgen_in(
     ns: &str,
     cgroup: Option<&std::path::Path>,
+    cpu: Option<usize>,
     target: SocketAddr,
     mode: &str,
     concurrency: usize,
@@ -81,7 +126,9 @@ pub fn loadgen_in(
         "--timeout-ms",
         "1000",
     ];
-    let argv: Vec<&str> = join.iter().chain(run.iter()).copied().collect();
+    let cpu = cpu.map(|c| c.to_string());
+    let pin: Vec<&str> = cpu.as_deref().map(|c| vec!["taskset", "-c", c]).unwrap_or_default();
+    let argv: Vec<&str> = join.iter().chain(&pin).chain(run.iter()).copied().collect();
     let out = lab::exec_timeout(ns, &argv, duration + Duration::from_secs(20))?;
     ensure!(
         out.status.success(),

@@ -119,6 +119,10 @@ pub struct Config {
     /// `kproxy-before`, right before it at each scale): before/after figures of one run.
     #[serde(default)]
     pub kproxy_before: Option<std::path::PathBuf>,
+    /// The CPU the new-connection latency loads ran on, client and pod servers
+    /// ([`measure::latency_cpu`]; filled in by the run, `None` in runs before it pinned them).
+    #[serde(default)]
+    pub latency_cpu: Option<usize>,
 }
 
 impl Config {
@@ -150,6 +154,7 @@ impl Config {
             only_ipv6: false,
             only_latency: false,
             kproxy_before: None,
+            latency_cpu: None,
         }
     }
 
@@ -181,6 +186,7 @@ impl Config {
             only_ipv6: false,
             only_latency: false,
             kproxy_before: None,
+            latency_cpu: None,
         }
     }
 }
@@ -430,7 +436,6 @@ impl Sys {
     /// The systems of `--only-latency`.
     const LATENCY: [Sys; 5] =
         [Sys::Floor, Sys::Kproxy, Sys::KproxyGeneric, Sys::KproxyHostRouting, Sys::KproxySocketLb];
-
     /// Gives the client namespace `ns` this system's own client port range (see
     /// `clusterip_one`; the sysctl covers IPv6 sockets too).
     fn use_client_ports(self, ns: &str) {
@@ -649,16 +654,18 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
 pub const BPF_STATS_EMPTY: &str = "empty_ns";
 
 /// The empty TC programs the bpf_stats step chains in front of kproxy's on one hook of node 0's
-/// pod veths (tcx links, Linux 6.6+; tcx programs run before the clsact filters kproxy attaches):
-/// two per hook, each a (metric, program name). The second runs directly before kproxy's
+/// pod veths or its external device (tcx links, Linux 6.6+; tcx programs run before the clsact
+/// filters kproxy attaches): two per hook, each a (metric, program name). The second runs directly before kproxy's
 /// program, on the same packets, after another program ran (as kproxy's does): it is the floor
 /// of kproxy's figures on that hook. The first one shows what running first costs (the colder
 /// caches of the kernel's own timing).
 pub struct EmptyTcHook {
     /// The metric of kproxy's program on the hook.
     pub of: &'static str,
-    /// Egress (`kp_tc_to_pod`), else ingress (`kp_tc_from_pod`).
+    /// Egress (`kp_tc_to_pod`), else ingress (`kp_tc_from_pod`, `kp_tc_ext`).
     pub egress: bool,
+    /// On node 0's external device (`kp_tc_ext`), else on its pod veths.
+    pub external: bool,
     /// The program that runs first.
     pub first: (&'static str, &'static str),
     /// The program just before kproxy's: the floor.
@@ -672,19 +679,29 @@ impl EmptyTcHook {
     }
 }
 
-/// The hooks of [`EmptyTcHook`]: ingress and egress of the pod veths.
-pub const BPF_STATS_EMPTY_TC: [EmptyTcHook; 2] = [
+/// The hooks of [`EmptyTcHook`]: ingress and egress of the pod veths, ingress of the external
+/// device.
+pub const BPF_STATS_EMPTY_TC: [EmptyTcHook; 3] = [
     EmptyTcHook {
         of: "from_pod_ns",
         egress: false,
+        external: false,
         first: ("empty_tc_in_first_ns", "kpl_tc_in_0"),
         floor: ("empty_tc_in_ns", "kpl_tc_in_1"),
     },
     EmptyTcHook {
         of: "to_pod_ns",
         egress: true,
+        external: false,
         first: ("empty_tc_out_first_ns", "kpl_tc_out_0"),
         floor: ("empty_tc_out_ns", "kpl_tc_out_1"),
+    },
+    EmptyTcHook {
+        of: "tc_ext_ns",
+        egress: false,
+        external: true,
+        first: ("empty_tc_ext_first_ns", "kpl_tc_ext_0"),
+        floor: ("empty_tc_ext_ns", "kpl_tc_ext_1"),
     },
 ];
 
@@ -694,14 +711,16 @@ pub fn empty_tc_of(metric: &str) -> Option<&'static EmptyTcHook> {
     BPF_STATS_EMPTY_TC.iter().find(|h| h.of == metric)
 }
 
-/// Whether bpf_stats window `w` has figures of the pod programs (whose floor is an empty TC
-/// program): not a NodePort window, whose traffic crosses no pod veth of node 0.
-fn has_pod_figures(w: &str) -> bool {
-    BPF_STATS_FIGURES.iter().any(|f| f.2 == w && empty_tc_of(f.0).is_some())
+/// Whether bpf_stats window `w` has a figure of the program on hook `h` (whose floor are the
+/// hook's empty TC programs): no pod program in a NodePort window, whose traffic crosses no pod
+/// veth of node 0.
+fn has_figures_of(w: &str, h: &EmptyTcHook) -> bool {
+    BPF_STATS_FIGURES.iter().any(|f| f.2 == w && f.0 == h.of)
 }
 
 /// The floor of a bpf_stats metric: the empty TC program directly before the program at the same
-/// hook for the pod programs ([`BPF_STATS_EMPTY_TC`]), the empty XDP program for the others.
+/// hook for the TC programs ([`BPF_STATS_EMPTY_TC`]), the empty XDP program for `kp_xdp_ext`
+/// (XDP has no chaining).
 pub fn floor_metric(metric: &str) -> &'static str {
     empty_tc_of(metric).map_or(BPF_STATS_EMPTY, |h| h.floor.0)
 }
@@ -866,7 +885,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
         started,
         wall_s: t0.elapsed().as_secs_f64(),
         machine: machine(),
-        config: cfg.clone(),
+        config: Config { latency_cpu: Some(measure::latency_cpu()), ..cfg.clone() },
         figures: rec.finish(),
         notes,
         steps,
@@ -1000,7 +1019,7 @@ impl Bench<'_> {
             }
             for (w, _) in BPF_STATS_WINDOWS {
                 self.rec.plan("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w);
-                let hooks = BPF_STATS_EMPTY_TC.iter().filter(|_| has_pod_figures(w));
+                let hooks = BPF_STATS_EMPTY_TC.iter().filter(|h| has_figures_of(w, h));
                 for (m, _) in hooks.flat_map(EmptyTcHook::programs) {
                     self.rec.plan("8-bpf-stats", m, "kproxy", 1, w);
                 }
@@ -1036,6 +1055,11 @@ impl Bench<'_> {
             self.client_cgroup = Some(crate::hostnet::Cgroups::new(&prefix, 1)?);
         }
         Ok(self.client_cgroup.as_ref().expect("created above").node(0).to_path_buf())
+    }
+
+    /// The network namespaces of the lab's pods (their servers).
+    fn pod_namespaces(&self) -> Vec<String> {
+        self.lab.pods().into_iter().map(|p| p.ns).collect()
     }
 
     /// The cgroup the load generator joins for `sys` (the socket LB's; none for the others).
@@ -1300,7 +1324,13 @@ impl Bench<'_> {
                 let name = sys.name();
                 let cg = self.cgroup_of(sys);
                 let cg = cg.as_deref();
-                match measure::loadgen_in(&self.client_pod_ns, cg, target.into(), "connect", 1, d) {
+                let cpu = measure::latency_cpu();
+                let pinned = measure::PinnedServers::new(&self.pod_namespaces(), cpu);
+                if let Err(e) = &pinned {
+                    self.notes.push(format!("pinning the pod servers to CPU {cpu}: {e:#}"));
+                }
+                let ns = &self.client_pod_ns;
+                match measure::loadgen_in(ns, cg, Some(cpu), target.into(), "connect", 1, d) {
                     Ok(l) => {
                         self.rec.add("1-latency", "samples", name, n, "", l.samples);
                         self.rec.add("1-latency", "p50_us", name, n, "", l.p50_us);
@@ -1314,14 +1344,16 @@ impl Bench<'_> {
                 }
                 if self.cfg.only_latency
                     && kp.is_some()
-                    && let Err(e) = self.conn_stats(target.into(), cg, d, name, n)
+                    && let Err(e) = self.conn_stats(target.into(), cg, cpu, d, name, n)
                 {
                     self.notes.push(format!("bpf_stats of {name} at {n} services: {e:#}"));
                 }
+                // The rates load both CPUs.
+                drop(pinned);
                 if self.cfg.rate_scales.contains(&n) {
                     for mode in ["connect", "rr"] {
                         let ns = &self.client_pod_ns;
-                        match measure::loadgen_in(ns, cg, target.into(), mode, 4, d) {
+                        match measure::loadgen_in(ns, cg, None, target.into(), mode, 4, d) {
                             Ok(l) => {
                                 self.rec.add("2-rate", "rate_per_s", name, n, mode, l.rate);
                                 self.rec.add(
@@ -1368,6 +1400,7 @@ impl Bench<'_> {
         &mut self,
         target: SocketAddr,
         cgroup: Option<&Path>,
+        cpu: usize,
         d: Duration,
         sys: &str,
         n: usize,
@@ -1375,7 +1408,8 @@ impl Bench<'_> {
         let pin = self.lab.pin_path(0);
         let _stats = bpfstats::enable()?;
         let before = bpfstats::snapshot(pin, &[])?;
-        let l = measure::loadgen_in(&self.client_pod_ns, cgroup, target, "connect", 1, d)?;
+        let ns = &self.client_pod_ns;
+        let l = measure::loadgen_in(ns, cgroup, Some(cpu), target, "connect", 1, d)?;
         let after = bpfstats::snapshot(pin, &[])?;
         // Connections of the measured part and of the warm-up.
         let conns = l.samples + l.rate * measure::WARMUP_MS.parse::<f64>()? / 1e3;
@@ -2218,7 +2252,7 @@ fn stats_windows(
             (progs, links)
         }
         Err(e) => {
-            // Without tcx (before Linux 6.6) the pod programs' floor is the empty XDP program.
+            // Without tcx (before Linux 6.6) the TC programs' floor is the empty XDP program.
             eprintln!("[bench] no empty TC programs in front of kproxy's ({e:#}): XDP floor");
             (Vec::new(), Vec::new())
         }
@@ -2248,8 +2282,9 @@ fn stats_windows(
                 window,
                 value: empty,
             });
-            if !tc_links.is_empty() && has_pod_figures(window) {
-                for (m, program) in BPF_STATS_EMPTY_TC.iter().flat_map(EmptyTcHook::programs) {
+            if !tc_links.is_empty() {
+                let hooks = BPF_STATS_EMPTY_TC.iter().filter(|h| has_figures_of(window, h));
+                for (m, program) in hooks.flat_map(EmptyTcHook::programs) {
                     let value = bpfstats::per_run(&before, &after, program);
                     out.push(StatSample { metric: m.into(), program, window, value });
                 }
@@ -2280,21 +2315,23 @@ fn stats_windows(
     Ok(out)
 }
 
-/// Loads the empty TC programs of [`BPF_STATS_EMPTY_TC`] and chains them, in order, on both
-/// hooks of every pod veth of node 0 (where kproxy's pod programs run): (programs, links).
+/// Loads the empty TC programs of [`BPF_STATS_EMPTY_TC`] and chains them, in order, on their
+/// hook of every pod veth of node 0 (where kproxy's pod programs run) or of its external device:
+/// (programs, links).
 fn empty_tc_chain(lab: &Lab) -> Result<(Vec<std::os::fd::OwnedFd>, Vec<std::os::fd::OwnedFd>)> {
     let mut progs = Vec::new();
     for h in &BPF_STATS_EMPTY_TC {
         for (_, name) in h.programs() {
-            progs.push((lab::xdp::load_tc(name, &lab::xdp::TC_NEXT_PROGRAM)?, h.egress));
+            progs.push((lab::xdp::load_tc(name, &lab::xdp::TC_NEXT_PROGRAM)?, h));
         }
     }
     let veths: Vec<String> = lab.pods_on(0).into_iter().map(|p| p.host_veth).collect();
+    let external = [lab::EXT_DEV.to_string()];
     let links = lab::in_netns(&lab.node(0).ns, || -> Result<Vec<std::os::fd::OwnedFd>> {
         let mut links = Vec::new();
-        for dev in &veths {
-            for (prog, egress) in &progs {
-                links.push(lab::xdp::attach_tcx_next(prog, dev, *egress)?);
+        for (prog, h) in &progs {
+            for dev in if h.external { &external[..] } else { &veths[..] } {
+                links.push(lab::xdp::attach_tcx_next(prog, dev, h.egress)?);
             }
         }
         Ok(links)
@@ -2595,7 +2632,12 @@ fn clusterip6_one(
         };
         // Per-system client port ranges as in item 1.
         sys.use_client_ports(&client);
-        measure::loadgen(&client, target, "connect", 1, Duration::from_millis(cfg.duration_ms))
+        // Client and servers on one CPU as in item 1.
+        let cpu = measure::latency_cpu();
+        let pods: Vec<String> = lab.pods().into_iter().map(|p| p.ns).collect();
+        let _pinned = measure::PinnedServers::new(&pods, cpu)?;
+        let d = Duration::from_millis(cfg.duration_ms);
+        measure::loadgen_in(&client, None, Some(cpu), target, "connect", 1, d)
     });
     match sys {
         Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxySocketLb | Sys::KproxyGeneric => {
