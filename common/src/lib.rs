@@ -705,6 +705,14 @@ flags! {
         /// A reply was seen and the connection entry marked established: later replies refresh
         /// it only once a second and when they carry SYN, FIN or RST.
         ESTABLISHED = 1 << 1, "established";
+        /// The client is a pod of this node: a reply the node's stack forwards to it is
+        /// translated back only where it enters the pod (`kp_tc_to_pod`), after the stack, so
+        /// that the node's netfilter conntrack sees both directions of one connection (pod ↔
+        /// backend). Translated before the stack, the reply (frontend → pod) matched no entry:
+        /// the stack counted it invalid and opened a second, half connection, and a firewall
+        /// dropping invalid packets (`ct state invalid drop`, a CNI's `--ctstate INVALID -j
+        /// DROP`) broke every connection.
+        TO_POD = 1 << 2, "to-pod";
     }
 }
 
@@ -1264,10 +1272,13 @@ reasons! {
     RejectUnknownPort = 28, "reject_unknown_port", true;
     /// An address inside the service CIDRs that no service holds: dropped.
     DropUnallocatedServiceIp = 29, "drop_unallocated_service_ip", true;
-    /// Entering a pod: the packet arrived on a device whose ingress runs kproxy's programs,
-    /// which translated whatever needed it there (replies of local backends on the backend's
-    /// veth, of remote ones on the external device): passed without a lookup.
+    /// Entering a pod, with eBPF host routing: the packet arrived on a device whose ingress runs
+    /// kproxy's programs, which translated whatever needed it there (replies of local backends
+    /// on the backend's veth, of remote ones on the external device): passed without a lookup.
     PassTranslatedUpstream = 30, "pass_translated_upstream", false;
+    /// A reply of a connection from a pod of this node, passed untranslated to the node's stack:
+    /// translated where it enters the pod (`rnat_flags::TO_POD`).
+    PassReplyToPod = 31, "pass_reply_to_pod", false;
 }
 
 /// The slot of `ifindex` in [`names::HOOK_DEVS`]. Two devices in one slot: the one stored is

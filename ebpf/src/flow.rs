@@ -522,7 +522,8 @@ fn new_conn<P: Packet>(
         frontend_addr: p.daddr,
         client_port: p.sport,
         frontend_port: p.dport,
-        flags: if flags & ct_flags::REPLY_FIB != 0 { rnat_flags::REPLY_FIB } else { 0 },
+        flags: if flags & ct_flags::REPLY_FIB != 0 { rnat_flags::REPLY_FIB } else { 0 }
+            | if hook == Hook::FromPod { rnat_flags::TO_POD } else { 0 },
         last_seen_ns: now,
     };
     if !snat
@@ -604,7 +605,7 @@ fn reply_translated<P: Packet>(
             ct::touch(ctp, p.proto, p.tcp_flags, true, now);
             // SAFETY: valid map value pointer.
             let ct_fl = unsafe { (*ctp).flags };
-            fl = rnat_flags::ESTABLISHED;
+            fl = rnat_flags::ESTABLISHED | fl & rnat_flags::TO_POD;
             if ct_fl & ct_flags::REPLY_FIB != 0 {
                 fl |= rnat_flags::REPLY_FIB;
             }
@@ -631,6 +632,10 @@ fn reply_translated<P: Packet>(
     };
     if defer_to_tc::<P>(cfg, to) {
         return Ok((Verdict::PASS, Reason::XdpPassToTc));
+    }
+    if to == To::Stack && hook != Hook::ToPod && fl & rnat_flags::TO_POD != 0 {
+        // For the stack to forward as it is (see `rnat_flags::TO_POD`).
+        return Ok((Verdict::PASS, Reason::PassReplyToPod));
     }
     deliver(c, p, &n, to, Reason::ReplyTranslated, now)
 }

@@ -618,7 +618,7 @@ fn new_conn(
         frontend_addr: p.daddr,
         client_port: p.sport,
         frontend_port: p.dport,
-        flags: 0,
+        flags: if hook == Hook::FromPod { rnat_flags::TO_POD } else { 0 },
         last_seen_ns: now,
     };
     let mut n = Nat6 { saddr: p.saddr, sport: p.sport, daddr: be.addr, dport: be.port };
@@ -696,7 +696,7 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now
             ct6::touch(ctp, p.proto, p.tcp_flags, true, now);
             // SAFETY: valid map value pointer.
             let ct_fl = unsafe { (*ctp).flags };
-            fl = rnat_flags::ESTABLISHED;
+            fl = rnat_flags::ESTABLISHED | fl & rnat_flags::TO_POD;
             if ct_fl & ct_flags::REPLY_FIB != 0 {
                 fl |= rnat_flags::REPLY_FIB;
             }
@@ -714,6 +714,9 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now
     } else if hook.external() && t.daddr != n.daddr && maps6::is_snat_addr6(&t.daddr) {
         // Replies to the node's source-NAT address go back out to an external client.
         To::Fib
+    } else if hook != Hook::ToPod && fl & rnat_flags::TO_POD != 0 {
+        // For the stack to forward as it is (see `rnat_flags::TO_POD`).
+        return Next::done(Verdict::PASS, Reason::PassReplyToPod);
     } else {
         To::Stack
     };

@@ -21,7 +21,7 @@ use kproxy::dataplane::{
 };
 use kproxy_common::{
     Affinity4Key, Affinity4Value, Backend4, NodeConfig, Reason, Service4Key, Service4Value,
-    backend_flags, cfg_flags, names, proto, scope, svc_flags, timeouts,
+    backend_flags, cfg_flags, ct_state, names, proto, rnat_flags, scope, svc_flags, timeouts,
 };
 use kproxy_tests::frames::{self, ACK, Frame, L4, PSH, RST, SYN};
 
@@ -187,6 +187,13 @@ impl Env {
         self.maps.counters().unwrap().into_iter().filter(|(_, n)| *n > 0).collect()
     }
 
+    /// Turns eBPF host routing (`cfg_flags::HOST_ROUTING`) on in the node configuration.
+    fn enable_host_routing(&mut self) {
+        let cfg = self.maps.config().unwrap();
+        let flags = cfg.flags | cfg_flags::HOST_ROUTING;
+        self.maps.set_config(&NodeConfig { flags, ..cfg }).unwrap();
+    }
+
     fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let (v, out, _) = self.xdp_meta(frame);
         (v, out)
@@ -263,9 +270,33 @@ fn skip_without_ingress_device() -> bool {
     skip
 }
 
+#[track_caller]
 fn assert_counts(env: &Env, want: &[(Reason, u64)]) {
     let want: BTreeMap<Reason, u64> = want.iter().copied().collect();
     assert_eq!(env.counters(), want);
+}
+
+/// Asserts that `reply`, a reply of a connection from a pod of this node run through `prog`, a
+/// program before the node's stack ([`names::PROG_XDP_EXT`], [`names::PROG_TC_EXT`] or
+/// [`names::PROG_TC_FROM_POD`]), passes untouched and is counted once, as `PassReplyToPod`:
+/// the stack forwards it as the backend sent it, and [`names::PROG_TC_TO_POD`] translates it
+/// where it enters the client pod. XDP marks it handled for TC (visible from Linux 5.16 on).
+#[track_caller]
+fn assert_reply_passed_to_the_stack(env: &mut Env, prog: &str, reply: &[u8]) {
+    let mut want = env.counters();
+    *want.entry(Reason::PassReplyToPod).or_default() += 1;
+    let out = if prog == names::PROG_XDP_EXT {
+        let (v, out, marked) = env.xdp_meta(reply);
+        assert_eq!(v, XDP_PASS, "{prog}");
+        assert!(marked || !kernel_at_least(5, 16), "XDP tells TC it is done");
+        out
+    } else {
+        let (v, out) = env.tc(prog, reply);
+        assert_eq!(v, TC_ACT_OK, "{prog}");
+        out
+    };
+    assert_eq!(out, reply, "{prog}: passed untouched");
+    assert_eq!(env.counters(), want, "{prog}: counted as PassReplyToPod");
 }
 
 const CIP: &str = "198.19.0.10:80";
@@ -419,9 +450,12 @@ fn full_map_reports_full() {
     env.maps.delete_backend(99).unwrap();
 }
 
-/// `kp_tc_to_pod` leaves what arrived on a device carrying kproxy's programs (`kp_hookdevs`) as
-/// it is: those programs translated it already if it needed it. What the node sent itself, or
-/// what came in on any other device (one sharing the slot included), is still restored here.
+/// Without eBPF host routing, the replies of a pod's connections cross the node's stack
+/// untranslated (`rnat_flags::TO_POD`): `kp_tc_to_pod` restores them whatever device they
+/// arrived on, one carrying kproxy's programs (`kp_hookdevs`) included. With host routing it
+/// leaves what arrived on such a device as it is (`PassTranslatedUpstream`): those programs
+/// translated it already if it needed it. What the node sent itself, or what came in on any
+/// other device (one sharing the slot included), is still restored here.
 #[test]
 fn to_pod_passes_what_a_hooked_device_translated() {
     if skip_without_ingress_device() {
@@ -440,6 +474,11 @@ fn to_pod_passes_what_a_hooked_device_translated() {
     const HOOKED: u32 = 7;
     let same_slot = HOOKED + kproxy_common::defaults::HOOK_DEVS_MAX;
     env.dp().set_hook_devs(&[same_slot, HOOKED].into()).unwrap();
+    // Without host routing, nothing before the stack translated it: restored here.
+    let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), HOOKED);
+    assert_eq!(v, TC_ACT_OK, "from a hooked device, without host routing");
+    assert_frame(&out, &restored);
+    env.enable_host_routing();
     let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), HOOKED);
     assert_eq!((v, out), (TC_ACT_OK, synack.build()), "from a hooked device: untouched");
     for (what, iif) in [("the node itself", 0), ("the same slot", same_slot), ("elsewhere", 8)] {
@@ -456,7 +495,7 @@ fn to_pod_passes_what_a_hooked_device_translated() {
         &[
             (Reason::TranslatedNew, 1),
             (Reason::PassTranslatedUpstream, 1),
-            (Reason::ReplyTranslated, 4),
+            (Reason::ReplyTranslated, 5),
         ],
     );
 }
@@ -509,20 +548,17 @@ fn clusterip_tcp_forward_and_reply() {
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &data.clone().with_dst(sa(BE1)));
 
-    // The reply from the (local) backend leaves its pod: source becomes the ClusterIP.
+    // The reply from the (local) backend leaves its pod: passed to the node's stack as the
+    // backend sent it (the stack's conntrack sees pod <-> backend both ways).
     let synack = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
-    assert_eq!(v, TC_ACT_OK);
-    assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &synack.build());
 
-    // The same reply seen on the client pod's interface (to_pod) and on the external device
-    // (remote backend) is translated as well.
+    // Entering the client pod (to_pod), its source becomes the ClusterIP.
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &synack.clone().with_src(sa(CIP)));
-    let (v, out) = env.xdp(&synack.build());
-    assert_eq!(v, XDP_PASS);
-    assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+    // The same reply on the external device (as from a remote backend) passes XDP alike.
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &synack.build());
 
     let ct = env.maps.conntrack().unwrap();
     assert_eq!(ct.len(), 1);
@@ -532,23 +568,23 @@ fn clusterip_tcp_forward_and_reply() {
         &[
             (Reason::TranslatedNew, 1),
             (Reason::TranslatedEstablished, 1),
-            (Reason::ReplyTranslated, 3),
+            (Reason::ReplyTranslated, 1),
+            (Reason::PassReplyToPod, 2),
         ],
     );
 }
 
 /// eBPF host routing: the reply of a pod's connection to a remote backend arrives on the
 /// external device; XDP leaves it to TC untouched (TC delivers it straight into the client's
-/// namespace, past the stack), where it is translated. Without host routing XDP translates it
-/// for the stack.
+/// namespace, past the stack), where it is translated. Without host routing XDP passes it
+/// untouched to the stack (`PassReplyToPod`, marked handled for TC), and it is translated
+/// where it enters the client pod (`kp_tc_to_pod`).
 #[test]
 fn host_routing_leaves_replies_from_xdp_to_tc() {
     for host_routing in [true, false] {
         let mut env = Env::new();
         if host_routing {
-            let cfg = env.maps.config().unwrap();
-            let flags = cfg.flags | cfg_flags::HOST_ROUTING;
-            env.maps.set_config(&NodeConfig { flags, ..cfg }).unwrap();
+            env.enable_host_routing();
         }
         env.backend(1, BE1, 0, proto::TCP);
         env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
@@ -556,21 +592,94 @@ fn host_routing_leaves_replies_from_xdp_to_tc() {
         env.tc(names::PROG_TC_FROM_POD, &syn.build());
         let synack = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
         let translated = synack.clone().with_src(sa(CIP));
-        let (v, out) = env.xdp(&synack.build());
-        assert_eq!(v, XDP_PASS);
         if host_routing {
-            assert_eq!(out, synack.build(), "left to TC untouched");
+            let (v, out, marked) = env.xdp_meta(&synack.build());
+            assert_eq!((v, &out, marked), (XDP_PASS, &synack.build(), false), "left to TC");
             let (v, out) = env.tc(names::PROG_TC_EXT, &synack.build());
             assert_eq!(v, TC_ACT_OK, "no route in the test namespace: the stack decides");
             assert_frame(&out, &translated);
         } else {
+            assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &synack.build());
+            let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+            assert_eq!(v, TC_ACT_OK);
             assert_frame(&out, &translated);
         }
         let mut want = vec![(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 1)];
-        if host_routing {
-            want.push((Reason::XdpPassToTc, 1));
-        }
+        want.push(if host_routing {
+            (Reason::XdpPassToTc, 1)
+        } else {
+            (Reason::PassReplyToPod, 1)
+        });
         assert_counts(&env, &want);
+    }
+}
+
+/// The replies of a connection from a pod of this node (its reverse NAT flagged
+/// `rnat_flags::TO_POD`) cross the node's stack as the backend sent them, so that the stack's
+/// conntrack sees one connection (pod <-> backend) both ways; they are translated back to the
+/// frontend only where they enter the client pod (`kp_tc_to_pod`). For a remote backend
+/// (replies arrive on the external device: XDP, or `kp_tc_ext` in TC-only mode) and a local one
+/// (replies also leave its veth: `kp_tc_from_pod`), every hook before the stack passes them
+/// untouched (`PassReplyToPod`) and keeps the connection's state: the first reply marks it
+/// established, and the flag survives the refresh.
+#[test]
+fn pod_client_replies_are_translated_where_they_enter_the_pod() {
+    for (be, flags) in [(BE_REMOTE, 0), (BE1, backend_flags::LOCAL)] {
+        let mut env = Env::new();
+        env.backend(1, be, flags, proto::TCP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        assert_eq!(v, TC_ACT_OK, "{be}");
+        assert_frame(&out, &syn.clone().with_dst(sa(be)));
+        let ct = env.maps.conntrack().unwrap();
+        assert_eq!(ct.len(), 1, "{be}");
+        assert_eq!(ct[0].1.state, ct_state::NEW, "{be}");
+        let rn = env.maps.revnat().unwrap();
+        assert_eq!(rn.len(), 1, "{be}");
+        assert_eq!(rn[0].1.flags, rnat_flags::TO_POD, "{be}: the client is a pod of this node");
+
+        // The hooks the reply crosses before the node's stack.
+        let mut before = vec![names::PROG_XDP_EXT, names::PROG_TC_EXT];
+        if flags & backend_flags::LOCAL != 0 {
+            before.push(names::PROG_TC_FROM_POD);
+        }
+        let synack = Frame::tcp(sa(be), sa(POD_CLIENT), SYN | ACK);
+        for (i, prog) in before.iter().enumerate() {
+            assert_reply_passed_to_the_stack(&mut env, prog, &synack.build());
+            if i == 0 {
+                let ct = env.maps.conntrack().unwrap();
+                assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "{be}: by the first reply");
+            }
+        }
+        let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+        assert_eq!(v, TC_ACT_OK, "{be}");
+        assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+
+        // A later reply (no refresh of the established entries) is handled alike.
+        let data = Frame::tcp(sa(be), sa(POD_CLIENT), ACK | PSH).with_payload(b"HTTP/1.0 200");
+        for prog in &before {
+            assert_reply_passed_to_the_stack(&mut env, prog, &data.build());
+        }
+        let (v, out) = env.tc(names::PROG_TC_TO_POD, &data.build());
+        assert_eq!(v, TC_ACT_OK, "{be}");
+        assert_frame(&out, &data.clone().with_src(sa(CIP)));
+
+        let ct = env.maps.conntrack().unwrap();
+        assert_eq!(ct.len(), 1, "{be}");
+        assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "{be}");
+        let rn = env.maps.revnat().unwrap();
+        assert_eq!(rn.len(), 1, "{be}");
+        assert_eq!(rn[0].1.flags, rnat_flags::ESTABLISHED | rnat_flags::TO_POD, "{be}");
+        let passed = 2 * before.len() as u64;
+        assert_counts(
+            &env,
+            &[
+                (Reason::TranslatedNew, 1),
+                (Reason::PassReplyToPod, passed),
+                (Reason::ReplyTranslated, 2),
+            ],
+        );
     }
 }
 
@@ -655,14 +764,17 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
     let direct_syn = Frame::tcp(sa(POD_CLIENT), sa(BE1), SYN);
 
     // A live translated connection keeps its entries: a direct SYN from the same client port
-    // passes, and replies are still those of the translated connection.
+    // passes, and replies are still those of the translated connection (passed to the stack
+    // as the reply of a pod's connection, restored where they enter the client pod).
     let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
     assert_eq!(v, TC_ACT_OK);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &direct_syn);
-    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &syn_ack.build());
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
+    assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &syn_ack.clone().with_src(sa(CIP)));
 
     // The client closes it (RST), then opens a connection from the same port straight to the
@@ -689,6 +801,7 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
             (Reason::TranslatedNew, 1),
             (Reason::TranslatedEstablished, 1),
             (Reason::ReplyTranslated, 1),
+            (Reason::PassReplyToPod, 1),
             (Reason::PassNoService, 4),
             (Reason::PassStaleNatCleared, 1),
         ],
@@ -708,7 +821,8 @@ fn pin_thread_to_cpu0() {
 /// The fast path remembers a reverse-NAT miss per CPU (the ACK stream of a direct connection
 /// from a backend's port is looked up once per jiffy, not once per packet and hook). A new
 /// translated connection whose replies carry that tuple voids the remembered miss: its first
-/// reply is translated on every hook.
+/// reply is found on every hook, translated entering the client pod and passed to the stack as
+/// the reply of a pod's connection (`PassReplyToPod`, not a miss) before it.
 #[test]
 fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
     let h = std::thread::spawn(|| {
@@ -732,20 +846,19 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
                 assert_eq!(env.xdp(&ack.build()), (XDP_PASS, ack.build()));
             }
             // The client connects from that port to the ClusterIP (balanced to the same
-            // backend): the backend's SYN-ACK is a reply now, on every hook.
+            // backend): the backend's SYN-ACK is a reply now, on every hook (restored entering
+            // the client pod, passed to the stack before).
             let syn = Frame::tcp(client, sa(CIP), SYN);
             let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
             assert_eq!(v, TC_ACT_OK);
             assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
             let synack = Frame::tcp(sa(BE1), client, SYN | ACK);
-            for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
-                let (v, out) = env.tc(prog, &synack.build());
-                assert_eq!(v, TC_ACT_OK, "{prog}");
-                assert_frame(&out, &synack.clone().with_src(sa(CIP)));
-            }
-            let (v, out) = env.xdp(&synack.build());
-            assert_eq!(v, XDP_PASS);
+            let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+            assert_eq!(v, TC_ACT_OK);
             assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+            for prog in [names::PROG_TC_FROM_POD, names::PROG_XDP_EXT] {
+                assert_reply_passed_to_the_stack(&mut env, prog, &synack.build());
+            }
         }
         let n = u64::from(PORTS);
         assert_counts(
@@ -753,7 +866,8 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
             &[
                 (Reason::PassNoService, 6 * n),
                 (Reason::TranslatedNew, n),
-                (Reason::ReplyTranslated, 3 * n),
+                (Reason::ReplyTranslated, n),
+                (Reason::PassReplyToPod, 2 * n),
             ],
         );
     });
@@ -765,7 +879,8 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
 /// A remembered reverse-NAT miss holds for its exact reply tuple only: a backend address and
 /// port serving both TCP and UDP, a translated UDP connection, then plain TCP traffic with the
 /// same addresses and ports (its miss is remembered, in the same cache slot) and the UDP
-/// connection's reply, which must still be translated on every hook.
+/// connection's reply, which must still be found on every hook: translated entering the client
+/// pod, passed to the stack as the reply of a pod's connection (`PassReplyToPod`) before it.
 #[test]
 fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
     let h = std::thread::spawn(|| {
@@ -786,16 +901,16 @@ fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
             assert_frame(&out, &q.clone().with_dst(sa(BE1)));
             let ack = Frame::tcp(sa(BE1), client, ACK);
             let r = Frame::udp(sa(BE1), client, b"r");
-            for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
-                assert_eq!(env.tc(prog, &ack.build()), (TC_ACT_OK, ack.build()), "{prog}");
-                let (v, out) = env.tc(prog, &r.build());
-                assert_eq!(v, TC_ACT_OK, "{prog}");
-                assert_frame(&out, &r.clone().with_src(sa(CIP)));
-            }
-            assert_eq!(env.xdp(&ack.build()), (XDP_PASS, ack.build()));
-            let (v, out) = env.xdp(&r.build());
-            assert_eq!(v, XDP_PASS);
+            let to_pod = names::PROG_TC_TO_POD;
+            assert_eq!(env.tc(to_pod, &ack.build()), (TC_ACT_OK, ack.build()), "{to_pod}");
+            let (v, out) = env.tc(to_pod, &r.build());
+            assert_eq!(v, TC_ACT_OK, "{to_pod}");
             assert_frame(&out, &r.clone().with_src(sa(CIP)));
+            let from_pod = names::PROG_TC_FROM_POD;
+            assert_eq!(env.tc(from_pod, &ack.build()), (TC_ACT_OK, ack.build()), "{from_pod}");
+            assert_reply_passed_to_the_stack(&mut env, from_pod, &r.build());
+            assert_eq!(env.xdp(&ack.build()), (XDP_PASS, ack.build()));
+            assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &r.build());
         }
         let n = u64::from(PORTS);
         assert_counts(
@@ -803,7 +918,8 @@ fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
             &[
                 (Reason::PassNoService, 3 * n),
                 (Reason::TranslatedNew, n),
-                (Reason::ReplyTranslated, 3 * n),
+                (Reason::ReplyTranslated, n),
+                (Reason::PassReplyToPod, 2 * n),
             ],
         );
     });
@@ -821,23 +937,40 @@ fn clusterip_udp_forward_and_reply_with_and_without_checksum() {
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &q.clone().with_dst(sa("198.18.100.11:53")));
+    // The answer leaves the backend's pod untouched (the reply of a pod's connection) and is
+    // restored where it enters the client pod.
     let r = Frame::udp(sa("198.18.100.11:53"), sa(POD_CLIENT), b"answer");
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &r.build());
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r.build());
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &r.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &r.clone().with_src(sa("198.19.0.53:53")));
 
-    // UDP without checksum stays without (XDP path: reply from a remote backend).
+    // UDP without checksum stays without: passed by XDP (reply from a remote backend) and
+    // kp_tc_from_pod as it is, restored without checksum by kp_tc_to_pod...
     let mut r0 = r.clone();
     if let L4::Udp { no_checksum, .. } = &mut r0.l4 {
         *no_checksum = true;
     }
-    let (v, out) = env.xdp(&r0.build());
-    assert_eq!(v, XDP_PASS);
-    assert_frame(&out, &r0.clone().with_src(sa("198.19.0.53:53")));
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &r0.build());
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &r0.build());
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r0.build());
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &r0.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &r0.clone().with_src(sa("198.19.0.53:53")));
-    assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 3)]);
+    // ...and translated without by XDP: a query from an external client to a NodePort of the
+    // same (local) backend.
+    let np = format!("{NODE_IP}:30053");
+    env.service(&np, proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 2);
+    let mut q0 = Frame::udp(sa(CLIENT), sa(&np), b"query");
+    if let L4::Udp { no_checksum, .. } = &mut q0.l4 {
+        *no_checksum = true;
+    }
+    let (v, out) = env.xdp(&q0.build());
+    assert_eq!(v, XDP_PASS);
+    assert_frame(&out, &q0.clone().with_dst(sa("198.18.100.11:53")));
+    assert_counts(
+        &env,
+        &[(Reason::TranslatedNew, 2), (Reason::ReplyTranslated, 2), (Reason::PassReplyToPod, 3)],
+    );
 }
 
 #[test]
@@ -1861,10 +1994,14 @@ fn icmp_errors_about_translated_connections_are_translated() {
     quote[26..28].copy_from_slice(&dnat[14 + 26..14 + 28]);
     assert_frame(&out, &icmp_error(*sa(svc).ip(), *sa(POD_CLIENT).ip(), 3, &quote));
 
-    // A reply reaches a client whose socket is gone: its "port unreachable" about the reply
-    // goes to the backend, quoting the reply as the backend sent it.
+    // A reply reaches a client whose socket is gone (passed to the stack as the backend sent
+    // it, restored entering the client pod): its "port unreachable" about the reply goes to
+    // the backend, quoting the reply as the backend sent it.
     let r = Frame::udp(sa(be), sa(POD_CLIENT), b"answer");
-    let (_, restored) = env.tc(names::PROG_TC_FROM_POD, &r.build());
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r.build());
+    let (v, restored) = env.tc(names::PROG_TC_TO_POD, &r.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&restored, &r.clone().with_src(sa(svc)));
     let err = icmp_error(*sa(POD_CLIENT).ip(), *sa(svc).ip(), 3, &restored[14..42]);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
     assert_eq!(v, TC_ACT_OK);
@@ -1884,6 +2021,7 @@ fn icmp_errors_about_translated_connections_are_translated() {
         &[
             (Reason::TranslatedNew, 1),
             (Reason::ReplyTranslated, 1),
+            (Reason::PassReplyToPod, 1),
             (Reason::IcmpErrorTranslated, 2),
             (Reason::PassUnsupportedProto, 1),
         ],
@@ -2337,15 +2475,19 @@ fn fragmented_datagrams_follow_their_first_fragment() {
     assert_eq!(v, TC_ACT_OK);
     assert_eq!(out, later_fragment(*sa(POD_CLIENT).ip(), *sa(be).ip(), 0x0101, 17, b"the rest"));
 
-    // A large answer from the backend, fragmented by its kernel: both fragments restored.
+    // A large answer from the backend, fragmented by its kernel: both fragments leave the
+    // backend's pod as they are (the reply of a pod's connection, for the stack) and both are
+    // restored entering the client pod.
     let mut rfirst = Frame::udp(sa(be), sa(POD_CLIENT), b"answer, part one");
     rfirst.frag = 0x2000;
     rfirst.id = 0x0202;
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rfirst.build());
+    let rrest = later_fragment(*sa(be).ip(), *sa(POD_CLIENT).ip(), 0x0202, 17, b"part two");
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &rfirst.build());
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &rrest);
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &rfirst.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &rfirst.clone().with_src(sa(svc)));
-    let rrest = later_fragment(*sa(be).ip(), *sa(POD_CLIENT).ip(), 0x0202, 17, b"part two");
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rrest);
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &rrest);
     assert_eq!(v, TC_ACT_OK);
     assert_eq!(out, later_fragment(*sa(svc).ip(), *sa(POD_CLIENT).ip(), 0x0202, 17, b"part two"));
     assert_counts(
@@ -2354,6 +2496,7 @@ fn fragmented_datagrams_follow_their_first_fragment() {
             (Reason::TranslatedNew, 1),
             (Reason::TranslatedEstablished, 1),
             (Reason::ReplyTranslated, 2),
+            (Reason::PassReplyToPod, 2),
         ],
     );
 }
@@ -2756,7 +2899,7 @@ fn closed_service_addresses_reject_unknown_ports_and_unallocated_ips_drop() {
 
 /// Two live connections from one client address and port through two frontends to one backend:
 /// the second gets another source port, so that both replies are restored to their own
-/// frontend (the reply tuple would otherwise be the same).
+/// frontend where they enter the client pod (the reply tuple would otherwise be the same).
 #[test]
 fn one_client_port_through_two_frontends_to_one_backend() {
     let mut env = Env::new();
@@ -2780,12 +2923,18 @@ fn one_client_port_through_two_frontends_to_one_backend() {
     let data2 = Frame::tcp(sa(POD_CLIENT), sa(cip2), ACK).with_payload(b"two");
     let (_, out) = env.tc(names::PROG_TC_FROM_POD, &data2.build());
     assert_frame(&out, &data2.clone().with_src(client2).with_dst(sa(BE1)));
-    // Each reply is restored to its own frontend and the client's own port.
+    // Each reply leaves the backend's pod as it is (for the stack) and is restored to its own
+    // frontend and the client's own port where it enters the client pod.
     let r1 = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
-    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &r1.build());
-    assert_frame(&out, &r1.clone().with_src(sa(CIP)));
     let r2 = Frame::tcp(sa(BE1), client2, SYN | ACK);
-    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &r2.build());
+    for r in [&r1, &r2] {
+        assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r.build());
+    }
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &r1.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &r1.clone().with_src(sa(CIP)));
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &r2.build());
+    assert_eq!(v, TC_ACT_OK);
     assert_frame(&out, &r2.clone().with_src(sa(cip2)).with_dst(sa(POD_CLIENT)));
     // A new connection on the first tuple (SYN again after a reset) keeps its own port.
     let rst = Frame::tcp(sa(POD_CLIENT), sa(CIP), RST);
@@ -2798,6 +2947,7 @@ fn one_client_port_through_two_frontends_to_one_backend() {
             (Reason::TranslatedNew, 3),
             (Reason::TranslatedEstablished, 2),
             (Reason::ReplyTranslated, 2),
+            (Reason::PassReplyToPod, 2),
         ],
     );
 }

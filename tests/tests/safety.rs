@@ -4,7 +4,8 @@
 //! flows leave a backend that stops serving while TCP connections stay, an agent with empty
 //! maps bootstraps through the API server's real address, ServiceCIDR objects guard their
 //! networks, two connections from one client port through two ClusterIPs to one backend both
-//! work, and a node address used as an externalIP keeps its other ports for the node.
+//! work, a node address used as an externalIP keeps its other ports for the node, and a node
+//! firewall that drops invalid packets does not break ClusterIPs.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
@@ -421,6 +422,62 @@ fn one_client_port_through_two_cluster_ips_to_one_backend() {
         assert_eq!(a.client_addr, r1.client_addr, "round {round}");
         assert_eq!(b.client_addr, r2.client_addr, "round {round}");
     }
+}
+
+/// A node whose firewall drops what its netfilter conntrack finds invalid (`ct state invalid
+/// drop` in the forward hook, as distributions' rule sets and CNIs' `--ctstate INVALID -j DROP`
+/// do) keeps serving ClusterIPs to its pods, with remote and local backends, TCP and UDP, and
+/// counts nothing invalid: the replies cross the node's stack as the backend sent them (the
+/// stack's conntrack sees one connection, pod ↔ backend, in both directions) and are
+/// translated back where they enter the client's pod. Translated before the stack, every reply
+/// (frontend → pod) was invalid to it and dropped there.
+#[test]
+fn a_firewall_dropping_invalid_packets_keeps_cluster_ips_working() {
+    let mut s = Setup::new("ctinvalid");
+    let node0 = s.lab.node(0).ns.clone();
+    for argv in [
+        &["nft", "add", "table", "inet", "kpfw"][..],
+        &[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "kpfw",
+            "filter",
+            "{ type filter hook forward priority 0; }",
+        ],
+        &[
+            "nft", "add", "rule", "inet", "kpfw", "filter", "ct", "state", "invalid", "counter",
+            "drop",
+        ],
+    ] {
+        lab::exec(&node0, argv).expect("node firewall");
+    }
+    s.start_manifest_agents(&[]);
+    let ports = vec![Port::tcp("http", 80, SERVER_PORT), Port::udp("udp", 81, SERVER_PORT)];
+    let remote = Service::cluster_ip("remote", VIP, ports.clone());
+    let local = Service::cluster_ip("local", VIP2, ports);
+    s.put(&remote, vec![s.ep(1, 0)]);
+    s.put(&local, vec![s.ep(0, 1)]);
+    let client = s.pod_ns(0, 0);
+    wait_served_by(&client, VIP, 80, &["node-1-pod-0"]);
+    wait_served_by(&client, VIP2, 80, &["node-0-pod-1"]);
+    for (vip, pod) in [(VIP, "node-1-pod-0"), (VIP2, "node-0-pod-1")] {
+        assert_served_by(&client, vip, 80, &[pod], "TCP through the node's firewall");
+        let (mut conn, _) = TcpSession::connect_from(&client, None, vip, 80, T).expect("connect");
+        for round in 0..5 {
+            let r = conn.request().unwrap_or_else(|e| panic!("{vip} round {round}: {e}"));
+            assert_eq!(r.server_pod, pod);
+        }
+        for _ in 0..3 {
+            let r = udp_request(&client, vip, 81, T).expect("UDP through the node's firewall");
+            assert_eq!(r.server_pod, pod);
+        }
+    }
+    let rules =
+        lab::exec(&node0, &["nft", "list", "chain", "inet", "kpfw", "filter"]).expect("nft");
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(rules.contains("counter packets 0 bytes 0 drop"), "invalid packets:\n{rules}");
 }
 
 /// A 50 MB manifest is refused unread with one short message, a huge bad value is quoted short,

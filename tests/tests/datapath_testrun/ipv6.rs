@@ -97,6 +97,11 @@ fn ipv6_maps_are_pinned_with_the_ipv4_ones() {
     assert!(BpfDataplane::open(&env.dir).unwrap().has_ipv6());
 }
 
+/// A pod's connection to an IPv6 ClusterIP with a local backend: the pod's packets go to the
+/// backend (destination rewritten in `kp_tc_from_pod`); the backend's replies cross the node's
+/// stack untouched, wherever they come in (`PassReplyToPod`, see `rnat_flags::TO_POD`), and
+/// are restored to come from the ClusterIP only where they enter the client pod
+/// (`kp_tc_to_pod`).
 #[test]
 fn ipv6_clusterip_tcp_forward_and_reply() {
     let mut env = Env::new();
@@ -115,23 +120,26 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &data.clone().with_dst(sa6(BE6_1)));
 
-    // The reply leaving the backend pod, entering the client pod and arriving from a remote
-    // node (XDP): source becomes the ClusterIP.
+    // The reply of the pod's connection leaving the (local) backend's pod (`kp_tc_from_pod`) or
+    // arriving from a remote node (`kp_tc_ext`, XDP) goes to the node's stack untouched
+    // (`PassReplyToPod`), so that the stack's conntrack sees backend → pod; entering the client
+    // pod (`kp_tc_to_pod`) its source becomes the ClusterIP.
     let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
     let want = synack.clone().with_src(sa6(CIP6));
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
-    assert_eq!(v, TC_ACT_OK);
-    assert_frame6(&out, &want);
+    for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_EXT] {
+        let (v, out) = env.tc(prog, &synack.build());
+        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "{prog}: to the stack untouched");
+        let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+        assert_eq!(v, TC_ACT_OK);
+        assert_frame6(&out, &want);
+    }
+    // XDP passes it untouched too and tells TC it is done (the metadata mark, since Linux
+    // 5.16).
+    let (v, out, marked) = env.xdp_meta(&synack.build());
+    assert_eq!((v, out), (XDP_PASS, synack.build()), "XDP: to the stack untouched");
+    assert!(marked || !kernel_at_least(5, 16), "XDP tells TC it is done");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
     assert_eq!(v, TC_ACT_OK);
-    assert_frame6(&out, &want);
-    let (v, out) = env.tc(names::PROG_TC_EXT, &synack.build());
-    assert_eq!(v, TC_ACT_OK);
-    assert_frame6(&out, &want);
-    // XDP restores it too and tells TC it is done (the metadata mark, since Linux 5.16).
-    let (v, out, marked) = env.xdp_meta(&synack.build());
-    assert_eq!(v, XDP_PASS);
-    assert!(marked || !kernel_at_least(5, 16), "XDP tells TC it is done");
     assert_frame6(&out, &want);
 
     let ct = env.maps.conntrack6().unwrap();
@@ -144,15 +152,18 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
         &[
             (Reason::TranslatedNew, 1),
             (Reason::TranslatedEstablished, 1),
-            (Reason::ReplyTranslated, 4),
+            (Reason::PassReplyToPod, 3),
+            (Reason::ReplyTranslated, 3),
         ],
     );
 }
 
 /// A pod's SYN straight to a backend from the client port of a translated connection: passed
-/// untouched while that connection lives (its replies still restored), and once it is closed
-/// the stale entries go (the fast path finds the reverse-NAT entry and leaves it to the slow
-/// path), so that the backend's replies reach the client as sent.
+/// untouched while that connection lives (its replies still those of the translated
+/// connection: passed to the stack untouched by the backend's hook, `PassReplyToPod`, and
+/// restored where they enter the client pod), and once it is closed the stale entries go (the
+/// fast path finds the reverse-NAT entry and leaves it to the slow path), so that the backend's
+/// replies reach the client as sent, restored nowhere.
 #[test]
 fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
     let mut env = Env::new();
@@ -167,7 +178,10 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &direct_syn);
-    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
+    assert_eq!((v, out), (TC_ACT_OK, syn_ack.build()), "to the stack untouched");
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
+    assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &syn_ack.clone().with_src(sa6(CIP6)));
 
     let rst = Frame6::tcp(sa6(POD6), sa6(CIP6), RST | ACK);
@@ -177,16 +191,20 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
     assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &direct_syn);
     assert!(env.maps.conntrack6().unwrap().is_empty(), "stale connection entry left");
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
-    assert_eq!(v, TC_ACT_OK);
-    assert_frame6(&out, &syn_ack);
+    assert!(env.maps.revnat6().unwrap().is_empty(), "stale reverse-NAT entry left");
+    for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
+        let (v, out) = env.tc(prog, &syn_ack.build());
+        assert_eq!(v, TC_ACT_OK, "{prog}");
+        assert_frame6(&out, &syn_ack);
+    }
     assert_counts6(
         &env,
         &[
             (Reason::TranslatedNew, 1),
             (Reason::TranslatedEstablished, 1),
+            (Reason::PassReplyToPod, 1),
             (Reason::ReplyTranslated, 1),
-            (Reason::PassNoService, 2),
+            (Reason::PassNoService, 3),
             (Reason::PassStaleNatCleared, 1),
         ],
     );
@@ -196,8 +214,9 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
 /// stable kernels have it) the agent says so (`cfg_flags::NO_L4_CSUM_IPV6`) and TC calls the
 /// helper without the flag straight away: the same translations, checksums checked by
 /// independent code, TCP and UDP (whose zero checksum the helper must leave alone), original
-/// direction and replies. (The kernel matrix runs this file on 5.10, where the other tests take
-/// the refused call and the second one, and on 6.1 and 6.12, where they take the flag.)
+/// direction and replies (restored where they enter the client pod, passed untouched before).
+/// (The kernel matrix runs this file on 5.10, where the other tests take the refused call and
+/// the second one, and on 6.1 and 6.12, where they take the flag.)
 #[test]
 fn ipv6_translation_without_the_checksum_helpers_ipv6_flag() {
     let mut env = Env::new();
@@ -216,9 +235,13 @@ fn ipv6_translation_without_the_checksum_helpers_ipv6_flag() {
         assert_eq!(v, TC_ACT_OK);
         assert_frame6(&out, &f.clone().with_dst(sa6(BE6_1)));
     }
+    // The reply crosses the node's stack untouched (`PassReplyToPod`) and is restored where it
+    // enters the client pod.
     let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
-    for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD, names::PROG_TC_EXT] {
+    for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_EXT] {
         let (v, out) = env.tc(prog, &synack.build());
+        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "{prog}: to the stack untouched");
+        let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
         assert_eq!(v, TC_ACT_OK);
         assert_frame6(&out, &synack.clone().with_src(sa6(CIP6)));
     }
@@ -232,10 +255,21 @@ fn ipv6_translation_without_the_checksum_helpers_ipv6_flag() {
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &a.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &a.clone().with_src(sa6(DNS6)));
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 2),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::PassReplyToPod, 2),
+            (Reason::ReplyTranslated, 3),
+        ],
+    );
 }
 
 /// Hop-by-hop and destination options in front of the L4 header: the ports are found behind
-/// them and the translation leaves them in place.
+/// them and the translation leaves them in place, in the query leaving the pod and in the
+/// answer, which the backend's hook finds the connection of (`PassReplyToPod`: to the stack
+/// untouched) and `kp_tc_to_pod` restores.
 #[test]
 fn ipv6_extension_headers_are_parsed() {
     let mut env = Env::new();
@@ -249,9 +283,14 @@ fn ipv6_extension_headers_are_parsed() {
 
     let r = Frame6::udp(sa6("[2001:2:100::11]:5353"), sa6(POD6), b"answer").with_ext(ext);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &r.build());
+    assert_eq!((v, out), (TC_ACT_OK, r.build()), "to the stack untouched");
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &r.build());
     assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &r.clone().with_src(sa6(DNS6)));
-    assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 1)]);
+    assert_counts6(
+        &env,
+        &[(Reason::TranslatedNew, 1), (Reason::PassReplyToPod, 1), (Reason::ReplyTranslated, 1)],
+    );
 }
 
 /// A fragmented datagram: the first fragment is translated by its ports and the later one
@@ -624,9 +663,10 @@ fn quote_of_ext(orig: &[u8], seen: &[u8], ext: usize, csum_at: usize) -> Vec<u8>
     q
 }
 
-/// ICMPv6 errors about translated connections are translated both ways, with the outer
-/// ICMPv6 checksum (over the pseudo-header and the whole rewritten quote) checked by
-/// independent code.
+/// ICMPv6 errors about translated connections are translated both ways by the hook of the pod
+/// that sends them, with the outer ICMPv6 checksum (over the pseudo-header and the whole
+/// rewritten quote) checked by independent code. (The reply an error is about crosses the
+/// node's stack untouched, `PassReplyToPod`, and is restored where it enters the client pod.)
 #[test]
 fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     let mut env = Env::new();
@@ -649,10 +689,13 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
 
     // A reply reaches a client whose socket is gone: its "port unreachable" about the reply
     // (from the service address) goes to the backend, quoting the reply as the backend sent
-    // it.
+    // it. (The reply crosses the node's stack untouched and is restored entering the pod.)
     let r = Frame6::udp(sa6(be_dns), sa6(POD6), b"answer");
     let rb = r.build();
-    let (_, restored) = env.tc(names::PROG_TC_FROM_POD, &rb);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rb);
+    assert_eq!((v, out), (TC_ACT_OK, rb.clone()), "to the stack untouched");
+    let (v, restored) = env.tc(names::PROG_TC_TO_POD, &rb);
+    assert_eq!(v, TC_ACT_OK);
     assert_frame6(&restored, &r.clone().with_src(sa6(DNS6)));
     let err = icmp6_error(&pod_ip, &svc_ip, 1, 4, 0, &restored[14..]);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
@@ -680,6 +723,7 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
         &env,
         &[
             (Reason::TranslatedNew, 2),
+            (Reason::PassReplyToPod, 1),
             (Reason::ReplyTranslated, 1),
             (Reason::IcmpErrorTranslated, 3),
             (Reason::PassUnsupportedProto, 1),
@@ -1100,17 +1144,46 @@ fn ipv6_not_ready_passes_everything() {
     assert_counts6(&env, &[(Reason::PassNotReady, 3)]);
 }
 
-/// An IPv6 packet entering a pod from a device carrying kproxy's programs passes untouched,
-/// counted in the IPv6 counters (see `to_pod_passes_what_a_hooked_device_translated`).
+/// `kp_tc_to_pod` for IPv6 (see `to_pod_passes_what_a_hooked_device_translated`): the replies
+/// of pods' connections cross the node's stack untranslated (`PassReplyToPod`) and are restored
+/// here whatever device they came in on (a hooked one included), with eBPF host routing too:
+/// IPv6 has no host routing, so the early exit for what a hooked device translated is IPv4's
+/// alone (with it, an IPv6 reply would reach the pod with the backend's address).
 #[test]
-fn ipv6_to_pod_passes_what_a_hooked_device_translated() {
+fn ipv6_replies_to_pods_are_restored_in_to_pod_with_and_without_host_routing() {
     if skip_without_ingress_device() {
         return;
     }
     let mut env = Env::new();
-    env.dp().set_hook_devs(&[7].into()).unwrap();
-    let f = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK).build();
-    assert_eq!(env.tc_from(names::PROG_TC_TO_POD, &f, 7), (TC_ACT_OK, f));
-    env.dp().set_hook_devs(&Default::default()).unwrap();
-    assert_counts6(&env, &[(Reason::PassTranslatedUpstream, 1)]);
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
+    let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
+    let restored = synack.clone().with_src(sa6(CIP6));
+
+    const HOOKED: u32 = 7;
+    env.dp().set_hook_devs(&[HOOKED].into()).unwrap();
+    let sources = [("a hooked device", HOOKED), ("the node itself", 0), ("elsewhere", 8)];
+    for host_routing in [false, true] {
+        if host_routing {
+            let cfg = env.maps.config().unwrap();
+            let flags = cfg.flags | cfg_flags::HOST_ROUTING;
+            env.maps.set_config(&NodeConfig { flags, ..cfg }).unwrap();
+        }
+        // The local backend's reply leaves its veth untouched, for the stack.
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "host routing {host_routing}");
+        for (what, iif) in sources {
+            let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), iif);
+            assert_eq!(v, TC_ACT_OK, "{what}, host routing {host_routing}");
+            assert_frame6(&out, &restored);
+        }
+    }
+    assert_counts6(
+        &env,
+        &[(Reason::TranslatedNew, 1), (Reason::PassReplyToPod, 2), (Reason::ReplyTranslated, 6)],
+    );
 }

@@ -142,6 +142,9 @@ pub fn reset(l: &mut Loaded) {
         "a shared datapath was attached to a device ({}): such a test loads its own",
         v1.display()
     );
+    // The loader writes only the slots of `kp_hookdevs` that differ from its last call: emptied
+    // through it, so that it forgets what an earlier test recorded (the map is zeroed below).
+    l.dp.set_hook_devs(&Default::default()).expect("hook devices emptied");
     let mut ids = BTreeSet::new();
     for name in programs() {
         let p = l.dp.program_mut(name).unwrap_or_else(|| panic!("program {name} missing"));
