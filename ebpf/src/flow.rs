@@ -283,6 +283,9 @@ fn run_icmp<P: Packet>(c: &mut P, hook: Hook) -> Out {
         && let Some(plan) =
             icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, ktime())
     {
+        if plan.to_pod {
+            return Ok((Verdict::PASS, Reason::PassReplyToPod));
+        }
         let inner = Some((&i, &plan.inner));
         let reason = Reason::IcmpErrorTranslated;
         return deliver_with(c, &p, &plan.outer, inner, plan.to, reason, ktime());

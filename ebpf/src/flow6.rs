@@ -362,6 +362,9 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
     if let Some(mut i) = icmp6::parse(c, &p)
         && let Some(plan) = icmp6::plan(&p, &i, &cfg6, hook.external(), hook == Hook::FromPod, now)
     {
+        if plan.to_pod {
+            return Ok((Verdict::PASS, Reason::PassReplyToPod));
+        }
         if P::XDP {
             if i.l4 != XDP_ICMP_L4 + 8 + HDR {
                 return Ok((Verdict::PASS, Reason::XdpPassToTc));

@@ -6,7 +6,7 @@
 //! Checksums: each inner address change is paired with its inner IP header checksum, which
 //! leaves the ICMP checksum unchanged; inner port changes update the ICMP checksum. The inner
 //! TCP/UDP checksum is left alone (receivers do not check it in quoted headers).
-use kproxy_common::{NodeConfig, Reason, backend_flags, ct_flags, proto};
+use kproxy_common::{NodeConfig, Reason, backend_flags, cfg_flags, ct_flags, proto, rnat_flags};
 
 use crate::{
     ct,
@@ -92,6 +92,10 @@ pub struct Plan {
     pub inner: Nat,
     /// Where the translated error goes.
     pub to: To,
+    /// About a connection of a pod of this node whose error would cross the node's stack: left
+    /// untouched for `kp_topod_icmp`, which translates it where it enters the pod, as the
+    /// connection's replies (`rnat_flags::TO_POD`).
+    pub to_pod: bool,
 }
 
 /// Finds the connection an error is about. `external`: the hook is on an external device;
@@ -125,6 +129,10 @@ pub fn plan(
         } else {
             To::Stack
         };
+        let to_pod = (external || from_pod)
+            && to == To::Stack
+            && rn.flags & rnat_flags::TO_POD != 0
+            && cfg.flags & cfg_flags::HOST_ROUTING == 0;
         return Some(Plan {
             outer: Nat {
                 saddr: if p.saddr == i.daddr { rn.frontend_addr } else { p.saddr },
@@ -139,6 +147,7 @@ pub fn plan(
                 dport: rn.frontend_port,
             },
             to,
+            to_pod,
         });
     }
     // About a reply (quoted: frontend → client); the error travels to the backend.
@@ -169,6 +178,7 @@ pub fn plan(
             dport: if snat { e.snat_port } else { i.dport },
         },
         to,
+        to_pod: false,
     })
 }
 

@@ -8,7 +8,7 @@
 //! Checksums: the ICMPv6 checksum covers the outer pseudo-header and the whole quote, so every
 //! outer address, quoted address and quoted port change updates it. The quoted TCP/UDP checksum
 //! is left alone (receivers do not check it in quoted headers).
-use kproxy_common::{Addr6, NodeConfig6, Reason, backend_flags, ct_flags, proto};
+use kproxy_common::{Addr6, NodeConfig6, Reason, backend_flags, ct_flags, proto, rnat_flags};
 
 use crate::{
     ct6, lb6,
@@ -116,6 +116,10 @@ pub struct Plan6 {
     pub inner: Nat6,
     /// Where the translated error goes.
     pub to: To,
+    /// About a connection of a pod of this node whose error would cross the node's stack: left
+    /// untouched for `kp_topod_icmp` (IPv6 has no host routing), which translates it where it enters the pod, as the
+    /// connection's replies (`rnat_flags::TO_POD`).
+    pub to_pod: bool,
 }
 
 /// Finds the connection an error is about (see [`crate::icmp::plan`]).
@@ -152,6 +156,8 @@ pub fn plan(
         } else {
             To::Stack
         };
+        let to_pod =
+            (external || from_pod) && to == To::Stack && rn.flags & rnat_flags::TO_POD != 0;
         return Some(Plan6 {
             outer: Nat6 {
                 saddr: if p.saddr == i.daddr { rn.frontend_addr } else { p.saddr },
@@ -166,6 +172,7 @@ pub fn plan(
                 dport: rn.frontend_port,
             },
             to,
+            to_pod,
         });
     }
     // About a reply (quoted: frontend → client); the error travels to the backend.
@@ -196,6 +203,7 @@ pub fn plan(
             dport: if snat { e.snat_port } else { i.dport },
         },
         to,
+        to_pod: false,
     })
 }
 

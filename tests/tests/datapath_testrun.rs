@@ -1984,9 +1984,12 @@ fn icmp_errors_about_translated_connections_are_translated() {
     let qb = q.build();
     let (_, dnat) = env.tc(names::PROG_TC_FROM_POD, &qb);
 
-    // The backend answers "port unreachable", quoting the query as it received it.
+    // The backend answers "port unreachable", quoting the query as it received it: the
+    // error leaves the backend's veth untouched, for the stack (whose conntrack relates it to
+    // the pod ↔ backend connection), and is translated where it enters the client pod.
     let err = icmp_error(*sa(be).ip(), *sa(POD_CLIENT).ip(), 3, &dnat[14..42]);
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &err.build());
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &err.build());
     assert_eq!(v, TC_ACT_OK);
     // The client sees it from the ClusterIP, about the query it sent (the quoted UDP checksum
     // is left as the backend saw it).
@@ -2021,7 +2024,7 @@ fn icmp_errors_about_translated_connections_are_translated() {
         &[
             (Reason::TranslatedNew, 1),
             (Reason::ReplyTranslated, 1),
-            (Reason::PassReplyToPod, 1),
+            (Reason::PassReplyToPod, 2),
             (Reason::IcmpErrorTranslated, 2),
             (Reason::PassUnsupportedProto, 1),
         ],

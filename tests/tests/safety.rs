@@ -14,7 +14,7 @@ use std::{
 
 use kproxy_tests::{
     apiserver::{ApiServer, Binder, KubeConfigFile},
-    client::{TcpSession, tcp_request, udp_request, udp_request_here},
+    client::{RequestError, TcpSession, tcp_request, udp_request, udp_request_here},
     lab::{self, Agent, AgentOpts, CLIENT_IP, Lab, LabSpec, SERVER_PORT, Wiring},
     manifests::{Endpoint, ManifestDir, Port, Service, Slice, SvcType},
 };
@@ -426,8 +426,8 @@ fn one_client_port_through_two_cluster_ips_to_one_backend() {
 
 /// A node whose firewall drops what its netfilter conntrack finds invalid (`ct state invalid
 /// drop` in the forward hook, as distributions' rule sets and CNIs' `--ctstate INVALID -j DROP`
-/// do) keeps serving ClusterIPs to its pods, with remote and local backends, TCP and UDP, and
-/// counts nothing invalid: the replies cross the node's stack as the backend sent them (the
+/// do) keeps serving ClusterIPs to its pods, with remote and local backends, TCP, UDP and the
+/// backend's ICMP errors, and counts nothing invalid: the replies cross the node's stack as the backend sent them (the
 /// stack's conntrack sees one connection, pod ↔ backend, in both directions) and are
 /// translated back where they enter the client's pod. Translated before the stack, every reply
 /// (frontend → pod) was invalid to it and dropped there.
@@ -454,7 +454,12 @@ fn a_firewall_dropping_invalid_packets_keeps_cluster_ips_working() {
         lab::exec(&node0, argv).expect("node firewall");
     }
     s.start_manifest_agents(&[]);
-    let ports = vec![Port::tcp("http", 80, SERVER_PORT), Port::udp("udp", 81, SERVER_PORT)];
+    // Port 82 leads to a UDP port nothing listens on: the backend answers port unreachable.
+    let ports = vec![
+        Port::tcp("http", 80, SERVER_PORT),
+        Port::udp("udp", 81, SERVER_PORT),
+        Port::udp("closed", 82, 9),
+    ];
     let remote = Service::cluster_ip("remote", VIP, ports.clone());
     let local = Service::cluster_ip("local", VIP2, ports);
     s.put(&remote, vec![s.ep(1, 0)]);
@@ -473,6 +478,10 @@ fn a_firewall_dropping_invalid_packets_keeps_cluster_ips_working() {
             let r = udp_request(&client, vip, 81, T).expect("UDP through the node's firewall");
             assert_eq!(r.server_pod, pod);
         }
+        // The backend's ICMP error crosses the stack as it sent it too (related to the pod ↔
+        // backend connection) and reaches the client as a refusal, not a time-out.
+        let e = udp_request(&client, vip, 82, T).expect_err("nothing listens there");
+        assert!(matches!(e, RequestError::Refused), "{vip}:82: {e}");
     }
     let rules =
         lab::exec(&node0, &["nft", "list", "chain", "inet", "kpfw", "filter"]).expect("nft");

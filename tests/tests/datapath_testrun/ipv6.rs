@@ -663,10 +663,12 @@ fn quote_of_ext(orig: &[u8], seen: &[u8], ext: usize, csum_at: usize) -> Vec<u8>
     q
 }
 
-/// ICMPv6 errors about translated connections are translated both ways by the hook of the pod
-/// that sends them, with the outer ICMPv6 checksum (over the pseudo-header and the whole
-/// rewritten quote) checked by independent code. (The reply an error is about crosses the
-/// node's stack untouched, `PassReplyToPod`, and is restored where it enters the client pod.)
+/// ICMPv6 errors about translated connections are translated, with the outer ICMPv6 checksum
+/// (over the pseudo-header and the whole rewritten quote) checked by independent code: an error
+/// from the backend about a pod's query crosses the node's stack untouched (`PassReplyToPod`,
+/// as the connection's replies) and is translated where it enters the client pod; an error
+/// from the client pod about a reply is translated by its own hook. (The reply an error is
+/// about crosses the node's stack untouched and is restored where it enters the client pod.)
 #[test]
 fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     let mut env = Env::new();
@@ -682,8 +684,10 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     let be_ip = sa6(be_dns).ip().to_string();
     let pod_ip = sa6(POD6).ip().to_string();
     let svc_ip = sa6(DNS6).ip().to_string();
-    let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnat[14..]);
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnat[14..]).build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
+    assert_eq!((v, out), (TC_ACT_OK, err.clone()), "to the stack untouched");
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &err);
     assert_eq!(v, TC_ACT_OK);
     assert_frame6(&out, &icmp6_error(&svc_ip, &pod_ip, 1, 4, 0, &quote_of(&qb, &dnat, 6)));
 
@@ -708,8 +712,10 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
         .with_ext(vec![Ext::options(HOP_BY_HOP), Ext::options(DEST_OPTS)]);
     let qxb = qx.build();
     let (_, dnatx) = env.tc(names::PROG_TC_FROM_POD, &qxb);
-    let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnatx[14..]);
-    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
+    let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnatx[14..]).build();
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
+    assert_eq!((v, out), (TC_ACT_OK, err.clone()), "to the stack untouched");
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &err);
     assert_eq!(v, TC_ACT_OK);
     let want = quote_of_ext(&qxb, &dnatx, 16, 6);
     assert_frame6(&out, &icmp6_error(&svc_ip, &pod_ip, 1, 4, 0, &want));
@@ -723,7 +729,7 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
         &env,
         &[
             (Reason::TranslatedNew, 2),
-            (Reason::PassReplyToPod, 1),
+            (Reason::PassReplyToPod, 3),
             (Reason::ReplyTranslated, 1),
             (Reason::IcmpErrorTranslated, 3),
             (Reason::PassUnsupportedProto, 1),
@@ -732,9 +738,10 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
 }
 
 /// Path MTU discovery through a service: a router on the path to the backend answers a
-/// DNAT'ed segment with Packet Too Big. The client gets it about the segment it sent (to the
-/// service address), the router's address and the MTU kept; once translated, the pod's own
-/// hook leaves it alone.
+/// DNAT'ed segment with Packet Too Big. It crosses the node's stack untouched (`kp_tc_ext`
+/// passes it, `PassReplyToPod`, as the connection's replies) and the client gets it, where it
+/// enters the pod, about the segment it sent (to the service address), the router's address and
+/// the MTU kept; once translated, the pod's own hook leaves it alone.
 #[test]
 fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
     let mut env = Env::new();
@@ -751,11 +758,11 @@ fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
     let pod_ip = sa6(POD6).ip().to_string();
     let ptb = icmp6_error(router, &pod_ip, 2, 0, 1280, &dnat[14..]);
     let want = icmp6_error(router, &pod_ip, 2, 0, 1280, &quote_of(&db, &dnat, 16));
-    for prog in [names::PROG_TC_EXT, names::PROG_TC_TO_POD] {
-        let (v, out) = env.tc(prog, &ptb.build());
-        assert_eq!(v, TC_ACT_OK, "{prog}");
-        assert_frame6(&out, &want);
-    }
+    let (v, out) = env.tc(names::PROG_TC_EXT, &ptb.build());
+    assert_eq!((v, out), (TC_ACT_OK, ptb.build()), "to the stack untouched");
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &ptb.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame6(&out, &want);
     // Already translated (on the external device), it quotes no connection the pod's hook
     // knows: untouched.
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &want.build());
@@ -765,7 +772,8 @@ fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
         &[
             (Reason::TranslatedNew, 1),
             (Reason::TranslatedEstablished, 1),
-            (Reason::IcmpErrorTranslated, 2),
+            (Reason::PassReplyToPod, 1),
+            (Reason::IcmpErrorTranslated, 1),
             (Reason::PassUnsupportedProto, 1),
         ],
     );
