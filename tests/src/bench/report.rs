@@ -1039,7 +1039,7 @@ NodePort runs of {} ms.\n",
                 "xdp_pass_ns",
             ),
             (
-                "`kp_xdp_ext`, remote ClusterIP backend's reply to a pod",
+                "`kp_xdp_ext`, remote ClusterIP backend's reply to a pod (passed untouched)",
                 "xdp_cip_reply_ns",
                 "xdp_cip_reply6_ns",
                 "xdp_pass_ns",

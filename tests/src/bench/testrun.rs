@@ -69,9 +69,9 @@ pub struct Cost {
     pub to_pod_reply6_ns: f64,
     /// `kp_xdp_ext`, the IPv6 twin of [`Cost::xdp_reply_ns`].
     pub xdp_reply6_ns: f64,
-    /// `kp_xdp_ext`, a remote backend's reply to a pod's established ClusterIP flow, translated
-    /// and passed to the node's stack (the reply direction of the bench's remote ClusterIP
-    /// flow).
+    /// `kp_xdp_ext`, a remote backend's reply to a pod's established ClusterIP flow, found and
+    /// passed to the node's stack untouched (the reply direction of the bench's remote ClusterIP
+    /// flow; it is translated where it enters the pod, [`Cost::to_pod_reply_ns`]).
     pub xdp_cip_reply_ns: f64,
     /// `kp_xdp_ext`, the IPv6 twin of [`Cost::xdp_cip_reply_ns`].
     pub xdp_cip_reply6_ns: f64,
@@ -262,7 +262,7 @@ const XDP_PASS: u32 = 2;
 
 /// The frame of an XDP program's output: TEST_RUN returns the metadata in front of it (since
 /// Linux 5.16), where `kp_xdp_ext` leaves its 4-byte mark on a packet it passed after
-/// translating it.
+/// handling it (translated, or a pod's reply left for `kp_tc_to_pod`).
 fn frame(out: &[u8]) -> &[u8] {
     out.strip_prefix(b"KPX1").unwrap_or(out)
 }
@@ -570,19 +570,20 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
                 },
             ],
             // The same replies as they reach the client's node from the remote backend's node:
-            // XDP translates them and passes them to the stack.
+            // XDP finds their connection and passes them to the stack untouched (translated
+            // where they enter the pod, above).
             [
                 Case {
                     prog: xdp,
                     frame: &reply,
-                    what: "the backend's reply not translated in XDP",
-                    ok: &|v, o| v == XDP_PASS && frame(o).get(26..30) == Some(&cip4[..]),
+                    what: "the backend's reply not passed untouched by XDP",
+                    ok: &|v, o| v == XDP_PASS && frame(o).starts_with(&reply),
                 },
                 Case {
                     prog: xdp,
                     frame: &reply6,
-                    what: "the backend's IPv6 reply not translated in XDP",
-                    ok: &|v, o| v == XDP_PASS && frame(o).get(22..38) == Some(&cip6a[..]),
+                    what: "the backend's IPv6 reply not passed untouched by XDP",
+                    ok: &|v, o| v == XDP_PASS && frame(o).starts_with(&reply6),
                 },
             ],
             [
