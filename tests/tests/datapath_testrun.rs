@@ -644,26 +644,21 @@ fn pod_client_replies_are_translated_where_they_enter_the_pod() {
         if flags & backend_flags::LOCAL != 0 {
             before.push(names::PROG_TC_FROM_POD);
         }
+        // The SYN-ACK, then a later reply (no refresh of the established entries) alike.
         let synack = Frame::tcp(sa(be), sa(POD_CLIENT), SYN | ACK);
-        for (i, prog) in before.iter().enumerate() {
-            assert_reply_passed_to_the_stack(&mut env, prog, &synack.build());
-            if i == 0 {
-                let ct = env.maps.conntrack().unwrap();
-                assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "{be}: by the first reply");
-            }
-        }
-        let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-        assert_eq!(v, TC_ACT_OK, "{be}");
-        assert_frame(&out, &synack.clone().with_src(sa(CIP)));
-
-        // A later reply (no refresh of the established entries) is handled alike.
         let data = Frame::tcp(sa(be), sa(POD_CLIENT), ACK | PSH).with_payload(b"HTTP/1.0 200");
-        for prog in &before {
-            assert_reply_passed_to_the_stack(&mut env, prog, &data.build());
+        for (n, reply) in [synack, data].into_iter().enumerate() {
+            for (i, prog) in before.iter().enumerate() {
+                assert_reply_passed_to_the_stack(&mut env, prog, &reply.build());
+                if n == 0 && i == 0 {
+                    let ct = env.maps.conntrack().unwrap();
+                    assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "{be}: by the first reply");
+                }
+            }
+            let (v, out) = env.tc(names::PROG_TC_TO_POD, &reply.build());
+            assert_eq!(v, TC_ACT_OK, "{be}");
+            assert_frame(&out, &reply.clone().with_src(sa(CIP)));
         }
-        let (v, out) = env.tc(names::PROG_TC_TO_POD, &data.build());
-        assert_eq!(v, TC_ACT_OK, "{be}");
-        assert_frame(&out, &data.clone().with_src(sa(CIP)));
 
         let ct = env.maps.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "{be}");
