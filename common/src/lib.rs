@@ -1277,7 +1277,10 @@ reasons! {
     /// on the backend's veth, of remote ones on the external device): passed without a lookup.
     PassTranslatedUpstream = 30, "pass_translated_upstream", false;
     /// A reply of a connection from a pod of this node, passed untranslated to the node's stack:
-    /// translated where it enters the pod (`rnat_flags::TO_POD`).
+    /// translated where it enters the pod (`rnat_flags::TO_POD`). On an external device (without
+    /// eBPF host routing) every packet from a backend address and port to an address other than
+    /// the node's source-NAT address counts here, passed without a reverse-NAT lookup: the only
+    /// replies translated there are those to the source-NAT address.
     PassReplyToPod = 31, "pass_reply_to_pod", false;
 }
 

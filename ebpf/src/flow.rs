@@ -216,6 +216,14 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         if !orig && p.frag == Frag::First {
             ct::record_fragment(&p);
         }
+        if hook.external() && cfg.flags & cfg_flags::HOST_ROUTING == 0 && p.daddr != cfg.snat_addr {
+            // On an external device, only the replies to the node's source-NAT address are
+            // translated: the replies of pods' connections (every other reply that can come
+            // in here) cross the stack untouched and are translated where they enter the pod
+            // (`rnat_flags::TO_POD`), so they are passed without a lookup. With eBPF host
+            // routing they are translated here and delivered straight to the pod.
+            return Ok(Step::done(Verdict::PASS, Reason::PassReplyToPod));
+        }
         let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
         if let Some(rn) = ct::revnat_fast(&t) {
             return reply_translated(c, &p, &t, rn, &cfg, hook, coarse_now())

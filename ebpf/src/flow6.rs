@@ -211,6 +211,12 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         if !orig && p.frag == Frag::First {
             ct6::record_fragment(&p);
         }
+        if hook.external() && !maps6::is_snat_addr6(&p.daddr) {
+            // Only the replies to the node's source-NAT address are translated on an external
+            // device; the replies of pods' connections are passed without a lookup (see
+            // `flow::fast_path`; IPv6 has no eBPF host routing).
+            return Ok(done(Verdict::PASS, Reason::PassReplyToPod));
+        }
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
         if let Some(rnp) = ct6::revnat_ptr(&t) {
             let now = flow::coarse_now();

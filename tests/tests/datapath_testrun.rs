@@ -620,8 +620,9 @@ fn host_routing_leaves_replies_from_xdp_to_tc() {
 /// frontend only where they enter the client pod (`kp_tc_to_pod`). For a remote backend
 /// (replies arrive on the external device: XDP, or `kp_tc_ext` in TC-only mode) and a local one
 /// (replies also leave its veth: `kp_tc_from_pod`), every hook before the stack passes them
-/// untouched (`PassReplyToPod`) and keeps the connection's state: the first reply marks it
-/// established, and the flag survives the refresh.
+/// untouched (`PassReplyToPod`: the external device's without a lookup, as only replies to the
+/// node's source-NAT address are translated there) and the connection's state is kept: the
+/// first reply marks it established, and the flag survives the refresh.
 #[test]
 fn pod_client_replies_are_translated_where_they_enter_the_pod() {
     for (be, flags) in [(BE_REMOTE, 0), (BE1, backend_flags::LOCAL)] {
@@ -648,16 +649,16 @@ fn pod_client_replies_are_translated_where_they_enter_the_pod() {
         let synack = Frame::tcp(sa(be), sa(POD_CLIENT), SYN | ACK);
         let data = Frame::tcp(sa(be), sa(POD_CLIENT), ACK | PSH).with_payload(b"HTTP/1.0 200");
         for (n, reply) in [synack, data].into_iter().enumerate() {
-            for (i, prog) in before.iter().enumerate() {
+            for prog in &before {
                 assert_reply_passed_to_the_stack(&mut env, prog, &reply.build());
-                if n == 0 && i == 0 {
-                    let ct = env.maps.conntrack().unwrap();
-                    assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "{be}: by the first reply");
-                }
             }
             let (v, out) = env.tc(names::PROG_TC_TO_POD, &reply.build());
             assert_eq!(v, TC_ACT_OK, "{be}");
             assert_frame(&out, &reply.clone().with_src(sa(CIP)));
+            if n == 0 {
+                let ct = env.maps.conntrack().unwrap();
+                assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "{be}: by the first reply");
+            }
         }
 
         let ct = env.maps.conntrack().unwrap();
@@ -796,8 +797,9 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
             (Reason::TranslatedNew, 1),
             (Reason::TranslatedEstablished, 1),
             (Reason::ReplyTranslated, 1),
-            (Reason::PassReplyToPod, 1),
-            (Reason::PassNoService, 4),
+            // The last SYN-ACK on the external device: passed without a lookup.
+            (Reason::PassReplyToPod, 2),
+            (Reason::PassNoService, 3),
             (Reason::PassStaleNatCleared, 1),
         ],
     );
@@ -816,8 +818,9 @@ fn pin_thread_to_cpu0() {
 /// The fast path remembers a reverse-NAT miss per CPU (the ACK stream of a direct connection
 /// from a backend's port is looked up once per jiffy, not once per packet and hook). A new
 /// translated connection whose replies carry that tuple voids the remembered miss: its first
-/// reply is found on every hook, translated entering the client pod and passed to the stack as
-/// the reply of a pod's connection (`PassReplyToPod`, not a miss) before it.
+/// reply is found on the pods' hooks, translated entering the client pod and passed to the
+/// stack as the reply of a pod's connection (`PassReplyToPod`, not a miss) before it (the
+/// external device passes traffic to pods without a lookup).
 #[test]
 fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
     let h = std::thread::spawn(|| {
@@ -859,10 +862,11 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
         assert_counts(
             &env,
             &[
-                (Reason::PassNoService, 6 * n),
+                // The external device passes the plain traffic without a lookup too.
+                (Reason::PassNoService, 4 * n),
                 (Reason::TranslatedNew, n),
                 (Reason::ReplyTranslated, n),
-                (Reason::PassReplyToPod, 2 * n),
+                (Reason::PassReplyToPod, 4 * n),
             ],
         );
     });
@@ -874,8 +878,9 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
 /// A remembered reverse-NAT miss holds for its exact reply tuple only: a backend address and
 /// port serving both TCP and UDP, a translated UDP connection, then plain TCP traffic with the
 /// same addresses and ports (its miss is remembered, in the same cache slot) and the UDP
-/// connection's reply, which must still be found on every hook: translated entering the client
-/// pod, passed to the stack as the reply of a pod's connection (`PassReplyToPod`) before it.
+/// connection's reply, which must still be found on the pods' hooks: translated entering the
+/// client pod, passed to the stack as the reply of a pod's connection (`PassReplyToPod`) before
+/// it (the external device passes traffic to pods without a lookup).
 #[test]
 fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
     let h = std::thread::spawn(|| {
@@ -911,10 +916,11 @@ fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
         assert_counts(
             &env,
             &[
-                (Reason::PassNoService, 3 * n),
+                // The external device passes the plain TCP traffic without a lookup too.
+                (Reason::PassNoService, 2 * n),
                 (Reason::TranslatedNew, n),
                 (Reason::ReplyTranslated, n),
-                (Reason::PassReplyToPod, 2 * n),
+                (Reason::PassReplyToPod, 3 * n),
             ],
         );
     });
@@ -2156,30 +2162,33 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
     }
 }
 
+/// A pod's connection to its own node's NodePort, balanced to a remote backend: the reply comes
+/// back over the external device with the pod's address as destination and crosses the stack as
+/// the backend sent it (restored before the stack, its source would be the node's own address:
+/// a martian there); it is restored where it enters the pod.
 #[test]
-fn pod_to_own_node_nodeport_remote_backend_reply_is_forwarded() {
-    in_test_netns(true, || {
-        let mut env = Env::new();
-        env.backend(1, BE_REMOTE, 0, proto::TCP);
-        let np = format!("{NODE_IP}:30080");
-        env.service(&np, proto::TCP, scope::INTERNAL, svc_flags::NODE_PORT, &[1], 1);
-        let syn = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN);
-        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-        assert_eq!(v, TC_ACT_OK, "pods keep their address; the stack routes to node 1");
-        assert_frame(&out, &syn.clone().with_dst(sa(BE_REMOTE)));
-        // The reply comes back over the external device; its restored source is the node's
-        // own address, so it must not go up the stack (martian) but straight to the pod.
-        let synack = Frame::tcp(sa(BE_REMOTE), sa(POD_CLIENT), SYN | ACK);
-        let (v, out, marked) = env.xdp_meta(&synack.build());
-        assert_eq!((v, marked), (XDP_REDIRECT, false));
-        let mut want = synack
-            .clone()
-            .with_src(sa(&np))
-            .with_macs([2, 0, 0, 0, 0, 0xa0], [2, 0, 0, 0, 0, 0x01]);
-        want.ttl = 63;
-        assert_frame(&out, &want);
-        assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 1)]);
-    });
+fn pod_to_own_node_nodeport_remote_backend_reply_is_restored_entering_the_pod() {
+    let mut env = Env::new();
+    env.backend(1, BE_REMOTE, 0, proto::TCP);
+    let np = format!("{NODE_IP}:30080");
+    env.service(&np, proto::TCP, scope::INTERNAL, svc_flags::NODE_PORT, &[1], 1);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    assert_eq!(v, TC_ACT_OK, "pods keep their address; the stack routes to node 1");
+    assert_frame(&out, &syn.clone().with_dst(sa(BE_REMOTE)));
+    let synack = Frame::tcp(sa(BE_REMOTE), sa(POD_CLIENT), SYN | ACK);
+    for prog in [names::PROG_XDP_EXT, names::PROG_TC_EXT] {
+        assert_reply_passed_to_the_stack(&mut env, prog, &synack.build());
+    }
+    let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+    assert_eq!(v, TC_ACT_OK);
+    assert_frame(&out, &synack.clone().with_src(sa(&np)));
+    let ct = env.maps.conntrack().unwrap();
+    assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "by the reply");
+    assert_counts(
+        &env,
+        &[(Reason::TranslatedNew, 1), (Reason::PassReplyToPod, 2), (Reason::ReplyTranslated, 1)],
+    );
 }
 
 /// Measurement, not a check (`cargo test --test datapath_testrun -- --ignored
