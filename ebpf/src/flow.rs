@@ -163,6 +163,11 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     };
     if p.proto == proto::ICMP {
         if icmp::is_error(c, &p) {
+            if hook == Hook::ToPod
+                && translated_upstream(c, maps::config().map_or(0, |cfg| cfg.flags))
+            {
+                return Ok(Step::done(Verdict::PASS, Reason::PassTranslatedUpstream));
+            }
             return Ok(Step::tail(hook.icmp_call()));
         }
         return Ok(Step::done(Verdict::PASS, Reason::PassUnsupportedProto));
@@ -213,6 +218,9 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     // ClusterIP's SNAT port).
     if maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport) {
         let Some(cfg) = maps::ready_config() else { return Ok(not_ready()) };
+        if hook == Hook::ToPod && translated_upstream(c, cfg.flags) {
+            return Ok(Step::done(Verdict::PASS, Reason::PassTranslatedUpstream));
+        }
         if !orig && p.frag == Frag::First {
             ct::record_fragment(&p);
         }
@@ -252,6 +260,16 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         return Ok(Step::tail(hook.new_call()));
     }
     Ok(Step::done(Verdict::PASS, Reason::PassNoService))
+}
+
+/// Entering a pod (`kp_tc_to_pod`), with eBPF host routing (`flags`: the configuration's): the
+/// packet arrived on a device whose ingress runs kproxy's programs, which translated it there if
+/// it needed it (a local backend's reply on the backend's veth, a remote one's on the external
+/// device, ICMP errors alike) and sent it straight here. Read only where a lookup would be due:
+/// traffic with nothing to translate does not read the configuration.
+#[inline(always)]
+fn translated_upstream<P: Packet>(c: &P, flags: u32) -> bool {
+    flags & cfg_flags::HOST_ROUTING != 0 && maps::hooked_ingress(c.ingress_ifindex())
 }
 
 /// The verdict of a packet that arrived before the agent wrote the node configuration.

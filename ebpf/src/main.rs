@@ -44,7 +44,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use flow::{Hook, NO_TAIL};
-use kproxy_common::{Reason, cfg_flags};
+use kproxy_common::Reason;
 use nat::{Action, Verdict};
 use pkt::Packet as _;
 
@@ -207,23 +207,13 @@ pub fn kp_tc_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn kp_tc_to_pod(ctx: TcContext) -> i32 {
-    // With eBPF host routing, an IPv4 packet that arrived on a device whose ingress runs
-    // kproxy's programs was translated there if it needed it (a local backend's reply on the
-    // backend's veth, a remote one's on the external device, ICMP errors alike) and sent
-    // straight here. Otherwise (and always for IPv6, which has no host routing) the replies of
-    // pods' connections cross the node's stack untranslated (`rnat_flags::TO_POD`) and are
-    // translated here, as is what the node itself sent (a host-network backend's reply, an ICMP
-    // error the node raised) or what came in on a device kproxy does not hook.
-    // SAFETY: reads of context fields.
-    let (iif, ethertype) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).protocol) };
-    // `__sk_buff.protocol`: the ethertype in network order (no packet access needed).
-    if ethertype == u32::from(parse::ETH_P_IP.to_be())
-        && maps::config_flag(cfg_flags::HOST_ROUTING)
-        && maps::hooked_ingress(iif)
-    {
-        count(Reason::PassTranslatedUpstream, false);
-        return TC_ACT_OK;
-    }
+    // The replies of pods' connections cross the node's stack untranslated
+    // (`rnat_flags::TO_POD`) and are translated here, as is what the node itself sent (a
+    // host-network backend's reply, an ICMP error the node raised) or what came in on a device
+    // kproxy does not hook. With eBPF host routing, an IPv4 packet that arrived on a device
+    // whose ingress runs kproxy's programs was translated there if it needed it and sent
+    // straight here: the fast path passes it (`PassTranslatedUpstream`) where a lookup would
+    // be due, so that traffic with nothing to translate does not read the configuration.
     tc_fast(&ctx, Hook::ToPod)
 }
 

@@ -68,6 +68,9 @@ pub trait Packet {
     fn len(&self) -> usize;
     /// Interface the packet arrived on (TC: the device the program is attached to).
     fn ifindex(&self) -> u32;
+    /// TC: the device the packet entered the node on (`__sk_buff.ingress_ifindex`; 0 for what
+    /// the node sent itself). XDP: the device it arrives on.
+    fn ingress_ifindex(&self) -> u32;
     /// Replaces the 32-bit address at `off` (`old` → `new`), fixing IP and L4 checksums.
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason>;
     /// Replaces the 16-bit L4 port at `off`, fixing the L4 checksum.
@@ -171,6 +174,10 @@ impl Packet for Xdp<'_> {
     #[inline(always)]
     fn ifindex(&self) -> u32 {
         self.0.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        self.ifindex()
     }
     #[inline(always)]
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason> {
@@ -311,6 +318,11 @@ impl Packet for Tc<'_> {
     fn ifindex(&self) -> u32 {
         // SAFETY: the context pointer is valid for the program's lifetime.
         unsafe { (*self.0.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.0.skb.skb).ingress_ifindex }
     }
     #[inline(always)]
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason> {
