@@ -164,7 +164,7 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     if p.proto == proto::ICMP {
         if icmp::is_error(c, &p) {
             if hook == Hook::ToPod
-                && translated_upstream(c, maps::config().map_or(0, |cfg| cfg.flags))
+                && translated_upstream(c, maps::config_flag(cfg_flags::HOST_ROUTING))
             {
                 return Ok(Step::done(Verdict::PASS, Reason::PassTranslatedUpstream));
             }
@@ -218,7 +218,7 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     // ClusterIP's SNAT port).
     if maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport) {
         let Some(cfg) = maps::ready_config() else { return Ok(not_ready()) };
-        if hook == Hook::ToPod && translated_upstream(c, cfg.flags) {
+        if hook == Hook::ToPod && translated_upstream(c, cfg.flags & cfg_flags::HOST_ROUTING != 0) {
             return Ok(Step::done(Verdict::PASS, Reason::PassTranslatedUpstream));
         }
         if !orig && p.frag == Frag::First {
@@ -262,14 +262,14 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     Ok(Step::done(Verdict::PASS, Reason::PassNoService))
 }
 
-/// Entering a pod (`kp_tc_to_pod`), with eBPF host routing (`flags`: the configuration's): the
-/// packet arrived on a device whose ingress runs kproxy's programs, which translated it there if
-/// it needed it (a local backend's reply on the backend's veth, a remote one's on the external
-/// device, ICMP errors alike) and sent it straight here. Read only where a lookup would be due:
-/// traffic with nothing to translate does not read the configuration.
+/// Entering a pod (`kp_tc_to_pod`), with eBPF host routing (`host_routing`): the packet arrived
+/// on a device whose ingress runs kproxy's programs, which translated it there if it needed it
+/// (a local backend's reply on the backend's veth, a remote one's on the external device, ICMP
+/// errors alike) and sent it straight here. Asked only where a lookup would be due: traffic
+/// with nothing to translate does not read the configuration.
 #[inline(always)]
-fn translated_upstream<P: Packet>(c: &P, flags: u32) -> bool {
-    flags & cfg_flags::HOST_ROUTING != 0 && maps::hooked_ingress(c.ingress_ifindex())
+fn translated_upstream<P: Packet>(c: &P, host_routing: bool) -> bool {
+    host_routing && maps::hooked_ingress(c.ingress_ifindex())
 }
 
 /// The verdict of a packet that arrived before the agent wrote the node configuration.

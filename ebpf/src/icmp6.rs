@@ -117,8 +117,8 @@ pub struct Plan6 {
     /// Where the translated error goes.
     pub to: To,
     /// About a connection of a pod of this node whose error would cross the node's stack: left
-    /// untouched for `kp_topod_icmp` (IPv6 has no host routing), which translates it where it enters the pod, as the
-    /// connection's replies (`rnat_flags::TO_POD`).
+    /// untouched for `kp_topod_icmp6` (IPv6 has no host routing), which translates it where it
+    /// enters the pod, as the connection's replies (`rnat_flags::TO_POD`).
     pub to_pod: bool,
 }
 

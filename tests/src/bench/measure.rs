@@ -41,8 +41,12 @@ pub const WARMUP_MS: &str = "200";
 /// build). On one CPU a transaction is the CPU work of the client, the stack, the datapath and
 /// the server, which is what the systems differ in.
 pub fn latency_cpu() -> usize {
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
-    online.trim().rsplit([',', '-']).next().and_then(|c| c.parse().ok()).unwrap_or(0)
+    online_cpus().rsplit([',', '-']).next().and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// The online CPUs as the kernel lists them (`0-1`), empty if unknown.
+fn online_cpus() -> String {
+    std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default().trim().into()
 }
 
 /// Every thread of every process in the pods' namespaces pinned to one CPU until dropped
@@ -80,8 +84,7 @@ impl PinnedServers {
 
 impl Drop for PinnedServers {
     fn drop(&mut self) {
-        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
-        let _ = self.set(online.trim());
+        let _ = self.set(&online_cpus());
     }
 }
 

@@ -436,6 +436,7 @@ impl Sys {
     /// The systems of `--only-latency`.
     const LATENCY: [Sys; 5] =
         [Sys::Floor, Sys::Kproxy, Sys::KproxyGeneric, Sys::KproxyHostRouting, Sys::KproxySocketLb];
+
     /// Gives the client namespace `ns` this system's own client port range (see
     /// `clusterip_one`; the sysctl covers IPv6 sockets too).
     fn use_client_ports(self, ns: &str) {
@@ -655,9 +656,9 @@ pub const BPF_STATS_EMPTY: &str = "empty_ns";
 
 /// The empty TC programs the bpf_stats step chains in front of kproxy's on one hook of node 0's
 /// pod veths or its external device (tcx links, Linux 6.6+; tcx programs run before the clsact
-/// filters kproxy attaches): two per hook, each a (metric, program name). The second runs directly before kproxy's
-/// program, on the same packets, after another program ran (as kproxy's does): it is the floor
-/// of kproxy's figures on that hook. The first one shows what running first costs (the colder
+/// filters kproxy attaches): two per hook, each a (metric, program name). The second runs
+/// directly before kproxy's program, on the same packets, after another program ran (as
+/// kproxy's does): it is the floor of kproxy's figures on that hook. The first one shows what running first costs (the colder
 /// caches of the kernel's own timing).
 pub struct EmptyTcHook {
     /// The metric of kproxy's program on the hook.
@@ -1057,11 +1058,6 @@ impl Bench<'_> {
         Ok(self.client_cgroup.as_ref().expect("created above").node(0).to_path_buf())
     }
 
-    /// The network namespaces of the lab's pods (their servers).
-    fn pod_namespaces(&self) -> Vec<String> {
-        self.lab.pods().into_iter().map(|p| p.ns).collect()
-    }
-
     /// The cgroup the load generator joins for `sys` (the socket LB's; none for the others).
     fn cgroup_of(&self, sys: Sys) -> Option<PathBuf> {
         match sys {
@@ -1325,7 +1321,7 @@ impl Bench<'_> {
                 let cg = self.cgroup_of(sys);
                 let cg = cg.as_deref();
                 let cpu = measure::latency_cpu();
-                let pinned = measure::PinnedServers::new(&self.pod_namespaces(), cpu);
+                let pinned = measure::PinnedServers::new(&pod_namespaces(&self.lab), cpu);
                 if let Err(e) = &pinned {
                     self.notes.push(format!("pinning the pod servers to CPU {cpu}: {e:#}"));
                 }
@@ -2315,6 +2311,11 @@ fn stats_windows(
     Ok(out)
 }
 
+/// The network namespaces of the lab's pods (their servers).
+fn pod_namespaces(lab: &Lab) -> Vec<String> {
+    lab.pods().into_iter().map(|p| p.ns).collect()
+}
+
 /// Loads the empty TC programs of [`BPF_STATS_EMPTY_TC`] and chains them, in order, on their
 /// hook of every pod veth of node 0 (where kproxy's pod programs run) or of its external device:
 /// (programs, links).
@@ -2634,8 +2635,7 @@ fn clusterip6_one(
         sys.use_client_ports(&client);
         // Client and servers on one CPU as in item 1.
         let cpu = measure::latency_cpu();
-        let pods: Vec<String> = lab.pods().into_iter().map(|p| p.ns).collect();
-        let _pinned = measure::PinnedServers::new(&pods, cpu)?;
+        let _pinned = measure::PinnedServers::new(&pod_namespaces(lab), cpu)?;
         let d = Duration::from_millis(cfg.duration_ms);
         measure::loadgen_in(&client, None, Some(cpu), target, "connect", 1, d)
     });

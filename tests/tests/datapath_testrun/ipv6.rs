@@ -1177,9 +1177,7 @@ fn ipv6_replies_to_pods_are_restored_in_to_pod_with_and_without_host_routing() {
     let sources = [("a hooked device", HOOKED), ("the node itself", 0), ("elsewhere", 8)];
     for host_routing in [false, true] {
         if host_routing {
-            let cfg = env.maps.config().unwrap();
-            let flags = cfg.flags | cfg_flags::HOST_ROUTING;
-            env.maps.set_config(&NodeConfig { flags, ..cfg }).unwrap();
+            env.enable_host_routing();
         }
         // The local backend's reply leaves its veth untouched, for the stack.
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
