@@ -32,14 +32,22 @@ pub fn tuple(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Tuple
 /// The live connection entry of an original tuple (expired entries count as absent).
 #[inline(always)]
 pub fn lookup(t: &Tuple4, now: u64) -> Option<*mut Ct4Value> {
-    let v = kp_ct4.get_ptr_mut(t)?;
+    entry(t).filter(|&v| live(v, t.proto, now))
+}
+
+/// The connection entry of an original tuple, expired or not.
+#[inline(always)]
+pub fn entry(t: &Tuple4) -> Option<*mut Ct4Value> {
+    kp_ct4.get_ptr_mut(t)
+}
+
+/// Whether the connection entry at `v` (protocol `proto_`) has not expired at `now`.
+#[inline(always)]
+pub fn live(v: *mut Ct4Value, proto_: u8, now: u64) -> bool {
     // SAFETY: valid map value pointer.
     let c = unsafe { &*v };
     // Saturating: the fast path's clock may be a little behind a timestamp another CPU wrote.
-    if now.saturating_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
-        return None;
-    }
-    Some(v)
+    now.saturating_sub(c.last_seen_ns) <= timeouts::for_state(proto_, c.state)
 }
 
 /// Records a packet of a tracked connection; `reply` says which direction it went. The entry is
@@ -154,6 +162,31 @@ pub fn create(t: &Tuple4, v: &Ct4Value) -> Result<(), Reason> {
     kp_ct4.insert(t, v, 0).map_err(|_| Reason::DropCtInsert)
 }
 
+/// Makes the entry at `c` (of the same tuple, closed or expired) the new connection's `v`, in
+/// place: a client that reuses its port (`tcp_tw_reuse`, a UDP client's next exchange) finds
+/// the entry of its last connection, and an update of an LRU hash map takes a free element, the
+/// bucket lock and gives the old element back (twice when the `BPF_NOEXIST` attempt fails
+/// first), where this is a few stores. Not counted as created, as a replacement. Fields are
+/// stored one by one: the old connection is over (its client opened a new one on the tuple), so
+/// a packet of it that another CPU reads meanwhile has nowhere better to go.
+#[inline(always)]
+pub fn reopen(c: *mut Ct4Value, v: &Ct4Value) {
+    // SAFETY: valid map value pointer; whole-field volatile stores.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*c).backend_id, v.backend_id);
+        core::ptr::write_volatile(&raw mut (*c).svc_id, v.svc_id);
+        core::ptr::write_volatile(&raw mut (*c).backend_addr, v.backend_addr);
+        core::ptr::write_volatile(&raw mut (*c).snat_addr, v.snat_addr);
+        core::ptr::write_volatile(&raw mut (*c).backend_port, v.backend_port);
+        core::ptr::write_volatile(&raw mut (*c).snat_port, v.snat_port);
+        core::ptr::write_volatile(&raw mut (*c).flags, v.flags);
+        core::ptr::write_volatile(&raw mut (*c).backend_gen, v.backend_gen);
+        core::ptr::write_volatile(&raw mut (*c).created_ns, v.created_ns);
+        core::ptr::write_volatile(&raw mut (*c).last_seen_ns, v.last_seen_ns);
+        core::ptr::write_volatile(&raw mut (*c).state, v.state);
+    }
+}
+
 /// Removes the connection entry of `t` (counted as `ct_counter::DELETED_DATAPATH`).
 #[inline(always)]
 pub fn delete(t: &Tuple4) {
@@ -214,9 +247,29 @@ pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
 /// live connection holds that reply tuple (the same client address and port reaching the same
 /// backend through another frontend): then returns `Ok(false)` and leaves it alone. An entry of
 /// the same client and frontend (a new connection on a reused tuple) or of a connection that is
-/// gone is replaced.
+/// gone is replaced. `reused`: the connection's tuple had an entry (a client reusing its port),
+/// so the reply tuple most likely has one of the same client and frontend, which is then
+/// refreshed in place (its addresses and ports stay as they are) instead of replaced.
 #[inline(always)]
-pub fn claim_revnat(reply: &Tuple4, v: &RevNat4Value, now: u64) -> Result<bool, Reason> {
+pub fn claim_revnat(
+    reply: &Tuple4,
+    v: &RevNat4Value,
+    now: u64,
+    reused: bool,
+) -> Result<bool, Reason> {
+    if reused
+        && let Some(old) = revnat_ptr(reply)
+        // SAFETY: valid map value pointer; the fields are read one by one.
+        && unsafe {
+            (*old).frontend_addr == v.frontend_addr
+                && (*old).frontend_port == v.frontend_port
+                && (*old).client_addr == v.client_addr
+                && (*old).client_port == v.client_port
+        }
+    {
+        revnat_refreshed(old, v.flags, v.last_seen_ns);
+        return Ok(true);
+    }
     if kp_rnat4.insert(reply, v, BPF_NOEXIST as u64).is_ok() {
         return Ok(true);
     }

@@ -187,6 +187,12 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     }
     let orig = hook != Hook::ToPod && maps::hinted(hints::FRONTEND, p.daddr, p.proto, p.dport);
     if orig {
+        if syn_only(&p) {
+            // A new connection (or a client reusing its port): the slow path looks the tuple up
+            // anyway, and reuses a closed entry in place (`ct::reopen`); a retransmitted SYN of
+            // a live connection is forwarded there as here.
+            return Ok(Step::tail(hook.new_call()));
+        }
         let Some(cfg) = maps::ready_config() else { return Ok(not_ready()) };
         if p.frag == Frag::First {
             // Remember the ports so that the later fragments follow the same translation.
@@ -199,10 +205,6 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         if let Some(ctp) = ct::lookup(&t, now) {
             // SAFETY: valid map value pointer, copied out.
             let e: Ct4Value = unsafe { *ctp };
-            if syn_only(&p) && e.state >= ct_state::CLOSING {
-                // A new connection reusing a closed tuple.
-                return Ok(Step::tail(hook.new_call()));
-            }
             let Some(local) = backend_local(ctp, &e, &cfg) else {
                 // The backend went away: re-balanced or reset by the slow path.
                 return Ok(Step::tail(hook.new_call()));
@@ -347,8 +349,10 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         },
     }
     let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    if hook != Hook::ToPod
-        && let Some(v) = established(c, &p, &t, &cfg, hook, now)?
+    // The tuple's entry, live or not: a new connection on it is written over it in place.
+    let old = if hook != Hook::ToPod { ct::entry(&t) } else { None };
+    if let Some(ctp) = old
+        && let Some(v) = established(c, &p, &t, ctp, &cfg, hook, now)?
     {
         return Ok(v);
     }
@@ -372,7 +376,7 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
         } else {
             Reason::TranslatedNew
         };
-        return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, reason);
+        return new_conn(c, &p, &t, &cfg, hook, &key, &svc, now, reason, old);
     }
     if hook != Hook::ToPod
         && let Some(v) = closed_address(c, &p, hook)?
@@ -416,18 +420,21 @@ fn closed_address<P: Packet>(
     Ok(None)
 }
 
-/// A packet of a tracked connection. `Ok(None)`: not tracked (or a new connection reusing a
-/// closed tuple), continue with the service lookup.
+/// A packet of the connection whose entry (live or not) is at `ctp`. `Ok(None)`: not tracked
+/// (expired, or a new connection reusing a closed tuple), continue with the service lookup.
 #[inline(always)]
 fn established<P: Packet>(
     c: &mut P,
     p: &Ip4,
     t: &Tuple4,
+    ctp: *mut Ct4Value,
     cfg: &NodeConfig,
     hook: Hook,
     now: u64,
 ) -> Result<Option<(Verdict, Reason)>, Reason> {
-    let Some(ctp) = ct::lookup(t, now) else { return Ok(None) };
+    if !ct::live(ctp, p.proto, now) {
+        return Ok(None);
+    }
     // SAFETY: valid map value pointer, copied out.
     let e: Ct4Value = unsafe { *ctp };
     let syn_only = syn_only(p);
@@ -442,7 +449,8 @@ fn established<P: Packet>(
             if p.proto == proto::UDP || syn_only {
                 return match lb::service(p.daddr, p.dport, p.proto, hook.scope()) {
                     Some((key, svc)) => {
-                        new_conn(c, p, t, cfg, hook, &key, &svc, now, Reason::Rebalanced).map(Some)
+                        new_conn(c, p, t, cfg, hook, &key, &svc, now, Reason::Rebalanced, None)
+                            .map(Some)
                     }
                     None => Ok(None),
                 };
@@ -502,7 +510,8 @@ fn forward_established<P: Packet>(
     deliver(c, p, &n, to, Reason::TranslatedEstablished, now)
 }
 
-/// First packet of a connection to a service frontend.
+/// First packet of a connection to a service frontend. `old`: the entry its tuple still has (a
+/// closed or expired connection's), which the new one takes over in place.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn new_conn<P: Packet>(
@@ -515,6 +524,7 @@ fn new_conn<P: Packet>(
     svc: &Service4Value,
     now: u64,
     reason: Reason,
+    old: Option<*mut Ct4Value>,
 ) -> Out {
     if svc.flags & svc_flags::SOURCE_RANGES != 0 && !guard::source_allowed(svc.svc_id, p.saddr) {
         return Err(Reason::DropSourceRange);
@@ -556,7 +566,12 @@ fn new_conn<P: Packet>(
         last_seen_ns: now,
     };
     if !snat
-        && !ct::claim_revnat(&ct::tuple(be.addr, p.saddr, be.port, p.sport, p.proto), &rn, now)?
+        && !ct::claim_revnat(
+            &ct::tuple(be.addr, p.saddr, be.port, p.sport, p.proto),
+            &rn,
+            now,
+            old.is_some(),
+        )?
     {
         // Another live connection from the same client address and port, through another
         // frontend, to the same backend holds the reply tuple: this one gets another source
@@ -594,7 +609,10 @@ fn new_conn<P: Packet>(
         created_ns: now,
         last_seen_ns: now,
     };
-    ct::create(t, &e)?;
+    match old {
+        Some(ctp) => ct::reopen(ctp, &e),
+        None => ct::create(t, &e)?,
+    }
     let to = if hairpin {
         To::Bounce
     } else if hook.external() && !local {
@@ -619,6 +637,15 @@ fn reply_translated<P: Packet>(
 ) -> Out {
     // SAFETY: valid map value pointer, copied out.
     let rn: RevNat4Value = unsafe { *rnp };
+    if hook == Hook::FromPod
+        && rn.flags & (rnat_flags::TO_POD | rnat_flags::REPLY_FIB) == rnat_flags::TO_POD
+        && rn.client_addr != p.saddr
+        && stack_or_direct::<P>(cfg, hook) == To::Stack
+    {
+        // A local backend's reply to a pod of this node, for the stack to forward as it is:
+        // the client pod's hook refreshes the connection and translates it (`TO_POD`).
+        return Ok((Verdict::PASS, Reason::PassReplyToPod));
+    }
     let mut fl = rn.flags;
     // The connection entry is refreshed by the first reply, by replies carrying SYN, FIN or
     // RST, and at most once a second otherwise (its original direction refreshes it too).

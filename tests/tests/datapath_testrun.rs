@@ -23,7 +23,7 @@ use kproxy_common::{
     Affinity4Key, Affinity4Value, Backend4, NodeConfig, Reason, Service4Key, Service4Value,
     backend_flags, cfg_flags, ct_state, names, proto, rnat_flags, scope, svc_flags, timeouts,
 };
-use kproxy_tests::frames::{self, ACK, Frame, L4, PSH, RST, SYN};
+use kproxy_tests::frames::{self, ACK, FIN, Frame, L4, PSH, RST, SYN};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -801,6 +801,67 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
             (Reason::PassReplyToPod, 2),
             (Reason::PassNoService, 3),
             (Reason::PassStaleNatCleared, 1),
+        ],
+    );
+}
+
+/// A client that reuses its port (`tcp_tw_reuse`) opens a new connection on the entries of its
+/// closed one: the connection entry is taken over in place (not counted as created: the map
+/// holds one entry, as before), restarted (state NEW, a new creation time), and the reverse-NAT
+/// entry of its reply tuple starts over too (not established until the first reply). When the
+/// new connection goes to another backend (the closed one's left the service), its replies get
+/// an entry of their own.
+#[test]
+fn a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries() {
+    let mut env = Env::new();
+    env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+    env.backend(2, BE2, backend_flags::LOCAL, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let fin = Frame::tcp(sa(POD_CLIENT), sa(CIP), FIN | ACK);
+    let mut created = 0;
+    for (round, be) in [BE1, BE1, BE2].into_iter().enumerate() {
+        if round == 2 {
+            env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
+        }
+        let before = env.maps.conntrack().unwrap();
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_frame(&out, &syn.clone().with_dst(sa(be)));
+        let ct = env.maps.conntrack().unwrap();
+        assert_eq!(ct.len(), 1, "round {round}: {}", show_ct(&env));
+        let e = ct[0].1;
+        assert_eq!(e.state, ct_state::NEW, "round {round}");
+        assert_eq!(e.backend_addr, be_addr(*sa(be).ip()), "round {round}");
+        if let Some((_, old)) = before.first() {
+            assert!(e.created_ns > old.created_ns, "round {round}: a new connection");
+        } else {
+            created += 1;
+        }
+        assert_eq!(env.maps.ct_counters().unwrap()[0], created, "round {round}");
+        let rn = env.maps.revnat().unwrap();
+        let (_, r) = rn.iter().find(|(k, _)| k.saddr == be_addr(*sa(be).ip())).unwrap();
+        assert_eq!(r.flags, rnat_flags::TO_POD, "round {round}: {}", show_ct(&env));
+
+        let synack = Frame::tcp(sa(be), sa(POD_CLIENT), SYN | ACK);
+        assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &synack.build());
+        let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_frame(&out, &synack.clone().with_src(sa(CIP)));
+        assert_eq!(env.maps.conntrack().unwrap()[0].1.state, ct_state::ESTABLISHED);
+        let (v, _) = env.tc(names::PROG_TC_FROM_POD, &fin.build());
+        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(env.maps.conntrack().unwrap()[0].1.state, ct_state::CLOSING);
+    }
+    // The closed connection's entry for replies from the first backend stays until it expires.
+    assert_eq!(env.maps.revnat().unwrap().len(), 2, "{}", show_ct(&env));
+    assert_counts(
+        &env,
+        &[
+            (Reason::TranslatedNew, 3),
+            (Reason::TranslatedEstablished, 3),
+            (Reason::PassReplyToPod, 3),
+            (Reason::ReplyTranslated, 3),
         ],
     );
 }
