@@ -979,7 +979,7 @@ mod incremental {
             address_type: "IPv4".into(),
             service: Some(name(i).name.clone()),
             trigger_time: None,
-            ports: vec![SlicePortObj {
+            ports: smallvec::smallvec![SlicePortObj {
                 name: Some("http".into()),
                 protocol: None,
                 port: Some(8080),
