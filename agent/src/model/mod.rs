@@ -1416,7 +1416,7 @@ fn family_warnings(site: &ErrorSite, svc: &ServiceObj) -> Vec<ModelError> {
         site.invalid(field, value, reason, outcome::BY_ADDRESS_FAMILY)
     };
     let mut out = Vec::new();
-    let ips: Vec<Option<IpAddr>> = svc.cluster_ips.iter().map(|c| c.parse().ok()).collect();
+    let ips: Vec<Option<IpAddr>> = svc.cluster_ips.iter().map(|c| c.addr()).collect();
     for (i, fam) in svc.ip_families.iter().enumerate() {
         if fam != "IPv4" && fam != "IPv6" {
             out.push(warn(format!("spec.ipFamilies[{i}]"), fam, "unknown IP family".into()));
@@ -1427,7 +1427,7 @@ fn family_warnings(site: &ErrorSite, svc: &ServiceObj) -> Vec<ModelError> {
         {
             out.push(warn(
                 format!("spec.clusterIPs[{i}]"),
-                &svc.cluster_ips[i],
+                &svc.cluster_ips[i].to_string(),
                 format!("an {} address, but spec.ipFamilies[{i}] is {fam}", family_name(a)),
             ));
         }
@@ -1436,8 +1436,9 @@ fn family_warnings(site: &ErrorSite, svc: &ServiceObj) -> Vec<ModelError> {
         None | Some("SingleStack") | Some("PreferDualStack") => {}
         Some("RequireDualStack") => {
             let families: BTreeSet<&str> = ips.iter().flatten().map(family_name).collect();
-            if families.len() < 2 && !svc.cluster_ips.iter().any(|c| c == "None") {
-                let value = svc.cluster_ips.join(",");
+            if families.len() < 2 && !svc.cluster_ips.iter().any(|c| c.is("None")) {
+                let value = svc.cluster_ips.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+                let value = value.join(",");
                 let reason = "RequireDualStack, but the ClusterIPs are of one family".to_string();
                 out.push(warn("spec.clusterIPs".into(), &value, reason));
             }
@@ -1919,24 +1920,25 @@ fn service_spec(svc: &ServiceObj, out: &mut ServiceResult) -> Option<SvcSpec> {
         }
     }
     // The ClusterIP of each family: clusterIPs (dual stack) or clusterIP.
-    if svc.cluster_ips.iter().any(|c| *c == "None") {
+    if svc.cluster_ips.iter().any(|c| c.is("None")) {
         out.skipped.push(format!("{name}: headless (clusterIP None)"));
         return None;
     }
     let mut cluster_ip = None;
     let mut v6 = v6::Addrs6::default();
     for (i, c) in svc.cluster_ips.iter().enumerate() {
-        match c.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => {
+        match c.addr() {
+            Some(IpAddr::V4(a)) => {
                 cluster_ip.get_or_insert(a);
             }
-            Ok(IpAddr::V6(a)) if v6.cluster_ip.is_none() => {
+            Some(IpAddr::V6(a)) if v6.cluster_ip.is_none() => {
                 let field = format!("spec.clusterIPs[{i}]");
-                v6.cluster_ip = v6::service_addr6(&site, field, c, a, &mut v6.warnings);
+                let text = c.to_string();
+                v6.cluster_ip = v6::service_addr6(&site, field, &text, a, &mut v6.warnings);
             }
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => {
-                out.errors.push(err("spec.clusterIP", c, "not an IP address"));
+            Some(IpAddr::V6(_)) => {}
+            None => {
+                out.errors.push(err("spec.clusterIP", &c.to_string(), "not an IP address"));
                 return None;
             }
         }

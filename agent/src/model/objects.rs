@@ -54,6 +54,118 @@ pub struct IngressObj {
     pub ip_mode: Option<String>,
 }
 
+/// One of a Service's ClusterIPs, in one word: an IPv4 address inline (almost every ClusterIP,
+/// no allocation), anything else as written (an IPv6 address, `None`, an invalid value) in a
+/// [`SharedStr`]. An IPv4 address is kept as the address rather than its text without losing
+/// what the API spelt: the parser accepts only the dotted quad without leading zeros, which is
+/// the address's display. Held as text, the ClusterIP of each Service took a 48-byte block
+/// (1.4 MiB at 30,000 Services).
+pub struct ClusterIp(u64);
+
+impl ClusterIp {
+    /// Set in the word of an IPv4 address (the address in the top 32 bits); clear in a
+    /// [`SharedStr::into_word`], whose allocation is aligned to 8.
+    const V4: u64 = 1;
+
+    /// The ClusterIP written `text`.
+    pub fn new(text: &str) -> Self {
+        match text.parse::<Ipv4Addr>() {
+            Ok(a) => Self(u64::from(u32::from(a)) << 32 | Self::V4),
+            Err(_) => Self(SharedStr::into_word(Some(text.into())) as u64),
+        }
+    }
+
+    /// The IPv4 address, if it is one.
+    pub fn v4(&self) -> Option<Ipv4Addr> {
+        (self.0 & Self::V4 != 0).then(|| Ipv4Addr::from((self.0 >> 32) as u32))
+    }
+
+    /// The text of anything but an IPv4 address.
+    pub(super) fn text(&self) -> Option<&SharedStr> {
+        if self.0 & Self::V4 != 0 {
+            return None;
+        }
+        // SAFETY: without the bit, the word is a `SharedStr::into_word` of a string (not null)
+        // this value owns, not turned back while it lives; a pointer fits a `u64`.
+        unsafe { SharedStr::borrow_word(&*(&self.0 as *const u64 as *const usize)) }.as_ref()
+    }
+
+    /// The address: the IPv4 one, or the text parsed (`None`: not an address).
+    pub fn addr(&self) -> Option<std::net::IpAddr> {
+        match (self.v4(), self.text()) {
+            (Some(a), _) => Some(a.into()),
+            (None, Some(t)) => t.parse().ok(),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether the ClusterIP is `text` as written.
+    pub fn is(&self, text: &str) -> bool {
+        match (self.v4(), self.text()) {
+            (Some(a), _) => text.parse::<Ipv4Addr>() == Ok(a),
+            (None, Some(t)) => t == text,
+            (None, None) => false,
+        }
+    }
+}
+
+const _: () = assert!(size_of::<ClusterIp>() == 8 && size_of::<usize>() <= size_of::<u64>());
+
+impl From<&str> for ClusterIp {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
+impl Drop for ClusterIp {
+    fn drop(&mut self) {
+        if self.0 & Self::V4 == 0 {
+            // SAFETY: a `SharedStr::into_word` this value owns, turned back once.
+            drop(unsafe { SharedStr::from_word(self.0 as usize) });
+        }
+    }
+}
+
+impl Clone for ClusterIp {
+    fn clone(&self) -> Self {
+        match self.text() {
+            Some(t) => Self(SharedStr::into_word(Some(t.clone())) as u64),
+            None => Self(self.0),
+        }
+    }
+}
+
+// As the text: an IPv4 address is never held as text.
+impl PartialEq for ClusterIp {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0 || self.text().is_some_and(|t| other.text() == Some(t))
+    }
+}
+
+impl Eq for ClusterIp {}
+
+impl PartialEq<&str> for ClusterIp {
+    fn eq(&self, text: &&str) -> bool {
+        self.is(text)
+    }
+}
+
+impl fmt::Display for ClusterIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.v4(), self.text()) {
+            (Some(a), _) => a.fmt(f),
+            (None, Some(t)) => f.write_str(t),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for ClusterIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
 /// What the model reads of a Service, packed as the tracker holds it for as long as the Service
 /// exists: two ClusterIPs (the API's usual `clusterIPs[0]` and `clusterIP`), one IP family and
 /// one port inline (no allocation of their own), the fields few Services set (externalIPs,
@@ -82,8 +194,8 @@ pub struct ServiceObj {
     /// values that repeat across objects).
     pub type_: Option<SharedStr>,
     /// `spec.clusterIPs` followed by `spec.clusterIP` (which repeats `clusterIPs[0]` and then
-    /// shares its allocation).
-    pub cluster_ips: SmallVec<[SharedStr; 2]>,
+    /// shares its allocation, if it has one).
+    pub cluster_ips: SmallVec<[ClusterIp; 2]>,
     /// `spec.ipFamilies` (index `i` names the family of `cluster_ips[i]`; shared by the tracker
     /// like the other short values).
     pub ip_families: SmallVec<[SharedStr; 1]>,
@@ -127,7 +239,7 @@ impl From<&Service> for ServiceObj {
             .into_iter()
             .find(|l| labels.is_some_and(|m| m.contains_key(l.key())));
         let spec = svc.spec.as_ref();
-        let mut cluster_ips: SmallVec<[SharedStr; 2]> = spec
+        let mut cluster_ips: SmallVec<[ClusterIp; 2]> = spec
             .and_then(|s| s.cluster_ips.as_ref())
             .into_iter()
             .flatten()
@@ -135,7 +247,7 @@ impl From<&Service> for ServiceObj {
             .collect();
         if let Some(ip) = spec.and_then(|s| s.cluster_ip.as_deref()) {
             // Almost always `clusterIPs[0]` again: one allocation for both.
-            let shared = cluster_ips.iter().find(|c| **c == ip).cloned();
+            let shared = cluster_ips.iter().find(|c| c.is(ip)).cloned();
             cluster_ips.push(shared.unwrap_or_else(|| ip.into()));
         }
         let rare = ServiceRare {

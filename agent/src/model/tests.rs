@@ -1,5 +1,5 @@
 //! Table-driven tests of the translation, on objects written as YAML.
-use super::*;
+use super::{objects::ClusterIp, *};
 
 fn svc(yaml: &str) -> Service {
     serde_saphyr::from_str(yaml).expect("service yaml")
@@ -1603,7 +1603,11 @@ fn cluster_ip_and_ip_families_are_held_once() {
     };
     let s = dual("web", "198.19.0.10", "198.19.0.10");
     assert_eq!(&s.cluster_ips[..], ["198.19.0.10", "198.19.0.10"]);
-    assert!(SharedStr::ptr_eq(&s.cluster_ips[0], &s.cluster_ips[1]), "one copy of the ClusterIP");
+    assert_eq!(s.cluster_ips[0].v4(), Some(Ipv4Addr::new(198, 19, 0, 10)), "no text: the address");
+    let v6 = dual("web6", "2001:db8::10", "2001:db8::10");
+    assert_eq!(&v6.cluster_ips[..], ["2001:db8::10", "2001:db8::10"]);
+    let (a, b) = (v6.cluster_ips[0].text().unwrap(), v6.cluster_ips[1].text().unwrap());
+    assert!(SharedStr::ptr_eq(a, b), "one copy of the ClusterIP's text");
     let other = dual("odd", "198.19.0.11", "198.19.0.12");
     assert_eq!(
         &other.cluster_ips[..],
@@ -1622,21 +1626,49 @@ fn cluster_ip_and_ip_families_are_held_once() {
     assert!(SharedStr::ptr_eq(&fam("web"), &fam("web2")), "one copy of the IP family");
 }
 
+/// A ClusterIP held as an address reads as the text the API gave, and anything else is kept as
+/// written.
+#[test]
+fn cluster_ip_keeps_its_text() {
+    for text in [
+        "198.19.0.10",
+        "0.0.0.0",
+        "255.255.255.255",
+        "010.1.1.1",
+        "1.2.3",
+        "256.1.1.1",
+        " 1.2.3.4",
+        "None",
+        "",
+        "2001:db8::1",
+        "::ffff:1.2.3.4",
+    ] {
+        let c = ClusterIp::new(text);
+        assert_eq!(c.to_string(), text);
+        assert_eq!(format!("{c:?}"), format!("{text:?}"));
+        assert!(c.is(text) && c == text, "{text}");
+        assert_eq!(c.addr(), text.parse().ok(), "{text}");
+        assert_eq!(c.v4().is_some(), c.text().is_none(), "{text}");
+        assert_eq!(c.clone(), c);
+        assert_ne!(c, ClusterIp::new("198.19.0.11"));
+    }
+    assert!(ClusterIp::new("198.19.0.10").v4().is_some() && ClusterIp::new("None").v4().is_none());
+    assert!(!ClusterIp::new("198.19.0.10").is("198.19.0.010"));
+}
+
 /// A Service as the model holds it keeps every field of the API object: the usual lists inline,
 /// the rare fields behind their accessors.
 #[test]
 fn service_obj_is_packed_and_keeps_every_field() {
     let texts = |v: &[SharedStr]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let ips = |v: &[ClusterIp]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let plain = svc_obj(
         "metadata: {name: web}\nspec: {clusterIP: 198.19.0.10, clusterIPs: [198.19.0.10], \
          ipFamilies: [IPv4], ports: [{name: http, port: 80}]}",
         1,
     );
-    assert_eq!(texts(&plain.cluster_ips), ["198.19.0.10", "198.19.0.10"]);
-    assert!(
-        SharedStr::ptr_eq(&plain.cluster_ips[0], &plain.cluster_ips[1]),
-        "clusterIP shares clusterIPs[0]"
-    );
+    assert_eq!(ips(&plain.cluster_ips), ["198.19.0.10", "198.19.0.10"]);
+    assert!(plain.cluster_ips.iter().all(|c| c.text().is_none()), "IPv4 ClusterIPs held inline");
     assert_eq!(texts(&plain.ip_families), ["IPv4"]);
     assert_eq!(plain.ports.len(), 1);
     assert_eq!((plain.ports[0].name.as_deref(), plain.ports[0].port), (Some("http"), 80));

@@ -293,7 +293,7 @@ fn names_own_cluster_ip(changes: &[Change], host: &str) -> bool {
     changes.iter().any(|c| {
         matches!(c, Change::Service(s) if s.name.namespace == "default"
             && s.name.name == "kubernetes"
-            && s.cluster_ips.iter().any(|ip| ip == host))
+            && s.cluster_ips.iter().any(|ip| ip.is(host)))
     })
 }
 

@@ -954,7 +954,7 @@ mod incremental {
             skip_label: None,
             has_spec: true,
             type_: None,
-            cluster_ips: smallvec::smallvec![cluster_ip(i).to_string().into()],
+            cluster_ips: smallvec::smallvec![cluster_ip(i).to_string().as_str().into()],
             ip_families: SmallVec::new(),
             ip_family_policy: None,
             external_traffic_policy: None,
@@ -1134,7 +1134,7 @@ mod incremental {
         // Service 0 takes the ClusterIP of service 9 (service 0 sorts first, so it wins): both
         // are recomputed, 9 loses the frontend with an error, and gets it back when 0 leaves it.
         let mut thief = svc(0);
-        thief.cluster_ips = smallvec::smallvec![cluster_ip(9).to_string().into()];
+        thief.cluster_ips = smallvec::smallvec![cluster_ip(9).to_string().as_str().into()];
         t.apply(Change::Service(thief));
         let mut c = t.changes();
         assert_eq!(c.services, BTreeSet::from([name(0), name(9)]));
