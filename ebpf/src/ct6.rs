@@ -64,7 +64,7 @@ fn key40<K>(saddr: &Addr6, daddr: &Addr6, word: u32, proto: u8) -> K {
 /// The live connection entry of an original tuple (expired entries count as absent).
 #[inline(always)]
 pub fn lookup(t: &Tuple6, now: u64) -> Option<*mut Ct6Value> {
-    let v = kp_ct6.get_ptr_mut(t)?;
+    let v = entry(t)?;
     // SAFETY: valid map value pointer.
     let c = unsafe { &*v };
     // Saturating: the fast path's clock may be a little behind a timestamp another CPU wrote.
@@ -72,6 +72,32 @@ pub fn lookup(t: &Tuple6, now: u64) -> Option<*mut Ct6Value> {
         return None;
     }
     Some(v)
+}
+
+/// The connection entry of an original tuple, expired or not.
+#[inline(always)]
+pub fn entry(t: &Tuple6) -> Option<*mut Ct6Value> {
+    kp_ct6.get_ptr_mut(t)
+}
+
+/// Makes the entry at `c` (of the same tuple, closed or expired) the new connection's `v`, in
+/// place (see [`crate::ct::reopen`]).
+#[inline(always)]
+pub fn reopen(c: *mut Ct6Value, v: &Ct6Value) {
+    // SAFETY: valid map value pointer; whole-field volatile stores.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*c).backend_id, v.backend_id);
+        core::ptr::write_volatile(&raw mut (*c).svc_id, v.svc_id);
+        core::ptr::write_volatile(&raw mut (*c).backend_addr, v.backend_addr);
+        core::ptr::write_volatile(&raw mut (*c).snat_addr, v.snat_addr);
+        core::ptr::write_volatile(&raw mut (*c).backend_port, v.backend_port);
+        core::ptr::write_volatile(&raw mut (*c).snat_port, v.snat_port);
+        core::ptr::write_volatile(&raw mut (*c).flags, v.flags);
+        core::ptr::write_volatile(&raw mut (*c).backend_gen, v.backend_gen);
+        core::ptr::write_volatile(&raw mut (*c).created_ns, v.created_ns);
+        core::ptr::write_volatile(&raw mut (*c).last_seen_ns, v.last_seen_ns);
+        core::ptr::write_volatile(&raw mut (*c).state, v.state);
+    }
 }
 
 /// Records a packet of a tracked connection; `reply` says which direction it went.
@@ -154,9 +180,24 @@ pub fn revnat_refreshed(r: *mut RevNat6Value, flags: u32, now: u64) {
     }
 }
 
-/// Installs the reverse-NAT entry for replies arriving with tuple `reply`.
+/// Installs the reverse-NAT entry for replies arriving with tuple `reply`. `reused`: the
+/// connection's tuple had an entry, so the reply tuple most likely has one of the same client
+/// and frontend, which is then refreshed in place (see [`crate::ct::claim_revnat`]).
 #[inline(always)]
-pub fn create_revnat(reply: &Tuple6, v: &RevNat6Value) -> Result<(), Reason> {
+pub fn claim_revnat(reply: &Tuple6, v: &RevNat6Value, reused: bool) -> Result<(), Reason> {
+    if reused
+        && let Some(old) = revnat_ptr(reply)
+        // SAFETY: valid map value pointer; the fields are read one by one.
+        && unsafe {
+            (*old).frontend_addr == v.frontend_addr
+                && (*old).frontend_port == v.frontend_port
+                && (*old).client_addr == v.client_addr
+                && (*old).client_port == v.client_port
+        }
+    {
+        revnat_refreshed(old, v.flags, v.last_seen_ns);
+        return Ok(());
+    }
     kp_rnat6.insert(reply, v, 0).map_err(|_| Reason::DropCtInsert)
 }
 

@@ -177,6 +177,11 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     }
     let orig = hook != Hook::ToPod && maps6::hinted6(hints::FRONTEND, &p.daddr, p.proto, p.dport);
     if orig {
+        if syn_only(&p) {
+            // A new connection, or a client reusing its port: the slow path (see
+            // `flow::fast_path`).
+            return Ok(tail(new_call(hook)));
+        }
         if !maps::ready() {
             return Ok(not_ready());
         }
@@ -190,10 +195,6 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         if let Some(ctp) = ct6::lookup(&t, now) {
             // The entry's fields are read in place where they are needed (no copy of the
             // whole entry on the stack).
-            // SAFETY: valid map value pointer.
-            if syn_only(&p) && unsafe { (*ctp).state } >= ct_state::CLOSING {
-                return Ok(tail(new_call(hook)));
-            }
             let Some(local) = backend_local(ctp) else {
                 // The backend went away: re-balanced or reset by the slow path.
                 return Ok(tail(new_call(hook)));
@@ -615,6 +616,10 @@ fn new_conn(
     now: u64,
     reason: Reason,
 ) -> Result<Next, Reason> {
+    // The entry the tuple still has (a closed or expired connection's, a client reusing its
+    // port): taken over in place, as for IPv4 (`flow::new_conn`). The slow path has just looked
+    // the tuple up, so this lookup finds its bucket in the cache.
+    let old = ct6::entry(t);
     let (id, be) = lb6::pick(key, svc, t, now)?;
     let local = be.flags & backend_flags::LOCAL != 0;
     // Hairpin: a pod balanced to itself (see `flow::new_conn`).
@@ -651,7 +656,7 @@ fn new_conn(
         }
     } else {
         sc.reply = ct6::tuple(&be.addr, &p.saddr, be.port, p.sport, p.proto);
-        ct6::create_revnat(&sc.reply, &sc.rn)?;
+        ct6::claim_revnat(&sc.reply, &sc.rn, old.is_some())?;
     }
     let e = &mut sc.ct;
     *e = Ct6Value {
@@ -667,7 +672,10 @@ fn new_conn(
         created_ns: now,
         last_seen_ns: now,
     };
-    ct6::create(t, e)?;
+    match old {
+        Some(ctp) => ct6::reopen(ctp, e),
+        None => ct6::create(t, e)?,
+    }
     let to = if hairpin {
         To::Bounce
     } else if hook.external() && !local {
@@ -693,6 +701,14 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now
         };
         (n, (*rnp).flags, (*rnp).last_seen_ns)
     };
+    if hook == Hook::FromPod
+        && fl & (rnat_flags::TO_POD | rnat_flags::REPLY_FIB) == rnat_flags::TO_POD
+        && n.daddr != p.saddr
+    {
+        // A local backend's reply to a pod of this node: passed before any refresh, the
+        // client pod's hook refreshes and translates it (see `flow::reply_translated`).
+        return Next::done(Verdict::PASS, Reason::PassReplyToPod);
+    }
     // The connection entry is refreshed by the first reply, by replies carrying SYN, FIN or
     // RST, and at most once a second otherwise, as for IPv4 (`flow::reply_translated`).
     let control = p.proto == proto::TCP

@@ -210,6 +210,67 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
     );
 }
 
+/// A client reusing its port opens a new connection on the entries of its closed one, as for
+/// IPv4 (`a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries`): the
+/// connection entry is taken over in place (not counted as created), restarted, and the
+/// reverse-NAT entry starts over; onto another backend, the replies get an entry of their own.
+#[test]
+fn ipv6_a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries() {
+    let mut env = Env::new();
+    env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+    env.backend6(2, BE6_2, backend_flags::LOCAL, proto::TCP);
+    env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
+    let fin = Frame6::tcp(sa6(POD6), sa6(CIP6), FIN | ACK);
+    let mut created = 0;
+    for (round, be) in [BE6_1, BE6_1, BE6_2].into_iter().enumerate() {
+        if round == 2 {
+            env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
+        }
+        let be_addr = to_addr6(*sa6(be).ip());
+        let before = env.maps.conntrack6().unwrap();
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_frame6(&out, &syn.clone().with_dst(sa6(be)));
+        let ct = env.maps.conntrack6().unwrap();
+        assert_eq!(ct.len(), 1, "round {round}");
+        let e = ct[0].1;
+        assert_eq!(e.state, ct_state::NEW, "round {round}");
+        assert_eq!(e.backend_addr, be_addr, "round {round}");
+        if let Some((_, old)) = before.first() {
+            assert!(e.created_ns > old.created_ns, "round {round}: a new connection");
+        } else {
+            created += 1;
+        }
+        assert_eq!(env.maps.ct_counters6().unwrap()[0], created, "round {round}");
+        let rn = env.maps.revnat6().unwrap();
+        let (_, r) = rn.iter().find(|(k, _)| k.saddr == be_addr).unwrap();
+        assert_eq!(r.flags, rnat_flags::TO_POD, "round {round}");
+
+        let synack = Frame6::tcp(sa6(be), sa6(POD6), SYN | ACK);
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
+        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "to the stack untouched");
+        let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_frame6(&out, &synack.clone().with_src(sa6(CIP6)));
+        assert_eq!(env.maps.conntrack6().unwrap()[0].1.state, ct_state::ESTABLISHED);
+        let (v, _) = env.tc(names::PROG_TC_FROM_POD, &fin.build());
+        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(env.maps.conntrack6().unwrap()[0].1.state, ct_state::CLOSING);
+    }
+    // The closed connection's entry for replies from the first backend stays until it expires.
+    assert_eq!(env.maps.revnat6().unwrap().len(), 2);
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 3),
+            (Reason::TranslatedEstablished, 3),
+            (Reason::PassReplyToPod, 3),
+            (Reason::ReplyTranslated, 3),
+        ],
+    );
+}
+
 /// On a kernel whose checksum helper refuses `BPF_F_IPV6` (5.10; 6.16 and the 6.1 and 6.12
 /// stable kernels have it) the agent says so (`cfg_flags::NO_L4_CSUM_IPV6`) and TC calls the
 /// helper without the flag straight away: the same translations, checksums checked by
