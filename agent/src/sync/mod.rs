@@ -1013,15 +1013,19 @@ impl Syncer {
         if let Some(d6) = dp.as_v6() {
             s.v6 = v6::Syncer6::adopt(d6)?;
         }
-        for (k, v) in dp.services().map_err(SyncError::Read)? {
-            s.shadow.insert_service(k, v);
-        }
-        // The slots' counts are in already. In increasing order, so that the ids of a map written
-        // with dense ids land in the shadow's vector.
+        // The backends before the slots that name them, in increasing id order: the shadow's
+        // vector grows with the backends held, so the ids of a map written with dense ids land
+        // in it. Slots first counted every id in the table of far ids while none was held yet:
+        // 300,000 entries at 30,000 services x 10 endpoints, a table of 11 MB that stayed
+        // allocated, empty, once the backends moved the ids to the vector (RSS 72-76 MiB after a
+        // restart over a 30,000-service run's maps, 61-62 MiB after a clean start).
         let mut held = dp.backends().map_err(SyncError::Read)?;
         held.sort_unstable_by_key(|(id, _)| *id);
         for (id, b) in held {
             s.shadow.backends.insert(id, b);
+        }
+        for (k, v) in dp.services().map_err(SyncError::Read)? {
+            s.shadow.insert_service(k, v);
         }
         s.shadow.unreferenced.clear();
         for r in dp.source_ranges().map_err(SyncError::Read)? {
