@@ -29,6 +29,40 @@ pub fn tuple(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Tuple
     t
 }
 
+/// Stores every field of the connection entry `$v` into the map value at `$c` (both families),
+/// one whole-field volatile store each, the state last. Unsafe: `$c` must be a valid map value
+/// pointer.
+macro_rules! reopen_fields {
+    ($c:expr, $v:expr) => {{
+        let (c, v) = ($c, $v);
+        core::ptr::write_volatile(&raw mut (*c).backend_id, v.backend_id);
+        core::ptr::write_volatile(&raw mut (*c).svc_id, v.svc_id);
+        core::ptr::write_volatile(&raw mut (*c).backend_addr, v.backend_addr);
+        core::ptr::write_volatile(&raw mut (*c).snat_addr, v.snat_addr);
+        core::ptr::write_volatile(&raw mut (*c).backend_port, v.backend_port);
+        core::ptr::write_volatile(&raw mut (*c).snat_port, v.snat_port);
+        core::ptr::write_volatile(&raw mut (*c).flags, v.flags);
+        core::ptr::write_volatile(&raw mut (*c).backend_gen, v.backend_gen);
+        core::ptr::write_volatile(&raw mut (*c).created_ns, v.created_ns);
+        core::ptr::write_volatile(&raw mut (*c).last_seen_ns, v.last_seen_ns);
+        core::ptr::write_volatile(&raw mut (*c).state, v.state);
+    }};
+}
+pub(crate) use reopen_fields;
+
+/// Whether the reverse-NAT entry at `$old` names the client and frontend of `$v` (both
+/// families), its fields read one by one. Unsafe: `$old` must be a valid map value pointer.
+macro_rules! same_client_and_frontend {
+    ($old:expr, $v:expr) => {{
+        let (o, v) = ($old, $v);
+        (*o).frontend_addr == v.frontend_addr
+            && (*o).frontend_port == v.frontend_port
+            && (*o).client_addr == v.client_addr
+            && (*o).client_port == v.client_port
+    }};
+}
+pub(crate) use same_client_and_frontend;
+
 /// The live connection entry of an original tuple (expired entries count as absent).
 #[inline(always)]
 pub fn lookup(t: &Tuple4, now: u64) -> Option<*mut Ct4Value> {
@@ -171,20 +205,8 @@ pub fn create(t: &Tuple4, v: &Ct4Value) -> Result<(), Reason> {
 /// a packet of it that another CPU reads meanwhile has nowhere better to go.
 #[inline(always)]
 pub fn reopen(c: *mut Ct4Value, v: &Ct4Value) {
-    // SAFETY: valid map value pointer; whole-field volatile stores.
-    unsafe {
-        core::ptr::write_volatile(&raw mut (*c).backend_id, v.backend_id);
-        core::ptr::write_volatile(&raw mut (*c).svc_id, v.svc_id);
-        core::ptr::write_volatile(&raw mut (*c).backend_addr, v.backend_addr);
-        core::ptr::write_volatile(&raw mut (*c).snat_addr, v.snat_addr);
-        core::ptr::write_volatile(&raw mut (*c).backend_port, v.backend_port);
-        core::ptr::write_volatile(&raw mut (*c).snat_port, v.snat_port);
-        core::ptr::write_volatile(&raw mut (*c).flags, v.flags);
-        core::ptr::write_volatile(&raw mut (*c).backend_gen, v.backend_gen);
-        core::ptr::write_volatile(&raw mut (*c).created_ns, v.created_ns);
-        core::ptr::write_volatile(&raw mut (*c).last_seen_ns, v.last_seen_ns);
-        core::ptr::write_volatile(&raw mut (*c).state, v.state);
-    }
+    // SAFETY: valid map value pointer.
+    unsafe { reopen_fields!(c, v) };
 }
 
 /// Removes the connection entry of `t` (counted as `ct_counter::DELETED_DATAPATH`).
@@ -259,13 +281,8 @@ pub fn claim_revnat(
 ) -> Result<bool, Reason> {
     if reused
         && let Some(old) = revnat_ptr(reply)
-        // SAFETY: valid map value pointer; the fields are read one by one.
-        && unsafe {
-            (*old).frontend_addr == v.frontend_addr
-                && (*old).frontend_port == v.frontend_port
-                && (*old).client_addr == v.client_addr
-                && (*old).client_port == v.client_port
-        }
+        // SAFETY: valid map value pointer.
+        && unsafe { same_client_and_frontend!(old, v) }
     {
         revnat_refreshed(old, v.flags, v.last_seen_ns);
         return Ok(true);

@@ -84,20 +84,8 @@ pub fn entry(t: &Tuple6) -> Option<*mut Ct6Value> {
 /// place (see [`crate::ct::reopen`]).
 #[inline(always)]
 pub fn reopen(c: *mut Ct6Value, v: &Ct6Value) {
-    // SAFETY: valid map value pointer; whole-field volatile stores.
-    unsafe {
-        core::ptr::write_volatile(&raw mut (*c).backend_id, v.backend_id);
-        core::ptr::write_volatile(&raw mut (*c).svc_id, v.svc_id);
-        core::ptr::write_volatile(&raw mut (*c).backend_addr, v.backend_addr);
-        core::ptr::write_volatile(&raw mut (*c).snat_addr, v.snat_addr);
-        core::ptr::write_volatile(&raw mut (*c).backend_port, v.backend_port);
-        core::ptr::write_volatile(&raw mut (*c).snat_port, v.snat_port);
-        core::ptr::write_volatile(&raw mut (*c).flags, v.flags);
-        core::ptr::write_volatile(&raw mut (*c).backend_gen, v.backend_gen);
-        core::ptr::write_volatile(&raw mut (*c).created_ns, v.created_ns);
-        core::ptr::write_volatile(&raw mut (*c).last_seen_ns, v.last_seen_ns);
-        core::ptr::write_volatile(&raw mut (*c).state, v.state);
-    }
+    // SAFETY: valid map value pointer.
+    unsafe { crate::ct::reopen_fields!(c, v) };
 }
 
 /// Records a packet of a tracked connection; `reply` says which direction it went.
@@ -187,13 +175,8 @@ pub fn revnat_refreshed(r: *mut RevNat6Value, flags: u32, now: u64) {
 pub fn claim_revnat(reply: &Tuple6, v: &RevNat6Value, reused: bool) -> Result<(), Reason> {
     if reused
         && let Some(old) = revnat_ptr(reply)
-        // SAFETY: valid map value pointer; the fields are read one by one.
-        && unsafe {
-            (*old).frontend_addr == v.frontend_addr
-                && (*old).frontend_port == v.frontend_port
-                && (*old).client_addr == v.client_addr
-                && (*old).client_port == v.client_port
-        }
+        // SAFETY: valid map value pointer.
+        && unsafe { crate::ct::same_client_and_frontend!(old, v) }
     {
         revnat_refreshed(old, v.flags, v.last_seen_ns);
         return Ok(());
