@@ -80,8 +80,15 @@ pub fn entry(t: &Tuple4) -> Option<*mut Ct4Value> {
 pub fn live(v: *mut Ct4Value, proto_: u8, now: u64) -> bool {
     // SAFETY: valid map value pointer.
     let c = unsafe { &*v };
+    unexpired(c.last_seen_ns, proto_, c.state, now)
+}
+
+/// Whether a connection entry (either family) of protocol `proto_` in `state`, last seen at
+/// `last_seen_ns`, has not expired at `now`.
+#[inline(always)]
+pub fn unexpired(last_seen_ns: u64, proto_: u8, state: u8, now: u64) -> bool {
     // Saturating: the fast path's clock may be a little behind a timestamp another CPU wrote.
-    now.saturating_sub(c.last_seen_ns) <= timeouts::for_state(proto_, c.state)
+    now.saturating_sub(last_seen_ns) <= timeouts::for_state(proto_, state)
 }
 
 /// Records a packet of a tracked connection; `reply` says which direction it went. The entry is

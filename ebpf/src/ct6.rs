@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use kproxy_common::{
     Addr6, Ct6Value, Frag6Key, Frag6Value, NodeConfig, Reason, RevNat6Value, Tuple6, ct_counter,
-    ct_flags, ct_state, frag, proto, timeouts,
+    ct_flags, ct_state, frag, proto,
 };
 
 use crate::{
@@ -67,11 +67,7 @@ pub fn lookup(t: &Tuple6, now: u64) -> Option<*mut Ct6Value> {
     let v = entry(t)?;
     // SAFETY: valid map value pointer.
     let c = unsafe { &*v };
-    // Saturating: the fast path's clock may be a little behind a timestamp another CPU wrote.
-    if now.saturating_sub(c.last_seen_ns) > timeouts::for_state(t.proto, c.state) {
-        return None;
-    }
-    Some(v)
+    crate::ct::unexpired(c.last_seen_ns, t.proto, c.state, now).then_some(v)
 }
 
 /// The connection entry of an original tuple, expired or not.

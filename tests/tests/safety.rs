@@ -429,8 +429,8 @@ fn one_client_port_through_two_cluster_ips_to_one_backend() {
 /// do) keeps serving ClusterIPs to its pods, with remote and local backends, TCP, UDP and the
 /// backend's ICMP errors, and counts nothing invalid: the replies cross the node's stack as the
 /// backend sent them (the stack's conntrack sees one connection, pod ↔ backend, in both
-/// directions) and are translated back where they enter the client's pod. Translated before the stack, every reply
-/// (frontend → pod) was invalid to it and dropped there.
+/// directions) and are translated back where they enter the client's pod. Translated before the
+/// stack, every reply (frontend → pod) was invalid to it and dropped there.
 #[test]
 fn a_firewall_dropping_invalid_packets_keeps_cluster_ips_working() {
     let mut s = Setup::new("ctinvalid");

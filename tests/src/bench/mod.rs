@@ -658,8 +658,8 @@ pub const BPF_STATS_EMPTY: &str = "empty_ns";
 /// pod veths or its external device (tcx links, Linux 6.6+; tcx programs run before the clsact
 /// filters kproxy attaches): two per hook, each a (metric, program name). The second runs
 /// directly before kproxy's program, on the same packets, after another program ran (as
-/// kproxy's does): it is the floor of kproxy's figures on that hook. The first one shows what running first costs (the colder
-/// caches of the kernel's own timing).
+/// kproxy's does): it is the floor of kproxy's figures on that hook. The first one shows what
+/// running first costs (the colder caches of the kernel's own timing).
 pub struct EmptyTcHook {
     /// The metric of kproxy's program on the hook.
     pub of: &'static str,
