@@ -669,9 +669,12 @@ fn recreated_nodeport_device_is_attached_again() {
 
 /// A full map is reported: a metric by map, its fill level, a log line naming the service; the
 /// services already programmed keep working and the one that did not fit is not half-written.
+/// Restarted with a larger `--max-backends`, the agent copies the map into one of that capacity:
+/// the service that did not fit is served, a connection open across the restart goes on.
 #[test]
 fn full_backend_map_is_counted_by_map_and_keeps_the_rest_serving() {
-    let s = Setup::with_args("full", &["--max-backends", "3", "--map-stats-interval-secs", "1"]);
+    let mut s =
+        Setup::with_args("full", &["--max-backends", "3", "--map-stats-interval-secs", "1"]);
     s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 0)]);
     let pod = s.lab.pod(0, 2).unwrap().ns.clone();
     wait_served(&pod, VIP);
@@ -695,6 +698,19 @@ fn full_backend_map_is_counted_by_map_and_keeps_the_rest_serving() {
         tcp_request(&pod, VIP2, 80, Duration::from_millis(500)).is_err(),
         "the service that did not fit answers"
     );
+
+    let (mut session, first) = TcpSession::connect(&pod, VIP, 80, T).expect("session");
+    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("stop");
+    let at = s.extra.iter().position(|a| a == "--max-backends").unwrap();
+    s.extra[at + 1] = "16".into();
+    s.agents[0] = Some(s.start_agent(0));
+    assert_eq!(max_entries(&s, 0, kproxy_common::names::BACKENDS4), 16);
+    log_until(&s, 0, &["map resized, its entries copied", "map=\"kp_be4\"", "from=3", "to=16"]);
+    assert_eq!(session.request().expect("across the resize"), first);
+    wait_served(&pod, VIP2);
+    for _ in 0..5 {
+        tcp_request(&pod, VIP, 80, T).expect("the service that fit before");
+    }
 }
 
 /// An external device that went away while no agent ran leaves an XDP link pin; the next agent

@@ -450,6 +450,71 @@ fn full_map_reports_full() {
     env.maps.delete_backend(99).unwrap();
 }
 
+/// A new `--max-services` / `--max-backends` at the next start: the maps the agent writes are
+/// copied into maps of the new capacity, pinned in their place, and the new programs serve what
+/// was programmed, the connections tracked before included; the connection-tracking map (the
+/// datapath writes it) keeps its capacity; a capacity below what a map holds is not taken; a
+/// resize that stopped halfway is undone by the next load.
+#[test]
+fn a_new_capacity_of_the_services_and_backends_maps_is_taken_by_copying_them() {
+    let small = MapSizes { services: 4, backends: 2, conntrack: 64, affinity: 8, ipv6: true };
+    let mut env = Env::with_sizes(&small);
+    env.backend(1, BE1, 0, proto::TCP);
+    env.backend(2, BE2, 0, proto::TCP);
+    env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1, 2], 1);
+    let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+    let backend = frames::decode(&out).unwrap().daddr;
+    let v1 = env.dir.join("v1");
+    let cap = |name: &str| {
+        aya::maps::MapData::from_pin(v1.join(name)).unwrap().info().unwrap().max_entries()
+    };
+
+    let big = MapSizes { services: 64, backends: 32, conntrack: 128, ..small };
+    let dp = Datapath::load(&env.dir, &big).unwrap();
+    assert_eq!((cap(names::SERVICES4), cap(names::BACKENDS4)), (64, 32));
+    assert_eq!(cap(names::CT4), 64, "the datapath's own maps keep their capacity");
+    for name in [names::SERVICES4, names::BACKENDS4] {
+        assert!(!v1.join(format!("{name}-resizing")).exists(), "{name} left set aside");
+    }
+    env.lease.loaded.as_mut().unwrap().dp = dp;
+    env.maps = env.dp().dataplane().unwrap();
+    assert_eq!(env.maps.services().unwrap().len(), 3);
+    assert_eq!(env.maps.backends().unwrap().len(), 2);
+    // The tracked connection goes on to its backend through the new programs and maps, and a
+    // new one is balanced.
+    let ack = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+    assert_eq!(frames::decode(&out).unwrap().daddr, backend);
+    let syn2 = Frame::tcp(sa("198.18.100.10:41001"), sa(CIP), SYN);
+    let (_, out) = env.tc(names::PROG_TC_FROM_POD, &syn2.build());
+    let d = frames::decode(&out).unwrap().daddr;
+    assert!([BE1, BE2].iter().any(|b| *sa(b).ip() == d), "{d}");
+    // Room for what did not fit before.
+    env.backend(3, "198.18.100.13:8080", 0, proto::TCP);
+
+    // Below the entries held: the map keeps its capacity.
+    let tiny = MapSizes { services: 2, backends: 2, ..big };
+    drop(Datapath::load(&env.dir, &tiny).unwrap());
+    assert_eq!((cap(names::SERVICES4), cap(names::BACKENDS4)), (64, 32));
+
+    // A resize that stopped after setting the map aside: the next load puts it back (the
+    // partial map at the pin goes) and resizes again.
+    let pin = v1.join(names::BACKENDS4);
+    std::fs::rename(&pin, v1.join(format!("{}-resizing", names::BACKENDS4))).unwrap();
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "hash", "key", "4", "value", "8", "entries", "16", "name", "kp_be4"])
+        .status()
+        .expect("bpftool");
+    assert!(st.success());
+    let again = MapSizes { backends: 48, ..big };
+    let dp = Datapath::load(&env.dir, &again).unwrap();
+    assert_eq!(cap(names::BACKENDS4), 48);
+    assert_eq!(dp.dataplane().unwrap().backends().unwrap().len(), 3);
+}
+
 /// Without eBPF host routing, the replies of a pod's connections cross the node's stack
 /// untranslated (`rnat_flags::TO_POD`): `kp_tc_to_pod` restores them whatever device they
 /// arrived on, one carrying kproxy's programs (`kp_hookdevs`) included. With host routing it

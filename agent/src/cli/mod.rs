@@ -226,9 +226,13 @@ pub struct AgentArgs {
     #[arg(long)]
     pub enable_ipv6: bool,
     /// Capacity of the services map (service entries plus backend slots) [default: 262144].
+    /// A new value takes effect at the agent's next start, over the pinned map: its entries are
+    /// copied into a map of the new capacity before the programs are replaced (no connection is
+    /// dropped); a value below the entries it holds is refused with a warning.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_services: Option<u32>,
-    /// Capacity of the backends map [default: 262144].
+    /// Capacity of the backends map [default: 262144]. Changed at the next start the way
+    /// --max-services is.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_backends: Option<u32>,
     /// Capacity of the connection-tracking map (and of the reverse-NAT map; the socket-LB map

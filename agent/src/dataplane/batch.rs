@@ -233,6 +233,42 @@ pub fn collect<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     Ok(out)
 }
 
+/// Copies every entry of the hash map `from` into the map `to` (same key and value sizes:
+/// `key_size`, `value_size` bytes), [`CHUNK`] per system call each way; returns how many. Stops
+/// at the first entry `to` refuses (full), with everything before it copied.
+pub fn copy(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<u64> {
+    let mut copied = 0u64;
+    let mut failed = None;
+    walk_raw(from, key_size, value_size, |keys, values, n| {
+        if failed.is_some() || n == 0 {
+            return;
+        }
+        let mut attr = sys::attr();
+        attr.batch.map_fd = to.as_raw_fd() as u32;
+        attr.batch.keys = keys.as_ptr() as u64;
+        attr.batch.values = values.as_ptr() as u64;
+        attr.batch.count = n as u32;
+        // SAFETY: `n` keys and values of the map's sizes, alive across the call.
+        match unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) } {
+            Ok(_) => copied += n as u64,
+            Err(e) => {
+                // SAFETY: the kernel wrote back how many elements it applied.
+                copied += (unsafe { attr.batch.count } as u64).min(n as u64);
+                failed = Some(e);
+            }
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(copied),
+    }
+}
+
 /// Number of entries of the hash map `fd` (keys of `key_size`, values of `value_size` bytes).
 pub fn count(fd: BorrowedFd<'_>, key_size: usize, value_size: usize) -> io::Result<u64> {
     let mut n = 0u64;
@@ -287,6 +323,24 @@ mod tests {
             assert_eq!(count(fd.as_fd(), 4, 8).unwrap(), u64::from(n / 2), "type {ty}");
             assert!(contents(&fd).keys().all(|k| k % 2 == 1));
         }
+    }
+
+    #[test]
+    fn a_copy_moves_every_entry_and_stops_where_the_target_is_full() {
+        let n = 9_000u32;
+        let (Some(from), Some(to), Some(small)) =
+            (bpf_map(HASH, n), bpf_map(HASH, 2 * n), bpf_map(HASH, 100))
+        else {
+            eprintln!("skipped: cannot create BPF maps (not root?)");
+            return;
+        };
+        let items: Vec<(u32, u64)> = (0..n).map(|k| (k, u64::from(k) + 7)).collect();
+        update(from.as_fd(), &items).unwrap();
+        assert_eq!(copy(from.as_fd(), to.as_fd(), 4, 8).unwrap(), u64::from(n));
+        assert_eq!(contents(&to), contents(&from));
+        let err = copy(from.as_fd(), small.as_fd(), 4, 8).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::E2BIG), "{err}");
+        assert_eq!(count(small.as_fd(), 4, 8).unwrap(), 100);
     }
 
     /// The value at `key` in the map `fd` (`BPF_MAP_LOOKUP_ELEM`), `None` when absent.

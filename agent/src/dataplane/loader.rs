@@ -328,6 +328,116 @@ fn release_object_pages(object: &'static [u8]) {
     }
 }
 
+/// The maps whose whole content the agent writes (services and backends, both families): a new
+/// capacity (`--max-services`, `--max-backends`, IPv6 switched off) is taken at load by copying
+/// the pinned map into a new one of that capacity, pinned in its place before any program that
+/// uses it is attached, so that nothing programmed is lost and no connection is dropped. The
+/// maps the datapath writes (connection tracking, reverse NAT, affinity, socket LB) keep their
+/// pinned capacity: packets change them while a copy would run.
+const RESIZED_BY_COPY: [&str; 4] =
+    [names::SERVICES4, names::BACKENDS4, names::SERVICES6, names::BACKENDS6];
+
+/// Where a map being resized waits, set aside, until its entries are in the new map (`-`: bpffs
+/// refuses names with a dot).
+fn set_aside_path(pin: &Path) -> PathBuf {
+    let mut p = pin.as_os_str().to_owned();
+    p.push("-resizing");
+    PathBuf::from(p)
+}
+
+/// Puts back a map a resize set aside and did not finish (the agent stopped during the copy):
+/// it holds what was programmed, the new map at the pin may be partial.
+fn restore_set_aside(pin: &Path) -> anyhow::Result<()> {
+    let aside = set_aside_path(pin);
+    if !aside.exists() {
+        return Ok(());
+    }
+    if pin.exists() {
+        std::fs::remove_file(pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    std::fs::rename(&aside, pin)
+        .with_context(|| format!("restoring {} from {}", pin.display(), aside.display()))?;
+    warn!(pin = %pin.display(), "an unfinished map resize was undone");
+    Ok(())
+}
+
+/// One map of [`RESIZED_BY_COPY`] taking a new capacity.
+struct Resize {
+    spec: MapSpec,
+    pin: PathBuf,
+    aside: PathBuf,
+    from: u32,
+    to: u32,
+    entries: u64,
+}
+
+impl Resize {
+    /// Sets the pinned map (`data`, `max` entries) aside for a new one of `want` entries, or
+    /// `None` (the pinned map is reused as it is) when it holds more entries than `want`.
+    fn prepare(
+        spec: &MapSpec,
+        pin: &Path,
+        data: &aya::maps::MapData,
+        max: u32,
+        want: u32,
+    ) -> anyhow::Result<Option<Self>> {
+        use std::os::fd::AsFd as _;
+        let fd = data.fd().as_fd();
+        let entries = super::batch::count(fd, spec.key_size as usize, spec.value_size as usize)
+            .with_context(|| format!("counting the entries of {}", pin.display()))?;
+        if entries > u64::from(want) {
+            warn!(
+                map = spec.name,
+                pinned = max,
+                requested = want,
+                entries,
+                "reusing pinned map with its existing capacity: it holds more entries than \
+                 requested"
+            );
+            return Ok(None);
+        }
+        let aside = set_aside_path(pin);
+        std::fs::rename(pin, &aside)
+            .with_context(|| format!("setting {} aside for a resize", pin.display()))?;
+        Ok(Some(Self { spec: *spec, pin: pin.to_owned(), aside, from: max, to: want, entries }))
+    }
+
+    /// Copies the entries of the map set aside into the new one at the pin.
+    fn copy(&self) -> anyhow::Result<()> {
+        use std::os::fd::AsFd as _;
+        let open = |p: &Path| {
+            aya::maps::MapData::from_pin(p).with_context(|| format!("opening {}", p.display()))
+        };
+        let (old, new) = (open(&self.aside)?, open(&self.pin)?);
+        let (ks, vs) = (self.spec.key_size as usize, self.spec.value_size as usize);
+        let copied = super::batch::copy(old.fd().as_fd(), new.fd().as_fd(), ks, vs)
+            .with_context(|| format!("copying {} into its resized map", self.spec.name))?;
+        info!(
+            map = self.spec.name,
+            from = self.from,
+            to = self.to,
+            entries = copied,
+            counted = self.entries,
+            "map resized, its entries copied"
+        );
+        Ok(())
+    }
+
+    /// Drops the map set aside (the programs still attached keep it until they are replaced).
+    fn finish(&self) {
+        if let Err(e) = std::fs::remove_file(&self.aside) {
+            warn!(pin = %self.aside.display(), error = %e, "removing a resized map's old pin");
+        }
+    }
+
+    /// Puts the map set aside back at its pin.
+    fn undo(&self) {
+        if let Err(e) = restore_set_aside(&self.pin) {
+            warn!(pin = %self.pin.display(), error = format!("{e:#}"), "undoing a map resize");
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
     /// match the ABI (type, key and value size), creating and pinning them otherwise.
@@ -347,9 +457,11 @@ impl Datapath {
             || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6);
         let pins: Vec<(&'static str, PathBuf)> =
             specs().map(|s| (s.name, dir.join(s.name))).collect();
+        let mut resized: Vec<Resize> = Vec::new();
         for (spec, (name, pin)) in specs().zip(&pins) {
+            restore_set_aside(pin)?;
             if pin.exists() {
-                let (_, max) = check_pinned(pin, spec)?;
+                let (data, max) = check_pinned(pin, spec)?;
                 let want = sizes.of(name);
                 if sizes.ipv6 && max == IPV6_OFF_ENTRIES && IPV6_SIZED.contains(name) {
                     // Created while IPv6 was off: never written, so it is replaced by a map of
@@ -357,15 +469,23 @@ impl Datapath {
                     std::fs::remove_file(pin)
                         .with_context(|| format!("removing {}", pin.display()))?;
                     info!(map = name, "IPv6 switched on: map recreated with its full capacity");
+                } else if let Some(want) = want
+                    && want != max
+                    && RESIZED_BY_COPY.contains(name)
+                    && let Some(r) = Resize::prepare(spec, pin, &data, max, want)?
+                {
+                    resized.push(r);
                 } else {
                     if let Some(want) = want
                         && want != max
+                        && !RESIZED_BY_COPY.contains(name)
                     {
                         warn!(
                             map = name,
                             pinned = max,
                             requested = want,
-                            "reusing pinned map with its existing capacity (cleanup to resize)"
+                            "reusing pinned map with its existing capacity (the datapath writes \
+                             it: `kproxy cleanup` to resize, which drops the tracked connections)"
                         );
                     }
                     debug!(map = name, "reusing pinned map");
@@ -379,7 +499,26 @@ impl Datapath {
             loader.map_pin_path(name, pin.as_path());
         }
         let fresh_hints = !dir.join(names::ADDR_BITS).exists();
-        let mut ebpf = loader.load(crate::EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = match loader.load(crate::EBPF_OBJECT) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                for r in &resized {
+                    r.undo();
+                }
+                return Err(e).context("loading the eBPF object");
+            }
+        };
+        // Before any program that uses the new maps is attached; the maps set aside go only
+        // once every copy is complete.
+        if let Err(e) = resized.iter().try_for_each(Resize::copy) {
+            for r in &resized {
+                r.undo();
+            }
+            return Err(e);
+        }
+        for r in &resized {
+            r.finish();
+        }
         let tc_progs = || {
             [names::PROG_TC_EXT, names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD]
                 .into_iter()
