@@ -778,6 +778,7 @@ NodePort runs of {} ms.\n",
             );
         }
     }
+    latency_conn_stats(&mut s, f, c);
     s.push_str("\n![latency](latency_vs_services.png)\n\n");
 
     let samples: Vec<f64> = f
@@ -1230,4 +1231,57 @@ fn e2e_section(r: &Results) -> String {
     }
     s.push_str("\n\"Change → programmed\" is the agent's whole share: the notification (watch event or inotify), the coalescing window, reading the change (the manifest directory is listed and the new file parsed), the sync (the map writes) and its bookkeeping. \"Programmed → first reply\" is the probe's: the next new connection after the maps hold the service (up to 1 ms) and its round trip. Every sample above 20 ms is listed in the notes at the end with when its answered connection started and how the probe's earlier attempts ended (refused, reset, unanswered), and for kproxy at rest when the agent's sync ended: a late sync, a datapath that refused or lost the first connections after it, and a stalled probe read apart there.\n\n");
     s
+}
+
+/// `--only-latency`: the kproxy programs' run time per connection of the latency load (bpf_stats,
+/// a second run of the same load), by system and program, with how often each ran.
+fn latency_conn_stats(s: &mut String, f: &[Figure], c: &super::Config) {
+    let mut programs: Vec<&str> = f
+        .iter()
+        .filter(|x| x.item == "1-latency")
+        .filter_map(|x| x.metric.strip_prefix("bpf_ns_per_conn."))
+        .collect();
+    programs.sort_unstable();
+    programs.dedup();
+    if programs.is_empty() {
+        return;
+    }
+    let mut rows = String::new();
+    for &n in &c.scales {
+        let n = n as u64;
+        let mut systems: Vec<&str> = f
+            .iter()
+            .filter(|x| x.item == "1-latency" && x.metric == "bpf_ns_per_conn" && x.n == n)
+            .map(|x| x.system.as_str())
+            .collect();
+        systems.dedup();
+        for sys in systems {
+            let per = |p: &str| {
+                let ns = median(f, "1-latency", &format!("bpf_ns_per_conn.{p}"), sys, n, "");
+                let runs = median(f, "1-latency", &format!("runs_per_conn.{p}"), sys, n, "");
+                match (ns, runs) {
+                    (Some(ns), Some(runs)) if runs > 0.0 => {
+                        format!("{ns:.0} ns ({runs:.1} × {:.0} ns)", ns / runs)
+                    }
+                    _ => "—".into(),
+                }
+            };
+            let total = median(f, "1-latency", "bpf_ns_per_conn", sys, n, "");
+            let cells: Vec<String> = programs.iter().map(|p| per(p)).collect();
+            let _ = writeln!(
+                rows,
+                "| {} | {sys} | {} | {} |",
+                thousands(n),
+                total.map_or("—".into(), |t| format!("{t:.0} ns")),
+                cells.join(" | ")
+            );
+        }
+    }
+    let head: Vec<String> = programs.iter().map(|p| format!("`{p}`")).collect();
+    let _ = write!(
+        s,
+        "\nWhere kproxy's part of a connection goes (bpf_stats, a second run of the same load with statistics on; median over the repetitions): the programs' run time per connection, each as runs per connection × time per run. A tail-called program's time is its caller's; the kernel's timing of each run (two clock reads) is included, so the sum is above what the latency run paid.\n\n| Services | System | All programs | {} |\n|---|---|---|{}\n{rows}",
+        head.join(" | "),
+        "---|".repeat(programs.len()),
+    );
 }
