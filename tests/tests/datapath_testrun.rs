@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -413,19 +413,26 @@ fn per_packet_programs_call_no_bytewise_memory_subprogram() {
     }
 }
 
+/// Pins at `pin` a new backends-like hash map (4-byte keys, `value_size`-byte values, 16
+/// entries), as another layout or a half-made map would leave it.
+fn pin_backends_map(pin: &Path, value_size: u32) {
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin)
+        .args(["type", "hash", "key", "4", "value", &value_size.to_string()])
+        .args(["entries", "16", "name", "kp_be4"])
+        .status()
+        .expect("bpftool");
+    assert!(st.success(), "bpftool map create {}", pin.display());
+}
+
 #[test]
 fn pinned_map_with_wrong_layout_is_refused() {
     let env = Env::own();
     // Replace the backends pin by a map with another value size.
     let pin = env.dir.join("v1").join(names::BACKENDS4);
     std::fs::remove_file(&pin).unwrap();
-    let st = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args(["type", "hash", "key", "4", "value", "12", "entries", "16", "name", "kp_be4"])
-        .status()
-        .expect("bpftool");
-    assert!(st.success());
+    pin_backends_map(&pin, 12);
     let err = Datapath::load(&env.dir, &MapSizes::default()).err().expect("must refuse");
     let msg = format!("{err:#}");
     assert!(msg.contains("does not match ABI") && msg.contains("kp_be4"), "{msg}");
@@ -502,13 +509,7 @@ fn a_new_capacity_of_the_services_and_backends_maps_is_taken_by_copying_them() {
     // partial map at the pin goes) and resizes again.
     let pin = v1.join(names::BACKENDS4);
     std::fs::rename(&pin, v1.join(format!("{}-resizing", names::BACKENDS4))).unwrap();
-    let st = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args(["type", "hash", "key", "4", "value", "8", "entries", "16", "name", "kp_be4"])
-        .status()
-        .expect("bpftool");
-    assert!(st.success());
+    pin_backends_map(&pin, 8);
     let again = MapSizes { backends: 48, ..big };
     let dp = Datapath::load(&env.dir, &again).unwrap();
     assert_eq!(cap(names::BACKENDS4), 48);
