@@ -631,7 +631,7 @@ flags! {
 /// netfilter defaults. Nanoseconds.
 pub mod timeouts {
     const S: u64 = 1_000_000_000;
-    /// How long XDP reuses a route it looked up for a forwarded packet (a per-CPU cache of
+    /// How long XDP and TC reuse a route they looked up for a forwarded packet (a per-CPU cache of
     /// `bpf_fib_lookup` results): route and neighbour changes reach established flows within
     /// this time.
     pub const ROUTE_CACHE_NS: u64 = 20_000_000;

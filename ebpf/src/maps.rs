@@ -159,7 +159,7 @@ pub fn rnat_inserted() {
     }
 }
 
-/// XDP's per-CPU route cache (`crate::nat::route`), a slot per destination hash. Internal to
+/// The per-CPU route cache of XDP and TC (`crate::nat::route`), a slot per destination hash. Internal to
 /// the datapath: not pinned, each load starts empty.
 #[btf_map]
 pub static kp_route4: PerCpuArray<crate::nat::Route4, { ROUTE_SLOTS as usize }> =

@@ -163,10 +163,10 @@ impl FibBuf {
     }
 }
 
-/// One route XDP looked up, per CPU ([`crate::maps::kp_route4`], slot by destination): for a
-/// packet from `ifindex_in` carrying `saddr → daddr` and at most `max_len` bytes long (the
-/// forwarding check passed for that length), out of `ifindex_out` with these MACs, until
-/// `stamp + timeouts::ROUTE_CACHE_NS`.
+/// One route XDP or TC looked up, per CPU ([`crate::maps::kp_route4`], slot by destination):
+/// for a packet from `ifindex_in` carrying `saddr → daddr` and at most `max_len` bytes long
+/// (the forwarding check passed for that length, or the egress MTU a TC lookup returned), out
+/// of `ifindex_out` with these MACs, until `stamp + timeouts::ROUTE_CACHE_NS`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Route4 {
@@ -200,9 +200,14 @@ pub fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
 }
 
 /// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
-/// MACs) is left in `f`, which the caller zeroed. XDP reuses a successful lookup for the same
-/// addresses and ingress device for [`timeouts::ROUTE_CACHE_NS`] (a per-CPU cache: `bpf_fib_lookup` is
-/// the largest cost of an established NodePort packet); TC looks up every time.
+/// MACs) is left in `f`, which the caller zeroed. A successful lookup is reused for the same
+/// addresses and ingress device for [`timeouts::ROUTE_CACHE_NS`], by packets no longer than
+/// the one it was made for (a per-CPU cache, shared by XDP and TC: `bpf_fib_lookup` is the
+/// largest cost of an established NodePort packet, and of every translated packet eBPF host
+/// routing delivers). TC passes no length, so the kernel checks that the skb itself is
+/// forwardable and, from Linux 5.12, returns the egress device's MTU, the length the entry
+/// then admits. A GSO super-packet (TC) is always looked up and never cached: its length is
+/// that of all its segments.
 #[inline(always)]
 pub fn route<P: Packet>(
     c: &mut P,
@@ -216,7 +221,7 @@ pub fn route<P: Packet>(
         return Fib::Failed;
     }
     let ifindex = c.ifindex();
-    let cached = if P::XDP { maps::route_slot(daddr) } else { None };
+    let cached = if c.gso() { None } else { maps::route_slot(daddr) };
     if let Some(e) = cached {
         // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
         let e = unsafe { &*e };
@@ -245,6 +250,8 @@ pub fn route<P: Packet>(
     let r = c.fib_lookup(f);
     if r == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if let Some(e) = cached {
+            // SAFETY: plain integers; TC: what the kernel wrote back (0 before Linux 5.12).
+            let mtu = if P::XDP { 0 } else { unsafe { f.__bindgen_anon_1.mtu_result } };
             // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
             unsafe {
                 *e = Route4 {
@@ -254,7 +261,7 @@ pub fn route<P: Packet>(
                     ifindex_out: f.ifindex,
                     dmac: f.dmac,
                     smac: f.smac,
-                    max_len: p.tot_len,
+                    max_len: if mtu > p.tot_len { mtu } else { p.tot_len },
                     _pad: 0,
                     stamp: now,
                 }

@@ -71,6 +71,9 @@ pub trait Packet {
     /// TC: the device the packet entered the node on (`__sk_buff.ingress_ifindex`; 0 for what
     /// the node sent itself). XDP: the device it arrives on.
     fn ingress_ifindex(&self) -> u32;
+    /// Whether the packet is a GSO super-packet (TC: `__sk_buff.gso_size`; never in XDP), whose
+    /// IP total length is that of all its segments together.
+    fn gso(&self) -> bool;
     /// Replaces the 32-bit address at `off` (`old` → `new`), fixing IP and L4 checksums.
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason>;
     /// Replaces the 16-bit L4 port at `off`, fixing the L4 checksum.
@@ -178,6 +181,10 @@ impl Packet for Xdp<'_> {
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
         self.ifindex()
+    }
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        false
     }
     #[inline(always)]
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason> {
@@ -323,6 +330,11 @@ impl Packet for Tc<'_> {
     fn ingress_ifindex(&self) -> u32 {
         // SAFETY: as above.
         unsafe { (*self.0.skb.skb).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*self.0.skb.skb).gso_size != 0 }
     }
     #[inline(always)]
     fn set_addr(&mut self, p: &Ip4, off: usize, old: u32, new: u32) -> Result<(), Reason> {

@@ -1289,6 +1289,64 @@ fn xdp_route_cache_follows_a_neighbour_change() {
     });
 }
 
+/// The per-CPU route cache (`kp_route4`) the datapath's programs share.
+fn route_cache(env: &mut Env) -> aya::maps::PerCpuArray<aya::maps::MapData, [u8; 40]> {
+    use aya::maps::{Map, MapData, MapInfo};
+    let p = env.dp().program_mut(names::PROG_TC_FROM_POD).unwrap();
+    for id in p.info().unwrap().map_ids().unwrap().expect("map ids") {
+        if MapInfo::from_id(id).unwrap().name_as_str() == Some("kp_route4") {
+            let m = Map::PerCpuArray(MapData::from_id(id).unwrap());
+            return m.try_into().unwrap();
+        }
+    }
+    panic!("kp_tc_from_pod uses no kp_route4")
+}
+
+/// eBPF host routing: TC reuses a route it looked up, as XDP does (the same per-CPU cache): a
+/// packet of the connection after the first goes where the cached entry says, a GSO
+/// super-packet is looked up again (its length is that of all its segments) and does not
+/// replace the entry.
+#[test]
+fn tc_reuses_its_route_lookups_except_for_gso_packets() {
+    in_test_netns(true, || {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        pin_thread_to_cpu0();
+        let mut env = Env::new();
+        env.enable_host_routing();
+        env.backend(1, BE_REMOTE, 0, proto::TCP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        let dmac = |out: &[u8]| -> [u8; 6] { out[..6].try_into().unwrap() };
+        const NEXT_HOP: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+        const CACHED: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+        let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, NEXT_HOP));
+        // The lookup is in CPU 0's slot of the backend's address: give it another next hop.
+        let mut cache = route_cache(&mut env);
+        let be = be_addr(*sa(BE_REMOTE).ip()).to_ne_bytes();
+        let (slot, values) = (0..64)
+            .map(|i| (i, cache.get(&i, 0).unwrap()))
+            .find(|(_, v)| v[0][4..8] == be)
+            .expect("a cached route to the backend");
+        let mut values = values.to_vec();
+        values[0][16..22].copy_from_slice(&CACHED);
+        let values = aya::maps::PerCpuValues::try_from(values).unwrap();
+        cache.set(slot, values, 0).unwrap();
+        let ack = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK);
+        let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, CACHED), "the cached route");
+        // `gso_segs` and `gso_size` in the context (`struct __sk_buff` offsets 164 and 176).
+        let mut ctx = [0u8; 180];
+        ctx[164..168].copy_from_slice(&2u32.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&1000u32.to_ne_bytes());
+        let (v, out) = env.tc_run(names::PROG_TC_FROM_POD, &ack.build(), Some(&ctx));
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, NEXT_HOP), "a GSO packet looks up");
+        let (_, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
+        assert_eq!(dmac(&out), CACHED, "the GSO packet's lookup was not cached");
+        assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 3)]);
+    });
+}
+
 #[test]
 fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
     in_test_netns(false, || {
