@@ -26,30 +26,25 @@ pub fn enable() -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Run time and run count of each program using the counters map or the IPv4 socket-LB map
-/// pinned under `pin_path` (the programs of that agent, not those of other kproxy instances on
-/// the machine; `kp_sock_rel` counts nothing, but forgets sockets) and of the programs with
-/// ids `extra` (e.g. the lab's empty XDP program), by name.
+/// Run time and run count of each program using the counters map pinned under `pin_path` (the
+/// programs of that agent, not those of other kproxy instances on the machine) and of the
+/// programs with ids `extra` (e.g. the lab's empty XDP program), by name.
 pub fn snapshot(pin_path: &Path, extra: &[u32]) -> Result<BTreeMap<String, (u64, u64)>> {
-    let mut ids = Vec::new();
-    for name in [kproxy_common::names::COUNTERS, kproxy_common::names::SOCK4] {
-        let pin = pin_path.join("v1").join(name);
-        let out = std::process::Command::new("bpftool")
-            .args(["-j", "map", "show", "pinned"])
-            .arg(&pin)
-            .output()?;
-        let map: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("bpftool map show pinned {}", pin.display()))?;
-        ids.push(map["id"].as_u64().with_context(|| format!("no map id for {}", pin.display()))?);
-    }
+    let pin = pin_path.join("v1").join(kproxy_common::names::COUNTERS);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&pin)
+        .output()?;
+    let map: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bpftool map show pinned {}", pin.display()))?;
+    let id = map["id"].as_u64().with_context(|| format!("no map id for {}", pin.display()))?;
     let out = std::process::Command::new("bpftool").args(["-j", "prog", "show"]).output()?;
     let progs: Value = serde_json::from_slice(&out.stdout).context("bpftool prog show JSON")?;
     let mut m = BTreeMap::new();
     for p in progs.as_array().into_iter().flatten() {
-        let ours = p["map_ids"]
-            .as_array()
-            .is_some_and(|l| l.iter().any(|x| x.as_u64().is_some_and(|x| ids.contains(&x))))
-            || p["id"].as_u64().is_some_and(|i| extra.iter().any(|e| u64::from(*e) == i));
+        let ours =
+            p["map_ids"].as_array().is_some_and(|l| l.iter().any(|x| x.as_u64() == Some(id)))
+                || p["id"].as_u64().is_some_and(|i| extra.iter().any(|e| u64::from(*e) == i));
         let Some(name) = p["name"].as_str().filter(|_| ours) else { continue };
         let e = m.entry(name.to_string()).or_insert((0, 0));
         e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
