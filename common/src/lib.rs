@@ -196,11 +196,6 @@ pub mod names {
     pub const PROG_SOCK_RECVMSG4: &str = "kp_sock_recv4";
     /// Socket LB, cgroup `getpeername4`: a connected socket reports the frontend as its peer.
     pub const PROG_SOCK_GETPEERNAME4: &str = "kp_sock_peer4";
-    /// Socket LB, cgroup `sock_release` (both families): a closing socket's reverse entry goes
-    /// with it.
-    pub const PROG_SOCK_RELEASE: &str = "kp_sock_rel";
-    /// Its attach type, as the pin of its link names it (`links/cgroup-sock_release`).
-    pub const SOCK_RELEASE: &str = "sock_release";
     /// Socket LB, cgroup `connect6`: IPv6 (and IPv4-mapped) TCP and connected UDP sockets to a
     /// frontend are connected to a backend instead.
     pub const PROG_SOCK_CONNECT6: &str = "kp_sock_conn6";

@@ -40,8 +40,8 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_meta,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use flow::{Hook, NO_TAIL};
 use kproxy_common::Reason;
@@ -368,13 +368,6 @@ pub fn kp_sock_recv4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn kp_sock_peer4(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx, false)
-}
-
-/// Socket LB, cgroup sock_release: a closing socket's reverse entry goes with it (both
-/// families).
-#[cgroup_sock(sock_release)]
-pub fn kp_sock_rel(ctx: SockContext) -> i32 {
-    sock6::release(&ctx)
 }
 
 /// The fast path of a TC entry program, with the tail call to its slow path. The family is

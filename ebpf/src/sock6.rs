@@ -5,10 +5,8 @@
 //! IPv6 socket talking IPv4) is served from the IPv4 maps and remembered in `kp_sock4`, its
 //! packets counted with IPv4's.
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_socket_cookie,
-    programs::{SockAddrContext, SockContext},
+    EbpfContext as _, bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie,
+    programs::SockAddrContext,
 };
 use kproxy_common::{
     Addr6, Reason, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value, cfg_flags, proto, scope,
@@ -209,51 +207,6 @@ pub fn reverse(ctx: &SockAddrContext, count_it: bool) -> i32 {
         set_user(s, &v.addr, v.port);
         if count_it {
             maps6::count6(Reason::SockReplyRestored);
-        }
-    }
-    ALLOW
-}
-
-/// `AF_INET`, `AF_INET6`.
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-
-/// sock_release, every socket of the cgroup (both families): the reverse entry a connect made
-/// for the socket goes with it, so that the socket-LB maps hold the sockets that live (an LRU
-/// full of closed sockets' entries made every balanced connect evict one, and could evict a
-/// long-lived socket's entry: its `getpeername` would then show the backend). A connected
-/// socket's peer is the backend its connect chose; an unconnected UDP socket's entries (one
-/// per backend it sent to) stay until the LRU takes them.
-#[inline(always)]
-pub fn release(ctx: &SockContext) -> i32 {
-    let sk = ctx.sock;
-    // SAFETY: valid context pointer; these fields are readable in sock_release. `dst_port` is
-    // read with a 4-byte load, which every kernel allows (the field was 32 bits wide before
-    // Linux 5.18); the port (be) is in its low 16 bits.
-    let (family, p, port) = unsafe {
-        let port = core::ptr::read_volatile(&raw const (*sk).dst_port as *const u32) as u16;
-        ((*sk).family, (*sk).protocol as u8, port)
-    };
-    if port == 0 || (p != proto::TCP && p != proto::UDP) {
-        // Never connected, or not a protocol the socket LB balances.
-        return ALLOW;
-    }
-    // SAFETY: helper on our own context.
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
-    if family == AF_INET {
-        // SAFETY: as above.
-        let addr = unsafe { (*sk).dst_ip4 };
-        let _ = maps::kp_sock4.remove(&SockRev4Key { cookie, addr, port, proto: p, _pad: 0 });
-    } else if family == AF_INET6 {
-        // SAFETY: as above; four 4-byte loads.
-        let a: Addr6 =
-            unsafe { [(*sk).dst_ip6[0], (*sk).dst_ip6[1], (*sk).dst_ip6[2], (*sk).dst_ip6[3]] };
-        if a[0] == 0 && a[1] == 0 && a[2] == MAPPED {
-            let rk = SockRev4Key { cookie, addr: a[3], port, proto: p, _pad: 0 };
-            let _ = maps::kp_sock4.remove(&rk);
-        } else {
-            let rk = SockRev6Key { cookie, addr: a, port, proto: p, _pad: [0; 5] };
-            let _ = maps6::kp_sock6.remove(&rk);
         }
     }
     ALLOW

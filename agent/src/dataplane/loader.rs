@@ -26,8 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::ProgramArray,
     programs::{
-        CgroupSock, CgroupSockAddr, Program, ProgramFd, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        CgroupSockAddr, Program, ProgramFd, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{CgroupAttachMode, FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
@@ -259,7 +258,7 @@ fn cgroup_link_pin(pin_path: &Path, attach_type: &str) -> PathBuf {
 }
 
 fn detach_cgroup_links(pin_path: &Path) -> anyhow::Result<()> {
-    for ty in cgroup_attach_types() {
+    for (_, ty) in names::SOCK_PROGS.into_iter().chain(names::SOCK_PROGS6) {
         let pin = cgroup_link_pin(pin_path, ty);
         if !pin.exists() {
             continue;
@@ -271,36 +270,6 @@ fn detach_cgroup_links(pin_path: &Path) -> anyhow::Result<()> {
         info!(attach_type = ty, "socket LB detached");
     }
     Ok(())
-}
-
-/// Points the cgroup link pinned at `pin` (an earlier agent's) at the program `prog`: `true`
-/// when it did; `false` when there is none (or it was stale and is gone), to attach anew.
-fn update_cgroup_link(pin: &Path, prog: &ProgramFd) -> anyhow::Result<bool> {
-    if !pin.exists() {
-        return Ok(false);
-    }
-    let prog_fd = {
-        use std::os::fd::AsFd as _;
-        prog.as_fd().as_raw_fd()
-    };
-    match update_pinned_link(pin, prog_fd) {
-        Ok(()) => Ok(true),
-        Err(e) => {
-            warn!(link = %pin.display(), error = %e, "replacing stale cgroup link pin");
-            let _ = detach_pinned_link(pin);
-            std::fs::remove_file(pin)?;
-            Ok(false)
-        }
-    }
-}
-
-/// The attach types of the socket LB's cgroup programs, each the name of its link's pin.
-fn cgroup_attach_types() -> impl Iterator<Item = &'static str> {
-    names::SOCK_PROGS
-        .into_iter()
-        .chain(names::SOCK_PROGS6)
-        .map(|(_, ty)| ty)
-        .chain([names::SOCK_RELEASE])
 }
 
 fn ifindex(ifname: &str) -> Option<u32> {
@@ -569,9 +538,6 @@ impl Datapath {
             let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        let name = names::PROG_SOCK_RELEASE;
-        let p: &mut CgroupSock = prog(&mut ebpf, name)?.try_into()?;
-        p.load().with_context(|| format!("loading program {name} (verifier)"))?;
         let calls_pins = fill_calls(&mut ebpf, &dir)?;
         shed_program_sources(&mut ebpf, tc_progs().chain(xdp_progs()))?;
         if fresh_hints {
@@ -673,20 +639,20 @@ impl Datapath {
         for (name, ty) in names::SOCK_PROGS.into_iter().chain(names::SOCK_PROGS6) {
             let pin = cgroup_link_pin(&self.pin_path, ty);
             let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?.try_into()?;
-            if update_cgroup_link(&pin, p.fd()?)? {
-                continue;
+            if pin.exists() {
+                let prog_fd = {
+                    use std::os::fd::AsFd as _;
+                    p.fd()?.as_fd().as_raw_fd()
+                };
+                match update_pinned_link(&pin, prog_fd) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        warn!(link = %pin.display(), error = %e, "replacing stale cgroup link pin");
+                        let _ = detach_pinned_link(&pin);
+                        std::fs::remove_file(&pin)?;
+                    }
+                }
             }
-            let id = p
-                .attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            let link = FdLink::try_from(p.take_link(id)?)
-                .map_err(|e| anyhow!("{name}: cgroup attachment is not a bpf_link: {e}"))?;
-            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
-        }
-        let (name, pin) =
-            (names::PROG_SOCK_RELEASE, cgroup_link_pin(&self.pin_path, names::SOCK_RELEASE));
-        let p: &mut CgroupSock = prog(&mut self.ebpf, name)?.try_into()?;
-        if !update_cgroup_link(&pin, p.fd()?)? {
             let id = p
                 .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;

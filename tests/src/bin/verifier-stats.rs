@@ -60,9 +60,6 @@ fn types(section: &ProgramSection) -> Result<(bpf_prog_type, u32)> {
             bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
             bpf_attach_type::from(*attach_type) as u32,
         ),
-        ProgramSection::CgroupSock { attach_type } => {
-            (bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK, bpf_attach_type::from(*attach_type) as u32)
-        }
         other => bail!("section {other:?} not handled"),
     })
 }

@@ -131,7 +131,6 @@ fn programs() -> Vec<&'static str> {
     ];
     v.extend(names::TC_CALLS.iter().chain(&names::XDP_CALLS).map(|(n, _)| *n));
     v.extend(names::SOCK_PROGS.iter().chain(&names::SOCK_PROGS6).map(|(n, _)| *n));
-    v.push(names::PROG_SOCK_RELEASE);
     v
 }
 
