@@ -631,8 +631,8 @@ flags! {
 /// netfilter defaults. Nanoseconds.
 pub mod timeouts {
     const S: u64 = 1_000_000_000;
-    /// How long XDP and TC reuse a route they looked up for a forwarded packet (a per-CPU cache of
-    /// `bpf_fib_lookup` results): route and neighbour changes reach established flows within
+    /// How long XDP and TC reuse a route they looked up for a forwarded packet (a per-CPU cache
+    /// of `bpf_fib_lookup` results): route and neighbour changes reach established flows within
     /// this time.
     pub const ROUTE_CACHE_NS: u64 = 20_000_000;
     /// TCP before the handshake completes (nf_conntrack_tcp_timeout_syn_sent).

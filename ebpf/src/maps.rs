@@ -159,8 +159,8 @@ pub fn rnat_inserted() {
     }
 }
 
-/// The per-CPU route cache of XDP and TC (`crate::nat::route`), a slot per destination hash. Internal to
-/// the datapath: not pinned, each load starts empty.
+/// The per-CPU route cache of XDP and TC (`crate::nat::route`), a slot per destination hash.
+/// Internal to the datapath: not pinned, each load starts empty.
 #[btf_map]
 pub static kp_route4: PerCpuArray<crate::nat::Route4, { ROUTE_SLOTS as usize }> =
     PerCpuArray::new();

@@ -261,7 +261,7 @@ pub fn route<P: Packet>(
                     ifindex_out: f.ifindex,
                     dmac: f.dmac,
                     smac: f.smac,
-                    max_len: if mtu > p.tot_len { mtu } else { p.tot_len },
+                    max_len: mtu.max(p.tot_len),
                     _pad: 0,
                     stamp: now,
                 }

@@ -1324,7 +1324,7 @@ fn tc_reuses_its_route_lookups_except_for_gso_packets() {
         // The lookup is in CPU 0's slot of the backend's address: give it another next hop.
         let mut cache = route_cache(&mut env);
         let be = be_addr(*sa(BE_REMOTE).ip()).to_ne_bytes();
-        let (slot, values) = (0..64)
+        let (slot, values) = (0..cache.len())
             .map(|i| (i, cache.get(&i, 0).unwrap()))
             .find(|(_, v)| v[0][4..8] == be)
             .expect("a cached route to the backend");

@@ -90,24 +90,42 @@ pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, items: &[(K, V)]) -> Result<()
         values.clear();
         keys.extend(chunk.iter().map(|(k, _)| *k));
         values.extend(chunk.iter().map(|(_, v)| *v));
-        let mut attr = sys::attr();
-        attr.batch.map_fd = fd.as_raw_fd() as u32;
-        attr.batch.keys = keys.as_ptr() as u64;
-        attr.batch.values = values.as_ptr() as u64;
-        attr.batch.count = chunk.len() as u32;
-        // SAFETY: `count` keys and values, alive across the call.
-        let r = unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) };
-        if let Err(error) = r {
+        // SAFETY: `chunk.len()` keys and values of the caller's types, alive across the call.
+        let r =
+            unsafe { update_batch(fd, keys.as_ptr().cast(), values.as_ptr().cast(), chunk.len()) };
+        if let Err(Stopped { done, error }) = r {
             if no_batch(&error) {
                 // Refused before any element: the rest one by one.
                 return update_each(fd, &items[c * CHUNK..], c * CHUNK);
             }
-            // SAFETY: the kernel wrote back how many elements it applied.
-            let applied = unsafe { attr.batch.count } as usize;
-            return Err(Stopped { done: c * CHUNK + applied.min(chunk.len()), error });
+            return Err(Stopped { done: c * CHUNK + done, error });
         }
     }
     Ok(())
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of the `n` keys at `keys` and values at `values` into the map
+/// `fd`; a failure says how many it applied before the element that failed.
+///
+/// # Safety
+/// `keys` and `values` must point to `n` keys and `n` values of the map's sizes.
+unsafe fn update_batch(
+    fd: BorrowedFd<'_>,
+    keys: *const u8,
+    values: *const u8,
+    n: usize,
+) -> Result<(), Stopped> {
+    let mut attr = sys::attr();
+    attr.batch.map_fd = fd.as_raw_fd() as u32;
+    attr.batch.keys = keys as u64;
+    attr.batch.values = values as u64;
+    attr.batch.count = n as u32;
+    // SAFETY: `n` keys and values (the caller's promise), alive across the call.
+    unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop).map_err(|error| {
+        // SAFETY: the kernel wrote back how many elements it applied.
+        let applied = unsafe { attr.batch.count } as usize;
+        Stopped { done: applied.min(n), error }
+    })
 }
 
 /// [`delete`] element by element, for map types without the batched command; `first` is the
@@ -248,18 +266,12 @@ pub fn copy(
         if failed.is_some() || n == 0 {
             return;
         }
-        let mut attr = sys::attr();
-        attr.batch.map_fd = to.as_raw_fd() as u32;
-        attr.batch.keys = keys.as_ptr() as u64;
-        attr.batch.values = values.as_ptr() as u64;
-        attr.batch.count = n as u32;
-        // SAFETY: `n` keys and values of the map's sizes, alive across the call.
-        match unsafe { sys::bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) } {
-            Ok(_) => copied += n as u64,
-            Err(e) => {
-                // SAFETY: the kernel wrote back how many elements it applied.
-                copied += (unsafe { attr.batch.count } as u64).min(n as u64);
-                failed = Some(e);
+        // SAFETY: the walk's `n` keys and values, of the sizes both maps share.
+        match unsafe { update_batch(to, keys.as_ptr(), values.as_ptr(), n) } {
+            Ok(()) => copied += n as u64,
+            Err(Stopped { done, error }) => {
+                copied += done as u64;
+                failed = Some(error);
             }
         }
     })?;

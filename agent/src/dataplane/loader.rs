@@ -17,7 +17,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -368,7 +368,6 @@ struct Resize {
     aside: PathBuf,
     from: u32,
     to: u32,
-    entries: u64,
 }
 
 impl Resize {
@@ -381,7 +380,6 @@ impl Resize {
         max: u32,
         want: u32,
     ) -> anyhow::Result<Option<Self>> {
-        use std::os::fd::AsFd as _;
         let fd = data.fd().as_fd();
         let entries = super::batch::count(fd, spec.key_size as usize, spec.value_size as usize)
             .with_context(|| format!("counting the entries of {}", pin.display()))?;
@@ -399,12 +397,11 @@ impl Resize {
         let aside = set_aside_path(pin);
         std::fs::rename(pin, &aside)
             .with_context(|| format!("setting {} aside for a resize", pin.display()))?;
-        Ok(Some(Self { spec: *spec, pin: pin.to_owned(), aside, from: max, to: want, entries }))
+        Ok(Some(Self { spec: *spec, pin: pin.to_owned(), aside, from: max, to: want }))
     }
 
     /// Copies the entries of the map set aside into the new one at the pin.
     fn copy(&self) -> anyhow::Result<()> {
-        use std::os::fd::AsFd as _;
         let open = |p: &Path| {
             aya::maps::MapData::from_pin(p).with_context(|| format!("opening {}", p.display()))
         };
@@ -417,7 +414,6 @@ impl Resize {
             from = self.from,
             to = self.to,
             entries = copied,
-            counted = self.entries,
             "map resized, its entries copied"
         );
         Ok(())
@@ -499,26 +495,18 @@ impl Datapath {
             loader.map_pin_path(name, pin.as_path());
         }
         let fresh_hints = !dir.join(names::ADDR_BITS).exists();
-        let mut ebpf = match loader.load(crate::EBPF_OBJECT) {
-            Ok(ebpf) => ebpf,
-            Err(e) => {
-                for r in &resized {
-                    r.undo();
+        // The copies come before any program that uses the new maps is attached; the maps set
+        // aside go only once every copy is complete, and come back if anything failed.
+        let loaded = loader.load(crate::EBPF_OBJECT).context("loading the eBPF object");
+        let mut ebpf =
+            match loaded.and_then(|e| resized.iter().try_for_each(Resize::copy).map(|()| e)) {
+                Ok(ebpf) => ebpf,
+                Err(e) => {
+                    resized.iter().for_each(Resize::undo);
+                    return Err(e);
                 }
-                return Err(e).context("loading the eBPF object");
-            }
-        };
-        // Before any program that uses the new maps is attached; the maps set aside go only
-        // once every copy is complete.
-        if let Err(e) = resized.iter().try_for_each(Resize::copy) {
-            for r in &resized {
-                r.undo();
-            }
-            return Err(e);
-        }
-        for r in &resized {
-            r.finish();
-        }
+            };
+        resized.iter().for_each(Resize::finish);
         let tc_progs = || {
             [names::PROG_TC_EXT, names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD]
                 .into_iter()
@@ -640,10 +628,7 @@ impl Datapath {
             let pin = cgroup_link_pin(&self.pin_path, ty);
             let p: &mut CgroupSockAddr = prog(&mut self.ebpf, name)?.try_into()?;
             if pin.exists() {
-                let prog_fd = {
-                    use std::os::fd::AsFd as _;
-                    p.fd()?.as_fd().as_raw_fd()
-                };
+                let prog_fd = p.fd()?.as_fd().as_raw_fd();
                 match update_pinned_link(&pin, prog_fd) {
                     Ok(()) => continue,
                     Err(e) => {

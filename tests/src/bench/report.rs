@@ -1249,12 +1249,10 @@ fn latency_conn_stats(s: &mut String, f: &[Figure], c: &super::Config) {
     let mut rows = String::new();
     for &n in &c.scales {
         let n = n as u64;
-        let mut systems: Vec<&str> = f
+        let systems = f
             .iter()
             .filter(|x| x.item == "1-latency" && x.metric == "bpf_ns_per_conn" && x.n == n)
-            .map(|x| x.system.as_str())
-            .collect();
-        systems.dedup();
+            .map(|x| x.system.as_str());
         for sys in systems {
             let per = |p: &str| {
                 let ns = median(f, "1-latency", &format!("bpf_ns_per_conn.{p}"), sys, n, "");
