@@ -243,9 +243,10 @@ impl Config {
     /// The same run restricted to item 1 (ClusterIP new-connection latency) at 1 and 1,000
     /// services, floor and kproxy only (kproxy also with generic XDP on `eth0`, `--xdp-mode
     /// generic`, as `kproxy-generic`: the XDP program its default leaves off veth devices; with
-    /// host routing; with the socket LB for pods),
-    /// twice the repetitions, and the kproxy programs' run time per connection (bpf_stats):
-    /// a few minutes, to compare datapath changes on the new-connection path.
+    /// host routing; with the socket LB for pods; the floor across empty TC programs on kproxy's
+    /// hooks, [`FLOOR_TC_HOOKS`]), twice the repetitions, and the kproxy programs' run time per
+    /// connection (bpf_stats): a few minutes, to compare datapath changes on the new-connection
+    /// path.
     pub fn only_latency(mut self) -> Self {
         self.scales.retain(|&n| n <= 1_000);
         self.reps *= 2;
@@ -399,6 +400,10 @@ pub fn utc_now() -> String {
 /// backend's veth or the next hop by the datapath, past the host stack).
 pub const HOST_ROUTING: &str = "kproxy-host-routing";
 
+/// The ClusterIP system of the floor with an empty TC program on each hook kproxy's programs
+/// use (`--only-latency` only): what hooking alone costs a connection.
+pub const FLOOR_TC_HOOKS: &str = "floor-tc-hooks";
+
 /// The ClusterIP system of kproxy with the socket LB for pods (`--cgroup-path` on the client
 /// pod's cgroup, `--socket-lb-pods`): the client's connect() is sent to the backend, so its
 /// packets need no translation.
@@ -414,6 +419,10 @@ enum Sys {
     KproxySocketLb,
     /// kproxy with generic XDP on `eth0` (`--xdp-mode generic`; `--only-latency` only).
     KproxyGeneric,
+    /// The floor's traffic with an empty TC program (tcx, `TCX_NEXT`) on each hook of kproxy's
+    /// TC programs: node 0's pod veths, ingress and egress, and its `eth0` ingress
+    /// ([`FLOOR_TC_HOOKS`]; `--only-latency` only).
+    FloorTcHooks,
     Iptables,
     Nftables,
 }
@@ -434,8 +443,14 @@ impl Sys {
     const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
 
     /// The systems of `--only-latency`.
-    const LATENCY: [Sys; 5] =
-        [Sys::Floor, Sys::Kproxy, Sys::KproxyGeneric, Sys::KproxyHostRouting, Sys::KproxySocketLb];
+    const LATENCY: [Sys; 6] = [
+        Sys::Floor,
+        Sys::Kproxy,
+        Sys::KproxyGeneric,
+        Sys::KproxyHostRouting,
+        Sys::KproxySocketLb,
+        Sys::FloorTcHooks,
+    ];
 
     /// Gives the client namespace `ns` this system's own client port range (see
     /// `clusterip_one`; the sysctl covers IPv6 sockets too).
@@ -446,6 +461,7 @@ impl Sys {
             Sys::KproxyHostRouting => "10000 19999",
             Sys::KproxySocketLb => "61000 64999",
             Sys::KproxyGeneric => "40000 49999",
+            Sys::FloorTcHooks => "1024 9999",
             Sys::Iptables => "40000 49999",
             Sys::Nftables => "50000 60999",
         };
@@ -460,6 +476,7 @@ impl Sys {
             Sys::KproxyHostRouting => HOST_ROUTING,
             Sys::KproxySocketLb => SOCKET_LB,
             Sys::KproxyGeneric => "kproxy-generic",
+            Sys::FloorTcHooks => FLOOR_TC_HOOKS,
             Sys::Iptables => "iptables",
             Sys::Nftables => "nftables",
         }
@@ -1284,8 +1301,11 @@ impl Bench<'_> {
     fn clusterip_one(&mut self, sys: Sys, n: usize, frontends: usize) {
         flush_conntrack(&self.lab);
         let mut kp = None;
+        // Held until the measurement ends: dropping the links detaches the empty programs.
+        let mut hooks = None;
         let enabled = match sys {
             Sys::Floor => Ok(()),
+            Sys::FloorTcHooks => empty_tc_chain(&self.lab, true).map(|h| hooks = Some(h)),
             Sys::Kproxy => self.start_kproxy(frontends, &[]).map(|k| kp = Some(k)),
             Sys::KproxyHostRouting => {
                 self.start_kproxy(frontends, &["--bpf-host-routing"]).map(|k| kp = Some(k))
@@ -1306,7 +1326,9 @@ impl Bench<'_> {
             }
             Ok(()) => {
                 let target = match sys {
-                    Sys::Floor => SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT),
+                    Sys::Floor | Sys::FloorTcHooks => {
+                        SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT)
+                    }
                     _ => SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT),
                 };
                 // Each system gets its own client port range: a connection to the ClusterIP
@@ -1383,6 +1405,7 @@ impl Bench<'_> {
             Sys::Nftables => {
                 let _ = systems::nft_hooks(&self.node_ns, false);
             }
+            Sys::FloorTcHooks => drop(hooks),
             Sys::Floor => {}
         }
     }
@@ -2240,7 +2263,7 @@ fn stats_windows(
     let pin = lab.pin_path(0);
     let mut ids = vec![lab.xdp_pass_id()?];
     // Held until the windows end: dropping the links detaches the empty TC programs.
-    let (_tc_progs, tc_links) = match empty_tc_chain(lab) {
+    let (_tc_progs, tc_links) = match empty_tc_chain(lab, false) {
         Ok((progs, links)) => {
             for p in &progs {
                 ids.push(lab::xdp::prog_id(p)?);
@@ -2318,11 +2341,18 @@ fn pod_namespaces(lab: &Lab) -> Vec<String> {
 
 /// Loads the empty TC programs of [`BPF_STATS_EMPTY_TC`] and chains them, in order, on their
 /// hook of every pod veth of node 0 (where kproxy's pod programs run) or of its external device:
-/// (programs, links).
-fn empty_tc_chain(lab: &Lab) -> Result<(Vec<std::os::fd::OwnedFd>, Vec<std::os::fd::OwnedFd>)> {
+/// (programs, links). `floor_only`: only the floor of each hook, one program per hook as kproxy
+/// has.
+fn empty_tc_chain(
+    lab: &Lab,
+    floor_only: bool,
+) -> Result<(Vec<std::os::fd::OwnedFd>, Vec<std::os::fd::OwnedFd>)> {
     let mut progs = Vec::new();
     for h in &BPF_STATS_EMPTY_TC {
         for (_, name) in h.programs() {
+            if floor_only && name != h.floor.1 {
+                continue;
+            }
             progs.push((lab::xdp::load_tc(name, &lab::xdp::TC_NEXT_PROGRAM)?, h));
         }
     }
@@ -2651,7 +2681,7 @@ fn clusterip6_one(
         Sys::Nftables => {
             let _ = systems::nft_hooks_table(&node_ns, table, false);
         }
-        Sys::Floor => {}
+        Sys::Floor | Sys::FloorTcHooks => {}
     }
     r
 }

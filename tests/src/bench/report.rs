@@ -778,6 +778,23 @@ NodePort runs of {} ms.\n",
             );
         }
     }
+    // `--only-latency` also runs the floor's traffic across empty TC programs on kproxy's hooks.
+    let hooks = super::FLOOR_TC_HOOKS;
+    for &n in &c.scales {
+        let n = n as u64;
+        let md = |sys: &str| median(f, "1-latency", "p50_us", sys, n, "");
+        if let (Some(h), Some(floor)) = (md(hooks), md("floor")) {
+            let _ = writeln!(
+                s,
+                "\nAt {} services, the floor's connections across an empty TC program on each hook of kproxy's TC programs (tcx, `TCX_NEXT`: node 0's pod veths, ingress and egress, and its `eth0` ingress): p50 {} ({} the floor's; kproxy's p50 is {} it, {} over it). What hooking alone costs, which no change inside kproxy's programs can save.",
+                thousands(n),
+                cell(find(f, "1-latency", "p50_us", hooks, n, "")),
+                ratio(Some(h), Some(floor)),
+                ratio(md("kproxy"), Some(h)),
+                md("kproxy").map_or("—".to_string(), |k| format!("{:+.1} µs", k - h)),
+            );
+        }
+    }
     latency_conn_stats(&mut s, f, c);
     s.push_str("\n![latency](latency_vs_services.png)\n\n");
 
