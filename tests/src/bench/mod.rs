@@ -244,7 +244,7 @@ impl Config {
     /// services, floor and kproxy only (kproxy also with generic XDP on `eth0`, `--xdp-mode
     /// generic`, as `kproxy-generic`: the XDP program its default leaves off veth devices; with
     /// host routing; with the socket LB for pods; the floor across empty TC programs on kproxy's
-    /// hooks, [`FLOOR_TC_HOOKS`]), twice the repetitions, and the kproxy programs' run time per
+    /// hooks, [`FLOOR_TC_HOOKS`] and [`FLOOR_CLSACT_HOOKS`]), twice the repetitions, and the kproxy programs' run time per
     /// connection (bpf_stats): a few minutes, to compare datapath changes on the new-connection
     /// path.
     pub fn only_latency(mut self) -> Self {
@@ -404,6 +404,10 @@ pub const HOST_ROUTING: &str = "kproxy-host-routing";
 /// use (`--only-latency` only): what hooking alone costs a connection.
 pub const FLOOR_TC_HOOKS: &str = "floor-tc-hooks";
 
+/// [`FLOOR_TC_HOOKS`] with the empty programs attached as kproxy attaches its own: netlink
+/// filters of a clsact qdisc (`--only-latency` only).
+pub const FLOOR_CLSACT_HOOKS: &str = "floor-clsact-hooks";
+
 /// The ClusterIP system of kproxy with the socket LB for pods (`--cgroup-path` on the client
 /// pod's cgroup, `--socket-lb-pods`): the client's connect() is sent to the backend, so its
 /// packets need no translation.
@@ -423,6 +427,8 @@ enum Sys {
     /// TC programs: node 0's pod veths, ingress and egress, and its `eth0` ingress
     /// ([`FLOOR_TC_HOOKS`]; `--only-latency` only).
     FloorTcHooks,
+    /// [`Sys::FloorTcHooks`] through clsact filters ([`FLOOR_CLSACT_HOOKS`]).
+    FloorClsactHooks,
     Iptables,
     Nftables,
 }
@@ -443,13 +449,14 @@ impl Sys {
     const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
 
     /// The systems of `--only-latency`.
-    const LATENCY: [Sys; 6] = [
+    const LATENCY: [Sys; 7] = [
         Sys::Floor,
         Sys::Kproxy,
         Sys::KproxyGeneric,
         Sys::KproxyHostRouting,
         Sys::KproxySocketLb,
         Sys::FloorTcHooks,
+        Sys::FloorClsactHooks,
     ];
 
     /// Gives the client namespace `ns` this system's own client port range (see
@@ -461,7 +468,8 @@ impl Sys {
             Sys::KproxyHostRouting => "10000 19999",
             Sys::KproxySocketLb => "61000 64999",
             Sys::KproxyGeneric => "40000 49999",
-            Sys::FloorTcHooks => "1024 9999",
+            Sys::FloorTcHooks => "1024 5999",
+            Sys::FloorClsactHooks => "6000 9999",
             Sys::Iptables => "40000 49999",
             Sys::Nftables => "50000 60999",
         };
@@ -477,6 +485,7 @@ impl Sys {
             Sys::KproxySocketLb => SOCKET_LB,
             Sys::KproxyGeneric => "kproxy-generic",
             Sys::FloorTcHooks => FLOOR_TC_HOOKS,
+            Sys::FloorClsactHooks => FLOOR_CLSACT_HOOKS,
             Sys::Iptables => "iptables",
             Sys::Nftables => "nftables",
         }
@@ -1303,9 +1312,11 @@ impl Bench<'_> {
         let mut kp = None;
         // Held until the measurement ends: dropping the links detaches the empty programs.
         let mut hooks = None;
+        let mut clsact = None;
         let enabled = match sys {
             Sys::Floor => Ok(()),
             Sys::FloorTcHooks => empty_tc_chain(&self.lab, true).map(|h| hooks = Some(h)),
+            Sys::FloorClsactHooks => EmptyClsact::attach(&self.lab).map(|h| clsact = Some(h)),
             Sys::Kproxy => self.start_kproxy(frontends, &[]).map(|k| kp = Some(k)),
             Sys::KproxyHostRouting => {
                 self.start_kproxy(frontends, &["--bpf-host-routing"]).map(|k| kp = Some(k))
@@ -1326,7 +1337,7 @@ impl Bench<'_> {
             }
             Ok(()) => {
                 let target = match sys {
-                    Sys::Floor | Sys::FloorTcHooks => {
+                    Sys::Floor | Sys::FloorTcHooks | Sys::FloorClsactHooks => {
                         SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT)
                     }
                     _ => SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT),
@@ -1406,6 +1417,7 @@ impl Bench<'_> {
                 let _ = systems::nft_hooks(&self.node_ns, false);
             }
             Sys::FloorTcHooks => drop(hooks),
+            Sys::FloorClsactHooks => drop(clsact),
             Sys::Floor => {}
         }
     }
@@ -2370,6 +2382,71 @@ fn empty_tc_chain(
     Ok((progs.into_iter().map(|(p, _)| p).collect(), links))
 }
 
+/// An empty TC program (`TC_ACT_UNSPEC`: the next filter, none, decides) attached as a netlink
+/// filter of a clsact qdisc, as kproxy attaches its programs, on each hook of kproxy's TC
+/// programs ([`BPF_STATS_EMPTY_TC`]); the filters and the program's pin go on drop.
+struct EmptyClsact {
+    ns: String,
+    /// (device, direction) of each filter added.
+    filters: Vec<(String, &'static str)>,
+    pin: PathBuf,
+}
+
+impl EmptyClsact {
+    /// Filter priority, apart from kproxy's.
+    const PRIO: &str = "7";
+
+    fn attach(lab: &Lab) -> Result<Self> {
+        let prog = lab::xdp::load_tc("kpl_tc_clsact", &lab::xdp::TC_NEXT_PROGRAM)?;
+        let pin = PathBuf::from(format!("/sys/fs/bpf/kpl-bench-clsact-{}", std::process::id()));
+        lab::xdp::pin(&prog, &pin).with_context(|| format!("pinning {}", pin.display()))?;
+        let mut h = EmptyClsact { ns: lab.node(0).ns.clone(), filters: Vec::new(), pin };
+        let veths: Vec<String> = lab.pods_on(0).into_iter().map(|p| p.host_veth).collect();
+        for hook in &BPF_STATS_EMPTY_TC {
+            let dir = if hook.egress { "egress" } else { "ingress" };
+            let devs = if hook.external { vec![lab::EXT_DEV.to_string()] } else { veths.clone() };
+            for dev in devs {
+                // Already there when kproxy ran before (it leaves the qdisc).
+                let _ = lab::exec(&h.ns, &["tc", "qdisc", "add", "dev", &dev, "clsact"]);
+                let pin = h.pin.to_string_lossy().into_owned();
+                lab::exec(
+                    &h.ns,
+                    &[
+                        "tc",
+                        "filter",
+                        "add",
+                        "dev",
+                        &dev,
+                        dir,
+                        "prio",
+                        Self::PRIO,
+                        "bpf",
+                        "da",
+                        "object-pinned",
+                        &pin,
+                    ],
+                )?;
+                h.filters.push((dev, dir));
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for EmptyClsact {
+    fn drop(&mut self) {
+        for (dev, dir) in &self.filters {
+            let argv = ["tc", "filter", "del", "dev", dev, dir, "prio", Self::PRIO];
+            if let Err(e) = lab::exec(&self.ns, &argv) {
+                eprintln!("[bench] removing the empty clsact filter of {dev} {dir}: {e:#}");
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&self.pin) {
+            eprintln!("[bench] removing {}: {e}", self.pin.display());
+        }
+    }
+}
+
 /// The IPv6 windows ([`BPF_STATS6_WINDOWS`]) in a dual-stack lab of their own, built and removed
 /// here (the same shape as the run's lab: 2 routed nodes, 2 pods each, iperf3 servers in
 /// node-0-pod-1 and node-1-pod-0), kproxy on node 0 with native XDP and `--enable-ipv6`
@@ -2681,7 +2758,7 @@ fn clusterip6_one(
         Sys::Nftables => {
             let _ = systems::nft_hooks_table(&node_ns, table, false);
         }
-        Sys::Floor | Sys::FloorTcHooks => {}
+        Sys::Floor | Sys::FloorTcHooks | Sys::FloorClsactHooks => {}
     }
     r
 }

@@ -795,6 +795,22 @@ NodePort runs of {} ms.\n",
             );
         }
     }
+    let cl = super::FLOOR_CLSACT_HOOKS;
+    for &n in &c.scales {
+        let n = n as u64;
+        let md = |sys: &str| median(f, "1-latency", "p50_us", sys, n, "");
+        if let (Some(h), Some(floor)) = (md(cl), md("floor")) {
+            let _ = writeln!(
+                s,
+                "\nAt {} services, the same empty programs attached as kproxy attaches its own (netlink filters of a clsact qdisc, `da`): p50 {} ({} the floor's, {} the tcx hooks'; kproxy's p50 is {} it).",
+                thousands(n),
+                cell(find(f, "1-latency", "p50_us", cl, n, "")),
+                ratio(Some(h), Some(floor)),
+                ratio(Some(h), md(hooks)),
+                ratio(md("kproxy"), Some(h)),
+            );
+        }
+    }
     latency_conn_stats(&mut s, f, c);
     s.push_str("\n![latency](latency_vs_services.png)\n\n");
 
