@@ -778,36 +778,33 @@ NodePort runs of {} ms.\n",
             );
         }
     }
-    // `--only-latency` also runs the floor's traffic across empty TC programs on kproxy's hooks.
-    let hooks = super::FLOOR_TC_HOOKS;
+    // `--only-latency` also runs the floor's traffic across empty TC programs on kproxy's hooks,
+    // attached with tcx links and as kproxy attaches its own (clsact filters).
+    let (tcx, cl) = (super::FLOOR_TC_HOOKS, super::FLOOR_CLSACT_HOOKS);
     for &n in &c.scales {
         let n = n as u64;
         let md = |sys: &str| median(f, "1-latency", "p50_us", sys, n, "");
-        if let (Some(h), Some(floor)) = (md(hooks), md("floor")) {
+        let (Some(floor), kp) = (md("floor"), md("kproxy")) else { continue };
+        if let Some(h) = md(tcx) {
             let _ = writeln!(
                 s,
                 "\nAt {} services, the floor's connections across an empty TC program on each hook of kproxy's TC programs (tcx, `TCX_NEXT`: node 0's pod veths, ingress and egress, and its `eth0` ingress): p50 {} ({} the floor's; kproxy's p50 is {} it, {} over it). What hooking alone costs, which no change inside kproxy's programs can save.",
                 thousands(n),
-                cell(find(f, "1-latency", "p50_us", hooks, n, "")),
+                cell(find(f, "1-latency", "p50_us", tcx, n, "")),
                 ratio(Some(h), Some(floor)),
-                ratio(md("kproxy"), Some(h)),
-                md("kproxy").map_or("—".to_string(), |k| format!("{:+.1} µs", k - h)),
+                ratio(kp, Some(h)),
+                kp.map_or("—".to_string(), |k| format!("{:+.1} µs", k - h)),
             );
         }
-    }
-    let cl = super::FLOOR_CLSACT_HOOKS;
-    for &n in &c.scales {
-        let n = n as u64;
-        let md = |sys: &str| median(f, "1-latency", "p50_us", sys, n, "");
-        if let (Some(h), Some(floor)) = (md(cl), md("floor")) {
+        if let Some(h) = md(cl) {
             let _ = writeln!(
                 s,
                 "\nAt {} services, the same empty programs attached as kproxy attaches its own (netlink filters of a clsact qdisc, `da`): p50 {} ({} the floor's, {} the tcx hooks'; kproxy's p50 is {} it).",
                 thousands(n),
                 cell(find(f, "1-latency", "p50_us", cl, n, "")),
                 ratio(Some(h), Some(floor)),
-                ratio(Some(h), md(hooks)),
-                ratio(md("kproxy"), Some(h)),
+                ratio(Some(h), md(tcx)),
+                ratio(kp, Some(h)),
             );
         }
     }
