@@ -244,9 +244,9 @@ impl Config {
     /// services, floor and kproxy only (kproxy also with generic XDP on `eth0`, `--xdp-mode
     /// generic`, as `kproxy-generic`: the XDP program its default leaves off veth devices; with
     /// host routing; with the socket LB for pods; the floor across empty TC programs on kproxy's
-    /// hooks, [`FLOOR_TC_HOOKS`] and [`FLOOR_CLSACT_HOOKS`]), twice the repetitions, and the kproxy programs' run time per
-    /// connection (bpf_stats): a few minutes, to compare datapath changes on the new-connection
-    /// path.
+    /// hooks, [`FLOOR_TC_HOOKS`] and [`FLOOR_CLSACT_HOOKS`]), twice the repetitions, and the
+    /// kproxy programs' run time per connection (bpf_stats): a few minutes, to compare datapath
+    /// changes on the new-connection path.
     pub fn only_latency(mut self) -> Self {
         self.scales.retain(|&n| n <= 1_000);
         self.reps *= 2;
@@ -700,6 +700,11 @@ pub struct EmptyTcHook {
 }
 
 impl EmptyTcHook {
+    /// The devices of node 0 the hook is on: its external device, or its pod veths `veths`.
+    fn devices(&self, veths: &[String]) -> Vec<String> {
+        if self.external { vec![lab::EXT_DEV.to_string()] } else { veths.to_vec() }
+    }
+
     /// Both programs, in the order they run.
     pub fn programs(&self) -> [(&'static str, &'static str); 2] {
         [self.first, self.floor]
@@ -2369,12 +2374,11 @@ fn empty_tc_chain(
         }
     }
     let veths: Vec<String> = lab.pods_on(0).into_iter().map(|p| p.host_veth).collect();
-    let external = [lab::EXT_DEV.to_string()];
     let links = lab::in_netns(&lab.node(0).ns, || -> Result<Vec<std::os::fd::OwnedFd>> {
         let mut links = Vec::new();
         for (prog, h) in &progs {
-            for dev in if h.external { &external[..] } else { &veths[..] } {
-                links.push(lab::xdp::attach_tcx_next(prog, dev, h.egress)?);
+            for dev in h.devices(&veths) {
+                links.push(lab::xdp::attach_tcx_next(prog, &dev, h.egress)?);
             }
         }
         Ok(links)
@@ -2400,15 +2404,14 @@ impl EmptyClsact {
         let prog = lab::xdp::load_tc("kpl_tc_clsact", &lab::xdp::TC_NEXT_PROGRAM)?;
         let pin = PathBuf::from(format!("/sys/fs/bpf/kpl-bench-clsact-{}", std::process::id()));
         lab::xdp::pin(&prog, &pin).with_context(|| format!("pinning {}", pin.display()))?;
+        let pinned = pin.to_string_lossy().into_owned();
         let mut h = EmptyClsact { ns: lab.node(0).ns.clone(), filters: Vec::new(), pin };
         let veths: Vec<String> = lab.pods_on(0).into_iter().map(|p| p.host_veth).collect();
         for hook in &BPF_STATS_EMPTY_TC {
             let dir = if hook.egress { "egress" } else { "ingress" };
-            let devs = if hook.external { vec![lab::EXT_DEV.to_string()] } else { veths.clone() };
-            for dev in devs {
+            for dev in hook.devices(&veths) {
                 // Already there when kproxy ran before (it leaves the qdisc).
                 let _ = lab::exec(&h.ns, &["tc", "qdisc", "add", "dev", &dev, "clsact"]);
-                let pin = h.pin.to_string_lossy().into_owned();
                 lab::exec(
                     &h.ns,
                     &[
@@ -2423,7 +2426,7 @@ impl EmptyClsact {
                         "bpf",
                         "da",
                         "object-pinned",
-                        &pin,
+                        &pinned,
                     ],
                 )?;
                 h.filters.push((dev, dir));
