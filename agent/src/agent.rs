@@ -18,7 +18,7 @@ use crate::{
         bpf::BpfDataplane,
         conntrack,
         features::Features,
-        loader::{self, Datapath},
+        loader::{self, Datapath, TcAttach},
         usage::{self, map_label},
     },
     health::{ProxyHealth, Stamp},
@@ -288,6 +288,19 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         );
         config.bpf_host_routing = false;
     }
+    let tc_attach = match config.tc_attach {
+        Some(TcAttach::Tcx) if !features.has("tcx") => anyhow::bail!(
+            "--tc-attach tcx: this kernel has no tcx hooks (Linux 6.6+); use auto or netlink"
+        ),
+        Some(how) => how,
+        None if features.has("tcx") => TcAttach::Tcx,
+        None => TcAttach::Netlink,
+    };
+    info!(
+        ?tc_attach,
+        "TC programs attach with {}",
+        if tc_attach == TcAttach::Tcx { "tcx links" } else { "clsact filters" }
+    );
     // kube-proxy's health timeout: twice the sync period.
     let health =
         Arc::new(ProxyHealth::new(Stamp::now()).with_timeout(config.sync_period.saturating_mul(2)));
@@ -296,6 +309,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config.health_check_bind.map(|b| HealthCheckServers::new(b, health.clone()));
     let (mut datapath, mut dp) = load_datapath(&config)?;
     datapath.set_xdp_mode(config.xdp_mode);
+    datapath.set_tc_attach(tc_attach);
     let conntrack = start_conntrack(&config, &metrics)?;
     let mut syncer = adopt_programmed_state(&dp)?;
     syncer.set_ipv6(config.map_sizing.ipv6);

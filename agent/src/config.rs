@@ -13,8 +13,8 @@ use std::{
 use aya::programs::XdpMode;
 
 use crate::{
-    cli::{AgentArgs, XdpModeArg},
-    dataplane::loader::{ExternalMode, MapSizing},
+    cli::{AgentArgs, TcAttachArg, XdpModeArg},
+    dataplane::loader::{ExternalMode, MapSizing, TcAttach},
 };
 
 /// Where Services, EndpointSlices and Nodes come from.
@@ -54,6 +54,8 @@ pub struct Config {
     /// XDP attach mode forced on the external devices (`--xdp-mode`; `None`: auto, native
     /// where the driver has it, TC alone on veth devices and drivers without it).
     pub xdp_mode: Option<XdpMode>,
+    /// How TC programs attach (`--tc-attach`; `None`: auto, tcx where the kernel has it).
+    pub tc_attach: Option<TcAttach>,
     /// eBPF host routing (`--bpf-host-routing`).
     pub bpf_host_routing: bool,
     /// The kernel's `bpf_l4_csum_replace` lacks `BPF_F_IPV6` (probed at start; false until
@@ -193,6 +195,11 @@ impl Config {
                 XdpModeArg::Auto => None,
                 XdpModeArg::Native => Some(XdpMode::Driver),
                 XdpModeArg::Generic => Some(XdpMode::Skb),
+            },
+            tc_attach: match args.tc_attach {
+                TcAttachArg::Auto => None,
+                TcAttachArg::Tcx => Some(TcAttach::Tcx),
+                TcAttachArg::Netlink => Some(TcAttach::Netlink),
             },
             bpf_host_routing: args.bpf_host_routing,
             no_l4_csum_ipv6: false,
@@ -344,6 +351,14 @@ mod tests {
             let c = Config::from_args(parse_agent(&["--xdp-mode", flag]).unwrap()).unwrap();
             assert_eq!(c.xdp_mode, want, "--xdp-mode {flag}");
         }
+        assert_eq!(c.tc_attach, None);
+        for (flag, want) in
+            [("auto", None), ("tcx", Some(TcAttach::Tcx)), ("netlink", Some(TcAttach::Netlink))]
+        {
+            let c = Config::from_args(parse_agent(&["--tc-attach", flag]).unwrap()).unwrap();
+            assert_eq!(c.tc_attach, want, "--tc-attach {flag}");
+        }
+        assert!(parse_agent(&["--tc-attach", "clsact"]).is_err());
     }
 
     #[test]

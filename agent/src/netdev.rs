@@ -7,8 +7,9 @@
 //!   interface matching the `--pod-devices` globs. A thread follows link changes
 //!   (`RTNLGRP_LINK`), so a new pod veth gets its programs as soon as the kernel announces it, a
 //!   NodePort device deleted and created again (same name, new index) gets XDP and TC again, and
-//!   interfaces that go away are forgotten (the kernel drops their filters; kproxy removes the
-//!   XDP link pin). A slow periodic rescan is the backstop for anything missed.
+//!   interfaces that go away are forgotten (the kernel drops their filters and detaches their
+//!   links; kproxy removes the XDP and tcx link pins). A slow periodic rescan is the backstop for
+//!   anything missed.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     ffi::CStr,
@@ -27,7 +28,7 @@ use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use crate::{
-    dataplane::loader::{Datapath, ExternalMode},
+    dataplane::loader::{self, Datapath, ExternalMode},
     metrics::Metrics,
 };
 
@@ -361,7 +362,7 @@ impl State {
         }
         self.attached.remove(name);
         self.failed.remove(name);
-        // The kernel drops TC filters with the device; what remains is an XDP link pin, removed
+        // The kernel drops TC filters with the device; what remains are link pins, removed
         // here unless an interface of that name already exists again (it gets attached anew).
         if ifindex(name).is_none()
             && let Err(e) = self.datapath.detach(name)
@@ -462,7 +463,7 @@ impl Devices {
             }
         };
         let attached = BTreeMap::new();
-        sweep_stale_xdp_pins(&mut datapath, &spec.external);
+        sweep_stale_link_pins(&mut datapath, &spec.external);
         let mut state = State {
             spec,
             datapath,
@@ -495,22 +496,25 @@ impl Drop for Devices {
     }
 }
 
-/// Detaches the XDP link pins left for devices that are no longer external devices or no longer
-/// exist (gone while no agent ran).
-fn sweep_stale_xdp_pins(datapath: &mut Datapath, external: &[String]) {
+/// Detaches the link pins left for devices that no longer exist (gone while no agent ran), and
+/// the XDP link pins of devices that are no longer external devices.
+fn sweep_stale_link_pins(datapath: &mut Datapath, external: &[String]) {
     let dir = crate::dataplane::bpf::maps_dir(datapath.pin_path()).join("links");
     let Ok(rd) = std::fs::read_dir(&dir) else { return };
+    let mut stale = BTreeMap::new();
     for e in rd.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
-        let Some(dev) = file.strip_prefix("xdp-") else { continue };
-        if external.iter().any(|d| d == dev) && ifindex(dev).is_some() {
+        let Some((kind, dev)) = loader::device_link_pin(&file) else { continue };
+        let exists = ifindex(dev).is_some();
+        if exists && (kind != "xdp" || external.iter().any(|d| d == dev)) {
             continue;
         }
-        match datapath.detach(dev) {
-            Ok(()) => {
-                info!(device = %dev, "removed the XDP link of a device that is gone or no longer external")
-            }
-            Err(e) => warn!(device = %dev, error = format!("{e:#}"), "removing a stale XDP link"),
+        stale.entry(dev.to_owned()).or_insert(if exists { "no longer external" } else { "gone" });
+    }
+    for (dev, why) in stale {
+        match datapath.detach(&dev) {
+            Ok(()) => info!(device = %dev, why, "removed the link pins of a device"),
+            Err(e) => warn!(device = %dev, error = format!("{e:#}"), "removing stale link pins"),
         }
     }
 }
@@ -562,6 +566,8 @@ pub struct AttachedProgram {
     pub id: u32,
     /// XDP mode (`native`, `generic`, ...) or TC hook (`ingress`, `egress`).
     pub hook: &'static str,
+    /// How it is attached: `link` (XDP), `tcx` or `clsact` (TC).
+    pub via: &'static str,
 }
 
 /// kproxy's programs on one device, as the kernel reports them.
@@ -573,19 +579,20 @@ pub struct DeviceAttachments {
     pub ifindex: u32,
     /// XDP program, if it is kproxy's.
     pub xdp: Option<AttachedProgram>,
-    /// kproxy's TC filters (ingress, then egress).
+    /// kproxy's TC programs (ingress, then egress; tcx links before clsact filters).
     pub tc: Vec<AttachedProgram>,
 }
 
 /// What `kproxy device list` shows: the devices carrying kproxy programs in this network
-/// namespace, and XDP link pins under the pin path whose device has no kproxy XDP program
-/// (left behind by a device that went away while no agent ran).
+/// namespace, and link pins under the pin path whose device no longer has the program (left
+/// behind by a device that went away while no agent ran).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AttachmentReport {
     /// Devices with at least one kproxy program.
     pub devices: Vec<DeviceAttachments>,
-    /// Names of the devices of stale `v1/links/xdp-<device>` pins.
-    pub stale_xdp_pins: Vec<String>,
+    /// File names of the stale pins under `v1/links/` (`xdp-<device>`,
+    /// `tcx-<hook>-<device>`).
+    pub stale_link_pins: Vec<String>,
 }
 
 /// Whether a program name is one of kproxy's.
@@ -603,18 +610,23 @@ pub fn attachments(pin_path: &Path) -> anyhow::Result<AttachmentReport> {
     let mut report = AttachmentReport::default();
     for link in links {
         let mut tc = Vec::new();
-        for (hook, name) in
-            [(netlink::TcHook::Ingress, "ingress"), (netlink::TcHook::Egress, "egress")]
+        for (hook, (ty, name)) in
+            [netlink::TcHook::Ingress, netlink::TcHook::Egress].into_iter().zip(loader::TC_HOOKS)
         {
+            // tcx programs run first (a kernel without tcx refuses the query: none).
+            let tcx = aya::programs::SchedClassifier::query_tcx(&link.name, ty)
+                .map(|(_, progs)| progs)
+                .unwrap_or_default();
+            tc.extend(tcx.into_iter().filter_map(|p| {
+                let program = p.name_as_str().filter(|n| is_kproxy_program(n))?.to_owned();
+                Some(AttachedProgram { program, id: p.id(), hook: name, via: "tcx" })
+            }));
             let filters = sock
                 .tc_filters(link.index, hook)
                 .with_context(|| format!("listing TC filters of {}", link.name))?;
-            tc.extend(
-                filters
-                    .into_iter()
-                    .filter(|f| is_kproxy_program(&f.name))
-                    .map(|f| AttachedProgram { program: f.name, id: f.prog_id, hook: name }),
-            );
+            tc.extend(filters.into_iter().filter(|f| is_kproxy_program(&f.name)).map(|f| {
+                AttachedProgram { program: f.name, id: f.prog_id, hook: name, via: "clsact" }
+            }));
         }
         let xdp = link.xdp.and_then(|x| {
             let names = prog_names.get_or_insert_with(|| {
@@ -628,6 +640,7 @@ pub fn attachments(pin_path: &Path) -> anyhow::Result<AttachmentReport> {
                 program,
                 id: x.prog_id,
                 hook: x.mode_name(),
+                via: "link",
             })
         });
         if xdp.is_some() || !tc.is_empty() {
@@ -643,13 +656,18 @@ pub fn attachments(pin_path: &Path) -> anyhow::Result<AttachmentReport> {
     if let Ok(rd) = std::fs::read_dir(&links_dir) {
         for e in rd.flatten() {
             let file = e.file_name().to_string_lossy().into_owned();
-            let Some(dev) = file.strip_prefix("xdp-") else { continue };
-            if !report.devices.iter().any(|d| d.name == dev && d.xdp.is_some()) {
-                report.stale_xdp_pins.push(dev.to_owned());
+            let Some((kind, dev)) = loader::device_link_pin(&file) else { continue };
+            let device = report.devices.iter().find(|d| d.name == dev);
+            let live = device.is_some_and(|d| match kind {
+                "xdp" => d.xdp.is_some(),
+                tcx => d.tc.iter().any(|p| p.via == "tcx" && tcx.ends_with(p.hook)),
+            });
+            if !live {
+                report.stale_link_pins.push(file);
             }
         }
     }
-    report.stale_xdp_pins.sort();
+    report.stale_link_pins.sort();
     Ok(report)
 }
 
@@ -658,19 +676,22 @@ impl AttachmentReport {
     pub fn table(&self) -> String {
         use std::fmt::Write as _;
         let mut out = format!(
-            "{:<16} {:>7}  {:<22} {:<20} {}\n",
+            "{:<16} {:>7}  {:<22} {:<24} {}\n",
             "DEVICE", "IFINDEX", "XDP", "TC INGRESS", "TC EGRESS"
         );
         for d in &self.devices {
             let xdp = d.xdp.as_ref().map_or("-".into(), |x| format!("{} ({})", x.program, x.hook));
             let tc = |hook: &str| {
-                let v: Vec<&str> =
-                    d.tc.iter().filter(|p| p.hook == hook).map(|p| p.program.as_str()).collect();
+                let v: Vec<String> =
+                    d.tc.iter()
+                        .filter(|p| p.hook == hook)
+                        .map(|p| format!("{} ({})", p.program, p.via))
+                        .collect();
                 if v.is_empty() { "-".to_string() } else { v.join(",") }
             };
             let _ = writeln!(
                 out,
-                "{:<16} {:>7}  {:<22} {:<20} {}",
+                "{:<16} {:>7}  {:<22} {:<24} {}",
                 d.name,
                 d.ifindex,
                 xdp,
@@ -678,19 +699,16 @@ impl AttachmentReport {
                 tc("egress")
             );
         }
-        if !self.stale_xdp_pins.is_empty() {
-            let _ = writeln!(
-                out,
-                "stale XDP link pins (device gone): {}",
-                self.stale_xdp_pins.join(", ")
-            );
+        if !self.stale_link_pins.is_empty() {
+            let _ =
+                writeln!(out, "stale link pins (device gone): {}", self.stale_link_pins.join(", "));
         }
         out
     }
 
     /// JSON for `kproxy device list -o json`.
     pub fn json(&self) -> Value {
-        let prog = |p: &AttachedProgram| json!({"program": p.program, "id": p.id, "hook": p.hook});
+        let prog = |p: &AttachedProgram| json!({"program": p.program, "id": p.id, "hook": p.hook, "via": p.via});
         json!({
             "devices": self.devices.iter().map(|d| json!({
                 "name": d.name,
@@ -698,7 +716,7 @@ impl AttachmentReport {
                 "xdp": d.xdp.as_ref().map(prog),
                 "tc": d.tc.iter().map(prog).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
-            "stale_xdp_link_pins": self.stale_xdp_pins,
+            "stale_link_pins": self.stale_link_pins,
         })
     }
 }

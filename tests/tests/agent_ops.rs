@@ -597,7 +597,7 @@ fn pod_interfaces_are_attached_as_they_appear_and_forgotten_as_they_go() {
         .map(|d| d["name"].as_str().unwrap())
         .collect();
     assert_eq!(listed, ["eth0", "vp0", "vp1", "vp2"], "{devices}");
-    assert_eq!(devices["stale_xdp_link_pins"], serde_json::json!([]));
+    assert_eq!(devices["stale_link_pins"], serde_json::json!([]), "{devices}");
     // The pods that stayed are still served.
     assert!(tcp_request(&s.lab.pod(0, 1).unwrap().ns, VIP, 80, T).is_ok());
 }
@@ -660,7 +660,7 @@ fn recreated_nodeport_device_is_attached_again() {
     };
     assert_ne!(index(&before), index(&after), "eth0 was not recreated");
     log_until(&s, 0, &["programs attached", "device=eth0", &format!("ifindex={}", index(&after))]);
-    assert_eq!(after["stale_xdp_link_pins"], serde_json::json!([]));
+    assert_eq!(after["stale_link_pins"], serde_json::json!([]), "{after}");
     for _ in 0..10 {
         let r = tcp_request(&client, node_ip, 30080, T).expect("NodePort");
         assert_eq!(r.server_pod, "node-1-pod-0");
@@ -713,10 +713,10 @@ fn full_backend_map_is_counted_by_map_and_keeps_the_rest_serving() {
     }
 }
 
-/// An external device that went away while no agent ran leaves an XDP link pin; the next agent
-/// removes it.
+/// An external device that went away while no agent ran leaves its link pins (XDP, and tcx on
+/// Linux 6.6+); the next agent removes them.
 #[test]
-fn xdp_link_of_a_device_gone_while_the_agent_was_down_is_removed() {
+fn link_pins_of_a_device_gone_while_the_agent_was_down_are_removed() {
     let mut s = Setup::new("stalepin");
     let ns = s.lab.node(0).ns.clone();
     exec(&ns, &["ip", "link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1"]).unwrap();
@@ -732,11 +732,18 @@ fn xdp_link_of_a_device_gone_while_the_agent_was_down_is_removed() {
     assert_eq!(programs_on(&device_list(&s, 0), "kpx0"), ["kp_xdp_ext", "kp_tc_ext"]);
     s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("stop");
     exec(&ns, &["ip", "link", "del", "kpx0"]).unwrap();
-    assert_eq!(device_list(&s, 0)["stale_xdp_link_pins"], serde_json::json!(["kpx0"]));
+    // With tcx (Linux 6.6+) the TC program's link is pinned too.
+    let stale = if kproxy::dataplane::features::tcx() {
+        serde_json::json!(["tcx-ingress-kpx0", "xdp-kpx0"])
+    } else {
+        serde_json::json!(["xdp-kpx0"])
+    };
+    assert_eq!(device_list(&s, 0)["stale_link_pins"], stale);
     s.agents[0] = Some(s.start_agent(0));
-    log_until(&s, 0, &["removed the XDP link", "device=kpx0"]);
+    log_until(&s, 0, &["removed the link pins of a device", "device=kpx0", "why=\"gone\""]);
     let devices = device_list(&s, 0);
-    assert_eq!(devices["stale_xdp_link_pins"], serde_json::json!([]), "{devices}");
+    assert_eq!(devices["stale_link_pins"], serde_json::json!([]), "{devices}");
+    assert!(!s.lab.pin_path(0).join("v1/links/tcx-ingress-kpx0").exists());
     assert_eq!(programs_on(&devices, "eth0"), ["kp_xdp_ext", "kp_tc_ext"]);
 }
 

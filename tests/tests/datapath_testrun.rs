@@ -1808,24 +1808,60 @@ fn xdp_prog(dev: &str) -> Option<String> {
     out.split("prog/xdp id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned())
 }
 
+/// The kproxy program on hook `dir` of `dev`, as the kernel reports it: (program id, `tcx` or
+/// `clsact`) of each one running `name` (`kp_`: any of kproxy's).
+fn tc_progs(pin: &Path, dev: &str, dir: &str, name: &str) -> Vec<(u32, &'static str)> {
+    let report = kproxy::netdev::attachments(pin).unwrap();
+    let Some(d) = report.devices.into_iter().find(|d| d.name == dev) else { return Vec::new() };
+    d.tc.iter()
+        .filter(|p| p.hook == dir && p.program.starts_with(name))
+        .map(|p| (p.id, p.via))
+        .collect()
+}
+
 #[test]
 fn attachments_outlive_the_agent_and_are_replaced_in_place() {
-    use kproxy::dataplane::loader::{ExternalMode, cleanup};
+    use kproxy::dataplane::loader::{ExternalMode, TcAttach, cleanup};
     in_test_netns(true, || {
         // The first load below makes the maps, the second reuses them.
         let dir = shared::pin_dir(N.fetch_add(1, Ordering::SeqCst));
         let _remove = shared::RemoveDir(dir.clone());
         let generic = Some(aya::programs::XdpMode::Skb);
+        // tcx links where the kernel has them (6.6+), clsact filters before.
+        let tcx = kproxy::dataplane::features::tcx();
+        assert_eq!(tcx, kernel_at_least(6, 6));
+        let via = if tcx { "tcx" } else { "clsact" };
+        let hooks = [
+            ("kpt1", "ingress", names::PROG_TC_FROM_POD),
+            ("kpt1", "egress", names::PROG_TC_TO_POD),
+            ("kpt0", "ingress", names::PROG_TC_EXT),
+        ];
+        // One kproxy program on each hook, of the kind `via`; the clsact filters as `tc` shows
+        // them and the tcx link pins agree. Returns the programs' ids.
+        let one_each = |via: &str| -> Vec<u32> {
+            hooks
+                .iter()
+                .map(|&(dev, hook, name)| {
+                    let progs = tc_progs(&dir, dev, hook, "kp_");
+                    assert_eq!(progs.len(), 1, "{dev} {hook}: {progs:?}");
+                    assert_eq!(progs[0].1, via, "{dev} {hook}");
+                    assert_eq!(tc_progs(&dir, dev, hook, name).len(), 1, "{dev} {hook}: {name}");
+                    let filters = tc_filters(dev, hook, "kp_").0;
+                    assert_eq!(filters, usize::from(via == "clsact"), "{dev} {hook} filters");
+                    let pin = dir.join(format!("v1/links/tcx-{hook}-{dev}"));
+                    assert_eq!(pin.exists(), via == "tcx", "{}", pin.display());
+                    progs[0].0
+                })
+                .collect()
+        };
         {
             let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
+            assert_eq!(dp.tc_attach(), if tcx { TcAttach::Tcx } else { TcAttach::Netlink });
             dp.set_xdp_mode(generic);
             dp.attach_pod("kpt1").unwrap();
             assert_eq!(dp.attach_external("kpt0", ExternalMode::Xdp).unwrap(), generic);
         } // the "agent" exits
-        let (n_in, ids_in) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
-        let (n_eg, _) = tc_filters("kpt1", "egress", names::PROG_TC_TO_POD);
-        let (n_ext, _) = tc_filters("kpt0", "ingress", names::PROG_TC_EXT);
-        assert_eq!((n_in, n_eg, n_ext), (1, 1, 1), "TC filters survive the loader");
+        let ids = one_each(via); // TC programs survive the loader
         let xdp1 = xdp_prog("kpt0").expect("XDP survives the loader");
         assert!(dir.join("v1/links/xdp-kpt0").exists());
 
@@ -1834,13 +1870,45 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         dp.set_xdp_mode(generic);
         dp.attach_pod("kpt1").unwrap();
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
-        let (n_in2, ids_in2) = tc_filters("kpt1", "ingress", names::PROG_TC_FROM_POD);
-        assert_eq!(n_in2, 1, "no duplicate filter");
-        assert_ne!(ids_in, ids_in2, "program replaced");
-        assert_eq!(tc_filters("kpt1", "egress", names::PROG_TC_TO_POD).0, 1);
-        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1);
+        let ids2 = one_each(via);
+        assert!(ids.iter().zip(&ids2).all(|(a, b)| a != b), "programs replaced: {ids:?} {ids2:?}");
         let xdp2 = xdp_prog("kpt0").expect("XDP attached");
         assert_ne!(xdp1, xdp2, "XDP program swapped inside the pinned link");
+
+        if tcx {
+            // From tcx links to clsact filters and back (--tc-attach): each time one program per
+            // hook, the other kind gone.
+            dp.set_tc_attach(TcAttach::Netlink);
+            dp.attach_pod("kpt1").unwrap();
+            dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+            one_each("clsact");
+            dp.set_tc_attach(TcAttach::Tcx);
+            dp.attach_pod("kpt1").unwrap();
+            dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+            one_each("tcx");
+            // A pod interface deleted and created under the same name: its links went with it,
+            // the pins left are replaced by new links.
+            sh_out("ip link add kptp type veth peer name kptq && ip link set kptp up");
+            dp.attach_pod("kptp").unwrap();
+            let first = tc_progs(&dir, "kptp", "ingress", names::PROG_TC_FROM_POD);
+            assert_eq!(first.len(), 1, "{first:?}");
+            sh_out("ip link del kptp");
+            sh_out("ip link add kptp type veth peer name kptq && ip link set kptp up");
+            assert!(dir.join("v1/links/tcx-ingress-kptp").exists(), "pin of a gone device");
+            assert_eq!(tc_progs(&dir, "kptp", "ingress", "kp_"), [], "a new device");
+            assert_eq!(
+                kproxy::netdev::attachments(&dir).unwrap().stale_link_pins,
+                ["tcx-egress-kptp", "tcx-ingress-kptp"]
+            );
+            dp.attach_pod("kptp").unwrap();
+            assert_eq!(tc_progs(&dir, "kptp", "ingress", names::PROG_TC_FROM_POD).len(), 1);
+            assert_eq!(tc_progs(&dir, "kptp", "egress", names::PROG_TC_TO_POD).len(), 1);
+            assert_eq!(kproxy::netdev::attachments(&dir).unwrap().stale_link_pins, [""; 0]);
+            dp.detach("kptp").unwrap();
+            assert_eq!(tc_progs(&dir, "kptp", "ingress", "kp_"), [], "detached");
+            assert!(!dir.join("v1/links/tcx-ingress-kptp").exists());
+            sh_out("ip link del kptp");
+        }
 
         assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "generic when asked");
 
@@ -1849,7 +1917,7 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         assert_eq!(dp.attach_external("kpt0", ExternalMode::Xdp).unwrap(), None, "auto on veth");
         assert_eq!(xdp_prog("kpt0"), None, "no XDP on veth by default");
         assert!(!dir.join("v1/links/xdp-kpt0").exists(), "XDP link pin removed");
-        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1, "TC serves it");
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT).len(), 1, "TC serves it");
         // A device whose driver has no native XDP (a bridge): auto falls back to TC alone, a forced
         // native mode fails.
         sh_out("ip link add kptd type bridge && ip link set kptd up");
@@ -1859,7 +1927,7 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
             "auto on a bridge"
         );
         assert_eq!(xdp_prog("kptd"), None);
-        assert_eq!(tc_filters("kptd", "ingress", names::PROG_TC_EXT).0, 1, "TC serves it");
+        assert_eq!(tc_progs(&dir, "kptd", "ingress", names::PROG_TC_EXT).len(), 1, "TC serves it");
         dp.set_xdp_mode(Some(aya::programs::XdpMode::Driver));
         assert!(
             dp.attach_external("kptd", ExternalMode::Xdp).is_err(),
@@ -1887,18 +1955,20 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
         assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "still generic");
 
-        // detach removes exactly kproxy's filters on that device.
+        // detach removes exactly kproxy's programs on that device.
+        sh_out("tc qdisc add dev kpt1 clsact 2>/dev/null; true");
         sh_out("tc filter add dev kpt1 ingress prio 100 protocol ip u32 match u32 0 0 classid 1:1");
         dp.detach("kpt1").unwrap();
-        assert_eq!(tc_filters("kpt1", "ingress", "kp_").0, 0);
-        assert_eq!(tc_filters("kpt1", "egress", "kp_").0, 0);
+        assert_eq!(tc_progs(&dir, "kpt1", "ingress", "kp_"), []);
+        assert_eq!(tc_progs(&dir, "kpt1", "egress", "kp_"), []);
+        assert!(!dir.join("v1/links/tcx-ingress-kpt1").exists());
         assert!(sh_out("tc filter show dev kpt1 ingress").contains("u32"), "foreign filter kept");
-        assert_eq!(tc_filters("kpt0", "ingress", names::PROG_TC_EXT).0, 1);
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT).len(), 1);
 
         // cleanup removes everything else, pins included.
         drop(dp);
         cleanup(&dir).unwrap();
-        assert_eq!(tc_filters("kpt0", "ingress", "kp_").0, 0);
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", "kp_"), []);
         assert_eq!(xdp_prog("kpt0"), None);
         assert!(!dir.exists(), "pin directory removed");
     });

@@ -62,7 +62,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ListAction {
     /// List them: service entries with their backends; maps with their fill level; devices with
-    /// the kproxy programs attached (and stale XDP link pins).
+    /// the kproxy programs attached (and stale link pins).
     List(ListArgs),
 }
 
@@ -89,6 +89,18 @@ pub enum Output {
     Table,
     /// JSON for programs.
     Json,
+}
+
+/// `--tc-attach`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum TcAttachArg {
+    /// tcx links where the kernel has them (Linux 6.6+), clsact filters elsewhere.
+    #[default]
+    Auto,
+    /// tcx links (the agent refuses to start without them).
+    Tcx,
+    /// Netlink filters of the clsact qdisc, on every kernel.
+    Netlink,
 }
 
 /// `--xdp-mode`.
@@ -212,6 +224,15 @@ pub struct AgentArgs {
     /// an XDP program or GRO); `generic` uses skb mode on every device.
     #[arg(long, value_enum, default_value_t, conflicts_with = "no_xdp")]
     pub xdp_mode: XdpModeArg,
+    /// How the TC programs attach to pod interfaces and external devices: `auto` uses tcx links
+    /// where the kernel has them (Linux 6.6+; pinned under the pin path, after the tcx programs
+    /// already on a hook, as Cilium's --enable-tcx) and netlink filters of the clsact qdisc
+    /// elsewhere; `netlink` keeps clsact filters on every kernel. tcx skips the qdisc layer (about
+    /// 1-2 µs per connection in the bench). kproxy's programs end a hook with their verdict
+    /// either way: clsact filters of other owners after them do not run on translated packets.
+    /// Switching replaces each attachment at the next start, the new kind before the old goes.
+    #[arg(long, value_enum, default_value_t)]
+    pub tc_attach: TcAttachArg,
     /// eBPF host routing: deliver translated packets from TC straight to their destination (a
     /// local pod's namespace with bpf_redirect_peer, anything else through the FIB), skipping the
     /// node's IP stack. Faster, but the node's netfilter (iptables/nftables) rules never see

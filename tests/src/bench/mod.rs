@@ -681,8 +681,8 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
 pub const BPF_STATS_EMPTY: &str = "empty_ns";
 
 /// The empty TC programs the bpf_stats step chains in front of kproxy's on one hook of node 0's
-/// pod veths or its external device (tcx links, Linux 6.6+; tcx programs run before the clsact
-/// filters kproxy attaches): two per hook, each a (metric, program name). The second runs
+/// pod veths or its external device (tcx links at the front of the hook, Linux 6.6+; kproxy's
+/// tcx links or clsact filters come after them): two per hook, each a (metric, program name). The second runs
 /// directly before kproxy's program, on the same packets, after another program ran (as
 /// kproxy's does): it is the floor of kproxy's figures on that hook. The first one shows what
 /// running first costs (the colder caches of the kernel's own timing).
@@ -2376,9 +2376,10 @@ fn empty_tc_chain(
     let veths: Vec<String> = lab.pods_on(0).into_iter().map(|p| p.host_veth).collect();
     let links = lab::in_netns(&lab.node(0).ns, || -> Result<Vec<std::os::fd::OwnedFd>> {
         let mut links = Vec::new();
-        for (prog, h) in &progs {
+        // Each in front of the hook's programs: the last one first.
+        for (prog, h) in progs.iter().rev() {
             for dev in h.devices(&veths) {
-                links.push(lab::xdp::attach_tcx_next(prog, &dev, h.egress)?);
+                links.push(lab::xdp::attach_tcx_front(prog, &dev, h.egress)?);
             }
         }
         Ok(links)

@@ -9,7 +9,7 @@
 //! nodes' external devices and the pods' `eth0`, as Cilium does with its dummy XDP program on
 //! veth peers. Tests can also load their own small programs with [`load_xdp`].
 //!
-//! The bench also chains empty TC programs in front of kproxy's ([`attach_tcx_next`]): the
+//! The bench also chains empty TC programs in front of kproxy's ([`attach_tcx_front`]): the
 //! floor of a bpf_stats figure measured at the same hook, on the same packets.
 
 use std::{
@@ -55,15 +55,17 @@ pub fn load_xdp(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
 /// Attaches `prog` to device `dev` of the calling thread's network namespace with a BPF link;
 /// the program stays attached while the returned link fd (or a pin of it) exists.
 pub fn attach_xdp(prog: &OwnedFd, dev: &str) -> io::Result<OwnedFd> {
-    link_create(prog, dev, bpf_attach_type::BPF_XDP, "XDP")
+    link_create(prog, dev, bpf_attach_type::BPF_XDP, 0, "XDP")
 }
 
 /// A BPF link of `prog` to device `dev` of the calling thread's network namespace, for hook
-/// `attach` (no flags, no relative program: multi-program hooks append it after the others).
+/// `attach` with link flags `flags` and no relative program (multi-program hooks: 0 appends it
+/// after the others, `BPF_F_BEFORE` puts it in front of them).
 fn link_create(
     prog: &OwnedFd,
     dev: &str,
     attach: bpf_attach_type,
+    flags: u32,
     what: &str,
 ) -> io::Result<OwnedFd> {
     let name = CString::new(dev).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -78,6 +80,7 @@ fn link_create(
     l.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
     l.__bindgen_anon_2.target_ifindex = ifindex;
     l.attach_type = attach as u32;
+    l.flags = flags;
     match bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr) {
         // SAFETY: a fresh fd returned by the kernel.
         Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
@@ -91,17 +94,19 @@ pub fn load_tc(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
 }
 
 /// Attaches TC program `prog` to the ingress (`egress` false) or egress of device `dev` of the
-/// calling thread's network namespace with a tcx link (Linux 6.6+), after the tcx programs
-/// already there; tcx programs run before the clsact filters kproxy attaches, so a program
-/// returning `TCX_NEXT` ([`TC_NEXT_PROGRAM`]) runs just before kproxy's on every packet. The
-/// program stays attached while the returned link fd exists.
-pub fn attach_tcx_next(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<OwnedFd> {
+/// calling thread's network namespace with a tcx link (Linux 6.6+), in front of the tcx programs
+/// already there (kproxy's come last on a hook, its clsact filters after every tcx program), so
+/// that a program returning `TCX_NEXT` ([`TC_NEXT_PROGRAM`]) runs before kproxy's on every
+/// packet. The program stays attached while the returned link fd exists.
+pub fn attach_tcx_front(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<OwnedFd> {
+    /// `BPF_F_BEFORE` of the multi-program attach API: with no relative program, at the front.
+    const BPF_F_BEFORE: u32 = 1 << 3;
     let (attach, what) = if egress {
         (bpf_attach_type::BPF_TCX_EGRESS, "tcx egress")
     } else {
         (bpf_attach_type::BPF_TCX_INGRESS, "tcx ingress")
     };
-    link_create(prog, dev, attach, what)
+    link_create(prog, dev, attach, BPF_F_BEFORE, what)
 }
 
 /// Pins a BPF object (program, map, link) at `path` on a bpffs.
