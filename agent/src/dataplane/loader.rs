@@ -1299,6 +1299,27 @@ mod tests {
     }
 
     #[test]
+    fn link_pins_name_their_kind_and_device() {
+        let pin = Path::new("/sys/fs/bpf/kp");
+        for (ty, want) in
+            [(TcAttachType::Ingress, "tcx-ingress"), (TcAttachType::Egress, "tcx-egress")]
+        {
+            let p = tcx_link_pin(pin, "lxc-a1", ty);
+            assert_eq!(p, links_dir(pin).join(format!("{want}-lxc-a1")));
+            let file = p.file_name().unwrap().to_str().unwrap();
+            assert_eq!(device_link_pin(file), Some((want, "lxc-a1")));
+        }
+        let xdp = xdp_link_pin(pin, "eth0");
+        assert_eq!(
+            device_link_pin(xdp.file_name().unwrap().to_str().unwrap()),
+            Some(("xdp", "eth0"))
+        );
+        for other in ["cgroup-connect4", "xdp-", "tcx-ingress", "tcx-other-eth0", "xdpeth0"] {
+            assert_eq!(device_link_pin(other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn the_estimate_matches_what_the_kernel_reports() {
         // Linux 6.18 reported 62,915,456 bytes for kp_ct4 and 25,166,896 for kp_svc4 at their
         // defaults.
