@@ -71,7 +71,8 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["only_e2e", "only_programming", "only_per_packet"])]
         only_ipv6: bool,
         /// Only ClusterIP new-connection latency at 1 and 1,000 services: floor, kproxy,
-        /// kproxy with generic XDP on eth0 (kproxy-generic), with eBPF host routing and with
+        /// kproxy with generic XDP on eth0 (kproxy-generic), with clsact filters instead of
+        /// tcx links (kproxy-clsact), with eBPF host routing and with
         /// the socket LB, and the floor across empty TC programs on kproxy's hooks (tcx links:
         /// floor-tc-hooks; clsact filters: floor-clsact-hooks), twice the repetitions, with the
         /// kproxy programs' run time per connection (bpf_stats); a few minutes, results in a

@@ -243,7 +243,8 @@ impl Config {
     /// The same run restricted to item 1 (ClusterIP new-connection latency) at 1 and 1,000
     /// services, floor and kproxy only (kproxy also with generic XDP on `eth0`, `--xdp-mode
     /// generic`, as `kproxy-generic`: the XDP program its default leaves off veth devices; with
-    /// host routing; with the socket LB for pods; the floor across empty TC programs on kproxy's
+    /// its TC programs as clsact filters, [`KPROXY_CLSACT`]; with host routing; with the socket
+    /// LB for pods; the floor across empty TC programs on kproxy's
     /// hooks, [`FLOOR_TC_HOOKS`] and [`FLOOR_CLSACT_HOOKS`]), twice the repetitions, and the
     /// kproxy programs' run time per connection (bpf_stats): a few minutes, to compare datapath
     /// changes on the new-connection path.
@@ -408,6 +409,10 @@ pub const FLOOR_TC_HOOKS: &str = "floor-tc-hooks";
 /// filters of a clsact qdisc (`--only-latency` only).
 pub const FLOOR_CLSACT_HOOKS: &str = "floor-clsact-hooks";
 
+/// kproxy with its TC programs as clsact filters, `--tc-attach netlink` (`--only-latency`
+/// only): beside `kproxy` (tcx links on Linux 6.6+), what the attachment's kind costs.
+pub const KPROXY_CLSACT: &str = "kproxy-clsact";
+
 /// The ClusterIP system of kproxy with the socket LB for pods (`--cgroup-path` on the client
 /// pod's cgroup, `--socket-lb-pods`): the client's connect() is sent to the backend, so its
 /// packets need no translation.
@@ -423,6 +428,9 @@ enum Sys {
     KproxySocketLb,
     /// kproxy with generic XDP on `eth0` (`--xdp-mode generic`; `--only-latency` only).
     KproxyGeneric,
+    /// kproxy with its TC programs as clsact filters (`--tc-attach netlink`; its default is
+    /// tcx links where the kernel has them; `--only-latency` only).
+    KproxyClsact,
     /// The floor's traffic with an empty TC program (tcx, `TCX_NEXT`) on each hook of kproxy's
     /// TC programs: node 0's pod veths, ingress and egress, and its `eth0` ingress
     /// ([`FLOOR_TC_HOOKS`]; `--only-latency` only).
@@ -449,10 +457,11 @@ impl Sys {
     const IPV6: [Sys; 4] = [Sys::Floor, Sys::Kproxy, Sys::Iptables, Sys::Nftables];
 
     /// The systems of `--only-latency`.
-    const LATENCY: [Sys; 7] = [
+    const LATENCY: [Sys; 8] = [
         Sys::Floor,
         Sys::Kproxy,
         Sys::KproxyGeneric,
+        Sys::KproxyClsact,
         Sys::KproxyHostRouting,
         Sys::KproxySocketLb,
         Sys::FloorTcHooks,
@@ -468,6 +477,8 @@ impl Sys {
             Sys::KproxyHostRouting => "10000 19999",
             Sys::KproxySocketLb => "61000 64999",
             Sys::KproxyGeneric => "40000 49999",
+            // nftables is not in `--only-latency`, the only run with kproxy-clsact.
+            Sys::KproxyClsact => "50000 60999",
             Sys::FloorTcHooks => "1024 5999",
             Sys::FloorClsactHooks => "6000 9999",
             Sys::Iptables => "40000 49999",
@@ -484,6 +495,7 @@ impl Sys {
             Sys::KproxyHostRouting => HOST_ROUTING,
             Sys::KproxySocketLb => SOCKET_LB,
             Sys::KproxyGeneric => "kproxy-generic",
+            Sys::KproxyClsact => KPROXY_CLSACT,
             Sys::FloorTcHooks => FLOOR_TC_HOOKS,
             Sys::FloorClsactHooks => FLOOR_CLSACT_HOOKS,
             Sys::Iptables => "iptables",
@@ -1329,6 +1341,9 @@ impl Bench<'_> {
             Sys::KproxyGeneric => {
                 self.start_kproxy(frontends, &["--xdp-mode", "generic"]).map(|k| kp = Some(k))
             }
+            Sys::KproxyClsact => {
+                self.start_kproxy(frontends, &["--tc-attach", "netlink"]).map(|k| kp = Some(k))
+            }
             Sys::KproxySocketLb => self.client_cgroup().and_then(|cg| {
                 let args = ["--cgroup-path", &*cg.to_string_lossy(), "--socket-lb-pods"];
                 self.start_kproxy(frontends, &args).map(|k| kp = Some(k))
@@ -1410,7 +1425,11 @@ impl Bench<'_> {
             }
         }
         match sys {
-            Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxySocketLb | Sys::KproxyGeneric => {
+            Sys::Kproxy
+            | Sys::KproxyHostRouting
+            | Sys::KproxySocketLb
+            | Sys::KproxyGeneric
+            | Sys::KproxyClsact => {
                 if let Some(k) = kp {
                     self.stop_kproxy(k);
                 }
@@ -2751,7 +2770,11 @@ fn clusterip6_one(
         measure::loadgen_in(&client, None, Some(cpu), target, "connect", 1, d)
     });
     match sys {
-        Sys::Kproxy | Sys::KproxyHostRouting | Sys::KproxySocketLb | Sys::KproxyGeneric => {
+        Sys::Kproxy
+        | Sys::KproxyHostRouting
+        | Sys::KproxySocketLb
+        | Sys::KproxyGeneric
+        | Sys::KproxyClsact => {
             if let Some(k) = kp {
                 let _ = systems::stop_kproxy(lab, k);
             }

@@ -763,19 +763,32 @@ NodePort runs of {} ms.\n",
             );
         }
     }
-    // `--only-latency` also runs kproxy with generic XDP on the node's veth `eth0`.
-    for &n in &c.scales {
-        let n = n as u64;
-        let md = |sys: &str| median(f, "1-latency", "p50_us", sys, n, "");
-        if let (Some(generic), Some(_)) = (md("kproxy-generic"), md("kproxy")) {
-            let _ = writeln!(
-                s,
-                "\nAt {} services, kproxy with generic XDP on the node's `eth0` (`--xdp-mode generic`; its default leaves XDP off veth devices): p50 {} ({} kproxy's, {} the floor's).",
-                thousands(n),
-                cell(find(f, "1-latency", "p50_us", "kproxy-generic", n, "")),
-                ratio(Some(generic), md("kproxy")),
-                ratio(Some(generic), md("floor")),
-            );
+    // `--only-latency` also runs kproxy with generic XDP on the node's veth `eth0` and with its TC
+    // programs as clsact filters.
+    let variants = [
+        (
+            "kproxy-generic",
+            "generic XDP on the node's `eth0` (`--xdp-mode generic`; its default leaves XDP off veth devices)",
+        ),
+        (
+            super::KPROXY_CLSACT,
+            "its TC programs as netlink filters of a clsact qdisc (`--tc-attach netlink`; its default on Linux 6.6+ is tcx links)",
+        ),
+    ];
+    for (sys, what) in variants {
+        for &n in &c.scales {
+            let n = n as u64;
+            let md = |sys: &str| median(f, "1-latency", "p50_us", sys, n, "");
+            if let (Some(p50), Some(_)) = (md(sys), md("kproxy")) {
+                let _ = writeln!(
+                    s,
+                    "\nAt {} services, kproxy with {what}: p50 {} ({} kproxy's, {} the floor's).",
+                    thousands(n),
+                    cell(find(f, "1-latency", "p50_us", sys, n, "")),
+                    ratio(Some(p50), md("kproxy")),
+                    ratio(Some(p50), md("floor")),
+                );
+            }
         }
     }
     // `--only-latency` also runs the floor's traffic across empty TC programs on kproxy's hooks,
