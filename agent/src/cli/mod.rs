@@ -229,7 +229,8 @@ pub struct AgentArgs {
     /// already on a hook, as Cilium's --enable-tcx) and netlink filters of the clsact qdisc
     /// elsewhere; `netlink` keeps clsact filters on every kernel. tcx skips the qdisc layer (about
     /// 1-2 µs per connection in the bench). kproxy's programs end a hook with their verdict
-    /// either way: clsact filters of other owners after them do not run on translated packets.
+    /// either way: clsact filters of other owners behind them do not run, as behind kproxy's
+    /// priority-1 clsact filter.
     /// Switching replaces each attachment at the next start, the new kind before the old goes.
     #[arg(long, value_enum, default_value_t)]
     pub tc_attach: TcAttachArg,
