@@ -1013,7 +1013,12 @@ impl Lab {
         let host = DNS_NAME.trim_end_matches('.');
         let argv = [
             "dnsmasq".to_string(),
-            "--no-daemon".into(),
+            // In the foreground, yet serving each TCP query from a process of its own as in
+            // production: `--no-daemon` (debug mode) answers TCP inline, so one connection left
+            // open by its client (kproxy resets a client whose backend was removed mid-query;
+            // the server never hears of it) stopped its UDP service until the TCP timeout.
+            "--keep-in-foreground".into(),
+            "--user=root".into(),
             "--conf-file=/dev/null".into(),
             "--pid-file=".into(),
             "--log-facility=-".into(),
