@@ -293,8 +293,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             "--tc-attach tcx: this kernel has no tcx hooks (Linux 6.6+); use auto or netlink"
         ),
         Some(how) => how,
-        None if features.has("tcx") => TcAttach::Tcx,
-        None => TcAttach::Netlink,
+        None => TcAttach::given(features.has("tcx")),
     };
     info!(
         ?tc_attach,

@@ -69,7 +69,12 @@ pub enum TcAttach {
 impl TcAttach {
     /// tcx where the running kernel has it ([`super::features::tcx`]), netlink otherwise.
     pub fn auto() -> Self {
-        if super::features::tcx() { Self::Tcx } else { Self::Netlink }
+        Self::given(super::features::tcx())
+    }
+
+    /// tcx when the kernel has tcx hooks (`tcx`, as probed), netlink otherwise.
+    pub fn given(tcx: bool) -> Self {
+        if tcx { Self::Tcx } else { Self::Netlink }
     }
 }
 
