@@ -36,7 +36,7 @@ mod sock;
 mod sock6;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::generated::{
         bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_meta,
     },
@@ -155,7 +155,7 @@ fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
     if handled_by_xdp(&ctx) {
         count(Reason::PassHandledByXdp, parse6::is_ipv6(&pkt::Tc(&ctx)));
-        return TC_ACT_OK;
+        return TC_NEXT;
     }
     tc_fast(&ctx, Hook::TcExt)
 }
@@ -397,6 +397,11 @@ fn tc_step(ctx: &TcContext, c: &pkt::Tc, s: flow::Step) -> i32 {
     tc_verdict_in(c, s.verdict, s.reason, s.v6)
 }
 
+/// The TC verdict of a packet kproxy leaves as it came ([`Reason::untouched`]): the next
+/// program on the hook decides (`TCX_NEXT` of a tcx link; for a clsact filter in direct-action
+/// mode, the next filter), and where none is left the packet goes on as with `TC_ACT_OK`.
+const TC_NEXT: i32 = TC_ACT_UNSPEC;
+
 /// Counts `reason` and turns `v` into a TC action.
 #[inline(always)]
 fn tc_verdict(c: &pkt::Tc, v: Verdict, reason: Reason) -> i32 {
@@ -408,6 +413,8 @@ fn tc_verdict(c: &pkt::Tc, v: Verdict, reason: Reason) -> i32 {
 fn tc_verdict_in(c: &pkt::Tc, v: Verdict, reason: Reason, v6: bool) -> i32 {
     count(reason, v6);
     match v.action {
+        Action::Pass if reason.untouched() => TC_NEXT,
+        // Translated: the hook ends here (see `Reason::untouched`).
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
         // SAFETY: plain helper calls; they return TC_ACT_REDIRECT or TC_ACT_SHOT.

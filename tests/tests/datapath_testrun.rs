@@ -29,7 +29,13 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-const TC_ACT_OK: u32 = 0;
+/// A TC pass of either kind: `TC_ACT_OK` for a packet kproxy translated, `TC_ACT_UNSPEC`
+/// (`TCX_NEXT`: the next program on the hook decides) for one it left as it came. Every run
+/// checks that the kind matches what happened to the frame ([`Env::tc_run`]) and reports both as
+/// this.
+const TC_PASS: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1), as the test run returns it.
+const TC_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -245,7 +251,23 @@ impl Env {
             })
             .expect("test_run tc");
         out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        // kproxy ends the hook only with what it translated: a packet it passes as it came goes
+        // on to the programs behind it (`Reason::untouched`).
+        let v = match r.return_value {
+            TC_NEXT => {
+                assert!(out == frame, "{name}: TCX_NEXT for a packet it rewrote");
+                TC_PASS
+            }
+            TC_PASS => {
+                assert!(
+                    out != frame,
+                    "{name}: TC_ACT_OK (end of the hook) for an untouched packet"
+                );
+                TC_PASS
+            }
+            v => v,
+        };
+        (v, out)
     }
 }
 
@@ -292,7 +314,7 @@ fn assert_reply_passed_to_the_stack(env: &mut Env, prog: &str, reply: &[u8]) {
         out
     } else {
         let (v, out) = env.tc(prog, reply);
-        assert_eq!(v, TC_ACT_OK, "{prog}");
+        assert_eq!(v, TC_PASS, "{prog}");
         out
     };
     assert_eq!(out, reply, "{prog}: passed untouched");
@@ -532,7 +554,7 @@ fn to_pod_passes_what_a_hooked_device_translated() {
     env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
     let synack = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK);
     let restored = synack.clone().with_src(sa(CIP));
@@ -542,14 +564,14 @@ fn to_pod_passes_what_a_hooked_device_translated() {
     env.dp().set_hook_devs(&[same_slot, HOOKED].into()).unwrap();
     // Without host routing, nothing before the stack translated it: restored here.
     let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), HOOKED);
-    assert_eq!(v, TC_ACT_OK, "from a hooked device, without host routing");
+    assert_eq!(v, TC_PASS, "from a hooked device, without host routing");
     assert_frame(&out, &restored);
     env.enable_host_routing();
     let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), HOOKED);
-    assert_eq!((v, out), (TC_ACT_OK, synack.build()), "from a hooked device: untouched");
+    assert_eq!((v, out), (TC_PASS, synack.build()), "from a hooked device: untouched");
     for (what, iif) in [("the node itself", 0), ("the same slot", same_slot), ("elsewhere", 8)] {
         let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), iif);
-        assert_eq!(v, TC_ACT_OK, "{what}");
+        assert_eq!(v, TC_PASS, "{what}");
         assert_frame(&out, &restored);
     }
     // A device that is no longer recorded takes the full path again.
@@ -574,7 +596,7 @@ fn not_ready_passes_everything() {
     env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     let f = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &f);
-    assert_eq!((v, out), (TC_ACT_OK, f.clone()));
+    assert_eq!((v, out), (TC_PASS, f.clone()));
     assert_counts(&env, &[(Reason::PassNotReady, 1)]);
     // The fast path reads the configuration only once the hints call for a lookup: the same
     // frame through XDP, a packet from a backend's address and port entering a pod, and a
@@ -583,13 +605,13 @@ fn not_ready_passes_everything() {
     assert_eq!((v, out), (XDP_PASS, f.clone()));
     let reply = Frame::tcp(sa(BE1), sa(POD_CLIENT), SYN | ACK).build();
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &reply);
-    assert_eq!((v, out), (TC_ACT_OK, reply));
+    assert_eq!((v, out), (TC_PASS, reply));
     let mut bad_version = f.clone();
     bad_version[14] = 0x65;
     for (hook, (v, out)) in
         [("tc", env.tc(names::PROG_TC_FROM_POD, &bad_version)), ("xdp", env.xdp(&bad_version))]
     {
-        let pass = if hook == "tc" { TC_ACT_OK } else { XDP_PASS };
+        let pass = if hook == "tc" { TC_PASS } else { XDP_PASS };
         assert_eq!((v, &out), (pass, &bad_version), "malformed frame via {hook}");
     }
     assert_counts(&env, &[(Reason::PassNotReady, 5)]);
@@ -604,14 +626,14 @@ fn clusterip_tcp_forward_and_reply() {
     // SYN from a pod: destination becomes the backend, source is kept.
     let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
 
     // Second packet of the connection.
     let data =
         Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &data.clone().with_dst(sa(BE1)));
 
     // The reply from the (local) backend leaves its pod: passed to the node's stack as the
@@ -621,7 +643,7 @@ fn clusterip_tcp_forward_and_reply() {
 
     // Entering the client pod (to_pod), its source becomes the ClusterIP.
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &synack.clone().with_src(sa(CIP)));
     // The same reply on the external device (as from a remote backend) passes XDP alike.
     assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &synack.build());
@@ -662,12 +684,12 @@ fn host_routing_leaves_replies_from_xdp_to_tc() {
             let (v, out, marked) = env.xdp_meta(&synack.build());
             assert_eq!((v, &out, marked), (XDP_PASS, &synack.build(), false), "left to TC");
             let (v, out) = env.tc(names::PROG_TC_EXT, &synack.build());
-            assert_eq!(v, TC_ACT_OK, "no route in the test namespace: the stack decides");
+            assert_eq!(v, TC_PASS, "no route in the test namespace: the stack decides");
             assert_frame(&out, &translated);
         } else {
             assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &synack.build());
             let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-            assert_eq!(v, TC_ACT_OK);
+            assert_eq!(v, TC_PASS);
             assert_frame(&out, &translated);
         }
         let mut want = vec![(Reason::TranslatedNew, 1), (Reason::ReplyTranslated, 1)];
@@ -697,7 +719,7 @@ fn pod_client_replies_are_translated_where_they_enter_the_pod() {
         env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
         let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-        assert_eq!(v, TC_ACT_OK, "{be}");
+        assert_eq!(v, TC_PASS, "{be}");
         assert_frame(&out, &syn.clone().with_dst(sa(be)));
         let ct = env.maps.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "{be}");
@@ -719,7 +741,7 @@ fn pod_client_replies_are_translated_where_they_enter_the_pod() {
                 assert_reply_passed_to_the_stack(&mut env, prog, &reply.build());
             }
             let (v, out) = env.tc(names::PROG_TC_TO_POD, &reply.build());
-            assert_eq!(v, TC_ACT_OK, "{be}");
+            assert_eq!(v, TC_PASS, "{be}");
             assert_frame(&out, &reply.clone().with_src(sa(CIP)));
             if n == 0 {
                 let ct = env.maps.conntrack().unwrap();
@@ -766,7 +788,7 @@ fn hint_bitmaps_gate_the_lookups_and_failed_tail_calls_are_counted() {
 
     let syn = Frame::tcp(sa(POD_CLIENT), cip, SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn.clone().with_dst(be1));
 
     // Without the frontend bits, the next segment of the connection passes untouched; without
@@ -782,15 +804,15 @@ fn hint_bitmaps_gate_the_lookups_and_failed_tail_calls_are_counted() {
     let reply = Frame::tcp(be1, sa(POD_CLIENT), SYN | ACK);
     clear(names::ADDR_BITS, hints::addr_slot(hints::FRONTEND, be_addr(*cip.ip())).0);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
-    assert_eq!((v, out), (TC_ACT_OK, data.build()));
+    assert_eq!((v, out), (TC_PASS, data.build()));
     clear(names::ADDR_BITS, hints::addr_slot(hints::BACKEND, be_addr(*be1.ip())).0);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &reply.build());
-    assert_eq!((v, out), (TC_ACT_OK, reply.build()));
+    assert_eq!((v, out), (TC_PASS, reply.build()));
     // The agent's next write of the frontend sets them again.
     env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
     env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &data.clone().with_dst(be1));
 
     // A new connection needs the slow path: with its table entry gone it is dropped, counted.
@@ -830,13 +852,13 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
     // as the reply of a pod's connection, restored where they enter the client pod).
     let syn = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &direct_syn);
     assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &syn_ack.build());
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn_ack.clone().with_src(sa(CIP)));
 
     // The client closes it (RST), then opens a connection from the same port straight to the
@@ -844,14 +866,14 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
     // they were sent, from the backend's address.
     let rst = Frame::tcp(sa(POD_CLIENT), sa(CIP), RST | ACK);
     let (v, _) = env.tc(names::PROG_TC_FROM_POD, &rst.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &direct_syn);
     assert!(env.maps.conntrack().unwrap().is_empty(), "{}", show_ct(&env));
     for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
         let (v, out) = env.tc(prog, &syn_ack.build());
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, TC_PASS);
         assert_frame(&out, &syn_ack);
     }
     let (v, out) = env.xdp(&syn_ack.build());
@@ -892,7 +914,7 @@ fn a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries()
         }
         let before = env.maps.conntrack().unwrap();
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(v, TC_PASS, "round {round}");
         assert_frame(&out, &syn.clone().with_dst(sa(be)));
         let ct = env.maps.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "round {round}: {}", show_ct(&env));
@@ -912,11 +934,11 @@ fn a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries()
         let synack = Frame::tcp(sa(be), sa(POD_CLIENT), SYN | ACK);
         assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &synack.build());
         let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(v, TC_PASS, "round {round}");
         assert_frame(&out, &synack.clone().with_src(sa(CIP)));
         assert_eq!(env.maps.conntrack().unwrap()[0].1.state, ct_state::ESTABLISHED);
         let (v, _) = env.tc(names::PROG_TC_FROM_POD, &fin.build());
-        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(v, TC_PASS, "round {round}");
         assert_eq!(env.maps.conntrack().unwrap()[0].1.state, ct_state::CLOSING);
     }
     // The closed connection's entry for replies from the first backend stays until it expires.
@@ -966,7 +988,7 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
             let ack = Frame::tcp(sa(BE1), client, ACK);
             for _ in 0..2 {
                 for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
-                    assert_eq!(env.tc(prog, &ack.build()), (TC_ACT_OK, ack.build()), "{prog}");
+                    assert_eq!(env.tc(prog, &ack.build()), (TC_PASS, ack.build()), "{prog}");
                 }
                 assert_eq!(env.xdp(&ack.build()), (XDP_PASS, ack.build()));
             }
@@ -975,11 +997,11 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
             // the client pod, passed to the stack before).
             let syn = Frame::tcp(client, sa(CIP), SYN);
             let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-            assert_eq!(v, TC_ACT_OK);
+            assert_eq!(v, TC_PASS);
             assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
             let synack = Frame::tcp(sa(BE1), client, SYN | ACK);
             let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-            assert_eq!(v, TC_ACT_OK);
+            assert_eq!(v, TC_PASS);
             assert_frame(&out, &synack.clone().with_src(sa(CIP)));
             for prog in [names::PROG_TC_FROM_POD, names::PROG_XDP_EXT] {
                 assert_reply_passed_to_the_stack(&mut env, prog, &synack.build());
@@ -1024,17 +1046,17 @@ fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
             let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 43000 + i);
             let q = Frame::udp(client, sa(CIP), b"q");
             let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
-            assert_eq!(v, TC_ACT_OK);
+            assert_eq!(v, TC_PASS);
             assert_frame(&out, &q.clone().with_dst(sa(BE1)));
             let ack = Frame::tcp(sa(BE1), client, ACK);
             let r = Frame::udp(sa(BE1), client, b"r");
             let to_pod = names::PROG_TC_TO_POD;
-            assert_eq!(env.tc(to_pod, &ack.build()), (TC_ACT_OK, ack.build()), "{to_pod}");
+            assert_eq!(env.tc(to_pod, &ack.build()), (TC_PASS, ack.build()), "{to_pod}");
             let (v, out) = env.tc(to_pod, &r.build());
-            assert_eq!(v, TC_ACT_OK, "{to_pod}");
+            assert_eq!(v, TC_PASS, "{to_pod}");
             assert_frame(&out, &r.clone().with_src(sa(CIP)));
             let from_pod = names::PROG_TC_FROM_POD;
-            assert_eq!(env.tc(from_pod, &ack.build()), (TC_ACT_OK, ack.build()), "{from_pod}");
+            assert_eq!(env.tc(from_pod, &ack.build()), (TC_PASS, ack.build()), "{from_pod}");
             assert_reply_passed_to_the_stack(&mut env, from_pod, &r.build());
             assert_eq!(env.xdp(&ack.build()), (XDP_PASS, ack.build()));
             assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &r.build());
@@ -1063,14 +1085,14 @@ fn clusterip_udp_forward_and_reply_with_and_without_checksum() {
     env.service("198.19.0.53:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     let q = Frame::udp(sa(POD_CLIENT), sa("198.19.0.53:53"), b"query");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &q.clone().with_dst(sa("198.18.100.11:53")));
     // The answer leaves the backend's pod untouched (the reply of a pod's connection) and is
     // restored where it enters the client pod.
     let r = Frame::udp(sa("198.18.100.11:53"), sa(POD_CLIENT), b"answer");
     assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r.build());
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &r.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &r.clone().with_src(sa("198.19.0.53:53")));
 
     // UDP without checksum stays without: passed by XDP (reply from a remote backend) and
@@ -1082,7 +1104,7 @@ fn clusterip_udp_forward_and_reply_with_and_without_checksum() {
     assert_reply_passed_to_the_stack(&mut env, names::PROG_XDP_EXT, &r0.build());
     assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r0.build());
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &r0.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &r0.clone().with_src(sa("198.19.0.53:53")));
     // ...and translated without by XDP: a query from an external client to a NodePort of the
     // same (local) backend.
@@ -1128,7 +1150,7 @@ fn not_for_service_passes_byte_identical() {
     ];
     for f in &frames_in {
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, f);
-        assert_eq!((v, &out), (TC_ACT_OK, f));
+        assert_eq!((v, &out), (TC_PASS, f));
         let (v, out) = env.xdp(f);
         assert_eq!((v, &out), (XDP_PASS, f));
     }
@@ -1136,7 +1158,7 @@ fn not_for_service_passes_byte_identical() {
     let mut arp = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN).build();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &arp);
-    assert_eq!((v, &out), (TC_ACT_OK, &arp));
+    assert_eq!((v, &out), (TC_PASS, &arp));
     let mut ping = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     ping.l4 = L4::Icmp { typ: 8, code: 0, rest: [0, 1, 0, 1], payload: vec![1, 2, 3, 4] };
     let ping = ping.build();
@@ -1164,7 +1186,7 @@ fn nodeport_local_backend_no_snat() {
         // The same in TC-only mode, for another client port.
         let syn2 = syn.clone().with_src(sa("198.18.0.2:40001"));
         let (v, out) = env.tc(names::PROG_TC_EXT, &syn2.build());
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, TC_PASS);
         assert_frame(&out, &syn2.clone().with_dst(sa(BE1)));
         // The reply leaves the backend pod: source becomes node IP:NodePort (client address
         // preserved), and since the stack would drop a packet from its own address arriving
@@ -1181,7 +1203,7 @@ fn nodeport_local_backend_no_snat() {
         // A pod reaching the NodePort uses the INTERNAL scope entry only: none here, untouched.
         let from_pod = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN).build();
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &from_pod);
-        assert_eq!((v, out), (TC_ACT_OK, from_pod));
+        assert_eq!((v, out), (TC_PASS, from_pod));
     });
 }
 
@@ -1615,7 +1637,7 @@ fn backend_removed_udp_rebalances_tcp_resets() {
     env.service(svc, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[stay], 1);
     env.maps.delete_backend(gone).unwrap();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &q.clone().with_dst(sa(stay_addr)));
     let ct = env.maps.conntrack().unwrap();
     assert_eq!(ct.len(), 1);
@@ -1635,7 +1657,7 @@ fn backend_removed_udp_rebalances_tcp_resets() {
     assert_frame(&out, &backend_gone_reset(&ack));
     // The entry is gone: the client's next SYN on the same tuple goes to the new backend.
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn.clone().with_dst(sa(BE2)));
     assert_counts(
         &env,
@@ -1693,7 +1715,7 @@ fn backend_removed_tcp_syn_rebalances() {
     env.maps.delete_backend(11).unwrap();
     // A retransmitted SYN of the tracked connection: balanced anew.
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn.clone().with_dst(sa(BE2)));
     assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::Rebalanced, 1)]);
 }
@@ -1768,12 +1790,12 @@ fn malformed_frames_are_counted() {
     let mut opts = tcp.clone();
     opts.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &opts.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &opts.clone().with_dst(sa(BE1)));
     // A later fragment of a datagram whose first fragment was not seen: untouched.
     let later = later_fragment(*sa(POD_CLIENT).ip(), *sa(CIP).ip(), 0x4242, 6, b"12345678");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &later);
-    assert_eq!((v, out), (TC_ACT_OK, later));
+    assert_eq!((v, out), (TC_PASS, later));
     // The IPv6 ethertype over an IPv4 header: malformed IPv6, counted with IPv6's counters.
     let mut v6 = good.clone();
     v6[12..14].copy_from_slice(&[0x86, 0xdd]);
@@ -2222,6 +2244,135 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
     drop(env);
 }
 
+/// Another owner's TC program behind kproxy's on a pod's veth (a CNI's or a flow monitor's,
+/// attached after kproxy's) runs on every packet kproxy leaves as it came (`TCX_NEXT`, or the
+/// next clsact filter) and on none that kproxy translated (the hook ends there): an empty
+/// program behind kproxy's on both hooks of the client pod's veth, its runs counted by the
+/// kernel's run-time statistics, with tcx links (Linux 6.6+) and with clsact filters.
+#[test]
+fn programs_behind_kproxys_see_the_packets_it_leaves_untouched() {
+    use kproxy::dataplane::loader::TcAttach;
+    use kproxy_tests::{bench::bpfstats, lab::xdp};
+    let tag = format!("kpbh{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let node = Netns::new(format!("{tag}-node"));
+    let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
+    node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
+    for (i, pod) in pods.iter().enumerate() {
+        let j = i + 1;
+        let ip = format!("198.18.100.{}", 9 + j);
+        sh_out(&format!(
+            "ip -n {} link add vp{j} type veth peer name eth0 netns {}",
+            node.0, pod.0
+        ));
+        // No traffic but the test's: IPv6 off (no neighbour discovery, no MLD reports) and
+        // permanent neighbours both ways (no ARP).
+        let pod_mac = pod.sh("cat /sys/class/net/eth0/address").trim().to_owned();
+        let node_mac = node.sh(&format!("cat /sys/class/net/vp{j}/address")).trim().to_owned();
+        node.sh(&format!(
+            "sysctl -qw net.ipv6.conf.vp{j}.disable_ipv6=1 && ip link set vp{j} up && \
+             ip addr add 198.18.100.1/32 dev vp{j} && ip route add {ip}/32 dev vp{j} && \
+             ip neigh replace {ip} lladdr {pod_mac} dev vp{j} nud permanent"
+        ));
+        pod.sh(&format!(
+            "sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1 && ip link set lo up && \
+             ip link set eth0 up && ip addr add {ip}/32 dev eth0 && \
+             ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1 && \
+             ip neigh replace 198.18.100.1 lladdr {node_mac} dev eth0 nud permanent"
+        ));
+    }
+    let _udp = spawn_in(
+        &pods[1],
+        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
+         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
+    );
+    const N_QUERIES: u64 = 20;
+    // N_QUERIES datagrams from pod 1 to `to`, each answered: prints the answers' sources.
+    let ask = |to: &str| -> String {
+        let (addr, port) = to.split_once(':').unwrap();
+        pods[0].sh(&format!(
+            "python3 -c \"import socket\ns=socket.socket(2,2)\ns.settimeout(10)\n\
+             for _ in range({N_QUERIES}):\n  s.sendto(b'ping',('{addr}',{port}))\n  \
+             print(s.recvfrom(100)[1][0])\""
+        ))
+    };
+    const SERVICE: &str = "198.19.0.53:53";
+    const DIRECT: &str = "198.18.100.11:5353";
+
+    let node_path = format!("/run/netns/{}", node.0);
+    let pin = PathBuf::from(format!("/sys/fs/bpf/kpt-behind-{tag}"));
+    let _remove_pin = shared::RemoveDir(pin.clone());
+    // In a thread of the node's namespace (attachments, tcx links and `tc` act there).
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| in_node(&node_path, &pin, &ask))
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    });
+
+    fn in_node(node_path: &str, pin: &Path, ask: &dyn Fn(&str) -> String) {
+        let f = std::fs::File::open(node_path).unwrap();
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let (service, direct) = (SERVICE, DIRECT);
+        let mut env = Env::own();
+        env.backend(2, direct, backend_flags::LOCAL, proto::UDP);
+        env.service(service, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+        let behind = xdp::load_tc("kpt_behind", &xdp::TC_NEXT_PROGRAM).unwrap();
+        let _stats = bpfstats::enable().unwrap();
+        let tcx = kproxy::dataplane::features::tcx();
+        let kinds: &[TcAttach] =
+            if tcx { &[TcAttach::Tcx, TcAttach::Netlink] } else { &[TcAttach::Netlink] };
+        for &kind in kinds {
+            env.dp().set_tc_attach(kind);
+            env.dp().attach_pod("vp1").unwrap();
+            env.dp().attach_pod("vp2").unwrap();
+            // The program behind kproxy's on both hooks of the client pod's veth: appended
+            // after its tcx link, or a clsact filter after its (priority 1).
+            let mut links = Vec::new();
+            if kind == TcAttach::Tcx {
+                for egress in [false, true] {
+                    links.push(xdp::attach_tcx_last(&behind, "vp1", egress).unwrap());
+                }
+            } else {
+                std::fs::create_dir_all(pin).unwrap();
+                let p = pin.join("prog");
+                xdp::pin(&behind, &p).unwrap();
+                for dir in ["ingress", "egress"] {
+                    sh_out(&format!(
+                        "tc filter add dev vp1 {dir} prio 7 bpf da object-pinned {}",
+                        p.display()
+                    ));
+                }
+            }
+            let runs = || xdp::prog_runs(&behind).unwrap();
+            let (what, r0) = (format!("{kind:?}"), runs());
+            // Translated both ways (to the backend on the veth's ingress, back from the
+            // ClusterIP on its egress): the hook ends with kproxy's program.
+            let answers = ask(service);
+            let n = answers.lines().filter(|l| *l == "198.19.0.53").count() as u64;
+            assert_eq!(n, N_QUERIES, "{what}: answers from the ClusterIP\n{answers}");
+            let r1 = runs();
+            // Left as they came: the program behind kproxy's sees each, both ways. (The slack
+            // of 2 above is for a packet of the kernel's own, none expected.)
+            let answers = ask(direct);
+            let n = answers.lines().filter(|l| *l == "198.18.100.11").count() as u64;
+            assert_eq!(n, N_QUERIES, "{what}: answers from the pod\n{answers}");
+            let r2 = runs();
+            let c = env.counters();
+            assert!(r1 - r0 <= 2, "{what}: ran {} times on translated packets; {c:?}", r1 - r0);
+            assert!(r2 - r1 >= 2 * N_QUERIES, "{what}: ran {} times on untouched ones", r2 - r1);
+            if kind == TcAttach::Netlink {
+                for dir in ["ingress", "egress"] {
+                    sh_out(&format!("tc filter del dev vp1 {dir} prio 7"));
+                }
+                std::fs::remove_file(pin.join("prog")).unwrap();
+            }
+            drop(links);
+        }
+    }
+}
+
 /// An ICMP error frame from `src` to `dst` quoting `quote` (IP header + 8 bytes).
 fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, code: u8, quote: &[u8]) -> Frame {
     let mut f = Frame::udp(SocketAddrV4::new(src, 1), SocketAddrV4::new(dst, 1), b"");
@@ -2246,7 +2397,7 @@ fn icmp_errors_about_translated_connections_are_translated() {
     let err = icmp_error(*sa(be).ip(), *sa(POD_CLIENT).ip(), 3, &dnat[14..42]);
     assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &err.build());
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &err.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     // The client sees it from the ClusterIP, about the query it sent (the quoted UDP checksum
     // is left as the backend saw it).
     let mut quote = qb[14..42].to_vec();
@@ -2259,11 +2410,11 @@ fn icmp_errors_about_translated_connections_are_translated() {
     let r = Frame::udp(sa(be), sa(POD_CLIENT), b"answer");
     assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r.build());
     let (v, restored) = env.tc(names::PROG_TC_TO_POD, &r.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&restored, &r.clone().with_src(sa(svc)));
     let err = icmp_error(*sa(POD_CLIENT).ip(), *sa(svc).ip(), 3, &restored[14..42]);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let rb = r.build();
     let mut quote = rb[14..42].to_vec();
     quote[26..28].copy_from_slice(&restored[14 + 26..14 + 28]);
@@ -2274,7 +2425,7 @@ fn icmp_errors_about_translated_connections_are_translated() {
     let err =
         icmp_error(*sa("198.18.0.99:1").ip(), *sa(POD_CLIENT).ip(), 3, &other[14..42]).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
-    assert_eq!((v, out), (TC_ACT_OK, err));
+    assert_eq!((v, out), (TC_PASS, err));
     assert_counts(
         &env,
         &[
@@ -2429,14 +2580,14 @@ fn pod_to_own_node_nodeport_remote_backend_reply_is_restored_entering_the_pod() 
     env.service(&np, proto::TCP, scope::INTERNAL, svc_flags::NODE_PORT, &[1], 1);
     let syn = Frame::tcp(sa(POD_CLIENT), sa(&np), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK, "pods keep their address; the stack routes to node 1");
+    assert_eq!(v, TC_PASS, "pods keep their address; the stack routes to node 1");
     assert_frame(&out, &syn.clone().with_dst(sa(BE_REMOTE)));
     let synack = Frame::tcp(sa(BE_REMOTE), sa(POD_CLIENT), SYN | ACK);
     for prog in [names::PROG_XDP_EXT, names::PROG_TC_EXT] {
         assert_reply_passed_to_the_stack(&mut env, prog, &synack.build());
     }
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &synack.clone().with_src(sa(&np)));
     let ct = env.maps.conntrack().unwrap();
     assert_eq!(ct[0].1.state, ct_state::ESTABLISHED, "by the reply");
@@ -2521,7 +2672,7 @@ fn established_path_cost() {
         }
         for fe in [x, y] {
             let syn = Frame::tcp(sa(POD_CLIENT), sa(fe), SYN).build();
-            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_ACT_OK);
+            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_PASS);
         }
         let data = Frame::tcp(sa(POD_CLIENT), sa(x), ACK | PSH).with_payload(&[7; 100]).build();
         let runs = 200_000;
@@ -2730,11 +2881,11 @@ fn fragmented_datagrams_follow_their_first_fragment() {
     first.frag = 0x2000;
     first.id = 0x0101;
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &first.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &first.clone().with_dst(sa(be)));
     let rest = later_fragment(*sa(POD_CLIENT).ip(), *sa(svc).ip(), 0x0101, 17, b"the rest");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rest);
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_eq!(out, later_fragment(*sa(POD_CLIENT).ip(), *sa(be).ip(), 0x0101, 17, b"the rest"));
 
     // A large answer from the backend, fragmented by its kernel: both fragments leave the
@@ -2747,10 +2898,10 @@ fn fragmented_datagrams_follow_their_first_fragment() {
     assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &rfirst.build());
     assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &rrest);
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &rfirst.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &rfirst.clone().with_src(sa(svc)));
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &rrest);
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_eq!(out, later_fragment(*sa(svc).ip(), *sa(POD_CLIENT).ip(), 0x0202, 17, b"part two"));
     assert_counts(
         &env,
@@ -2769,7 +2920,7 @@ fn fragmented_datagrams_follow_their_first_fragment() {
 fn udp_from_pod(env: &mut Env, sport: u16, fe: &str) -> Vec<u8> {
     let q = Frame::udp(SocketAddrV4::new("198.18.100.10".parse().unwrap(), sport), sa(fe), b"q");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     out
 }
 
@@ -2973,7 +3124,7 @@ fn tcp_segment_without_connection_entry_is_balanced_and_counted() {
     }
     let data = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK | PSH).with_payload(b"x");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &data.clone().with_dst(be));
     let (_, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
     assert_frame(&out, &data.clone().with_dst(be));
@@ -3010,7 +3161,7 @@ fn conntrack_gc_cost_on_a_large_table() {
         );
         let q = Frame::udp(src, sa("198.19.0.53:53"), b"q");
         let (v, _) = env.tc(names::PROG_TC_FROM_POD, &q.build());
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, TC_PASS);
     }
     let fill = t0.elapsed();
     let now = kproxy::dataplane::monotonic_ns();
@@ -3073,7 +3224,7 @@ fn source_ranges_restrict_new_connections() {
     assert_eq!(v, XDP_PASS, "198.18.0.9/32 added");
     env.service(LB, proto::TCP, scope::INTERNAL, svc_flags::LOAD_BALANCER, &[1], 7);
     let (v, _) = env.tc(names::PROG_TC_FROM_POD, &Frame::tcp(sa(POD_CLIENT), sa(LB), SYN).build());
-    assert_eq!(v, TC_ACT_OK, "not restricted without the flag");
+    assert_eq!(v, TC_PASS, "not restricted without the flag");
     assert_counts(&env, &[(Reason::TranslatedNew, 3), (Reason::DropSourceRange, 3)]);
 }
 
@@ -3147,15 +3298,15 @@ fn closed_service_addresses_reject_unknown_ports_and_unallocated_ips_drop() {
     let node_ssh = Frame::tcp(sa(CLIENT), sa(&format!("{NODE_IP}:22")), SYN).build();
     assert_eq!(env.xdp(&node_ssh), (XDP_PASS, node_ssh.clone()));
     let other = Frame::tcp(sa(POD_CLIENT), sa("198.18.5.5:80"), SYN).build();
-    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &other), (TC_ACT_OK, other.clone()));
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &other), (TC_PASS, other.clone()));
     let cip_outside = Frame::tcp(sa(CLIENT), sa(CIP), SYN).build();
-    assert_eq!(env.tc(names::PROG_TC_EXT, &cip_outside), (TC_ACT_OK, cip_outside.clone()));
+    assert_eq!(env.tc(names::PROG_TC_EXT, &cip_outside), (TC_PASS, cip_outside.clone()));
     let to_pod = Frame::tcp(sa("198.19.0.10:81"), sa(POD_CLIENT), SYN).build();
-    assert_eq!(env.tc(names::PROG_TC_TO_POD, &to_pod), (TC_ACT_OK, to_pod.clone()));
+    assert_eq!(env.tc(names::PROG_TC_TO_POD, &to_pod), (TC_PASS, to_pod.clone()));
     // The defined port still works.
     let (v, out) =
         env.tc(names::PROG_TC_FROM_POD, &Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN).build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_eq!(dst_of(&out), sa(BE1));
 }
 
@@ -3171,12 +3322,12 @@ fn one_client_port_through_two_frontends_to_one_backend() {
     env.service(cip2, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 2);
     let syn1 = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn1.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn1.clone().with_dst(sa(BE1)));
     // The second: same client port, another ClusterIP, the same backend.
     let syn2 = Frame::tcp(sa(POD_CLIENT), sa(cip2), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn2.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let L4::Tcp { sport: p2, .. } = frames::decode(&out).unwrap().l4 else { panic!() };
     assert!((61000..=65535).contains(&p2), "source port re-picked: {p2}");
     let client2 = SocketAddrV4::new(*sa(POD_CLIENT).ip(), p2);
@@ -3193,10 +3344,10 @@ fn one_client_port_through_two_frontends_to_one_backend() {
         assert_reply_passed_to_the_stack(&mut env, names::PROG_TC_FROM_POD, &r.build());
     }
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &r1.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &r1.clone().with_src(sa(CIP)));
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &r2.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &r2.clone().with_src(sa(cip2)).with_dst(sa(POD_CLIENT)));
     // A new connection on the first tuple (SYN again after a reset) keeps its own port.
     let rst = Frame::tcp(sa(POD_CLIENT), sa(CIP), RST);
@@ -3243,7 +3394,7 @@ fn fragment_entries_expire() {
     map.insert(key, old, 0).unwrap();
     let rest = later_fragment(*sa(POD_CLIENT).ip(), *sa(svc).ip(), 0x0303, 17, b"the rest");
     let (v2, out) = env.tc(names::PROG_TC_FROM_POD, &rest);
-    assert_eq!((v2, out), (TC_ACT_OK, rest.clone()), "expired: untouched");
+    assert_eq!((v2, out), (TC_PASS, rest.clone()), "expired: untouched");
     // The collection deletes it.
     let report = env.maps.conntrack_gc(kproxy::dataplane::monotonic_ns()).unwrap();
     assert_eq!(report.fragments_deleted, 1);

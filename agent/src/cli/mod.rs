@@ -228,9 +228,10 @@ pub struct AgentArgs {
     /// where the kernel has them (Linux 6.6+; pinned under the pin path, after the tcx programs
     /// already on a hook, as Cilium's --enable-tcx) and netlink filters of the clsact qdisc
     /// elsewhere; `netlink` keeps clsact filters on every kernel. tcx skips the qdisc layer (about
-    /// 1-2 µs per connection in the bench). kproxy's programs end a hook with their verdict
-    /// either way: clsact filters of other owners behind them do not run, as behind kproxy's
-    /// priority-1 clsact filter.
+    /// 1-2 µs per connection in the bench). Either way kproxy's programs end a hook only with
+    /// the packets they translate, redirect or drop: a packet they leave as it came goes on to
+    /// the programs behind them (TCX_NEXT, or the next clsact filter), so other owners' programs
+    /// attached later (a CNI's, a flow monitor's) still see it.
     /// Switching replaces each attachment at the next start, the new kind before the old goes.
     #[arg(long, value_enum, default_value_t)]
     pub tc_attach: TcAttachArg,

@@ -20,9 +20,10 @@
 //!   `clsact` qdisc, always at priority [`TC_PRIORITY`] and handle [`TC_HANDLE`]; a restarted
 //!   agent replaces the filter at that priority/handle in place (one `RTM_NEWTFILTER` without
 //!   `NLM_F_EXCL`), so there is neither a gap nor a duplicate. Moving from one to the other
-//!   attaches the new kind first, then removes the old one: a kproxy program in tcx ends the
-//!   hook with its verdict (it never returns `TCX_NEXT`), so the clsact filter behind it no
-//!   longer runs, and a tcx link removed last leaves the clsact filter in place.
+//!   attaches the new kind first, then removes the old one. A kproxy program ends the hook only
+//!   with a packet it translated, redirected or dropped (`Reason::untouched`), so while both
+//!   are attached the second one sees only packets the first left as they came, and decides
+//!   alike from the same maps: no packet is translated twice.
 use std::{
     ffi::CString,
     io,

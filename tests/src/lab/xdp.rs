@@ -109,6 +109,34 @@ pub fn attach_tcx_front(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<O
     link_create(prog, dev, attach, BPF_F_BEFORE, what)
 }
 
+/// Attaches TC program `prog` to the ingress (`egress` false) or egress of device `dev` of the
+/// calling thread's network namespace with a tcx link (Linux 6.6+) behind the tcx programs
+/// already there, as another owner attaching after kproxy would (kproxy's own tcx links go
+/// last too). The program stays attached while the returned link fd exists.
+pub fn attach_tcx_last(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<OwnedFd> {
+    let (attach, what) = if egress {
+        (bpf_attach_type::BPF_TCX_EGRESS, "tcx egress")
+    } else {
+        (bpf_attach_type::BPF_TCX_INGRESS, "tcx ingress")
+    };
+    link_create(prog, dev, attach, 0, what)
+}
+
+/// How often the kernel ran `prog` (`bpf_prog_info.run_cnt`): counted only while run-time
+/// statistics are on (`BPF_ENABLE_STATS` or `kernel.bpf_stats_enabled`).
+pub fn prog_runs(prog: &OwnedFd) -> io::Result<u64> {
+    // SAFETY: a plain C struct of integers; all-zero is valid.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = sys::attr();
+    // SAFETY: union access; the info member is the one BPF_OBJ_GET_INFO_BY_FD reads.
+    let i = unsafe { &mut attr.info };
+    i.bpf_fd = prog.as_raw_fd() as u32;
+    i.info_len = std::mem::size_of_val(&info) as u32;
+    i.info = (&raw mut info) as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.run_cnt)
+}
+
 /// Pins a BPF object (program, map, link) at `path` on a bpffs.
 pub fn pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())

@@ -111,13 +111,13 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     // SYN from a pod: destination becomes the backend (pseudo-header checksum), source kept.
     let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
 
     // Second packet of the connection (the fast path of the IPv6 entry program).
     let data = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &data.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &data.clone().with_dst(sa6(BE6_1)));
 
     // The reply of the pod's connection leaving the (local) backend's pod (`kp_tc_from_pod`) or
@@ -128,9 +128,9 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     let want = synack.clone().with_src(sa6(CIP6));
     for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_EXT] {
         let (v, out) = env.tc(prog, &synack.build());
-        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "{prog}: to the stack untouched");
+        assert_eq!((v, out), (TC_PASS, synack.build()), "{prog}: to the stack untouched");
         let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, TC_PASS);
         assert_frame6(&out, &want);
     }
     // XDP passes it untouched too and tells TC it is done (the metadata mark, since Linux
@@ -139,7 +139,7 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     assert_eq!((v, out), (XDP_PASS, synack.build()), "XDP: to the stack untouched");
     assert!(marked || !kernel_at_least(5, 16), "XDP tells TC it is done");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &want);
 
     let ct = env.maps.conntrack6().unwrap();
@@ -174,27 +174,27 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
     let syn_ack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
 
     let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &direct_syn);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ack.build());
-    assert_eq!((v, out), (TC_ACT_OK, syn_ack.build()), "to the stack untouched");
+    assert_eq!((v, out), (TC_PASS, syn_ack.build()), "to the stack untouched");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &syn_ack.clone().with_src(sa6(CIP6)));
 
     let rst = Frame6::tcp(sa6(POD6), sa6(CIP6), RST | ACK);
     let (v, _) = env.tc(names::PROG_TC_FROM_POD, &rst.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &direct_syn);
     assert!(env.maps.conntrack6().unwrap().is_empty(), "stale connection entry left");
     assert!(env.maps.revnat6().unwrap().is_empty(), "stale reverse-NAT entry left");
     for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD] {
         let (v, out) = env.tc(prog, &syn_ack.build());
-        assert_eq!(v, TC_ACT_OK, "{prog}");
+        assert_eq!(v, TC_PASS, "{prog}");
         assert_frame6(&out, &syn_ack);
     }
     assert_counts6(
@@ -230,7 +230,7 @@ fn ipv6_a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entr
         let be_addr = to_addr6(*sa6(be).ip());
         let before = env.maps.conntrack6().unwrap();
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(v, TC_PASS, "round {round}");
         assert_frame6(&out, &syn.clone().with_dst(sa6(be)));
         let ct = env.maps.conntrack6().unwrap();
         assert_eq!(ct.len(), 1, "round {round}");
@@ -249,13 +249,13 @@ fn ipv6_a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entr
 
         let synack = Frame6::tcp(sa6(be), sa6(POD6), SYN | ACK);
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
-        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "to the stack untouched");
+        assert_eq!((v, out), (TC_PASS, synack.build()), "to the stack untouched");
         let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(v, TC_PASS, "round {round}");
         assert_frame6(&out, &synack.clone().with_src(sa6(CIP6)));
         assert_eq!(env.maps.conntrack6().unwrap()[0].1.state, ct_state::ESTABLISHED);
         let (v, _) = env.tc(names::PROG_TC_FROM_POD, &fin.build());
-        assert_eq!(v, TC_ACT_OK, "round {round}");
+        assert_eq!(v, TC_PASS, "round {round}");
         assert_eq!(env.maps.conntrack6().unwrap()[0].1.state, ct_state::CLOSING);
     }
     // The closed connection's entry for replies from the first backend stays until it expires.
@@ -293,7 +293,7 @@ fn ipv6_translation_without_the_checksum_helpers_ipv6_flag() {
     let data = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n");
     for f in [syn, data] {
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &f.build());
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, TC_PASS);
         assert_frame6(&out, &f.clone().with_dst(sa6(BE6_1)));
     }
     // The reply crosses the node's stack untouched (`PassReplyToPod`) and is restored where it
@@ -301,20 +301,20 @@ fn ipv6_translation_without_the_checksum_helpers_ipv6_flag() {
     let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
     for prog in [names::PROG_TC_FROM_POD, names::PROG_TC_EXT] {
         let (v, out) = env.tc(prog, &synack.build());
-        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "{prog}: to the stack untouched");
+        assert_eq!((v, out), (TC_PASS, synack.build()), "{prog}: to the stack untouched");
         let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, TC_PASS);
         assert_frame6(&out, &synack.clone().with_src(sa6(CIP6)));
     }
 
     let q = Frame6::udp(sa6(POD6), sa6(DNS6), b"query");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let be = sa6("[2001:2:100::11]:5353");
     assert_frame6(&out, &q.clone().with_dst(be));
     let a = Frame6::udp(be, sa6(POD6), b"answer");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &a.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &a.clone().with_src(sa6(DNS6)));
     assert_counts6(
         &env,
@@ -339,14 +339,14 @@ fn ipv6_extension_headers_are_parsed() {
     let ext = vec![Ext::options(HOP_BY_HOP), Ext::options(DEST_OPTS)];
     let q = Frame6::udp(sa6(POD6), sa6(DNS6), b"query").with_ext(ext.clone());
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &q.clone().with_dst(sa6("[2001:2:100::11]:5353")));
 
     let r = Frame6::udp(sa6("[2001:2:100::11]:5353"), sa6(POD6), b"answer").with_ext(ext);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &r.build());
-    assert_eq!((v, out), (TC_ACT_OK, r.build()), "to the stack untouched");
+    assert_eq!((v, out), (TC_PASS, r.build()), "to the stack untouched");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &r.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &r.clone().with_src(sa6(DNS6)));
     assert_counts6(
         &env,
@@ -365,7 +365,7 @@ fn ipv6_later_fragments_follow_the_first() {
         .with_ext(vec![Ext::fragment(0, true, 0xabcd)]);
     let fb = first.build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &fb);
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let d = frames6::decode(&out).unwrap();
     assert_eq!(d.daddr, *sa6("[2001:2:100::11]:5353").ip());
     let L4::Udp { dport, .. } = d.l4 else { panic!("{d:?}") };
@@ -378,7 +378,7 @@ fn ipv6_later_fragments_follow_the_first() {
     let plen = (later.len() - 54) as u16;
     later[18..20].copy_from_slice(&plen.to_be_bytes());
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &later);
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let mut want = later.clone();
     want[38..54].copy_from_slice(&sa6("[2001:2:100::11]:5353").ip().octets());
     assert_eq!(out, want);
@@ -398,18 +398,18 @@ fn ipv6_external_frontends_translate_in_tc() {
     for fe in [np.as_str(), lb] {
         let syn = Frame6::tcp(sa6(CLIENT6), sa6(fe), SYN);
         let (v, out) = env.tc(names::PROG_TC_EXT, &syn.build());
-        assert_eq!(v, TC_ACT_OK, "{fe}");
+        assert_eq!(v, TC_PASS, "{fe}");
         assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
         // The next segment takes the IPv6 fast path.
         let ack = Frame6::tcp(sa6(CLIENT6), sa6(fe), ACK);
         let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
-        assert_eq!(v, TC_ACT_OK, "{fe}");
+        assert_eq!(v, TC_PASS, "{fe}");
         assert_frame6(&out, &ack.clone().with_dst(sa6(BE6_1)));
     }
     // A pod reaching the NodePort uses the INTERNAL scope entry only: none here, untouched.
     let from_pod = Frame6::tcp(sa6(POD6), sa6(&np), SYN).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &from_pod);
-    assert_eq!((v, out), (TC_ACT_OK, from_pod));
+    assert_eq!((v, out), (TC_PASS, from_pod));
     assert_eq!(env.maps.conntrack6().unwrap().len(), 2);
     assert_counts6(
         &env,
@@ -483,9 +483,9 @@ fn ipv6_neighbour_discovery_and_other_traffic_pass_untouched() {
     let other = Frame6::tcp(sa6(POD6), sa6("[2001:2:ff::99]:80"), SYN);
     for f in [ns.build(), na.build(), other.build()] {
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &f);
-        assert_eq!((v, &out), (TC_ACT_OK, &f));
+        assert_eq!((v, &out), (TC_PASS, &f));
         let (v, out) = env.tc(names::PROG_TC_EXT, &f);
-        assert_eq!((v, &out), (TC_ACT_OK, &f));
+        assert_eq!((v, &out), (TC_PASS, &f));
         let (v, out) = env.xdp(&f);
         assert_eq!((v, &out), (XDP_PASS, &f));
     }
@@ -496,7 +496,7 @@ fn ipv6_neighbour_discovery_and_other_traffic_pass_untouched() {
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &arp);
-    assert_eq!((v, out), (TC_ACT_OK, arp));
+    assert_eq!((v, out), (TC_PASS, arp));
     assert_eq!(env.counters(), BTreeMap::from([(Reason::PassNotIpv4, 1)]));
 }
 
@@ -527,7 +527,7 @@ fn ipv6_new_connections_go_to_their_own_slow_path() {
     assert_eq!((v, out), (TC_ACT_SHOT, syn6));
     let syn4 = Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn4.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame(&out, &syn4.clone().with_dst(sa(BE1)));
     assert_eq!(env.counters6(), BTreeMap::from([(Reason::DropTailCall, 1)]));
     assert_eq!(env.counters(), BTreeMap::from([(Reason::TranslatedNew, 1)]));
@@ -747,9 +747,9 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     let svc_ip = sa6(DNS6).ip().to_string();
     let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnat[14..]).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
-    assert_eq!((v, out), (TC_ACT_OK, err.clone()), "to the stack untouched");
+    assert_eq!((v, out), (TC_PASS, err.clone()), "to the stack untouched");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &err);
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &icmp6_error(&svc_ip, &pod_ip, 1, 4, 0, &quote_of(&qb, &dnat, 6)));
 
     // A reply reaches a client whose socket is gone: its "port unreachable" about the reply
@@ -758,13 +758,13 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     let r = Frame6::udp(sa6(be_dns), sa6(POD6), b"answer");
     let rb = r.build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &rb);
-    assert_eq!((v, out), (TC_ACT_OK, rb.clone()), "to the stack untouched");
+    assert_eq!((v, out), (TC_PASS, rb.clone()), "to the stack untouched");
     let (v, restored) = env.tc(names::PROG_TC_TO_POD, &rb);
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&restored, &r.clone().with_src(sa6(DNS6)));
     let err = icmp6_error(&pod_ip, &svc_ip, 1, 4, 0, &restored[14..]);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &icmp6_error(&pod_ip, &be_ip, 1, 4, 0, &quote_of(&rb, &restored, 6)));
 
     // A quoted packet with extension headers (the client's query carried destination
@@ -775,9 +775,9 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     let (_, dnatx) = env.tc(names::PROG_TC_FROM_POD, &qxb);
     let err = icmp6_error(&be_ip, &pod_ip, 1, 4, 0, &dnatx[14..]).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
-    assert_eq!((v, out), (TC_ACT_OK, err.clone()), "to the stack untouched");
+    assert_eq!((v, out), (TC_PASS, err.clone()), "to the stack untouched");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &err);
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     let want = quote_of_ext(&qxb, &dnatx, 16, 6);
     assert_frame6(&out, &icmp6_error(&svc_ip, &pod_ip, 1, 4, 0, &want));
 
@@ -785,7 +785,7 @@ fn ipv6_icmp_errors_about_translated_connections_are_translated() {
     let other = Frame6::udp(sa6(POD6), sa6("[2001:2:ff::99]:53"), b"x").build();
     let err = icmp6_error("2001:2:ff::99", &pod_ip, 1, 4, 0, &other[14..]).build();
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &err);
-    assert_eq!((v, out), (TC_ACT_OK, err));
+    assert_eq!((v, out), (TC_PASS, err));
     assert_counts6(
         &env,
         &[
@@ -820,14 +820,14 @@ fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
     let ptb = icmp6_error(router, &pod_ip, 2, 0, 1280, &dnat[14..]);
     let want = icmp6_error(router, &pod_ip, 2, 0, 1280, &quote_of(&db, &dnat, 16));
     let (v, out) = env.tc(names::PROG_TC_EXT, &ptb.build());
-    assert_eq!((v, out), (TC_ACT_OK, ptb.build()), "to the stack untouched");
+    assert_eq!((v, out), (TC_PASS, ptb.build()), "to the stack untouched");
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &ptb.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &want);
     // Already translated (on the external device), it quotes no connection the pod's hook
     // knows: untouched.
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &want.build());
-    assert_eq!((v, out), (TC_ACT_OK, want.build()));
+    assert_eq!((v, out), (TC_PASS, want.build()));
     assert_counts6(
         &env,
         &[
@@ -898,11 +898,11 @@ fn established_path_cost6() {
         env.service6(y6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
         for fe in [x, y] {
             let syn = Frame::tcp(sa(POD_CLIENT), sa(fe), SYN).build();
-            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_ACT_OK);
+            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_PASS);
         }
         for fe in [x6, y6] {
             let syn = Frame6::tcp(sa6(POD6), sa6(fe), SYN).build();
-            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_ACT_OK);
+            assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn).0, TC_PASS);
         }
         let runs = 200_000;
         let measure = |env: &mut Env, prog: &str, frame: &[u8]| -> f64 {
@@ -954,10 +954,10 @@ fn ipv6_backend_removed_established_tcp_reset_then_rebalanced() {
     env.backend6(11, BE6_1, backend_flags::LOCAL, proto::TCP);
     env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[11], 2);
     let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
-    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn.build()).0, TC_ACT_OK);
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn.build()).0, TC_PASS);
     let ack = Frame6::tcp(sa6(POD6), sa6(CIP6), ACK);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &ack.clone().with_dst(sa6(BE6_1)));
 
     env.backend6(12, BE6_2, backend_flags::LOCAL, proto::TCP);
@@ -968,7 +968,7 @@ fn ipv6_backend_removed_established_tcp_reset_then_rebalanced() {
     let rst = frames6::decode(&out).expect("an IPv6 frame");
     assert_eq!((rst.saddr, rst.daddr), (*sa6(CIP6).ip(), *sa6(POD6).ip()), "{rst:?}");
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_2)));
     assert_counts6(
         &env,
@@ -1005,7 +1005,7 @@ fn ipv6_source_ranges_restrict_new_connections() {
 
     let ok = Frame6::tcp(sa6(CLIENT6), sa6(LB6), SYN);
     let (v, out) = env.tc(names::PROG_TC_EXT, &ok.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &ok.clone().with_dst(sa6(BE6_1)));
     let outside = Frame6::tcp(sa6("[2001:2::9]:40000"), sa6(LB6), SYN).build();
     let (v, _) = env.tc(names::PROG_TC_EXT, &outside);
@@ -1017,10 +1017,10 @@ fn ipv6_source_ranges_restrict_new_connections() {
     // A /128 inside a wider range, and the service without the flag.
     env.maps.put_source_ranges6(&[net("2001:2::9", 128, 7)]).unwrap();
     let (v, _) = env.tc(names::PROG_TC_EXT, &outside);
-    assert_eq!(v, TC_ACT_OK, "2001:2::9/128 added");
+    assert_eq!(v, TC_PASS, "2001:2::9/128 added");
     env.service6(LB6, proto::TCP, scope::INTERNAL, svc_flags::LOAD_BALANCER, &[1], 7);
     let (v, _) = env.tc(names::PROG_TC_FROM_POD, &Frame6::tcp(sa6(POD6), sa6(LB6), SYN).build());
-    assert_eq!(v, TC_ACT_OK, "not restricted without the flag");
+    assert_eq!(v, TC_PASS, "not restricted without the flag");
     assert_counts6(&env, &[(Reason::TranslatedNew, 3), (Reason::DropSourceRange, 2)]);
     let mut ranges = env.maps.source_ranges6().unwrap();
     ranges.sort();
@@ -1089,11 +1089,11 @@ fn ipv6_closed_service_addresses_reject_unknown_ports_and_unallocated_ips_drop()
     // Untouched: addresses outside the CIDR, the ClusterIP's defined port from outside (its
     // frontend is internal only), a pod's own traffic entering it.
     let other = Frame6::tcp(sa6(POD6), sa6("[2001:2:fe::5]:80"), SYN).build();
-    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &other), (TC_ACT_OK, other.clone()));
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &other), (TC_PASS, other.clone()));
     let cip_outside = Frame6::tcp(sa6(CLIENT6), sa6(CIP6), SYN).build();
-    assert_eq!(env.tc(names::PROG_TC_EXT, &cip_outside), (TC_ACT_OK, cip_outside.clone()));
+    assert_eq!(env.tc(names::PROG_TC_EXT, &cip_outside), (TC_PASS, cip_outside.clone()));
     let to_pod = Frame6::tcp(sa6("[2001:2:ff::10]:81"), sa6(POD6), SYN).build();
-    assert_eq!(env.tc(names::PROG_TC_TO_POD, &to_pod), (TC_ACT_OK, to_pod.clone()));
+    assert_eq!(env.tc(names::PROG_TC_TO_POD, &to_pod), (TC_PASS, to_pod.clone()));
     assert_eq!(env.maps.service_addrs6().unwrap().len(), 2);
 }
 
@@ -1102,7 +1102,7 @@ fn ipv6_closed_service_addresses_reject_unknown_ports_and_unallocated_ips_drop()
 fn udp6_from_pod(env: &mut Env, sport: u16, fe: &str) -> Ipv6Addr {
     let c = SocketAddrV6::new(*sa6(POD6).ip(), sport, 0, 0);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &Frame6::udp(c, sa6(fe), b"q").build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     frames6::verify_checksums(&out).unwrap();
     frames6::decode(&out).unwrap().daddr
 }
@@ -1206,10 +1206,10 @@ fn ipv6_not_ready_passes_everything() {
     // A frontend's packet in TC and XDP, and a backend's reply entering a pod: untouched,
     // counted in the IPv6 counters.
     let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN).build();
-    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn), (TC_ACT_OK, syn.clone()));
+    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn), (TC_PASS, syn.clone()));
     assert_eq!(env.xdp(&syn), (XDP_PASS, syn.clone()));
     let reply = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK).build();
-    assert_eq!(env.tc(names::PROG_TC_TO_POD, &reply), (TC_ACT_OK, reply));
+    assert_eq!(env.tc(names::PROG_TC_TO_POD, &reply), (TC_PASS, reply));
     assert_counts6(&env, &[(Reason::PassNotReady, 3)]);
 }
 
@@ -1228,7 +1228,7 @@ fn ipv6_replies_to_pods_are_restored_in_to_pod_with_and_without_host_routing() {
     env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
     let syn = Frame6::tcp(sa6(POD6), sa6(CIP6), SYN);
     let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_PASS);
     assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
     let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
     let restored = synack.clone().with_src(sa6(CIP6));
@@ -1242,10 +1242,10 @@ fn ipv6_replies_to_pods_are_restored_in_to_pod_with_and_without_host_routing() {
         }
         // The local backend's reply leaves its veth untouched, for the stack.
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &synack.build());
-        assert_eq!((v, out), (TC_ACT_OK, synack.build()), "host routing {host_routing}");
+        assert_eq!((v, out), (TC_PASS, synack.build()), "host routing {host_routing}");
         for (what, iif) in sources {
             let (v, out) = env.tc_from(names::PROG_TC_TO_POD, &synack.build(), iif);
-            assert_eq!(v, TC_ACT_OK, "{what}, host routing {host_routing}");
+            assert_eq!(v, TC_PASS, "{what}, host routing {host_routing}");
             assert_frame6(&out, &restored);
         }
     }
