@@ -2132,10 +2132,15 @@ fn real_sockets_pod_to_clusterip_with_host_routing_bypasses_the_forward_path() {
     real_sockets_pod_to_clusterip(true);
 }
 
-fn real_sockets_pod_to_clusterip(host_routing: bool) {
-    let tag = format!("kpdp{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+/// A node namespace and two pod namespaces behind the node's veths `vp1` and `vp2` (pods
+/// 198.18.100.10 and .11; the node 198.18.100.1 on each veth; forwarding on). `quiet`: no
+/// traffic but the test's (IPv6 off, so no neighbour discovery or MLD reports, and permanent
+/// neighbours both ways, so no ARP).
+fn node_and_two_pods(prefix: &str, quiet: bool) -> (Netns, [Netns; 2]) {
+    let tag = format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
     let node = Netns::new(format!("{tag}-node"));
     let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
+    node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
     for (i, pod) in pods.iter().enumerate() {
         let j = i + 1;
         let ip = format!("198.18.100.{}", 9 + j);
@@ -2143,16 +2148,33 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
             "ip -n {} link add vp{j} type veth peer name eth0 netns {}",
             node.0, pod.0
         ));
+        // Before the link comes up (IPv6 off), after it has (neighbours).
+        let (mut node_pre, mut node_post, mut pod_pre, mut pod_post) = Default::default();
+        if quiet {
+            let pod_mac = pod.sh("cat /sys/class/net/eth0/address").trim().to_owned();
+            let node_mac = node.sh(&format!("cat /sys/class/net/vp{j}/address")).trim().to_owned();
+            node_pre = format!("sysctl -qw net.ipv6.conf.vp{j}.disable_ipv6=1 && ");
+            node_post =
+                format!(" && ip neigh replace {ip} lladdr {pod_mac} dev vp{j} nud permanent");
+            pod_pre = "sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1 && ".to_owned();
+            pod_post = format!(
+                " && ip neigh replace 198.18.100.1 lladdr {node_mac} dev eth0 nud permanent"
+            );
+        }
         node.sh(&format!(
-            "ip link set vp{j} up && ip addr add 198.18.100.1/32 dev vp{j} && \
-             ip route add {ip}/32 dev vp{j}"
+            "{node_pre}ip link set vp{j} up && ip addr add 198.18.100.1/32 dev vp{j} && \
+             ip route add {ip}/32 dev vp{j}{node_post}"
         ));
         pod.sh(&format!(
-            "ip link set lo up && ip link set eth0 up && ip addr add {ip}/32 dev eth0 && \
-             ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1"
+            "{pod_pre}ip link set lo up && ip link set eth0 up && ip addr add {ip}/32 dev eth0 && \
+             ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1{pod_post}"
         ));
     }
-    node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
+    (node, pods)
+}
+
+fn real_sockets_pod_to_clusterip(host_routing: bool) {
+    let (node, pods) = node_and_two_pods("kpdp", false);
     if host_routing {
         node.sh("nft add table ip kptest && nft add chain ip kptest fwdrop \
              \"{ type filter hook forward priority 0; policy drop; }\"");
@@ -2253,33 +2275,8 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
 fn programs_behind_kproxys_see_the_packets_it_leaves_untouched() {
     use kproxy::dataplane::loader::TcAttach;
     use kproxy_tests::{bench::bpfstats, lab::xdp};
-    let tag = format!("kpbh{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let node = Netns::new(format!("{tag}-node"));
-    let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
-    node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
-    for (i, pod) in pods.iter().enumerate() {
-        let j = i + 1;
-        let ip = format!("198.18.100.{}", 9 + j);
-        sh_out(&format!(
-            "ip -n {} link add vp{j} type veth peer name eth0 netns {}",
-            node.0, pod.0
-        ));
-        // No traffic but the test's: IPv6 off (no neighbour discovery, no MLD reports) and
-        // permanent neighbours both ways (no ARP).
-        let pod_mac = pod.sh("cat /sys/class/net/eth0/address").trim().to_owned();
-        let node_mac = node.sh(&format!("cat /sys/class/net/vp{j}/address")).trim().to_owned();
-        node.sh(&format!(
-            "sysctl -qw net.ipv6.conf.vp{j}.disable_ipv6=1 && ip link set vp{j} up && \
-             ip addr add 198.18.100.1/32 dev vp{j} && ip route add {ip}/32 dev vp{j} && \
-             ip neigh replace {ip} lladdr {pod_mac} dev vp{j} nud permanent"
-        ));
-        pod.sh(&format!(
-            "sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1 && ip link set lo up && \
-             ip link set eth0 up && ip addr add {ip}/32 dev eth0 && \
-             ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1 && \
-             ip neigh replace 198.18.100.1 lladdr {node_mac} dev eth0 nud permanent"
-        ));
-    }
+    let (node, pods) = node_and_two_pods("kpbh", true);
+    let tag = node.0.trim_end_matches("-node").to_owned();
     let _udp = spawn_in(
         &pods[1],
         "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
