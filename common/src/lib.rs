@@ -1284,29 +1284,6 @@ reasons! {
     PassReplyToPod = 31, "pass_reply_to_pod", false;
 }
 
-impl Reason {
-    /// Whether a packet passed for this reason leaves kproxy's program as it came in, neither
-    /// translated nor redirected: TC then hands it to the next program on the hook (`TCX_NEXT`,
-    /// or the next filter of a clsact qdisc) instead of ending the hook with it, so that other
-    /// owners' programs behind kproxy's (a CNI's, a flow monitor's) still see every packet kproxy
-    /// has no business with. A packet kproxy translated ends the hook: it is the connection's
-    /// now, as a DNATed packet is kube-proxy's conntrack entry's.
-    pub const fn untouched(self) -> bool {
-        matches!(
-            self,
-            Reason::PassNotIpv4
-                | Reason::PassNoService
-                | Reason::XdpPassToTc
-                | Reason::PassNotReady
-                | Reason::PassUnsupportedProto
-                | Reason::PassHandledByXdp
-                | Reason::PassStaleNatCleared
-                | Reason::PassTranslatedUpstream
-                | Reason::PassReplyToPod
-        )
-    }
-}
-
 /// The slot of `ifindex` in [`names::HOOK_DEVS`]. Two devices in one slot: the one stored is
 /// recognised, the other's packets take the full path (a slot never claims a device it does
 /// not hold).
@@ -1364,29 +1341,6 @@ mod tests {
             assert_eq!(Reason::from_index(*r as u32), Some(*r));
         }
         assert_eq!(Reason::from_index(REASON_MAX), None);
-    }
-
-    #[test]
-    fn untouched_packets_are_the_passes_without_a_translation() {
-        for r in Reason::ALL {
-            if r.untouched() {
-                assert!(!r.is_drop(), "{r:?}");
-            }
-        }
-        // Every pass_* reason leaves the packet as it came; what kproxy rewrote does not.
-        for r in Reason::ALL.iter().filter(|r| r.name().starts_with("pass_")) {
-            assert!(r.untouched(), "{r:?}");
-        }
-        for r in [
-            Reason::TranslatedNew,
-            Reason::TranslatedEstablished,
-            Reason::ReplyTranslated,
-            Reason::Rebalanced,
-            Reason::IcmpErrorTranslated,
-            Reason::CtMissMidFlow,
-        ] {
-            assert!(!r.untouched(), "{r:?}");
-        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ mod sock;
 mod sock6;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::generated::{
         bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_xdp_adjust_meta,
     },
@@ -397,9 +397,13 @@ fn tc_step(ctx: &TcContext, c: &pkt::Tc, s: flow::Step) -> i32 {
     tc_verdict_in(c, s.verdict, s.reason, s.v6)
 }
 
-/// The TC verdict of a packet kproxy leaves as it came ([`Reason::untouched`]): the next
-/// program on the hook decides (`TCX_NEXT` of a tcx link; for a clsact filter in direct-action
-/// mode, the next filter), and where none is left the packet goes on as with `TC_ACT_OK`.
+/// The TC verdict of every packet kproxy passes, translated or as it came: the next program on
+/// the hook decides (`TCX_NEXT` of a tcx link; for a clsact filter in direct-action mode, the
+/// next filter), and where none is left the packet goes on as with `TC_ACT_OK`. Other owners'
+/// programs behind kproxy's (a CNI's policy, a flow monitor, a VLAN tagger) thus see every packet
+/// kproxy does not redirect or drop, a service's after its translation, as netfilter's filter
+/// table sees kube-proxy's DNATed packets. kproxy never returns `TC_ACT_OK`, which would end the
+/// hook.
 const TC_NEXT: i32 = TC_ACT_UNSPEC;
 
 /// Counts `reason` and turns `v` into a TC action.
@@ -413,9 +417,7 @@ fn tc_verdict(c: &pkt::Tc, v: Verdict, reason: Reason) -> i32 {
 fn tc_verdict_in(c: &pkt::Tc, v: Verdict, reason: Reason, v6: bool) -> i32 {
     count(reason, v6);
     match v.action {
-        Action::Pass if reason.untouched() => TC_NEXT,
-        // Translated: the hook ends here (see `Reason::untouched`).
-        Action::Pass => TC_ACT_OK,
+        Action::Pass => TC_NEXT,
         Action::Drop => TC_ACT_SHOT,
         // SAFETY: plain helper calls; they return TC_ACT_REDIRECT or TC_ACT_SHOT.
         Action::Tx => unsafe { bpf_redirect(c.ifindex(), 0) as i32 },

@@ -29,13 +29,12 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-/// A TC pass of either kind: `TC_ACT_OK` for a packet kproxy translated, `TC_ACT_UNSPEC`
-/// (`TCX_NEXT`: the next program on the hook decides) for one it left as it came. Every run
-/// checks that the kind matches what happened to the frame ([`Env::tc_run`]) and reports both as
-/// this.
-const TC_PASS: u32 = 0;
-/// `TC_ACT_UNSPEC` (-1), as the test run returns it.
-const TC_NEXT: u32 = u32::MAX;
+/// kproxy's TC pass, translated or not: `TC_ACT_UNSPEC` (-1, as the test run returns it), which
+/// is `TCX_NEXT` (the next program on the hook decides). Every run checks that kproxy never
+/// ends the hook with `TC_ACT_OK` ([`Env::tc_run`]).
+const TC_PASS: u32 = u32::MAX;
+/// `TC_ACT_OK`: a pass that ends the hook, which kproxy never returns.
+const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -251,22 +250,9 @@ impl Env {
             })
             .expect("test_run tc");
         out.truncate(r.data_size_out as usize);
-        // kproxy ends the hook only with what it translated: a packet it passes as it came goes
-        // on to the programs behind it (`Reason::untouched`).
-        let v = match r.return_value {
-            TC_NEXT => {
-                assert!(out == frame, "{name}: TCX_NEXT for a packet it rewrote");
-                TC_PASS
-            }
-            TC_PASS => {
-                assert!(
-                    out != frame,
-                    "{name}: TC_ACT_OK (end of the hook) for an untouched packet"
-                );
-                TC_PASS
-            }
-            v => v,
-        };
+        // A pass goes on to the programs behind kproxy's on the hook, translated or not.
+        let v = r.return_value;
+        assert_ne!(v, TC_ACT_OK, "{name}: TC_ACT_OK (the end of the hook) for a pass");
         (v, out)
     }
 }
@@ -765,6 +751,53 @@ fn pod_client_replies_are_translated_where_they_enter_the_pod() {
             ],
         );
     }
+}
+
+/// A translated packet goes on to the programs behind kproxy's on the hook (`TCX_NEXT`). While
+/// the agent replaces its tcx links with clsact filters or back (`--tc-attach`), the program
+/// behind is kproxy's own, of the other kind: it passes each translated packet as it came
+/// (addressed to its backend by then, a reply back from the frontend) and creates no entry, so
+/// no packet is translated twice. ClusterIP TCP and UDP to a local and a remote backend, both
+/// ways, and a NodePort to a local backend in TC-only mode.
+#[test]
+fn a_translated_packet_passed_on_is_left_as_it_came_by_a_second_kproxy_program() {
+    in_test_netns(true, || {
+        // Runs `frame` through `prog`, expecting a translated pass, then its output through
+        // `prog` again: passed unchanged, without a new table entry.
+        let twice = |env: &mut Env, prog: &str, frame: &Frame, what: &str| {
+            let (v, once) = env.tc(prog, &frame.build());
+            assert_eq!(v, TC_PASS, "{what}");
+            assert_ne!(once, frame.build(), "{what}: translated");
+            let entries =
+                |env: &Env| (env.maps.conntrack().unwrap().len(), env.maps.revnat().unwrap().len());
+            let before = entries(env);
+            let (v, again) = env.tc(prog, &once);
+            assert_eq!((v, &again), (TC_PASS, &once), "{what}: the second program");
+            assert_eq!(entries(env), before, "{what}: no entry of the second program's");
+        };
+        for (be, flags) in [(BE1, backend_flags::LOCAL), (BE_REMOTE, 0)] {
+            let mut env = Env::new();
+            env.backend(1, be, flags, proto::TCP);
+            env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+            env.backend(2, be, flags, proto::UDP);
+            env.service(CIP, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+            let from = names::PROG_TC_FROM_POD;
+            let to = names::PROG_TC_TO_POD;
+            twice(&mut env, from, &Frame::tcp(sa(POD_CLIENT), sa(CIP), SYN), "SYN");
+            twice(&mut env, to, &Frame::tcp(sa(be), sa(POD_CLIENT), SYN | ACK), "SYN-ACK");
+            let data = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK | PSH).with_payload(b"GET /");
+            twice(&mut env, from, &data, "data");
+            let reply = Frame::tcp(sa(be), sa(POD_CLIENT), ACK | PSH).with_payload(b"200");
+            twice(&mut env, to, &reply, "reply");
+            twice(&mut env, from, &Frame::udp(sa(POD_CLIENT), sa(CIP), b"query"), "UDP");
+            twice(&mut env, to, &Frame::udp(sa(be), sa(POD_CLIENT), b"answer"), "UDP answer");
+        }
+        let mut env = Env::new();
+        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+        let np = format!("{NODE_IP}:30080");
+        env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        twice(&mut env, names::PROG_TC_EXT, &Frame::tcp(sa(CLIENT), sa(&np), SYN), "NodePort");
+    });
 }
 
 /// The fast path looks nothing up for a packet whose hint bits are clear: the agent's writes
@@ -2266,13 +2299,15 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
     drop(env);
 }
 
-/// Another owner's TC program behind kproxy's on a pod's veth (a CNI's or a flow monitor's,
-/// attached after kproxy's) runs on every packet kproxy leaves as it came (`TCX_NEXT`, or the
-/// next clsact filter) and on none that kproxy translated (the hook ends there): an empty
-/// program behind kproxy's on both hooks of the client pod's veth, its runs counted by the
-/// kernel's run-time statistics, with tcx links (Linux 6.6+) and with clsact filters.
+/// Another owner's TC program behind kproxy's on a pod's veth (a CNI's policy or a flow
+/// monitor, attached after kproxy's) runs on every packet kproxy passes (`TCX_NEXT`, or the next
+/// clsact filter), a service's after its translation, as netfilter's filter table sees
+/// kube-proxy's DNATed packets: an empty program behind kproxy's on both hooks of the client
+/// pod's veth, its runs counted by the kernel's run-time statistics; then a program behind
+/// kproxy's that denies traffic to the backend's address stops the service's traffic to it too.
+/// With tcx links (Linux 6.6+) and with clsact filters.
 #[test]
-fn programs_behind_kproxys_see_the_packets_it_leaves_untouched() {
+fn programs_behind_kproxys_see_every_packet_it_passes() {
     use kproxy::dataplane::loader::TcAttach;
     use kproxy_tests::{bench::bpfstats, lab::xdp};
     let (node, pods) = node_and_two_pods("kpbh", true);
@@ -2283,13 +2318,14 @@ fn programs_behind_kproxys_see_the_packets_it_leaves_untouched() {
          [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
     );
     const N_QUERIES: u64 = 20;
-    // N_QUERIES datagrams from pod 1 to `to`, each answered: prints the answers' sources.
-    let ask = |to: &str| -> String {
+    // `n` datagrams from pod 1 to `to`, each waited for `wait` seconds: prints each answer's
+    // source, or `timeout`.
+    let ask = |to: &str, n: u64, wait: u32| -> String {
         let (addr, port) = to.split_once(':').unwrap();
         pods[0].sh(&format!(
-            "python3 -c \"import socket\ns=socket.socket(2,2)\ns.settimeout(10)\n\
-             for _ in range({N_QUERIES}):\n  s.sendto(b'ping',('{addr}',{port}))\n  \
-             print(s.recvfrom(100)[1][0])\""
+            "python3 -c \"import socket\ns=socket.socket(2,2)\ns.settimeout({wait})\n\
+             for _ in range({n}):\n  s.sendto(b'ping',('{addr}',{port}))\n  \
+             try: print(s.recvfrom(100)[1][0])\n  except socket.timeout: print('timeout')\""
         ))
     };
     const SERVICE: &str = "198.19.0.53:53";
@@ -2306,16 +2342,56 @@ fn programs_behind_kproxys_see_the_packets_it_leaves_untouched() {
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
 
-    fn in_node(node_path: &str, pin: &Path, ask: &dyn Fn(&str) -> String) {
+    /// Attaches `prog` behind kproxy's program on the given hooks of `vp1` (`kind`: appended
+    /// after its tcx link, or a clsact filter after its priority-1 one, from a pin at `pin`);
+    /// detached when the returned guard drops.
+    fn behind(
+        kind: TcAttach,
+        prog: &std::os::fd::OwnedFd,
+        hooks: &[&'static str],
+        pin: &Path,
+    ) -> impl Drop {
+        /// The tcx links (detached when closed), the clsact hooks of the filter.
+        struct Detach(#[allow(dead_code)] Vec<std::os::fd::OwnedFd>, Vec<&'static str>);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                for dir in &self.1 {
+                    let _ = Command::new("tc")
+                        .args(["filter", "del", "dev", "vp1", dir, "prio", "7"])
+                        .status();
+                }
+            }
+        }
+        if kind == TcAttach::Tcx {
+            let links = hooks.iter().map(|h| xdp::attach_tcx_last(prog, "vp1", *h == "egress"));
+            return Detach(links.collect::<Result<_, _>>().unwrap(), vec![]);
+        }
+        std::fs::create_dir_all(pin).unwrap();
+        let p = pin.join("prog");
+        let _ = std::fs::remove_file(&p);
+        xdp::pin(prog, &p).unwrap();
+        let d = Detach(vec![], hooks.to_vec());
+        for dir in hooks {
+            sh_out(&format!(
+                "tc filter add dev vp1 {dir} prio 7 bpf da object-pinned {}",
+                p.display()
+            ));
+        }
+        d
+    }
+
+    fn in_node(node_path: &str, pin: &Path, ask: &dyn Fn(&str, u64, u32) -> String) {
         let f = std::fs::File::open(node_path).unwrap();
         use std::os::fd::AsRawFd as _;
         // SAFETY: setns on this thread only, with a valid namespace fd.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         let (service, direct) = (SERVICE, DIRECT);
+        let backend: Ipv4Addr = direct.split_once(':').unwrap().0.parse().unwrap();
         let mut env = Env::own();
         env.backend(2, direct, backend_flags::LOCAL, proto::UDP);
         env.service(service, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
-        let behind = xdp::load_tc("kpt_behind", &xdp::TC_NEXT_PROGRAM).unwrap();
+        let counter = xdp::load_tc("kpt_behind", &xdp::TC_NEXT_PROGRAM).unwrap();
+        let deny = xdp::load_tc("kpt_deny", &xdp::tc_deny_ipv4_dst(backend)).unwrap();
         let _stats = bpfstats::enable().unwrap();
         let tcx = kproxy::dataplane::features::tcx();
         let kinds: &[TcAttach] =
@@ -2324,48 +2400,47 @@ fn programs_behind_kproxys_see_the_packets_it_leaves_untouched() {
             env.dp().set_tc_attach(kind);
             env.dp().attach_pod("vp1").unwrap();
             env.dp().attach_pod("vp2").unwrap();
-            // The program behind kproxy's on both hooks of the client pod's veth: appended
-            // after its tcx link, or a clsact filter after its (priority 1).
-            let mut links = Vec::new();
-            if kind == TcAttach::Tcx {
-                for egress in [false, true] {
-                    links.push(xdp::attach_tcx_last(&behind, "vp1", egress).unwrap());
-                }
-            } else {
-                std::fs::create_dir_all(pin).unwrap();
-                let p = pin.join("prog");
-                xdp::pin(&behind, &p).unwrap();
-                for dir in ["ingress", "egress"] {
-                    sh_out(&format!(
-                        "tc filter add dev vp1 {dir} prio 7 bpf da object-pinned {}",
-                        p.display()
-                    ));
-                }
+            let what = format!("{kind:?}");
+            {
+                let _behind = behind(kind, &counter, &["ingress", "egress"], pin);
+                let runs = || xdp::prog_runs(&counter).unwrap();
+                // Translated both ways (to the backend on the veth's ingress, back from the
+                // ClusterIP on its egress) and passed on: the program behind sees each.
+                let r0 = runs();
+                let answers = ask(service, N_QUERIES, 10);
+                let n = answers.lines().filter(|l| *l == "198.19.0.53").count() as u64;
+                assert_eq!(n, N_QUERIES, "{what}: answers from the ClusterIP\n{answers}");
+                let r1 = runs();
+                // Left as they came: seen as well.
+                let answers = ask(direct, N_QUERIES, 10);
+                let n = answers.lines().filter(|l| *l == "198.18.100.11").count() as u64;
+                assert_eq!(n, N_QUERIES, "{what}: answers from the pod\n{answers}");
+                let r2 = runs();
+                let c = env.counters();
+                assert!(
+                    r1 - r0 >= 2 * N_QUERIES,
+                    "{what}: ran {} times on translated packets; {c:?}",
+                    r1 - r0
+                );
+                assert!(
+                    r2 - r1 >= 2 * N_QUERIES,
+                    "{what}: ran {} times on untouched ones",
+                    r2 - r1
+                );
             }
-            let runs = || xdp::prog_runs(&behind).unwrap();
-            let (what, r0) = (format!("{kind:?}"), runs());
-            // Translated both ways (to the backend on the veth's ingress, back from the
-            // ClusterIP on its egress): the hook ends with kproxy's program.
-            let answers = ask(service);
-            let n = answers.lines().filter(|l| *l == "198.19.0.53").count() as u64;
-            assert_eq!(n, N_QUERIES, "{what}: answers from the ClusterIP\n{answers}");
-            let r1 = runs();
-            // Left as they came: the program behind kproxy's sees each, both ways. (The slack
-            // of 2 above is for a packet of the kernel's own, none expected.)
-            let answers = ask(direct);
-            let n = answers.lines().filter(|l| *l == "198.18.100.11").count() as u64;
-            assert_eq!(n, N_QUERIES, "{what}: answers from the pod\n{answers}");
-            let r2 = runs();
-            let c = env.counters();
-            assert!(r1 - r0 <= 2, "{what}: ran {} times on translated packets; {c:?}", r1 - r0);
-            assert!(r2 - r1 >= 2 * N_QUERIES, "{what}: ran {} times on untouched ones", r2 - r1);
-            if kind == TcAttach::Netlink {
-                for dir in ["ingress", "egress"] {
-                    sh_out(&format!("tc filter del dev vp1 {dir} prio 7"));
-                }
-                std::fs::remove_file(pin.join("prog")).unwrap();
+            {
+                // A policy behind kproxy's that denies the backend's address sees the service's
+                // queries as translated, to the backend, and stops them as it stops direct ones.
+                let _behind = behind(kind, &deny, &["ingress"], pin);
+                let answers = ask(direct, 1, 1);
+                assert_eq!(answers.trim(), "timeout", "{what}: direct, denied");
+                let answers = ask(service, 2, 1);
+                assert_eq!(answers.trim(), "timeout\ntimeout", "{what}: service, denied");
+                let d = xdp::prog_runs(&deny).unwrap();
+                assert!(d >= 3, "{what}: the deny program ran {d} times");
             }
-            drop(links);
+            let answers = ask(service, 1, 10);
+            assert_eq!(answers.trim(), "198.19.0.53", "{what}: service, the policy removed");
         }
     }
 }

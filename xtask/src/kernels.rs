@@ -48,7 +48,8 @@ const E2E_TESTS: [&str; 2] = [
 /// programs: each takes minutes under emulation (many short `ip` processes), so
 /// [`Opts::pure_testrun`] leaves them out, with the `real_sockets_*` tests. A test missing
 /// from this list only makes that run slower.
-const NAMESPACE_TESTS: [&str; 19] = [
+const NAMESPACE_TESTS: [&str; 20] = [
+    "a_translated_packet_passed_on_is_left_as_it_came_by_a_second_kproxy_program",
     "attachments_outlive_the_agent_and_are_replaced_in_place",
     "established_path_cost",
     "icmp_error_from_remote_backend_reaches_external_client",
@@ -57,7 +58,7 @@ const NAMESPACE_TESTS: [&str; 19] = [
     "nodeport_remote_backend_snat_fib_forward_and_reply",
     "nodeport_remote_without_neighbour_goes_xdp_to_tc",
     "pod_to_own_node_nodeport_remote_backend_reply_is_forwarded",
-    "programs_behind_kproxys_see_the_packets_it_leaves_untouched",
+    "programs_behind_kproxys_see_every_packet_it_passes",
     "snat_ports_run_out_and_are_reclaimed_from_closed_connections",
     "xdp_route_cache_follows_a_neighbour_change",
     "ipv6_nodeport_remote_backend_snat_fib_forward_and_reply",

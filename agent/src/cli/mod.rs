@@ -229,9 +229,10 @@ pub struct AgentArgs {
     /// already on a hook, as Cilium's --enable-tcx) and netlink filters of the clsact qdisc
     /// elsewhere; `netlink` keeps clsact filters on every kernel. tcx skips the qdisc layer (about
     /// 1-2 µs per connection in the bench). Either way kproxy's programs end a hook only with
-    /// the packets they translate, redirect or drop: a packet they leave as it came goes on to
+    /// the packets they redirect or drop: every packet they pass, translated or not, goes on to
     /// the programs behind them (TCX_NEXT, or the next clsact filter), so other owners' programs
-    /// attached later (a CNI's, a flow monitor's) still see it.
+    /// attached later (a CNI's policy, a flow monitor) still see it, a service's packet as
+    /// translated to its backend.
     /// Switching replaces each attachment at the next start, the new kind before the old goes.
     #[arg(long, value_enum, default_value_t)]
     pub tc_attach: TcAttachArg,

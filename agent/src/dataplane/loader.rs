@@ -21,9 +21,10 @@
 //!   agent replaces the filter at that priority/handle in place (one `RTM_NEWTFILTER` without
 //!   `NLM_F_EXCL`), so there is neither a gap nor a duplicate. Moving from one to the other
 //!   attaches the new kind first, then removes the old one. A kproxy program ends the hook only
-//!   with a packet it translated, redirected or dropped (`Reason::untouched`), so while both
-//!   are attached the second one sees only packets the first left as they came, and decides
-//!   alike from the same maps: no packet is translated twice.
+//!   with a packet it redirected or dropped, so while both are attached the second one sees
+//!   every packet the first passed: one left as it came it decides on alike from the same maps,
+//!   one translated is addressed to its backend by then (or comes from the frontend), which it
+//!   passes as it came: no packet is translated twice.
 use std::{
     ffi::CString,
     io,

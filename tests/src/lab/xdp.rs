@@ -36,6 +36,31 @@ pub const XDP_TX_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 3), Insn::new(0x
 /// hook (tcx, then the clsact filters) decide.
 pub const TC_NEXT_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, -1), Insn::new(0x95, 0, 0, 0, 0)];
 
+/// A policy-like TC program: drops (`TC_ACT_SHOT`) every IPv4 packet to `dst` as the packet
+/// reads when the program runs, and lets the next program of the hook decide on anything else
+/// (`TCX_NEXT`). Behind a translating program it shows which address that program left.
+pub fn tc_deny_ipv4_dst(dst: std::net::Ipv4Addr) -> [Insn; 12] {
+    // `__sk_buff.data` and `data_end`; the IPv4 destination in an Ethernet frame.
+    const DATA: i16 = 76;
+    const DATA_END: i16 = 80;
+    const IP_DST: i16 = 14 + 16;
+    [
+        Insn::new(0x61, 2, 1, DATA, 0),     // r2 = skb->data
+        Insn::new(0x61, 3, 1, DATA_END, 0), // r3 = skb->data_end
+        Insn::new(0xb7, 0, 0, 0, -1),       // r0 = TCX_NEXT
+        Insn::new(0xbf, 4, 2, 0, 0),        // r4 = r2
+        Insn::new(0x07, 4, 0, 0, 34),       // r4 += Ethernet + IPv4 header
+        Insn::new(0x2d, 4, 3, 5, 0),        // if r4 > r3 goto exit
+        Insn::new(0x69, 4, 2, 12, 0),       // r4 = ethertype (as loaded: 0x0008 is IPv4)
+        Insn::new(0x55, 4, 0, 3, 0x0008),   // if r4 != IPv4 goto exit
+        Insn::new(0x61, 4, 2, IP_DST, 0),   // r4 = destination address
+        // if (u32)r4 != dst goto exit
+        Insn::new(0x56, 4, 0, 1, u32::from_ne_bytes(dst.octets()) as i32),
+        Insn::new(0xb7, 0, 0, 0, 2), // r0 = TC_ACT_SHOT
+        Insn::new(0x95, 0, 0, 0, 0), // exit
+    ]
+}
+
 fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
     // SAFETY: every caller fills `attr` (zeroed by `sys::attr`) for `cmd`, with pointers to
     // memory that outlives the call.
