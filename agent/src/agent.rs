@@ -309,6 +309,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let (mut datapath, mut dp) = load_datapath(&config)?;
     datapath.set_xdp_mode(config.xdp_mode);
     datapath.set_tc_attach(tc_attach);
+    datapath.set_tcx_anchor(config.tcx_anchor);
     let conntrack = start_conntrack(&config, &metrics)?;
     let mut syncer = adopt_programmed_state(&dp)?;
     syncer.set_ipv6(config.map_sizing.ipv6);

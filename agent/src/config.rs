@@ -13,8 +13,8 @@ use std::{
 use aya::programs::XdpMode;
 
 use crate::{
-    cli::{AgentArgs, TcAttachArg, XdpModeArg},
-    dataplane::loader::{ExternalMode, MapSizing, TcAttach},
+    cli::{AgentArgs, TcAttachArg, TcxAnchorArg, XdpModeArg},
+    dataplane::loader::{ExternalMode, MapSizing, TcAttach, TcxAnchor},
 };
 
 /// Where Services, EndpointSlices and Nodes come from.
@@ -56,6 +56,8 @@ pub struct Config {
     pub xdp_mode: Option<XdpMode>,
     /// How TC programs attach (`--tc-attach`; `None`: auto, tcx where the kernel has it).
     pub tc_attach: Option<TcAttach>,
+    /// Where tcx links go among other owners' tcx programs (`--tcx-anchor`).
+    pub tcx_anchor: TcxAnchor,
     /// eBPF host routing (`--bpf-host-routing`).
     pub bpf_host_routing: bool,
     /// The kernel's `bpf_l4_csum_replace` lacks `BPF_F_IPV6` (probed at start; false until
@@ -200,6 +202,10 @@ impl Config {
                 TcAttachArg::Auto => None,
                 TcAttachArg::Tcx => Some(TcAttach::Tcx),
                 TcAttachArg::Netlink => Some(TcAttach::Netlink),
+            },
+            tcx_anchor: match args.tcx_anchor {
+                TcxAnchorArg::Tail => TcxAnchor::Tail,
+                TcxAnchorArg::Head => TcxAnchor::Head,
             },
             bpf_host_routing: args.bpf_host_routing,
             no_l4_csum_ipv6: false,
@@ -359,6 +365,12 @@ mod tests {
             assert_eq!(c.tc_attach, want, "--tc-attach {flag}");
         }
         assert!(parse_agent(&["--tc-attach", "clsact"]).is_err());
+        assert_eq!(c.tcx_anchor, TcxAnchor::Tail);
+        for (flag, want) in [("tail", TcxAnchor::Tail), ("head", TcxAnchor::Head)] {
+            let c = Config::from_args(parse_agent(&["--tcx-anchor", flag]).unwrap()).unwrap();
+            assert_eq!(c.tcx_anchor, want, "--tcx-anchor {flag}");
+        }
+        assert!(parse_agent(&["--tcx-anchor", "first"]).is_err());
     }
 
     #[test]

@@ -2445,6 +2445,112 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
     }
 }
 
+/// `--tcx-anchor`: another owner's tcx program in front of kproxy's that ends the hook
+/// (`TCX_PASS`, as Cilium's programs return) keeps a pod's service traffic from kproxy with the
+/// default anchor (`tail`, kproxy's link appended); with `head` kproxy's link moves in front of
+/// it, and the service answers: within one agent (the same program: its old link goes first),
+/// and across a restart (a new load of the programs: the new link goes in front, then the old
+/// one goes). `tail` does not move a link back. Linux 6.6+ (tcx).
+#[test]
+fn tcx_anchor_head_puts_kproxys_link_in_front_of_other_owners() {
+    if !kproxy::dataplane::features::tcx() {
+        eprintln!("skipped: this kernel has no tcx hooks");
+        return;
+    }
+    let (node, pods) = node_and_two_pods("kpan", true);
+    let _udp = spawn_in(
+        &pods[1],
+        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
+         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
+    );
+    // `n` datagrams from pod 1 to `to`, each waited for `wait` seconds: prints each answer's
+    // source, or `timeout`.
+    let ask = |to: &str, n: u32, wait: u32| -> String {
+        let (addr, port) = to.split_once(':').unwrap();
+        pods[0]
+            .sh(&format!(
+                "python3 -c \"import socket\ns=socket.socket(2,2)\ns.settimeout({wait})\n\
+             for _ in range({n}):\n  s.sendto(b'ping',('{addr}',{port}))\n  \
+             try: print(s.recvfrom(100)[1][0])\n  except socket.timeout: print('timeout')\""
+            ))
+            .trim()
+            .to_owned()
+    };
+    let node_path = format!("/run/netns/{}", node.0);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| in_node(&node_path, &ask))
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    });
+
+    fn in_node(node_path: &str, ask: &dyn Fn(&str, u32, u32) -> String) {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        use kproxy::dataplane::loader::TcxAnchor;
+        use kproxy_tests::lab::xdp;
+        let f = std::fs::File::open(node_path).unwrap();
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        const SERVICE: &str = "198.19.0.53:53";
+        let mut env = Env::own();
+        env.backend(2, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);
+        env.service(SERVICE, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+        // The tcx programs on the client pod's veth ingress, in the order they run.
+        let order = || -> Vec<(String, u32)> {
+            let (_, progs) = SchedClassifier::query_tcx("vp1", TcAttachType::Ingress).unwrap();
+            progs.iter().map(|p| (p.name_as_str().unwrap().to_owned(), p.id())).collect()
+        };
+        let names = |o: &[(String, u32)]| o.iter().map(|p| p.0.clone()).collect::<Vec<_>>();
+        let kp = names::PROG_TC_FROM_POD;
+        let pass = xdp::load_tc("kpt_pass", &xdp::TC_PASS_PROGRAM).unwrap();
+        let _front = xdp::attach_tcx_front(&pass, "vp1", false).unwrap();
+
+        // Tail (the default): appended behind the program that ends the hook.
+        env.dp().attach_pod("vp1").unwrap();
+        env.dp().attach_pod("vp2").unwrap();
+        assert_eq!(names(&order()), ["kpt_pass", kp]);
+        assert_eq!(ask(SERVICE, 1, 1), "timeout", "kproxy's program never runs");
+
+        // Head: moved to the front (the same program: its old link goes first).
+        env.dp().set_tcx_anchor(TcxAnchor::Head);
+        env.dp().attach_pod("vp1").unwrap();
+        let o = order();
+        assert_eq!(names(&o), [kp, "kpt_pass"]);
+        assert_eq!(ask(SERVICE, 3, 10), "198.19.0.53\n198.19.0.53\n198.19.0.53");
+        // In front already: the link keeps its program.
+        env.dp().attach_pod("vp1").unwrap();
+        assert_eq!(order(), o);
+        let pin = env.dir.join("v1/links/tcx-ingress-vp1");
+        assert!(pin.exists());
+
+        // Another owner puts a program in front again; a restarted agent (a new load of the
+        // programs over the same pins) with `head` attaches its program in front, then the
+        // old link goes: one kproxy program, the new one, first.
+        let _front2 = xdp::attach_tcx_front(&pass2(), "vp1", false).unwrap();
+        assert_eq!(names(&order()), ["kpt_pass2", kp, "kpt_pass"]);
+        let mut restarted = Datapath::load(&env.dir, &TEST_SIZES).unwrap();
+        restarted.set_tcx_anchor(TcxAnchor::Head);
+        restarted.attach_pod("vp1").unwrap();
+        let o2 = order();
+        assert_eq!(names(&o2), [kp, "kpt_pass2", "kpt_pass"]);
+        assert_ne!(o2[0].1, o[0].1, "the restarted agent's program");
+        assert_eq!(ask(SERVICE, 1, 10), "198.19.0.53");
+
+        // Tail does not move a link back.
+        restarted.set_tcx_anchor(TcxAnchor::Tail);
+        restarted.attach_pod("vp1").unwrap();
+        assert_eq!(order(), o2);
+        restarted.detach("vp1").unwrap();
+        assert_eq!(names(&order()), ["kpt_pass2", "kpt_pass"]);
+        assert!(!pin.exists());
+
+        fn pass2() -> std::os::fd::OwnedFd {
+            xdp::load_tc("kpt_pass2", &xdp::TC_PASS_PROGRAM).unwrap()
+        }
+    }
+}
+
 /// An ICMP error frame from `src` to `dst` quoting `quote` (IP header + 8 bytes).
 fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, code: u8, quote: &[u8]) -> Frame {
     let mut f = Frame::udp(SocketAddrV4::new(src, 1), SocketAddrV4::new(dst, 1), b"");

@@ -48,7 +48,7 @@ const E2E_TESTS: [&str; 2] = [
 /// programs: each takes minutes under emulation (many short `ip` processes), so
 /// [`Opts::pure_testrun`] leaves them out, with the `real_sockets_*` tests. A test missing
 /// from this list only makes that run slower.
-const NAMESPACE_TESTS: [&str; 20] = [
+const NAMESPACE_TESTS: [&str; 21] = [
     "a_translated_packet_passed_on_is_left_as_it_came_by_a_second_kproxy_program",
     "attachments_outlive_the_agent_and_are_replaced_in_place",
     "established_path_cost",
@@ -60,6 +60,7 @@ const NAMESPACE_TESTS: [&str; 20] = [
     "pod_to_own_node_nodeport_remote_backend_reply_is_forwarded",
     "programs_behind_kproxys_see_every_packet_it_passes",
     "snat_ports_run_out_and_are_reclaimed_from_closed_connections",
+    "tcx_anchor_head_puts_kproxys_link_in_front_of_other_owners",
     "xdp_route_cache_follows_a_neighbour_change",
     "ipv6_nodeport_remote_backend_snat_fib_forward_and_reply",
     "ipv6_packet_too_big_from_remote_backend_path_reaches_external_client",

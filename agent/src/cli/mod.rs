@@ -103,6 +103,16 @@ pub enum TcAttachArg {
     Netlink,
 }
 
+/// `--tcx-anchor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum TcxAnchorArg {
+    /// After the tcx programs already on a hook.
+    #[default]
+    Tail,
+    /// In front of every tcx program of a hook, moved back there at each attach.
+    Head,
+}
+
 /// `--xdp-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum XdpModeArg {
@@ -236,6 +246,17 @@ pub struct AgentArgs {
     /// Switching replaces each attachment at the next start, the new kind before the old goes.
     #[arg(long, value_enum, default_value_t)]
     pub tc_attach: TcAttachArg,
+    /// Where kproxy's tcx links go among other owners' tcx programs on a hook: `tail` appends
+    /// them after the programs already there (a CNI's policy then sees a service's packets
+    /// before translation, and one that ends the hook with TCX_PASS, as Cilium's do, keeps them
+    /// from kproxy: the agent logs the programs in front of its own); `head` puts them in front
+    /// of every tcx program and moves them back there at each attach (at the next start, or
+    /// when a pod's interface is attached again), the new link before the old one goes, so
+    /// that every program behind kproxy's sees service traffic translated. `tail` never moves
+    /// a link: after `head`, links stay in front until their device goes. clsact filters
+    /// (`--tc-attach netlink`) are not concerned: kproxy's has priority 1, before other filters.
+    #[arg(long, value_enum, default_value_t)]
+    pub tcx_anchor: TcxAnchorArg,
     /// eBPF host routing: deliver translated packets from TC straight to their destination (a
     /// local pod's namespace with bpf_redirect_peer, anything else through the FIB), skipping the
     /// node's IP stack. Faster, but the node's netfilter (iptables/nftables) rules never see

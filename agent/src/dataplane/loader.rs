@@ -80,6 +80,21 @@ impl TcAttach {
     }
 }
 
+/// Where kproxy's tcx links go among the other tcx programs of a hook (`--tcx-anchor`). clsact
+/// filters are not concerned: kproxy's has priority 1, in front of the other filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcxAnchor {
+    /// After the tcx programs already on the hook (a CNI's run first, as they ran before
+    /// kproxy's clsact filters); other owners' links attached later come after kproxy's. A link
+    /// is never moved.
+    #[default]
+    Tail,
+    /// In front of every tcx program of the hook, so that kproxy sees each packet first
+    /// whatever the others return: a link found behind another owner's program is moved back to
+    /// the front at each attach (the new link first, then the old one goes).
+    Head,
+}
+
 /// Map capacities chosen at load time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapSizes {
@@ -272,6 +287,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     xdp_mode: Option<XdpMode>,
     tc_attach: TcAttach,
+    tcx_anchor: TcxAnchor,
     /// This load's tail-call table pins.
     calls_pins: Vec<PathBuf>,
     /// What `kp_hookdevs` holds (slot → ifindex), once [`Self::set_hook_devs`] read or wrote it.
@@ -589,6 +605,7 @@ impl Datapath {
             ebpf,
             xdp_mode: None,
             tc_attach: TcAttach::auto(),
+            tcx_anchor: TcxAnchor::Tail,
             calls_pins,
             hook_devs: None,
         })
@@ -611,6 +628,12 @@ impl Datapath {
     /// How TC programs are attached.
     pub fn tc_attach(&self) -> TcAttach {
         self.tc_attach
+    }
+
+    /// Where tcx links go among other owners' tcx programs ([`TcxAnchor::Tail`] unless set;
+    /// `--tcx-anchor`), from the next attach on.
+    pub fn set_tcx_anchor(&mut self, anchor: TcxAnchor) {
+        self.tcx_anchor = anchor;
     }
 
     /// The pin path this datapath lives under.
@@ -800,20 +823,48 @@ impl Datapath {
         }
     }
 
-    /// A pinned tcx link, after the tcx programs already on the hook; a link pinned by an
-    /// earlier run gets the program in place.
+    /// A pinned tcx link where [`Self::tcx_anchor`] says; a link pinned by an earlier run gets
+    /// the program in place, unless it must move to the front ([`TcxAnchor::Head`]).
     fn attach_tcx(&mut self, ifname: &str, ty: TcAttachType, name: &str) -> anyhow::Result<()> {
         let pin = tcx_link_pin(&self.pin_path, ifname, ty);
         std::fs::create_dir_all(links_dir(&self.pin_path))?;
+        let anchor = self.tcx_anchor;
         let p: &mut SchedClassifier = prog(&mut self.ebpf, name)?.try_into()?;
-        if update_link_pin(&pin, p.fd()?.as_fd().as_raw_fd())? {
+        let fd = p.fd()?.as_fd().as_raw_fd();
+        // Other owners' tcx programs in front of kproxy's (of all on the hook, before a first
+        // attach): moved behind in head mode, logged in tail mode.
+        let (ahead, ours) = tcx_ahead_of(ifname, ty, name);
+        let moving = anchor == TcxAnchor::Head && pin.exists() && !ahead.is_empty();
+        if anchor == TcxAnchor::Tail && !ahead.is_empty() {
+            info!(
+                device = ifname, hook = ?ty, programs = ?ahead,
+                "tcx programs of other owners run before kproxy's: one that ends the hook \
+                 (TCX_PASS, TCX_DROP, a redirect) keeps its packets from kproxy \
+                 (--tcx-anchor head puts kproxy's in front)"
+            );
+        }
+        if !moving && update_link_pin(&pin, fd)? {
             return Ok(());
         }
+        if moving && ours == Some(p.info()?.id()) {
+            // This very program is behind the link: the kernel takes a program once per hook,
+            // so the old link goes first (the hook runs without kproxy for that moment).
+            remove_link_pin(&pin)?;
+        }
+        let order = match anchor {
+            TcxAnchor::Tail => LinkOrder::last(),
+            TcxAnchor::Head => LinkOrder::first(),
+        };
         let id = p
-            .attach_with_options(ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::last()))
+            .attach_with_options(ifname, ty, TcAttachOptions::TcxOrder(order))
             .with_context(|| format!("attaching {name} to {ifname} {ty:?} (tcx)"))?;
         let link = FdLink::try_from(p.take_link(id)?)
             .map_err(|e| anyhow!("{name}: tcx attachment is not a bpf_link: {e}"))?;
+        if moving {
+            // The new link runs in front; the old one, behind it now, goes.
+            remove_link_pin(&pin)?;
+            info!(device = ifname, hook = ?ty, was_behind = ?ahead, "kproxy's tcx link moved to the front");
+        }
         link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
         Ok(())
     }
@@ -1125,6 +1176,24 @@ fn update_link_pin(pin: &Path, prog_fd: i32) -> anyhow::Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// The names of the tcx programs that run before kproxy's program `name` on hook `ty` of
+/// `ifname` (all of them when `name` is not there), and the id of kproxy's. A failed query (a
+/// kernel without tcx, a gone device) reads as an empty hook.
+fn tcx_ahead_of(ifname: &str, ty: TcAttachType, name: &str) -> (Vec<String>, Option<u32>) {
+    let Ok((_, progs)) = SchedClassifier::query_tcx(ifname, ty) else { return (Vec::new(), None) };
+    // The kernel keeps the first 15 bytes of a program's name.
+    let short = &name[..name.len().min(15)];
+    let mut ahead = Vec::new();
+    for p in progs {
+        let n = p.name_as_str().unwrap_or("?");
+        if n == short {
+            return (ahead, Some(p.id()));
+        }
+        ahead.push(n.to_owned());
+    }
+    (ahead, None)
 }
 
 /// Detaches the link pinned at `pin`, if any, and removes the pin.

@@ -36,6 +36,10 @@ pub const XDP_TX_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 3), Insn::new(0x
 /// hook (tcx, then the clsact filters) decide.
 pub const TC_NEXT_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, -1), Insn::new(0x95, 0, 0, 0, 0)];
 
+/// `r0 = TCX_PASS (0); exit`: a TC program that ends the hook with every packet, passed on to
+/// the stack (what Cilium's programs return): the programs behind it on the hook do not run.
+pub const TC_PASS_PROGRAM: [Insn; 2] = [Insn::new(0xb7, 0, 0, 0, 0), Insn::new(0x95, 0, 0, 0, 0)];
+
 /// A policy-like TC program: drops (`TC_ACT_SHOT`) every IPv4 packet to `dst` as the packet
 /// reads when the program runs, and lets the next program of the hook decide on anything else
 /// (`TCX_NEXT`). Behind a translating program it shows which address that program left.
