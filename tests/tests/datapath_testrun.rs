@@ -2148,6 +2148,33 @@ fn spawn_in(ns: &Netns, cmd: &str) -> Child {
     Child(Command::new("ip").args(["netns", "exec", &ns.0, "sh", "-c", cmd]).spawn().unwrap())
 }
 
+/// One socket answering every datagram on port 5353 with `pong` (socat's UDP fork mode loses
+/// datagrams between forks), for [`spawn_in`].
+const UDP_ECHO: &str = "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
+                        [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"";
+
+/// `n` datagrams from `pod` to `to` (address:port), each answer waited for `wait` seconds: the
+/// answers' sources, or `timeout`, one per line.
+fn ask_udp(pod: &Netns, to: &str, n: u64, wait: u32) -> String {
+    let (addr, port) = to.split_once(':').unwrap();
+    pod.sh(&format!(
+        "python3 -c \"import socket\ns=socket.socket(2,2)\ns.settimeout({wait})\n\
+         for _ in range({n}):\n  s.sendto(b'ping',('{addr}',{port}))\n  \
+         try: print(s.recvfrom(100)[1][0])\n  except socket.timeout: print('timeout')\""
+    ))
+    .trim()
+    .to_owned()
+}
+
+/// Moves the calling thread into the network namespace at `path` (`/run/netns/<name>`), where
+/// attachments, tcx links and `tc` act.
+fn enter_netns(path: &str) {
+    use std::os::fd::AsRawFd as _;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: setns on this thread only, with a valid namespace fd.
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+}
+
 /// Real sockets through the TC programs: two pods on one node, a ClusterIP for TCP and UDP
 /// whose backend is pod 2; pod 1 and pod 2 (hairpin) connect through it. Exercises what
 /// TEST_RUN cannot: skbs from local sockets (CHECKSUM_PARTIAL), real redirects and routing.
@@ -2218,18 +2245,11 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
         "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
     );
     // One socket answering every datagram (socat's UDP fork mode loses datagrams between forks).
-    let _udp = spawn_in(
-        &pods[1],
-        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
-         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
-    );
+    let _udp = spawn_in(&pods[1], UDP_ECHO);
 
     let node_path = format!("/run/netns/{}", node.0);
     let h = std::thread::spawn(move || {
-        let f = std::fs::File::open(&node_path).unwrap();
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        enter_netns(&node_path);
         // Attached to the namespace's devices: a datapath of the test's own.
         let mut env = Env::own();
         env.dp().attach_pod("vp1").unwrap();
@@ -2312,22 +2332,8 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
     use kproxy_tests::{bench::bpfstats, lab::xdp};
     let (node, pods) = node_and_two_pods("kpbh", true);
     let tag = node.0.trim_end_matches("-node").to_owned();
-    let _udp = spawn_in(
-        &pods[1],
-        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
-         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
-    );
+    let _udp = spawn_in(&pods[1], UDP_ECHO);
     const N_QUERIES: u64 = 20;
-    // `n` datagrams from pod 1 to `to`, each waited for `wait` seconds: prints each answer's
-    // source, or `timeout`.
-    let ask = |to: &str, n: u64, wait: u32| -> String {
-        let (addr, port) = to.split_once(':').unwrap();
-        pods[0].sh(&format!(
-            "python3 -c \"import socket\ns=socket.socket(2,2)\ns.settimeout({wait})\n\
-             for _ in range({n}):\n  s.sendto(b'ping',('{addr}',{port}))\n  \
-             try: print(s.recvfrom(100)[1][0])\n  except socket.timeout: print('timeout')\""
-        ))
-    };
     const SERVICE: &str = "198.19.0.53:53";
     const DIRECT: &str = "198.18.100.11:5353";
 
@@ -2337,7 +2343,7 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
     // In a thread of the node's namespace (attachments, tcx links and `tc` act there).
     std::thread::scope(|scope| {
         scope
-            .spawn(|| in_node(&node_path, &pin, &ask))
+            .spawn(|| in_node(&node_path, &pin, &pods[0]))
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
@@ -2380,11 +2386,8 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
         d
     }
 
-    fn in_node(node_path: &str, pin: &Path, ask: &dyn Fn(&str, u64, u32) -> String) {
-        let f = std::fs::File::open(node_path).unwrap();
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    fn in_node(node_path: &str, pin: &Path, client: &Netns) {
+        enter_netns(node_path);
         let (service, direct) = (SERVICE, DIRECT);
         let backend: Ipv4Addr = direct.split_once(':').unwrap().0.parse().unwrap();
         let mut env = Env::own();
@@ -2407,12 +2410,12 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
                 // Translated both ways (to the backend on the veth's ingress, back from the
                 // ClusterIP on its egress) and passed on: the program behind sees each.
                 let r0 = runs();
-                let answers = ask(service, N_QUERIES, 10);
+                let answers = ask_udp(client, service, N_QUERIES, 10);
                 let n = answers.lines().filter(|l| *l == "198.19.0.53").count() as u64;
                 assert_eq!(n, N_QUERIES, "{what}: answers from the ClusterIP\n{answers}");
                 let r1 = runs();
                 // Left as they came: seen as well.
-                let answers = ask(direct, N_QUERIES, 10);
+                let answers = ask_udp(client, direct, N_QUERIES, 10);
                 let n = answers.lines().filter(|l| *l == "198.18.100.11").count() as u64;
                 assert_eq!(n, N_QUERIES, "{what}: answers from the pod\n{answers}");
                 let r2 = runs();
@@ -2432,14 +2435,14 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
                 // A policy behind kproxy's that denies the backend's address sees the service's
                 // queries as translated, to the backend, and stops them as it stops direct ones.
                 let _behind = behind(kind, &deny, &["ingress"], pin);
-                let answers = ask(direct, 1, 1);
+                let answers = ask_udp(client, direct, 1, 1);
                 assert_eq!(answers.trim(), "timeout", "{what}: direct, denied");
-                let answers = ask(service, 2, 1);
+                let answers = ask_udp(client, service, 2, 1);
                 assert_eq!(answers.trim(), "timeout\ntimeout", "{what}: service, denied");
                 let d = xdp::prog_runs(&deny).unwrap();
                 assert!(d >= 3, "{what}: the deny program ran {d} times");
             }
-            let answers = ask(service, 1, 10);
+            let answers = ask_udp(client, service, 1, 10);
             assert_eq!(answers.trim(), "198.19.0.53", "{what}: service, the policy removed");
         }
     }
@@ -2458,40 +2461,20 @@ fn tcx_anchor_head_puts_kproxys_link_in_front_of_other_owners() {
         return;
     }
     let (node, pods) = node_and_two_pods("kpan", true);
-    let _udp = spawn_in(
-        &pods[1],
-        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
-         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
-    );
-    // `n` datagrams from pod 1 to `to`, each waited for `wait` seconds: prints each answer's
-    // source, or `timeout`.
-    let ask = |to: &str, n: u32, wait: u32| -> String {
-        let (addr, port) = to.split_once(':').unwrap();
-        pods[0]
-            .sh(&format!(
-                "python3 -c \"import socket\ns=socket.socket(2,2)\ns.settimeout({wait})\n\
-             for _ in range({n}):\n  s.sendto(b'ping',('{addr}',{port}))\n  \
-             try: print(s.recvfrom(100)[1][0])\n  except socket.timeout: print('timeout')\""
-            ))
-            .trim()
-            .to_owned()
-    };
+    let _udp = spawn_in(&pods[1], UDP_ECHO);
     let node_path = format!("/run/netns/{}", node.0);
     std::thread::scope(|scope| {
         scope
-            .spawn(|| in_node(&node_path, &ask))
+            .spawn(|| in_node(&node_path, &pods[0]))
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
 
-    fn in_node(node_path: &str, ask: &dyn Fn(&str, u32, u32) -> String) {
+    fn in_node(node_path: &str, client: &Netns) {
         use aya::programs::{SchedClassifier, TcAttachType};
         use kproxy::dataplane::loader::TcxAnchor;
         use kproxy_tests::lab::xdp;
-        let f = std::fs::File::open(node_path).unwrap();
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        enter_netns(node_path);
         const SERVICE: &str = "198.19.0.53:53";
         let mut env = Env::own();
         env.backend(2, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);
@@ -2510,14 +2493,14 @@ fn tcx_anchor_head_puts_kproxys_link_in_front_of_other_owners() {
         env.dp().attach_pod("vp1").unwrap();
         env.dp().attach_pod("vp2").unwrap();
         assert_eq!(names(&order()), ["kpt_pass", kp]);
-        assert_eq!(ask(SERVICE, 1, 1), "timeout", "kproxy's program never runs");
+        assert_eq!(ask_udp(client, SERVICE, 1, 1), "timeout", "kproxy's program never runs");
 
         // Head: moved to the front (the same program: its old link goes first).
         env.dp().set_tcx_anchor(TcxAnchor::Head);
         env.dp().attach_pod("vp1").unwrap();
         let o = order();
         assert_eq!(names(&o), [kp, "kpt_pass"]);
-        assert_eq!(ask(SERVICE, 3, 10), "198.19.0.53\n198.19.0.53\n198.19.0.53");
+        assert_eq!(ask_udp(client, SERVICE, 3, 10), "198.19.0.53\n198.19.0.53\n198.19.0.53");
         // In front already: the link keeps its program.
         env.dp().attach_pod("vp1").unwrap();
         assert_eq!(order(), o);
@@ -2535,7 +2518,7 @@ fn tcx_anchor_head_puts_kproxys_link_in_front_of_other_owners() {
         let o2 = order();
         assert_eq!(names(&o2), [kp, "kpt_pass2", "kpt_pass"]);
         assert_ne!(o2[0].1, o[0].1, "the restarted agent's program");
-        assert_eq!(ask(SERVICE, 1, 10), "198.19.0.53");
+        assert_eq!(ask_udp(client, SERVICE, 1, 10), "198.19.0.53");
 
         // Tail does not move a link back.
         restarted.set_tcx_anchor(TcxAnchor::Tail);
@@ -2684,17 +2667,10 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
         &pod,
         "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
     );
-    let _udp = spawn_in(
-        &pod,
-        "exec python3 -c \"import socket; s=socket.socket(2,2); s.bind(('',5353)); \
-         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
-    );
+    let _udp = spawn_in(&pod, UDP_ECHO);
     let node_path = format!("/run/netns/{}", node.0);
     let h = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd as _;
-        let f = std::fs::File::open(&node_path).unwrap();
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        enter_netns(&node_path);
         // Attached to the namespace's devices: a datapath of the test's own (generic XDP: the
         // default on veth is TC alone).
         let mut env = Env::own();
@@ -2921,10 +2897,7 @@ fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
     );
     let node_path = format!("/run/netns/{}", n0.0);
     let h = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd as _;
-        let f = std::fs::File::open(&node_path).unwrap();
-        // SAFETY: setns on this thread only, with a valid namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        enter_netns(&node_path);
         // Attached to the namespace's devices: a datapath of the test's own (generic XDP: the
         // default on veth is TC alone).
         let mut env = Env::own();
