@@ -568,6 +568,10 @@ pub struct AttachedProgram {
     pub hook: &'static str,
     /// How it is attached: `link` (XDP), `tcx` or `clsact` (TC).
     pub via: &'static str,
+    /// Other owners' programs that run before it on the hook, in order (TC: the tcx programs
+    /// in front of a tcx link, every tcx program and the filters in front of a clsact filter).
+    /// One that ends the hook keeps its packets from kproxy (`--tcx-anchor head`).
+    pub after: Vec<String>,
 }
 
 /// kproxy's programs on one device, as the kernel reports them.
@@ -613,20 +617,28 @@ pub fn attachments(pin_path: &Path) -> anyhow::Result<AttachmentReport> {
         for (hook, (ty, name)) in
             [netlink::TcHook::Ingress, netlink::TcHook::Egress].into_iter().zip(loader::TC_HOOKS)
         {
-            // tcx programs run first (a kernel without tcx refuses the query: none).
+            // tcx programs run first (a kernel without tcx refuses the query: none), then the
+            // clsact filters; other owners' programs are noted where they run before kproxy's.
             let tcx = aya::programs::SchedClassifier::query_tcx(&link.name, ty)
                 .map(|(_, progs)| progs)
                 .unwrap_or_default();
-            tc.extend(tcx.into_iter().filter_map(|p| {
-                let program = p.name_as_str().filter(|n| is_kproxy_program(n))?.to_owned();
-                Some(AttachedProgram { program, id: p.id(), hook: name, via: "tcx" })
-            }));
+            let mut after = Vec::new();
+            let mut seen = |program: String, id: u32, via: &'static str| {
+                if is_kproxy_program(&program) {
+                    tc.push(AttachedProgram { program, id, hook: name, via, after: after.clone() });
+                } else {
+                    after.push(program);
+                }
+            };
+            for p in tcx {
+                seen(p.name_as_str().unwrap_or("?").to_owned(), p.id(), "tcx");
+            }
             let filters = sock
                 .tc_filters(link.index, hook)
                 .with_context(|| format!("listing TC filters of {}", link.name))?;
-            tc.extend(filters.into_iter().filter(|f| is_kproxy_program(&f.name)).map(|f| {
-                AttachedProgram { program: f.name, id: f.prog_id, hook: name, via: "clsact" }
-            }));
+            for f in filters {
+                seen(f.name, f.prog_id, "clsact");
+            }
         }
         let xdp = link.xdp.and_then(|x| {
             let names = prog_names.get_or_insert_with(|| {
@@ -641,6 +653,7 @@ pub fn attachments(pin_path: &Path) -> anyhow::Result<AttachmentReport> {
                 id: x.prog_id,
                 hook: x.mode_name(),
                 via: "link",
+                after: Vec::new(),
             })
         });
         if xdp.is_some() || !tc.is_empty() {
@@ -685,7 +698,10 @@ impl AttachmentReport {
                 let v: Vec<String> =
                     d.tc.iter()
                         .filter(|p| p.hook == hook)
-                        .map(|p| format!("{} ({})", p.program, p.via))
+                        .map(|p| match p.after.as_slice() {
+                            [] => format!("{} ({})", p.program, p.via),
+                            a => format!("{} ({}, after {})", p.program, p.via, a.join("+")),
+                        })
                         .collect();
                 if v.is_empty() { "-".to_string() } else { v.join(",") }
             };
@@ -708,7 +724,7 @@ impl AttachmentReport {
 
     /// JSON for `kproxy device list -o json`.
     pub fn json(&self) -> Value {
-        let prog = |p: &AttachedProgram| json!({"program": p.program, "id": p.id, "hook": p.hook, "via": p.via});
+        let prog = |p: &AttachedProgram| json!({"program": p.program, "id": p.id, "hook": p.hook, "via": p.via, "after": p.after});
         json!({
             "devices": self.devices.iter().map(|d| json!({
                 "name": d.name,

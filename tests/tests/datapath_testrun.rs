@@ -2494,12 +2494,20 @@ fn tcx_anchor_head_puts_kproxys_link_in_front_of_other_owners() {
         env.dp().attach_pod("vp2").unwrap();
         assert_eq!(names(&order()), ["kpt_pass", kp]);
         assert_eq!(ask_udp(client, SERVICE, 1, 1), "timeout", "kproxy's program never runs");
+        // `kproxy device list` names the program in front of kproxy's.
+        let in_front = |dir: &Path| -> Vec<String> {
+            let report = kproxy::netdev::attachments(dir).unwrap();
+            let d = report.devices.iter().find(|d| d.name == "vp1").expect("vp1 listed");
+            d.tc.iter().find(|p| p.hook == "ingress").expect("ingress").after.clone()
+        };
+        assert_eq!(in_front(&env.dir), ["kpt_pass"]);
 
         // Head: moved to the front (the same program: its old link goes first).
         env.dp().set_tcx_anchor(TcxAnchor::Head);
         env.dp().attach_pod("vp1").unwrap();
         let o = order();
         assert_eq!(names(&o), [kp, "kpt_pass"]);
+        assert_eq!(in_front(&env.dir), [""; 0]);
         assert_eq!(ask_udp(client, SERVICE, 3, 10), "198.19.0.53\n198.19.0.53\n198.19.0.53");
         // In front already: the link keeps its program.
         env.dp().attach_pod("vp1").unwrap();
