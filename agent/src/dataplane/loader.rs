@@ -13,8 +13,9 @@
 //!   link with `BPF_LINK_UPDATE`, atomically.
 //! - TC uses a pinned tcx `bpf_link` per hook where the kernel has tcx (Linux 6.6+):
 //!   `v1/links/tcx-<ingress|egress>-<ifname>`, appended after the tcx programs already on the
-//!   hook (a CNI's run first, as they ran before kproxy's clsact filters) and swapped in place
-//!   with `BPF_LINK_UPDATE` by a restarted agent. tcx runs a device's programs straight from its
+//!   hook (a CNI's run first, as they ran before kproxy's clsact filters; [`TcxAnchor::Head`]
+//!   puts them in front and moves them back there) and swapped in place with `BPF_LINK_UPDATE`
+//!   by a restarted agent. tcx runs a device's programs straight from its
 //!   hook, without the qdisc layer clsact filters go through (1-2 µs less per connection in the
 //!   bench). Older kernels, and `--tc-attach netlink`, get classic `cls_bpf` filters on the
 //!   `clsact` qdisc, always at priority [`TC_PRIORITY`] and handle [`TC_HANDLE`]; a restarted
