@@ -2175,6 +2175,21 @@ fn enter_netns(path: &str) {
     assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
 }
 
+/// Runs `f` on a thread inside `node`'s namespace, borrowing from the caller; a panic in it is
+/// the caller's.
+fn on_node<F: FnOnce() + Send>(node: &Netns, f: F) {
+    let path = format!("/run/netns/{}", node.0);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_netns(&path);
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    });
+}
+
 /// Real sockets through the TC programs: two pods on one node, a ClusterIP for TCP and UDP
 /// whose backend is pod 2; pod 1 and pod 2 (hairpin) connect through it. Exercises what
 /// TEST_RUN cannot: skbs from local sockets (CHECKSUM_PARTIAL), real redirects and routing.
@@ -2244,7 +2259,6 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
         &pods[1],
         "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
     );
-    // One socket answering every datagram (socat's UDP fork mode loses datagrams between forks).
     let _udp = spawn_in(&pods[1], UDP_ECHO);
 
     let node_path = format!("/run/netns/{}", node.0);
@@ -2337,16 +2351,9 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
     const SERVICE: &str = "198.19.0.53:53";
     const DIRECT: &str = "198.18.100.11:5353";
 
-    let node_path = format!("/run/netns/{}", node.0);
     let pin = PathBuf::from(format!("/sys/fs/bpf/kpt-behind-{tag}"));
     let _remove_pin = shared::RemoveDir(pin.clone());
-    // In a thread of the node's namespace (attachments, tcx links and `tc` act there).
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| in_node(&node_path, &pin, &pods[0]))
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    });
+    on_node(&node, || in_node(&pin, &pods[0]));
 
     /// Attaches `prog` behind kproxy's program on the given hooks of `vp1` (`kind`: appended
     /// after its tcx link, or a clsact filter after its priority-1 one, from a pin at `pin`);
@@ -2386,8 +2393,7 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
         d
     }
 
-    fn in_node(node_path: &str, pin: &Path, client: &Netns) {
-        enter_netns(node_path);
+    fn in_node(pin: &Path, client: &Netns) {
         let (service, direct) = (SERVICE, DIRECT);
         let backend: Ipv4Addr = direct.split_once(':').unwrap().0.parse().unwrap();
         let mut env = Env::own();
@@ -2436,14 +2442,14 @@ fn programs_behind_kproxys_see_every_packet_it_passes() {
                 // queries as translated, to the backend, and stops them as it stops direct ones.
                 let _behind = behind(kind, &deny, &["ingress"], pin);
                 let answers = ask_udp(client, direct, 1, 1);
-                assert_eq!(answers.trim(), "timeout", "{what}: direct, denied");
+                assert_eq!(answers, "timeout", "{what}: direct, denied");
                 let answers = ask_udp(client, service, 2, 1);
-                assert_eq!(answers.trim(), "timeout\ntimeout", "{what}: service, denied");
+                assert_eq!(answers, "timeout\ntimeout", "{what}: service, denied");
                 let d = xdp::prog_runs(&deny).unwrap();
                 assert!(d >= 3, "{what}: the deny program ran {d} times");
             }
             let answers = ask_udp(client, service, 1, 10);
-            assert_eq!(answers.trim(), "198.19.0.53", "{what}: service, the policy removed");
+            assert_eq!(answers, "198.19.0.53", "{what}: service, the policy removed");
         }
     }
 }
@@ -2462,19 +2468,12 @@ fn tcx_anchor_head_puts_kproxys_link_in_front_of_other_owners() {
     }
     let (node, pods) = node_and_two_pods("kpan", true);
     let _udp = spawn_in(&pods[1], UDP_ECHO);
-    let node_path = format!("/run/netns/{}", node.0);
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| in_node(&node_path, &pods[0]))
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    });
+    on_node(&node, || in_node(&pods[0]));
 
-    fn in_node(node_path: &str, client: &Netns) {
+    fn in_node(client: &Netns) {
         use aya::programs::{SchedClassifier, TcAttachType};
         use kproxy::dataplane::loader::TcxAnchor;
         use kproxy_tests::lab::xdp;
-        enter_netns(node_path);
         const SERVICE: &str = "198.19.0.53:53";
         let mut env = Env::own();
         env.backend(2, "198.18.100.11:5353", backend_flags::LOCAL, proto::UDP);

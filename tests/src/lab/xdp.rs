@@ -130,12 +130,17 @@ pub fn load_tc(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
 pub fn attach_tcx_front(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<OwnedFd> {
     /// `BPF_F_BEFORE` of the multi-program attach API: with no relative program, at the front.
     const BPF_F_BEFORE: u32 = 1 << 3;
-    let (attach, what) = if egress {
+    let (attach, what) = tcx_hook(egress);
+    link_create(prog, dev, attach, BPF_F_BEFORE, what)
+}
+
+/// The tcx attach type of a device's ingress (`egress` false) or egress, and its name.
+fn tcx_hook(egress: bool) -> (bpf_attach_type, &'static str) {
+    if egress {
         (bpf_attach_type::BPF_TCX_EGRESS, "tcx egress")
     } else {
         (bpf_attach_type::BPF_TCX_INGRESS, "tcx ingress")
-    };
-    link_create(prog, dev, attach, BPF_F_BEFORE, what)
+    }
 }
 
 /// Attaches TC program `prog` to the ingress (`egress` false) or egress of device `dev` of the
@@ -143,11 +148,7 @@ pub fn attach_tcx_front(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<O
 /// already there, as another owner attaching after kproxy would (kproxy's own tcx links go
 /// last too). The program stays attached while the returned link fd exists.
 pub fn attach_tcx_last(prog: &OwnedFd, dev: &str, egress: bool) -> io::Result<OwnedFd> {
-    let (attach, what) = if egress {
-        (bpf_attach_type::BPF_TCX_EGRESS, "tcx egress")
-    } else {
-        (bpf_attach_type::BPF_TCX_INGRESS, "tcx ingress")
-    };
+    let (attach, what) = tcx_hook(egress);
     link_create(prog, dev, attach, 0, what)
 }
 
