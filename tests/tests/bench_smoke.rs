@@ -31,9 +31,6 @@ fn quick_bench_produces_every_figure() {
     assert_eq!(back.figures.len(), results.figures.len());
 
     // Every item of the issue has figures, at every planned scale.
-    for f in results.figures.iter().filter(|f| f.item == "8-bpf-stats") {
-        eprintln!("{} {}: {:?} {:?}", f.item, f.metric, f.median, f.reason);
-    }
     for item in [
         "1-latency",
         "2-rate",
