@@ -141,10 +141,14 @@ async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
         let t0 = Instant::now();
         let r = tokio::time::timeout(timeout, one(args.mode, args.target, &mut conn, &udp)).await;
         let us = t0.elapsed().as_micros() as u64;
+        if !matches!(r, Ok(Ok(()))) {
+            // A refused connect fails at once, without ever blocking: under SCHED_FIFO on one
+            // CPU this worker thread would then keep the thread whose timer ends the run off
+            // the CPU for good. A millisecond's pause after each failure lets it run.
+            conn = None;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         if !shared.measuring.load(Ordering::Relaxed) {
-            if !matches!(r, Ok(Ok(()))) {
-                conn = None;
-            }
             continue;
         }
         match r {
@@ -156,7 +160,6 @@ async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
                 }
             }
             _ => {
-                conn = None;
                 shared.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
