@@ -65,21 +65,50 @@ impl PinnedServers {
 
     fn set(&self, cpus: &str) -> Result<()> {
         for ns in &self.namespaces {
-            let out = std::process::Command::new("ip").args(["netns", "pids", ns]).output()?;
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let out = std::process::Command::new("taskset")
-                    .args(["-a", "-p", "-c", cpus, pid])
-                    .output()?;
-                // A process that exited since it was listed is no error.
-                ensure!(
-                    out.status.success() || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-                    "taskset -c {cpus} on pid {pid} in {ns}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+            each_process_of(ns, &["taskset", "-a", "-p", "-c", cpus])?;
         }
         Ok(())
     }
+}
+
+/// Runs `cmd` followed by the pid of each process in namespace `ns` (`chrt -a -p`, `taskset -a
+/// -p`: commands that list a process's threads, then set each). A thread (a server's
+/// per-connection one) or the process itself (a forked per-query child) may be gone in between,
+/// which fails the call (about 1 in 10 under a connection load): a process gone needs nothing,
+/// one still there is tried again (its exited threads no longer listed) and fails only if it
+/// keeps failing.
+pub fn each_process_of(ns: &str, cmd: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip").args(["netns", "pids", ns]).output()?;
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let mut tries = 0;
+        loop {
+            let out = std::process::Command::new(cmd[0]).args(&cmd[1..]).arg(pid).output()?;
+            if out.status.success() || exited(pid) {
+                break;
+            }
+            tries += 1;
+            ensure!(
+                tries < 5,
+                "{} {pid} ({}) in {ns} failed ({}): {}",
+                cmd.join(" "),
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .unwrap_or_default()
+                    .replace('\0', " "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// Whether process `pid` has exited: no longer in /proc, or a zombie.
+fn exited(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, None | Some("Z" | "X"))
 }
 
 impl Drop for PinnedServers {

@@ -485,41 +485,7 @@ pub const RT_PRIORITY: &str = "20";
 /// Gives every thread of every process in namespace `ns` (the pod servers) SCHED_FIFO
 /// priority [`RT_PRIORITY`]; threads they create later inherit it.
 pub fn realtime_netns(ns: &str) -> Result<()> {
-    let out = Command::new("ip").args(["netns", "pids", ns]).output()?;
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        // `chrt -a` lists the process's threads, then sets each: a thread (a server's
-        // per-connection one) or the process itself (a forked per-query child) may be gone in
-        // between, which fails the call. A process gone needs no priority; one still there is
-        // tried again (its exited threads are no longer listed), and fails only if it keeps
-        // failing.
-        let mut tries = 0;
-        loop {
-            let out = Command::new("chrt").args(["-a", "-f", "-p", RT_PRIORITY, pid]).output()?;
-            if out.status.success() || exited(pid) {
-                break;
-            }
-            tries += 1;
-            ensure!(
-                tries < 5,
-                "chrt -f on pid {pid} ({}) in {ns} failed ({}): {}",
-                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                    .unwrap_or_default()
-                    .replace('\0', " "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(())
-}
-
-/// Whether process `pid` has exited: no longer in /proc, or a zombie.
-fn exited(pid: &str) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The state follows the command name, which is in parentheses and may hold spaces.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    matches!(state, None | Some("Z" | "X"))
+    super::measure::each_process_of(ns, &["chrt", "-a", "-f", "-p", RT_PRIORITY])
 }
 
 /// Starts the agent on node 0 (`binary`, or the kproxy built; `extra` arguments appended,
