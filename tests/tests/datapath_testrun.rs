@@ -1858,6 +1858,11 @@ fn tc_filters(dev: &str, dir: &str, name: &str) -> (usize, Vec<String>) {
     (lines.len(), ids)
 }
 
+/// Whether `dev` has a clsact qdisc.
+fn has_clsact(dev: &str) -> bool {
+    sh_out(&format!("tc qdisc show dev {dev}")).contains("clsact")
+}
+
 fn xdp_prog(dev: &str) -> Option<String> {
     let out = sh_out(&format!("ip -d link show dev {dev}"));
     out.split("prog/xdp id ").nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned())
@@ -1941,6 +1946,22 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
             dp.attach_pod("kpt1").unwrap();
             dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
             one_each("tcx");
+            // The clsact qdiscs kproxy added for its filters went with them...
+            assert!(!has_clsact("kpt1") && !has_clsact("kpt0"), "empty clsact qdiscs left");
+            // ...but one holding another owner's filter stays, with it.
+            dp.set_tc_attach(TcAttach::Netlink);
+            dp.attach_pod("kpt1").unwrap();
+            sh_out(
+                "tc filter add dev kpt1 egress prio 100 protocol ip u32 match u32 0 0 classid 1:1",
+            );
+            dp.set_tc_attach(TcAttach::Tcx);
+            dp.attach_pod("kpt1").unwrap();
+            one_each("tcx");
+            assert!(
+                sh_out("tc filter show dev kpt1 egress").contains("u32"),
+                "foreign filter kept"
+            );
+            sh_out("tc qdisc del dev kpt1 clsact");
             // A pod interface deleted and created under the same name: its links went with it,
             // the pins left are replaced by new links.
             sh_out("ip link add kptp type veth peer name kptq && ip link set kptp up");
@@ -2024,6 +2045,7 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         drop(dp);
         cleanup(&dir).unwrap();
         assert_eq!(tc_progs(&dir, "kpt0", "ingress", "kp_"), []);
+        assert!(!has_clsact("kpt0"), "empty clsact qdisc left by cleanup");
         assert_eq!(xdp_prog("kpt0"), None);
         assert!(!dir.exists(), "pin directory removed");
     });

@@ -815,7 +815,10 @@ impl Datapath {
         match self.tc_attach {
             TcAttach::Tcx => {
                 self.attach_tcx(ifname, ty, name)?;
-                detach_clsact(ifname, ty, name)
+                if detach_clsact(ifname, ty, name)? {
+                    delete_empty_clsact(ifname);
+                }
+                Ok(())
             }
             TcAttach::Netlink => {
                 self.attach_clsact(ifname, ty, name)?;
@@ -1221,18 +1224,35 @@ fn detach_tcx(pin_path: &Path, ifname: &str, ty: TcAttachType) -> anyhow::Result
     remove_link_pin(&tcx_link_pin(pin_path, ifname, ty))
 }
 
-/// Removes kproxy's clsact filters running program `name` from hook `ty` of `ifname` (none, or
-/// no device: not an error).
-fn detach_clsact(ifname: &str, ty: TcAttachType, name: &str) -> anyhow::Result<()> {
+/// Removes kproxy's clsact filters running program `name` from hook `ty` of `ifname`; whether
+/// there were any (none, or no device: not an error).
+fn detach_clsact(ifname: &str, ty: TcAttachType, name: &str) -> anyhow::Result<bool> {
     match tc::qdisc_detach_program(ifname, ty, name) {
-        Ok(()) => Ok(()),
-        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(true),
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(TcError::NetlinkError(e))
             if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) =>
         {
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(e).with_context(|| format!("detaching {name} from {ifname} {ty:?}")),
+    }
+}
+
+/// Deletes the `clsact` qdisc of `ifname` once kproxy removed its filters from it, if no other
+/// owner's filter is left on either hook: the qdisc kproxy added for its filters goes with them
+/// (as `tc qdisc del dev DEV clsact` would), one another owner still uses stays. An empty qdisc
+/// costs packets nothing (the kernel skips a clsact hook without filters), so a failure is only
+/// logged.
+fn delete_empty_clsact(ifname: &str) {
+    let Some(index) = ifindex(ifname) else { return };
+    match crate::netdev::netlink::Socket::requests().and_then(|mut s| s.delete_empty_clsact(index))
+    {
+        Ok(true) => info!(device = ifname, "clsact qdisc left without filters removed"),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(device = ifname, error = %e, "clsact qdisc left without filters not removed")
+        }
     }
 }
 
@@ -1244,12 +1264,16 @@ fn detach_device(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
     if ifindex(ifname).is_none() {
         return Ok(());
     }
+    let mut removed = false;
     for (ty, name) in [
         (TcAttachType::Ingress, names::PROG_TC_EXT),
         (TcAttachType::Ingress, names::PROG_TC_FROM_POD),
         (TcAttachType::Egress, names::PROG_TC_TO_POD),
     ] {
-        detach_clsact(ifname, ty, name)?;
+        removed |= detach_clsact(ifname, ty, name)?;
+    }
+    if removed {
+        delete_empty_clsact(ifname);
     }
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! kproxy's `NETLINK_ROUTE` client, on the `netlink-sys` socket with the message types of
 //! `netlink-packet-route`: link and IPv4 address notifications (the `RTNLGRP_LINK` and
-//! `RTNLGRP_IPV4_IFADDR` multicast groups), link dumps with their XDP state, and dumps of the
-//! `cls_bpf` filters on a `clsact` hook.
+//! `RTNLGRP_IPV4_IFADDR` multicast groups), link dumps with their XDP state, dumps of the
+//! filters on a `clsact` hook, and the deletion of a `clsact` qdisc left without filters.
 use std::{io, net::IpAddr, os::fd::AsRawFd as _, time::Duration};
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
@@ -297,11 +298,22 @@ impl Socket {
     fn dump(
         &mut self,
         message: RouteNetlinkMessage,
+        each: impl FnMut(RouteNetlinkMessage),
+    ) -> io::Result<()> {
+        self.request(message, NLM_F_DUMP, each)
+    }
+
+    /// Sends `message` with `flags` beside `NLM_F_REQUEST`; calls `each` with every answer
+    /// until the dump's end or the acknowledgement.
+    fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
         mut each: impl FnMut(RouteNetlinkMessage),
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.flags = NLM_F_REQUEST | flags;
         header.sequence_number = self.seq;
         let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
         req.finalize();
@@ -348,6 +360,24 @@ impl Socket {
 
     /// The `cls_bpf` filters on `hook` of link `index` (none when it has no `clsact` qdisc).
     pub fn tc_filters(&mut self, index: u32, hook: TcHook) -> io::Result<Vec<TcFilter>> {
+        let mut out = Vec::new();
+        self.each_tc_filter(index, hook, |f| out.extend(TcFilter::from_message(f)))?;
+        Ok(out)
+    }
+
+    /// How many filters of any kind (any owner's) `hook` of link `index` has.
+    pub fn tc_filter_count(&mut self, index: u32, hook: TcHook) -> io::Result<usize> {
+        let mut n = 0;
+        self.each_tc_filter(index, hook, |_| n += 1)?;
+        Ok(n)
+    }
+
+    fn each_tc_filter(
+        &mut self,
+        index: u32,
+        hook: TcHook,
+        mut each: impl FnMut(&TcMessage),
+    ) -> io::Result<()> {
         let mut req = TcMessage::with_index(index as i32);
         req.header.parent = TcHandle {
             major: TcHandle::CLSACT.major,
@@ -356,15 +386,38 @@ impl Socket {
                 TcHook::Egress => TcHandle::MIN_EGRESS,
             },
         };
-        let mut out = Vec::new();
         match self.dump(RouteNetlinkMessage::GetTrafficFilter(req), |m| {
             if let RouteNetlinkMessage::NewTrafficFilter(f) = m {
-                out.extend(TcFilter::from_message(&f));
+                each(&f);
             }
         }) {
-            Ok(()) => Ok(out),
+            Ok(()) => Ok(()),
             // No clsact qdisc: nothing attached.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(out),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the `clsact` qdisc of link `index` (`RTM_DELQDISC`) if it has no filter left on
+    /// either hook; whether it was deleted (false: none there, or a filter still on it).
+    pub fn delete_empty_clsact(&mut self, index: u32) -> io::Result<bool> {
+        for hook in [TcHook::Ingress, TcHook::Egress] {
+            if self.tc_filter_count(index, hook)? > 0 {
+                return Ok(false);
+            }
+        }
+        let mut req = TcMessage::with_index(index as i32);
+        req.header.parent = TcHandle::CLSACT;
+        req.header.handle = TcHandle { major: TcHandle::CLSACT.major, minor: 0 };
+        req.attributes.push(TcAttribute::Kind("clsact".into()));
+        match self.request(RouteNetlinkMessage::DelQueueDiscipline(req), NLM_F_ACK, |_| {}) {
+            Ok(()) => Ok(true),
+            // No clsact qdisc (or no such link).
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
