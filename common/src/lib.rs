@@ -1293,7 +1293,7 @@ pub const fn hook_dev_slot(ifindex: u32) -> u32 {
 }
 
 /// Number of slots in [`names::COUNTERS`].
-pub const REASON_MAX: u32 = 32;
+pub const REASON_MAX: u32 = 64;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -20,8 +20,9 @@ use kproxy::dataplane::{
     loader::{Datapath, MapSizes},
 };
 use kproxy_common::{
-    Affinity4Key, Affinity4Value, Backend4, NodeConfig, Reason, Service4Key, Service4Value,
-    backend_flags, cfg_flags, ct_state, names, proto, rnat_flags, scope, svc_flags, timeouts,
+    Affinity4Key, Affinity4Value, Backend4, NodeConfig, REASON_MAX, Reason, Service4Key,
+    Service4Value, backend_flags, cfg_flags, ct_state, names, proto, rnat_flags, scope, svc_flags,
+    timeouts,
 };
 use kproxy_tests::frames::{self, ACK, FIN, Frame, L4, PSH, RST, SYN};
 
@@ -445,6 +446,35 @@ fn pinned_map_with_wrong_layout_is_refused() {
     let msg = format!("{err:#}");
     assert!(msg.contains("does not match ABI") && msg.contains("kp_be4"), "{msg}");
     assert!(BpfDataplane::open(&env.dir).is_err());
+}
+
+/// A counter map pinned by an earlier build with fewer slots (before reasons were added) is
+/// re-created with this build's slots at the next load, so that no reason's count falls past its
+/// end; the other maps are reused as they are.
+#[test]
+fn counter_map_of_an_earlier_build_is_recreated_with_this_builds_slots() {
+    let env = Env::own();
+    let pin = env.dir.join("v1").join(names::COUNTERS);
+    std::fs::remove_file(&pin).unwrap();
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "32"])
+        .args(["name", names::COUNTERS])
+        .status()
+        .expect("bpftool");
+    assert!(st.success(), "bpftool map create {}", pin.display());
+    let snat = BpfDataplane::open(&env.dir).unwrap().config().unwrap().snat_addr;
+    assert_ne!(snat, 0);
+    let _dp = Datapath::load(&env.dir, &TEST_SIZES).expect("loads over the old counter map");
+    let show = String::from_utf8(
+        Command::new("bpftool").args(["map", "show", "pinned"]).arg(&pin).output().unwrap().stdout,
+    )
+    .unwrap();
+    assert!(show.contains(&format!("max_entries {REASON_MAX} ")), "{show}");
+    let maps = BpfDataplane::open(&env.dir).unwrap();
+    assert_eq!(maps.counters().unwrap().len(), Reason::ALL.len());
+    assert_eq!(maps.config().unwrap().snat_addr, snat, "the node configuration map is reused");
 }
 
 #[test]

@@ -405,6 +405,18 @@ fn release_object_pages(object: &'static [u8]) {
 const RESIZED_BY_COPY: [&str; 4] =
     [names::SERVICES4, names::BACKENDS4, names::SERVICES6, names::BACKENDS6];
 
+/// The counter maps, indexed by a packet's reason or a connection-tracking event, with the slots
+/// this build's programs count in. One pinned by an earlier build with fewer slots (before a
+/// reason was added) is re-created: a count past its end would be lost and reading it would fail.
+/// Its counts restart from zero (counters, not state: nothing programmed is lost; Prometheus
+/// takes the drop as a counter reset). One with more slots (a newer build's) is reused.
+const COUNTER_MAPS: [(&str, u32); 4] = [
+    (names::COUNTERS, kproxy_common::REASON_MAX),
+    (names::COUNTERS6, kproxy_common::REASON_MAX),
+    (names::CT_COUNTERS, kproxy_common::ct_counter::MAX),
+    (names::CT_COUNTERS6, kproxy_common::ct_counter::MAX),
+];
+
 /// Where a map being resized waits, set aside, until its entries are in the new map (`-`: bpffs
 /// refuses names with a dot).
 fn set_aside_path(pin: &Path) -> PathBuf {
@@ -527,7 +539,21 @@ impl Datapath {
             if pin.exists() {
                 let (data, max) = check_pinned(pin, spec)?;
                 let want = sizes.of(name);
-                if sizes.ipv6 && max == IPV6_OFF_ENTRIES && IPV6_SIZED.contains(name) {
+                let slots = COUNTER_MAPS.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
+                if let Some(slots) = slots
+                    && max < slots
+                {
+                    drop(data);
+                    std::fs::remove_file(pin)
+                        .with_context(|| format!("removing {}", pin.display()))?;
+                    info!(
+                        map = name,
+                        pinned = max,
+                        slots,
+                        "counter map with fewer slots than this build counts in: re-created, its \
+                         counts restart from zero"
+                    );
+                } else if sizes.ipv6 && max == IPV6_OFF_ENTRIES && IPV6_SIZED.contains(name) {
                     // Created while IPv6 was off: never written, so it is replaced by a map of
                     // the capacity IPv6 now needs.
                     std::fs::remove_file(pin)
