@@ -2430,7 +2430,8 @@ impl EmptyClsact {
         for hook in &BPF_STATS_EMPTY_TC {
             let dir = if hook.egress { "egress" } else { "ingress" };
             for dev in hook.devices(&veths) {
-                // Already there when kproxy ran before (it leaves the qdisc).
+                // Already there after an earlier run of this variant (its filters go, the
+                // qdisc stays: without filters the kernel skips it).
                 let _ = lab::exec(&h.ns, &["tc", "qdisc", "add", "dev", &dev, "clsact"]);
                 lab::exec(
                     &h.ns,
