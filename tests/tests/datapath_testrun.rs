@@ -2227,9 +2227,9 @@ fn enter_netns(path: &str) {
     assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
 }
 
-/// Runs `f` on a thread inside `node`'s namespace, borrowing from the caller; a panic in it is
-/// the caller's.
-fn on_node<F: FnOnce() + Send>(node: &Netns, f: F) {
+/// Runs `f` on a thread inside `node`'s namespace, borrowing from the caller, and returns its
+/// value; a panic in it is the caller's.
+fn on_node<T: Send, F: FnOnce() -> T + Send>(node: &Netns, f: F) -> T {
     let path = format!("/run/netns/{}", node.0);
     std::thread::scope(|scope| {
         scope
@@ -2239,7 +2239,7 @@ fn on_node<F: FnOnce() + Send>(node: &Netns, f: F) {
             })
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    });
+    })
 }
 
 /// Real sockets through the TC programs: two pods on one node, a ClusterIP for TCP and UDP
@@ -2313,9 +2313,7 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
     );
     let _udp = spawn_in(&pods[1], UDP_ECHO);
 
-    let node_path = format!("/run/netns/{}", node.0);
-    let h = std::thread::spawn(move || {
-        enter_netns(&node_path);
+    let env = on_node(&node, move || {
         // Attached to the namespace's devices: a datapath of the test's own.
         let mut env = Env::own();
         env.dp().attach_pod("vp1").unwrap();
@@ -2339,7 +2337,6 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
         env.service("198.19.0.99:53", proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 9);
         env
     });
-    let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     let tcp_client = "import socket; s=socket.create_connection((\"198.19.0.10\",80),timeout=20); \
@@ -2727,9 +2724,7 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
         "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
     );
     let _udp = spawn_in(&pod, UDP_ECHO);
-    let node_path = format!("/run/netns/{}", node.0);
-    let h = std::thread::spawn(move || {
-        enter_netns(&node_path);
+    let env = on_node(&node, move || {
         // Attached to the namespace's devices: a datapath of the test's own (generic XDP: the
         // default on veth is TC alone).
         let mut env = Env::own();
@@ -2745,7 +2740,6 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
         env.service(&np(30053), proto::UDP, scope::EXTERNAL, svc_flags::NODE_PORT, &[2], 2);
         env
     });
-    let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let tcp_client = format!(
         "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=20); \
@@ -2954,9 +2948,7 @@ fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
         &pod,
         "exec socat TCP-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
     );
-    let node_path = format!("/run/netns/{}", n0.0);
-    let h = std::thread::spawn(move || {
-        enter_netns(&node_path);
+    let env = on_node(&n0, move || {
         // Attached to the namespace's devices: a datapath of the test's own (generic XDP: the
         // default on veth is TC alone).
         let mut env = Env::own();
@@ -2969,7 +2961,6 @@ fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
         env.service(&np(30081), proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[2], 2);
         env
     });
-    let env = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let run = |code: &str| {
         let o = Command::new("ip")
