@@ -142,13 +142,56 @@ pub fn revnat_ptr(t: &Tuple4) -> Option<*mut RevNat4Value> {
     kp_rnat4.get_ptr_mut(t)
 }
 
-/// [`revnat_ptr`] for the fast path, which also sees the replies of plain traffic from a backend
-/// port (a direct connection to a backend pod: its ACK stream crosses XDP, then the pod's TC hook,
-/// each asking for the same reply tuple). A miss is remembered per CPU ([`maps::kp_rnmiss`]) for
-/// the rest of the jiffy, and only while no new connection installed a reverse-NAT entry since
-/// ([`maps::kp_rngen`], read before the lookup): the following packets skip the hash lookup.
+/// A reverse-NAT entry found: a copy of it (`v`), where it lies in `kp_rnat4` when this packet
+/// looked it up (`None` when the copy came from this CPU's cache, [`revnat_fast`]), and the
+/// cache slot holding its copy.
+#[derive(Clone, Copy)]
+pub struct RevNatRef {
+    /// The entry's value.
+    pub v: RevNat4Value,
+    ptr: Option<*mut RevNat4Value>,
+    slot: Option<*mut maps::RevNatSlot>,
+}
+
+impl RevNatRef {
+    /// The entry at `p`, looked up by the caller.
+    #[inline(always)]
+    pub fn at(p: *mut RevNat4Value) -> Self {
+        RevNatRef { v: copy_revnat(p), ptr: Some(p), slot: None }
+    }
+
+    /// Stores `flags` and `now` in the entry of reply tuple `t` (looked up again if it came from
+    /// the cache: once a second and on SYN, FIN or RST) and in this CPU's copy of it, as
+    /// [`revnat_refreshed`].
+    #[inline(always)]
+    pub fn refreshed(&self, t: &Tuple4, flags: u32, now: u64) {
+        let p = match self.ptr {
+            Some(p) => Some(p),
+            None => revnat_ptr(t),
+        };
+        if let Some(p) = p {
+            revnat_refreshed(p, flags, now);
+        }
+        if let Some(s) = self.slot {
+            // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
+            unsafe {
+                (*s).value.flags = flags;
+                (*s).value.last_seen_ns = now;
+            }
+        }
+    }
+}
+
+/// [`revnat_ptr`] for the fast path. Its lookups are cached per CPU ([`maps::kp_rnmiss`]) for
+/// the rest of the jiffy, and only while no new connection installed a reverse-NAT entry (nor
+/// a stale one was removed) since ([`maps::kp_rngen`], read before the lookup): the following
+/// packets of the tuple skip the hash lookup, which on a reply arriving from another node
+/// (the entry's cache lines cold, the data it answers having left on the node's other path) is
+/// most of the cost of translating it. A miss is cached too: the fast path also sees the
+/// replies of plain traffic from a backend port (a direct connection to a backend pod: its ACK
+/// stream crosses XDP, then the pod's TC hook, each asking for the same reply tuple).
 #[inline(always)]
-pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
+pub fn revnat_fast(t: &Tuple4) -> Option<RevNatRef> {
     // SAFETY: helper without arguments (a memory load once the verifier inlined it).
     let j = unsafe { bpf_jiffies64() };
     let gen_ = maps::rnat_gen();
@@ -156,19 +199,48 @@ pub fn revnat_fast(t: &Tuple4) -> Option<*mut RevNat4Value> {
     let slot = maps::rnmiss_slot(&key);
     if let Some(s) = slot {
         // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
-        let s = unsafe { &*s };
-        if s.jiffies == j && s.gen_ == gen_ && s.key[0] == key[0] && s.key[1] == key[1] {
-            return None;
+        let c = unsafe { &*s };
+        if c.jiffies == j && c.gen_ == gen_ && c.key[0] == key[0] && c.key[1] == key[1] {
+            if c.found == 0 {
+                return None;
+            }
+            return Some(RevNatRef { v: copy_revnat(&raw const c.value), ptr: None, slot });
         }
     }
     let r = kp_rnat4.get_ptr_mut(t);
-    if r.is_none()
-        && let Some(s) = slot
-    {
-        // SAFETY: as above.
-        unsafe { *s = maps::RevNatMiss { key, gen_, jiffies: j } };
+    if let Some(s) = slot {
+        // SAFETY: as above; fields stored one by one (a miss leaves the old copy's bytes).
+        unsafe {
+            (*s).key = key;
+            (*s).gen_ = gen_;
+            (*s).jiffies = j;
+            match r {
+                Some(p) => {
+                    let w = p as *const [u64; 3];
+                    let d = &raw mut (*s).value as *mut [u64; 3];
+                    (*d)[0] = (*w)[0];
+                    (*d)[1] = (*w)[1];
+                    (*d)[2] = (*w)[2];
+                    (*s).found = 1;
+                }
+                None => (*s).found = 0,
+            }
+        }
     }
-    r
+    let p = r?;
+    Some(RevNatRef { v: copy_revnat(p), ptr: Some(p), slot })
+}
+
+/// A copy of the reverse-NAT entry at `p` (a map value or a cache slot's copy), as three words:
+/// a copy of the struct can become a call of the byte-wise `memmove` subprogram.
+#[inline(always)]
+fn copy_revnat(p: *const RevNat4Value) -> RevNat4Value {
+    const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 24);
+    // SAFETY: `p` is valid for 24 bytes, 8-aligned (its last field is a u64).
+    unsafe {
+        let w = p as *const [u64; 3];
+        core::mem::transmute::<[u64; 3], RevNat4Value>([(*w)[0], (*w)[1], (*w)[2]])
+    }
 }
 
 /// A tuple as two words: addresses, then ports and protocol (every field, so that equal words
@@ -269,6 +341,8 @@ pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
         delete(&orig);
     }
     let _ = kp_rnat4.remove(&reply);
+    // Voids this tuple's copies in the CPUs' caches (`revnat_fast`).
+    maps::rnat_changed();
     true
 }
 

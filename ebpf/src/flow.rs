@@ -363,7 +363,7 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     if maps::hinted(hints::BACKEND, p.saddr, p.proto, p.sport)
         && let Some(rn) = ct::revnat_ptr(&t)
     {
-        return reply_translated(c, &p, &t, rn, &cfg, hook, now);
+        return reply_translated(c, &p, &t, ct::RevNatRef::at(rn), &cfg, hook, now);
     }
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb::service(p.daddr, p.dport, p.proto, hook.scope())
@@ -595,7 +595,7 @@ fn new_conn<P: Packet>(
     // fast path remembered are void from here on, before the packet leaves, so before any
     // reply can exist. Once per connection, not per insert: the slow paths stay within what
     // the verifier of Linux 5.10 follows.
-    maps::rnat_inserted();
+    maps::rnat_changed();
     let e = Ct4Value {
         backend_id: id,
         svc_id: svc.svc_id,
@@ -630,13 +630,12 @@ fn reply_translated<P: Packet>(
     c: &mut P,
     p: &Ip4,
     t: &Tuple4,
-    rnp: *mut RevNat4Value,
+    r: ct::RevNatRef,
     cfg: &NodeConfig,
     hook: Hook,
     now: u64,
 ) -> Out {
-    // SAFETY: valid map value pointer, copied out.
-    let rn: RevNat4Value = unsafe { *rnp };
+    let rn = r.v;
     if hook == Hook::FromPod
         && rn.flags & (rnat_flags::TO_POD | rnat_flags::REPLY_FIB) == rnat_flags::TO_POD
         && rn.client_addr != p.saddr
@@ -665,7 +664,7 @@ fn reply_translated<P: Packet>(
             if ct_fl & ct_flags::REPLY_FIB != 0 {
                 fl |= rnat_flags::REPLY_FIB;
             }
-            ct::revnat_refreshed(rnp, fl, now);
+            r.refreshed(t, fl, now);
         }
     }
     let n = Nat {

@@ -99,19 +99,20 @@ pub struct Clock {
     pub ns: u64,
 }
 
-/// The fast path's per-CPU cache of reverse-NAT misses (`crate::ct::revnat_fast`), a slot per
-/// reply-tuple hash. Internal to the datapath: not pinned, each load starts empty.
+/// The fast path's per-CPU cache of reverse-NAT lookups (`crate::ct::revnat_fast`), a slot per
+/// reply-tuple hash: the last lookup of a tuple, a miss or a copy of the entry found. Internal
+/// to the datapath: not pinned, each load starts empty.
 #[btf_map]
-pub static kp_rnmiss: PerCpuArray<RevNatMiss, { RNMISS_SLOTS as usize }> = PerCpuArray::new();
+pub static kp_rnmiss: PerCpuArray<RevNatSlot, { RNMISS_SLOTS as usize }> = PerCpuArray::new();
 
 /// Slots of [`kp_rnmiss`] (a power of two).
 const RNMISS_SLOTS: u32 = 64;
 
-/// An entry of [`kp_rnmiss`]: `kp_rnat4` held no entry for the reply tuple `key` in jiffy
-/// `jiffies` under generation `gen` ([`kp_rngen`]).
+/// An entry of [`kp_rnmiss`] (one cache line): what `kp_rnat4` held for the reply tuple `key`
+/// in jiffy `jiffies` under generation `gen` ([`kp_rngen`]): no entry (`found` 0) or `value`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct RevNatMiss {
+pub struct RevNatSlot {
     /// The reply tuple looked up, as two words ([`crate::ct::tuple_words`]): compared and
     /// stored with two 64-bit loads or stores each, where a `Tuple4` takes five of mixed sizes
     /// (and its copy a call of the byte-wise `memmove` subprogram).
@@ -120,19 +121,27 @@ pub struct RevNatMiss {
     pub gen_: u64,
     /// `bpf_jiffies64()` of the lookup.
     pub jiffies: u64,
+    /// A copy of the entry found (`found` 1), its flags and time kept up to date by the
+    /// replies this CPU translates with it (`crate::ct::RevNatRef::refreshed`).
+    pub value: RevNat4Value,
+    /// 1: `value` holds the entry; 0: there was none.
+    pub found: u64,
 }
 
-/// The generation of `kp_rnat4`'s keys (one entry): a new connection adds one once it has
-/// installed its reverse-NAT entry (`crate::flow`), which voids the misses [`kp_rnmiss`]
-/// remembered before. Internal to the datapath: not
-/// pinned (a cached miss also lasts one jiffy at most, which bounds what the programs of an
-/// older load, counting in their own copy while an agent replaces them, could leave stale).
+/// The generation of `kp_rnat4` (one entry): a new connection adds one once it has installed
+/// its reverse-NAT entry (`crate::flow`), as does the removal of a stale one
+/// (`crate::ct::clear_stale_revnat`), which voids what [`kp_rnmiss`] remembered before (a miss
+/// of the new entry's tuple; a copy of a replaced or removed entry). Internal to the datapath:
+/// not pinned (a slot also lasts one jiffy at most, which bounds what the programs of an older
+/// load, counting in their own copy while an agent replaces them, could leave stale, as it
+/// bounds how long a CPU still translates with an entry the agent deleted: a reply within that
+/// jiffy gets the translation it would have got a moment earlier).
 #[btf_map]
 pub static kp_rngen: Array<u64, 1> = Array::new();
 
 /// The cache slot of reply tuple `key` ([`crate::ct::tuple_words`]) on this CPU.
 #[inline(always)]
-pub fn rnmiss_slot(key: &[u64; 2]) -> Option<*mut RevNatMiss> {
+pub fn rnmiss_slot(key: &[u64; 2]) -> Option<*mut RevNatSlot> {
     // Addresses and both ports folded into 32 bits, then a multiplicative hash's top 6 bits.
     let h = (key[0] ^ key[0] >> 32 ^ key[1]) as u32;
     kp_rnmiss.get_ptr_mut(h.wrapping_mul(0x9e37_79b1) >> 26 & (RNMISS_SLOTS - 1))
@@ -148,9 +157,9 @@ pub fn rnat_gen() -> u64 {
     }
 }
 
-/// Notes inserts into `kp_rnat4` (after them: see [`kp_rngen`]).
+/// Notes inserts into `kp_rnat4` and removals from it (after them: see [`kp_rngen`]).
 #[inline(always)]
-pub fn rnat_inserted() {
+pub fn rnat_changed() {
     if let Some(g) = kp_rngen.get_ptr_mut(0) {
         use core::intrinsics::{AtomicOrdering, atomic_xadd};
         // SAFETY: valid, aligned map value pointer. An atomic add (`lock xadd`; the BPF target
