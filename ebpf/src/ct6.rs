@@ -2,13 +2,17 @@
 //! tuple → original addresses, also the table of allocated source-NAT ports), as [`crate::ct`]
 //! does for IPv4. The state machine and timeouts are the IPv4 ones ([`crate::ct::touch`] on the
 //! common fields).
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+};
 use kproxy_common::{
     Addr6, Ct6Value, Frag6Key, Frag6Value, NodeConfig, Reason, RevNat6Value, Tuple6, ct_counter,
     ct_flags, ct_state, frag, proto,
 };
 
 use crate::{
+    maps,
     maps6::{self, kp_ct6, kp_frag6, kp_rnat6},
     parse::tcp_flags,
     parse6::Ip6,
@@ -153,6 +157,110 @@ pub fn revnat_ptr(t: &Tuple6) -> Option<*mut RevNat6Value> {
     kp_rnat6.get_ptr_mut(t)
 }
 
+/// A reverse-NAT entry found by [`revnat_fast`]: `p` points at it in `kp_rnat6`, or at this
+/// CPU's copy of it (`cached`) in the lookup cache, whose `slot` holds the copy.
+#[derive(Clone, Copy)]
+pub struct RevNat6Ref {
+    /// The entry or its copy, read in place (an IPv6 entry is 48 bytes: not copied to the
+    /// stack).
+    pub p: *mut RevNat6Value,
+    cached: bool,
+    slot: Option<*mut maps6::RevNatSlot6>,
+}
+
+impl RevNat6Ref {
+    /// The entry at `p`, looked up by the caller.
+    #[inline(always)]
+    pub fn at(p: *mut RevNat6Value) -> Self {
+        RevNat6Ref { p, cached: false, slot: None }
+    }
+
+    /// Stores `flags` and `now` in the entry of reply tuple `t` and in this CPU's copy of it
+    /// (the entry looked up again if `p` is the copy), as [`revnat_refreshed`].
+    #[inline(always)]
+    pub fn refreshed(&self, t: &Tuple6, flags: u32, now: u64) {
+        revnat_refreshed(self.p, flags, now);
+        let other = if self.cached {
+            revnat_ptr(t)
+        } else {
+            // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
+            self.slot.map(|s| unsafe { &raw mut (*s).value })
+        };
+        if let Some(o) = other {
+            revnat_refreshed(o, flags, now);
+        }
+    }
+}
+
+/// A reply tuple as five words: both addresses, then ports and protocol (every field, so that
+/// equal words mean equal tuples; the padding is left out).
+#[inline(always)]
+pub fn tuple_words(t: &Tuple6) -> [u64; 5] {
+    let w = |a: &Addr6, i: usize| a[i] as u64 | (a[i + 1] as u64) << 32;
+    [
+        w(&t.saddr, 0),
+        w(&t.saddr, 2),
+        w(&t.daddr, 0),
+        w(&t.daddr, 2),
+        t.sport as u64 | (t.dport as u64) << 16 | (t.proto as u64) << 32,
+    ]
+}
+
+/// [`revnat_ptr`] for the fast path, through this CPU's lookup cache ([`maps6::kp_rnmiss6`]) as
+/// [`crate::ct::revnat_fast`] does for IPv4: a remote backend's replies skip the hash lookup.
+#[inline(always)]
+pub fn revnat_fast(t: &Tuple6) -> Option<RevNat6Ref> {
+    // SAFETY: helper without arguments (a memory load once the verifier inlined it).
+    let j = unsafe { bpf_jiffies64() };
+    let gen_ = maps::rnat_gen();
+    let key = tuple_words(t);
+    let slot = maps6::rnmiss_slot6(&key);
+    if let Some(s) = slot {
+        // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
+        unsafe {
+            if (*s).jiffies == j
+                && (*s).gen_ == gen_
+                && (*s).key[0] == key[0]
+                && (*s).key[1] == key[1]
+                && (*s).key[2] == key[2]
+                && (*s).key[3] == key[3]
+                && (*s).key[4] == key[4]
+            {
+                if (*s).found == 0 {
+                    return None;
+                }
+                return Some(RevNat6Ref { p: &raw mut (*s).value, cached: true, slot });
+            }
+        }
+    }
+    let r = kp_rnat6.get_ptr_mut(t);
+    if let Some(s) = slot {
+        // SAFETY: as above; a miss leaves the old copy's bytes.
+        unsafe {
+            (*s).key = key;
+            (*s).gen_ = gen_;
+            (*s).jiffies = j;
+            match r {
+                Some(p) => {
+                    const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 48);
+                    // Word by word: a copy of the struct can become a byte-wise `memmove` call.
+                    let w = p as *const [u64; 6];
+                    let d = &raw mut (*s).value as *mut [u64; 6];
+                    (*d)[0] = (*w)[0];
+                    (*d)[1] = (*w)[1];
+                    (*d)[2] = (*w)[2];
+                    (*d)[3] = (*w)[3];
+                    (*d)[4] = (*w)[4];
+                    (*d)[5] = (*w)[5];
+                    (*s).found = 1;
+                }
+                None => (*s).found = 0,
+            }
+        }
+    }
+    Some(RevNat6Ref { p: r?, cached: false, slot })
+}
+
 /// Records that a reply refreshed the connection entry of the reverse-NAT entry at `r`, with
 /// the connection's `rnat_flags` (as [`crate::ct::revnat_refreshed`]).
 #[inline(always)]
@@ -212,6 +320,8 @@ pub fn clear_stale_revnat(p: &Ip6, now: u64) -> bool {
         delete(&orig);
     }
     let _ = kp_rnat6.remove(&reply);
+    // Voids this tuple's copies in the CPUs' caches (`revnat_fast`).
+    maps::rnat_changed();
     true
 }
 

@@ -219,9 +219,9 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
             return Ok(done(Verdict::PASS, Reason::PassReplyToPod));
         }
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-        if let Some(rnp) = ct6::revnat_ptr(&t) {
+        if let Some(rn) = ct6::revnat_fast(&t) {
             let now = flow::coarse_now();
-            let next = reply_translated(&p, &t, rnp, hook, now);
+            let next = reply_translated(&p, &t, rn, hook, now);
             return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));
         }
     }
@@ -447,7 +447,7 @@ fn decide(p: &Ip6, hook: Hook, now: u64) -> Result<Next, Reason> {
         && maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport)
         && let Some(rnp) = ct6::revnat_ptr(&t)
     {
-        return Ok(reply_translated(p, &t, rnp, hook, now));
+        return Ok(reply_translated(p, &t, ct6::RevNat6Ref::at(rnp), hook, now));
     }
     if hook != Hook::ToPod
         && let Some((key, svc)) = lb6::service(&p.daddr, p.dport, p.proto, hook.scope())
@@ -658,6 +658,9 @@ fn new_conn(
         sc.reply = ct6::tuple(&be.addr, &p.saddr, be.port, p.sport, p.proto);
         ct6::claim_revnat(&sc.reply, &sc.rn, old.is_some())?;
     }
+    // The reverse-NAT entry is in: what the fast path's caches remembered of its tuple is void
+    // from here on, before the packet leaves (see `flow::new_conn`).
+    maps::rnat_changed();
     let e = &mut sc.ct;
     *e = Ct6Value {
         backend_id: id,
@@ -689,7 +692,8 @@ fn new_conn(
 /// A reply of a translated connection: restore the frontend as source and the client as
 /// destination.
 #[inline(always)]
-fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now: u64) -> Next {
+fn reply_translated(p: &Ip6, t: &Tuple6, r: ct6::RevNat6Ref, hook: Hook, now: u64) -> Next {
+    let rnp = r.p;
     // SAFETY: valid map value pointer; what the reply needs is read straight into its
     // translation (no copy of the whole entry), before the entry is written below.
     let (n, mut fl, last_seen) = unsafe {
@@ -725,7 +729,7 @@ fn reply_translated(p: &Ip6, t: &Tuple6, rnp: *mut RevNat6Value, hook: Hook, now
             if ct_fl & ct_flags::REPLY_FIB != 0 {
                 fl |= rnat_flags::REPLY_FIB;
             }
-            ct6::revnat_refreshed(rnp, fl, now);
+            r.refreshed(t, fl, now);
         }
     }
     // Both routed cases first by what the entry already says: the node's source-NAT address

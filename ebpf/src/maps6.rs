@@ -41,6 +41,41 @@ pub static kp_rnat6: LruHashMap<Tuple6, RevNat6Value, { defaults::CT6_MAX as usi
 pub static kp_aff6: LruHashMap<Affinity6Key, Affinity6Value, { defaults::AFFINITY6_MAX as usize }> =
     LruHashMap::new();
 
+/// The IPv6 fast path's per-CPU cache of reverse-NAT lookups (`crate::ct6::revnat_fast`), as
+/// [`crate::maps::kp_rnmiss`] for IPv4 (the generation, [`crate::maps::kp_rngen`], is shared:
+/// either family's new connections void both caches). Internal to the datapath: not pinned.
+#[btf_map]
+pub static kp_rnmiss6: PerCpuArray<RevNatSlot6, { RNMISS6_SLOTS as usize }> = PerCpuArray::new();
+
+/// Slots of [`kp_rnmiss6`] (a power of two).
+const RNMISS6_SLOTS: u32 = 64;
+
+/// An entry of [`kp_rnmiss6`] (two cache lines): what `kp_rnat6` held for the reply tuple `key`
+/// in jiffy `jiffies` under generation `gen_`: no entry (`found` 0) or `value`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RevNatSlot6 {
+    /// The reply tuple looked up, as five words ([`crate::ct6::tuple_words`]).
+    pub key: [u64; 5],
+    /// [`crate::maps::kp_rngen`] read before the lookup.
+    pub gen_: u64,
+    /// `bpf_jiffies64()` of the lookup.
+    pub jiffies: u64,
+    /// 1: `value` holds the entry; 0: there was none.
+    pub found: u64,
+    /// A copy of the entry found, its flags and time kept up to date by the replies this CPU
+    /// translates with it (`crate::ct6::RevNat6Ref::refreshed`).
+    pub value: RevNat6Value,
+}
+
+/// The cache slot of reply tuple `key` ([`crate::ct6::tuple_words`]) on this CPU.
+#[inline(always)]
+pub fn rnmiss_slot6(key: &[u64; 5]) -> Option<*mut RevNatSlot6> {
+    let w = key[0] ^ key[1] ^ key[2] ^ key[3] ^ key[4];
+    let h = (w ^ w >> 32) as u32;
+    kp_rnmiss6.get_ptr_mut(h.wrapping_mul(0x9e37_79b1) >> 26 & (RNMISS6_SLOTS - 1))
+}
+
 /// Per-CPU counters of IPv6 packets, indexed by `Reason`.
 #[btf_map]
 pub static kp_stats6: PerCpuArray<u64, { REASON_MAX as usize }> = PerCpuArray::new();

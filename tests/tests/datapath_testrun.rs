@@ -1087,6 +1087,65 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
     }
 }
 
+/// The fast path also keeps a copy of the reverse-NAT entry a lookup found, per CPU: the
+/// following replies of the tuple in the jiffy skip the hash lookup. A copy never outlives a
+/// replacement: a client closes its connection through one ClusterIP and opens one from the same
+/// port through another to the same backend (the reply tuple is the same, its entry replaced),
+/// and the new connection's replies carry the new frontend, also on the CPU that cached the old
+/// one. The copy also follows the reply that refreshes the entry (the first one marks it
+/// established, in the map too).
+#[test]
+fn cached_reverse_nat_copy_gives_way_to_a_replaced_entry() {
+    let h = std::thread::spawn(|| {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        pin_thread_to_cpu0();
+        let mut env = Env::new();
+        let cip2 = "198.19.0.11:80";
+        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        env.service(cip2, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 2);
+        // Several client ports: the copy and the replacement fall in one jiffy nearly always.
+        const PORTS: u16 = 8;
+        for i in 0..PORTS {
+            let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 44000 + i);
+            let synack = Frame::tcp(sa(BE1), client, SYN | ACK);
+            let ack = Frame::tcp(sa(BE1), client, ACK);
+            for (fe, closing) in [(CIP, true), (cip2, false)] {
+                let syn = Frame::tcp(client, sa(fe), SYN);
+                let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+                assert_eq!(v, TC_PASS, "{fe}");
+                assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+                // The SYN-ACK, then an ACK (from the copy), both from this connection's
+                // frontend.
+                for reply in [&synack, &ack] {
+                    let (v, out) = env.tc(names::PROG_TC_TO_POD, &reply.build());
+                    assert_eq!(v, TC_PASS, "{fe}");
+                    assert_frame(&out, &reply.clone().with_src(sa(fe)));
+                }
+                let rn = env.maps.revnat().unwrap();
+                let (_, r) = rn.iter().find(|(k, _)| k.dport == client.port().to_be()).unwrap();
+                assert_eq!(r.flags, rnat_flags::ESTABLISHED | rnat_flags::TO_POD, "{fe}");
+                if closing {
+                    let rst = Frame::tcp(client, sa(fe), RST | ACK);
+                    assert_eq!(env.tc(names::PROG_TC_FROM_POD, &rst.build()).0, TC_PASS);
+                }
+            }
+        }
+        let n = u64::from(PORTS);
+        assert_counts(
+            &env,
+            &[
+                (Reason::TranslatedNew, 2 * n),
+                (Reason::TranslatedEstablished, n),
+                (Reason::ReplyTranslated, 4 * n),
+            ],
+        );
+    });
+    if let Err(e) = h.join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
 /// A remembered reverse-NAT miss holds for its exact reply tuple only: a backend address and
 /// port serving both TCP and UDP, a translated UDP connection, then plain TCP traffic with the
 /// same addresses and ports (its miss is remembered, in the same cache slot) and the UDP

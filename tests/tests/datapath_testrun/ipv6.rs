@@ -210,6 +210,53 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
     );
 }
 
+/// The IPv6 fast path remembers a reverse-NAT miss per CPU as IPv4's does
+/// (`remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection`): a new translated
+/// connection whose replies carry that tuple voids it, and its first reply is found.
+#[test]
+fn ipv6_remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
+    let h = std::thread::spawn(|| {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        pin_thread_to_cpu0();
+        let mut env = Env::new();
+        env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+        env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        // Several client ports: the miss and the new connection fall in one jiffy nearly
+        // always.
+        const PORTS: u16 = 8;
+        for i in 0..PORTS {
+            let client = SocketAddrV6::new(*sa6(POD6).ip(), 42000 + i, 0, 0);
+            // Plain traffic from the backend's port to the client, twice on the client's hook
+            // (the second time the miss is remembered).
+            let ack = Frame6::tcp(sa6(BE6_1), client, ACK);
+            for _ in 0..2 {
+                let to_pod = names::PROG_TC_TO_POD;
+                assert_eq!(env.tc(to_pod, &ack.build()), (TC_PASS, ack.build()));
+            }
+            let syn = Frame6::tcp(client, sa6(CIP6), SYN);
+            let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+            assert_eq!(v, TC_PASS);
+            assert_frame6(&out, &syn.clone().with_dst(sa6(BE6_1)));
+            let synack = Frame6::tcp(sa6(BE6_1), client, SYN | ACK);
+            let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
+            assert_eq!(v, TC_PASS);
+            assert_frame6(&out, &synack.clone().with_src(sa6(CIP6)));
+        }
+        let n = u64::from(PORTS);
+        assert_counts6(
+            &env,
+            &[
+                (Reason::PassNoService, 2 * n),
+                (Reason::TranslatedNew, n),
+                (Reason::ReplyTranslated, n),
+            ],
+        );
+    });
+    if let Err(e) = h.join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
 /// A client reusing its port opens a new connection on the entries of its closed one, as for
 /// IPv4 (`a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries`): the
 /// connection entry is taken over in place (not counted as created), restarted, and the
