@@ -142,6 +142,35 @@ pub fn revnat_ptr(t: &Tuple4) -> Option<*mut RevNat4Value> {
     kp_rnat4.get_ptr_mut(t)
 }
 
+/// Stores in the lookup-cache slot at `$s` (either family's) the lookup of reply tuple `$key`
+/// under generation `$gen` in jiffy `$j`: a miss (`$r` `None`), or a copy of the entry `$r`
+/// points at, `$words` words (the value type's size, asserted where it is defined), copied one
+/// by one with volatile accesses (a struct or array copy can become a call of the byte-wise
+/// `memmove` subprogram). A miss leaves the old copy's bytes. Unsafe: `$s` must be this CPU's
+/// slot of a per-CPU map, `$r` a valid map value pointer.
+macro_rules! remember_lookup {
+    ($s:expr, $key:expr, $gen:expr, $j:expr, $r:expr, $words:literal) => {{
+        let s = $s;
+        (*s).key = $key;
+        (*s).gen_ = $gen;
+        (*s).jiffies = $j;
+        match $r {
+            Some(p) => {
+                let w = p as *const u64;
+                let d = &raw mut (*s).value as *mut u64;
+                let mut i = 0;
+                while i < $words {
+                    core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(w.add(i)));
+                    i += 1;
+                }
+                (*s).found = 1;
+            }
+            None => (*s).found = 0,
+        }
+    }};
+}
+pub(crate) use remember_lookup;
+
 /// A reverse-NAT entry found: a copy of it (`v`), where it lies in `kp_rnat4` when this packet
 /// looked it up (`None` when the copy came from this CPU's cache, [`revnat_fast`]), and the
 /// cache slot holding its copy.
@@ -209,23 +238,8 @@ pub fn revnat_fast(t: &Tuple4) -> Option<RevNatRef> {
     }
     let r = kp_rnat4.get_ptr_mut(t);
     if let Some(s) = slot {
-        // SAFETY: as above; fields stored one by one (a miss leaves the old copy's bytes).
-        unsafe {
-            (*s).key = key;
-            (*s).gen_ = gen_;
-            (*s).jiffies = j;
-            match r {
-                Some(p) => {
-                    let w = p as *const [u64; 3];
-                    let d = &raw mut (*s).value as *mut [u64; 3];
-                    (*d)[0] = (*w)[0];
-                    (*d)[1] = (*w)[1];
-                    (*d)[2] = (*w)[2];
-                    (*s).found = 1;
-                }
-                None => (*s).found = 0,
-            }
-        }
+        // SAFETY: this CPU's slot; `r` a valid map value pointer of the slot's value type.
+        unsafe { remember_lookup!(s, key, gen_, j, r, 3) };
     }
     let p = r?;
     Some(RevNatRef { v: copy_revnat(p), ptr: Some(p), slot })

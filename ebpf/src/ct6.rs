@@ -235,28 +235,8 @@ pub fn revnat_fast(t: &Tuple6) -> Option<RevNat6Ref> {
     }
     let r = kp_rnat6.get_ptr_mut(t);
     if let Some(s) = slot {
-        // SAFETY: as above; a miss leaves the old copy's bytes.
-        unsafe {
-            (*s).key = key;
-            (*s).gen_ = gen_;
-            (*s).jiffies = j;
-            match r {
-                Some(p) => {
-                    const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 48);
-                    // Word by word: a copy of the struct can become a byte-wise `memmove` call.
-                    let w = p as *const [u64; 6];
-                    let d = &raw mut (*s).value as *mut [u64; 6];
-                    (*d)[0] = (*w)[0];
-                    (*d)[1] = (*w)[1];
-                    (*d)[2] = (*w)[2];
-                    (*d)[3] = (*w)[3];
-                    (*d)[4] = (*w)[4];
-                    (*d)[5] = (*w)[5];
-                    (*s).found = 1;
-                }
-                None => (*s).found = 0,
-            }
-        }
+        // SAFETY: this CPU's slot; `r` a valid map value pointer of the slot's value type.
+        unsafe { crate::ct::remember_lookup!(s, key, gen_, j, r, 6) };
     }
     Some(RevNat6Ref { p: r?, cached: false, slot })
 }
