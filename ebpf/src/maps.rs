@@ -128,10 +128,11 @@ pub struct RevNatSlot {
     pub found: u64,
 }
 
-/// The generation of `kp_rnat4` (one entry): a new connection adds one once it has installed
-/// its reverse-NAT entry (`crate::flow`), as does the removal of a stale one
-/// (`crate::ct::clear_stale_revnat`), which voids what [`kp_rnmiss`] remembered before (a miss
-/// of the new entry's tuple; a copy of a replaced or removed entry). Internal to the datapath:
+/// The generation of `kp_rnat4` and `kp_rnat6` (one entry): a new connection of either family
+/// adds one once it has installed its reverse-NAT entry (`crate::flow`, `crate::flow6`), as does
+/// the removal of a stale one (`crate::ct::clear_stale_revnat` and its IPv6 twin), which voids
+/// what [`kp_rnmiss`] and `kp_rnmiss6` remembered before (a miss of the new entry's tuple; a
+/// copy of a replaced or removed entry). Internal to the datapath:
 /// not pinned (a slot also lasts one jiffy at most, which bounds what the programs of an older
 /// load, counting in their own copy while an agent replaces them, could leave stale, as it
 /// bounds how long a CPU still translates with an entry the agent deleted: a reply within that
@@ -157,7 +158,8 @@ pub fn rnat_gen() -> u64 {
     }
 }
 
-/// Notes inserts into `kp_rnat4` and removals from it (after them: see [`kp_rngen`]).
+/// Notes inserts into `kp_rnat4` or `kp_rnat6` and removals from them (after them: see
+/// [`kp_rngen`]).
 #[inline(always)]
 pub fn rnat_changed() {
     if let Some(g) = kp_rngen.get_ptr_mut(0) {
