@@ -1017,6 +1017,18 @@ fn a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries()
     );
 }
 
+/// Runs `f` on a thread of its own pinned to CPU 0 ([`pin_thread_to_cpu0`]), so that its test
+/// runs share the datapath's per-CPU caches; a panic in it is the caller's.
+fn on_cpu0<F: FnOnce() + Send + 'static>(f: F) {
+    let h = std::thread::spawn(|| {
+        pin_thread_to_cpu0();
+        f();
+    });
+    if let Err(e) = h.join() {
+        std::panic::resume_unwind(e);
+    }
+}
+
 /// Pins the calling thread to CPU 0, so that its test runs share the datapath's per-CPU caches.
 fn pin_thread_to_cpu0() {
     // SAFETY: a zeroed cpu_set_t is valid; the set lives across the call.
@@ -1035,9 +1047,8 @@ fn pin_thread_to_cpu0() {
 /// external device passes traffic to pods without a lookup).
 #[test]
 fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
-    let h = std::thread::spawn(|| {
-        // The cache is per CPU: every run on one CPU, so that the runs share it.
-        pin_thread_to_cpu0();
+    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    on_cpu0(|| {
         let mut env = Env::new();
         env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
         env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
@@ -1082,9 +1093,6 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
             ],
         );
     });
-    if let Err(e) = h.join() {
-        std::panic::resume_unwind(e);
-    }
 }
 
 /// The fast path also keeps a copy of the reverse-NAT entry a lookup found, per CPU: the
@@ -1096,9 +1104,8 @@ fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
 /// established, in the map too).
 #[test]
 fn cached_reverse_nat_copy_gives_way_to_a_replaced_entry() {
-    let h = std::thread::spawn(|| {
-        // The cache is per CPU: every run on one CPU, so that the runs share it.
-        pin_thread_to_cpu0();
+    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    on_cpu0(|| {
         let mut env = Env::new();
         let cip2 = "198.19.0.11:80";
         env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
@@ -1141,9 +1148,6 @@ fn cached_reverse_nat_copy_gives_way_to_a_replaced_entry() {
             ],
         );
     });
-    if let Err(e) = h.join() {
-        std::panic::resume_unwind(e);
-    }
 }
 
 /// A remembered reverse-NAT miss holds for its exact reply tuple only: a backend address and
@@ -1154,9 +1158,8 @@ fn cached_reverse_nat_copy_gives_way_to_a_replaced_entry() {
 /// it (the external device passes traffic to pods without a lookup).
 #[test]
 fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
-    let h = std::thread::spawn(|| {
-        // The cache is per CPU: every run on one CPU, so that the runs share it.
-        pin_thread_to_cpu0();
+    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    on_cpu0(|| {
         let mut env = Env::new();
         env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
         env.backend(2, BE1, backend_flags::LOCAL, proto::UDP);
@@ -1195,9 +1198,6 @@ fn remembered_reverse_nat_miss_is_for_its_protocol_only() {
             ],
         );
     });
-    if let Err(e) = h.join() {
-        std::panic::resume_unwind(e);
-    }
 }
 
 #[test]

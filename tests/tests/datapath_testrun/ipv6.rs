@@ -215,9 +215,8 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
 /// connection whose replies carry that tuple voids it, and its first reply is found.
 #[test]
 fn ipv6_remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
-    let h = std::thread::spawn(|| {
-        // The cache is per CPU: every run on one CPU, so that the runs share it.
-        pin_thread_to_cpu0();
+    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    on_cpu0(|| {
         let mut env = Env::new();
         env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
         env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
@@ -252,9 +251,6 @@ fn ipv6_remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
             ],
         );
     });
-    if let Err(e) = h.join() {
-        std::panic::resume_unwind(e);
-    }
 }
 
 /// A client reusing its port opens a new connection on the entries of its closed one, as for
