@@ -192,6 +192,13 @@ mod tests {
         ] {
             rec.add("8-bpf-stats", m, "kproxy", 1, "clusterip-local", v);
         }
+        // With eBPF host routing: not run on one flow's packets, measured on the other's.
+        for m in ["to_pod_ns", "to_pod_net_ns"] {
+            rec.skip("8-bpf-stats", m, "kproxy", 1, "hr-clusterip-local", "not run: ...");
+        }
+        for (m, v) in [("to_pod_ns", 110.0), ("to_pod_net_ns", 70.0), ("empty_tc_out_ns", 40.0)] {
+            rec.add("8-bpf-stats", m, "kproxy", 1, "hr-clusterip-remote", v);
+        }
         r.figures = rec.finish();
         let rows = crate::bench::report::goals(&r);
         let get = |prefix: &str| {
@@ -219,7 +226,11 @@ mod tests {
         assert_eq!(to_pod.measured, "clusterip-local 55 ns (raw 100)");
         assert_eq!(to_pod.baseline, "clusterip-local 2.22× its floor (45 ns)");
         assert_eq!(to_pod.verdict, "met");
-        assert_eq!(rows.iter().filter(|g| g.goal.starts_with("10.1")).count(), 4);
+        let hr = get("10.1 program on packets entering a pod, eBPF host routing");
+        assert_eq!(hr.measured, "hr-clusterip-local not run, hr-clusterip-remote 70 ns (raw 110)");
+        assert_eq!(hr.baseline, "hr-clusterip-local —, hr-clusterip-remote 2.75× its floor (40 ns)");
+        assert_eq!(hr.verdict, "missed (1.2× the limit)");
+        assert_eq!(rows.iter().filter(|g| g.goal.starts_with("10.1")).count(), 5);
 
         // A goal measured in a step with CPU pressure above the threshold is flagged; the
         // others are not.

@@ -594,6 +594,26 @@ pub const BPF_STATS_WINDOWS: [(&str, &str); 4] = [
     ),
 ];
 
+/// The windows of the bpf_stats step with the agent's `--bpf-host-routing` (opt-in): the TC
+/// programs deliver translated packets themselves, to a local pod with `bpf_redirect_peer`, so
+/// that the host side of the client pod's veth, `kp_tc_to_pod`'s hook, does not see its
+/// service replies at all (goal 10.1's "or not run at all"); the translation of a remote
+/// backend's replies moves to `kp_tc_ext`.
+pub const BPF_STATS_HR_WINDOWS: [(&str, &str); 2] = [
+    (
+        "hr-clusterip-local",
+        "eBPF host routing: one iperf3 TCP flow from a pod to a ClusterIP whose backend is on the same node",
+    ),
+    (
+        "hr-clusterip-remote",
+        "eBPF host routing: one iperf3 TCP flow from a pod to a ClusterIP whose backend is on the other node",
+    ),
+];
+
+/// Window names of [`BPF_STATS_HR_WINDOWS`] start so (the rest names the traffic, as in
+/// [`BPF_STATS_WINDOWS`]).
+const HR_PREFIX: &str = "hr-";
+
 /// The IPv6 windows of the bpf_stats step (goal 13), in a dual-stack lab of their own with the
 /// agent's `--enable-ipv6` (the IPv4 windows above keep their IPv4-only lab): each IPv6 window
 /// beside an IPv4 window of the same shape in that same lab, so that the IPv6/IPv4 ratio
@@ -653,7 +673,7 @@ pub const FLOW_BPS: &str = "tcp_bps";
 /// before them on the same hook ([`BPF_STATS_EMPTY_TC`]), for the others (and where tcx is
 /// missing) the lab's `XDP_PASS` (metric `empty_ns`). The TC entry programs run the fast path
 /// of both families, so in the IPv6 windows their figure is IPv6's.
-pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
+pub const BPF_STATS_FIGURES: [(&str, &str, &str); 38] = [
     ("from_pod_ns", "kp_tc_from_pod", "clusterip-local"),
     ("to_pod_ns", "kp_tc_to_pod", "clusterip-local"),
     ("from_pod_ns", "kp_tc_from_pod", "clusterip-remote"),
@@ -663,6 +683,11 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 33] = [
     ("to_pod_ns", "kp_tc_to_pod", "pod-direct"),
     ("xdp_ext_ns", "kp_xdp_ext", "pod-direct"),
     ("xdp_ext_ns", "kp_xdp_ext", "nodeport-remote"),
+    ("from_pod_ns", "kp_tc_from_pod", "hr-clusterip-local"),
+    ("to_pod_ns", "kp_tc_to_pod", "hr-clusterip-local"),
+    ("from_pod_ns", "kp_tc_from_pod", "hr-clusterip-remote"),
+    ("to_pod_ns", "kp_tc_to_pod", "hr-clusterip-remote"),
+    ("tc_ext_ns", "kp_tc_ext", "hr-clusterip-remote"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-local"),
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-local"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-local"),
@@ -1061,7 +1086,7 @@ impl Bench<'_> {
                 self.rec.plan("8-bpf-stats", m, "kproxy", 1, w);
                 self.rec.plan("8-bpf-stats", &net_metric(m), "kproxy", 1, w);
             }
-            for (w, _) in BPF_STATS_WINDOWS {
+            for (w, _) in BPF_STATS_WINDOWS.iter().chain(&BPF_STATS_HR_WINDOWS) {
                 self.rec.plan("8-bpf-stats", BPF_STATS_EMPTY, "kproxy", 1, w);
                 let hooks = BPF_STATS_EMPTY_TC.iter().filter(|h| has_figures_of(w, h));
                 for (m, _) in hooks.flat_map(EmptyTcHook::programs) {
@@ -2197,11 +2222,22 @@ impl Bench<'_> {
             self.write_manifest(&services)?;
             flush_conntrack(&self.lab);
             let k = self.start_kproxy(services.len(), nodeport_agent_args("kproxy"))?;
-            let res = self.bpf_stats_windows();
+            let res = self.bpf_stats_windows(&BPF_STATS_WINDOWS);
             self.stop_kproxy(k);
             res
         })();
         self.record_stats(&BPF_STATS_WINDOWS, r);
+        eprintln!("[bench] per-program cost with eBPF host routing (bpf_stats)");
+        let r = (|| -> Result<Vec<StatSample>> {
+            flush_conntrack(&self.lab);
+            let mut args = nodeport_agent_args("kproxy").to_vec();
+            args.push("--bpf-host-routing");
+            let k = self.start_kproxy(workload::probes().len(), &args)?;
+            let res = self.bpf_stats_windows(&BPF_STATS_HR_WINDOWS);
+            self.stop_kproxy(k);
+            res
+        })();
+        self.record_stats(&BPF_STATS_HR_WINDOWS, r);
     }
 
     /// The IPv6 windows of the bpf_stats step ([`bpf_stats6`]).
@@ -2245,10 +2281,10 @@ impl Bench<'_> {
     }
 
     /// The windows of [`Self::bpf_stats_phase`], statistics switched on for their duration.
-    fn bpf_stats_windows(&self) -> Result<Vec<StatSample>> {
+    fn bpf_stats_windows(&self, windows: &[(&'static str, &str)]) -> Result<Vec<StatSample>> {
         let client = self.lab.client_ns();
-        stats_windows(&self.lab, self.cfg, &BPF_STATS_WINDOWS, |window| {
-            let (ns, to) = match window {
+        stats_windows(&self.lab, self.cfg, windows, |window| {
+            let (ns, to) = match window.trim_start_matches(HR_PREFIX) {
                 "clusterip-local" => (
                     self.client_pod_ns.clone(),
                     SocketAddrV4::new(workload::NP_LOCAL_CLUSTER_IP, workload::IPERF_PORT),

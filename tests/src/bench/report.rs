@@ -184,6 +184,11 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
             60.0,
         ),
         (
+            "10.1 program on packets entering a pod, eBPF host routing (`--bpf-host-routing`, opt-in): ≤ 60 ns per run (net) or not run",
+            &[("to_pod_ns", "hr-clusterip-local"), ("to_pod_ns", "hr-clusterip-remote")],
+            60.0,
+        ),
+        (
             "10.1 `kp_xdp_ext` ≤ 150 ns per run, established NodePort flows (net)",
             &[("xdp_ext_ns", "nodeport-remote")],
             150.0,
@@ -194,24 +199,45 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
             60.0,
         ),
     ] {
-        // (net, raw, empty, window) of each window measured.
-        let got: Vec<(f64, f64, f64, &str)> = figures
+        // (net, raw, empty, window) of each window measured; a program that did not run in a
+        // window (fewer than the minimum of runs in every repetition: a skip, never a failure)
+        // meets its limit, as the goal allows, and reads "not run".
+        let got: Vec<(Option<(f64, f64, f64)>, &str)> = figures
             .iter()
             .filter_map(|(m, w)| {
-                let net = median(f, "8-bpf-stats", &super::net_metric(m), "kproxy", 1, w)?;
-                let raw = median(f, "8-bpf-stats", m, "kproxy", 1, w)?;
-                let empty = median(f, "8-bpf-stats", super::floor_metric(m), "kproxy", 1, w)
-                    .or_else(|| median(f, "8-bpf-stats", super::BPF_STATS_EMPTY, "kproxy", 1, w))?;
-                Some((net, raw, empty, *w))
+                let measured = || -> Option<(f64, f64, f64)> {
+                    let net = median(f, "8-bpf-stats", &super::net_metric(m), "kproxy", 1, w)?;
+                    let raw = median(f, "8-bpf-stats", m, "kproxy", 1, w)?;
+                    let empty = median(f, "8-bpf-stats", super::floor_metric(m), "kproxy", 1, w)
+                        .or_else(|| {
+                            median(f, "8-bpf-stats", super::BPF_STATS_EMPTY, "kproxy", 1, w)
+                        })?;
+                    Some((net, raw, empty))
+                };
+                match measured() {
+                    Some(v) => Some((Some(v), *w)),
+                    None => find(f, "8-bpf-stats", m, "kproxy", 1, w)
+                        .filter(|x| x.status == Status::Skipped && x.samples.is_empty())
+                        .map(|_| (None, *w)),
+                }
             })
             .collect();
-        match got.iter().copied().max_by(|a, b| a.0.total_cmp(&b.0)) {
-            Some((net, _, _, _)) => {
-                let each: Vec<String> =
-                    got.iter().map(|(n, r, _, w)| format!("{w} {n:.0} ns (raw {r:.0})")).collect();
+        let worst = got.iter().map(|(v, _)| v.map_or(0.0, |v| v.0)).max_by(f64::total_cmp);
+        match worst {
+            Some(net) => {
+                let each: Vec<String> = got
+                    .iter()
+                    .map(|(v, w)| match v {
+                        Some((n, r, _)) => format!("{w} {n:.0} ns (raw {r:.0})"),
+                        None => format!("{w} not run"),
+                    })
+                    .collect();
                 let base: Vec<String> = got
                     .iter()
-                    .map(|(_, r, e, w)| format!("{w} {} its floor ({e:.0} ns)", times(*r, *e)))
+                    .map(|(v, w)| match v {
+                        Some((_, r, e)) => format!("{w} {} its floor ({e:.0} ns)", times(*r, *e)),
+                        None => format!("{w} —"),
+                    })
                     .collect();
                 row(
                     goal,
@@ -1005,7 +1031,8 @@ NodePort runs of {} ms.\n",
 
     // Per-program cost under real traffic.
     s.push_str("## 8. Per-program cost under real traffic (kernel bpf_stats: run_time_ns / run_cnt)\n\n| Traffic | flow | Program | runs per s | ns per run | empty XDP program, same window | empty TC program before it, same hook (first of two) | net |\n|---|---|---|---|---|---|---|---|\n");
-    for &(w, traffic) in super::BPF_STATS_WINDOWS.iter().chain(&super::BPF_STATS6_WINDOWS) {
+    let windows = super::BPF_STATS_WINDOWS.iter().chain(&super::BPF_STATS_HR_WINDOWS);
+    for &(w, traffic) in windows.chain(&super::BPF_STATS6_WINDOWS) {
         let empty = cell(find(f, "8-bpf-stats", super::BPF_STATS_EMPTY, "kproxy", 1, w));
         let flow = median(f, "8-bpf-stats", super::FLOW_BPS, "kproxy", 1, w)
             .map_or("—".to_string(), |b| format!("{:.2} Gbit/s", b / 1e9));
