@@ -206,8 +206,10 @@ pub fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
 /// largest cost of an established NodePort packet, and of every translated packet eBPF host
 /// routing delivers). TC passes no length, so the kernel checks that the skb itself is
 /// forwardable and, from Linux 5.12, returns the egress device's MTU, the length the entry
-/// then admits. A GSO super-packet (TC) is always looked up and never cached: its length is
-/// that of all its segments.
+/// then admits. A GSO super-packet (TC; its IP length is that of all its segments) is
+/// forwardable whatever its length, to the kernel's lookup as here (its segments are cut to
+/// the route's size later): it takes a cached route without the length check, and its own
+/// lookup's entry admits the MTU the kernel returned, never its length.
 #[inline(always)]
 pub fn route<P: Packet>(
     c: &mut P,
@@ -221,14 +223,15 @@ pub fn route<P: Packet>(
         return Fib::Failed;
     }
     let ifindex = c.ifindex();
-    let cached = if c.gso() { None } else { maps::route_slot(daddr) };
+    let gso = c.gso();
+    let cached = maps::route_slot(daddr);
     if let Some(e) = cached {
         // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
         let e = unsafe { &*e };
         if e.daddr == daddr
             && e.saddr == saddr
             && e.ifindex_in == ifindex
-            && p.tot_len <= e.max_len
+            && (gso || p.tot_len <= e.max_len)
             && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
         {
             f.ifindex = e.ifindex_out;
@@ -261,7 +264,7 @@ pub fn route<P: Packet>(
                     ifindex_out: f.ifindex,
                     dmac: f.dmac,
                     smac: f.smac,
-                    max_len: mtu.max(p.tot_len),
+                    max_len: if gso { mtu } else { mtu.max(p.tot_len) },
                     _pad: 0,
                     stamp: now,
                 }

@@ -1448,10 +1448,10 @@ fn route_cache(env: &mut Env) -> aya::maps::PerCpuArray<aya::maps::MapData, [u8;
 
 /// eBPF host routing: TC reuses a route it looked up, as XDP does (the same per-CPU cache): a
 /// packet of the connection after the first goes where the cached entry says, a GSO
-/// super-packet is looked up again (its length is that of all its segments) and does not
-/// replace the entry.
+/// super-packet too (forwardable whatever its length, as to the kernel's lookup); a GSO
+/// packet's own lookup admits the egress device's MTU, not the super-packet's length.
 #[test]
-fn tc_reuses_its_route_lookups_except_for_gso_packets() {
+fn tc_reuses_its_route_lookups_for_gso_packets_too() {
     in_test_netns(true, || {
         // The cache is per CPU: every run on one CPU, so that the runs share it.
         pin_thread_to_cpu0();
@@ -1479,14 +1479,26 @@ fn tc_reuses_its_route_lookups_except_for_gso_packets() {
         let ack = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK);
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
         assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, CACHED), "the cached route");
-        // `gso_segs` and `gso_size` in the context (`struct __sk_buff` offsets 164 and 176).
+        // A GSO super-packet of three 500-byte segments, longer (1,440 bytes of IP) than the
+        // egress device's MTU (1,000 from now on): `gso_segs` and `gso_size` in the context
+        // (`struct __sk_buff` offsets 164 and 176).
+        sh_out("ip link set dev kpt0 mtu 1000");
         let mut ctx = [0u8; 180];
-        ctx[164..168].copy_from_slice(&2u32.to_ne_bytes());
-        ctx[176..180].copy_from_slice(&1000u32.to_ne_bytes());
-        let (v, out) = env.tc_run(names::PROG_TC_FROM_POD, &ack.build(), Some(&ctx));
-        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, NEXT_HOP), "a GSO packet looks up");
-        let (_, out) = env.tc(names::PROG_TC_FROM_POD, &ack.build());
-        assert_eq!(dmac(&out), CACHED, "the GSO packet's lookup was not cached");
+        ctx[164..168].copy_from_slice(&3u32.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&500u32.to_ne_bytes());
+        let big = Frame::tcp(sa(POD_CLIENT), sa(CIP), ACK).with_payload(&[7u8; 1400]).build();
+        let (v, out) = env.tc_run(names::PROG_TC_FROM_POD, &big, Some(&ctx));
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, CACHED), "a GSO packet takes the cache");
+        // Its own lookup, once the entry is stale: cached with the device's MTU as the length
+        // it admits, which a plain packet of the super-packet's length then exceeds.
+        let mut values = cache.get(&slot, 0).unwrap().to_vec();
+        values[0][32..40].copy_from_slice(&0u64.to_ne_bytes());
+        cache.set(slot, aya::maps::PerCpuValues::try_from(values).unwrap(), 0).unwrap();
+        let (v, out) = env.tc_run(names::PROG_TC_FROM_POD, &big, Some(&ctx));
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, NEXT_HOP), "a GSO packet's lookup");
+        let e = cache.get(&slot, 0).unwrap()[0];
+        let max_len = u16::from_ne_bytes([e[28], e[29]]);
+        assert_eq!(max_len, 1000, "a GSO packet's lookup admits the MTU, not its own length");
         assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 3)]);
     });
 }
