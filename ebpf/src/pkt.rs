@@ -1,6 +1,8 @@
 //! The packet as both program types see it: one bounds-checked accessor, and the operations
 //! whose implementation differs between XDP (direct writes, incremental checksums) and TC
-//! (skb helpers, which also keep CHECKSUM_PARTIAL skbs from local sockets correct).
+//! (skb helpers for the L4 checksum, which keep CHECKSUM_PARTIAL skbs from local sockets
+//! correct; direct writes, as XDP's, for header words only a plain checksum covers: the TTL,
+//! and the IP header of a whole tuple).
 use core::mem::size_of;
 
 use aya_ebpf::{
@@ -119,6 +121,31 @@ pub fn ptr_at<P: Packet, T>(p: &P, off: usize) -> Result<*mut T, Reason> {
     Ok((start + off) as *mut T)
 }
 
+/// [`Packet::set_word`] by direct writes, for both program types: `Err(DropMalformed)` where the
+/// `N` bytes at `base` are not directly readable (TC: past an skb's linear part).
+#[inline(always)]
+fn write_word<P: Packet, const N: usize, W: Word>(
+    c: &P,
+    base: usize,
+    off: usize,
+    csum_off: usize,
+    old: W,
+    new: W,
+) -> Result<(), Reason> {
+    if off + size_of::<W>() > N || csum_off + 2 > N {
+        return Err(Reason::DropRewrite);
+    }
+    let b: *mut [u8; N] = ptr_at(c, base)?;
+    // SAFETY: both words lie inside the bounds-checked N bytes.
+    unsafe {
+        let a = (b as *mut u8).add(off) as *mut W;
+        let c = (b as *mut u8).add(csum_off) as *mut u16;
+        a.write_unaligned(new);
+        c.write_unaligned(W::replace(c.read_unaligned(), old, new));
+    }
+    Ok(())
+}
+
 /// Offset of the L4 checksum of `p` (None for protocols without one we maintain).
 #[inline(always)]
 pub fn l4_csum_off(p: &Ip4) -> Option<usize> {
@@ -213,18 +240,7 @@ impl Packet for Xdp<'_> {
         old: W,
         new: W,
     ) -> Result<(), Reason> {
-        if off + size_of::<W>() > N || csum_off + 2 > N {
-            return Err(Reason::DropRewrite);
-        }
-        let b: *mut [u8; N] = ptr_at(self, base)?;
-        // SAFETY: both words lie inside the bounds-checked N bytes.
-        unsafe {
-            let a = (b as *mut u8).add(off) as *mut W;
-            let c = (b as *mut u8).add(csum_off) as *mut u16;
-            a.write_unaligned(new);
-            c.write_unaligned(W::replace(c.read_unaligned(), old, new));
-        }
-        Ok(())
+        write_word::<Self, N, W>(self, base, off, csum_off, old, new)
     }
     #[inline(always)]
     fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
@@ -399,11 +415,22 @@ impl Packet for Tc<'_> {
         old: W,
         new: W,
     ) -> Result<(), Reason> {
+        // Written directly where the linear part holds the word and its checksum (two helper
+        // calls less: the TTL of every packet eBPF host routing forwards); the checksum is a
+        // plain one, the same in every checksum state of the skb, and neither way touches
+        // `skb->csum`.
+        match write_word::<Self, N, W>(self, base, off, csum_off, old, new) {
+            Err(Reason::DropMalformed) => {}
+            r => return r,
+        }
         self.l3_at(base + csum_off, old.widen(), new.widen(), size_of::<W>() as u64)?;
         self.store(base + off, &new)
     }
     #[inline(always)]
     fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
+        // Through the helper: a direct write here (as XDP's) makes the compiler keep a
+        // zeroed translation in IPv6's fast path, stored with a `memset` call (see
+        // `per_packet_programs_call_no_bytewise_memory_subprogram`).
         let mut m = [0u8; 12];
         m[..6].copy_from_slice(dst);
         m[6..].copy_from_slice(src);

@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(to_pod.verdict, "met");
         let hr = get("10.1 program on packets entering a pod, eBPF host routing");
         assert_eq!(hr.measured, "hr-clusterip-local not run, hr-clusterip-remote 70 ns (raw 110)");
-        assert_eq!(hr.baseline, "hr-clusterip-local —, hr-clusterip-remote 2.75× its floor (40 ns)");
+        assert_eq!(
+            hr.baseline,
+            "hr-clusterip-local —, hr-clusterip-remote 2.75× its floor (40 ns)"
+        );
         assert_eq!(hr.verdict, "missed (1.2× the limit)");
         assert_eq!(rows.iter().filter(|g| g.goal.starts_with("10.1")).count(), 5);
 
