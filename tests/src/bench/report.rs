@@ -153,6 +153,9 @@ fn times(a: f64, b: f64) -> String {
     format!("{x:.digits$}×")
 }
 
+/// A program's ns per run in a bpf_stats window: (net, raw, its floor's).
+type NetRawFloor = (f64, f64, f64);
+
 /// The goals of the open issues (10: datapath speed, 12: change to first connection, 13: IPv6)
 /// against this run's figures, each with its ratio against a baseline of the same run.
 pub fn goals(r: &Results) -> Vec<GoalRow> {
@@ -202,10 +205,10 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
         // (net, raw, empty, window) of each window measured; a program that did not run in a
         // window (fewer than the minimum of runs in every repetition: a skip, never a failure)
         // meets its limit, as the goal allows, and reads "not run".
-        let got: Vec<(Option<(f64, f64, f64)>, &str)> = figures
+        let got: Vec<(Option<NetRawFloor>, &str)> = figures
             .iter()
             .filter_map(|(m, w)| {
-                let measured = || -> Option<(f64, f64, f64)> {
+                let measured = || -> Option<NetRawFloor> {
                     let net = median(f, "8-bpf-stats", &super::net_metric(m), "kproxy", 1, w)?;
                     let raw = median(f, "8-bpf-stats", m, "kproxy", 1, w)?;
                     let empty = median(f, "8-bpf-stats", super::floor_metric(m), "kproxy", 1, w)
