@@ -115,7 +115,8 @@ pub static kp_svcaddr6: HashMap<Addr6, u32, { defaults::SVC_ADDRS6_MAX as usize 
 #[btf_map]
 pub static kp_svccidr6: Array<kproxy_common::ServiceCidrs6, 1> = Array::new();
 
-/// XDP's per-CPU IPv6 route cache (`crate::nat6::route`), a slot per destination hash.
+/// The per-CPU IPv6 route cache of XDP and TC (`crate::nat6::route`), a slot per destination
+/// hash.
 /// Internal to the datapath: not pinned, each load starts empty.
 #[btf_map]
 pub static kp_route6: PerCpuArray<crate::nat6::Route6, { ROUTE6_SLOTS as usize }> =

@@ -64,7 +64,7 @@ pub fn apply<P: Packet6>(c: &mut P, p: &Ip6, n: &Nat6, whole: bool) -> Result<()
     Ok(())
 }
 
-/// One route XDP looked up for IPv6, per CPU ([`crate::maps6::kp_route6`], slot by
+/// One route XDP or TC looked up for IPv6, per CPU ([`crate::maps6::kp_route6`], slot by
 /// destination), as [`crate::nat::Route4`]: for a packet from `ifindex_in` carrying
 /// `saddr → daddr` with at most `max_len` bytes of payload (the forwarding check passed for that
 /// length), out of `ifindex_out` with these MACs, until `stamp + timeouts::ROUTE_CACHE_NS`.
@@ -83,7 +83,7 @@ pub struct Route6 {
     pub dmac: [u8; 6],
     /// Egress device's MAC.
     pub smac: [u8; 6],
-    /// IPv6 payload length the lookup was made with.
+    /// Longest IPv6 payload the entry admits (see [`route`]).
     pub max_len: u16,
     /// Zero.
     pub _pad: u16,
@@ -108,10 +108,14 @@ fn zero_fib(f: &mut FibParams) {
 }
 
 /// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
-/// MACs) is left in `f`. XDP reuses a successful lookup for the same addresses, ingress device
-/// and at most the same length for [`timeouts::ROUTE_CACHE_NS`] (a per-CPU cache, as IPv4's
-/// [`crate::nat::route`]: an IPv6 `bpf_fib_lookup` is the largest cost of a forwarded packet);
-/// TC looks up every time.
+/// MACs) is left in `f`. A successful lookup is reused for the same addresses and ingress
+/// device for [`timeouts::ROUTE_CACHE_NS`] by packets whose payload is no longer than it
+/// admits (a per-CPU cache shared by XDP and TC, as IPv4's [`crate::nat::route`], whose rules it
+/// follows: an IPv6 `bpf_fib_lookup` is the largest cost of a forwarded packet). XDP's entry
+/// admits the payload it was made for; TC passes no length, so its entry admits what the
+/// egress device's MTU (returned from Linux 5.12) leaves after the IPv6 header, or the packet's
+/// own payload where that is more, and a GSO super-packet takes a cached route without the
+/// length check.
 #[inline(always)]
 pub fn route<P: Packet>(
     c: &mut P,
@@ -125,14 +129,15 @@ pub fn route<P: Packet>(
         return Fib::Failed;
     }
     let ifindex = c.ifindex();
-    let cached = if P::XDP { maps6::route_slot(daddr) } else { None };
+    let gso = c.gso();
+    let cached = maps6::route_slot(daddr);
     if let Some(e) = cached {
         // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
         let e = unsafe { &*e };
         if e.daddr == *daddr
             && e.saddr == *saddr
             && e.ifindex_in == ifindex
-            && p.payload_len <= e.max_len
+            && (gso || p.payload_len <= e.max_len)
             && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
         {
             f.ifindex = e.ifindex_out;
@@ -154,6 +159,10 @@ pub fn route<P: Packet>(
     let r = c.fib_lookup(f);
     if r == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if let Some(e) = cached {
+            // SAFETY: plain integers; TC: the egress device's MTU the kernel wrote back (0
+            // before Linux 5.12), which holds the IPv6 header.
+            let mtu = if P::XDP { 0 } else { unsafe { f.__bindgen_anon_1.mtu_result } };
+            let room = mtu.saturating_sub(HDR as u16);
             // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
             unsafe {
                 *e = Route6 {
@@ -163,7 +172,7 @@ pub fn route<P: Packet>(
                     ifindex_out: f.ifindex,
                     dmac: f.dmac,
                     smac: f.smac,
-                    max_len: p.payload_len,
+                    max_len: if gso { room } else { room.max(p.payload_len) },
                     _pad: 0,
                     stamp: now,
                 }

@@ -1503,10 +1503,7 @@ fn tc_reuses_its_route_lookups_for_gso_packets_too() {
         let e = cache.get(&slot, 0).unwrap()[0];
         let max_len = u16::from_ne_bytes([e[28], e[29]]);
         // Linux returns the MTU from 5.12 on; before, none (0): only GSO packets take the entry.
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-        let mut v = release.trim().split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
-        let mtu_returned = (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (5, 12);
-        let want = if mtu_returned { 1000 } else { 0 };
+        let want = if kernel_at_least(5, 12) { 1000 } else { 0 };
         assert_eq!(max_len, want, "a GSO packet's lookup admits the MTU, not its own length");
         assert_counts(&env, &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 3)]);
     });

@@ -638,6 +638,82 @@ fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
     });
 }
 
+/// The per-CPU IPv6 route cache (`kp_route6`) of XDP and TC.
+fn route_cache6(env: &mut Env) -> aya::maps::PerCpuArray<aya::maps::MapData, [u8; 64]> {
+    use aya::maps::{Map, MapData, MapInfo};
+    let p = env.dp().program_mut(names::PROG_TC_EXT).unwrap();
+    for id in p.info().unwrap().map_ids().unwrap().expect("map ids") {
+        if MapInfo::from_id(id).unwrap().name_as_str() == Some("kp_route6") {
+            let m = Map::PerCpuArray(MapData::from_id(id).unwrap());
+            return m.try_into().unwrap();
+        }
+    }
+    panic!("kp_tc_ext uses no kp_route6")
+}
+
+/// TC reuses an IPv6 route it looked up, as XDP does and as IPv4's TC does (the same per-CPU
+/// cache): a NodePort connection's packet after the first goes where the cached entry says, a
+/// GSO super-packet (GRO on the external device) too; a lookup in TC admits the payload the
+/// egress device's MTU leaves, never a super-packet's length.
+#[test]
+fn ipv6_tc_reuses_its_route_lookups_for_gso_packets_too() {
+    in_test_netns6(|| {
+        // The cache is per CPU: every run on one CPU, so that the runs share it.
+        pin_thread_to_cpu0();
+        let mut env = Env::new();
+        env.snat6_to_node();
+        let be = "[2001:2:101::10]:8080";
+        env.backend6(1, be, 0, proto::TCP);
+        let np = format!("[{NODE6}]:30080");
+        env.service6(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let dmac = |out: &[u8]| -> [u8; 6] { out[..6].try_into().unwrap() };
+        const NEXT_HOP: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+        const CACHED: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+        // The egress device's MTU (IPv6's least) below the GSO super-packet's length (below).
+        sh_out("ip link set dev kpt0 mtu 1280");
+        let syn = Frame6::tcp(sa6(CLIENT6), sa6(&np), SYN);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &syn.build());
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, NEXT_HOP));
+        // The lookup is in CPU 0's slot of the backend's address: give it another next hop, and
+        // a stamp from the future, so that it stays fresh however slowly the test runs.
+        let mut cache = route_cache6(&mut env);
+        let be_ip = sa6(be).ip().octets();
+        let (slot, values) = (0..cache.len())
+            .map(|i| (i, cache.get(&i, 0).unwrap()))
+            .find(|(_, v)| v[0][16..32] == be_ip)
+            .expect("a cached route to the backend");
+        let mut values = values.to_vec();
+        values[0][40..46].copy_from_slice(&CACHED);
+        values[0][56..64].copy_from_slice(&u64::MAX.to_ne_bytes());
+        cache.set(slot, aya::maps::PerCpuValues::try_from(values).unwrap(), 0).unwrap();
+        let ack = Frame6::tcp(sa6(CLIENT6), sa6(&np), ACK);
+        let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, CACHED), "the cached route");
+        // A GSO super-packet of three 500-byte segments, longer (1,520 bytes of payload) than
+        // the egress device's MTU: `gso_segs` and `gso_size` in the context (`struct
+        // __sk_buff` offsets 164 and 176).
+        let mut ctx = [0u8; 180];
+        ctx[164..168].copy_from_slice(&3u32.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&500u32.to_ne_bytes());
+        let big = Frame6::tcp(sa6(CLIENT6), sa6(&np), ACK).with_payload(&[7u8; 1500]).build();
+        let (v, out) = env.tc_run(names::PROG_TC_EXT, &big, Some(&ctx));
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, CACHED), "a GSO packet takes the cache");
+        // Its own lookup, once the entry is stale: cached with what the device's MTU leaves
+        // after the IPv6 header as the payload it admits.
+        let mut values = cache.get(&slot, 0).unwrap().to_vec();
+        values[0][56..64].copy_from_slice(&0u64.to_ne_bytes());
+        cache.set(slot, aya::maps::PerCpuValues::try_from(values).unwrap(), 0).unwrap();
+        let (v, out) = env.tc_run(names::PROG_TC_EXT, &big, Some(&ctx));
+        assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, NEXT_HOP), "a GSO packet's lookup");
+        let e = cache.get(&slot, 0).unwrap()[0];
+        let max_len = u16::from_ne_bytes([e[52], e[53]]);
+        // Linux returns the MTU from 5.12 on; before, none (0): only GSO packets take the entry.
+        let want = if kernel_at_least(5, 12) { 1280 - 40 } else { 0 };
+        assert_eq!(max_len, want, "a GSO packet's lookup admits the MTU, not its own length");
+        assert_counts6(&env, &[(Reason::TranslatedNew, 1), (Reason::TranslatedEstablished, 3)]);
+    });
+}
+
 /// [`in_test_netns`] for IPv6: the node address 2001:2::10/64 on kpt0, node 1's pods
 /// 2001:2:101::/64 behind 2001:2::11, permanent neighbours for it and the client.
 fn in_test_netns6<F: FnOnce() + Send + 'static>(f: F) {
