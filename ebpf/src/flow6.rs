@@ -47,6 +47,15 @@ impl Next {
     fn tx(n: Nat6, to: To, reason: Reason) -> Next {
         Next { translate: true, reject: false, conn: false, n, to, verdict: Verdict::PASS, reason }
     }
+    /// Passed as it is, `n` carried along untranslated: where the paths of one function end
+    /// in both [`Next::tx`] and a pass, this keeps the compiler from zeroing the translation of
+    /// the pass ([`Next::done`]) in the shared value, which it does with a byte-wise `memset`
+    /// call once TC's packet writes are direct (see
+    /// `per_packet_programs_call_no_bytewise_memory_subprogram`).
+    #[inline(always)]
+    fn pass_with(n: Nat6, reason: Reason) -> Next {
+        Next { translate: false, ..Next::tx(n, To::Stack, reason) }
+    }
     #[inline(always)]
     fn done(verdict: Verdict, reason: Reason) -> Next {
         let n = Nat6 { saddr: [0; 4], sport: 0, daddr: [0; 4], dport: 0 };
@@ -711,7 +720,7 @@ fn reply_translated(p: &Ip6, t: &Tuple6, r: ct6::RevNat6Ref, hook: Hook, now: u6
     {
         // A local backend's reply to a pod of this node: passed before any refresh, the
         // client pod's hook refreshes and translates it (see `flow::reply_translated`).
-        return Next::done(Verdict::PASS, Reason::PassReplyToPod);
+        return Next::pass_with(n, Reason::PassReplyToPod);
     }
     // The connection entry is refreshed by the first reply, by replies carrying SYN, FIN or
     // RST, and at most once a second otherwise, as for IPv4 (`flow::reply_translated`).
@@ -745,7 +754,7 @@ fn reply_translated(p: &Ip6, t: &Tuple6, r: ct6::RevNat6Ref, hook: Hook, now: u6
         To::Fib
     } else if hook != Hook::ToPod && fl & rnat_flags::TO_POD != 0 {
         // For the stack to forward as it is (see `rnat_flags::TO_POD`).
-        return Next::done(Verdict::PASS, Reason::PassReplyToPod);
+        return Next::pass_with(n, Reason::PassReplyToPod);
     } else {
         To::Stack
     };

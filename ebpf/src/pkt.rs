@@ -1,8 +1,8 @@
 //! The packet as both program types see it: one bounds-checked accessor, and the operations
 //! whose implementation differs between XDP (direct writes, incremental checksums) and TC
 //! (skb helpers for the L4 checksum, which keep CHECKSUM_PARTIAL skbs from local sockets
-//! correct; direct writes, as XDP's, for header words only a plain checksum covers: the TTL,
-//! and the IP header of a whole tuple).
+//! correct; direct writes, as XDP's, for what no checksum or only a plain one covers: the
+//! Ethernet addresses, the TTL, the IPv6 hop limit, and the IP header of a whole tuple).
 use core::mem::size_of;
 
 use aya_ebpf::{
@@ -146,6 +146,18 @@ fn write_word<P: Packet, const N: usize, W: Word>(
     Ok(())
 }
 
+/// [`Packet::set_macs`] by a direct write, for both program types: `Err(DropMalformed)` where
+/// the Ethernet header is not directly writable (TC: past an skb's linear part).
+#[inline(always)]
+fn write_macs<P: Packet>(c: &P, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
+    let e: *mut [u8; 12] = ptr_at(c, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let e = unsafe { &mut *e };
+    e[..6].copy_from_slice(dst);
+    e[6..].copy_from_slice(src);
+    Ok(())
+}
+
 /// Offset of the L4 checksum of `p` (None for protocols without one we maintain).
 #[inline(always)]
 pub fn l4_csum_off(p: &Ip4) -> Option<usize> {
@@ -244,12 +256,7 @@ impl Packet for Xdp<'_> {
     }
     #[inline(always)]
     fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
-        let e: *mut [u8; 12] = ptr_at(self, 0)?;
-        // SAFETY: bounds checked by ptr_at.
-        let e = unsafe { &mut *e };
-        e[..6].copy_from_slice(dst);
-        e[6..].copy_from_slice(src);
-        Ok(())
+        write_macs(self, dst, src)
     }
     #[inline(always)]
     fn emit<const N: usize>(&mut self, buf: &[u8; N]) -> Result<(), Reason> {
@@ -428,9 +435,12 @@ impl Packet for Tc<'_> {
     }
     #[inline(always)]
     fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
-        // Through the helper: a direct write here (as XDP's) makes the compiler keep a
-        // zeroed translation in IPv6's fast path, stored with a `memset` call (see
-        // `per_packet_programs_call_no_bytewise_memory_subprogram`).
+        // Written directly, as XDP's, where the linear part holds the Ethernet header (it
+        // always does once the headers were parsed): a helper call less on every packet TC
+        // forwards through the FIB.
+        if write_macs(self, dst, src).is_ok() {
+            return Ok(());
+        }
         let mut m = [0u8; 12];
         m[..6].copy_from_slice(dst);
         m[6..].copy_from_slice(src);

@@ -184,9 +184,17 @@ impl Packet6 for Tc<'_> {
         self.l4_6(p, 0, csum::diff16(old, new) as u64, 0)?;
         self.store(off, new)
     }
+    /// Written directly where the linear part holds it (the parse read the header from there),
+    /// as XDP does: a helper call less on every packet TC forwards. No checksum covers the hop
+    /// limit; `skb->csum` is left as the store helper leaves it.
     #[inline(always)]
     fn set_hop_limit(&mut self, hop_limit: u8) -> Result<(), Reason> {
-        self.store(HOP_LIMIT, &hop_limit)
+        match ptr_at::<Self, u8>(self, HOP_LIMIT) {
+            // SAFETY: bounds checked by ptr_at.
+            Ok(h) => unsafe { core::ptr::write_volatile(h, hop_limit) },
+            Err(_) => return self.store(HOP_LIMIT, &hop_limit),
+        }
+        Ok(())
     }
     /// Without extension headers both addresses and both ports of TCP and UDP are 36
     /// contiguous bytes: one direct write, one L4 update for both addresses (pseudo header)
