@@ -20,6 +20,9 @@ const BE6_2: &str = "[2001:2:100::12]:8080";
 const POD6: &str = "[2001:2:100::10]:41000";
 const CLIENT6: &str = "[2001:2::2]:40000";
 const NODE6: &str = "2001:2::10";
+/// A NodePort of the node ([`NODE6`]) and a backend on node 1.
+const NP6: &str = "[2001:2::10]:30080";
+const BE6_REMOTE: &str = "[2001:2:101::10]:8080";
 
 fn sa6(s: &str) -> SocketAddrV6 {
     s.parse().unwrap()
@@ -31,6 +34,14 @@ impl Env {
         self.maps
             .set_config6(&NodeConfig6 { snat_addr: to_addr6(NODE6.parse().unwrap()) })
             .unwrap();
+    }
+
+    /// The TCP NodePort [`NP6`] with one backend on another node ([`BE6_REMOTE`]), source-NATed
+    /// to the node's address.
+    fn remote_nodeport6(&mut self) {
+        self.snat6_to_node();
+        self.backend6(1, BE6_REMOTE, 0, proto::TCP);
+        self.service6(NP6, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
     }
 
     fn backend6(&mut self, id: u32, addr: &str, flags: u8, p: u8) {
@@ -582,13 +593,10 @@ fn ipv6_new_connections_go_to_their_own_slow_path() {
 fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        env.snat6_to_node();
-        let be = "[2001:2:101::10]:8080";
-        env.backend6(1, be, 0, proto::TCP);
-        let np = format!("[{NODE6}]:30080");
-        env.service6(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        env.remote_nodeport6();
+        let (be, np) = (BE6_REMOTE, NP6);
 
-        let syn = Frame6::tcp(sa6(CLIENT6), sa6(&np), SYN);
+        let syn = Frame6::tcp(sa6(CLIENT6), sa6(np), SYN);
         let (v, out) = env.tc(names::PROG_TC_EXT, &syn.build());
         assert_eq!(v, TC_ACT_REDIRECT, "redirected to kpt0");
         let got = frames6::decode(&out).unwrap();
@@ -604,7 +612,7 @@ fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
         assert_frame6(&out, &want);
 
         // The established connection (IPv6 fast path).
-        let ack = Frame6::tcp(sa6(CLIENT6), sa6(&np), ACK);
+        let ack = Frame6::tcp(sa6(CLIENT6), sa6(np), ACK);
         let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
         assert_eq!(v, TC_ACT_REDIRECT);
         let mut want_ack = ack
@@ -622,7 +630,7 @@ fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
         assert_eq!(v, TC_ACT_REDIRECT);
         let mut want = synack
             .clone()
-            .with_src(sa6(&np))
+            .with_src(sa6(np))
             .with_dst(sa6(CLIENT6))
             .with_macs([2, 0, 0, 0, 0, 0x02], [2, 0, 0, 0, 0, 0x10]);
         want.hop_limit = 63;
@@ -661,17 +669,14 @@ fn ipv6_tc_reuses_its_route_lookups_for_gso_packets_too() {
         // The cache is per CPU: every run on one CPU, so that the runs share it.
         pin_thread_to_cpu0();
         let mut env = Env::new();
-        env.snat6_to_node();
-        let be = "[2001:2:101::10]:8080";
-        env.backend6(1, be, 0, proto::TCP);
-        let np = format!("[{NODE6}]:30080");
-        env.service6(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        env.remote_nodeport6();
+        let (be, np) = (BE6_REMOTE, NP6);
         let dmac = |out: &[u8]| -> [u8; 6] { out[..6].try_into().unwrap() };
         const NEXT_HOP: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
         const CACHED: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
         // The egress device's MTU (IPv6's least) below the GSO super-packet's length (below).
         sh_out("ip link set dev kpt0 mtu 1280");
-        let syn = Frame6::tcp(sa6(CLIENT6), sa6(&np), SYN);
+        let syn = Frame6::tcp(sa6(CLIENT6), sa6(np), SYN);
         let (v, out) = env.tc(names::PROG_TC_EXT, &syn.build());
         assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, NEXT_HOP));
         // The lookup is in CPU 0's slot of the backend's address: give it another next hop, and
@@ -686,7 +691,7 @@ fn ipv6_tc_reuses_its_route_lookups_for_gso_packets_too() {
         values[0][40..46].copy_from_slice(&CACHED);
         values[0][56..64].copy_from_slice(&u64::MAX.to_ne_bytes());
         cache.set(slot, aya::maps::PerCpuValues::try_from(values).unwrap(), 0).unwrap();
-        let ack = Frame6::tcp(sa6(CLIENT6), sa6(&np), ACK);
+        let ack = Frame6::tcp(sa6(CLIENT6), sa6(np), ACK);
         let (v, out) = env.tc(names::PROG_TC_EXT, &ack.build());
         assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, CACHED), "the cached route");
         // A GSO super-packet of three 500-byte segments, longer (1,520 bytes of payload) than
@@ -695,7 +700,7 @@ fn ipv6_tc_reuses_its_route_lookups_for_gso_packets_too() {
         let mut ctx = [0u8; 180];
         ctx[164..168].copy_from_slice(&3u32.to_ne_bytes());
         ctx[176..180].copy_from_slice(&500u32.to_ne_bytes());
-        let big = Frame6::tcp(sa6(CLIENT6), sa6(&np), ACK).with_payload(&[7u8; 1500]).build();
+        let big = Frame6::tcp(sa6(CLIENT6), sa6(np), ACK).with_payload(&[7u8; 1500]).build();
         let (v, out) = env.tc_run(names::PROG_TC_EXT, &big, Some(&ctx));
         assert_eq!((v, dmac(&out)), (TC_ACT_REDIRECT, CACHED), "a GSO packet takes the cache");
         // Its own lookup, once the entry is stale: cached with what the device's MTU leaves
@@ -966,12 +971,9 @@ fn ipv6_packet_too_big_about_a_dnat_flow_reaches_the_client() {
 fn ipv6_packet_too_big_from_remote_backend_path_reaches_external_client() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        env.snat6_to_node();
-        let be = "[2001:2:101::10]:8080";
-        env.backend6(1, be, 0, proto::TCP);
-        let np = format!("[{NODE6}]:30080");
-        env.service6(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
-        let seg = Frame6::tcp(sa6(CLIENT6), sa6(&np), SYN).with_payload(&[0x5a; 64]);
+        env.remote_nodeport6();
+        let np = NP6;
+        let seg = Frame6::tcp(sa6(CLIENT6), sa6(np), SYN).with_payload(&[0x5a; 64]);
         let sb = seg.build();
         let (v, fwd) = env.tc(names::PROG_TC_EXT, &sb);
         assert_eq!(v, TC_ACT_REDIRECT);

@@ -3,19 +3,9 @@
 //! what it leaves to TC (unmarked, untouched). Every verdict is counted in the IPv6 counters.
 use super::*;
 
-const NP6: &str = "[2001:2::10]:30080";
-const BE6_REMOTE: &str = "[2001:2:101::10]:8080";
 const MAC_NODE: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
 const MAC_NODE1: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
 const MAC_CLIENT6: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
-
-/// The TCP NodePort [`NP6`] with one backend on another node ([`BE6_REMOTE`]), source-NATed
-/// to the node's address.
-fn remote_tcp_nodeport(env: &mut Env) {
-    env.snat6_to_node();
-    env.backend6(1, BE6_REMOTE, 0, proto::TCP);
-    env.service6(NP6, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
-}
 
 /// Whether the XDP mark is visible here (BPF_PROG_TEST_RUN returns the metadata since 5.16).
 #[track_caller]
@@ -64,7 +54,7 @@ fn ipv6_xdp_nodeport_local_backend() {
 fn ipv6_xdp_nodeport_remote_backend_snat_fib_redirect_and_reply() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        remote_tcp_nodeport(&mut env);
+        env.remote_nodeport6();
 
         let syn = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN);
         let (v, out, marked) = env.xdp_meta(&syn.build());
@@ -180,7 +170,7 @@ fn ipv6_xdp_reject_without_backends() {
 fn ipv6_xdp_packet_too_big_reaches_external_client() {
     in_test_netns6(|| {
         let mut env = Env::new();
-        remote_tcp_nodeport(&mut env);
+        env.remote_nodeport6();
         let seg = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN).with_payload(&[0x5a; 64]);
         let sb = seg.build();
         let (v, fwd) = env.xdp(&sb);
@@ -209,7 +199,7 @@ fn ipv6_xdp_route_cache_follows_a_neighbour_change() {
         // The cache is per CPU: every run on one CPU, so that the runs share it.
         pin_thread_to_cpu0();
         let mut env = Env::new();
-        remote_tcp_nodeport(&mut env);
+        env.remote_nodeport6();
         let dmac = |out: &[u8]| -> [u8; 6] { out[..6].try_into().unwrap() };
         let syn = Frame6::tcp(sa6(CLIENT6), sa6(NP6), SYN);
         let (v, out) = env.xdp(&syn.build());
