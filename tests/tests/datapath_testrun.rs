@@ -1433,17 +1433,27 @@ fn xdp_route_cache_follows_a_neighbour_change() {
     });
 }
 
-/// The per-CPU route cache (`kp_route4`) the datapath's programs share.
-fn route_cache(env: &mut Env) -> aya::maps::PerCpuArray<aya::maps::MapData, [u8; 40]> {
+/// The per-CPU array `map` (an internal, unpinned one, such as a route cache) that program
+/// `prog` uses, its values as `N` bytes.
+fn per_cpu_map<const N: usize>(
+    env: &mut Env,
+    prog: &str,
+    map: &str,
+) -> aya::maps::PerCpuArray<aya::maps::MapData, [u8; N]> {
     use aya::maps::{Map, MapData, MapInfo};
-    let p = env.dp().program_mut(names::PROG_TC_FROM_POD).unwrap();
+    let p = env.dp().program_mut(prog).unwrap();
     for id in p.info().unwrap().map_ids().unwrap().expect("map ids") {
-        if MapInfo::from_id(id).unwrap().name_as_str() == Some("kp_route4") {
+        if MapInfo::from_id(id).unwrap().name_as_str() == Some(map) {
             let m = Map::PerCpuArray(MapData::from_id(id).unwrap());
             return m.try_into().unwrap();
         }
     }
-    panic!("kp_tc_from_pod uses no kp_route4")
+    panic!("{prog} uses no {map}")
+}
+
+/// The per-CPU route cache (`kp_route4`) the datapath's programs share.
+fn route_cache(env: &mut Env) -> aya::maps::PerCpuArray<aya::maps::MapData, [u8; 40]> {
+    per_cpu_map(env, names::PROG_TC_FROM_POD, "kp_route4")
 }
 
 /// eBPF host routing: TC reuses a route it looked up, as XDP does (the same per-CPU cache): a

@@ -648,15 +648,7 @@ fn ipv6_nodeport_remote_backend_snat_fib_forward_and_reply() {
 
 /// The per-CPU IPv6 route cache (`kp_route6`) of XDP and TC.
 fn route_cache6(env: &mut Env) -> aya::maps::PerCpuArray<aya::maps::MapData, [u8; 64]> {
-    use aya::maps::{Map, MapData, MapInfo};
-    let p = env.dp().program_mut(names::PROG_TC_EXT).unwrap();
-    for id in p.info().unwrap().map_ids().unwrap().expect("map ids") {
-        if MapInfo::from_id(id).unwrap().name_as_str() == Some("kp_route6") {
-            let m = Map::PerCpuArray(MapData::from_id(id).unwrap());
-            return m.try_into().unwrap();
-        }
-    }
-    panic!("kp_tc_ext uses no kp_route6")
+    per_cpu_map(env, names::PROG_TC_EXT, "kp_route6")
 }
 
 /// TC reuses an IPv6 route it looked up, as XDP does and as IPv4's TC does (the same per-CPU
