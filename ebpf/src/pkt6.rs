@@ -56,6 +56,16 @@ pub trait Packet6: Packet {
     }
 }
 
+/// [`Packet6::set_hop_limit`] by a direct write, for both program types: `Err(DropMalformed)`
+/// where the IPv6 header is not directly writable (TC: past an skb's linear part).
+#[inline(always)]
+fn write_hop_limit<P: Packet>(c: &P, hop_limit: u8) -> Result<(), Reason> {
+    let h: *mut u8 = ptr_at(c, HOP_LIMIT)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *h = hop_limit };
+    Ok(())
+}
+
 impl Xdp<'_> {
     #[inline(always)]
     fn fix_l4_6(&self, p: &Ip6, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
@@ -104,10 +114,7 @@ impl Packet6 for Xdp<'_> {
     }
     #[inline(always)]
     fn set_hop_limit(&mut self, hop_limit: u8) -> Result<(), Reason> {
-        let h: *mut u8 = ptr_at(self, HOP_LIMIT)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *h = hop_limit };
-        Ok(())
+        write_hop_limit(self, hop_limit)
     }
     /// Without extension headers: both addresses, both ports and the checksum behind one
     /// bounds check, one 36-byte store and one checksum update for the four fields (four
@@ -189,12 +196,10 @@ impl Packet6 for Tc<'_> {
     /// limit; `skb->csum` is left as the store helper leaves it.
     #[inline(always)]
     fn set_hop_limit(&mut self, hop_limit: u8) -> Result<(), Reason> {
-        match ptr_at::<Self, u8>(self, HOP_LIMIT) {
-            // SAFETY: bounds checked by ptr_at.
-            Ok(h) => unsafe { core::ptr::write_volatile(h, hop_limit) },
-            Err(_) => return self.store(HOP_LIMIT, &hop_limit),
+        if write_hop_limit(self, hop_limit).is_ok() {
+            return Ok(());
         }
-        Ok(())
+        self.store(HOP_LIMIT, &hop_limit)
     }
     /// Without extension headers both addresses and both ports of TCP and UDP are 36
     /// contiguous bytes: one direct write, one L4 update for both addresses (pseudo header)
