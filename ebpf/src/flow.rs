@@ -108,19 +108,19 @@ pub(crate) fn opens_connection(proto: u8, flags: u8) -> bool {
     proto == proto::TCP && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
 }
 
-/// The exact clock (`bpf_ktime_get_ns`), for the slow paths of both families.
+/// The exact clock (`bpf_ktime_get_ns`), read by [`coarse_now`] once per jiffy.
 #[inline(always)]
-pub(crate) fn ktime() -> u64 {
+fn ktime() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The fast path's clock: `bpf_ktime_get_ns()` read at most once per jiffy on each CPU and
-/// reused until `jiffies` moves (`bpf_jiffies64` is a plain memory load once the verifier has
-/// inlined it; every helper call costs, a return thunk on mitigated CPUs). Up to one jiffy
-/// (≤ 10 ms) behind the exact clock, which is far below every timeout and refresh interval it
-/// is compared with; the comparisons saturate, so a timestamp another CPU wrote a little later
-/// counts as fresh.
+/// The datapath's clock, fast and slow paths alike: `bpf_ktime_get_ns()` read at most once per
+/// jiffy on each CPU and reused until `jiffies` moves (`bpf_jiffies64` is a plain memory load
+/// once the verifier has inlined it; every helper call costs, a return thunk on mitigated CPUs).
+/// Up to one jiffy (≤ 10 ms) behind the exact clock, which is far below every timeout and
+/// refresh interval it is compared with; the comparisons saturate, so a timestamp another CPU
+/// wrote a little later counts as fresh. Connection lifetimes shown by the CLI are that coarse.
 #[inline(always)]
 pub(crate) fn coarse_now() -> u64 {
     // SAFETY: helper without arguments.
@@ -307,16 +307,16 @@ fn run_icmp<P: Packet>(c: &mut P, hook: Hook) -> Out {
     let Some(p) = parse::ipv4(c)? else {
         return Ok((Verdict::PASS, Reason::PassNotIpv4));
     };
+    let now = coarse_now();
     if let Some(i) = icmp::parse(c, &p)
-        && let Some(plan) =
-            icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, ktime())
+        && let Some(plan) = icmp::plan(&p, &i, &cfg, hook.external(), hook == Hook::FromPod, now)
     {
         if plan.to_pod {
             return Ok((Verdict::PASS, Reason::PassReplyToPod));
         }
         let inner = Some((&i, &plan.inner));
         let reason = Reason::IcmpErrorTranslated;
-        return deliver_with(c, &p, &plan.outer, inner, plan.to, reason, ktime());
+        return deliver_with(c, &p, &plan.outer, inner, plan.to, reason, now);
     }
     Ok((Verdict::PASS, Reason::PassUnsupportedProto))
 }
@@ -331,7 +331,7 @@ fn run<P: Packet>(c: &mut P, hook: Hook) -> Out {
     let Some(mut p) = parse::ipv4(c)? else {
         return Ok((Verdict::PASS, Reason::PassNotIpv4));
     };
-    let now = ktime();
+    let now = coarse_now();
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return Ok((Verdict::PASS, Reason::PassUnsupportedProto));
     }

@@ -322,7 +322,7 @@ fn run_conn<P: Packet6>(c: &mut P, hook: Hook) -> Out {
         _ => Reason::TranslatedNew,
     };
     let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-    let now = flow::ktime();
+    let now = flow::coarse_now();
     let next = new_conn(p, &t, &cfg, hook, &nc.key, &nc.svc, now, reason)?;
     finish(c, p, &next, now, true)
 }
@@ -374,7 +374,7 @@ fn run_icmp<P: Packet6>(c: &mut P, hook: Hook) -> Out {
         p.l4 = XDP_ICMP_L4;
     }
     let cfg6 = maps6::config6();
-    let now = flow::ktime();
+    let now = flow::coarse_now();
     if let Some(mut i) = icmp6::parse(c, &p)
         && let Some(plan) = icmp6::plan(&p, &i, &cfg6, hook.external(), hook == Hook::FromPod, now)
     {
@@ -411,7 +411,7 @@ fn run<P: Packet6>(c: &mut P, hook: Hook) -> Result<Slow, Reason> {
     let Some(mut p) = parse6::ipv6(c)? else {
         return Ok(Slow::Done(Verdict::PASS, Reason::PassUnsupportedProto));
     };
-    let now = flow::ktime();
+    let now = flow::coarse_now();
     if p.proto != proto::TCP && p.proto != proto::UDP {
         return Ok(Slow::Done(Verdict::PASS, Reason::PassUnsupportedProto));
     }

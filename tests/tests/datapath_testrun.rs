@@ -38,6 +38,8 @@ const TC_PASS: u32 = u32::MAX;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+/// Longer than a jiffy at any HZ (100 to 1000): the datapath's clock has moved after it.
+const JIFFY: std::time::Duration = std::time::Duration::from_millis(25);
 
 const NODE_IP: &str = "198.18.0.10";
 const CLIENT: &str = "198.18.0.2:40000";
@@ -975,6 +977,8 @@ fn a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entries()
         if round == 2 {
             env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
         }
+        // The datapath's clock moves once per jiffy: a round a jiffy later has a later time.
+        std::thread::sleep(JIFFY);
         let before = env.maps.conntrack().unwrap();
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
         assert_eq!(v, TC_PASS, "round {round}");

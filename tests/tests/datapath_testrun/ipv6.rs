@@ -281,6 +281,8 @@ fn ipv6_a_client_reusing_its_port_opens_a_new_connection_on_the_closed_ones_entr
         if round == 2 {
             env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 1);
         }
+        // The datapath's clock moves once per jiffy: a round a jiffy later has a later time.
+        std::thread::sleep(JIFFY);
         let be_addr = to_addr6(*sa6(be).ip());
         let before = env.maps.conntrack6().unwrap();
         let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
