@@ -87,7 +87,7 @@ pub fn live(v: *mut Ct4Value, proto_: u8, now: u64) -> bool {
 /// `last_seen_ns`, has not expired at `now`.
 #[inline(always)]
 pub fn unexpired(last_seen_ns: u64, proto_: u8, state: u8, now: u64) -> bool {
-    // Saturating: the fast path's clock may be a little behind a timestamp another CPU wrote.
+    // Saturating: the per-jiffy clock may be a little behind a timestamp another CPU wrote.
     now.saturating_sub(last_seen_ns) <= timeouts::for_state(proto_, state)
 }
 

@@ -84,7 +84,7 @@ pub static kp_poddevs: HashMap<u32, u32, { defaults::POD_DEVS_MAX as usize }> = 
 #[btf_map]
 pub static kp_hookdevs: Array<u32, { defaults::HOOK_DEVS_MAX as usize }> = Array::new();
 
-/// The fast path's per-CPU clock (`jiffies` and the `bpf_ktime_get_ns()` read in that jiffy; see
+/// The datapath's per-CPU clock (`jiffies` and the `bpf_ktime_get_ns()` read in that jiffy; see
 /// `crate::flow`). Internal to the datapath: not pinned.
 #[btf_map]
 pub static kp_clock: PerCpuArray<Clock, 1> = PerCpuArray::new();
