@@ -215,16 +215,19 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
     }
     // The backend hint only now, replies before new connections (see `flow::fast_path`).
     if maps6::hinted6(hints::BACKEND, &p.saddr, p.proto, p.sport) {
-        if !maps::ready() {
+        // Only the replies to the node's source-NAT address are translated on an external
+        // device; the replies of pods' connections are passed without a lookup (see
+        // `flow::fast_path`; IPv6 has no eBPF host routing). `kp_config6` alone decides that
+        // pass, one cache line as IPv4's `kp_config` does: the readiness is not read for it
+        // (before the agent writes the address it is zero and the packet passes, as unready).
+        let to_pod = hook.external() && !maps6::is_snat_addr6(&p.daddr);
+        if !to_pod && !maps::ready() {
             return Ok(not_ready());
         }
         if !orig && p.frag == Frag::First {
             ct6::record_fragment(&p);
         }
-        if hook.external() && !maps6::is_snat_addr6(&p.daddr) {
-            // Only the replies to the node's source-NAT address are translated on an external
-            // device; the replies of pods' connections are passed without a lookup (see
-            // `flow::fast_path`; IPv6 has no eBPF host routing).
+        if to_pod {
             return Ok(done(Verdict::PASS, Reason::PassReplyToPod));
         }
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
