@@ -8,7 +8,7 @@ use kproxy_common::{Reason, proto, timeouts};
 use crate::{
     csum, maps,
     parse::{Ip4, tcp_flags},
-    pkt::{IP_CSUM, IP_DADDR, IP_SADDR, IP_TTL, L3, Packet, ptr_at},
+    pkt::{IP_CSUM, IP_DADDR, IP_SADDR, IP_TTL, L3, MacWords, Packet, ptr_at, read_mac, write_mac},
 };
 
 const AF_INET: u8 = 2;
@@ -179,9 +179,9 @@ pub struct Route4 {
     /// Egress device.
     pub ifindex_out: u32,
     /// Next hop's MAC.
-    pub dmac: [u8; 6],
+    pub dmac: MacWords,
     /// Egress device's MAC.
-    pub smac: [u8; 6],
+    pub smac: MacWords,
     /// IPv4 total length the lookup was made with.
     pub max_len: u16,
     /// Zero.
@@ -190,13 +190,29 @@ pub struct Route4 {
     pub stamp: u64,
 }
 
-/// Copies a MAC address. A plain assignment between two fields reached through pointers
-/// compiles to a call of a byte-wise `memmove` (the copy through a temporary is merged into one
-/// that may overlap); two distinct references cannot overlap, so this is an inline copy.
+// The FIB parameters' MACs lie at even offsets of a struct aligned to at least 2: they move
+// as words.
+const _: () = assert!(
+    core::mem::offset_of!(FibParams, dmac) % 2 == 0
+        && core::mem::offset_of!(FibParams, smac) % 2 == 0
+        && core::mem::align_of::<FibParams>() >= 2
+);
+
+/// The route's MAC addresses in `f` (next hop, egress device).
 #[inline(always)]
-pub fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
-    // SAFETY: `dst` and `src` are distinct, valid 6-byte arrays (a `&mut` aliases nothing).
-    unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), 6) };
+pub fn fib_macs(f: &FibParams) -> (MacWords, MacWords) {
+    // SAFETY: fields of `f` at even offsets of a 2-aligned struct (asserted above).
+    unsafe { (read_mac(f.dmac.as_ptr()), read_mac(f.smac.as_ptr())) }
+}
+
+/// Stores a cached route's MAC addresses in `f`.
+#[inline(always)]
+pub fn set_fib_macs(f: &mut FibParams, dmac: &MacWords, smac: &MacWords) {
+    // SAFETY: fields of `f` at even offsets of a 2-aligned struct (asserted above).
+    unsafe {
+        write_mac(f.dmac.as_mut_ptr(), dmac);
+        write_mac(f.smac.as_mut_ptr(), smac);
+    }
 }
 
 /// Looks up the route of a packet that will carry `saddr → daddr`; the result (egress device,
@@ -235,8 +251,7 @@ pub fn route<P: Packet>(
             && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
         {
             f.ifindex = e.ifindex_out;
-            copy_mac(&mut f.dmac, &e.dmac);
-            copy_mac(&mut f.smac, &e.smac);
+            set_fib_macs(f, &e.dmac, &e.smac);
             return Fib::Resolved;
         }
     }
@@ -255,6 +270,7 @@ pub fn route<P: Packet>(
         if let Some(e) = cached {
             // SAFETY: plain integers; TC: what the kernel wrote back (0 before Linux 5.12).
             let mtu = if P::XDP { 0 } else { unsafe { f.__bindgen_anon_1.mtu_result } };
+            let (dmac, smac) = fib_macs(f);
             // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
             unsafe {
                 *e = Route4 {
@@ -262,8 +278,8 @@ pub fn route<P: Packet>(
                     daddr,
                     ifindex_in: ifindex,
                     ifindex_out: f.ifindex,
-                    dmac: f.dmac,
-                    smac: f.smac,
+                    dmac,
+                    smac,
                     max_len: if gso { mtu } else { mtu.max(p.tot_len) },
                     _pad: 0,
                     stamp: now,
@@ -296,7 +312,8 @@ pub fn forward<P: Packet>(
     if fib != Fib::Resolved {
         return Ok(Verdict::redirect_neigh(f.ifindex));
     }
-    c.set_macs(&f.dmac, &f.smac)?;
+    let (dmac, smac) = fib_macs(f);
+    c.set_macs(&dmac, &smac)?;
     if P::XDP && f.ifindex == c.ifindex() {
         Ok(Verdict::TX)
     } else if !P::XDP && peer {
@@ -309,14 +326,8 @@ pub fn forward<P: Packet>(
 /// Sends the packet back where it came from, Ethernet addresses swapped.
 #[inline(always)]
 pub fn bounce<P: Packet>(c: &mut P) -> Result<Verdict, Reason> {
-    let e: *const [u8; 12] = ptr_at(c, 0)?;
-    // SAFETY: bounds checked by ptr_at; copied before any write.
-    let e = unsafe { *e };
-    let mut dst = [0u8; 6];
-    let mut src = [0u8; 6];
-    dst.copy_from_slice(&e[6..12]);
-    src.copy_from_slice(&e[0..6]);
-    c.set_macs(&dst, &src)?;
+    let (dst, src) = crate::pkt::read_macs(c)?;
+    c.set_macs(&src, &dst)?;
     Ok(Verdict::TX)
 }
 

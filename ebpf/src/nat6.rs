@@ -11,7 +11,7 @@ use crate::{
     nat::{self, Fib, Verdict},
     parse::tcp_flags,
     parse6::{DADDR, ETH_P_IPV6, HDR, Ip6, SADDR},
-    pkt::{L3, Packet, ptr_at},
+    pkt::{L3, MacWords, Packet, ptr_at},
     pkt6::Packet6,
 };
 
@@ -80,9 +80,9 @@ pub struct Route6 {
     /// Egress device.
     pub ifindex_out: u32,
     /// Next hop's MAC.
-    pub dmac: [u8; 6],
+    pub dmac: MacWords,
     /// Egress device's MAC.
-    pub smac: [u8; 6],
+    pub smac: MacWords,
     /// Longest IPv6 payload the entry admits (see [`route`]).
     pub max_len: u16,
     /// Zero.
@@ -141,8 +141,7 @@ pub fn route<P: Packet>(
             && now.saturating_sub(e.stamp) < timeouts::ROUTE_CACHE_NS
         {
             f.ifindex = e.ifindex_out;
-            nat::copy_mac(&mut f.dmac, &e.dmac);
-            nat::copy_mac(&mut f.smac, &e.smac);
+            nat::set_fib_macs(f, &e.dmac, &e.smac);
             return Fib::Resolved;
         }
     }
@@ -163,6 +162,7 @@ pub fn route<P: Packet>(
             // before Linux 5.12), which holds the IPv6 header.
             let mtu = if P::XDP { 0 } else { unsafe { f.__bindgen_anon_1.mtu_result } };
             let room = mtu.saturating_sub(HDR as u16);
+            let (dmac, smac) = nat::fib_macs(f);
             // SAFETY: valid per-CPU map value pointer; only this CPU's program uses it.
             unsafe {
                 *e = Route6 {
@@ -170,8 +170,8 @@ pub fn route<P: Packet>(
                     daddr: *daddr,
                     ifindex_in: ifindex,
                     ifindex_out: f.ifindex,
-                    dmac: f.dmac,
-                    smac: f.smac,
+                    dmac,
+                    smac,
                     max_len: if gso { room } else { room.max(p.payload_len) },
                     _pad: 0,
                     stamp: now,
@@ -194,7 +194,8 @@ pub fn forward<P: Packet6>(c: &mut P, p: &Ip6, f: &FibParams, fib: Fib) -> Resul
     if fib != Fib::Resolved {
         return Ok(Verdict::redirect_neigh(f.ifindex));
     }
-    c.set_macs(&f.dmac, &f.smac)?;
+    let (dmac, smac) = nat::fib_macs(f);
+    c.set_macs(&dmac, &smac)?;
     if P::XDP && f.ifindex == c.ifindex() {
         Ok(Verdict::TX)
     } else {

@@ -92,7 +92,7 @@ pub trait Packet {
         new: W,
     ) -> Result<(), Reason>;
     /// Overwrites the Ethernet addresses.
-    fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason>;
+    fn set_macs(&mut self, dst: &MacWords, src: &MacWords) -> Result<(), Reason>;
     /// Replaces the whole frame by `buf` (resizing the packet).
     fn emit<const N: usize>(&mut self, buf: &[u8; N]) -> Result<(), Reason>;
     /// `bpf_fib_lookup` on this context.
@@ -136,25 +136,67 @@ fn write_word<P: Packet, const N: usize, W: Word>(
         return Err(Reason::DropRewrite);
     }
     let b: *mut [u8; N] = ptr_at(c, base)?;
-    // SAFETY: both words lie inside the bounds-checked N bytes.
+    // SAFETY: both words lie inside the bounds-checked N bytes, at offsets of their own size's
+    // alignment from the header that holds them (TTL and checksum of an IPv4 header, addresses
+    // and ports of one an ICMP error quotes), as `set_addr` and `set_port` write theirs: typed
+    // accesses, which the BPF backend emits as one load or store each where `write_unaligned`
+    // became single bytes.
     unsafe {
         let a = (b as *mut u8).add(off) as *mut W;
         let c = (b as *mut u8).add(csum_off) as *mut u16;
-        a.write_unaligned(new);
-        c.write_unaligned(W::replace(c.read_unaligned(), old, new));
+        *a = new;
+        *c = W::replace(*c, old, new);
     }
     Ok(())
+}
+
+/// A MAC address as three 16-bit words, in memory order. The BPF backend splits every access
+/// it cannot prove aligned into single bytes (a MAC copied as `[u8; 6]` took six loads and six
+/// stores); each MAC the datapath moves lies at an even offset of the packet, of the FIB
+/// parameters or of a route cache entry, so it moves as three words.
+pub type MacWords = [u16; 3];
+
+/// The MAC address at `p`. Unsafe: `p` valid for 6 bytes and 2-aligned.
+#[inline(always)]
+pub unsafe fn read_mac(p: *const u8) -> MacWords {
+    let w = p as *const u16;
+    // SAFETY: the caller's.
+    unsafe { [*w, *w.add(1), *w.add(2)] }
+}
+
+/// Writes MAC address `m` at `p`, one word at a time (volatile, so that the stores are not
+/// merged into a `memcpy` call). Unsafe: `p` valid for 6 bytes and 2-aligned.
+#[inline(always)]
+pub unsafe fn write_mac(p: *mut u8, m: &MacWords) {
+    let w = p as *mut u16;
+    // SAFETY: the caller's.
+    unsafe {
+        core::ptr::write_volatile(w, m[0]);
+        core::ptr::write_volatile(w.add(1), m[1]);
+        core::ptr::write_volatile(w.add(2), m[2]);
+    }
+}
+
+/// The Ethernet header's addresses (destination, source).
+#[inline(always)]
+pub fn read_macs<P: Packet>(c: &P) -> Result<(MacWords, MacWords), Reason> {
+    let e: *const u8 = ptr_at::<P, [u8; 12]>(c, 0)? as *const u8;
+    // SAFETY: bounds checked by ptr_at. Packet accesses need no alignment where the CPU has
+    // efficient unaligned access; elsewhere the verifier takes the frame's start as 2 mod 4
+    // (NET_IP_ALIGN) and accepts 16-bit accesses at even offsets, as the IP header's.
+    unsafe { Ok((read_mac(e), read_mac(e.add(6)))) }
 }
 
 /// [`Packet::set_macs`] by a direct write, for both program types: `Err(DropMalformed)` where
 /// the Ethernet header is not directly writable (TC: past an skb's linear part).
 #[inline(always)]
-fn write_macs<P: Packet>(c: &P, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
-    let e: *mut [u8; 12] = ptr_at(c, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let e = unsafe { &mut *e };
-    e[..6].copy_from_slice(dst);
-    e[6..].copy_from_slice(src);
+fn write_macs<P: Packet>(c: &P, dst: &MacWords, src: &MacWords) -> Result<(), Reason> {
+    let e: *mut u8 = ptr_at::<P, [u8; 12]>(c, 0)? as *mut u8;
+    // SAFETY: bounds checked by ptr_at; aligned as in `read_macs`.
+    unsafe {
+        write_mac(e, dst);
+        write_mac(e.add(6), src);
+    }
     Ok(())
 }
 
@@ -255,7 +297,7 @@ impl Packet for Xdp<'_> {
         write_word::<Self, N, W>(self, base, off, csum_off, old, new)
     }
     #[inline(always)]
-    fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
+    fn set_macs(&mut self, dst: &MacWords, src: &MacWords) -> Result<(), Reason> {
         write_macs(self, dst, src)
     }
     #[inline(always)]
@@ -434,16 +476,14 @@ impl Packet for Tc<'_> {
         self.store(base + off, &new)
     }
     #[inline(always)]
-    fn set_macs(&mut self, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
+    fn set_macs(&mut self, dst: &MacWords, src: &MacWords) -> Result<(), Reason> {
         // Written directly, as XDP's, where the linear part holds the Ethernet header (it
         // always does once the headers were parsed): a helper call less on every packet TC
         // forwards through the FIB.
         if write_macs(self, dst, src).is_ok() {
             return Ok(());
         }
-        let mut m = [0u8; 12];
-        m[..6].copy_from_slice(dst);
-        m[6..].copy_from_slice(src);
+        let m: [u16; 6] = [dst[0], dst[1], dst[2], src[0], src[1], src[2]];
         self.store(0, &m)
     }
     #[inline(always)]
