@@ -87,15 +87,17 @@ impl Packet6 for Xdp<'_> {
     #[inline(always)]
     fn set_addr6(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
         let a: *mut Addr6 = ptr_at(self, off)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { a.write_unaligned(*new) };
+        // SAFETY: bounds checked by ptr_at; a typed copy, four word stores (`write_unaligned`
+        // became sixteen byte stores): the address lies at an aligned offset of its header, as
+        // every field the datapath writes (`pkt::write_word`).
+        unsafe { core::ptr::copy_nonoverlapping(new as *const Addr6, a, 1) };
         self.fix_l4_6(p, old, new)
     }
     #[inline(always)]
     fn set_l4_word(&mut self, p: &Ip6, off: usize, old: u16, new: u16) -> Result<(), Reason> {
         let a: *mut u16 = ptr_at(self, off)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { a.write_unaligned(new) };
+        // SAFETY: bounds checked by ptr_at; aligned as in `set_addr6`.
+        unsafe { *a = new };
         let Some(coff) = l4_csum_off(p) else { return Ok(()) };
         let c: *mut u16 = ptr_at(self, coff)?;
         // SAFETY: bounds checked by ptr_at.
@@ -133,16 +135,16 @@ impl Packet6 for Xdp<'_> {
         };
         let coff = if p.proto == proto::TCP { 32 + 16 } else { 32 + 6 };
         // SAFETY: the tuple and both checksum offsets lie inside the bounds-checked SPAN
-        // bytes.
+        // bytes, at aligned offsets of their headers: typed accesses, word loads and stores
+        // where `read_unaligned`/`write_unaligned` became bytes (36 stores for the tuple).
         unsafe {
             let c = (b as *mut u8).add(coff) as *mut u16;
-            let cur = c.read_unaligned();
-            let mut v = csum::replace_tuple6(cur, [&p.saddr, &p.daddr], [p.sport, p.dport], n);
+            let mut v = csum::replace_tuple6(*c, [&p.saddr, &p.daddr], [p.sport, p.dport], n);
             if p.proto == proto::UDP && v == 0 {
                 v = 0xffff;
             }
-            (b as *mut Nat6).write_unaligned(*n);
-            c.write_unaligned(v);
+            core::ptr::copy_nonoverlapping(n as *const Nat6, b as *mut Nat6, 1);
+            *c = v;
         }
         Ok(true)
     }
