@@ -137,10 +137,10 @@ fn write_word<P: Packet, const N: usize, W: Word>(
     }
     let b: *mut [u8; N] = ptr_at(c, base)?;
     // SAFETY: both words lie inside the bounds-checked N bytes, at offsets of their own size's
-    // alignment from the header that holds them (TTL and checksum of an IPv4 header, addresses
-    // and ports of one an ICMP error quotes), as `set_addr` and `set_port` write theirs: typed
-    // accesses, which the BPF backend emits as one load or store each where `write_unaligned`
-    // became single bytes.
+    // alignment from the frame start as the verifier counts it (TTL and checksum of an IPv4
+    // header, addresses and ports of one an ICMP error quotes; see `MacWords`), as `set_addr`
+    // and `set_port` write theirs: typed accesses, which the BPF backend emits as one load or
+    // store each where `write_unaligned` became single bytes.
     unsafe {
         let a = (b as *mut u8).add(off) as *mut W;
         let c = (b as *mut u8).add(csum_off) as *mut u16;
@@ -152,11 +152,20 @@ fn write_word<P: Packet, const N: usize, W: Word>(
 
 /// A MAC address as three 16-bit words, in memory order. The BPF backend splits every access
 /// it cannot prove aligned into single bytes (a MAC copied as `[u8; 6]` took six loads and six
-/// stores); each MAC the datapath moves lies at an even offset of the packet, of the FIB
+/// stores); each MAC the forwarding paths move lies at an even offset of the packet, of the FIB
 /// parameters or of a route cache entry, so it moves as three words.
+///
+/// Packet fields: the datapath's typed accesses to the frame (MACs, IPv4 and IPv6 header
+/// fields, ports, checksums) need no alignment where the CPU has efficient unaligned access
+/// (the JIT emits plain loads and stores); elsewhere the verifier checks them as if the frame
+/// started at 2 mod 4 (NET_IP_ALIGN), where each of these fields is aligned to its size (the
+/// IP header at 14, its options and IPv6's extension headers in 4- and 8-byte units).
 pub type MacWords = [u16; 3];
 
-/// The MAC address at `p`. Unsafe: `p` valid for 6 bytes and 2-aligned.
+/// The MAC address at `p`.
+///
+/// # Safety
+/// `p` is valid for 6 bytes and 2-aligned, or a packet pointer (see [`MacWords`]).
 #[inline(always)]
 pub unsafe fn read_mac(p: *const u8) -> MacWords {
     let w = p as *const u16;
@@ -165,7 +174,10 @@ pub unsafe fn read_mac(p: *const u8) -> MacWords {
 }
 
 /// Writes MAC address `m` at `p`, one word at a time (volatile, so that the stores are not
-/// merged into a `memcpy` call). Unsafe: `p` valid for 6 bytes and 2-aligned.
+/// merged into a `memcpy` call).
+///
+/// # Safety
+/// `p` is valid for 6 bytes and 2-aligned, or a packet pointer (see [`MacWords`]).
 #[inline(always)]
 pub unsafe fn write_mac(p: *mut u8, m: &MacWords) {
     let w = p as *mut u16;
@@ -181,9 +193,7 @@ pub unsafe fn write_mac(p: *mut u8, m: &MacWords) {
 #[inline(always)]
 pub fn read_macs<P: Packet>(c: &P) -> Result<(MacWords, MacWords), Reason> {
     let e: *const u8 = ptr_at::<P, [u8; 12]>(c, 0)? as *const u8;
-    // SAFETY: bounds checked by ptr_at. Packet accesses need no alignment where the CPU has
-    // efficient unaligned access; elsewhere the verifier takes the frame's start as 2 mod 4
-    // (NET_IP_ALIGN) and accepts 16-bit accesses at even offsets, as the IP header's.
+    // SAFETY: bounds checked by ptr_at; packet fields as in `MacWords`.
     unsafe { Ok((read_mac(e), read_mac(e.add(6)))) }
 }
 
@@ -192,7 +202,7 @@ pub fn read_macs<P: Packet>(c: &P) -> Result<(MacWords, MacWords), Reason> {
 #[inline(always)]
 fn write_macs<P: Packet>(c: &P, dst: &MacWords, src: &MacWords) -> Result<(), Reason> {
     let e: *mut u8 = ptr_at::<P, [u8; 12]>(c, 0)? as *mut u8;
-    // SAFETY: bounds checked by ptr_at; aligned as in `read_macs`.
+    // SAFETY: bounds checked by ptr_at; packet fields as in `MacWords`.
     unsafe {
         write_mac(e, dst);
         write_mac(e.add(6), src);

@@ -88,15 +88,14 @@ impl Packet6 for Xdp<'_> {
     fn set_addr6(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
         let a: *mut Addr6 = ptr_at(self, off)?;
         // SAFETY: bounds checked by ptr_at; a typed copy, four word stores (`write_unaligned`
-        // became sixteen byte stores): the address lies at an aligned offset of its header, as
-        // every field the datapath writes (`pkt::write_word`).
+        // became sixteen byte stores); packet fields as in `pkt::MacWords`.
         unsafe { core::ptr::copy_nonoverlapping(new as *const Addr6, a, 1) };
         self.fix_l4_6(p, old, new)
     }
     #[inline(always)]
     fn set_l4_word(&mut self, p: &Ip6, off: usize, old: u16, new: u16) -> Result<(), Reason> {
         let a: *mut u16 = ptr_at(self, off)?;
-        // SAFETY: bounds checked by ptr_at; aligned as in `set_addr6`.
+        // SAFETY: bounds checked by ptr_at; packet fields as in `pkt::MacWords`.
         unsafe { *a = new };
         let Some(coff) = l4_csum_off(p) else { return Ok(()) };
         let c: *mut u16 = ptr_at(self, coff)?;
@@ -135,7 +134,7 @@ impl Packet6 for Xdp<'_> {
         };
         let coff = if p.proto == proto::TCP { 32 + 16 } else { 32 + 6 };
         // SAFETY: the tuple and both checksum offsets lie inside the bounds-checked SPAN
-        // bytes, at aligned offsets of their headers: typed accesses, word loads and stores
+        // bytes (packet fields as in `pkt::MacWords`): typed accesses, word loads and stores
         // where `read_unaligned`/`write_unaligned` became bytes (36 stores for the tuple).
         unsafe {
             let c = (b as *mut u8).add(coff) as *mut u16;

@@ -1324,8 +1324,13 @@ fn ipv6_not_ready_passes_everything() {
     assert_eq!(env.tc(names::PROG_TC_FROM_POD, &syn), (TC_PASS, syn.clone()));
     assert_eq!(env.xdp(&syn), (XDP_PASS, syn.clone()));
     let reply = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK).build();
-    assert_eq!(env.tc(names::PROG_TC_TO_POD, &reply), (TC_PASS, reply));
-    assert_counts6(&env, &[(Reason::PassNotReady, 3)]);
+    assert_eq!(env.tc(names::PROG_TC_TO_POD, &reply), (TC_PASS, reply.clone()));
+    // The same reply arriving on an external device (XDP, then TC): the node's source-NAT
+    // address alone decides that it passes (zero until the agent writes it), without the
+    // configuration: untouched, counted as a pod's reply.
+    assert_eq!(env.xdp(&reply), (XDP_PASS, reply.clone()));
+    assert_eq!(env.tc(names::PROG_TC_EXT, &reply), (TC_PASS, reply));
+    assert_counts6(&env, &[(Reason::PassNotReady, 3), (Reason::PassReplyToPod, 2)]);
 }
 
 /// `kp_tc_to_pod` for IPv6 (see `to_pod_passes_what_a_hooked_device_translated`): the replies
