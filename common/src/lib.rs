@@ -56,6 +56,10 @@ pub mod names {
     /// Tail-call table of the XDP programs (index: [`crate::calls`]).
     pub const CALLS_XDP: &str = "kp_calls_xdp";
 
+    /// Read-only global (`u8`) of the object: whether XDP marks the packets it handled with
+    /// `bpf_xdp_adjust_meta` (1, the default), set by the loader from the kernel's answer.
+    pub const GLOBAL_XDP_META: &str = "KP_XDP_META";
+
     /// XDP program for the node's external devices (NodePort, LoadBalancer, externalIPs).
     pub const PROG_XDP_EXT: &str = "kp_xdp_ext";
     /// TC ingress program for the node's external devices (complete path, XDP fallback).

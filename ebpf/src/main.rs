@@ -163,13 +163,25 @@ pub fn kp_tc_ext(ctx: TcContext) -> i32 {
 /// XDP metadata word telling `kp_tc_ext` that XDP already decided ("KPX1").
 const XDP_HANDLED: u32 = u32::from_ne_bytes(*b"KPX1");
 
+/// Whether XDP may mark what it handled (`bpf_xdp_adjust_meta`): set to 0 by the loader where
+/// the kernel does not offer the helper to XDP programs (some builds withhold it). A constant
+/// of the read-only data section, frozen before the programs load: the verifier then never
+/// walks the helper call, and TC processes those packets again, as for a driver without
+/// metadata support.
+#[unsafe(no_mangle)]
+static KP_XDP_META: u8 = 1;
+
 /// Marks a packet XDP passed after handling it completely, so that TC does not repeat the
 /// lookups. Devices whose driver has no metadata support simply get no mark (TC then
 /// processes the packet again, which finds nothing to do).
 #[inline(always)]
 fn mark_handled(ctx: &XdpContext) {
-    // SAFETY: helper on our own context; the bounds are checked before the write.
+    // SAFETY: a read of a constant; helper on our own context; the bounds are checked before
+    // the write.
     unsafe {
+        if core::ptr::read_volatile(&raw const KP_XDP_META) == 0 {
+            return;
+        }
         if bpf_xdp_adjust_meta(ctx.ctx, -4) != 0 {
             return;
         }

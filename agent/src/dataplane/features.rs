@@ -58,6 +58,13 @@ const PROBES: &[(&str, &str, &str, Probe)] = &[
         Probe::Helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie),
     ),
     (
+        "xdp_meta",
+        "5.10",
+        "XDP marks the packets it handled (bpf_xdp_adjust_meta) so that TC skips them; without \
+         it (some kernel builds withhold the helper from XDP) TC looks them up again",
+        Probe::Helper(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta),
+    ),
+    (
         "sock_destroy",
         "6.5",
         "socket LB: closing sockets connected to a removed backend (bpf_sock_destroy kfunc)",
@@ -105,6 +112,15 @@ pub fn l4_csum_ipv6() -> std::io::Result<bool> {
         &insns,
     )?;
     Ok(test_run(&prog, &[0u8; 64])?.retval == 0)
+}
+
+/// Whether the running kernel lets XDP programs call `bpf_xdp_adjust_meta` (every kernel since
+/// 4.15 as built upstream; some builds withhold it): [`super::loader::Datapath::load`] switches
+/// XDP's mark off without it.
+pub fn xdp_meta() -> bool {
+    is_helper_supported(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta)
+        .inspect_err(|e| tracing::debug!("xdp_meta probe: {e}"))
+        .unwrap_or(false)
 }
 
 /// Whether the running kernel has tcx hooks (Linux 6.6): a `BPF_PROG_QUERY` of the loopback

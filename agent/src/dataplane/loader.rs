@@ -528,7 +528,18 @@ impl Datapath {
                 dir.display()
             );
         }
+        // XDP's mark for TC (`kp_xdp_ext`), where the kernel lets XDP programs call
+        // `bpf_xdp_adjust_meta`: a frozen constant, so that the verifier of a kernel without it
+        // never walks the call.
+        let xdp_meta = u8::from(super::features::xdp_meta());
+        if xdp_meta == 0 {
+            warn!(
+                "this kernel does not let XDP programs call bpf_xdp_adjust_meta: packets XDP \
+                 passed are looked up again in TC (feature xdp_meta)"
+            );
+        }
         let mut loader = EbpfLoader::new();
+        loader.override_global(names::GLOBAL_XDP_META, &xdp_meta, true);
         let specs =
             || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6);
         let pins: Vec<(&'static str, PathBuf)> =

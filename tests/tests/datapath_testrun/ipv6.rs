@@ -148,7 +148,7 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     // 5.16).
     let (v, out, marked) = env.xdp_meta(&synack.build());
     assert_eq!((v, out), (XDP_PASS, synack.build()), "XDP: to the stack untouched");
-    assert!(marked || !kernel_at_least(5, 16), "XDP tells TC it is done");
+    assert_marked(marked, true);
     let (v, out) = env.tc(names::PROG_TC_TO_POD, &synack.build());
     assert_eq!(v, TC_PASS);
     assert_frame6(&out, &want);

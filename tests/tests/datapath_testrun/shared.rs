@@ -163,6 +163,10 @@ pub fn reset(l: &mut Loaded) {
     for id in ids {
         let info = MapInfo::from_id(id).unwrap();
         let name = info.name_as_str().unwrap_or("?").to_owned();
+        if name == ".rodata" {
+            // The object's constants (`names::GLOBAL_XDP_META`): frozen at load, never written.
+            continue;
+        }
         let fd = info.fd().unwrap();
         let fd = fd.as_fd();
         match info.map_type().unwrap() {

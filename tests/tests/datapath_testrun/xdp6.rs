@@ -7,14 +7,6 @@ const MAC_NODE: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
 const MAC_NODE1: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
 const MAC_CLIENT6: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
 
-/// Whether the XDP mark is visible here (BPF_PROG_TEST_RUN returns the metadata since 5.16).
-#[track_caller]
-fn assert_marked(marked: bool, want: bool) {
-    if kernel_at_least(5, 16) {
-        assert_eq!(marked, want, "XDP metadata mark for TC");
-    }
-}
-
 /// A NodePort with a backend on this node: XDP translates the connection's packets (DNAT, the
 /// client address kept) and passes them to the stack, marked so that TC does not look again.
 #[test]
