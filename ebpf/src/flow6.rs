@@ -220,12 +220,13 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
         // `flow::fast_path`; IPv6 has no eBPF host routing). `kp_config6` alone decides that
         // pass, one cache line as IPv4's `kp_config` does: the readiness is read for it only
         // where a first fragment is to be recorded (before the agent writes the address it is
-        // zero: such a reply passes, counted as a reply to a pod, and nothing is recorded).
+        // zero: such a reply passes, counted as a reply to a pod).
         let to_pod = hook.external() && !maps6::is_snat_addr6(&p.daddr);
-        if !to_pod && !maps::ready() {
+        let record = !orig && p.frag == Frag::First;
+        if (!to_pod || record) && !maps::ready() {
             return Ok(not_ready());
         }
-        if !orig && p.frag == Frag::First && (!to_pod || maps::ready()) {
+        if record {
             ct6::record_fragment(&p);
         }
         if to_pod {

@@ -1330,7 +1330,13 @@ fn ipv6_not_ready_passes_everything() {
     // configuration: untouched, counted as a pod's reply.
     assert_eq!(env.xdp(&reply), (XDP_PASS, reply.clone()));
     assert_eq!(env.tc(names::PROG_TC_EXT, &reply), (TC_PASS, reply));
-    assert_counts6(&env, &[(Reason::PassNotReady, 3), (Reason::PassReplyToPod, 2)]);
+    // Its first fragment would be recorded: that reads the readiness, and passes as unready.
+    let first = Frame6::tcp(sa6(BE6_1), sa6(POD6), ACK)
+        .with_ext(vec![Ext::fragment(0, true, 0xabcd)])
+        .build();
+    assert_eq!(env.xdp(&first), (XDP_PASS, first.clone()));
+    assert_eq!(env.tc(names::PROG_TC_EXT, &first), (TC_PASS, first));
+    assert_counts6(&env, &[(Reason::PassNotReady, 5), (Reason::PassReplyToPod, 2)]);
 }
 
 /// `kp_tc_to_pod` for IPv6 (see `to_pod_passes_what_a_hooked_device_translated`): the replies
