@@ -111,7 +111,10 @@ fn quick_bench_produces_every_figure() {
     assert!(problems.is_empty(), "figures not produced:\n{}", problems.join("\n"));
 
     // The live-frame generator's frames reached the sinks translated, for every system.
-    for f in results.figures.iter().filter(|f| f.metric == "live_delivered") {
+    // (Not measured, and said why, on a kernel that refuses live frames.)
+    for f in
+        results.figures.iter().filter(|f| f.metric == "live_delivered" && f.status == Status::Ok)
+    {
         let got = f.median.unwrap_or(0.0);
         assert!(got > 0.5, "{} {}: {got:.2} of the frames delivered", f.system, f.variant);
     }

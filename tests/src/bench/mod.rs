@@ -1586,6 +1586,12 @@ impl Bench<'_> {
                 self.rec.add("3-nodeport", "live_ns_per_frame", sys, n, variant, r.ns_per_frame);
                 self.rec.add("3-nodeport", "live_delivered", sys, n, variant, r.delivered);
             }
+            Err(e) if e.chain().any(|c| c.is::<livegen::LiveFramesRefused>()) => {
+                let why = format!("{e:#}");
+                for m in LIVE_METRICS {
+                    self.rec.skip("3-nodeport", m, sys, n, variant, &why);
+                }
+            }
             Err(e) => {
                 let why = format!("{e:#}");
                 for m in LIVE_METRICS {
