@@ -21,9 +21,12 @@ demo: build
 demo-down: setup
 	$(CARGO) xtask demo-down
 
+# clippy runs twice: on the host crates, and on the eBPF crate for the BPF target (nightly, as
+# the agent's build script builds it), which the workspace's default members leave out.
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) +nightly clippy -p kproxy-ebpf --target bpfel-unknown-none -Z build-std=core --release -- -D warnings
 
 # Host unit tests, BPF_PROG_TEST_RUN packet tests and namespace end-to-end tests (root), then the
 # kernel matrix: every program through the verifier of every kernel of xtask/kernels.list

@@ -41,6 +41,11 @@ if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'
   say "adding rust-src to nightly"
   rustup component add rust-src --toolchain nightly
 fi
+# clippy for the eBPF crate (`make lint`); a minimal nightly has none.
+if ! rustup component list --toolchain nightly --installed | grep -q '^clippy'; then
+  say "adding clippy to nightly"
+  rustup component add clippy --toolchain nightly
+fi
 for c in rustfmt clippy; do
   rustup component list --installed | grep -q "^$c" || rustup component add "$c"
 done

@@ -354,7 +354,7 @@ pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
         }
         delete(&orig);
     }
-    let _ = kp_rnat4.remove(&reply);
+    let _ = kp_rnat4.remove(reply);
     // Voids this tuple's copies in the CPUs' caches (`revnat_fast`).
     maps::rnat_changed();
     true

@@ -299,7 +299,7 @@ pub fn clear_stale_revnat(p: &Ip6, now: u64) -> bool {
         }
         delete(&orig);
     }
-    let _ = kp_rnat6.remove(&reply);
+    let _ = kp_rnat6.remove(reply);
     // Voids this tuple's copies in the CPUs' caches (`revnat_fast`).
     maps::rnat_changed();
     true
@@ -329,10 +329,11 @@ pub fn alloc_snat_port(
     while i < 4 {
         let port = ((min + (start + i).checked_rem(range).unwrap_or(0)) as u16).to_be();
         key.dport = port;
-        if kp_rnat6.insert(&*key, v, BPF_NOEXIST as u64).is_ok() {
+        let k: &Tuple6 = key;
+        if kp_rnat6.insert(k, v, BPF_NOEXIST as u64).is_ok() {
             return Ok(port);
         }
-        if snat_port_stale(key, now) && kp_rnat6.insert(&*key, v, 0).is_ok() {
+        if snat_port_stale(k, now) && kp_rnat6.insert(k, v, 0).is_ok() {
             return Ok(port);
         }
         i += 1;
