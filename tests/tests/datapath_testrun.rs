@@ -2795,6 +2795,9 @@ fn icmp_error_from_remote_backend_reaches_external_client() {
 /// Real sockets through XDP and TC on an external device: a client namespace reaches a
 /// NodePort whose backend is a pod on the node. XDP translates and marks the packets, TC on the
 /// same device skips them (`PassHandledByXdp`), the pod's replies are restored on its veth.
+/// Where the kernel withholds `bpf_xdp_adjust_meta` from XDP (feature `xdp_meta`) nothing is
+/// marked and TC passes what XDP translated: the counters then do not tell XDP's work from
+/// TC's (the TEST_RUN tests of `kp_xdp_ext` cover it).
 #[test]
 fn real_sockets_nodeport_through_xdp() {
     real_sockets_nodeport(kproxy::dataplane::loader::ExternalMode::Xdp);

@@ -514,6 +514,14 @@ impl Resize {
     }
 }
 
+/// The object's read-only globals and the values this kernel needs (every loader of the object
+/// sets them: [`Datapath::load`], `kproxy-verifier-stats`). `KP_XDP_META`: XDP's mark for TC
+/// (`kp_xdp_ext`), 1 where the kernel lets XDP programs call `bpf_xdp_adjust_meta`; a frozen
+/// constant, so that the verifier of a kernel without it never walks the call.
+pub fn object_globals() -> [(&'static str, u8); 1] {
+    [(names::GLOBAL_XDP_META, u8::from(super::features::xdp_meta()))]
+}
+
 impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
     /// match the ABI (type, key and value size), creating and pinning them otherwise.
@@ -528,18 +536,17 @@ impl Datapath {
                 dir.display()
             );
         }
-        // XDP's mark for TC (`kp_xdp_ext`), where the kernel lets XDP programs call
-        // `bpf_xdp_adjust_meta`: a frozen constant, so that the verifier of a kernel without it
-        // never walks the call.
-        let xdp_meta = u8::from(super::features::xdp_meta());
-        if xdp_meta == 0 {
+        let globals = object_globals();
+        if globals.iter().any(|&(n, v)| n == names::GLOBAL_XDP_META && v == 0) {
             warn!(
                 "this kernel does not let XDP programs call bpf_xdp_adjust_meta: packets XDP \
                  passed are looked up again in TC (feature xdp_meta)"
             );
         }
         let mut loader = EbpfLoader::new();
-        loader.override_global(names::GLOBAL_XDP_META, &xdp_meta, true);
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
         let specs =
             || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6);
         let pins: Vec<(&'static str, PathBuf)> =

@@ -75,6 +75,9 @@ pub fn unit_of(metric: &str) -> &'static str {
     }
 }
 
+/// The reason of a declared figure no step has measured yet.
+const NOT_REACHED: &str = "not reached (an earlier step failed)";
+
 impl Recorder {
     fn entry(
         &mut self,
@@ -104,7 +107,7 @@ impl Recorder {
     pub fn plan(&mut self, item: &str, metric: &str, system: &str, n: usize, variant: &str) {
         let f = self.entry(item, metric, system, n, variant);
         if f.reason.is_none() && f.samples.is_empty() {
-            f.reason = Some("not reached (an earlier step failed)".into());
+            f.reason = Some(NOT_REACHED.into());
         }
     }
 
@@ -113,7 +116,7 @@ impl Recorder {
         let f = self.entry(item, metric, system, n, variant);
         if v.is_finite() {
             f.samples.push(v);
-            if f.reason.as_deref() == Some("not reached (an earlier step failed)") {
+            if f.reason.as_deref() == Some(NOT_REACHED) {
                 f.reason = None;
             }
         } else {
@@ -135,7 +138,8 @@ impl Recorder {
         f.reason = Some(why.to_string());
     }
 
-    /// Marks a figure as not measured on purpose.
+    /// Marks a figure as not measured on purpose (unless an attempt of it failed for another
+    /// reason: that failure stays).
     pub fn skip(
         &mut self,
         item: &str,
@@ -146,8 +150,12 @@ impl Recorder {
         why: &str,
     ) {
         let f = self.entry(item, metric, system, n, variant);
-        f.status = Status::Skipped;
-        f.reason = Some(why.to_string());
+        let failed =
+            f.status != Status::Skipped && f.reason.as_deref().is_some_and(|r| r != NOT_REACHED);
+        if !failed {
+            f.status = Status::Skipped;
+            f.reason = Some(why.to_string());
+        }
     }
 
     /// Median, spread and status of every figure.

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya_obj::{
-    Map, ProgramSection,
+    EbpfSectionKind, Map, ProgramSection,
     generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_map_type, bpf_prog_type},
 };
 
@@ -28,6 +28,11 @@ fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
     unsafe { kproxy::dataplane::sys::bpf(cmd, attr) }.map(|fd| fd as RawFd)
 }
 
+/// `BPF_F_RDONLY_PROG`: programs only read the map (the object's `.rodata`).
+const RDONLY_PROG: u32 = 1 << 7;
+
+/// Creates `m`; a global-data map (`.rodata`) gets its contents, and is frozen when programs
+/// only read it, as aya does: the verifier then takes its values as constants.
 fn create_map(name: &str, m: &Map) -> Result<OwnedFd> {
     let hash = [
         bpf_map_type::BPF_MAP_TYPE_HASH as u32,
@@ -48,7 +53,31 @@ fn create_map(name: &str, m: &Map) -> Result<OwnedFd> {
     let fd = sys_bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr)
         .with_context(|| format!("creating map {name}"))?;
     // SAFETY: a fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if matches!(
+        m.section_kind(),
+        EbpfSectionKind::Rodata | EbpfSectionKind::Data | EbpfSectionKind::Bss
+    ) {
+        let key = 0u32;
+        let data = m.data();
+        // SAFETY: all-zero is a valid bpf_attr.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: the element member of the union; key and value outlive the call.
+        let u = unsafe { &mut attr.__bindgen_anon_2 };
+        u.map_fd = fd.as_raw_fd() as u32;
+        u.key = &key as *const u32 as u64;
+        u.__bindgen_anon_1.value = data.as_ptr() as u64;
+        sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr)
+            .with_context(|| format!("writing the data of {name}"))?;
+        if m.map_flags() & RDONLY_PROG != 0 {
+            // SAFETY: all-zero is a valid bpf_attr.
+            let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+            attr.__bindgen_anon_2.map_fd = fd.as_raw_fd() as u32;
+            sys_bpf(bpf_cmd::BPF_MAP_FREEZE, &mut attr)
+                .with_context(|| format!("freezing {name}"))?;
+        }
+    }
+    Ok(fd)
 }
 
 /// Program type and expected attach type of a section kproxy uses.
@@ -124,6 +153,13 @@ fn load(
 fn main() -> Result<()> {
     kproxy::dataplane::loader::raise_memlock_limit();
     let mut obj = aya_obj::Object::parse(kproxy::EBPF_OBJECT).context("parsing the object")?;
+    // The globals the agent's loader sets (`XDP_META`: 0 where the kernel withholds the helper).
+    let globals = kproxy::dataplane::loader::object_globals();
+    let values: Vec<[u8; 1]> = globals.iter().map(|(_, v)| [*v]).collect();
+    obj.patch_map_data(
+        globals.iter().zip(&values).map(|((n, _), v)| (*n, (&v[..], true))).collect(),
+    )
+    .context("setting the object's globals")?;
     let maps: Vec<(String, Map)> = obj.maps.drain().collect();
     let fds: Vec<OwnedFd> = maps.iter().map(|(n, m)| create_map(n, m)).collect::<Result<_>>()?;
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();

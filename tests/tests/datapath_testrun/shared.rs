@@ -36,6 +36,9 @@ use kproxy::dataplane::{
 };
 use kproxy_common::names;
 
+/// `BPF_F_RDONLY_PROG`: a map programs only read (the object's `.rodata`).
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+
 /// A loaded datapath in its pin directory.
 pub struct Loaded {
     pub dir: PathBuf,
@@ -163,8 +166,8 @@ pub fn reset(l: &mut Loaded) {
     for id in ids {
         let info = MapInfo::from_id(id).unwrap();
         let name = info.name_as_str().unwrap_or("?").to_owned();
-        if name == ".rodata" {
-            // The object's constants (`names::GLOBAL_XDP_META`): frozen at load, never written.
+        if info.map_flags() & BPF_F_RDONLY_PROG != 0 {
+            // The object's constants (`.rodata`, `names::GLOBAL_XDP_META`): frozen at load.
             continue;
         }
         let fd = info.fd().unwrap();

@@ -1,5 +1,5 @@
 //! IPv6 NodePort / LoadBalancer / externalIP in XDP (`kp_xdp_ext` and its IPv6 tail calls): the
-//! same translations as TC's, with the same rules about what XDP finishes (marked for TC) and
+//! same translations as TC's, with the same rules about what XDP finishes (marked for TC, feature `xdp_meta`) and
 //! what it leaves to TC (unmarked, untouched). Every verdict is counted in the IPv6 counters.
 use super::*;
 
