@@ -118,8 +118,14 @@ pub fn l4_csum_ipv6() -> std::io::Result<bool> {
 /// 4.15 as built upstream; some builds withhold it): [`super::loader::Datapath::load`] switches
 /// XDP's mark off without it.
 pub fn xdp_meta() -> bool {
-    is_helper_supported(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta)
-        .inspect_err(|e| tracing::debug!("xdp_meta probe: {e}"))
+    helper("xdp_meta", ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta)
+}
+
+/// Whether programs of type `ty` may call `helper` (the probe of feature `name`; a probe that
+/// cannot decide says no, logged at debug level).
+fn helper(name: &str, ty: ProgramType, helper: BpfHelper) -> bool {
+    is_helper_supported(ty, helper)
+        .inspect_err(|e| tracing::debug!(feature = name, "probe failed: {e}"))
         .unwrap_or(false)
 }
 
@@ -162,9 +168,7 @@ impl Features {
             .iter()
             .map(|(name, since, used_for, probe)| {
                 let available = match probe {
-                    Probe::Helper(ty, helper) => is_helper_supported(*ty, *helper)
-                        .inspect_err(|e| tracing::debug!(feature = name, "probe failed: {e}"))
-                        .unwrap_or(false),
+                    Probe::Helper(ty, h) => helper(name, *ty, *h),
                     Probe::BtfFunc(n) => {
                         btf.as_ref().is_ok_and(|b| b.id_by_type_name_kind(n, BtfKind::Func).is_ok())
                     }

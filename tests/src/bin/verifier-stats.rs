@@ -16,7 +16,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya_obj::{
     EbpfSectionKind, Map, ProgramSection,
-    generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_map_type, bpf_prog_type},
+    generated::{
+        BPF_F_RDONLY_PROG, bpf_attach_type, bpf_attr, bpf_cmd, bpf_map_type, bpf_prog_type,
+    },
 };
 
 /// `BPF_LOG_STATS`: only the closing statistics lines.
@@ -28,11 +30,8 @@ fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
     unsafe { kproxy::dataplane::sys::bpf(cmd, attr) }.map(|fd| fd as RawFd)
 }
 
-/// `BPF_F_RDONLY_PROG`: programs only read the map (the object's `.rodata`).
-const RDONLY_PROG: u32 = 1 << 7;
-
 /// Creates `m`; a global-data map (`.rodata`) gets its contents, and is frozen when programs
-/// only read it, as aya does: the verifier then takes its values as constants.
+/// only read it (`BPF_F_RDONLY_PROG`, the object's `.rodata`), as aya does: the verifier then takes its values as constants.
 fn create_map(name: &str, m: &Map) -> Result<OwnedFd> {
     let hash = [
         bpf_map_type::BPF_MAP_TYPE_HASH as u32,
@@ -69,7 +68,7 @@ fn create_map(name: &str, m: &Map) -> Result<OwnedFd> {
         u.__bindgen_anon_1.value = data.as_ptr() as u64;
         sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr)
             .with_context(|| format!("writing the data of {name}"))?;
-        if m.map_flags() & RDONLY_PROG != 0 {
+        if m.map_flags() & BPF_F_RDONLY_PROG != 0 {
             // SAFETY: all-zero is a valid bpf_attr.
             let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
             attr.__bindgen_anon_2.map_fd = fd.as_raw_fd() as u32;

@@ -36,9 +36,6 @@ use kproxy::dataplane::{
 };
 use kproxy_common::names;
 
-/// `BPF_F_RDONLY_PROG`: a map programs only read (the object's `.rodata`).
-const BPF_F_RDONLY_PROG: u32 = 1 << 7;
-
 /// A loaded datapath in its pin directory.
 pub struct Loaded {
     pub dir: PathBuf,
@@ -93,7 +90,11 @@ pub fn take(load: impl FnOnce() -> Loaded) -> Loaded {
         }
         p = RETURNED.wait(p).unwrap_or_else(PoisonError::into_inner);
     };
+    // A reset that panics loses the load (its pins go at exit): its place is given back, so
+    // that the tests waiting for a load fail on their own instead of waiting for ever.
+    let undo = Unmade;
     reset(&mut loaded);
+    std::mem::forget(undo);
     loaded
 }
 
@@ -166,7 +167,7 @@ pub fn reset(l: &mut Loaded) {
     for id in ids {
         let info = MapInfo::from_id(id).unwrap();
         let name = info.name_as_str().unwrap_or("?").to_owned();
-        if info.map_flags() & BPF_F_RDONLY_PROG != 0 {
+        if info.map_flags() & aya_obj::generated::BPF_F_RDONLY_PROG != 0 {
             // The object's constants (`.rodata`, `names::GLOBAL_XDP_META`): frozen at load.
             continue;
         }
@@ -269,13 +270,38 @@ pub fn load(n: u32, sizes: &MapSizes) -> Loaded {
     Loaded { dir, dp }
 }
 
+/// Prefix of the test processes' pin directories under `/sys/fs/bpf`.
+const PIN_PREFIX: &str = "kproxy-test-";
+
 /// A pin directory under `/sys/fs/bpf` named after the process and `n` (bpffs mounted if it
-/// is not).
+/// is not). The first call removes the directories of test processes that are gone: a process
+/// killed by a signal (a timeout, an interrupted run) never reaches its exit handler.
 pub fn pin_dir(n: u32) -> PathBuf {
+    static STALE: Once = Once::new();
     let _ = std::process::Command::new("sh")
         .args(["-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"])
         .status();
-    PathBuf::from(format!("/sys/fs/bpf/kproxy-test-{}-{n}", std::process::id()))
+    STALE.call_once(remove_stale_pin_dirs);
+    PathBuf::from(format!("/sys/fs/bpf/{PIN_PREFIX}{}-{n}", std::process::id()))
+}
+
+/// Removes `/sys/fs/bpf/kproxy-test-<pid>-<n>` of every `<pid>` no longer running.
+fn remove_stale_pin_dirs() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PIN_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            remove(&e.path());
+        }
+    }
 }
 
 /// Removes a directory tree on drop.
