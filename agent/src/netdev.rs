@@ -602,7 +602,7 @@ pub struct AttachmentReport {
 /// Whether a program name is one of kproxy's.
 fn is_kproxy_program(name: &str) -> bool {
     use kproxy_common::names::*;
-    [PROG_XDP_EXT, PROG_TC_EXT, PROG_TC_FROM_POD, PROG_TC_TO_POD].contains(&name)
+    name == PROG_XDP_EXT || TC_ENTRY_PROGS.contains(&name)
 }
 
 /// Reads kproxy's attachments from the kernel (netlink link and filter dumps), with or without a

@@ -64,6 +64,9 @@ pub mod names {
     pub const PROG_XDP_EXT: &str = "kp_xdp_ext";
     /// TC ingress program for the node's external devices (complete path, XDP fallback).
     pub const PROG_TC_EXT: &str = "kp_tc_ext";
+    /// TC ingress program for external devices where XDP runs: passes what XDP marked as
+    /// handled, tail-calls [`PROG_TC_EXT`] for the rest (see [`crate::MAC_MARK`]).
+    pub const PROG_TC_EXT_XDP: &str = "kp_tc_ext_xdp";
     /// TC ingress program on the host side of pod interfaces (traffic leaving a pod).
     pub const PROG_TC_FROM_POD: &str = "kp_tc_from_pod";
     /// TC egress program on the host side of pod interfaces (traffic entering a pod).
@@ -110,6 +113,16 @@ pub mod names {
         (PROG_TC_POD_CONN6, crate::calls::POD_CONN6),
         (PROG_TC_EXT_CONN6, crate::calls::EXT_CONN6),
     ];
+    /// TC tail-call targets that are entry programs too (not in [`TC_CALLS`], which lists the
+    /// slow paths): [`PROG_TC_EXT`], the complete path behind [`PROG_TC_EXT_XDP`].
+    pub const TC_ENTRY_CALLS: [(&str, u32); 1] = [(PROG_TC_EXT, crate::calls::EXT)];
+    /// Every entry of [`CALLS_TC`]: [`TC_CALLS`] and [`TC_ENTRY_CALLS`].
+    pub fn all_tc_calls() -> impl Iterator<Item = (&'static str, u32)> {
+        TC_CALLS.into_iter().chain(TC_ENTRY_CALLS)
+    }
+    /// The TC programs kproxy attaches.
+    pub const TC_ENTRY_PROGS: [&str; 4] =
+        [PROG_TC_EXT, PROG_TC_EXT_XDP, PROG_TC_FROM_POD, PROG_TC_TO_POD];
     /// Number of IPv4 programs at the start of [`TC_CALLS`].
     pub const TC_CALLS_IPV4: usize = 5;
     /// The XDP tail-call targets (both families) and their index in [`CALLS_XDP`].
@@ -330,8 +343,10 @@ pub mod calls {
     pub const POD_CONN6: u32 = 11;
     /// TC: a new IPv6 connection on an external device.
     pub const EXT_CONN6: u32 = 12;
+    /// TC: `kp_tc_ext`, the complete path, for what `kp_tc_ext_xdp` finds unmarked.
+    pub const EXT: u32 = 13;
     /// Entries of the TC table.
-    pub const TC_MAX: u32 = 13;
+    pub const TC_MAX: u32 = 14;
     /// XDP: slow path of `kp_xdp_ext`.
     pub const XDP_NEW: u32 = 0;
     /// XDP: ICMP errors.
@@ -1299,6 +1314,19 @@ pub const fn hook_dev_slot(ifindex: u32) -> u32 {
 /// Number of slots in [`names::COUNTERS`].
 pub const REASON_MAX: u32 = 64;
 
+/// XDP's "handled" mark for TC where it cannot write XDP metadata (a kernel that withholds
+/// `bpf_xdp_adjust_meta`, a driver without metadata room): this bit of the first byte of the
+/// Ethernet source address ([`MAC_MARK_OFF`]), the group (I/G) bit, which no station sends (a
+/// source address is always unicast). XDP sets it on the IPv4 and IPv6 frames it passes after
+/// handling them completely and clears it on those it leaves to TC (a frame that arrived with
+/// it is not taken for marked); `kp_tc_ext_xdp` passes a marked frame and clears the bit before
+/// the node's stack sees it. Only the device's packet taps (tcpdump) see it set. A device where
+/// TC runs alone gets `kp_tc_ext`, which ignores the bit.
+pub const MAC_MARK: u8 = 0x01;
+
+/// Offset in the frame of the byte that holds [`MAC_MARK`].
+pub const MAC_MARK_OFF: usize = 6;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all types are repr(C), without implicit padding, and valid for any bit pattern.
@@ -1385,9 +1413,9 @@ mod tests {
         for n in names::ALL_MAPS6.iter().chain(v6) {
             assert!(n.len() <= 15 && n.ends_with('6'), "{n}");
         }
-        for (n, i) in names::TC_CALLS {
+        for (n, i) in names::all_tc_calls() {
             assert!(i < calls::TC_MAX, "{n}");
-            assert_eq!(names::TC_CALLS.iter().filter(|(_, j)| *j == i).count(), 1, "{n}");
+            assert_eq!(names::all_tc_calls().filter(|(_, j)| *j == i).count(), 1, "{n}");
         }
         for (n, i) in names::XDP_CALLS {
             assert!(i < calls::XDP_MAX, "{n}");

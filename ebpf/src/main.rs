@@ -44,7 +44,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use flow::{Hook, NO_TAIL};
-use kproxy_common::Reason;
+use kproxy_common::{Reason, calls};
 use nat::{Action, Verdict};
 use pkt::Packet as _;
 
@@ -137,8 +137,8 @@ fn xdp_verdict(ctx: &XdpContext, v: Verdict, reason: Reason) -> u32 {
 #[inline(always)]
 fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32 {
     count(reason, v6);
-    if v.action == Action::Pass && reason != Reason::XdpPassToTc {
-        mark_handled(ctx);
+    if v.action == Action::Pass {
+        mark_for_tc(ctx, reason != Reason::XdpPassToTc);
     }
     match v.action {
         Action::Pass | Action::RedirectNeigh | Action::RedirectPeer => xdp_action::XDP_PASS,
@@ -149,51 +149,68 @@ fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32
     }
 }
 
-/// External devices, TC ingress: everything XDP passed on, or everything in TC-only mode.
+/// External devices where TC runs alone, TC ingress: everything, on the complete path (also
+/// tail-called by [`kp_tc_ext_xdp`] for what XDP left to TC). It ignores the source-MAC mark
+/// ([`kproxy_common::MAC_MARK`]): without XDP in front, a frame could come with it from the wire.
 #[classifier]
 #[inline(always)]
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
-    if handled_by_xdp(&ctx) {
-        count(Reason::PassHandledByXdp, parse6::is_ipv6(&pkt::Tc(&ctx)));
-        return TC_NEXT;
-    }
     tc_fast(&ctx, Hook::TcExt)
 }
 
-/// XDP metadata word telling `kp_tc_ext` that XDP already decided ("KPX1").
+/// External devices where XDP runs, TC ingress: passes what XDP marked as handled (its metadata
+/// mark, or the source-MAC mark where it could not write metadata, taken off here) without a
+/// lookup, and tail-calls [`kp_tc_ext`] for the rest.
+#[classifier]
+#[inline(always)]
+pub fn kp_tc_ext_xdp(ctx: TcContext) -> i32 {
+    let c = pkt::Tc(&ctx);
+    if handled_by_xdp(&ctx) || pkt::swap_mac_mark(&c, false) {
+        count(Reason::PassHandledByXdp, parse6::is_ipv6(&c));
+        return TC_NEXT;
+    }
+    // SAFETY: tail call on our own context; returns only if it failed.
+    unsafe { maps::kp_calls_tc.tail_call(&ctx, calls::EXT) };
+    count(Reason::DropTailCall, parse6::is_ipv6(&c));
+    TC_ACT_SHOT
+}
+
+/// XDP metadata word telling `kp_tc_ext_xdp` that XDP already decided ("KPX1").
 const XDP_HANDLED: u32 = u32::from_ne_bytes(*b"KPX1");
 
-/// Whether XDP may mark what it handled (`bpf_xdp_adjust_meta`): set to 0 by the loader where
-/// the kernel does not offer the helper to XDP programs (some builds withhold it). A constant
-/// of the read-only data section, frozen before the programs load: the verifier then never
-/// walks the helper call, and TC processes those packets again, as for a driver without
-/// metadata support.
+/// Whether XDP may mark what it handled with metadata (`bpf_xdp_adjust_meta`): set to 0 by the
+/// loader where the kernel does not offer the helper to XDP programs (some builds withhold it).
+/// A constant of the read-only data section, frozen before the programs load: the verifier
+/// then never walks the helper call, and XDP marks in the source MAC instead.
 #[unsafe(no_mangle)]
 static KP_XDP_META: u8 = 1;
 
-/// Marks a packet XDP passed after handling it completely, so that TC does not repeat the
-/// lookups. Devices whose driver has no metadata support simply get no mark (TC then
-/// processes the packet again, which finds nothing to do).
+/// Tells `kp_tc_ext_xdp` whether XDP handled a packet it passes (`handled`: TC has nothing
+/// left to do) or left it to TC. A handled packet gets the 4-byte metadata mark, or where XDP
+/// cannot write metadata (the helper withheld, or a driver without metadata room) the
+/// source-MAC mark ([`kproxy_common::MAC_MARK`], IPv4 and IPv6 frames only: the rest TC passes
+/// on its first look anyway). A packet left to TC gets no mark, and loses a source-MAC mark it
+/// arrived with.
 #[inline(always)]
-fn mark_handled(ctx: &XdpContext) {
+fn mark_for_tc(ctx: &XdpContext, handled: bool) {
     // SAFETY: a read of a constant; helper on our own context; the bounds are checked before
     // the write.
     unsafe {
-        if core::ptr::read_volatile(&raw const KP_XDP_META) == 0 {
-            return;
+        if handled
+            && core::ptr::read_volatile(&raw const KP_XDP_META) != 0
+            && bpf_xdp_adjust_meta(ctx.ctx, -4) == 0
+        {
+            let meta = ctx.metadata();
+            if meta + 4 <= ctx.data() {
+                *(meta as *mut u32) = XDP_HANDLED;
+                return;
+            }
         }
-        if bpf_xdp_adjust_meta(ctx.ctx, -4) != 0 {
-            return;
-        }
-        let meta = ctx.metadata();
-        if meta + 4 > ctx.data() {
-            return;
-        }
-        *(meta as *mut u32) = XDP_HANDLED;
     }
+    pkt::swap_mac_mark(&pkt::Xdp(ctx), handled);
 }
 
-/// Whether XDP marked this packet as handled.
+/// Whether XDP marked this packet as handled with metadata.
 #[inline(always)]
 fn handled_by_xdp(ctx: &TcContext) -> bool {
     // SAFETY: the context pointer is valid; the metadata read is bounds-checked.

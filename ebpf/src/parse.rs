@@ -4,7 +4,7 @@ use kproxy_common::{Reason, proto};
 
 use crate::pkt::{L3, Packet, ptr_at};
 
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
 
 /// TCP flag bits.
 pub mod tcp_flags {

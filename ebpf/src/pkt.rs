@@ -210,6 +210,28 @@ fn write_macs<P: Packet>(c: &P, dst: &MacWords, src: &MacWords) -> Result<(), Re
     Ok(())
 }
 
+/// Sets (`on`) or clears XDP's mark for TC in the Ethernet source address of an IPv4 or IPv6
+/// frame ([`kproxy_common::MAC_MARK`]); whether it was set before. Other frames (and a frame
+/// too short for an Ethernet header) are left alone: `false`.
+#[inline(always)]
+pub fn swap_mac_mark<P: Packet>(c: &P, on: bool) -> bool {
+    let Ok(e) = ptr_at::<P, [u8; 14]>(c, 0) else { return false };
+    let e = e as *mut u8;
+    // SAFETY: bounds checked by ptr_at; the ethertype is a packet field as in `MacWords`.
+    unsafe {
+        let t = u16::from_be(*(e.add(12) as *const u16));
+        if t != crate::parse::ETH_P_IP && t != crate::parse6::ETH_P_IPV6 {
+            return false;
+        }
+        let b = e.add(kproxy_common::MAC_MARK_OFF);
+        let was = *b & kproxy_common::MAC_MARK != 0;
+        if was != on {
+            *b ^= kproxy_common::MAC_MARK;
+        }
+        was
+    }
+}
+
 /// Offset of the L4 checksum of `p` (None for protocols without one we maintain).
 #[inline(always)]
 pub fn l4_csum_off(p: &Ip4) -> Option<usize> {

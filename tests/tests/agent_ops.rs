@@ -642,7 +642,7 @@ fn recreated_nodeport_device_is_attached_again() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let before = device_list(&s, 0);
-    assert_eq!(programs_on(&before, "eth0"), ["kp_xdp_ext", "kp_tc_ext"], "{before}");
+    assert_eq!(programs_on(&before, "eth0"), ["kp_xdp_ext", "kp_tc_ext_xdp"], "{before}");
 
     recreate_node_eth0(&s.lab, 0);
     let t = Instant::now();
@@ -652,7 +652,7 @@ fn recreated_nodeport_device_is_attached_again() {
     eprintln!("eth0 recreated -> NodePort served: {:?}", t.elapsed());
     log_until(&s, 0, &["NodePort device gone", "device=eth0"]);
     let after = device_list(&s, 0);
-    assert_eq!(programs_on(&after, "eth0"), ["kp_xdp_ext", "kp_tc_ext"], "{after}");
+    assert_eq!(programs_on(&after, "eth0"), ["kp_xdp_ext", "kp_tc_ext_xdp"], "{after}");
     let index = |v: &serde_json::Value| {
         v["devices"].as_array().unwrap().iter().find(|d| d["name"] == "eth0").unwrap()["ifindex"]
             .as_u64()
@@ -729,7 +729,7 @@ fn link_pins_of_a_device_gone_while_the_agent_was_down_are_removed() {
     };
     s.agents[0] = Some(s.lab.spawn_agent(0, &opts).expect("agent"));
     log_until(&s, 0, &["programs attached", "device=kpx0"]);
-    assert_eq!(programs_on(&device_list(&s, 0), "kpx0"), ["kp_xdp_ext", "kp_tc_ext"]);
+    assert_eq!(programs_on(&device_list(&s, 0), "kpx0"), ["kp_xdp_ext", "kp_tc_ext_xdp"]);
     s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("stop");
     exec(&ns, &["ip", "link", "del", "kpx0"]).unwrap();
     // With tcx (Linux 6.6+) the TC program's link is pinned too.
@@ -744,7 +744,7 @@ fn link_pins_of_a_device_gone_while_the_agent_was_down_are_removed() {
     let devices = device_list(&s, 0);
     assert_eq!(devices["stale_link_pins"], serde_json::json!([]), "{devices}");
     assert!(!s.lab.pin_path(0).join("v1/links/tcx-ingress-kpx0").exists());
-    assert_eq!(programs_on(&devices, "eth0"), ["kp_xdp_ext", "kp_tc_ext"]);
+    assert_eq!(programs_on(&devices, "eth0"), ["kp_xdp_ext", "kp_tc_ext_xdp"]);
 }
 
 /// A sync whose map write fails fails as kube-proxy's does, end to end: the change stays

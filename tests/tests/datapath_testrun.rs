@@ -20,9 +20,9 @@ use kproxy::dataplane::{
     loader::{Datapath, MapSizes},
 };
 use kproxy_common::{
-    Affinity4Key, Affinity4Value, Backend4, NodeConfig, REASON_MAX, Reason, Service4Key,
-    Service4Value, backend_flags, cfg_flags, ct_state, names, proto, rnat_flags, scope, svc_flags,
-    timeouts,
+    Affinity4Key, Affinity4Value, Backend4, MAC_MARK, MAC_MARK_OFF, NodeConfig, REASON_MAX, Reason,
+    Service4Key, Service4Value, backend_flags, cfg_flags, ct_state, names, proto, rnat_flags,
+    scope, svc_flags, timeouts,
 };
 use kproxy_tests::frames::{self, ACK, FIN, Frame, L4, PSH, RST, SYN};
 
@@ -207,9 +207,26 @@ impl Env {
         (v, out)
     }
 
-    /// Runs the XDP program; also says whether it left the "handled" metadata mark for TC
-    /// (TEST_RUN returns the metadata in front of the frame; it is split off here).
+    /// Runs the XDP program; also says whether it left its "handled" mark for TC: the metadata
+    /// mark (TEST_RUN returns the metadata in front of the frame; split off here) or, where XDP
+    /// cannot write metadata, the source-MAC mark (`MAC_MARK`, taken off here as
+    /// `kp_tc_ext_xdp` takes it off, so that the frame compares with what the stack gets). A
+    /// frame that comes with the bit set gets it checked by [`Self::xdp_raw`] instead.
     fn xdp_meta(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
+        assert_eq!(frame[MAC_MARK_OFF] & MAC_MARK, 0, "input with the source-MAC mark: xdp_raw");
+        let (v, mut out, meta) = self.xdp_raw(frame);
+        let ip = out.len() >= 14 && matches!(out[12..14], [0x08, 0x00] | [0x86, 0xdd]);
+        let mac = v == XDP_PASS && ip && out[MAC_MARK_OFF] & MAC_MARK != 0;
+        if mac {
+            assert!(!xdp_meta_offered(), "source-MAC mark where XDP can write metadata");
+            out[MAC_MARK_OFF] &= !MAC_MARK;
+        }
+        (v, out, meta || mac)
+    }
+
+    /// Runs the XDP program: its verdict, its output frame as it is, and whether the output
+    /// carries the metadata mark (split off).
+    fn xdp_raw(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
         let p: &mut Xdp = self.dp().program_mut(names::PROG_XDP_EXT).unwrap().try_into().unwrap();
         let mut out = vec![0u8; 2048];
         let r = p
@@ -281,17 +298,22 @@ fn skip_without_ingress_device() -> bool {
     skip
 }
 
+/// Whether the kernel lets XDP write metadata (`features::xdp_meta`; asked once).
+fn xdp_meta_offered() -> bool {
+    static META: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *META.get_or_init(xdp_meta)
+}
+
 /// Asserts that XDP left its "handled" mark for TC (`want`) or not, where that can be seen:
-/// BPF_PROG_TEST_RUN returns the metadata since Linux 5.16, and a kernel that withholds
-/// `bpf_xdp_adjust_meta` from XDP gets no mark at all (`names::GLOBAL_XDP_META`).
+/// BPF_PROG_TEST_RUN returns the metadata since Linux 5.16; where the kernel withholds
+/// `bpf_xdp_adjust_meta` from XDP (`names::GLOBAL_XDP_META`) the mark is in the source MAC, seen
+/// on every kernel.
 #[track_caller]
 fn assert_marked(marked: bool, want: bool) {
-    static META: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !kernel_at_least(5, 16) {
+    if xdp_meta_offered() && !kernel_at_least(5, 16) {
         return;
     }
-    let want = want && *META.get_or_init(xdp_meta);
-    assert_eq!(marked, want, "XDP metadata mark for TC");
+    assert_eq!(marked, want, "XDP's mark for TC");
 }
 
 #[track_caller]
@@ -1542,11 +1564,16 @@ fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
         let mut env = Env::new();
         let np = env.remote_nodeport(proto::UDP, 30053);
         let q = Frame::udp(sa(CLIENT), sa(&np), b"q");
-        // XDP cannot resolve the neighbour: the packet goes up untouched, unmarked...
+        // XDP cannot resolve the neighbour: the packet goes up untouched, unmarked (a frame
+        // that came with the source-MAC mark loses it: TC must not take it for XDP's)...
         let (v, out, marked) = env.xdp_meta(&q.build());
         assert_eq!((v, &out, marked), (XDP_PASS, &q.build(), false));
-        // ...and TC translates it and hands it to bpf_redirect_neigh.
-        let (v, out) = env.tc(names::PROG_TC_EXT, &q.build());
+        let mut forged = q.build();
+        forged[MAC_MARK_OFF] |= MAC_MARK;
+        assert_eq!(env.xdp_raw(&forged), (XDP_PASS, q.build(), false), "mark taken off");
+        // ...and TC behind XDP (its complete path, tail-called) translates it and hands it to
+        // bpf_redirect_neigh.
+        let (v, out) = env.tc(names::PROG_TC_EXT_XDP, &q.build());
         assert_eq!(v, TC_ACT_REDIRECT);
         let got = frames::decode(&out).unwrap();
         let L4::Udp { sport, .. } = got.l4 else { panic!() };
@@ -1557,8 +1584,47 @@ fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
         want.ttl = 63;
         assert_frame(&out, &want);
         let c = env.counters();
-        assert_eq!(c.get(&Reason::XdpPassToTc), Some(&1));
-        assert_eq!(c.values().sum::<u64>(), 2);
+        assert_eq!(c.get(&Reason::XdpPassToTc), Some(&2));
+        assert_eq!(c.values().sum::<u64>(), 3);
+    });
+}
+
+/// Where XDP cannot write metadata it marks what it handled in the source MAC (`MAC_MARK`):
+/// `kp_tc_ext_xdp`, TC behind XDP, passes a marked IPv4 or IPv6 frame without a lookup and takes
+/// the bit off; the rest it hands to the complete path (`kp_tc_ext`, tail call). `kp_tc_ext`,
+/// where TC runs alone, never takes the bit for a mark: a frame can come with it from the wire.
+#[test]
+fn tc_behind_xdp_takes_the_source_mac_mark() {
+    in_test_netns(true, || {
+        let mut env = Env::new();
+        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+        let np = format!("{NODE_IP}:30080");
+        env.service(&np, proto::TCP, scope::EXTERNAL, svc_flags::NODE_PORT, &[1], 1);
+        let mark = |f: &Frame| {
+            let mut b = f.build();
+            b[MAC_MARK_OFF] |= MAC_MARK;
+            b
+        };
+        let syn = Frame::tcp(sa(CLIENT), sa(&np), SYN);
+        let (v, out) = env.tc(names::PROG_TC_EXT_XDP, &mark(&syn));
+        assert_eq!((v, &out), (TC_PASS, &syn.build()), "passed as it came, the bit taken off");
+        assert_counts(&env, &[(Reason::PassHandledByXdp, 1)]);
+        let (v, out) = env.tc(names::PROG_TC_EXT_XDP, &syn.build());
+        assert_eq!(v, TC_PASS);
+        assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+        let syn2 = syn.clone().with_src(sa("198.18.0.2:40001"));
+        let (v, mut out) = env.tc(names::PROG_TC_EXT, &mark(&syn2));
+        assert_eq!((v, out[MAC_MARK_OFF] & MAC_MARK), (TC_PASS, MAC_MARK), "TC alone: as it came");
+        out[MAC_MARK_OFF] &= !MAC_MARK;
+        assert_frame(&out, &syn2.clone().with_dst(sa(BE1)));
+        // Not IP: no mark (XDP never sets it there), the complete path's verdict.
+        let mut arp = mark(&syn);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(env.tc(names::PROG_TC_EXT_XDP, &arp), (TC_PASS, arp.clone()));
+        assert_counts(
+            &env,
+            &[(Reason::PassHandledByXdp, 1), (Reason::TranslatedNew, 2), (Reason::PassNotIpv4, 1)],
+        );
     });
 }
 
@@ -2008,7 +2074,9 @@ fn tc_progs(pin: &Path, dev: &str, dir: &str, name: &str) -> Vec<(u32, &'static 
     let report = kproxy::netdev::attachments(pin).unwrap();
     let Some(d) = report.devices.into_iter().find(|d| d.name == dev) else { return Vec::new() };
     d.tc.iter()
-        .filter(|p| p.hook == dir && p.program.starts_with(name))
+        .filter(|p| {
+            p.hook == dir && (p.program == name || name == "kp_" && p.program.starts_with(name))
+        })
         .map(|p| (p.id, p.via))
         .collect()
 }
@@ -2028,7 +2096,8 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         let hooks = [
             ("kpt1", "ingress", names::PROG_TC_FROM_POD),
             ("kpt1", "egress", names::PROG_TC_TO_POD),
-            ("kpt0", "ingress", names::PROG_TC_EXT),
+            // Behind XDP: the TC program that takes XDP's marks.
+            ("kpt0", "ingress", names::PROG_TC_EXT_XDP),
         ];
         // One kproxy program on each hook, of the kind `via`; the clsact filters as `tc` shows
         // them and the tcx link pins agree. Returns the programs' ids.
@@ -2149,8 +2218,11 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         dp.set_xdp_mode(generic);
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
         assert!(xdp_prog("kpt0").is_some());
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT_XDP).len(), 1);
         assert_eq!(dp.attach_external("kpt0", ExternalMode::TcOnly).unwrap(), None);
         assert_eq!(xdp_prog("kpt0"), None);
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", "kp_").len(), 1, "one TC program");
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT).len(), 1, "TC alone");
         // A forced native mode is honoured for a new attachment.
         dp.set_xdp_mode(Some(aya::programs::XdpMode::Driver));
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
@@ -2173,7 +2245,7 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         assert_eq!(tc_progs(&dir, "kpt1", "egress", "kp_"), []);
         assert!(!dir.join("v1/links/tcx-ingress-kpt1").exists());
         assert!(sh_out("tc filter show dev kpt1 ingress").contains("u32"), "foreign filter kept");
-        assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT).len(), 1);
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT_XDP).len(), 1);
 
         // cleanup removes everything else, pins included.
         drop(dp);
@@ -2794,10 +2866,10 @@ fn icmp_error_from_remote_backend_reaches_external_client() {
 
 /// Real sockets through XDP and TC on an external device: a client namespace reaches a
 /// NodePort whose backend is a pod on the node. XDP translates and marks the packets, TC on the
-/// same device skips them (`PassHandledByXdp`), the pod's replies are restored on its veth.
-/// Where the kernel withholds `bpf_xdp_adjust_meta` from XDP (feature `xdp_meta`) nothing is
-/// marked and TC passes what XDP translated: the counters then do not tell XDP's work from
-/// TC's (the TEST_RUN tests of `kp_xdp_ext` cover it).
+/// same device (`kp_tc_ext_xdp`) skips them (`PassHandledByXdp`), the pod's replies are restored
+/// on its veth. Where the kernel withholds `bpf_xdp_adjust_meta` from XDP (feature `xdp_meta`)
+/// the mark is the source MAC's (`MAC_MARK`), which TC takes off: the node's stack still
+/// delivers everything.
 #[test]
 fn real_sockets_nodeport_through_xdp() {
     real_sockets_nodeport(kproxy::dataplane::loader::ExternalMode::Xdp);
@@ -2875,7 +2947,7 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
     assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 2, "{c:?}\n{}", show_ct(&env));
     assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 2, "{c:?}");
     let skipped = c.get(&Reason::PassHandledByXdp).copied().unwrap_or(0);
-    if mode == kproxy::dataplane::loader::ExternalMode::Xdp && xdp_meta() {
+    if mode == kproxy::dataplane::loader::ExternalMode::Xdp {
         assert!(skipped >= 2, "{c:?}");
     } else {
         assert_eq!(skipped, 0, "{c:?}");

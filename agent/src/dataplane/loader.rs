@@ -619,11 +619,7 @@ impl Datapath {
                 }
             };
         resized.iter().for_each(Resize::finish);
-        let tc_progs = || {
-            [names::PROG_TC_EXT, names::PROG_TC_FROM_POD, names::PROG_TC_TO_POD]
-                .into_iter()
-                .chain(names::TC_CALLS.map(|(n, _)| n))
-        };
+        let tc_progs = || names::TC_ENTRY_PROGS.into_iter().chain(names::TC_CALLS.map(|(n, _)| n));
         let xdp_progs =
             || [names::PROG_XDP_EXT].into_iter().chain(names::XDP_CALLS.map(|(n, _)| n));
         for name in tc_progs() {
@@ -703,6 +699,9 @@ impl Datapath {
         mode: ExternalMode,
     ) -> anyhow::Result<Option<XdpMode>> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
+        // TC's complete path first (it does not trust XDP's marks), then XDP, then the TC
+        // program that passes what XDP marked: at no moment does a TC program take a mark XDP
+        // did not set.
         self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT)?;
         let xdp = match (mode, self.xdp_mode) {
             (ExternalMode::TcOnly, _) => None,
@@ -722,8 +721,9 @@ impl Datapath {
                 Err(e) => return Err(e),
             },
         };
-        if xdp.is_none() {
-            detach_xdp(&self.pin_path, ifname)?;
+        match xdp {
+            None => detach_xdp(&self.pin_path, ifname)?,
+            Some(_) => self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT_XDP)?,
         }
         info!(ifname, xdp = ?xdp, "external device attached");
         Ok(xdp)
@@ -859,7 +859,11 @@ impl Datapath {
         match self.tc_attach {
             TcAttach::Tcx => {
                 self.attach_tcx(ifname, ty, name)?;
-                if detach_clsact(ifname, ty, name)? {
+                let mut removed = false;
+                for n in same_slot(name) {
+                    removed |= detach_clsact(ifname, ty, n)?;
+                }
+                if removed {
                     delete_empty_clsact(ifname);
                 }
                 Ok(())
@@ -1031,9 +1035,10 @@ fn fill_calls(ebpf: &mut Ebpf, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     );
     let calls = calls_dir(dir);
     std::fs::create_dir_all(&calls).with_context(|| format!("creating {}", calls.display()))?;
-    let tc_calls = &names::TC_CALLS[..];
+    let tc_calls: Vec<_> = names::all_tc_calls().collect();
     let mut pins = Vec::new();
-    for (table, targets) in [(names::CALLS_TC, tc_calls), (names::CALLS_XDP, &names::XDP_CALLS[..])]
+    for (table, targets) in
+        [(names::CALLS_TC, &tc_calls[..]), (names::CALLS_XDP, &names::XDP_CALLS[..])]
     {
         let fds: Vec<(u32, ProgramFd)> = targets
             .iter()
@@ -1232,16 +1237,24 @@ fn update_link_pin(pin: &Path, prog_fd: i32) -> anyhow::Result<bool> {
 fn tcx_ahead_of(ifname: &str, ty: TcAttachType, name: &str) -> (Vec<String>, Option<u32>) {
     let Ok((_, progs)) = SchedClassifier::query_tcx(ifname, ty) else { return (Vec::new(), None) };
     // The kernel keeps the first 15 bytes of a program's name.
-    let short = &name[..name.len().min(15)];
+    let short = |n: &str| n[..n.len().min(15)].to_owned();
+    let ours: Vec<String> = same_slot(name).iter().map(|n| short(n)).collect();
     let mut ahead = Vec::new();
     for p in progs {
         let n = p.name_as_str().unwrap_or("?");
-        if n == short {
+        if ours.iter().any(|o| o == n) {
             return (ahead, Some(p.id()));
         }
         ahead.push(n.to_owned());
     }
     (ahead, None)
+}
+
+/// The programs that take one another's place on a hook: the two of an external device's TC
+/// ingress (one where TC runs alone, one behind XDP), or `name` alone.
+fn same_slot(name: &str) -> Vec<&str> {
+    const EXT: [&str; 2] = [names::PROG_TC_EXT, names::PROG_TC_EXT_XDP];
+    if EXT.contains(&name) { EXT.to_vec() } else { vec![name] }
 }
 
 /// Detaches the link pinned at `pin`, if any, and removes the pin.
@@ -1311,6 +1324,7 @@ fn detach_device(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
     let mut removed = false;
     for (ty, name) in [
         (TcAttachType::Ingress, names::PROG_TC_EXT),
+        (TcAttachType::Ingress, names::PROG_TC_EXT_XDP),
         (TcAttachType::Ingress, names::PROG_TC_FROM_POD),
         (TcAttachType::Egress, names::PROG_TC_TO_POD),
     ] {

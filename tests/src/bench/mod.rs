@@ -598,7 +598,8 @@ pub const BPF_STATS_WINDOWS: [(&str, &str); 4] = [
 /// programs deliver translated packets themselves, to a local pod with `bpf_redirect_peer`, so
 /// that the host side of the client pod's veth, `kp_tc_to_pod`'s hook, does not see its
 /// service replies at all (goal 10.1's "or not run at all"); the translation of a remote
-/// backend's replies moves to `kp_tc_ext`.
+/// backend's replies moves to TC on the external device (`kp_tc_ext_xdp`, which tail-calls
+/// `kp_tc_ext` for what XDP leaves to it).
 pub const BPF_STATS_HR_WINDOWS: [(&str, &str); 2] = [
     (
         "hr-clusterip-local",
@@ -687,7 +688,7 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 38] = [
     ("to_pod_ns", "kp_tc_to_pod", "hr-clusterip-local"),
     ("from_pod_ns", "kp_tc_from_pod", "hr-clusterip-remote"),
     ("to_pod_ns", "kp_tc_to_pod", "hr-clusterip-remote"),
-    ("tc_ext_ns", "kp_tc_ext", "hr-clusterip-remote"),
+    ("tc_ext_ns", "kp_tc_ext_xdp", "hr-clusterip-remote"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-local"),
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-local"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-local"),
@@ -695,11 +696,11 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 38] = [
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-remote"),
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-remote"),
     ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip6-remote"),
-    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip6-remote"),
+    ("tc_ext_ns", "kp_tc_ext_xdp", "ds-clusterip6-remote"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-remote"),
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip4-remote"),
     ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip4-remote"),
-    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip4-remote"),
+    ("tc_ext_ns", "kp_tc_ext_xdp", "ds-clusterip4-remote"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-local-paced"),
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-local-paced"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-local-paced"),
@@ -707,11 +708,11 @@ pub const BPF_STATS_FIGURES: [(&str, &str, &str); 38] = [
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip6-remote-paced"),
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip6-remote-paced"),
     ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip6-remote-paced"),
-    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip6-remote-paced"),
+    ("tc_ext_ns", "kp_tc_ext_xdp", "ds-clusterip6-remote-paced"),
     ("from_pod_ns", "kp_tc_from_pod", "ds-clusterip4-remote-paced"),
     ("to_pod_ns", "kp_tc_to_pod", "ds-clusterip4-remote-paced"),
     ("xdp_ext_ns", "kp_xdp_ext", "ds-clusterip4-remote-paced"),
-    ("tc_ext_ns", "kp_tc_ext", "ds-clusterip4-remote-paced"),
+    ("tc_ext_ns", "kp_tc_ext_xdp", "ds-clusterip4-remote-paced"),
 ];
 
 /// Metric of the empty program's ns per run in each bpf_stats window.
@@ -726,9 +727,9 @@ pub const BPF_STATS_EMPTY: &str = "empty_ns";
 pub struct EmptyTcHook {
     /// The metric of kproxy's program on the hook.
     pub of: &'static str,
-    /// Egress (`kp_tc_to_pod`), else ingress (`kp_tc_from_pod`, `kp_tc_ext`).
+    /// Egress (`kp_tc_to_pod`), else ingress (`kp_tc_from_pod`, `kp_tc_ext_xdp`).
     pub egress: bool,
-    /// On node 0's external device (`kp_tc_ext`), else on its pod veths.
+    /// On node 0's external device (`kp_tc_ext_xdp`, TC behind XDP), else on its pod veths.
     pub external: bool,
     /// The program that runs first.
     pub first: (&'static str, &'static str),

@@ -127,12 +127,8 @@ extern "C" fn remove_pins() {
 
 /// Every program of a load, by name.
 fn programs() -> Vec<&'static str> {
-    let mut v = vec![
-        names::PROG_TC_EXT,
-        names::PROG_TC_FROM_POD,
-        names::PROG_TC_TO_POD,
-        names::PROG_XDP_EXT,
-    ];
+    let mut v = names::TC_ENTRY_PROGS.to_vec();
+    v.push(names::PROG_XDP_EXT);
     v.extend(names::TC_CALLS.iter().chain(&names::XDP_CALLS).map(|(n, _)| *n));
     v.extend(names::SOCK_PROGS.iter().chain(&names::SOCK_PROGS6).map(|(n, _)| *n));
     v
@@ -245,16 +241,16 @@ fn zero(fd: BorrowedFd<'_>, value_len: usize, entries: u32, name: &str) {
 
 /// Puts every tail-call target of table `name` back at its index.
 fn refill(l: &mut Loaded, id: u32, name: &str) {
-    let targets: &[(&str, u32)] = if name == names::CALLS_TC {
-        &names::TC_CALLS
+    let targets: Vec<(&str, u32)> = if name == names::CALLS_TC {
+        names::all_tc_calls().collect()
     } else if name == names::CALLS_XDP {
-        &names::XDP_CALLS
+        names::XDP_CALLS.to_vec()
     } else {
         panic!("program array {name}: not a tail-call table of the datapath")
     };
     let mut table = ProgramArray::try_from(Map::ProgramArray(MapData::from_id(id).unwrap()))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    for (prog, index) in targets {
+    for (prog, index) in &targets {
         let fd = l.dp.program_mut(prog).unwrap().fd().unwrap().try_clone().unwrap();
         table.set(*index, &fd, 0).unwrap_or_else(|e| panic!("{name}[{index}] = {prog}: {e}"));
     }

@@ -1,5 +1,5 @@
 //! IPv6 NodePort / LoadBalancer / externalIP in XDP (`kp_xdp_ext` and its IPv6 tail calls): the
-//! same translations as TC's, with the same rules about what XDP finishes (marked for TC, feature `xdp_meta`) and
+//! same translations as TC's, with the same rules about what XDP finishes (marked for TC) and
 //! what it leaves to TC (unmarked, untouched). Every verdict is counted in the IPv6 counters.
 use super::*;
 
@@ -36,7 +36,18 @@ fn ipv6_xdp_nodeport_local_backend() {
     let ct = env.maps.conntrack6().unwrap();
     assert_eq!(ct.len(), 2);
     assert!(ct.iter().all(|(_, e)| e.flags & kproxy_common::ct_flags::SNAT == 0), "no SNAT");
-    assert_counts6(&env, &[(Reason::TranslatedNew, 2), (Reason::TranslatedEstablished, 1)]);
+    // TC behind XDP passes an IPv6 frame with the source-MAC mark, counted as IPv6.
+    let mut marked = data.build();
+    marked[MAC_MARK_OFF] |= MAC_MARK;
+    assert_eq!(env.tc(names::PROG_TC_EXT_XDP, &marked), (TC_PASS, data.build()));
+    assert_counts6(
+        &env,
+        &[
+            (Reason::TranslatedNew, 2),
+            (Reason::TranslatedEstablished, 1),
+            (Reason::PassHandledByXdp, 1),
+        ],
+    );
 }
 
 /// A NodePort whose backend is on another node, in XDP: source NAT to the node's IPv6 address,
