@@ -1243,7 +1243,8 @@ reasons! {
     PassNotReady = 8, "pass_not_ready", false;
     /// Protocol a service cannot be for (ICMP echo to a frontend, SCTP): passed untouched.
     PassUnsupportedProto = 9, "pass_unsupported_proto", false;
-    /// TC on an external device: XDP already handled this packet (XDP metadata mark).
+    /// TC on an external device: XDP already handled this packet (its metadata or source-MAC
+    /// mark, see [`crate::MAC_MARK`]).
     PassHandledByXdp = 10, "pass_handled_by_xdp", false;
     /// A TCP packet other than a SYN to a service frontend found no connection entry (evicted
     /// from a full table, or expired): balanced like a new connection, which picks the same

@@ -60,8 +60,8 @@ const PROBES: &[(&str, &str, &str, Probe)] = &[
     (
         "xdp_meta",
         "5.10",
-        "XDP marks the packets it handled (bpf_xdp_adjust_meta) so that TC skips them; without \
-         it (some kernel builds withhold the helper from XDP) TC looks them up again",
+        "XDP marks the packets it handled in metadata (bpf_xdp_adjust_meta) so that TC skips \
+         them; without it (some kernel builds withhold the helper from XDP) in the source MAC",
         Probe::Helper(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta),
     ),
     (

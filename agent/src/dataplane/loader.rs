@@ -539,8 +539,9 @@ impl Datapath {
         let globals = object_globals();
         if globals.iter().any(|&(n, v)| n == names::GLOBAL_XDP_META && v == 0) {
             warn!(
-                "this kernel does not let XDP programs call bpf_xdp_adjust_meta: packets XDP \
-                 passed are looked up again in TC (feature xdp_meta)"
+                "this kernel does not let XDP programs call bpf_xdp_adjust_meta: XDP marks the \
+                 packets it handled in the source MAC's group bit, which TC takes off (feature \
+                 xdp_meta; packet taps on the external devices see it)"
             );
         }
         let mut loader = EbpfLoader::new();

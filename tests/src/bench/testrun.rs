@@ -260,11 +260,17 @@ fn run(dp: &mut Datapath, prog: &str, frame: &[u8]) -> Result<(u32, f64, Vec<u8>
 /// `XDP_PASS`.
 const XDP_PASS: u32 = 2;
 
-/// The frame of an XDP program's output: TEST_RUN returns the metadata in front of it (since
-/// Linux 5.16), where `kp_xdp_ext` leaves its 4-byte mark on a packet it passed after
-/// handling it (translated, or a pod's reply left for `kp_tc_to_pod`).
-fn frame(out: &[u8]) -> &[u8] {
-    out.strip_prefix(b"KPX1").unwrap_or(out)
+/// The frame of an XDP program's output as the node's stack gets it: TEST_RUN returns the
+/// metadata in front of it (since Linux 5.16), where `kp_xdp_ext` leaves its 4-byte mark on a
+/// packet it passed after handling it (translated, or a pod's reply left for `kp_tc_to_pod`);
+/// where XDP cannot write metadata the mark is the source MAC's group bit
+/// ([`kproxy_common::MAC_MARK`]), which `kp_tc_ext_xdp` takes off.
+fn frame(out: &[u8]) -> Vec<u8> {
+    let mut f = out.strip_prefix(b"KPX1").unwrap_or(out).to_vec();
+    if let Some(b) = f.get_mut(kproxy_common::MAC_MARK_OFF) {
+        *b &= !kproxy_common::MAC_MARK;
+    }
+    f
 }
 /// `XDP_REDIRECT`.
 const XDP_REDIRECT: u32 = 4;
