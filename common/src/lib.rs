@@ -43,7 +43,7 @@ pub mod names {
     /// Host-side pod interfaces (ifindex → 1), for eBPF host routing's `bpf_redirect_peer`.
     pub const POD_DEVS: &str = "kp_poddevs";
     /// Devices whose ingress runs kproxy's programs (`kp_tc_from_pod`, `kp_xdp_ext` /
-    /// `kp_tc_ext`): slot `ifindex % HOOK_DEVS_MAX` holds the ifindex. See
+    /// `kp_tc_ext_xdp`, `kp_tc_ext`): slot `ifindex % HOOK_DEVS_MAX` holds the ifindex. See
     /// [`crate::hook_dev_slot`].
     pub const HOOK_DEVS: &str = "kp_hookdevs";
     /// Address hint bitmaps (frontend and backend addresses). See [`crate::hints`].
@@ -1318,11 +1318,11 @@ pub const REASON_MAX: u32 = 64;
 /// XDP's "handled" mark for TC where it cannot write XDP metadata (a kernel that withholds
 /// `bpf_xdp_adjust_meta`, a driver without metadata room): this bit of the first byte of the
 /// Ethernet source address ([`MAC_MARK_OFF`]), the group (I/G) bit, which no station sends (a
-/// source address is always unicast). XDP sets it on the IPv4 and IPv6 frames it passes after
-/// handling them completely and clears it on those it leaves to TC (a frame that arrived with
-/// it is not taken for marked); `kp_tc_ext_xdp` passes a marked frame and clears the bit before
-/// the node's stack sees it. Only the device's packet taps (tcpdump) see it set. A device where
-/// TC runs alone gets `kp_tc_ext`, which ignores the bit.
+/// source address is always unicast). XDP sets it on the IPv4, IPv6 and VLAN-tagged frames it
+/// passes after handling them completely and clears it on every other frame it passes (one
+/// that arrived with it is not taken for marked); `kp_tc_ext_xdp` passes a marked frame and
+/// clears the bit before the node's stack sees it. A device where TC runs alone gets
+/// `kp_tc_ext`, which never takes the bit for a mark but clears it too.
 pub const MAC_MARK: u8 = 0x01;
 
 /// Offset in the frame of the byte that holds [`MAC_MARK`].

@@ -137,8 +137,8 @@ fn xdp_verdict(ctx: &XdpContext, v: Verdict, reason: Reason) -> u32 {
 #[inline(always)]
 fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32 {
     count(reason, v6);
-    if v.action == Action::Pass {
-        mark_for_tc(ctx, reason != Reason::XdpPassToTc);
+    if matches!(v.action, Action::Pass | Action::RedirectNeigh | Action::RedirectPeer) {
+        mark_for_tc(ctx, v.action == Action::Pass && reason != Reason::XdpPassToTc);
     }
     match v.action {
         Action::Pass | Action::RedirectNeigh | Action::RedirectPeer => xdp_action::XDP_PASS,
@@ -150,22 +150,33 @@ fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32
 }
 
 /// External devices where TC runs alone, TC ingress: everything, on the complete path (also
-/// tail-called by [`kp_tc_ext_xdp`] for what XDP left to TC). It ignores the source-MAC mark
-/// ([`kproxy_common::MAC_MARK`]): without XDP in front, a frame could come with it from the wire.
+/// tail-called by [`kp_tc_ext_xdp`] for what XDP left to TC). It does not trust the source-MAC
+/// mark ([`kproxy_common::MAC_MARK`]; without XDP in front a frame could come with it from the
+/// wire) but takes it off, so that the stack never sees it while this program still sits behind
+/// an XDP program that sets it (an agent restart attaches it first); XDP's metadata mark, which
+/// nothing but XDP writes, it does trust.
 #[classifier]
 #[inline(always)]
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
+    let c = pkt::Tc(&ctx);
+    pkt::take_mac_mark(&c);
+    if handled_by_xdp(&ctx) {
+        count(Reason::PassHandledByXdp, parse6::is_ipv6(&c));
+        return TC_NEXT;
+    }
     tc_fast(&ctx, Hook::TcExt)
 }
 
 /// External devices where XDP runs, TC ingress: passes what XDP marked as handled (its metadata
-/// mark, or the source-MAC mark where it could not write metadata, taken off here) without a
-/// lookup, and tail-calls [`kp_tc_ext`] for the rest.
+/// mark, or the source-MAC mark where it could not write metadata, taken off here) and what is
+/// neither IPv4 nor IPv6 (XDP decides those itself) without a lookup, and tail-calls
+/// [`kp_tc_ext`] for the rest.
 #[classifier]
 #[inline(always)]
 pub fn kp_tc_ext_xdp(ctx: TcContext) -> i32 {
     let c = pkt::Tc(&ctx);
-    if handled_by_xdp(&ctx) || pkt::swap_mac_mark(&c, false) {
+    let (ip, marked) = pkt::take_mac_mark(&c);
+    if marked || !ip || handled_by_xdp(&ctx) {
         count(Reason::PassHandledByXdp, parse6::is_ipv6(&c));
         return TC_NEXT;
     }
@@ -188,9 +199,9 @@ static KP_XDP_META: u8 = 1;
 /// Tells `kp_tc_ext_xdp` whether XDP handled a packet it passes (`handled`: TC has nothing
 /// left to do) or left it to TC. A handled packet gets the 4-byte metadata mark, or where XDP
 /// cannot write metadata (the helper withheld, or a driver without metadata room) the
-/// source-MAC mark ([`kproxy_common::MAC_MARK`], IPv4 and IPv6 frames only: the rest TC passes
-/// on its first look anyway). A packet left to TC gets no mark, and loses a source-MAC mark it
-/// arrived with.
+/// source-MAC mark ([`kproxy_common::MAC_MARK`]; [`pkt::set_mac_mark`] says on which frames). A
+/// packet left to TC gets no mark; a source-MAC mark a packet arrived with is taken off unless
+/// XDP sets it.
 #[inline(always)]
 fn mark_for_tc(ctx: &XdpContext, handled: bool) {
     // SAFETY: a read of a constant; helper on our own context; the bounds are checked before
@@ -203,11 +214,12 @@ fn mark_for_tc(ctx: &XdpContext, handled: bool) {
             let meta = ctx.metadata();
             if meta + 4 <= ctx.data() {
                 *(meta as *mut u32) = XDP_HANDLED;
+                pkt::set_mac_mark(&pkt::Xdp(ctx), false);
                 return;
             }
         }
     }
-    pkt::swap_mac_mark(&pkt::Xdp(ctx), handled);
+    pkt::set_mac_mark(&pkt::Xdp(ctx), handled);
 }
 
 /// Whether XDP marked this packet as handled with metadata.

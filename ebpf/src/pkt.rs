@@ -210,25 +210,52 @@ fn write_macs<P: Packet>(c: &P, dst: &MacWords, src: &MacWords) -> Result<(), Re
     Ok(())
 }
 
-/// Sets (`on`) or clears XDP's mark for TC in the Ethernet source address of an IPv4 or IPv6
-/// frame ([`kproxy_common::MAC_MARK`]); whether it was set before. Other frames (and a frame
-/// too short for an Ethernet header) are left alone: `false`.
+/// The byte of the Ethernet source address that holds XDP's mark for TC
+/// ([`kproxy_common::MAC_MARK`]) and the frame's ethertype; `None` for a frame too short for an
+/// Ethernet header.
 #[inline(always)]
-pub fn swap_mac_mark<P: Packet>(c: &P, on: bool) -> bool {
-    let Ok(e) = ptr_at::<P, [u8; 14]>(c, 0) else { return false };
-    let e = e as *mut u8;
+fn mac_mark_byte<P: Packet>(c: &P) -> Option<(*mut u8, u16)> {
+    let e = ptr_at::<P, [u8; 14]>(c, 0).ok()? as *mut u8;
     // SAFETY: bounds checked by ptr_at; the ethertype is a packet field as in `MacWords`.
+    unsafe { Some((e.add(kproxy_common::MAC_MARK_OFF), u16::from_be(*(e.add(12) as *const u16)))) }
+}
+
+/// Whether `ethertype` is IPv4 or IPv6.
+#[inline(always)]
+fn is_ip(ethertype: u16) -> bool {
+    ethertype == crate::parse::ETH_P_IP || ethertype == crate::parse6::ETH_P_IPV6
+}
+
+/// XDP: sets (`on`) or clears XDP's mark for TC ([`kproxy_common::MAC_MARK`]). It is set only on
+/// IPv4, IPv6 and VLAN-tagged frames (TC sees the last untagged, as IPv4 or IPv6 or not) and
+/// cleared on any frame that came with it.
+#[inline(always)]
+pub fn set_mac_mark<P: Packet>(c: &P, on: bool) {
+    const ETH_P_8021Q: u16 = 0x8100;
+    const ETH_P_8021AD: u16 = 0x88a8;
+    let Some((b, t)) = mac_mark_byte(c) else { return };
+    let on = on && (is_ip(t) || t == ETH_P_8021Q || t == ETH_P_8021AD);
+    // SAFETY: `b` is in the bounds-checked Ethernet header.
     unsafe {
-        let t = u16::from_be(*(e.add(12) as *const u16));
-        if t != crate::parse::ETH_P_IP && t != crate::parse6::ETH_P_IPV6 {
-            return false;
-        }
-        let b = e.add(kproxy_common::MAC_MARK_OFF);
         let was = *b & kproxy_common::MAC_MARK != 0;
         if was != on {
             *b ^= kproxy_common::MAC_MARK;
         }
-        was
+    }
+}
+
+/// TC behind XDP: takes XDP's mark for TC off the frame; whether the frame is IPv4 or IPv6, and
+/// whether it was marked.
+#[inline(always)]
+pub fn take_mac_mark<P: Packet>(c: &P) -> (bool, bool) {
+    let Some((b, t)) = mac_mark_byte(c) else { return (false, false) };
+    // SAFETY: `b` is in the bounds-checked Ethernet header.
+    unsafe {
+        let was = *b & kproxy_common::MAC_MARK != 0;
+        if was {
+            *b &= !kproxy_common::MAC_MARK;
+        }
+        (is_ip(t), was)
     }
 }
 

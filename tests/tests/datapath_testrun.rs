@@ -215,8 +215,9 @@ impl Env {
     fn xdp_meta(&mut self, frame: &[u8]) -> (u32, Vec<u8>, bool) {
         assert_eq!(frame[MAC_MARK_OFF] & MAC_MARK, 0, "input with the source-MAC mark: xdp_raw");
         let (v, mut out, meta) = self.xdp_raw(frame);
-        let ip = out.len() >= 14 && matches!(out[12..14], [0x08, 0x00] | [0x86, 0xdd]);
-        let mac = v == XDP_PASS && ip && out[MAC_MARK_OFF] & MAC_MARK != 0;
+        let markable = out.len() >= 14
+            && matches!(out[12..14], [0x08, 0x00] | [0x86, 0xdd] | [0x81, 0x00] | [0x88, 0xa8]);
+        let mac = v == XDP_PASS && markable && out[MAC_MARK_OFF] & MAC_MARK != 0;
         if mac {
             assert!(!xdp_meta_offered(), "source-MAC mark where XDP can write metadata");
             out[MAC_MARK_OFF] &= !MAC_MARK;
@@ -326,7 +327,7 @@ fn assert_counts(env: &Env, want: &[(Reason, u64)]) {
 /// program before the node's stack ([`names::PROG_XDP_EXT`], [`names::PROG_TC_EXT`] or
 /// [`names::PROG_TC_FROM_POD`]), passes untouched and is counted once, as `PassReplyToPod`:
 /// the stack forwards it as the backend sent it, and [`names::PROG_TC_TO_POD`] translates it
-/// where it enters the client pod. XDP marks it handled for TC (visible from Linux 5.16 on).
+/// where it enters the client pod. XDP marks it handled for TC (see [`assert_marked`]).
 #[track_caller]
 fn assert_reply_passed_to_the_stack(env: &mut Env, prog: &str, reply: &[u8]) {
     let mut want = env.counters();
@@ -1612,19 +1613,28 @@ fn tc_behind_xdp_takes_the_source_mac_mark() {
         let (v, out) = env.tc(names::PROG_TC_EXT_XDP, &syn.build());
         assert_eq!(v, TC_PASS);
         assert_frame(&out, &syn.clone().with_dst(sa(BE1)));
+        // TC alone translates a frame that came with the bit, and takes the bit off.
         let syn2 = syn.clone().with_src(sa("198.18.0.2:40001"));
-        let (v, mut out) = env.tc(names::PROG_TC_EXT, &mark(&syn2));
-        assert_eq!((v, out[MAC_MARK_OFF] & MAC_MARK), (TC_PASS, MAC_MARK), "TC alone: as it came");
-        out[MAC_MARK_OFF] &= !MAC_MARK;
+        let (v, out) = env.tc(names::PROG_TC_EXT, &mark(&syn2));
+        assert_eq!(v, TC_PASS);
         assert_frame(&out, &syn2.clone().with_dst(sa(BE1)));
-        // Not IP: no mark (XDP never sets it there), the complete path's verdict.
-        let mut arp = mark(&syn);
+        // Neither IPv4 nor IPv6: XDP decided it; passed, a bit taken off.
+        let mut arp = syn.build();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let mut arp_marked = arp.clone();
+        arp_marked[MAC_MARK_OFF] |= MAC_MARK;
         assert_eq!(env.tc(names::PROG_TC_EXT_XDP, &arp), (TC_PASS, arp.clone()));
-        assert_counts(
-            &env,
-            &[(Reason::PassHandledByXdp, 1), (Reason::TranslatedNew, 2), (Reason::PassNotIpv4, 1)],
-        );
+        assert_eq!(env.tc(names::PROG_TC_EXT_XDP, &arp_marked), (TC_PASS, arp.clone()));
+        assert_counts(&env, &[(Reason::PassHandledByXdp, 3), (Reason::TranslatedNew, 2)]);
+        // XDP marks a VLAN-tagged frame it passes (TC sees it untagged); not ARP.
+        let mut tagged = syn.build();
+        tagged.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
+        let (v, out, marked) = env.xdp_meta(&tagged);
+        assert_eq!((v, &out), (XDP_PASS, &tagged));
+        assert_marked(marked, true);
+        let (v, out, marked) = env.xdp_raw(&arp);
+        assert_eq!((v, &out), (XDP_PASS, &arp));
+        assert_marked(marked, xdp_meta_offered());
     });
 }
 
@@ -2197,6 +2207,7 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         assert_eq!(xdp_prog("kpt0"), None, "no XDP on veth by default");
         assert!(!dir.join("v1/links/xdp-kpt0").exists(), "XDP link pin removed");
         assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT).len(), 1, "TC serves it");
+        assert_eq!(tc_progs(&dir, "kpt0", "ingress", "kp_").len(), 1, "TC alone");
         // A device whose driver has no native XDP (a bridge): auto falls back to TC alone, a forced
         // native mode fails.
         sh_out("ip link add kptd type bridge && ip link set kptd up");

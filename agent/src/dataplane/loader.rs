@@ -724,7 +724,16 @@ impl Datapath {
         };
         match xdp {
             None => detach_xdp(&self.pin_path, ifname)?,
-            Some(_) => self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT_XDP)?,
+            Some(_) => {
+                if let Err(e) =
+                    self.attach_tc(ifname, TcAttachType::Ingress, names::PROG_TC_EXT_XDP)
+                {
+                    // TC alone rather than XDP in front of a program that looks everything up
+                    // again (and leaves its source-MAC mark to be taken off by `kp_tc_ext`).
+                    detach_xdp(&self.pin_path, ifname)?;
+                    return Err(e);
+                }
+            }
         }
         info!(ifname, xdp = ?xdp, "external device attached");
         Ok(xdp)
@@ -1315,12 +1324,12 @@ fn delete_empty_clsact(ifname: &str) {
 }
 
 fn detach_device(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
-    detach_xdp(pin_path, ifname)?;
+    // TC first: `kp_tc_ext_xdp` never runs without the XDP program whose marks it takes.
     for (ty, _) in TC_HOOKS {
         detach_tcx(pin_path, ifname, ty)?;
     }
     if ifindex(ifname).is_none() {
-        return Ok(());
+        return detach_xdp(pin_path, ifname);
     }
     let mut removed = false;
     for (ty, name) in [
@@ -1334,7 +1343,7 @@ fn detach_device(pin_path: &Path, ifname: &str) -> anyhow::Result<()> {
     if removed {
         delete_empty_clsact(ifname);
     }
-    Ok(())
+    detach_xdp(pin_path, ifname)
 }
 
 /// Names of the network devices of the current network namespace.

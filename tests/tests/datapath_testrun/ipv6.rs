@@ -132,7 +132,7 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
     assert_frame6(&out, &data.clone().with_dst(sa6(BE6_1)));
 
     // The reply of the pod's connection leaving the (local) backend's pod (`kp_tc_from_pod`) or
-    // arriving from a remote node (`kp_tc_ext`, XDP) goes to the node's stack untouched
+    // arriving from a remote node (`kp_tc_ext`, where TC runs alone; XDP) goes to the node's stack untouched
     // (`PassReplyToPod`), so that the stack's conntrack sees backend → pod; entering the client
     // pod (`kp_tc_to_pod`) its source becomes the ClusterIP.
     let synack = Frame6::tcp(sa6(BE6_1), sa6(POD6), SYN | ACK);
@@ -144,8 +144,7 @@ fn ipv6_clusterip_tcp_forward_and_reply() {
         assert_eq!(v, TC_PASS);
         assert_frame6(&out, &want);
     }
-    // XDP passes it untouched too and tells TC it is done (the metadata mark, since Linux
-    // 5.16).
+    // XDP passes it untouched too and tells TC it is done (see `assert_marked`).
     let (v, out, marked) = env.xdp_meta(&synack.build());
     assert_eq!((v, out), (XDP_PASS, synack.build()), "XDP: to the stack untouched");
     assert_marked(marked, true);

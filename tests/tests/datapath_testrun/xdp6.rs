@@ -125,7 +125,12 @@ fn ipv6_xdp_nodeport_remote_without_neighbour_goes_to_tc() {
         let q = Frame6::udp(sa6(CLIENT6), sa6(np), b"q");
         let (v, out, marked) = env.xdp_meta(&q.build());
         assert_eq!((v, &out, marked), (XDP_PASS, &q.build(), false));
-        let (v, out) = env.tc(names::PROG_TC_EXT, &q.build());
+        // A frame that came with the source-MAC mark loses it (TC must not take it for XDP's).
+        let mut forged = q.build();
+        forged[MAC_MARK_OFF] |= MAC_MARK;
+        assert_eq!(env.xdp_raw(&forged), (XDP_PASS, q.build(), false), "mark taken off");
+        // TC behind XDP: its complete path, tail-called.
+        let (v, out) = env.tc(names::PROG_TC_EXT_XDP, &q.build());
         assert_eq!(v, TC_ACT_REDIRECT);
         let got = frames6::decode(&out).unwrap();
         let L4::Udp { sport, .. } = got.l4 else { panic!("{got:?}") };
@@ -134,7 +139,7 @@ fn ipv6_xdp_nodeport_remote_without_neighbour_goes_to_tc() {
         want.hop_limit = 63;
         assert_frame6(&out, &want);
         // XDP created the connection before it found no neighbour; TC forwards it.
-        assert_counts6(&env, &[(Reason::XdpPassToTc, 1), (Reason::TranslatedEstablished, 1)]);
+        assert_counts6(&env, &[(Reason::XdpPassToTc, 2), (Reason::TranslatedEstablished, 1)]);
     });
 }
 
