@@ -65,7 +65,7 @@ pub mod names {
     /// TC ingress program for the node's external devices (complete path, XDP fallback).
     pub const PROG_TC_EXT: &str = "kp_tc_ext";
     /// TC ingress program for external devices where XDP runs: passes what XDP marked as
-    /// handled, tail-calls [`PROG_TC_EXT`] for the rest (see [`crate::MAC_MARK`]).
+    /// handled, runs [`PROG_TC_EXT`]'s complete path on the rest (see [`crate::MAC_MARK`]).
     pub const PROG_TC_EXT_XDP: &str = "kp_tc_ext_xdp";
     /// TC ingress program on the host side of pod interfaces (traffic leaving a pod).
     pub const PROG_TC_FROM_POD: &str = "kp_tc_from_pod";
@@ -113,13 +113,6 @@ pub mod names {
         (PROG_TC_POD_CONN6, crate::calls::POD_CONN6),
         (PROG_TC_EXT_CONN6, crate::calls::EXT_CONN6),
     ];
-    /// TC tail-call targets that are entry programs too (not in [`TC_CALLS`], which lists the
-    /// slow paths): [`PROG_TC_EXT`], the complete path behind [`PROG_TC_EXT_XDP`].
-    pub const TC_ENTRY_CALLS: [(&str, u32); 1] = [(PROG_TC_EXT, crate::calls::EXT)];
-    /// Every entry of [`CALLS_TC`]: [`TC_CALLS`] and [`TC_ENTRY_CALLS`].
-    pub fn all_tc_calls() -> impl Iterator<Item = (&'static str, u32)> {
-        TC_CALLS.into_iter().chain(TC_ENTRY_CALLS)
-    }
     /// The TC programs kproxy attaches.
     pub const TC_ENTRY_PROGS: [&str; 4] =
         [PROG_TC_EXT, PROG_TC_EXT_XDP, PROG_TC_FROM_POD, PROG_TC_TO_POD];
@@ -343,10 +336,8 @@ pub mod calls {
     pub const POD_CONN6: u32 = 11;
     /// TC: a new IPv6 connection on an external device.
     pub const EXT_CONN6: u32 = 12;
-    /// TC: `kp_tc_ext`, the complete path, for what `kp_tc_ext_xdp` finds unmarked.
-    pub const EXT: u32 = 13;
     /// Entries of the TC table.
-    pub const TC_MAX: u32 = 14;
+    pub const TC_MAX: u32 = 13;
     /// XDP: slow path of `kp_xdp_ext`.
     pub const XDP_NEW: u32 = 0;
     /// XDP: ICMP errors.
@@ -1414,9 +1405,9 @@ mod tests {
         for n in names::ALL_MAPS6.iter().chain(v6) {
             assert!(n.len() <= 15 && n.ends_with('6'), "{n}");
         }
-        for (n, i) in names::all_tc_calls() {
+        for (n, i) in names::TC_CALLS {
             assert!(i < calls::TC_MAX, "{n}");
-            assert_eq!(names::all_tc_calls().filter(|(_, j)| *j == i).count(), 1, "{n}");
+            assert_eq!(names::TC_CALLS.iter().filter(|(_, j)| *j == i).count(), 1, "{n}");
         }
         for (n, i) in names::XDP_CALLS {
             assert!(i < calls::XDP_MAX, "{n}");

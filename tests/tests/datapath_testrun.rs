@@ -1572,7 +1572,7 @@ fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
         let mut forged = q.build();
         forged[MAC_MARK_OFF] |= MAC_MARK;
         assert_eq!(env.xdp_raw(&forged), (XDP_PASS, q.build(), false), "mark taken off");
-        // ...and TC behind XDP (its complete path, tail-called) translates it and hands it to
+        // ...and TC behind XDP (its complete path) translates it and hands it to
         // bpf_redirect_neigh.
         let (v, out) = env.tc(names::PROG_TC_EXT_XDP, &q.build());
         assert_eq!(v, TC_ACT_REDIRECT);
@@ -1592,7 +1592,7 @@ fn nodeport_remote_without_neighbour_goes_xdp_to_tc() {
 
 /// Where XDP cannot write metadata it marks what it handled in the source MAC (`MAC_MARK`):
 /// `kp_tc_ext_xdp`, TC behind XDP, passes a marked IPv4 or IPv6 frame without a lookup and takes
-/// the bit off; the rest it hands to the complete path (`kp_tc_ext`, tail call). `kp_tc_ext`,
+/// the bit off; the rest takes the complete path (`kp_tc_ext`'s). `kp_tc_ext`,
 /// where TC runs alone, never takes the bit for a mark: a frame can come with it from the wire.
 #[test]
 fn tc_behind_xdp_takes_the_source_mac_mark() {

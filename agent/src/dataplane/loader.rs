@@ -1045,10 +1045,9 @@ fn fill_calls(ebpf: &mut Ebpf, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     );
     let calls = calls_dir(dir);
     std::fs::create_dir_all(&calls).with_context(|| format!("creating {}", calls.display()))?;
-    let tc_calls: Vec<_> = names::all_tc_calls().collect();
+    let tc_calls = &names::TC_CALLS[..];
     let mut pins = Vec::new();
-    for (table, targets) in
-        [(names::CALLS_TC, &tc_calls[..]), (names::CALLS_XDP, &names::XDP_CALLS[..])]
+    for (table, targets) in [(names::CALLS_TC, tc_calls), (names::CALLS_XDP, &names::XDP_CALLS[..])]
     {
         let fds: Vec<(u32, ProgramFd)> = targets
             .iter()

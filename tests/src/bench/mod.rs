@@ -598,8 +598,7 @@ pub const BPF_STATS_WINDOWS: [(&str, &str); 4] = [
 /// programs deliver translated packets themselves, to a local pod with `bpf_redirect_peer`, so
 /// that the host side of the client pod's veth, `kp_tc_to_pod`'s hook, does not see its
 /// service replies at all (goal 10.1's "or not run at all"); the translation of a remote
-/// backend's replies moves to TC on the external device (`kp_tc_ext_xdp`, which tail-calls
-/// `kp_tc_ext` for what XDP leaves to it).
+/// backend's replies moves to TC on the external device (`kp_tc_ext_xdp`, behind XDP).
 pub const BPF_STATS_HR_WINDOWS: [(&str, &str); 2] = [
     (
         "hr-clusterip-local",

@@ -241,16 +241,16 @@ fn zero(fd: BorrowedFd<'_>, value_len: usize, entries: u32, name: &str) {
 
 /// Puts every tail-call target of table `name` back at its index.
 fn refill(l: &mut Loaded, id: u32, name: &str) {
-    let targets: Vec<(&str, u32)> = if name == names::CALLS_TC {
-        names::all_tc_calls().collect()
+    let targets: &[(&str, u32)] = if name == names::CALLS_TC {
+        &names::TC_CALLS
     } else if name == names::CALLS_XDP {
-        names::XDP_CALLS.to_vec()
+        &names::XDP_CALLS
     } else {
         panic!("program array {name}: not a tail-call table of the datapath")
     };
     let mut table = ProgramArray::try_from(Map::ProgramArray(MapData::from_id(id).unwrap()))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    for (prog, index) in &targets {
+    for (prog, index) in targets {
         let fd = l.dp.program_mut(prog).unwrap().fd().unwrap().try_clone().unwrap();
         table.set(*index, &fd, 0).unwrap_or_else(|e| panic!("{name}[{index}] = {prog}: {e}"));
     }

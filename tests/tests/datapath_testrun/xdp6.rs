@@ -129,7 +129,7 @@ fn ipv6_xdp_nodeport_remote_without_neighbour_goes_to_tc() {
         let mut forged = q.build();
         forged[MAC_MARK_OFF] |= MAC_MARK;
         assert_eq!(env.xdp_raw(&forged), (XDP_PASS, q.build(), false), "mark taken off");
-        // TC behind XDP: its complete path, tail-called.
+        // TC behind XDP: its complete path.
         let (v, out) = env.tc(names::PROG_TC_EXT_XDP, &q.build());
         assert_eq!(v, TC_ACT_REDIRECT);
         let got = frames6::decode(&out).unwrap();
