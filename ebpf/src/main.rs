@@ -150,21 +150,14 @@ fn xdp_verdict_in(ctx: &XdpContext, v: Verdict, reason: Reason, v6: bool) -> u32
 }
 
 /// External devices where TC runs alone, TC ingress: everything, on the complete path. It does
-/// not trust the source-MAC
-/// mark ([`kproxy_common::MAC_MARK`]; without XDP in front a frame could come with it from the
-/// wire) but takes it off, so that the stack never sees it while this program still sits behind
-/// an XDP program that sets it (an agent restart attaches it first); XDP's metadata mark, which
-/// nothing but XDP writes, it does trust.
+/// not trust the source-MAC mark ([`kproxy_common::MAC_MARK`]; without XDP in front a frame
+/// could come with it from the wire) but takes it off, so that the stack never sees it while
+/// this program still sits behind an XDP program that sets it (an agent restart attaches it
+/// first); XDP's metadata mark, which nothing but XDP writes, it does trust.
 #[classifier]
 #[inline(always)]
 pub fn kp_tc_ext(ctx: TcContext) -> i32 {
-    let c = pkt::Tc(&ctx);
-    pkt::take_mac_mark(&c);
-    if handled_by_xdp(&ctx) {
-        count(Reason::PassHandledByXdp, parse6::is_ipv6(&c));
-        return TC_NEXT;
-    }
-    tc_fast(&ctx, Hook::TcExt)
+    tc_ext(&ctx, false)
 }
 
 /// External devices where XDP runs, TC ingress: passes what XDP marked as handled (its metadata
@@ -176,13 +169,20 @@ pub fn kp_tc_ext(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn kp_tc_ext_xdp(ctx: TcContext) -> i32 {
-    let c = pkt::Tc(&ctx);
+    tc_ext(&ctx, true)
+}
+
+/// The body of both external TC programs: the source-MAC mark taken off, XDP's marks honoured
+/// (the source-MAC one only `behind_xdp`), the complete path for the rest.
+#[inline(always)]
+fn tc_ext(ctx: &TcContext, behind_xdp: bool) -> i32 {
+    let c = pkt::Tc(ctx);
     let (ip, marked) = pkt::take_mac_mark(&c);
-    if marked || !ip || handled_by_xdp(&ctx) {
+    if (behind_xdp && (marked || !ip)) || handled_by_xdp(ctx) {
         count(Reason::PassHandledByXdp, parse6::is_ipv6(&c));
         return TC_NEXT;
     }
-    tc_fast(&ctx, Hook::TcExt)
+    tc_fast(ctx, Hook::TcExt)
 }
 
 /// XDP metadata word telling `kp_tc_ext_xdp` that XDP already decided ("KPX1").
@@ -203,22 +203,29 @@ static KP_XDP_META: u8 = 1;
 /// XDP sets it.
 #[inline(always)]
 fn mark_for_tc(ctx: &XdpContext, handled: bool) {
+    let meta = handled && write_meta_mark(ctx);
+    pkt::set_mac_mark(&pkt::Xdp(ctx), handled && !meta);
+}
+
+/// Writes the 4-byte metadata mark where XDP may (`KP_XDP_META`) and the driver has room;
+/// whether it did.
+#[inline(always)]
+fn write_meta_mark(ctx: &XdpContext) -> bool {
     // SAFETY: a read of a constant; helper on our own context; the bounds are checked before
     // the write.
     unsafe {
-        if handled
-            && core::ptr::read_volatile(&raw const KP_XDP_META) != 0
-            && bpf_xdp_adjust_meta(ctx.ctx, -4) == 0
+        if core::ptr::read_volatile(&raw const KP_XDP_META) == 0
+            || bpf_xdp_adjust_meta(ctx.ctx, -4) != 0
         {
-            let meta = ctx.metadata();
-            if meta + 4 <= ctx.data() {
-                *(meta as *mut u32) = XDP_HANDLED;
-                pkt::set_mac_mark(&pkt::Xdp(ctx), false);
-                return;
-            }
+            return false;
         }
+        let meta = ctx.metadata();
+        if meta + 4 > ctx.data() {
+            return false;
+        }
+        *(meta as *mut u32) = XDP_HANDLED;
+        true
     }
-    pkt::set_mac_mark(&pkt::Xdp(ctx), handled);
 }
 
 /// Whether XDP marked this packet as handled with metadata.

@@ -1246,12 +1246,11 @@ fn update_link_pin(pin: &Path, prog_fd: i32) -> anyhow::Result<bool> {
 fn tcx_ahead_of(ifname: &str, ty: TcAttachType, name: &str) -> (Vec<String>, Option<u32>) {
     let Ok((_, progs)) = SchedClassifier::query_tcx(ifname, ty) else { return (Vec::new(), None) };
     // The kernel keeps the first 15 bytes of a program's name.
-    let short = |n: &str| n[..n.len().min(15)].to_owned();
-    let ours: Vec<String> = same_slot(name).iter().map(|n| short(n)).collect();
+    let ours = same_slot(name);
     let mut ahead = Vec::new();
     for p in progs {
         let n = p.name_as_str().unwrap_or("?");
-        if ours.iter().any(|o| o == n) {
+        if ours.iter().any(|o| &o[..o.len().min(15)] == n) {
             return (ahead, Some(p.id()));
         }
         ahead.push(n.to_owned());

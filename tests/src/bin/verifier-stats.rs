@@ -31,7 +31,8 @@ fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<RawFd> {
 }
 
 /// Creates `m`; a global-data map (`.rodata`) gets its contents, and is frozen when programs
-/// only read it (`BPF_F_RDONLY_PROG`, the object's `.rodata`), as aya does: the verifier then takes its values as constants.
+/// only read it (`BPF_F_RDONLY_PROG`, the object's `.rodata`), as aya does: the verifier then
+/// takes its values as constants.
 fn create_map(name: &str, m: &Map) -> Result<OwnedFd> {
     let hash = [
         bpf_map_type::BPF_MAP_TYPE_HASH as u32,
