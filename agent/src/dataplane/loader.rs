@@ -31,6 +31,7 @@ use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -623,25 +624,24 @@ impl Datapath {
         let tc_progs = || names::TC_ENTRY_PROGS.into_iter().chain(names::TC_CALLS.map(|(n, _)| n));
         let xdp_progs =
             || [names::PROG_XDP_EXT].into_iter().chain(names::XDP_CALLS.map(|(n, _)| n));
-        for name in tc_progs() {
-            let p: &mut SchedClassifier = prog(&mut ebpf, name)?.try_into()?;
-            p.load().with_context(|| format!("loading program {name} (verifier)"))?;
-        }
-        for name in xdp_progs() {
-            let p: &mut Xdp = prog(&mut ebpf, name)?.try_into()?;
-            p.load().with_context(|| format!("loading program {name} (verifier)"))?;
-        }
-        for (name, _) in names::SOCK_PROGS.iter().chain(&names::SOCK_PROGS6) {
-            let p: &mut CgroupSockAddr = prog(&mut ebpf, name)?.try_into()?;
-            p.load().with_context(|| format!("loading program {name} (verifier)"))?;
-        }
+        let verify = Instant::now();
+        // The entry programs first: they take the verifier longest.
+        let order: Vec<&str> = [names::PROG_XDP_EXT]
+            .into_iter()
+            .chain(names::TC_ENTRY_PROGS)
+            .chain(names::XDP_CALLS.map(|(n, _)| n))
+            .chain(names::TC_CALLS.map(|(n, _)| n))
+            .chain(names::SOCK_PROGS.iter().chain(&names::SOCK_PROGS6).map(|(n, _)| *n))
+            .collect();
+        load_programs(&mut ebpf, &order)?;
+        let verify_ms = verify.elapsed().as_millis() as u64;
         let calls_pins = fill_calls(&mut ebpf, &dir)?;
         shed_program_sources(&mut ebpf, tc_progs().chain(xdp_progs()))?;
         if fresh_hints {
             seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
         }
         release_object_pages(crate::EBPF_OBJECT);
-        info!(pin_path = %pin_path.display(), "datapath loaded");
+        info!(pin_path = %pin_path.display(), verify_ms, "datapath loaded");
         Ok(Self {
             pin_path: pin_path.to_path_buf(),
             ebpf,
@@ -1186,6 +1186,69 @@ fn shed_program_sources(
         swap(name).with_context(|| format!("taking a handle on the loaded program {name}"))?;
     }
     Ok(())
+}
+
+/// Most programs the verifier checks at once ([`load_programs`]): each check holds the states of
+/// the program it walks in kernel memory (tens of MiB for the largest).
+const LOAD_THREADS_MAX: usize = 4;
+
+/// Loads the programs `names` (every one must be in the object) through the kernel's verifier
+/// on up to [`LOAD_THREADS_MAX`] threads, as many as the machine has CPUs: the kernel checks
+/// loads by a privileged process side by side, and the checks are most of a start's time (about
+/// three seconds for the whole object here on one thread, several on older kernels). Programs
+/// are taken in the order of `names`, the longest checks first, so that no long one starts last.
+fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
+    use std::{collections::VecDeque, sync::Mutex};
+    let mut found: Vec<(usize, &str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(n, p)| names.iter().position(|w| *w == n).map(|i| (i, n, p)))
+        .collect();
+    if let Some(missing) = names.iter().find(|w| !found.iter().any(|(_, n, _)| n == *w)) {
+        bail!("program {missing} missing from the eBPF object");
+    }
+    found.sort_by_key(|(i, _, _)| *i);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, LOAD_THREADS_MAX)
+        .min(found.len());
+    let queue = Mutex::new(found.into_iter().map(|(_, n, p)| (n, p)).collect::<VecDeque<_>>());
+    let load_one = |name: &str, p: &mut Program| -> anyhow::Result<()> {
+        let r = match p {
+            Program::SchedClassifier(p) => p.load(),
+            Program::Xdp(p) => p.load(),
+            Program::CgroupSockAddr(p) => p.load(),
+            _ => bail!("program {name}: not a TC, XDP or socket-address program"),
+        };
+        r.with_context(|| format!("loading program {name} (verifier)"))
+    };
+    let worker = || -> anyhow::Result<()> {
+        loop {
+            // The lock is held only to take the next program, never while one is checked.
+            let next = queue.lock().map_err(|_| anyhow!("program queue poisoned"))?.pop_front();
+            let Some((name, p)) = next else { return Ok(()) };
+            load_one(name, p)?;
+        }
+    };
+    std::thread::scope(|s| {
+        let others: Vec<_> = (1..threads)
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("kproxy-load-{i}"))
+                    .spawn_scoped(s, worker)
+                    .context("starting a program-loading thread")
+            })
+            .collect();
+        let mut result = worker();
+        for t in others {
+            let r = t.and_then(|t| {
+                t.join().map_err(|_| anyhow!("a program-loading thread panicked"))?
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
