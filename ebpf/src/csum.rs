@@ -55,6 +55,13 @@ pub fn diff16(old: &[u32; 4], new: &[u32; 4]) -> u32 {
     fold(acc16(old, new, 0)) as u32
 }
 
+/// The one's-complement difference `new - old` of two 32-bit fields (both addresses of an IPv4
+/// header), as a 32-bit partial sum (the `to` argument of the skb checksum helpers with size 0).
+#[inline(always)]
+pub fn diff4x2(old: [u32; 2], new: [u32; 2]) -> u32 {
+    fold((!old[0]) as u64 + new[0] as u64 + (!old[1]) as u64 + new[1] as u64) as u32
+}
+
 /// [`diff16`] of two 128-bit fields at once (both addresses of an IPv6 header), for one
 /// checksum update instead of two.
 #[inline(always)]

@@ -390,6 +390,11 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
     let cs = !csum::fold(csum::add(&b[t..t + 20], pseudo));
     b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;
+    if p.ihl == 5 {
+        // A segment with IP options had its L4 header further on: its checksum offload (if
+        // any) does not point at this RST's field.
+        c.settle_l4_csum(t + 16, csum::fold(pseudo))?;
+    }
     Ok(Verdict::TX)
 }
 

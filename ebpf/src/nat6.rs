@@ -284,7 +284,12 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip6) -> Result<Verdict, Reason> {
     let pseudo = pseudo_sum(&p.daddr, &p.saddr, proto::TCP, 20);
     let cs = !csum::fold(csum::add(&b[t..t + 20], pseudo));
     b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
-    emit_prefix::<P, { L3 + HDR + 20 }>(c, b)
+    let v = emit_prefix::<P, { L3 + HDR + 20 }>(c, b)?;
+    if p.l4 == L3 + HDR {
+        // (Behind extension headers the segment's checksum offload pointed further on.)
+        c.settle_l4_csum(t + 16, csum::fold(pseudo))?;
+    }
+    Ok(v)
 }
 
 /// Replaces the frame by the first `N` bytes of the scratch buffer `b`, sent back where it came
@@ -328,5 +333,11 @@ pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip6) -> Result<Verdict, Reason
     let pseudo = pseudo_sum(&p.daddr, &p.saddr, proto::ICMPV6, len as u32);
     let cs = !csum::fold(csum::add(&b[i..i + 8 + QUOTE], pseudo));
     b[i + 2..i + 4].copy_from_slice(&cs.to_ne_bytes());
-    emit_prefix::<P, { L3 + HDR + 8 + QUOTE }>(c, b)
+    let v = emit_prefix::<P, { L3 + HDR + 8 + QUOTE }>(c, b)?;
+    // A datagram sent with checksum offload leaves the skb completing a UDP checksum: over
+    // this message, into its bytes 6 and 7 (unused, zero). Holding the pseudo header's sum
+    // there, they come out zero and the ICMPv6 checksum right. (IPv4's ICMP has no pseudo
+    // header: zero there comes out zero.)
+    c.settle_l4_csum(i + 6, csum::fold(pseudo))?;
+    Ok(v)
 }

@@ -104,6 +104,16 @@ pub trait Packet {
     fn set_tuple(&mut self, _p: &Ip4, _n: &crate::nat::Nat) -> Result<bool, Reason> {
         Ok(false)
     }
+    /// Leaves what a reply built in place of the packet (an RST, an ICMPv6 error) holds at
+    /// `off` as the packet's checksum state needs it: TC's skb of a TCP or UDP packet a pod sent
+    /// with checksum offload (CHECKSUM_PARTIAL) is completed on the way out from `off` on,
+    /// summing from the L4 header with `off`'s field as the seed, which must then hold
+    /// `if_partial` instead (the pseudo header's sum); any other state, and XDP, keeps the
+    /// field as built.
+    #[inline(always)]
+    fn settle_l4_csum(&mut self, _off: usize, _if_partial: u16) -> Result<(), Reason> {
+        Ok(())
+    }
     /// Makes the first `n` bytes directly readable if the frame has them (TC: an skb's linear
     /// part may be shorter than its headers; XDP frames are linear). Packet pointers taken
     /// before are invalid afterwards.
@@ -431,6 +441,64 @@ impl Tc<'_> {
     }
 }
 
+/// The L4 checksum field at `off`, where the linear part holds it.
+#[inline(always)]
+pub(crate) fn checksum_at<P: Packet>(c: &P, off: usize) -> Option<u16> {
+    // SAFETY: bounds checked by ptr_at.
+    ptr_at::<P, u16>(c, off).ok().map(|f| unsafe { *f })
+}
+
+/// Whether two checksum values are the same one's-complement number (0 and 0xffff both zero).
+#[inline(always)]
+fn same_csum(a: u16, b: u16) -> bool {
+    a == b || (a == 0 || a == 0xffff) && (b == 0 || b == 0xffff)
+}
+
+impl Tc<'_> {
+    /// The ports' share of a tuple's L4 checksum update (`old` → `new`, both ports as one word),
+    /// written directly instead of a second `bpf_l4_csum_replace`, right after that helper added
+    /// the pseudo header's difference `d` to the field at `off` (which read `before`). The
+    /// helper treats the field by the skb's checksum state, which a TC program cannot read, and
+    /// the field's new value tells it: with CHECKSUM_PARTIAL it holds the pseudo header's sum,
+    /// which grew by `d`, and the ports must not go in (the device sums the L4 header itself);
+    /// in every other state it is the checksum, which shrank by `d`, and the ports go in as the
+    /// helper would put them (`skb->csum` of CHECKSUM_COMPLETE stays: the ports' bytes and the
+    /// field change by opposite amounts). `false`: the field cannot tell (not readable; `d`
+    /// one's-complement zero, as when the addresses were swapped; a UDP datagram without
+    /// checksum, which the helpers leave as it is), the helper is to do it.
+    #[inline(always)]
+    pub(crate) fn ports_after_pseudo(
+        &self,
+        off: usize,
+        proto_: u8,
+        before: Option<u16>,
+        d: u32,
+        old: u32,
+        new: u32,
+    ) -> bool {
+        let Some(before) = before else { return false };
+        if same_csum(d as u16, 0) {
+            return false;
+        }
+        let Ok(f) = ptr_at::<Self, u16>(self, off) else { return false };
+        // SAFETY: bounds checked by ptr_at (after the helper, which may move the data).
+        let after = unsafe { *f };
+        if same_csum(after, csum::fold(before as u64 + d as u64)) {
+            return true; // CHECKSUM_PARTIAL
+        }
+        if !same_csum(after, !csum::fold((!before) as u64 + d as u64)) {
+            return false;
+        }
+        let mut v = csum::replace4(after, old, new);
+        if proto_ == proto::UDP && v == 0 {
+            v = 0xffff;
+        }
+        // SAFETY: as above.
+        unsafe { *f = v };
+        true
+    }
+}
+
 impl Packet for Tc<'_> {
     const XDP: bool = false;
     #[inline(always)]
@@ -499,16 +567,19 @@ impl Packet for Tc<'_> {
             (*b)[5] = n.sport;
             (*b)[6] = n.dport;
         }
-        // The addresses are in the pseudo header (the helper knows what that means for each
-        // checksum state of the skb).
-        if n.daddr != p.daddr {
-            self.l4(p, p.daddr, n.daddr, BPF_F_PSEUDO_HDR as u64 | 4)?;
-        }
-        if n.saddr != p.saddr {
-            self.l4(p, p.saddr, n.saddr, BPF_F_PSEUDO_HDR as u64 | 4)?;
-        }
         let (old, new) =
             (p.sport as u32 | (p.dport as u32) << 16, n.sport as u32 | (n.dport as u32) << 16);
+        // The addresses are in the pseudo header (the helper knows what that means for each
+        // checksum state of the skb): one update for both, by their difference.
+        if n.daddr != p.daddr || n.saddr != p.saddr {
+            let d = csum::diff4x2([p.saddr, p.daddr], [n.saddr, n.daddr]);
+            let off = l4_csum_off(p).unwrap_or(0);
+            let before = checksum_at(self, off);
+            self.l4(p, 0, d, BPF_F_PSEUDO_HDR as u64)?;
+            if old != new && self.ports_after_pseudo(off, p.proto, before, d, old, new) {
+                return Ok(true);
+            }
+        }
         if old != new {
             self.l4(p, old, new, 4)?;
         }
@@ -559,6 +630,26 @@ impl Packet for Tc<'_> {
         unsafe {
             bpf_fib_lookup(self.0.skb.skb as *mut _, params, size_of::<FibParams>() as i32, 0)
         }
+    }
+    /// The skb's checksum state, which a TC program cannot read, shows in how the L4 helper
+    /// moves the field for a pseudo header grown by one: up with CHECKSUM_PARTIAL (the field
+    /// holds that sum), down otherwise (a checksum); then the field is set.
+    #[inline(always)]
+    fn settle_l4_csum(&mut self, off: usize, if_partial: u16) -> Result<(), Reason> {
+        let before = checksum_at(self, off).ok_or(Reason::DropRewrite)?;
+        // SAFETY: helper bounds-checks against the skb.
+        let r = unsafe {
+            bpf_l4_csum_replace(self.0.skb.skb as *mut _, off as u32, 0, 1, BPF_F_PSEUDO_HDR as u64)
+        };
+        if r != 0 {
+            return Err(Reason::DropRewrite);
+        }
+        let f: *mut u16 = ptr_at(self, off).map_err(|_| Reason::DropRewrite)?;
+        // SAFETY: bounds checked by ptr_at (after the helper, which may move the data).
+        unsafe {
+            *f = if same_csum(*f, csum::fold(before as u64 + 1)) { if_partial } else { before };
+        }
+        Ok(())
     }
     #[inline(always)]
     fn pull(&mut self, n: usize) {
