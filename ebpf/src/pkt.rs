@@ -441,11 +441,19 @@ impl Tc<'_> {
     }
 }
 
-/// The L4 checksum field at `off`, where the linear part holds it.
+/// What [`checksum_at`] gives for a field the linear part does not hold (no field value).
+pub(crate) const NO_CSUM: u32 = 0x1_0000;
+
+/// The L4 checksum field at `off`, where the linear part holds it; [`NO_CSUM`] where not. A
+/// plain integer, not an `Option`: the compiler may read an `Option`'s value where it is `None`,
+/// from a stack slot no path wrote, which the verifiers of Linux 5.10 and 6.1 refuse.
 #[inline(always)]
-pub(crate) fn checksum_at<P: Packet>(c: &P, off: usize) -> Option<u16> {
-    // SAFETY: bounds checked by ptr_at.
-    ptr_at::<P, u16>(c, off).ok().map(|f| unsafe { *f })
+pub(crate) fn checksum_at<P: Packet>(c: &P, off: usize) -> u32 {
+    match ptr_at::<P, u16>(c, off) {
+        // SAFETY: bounds checked by ptr_at; read here, before any helper may move the data.
+        Ok(f) => unsafe { core::ptr::read_volatile(f) as u32 },
+        Err(_) => NO_CSUM,
+    }
 }
 
 /// Whether two checksum values are the same one's-complement number (0 and 0xffff both zero).
@@ -471,12 +479,15 @@ impl Tc<'_> {
         &self,
         off: usize,
         proto_: u8,
-        before: Option<u16>,
+        before: u32,
         d: u32,
         old: u32,
         new: u32,
     ) -> bool {
-        let Some(before) = before else { return false };
+        if before >= NO_CSUM {
+            return false;
+        }
+        let before = before as u16;
         if same_csum(d as u16, 0) {
             return false;
         }
@@ -636,7 +647,11 @@ impl Packet for Tc<'_> {
     /// holds that sum), down otherwise (a checksum); then the field is set.
     #[inline(always)]
     fn settle_l4_csum(&mut self, off: usize, if_partial: u16) -> Result<(), Reason> {
-        let before = checksum_at(self, off).ok_or(Reason::DropRewrite)?;
+        let before = checksum_at(self, off);
+        if before >= NO_CSUM {
+            return Err(Reason::DropRewrite);
+        }
+        let before = before as u16;
         // SAFETY: helper bounds-checks against the skb.
         let r = unsafe {
             bpf_l4_csum_replace(self.0.skb.skb as *mut _, off as u32, 0, 1, BPF_F_PSEUDO_HDR as u64)
