@@ -216,12 +216,17 @@ impl Packet6 for Tc<'_> {
         // difference of equal addresses is 0xffff, one's-complement zero, and so is any other
         // difference that would leave the checksum as it is.
         let d = csum::diff16x2([&p.saddr, &p.daddr], [&n.saddr, &n.daddr]);
-        if d != 0xffff {
-            self.l4_6(p, 0, d as u64, BPF_F_PSEUDO_HDR as u64)?;
-        }
         let (old, new) =
             (p.sport as u32 | (p.dport as u32) << 16, n.sport as u32 | (n.dport as u32) << 16);
-        if old != new {
+        let mut ports_done = old == new;
+        if d != 0xffff {
+            let off = l4_csum_off(p).unwrap_or(0);
+            let before = crate::pkt::checksum_at(self, off);
+            self.l4_6(p, 0, d as u64, BPF_F_PSEUDO_HDR as u64)?;
+            // The ports without a second helper call where the field tells how (as IPv4).
+            ports_done = ports_done || self.ports_after_pseudo(off, p.proto, before, d, old, new);
+        }
+        if !ports_done {
             self.l4_6(p, old as u64, new as u64, 4)?;
         }
         // `Nat6` has the packet's layout. Written directly (a helper call less on every
