@@ -462,14 +462,29 @@ fn same_csum(a: u16, b: u16) -> bool {
     a == b || (a == 0 || a == 0xffff) && (b == 0 || b == 0xffff)
 }
 
+/// The skb's checksum state, as `bpf_l4_csum_replace` showed it by moving an L4 field from
+/// `before` to `after` for a pseudo-header difference `d` (not one's-complement zero): with
+/// CHECKSUM_PARTIAL the field holds the pseudo header's sum, which grew by `d` (`Some(true)`);
+/// in every other state it is the checksum, which shrank by `d` (`Some(false)`); `None`: neither
+/// (the helper left the field alone, as it does a UDP datagram's without checksum).
+#[inline(always)]
+fn partial_by_move(before: u16, d: u32, after: u16) -> Option<bool> {
+    if same_csum(after, csum::fold(before as u64 + d as u64)) {
+        Some(true)
+    } else if same_csum(after, !csum::fold((!before) as u64 + d as u64)) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 impl Tc<'_> {
     /// The ports' share of a tuple's L4 checksum update (`old` → `new`, both ports as one word),
     /// written directly instead of a second `bpf_l4_csum_replace`, right after that helper added
     /// the pseudo header's difference `d` to the field at `off` (which read `before`). The
     /// helper treats the field by the skb's checksum state, which a TC program cannot read, and
-    /// the field's new value tells it: with CHECKSUM_PARTIAL it holds the pseudo header's sum,
-    /// which grew by `d`, and the ports must not go in (the device sums the L4 header itself);
-    /// in every other state it is the checksum, which shrank by `d`, and the ports go in as the
+    /// the field's new value tells it ([`partial_by_move`]): with CHECKSUM_PARTIAL the ports must
+    /// not go in (the device sums the L4 header itself); in every other state they go in as the
     /// helper would put them (`skb->csum` of CHECKSUM_COMPLETE stays: the ports' bytes and the
     /// field change by opposite amounts). `false`: the field cannot tell (not readable; `d`
     /// one's-complement zero, as when the addresses were swapped; a UDP datagram without
@@ -494,11 +509,10 @@ impl Tc<'_> {
         let Ok(f) = ptr_at::<Self, u16>(self, off) else { return false };
         // SAFETY: bounds checked by ptr_at (after the helper, which may move the data).
         let after = unsafe { *f };
-        if same_csum(after, csum::fold(before as u64 + d as u64)) {
-            return true; // CHECKSUM_PARTIAL
-        }
-        if !same_csum(after, !csum::fold((!before) as u64 + d as u64)) {
-            return false;
+        match partial_by_move(before, d, after) {
+            Some(true) => return true,
+            Some(false) => {}
+            None => return false,
         }
         let mut v = csum::replace4(after, old, new);
         if proto_ == proto::UDP && v == 0 {
@@ -585,7 +599,8 @@ impl Packet for Tc<'_> {
         if n.daddr != p.daddr || n.saddr != p.saddr {
             let d = csum::diff4x2([p.saddr, p.daddr], [n.saddr, n.daddr]);
             let off = l4_csum_off(p).unwrap_or(0);
-            let before = checksum_at(self, off);
+            // Read only where the ports change (a volatile read is never dropped as unused).
+            let before = if old != new { checksum_at(self, off) } else { NO_CSUM };
             self.l4(p, 0, d, BPF_F_PSEUDO_HDR as u64)?;
             if old != new && self.ports_after_pseudo(off, p.proto, before, d, old, new) {
                 return Ok(true);
@@ -643,8 +658,8 @@ impl Packet for Tc<'_> {
         }
     }
     /// The skb's checksum state, which a TC program cannot read, shows in how the L4 helper
-    /// moves the field for a pseudo header grown by one: up with CHECKSUM_PARTIAL (the field
-    /// holds that sum), down otherwise (a checksum); then the field is set.
+    /// moves the field for a pseudo header grown by one ([`partial_by_move`]); then the field is
+    /// set.
     #[inline(always)]
     fn settle_l4_csum(&mut self, off: usize, if_partial: u16) -> Result<(), Reason> {
         let before = checksum_at(self, off);
@@ -662,7 +677,7 @@ impl Packet for Tc<'_> {
         let f: *mut u16 = ptr_at(self, off).map_err(|_| Reason::DropRewrite)?;
         // SAFETY: bounds checked by ptr_at (after the helper, which may move the data).
         unsafe {
-            *f = if same_csum(*f, csum::fold(before as u64 + 1)) { if_partial } else { before };
+            *f = if partial_by_move(before, 1, *f) == Some(true) { if_partial } else { before };
         }
         Ok(())
     }

@@ -221,7 +221,8 @@ impl Packet6 for Tc<'_> {
         let mut ports_done = old == new;
         if d != 0xffff {
             let off = l4_csum_off(p).unwrap_or(0);
-            let before = crate::pkt::checksum_at(self, off);
+            let before =
+                if ports_done { crate::pkt::NO_CSUM } else { crate::pkt::checksum_at(self, off) };
             self.l4_6(p, 0, d as u64, BPF_F_PSEUDO_HDR as u64)?;
             // The ports without a second helper call where the field tells how (as IPv4).
             ports_done = ports_done || self.ports_after_pseudo(off, p.proto, before, d, old, new);
