@@ -163,6 +163,20 @@ fn test_executables(root: &Path, targets: &[&str]) -> Result<Vec<(String, PathBu
     Ok(found)
 }
 
+/// Builds the binaries the guest runs from `target/debug` (the agent, for the feature probes and
+/// the end-to-end tests, the lab's servers, `kproxy-verifier-stats`): one left there by an
+/// earlier build would test another datapath than the tree's.
+fn build_guest_bins(root: &Path) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--bins", "-p", "kproxy", "-p", "kproxy-tests"])
+        .status()
+        .context("cargo build")?;
+    ensure!(status.success(), "cargo build of the guest's binaries failed ({status})");
+    Ok(())
+}
+
 fn exe<'a>(exes: &'a [(String, PathBuf)], name: &str) -> &'a Path {
     &exes.iter().find(|(n, _)| n == name).expect("built above").1
 }
@@ -190,8 +204,9 @@ pub fn run(root: &Path, opts: &Opts) -> Result<()> {
     ensure!(vng.exists(), "{} missing: run `make setup`", vng.display());
     let oldest = all.first().context("xtask/kernels.list is empty")?;
     let exes = test_executables(root, &["datapath_testrun", "conformance"])?;
+    build_guest_bins(root)?;
     let stats = root.join("target/debug/kproxy-verifier-stats");
-    ensure!(stats.exists(), "{} missing: cargo build --all-targets", stats.display());
+    ensure!(stats.exists(), "cargo built no {}", stats.display());
     let mut failed = Vec::new();
     for k in selected {
         let oldest = k.series == oldest.series;
