@@ -626,12 +626,17 @@ impl Datapath {
             || [names::PROG_XDP_EXT].into_iter().chain(names::XDP_CALLS.map(|(n, _)| n));
         let verify = Instant::now();
         // The entry programs first: they take the verifier longest.
-        let order: Vec<&str> = [names::PROG_XDP_EXT]
+        let order: Vec<(&str, ProgKind)> = [(names::PROG_XDP_EXT, ProgKind::Xdp)]
             .into_iter()
-            .chain(names::TC_ENTRY_PROGS)
-            .chain(names::XDP_CALLS.map(|(n, _)| n))
-            .chain(names::TC_CALLS.map(|(n, _)| n))
-            .chain(names::SOCK_PROGS.iter().chain(&names::SOCK_PROGS6).map(|(n, _)| *n))
+            .chain(names::TC_ENTRY_PROGS.map(|n| (n, ProgKind::Tc)))
+            .chain(names::XDP_CALLS.map(|(n, _)| (n, ProgKind::Xdp)))
+            .chain(names::TC_CALLS.map(|(n, _)| (n, ProgKind::Tc)))
+            .chain(
+                names::SOCK_PROGS
+                    .iter()
+                    .chain(&names::SOCK_PROGS6)
+                    .map(|(n, _)| (*n, ProgKind::Sock)),
+            )
             .collect();
         load_programs(&mut ebpf, &order)?;
         let verify_ms = verify.elapsed().as_millis() as u64;
@@ -1197,13 +1202,13 @@ const LOAD_THREADS_MAX: usize = 4;
 /// loads by a privileged process side by side, and the checks are most of a start's time (about
 /// three seconds for the whole object here on one thread, several on older kernels). Programs
 /// are taken in the order of `names`, the longest checks first, so that no long one starts last.
-fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
+fn load_programs(ebpf: &mut Ebpf, names: &[(&str, ProgKind)]) -> anyhow::Result<()> {
     use std::{collections::VecDeque, sync::Mutex};
     let mut found: Vec<(usize, &str, &mut Program)> = ebpf
         .programs_mut()
-        .filter_map(|(n, p)| names.iter().position(|w| *w == n).map(|i| (i, n, p)))
+        .filter_map(|(n, p)| names.iter().position(|(w, _)| *w == n).map(|i| (i, n, p)))
         .collect();
-    if let Some(missing) = names.iter().find(|w| !found.iter().any(|(_, n, _)| n == *w)) {
+    if let Some((missing, _)) = names.iter().find(|(w, _)| !found.iter().any(|(_, n, _)| n == w)) {
         bail!("program {missing} missing from the eBPF object");
     }
     found.sort_by_key(|(i, _, _)| *i);
@@ -1211,13 +1216,16 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
         .map_or(1, usize::from)
         .clamp(1, LOAD_THREADS_MAX)
         .min(found.len());
-    let queue = Mutex::new(found.into_iter().map(|(_, n, p)| (n, p)).collect::<VecDeque<_>>());
-    let load_one = |name: &str, p: &mut Program| -> anyhow::Result<()> {
-        let r = match p {
-            Program::SchedClassifier(p) => p.load(),
-            Program::Xdp(p) => p.load(),
-            Program::CgroupSockAddr(p) => p.load(),
-            _ => bail!("program {name}: not a TC, XDP or socket-address program"),
+    let queue =
+        Mutex::new(found.into_iter().map(|(i, n, p)| (n, names[i].1, p)).collect::<VecDeque<_>>());
+    let load_one = |name: &str, kind: ProgKind, p: &mut Program| -> anyhow::Result<()> {
+        let r = match (kind, p) {
+            (ProgKind::Tc, Program::SchedClassifier(p)) => p.load(),
+            (ProgKind::Xdp, Program::Xdp(p)) => p.load(),
+            (ProgKind::Sock, Program::CgroupSockAddr(p)) => p.load(),
+            (kind, _) => {
+                bail!("program {name} is not a {kind:?} program in the eBPF object")
+            }
         };
         r.with_context(|| format!("loading program {name} (verifier)"))
     };
@@ -1225,8 +1233,8 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
         loop {
             // The lock is held only to take the next program, never while one is checked.
             let next = queue.lock().map_err(|_| anyhow!("program queue poisoned"))?.pop_front();
-            let Some((name, p)) = next else { return Ok(()) };
-            load_one(name, p)?;
+            let Some((name, kind, p)) = next else { return Ok(()) };
+            load_one(name, kind, p)?;
         }
     };
     std::thread::scope(|s| {
@@ -1249,6 +1257,17 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
         }
         result
     })
+}
+
+/// The kind of program a name of the loader's lists must be in the eBPF object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProgKind {
+    /// A TC classifier (`SchedClassifier`).
+    Tc,
+    /// An XDP program.
+    Xdp,
+    /// A cgroup socket-address program.
+    Sock,
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
