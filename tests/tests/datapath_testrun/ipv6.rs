@@ -1379,3 +1379,116 @@ fn ipv6_replies_to_pods_are_restored_in_to_pod_with_and_without_host_routing() {
         &[(Reason::TranslatedNew, 1), (Reason::PassReplyToPod, 2), (Reason::ReplyTranslated, 6)],
     );
 }
+
+/// A node namespace and two pod namespaces behind the node's veths `vp1` and `vp2` (pods
+/// 2001:2:100::10 and ::11; the node 2001:2:100::1 on each veth; forwarding on; no duplicate
+/// address detection, so that every address is usable at once).
+fn node_and_two_pods6(prefix: &str) -> (Netns, [Netns; 2]) {
+    let tag = format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let node = Netns::new(format!("{tag}-node"));
+    let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
+    let no_dad = "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0";
+    node.sh(&format!("ip link set lo up && {no_dad} && sysctl -qw net.ipv6.conf.all.forwarding=1"));
+    for (i, pod) in pods.iter().enumerate() {
+        let j = i + 1;
+        let ip = format!("2001:2:100::{}", 9 + j);
+        sh_out(&format!(
+            "ip -n {} link add vp{j} type veth peer name eth0 netns {}",
+            node.0, pod.0
+        ));
+        node.sh(&format!(
+            "ip link set vp{j} up && ip -6 addr add 2001:2:100::1/128 dev vp{j} nodad && \
+             ip -6 route add {ip}/128 dev vp{j}"
+        ));
+        pod.sh(&format!(
+            "{no_dad} && ip link set lo up && ip link set eth0 up && \
+             ip -6 addr add {ip}/128 dev eth0 nodad && ip -6 route add 2001:2:100::1 dev eth0 && \
+             ip -6 route add default via 2001:2:100::1"
+        ));
+    }
+    (node, pods)
+}
+
+/// The IPv6 twin of `real_sockets_pod_to_clusterip_and_hairpin`: real sockets of two pods
+/// through the TC programs on their veths, which the node's sides send on without TX checksum
+/// offload, so the pods' stacks check every checksum kproxy leaves on their CHECKSUM_PARTIAL
+/// packets (the pseudo header's sum, which must not take the ports) and on the TCP RST and
+/// ICMPv6 port unreachable it builds from them. Pod 2 reaches itself through its service
+/// (hairpin).
+#[test]
+fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
+    const BULK6: &str = "[2001:2:ff::10]:81";
+    const NONE_TCP6: &str = "[2001:2:ff::99]:80";
+    const NONE_UDP6: &str = "[2001:2:ff::99]:53";
+    let (node, pods) = node_and_two_pods6("kpd6");
+    node.sh("ethtool -K vp1 tx off >/dev/null && ethtool -K vp2 tx off >/dev/null");
+    let _tcp = spawn_in(&pods[1], "exec socat TCP6-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello'");
+    let _bulk = spawn_in(
+        &pods[1],
+        "exec socat TCP6-LISTEN:8081,reuseaddr,fork SYSTEM:'head -c 4000000 /dev/zero'",
+    );
+    let _udp = spawn_in(
+        &pods[1],
+        "exec python3 -c \"import socket; s=socket.socket(10,2); s.bind(('::',5353)); \
+         [s.sendto(b'pong', s.recvfrom(100)[1]) for _ in iter(int,1)]\"",
+    );
+    let env = on_node(&node, move || {
+        let mut env = Env::own();
+        env.dp().attach_pod("vp1").unwrap();
+        env.dp().attach_pod("vp2").unwrap();
+        env.backend6(1, "[2001:2:100::11]:8080", backend_flags::LOCAL, proto::TCP);
+        env.backend6(2, "[2001:2:100::11]:5353", backend_flags::LOCAL, proto::UDP);
+        env.backend6(3, "[2001:2:100::11]:8081", backend_flags::LOCAL, proto::TCP);
+        env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        env.service6(BULK6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[3], 3);
+        env.service6(DNS6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[2], 2);
+        // No endpoints: rejected.
+        env.service6(NONE_TCP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 9);
+        env.service6(NONE_UDP6, proto::UDP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[], 9);
+        env
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let py = |pod: &Netns, script: &str| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &pod.0, "python3", "-c", script])
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let tcp_client = "import socket; s=socket.create_connection((\"2001:2:ff::10\",80),timeout=20); \
+                      print(s.recv(100).decode().strip())";
+    let bulk = "import socket; s=socket.create_connection((\"2001:2:ff::10\",81),timeout=20)\n\
+                n=0\nwhile True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)";
+    let udp_client = "import socket; s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM); \
+                      s.settimeout(20); s.sendto(b\"ping\",(\"2001:2:ff::10\",53)); \
+                      d,a=s.recvfrom(100); print(d.decode().strip(), a[0], a[1])";
+    for (who, pod) in [("pod 1", &pods[0]), ("pod 2 (hairpin)", &pods[1])] {
+        let diag = |e: &str| format!("{e}\n{:?}\n{:?}", env.counters6(), env.maps.conntrack6());
+        let (o, e) = py(pod, tcp_client);
+        assert_eq!(o, "hello", "{who} TCP: {}", diag(&e));
+        let (o, e) = py(pod, bulk);
+        assert_eq!(o, "4000000", "{who} bulk: {}", diag(&e));
+        let (o, e) = py(pod, udp_client);
+        assert_eq!(o, "pong 2001:2:ff::10 53", "{who} UDP reply from the ClusterIP: {}", diag(&e));
+    }
+    // The client's own stack accepts the rejections: connection refused (only an RST makes
+    // that; no answer would be a timeout) for TCP, and for connected UDP (ICMPv6 port
+    // unreachable).
+    let refused = "import socket\ntry:\n  socket.create_connection((\"2001:2:ff::99\",80),timeout=20)\n\
+                   except ConnectionRefusedError:\n  print(\"tcp refused\")\n\
+                   s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(20)\n\
+                   s.connect((\"2001:2:ff::99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
+                   except ConnectionRefusedError:\n  print(\"udp refused\")";
+    let (o, e) = py(&pods[0], refused);
+    assert_eq!(o, "tcp refused\nudp refused", "{e}\n{:?}", env.counters6());
+    let c = env.counters6();
+    assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 6, "{c:?}");
+    assert_eq!(c.get(&Reason::RejectNoBackend), Some(&2), "{c:?}");
+    assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 6, "{c:?}");
+    assert!(!c.contains_key(&Reason::DropRewrite), "{c:?}");
+    drop(env);
+}
