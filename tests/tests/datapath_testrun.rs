@@ -2451,17 +2451,11 @@ fn real_sockets_pod_to_clusterip_with_host_routing_bypasses_the_forward_path() {
 /// traffic but the test's (IPv6 off, so no neighbour discovery or MLD reports, and permanent
 /// neighbours both ways, so no ARP).
 fn node_and_two_pods(prefix: &str, quiet: bool) -> (Netns, [Netns; 2]) {
-    let tag = format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let node = Netns::new(format!("{tag}-node"));
-    let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
+    let (node, pods) = node_and_two_pod_veths(prefix);
     node.sh("ip link set lo up && sysctl -qw net.ipv4.ip_forward=1");
     for (i, pod) in pods.iter().enumerate() {
         let j = i + 1;
         let ip = format!("198.18.100.{}", 9 + j);
-        sh_out(&format!(
-            "ip -n {} link add vp{j} type veth peer name eth0 netns {}",
-            node.0, pod.0
-        ));
         // Before the link comes up (IPv6 off), after it has (neighbours).
         let (mut node_pre, mut node_post, mut pod_pre, mut pod_post) = Default::default();
         if quiet {
@@ -2482,6 +2476,23 @@ fn node_and_two_pods(prefix: &str, quiet: bool) -> (Netns, [Netns; 2]) {
         pod.sh(&format!(
             "{pod_pre}ip link set lo up && ip link set eth0 up && ip addr add {ip}/32 dev eth0 && \
              ip route add 198.18.100.1 dev eth0 && ip route add default via 198.18.100.1{pod_post}"
+        ));
+    }
+    (node, pods)
+}
+
+/// A node namespace and two pod namespaces, each pod's `eth0` the peer of the node's `vp1` or
+/// `vp2`; nothing configured.
+fn node_and_two_pod_veths(prefix: &str) -> (Netns, [Netns; 2]) {
+    let tag = format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let node = Netns::new(format!("{tag}-node"));
+    let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
+    for (i, pod) in pods.iter().enumerate() {
+        sh_out(&format!(
+            "ip -n {} link add vp{} type veth peer name eth0 netns {}",
+            node.0,
+            i + 1,
+            pod.0
         ));
     }
     (node, pods)
@@ -2567,12 +2578,18 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
                    s.connect((\"198.19.0.99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
                    except ConnectionRefusedError:\n  print(\"udp refused\")";
     assert_eq!(pods[0].sh(&format!("python3 -c '{refused}'")).trim(), "tcp refused\nudp refused");
-    let c = env.counters();
-    assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 4, "{c:?}");
-    assert_eq!(c.get(&Reason::RejectNoBackend), Some(&2), "{c:?}");
-    assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 4, "{c:?}");
-    assert!(!c.contains_key(&Reason::DropRewrite), "{c:?}");
+    assert_served_and_rejected(&env.counters(), 4);
     drop(env);
+}
+
+/// The counters of a real-socket test: at least `connections` new translated connections and
+/// as many translated replies, two rejections (TCP and UDP), no failed rewrite.
+#[track_caller]
+fn assert_served_and_rejected(c: &BTreeMap<Reason, u64>, connections: u64) {
+    assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= connections, "{c:?}");
+    assert_eq!(c.get(&Reason::RejectNoBackend), Some(&2), "{c:?}");
+    assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= connections, "{c:?}");
+    assert!(!c.contains_key(&Reason::DropRewrite), "{c:?}");
 }
 
 /// Another owner's TC program behind kproxy's on a pod's veth (a CNI's policy or a flow

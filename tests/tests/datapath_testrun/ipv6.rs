@@ -1384,18 +1384,12 @@ fn ipv6_replies_to_pods_are_restored_in_to_pod_with_and_without_host_routing() {
 /// 2001:2:100::10 and ::11; the node 2001:2:100::1 on each veth; forwarding on; no duplicate
 /// address detection, so that every address is usable at once).
 fn node_and_two_pods6(prefix: &str) -> (Netns, [Netns; 2]) {
-    let tag = format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-    let node = Netns::new(format!("{tag}-node"));
-    let pods = [Netns::new(format!("{tag}-p1")), Netns::new(format!("{tag}-p2"))];
+    let (node, pods) = node_and_two_pod_veths(prefix);
     let no_dad = "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0";
     node.sh(&format!("ip link set lo up && {no_dad} && sysctl -qw net.ipv6.conf.all.forwarding=1"));
     for (i, pod) in pods.iter().enumerate() {
         let j = i + 1;
         let ip = format!("2001:2:100::{}", 9 + j);
-        sh_out(&format!(
-            "ip -n {} link add vp{j} type veth peer name eth0 netns {}",
-            node.0, pod.0
-        ));
         node.sh(&format!(
             "ip link set vp{j} up && ip -6 addr add 2001:2:100::1/128 dev vp{j} nodad && \
              ip -6 route add {ip}/128 dev vp{j}"
@@ -1485,10 +1479,6 @@ fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
                    except ConnectionRefusedError:\n  print(\"udp refused\")";
     let (o, e) = py(&pods[0], refused);
     assert_eq!(o, "tcp refused\nudp refused", "{e}\n{:?}", env.counters6());
-    let c = env.counters6();
-    assert!(c.get(&Reason::TranslatedNew).copied().unwrap_or(0) >= 6, "{c:?}");
-    assert_eq!(c.get(&Reason::RejectNoBackend), Some(&2), "{c:?}");
-    assert!(c.get(&Reason::ReplyTranslated).copied().unwrap_or(0) >= 6, "{c:?}");
-    assert!(!c.contains_key(&Reason::DropRewrite), "{c:?}");
+    assert_served_and_rejected(&env.counters6(), 6);
     drop(env);
 }
