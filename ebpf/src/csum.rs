@@ -7,6 +7,13 @@
 //! 0 only when every term is 0, so the result is the same bit for bit (half the additions and
 //! none of the masks and shifts; an IPv6 address pair is 16 additions instead of 64 operations).
 
+/// An updated L4 checksum as the field is to hold it: a UDP checksum that computes to 0 is sent
+/// as 0xffff (RFC 768; 0 in the field means "no checksum").
+#[inline(always)]
+pub fn l4_field(proto_: u8, v: u16) -> u16 {
+    if proto_ == kproxy_common::proto::UDP && v == 0 { 0xffff } else { v }
+}
+
 /// Folds a 64-bit accumulator into 16 bits (not complemented).
 #[inline(always)]
 pub fn fold(mut s: u64) -> u16 {

@@ -296,15 +296,12 @@ impl Xdp<'_> {
             if p.proto == proto::UDP && cur == 0 {
                 return Ok(()); // UDP without checksum stays without
             }
-            let mut v = if two {
+            let v = if two {
                 csum::replace2(cur, old as u16, new as u16)
             } else {
                 csum::replace4(cur, old, new)
             };
-            if p.proto == proto::UDP && v == 0 {
-                v = 0xffff;
-            }
-            *c = v;
+            *c = csum::l4_field(p.proto, v);
         }
         Ok(())
     }
@@ -514,10 +511,7 @@ impl Tc<'_> {
             Some(false) => {}
             None => return false,
         }
-        let mut v = csum::replace4(after, old, new);
-        if proto_ == proto::UDP && v == 0 {
-            v = 0xffff;
-        }
+        let v = csum::l4_field(proto_, csum::replace4(after, old, new));
         // SAFETY: as above.
         unsafe { *f = v };
         true

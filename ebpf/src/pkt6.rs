@@ -72,13 +72,7 @@ impl Xdp<'_> {
         let Some(off) = l4_csum_off(p) else { return Ok(()) };
         let c: *mut u16 = ptr_at(self, off)?;
         // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            let mut v = csum::replace16(*c, old, new);
-            if p.proto == proto::UDP && v == 0 {
-                v = 0xffff;
-            }
-            *c = v;
-        }
+        unsafe { *c = csum::l4_field(p.proto, csum::replace16(*c, old, new)) };
         Ok(())
     }
 }
@@ -100,13 +94,7 @@ impl Packet6 for Xdp<'_> {
         let Some(coff) = l4_csum_off(p) else { return Ok(()) };
         let c: *mut u16 = ptr_at(self, coff)?;
         // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            let mut v = csum::replace2(*c, old, new);
-            if p.proto == proto::UDP && v == 0 {
-                v = 0xffff;
-            }
-            *c = v;
-        }
+        unsafe { *c = csum::l4_field(p.proto, csum::replace2(*c, old, new)) };
         Ok(())
     }
     #[inline(always)]
@@ -138,10 +126,8 @@ impl Packet6 for Xdp<'_> {
         // where `read_unaligned`/`write_unaligned` became bytes (36 stores for the tuple).
         unsafe {
             let c = (b as *mut u8).add(coff) as *mut u16;
-            let mut v = csum::replace_tuple6(*c, [&p.saddr, &p.daddr], [p.sport, p.dport], n);
-            if p.proto == proto::UDP && v == 0 {
-                v = 0xffff;
-            }
+            let v = csum::replace_tuple6(*c, [&p.saddr, &p.daddr], [p.sport, p.dport], n);
+            let v = csum::l4_field(p.proto, v);
             core::ptr::copy_nonoverlapping(n as *const Nat6, b as *mut Nat6, 1);
             *c = v;
         }
