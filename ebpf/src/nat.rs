@@ -389,12 +389,11 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
     let pseudo = pseudo_sum(p.daddr, p.saddr, proto::TCP, 20);
     let cs = !csum::fold(csum::add(&b[t..t + 20], pseudo));
     b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
+    // A segment's IP options go first, so that its L4 header, where its checksum offload (if
+    // any) points, lies where the RST's is built.
+    c.strip_l3_ext(p.ihl as u32 * 4 - 20)?;
     c.emit(&b)?;
-    if p.ihl == 5 {
-        // A segment with IP options had its L4 header further on: its checksum offload (if
-        // any) does not point at this RST's field.
-        c.settle_l4_csum(t + 16, csum::fold(pseudo))?;
-    }
+    c.settle_l4_csum(t + 16, csum::fold(pseudo))?;
     Ok(Verdict::TX)
 }
 

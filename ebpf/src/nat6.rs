@@ -284,11 +284,11 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip6) -> Result<Verdict, Reason> {
     let pseudo = pseudo_sum(&p.daddr, &p.saddr, proto::TCP, 20);
     let cs = !csum::fold(csum::add(&b[t..t + 20], pseudo));
     b[t + 16..t + 18].copy_from_slice(&cs.to_ne_bytes());
+    // Extension headers go first, so that the segment's TCP header, where its checksum
+    // offload (if any) points, lies where the RST's is built.
+    c.strip_l3_ext(p.l4.saturating_sub(L3 + HDR) as u32)?;
     let v = emit_prefix::<P, { L3 + HDR + 20 }>(c, b)?;
-    if p.l4 == L3 + HDR {
-        // (Behind extension headers the segment's checksum offload pointed further on.)
-        c.settle_l4_csum(t + 16, csum::fold(pseudo))?;
-    }
+    c.settle_l4_csum(t + 16, csum::fold(pseudo))?;
     Ok(v)
 }
 

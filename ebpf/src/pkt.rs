@@ -6,10 +6,13 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_fib_lookup as FibParams},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+        bpf_fib_lookup as FibParams,
+    },
     helpers::generated::{
-        bpf_fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_change_tail,
-        bpf_skb_store_bytes, bpf_xdp_adjust_tail,
+        bpf_fib_lookup, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_adjust_room,
+        bpf_skb_change_tail, bpf_skb_store_bytes, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -112,6 +115,16 @@ pub trait Packet {
     /// field as built.
     #[inline(always)]
     fn settle_l4_csum(&mut self, _off: usize, _if_partial: u16) -> Result<(), Reason> {
+        Ok(())
+    }
+    /// Removes the `len` bytes behind the fixed IP header (IPv4 options, IPv6 extension
+    /// headers), before a reply without them is built in place of the packet: TC's skb keeps
+    /// its L4 header where it was, so that a checksum offload pointing there (a pod's
+    /// CHECKSUM_PARTIAL segment) points at the reply's L4 header, which
+    /// [`Packet::settle_l4_csum`] then settles; XDP's frame has no checksum state, nothing to
+    /// do. Packet pointers taken before are invalid afterwards.
+    #[inline(always)]
+    fn strip_l3_ext(&mut self, _len: u32) -> Result<(), Reason> {
         Ok(())
     }
     /// Makes the first `n` bytes directly readable if the frame has them (TC: an skb's linear
@@ -650,6 +663,20 @@ impl Packet for Tc<'_> {
         unsafe {
             bpf_fib_lookup(self.0.skb.skb as *mut _, params, size_of::<FibParams>() as i32, 0)
         }
+    }
+    /// `bpf_skb_adjust_room` in its network mode removes bytes right behind the fixed IP
+    /// header and moves the headers before them, so the L4 header stays in place (Linux 4.13+).
+    #[inline(always)]
+    fn strip_l3_ext(&mut self, len: u32) -> Result<(), Reason> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: helper on our own context.
+        let r = unsafe { bpf_skb_adjust_room(self.0.skb.skb, -(len as i32), BPF_ADJ_ROOM_NET, 0) };
+        if r != 0 {
+            return Err(Reason::DropRewrite);
+        }
+        Ok(())
     }
     /// The skb's checksum state, which a TC program cannot read, shows in how the L4 helper
     /// moves the field for a pseudo header grown by one ([`partial_by_move`]); then the field is

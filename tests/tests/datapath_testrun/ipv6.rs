@@ -493,6 +493,12 @@ fn ipv6_reject_without_backends_tcp_rst_and_icmpv6_unreachable() {
         *window = 0;
     }
     assert_frame6(&out, &rst);
+    // The same SYN behind extension headers: the same RST, without them (TC takes them out
+    // first, so that the segment's TCP header lies where the RST's is built).
+    let syn_ext = syn.clone().with_ext(vec![Ext::options(HOP_BY_HOP), Ext::options(DEST_OPTS)]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &syn_ext.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "behind extension headers: sent back to the pod");
+    assert_frame6(&out, &rst);
 
     // UDP: ICMPv6 port unreachable quoting the IPv6 and UDP headers.
     let q = Frame6::udp(sa6(POD6), sa6(DNS6), b"a longer query payload");
@@ -515,7 +521,7 @@ fn ipv6_reject_without_backends_tcp_rst_and_icmpv6_unreachable() {
         *window = 0;
     }
     assert_frame6(&out, &rst2);
-    assert_counts6(&env, &[(Reason::RejectNoBackend, 3)]);
+    assert_counts6(&env, &[(Reason::RejectNoBackend, 4)]);
     assert!(env.maps.conntrack6().unwrap().is_empty());
 }
 
@@ -1476,9 +1482,21 @@ fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
                    except ConnectionRefusedError:\n  print(\"tcp refused\")\n\
                    s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(20)\n\
                    s.connect((\"2001:2:ff::99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
-                   except ConnectionRefusedError:\n  print(\"udp refused\")";
+                   except ConnectionRefusedError:\n  print(\"udp refused\")\n\
+                   s=socket.socket(socket.AF_INET6)\n\
+                   s.setsockopt(socket.IPPROTO_IPV6,59,b\"\\x00\\x00\\x01\\x04\\x00\\x00\\x00\\x00\")\n\
+                   s.settimeout(20)\ntry:\n  s.connect((\"2001:2:ff::99\",80))\n\
+                   except ConnectionRefusedError:\n  print(\"tcp with a destination options header refused\")";
+    // The last SYN carries a destination options header (`IPV6_DSTOPTS`, 59: eight bytes of
+    // padding): its TCP header, where its checksum offload points, lies eight bytes further on
+    // than the RST's.
     let (o, e) = py(&pods[0], refused);
-    assert_eq!(o, "tcp refused\nudp refused", "{e}\n{:?}", env.counters6());
-    assert_served_and_rejected(&env.counters6(), 6);
+    assert_eq!(
+        o,
+        "tcp refused\nudp refused\ntcp with a destination options header refused",
+        "{e}\n{:?}",
+        env.counters6()
+    );
+    assert_served_and_rejected(&env.counters6(), 6, 3);
     drop(env);
 }
