@@ -278,6 +278,9 @@ struct State {
     failed: HashMap<String, (u32, Instant)>,
     /// External devices reported missing (logged once until they come back).
     missing: BTreeSet<String>,
+    /// Earlier loads' tail-call tables may still be pinned: they go once no device is left
+    /// whose attachment failed ([`State::retire_old_calls`]).
+    old_calls: bool,
 }
 
 impl State {
@@ -352,6 +355,9 @@ impl State {
     /// Interface `name` went away (`index`: the index that went, when known).
     fn gone(&mut self, name: &str, index: Option<u32>) {
         let Some(&(kind, recorded)) = self.attached.get(name) else {
+            if self.failed.get(name).is_some_and(|(i, _)| index.is_none_or(|g| g == *i)) {
+                self.failed.remove(name);
+            }
             if self.kind(name) == Some(Kind::External) && self.missing.insert(name.to_owned()) {
                 warn!(device = %name, "NodePort device missing: waiting for it to appear");
             }
@@ -389,6 +395,8 @@ impl State {
                 return;
             }
         };
+        // A device whose attachment failed and that is gone now runs nothing.
+        self.failed.retain(|name, _| ifs.contains_key(name));
         let stale: Vec<(String, u32)> = self
             .attached
             .iter()
@@ -423,6 +431,23 @@ impl State {
         }
         let ext = self.attached.values().filter(|(k, _)| *k == Kind::External).count();
         self.metrics.set_devices(ext, self.attached.len() - ext, self.missing.len());
+        self.retire_old_calls();
+    }
+
+    /// Removes the tail-call tables of earlier loads once every device runs this load's
+    /// programs. A device whose attachment failed may still run an earlier load's programs
+    /// (its links were not replaced), whose slow paths are tail calls into that load's tables:
+    /// removing their pins would empty them (the kernel clears a program array when its last
+    /// pin and descriptor go) and drop every new connection there. They are kept until no
+    /// failed device is left (attached on a retry, or gone).
+    fn retire_old_calls(&mut self) {
+        if !self.old_calls || !self.failed.is_empty() {
+            return;
+        }
+        self.old_calls = false;
+        if let Err(e) = self.datapath.retire_old_calls() {
+            warn!(error = format!("{e:#}"), "removing old tail-call tables");
+        }
     }
 
     fn apply(&mut self, events: Vec<netlink::Event>) {
@@ -471,11 +496,17 @@ impl Devices {
             attached,
             failed: HashMap::new(),
             missing: BTreeSet::new(),
+            old_calls: true,
         };
+        // Earlier loads' tail-call tables go at the end of this scan if every device took this
+        // load's programs, or later, once none is left whose attachment failed.
         state.rescan();
-        // Every attachment now runs this load's programs: earlier loads' tail-call tables can go.
-        if let Err(e) = state.datapath.retire_old_calls() {
-            warn!(error = %e, "removing old tail-call tables");
+        if state.old_calls {
+            let devices: Vec<&str> = state.failed.keys().map(String::as_str).collect();
+            warn!(
+                devices = devices.join(","),
+                "earlier loads' tail-call tables kept until these devices run this load's programs"
+            );
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();

@@ -1,7 +1,8 @@
 //! Starting the agent as a newcomer would, in a lab node: each bad flag, a busy port, a missing
 //! manifest directory and missing privileges stop it at once with a message naming the flag (or
 //! the capability) and the value; a NodePort device that does not exist is waited for, warned
-//! about and counted, and attached when it appears.
+//! about and counted, and attached when it appears; a restarted agent keeps the tail-call
+//! tables of the earlier load while a device it could not attach still runs that load's programs.
 use std::{
     io::{Read, Write},
     net::Ipv4Addr,
@@ -150,5 +151,61 @@ fn missing_nodeport_device_is_waited_for_not_fatal() {
             && b.contains("kproxy_devices_attached{kind=\"external\"} 2\n")
     });
     drop(agent);
+    let _ = lab.cleanup(0);
+}
+
+/// The tail-call tables pinned under the pin path (`v1/calls`), one pair per load.
+fn call_tables(lab: &Lab) -> Vec<String> {
+    let dir = lab.pin_path(0).join("v1/calls");
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A restarted agent keeps the earlier load's tail-call tables while a device's attachment has
+/// failed: a failed attachment can leave that load's programs on the device (a TC or XDP link
+/// that was not replaced), and their slow paths are tail calls into those tables, which the
+/// kernel empties once their last pin and descriptor go. Here the failure is native XDP forced
+/// on a bridge (which has none); the tables go once the device does.
+#[test]
+fn earlier_tail_call_tables_stay_while_a_device_runs_the_earlier_programs() {
+    let lab = lab();
+    let dir = ManifestDir::new(&format!("old-calls-{}", lab.prefix())).expect("dir");
+    let ns = lab.node(0).ns.clone();
+    exec(&ns, &["ip", "link", "add", "kpbr0", "type", "bridge"]).expect("ip link add");
+    exec(&ns, &["ip", "link", "set", "kpbr0", "up"]).expect("ip link set");
+    let opts = |mode: &str| AgentOpts {
+        manifests_dir: dir.path().to_path_buf(),
+        extra_args: ["--nodeport-devices", "kpbr0", "--xdp-mode", mode].map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let first = lab.start_agent(0, &opts("generic")).expect("agent");
+    metrics_until(&ns, "both external devices attached", |b| {
+        b.contains("kproxy_devices_attached{kind=\"external\"} 2\n")
+    });
+    drop(first);
+    let earlier = call_tables(&lab);
+    assert_eq!(earlier.len(), 2, "one TC and one XDP table: {earlier:?}");
+
+    let second = lab.start_agent(0, &opts("native")).expect("agent");
+    metrics_until(&ns, "the bridge failing", |b| {
+        b.contains("kproxy_devices_attached{kind=\"external\"} 1\n")
+    });
+    let now = call_tables(&lab);
+    assert_eq!(now.len(), 4, "the earlier tables beside the new ones: {now:?}");
+    assert!(earlier.iter().all(|t| now.contains(t)), "{earlier:?} kept in {now:?}");
+    assert!(second.log_text().contains("kept until"), "{}", second.log_text());
+
+    // The device goes: nothing runs the earlier programs any more, their tables go.
+    exec(&ns, &["ip", "link", "del", "kpbr0"]).expect("ip link del");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while call_tables(&lab).len() != 2 {
+        assert!(Instant::now() < deadline, "earlier tables never removed: {:?}", call_tables(&lab));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(earlier.iter().all(|t| !call_tables(&lab).contains(t)));
+    drop(second);
     let _ = lab.cleanup(0);
 }
