@@ -489,6 +489,7 @@ impl Devices {
         };
         let attached = BTreeMap::new();
         sweep_stale_link_pins(&mut datapath, &spec.external);
+        let old_calls = !datapath.old_calls().is_empty();
         let mut state = State {
             spec,
             datapath,
@@ -496,7 +497,7 @@ impl Devices {
             attached,
             failed: HashMap::new(),
             missing: BTreeSet::new(),
-            old_calls: true,
+            old_calls,
         };
         // Earlier loads' tail-call tables go at the end of this scan if every device took this
         // load's programs, or later, once none is left whose attachment failed.

@@ -795,17 +795,18 @@ impl Datapath {
     /// Removes the tail-call tables of earlier loads, once every attachment runs this load's
     /// programs. The agent calls it after attaching its devices.
     pub fn retire_old_calls(&self) -> anyhow::Result<()> {
-        let dir = calls_dir(&maps_dir(&self.pin_path));
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
-        for e in entries.flatten() {
-            let path = e.path();
-            if !self.calls_pins.contains(&path) {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-                debug!(pin = %path.display(), "old tail-call table removed");
-            }
+        for path in self.old_calls() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            debug!(pin = %path.display(), "old tail-call table removed");
         }
         Ok(())
+    }
+
+    /// The pins of earlier loads' tail-call tables (see [`Datapath::retire_old_calls`]).
+    pub fn old_calls(&self) -> Vec<PathBuf> {
+        let dir = calls_dir(&maps_dir(&self.pin_path));
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+        entries.flatten().map(|e| e.path()).filter(|p| !self.calls_pins.contains(p)).collect()
     }
 
     /// Makes `kp_poddevs` hold exactly `ifindexes`, the host-side pod interfaces carrying the
