@@ -2372,6 +2372,18 @@ impl Netns {
     fn sh(&self, cmd: &str) -> String {
         sh_out(&format!("ip netns exec {} sh -c '{}'", self.0, cmd.replace('\'', "'\\''")))
     }
+    /// Runs `python3 -c script` in the namespace: its standard output trimmed, and its
+    /// standard error (whatever its exit status: a failed client shows in its output).
+    fn python(&self, script: &str) -> (String, String) {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.0, "python3", "-c", script])
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
 }
 
 impl Drop for Netns {
@@ -2561,15 +2573,11 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
                     n=0\nwhile True:\n  d=s.recv(65536)\n  n+=len(d)\n  if not d: break\nprint(n)";
         assert_eq!(pod.sh(&format!("python3 -c '{bulk}'")).trim(), "4000000", "{who} bulk");
         for attempt in 0..3 {
-            let o = Command::new("ip")
-                .args(["netns", "exec", &pod.0, "python3", "-c", udp_client])
-                .output()
-                .unwrap();
+            let (out, err) = pod.python(udp_client);
             assert_eq!(
-                String::from_utf8_lossy(&o.stdout).trim(),
+                out,
                 "pong 198.19.0.53 53",
-                "{who} UDP reply comes from the ClusterIP (attempt {attempt}); {}\n{:?}\n{}",
-                String::from_utf8_lossy(&o.stderr),
+                "{who} UDP reply comes from the ClusterIP (attempt {attempt}); {err}\n{:?}\n{}",
                 env.counters(),
                 show_ct(&env),
             );
@@ -2979,13 +2987,7 @@ fn real_sockets_nodeport(mode: kproxy::dataplane::loader::ExternalMode) {
          s.sendto(b\"ping\",(\"{NODE_IP}\",30053)); d,a=s.recvfrom(100); \
          print(d.decode().strip(), a[0], a[1])"
     );
-    let run = |code: &str| {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &client.0, "python3", "-c", code])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().to_owned()
-    };
+    let run = |code: &str| client.python(code).0;
     assert_eq!(run(&tcp_client), "hello", "{:?}\n{}", env.counters(), show_ct(&env));
     assert_eq!(run(&udp_client), format!("pong {NODE_IP} 30053"), "{:?}", env.counters());
     let bulk_client = format!(
@@ -3191,13 +3193,7 @@ fn real_sockets_nodeport_remote(mode: kproxy::dataplane::loader::ExternalMode) {
         env
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let run = |code: &str| {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &client.0, "python3", "-c", code])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().to_owned()
-    };
+    let run = |code: &str| client.python(code).0;
     let tcp_client = format!(
         "import socket; s=socket.create_connection((\"{NODE_IP}\",30080),timeout=20); \
          print(s.recv(100).decode().strip())"

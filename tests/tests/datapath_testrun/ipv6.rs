@@ -1449,16 +1449,6 @@ fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
 
-    let py = |pod: &Netns, script: &str| {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &pod.0, "python3", "-c", script])
-            .output()
-            .unwrap();
-        (
-            String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
     let tcp_client = "import socket; s=socket.create_connection((\"2001:2:ff::10\",80),timeout=20); \
                       print(s.recv(100).decode().strip())";
     let bulk = "import socket; s=socket.create_connection((\"2001:2:ff::10\",81),timeout=20)\n\
@@ -1468,11 +1458,11 @@ fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
                       d,a=s.recvfrom(100); print(d.decode().strip(), a[0], a[1])";
     for (who, pod) in [("pod 1", &pods[0]), ("pod 2 (hairpin)", &pods[1])] {
         let diag = |e: &str| format!("{e}\n{:?}\n{:?}", env.counters6(), env.maps.conntrack6());
-        let (o, e) = py(pod, tcp_client);
+        let (o, e) = pod.python(tcp_client);
         assert_eq!(o, "hello", "{who} TCP: {}", diag(&e));
-        let (o, e) = py(pod, bulk);
+        let (o, e) = pod.python(bulk);
         assert_eq!(o, "4000000", "{who} bulk: {}", diag(&e));
-        let (o, e) = py(pod, udp_client);
+        let (o, e) = pod.python(udp_client);
         assert_eq!(o, "pong 2001:2:ff::10 53", "{who} UDP reply from the ClusterIP: {}", diag(&e));
     }
     // The client's own stack accepts the rejections: connection refused (only an RST makes
@@ -1490,7 +1480,7 @@ fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
     // The last SYN carries a destination options header (`IPV6_DSTOPTS`, 59: eight bytes of
     // padding): its TCP header, where its checksum offload points, lies eight bytes further on
     // than the RST's.
-    let (o, e) = py(&pods[0], refused);
+    let (o, e) = pods[0].python(refused);
     assert_eq!(
         o,
         "tcp refused\nudp refused\ntcp with a destination options header refused",
