@@ -451,6 +451,25 @@ impl Tc<'_> {
     }
 }
 
+/// A parsed packet of one family, as [`Tc::tuple_l4_csum`] updates its L4 checksum.
+pub(crate) trait L4Csum {
+    /// The L4 protocol.
+    fn proto(&self) -> u8;
+    /// `bpf_l4_csum_replace` on this packet's L4 checksum (`from`, `to`, flags).
+    fn l4_csum(&self, c: &Tc, from: u32, to: u32, flags: u64) -> Result<(), Reason>;
+}
+
+impl L4Csum for Ip4 {
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn l4_csum(&self, c: &Tc, from: u32, to: u32, flags: u64) -> Result<(), Reason> {
+        c.l4(self, from, to, flags)
+    }
+}
+
 /// What [`checksum_at`] gives for a field the linear part does not hold (no field value).
 pub(crate) const NO_CSUM: u32 = 0x1_0000;
 
@@ -489,6 +508,33 @@ fn partial_by_move(before: u16, d: u32, after: u16) -> Option<bool> {
 }
 
 impl Tc<'_> {
+    /// The L4 checksum of a tuple rewrite, for both families: the addresses by their
+    /// pseudo-header difference `d` (one helper call, none where `d` is 0xffff, one's-complement
+    /// zero: unchanged or swapped addresses; one test where comparing the addresses would be up
+    /// to eight branches for the verifier to follow), then the ports (`old` → `new`, both as one word) by
+    /// [`Tc::ports_after_pseudo`] where the field tells how, else by a second call. `helper`
+    /// calls the family's `bpf_l4_csum_replace` ([`L4Csum`]) on the field at `off`.
+    #[inline(always)]
+    pub(crate) fn tuple_l4_csum<H: L4Csum>(
+        &self,
+        h: &H,
+        off: usize,
+        d: u32,
+        old: u32,
+        new: u32,
+    ) -> Result<(), Reason> {
+        let mut ports_done = old == new;
+        if d != 0xffff {
+            // Read only where the ports change (a volatile read is never dropped as unused).
+            let before = if ports_done { NO_CSUM } else { checksum_at(self, off) };
+            h.l4_csum(self, 0, d, BPF_F_PSEUDO_HDR as u64)?;
+            ports_done = ports_done || self.ports_after_pseudo(off, h.proto(), before, d, old, new);
+        }
+        if !ports_done {
+            h.l4_csum(self, old, new, 4)?;
+        }
+        Ok(())
+    }
     /// The ports' share of a tuple's L4 checksum update (`old` → `new`, both ports as one word),
     /// written directly instead of a second `bpf_l4_csum_replace`, right after that helper added
     /// the pseudo header's difference `d` to the field at `off` (which read `before`). The
@@ -603,19 +649,9 @@ impl Packet for Tc<'_> {
             (p.sport as u32 | (p.dport as u32) << 16, n.sport as u32 | (n.dport as u32) << 16);
         // The addresses are in the pseudo header (the helper knows what that means for each
         // checksum state of the skb): one update for both, by their difference.
-        if n.daddr != p.daddr || n.saddr != p.saddr {
-            let d = csum::diff4x2([p.saddr, p.daddr], [n.saddr, n.daddr]);
-            let off = l4_csum_off(p).unwrap_or(0);
-            // Read only where the ports change (a volatile read is never dropped as unused).
-            let before = if old != new { checksum_at(self, off) } else { NO_CSUM };
-            self.l4(p, 0, d, BPF_F_PSEUDO_HDR as u64)?;
-            if old != new && self.ports_after_pseudo(off, p.proto, before, d, old, new) {
-                return Ok(true);
-            }
-        }
-        if old != new {
-            self.l4(p, old, new, 4)?;
-        }
+        let d = csum::diff4x2([p.saddr, p.daddr], [n.saddr, n.daddr]);
+        let off = l4_csum_off(p).unwrap_or(0);
+        self.tuple_l4_csum(p, off, d, old, new)?;
         Ok(true)
     }
     #[inline(always)]

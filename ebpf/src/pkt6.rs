@@ -14,7 +14,7 @@ use crate::{
     csum,
     nat6::Nat6,
     parse6::{DADDR, HDR, HOP_LIMIT, Ip6, SADDR},
-    pkt::{L3, Packet, Tc, Xdp, ptr_at},
+    pkt::{L3, L4Csum, Packet, Tc, Xdp, ptr_at},
 };
 
 /// `BPF_F_IPV6` (Linux 6.16): the pseudo-header change of an IPv6 packet must not touch
@@ -161,6 +161,17 @@ impl Tc<'_> {
     }
 }
 
+impl L4Csum for Ip6 {
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn l4_csum(&self, c: &Tc, from: u32, to: u32, flags: u64) -> Result<(), Reason> {
+        c.l4_6(self, from as u64, to as u64, flags)
+    }
+}
+
 impl Packet6 for Tc<'_> {
     #[inline(always)]
     fn set_addr6(&mut self, p: &Ip6, off: usize, old: &Addr6, new: &Addr6) -> Result<(), Reason> {
@@ -198,24 +209,11 @@ impl Packet6 for Tc<'_> {
             return Ok(false);
         }
         const _: () = assert!(DADDR == SADDR + 16 && SADDR + 32 == L3 + HDR);
-        // One test instead of eight word comparisons (each a branch the verifier follows): the
-        // difference of equal addresses is 0xffff, one's-complement zero, and so is any other
-        // difference that would leave the checksum as it is.
+        // Both addresses' difference, tested once (see `Tc::tuple_l4_csum`).
         let d = csum::diff16x2([&p.saddr, &p.daddr], [&n.saddr, &n.daddr]);
         let (old, new) =
             (p.sport as u32 | (p.dport as u32) << 16, n.sport as u32 | (n.dport as u32) << 16);
-        let mut ports_done = old == new;
-        if d != 0xffff {
-            let off = l4_csum_off(p).unwrap_or(0);
-            let before =
-                if ports_done { crate::pkt::NO_CSUM } else { crate::pkt::checksum_at(self, off) };
-            self.l4_6(p, 0, d as u64, BPF_F_PSEUDO_HDR as u64)?;
-            // The ports without a second helper call where the field tells how (as IPv4).
-            ports_done = ports_done || self.ports_after_pseudo(off, p.proto, before, d, old, new);
-        }
-        if !ports_done {
-            self.l4_6(p, old as u64, new as u64, 4)?;
-        }
+        self.tuple_l4_csum(p, l4_csum_off(p).unwrap_or(0), d, old, new)?;
         // `Nat6` has the packet's layout. Written directly (a helper call less on every
         // translated packet): the parser read the addresses and ports from the linear part,
         // which the checksum helpers leave as it was.
