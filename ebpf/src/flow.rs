@@ -409,7 +409,7 @@ fn closed_address<P: Packet>(
             return Ok(Some((nat::tcp_reset(c, p)?, Reason::RejectUnknownPort)));
         }
         if p.proto == proto::UDP {
-            return Ok(Some((nat::icmp_unreachable(c, p)?, Reason::RejectUnknownPort)));
+            return nat::reject_udp(c, p, Reason::RejectUnknownPort).map(Some);
         }
         // An RST is not answered.
         return Err(Reason::RejectUnknownPort);
@@ -533,12 +533,10 @@ fn new_conn<P: Packet>(
         if svc.flags & svc_flags::DROP_IF_EMPTY != 0 {
             return Err(Reason::DropNoLocalBackend);
         }
-        let v = if p.proto == proto::TCP {
-            nat::tcp_reset(c, p)?
-        } else {
-            nat::icmp_unreachable(c, p)?
-        };
-        return Ok((v, Reason::RejectNoBackend));
+        if p.proto == proto::TCP {
+            return Ok((nat::tcp_reset(c, p)?, Reason::RejectNoBackend));
+        }
+        return nat::reject_udp(c, p, Reason::RejectNoBackend);
     }
     let (id, be) = lb::pick(key, svc, t, now)?;
     let local = be.flags & backend_flags::LOCAL != 0;

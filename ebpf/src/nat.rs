@@ -397,14 +397,35 @@ pub fn tcp_reset<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
     Ok(Verdict::TX)
 }
 
+/// The rejection of a UDP datagram for `reason`: its ICMP port unreachable
+/// ([`icmp_unreachable`]). XDP leaves a datagram with IP options to TC, which takes them out
+/// before it builds the message.
+#[inline(always)]
+pub fn reject_udp<P: Packet>(
+    c: &mut P,
+    p: &Ip4,
+    reason: Reason,
+) -> Result<(Verdict, Reason), Reason> {
+    if P::XDP && p.ihl != 5 {
+        return Ok((Verdict::PASS, Reason::XdpPassToTc));
+    }
+    Ok((icmp_unreachable(c, p)?, reason))
+}
+
 /// Replaces a UDP datagram by an ICMP port unreachable from the frontend address to the
-/// client, quoting the datagram's IP header and first 8 bytes (RFC 792).
+/// client, quoting the datagram's IP header and first 8 bytes (RFC 792). A datagram's IP
+/// options go first (TC), so that its L4 header, where its checksum offload (if any) points,
+/// lies where the message is built; the quoted header is then the datagram's without them
+/// (header length 5, total length and header checksum to match), whose UDP header the client's
+/// stack finds right behind it. A later fragment, which has no UDP header to quote, is dropped
+/// (still counted).
 #[inline(always)]
 pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason> {
-    if p.ihl != 5 || !p.has_l4 {
-        // Quoting options or a later fragment is not implemented: dropped (still counted).
+    if !p.has_l4 {
         return Ok(Verdict::DROP);
     }
+    let opts = p.ihl as u16 * 4 - 20;
+    c.strip_l3_ext(opts as u32)?;
     let q: *const [u8; 28] = ptr_at(c, L3)?;
     let mut b = [0u8; 70];
     eth_reply(c, &mut b)?;
@@ -414,6 +435,14 @@ pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip4) -> Result<Verdict, Reason
     b[i + 1] = 3; // port unreachable
     // SAFETY: bounds checked by ptr_at.
     b[i + 8..i + 36].copy_from_slice(unsafe { &*q });
+    if opts != 0 {
+        let h = i + 8;
+        b[h] = 0x45;
+        b[h + 2..h + 4].copy_from_slice(&(p.tot_len - opts).to_be_bytes());
+        b[h + 10..h + 12].copy_from_slice(&[0, 0]);
+        let hc = !csum::fold(csum::add(&b[h..h + 20], 0));
+        b[h + 10..h + 12].copy_from_slice(&hc.to_ne_bytes());
+    }
     let cs = !csum::fold(csum::add(&b[i..i + 36], 0));
     b[i + 2..i + 4].copy_from_slice(&cs.to_ne_bytes());
     c.emit(&b)?;

@@ -312,13 +312,22 @@ fn emit_prefix<P: Packet, const N: usize>(
 const QUOTE: usize = HDR + 8;
 
 /// Replaces a UDP datagram by an ICMPv6 port unreachable from the frontend address to the
-/// client (RFC 4443 3.1), quoting the datagram's headers.
+/// client (RFC 4443 3.1), quoting the datagram's headers. A datagram's extension headers go
+/// first (TC), so that its UDP header, where its checksum offload (if any) points, lies where
+/// the message is built; the quoted header is then the datagram's without them (next header
+/// UDP, payload length to match), whose UDP header the client's stack finds right behind it.
+/// XDP leaves such a datagram to TC (`DropRewrite`, which the rejection program turns into a
+/// pass); a later fragment, which has no UDP header to quote, is dropped (still counted).
 #[inline(always)]
 pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip6) -> Result<Verdict, Reason> {
-    if p.l4 != L3 + HDR || !p.has_l4 {
-        // Quoting extension headers or a later fragment is not implemented: dropped (counted).
+    if !p.has_l4 {
         return Ok(Verdict::DROP);
     }
+    let ext = p.l4.saturating_sub(L3 + HDR);
+    if P::XDP && ext != 0 {
+        return Err(Reason::DropRewrite);
+    }
+    c.strip_l3_ext(ext as u32)?;
     let q: *const [u8; QUOTE] = ptr_at(c, L3)?;
     let b = &mut maps6::scratch()?.frame;
     *b = [0; maps6::SCRATCH];
@@ -330,6 +339,11 @@ pub fn icmp_unreachable<P: Packet>(c: &mut P, p: &Ip6) -> Result<Verdict, Reason
     b[i + 1] = PORT_UNREACH;
     // SAFETY: bounds checked by ptr_at.
     b[i + 8..i + 8 + QUOTE].copy_from_slice(unsafe { &*q });
+    if ext != 0 {
+        let h = i + 8;
+        b[h + 4..h + 6].copy_from_slice(&(p.payload_len - ext as u16).to_be_bytes());
+        b[h + 6] = proto::UDP;
+    }
     let pseudo = pseudo_sum(&p.daddr, &p.saddr, proto::ICMPV6, len as u32);
     let cs = !csum::fold(csum::add(&b[i..i + 8 + QUOTE], pseudo));
     b[i + 2..i + 4].copy_from_slice(&cs.to_ne_bytes());

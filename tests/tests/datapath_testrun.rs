@@ -1751,6 +1751,14 @@ fn reject_without_backends_tcp_rst_and_icmp_unreachable() {
     icmp.id = 0;
     icmp.l4 = L4::Icmp { typ: 3, code: 3, rest: [0; 4], payload: qb[14..14 + 28].to_vec() };
     assert_frame(&out, &icmp);
+    // The same datagram with IP options: the same message (TC takes them out first, so that the
+    // datagram's UDP header lies where the message is built), quoting the header without them:
+    // header length 5, the total length and header checksum of the datagram without options.
+    let mut q_opts = q.clone();
+    q_opts.ip_options = vec![1, 1, 1, 0];
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q_opts.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "with IP options: sent back to the pod");
+    assert_frame(&out, &icmp);
     // Short datagram (frame grows) through XDP.
     env.service("198.19.0.10:53", proto::UDP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[], 1);
     let q2 = Frame::udp(sa(CLIENT), sa("198.19.0.10:53"), b"");
@@ -1761,7 +1769,16 @@ fn reject_without_backends_tcp_rst_and_icmp_unreachable() {
     icmp2.id = 0;
     icmp2.l4 = L4::Icmp { typ: 3, code: 3, rest: [0; 4], payload: q2b[14..14 + 28].to_vec() };
     assert_frame(&out, &icmp2);
-    assert_counts(&env, &[(Reason::RejectNoBackend, 5)]);
+    // With IP options XDP leaves it to TC, untouched; TC answers it.
+    let mut q3 = q2.clone();
+    q3.ip_options = vec![1, 1, 1, 0];
+    let q3b = q3.build();
+    let (v, out) = env.xdp(&q3b);
+    assert_eq!((v, &out), (XDP_PASS, &q3b), "with IP options: left to TC");
+    let (v, out) = env.tc(names::PROG_TC_EXT, &q3b);
+    assert_eq!(v, TC_ACT_REDIRECT, "with IP options: sent back out by TC");
+    assert_frame(&out, &icmp2);
+    assert_counts(&env, &[(Reason::RejectNoBackend, 7), (Reason::XdpPassToTc, 1)]);
     assert!(env.maps.conntrack().unwrap().is_empty());
 }
 
@@ -2595,14 +2612,21 @@ fn real_sockets_pod_to_clusterip(host_routing: bool) {
                    s=socket.socket()\n\
                    s.setsockopt(socket.IPPROTO_IP,socket.IP_OPTIONS,b\"\\x01\\x01\\x01\\x00\")\n\
                    s.settimeout(20)\ntry:\n  s.connect((\"198.19.0.99\",80))\n\
-                   except ConnectionRefusedError:\n  print(\"tcp with ip options refused\")";
-    // The last SYN carries IP options (four bytes): its L4 header, where its checksum offload
-    // points, lies four bytes further on than the RST's.
+                   except ConnectionRefusedError:\n  print(\"tcp with ip options refused\")\n\
+                   s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                   s.setsockopt(socket.IPPROTO_IP,socket.IP_OPTIONS,b\"\\x01\\x01\\x01\\x00\")\n\
+                   s.settimeout(20)\ns.connect((\"198.19.0.99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
+                   except ConnectionRefusedError:\n  print(\"udp with ip options refused\")";
+    // The last SYN and datagram carry IP options (four bytes): their L4 header, where a
+    // checksum offload points, lies four bytes further on than the reply's.
+    let (o, e) = pods[0].python(refused);
     assert_eq!(
-        pods[0].sh(&format!("python3 -c '{refused}'")).trim(),
-        "tcp refused\nudp refused\ntcp with ip options refused"
+        o,
+        "tcp refused\nudp refused\ntcp with ip options refused\nudp with ip options refused",
+        "{e}\n{:?}",
+        env.counters()
     );
-    assert_served_and_rejected(&env.counters(), 4, 3);
+    assert_served_and_rejected(&env.counters(), 4, 4);
     drop(env);
 }
 

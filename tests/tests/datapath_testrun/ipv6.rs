@@ -508,6 +508,18 @@ fn ipv6_reject_without_backends_tcp_rst_and_icmpv6_unreachable() {
     let want = Frame6::icmp(*sa6(DNS6).ip(), *sa6(POD6).ip(), 1, 4, &qb[14..14 + 48])
         .with_macs(q.smac, q.dmac);
     assert_frame6(&out, &want);
+    // The same datagram behind extension headers: the same message (TC takes them out first),
+    // quoting the IPv6 header without them (next header UDP, the payload length to match).
+    let q_ext = q.clone().with_ext(vec![Ext::options(HOP_BY_HOP), Ext::options(DEST_OPTS)]);
+    let (v, out) = env.tc(names::PROG_TC_FROM_POD, &q_ext.build());
+    assert_eq!(v, TC_ACT_REDIRECT, "behind extension headers: sent back to the pod");
+    assert_frame6(&out, &want);
+    // XDP leaves such a datagram to TC, untouched.
+    env.service6(DNS6, proto::UDP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[], 1);
+    let q_out = Frame6::udp(sa6(CLIENT6), sa6(DNS6), b"q").with_ext(vec![Ext::options(DEST_OPTS)]);
+    let qb_out = q_out.build();
+    let (v, out) = env.xdp(&qb_out);
+    assert_eq!((v, &out), (XDP_PASS, &qb_out), "behind extension headers: left to TC");
 
     // The same from outside: sent back out of the device.
     env.service6(CIP6, proto::TCP, scope::EXTERNAL, svc_flags::CLUSTER_IP, &[], 1);
@@ -521,7 +533,7 @@ fn ipv6_reject_without_backends_tcp_rst_and_icmpv6_unreachable() {
         *window = 0;
     }
     assert_frame6(&out, &rst2);
-    assert_counts6(&env, &[(Reason::RejectNoBackend, 4)]);
+    assert_counts6(&env, &[(Reason::RejectNoBackend, 5), (Reason::XdpPassToTc, 1)]);
     assert!(env.maps.conntrack6().unwrap().is_empty());
 }
 
@@ -1476,17 +1488,22 @@ fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
                    s=socket.socket(socket.AF_INET6)\n\
                    s.setsockopt(socket.IPPROTO_IPV6,59,b\"\\x00\\x00\\x01\\x04\\x00\\x00\\x00\\x00\")\n\
                    s.settimeout(20)\ntry:\n  s.connect((\"2001:2:ff::99\",80))\n\
-                   except ConnectionRefusedError:\n  print(\"tcp with a destination options header refused\")";
+                   except ConnectionRefusedError:\n  print(\"tcp with a destination options header refused\")\n\
+                   s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+                   s.setsockopt(socket.IPPROTO_IPV6,59,b\"\\x00\\x00\\x01\\x04\\x00\\x00\\x00\\x00\")\n\
+                   s.settimeout(20)\ns.connect((\"2001:2:ff::99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
+                   except ConnectionRefusedError:\n  print(\"udp with a destination options header refused\")";
     // The last SYN carries a destination options header (`IPV6_DSTOPTS`, 59: eight bytes of
     // padding): its TCP header, where its checksum offload points, lies eight bytes further on
     // than the RST's.
     let (o, e) = pods[0].python(refused);
     assert_eq!(
         o,
-        "tcp refused\nudp refused\ntcp with a destination options header refused",
+        "tcp refused\nudp refused\ntcp with a destination options header refused\n\
+         udp with a destination options header refused",
         "{e}\n{:?}",
         env.counters6()
     );
-    assert_served_and_rejected(&env.counters6(), 6, 3);
+    assert_served_and_rejected(&env.counters6(), 6, 4);
     drop(env);
 }
