@@ -375,7 +375,8 @@ fn load_datapath(config: &Config) -> anyhow::Result<(Datapath, BpfDataplane)> {
         estimated_mib = loader::estimated_bytes(&sizes) / (1 << 20),
         "map capacities"
     );
-    let datapath = Datapath::load(&config.pin_path, &sizes).with_context(|| {
+    let xdp = config.external_mode == loader::ExternalMode::Xdp;
+    let datapath = Datapath::load_for(&config.pin_path, &sizes, xdp).with_context(|| {
         format!("--pin-path {}: loading the datapath", config.pin_path.display())
     })?;
     let dp = datapath.dataplane().context("opening the pinned maps")?;

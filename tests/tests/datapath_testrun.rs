@@ -2272,6 +2272,25 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
         assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "still generic");
 
+        // An agent started with --no-xdp loads no XDP program (nor the TC program that runs
+        // behind XDP), serves the device with TC alone and refuses an XDP attachment.
+        {
+            let mut tc_only = Datapath::load_for(&dir, &MapSizes::default(), false).unwrap();
+            for name in [names::PROG_XDP_EXT, names::PROG_TC_EXT_XDP] {
+                let p = tc_only.program_mut(name).unwrap();
+                assert!(p.fd().is_err(), "{name} loaded without XDP");
+            }
+            assert!(tc_only.program_mut(names::PROG_TC_EXT).unwrap().fd().is_ok());
+            let err = tc_only.attach_external("kpt0", ExternalMode::Xdp).unwrap_err();
+            assert!(err.to_string().contains("without its XDP programs"), "{err:#}");
+            assert_eq!(tc_only.attach_external("kpt0", ExternalMode::TcOnly).unwrap(), None);
+            assert_eq!(xdp_prog("kpt0"), None);
+            assert_eq!(tc_progs(&dir, "kpt0", "ingress", "kp_").len(), 1, "one TC program");
+            assert_eq!(tc_progs(&dir, "kpt0", "ingress", names::PROG_TC_EXT).len(), 1);
+        }
+        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+        assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "generic again");
+
         // detach removes exactly kproxy's programs on that device.
         sh_out("tc qdisc add dev kpt1 clsact 2>/dev/null; true");
         sh_out("tc filter add dev kpt1 ingress prio 100 protocol ip u32 match u32 0 0 classid 1:1");

@@ -223,7 +223,8 @@ pub struct AgentArgs {
         value_parser = config::parse_health_check_bind
     )]
     pub health_check_bind: config::HealthCheckBind,
-    /// Serve external devices with TC only (no XDP).
+    /// Serve external devices with TC only (no XDP). The XDP programs are then not loaded:
+    /// a shorter start, and a way to run on a kernel whose verifier refuses one of them.
     #[arg(long)]
     pub no_xdp: bool,
     /// XDP attach mode on the external devices: `auto` is native XDP where the driver has it

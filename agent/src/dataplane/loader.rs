@@ -292,6 +292,8 @@ pub struct Datapath {
     tcx_anchor: TcxAnchor,
     /// This load's tail-call table pins.
     calls_pins: Vec<PathBuf>,
+    /// Whether the XDP programs (and `kp_tc_ext_xdp`, which runs behind them) were loaded.
+    xdp_loaded: bool,
     /// What `kp_hookdevs` holds (slot → ifindex), once [`Self::set_hook_devs`] read or wrote it.
     hook_devs: Option<std::collections::BTreeMap<u32, u32>>,
 }
@@ -527,6 +529,15 @@ impl Datapath {
     /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
     /// match the ABI (type, key and value size), creating and pinning them otherwise.
     pub fn load(pin_path: &Path, sizes: &MapSizes) -> anyhow::Result<Self> {
+        Self::load_for(pin_path, sizes, true)
+    }
+
+    /// [`Self::load`], with the XDP programs (and `kp_tc_ext_xdp`, which only runs behind them)
+    /// only when `xdp` (the agent without `--no-xdp`): without XDP the kernel does not verify
+    /// them, which shortens the start and lets a node whose kernel refuses an XDP program run
+    /// with TC alone. Their tail-call table is pinned empty; [`Self::attach_external`] then
+    /// serves external devices with TC only.
+    pub fn load_for(pin_path: &Path, sizes: &MapSizes, xdp: bool) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let dir = maps_dir(pin_path);
         std::fs::create_dir_all(&dir)
@@ -621,9 +632,16 @@ impl Datapath {
                 }
             };
         resized.iter().for_each(Resize::finish);
-        let tc_progs = || names::TC_ENTRY_PROGS.into_iter().chain(names::TC_CALLS.map(|(n, _)| n));
-        let xdp_progs =
-            || [names::PROG_XDP_EXT].into_iter().chain(names::XDP_CALLS.map(|(n, _)| n));
+        let wanted = |n: &&str| xdp || !(XDP_ONLY_TC.contains(n));
+        let tc_progs = || {
+            names::TC_ENTRY_PROGS.into_iter().filter(wanted).chain(names::TC_CALLS.map(|(n, _)| n))
+        };
+        let xdp_progs = || {
+            [names::PROG_XDP_EXT]
+                .into_iter()
+                .chain(names::XDP_CALLS.map(|(n, _)| n))
+                .filter(move |_| xdp)
+        };
         let verify = Instant::now();
         // The entry programs first: they take the verifier longest.
         let order: Vec<(&str, ProgKind)> = [(names::PROG_XDP_EXT, ProgKind::Xdp)]
@@ -637,16 +655,17 @@ impl Datapath {
                     .chain(&names::SOCK_PROGS6)
                     .map(|(n, _)| (*n, ProgKind::Sock)),
             )
+            .filter(|(n, k)| xdp || (*k != ProgKind::Xdp && !XDP_ONLY_TC.contains(n)))
             .collect();
         load_programs(&mut ebpf, &order)?;
         let verify_ms = verify.elapsed().as_millis() as u64;
-        let calls_pins = fill_calls(&mut ebpf, &dir)?;
+        let calls_pins = fill_calls(&mut ebpf, &dir, xdp)?;
         shed_program_sources(&mut ebpf, tc_progs().chain(xdp_progs()))?;
         if fresh_hints {
             seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
         }
         release_object_pages(crate::EBPF_OBJECT);
-        info!(pin_path = %pin_path.display(), verify_ms, "datapath loaded");
+        info!(pin_path = %pin_path.display(), verify_ms, xdp, "datapath loaded");
         Ok(Self {
             pin_path: pin_path.to_path_buf(),
             ebpf,
@@ -654,6 +673,7 @@ impl Datapath {
             tc_attach: TcAttach::auto(),
             tcx_anchor: TcxAnchor::Tail,
             calls_pins,
+            xdp_loaded: xdp,
             hook_devs: None,
         })
     }
@@ -705,6 +725,9 @@ impl Datapath {
         mode: ExternalMode,
     ) -> anyhow::Result<Option<XdpMode>> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
+        if mode == ExternalMode::Xdp && !self.xdp_loaded {
+            bail!("{ifname}: XDP asked for, but the datapath was loaded without its XDP programs");
+        }
         // TC's complete path first (it does not trust XDP's marks), then XDP, then the TC
         // program that passes what XDP marked: at no moment does a TC program take a mark XDP
         // did not set.
@@ -1042,7 +1065,10 @@ fn calls_dir(dir: &Path) -> PathBuf {
 /// outlive the agent (the kernel empties a program array when its last file descriptor and pin
 /// are gone). Each load pins its own tables under a new name: programs still attached from an
 /// earlier load keep the tables they were loaded with until [`Datapath::retire_old_calls`].
-fn fill_calls(ebpf: &mut Ebpf, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The TC program that only runs behind XDP (loaded with the XDP programs).
+const XDP_ONLY_TC: [&str; 1] = [names::PROG_TC_EXT_XDP];
+
+fn fill_calls(ebpf: &mut Ebpf, dir: &Path, xdp: bool) -> anyhow::Result<Vec<PathBuf>> {
     use std::time::{SystemTime, UNIX_EPOCH};
     let stamp = format!(
         "{}-{}",
@@ -1052,9 +1078,10 @@ fn fill_calls(ebpf: &mut Ebpf, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let calls = calls_dir(dir);
     std::fs::create_dir_all(&calls).with_context(|| format!("creating {}", calls.display()))?;
     let tc_calls = &names::TC_CALLS[..];
+    // Without the XDP programs their table is pinned empty (no program can tail-call into it).
+    let xdp_calls = if xdp { &names::XDP_CALLS[..] } else { &[] };
     let mut pins = Vec::new();
-    for (table, targets) in [(names::CALLS_TC, tc_calls), (names::CALLS_XDP, &names::XDP_CALLS[..])]
-    {
+    for (table, targets) in [(names::CALLS_TC, tc_calls), (names::CALLS_XDP, xdp_calls)] {
         let fds: Vec<(u32, ProgramFd)> = targets
             .iter()
             .map(|(name, index)| {
