@@ -511,9 +511,10 @@ impl Tc<'_> {
     /// The L4 checksum of a tuple rewrite, for both families: the addresses by their
     /// pseudo-header difference `d` (one helper call, none where `d` is 0xffff, one's-complement
     /// zero: unchanged or swapped addresses; one test where comparing the addresses would be up
-    /// to eight branches for the verifier to follow), then the ports (`old` → `new`, both as one word) by
-    /// [`Tc::ports_after_pseudo`] where the field tells how, else by a second call. `helper`
-    /// calls the family's `bpf_l4_csum_replace` ([`L4Csum`]) on the field at `off`.
+    /// to eight branches for the verifier to follow), then the ports (`old` → `new`, both as one
+    /// word) by [`Tc::ports_after_pseudo`] where the field tells how, else by a second call. `h`
+    /// is the parsed packet, whose family's `bpf_l4_csum_replace` ([`L4Csum`]) updates the field
+    /// at `off`.
     #[inline(always)]
     pub(crate) fn tuple_l4_csum<H: L4Csum>(
         &self,

@@ -632,19 +632,9 @@ impl Datapath {
                 }
             };
         resized.iter().for_each(Resize::finish);
-        let wanted = |n: &&str| xdp || !(XDP_ONLY_TC.contains(n));
-        let tc_progs = || {
-            names::TC_ENTRY_PROGS.into_iter().filter(wanted).chain(names::TC_CALLS.map(|(n, _)| n))
-        };
-        let xdp_progs = || {
-            [names::PROG_XDP_EXT]
-                .into_iter()
-                .chain(names::XDP_CALLS.map(|(n, _)| n))
-                .filter(move |_| xdp)
-        };
         let verify = Instant::now();
         // The entry programs first: they take the verifier longest.
-        let order: Vec<(&str, ProgKind)> = [(names::PROG_XDP_EXT, ProgKind::Xdp)]
+        let order: Vec<(&'static str, ProgKind)> = [(names::PROG_XDP_EXT, ProgKind::Xdp)]
             .into_iter()
             .chain(names::TC_ENTRY_PROGS.map(|n| (n, ProgKind::Tc)))
             .chain(names::XDP_CALLS.map(|(n, _)| (n, ProgKind::Xdp)))
@@ -660,7 +650,8 @@ impl Datapath {
         load_programs(&mut ebpf, &order)?;
         let verify_ms = verify.elapsed().as_millis() as u64;
         let calls_pins = fill_calls(&mut ebpf, &dir, xdp)?;
-        shed_program_sources(&mut ebpf, tc_progs().chain(xdp_progs()))?;
+        let tc_and_xdp = order.iter().filter(|(_, k)| *k != ProgKind::Sock).map(|(n, _)| *n);
+        shed_program_sources(&mut ebpf, tc_and_xdp)?;
         if fresh_hints {
             seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
         }
@@ -1057,6 +1048,9 @@ pub fn raise_memlock_limit() {
 }
 
 /// Directory of the tail-call table pins.
+/// The TC program that only runs behind XDP (loaded with the XDP programs).
+const XDP_ONLY_TC: [&str; 1] = [names::PROG_TC_EXT_XDP];
+
 fn calls_dir(dir: &Path) -> PathBuf {
     dir.join("calls")
 }
@@ -1065,9 +1059,6 @@ fn calls_dir(dir: &Path) -> PathBuf {
 /// outlive the agent (the kernel empties a program array when its last file descriptor and pin
 /// are gone). Each load pins its own tables under a new name: programs still attached from an
 /// earlier load keep the tables they were loaded with until [`Datapath::retire_old_calls`].
-/// The TC program that only runs behind XDP (loaded with the XDP programs).
-const XDP_ONLY_TC: [&str; 1] = [names::PROG_TC_EXT_XDP];
-
 fn fill_calls(ebpf: &mut Ebpf, dir: &Path, xdp: bool) -> anyhow::Result<Vec<PathBuf>> {
     use std::time::{SystemTime, UNIX_EPOCH};
     let stamp = format!(

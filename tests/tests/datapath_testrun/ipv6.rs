@@ -1493,9 +1493,9 @@ fn ipv6_real_sockets_pod_to_clusterip_and_hairpin() {
                    s.setsockopt(socket.IPPROTO_IPV6,59,b\"\\x00\\x00\\x01\\x04\\x00\\x00\\x00\\x00\")\n\
                    s.settimeout(20)\ns.connect((\"2001:2:ff::99\",53))\ns.send(b\"q\")\ntry:\n  s.recv(10)\n\
                    except ConnectionRefusedError:\n  print(\"udp with a destination options header refused\")";
-    // The last SYN carries a destination options header (`IPV6_DSTOPTS`, 59: eight bytes of
-    // padding): its TCP header, where its checksum offload points, lies eight bytes further on
-    // than the RST's.
+    // The last SYN and datagram carry a destination options header (`IPV6_DSTOPTS`, 59: eight
+    // bytes of padding): their L4 header, where a checksum offload points, lies eight bytes
+    // further on than the reply's.
     let (o, e) = pods[0].python(refused);
     assert_eq!(
         o,
