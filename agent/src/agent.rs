@@ -375,8 +375,11 @@ fn load_datapath(config: &Config) -> anyhow::Result<(Datapath, BpfDataplane)> {
         estimated_mib = loader::estimated_bytes(&sizes) / (1 << 20),
         "map capacities"
     );
-    let xdp = config.external_mode == loader::ExternalMode::Xdp;
-    let datapath = Datapath::load_for(&config.pin_path, &sizes, xdp).with_context(|| {
+    let groups = loader::ProgramGroups {
+        xdp: config.external_mode == loader::ExternalMode::Xdp,
+        socket_lb: config.cgroup_path.is_some(),
+    };
+    let datapath = Datapath::load_for(&config.pin_path, &sizes, groups).with_context(|| {
         format!("--pin-path {}: loading the datapath", config.pin_path.display())
     })?;
     let dp = datapath.dataplane().context("opening the pinned maps")?;

@@ -2117,7 +2117,7 @@ fn tc_progs(pin: &Path, dev: &str, dir: &str, name: &str) -> Vec<(u32, &'static 
 
 #[test]
 fn attachments_outlive_the_agent_and_are_replaced_in_place() {
-    use kproxy::dataplane::loader::{ExternalMode, TcAttach, cleanup};
+    use kproxy::dataplane::loader::{ExternalMode, ProgramGroups, TcAttach, cleanup};
     in_test_netns(true, || {
         // The first load below makes the maps, the second reuses them.
         let dir = shared::pin_dir(N.fetch_add(1, Ordering::SeqCst));
@@ -2273,14 +2273,22 @@ fn attachments_outlive_the_agent_and_are_replaced_in_place() {
         assert!(sh_out("ip link show dev kpt0").contains(" xdpgeneric "), "still generic");
 
         // An agent started with --no-xdp loads no XDP program (nor the TC program that runs
-        // behind XDP), serves the device with TC alone and refuses an XDP attachment.
+        // behind XDP), serves the device with TC alone and refuses an XDP attachment; one
+        // without --cgroup-path loads no socket-LB program and refuses to attach the socket LB.
         {
-            let mut tc_only = Datapath::load_for(&dir, &MapSizes::default(), false).unwrap();
-            for name in [names::PROG_XDP_EXT, names::PROG_TC_EXT_XDP] {
+            let sock_prog = names::SOCK_PROGS[0].0;
+            assert!(dp.program_mut(sock_prog).unwrap().fd().is_ok(), "loaded by a full load");
+            let groups = ProgramGroups { xdp: false, socket_lb: false };
+            let mut tc_only = Datapath::load_for(&dir, &MapSizes::default(), groups).unwrap();
+            let sock = names::SOCK_PROGS.iter().chain(&names::SOCK_PROGS6).map(|(n, _)| *n);
+            for name in [names::PROG_XDP_EXT, names::PROG_TC_EXT_XDP].into_iter().chain(sock) {
                 let p = tc_only.program_mut(name).unwrap();
-                assert!(p.fd().is_err(), "{name} loaded without XDP");
+                assert!(p.fd().is_err(), "{name} loaded without its group");
             }
             assert!(tc_only.program_mut(names::PROG_TC_EXT).unwrap().fd().is_ok());
+            assert!(tc_only.program_mut(names::PROG_TC_POD_NEW).unwrap().fd().is_ok());
+            let err = tc_only.attach_cgroup(Path::new("/sys/fs/cgroup")).unwrap_err();
+            assert!(err.to_string().contains("without its programs"), "{err:#}");
             let err = tc_only.attach_external("kpt0", ExternalMode::Xdp).unwrap_err();
             assert!(err.to_string().contains("without its XDP programs"), "{err:#}");
             assert_eq!(tc_only.attach_external("kpt0", ExternalMode::TcOnly).unwrap(), None);

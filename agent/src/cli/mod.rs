@@ -339,7 +339,8 @@ pub struct AgentArgs {
     pub conntrack_gc_interval_secs: u64,
     /// Socket-level load balancing for host-network processes: attach the cgroup
     /// connect4/sendmsg4/recvmsg4/getpeername4 programs to this cgroup v2 directory (the cgroup2
-    /// root for the whole node). Off when not given (an earlier attachment is removed).
+    /// root for the whole node). Off when not given: an earlier attachment is removed and the
+    /// socket-LB programs are not loaded.
     #[arg(long, value_name = "DIR")]
     pub cgroup_path: Option<PathBuf>,
     /// Socket-level load balancing for the sockets of every network namespace (pods too), not

@@ -282,6 +282,24 @@ pub enum ExternalMode {
     TcOnly,
 }
 
+/// The optional groups of programs a load verifies ([`Datapath::load_for`]); the TC programs of
+/// pod interfaces and external devices, and their slow paths, are always loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramGroups {
+    /// The XDP programs and `kp_tc_ext_xdp`, which only runs behind them (the agent without
+    /// `--no-xdp`). Without them their tail-call table is pinned empty and
+    /// [`Datapath::attach_external`] serves external devices with TC only.
+    pub xdp: bool,
+    /// The socket-LB programs (the agent with `--cgroup-path`); without them
+    /// [`Datapath::attach_cgroup`] is refused.
+    pub socket_lb: bool,
+}
+
+impl ProgramGroups {
+    /// Every program of the object.
+    pub const ALL: Self = Self { xdp: true, socket_lb: true };
+}
+
 /// The loaded programs and pinned maps of one node. Attachments outlive the process: dropping a
 /// `Datapath` (or the agent dying) leaves the datapath serving; only [`cleanup`] removes it.
 pub struct Datapath {
@@ -292,8 +310,8 @@ pub struct Datapath {
     tcx_anchor: TcxAnchor,
     /// This load's tail-call table pins.
     calls_pins: Vec<PathBuf>,
-    /// Whether the XDP programs (and `kp_tc_ext_xdp`, which runs behind them) were loaded.
-    xdp_loaded: bool,
+    /// The optional programs this load verified.
+    groups: ProgramGroups,
     /// What `kp_hookdevs` holds (slot → ifindex), once [`Self::set_hook_devs`] read or wrote it.
     hook_devs: Option<std::collections::BTreeMap<u32, u32>>,
 }
@@ -526,18 +544,22 @@ pub fn object_globals() -> [(&'static str, u8); 1] {
 }
 
 impl Datapath {
-    /// Loads the embedded object, reusing the maps pinned under `pin_path/v1` when they exist and
-    /// match the ABI (type, key and value size), creating and pinning them otherwise.
+    /// Loads the embedded object with every program, reusing the maps pinned under
+    /// `pin_path/v1` when they exist and match the ABI (type, key and value size), creating and
+    /// pinning them otherwise.
     pub fn load(pin_path: &Path, sizes: &MapSizes) -> anyhow::Result<Self> {
-        Self::load_for(pin_path, sizes, true)
+        Self::load_for(pin_path, sizes, ProgramGroups::ALL)
     }
 
-    /// [`Self::load`], with the XDP programs (and `kp_tc_ext_xdp`, which only runs behind them)
-    /// only when `xdp` (the agent without `--no-xdp`): without XDP the kernel does not verify
-    /// them, which shortens the start and lets a node whose kernel refuses an XDP program run
-    /// with TC alone. Their tail-call table is pinned empty; [`Self::attach_external`] then
-    /// serves external devices with TC only.
-    pub fn load_for(pin_path: &Path, sizes: &MapSizes, xdp: bool) -> anyhow::Result<Self> {
+    /// [`Self::load`], with only the optional programs `groups` asks for (see
+    /// [`ProgramGroups`]): the kernel does not verify programs that never run, which shortens
+    /// the start and lets a node whose kernel refuses one of them run without it.
+    pub fn load_for(
+        pin_path: &Path,
+        sizes: &MapSizes,
+        groups: ProgramGroups,
+    ) -> anyhow::Result<Self> {
+        let ProgramGroups { xdp, socket_lb } = groups;
         raise_memlock_limit();
         let dir = maps_dir(pin_path);
         std::fs::create_dir_all(&dir)
@@ -646,6 +668,7 @@ impl Datapath {
                     .map(|(n, _)| (*n, ProgKind::Sock)),
             )
             .filter(|(n, k)| xdp || (*k != ProgKind::Xdp && !XDP_ONLY_TC.contains(n)))
+            .filter(|(_, k)| socket_lb || *k != ProgKind::Sock)
             .collect();
         load_programs(&mut ebpf, &order)?;
         let verify_ms = verify.elapsed().as_millis() as u64;
@@ -656,7 +679,7 @@ impl Datapath {
             seed_hints(&dir).context("filling the hint bitmaps from the programmed maps")?;
         }
         release_object_pages(crate::EBPF_OBJECT);
-        info!(pin_path = %pin_path.display(), verify_ms, xdp, "datapath loaded");
+        info!(pin_path = %pin_path.display(), verify_ms, xdp, socket_lb, "datapath loaded");
         Ok(Self {
             pin_path: pin_path.to_path_buf(),
             ebpf,
@@ -664,7 +687,7 @@ impl Datapath {
             tc_attach: TcAttach::auto(),
             tcx_anchor: TcxAnchor::Tail,
             calls_pins,
-            xdp_loaded: xdp,
+            groups,
             hook_devs: None,
         })
     }
@@ -716,7 +739,7 @@ impl Datapath {
         mode: ExternalMode,
     ) -> anyhow::Result<Option<XdpMode>> {
         ifindex(ifname).ok_or_else(|| anyhow!("no such device {ifname}"))?;
-        if mode == ExternalMode::Xdp && !self.xdp_loaded {
+        if mode == ExternalMode::Xdp && !self.groups.xdp {
             bail!("{ifname}: XDP asked for, but the datapath was loaded without its XDP programs");
         }
         // TC's complete path first (it does not trust XDP's marks), then XDP, then the TC
@@ -780,6 +803,12 @@ impl Datapath {
     /// `v1/links/cgroup-<type>`; an attachment from an earlier run gets the new program in place
     /// (`BPF_LINK_UPDATE`). Needs Linux 5.8 (getpeername4; cgroup `bpf_link`s since 5.7).
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        if !self.groups.socket_lb {
+            bail!(
+                "{}: the socket LB asked for, but the datapath was loaded without its programs",
+                cgroup.display()
+            );
+        }
         check_cgroup2(cgroup)?;
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -1047,10 +1076,10 @@ pub fn raise_memlock_limit() {
     }
 }
 
-/// Directory of the tail-call table pins.
 /// The TC program that only runs behind XDP (loaded with the XDP programs).
 const XDP_ONLY_TC: [&str; 1] = [names::PROG_TC_EXT_XDP];
 
+/// Directory of the tail-call table pins.
 fn calls_dir(dir: &Path) -> PathBuf {
     dir.join("calls")
 }
