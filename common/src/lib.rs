@@ -6,7 +6,9 @@
 //!
 //! The layout is versioned: maps are pinned under `<pin-path>/v<ABI_VERSION>/`. A change to any
 //! type in this crate gets a new version and a migration, never a silent reinterpretation of old
-//! pinned bytes.
+//! pinned bytes. `abi/v<ABI_VERSION>.layout` records every map's key and value layout as its BTF
+//! shows them (the agent's tests compare each build with it, and the agent refuses a pinned map
+//! whose BTF shows another layout).
 //!
 //! IPv4 maps carry a `4` suffix; IPv6 has its own maps (`...6`) beside them, whose layouts mirror
 //! the IPv4 ones with 16-byte addresses. Values without an address (service entry, affinity,

@@ -486,6 +486,73 @@ fn pinned_map_with_wrong_layout_is_refused() {
     assert!(BpfDataplane::open(&env.dir).is_err());
 }
 
+/// Pins at `pin` a backends-like hash map whose sizes are this build's (4-byte keys, 8-byte
+/// values) but whose BTF lays the value out otherwise: the port first, the address last, as a
+/// build that reordered `Backend4` without a new ABI version would leave it.
+fn pin_reordered_backends_map(pin: &Path) {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+
+    use kproxy::dataplane::sys;
+    // BTF: [1] u32, [2] u16, [3] u8, [4] struct Backend4 { port, proto, flags, addr }.
+    let strings = b"\0u32\0u16\0u8\0Backend4\0port\0proto\0flags\0addr\0";
+    let at = |s: &str| {
+        let w = format!("\0{s}\0");
+        strings.windows(w.len()).position(|x| x == w.as_bytes()).unwrap() as u32 + 1
+    };
+    let mut types: Vec<u32> = Vec::new();
+    for (name, size) in [("u32", 4), ("u16", 2), ("u8", 1)] {
+        // INT: name, info (kind 1), size, then encoding (offset 0, bits).
+        types.extend([at(name), 1 << 24, size, size * 8]);
+    }
+    types.extend([at("Backend4"), (4 << 24) | 4, 8]);
+    for (name, ty, bits) in [("port", 2, 0), ("proto", 3, 16), ("flags", 3, 24), ("addr", 1, 32)] {
+        types.extend([at(name), ty, bits]);
+    }
+    let type_len = (types.len() * 4) as u32;
+    let mut blob: Vec<u8> = vec![0x9f, 0xeb, 1, 0];
+    for w in [24, 0, type_len, type_len, strings.len() as u32] {
+        blob.extend(u32::to_le_bytes(w));
+    }
+    blob.extend(types.iter().flat_map(|w| w.to_le_bytes()));
+    blob.extend(strings);
+    let mut attr = sys::attr();
+    attr.__bindgen_anon_7.btf = blob.as_ptr() as u64;
+    attr.__bindgen_anon_7.btf_size = blob.len() as u32;
+    // SAFETY: the blob outlives the call; no log buffer.
+    let btf = unsafe { sys::bpf(sys::bpf_cmd::BPF_BTF_LOAD, &mut attr) }.expect("BTF_LOAD");
+    // SAFETY: a new file descriptor we own.
+    let btf = unsafe { OwnedFd::from_raw_fd(btf as i32) };
+    let mut attr = sys::attr();
+    // SAFETY: union access; the map-create member is the one BPF_MAP_CREATE reads.
+    let m = unsafe { &mut attr.__bindgen_anon_1 };
+    m.map_type = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32;
+    (m.key_size, m.value_size, m.max_entries) = (4, 8, 16);
+    for (d, c) in m.map_name.iter_mut().zip(names::BACKENDS4.bytes()) {
+        *d = c as _;
+    }
+    use std::os::fd::AsRawFd as _;
+    (m.btf_fd, m.btf_key_type_id, m.btf_value_type_id) = (btf.as_raw_fd() as u32, 1, 4);
+    // SAFETY: a plain attribute block; the BTF fd is open.
+    let map = unsafe { sys::bpf(sys::bpf_cmd::BPF_MAP_CREATE, &mut attr) }.expect("MAP_CREATE");
+    // SAFETY: a new file descriptor we own.
+    let map = unsafe { OwnedFd::from_raw_fd(map as i32) };
+    aya::maps::MapData::from_fd(map).unwrap().pin(pin).unwrap();
+}
+
+/// A map pinned by a build whose value layout differs at equal sizes is refused (its entries
+/// would be read with this build's field offsets), with the fields that differ in the error.
+#[test]
+fn pinned_map_with_reordered_fields_is_refused() {
+    let env = Env::own();
+    let pin = env.dir.join("v1").join(names::BACKENDS4);
+    std::fs::remove_file(&pin).unwrap();
+    pin_reordered_backends_map(&pin);
+    let err = Datapath::load(&env.dir, &MapSizes::default()).err().expect("must refuse");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("does not match ABI") && msg.contains("kp_be4"), "{msg}");
+    assert!(msg.contains("value 8{port@0: 2"), "names where the fields differ: {msg}");
+}
+
 /// A counter map pinned by an earlier build with fewer slots (before reasons were added) is
 /// re-created with this build's slots at the next load, so that no reason's count falls past its
 /// end; the other maps are reused as they are.

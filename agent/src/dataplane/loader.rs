@@ -282,6 +282,36 @@ pub enum ExternalMode {
     TcOnly,
 }
 
+/// Refuses a pinned map whose key or value fields differ from this build's (`built`) though
+/// its sizes match (which [`check_pinned`] checked): its entries would be read in the wrong
+/// layout. A map without BTF, or whose BTF the kernel does not show, passes with a warning for
+/// the latter.
+fn check_pinned_layout(
+    btfs: &mut super::btf::KernelBtfs,
+    pin: &Path,
+    data: &aya::maps::MapData,
+    built: Option<&super::btf::MapLayout>,
+) -> anyhow::Result<()> {
+    let Some(built) = built else { return Ok(()) };
+    let pinned = match btfs.map_layout(data.fd().as_fd()) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            warn!(pin = %pin.display(), error = %format!("{e:#}"), "cannot read the pinned map's BTF: its layout is not checked");
+            return Ok(());
+        }
+    };
+    if let Some(diff) = super::btf::layout_difference(&pinned, built) {
+        bail!(
+            "pinned map {} does not match ABI v{}: {diff} (a build with another \
+             layout left it; remove it with `kproxy cleanup` or use another --pin-path)",
+            pin.display(),
+            kproxy_common::ABI_VERSION
+        );
+    }
+    Ok(())
+}
+
 /// The optional groups of programs a load verifies ([`Datapath::load_for`]); the TC programs of
 /// pod interfaces and external devices, and their slow paths, are always loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -587,10 +617,14 @@ impl Datapath {
         let pins: Vec<(&'static str, PathBuf)> =
             specs().map(|s| (s.name, dir.join(s.name))).collect();
         let mut resized: Vec<Resize> = Vec::new();
+        let built = super::btf::object_layouts(crate::EBPF_OBJECT)
+            .context("reading the map layouts of the eBPF object's BTF")?;
+        let mut pinned_btf = super::btf::KernelBtfs::default();
         for (spec, (name, pin)) in specs().zip(&pins) {
             restore_set_aside(pin)?;
             if pin.exists() {
                 let (data, max) = check_pinned(pin, spec)?;
+                check_pinned_layout(&mut pinned_btf, pin, &data, built.get(*name))?;
                 let want = sizes.of(name);
                 let slots = COUNTER_MAPS.iter().find(|(n, _)| n == name).map(|(_, s)| *s);
                 if let Some(slots) = slots

@@ -9,6 +9,7 @@ use kproxy_common::{
 pub mod batch;
 pub mod bpf;
 pub mod bpf6;
+pub mod btf;
 pub mod conntrack;
 pub mod features;
 pub mod guard;
