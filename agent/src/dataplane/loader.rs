@@ -312,6 +312,99 @@ fn check_pinned_layout(
     Ok(())
 }
 
+/// The directories of datapaths of older ABI versions under `pin_path` (`v<k>`, `k` below this
+/// build's version), newest first.
+fn older_versions(pin_path: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_path) else { return Vec::new() };
+    let mut found: Vec<(u32, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.strip_prefix('v')?.parse::<u32>().ok()?;
+            (v < kproxy_common::ABI_VERSION && e.path().is_dir()).then(|| (v, e.path()))
+        })
+        .collect();
+    found.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Pins the BPF object pinned at `from` (a map, a link) at `to` as well: one object, two pins.
+fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
+    let fd = open_pinned(from)?;
+    let c = CString::new(to.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = sys::attr();
+    attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
+    attr.__bindgen_anon_4.bpf_fd = fd.as_raw_fd() as u32;
+    // SAFETY: the attribute block holds a valid NUL-terminated path and our fd, alive across
+    // the call.
+    unsafe { sys::bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr) }.map(drop)
+}
+
+/// Takes over the datapath an agent of an older ABI version left in `old`, for a load into
+/// `dir`: each of its maps that this build would reuse (type, sizes and BTF layout of key and
+/// value this build's) is pinned in `dir` too, the same map with its live entries, so that
+/// tracked connections, services and counts carry over; each of its links is pinned in
+/// `dir/links`, where this load's attach puts its programs into it in place, as after a
+/// restart (no moment without a program, never two of kproxy's on a hook). A map whose layout
+/// changed is left behind, and this load creates it empty (its entries are lost: a version that
+/// must keep them converts them). `old` itself goes once every device runs this load's
+/// programs ([`Datapath::retire_old_calls`]); until then its programs keep their own maps and
+/// tail-call tables. What cannot be taken is warned about, and this load makes its own.
+fn take_over<'a>(
+    old: &Path,
+    dir: &Path,
+    specs: impl Iterator<Item = &'a MapSpec>,
+    built: &std::collections::BTreeMap<String, super::btf::MapLayout>,
+    btfs: &mut super::btf::KernelBtfs,
+) {
+    let (mut taken, mut left) = (0, Vec::new());
+    for spec in specs {
+        let (from, to) = (old.join(spec.name), dir.join(spec.name));
+        if !from.exists() || to.exists() {
+            continue;
+        }
+        let same = check_pinned(&from, spec).ok().and_then(|(data, _)| {
+            let pinned = btfs.map_layout(data.fd().as_fd()).ok()??;
+            let built = built.get(spec.name)?;
+            super::btf::layout_difference(&pinned, built).is_none().then_some(())
+        });
+        match same.map(|()| pin_again(&from, &to)) {
+            Some(Ok(())) => taken += 1,
+            Some(Err(e)) => {
+                warn!(map = spec.name, error = %e, "cannot take over the older version's map");
+                left.push(spec.name);
+            }
+            None => left.push(spec.name),
+        }
+    }
+    let links = dir.join("links");
+    let mut links_taken = 0;
+    if let Ok(entries) = std::fs::read_dir(old.join("links")) {
+        if let Err(e) = std::fs::create_dir_all(&links) {
+            warn!(dir = %links.display(), error = %e, "cannot take over the older version's links");
+        }
+        for e in entries.flatten() {
+            let to = links.join(e.file_name());
+            if to.exists() {
+                continue;
+            }
+            match pin_again(&e.path(), &to) {
+                Ok(()) => links_taken += 1,
+                Err(err) => {
+                    warn!(link = %e.path().display(), error = %err, "cannot take over the older version's link")
+                }
+            }
+        }
+    }
+    info!(
+        from = %old.display(),
+        maps = taken,
+        links = links_taken,
+        left = left.join(","),
+        "took over the datapath of an older ABI version (the maps left have another layout and \
+         start empty)"
+    );
+}
+
 /// The optional groups of programs a load verifies ([`Datapath::load_for`]); the TC programs of
 /// pod interfaces and external devices, and their slow paths, are always loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -620,6 +713,9 @@ impl Datapath {
         let built = super::btf::object_layouts(crate::EBPF_OBJECT)
             .context("reading the map layouts of the eBPF object's BTF")?;
         let mut pinned_btf = super::btf::KernelBtfs::default();
+        if let Some(old) = older_versions(pin_path).first() {
+            take_over(old, &dir, specs(), &built, &mut pinned_btf);
+        }
         for (spec, (name, pin)) in specs().zip(&pins) {
             restore_set_aside(pin)?;
             if pin.exists() {
@@ -869,21 +965,39 @@ impl Datapath {
         detach_cgroup_links(&self.pin_path)
     }
 
-    /// Removes the tail-call tables of earlier loads, once every attachment runs this load's
-    /// programs. The agent calls it after attaching its devices.
+    /// Removes the tail-call tables of earlier loads, and what remains of an older ABI
+    /// version's datapath (see [`take_over`]), once every attachment runs this load's programs.
+    /// The agent calls it after attaching its devices.
     pub fn retire_old_calls(&self) -> anyhow::Result<()> {
         for path in self.old_calls() {
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            debug!(pin = %path.display(), "old tail-call table removed");
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                info!(dir = %path.display(), "older ABI version's datapath removed");
+            } else {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                debug!(pin = %path.display(), "old tail-call table removed");
+            }
         }
         Ok(())
     }
 
-    /// The pins of earlier loads' tail-call tables (see [`Datapath::retire_old_calls`]).
+    /// The pins of earlier loads' tail-call tables and the directories of older ABI versions'
+    /// datapaths, whose programs tail-call into tables of their own (see
+    /// [`Datapath::retire_old_calls`]).
     pub fn old_calls(&self) -> Vec<PathBuf> {
         let dir = calls_dir(&maps_dir(&self.pin_path));
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
-        entries.flatten().map(|e| e.path()).filter(|p| !self.calls_pins.contains(p)).collect()
+        let mut old: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| !self.calls_pins.contains(p))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        old.extend(older_versions(&self.pin_path));
+        old
     }
 
     /// Makes `kp_poddevs` hold exactly `ifindexes`, the host-side pod interfaces carrying the
@@ -1356,8 +1470,8 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-/// Opens the `bpf_link` pinned at `path` (`BPF_OBJ_GET`).
-fn open_pinned_link(path: &Path) -> io::Result<OwnedFd> {
+/// Opens the BPF object (a `bpf_link`, a map) pinned at `path` (`BPF_OBJ_GET`).
+fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let mut attr = sys::attr();
     attr.__bindgen_anon_4.pathname = c.as_ptr() as u64;
@@ -1370,7 +1484,7 @@ fn open_pinned_link(path: &Path) -> io::Result<OwnedFd> {
 /// Detaches the `bpf_link` pinned at `path` now (`BPF_LINK_DETACH`, Linux 5.9+), rather than
 /// whenever the kernel gets to releasing it after the pin is removed.
 fn detach_pinned_link(path: &Path) -> io::Result<()> {
-    let link = open_pinned_link(path)?;
+    let link = open_pinned(path)?;
     let mut attr = sys::attr();
     attr.link_detach.link_fd = link.as_raw_fd() as u32;
     // SAFETY: an attribute block holding our link fd.
@@ -1379,7 +1493,7 @@ fn detach_pinned_link(path: &Path) -> io::Result<()> {
 
 /// Puts program `prog_fd` into the `bpf_link` pinned at `path` (`BPF_LINK_UPDATE`, 5.7+).
 fn update_pinned_link(path: &Path, prog_fd: i32) -> io::Result<()> {
-    let link = open_pinned_link(path)?;
+    let link = open_pinned(path)?;
     let mut attr = sys::attr();
     attr.link_update.link_fd = link.as_raw_fd() as u32;
     attr.link_update.__bindgen_anon_1.new_prog_fd = prog_fd as u32;
@@ -1560,6 +1674,9 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing pin {}", spec.name)),
         }
+    }
+    for old in older_versions(pin_path) {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     for d in [&dir, &pin_path.to_path_buf()] {
         match std::fs::remove_dir(d) {
