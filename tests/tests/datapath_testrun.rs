@@ -2182,74 +2182,82 @@ fn tc_progs(pin: &Path, dev: &str, dir: &str, name: &str) -> Vec<(u32, &'static 
         .collect()
 }
 
-/// An agent of a newer ABI version takes over the datapath an older version left (here: the
-/// pin directory renamed `v0`, one map of another layout in it): the maps of unchanged layout
+/// An agent takes over the datapath an agent of another ABI version left, older (an upgrade;
+/// here: the pin directory renamed `v0`) or newer (a rollback: `v2`), with one map of another
+/// layout in it: the maps of unchanged layout
 /// carry over with their entries (a tracked connection), the one of another layout starts empty
 /// in the new directory, and the older version's links take this load's programs in place (one
 /// of kproxy's on each hook throughout); once the devices are attached, the older directory
 /// goes and the datapath keeps serving from the new one.
 #[test]
-fn an_older_abi_versions_datapath_is_taken_over() {
+fn another_abi_versions_datapath_is_taken_over() {
     use aya::maps::MapData;
     use kproxy::dataplane::loader::{ExternalMode, cleanup};
     use kproxy_common::{Ct4Value, Tuple4};
     in_test_netns(true, || {
-        let dir = shared::pin_dir(N.fetch_add(1, Ordering::SeqCst));
-        let _remove = shared::RemoveDir(dir.clone());
-        let generic = Some(aya::programs::XdpMode::Skb);
-        let tuple = Tuple4 {
-            saddr: u32::from_ne_bytes([198, 18, 0, 10]),
-            daddr: u32::from_ne_bytes([198, 18, 100, 1]),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: 6,
-            _pad: [0; 3],
-        };
-        let conn = Ct4Value { backend_id: 7, backend_port: 8080u16.to_be(), ..Default::default() };
-        {
+        for other in ["v0", "v2"] {
+            let dir = shared::pin_dir(N.fetch_add(1, Ordering::SeqCst));
+            let _remove = shared::RemoveDir(dir.clone());
+            let generic = Some(aya::programs::XdpMode::Skb);
+            let tuple = Tuple4 {
+                saddr: u32::from_ne_bytes([198, 18, 0, 10]),
+                daddr: u32::from_ne_bytes([198, 18, 100, 1]),
+                sport: 40000u16.to_be(),
+                dport: 80u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            };
+            let conn =
+                Ct4Value { backend_id: 7, backend_port: 8080u16.to_be(), ..Default::default() };
+            {
+                let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
+                dp.set_xdp_mode(generic);
+                dp.attach_pod("kpt1").unwrap();
+                dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+                let mut ct: aya::maps::HashMap<_, Tuple4, Ct4Value> =
+                    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+                        MapData::from_pin(dir.join("v1").join(names::CT4)).unwrap(),
+                    ))
+                    .unwrap();
+                ct.insert(tuple, conn, 0).unwrap();
+            } // the older agent exits, its datapath attached
+            let xdp_old = xdp_prog("kpt0").expect("XDP attached");
+            std::fs::rename(dir.join("v1"), dir.join(other)).unwrap();
+            let old_be = dir.join(other).join(names::BACKENDS4);
+            std::fs::remove_file(&old_be).unwrap();
+            pin_reordered_backends_map(&old_be);
+            let old_be_id = MapData::from_pin(&old_be).unwrap().info().unwrap().id();
+
             let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
+            let maps = BpfDataplane::open(&dir).unwrap();
+            assert_eq!(maps.conntrack().unwrap(), vec![(tuple, conn)], "connection carried over");
+            let new_be = MapData::from_pin(dir.join("v1").join(names::BACKENDS4)).unwrap();
+            assert_ne!(
+                new_be.info().unwrap().id(),
+                old_be_id,
+                "a map of another layout is not taken"
+            );
             dp.set_xdp_mode(generic);
             dp.attach_pod("kpt1").unwrap();
             dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
-            let mut ct: aya::maps::HashMap<_, Tuple4, Ct4Value> =
-                aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
-                    MapData::from_pin(dir.join("v1").join(names::CT4)).unwrap(),
-                ))
-                .unwrap();
-            ct.insert(tuple, conn, 0).unwrap();
-        } // the older agent exits, its datapath attached
-        let xdp_old = xdp_prog("kpt0").expect("XDP attached");
-        std::fs::rename(dir.join("v1"), dir.join("v0")).unwrap();
-        let old_be = dir.join("v0").join(names::BACKENDS4);
-        std::fs::remove_file(&old_be).unwrap();
-        pin_reordered_backends_map(&old_be);
-        let old_be_id = MapData::from_pin(&old_be).unwrap().info().unwrap().id();
-
-        let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
-        let maps = BpfDataplane::open(&dir).unwrap();
-        assert_eq!(maps.conntrack().unwrap(), vec![(tuple, conn)], "connection carried over");
-        let new_be = MapData::from_pin(dir.join("v1").join(names::BACKENDS4)).unwrap();
-        assert_ne!(new_be.info().unwrap().id(), old_be_id, "a map of another layout is not taken");
-        dp.set_xdp_mode(generic);
-        dp.attach_pod("kpt1").unwrap();
-        dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
-        let hooks = [("kpt1", "ingress"), ("kpt1", "egress"), ("kpt0", "ingress")];
-        let one_each = || {
-            for (dev, hook) in hooks {
-                assert_eq!(tc_progs(&dir, dev, hook, "kp_").len(), 1, "{dev} {hook}");
-            }
-            assert!(xdp_prog("kpt0").is_some(), "XDP attached");
-        };
-        one_each();
-        assert_ne!(xdp_prog("kpt0").unwrap(), xdp_old, "XDP program swapped inside the link");
-        assert!(dp.old_calls().contains(&dir.join("v0")), "{:?}", dp.old_calls());
-        dp.retire_old_calls().unwrap();
-        assert!(!dir.join("v0").exists(), "older version removed");
-        one_each();
-        assert_eq!(maps.conntrack().unwrap(), vec![(tuple, conn)], "connection kept");
-        drop((dp, maps));
-        cleanup(&dir).unwrap();
-        assert_eq!(xdp_prog("kpt0"), None);
+            let hooks = [("kpt1", "ingress"), ("kpt1", "egress"), ("kpt0", "ingress")];
+            let one_each = || {
+                for (dev, hook) in hooks {
+                    assert_eq!(tc_progs(&dir, dev, hook, "kp_").len(), 1, "{dev} {hook}");
+                }
+                assert!(xdp_prog("kpt0").is_some(), "XDP attached");
+            };
+            one_each();
+            assert_ne!(xdp_prog("kpt0").unwrap(), xdp_old, "XDP program swapped inside the link");
+            assert!(dp.old_calls().contains(&dir.join(other)), "{:?}", dp.old_calls());
+            dp.retire_old_calls().unwrap();
+            assert!(!dir.join(other).exists(), "the other version removed");
+            one_each();
+            assert_eq!(maps.conntrack().unwrap(), vec![(tuple, conn)], "connection kept");
+            drop((dp, maps));
+            cleanup(&dir).unwrap();
+            assert_eq!(xdp_prog("kpt0"), None, "{other}");
+        }
     });
 }
 

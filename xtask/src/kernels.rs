@@ -50,7 +50,7 @@ const E2E_TESTS: [&str; 2] = [
 /// from this list only makes that run slower.
 const NAMESPACE_TESTS: [&str; 22] = [
     "a_translated_packet_passed_on_is_left_as_it_came_by_a_second_kproxy_program",
-    "an_older_abi_versions_datapath_is_taken_over",
+    "another_abi_versions_datapath_is_taken_over",
     "attachments_outlive_the_agent_and_are_replaced_in_place",
     "established_path_cost",
     "icmp_error_from_remote_backend_reaches_external_client",

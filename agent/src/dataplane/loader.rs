@@ -312,15 +312,15 @@ fn check_pinned_layout(
     Ok(())
 }
 
-/// The directories of datapaths of older ABI versions under `pin_path` (`v<k>`, `k` below this
-/// build's version), newest first.
-fn older_versions(pin_path: &Path) -> Vec<PathBuf> {
+/// The directories of datapaths of other ABI versions under `pin_path` (`v<k>`, `k` not this
+/// build's version: an older one after an upgrade, a newer one after a rollback), newest first.
+fn other_versions(pin_path: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(pin_path) else { return Vec::new() };
     let mut found: Vec<(u32, PathBuf)> = entries
         .flatten()
         .filter_map(|e| {
             let v = e.file_name().to_str()?.strip_prefix('v')?.parse::<u32>().ok()?;
-            (v < kproxy_common::ABI_VERSION && e.path().is_dir()).then(|| (v, e.path()))
+            (v != kproxy_common::ABI_VERSION && e.path().is_dir()).then(|| (v, e.path()))
         })
         .collect();
     found.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
@@ -339,7 +339,7 @@ fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
     unsafe { sys::bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr) }.map(drop)
 }
 
-/// Takes over the datapath an agent of an older ABI version left in `old`, for a load into
+/// Takes over the datapath an agent of another ABI version left in `old`, for a load into
 /// `dir`: each of its maps that this build would reuse (type, sizes and BTF layout of key and
 /// value this build's) is pinned in `dir` too, the same map with its live entries, so that
 /// tracked connections, services and counts carry over; each of its links is pinned in
@@ -370,7 +370,7 @@ fn take_over<'a>(
         match same.map(|()| pin_again(&from, &to)) {
             Some(Ok(())) => taken += 1,
             Some(Err(e)) => {
-                warn!(map = spec.name, error = %e, "cannot take over the older version's map");
+                warn!(map = spec.name, error = %e, "cannot take over the other version's map");
                 left.push(spec.name);
             }
             None => left.push(spec.name),
@@ -380,7 +380,7 @@ fn take_over<'a>(
     let mut links_taken = 0;
     if let Ok(entries) = std::fs::read_dir(old.join("links")) {
         if let Err(e) = std::fs::create_dir_all(&links) {
-            warn!(dir = %links.display(), error = %e, "cannot take over the older version's links");
+            warn!(dir = %links.display(), error = %e, "cannot take over the other version's links");
         }
         for e in entries.flatten() {
             let to = links.join(e.file_name());
@@ -390,7 +390,7 @@ fn take_over<'a>(
             match pin_again(&e.path(), &to) {
                 Ok(()) => links_taken += 1,
                 Err(err) => {
-                    warn!(link = %e.path().display(), error = %err, "cannot take over the older version's link")
+                    warn!(link = %e.path().display(), error = %err, "cannot take over the other version's link")
                 }
             }
         }
@@ -400,7 +400,7 @@ fn take_over<'a>(
         maps = taken,
         links = links_taken,
         left = left.join(","),
-        "took over the datapath of an older ABI version (the maps left have another layout and \
+        "took over the datapath of another ABI version (the maps left have another layout and \
          start empty)"
     );
 }
@@ -713,7 +713,7 @@ impl Datapath {
         let built = super::btf::object_layouts(crate::EBPF_OBJECT)
             .context("reading the map layouts of the eBPF object's BTF")?;
         let mut pinned_btf = super::btf::KernelBtfs::default();
-        if let Some(old) = older_versions(pin_path).first() {
+        if let Some(old) = other_versions(pin_path).first() {
             take_over(old, &dir, specs(), &built, &mut pinned_btf);
         }
         for (spec, (name, pin)) in specs().zip(&pins) {
@@ -965,7 +965,7 @@ impl Datapath {
         detach_cgroup_links(&self.pin_path)
     }
 
-    /// Removes the tail-call tables of earlier loads, and what remains of an older ABI
+    /// Removes the tail-call tables of earlier loads, and what remains of another ABI
     /// version's datapath (see [`take_over`]), once every attachment runs this load's programs.
     /// The agent calls it after attaching its devices.
     pub fn retire_old_calls(&self) -> anyhow::Result<()> {
@@ -973,7 +973,7 @@ impl Datapath {
             if path.is_dir() {
                 std::fs::remove_dir_all(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
-                info!(dir = %path.display(), "older ABI version's datapath removed");
+                info!(dir = %path.display(), "other ABI version's datapath removed");
             } else {
                 std::fs::remove_file(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
@@ -983,7 +983,7 @@ impl Datapath {
         Ok(())
     }
 
-    /// The pins of earlier loads' tail-call tables and the directories of older ABI versions'
+    /// The pins of earlier loads' tail-call tables and the directories of other ABI versions'
     /// datapaths, whose programs tail-call into tables of their own (see
     /// [`Datapath::retire_old_calls`]).
     pub fn old_calls(&self) -> Vec<PathBuf> {
@@ -996,7 +996,7 @@ impl Datapath {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        old.extend(older_versions(&self.pin_path));
+        old.extend(other_versions(&self.pin_path));
         old
     }
 
@@ -1675,7 +1675,7 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
             Err(e) => return Err(e).with_context(|| format!("removing pin {}", spec.name)),
         }
     }
-    for old in older_versions(pin_path) {
+    for old in other_versions(pin_path) {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     for d in [&dir, &pin_path.to_path_buf()] {
