@@ -346,6 +346,46 @@ fn traffic_survives_agent_stop_pause_crash_and_restart() {
     );
 }
 
+/// An agent started over the datapath of another map layout version (here: the pin
+/// directory of the running datapath renamed `v0`, as an agent of ABI v0 would have left it)
+/// takes its maps and links over and then removes it: the open connection keeps its tracked
+/// entry, new connections keep being served throughout, each hook keeps one of kproxy's
+/// programs.
+#[test]
+fn an_agent_takes_over_the_datapath_of_another_abi_version() {
+    let mut s = Setup::new("abiver");
+    s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 1)]);
+    let pod = s.lab.pod(0, 2).unwrap().ns.clone();
+    wait_served(&pod, VIP);
+    let (mut session, first) = TcpSession::connect(&pod, VIP, 80, T).expect("session");
+    let traffic = Traffic::start(&pod, &[VIP]);
+    std::thread::sleep(Duration::from_millis(300));
+    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("SIGTERM stop");
+    let pins = s.lab.pin_path(0);
+    let ct4 = kproxy_common::names::CT4;
+    let conntrack = |dir: &str| {
+        let map = aya::maps::MapData::from_pin(pins.join(dir).join(ct4)).unwrap();
+        map.info().unwrap().id()
+    };
+    let tracked = conntrack("v1");
+    std::fs::rename(pins.join("v1"), pins.join("v0")).unwrap();
+    s.agents[0] = Some(s.start_agent(0));
+    log_until(&s, 0, &["took over the datapath of another ABI version", "maps="]);
+    assert_eq!(conntrack("v1"), tracked, "the connection-tracking map carried over");
+    assert_eq!(session.request().expect("after the take-over"), first);
+    log_until(&s, 0, &["other ABI version's datapath removed"]);
+    assert!(!pins.join("v0").exists(), "the other version's directory removed");
+    assert_eq!(programs_on(&device_list(&s, 0), "eth0"), ["kp_xdp_ext", "kp_tc_ext_xdp"]);
+    let (ok, failed) = traffic.finish();
+    assert!(ok > 50, "too little traffic to judge: {ok}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} new connections failed across the take-over",
+        ok + failed
+    );
+}
+
 #[test]
 fn churn_does_not_disturb_unchanged_or_changing_services() {
     let s = Setup::new("churn");
