@@ -486,27 +486,47 @@ fn pinned_map_with_wrong_layout_is_refused() {
     assert!(BpfDataplane::open(&env.dir).is_err());
 }
 
-/// Pins at `pin` a backends-like hash map whose sizes are this build's (4-byte keys, 8-byte
-/// values) but whose BTF lays the value out otherwise: the port first, the address last, as a
-/// build that reordered `Backend4` without a new ABI version would leave it.
-fn pin_reordered_backends_map(pin: &Path) {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
+/// A struct for [`pin_map_with_btf`]: its size and members (name, size of an integer, byte
+/// offset); no members: an integer of that size.
+type BtfStruct<'a> = (u32, &'a [(&'a str, u32, u32)]);
+
+/// Pins at `pin` a new map named `name` of type `map_type` (16 entries) whose key and value
+/// BTF are `key` and `value`, as a build with those layouts would have left it.
+fn pin_map_with_btf(
+    pin: &Path,
+    name: &str,
+    map_type: aya_obj::generated::bpf_map_type,
+    key: BtfStruct,
+    value: BtfStruct,
+) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
     use kproxy::dataplane::sys;
-    // BTF: [1] u32, [2] u16, [3] u8, [4] struct Backend4 { port, proto, flags, addr }.
-    let strings = b"\0u32\0u16\0u8\0Backend4\0port\0proto\0flags\0addr\0";
-    let at = |s: &str| {
-        let w = format!("\0{s}\0");
-        strings.windows(w.len()).position(|x| x == w.as_bytes()).unwrap() as u32 + 1
+    let mut strings: Vec<u8> = vec![0];
+    let mut string = |s: &str| {
+        let at = strings.len() as u32;
+        strings.extend(s.as_bytes());
+        strings.push(0);
+        at
     };
+    // [1] u8, [2] u16, [3] u32, [4] u64 (INT: name, kind 1, size, encoding with the bits).
     let mut types: Vec<u32> = Vec::new();
-    for (name, size) in [("u32", 4), ("u16", 2), ("u8", 1)] {
-        // INT: name, info (kind 1), size, then encoding (offset 0, bits).
-        types.extend([at(name), 1 << 24, size, size * 8]);
+    for size in [1, 2, 4, 8] {
+        types.extend([string(&format!("u{}", size * 8)), 1 << 24, size, size * 8]);
     }
-    types.extend([at("Backend4"), (4 << 24) | 4, 8]);
-    for (name, ty, bits) in [("port", 2, 0), ("proto", 3, 16), ("flags", 3, 24), ("addr", 1, 32)] {
-        types.extend([at(name), ty, bits]);
+    let int = |size: u32| size.trailing_zeros() + 1;
+    // Then the key's struct and the value's, where they are structs.
+    let (mut ids, mut next) = ([0; 2], 5);
+    for (n, (size, members)) in [key, value].into_iter().enumerate() {
+        if members.is_empty() {
+            ids[n] = int(size);
+            continue;
+        }
+        (ids[n], next) = (next, next + 1);
+        types.extend([string(&format!("T{n}")), (4 << 24) | members.len() as u32, size]);
+        for (m, msize, off) in members {
+            types.extend([string(m), int(*msize), off * 8]);
+        }
     }
     let type_len = (types.len() * 4) as u32;
     let mut blob: Vec<u8> = vec![0x9f, 0xeb, 1, 0];
@@ -514,7 +534,7 @@ fn pin_reordered_backends_map(pin: &Path) {
         blob.extend(u32::to_le_bytes(w));
     }
     blob.extend(types.iter().flat_map(|w| w.to_le_bytes()));
-    blob.extend(strings);
+    blob.extend(&strings);
     let mut attr = sys::attr();
     attr.__bindgen_anon_7.btf = blob.as_ptr() as u64;
     attr.__bindgen_anon_7.btf_size = blob.len() as u32;
@@ -525,18 +545,44 @@ fn pin_reordered_backends_map(pin: &Path) {
     let mut attr = sys::attr();
     // SAFETY: union access; the map-create member is the one BPF_MAP_CREATE reads.
     let m = unsafe { &mut attr.__bindgen_anon_1 };
-    m.map_type = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32;
-    (m.key_size, m.value_size, m.max_entries) = (4, 8, 16);
-    for (d, c) in m.map_name.iter_mut().zip(names::BACKENDS4.bytes()) {
+    m.map_type = map_type as u32;
+    (m.key_size, m.value_size, m.max_entries) = (key.0, value.0, 16);
+    for (d, c) in m.map_name.iter_mut().zip(name.bytes()) {
         *d = c as _;
     }
-    use std::os::fd::AsRawFd as _;
-    (m.btf_fd, m.btf_key_type_id, m.btf_value_type_id) = (btf.as_raw_fd() as u32, 1, 4);
+    (m.btf_fd, m.btf_key_type_id, m.btf_value_type_id) = (btf.as_raw_fd() as u32, ids[0], ids[1]);
     // SAFETY: a plain attribute block; the BTF fd is open.
     let map = unsafe { sys::bpf(sys::bpf_cmd::BPF_MAP_CREATE, &mut attr) }.expect("MAP_CREATE");
     // SAFETY: a new file descriptor we own.
     let map = unsafe { OwnedFd::from_raw_fd(map as i32) };
     aya::maps::MapData::from_fd(map).unwrap().pin(pin).unwrap();
+}
+
+/// Pins at `pin` a backends-like hash map whose sizes are this build's (4-byte keys, 8-byte
+/// values) but whose BTF lays the value out otherwise: the port first, the address last, as a
+/// build that reordered `Backend4` without a new ABI version would leave it.
+fn pin_reordered_backends_map(pin: &Path) {
+    let value = [("port", 2, 0), ("proto", 1, 2), ("flags", 1, 3), ("addr", 4, 4)];
+    let hash = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH;
+    pin_map_with_btf(pin, names::BACKENDS4, hash, (4, &[]), (8, &value));
+}
+
+/// A map pinned by a build of the same ABI version from before one of its padding fields got
+/// a meaning (`Affinity4Value`'s `_pad: u32` became `slot: u16, _pad: u16`) is reused as it is:
+/// its entries read the new field as 0, which the programs take for "not recorded".
+#[test]
+fn a_map_pinned_before_its_padding_got_a_field_is_reused() {
+    let env = Env::own();
+    let pin = env.dir.join("v1").join(names::AFFINITY4);
+    std::fs::remove_file(&pin).unwrap();
+    let key = [("client_addr", 4, 0), ("svc_id", 4, 4)];
+    let value = [("backend_id", 4, 0), ("_pad", 4, 4), ("last_used_ns", 8, 8)];
+    let lru = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LRU_HASH;
+    pin_map_with_btf(&pin, names::AFFINITY4, lru, (8, &key), (16, &value));
+    let id = aya::maps::MapData::from_pin(&pin).unwrap().info().unwrap().id();
+    let _dp = Datapath::load(&env.dir, &TEST_SIZES).expect("reuses the map");
+    let reused = aya::maps::MapData::from_pin(&pin).unwrap().info().unwrap().id();
+    assert_eq!(reused, id, "the pinned map is kept");
 }
 
 /// A map pinned by a build whose value layout differs at equal sizes is refused (its entries
@@ -550,7 +596,7 @@ fn pinned_map_with_reordered_fields_is_refused() {
     let err = Datapath::load(&env.dir, &MapSizes::default()).err().expect("must refuse");
     let msg = format!("{err:#}");
     assert!(msg.contains("does not match ABI") && msg.contains("kp_be4"), "{msg}");
-    assert!(msg.contains("value 8{port@0: 2"), "names where the fields differ: {msg}");
+    assert!(msg.contains("pinned field port (byte 0"), "names where the fields differ: {msg}");
 }
 
 /// A counter map pinned by an earlier build with fewer slots (before reasons were added) is
@@ -2184,7 +2230,8 @@ fn tc_progs(pin: &Path, dev: &str, dir: &str, name: &str) -> Vec<(u32, &'static 
 
 /// An agent takes over the datapath an agent of another ABI version left, older (an upgrade;
 /// here: the pin directory renamed `v0`) or newer (a rollback: `v2`), with one map of another
-/// layout in it: the maps of unchanged layout
+/// layout in it and the connection table set aside by an unfinished resize: the maps of
+/// unchanged layout
 /// carry over with their entries (a tracked connection), the one of another layout starts empty
 /// in the new directory, and the older version's links take this load's programs in place (one
 /// of kproxy's on each hook throughout); once the devices are attached, the older directory
@@ -2227,6 +2274,11 @@ fn another_abi_versions_datapath_is_taken_over() {
             std::fs::remove_file(&old_be).unwrap();
             pin_reordered_backends_map(&old_be);
             let old_be_id = MapData::from_pin(&old_be).unwrap().info().unwrap().id();
+            // Its agent stopped in a resize of the connection table, the map set aside and no
+            // new one pinned yet: the set-aside map, which holds the connections, is taken.
+            let old_ct = dir.join(other).join(names::CT4);
+            std::fs::rename(&old_ct, old_ct.with_file_name(format!("{}-resizing", names::CT4)))
+                .unwrap();
 
             let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
             let maps = BpfDataplane::open(&dir).unwrap();

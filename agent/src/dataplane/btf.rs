@@ -5,9 +5,15 @@
 //! reinterpretation `common/src/lib.rs` rules out; a layout change gets a new `ABI_VERSION`).
 //!
 //! A layout reads as a string: a struct as its members' names, byte offsets and layouts, an
-//! array as its element's layout and length, anything else by its size alone (`4`). Type names
-//! are left out, and so are the kinds of scalars: a kernel older than the object's BTF gets some
-//! kinds rewritten by the loader (an `ENUM64` as a union, for example), never their sizes.
+//! array as its element's layout and length, anything else by its size alone (`4`), unions
+//! and empty structs included. Type names are left out, and so are the kinds of scalars: a
+//! kernel older than the object's BTF gets some kinds rewritten by the loader (aya turns an
+//! `ENUM64` into a union and a `FLOAT` into an empty struct), never their sizes.
+//!
+//! Two layouts of one map are compatible ([`compatible`]) when they are equal, or when the
+//! fields only one of them has lie in the other's padding (members named `_pad...`): ABI v1
+//! has given padding a meaning more than once (a field that reads 0 in entries written
+//! before it), and a build reads the maps an earlier build of the same version pinned.
 use std::{collections::BTreeMap, os::fd::BorrowedFd};
 
 use anyhow::{Context as _, bail};
@@ -80,9 +86,65 @@ pub struct Btf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapLayout {
     /// The key's layout.
-    pub key: Option<String>,
+    pub key: Option<TypeLayout>,
     /// The value's layout.
-    pub value: Option<String>,
+    pub value: Option<TypeLayout>,
+}
+
+/// The layout of one type: its text (see the module's doc) and its fields, flattened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeLayout {
+    /// The layout as one string.
+    pub text: String,
+    fields: Vec<Field>,
+}
+
+/// A field of a layout with structs flattened: its path (`data.addr`), where it starts and
+/// how long it is (bits), and its layout (a scalar's size, an array's layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Field {
+    path: String,
+    bit: u32,
+    bits: u32,
+    text: String,
+}
+
+impl Field {
+    fn is_pad(&self) -> bool {
+        self.path.rsplit('.').next().is_some_and(|n| n.starts_with("_pad"))
+    }
+}
+
+/// Whether `pinned` (a map's key or value as an earlier build laid it out) reads right with
+/// `built` (this build's): equal, or every field only one side has lies in the padding of the
+/// other (a field both have sits at the same place with the same layout). The error names the
+/// first field that does not.
+pub fn compatible(pinned: &TypeLayout, built: &TypeLayout) -> Result<(), String> {
+    if pinned.text == built.text {
+        return Ok(());
+    }
+    for (side, other, which) in [(pinned, built, "pinned"), (built, pinned, "this build's")] {
+        for f in side.fields.iter().filter(|f| !f.is_pad()) {
+            let named = other.fields.iter().find(|o| o.path == f.path);
+            let same = named.is_some_and(|o| o.bit == f.bit && o.text == f.text);
+            // A field the other side lacks may lie in its padding; one it has elsewhere may not.
+            let in_padding = named.is_none()
+                && (f.bit..f.bit + f.bits).all(|b| {
+                    other.fields.iter().any(|o| o.is_pad() && (o.bit..o.bit + o.bits).contains(&b))
+                });
+            if !same && !in_padding {
+                return Err(format!(
+                    "{which} field {} (byte {}, {}) has no counterpart: pinned {}, this build {}",
+                    f.path,
+                    f.bit / 8,
+                    f.text,
+                    pinned.text,
+                    built.text
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn u32_at(b: &[u8], off: usize) -> anyhow::Result<u32> {
@@ -127,7 +189,11 @@ impl Btf {
                     let elem = u32_at(tb, body)?;
                     (Ty::Array { elem, len: u32_at(tb, body + 8)? }, 12)
                 }
-                kind::STRUCT | kind::UNION => {
+                // A union reads as its size (aya stands one in for an ENUM64 on older kernels).
+                kind::UNION => (Ty::Sized(size_or_type), 12 * vlen),
+                // An empty struct too (aya stands one in for a FLOAT).
+                kind::STRUCT if vlen == 0 => (Ty::Sized(size_or_type), 0),
+                kind::STRUCT => {
                     // With kind_flag, a member's offset word also holds its bit-field size.
                     let mask = if info >> 31 == 1 { 0x00ff_ffff } else { u32::MAX };
                     let members = (0..vlen)
@@ -171,10 +237,62 @@ impl Btf {
     }
 
     /// The layout of type `id` (see the module's doc).
-    pub fn layout(&self, id: u32) -> anyhow::Result<String> {
+    pub fn layout(&self, id: u32) -> anyhow::Result<TypeLayout> {
+        let mut fields = Vec::new();
+        self.collect_fields(id, "", 0, 0, &mut fields)?;
+        Ok(TypeLayout { text: self.text(id)?, fields })
+    }
+
+    fn text(&self, id: u32) -> anyhow::Result<String> {
         let mut out = String::new();
         self.write_layout(id, 0, &mut out)?;
         Ok(out)
+    }
+
+    /// Size of type `id`, bytes.
+    fn size(&self, id: u32, depth: usize) -> anyhow::Result<u32> {
+        if depth > MAX_DEPTH {
+            bail!("BTF type {id} nests deeper than {MAX_DEPTH}");
+        }
+        Ok(match self.ty(id)? {
+            Ty::Sized(size) | Ty::Record { size, .. } => *size,
+            Ty::Ptr(_) => 8,
+            Ty::Alias(t) => self.size(*t, depth + 1)?,
+            Ty::Array { elem, len } => self.size(*elem, depth + 1)? * len,
+            Ty::Var { .. } | Ty::DataSec { .. } | Ty::Other => bail!("BTF type {id} has no size"),
+        })
+    }
+
+    /// Appends the fields of type `id` at bit `bit` to `out`, structs flattened.
+    fn collect_fields(
+        &self,
+        id: u32,
+        path: &str,
+        bit: u32,
+        depth: usize,
+        out: &mut Vec<Field>,
+    ) -> anyhow::Result<()> {
+        if depth > MAX_DEPTH {
+            bail!("BTF type {id} nests deeper than {MAX_DEPTH}");
+        }
+        match self.ty(id)? {
+            Ty::Alias(t) => self.collect_fields(*t, path, bit, depth + 1, out)?,
+            Ty::Record { members, .. } => {
+                for (name, ty, at) in members {
+                    let name = self.string(*name)?;
+                    let sub =
+                        if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+                    self.collect_fields(*ty, &sub, bit + at, depth + 1, out)?;
+                }
+            }
+            _ => out.push(Field {
+                path: path.to_owned(),
+                bit,
+                bits: self.size(id, depth)? * 8,
+                text: self.text(id)?,
+            }),
+        }
+        Ok(())
     }
 
     fn write_layout(&self, id: u32, depth: usize, out: &mut String) -> anyhow::Result<()> {
@@ -359,15 +477,16 @@ impl KernelBtfs {
     }
 }
 
-/// Where a pinned map's layout differs from this build's: `None` where they agree, or where one
-/// side does not say (a map pinned without BTF, a side without a type).
+/// Where a pinned map's layout does not read right with this build's ([`compatible`]): `None`
+/// where it does, or where one side does not say (a map pinned without BTF, a side without a
+/// type).
 pub fn layout_difference(pinned: &MapLayout, built: &MapLayout) -> Option<String> {
     let mut diffs = Vec::new();
     for (what, p, b) in [("key", &pinned.key, &built.key), ("value", &pinned.value, &built.value)] {
         if let (Some(p), Some(b)) = (p, b)
-            && p != b
+            && let Err(e) = compatible(p, b)
         {
-            diffs.push(format!("{what} {p} where this build has {b}"));
+            diffs.push(format!("{what}: {e}"));
         }
     }
     (!diffs.is_empty()).then(|| diffs.join("; "))
@@ -377,18 +496,79 @@ pub fn layout_difference(pinned: &MapLayout, built: &MapLayout) -> Option<String
 mod tests {
     use super::*;
 
+    fn text(l: &Option<TypeLayout>) -> Option<&str> {
+        l.as_ref().map(|l| l.text.as_str())
+    }
+
+    /// A layout read back from its text (the record's form): its size, bytes.
+    fn parse_text(t: &str) -> TypeLayout {
+        fn layout(t: &str, path: &str, bit: u32, out: &mut Vec<Field>) -> (u32, usize) {
+            if let Some(rest) = t.strip_prefix('[') {
+                let (size, used) = layout(rest, path, bit, &mut Vec::new());
+                let rest = &rest[used..];
+                let rest = rest.strip_prefix("; ").unwrap();
+                let end = rest.find(']').unwrap();
+                let n: u32 = rest[..end].parse().unwrap();
+                let len = 1 + used + 2 + end + 1;
+                out.push(Field {
+                    path: path.into(),
+                    bit,
+                    bits: size * n * 8,
+                    text: t[..len].into(),
+                });
+                return (size * n, len);
+            }
+            let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let size: u32 = t[..digits].parse().unwrap();
+            if !t[digits..].starts_with('{') {
+                out.push(Field {
+                    path: path.into(),
+                    bit,
+                    bits: size * 8,
+                    text: t[..digits].into(),
+                });
+                return (size, digits);
+            }
+            let mut at = digits + 1;
+            loop {
+                let rest = &t[at..];
+                if let Some(r) = rest.strip_prefix('}') {
+                    let _ = r;
+                    return (size, at + 1);
+                }
+                let rest = rest.strip_prefix(", ").unwrap_or(rest);
+                at = t.len() - rest.len();
+                let name_end = rest.find('@').unwrap();
+                let colon = rest.find(": ").unwrap();
+                let off: u32 = rest[name_end + 1..colon].parse().unwrap();
+                let name = &rest[..name_end];
+                let sub = if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+                let (_, used) = layout(&rest[colon + 2..], &sub, bit + off * 8, out);
+                at += colon + 2 + used;
+            }
+        }
+        let mut fields = Vec::new();
+        let (_, used) = layout(t, "", 0, &mut fields);
+        assert_eq!(used, t.len(), "{t}");
+        TypeLayout { text: t.into(), fields }
+    }
+
     #[test]
     fn the_objects_maps_read_as_their_rust_types() {
         let maps = object_layouts(crate::EBPF_OBJECT).unwrap();
         let be = &maps[kproxy_common::names::BACKENDS4];
-        assert_eq!(be.key.as_deref(), Some("4"));
+        assert_eq!(text(&be.key), Some("4"));
         // Backend4: addr, port, proto, flags.
-        assert_eq!(be.value.as_deref(), Some("8{addr@0: 4, port@4: 2, proto@6: 1, flags@7: 1}"));
+        assert_eq!(text(&be.value), Some("8{addr@0: 4, port@4: 2, proto@6: 1, flags@7: 1}"));
         let ct = &maps[kproxy_common::names::CT4];
-        let tuple = ct.key.as_deref().unwrap();
+        let tuple = text(&ct.key).unwrap();
         assert!(tuple.starts_with(&format!("{}{{", size_of::<kproxy_common::Tuple4>())), "{tuple}");
-        let value = ct.value.as_deref().unwrap();
+        let value = text(&ct.value).unwrap();
         assert!(value.starts_with(&format!("{}{{", size_of::<kproxy_common::Ct4Value>())));
+        // The text reads back as the same fields.
+        for l in maps.values().flat_map(|m| [&m.key, &m.value]).flatten() {
+            assert_eq!(parse_text(&l.text), *l);
+        }
         // Every pinned map of the ABI is there.
         for name in pinned_maps() {
             assert!(maps.contains_key(name), "{name} missing");
@@ -403,16 +583,12 @@ mod tests {
     }
 
     fn render(maps: &BTreeMap<String, MapLayout>) -> String {
-        let side = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
+        let side = |s: &Option<TypeLayout>| text(s).unwrap_or("-").to_owned();
         maps.iter()
             .map(|(n, l)| format!("{n} key {} value {}\n", side(&l.key), side(&l.value)))
             .collect()
     }
 
-    /// The layouts of this build's maps against the record of its ABI version: a map whose key
-    /// or value changed needs a new `ABI_VERSION` (maps pinned by the earlier build would be
-    /// refused at load, see `check_pinned_layout`); a map added or removed only needs the
-    /// record updated. `KPROXY_BLESS=1` writes the record from this build.
     /// The names of the maps kept pinned from one agent to the next (per-CPU scratch and cache
     /// maps live and die with their programs).
     fn pinned_maps() -> impl Iterator<Item = &'static str> {
@@ -425,6 +601,11 @@ mod tests {
             .map(|s| s.name)
     }
 
+    /// The layouts of this build's maps against the record of its ABI version: a map whose key
+    /// or value no longer reads the recorded layout right ([`compatible`]) needs a new
+    /// `ABI_VERSION` (the agent would refuse maps pinned by earlier builds); a field given to
+    /// padding, or a map added or removed, only needs the record updated. `KPROXY_BLESS=1`
+    /// writes the record from this build.
     #[test]
     fn map_layouts_match_the_record_of_their_abi_version() {
         let mut built = object_layouts(crate::EBPF_OBJECT).unwrap();
@@ -437,20 +618,39 @@ mod tests {
         let record = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!("{}: {e} (KPROXY_BLESS=1 records this build's layouts)", path.display())
         });
-        let recorded: BTreeMap<&str, &str> =
-            record.lines().filter_map(|l| l.split_once(" key ")).collect();
+        let recorded: BTreeMap<&str, (&str, &str)> = record
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(" key ")?;
+                Some((name, rest.split_once(" value ")?))
+            })
+            .collect();
         let v = kproxy_common::ABI_VERSION;
         for (name, layout) in &built {
-            let line = render(&BTreeMap::from([(name.clone(), layout.clone())]));
-            let now = line.trim_end().split_once(" key ").unwrap().1;
-            match recorded.get(name.as_str()) {
-                Some(r) => assert_eq!(
-                    *r, now,
-                    "{name}: layout changed under ABI v{v}: maps pinned by earlier builds would \
-                     be refused; give the change a new ABI_VERSION (common/src/lib.rs) and a \
-                     migration of the entries that must survive, then KPROXY_BLESS=1"
-                ),
-                None => panic!("{name}: not in {} (KPROXY_BLESS=1 adds it)", path.display()),
+            let Some((key, value)) = recorded.get(name.as_str()) else {
+                panic!("{name}: not in {} (KPROXY_BLESS=1 adds it)", path.display())
+            };
+            for (what, r, now) in [("key", key, &layout.key), ("value", value, &layout.value)] {
+                let now = now.as_ref().map(|l| l.text.as_str()).unwrap_or("-");
+                if *r == now {
+                    continue;
+                }
+                let read = if *r != "-" && now != "-" {
+                    compatible(&parse_text(r), &parse_text(now))
+                } else {
+                    Err("one side has no type".into())
+                };
+                match read {
+                    Ok(()) => panic!(
+                        "{name} {what}: {r} became {now}, which reads maps pinned under ABI v{v} \
+                         right (new fields in padding): KPROXY_BLESS=1 records it"
+                    ),
+                    Err(e) => panic!(
+                        "{name} {what}: layout changed under ABI v{v} ({e}): maps pinned by \
+                         earlier builds would be refused; give the change a new ABI_VERSION \
+                         (common/src/lib.rs), then KPROXY_BLESS=1"
+                    ),
+                }
             }
         }
         for name in recorded.keys() {
@@ -459,11 +659,70 @@ mod tests {
     }
 
     #[test]
+    fn a_field_given_to_padding_reads_both_ways_a_moved_one_does_not() {
+        let old = parse_text("16{backend_id@0: 4, _pad@4: 4, last_used_ns@8: 8}");
+        let new = parse_text("16{backend_id@0: 4, slot@4: 2, _pad@6: 2, last_used_ns@8: 8}");
+        assert_eq!(compatible(&old, &new), Ok(()), "an upgrade reads the old entries");
+        assert_eq!(compatible(&new, &old), Ok(()), "a rollback ignores the new field");
+        let nested = parse_text("12{a@0: 8{x@0: 4, _pad@4: [1; 4]}, b@8: 4}");
+        let nested2 = parse_text("12{a@0: 8{x@0: 4, y@4: 2, _pad@6: [1; 2]}, b@8: 4}");
+        assert_eq!(compatible(&nested, &nested2), Ok(()));
+        let swapped = parse_text("16{backend_id@0: 4, _pad@4: 4, last_used_ns@8: 8}");
+        let moved = parse_text("16{_pad@0: 4, backend_id@4: 4, last_used_ns@8: 8}");
+        let err = compatible(&swapped, &moved).unwrap_err();
+        assert!(err.contains("field backend_id (byte 0"), "{err}");
+        let grown = parse_text("16{backend_id@0: 4, slot@4: 8, last_used_ns@8: 8}");
+        assert!(compatible(&old, &grown).is_err(), "a field past the padding");
+        let retyped = parse_text("16{backend_id@0: [2; 2], _pad@4: 4, last_used_ns@8: 8}");
+        assert!(compatible(&old, &retyped).is_err(), "a field of another type");
+    }
+
+    #[test]
+    fn unions_and_empty_structs_read_as_their_size() {
+        // BTF: [1] u32, [2] union { a: u32 } of 8 bytes, [3] struct {} of 8 bytes (aya's
+        // stand-ins for ENUM64 and FLOAT), [4] struct S { u: [2], f: [3] }.
+        let strings = b"\0u32\0a\0S\0u\0f\0";
+        let types: [u32; 22] = [
+            1,
+            1 << 24,
+            4,
+            32, // [1] INT "u32"
+            0,
+            (5 << 24) | 1,
+            8,
+            5,
+            1,
+            0, // [2] UNION of 8 bytes: member "a" (u32 at bit 0)
+            0,
+            4 << 24,
+            8, // [3] empty STRUCT of 8 bytes
+            7,
+            (4 << 24) | 2,
+            16,
+            9,
+            2,
+            0,
+            11,
+            3,
+            64, // [4] STRUCT "S": "u" at 0, "f" at bit 64
+        ];
+        let type_len = (types.len() * 4) as u32;
+        let mut blob: Vec<u8> = vec![0x9f, 0xeb, 1, 0];
+        for w in [24, 0, type_len, type_len, strings.len() as u32] {
+            blob.extend(u32::to_le_bytes(w));
+        }
+        blob.extend(types.iter().flat_map(|w| w.to_le_bytes()));
+        blob.extend(strings);
+        let btf = Btf::parse(&blob).unwrap();
+        assert_eq!(btf.layout(4).unwrap().text, "16{u@0: 8, f@8: 8}");
+    }
+
+    #[test]
     fn a_reordered_or_retyped_field_is_a_difference() {
-        let built = MapLayout { key: Some("4".into()), value: Some("8{a@0: 4, b@4: 4}".into()) };
-        let swapped = MapLayout { key: Some("4".into()), value: Some("8{b@0: 4, a@4: 4}".into()) };
-        let diff = layout_difference(&swapped, &built).expect("a difference");
-        assert!(diff.starts_with("value 8{b@0"), "{diff}");
+        let layout = |v: &str| MapLayout { key: Some(parse_text("4")), value: Some(parse_text(v)) };
+        let built = layout("8{a@0: 4, b@4: 4}");
+        let diff = layout_difference(&layout("8{b@0: 4, a@4: 4}"), &built).expect("a difference");
+        assert!(diff.starts_with("value: pinned field b (byte 0"), "{diff}");
         assert_eq!(layout_difference(&built.clone(), &built), None);
         let unknown = MapLayout { key: None, value: None };
         assert_eq!(layout_difference(&unknown, &built), None, "nothing to compare");

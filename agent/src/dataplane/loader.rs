@@ -282,10 +282,10 @@ pub enum ExternalMode {
     TcOnly,
 }
 
-/// Refuses a pinned map whose key or value fields differ from this build's (`built`) though
-/// its sizes match (which [`check_pinned`] checked): its entries would be read in the wrong
-/// layout. A map without BTF, or whose BTF the kernel does not show, passes with a warning for
-/// the latter.
+/// Refuses a pinned map whose key or value layout this build cannot read (`built`; see
+/// [`super::btf::compatible`]) though its sizes match (which [`check_pinned`] checked): its
+/// entries would be read in the wrong layout. A map without BTF passes, and one whose BTF the
+/// kernel does not show passes with a warning.
 fn check_pinned_layout(
     btfs: &mut super::btf::KernelBtfs,
     pin: &Path,
@@ -345,10 +345,12 @@ fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
 /// tracked connections, services and counts carry over; each of its links is pinned in
 /// `dir/links`, where this load's attach puts its programs into it in place, as after a
 /// restart (no moment without a program, never two of kproxy's on a hook). A map whose layout
-/// changed is left behind, and this load creates it empty (its entries are lost: a version that
-/// must keep them converts them). `old` itself goes once every device runs this load's
-/// programs ([`Datapath::retire_old_calls`]); until then its programs keep their own maps and
-/// tail-call tables. What cannot be taken is warned about, and this load makes its own.
+/// changed (or whose layout cannot be compared: no BTF) is left behind with a warning, and
+/// this load creates it empty (its entries are lost: a version that must keep them converts
+/// them). `old` itself goes once every device runs this load's programs
+/// ([`Datapath::retire_old_calls`]); until then its programs keep their own maps and tail-call
+/// tables. A resize `old`'s agent left unfinished is undone first, as in this load's own
+/// directory.
 fn take_over<'a>(
     old: &Path,
     dir: &Path,
@@ -356,24 +358,38 @@ fn take_over<'a>(
     built: &std::collections::BTreeMap<String, super::btf::MapLayout>,
     btfs: &mut super::btf::KernelBtfs,
 ) {
-    let (mut taken, mut left) = (0, Vec::new());
+    let mut taken = 0;
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
-        if !from.exists() || to.exists() {
+        if to.exists() {
             continue;
         }
-        let same = check_pinned(&from, spec).ok().and_then(|(data, _)| {
-            let pinned = btfs.map_layout(data.fd().as_fd()).ok()??;
-            let built = built.get(spec.name)?;
-            super::btf::layout_difference(&pinned, built).is_none().then_some(())
-        });
-        match same.map(|()| pin_again(&from, &to)) {
-            Some(Ok(())) => taken += 1,
-            Some(Err(e)) => {
-                warn!(map = spec.name, error = %e, "cannot take over the other version's map");
-                left.push(spec.name);
+        // A resize the other version did not finish: its set-aside map holds what was
+        // programmed.
+        if let Err(e) = restore_set_aside(&from) {
+            warn!(map = spec.name, error = format!("{e:#}"), "other version's map not taken");
+            continue;
+        }
+        if !from.exists() {
+            continue;
+        }
+        let readable = check_pinned(&from, spec).and_then(|(data, _)| {
+            let pinned = btfs.map_layout(data.fd().as_fd())?.ok_or_else(|| {
+                anyhow!("pinned without BTF: its layout cannot be compared with this build's")
+            })?;
+            let built = built.get(spec.name).ok_or_else(|| anyhow!("not in this build's BTF"))?;
+            match super::btf::layout_difference(&pinned, built) {
+                None => Ok(()),
+                Some(d) => bail!("another layout: {d}"),
             }
-            None => left.push(spec.name),
+        });
+        match readable.and_then(|()| Ok(pin_again(&from, &to)?)) {
+            Ok(()) => taken += 1,
+            Err(e) => warn!(
+                map = spec.name,
+                error = format!("{e:#}"),
+                "other version's map not taken: this load starts it empty"
+            ),
         }
     }
     let links = dir.join("links");
@@ -399,9 +415,7 @@ fn take_over<'a>(
         from = %old.display(),
         maps = taken,
         links = links_taken,
-        left = left.join(","),
-        "took over the datapath of another ABI version (the maps left have another layout and \
-         start empty)"
+        "took over the datapath of another ABI version"
     );
 }
 
@@ -668,8 +682,9 @@ pub fn object_globals() -> [(&'static str, u8); 1] {
 
 impl Datapath {
     /// Loads the embedded object with every program, reusing the maps pinned under
-    /// `pin_path/v1` when they exist and match the ABI (type, key and value size), creating and
-    /// pinning them otherwise.
+    /// `pin_path/v1` when they exist and match the ABI (type, key and value size, and a layout
+    /// their BTF shows this build can read: [`check_pinned_layout`]), creating and pinning them
+    /// otherwise; a datapath another ABI version left beside it is taken over ([`take_over`]).
     pub fn load(pin_path: &Path, sizes: &MapSizes) -> anyhow::Result<Self> {
         Self::load_for(pin_path, sizes, ProgramGroups::ALL)
     }
