@@ -327,7 +327,7 @@ fn other_versions(pin_path: &Path) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Pins the BPF object pinned at `from` (a map, a link) at `to` as well: one object, two pins.
+/// Pins the BPF object pinned at `from` (a link) at `to` as well: one object, two pins.
 fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
     let fd = open_pinned(from)?;
     let c = CString::new(to.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
@@ -339,11 +339,11 @@ fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
     unsafe { sys::bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr) }.map(drop)
 }
 
-/// Takes over the datapath an agent of another ABI version left in `old`, for a load into
-/// `dir`: each of its maps that this build would reuse (type, sizes and BTF layout of key and
-/// value this build's) is pinned in `dir` too, the same map with its live entries, so that
-/// tracked connections, services and counts carry over; each of its links is pinned in
-/// `dir/links`, where this load's attach puts its programs into it in place, as after a
+/// Takes over the datapath an agent of another ABI version left in `old`, for a load under
+/// `pin_path`: each of its maps that this build would reuse (type and sizes this build's, a
+/// layout it reads right) is pinned in `pin_path/v1` too, the same map with its live entries,
+/// so that tracked connections, services and counts carry over; each of its links is pinned in
+/// `pin_path/v1/links`, where this load's attach puts its programs into it in place, as after a
 /// restart (no moment without a program, never two of kproxy's on a hook). A map whose layout
 /// changed (or whose layout cannot be compared: no BTF) is left behind with a warning, and
 /// this load creates it empty (its entries are lost: a version that must keep them converts
@@ -353,11 +353,12 @@ fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
 /// directory.
 fn take_over<'a>(
     old: &Path,
-    dir: &Path,
+    pin_path: &Path,
     specs: impl Iterator<Item = &'a MapSpec>,
     built: &std::collections::BTreeMap<String, super::btf::MapLayout>,
     btfs: &mut super::btf::KernelBtfs,
 ) {
+    let dir = maps_dir(pin_path);
     let mut taken = 0;
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
@@ -373,17 +374,17 @@ fn take_over<'a>(
         if !from.exists() {
             continue;
         }
-        let readable = check_pinned(&from, spec).and_then(|(data, _)| {
+        let taken_here = check_pinned(&from, spec).and_then(|(data, _)| {
             let pinned = btfs.map_layout(data.fd().as_fd())?.ok_or_else(|| {
                 anyhow!("pinned without BTF: its layout cannot be compared with this build's")
             })?;
             let built = built.get(spec.name).ok_or_else(|| anyhow!("not in this build's BTF"))?;
-            match super::btf::layout_difference(&pinned, built) {
-                None => Ok(()),
-                Some(d) => bail!("another layout: {d}"),
+            if let Some(d) = super::btf::layout_difference(&pinned, built) {
+                bail!("another layout: {d}");
             }
+            Ok(data.pin(&to)?)
         });
-        match readable.and_then(|()| Ok(pin_again(&from, &to)?)) {
+        match taken_here {
             Ok(()) => taken += 1,
             Err(e) => warn!(
                 map = spec.name,
@@ -392,7 +393,7 @@ fn take_over<'a>(
             ),
         }
     }
-    let links = dir.join("links");
+    let links = links_dir(pin_path);
     let mut links_taken = 0;
     if let Ok(entries) = std::fs::read_dir(old.join("links")) {
         if let Err(e) = std::fs::create_dir_all(&links) {
@@ -729,7 +730,7 @@ impl Datapath {
             .context("reading the map layouts of the eBPF object's BTF")?;
         let mut pinned_btf = super::btf::KernelBtfs::default();
         if let Some(old) = other_versions(pin_path).first() {
-            take_over(old, &dir, specs(), &built, &mut pinned_btf);
+            take_over(old, pin_path, specs(), &built, &mut pinned_btf);
         }
         for (spec, (name, pin)) in specs().zip(&pins) {
             restore_set_aside(pin)?;
