@@ -278,8 +278,8 @@ struct State {
     failed: HashMap<String, (u32, Instant)>,
     /// External devices reported missing (logged once until they come back).
     missing: BTreeSet<String>,
-    /// Earlier loads' tail-call tables may still be pinned: they go once no device is left
-    /// whose attachment failed ([`State::retire_old_calls`]).
+    /// Earlier loads' tail-call tables may still be pinned: each goes once no program of its
+    /// load runs on any device ([`State::retire_old_calls`]).
     old_calls: bool,
 }
 
@@ -434,19 +434,22 @@ impl State {
         self.retire_old_calls();
     }
 
-    /// Removes the tail-call tables of earlier loads once every device runs this load's
-    /// programs. A device whose attachment failed may still run an earlier load's programs
-    /// (its links were not replaced), whose slow paths are tail calls into that load's tables:
-    /// removing their pins would empty them (the kernel clears a program array when its last
-    /// pin and descriptor go) and drop every new connection there. They are kept until no
-    /// failed device is left (attached on a retry, or gone).
-    fn retire_old_calls(&mut self) {
-        if !self.old_calls || !self.failed.is_empty() {
-            return;
+    /// Removes the tail-call tables of earlier loads that no device runs the programs of any
+    /// more ([`Datapath::retire_old_calls`]): a device whose attachment failed may still run an
+    /// earlier load's programs, whose slow paths need those tables. Returns what it kept.
+    fn retire_old_calls(&mut self) -> Vec<std::path::PathBuf> {
+        if !self.old_calls {
+            return Vec::new();
         }
-        self.old_calls = false;
-        if let Err(e) = self.datapath.retire_old_calls() {
-            warn!(error = format!("{e:#}"), "removing old tail-call tables");
+        match self.datapath.retire_old_calls() {
+            Ok(kept) => {
+                self.old_calls = !kept.is_empty();
+                kept
+            }
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "removing old tail-call tables");
+                Vec::new()
+            }
         }
     }
 
@@ -499,14 +502,27 @@ impl Devices {
             missing: BTreeSet::new(),
             old_calls,
         };
-        // Earlier loads' tail-call tables go at the end of this scan if every device took this
-        // load's programs, or later, once none is left whose attachment failed.
+        // Earlier loads' tail-call tables go at the end of this scan where no device runs
+        // their programs any more, the others once none does.
         state.rescan();
+        // A clsact filter this scan replaced releases its program after an RCU grace period:
+        // its tables are in use until then.
+        for _ in 0..20 {
+            if !state.old_calls {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+            state.retire_old_calls();
+        }
         if state.old_calls {
+            let kept = state.retire_old_calls();
+            let tables: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
             let devices: Vec<&str> = state.failed.keys().map(String::as_str).collect();
             warn!(
-                devices = devices.join(","),
-                "earlier loads' tail-call tables kept until these devices run this load's programs"
+                tables = tables.join(","),
+                failed_devices = devices.join(","),
+                "earlier loads' tail-call tables kept: programs of theirs still run (on a device \
+                 whose attachment failed, or one kproxy no longer manages)"
             );
         }
         let stop = Arc::new(AtomicBool::new(false));

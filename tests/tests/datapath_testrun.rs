@@ -2302,7 +2302,7 @@ fn another_abi_versions_datapath_is_taken_over() {
             one_each();
             assert_ne!(xdp_prog("kpt0").unwrap(), xdp_old, "XDP program swapped inside the link");
             assert!(dp.old_calls().contains(&dir.join(other)), "{:?}", dp.old_calls());
-            dp.retire_old_calls().unwrap();
+            assert_eq!(retire_until(&dp, &[]), [] as [PathBuf; 0], "nothing runs its programs");
             assert!(!dir.join(other).exists(), "the other version removed");
             one_each();
             assert_eq!(maps.conntrack().unwrap(), vec![(tuple, conn)], "connection kept");
@@ -2310,6 +2310,101 @@ fn another_abi_versions_datapath_is_taken_over() {
             cleanup(&dir).unwrap();
             assert_eq!(xdp_prog("kpt0"), None, "{other}");
         }
+    });
+}
+
+/// `dp.retire_old_calls()` until it keeps exactly `keep` (2 s at most); what it kept last. A
+/// clsact filter an attach replaced releases its program after an RCU grace period, and its
+/// load's tables are called into until then.
+fn retire_until(dp: &Datapath, keep: &[PathBuf]) -> Vec<PathBuf> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let mut kept = dp.retire_old_calls().unwrap();
+        kept.sort();
+        if kept == keep || std::time::Instant::now() > deadline {
+            return kept;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The tail-call tables pinned under `dir` (`v1/calls`), sorted.
+fn call_tables(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("v1/calls"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// An earlier load's tail-call table stays while a program of that load that calls into it
+/// still runs on a device (an attachment that failed, or one on a device the agent no longer
+/// manages: removing the pin would empty the table and drop every new connection there), and
+/// goes once none does; a load whose programs run nowhere leaves nothing behind, however many
+/// there were (an agent restarting over a device that keeps failing).
+#[test]
+fn earlier_loads_tail_call_tables_go_once_their_programs_run_nowhere() {
+    in_test_netns(true, || {
+        let dir = shared::pin_dir(N.fetch_add(1, Ordering::SeqCst));
+        let _remove = shared::RemoveDir(dir.clone());
+        let tc_table = |tables: &[PathBuf]| -> PathBuf {
+            let tc: Vec<&PathBuf> = tables
+                .iter()
+                .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(names::CALLS_TC))
+                .collect();
+            assert_eq!(tc.len(), 1, "{tables:?}");
+            tc[0].clone()
+        };
+        let first_tables = {
+            let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
+            dp.attach_pod("kpt1").unwrap();
+            call_tables(&dir)
+        }; // the agent exits, its TC programs attached to kpt1
+        assert_eq!(first_tables.len(), 2, "one TC and one XDP table: {first_tables:?}");
+        let first_tc = tc_table(&first_tables);
+
+        // A restarted agent that has not (or could not) put its programs on kpt1: the first
+        // load's TC table is called into there and stays; its XDP table, whose programs run
+        // nowhere, goes.
+        let mut dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
+        let own: Vec<PathBuf> =
+            call_tables(&dir).into_iter().filter(|p| !first_tables.contains(p)).collect();
+        assert_eq!(own.len(), 2, "{own:?}");
+        assert_eq!(
+            retire_until(&dp, std::slice::from_ref(&first_tc)),
+            std::slice::from_ref(&first_tc)
+        );
+        let mut expect = own.clone();
+        expect.push(first_tc.clone());
+        expect.sort();
+        assert_eq!(call_tables(&dir), expect, "the first load's XDP table removed");
+        // The kept table still holds the slow path of the programs on kpt1.
+        let table = aya::maps::ProgramArray::try_from(aya::maps::Map::ProgramArray(
+            aya::maps::MapData::from_pin(&first_tc).unwrap(),
+        ))
+        .unwrap();
+        assert!(table.indices().count() > 0, "the kept table is filled");
+        drop(table);
+
+        // Once kpt1 runs this load's programs, nothing calls into it any more.
+        dp.attach_pod("kpt1").unwrap();
+        assert_eq!(retire_until(&dp, &[]), [] as [PathBuf; 0]);
+        assert_eq!(call_tables(&dir), own, "only this load's tables left");
+
+        // Loads whose programs never ran anywhere (agents that failed before attaching):
+        // their tables go at the next start, while the tables of the load on kpt1 stay.
+        drop(dp);
+        for _ in 0..2 {
+            drop(Datapath::load(&dir, &MapSizes::default()).unwrap());
+        }
+        assert_eq!(call_tables(&dir).len(), 6, "three loads' tables pinned");
+        let dp = Datapath::load(&dir, &MapSizes::default()).unwrap();
+        let own_tc = tc_table(&own);
+        assert_eq!(retire_until(&dp, std::slice::from_ref(&own_tc)), std::slice::from_ref(&own_tc));
+        assert_eq!(call_tables(&dir).len(), 3, "this load's pair and the table kpt1 calls into");
+        assert!(call_tables(&dir).contains(&own_tc));
+        drop(dp);
+        kproxy::dataplane::loader::cleanup(&dir).unwrap();
     });
 }
 

@@ -48,10 +48,11 @@ const E2E_TESTS: [&str; 2] = [
 /// programs: each takes minutes under emulation (many short `ip` processes), so
 /// [`Opts::pure_testrun`] leaves them out, with the `real_sockets_*` tests. A test missing
 /// from this list only makes that run slower.
-const NAMESPACE_TESTS: [&str; 22] = [
+const NAMESPACE_TESTS: [&str; 23] = [
     "a_translated_packet_passed_on_is_left_as_it_came_by_a_second_kproxy_program",
     "another_abi_versions_datapath_is_taken_over",
     "attachments_outlive_the_agent_and_are_replaced_in_place",
+    "earlier_loads_tail_call_tables_go_once_their_programs_run_nowhere",
     "established_path_cost",
     "icmp_error_from_remote_backend_reaches_external_client",
     "local_only_keeps_client_address_and_drop_if_empty",

@@ -981,22 +981,41 @@ impl Datapath {
         detach_cgroup_links(&self.pin_path)
     }
 
-    /// Removes the tail-call tables of earlier loads, and what remains of another ABI
-    /// version's datapath (see [`take_over`]), once every attachment runs this load's programs.
-    /// The agent calls it after attaching its devices.
-    pub fn retire_old_calls(&self) -> anyhow::Result<()> {
-        for path in self.old_calls() {
+    /// Removes the tail-call tables of earlier loads that no program alive in the kernel calls
+    /// into any more, and what remains of another ABI version's datapath (see [`take_over`])
+    /// once none of its tables is called into; returns what it kept. A device whose attachment
+    /// failed may still run an earlier load's programs (a link or filter that was not
+    /// replaced), whose slow paths are tail calls into that load's tables: the kernel empties a
+    /// table once its last pin and descriptor go, which would drop every new connection there.
+    /// Those stay until the device runs this load's programs or is gone; the tables of loads
+    /// whose programs run nowhere go at once, however many earlier restarts left them. The
+    /// agent calls it after attaching its devices, and again while it kept any.
+    pub fn retire_old_calls(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let old = self.old_calls();
+        if old.is_empty() {
+            return Ok(old);
+        }
+        let called = tables_called_into()?;
+        let mut kept = Vec::new();
+        for path in old {
             if path.is_dir() {
+                let tables = std::fs::read_dir(calls_dir(&path)).into_iter().flatten().flatten();
+                if tables.map(|e| e.path()).any(|t| table_called_into(&t, &called)) {
+                    kept.push(path);
+                    continue;
+                }
                 std::fs::remove_dir_all(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
                 info!(dir = %path.display(), "other ABI version's datapath removed");
+            } else if table_called_into(&path, &called) {
+                kept.push(path);
             } else {
                 std::fs::remove_file(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
                 debug!(pin = %path.display(), "old tail-call table removed");
             }
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// The pins of earlier loads' tail-call tables and the directories of other ABI versions'
@@ -1242,6 +1261,37 @@ pub fn raise_memlock_limit() {
 
 /// The TC program that only runs behind XDP (loaded with the XDP programs).
 const XDP_ONLY_TC: [&str; 1] = [names::PROG_TC_EXT_XDP];
+
+/// The ids of the maps that kproxy's entry programs alive in the kernel use, whatever load or
+/// pin path they belong to: a tail-call table among them is still called into. The slow-path
+/// programs are left out: a table holds them (they live as long as it does), and the IPv6 ones
+/// tail-call into it themselves.
+fn tables_called_into() -> anyhow::Result<std::collections::HashSet<u32>> {
+    // The kernel keeps the first 15 bytes of a program's name.
+    let short = |n: &'static str| &n[..n.len().min(15)];
+    let slow: Vec<&str> =
+        names::TC_CALLS.iter().chain(&names::XDP_CALLS).map(|(n, _)| short(n)).collect();
+    let mut ids = std::collections::HashSet::new();
+    for p in aya::programs::loaded_programs().flatten() {
+        let Some(name) = p.name_as_str() else { continue };
+        if !name.starts_with("kp_") || slow.contains(&name) {
+            continue;
+        }
+        match p.map_ids() {
+            Ok(Some(maps)) => ids.extend(maps),
+            Ok(None) => bail!("this kernel does not list the maps a program uses"),
+            // Gone since it was listed.
+            Err(_) => {}
+        }
+    }
+    Ok(ids)
+}
+
+/// Whether the table pinned at `path` is one of the maps in `called` (see
+/// [`tables_called_into`]); a pin that is no readable map is not.
+fn table_called_into(path: &Path, called: &std::collections::HashSet<u32>) -> bool {
+    aya::maps::MapInfo::from_pin(path).is_ok_and(|m| called.contains(&m.id()))
+}
 
 /// Directory of the tail-call table pins.
 fn calls_dir(dir: &Path) -> PathBuf {
