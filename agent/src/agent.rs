@@ -315,22 +315,55 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     syncer.set_ipv6(config.map_sizing.ipv6);
     write_guard_config(&config, &mut dp)?;
     start_map_sampler(&config, &metrics);
-    match &config.cgroup_path {
-        Some(cg) => datapath
-            .attach_cgroup(cg)
-            .with_context(|| format!("--cgroup-path {}: attaching the socket LB", cg.display()))?,
-        None => datapath.detach_cgroup().context("detaching the socket LB")?,
-    }
-    let spec = netdev::DeviceSpec {
-        external: config.nodeport_devices.clone(),
-        pod_globs: config.pod_devices.clone(),
-        mode: config.external_mode,
-        rescan: config.device_rescan,
+    let attach = Attach {
+        datapath,
+        cgroup: config.cgroup_path.clone(),
+        spec: netdev::DeviceSpec {
+            external: config.nodeport_devices.clone(),
+            pod_globs: config.pod_devices.clone(),
+            mode: config.external_mode,
+            rescan: config.device_rescan,
+        },
+        metrics: metrics.clone(),
     };
-    let _devices = netdev::Devices::start(datapath, spec, metrics.clone())?;
+    let left = attach.datapath.maps_left_behind();
+    let (devices, pending) = if left.is_empty() {
+        (Some(attach.start()?), None)
+    } else {
+        // A map this load started empty (services, backends...) would leave its entries
+        // unserved between the attach and the first sync; the other version's programs serve
+        // them from their own maps until then.
+        info!(
+            maps = left.join(","),
+            "maps of the other ABI version not taken: its programs serve until the first sync, \
+             then this load's are attached"
+        );
+        (None, Some(attach))
+    };
     let source = open_source(&config).await?;
-    let parts = LoopParts { source, syncer, dp, health_checks, conntrack };
+    let parts = LoopParts { source, syncer, dp, health_checks, conntrack, devices, pending };
     sync_loop(&config, parts, metrics, health).await
+}
+
+/// What puts this load's programs on the node: the socket LB's cgroup (`--cgroup-path`) and
+/// the devices.
+struct Attach {
+    datapath: Datapath,
+    cgroup: Option<std::path::PathBuf>,
+    spec: netdev::DeviceSpec,
+    metrics: Arc<Metrics>,
+}
+
+impl Attach {
+    fn start(mut self) -> anyhow::Result<netdev::Devices> {
+        match &self.cgroup {
+            Some(cg) => self.datapath.attach_cgroup(cg).with_context(|| {
+                format!("--cgroup-path {}: attaching the socket LB", cg.display())
+            })?,
+            None => self.datapath.detach_cgroup().context("detaching the socket LB")?,
+        }
+        netdev::Devices::start(self.datapath, self.spec, self.metrics)
+    }
 }
 
 /// Binds `/metrics` and `/healthz` + `/livez` (an address in use is an error naming the flag)
@@ -514,6 +547,13 @@ struct LoopParts {
     dp: BpfDataplane,
     health_checks: Option<HealthCheckServers>,
     conntrack: conntrack::ConntrackWorker,
+    /// Following the devices once this load's programs are attached (dropping it stops that,
+    /// the attachments stay).
+    devices: Option<netdev::Devices>,
+    /// The attach, where it waits for the first sync: the take-over of another ABI version's
+    /// datapath left maps behind ([`Datapath::maps_left_behind`]), which this load started
+    /// empty, and that version's programs serve from their own maps until then.
+    pending: Option<Attach>,
 }
 
 /// The source → model → sync loop, until SIGTERM or SIGINT (the datapath stays in place).
@@ -523,7 +563,15 @@ async fn sync_loop(
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
 ) -> anyhow::Result<()> {
-    let LoopParts { mut source, mut syncer, mut dp, mut health_checks, conntrack } = parts;
+    let LoopParts {
+        mut source,
+        mut syncer,
+        mut dp,
+        mut health_checks,
+        conntrack,
+        devices: mut _devices,
+        mut pending,
+    } = parts;
     // kube-proxy marks itself updated when its sync loop starts and synthesizes a queued time.
     health.updated(Stamp::now());
     metrics.change_queued(SystemTime::now());
@@ -717,6 +765,10 @@ async fn sync_loop(
             }
             .instrument(span)
             .await;
+            if let Some(a) = pending.take() {
+                info!("first sync written: attaching this load's programs");
+                _devices = Some(a.start()?);
+            }
             if full {
                 // Free now: the first load's parse buffers (the first round is a full one) and a
                 // full round's desired state of every service. Give them back to the system.

@@ -386,6 +386,64 @@ fn an_agent_takes_over_the_datapath_of_another_abi_version() {
     );
 }
 
+/// Where the take-over leaves one of the other version's maps behind (here its backends map
+/// pinned again without BTF, whose layout cannot be compared), the new load starts that map
+/// empty, and its programs would find no backend for the services until the first sync: the
+/// agent attaches them after its first sync, the other version's programs serving from their
+/// own maps until then. New connections keep being served throughout.
+#[test]
+fn a_take_over_that_leaves_a_map_behind_attaches_after_the_first_sync() {
+    let mut s = Setup::new("abilate");
+    s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 1)]);
+    let pod = s.lab.pod(0, 2).unwrap().ns.clone();
+    wait_served(&pod, VIP);
+    let traffic = Traffic::start(&pod, &[VIP]);
+    std::thread::sleep(Duration::from_millis(300));
+    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("SIGTERM stop");
+    let pins = s.lab.pin_path(0);
+    std::fs::rename(pins.join("v1"), pins.join("v0")).unwrap();
+    // The running programs keep the map they were loaded with; only the pin changes.
+    let be = pins.join("v0").join(kproxy_common::names::BACKENDS4);
+    std::fs::remove_file(&be).unwrap();
+    pin_hash_map_without_btf(&be, 4, 8);
+    s.agents[0] = Some(s.start_agent(0));
+    log_until(&s, 0, &["other version's map not taken", "kp_be4"]);
+    log_until(&s, 0, &["other ABI version's datapath removed"]);
+    let log = s.agents[0].as_ref().unwrap().log_text();
+    let at = |needle: &str| log.find(needle).unwrap_or_else(|| panic!("no {needle:?}:\n{log}"));
+    assert!(
+        at("node configuration written") < at("first sync written: attaching")
+            && at("first sync written: attaching") < at("external device attached"),
+        "attached before the first sync:\n{log}"
+    );
+    assert_eq!(programs_on(&device_list(&s, 0), "eth0"), ["kp_xdp_ext", "kp_tc_ext_xdp"]);
+    let (ok, failed) = traffic.finish();
+    assert!(ok > 50, "too little traffic to judge: {ok}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} new connections failed across the take-over",
+        ok + failed
+    );
+}
+
+/// Pins at `pin` a new hash map of `key` and `value` bytes created without BTF.
+fn pin_hash_map_without_btf(pin: &std::path::Path, key: u32, value: u32) {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+
+    use kproxy::dataplane::sys;
+    let mut attr = sys::attr();
+    // SAFETY: union access; the map-create member is the one BPF_MAP_CREATE reads.
+    let m = unsafe { &mut attr.__bindgen_anon_1 };
+    m.map_type = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32;
+    (m.key_size, m.value_size, m.max_entries) = (key, value, 1024);
+    // SAFETY: a plain attribute block.
+    let map = unsafe { sys::bpf(sys::bpf_cmd::BPF_MAP_CREATE, &mut attr) }.expect("MAP_CREATE");
+    // SAFETY: a new file descriptor we own.
+    let map = unsafe { OwnedFd::from_raw_fd(map as i32) };
+    aya::maps::MapData::from_fd(map).unwrap().pin(pin).unwrap();
+}
+
 #[test]
 fn churn_does_not_disturb_unchanged_or_changing_services() {
     let s = Setup::new("churn");

@@ -357,9 +357,10 @@ fn take_over<'a>(
     specs: impl Iterator<Item = &'a MapSpec>,
     built: &std::collections::BTreeMap<String, super::btf::MapLayout>,
     btfs: &mut super::btf::KernelBtfs,
-) {
+) -> Vec<&'static str> {
     let dir = maps_dir(pin_path);
     let mut taken = 0;
+    let mut left = Vec::new();
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
         if to.exists() {
@@ -369,6 +370,7 @@ fn take_over<'a>(
         // programmed.
         if let Err(e) = restore_set_aside(&from) {
             warn!(map = spec.name, error = format!("{e:#}"), "other version's map not taken");
+            left.push(spec.name);
             continue;
         }
         if !from.exists() {
@@ -386,11 +388,14 @@ fn take_over<'a>(
         });
         match taken_here {
             Ok(()) => taken += 1,
-            Err(e) => warn!(
-                map = spec.name,
-                error = format!("{e:#}"),
-                "other version's map not taken: this load starts it empty"
-            ),
+            Err(e) => {
+                warn!(
+                    map = spec.name,
+                    error = format!("{e:#}"),
+                    "other version's map not taken: this load starts it empty"
+                );
+                left.push(spec.name);
+            }
         }
     }
     let links = links_dir(pin_path);
@@ -418,6 +423,7 @@ fn take_over<'a>(
         links = links_taken,
         "took over the datapath of another ABI version"
     );
+    left
 }
 
 /// The optional groups of programs a load verifies ([`Datapath::load_for`]); the TC programs of
@@ -448,6 +454,8 @@ pub struct Datapath {
     tcx_anchor: TcxAnchor,
     /// This load's tail-call table pins.
     calls_pins: Vec<PathBuf>,
+    /// The maps of another ABI version's datapath this load did not take over ([`take_over`]).
+    left_behind: Vec<&'static str>,
     /// The optional programs this load verified.
     groups: ProgramGroups,
     /// What `kp_hookdevs` holds (slot → ifindex), once [`Self::set_hook_devs`] read or wrote it.
@@ -729,9 +737,10 @@ impl Datapath {
         let built = super::btf::object_layouts(crate::EBPF_OBJECT)
             .context("reading the map layouts of the eBPF object's BTF")?;
         let mut pinned_btf = super::btf::KernelBtfs::default();
-        if let Some(old) = other_versions(pin_path).first() {
-            take_over(old, pin_path, specs(), &built, &mut pinned_btf);
-        }
+        let left_behind = match other_versions(pin_path).first() {
+            Some(old) => take_over(old, pin_path, specs(), &built, &mut pinned_btf),
+            None => Vec::new(),
+        };
         for (spec, (name, pin)) in specs().zip(&pins) {
             restore_set_aside(pin)?;
             if pin.exists() {
@@ -833,6 +842,7 @@ impl Datapath {
             tc_attach: TcAttach::auto(),
             tcx_anchor: TcxAnchor::Tail,
             calls_pins,
+            left_behind,
             groups,
             hook_devs: None,
         })
@@ -861,6 +871,14 @@ impl Datapath {
     /// `--tcx-anchor`), from the next attach on.
     pub fn set_tcx_anchor(&mut self, anchor: TcxAnchor) {
         self.tcx_anchor = anchor;
+    }
+
+    /// The maps of another ABI version's datapath found under the pin path that this load did
+    /// not take over (another layout, no BTF): it started them empty. Until the agent has
+    /// written what it programs into them, that version's programs, which still run on their
+    /// own maps, serve better than this load's would.
+    pub fn maps_left_behind(&self) -> &[&'static str] {
+        &self.left_behind
     }
 
     /// The pin path this datapath lives under.
