@@ -30,8 +30,10 @@ fn main() -> ExitCode {
 }
 
 fn open(args: &ListArgs) -> anyhow::Result<BpfDataplane> {
-    BpfDataplane::open(&args.pin.pin_path)
-        .with_context(|| format!("opening the maps pinned under {}", args.pin.pin_path.display()))
+    let pin_path = &args.pin.pin_path;
+    kproxy::dataplane::loader::check_pinned_layouts(pin_path)
+        .and_then(|()| BpfDataplane::open(pin_path))
+        .with_context(|| format!("opening the maps pinned under {}", pin_path.display()))
 }
 
 fn print(output: Output, table: impl FnOnce() -> String, json: impl FnOnce() -> serde_json::Value) {

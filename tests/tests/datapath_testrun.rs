@@ -597,6 +597,9 @@ fn pinned_map_with_reordered_fields_is_refused() {
     let msg = format!("{err:#}");
     assert!(msg.contains("does not match ABI") && msg.contains("kp_be4"), "{msg}");
     assert!(msg.contains("pinned field port (byte 0"), "names where the fields differ: {msg}");
+    // The CLI's readers check the same way.
+    let err = kproxy::dataplane::loader::check_pinned_layouts(&env.dir).expect_err("must refuse");
+    assert!(format!("{err:#}").contains("pinned field port (byte 0"), "{err:#}");
 }
 
 /// A counter map pinned by an earlier build with fewer slots (before reasons were added) is

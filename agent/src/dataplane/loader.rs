@@ -1725,6 +1725,26 @@ fn devices() -> Vec<String> {
     out
 }
 
+/// Checks every map pinned under `pin_path` as a load checks its own (type, sizes, and the
+/// layout its BTF gives), for a reader that loads nothing (the CLI): a map another build left in
+/// a layout this one would misread is refused with the field that differs, instead of being
+/// shown in this build's layout.
+pub fn check_pinned_layouts(pin_path: &Path) -> anyhow::Result<()> {
+    let dir = maps_dir(pin_path);
+    let built = super::btf::object_layouts(crate::EBPF_OBJECT)
+        .context("reading the map layouts of the eBPF object's BTF")?;
+    let mut btfs = super::btf::KernelBtfs::default();
+    for spec in MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6)
+    {
+        let pin = dir.join(spec.name);
+        if pin.exists() {
+            let (data, _) = check_pinned(&pin, spec)?;
+            check_pinned_layout(&mut btfs, &pin, &data, built.get(spec.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes every program attachment, link and pin kproxy made under `pin_path`: kproxy's TC
 /// filters (found by program name) on every device of the current network namespace, the XDP
 /// and tcx links pinned under `v1/links/`, and the map pins.
