@@ -353,36 +353,26 @@ fn traffic_survives_agent_stop_pause_crash_and_restart() {
 /// programs.
 #[test]
 fn an_agent_takes_over_the_datapath_of_another_abi_version() {
-    let mut s = Setup::new("abiver");
-    s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 1)]);
-    let pod = s.lab.pod(0, 2).unwrap().ns.clone();
-    wait_served(&pod, VIP);
-    let (mut session, first) = TcpSession::connect(&pod, VIP, 80, T).expect("session");
-    let traffic = Traffic::start(&pod, &[VIP]);
-    std::thread::sleep(Duration::from_millis(300));
-    s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("SIGTERM stop");
-    let pins = s.lab.pin_path(0);
     let ct4 = kproxy_common::names::CT4;
-    let conntrack = |dir: &str| {
-        let map = aya::maps::MapData::from_pin(pins.join(dir).join(ct4)).unwrap();
-        map.info().unwrap().id()
+    let conntrack = |dir: &std::path::Path| {
+        aya::maps::MapData::from_pin(dir.join(ct4)).unwrap().info().unwrap().id()
     };
-    let tracked = conntrack("v1");
-    std::fs::rename(pins.join("v1"), pins.join("v0")).unwrap();
-    s.agents[0] = Some(s.start_agent(0));
-    log_until(&s, 0, &["took over the datapath of another ABI version", "maps="]);
-    assert_eq!(conntrack("v1"), tracked, "the connection-tracking map carried over");
-    assert_eq!(session.request().expect("after the take-over"), first);
-    log_until(&s, 0, &["other ABI version's datapath removed"]);
-    assert!(!pins.join("v0").exists(), "the other version's directory removed");
-    assert_eq!(programs_on(&device_list(&s, 0), "eth0"), ["kp_xdp_ext", "kp_tc_ext_xdp"]);
-    let (ok, failed) = traffic.finish();
-    assert!(ok > 50, "too little traffic to judge: {ok}");
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} new connections failed across the take-over",
-        ok + failed
+    let tracked = std::cell::Cell::new(0);
+    let session = std::cell::RefCell::new(None);
+    across_a_take_over(
+        "abiver",
+        |pod| *session.borrow_mut() = Some(TcpSession::connect(pod, VIP, 80, T).expect("session")),
+        |v0| tracked.set(conntrack(v0)),
+        |s| {
+            log_until(s, 0, &["took over the datapath of another ABI version", "maps="]);
+            assert_eq!(
+                conntrack(&s.lab.pin_path(0).join("v1")),
+                tracked.get(),
+                "the connection-tracking map carried over"
+            );
+            let (mut session, first) = session.take().unwrap();
+            assert_eq!(session.request().expect("after the take-over"), first);
+        },
     );
 }
 
@@ -393,29 +383,55 @@ fn an_agent_takes_over_the_datapath_of_another_abi_version() {
 /// own maps until then. New connections keep being served throughout.
 #[test]
 fn a_take_over_that_leaves_a_map_behind_attaches_after_the_first_sync() {
-    let mut s = Setup::new("abilate");
+    across_a_take_over(
+        "abilate",
+        |_| {},
+        |v0| {
+            // The running programs keep the map they were loaded with; only the pin changes.
+            let be = v0.join(kproxy_common::names::BACKENDS4);
+            std::fs::remove_file(&be).unwrap();
+            pin_hash_map_without_btf(&be, 4, 8);
+        },
+        |s| {
+            log_until(s, 0, &["other version's map not taken", "kp_be4"]);
+            let log = s.agents[0].as_ref().unwrap().log_text();
+            let at =
+                |needle: &str| log.find(needle).unwrap_or_else(|| panic!("no {needle:?}:\n{log}"));
+            assert!(
+                at("node configuration written") < at("first sync written: attaching")
+                    && at("first sync written: attaching") < at("external device attached"),
+                "attached before the first sync:\n{log}"
+            );
+        },
+    );
+}
+
+/// A take-over under traffic: a service served from node 0 to one of its pods (`opened` gets
+/// that pod's namespace first), the agent stopped, its pin directory renamed `v0` as an agent
+/// of ABI v0 would have left it (`prepare` gets it), a new agent started (`check` runs once
+/// it has taken the datapath over and removed `v0`); then one of kproxy's programs on each
+/// external hook and no new connection failed throughout.
+fn across_a_take_over(
+    name: &str,
+    opened: impl FnOnce(&str),
+    prepare: impl FnOnce(&std::path::Path),
+    check: impl FnOnce(&Setup),
+) {
+    let mut s = Setup::new(name);
     s.put(&web("web", VIP), vec![s.ep(0, 0), s.ep(1, 1)]);
     let pod = s.lab.pod(0, 2).unwrap().ns.clone();
     wait_served(&pod, VIP);
+    opened(&pod);
     let traffic = Traffic::start(&pod, &[VIP]);
     std::thread::sleep(Duration::from_millis(300));
     s.agents[0].take().unwrap().stop(Duration::from_secs(5)).expect("SIGTERM stop");
     let pins = s.lab.pin_path(0);
     std::fs::rename(pins.join("v1"), pins.join("v0")).unwrap();
-    // The running programs keep the map they were loaded with; only the pin changes.
-    let be = pins.join("v0").join(kproxy_common::names::BACKENDS4);
-    std::fs::remove_file(&be).unwrap();
-    pin_hash_map_without_btf(&be, 4, 8);
+    prepare(&pins.join("v0"));
     s.agents[0] = Some(s.start_agent(0));
-    log_until(&s, 0, &["other version's map not taken", "kp_be4"]);
     log_until(&s, 0, &["other ABI version's datapath removed"]);
-    let log = s.agents[0].as_ref().unwrap().log_text();
-    let at = |needle: &str| log.find(needle).unwrap_or_else(|| panic!("no {needle:?}:\n{log}"));
-    assert!(
-        at("node configuration written") < at("first sync written: attaching")
-            && at("first sync written: attaching") < at("external device attached"),
-        "attached before the first sync:\n{log}"
-    );
+    assert!(!pins.join("v0").exists(), "the other version's directory removed");
+    check(&s);
     assert_eq!(programs_on(&device_list(&s, 0), "eth0"), ["kp_xdp_ext", "kp_tc_ext_xdp"]);
     let (ok, failed) = traffic.finish();
     assert!(ok > 50, "too little traffic to judge: {ok}");
