@@ -550,9 +550,10 @@ struct LoopParts {
     /// Following the devices once this load's programs are attached (dropping it stops that,
     /// the attachments stay).
     devices: Option<netdev::Devices>,
-    /// The attach, where it waits for the first sync: the take-over of another ABI version's
-    /// datapath left maps behind ([`Datapath::maps_left_behind`]), which this load started
-    /// empty, and that version's programs serve from their own maps until then.
+    /// The attach, where it waits for the first sync round (done even where it failed in
+    /// part: it wrote what it could): the take-over of another ABI version's datapath left maps
+    /// behind ([`Datapath::maps_left_behind`]), which this load started empty, and that
+    /// version's programs serve from their own maps until then.
     pending: Option<Attach>,
 }
 
@@ -766,7 +767,7 @@ async fn sync_loop(
             .instrument(span)
             .await;
             if let Some(a) = pending.take() {
-                info!("first sync written: attaching this load's programs");
+                info!("first sync done: attaching this load's programs");
                 _devices = Some(a.start()?);
             }
             if full {

@@ -281,6 +281,8 @@ struct State {
     /// Earlier loads' tail-call tables may still be pinned: each goes once no program of its
     /// load runs on any device ([`State::retire_old_calls`]).
     old_calls: bool,
+    /// The last attempt to remove them.
+    last_retire: Option<Instant>,
 }
 
 impl State {
@@ -436,12 +438,21 @@ impl State {
 
     /// Removes the tail-call tables of earlier loads that no device runs the programs of any
     /// more ([`Datapath::retire_old_calls`]): a device whose attachment failed may still run an
-    /// earlier load's programs, whose slow paths need those tables. Returns what it kept.
+    /// earlier load's programs, whose slow paths need those tables. Returns what it kept. Each
+    /// attempt lists the kernel's programs: while tables are kept (a device that keeps failing),
+    /// it runs at most once a second, however often devices change.
     fn retire_old_calls(&mut self) -> Vec<std::path::PathBuf> {
-        if !self.old_calls {
+        if !self.old_calls || self.last_retire.is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return Vec::new();
         }
-        match self.datapath.retire_old_calls() {
+        self.last_retire = Some(Instant::now());
+        self.retire_now()
+    }
+
+    /// [`Self::retire_old_calls`] without the rate limit.
+    fn retire_now(&mut self) -> Vec<std::path::PathBuf> {
+        match self.datapath.retire_old_calls(self.failed.is_empty()) {
             Ok(kept) => {
                 self.old_calls = !kept.is_empty();
                 kept
@@ -501,21 +512,22 @@ impl Devices {
             failed: HashMap::new(),
             missing: BTreeSet::new(),
             old_calls,
+            last_retire: None,
         };
         // Earlier loads' tail-call tables go at the end of this scan where no device runs
         // their programs any more, the others once none does.
         state.rescan();
         // A clsact filter this scan replaced releases its program after an RCU grace period:
         // its tables are in use until then.
+        let mut kept = Vec::new();
         for _ in 0..20 {
             if !state.old_calls {
                 break;
             }
             std::thread::sleep(Duration::from_millis(25));
-            state.retire_old_calls();
+            kept = state.retire_now();
         }
         if state.old_calls {
-            let kept = state.retire_old_calls();
             let tables: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
             let devices: Vec<&str> = state.failed.keys().map(String::as_str).collect();
             warn!(

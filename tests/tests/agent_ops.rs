@@ -398,8 +398,8 @@ fn a_take_over_that_leaves_a_map_behind_attaches_after_the_first_sync() {
             let at =
                 |needle: &str| log.find(needle).unwrap_or_else(|| panic!("no {needle:?}:\n{log}"));
             assert!(
-                at("node configuration written") < at("first sync written: attaching")
-                    && at("first sync written: attaching") < at("external device attached"),
+                at("node configuration written") < at("first sync done: attaching")
+                    && at("first sync done: attaching") < at("external device attached"),
                 "attached before the first sync:\n{log}"
             );
         },

@@ -347,9 +347,10 @@ fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
 /// restart (no moment without a program, never two of kproxy's on a hook). A map whose layout
 /// changed (or whose layout cannot be compared: no BTF) is left behind with a warning, and
 /// this load creates it empty (its entries are lost: a version that must keep them converts
-/// them). `old` itself goes once every device runs this load's programs
-/// ([`Datapath::retire_old_calls`]); until then its programs keep their own maps and tail-call
-/// tables. A resize `old`'s agent left unfinished is undone first, as in this load's own
+/// them). A family's services and backends are taken or left together. `old` itself goes once
+/// none of its programs runs any more ([`Datapath::retire_old_calls`]); until then its programs
+/// keep their own maps and tail-call tables. Returns the maps left behind, also those an
+/// earlier start left (a map of this load's pinned in place of the other version's). A resize `old`'s agent left unfinished is undone first, as in this load's own
 /// directory.
 fn take_over<'a>(
     old: &Path,
@@ -359,11 +360,17 @@ fn take_over<'a>(
     btfs: &mut super::btf::KernelBtfs,
 ) -> Vec<&'static str> {
     let dir = maps_dir(pin_path);
-    let mut taken = 0;
-    let mut left = Vec::new();
+    let mut left: Vec<&'static str> = Vec::new();
+    let mut takes: Vec<(&'static str, aya::maps::MapData, PathBuf)> = Vec::new();
+    let id = |p: &Path| aya::maps::MapInfo::from_pin(p).map(|m| m.id()).ok();
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
         if to.exists() {
+            // An earlier start already decided: a map of its own in place of the other
+            // version's was left behind then (and the attach still waits for a first sync).
+            if from.exists() && id(&from) != id(&to) {
+                left.push(spec.name);
+            }
             continue;
         }
         // A resize the other version did not finish: its set-aside map holds what was
@@ -376,7 +383,7 @@ fn take_over<'a>(
         if !from.exists() {
             continue;
         }
-        let taken_here = check_pinned(&from, spec).and_then(|(data, _)| {
+        let readable = check_pinned(&from, spec).and_then(|(data, _)| {
             let pinned = btfs.map_layout(data.fd().as_fd())?.ok_or_else(|| {
                 anyhow!("pinned without BTF: its layout cannot be compared with this build's")
             })?;
@@ -384,10 +391,10 @@ fn take_over<'a>(
             if let Some(d) = super::btf::layout_difference(&pinned, built) {
                 bail!("another layout: {d}");
             }
-            Ok(data.pin(&to)?)
+            Ok(data)
         });
-        match taken_here {
-            Ok(()) => taken += 1,
+        match readable {
+            Ok(data) => takes.push((spec.name, data, to)),
             Err(e) => {
                 warn!(
                     map = spec.name,
@@ -395,6 +402,32 @@ fn take_over<'a>(
                     "other version's map not taken: this load starts it empty"
                 );
                 left.push(spec.name);
+            }
+        }
+    }
+    // A family's services and backends go together: service slots name backend ids, which
+    // the agent's first sync assigns anew in a backends map that starts empty; the other
+    // version's programs, which serve until then, must keep reading both of their own.
+    for group in [[names::SERVICES4, names::BACKENDS4], [names::SERVICES6, names::BACKENDS6]] {
+        if let Some(gone) = group.iter().find(|n| left.contains(n)) {
+            for (name, _, _) in takes.iter().filter(|(n, _, _)| group.contains(n)) {
+                warn!(
+                    map = name,
+                    with = gone,
+                    "other version's map not taken: it goes with the other"
+                );
+                left.push(name);
+            }
+            takes.retain(|(n, _, _)| !group.contains(n));
+        }
+    }
+    let mut taken = 0;
+    for (name, data, to) in takes {
+        match data.pin(&to) {
+            Ok(()) => taken += 1,
+            Err(e) => {
+                warn!(map = name, error = %e, "other version's map not taken: this load starts it empty");
+                left.push(name);
             }
         }
     }
@@ -1006,26 +1039,32 @@ impl Datapath {
     /// replaced), whose slow paths are tail calls into that load's tables: the kernel empties a
     /// table once its last pin and descriptor go, which would drop every new connection there.
     /// Those stay until the device runs this load's programs or is gone; the tables of loads
-    /// whose programs run nowhere go at once, however many earlier restarts left them. The
-    /// agent calls it after attaching its devices, and again while it kept any.
-    pub fn retire_old_calls(&self) -> anyhow::Result<Vec<PathBuf>> {
+    /// whose programs run nowhere go at once, however many earlier restarts left them. Where
+    /// the kernel does not let the agent list its programs, everything goes once
+    /// `none_failed` (no device's attachment failed) and stays otherwise. The agent calls it
+    /// after attaching its devices, and again while it kept any.
+    pub fn retire_old_calls(&self, none_failed: bool) -> anyhow::Result<Vec<PathBuf>> {
         let old = self.old_calls();
         if old.is_empty() {
             return Ok(old);
         }
-        let called = tables_called_into()?;
+        let called = tables_called_into(&self.pin_path)?;
+        let in_use = |table: &Path| match &called {
+            Some(c) => called_into(table, c),
+            None => !none_failed,
+        };
         let mut kept = Vec::new();
         for path in old {
             if path.is_dir() {
-                let tables = std::fs::read_dir(calls_dir(&path)).into_iter().flatten().flatten();
-                if tables.map(|e| e.path()).any(|t| table_called_into(&t, &called)) {
+                // Another version's directory: any of its tables, wherever it pins them.
+                if program_arrays(&path).iter().any(|t| in_use(t)) {
                     kept.push(path);
                     continue;
                 }
                 std::fs::remove_dir_all(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
                 info!(dir = %path.display(), "other ABI version's datapath removed");
-            } else if table_called_into(&path, &called) {
+            } else if in_use(&path) {
                 kept.push(path);
             } else {
                 std::fs::remove_file(&path)
@@ -1280,34 +1319,93 @@ pub fn raise_memlock_limit() {
 /// The TC program that only runs behind XDP (loaded with the XDP programs).
 const XDP_ONLY_TC: [&str; 1] = [names::PROG_TC_EXT_XDP];
 
-/// The ids of the maps that kproxy's entry programs alive in the kernel use, whatever load or
-/// pin path they belong to: a tail-call table among them is still called into. The slow-path
-/// programs are left out: a table holds them (they live as long as it does), and the IPv6 ones
-/// tail-call into it themselves.
-fn tables_called_into() -> anyhow::Result<std::collections::HashSet<u32>> {
-    // The kernel keeps the first 15 bytes of a program's name.
-    let short = |n: &'static str| &n[..n.len().min(15)];
-    let slow: Vec<&str> =
-        names::TC_CALLS.iter().chain(&names::XDP_CALLS).map(|(n, _)| short(n)).collect();
+/// The errno of a failed BPF system call behind `e`.
+fn prog_errno(e: &aya::programs::ProgramError) -> Option<i32> {
+    match e {
+        aya::programs::ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// The ids of the maps that programs alive in the kernel call into, apart from the programs
+/// the tail-call tables under `pin_path` hold (the slow paths, which live as long as a table
+/// holds them, and some of which tail-call into it themselves): a table among them is still
+/// called into by an entry program of its load. `None` where the kernel does not let this
+/// process list its programs (`BPF_PROG_GET_NEXT_ID` asks for CAP_SYS_ADMIN, which an agent run
+/// with CAP_BPF and CAP_NET_ADMIN lacks).
+fn tables_called_into(pin_path: &Path) -> anyhow::Result<Option<std::collections::HashSet<u32>>> {
+    let mut held = std::collections::HashSet::new();
+    for table in program_arrays(pin_path) {
+        held.extend(table_programs(&table));
+    }
     let mut ids = std::collections::HashSet::new();
-    for p in aya::programs::loaded_programs().flatten() {
-        let Some(name) = p.name_as_str() else { continue };
-        if !name.starts_with("kp_") || slow.contains(&name) {
+    for p in aya::programs::loaded_programs() {
+        let p = match p {
+            Ok(p) => p,
+            // Gone since it was listed.
+            Err(e) if prog_errno(&e) == Some(libc::ENOENT) => continue,
+            Err(e) if matches!(prog_errno(&e), Some(libc::EPERM | libc::EACCES)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e).context("listing the kernel's BPF programs"),
+        };
+        if held.contains(&p.id()) {
             continue;
         }
         match p.map_ids() {
             Ok(Some(maps)) => ids.extend(maps),
             Ok(None) => bail!("this kernel does not list the maps a program uses"),
-            // Gone since it was listed.
-            Err(_) => {}
+            Err(e) if prog_errno(&e) == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).context("reading the maps of a BPF program"),
         }
     }
-    Ok(ids)
+    Ok(Some(ids))
 }
 
-/// Whether the table pinned at `path` is one of the maps in `called` (see
-/// [`tables_called_into`]); a pin that is no readable map is not.
-fn table_called_into(path: &Path, called: &std::collections::HashSet<u32>) -> bool {
+/// Every program array pinned under `dir` (this and other ABI versions, every load's tables),
+/// wherever a version pins them.
+fn program_arrays(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if aya::maps::MapInfo::from_pin(&path)
+                .is_ok_and(|m| matches!(m.map_type(), Ok(aya::maps::MapType::ProgramArray)))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// The ids of the programs the program array pinned at `pin` holds (user space reads a
+/// program array's entries as program ids).
+fn table_programs(pin: &Path) -> Vec<u32> {
+    let Ok(data) = aya::maps::MapData::from_pin(pin) else { return Vec::new() };
+    let Ok(info) = data.info() else { return Vec::new() };
+    let fd = data.fd().as_fd().as_raw_fd();
+    (0..info.max_entries())
+        .filter_map(|index: u32| {
+            let mut id = 0u32;
+            let mut attr = sys::attr();
+            // SAFETY: union access; the element member is the one BPF_MAP_LOOKUP_ELEM reads.
+            let elem = unsafe { &mut attr.__bindgen_anon_2 };
+            elem.map_fd = fd as u32;
+            elem.key = &index as *const u32 as u64;
+            elem.__bindgen_anon_1.value = &mut id as *mut u32 as u64;
+            // SAFETY: key and value point at live u32s for the duration of the call.
+            unsafe { sys::bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr) }.ok().map(|_| id)
+        })
+        .collect()
+}
+
+/// Whether the map pinned at `path` is one of `called` (see [`tables_called_into`]); a pin
+/// that is no readable map is not.
+fn called_into(path: &Path, called: &std::collections::HashSet<u32>) -> bool {
     aya::maps::MapInfo::from_pin(path).is_ok_and(|m| called.contains(&m.id()))
 }
 
