@@ -2329,6 +2329,56 @@ fn another_abi_versions_datapath_is_taken_over() {
     });
 }
 
+/// Where the kernel does not let the agent list its programs (an agent run with CAP_BPF and
+/// CAP_NET_ADMIN but without CAP_SYS_ADMIN, which `BPF_PROG_GET_NEXT_ID` asks for), it cannot
+/// tell which earlier tables are called into: it keeps them all while a device's attachment
+/// has failed, and removes them once none has, as before it could tell.
+#[test]
+fn earlier_tail_call_tables_without_the_program_listing_follow_the_failed_devices() {
+    let env = Env::own();
+    // Earlier loads (the environment's, and one more) whose programs run nowhere.
+    drop(Datapath::load(&env.dir, &TEST_SIZES).unwrap());
+    let dp = Datapath::load(&env.dir, &TEST_SIZES).unwrap();
+    let mut earlier = dp.old_calls();
+    earlier.sort();
+    assert_eq!(earlier.len(), 4, "two loads' pairs of tables: {earlier:?}");
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            drop_effective_capability(21); // CAP_SYS_ADMIN, on this thread only
+            let mut kept = dp.retire_old_calls(false).unwrap();
+            kept.sort();
+            assert_eq!(kept, earlier, "kept while a device failed (nothing tells they are unused)");
+            assert_eq!(dp.retire_old_calls(true).unwrap(), [] as [PathBuf; 0]);
+            assert_eq!(dp.old_calls(), [] as [PathBuf; 0], "removed once none failed");
+        });
+    });
+}
+
+/// Takes capability `cap` out of the calling thread's effective set.
+fn drop_effective_capability(cap: u32) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: 0x2008_0522, pid: 0 }; // _LINUX_CAPABILITY_VERSION_3
+    let mut data = [Data::default(); 2];
+    // SAFETY: a valid header and two data blocks, as version 3 reads and writes.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    assert_eq!(r, 0, "capget: {}", std::io::Error::last_os_error());
+    data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+    // SAFETY: as above; capset on the calling thread (pid 0).
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
+}
+
 /// `dp.retire_old_calls()` until it keeps exactly `keep` (2 s at most); what it kept last. A
 /// clsact filter an attach replaced releases its program after an RCU grace period, and its
 /// load's tables are called into until then.
