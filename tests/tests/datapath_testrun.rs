@@ -2248,6 +2248,14 @@ fn another_abi_versions_datapath_is_taken_over() {
         for other in ["v0", "v2"] {
             let dir = shared::pin_dir(N.fetch_add(1, Ordering::SeqCst));
             let _remove = shared::RemoveDir(dir.clone());
+            // The socket LB too: its cgroup links are taken over with the others (and are no
+            // tail-call tables, though the kernel answers a map query about a link).
+            let cgroups = kproxy_tests::hostnet::Cgroups::new(
+                &format!("kpt{}-takeover-{other}", std::process::id()),
+                1,
+            )
+            .unwrap();
+            let cg = cgroups.node(0).to_path_buf();
             let generic = Some(aya::programs::XdpMode::Skb);
             let tuple = Tuple4 {
                 saddr: u32::from_ne_bytes([198, 18, 0, 10]),
@@ -2264,6 +2272,7 @@ fn another_abi_versions_datapath_is_taken_over() {
                 dp.set_xdp_mode(generic);
                 dp.attach_pod("kpt1").unwrap();
                 dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+                dp.attach_cgroup(&cg).unwrap();
                 let mut ct: aya::maps::HashMap<_, Tuple4, Ct4Value> =
                     aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
                         MapData::from_pin(dir.join("v1").join(names::CT4)).unwrap(),
@@ -2308,6 +2317,7 @@ fn another_abi_versions_datapath_is_taken_over() {
             dp.set_xdp_mode(generic);
             dp.attach_pod("kpt1").unwrap();
             dp.attach_external("kpt0", ExternalMode::Xdp).unwrap();
+            dp.attach_cgroup(&cg).unwrap();
             let hooks = [("kpt1", "ingress"), ("kpt1", "egress"), ("kpt0", "ingress")];
             let one_each = || {
                 for (dev, hook) in hooks {

@@ -350,7 +350,8 @@ fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
 /// them). A family's services and backends are taken or left together. `old` itself goes once
 /// none of its programs runs any more ([`Datapath::retire_old_calls`]); until then its programs
 /// keep their own maps and tail-call tables. Returns the maps left behind, also those an
-/// earlier start left (a map of this load's pinned in place of the other version's). A resize `old`'s agent left unfinished is undone first, as in this load's own
+/// earlier start left (one this build cannot read, of which `pin_path` holds a map of its own
+/// by now). A resize `old`'s agent left unfinished is undone first, as in this load's own
 /// directory.
 fn take_over<'a>(
     old: &Path,
@@ -365,14 +366,6 @@ fn take_over<'a>(
     let id = |p: &Path| aya::maps::MapInfo::from_pin(p).map(|m| m.id()).ok();
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
-        if to.exists() {
-            // An earlier start already decided: a map of its own in place of the other
-            // version's was left behind then (and the attach still waits for a first sync).
-            if from.exists() && id(&from) != id(&to) {
-                left.push(spec.name);
-            }
-            continue;
-        }
         // A resize the other version did not finish: its set-aside map holds what was
         // programmed.
         if let Err(e) = restore_set_aside(&from) {
@@ -393,6 +386,15 @@ fn take_over<'a>(
             }
             Ok(data)
         });
+        if to.exists() {
+            // An earlier start already decided: a map this build cannot read was left behind
+            // then (and the attach still waits for a first sync); a readable one of another
+            // id was replaced on purpose (a resize, say).
+            if readable.is_err() && id(&from) != id(&to) {
+                left.push(spec.name);
+            }
+            continue;
+        }
         match readable {
             Ok(data) => takes.push((spec.name, data, to)),
             Err(e) => {
@@ -409,16 +411,19 @@ fn take_over<'a>(
     // the agent's first sync assigns anew in a backends map that starts empty; the other
     // version's programs, which serve until then, must keep reading both of their own.
     for group in [[names::SERVICES4, names::BACKENDS4], [names::SERVICES6, names::BACKENDS6]] {
-        if let Some(gone) = group.iter().find(|n| left.contains(n)) {
-            for (name, _, _) in takes.iter().filter(|(n, _, _)| group.contains(n)) {
+        let Some(gone) = group.iter().find(|n| left.contains(n)).copied() else { continue };
+        let partners: Vec<&'static str> =
+            group.into_iter().filter(|n| !left.contains(n) && old.join(n).exists()).collect();
+        for name in partners {
+            if let Some(at) = takes.iter().position(|(n, _, _)| *n == name) {
+                takes.remove(at);
                 warn!(
                     map = name,
                     with = gone,
                     "other version's map not taken: it goes with the other"
                 );
-                left.push(name);
             }
-            takes.retain(|(n, _, _)| !group.contains(n));
+            left.push(name);
         }
     }
     let mut taken = 0;
@@ -1363,17 +1368,22 @@ fn tables_called_into(pin_path: &Path) -> anyhow::Result<Option<std::collections
 }
 
 /// Every program array pinned under `dir` (this and other ABI versions, every load's tables),
-/// wherever a version pins them.
+/// wherever a version pins them (three levels down at most, symbolic links not followed).
 fn program_arrays(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
+    let mut dirs = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = dirs.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(kind) = e.file_type() else { continue };
             let path = e.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if aya::maps::MapInfo::from_pin(&path)
-                .is_ok_and(|m| matches!(m.map_type(), Ok(aya::maps::MapType::ProgramArray)))
+            if kind.is_dir() {
+                if depth < 3 {
+                    dirs.push((path, depth + 1));
+                }
+            } else if kind.is_file()
+                && pinned_map(&path)
+                    .and_then(|m| m.info().ok())
+                    .is_some_and(|m| matches!(m.map_type(), Ok(aya::maps::MapType::ProgramArray)))
             {
                 found.push(path);
             }
@@ -1382,10 +1392,21 @@ fn program_arrays(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// The map pinned at `path`, if what is pinned there is a map: the kernel answers a map's
+/// information request for a link or a program too, in another layout.
+fn pinned_map(path: &Path) -> Option<aya::maps::MapData> {
+    let fd = open_pinned(path).ok()?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    if target.as_os_str() != "anon_inode:bpf-map" {
+        return None;
+    }
+    aya::maps::MapData::from_fd(fd).ok()
+}
+
 /// The ids of the programs the program array pinned at `pin` holds (user space reads a
 /// program array's entries as program ids).
 fn table_programs(pin: &Path) -> Vec<u32> {
-    let Ok(data) = aya::maps::MapData::from_pin(pin) else { return Vec::new() };
+    let Some(data) = pinned_map(pin) else { return Vec::new() };
     let Ok(info) = data.info() else { return Vec::new() };
     let fd = data.fd().as_fd().as_raw_fd();
     (0..info.max_entries())
@@ -1404,9 +1425,9 @@ fn table_programs(pin: &Path) -> Vec<u32> {
 }
 
 /// Whether the map pinned at `path` is one of `called` (see [`tables_called_into`]); a pin
-/// that is no readable map is not.
+/// that is no map is not.
 fn called_into(path: &Path, called: &std::collections::HashSet<u32>) -> bool {
-    aya::maps::MapInfo::from_pin(path).is_ok_and(|m| called.contains(&m.id()))
+    pinned_map(path).and_then(|m| m.info().ok()).is_some_and(|m| called.contains(&m.id()))
 }
 
 /// Directory of the tail-call table pins.
