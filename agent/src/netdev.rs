@@ -438,19 +438,19 @@ impl State {
 
     /// Removes the tail-call tables of earlier loads that no device runs the programs of any
     /// more ([`Datapath::retire_old_calls`]): a device whose attachment failed may still run an
-    /// earlier load's programs, whose slow paths need those tables. Returns what it kept. Each
-    /// attempt lists the kernel's programs: while tables are kept (a device that keeps failing),
-    /// it runs at most once a second, however often devices change.
-    fn retire_old_calls(&mut self) -> Vec<std::path::PathBuf> {
+    /// earlier load's programs, whose slow paths need those tables. Each attempt lists the
+    /// kernel's programs: while tables are kept (a device that keeps failing), it runs at most
+    /// once a second, however often devices change.
+    fn retire_old_calls(&mut self) {
         if !self.old_calls || self.last_retire.is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
-            return Vec::new();
+            return;
         }
         self.last_retire = Some(Instant::now());
-        self.retire_now()
+        self.retire_now();
     }
 
-    /// [`Self::retire_old_calls`] without the rate limit.
+    /// [`Self::retire_old_calls`] without the rate limit; returns what it kept.
     fn retire_now(&mut self) -> Vec<std::path::PathBuf> {
         match self.datapath.retire_old_calls(self.failed.is_empty()) {
             Ok(kept) => {

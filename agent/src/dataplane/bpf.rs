@@ -98,6 +98,14 @@ pub const GUARD_MAP_SPECS6: [MapSpec; 3] = [
     spec::<u32, kproxy_common::ServiceCidrs6>(names::SVC_CIDRS6, MapType::Array),
 ];
 
+/// Every map kept pinned from one agent to the next, both families and the guards (per-CPU
+/// scratch and cache maps live and die with their programs).
+pub fn pinned_map_specs() -> impl Iterator<Item = &'static MapSpec> {
+    const ALL: [&[MapSpec]; 4] =
+        [&MAP_SPECS, &GUARD_MAP_SPECS, &super::bpf6::MAP_SPECS6, &GUARD_MAP_SPECS6];
+    ALL.into_iter().flatten()
+}
+
 /// Kernel memory of the map `fd`, bytes: the `memlock` line of its fdinfo (Linux 6.4+ reports
 /// what the map really uses, older kernels an estimate from its sizes).
 pub fn map_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {

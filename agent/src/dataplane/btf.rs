@@ -592,13 +592,7 @@ mod tests {
     /// The names of the maps kept pinned from one agent to the next (per-CPU scratch and cache
     /// maps live and die with their programs).
     fn pinned_maps() -> impl Iterator<Item = &'static str> {
-        use crate::dataplane::{bpf, bpf6};
-        bpf::MAP_SPECS
-            .iter()
-            .chain(&bpf::GUARD_MAP_SPECS)
-            .chain(&bpf6::MAP_SPECS6)
-            .chain(&bpf::GUARD_MAP_SPECS6)
-            .map(|s| s.name)
+        crate::dataplane::bpf::pinned_map_specs().map(|s| s.name)
     }
 
     /// The layouts of this build's maps against the record of its ABI version: a map whose key

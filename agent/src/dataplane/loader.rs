@@ -49,9 +49,7 @@ use kproxy_common::names;
 use tracing::{debug, info, warn};
 
 use super::{
-    bpf::{
-        BpfDataplane, GUARD_MAP_SPECS, GUARD_MAP_SPECS6, MAP_SPECS, MapSpec, check_pinned, maps_dir,
-    },
+    bpf::{BpfDataplane, MAP_SPECS, MapSpec, check_pinned, maps_dir, pinned_map_specs},
     bpf6::MAP_SPECS6,
     sys::{self, bpf_cmd},
 };
@@ -363,9 +361,12 @@ fn take_over<'a>(
     let dir = maps_dir(pin_path);
     let mut left: Vec<&'static str> = Vec::new();
     let mut takes: Vec<(&'static str, aya::maps::MapData, PathBuf)> = Vec::new();
-    let id = |p: &Path| aya::maps::MapInfo::from_pin(p).map(|m| m.id()).ok();
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
+        if to.exists() && from.exists() && pinned_map_id(&from) == pinned_map_id(&to) {
+            // Taken by an earlier start: nothing to check again.
+            continue;
+        }
         // A resize the other version did not finish: its set-aside map holds what was
         // programmed.
         if let Err(e) = restore_set_aside(&from) {
@@ -387,10 +388,10 @@ fn take_over<'a>(
             Ok(data)
         });
         if to.exists() {
-            // An earlier start already decided: a map this build cannot read was left behind
-            // then (and the attach still waits for a first sync); a readable one of another
-            // id was replaced on purpose (a resize, say).
-            if readable.is_err() && id(&from) != id(&to) {
+            // An earlier start already decided, with a map of its own: a map this build cannot
+            // read was left behind then (and the attach still waits for a first sync); a
+            // readable one was replaced on purpose (a resize, say).
+            if readable.is_err() {
                 left.push(spec.name);
             }
             continue;
@@ -767,8 +768,7 @@ impl Datapath {
         for (name, value) in &globals {
             loader.override_global(name, value, true);
         }
-        let specs =
-            || MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6);
+        let specs = pinned_map_specs;
         let pins: Vec<(&'static str, PathBuf)> =
             specs().map(|s| (s.name, dir.join(s.name))).collect();
         let mut resized: Vec<Resize> = Vec::new();
@@ -1424,10 +1424,15 @@ fn table_programs(pin: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The id of the map pinned at `path`, if what is pinned there is a map.
+fn pinned_map_id(path: &Path) -> Option<u32> {
+    pinned_map(path).and_then(|m| m.info().ok()).map(|m| m.id())
+}
+
 /// Whether the map pinned at `path` is one of `called` (see [`tables_called_into`]); a pin
 /// that is no map is not.
 fn called_into(path: &Path, called: &std::collections::HashSet<u32>) -> bool {
-    pinned_map(path).and_then(|m| m.info().ok()).is_some_and(|m| called.contains(&m.id()))
+    pinned_map_id(path).is_some_and(|id| called.contains(&id))
 }
 
 /// Directory of the tail-call table pins.
@@ -1853,8 +1858,7 @@ pub fn check_pinned_layouts(pin_path: &Path) -> anyhow::Result<()> {
     let built = super::btf::object_layouts(crate::EBPF_OBJECT)
         .context("reading the map layouts of the eBPF object's BTF")?;
     let mut btfs = super::btf::KernelBtfs::default();
-    for spec in MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6)
-    {
+    for spec in pinned_map_specs() {
         let pin = dir.join(spec.name);
         if pin.exists() {
             let (data, _) = check_pinned(&pin, spec)?;
@@ -1890,8 +1894,7 @@ pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
         }
         std::fs::remove_dir(&calls).with_context(|| format!("removing {}", calls.display()))?;
     }
-    for spec in MAP_SPECS.iter().chain(&GUARD_MAP_SPECS).chain(&MAP_SPECS6).chain(&GUARD_MAP_SPECS6)
-    {
+    for spec in pinned_map_specs() {
         match std::fs::remove_file(dir.join(spec.name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
