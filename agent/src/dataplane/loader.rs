@@ -408,35 +408,8 @@ fn take_over<'a>(
             }
         }
     }
-    // A family's services and backends go together: service slots name backend ids, which
-    // the agent's first sync assigns anew in a backends map that starts empty; the other
-    // version's programs, which serve until then, must keep reading both of their own.
-    for group in [[names::SERVICES4, names::BACKENDS4], [names::SERVICES6, names::BACKENDS6]] {
-        let Some(gone) = group.iter().find(|n| left.contains(n)).copied() else { continue };
-        let partners: Vec<&'static str> =
-            group.into_iter().filter(|n| !left.contains(n) && old.join(n).exists()).collect();
-        for name in partners {
-            if let Some(at) = takes.iter().position(|(n, _, _)| *n == name) {
-                takes.remove(at);
-                warn!(
-                    map = name,
-                    with = gone,
-                    "other version's map not taken: it goes with the other"
-                );
-            }
-            left.push(name);
-        }
-    }
-    let mut taken = 0;
-    for (name, data, to) in takes {
-        match data.pin(&to) {
-            Ok(()) => taken += 1,
-            Err(e) => {
-                warn!(map = name, error = %e, "other version's map not taken: this load starts it empty");
-                left.push(name);
-            }
-        }
-    }
+    leave_partners(&mut takes, &mut left, |n| old.join(n).exists());
+    let taken = pin_taken(takes, &mut left, |data, to| data.pin(to).map_err(anyhow::Error::from));
     let links = links_dir(pin_path);
     let mut links_taken = 0;
     if let Ok(entries) = std::fs::read_dir(old.join("links")) {
@@ -463,6 +436,86 @@ fn take_over<'a>(
         "took over the datapath of another ABI version"
     );
     left
+}
+
+/// Maps taken or left together: service slots name backend ids, which the agent's first sync
+/// assigns anew in a backends map that starts empty; the other version's programs, which serve
+/// until then, must keep reading both of their own.
+const TAKEN_TOGETHER: [[&str; 2]; 2] =
+    [[names::SERVICES4, names::BACKENDS4], [names::SERVICES6, names::BACKENDS6]];
+
+/// Leaves behind the partners ([`TAKEN_TOGETHER`]) of a map left behind: dropped from `takes`,
+/// added to `left` where the other version has them (`exists`).
+fn leave_partners<T>(
+    takes: &mut Vec<(&'static str, T, PathBuf)>,
+    left: &mut Vec<&'static str>,
+    exists: impl Fn(&str) -> bool,
+) {
+    for group in TAKEN_TOGETHER {
+        let Some(gone) = group.iter().find(|n| left.contains(n)).copied() else { continue };
+        let partners: Vec<&'static str> =
+            group.into_iter().filter(|n| !left.contains(n) && exists(n)).collect();
+        for name in partners {
+            if let Some(at) = takes.iter().position(|(n, _, _)| *n == name) {
+                takes.remove(at);
+                warn!(
+                    map = name,
+                    with = gone,
+                    "other version's map not taken: it goes with the other"
+                );
+            }
+            left.push(name);
+        }
+    }
+}
+
+/// Pins each map of `takes` at its path in this load's directory; returns how many stay
+/// pinned. A map whose pin fails is left behind (this load starts it empty), and so are its
+/// partners ([`TAKEN_TOGETHER`]): a partner already pinned is unpinned again, so that a
+/// family's services and backends are never half taken.
+fn pin_taken<T>(
+    takes: Vec<(&'static str, T, PathBuf)>,
+    left: &mut Vec<&'static str>,
+    mut pin: impl FnMut(&T, &Path) -> anyhow::Result<()>,
+) -> usize {
+    let mut pinned: Vec<(&'static str, PathBuf)> = Vec::new();
+    for (name, data, to) in &takes {
+        match pin(data, to) {
+            Ok(()) => pinned.push((*name, to.clone())),
+            Err(e) => {
+                warn!(
+                    map = *name,
+                    error = format!("{e:#}"),
+                    "other version's map not taken: this load starts it empty"
+                );
+                left.push(*name);
+            }
+        }
+    }
+    for group in TAKEN_TOGETHER {
+        let Some(gone) = group.iter().find(|n| left.contains(n)).copied() else { continue };
+        for name in group {
+            let Some(at) = pinned.iter().position(|(n, _)| *n == name) else { continue };
+            let (_, to) = pinned.remove(at);
+            match std::fs::remove_file(&to) {
+                Ok(()) => {
+                    warn!(
+                        map = name,
+                        with = gone,
+                        "other version's map not taken: it goes with the other"
+                    );
+                    left.push(name);
+                }
+                // Still pinned: this load reuses it, the partner starts empty (as before
+                // families were kept together); said loudly.
+                Err(e) => {
+                    warn!(map = name, with = gone, error = %e, "other version's map taken without its partner: unpinning it failed");
+                    pinned.push((name, to));
+                }
+            }
+        }
+    }
+    pinned.len()
 }
 
 /// The optional groups of programs a load verifies ([`Datapath::load_for`]); the TC programs of
@@ -1946,6 +1999,69 @@ mod tests {
         let mut buf = vec![0u8; (end - first) * 8];
         f.read_exact(&mut buf).unwrap();
         buf.chunks(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1).count()
+    }
+
+    /// A pin that fails after its family's partner was pinned leaves both behind: the partner
+    /// is unpinned again; other maps stay taken.
+    #[test]
+    fn a_failed_pin_leaves_its_family_partner_behind_too() {
+        let dir = std::env::temp_dir().join(format!("kproxy-pin-taken-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let names = [names::SERVICES4, names::BACKENDS4, names::SERVICES6, names::BACKENDS6];
+        let takes = |fail: &'static str| -> Vec<(&'static str, &'static str, PathBuf)> {
+            names.iter().chain([&names::CT4]).map(|n| (*n, fail, dir.join(n))).collect()
+        };
+        // Written as a file where the real pin writes the map: the backends' pin fails after
+        // the services' succeeded.
+        let pin = |fail: &&str, to: &Path| -> anyhow::Result<()> {
+            if to.ends_with(fail) {
+                bail!("pin refused");
+            }
+            std::fs::write(to, b"map")?;
+            Ok(())
+        };
+        let mut left = Vec::new();
+        let taken = pin_taken(takes(names::BACKENDS4), &mut left, pin);
+        let mut left_sorted = left.clone();
+        left_sorted.sort();
+        let mut want = vec![names::SERVICES4, names::BACKENDS4];
+        want.sort();
+        assert_eq!(left_sorted, want);
+        assert_eq!(taken, 3);
+        assert!(!dir.join(names::SERVICES4).exists(), "the partner's pin is removed again");
+        for n in [names::SERVICES6, names::BACKENDS6, names::CT4] {
+            assert!(dir.join(n).exists(), "{n} stays taken");
+        }
+        // Nothing fails: everything is taken.
+        for n in names.iter().chain([&names::CT4]) {
+            let _ = std::fs::remove_file(dir.join(n));
+        }
+        let mut left = Vec::new();
+        assert_eq!(pin_taken(takes("none"), &mut left, pin), 5);
+        assert!(left.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A map left behind before pinning takes its partner with it, where the other version has
+    /// one.
+    #[test]
+    fn a_map_left_behind_takes_its_partner_out_of_the_takes() {
+        let takes_of = |names: &[&'static str]| -> Vec<(&'static str, (), PathBuf)> {
+            names.iter().map(|n| (*n, (), PathBuf::from(n))).collect()
+        };
+        let mut takes =
+            takes_of(&[names::SERVICES4, names::SERVICES6, names::BACKENDS6, names::CT4]);
+        let mut left = vec![names::BACKENDS4];
+        leave_partners(&mut takes, &mut left, |_| true);
+        let kept: Vec<&str> = takes.iter().map(|(n, _, _)| *n).collect();
+        assert_eq!(kept, [names::SERVICES6, names::BACKENDS6, names::CT4]);
+        assert_eq!(left, [names::BACKENDS4, names::SERVICES4]);
+        // The other version had no IPv6 services map: nothing more to leave.
+        let mut takes = takes_of(&[names::SERVICES4, names::BACKENDS4]);
+        let mut left = vec![names::BACKENDS6];
+        leave_partners(&mut takes, &mut left, |n| n != names::SERVICES6);
+        assert_eq!(takes.len(), 2);
+        assert_eq!(left, [names::BACKENDS6]);
     }
 
     #[test]
