@@ -119,6 +119,7 @@ mod tests {
                 memory_bytes: 0,
                 iptables: String::new(),
                 nft: String::new(),
+                source: String::new(),
             },
             config: if quick { Config::quick() } else { Config::full() },
             figures: rec.finish(),
@@ -162,6 +163,27 @@ mod tests {
     }
 
     #[test]
+    fn the_report_names_the_revision_measured_and_uncommitted_changes() {
+        let mut r = run(false, &[]);
+        r.machine.source = "074c17d5e1f2".into();
+        let md = crate::bench::report::markdown(&r);
+        assert!(md.contains("Measured: 074c17d5e1f2.\n"), "{md}");
+        r.machine.source = "074c17d5e1f2-dirty".into();
+        let md = crate::bench::report::markdown(&r);
+        assert!(md.contains(
+            "Measured: 074c17d5e1f2-dirty (`-dirty`: the worktree had uncommitted changes"
+        ));
+        // Results written before the field existed read an empty source and print no line.
+        r.machine.source = String::new();
+        assert!(!crate::bench::report::markdown(&r).contains("Measured:"));
+        let old: crate::bench::Machine = serde_json::from_str(
+            r#"{"cores":2,"cpu":"","kernel":"","memory_bytes":0,"iptables":"","nft":""}"#,
+        )
+        .unwrap();
+        assert!(old.source.is_empty());
+    }
+
+    #[test]
     fn goals_of_the_open_issues_get_a_row_each_with_a_verdict() {
         let mut r = run(false, &[]);
         let mut rec = Recorder::default();
@@ -179,6 +201,15 @@ mod tests {
         for (sys, p50) in [("floor", 200.0), ("kproxy", 220.0), (crate::bench::HOST_ROUTING, 180.0)]
         {
             rec.add("1-latency", "p50_us", sys, 1, "", p50);
+        }
+        // The floor's request/response repetitions spread 0.80–1.10× their median (60k): 0.90×
+        // lies inside; nftables' p50 repetitions 0.99–1.01×: kproxy's 1.10× lies outside.
+        for v in [48e3, 60e3, 66e3] {
+            rec.add("2-rate", "rate_per_s", "floor", 1, "rr", v);
+        }
+        rec.add("2-rate", "rate_per_s", "kproxy", 1, "rr", 54e3);
+        for v in [198.0, 200.0, 202.0] {
+            rec.add("1-latency", "p50_us", "nftables", 1, "", v);
         }
         // No empty TC program measured before kp_tc_from_pod (no tcx): the XDP one is its floor;
         // kp_tc_to_pod's floor is the empty TC program before it on its hook.
@@ -215,6 +246,18 @@ mod tests {
         assert_eq!(k8s.measured, "p99 5.0 ms at rest, 25.0 ms under churn");
         assert_eq!(k8s.baseline, "0.0020× iptables at rest, 0.0050× under churn");
         assert_eq!(k8s.verdict, "missed (by 5.0 ms)");
+        // 220 µs against the floor's one sample: no spread to place it in.
+        assert_eq!(get("10.2 ClusterIP new-connection p50").verdict, "missed (by 5%)");
+        assert_eq!(
+            get("10.2 request/response").verdict,
+            "missed (0.90× instead of 0.97×; inside the floor's own spread over its repetitions, \
+             0.80–1.10× its median)"
+        );
+        assert_eq!(
+            get("10.2 … p50 and p99").verdict,
+            "missed (10% slower; outside nftables' own spread over its repetitions, 0.99–1.01× \
+             its median)"
+        );
         let bypass = get("10.3");
         assert_eq!(bypass.baseline, "0.90× the floor (200 µs), 0.82× kproxy without it");
         assert_eq!(bypass.verdict, "met");

@@ -332,6 +332,11 @@ pub struct Machine {
     pub iptables: String,
     /// nft version line.
     pub nft: String,
+    /// What was measured: the workspace's revision (`git describe --always --dirty`: `-dirty`
+    /// when the worktree had uncommitted changes, which the build measured too), and the
+    /// directory of the binaries where `--bin-dir` named another build.
+    #[serde(default)]
+    pub source: String,
 }
 
 /// Everything a run produced (`results.json`).
@@ -389,6 +394,33 @@ fn machine() -> Machine {
         memory_bytes: mem,
         iptables: sh("iptables-legacy --version"),
         nft: sh("nft --version"),
+        source: source(),
+    }
+}
+
+/// [`Machine::source`].
+fn source() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(std::path::Path::new("."));
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rev = git(&["describe", "--always", "--dirty", "--abbrev=12"])
+        .unwrap_or_else(|| "unknown revision (not a git checkout)".to_string());
+    let own = root.join("target/release");
+    match std::env::var_os("KPROXY_BIN_DIR").map(std::path::PathBuf::from) {
+        Some(d) if std::fs::canonicalize(&d).ok() != std::fs::canonicalize(&own).ok() => {
+            format!("binaries of {} (the harness: {rev})", d.display())
+        }
+        _ => rev,
     }
 }
 
