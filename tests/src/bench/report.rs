@@ -1124,12 +1124,12 @@ NodePort runs of {} ms.\n",
 
     // Item 7.
     s.push_str("## 7. Per-packet cost under BPF_PROG_TEST_RUN (median ns per run, repeat = 1)\n\n");
-    s.push_str("| Services | kp_tc_from_pod established | kp_tc_from_pod new (SYN) | kp_tc_to_pod remote reply | kp_tc_to_pod plain (backend port, no connection) | TC pass-through | kp_xdp_ext NodePort established | XDP pass-through |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| Services | kp_tc_from_pod established | kp_tc_from_pod new (SYN) | kp_tc_to_pod remote reply | kp_tc_to_pod plain (backend port, no connection) | TC pass-through | kp_xdp_ext NodePort established | XDP pass-through | kp_tc_ext_xdp behind XDP (a packet XDP handled) |\n|---|---|---|---|---|---|---|---|---|\n");
     for &n in &c.testrun_scales {
         let g = |m: &str| cell(find(f, "7-testrun", m, "kproxy", n as u64, ""));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             thousands(n as u64),
             g("tc_established_ns"),
             g("tc_new_ns"),
@@ -1138,6 +1138,7 @@ NodePort runs of {} ms.\n",
             g("tc_pass_ns"),
             g("xdp_established_ns"),
             g("xdp_pass_ns"),
+            g("tc_ext_xdp_ns"),
         );
     }
     let _ = writeln!(

@@ -75,11 +75,16 @@ pub struct Cost {
     pub xdp_cip_reply_ns: f64,
     /// `kp_xdp_ext`, the IPv6 twin of [`Cost::xdp_cip_reply_ns`].
     pub xdp_cip_reply6_ns: f64,
+    /// `kp_tc_ext_xdp`, the TC program behind XDP on an external device's ingress, on a packet
+    /// XDP handled: the reply of [`Cost::xdp_cip_reply_ns`] as XDP passed it, with the
+    /// source-MAC mark (what XDP writes where it cannot write metadata, which TEST_RUN gives no
+    /// TC program), taken off and passed on.
+    pub tc_ext_xdp_ns: f64,
 }
 
 /// The figures of [`Cost`], by their name in the results. Results files written before a figure
 /// existed lack it (the report shows it as not measured).
-pub const METRICS: [&str; 13] = [
+pub const METRICS: [&str; 14] = [
     "tc_established_ns",
     "tc_new_ns",
     "to_pod_reply_ns",
@@ -93,11 +98,12 @@ pub const METRICS: [&str; 13] = [
     "xdp_reply6_ns",
     "xdp_cip_reply_ns",
     "xdp_cip_reply6_ns",
+    "tc_ext_xdp_ns",
 ];
 
 impl Cost {
     /// The figures with their names ([`METRICS`]' order).
-    pub fn figures(&self) -> [(&'static str, f64); 13] {
+    pub fn figures(&self) -> [(&'static str, f64); 14] {
         let v = [
             self.tc_established_ns,
             self.tc_new_ns,
@@ -112,6 +118,7 @@ impl Cost {
             self.xdp_reply6_ns,
             self.xdp_cip_reply_ns,
             self.xdp_cip_reply6_ns,
+            self.tc_ext_xdp_ns,
         ];
         std::array::from_fn(|i| (METRICS[i], v[i]))
     }
@@ -274,6 +281,8 @@ fn frame(out: &[u8]) -> Vec<u8> {
 }
 /// `XDP_REDIRECT`.
 const XDP_REDIRECT: u32 = 4;
+/// `TC_ACT_UNSPEC` (-1) as TEST_RUN returns it: the next program on the hook decides.
+const TC_NEXT: u32 = u32::MAX;
 
 /// `runs` runs of `prog` on `frame`, each output checked by `ok` (`what` names the check); the
 /// median duration.
@@ -615,6 +624,17 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         let (to_pod_reply_ns, to_pod_reply6_ns) = pair(&pairs[1])?;
         let (xdp_cip_reply_ns, xdp_cip_reply6_ns) = pair(&pairs[2])?;
         let (xdp_reply_ns, xdp_reply6_ns) = pair(&pairs[3])?;
+        // The same reply behind XDP: marked as handled, taken off and passed on by TC.
+        let mut marked = reply.clone();
+        marked[kproxy_common::MAC_MARK_OFF] |= kproxy_common::MAC_MARK;
+        let tc_ext_xdp_ns = median_of(
+            &mut dp,
+            runs,
+            names::PROG_TC_EXT_XDP,
+            &marked,
+            "XDP's mark not taken off, or the packet not passed on untouched",
+            |v, o| v == TC_NEXT && o.starts_with(&reply),
+        )?;
         // New connections, after the established figures (as before they were measured beside
         // each other): tens of thousands of entries more in the connection table.
         let mut new_ns = Vec::with_capacity(runs);
@@ -645,6 +665,7 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             xdp_reply6_ns,
             xdp_cip_reply_ns,
             xdp_cip_reply6_ns,
+            tc_ext_xdp_ns,
         });
     }
     drop(dp);
