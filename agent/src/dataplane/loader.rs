@@ -345,7 +345,9 @@ fn pin_again(from: &Path, to: &Path) -> io::Result<()> {
 /// restart (no moment without a program, never two of kproxy's on a hook). A map whose layout
 /// changed (or whose layout cannot be compared: no BTF) is left behind with a warning, and
 /// this load creates it empty (its entries are lost: a version that must keep them converts
-/// them). A family's services and backends are taken or left together. `old` itself goes once
+/// them). A family's services and backends are taken or left together (one of them pinned
+/// here that cannot be unpinned again when its partner stays behind is an error: the load
+/// stops, the other version's programs serving on). `old` itself goes once
 /// none of its programs runs any more ([`Datapath::retire_old_calls`]); until then its programs
 /// keep their own maps and tail-call tables. Returns the maps left behind, also those an
 /// earlier start left (one this build cannot read, of which `pin_path` holds a map of its own
@@ -357,14 +359,16 @@ fn take_over<'a>(
     specs: impl Iterator<Item = &'a MapSpec>,
     built: &std::collections::BTreeMap<String, super::btf::MapLayout>,
     btfs: &mut super::btf::KernelBtfs,
-) -> Vec<&'static str> {
+) -> anyhow::Result<Vec<&'static str>> {
     let dir = maps_dir(pin_path);
     let mut left: Vec<&'static str> = Vec::new();
     let mut takes: Vec<(&'static str, aya::maps::MapData, PathBuf)> = Vec::new();
+    let mut earlier: Vec<(&'static str, PathBuf)> = Vec::new();
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
         if to.exists() && from.exists() && pinned_map_id(&from) == pinned_map_id(&to) {
             // Taken by an earlier start: nothing to check again.
+            earlier.push((spec.name, to));
             continue;
         }
         // A resize the other version did not finish: its set-aside map holds what was
@@ -409,7 +413,8 @@ fn take_over<'a>(
         }
     }
     leave_partners(&mut takes, &mut left, |n| old.join(n).exists());
-    let taken = pin_taken(takes, &mut left, |data, to| data.pin(to).map_err(anyhow::Error::from));
+    let taken =
+        pin_taken(takes, earlier, &mut left, |data, to| data.pin(to).map_err(anyhow::Error::from))?;
     let links = links_dir(pin_path);
     let mut links_taken = 0;
     if let Ok(entries) = std::fs::read_dir(old.join("links")) {
@@ -435,7 +440,7 @@ fn take_over<'a>(
         links = links_taken,
         "took over the datapath of another ABI version"
     );
-    left
+    Ok(left)
 }
 
 /// Maps taken or left together: service slots name backend ids, which the agent's first sync
@@ -469,15 +474,18 @@ fn leave_partners<T>(
     }
 }
 
-/// Pins each map of `takes` at its path in this load's directory; returns how many stay
-/// pinned. A map whose pin fails is left behind (this load starts it empty), and so are its
-/// partners ([`TAKEN_TOGETHER`]): a partner already pinned is unpinned again, so that a
-/// family's services and backends are never half taken.
+/// Pins each map of `takes` at its path in this load's directory; returns how many it pinned.
+/// A map whose pin fails is left behind (this load starts it empty), and so are its partners
+/// ([`TAKEN_TOGETHER`]): a partner pinned here or by an earlier start (`earlier`: an
+/// interrupted start may have pinned one member of a family and not the other) is unpinned
+/// again. A partner that cannot be unpinned is an error: the load stops rather than run with
+/// the family half taken (the other version's programs serve on from their own maps).
 fn pin_taken<T>(
     takes: Vec<(&'static str, T, PathBuf)>,
+    earlier: Vec<(&'static str, PathBuf)>,
     left: &mut Vec<&'static str>,
     mut pin: impl FnMut(&T, &Path) -> anyhow::Result<()>,
-) -> usize {
+) -> anyhow::Result<usize> {
     let mut pinned: Vec<(&'static str, PathBuf)> = Vec::new();
     for (name, data, to) in &takes {
         match pin(data, to) {
@@ -492,30 +500,28 @@ fn pin_taken<T>(
             }
         }
     }
+    let mut taken = pinned.len();
     for group in TAKEN_TOGETHER {
         let Some(gone) = group.iter().find(|n| left.contains(n)).copied() else { continue };
         for name in group {
-            let Some(at) = pinned.iter().position(|(n, _)| *n == name) else { continue };
-            let (_, to) = pinned.remove(at);
-            match std::fs::remove_file(&to) {
-                Ok(()) => {
-                    warn!(
-                        map = name,
-                        with = gone,
-                        "other version's map not taken: it goes with the other"
-                    );
-                    left.push(name);
-                }
-                // Still pinned: this load reuses it, the partner starts empty (as before
-                // families were kept together); said loudly.
-                Err(e) => {
-                    warn!(map = name, with = gone, error = %e, "other version's map taken without its partner: unpinning it failed");
-                    pinned.push((name, to));
-                }
+            let here = pinned.iter().find(|(n, _)| *n == name);
+            let Some((_, to)) = here.or_else(|| earlier.iter().find(|(n, _)| *n == name)) else {
+                continue;
+            };
+            std::fs::remove_file(to).with_context(|| {
+                format!(
+                    "unpinning {}, taken from the other version without its partner {gone}",
+                    to.display()
+                )
+            })?;
+            warn!(map = name, with = gone, "other version's map not taken: it goes with the other");
+            if here.is_some() {
+                taken -= 1;
             }
+            left.push(name);
         }
     }
-    pinned.len()
+    Ok(taken)
 }
 
 /// The optional groups of programs a load verifies ([`Datapath::load_for`]); the TC programs of
@@ -829,7 +835,7 @@ impl Datapath {
             .context("reading the map layouts of the eBPF object's BTF")?;
         let mut pinned_btf = super::btf::KernelBtfs::default();
         let left_behind = match other_versions(pin_path).first() {
-            Some(old) => take_over(old, pin_path, specs(), &built, &mut pinned_btf),
+            Some(old) => take_over(old, pin_path, specs(), &built, &mut pinned_btf)?,
             None => Vec::new(),
         };
         for (spec, (name, pin)) in specs().zip(&pins) {
@@ -2001,43 +2007,79 @@ mod tests {
         buf.chunks(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1).count()
     }
 
-    /// A pin that fails after its family's partner was pinned leaves both behind: the partner
-    /// is unpinned again; other maps stay taken.
+    /// A pin that fails leaves its family's partner behind too, whichever of the two failed and
+    /// whether this start or an earlier one pinned the partner; other maps stay taken. A
+    /// partner that cannot be unpinned stops the load.
     #[test]
     fn a_failed_pin_leaves_its_family_partner_behind_too() {
         let dir = std::env::temp_dir().join(format!("kproxy-pin-taken-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let names = [names::SERVICES4, names::BACKENDS4, names::SERVICES6, names::BACKENDS6];
-        let takes = |fail: &'static str| -> Vec<(&'static str, &'static str, PathBuf)> {
-            names.iter().chain([&names::CT4]).map(|n| (*n, fail, dir.join(n))).collect()
+        let all =
+            [names::SERVICES4, names::BACKENDS4, names::SERVICES6, names::BACKENDS6, names::CT4];
+        let fresh = || {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
         };
-        // Written as a file where the real pin writes the map: the backends' pin fails after
-        // the services' succeeded.
-        let pin = |fail: &&str, to: &Path| -> anyhow::Result<()> {
-            if to.ends_with(fail) {
-                bail!("pin refused");
+        let takes = |names: &[&'static str]| -> Vec<(&'static str, (), PathBuf)> {
+            names.iter().map(|n| (*n, (), dir.join(n))).collect()
+        };
+        // Written as a file where the real pin writes the map; refused for `fail`; a directory
+        // (which cannot be unpinned as a file) for `stuck`.
+        let pin = |fail: &'static str, stuck: &'static str| {
+            move |_: &(), to: &Path| -> anyhow::Result<()> {
+                if to.ends_with(fail) {
+                    bail!("pin refused");
+                }
+                if to.ends_with(stuck) {
+                    std::fs::create_dir(to)?;
+                } else {
+                    std::fs::write(to, b"map")?;
+                }
+                Ok(())
             }
-            std::fs::write(to, b"map")?;
-            Ok(())
         };
-        let mut left = Vec::new();
-        let taken = pin_taken(takes(names::BACKENDS4), &mut left, pin);
-        let mut left_sorted = left.clone();
-        left_sorted.sort();
-        let mut want = vec![names::SERVICES4, names::BACKENDS4];
-        want.sort();
-        assert_eq!(left_sorted, want);
-        assert_eq!(taken, 3);
-        assert!(!dir.join(names::SERVICES4).exists(), "the partner's pin is removed again");
-        for n in [names::SERVICES6, names::BACKENDS6, names::CT4] {
-            assert!(dir.join(n).exists(), "{n} stays taken");
+        let sorted = |mut v: Vec<&'static str>| {
+            v.sort();
+            v
+        };
+        // The second of the family fails: the first is unpinned again.
+        for failing in [names::BACKENDS4, names::SERVICES4] {
+            fresh();
+            let mut left = Vec::new();
+            let taken =
+                pin_taken(takes(&all), Vec::new(), &mut left, pin(failing, "none")).unwrap();
+            assert_eq!(sorted(left), sorted(vec![names::SERVICES4, names::BACKENDS4]), "{failing}");
+            assert_eq!(taken, 3, "{failing}");
+            assert!(!dir.join(names::SERVICES4).exists() && !dir.join(names::BACKENDS4).exists());
+            for n in [names::SERVICES6, names::BACKENDS6, names::CT4] {
+                assert!(dir.join(n).exists(), "{n} stays taken");
+            }
         }
+        // An earlier start pinned the services and stopped; this one fails on the backends.
+        fresh();
+        std::fs::write(dir.join(names::SERVICES4), b"map").unwrap();
+        let earlier = vec![(names::SERVICES4, dir.join(names::SERVICES4))];
+        let mut left = Vec::new();
+        let taken = pin_taken(
+            takes(&[names::BACKENDS4, names::CT4]),
+            earlier,
+            &mut left,
+            pin(names::BACKENDS4, "none"),
+        )
+        .unwrap();
+        assert_eq!(taken, 1);
+        assert_eq!(sorted(left), sorted(vec![names::SERVICES4, names::BACKENDS4]));
+        assert!(!dir.join(names::SERVICES4).exists(), "the earlier start's pin is removed");
+        // The partner cannot be unpinned: an error, not a family half taken.
+        fresh();
+        let mut left = Vec::new();
+        let e =
+            pin_taken(takes(&all), Vec::new(), &mut left, pin(names::BACKENDS4, names::SERVICES4))
+                .unwrap_err();
+        assert!(format!("{e:#}").contains("without its partner"), "{e:#}");
         // Nothing fails: everything is taken.
-        for n in names.iter().chain([&names::CT4]) {
-            let _ = std::fs::remove_file(dir.join(n));
-        }
+        fresh();
         let mut left = Vec::new();
-        assert_eq!(pin_taken(takes("none"), &mut left, pin), 5);
+        assert_eq!(pin_taken(takes(&all), Vec::new(), &mut left, pin("none", "none")).unwrap(), 5);
         assert!(left.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
