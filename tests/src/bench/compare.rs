@@ -120,6 +120,7 @@ mod tests {
                 iptables: String::new(),
                 nft: String::new(),
                 source: String::new(),
+                source_dirty: false,
             },
             config: if quick { Config::quick() } else { Config::full() },
             figures: rec.finish(),
@@ -169,10 +170,16 @@ mod tests {
         let md = crate::bench::report::markdown(&r);
         assert!(md.contains("Measured: 074c17d5e1f2.\n"), "{md}");
         r.machine.source = "074c17d5e1f2-dirty".into();
+        r.machine.source_dirty = true;
         let md = crate::bench::report::markdown(&r);
         assert!(md.contains(
             "Measured: 074c17d5e1f2-dirty (`-dirty`: the worktree had uncommitted changes"
         ));
+        // Another build's binaries (`--bin-dir`): the harness's changes are not what was measured.
+        r.machine.source = "binaries of /tmp/b (the harness: 074c17d5e1f2-dirty)".into();
+        r.machine.source_dirty = false;
+        let md = crate::bench::report::markdown(&r);
+        assert!(md.contains("Measured: binaries of /tmp/b (the harness: 074c17d5e1f2-dirty).\n"));
         // Results written before the field existed read an empty source and print no line.
         r.machine.source = String::new();
         assert!(!crate::bench::report::markdown(&r).contains("Measured:"));
@@ -180,7 +187,7 @@ mod tests {
             r#"{"cores":2,"cpu":"","kernel":"","memory_bytes":0,"iptables":"","nft":""}"#,
         )
         .unwrap();
-        assert!(old.source.is_empty());
+        assert!(old.source.is_empty() && !old.source_dirty);
     }
 
     #[test]
@@ -202,14 +209,18 @@ mod tests {
         {
             rec.add("1-latency", "p50_us", sys, 1, "", p50);
         }
-        // The floor's request/response repetitions spread 0.80–1.10× their median (60k): 0.90×
-        // lies inside; nftables' p50 repetitions 0.99–1.01×: kproxy's 1.10× lies outside.
-        for v in [48e3, 60e3, 66e3] {
-            rec.add("2-rate", "rate_per_s", "floor", 1, "rr", v);
+        // Three repetitions: kproxy's p50 220 µs (median) against nftables' 198, 200, 202 (no
+        // repetition meets it); request/response 55k (median) against the floor's 60k, two of
+        // three repetitions at or above 0.97× the floor's beside them.
+        for v in [210.0, 230.0] {
+            rec.add("1-latency", "p50_us", "kproxy", 1, "", v);
         }
-        rec.add("2-rate", "rate_per_s", "kproxy", 1, "rr", 54e3);
         for v in [198.0, 200.0, 202.0] {
             rec.add("1-latency", "p50_us", "nftables", 1, "", v);
+        }
+        for (k, fl) in [(55e3, 48e3), (50e3, 60e3), (66e3, 66e3)] {
+            rec.add("2-rate", "rate_per_s", "kproxy", 1, "rr", k);
+            rec.add("2-rate", "rate_per_s", "floor", 1, "rr", fl);
         }
         // No empty TC program measured before kp_tc_from_pod (no tcx): the XDP one is its floor;
         // kp_tc_to_pod's floor is the empty TC program before it on its hook.
@@ -246,17 +257,17 @@ mod tests {
         assert_eq!(k8s.measured, "p99 5.0 ms at rest, 25.0 ms under churn");
         assert_eq!(k8s.baseline, "0.0020× iptables at rest, 0.0050× under churn");
         assert_eq!(k8s.verdict, "missed (by 5.0 ms)");
-        // 220 µs against the floor's one sample: no spread to place it in.
+        // Three repetitions of kproxy against the floor's one: nothing to pair.
         assert_eq!(get("10.2 ClusterIP new-connection p50").verdict, "missed (by 5%)");
         assert_eq!(
             get("10.2 request/response").verdict,
-            "missed (0.90× instead of 0.97×; inside the floor's own spread over its repetitions, \
-             0.80–1.10× its median)"
+            "missed (0.92× instead of 0.97×; 2 of 3 repetitions meet it, each against the \
+             floor's repetition beside it (0.83–1.15×))"
         );
         assert_eq!(
             get("10.2 … p50 and p99").verdict,
-            "missed (10% slower; outside nftables' own spread over its repetitions, 0.99–1.01× \
-             its median)"
+            "missed (10% slower; 0 of 3 repetitions meet it, each against nftables' repetition \
+             beside it (1.05–1.14×))"
         );
         let bypass = get("10.3");
         assert_eq!(bypass.baseline, "0.90× the floor (200 µs), 0.82× kproxy without it");

@@ -332,11 +332,14 @@ pub struct Machine {
     pub iptables: String,
     /// nft version line.
     pub nft: String,
-    /// What was measured: the workspace's revision (`git describe --always --dirty`: `-dirty`
-    /// when the worktree had uncommitted changes, which the build measured too), and the
-    /// directory of the binaries where `--bin-dir` named another build.
+    /// What was measured: the workspace's revision (`git describe --always`, `-dirty` when
+    /// files differed from it, which the build measured too), or the directory of the binaries
+    /// where `--bin-dir` named another build. Read when the run starts.
     #[serde(default)]
     pub source: String,
+    /// Whether the binaries measured were built from a worktree with uncommitted changes.
+    #[serde(default)]
+    pub source_dirty: bool,
 }
 
 /// Everything a run produced (`results.json`).
@@ -373,7 +376,7 @@ fn sh(cmd: &str) -> String {
         .unwrap_or_default()
 }
 
-fn machine() -> Machine {
+fn machine((source, source_dirty): (String, bool)) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
@@ -394,12 +397,15 @@ fn machine() -> Machine {
         memory_bytes: mem,
         iptables: sh("iptables-legacy --version"),
         nft: sh("nft --version"),
-        source: source(),
+        source,
+        source_dirty,
     }
 }
 
-/// [`Machine::source`].
-fn source() -> String {
+/// [`Machine::source`] and [`Machine::source_dirty`], read before anything is measured (the
+/// build just made): the workspace's revision, `-dirty` where a file the build reads differs
+/// from it (changed, staged or untracked; earlier results under `bench/results` do not count).
+fn source() -> (String, bool) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(std::path::Path::new("."));
@@ -413,14 +419,26 @@ fn source() -> String {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    let rev = git(&["describe", "--always", "--dirty", "--abbrev=12"])
-        .unwrap_or_else(|| "unknown revision (not a git checkout)".to_string());
+    let rev = git(&["describe", "--always", "--abbrev=12"]);
+    let changes = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=all",
+        "--",
+        ".",
+        ":(exclude)bench/results",
+    ]);
+    let (rev, dirty) = match (rev, changes) {
+        (Some(r), Some(c)) if !c.is_empty() => (format!("{r}-dirty"), true),
+        (Some(r), Some(_)) => (r, false),
+        _ => ("unknown revision (git describe or git status failed)".to_string(), false),
+    };
     let own = root.join("target/release");
     match std::env::var_os("KPROXY_BIN_DIR").map(std::path::PathBuf::from) {
         Some(d) if std::fs::canonicalize(&d).ok() != std::fs::canonicalize(&own).ok() => {
-            format!("binaries of {} (the harness: {rev})", d.display())
+            (format!("binaries of {} (the harness: {rev})", d.display()), false)
         }
-        _ => rev,
+        _ => (rev, dirty),
     }
 }
 
@@ -906,6 +924,8 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
         .and_then(|text| serde_json::from_str(&text).ok());
     let started = utc_now();
     let t0 = Instant::now();
+    // Before the run writes anything: what was built and is about to be measured.
+    let source = source();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let _ = std::process::Command::new("sh")
         .args(["-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"])
@@ -985,7 +1005,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     let results = Results {
         started,
         wall_s: t0.elapsed().as_secs_f64(),
-        machine: machine(),
+        machine: machine(source),
         config: Config { latency_cpu: Some(measure::latency_cpu()), ..cfg.clone() },
         figures: rec.finish(),
         notes,

@@ -80,11 +80,15 @@ pub struct Cost {
     /// source-MAC mark (what XDP writes where it cannot write metadata, which TEST_RUN gives no
     /// TC program), taken off and passed on.
     pub tc_ext_xdp_ns: f64,
+    /// `kp_tc_ext`, the TC program of an external device without XDP (`--no-xdp`, and
+    /// `--xdp-mode auto` on veth), on the established NodePort flow of
+    /// [`Cost::xdp_established_ns`].
+    pub tc_ext_established_ns: f64,
 }
 
 /// The figures of [`Cost`], by their name in the results. Results files written before a figure
 /// existed lack it (the report shows it as not measured).
-pub const METRICS: [&str; 14] = [
+pub const METRICS: [&str; 15] = [
     "tc_established_ns",
     "tc_new_ns",
     "to_pod_reply_ns",
@@ -99,11 +103,12 @@ pub const METRICS: [&str; 14] = [
     "xdp_cip_reply_ns",
     "xdp_cip_reply6_ns",
     "tc_ext_xdp_ns",
+    "tc_ext_established_ns",
 ];
 
 impl Cost {
     /// The figures with their names ([`METRICS`]' order).
-    pub fn figures(&self) -> [(&'static str, f64); 14] {
+    pub fn figures(&self) -> [(&'static str, f64); 15] {
         let v = [
             self.tc_established_ns,
             self.tc_new_ns,
@@ -119,6 +124,7 @@ impl Cost {
             self.xdp_cip_reply_ns,
             self.xdp_cip_reply6_ns,
             self.tc_ext_xdp_ns,
+            self.tc_ext_established_ns,
         ];
         std::array::from_fn(|i| (METRICS[i], v[i]))
     }
@@ -515,6 +521,16 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         run(&mut dp, names::PROG_XDP_EXT, &np_syn)?;
         let xdp = names::PROG_XDP_EXT;
         let xdp_ns = median_of(&mut dp, runs, xdp, &np_est, "", |_, _| true)?;
+        // The same flow where TC serves the device alone.
+        let local = [198u8, 18, 100, 11];
+        let tc_ext_established_ns = median_of(
+            &mut dp,
+            runs,
+            names::PROG_TC_EXT,
+            &np_est,
+            "the NodePort packet not translated to its local backend",
+            |v, o| v == TC_NEXT && o.get(30..34) == Some(&local[..]),
+        )?;
 
         // A remote NodePort backend's reply: the connection opened (source NAT to the node),
         // then the reply to the node's port, translated and routed back to the client.
@@ -666,6 +682,7 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             xdp_cip_reply_ns,
             xdp_cip_reply6_ns,
             tc_ext_xdp_ns,
+            tc_ext_established_ns,
         });
     }
     drop(dp);
