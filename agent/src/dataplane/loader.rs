@@ -366,7 +366,10 @@ fn take_over<'a>(
     let mut earlier: Vec<(&'static str, PathBuf)> = Vec::new();
     for spec in specs {
         let (from, to) = (old.join(spec.name), dir.join(spec.name));
-        if to.exists() && from.exists() && pinned_map_id(&from) == pinned_map_id(&to) {
+        if to.exists()
+            && from.exists()
+            && matches!((pinned_map_id(&from), pinned_map_id(&to)), (Some(a), Some(b)) if a == b)
+        {
             // Taken by an earlier start: nothing to check again.
             earlier.push((spec.name, to));
             continue;
@@ -518,7 +521,9 @@ fn pin_taken<T>(
             if here.is_some() {
                 taken -= 1;
             }
-            left.push(name);
+            if !left.contains(&name) {
+                left.push(name);
+            }
         }
     }
     Ok(taken)
@@ -2069,6 +2074,15 @@ mod tests {
         assert_eq!(taken, 1);
         assert_eq!(sorted(left), sorted(vec![names::SERVICES4, names::BACKENDS4]));
         assert!(!dir.join(names::SERVICES4).exists(), "the earlier start's pin is removed");
+        // The backends left before pinning (another layout), the services an earlier start
+        // pinned: unpinned, and named once.
+        fresh();
+        std::fs::write(dir.join(names::SERVICES4), b"map").unwrap();
+        let earlier = vec![(names::SERVICES4, dir.join(names::SERVICES4))];
+        let mut left = vec![names::BACKENDS4, names::SERVICES4];
+        pin_taken(takes(&[names::CT4]), earlier, &mut left, pin("none", "none")).unwrap();
+        assert_eq!(left, [names::BACKENDS4, names::SERVICES4]);
+        assert!(!dir.join(names::SERVICES4).exists());
         // The partner cannot be unpinned: an error, not a family half taken.
         fresh();
         let mut left = Vec::new();

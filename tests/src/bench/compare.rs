@@ -190,6 +190,38 @@ mod tests {
         assert!(old.source.is_empty() && !old.source_dirty);
     }
 
+    /// The new-connection p50 against the floor, paired by repetition; a failed repetition of
+    /// either system leaves the pairing out (its samples no longer pair by index).
+    #[test]
+    fn a_missed_10_2_ratio_reads_repetition_by_repetition_unless_one_failed() {
+        let mut r = run(false, &[]);
+        r.config.scales = vec![1];
+        r.config.rate_scales = vec![1];
+        let mut rec = Recorder::default();
+        for (k, fl) in [(210.0, 200.0), (230.0, 200.0), (190.0, 200.0), (240.0, 220.0)] {
+            rec.add("1-latency", "p50_us", "kproxy", 1, "", k);
+            rec.add("1-latency", "p50_us", "floor", 1, "", fl);
+        }
+        for (k, fl) in [(50e3, 60e3), (55e3, 60e3), (52e3, 58e3)] {
+            rec.add("2-rate", "rate_per_s", "kproxy", 1, "rr", k);
+            rec.add("2-rate", "rate_per_s", "floor", 1, "rr", fl);
+        }
+        // One of kproxy's rr repetitions failed (a fourth, recorded without a sample).
+        rec.fail("2-rate", "rate_per_s", "kproxy", 1, "rr", "loadgen failed");
+        rec.add("2-rate", "rate_per_s", "floor", 1, "rr", 61e3);
+        r.figures = rec.finish();
+        let rows = crate::bench::report::goals(&r);
+        let get = |p: &str| rows.iter().find(|g| g.goal.starts_with(p)).unwrap();
+        // Medians 220 / 200 = 1.10; repetitions 1.05, 1.15, 0.95, 1.09: two meet ≤ 1.05.
+        assert_eq!(
+            get("10.2 ClusterIP new-connection p50").verdict,
+            "missed (by 5%; 2 of 4 repetitions meet it, each against the floor's repetition \
+             beside it (0.95–1.15×))"
+        );
+        let rr = &get("10.2 request/response").verdict;
+        assert!(rr.starts_with("missed (0.8") && !rr.contains("repetitions"), "{rr}");
+    }
+
     #[test]
     fn goals_of_the_open_issues_get_a_row_each_with_a_verdict() {
         let mut r = run(false, &[]);

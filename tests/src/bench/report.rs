@@ -149,7 +149,8 @@ const NOT_MEASURED: &str = "not measured";
 /// samples against the baseline's sample of the same repetition (the systems alternate within a
 /// repetition), how many of those ratios `meet` the goal, and their range. A miss most
 /// repetitions meet is this run's noise; one none meets is not. Empty where the two figures do
-/// not have the same number (at least three) of samples.
+/// not have the same number (at least three) of samples, or where a repetition of either
+/// failed.
 fn by_repetition(
     k: Option<&Figure>,
     base: Option<&Figure>,
@@ -157,6 +158,10 @@ fn by_repetition(
     meets: impl Fn(f64) -> bool,
 ) -> String {
     let (Some(k), Some(b)) = (k, base) else { return String::new() };
+    // A failed repetition records no sample: after one, the samples no longer pair by index.
+    if k.reason.is_some() || b.reason.is_some() {
+        return String::new();
+    }
     if k.samples.len() != b.samples.len() || k.samples.len() < 3 {
         return String::new();
     }

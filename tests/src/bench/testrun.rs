@@ -30,7 +30,7 @@ use kproxy::{
     model::v6::to_addr6,
 };
 use kproxy_common::{
-    Backend4, Backend6, NodeConfig, NodeConfig6, Service4Key, Service4Value, Service6Key,
+    Backend4, Backend6, NodeConfig, NodeConfig6, Reason, Service4Key, Service4Value, Service6Key,
     Service6Value, backend_flags, cfg_flags, names, proto, scope, svc_flags,
 };
 
@@ -329,6 +329,43 @@ fn interleaved(dp: &mut Datapath, runs: usize, cases: &[Case]) -> Result<Vec<f64
     Ok(ns.into_iter().map(median).collect())
 }
 
+/// The counts that tell an established packet's fast path from the slow path's translation of
+/// the same packet (`CtMissMidFlow`), read before a figure's runs.
+struct FastPath {
+    established: u64,
+    mid_flow: u64,
+}
+
+impl FastPath {
+    fn counts(maps: &kproxy::dataplane::bpf::BpfDataplane) -> Result<(u64, u64)> {
+        let c = maps.counters()?;
+        let of = |r: Reason| c.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
+        Ok((of(Reason::TranslatedEstablished), of(Reason::CtMissMidFlow)))
+    }
+
+    fn new(maps: &kproxy::dataplane::bpf::BpfDataplane) -> Result<Self> {
+        let (established, mid_flow) = Self::counts(maps)?;
+        Ok(Self { established, mid_flow })
+    }
+
+    /// Whether each of the `runs` since [`FastPath::new`] was an established translation.
+    fn took_every(
+        &self,
+        maps: &kproxy::dataplane::bpf::BpfDataplane,
+        runs: usize,
+        prog: &str,
+    ) -> Result<()> {
+        let (established, mid_flow) = Self::counts(maps)?;
+        ensure!(
+            established - self.established == runs as u64 && mid_flow == self.mid_flow,
+            "{prog}: {} of {runs} runs translated as established, {} by the slow path",
+            established - self.established,
+            mid_flow - self.mid_flow
+        );
+        Ok(())
+    }
+}
+
 /// Writes a one-backend service the way the agent does: the slot first, the service entry last.
 fn service4(
     maps: &mut impl Dataplane,
@@ -520,9 +557,16 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
         )?;
         run(&mut dp, names::PROG_XDP_EXT, &np_syn)?;
         let xdp = names::PROG_XDP_EXT;
-        let xdp_ns = median_of(&mut dp, runs, xdp, &np_est, "", |_, _| true)?;
-        // The same flow where TC serves the device alone.
+        // Both established NodePort figures must be the fast path's: a miss would go to the
+        // slow path, which translates the same packet (`CtMissMidFlow`) at another cost.
         let local = [198u8, 18, 100, 11];
+        let fast = FastPath::new(&maps)?;
+        let xdp_ns = median_of(&mut dp, runs, xdp, &np_est, "", |_, o| {
+            frame(o).get(30..34) == Some(&local[..])
+        })?;
+        fast.took_every(&maps, runs, "kp_xdp_ext")?;
+        // The same flow where TC serves the device alone.
+        let fast = FastPath::new(&maps)?;
         let tc_ext_established_ns = median_of(
             &mut dp,
             runs,
@@ -531,6 +575,7 @@ fn measure_here(scales: &[usize], runs: usize) -> Result<Vec<Cost>> {
             "the NodePort packet not translated to its local backend",
             |v, o| v == TC_NEXT && o.get(30..34) == Some(&local[..]),
         )?;
+        fast.took_every(&maps, runs, "kp_tc_ext")?;
 
         // A remote NodePort backend's reply: the connection opened (source NAT to the node),
         // then the reply to the node's port, translated and routed back to the client.
