@@ -1255,9 +1255,14 @@ pub fn eventually<T, E: std::fmt::Display>(
 /// Waits until the pod's netexec (TCP [`SERVER_PORT`]) and dnsmasq (TCP [`DNS_PORT`]) accept
 /// connections on the pod's loopback.
 fn wait_listening(pod: &Pod, timeout: Duration) -> Result<()> {
+    wait_ports(pod, &[SERVER_PORT, DNS_PORT], timeout)
+}
+
+/// Waits until something in `pod` accepts TCP connections on each of `ports` (on loopback).
+pub fn wait_ports(pod: &Pod, ports: &[u16], timeout: Duration) -> Result<()> {
     in_netns(&pod.ns, || -> Result<()> {
         let deadline = Instant::now() + timeout;
-        for port in [SERVER_PORT, DNS_PORT] {
+        for &port in ports {
             let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into();
             loop {
                 match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {

@@ -53,6 +53,17 @@ fn quick_bench_produces_every_figure() {
                 "no latency figure for {sys} at {n} services"
             );
         }
+        // The systems that translate the service, paired with direct connections.
+        for sys in ["kproxy", bench::HOST_ROUTING, bench::SOCKET_LB, "iptables", "nftables"] {
+            assert!(
+                results.figures.iter().any(|f| f.item == "1-latency"
+                    && f.metric == bench::PAIRED_P50
+                    && f.system == sys
+                    && f.n == *n as u64
+                    && f.status == Status::Ok),
+                "no paired latency figure for {sys} at {n} services"
+            );
+        }
     }
 
     // Item 1 over IPv6 (dual-stack lab): every system at every IPv6 scale, and its table.

@@ -222,6 +222,77 @@ mod tests {
         assert!(rr.starts_with("missed (0.8") && !rr.contains("repetitions"), "{rr}");
     }
 
+    /// Goal 10.2 read from the paired figures: each system's service connections against the
+    /// direct ones that took turns with them; the worst scale counts, and against nftables the
+    /// worst of p50 and p99.
+    #[test]
+    fn the_paired_10_2_rows_read_service_connections_against_direct_ones() {
+        use crate::bench::{PAIRED_P50, PAIRED_P99};
+        let mut r = run(false, &[]);
+        r.config.scales = vec![1, 1000];
+        let mut rec = Recorder::default();
+        for (n, sys, m, v) in [
+            (1, "kproxy", PAIRED_P50, &[1.02, 1.04, 1.08][..]),
+            (1000, "kproxy", PAIRED_P50, &[1.06, 1.07, 1.03]),
+            (1, "kproxy", PAIRED_P99, &[1.0]),
+            (1000, "kproxy", PAIRED_P99, &[1.2]),
+            (1, "nftables", PAIRED_P50, &[1.03]),
+            (1000, "nftables", PAIRED_P50, &[1.05]),
+            (1, "nftables", PAIRED_P99, &[1.1]),
+            (1000, "nftables", PAIRED_P99, &[1.1]),
+            (1000, "kproxy", "direct_p50_us", &[200.0]),
+        ] {
+            for x in v {
+                rec.add("1-latency", m, sys, n, "", *x);
+            }
+        }
+        r.figures = rec.finish();
+        let rows = crate::bench::report::goals(&r);
+        let get = |p: &str| rows.iter().find(|g| g.goal.starts_with(p)).unwrap();
+        let floor = get("10.2 paired: service connections' p50 ≤ 1.05×");
+        assert_eq!(
+            floor.measured,
+            "1.06× at 1,000 services (the worst scale; 3 repetitions 1.03–1.07×)"
+        );
+        assert_eq!(
+            floor.baseline,
+            "direct connections to the endpoint in the same generator (p50 200 µs)"
+        );
+        assert_eq!(floor.verdict, "missed (by 1%; 1 of 3 repetitions meet it)");
+        let nft = get("10.2 paired: … no more added");
+        assert_eq!(nft.measured, "p99 1.20× the direct connections' at 1,000 services (the worst)");
+        assert_eq!(nft.baseline, "nftables' p99 1.10× its direct connections' (1.09×)");
+        assert_eq!(nft.verdict, "missed (9% more)");
+        // The socket LB's rows: nothing paired measured.
+        let sl: Vec<&crate::bench::report::GoalRow> = rows
+            .iter()
+            .filter(|g| g.goal.starts_with("10.2 paired") && g.goal.contains("socket LB"))
+            .collect();
+        assert_eq!(sl.len(), 2);
+        assert!(sl.iter().all(|g| g.measured == "not measured" && g.verdict == "—"));
+        // kproxy's figures met at both scales: met, at the worst.
+        let mut rec = Recorder::default();
+        for (n, v) in [(1, 1.01), (1000, 1.04)] {
+            rec.add("1-latency", PAIRED_P50, "kproxy", n, "", v);
+            rec.add("1-latency", PAIRED_P50, "nftables", n, "", v + 0.01);
+            rec.add("1-latency", PAIRED_P99, "kproxy", n, "", 1.1);
+            rec.add("1-latency", PAIRED_P99, "nftables", n, "", 1.1);
+        }
+        r.figures = rec.finish();
+        let rows = crate::bench::report::goals(&r);
+        let get = |p: &str| rows.iter().find(|g| g.goal.starts_with(p)).unwrap();
+        assert_eq!(get("10.2 paired: service connections' p50 ≤ 1.05×").verdict, "met");
+        assert_eq!(
+            get("10.2 paired: service connections' p50 ≤ 1.05×").measured,
+            "1.04× at 1,000 services (the worst scale)"
+        );
+        assert_eq!(get("10.2 paired: … no more added").verdict, "met");
+        // The report's table: each system's paired p50 at each scale.
+        let md = crate::bench::report::markdown(&r);
+        assert!(md.contains("Paired with direct connections"), "{md}");
+        assert!(md.contains("| 1,000 | 1.04 | — | — | — | 1.05 |"), "{md}");
+    }
+
     #[test]
     fn goals_of_the_open_issues_get_a_row_each_with_a_verdict() {
         let mut r = run(false, &[]);

@@ -27,6 +27,17 @@ pub struct Load {
     pub samples: f64,
 }
 
+/// The latency of the second address of [`loadgen_alternating_in`].
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Transactions measured (latency samples).
+    pub samples: f64,
+}
+
 /// Unmeasured warm-up of each load generator run, ms (its connections are not in
 /// [`Load::samples`] but cross the datapath).
 pub const WARMUP_MS: &str = "200";
@@ -129,6 +140,36 @@ pub fn loadgen_in(
     concurrency: usize,
     duration: Duration,
 ) -> Result<Load> {
+    loadgen_with(ns, cgroup, cpu, target, None, mode, concurrency, duration).map(|(l, _)| l)
+}
+
+/// [`loadgen_in`] in connect mode with one client whose connections go to `target` and
+/// `alternate` in turns: the latency of each (`Load::rate` and the CPU per transaction count
+/// both), measured under the same conditions so that their ratio is the paths' difference and
+/// not the machine's drift between two runs.
+pub fn loadgen_alternating_in(
+    ns: &str,
+    cgroup: Option<&std::path::Path>,
+    cpu: Option<usize>,
+    target: SocketAddr,
+    alternate: SocketAddr,
+    duration: Duration,
+) -> Result<(Load, Latency)> {
+    let (l, a) = loadgen_with(ns, cgroup, cpu, target, Some(alternate), "connect", 1, duration)?;
+    Ok((l, a.context("loadgen output lacks the alternate address's figures")?))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn loadgen_with(
+    ns: &str,
+    cgroup: Option<&std::path::Path>,
+    cpu: Option<usize>,
+    target: SocketAddr,
+    alternate: Option<SocketAddr>,
+    mode: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<(Load, Option<Latency>)> {
     let bin = lab::find_bin("kproxy-loadgen")?;
     let t = target.to_string();
     let c = concurrency.to_string();
@@ -158,9 +199,12 @@ pub fn loadgen_in(
         "--timeout-ms",
         "1000",
     ];
+    let alt = alternate.map(|a| a.to_string());
+    let alt_args: Vec<&str> = alt.as_deref().map(|a| vec!["--alternate", a]).unwrap_or_default();
     let cpu = cpu.map(|c| c.to_string());
     let pin: Vec<&str> = cpu.as_deref().map(|c| vec!["taskset", "-c", c]).unwrap_or_default();
-    let argv: Vec<&str> = join.iter().chain(&pin).chain(run.iter()).copied().collect();
+    let argv: Vec<&str> =
+        join.iter().chain(&pin).chain(run.iter()).chain(&alt_args).copied().collect();
     let out = lab::exec_timeout(ns, &argv, duration + Duration::from_secs(20))?;
     ensure!(
         out.status.success(),
@@ -170,18 +214,28 @@ pub fn loadgen_in(
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
         .with_context(|| format!("loadgen output {text:?}"))?;
+    let latency = |v: &Value, to: &str| -> Result<Latency> {
+        let f = |k: &str| v[k].as_f64().with_context(|| format!("loadgen output lacks {k}"));
+        let done = f("transactions")?;
+        let errors = f("errors")?;
+        ensure!(done > 0.0, "no transaction succeeded ({errors} errors) to {to}");
+        ensure!(errors <= done * 0.01, "{errors} of {} transactions to {to} failed", done + errors);
+        Ok(Latency { p50_us: f("p50_us")?, p99_us: f("p99_us")?, samples: done })
+    };
+    let main = latency(&v, &t)?;
     let f = |k: &str| v[k].as_f64().with_context(|| format!("loadgen output lacks {k}"));
-    let done = f("transactions")?;
-    let errors = f("errors")?;
-    ensure!(done > 0.0, "no transaction succeeded ({errors} errors) to {target}");
-    ensure!(errors <= done * 0.01, "{errors} of {} transactions to {target} failed", done + errors);
-    Ok(Load {
-        p50_us: f("p50_us")?,
-        p99_us: f("p99_us")?,
+    let load = Load {
+        p50_us: main.p50_us,
+        p99_us: main.p99_us,
         rate: f("rate_per_s")?,
         cpu_us_per_txn: f("system_cpu_us_per_transaction")?,
-        samples: done,
-    })
+        samples: main.samples,
+    };
+    let alt = match alt.as_deref() {
+        Some(a) => Some(latency(&v["alternate"], a)?),
+        None => None,
+    };
+    Ok((load, alt))
 }
 
 /// Silent UDP sockets on [`super::workload::SINK_PORT`] in pods: datagrams are never read, so

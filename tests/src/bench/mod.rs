@@ -447,6 +447,17 @@ pub fn utc_now() -> String {
     sh("date -u +%Y-%m-%dT%H:%M:%SZ")
 }
 
+/// Item 1's paired figure of a system that translates the service: the p50 of its service
+/// connections over the p50 of the direct connections to the endpoint (the same server pod,
+/// [`workload::DIRECT_PORT`]) that took turns with them in one load generator, on the same
+/// client port range and through the same loaded system. What the system adds to a
+/// connection, with the machine's drift between runs taken out; its hooks' cost on traffic
+/// that is not a service's (which the direct connections pay too) is item 8's.
+pub const PAIRED_P50: &str = "p50_over_direct";
+
+/// [`PAIRED_P50`] of the p99s.
+pub const PAIRED_P99: &str = "p99_over_direct";
+
 /// The ClusterIP system of kproxy with `--bpf-host-routing` (translated flows delivered to the
 /// backend's veth or the next hop by the datapath, past the host stack).
 pub const HOST_ROUTING: &str = "kproxy-host-routing";
@@ -517,6 +528,12 @@ impl Sys {
         Sys::FloorTcHooks,
         Sys::FloorClsactHooks,
     ];
+
+    /// A floor (no system translating the service): its connections go to the pod address,
+    /// without the paired direct ones ([`PAIRED_P50`]).
+    fn is_floor(self) -> bool {
+        matches!(self, Sys::Floor | Sys::FloorTcHooks | Sys::FloorClsactHooks)
+    }
 
     /// Gives the client namespace `ns` this system's own client port range (see
     /// `clusterip_one`; the sysctl covers IPv6 sockets too).
@@ -955,6 +972,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client} failed");
     let iperfs = iperf_servers(&lab)?;
+    let direct = direct_server(&lab)?;
     let node_ns = lab.node(0).ns.clone();
     let client_pod_ns = lab.pod(0, 0).context("client pod")?.ns.clone();
     let mut b = Bench {
@@ -999,6 +1017,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     let _ = systems::iptables_flush(&b.node_ns);
     let _ = systems::nft_unload(&b.node_ns);
     drop(iperfs);
+    drop(direct);
     b.step("cleanup");
     let Bench { lab, rec, notes, steps, .. } = b;
     lab.down()?;
@@ -1386,6 +1405,9 @@ impl Bench<'_> {
 
     fn mark_clusterip(&mut self, sys: Sys, n: usize, why: &str, skipped: bool) {
         let mut figs = vec![("1-latency", "p50_us", ""), ("1-latency", "p99_us", "")];
+        if !sys.is_floor() {
+            figs.extend([("1-latency", PAIRED_P50, ""), ("1-latency", PAIRED_P99, "")]);
+        }
         if self.cfg.rate_scales.contains(&n) {
             for v in ["connect", "rr"] {
                 figs.push(("2-rate", "rate_per_s", v));
@@ -1433,11 +1455,10 @@ impl Bench<'_> {
                 self.mark_clusterip(sys, n, &format!("enabling {}: {e:#}", sys.name()), false)
             }
             Ok(()) => {
-                let target = match sys {
-                    Sys::Floor | Sys::FloorTcHooks | Sys::FloorClsactHooks => {
-                        SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT)
-                    }
-                    _ => SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT),
+                let target = if sys.is_floor() {
+                    SocketAddrV4::new(lab::pod_ip(1, 0), lab::SERVER_PORT)
+                } else {
+                    SocketAddrV4::new(workload::PROBE_IP, workload::PROBE_PORT)
                 };
                 // Each system gets its own client port range: a connection to the ClusterIP
                 // and a later one to the pod address (or through another system) may otherwise
@@ -1456,16 +1477,48 @@ impl Bench<'_> {
                     self.notes.push(format!("pinning the pod servers to CPU {cpu}: {e:#}"));
                 }
                 let ns = &self.client_pod_ns;
-                match measure::loadgen_in(ns, cg, Some(cpu), target.into(), "connect", 1, d) {
-                    Ok(l) => {
-                        self.rec.add("1-latency", "samples", name, n, "", l.samples);
-                        self.rec.add("1-latency", "p50_us", name, n, "", l.p50_us);
-                        self.rec.add("1-latency", "p99_us", name, n, "", l.p99_us);
+                if sys.is_floor() {
+                    match measure::loadgen_in(ns, cg, Some(cpu), target.into(), "connect", 1, d) {
+                        Ok(l) => self.record_latency(name, n, &l),
+                        Err(e) => self.fail_latency(name, n, &format!("{e:#}"), false),
                     }
-                    Err(e) => {
-                        let why = format!("{e:#}");
-                        self.rec.fail("1-latency", "p50_us", name, n, "", &why);
-                        self.rec.fail("1-latency", "p99_us", name, n, "", &why);
+                } else {
+                    // The service's connections take turns with direct ones to its endpoint
+                    // (another port of the same server pod), twice as long so that each gets
+                    // the samples of a run of its own: their ratio is what the system adds to
+                    // a connection, with the machine's drift weighing on both alike.
+                    let direct = SocketAddrV4::new(lab::pod_ip(1, 0), workload::DIRECT_PORT);
+                    match measure::loadgen_alternating_in(
+                        ns,
+                        cg,
+                        Some(cpu),
+                        target.into(),
+                        direct.into(),
+                        2 * d,
+                    ) {
+                        Ok((l, dl)) => {
+                            self.record_latency(name, n, &l);
+                            self.rec.add("1-latency", "direct_samples", name, n, "", dl.samples);
+                            self.rec.add("1-latency", "direct_p50_us", name, n, "", dl.p50_us);
+                            self.rec.add("1-latency", "direct_p99_us", name, n, "", dl.p99_us);
+                            self.rec.add(
+                                "1-latency",
+                                PAIRED_P50,
+                                name,
+                                n,
+                                "",
+                                l.p50_us / dl.p50_us,
+                            );
+                            self.rec.add(
+                                "1-latency",
+                                PAIRED_P99,
+                                name,
+                                n,
+                                "",
+                                l.p99_us / dl.p99_us,
+                            );
+                        }
+                        Err(e) => self.fail_latency(name, n, &format!("{e:#}"), true),
                     }
                 }
                 if self.cfg.only_latency
@@ -1520,6 +1573,23 @@ impl Bench<'_> {
             Sys::FloorTcHooks => drop(hooks),
             Sys::FloorClsactHooks => drop(clsact),
             Sys::Floor => {}
+        }
+    }
+
+    fn record_latency(&mut self, name: &str, n: usize, l: &measure::Load) {
+        self.rec.add("1-latency", "samples", name, n, "", l.samples);
+        self.rec.add("1-latency", "p50_us", name, n, "", l.p50_us);
+        self.rec.add("1-latency", "p99_us", name, n, "", l.p99_us);
+    }
+
+    /// Records why item 1's latency of `name` at `n` services was not measured (`paired`: also
+    /// its figures against the direct connections).
+    fn fail_latency(&mut self, name: &str, n: usize, why: &str, paired: bool) {
+        self.rec.fail("1-latency", "p50_us", name, n, "", why);
+        self.rec.fail("1-latency", "p99_us", name, n, "", why);
+        if paired {
+            self.rec.fail("1-latency", PAIRED_P50, name, n, "", why);
+            self.rec.fail("1-latency", PAIRED_P99, name, n, "", why);
         }
     }
 
@@ -2915,6 +2985,28 @@ fn bench_lab(ipv6: bool) -> Result<Lab> {
         systems::realtime_netns(&pod.ns).context("real-time priority for the pod servers")?;
     }
     Ok(lab)
+}
+
+/// A second test server in the probed service's endpoint (node 1's first pod), on
+/// [`workload::DIRECT_PORT`], real-time like the pods' servers: the address of the direct
+/// connections of item 1's paired figures. Kept running as long as the returned process lives.
+fn direct_server(lab: &Lab) -> Result<lab::Proc> {
+    let pod = lab.pod(1, 0).context("probe backend pod")?.clone();
+    let netexec = lab::find_bin("kproxy-netexec")?;
+    let port = workload::DIRECT_PORT.to_string();
+    let argv = [
+        "chrt",
+        "-f",
+        systems::RT_PRIORITY,
+        &*netexec.to_string_lossy(),
+        "--name",
+        &pod.name,
+        "--tcp",
+        &port,
+    ];
+    let p = lab.spawn(&pod.ns, &format!("{}-netexec-direct", pod.name), &argv)?;
+    lab::wait_ports(&pod, &[workload::DIRECT_PORT], Duration::from_secs(10))?;
+    Ok(p)
 }
 
 /// iperf3 servers in the probe backends (node 0's second pod, node 1's first), kept running as

@@ -180,6 +180,85 @@ fn by_repetition(
     )
 }
 
+/// Goal 10.2 read from item 1's paired figures of `sys` ([`super::PAIRED_P50`]): the service's
+/// connections against the direct ones that took turns with them, so that the VM's drift
+/// between two systems' runs (which decides the rows against the floor's and nftables' own
+/// runs) is out. Against the floor: what the system adds to a connection, ≤ 5%; against
+/// nftables: no more than nftables adds, at p50 and p99.
+fn paired_rows(
+    f: &[Figure],
+    scales: &[usize],
+    sys: &str,
+    mode: &str,
+    row: &mut dyn FnMut(&str, String, String, String),
+) {
+    let (p50, p99) = (super::PAIRED_P50, super::PAIRED_P99);
+    let paired = |s: &str, m: &str, n: u64| median(f, "1-latency", m, s, n, "");
+    let spread = |m: &str, n: u64| {
+        find(f, "1-latency", m, sys, n, "")
+            .and_then(|x| Some((x.min?, x.max?, x.samples.len())))
+            .filter(|&(.., k)| k > 1)
+            .map_or(String::new(), |(lo, hi, k)| format!("; {k} repetitions {lo:.2}–{hi:.2}×"))
+    };
+    let worst = scales
+        .iter()
+        .filter_map(|&n| Some((paired(sys, p50, n as u64)?, n as u64)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let goal = format!(
+        "10.2 paired: service connections' p50 ≤ 1.05× that of direct connections taking turns with them, at every scale{mode}"
+    );
+    match worst {
+        Some((x, n)) => {
+            let met = find(f, "1-latency", p50, sys, n, "")
+                .map(|x| x.samples.iter().filter(|r| **r <= 1.05).count())
+                .unwrap_or(0);
+            let reps = find(f, "1-latency", p50, sys, n, "").map_or(0, |x| x.samples.len());
+            row(
+                &goal,
+                format!("{x:.2}× at {} services (the worst scale{})", thousands(n), spread(p50, n)),
+                format!(
+                    "direct connections to the endpoint in the same generator (p50 {})",
+                    cell(find(f, "1-latency", "direct_p50_us", sys, n, ""))
+                ),
+                verdict(
+                    x <= 1.05,
+                    format!("by {:.0}%; {met} of {reps} repetitions meet it", (x - 1.05) * 100.0),
+                ),
+            )
+        }
+        None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
+    }
+    let mut worst_nft: Option<(f64, f64, f64, u64, &str)> = None;
+    for &n in scales {
+        let n = n as u64;
+        for m in [p50, p99] {
+            if let (Some(k), Some(nf)) = (paired(sys, m, n), paired("nftables", m, n))
+                && worst_nft.is_none_or(|(w, ..)| k / nf > w)
+            {
+                worst_nft = Some((k / nf, k, nf, n, m));
+            }
+        }
+    }
+    let goal = format!(
+        "10.2 paired: … no more added to p50 and p99 than nftables adds (each against its own direct connections){mode}"
+    );
+    match worst_nft {
+        Some((x, k, nf, n, m)) => {
+            let p = if m == p50 { "p50" } else { "p99" };
+            row(
+                &goal,
+                format!(
+                    "{p} {k:.2}× the direct connections' at {} services (the worst)",
+                    thousands(n)
+                ),
+                format!("nftables' {p} {nf:.2}× its direct connections' ({x:.2}×)"),
+                verdict(x <= 1.0, format!("{:.0}% more", (x - 1.0) * 100.0)),
+            )
+        }
+        None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
+    }
+}
+
 /// `a / b` as a factor with two significant digits when it is small (0.004× and 0.000022× read
 /// better than 0.00×).
 fn times(a: f64, b: f64) -> String {
@@ -359,6 +438,7 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
             }
             None => nm(&mut row, &goal),
         }
+        paired_rows(f, &c.scales, sys, mode, &mut row);
         let rr: Vec<(u64, f64, f64)> = c
             .rate_scales
             .iter()
@@ -853,6 +933,33 @@ NodePort runs of {} ms.\n",
         s,
         "\n\"kproxy, host routing\" is the agent with `--bpf-host-routing`: its TC programs deliver translated packets themselves (to a local pod with `bpf_redirect_peer`, elsewhere through the FIB), past the node's IP stack and netfilter."
     );
+    let paired = [
+        ("kproxy", "kproxy"),
+        (hr, "kproxy, host routing"),
+        (super::SOCKET_LB, "kproxy, socket LB"),
+        ("iptables", "iptables"),
+        ("nftables", "nftables"),
+    ];
+    let any_paired = |n: u64| {
+        paired.iter().any(|(sys, _)| find(f, "1-latency", super::PAIRED_P50, sys, n, "").is_some())
+    };
+    if c.scales.iter().any(|&n| any_paired(n as u64)) {
+        let head: Vec<&str> = paired.iter().map(|(_, label)| *label).collect();
+        let _ = write!(
+            s,
+            "\nPaired with direct connections: each system's service connections took turns, one by one in the same load generator, with direct connections to the endpoint (a second port of the same server pod, through the same loaded system), and each cell is their p50 over the direct ones' (median of the repetitions, min–max): what the system adds to a connection, without the machine's drift between the systems' runs that the ratios above carry. (Its hooks' cost on traffic that is not a service's, which the direct connections pay too, is item 8's.)\n\n| Services | {} |\n|---|{}\n",
+            head.join(" | "),
+            "---|".repeat(head.len())
+        );
+        for &n in &c.scales {
+            let n = n as u64;
+            let cells: Vec<String> = paired
+                .iter()
+                .map(|(sys, _)| cell(find(f, "1-latency", super::PAIRED_P50, sys, n, "")))
+                .collect();
+            let _ = writeln!(s, "| {} | {} |", thousands(n), cells.join(" | "));
+        }
+    }
     let sl = super::SOCKET_LB;
     if c.scales.iter().any(|&n| find(f, "1-latency", "p50_us", sl, n as u64, "").is_some()) {
         s.push_str("\nThe socket LB for pods (`--cgroup-path` on the client pod's cgroup, `--socket-lb-pods`; opt-in): the client's `connect()` to the ClusterIP is sent to the backend by the cgroup `connect4` program, so the connection's packets cross the pod programs untranslated.\n\n| Services | kproxy, socket LB p50 | kproxy, socket LB p99 | socket LB/floor p50 | socket LB/kproxy p50 | socket LB/nftables p99 |\n|---|---|---|---|---|---|\n");

@@ -17,6 +17,11 @@ pub const NAMESPACE: &str = "bench";
 pub const PROBE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
 /// Service port of the probed ClusterIP service.
 pub const PROBE_PORT: u16 = 80;
+/// A second server port of the probed service's endpoint that no service uses: the direct
+/// connections that take turns with the service's in item 1 (`p50_over_direct`) go there, so
+/// that a direct connection never reuses the server-side 4-tuple of a translated one still in
+/// TIME_WAIT (see the port ranges in the bench's `clusterip_one`).
+pub const DIRECT_PORT: u16 = 8090;
 /// ClusterIP of the NodePort service whose backend is on node 0 (its iperf3 port: a ClusterIP
 /// flow to a local backend).
 pub const NP_LOCAL_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);

@@ -9,6 +9,11 @@
 //! - `udp`: one datagram out, one back.
 //!
 //! The peer is the lab's test server (`kproxy-netexec`), which answers each request with one line.
+//!
+//! `--alternate ADDR` (connect mode, one client): every other transaction goes to ADDR instead,
+//! recorded apart (`alternate` in the output): two paths measured in turns, one connection
+//! each, so that the machine's drift (a busy neighbour, a slower minute) weighs on both alike
+//! and their ratio is the paths' difference.
 use std::{
     net::SocketAddr,
     sync::{
@@ -58,12 +63,34 @@ struct Args {
     /// Per-transaction timeout.
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
+    /// A second address, loaded in turns with `--target` (connect mode, one client): every
+    /// other transaction, recorded apart.
+    #[arg(long)]
+    alternate: Option<SocketAddr>,
 }
 
-struct Shared {
+/// The measured transactions of one address.
+struct Tally {
     hist: Mutex<Histogram<u64>>,
     done: AtomicU64,
     errors: AtomicU64,
+}
+
+impl Tally {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            done: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        })
+    }
+}
+
+struct Shared {
+    /// `--target`'s transactions.
+    main: Tally,
+    /// `--alternate`'s.
+    alt: Tally,
     measuring: AtomicBool,
     stop: AtomicBool,
 }
@@ -126,7 +153,11 @@ async fn one(
 }
 
 async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
-    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let new_hist =
+        || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let (mut local, mut local_alt) = (new_hist(), new_hist());
+    // Whether the next transaction goes to `--alternate`.
+    let mut turn_alt = false;
     let mut conn = None;
     let udp = if args.mode == Mode::Udp {
         match UdpSocket::bind("0.0.0.0:0").await {
@@ -138,8 +169,11 @@ async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
     };
     let timeout = Duration::from_millis(args.timeout_ms);
     while !shared.stop.load(Ordering::Relaxed) {
+        let alt = turn_alt;
+        let target = if alt { args.alternate.unwrap_or(args.target) } else { args.target };
+        turn_alt = args.alternate.is_some() && !turn_alt;
         let t0 = Instant::now();
-        let r = tokio::time::timeout(timeout, one(args.mode, args.target, &mut conn, &udp)).await;
+        let r = tokio::time::timeout(timeout, one(args.mode, target, &mut conn, &udp)).await;
         let us = t0.elapsed().as_micros() as u64;
         if !matches!(r, Ok(Ok(()))) {
             // A refused connect fails at once, without ever blocking: under SCHED_FIFO on one
@@ -151,20 +185,37 @@ async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
         if !shared.measuring.load(Ordering::Relaxed) {
             continue;
         }
+        let (tally, hist) =
+            if alt { (&shared.alt, &mut local_alt) } else { (&shared.main, &mut local) };
         match r {
             Ok(Ok(())) => {
-                let _ = local.record(us.max(1));
-                let n = shared.done.fetch_add(1, Ordering::Relaxed) + 1;
-                if args.requests > 0 && n >= args.requests {
+                let _ = hist.record(us.max(1));
+                let n = tally.done.fetch_add(1, Ordering::Relaxed) + 1;
+                if !alt && args.requests > 0 && n >= args.requests {
                     shared.stop.store(true, Ordering::Relaxed);
                 }
             }
             _ => {
-                shared.errors.fetch_add(1, Ordering::Relaxed);
+                tally.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    let _ = shared.hist.lock().await.add(&local);
+    let _ = shared.main.hist.lock().await.add(&local);
+    let _ = shared.alt.hist.lock().await.add(&local_alt);
+}
+
+/// The latency figures of one address's transactions.
+async fn latency_json(t: &Tally) -> serde_json::Value {
+    let h = t.hist.lock().await;
+    serde_json::json!({
+        "transactions": t.done.load(Ordering::Relaxed),
+        "errors": t.errors.load(Ordering::Relaxed),
+        "p50_us": h.value_at_quantile(0.50),
+        "p90_us": h.value_at_quantile(0.90),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+    })
 }
 
 fn rusage_s() -> (f64, f64) {
@@ -177,12 +228,14 @@ fn rusage_s() -> (f64, f64) {
 
 fn main() -> Result<()> {
     let args = Arc::new(Args::parse());
+    if args.alternate.is_some() && (args.mode != Mode::Connect || args.concurrency > 1) {
+        bail!("--alternate takes turns of one client's connections: connect mode, concurrency 1");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
         let shared = Arc::new(Shared {
-            hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-            done: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            main: Tally::new()?,
+            alt: Tally::new()?,
             measuring: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
@@ -206,28 +259,30 @@ fn main() -> Result<()> {
         for t in tasks {
             let _ = t.await;
         }
-        let h = shared.hist.lock().await;
-        let done = shared.done.load(Ordering::Relaxed);
+        // Rate and CPU are the whole load's (both addresses' transactions, when alternating).
+        let done = shared.main.done.load(Ordering::Relaxed) + shared.alt.done.load(Ordering::Relaxed);
         // Jiffies are USER_HZ (100/s on Linux).
         let system_cpu_s = (busy1 - busy0) as f64 / 100.0;
         let _ = total1 - total0;
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "mode": format!("{:?}", args.mode).to_lowercase(),
             "target": args.target.to_string(),
             "concurrency": args.concurrency,
-            "transactions": done,
-            "errors": shared.errors.load(Ordering::Relaxed),
             "duration_s": elapsed,
             "rate_per_s": done as f64 / elapsed,
-            "p50_us": h.value_at_quantile(0.50),
-            "p90_us": h.value_at_quantile(0.90),
-            "p99_us": h.value_at_quantile(0.99),
-            "p999_us": h.value_at_quantile(0.999),
-            "max_us": h.max(),
             "loadgen_cpu_s": (u1 - u0) + (s1 - s0),
             "system_cpu_s": system_cpu_s,
             "system_cpu_us_per_transaction": if done > 0 { system_cpu_s * 1e6 / done as f64 } else { 0.0 },
         });
+        let lat = latency_json(&shared.main).await;
+        for (k, v) in lat.as_object().into_iter().flatten() {
+            out[k] = v.clone();
+        }
+        if let Some(a) = args.alternate {
+            let mut alt = latency_json(&shared.alt).await;
+            alt["target"] = a.to_string().into();
+            out["alternate"] = alt;
+        }
         println!("{out}");
         anyhow::Ok(())
     })
