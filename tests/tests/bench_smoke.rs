@@ -53,8 +53,10 @@ fn quick_bench_produces_every_figure() {
                 "no latency figure for {sys} at {n} services"
             );
         }
-        // The systems that translate the service, paired with direct connections.
-        for sys in ["kproxy", bench::HOST_ROUTING, bench::SOCKET_LB, "iptables", "nftables"] {
+        // Every system paired with direct connections (the floor as the control).
+        for sys in
+            ["floor", "kproxy", bench::HOST_ROUTING, bench::SOCKET_LB, "iptables", "nftables"]
+        {
             assert!(
                 results.figures.iter().any(|f| f.item == "1-latency"
                     && f.metric == bench::PAIRED_P50

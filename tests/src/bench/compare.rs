@@ -55,7 +55,9 @@ pub fn regressions(before: &Results, now: &Results) -> Option<Vec<Regression>> {
         return None;
     }
     let mut out = Vec::new();
-    for f in now.figures.iter().filter(|f| f.status == Status::Ok && f.metric != "samples") {
+    // Sample counts (`samples`, `direct_samples`) are no figure of merit.
+    for f in now.figures.iter().filter(|f| f.status == Status::Ok && !f.metric.ends_with("samples"))
+    {
         let Some(p) = before.figures.iter().find(|p| {
             p.status == Status::Ok
                 && (&p.item, &p.metric, &p.system, p.n, &p.variant)
@@ -262,13 +264,16 @@ mod tests {
         let nft = get("10.2 paired: … no more added");
         assert_eq!(nft.measured, "p99 1.20× the direct connections' at 1,000 services (the worst)");
         assert_eq!(nft.baseline, "nftables' p99 1.10× its direct connections' (1.09×)");
-        assert_eq!(nft.verdict, "missed (9% more)");
+        assert_eq!(
+            nft.verdict,
+            "missed (9% above nftables', each over its own direct connections)"
+        );
         // The socket LB's rows: nothing paired measured.
         let sl: Vec<&crate::bench::report::GoalRow> = rows
             .iter()
             .filter(|g| g.goal.starts_with("10.2 paired") && g.goal.contains("socket LB"))
             .collect();
-        assert_eq!(sl.len(), 2);
+        assert_eq!(sl.len(), 3);
         assert!(sl.iter().all(|g| g.measured == "not measured" && g.verdict == "—"));
         // kproxy's figures met at both scales: met, at the worst.
         let mut rec = Recorder::default();
@@ -287,10 +292,46 @@ mod tests {
             "1.04× at 1,000 services (the worst scale)"
         );
         assert_eq!(get("10.2 paired: … no more added").verdict, "met");
+        assert_eq!(get("10.3 paired").measured, "not measured");
+        // Host routing below its direct connections at one scale, not at the other: missed.
+        rec = Recorder::default();
+        for (n, v) in [(1, 0.92), (1000, 1.01)] {
+            rec.add("1-latency", PAIRED_P50, crate::bench::HOST_ROUTING, n, "", v);
+            rec.add("1-latency", PAIRED_P50, "kproxy", n, "", 1.04);
+        }
+        let mut r3 = r.clone();
+        r3.figures = rec.finish();
+        let rows3 = crate::bench::report::goals(&r3);
+        let hr = rows3.iter().find(|g| g.goal.starts_with("10.3 paired")).unwrap();
+        assert_eq!(hr.measured, "1.01× at 1,000 services (the worst scale)");
+        assert_eq!(
+            hr.baseline,
+            "direct connections routed by the stack in the same generator, kproxy without it 1.04×"
+        );
+        assert_eq!(hr.verdict, "missed (1.01×)");
         // The report's table: each system's paired p50 at each scale.
+        // Request/response: p50 1.02× the direct transactions' (rate ≈ 0.98×) meets ≥ 0.97×;
+        // 1.04× (≈ 0.96×) misses it.
+        r.config.rate_scales = vec![1, 1000];
+        let mut rr = r.clone();
+        let mut rec = Recorder::default();
+        rec.add("2-rate", PAIRED_P50, "kproxy", 1, "rr", 1.02);
+        rr.figures = rec.finish();
+        let rows = crate::bench::report::goals(&rr);
+        let get = |p: &str| rows.iter().find(|g| g.goal.starts_with(p)).unwrap();
+        let g = get("10.2 paired: request/response");
+        assert_eq!(g.measured, "p50 1.020× at 1 services (the worst)");
+        assert_eq!(g.verdict, "met");
+        rec = Recorder::default();
+        rec.add("2-rate", PAIRED_P50, "kproxy", 1, "rr", 1.02);
+        rec.add("2-rate", PAIRED_P50, "kproxy", 1000, "rr", 1.04);
+        rr.figures = rec.finish();
+        let rows = crate::bench::report::goals(&rr);
+        let get = |p: &str| rows.iter().find(|g| g.goal.starts_with(p)).unwrap();
+        assert_eq!(get("10.2 paired: request/response").verdict, "missed (0.96× the rate)");
         let md = crate::bench::report::markdown(&r);
         assert!(md.contains("Paired with direct connections"), "{md}");
-        assert!(md.contains("| 1,000 | 1.04 | — | — | — | 1.05 |"), "{md}");
+        assert!(md.contains("| Services | kproxy | nftables |\n|---|---|---|\n| 1 | 1.01 | 1.02 |\n| 1,000 | 1.04 | 1.05 |\n"), "{md}");
     }
 
     #[test]

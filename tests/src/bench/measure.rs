@@ -143,19 +143,24 @@ pub fn loadgen_in(
     loadgen_with(ns, cgroup, cpu, target, None, mode, concurrency, duration).map(|(l, _)| l)
 }
 
-/// [`loadgen_in`] in connect mode with one client whose connections go to `target` and
-/// `alternate` in turns: the latency of each (`Load::rate` and the CPU per transaction count
-/// both), measured under the same conditions so that their ratio is the paths' difference and
-/// not the machine's drift between two runs.
+/// [`loadgen_in`] with each client's transactions going to `target` and `alternate` in turns
+/// (`mode` connect or rr; rr keeps a connection to each): the latency of each (`Load::rate` and
+/// the CPU per transaction count both), measured under the same conditions so that their ratio
+/// is the paths' difference and not the machine's drift between two runs. The second address's
+/// failure (too many of its transactions failed) is its own: `target`'s figures stand.
+#[allow(clippy::too_many_arguments)]
 pub fn loadgen_alternating_in(
     ns: &str,
     cgroup: Option<&std::path::Path>,
     cpu: Option<usize>,
     target: SocketAddr,
     alternate: SocketAddr,
+    mode: &str,
+    concurrency: usize,
     duration: Duration,
-) -> Result<(Load, Latency)> {
-    let (l, a) = loadgen_with(ns, cgroup, cpu, target, Some(alternate), "connect", 1, duration)?;
+) -> Result<(Load, Result<Latency>)> {
+    let (l, a) =
+        loadgen_with(ns, cgroup, cpu, target, Some(alternate), mode, concurrency, duration)?;
     Ok((l, a.context("loadgen output lacks the alternate address's figures")?))
 }
 
@@ -169,7 +174,7 @@ fn loadgen_with(
     mode: &str,
     concurrency: usize,
     duration: Duration,
-) -> Result<(Load, Option<Latency>)> {
+) -> Result<(Load, Option<Result<Latency>>)> {
     let bin = lab::find_bin("kproxy-loadgen")?;
     let t = target.to_string();
     let c = concurrency.to_string();
@@ -214,27 +219,24 @@ fn loadgen_with(
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
         .with_context(|| format!("loadgen output {text:?}"))?;
+    let num =
+        |v: &Value, k: &str| v[k].as_f64().with_context(|| format!("loadgen output lacks {k}"));
     let latency = |v: &Value, to: &str| -> Result<Latency> {
-        let f = |k: &str| v[k].as_f64().with_context(|| format!("loadgen output lacks {k}"));
-        let done = f("transactions")?;
-        let errors = f("errors")?;
+        let done = num(v, "transactions")?;
+        let errors = num(v, "errors")?;
         ensure!(done > 0.0, "no transaction succeeded ({errors} errors) to {to}");
         ensure!(errors <= done * 0.01, "{errors} of {} transactions to {to} failed", done + errors);
-        Ok(Latency { p50_us: f("p50_us")?, p99_us: f("p99_us")?, samples: done })
+        Ok(Latency { p50_us: num(v, "p50_us")?, p99_us: num(v, "p99_us")?, samples: done })
     };
     let main = latency(&v, &t)?;
-    let f = |k: &str| v[k].as_f64().with_context(|| format!("loadgen output lacks {k}"));
     let load = Load {
         p50_us: main.p50_us,
         p99_us: main.p99_us,
-        rate: f("rate_per_s")?,
-        cpu_us_per_txn: f("system_cpu_us_per_transaction")?,
+        rate: num(&v, "rate_per_s")?,
+        cpu_us_per_txn: num(&v, "system_cpu_us_per_transaction")?,
         samples: main.samples,
     };
-    let alt = match alt.as_deref() {
-        Some(a) => Some(latency(&v["alternate"], a)?),
-        None => None,
-    };
+    let alt = alt.as_deref().map(|a| latency(&v["alternate"], a));
     Ok((load, alt))
 }
 

@@ -447,16 +447,46 @@ pub fn utc_now() -> String {
     sh("date -u +%Y-%m-%dT%H:%M:%SZ")
 }
 
-/// Item 1's paired figure of a system that translates the service: the p50 of its service
-/// connections over the p50 of the direct connections to the endpoint (the same server pod,
-/// [`workload::DIRECT_PORT`]) that took turns with them in one load generator, on the same
-/// client port range and through the same loaded system. What the system adds to a
-/// connection, with the machine's drift between runs taken out; its hooks' cost on traffic
-/// that is not a service's (which the direct connections pay too) is item 8's.
+/// Item 1's paired figure: the p50 of a system's service connections (the floor's: to the
+/// endpoint's usual port) over the p50 of the direct connections to the endpoint (the same
+/// server pod, [`workload::DIRECT_PORT`]) that took turns with them in one load generator, on
+/// the same client port range and through the same loaded system. What the system adds to a
+/// connection, with the machine's drift between runs taken out; the floor's is the control (its
+/// two addresses are one path: ~1.00×). A system's hooks' cost on traffic that is not a
+/// service's (which the direct connections pay too) is item 8's. Item 2 has it for
+/// request/response (variant `rr`): each of the rate run's clients keeps a connection to each
+/// address and takes turns between them.
 pub const PAIRED_P50: &str = "p50_over_direct";
 
 /// [`PAIRED_P50`] of the p99s.
 pub const PAIRED_P99: &str = "p99_over_direct";
+
+/// Item 1's latency figures of each system and scale.
+const LATENCY_FIGURES: [&str; 2] = ["p50_us", "p99_us"];
+
+/// Item 1's latency figures (item, metric, variant).
+fn latency_figures() -> Vec<(&'static str, &'static str, &'static str)> {
+    LATENCY_FIGURES.iter().map(|m| ("1-latency", *m, "")).chain(paired_figures()).collect()
+}
+
+/// Item 1's paired figures (item, metric, variant): against the direct connections.
+fn paired_figures() -> Vec<(&'static str, &'static str, &'static str)> {
+    [PAIRED_P50, PAIRED_P99, "direct_p50_us", "direct_p99_us"]
+        .map(|m| ("1-latency", m, ""))
+        .to_vec()
+}
+
+/// Every figure of items 1 and 2 of a system at a scale (`rates`: a scale of item 2).
+fn clusterip_figures(rates: bool) -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut figs = latency_figures();
+    if rates {
+        for v in ["connect", "rr"] {
+            figs.extend([("2-rate", "rate_per_s", v), ("2-rate", "cpu_us_per_txn", v)]);
+        }
+        figs.push(("2-rate", PAIRED_P50, "rr"));
+    }
+    figs
+}
 
 /// The ClusterIP system of kproxy with `--bpf-host-routing` (translated flows delivered to the
 /// backend's veth or the next hop by the datapath, past the host stack).
@@ -529,8 +559,7 @@ impl Sys {
         Sys::FloorClsactHooks,
     ];
 
-    /// A floor (no system translating the service): its connections go to the pod address,
-    /// without the paired direct ones ([`PAIRED_P50`]).
+    /// A floor (no system translating the service): its connections go to the pod address.
     fn is_floor(self) -> bool {
         matches!(self, Sys::Floor | Sys::FloorTcHooks | Sys::FloorClsactHooks)
     }
@@ -896,6 +925,8 @@ struct Bench<'a> {
     manifests: PathBuf,
     node_ns: String,
     client_pod_ns: String,
+    /// The address of item 1's direct connections ([`PAIRED_P50`]), or why there is none.
+    direct: Result<SocketAddrV4, String>,
     /// The client pod's cgroup (a cgroup v2 hierarchy of the run's own) for [`SOCKET_LB`].
     client_cgroup: Option<crate::hostnet::Cgroups>,
     /// Last measured (services, seconds) of a full rule load per (baseline is nft,
@@ -972,7 +1003,11 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     let sysctl = lab::exec(&client, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     anyhow::ensure!(sysctl.status.success(), "sysctl net.ipv4.tcp_tw_reuse=1 in {client} failed");
     let iperfs = iperf_servers(&lab)?;
-    let direct = direct_server(&lab)?;
+    // Without it, item 1 is measured unpaired and its paired figures failed with the reason.
+    let (direct_proc, direct) = match direct_server(&lab) {
+        Ok(p) => (Some(p), Ok(SocketAddrV4::new(lab::pod_ip(1, 0), workload::DIRECT_PORT))),
+        Err(e) => (None, Err(format!("starting the direct connections' server: {e:#}"))),
+    };
     let node_ns = lab.node(0).ns.clone();
     let client_pod_ns = lab.pod(0, 0).context("client pod")?.ns.clone();
     let mut b = Bench {
@@ -983,6 +1018,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
         manifests: mdir.0.clone(),
         node_ns,
         client_pod_ns,
+        direct,
         client_cgroup: None,
         loads: Default::default(),
         steps: Vec::new(),
@@ -1017,7 +1053,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     let _ = systems::iptables_flush(&b.node_ns);
     let _ = systems::nft_unload(&b.node_ns);
     drop(iperfs);
-    drop(direct);
+    drop(direct_proc);
     b.step("cleanup");
     let Bench { lab, rec, notes, steps, .. } = b;
     lab.down()?;
@@ -1090,14 +1126,8 @@ impl Bench<'_> {
         }
         for &n in &c.scales {
             for &s in c.latency_systems() {
-                for m in ["p50_us", "p99_us"] {
-                    self.rec.plan("1-latency", m, s.name(), n, "");
-                }
-                if c.rate_scales.contains(&n) {
-                    for v in ["connect", "rr"] {
-                        self.rec.plan("2-rate", "rate_per_s", s.name(), n, v);
-                        self.rec.plan("2-rate", "cpu_us_per_txn", s.name(), n, v);
-                    }
+                for (item, m, v) in clusterip_figures(c.rate_scales.contains(&n)) {
+                    self.rec.plan(item, m, s.name(), n, v);
                 }
             }
         }
@@ -1404,16 +1434,7 @@ impl Bench<'_> {
     }
 
     fn mark_clusterip(&mut self, sys: Sys, n: usize, why: &str, skipped: bool) {
-        let mut figs = vec![("1-latency", "p50_us", ""), ("1-latency", "p99_us", "")];
-        if !sys.is_floor() {
-            figs.extend([("1-latency", PAIRED_P50, ""), ("1-latency", PAIRED_P99, "")]);
-        }
-        if self.cfg.rate_scales.contains(&n) {
-            for v in ["connect", "rr"] {
-                figs.push(("2-rate", "rate_per_s", v));
-                figs.push(("2-rate", "cpu_us_per_txn", v));
-            }
-        }
+        let figs = clusterip_figures(self.cfg.rate_scales.contains(&n));
         for (item, m, v) in figs {
             if skipped && why.starts_with("not measured") {
                 self.rec.skip(item, m, sys.name(), n, v, why);
@@ -1477,48 +1498,45 @@ impl Bench<'_> {
                     self.notes.push(format!("pinning the pod servers to CPU {cpu}: {e:#}"));
                 }
                 let ns = &self.client_pod_ns;
-                if sys.is_floor() {
-                    match measure::loadgen_in(ns, cg, Some(cpu), target.into(), "connect", 1, d) {
-                        Ok(l) => self.record_latency(name, n, &l),
-                        Err(e) => self.fail_latency(name, n, &format!("{e:#}"), false),
-                    }
-                } else {
-                    // The service's connections take turns with direct ones to its endpoint
-                    // (another port of the same server pod), twice as long so that each gets
-                    // the samples of a run of its own: their ratio is what the system adds to
-                    // a connection, with the machine's drift weighing on both alike.
-                    let direct = SocketAddrV4::new(lab::pod_ip(1, 0), workload::DIRECT_PORT);
-                    match measure::loadgen_alternating_in(
+                // Every system's connections take turns with direct ones to the endpoint on
+                // another port of the same server pod (the floor's too, the control: both its
+                // addresses are one path), for twice the duration so that each gets the samples
+                // of a run of its own: their ratio is what the system adds to a connection,
+                // with the machine's drift weighing on both alike.
+                match self.direct.clone() {
+                    Ok(direct) => match measure::loadgen_alternating_in(
                         ns,
                         cg,
                         Some(cpu),
                         target.into(),
                         direct.into(),
+                        "connect",
+                        1,
                         2 * d,
                     ) {
                         Ok((l, dl)) => {
                             self.record_latency(name, n, &l);
-                            self.rec.add("1-latency", "direct_samples", name, n, "", dl.samples);
-                            self.rec.add("1-latency", "direct_p50_us", name, n, "", dl.p50_us);
-                            self.rec.add("1-latency", "direct_p99_us", name, n, "", dl.p99_us);
-                            self.rec.add(
-                                "1-latency",
-                                PAIRED_P50,
-                                name,
-                                n,
-                                "",
-                                l.p50_us / dl.p50_us,
-                            );
-                            self.rec.add(
-                                "1-latency",
-                                PAIRED_P99,
-                                name,
-                                n,
-                                "",
-                                l.p99_us / dl.p99_us,
-                            );
+                            match dl {
+                                Ok(dl) => self.record_paired(name, n, &l, &dl),
+                                Err(e) => {
+                                    self.fail_figures(&paired_figures(), name, n, &format!("{e:#}"))
+                                }
+                            }
                         }
-                        Err(e) => self.fail_latency(name, n, &format!("{e:#}"), true),
+                        Err(e) => self.fail_figures(&latency_figures(), name, n, &format!("{e:#}")),
+                    },
+                    Err(why) => {
+                        match measure::loadgen_in(ns, cg, Some(cpu), target.into(), "connect", 1, d)
+                        {
+                            Ok(l) => self.record_latency(name, n, &l),
+                            Err(e) => self.fail_figures(
+                                &LATENCY_FIGURES.map(|m| ("1-latency", m, "")),
+                                name,
+                                n,
+                                &format!("{e:#}"),
+                            ),
+                        }
+                        self.fail_figures(&paired_figures(), name, n, &why);
                     }
                 }
                 if self.cfg.only_latency
@@ -1551,6 +1569,28 @@ impl Bench<'_> {
                             }
                         }
                     }
+                    // Request/response paired the same way: each client keeps a connection to
+                    // the service and one to the endpoint and takes turns between them.
+                    let rr = [("2-rate", PAIRED_P50, "rr")];
+                    let paired = self.direct.clone().and_then(|direct| {
+                        let (ns, t) = (&self.client_pod_ns, target.into());
+                        let r = measure::loadgen_alternating_in(
+                            ns,
+                            cg,
+                            None,
+                            t,
+                            direct.into(),
+                            "rr",
+                            4,
+                            2 * d,
+                        );
+                        let (l, dl) = r.map_err(|e| format!("{e:#}"))?;
+                        Ok(l.p50_us / dl.map_err(|e| format!("{e:#}"))?.p50_us)
+                    });
+                    match paired {
+                        Ok(x) => self.rec.add("2-rate", PAIRED_P50, name, n, "rr", x),
+                        Err(why) => self.fail_figures(&rr, name, n, &why),
+                    }
                 }
             }
         }
@@ -1582,14 +1622,21 @@ impl Bench<'_> {
         self.rec.add("1-latency", "p99_us", name, n, "", l.p99_us);
     }
 
-    /// Records why item 1's latency of `name` at `n` services was not measured (`paired`: also
-    /// its figures against the direct connections).
-    fn fail_latency(&mut self, name: &str, n: usize, why: &str, paired: bool) {
-        self.rec.fail("1-latency", "p50_us", name, n, "", why);
-        self.rec.fail("1-latency", "p99_us", name, n, "", why);
-        if paired {
-            self.rec.fail("1-latency", PAIRED_P50, name, n, "", why);
-            self.rec.fail("1-latency", PAIRED_P99, name, n, "", why);
+    /// Item 1's paired figures: `l` of the service's connections, `dl` of the direct ones that
+    /// took turns with them.
+    fn record_paired(&mut self, name: &str, n: usize, l: &measure::Load, dl: &measure::Latency) {
+        self.rec.add("1-latency", "direct_samples", name, n, "", dl.samples);
+        self.rec.add("1-latency", "direct_p50_us", name, n, "", dl.p50_us);
+        self.rec.add("1-latency", "direct_p99_us", name, n, "", dl.p99_us);
+        self.rec.add("1-latency", PAIRED_P50, name, n, "", l.p50_us / dl.p50_us);
+        self.rec.add("1-latency", PAIRED_P99, name, n, "", l.p99_us / dl.p99_us);
+    }
+
+    /// Records why the figures `figs` (item, metric, variant) of `name` at `n` services were
+    /// not measured.
+    fn fail_figures(&mut self, figs: &[(&str, &str, &str)], name: &str, n: usize, why: &str) {
+        for (item, m, v) in figs {
+            self.rec.fail(item, m, name, n, v, why);
         }
     }
 

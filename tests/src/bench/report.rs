@@ -188,6 +188,7 @@ fn by_repetition(
 fn paired_rows(
     f: &[Figure],
     scales: &[usize],
+    rate_scales: &[usize],
     sys: &str,
     mode: &str,
     row: &mut dyn FnMut(&str, String, String, String),
@@ -212,7 +213,11 @@ fn paired_rows(
             let met = find(f, "1-latency", p50, sys, n, "")
                 .map(|x| x.samples.iter().filter(|r| **r <= 1.05).count())
                 .unwrap_or(0);
-            let reps = find(f, "1-latency", p50, sys, n, "").map_or(0, |x| x.samples.len());
+            let fig = find(f, "1-latency", p50, sys, n, "");
+            let reps = fig.map_or(0, |x| x.samples.len());
+            // A failed repetition records no sample, only its reason.
+            let failed =
+                if fig.is_some_and(|x| x.reason.is_some()) { ", others failed" } else { "" };
             row(
                 &goal,
                 format!("{x:.2}× at {} services (the worst scale{})", thousands(n), spread(p50, n)),
@@ -222,7 +227,10 @@ fn paired_rows(
                 ),
                 verdict(
                     x <= 1.05,
-                    format!("by {:.0}%; {met} of {reps} repetitions meet it", (x - 1.05) * 100.0),
+                    format!(
+                        "by {:.0}%; {met} of {reps} repetitions meet it{failed}",
+                        (x - 1.05) * 100.0
+                    ),
                 ),
             )
         }
@@ -252,9 +260,34 @@ fn paired_rows(
                     thousands(n)
                 ),
                 format!("nftables' {p} {nf:.2}× its direct connections' ({x:.2}×)"),
-                verdict(x <= 1.0, format!("{:.0}% more", (x - 1.0) * 100.0)),
+                verdict(
+                    x <= 1.0,
+                    format!(
+                        "{:.0}% above nftables', each over its own direct connections",
+                        (x - 1.0) * 100.0
+                    ),
+                ),
             )
         }
+        None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
+    }
+    // Request/response: with a fixed number of clients each waiting for its answer, the rate
+    // is the clients over the latency, so "≥ 0.97× the rate" reads "p50 ≤ 1/0.97×".
+    let limit = 1.0 / 0.97;
+    let worst = rate_scales
+        .iter()
+        .filter_map(|&n| Some((median(f, "2-rate", p50, sys, n as u64, "rr")?, n as u64)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let goal = format!(
+        "10.2 paired: request/response on open connections ≥ 0.97× the rate of direct ones taking turns with them (p50 ≤ {limit:.3}×){mode}"
+    );
+    match worst {
+        Some((x, n)) => row(
+            &goal,
+            format!("p50 {x:.3}× at {} services (the worst)", thousands(n)),
+            format!("direct transactions in the same clients (rate ≈ {:.2}×)", 1.0 / x),
+            verdict(x <= limit, format!("{:.2}× the rate", 1.0 / x)),
+        ),
         None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
     }
 }
@@ -438,7 +471,7 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
             }
             None => nm(&mut row, &goal),
         }
-        paired_rows(f, &c.scales, sys, mode, &mut row);
+        paired_rows(f, &c.scales, &c.rate_scales, sys, mode, &mut row);
         let rr: Vec<(u64, f64, f64)> = c
             .rate_scales
             .iter()
@@ -490,6 +523,27 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
                 format!("p50 {k:.0} µs at {} services (the worst scale)", thousands(n)),
                 format!("{} the floor ({fl:.0} µs){routed}", times(k, fl)),
                 verdict(k < fl, format!("{:.2}×", k / fl)),
+            )
+        }
+        None => nm(&mut row, goal),
+    }
+    // The same from the paired figures: host routing's service connections against the direct
+    // ones that took turns with them (which the stack routes).
+    let goal = "10.3 paired: … p50 below that of direct connections taking turns with them";
+    let worst = c
+        .scales
+        .iter()
+        .filter_map(|&n| Some((lat(super::HOST_ROUTING, super::PAIRED_P50, n as u64)?, n as u64)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match worst {
+        Some((x, n)) => {
+            let routed = lat("kproxy", super::PAIRED_P50, n)
+                .map_or(String::new(), |k| format!(", kproxy without it {k:.2}×"));
+            row(
+                goal,
+                format!("{x:.2}× at {} services (the worst scale)", thousands(n)),
+                format!("direct connections routed by the stack in the same generator{routed}"),
+                verdict(x < 1.0, format!("{x:.2}×")),
             )
         }
         None => nm(&mut row, goal),
@@ -933,31 +987,49 @@ NodePort runs of {} ms.\n",
         s,
         "\n\"kproxy, host routing\" is the agent with `--bpf-host-routing`: its TC programs deliver translated packets themselves (to a local pod with `bpf_redirect_peer`, elsewhere through the FIB), past the node's IP stack and netfilter."
     );
-    let paired = [
+    // The systems with paired figures, the floor first (the control: its two addresses are
+    // one path); `--only-latency`'s variants where the run has them.
+    let has = |sys: &str| f.iter().any(|x| x.metric == super::PAIRED_P50 && x.system == sys);
+    let paired: Vec<(&str, &str)> = [
+        ("floor", "floor (control)"),
         ("kproxy", "kproxy"),
         (hr, "kproxy, host routing"),
         (super::SOCKET_LB, "kproxy, socket LB"),
+        ("kproxy-generic", "kproxy, generic XDP"),
+        (super::KPROXY_CLSACT, "kproxy, clsact"),
         ("iptables", "iptables"),
         ("nftables", "nftables"),
-    ];
-    let any_paired = |n: u64| {
-        paired.iter().any(|(sys, _)| find(f, "1-latency", super::PAIRED_P50, sys, n, "").is_some())
-    };
-    if c.scales.iter().any(|&n| any_paired(n as u64)) {
+    ]
+    .into_iter()
+    .filter(|(sys, _)| has(sys))
+    .collect();
+    if !paired.is_empty() {
         let head: Vec<&str> = paired.iter().map(|(_, label)| *label).collect();
+        let table_head =
+            format!("| Services | {} |\n|---|{}", head.join(" | "), "---|".repeat(head.len()));
+        let rows = |item: &str, v: &str, scales: &[usize]| -> String {
+            scales
+                .iter()
+                .map(|&n| {
+                    let cells: Vec<String> = paired
+                        .iter()
+                        .map(|(sys, _)| cell(find(f, item, super::PAIRED_P50, sys, n as u64, v)))
+                        .collect();
+                    format!("| {} | {} |\n", thousands(n as u64), cells.join(" | "))
+                })
+                .collect()
+        };
         let _ = write!(
             s,
-            "\nPaired with direct connections: each system's service connections took turns, one by one in the same load generator, with direct connections to the endpoint (a second port of the same server pod, through the same loaded system), and each cell is their p50 over the direct ones' (median of the repetitions, min–max): what the system adds to a connection, without the machine's drift between the systems' runs that the ratios above carry. (Its hooks' cost on traffic that is not a service's, which the direct connections pay too, is item 8's.)\n\n| Services | {} |\n|---|{}\n",
-            head.join(" | "),
-            "---|".repeat(head.len())
+            "\nPaired with direct connections: each system's service connections (the floor's: its connections to the endpoint's usual port) took turns, one by one in the same load generator, with direct connections to the endpoint on a second port of the same server pod, through the same loaded system; each cell is the p50 of the first over the second's (median of the repetitions, min–max): what the system adds to a connection, without the machine's drift between the systems' runs that the ratios above carry. The floor's is the control: its two addresses are one path. (A system's hooks' cost on traffic that is not a service's, which the direct connections pay too, is item 8's.)\n\n{table_head}\n{}",
+            rows("1-latency", "", &c.scales)
         );
-        for &n in &c.scales {
-            let n = n as u64;
-            let cells: Vec<String> = paired
-                .iter()
-                .map(|(sys, _)| cell(find(f, "1-latency", super::PAIRED_P50, sys, n, "")))
-                .collect();
-            let _ = writeln!(s, "| {} | {} |", thousands(n), cells.join(" | "));
+        let rr = rows("2-rate", "rr", &c.rate_scales);
+        if rr.lines().any(|l| l.split(" | ").skip(1).any(|x| !x.starts_with('—'))) {
+            let _ = write!(
+                s,
+                "\nRequest/response on open connections, paired the same way (each of the rate run's clients keeps a connection to each address and takes turns between them; the p50 of the first's transactions over the second's):\n\n{table_head}\n{rr}"
+            );
         }
     }
     let sl = super::SOCKET_LB;
