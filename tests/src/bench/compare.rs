@@ -243,6 +243,7 @@ mod tests {
             (1, "nftables", PAIRED_P99, &[1.1]),
             (1000, "nftables", PAIRED_P99, &[1.1]),
             (1000, "kproxy", "direct_p50_us", &[200.0]),
+            (1000, "floor", PAIRED_P50, &[1.01]),
         ] {
             for x in v {
                 rec.add("1-latency", m, sys, n, "", *x);
@@ -258,7 +259,8 @@ mod tests {
         );
         assert_eq!(
             floor.baseline,
-            "direct connections to the endpoint in the same generator (p50 200 µs)"
+            "direct connections to the endpoint in the same generator (p50 200 µs); the floor's \
+             control 1.01×"
         );
         assert_eq!(floor.verdict, "missed (by 1%; 1 of 3 repetitions meet it)");
         let nft = get("10.2 paired: … no more added");
@@ -329,6 +331,16 @@ mod tests {
         let rows = crate::bench::report::goals(&rr);
         let get = |p: &str| rows.iter().find(|g| g.goal.starts_with(p)).unwrap();
         assert_eq!(get("10.2 paired: request/response").verdict, "missed (0.96× the rate)");
+        // A miss that rounds to the limit shows a third decimal.
+        rec = Recorder::default();
+        for (k, fl) in [(96.7, 100.0), (96.7, 100.0), (96.7, 100.0)] {
+            rec.add("2-rate", "rate_per_s", "kproxy", 1, "rr", k);
+            rec.add("2-rate", "rate_per_s", "floor", 1, "rr", fl);
+        }
+        rr.figures = rec.finish();
+        let rows = crate::bench::report::goals(&rr);
+        let g = rows.iter().find(|g| g.goal.starts_with("10.2 request/response")).unwrap();
+        assert!(g.verdict.starts_with("missed (0.967× instead of 0.97×"), "{}", g.verdict);
         let md = crate::bench::report::markdown(&r);
         assert!(md.contains("Paired with direct connections"), "{md}");
         assert!(md.contains("| Services | kproxy | nftables |\n|---|---|---|\n| 1 | 1.01 | 1.02 |\n| 1,000 | 1.04 | 1.05 |\n"), "{md}");

@@ -222,8 +222,10 @@ fn paired_rows(
                 &goal,
                 format!("{x:.2}× at {} services (the worst scale{})", thousands(n), spread(p50, n)),
                 format!(
-                    "direct connections to the endpoint in the same generator (p50 {})",
-                    cell(find(f, "1-latency", "direct_p50_us", sys, n, ""))
+                    "direct connections to the endpoint in the same generator (p50 {}){}",
+                    cell(find(f, "1-latency", "direct_p50_us", sys, n, "")),
+                    paired("floor", p50, n)
+                        .map_or(String::new(), |c| format!("; the floor's control {c:.2}×"))
                 ),
                 verdict(
                     x <= 1.05,
@@ -286,9 +288,19 @@ fn paired_rows(
             &goal,
             format!("p50 {x:.3}× at {} services (the worst)", thousands(n)),
             format!("direct transactions in the same clients (rate ≈ {:.2}×)", 1.0 / x),
-            verdict(x <= limit, format!("{:.2}× the rate", 1.0 / x)),
+            verdict(x <= limit, format!("{} the rate", short_of(1.0 / x, 0.97))),
         ),
         None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
+    }
+}
+
+/// A ratio `x` that missed `limit`, with two decimals, or three where two would print the
+/// limit itself (0.967 is not "0.97× instead of 0.97×").
+fn short_of(x: f64, limit: f64) -> String {
+    if format!("{x:.2}") == format!("{limit:.2}") {
+        format!("{x:.3}×")
+    } else {
+        format!("{x:.2}×")
     }
 }
 
@@ -490,8 +502,8 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
                 verdict(
                     k / fl >= 0.97,
                     format!(
-                        "{:.2}× instead of 0.97×{}",
-                        k / fl,
+                        "{} instead of 0.97×{}",
+                        short_of(k / fl, 0.97),
                         by_repetition(
                             find(f, "2-rate", "rate_per_s", sys, n, "rr"),
                             find(f, "2-rate", "rate_per_s", "floor", n, "rr"),
