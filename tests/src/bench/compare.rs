@@ -317,12 +317,14 @@ mod tests {
         r.config.rate_scales = vec![1, 1000];
         let mut rr = r.clone();
         let mut rec = Recorder::default();
-        rec.add("2-rate", PAIRED_P50, "kproxy", 1, "rr", 1.02);
+        for x in [1.01, 1.03] {
+            rec.add("2-rate", PAIRED_P50, "kproxy", 1, "rr", x);
+        }
         rr.figures = rec.finish();
         let rows = crate::bench::report::goals(&rr);
         let get = |p: &str| rows.iter().find(|g| g.goal.starts_with(p)).unwrap();
         let g = get("10.2 paired: request/response");
-        assert_eq!(g.measured, "p50 1.020× at 1 services (the worst)");
+        assert_eq!(g.measured, "p50 1.020× at 1 services (the worst; 2 repetitions 1.01–1.03×)");
         assert_eq!(g.verdict, "met");
         rec = Recorder::default();
         rec.add("2-rate", PAIRED_P50, "kproxy", 1, "rr", 1.02);

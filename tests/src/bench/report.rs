@@ -195,8 +195,8 @@ fn paired_rows(
 ) {
     let (p50, p99) = (super::PAIRED_P50, super::PAIRED_P99);
     let paired = |s: &str, m: &str, n: u64| median(f, "1-latency", m, s, n, "");
-    let spread = |m: &str, n: u64| {
-        find(f, "1-latency", m, sys, n, "")
+    let spread = |item: &str, m: &str, n: u64, v: &str| {
+        find(f, item, m, sys, n, v)
             .and_then(|x| Some((x.min?, x.max?, x.samples.len())))
             .filter(|&(.., k)| k > 1)
             .map_or(String::new(), |(lo, hi, k)| format!("; {k} repetitions {lo:.2}–{hi:.2}×"))
@@ -220,7 +220,11 @@ fn paired_rows(
                 if fig.is_some_and(|x| x.reason.is_some()) { ", others failed" } else { "" };
             row(
                 &goal,
-                format!("{x:.2}× at {} services (the worst scale{})", thousands(n), spread(p50, n)),
+                format!(
+                    "{x:.2}× at {} services (the worst scale{})",
+                    thousands(n),
+                    spread("1-latency", p50, n, "")
+                ),
                 format!(
                     "direct connections to the endpoint in the same generator (p50 {}){}",
                     cell(find(f, "1-latency", "direct_p50_us", sys, n, "")),
@@ -258,8 +262,9 @@ fn paired_rows(
             row(
                 &goal,
                 format!(
-                    "{p} {k:.2}× the direct connections' at {} services (the worst)",
-                    thousands(n)
+                    "{p} {k:.2}× the direct connections' at {} services (the worst{})",
+                    thousands(n),
+                    spread("1-latency", m, n, "")
                 ),
                 format!("nftables' {p} {nf:.2}× its direct connections' ({x:.2}×)"),
                 verdict(
@@ -286,7 +291,11 @@ fn paired_rows(
     match worst {
         Some((x, n)) => row(
             &goal,
-            format!("p50 {x:.3}× at {} services (the worst)", thousands(n)),
+            format!(
+                "p50 {x:.3}× at {} services (the worst{})",
+                thousands(n),
+                spread("2-rate", p50, n, "rr")
+            ),
             format!("direct transactions in the same clients (rate ≈ {:.2}×)", 1.0 / x),
             verdict(x <= limit, format!("{} the rate", short_of(1.0 / x, 0.97))),
         ),
