@@ -463,12 +463,14 @@ pub const PAIRED_P50: &str = "p50_over_direct";
 /// [`PAIRED_P50`] of the p99s.
 pub const PAIRED_P99: &str = "p99_over_direct";
 
-/// Item 1's latency figures of each system and scale.
-const LATENCY_FIGURES: [&str; 2] = ["p50_us", "p99_us"];
+/// Item 1's latency figures of the service's connections (item, metric, variant).
+fn unpaired_figures() -> Vec<(&'static str, &'static str, &'static str)> {
+    ["p50_us", "p99_us"].map(|m| ("1-latency", m, "")).to_vec()
+}
 
 /// Item 1's latency figures (item, metric, variant).
 fn latency_figures() -> Vec<(&'static str, &'static str, &'static str)> {
-    LATENCY_FIGURES.iter().map(|m| ("1-latency", *m, "")).chain(paired_figures()).collect()
+    [unpaired_figures(), paired_figures()].concat()
 }
 
 /// Item 1's paired figures (item, metric, variant): against the direct connections.
@@ -1007,7 +1009,7 @@ pub fn run_compared(cfg: &Config, out: &Path, previous: Option<&Path>) -> Result
     let iperfs = iperf_servers(&lab)?;
     // Without it, item 1 is measured unpaired and its paired figures failed with the reason.
     let (direct_proc, direct) = match direct_server(&lab) {
-        Ok(p) => (Some(p), Ok(SocketAddrV4::new(lab::pod_ip(1, 0), workload::DIRECT_PORT))),
+        Ok((p, addr)) => (Some(p), Ok(addr)),
         Err(e) => (None, Err(format!("starting the direct connections' server: {e:#}"))),
     };
     let node_ns = lab.node(0).ns.clone();
@@ -1531,12 +1533,9 @@ impl Bench<'_> {
                         match measure::loadgen_in(ns, cg, Some(cpu), target.into(), "connect", 1, d)
                         {
                             Ok(l) => self.record_latency(name, n, &l),
-                            Err(e) => self.fail_figures(
-                                &LATENCY_FIGURES.map(|m| ("1-latency", m, "")),
-                                name,
-                                n,
-                                &format!("{e:#}"),
-                            ),
+                            Err(e) => {
+                                self.fail_figures(&unpaired_figures(), name, n, &format!("{e:#}"))
+                            }
                         }
                         self.fail_figures(&paired_figures(), name, n, &why);
                     }
@@ -3038,8 +3037,9 @@ fn bench_lab(ipv6: bool) -> Result<Lab> {
 
 /// A second test server in the probed service's endpoint (node 1's first pod), on
 /// [`workload::DIRECT_PORT`], real-time like the pods' servers: the address of the direct
-/// connections of item 1's paired figures. Kept running as long as the returned process lives.
-fn direct_server(lab: &Lab) -> Result<lab::Proc> {
+/// connections of item 1's paired figures, returned with the process, which keeps it running
+/// as long as it lives.
+fn direct_server(lab: &Lab) -> Result<(lab::Proc, SocketAddrV4)> {
     let pod = lab.pod(1, 0).context("probe backend pod")?.clone();
     let netexec = lab::find_bin("kproxy-netexec")?;
     let port = workload::DIRECT_PORT.to_string();
@@ -3055,7 +3055,7 @@ fn direct_server(lab: &Lab) -> Result<lab::Proc> {
     ];
     let p = lab.spawn(&pod.ns, &format!("{}-netexec-direct", pod.name), &argv)?;
     lab::wait_ports(&pod, &[workload::DIRECT_PORT], Duration::from_secs(10))?;
-    Ok(p)
+    Ok((p, SocketAddrV4::new(pod.ip, workload::DIRECT_PORT)))
 }
 
 /// iperf3 servers in the probe backends (node 0's second pod, node 1's first), kept running as

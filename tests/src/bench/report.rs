@@ -201,19 +201,14 @@ fn paired_rows(
             .filter(|&(.., k)| k > 1)
             .map_or(String::new(), |(lo, hi, k)| format!("; {k} repetitions {lo:.2}–{hi:.2}×"))
     };
-    let worst = scales
-        .iter()
-        .filter_map(|&n| Some((paired(sys, p50, n as u64)?, n as u64)))
-        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let worst = worst_median(f, "1-latency", p50, sys, scales, "");
     let goal = format!(
         "10.2 paired: service connections' p50 ≤ 1.05× that of direct connections taking turns with them, at every scale{mode}"
     );
     match worst {
         Some((x, n)) => {
-            let met = find(f, "1-latency", p50, sys, n, "")
-                .map(|x| x.samples.iter().filter(|r| **r <= 1.05).count())
-                .unwrap_or(0);
             let fig = find(f, "1-latency", p50, sys, n, "");
+            let met = fig.map_or(0, |x| x.samples.iter().filter(|r| **r <= 1.05).count());
             let reps = fig.map_or(0, |x| x.samples.len());
             // A failed repetition records no sample, only its reason.
             let failed =
@@ -281,10 +276,7 @@ fn paired_rows(
     // Request/response: with a fixed number of clients each waiting for its answer, the rate
     // is the clients over the latency, so "≥ 0.97× the rate" reads "p50 ≤ 1/0.97×".
     let limit = 1.0 / 0.97;
-    let worst = rate_scales
-        .iter()
-        .filter_map(|&n| Some((median(f, "2-rate", p50, sys, n as u64, "rr")?, n as u64)))
-        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let worst = worst_median(f, "2-rate", p50, sys, rate_scales, "rr");
     let goal = format!(
         "10.2 paired: request/response on open connections ≥ 0.97× the rate of direct ones taking turns with them (p50 ≤ {limit:.3}×){mode}"
     );
@@ -301,6 +293,21 @@ fn paired_rows(
         ),
         None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
     }
+}
+
+/// The largest median of a figure over `scales` and the scale it was measured at.
+fn worst_median(
+    f: &[Figure],
+    item: &str,
+    metric: &str,
+    sys: &str,
+    scales: &[usize],
+    variant: &str,
+) -> Option<(f64, u64)> {
+    scales
+        .iter()
+        .filter_map(|&n| Some((median(f, item, metric, sys, n as u64, variant)?, n as u64)))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
 }
 
 /// A ratio `x` that missed `limit`, with two decimals, or three where two would print the
@@ -551,11 +558,7 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
     // The same from the paired figures: host routing's service connections against the direct
     // ones that took turns with them (which the stack routes).
     let goal = "10.3 paired: … p50 below that of direct connections taking turns with them";
-    let worst = c
-        .scales
-        .iter()
-        .filter_map(|&n| Some((lat(super::HOST_ROUTING, super::PAIRED_P50, n as u64)?, n as u64)))
-        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let worst = worst_median(f, "1-latency", super::PAIRED_P50, super::HOST_ROUTING, &c.scales, "");
     match worst {
         Some((x, n)) => {
             let routed = lat("kproxy", super::PAIRED_P50, n)
@@ -1045,11 +1048,16 @@ NodePort runs of {} ms.\n",
             "\nPaired with direct connections: each system's service connections (the floor's: its connections to the endpoint's usual port) took turns, one by one in the same load generator, with direct connections to the endpoint on a second port of the same server pod, through the same loaded system; each cell is the p50 of the first over the second's (median of the repetitions, min–max): what the system adds to a connection, without the machine's drift between the systems' runs that the ratios above carry. The floor's is the control: its two addresses are one path. (A system's hooks' cost on traffic that is not a service's, which the direct connections pay too, is item 8's.)\n\n{table_head}\n{}",
             rows("1-latency", "", &c.scales)
         );
-        let rr = rows("2-rate", "rr", &c.rate_scales);
-        if rr.lines().any(|l| l.split(" | ").skip(1).any(|x| !x.starts_with('—'))) {
+        let rr_measured = c.rate_scales.iter().any(|&n| {
+            paired
+                .iter()
+                .any(|(sys, _)| find(f, "2-rate", super::PAIRED_P50, sys, n as u64, "rr").is_some())
+        });
+        if rr_measured {
             let _ = write!(
                 s,
-                "\nRequest/response on open connections, paired the same way (each of the rate run's clients keeps a connection to each address and takes turns between them; the p50 of the first's transactions over the second's):\n\n{table_head}\n{rr}"
+                "\nRequest/response on open connections, paired the same way (each of the rate run's clients keeps a connection to each address and takes turns between them; the p50 of the first's transactions over the second's):\n\n{table_head}\n{}",
+                rows("2-rate", "rr", &c.rate_scales)
             );
         }
     }

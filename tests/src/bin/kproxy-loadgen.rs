@@ -82,13 +82,14 @@ struct Tally {
     errors: AtomicU64,
 }
 
+/// An empty latency histogram (ns, three significant digits).
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_NS, 3).expect("constant histogram bounds")
+}
+
 impl Tally {
-    fn new() -> Result<Self> {
-        Ok(Self {
-            hist: Mutex::new(Histogram::new_with_bounds(1, MAX_NS, 3)?),
-            done: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        })
+    fn new() -> Self {
+        Self { hist: Mutex::new(histogram()), done: AtomicU64::new(0), errors: AtomicU64::new(0) }
     }
 }
 
@@ -159,8 +160,7 @@ async fn one(
 }
 
 async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
-    let new_hist = || Histogram::<u64>::new_with_bounds(1, MAX_NS, 3).expect("histogram bounds");
-    let (mut local, mut local_alt) = (new_hist(), new_hist());
+    let (mut local, mut local_alt) = (histogram(), histogram());
     // Whether the next transaction goes to `--alternate`.
     let mut turn_alt = false;
     // rr mode: the kept connection to each address.
@@ -186,7 +186,7 @@ async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
             // A refused connect fails at once, without ever blocking: under SCHED_FIFO on one
             // CPU this worker thread would then keep the thread whose timer ends the run off
             // the CPU for good. A millisecond's pause after each failure lets it run.
-            *(if alt { &mut conn_alt } else { &mut conn }) = None;
+            *kept = None;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         if !shared.measuring.load(Ordering::Relaxed) {
@@ -242,8 +242,8 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async {
         let shared = Arc::new(Shared {
-            main: Tally::new()?,
-            alt: Tally::new()?,
+            main: Tally::new(),
+            alt: Tally::new(),
             measuring: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
