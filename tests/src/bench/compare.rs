@@ -224,6 +224,30 @@ mod tests {
         assert!(rr.starts_with("missed (0.8") && !rr.contains("repetitions"), "{rr}");
     }
 
+    /// `--only-latency`'s bpf_stats table: a system's direct connections get a row of their own
+    /// beside its service connections', read from their own figures.
+    #[test]
+    fn the_programs_time_per_connection_has_a_row_for_direct_connections() {
+        let mut r = run(false, &[]);
+        r.config.scales = vec![1];
+        let mut rec = Recorder::default();
+        let direct = crate::bench::direct_conns("kproxy");
+        for (sys, total, per_run, runs) in
+            [("kproxy", 6000.0, 760.0, 5.0), (direct.as_str(), 3200.0, 256.0, 5.2)]
+        {
+            rec.add("1-latency", "bpf_ns_per_conn", sys, 1, "", total);
+            rec.add("1-latency", "bpf_ns_per_conn.kp_tc_from_pod", sys, 1, "", per_run * runs);
+            rec.add("1-latency", "runs_per_conn.kp_tc_from_pod", sys, 1, "", runs);
+        }
+        r.figures = rec.finish();
+        let md = crate::bench::report::markdown(&r);
+        assert!(md.contains("| 1 | kproxy | 6000 ns | 3800 ns (5.0 × 760 ns) |"), "{md}");
+        assert!(
+            md.contains("| 1 | kproxy (direct connections) | 3200 ns | 1331 ns (5.2 × 256 ns) |"),
+            "{md}"
+        );
+    }
+
     /// Goal 10.2 read from the paired figures: each system's service connections against the
     /// direct ones that took turns with them; the worst scale counts, and against nftables the
     /// worst of p50 and p99.

@@ -513,6 +513,13 @@ pub const KPROXY_CLSACT: &str = "kproxy-clsact";
 /// packets need no translation.
 pub const SOCKET_LB: &str = "kproxy-socket-lb";
 
+/// The label of a system's direct connections in the `--only-latency` bpf_stats
+/// (`conn_stats`): the same load to the endpoint's second port ([`workload::DIRECT_PORT`])
+/// instead of the service, through the same loaded system.
+pub fn direct_conns(sys: &str) -> String {
+    format!("{sys} (direct connections)")
+}
+
 /// Systems of the ClusterIP phases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sys {
@@ -1540,11 +1547,43 @@ impl Bench<'_> {
                         self.fail_figures(&paired_figures(), name, n, &why);
                     }
                 }
-                if self.cfg.only_latency
-                    && kp.is_some()
-                    && let Err(e) = self.conn_stats(target.into(), cg, cpu, d, name, n)
-                {
-                    self.notes.push(format!("bpf_stats of {name} at {n} services: {e:#}"));
+                if self.cfg.only_latency && kp.is_some() {
+                    // The service's connections, then direct ones to the endpoint's second port
+                    // through the same loaded system: what kproxy's programs cost a connection
+                    // that is not a service's (its hooks run on every pod's packets).
+                    let direct = self.direct.clone().ok().map(|a| (a, direct_conns(name)));
+                    let loads = [Some((target, name.to_string())), direct];
+                    for (addr, label) in loads.into_iter().flatten() {
+                        if let Err(e) = self.conn_stats(addr.into(), cg, cpu, d, &label, n) {
+                            self.notes.push(format!("bpf_stats of {label} at {n} services: {e:#}"));
+                        }
+                    }
+                }
+                if self.cfg.rate_scales.contains(&n) {
+                    // Request/response paired the same way, while client and servers share the
+                    // latency CPU: one client keeps a connection to the service and one to the
+                    // endpoint and takes turns between them (on unpinned CPUs, four clients'
+                    // pairing let the machine's drift through: repetitions spread 1.00-1.16x).
+                    let rr = [("2-rate", PAIRED_P50, "rr")];
+                    let paired = self.direct.clone().and_then(|direct| {
+                        let (ns, t) = (&self.client_pod_ns, target.into());
+                        let r = measure::loadgen_alternating_in(
+                            ns,
+                            cg,
+                            Some(cpu),
+                            t,
+                            direct.into(),
+                            "rr",
+                            1,
+                            2 * d,
+                        );
+                        let (l, dl) = r.map_err(|e| format!("{e:#}"))?;
+                        Ok(l.p50_us / dl.map_err(|e| format!("{e:#}"))?.p50_us)
+                    });
+                    match paired {
+                        Ok(x) => self.rec.add("2-rate", PAIRED_P50, name, n, "rr", x),
+                        Err(why) => self.fail_figures(&rr, name, n, &why),
+                    }
                 }
                 // The rates load both CPUs.
                 drop(pinned);
@@ -1569,28 +1608,6 @@ impl Bench<'_> {
                                 self.rec.fail("2-rate", "cpu_us_per_txn", name, n, mode, &why);
                             }
                         }
-                    }
-                    // Request/response paired the same way: each client keeps a connection to
-                    // the service and one to the endpoint and takes turns between them.
-                    let rr = [("2-rate", PAIRED_P50, "rr")];
-                    let paired = self.direct.clone().and_then(|direct| {
-                        let (ns, t) = (&self.client_pod_ns, target.into());
-                        let r = measure::loadgen_alternating_in(
-                            ns,
-                            cg,
-                            None,
-                            t,
-                            direct.into(),
-                            "rr",
-                            4,
-                            2 * d,
-                        );
-                        let (l, dl) = r.map_err(|e| format!("{e:#}"))?;
-                        Ok(l.p50_us / dl.map_err(|e| format!("{e:#}"))?.p50_us)
-                    });
-                    match paired {
-                        Ok(x) => self.rec.add("2-rate", PAIRED_P50, name, n, "rr", x),
-                        Err(why) => self.fail_figures(&rr, name, n, &why),
                     }
                 }
             }

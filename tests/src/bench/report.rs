@@ -288,7 +288,7 @@ fn paired_rows(
                 thousands(n),
                 spread("2-rate", p50, n, "rr")
             ),
-            format!("direct transactions in the same clients (rate ≈ {:.2}×)", 1.0 / x),
+            format!("direct transactions in the same client (rate ≈ {:.2}×)", 1.0 / x),
             verdict(x <= limit, format!("{} the rate", short_of(1.0 / x, 0.97))),
         ),
         None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
@@ -1056,7 +1056,7 @@ NodePort runs of {} ms.\n",
         if rr_measured {
             let _ = write!(
                 s,
-                "\nRequest/response on open connections, paired the same way (each of the rate run's clients keeps a connection to each address and takes turns between them; the p50 of the first's transactions over the second's):\n\n{table_head}\n{}",
+                "\nRequest/response on open connections, paired the same way (one client, pinned with the pod servers as the latency loads are, keeps a connection to each address and takes turns between them; the p50 of the first's transactions over the second's):\n\n{table_head}\n{}",
                 rows("2-rate", "rr", &c.rate_scales)
             );
         }
@@ -1640,7 +1640,7 @@ fn latency_conn_stats(s: &mut String, f: &[Figure], c: &super::Config) {
     let head: Vec<String> = programs.iter().map(|p| format!("`{p}`")).collect();
     let _ = write!(
         s,
-        "\nWhere kproxy's part of a connection goes (bpf_stats, a second run of the same load with statistics on; median over the repetitions): the programs' run time per connection, each as runs per connection × time per run. A tail-called program's time is its caller's; the kernel's timing of each run (two clock reads) is included, so the sum is above what the latency run paid.\n\n| Services | System | All programs | {} |\n|---|---|---|{}\n{rows}",
+        "\nWhere kproxy's part of a connection goes (bpf_stats, a second run of the same load with statistics on; median over the repetitions): the programs' run time per connection, each as runs per connection × time per run. A tail-called program's time is its caller's; the kernel's timing of each run (two clock reads) is included, so the sum is above what the latency run paid. A row marked *(direct connections)* is the same load to the endpoint's second port instead of the service, through the same loaded system: what kproxy's programs cost a connection that is not a service's, which every pod's connections pay.\n\n| Services | System | All programs | {} |\n|---|---|---|{}\n{rows}",
         head.join(" | "),
         "---|".repeat(programs.len()),
     );
