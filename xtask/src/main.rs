@@ -76,7 +76,7 @@ enum Cmd {
         /// the socket LB, and the floor across empty TC programs on kproxy's hooks (tcx links:
         /// floor-tc-hooks; clsact filters: floor-clsact-hooks), twice the repetitions, with the
         /// kproxy programs' run time per connection (bpf_stats), the service's and a direct
-        /// one's; a few minutes, results in a temp dir unless --out.
+        /// one's; about 15 minutes, results in a temp dir unless --out.
         #[arg(long, conflicts_with_all = ["only_e2e", "only_programming", "only_per_packet", "only_ipv6"])]
         only_latency: bool,
         /// Benchmark the binaries in DIR (kproxy, kproxy-loadgen, ...: a copy of another

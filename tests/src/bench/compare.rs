@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Results,
+    PAIRED_P50, Results,
     results::{Figure, Status},
 };
 
@@ -55,9 +55,15 @@ pub fn regressions(before: &Results, now: &Results) -> Option<Vec<Regression>> {
         return None;
     }
     let mut out = Vec::new();
+    // The paired request/response figure of a run of the other method (four unpinned clients,
+    // one pinned client: `Config::rr_paired_pinned`) measured something else.
+    let other_rr = before.config.rr_paired_pinned != now.config.rr_paired_pinned;
     // Sample counts (`samples`, `direct_samples`) are no figure of merit.
-    for f in now.figures.iter().filter(|f| f.status == Status::Ok && !f.metric.ends_with("samples"))
-    {
+    for f in now.figures.iter().filter(|f| {
+        f.status == Status::Ok
+            && !f.metric.ends_with("samples")
+            && !(other_rr && f.item == "2-rate" && f.metric == PAIRED_P50 && f.variant == "rr")
+    }) {
         let Some(p) = before.figures.iter().find(|p| {
             p.status == Status::Ok
                 && (&p.item, &p.metric, &p.system, p.n, &p.variant)
@@ -163,6 +169,35 @@ mod tests {
         assert!((r[1].worse_by - 0.15).abs() < 1e-9 && (r[1].noise - 0.08).abs() < 1e-9);
         // A quick run is not compared with a full one.
         assert!(regressions(&before, &run(true, &[])).is_none());
+    }
+
+    /// The paired request/response figure is compared only with a run that measured it the same
+    /// way (one pinned client, or the rate run's four unpinned clients before).
+    #[test]
+    fn the_paired_rr_figure_is_compared_only_within_one_method() {
+        let with = |pinned: bool, v: f64| {
+            let mut r = run(false, &[]);
+            r.config.rr_paired_pinned = pinned;
+            let mut rec = Recorder::default();
+            rec.add("2-rate", PAIRED_P50, "kproxy", 10, "rr", v);
+            r.figures = rec.finish();
+            r
+        };
+        let listed = |a: &Results, b: &Results| regressions(a, b).unwrap().len();
+        // 20% worse, same method: listed; across the change of method: not.
+        assert_eq!(listed(&with(true, 1.0), &with(true, 1.2)), 1);
+        assert_eq!(listed(&with(false, 1.0), &with(true, 1.2)), 0);
+        // Results written before the field existed read the old method.
+        let old: super::super::Config = serde_json::from_value(
+            serde_json::to_value(super::super::Config::full())
+                .map(|mut v| {
+                    v.as_object_mut().unwrap().remove("rr_paired_pinned");
+                    v
+                })
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(!old.rr_paired_pinned && super::super::Config::quick().rr_paired_pinned);
     }
 
     #[test]

@@ -119,6 +119,12 @@ pub struct Config {
     /// `kproxy-before`, right before it at each scale): before/after figures of one run.
     #[serde(default)]
     pub kproxy_before: Option<std::path::PathBuf>,
+    /// Whether the paired request/response figure (`2-rate` [`PAIRED_P50`] `rr`) came from one
+    /// client pinned with the pod servers (true since 2026-12-07 23:42) or from the rate run's
+    /// four unpinned clients (false: results written before): the report words it accordingly
+    /// and the comparison with a run of the other method leaves it out.
+    #[serde(default)]
+    pub rr_paired_pinned: bool,
     /// The CPU the new-connection latency loads ran on, client and pod servers
     /// ([`measure::latency_cpu`]; filled in by the run, `None` in runs before it pinned them).
     #[serde(default)]
@@ -156,6 +162,7 @@ impl Config {
             only_ipv6: false,
             only_latency: false,
             kproxy_before: None,
+            rr_paired_pinned: true,
             latency_cpu: None,
         }
     }
@@ -188,6 +195,7 @@ impl Config {
             only_ipv6: false,
             only_latency: false,
             kproxy_before: None,
+            rr_paired_pinned: true,
             latency_cpu: None,
         }
     }
@@ -456,8 +464,9 @@ pub fn utc_now() -> String {
 /// connection, with the machine's drift between runs taken out; the floor's is the control (its
 /// two addresses are one path: ~1.00×). A system's hooks' cost on traffic that is not a
 /// service's (which the direct connections pay too) is item 8's. Item 2 has it for
-/// request/response (variant `rr`): each of the rate run's clients keeps a connection to each
-/// address and takes turns between them.
+/// request/response (variant `rr`): one client, pinned with the pod servers during the latency
+/// step, keeps a connection to each address and takes turns between them
+/// ([`Config::rr_paired_pinned`]; before, each of the rate run's four clients did, unpinned).
 pub const PAIRED_P50: &str = "p50_over_direct";
 
 /// [`PAIRED_P50`] of the p99s.

@@ -189,6 +189,7 @@ fn paired_rows(
     f: &[Figure],
     scales: &[usize],
     rate_scales: &[usize],
+    rr_pinned: bool,
     sys: &str,
     mode: &str,
     row: &mut dyn FnMut(&str, String, String, String),
@@ -288,7 +289,11 @@ fn paired_rows(
                 thousands(n),
                 spread("2-rate", p50, n, "rr")
             ),
-            format!("direct transactions in the same client (rate ≈ {:.2}×)", 1.0 / x),
+            format!(
+                "direct transactions in the same {} (rate ≈ {:.2}×)",
+                if rr_pinned { "client" } else { "clients" },
+                1.0 / x
+            ),
             verdict(x <= limit, format!("{} the rate", short_of(1.0 / x, 0.97))),
         ),
         None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
@@ -499,7 +504,7 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
             }
             None => nm(&mut row, &goal),
         }
-        paired_rows(f, &c.scales, &c.rate_scales, sys, mode, &mut row);
+        paired_rows(f, &c.scales, &c.rate_scales, c.rr_paired_pinned, sys, mode, &mut row);
         let rr: Vec<(u64, f64, f64)> = c
             .rate_scales
             .iter()
@@ -1056,7 +1061,12 @@ NodePort runs of {} ms.\n",
         if rr_measured {
             let _ = write!(
                 s,
-                "\nRequest/response on open connections, paired the same way (one client, pinned with the pod servers as the latency loads are, keeps a connection to each address and takes turns between them; the p50 of the first's transactions over the second's):\n\n{table_head}\n{}",
+                "\nRequest/response on open connections, paired the same way ({}; the p50 of the first's transactions over the second's):\n\n{table_head}\n{}",
+                if c.rr_paired_pinned {
+                    "one client, pinned with the pod servers as the latency loads are, keeps a connection to each address and takes turns between them"
+                } else {
+                    "each of the rate run's clients keeps a connection to each address and takes turns between them"
+                },
                 rows("2-rate", "rr", &c.rate_scales)
             );
         }
