@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    PAIRED_P50, Results,
+    PAIRED_RR, Results,
     results::{Figure, Status},
 };
 
@@ -62,7 +62,7 @@ pub fn regressions(before: &Results, now: &Results) -> Option<Vec<Regression>> {
     for f in now.figures.iter().filter(|f| {
         f.status == Status::Ok
             && !f.metric.ends_with("samples")
-            && !(other_rr && f.item == "2-rate" && f.metric == PAIRED_P50 && f.variant == "rr")
+            && !(other_rr && (&*f.item, &*f.metric, &*f.variant) == PAIRED_RR)
     }) {
         let Some(p) = before.figures.iter().find(|p| {
             p.status == Status::Ok
@@ -175,6 +175,7 @@ mod tests {
     /// way (one pinned client, or the rate run's four unpinned clients before).
     #[test]
     fn the_paired_rr_figure_is_compared_only_within_one_method() {
+        use crate::bench::PAIRED_P50;
         let with = |pinned: bool, v: f64| {
             let mut r = run(false, &[]);
             r.config.rr_paired_pinned = pinned;

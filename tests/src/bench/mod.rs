@@ -469,6 +469,9 @@ pub fn utc_now() -> String {
 /// ([`Config::rr_paired_pinned`]; before, each of the rate run's four clients did, unpinned).
 pub const PAIRED_P50: &str = "p50_over_direct";
 
+/// Item 2's paired request/response figure (item, metric, variant): [`PAIRED_P50`] of `rr`.
+pub const PAIRED_RR: (&str, &str, &str) = ("2-rate", PAIRED_P50, "rr");
+
 /// [`PAIRED_P50`] of the p99s.
 pub const PAIRED_P99: &str = "p99_over_direct";
 
@@ -496,7 +499,7 @@ fn clusterip_figures(rates: bool) -> Vec<(&'static str, &'static str, &'static s
         for v in ["connect", "rr"] {
             figs.extend([("2-rate", "rate_per_s", v), ("2-rate", "cpu_us_per_txn", v)]);
         }
-        figs.push(("2-rate", PAIRED_P50, "rr"));
+        figs.push(PAIRED_RR);
     }
     figs
 }
@@ -1573,7 +1576,6 @@ impl Bench<'_> {
                     // latency CPU: one client keeps a connection to the service and one to the
                     // endpoint and takes turns between them (on unpinned CPUs, four clients'
                     // pairing let the machine's drift through: repetitions spread 1.00-1.16x).
-                    let rr = [("2-rate", PAIRED_P50, "rr")];
                     let paired = self.direct.clone().and_then(|direct| {
                         let (ns, t) = (&self.client_pod_ns, target.into());
                         let r = measure::loadgen_alternating_in(
@@ -1589,9 +1591,10 @@ impl Bench<'_> {
                         let (l, dl) = r.map_err(|e| format!("{e:#}"))?;
                         Ok(l.p50_us / dl.map_err(|e| format!("{e:#}"))?.p50_us)
                     });
+                    let (item, metric, variant) = PAIRED_RR;
                     match paired {
-                        Ok(x) => self.rec.add("2-rate", PAIRED_P50, name, n, "rr", x),
-                        Err(why) => self.fail_figures(&rr, name, n, &why),
+                        Ok(x) => self.rec.add(item, metric, name, n, variant, x),
+                        Err(why) => self.fail_figures(&[PAIRED_RR], name, n, &why),
                     }
                 }
                 // The rates load both CPUs.

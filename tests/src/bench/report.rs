@@ -187,9 +187,7 @@ fn by_repetition(
 /// nftables: no more than nftables adds, at p50 and p99.
 fn paired_rows(
     f: &[Figure],
-    scales: &[usize],
-    rate_scales: &[usize],
-    rr_pinned: bool,
+    c: &super::Config,
     sys: &str,
     mode: &str,
     row: &mut dyn FnMut(&str, String, String, String),
@@ -202,7 +200,7 @@ fn paired_rows(
             .filter(|&(.., k)| k > 1)
             .map_or(String::new(), |(lo, hi, k)| format!("; {k} repetitions {lo:.2}–{hi:.2}×"))
     };
-    let worst = worst_median(f, "1-latency", p50, sys, scales, "");
+    let worst = worst_median(f, "1-latency", p50, sys, &c.scales, "");
     let goal = format!(
         "10.2 paired: service connections' p50 ≤ 1.05× that of direct connections taking turns with them, at every scale{mode}"
     );
@@ -239,7 +237,7 @@ fn paired_rows(
         None => row(&goal, NOT_MEASURED.to_string(), "—".to_string(), "—".to_string()),
     }
     let mut worst_nft: Option<(f64, f64, f64, u64, &str)> = None;
-    for &n in scales {
+    for &n in &c.scales {
         let n = n as u64;
         for m in [p50, p99] {
             if let (Some(k), Some(nf)) = (paired(sys, m, n), paired("nftables", m, n))
@@ -277,7 +275,7 @@ fn paired_rows(
     // Request/response: with a fixed number of clients each waiting for its answer, the rate
     // is the clients over the latency, so "≥ 0.97× the rate" reads "p50 ≤ 1/0.97×".
     let limit = 1.0 / 0.97;
-    let worst = worst_median(f, "2-rate", p50, sys, rate_scales, "rr");
+    let worst = worst_median(f, "2-rate", p50, sys, &c.rate_scales, "rr");
     let goal = format!(
         "10.2 paired: request/response on open connections ≥ 0.97× the rate of direct ones taking turns with them (p50 ≤ {limit:.3}×){mode}"
     );
@@ -291,7 +289,7 @@ fn paired_rows(
             ),
             format!(
                 "direct transactions in the same {} (rate ≈ {:.2}×)",
-                if rr_pinned { "client" } else { "clients" },
+                if c.rr_paired_pinned { "client" } else { "clients" },
                 1.0 / x
             ),
             verdict(x <= limit, format!("{} the rate", short_of(1.0 / x, 0.97))),
@@ -504,7 +502,7 @@ pub fn goals(r: &Results) -> Vec<GoalRow> {
             }
             None => nm(&mut row, &goal),
         }
-        paired_rows(f, &c.scales, &c.rate_scales, c.rr_paired_pinned, sys, mode, &mut row);
+        paired_rows(f, c, sys, mode, &mut row);
         let rr: Vec<(u64, f64, f64)> = c
             .rate_scales
             .iter()
