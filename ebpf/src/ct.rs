@@ -318,8 +318,9 @@ pub fn revnat(t: &Tuple4) -> Option<RevNat4Value> {
 }
 
 /// Whether a pod's SYN straight to a backend port may have a stale reverse-NAT entry for
-/// [`clear_stale_revnat`] to remove: one is held for its reply tuple (a miss is remembered per
-/// CPU, [`revnat_fast`], so the backend's SYN-ACK skips the lookup).
+/// [`clear_stale_revnat`] to remove: one is held for its reply tuple, by the map or by this
+/// CPU's cache (whose copy [`clear_stale_revnat`] voids when the map no longer has the entry;
+/// a miss is remembered, [`revnat_fast`], so the backend's SYN-ACK skips the lookup).
 #[inline(always)]
 pub fn may_have_stale_revnat(p: &Ip4) -> bool {
     revnat_fast(&reply_of(p)).is_some()
@@ -340,7 +341,13 @@ fn reply_of(p: &Ip4) -> Tuple4 {
 #[inline(always)]
 pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
     let reply = reply_of(p);
-    let Some(old) = revnat(&reply) else { return false };
+    let Some(old) = revnat(&reply) else {
+        // The fast path sent this SYN here because a CPU's cache holds a copy of an entry the
+        // map no longer has (the agent deleted it: garbage collection, a flush): voided, so
+        // that the copy does not restore this direct connection's replies to the old frontend.
+        maps::rnat_changed();
+        return false;
+    };
     if old.client_addr != p.saddr || old.client_port != p.sport {
         return false;
     }

@@ -269,10 +269,12 @@ pub fn claim_revnat(reply: &Tuple6, v: &RevNat6Value, reused: bool) -> Result<()
 }
 
 /// Whether a pod's SYN straight to a backend port may have a stale reverse-NAT entry for
-/// [`clear_stale_revnat`] to remove (see [`crate::ct::may_have_stale_revnat`]).
+/// [`clear_stale_revnat`] to remove (see [`crate::ct::may_have_stale_revnat`]): held for its
+/// reply tuple by the map or by this CPU's cache, whose copy [`clear_stale_revnat`] voids when
+/// the map no longer has the entry.
 #[inline(always)]
 pub fn may_have_stale_revnat(p: &Ip6) -> bool {
-    revnat_ptr(&reply_of(p)).is_some()
+    revnat_fast(&reply_of(p)).is_some()
 }
 
 /// The tuple of the replies to `p`: its addresses and ports swapped.
@@ -286,7 +288,13 @@ fn reply_of(p: &Ip6) -> Tuple6 {
 #[inline(always)]
 pub fn clear_stale_revnat(p: &Ip6, now: u64) -> bool {
     let reply = reply_of(p);
-    let Some(old) = revnat(&reply) else { return false };
+    let Some(old) = revnat(&reply) else {
+        // The fast path sent this SYN here because a CPU's cache holds a copy of an entry the
+        // map no longer has (the agent deleted it: garbage collection, a flush): voided, so
+        // that the copy does not restore this direct connection's replies to the old frontend.
+        maps::rnat_changed();
+        return false;
+    };
     if old.client_addr != p.saddr || old.client_port != p.sport {
         return false;
     }

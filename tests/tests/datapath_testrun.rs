@@ -1110,6 +1110,55 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
     );
 }
 
+/// The agent deletes a translated connection's entries (garbage collection, a flush) while a
+/// CPU still holds a copy of its reverse-NAT entry (`kp_rnmiss`, kept for the rest of the
+/// jiffy), and the client opens a connection from the same port straight to the backend: the
+/// fast path, seeing the copy, leaves the SYN to the slow path, which finds no entry to remove
+/// and voids the copies, so that the backend's SYN-ACK reaches the client as it was sent, not
+/// restored to the frontend from the copy.
+#[test]
+fn direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritten() {
+    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    on_cpu0_with_cluster_ip(|mut env| {
+        // Several client ports: the copy and the direct SYN-ACK fall in one jiffy nearly always.
+        const PORTS: u16 = 8;
+        for i in 0..PORTS {
+            let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 45000 + i);
+            let syn = Frame::tcp(client, sa(CIP), SYN);
+            let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+            assert_eq!(v, TC_PASS);
+            let syn_ack = Frame::tcp(sa(BE1), client, SYN | ACK);
+            let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
+            assert_eq!(v, TC_PASS);
+            assert_frame(&out, &syn_ack.clone().with_src(sa(CIP)));
+            // What the agent's garbage collection or a flush does: both entries go.
+            for (t, _) in env.maps.conntrack().unwrap() {
+                env.maps.delete_conntrack(&t).unwrap();
+            }
+            for (t, _) in env.maps.revnat().unwrap() {
+                env.maps.delete_revnat(&t).unwrap();
+            }
+            let direct_syn = Frame::tcp(client, sa(BE1), SYN);
+            let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
+            assert_eq!(v, TC_PASS);
+            assert_frame(&out, &direct_syn);
+            for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
+                let (v, out) = env.tc(prog, &syn_ack.build());
+                assert_eq!((v, out), (TC_PASS, syn_ack.build()), "port {}: {prog}", 45000 + i);
+            }
+        }
+        let n = u64::from(PORTS);
+        assert_counts(
+            &env,
+            &[
+                (Reason::TranslatedNew, n),
+                (Reason::ReplyTranslated, n),
+                (Reason::PassNoService, 3 * n),
+            ],
+        );
+    });
+}
+
 /// A client that reuses its port (`tcp_tw_reuse`) opens a new connection on the entries of its
 /// closed one: the connection entry is taken over in place (not counted as created: the map
 /// holds one entry, as before), restarted (state NEW, a new creation time), and the reverse-NAT
@@ -1185,6 +1234,17 @@ fn on_cpu0<F: FnOnce() + Send + 'static>(f: F) {
     }
 }
 
+/// [`on_cpu0`] with a fresh [`Env`] holding the ClusterIP [`CIP`] (TCP) with the one local
+/// backend [`BE1`]: the setting of the per-CPU reverse-NAT cache's tests.
+fn on_cpu0_with_cluster_ip<F: FnOnce(Env) + Send + 'static>(f: F) {
+    on_cpu0(|| {
+        let mut env = Env::new();
+        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
+        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        f(env);
+    });
+}
+
 /// Pins the calling thread to CPU 0, so that its test runs share the datapath's per-CPU caches.
 fn pin_thread_to_cpu0() {
     // SAFETY: a zeroed cpu_set_t is valid; the set lives across the call.
@@ -1204,10 +1264,7 @@ fn pin_thread_to_cpu0() {
 #[test]
 fn remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
     // The cache is per CPU: every run on one CPU, so that the runs share it.
-    on_cpu0(|| {
-        let mut env = Env::new();
-        env.backend(1, BE1, backend_flags::LOCAL, proto::TCP);
-        env.service(CIP, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    on_cpu0_with_cluster_ip(|mut env| {
         // Several client ports: the miss and the new connection fall in one jiffy nearly
         // always, so a remembered miss that outlived the new entry would show.
         const PORTS: u16 = 8;

@@ -220,16 +220,78 @@ fn ipv6_direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritte
     );
 }
 
+/// [`on_cpu0`] with a fresh [`Env`] holding the ClusterIP [`CIP6`] (TCP) with the one local
+/// backend [`BE6_1`]: the setting of the per-CPU reverse-NAT cache's tests.
+fn on_cpu0_with_cluster_ip6<F: FnOnce(Env) + Send + 'static>(f: F) {
+    on_cpu0(|| {
+        let mut env = Env::new();
+        env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
+        env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+        f(env);
+    });
+}
+
+/// Deletes every entry of the pinned IPv6 tuple map `name` (`kp_ct6`, `kp_rnat6`), as the
+/// agent's garbage collection or a flush does.
+fn delete_all6<V: aya::Pod>(env: &Env, name: &str) {
+    let pin = env.dir.join("v1").join(name);
+    let map = aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(&pin).unwrap());
+    let mut m = aya::maps::HashMap::<_, kproxy_common::Tuple6, V>::try_from(map).unwrap();
+    let keys: Vec<_> = m.keys().map(Result::unwrap).collect();
+    for k in keys {
+        m.remove(&k).unwrap();
+    }
+}
+
+/// The agent deletes a translated IPv6 connection's entries while a CPU still holds a copy of
+/// its reverse-NAT entry, and the client opens a connection from the same port straight to the
+/// backend: its SYN-ACK reaches the client as sent, not restored from the copy (as for IPv4:
+/// `direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritten`).
+#[test]
+fn ipv6_direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritten() {
+    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    on_cpu0_with_cluster_ip6(|mut env| {
+        // Several client ports: the copy and the direct SYN-ACK fall in one jiffy nearly always.
+        const PORTS: u16 = 8;
+        for i in 0..PORTS {
+            let client = SocketAddrV6::new(sa6(POD6).ip().to_owned(), 45000 + i, 0, 0);
+            let syn = Frame6::tcp(client, sa6(CIP6), SYN);
+            let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
+            assert_eq!(v, TC_PASS);
+            let syn_ack = Frame6::tcp(sa6(BE6_1), client, SYN | ACK);
+            let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
+            assert_eq!(v, TC_PASS);
+            assert_frame6(&out, &syn_ack.clone().with_src(sa6(CIP6)));
+            delete_all6::<kproxy_common::Ct6Value>(&env, names::CT6);
+            delete_all6::<kproxy_common::RevNat6Value>(&env, names::REVNAT6);
+            let direct_syn = Frame6::tcp(client, sa6(BE6_1), SYN);
+            let (v, out) = env.tc(names::PROG_TC_FROM_POD, &direct_syn.build());
+            assert_eq!(v, TC_PASS);
+            assert_frame6(&out, &direct_syn);
+            for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
+                let (v, out) = env.tc(prog, &syn_ack.build());
+                assert_eq!((v, out), (TC_PASS, syn_ack.build()), "port {}: {prog}", 45000 + i);
+            }
+        }
+        let n = u64::from(PORTS);
+        assert_counts6(
+            &env,
+            &[
+                (Reason::TranslatedNew, n),
+                (Reason::ReplyTranslated, n),
+                (Reason::PassNoService, 3 * n),
+            ],
+        );
+    });
+}
+
 /// The IPv6 fast path remembers a reverse-NAT miss per CPU as IPv4's does
 /// (`remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection`): a new translated
 /// connection whose replies carry that tuple voids it, and its first reply is found.
 #[test]
 fn ipv6_remembered_reverse_nat_miss_gives_way_to_a_new_translated_connection() {
     // The cache is per CPU: every run on one CPU, so that the runs share it.
-    on_cpu0(|| {
-        let mut env = Env::new();
-        env.backend6(1, BE6_1, backend_flags::LOCAL, proto::TCP);
-        env.service6(CIP6, proto::TCP, scope::INTERNAL, svc_flags::CLUSTER_IP, &[1], 1);
+    on_cpu0_with_cluster_ip6(|mut env| {
         // Several client ports: the miss and the new connection fall in one jiffy nearly
         // always.
         const PORTS: u16 = 8;
