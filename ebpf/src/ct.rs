@@ -219,13 +219,22 @@ impl RevNatRef {
 /// most of the cost of translating it. A miss is cached too: the fast path also sees the
 /// replies of plain traffic from a backend port (a direct connection to a backend pod: its ACK
 /// stream crosses XDP, then the pod's TC hook, each asking for the same reply tuple).
+///
+/// `opening`: the packet opens its side of a connection (a TCP segment with SYN: a SYN-ACK). It
+/// is looked up in the map whatever the cache holds: a copy can outlive its entry for the rest
+/// of the jiffy when the agent deleted it (garbage collection, a flush), and a connection that
+/// takes the tuple over straight to the backend (a direct connection from the same client port)
+/// must not have its SYN-ACK restored from it, on whichever CPU the SYN went. Where the copy
+/// named an entry the map no longer has, the generation goes up, voiding the copies of the
+/// tuple that other CPUs hold, for the connection's following replies.
 #[inline(always)]
-pub fn revnat_fast(t: &Tuple4) -> Option<RevNatRef> {
+pub fn revnat_fast(t: &Tuple4, opening: bool) -> Option<RevNatRef> {
     // SAFETY: helper without arguments (a memory load once the verifier inlined it).
     let j = unsafe { bpf_jiffies64() };
     let gen_ = maps::rnat_gen();
     let key = tuple_words(t);
     let slot = maps::rnmiss_slot(&key);
+    let mut copied = false;
     if let Some(s) = slot {
         // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
         let c = unsafe { &*s };
@@ -233,13 +242,19 @@ pub fn revnat_fast(t: &Tuple4) -> Option<RevNatRef> {
             if c.found == 0 {
                 return None;
             }
-            return Some(RevNatRef { v: copy_revnat(&raw const c.value), ptr: None, slot });
+            if !opening {
+                return Some(RevNatRef { v: copy_revnat(&raw const c.value), ptr: None, slot });
+            }
+            copied = true;
         }
     }
     let r = kp_rnat4.get_ptr_mut(t);
     if let Some(s) = slot {
         // SAFETY: this CPU's slot; `r` a valid map value pointer of the slot's value type.
         unsafe { remember_lookup!(s, key, gen_, j, r, 3) };
+    }
+    if copied && r.is_none() {
+        maps::rnat_changed();
     }
     let p = r?;
     Some(RevNatRef { v: copy_revnat(p), ptr: Some(p), slot })
@@ -318,12 +333,11 @@ pub fn revnat(t: &Tuple4) -> Option<RevNat4Value> {
 }
 
 /// Whether a pod's SYN straight to a backend port may have a stale reverse-NAT entry for
-/// [`clear_stale_revnat`] to remove: one is held for its reply tuple, by the map or by this
-/// CPU's cache (whose copy [`clear_stale_revnat`] voids when the map no longer has the entry;
-/// a miss is remembered, [`revnat_fast`], so the backend's SYN-ACK skips the lookup).
+/// [`clear_stale_revnat`] to remove: one is held for its reply tuple (a miss is remembered per
+/// CPU, [`revnat_fast`], so the backend's SYN-ACK skips the lookup).
 #[inline(always)]
 pub fn may_have_stale_revnat(p: &Ip4) -> bool {
-    revnat_fast(&reply_of(p)).is_some()
+    revnat_fast(&reply_of(p), false).is_some()
 }
 
 /// The tuple of the replies to `p`: its addresses and ports swapped.
@@ -341,13 +355,7 @@ fn reply_of(p: &Ip4) -> Tuple4 {
 #[inline(always)]
 pub fn clear_stale_revnat(p: &Ip4, now: u64) -> bool {
     let reply = reply_of(p);
-    let Some(old) = revnat(&reply) else {
-        // The fast path sent this SYN here because a CPU's cache holds a copy of an entry the
-        // map no longer has (the agent deleted it: garbage collection, a flush): voided, so
-        // that the copy does not restore this direct connection's replies to the old frontend.
-        maps::rnat_changed();
-        return false;
-    };
+    let Some(old) = revnat(&reply) else { return false };
     if old.client_addr != p.saddr || old.client_port != p.sport {
         return false;
     }

@@ -208,13 +208,15 @@ pub fn tuple_words(t: &Tuple6) -> [u64; 5] {
 
 /// [`revnat_ptr`] for the fast path, through this CPU's lookup cache ([`maps6::kp_rnmiss6`]) as
 /// [`crate::ct::revnat_fast`] does for IPv4: a remote backend's replies skip the hash lookup.
+/// `opening` (a SYN-ACK): looked up in the map whatever the cache holds, as for IPv4.
 #[inline(always)]
-pub fn revnat_fast(t: &Tuple6) -> Option<RevNat6Ref> {
+pub fn revnat_fast(t: &Tuple6, opening: bool) -> Option<RevNat6Ref> {
     // SAFETY: helper without arguments (a memory load once the verifier inlined it).
     let j = unsafe { bpf_jiffies64() };
     let gen_ = maps::rnat_gen();
     let key = tuple_words(t);
     let slot = maps6::rnmiss_slot6(&key);
+    let mut copied = false;
     if let Some(s) = slot {
         // SAFETY: this CPU's slot of a per-CPU map, only used by this CPU's programs.
         unsafe {
@@ -229,7 +231,10 @@ pub fn revnat_fast(t: &Tuple6) -> Option<RevNat6Ref> {
                 if (*s).found == 0 {
                     return None;
                 }
-                return Some(RevNat6Ref { p: &raw mut (*s).value, cached: true, slot });
+                if !opening {
+                    return Some(RevNat6Ref { p: &raw mut (*s).value, cached: true, slot });
+                }
+                copied = true;
             }
         }
     }
@@ -237,6 +242,9 @@ pub fn revnat_fast(t: &Tuple6) -> Option<RevNat6Ref> {
     if let Some(s) = slot {
         // SAFETY: this CPU's slot; `r` a valid map value pointer of the slot's value type.
         unsafe { crate::ct::remember_lookup!(s, key, gen_, j, r, 6) };
+    }
+    if copied && r.is_none() {
+        maps::rnat_changed();
     }
     Some(RevNat6Ref { p: r?, cached: false, slot })
 }
@@ -269,12 +277,10 @@ pub fn claim_revnat(reply: &Tuple6, v: &RevNat6Value, reused: bool) -> Result<()
 }
 
 /// Whether a pod's SYN straight to a backend port may have a stale reverse-NAT entry for
-/// [`clear_stale_revnat`] to remove (see [`crate::ct::may_have_stale_revnat`]): held for its
-/// reply tuple by the map or by this CPU's cache, whose copy [`clear_stale_revnat`] voids when
-/// the map no longer has the entry.
+/// [`clear_stale_revnat`] to remove (see [`crate::ct::may_have_stale_revnat`]).
 #[inline(always)]
 pub fn may_have_stale_revnat(p: &Ip6) -> bool {
-    revnat_fast(&reply_of(p)).is_some()
+    revnat_ptr(&reply_of(p)).is_some()
 }
 
 /// The tuple of the replies to `p`: its addresses and ports swapped.
@@ -288,13 +294,7 @@ fn reply_of(p: &Ip6) -> Tuple6 {
 #[inline(always)]
 pub fn clear_stale_revnat(p: &Ip6, now: u64) -> bool {
     let reply = reply_of(p);
-    let Some(old) = revnat(&reply) else {
-        // The fast path sent this SYN here because a CPU's cache holds a copy of an entry the
-        // map no longer has (the agent deleted it: garbage collection, a flush): voided, so
-        // that the copy does not restore this direct connection's replies to the old frontend.
-        maps::rnat_changed();
-        return false;
-    };
+    let Some(old) = revnat(&reply) else { return false };
     if old.client_addr != p.saddr || old.client_port != p.sport {
         return false;
     }

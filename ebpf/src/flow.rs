@@ -235,7 +235,8 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
             return Ok(Step::done(Verdict::PASS, Reason::PassReplyToPod));
         }
         let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-        if let Some(rn) = ct::revnat_fast(&t) {
+        let opening = p.proto == proto::TCP && p.tcp_flags & tcp_flags::SYN != 0;
+        if let Some(rn) = ct::revnat_fast(&t, opening) {
             return reply_translated(c, &p, &t, rn, &cfg, hook, coarse_now())
                 .map(|(v, r)| Step::done(v, r));
         }

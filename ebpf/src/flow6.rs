@@ -233,7 +233,8 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
             return Ok(done(Verdict::PASS, Reason::PassReplyToPod));
         }
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-        if let Some(rn) = ct6::revnat_fast(&t) {
+        let opening = p.proto == proto::TCP && p.tcp_flags & tcp_flags::SYN != 0;
+        if let Some(rn) = ct6::revnat_fast(&t, opening) {
             let now = flow::coarse_now();
             let next = reply_translated(&p, &t, rn, hook, now);
             return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));

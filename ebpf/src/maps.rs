@@ -130,8 +130,8 @@ pub struct RevNatSlot {
 
 /// The generation of `kp_rnat4` and `kp_rnat6` (one entry): a new connection of either family
 /// adds one once it has installed its reverse-NAT entry (`crate::flow`, `crate::flow6`), as does
-/// the removal of a stale one (`crate::ct::clear_stale_revnat` and its IPv6 twin, also where a
-/// CPU's copy names an entry the agent deleted since), which voids
+/// the removal of a stale one (`crate::ct::clear_stale_revnat` and its IPv6 twin) and a SYN-ACK
+/// that finds no entry where this CPU's copy named one (`crate::ct::revnat_fast`), which voids
 /// what [`kp_rnmiss`] and `kp_rnmiss6` remembered before (a miss of the new entry's tuple; a
 /// copy of a replaced or removed entry). Internal to the datapath:
 /// not pinned (a slot also lasts one jiffy at most, which bounds what the programs of an older
