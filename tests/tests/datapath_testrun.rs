@@ -1110,27 +1110,33 @@ fn direct_connection_from_a_port_of_a_closed_translated_one_is_not_rewritten() {
     );
 }
 
-/// The agent deletes a translated connection's entries (garbage collection, a flush) while a
-/// CPU still holds a copy of its reverse-NAT entry (`kp_rnmiss`, kept for the rest of the
-/// jiffy), and the client opens a connection from the same port straight to the backend, its
-/// SYN on another CPU: the backend's SYN-ACK, on the CPU holding the copy, is looked up in the
-/// map (a SYN-ACK always is) and reaches the client as it was sent, not restored to the old
-/// frontend from the copy; so do the connection's following replies.
+/// The agent deletes a translated connection's entries (garbage collection, a flush) while CPUs
+/// still hold copies of its reverse-NAT entry (`kp_rnmiss`, kept for the rest of the jiffy), and
+/// the client opens a connection from the same port straight to the backend, its SYN on CPU 1:
+/// the backend's SYN-ACK on CPU 0 is looked up in the map (a SYN-ACK always is), reaches the
+/// client as it was sent, not restored to the old frontend from the copy, and voids the copies
+/// (the generation goes up), so that the next reply, an ACK on CPU 1, is not restored from CPU
+/// 1's copy either. (On a machine with one CPU every run is on CPU 0.)
 #[test]
 fn direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritten() {
-    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    // The cache is per CPU: the runs on pinned CPUs, so that each CPU's runs share its cache.
     on_cpu0_with_cluster_ip(|mut env| {
-        // Several client ports: the copy and the direct SYN-ACK fall in one jiffy nearly always.
+        // Several client ports: the copies and the direct replies fall in one jiffy nearly always.
         const PORTS: u16 = 8;
         for i in 0..PORTS {
             let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 10), 45000 + i);
             let syn = Frame::tcp(client, sa(CIP), SYN);
             let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
             assert_eq!(v, TC_PASS);
+            // The SYN-ACK (and a retransmission of it on CPU 1): a copy on each CPU.
             let syn_ack = Frame::tcp(sa(BE1), client, SYN | ACK);
-            let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
-            assert_eq!(v, TC_PASS);
-            assert_frame(&out, &syn_ack.clone().with_src(sa(CIP)));
+            for cpu1 in [false, true] {
+                let run = |env: &mut Env| env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
+                let (v, out) =
+                    if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                assert_eq!(v, TC_PASS);
+                assert_frame(&out, &syn_ack.clone().with_src(sa(CIP)));
+            }
             // What the agent's garbage collection or a flush does: both entries go.
             for (t, _) in env.maps.conntrack().unwrap() {
                 env.maps.delete_conntrack(&t).unwrap();
@@ -1144,10 +1150,11 @@ fn direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritt
             assert_eq!(v, TC_PASS);
             assert_frame(&out, &direct_syn);
             let ack = Frame::tcp(sa(BE1), client, ACK);
-            for reply in [&syn_ack, &ack] {
+            for (reply, cpu1) in [(&syn_ack, false), (&ack, true)] {
                 for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
-                    let (v, out) = env.tc(prog, &reply.build());
-                    assert_eq!((v, out), (TC_PASS, reply.build()), "port {}: {prog}", 45000 + i);
+                    let run = |env: &mut Env| env.tc(prog, &reply.build());
+                    let r = if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                    assert_eq!(r, (TC_PASS, reply.build()), "port {}: {prog}", 45000 + i);
                 }
             }
         }
@@ -1156,7 +1163,7 @@ fn direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritt
             &env,
             &[
                 (Reason::TranslatedNew, n),
-                (Reason::ReplyTranslated, n),
+                (Reason::ReplyTranslated, 2 * n),
                 (Reason::PassNoService, 5 * n),
             ],
         );
@@ -1254,7 +1261,8 @@ fn pin_thread_to_cpu0() {
     assert!(pin_thread_to(0), "pinning to CPU 0: {}", std::io::Error::last_os_error());
 }
 
-/// Pins the calling thread to `cpu`; false where the machine has no such CPU.
+/// Pins the calling thread to `cpu`; false where it cannot run there (no such CPU, or one
+/// outside the process's allowed set).
 fn pin_thread_to(cpu: usize) -> bool {
     // SAFETY: a zeroed cpu_set_t is valid; the set lives across the call.
     unsafe {

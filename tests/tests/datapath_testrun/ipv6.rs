@@ -243,26 +243,31 @@ fn delete_all6<V: aya::Pod>(env: &Env, name: &str) {
     }
 }
 
-/// The agent deletes a translated IPv6 connection's entries while a CPU still holds a copy of
-/// its reverse-NAT entry, and the client opens a connection from the same port straight to the
-/// backend, its SYN on another CPU: its SYN-ACK and the following replies reach the client as
-/// sent, not restored from the copy (as for IPv4:
+/// The agent deletes a translated IPv6 connection's entries while CPUs still hold copies of its
+/// reverse-NAT entry, and the client opens a connection from the same port straight to the
+/// backend, its SYN on CPU 1: the SYN-ACK on CPU 0 and the ACK on CPU 1 reach the client as
+/// sent, not restored from the copies (as for IPv4:
 /// `direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritten`).
 #[test]
 fn ipv6_direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritten() {
-    // The cache is per CPU: every run on one CPU, so that the runs share it.
+    // The cache is per CPU: the runs on pinned CPUs, so that each CPU's runs share its cache.
     on_cpu0_with_cluster_ip6(|mut env| {
-        // Several client ports: the copy and the direct SYN-ACK fall in one jiffy nearly always.
+        // Several client ports: the copies and the direct replies fall in one jiffy nearly always.
         const PORTS: u16 = 8;
         for i in 0..PORTS {
             let client = SocketAddrV6::new(sa6(POD6).ip().to_owned(), 45000 + i, 0, 0);
             let syn = Frame6::tcp(client, sa6(CIP6), SYN);
             let (v, _) = env.tc(names::PROG_TC_FROM_POD, &syn.build());
             assert_eq!(v, TC_PASS);
+            // The SYN-ACK (and a retransmission of it on CPU 1): a copy on each CPU.
             let syn_ack = Frame6::tcp(sa6(BE6_1), client, SYN | ACK);
-            let (v, out) = env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
-            assert_eq!(v, TC_PASS);
-            assert_frame6(&out, &syn_ack.clone().with_src(sa6(CIP6)));
+            for cpu1 in [false, true] {
+                let run = |env: &mut Env| env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
+                let (v, out) =
+                    if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                assert_eq!(v, TC_PASS);
+                assert_frame6(&out, &syn_ack.clone().with_src(sa6(CIP6)));
+            }
             delete_all6::<kproxy_common::Ct6Value>(&env, names::CT6);
             delete_all6::<kproxy_common::RevNat6Value>(&env, names::REVNAT6);
             let direct_syn = Frame6::tcp(client, sa6(BE6_1), SYN);
@@ -271,10 +276,11 @@ fn ipv6_direct_connection_after_the_agent_deleted_a_cached_translation_is_not_re
             assert_eq!(v, TC_PASS);
             assert_frame6(&out, &direct_syn);
             let ack = Frame6::tcp(sa6(BE6_1), client, ACK);
-            for reply in [&syn_ack, &ack] {
+            for (reply, cpu1) in [(&syn_ack, false), (&ack, true)] {
                 for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
-                    let (v, out) = env.tc(prog, &reply.build());
-                    assert_eq!((v, out), (TC_PASS, reply.build()), "port {}: {prog}", 45000 + i);
+                    let run = |env: &mut Env| env.tc(prog, &reply.build());
+                    let r = if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                    assert_eq!(r, (TC_PASS, reply.build()), "port {}: {prog}", 45000 + i);
                 }
             }
         }
@@ -283,7 +289,7 @@ fn ipv6_direct_connection_after_the_agent_deleted_a_cached_translation_is_not_re
             &env,
             &[
                 (Reason::TranslatedNew, n),
-                (Reason::ReplyTranslated, n),
+                (Reason::ReplyTranslated, 2 * n),
                 (Reason::PassNoService, 5 * n),
             ],
         );
