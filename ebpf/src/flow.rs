@@ -108,6 +108,13 @@ pub(crate) fn opens_connection(proto: u8, flags: u8) -> bool {
     proto == proto::TCP && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
 }
 
+/// Whether a segment of protocol `proto` with TCP flags `flags` carries SYN (a TCP SYN or, in
+/// the reply direction, a SYN-ACK); both families.
+#[inline(always)]
+pub(crate) fn carries_syn(proto: u8, flags: u8) -> bool {
+    proto == proto::TCP && flags & tcp_flags::SYN != 0
+}
+
 /// The exact clock (`bpf_ktime_get_ns`), read by [`coarse_now`] once per jiffy.
 #[inline(always)]
 fn ktime() -> u64 {
@@ -235,8 +242,7 @@ fn fast_path<P: Packet>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
             return Ok(Step::done(Verdict::PASS, Reason::PassReplyToPod));
         }
         let t = ct::tuple(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-        let opening = p.proto == proto::TCP && p.tcp_flags & tcp_flags::SYN != 0;
-        if let Some(rn) = ct::revnat_fast(&t, opening) {
+        if let Some(rn) = ct::revnat_fast(&t, carries_syn(p.proto, p.tcp_flags)) {
             return reply_translated(c, &p, &t, rn, &cfg, hook, coarse_now())
                 .map(|(v, r)| Step::done(v, r));
         }

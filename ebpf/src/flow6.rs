@@ -233,8 +233,7 @@ fn fast_path<P: Packet6>(c: &mut P, hook: Hook) -> Result<Step, Reason> {
             return Ok(done(Verdict::PASS, Reason::PassReplyToPod));
         }
         let t = ct6::tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto);
-        let opening = p.proto == proto::TCP && p.tcp_flags & tcp_flags::SYN != 0;
-        if let Some(rn) = ct6::revnat_fast(&t, opening) {
+        if let Some(rn) = ct6::revnat_fast(&t, flow::carries_syn(p.proto, p.tcp_flags)) {
             let now = flow::coarse_now();
             let next = reply_translated(&p, &t, rn, hook, now);
             return finish(c, &p, &next, now, true).map(|(v, r)| done(v, r));

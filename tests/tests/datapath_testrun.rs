@@ -1133,9 +1133,7 @@ fn direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritt
             // jiffy, so has CPU 1's, and nothing is left to void).
             let syn_ack = Frame::tcp(sa(BE1), client, SYN | ACK);
             for cpu1 in [true, false] {
-                let run = |env: &mut Env| env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
-                let (v, out) =
-                    if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                let (v, out) = on_cpu1_if(cpu1, || env.tc(names::PROG_TC_TO_POD, &syn_ack.build()));
                 assert_eq!(v, TC_PASS);
                 assert_frame(&out, &syn_ack.clone().with_src(sa(CIP)));
             }
@@ -1148,14 +1146,13 @@ fn direct_connection_after_the_agent_deleted_a_cached_translation_is_not_rewritt
             }
             let direct_syn = Frame::tcp(client, sa(BE1), SYN);
             let (v, out) =
-                on_cpu1_then_back(|| env.tc(names::PROG_TC_FROM_POD, &direct_syn.build()));
+                on_cpu1_if(true, || env.tc(names::PROG_TC_FROM_POD, &direct_syn.build()));
             assert_eq!(v, TC_PASS);
             assert_frame(&out, &direct_syn);
             let ack = Frame::tcp(sa(BE1), client, ACK);
             for (reply, cpu1) in [(&syn_ack, false), (&ack, true)] {
                 for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
-                    let run = |env: &mut Env| env.tc(prog, &reply.build());
-                    let r = if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                    let r = on_cpu1_if(cpu1, || env.tc(prog, &reply.build()));
                     assert_eq!(r, (TC_PASS, reply.build()), "port {}: {prog}", 45000 + i);
                 }
             }
@@ -1274,9 +1271,12 @@ fn pin_thread_to(cpu: usize) -> bool {
     }
 }
 
-/// Runs `f` on CPU 1 (on CPU 0 where the machine has one CPU), then back on CPU 0: a packet
-/// whose CPU's cache must not matter.
-fn on_cpu1_then_back<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` where the calling thread runs (CPU 0), or with `cpu1` on CPU 1 (on CPU 0 where the
+/// machine has one CPU) and then back on CPU 0: a packet whose CPU's cache must not matter.
+fn on_cpu1_if<T>(cpu1: bool, f: impl FnOnce() -> T) -> T {
+    if !cpu1 {
+        return f();
+    }
     pin_thread_to(1);
     let r = f();
     pin_thread_to_cpu0();

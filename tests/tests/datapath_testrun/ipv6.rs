@@ -264,9 +264,7 @@ fn ipv6_direct_connection_after_the_agent_deleted_a_cached_translation_is_not_re
             // jiffy, so has CPU 1's, and nothing is left to void).
             let syn_ack = Frame6::tcp(sa6(BE6_1), client, SYN | ACK);
             for cpu1 in [true, false] {
-                let run = |env: &mut Env| env.tc(names::PROG_TC_TO_POD, &syn_ack.build());
-                let (v, out) =
-                    if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                let (v, out) = on_cpu1_if(cpu1, || env.tc(names::PROG_TC_TO_POD, &syn_ack.build()));
                 assert_eq!(v, TC_PASS);
                 assert_frame6(&out, &syn_ack.clone().with_src(sa6(CIP6)));
             }
@@ -274,14 +272,13 @@ fn ipv6_direct_connection_after_the_agent_deleted_a_cached_translation_is_not_re
             delete_all6::<kproxy_common::RevNat6Value>(&env, names::REVNAT6);
             let direct_syn = Frame6::tcp(client, sa6(BE6_1), SYN);
             let (v, out) =
-                on_cpu1_then_back(|| env.tc(names::PROG_TC_FROM_POD, &direct_syn.build()));
+                on_cpu1_if(true, || env.tc(names::PROG_TC_FROM_POD, &direct_syn.build()));
             assert_eq!(v, TC_PASS);
             assert_frame6(&out, &direct_syn);
             let ack = Frame6::tcp(sa6(BE6_1), client, ACK);
             for (reply, cpu1) in [(&syn_ack, false), (&ack, true)] {
                 for prog in [names::PROG_TC_TO_POD, names::PROG_TC_FROM_POD] {
-                    let run = |env: &mut Env| env.tc(prog, &reply.build());
-                    let r = if cpu1 { on_cpu1_then_back(|| run(&mut env)) } else { run(&mut env) };
+                    let r = on_cpu1_if(cpu1, || env.tc(prog, &reply.build()));
                     assert_eq!(r, (TC_PASS, reply.build()), "port {}: {prog}", 45000 + i);
                 }
             }
